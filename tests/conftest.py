@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from labkit.models.loading import LoadedModel, load_model
+from labkit.models.tiny import tiny_hf_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 300) -> tuple[int, str, str]:
+    import subprocess
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "labkit", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def embedded() -> LoadedModel:
+    """The real default model (converted once into the cache)."""
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory, embedded: LoadedModel) -> Path:
+    """A tiny random Llama saved as a model folder, with the embedded model's tokenizer (and chat template)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_hf_model("llama", seed=3, vocab_size=len(embedded.tokenizer))
+    model.config.max_position_embeddings = 256
+    model.config.eos_token_id = embedded.hf_model.config.eos_token_id
+    model.generation_config.eos_token_id = embedded.hf_model.config.eos_token_id
+    model.save_pretrained(folder)
+    embedded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

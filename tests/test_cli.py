@@ -1,0 +1,73 @@
+"""The CLI as a user meets it: one clear line and a non-zero exit for bad input, never a traceback."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+NO_GPU = not torch.cuda.is_available()
+
+
+def assert_clean_error(rc: int, out: str, err: str, needle: str) -> None:
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--prompt", "", "--max-tokens", "4"], "prompt is empty"),
+        (["--prompt", "   ", "--max-tokens", "4"], "prompt is empty"),
+        (["--prompt", "hi", "--max-tokens", "0"], "at least 1"),
+        (["--prompt", "hi", "--max-tokens", "-5"], "at least 1"),
+        (["--prompt", "hi", "--max-tokens", "ten"], "invalid int"),
+        (["--prompt", "hi", "--dtype", "int4"], "unknown dtype"),
+        (["--prompt", "hi", "--model", "no-such-org/no-such-model-xyz"], "could not be loaded"),
+        (["--prompt", "hi", "--top-p", "1.5"], "top-p"),
+    ],
+)
+def test_generate_bad_input(args: list[str], needle: str) -> None:
+    assert_clean_error(*run_cli("generate", *args), needle)
+
+
+@pytest.mark.skipif(not NO_GPU, reason="needs a machine without CUDA")
+def test_missing_device() -> None:
+    assert_clean_error(*run_cli("generate", "--prompt", "hi", "--device", "cuda"), "not available")
+
+
+def test_prompt_longer_than_context(tiny_folder) -> None:
+    long_prompt = "word " * 400  # the tiny model's context is 256
+    assert_clean_error(*run_cli("generate", "--model", str(tiny_folder), "--prompt", long_prompt, "--device", "cpu"), "context")
+
+
+def test_unsupported_architecture(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    assert_clean_error(*run_cli("generate", "--model", str(tmp_path), "--prompt", "hi"), "supports")
+
+
+def test_generate_json(tiny_folder) -> None:
+    rc, out, err = run_cli("generate", "--model", str(tiny_folder), "--prompt", "Tell me a story", "--max-tokens", "9", "--json", "--device", "cpu")
+    assert rc == 0, err
+    data = json.loads(out)
+    assert 1 <= len(data["token_ids"]) <= 9
+    assert data["stats"]["new_tokens"] == len(data["token_ids"])
+    assert data["stats"]["tok_per_s"] > 0 and data["dtype"] == "float32"
+    assert len(data["stats"]["token_latencies_ms"]) == len(data["token_ids"]) - 1
+
+
+def test_generate_text_report_on_the_embedded_model() -> None:
+    rc, out, err = run_cli("generate", "--prompt", "What is 2 + 2?", "--max-tokens", "12", "--device", "cpu")
+    assert rc == 0, err
+    for label in ("tok/s", "time to first", "per token", "peak memory"):
+        assert label in out
+
+
+def test_bench_bad_input() -> None:
+    assert_clean_error(*run_cli("bench", "baseline", "--max-tokens", "0"), "at least 1")
+    assert_clean_error(*run_cli("bench", "baseline", "--dtype", "float8"), "unknown dtype")
+    assert_clean_error(*run_cli("bench", "nonsense"), "invalid choice")

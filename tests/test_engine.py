@@ -1,0 +1,118 @@
+"""Our forward against transformers' on the same weights (fp32 CPU): max |Δlogit| < 1e-4."""
+
+import pytest
+import torch
+
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.models.tiny import TINY_ARCHS, tiny_hf_model
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def pair(request: pytest.FixtureRequest):
+    hf = tiny_hf_model(request.param, seed=1)
+    return request.param, hf
+
+
+def hf_logits(hf, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(ids).logits  # (B, T, V)
+
+
+def test_full_forward_matches_hf(pair) -> None:
+    arch, hf = pair
+    engine = Engine.from_hf(hf, "cpu", "float32", batch_size=2, max_seq_len=64)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 24))  # > mistral's window of 8
+    ours = engine.forward(ids)
+    ref = hf_logits(hf, ids)
+    assert ref.abs().max() > 1.0  # a real signal, not zeros
+    assert (ours - ref).abs().max().item() < TOL, arch
+
+
+def test_incremental_steps_match_hf(pair) -> None:
+    """Prefill, single-token decode steps, then a multi-token verify: every position matches."""
+    arch, hf = pair
+    engine = Engine.from_hf(hf, "cpu", "float32", batch_size=2, max_seq_len=64)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 22))
+    parts = [engine.forward(ids[:, :10])]
+    parts += [engine.decode(ids[:, i : i + 1])[:, None] for i in range(10, 17)]
+    parts.append(engine.verify(ids[:, 17:22]))
+    ours = torch.cat(parts, dim=1)
+    assert engine.length == 22
+    assert (ours - hf_logits(hf, ids)).abs().max().item() < TOL, arch
+
+
+def test_rollback_forgets_rejected_positions(pair) -> None:
+    arch, hf = pair
+    engine = Engine.from_hf(hf, "cpu", "float32", max_seq_len=64)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 16))
+    engine.forward(ids[:, :8])
+    engine.verify(torch.randint(0, hf.config.vocab_size, (1, 5)))  # a draft that gets rejected
+    engine.rollback(8)
+    ours = engine.verify(ids[:, 8:16])
+    assert (ours - hf_logits(hf, ids)[:, 8:16]).abs().max().item() < TOL, arch
+
+
+def test_prefill_returns_last_position_only() -> None:
+    hf = tiny_hf_model("llama", seed=2)
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    ids = torch.randint(0, hf.config.vocab_size, (1, 9))
+    last = engine.prefill(ids)
+    assert last.shape == (1, hf.config.vocab_size)
+    assert (last - hf_logits(hf, ids)[:, -1]).abs().max().item() < TOL
+
+
+def test_sliding_window_is_applied() -> None:
+    """The Mistral test above would pass by luck if the window did nothing: check it bites."""
+    hf = tiny_hf_model("mistral", seed=1)
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    ids = torch.randint(0, hf.config.vocab_size, (1, 20))
+    windowed = engine.forward(ids)
+    engine.args.sliding_window = None
+    engine.reset()
+    full = engine.forward(ids)
+    assert (windowed - full).abs().max().item() > 1e-2
+
+
+def test_cache_grows_to_the_context_and_no_further() -> None:
+    hf = tiny_hf_model("llama", seed=2)  # context 256
+    engine = Engine.from_hf(hf, "cpu", "float32", max_seq_len=16)
+    engine.ensure_capacity(100)
+    assert engine.cache is not None and engine.cache.max_len >= 100
+    ids = torch.randint(0, hf.config.vocab_size, (1, 90))
+    assert (engine.forward(ids) - hf_logits(hf, ids)).abs().max().item() < TOL
+    with pytest.raises(LabkitError, match="context"):
+        engine.ensure_capacity(257)
+
+
+def test_half_precision_runs_close_to_fp32() -> None:
+    hf = tiny_hf_model("llama", seed=2)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 12))
+    ref = hf_logits(hf, ids)
+    for dtype in ("bfloat16", "float16"):
+        engine = Engine.from_hf(hf, "cpu", dtype)
+        out = engine.forward(ids).float()
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        assert (out - ref).abs().max().item() < 0.1 * ref.abs().max().item(), dtype
+
+
+def test_amp_keeps_fp32_weights() -> None:
+    hf = tiny_hf_model("llama", seed=2)
+    engine = Engine.from_hf(hf, "cpu", "bfloat16", amp=True)
+    assert next(engine.model.parameters()).dtype == torch.float32
+    ids = torch.randint(0, hf.config.vocab_size, (1, 12))
+    ref = hf_logits(hf, ids)
+    assert (engine.forward(ids).float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
+def test_compiled_static_step_matches_eager() -> None:
+    hf = tiny_hf_model("qwen2", seed=4)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 14))
+    engine = Engine.from_hf(hf, "cpu", "float32", compile=True, max_seq_len=32)
+    steps = [engine.forward(ids[:, :6], last_only=True)]  # prefill stays eager
+    steps += [engine.decode(ids[:, i : i + 1])[:, None] for i in range(6, 10)]
+    steps.append(engine.verify(ids[:, 10:14]))
+    ref = hf_logits(hf, ids)
+    assert (torch.cat(steps[1:], 1) - ref[:, 6:]).abs().max().item() < TOL

@@ -1,0 +1,120 @@
+import pytest
+import torch
+
+from labkit.config import GenerationConfig
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.generate import generate
+from labkit.models.tiny import TINY_ARCHS, tiny_hf_model
+from labkit.sampling import warp_logits
+
+
+def hf_greedy(hf, prompt: list[int], n: int, **kw) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_greedy_matches_hf_generate(arch: str) -> None:
+    hf = tiny_hf_model(arch, seed=5)
+    hf.generation_config.eos_token_id = None  # random weights: let both run the full length
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    for seed in range(3):
+        prompt = torch.randint(3, hf.config.vocab_size, (7 + seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ours = generate(engine, prompt, GenerationConfig(max_new_tokens=20)).tokens
+        assert ours == hf_greedy(hf, prompt, 20), arch
+
+
+def test_stops_at_eos_and_never_exceeds_max_tokens() -> None:
+    hf = tiny_hf_model("llama", seed=5)
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    prompt = [5, 6, 7, 8]
+    free = generate(engine, prompt, GenerationConfig(max_new_tokens=12, stop_at_eos=False)).tokens
+    assert len(free) == 12
+    eos = free[4]  # pretend the fifth token is EOS: output must end right there
+    first = free.index(eos)
+    stopped = generate(engine, prompt, GenerationConfig(max_new_tokens=12, eos_token_ids=(eos,)))
+    assert stopped.tokens == free[: first + 1]
+    assert stopped.stats.stop_reason == "eos"
+    for n in (1, 3, 7):
+        result = generate(engine, prompt, GenerationConfig(max_new_tokens=n, stop_at_eos=False))
+        assert len(result.tokens) == n and result.stats.stop_reason == "max_new_tokens"
+
+
+def test_min_new_tokens_suppresses_eos_like_hf() -> None:
+    hf = tiny_hf_model("llama", seed=5)
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    prompt = [5, 6, 7, 8]
+    free = generate(engine, prompt, GenerationConfig(max_new_tokens=12, stop_at_eos=False)).tokens
+    eos = free[2]
+    hf.generation_config.eos_token_id = eos
+    ours = generate(engine, prompt, GenerationConfig(max_new_tokens=12, min_new_tokens=12, eos_token_ids=(eos,))).tokens
+    assert len(ours) == 12 and eos not in ours
+    assert ours == hf_greedy(hf, prompt, 12, min_new_tokens=12, eos_token_id=eos)
+
+
+def test_context_limits() -> None:
+    hf = tiny_hf_model("llama", seed=5)  # context 256
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    with pytest.raises(LabkitError, match="context"):
+        generate(engine, list(range(3, 259)), GenerationConfig(max_new_tokens=4))
+    with pytest.raises(LabkitError, match="empty"):
+        generate(engine, [], GenerationConfig(max_new_tokens=4))
+    near_end = generate(engine, [7] * 250, GenerationConfig(max_new_tokens=50, stop_at_eos=False))
+    assert len(near_end.tokens) == 6 and near_end.stats.stop_reason == "context"
+
+
+def test_sampling_is_seeded_and_reproducible() -> None:
+    hf = tiny_hf_model("llama", seed=5)
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    cfg = dict(max_new_tokens=24, temperature=1.0, top_k=40, top_p=0.95, stop_at_eos=False)
+    a = generate(engine, [5, 6, 7], GenerationConfig(seed=11, **cfg)).tokens
+    b = generate(engine, [5, 6, 7], GenerationConfig(seed=11, **cfg)).tokens
+    c = generate(engine, [5, 6, 7], GenerationConfig(seed=12, **cfg)).tokens
+    assert a == b
+    assert a != c
+
+
+def test_top_k_one_is_greedy() -> None:
+    hf = tiny_hf_model("gpt2", seed=5)
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    greedy = generate(engine, [5, 6, 7], GenerationConfig(max_new_tokens=16, stop_at_eos=False)).tokens
+    sampled = generate(engine, [5, 6, 7], GenerationConfig(max_new_tokens=16, temperature=0.7, top_k=1, seed=3, stop_at_eos=False)).tokens
+    assert sampled == greedy
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(warp_logits(logits, 1.0, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(warp_logits(logits, 1.0, top_p=0.8))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(warp_logits(logits, 1.0, top_p=0.81))
+    assert kept.tolist() == [[True, True, True, False]]
+    kept = torch.isfinite(warp_logits(logits, 1.0, top_k=3))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_sampled_frequencies_follow_the_distribution() -> None:
+    """Temperature-1 sampling of a fixed distribution: empirical frequencies within 4 sigma."""
+    from labkit.sampling import sample
+
+    probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    logits = probs.log().expand(20000, 4)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample(logits, GenerationConfig(temperature=1.0), gen)
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    sigma = (probs * (1 - probs) / draws.numel()).sqrt()
+    assert ((freq - probs).abs() < 4 * sigma).all()
+
+
+def test_stats_are_filled() -> None:
+    hf = tiny_hf_model("llama", seed=5)
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    s = generate(engine, [5, 6, 7], GenerationConfig(max_new_tokens=8, stop_at_eos=False)).stats
+    assert s.new_tokens == 8 and s.prompt_tokens == 3
+    assert len(s.token_latencies_ms) == 7 and all(x > 0 for x in s.token_latencies_ms)
+    assert 0 < s.ttft_s < s.total_s and s.tok_per_s > 0
+    assert s.peak_memory_bytes > 0 and s.memory_kind == "process_peak_rss"
