@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template (default when the model has one)")
     g.add_argument("--no-chat", dest="chat", action="store_false")
+    g.add_argument("--weights", default="auto", choices=["auto", "dense", "gguf"],
+                   help="gguf: read the embedded model's own Q4_1 blocks (CPU, float32); auto: gguf where it applies")
     g.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape decode step")
     g.add_argument("--json", action="store_true", help="print one JSON object instead")
 
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--repeats", type=int, default=2)
     bb.add_argument("--chat", dest="chat", action="store_true", default=None)
     bb.add_argument("--no-chat", dest="chat", action="store_false")
+    bb.add_argument("--no-gguf", action="store_true", help="skip our engine on the GGUF's own blocks")
     bb.add_argument("--output-dir", default="results")
     bb.add_argument("--no-write", action="store_true", help="measure and print, write no files")
     return parser
@@ -83,19 +86,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from labkit.models.loading import load_model
 
     loaded = load_model(args.model)
-    engine = Engine.from_hf(loaded.hf_model, device, dtype, compile=args.compile)
+    engine = Engine.from_loaded(loaded, device, dtype, weights=args.weights, compile=args.compile)
     result = generate_text(engine, loaded.tokenizer, args.prompt, config, chat=args.chat)
     s = result.stats
     if args.json:
         out: dict[str, Any] = {
-            "model": loaded.name, "device": str(device), "dtype": dtype_name(dtype), "text": result.text,
+            "model": loaded.name, "device": str(device), "dtype": dtype_name(dtype), "weights": engine.weights, "text": result.text,
             "prompt_ids": result.prompt_ids, "token_ids": result.tokens, "stats": s.to_dict(),
         }
         print(json.dumps(out))
         return 0
     print(result.text)
     print()
-    print(f"[{loaded.name} on {device} {dtype_name(dtype)}] {s.new_tokens} new tokens in {s.total_s:.2f} s, stop: {s.stop_reason}")
+    print(f"[{loaded.name} on {device} {dtype_name(dtype)}, {engine.weights} weights] {s.new_tokens} new tokens in {s.total_s:.2f} s, stop: {s.stop_reason}")
     print(f"  throughput      {s.tok_per_s:.1f} tok/s (decode only {s.decode_tok_per_s:.1f} tok/s)")
     print(f"  time to first   {s.ttft_s * 1e3:.1f} ms ({s.prompt_tokens} prompt tokens)")
     print(f"  per token       {s.mean_token_latency_ms:.2f} ms")
@@ -117,16 +120,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg = BaselineConfig(
             model=args.model, device=args.device, dtypes=args.dtype, max_new_tokens=args.max_tokens,
             prompts_per_category=args.prompts_per_category, categories=args.categories, repeats=args.repeats,
-            chat=args.chat, output_dir=None if args.no_write else args.output_dir,
+            chat=args.chat, gguf_weights=not args.no_gguf, output_dir=None if args.no_write else args.output_dir,
         )
         try:
             payload = run_baseline(cfg)
         except ValueError as err:  # unknown category and similar
             raise LabkitError(str(err)) from None
         print(f"baseline on {payload['device']['name']}, {args.max_tokens} new tokens, {payload['summary'][0]['pairs']} runs per system and dtype")
-        print(f"{'dtype':<10}{'HF generate':>14}{'labkit':>12}{'speedup':>10}{'range':>16}{'identical':>11}")
+        print(f"{'dtype':<10}{'labkit weights':<16}{'HF generate':>14}{'labkit':>12}{'speedup':>10}{'range':>16}{'identical':>11}")
         for row in payload["summary"]:
-            print(f"{row['dtype']:<10}{row['hf_tok_per_s']:>10.1f} t/s{row['labkit_tok_per_s']:>8.1f} t/s{row['speedup_median']:>9.2f}x"
+            print(f"{row['dtype']:<10}{row['weights']:<16}{row['hf_tok_per_s']:>10.1f} t/s{row['labkit_tok_per_s']:>8.1f} t/s{row['speedup_median']:>9.2f}x"
                   f"{row['speedup_min']:>9.2f}-{row['speedup_max']:.2f}x{row['identical_share']:>10.0%}")
         for f in payload.get("files", []):
             print(f"wrote {f}")

@@ -15,10 +15,12 @@ import torch
 
 from labkit.config import Flags, resolve_device, resolve_dtype
 from labkit.errors import LabkitError
+from labkit.kernels import cpu_quant
+from labkit.models.gguf_weights import attach_gguf_blocks
 from labkit.models.gpt2 import GPT2
 from labkit.models.kvcache import KVCache
 from labkit.models.llama import LLAMA_FAMILY, Llama
-from labkit.models.loading import eos_token_ids
+from labkit.models.loading import LoadedModel, eos_token_ids
 
 
 def build_decoder(hf_model: Any) -> torch.nn.Module:
@@ -29,6 +31,18 @@ def build_decoder(hf_model: Any) -> torch.nn.Module:
     if model_type == "gpt2":
         return GPT2.from_hf(hf_model)
     raise LabkitError(f"architecture {model_type!r} is not supported by labkit's engine")
+
+
+def gguf_unusable(engine: Engine, loaded: LoadedModel) -> str:
+    """Why the GGUF block weights cannot serve this engine ("" when they can)."""
+    if loaded.gguf_path is None:
+        return "the model was not loaded from a GGUF file"
+    if engine.device.type != "cpu" or engine.dtype != torch.float32 or engine.amp:
+        return "the block kernel runs on the CPU in float32 only"
+    if engine.model.__class__ is not Llama:
+        return "only Llama-family GGUF files are supported"
+    ok, reason = cpu_quant.available()
+    return "" if ok else f"the CPU kernel is unavailable ({reason})"
 
 
 class Engine:
@@ -50,6 +64,7 @@ class Engine:
         self.context_len: int = self.args.context_len
         self.batch_size = batch_size
         self.eos_token_ids: tuple[int, ...] = ()  # set by from_hf; generate stops on these
+        self.weights = "dense"  # or "gguf": linears read the GGUF's quantised blocks
         self.cache: KVCache | None = None
         self._allocate(min(max_seq_len, self.context_len))
         # Fixed-shape steps (decode, verify of K+1) attend over the whole cache with a mask,
@@ -83,6 +98,30 @@ class Engine:
             compile=compile, batch_size=batch_size, max_seq_len=max_seq_len,
         )
         engine.eos_token_ids = eos_token_ids(hf_model)
+        return engine
+
+    @classmethod
+    def from_loaded(
+        cls,
+        loaded: LoadedModel,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype | None = None,
+        *,
+        weights: str = "auto",
+        **kwargs: Any,
+    ) -> Engine:
+        """Build for a loaded model. weights: "dense", "gguf" (the GGUF's own quantised blocks,
+        CPU fp32 only), or "auto" (gguf where it applies, else dense)."""
+        if weights not in ("auto", "dense", "gguf"):
+            raise LabkitError(f"unknown weights {weights!r}: use auto, dense or gguf")
+        engine = cls.from_hf(loaded.hf_model, device, dtype, **kwargs)
+        why_not = gguf_unusable(engine, loaded)
+        if weights == "gguf" and why_not:
+            raise LabkitError(f"--weights gguf is not possible here: {why_not}")
+        if weights == "gguf" or (weights == "auto" and not why_not):
+            assert loaded.gguf_path is not None
+            attach_gguf_blocks(engine.model, loaded.gguf_path)
+            engine.weights = "gguf"
         return engine
 
     # -- cache management -------------------------------------------------------------

@@ -24,9 +24,10 @@ def test_baseline_writes_results_with_provenance(tiny_folder, tmp_path) -> None:
 
 def test_summary_ratio_is_per_pair() -> None:
     rows = []
-    for hf, ours in ((10.0, 20.0), (20.0, 30.0), (5.0, 20.0)):
-        rows.append({"dtype": "float32", "system": "hf_generate", "tok_per_s": hf, "identical_tokens": True})
-        rows.append({"dtype": "float32", "system": "labkit", "tok_per_s": ours, "identical_tokens": True})
+    for i, (hf, ours) in enumerate(((10.0, 20.0), (20.0, 30.0), (5.0, 20.0))):
+        key = {"dtype": "float32", "prompt_id": f"p{i}", "repeat": 0, "identical_tokens": True}
+        rows.append({**key, "system": "hf_generate", "tok_per_s": hf})
+        rows.append({**key, "system": "labkit", "tok_per_s": ours})
     (s,) = summarize(rows)
     assert s["speedup_median"] == 2.0 and s["speedup_min"] == 1.5 and s["speedup_max"] == 4.0
     assert s["hf_tok_per_s"] == 10.0 and s["labkit_tok_per_s"] == 20.0

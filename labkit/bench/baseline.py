@@ -33,6 +33,7 @@ class BaselineConfig:
     categories: list[str] | None = None
     repeats: int = 2
     chat: bool | None = None  # None: the chat template when the model has one
+    gguf_weights: bool = True  # also time our engine on the GGUF's own blocks, where it applies
     output_dir: str | None = "results"  # None: write nothing
     progress: bool = True
 
@@ -59,33 +60,40 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
     encoded = [(p, encode_prompt(loaded.tokenizer, p.content, cfg.chat)) for p in prompts]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens if cfg.fixed_length else 0)
     rows: list[dict[str, Any]] = []
-    total_runs = len(dtypes) * len(encoded) * cfg.repeats
-    bar = tqdm(total=total_runs, desc="baseline", disable=not cfg.progress)
+    bar = tqdm(total=len(dtypes) * len(encoded) * cfg.repeats, desc="baseline", disable=not cfg.progress)
     for dtype in dtypes:
-        engine = Engine.from_hf(loaded.hf_model, device, dtype, amp=False)
+        engines = {"labkit": Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False)}
+        if cfg.gguf_weights and loaded.gguf_path is not None:
+            probe = Engine.from_loaded(loaded, device, dtype, weights="auto", amp=False)
+            if probe.weights == "gguf":
+                engines["labkit_gguf"] = probe
         # A copy, so the fp32 original stays exact for the next dtype.
         hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=dtype)
         warm = encoded[0][1]
         time_hf_generate(hf_model, warm, GenerationConfig(max_new_tokens=4), device)
-        generate(engine, warm, GenerationConfig(max_new_tokens=4))
+        for engine in engines.values():
+            generate(engine, warm, GenerationConfig(max_new_tokens=4))
+        systems = ["hf_generate", *engines]
         for rep in range(cfg.repeats):
             for i, (prompt, ids) in enumerate(encoded):
                 base = {"dtype": dtype_name(dtype), "prompt_id": prompt.id, "category": prompt.category, "repeat": rep, "prompt_tokens": len(ids)}
-                order = ("hf", "labkit") if (rep + i) % 2 == 0 else ("labkit", "hf")
+                shift = (rep + i) % len(systems)  # rotate who goes first
                 got: dict[str, tuple[list[int], float, float]] = {}
-                for system in order:
-                    if system == "hf":
+                for system in systems[shift:] + systems[:shift]:
+                    if system == "hf_generate":
                         tokens, seconds = time_hf_generate(hf_model, ids, gen, device)
-                        got["hf"] = (tokens, seconds, float("nan"))
+                        got[system] = (tokens, seconds, float("nan"))
                     else:
-                        result = generate(engine, ids, gen)
-                        got["labkit"] = (result.tokens, result.stats.total_s, result.stats.ttft_s * 1e3)
-                identical = got["hf"][0] == got["labkit"][0]
-                for system, (tokens, seconds, ttft_ms) in got.items():
-                    rows.append({**base, "system": "hf_generate" if system == "hf" else "labkit", "new_tokens": len(tokens),
-                                 "seconds": seconds, "tok_per_s": len(tokens) / seconds, "ttft_ms": ttft_ms, "identical_tokens": identical})
+                        result = generate(engines[system], ids, gen)
+                        got[system] = (result.tokens, result.stats.total_s, result.stats.ttft_s * 1e3)
+                for system in systems:
+                    tokens, seconds, ttft_ms = got[system]
+                    weights = "hf" if system == "hf_generate" else engines[system].weights
+                    rows.append({**base, "system": system, "weights": weights, "new_tokens": len(tokens), "seconds": seconds,
+                                 "tok_per_s": len(tokens) / seconds, "ttft_ms": ttft_ms,
+                                 "identical_tokens": tokens == got["hf_generate"][0]})
                 bar.update()
-        del engine, hf_model
+        del engines, hf_model
     bar.close()
     summary = summarize(rows)
     params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
@@ -99,21 +107,24 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per dtype: median tok/s of each system, and the median of the per-pair speed ratios."""
+    """Per dtype and labkit system: median tok/s, and the per-pair speed-up over HF generate."""
     out = []
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         sel = [r for r in rows if r["dtype"] == dtype]
-        hf = [r for r in sel if r["system"] == "hf_generate"]
-        ours = [r for r in sel if r["system"] == "labkit"]
-        ratios = [o["tok_per_s"] / h["tok_per_s"] for h, o in zip(hf, ours, strict=True)]
-        out.append({
-            "dtype": dtype,
-            "hf_tok_per_s": statistics.median(r["tok_per_s"] for r in hf),
-            "labkit_tok_per_s": statistics.median(r["tok_per_s"] for r in ours),
-            "speedup_median": statistics.median(ratios),
-            "speedup_min": min(ratios),
-            "speedup_max": max(ratios),
-            "identical_share": sum(r["identical_tokens"] for r in ours) / len(ours),
-            "pairs": len(ratios),
-        })
+        hf = {(r["prompt_id"], r["repeat"]): r for r in sel if r["system"] == "hf_generate"}
+        for system in dict.fromkeys(r["system"] for r in sel if r["system"] != "hf_generate"):
+            ours = [r for r in sel if r["system"] == system]
+            ratios = [r["tok_per_s"] / hf[(r["prompt_id"], r["repeat"])]["tok_per_s"] for r in ours]
+            out.append({
+                "dtype": dtype,
+                "system": system,
+                "weights": ours[0].get("weights", "dense"),
+                "hf_tok_per_s": statistics.median(r["tok_per_s"] for r in hf.values()),
+                "labkit_tok_per_s": statistics.median(r["tok_per_s"] for r in ours),
+                "speedup_median": statistics.median(ratios),
+                "speedup_min": min(ratios),
+                "speedup_max": max(ratios),
+                "identical_share": sum(r["identical_tokens"] for r in ours) / len(ours),
+                "pairs": len(ratios),
+            })
     return out

@@ -37,6 +37,7 @@ class LoadedModel:
     source: str  # folder or hub id actually loaded
     hf_model: Any  # transformers PreTrainedModel, fp32 on the CPU, eval mode
     tokenizer: Any
+    gguf_path: Path | None = None  # the quantised original, when the weights came from one
 
     @property
     def model_type(self) -> str:
@@ -159,4 +160,5 @@ def load_model(name: str = DEFAULT_MODEL) -> LoadedModel:
         except (OSError, ValueError) as err:
             raise LabkitError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}") from None
     hf_model.eval()
-    return LoadedModel(name=name, source=source, hf_model=hf_model, tokenizer=tokenizer)
+    gguf = embedded_gguf_path() if name.strip().lower() in EMBEDDED_ALIASES else None
+    return LoadedModel(name=name, source=source, hf_model=hf_model, tokenizer=tokenizer, gguf_path=gguf)

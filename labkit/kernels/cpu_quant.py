@@ -1,0 +1,94 @@
+"""CPU matrix-vector products straight from GGUF Q4_1 / Q8_0 blocks (kernels/cpu_quant_gemv.c).
+
+Built once with the system C compiler into the labkit cache and loaded with ctypes: no torch
+headers, so the build takes about a second. It links the same libgomp torch already loaded,
+so the two share one OpenMP thread pool. `available()` says whether it could be built and why
+not; callers fall back to dense weights.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE_NAME = "cpu_quant_gemv.c"
+
+
+def _source() -> Path | None:
+    for candidate in (Path(__file__).resolve().parents[2] / "kernels" / SOURCE_NAME, Path(__file__).with_name(SOURCE_NAME)):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("SPECDEC_FORCE_PY", "") in ("1", "true", "yes"):
+        return None, "SPECDEC_FORCE_PY=1"
+    src = _source()
+    if src is None:
+        return None, f"{SOURCE_NAME} not found"
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler (cc or gcc) on PATH"
+    from labkit.models.loading import cache_dir
+
+    code = src.read_bytes()
+    tag = hashlib.sha256(code + compiler.encode()).hexdigest()[:16]
+    lib_path = cache_dir() / "kernels" / f"cpu_quant_gemv-{tag}.so"
+    if not lib_path.is_file():
+        lib_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            reason = f"compile failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+            log.warning("cpu_quant kernel unavailable, using dense weights (%s)", reason)
+            return None, reason
+        os.replace(tmp, lib_path)
+    lib = ctypes.CDLL(str(lib_path))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.gemv_q4_1.argtypes = [p, p, p, p, p, i64, i64, i64]
+    lib.gemv_q8_0.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.max_rows.restype = ctypes.c_int
+    return lib, "built"
+
+
+def available() -> tuple[bool, str]:
+    lib, reason = _load()
+    return lib is not None, reason
+
+
+def max_rows() -> int:
+    lib, _ = _load()
+    return int(lib.max_rows()) if lib is not None else 0
+
+
+def quant_linear(
+    x: torch.Tensor,  # (M, K) float32, contiguous, CPU
+    kind: str,  # "q4_1" or "q8_0"
+    qs: torch.Tensor,  # q4_1: (N, K/2) uint8; q8_0: (N, K) int8
+    d: torch.Tensor,  # (N, K/32) float32
+    m: torch.Tensor | None,  # (N, K/32) float32 for q4_1
+) -> torch.Tensor:  # (M, N) float32
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(f"cpu_quant kernel unavailable: {reason}")
+    M, K = x.shape
+    N = qs.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    if kind == "q4_1":
+        assert m is not None
+        lib.gemv_q4_1(x.data_ptr(), qs.data_ptr(), d.data_ptr(), m.data_ptr(), y.data_ptr(), M, N, K)
+    else:
+        lib.gemv_q8_0(x.data_ptr(), qs.data_ptr(), d.data_ptr(), y.data_ptr(), M, N, K)
+    return y

@@ -1,0 +1,146 @@
+"""Running the embedded model from the GGUF's own quantised blocks.
+
+The default model ships as Q4_1 (token embedding Q8_0). Transformers dequantises it to fp32,
+so HF `generate` reads 4 bytes per weight per token; reading the blocks reads ~0.6. The values
+are the same: a QuantLinear holds the GGUF blocks for small batches (decode, verify) and the
+dequantised weight for large ones (prefill), and both give the weights HF uses.
+
+llama.cpp stores q and k rows permuted for its rope layout; transformers un-permutes them on
+load, and so do we (rows only: the 32-weight blocks run along the input dimension).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from labkit.errors import LabkitError
+from labkit.kernels import cpu_quant
+from labkit.kernels.reference import dequant_q4_1, dequant_q8_0
+
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # per 32 weights: fp16 d (+ fp16 m) + quants
+
+
+@dataclass
+class QuantWeight:
+    kind: str  # "q4_1" or "q8_0"
+    qs: torch.Tensor  # q4_1: (N, K/2) uint8; q8_0: (N, K) int8
+    d: torch.Tensor  # (N, K/32) float32
+    m: torch.Tensor | None  # (N, K/32) float32, q4_1 only
+
+    def dequantize(self) -> torch.Tensor:  # (N, K) float32
+        return dequant_q4_1(self.qs, self.d, self.m) if self.kind == "q4_1" else dequant_q8_0(self.qs, self.d)  # type: ignore[arg-type]
+
+    def take_rows(self, index: torch.Tensor) -> QuantWeight:
+        return QuantWeight(self.kind, self.qs[index], self.d[index], None if self.m is None else self.m[index])
+
+    @staticmethod
+    def cat(parts: list[QuantWeight]) -> QuantWeight:
+        kinds = {p.kind for p in parts}
+        assert len(kinds) == 1, kinds
+        m = None if parts[0].m is None else torch.cat([p.m for p in parts if p.m is not None])
+        return QuantWeight(parts[0].kind, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m)
+
+
+def _from_blocks(kind: str, raw: np.ndarray) -> QuantWeight:
+    """raw: (N, B * block_bytes) uint8 as GGUFReader gives it."""
+    N = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(N, -1, BLOCK_BYTES[kind])  # (N, B, bytes)
+    d = torch.from_numpy(blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32))  # (N, B)
+    if kind == "Q4_1":
+        m = torch.from_numpy(blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+        qs = torch.from_numpy(blocks[:, :, 4:20].reshape(N, -1).copy())  # (N, K/2) uint8
+        return QuantWeight("q4_1", qs, d, m)
+    qs = torch.from_numpy(blocks[:, :, 2:34].reshape(N, -1).copy().view(np.int8))  # (N, K) int8
+    return QuantWeight("q8_0", qs, d, None)
+
+
+def read_gguf_blocks(path: Path) -> dict[str, QuantWeight]:
+    """Every Q4_1 / Q8_0 tensor of a GGUF file, by its GGUF name, rows as stored."""
+    from gguf import GGUFReader
+
+    out = {}
+    for tensor in GGUFReader(path).tensors:
+        kind = tensor.tensor_type.name
+        if kind in BLOCK_BYTES:
+            out[tensor.name] = _from_blocks(kind, np.asarray(tensor.data))
+    return out
+
+
+def unpermute_rows(n_rows: int, n_heads: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's q/k permutation (what transformers applies on load)."""
+    half = n_rows // n_heads // 2
+    return torch.arange(n_rows).view(n_heads, half, 2).transpose(1, 2).reshape(-1)
+
+
+def llama_blocks(path: Path, n_layers: int, n_heads: int, n_kv_heads: int) -> dict[str, QuantWeight]:
+    """GGUF blocks keyed by labkit Llama parameter names (fused like our model)."""
+    raw = read_gguf_blocks(path)
+    out: dict[str, QuantWeight] = {}
+    try:
+        for i in range(n_layers):
+            p = f"blk.{i}."
+            q = raw[p + "attn_q.weight"]
+            k = raw[p + "attn_k.weight"]
+            q = q.take_rows(unpermute_rows(q.qs.shape[0], n_heads))
+            k = k.take_rows(unpermute_rows(k.qs.shape[0], n_kv_heads))
+            out[f"layers.{i}.wqkv"] = QuantWeight.cat([q, k, raw[p + "attn_v.weight"]])
+            out[f"layers.{i}.wo"] = raw[p + "attn_output.weight"]
+            out[f"layers.{i}.w_gate_up"] = QuantWeight.cat([raw[p + "ffn_gate.weight"], raw[p + "ffn_up.weight"]])
+            out[f"layers.{i}.w_down"] = raw[p + "ffn_down.weight"]
+        out["lm_head"] = raw.get("output.weight") or raw["token_embd.weight"]
+    except KeyError as err:
+        raise LabkitError(f"the GGUF file has no quantised tensor {err}; run it with dense weights") from None
+    return out
+
+
+class QuantLinear(nn.Module):
+    """A linear layer that reads GGUF blocks for up to `max_rows` rows, the dense weight beyond."""
+
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+
+    def __init__(self, dense: nn.Linear, qw: QuantWeight) -> None:
+        super().__init__()
+        self.weight = dense.weight  # (N, K): the same values, dequantised (prefill path)
+        self.bias = dense.bias
+        self.kind = qw.kind
+        self.register_buffer("qs", qw.qs, persistent=False)
+        self.register_buffer("d", qw.d, persistent=False)
+        self.register_buffer("m", qw.m, persistent=False)
+        self.max_rows = cpu_quant.max_rows()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) → (..., N)
+        rows = x.numel() // x.shape[-1]
+        if rows > self.max_rows or x.dtype != torch.float32 or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        y = cpu_quant.quant_linear(x.reshape(rows, -1).contiguous(), self.kind, self.qs, self.d, self.m)  # (rows, N)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def attach_gguf_blocks(model: nn.Module, path: Path) -> int:
+    """Swap a labkit Llama's linears for QuantLinears over the GGUF's blocks; returns how many."""
+    ok, reason = cpu_quant.available()
+    if not ok:
+        raise LabkitError(f"GGUF block weights need the CPU kernel, which is unavailable: {reason}")
+    args: Any = cast(Any, model).args
+    blocks = llama_blocks(path, args.n_layers, args.n_heads, args.n_kv_heads)
+    swapped = 0
+    for name, qw in blocks.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        dense = getattr(parent, attr)
+        if tuple(dense.weight.shape) != (qw.qs.shape[0], qw.d.shape[1] * 32):
+            raise LabkitError(f"GGUF tensor for {name} has shape {tuple(qw.qs.shape)}, the model expects {tuple(dense.weight.shape)}")
+        setattr(parent, attr, QuantLinear(dense, qw))
+        swapped += 1
+    return swapped

@@ -1,0 +1,53 @@
+"""The engine on a CUDA card (skipped on machines without one): parity with transformers there."""
+
+import pytest
+import torch
+
+from labkit.config import GenerationConfig
+from labkit.engine import Engine
+from labkit.generate import generate
+from labkit.models.tiny import TINY_ARCHS, tiny_hf_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_cuda_fp32_logits_and_greedy_match_hf(arch: str) -> None:
+    hf = tiny_hf_model(arch, seed=7).cuda()
+    hf.generation_config.eos_token_id = None
+    engine = Engine.from_hf(hf, "cuda", "float32", batch_size=2, max_seq_len=64)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 20), device="cuda")
+    with torch.no_grad():
+        ref = hf(ids).logits
+    ours = torch.cat([engine.forward(ids[:, :12]), engine.verify(ids[:, 12:20])], 1)
+    assert (ours - ref).abs().max().item() < 1e-3
+    single = Engine.from_hf(hf, "cuda", "float32")
+    prompt = ids[0, :9].tolist()
+    with torch.no_grad():
+        hf_out = hf.generate(ids[:1, :9], attention_mask=torch.ones_like(ids[:1, :9]), max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert generate(single, prompt, GenerationConfig(max_new_tokens=16)).tokens == hf_out[0, 9:].tolist()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_half_precision_is_close(dtype: str) -> None:
+    hf = tiny_hf_model("llama", seed=7).cuda()
+    ids = torch.randint(0, hf.config.vocab_size, (1, 16), device="cuda")
+    with torch.no_grad():
+        ref = hf(ids).logits
+    out = Engine.from_hf(hf, "cuda", dtype).forward(ids).float()
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
+def test_cuda_peak_memory_is_reported() -> None:
+    hf = tiny_hf_model("gpt2", seed=7).cuda()
+    s = generate(Engine.from_hf(hf, "cuda", "float32"), [5, 6, 7], GenerationConfig(max_new_tokens=4, stop_at_eos=False)).stats
+    assert s.memory_kind == "cuda_max_allocated" and s.peak_memory_bytes > 0
