@@ -162,8 +162,12 @@ class Engine:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Run T new tokens (B, T) at the next positions; returns logits (B, T or 1, vocab)."""
+    def forward(self, tokens: torch.Tensor, last_only: bool = False, n_layers: int | None = None) -> torch.Tensor:
+        """Run T new tokens (B, T) at the next positions; returns logits (B, T or 1, vocab).
+
+        n_layers runs only the first layers (then the final norm and head): a layer-skip draft.
+        It writes those layers' cache at the new positions, which the next full pass overwrites.
+        """
         cache = self.cache
         assert cache is not None
         B, T = tokens.shape
@@ -174,11 +178,11 @@ class Engine:
             raise LabkitError(f"{start + T} positions exceed the cache of {cache.max_len}; call ensure_capacity first")
         input_pos = torch.arange(start, start + T, device=self.device)  # (T,)
         with self._autocast():
-            if self._static_step is not None and not last_only:
+            if self._static_step is not None and not last_only and n_layers is None:
                 logits = self._static_step(tokens, input_pos)
             else:
                 mask = cache.mask(input_pos, start + T, self.args.sliding_window, decode_step=T == 1)
-                logits = self.model(tokens, input_pos, cache, start + T, mask, last_only)
+                logits = self.model(tokens, input_pos, cache, start + T, mask, last_only, n_layers)
         cache.length = start + T
         return logits
 

@@ -19,6 +19,9 @@ from labkit.errors import LabkitError
 from labkit.metrics.memory import read_peak, reset_peak
 from labkit.metrics.timers import now
 from labkit.sampling import make_generator, sample
+from labkit.specdec.controllers import Controller, FixedK
+from labkit.specdec.drafters import Draft, Drafter
+from labkit.specdec.policies import Policy, default_policy
 
 Messages = list[dict[str, str]]
 
@@ -30,9 +33,16 @@ class GenerationStats:
     stop_reason: str  # "eos", "max_new_tokens" or "context" (the model's context ran out)
     ttft_s: float  # prefill + first token
     total_s: float
-    token_latencies_ms: list[float] = field(default_factory=list)  # gap before each token after the first
+    token_latencies_ms: list[float] = field(default_factory=list)  # per step after the first token, spread over its tokens
     peak_memory_bytes: int = 0
     memory_kind: str = ""
+    # speculative decoding (empty for plain decoding)
+    drafter: str = ""
+    policy: str = ""
+    accepted_lengths: list[int] = field(default_factory=list)  # per target step: draft tokens that stood
+    drafted_lengths: list[int] = field(default_factory=list)  # per target step: draft tokens proposed
+    draft_s: float = 0.0
+    verify_s: float = 0.0  # target forwards after the prefill (verify or plain decode)
 
     @property
     def tok_per_s(self) -> float:
@@ -49,9 +59,30 @@ class GenerationStats:
         lat = self.token_latencies_ms
         return sum(lat) / len(lat) if lat else 0.0
 
+    @property
+    def target_steps(self) -> int:
+        return len(self.accepted_lengths)
+
+    @property
+    def acceptance_rate(self) -> float:
+        drafted = sum(self.drafted_lengths)
+        return sum(self.accepted_lengths) / drafted if drafted else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per target forward after the prefill (1.0 for plain decoding)."""
+        steps = self.target_steps
+        return (self.new_tokens - 1) / steps if steps else 1.0
+
+    @property
+    def other_s(self) -> float:
+        """Bookkeeping: everything after the first token that is neither drafting nor the target."""
+        return max(0.0, self.total_s - self.ttft_s - self.draft_s - self.verify_s)
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(tok_per_s=self.tok_per_s, decode_tok_per_s=self.decode_tok_per_s, mean_token_latency_ms=self.mean_token_latency_ms)
+        out.update(tok_per_s=self.tok_per_s, decode_tok_per_s=self.decode_tok_per_s, mean_token_latency_ms=self.mean_token_latency_ms,
+                   acceptance_rate=self.acceptance_rate, tau=self.tau, other_s=self.other_s, target_steps=self.target_steps)
         return out
 
 
@@ -93,49 +124,100 @@ def check_prompt(prompt_ids: Sequence[int], context_len: int) -> None:
         raise LabkitError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context_len}: shorten it")
 
 
-def generate(engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig) -> GenerationResult:
-    """Decode one prompt (batch 1). Greedy when temperature is 0."""
+@dataclass
+class Speculation:
+    """Draft-and-verify settings for `generate`. Policy None: greedy match for greedy decoding,
+    rejection sampling otherwise; controller None: fixed K."""
+
+    drafter: Drafter
+    k: int = 4
+    policy: Policy | None = None
+    controller: Controller | None = None
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise LabkitError(f"K (draft tokens per step) must be at least 1, got {self.k}")
+
+
+def generate(engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig, spec: Speculation | None = None) -> GenerationResult:
+    """Decode one prompt (batch 1): greedy when temperature is 0; speculative when `spec` is given.
+
+    Invariant between steps: the target's cache holds every context token but the last.
+    """
     config.validate()
     check_prompt(prompt_ids, engine.context_len)
+    if spec is not None:
+        spec.validate()
     budget = min(config.max_new_tokens, engine.context_len - len(prompt_ids))
     engine.ensure_capacity(len(prompt_ids) + budget)
     eos = set(config.eos_token_ids or engine.eos_token_ids) if config.stop_at_eos else set()
     generator = make_generator(config, engine.device)
     device = engine.device
-
     eos_ids = torch.tensor(sorted(set(config.eos_token_ids or engine.eos_token_ids)), dtype=torch.long, device=device)
+    policy = (spec.policy or default_policy(config)) if spec else None
+    controller = (spec.controller or FixedK(spec.k)) if spec else None
+    if spec is not None:
+        spec.drafter.begin(list(prompt_ids), len(prompt_ids) + budget)
 
-    def next_token(logits: torch.Tensor, n_done: int) -> torch.Tensor:  # (1, V) → (1,)
-        if n_done < config.min_new_tokens and eos_ids.numel():
-            logits = logits.index_fill(-1, eos_ids, float("-inf"))
-        return sample(logits, config, generator)
+    def suppress_eos(logits: torch.Tensor, n_done: int) -> torch.Tensor:  # (T, V): row j is token n_done + j
+        rows = min(logits.shape[0], config.min_new_tokens - n_done)
+        if rows > 0 and eos_ids.numel():
+            logits = logits.clone()
+            logits[:rows, eos_ids] = float("-inf")
+        return logits
 
     reset_peak(device)
     t_start = now(device)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
-    token = next_token(engine.prefill(prompt), 0)  # (1,)
-    tokens = [int(token.item())]  # .item() waits for the device: timings below are real
+    tokens = [int(sample(suppress_eos(engine.prefill(prompt), 0), config, generator).item())]
+    context = list(prompt_ids) + tokens
     t_prev = time.perf_counter()
     ttft = t_prev - t_start
-    latencies: list[float] = []
-    stop_reason = "max_new_tokens" if budget == config.max_new_tokens else "context"
-    while True:
-        if tokens[-1] in eos:
-            stop_reason = "eos"
+    stats = GenerationStats(prompt_tokens=len(prompt_ids), new_tokens=0, stop_reason="", ttft_s=ttft, total_s=0.0,
+                            drafter=spec.drafter.name if spec else "", policy=policy.name if policy else "")
+    stop_reason = "eos" if tokens[0] in eos else ""
+    while not stop_reason:
+        remaining = budget - len(tokens)
+        if remaining <= 0:
+            stop_reason = "max_new_tokens" if budget == config.max_new_tokens else "context"
             break
-        if len(tokens) >= budget:
-            break
-        token = next_token(engine.decode(token.view(1, 1)), len(tokens))
-        tokens.append(int(token.item()))
+        k = min(controller.next_k(), remaining - 1) if controller else 0
+        draft = Draft([])
+        if k >= 1 and spec is not None:
+            t0 = time.perf_counter()
+            draft = spec.drafter.propose(context, k, config, generator)
+            draft.tokens = draft.tokens[:k]
+            stats.draft_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if draft.tokens:
+            start = engine.length
+            feed = torch.tensor([[context[-1], *draft.tokens]], device=device)  # (1, K+1)
+            logits = suppress_eos(engine.verify(feed)[0], len(tokens))  # (K+1, V)
+            assert policy is not None and controller is not None
+            verdict = policy.accept(draft.tokens, draft.probs, logits, config, generator)
+            engine.rollback(start + 1 + verdict.accepted)  # keep the last token and the accepted drafts
+            new = draft.tokens[: verdict.accepted] + [verdict.next_token]
+            controller.update(len(draft.tokens), verdict.accepted)
+        else:
+            logits = suppress_eos(engine.decode(torch.tensor([[context[-1]]], device=device)), len(tokens))
+            new = [int(sample(logits, config, generator).item())]
+        stats.verify_s += time.perf_counter() - t0
+        stats.drafted_lengths.append(len(draft.tokens))
+        stats.accepted_lengths.append(len(new) - 1)
+        for token in new:  # EOS inside an accepted block ends the output there
+            tokens.append(token)
+            if token in eos:
+                stop_reason = "eos"
+                break
+        context.extend(tokens[len(context) - len(prompt_ids):])
         t = time.perf_counter()
-        latencies.append((t - t_prev) * 1e3)
+        stats.token_latencies_ms.extend([(t - t_prev) * 1e3 / len(new)] * len(new))
         t_prev = t
-    total = t_prev - t_start
     memory = read_peak(device)
-    stats = GenerationStats(
-        prompt_tokens=len(prompt_ids), new_tokens=len(tokens), stop_reason=stop_reason, ttft_s=ttft,
-        total_s=total, token_latencies_ms=latencies, peak_memory_bytes=memory.peak_bytes, memory_kind=memory.kind,
-    )
+    stats.new_tokens, stats.stop_reason, stats.total_s = len(tokens), stop_reason, t_prev - t_start
+    stats.peak_memory_bytes, stats.memory_kind = memory.peak_bytes, memory.kind
+    if stats.token_latencies_ms:
+        stats.token_latencies_ms = stats.token_latencies_ms[: len(tokens) - 1]
     return GenerationResult(prompt_ids=list(prompt_ids), tokens=tokens, stats=stats)
 
 
@@ -145,9 +227,10 @@ def generate_text(
     prompt: str | Messages,
     config: GenerationConfig,
     chat: bool | None = None,
+    spec: Speculation | None = None,
 ) -> GenerationResult:
     """Text in, text out: encode (chat template when the model has one), generate, decode."""
     ids = encode_prompt(tokenizer, prompt, chat)
-    result = generate(engine, ids, config)
+    result = generate(engine, ids, config, spec)
     result.text = tokenizer.decode(result.tokens, skip_special_tokens=True)
     return result

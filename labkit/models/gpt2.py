@@ -112,9 +112,11 @@ class GPT2(nn.Module):
         attend_len: int,
         mask: torch.Tensor | None,  # (T, attend_len) bool, None when every key is visible
         last_only: bool = False,
+        n_layers: int | None = None,  # run only the first n layers, then the head (layer-skip drafts)
     ) -> torch.Tensor:  # (B, T or 1, vocab)
         x = self.wte(tokens) + self.wpe(input_pos)  # (B, T, dim)
-        for i, block in enumerate(self.layers):
+        for i in range(self.args.n_layers if n_layers is None else n_layers):
+            block = self.layers[i]
             x = block(x, cache, i, input_pos, attend_len, mask)
         if last_only:
             x = x[:, -1:]

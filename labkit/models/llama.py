@@ -158,12 +158,14 @@ class Llama(nn.Module):
         attend_len: int,
         mask: torch.Tensor | None,  # (T, attend_len) bool, None when every key is visible
         last_only: bool = False,
+        n_layers: int | None = None,  # run only the first n layers, then the head (layer-skip drafts)
     ) -> torch.Tensor:  # (B, T or 1, vocab)
         assert self.cos is not None and self.sin is not None, "call setup_rope first"
         x = self.embed(tokens)  # (B, T, dim)
         cos = self.cos[input_pos].unsqueeze(1)  # (T, 1, D)
         sin = self.sin[input_pos].unsqueeze(1)
-        for i, block in enumerate(self.layers):
+        for i in range(self.args.n_layers if n_layers is None else n_layers):
+            block = self.layers[i]
             x = block(x, cos, sin, cache, i, input_pos, attend_len, mask)
         if last_only:
             x = x[:, -1:]

@@ -1,0 +1,199 @@
+"""Drafters: cheap guesses at the next K tokens.
+
+Every drafter answers `propose(context, k)`, where `context` is every token so far (prompt and
+output; the target's cache holds all but the last). It returns up to k tokens and, where it has
+them, the draft probabilities they were sampled from. Drafters with their own KV cache keep it
+consistent by themselves: they remember which tokens their cache holds and roll back to the
+common prefix with the new context, so a partial acceptance costs no extra call.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import torch
+import torch.nn as nn
+
+from labkit.config import GenerationConfig
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.sampling import warp_logits
+
+
+@dataclass
+class Draft:
+    tokens: list[int]  # up to k proposed ids
+    probs: torch.Tensor | None = None  # (len(tokens), V_target) draft distribution, None = one-hot
+
+
+class Drafter(Protocol):
+    name: str
+
+    def begin(self, prompt_ids: list[int], capacity: int) -> None:
+        """A new request: make room for `capacity` positions and forget earlier state."""
+        ...
+
+    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft: ...
+
+
+def _pick(logits: torch.Tensor, vocab: int, config: GenerationConfig, generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+    """Draft token from draft logits (1, V_draft), and its distribution over the target vocab."""
+    logits = logits[0]
+    if logits.shape[-1] > vocab:  # padded draft vocabulary: ids the target cannot have never drafted
+        logits = logits[:vocab]
+    if config.temperature == 0:
+        return int(logits.argmax().item()), None
+    q = warp_logits(logits, config.temperature, config.top_k, config.top_p).softmax(-1)  # (V_draft,)
+    token = int(torch.multinomial(q, 1, generator=generator).item())
+    if q.shape[-1] < vocab:
+        q = torch.nn.functional.pad(q, (0, vocab - q.shape[-1]))
+    return token, q
+
+
+def _stack(probs: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if not probs or probs[0] is None else torch.stack([p for p in probs if p is not None])
+
+
+class ModelDrafter:
+    """A separate, smaller model with its own cache (e.g. distilgpt2 for gpt2, or a truncated target)."""
+
+    def __init__(self, engine: Engine, target_vocab: int, name: str = "model") -> None:
+        self.engine, self.vocab, self.name = engine, target_vocab, name
+        self.cached: list[int] = []  # tokens whose keys and values the draft cache holds
+
+    def begin(self, prompt_ids: list[int], capacity: int) -> None:
+        self.engine.ensure_capacity(capacity)
+        self.cached = []
+
+    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
+        keep = 0
+        limit = min(len(self.cached), len(context) - 1)
+        while keep < limit and self.cached[keep] == context[keep]:
+            keep += 1
+        self.engine.rollback(keep)
+        device = self.engine.device
+        feed = torch.tensor([context[keep:]], device=device)  # catch-up: at least the last token
+        tokens: list[int] = []
+        probs: list[torch.Tensor | None] = []
+        for i in range(k):
+            logits = self.engine.forward(feed, last_only=True)[:, -1]  # (1, V_draft)
+            token, q = _pick(logits, self.vocab, config, generator)
+            tokens.append(token)
+            probs.append(q)
+            if i + 1 < k:
+                feed = torch.tensor([[token]], device=device)
+        self.cached = context + tokens[:-1]
+        return Draft(tokens, _stack(probs))
+
+
+class LayerSkipDrafter:
+    """The target's own first L layers, then its final norm and head: no extra weights, and the
+    target's cache serves those layers (their keys and values are the same computation)."""
+
+    def __init__(self, target: Engine, n_layers: int) -> None:
+        if not 1 <= n_layers < target.args.n_layers:
+            raise LabkitError(f"layer-skip needs 1 <= layers < {target.args.n_layers}, got {n_layers}")
+        self.engine, self.n_layers = target, n_layers
+        self.name = f"layerskip-{n_layers}"
+        self.vocab = target.args.vocab_size
+
+    def begin(self, prompt_ids: list[int], capacity: int) -> None:
+        pass  # the target's cache is ours
+
+    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
+        start = self.engine.length  # the target's cache holds context[:-1]
+        device = self.engine.device
+        token = context[-1]
+        tokens: list[int] = []
+        probs: list[torch.Tensor | None] = []
+        for _ in range(k):
+            logits = self.engine.forward(torch.tensor([[token]], device=device), n_layers=self.n_layers)[:, -1]
+            token, q = _pick(logits, self.vocab, config, generator)
+            tokens.append(token)
+            probs.append(q)
+        self.engine.rollback(start)  # draft positions are rewritten by the verify pass
+        return Draft(tokens, _stack(probs))
+
+
+class NgramDrafter:
+    """Prompt lookup: find the latest earlier occurrence of the longest recent suffix (n = max_n
+    down to min_n) in the prompt and output, and propose what followed it. No weights."""
+
+    name = "ngram"
+
+    def __init__(self, max_n: int = 3, min_n: int = 1) -> None:
+        if not 1 <= min_n <= max_n:
+            raise LabkitError(f"n-gram sizes need 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.max_n, self.min_n = max_n, min_n
+
+    def begin(self, prompt_ids: list[int], capacity: int) -> None:
+        pass
+
+    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
+        n_ctx = len(context)
+        for n in range(min(self.max_n, n_ctx - 1), self.min_n - 1, -1):
+            suffix = context[n_ctx - n :]
+            for start in range(n_ctx - n - 1, -1, -1):  # latest match first, never the suffix itself
+                if context[start : start + n] == suffix:
+                    follow = context[start + n : start + n + k]
+                    if follow:
+                        return Draft(follow)
+        return Draft([])
+
+
+def truncated_model(model: nn.Module, n_layers: int) -> nn.Module:
+    """A smaller model from the target's embeddings, first n layers, final norm and head (weights shared)."""
+    args: Any = cast(Any, model).args
+    total = args.n_layers
+    if not 1 <= n_layers < total:
+        raise LabkitError(f"a truncated draft needs 1 <= layers < {total}, got {n_layers}")
+    small: Any = copy.copy(model)  # shallow: every submodule and weight is the target's
+    small._modules = dict(model._modules)
+    small.layers = nn.ModuleList(list(cast(Any, model).layers)[:n_layers])
+    small.args = copy.copy(args)
+    small.args.n_layers = n_layers
+    return cast(nn.Module, small)
+
+
+def truncated_engine(target: Engine, n_layers: int) -> Engine:
+    """An Engine over the truncated model, with its own (smaller) cache."""
+    engine = Engine(truncated_model(target.model, n_layers), device=target.device, dtype=target.dtype, amp=target.amp,
+                    batch_size=target.batch_size, max_seq_len=target.cache.max_len if target.cache else 1024)
+    engine.eos_token_ids = target.eos_token_ids
+    return engine
+
+
+def check_draft_pair(target: Engine, draft: Engine, target_tokenizer: Any = None, draft_tokenizer: Any = None) -> None:
+    """A separate draft model must sit on the target's device and dtype and share its tokenizer."""
+    if draft.device != target.device:
+        raise LabkitError(f"the draft model is on {draft.device} but the target is on {target.device}; put both on one device")
+    if draft.dtype != target.dtype:
+        raise LabkitError(f"the draft model runs in {draft.dtype} but the target in {target.dtype}; use one dtype")
+    if target_tokenizer is not None and draft_tokenizer is not None and target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+        raise LabkitError("the draft model's tokenizer differs from the target's; a draft model must share the target's tokenizer")
+
+
+def make_drafter(
+    kind: str,
+    target: Engine,
+    *,
+    layers: int | None = None,
+    draft_engine: Engine | None = None,
+    ngram_max: int = 3,
+) -> Drafter:
+    """ngram | layerskip | truncated | model. Default depth for layerskip/truncated: a third of the target."""
+    depth = layers or max(1, target.args.n_layers // 3)
+    if kind == "ngram":
+        return NgramDrafter(max_n=ngram_max)
+    if kind == "layerskip":
+        return LayerSkipDrafter(target, depth)
+    if kind == "truncated":
+        return ModelDrafter(truncated_engine(target, depth), target.args.vocab_size, name=f"truncated-{depth}")
+    if kind == "model":
+        if draft_engine is None:
+            raise LabkitError("--drafter model needs --draft-model")
+        check_draft_pair(target, draft_engine)
+        return ModelDrafter(draft_engine, target.args.vocab_size, name="model")
+    raise LabkitError(f"unknown drafter {kind!r}: use ngram, layerskip, truncated or model")
