@@ -23,6 +23,7 @@
 #define MAX_M 16
 
 /* xsum[r*B + b] = sum of x[r, 32b : 32b+32], shared by every output row. */
+#ifndef __AVX512F__
 static void block_sums(const float *x, int64_t M, int64_t K, float *xsum) {
     const int64_t B = K / G;
     for (int64_t r = 0; r < M; r++)
@@ -32,37 +33,51 @@ static void block_sums(const float *x, int64_t M, int64_t K, float *xsum) {
             xsum[r * B + b] = s;
         }
 }
+#endif
 
 void gemv_q4_1(const float *x, const uint8_t *qs, const float *d, const float *m,
                float *y, int64_t M, int64_t N, int64_t K) {
     const int64_t B = K / G;
+#ifndef __AVX512F__
     float *xsum = (float *)malloc(sizeof(float) * M * B);
     block_sums(x, M, K, xsum);
+#endif
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = qs + n * (K / 2);
-        float acc[MAX_M] = {0};
 #ifdef __AVX512F__
-        __m512 vacc[MAX_M];
-        for (int64_t r = 0; r < M; r++) vacc[r] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < B; b++) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(row + b * 16));
-            const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
-            const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
-            const __m512 wlo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));  /* elements 0..15 */
-            const __m512 whi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));  /* elements 16..31 */
-            const __m512 vd = _mm512_set1_ps(d[n * B + b]);
-            const float mb = m[n * B + b];
+        /* Dequantise each block once into registers, w = d*q + m rounded as the dequantised
+           model has it (a multiply, then an add); then every row is a plain fp32 dot product.
+           Four accumulators per row (low/high half, even/odd block) keep four FMA chains in
+           flight: one chain would wait on each FMA's latency. */
+        __m512 acc0[MAX_M], acc1[MAX_M], acc2[MAX_M], acc3[MAX_M];
+        for (int64_t r = 0; r < M; r++) acc0[r] = acc1[r] = acc2[r] = acc3[r] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < B; b += 2) {
+            const int two = b + 1 < B;
+            __m512 w[4];
+            for (int h = 0; h < 1 + two; h++) {
+                const __m128i raw = _mm_loadu_si128((const __m128i *)(row + (b + h) * 16));
+                const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+                const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+                const __m512 vd = _mm512_set1_ps(d[n * B + b + h]);
+                const __m512 vm = _mm512_set1_ps(m[n * B + b + h]);
+                w[2 * h] = _mm512_add_ps(_mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo))), vm);      /* 0..15 */
+                w[2 * h + 1] = _mm512_add_ps(_mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi))), vm);  /* 16..31 */
+            }
             for (int64_t r = 0; r < M; r++) {
                 const float *xb = x + r * K + b * G;
-                __m512 t = _mm512_mul_ps(wlo, _mm512_loadu_ps(xb));
-                t = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xb + 16), t);
-                vacc[r] = _mm512_fmadd_ps(vd, t, vacc[r]);
-                acc[r] += mb * xsum[r * B + b];
+                acc0[r] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xb), acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xb + 16), acc1[r]);
+                if (two) {
+                    acc2[r] = _mm512_fmadd_ps(w[2], _mm512_loadu_ps(xb + 32), acc2[r]);
+                    acc3[r] = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(xb + 48), acc3[r]);
+                }
             }
         }
-        for (int64_t r = 0; r < M; r++) y[r * N + n] = acc[r] + _mm512_reduce_add_ps(vacc[r]);
+        for (int64_t r = 0; r < M; r++)
+            y[r * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[r], acc1[r]), _mm512_add_ps(acc2[r], acc3[r])));
 #else
+        float acc[MAX_M] = {0};
         for (int64_t b = 0; b < B; b++) {
             const uint8_t *blk = row + b * 16;
             float w[G];
@@ -82,7 +97,9 @@ void gemv_q4_1(const float *x, const uint8_t *qs, const float *d, const float *m
         for (int64_t r = 0; r < M; r++) y[r * N + n] = acc[r];
 #endif
     }
+#ifndef __AVX512F__
     free(xsum);
+#endif
 }
 
 void gemv_q8_0(const float *x, const int8_t *qs, const float *d,
@@ -91,23 +108,23 @@ void gemv_q8_0(const float *x, const int8_t *qs, const float *d,
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = qs + n * K;
-        float acc[MAX_M] = {0};
 #ifdef __AVX512F__
-        __m512 vacc[MAX_M];
-        for (int64_t r = 0; r < M; r++) vacc[r] = _mm512_setzero_ps();
+        __m512 vacc[MAX_M], vacc1[MAX_M];
+        for (int64_t r = 0; r < M; r++) vacc[r] = vacc1[r] = _mm512_setzero_ps();
         for (int64_t b = 0; b < B; b++) {
             const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + b * G))));
             const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + b * G + 16))));
             const __m512 vd = _mm512_set1_ps(d[n * B + b]);
+            const __m512 dw0 = _mm512_mul_ps(vd, w0), dw1 = _mm512_mul_ps(vd, w1);  /* w = d*q */
             for (int64_t r = 0; r < M; r++) {
                 const float *xb = x + r * K + b * G;
-                __m512 t = _mm512_mul_ps(w0, _mm512_loadu_ps(xb));
-                t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), t);
-                vacc[r] = _mm512_fmadd_ps(vd, t, vacc[r]);
+                vacc[r] = _mm512_fmadd_ps(dw0, _mm512_loadu_ps(xb), vacc[r]);
+                vacc1[r] = _mm512_fmadd_ps(dw1, _mm512_loadu_ps(xb + 16), vacc1[r]);
             }
         }
-        for (int64_t r = 0; r < M; r++) y[r * N + n] = _mm512_reduce_add_ps(vacc[r]);
+        for (int64_t r = 0; r < M; r++) y[r * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(vacc[r], vacc1[r]));
 #else
+        float acc[MAX_M] = {0};
         for (int64_t b = 0; b < B; b++) {
             float w[G];
             for (int j = 0; j < G; j++) w[j] = (float)row[b * G + j];

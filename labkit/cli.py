@@ -10,6 +10,7 @@ import json
 import sys
 from typing import Any, NoReturn
 
+from labkit.config import resolve_device, resolve_dtype
 from labkit.errors import LabkitError
 
 
@@ -30,6 +31,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 
+def _drafter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drafter", default=None, choices=["ngram", "layerskip", "truncated", "model"], help="speculative decoding with this drafter")
+    p.add_argument("--draft-model", default=None, help="draft model (HF id or folder) sharing the target's tokenizer")
+    p.add_argument("--layers", type=int, default=None, help="layer-skip / truncated depth (default: a third of the target)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m labkit", description="labkit: see, measure and speed up LLM decoding")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -48,7 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", default="auto", choices=["auto", "dense", "gguf"],
                    help="gguf: read the embedded model's own Q4_1 blocks (CPU, float32); auto: gguf where it applies")
     g.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape decode step")
-    g.add_argument("--json", action="store_true", help="print one JSON object instead")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead (adds per-step accepted lengths)")
+    _drafter_args(g)
+    g.add_argument("--k", type=int, default=4, help="draft tokens per step")
+
+    sw = sub.add_parser("sweep", help="every drafter at every K against plain greedy, in one run")
+    sw.add_argument("--base-model", "--model", dest="model", default="default")
+    sw.add_argument("--device", default="auto")
+    sw.add_argument("--dtype", default=None)
+    sw.add_argument("--weights", default="auto", choices=["auto", "dense", "gguf"])
+    sw.add_argument("--drafter", type=_csv, default=None, help="comma list of ngram, layerskip, truncated, model (default: ngram, or model with --draft-model)")
+    sw.add_argument("--draft-model", default=None)
+    sw.add_argument("--layers", type=int, default=None, help="layer-skip / truncated depth (default: a third of the target)")
+    sw.add_argument("--k", type=_csv, default=["1", "2", "4", "8"])
+    sw.add_argument("--max-tokens", type=int, default=64)
+    sw.add_argument("--iterations", type=int, default=1)
+    sw.add_argument("--categories", type=_csv, default=None)
+    sw.add_argument("--prompts-per-category", type=int, default=1)
+    sw.add_argument("--temperature", type=float, default=0.0)
+    sw.add_argument("--output-dir", default="results")
+    sw.add_argument("--no-plots", action="store_true")
 
     b = sub.add_parser("bench", help="benchmarks that write results/")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=Parser)
@@ -72,7 +98,7 @@ def _fmt_bytes(n: int) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from labkit.config import Flags, GenerationConfig, dtype_name, resolve_device, resolve_dtype
+    from labkit.config import Flags, GenerationConfig, dtype_name
 
     config = GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     config.validate()
@@ -85,9 +111,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from labkit.generate import generate_text
     from labkit.models.loading import load_model
 
+    if args.k < 1:
+        raise LabkitError(f"--k must be at least 1, got {args.k}")
+    drafter_kind = args.drafter or ("model" if args.draft_model else None)
     loaded = load_model(args.model)
     engine = Engine.from_loaded(loaded, device, dtype, weights=args.weights, compile=args.compile)
-    result = generate_text(engine, loaded.tokenizer, args.prompt, config, chat=args.chat)
+    spec = None
+    if drafter_kind:
+        from labkit.generate import Speculation
+        from labkit.specdec.drafters import check_draft_pair, make_drafter
+
+        draft_engine = None
+        if drafter_kind == "model":
+            if not args.draft_model:
+                raise LabkitError("--drafter model needs --draft-model")
+            draft = load_model(args.draft_model)
+            draft_engine = Engine.from_loaded(draft, device, dtype, weights="dense")
+            check_draft_pair(engine, draft_engine, loaded.tokenizer, draft.tokenizer)
+        spec = Speculation(make_drafter(drafter_kind, engine, layers=args.layers, draft_engine=draft_engine), k=args.k)
+    result = generate_text(engine, loaded.tokenizer, args.prompt, config, chat=args.chat, spec=spec)
     s = result.stats
     if args.json:
         out: dict[str, Any] = {
@@ -103,13 +145,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"  time to first   {s.ttft_s * 1e3:.1f} ms ({s.prompt_tokens} prompt tokens)")
     print(f"  per token       {s.mean_token_latency_ms:.2f} ms")
     print(f"  peak memory     {_fmt_bytes(s.peak_memory_bytes)} ({s.memory_kind})")
+    if spec is not None:
+        print(f"  speculation     {s.drafter}, K={args.k}, {s.policy}: acceptance {s.acceptance_rate:.0%}, "
+              f"{s.tau:.2f} tokens per target step, draft {s.draft_s:.2f} s / target {s.verify_s:.2f} s / other {s.other_s:.2f} s")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from labkit.bench.sweep import SweepConfig, run_sweep
+
+    try:
+        ks = [int(k) for k in args.k]
+    except ValueError:
+        raise LabkitError(f"--k takes whole numbers, got {','.join(args.k)}") from None
+    drafters = args.drafter or (["model"] if args.draft_model else ["ngram"])
+    cfg = SweepConfig(
+        base_model=args.model, draft_model=args.draft_model, drafters=drafters, layers=args.layers, ks=ks,
+        max_new_tokens=args.max_tokens, iterations=args.iterations, categories=args.categories,
+        prompts_per_category=args.prompts_per_category, device=args.device, dtype=args.dtype, weights=args.weights,
+        temperature=args.temperature, output_dir=args.output_dir, plots=not args.no_plots,
+    )
+    cfg.validate()
+    resolve_device(args.device)
+    try:
+        payload = run_sweep(cfg)
+    except ValueError as err:
+        raise LabkitError(str(err)) from None
+    print(f"sweep on {payload['device']['name']}, {cfg.max_new_tokens} new tokens, weights {payload['parameters']['weights_resolved']}")
+    print(f"{'drafter':<16}{'K':>3}{'tok/s':>16}{'speedup':>16}{'acceptance':>12}{'tau':>7}{'latency ms':>12}{'identical':>11}")
+    for r in payload["summary"]:
+        print(f"{r['drafter']:<16}{r['k']:>3}{r['tok_per_s']:>9.1f} ± {r['tok_per_s_std']:<4.1f}{r['speedup']:>9.2f} ± {r['speedup_std']:<4.2f}"
+              f"{r['acceptance_rate']:>11.0%}{r['tau']:>7.2f}{r['mean_latency_ms']:>12.1f}{r['identical_share']:>10.0%}")
+    print("best lossless drafter and K per category:")
+    for r in payload["per_category"]:
+        best = f"{r['drafter']} K={r['k']}: {r['speedup']:.2f}x" if r["drafter"] else "none faster"
+        print(f"  {r['category']:<14} plain {r['plain_tok_per_s']:.1f} tok/s, {best}")
+    for f in payload.get("files", []):
+        print(f"wrote {f}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "baseline":
         from labkit.bench.baseline import BaselineConfig, run_baseline
-        from labkit.config import resolve_device, resolve_dtype
 
         for name, value in (("--max-tokens", args.max_tokens), ("--repeats", args.repeats), ("--prompts-per-category", args.prompts_per_category)):
             if value < 1:
@@ -144,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
     except LabkitError as err:
         print(f"labkit: error: {err}", file=sys.stderr)
         return 2

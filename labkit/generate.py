@@ -41,6 +41,7 @@ class GenerationStats:
     policy: str = ""
     accepted_lengths: list[int] = field(default_factory=list)  # per target step: draft tokens that stood
     drafted_lengths: list[int] = field(default_factory=list)  # per target step: draft tokens proposed
+    draft_tokens: list[list[int]] = field(default_factory=list)  # per target step: the proposals themselves
     draft_s: float = 0.0
     verify_s: float = 0.0  # target forwards after the prefill (verify or plain decode)
 
@@ -203,6 +204,7 @@ def generate(engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig
             new = [int(sample(logits, config, generator).item())]
         stats.verify_s += time.perf_counter() - t0
         stats.drafted_lengths.append(len(draft.tokens))
+        stats.draft_tokens.append(draft.tokens)
         stats.accepted_lengths.append(len(new) - 1)
         for token in new:  # EOS inside an accepted block ends the output there
             tokens.append(token)

@@ -53,3 +53,25 @@ def slider_view(items: Sequence[Any], render: Callable[[Any], None], description
     box = widgets.VBox([slider, out])
     display(box)
     return box
+
+
+def spec_steps_html(tokenizer: Any, result: Any) -> str:
+    """One generation, step by step: accepted draft tokens green, rejected ones red and struck
+    through, the target's own token (bonus or recovered) blue. Needs a speculative result."""
+    import html
+
+    stats = result.stats
+    pieces = []
+    pos = 1  # tokens[0] came from the prefill
+    pieces.append(f"<span style='color:#1f5fbf'>{html.escape(tokenizer.decode(result.tokens[:1]))}</span>")
+    for drafted, accepted in zip(stats.draft_tokens, stats.accepted_lengths, strict=True):
+        for token in drafted[:accepted]:
+            pieces.append(f"<span style='background:#c8f0c8'>{html.escape(tokenizer.decode([token]))}</span>")
+        for token in drafted[accepted:]:
+            pieces.append(f"<span style='background:#f6c6c6;text-decoration:line-through'>{html.escape(tokenizer.decode([token]))}</span>")
+        pos += accepted
+        if pos < len(result.tokens):
+            pieces.append(f"<span style='color:#1f5fbf;font-weight:bold'>{html.escape(tokenizer.decode(result.tokens[pos:pos + 1]))}</span>")
+        pos += 1
+        pieces.append("<span style='color:#aaa'>|</span>")
+    return "<div style='font-family:monospace;white-space:pre-wrap;line-height:1.6'>" + "".join(pieces) + "</div>"

@@ -71,3 +71,32 @@ def test_bench_bad_input() -> None:
     assert_clean_error(*run_cli("bench", "baseline", "--max-tokens", "0"), "at least 1")
     assert_clean_error(*run_cli("bench", "baseline", "--dtype", "float8"), "unknown dtype")
     assert_clean_error(*run_cli("bench", "nonsense"), "invalid choice")
+
+
+def test_generate_with_a_drafter_reports_accepted_lengths(tiny_folder) -> None:
+    rc, out, err = run_cli("generate", "--model", str(tiny_folder), "--prompt", "one two one two one two", "--max-tokens", "12",
+                           "--json", "--device", "cpu", "--drafter", "ngram", "--k", "3")
+    assert rc == 0, err
+    stats = json.loads(out)["stats"]
+    assert stats["drafter"] == "ngram" and stats["policy"] == "greedy"
+    assert len(stats["accepted_lengths"]) == stats["target_steps"] >= 1
+
+
+def test_speculation_bad_input(tiny_folder) -> None:
+    base = ["generate", "--model", str(tiny_folder), "--prompt", "hi", "--device", "cpu"]
+    assert_clean_error(*run_cli(*base, "--drafter", "ngram", "--k", "0"), "at least 1")
+    assert_clean_error(*run_cli(*base, "--drafter", "model"), "--draft-model")
+    assert_clean_error(*run_cli(*base, "--drafter", "layerskip", "--layers", "9"), "layer")
+    assert_clean_error(*run_cli("sweep", "--k", "0,2", "--no-plots"), "at least 1")
+    assert_clean_error(*run_cli("sweep", "--drafter", "oracle"), "unknown drafter")
+
+
+def test_sweep_writes_results(tiny_folder, tmp_path) -> None:
+    rc, out, err = run_cli("sweep", "--model", str(tiny_folder), "--drafter", "ngram,layerskip", "--layers", "1", "--k", "1,3",
+                           "--max-tokens", "8", "--categories", "math,rag", "--device", "cpu", "--output-dir", str(tmp_path))
+    assert rc == 0, err
+    assert "best lossless drafter and K per category" in out
+    data = json.loads(next(tmp_path.glob("sweep-cpu-*.json")).read_text())
+    assert {(r["drafter"], r["k"]) for r in data["summary"]} == {("plain", 0), ("ngram", 1), ("ngram", 3), ("layerskip-1", 1), ("layerskip-1", 3)}
+    assert all(r["identical_to_plain"] for r in data["rows"])  # greedy speculation is lossless
+    assert next(tmp_path.glob("sweep-cpu-*.png")).stat().st_size > 10_000

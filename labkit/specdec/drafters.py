@@ -61,6 +61,7 @@ class ModelDrafter:
 
     def __init__(self, engine: Engine, target_vocab: int, name: str = "model") -> None:
         self.engine, self.vocab, self.name = engine, target_vocab, name
+        self.draft_vocab = int(engine.args.vocab_size)
         self.cached: list[int] = []  # tokens whose keys and values the draft cache holds
 
     def begin(self, prompt_ids: list[int], capacity: int) -> None:
@@ -74,7 +75,10 @@ class ModelDrafter:
             keep += 1
         self.engine.rollback(keep)
         device = self.engine.device
-        feed = torch.tensor([context[keep:]], device=device)  # catch-up: at least the last token
+        # catch-up: at least the last token. An id past a smaller draft vocabulary cannot be
+        # embedded; the draft sees id 0 there (worse guesses, still verified, still lossless).
+        catch_up = [t if t < self.draft_vocab else 0 for t in context[keep:]]
+        feed = torch.tensor([catch_up], device=device)
         tokens: list[int] = []
         probs: list[torch.Tensor | None] = []
         for i in range(k):

@@ -1,0 +1,19 @@
+"""Notebooks are committed without outputs, and each follows the skeleton (a tagged parameters cell)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stripped_and_parameterised(path: Path) -> None:
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "run `make strip`"
+    tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1
+    assert 'device: str = "auto"' in "".join(tagged[0]["source"])
+    assert "results_dir(" in "".join(code[-1]["source"]), "the last cell writes results"

@@ -1,0 +1,207 @@
+"""Speculative decoding: lossless greedy for every drafter and K, the sampling guarantee, bad input."""
+
+import pytest
+import torch
+
+from labkit.config import GenerationConfig
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.generate import Speculation, generate
+from labkit.models.tiny import tiny_hf_model
+from labkit.specdec import ModelDrafter, make_drafter
+from labkit.specdec.drafters import NgramDrafter, check_draft_pair
+from labkit.specdec.policies import GreedyMatch, RejectionSampling, Verdict
+
+PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7], [11, 12, 13], [40, 41, 42, 43, 44, 45, 46, 47, 48, 40, 41]]
+
+
+@pytest.fixture(scope="module")
+def target() -> Engine:
+    return Engine.from_hf(tiny_hf_model("llama", seed=5), "cpu", "float32")
+
+
+def plain(engine: Engine, prompt: list[int], n: int = 30, **kw) -> list[int]:
+    return generate(engine, prompt, GenerationConfig(max_new_tokens=n, stop_at_eos=False, **kw)).tokens
+
+
+def drafters(target: Engine) -> dict:
+    random_draft = Engine.from_hf(tiny_hf_model("llama", seed=99), "cpu", "float32")
+    self_draft = Engine.from_hf(tiny_hf_model("llama", seed=5), "cpu", "float32")  # the target's own weights
+    return {
+        "ngram": make_drafter("ngram", target),
+        "layerskip": make_drafter("layerskip", target, layers=2),
+        "truncated": make_drafter("truncated", target, layers=1),
+        "random-model": ModelDrafter(random_draft, 96, name="random"),
+        "self-model": ModelDrafter(self_draft, 96, name="self"),
+    }
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_greedy_speculation_is_token_identical(target: Engine, k: int) -> None:
+    for name, drafter in drafters(target).items():
+        for prompt in PROMPTS:
+            want = plain(target, prompt)
+            got = generate(target, prompt, GenerationConfig(max_new_tokens=30, stop_at_eos=False), Speculation(drafter, k))
+            assert got.tokens == want, (name, k, prompt)
+            assert len(got.stats.accepted_lengths) == got.stats.target_steps
+            assert all(0 <= a <= d for a, d in zip(got.stats.accepted_lengths, got.stats.drafted_lengths, strict=True))
+
+
+def test_edge_cases_self_draft_accepts_all_random_draft_almost_nothing(target: Engine) -> None:
+    d = drafters(target)
+    cfg = GenerationConfig(max_new_tokens=33, stop_at_eos=False)
+    everything = generate(target, PROMPTS[0], cfg, Speculation(d["self-model"], 4)).stats
+    assert everything.acceptance_rate == 1.0
+    assert everything.tau == pytest.approx(5.0, abs=0.5)  # K+1 tokens per target step
+    nothing = generate(target, PROMPTS[0], cfg, Speculation(d["random-model"], 4)).stats
+    assert nothing.acceptance_rate < 0.25
+    assert nothing.tau < 1.5
+
+
+def test_eos_inside_an_accepted_block_ends_the_output(target: Engine) -> None:
+    want = plain(target, PROMPTS[1], 30)
+    eos = want[6]
+    cut = want[: want.index(eos) + 1]
+    self_draft = ModelDrafter(Engine.from_hf(tiny_hf_model("llama", seed=5), "cpu", "float32"), 96)
+    got = generate(target, PROMPTS[1], GenerationConfig(max_new_tokens=30, eos_token_ids=(eos,)), Speculation(self_draft, 8))
+    assert got.tokens == cut and got.stats.stop_reason == "eos"
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 13])
+def test_max_new_tokens_is_never_exceeded(target: Engine, n: int) -> None:
+    self_draft = ModelDrafter(Engine.from_hf(tiny_hf_model("llama", seed=5), "cpu", "float32"), 96)
+    got = generate(target, PROMPTS[0], GenerationConfig(max_new_tokens=n, stop_at_eos=False), Speculation(self_draft, 8))
+    assert got.tokens == plain(target, PROMPTS[0], n)
+
+
+def test_draft_vocabularies_of_other_sizes(target: Engine) -> None:
+    for vocab in (100, 90):  # padded embeddings, or a draft that lacks the last ids
+        draft = ModelDrafter(Engine.from_hf(tiny_hf_model("llama", seed=3, vocab_size=vocab), "cpu", "float32"), 96)
+        got = generate(target, PROMPTS[2], GenerationConfig(max_new_tokens=20, stop_at_eos=False), Speculation(draft, 3))
+        assert got.tokens == plain(target, PROMPTS[2], 20)
+        sampled = generate(target, PROMPTS[2], GenerationConfig(max_new_tokens=20, temperature=1.0, seed=1, stop_at_eos=False), Speculation(draft, 3))
+        assert all(0 <= t < 96 for t in sampled.tokens)
+
+
+def test_ngram_lookup_proposes_what_followed_the_latest_match() -> None:
+    ngram = NgramDrafter(max_n=3)
+    cfg = GenerationConfig()
+    assert ngram.propose([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2, cfg, None).tokens == [7, 8]
+    assert ngram.propose([4, 5, 6], 3, cfg, None).tokens == []
+    assert ngram.propose([4, 5, 4], 3, cfg, None).tokens == [5, 4]
+
+
+def test_greedy_match_policy() -> None:
+    logits = torch.full((4, 10), -5.0)
+    for i, t in enumerate([3, 4, 9, 1]):
+        logits[i, t] = 5.0
+    policy = GreedyMatch()
+    assert policy.accept([3, 4, 5], None, logits, GenerationConfig(), None) == Verdict(2, 9)
+    assert policy.accept([3, 4, 9], None, logits, GenerationConfig(), None) == Verdict(3, 1)
+    assert policy.accept([0, 4, 9], None, logits, GenerationConfig(), None) == Verdict(0, 3)
+
+
+# --- the sampling guarantee --------------------------------------------------------------
+
+P = torch.tensor([[0.45, 0.25, 0.15, 0.1, 0.05], [0.1, 0.2, 0.3, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2, 0.2]])  # target, K+1 = 3 rows
+Q = torch.tensor([[0.1, 0.5, 0.1, 0.2, 0.1], [0.3, 0.3, 0.2, 0.1, 0.1]])  # draft, K = 2 rows
+
+
+class AlwaysAccept(RejectionSampling):
+    def accept(self, draft_tokens, draft_probs, target_logits, config, generator):  # type: ignore[no-untyped-def]
+        return Verdict(len(draft_tokens), int(torch.multinomial(target_logits[-1].softmax(-1), 1, generator=generator)))
+
+
+class ResidualIsTarget(RejectionSampling):
+    """Wrong: on rejection, sample from p instead of norm(max(0, p - q))."""
+
+    def accept(self, draft_tokens, draft_probs, target_logits, config, generator):  # type: ignore[no-untyped-def]
+        verdict = super().accept(draft_tokens, draft_probs, target_logits, config, generator)
+        if verdict.accepted < len(draft_tokens):
+            p = target_logits[verdict.accepted].softmax(-1)
+            return Verdict(verdict.accepted, int(torch.multinomial(p, 1, generator=generator)))
+        return verdict
+
+
+def emitted_distribution(policy, n: int = 20000, one_hot: bool = False) -> torch.Tensor:
+    """Frequencies of the first two emitted tokens (flattened 5x5 joint) over n speculative steps."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = GenerationConfig(temperature=1.0)
+    logits = P.log()
+    counts = torch.zeros(25)
+    for _ in range(n):
+        draft = [int(torch.multinomial(Q[i], 1, generator=gen)) for i in range(2)]
+        verdict = policy.accept(draft, None if one_hot else Q, logits, cfg, gen)
+        out = draft[: verdict.accepted] + [verdict.next_token]
+        if len(out) < 2:  # rejected at the first position: the second token comes from the target's next row
+            out.append(int(torch.multinomial(P[1], 1, generator=gen)))
+        counts[out[0] * 5 + out[1]] += 1
+    return counts / n
+
+
+def within_sigma(freq: torch.Tensor, n: int = 20000, sigmas: float = 4.5) -> bool:
+    want = (P[0][:, None] * P[1][None, :]).reshape(-1)  # the target's own joint of two tokens
+    sigma = (want * (1 - want) / n).sqrt()
+    return bool(((freq - want).abs() < sigmas * sigma + 1e-3).all())
+
+
+def test_rejection_sampling_reproduces_the_target_distribution() -> None:
+    assert within_sigma(emitted_distribution(RejectionSampling()))
+
+
+def test_one_hot_drafter_keeps_the_guarantee() -> None:
+    assert within_sigma(emitted_distribution(RejectionSampling(), one_hot=True))
+
+
+@pytest.mark.parametrize("wrong", [AlwaysAccept(), ResidualIsTarget()])
+def test_the_statistical_test_catches_wrong_rules(wrong) -> None:
+    assert not within_sigma(emitted_distribution(wrong))
+
+
+def test_speculative_sampling_end_to_end_is_seeded(target: Engine) -> None:
+    d = make_drafter("layerskip", target, layers=2)
+    cfg = GenerationConfig(max_new_tokens=25, temperature=0.9, top_p=0.95, seed=4, stop_at_eos=False)
+    a = generate(target, PROMPTS[0], cfg, Speculation(d, 3)).tokens
+    b = generate(target, PROMPTS[0], cfg, Speculation(d, 3)).tokens
+    assert a == b and len(a) == 25
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+def test_k_below_one(target: Engine) -> None:
+    with pytest.raises(LabkitError, match="at least 1"):
+        generate(target, PROMPTS[0], GenerationConfig(max_new_tokens=5), Speculation(make_drafter("ngram", target), k=0))
+
+
+def test_draft_on_another_device_or_dtype(target: Engine) -> None:
+    other = Engine.from_hf(tiny_hf_model("llama", seed=3), "cpu", "float16")
+    with pytest.raises(LabkitError, match="dtype"):
+        make_drafter("model", target, draft_engine=other)
+    same = Engine.from_hf(tiny_hf_model("llama", seed=3), "cpu", "float32")
+    same.device = torch.device("cuda")  # as if it had been built on a GPU
+    with pytest.raises(LabkitError, match="device"):
+        check_draft_pair(target, same)
+
+
+def test_mismatched_tokenizers(target: Engine) -> None:
+    class Tok:
+        def __init__(self, vocab: dict) -> None:
+            self.vocab = vocab
+
+        def get_vocab(self) -> dict:
+            return self.vocab
+
+    with pytest.raises(LabkitError, match="tokenizer"):
+        check_draft_pair(target, target, Tok({"a": 0, "b": 1}), Tok({"a": 0, "c": 1}))
+
+
+def test_prompt_longer_than_context_with_speculation(target: Engine) -> None:
+    with pytest.raises(LabkitError, match="context"):
+        generate(target, list(range(3, 300)), GenerationConfig(max_new_tokens=5), Speculation(make_drafter("ngram", target), k=2))
+
+
+def test_bad_layer_counts(target: Engine) -> None:
+    with pytest.raises(LabkitError, match="layer"):
+        make_drafter("layerskip", target, layers=3)  # the tiny target has 3 layers
+    with pytest.raises(LabkitError, match="unknown drafter"):
+        make_drafter("oracle", target)
