@@ -2,14 +2,18 @@
  *
  * The embedded model ships as Q4_1 (and its token embedding as Q8_0). Reading those blocks
  * instead of dequantised fp32 weights moves ~6x fewer bytes per token, which is what bounds
- * decoding on a CPU. Every weight is the one the GGUF holds, w = d*q + m (Q4_1) or w = d*q
- * (Q8_0), so outputs match the dequantised model up to fp32 summation order.
+ * decoding on a CPU. Every weight is the one the dequantised model holds, w = d*q + m (Q4_1)
+ * or w = d*q (Q8_0), rounded the same way (a multiply, then an add), so outputs match it up
+ * to fp32 summation order.
  *
  * Layouts (row n of an (N, K) weight, G = 32 weights per block, B = K / G blocks):
  *   q4_1: qs (N, K/2) uint8, block b holds bytes [16b, 16b+16): low nibble = element j,
  *         high nibble = element j+16 (llama.cpp's order); d, m (N, B) float32.
  *   q8_0: qs (N, K) int8; d (N, B) float32.
  * x is (M, K) float32 with small M (decode: 1, speculative verify: K+1); y is (M, N).
+ * Each block is dequantised once into registers and shared by all M rows; M is a compile-time
+ * constant per variant (1..8) so the row accumulators stay in registers. Larger M runs in
+ * chunks of 8 rows.
  * Built by labkit/kernels/cpu_quant.py with -O3 -march=native -fopenmp; its PyTorch reference
  * is labkit.kernels.reference.quant_linear_ref.
  */
@@ -20,86 +24,112 @@
 #endif
 
 #define G 32
-#define MAX_M 16
+#define MAX_M 16  /* rows one call takes; the caller goes dense beyond */
+#define CHUNK 8
 
-/* xsum[r*B + b] = sum of x[r, 32b : 32b+32], shared by every output row. */
-#ifndef __AVX512F__
-static void block_sums(const float *x, int64_t M, int64_t K, float *xsum) {
-    const int64_t B = K / G;
-    for (int64_t r = 0; r < M; r++)
-        for (int64_t b = 0; b < B; b++) {
-            float s = 0.f;
-            for (int j = 0; j < G; j++) s += x[r * K + b * G + j];
-            xsum[r * B + b] = s;
-        }
+#ifdef __AVX512F__
+
+#define Q4_VARIANT(MM)                                                                                   \
+static void q4_1_m##MM(const float *x, const uint8_t *qs, const float *d, const float *m, float *y,     \
+                       int64_t N, int64_t K, int64_t ystride) {                                          \
+    const int64_t B = K / G;                                                                             \
+    _Pragma("omp parallel for schedule(static)")                                                         \
+    for (int64_t n = 0; n < N; n++) {                                                                    \
+        const uint8_t *row = qs + n * (K / 2);                                                           \
+        __m512 a0[MM], a1[MM];                                                                           \
+        for (int r = 0; r < MM; r++) a0[r] = a1[r] = _mm512_setzero_ps();                                \
+        for (int64_t b = 0; b < B; b++) {                                                                \
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(row + b * 16));                        \
+            const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));                                  \
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));               \
+            const __m512 vd = _mm512_set1_ps(d[n * B + b]);                                              \
+            const __m512 vm = _mm512_set1_ps(m[n * B + b]);                                              \
+            const __m512 wlo = _mm512_add_ps(_mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo))), vm); \
+            const __m512 whi = _mm512_add_ps(_mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi))), vm); \
+            for (int r = 0; r < MM; r++) {                                                               \
+                const float *xb = x + r * K + b * G;                                                     \
+                a0[r] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xb), a0[r]);                                \
+                a1[r] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xb + 16), a1[r]);                           \
+            }                                                                                            \
+        }                                                                                                \
+        for (int r = 0; r < MM; r++) y[r * ystride + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r])); \
+    }                                                                                                    \
 }
-#endif
+
+#define Q8_VARIANT(MM)                                                                                   \
+static void q8_0_m##MM(const float *x, const int8_t *qs, const float *d, float *y,                      \
+                       int64_t N, int64_t K, int64_t ystride) {                                          \
+    const int64_t B = K / G;                                                                             \
+    _Pragma("omp parallel for schedule(static)")                                                         \
+    for (int64_t n = 0; n < N; n++) {                                                                    \
+        const int8_t *row = qs + n * K;                                                                  \
+        __m512 a0[MM], a1[MM];                                                                           \
+        for (int r = 0; r < MM; r++) a0[r] = a1[r] = _mm512_setzero_ps();                                \
+        for (int64_t b = 0; b < B; b++) {                                                                \
+            const __m512 vd = _mm512_set1_ps(d[n * B + b]);                                              \
+            const __m512 w0 = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + b * G))))); \
+            const __m512 w1 = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + b * G + 16))))); \
+            for (int r = 0; r < MM; r++) {                                                               \
+                const float *xb = x + r * K + b * G;                                                     \
+                a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), a0[r]);                                 \
+                a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), a1[r]);                            \
+            }                                                                                            \
+        }                                                                                                \
+        for (int r = 0; r < MM; r++) y[r * ystride + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r])); \
+    }                                                                                                    \
+}
+
+Q4_VARIANT(1) Q4_VARIANT(2) Q4_VARIANT(3) Q4_VARIANT(4) Q4_VARIANT(5) Q4_VARIANT(6) Q4_VARIANT(7) Q4_VARIANT(8)
+Q8_VARIANT(1) Q8_VARIANT(2) Q8_VARIANT(3) Q8_VARIANT(4) Q8_VARIANT(5) Q8_VARIANT(6) Q8_VARIANT(7) Q8_VARIANT(8)
+
+typedef void (*q4_fn)(const float *, const uint8_t *, const float *, const float *, float *, int64_t, int64_t, int64_t);
+typedef void (*q8_fn)(const float *, const int8_t *, const float *, float *, int64_t, int64_t, int64_t);
+static const q4_fn Q4[CHUNK + 1] = {0, q4_1_m1, q4_1_m2, q4_1_m3, q4_1_m4, q4_1_m5, q4_1_m6, q4_1_m7, q4_1_m8};
+static const q8_fn Q8[CHUNK + 1] = {0, q8_0_m1, q8_0_m2, q8_0_m3, q8_0_m4, q8_0_m5, q8_0_m6, q8_0_m7, q8_0_m8};
+
+void gemv_q4_1(const float *x, const uint8_t *qs, const float *d, const float *m,
+               float *y, int64_t M, int64_t N, int64_t K) {
+    for (int64_t r0 = 0; r0 < M; r0 += CHUNK) {
+        const int64_t rows = M - r0 < CHUNK ? M - r0 : CHUNK;
+        Q4[rows](x + r0 * K, qs, d, m, y + r0 * N, N, K, N);
+    }
+}
+
+void gemv_q8_0(const float *x, const int8_t *qs, const float *d,
+               float *y, int64_t M, int64_t N, int64_t K) {
+    for (int64_t r0 = 0; r0 < M; r0 += CHUNK) {
+        const int64_t rows = M - r0 < CHUNK ? M - r0 : CHUNK;
+        Q8[rows](x + r0 * K, qs, d, y + r0 * N, N, K, N);
+    }
+}
+
+#else  /* portable C: the compiler vectorises what it can */
 
 void gemv_q4_1(const float *x, const uint8_t *qs, const float *d, const float *m,
                float *y, int64_t M, int64_t N, int64_t K) {
     const int64_t B = K / G;
-#ifndef __AVX512F__
-    float *xsum = (float *)malloc(sizeof(float) * M * B);
-    block_sums(x, M, K, xsum);
-#endif
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = qs + n * (K / 2);
-#ifdef __AVX512F__
-        /* Dequantise each block once into registers, w = d*q + m rounded as the dequantised
-           model has it (a multiply, then an add); then every row is a plain fp32 dot product.
-           Four accumulators per row (low/high half, even/odd block) keep four FMA chains in
-           flight: one chain would wait on each FMA's latency. */
-        __m512 acc0[MAX_M], acc1[MAX_M], acc2[MAX_M], acc3[MAX_M];
-        for (int64_t r = 0; r < M; r++) acc0[r] = acc1[r] = acc2[r] = acc3[r] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < B; b += 2) {
-            const int two = b + 1 < B;
-            __m512 w[4];
-            for (int h = 0; h < 1 + two; h++) {
-                const __m128i raw = _mm_loadu_si128((const __m128i *)(row + (b + h) * 16));
-                const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
-                const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
-                const __m512 vd = _mm512_set1_ps(d[n * B + b + h]);
-                const __m512 vm = _mm512_set1_ps(m[n * B + b + h]);
-                w[2 * h] = _mm512_add_ps(_mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo))), vm);      /* 0..15 */
-                w[2 * h + 1] = _mm512_add_ps(_mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi))), vm);  /* 16..31 */
-            }
-            for (int64_t r = 0; r < M; r++) {
-                const float *xb = x + r * K + b * G;
-                acc0[r] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xb), acc0[r]);
-                acc1[r] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xb + 16), acc1[r]);
-                if (two) {
-                    acc2[r] = _mm512_fmadd_ps(w[2], _mm512_loadu_ps(xb + 32), acc2[r]);
-                    acc3[r] = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(xb + 48), acc3[r]);
-                }
-            }
-        }
-        for (int64_t r = 0; r < M; r++)
-            y[r * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[r], acc1[r]), _mm512_add_ps(acc2[r], acc3[r])));
-#else
         float acc[MAX_M] = {0};
         for (int64_t b = 0; b < B; b++) {
             const uint8_t *blk = row + b * 16;
+            const float db = d[n * B + b], mb = m[n * B + b];
             float w[G];
             for (int j = 0; j < 16; j++) {
-                w[j] = (float)(blk[j] & 0x0F);
-                w[j + 16] = (float)(blk[j] >> 4);
+                w[j] = db * (float)(blk[j] & 0x0F) + mb;
+                w[j + 16] = db * (float)(blk[j] >> 4) + mb;
             }
-            const float db = d[n * B + b], mb = m[n * B + b];
             for (int64_t r = 0; r < M; r++) {
                 const float *xb = x + r * K + b * G;
                 float dot = 0.f;
                 #pragma omp simd reduction(+:dot)
                 for (int j = 0; j < G; j++) dot += xb[j] * w[j];
-                acc[r] += db * dot + mb * xsum[r * B + b];
+                acc[r] += dot;
             }
         }
         for (int64_t r = 0; r < M; r++) y[r * N + n] = acc[r];
-#endif
     }
-#ifndef __AVX512F__
-    free(xsum);
-#endif
 }
 
 void gemv_q8_0(const float *x, const int8_t *qs, const float *d,
@@ -108,38 +138,23 @@ void gemv_q8_0(const float *x, const int8_t *qs, const float *d,
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = qs + n * K;
-#ifdef __AVX512F__
-        __m512 vacc[MAX_M], vacc1[MAX_M];
-        for (int64_t r = 0; r < M; r++) vacc[r] = vacc1[r] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < B; b++) {
-            const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + b * G))));
-            const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + b * G + 16))));
-            const __m512 vd = _mm512_set1_ps(d[n * B + b]);
-            const __m512 dw0 = _mm512_mul_ps(vd, w0), dw1 = _mm512_mul_ps(vd, w1);  /* w = d*q */
-            for (int64_t r = 0; r < M; r++) {
-                const float *xb = x + r * K + b * G;
-                vacc[r] = _mm512_fmadd_ps(dw0, _mm512_loadu_ps(xb), vacc[r]);
-                vacc1[r] = _mm512_fmadd_ps(dw1, _mm512_loadu_ps(xb + 16), vacc1[r]);
-            }
-        }
-        for (int64_t r = 0; r < M; r++) y[r * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(vacc[r], vacc1[r]));
-#else
         float acc[MAX_M] = {0};
         for (int64_t b = 0; b < B; b++) {
-            float w[G];
-            for (int j = 0; j < G; j++) w[j] = (float)row[b * G + j];
             const float db = d[n * B + b];
+            float w[G];
+            for (int j = 0; j < G; j++) w[j] = db * (float)row[b * G + j];
             for (int64_t r = 0; r < M; r++) {
                 const float *xb = x + r * K + b * G;
                 float dot = 0.f;
                 #pragma omp simd reduction(+:dot)
                 for (int j = 0; j < G; j++) dot += xb[j] * w[j];
-                acc[r] += db * dot;
+                acc[r] += dot;
             }
         }
         for (int64_t r = 0; r < M; r++) y[r * N + n] = acc[r];
-#endif
     }
 }
+
+#endif
 
 int max_rows(void) { return MAX_M; }

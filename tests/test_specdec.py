@@ -84,11 +84,13 @@ def test_draft_vocabularies_of_other_sizes(target: Engine) -> None:
 
 
 def test_ngram_lookup_proposes_what_followed_the_latest_match() -> None:
-    ngram = NgramDrafter(max_n=3)
+    ngram = NgramDrafter(max_n=3, min_n=1)
     cfg = GenerationConfig()
     assert ngram.propose([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2, cfg, None).tokens == [7, 8]
     assert ngram.propose([4, 5, 6], 3, cfg, None).tokens == []
     assert ngram.propose([4, 5, 4], 3, cfg, None).tokens == [5, 4]
+    assert NgramDrafter(max_n=3, min_n=2).propose([4, 5, 4], 3, cfg, None).tokens == []  # a 1-token match is not enough
+    assert NgramDrafter(max_n=3, min_n=2).propose([4, 5, 6, 4, 5], 3, cfg, None).tokens == [6, 4, 5]
 
 
 def test_greedy_match_policy() -> None:
