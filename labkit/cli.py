@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", default="auto", choices=["auto", "dense", "gguf"],
                    help="gguf: read the embedded model's own Q4_1 blocks (CPU, float32); auto: gguf where it applies")
     g.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape decode step")
+    g.add_argument("--cuda-graph", action="store_true", default=None, help="replay the fixed-shape steps as CUDA graphs (default: SPECDEC_CUDA_GRAPH)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead (adds per-step accepted lengths)")
     _drafter_args(g)
     g.add_argument("--k", type=int, default=4, help="draft tokens per step")
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--temperature", type=float, default=0.0)
     sw.add_argument("--output-dir", default="results")
     sw.add_argument("--no-plots", action="store_true")
+    sw.add_argument("--cuda-graph", action="store_true", default=None, help="CUDA graphs for the target's and drafts' fixed-shape steps")
 
     b = sub.add_parser("bench", help="benchmarks that write results/")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=Parser)
@@ -115,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise LabkitError(f"--k must be at least 1, got {args.k}")
     drafter_kind = args.drafter or ("model" if args.draft_model else None)
     loaded = load_model(args.model)
-    engine = Engine.from_loaded(loaded, device, dtype, weights=args.weights, compile=args.compile)
+    engine = Engine.from_loaded(loaded, device, dtype, weights=args.weights, compile=args.compile, cuda_graph=args.cuda_graph)
     spec = None
     if drafter_kind:
         from labkit.generate import Speculation
@@ -126,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if not args.draft_model:
                 raise LabkitError("--drafter model needs --draft-model")
             draft = load_model(args.draft_model)
-            draft_engine = Engine.from_loaded(draft, device, dtype, weights="dense")
+            draft_engine = Engine.from_loaded(draft, device, dtype, weights="dense", cuda_graph=engine.cuda_graph)
             check_draft_pair(engine, draft_engine, loaded.tokenizer, draft.tokenizer)
         spec = Speculation(make_drafter(drafter_kind, engine, layers=args.layers, draft_engine=draft_engine), k=args.k)
     result = generate_text(engine, loaded.tokenizer, args.prompt, config, chat=args.chat, spec=spec)
@@ -163,7 +165,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         base_model=args.model, draft_model=args.draft_model, drafters=drafters, layers=args.layers, ks=ks,
         max_new_tokens=args.max_tokens, iterations=args.iterations, categories=args.categories,
         prompts_per_category=args.prompts_per_category, device=args.device, dtype=args.dtype, weights=args.weights,
-        temperature=args.temperature, output_dir=args.output_dir, plots=not args.no_plots,
+        temperature=args.temperature, output_dir=args.output_dir, plots=not args.no_plots, cuda_graph=args.cuda_graph,
     )
     cfg.validate()
     resolve_device(args.device)

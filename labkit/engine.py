@@ -45,6 +45,42 @@ def gguf_unusable(engine: Engine, loaded: LoadedModel) -> str:
     return "" if ok else f"the CPU kernel is unavailable ({reason})"
 
 
+GRAPH_MAX_T = 16  # steps of up to this many tokens run as CUDA graphs; longer ones (prefill) eagerly
+GRAPH_HEADROOM = GRAPH_MAX_T  # cache positions kept free at the end for capture warm-ups
+
+
+class GraphStep:
+    """One captured fixed-shape step (T tokens, optionally the first n layers only).
+
+    Inputs are copied into static buffers and the graph replays; the logits it returns live in
+    the graph's output buffer and are valid until the next replay of this step. Warm-up and
+    capture write keys and values at the cache's last T positions, which `ensure_capacity`
+    keeps beyond any request's reach.
+    """
+
+    def __init__(self, engine: Engine, T: int, n_layers: int | None) -> None:
+        cache = engine.cache
+        assert cache is not None
+        device = engine.device
+        self.tokens = torch.zeros(engine.batch_size, T, dtype=torch.long, device=device)  # (B, T)
+        self.input_pos = torch.arange(cache.max_len - T, cache.max_len, device=device)  # (T,)
+        self.graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                engine._static_forward(self.tokens, self.input_pos, n_layers)
+        torch.cuda.current_stream(device).wait_stream(side)
+        with torch.cuda.graph(self.graph, pool=engine.graph_pool()):
+            self.logits = engine._static_forward(self.tokens, self.input_pos, n_layers)  # (B, T, V)
+
+    def run(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens, non_blocking=True)
+        self.input_pos.copy_(input_pos, non_blocking=True)
+        self.graph.replay()
+        return self.logits
+
+
 class Engine:
     def __init__(
         self,
@@ -54,10 +90,15 @@ class Engine:
         dtype: torch.dtype,
         amp: bool = False,
         compile: bool = False,
+        cuda_graph: bool = False,
         batch_size: int = 1,
         max_seq_len: int = 1024,
     ) -> None:
+        if cuda_graph and device.type != "cuda":
+            raise LabkitError(f"CUDA graphs need a CUDA device, not {device}")
         self.device, self.dtype, self.amp = device, dtype, amp
+        self.cuda_graph = cuda_graph
+        self._graphs: dict[tuple[int, int | None], GraphStep] = {}
         weight_dtype = torch.float32 if amp else dtype
         self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # Llama or GPT2
         self.args: Any = cast(Any, model).args  # LlamaArgs or GPT2Args
@@ -86,16 +127,19 @@ class Engine:
         *,
         amp: bool | None = None,
         compile: bool = False,
+        cuda_graph: bool | None = None,
         batch_size: int = 1,
         max_seq_len: int = 1024,
     ) -> Engine:
-        """Build from a transformers model. dtype None reads SPECDEC_DTYPE (default auto); amp None reads SPECDEC_AMP."""
+        """Build from a transformers model. None reads the SPECDEC_* flags: dtype (default auto),
+        amp, cuda_graph."""
         flags = Flags.from_env()
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or flags.dtype, dev)
         engine = cls(
             build_decoder(hf_model), device=dev, dtype=dt, amp=flags.amp if amp is None else amp,
-            compile=compile, batch_size=batch_size, max_seq_len=max_seq_len,
+            compile=compile, cuda_graph=flags.cuda_graph if cuda_graph is None else cuda_graph,
+            batch_size=batch_size, max_seq_len=max_seq_len,
         )
         engine.eos_token_ids = eos_token_ids(hf_model)
         return engine
@@ -124,8 +168,14 @@ class Engine:
             engine.weights = "gguf"
         return engine
 
+    def graph_pool(self) -> Any:
+        if getattr(self, "_pool", None) is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
     # -- cache management -------------------------------------------------------------
     def _allocate(self, max_len: int) -> None:
+        self._graphs = {}  # captured graphs point into the old cache
         cache_dtype = self.dtype
         self.cache = KVCache(
             self.args.n_layers, self.batch_size, self.args.n_kv_heads, max_len, self.args.head_dim,
@@ -138,8 +188,10 @@ class Engine:
         if total_len > self.context_len:
             raise LabkitError(f"{total_len} positions exceed the model's context of {self.context_len} tokens")
         assert self.cache is not None
-        if total_len > self.cache.max_len:
-            self._allocate(min(self.context_len, max(total_len, 2 * self.cache.max_len)))
+        # Graph capture warms up on the cache's last positions: keep them out of reach.
+        need = min(self.context_len, total_len + GRAPH_HEADROOM) if self.cuda_graph else total_len
+        if need > self.cache.max_len:
+            self._allocate(min(self.context_len, max(need, 2 * self.cache.max_len)))
         self.reset()
 
     @property
@@ -178,7 +230,11 @@ class Engine:
             raise LabkitError(f"{start + T} positions exceed the cache of {cache.max_len}; call ensure_capacity first")
         input_pos = torch.arange(start, start + T, device=self.device)  # (T,)
         with self._autocast():
-            if self._static_step is not None and not last_only and n_layers is None:
+            if self.cuda_graph and T <= GRAPH_MAX_T:
+                logits = self._graph_step(T, n_layers).run(tokens, input_pos)
+                if last_only:
+                    logits = logits[:, -1:]
+            elif self._static_step is not None and not last_only and n_layers is None:
                 logits = self._static_step(tokens, input_pos)
             else:
                 mask = cache.mask(input_pos, start + T, self.args.sliding_window, decode_step=T == 1)
@@ -186,11 +242,20 @@ class Engine:
         cache.length = start + T
         return logits
 
-    def _static_forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def _static_forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
+        """The fixed-shape step: attends over the whole cache with a mask, so one graph serves every position."""
         cache = self.cache
         assert cache is not None
         mask = cache.mask(input_pos, cache.max_len, self.args.sliding_window)  # (T, S)
-        return self.model(tokens, input_pos, cache, cache.max_len, mask)
+        return self.model(tokens, input_pos, cache, cache.max_len, mask, False, n_layers)
+
+    def _graph_step(self, T: int, n_layers: int | None) -> GraphStep:
+        step = self._graphs.get((T, n_layers))
+        if step is None:
+            assert self.cache is not None
+            step = GraphStep(self, T, n_layers)
+            self._graphs[(T, n_layers)] = step
+        return step
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prompt (B, T) → logits of its last position (B, vocab)."""

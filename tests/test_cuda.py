@@ -51,3 +51,32 @@ def test_cuda_peak_memory_is_reported() -> None:
     hf = tiny_hf_model("gpt2", seed=7).cuda()
     s = generate(Engine.from_hf(hf, "cuda", "float32"), [5, 6, 7], GenerationConfig(max_new_tokens=4, stop_at_eos=False)).stats
     assert s.memory_kind == "cuda_max_allocated" and s.peak_memory_bytes > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+def test_cuda_graph_steps_match_eager(arch: str) -> None:
+    from labkit.generate import Speculation
+    from labkit.specdec import make_drafter
+
+    hf = tiny_hf_model(arch, seed=8).cuda()
+    eager = Engine.from_hf(hf, "cuda", "float32", cuda_graph=False)
+    graphed = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 20), device="cuda")
+    outs = []
+    for engine in (eager, graphed):
+        engine.ensure_capacity(40)
+        steps = [engine.forward(ids[:, :8], last_only=True)[:, -1]]
+        steps += [engine.decode(ids[:, i : i + 1]).clone() for i in range(8, 12)]
+        steps += list(engine.verify(ids[:, 12:17]).clone()[0])
+        engine.rollback(14)
+        steps += list(engine.verify(ids[:, 14:20]).clone()[0])
+        outs.append(torch.cat([s.reshape(-1, s.shape[-1]) for s in steps]))
+    assert graphed._graphs, "no graph was captured"
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-3
+    cfg = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
+    prompt = ids[0, :9].tolist()
+    plain = generate(eager, prompt, cfg).tokens
+    assert generate(graphed, prompt, cfg).tokens == plain
+    for kind in ("ngram", "layerskip", "truncated"):
+        assert generate(graphed, prompt, cfg, Speculation(make_drafter(kind, graphed, layers=2), 3)).tokens == plain, kind
+

@@ -116,3 +116,8 @@ def test_compiled_static_step_matches_eager() -> None:
     steps.append(engine.verify(ids[:, 10:14]))
     ref = hf_logits(hf, ids)
     assert (torch.cat(steps[1:], 1) - ref[:, 6:]).abs().max().item() < TOL
+
+
+def test_cuda_graph_needs_cuda_device() -> None:
+    with pytest.raises(LabkitError, match="CUDA graphs"):
+        Engine.from_hf(tiny_hf_model("llama"), "cpu", "float32", cuda_graph=True)

@@ -34,6 +34,7 @@ class BaselineConfig:
     repeats: int = 2
     chat: bool | None = None  # None: the chat template when the model has one
     gguf_weights: bool = True  # also time our engine on the GGUF's own blocks, where it applies
+    cuda_graph: bool = True  # on CUDA, also time our engine with its fixed-shape steps as CUDA graphs
     output_dir: str | None = "results"  # None: write nothing
     progress: bool = True
 
@@ -62,9 +63,11 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(dtypes) * len(encoded) * cfg.repeats, desc="baseline", disable=not cfg.progress)
     for dtype in dtypes:
-        engines = {"labkit": Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False)}
+        engines = {"labkit": Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=False)}
+        if cfg.cuda_graph and device.type == "cuda":
+            engines["labkit_cuda_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=True)
         if cfg.gguf_weights and loaded.gguf_path is not None:
-            probe = Engine.from_loaded(loaded, device, dtype, weights="auto", amp=False)
+            probe = Engine.from_loaded(loaded, device, dtype, weights="auto", amp=False, cuda_graph=False)
             if probe.weights == "gguf":
                 engines["labkit_gguf"] = probe
         # A copy, so the fp32 original stays exact for the next dtype.
@@ -88,7 +91,7 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
                         got[system] = (result.tokens, result.stats.total_s, result.stats.ttft_s * 1e3)
                 for system in systems:
                     tokens, seconds, ttft_ms = got[system]
-                    weights = "hf" if system == "hf_generate" else engines[system].weights
+                    weights = "hf" if system == "hf_generate" else engines[system].weights + ("+graph" if engines[system].cuda_graph else "")
                     rows.append({**base, "system": system, "weights": weights, "new_tokens": len(tokens), "seconds": seconds,
                                  "tok_per_s": len(tokens) / seconds, "ttft_ms": ttft_ms,
                                  "identical_tokens": tokens == got["hf_generate"][0]})

@@ -39,6 +39,7 @@ class SweepConfig:
     weights: str = "auto"  # target weights: auto, dense, gguf
     temperature: float = 0.0  # 0: greedy, where every drafter must reproduce plain decoding exactly
     seed: int = 0
+    cuda_graph: bool | None = None  # None: SPECDEC_CUDA_GRAPH
     output_dir: str | None = "results"
     plots: bool = True
     progress: bool = True
@@ -63,7 +64,8 @@ def build_drafters(cfg: SweepConfig, target: Engine, loaded: LoadedModel) -> lis
         if kind == "model":
             assert cfg.draft_model is not None
             draft = load_model(cfg.draft_model)
-            draft_engine = Engine.from_loaded(draft, target.device, target.dtype, weights="dense" if target.weights == "dense" else "auto")
+            draft_engine = Engine.from_loaded(draft, target.device, target.dtype, weights="dense" if target.weights == "dense" else "auto",
+                                              cuda_graph=target.cuda_graph)
             check_draft_pair(target, draft_engine, loaded.tokenizer, draft.tokenizer)
         drafters.append(make_drafter(kind, target, layers=cfg.layers, draft_engine=draft_engine))
     return drafters
@@ -85,7 +87,7 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     loaded = loaded or load_model(cfg.base_model)
-    target = Engine.from_loaded(loaded, device, dtype, weights=cfg.weights)
+    target = Engine.from_loaded(loaded, device, dtype, weights=cfg.weights, cuda_graph=cfg.cuda_graph)
     drafters = build_drafters(cfg, target, loaded)
     prompts = [(p, encode_prompt(loaded.tokenizer, p.content)) for p in load_suite(cfg.categories, cfg.prompts_per_category)]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
@@ -106,7 +108,8 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     bar.close()
     summary, per_category = summarize(rows)
     params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
-    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=str(dtype), weights_resolved=target.weights)
+    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=str(dtype), weights_resolved=target.weights,
+                  cuda_graph_resolved=target.cuda_graph)
     payload: dict[str, Any] = {"benchmark": "sweep", **provenance(device, params), "summary": summary, "per_category": per_category}
     if cfg.output_dir:
         json_path, csv_path = write_results(cfg.output_dir, f"sweep-{device.type}", payload, rows)
