@@ -79,3 +79,21 @@ def test_chat_template_is_applied_by_default(embedded) -> None:
     without = encode_prompt(embedded.tokenizer, "Hello", chat=False)
     assert len(with_chat) > len(without)
     assert "<|im_start|>" in embedded.tokenizer.decode(with_chat)
+
+
+def test_speculation_is_lossless_on_the_suite(embedded, gguf_engine) -> None:
+    """Every drafter, K from 1 to 8, one prompt per category of the suite: identical to plain greedy."""
+    from labkit.generate import Speculation
+    from labkit.specdec import make_drafter
+
+    cfg = GenerationConfig(max_new_tokens=16)
+    drafters = {kind: make_drafter(kind, gguf_engine, layers=10) for kind in ("ngram", "layerskip", "truncated")}
+    mismatches = []
+    for prompt in load_suite(per_category=1):
+        ids = encode_prompt(embedded.tokenizer, prompt.content)
+        plain = generate(gguf_engine, ids, cfg).tokens
+        for kind, drafter in drafters.items():
+            for k in range(1, 9) if kind == "ngram" else (1, 3, 8):
+                if generate(gguf_engine, ids, cfg, Speculation(drafter, k)).tokens != plain:
+                    mismatches.append((prompt.id, kind, k))
+    assert mismatches == []
