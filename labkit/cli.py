@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--cuda-graph", action="store_true", default=None, help="CUDA graphs for the target's and drafts' fixed-shape steps")
     sw.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape steps")
 
+    d = sub.add_parser("doctor", help="GPU pre-check: device, memory, toolchain, kernels, and whether a model pair fits")
+    _model_args(d)
+    d.add_argument("--draft-model", default=None)
+    d.add_argument("--dtype", default=None)
+    d.add_argument("--seq-len", type=int, default=2048, help="KV cache length to budget for")
+    d.add_argument("--json", action="store_true")
+
     b = sub.add_parser("bench", help="benchmarks that write results/")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=Parser)
     bb = bsub.add_parser("baseline", help="our engine against Hugging Face generate, in one run")
@@ -190,6 +197,37 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from labkit.config import Flags
+    from labkit.doctor import run_doctor
+    from labkit.models.loading import load_config
+
+    if args.seq_len < 1:
+        raise LabkitError(f"--seq-len must be at least 1, got {args.seq_len}")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or Flags.from_env().dtype, device)
+    models = [(args.model, load_config(args.model))]
+    if args.draft_model:
+        models.append((args.draft_model, load_config(args.draft_model)))
+    r = run_doctor(device, models, dtype, args.seq_len)
+    if args.json:
+        print(json.dumps(r.to_dict()))
+        return 0
+    print(f"device           {r.device} ({r.device_name})")
+    print(f"compute cap.     {r.compute_capability or '-'}")
+    print(f"memory           {r.free_gib:.1f} GiB free of {r.total_gib:.1f} GiB")
+    print(f"bf16             {'yes' if r.bf16 else 'no'}")
+    print(f"nvcc             {r.nvcc or 'not found'}")
+    print(f"triton           {r.triton or 'not installed'}")
+    print(f"C compiler       {r.c_compiler or 'not found'}")
+    print(f"CPU block kernel {r.cpu_block_kernel}")
+    print(f"CUDA graphs      {'available' if r.cuda_graphs else 'need a CUDA device'}")
+    for fit in r.fits:
+        verdict = "fits" if fit["fits"] else "DOES NOT FIT"
+        print(f"{fit['model']:<16} ~{fit['estimate_gib']:.2f} GiB ({args.seq_len}-token cache): {verdict}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "baseline":
         from labkit.bench.baseline import BaselineConfig, run_baseline
@@ -229,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.command == "sweep":
             return cmd_sweep(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
     except LabkitError as err:
         print(f"labkit: error: {err}", file=sys.stderr)
         return 2

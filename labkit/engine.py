@@ -137,6 +137,10 @@ class Engine:
         flags = Flags.from_env()
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or flags.dtype, dev)
+        if dev.type != "cpu":  # the weights are copied there: refuse clearly rather than crash
+            from labkit.doctor import check_fits, estimate_model_bytes
+
+            check_fits(estimate_model_bytes(hf_model.config, dt, max_seq_len), dev, f"the {hf_model.config.model_type} model")
         engine = cls(
             build_decoder(hf_model), device=dev, dtype=dt, amp=flags.amp if amp is None else amp,
             compile=compile, cuda_graph=flags.cuda_graph if cuda_graph is None else cuda_graph,

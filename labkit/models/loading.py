@@ -136,6 +136,17 @@ def resolve_source(name: str) -> str:
     return name
 
 
+def load_config(name: str) -> Any:
+    """A model's transformers config without its weights (for pre-checks)."""
+    from transformers import AutoConfig
+
+    source = resolve_source(name)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise LabkitError(f"model {name!r} could not be found: {str(err).splitlines()[0]}") from None
+
+
 def load_model(name: str = DEFAULT_MODEL) -> LoadedModel:
     """Load weights and tokenizer (fp32, CPU). Engines and baselines move them where they run."""
     source = resolve_source(name)
