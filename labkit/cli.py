@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=int, default=2048, help="KV cache length to budget for")
     d.add_argument("--json", action="store_true")
 
+    kn = sub.add_parser("kernels", help="which kernel backends are available here and which one is chosen")
+    kn.add_argument("--device", default="auto")
+    kn.add_argument("--json", action="store_true")
+
     b = sub.add_parser("bench", help="benchmarks that write results/")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=Parser)
     bb = bsub.add_parser("baseline", help="our engine against Hugging Face generate, in one run")
@@ -228,6 +232,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from labkit.kernels.registry import table
+
+    rows = table(resolve_device(args.device))
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for row in rows:
+        print(f"{row['kernel']:<18} chosen: {row['chosen']:<7} cuda: {row['cuda']}; triton: {row['triton']}; torch: {row['torch']}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "baseline":
         from labkit.bench.baseline import BaselineConfig, run_baseline
@@ -269,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sweep(args)
         if args.command == "doctor":
             return cmd_doctor(args)
+        if args.command == "kernels":
+            return cmd_kernels(args)
     except LabkitError as err:
         print(f"labkit: error: {err}", file=sys.stderr)
         return 2

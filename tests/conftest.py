@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU in CI
+
 from labkit.models.loading import LoadedModel, load_model
 from labkit.models.tiny import tiny_hf_model
 

@@ -68,3 +68,96 @@ def test_force_py_disables_the_kernel(monkeypatch) -> None:
         assert not ok and "SPECDEC_FORCE_PY" in reason
     finally:
         cpu_quant._load.cache_clear()
+
+
+# --- speculative decoding kernels: every available backend against the reference ---------
+
+from labkit.kernels import reference  # noqa: E402
+from labkit.kernels.registry import BACKENDS, backend_status, get, table  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+AVAILABLE = [b for b in BACKENDS if backend_status(b, DEVICE).ok]
+
+
+def test_triton_is_tested_here() -> None:
+    """CI must exercise the Triton kernels (on the CPU through the interpreter)."""
+    assert "triton" in AVAILABLE, backend_status("triton", DEVICE).reason
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("K", [1, 4, 8])
+def test_verify_prefix(backend: str, K: int) -> None:
+    fn = get("verify_prefix", DEVICE, backend)
+    g = torch.Generator().manual_seed(K)
+    target = torch.randint(0, 50, (5, K + 1), generator=g)
+    draft = target[:, :K].clone()
+    draft[1, 0] += 1  # zero accepted
+    if K > 1:
+        draft[2, K // 2] += 1  # a partial run
+    draft[3] = torch.randint(0, 50, (K,), generator=g)  # random
+    # row 0 and 4: full accept
+    want = reference.verify_prefix(draft, target)
+    accepted, bonus = want
+    assert accepted[0] == K and bonus[0] == target[0, K]  # full accept: the bonus is the target's last
+    assert accepted[1] == 0 and bonus[1] == target[1, 0]  # zero accept
+    if K > 1:
+        assert accepted[2] == K // 2
+    got = fn(draft.to(DEVICE), target.to(DEVICE))
+    assert [t.cpu().tolist() for t in got] == [t.tolist() for t in want]
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("K, V", [(1, 17), (4, 1000), (8, 3000)])
+def test_rejection_sample(backend: str, K: int, V: int) -> None:
+    fn = get("rejection_sample", DEVICE, backend)
+    g = torch.Generator().manual_seed(V)
+    B = 4
+    p = torch.randn(B, K + 1, V, generator=g).mul(3).softmax(-1)
+    q = torch.randn(B, K, V, generator=g).mul(3).softmax(-1)
+    draft = torch.multinomial(q.reshape(-1, V), 1, generator=g).view(B, K)
+    u_accept = torch.rand(B, K, generator=g)
+    u_accept[0] = 0.0  # row 0 accepts everything: the bonus comes from p_K
+    u_sample = torch.rand(B, generator=g)
+    p[1, 0, draft[1, 0]] = 0.0  # row 1 rejects at once
+    want = reference.rejection_sample(draft, q, p, u_accept, u_sample)
+    assert want[0][0].tolist() == K  # row 0: full accept
+    assert want[0][1].tolist() == 0  # row 1: rejected at once
+    got = fn(draft.to(DEVICE), q.to(DEVICE), p.to(DEVICE), u_accept.to(DEVICE), u_sample.to(DEVICE))
+    assert [t.cpu().tolist() for t in got] == [t.tolist() for t in want]
+
+
+def test_rejection_sample_reference_matches_the_policy_distribution() -> None:
+    """The kernel reference and the loop's RejectionSampling agree in law: first-token frequencies."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]]).expand(20000, 2, 3).contiguous()
+    q = torch.tensor([[0.1, 0.2, 0.7]]).expand(20000, 1, 3).contiguous()
+    draft = torch.multinomial(q[:, 0], 1, generator=g)
+    accepted, token = reference.rejection_sample(draft, q, p, torch.rand(20000, 1, generator=g), torch.rand(20000, generator=g))
+    first = torch.where(accepted > 0, draft[:, 0], token)
+    freq = torch.bincount(first, minlength=3).float() / 20000
+    assert (freq - p[0, 0]).abs().max() < 0.015
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("D", [8, 64])
+def test_kv_append_with_compaction(backend: str, D: int) -> None:
+    fn = get("kv_append", DEVICE, backend)
+    g = torch.Generator().manual_seed(D)
+    B, H, S, T = 3, 2, 24, 5
+    cache = torch.randn(B, H, S, D, generator=g)
+    new = torch.randn(B, H, T, D, generator=g)
+    keep = torch.tensor([[0, 1, 2, 3, 4], [0, 2, 3, -1, -1], [-1, -1, -1, -1, -1]])  # all, with gaps, none
+    start = torch.tensor([4, 10, 7])
+    want = reference.kv_append(cache.clone(), new, keep, start)
+    assert torch.equal(want[1, :, 11], new[1, :, 2]) and torch.equal(want[2], cache[2])
+    got = fn(cache.clone().to(DEVICE), new.to(DEVICE), keep.to(DEVICE), start.to(DEVICE))
+    assert torch.equal(got.cpu(), want)
+
+
+def test_registry_prefers_the_fastest_available_and_honours_force_py(monkeypatch) -> None:
+    rows = table(DEVICE)
+    assert [r["kernel"] for r in rows] == ["verify_prefix", "rejection_sample", "kv_append"]
+    assert rows[0]["chosen"] == AVAILABLE[0]
+    monkeypatch.setenv("SPECDEC_FORCE_PY", "1")
+    assert all(r["chosen"] == "torch" for r in table(DEVICE))
+    assert backend_status("triton", DEVICE).reason == "SPECDEC_FORCE_PY=1"

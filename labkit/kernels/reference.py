@@ -35,3 +35,71 @@ def quant_linear_ref(
 ) -> torch.Tensor:  # (M, N)
     w = dequant_q4_1(qs, d, m) if kind == "q4_1" else dequant_q8_0(qs, d)  # type: ignore[arg-type]
     return x @ w.T
+
+
+# --- speculative decoding kernels ---------------------------------------------------------
+# Each has a Triton (triton_ops.py) and a CUDA (kernels/specdec_kernels.cu) twin; the registry
+# picks one. Random numbers come in as arguments, so every backend can be checked exactly.
+
+
+def verify_prefix(
+    draft: torch.Tensor,  # (B, K) long: draft tokens
+    target: torch.Tensor,  # (B, K+1) long: the target's argmax at each position
+) -> tuple[torch.Tensor, torch.Tensor]:  # accepted (B,) long, bonus (B,) long
+    """Greedy verification: accepted = length of the longest prefix where draft == target;
+    bonus = target[accepted] (the target's own token after the accepted run)."""
+    B, K = draft.shape
+    mismatch = draft != target[:, :K]  # (B, K)
+    pos = torch.arange(K, device=draft.device).expand(B, K)
+    accepted = torch.where(mismatch, pos, K).min(dim=1).values if K else torch.zeros(B, dtype=torch.long, device=draft.device)
+    bonus = target.gather(1, accepted[:, None]).squeeze(1)
+    return accepted, bonus
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # (B, V), (B,) → (B,) long
+    """The first index whose running sum exceeds u * total (sampling by the inverse CDF)."""
+    cdf = weights.cumsum(-1)  # (B, V)
+    threshold = u * cdf[:, -1]  # (B,)
+    idx = (cdf <= threshold[:, None]).sum(-1)
+    return idx.clamp_max(weights.shape[-1] - 1)
+
+
+def rejection_sample(
+    draft: torch.Tensor,  # (B, K) long
+    q: torch.Tensor,  # (B, K, V) float: draft probabilities
+    p: torch.Tensor,  # (B, K+1, V) float: target probabilities
+    u_accept: torch.Tensor,  # (B, K) uniforms in [0, 1)
+    u_sample: torch.Tensor,  # (B,) uniform in [0, 1) for the recovered or bonus token
+) -> tuple[torch.Tensor, torch.Tensor]:  # accepted (B,) long, next token (B,) long
+    """Accept x_i while u_i * q_i(x_i) <= p_i(x_i); at the first rejection i sample norm(max(0, p_i - q_i))
+    (p_i itself if that is empty); after K accepts sample the bonus from p_K."""
+    B, K, V = q.shape
+    x = draft[..., None]  # (B, K, 1)
+    p_x = p[:, :K].gather(2, x).squeeze(2)  # (B, K)
+    q_x = q.gather(2, x).squeeze(2)  # (B, K)
+    rejected = u_accept * q_x > p_x  # (B, K)
+    pos = torch.arange(K, device=draft.device).expand(B, K)
+    accepted = torch.where(rejected, pos, K).min(dim=1).values  # (B,)
+    rows = torch.arange(B, device=draft.device)
+    p_row = p[rows, accepted]  # (B, V)
+    q_row = q[rows, accepted.clamp_max(K - 1)] * (accepted < K)[:, None]  # (B, V); zero when all accepted
+    residual = (p_row - q_row).clamp_min(0)
+    empty = residual.sum(-1) <= 0
+    weights = torch.where(empty[:, None], p_row, residual)
+    return accepted, inverse_cdf(weights, u_sample)
+
+
+def kv_append(
+    cache: torch.Tensor,  # (B, H, S, D): one layer's keys (or values), written in place
+    new: torch.Tensor,  # (B, H, T, D): the verify pass's keys (or values); must not alias cache
+    keep: torch.Tensor,  # (B, T) long: which of the T new entries to keep, in order; -1 pads
+    start: torch.Tensor,  # (B,) long: where row b's kept entries go
+) -> torch.Tensor:
+    """cache[b, :, start[b] + j] = new[b, :, keep[b, j]] for every keep[b, j] >= 0: appends the
+    accepted entries, compacting them when they are not contiguous (e.g. accepted tree branches)."""
+    B, T = keep.shape
+    for b in range(B):
+        valid = keep[b][keep[b] >= 0]
+        if valid.numel():
+            cache[b, :, int(start[b]) : int(start[b]) + valid.numel()] = new[b, :, valid]
+    return cache

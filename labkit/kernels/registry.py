@@ -1,0 +1,107 @@
+"""Picks, per kernel, the best backend that works here: cuda > triton > torch.
+
+`SPECDEC_FORCE_PY=1` skips compilation and uses the PyTorch references. A backend that cannot
+be built or imported falls back safely, and the reason is kept (and logged once) so that
+`python -m labkit kernels` can show what was chosen and why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+KERNELS = ("verify_prefix", "rejection_sample", "kv_append")
+BACKENDS = ("cuda", "triton", "torch")
+
+
+@dataclass
+class BackendStatus:
+    backend: str
+    ok: bool
+    reason: str
+
+
+def _force_py() -> bool:
+    return os.environ.get("SPECDEC_FORCE_PY", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def backend_status(backend: str, device: torch.device) -> BackendStatus:
+    if backend == "torch":
+        return BackendStatus(backend, True, "PyTorch reference")
+    if _force_py():
+        return BackendStatus(backend, False, "SPECDEC_FORCE_PY=1")
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return BackendStatus(backend, False, "triton is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return BackendStatus(backend, False, f"triton needs CUDA on {device.type} (or TRITON_INTERPRET=1)")
+        try:
+            import labkit.kernels.triton_ops  # noqa: F401
+        except Exception as err:  # noqa: BLE001
+            return BackendStatus(backend, False, f"import failed: {str(err).splitlines()[0][:200]}")
+        return BackendStatus(backend, True, "interpreter" if device.type != "cuda" else "compiled")
+    if backend == "cuda":
+        if device.type != "cuda":
+            return BackendStatus(backend, False, f"not a CUDA device ({device.type})")
+        from labkit.kernels import cuda_ops
+
+        module, reason = cuda_ops.load()
+        return BackendStatus(backend, module is not None, reason)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _module(backend: str) -> Any:
+    if backend == "torch":
+        from labkit.kernels import reference
+
+        return reference
+    if backend == "triton":
+        from labkit.kernels import triton_ops
+
+        return triton_ops
+    from labkit.kernels import cuda_ops
+
+    return cuda_ops
+
+
+_chosen: dict[tuple[str, str], tuple[str, Callable[..., Any]]] = {}
+
+
+def get(name: str, device: torch.device, backend: str | None = None) -> Callable[..., Any]:
+    """The kernel `name` for tensors on `device`: a named backend, or the best one available."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; choose from {KERNELS}")
+    if backend is not None:
+        status = backend_status(backend, device)
+        if not status.ok:
+            raise RuntimeError(f"{name}: backend {backend} unavailable ({status.reason})")
+        return getattr(_module(backend), name)
+    key = (name, device.type)
+    if key not in _chosen:
+        for candidate in BACKENDS:
+            status = backend_status(candidate, device)
+            if status.ok:
+                _chosen[key] = (candidate, getattr(_module(candidate), name))
+                break
+            log.info("kernel %s: %s unavailable (%s), falling back", name, candidate, status.reason)
+    return _chosen[key][1]
+
+
+def table(device: torch.device) -> list[dict[str, Any]]:
+    """One row per kernel: each backend's status and the one chosen."""
+    rows = []
+    statuses = {b: backend_status(b, device) for b in BACKENDS}
+    chosen = next(b for b in BACKENDS if statuses[b].ok)
+    for name in KERNELS:
+        row: dict[str, Any] = {"kernel": name, "chosen": chosen}
+        for b in BACKENDS:
+            row[b] = "ok" if statuses[b].ok else f"no: {statuses[b].reason}"
+        rows.append(row)
+    return rows

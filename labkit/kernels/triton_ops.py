@@ -1,0 +1,107 @@
+"""Triton twins of the speculative-decoding kernels in reference.py (same arguments, same results).
+
+Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (how CI tests it). Import is lazy: the
+registry imports this module only where triton is installed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _verify_prefix_kernel(draft_ptr, target_ptr, accepted_ptr, bonus_ptr, K, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    inside = offs < K
+    d = tl.load(draft_ptr + b * K + offs, mask=inside, other=0)
+    t = tl.load(target_ptr + b * (K + 1) + offs, mask=inside, other=0)
+    first = tl.min(tl.where((d != t) & inside, offs, K), axis=0)
+    tl.store(accepted_ptr + b, first.to(tl.int64))
+    tl.store(bonus_ptr + b, tl.load(target_ptr + b * (K + 1) + first))
+
+
+def verify_prefix(draft: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, K = draft.shape
+    accepted = torch.empty(B, dtype=torch.long, device=draft.device)
+    bonus = torch.empty(B, dtype=torch.long, device=draft.device)
+    _verify_prefix_kernel[(B,)](draft.contiguous(), target.contiguous(), accepted, bonus, K, BLOCK_K=max(16, triton.next_power_of_2(K)))
+    return accepted, bonus
+
+
+@triton.jit
+def _rejection_sample_kernel(draft_ptr, q_ptr, p_ptr, ua_ptr, us_ptr, accepted_ptr, token_ptr, K, V,
+                             BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    b = tl.program_id(0)
+    offs_k = tl.arange(0, BLOCK_K)
+    inside = offs_k < K
+    x = tl.load(draft_ptr + b * K + offs_k, mask=inside, other=0)
+    p_x = tl.load(p_ptr + (b * (K + 1) + offs_k) * V + x, mask=inside, other=0.0)
+    q_x = tl.load(q_ptr + (b * K + offs_k) * V + x, mask=inside, other=0.0)
+    u = tl.load(ua_ptr + b * K + offs_k, mask=inside, other=0.0)
+    first = tl.min(tl.where((u * q_x > p_x) & inside, offs_k, K), axis=0)
+    q_scale = tl.where(first < K, 1.0, 0.0)  # all accepted: the bonus comes from p_K alone
+    p_row = p_ptr + (b * (K + 1) + first) * V
+    q_row = q_ptr + (b * K + tl.minimum(first, K - 1)) * V
+    # pass 1: the residual's mass (empty residual → sample from p itself)
+    total = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        m = offs < V
+        w = tl.maximum(tl.load(p_row + offs, mask=m, other=0.0) - q_scale * tl.load(q_row + offs, mask=m, other=0.0), 0.0)
+        total += tl.sum(w, axis=0)
+    q_scale = tl.where(total > 0, q_scale, 0.0)
+    total2 = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        m = offs < V
+        w = tl.maximum(tl.load(p_row + offs, mask=m, other=0.0) - q_scale * tl.load(q_row + offs, mask=m, other=0.0), 0.0)
+        total2 += tl.sum(w, axis=0)
+    threshold = tl.load(us_ptr + b) * total2
+    # pass 2: inverse CDF, the first index whose running sum exceeds the threshold
+    running = 0.0
+    found = V - 1
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        m = offs < V
+        w = tl.maximum(tl.load(p_row + offs, mask=m, other=0.0) - q_scale * tl.load(q_row + offs, mask=m, other=0.0), 0.0)
+        cdf = tl.cumsum(w, axis=0) + running
+        hit = tl.min(tl.where((cdf > threshold) & m, offs, V - 1), axis=0)
+        found = tl.minimum(found, hit)
+        running += tl.sum(w, axis=0)
+    tl.store(accepted_ptr + b, first.to(tl.int64))
+    tl.store(token_ptr + b, found.to(tl.int64))
+
+
+def rejection_sample(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u_accept: torch.Tensor, u_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, K, V = q.shape
+    accepted = torch.empty(B, dtype=torch.long, device=draft.device)
+    token = torch.empty(B, dtype=torch.long, device=draft.device)
+    _rejection_sample_kernel[(B,)](draft.contiguous(), q.float().contiguous(), p.float().contiguous(), u_accept.float().contiguous(),
+                                   u_sample.float().contiguous(), accepted, token, K, V,
+                                   BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_V=1024)
+    return accepted, token
+
+
+@triton.jit
+def _kv_append_kernel(cache_ptr, new_ptr, keep_ptr, start_ptr, H, S, T, D, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    j = tl.program_id(2)
+    src = tl.load(keep_ptr + b * T + j)
+    if src >= 0:
+        dst = tl.load(start_ptr + b) + j
+        offs = tl.arange(0, BLOCK_D)
+        m = offs < D
+        vals = tl.load(new_ptr + ((b * H + h) * T + src) * D + offs, mask=m)
+        tl.store(cache_ptr + ((b * H + h) * S + dst) * D + offs, vals, mask=m)
+
+
+def kv_append(cache: torch.Tensor, new: torch.Tensor, keep: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    B, H, S, D = cache.shape
+    T = keep.shape[1]
+    assert cache.is_contiguous(), "kv_append writes a contiguous (B, H, S, D) cache"
+    _kv_append_kernel[(B, H, T)](cache, new.contiguous(), keep.contiguous(), start.contiguous(), H, S, T, D, BLOCK_D=triton.next_power_of_2(D))
+    return cache
