@@ -134,16 +134,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     spec = None
     if drafter_kind:
         from labkit.generate import Speculation
-        from labkit.specdec.drafters import check_draft_pair, make_drafter
+        from labkit.specdec.drafters import build_drafter
 
-        draft_engine = None
-        if drafter_kind == "model":
-            if not args.draft_model:
-                raise LabkitError("--drafter model needs --draft-model")
-            draft = load_model(args.draft_model)
-            draft_engine = Engine.from_loaded(draft, device, dtype, weights="dense", cuda_graph=engine.cuda_graph)
-            check_draft_pair(engine, draft_engine, loaded.tokenizer, draft.tokenizer)
-        spec = Speculation(make_drafter(drafter_kind, engine, layers=args.layers, draft_engine=draft_engine), k=args.k)
+        drafter = build_drafter(drafter_kind, engine, layers=args.layers, draft_model=args.draft_model, target_tokenizer=loaded.tokenizer)
+        spec = Speculation(drafter, k=args.k)
     result = generate_text(engine, loaded.tokenizer, args.prompt, config, chat=args.chat, spec=spec)
     s = result.stats
     if args.json:

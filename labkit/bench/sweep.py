@@ -18,7 +18,7 @@ from labkit.errors import LabkitError
 from labkit.generate import GenerationResult, Speculation, encode_prompt, generate
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
-from labkit.specdec.drafters import Drafter, check_draft_pair, make_drafter
+from labkit.specdec.drafters import Drafter, build_drafter
 
 DRAFTERS = ("ngram", "layerskip", "truncated", "model")
 
@@ -59,17 +59,8 @@ class SweepConfig:
 
 
 def build_drafters(cfg: SweepConfig, target: Engine, loaded: LoadedModel) -> list[Drafter]:
-    drafters = []
-    for kind in cfg.drafters:
-        draft_engine = None
-        if kind == "model":
-            assert cfg.draft_model is not None
-            draft = load_model(cfg.draft_model)
-            draft_engine = Engine.from_loaded(draft, target.device, target.dtype, weights="dense" if target.weights == "dense" else "auto",
-                                              cuda_graph=target.cuda_graph)
-            check_draft_pair(target, draft_engine, loaded.tokenizer, draft.tokenizer)
-        drafters.append(make_drafter(kind, target, layers=cfg.layers, draft_engine=draft_engine))
-    return drafters
+    return [build_drafter(kind, target, layers=cfg.layers, draft_model=cfg.draft_model, target_tokenizer=loaded.tokenizer)
+            for kind in cfg.drafters]
 
 
 def run_row(result: GenerationResult, plain: GenerationResult, base: dict[str, Any]) -> dict[str, Any]:

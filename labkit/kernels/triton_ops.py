@@ -45,20 +45,17 @@ def _rejection_sample_kernel(draft_ptr, q_ptr, p_ptr, ua_ptr, us_ptr, accepted_p
     q_scale = tl.where(first < K, 1.0, 0.0)  # all accepted: the bonus comes from p_K alone
     p_row = p_ptr + (b * (K + 1) + first) * V
     q_row = q_ptr + (b * K + tl.minimum(first, K - 1)) * V
-    # pass 1: the residual's mass (empty residual → sample from p itself)
-    total = 0.0
+    # pass 1: the residual's mass, and p's own for when the residual is empty
+    total_res = 0.0
+    total_p = 0.0
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         m = offs < V
-        w = tl.maximum(tl.load(p_row + offs, mask=m, other=0.0) - q_scale * tl.load(q_row + offs, mask=m, other=0.0), 0.0)
-        total += tl.sum(w, axis=0)
-    q_scale = tl.where(total > 0, q_scale, 0.0)
-    total2 = 0.0
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        m = offs < V
-        w = tl.maximum(tl.load(p_row + offs, mask=m, other=0.0) - q_scale * tl.load(q_row + offs, mask=m, other=0.0), 0.0)
-        total2 += tl.sum(w, axis=0)
+        p_v = tl.load(p_row + offs, mask=m, other=0.0)
+        total_res += tl.sum(tl.maximum(p_v - q_scale * tl.load(q_row + offs, mask=m, other=0.0), 0.0), axis=0)
+        total_p += tl.sum(p_v, axis=0)
+    q_scale = tl.where(total_res > 0, q_scale, 0.0)
+    total2 = tl.where(total_res > 0, total_res, total_p)
     threshold = tl.load(us_ptr + b) * total2
     # pass 2: inverse CDF, the first index whose running sum exceeds the threshold
     running = 0.0

@@ -181,6 +181,27 @@ def check_draft_pair(target: Engine, draft: Engine, target_tokenizer: Any = None
         raise LabkitError("the draft model's tokenizer differs from the target's; a draft model must share the target's tokenizer")
 
 
+def build_drafter(
+    kind: str,
+    target: Engine,
+    *,
+    layers: int | None = None,
+    draft_model: str | None = None,
+    target_tokenizer: Any = None,
+) -> Drafter:
+    """make_drafter, loading the draft model first for kind "model" (same device, dtype, graphs)."""
+    draft_engine = None
+    if kind == "model":
+        if not draft_model:
+            raise LabkitError("--drafter model needs --draft-model")
+        from labkit.models.loading import load_model
+
+        draft = load_model(draft_model)
+        draft_engine = Engine.from_loaded(draft, target.device, target.dtype, weights="dense", cuda_graph=target.cuda_graph)
+        check_draft_pair(target, draft_engine, target_tokenizer, draft.tokenizer)
+    return make_drafter(kind, target, layers=layers, draft_engine=draft_engine)
+
+
 def make_drafter(
     kind: str,
     target: Engine,
