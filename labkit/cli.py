@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--no-gguf", action="store_true", help="skip our engine on the GGUF's own blocks")
     bb.add_argument("--compile", action="store_true", help="on CUDA, also time torch.compile'd steps inside CUDA graphs")
     bb.add_argument("--output-dir", default="results")
+    bk = bsub.add_parser("kernels", help="each kernel backend against the launch and bytes floors, in one run")
+    bk.add_argument("--device", default="auto")
+    bk.add_argument("--repeats", type=int, default=50)
+    bk.add_argument("--output-dir", default="results")
     bb.add_argument("--no-write", action="store_true", help="measure and print, write no files")
     return parser
 
@@ -263,6 +267,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"{row['dtype']:<10}{row['weights']:<16}{row['hf_tok_per_s']:>10.1f} t/s{row['labkit_tok_per_s']:>8.1f} t/s{row['speedup_median']:>9.2f}x"
                   f"{row['speedup_min']:>9.2f}-{row['speedup_max']:.2f}x{row['identical_share']:>10.0%}")
         for f in payload.get("files", []):
+            print(f"wrote {f}")
+        return 0
+    if args.bench == "kernels":
+        from labkit.bench.kernels import KernelBenchConfig, run_kernel_bench
+        from labkit.bench.results import provenance, write_results
+
+        if args.repeats < 1:
+            raise LabkitError(f"--repeats must be at least 1, got {args.repeats}")
+        device = resolve_device(args.device)
+        result = run_kernel_bench(device, KernelBenchConfig(repeats=args.repeats))
+        payload = {"benchmark": "kernels", **provenance(device, result["config"]),
+                   "launch_floor_us": result["launch_floor_us"], "copy_bandwidth_gb_s": result["copy_bandwidth_gb_s"]}
+        print(f"launch floor {result['launch_floor_us']:.1f} us, copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s")
+        for r in result["rows"]:
+            if r["available"]:
+                print(f"{r['kernel']:<18}{r['backend']:<8}{r['us']:>10.1f} us  {r['x_over_floor']:>7.1f}x the floor")
+            else:
+                print(f"{r['kernel']:<18}{r['backend']:<8}  unavailable: {r['reason']}")
+        for f in write_results(args.output_dir, f"kernels-{device.type}", payload, result["rows"]):
             print(f"wrote {f}")
         return 0
     raise LabkitError(f"unknown benchmark {args.bench!r}")

@@ -100,3 +100,15 @@ def test_sweep_writes_results(tiny_folder, tmp_path) -> None:
     assert {(r["drafter"], r["k"]) for r in data["summary"]} == {("plain", 0), ("ngram", 1), ("ngram", 3), ("layerskip-1", 1), ("layerskip-1", 3)}
     assert all(r["identical_to_plain"] for r in data["rows"])  # greedy speculation is lossless
     assert next(tmp_path.glob("sweep-cpu-*.png")).stat().st_size > 10_000
+
+
+def test_kernel_commands(tmp_path) -> None:
+    rc, out, err = run_cli("kernels", "--device", "cpu", "--json")
+    assert rc == 0, err
+    assert [r["kernel"] for r in json.loads(out)] == ["verify_prefix", "rejection_sample", "kv_append"]
+    rc, out, err = run_cli("bench", "kernels", "--device", "cpu", "--repeats", "1", "--output-dir", str(tmp_path))
+    assert rc == 0, err
+    assert "launch floor" in out
+    rows = json.loads(next(tmp_path.glob("kernels-cpu-*.json")).read_text())["rows"]
+    assert {r["backend"] for r in rows if r["available"]} >= {"torch"}
+    assert_clean_error(*run_cli("bench", "kernels", "--repeats", "0"), "at least 1")

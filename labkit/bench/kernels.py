@@ -1,0 +1,99 @@
+"""Kernel microbenchmark (phase 3C): each backend of each kernel against two floors measured in
+the same run: the launch floor (a one-element kernel) and the bytes floor (bytes moved at the
+device's measured copy bandwidth)."""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from labkit.kernels.registry import BACKENDS, KERNELS, backend_status, get
+from labkit.metrics.timers import synchronize
+
+
+@dataclass
+class KernelBenchConfig:
+    vocab: int = 49152  # rejection_sample's V (SmolLM2's vocabulary)
+    k: int = 4  # draft tokens
+    batch: int = 1
+    heads: int = 3  # kv_append: SmolLM2's kv heads, head_dim 64
+    head_dim: int = 64
+    cache_len: int = 2048
+    repeats: int = 50
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median seconds per call, after a warm-up (CUDA events on a GPU, perf_counter elsewhere)."""
+    for _ in range(3):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, mib: int = 256) -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = time_call(lambda: dst.copy_(src), device, 10)
+    return 2 * src.numel() * 4 / seconds
+
+
+def cases(cfg: KernelBenchConfig, device: torch.device) -> dict[str, tuple[tuple[Any, ...], int]]:
+    """Inputs for each kernel and the bytes it must move at least."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, K, V = cfg.batch, cfg.k, cfg.vocab
+    target = torch.randint(0, V, (B, K + 1), generator=g)
+    draft = target[:, :K].clone()
+    p = torch.randn(B, K + 1, V, generator=g).softmax(-1)
+    q = torch.randn(B, K, V, generator=g).softmax(-1)
+    cache = torch.randn(B, cfg.heads, cfg.cache_len, cfg.head_dim, generator=g)
+    new = torch.randn(B, cfg.heads, K + 1, cfg.head_dim, generator=g)
+    keep = torch.arange(K + 1).expand(B, K + 1).contiguous()
+    start = torch.full((B,), cfg.cache_len // 2)
+    to = lambda *ts: tuple(t.to(device) for t in ts)
+    return {
+        "verify_prefix": (to(draft, target), (draft.numel() + target.numel() + 2 * B) * 8),
+        "rejection_sample": (to(draft, q, p, torch.rand(B, K, generator=g), torch.rand(B, generator=g)), (p.numel() + q.numel()) * 4),
+        "kv_append": (to(cache, new, keep, start), 2 * new.numel() * 4),
+    }
+
+
+def run_kernel_bench(device: torch.device, cfg: KernelBenchConfig | None = None) -> dict[str, Any]:
+    cfg = cfg or KernelBenchConfig()
+    one = torch.zeros(1, device=device)
+    launch = time_call(lambda: one.add_(1), device, cfg.repeats)
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for name, (args, nbytes) in cases(cfg, device).items():
+        assert name in KERNELS
+        for backend in BACKENDS:
+            status = backend_status(backend, device)
+            if not status.ok:
+                rows.append({"kernel": name, "backend": backend, "available": False, "reason": status.reason})
+                continue
+            fn = get(name, device, backend)
+            seconds = time_call(functools.partial(fn, *args), device, cfg.repeats)
+            floor = max(launch, nbytes / bandwidth)
+            rows.append({"kernel": name, "backend": backend, "available": True, "reason": status.reason, "us": seconds * 1e6,
+                         "launch_floor_us": launch * 1e6, "bytes": nbytes, "bytes_floor_us": nbytes / bandwidth * 1e6,
+                         "x_over_floor": seconds / floor})
+    return {"launch_floor_us": launch * 1e6, "copy_bandwidth_gb_s": bandwidth / 1e9, "config": cfg.__dict__, "rows": rows}
