@@ -28,8 +28,9 @@ class KernelBenchConfig:
     repeats: int = 50
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median seconds per call, after a warm-up (CUDA events on a GPU, perf_counter elsewhere)."""
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, inner: int = 20) -> float:
+    """Median seconds per call over `repeats` samples of `inner` back-to-back calls (so the timer's
+    own overhead is spread out), after a warm-up; CUDA events on a GPU, perf_counter elsewhere."""
     for _ in range(3):
         fn()
     synchronize(device)
@@ -38,14 +39,16 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> floa
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(inner):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / inner)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times)
 
 
@@ -53,7 +56,7 @@ def copy_bandwidth(device: torch.device, mib: int = 256) -> float:
     """Bytes per second of a large device-to-device copy (read + write)."""
     src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    seconds = time_call(lambda: dst.copy_(src), device, 10)
+    seconds = time_call(lambda: dst.copy_(src), device, 5, inner=2)
     return 2 * src.numel() * 4 / seconds
 
 
@@ -91,7 +94,7 @@ def run_kernel_bench(device: torch.device, cfg: KernelBenchConfig | None = None)
                 rows.append({"kernel": name, "backend": backend, "available": False, "reason": status.reason})
                 continue
             fn = get(name, device, backend)
-            seconds = time_call(functools.partial(fn, *args), device, cfg.repeats)
+            seconds = time_call(functools.partial(fn, *args), device, cfg.repeats, inner=1 if backend == "triton" and device.type != "cuda" else 20)
             floor = max(launch, nbytes / bandwidth)
             rows.append({"kernel": name, "backend": backend, "available": True, "reason": status.reason, "us": seconds * 1e6,
                          "launch_floor_us": launch * 1e6, "bytes": nbytes, "bytes_floor_us": nbytes / bandwidth * 1e6,
