@@ -99,6 +99,7 @@ class Engine:
             raise LabkitError(f"CUDA graphs need a CUDA device, not {device}")
         self.device, self.dtype, self.amp = device, dtype, amp
         self.cuda_graph = cuda_graph
+        self._graphs_safe = cuda_graph  # set per request by ensure_capacity
         self._graphs: dict[tuple[int, int | None], GraphStep] = {}
         weight_dtype = torch.float32 if amp else dtype
         self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # Llama or GPT2
@@ -197,6 +198,9 @@ class Engine:
         need = min(self.context_len, total_len + GRAPH_HEADROOM) if self.cuda_graph else total_len
         if need > self.cache.max_len:
             self._allocate(min(self.context_len, max(need, 2 * self.cache.max_len)))
+        assert self.cache is not None
+        # Near the end of the context there is no room for that headroom: steps run eagerly then.
+        self._graphs_safe = self.cuda_graph and total_len + GRAPH_HEADROOM <= self.cache.max_len
         self.reset()
 
     @property
@@ -235,7 +239,7 @@ class Engine:
             raise LabkitError(f"{start + T} positions exceed the cache of {cache.max_len}; call ensure_capacity first")
         input_pos = torch.arange(start, start + T, device=self.device)  # (T,)
         with self._autocast():
-            if self.cuda_graph and T <= GRAPH_MAX_T:
+            if self._graphs_safe and T <= GRAPH_MAX_T:
                 logits = self._graph_step(T, n_layers).run(tokens, input_pos)
                 if last_only:
                     logits = logits[:, -1:]

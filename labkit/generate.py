@@ -40,7 +40,6 @@ class GenerationStats:
     drafter: str = ""
     policy: str = ""
     accepted_lengths: list[int] = field(default_factory=list)  # per target step: draft tokens that stood
-    drafted_lengths: list[int] = field(default_factory=list)  # per target step: draft tokens proposed
     draft_tokens: list[list[int]] = field(default_factory=list)  # per target step: the proposals themselves
     draft_s: float = 0.0
     verify_s: float = 0.0  # target forwards after the prefill (verify or plain decode)
@@ -59,6 +58,11 @@ class GenerationStats:
     def mean_token_latency_ms(self) -> float:
         lat = self.token_latencies_ms
         return sum(lat) / len(lat) if lat else 0.0
+
+    @property
+    def drafted_lengths(self) -> list[int]:
+        """Per target step: how many draft tokens were proposed."""
+        return [len(d) for d in self.draft_tokens]
 
     @property
     def target_steps(self) -> int:
@@ -83,7 +87,8 @@ class GenerationStats:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(tok_per_s=self.tok_per_s, decode_tok_per_s=self.decode_tok_per_s, mean_token_latency_ms=self.mean_token_latency_ms,
-                   acceptance_rate=self.acceptance_rate, tau=self.tau, other_s=self.other_s, target_steps=self.target_steps)
+                   acceptance_rate=self.acceptance_rate, tau=self.tau, other_s=self.other_s, target_steps=self.target_steps,
+                   drafted_lengths=self.drafted_lengths)
         return out
 
 
@@ -151,10 +156,11 @@ def generate(engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig
         spec.validate()
     budget = min(config.max_new_tokens, engine.context_len - len(prompt_ids))
     engine.ensure_capacity(len(prompt_ids) + budget)
-    eos = set(config.eos_token_ids or engine.eos_token_ids) if config.stop_at_eos else set()
+    eos_all = sorted(set(config.eos_token_ids or engine.eos_token_ids))
+    eos = set(eos_all) if config.stop_at_eos else set()
     generator = make_generator(config, engine.device)
     device = engine.device
-    eos_ids = torch.tensor(sorted(set(config.eos_token_ids or engine.eos_token_ids)), dtype=torch.long, device=device)
+    eos_ids = torch.tensor(eos_all, dtype=torch.long, device=device)
     policy = (spec.policy or default_policy(config)) if spec else None
     controller = (spec.controller or FixedK(spec.k)) if spec else None
     if spec is not None:
@@ -203,7 +209,6 @@ def generate(engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig
             logits = suppress_eos(engine.decode(torch.tensor([[context[-1]]], device=device)), len(tokens))
             new = [int(sample(logits, config, generator).item())]
         stats.verify_s += time.perf_counter() - t0
-        stats.drafted_lengths.append(len(draft.tokens))
         stats.draft_tokens.append(draft.tokens)
         stats.accepted_lengths.append(len(new) - 1)
         for token in new:  # EOS inside an accepted block ends the output there

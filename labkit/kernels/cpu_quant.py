@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from labkit.config import env_flag
+
 log = logging.getLogger(__name__)
 SOURCE_NAME = "cpu_quant_gemv.c"
 
@@ -32,7 +34,7 @@ def _source() -> Path | None:
 
 @lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("SPECDEC_FORCE_PY", "") in ("1", "true", "yes"):
+    if env_flag("SPECDEC_FORCE_PY"):
         return None, "SPECDEC_FORCE_PY=1"
     src = _source()
     if src is None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from labkit.config import env_flag
+
 log = logging.getLogger(__name__)
 KERNELS = ("verify_prefix", "rejection_sample", "kv_append")
 BACKENDS = ("cuda", "triton", "torch")
@@ -28,14 +30,10 @@ class BackendStatus:
     reason: str
 
 
-def _force_py() -> bool:
-    return os.environ.get("SPECDEC_FORCE_PY", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def backend_status(backend: str, device: torch.device) -> BackendStatus:
     if backend == "torch":
         return BackendStatus(backend, True, "PyTorch reference")
-    if _force_py():
+    if env_flag("SPECDEC_FORCE_PY"):
         return BackendStatus(backend, False, "SPECDEC_FORCE_PY=1")
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
