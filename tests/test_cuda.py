@@ -80,3 +80,38 @@ def test_cuda_graph_steps_match_eager(arch: str) -> None:
     for kind in ("ngram", "layerskip", "truncated"):
         assert generate(graphed, prompt, cfg, Speculation(make_drafter(kind, graphed, layers=2), 3)).tokens == plain, kind
 
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_greedy_graph_chunks_match_eager(compile: bool) -> None:
+    """The captured greedy step (argmax, EOS blocking and position inside the graph) gives the
+    eager engine's tokens, with EOS inside a chunk and min_new_tokens."""
+    hf = tiny_hf_model("llama", seed=9).cuda()
+    eager = Engine.from_hf(hf, "cuda", "float32", cuda_graph=False)
+    graphed = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, compile=compile)
+    prompt = list(range(3, 14))
+    free = generate(eager, prompt, GenerationConfig(max_new_tokens=40, stop_at_eos=False)).tokens
+    eos = free[20]
+    for cfg in (GenerationConfig(max_new_tokens=40, stop_at_eos=False), GenerationConfig(max_new_tokens=40, eos_token_ids=(eos,)),
+                GenerationConfig(max_new_tokens=40, min_new_tokens=30, eos_token_ids=(eos,))):
+        assert generate(graphed, prompt, cfg).tokens == generate(eager, prompt, cfg).tokens
+    assert graphed._greedy_graph is not None
+
+
+def test_cuda_detailed_metrics_use_events() -> None:
+    from labkit.generate import Speculation
+    from labkit.specdec import make_drafter
+
+    hf = tiny_hf_model("llama", seed=9).cuda()
+    engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
+    cfg = GenerationConfig(max_new_tokens=20, stop_at_eos=False)
+    r = generate(engine, list(range(3, 14)), cfg, Speculation(make_drafter("layerskip", engine, layers=1), 3), detailed_metrics=True)
+    p = r.stats.phases
+    assert p is not None and p["device_s"]["verify"] > 0 and set(p["device_s"]) == set(p["host_s"])
+
+
+def test_cuda_warm_up_captures_every_verify_width() -> None:
+    hf = tiny_hf_model("llama", seed=9).cuda()
+    engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
+    engine.warm_up(5)
+    assert {T for T, _ in engine._graphs} == {1, 2, 3, 4, 5} and engine._greedy_graph is not None and engine.length == 0

@@ -121,3 +121,15 @@ def test_compiled_static_step_matches_eager() -> None:
 def test_cuda_graph_needs_cuda_device() -> None:
     with pytest.raises(LabkitError, match="CUDA graphs"):
         Engine.from_hf(tiny_hf_model("llama"), "cpu", "float32", cuda_graph=True)
+
+
+def test_warm_up_leaves_the_engine_ready_and_empty() -> None:
+    hf = tiny_hf_model("llama", seed=1)
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    engine.warm_up(5)
+    assert engine.length == 0
+    ids = torch.randint(0, hf.config.vocab_size, (1, 9))
+    engine.ensure_capacity(9)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert (engine.forward(ids) - ref).abs().max().item() < 1e-4

@@ -118,3 +118,47 @@ def test_stats_are_filled() -> None:
     assert len(s.token_latencies_ms) == 7 and all(x > 0 for x in s.token_latencies_ms)
     assert 0 < s.ttft_s < s.total_s and s.tok_per_s > 0
     assert s.peak_memory_bytes > 0 and s.memory_kind == "process_peak_rss"
+
+
+def test_greedy_chunks_match_single_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several greedy steps per host sync (the GPU path) give the tokens of one step at a time,
+    stop at an EOS inside a chunk, and keep EOS blocked for min_new_tokens."""
+    hf = tiny_hf_model("llama", seed=5)
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    prompt = [5, 6, 7, 8]
+    free = generate(engine, prompt, GenerationConfig(max_new_tokens=20, stop_at_eos=False)).tokens
+    eos = free[6]
+    cfgs = [GenerationConfig(max_new_tokens=20, stop_at_eos=False), GenerationConfig(max_new_tokens=20, eos_token_ids=(eos,)),
+            GenerationConfig(max_new_tokens=20, min_new_tokens=9, eos_token_ids=(eos,))]
+    singles = [generate(engine, prompt, c) for c in cfgs]
+    monkeypatch.setattr(Engine, "greedy_chunk", property(lambda self: 5))
+    for cfg, single in zip(cfgs, singles, strict=True):
+        chunked = generate(engine, prompt, cfg)
+        assert chunked.tokens == single.tokens
+        assert chunked.stats.stop_reason == single.stats.stop_reason
+        assert chunked.stats.tau == 1.0 or chunked.stats.stop_reason == "eos"
+    assert singles[1].tokens == free[: free.index(eos) + 1]
+    assert eos not in singles[2].tokens[:9] and len(singles[2].tokens) > 9
+
+
+def test_detailed_metrics_time_each_phase_and_cost_nothing_when_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from labkit.generate import Speculation
+    from labkit.metrics import phases
+    from labkit.specdec import make_drafter
+
+    syncs = []
+    monkeypatch.setattr(phases, "synchronize", lambda device: syncs.append(device))
+    hf = tiny_hf_model("llama", seed=5)
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]  # repeats: the n-gram drafter proposes
+    cfg = GenerationConfig(max_new_tokens=12, stop_at_eos=False)
+    spec = Speculation(make_drafter("layerskip", engine, layers=1), 2)
+    off = generate(engine, prompt, cfg, spec, detailed_metrics=False)
+    assert off.stats.phases is None and syncs == []
+    monkeypatch.setenv("SPECDEC_DETAILED_METRICS", "1")
+    on = generate(engine, prompt, cfg, spec)
+    assert on.tokens == off.tokens and syncs
+    p = on.stats.phases
+    assert p is not None and {"prefill", "draft", "verify", "accept", "kv_update", "sampling"} <= set(p["host_s"])
+    assert p["count"]["verify"] + p["count"].get("decode", 0) == on.stats.target_steps and all(v >= 0 for v in p["host_s"].values())
+    assert p["device_s"] == {}  # CUDA events only on a CUDA device

@@ -98,9 +98,9 @@ def test_greedy_match_policy() -> None:
     for i, t in enumerate([3, 4, 9, 1]):
         logits[i, t] = 5.0
     policy = GreedyMatch()
-    assert policy.accept([3, 4, 5], None, logits, GenerationConfig(), None) == Verdict(2, 9)
-    assert policy.accept([3, 4, 9], None, logits, GenerationConfig(), None) == Verdict(3, 1)
-    assert policy.accept([0, 4, 9], None, logits, GenerationConfig(), None) == Verdict(0, 3)
+    assert policy.accept(torch.tensor([3, 4, 5]), None, logits, GenerationConfig(), None) == Verdict(2, 9)
+    assert policy.accept(torch.tensor([3, 4, 9]), None, logits, GenerationConfig(), None) == Verdict(3, 1)
+    assert policy.accept(torch.tensor([0, 4, 9]), None, logits, GenerationConfig(), None) == Verdict(0, 3)
 
 
 # --- the sampling guarantee --------------------------------------------------------------
@@ -133,7 +133,7 @@ def emitted_distribution(policy, n: int = 20000, one_hot: bool = False) -> torch
     counts = torch.zeros(25)
     for _ in range(n):
         draft = [int(torch.multinomial(Q[i], 1, generator=gen)) for i in range(2)]
-        verdict = policy.accept(draft, None if one_hot else Q, logits, cfg, gen)
+        verdict = policy.accept(torch.tensor(draft), None if one_hot else Q, logits, cfg, gen)
         out = draft[: verdict.accepted] + [verdict.next_token]
         if len(out) < 2:  # rejected at the first position: the second token comes from the target's next row
             out.append(int(torch.multinomial(P[1], 1, generator=gen)))

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from labkit.bench.results import provenance, write_results
 from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
-from labkit.generate import encode_prompt, generate
+from labkit.generate import encode_prompt, generate, warm_up
 from labkit.metrics.timers import now
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
@@ -83,6 +83,7 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
         warm = encoded[0][1]
         time_hf_generate(hf_model, warm, GenerationConfig(max_new_tokens=4), device)
         for engine in engines.values():
+            warm_up(engine)
             generate(engine, warm, GenerationConfig(max_new_tokens=4))
         systems = ["hf_generate", *engines]
         for rep in range(cfg.repeats):

@@ -15,7 +15,7 @@ from labkit.bench.results import provenance, write_results
 from labkit.config import GenerationConfig, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
-from labkit.generate import GenerationResult, Speculation, encode_prompt, generate
+from labkit.generate import GenerationResult, Speculation, encode_prompt, generate, warm_up
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
 from labkit.specdec.drafters import Drafter, build_drafter
@@ -83,7 +83,9 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     drafters = build_drafters(cfg, target, loaded)
     prompts = [(p, encode_prompt(loaded.tokenizer, p.content)) for p in load_suite(cfg.categories, cfg.prompts_per_category)]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
-    generate(target, prompts[0][1], GenerationConfig(max_new_tokens=4))  # warm-up
+    warm_up(target, max(cfg.ks))
+    for drafter in drafters:  # a repeated prompt, so that the n-gram drafter proposes
+        generate(target, prompts[0][1] * 2, GenerationConfig(max_new_tokens=8), Speculation(drafter, max(cfg.ks)))
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=cfg.iterations * len(prompts) * (1 + len(drafters) * len(cfg.ks)), desc="sweep", disable=not cfg.progress)
     for it in range(cfg.iterations):

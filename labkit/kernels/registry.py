@@ -26,8 +26,9 @@ BACKENDS = ("cuda", "triton", "torch")
 @dataclass
 class BackendStatus:
     backend: str
-    ok: bool
+    ok: bool  # works here when asked for by name
     reason: str
+    auto: bool = True  # may be chosen automatically (the Triton interpreter works but is far slower than torch)
 
 
 def backend_status(backend: str, device: torch.device) -> BackendStatus:
@@ -44,7 +45,9 @@ def backend_status(backend: str, device: torch.device) -> BackendStatus:
             import labkit.kernels.triton_ops  # noqa: F401
         except Exception as err:  # noqa: BLE001
             return BackendStatus(backend, False, f"import failed: {str(err).splitlines()[0][:200]}")
-        return BackendStatus(backend, True, "interpreter" if device.type != "cuda" else "compiled")
+        if device.type != "cuda":
+            return BackendStatus(backend, True, "interpreter (only when named: slower than torch)", auto=False)
+        return BackendStatus(backend, True, "compiled")
     if backend == "cuda":
         if device.type != "cuda":
             return BackendStatus(backend, False, f"not a CUDA device ({device.type})")
@@ -69,7 +72,7 @@ def _module(backend: str) -> Any:
     return cuda_ops
 
 
-_chosen: dict[tuple[str, str], tuple[str, Callable[..., Any]]] = {}
+_chosen: dict[tuple[str, str, bool], tuple[str, Callable[..., Any]]] = {}
 
 
 def get(name: str, device: torch.device, backend: str | None = None) -> Callable[..., Any]:
@@ -81,11 +84,11 @@ def get(name: str, device: torch.device, backend: str | None = None) -> Callable
         if not status.ok:
             raise RuntimeError(f"{name}: backend {backend} unavailable ({status.reason})")
         return getattr(_module(backend), name)
-    key = (name, device.type)
+    key = (name, device.type, env_flag("SPECDEC_FORCE_PY"))
     if key not in _chosen:
         for candidate in BACKENDS:
             status = backend_status(candidate, device)
-            if status.ok:
+            if status.ok and status.auto:
                 _chosen[key] = (candidate, getattr(_module(candidate), name))
                 break
             log.info("kernel %s: %s unavailable (%s), falling back", name, candidate, status.reason)
@@ -96,10 +99,11 @@ def table(device: torch.device) -> list[dict[str, Any]]:
     """One row per kernel: each backend's status and the one chosen."""
     rows = []
     statuses = {b: backend_status(b, device) for b in BACKENDS}
-    chosen = next(b for b in BACKENDS if statuses[b].ok)
+    chosen = next(b for b in BACKENDS if statuses[b].ok and statuses[b].auto)
     for name in KERNELS:
         row: dict[str, Any] = {"kernel": name, "chosen": chosen}
         for b in BACKENDS:
-            row[b] = "ok" if statuses[b].ok else f"no: {statuses[b].reason}"
+            status = statuses[b]
+            row[b] = ("ok" if status.auto else f"named only: {status.reason}") if status.ok else f"no: {status.reason}"
         rows.append(row)
     return rows

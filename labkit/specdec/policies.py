@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from labkit.config import GenerationConfig
+from labkit.kernels import registry
 from labkit.sampling import target_probs
 
 
@@ -35,7 +36,7 @@ class Policy(Protocol):
 
     def accept(
         self,
-        draft_tokens: list[int],  # K
+        draft_tokens: torch.Tensor,  # (K,) long, on the target's device
         draft_probs: torch.Tensor | None,  # (K, V) or None (one-hot drafter)
         target_logits: torch.Tensor,  # (K+1, V)
         config: GenerationConfig,
@@ -44,63 +45,65 @@ class Policy(Protocol):
 
 
 class GreedyMatch:
-    """Keep draft tokens while they equal the target's argmax; the next argmax is the bonus."""
+    """Keep draft tokens while they equal the target's argmax; the next argmax is the bonus
+    (the registry's verify_prefix kernel; one device sync to read the verdict)."""
 
     name = "greedy"
     lossless = True
 
     def accept(
         self,
-        draft_tokens: list[int],
+        draft_tokens: torch.Tensor,
         draft_probs: torch.Tensor | None,
         target_logits: torch.Tensor,
         config: GenerationConfig,
         generator: torch.Generator | None,
     ) -> Verdict:
-        target = target_logits.argmax(-1).tolist()  # K+1 ids, one device sync
-        n = 0
-        while n < len(draft_tokens) and draft_tokens[n] == target[n]:
-            n += 1
-        return Verdict(n, target[n])
+        target = target_logits.argmax(-1)  # (K+1,)
+        accepted, bonus = registry.get("verify_prefix", target.device)(draft_tokens[None], target[None])  # (1,), (1,)
+        n, token = torch.cat([accepted, bonus]).tolist()
+        return Verdict(n, token)
 
 
-def one_hot_probs(tokens: list[int], vocab: int, device: torch.device) -> torch.Tensor:  # (K, V)
-    q = torch.zeros(len(tokens), vocab, device=device)
-    q[torch.arange(len(tokens)), torch.tensor(tokens, device=device)] = 1.0
-    return q
+def one_hot_probs(tokens: torch.Tensor, vocab: int) -> torch.Tensor:  # (K,) → (K, V)
+    return torch.nn.functional.one_hot(tokens, vocab).float()
 
 
 class RejectionSampling:
     """Speculative sampling (Leviathan et al., Chen et al.): accept x_i with prob min(1, p_i(x)/q_i(x));
-    at the first rejection sample from norm(max(0, p_i - q_i)); after K accepts, a bonus from p_K."""
+    at the first rejection sample from norm(max(0, p_i - q_i)); after K accepts, a bonus from p_K.
+    The registry's rejection_sample kernel does the work; the uniforms come from `generator`."""
 
     name = "rejection"
     lossless = True
 
     def accept(
         self,
-        draft_tokens: list[int],
+        draft_tokens: torch.Tensor,
         draft_probs: torch.Tensor | None,
         target_logits: torch.Tensor,
         config: GenerationConfig,
         generator: torch.Generator | None,
     ) -> Verdict:
-        K, V = len(draft_tokens), target_logits.shape[-1]
+        K, V = draft_tokens.shape[0], target_logits.shape[-1]
         device = target_logits.device
         p = target_probs(target_logits, config)  # (K+1, V)
-        q = draft_probs.float() if draft_probs is not None else one_hot_probs(draft_tokens, V, device)  # (K, V)
-        idx = torch.arange(K, device=device)
-        x = torch.tensor(draft_tokens, device=device)
-        p_x, q_x = p[idx, x], q[idx, x]  # (K,)
-        u = torch.rand(K, device=device, generator=generator)
-        rejected = (u * q_x > p_x).nonzero()  # u < p/q  ⇔  accept (q_x > 0 for a proposed token)
-        if rejected.numel() == 0:
-            return Verdict(K, int(torch.multinomial(p[K], 1, generator=generator).item()))
-        i = int(rejected[0].item())
-        residual = (p[i] - q[i]).clamp_min(0)
-        if residual.sum() <= 0:  # p == q up to rounding: the residual is empty, fall back to p
-            residual = p[i]
-        return Verdict(i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator).item()))
+        q = draft_probs.float() if draft_probs is not None else one_hot_probs(draft_tokens, V)  # (K, V)
+        u = torch.rand(K + 1, device=device, generator=generator)  # K accept tests, 1 for the sampled token
+        kernel = registry.get("rejection_sample", device)
+        accepted, token = kernel(draft_tokens[None], q[None].contiguous(), p[None].contiguous(), u[None, :K].contiguous(), u[K:])
+        n, tok = torch.cat([accepted, token]).tolist()
+        return Verdict(n, tok)
+
+
+def warm_up_kernels(device: torch.device) -> None:
+    """Load (and, for CUDA, build) the registry's kernels before anything is timed."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    draft = torch.randint(0, 8, (1, 2), generator=g).to(device)  # (1, K)
+    target = torch.randint(0, 8, (1, 3), generator=g).to(device)  # (1, K+1)
+    registry.get("verify_prefix", device)(draft, target)
+    q, p = torch.rand(1, 2, 8, generator=g).softmax(-1), torch.rand(1, 3, 8, generator=g).softmax(-1)
+    registry.get("rejection_sample", device)(draft, q.to(device), p.to(device), torch.rand(1, 2, generator=g).to(device), torch.rand(1, generator=g).to(device))
 
 
 def default_policy(config: GenerationConfig) -> Policy:

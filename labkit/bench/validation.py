@@ -1,0 +1,309 @@
+"""CUDA validation (phase 3D): every way of decoding the same prompts, in one run.
+
+Systems (greedy, batch 1, the same prompts and length):
+- hf_generate: transformers `generate`, eager;
+- hf_assisted_<drafter>: transformers' own speculative decoding with the same kind of draft:
+  prompt lookup for ngram, `assistant_early_exit` for layerskip, the truncated copy of the
+  model as `assistant_model` for truncated; fixed K (the labkit drafter's best K);
+- labkit_plain: our engine, eager steps;
+- labkit_graph: our engine with CUDA graphs (and torch.compile'd steps) — CUDA only;
+- labkit_<drafter>: speculative greedy on the fastest labkit engine, each drafter at its best K,
+  chosen in a tuning pass over the first prompt of each category.
+
+Each is reported as tok/s, speed-up over HF generate and over labkit's fastest plain decoding,
+and as a share of the weight-bandwidth roofline: the device's copy bandwidth (measured in the
+same run) over the bytes of weights one decode step must read. Speculative systems can pass
+100%: they emit several tokens per read of the weights.
+
+Every output is compared with labkit's fastest plain greedy. Where tokens differ, `explain`
+looks at the first differing position: in bf16, two candidates whose logits lie within a few
+bf16 steps of each other are a near-tie that different kernel orderings may break either way.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from labkit.bench.baseline import time_hf_generate
+from labkit.bench.kernels import copy_bandwidth
+from labkit.bench.results import device_name, provenance, write_results
+from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.generate import GenerationResult, Speculation, encode_prompt, generate, warm_up
+from labkit.metrics.timers import now
+from labkit.models.loading import LoadedModel, load_model
+from labkit.prompts import load_suite
+from labkit.specdec.drafters import Drafter, make_drafter
+
+TIE_ULPS = 4.0  # logits closer than this many bf16 steps count as a near-tie
+
+
+@dataclass
+class ValidationConfig:
+    model: str = "default"
+    device: str = "auto"
+    dtype: str = "auto"  # bf16 on CUDA
+    max_new_tokens: int = 128
+    fixed_length: bool = True  # EOS blocked until max_new_tokens, so every system emits the same count
+    categories: list[str] | None = None  # None: every category
+    prompts_per_category: int | None = None  # None: the whole suite
+    hf_prompts_per_category: int | None = 1  # HF systems are slow: the first N of each category (None: all)
+    drafters: list[str] = field(default_factory=lambda: ["ngram", "layerskip", "truncated"])
+    ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])  # tried in the tuning pass
+    layers: int | None = None  # layerskip / truncated depth (default: a third of the model)
+    compile: bool = True  # torch.compile'd steps inside the CUDA graphs (CUDA only)
+    hf_assisted: bool = True
+    explain_limit: int = 40  # differing outputs to analyse at most
+    output_dir: str | None = "results"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 2:
+            raise LabkitError(f"max_new_tokens must be at least 2, got {self.max_new_tokens}")
+        if not self.ks or min(self.ks) < 1:
+            raise LabkitError(f"every K must be at least 1, got {self.ks}")
+        for name in ("prompts_per_category", "hf_prompts_per_category"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise LabkitError(f"{name} must be at least 1 (or None for all), got {value}")
+        unknown = set(self.drafters) - {"ngram", "layerskip", "truncated"}
+        if unknown:
+            raise LabkitError(f"unknown drafter(s) {sorted(unknown)}: use ngram, layerskip, truncated")
+
+
+def weight_bytes_per_token(engine: Engine) -> int:
+    """Bytes of weights one decode step reads: every parameter once (a tied head once), except
+    the embedding table when untied (a step reads one row of it)."""
+    model = engine.model
+    seen: set[int] = set()
+    total = 0
+    embed = getattr(model, "embed", None) or getattr(model, "wte", None)
+    head = getattr(model, "lm_head", None)
+    tied = embed is not None and head is not None and embed.weight.data_ptr() == head.weight.data_ptr()
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        if embed is not None and p is embed.weight and not tied:
+            total += p.shape[-1] * p.element_size()
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def bf16_step(x: float) -> float:
+    """The spacing of bf16 numbers around x (8 significant bits)."""
+    return 2.0 ** (math.floor(math.log2(max(abs(x), 1e-30))) - 7)
+
+
+@torch.inference_mode()
+def explain(engine: Engine, reference: Engine, prompt: list[int], ours: list[int], theirs: list[int]) -> dict[str, Any]:
+    """Why two greedy outputs of the same model differ: the logits of both candidates at the
+    first differing position, from this dtype's engine and from an fp32 reference engine."""
+    first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+    if first >= min(len(ours), len(theirs)):
+        return {"first_diff": first, "kind": "length", "note": "one output is a prefix of the other (EOS)"}
+    prefix = torch.tensor([prompt + ours[:first]], device=engine.device)  # (1, T)
+    a, b = ours[first], theirs[first]
+    out: dict[str, Any] = {"first_diff": first, "token_ref": a, "token_other": b}
+    for name, eng in (("low", engine), ("fp32", reference)):
+        eng.ensure_capacity(prefix.shape[1])
+        logits = eng.prefill(prefix)[0].float()  # (V,)
+        top2 = logits.topk(2).values
+        out[f"{name}_gap"] = float(logits[a] - logits[b])
+        out[f"{name}_top2_gap"] = float(top2[0] - top2[1])
+        out[f"{name}_top"] = int(logits.argmax())
+        out[f"{name}_logit_ref"] = float(logits[a])
+    step = bf16_step(out["fp32_logit_ref"])
+    out["bf16_step"] = step
+    out["gap_in_bf16_steps"] = abs(out["fp32_gap"]) / step
+    out["kind"] = "near-tie" if out["gap_in_bf16_steps"] <= TIE_ULPS else "unexplained"
+    return out
+
+
+def hf_truncated(hf_model: Any, depth: int) -> Any:
+    """A copy of the HF model with its first `depth` layers: transformers' assistant for the truncated drafter."""
+    small = copy.deepcopy(hf_model)
+    small.model.layers = small.model.layers[:depth]
+    small.config.num_hidden_layers = depth
+    if getattr(small.config, "layer_types", None):
+        small.config.layer_types = small.config.layer_types[:depth]
+    return small
+
+
+def time_hf_assisted(hf_model: Any, kind: str, k: int, depth: int, assistant: Any, prompt_ids: list[int],
+                     gen: GenerationConfig, device: torch.device) -> tuple[list[int], float]:
+    ids = torch.tensor([prompt_ids], device=device)
+    kwargs: dict[str, Any] = {"num_assistant_tokens": k, "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.0}
+    if kind == "ngram":
+        kwargs = {"prompt_lookup_num_tokens": k, "max_matching_ngram_size": 3}
+    elif kind == "layerskip":
+        kwargs["assistant_early_exit"] = depth
+    else:
+        kwargs["assistant_model"] = assistant
+        assistant.generation_config.num_assistant_tokens = k
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    t0 = now(device)
+    with torch.inference_mode():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen.max_new_tokens,
+                                min_new_tokens=gen.min_new_tokens or None, do_sample=False, num_beams=1,
+                                pad_token_id=hf_model.generation_config.pad_token_id or 0, **kwargs)
+    elapsed = now(device) - t0
+    return out[0, len(prompt_ids):].tolist(), elapsed
+
+
+def _row(system: str, result_tokens: list[int], seconds: float, reference: list[int], base: dict[str, Any],
+         stats: GenerationResult | None = None) -> dict[str, Any]:
+    row = {**base, "system": system, "new_tokens": len(result_tokens), "seconds": seconds,
+           "tok_per_s": len(result_tokens) / seconds, "identical_to_plain": result_tokens == reference}
+    if stats is not None:
+        row.update(acceptance_rate=stats.stats.acceptance_rate, tau=stats.stats.tau)
+    return row
+
+
+def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    loaded = loaded or load_model(cfg.model)
+    try:
+        suite = load_suite(cfg.categories, cfg.prompts_per_category)
+    except ValueError as err:
+        raise LabkitError(str(err)) from None
+    prompts = [(p, encode_prompt(loaded.tokenizer, p.content)) for p in suite]
+    hf_ids = {p.id for p in load_suite(cfg.categories, cfg.hf_prompts_per_category)}
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens if cfg.fixed_length else 0)
+    bandwidth = copy_bandwidth(device)
+
+    engines = {"labkit_plain": Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=False)}
+    if device.type == "cuda":
+        engines["labkit_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=True, compile=cfg.compile)
+    fast_name = list(engines)[-1]
+    fast = engines[fast_name]
+    weight_bytes = weight_bytes_per_token(fast)
+    roofline = bandwidth / weight_bytes  # tok/s if one step costs one read of the weights
+    depth = cfg.layers or max(1, fast.args.n_layers // 3)
+    drafters: dict[str, Drafter] = {kind: make_drafter(kind, fast, layers=depth) for kind in cfg.drafters}
+    hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=dtype).eval()
+    assistant = hf_truncated(hf_model, depth) if cfg.hf_assisted and "truncated" in cfg.drafters else None
+
+    # warm-up: every engine, graph and compiled shape before anything is timed
+    warm = prompts[0][1] * 2  # a repeated prompt, so that the n-gram drafter proposes
+    warm_up(fast, max(cfg.ks))
+    for engine in engines.values():
+        generate(engine, warm, GenerationConfig(max_new_tokens=8))
+    for drafter in drafters.values():
+        for k in cfg.ks:
+            generate(fast, warm, GenerationConfig(max_new_tokens=16), Speculation(drafter, k))
+    time_hf_generate(hf_model, warm, GenerationConfig(max_new_tokens=4), device)
+
+    # tuning: each drafter's best K on the first prompt of each category
+    tune = [(p, ids) for p, ids in prompts if p.id in {q.id for q in load_suite(cfg.categories, 1)}]
+    best_k: dict[str, int] = {}
+    tuning: list[dict[str, Any]] = []
+    for kind, drafter in drafters.items():
+        speed = {}
+        for k in cfg.ks:
+            runs = [generate(fast, ids, gen, Speculation(drafter, k)).stats.tok_per_s for _, ids in tune]
+            speed[k] = statistics.fmean(runs)
+            tuning.append({"drafter": kind, "k": k, "tok_per_s": speed[k]})
+        best_k[kind] = max(speed, key=lambda k: speed[k])
+
+    systems = ["hf_generate", *(f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else [])), *engines,
+               *(f"labkit_{d}" for d in cfg.drafters)]
+    rows: list[dict[str, Any]] = []
+    pending: list[tuple[str, list[int], list[int], list[int], str]] = []  # for explain
+    bar = tqdm(total=len(prompts), desc="validation", disable=not cfg.progress)
+    for i, (prompt, ids) in enumerate(prompts):
+        base = {"prompt_id": prompt.id, "category": prompt.category, "prompt_tokens": len(ids)}
+        reference = generate(fast, ids, gen).tokens  # labkit's fastest plain greedy: what every output is compared with
+        shift = i % len(systems)
+        for system in systems[shift:] + systems[:shift]:
+            if system.startswith("hf") and prompt.id not in hf_ids:
+                continue
+            if system == "hf_generate":
+                tokens, seconds = time_hf_generate(hf_model, ids, gen, device)
+                row = _row(system, tokens, seconds, reference, base)
+            elif system.startswith("hf_assisted_"):
+                kind = system.removeprefix("hf_assisted_")
+                tokens, seconds = time_hf_assisted(hf_model, kind, best_k[kind], depth, assistant, ids, gen, device)
+                row = {**_row(system, tokens, seconds, reference, base), "k": best_k[kind]}
+            elif system in engines:
+                result = generate(engines[system], ids, gen)
+                tokens = result.tokens
+                row = _row(system, tokens, result.stats.total_s, reference, base, result)
+            else:
+                kind = system.removeprefix("labkit_")
+                result = generate(fast, ids, gen, Speculation(drafters[kind], best_k[kind]))
+                tokens = result.tokens
+                row = {**_row(system, tokens, result.stats.total_s, reference, base, result), "k": best_k[kind]}
+            rows.append(row)
+            if not row["identical_to_plain"]:
+                pending.append((system, ids, reference, tokens, prompt.id))
+        bar.update()
+    bar.close()
+
+    explanations = []
+    if pending:
+        reference_engine = Engine.from_loaded(loaded, device, torch.float32, weights="dense", cuda_graph=False)
+        for system, ids, ref_tokens, tokens, pid in pending[: cfg.explain_limit]:
+            explanations.append({"system": system, "prompt_id": pid, **explain(engines["labkit_plain"], reference_engine, ids, ref_tokens, tokens)})
+    summary = summarize(rows, fast_name, roofline)
+    card = device_name(device)
+    params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
+    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(dtype), best_k=best_k,
+                  layers_resolved=depth, prompts=[p.id for p, _ in prompts], hf_prompts=sorted(hf_ids & {p.id for p, _ in prompts}))
+    payload: dict[str, Any] = {
+        "benchmark": "validation", **provenance(device, params), "card": card,
+        "copy_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes_per_token": weight_bytes, "roofline_tok_per_s": roofline,
+        "tuning": tuning, "summary": summary, "divergences": explanations, "divergences_total": len(pending),
+    }
+    if cfg.output_dir:
+        json_path, csv_path = write_results(cfg.output_dir, results_stem(payload), payload, rows)
+        payload["files"] = [str(json_path), str(csv_path)]
+    payload["rows"] = rows
+    return payload
+
+
+def results_stem(payload: dict[str, Any]) -> str:
+    """File name stem that names the card, e.g. validation-NVIDIA-H200."""
+    return "validation-" + (re.sub(r"[^A-Za-z0-9]+", "-", payload["card"]).strip("-") or "device")
+
+
+def summarize(rows: list[dict[str, Any]], fast_name: str, roofline: float) -> list[dict[str, Any]]:
+    """Per system: mean tok/s over its prompts; speed-ups are ratios of mean tok/s over the
+    prompts both systems ran (HF systems run on a subset)."""
+    by_system: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_system.setdefault(r["system"], {})[r["prompt_id"]] = r
+
+    def ratio(a: str, b: str) -> float | None:
+        shared = set(by_system.get(a, {})) & set(by_system.get(b, {}))
+        if not shared:
+            return None
+        return statistics.fmean(by_system[a][p]["tok_per_s"] for p in shared) / statistics.fmean(by_system[b][p]["tok_per_s"] for p in shared)
+
+    out = []
+    for system, runs in by_system.items():
+        sel = list(runs.values())
+        tok_s = statistics.fmean(r["tok_per_s"] for r in sel)
+        entry: dict[str, Any] = {
+            "system": system, "prompts": len(sel), "k": sel[0].get("k"), "tok_per_s": tok_s,
+            "tok_per_s_std": statistics.stdev([r["tok_per_s"] for r in sel]) if len(sel) > 1 else 0.0,
+            "speedup_vs_hf": ratio(system, "hf_generate"), "speedup_vs_labkit_plain": ratio(system, fast_name),
+            "roofline_share": tok_s / roofline, "identical_share": sum(r["identical_to_plain"] for r in sel) / len(sel),
+        }
+        if "tau" in sel[0]:
+            entry["tau"] = statistics.fmean(r["tau"] for r in sel)
+            entry["acceptance_rate"] = statistics.fmean(r["acceptance_rate"] for r in sel)
+        out.append(entry)
+    return out
