@@ -137,6 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise LabkitError(f"--k must be at least 1, got {args.k}")
+    trace_path = check_trace_path(args.profile) if args.profile else None  # before the slow part
     drafter_kind = args.drafter or ("model" if args.draft_model else None)
     loaded = load_model(args.model)
     engine = Engine.from_loaded(loaded, device, dtype, weights=args.weights, compile=args.compile, cuda_graph=args.cuda_graph)
@@ -147,7 +148,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         drafter = build_drafter(drafter_kind, engine, layers=args.layers, draft_model=args.draft_model, target_tokenizer=loaded.tokenizer)
         spec = Speculation(drafter, k=args.k)
-    trace_path = check_trace_path(args.profile) if args.profile else None
     if engine.cuda_graph or args.compile:  # capture and compile now, not inside the timed request
         from labkit.generate import warm_up
 

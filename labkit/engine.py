@@ -300,6 +300,16 @@ class Engine:
         start = cache.length
         if start + T > cache.max_len:
             raise LabkitError(f"{start + T} positions exceed the cache of {cache.max_len}; call ensure_capacity first")
+        if self._graphs_safe and T > GRAPH_MAX_T:
+            # A long input (a prompt) as captured chunks of GRAPH_MAX_T tokens: a few graph replays
+            # instead of one eager pass of hundreds of small kernels launched from Python.
+            outs = []
+            for i in range(0, T, GRAPH_MAX_T):
+                last_chunk = i + GRAPH_MAX_T >= T
+                logits = self.forward(tokens[:, i : i + GRAPH_MAX_T], last_only=last_only, n_layers=n_layers)
+                if last_chunk or not last_only:
+                    outs.append(logits if last_chunk else logits.clone())  # graph outputs are overwritten by the next replay
+            return outs[-1] if last_only else torch.cat(outs, dim=1)
         input_pos = torch.arange(start, start + T, device=self.device)  # (T,)
         with self._autocast():
             if self._graphs_safe and T <= GRAPH_MAX_T:
@@ -345,6 +355,8 @@ class Engine:
     def warm_up(self, max_t: int = 1) -> None:
         """Capture (and compile) every step shape up to `max_t` tokens, and the greedy chunk, now
         rather than inside a timed request. A speculative verify is 2..K+1 tokens wide."""
+        if self.cuda_graph:  # prompts run as chunks of up to GRAPH_MAX_T tokens
+            max_t = max(max_t, GRAPH_MAX_T)
         self.ensure_capacity(max_t + 1)
         token = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
         for T in range(1, max_t + 1):

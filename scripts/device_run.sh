@@ -35,10 +35,16 @@ case "$step" in
     python3 -m papermill notebooks/3A_precision_profiling.ipynb "$out/3A_out.ipynb" -p device cuda -p dtypes float32,bfloat16,float16 \
       -p max_new_tokens 128 -p prompts_per_category 1 -p categories "" -p amp True -p profile_tokens 32 2>&1 | tail -3
     ;;
+  cudatests)
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -4 | tee "$out/pytest_cuda.txt"
+    ;;
+  repeat)
+    python3 scripts/repeatability.py eager,graph,compile,compile-cudnn 3 2>&1 | grep -v Warning | tee "$out/repeatability.txt"
+    ;;
   validate)
     python3 -m papermill notebooks/3D_cuda_validation.ipynb "$out/3D_out.ipynb" -p device cuda -p max_new_tokens 128 -p categories "" \
-      -p prompts_per_category 0 -p hf_prompts_per_category 1 -p drafters ngram,layerskip,truncated -p ks "${KS:-2,3,4,6}" 2>&1 | tail -3
+      -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters ngram,layerskip,truncated -p ks "${KS:-2,3,4,6}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|cudatests|repeat|validate ..." >&2; exit 2 ;;
 esac
 done

@@ -31,3 +31,49 @@ def test_summary_ratio_is_per_pair() -> None:
     (s,) = summarize(rows)
     assert s["speedup_median"] == 2.0 and s["speedup_min"] == 1.5 and s["speedup_max"] == 4.0
     assert s["hf_tok_per_s"] == 10.0 and s["labkit_tok_per_s"] == 20.0
+
+
+def test_weight_bytes_count_a_tied_head_once() -> None:
+    from labkit.bench.validation import weight_bytes_per_token
+    from labkit.engine import Engine
+    from labkit.models.tiny import tiny_hf_model
+
+    for arch, tied in (("llama", True), ("llama-untied", False)):
+        engine = Engine.from_hf(tiny_hf_model(arch, seed=1), "cpu", "float32")
+        params = {p.data_ptr(): p for p in engine.model.parameters()}
+        total = sum(p.numel() * 4 for p in params.values())
+        embed = engine.model.embed.weight
+        want = total if tied else total - embed.numel() * 4 + embed.shape[1] * 4
+        assert weight_bytes_per_token(engine) == want, arch
+
+
+def test_explain_finds_the_first_difference_and_measures_the_gap() -> None:
+    import torch
+
+    from labkit.bench.validation import explain
+    from labkit.engine import Engine
+    from labkit.models.tiny import tiny_hf_model
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=2), "cpu", "float32")
+    prompt = [3, 4, 5, 6]
+    engine.ensure_capacity(8)
+    logits = engine.prefill(torch.tensor([prompt + [7, 8]]))[0]
+    top2 = logits.topk(2).indices.tolist()
+    ours, theirs = [7, 8, top2[0]], [7, 8, top2[1]]
+    out = explain(engine, engine, prompt, ours, theirs)
+    assert out["first_diff"] == 2 and out["token_ref"] == top2[0] and out["token_other"] == top2[1]
+    assert abs(out["fp32_gap"] - float(logits[top2[0]] - logits[top2[1]])) < 1e-4 and out["fp32_gap"] > 0
+    assert out["kind"] == ("near-tie" if out["gap_in_bf16_steps"] <= 4 else "unexplained")
+    assert explain(engine, engine, prompt, [7, 8], [7, 8, 9])["kind"] == "length"
+
+
+def test_validation_speedups_use_the_prompts_both_systems_ran() -> None:
+    from labkit.bench.validation import summarize as summarize_validation
+
+    rows = [{"system": "hf_generate", "prompt_id": "a", "tok_per_s": 10.0, "identical_to_plain": True},
+            {"system": "labkit_graph", "prompt_id": "a", "tok_per_s": 100.0, "identical_to_plain": True},
+            {"system": "labkit_graph", "prompt_id": "b", "tok_per_s": 300.0, "identical_to_plain": False}]
+    out = {r["system"]: r for r in summarize_validation(rows, "labkit_graph", roofline=1000.0)}
+    assert out["labkit_graph"]["speedup_vs_hf"] == 10.0  # prompt a only
+    assert out["labkit_graph"]["tok_per_s"] == 200.0 and out["labkit_graph"]["roofline_share"] == 0.2
+    assert out["labkit_graph"]["identical_share"] == 0.5

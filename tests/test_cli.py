@@ -112,3 +112,18 @@ def test_kernel_commands(tmp_path) -> None:
     rows = json.loads(next(tmp_path.glob("kernels-cpu-*.json")).read_text())["rows"]
     assert {r["backend"] for r in rows if r["available"]} >= {"torch"}
     assert_clean_error(*run_cli("bench", "kernels", "--repeats", "0"), "at least 1")
+
+
+def test_generate_metrics_and_profiler_trace(tiny_folder, tmp_path) -> None:
+    trace = tmp_path / "trace.json"
+    rc, out, err = run_cli("generate", "--model", str(tiny_folder), "--prompt", "hello there", "--max-tokens", "6", "--device", "cpu",
+                           "--drafter", "ngram", "--metrics-detailed", "--profile", str(trace))
+    assert rc == 0, err
+    assert "phases" in out and "prefill" in out and "top operators" in out
+    assert json.loads(trace.read_text())["traceEvents"]
+    before = trace.read_text()
+    rc, out, err = run_cli("generate", "--model", str(tiny_folder), "--prompt", "hi", "--max-tokens", "2", "--device", "cpu", "--profile", str(trace))
+    assert_clean_error(rc, out, err, "exists")
+    assert trace.read_text() == before  # never overwritten
+    rc, out, err = run_cli("generate", "--model", str(tiny_folder), "--prompt", "hi", "--max-tokens", "2", "--device", "cpu", "--profile", str(tmp_path / "t.txt"))
+    assert_clean_error(rc, out, err, ".json")

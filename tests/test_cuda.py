@@ -114,4 +114,24 @@ def test_cuda_warm_up_captures_every_verify_width() -> None:
     hf = tiny_hf_model("llama", seed=9).cuda()
     engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
     engine.warm_up(5)
-    assert {T for T, _ in engine._graphs} == {1, 2, 3, 4, 5} and engine._greedy_graph is not None and engine.length == 0
+    assert {T for T, _ in engine._graphs} == set(range(1, 17)) and engine._greedy_graph is not None and engine.length == 0
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_long_inputs_run_as_graph_chunks(compile: bool) -> None:
+    """A prompt longer than a captured step runs as chunks of graph replays: same logits as eager."""
+    hf = tiny_hf_model("llama", seed=9).cuda()
+    eager = Engine.from_hf(hf, "cuda", "float32", cuda_graph=False)
+    graphed = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, compile=compile)
+    graphed.warm_up(4)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 41), device="cuda")
+    outs = []
+    for engine in (eager, graphed):
+        engine.ensure_capacity(60)
+        full = engine.forward(ids[:, :37]).clone()
+        last = engine.prefill(ids[:, 37:41]).clone()
+        engine.ensure_capacity(60)
+        outs.append((full, last, engine.prefill(ids).clone()))
+    for a, b in zip(outs[0], outs[1], strict=True):
+        assert a.shape == b.shape and (a - b).abs().max().item() < 1e-3
+    assert len(graphed._graphs) >= 16

@@ -5,7 +5,7 @@ Systems (greedy, batch 1, the same prompts and length):
 - hf_assisted_<drafter>: transformers' own speculative decoding with the same kind of draft:
   prompt lookup for ngram, `assistant_early_exit` for layerskip, the truncated copy of the
   model as `assistant_model` for truncated; fixed K (the labkit drafter's best K);
-- labkit_plain: our engine, eager steps;
+- labkit_plain: our engine, eager steps (like HF, on the first prompts of each category only);
 - labkit_graph: our engine with CUDA graphs (and torch.compile'd steps) — CUDA only;
 - labkit_<drafter>: speculative greedy on the fastest labkit engine, each drafter at its best K,
   chosen in a tuning pass over the first prompt of each category.
@@ -56,7 +56,7 @@ class ValidationConfig:
     fixed_length: bool = True  # EOS blocked until max_new_tokens, so every system emits the same count
     categories: list[str] | None = None  # None: every category
     prompts_per_category: int | None = None  # None: the whole suite
-    hf_prompts_per_category: int | None = 1  # HF systems are slow: the first N of each category (None: all)
+    slow_prompts_per_category: int | None = 1  # HF systems and eager labkit are slow: the first N per category (None: all)
     drafters: list[str] = field(default_factory=lambda: ["ngram", "layerskip", "truncated"])
     ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])  # tried in the tuning pass
     layers: int | None = None  # layerskip / truncated depth (default: a third of the model)
@@ -71,7 +71,7 @@ class ValidationConfig:
             raise LabkitError(f"max_new_tokens must be at least 2, got {self.max_new_tokens}")
         if not self.ks or min(self.ks) < 1:
             raise LabkitError(f"every K must be at least 1, got {self.ks}")
-        for name in ("prompts_per_category", "hf_prompts_per_category"):
+        for name in ("prompts_per_category", "slow_prompts_per_category"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise LabkitError(f"{name} must be at least 1 (or None for all), got {value}")
@@ -180,7 +180,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     except ValueError as err:
         raise LabkitError(str(err)) from None
     prompts = [(p, encode_prompt(loaded.tokenizer, p.content)) for p in suite]
-    hf_ids = {p.id for p in load_suite(cfg.categories, cfg.hf_prompts_per_category)}
+    slow_ids = {p.id for p in load_suite(cfg.categories, cfg.slow_prompts_per_category)}
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens if cfg.fixed_length else 0)
     bandwidth = copy_bandwidth(device)
 
@@ -228,7 +228,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
         reference = generate(fast, ids, gen).tokens  # labkit's fastest plain greedy: what every output is compared with
         shift = i % len(systems)
         for system in systems[shift:] + systems[:shift]:
-            if system.startswith("hf") and prompt.id not in hf_ids:
+            if (system.startswith("hf") or system == "labkit_plain" and fast_name != "labkit_plain") and prompt.id not in slow_ids:
                 continue
             if system == "hf_generate":
                 tokens, seconds = time_hf_generate(hf_model, ids, gen, device)
@@ -261,7 +261,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     card = device_name(device)
     params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
     params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(dtype), best_k=best_k,
-                  layers_resolved=depth, prompts=[p.id for p, _ in prompts], hf_prompts=sorted(hf_ids & {p.id for p, _ in prompts}))
+                  layers_resolved=depth, prompts=[p.id for p, _ in prompts], slow_prompts=sorted(slow_ids & {p.id for p, _ in prompts}))
     payload: dict[str, Any] = {
         "benchmark": "validation", **provenance(device, params), "card": card,
         "copy_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes_per_token": weight_bytes, "roofline_tok_per_s": roofline,

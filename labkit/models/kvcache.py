@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class KVCache:
@@ -80,6 +81,11 @@ class KVCache:
         return allowed
 
 
+# cuDNN's attention (PyTorch's first choice on Hopper for masked inputs) is not run-to-run
+# deterministic: the same request twice could flip a bf16 near-tie. The other kernels are.
+DETERMINISTIC_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def attend(
     q: torch.Tensor,  # (B, nh, T, D)
     k: torch.Tensor,  # (B, nkv, S, D)
@@ -87,6 +93,7 @@ def attend(
     mask: torch.Tensor | None,  # (T, S) bool, or None for "see everything"
     scale: float,
 ) -> torch.Tensor:  # (B, nh, T, D)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    with sdpa_kernel(DETERMINISTIC_SDPA):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
