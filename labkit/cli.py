@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-plots", action="store_true")
     sw.add_argument("--cuda-graph", action="store_true", default=None, help="CUDA graphs for the target's and drafts' fixed-shape steps")
     sw.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape steps")
+    sw.add_argument("--policy", type=_csv, default=["default"],
+                    help="comma list: default, greedy, rejection (lossless), typical, topk (lossy), confidence (drafter-side early stop, lossless)")
+    sw.add_argument("--controller", type=_csv, default=["fixed"], help="comma list: fixed, heuristic, aimd, cost (--k is then K max)")
+    sw.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance")
+    sw.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance")
+    sw.add_argument("--policy-top-k", type=int, default=2, help="top-k agreement")
+    sw.add_argument("--confidence", type=float, default=0.5, help="draft-confidence early stop threshold")
 
     d = sub.add_parser("doctor", help="GPU pre-check: device, memory, toolchain, kernels, and whether a model pair fits")
     _model_args(d)
@@ -207,7 +214,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_tokens, iterations=args.iterations, categories=args.categories,
         prompts_per_category=args.prompts_per_category, device=args.device, dtype=args.dtype, weights=args.weights,
         temperature=args.temperature, output_dir=args.output_dir, plots=not args.no_plots, cuda_graph=args.cuda_graph,
-        compile=args.compile,
+        compile=args.compile, policies=args.policy, controllers=args.controller, posterior_threshold=args.posterior_threshold,
+        posterior_alpha=args.posterior_alpha, policy_top_k=args.policy_top_k, confidence=args.confidence,
     )
     cfg.validate()
     resolve_device(args.device)
@@ -216,14 +224,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise LabkitError(str(err)) from None
     print(f"sweep on {payload['device']['name']}, {cfg.max_new_tokens} new tokens, weights {payload['parameters']['weights_resolved']}")
-    print(f"{'drafter':<16}{'K':>3}{'tok/s':>16}{'speedup':>16}{'acceptance':>12}{'tau':>7}{'latency ms':>12}{'identical':>11}")
+    print(f"{'drafter':<22}{'policy':<18}{'controller':<11}{'K':>3}{'tok/s':>16}{'speedup':>16}{'accept':>8}{'tau':>6}"
+          f"{'agree':>7}{'ppl':>7}{'identical':>10}")
     for r in payload["summary"]:
-        print(f"{r['drafter']:<16}{r['k']:>3}{r['tok_per_s']:>9.1f} ± {r['tok_per_s_std']:<4.1f}{r['speedup']:>9.2f} ± {r['speedup_std']:<4.2f}"
-              f"{r['acceptance_rate']:>11.0%}{r['tau']:>7.2f}{r['mean_latency_ms']:>12.1f}{r['identical_share']:>10.0%}")
-    print("best lossless drafter and K per category:")
+        policy = r["policy"] + ("" if r["lossless"] else "*")
+        print(f"{r['drafter']:<22}{policy:<18}{r['controller']:<11}{r['k']:>3}{r['tok_per_s']:>9.1f} ± {r['tok_per_s_std']:<4.1f}"
+              f"{r['speedup']:>9.2f} ± {r['speedup_std']:<4.2f}{r['acceptance_rate']:>7.0%}{r['tau']:>6.2f}"
+              f"{r['agreement_with_plain']:>7.0%}{r['perplexity']:>7.2f}{r['identical_share']:>9.0%}")
+    print("(* lossy policy: agreement, perplexity and identical measure its drift from plain decoding)")
+    print("best lossless setting per category:")
     for r in payload["per_category"]:
-        best = f"{r['drafter']} K={r['k']}: {r['speedup']:.2f}x" if r["drafter"] else "none faster"
+        best = f"{r['drafter']} {r['policy']} {r['controller']} K={r['k']}: {r['speedup']:.2f}x" if r["drafter"] else "none faster"
         print(f"  {r['category']:<14} plain {r['plain_tok_per_s']:.1f} tok/s, {best}")
+    for name, table in payload.get("adaptive_vs_fixed", {}).items():
+        for r in table["overall"]:
+            print(f"{name} (K max {r['adaptive_k_max']}) vs fixed K={r['fixed_k']} ({r['drafter']}, {r['policy']}): "
+                  f"{r['adaptive_tok_per_s']:.1f} vs {r['fixed_tok_per_s']:.1f} tok/s = {r['ratio']:.3f}x")
+        hits = [r for r in table["per_category"] if r["within_5pct"]]
+        print(f"{name}: within 5% of the best fixed K in {len(hits)} of {len(table['per_category'])} categories")
+    misses = [m for m in payload["speedup_model"] if m["miss"]]
+    print(f"speedup model: {len(payload['speedup_model']) - len(misses)} of {len(payload['speedup_model'])} fixed-K settings within 15%")
+    for m in misses:
+        print(f"  {m['drafter']} K={m['k']}: predicted {m['predicted_speedup']:.2f}x, measured {m['measured_speedup']:.2f}x: {m['why']}")
     for f in payload.get("files", []):
         print(f"wrote {f}")
     return 0

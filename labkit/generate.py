@@ -42,6 +42,9 @@ class GenerationStats:
     policy: str = ""
     accepted_lengths: list[int] = field(default_factory=list)  # per target step: draft tokens that stood
     draft_tokens: list[list[int]] = field(default_factory=list)  # per target step: the proposals themselves
+    k_trace: list[int] = field(default_factory=list)  # per speculative step: the K the controller asked for
+    controller: str = ""
+    lossless: bool = True  # False when a lossy acceptance policy decided
     draft_s: float = 0.0
     verify_s: float = 0.0  # target forwards after the prefill (verify or plain decode)
     phases: dict[str, Any] | None = None  # per-phase host and device seconds (detailed metrics only)
@@ -176,6 +179,8 @@ def generate(
     controller = (spec.controller or FixedK(spec.k)) if spec else None
     if spec is not None:
         spec.drafter.begin(list(prompt_ids), len(prompt_ids) + budget)
+    if controller is not None:
+        controller.begin()
 
     def suppress_eos(logits: torch.Tensor, n_done: int) -> torch.Tensor:  # (T, V): row j is token n_done + j
         rows = min(logits.shape[0], config.min_new_tokens - n_done)
@@ -196,7 +201,8 @@ def generate(
     t_prev = time.perf_counter()
     ttft = t_prev - t_start
     stats = GenerationStats(prompt_tokens=len(prompt_ids), new_tokens=0, stop_reason="", ttft_s=ttft, total_s=0.0,
-                            drafter=spec.drafter.name if spec else "", policy=policy.name if policy else "")
+                            drafter=spec.drafter.name if spec else "", policy=policy.name if policy else "",
+                            controller=controller.name if controller else "", lossless=policy.lossless if policy else True)
     stop_reason = "eos" if tokens[0] in eos else ""
     while not stop_reason:
         remaining = budget - len(tokens)
@@ -205,12 +211,15 @@ def generate(
             break
         k = min(controller.next_k(), remaining - 1) if controller else 0
         draft = Draft([])
+        step_draft_s = 0.0
         if k >= 1 and spec is not None:
+            stats.k_trace.append(k)
             t0 = time.perf_counter()
             with timer.phase("draft"):
                 draft = spec.drafter.propose(context, k, config, generator)
             draft.tokens = draft.tokens[:k]
-            stats.draft_s += time.perf_counter() - t0
+            step_draft_s = time.perf_counter() - t0
+            stats.draft_s += step_draft_s
         t0 = time.perf_counter()
         if draft.tokens:
             start = engine.length
@@ -223,7 +232,7 @@ def generate(
             with timer.phase("kv_update"):
                 engine.rollback(start + 1 + verdict.accepted)  # keep the last token and the accepted drafts
             new = draft.tokens[: verdict.accepted] + [verdict.next_token]
-            controller.update(len(draft.tokens), verdict.accepted)
+            controller.update(len(draft.tokens), verdict.accepted, step_draft_s, time.perf_counter() - t0)
         elif config.temperature == 0:  # plain greedy: a chunk of steps per host synchronisation
             n = min(engine.greedy_chunk, remaining) if spec is None else 1  # a drafter gets its say every step
             last = torch.tensor([[context[-1]]], device=device)  # (1, 1)

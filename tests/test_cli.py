@@ -95,7 +95,7 @@ def test_sweep_writes_results(tiny_folder, tmp_path) -> None:
     rc, out, err = run_cli("sweep", "--model", str(tiny_folder), "--drafter", "ngram,layerskip", "--layers", "1", "--k", "1,3",
                            "--max-tokens", "8", "--categories", "math,rag", "--device", "cpu", "--output-dir", str(tmp_path))
     assert rc == 0, err
-    assert "best lossless drafter and K per category" in out
+    assert "best lossless setting per category" in out and "speedup model:" in out
     data = json.loads(next(tmp_path.glob("sweep-cpu-*.json")).read_text())
     assert {(r["drafter"], r["k"]) for r in data["summary"]} == {("plain", 0), ("ngram", 1), ("ngram", 3), ("layerskip-1", 1), ("layerskip-1", 3)}
     assert all(r["identical_to_plain"] for r in data["rows"])  # greedy speculation is lossless
@@ -127,3 +127,25 @@ def test_generate_metrics_and_profiler_trace(tiny_folder, tmp_path) -> None:
     assert trace.read_text() == before  # never overwritten
     rc, out, err = run_cli("generate", "--model", str(tiny_folder), "--prompt", "hi", "--max-tokens", "2", "--device", "cpu", "--profile", str(tmp_path / "t.txt"))
     assert_clean_error(rc, out, err, ".json")
+
+
+def test_sweep_policies_and_controllers(tiny_folder, tmp_path) -> None:
+    rc, out, err = run_cli("sweep", "--model", str(tiny_folder), "--drafter", "layerskip", "--layers", "1", "--k", "3",
+                           "--policy", "default,topk,confidence", "--controller", "fixed,cost", "--confidence", "0.2",
+                           "--max-tokens", "8", "--categories", "math", "--device", "cpu", "--output-dir", str(tmp_path), "--no-plots")
+    assert rc == 0, err
+    data = json.loads(next(tmp_path.glob("sweep-cpu-*.json")).read_text())
+    setups = {(r["policy"], r["controller"], r["lossless"]) for r in data["summary"] if r["drafter"] != "plain"}
+    assert setups == {(p, c, p != "topk-2") for p in ("greedy", "topk-2", "confidence-0.2") for c in ("fixed", "cost")}
+    assert "cost" in data["adaptive_vs_fixed"] and "topk-2*" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--policy", "nope"], "unknown policy"),
+    (["--controller", "pid"], "unknown controller"),
+    (["--policy", "greedy", "--temperature", "0.8"], "temperature 0"),
+    (["--policy", "typical", "--posterior-alpha", "0"], "posterior_alpha"),
+    (["--policy", "confidence", "--confidence", "1.5"], "confidence threshold"),
+])
+def test_sweep_policy_bad_input(args: list[str], needle: str) -> None:
+    assert_clean_error(*run_cli("sweep", "--max-tokens", "4", "--device", "cpu", *args), needle)

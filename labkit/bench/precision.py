@@ -22,6 +22,7 @@ from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import Speculation, encode_prompt, generate, warm_up
+from labkit.metrics.drift import agreement
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
 from labkit.specdec.drafters import make_drafter
@@ -45,12 +46,6 @@ class PrecisionConfig:
             raise LabkitError("max_new_tokens, prompts_per_category and k must be at least 1")
         if not self.dtypes:
             raise LabkitError("give at least one dtype")
-
-
-def agreement(a: list[int], b: list[int]) -> float:
-    """Share of positions where two outputs hold the same token (over the longer output)."""
-    n = max(len(a), len(b))
-    return sum(x == y for x, y in zip(a, b, strict=False)) / n if n else 1.0
 
 
 @torch.inference_mode()

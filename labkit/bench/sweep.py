@@ -1,5 +1,8 @@
-"""The K-sweep (phase 2A): every drafter at every K against plain greedy of our engine,
-measured in the same run, per prompt and category. Replaces the seed's comprehensive_k_sweep.py.
+"""The K-sweep (phases 2A and 2B): every drafter x policy x K controller x K against plain
+decoding of our engine, measured in the same run, per prompt and category. For adaptive
+controllers K is the largest K they may pick. Lossy policies also get their drift from plain
+decoding: token agreement, identical outputs and the target's perplexity on what they wrote.
+Replaces the seed's comprehensive_k_sweep.py.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from labkit.config import GenerationConfig, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import GenerationResult, Speculation, encode_prompt, generate, warm_up
+from labkit.metrics.drift import agreement, perplexity
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
+from labkit.specdec.controllers import CONTROLLERS, make_controller
 from labkit.specdec.drafters import Drafter, build_drafter
+from labkit.specdec.policies import POLICIES, Policy, make_policy
+from labkit.specdec.speedup import alpha_from_steps, compare
 
 DRAFTERS = ("ngram", "layerskip", "truncated", "model")
 
@@ -29,7 +36,13 @@ class SweepConfig:
     draft_model: str | None = None  # for the "model" drafter
     drafters: list[str] = field(default_factory=lambda: ["ngram"])
     layers: int | None = None  # layer-skip / truncated depth (default: a third of the target)
-    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # fixed K, or the K_max of an adaptive controller
+    policies: list[str] = field(default_factory=lambda: ["default"])  # default, greedy, rejection, typical, topk, confidence
+    controllers: list[str] = field(default_factory=lambda: ["fixed"])  # fixed, heuristic, aimd, cost
+    posterior_threshold: float = 0.09  # typical acceptance (Medusa's defaults)
+    posterior_alpha: float = 0.3
+    policy_top_k: int = 2  # top-k agreement
+    confidence: float = 0.5  # draft-confidence early stop threshold (policy "confidence")
     max_new_tokens: int = 64
     iterations: int = 1
     categories: list[str] | None = None
@@ -54,23 +67,43 @@ class SweepConfig:
         unknown = [d for d in self.drafters if d not in DRAFTERS]
         if unknown or not self.drafters:
             raise LabkitError(f"unknown drafter(s) {unknown}: use {', '.join(DRAFTERS)}")
+        known = ("default", *POLICIES, "confidence")
+        if not self.policies or any(p not in known for p in self.policies):
+            raise LabkitError(f"unknown policy in {self.policies}: use {', '.join(known)}")
+        if not self.controllers or any(c not in CONTROLLERS for c in self.controllers):
+            raise LabkitError(f"unknown controller in {self.controllers}: use {', '.join(CONTROLLERS)}")
+        gen = GenerationConfig(temperature=self.temperature)
+        for p in self.policies:  # bad thresholds and greedy-with-sampling fail here, before any loading
+            if p != "confidence":
+                make_policy(p, gen, posterior_threshold=self.posterior_threshold, posterior_alpha=self.posterior_alpha, top_k=self.policy_top_k)
+        if "confidence" in self.policies and not 0 < self.confidence < 1:
+            raise LabkitError(f"the confidence threshold must be in (0, 1), got {self.confidence}")
         if "model" in self.drafters and not self.draft_model:
             raise LabkitError("the model drafter needs --draft-model")
 
 
-def build_drafters(cfg: SweepConfig, target: Engine, loaded: LoadedModel) -> list[Drafter]:
-    return [build_drafter(kind, target, layers=cfg.layers, draft_model=cfg.draft_model, target_tokenizer=loaded.tokenizer)
-            for kind in cfg.drafters]
+def build_drafters(cfg: SweepConfig, target: Engine, loaded: LoadedModel, stop_below: float = 0.0) -> list[Drafter]:
+    kinds = [k for k in cfg.drafters if not (stop_below > 0 and k == "ngram")]  # n-gram has no confidence to stop on
+    return [build_drafter(kind, target, layers=cfg.layers, draft_model=cfg.draft_model, target_tokenizer=loaded.tokenizer, stop_below=stop_below)
+            for kind in kinds]
 
 
 def run_row(result: GenerationResult, plain: GenerationResult, base: dict[str, Any]) -> dict[str, Any]:
-    s = result.stats
+    s, p = result.stats, plain.stats
+    drafted = s.drafted_lengths
+    spec_steps = [d for d in drafted if d > 0]
     return {
-        **base, "new_tokens": s.new_tokens, "seconds": s.total_s, "tok_per_s": s.tok_per_s, "ttft_ms": s.ttft_s * 1e3,
+        **base, "lossless": s.lossless, "new_tokens": s.new_tokens, "seconds": s.total_s, "tok_per_s": s.tok_per_s,
+        "decode_tok_per_s": s.decode_tok_per_s, "ttft_ms": s.ttft_s * 1e3,
         "mean_latency_ms": s.mean_token_latency_ms, "acceptance_rate": s.acceptance_rate, "tau": s.tau,
+        "alpha": alpha_from_steps(s.accepted_lengths, drafted), "drafted_tokens": sum(drafted),
+        "mean_drafted": sum(spec_steps) / len(spec_steps) if spec_steps else 0.0,
+        "draft_share": len(spec_steps) / len(drafted) if drafted else 0.0,  # target steps that verified a draft
         "target_steps": s.target_steps, "draft_s": s.draft_s, "verify_s": s.verify_s, "other_s": s.other_s,
-        "peak_memory_mb": s.peak_memory_bytes / 2**20, "speedup": s.tok_per_s / plain.stats.tok_per_s,
-        "identical_to_plain": result.tokens == plain.tokens, "accepted_lengths": " ".join(map(str, s.accepted_lengths)),
+        "peak_memory_mb": s.peak_memory_bytes / 2**20, "speedup": s.tok_per_s / p.tok_per_s,
+        "decode_speedup": s.decode_tok_per_s / p.decode_tok_per_s if p.decode_tok_per_s else float("nan"),
+        "identical_to_plain": result.tokens == plain.tokens, "agreement_with_plain": agreement(result.tokens, plain.tokens),
+        "accepted_lengths": " ".join(map(str, s.accepted_lengths)), "k_trace": " ".join(map(str, s.k_trace)),
     }
 
 
@@ -86,25 +119,44 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     warm_up(target, max(cfg.ks))
     for drafter in drafters:  # a repeated prompt, so that the n-gram drafter proposes
         generate(target, prompts[0][1] * 2, GenerationConfig(max_new_tokens=8), Speculation(drafter, max(cfg.ks)))
+    setups: list[tuple[Drafter, str, Policy | None]] = []  # (drafter, policy label, policy); None: the default policy
+    for name in cfg.policies:
+        if name == "confidence":  # drafter-side: the same drafters, stopping below the threshold
+            setups += [(d, f"confidence-{cfg.confidence:g}", None) for d in build_drafters(cfg, target, loaded, cfg.confidence)]
+        else:
+            policy = make_policy(name, gen, posterior_threshold=cfg.posterior_threshold, posterior_alpha=cfg.posterior_alpha, top_k=cfg.policy_top_k)
+            setups += [(d, policy.name, policy) for d in drafters]
+    # One controller per setup and K for the whole sweep: adaptive ones learn this device's costs
+    # across requests, and never hear which category a prompt is from.
+    controllers = {(d.name, label, c, k): make_controller(c, k) for d, label, _ in setups for c in cfg.controllers for k in cfg.ks}
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=cfg.iterations * len(prompts) * (1 + len(drafters) * len(cfg.ks)), desc="sweep", disable=not cfg.progress)
+    bar = tqdm(total=cfg.iterations * len(prompts) * (1 + len(controllers)), desc="sweep", disable=not cfg.progress)
     for it in range(cfg.iterations):
         for prompt, ids in prompts:
             base = {"iteration": it, "prompt_id": prompt.id, "category": prompt.category, "prompt_tokens": len(ids)}
             plain = generate(target, ids, gen)
-            rows.append(run_row(plain, plain, {**base, "drafter": "plain", "k": 0}))
+            plain_ppl = perplexity(target, ids, plain.tokens)
+            rows.append({**run_row(plain, plain, {**base, "drafter": "plain", "k": 0, "policy": "", "controller": ""}), "perplexity": plain_ppl})
             bar.update()
-            for drafter in drafters:
-                for k in cfg.ks:
-                    result = generate(target, ids, gen, Speculation(drafter, k))
-                    rows.append(run_row(result, plain, {**base, "drafter": drafter.name, "k": k}))
-                    bar.update()
+            for drafter, label, setup_policy in setups:
+                for controller_name in cfg.controllers:
+                    for k in cfg.ks:
+                        controller = controllers[(drafter.name, label, controller_name, k)]
+                        result = generate(target, ids, gen, Speculation(drafter, k, setup_policy, controller))
+                        row = run_row(result, plain, {**base, "drafter": drafter.name, "k": k, "policy": label, "controller": controller_name})
+                        # drift only where it can exist: lossy policies, or any sampling
+                        row["perplexity"] = perplexity(target, ids, result.tokens) if not result.stats.lossless or cfg.temperature > 0 else plain_ppl
+                        rows.append(row)
+                        bar.update()
     bar.close()
     summary, per_category = summarize(rows)
     params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
     params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=str(dtype), weights_resolved=target.weights,
                   cuda_graph_resolved=target.cuda_graph)
-    payload: dict[str, Any] = {"benchmark": "sweep", **provenance(device, params), "summary": summary, "per_category": per_category}
+    payload: dict[str, Any] = {"benchmark": "sweep", **provenance(device, params), "summary": summary, "per_category": per_category,
+                               "speedup_model": compare(rows)}
+    if any(c != "fixed" for c in cfg.controllers) and "fixed" in cfg.controllers:
+        payload["adaptive_vs_fixed"] = {c: adaptive_vs_fixed(rows, c) for c in cfg.controllers if c != "fixed"}
     if cfg.output_dir:
         json_path, csv_path = write_results(cfg.output_dir, f"sweep-{device.type}", payload, rows)
         payload["files"] = [str(json_path), str(csv_path)]
@@ -118,32 +170,71 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+SETUP = ("drafter", "policy", "controller", "k")
+
+
 def summarize(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per (drafter, K): mean ± std over iterations and prompts; per category: mean speed-up and
-    the best lossless drafter/K (greedy runs must also be token-identical to plain)."""
+    """Per (drafter, policy, controller, K): mean ± std over iterations and prompts; per category:
+    mean speed-up and the best lossless setting (greedy runs must also be token-identical to plain)."""
     summary = []
-    keys = list(dict.fromkeys((r["drafter"], r["k"]) for r in rows))
-    for drafter, k in keys:
-        sel = [r for r in rows if r["drafter"] == drafter and r["k"] == k]
-        entry: dict[str, Any] = {"drafter": drafter, "k": k, "runs": len(sel), "identical_share": sum(r["identical_to_plain"] for r in sel) / len(sel)}
-        for metric in ("tok_per_s", "speedup", "acceptance_rate", "tau", "mean_latency_ms", "peak_memory_mb", "draft_s", "verify_s", "other_s"):
+    keys = list(dict.fromkeys(tuple(r[c] for c in SETUP) for r in rows))
+    for key in keys:
+        sel = [r for r in rows if tuple(r[c] for c in SETUP) == key]
+        entry: dict[str, Any] = {**dict(zip(SETUP, key, strict=True)), "lossless": sel[0]["lossless"], "runs": len(sel),
+                                 "identical_share": sum(r["identical_to_plain"] for r in sel) / len(sel)}
+        for metric in ("tok_per_s", "speedup", "decode_speedup", "acceptance_rate", "alpha", "tau", "mean_drafted", "agreement_with_plain",
+                       "perplexity", "mean_latency_ms", "peak_memory_mb", "draft_s", "verify_s", "other_s"):
             entry[metric], entry[metric + "_std"] = _mean_std([r[metric] for r in sel])
         summary.append(entry)
     per_category = []
     for cat in dict.fromkeys(r["category"] for r in rows):
         best: dict[str, Any] | None = None
-        for drafter, k in keys:
-            if drafter == "plain":
+        for key in keys:
+            if key[0] == "plain":
                 continue
-            sel = [r for r in rows if r["drafter"] == drafter and r["k"] == k and r["category"] == cat]
+            sel = [r for r in rows if tuple(r[c] for c in SETUP) == key and r["category"] == cat]
             speedup = statistics.fmean(r["speedup"] for r in sel)
-            lossless = all(r["identical_to_plain"] for r in sel)
+            lossless = all(r["lossless"] and r["identical_to_plain"] for r in sel)
             if lossless and (best is None or speedup > best["speedup"]):
-                best = {"category": cat, "drafter": drafter, "k": k, "speedup": speedup,
+                best = {"category": cat, **dict(zip(SETUP, key, strict=True)), "speedup": speedup,
                         "acceptance_rate": statistics.fmean(r["acceptance_rate"] for r in sel)}
         plain = [r["tok_per_s"] for r in rows if r["drafter"] == "plain" and r["category"] == cat]
         per_category.append({"category": cat, "plain_tok_per_s": statistics.fmean(plain), **(best or {"drafter": None, "k": None, "speedup": None})})
     return summary, per_category
+
+
+def adaptive_vs_fixed(rows: list[dict[str, Any]], controller: str = "cost") -> dict[str, Any]:
+    """An adaptive controller at its largest K max against every fixed K, per drafter and policy:
+    per category, its tok/s over the best fixed K's there (it is never told the category), and
+    overall, against each fixed K over all prompts. Lossless settings only."""
+    out: dict[str, Any] = {"controller": controller, "per_category": [], "overall": []}
+    runs = [r for r in rows if r["drafter"] != "plain" and r["lossless"]]
+    for drafter, policy in dict.fromkeys((r["drafter"], r["policy"]) for r in runs):
+        sel = [r for r in runs if r["drafter"] == drafter and r["policy"] == policy]
+        adaptive = [r for r in sel if r["controller"] == controller]
+        fixed = [r for r in sel if r["controller"] == "fixed"]
+        if not adaptive or not fixed:
+            continue
+        k_max = max(r["k"] for r in adaptive)
+        adaptive = [r for r in adaptive if r["k"] == k_max]
+        ks = sorted({r["k"] for r in fixed})
+
+        def mean_tok_s(rs: list[dict[str, Any]]) -> float:
+            return statistics.fmean(r["tok_per_s"] for r in rs)
+
+        for cat in dict.fromkeys(r["category"] for r in sel):
+            by_k = {k: mean_tok_s([r for r in fixed if r["k"] == k and r["category"] == cat]) for k in ks}
+            best_k = max(by_k, key=lambda k: by_k[k])
+            ours = mean_tok_s([r for r in adaptive if r["category"] == cat])
+            out["per_category"].append({"drafter": drafter, "policy": policy, "category": cat, "best_fixed_k": best_k,
+                                        "best_fixed_tok_per_s": by_k[best_k], "adaptive_tok_per_s": ours,
+                                        "ratio": ours / by_k[best_k], "within_5pct": ours >= 0.95 * by_k[best_k]})
+        ours = mean_tok_s(adaptive)
+        for k in ks:
+            theirs = mean_tok_s([r for r in fixed if r["k"] == k])
+            out["overall"].append({"drafter": drafter, "policy": policy, "fixed_k": k, "fixed_tok_per_s": theirs,
+                                   "adaptive_k_max": k_max, "adaptive_tok_per_s": ours, "ratio": ours / theirs, "beats": ours > theirs})
+    return out
 
 
 def plot_sweep(rows: list[dict[str, Any]], stem: Path) -> list[str]:
@@ -157,19 +248,34 @@ def plot_sweep(rows: list[dict[str, Any]], stem: Path) -> list[str]:
     df = pd.DataFrame([r for r in rows if r["drafter"] != "plain"])
     if df.empty:
         return []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    sns.lineplot(data=df, x="k", y="tok_per_s", hue="drafter", marker="o", ax=axes[0])
+    df["setup"] = df.drafter + " " + df.policy + " " + df.controller + df.lossless.map({True: "", False: " (lossy)"})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    sns.lineplot(data=df, x="k", y="tok_per_s", hue="setup", marker="o", ax=axes[0])
     plain = statistics.fmean(r["tok_per_s"] for r in rows if r["drafter"] == "plain")
-    axes[0].axhline(plain, color="grey", ls="--", label="plain greedy")
-    axes[0].set(title="throughput", ylabel="tokens / s")
-    sns.lineplot(data=df, x="k", y="acceptance_rate", hue="drafter", marker="o", ax=axes[1])
+    axes[0].axhline(plain, color="grey", ls="--", label="plain")
+    axes[0].set(title="throughput", xlabel="K (K max for adaptive controllers)", ylabel="tokens / s")
+    sns.lineplot(data=df, x="k", y="acceptance_rate", hue="setup", marker="o", ax=axes[1], legend=False)
     axes[1].set(title="acceptance rate")
-    sns.barplot(data=df, x="category", y="speedup", hue="drafter", ax=axes[2], errorbar=None)
+    sns.barplot(data=df, x="category", y="speedup", hue="setup", ax=axes[2], errorbar=None, legend=False)
     axes[2].axhline(1.0, color="grey", ls="--")
     axes[2].tick_params(axis="x", rotation=45)
-    axes[2].set(title="speed-up over plain greedy (mean over K)")
+    axes[2].set(title="speed-up over plain (mean over K)")
     fig.tight_layout()
-    path = f"{stem}.png"
-    fig.savefig(path, dpi=110)
+    paths = [f"{stem}.png"]
+    fig.savefig(paths[0], dpi=110)
     plt.close(fig)
-    return [path]
+    model = pd.DataFrame(compare(rows))
+    if not model.empty:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        sns.scatterplot(data=model, x="measured_speedup", y="predicted_speedup", hue="drafter", style="miss", ax=ax)
+        top = max(model.measured_speedup.max(), model.predicted_speedup.max()) * 1.1
+        ax.plot([0, top], [0, top], color="grey", ls="--")
+        ax.fill_between([0, top], [0, top * 0.85], [0, top * 1.15], color="grey", alpha=0.15, label="within 15%")
+        for r in model.itertuples():
+            ax.annotate(f"K={r.k}", (r.measured_speedup, r.predicted_speedup), fontsize=7)
+        ax.set(title="speedup model vs measured (decode)", xlabel="measured", ylabel="predicted")
+        fig.tight_layout()
+        paths.append(f"{stem}-model.png")
+        fig.savefig(paths[1], dpi=110)
+        plt.close(fig)
+    return paths

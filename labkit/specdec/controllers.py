@@ -1,27 +1,174 @@
-"""K controllers: how many tokens to draft next. Each keeps K in [1, k_max]."""
+"""K controllers: how many tokens to draft next. Each keeps K in [1, k_max].
+
+The loop calls `begin()` at the start of a request, `next_k()` before each draft, and
+`update(drafted, accepted, draft_s, verify_s)` after each verify (seconds as the host saw them;
+the verify includes the policy's device sync, so it is the step's real cost).
+"""
 
 from __future__ import annotations
 
 from typing import Protocol
+
+from labkit.errors import LabkitError
+from labkit.specdec.speedup import expected_tokens
 
 
 class Controller(Protocol):
     name: str
     k_max: int
 
+    def begin(self) -> None: ...
+
     def next_k(self) -> int: ...
 
-    def update(self, drafted: int, accepted: int) -> None: ...
+    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None: ...
+
+
+def _check(k: int, k_max: int) -> None:
+    if not 1 <= k <= k_max:
+        raise LabkitError(f"K must be in [1, {k_max}], got {k}")
 
 
 class FixedK:
     name = "fixed"
 
     def __init__(self, k: int) -> None:
+        _check(k, k)
         self.k_max = k
+
+    def begin(self) -> None:
+        pass
 
     def next_k(self) -> int:
         return self.k_max
 
-    def update(self, drafted: int, accepted: int) -> None:
+    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         pass
+
+
+class HeuristicK:
+    """transformers' assisted-generation schedule: +2 after a draft accepted in full, -1 otherwise."""
+
+    name = "heuristic"
+
+    def __init__(self, k_max: int, k_start: int = 4) -> None:
+        self.k_max, self.k_start = k_max, min(k_start, k_max)
+        _check(self.k_start, k_max)
+        self.k = self.k_start
+
+    def begin(self) -> None:
+        self.k = self.k_start
+
+    def next_k(self) -> int:
+        return self.k
+
+    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        self.k = min(self.k_max, self.k + 2) if accepted == drafted else max(1, self.k - 1)
+
+
+class AIMD:
+    """Additive increase (+1 after a full accept), multiplicative decrease (K * beta after a rejection)."""
+
+    name = "aimd"
+
+    def __init__(self, k_max: int, k_start: int = 2, beta: float = 0.5) -> None:
+        if not 0 < beta < 1:
+            raise LabkitError(f"AIMD needs 0 < beta < 1, got {beta}")
+        self.k_max, self.k_start, self.beta = k_max, min(k_start, k_max), beta
+        _check(self.k_start, k_max)
+        self.k = float(self.k_start)
+
+    def begin(self) -> None:
+        self.k = float(self.k_start)
+
+    def next_k(self) -> int:
+        return max(1, min(self.k_max, int(self.k)))
+
+    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        self.k = min(float(self.k_max), self.k + 1) if accepted == drafted else max(1.0, self.k * self.beta)
+
+
+class CostAware:
+    """Picks the K that maximises expected tokens per second (Leviathan et al.):
+
+        tokens(alpha, K) = (1 - alpha^(K+1)) / (1 - alpha)
+        time(K)          = K * draft_per_token + verify(K)
+        K*               = argmax_K tokens / time
+
+    alpha, the chance that one draft token stands, is an EMA over the request's draft tokens
+    (each step observes `accepted` successes and one failure unless all stood). The costs are
+    measured on this device: an EMA of draft seconds per drafted token, and verify seconds per
+    verify width K, fitted as a line verify(K) = v0 + v1 * K once two widths were seen. Costs
+    carry over between requests (they belong to the device); alpha restarts at its prior."""
+
+    name = "cost"
+
+    def __init__(self, k_max: int, ema: float = 0.3, alpha_prior: float = 0.5, k_start: int = 2) -> None:
+        if not 0 < ema <= 1 or not 0 <= alpha_prior < 1:
+            raise LabkitError(f"cost-aware needs 0 < ema <= 1 and 0 <= alpha_prior < 1, got {ema}, {alpha_prior}")
+        self.k_max, self.ema, self.alpha_prior = k_max, ema, alpha_prior
+        self.k_start = min(k_start, k_max)
+        _check(self.k_start, k_max)
+        self.hits, self.trials = alpha_prior, 1.0  # EMA'd counts: alpha = hits / trials
+        self.draft_per_token: float | None = None
+        self.verify_by_k: dict[int, float] = {}  # EMA of verify seconds per width K
+
+    def begin(self) -> None:
+        self.hits, self.trials = self.alpha_prior, 1.0
+
+    @property
+    def alpha(self) -> float:
+        return min(self.hits / self.trials, 0.999)
+
+    def verify_cost(self, k: int) -> float:
+        seen = sorted(self.verify_by_k.items())
+        if not seen:
+            return 1.0
+        if len(seen) == 1:
+            return seen[0][1]
+        n = len(seen)
+        mk = sum(x for x, _ in seen) / n
+        mv = sum(v for _, v in seen) / n
+        var = sum((x - mk) ** 2 for x, _ in seen)
+        slope = sum((x - mk) * (v - mv) for x, v in seen) / var if var else 0.0
+        return max(mv + max(slope, 0.0) * (k - mk), 1e-9)
+
+    def rate(self, k: int) -> float:
+        """Expected tokens per second at width k under the current estimates."""
+        cost = k * (self.draft_per_token or 0.0) + self.verify_cost(k)
+        return expected_tokens(self.alpha, k) / cost
+
+    def next_k(self) -> int:
+        if not self.verify_by_k:
+            return self.k_start
+        return max(range(1, self.k_max + 1), key=self.rate)
+
+    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        if drafted < 1:
+            return
+        a = self.ema
+        failures = 0 if accepted == drafted else 1
+        self.hits = (1 - a) * self.hits + a * accepted
+        self.trials = (1 - a) * self.trials + a * (accepted + failures)
+        per_token = draft_s / drafted
+        self.draft_per_token = per_token if self.draft_per_token is None else (1 - a) * self.draft_per_token + a * per_token
+        old = self.verify_by_k.get(drafted)
+        self.verify_by_k[drafted] = verify_s if old is None else (1 - a) * old + a * verify_s
+
+
+CONTROLLERS = ("fixed", "heuristic", "aimd", "cost")
+
+
+def make_controller(name: str, k_max: int) -> Controller:
+    """fixed (K = k_max) | heuristic | aimd | cost; every one stays in [1, k_max]."""
+    if k_max < 1:
+        raise LabkitError(f"K must be at least 1, got {k_max}")
+    if name == "fixed":
+        return FixedK(k_max)
+    if name == "heuristic":
+        return HeuristicK(k_max)
+    if name == "aimd":
+        return AIMD(k_max)
+    if name == "cost":
+        return CostAware(k_max)
+    raise LabkitError(f"unknown controller {name!r}: use {', '.join(CONTROLLERS)}")

@@ -38,18 +38,24 @@ class Drafter(Protocol):
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft: ...
 
 
-def _pick(logits: torch.Tensor, vocab: int, config: GenerationConfig, generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
-    """Draft token from draft logits (1, V_draft), and its distribution over the target vocab."""
+def _pick(
+    logits: torch.Tensor, vocab: int, config: GenerationConfig, generator: torch.Generator | None, want_confidence: bool = False
+) -> tuple[int, torch.Tensor | None, float]:
+    """Draft token from draft logits (1, V_draft), its distribution over the target vocab, and
+    (when asked: it costs a sync) the draft's own probability of that token (softmax at T=1 for greedy)."""
     logits = logits[0]
     if logits.shape[-1] > vocab:  # padded draft vocabulary: ids the target cannot have never drafted
         logits = logits[:vocab]
     if config.temperature == 0:
-        return int(logits.argmax().item()), None
+        token = int(logits.argmax().item())
+        confidence = float(logits.float().softmax(-1)[token]) if want_confidence else 1.0
+        return token, None, confidence
     q = warp_logits(logits, config.temperature, config.top_k, config.top_p).softmax(-1)  # (V_draft,)
     token = int(torch.multinomial(q, 1, generator=generator).item())
+    confidence = float(q[token]) if want_confidence else 1.0
     if q.shape[-1] < vocab:
         q = torch.nn.functional.pad(q, (0, vocab - q.shape[-1]))
-    return token, q
+    return token, q, confidence
 
 
 def _stack(probs: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -59,8 +65,10 @@ def _stack(probs: list[torch.Tensor | None]) -> torch.Tensor | None:
 class ModelDrafter:
     """A separate, smaller model with its own cache (e.g. distilgpt2 for gpt2, or a truncated target)."""
 
-    def __init__(self, engine: Engine, target_vocab: int, name: str = "model") -> None:
-        self.engine, self.vocab, self.name = engine, target_vocab, name
+    def __init__(self, engine: Engine, target_vocab: int, name: str = "model", stop_below: float = 0.0) -> None:
+        self.engine, self.vocab = engine, target_vocab
+        self.stop_below = stop_below  # draft-confidence early stop (lossless: it only proposes less)
+        self.name = name + (f"+conf{stop_below:g}" if stop_below > 0 else "")
         self.draft_vocab = int(engine.args.vocab_size)
         self.cached: list[int] = []  # tokens whose keys and values the draft cache holds
 
@@ -83,12 +91,14 @@ class ModelDrafter:
         probs: list[torch.Tensor | None] = []
         for i in range(k):
             logits = self.engine.forward(feed, last_only=True)[:, -1]  # (1, V_draft)
-            token, q = _pick(logits, self.vocab, config, generator)
+            token, q, confidence = _pick(logits, self.vocab, config, generator, self.stop_below > 0)
+            self.cached = context + tokens  # what the draft cache holds now
+            if confidence < self.stop_below:
+                break
             tokens.append(token)
             probs.append(q)
             if i + 1 < k:
                 feed = torch.tensor([[token]], device=device)
-        self.cached = context + tokens[:-1]
         return Draft(tokens, _stack(probs))
 
 
@@ -96,11 +106,12 @@ class LayerSkipDrafter:
     """The target's own first L layers, then its final norm and head: no extra weights, and the
     target's cache serves those layers (their keys and values are the same computation)."""
 
-    def __init__(self, target: Engine, n_layers: int) -> None:
+    def __init__(self, target: Engine, n_layers: int, stop_below: float = 0.0) -> None:
         if not 1 <= n_layers < target.args.n_layers:
             raise LabkitError(f"layer-skip needs 1 <= layers < {target.args.n_layers}, got {n_layers}")
         self.engine, self.n_layers = target, n_layers
-        self.name = f"layerskip-{n_layers}"
+        self.stop_below = stop_below  # draft-confidence early stop (lossless: it only proposes less)
+        self.name = f"layerskip-{n_layers}" + (f"+conf{stop_below:g}" if stop_below > 0 else "")
         self.vocab = target.args.vocab_size
 
     def begin(self, prompt_ids: list[int], capacity: int) -> None:
@@ -114,7 +125,9 @@ class LayerSkipDrafter:
         probs: list[torch.Tensor | None] = []
         for _ in range(k):
             logits = self.engine.forward(torch.tensor([[token]], device=device), n_layers=self.n_layers)[:, -1]
-            token, q = _pick(logits, self.vocab, config, generator)
+            token, q, confidence = _pick(logits, self.vocab, config, generator, self.stop_below > 0)
+            if confidence < self.stop_below:
+                break
             tokens.append(token)
             probs.append(q)
         self.engine.rollback(start)  # draft positions are rewritten by the verify pass
@@ -188,6 +201,7 @@ def build_drafter(
     layers: int | None = None,
     draft_model: str | None = None,
     target_tokenizer: Any = None,
+    stop_below: float = 0.0,
 ) -> Drafter:
     """make_drafter, loading the draft model first for kind "model" (same device, dtype, graphs)."""
     draft_engine = None
@@ -199,7 +213,7 @@ def build_drafter(
         draft = load_model(draft_model)
         draft_engine = Engine.from_loaded(draft, target.device, target.dtype, weights="dense", cuda_graph=target.cuda_graph)
         check_draft_pair(target, draft_engine, target_tokenizer, draft.tokenizer)
-    return make_drafter(kind, target, layers=layers, draft_engine=draft_engine)
+    return make_drafter(kind, target, layers=layers, draft_engine=draft_engine, stop_below=stop_below)
 
 
 def make_drafter(
@@ -210,18 +224,24 @@ def make_drafter(
     draft_engine: Engine | None = None,
     ngram_max: int = 3,
     ngram_min: int = 2,
+    stop_below: float = 0.0,
 ) -> Drafter:
-    """ngram | layerskip | truncated | model. Default depth for layerskip/truncated: a third of the target."""
+    """ngram | layerskip | truncated | model. Default depth for layerskip/truncated: a third of the target.
+    stop_below > 0: draft-confidence early stop (the drafter stops at its first token below it)."""
     depth = layers or max(1, target.args.n_layers // 3)
+    if not 0.0 <= stop_below < 1.0:
+        raise LabkitError(f"the confidence threshold must be in [0, 1), got {stop_below}")
     if kind == "ngram":
+        if stop_below > 0:
+            raise LabkitError("the n-gram drafter has no probabilities: a confidence stop needs layerskip, truncated or model")
         return NgramDrafter(max_n=ngram_max, min_n=ngram_min)
     if kind == "layerskip":
-        return LayerSkipDrafter(target, depth)
+        return LayerSkipDrafter(target, depth, stop_below)
     if kind == "truncated":
-        return ModelDrafter(truncated_engine(target, depth), target.args.vocab_size, name=f"truncated-{depth}")
+        return ModelDrafter(truncated_engine(target, depth), target.args.vocab_size, name=f"truncated-{depth}", stop_below=stop_below)
     if kind == "model":
         if draft_engine is None:
             raise LabkitError("--drafter model needs --draft-model")
         check_draft_pair(target, draft_engine)
-        return ModelDrafter(draft_engine, target.args.vocab_size, name="model")
+        return ModelDrafter(draft_engine, target.args.vocab_size, name="model", stop_below=stop_below)
     raise LabkitError(f"unknown drafter {kind!r}: use ngram, layerskip, truncated or model")

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from labkit.config import GenerationConfig
+from labkit.errors import LabkitError
 from labkit.kernels import registry
 from labkit.sampling import target_probs
 
@@ -94,6 +95,97 @@ class RejectionSampling:
         accepted, token = kernel(draft_tokens[None], q[None].contiguous(), p[None].contiguous(), u[None, :K].contiguous(), u[K:])
         n, tok = torch.cat([accepted, token]).tolist()
         return Verdict(n, tok)
+
+
+def _next_token(p_row: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> int:  # (V,)
+    if config.temperature == 0:
+        return int(p_row.argmax())
+    return int(torch.multinomial(p_row, 1, generator=generator).item())
+
+
+def _policy_probs(target_logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:  # (K+1, V) → (K+1, V)
+    """The target's distribution a lossy rule judges drafts by: the request's warped distribution
+    when sampling; softmax at temperature 1 for greedy (a one-hot would leave nothing to judge)."""
+    if config.temperature == 0:
+        return target_logits.float().softmax(-1)
+    return target_probs(target_logits, config)
+
+
+class TypicalAcceptance:
+    """Medusa's typical acceptance (lossy): keep draft token x_i while
+    p_i(x_i) > min(posterior_threshold, posterior_alpha * exp(-H(p_i))), H the entropy of the
+    target's distribution there; then the target's own token (argmax, or a sample when sampling)."""
+
+    lossless = False
+
+    def __init__(self, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3) -> None:
+        if not (0 < posterior_threshold <= 1 and 0 < posterior_alpha <= 1):
+            raise LabkitError("typical acceptance needs 0 < posterior_threshold <= 1 and 0 < posterior_alpha <= 1")
+        self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
+        self.name = f"typical-{posterior_threshold:g}-{posterior_alpha:g}"
+
+    def accept(
+        self,
+        draft_tokens: torch.Tensor,
+        draft_probs: torch.Tensor | None,
+        target_logits: torch.Tensor,
+        config: GenerationConfig,
+        generator: torch.Generator | None,
+    ) -> Verdict:
+        K = draft_tokens.shape[0]
+        p = _policy_probs(target_logits, config)  # (K+1, V)
+        entropy = -(p * p.clamp_min(1e-20).log()).sum(-1)  # (K+1,)
+        bar = torch.minimum(torch.full_like(entropy, self.posterior_threshold), self.posterior_alpha * (-entropy).exp())  # (K+1,)
+        ok = p[:K].gather(1, draft_tokens[:, None]).squeeze(1) > bar[:K]  # (K,)
+        n = int(ok.long().cumprod(0).sum()) if K else 0
+        return Verdict(n, _next_token(p[n], config, generator))
+
+
+class TopKAgreement:
+    """Keep draft tokens while each is among the target's top k there (lossy); then the target's own token."""
+
+    lossless = False
+
+    def __init__(self, k: int = 2) -> None:
+        if k < 1:
+            raise LabkitError(f"top-k agreement needs k >= 1, got {k}")
+        self.k = k
+        self.name = f"topk-{k}"
+
+    def accept(
+        self,
+        draft_tokens: torch.Tensor,
+        draft_probs: torch.Tensor | None,
+        target_logits: torch.Tensor,
+        config: GenerationConfig,
+        generator: torch.Generator | None,
+    ) -> Verdict:
+        K = draft_tokens.shape[0]
+        top = target_logits[:K].topk(min(self.k, target_logits.shape[-1]), dim=-1).indices  # (K, k)
+        ok = (top == draft_tokens[:, None]).any(-1)  # (K,)
+        n = int(ok.long().cumprod(0).sum()) if K else 0
+        return Verdict(n, _next_token(_policy_probs(target_logits[n : n + 1], config)[0], config, generator))
+
+
+POLICIES = ("greedy", "rejection", "typical", "topk")
+
+
+def make_policy(name: str, config: GenerationConfig, *, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
+                top_k: int = 2) -> Policy:
+    """greedy | rejection | typical | topk | default (greedy for greedy decoding, else rejection)."""
+    if name == "default":
+        return default_policy(config)
+    if name == "greedy":
+        if config.temperature != 0:
+            raise LabkitError("the greedy-match policy is for greedy decoding (temperature 0); use rejection when sampling")
+        return GreedyMatch()
+    if name == "rejection":
+        return RejectionSampling()
+    if name == "typical":
+        return TypicalAcceptance(posterior_threshold, posterior_alpha)
+    if name == "topk":
+        return TopKAgreement(top_k)
+    raise LabkitError(f"unknown policy {name!r}: use {', '.join(POLICIES)}")
 
 
 def warm_up_kernels(device: torch.device) -> None:

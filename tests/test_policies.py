@@ -1,0 +1,174 @@
+"""Phase 2B: acceptance policies, K controllers and the speedup model."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from labkit.config import GenerationConfig
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.generate import Speculation, generate
+from labkit.metrics.drift import agreement, perplexity
+from labkit.models.tiny import tiny_hf_model
+from labkit.specdec import make_drafter
+from labkit.specdec.controllers import AIMD, CONTROLLERS, CostAware, HeuristicK, make_controller
+from labkit.specdec.policies import TopKAgreement, TypicalAcceptance, Verdict, make_policy
+from labkit.specdec.speedup import alpha_from_steps, expected_tokens, predicted_speedup
+
+PROMPT = [5, 6, 7, 8, 9, 5, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def target() -> Engine:
+    return Engine.from_hf(tiny_hf_model("llama", seed=5), "cpu", "float32")
+
+
+# --- the speedup model -----------------------------------------------------------------------
+
+def test_speedup_model_reproduces_the_textbook_values() -> None:
+    assert expected_tokens(0.8, 4) == pytest.approx((1 - 0.8**5) / 0.2) == pytest.approx(3.3616)
+    assert predicted_speedup(0.8, 0.0, 4) == pytest.approx(3.3616)
+    assert expected_tokens(1.0, 4) == 5 and expected_tokens(0.0, 4) == 1
+    assert predicted_speedup(0.8, 0.05, 4) == pytest.approx(3.3616 / 1.2)  # Leviathan: E / (K c + 1)
+    assert predicted_speedup(0.6, 0.0, 3, v=1.5) == pytest.approx((1 - 0.6**4) / 0.4 / 1.5)
+    with pytest.raises(ValueError):
+        expected_tokens(1.2, 3)
+
+
+def test_alpha_is_the_per_token_maximum_likelihood() -> None:
+    # steps: 2 of 4 stood (then a failure), 4 of 4 stood, 0 of 3 (a failure): 6 hits in 8 trials
+    assert alpha_from_steps([2, 4, 0], [4, 4, 3]) == pytest.approx(6 / 8)
+    assert alpha_from_steps([0], [0]) == 0.0  # a plain step observes nothing
+
+
+# --- controllers -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CONTROLLERS)
+@pytest.mark.parametrize("k_max", [1, 2, 5, 8])
+def test_controllers_stay_within_one_and_k_max(name: str, k_max: int) -> None:
+    rng = random.Random(k_max)
+    controller = make_controller(name, k_max)
+    for _request in range(3):
+        controller.begin()
+        for _ in range(200):
+            k = controller.next_k()
+            assert 1 <= k <= k_max and isinstance(k, int)
+            drafted = rng.randint(0, k)  # a drafter may propose fewer (n-gram without a match)
+            accepted = rng.choice([drafted, rng.randint(0, drafted)])
+            controller.update(drafted, accepted, rng.choice([0.0, rng.random() * 1e-2]), rng.random() * 1e-2)
+
+
+def test_heuristic_and_aimd_schedules() -> None:
+    h = HeuristicK(8, k_start=4)
+    h.update(4, 4, 0, 0)
+    assert h.next_k() == 6
+    h.update(6, 2, 0, 0)
+    assert h.next_k() == 5
+    a = AIMD(8, k_start=4)
+    a.update(4, 4, 0, 0)
+    assert a.next_k() == 5
+    a.update(5, 1, 0, 0)
+    assert a.next_k() == 2  # 5 * 0.5
+
+
+def test_cost_aware_follows_acceptance_and_costs() -> None:
+    good = CostAware(8)
+    for _ in range(30):  # every draft stands, drafts are free, a verify costs the same at any width
+        good.update(good.next_k(), good.next_k(), 0.0, 0.01)
+    assert good.next_k() == 8
+    bad = CostAware(8)
+    for _ in range(30):  # nothing stands, and a wider verify costs a little more
+        k = bad.next_k()
+        bad.update(k, 0, 0.0, 0.01 + 0.002 * k)
+    assert bad.next_k() == 1
+    pricey = CostAware(8)
+    for _ in range(30):  # alpha 0.5 but each draft token costs as much as a verify
+        k = pricey.next_k()
+        pricey.update(k, k // 2, 0.01 * k, 0.01)
+    assert pricey.next_k() <= 2
+    assert pricey.rate(1) > pricey.rate(8)
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+@pytest.mark.parametrize("kind", ["ngram", "layerskip"])
+def test_lossless_policies_stay_identical_with_every_controller(target: Engine, controller: str, kind: str) -> None:
+    cfg = GenerationConfig(max_new_tokens=30, stop_at_eos=False)
+    want = generate(target, PROMPT, cfg).tokens
+    drafter = make_drafter(kind, target, layers=2)
+    result = generate(target, PROMPT, cfg, Speculation(drafter, 6, None, make_controller(controller, 6)))
+    assert result.tokens == want and result.stats.lossless
+    assert all(1 <= k <= 6 for k in result.stats.k_trace) and result.stats.controller == controller
+
+
+@pytest.mark.parametrize("kind", ["layerskip", "truncated"])
+def test_draft_confidence_stop_is_lossless_and_drafts_less(target: Engine, kind: str) -> None:
+    cfg = GenerationConfig(max_new_tokens=30, stop_at_eos=False)
+    want = generate(target, PROMPT, cfg).tokens
+    full = generate(target, PROMPT, cfg, Speculation(make_drafter(kind, target, layers=2), 4))
+    stopped = generate(target, PROMPT, cfg, Speculation(make_drafter(kind, target, layers=2, stop_below=0.99), 4))
+    assert stopped.tokens == want and full.tokens == want
+    assert sum(stopped.stats.drafted_lengths) < sum(full.stats.drafted_lengths)
+    with pytest.raises(LabkitError, match="no probabilities"):
+        make_drafter("ngram", target, stop_below=0.5)
+
+
+# --- lossy policies ----------------------------------------------------------------------------
+
+def forced_logits(rows: list[list[float]]) -> torch.Tensor:  # (K+1, V) logits whose softmax is each row
+    return torch.tensor(rows).log()
+
+
+def test_typical_acceptance_accepts_plausible_tokens() -> None:
+    logits = forced_logits([[0.5, 0.4, 0.05, 0.05], [0.25, 0.25, 0.25, 0.25], [0.97, 0.01, 0.01, 0.01]])
+    policy = TypicalAcceptance(posterior_threshold=0.3, posterior_alpha=0.3)
+    assert not policy.lossless
+    # row 0: 0.4 > min(0.3, 0.3 e^-H) → accepted though not the argmax; row 1 is flat: 0.25 > 0.3 * e^-ln4 = 0.075
+    assert policy.accept(torch.tensor([1, 3]), None, logits, GenerationConfig(), None) == Verdict(2, 0)
+    # a token with 0.05 fails the bar in row 0; the next token is the target's argmax there
+    assert policy.accept(torch.tensor([2, 3]), None, logits, GenerationConfig(), None) == Verdict(0, 0)
+
+
+def test_top_k_agreement() -> None:
+    logits = forced_logits([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])
+    assert TopKAgreement(2).accept(torch.tensor([1, 2]), None, logits, GenerationConfig(), None) == Verdict(2, 0)
+    assert TopKAgreement(2).accept(torch.tensor([1, 1]), None, logits, GenerationConfig(), None) == Verdict(1, 3)
+    assert TopKAgreement(1).accept(torch.tensor([1, 2]), None, logits, GenerationConfig(), None) == Verdict(0, 0)
+
+
+def test_lossy_policies_are_marked_and_may_drift(target: Engine) -> None:
+    cfg = GenerationConfig(max_new_tokens=30, stop_at_eos=False)
+    want = generate(target, PROMPT, cfg).tokens
+    loose = generate(target, PROMPT, cfg, Speculation(make_drafter("layerskip", target, layers=1), 4, TopKAgreement(50)))
+    assert not loose.stats.lossless and loose.stats.policy == "topk-50"
+    assert loose.tokens != want  # top-50 of a 96-token vocabulary lets wrong drafts through
+    assert 0 <= agreement(loose.tokens, want) < 1
+
+
+def test_make_policy_rejects_bad_input() -> None:
+    with pytest.raises(LabkitError, match="temperature 0"):
+        make_policy("greedy", GenerationConfig(temperature=0.7))
+    with pytest.raises(LabkitError, match="unknown policy"):
+        make_policy("nope", GenerationConfig())
+    with pytest.raises(LabkitError):
+        make_policy("typical", GenerationConfig(), posterior_threshold=0.0)
+    with pytest.raises(LabkitError, match="unknown controller"):
+        make_controller("nope", 4)
+
+
+def test_perplexity_matches_the_model() -> None:
+    hf = tiny_hf_model("llama", seed=5)
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    prompt, tokens = [5, 6, 7], [8, 9, 10, 11]
+    with torch.no_grad():
+        logp = hf(torch.tensor([prompt + tokens])).logits[0].log_softmax(-1)
+    nll = -sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(tokens)) / len(tokens)
+    assert perplexity(engine, prompt, tokens) == pytest.approx(math.exp(nll), rel=1e-4)
+
+
+def test_mixed_model_reduces_to_the_textbook_and_to_plain() -> None:
+    from labkit.specdec.speedup import predicted_mixed_speedup
+
+    assert predicted_mixed_speedup(0.8, 0.1, 4, 1.2, 1.0) == pytest.approx(predicted_speedup(0.8, 0.1, 4, v=1.2))
+    assert predicted_mixed_speedup(0.8, 0.1, 4, 1.2, 0.0) == pytest.approx(1.0)
