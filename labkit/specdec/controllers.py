@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from labkit.errors import LabkitError
+from labkit.specdec.speedup import expected_tokens
 
 
 class Controller(Protocol):
@@ -90,16 +91,15 @@ class AIMD:
 class CostAware:
     """Picks the K that maximises expected tokens per second (Leviathan et al.):
 
-        tokens(K) = 1 + sum_{j=1..K} a_1 a_2 ... a_j      (= (1 - alpha^(K+1)) / (1 - alpha) when every a_i = alpha)
-        time(K)   = K * draft_per_token + verify(K)
-        K*        = argmax_K tokens / time
+        tokens(alpha, K) = (1 - alpha^(K+1)) / (1 - alpha)
+        time(K)          = K * draft_per_token + verify(K)
+        K*               = argmax_K tokens / time
 
-    a_i is the chance that draft token i stands given that the ones before it stood, an EMA of
-    counts per position over the steps seen (a copy that has started tends to go on, so a_i is
-    not one constant). Unseen positions take the last seen one's estimate. The costs are measured
-    on this device: an EMA of draft seconds per drafted token, and verify seconds per verify width,
-    fitted as a line verify(K) = v0 + v1 * K once two widths were seen. Everything carries over
-    between requests and keeps adapting: the controller is never told which kind of prompt it has."""
+    alpha, the chance that one draft token stands, is an EMA over the request's draft tokens
+    (each step observes `accepted` successes and one failure unless all stood). The costs are
+    measured on this device: an EMA of draft seconds per drafted token, and verify seconds per
+    verify width K, fitted as a line verify(K) = v0 + v1 * K once two widths were seen. Costs
+    carry over between requests (they belong to the device); alpha restarts at its prior."""
 
     name = "cost"
 
@@ -109,32 +109,16 @@ class CostAware:
         self.k_max, self.ema, self.alpha_prior = k_max, ema, alpha_prior
         self.k_start = min(k_start, k_max)
         _check(self.k_start, k_max)
-        self.hits = [alpha_prior] * k_max  # EMA'd counts per draft position: a_i = hits[i] / trials[i]
-        self.trials = [1.0] * k_max
+        self.hits, self.trials = alpha_prior, 1.0  # EMA'd counts: alpha = hits / trials
         self.draft_per_token: float | None = None
         self.verify_by_k: dict[int, float] = {}  # EMA of verify seconds per width K
 
     def begin(self) -> None:
-        pass  # estimates carry over; the EMA adapts them within a request
-
-    def acceptance(self) -> list[float]:
-        """a_1 .. a_kmax: the chance each draft position stands given the earlier ones did."""
-        out, last = [], self.alpha_prior
-        for h, t in zip(self.hits, self.trials, strict=True):
-            last = min(h / t, 0.999) if t > 1e-6 else last
-            out.append(last)
-        return out
+        self.hits, self.trials = self.alpha_prior, 1.0
 
     @property
     def alpha(self) -> float:
-        return self.acceptance()[0]
-
-    def expected_tokens(self, k: int) -> float:
-        total, run = 1.0, 1.0
-        for a in self.acceptance()[:k]:
-            run *= a
-            total += run
-        return total
+        return min(self.hits / self.trials, 0.999)
 
     def verify_cost(self, k: int) -> float:
         seen = sorted(self.verify_by_k.items())
@@ -152,7 +136,7 @@ class CostAware:
     def rate(self, k: int) -> float:
         """Expected tokens per second at width k under the current estimates."""
         cost = k * (self.draft_per_token or 0.0) + self.verify_cost(k)
-        return self.expected_tokens(k) / cost
+        return expected_tokens(self.alpha, k) / cost
 
     def next_k(self) -> int:
         if not self.verify_by_k:
@@ -163,10 +147,9 @@ class CostAware:
         if drafted < 1:
             return
         a = self.ema
-        for i in range(min(drafted, accepted + 1)):  # positions the verify judged: successes, then one failure
-            hit = 1.0 if i < accepted else 0.0
-            self.hits[i] = (1 - a) * self.hits[i] + a * hit
-            self.trials[i] = (1 - a) * self.trials[i] + a
+        failures = 0 if accepted == drafted else 1
+        self.hits = (1 - a) * self.hits + a * accepted
+        self.trials = (1 - a) * self.trials + a * (accepted + failures)
         per_token = draft_s / drafted
         self.draft_per_token = per_token if self.draft_per_token is None else (1 - a) * self.draft_per_token + a * per_token
         old = self.verify_by_k.get(drafted)
