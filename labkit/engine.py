@@ -50,6 +50,24 @@ GRAPH_HEADROOM = GRAPH_MAX_T  # cache positions kept free at the end for capture
 GREEDY_CHUNK = 16  # greedy tokens per host synchronisation on GPUs (decode_greedy)
 
 
+def capture(engine: Engine, body: Any, prepare: Any) -> torch.cuda.CUDAGraph:
+    """Warm `body` up twice on a side stream (as CUDA graph capture requires), then capture it
+    into the engine's graph pool. `prepare` resets the static inputs before each run."""
+    device = engine.device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), engine._autocast():
+        for _ in range(2):
+            prepare()
+            body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    prepare()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=engine.graph_pool()), engine._autocast():
+        body()
+    return graph
+
+
 class GraphStep:
     """One captured fixed-shape step (T tokens, optionally the first n layers only).
 
@@ -63,22 +81,20 @@ class GraphStep:
         cache = engine.cache
         assert cache is not None
         device = engine.device
+        self.T = T
         self.tokens = torch.zeros(engine.batch_size, T, dtype=torch.long, device=device)  # (B, T)
         self.input_pos = torch.arange(cache.max_len - T, cache.max_len, device=device)  # (T,)
-        self.graph = torch.cuda.CUDAGraph()
         step = engine._static_step or engine._static_forward  # compiled (fused kernels) when --compile
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step(self.tokens, self.input_pos, n_layers)
-        torch.cuda.current_stream(device).wait_stream(side)
-        with torch.cuda.graph(self.graph, pool=engine.graph_pool()):
-            self.logits = step(self.tokens, self.input_pos, n_layers)  # (B, T, V)
+        self.logits = torch.empty(0)
 
-    def run(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        def body() -> None:
+            self.logits = step(self.tokens, self.input_pos, n_layers)  # (B, T, V): the graph's output buffer
+
+        self.graph = capture(engine, body, lambda: None)
+
+    def run(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         self.tokens.copy_(tokens, non_blocking=True)
-        self.input_pos.copy_(input_pos, non_blocking=True)
+        torch.arange(start, start + self.T, out=self.input_pos)  # (T,) written in place: one kernel, no copy
         self.graph.replay()
         return self.logits
 
@@ -96,7 +112,6 @@ class GreedyGraph:
         assert cache is not None
         device, B = engine.device, engine.batch_size
         V = engine.args.vocab_size
-        self.chunk = chunk
         self.token = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1) input, then output
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) position being written
         self.step_idx = torch.zeros(1, dtype=torch.long, device=device)  # (1,) steps done in this chunk
@@ -114,19 +129,11 @@ class GreedyGraph:
             self.pos.add_(1)
             self.step_idx.add_(1)
 
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), engine._autocast():
-            for _ in range(2):  # warm up at the cache's last position, out of every request's reach
-                self.pos.fill_(cache.max_len - 1)
-                self.step_idx.zero_()
-                body()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.pos.fill_(cache.max_len - 1)
-        self.step_idx.zero_()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=engine.graph_pool()), engine._autocast():
-            body()
+        def prepare() -> None:  # warm-ups write the cache's last position, out of every request's reach
+            self.pos.fill_(cache.max_len - 1)
+            self.step_idx.zero_()
+
+        self.graph = capture(engine, body, prepare)
 
     def run(self, token: torch.Tensor, start: int, n: int, eos_mask: torch.Tensor | None, block_steps: int) -> torch.Tensor:
         self.token.copy_(token, non_blocking=True)
@@ -310,13 +317,13 @@ class Engine:
                 if last_chunk or not last_only:
                     outs.append(logits if last_chunk else logits.clone())  # graph outputs are overwritten by the next replay
             return outs[-1] if last_only else torch.cat(outs, dim=1)
-        input_pos = torch.arange(start, start + T, device=self.device)  # (T,)
         with self._autocast():
             if self._graphs_safe and T <= GRAPH_MAX_T:
-                logits = self._graph_step(T, n_layers).run(tokens, input_pos)
-                if last_only:
-                    logits = logits[:, -1:]
-            elif self._static_step is not None and not last_only and n_layers is None:
+                logits = self._graph_step(T, n_layers).run(tokens, start)
+                cache.length = start + T
+                return logits[:, -1:] if last_only else logits
+            input_pos = torch.arange(start, start + T, device=self.device)  # (T,)
+            if self._static_step is not None and not last_only and n_layers is None:
                 logits = self._static_step(tokens, input_pos)
             else:
                 mask = cache.mask(input_pos, start + T, self.args.sliding_window, decode_step=T == 1)

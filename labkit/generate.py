@@ -172,9 +172,8 @@ def generate(
     eos = set(eos_all) if config.stop_at_eos else set()
     generator = make_generator(config, engine.device)
     device = engine.device
-    eos_ids = torch.tensor(eos_all, dtype=torch.long, device=device)
-    eos_mask = torch.zeros(engine.args.vocab_size, dtype=torch.bool, device=device)  # (V,) for decode_greedy
-    eos_mask[eos_ids] = True
+    eos_mask = torch.zeros(engine.args.vocab_size, dtype=torch.bool, device=device)  # (V,) EOS ids, blocked before min_new_tokens
+    eos_mask[eos_all] = True
     policy = (spec.policy or default_policy(config)) if spec else None
     controller = (spec.controller or FixedK(spec.k)) if spec else None
     if spec is not None:
@@ -184,9 +183,9 @@ def generate(
 
     def suppress_eos(logits: torch.Tensor, n_done: int) -> torch.Tensor:  # (T, V): row j is token n_done + j
         rows = min(logits.shape[0], config.min_new_tokens - n_done)
-        if rows > 0 and eos_ids.numel():
+        if rows > 0 and eos_all:
             logits = logits.clone()
-            logits[:rows, eos_ids] = float("-inf")
+            logits[:rows] = logits[:rows].masked_fill(eos_mask, float("-inf"))
         return logits
 
     timer = PhaseTimer(device, Flags.from_env().detailed_metrics if detailed_metrics is None else detailed_metrics)
@@ -244,13 +243,13 @@ def generate(
             with timer.phase("sampling"):
                 new = [int(sample(logits, config, generator).item())]
         stats.verify_s += time.perf_counter() - t0
-        kept = 0
+        before = len(tokens)
         for token in new:  # EOS inside an accepted block (or a greedy chunk) ends the output there
             tokens.append(token)
-            kept += 1
             if token in eos:
                 stop_reason = "eos"
                 break
+        kept = len(tokens) - before
         if draft.tokens:
             stats.draft_tokens.append(draft.tokens)
             stats.accepted_lengths.append(len(new) - 1)

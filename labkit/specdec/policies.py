@@ -97,6 +97,10 @@ class RejectionSampling:
         return Verdict(n, tok)
 
 
+def _leading_run(ok: torch.Tensor) -> int:  # (K,) bool → how many stand before the first False
+    return int(ok.long().cumprod(0).sum()) if ok.numel() else 0
+
+
 def _next_token(p_row: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> int:  # (V,)
     if config.temperature == 0:
         return int(p_row.argmax())
@@ -137,7 +141,7 @@ class TypicalAcceptance:
         entropy = -(p * p.clamp_min(1e-20).log()).sum(-1)  # (K+1,)
         bar = torch.minimum(torch.full_like(entropy, self.posterior_threshold), self.posterior_alpha * (-entropy).exp())  # (K+1,)
         ok = p[:K].gather(1, draft_tokens[:, None]).squeeze(1) > bar[:K]  # (K,)
-        n = int(ok.long().cumprod(0).sum()) if K else 0
+        n = _leading_run(ok)
         return Verdict(n, _next_token(p[n], config, generator))
 
 
@@ -163,7 +167,7 @@ class TopKAgreement:
         K = draft_tokens.shape[0]
         top = target_logits[:K].topk(min(self.k, target_logits.shape[-1]), dim=-1).indices  # (K, k)
         ok = (top == draft_tokens[:, None]).any(-1)  # (K,)
-        n = int(ok.long().cumprod(0).sum()) if K else 0
+        n = _leading_run(ok)
         return Verdict(n, _next_token(_policy_probs(target_logits[n : n + 1], config)[0], config, generator))
 
 
