@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf: read the embedded model's own Q4_1 blocks (CPU, float32); auto: gguf where it applies")
     g.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape decode step")
     g.add_argument("--cuda-graph", action="store_true", default=None, help="replay the fixed-shape steps as CUDA graphs (default: SPECDEC_CUDA_GRAPH)")
+    g.add_argument("--layer-kernels", default="auto", choices=["auto", "triton", "torch"],
+                   help="Llama layers as 5 fused Triton kernels each (auto: on CUDA without --compile) or as PyTorch ops")
     g.add_argument("--json", action="store_true", help="print one JSON object instead (adds per-step accepted lengths)")
     g.add_argument("--metrics-detailed", dest="metrics_detailed", action="store_true", default=None,
                    help="per-phase timings (CUDA events on a GPU); synchronises around each phase (default: SPECDEC_DETAILED_METRICS)")
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-plots", action="store_true")
     sw.add_argument("--cuda-graph", action="store_true", default=None, help="CUDA graphs for the target's and drafts' fixed-shape steps")
     sw.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape steps")
+    sw.add_argument("--layer-kernels", default="auto", choices=["auto", "triton", "torch"], help="fused Triton layers or PyTorch ops")
     sw.add_argument("--policy", type=_csv, default=["default"],
                     help="comma list: default, greedy, rejection (lossless), typical, topk (lossy), confidence (drafter-side early stop, lossless)")
     sw.add_argument("--controller", type=_csv, default=["fixed"], help="comma list: fixed, heuristic, aimd, cost (--k is then K max)")
@@ -147,7 +150,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     trace_path = check_trace_path(args.profile) if args.profile else None  # before the slow part
     drafter_kind = args.drafter or ("model" if args.draft_model else None)
     loaded = load_model(args.model)
-    engine = Engine.from_loaded(loaded, device, dtype, weights=args.weights, compile=args.compile, cuda_graph=args.cuda_graph)
+    engine = Engine.from_loaded(loaded, device, dtype, weights=args.weights, compile=args.compile, cuda_graph=args.cuda_graph,
+                                layer_kernels=args.layer_kernels)
     spec = None
     if drafter_kind:
         from labkit.generate import Speculation
@@ -171,7 +175,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     s = result.stats
     if args.json:
         out: dict[str, Any] = {
-            "model": loaded.name, "device": str(device), "dtype": dtype_name(dtype), "weights": engine.weights, "text": result.text,
+            "model": loaded.name, "device": str(device), "dtype": dtype_name(dtype), "weights": engine.weights,
+            "layer_kernels": engine.layer_kernels, "text": result.text,
             "prompt_ids": result.prompt_ids, "token_ids": result.tokens, "stats": s.to_dict(),
         }
         if trace_path:
@@ -181,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(result.text)
     print()
     warmed = " (after a warm-up: capture/compile)" if engine.cuda_graph or args.compile else ""
-    print(f"[{loaded.name} on {device} {dtype_name(dtype)}, {engine.weights} weights{warmed}] {s.new_tokens} new tokens in {s.total_s:.2f} s, stop: {s.stop_reason}")
+    print(f"[{loaded.name} on {device} {dtype_name(dtype)}, {engine.weights} weights, {engine.layer_kernels} layers{warmed}] {s.new_tokens} new tokens in {s.total_s:.2f} s, stop: {s.stop_reason}")
     print(f"  throughput      {s.tok_per_s:.1f} tok/s (decode only {s.decode_tok_per_s:.1f} tok/s)")
     print(f"  time to first   {s.ttft_s * 1e3:.1f} ms ({s.prompt_tokens} prompt tokens)")
     print(f"  per token       {s.mean_token_latency_ms:.2f} ms")
@@ -214,7 +219,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_tokens, iterations=args.iterations, categories=args.categories,
         prompts_per_category=args.prompts_per_category, device=args.device, dtype=args.dtype, weights=args.weights,
         temperature=args.temperature, output_dir=args.output_dir, plots=not args.no_plots, cuda_graph=args.cuda_graph,
-        compile=args.compile, policies=args.policy, controllers=args.controller, posterior_threshold=args.posterior_threshold,
+        compile=args.compile, layer_kernels=args.layer_kernels, policies=args.policy, controllers=args.controller, posterior_threshold=args.posterior_threshold,
         posterior_alpha=args.posterior_alpha, policy_top_k=args.policy_top_k, confidence=args.confidence,
     )
     cfg.validate()

@@ -41,8 +41,48 @@ def gguf_unusable(engine: Engine, loaded: LoadedModel) -> str:
         return "the block kernel runs on the CPU in float32 only"
     if engine.model.__class__ is not Llama:
         return "only Llama-family GGUF files are supported"
+    if engine.layer_kernels != "torch":
+        return "the fused Triton layers read dense weights"
     ok, reason = cpu_quant.available()
     return "" if ok else f"the CPU kernel is unavailable ({reason})"
+
+
+LAYER_KERNELS = ("auto", "triton", "torch")
+
+
+def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, amp: bool,
+                   compile: bool, choice: str) -> tuple[Any, str]:
+    """The fused layer kernels for this engine: (module or None, why). "auto" takes Triton's on a
+    CUDA device for a Llama-family model without AMP or torch.compile (which fuses on its own)."""
+    if choice not in LAYER_KERNELS:
+        raise LabkitError(f"unknown layer kernels {choice!r}: use {', '.join(LAYER_KERNELS)}")
+    if choice == "torch":
+        return None, "asked for torch layers"
+    from labkit.kernels.registry import backend_status
+
+    status = backend_status("triton", device)
+    why_not = ""
+    if not isinstance(model, Llama):
+        why_not = "only Llama-family models have fused layers"
+    elif model.args.head_dim not in (32, 64, 128, 256):
+        why_not = f"head_dim {model.args.head_dim} is not 32, 64, 128 or 256"
+    elif amp:
+        why_not = "AMP keeps fp32 weights and casts per op; the fused layers need one dtype"
+    elif dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        why_not = f"{dtype} is not a float type the kernels take"
+    elif not status.ok:
+        why_not = f"triton: {status.reason}"
+    elif choice == "auto" and not status.auto:
+        why_not = f"triton: {status.reason}"
+    elif compile:
+        why_not = "torch.compile fuses the layers itself (use one or the other)"
+    if why_not:
+        if choice == "triton":
+            raise LabkitError(f"--layer-kernels triton is not possible here: {why_not}")
+        return None, why_not
+    from labkit.kernels import layer_triton
+
+    return layer_triton, "Triton: 5 fused kernels per layer"
 
 
 GRAPH_MAX_T = 16  # steps of up to this many tokens run as CUDA graphs; longer ones (prefill) eagerly
@@ -161,6 +201,7 @@ class Engine:
         cuda_graph: bool = False,
         batch_size: int = 1,
         max_seq_len: int = 1024,
+        layer_kernels: str = "auto",
     ) -> None:
         if cuda_graph and device.type != "cuda":
             raise LabkitError(f"CUDA graphs need a CUDA device, not {device}")
@@ -171,6 +212,10 @@ class Engine:
         self._greedy_graph: GreedyGraph | None = None
         weight_dtype = torch.float32 if amp else dtype
         self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # Llama or GPT2
+        ops, self.layer_kernels_reason = pick_layer_ops(self.model, device, dtype, amp, compile, layer_kernels)
+        self.layer_kernels = "torch" if ops is None else "triton"
+        if isinstance(self.model, Llama):
+            self.model.layer_ops = ops
         self.args: Any = cast(Any, model).args  # LlamaArgs or GPT2Args
         self.context_len: int = self.args.context_len
         self.batch_size = batch_size
@@ -201,9 +246,10 @@ class Engine:
         cuda_graph: bool | None = None,
         batch_size: int = 1,
         max_seq_len: int = 1024,
+        layer_kernels: str = "auto",
     ) -> Engine:
         """Build from a transformers model. None reads the SPECDEC_* flags: dtype (default auto),
-        amp, cuda_graph."""
+        amp, cuda_graph. layer_kernels: "auto", "triton" (fused Llama layers) or "torch"."""
         flags = Flags.from_env()
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or flags.dtype, dev)
@@ -214,7 +260,7 @@ class Engine:
         engine = cls(
             build_decoder(hf_model), device=dev, dtype=dt, amp=flags.amp if amp is None else amp,
             compile=compile, cuda_graph=flags.cuda_graph if cuda_graph is None else cuda_graph,
-            batch_size=batch_size, max_seq_len=max_seq_len,
+            batch_size=batch_size, max_seq_len=max_seq_len, layer_kernels=layer_kernels,
         )
         engine.eos_token_ids = eos_token_ids(hf_model)
         return engine
@@ -326,7 +372,7 @@ class Engine:
             if self._static_step is not None and not last_only and n_layers is None:
                 logits = self._static_step(tokens, input_pos)
             else:
-                mask = cache.mask(input_pos, start + T, self.args.sliding_window, decode_step=T == 1)
+                mask = None if self.layer_kernels == "triton" else cache.mask(input_pos, start + T, self.args.sliding_window, decode_step=T == 1)
                 logits = self.model(tokens, input_pos, cache, start + T, mask, last_only, n_layers)
         cache.length = start + T
         return logits
@@ -335,7 +381,8 @@ class Engine:
         """The fixed-shape step: attends over the whole cache with a mask, so one graph serves every position."""
         cache = self.cache
         assert cache is not None
-        mask = cache.mask(input_pos, cache.max_len, self.args.sliding_window)  # (T, S)
+        # (T, S); the fused layers need none: they read each query's visible keys themselves
+        mask = None if self.layer_kernels == "triton" else cache.mask(input_pos, cache.max_len, self.args.sliding_window)
         return self.model(tokens, input_pos, cache, cache.max_len, mask, False, n_layers)
 
     def _graph_step(self, T: int, n_layers: int | None) -> GraphStep:

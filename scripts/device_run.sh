@@ -36,15 +36,22 @@ case "$step" in
       -p max_new_tokens 128 -p prompts_per_category 1 -p categories "" -p amp True -p profile_tokens 32 2>&1 | tail -3
     ;;
   cudatests)
-    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -4 | tee "$out/pytest_cuda.txt"
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layer_kernels.py 2>&1 | tail -30 | tee "$out/pytest_cuda.txt"
+    ;;
+  speed)  # plain greedy, one prompt, each way of running the layers (noisy: one request each)
+    p="Explain in three sentences why the sky is blue."
+    for flags in "--layer-kernels torch" "--compile" "--layer-kernels triton" "--layer-kernels triton --drafter ngram --k 4"; do
+      echo "== $flags"; python3 -m labkit generate --prompt "$p" --max-tokens 128 --device cuda --cuda-graph $flags 2>&1 | grep -E "^\[|throughput|speculation"
+    done | tee "$out/speed.txt"
+    python3 -m labkit generate --prompt "$p" --max-tokens 64 --device cuda --cuda-graph --layer-kernels triton --profile /tmp/fused.json 2>&1 | tail -14 | tee -a "$out/speed.txt"
     ;;
   repeat)
-    python3 scripts/repeatability.py eager,graph,compile,compile-cudnn 3 2>&1 | grep -v Warning | tee "$out/repeatability.txt"
+    python3 scripts/repeatability.py "${MODES:-eager,graph,compile,compile-cudnn,fused}" 3 2>&1 | grep -v Warning | tee "$out/repeatability.txt"
     ;;
   validate)
     python3 -m papermill notebooks/3D_cuda_validation.ipynb "$out/3D_out.ipynb" -p device cuda -p max_new_tokens 128 -p categories "" \
       -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters ngram,layerskip,truncated -p ks "${KS:-2,3,4,6}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|cudatests|repeat|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|cudatests|speed|repeat|validate ..." >&2; exit 2 ;;
 esac
 done

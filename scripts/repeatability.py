@@ -1,7 +1,8 @@
 """Does the same engine give the same greedy tokens when a request is repeated? (GPU diagnostic)
 
     python3 scripts/repeatability.py [modes] [repeats]     modes: comma list of eager, graph, compile,
-                                                            compile-cudnn (cuDNN attention allowed again)
+                                                            compile-cudnn (cuDNN attention allowed again),
+                                                            fused (graphs over the Triton layers)
 
 For each mode, every suite prompt's first-category prompt is decoded `repeats` times (128 tokens,
 EOS blocked); prints, per mode, how many prompts gave more than one distinct output and the first
@@ -30,7 +31,7 @@ for mode in modes:
     kvcache.DETERMINISTIC_SDPA[:] = default_backends + ([torch.nn.attention.SDPBackend.CUDNN_ATTENTION] if mode.endswith("-cudnn") else [])
     torch._dynamo.reset()
     engine = Engine.from_loaded(loaded, "cuda", torch.bfloat16, weights="dense", cuda_graph=mode != "eager",
-                                compile=mode.startswith("compile"))
+                                compile=mode.startswith("compile"), layer_kernels="triton" if mode == "fused" else "torch")
     if mode != "eager":
         warm_up(engine, 8)
     split, seconds = [], 0.0

@@ -105,13 +105,25 @@ def test_sweep_writes_results(tiny_folder, tmp_path) -> None:
 def test_kernel_commands(tmp_path) -> None:
     rc, out, err = run_cli("kernels", "--device", "cpu", "--json")
     assert rc == 0, err
-    assert [r["kernel"] for r in json.loads(out)] == ["verify_prefix", "rejection_sample", "kv_append"]
+    rows = json.loads(out)
+    assert [r["kernel"] for r in rows] == ["verify_prefix", "rejection_sample", "kv_append",
+                                            "norm_qkv_rope", "decode_attention", "linear_residual", "norm_gate_up"]
+    assert {r["chosen"] for r in rows} == {"torch"}  # the CPU: never the interpreter unless named
     rc, out, err = run_cli("bench", "kernels", "--device", "cpu", "--repeats", "1", "--output-dir", str(tmp_path))
     assert rc == 0, err
     assert "launch floor" in out
     rows = json.loads(next(tmp_path.glob("kernels-cpu-*.json")).read_text())["rows"]
     assert {r["backend"] for r in rows if r["available"]} >= {"torch"}
     assert_clean_error(*run_cli("bench", "kernels", "--repeats", "0"), "at least 1")
+
+
+def test_generate_layer_kernels_flag(tiny_folder) -> None:
+    rc, out, err = run_cli("generate", "--model", str(tiny_folder), "--prompt", "hello", "--max-tokens", "3", "--device", "cpu",
+                           "--layer-kernels", "torch")
+    assert rc == 0, err
+    assert "torch layers" in out
+    assert_clean_error(*run_cli("generate", "--model", str(tiny_folder), "--prompt", "hello", "--device", "cpu",
+                                "--layer-kernels", "triton", "--compile"), "compile")
 
 
 def test_generate_metrics_and_profiler_trace(tiny_folder, tmp_path) -> None:

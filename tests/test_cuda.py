@@ -135,3 +135,32 @@ def test_cuda_long_inputs_run_as_graph_chunks(compile: bool) -> None:
     for a, b in zip(outs[0], outs[1], strict=True):
         assert a.shape == b.shape and (a - b).abs().max().item() < 1e-3
     assert len(graphed._graphs) >= 16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_fused_layers_match_torch_layers(dtype: str) -> None:
+    """CUDA graphs over the fused Triton layers against the PyTorch layers: logits close, and in
+    fp32 the same greedy tokens (plain chunks and speculative)."""
+    from labkit.generate import Speculation
+    from labkit.specdec import make_drafter
+
+    hf = tiny_hf_model("llama", seed=11).cuda()
+    torch_layers = Engine.from_hf(hf, "cuda", dtype, cuda_graph=True, layer_kernels="torch")
+    fused = Engine.from_hf(hf, "cuda", dtype, cuda_graph=True, layer_kernels="auto")
+    assert fused.layer_kernels == "triton", fused.layer_kernels_reason
+    ids = torch.randint(0, hf.config.vocab_size, (1, 40), device="cuda")
+    outs = []
+    for engine in (torch_layers, fused):
+        engine.ensure_capacity(60)
+        outs.append(torch.cat([engine.forward(ids[:, :33]).clone(), engine.decode(ids[:, 33:34])[:, None].clone(),
+                               engine.verify(ids[:, 34:]).clone()], 1).float())
+    scale = outs[0].abs().max().item()
+    assert (outs[0] - outs[1]).abs().max().item() < (1e-4 if dtype == "float32" else 0.05) * scale
+    if dtype == "float32":
+        cfg = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
+        prompt = ids[0, :9].tolist() * 2
+        want = generate(torch_layers, prompt, cfg).tokens
+        assert generate(fused, prompt, cfg).tokens == want
+        assert fused._greedy_graph is not None
+        for kind in ("ngram", "layerskip"):
+            assert generate(fused, prompt, cfg, Speculation(make_drafter(kind, fused, layers=2), 3)).tokens == want, kind

@@ -54,6 +54,7 @@ class SweepConfig:
     seed: int = 0
     cuda_graph: bool | None = None  # None: SPECDEC_CUDA_GRAPH
     compile: bool = False  # torch.compile the target's fixed-shape steps
+    layer_kernels: str = "auto"  # fused Triton layers (auto: on CUDA without compile) or "torch"
     output_dir: str | None = "results"
     plots: bool = True
     progress: bool = True
@@ -112,7 +113,8 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     loaded = loaded or load_model(cfg.base_model)
-    target = Engine.from_loaded(loaded, device, dtype, weights=cfg.weights, cuda_graph=cfg.cuda_graph, compile=cfg.compile)
+    target = Engine.from_loaded(loaded, device, dtype, weights=cfg.weights, cuda_graph=cfg.cuda_graph, compile=cfg.compile,
+                                layer_kernels=cfg.layer_kernels)
     drafters = build_drafters(cfg, target, loaded)
     prompts = [(p, encode_prompt(loaded.tokenizer, p.content)) for p in load_suite(cfg.categories, cfg.prompts_per_category)]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
@@ -152,7 +154,7 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     summary, per_category = summarize(rows)
     params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
     params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=str(dtype), weights_resolved=target.weights,
-                  cuda_graph_resolved=target.cuda_graph)
+                  cuda_graph_resolved=target.cuda_graph, layer_kernels_resolved=target.layer_kernels)
     payload: dict[str, Any] = {"benchmark": "sweep", **provenance(device, params), "summary": summary, "per_category": per_category,
                                "speedup_model": compare(rows)}
     if any(c != "fixed" for c in cfg.controllers) and "fixed" in cfg.controllers:

@@ -7,8 +7,9 @@ Systems (greedy, batch 1, the same prompts and length):
   model as `assistant_model` for truncated; fixed K (the labkit drafter's best K);
 - labkit_plain: our engine, eager steps (like HF, on the first prompts of each category only);
 - labkit_graph: our engine with CUDA graphs (and torch.compile'd steps) — CUDA only;
-- labkit_<drafter>: speculative greedy on the fastest labkit engine, each drafter at its best K,
-  chosen in a tuning pass over the first prompt of each category.
+- labkit_fused: CUDA graphs over our fused Triton layers (five kernels a layer) — CUDA only;
+- labkit_<drafter>: speculative greedy on the fastest labkit engine (timed on the tuning prompts),
+  each drafter at its best K, chosen in a tuning pass over the first prompt of each category.
 
 Each is reported as tok/s, speed-up over HF generate and over labkit's fastest plain decoding,
 and as a share of the weight-bandwidth roofline: the device's copy bandwidth (measured in the
@@ -61,6 +62,7 @@ class ValidationConfig:
     ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])  # tried in the tuning pass
     layers: int | None = None  # layerskip / truncated depth (default: a third of the model)
     compile: bool = True  # torch.compile'd steps inside the CUDA graphs (CUDA only)
+    fused: bool = True  # also CUDA graphs over the fused Triton layers (CUDA with triton only)
     hf_assisted: bool = True
     explain_limit: int = 40  # differing outputs to analyse at most
     output_dir: str | None = "results"
@@ -184,30 +186,41 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens if cfg.fixed_length else 0)
     bandwidth = copy_bandwidth(device)
 
-    engines = {"labkit_plain": Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=False)}
+    engines = {"labkit_plain": Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=False, layer_kernels="torch")}
     if device.type == "cuda":
-        engines["labkit_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=True, compile=cfg.compile)
-    fast_name = list(engines)[-1]
+        engines["labkit_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=True, compile=cfg.compile,
+                                                     layer_kernels="torch")
+        if cfg.fused:
+            fused = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=True, layer_kernels="auto")
+            if fused.layer_kernels == "triton":
+                engines["labkit_fused"] = fused
+    hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=dtype).eval()
+
+    # warm-up: every engine, graph and compiled shape before anything is timed
+    warm = prompts[0][1] * 2  # a repeated prompt, so that the n-gram drafter proposes
+    for engine in engines.values():
+        if engine.cuda_graph:
+            warm_up(engine, max(cfg.ks))
+        generate(engine, warm, GenerationConfig(max_new_tokens=8))
+    time_hf_generate(hf_model, warm, GenerationConfig(max_new_tokens=4), device)
+
+    # the fastest plain engine carries the drafters: timed on the first prompt of each category
+    tune = [(p, ids) for p, ids in prompts if p.id in {q.id for q in load_suite(cfg.categories, 1)}]
+    candidates = [name for name, e in engines.items() if e.cuda_graph] or list(engines)
+    plain_speed = {name: statistics.fmean(generate(engines[name], ids, gen).stats.tok_per_s for _, ids in tune)
+                   for name in candidates} if len(candidates) > 1 else {}
+    fast_name = max(plain_speed, key=lambda name: plain_speed[name]) if plain_speed else candidates[0]
     fast = engines[fast_name]
     weight_bytes = weight_bytes_per_token(fast)
     roofline = bandwidth / weight_bytes  # tok/s if one step costs one read of the weights
     depth = cfg.layers or max(1, fast.args.n_layers // 3)
     drafters: dict[str, Drafter] = {kind: make_drafter(kind, fast, layers=depth) for kind in cfg.drafters}
-    hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=dtype).eval()
     assistant = hf_truncated(hf_model, depth) if cfg.hf_assisted and "truncated" in cfg.drafters else None
-
-    # warm-up: every engine, graph and compiled shape before anything is timed
-    warm = prompts[0][1] * 2  # a repeated prompt, so that the n-gram drafter proposes
-    warm_up(fast, max(cfg.ks))
-    for engine in engines.values():
-        generate(engine, warm, GenerationConfig(max_new_tokens=8))
     for drafter in drafters.values():
         for k in cfg.ks:
             generate(fast, warm, GenerationConfig(max_new_tokens=16), Speculation(drafter, k))
-    time_hf_generate(hf_model, warm, GenerationConfig(max_new_tokens=4), device)
 
     # tuning: each drafter's best K on the first prompt of each category
-    tune = [(p, ids) for p, ids in prompts if p.id in {q.id for q in load_suite(cfg.categories, 1)}]
     best_k: dict[str, int] = {}
     tuning: list[dict[str, Any]] = []
     for kind, drafter in drafters.items():
@@ -261,7 +274,8 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     card = device_name(device)
     params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
     params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(dtype), best_k=best_k,
-                  layers_resolved=depth, prompts=[p.id for p, _ in prompts], slow_prompts=sorted(slow_ids & {p.id for p, _ in prompts}))
+                  layers_resolved=depth, fastest_plain=fast_name, plain_tuning_tok_per_s=plain_speed,
+                  layer_kernels={name: e.layer_kernels for name, e in engines.items()}, prompts=[p.id for p, _ in prompts], slow_prompts=sorted(slow_ids & {p.id for p, _ in prompts}))
     payload: dict[str, Any] = {
         "benchmark": "validation", **provenance(device, params), "card": card,
         "copy_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes_per_token": weight_bytes, "roofline_tok_per_s": roofline,

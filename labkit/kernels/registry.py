@@ -20,6 +20,9 @@ from labkit.config import env_flag
 
 log = logging.getLogger(__name__)
 KERNELS = ("verify_prefix", "rejection_sample", "kv_append")
+# The fused Llama layer (layer_triton.py / layer_reference.py): Triton or PyTorch, chosen per
+# engine by engine.pick_layer_ops (it needs the model's shapes), listed here beside the others.
+LAYER_KERNELS = ("norm_qkv_rope", "decode_attention", "linear_residual", "norm_gate_up")
 BACKENDS = ("cuda", "triton", "torch")
 
 
@@ -100,10 +103,14 @@ def table(device: torch.device) -> list[dict[str, Any]]:
     rows = []
     statuses = {b: backend_status(b, device) for b in BACKENDS}
     chosen = next(b for b in BACKENDS if statuses[b].ok and statuses[b].auto)
-    for name in KERNELS:
+    for name in KERNELS + LAYER_KERNELS:
+        layer = name in LAYER_KERNELS
         row: dict[str, Any] = {"kernel": name, "chosen": chosen}
         for b in BACKENDS:
             status = statuses[b]
             row[b] = ("ok" if status.auto else f"named only: {status.reason}") if status.ok else f"no: {status.reason}"
+        if layer:
+            row["cuda"] = "no: Triton and PyTorch only"
+            row["chosen"] = "triton" if statuses["triton"].ok and statuses["triton"].auto else "torch"
         rows.append(row)
     return rows

@@ -98,6 +98,7 @@ class LlamaBlock(nn.Module):
         self.w_gate_up = nn.Linear(args.dim, 2 * args.hidden_dim, bias=args.mlp_bias)
         self.w_down = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
         self.scale = 1.0 / math.sqrt(args.head_dim)
+        self.sliding_window = args.sliding_window
 
     def forward(
         self,
@@ -123,6 +124,28 @@ class LlamaBlock(nn.Module):
         gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, T, hidden) each
         return x + self.w_down(F.silu(gate) * up)
 
+    def forward_fused(
+        self,
+        ops: Any,  # labkit.kernels.layer_triton or layer_reference
+        x: torch.Tensor,  # (B, T, dim)
+        cos: torch.Tensor,  # (S, D) the whole rope table: the kernel reads row input_pos[t]
+        sin: torch.Tensor,  # (S, D)
+        cache: KVCache,
+        layer: int,
+        input_pos: torch.Tensor,  # (T,)
+    ) -> torch.Tensor:  # (B, T, dim)
+        """The same layer in five fused operations; attention reads keys up to each query's
+        position straight from the cache, so no mask is built."""
+        B, T, dim = x.shape
+        x2 = x.reshape(B * T, dim)  # (M, dim)
+        k_cache, v_cache = cache.k_layers[layer], cache.v_layers[layer]  # (B, nkv, S, D)
+        q = ops.norm_qkv_rope(x2, self.attn_norm.weight, self.attn_norm.eps, self.wqkv.weight, self.wqkv.bias,
+                              cos, sin, input_pos, k_cache, v_cache, self.n_heads)  # (M, nh, D)
+        y = ops.decode_attention(q, k_cache, v_cache, input_pos, self.scale, self.sliding_window)  # (M, nh*D)
+        x2 = ops.linear_residual(y, self.wo.weight, self.wo.bias, x2)  # (M, dim)
+        h = ops.norm_gate_up(x2, self.mlp_norm.weight, self.mlp_norm.eps, self.w_gate_up.weight, self.w_gate_up.bias)
+        return ops.linear_residual(h, self.w_down.weight, self.w_down.bias, x2).view(B, T, dim)
+
 
 class Llama(nn.Module):
     inv_freq: torch.Tensor
@@ -137,6 +160,7 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", inv_freq.detach().float().clone(), persistent=False)  # (D/2,)
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
+        self.layer_ops: Any = None  # a fused-kernel module (engine.pick_layer_ops), or None for the layers above
 
     def setup_rope(self, max_len: int) -> None:
         """Tables for positions [0, max_len), computed in fp32 and rounded to the weights' dtype."""
@@ -162,11 +186,16 @@ class Llama(nn.Module):
     ) -> torch.Tensor:  # (B, T or 1, vocab)
         assert self.cos is not None and self.sin is not None, "call setup_rope first"
         x = self.embed(tokens)  # (B, T, dim)
-        cos = self.cos[input_pos].unsqueeze(1)  # (T, 1, D)
-        sin = self.sin[input_pos].unsqueeze(1)
-        for i in range(self.args.n_layers if n_layers is None else n_layers):
-            block = self.layers[i]
-            x = block(x, cos, sin, cache, i, input_pos, attend_len, mask)
+        n = self.args.n_layers if n_layers is None else n_layers
+        if self.layer_ops is not None:
+            for i in range(n):
+                block: LlamaBlock = self.layers[i]  # type: ignore[assignment]
+                x = block.forward_fused(self.layer_ops, x, self.cos, self.sin, cache, i, input_pos)
+        else:
+            cos = self.cos[input_pos].unsqueeze(1)  # (T, 1, D)
+            sin = self.sin[input_pos].unsqueeze(1)
+            for i in range(n):
+                x = self.layers[i](x, cos, sin, cache, i, input_pos, attend_len, mask)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

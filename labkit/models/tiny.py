@@ -14,7 +14,7 @@ def tiny_config(arch: str, vocab_size: int = 96) -> Any:
 
     common: dict[str, Any] = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     llama_like: dict[str, Any] = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,  # head_dim 32 (fused layers)
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, **common,
     )
     if arch == "llama":

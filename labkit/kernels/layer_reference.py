@@ -1,0 +1,86 @@
+"""PyTorch twins of layer_triton.py: the same four fused layer operations, written plainly.
+
+They define what the Triton kernels must compute (tests compare the two on random inputs), and
+they run a whole Llama layer through the same interface on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_normed(x: torch.Tensor, norm_w: torch.Tensor, eps: float) -> torch.Tensor:  # (M, dim)
+    """RMSNorm as llama.RMSNorm computes it: fp32 statistics, rounded, then scaled."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, norm_w.shape, norm_w, eps)
+    return norm_w * F.rms_norm(x.float(), norm_w.shape, None, eps).to(x.dtype)
+
+
+def norm_qkv_rope(
+    x: torch.Tensor,  # (M, dim), M = B*T rows in (b, t) order
+    norm_w: torch.Tensor,  # (dim,)
+    eps: float,
+    w: torch.Tensor,  # (NH*D + 2*NKV*D, dim)
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,  # (S, D)
+    sin: torch.Tensor,  # (S, D), first half negated
+    input_pos: torch.Tensor,  # (T,)
+    k_cache: torch.Tensor,  # (B, NKV, S, D), written at input_pos
+    v_cache: torch.Tensor,  # (B, NKV, S, D)
+    n_heads: int,
+) -> torch.Tensor:  # q: (M, NH, D)
+    B, nkv, _, D = k_cache.shape
+    M = x.shape[0]
+    T = input_pos.shape[0]
+    qkv = F.linear(rms_normed(x, norm_w, eps), w, bias).view(B, T, n_heads + 2 * nkv, D)
+    c = cos[input_pos].unsqueeze(1)  # (T, 1, D)
+    s = sin[input_pos].unsqueeze(1)
+    rot = qkv[:, :, : n_heads + nkv]
+    roped = torch.addcmul(rot * c, rot.roll(D // 2, dims=-1), s)  # (B, T, NH+NKV, D)
+    k_cache.index_copy_(2, input_pos, roped[:, :, n_heads:].transpose(1, 2))
+    v_cache.index_copy_(2, input_pos, qkv[:, :, n_heads + nkv :].transpose(1, 2))
+    return roped[:, :, :n_heads].reshape(M, n_heads, D)
+
+
+def decode_attention(
+    q: torch.Tensor,  # (M, NH, D)
+    k_cache: torch.Tensor,  # (B, NKV, S, D)
+    v_cache: torch.Tensor,  # (B, NKV, S, D)
+    input_pos: torch.Tensor,  # (T,) query t sees keys at positions <= input_pos[t]
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:  # (M, NH*D)
+    B, nkv, S, D = k_cache.shape
+    M, nh, _ = q.shape
+    T = input_pos.shape[0]
+    end = int(input_pos.max()) + 1
+    keys = torch.arange(end, device=q.device)
+    seen = keys[None, :] <= input_pos[:, None]  # (T, end)
+    if window:
+        seen &= keys[None, :] > input_pos[:, None] - window
+    qb = q.view(B, T, nh, D).transpose(1, 2)  # (B, NH, T, D)
+    y = F.scaled_dot_product_attention(
+        qb, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=seen, scale=scale, enable_gqa=nh != nkv
+    )  # (B, NH, T, D)
+    return y.transpose(1, 2).reshape(M, nh * D)
+
+
+def linear_residual(
+    x: torch.Tensor,  # (M, K)
+    w: torch.Tensor,  # (N, K)
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,  # (M, N)
+) -> torch.Tensor:  # (M, N)
+    return residual + F.linear(x, w, bias)
+
+
+def norm_gate_up(
+    x: torch.Tensor,  # (M, dim)
+    norm_w: torch.Tensor,  # (dim,)
+    eps: float,
+    w: torch.Tensor,  # (2*hidden, dim)
+    bias: torch.Tensor | None,
+) -> torch.Tensor:  # (M, hidden)
+    gate, up = F.linear(rms_normed(x, norm_w, eps), w, bias).chunk(2, dim=-1)
+    return F.silu(gate) * up

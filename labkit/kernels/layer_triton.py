@@ -1,0 +1,284 @@
+"""Triton kernels for one Llama decoder layer at small T: five launches per layer instead of ~12.
+
+At batch 1 a step of a 135M model moves ~270 MB of weights, 70 us at H200 bandwidth, but runs
+hundreds of small kernels: the step is bound by kernel count, not bytes. These kernels fuse what
+sits between the matmuls:
+
+    norm_qkv_rope    RMSNorm → q/k/v projection → RoPE on q, k → k, v written into the cache
+    decode_attention softmax(q k^T) v over the cache positions each query may see (no mask tensor)
+    linear_residual  residual + x W^T                      (attention output, MLP down)
+    norm_gate_up     RMSNorm → gate/up projection → silu(gate) * up
+
+Same arguments and results as layer_reference.py (the PyTorch twins). Rows are M = B*T tokens;
+matmuls use tl.dot on blocks of 16 rows, so one launch serves a decode step (T=1) and a verify
+(T=K+1). Positions come from a device tensor, so a captured CUDA graph serves every position.
+Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (how CI tests it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 16  # rows (tokens) per program: tl.dot's smallest tile
+
+
+def _ieee(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 weights (no silent TF32), or the interpreter (whose half-precision dot is wrong)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _rstd(x_ptr, offs_m, m_ok, DIM: tl.constexpr, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / RMS of each row of x (BLOCK_M,), in fp32."""
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, DIM, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * DIM + offs_k[None, :], mask=m_ok[:, None] & (offs_k[None, :] < DIM), other=0.0)
+        x = x.to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    return 1.0 / tl.sqrt(ss / DIM + eps)
+
+
+@triton.jit
+def _normed(x_ptr, nw_ptr, offs_m, m_ok, rstd, k0, DIM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows of RMSNorm(x) for columns k0..k0+BLOCK_K, rounded as the PyTorch norm rounds."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < DIM
+    x = tl.load(x_ptr + offs_m[:, None] * DIM + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0)
+    # half precision: normalise in fp32, round, then scale (HF's order); fp32: the same in fp32
+    xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
+    return (xn * w.to(tl.float32)[None, :]).to(x.dtype), offs_k, k_ok
+
+
+@triton.jit
+def _norm_qkv_rope_kernel(
+    x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
+    M, T, eps, stride_cb, stride_ch, stride_cs,
+    DIM: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    h = tl.program_id(0)  # output head: q heads, then k heads, then v heads
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    D: tl.constexpr = 2 * HALF
+    offs_d = tl.arange(0, HALF)
+    rows_lo = h * D + offs_d  # weight rows of this head's first and second halves
+    rows_hi = rows_lo + HALF
+    rstd = _rstd(x_ptr, offs_m, m_ok, DIM, eps, BLOCK_M, BLOCK_K)
+    acc_lo = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    for k0 in range(0, DIM, BLOCK_K):
+        xn, offs_k, k_ok = _normed(x_ptr, nw_ptr, offs_m, m_ok, rstd, k0, DIM, BLOCK_K)
+        w_lo = tl.load(w_ptr + rows_lo[:, None] * DIM + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+        w_hi = tl.load(w_ptr + rows_hi[:, None] * DIM + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+        acc_lo += _dot(xn, tl.trans(w_lo), IEEE)
+        acc_hi += _dot(xn, tl.trans(w_hi), IEEE)
+    if HAS_BIAS:
+        acc_lo += tl.load(b_ptr + rows_lo).to(tl.float32)[None, :]
+        acc_hi += tl.load(b_ptr + rows_hi).to(tl.float32)[None, :]
+    dtype = q_ptr.dtype.element_ty
+    a_lo = acc_lo.to(dtype).to(tl.float32)  # the projection's output, rounded like nn.Linear's
+    a_hi = acc_hi.to(dtype).to(tl.float32)
+    t = offs_m % T
+    b = offs_m // T
+    pos = tl.load(pos_ptr + t, mask=m_ok, other=0)  # (BLOCK_M,)
+    is_v = h >= NH + NKV
+    if not is_v:  # RoPE: x*cos + rotate_half(x)*sin, with the tables' sin already negated in its first half
+        c_lo = tl.load(cos_ptr + pos[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        c_hi = tl.load(cos_ptr + pos[:, None] * D + HALF + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        s_lo = tl.load(sin_ptr + pos[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        s_hi = tl.load(sin_ptr + pos[:, None] * D + HALF + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        y_lo = a_lo * c_lo + a_hi * s_lo
+        y_hi = a_hi * c_hi + a_lo * s_hi
+    else:
+        y_lo = a_lo
+        y_hi = a_hi
+    if h < NH:  # q: (M, NH, D)
+        dst = q_ptr + offs_m[:, None] * (NH * D) + h * D + offs_d[None, :]
+    elif h < NH + NKV:  # k and v go straight into the cache at their positions
+        dst = kc_ptr + b[:, None] * stride_cb + (h - NH) * stride_ch + pos[:, None] * stride_cs + offs_d[None, :]
+    else:
+        dst = vc_ptr + b[:, None] * stride_cb + (h - NH - NKV) * stride_ch + pos[:, None] * stride_cs + offs_d[None, :]
+    tl.store(dst, y_lo.to(dtype), mask=m_ok[:, None])
+    tl.store(dst + HALF, y_hi.to(dtype), mask=m_ok[:, None])
+
+
+def norm_qkv_rope(
+    x: torch.Tensor,  # (M, dim), M = B*T rows in (b, t) order
+    norm_w: torch.Tensor,  # (dim,)
+    eps: float,
+    w: torch.Tensor,  # (NH*D + 2*NKV*D, dim) q, k, v rows
+    bias: torch.Tensor | None,  # (NH*D + 2*NKV*D,)
+    cos: torch.Tensor,  # (S, D) rope table
+    sin: torch.Tensor,  # (S, D) rope table, first half negated
+    input_pos: torch.Tensor,  # (T,) positions of the T tokens
+    k_cache: torch.Tensor,  # (B, NKV, S, D) this layer's cache, written at input_pos
+    v_cache: torch.Tensor,  # (B, NKV, S, D)
+    n_heads: int,
+) -> torch.Tensor:  # q: (M, NH, D), roped
+    M, dim = x.shape
+    _, nkv, _, D = k_cache.shape
+    assert D % 32 == 0 and k_cache.stride(3) == 1 and x.is_contiguous() and w.is_contiguous()
+    q = torch.empty(M, n_heads, D, dtype=x.dtype, device=x.device)
+    grid = (n_heads + 2 * nkv, triton.cdiv(M, BLOCK_M))
+    _norm_qkv_rope_kernel[grid](
+        x, norm_w, w, bias if bias is not None else w, cos, sin, input_pos, q, k_cache, v_cache,
+        M, input_pos.shape[0], eps, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        DIM=dim, NH=n_heads, NKV=nkv, HALF=D // 2, HAS_BIAS=bias is not None, IEEE=_ieee(x),
+        BLOCK_M=BLOCK_M, BLOCK_K=64,
+    )
+    return q
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, T, scale, stride_cb, stride_ch, stride_cs,
+    NH: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)  # token m = b*T + t
+    h = tl.program_id(1)  # query head
+    b = row // T
+    pos = tl.load(pos_ptr + row % T)
+    lo = tl.maximum(pos - WINDOW + 1, 0) if WINDOW > 0 else pos * 0  # first visible key
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + (row * NH + h) * D + offs_d).to(tl.float32) * scale  # (D,)
+    base = b * stride_cb + (h // GROUP) * stride_ch
+    m_i = tl.full([], -float("inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([D], dtype=tl.float32)
+    # online softmax over keys lo..pos: every block holds at least one visible key
+    for s0 in range((lo // BLOCK_S) * BLOCK_S, pos + 1, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        seen = (offs_s >= lo) & (offs_s <= pos)
+        k = tl.load(kc_ptr + base + offs_s[:, None] * stride_cs + offs_d[None, :], mask=seen[:, None], other=0.0)
+        s = tl.where(seen, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))  # (BLOCK_S,)
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        p = tl.exp(s - m_new)
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(vc_ptr + base + offs_s[:, None] * stride_cs + offs_d[None, :], mask=seen[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    tl.store(out_ptr + (row * NH + h) * D + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(
+    q: torch.Tensor,  # (M, NH, D), M = B*T
+    k_cache: torch.Tensor,  # (B, NKV, S, D)
+    v_cache: torch.Tensor,  # (B, NKV, S, D)
+    input_pos: torch.Tensor,  # (T,) query t sees keys at positions <= input_pos[t]
+    scale: float,
+    window: int | None,  # sliding window: also only keys > input_pos[t] - window
+) -> torch.Tensor:  # (M, NH*D)
+    M, nh, D = q.shape
+    nkv = k_cache.shape[1]
+    out = torch.empty(M, nh * D, dtype=q.dtype, device=q.device)
+    _decode_attention_kernel[(M, nh)](
+        q, k_cache, v_cache, input_pos, out, input_pos.shape[0], scale,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NH=nh, GROUP=nh // nkv, D=D, WINDOW=window or 0, BLOCK_S=64,
+    )
+    return out
+
+
+@triton.jit
+def _linear_residual_kernel(
+    x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, M, N: tl.constexpr, K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += _dot(x, tl.trans(w), IEEE)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    ok = m_ok[:, None] & n_ok[None, :]
+    res = tl.load(res_ptr + offs_m[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+    y = acc.to(dtype).to(tl.float32) + res.to(tl.float32)  # rounded like x + linear(y)
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(dtype), mask=ok)
+
+
+def linear_residual(
+    x: torch.Tensor,  # (M, K)
+    w: torch.Tensor,  # (N, K)
+    bias: torch.Tensor | None,  # (N,)
+    residual: torch.Tensor,  # (M, N)
+) -> torch.Tensor:  # (M, N): residual + x w^T + bias
+    M, K = x.shape
+    N = w.shape[0]
+    assert x.is_contiguous() and w.is_contiguous() and residual.is_contiguous()
+    out = torch.empty(M, N, dtype=residual.dtype, device=x.device)
+    BLOCK_N = 16  # many small programs: at M <= 16 the work is reading w, spread it over the SMs
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
+    _linear_residual_kernel[grid](
+        x, w, bias if bias is not None else w, residual, out, M, N, K,
+        HAS_BIAS=bias is not None, IEEE=_ieee(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=128,
+    )
+    return out
+
+
+@triton.jit
+def _norm_gate_up_kernel(
+    x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, M, eps, DIM: tl.constexpr, HID: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok, n_ok = offs_m < M, offs_n < HID
+    rstd = _rstd(x_ptr, offs_m, m_ok, DIM, eps, BLOCK_M, BLOCK_K)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, DIM, BLOCK_K):
+        xn, offs_k, k_ok = _normed(x_ptr, nw_ptr, offs_m, m_ok, rstd, k0, DIM, BLOCK_K)
+        wmask = n_ok[:, None] & k_ok[None, :]
+        w_g = tl.load(w_ptr + offs_n[:, None] * DIM + offs_k[None, :], mask=wmask, other=0.0)
+        w_u = tl.load(w_ptr + (HID + offs_n[:, None]) * DIM + offs_k[None, :], mask=wmask, other=0.0)
+        acc_g += _dot(xn, tl.trans(w_g), IEEE)
+        acc_u += _dot(xn, tl.trans(w_u), IEEE)
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptr + HID + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    g = acc_g.to(dtype).to(tl.float32)  # rounded at the points where PyTorch rounds
+    u = acc_u.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    ok = m_ok[:, None] & n_ok[None, :]
+    tl.store(out_ptr + offs_m[:, None] * HID + offs_n[None, :], (act * u).to(dtype), mask=ok)
+
+
+def norm_gate_up(
+    x: torch.Tensor,  # (M, dim)
+    norm_w: torch.Tensor,  # (dim,)
+    eps: float,
+    w: torch.Tensor,  # (2*hidden, dim): gate rows, then up rows
+    bias: torch.Tensor | None,  # (2*hidden,)
+) -> torch.Tensor:  # (M, hidden): silu(gate) * up
+    M, dim = x.shape
+    hid = w.shape[0] // 2
+    assert x.is_contiguous() and w.is_contiguous()
+    out = torch.empty(M, hid, dtype=x.dtype, device=x.device)
+    BLOCK_N = 32
+    grid = (triton.cdiv(hid, BLOCK_N), triton.cdiv(M, BLOCK_M))
+    _norm_gate_up_kernel[grid](
+        x, norm_w, w, bias if bias is not None else w, out, M, eps, DIM=dim, HID=hid,
+        HAS_BIAS=bias is not None, IEEE=_ieee(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=64,
+    )
+    return out

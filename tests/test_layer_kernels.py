@@ -1,0 +1,143 @@
+"""The fused Llama layer: each Triton kernel against its PyTorch twin on random inputs (under
+TRITON_INTERPRET=1 on the CPU), and whole engines with fused layers against the PyTorch layers."""
+
+import os
+
+import pytest
+import torch
+
+from labkit.config import GenerationConfig
+from labkit.engine import Engine, pick_layer_ops
+from labkit.errors import LabkitError
+from labkit.generate import Speculation, generate
+from labkit.kernels import layer_reference as ref
+from labkit.models.tiny import tiny_hf_model
+from labkit.specdec import make_drafter
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                 reason="Triton needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # relative to the output's scale
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    return (a.float() - b.float()).abs().max().item() <= TOL[dtype] * (b.float().abs().max().item() + 1.0)
+
+
+def layer_inputs(B: int, T: int, dtype: torch.dtype, bias: bool, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    dim, nh, nkv, D, S = 96, 6, 2, 32, 48
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+    angles = torch.rand(S, D // 2, generator=g) * 6
+    pos = torch.arange(7, 7 + T) if T < 20 else torch.arange(T)
+    return dict(
+        x=rnd(B * T, dim), eps=1e-5, norm_w=(1 + 0.1 * torch.randn(dim, generator=g)).to(dtype).to(DEVICE),
+        w=rnd((nh + 2 * nkv) * D, dim, scale=dim**-0.5), bias=rnd((nh + 2 * nkv) * D) if bias else None,
+        cos=torch.cat([angles.cos()] * 2, -1).to(dtype).to(DEVICE), sin=torch.cat([-angles.sin(), angles.sin()], -1).to(dtype).to(DEVICE),
+        input_pos=pos.to(DEVICE), k_cache=rnd(B, nkv, S, D), v_cache=rnd(B, nkv, S, D), n_heads=nh,
+    )
+
+
+SHAPES = [(1, 1), (1, 5), (2, 3), (1, 20)]  # (B, T): decode, verify, batch, more rows than one block
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T", SHAPES)
+def test_norm_qkv_rope_and_attention_match_reference(B: int, T: int, dtype: torch.dtype) -> None:
+    from labkit.kernels import layer_triton as tri
+
+    inputs = layer_inputs(B, T, dtype, bias=B == 2)
+    outs = []
+    for ops in (ref, tri):
+        args = {**inputs, "k_cache": inputs["k_cache"].clone(), "v_cache": inputs["v_cache"].clone()}
+        q = ops.norm_qkv_rope(**args)
+        scale = 32**-0.5
+        full = ops.decode_attention(q, args["k_cache"], args["v_cache"], args["input_pos"], scale, None)
+        local = ops.decode_attention(q, args["k_cache"], args["v_cache"], args["input_pos"], scale, 4)
+        outs.append((q, args["k_cache"], args["v_cache"], full, local))
+    for name, a, b in zip(("q", "k_cache", "v_cache", "attention", "windowed"), outs[1], outs[0], strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert close(a, b, dtype), (name, (a.float() - b.float()).abs().max().item())
+    written = inputs["input_pos"]
+    assert not torch.equal(outs[0][1][:, :, written], inputs["k_cache"][:, :, written]), "the cache was not written"
+    untouched = torch.ones(48, dtype=torch.bool)
+    untouched[written.cpu()] = False
+    assert torch.equal(outs[1][1][:, :, untouched.to(DEVICE)], inputs["k_cache"][:, :, untouched.to(DEVICE)])
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 6, 21])
+def test_linear_residual_and_gate_up_match_reference(M: int, dtype: torch.dtype) -> None:
+    from labkit.kernels import layer_triton as tri
+
+    g = torch.Generator().manual_seed(M)
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+    x, res, w, b = rnd(M, 160), rnd(M, 72), rnd(72, 160, scale=160**-0.5), rnd(72)
+    for bias in (None, b):
+        assert close(tri.linear_residual(x, w, bias, res), ref.linear_residual(x, w, bias, res), dtype)
+    h, nw, wgu, bgu = rnd(M, 96), rnd(96), rnd(2 * 80, 96, scale=96**-0.5), rnd(2 * 80)
+    for bias in (None, bgu):
+        ours, theirs = tri.norm_gate_up(h, nw, 1e-5, wgu, bias), ref.norm_gate_up(h, nw, 1e-5, wgu, bias)
+        assert ours.shape == (M, 80) and close(ours, theirs, dtype)
+
+
+@pytest.mark.parametrize("arch", ["llama-untied", "mistral"])  # biases; sliding window
+def test_reference_layers_reproduce_the_model_layers(arch: str) -> None:
+    """layer_reference through forward_fused is the model's own layer, in another shape."""
+    hf = tiny_hf_model(arch, seed=4)
+    engine = Engine.from_hf(hf, "cpu", torch.float32, layer_kernels="torch")
+    ids = torch.randint(0, hf.config.vocab_size, (1, 19))
+    engine.ensure_capacity(32)
+    plain = torch.cat([engine.forward(ids[:, :14]), engine.verify(ids[:, 14:])], 1)
+    engine.model.layer_ops = ref
+    engine.ensure_capacity(32)
+    fused = torch.cat([engine.forward(ids[:, :14]), engine.verify(ids[:, 14:])], 1)
+    assert (plain - fused).abs().max().item() < 1e-4
+
+
+@interpreted
+@pytest.mark.parametrize("arch", ["llama-untied", "mistral", "qwen2"])
+def test_engine_with_triton_layers_gives_the_same_tokens(arch: str) -> None:
+    hf = tiny_hf_model(arch, seed=5)
+    plain = Engine.from_hf(hf, DEVICE, torch.float32, layer_kernels="torch")
+    fused = Engine.from_hf(hf, DEVICE, torch.float32, layer_kernels="triton")
+    assert fused.layer_kernels == "triton" and plain.layer_kernels == "torch"
+    ids = torch.randint(0, hf.config.vocab_size, (1, 21), device=DEVICE)
+    logits = []
+    for engine in (plain, fused):
+        engine.ensure_capacity(40)
+        logits.append(torch.cat([engine.forward(ids[:, :17]), engine.decode(ids[:, 17:18])[:, None], engine.verify(ids[:, 18:])], 1))
+    assert (logits[0] - logits[1]).abs().max().item() < 1e-4
+    cfg = GenerationConfig(max_new_tokens=12, stop_at_eos=False)
+    prompt = ids[0, :9].tolist() * 2  # repeated, so that the n-gram drafter proposes
+    want = generate(plain, prompt, cfg).tokens
+    assert generate(fused, prompt, cfg).tokens == want
+    assert generate(fused, prompt, cfg, Speculation(make_drafter("ngram", fused), 3)).tokens == want
+    assert generate(fused, prompt, cfg, Speculation(make_drafter("layerskip", fused, layers=1), 2)).tokens == want
+
+
+def test_layer_kernel_choice_says_why() -> None:
+    gpt2 = Engine.from_hf(tiny_hf_model("gpt2"), "cpu", torch.float32)
+    assert gpt2.layer_kernels == "torch" and "Llama" in gpt2.layer_kernels_reason
+    with pytest.raises(LabkitError, match="Llama-family"):
+        Engine.from_hf(tiny_hf_model("gpt2"), "cpu", torch.float32, layer_kernels="triton")
+    llama = tiny_hf_model("llama")
+    with pytest.raises(LabkitError, match="compile"):
+        Engine.from_hf(llama, "cpu", torch.float32, layer_kernels="triton", compile=True)
+    with pytest.raises(LabkitError, match="unknown layer kernels"):
+        Engine.from_hf(llama, "cpu", torch.float32, layer_kernels="fast")
+    with pytest.raises(LabkitError, match="AMP"):
+        Engine.from_hf(llama, "cpu", torch.bfloat16, amp=True, layer_kernels="triton")
+    ops, why = pick_layer_ops(Engine.from_hf(llama, "cpu", torch.float32, layer_kernels="torch").model,
+                              torch.device("cpu"), torch.float32, False, False, "auto")
+    # on the CPU the interpreter is never picked automatically: it is far slower than PyTorch
+    assert ops is None and "triton" in why
