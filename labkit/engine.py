@@ -70,12 +70,10 @@ def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dt
         why_not = "AMP keeps fp32 weights and casts per op; the fused layers need one dtype"
     elif dtype not in (torch.float32, torch.float16, torch.bfloat16):
         why_not = f"{dtype} is not a float type the kernels take"
-    elif not status.ok:
-        why_not = f"triton: {status.reason}"
-    elif choice == "auto" and not status.auto:
-        why_not = f"triton: {status.reason}"
     elif compile:
         why_not = "torch.compile fuses the layers itself (use one or the other)"
+    elif not status.ok or (choice == "auto" and not status.auto):
+        why_not = f"triton: {status.reason}"
     if why_not:
         if choice == "triton":
             raise LabkitError(f"--layer-kernels triton is not possible here: {why_not}")

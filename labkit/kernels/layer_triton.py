@@ -24,6 +24,17 @@ import triton
 import triton.language as tl
 
 BLOCK_M = 16  # rows (tokens) per program: tl.dot's smallest tile
+# Tile sizes. At batch 1 each kernel reads a few hundred KB of weights: many small programs keep
+# more SMs reading at once. scripts/layer_tune.py times alternatives on a GPU.
+TUNE = {
+    "qkv_sub": 16,  # q/k/v output dims per program (of each head half; its rope partners come along)
+    "gate_block_n": 16,  # gate/up output columns per program
+    "linear_block_n": 16,  # output columns per program (tl.dot needs >= 16)
+    "linear_block_k": 256,  # reduction tile of linear_residual
+    "norm_block_k": 128,  # reduction tile of the kernels that also normalise
+    "attn_block_s": 64,  # keys per step of the attention loop
+    "num_warps": 4,
+}
 
 
 def _ieee(x: torch.Tensor) -> bool:
@@ -66,18 +77,18 @@ def _norm_qkv_rope_kernel(
     x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
     M, T, eps, stride_cb, stride_ch, stride_cs,
     DIM: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
 ):
     h = tl.program_id(0)  # output head: q heads, then k heads, then v heads
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     D: tl.constexpr = 2 * HALF
-    offs_d = tl.arange(0, HALF)
+    offs_d = tl.program_id(1) * SUB + tl.arange(0, SUB)  # SUB dims of the first half, and their rope partners
     rows_lo = h * D + offs_d  # weight rows of this head's first and second halves
     rows_hi = rows_lo + HALF
     rstd = _rstd(x_ptr, offs_m, m_ok, DIM, eps, BLOCK_M, BLOCK_K)
-    acc_lo = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
-    acc_hi = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_M, SUB], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, SUB], dtype=tl.float32)
     for k0 in range(0, DIM, BLOCK_K):
         xn, offs_k, k_ok = _normed(x_ptr, nw_ptr, offs_m, m_ok, rstd, k0, DIM, BLOCK_K)
         w_lo = tl.load(w_ptr + rows_lo[:, None] * DIM + offs_k[None, :], mask=k_ok[None, :], other=0.0)
@@ -131,12 +142,13 @@ def norm_qkv_rope(
     _, nkv, _, D = k_cache.shape
     assert D % 32 == 0 and k_cache.stride(3) == 1 and x.is_contiguous() and w.is_contiguous()
     q = torch.empty(M, n_heads, D, dtype=x.dtype, device=x.device)
-    grid = (n_heads + 2 * nkv, triton.cdiv(M, BLOCK_M))
+    sub = min(TUNE["qkv_sub"], D // 2)
+    grid = (n_heads + 2 * nkv, D // 2 // sub, triton.cdiv(M, BLOCK_M))
     _norm_qkv_rope_kernel[grid](
         x, norm_w, w, bias if bias is not None else w, cos, sin, input_pos, q, k_cache, v_cache,
         M, input_pos.shape[0], eps, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         DIM=dim, NH=n_heads, NKV=nkv, HALF=D // 2, HAS_BIAS=bias is not None, IEEE=_ieee(x),
-        BLOCK_M=BLOCK_M, BLOCK_K=64,
+        BLOCK_M=BLOCK_M, BLOCK_K=TUNE["norm_block_k"], SUB=sub, num_warps=TUNE["num_warps"],
     )
     return q
 
@@ -187,7 +199,7 @@ def decode_attention(
     _decode_attention_kernel[(M, nh)](
         q, k_cache, v_cache, input_pos, out, input_pos.shape[0], scale,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NH=nh, GROUP=nh // nkv, D=D, WINDOW=window or 0, BLOCK_S=64,
+        NH=nh, GROUP=nh // nkv, D=D, WINDOW=window or 0, BLOCK_S=TUNE["attn_block_s"], num_warps=TUNE["num_warps"],
     )
     return out
 
@@ -226,11 +238,12 @@ def linear_residual(
     N = w.shape[0]
     assert x.is_contiguous() and w.is_contiguous() and residual.is_contiguous()
     out = torch.empty(M, N, dtype=residual.dtype, device=x.device)
-    BLOCK_N = 16  # many small programs: at M <= 16 the work is reading w, spread it over the SMs
+    BLOCK_N = TUNE["linear_block_n"]  # many small programs: at M <= 16 the work is reading w, spread over the SMs
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
     _linear_residual_kernel[grid](
         x, w, bias if bias is not None else w, residual, out, M, N, K,
-        HAS_BIAS=bias is not None, IEEE=_ieee(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=128,
+        HAS_BIAS=bias is not None, IEEE=_ieee(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=TUNE["linear_block_k"],
+        num_warps=TUNE["num_warps"],
     )
     return out
 
@@ -275,10 +288,11 @@ def norm_gate_up(
     hid = w.shape[0] // 2
     assert x.is_contiguous() and w.is_contiguous()
     out = torch.empty(M, hid, dtype=x.dtype, device=x.device)
-    BLOCK_N = 32
+    BLOCK_N = TUNE["gate_block_n"]
     grid = (triton.cdiv(hid, BLOCK_N), triton.cdiv(M, BLOCK_M))
     _norm_gate_up_kernel[grid](
         x, norm_w, w, bias if bias is not None else w, out, M, eps, DIM=dim, HID=hid,
-        HAS_BIAS=bias is not None, IEEE=_ieee(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=64,
+        HAS_BIAS=bias is not None, IEEE=_ieee(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=TUNE["norm_block_k"],
+        num_warps=TUNE["num_warps"],
     )
     return out
