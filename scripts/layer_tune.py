@@ -34,6 +34,16 @@ configs = {
     "num_warps=2": dict(num_warps=2),
     "num_warps=8": dict(num_warps=8),
 }
+if len(sys.argv) > 3 and sys.argv[3] == "combos":  # second round: the single changes that helped, together
+    nk = dict(norm_block_k=256)
+    configs = {
+        "default": {}, "norm_block_k=256": nk, "+attn128": dict(nk, attn_block_s=128),
+        "+attn128 +warps8": dict(nk, attn_block_s=128, num_warps=8),
+        "+attn128 +lin512": dict(nk, attn_block_s=128, linear_block_k=512),
+        "+attn128 +lin512 +warps8": dict(nk, attn_block_s=128, linear_block_k=512, num_warps=8),
+        "+qkv_sub32": dict(nk, qkv_sub=32), "+gate32": dict(nk, gate_block_n=32),
+        "+linear_n32": dict(nk, linear_block_n=32),
+    }
 loaded = load_model("default")
 prompts = [encode_prompt(loaded.tokenizer, p.content) for p in load_suite(None, 1)][:n_prompts]
 gen = GenerationConfig(max_new_tokens=128, min_new_tokens=128)
