@@ -30,9 +30,9 @@ TUNE = {
     "qkv_sub": 16,  # q/k/v output dims per program (of each head half; its rope partners come along)
     "gate_block_n": 16,  # gate/up output columns per program
     "linear_block_n": 16,  # output columns per program (tl.dot needs >= 16)
-    "linear_block_k": 256,  # reduction tile of linear_residual
-    "norm_block_k": 128,  # reduction tile of the kernels that also normalise
-    "attn_block_s": 64,  # keys per step of the attention loop
+    "linear_block_k": 512,  # reduction tile of linear_residual
+    "norm_block_k": 256,  # reduction tile of the kernels that also normalise
+    "attn_block_s": 128,  # keys per step of the attention loop
     "num_warps": 4,
 }
 
