@@ -73,7 +73,7 @@ def test_force_py_disables_the_kernel(monkeypatch) -> None:
 # --- speculative decoding kernels: every available backend against the reference ---------
 
 from labkit.kernels import reference  # noqa: E402
-from labkit.kernels.registry import BACKENDS, backend_status, get, table  # noqa: E402
+from labkit.kernels.registry import BACKENDS, KERNELS, LAYER_KERNELS, backend_status, get, table  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 AVAILABLE = [b for b in BACKENDS if backend_status(b, DEVICE).ok]
@@ -156,7 +156,8 @@ def test_kv_append_with_compaction(backend: str, D: int) -> None:
 
 def test_registry_prefers_the_fastest_available_and_honours_force_py(monkeypatch) -> None:
     rows = table(DEVICE)
-    assert [r["kernel"] for r in rows] == ["verify_prefix", "rejection_sample", "kv_append"]
+    assert [r["kernel"] for r in rows] == list(KERNELS + LAYER_KERNELS)
+    assert all(r["cuda"].startswith("no") for r in rows if r["kernel"] in LAYER_KERNELS)  # Triton and PyTorch only
     automatic = [b for b in AVAILABLE if backend_status(b, DEVICE).auto]
     assert rows[0]["chosen"] == automatic[0]
     if DEVICE.type == "cpu":  # the Triton interpreter works when named, but is never picked for real work
