@@ -72,6 +72,8 @@ def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dt
         why_not = f"{dtype} is not a float type the kernels take"
     elif compile:
         why_not = "torch.compile fuses the layers itself (use one or the other)"
+    elif device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+        why_not = "bf16 tensor-core dots need compute capability 8.0 or newer"
     elif not status.ok or (choice == "auto" and not status.auto):
         why_not = f"triton: {status.reason}"
     if why_not:
