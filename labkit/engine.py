@@ -372,7 +372,7 @@ class Engine:
             if self._static_step is not None and not last_only and n_layers is None:
                 logits = self._static_step(tokens, input_pos)
             else:
-                mask = None if self.layer_kernels == "triton" else cache.mask(input_pos, start + T, self.args.sliding_window, decode_step=T == 1)
+                mask = self._mask(input_pos, start + T, decode_step=T == 1)
                 logits = self.model(tokens, input_pos, cache, start + T, mask, last_only, n_layers)
         cache.length = start + T
         return logits
@@ -381,9 +381,16 @@ class Engine:
         """The fixed-shape step: attends over the whole cache with a mask, so one graph serves every position."""
         cache = self.cache
         assert cache is not None
-        # (T, S); the fused layers need none: they read each query's visible keys themselves
-        mask = None if self.layer_kernels == "triton" else cache.mask(input_pos, cache.max_len, self.args.sliding_window)
+        mask = self._mask(input_pos, cache.max_len)
         return self.model(tokens, input_pos, cache, cache.max_len, mask, False, n_layers)
+
+    def _mask(self, input_pos: torch.Tensor, attend_len: int, decode_step: bool = False) -> torch.Tensor | None:
+        """(T, attend_len) attention mask for the PyTorch layers; the fused layers need none: they
+        read each query's visible keys from the cache themselves."""
+        assert self.cache is not None
+        if self.layer_kernels == "triton":
+            return None
+        return self.cache.mask(input_pos, attend_len, self.args.sliding_window, decode_step=decode_step)
 
     def _graph_step(self, T: int, n_layers: int | None) -> GraphStep:
         step = self._graphs.get((T, n_layers))
