@@ -45,6 +45,9 @@ case "$step" in
     done | tee "$out/speed.txt"
     python3 -m labkit generate --prompt "$p" --max-tokens 64 --device cuda --cuda-graph --layer-kernels triton --profile /tmp/fused.json 2>&1 | tail -14 | tee -a "$out/speed.txt"
     ;;
+  tune)  # the fused layers' tile sizes and launch options, interleaved runs (ROUND: combos, pdl, or the first)
+    python3 scripts/layer_tune.py 4 3 "${ROUND:-pdl}" 2>&1 | grep -v Warning | tee "$out/layer_tune.txt"
+    ;;
   repeat)
     python3 scripts/repeatability.py "${MODES:-eager,graph,compile,compile-cudnn,fused}" 3 2>&1 | grep -v Warning | tee "$out/repeatability.txt"
     ;;
@@ -52,6 +55,6 @@ case "$step" in
     python3 -m papermill notebooks/3D_cuda_validation.ipynb "$out/3D_out.ipynb" -p device cuda -p max_new_tokens 128 -p categories "" \
       -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters ngram,layerskip,truncated -p ks "${KS:-2,3,4,6}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|cudatests|speed|repeat|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|cudatests|speed|tune|repeat|validate ..." >&2; exit 2 ;;
 esac
 done

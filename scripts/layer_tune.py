@@ -1,6 +1,6 @@
 """Times the fused Triton layers' tile sizes on a GPU, in one run (plain greedy, CUDA graphs).
 
-    python3 scripts/layer_tune.py [prompts] [repeats]
+    python3 scripts/layer_tune.py [prompts] [repeats] [combos|pdl]
 
 Each configuration overrides labkit.kernels.layer_triton.TUNE, recaptures the graphs, and
 decodes 128 tokens (EOS blocked) for the first prompt of a few categories; configurations are
@@ -34,6 +34,12 @@ configs = {
     "num_warps=2": dict(num_warps=2),
     "num_warps=8": dict(num_warps=8),
 }
+if len(sys.argv) > 3 and sys.argv[3] == "pdl":  # third round: weights loaded before the wait, PDL on/off
+    configs = {
+        "default": {}, "pdl off": dict(pdl=False), "num_warps=8": dict(num_warps=8), "num_warps=2": dict(num_warps=2),
+        "prefetch_k=512": dict(prefetch_k=512), "qkv_sub32": dict(qkv_sub=32), "gate32": dict(gate_block_n=32),
+        "linear_n32": dict(linear_block_n=32), "pdl off, prefetch_k=512": dict(pdl=False, prefetch_k=512),
+    }
 if len(sys.argv) > 3 and sys.argv[3] == "combos":  # second round: the single changes that helped, together
     nk = dict(norm_block_k=256)
     configs = {

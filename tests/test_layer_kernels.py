@@ -43,14 +43,31 @@ def layer_inputs(B: int, T: int, dtype: torch.dtype, bias: bool, seed: int = 0) 
 
 SHAPES = [(1, 1), (1, 5), (2, 3), (1, 20)]  # (B, T): decode, verify, batch, more rows than one block
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (dtype, prefetch_k): the default, and once a prefetch smaller than the reduction (the loop past it)
+PREFETCH = [(dtype, None) for dtype in DTYPES] + [(torch.float16, 32)]
+
+
+def small_prefetch(prefetch: int | None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prefetch_k below the reduction size: the kernels also take their loop over the columns
+    past the tiles loaded up front (what models with hidden sizes over 2048 run)."""
+    from labkit.kernels import layer_triton as tri
+
+    if prefetch is not None:
+        monkeypatch.setitem(tri.TUNE, "prefetch_k", prefetch)
+        assert tri._k_tiles(96) == (32, 0) and tri._k_tiles(160) == (32, 0)
+    else:
+        assert tri._k_tiles(96) == (64, 32) and tri._k_tiles(160) == (128, 32) and tri._k_tiles(1536) == (1024, 512)
 
 
 @interpreted
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, prefetch", PREFETCH)
 @pytest.mark.parametrize("B, T", SHAPES)
-def test_norm_qkv_rope_and_attention_match_reference(B: int, T: int, dtype: torch.dtype) -> None:
+def test_norm_qkv_rope_and_attention_match_reference(
+    B: int, T: int, dtype: torch.dtype, prefetch: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from labkit.kernels import layer_triton as tri
 
+    small_prefetch(prefetch, dtype, monkeypatch)
     inputs = layer_inputs(B, T, dtype, bias=B == 2)
     outs = []
     for ops in (ref, tri):
@@ -71,11 +88,14 @@ def test_norm_qkv_rope_and_attention_match_reference(B: int, T: int, dtype: torc
 
 
 @interpreted
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, prefetch", PREFETCH)
 @pytest.mark.parametrize("M", [1, 6, 21])
-def test_linear_residual_and_gate_up_match_reference(M: int, dtype: torch.dtype) -> None:
+def test_linear_residual_and_gate_up_match_reference(
+    M: int, dtype: torch.dtype, prefetch: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from labkit.kernels import layer_triton as tri
 
+    small_prefetch(prefetch, dtype, monkeypatch)
     g = torch.Generator().manual_seed(M)
 
     def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:

@@ -17,6 +17,7 @@ Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (how CI tests it).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,15 +31,40 @@ TUNE = {
     "qkv_sub": 16,  # q/k/v output dims per program (of each head half; its rope partners come along)
     "gate_block_n": 16,  # gate/up output columns per program
     "linear_block_n": 16,  # output columns per program (tl.dot needs >= 16)
-    "linear_block_k": 512,  # reduction tile of linear_residual
-    "norm_block_k": 256,  # reduction tile of the kernels that also normalise
+    "prefetch_k": 2048,  # reduction columns of each weight row a program loads up front, into registers
+    "linear_block_k": 512,  # reduction tile for the columns beyond prefetch_k (larger models)
+    "norm_block_k": 256,  # the same for the kernels that also normalise
     "attn_block_s": 128,  # keys per step of the attention loop
     "num_warps": 4,
+    "pdl": True,  # programmatic dependent launch (sm90+): the next kernel starts reading its weights early
 }
 
 
 def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _sm90(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _pdl(x: torch.Tensor) -> bool:
+    """Launch with programmatic dependent launch: on Hopper and later, not under the interpreter."""
+    return bool(TUNE["pdl"]) and os.environ.get("TRITON_INTERPRET") != "1" and _sm90(x.device)
+
+
+def _k_tiles(K: int) -> tuple[int, int]:
+    """Two power-of-two tiles (KA, KB) covering the first min(K, prefetch_k) reduction columns:
+    576 = 512 + 64, 1536 = 1024 + 512. A loop in BLOCK_K steps covers any columns past KA + KB."""
+    pre = min(K, int(TUNE["prefetch_k"]))
+    ka = 1 << (pre.bit_length() - 1)
+    kb = max(16, triton.next_power_of_2(pre - ka)) if pre > ka else 0  # tl.dot needs K >= 16
+    return ka, kb
+
+
+def _launch(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
 
 
 @triton.jit
@@ -49,35 +75,60 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _rstd(x_ptr, offs_m, m_ok, DIM: tl.constexpr, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / RMS of each row of x (BLOCK_M,), in fp32."""
-    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, DIM, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * DIM + offs_k[None, :], mask=m_ok[:, None] & (offs_k[None, :] < DIM), other=0.0)
-        x = x.to(tl.float32)
-        ss += tl.sum(x * x, axis=1)
-    return 1.0 / tl.sqrt(ss / DIM + eps)
+def _tile(ptr, rows, r_ok, k0, K: tl.constexpr, KT: tl.constexpr):
+    """Columns k0..k0+KT of the given rows of a row-major (*, K) matrix, zeros past K."""
+    offs_k = k0 + tl.arange(0, KT)
+    return tl.load(ptr + rows[:, None] * K + offs_k[None, :], mask=r_ok[:, None] & (offs_k[None, :] < K), other=0.0)
 
 
 @triton.jit
-def _normed(x_ptr, nw_ptr, offs_m, m_ok, rstd, k0, DIM: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows of RMSNorm(x) for columns k0..k0+BLOCK_K, rounded as the PyTorch norm rounds."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < DIM
-    x = tl.load(x_ptr + offs_m[:, None] * DIM + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-    w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0)
-    # half precision: normalise in fp32, round, then scale (HF's order); fp32: the same in fp32
+def _vec(ptr, k0, K: tl.constexpr, KT: tl.constexpr):
+    offs_k = k0 + tl.arange(0, KT)
+    return tl.load(ptr + offs_k, mask=offs_k < K, other=0.0)
+
+
+@triton.jit
+def _wait_for_inputs(GDC: tl.constexpr):
+    """Under programmatic dependent launch: let the next kernel start (it only reads weights until
+    its own wait), then wait until the previous kernel's writes are visible. Nothing a kernel
+    writes, and nothing an earlier kernel wrote, may be touched before this."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _sumsq(x):
+    xf = x.to(tl.float32)
+    return tl.sum(xf * xf, axis=1)
+
+
+@triton.jit
+def _normed(x, nw, rstd):
+    """RMSNorm(x) for a tile of rows, rounded as the PyTorch norm rounds: half precision
+    normalises in fp32, rounds, then scales (HF's order); fp32 does the same in fp32."""
     xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
-    return (xn * w.to(tl.float32)[None, :]).to(x.dtype), offs_k, k_ok
+    return (xn * nw.to(tl.float32)[None, :]).to(x.dtype)
+
+
+@triton.jit
+def _rstd(x_a, x_b, x_ptr, offs_m, m_ok, eps, DIM: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / RMS of each row, in fp32, from the tiles in hand and a loop over the columns past them."""
+    ss = _sumsq(x_a)
+    if KB > 0:
+        ss += _sumsq(x_b)
+    for k0 in range(KA + KB, DIM, BLOCK_K):
+        ss += _sumsq(_tile(x_ptr, offs_m, m_ok, k0, DIM, BLOCK_K))
+    return 1.0 / tl.sqrt(ss / DIM + eps)
 
 
 @triton.jit
 def _norm_qkv_rope_kernel(
     x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
     M, T, eps, stride_cb, stride_ch, stride_cs,
-    DIM: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr,
+    DIM: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr, GDC: tl.constexpr, BLOCK_M: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+    BLOCK_K: tl.constexpr, SUB: tl.constexpr,
 ):
     h = tl.program_id(0)  # output head: q heads, then k heads, then v heads
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -86,15 +137,32 @@ def _norm_qkv_rope_kernel(
     offs_d = tl.program_id(1) * SUB + tl.arange(0, SUB)  # SUB dims of the first half, and their rope partners
     rows_lo = h * D + offs_d  # weight rows of this head's first and second halves
     rows_hi = rows_lo + HALF
-    rstd = _rstd(x_ptr, offs_m, m_ok, DIM, eps, BLOCK_M, BLOCK_K)
-    acc_lo = tl.zeros([BLOCK_M, SUB], dtype=tl.float32)
-    acc_hi = tl.zeros([BLOCK_M, SUB], dtype=tl.float32)
-    for k0 in range(0, DIM, BLOCK_K):
-        xn, offs_k, k_ok = _normed(x_ptr, nw_ptr, offs_m, m_ok, rstd, k0, DIM, BLOCK_K)
-        w_lo = tl.load(w_ptr + rows_lo[:, None] * DIM + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-        w_hi = tl.load(w_ptr + rows_hi[:, None] * DIM + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-        acc_lo += _dot(xn, tl.trans(w_lo), IEEE)
-        acc_hi += _dot(xn, tl.trans(w_hi), IEEE)
+    r_ok = offs_d < HALF
+    # weights first: they do not depend on the previous kernel
+    w_lo_a = _tile(w_ptr, rows_lo, r_ok, 0, DIM, KA)  # (SUB, KA)
+    w_hi_a = _tile(w_ptr, rows_hi, r_ok, 0, DIM, KA)
+    nw_a = _vec(nw_ptr, 0, DIM, KA)
+    if KB > 0:
+        w_lo_b = _tile(w_ptr, rows_lo, r_ok, KA, DIM, KB)  # (SUB, KB)
+        w_hi_b = _tile(w_ptr, rows_hi, r_ok, KA, DIM, KB)
+        nw_b = _vec(nw_ptr, KA, DIM, KB)
+    _wait_for_inputs(GDC)
+    x_a = _tile(x_ptr, offs_m, m_ok, 0, DIM, KA)  # (BLOCK_M, KA)
+    x_b = x_a
+    if KB > 0:
+        x_b = _tile(x_ptr, offs_m, m_ok, KA, DIM, KB)
+    rstd = _rstd(x_a, x_b, x_ptr, offs_m, m_ok, eps, DIM, KA, KB, BLOCK_K)  # (BLOCK_M,)
+    xn = _normed(x_a, nw_a, rstd)
+    acc_lo = _dot(xn, tl.trans(w_lo_a), IEEE)  # (BLOCK_M, SUB)
+    acc_hi = _dot(xn, tl.trans(w_hi_a), IEEE)
+    if KB > 0:
+        xn_b = _normed(x_b, nw_b, rstd)
+        acc_lo += _dot(xn_b, tl.trans(w_lo_b), IEEE)
+        acc_hi += _dot(xn_b, tl.trans(w_hi_b), IEEE)
+    for k0 in range(KA + KB, DIM, BLOCK_K):  # columns past the prefetched tiles (larger models)
+        xk = _normed(_tile(x_ptr, offs_m, m_ok, k0, DIM, BLOCK_K), _vec(nw_ptr, k0, DIM, BLOCK_K), rstd)
+        acc_lo += _dot(xk, tl.trans(_tile(w_ptr, rows_lo, r_ok, k0, DIM, BLOCK_K)), IEEE)
+        acc_hi += _dot(xk, tl.trans(_tile(w_ptr, rows_hi, r_ok, k0, DIM, BLOCK_K)), IEEE)
     if HAS_BIAS:
         acc_lo += tl.load(b_ptr + rows_lo).to(tl.float32)[None, :]
         acc_hi += tl.load(b_ptr + rows_hi).to(tl.float32)[None, :]
@@ -144,11 +212,13 @@ def norm_qkv_rope(
     q = torch.empty(M, n_heads, D, dtype=x.dtype, device=x.device)
     sub = min(TUNE["qkv_sub"], D // 2)
     grid = (n_heads + 2 * nkv, D // 2 // sub, triton.cdiv(M, BLOCK_M))
+    ka, kb = _k_tiles(dim)
+    pdl = _pdl(x)
     _norm_qkv_rope_kernel[grid](
         x, norm_w, w, bias if bias is not None else w, cos, sin, input_pos, q, k_cache, v_cache,
         M, input_pos.shape[0], eps, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        DIM=dim, NH=n_heads, NKV=nkv, HALF=D // 2, HAS_BIAS=bias is not None, IEEE=_ieee(x),
-        BLOCK_M=BLOCK_M, BLOCK_K=TUNE["norm_block_k"], SUB=sub, num_warps=TUNE["num_warps"],
+        DIM=dim, NH=n_heads, NKV=nkv, HALF=D // 2, HAS_BIAS=bias is not None, IEEE=_ieee(x), GDC=pdl,
+        BLOCK_M=BLOCK_M, KA=ka, KB=kb, BLOCK_K=TUNE["norm_block_k"], SUB=sub, num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return q
 
@@ -157,10 +227,12 @@ def norm_qkv_rope(
 def _decode_attention_kernel(
     q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, T, scale, stride_cb, stride_ch, stride_cs,
     NH: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr, BLOCK_S: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     row = tl.program_id(0)  # token m = b*T + t
     h = tl.program_id(1)  # query head
     b = row // T
+    _wait_for_inputs(GDC)  # everything it reads but the positions comes from the kernel before
     pos = tl.load(pos_ptr + row % T)
     lo = tl.maximum(pos - WINDOW + 1, 0) if WINDOW > 0 else pos * 0  # first visible key
     offs_d = tl.arange(0, D)
@@ -199,26 +271,30 @@ def decode_attention(
     _decode_attention_kernel[(M, nh)](
         q, k_cache, v_cache, input_pos, out, input_pos.shape[0], scale,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NH=nh, GROUP=nh // nkv, D=D, WINDOW=window or 0, BLOCK_S=TUNE["attn_block_s"], num_warps=TUNE["num_warps"],
+        NH=nh, GROUP=nh // nkv, D=D, WINDOW=window or 0, BLOCK_S=TUNE["attn_block_s"], GDC=_pdl(q),
+        num_warps=TUNE["num_warps"], **_launch(_pdl(q)),
     )
     return out
 
 
 @triton.jit
 def _linear_residual_kernel(
-    x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, M, N: tl.constexpr, K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, M, N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr, GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr,
+    KB: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = offs_m < M, offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += _dot(x, tl.trans(w), IEEE)
+    w_a = _tile(w_ptr, offs_n, n_ok, 0, K, KA)  # (BLOCK_N, KA): weights first, before the wait
+    if KB > 0:
+        w_b = _tile(w_ptr, offs_n, n_ok, KA, K, KB)  # (BLOCK_N, KB)
+    _wait_for_inputs(GDC)
+    acc = _dot(_tile(x_ptr, offs_m, m_ok, 0, K, KA), tl.trans(w_a), IEEE)  # (BLOCK_M, BLOCK_N)
+    if KB > 0:
+        acc += _dot(_tile(x_ptr, offs_m, m_ok, KA, K, KB), tl.trans(w_b), IEEE)
+    for k0 in range(KA + KB, K, BLOCK_K):  # columns past the prefetched tiles (larger models)
+        acc += _dot(_tile(x_ptr, offs_m, m_ok, k0, K, BLOCK_K), tl.trans(_tile(w_ptr, offs_n, n_ok, k0, K, BLOCK_K)), IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     dtype = out_ptr.dtype.element_ty
@@ -240,32 +316,49 @@ def linear_residual(
     out = torch.empty(M, N, dtype=residual.dtype, device=x.device)
     BLOCK_N = TUNE["linear_block_n"]  # many small programs: at M <= 16 the work is reading w, spread over the SMs
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
+    ka, kb = _k_tiles(K)
+    pdl = _pdl(x)
     _linear_residual_kernel[grid](
-        x, w, bias if bias is not None else w, residual, out, M, N, K,
-        HAS_BIAS=bias is not None, IEEE=_ieee(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=TUNE["linear_block_k"],
-        num_warps=TUNE["num_warps"],
+        x, w, bias if bias is not None else w, residual, out, M, N, K, HAS_BIAS=bias is not None, IEEE=_ieee(x),
+        GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb, BLOCK_K=TUNE["linear_block_k"],
+        num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out
 
 
 @triton.jit
 def _norm_gate_up_kernel(
-    x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, M, eps, DIM: tl.constexpr, HID: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, M, eps, DIM: tl.constexpr, HID: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr, GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr,
+    KB: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = offs_m < M, offs_n < HID
-    rstd = _rstd(x_ptr, offs_m, m_ok, DIM, eps, BLOCK_M, BLOCK_K)
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, DIM, BLOCK_K):
-        xn, offs_k, k_ok = _normed(x_ptr, nw_ptr, offs_m, m_ok, rstd, k0, DIM, BLOCK_K)
-        wmask = n_ok[:, None] & k_ok[None, :]
-        w_g = tl.load(w_ptr + offs_n[:, None] * DIM + offs_k[None, :], mask=wmask, other=0.0)
-        w_u = tl.load(w_ptr + (HID + offs_n[:, None]) * DIM + offs_k[None, :], mask=wmask, other=0.0)
-        acc_g += _dot(xn, tl.trans(w_g), IEEE)
-        acc_u += _dot(xn, tl.trans(w_u), IEEE)
+    w_g_a = _tile(w_ptr, offs_n, n_ok, 0, DIM, KA)  # (BLOCK_N, KA): weights first, before the wait
+    w_u_a = _tile(w_ptr, HID + offs_n, n_ok, 0, DIM, KA)
+    nw_a = _vec(nw_ptr, 0, DIM, KA)
+    if KB > 0:
+        w_g_b = _tile(w_ptr, offs_n, n_ok, KA, DIM, KB)  # (BLOCK_N, KB)
+        w_u_b = _tile(w_ptr, HID + offs_n, n_ok, KA, DIM, KB)
+        nw_b = _vec(nw_ptr, KA, DIM, KB)
+    _wait_for_inputs(GDC)
+    x_a = _tile(x_ptr, offs_m, m_ok, 0, DIM, KA)  # (BLOCK_M, KA)
+    x_b = x_a
+    if KB > 0:
+        x_b = _tile(x_ptr, offs_m, m_ok, KA, DIM, KB)
+    rstd = _rstd(x_a, x_b, x_ptr, offs_m, m_ok, eps, DIM, KA, KB, BLOCK_K)  # (BLOCK_M,)
+    xn = _normed(x_a, nw_a, rstd)
+    acc_g = _dot(xn, tl.trans(w_g_a), IEEE)  # (BLOCK_M, BLOCK_N)
+    acc_u = _dot(xn, tl.trans(w_u_a), IEEE)
+    if KB > 0:
+        xn_b = _normed(x_b, nw_b, rstd)
+        acc_g += _dot(xn_b, tl.trans(w_g_b), IEEE)
+        acc_u += _dot(xn_b, tl.trans(w_u_b), IEEE)
+    for k0 in range(KA + KB, DIM, BLOCK_K):  # columns past the prefetched tiles (larger models)
+        xk = _normed(_tile(x_ptr, offs_m, m_ok, k0, DIM, BLOCK_K), _vec(nw_ptr, k0, DIM, BLOCK_K), rstd)
+        acc_g += _dot(xk, tl.trans(_tile(w_ptr, offs_n, n_ok, k0, DIM, BLOCK_K)), IEEE)
+        acc_u += _dot(xk, tl.trans(_tile(w_ptr, HID + offs_n, n_ok, k0, DIM, BLOCK_K)), IEEE)
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptr + HID + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -290,9 +383,11 @@ def norm_gate_up(
     out = torch.empty(M, hid, dtype=x.dtype, device=x.device)
     BLOCK_N = TUNE["gate_block_n"]
     grid = (triton.cdiv(hid, BLOCK_N), triton.cdiv(M, BLOCK_M))
+    ka, kb = _k_tiles(dim)
+    pdl = _pdl(x)
     _norm_gate_up_kernel[grid](
-        x, norm_w, w, bias if bias is not None else w, out, M, eps, DIM=dim, HID=hid,
-        HAS_BIAS=bias is not None, IEEE=_ieee(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=TUNE["norm_block_k"],
-        num_warps=TUNE["num_warps"],
+        x, norm_w, w, bias if bias is not None else w, out, M, eps, DIM=dim, HID=hid, HAS_BIAS=bias is not None,
+        IEEE=_ieee(x), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb, BLOCK_K=TUNE["norm_block_k"],
+        num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out
