@@ -40,6 +40,14 @@ if len(sys.argv) > 3 and sys.argv[3] == "pdl":  # third round: weights loaded be
         "prefetch_k=512": dict(prefetch_k=512), "qkv_sub32": dict(qkv_sub=32), "gate32": dict(gate_block_n=32),
         "linear_n32": dict(linear_block_n=32), "pdl off, prefetch_k=512": dict(pdl=False, prefetch_k=512),
     }
+if len(sys.argv) > 3 and sys.argv[3] == "pdl2":  # fourth round: with PDL, fewer and larger programs won
+    big = dict(linear_block_n=32, gate_block_n=32)
+    configs = {
+        "default": {}, "linear_n32": dict(linear_block_n=32), "+gate32": big, "+gate32 +qkv32": dict(big, qkv_sub=32),
+        "+gate32 +warps2": dict(big, num_warps=2), "+gate32 +warps8": dict(big, num_warps=8),
+        "+gate32 +qkv32 +warps2": dict(big, qkv_sub=32, num_warps=2), "linear_n64 gate64": dict(linear_block_n=64, gate_block_n=64),
+        "+gate32 +attn64": dict(big, attn_block_s=64),
+    }
 if len(sys.argv) > 3 and sys.argv[3] == "combos":  # second round: the single changes that helped, together
     nk = dict(norm_block_k=256)
     configs = {

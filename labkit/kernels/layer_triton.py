@@ -28,9 +28,9 @@ BLOCK_M = 16  # rows (tokens) per program: tl.dot's smallest tile
 # Tile sizes. At batch 1 each kernel reads a few hundred KB of weights: many small programs keep
 # more SMs reading at once. scripts/layer_tune.py times alternatives on a GPU.
 TUNE = {
-    "qkv_sub": 16,  # q/k/v output dims per program (of each head half; its rope partners come along)
-    "gate_block_n": 16,  # gate/up output columns per program
-    "linear_block_n": 16,  # output columns per program (tl.dot needs >= 16)
+    "qkv_sub": 32,  # q/k/v output dims per program (of each head half; its rope partners come along)
+    "gate_block_n": 32,  # gate/up output columns per program
+    "linear_block_n": 32,  # output columns per program (tl.dot needs >= 16)
     "prefetch_k": 2048,  # reduction columns of each weight row a program loads up front, into registers
     "linear_block_k": 512,  # reduction tile for the columns beyond prefetch_k (larger models)
     "norm_block_k": 256,  # the same for the kernels that also normalise
