@@ -43,20 +43,21 @@ def layer_inputs(B: int, T: int, dtype: torch.dtype, bias: bool, seed: int = 0) 
 
 SHAPES = [(1, 1), (1, 5), (2, 3), (1, 20)]  # (B, T): decode, verify, batch, more rows than one block
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (dtype, prefetch_k): the default, and once a prefetch smaller than the reduction (the loop past it)
-PREFETCH = [(dtype, None) for dtype in DTYPES] + [(torch.float16, 32)]
+# (dtype, prefetch_bytes): the default, and once a prefetch smaller than the reduction (the loop past it)
+PREFETCH = [(dtype, None) for dtype in DTYPES] + [(torch.float16, 2048)]
 
 
 def small_prefetch(prefetch: int | None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """prefetch_k below the reduction size: the kernels also take their loop over the columns
-    past the tiles loaded up front (what models with hidden sizes over 2048 run)."""
+    """A prefetch budget below the reduction size: the kernels also take their loop over the
+    columns past the tiles loaded up front (what larger models run)."""
     from labkit.kernels import layer_triton as tri
 
     if prefetch is not None:
-        monkeypatch.setitem(tri.TUNE, "prefetch_k", prefetch)
-        assert tri._k_tiles(96) == (32, 0) and tri._k_tiles(160) == (32, 0)
-    else:
-        assert tri._k_tiles(96) == (64, 32) and tri._k_tiles(160) == (128, 32) and tri._k_tiles(1536) == (1024, 512)
+        monkeypatch.setitem(tri.TUNE, "prefetch_bytes", prefetch)
+        assert tri._k_tiles(96, 64) == (32, 0) and tri._k_tiles(160, 64) == (32, 0)
+    else:  # the embedded model's sizes (576, 1536) in bf16 fit whole; fp32 and larger models loop
+        assert tri._k_tiles(576, 2 * 32 * 2) == (512, 64) and tri._k_tiles(1536, 32 * 2) == (1024, 512)
+        assert tri._k_tiles(1536, 32 * 4) == (512, 256) and tri._k_tiles(5632, 32 * 2) == (1024, 512)
 
 
 @interpreted
@@ -161,3 +162,34 @@ def test_layer_kernel_choice_says_why() -> None:
                               torch.device("cpu"), torch.float32, False, False, "auto")
     # on the CPU the interpreter is never picked automatically: it is far slower than PyTorch
     assert ops is None and "triton" in why
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="model-sized tiles: shared memory limits exist only on a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim, hidden", [(576, 1536), (2048, 5632)])  # the embedded model; a 1B Llama (loops past the prefetch)
+def test_kernels_at_model_sizes(dim: int, hidden: int, dtype: torch.dtype) -> None:
+    """Tiles sized for real models fit the GPU's shared memory in every dtype (fp32 tiles are twice
+    the bytes) and still match the twins."""
+    from labkit.kernels import layer_triton as tri
+
+    g = torch.Generator().manual_seed(dim)
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+    for M in (1, 7):
+        h, res = rnd(M, hidden), rnd(M, dim)
+        w_down, w_gu, nw = rnd(dim, hidden, scale=hidden**-0.5), rnd(2 * hidden, dim, scale=dim**-0.5), rnd(dim)
+        assert close(tri.linear_residual(h, w_down, None, res), ref.linear_residual(h, w_down, None, res), dtype)
+        assert close(tri.norm_gate_up(res, nw, 1e-5, w_gu, None), ref.norm_gate_up(res, nw, 1e-5, w_gu, None), dtype)
+        nh, nkv, D, S = dim // 64, 3, 64, 64
+        w_qkv = rnd((nh + 2 * nkv) * D, dim, scale=dim**-0.5)
+        angles = torch.rand(S, D // 2, generator=g)
+        cos = torch.cat([angles.cos()] * 2, -1).to(dtype).to(DEVICE)
+        sin = torch.cat([-angles.sin(), angles.sin()], -1).to(dtype).to(DEVICE)
+        pos = torch.arange(3, 3 + M, device=DEVICE)
+        caches = [(rnd(1, nkv, S, D), rnd(1, nkv, S, D)) for _ in range(2)]
+        caches[1] = (caches[0][0].clone(), caches[0][1].clone())
+        q_tri = tri.norm_qkv_rope(res, nw, 1e-5, w_qkv, None, cos, sin, pos, *caches[0], nh)
+        q_ref = ref.norm_qkv_rope(res, nw, 1e-5, w_qkv, None, cos, sin, pos, *caches[1], nh)
+        assert close(q_tri, q_ref, dtype) and close(caches[0][0], caches[1][0], dtype)

@@ -31,8 +31,8 @@ TUNE = {
     "qkv_sub": 32,  # q/k/v output dims per program (of each head half; its rope partners come along)
     "gate_block_n": 32,  # gate/up output columns per program
     "linear_block_n": 32,  # output columns per program (tl.dot needs >= 16)
-    "prefetch_k": 2048,  # reduction columns of each weight row a program loads up front, into registers
-    "linear_block_k": 512,  # reduction tile for the columns beyond prefetch_k (larger models)
+    "prefetch_bytes": 96 * 1024,  # weights a program loads up front (registers, then shared memory for tl.dot)
+    "linear_block_k": 512,  # reduction tile (16-bit weights) for the columns past the prefetch (larger models)
     "norm_block_k": 256,  # the same for the kernels that also normalise
     "attn_block_s": 128,  # keys per step of the attention loop
     "num_warps": 4,
@@ -54,13 +54,20 @@ def _pdl(x: torch.Tensor) -> bool:
     return bool(TUNE["pdl"]) and os.environ.get("TRITON_INTERPRET") != "1" and _sm90(x.device)
 
 
-def _k_tiles(K: int) -> tuple[int, int]:
-    """Two power-of-two tiles (KA, KB) covering the first min(K, prefetch_k) reduction columns:
-    576 = 512 + 64, 1536 = 1024 + 512. A loop in BLOCK_K steps covers any columns past KA + KB."""
-    pre = min(K, int(TUNE["prefetch_k"]))
+def _k_tiles(K: int, row_bytes: int) -> tuple[int, int]:
+    """Two power-of-two tiles (KA, KB) of reduction columns that a program loads before its wait,
+    within prefetch_bytes; row_bytes is what one column costs it (weight rows x matrices x element
+    size). 576 = 512 + 64, 1536 = 1024 + 512; a loop covers any columns past KA + KB."""
+    pre = max(16, min(K, int(TUNE["prefetch_bytes"]) // row_bytes))
     ka = 1 << (pre.bit_length() - 1)
-    kb = max(16, triton.next_power_of_2(pre - ka)) if pre > ka else 0  # tl.dot needs K >= 16
+    rest = pre - ka
+    kb = 1 << (rest.bit_length() - 1) if rest >= 16 else 0  # tl.dot needs K >= 16
     return ka, kb
+
+
+def _loop_k(key: str, x: torch.Tensor) -> int:
+    """The loop's reduction tile, halved for 32-bit weights (same bytes in shared memory)."""
+    return int(TUNE[key]) * 2 // x.element_size()
 
 
 def _launch(pdl: bool) -> dict:
@@ -212,13 +219,13 @@ def norm_qkv_rope(
     q = torch.empty(M, n_heads, D, dtype=x.dtype, device=x.device)
     sub = min(TUNE["qkv_sub"], D // 2)
     grid = (n_heads + 2 * nkv, D // 2 // sub, triton.cdiv(M, BLOCK_M))
-    ka, kb = _k_tiles(dim)
+    ka, kb = _k_tiles(dim, 2 * sub * w.element_size())  # lo and hi rows
     pdl = _pdl(x)
     _norm_qkv_rope_kernel[grid](
         x, norm_w, w, bias if bias is not None else w, cos, sin, input_pos, q, k_cache, v_cache,
         M, input_pos.shape[0], eps, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         DIM=dim, NH=n_heads, NKV=nkv, HALF=D // 2, HAS_BIAS=bias is not None, IEEE=_ieee(x), GDC=pdl,
-        BLOCK_M=BLOCK_M, KA=ka, KB=kb, BLOCK_K=TUNE["norm_block_k"], SUB=sub, num_warps=TUNE["num_warps"], **_launch(pdl),
+        BLOCK_M=BLOCK_M, KA=ka, KB=kb, BLOCK_K=_loop_k("norm_block_k", w), SUB=sub, num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return q
 
@@ -316,11 +323,11 @@ def linear_residual(
     out = torch.empty(M, N, dtype=residual.dtype, device=x.device)
     BLOCK_N = TUNE["linear_block_n"]  # many small programs: at M <= 16 the work is reading w, spread over the SMs
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
-    ka, kb = _k_tiles(K)
+    ka, kb = _k_tiles(K, BLOCK_N * w.element_size())
     pdl = _pdl(x)
     _linear_residual_kernel[grid](
         x, w, bias if bias is not None else w, residual, out, M, N, K, HAS_BIAS=bias is not None, IEEE=_ieee(x),
-        GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb, BLOCK_K=TUNE["linear_block_k"],
+        GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb, BLOCK_K=_loop_k("linear_block_k", w),
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out
@@ -383,11 +390,11 @@ def norm_gate_up(
     out = torch.empty(M, hid, dtype=x.dtype, device=x.device)
     BLOCK_N = TUNE["gate_block_n"]
     grid = (triton.cdiv(hid, BLOCK_N), triton.cdiv(M, BLOCK_M))
-    ka, kb = _k_tiles(dim)
+    ka, kb = _k_tiles(dim, 2 * BLOCK_N * w.element_size())  # gate and up rows
     pdl = _pdl(x)
     _norm_gate_up_kernel[grid](
         x, norm_w, w, bias if bias is not None else w, out, M, eps, DIM=dim, HID=hid, HAS_BIAS=bias is not None,
-        IEEE=_ieee(x), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb, BLOCK_K=TUNE["norm_block_k"],
+        IEEE=_ieee(x), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb, BLOCK_K=_loop_k("norm_block_k", w),
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out
