@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from labkit.bench.baseline import BaselineConfig, run_baseline, summarize
+from labkit.errors import LabkitError
 from labkit.models.loading import LoadedModel, load_model
 
 
@@ -77,3 +80,17 @@ def test_validation_speedups_use_the_prompts_both_systems_ran() -> None:
     assert out["labkit_graph"]["speedup_vs_hf"] == 10.0  # prompt a only
     assert out["labkit_graph"]["tok_per_s"] == 200.0 and out["labkit_graph"]["roofline_share"] == 0.2
     assert out["labkit_graph"]["identical_share"] == 0.5
+
+
+def test_validation_time_budget_stops_between_prompts_and_says_so(tiny_folder) -> None:
+    from labkit.bench.validation import ValidationConfig, run_validation
+
+    cfg = ValidationConfig(device="cpu", dtype="float32", max_new_tokens=3, categories=["writing", "coding"], prompts_per_category=1,
+                           drafters=["ngram"], ks=[1], hf_assisted=False, fused=False, compile=False, output_dir=None,
+                           progress=False, time_budget_s=1e-6)
+    payload = run_validation(cfg, load_model(str(tiny_folder)))
+    stopped = payload["stopped_early"]
+    assert stopped["prompts_done"] == 1 and stopped["prompts_planned"] == 2 and len(stopped["not_run"]) == 1
+    assert {r["prompt_id"] for r in payload["rows"]} == {payload["parameters"]["prompts"][0]}
+    with pytest.raises(LabkitError, match="time_budget_s"):
+        ValidationConfig(time_budget_s=0).validate()

@@ -27,6 +27,7 @@ import copy
 import math
 import re
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -65,6 +66,7 @@ class ValidationConfig:
     fused: bool = True  # also CUDA graphs over the fused Triton layers (CUDA with triton only)
     hf_assisted: bool = True
     explain_limit: int = 40  # differing outputs to analyse at most
+    time_budget_s: float | None = None  # start no new prompt after this long (the rest are reported as not run)
     output_dir: str | None = "results"
     progress: bool = True
 
@@ -73,6 +75,8 @@ class ValidationConfig:
             raise LabkitError(f"max_new_tokens must be at least 2, got {self.max_new_tokens}")
         if not self.ks or min(self.ks) < 1:
             raise LabkitError(f"every K must be at least 1, got {self.ks}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise LabkitError(f"time_budget_s must be positive, got {self.time_budget_s}")
         for name in ("prompts_per_category", "slow_prompts_per_category"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -174,6 +178,7 @@ def _row(system: str, result_tokens: list[int], seconds: float, reference: list[
 
 def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
     cfg.validate()
+    t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     loaded = loaded or load_model(cfg.model)
@@ -236,7 +241,12 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     rows: list[dict[str, Any]] = []
     pending: list[tuple[str, list[int], list[int], list[int], str]] = []  # for explain
     bar = tqdm(total=len(prompts), desc="validation", disable=not cfg.progress)
+    stopped: dict[str, Any] | None = None
     for i, (prompt, ids) in enumerate(prompts):
+        if cfg.time_budget_s is not None and i > 0 and time.perf_counter() - t_start > cfg.time_budget_s:
+            stopped = {"prompts_done": i, "prompts_planned": len(prompts), "time_budget_s": cfg.time_budget_s,
+                       "not_run": [p.id for p, _ in prompts[i:]]}
+            break
         base = {"prompt_id": prompt.id, "category": prompt.category, "prompt_tokens": len(ids)}
         reference = generate(fast, ids, gen).tokens  # labkit's fastest plain greedy: what every output is compared with
         shift = i % len(systems)
@@ -280,6 +290,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
         "benchmark": "validation", **provenance(device, params), "card": card,
         "copy_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes_per_token": weight_bytes, "roofline_tok_per_s": roofline,
         "tuning": tuning, "summary": summary, "divergences": explanations, "divergences_total": len(pending),
+        "stopped_early": stopped,
     }
     if cfg.output_dir:
         json_path, csv_path = write_results(cfg.output_dir, results_stem(payload), payload, rows)
