@@ -189,6 +189,55 @@ class GreedyGraph:
         return self.out[:, :n]
 
 
+def greedy_verdict(
+    logits: torch.Tensor,  # (B, K+1, V) the verify step's logits
+    tokens: torch.Tensor,  # (B, K+1) the last token and the K drafts
+    eos_mask: torch.Tensor,  # (V,) bool
+    block_rows: torch.Tensor,  # (1,) EOS is blocked in the first block_rows rows (min_new_tokens)
+) -> torch.Tensor:  # (B, 2): accepted drafts, and the target's token after them
+    """Greedy acceptance on the device: the target's argmax per position (EOS blocked where
+    asked), then the registry's verify_prefix. The same tokens as GreedyMatch on the logits."""
+    from labkit.kernels import registry
+
+    T = tokens.shape[1]
+    rows = torch.arange(T, device=tokens.device) < block_rows  # (K+1,)
+    target = logits.masked_fill(eos_mask[None, None, :] & rows[None, :, None], float("-inf")).argmax(-1)  # (B, K+1)
+    accepted, bonus = registry.get("verify_prefix", tokens.device)(tokens[:, 1:], target)  # (B,), (B,)
+    return torch.stack([accepted.long(), bonus.long()], dim=1)
+
+
+class GreedyVerifyGraph:
+    """A captured verify step of K+1 tokens that also decides greedy acceptance: a speculative
+    step replays one graph and reads back two integers, instead of launching the EOS mask, the
+    argmax and the comparison from Python. Cache positions as in GraphStep."""
+
+    def __init__(self, engine: Engine, T: int) -> None:
+        cache = engine.cache
+        assert cache is not None
+        device, B, V = engine.device, engine.batch_size, engine.args.vocab_size
+        self.T = T
+        self.tokens = torch.zeros(B, T, dtype=torch.long, device=device)  # (B, T)
+        self.input_pos = torch.arange(cache.max_len - T, cache.max_len, device=device)  # (T,)
+        self.eos_mask = torch.zeros(V, dtype=torch.bool, device=device)  # (V,)
+        self.block_rows = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
+        self.verdict = torch.zeros(B, 2, dtype=torch.long, device=device)  # (B, 2)
+        step = engine._static_step or engine._static_forward
+
+        def body() -> None:
+            logits = step(self.tokens, self.input_pos, None)  # (B, T, V)
+            self.verdict = greedy_verdict(logits, self.tokens, self.eos_mask, self.block_rows)
+
+        self.graph = capture(engine, body, lambda: None)
+
+    def run(self, tokens: torch.Tensor, start: int, eos_mask: torch.Tensor, block_rows: int) -> torch.Tensor:
+        self.tokens.copy_(tokens, non_blocking=True)
+        torch.arange(start, start + self.T, out=self.input_pos)
+        self.eos_mask.copy_(eos_mask, non_blocking=True)
+        self.block_rows.fill_(block_rows)
+        self.graph.replay()
+        return self.verdict
+
+
 class Engine:
     def __init__(
         self,
@@ -210,6 +259,7 @@ class Engine:
         self._graphs_safe = cuda_graph  # set per request by ensure_capacity
         self._graphs: dict[tuple[int, int | None], GraphStep] = {}
         self._greedy_graph: GreedyGraph | None = None
+        self._verify_graphs: dict[int, GreedyVerifyGraph] = {}  # verify width -> graph of its greedy verdict
         weight_dtype = torch.float32 if amp else dtype
         self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # Llama or GPT2
         ops, self.layer_kernels_reason = pick_layer_ops(self.model, device, dtype, amp, compile, layer_kernels)
@@ -297,6 +347,7 @@ class Engine:
     # -- cache management -------------------------------------------------------------
     def _allocate(self, max_len: int) -> None:
         self._graphs = {}  # captured graphs point into the old cache
+        self._verify_graphs = {}
         self._greedy_graph = None
         cache_dtype = self.dtype
         self.cache = KVCache(
@@ -413,16 +464,46 @@ class Engine:
         return self.forward(tokens)
 
     @torch.inference_mode()
+    def verify_greedy(
+        self,
+        tokens: torch.Tensor,  # (B, K+1) last accepted token + K drafts
+        eos_mask: torch.Tensor,  # (V,) bool: EOS ids ...
+        block_rows: int,  # ... blocked in the first block_rows positions (min_new_tokens)
+    ) -> torch.Tensor:  # (B, 2) on the device: accepted drafts, the target's next token
+        """verify + greedy acceptance in one step; with CUDA graphs, one more captured graph
+        after the verify graph, and nothing launched from Python in between."""
+        cache = self.cache
+        assert cache is not None
+        start, T = cache.length, tokens.shape[1]
+        if self._graphs_safe and T <= GRAPH_MAX_T:
+            if start + T > cache.max_len:
+                raise LabkitError(f"{start + T} positions exceed the cache of {cache.max_len}; call ensure_capacity first")
+            graph = self._verify_graphs.get(T)
+            if graph is None:
+                graph = self._verify_graphs[T] = GreedyVerifyGraph(self, T)
+            verdict = graph.run(tokens, start, eos_mask, block_rows)
+            cache.length = start + T
+            return verdict
+        logits = self.forward(tokens)  # (B, K+1, V)
+        return greedy_verdict(logits, tokens, eos_mask, torch.tensor([block_rows], device=self.device))
+
+    @torch.inference_mode()
     def warm_up(self, max_t: int = 1) -> None:
         """Capture (and compile) every step shape up to `max_t` tokens, and the greedy chunk, now
-        rather than inside a timed request. A speculative verify is 2..K+1 tokens wide."""
+        rather than inside a timed request. A speculative verify is 2..K+1 tokens wide (and
+        has a greedy-verdict graph of its own)."""
+        verify_t = min(max_t, GRAPH_MAX_T)
         if self.cuda_graph:  # prompts run as chunks of up to GRAPH_MAX_T tokens
             max_t = max(max_t, GRAPH_MAX_T)
         self.ensure_capacity(max_t + 1)
         token = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
+        eos_mask = torch.zeros(self.args.vocab_size, dtype=torch.bool, device=self.device)
         for T in range(1, max_t + 1):
             self.reset()
             self.forward(token.expand(self.batch_size, T).contiguous())
+            if 2 <= T <= verify_t:
+                self.reset()
+                self.verify_greedy(token.expand(self.batch_size, T).contiguous(), eos_mask, 0)
         self.reset()
         self.decode_greedy(token, 1)
         self.reset()

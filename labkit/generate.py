@@ -22,7 +22,7 @@ from labkit.metrics.timers import now
 from labkit.sampling import make_generator, sample
 from labkit.specdec.controllers import Controller, FixedK
 from labkit.specdec.drafters import Draft, Drafter
-from labkit.specdec.policies import Policy, default_policy, warm_up_kernels
+from labkit.specdec.policies import GreedyMatch, Policy, Verdict, default_policy, warm_up_kernels
 
 Messages = list[dict[str, str]]
 
@@ -189,6 +189,9 @@ def generate(
         return logits
 
     timer = PhaseTimer(device, Flags.from_env().detailed_metrics if detailed_metrics is None else detailed_metrics)
+    # greedy acceptance needs only the target's argmax: the engine decides it inside the verify
+    # step (unless phases are timed one by one, which needs them apart)
+    fused_greedy = isinstance(policy, GreedyMatch) and not timer.enabled
     reset_peak(device)
     t_start = now(device)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
@@ -223,11 +226,15 @@ def generate(
         if draft.tokens:
             start = engine.length
             feed = torch.tensor([[context[-1], *draft.tokens]], device=device)  # (1, K+1)
-            with timer.phase("verify"):
-                logits = suppress_eos(engine.verify(feed)[0], len(tokens))  # (K+1, V)
             assert policy is not None and controller is not None
-            with timer.phase("accept"):
-                verdict = policy.accept(feed[0, 1:], draft.probs, logits, config, generator)
+            if fused_greedy:  # verify and greedy acceptance in one step, two integers read back
+                n_ok, token = engine.verify_greedy(feed, eos_mask, config.min_new_tokens - len(tokens) if eos_all else 0)[0].tolist()
+                verdict = Verdict(n_ok, token)
+            else:
+                with timer.phase("verify"):
+                    logits = suppress_eos(engine.verify(feed)[0], len(tokens))  # (K+1, V)
+                with timer.phase("accept"):
+                    verdict = policy.accept(feed[0, 1:], draft.probs, logits, config, generator)
             with timer.phase("kv_update"):
                 engine.rollback(start + 1 + verdict.accepted)  # keep the last token and the accepted drafts
             new = draft.tokens[: verdict.accepted] + [verdict.next_token]

@@ -133,3 +133,50 @@ def test_warm_up_leaves_the_engine_ready_and_empty() -> None:
     with torch.no_grad():
         ref = hf(ids).logits
     assert (engine.forward(ids) - ref).abs().max().item() < 1e-4
+
+
+def greedy_by_policy(engine: Engine, feed: torch.Tensor, eos_mask: torch.Tensor, block_rows: int) -> list[int]:
+    """What the loop did before verify_greedy: logits, EOS blocked in the first rows, GreedyMatch."""
+    from labkit.config import GenerationConfig
+    from labkit.specdec.policies import GreedyMatch
+
+    logits = engine.verify(feed)[0].clone()  # (K+1, V)
+    rows = max(0, min(block_rows, logits.shape[0]))
+    logits[:rows] = logits[:rows].masked_fill(eos_mask, float("-inf"))
+    verdict = GreedyMatch().accept(feed[0, 1:], None, logits, GenerationConfig(), None)
+    return [verdict.accepted, verdict.next_token]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA"))])
+def test_verify_greedy_decides_like_the_greedy_policy(device: str) -> None:
+    """verify_greedy (one captured graph on CUDA) gives GreedyMatch's verdict on the verify
+    logits, with EOS blocked in the first block_rows positions, and leaves the cache as verify does."""
+    hf = tiny_hf_model("llama", seed=5)
+    engine = Engine.from_hf(hf, device, "float32", cuda_graph=device == "cuda")
+    prompt = torch.randint(0, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    engine.ensure_capacity(40)
+    engine.prefill(prompt)
+    start = engine.length
+    greedy = engine.decode_greedy(prompt[:, -1:], 4)  # (1, 4): drafts that the target accepts in full
+    engine.rollback(start)
+    feeds = {"all stand": torch.cat([prompt[:, -1:], greedy], 1),
+             "first wrong": torch.cat([prompt[:, -1:], (greedy + 1) % hf.config.vocab_size], 1)}
+    seen = set()
+    for name, feed in feeds.items():
+        for eos in (None, int(greedy[0, 0])):  # EOS = the target's first choice: blocking it changes the verdict
+            eos_mask = torch.zeros(hf.config.vocab_size, dtype=torch.bool, device=device)
+            if eos is not None:
+                eos_mask[eos] = True
+            for block_rows in (0, 2, -3):
+                engine.rollback(start)
+                want = greedy_by_policy(engine, feed, eos_mask, block_rows)
+                engine.rollback(start)
+                got = engine.verify_greedy(feed, eos_mask, block_rows)[0].tolist()
+                assert got == want, (name, eos, block_rows)
+                assert engine.length == start + feed.shape[1]
+                seen.add(tuple(want))
+                if name == "all stand" and (eos is None or block_rows <= 0):
+                    assert want[0] == 4
+                if name == "first wrong" or (eos is not None and block_rows > 0):
+                    assert want[0] == 0
+    assert len(seen) >= 3  # the cases lead to different verdicts

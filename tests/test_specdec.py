@@ -93,6 +93,33 @@ def test_ngram_lookup_proposes_what_followed_the_latest_match() -> None:
     assert NgramDrafter(max_n=3, min_n=2).propose([4, 5, 6, 4, 5], 3, cfg, None).tokens == [6, 4, 5]
 
 
+def scan_lookup(context: list[int], k: int, max_n: int, min_n: int) -> list[int]:
+    """The n-gram lookup written as a plain backward scan: what the drafter's index must equal."""
+    for n in range(min(max_n, len(context) - 1), min_n - 1, -1):
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start : start + n] == context[len(context) - n :]:
+                return context[start + n : start + n + k]
+    return []
+
+
+def test_ngram_index_equals_a_full_scan_as_the_context_grows() -> None:
+    import random
+
+    rng = random.Random(0)
+    cfg = GenerationConfig()
+    for max_n, min_n in ((3, 2), (4, 1)):
+        ngram = NgramDrafter(max_n=max_n, min_n=min_n)
+        for _ in range(5):  # requests: begin() forgets the last one
+            context = [rng.randrange(6) for _ in range(rng.randrange(1, 12))]
+            ngram.begin(context, 200)
+            while len(context) < 120:
+                k = rng.randrange(1, 7)
+                assert ngram.propose(context, k, cfg, None).tokens == scan_lookup(context, k, max_n, min_n)
+                context = context + [rng.randrange(6) for _ in range(rng.randrange(1, 4))]
+        other = [5, 4, 3, 5, 4]  # a context that does not extend the indexed one: the index starts over
+        assert ngram.propose(other, 3, cfg, None).tokens == scan_lookup(other, 3, max_n, min_n)
+
+
 def test_greedy_match_policy() -> None:
     logits = torch.full((4, 10), -5.0)
     for i, t in enumerate([3, 4, 9, 1]):

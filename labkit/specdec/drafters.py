@@ -136,7 +136,12 @@ class LayerSkipDrafter:
 
 class NgramDrafter:
     """Prompt lookup: find the latest earlier occurrence of the longest recent suffix (n = max_n
-    down to min_n) in the prompt and output, and propose what followed it. No weights."""
+    down to min_n) in the prompt and output, and propose what followed it. No weights.
+
+    An index from each n-gram to its latest start grows with the context (which only grows
+    within a request), so a proposal costs O(max_n) dictionary lookups instead of a scan of the
+    whole context: on a GPU a step is a few hundred microseconds, and a Python scan of a few
+    hundred tokens is a sizeable share of it."""
 
     name = "ngram"
 
@@ -146,19 +151,30 @@ class NgramDrafter:
         if not 1 <= min_n <= max_n:
             raise LabkitError(f"n-gram sizes need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.max_n, self.min_n = max_n, min_n
+        self._latest: dict[tuple[int, ...], int] = {}  # n-gram -> latest start that has a token after it
+        self._indexed: list[int] = []  # the context the index covers (a prefix of the next one)
 
     def begin(self, prompt_ids: list[int], capacity: int) -> None:
-        pass
+        self._latest, self._indexed = {}, []
+
+    def _extend(self, context: list[int]) -> None:
+        """Index the n-grams that end before the context's last token and are not indexed yet."""
+        done = len(self._indexed)
+        if done > len(context) or context[:done] != self._indexed:  # not an extension: start over
+            self._latest, done = {}, 0
+        for end in range(max(done, 1), len(context)):  # n-grams ending at end-1 have context[end] after them
+            for n in range(self.min_n, self.max_n + 1):
+                if end - n >= 0:
+                    self._latest[tuple(context[end - n : end])] = end - n
+        self._indexed = list(context)
 
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
+        self._extend(context)
         n_ctx = len(context)
         for n in range(min(self.max_n, n_ctx - 1), self.min_n - 1, -1):
-            suffix = context[n_ctx - n :]
-            for start in range(n_ctx - n - 1, -1, -1):  # latest match first, never the suffix itself
-                if context[start : start + n] == suffix:
-                    follow = context[start + n : start + n + k]
-                    if follow:
-                        return Draft(follow)
+            start = self._latest.get(tuple(context[n_ctx - n :]))
+            if start is not None:
+                return Draft(context[start + n : start + n + k])
         return Draft([])
 
 
