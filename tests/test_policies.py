@@ -172,16 +172,3 @@ def test_mixed_model_reduces_to_the_textbook_and_to_plain() -> None:
 
     assert predicted_mixed_speedup(0.8, 0.1, 4, 1.2, 1.0) == pytest.approx(predicted_speedup(0.8, 0.1, 4, v=1.2))
     assert predicted_mixed_speedup(0.8, 0.1, 4, 1.2, 0.0) == pytest.approx(1.0)
-
-
-def test_cost_aware_learns_acceptance_per_draft_position() -> None:
-    """Drafts that stand or fall together (an n-gram copy): position 1 stands half the time, the
-    positions after it almost always; one pooled alpha would say 0.8 everywhere."""
-    c = CostAware(8)
-    for step in range(40):
-        c.update(4, 4 if step % 2 else 0, 0.0, 0.01)
-    assert abs(c.position_alpha(1) - 0.5) < 0.15
-    assert c.position_alpha(2) > 0.9 and c.position_alpha(4) > 0.9
-    assert abs(c.expected_tokens(4) - (1 + 0.5 * 4)) < 0.5  # about 1 + a_1 * K, not the geometric 3.36
-    c.begin()  # a new request keeps the shape at a quarter of the weight
-    assert abs(c.position_alpha(1) - 0.5) < 0.2 and c.position_alpha(3) > 0.8

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from labkit.errors import LabkitError
+from labkit.specdec.speedup import expected_tokens
 
 
 class Controller(Protocol):
@@ -90,58 +91,34 @@ class AIMD:
 class CostAware:
     """Picks the K that maximises expected tokens per second (Leviathan et al.):
 
-        tokens(K) = 1 + sum_{j<=K} a_1 * ... * a_j
-        time(K)   = K * draft_per_token + verify(K)
-        K*        = argmax_K tokens / time
+        tokens(alpha, K) = (1 - alpha^(K+1)) / (1 - alpha)
+        time(K)          = K * draft_per_token + verify(K)
+        K*               = argmax_K tokens / time
 
-    a_j is the chance that draft token j stands once tokens 1..j-1 stood. With one a for every
-    position this is the textbook (1 - a^(K+1)) / (1 - a); per position it also fits drafters
-    whose drafts stand or fall together (an n-gram copy that matched its first token tends to
-    run on), which the one-a model reads as "short K". Each a_j is an EMA of successes over
-    trials at position j (a step that accepted m of d drafts adds trials at 1..min(m+1, d) and
-    successes at 1..m; counts decay by 1 - ema per observation), shrunk toward the pooled rate
-    with the weight of one trial, and the pooled rate toward alpha_prior likewise.
-
-    The costs are measured on this device: an EMA of draft seconds per drafted token, and verify
-    seconds per verify width K, fitted as a line verify(K) = v0 + v1 * K once two widths were seen.
-    Costs carry over between requests (they belong to the device); the acceptance counts carry
-    over at `carry` of their weight, so a new request starts from the last one's shape but is
-    quickly its own."""
+    alpha, the chance that one draft token stands, is an EMA over the request's draft tokens
+    (each step observes `accepted` successes and one failure unless all stood). The costs are
+    measured on this device: an EMA of draft seconds per drafted token, and verify seconds per
+    verify width K, fitted as a line verify(K) = v0 + v1 * K once two widths were seen. Costs
+    carry over between requests (they belong to the device); alpha restarts at its prior."""
 
     name = "cost"
 
-    def __init__(self, k_max: int, ema: float = 0.1, alpha_prior: float = 0.5, k_start: int = 2, carry: float = 0.25) -> None:
-        if not 0 < ema <= 1 or not 0 <= alpha_prior < 1 or not 0 <= carry <= 1:
-            raise LabkitError(f"cost-aware needs 0 < ema <= 1, 0 <= alpha_prior < 1 and 0 <= carry <= 1, got {ema}, {alpha_prior}, {carry}")
-        self.k_max, self.ema, self.alpha_prior, self.carry = k_max, ema, alpha_prior, carry
+    def __init__(self, k_max: int, ema: float = 0.3, alpha_prior: float = 0.5, k_start: int = 2) -> None:
+        if not 0 < ema <= 1 or not 0 <= alpha_prior < 1:
+            raise LabkitError(f"cost-aware needs 0 < ema <= 1 and 0 <= alpha_prior < 1, got {ema}, {alpha_prior}")
+        self.k_max, self.ema, self.alpha_prior = k_max, ema, alpha_prior
         self.k_start = min(k_start, k_max)
         _check(self.k_start, k_max)
-        self.hits = [0.0] * (k_max + 1)  # EMA'd successes and trials per draft position 1..k_max
-        self.trials = [0.0] * (k_max + 1)
+        self.hits, self.trials = alpha_prior, 1.0  # EMA'd counts: alpha = hits / trials
         self.draft_per_token: float | None = None
         self.verify_by_k: dict[int, float] = {}  # EMA of verify seconds per width K
 
     def begin(self) -> None:
-        self.hits = [h * self.carry for h in self.hits]
-        self.trials = [t * self.carry for t in self.trials]
+        self.hits, self.trials = self.alpha_prior, 1.0
 
     @property
     def alpha(self) -> float:
-        """The pooled acceptance rate: successes over trials at every position (the prior when none)."""
-        return (sum(self.hits) + self.alpha_prior) / (sum(self.trials) + 1.0)
-
-    def position_alpha(self, j: int) -> float:
-        """a_j, shrunk toward the pooled rate with the weight of one trial."""
-        return min((self.hits[j] + self.alpha) / (self.trials[j] + 1.0), 0.999)
-
-    def expected_tokens(self, k: int) -> float:
-        """Tokens per target step at width k: the target's own token plus each draft position's
-        chance of standing."""
-        total, survive = 1.0, 1.0
-        for j in range(1, k + 1):
-            survive *= self.position_alpha(j)
-            total += survive
-        return total
+        return min(self.hits / self.trials, 0.999)
 
     def verify_cost(self, k: int) -> float:
         seen = sorted(self.verify_by_k.items())
@@ -159,7 +136,7 @@ class CostAware:
     def rate(self, k: int) -> float:
         """Expected tokens per second at width k under the current estimates."""
         cost = k * (self.draft_per_token or 0.0) + self.verify_cost(k)
-        return self.expected_tokens(k) / cost
+        return expected_tokens(self.alpha, k) / cost
 
     def next_k(self) -> int:
         if not self.verify_by_k:
@@ -170,9 +147,9 @@ class CostAware:
         if drafted < 1:
             return
         a = self.ema
-        for j in range(1, min(accepted + 1, drafted) + 1):  # positions this step tried: decayed counts, at most 1/ema
-            self.hits[j] = (1 - a) * self.hits[j] + (1.0 if j <= accepted else 0.0)
-            self.trials[j] = (1 - a) * self.trials[j] + 1.0
+        failures = 0 if accepted == drafted else 1
+        self.hits = (1 - a) * self.hits + a * accepted
+        self.trials = (1 - a) * self.trials + a * (accepted + failures)
         per_token = draft_s / drafted
         self.draft_per_token = per_token if self.draft_per_token is None else (1 - a) * self.draft_per_token + a * per_token
         old = self.verify_by_k.get(drafted)
