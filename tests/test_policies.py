@@ -172,3 +172,16 @@ def test_mixed_model_reduces_to_the_textbook_and_to_plain() -> None:
 
     assert predicted_mixed_speedup(0.8, 0.1, 4, 1.2, 1.0) == pytest.approx(predicted_speedup(0.8, 0.1, 4, v=1.2))
     assert predicted_mixed_speedup(0.8, 0.1, 4, 1.2, 0.0) == pytest.approx(1.0)
+
+
+def test_cost_aware_starts_a_request_from_the_last_ones_alpha() -> None:
+    c = CostAware(8)
+    c.begin()
+    assert c.alpha == 0.5  # the prior, before any request
+    for _ in range(20):
+        c.update(4, 4, 0.0, 0.01)  # every draft stands
+    high = c.alpha
+    c.begin()
+    assert c.alpha == pytest.approx(high) and high > 0.9
+    c.update(4, 0, 0.0, 0.01)  # one weight of evidence moves it at once
+    assert c.alpha < high - 0.2

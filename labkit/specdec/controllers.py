@@ -99,7 +99,8 @@ class CostAware:
     (each step observes `accepted` successes and one failure unless all stood). The costs are
     measured on this device: an EMA of draft seconds per drafted token, and verify seconds per
     verify width K, fitted as a line verify(K) = v0 + v1 * K once two widths were seen. Costs
-    carry over between requests (they belong to the device); alpha restarts at its prior."""
+    carry over between requests (they belong to the device); alpha restarts from the last
+    request's estimate, with the weight of one draft token."""
 
     name = "cost"
 
@@ -114,7 +115,9 @@ class CostAware:
         self.verify_by_k: dict[int, float] = {}  # EMA of verify seconds per width K
 
     def begin(self) -> None:
-        self.hits, self.trials = self.alpha_prior, 1.0
+        # the last request's alpha becomes this one's prior, worth one draft token (the first
+        # request starts from alpha_prior): less of each request is spent finding its level
+        self.hits, self.trials = self.alpha if self.verify_by_k else self.alpha_prior, 1.0
 
     @property
     def alpha(self) -> float:
