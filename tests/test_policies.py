@@ -185,3 +185,17 @@ def test_cost_aware_starts_a_request_from_the_last_ones_alpha() -> None:
     assert c.alpha == pytest.approx(high) and high > 0.9
     c.update(4, 0, 0.0, 0.01)  # one weight of evidence moves it at once
     assert c.alpha < high - 0.2
+
+
+def test_cost_aware_is_not_held_at_k1_by_a_stale_expensive_width() -> None:
+    """A wide verify measured once when it was slow (another request, a longer context) must not
+    keep the controller at K=1 while nearly every draft stands: stale widths leave the cost line
+    and a neighbouring width is probed now and then."""
+    c = CostAware(6)
+    c.update(6, 0, 0.0, 0.2)  # one very slow width-6 verify, long ago
+    c.update(1, 1, 0.0, 0.010)
+    for _ in range(120):
+        k = c.next_k()
+        c.update(k, k, 0.0, 0.010 + 0.001 * k)  # now: every draft stands, a wider verify costs 10% more a token
+    assert c.next_k() >= 5
+    assert all(1 <= c.next_k() <= 6 for _ in range(3))

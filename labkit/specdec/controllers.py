@@ -100,19 +100,30 @@ class CostAware:
     measured on this device: an EMA of draft seconds per drafted token, and verify seconds per
     verify width K, fitted as a line verify(K) = v0 + v1 * K once two widths were seen. Costs
     carry over between requests (they belong to the device); alpha restarts from the last
-    request's estimate, with the weight of one draft token."""
+    request's estimate, with the weight of one draft token.
+
+    A verify's cost also grows with the context, so a width last seen long ago (or in another
+    request) is stale: the line is fitted to the widths seen in the last `fresh` steps, and every
+    `probe_every` steps the controller tries the width next to its choice, which keeps a fresh
+    neighbour to compare with. Without that, one expensive early verify at a wide K can hold the
+    controller at K=1 through a request whose drafts nearly all stand."""
 
     name = "cost"
 
-    def __init__(self, k_max: int, ema: float = 0.3, alpha_prior: float = 0.5, k_start: int = 2) -> None:
-        if not 0 < ema <= 1 or not 0 <= alpha_prior < 1:
-            raise LabkitError(f"cost-aware needs 0 < ema <= 1 and 0 <= alpha_prior < 1, got {ema}, {alpha_prior}")
+    def __init__(self, k_max: int, ema: float = 0.3, alpha_prior: float = 0.5, k_start: int = 2,
+                 fresh: int = 24, probe_every: int = 6) -> None:
+        if not 0 < ema <= 1 or not 0 <= alpha_prior < 1 or fresh < 1 or probe_every < 2:
+            raise LabkitError(f"cost-aware needs 0 < ema <= 1, 0 <= alpha_prior < 1, fresh >= 1 and probe_every >= 2, "
+                              f"got {ema}, {alpha_prior}, {fresh}, {probe_every}")
         self.k_max, self.ema, self.alpha_prior = k_max, ema, alpha_prior
+        self.fresh, self.probe_every = fresh, probe_every
         self.k_start = min(k_start, k_max)
         _check(self.k_start, k_max)
         self.hits, self.trials = alpha_prior, 1.0  # EMA'd counts: alpha = hits / trials
         self.draft_per_token: float | None = None
         self.verify_by_k: dict[int, float] = {}  # EMA of verify seconds per width K
+        self.seen_at: dict[int, int] = {}  # width -> step it was last measured
+        self.steps = 0
 
     def begin(self) -> None:
         # the last request's alpha becomes this one's prior, worth one draft token (the first
@@ -124,7 +135,11 @@ class CostAware:
         return min(self.hits / self.trials, 0.999)
 
     def verify_cost(self, k: int) -> float:
-        seen = sorted(self.verify_by_k.items())
+        recent = sorted(self.seen_at, key=lambda w: -self.seen_at[w])
+        fresh = [w for w in recent if self.steps - self.seen_at[w] <= self.fresh] or recent[:1]
+        if len(fresh) < 2:  # a line needs two widths: the next most recent one
+            fresh = recent[:2]
+        seen = sorted((w, self.verify_by_k[w]) for w in fresh)
         if not seen:
             return 1.0
         if len(seen) == 1:
@@ -144,7 +159,10 @@ class CostAware:
     def next_k(self) -> int:
         if not self.verify_by_k:
             return self.k_start
-        return max(range(1, self.k_max + 1), key=self.rate)
+        best = max(range(1, self.k_max + 1), key=self.rate)
+        if self.steps % self.probe_every == self.probe_every - 1 and self.k_max > 1:  # probe a neighbour
+            return best + 1 if best < self.k_max else best - 1
+        return best
 
     def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         if drafted < 1:
@@ -156,7 +174,12 @@ class CostAware:
         per_token = draft_s / drafted
         self.draft_per_token = per_token if self.draft_per_token is None else (1 - a) * self.draft_per_token + a * per_token
         old = self.verify_by_k.get(drafted)
-        self.verify_by_k[drafted] = verify_s if old is None else (1 - a) * old + a * verify_s
+        if old is None or self.steps - self.seen_at[drafted] > self.fresh:
+            self.verify_by_k[drafted] = verify_s  # first or stale measure of this width: start over
+        else:
+            self.verify_by_k[drafted] = (1 - a) * old + a * verify_s
+        self.steps += 1
+        self.seen_at[drafted] = self.steps
 
 
 CONTROLLERS = ("fixed", "heuristic", "aimd", "cost")
