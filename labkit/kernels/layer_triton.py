@@ -12,6 +12,11 @@ sits between the matmuls:
 Same arguments and results as layer_reference.py (the PyTorch twins). Rows are M = B*T tokens;
 matmuls use tl.dot on blocks of 16 rows, so one launch serves a decode step (T=1) and a verify
 (T=K+1). Positions come from a device tensor, so a captured CUDA graph serves every position.
+
+Each kernel loads its weight tile (registers, within TUNE["prefetch_bytes"]) before it touches
+anything an earlier kernel wrote. On sm90+ the kernels are launched with programmatic dependent
+launch: a kernel lets the next one start at once and then waits (griddepcontrol) for the previous
+kernel's writes, so the next layer op's weight reads overlap this one's work.
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (how CI tests it).
 """
 
@@ -130,6 +135,40 @@ def _rstd(x_a, x_b, x_ptr, offs_m, m_ok, eps, DIM: tl.constexpr, KA: tl.constexp
 
 
 @triton.jit
+def _norm_two_projections(
+    x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, eps, DIM: tl.constexpr, IEEE: tl.constexpr,
+    GDC: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """RMSNorm(x) @ W[rows_a]^T and @ W[rows_b]^T, fp32 (BLOCK_M, len(rows)) each: the weight
+    tiles (and the norm's weight) are loaded before waiting on the previous kernel."""
+    w_a_lo = _tile(w_ptr, rows_a, r_ok, 0, DIM, KA)  # (rows, KA)
+    w_b_lo = _tile(w_ptr, rows_b, r_ok, 0, DIM, KA)
+    nw_lo = _vec(nw_ptr, 0, DIM, KA)
+    if KB > 0:
+        w_a_hi = _tile(w_ptr, rows_a, r_ok, KA, DIM, KB)  # (rows, KB)
+        w_b_hi = _tile(w_ptr, rows_b, r_ok, KA, DIM, KB)
+        nw_hi = _vec(nw_ptr, KA, DIM, KB)
+    _wait_for_inputs(GDC)
+    x_lo = _tile(x_ptr, offs_m, m_ok, 0, DIM, KA)  # (BLOCK_M, KA)
+    x_hi = x_lo
+    if KB > 0:
+        x_hi = _tile(x_ptr, offs_m, m_ok, KA, DIM, KB)
+    rstd = _rstd(x_lo, x_hi, x_ptr, offs_m, m_ok, eps, DIM, KA, KB, BLOCK_K)  # (BLOCK_M,)
+    xn = _normed(x_lo, nw_lo, rstd)
+    acc_a = _dot(xn, tl.trans(w_a_lo), IEEE)  # (BLOCK_M, rows)
+    acc_b = _dot(xn, tl.trans(w_b_lo), IEEE)
+    if KB > 0:
+        xn_hi = _normed(x_hi, nw_hi, rstd)
+        acc_a += _dot(xn_hi, tl.trans(w_a_hi), IEEE)
+        acc_b += _dot(xn_hi, tl.trans(w_b_hi), IEEE)
+    for k0 in range(KA + KB, DIM, BLOCK_K):  # columns past the prefetched tiles (larger models)
+        xk = _normed(_tile(x_ptr, offs_m, m_ok, k0, DIM, BLOCK_K), _vec(nw_ptr, k0, DIM, BLOCK_K), rstd)
+        acc_a += _dot(xk, tl.trans(_tile(w_ptr, rows_a, r_ok, k0, DIM, BLOCK_K)), IEEE)
+        acc_b += _dot(xk, tl.trans(_tile(w_ptr, rows_b, r_ok, k0, DIM, BLOCK_K)), IEEE)
+    return acc_a, acc_b
+
+
+@triton.jit
 def _norm_qkv_rope_kernel(
     x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
     M, T, eps, stride_cb, stride_ch, stride_cs,
@@ -145,31 +184,8 @@ def _norm_qkv_rope_kernel(
     rows_lo = h * D + offs_d  # weight rows of this head's first and second halves
     rows_hi = rows_lo + HALF
     r_ok = offs_d < HALF
-    # weights first: they do not depend on the previous kernel
-    w_lo_a = _tile(w_ptr, rows_lo, r_ok, 0, DIM, KA)  # (SUB, KA)
-    w_hi_a = _tile(w_ptr, rows_hi, r_ok, 0, DIM, KA)
-    nw_a = _vec(nw_ptr, 0, DIM, KA)
-    if KB > 0:
-        w_lo_b = _tile(w_ptr, rows_lo, r_ok, KA, DIM, KB)  # (SUB, KB)
-        w_hi_b = _tile(w_ptr, rows_hi, r_ok, KA, DIM, KB)
-        nw_b = _vec(nw_ptr, KA, DIM, KB)
-    _wait_for_inputs(GDC)
-    x_a = _tile(x_ptr, offs_m, m_ok, 0, DIM, KA)  # (BLOCK_M, KA)
-    x_b = x_a
-    if KB > 0:
-        x_b = _tile(x_ptr, offs_m, m_ok, KA, DIM, KB)
-    rstd = _rstd(x_a, x_b, x_ptr, offs_m, m_ok, eps, DIM, KA, KB, BLOCK_K)  # (BLOCK_M,)
-    xn = _normed(x_a, nw_a, rstd)
-    acc_lo = _dot(xn, tl.trans(w_lo_a), IEEE)  # (BLOCK_M, SUB)
-    acc_hi = _dot(xn, tl.trans(w_hi_a), IEEE)
-    if KB > 0:
-        xn_b = _normed(x_b, nw_b, rstd)
-        acc_lo += _dot(xn_b, tl.trans(w_lo_b), IEEE)
-        acc_hi += _dot(xn_b, tl.trans(w_hi_b), IEEE)
-    for k0 in range(KA + KB, DIM, BLOCK_K):  # columns past the prefetched tiles (larger models)
-        xk = _normed(_tile(x_ptr, offs_m, m_ok, k0, DIM, BLOCK_K), _vec(nw_ptr, k0, DIM, BLOCK_K), rstd)
-        acc_lo += _dot(xk, tl.trans(_tile(w_ptr, rows_lo, r_ok, k0, DIM, BLOCK_K)), IEEE)
-        acc_hi += _dot(xk, tl.trans(_tile(w_ptr, rows_hi, r_ok, k0, DIM, BLOCK_K)), IEEE)
+    acc_lo, acc_hi = _norm_two_projections(x_ptr, nw_ptr, w_ptr, rows_lo, rows_hi, r_ok, offs_m, m_ok, eps, DIM, IEEE, GDC,
+                                           KA, KB, BLOCK_K)  # (BLOCK_M, SUB) each
     if HAS_BIAS:
         acc_lo += tl.load(b_ptr + rows_lo).to(tl.float32)[None, :]
         acc_hi += tl.load(b_ptr + rows_hi).to(tl.float32)[None, :]
@@ -342,30 +358,8 @@ def _norm_gate_up_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = offs_m < M, offs_n < HID
-    w_g_a = _tile(w_ptr, offs_n, n_ok, 0, DIM, KA)  # (BLOCK_N, KA): weights first, before the wait
-    w_u_a = _tile(w_ptr, HID + offs_n, n_ok, 0, DIM, KA)
-    nw_a = _vec(nw_ptr, 0, DIM, KA)
-    if KB > 0:
-        w_g_b = _tile(w_ptr, offs_n, n_ok, KA, DIM, KB)  # (BLOCK_N, KB)
-        w_u_b = _tile(w_ptr, HID + offs_n, n_ok, KA, DIM, KB)
-        nw_b = _vec(nw_ptr, KA, DIM, KB)
-    _wait_for_inputs(GDC)
-    x_a = _tile(x_ptr, offs_m, m_ok, 0, DIM, KA)  # (BLOCK_M, KA)
-    x_b = x_a
-    if KB > 0:
-        x_b = _tile(x_ptr, offs_m, m_ok, KA, DIM, KB)
-    rstd = _rstd(x_a, x_b, x_ptr, offs_m, m_ok, eps, DIM, KA, KB, BLOCK_K)  # (BLOCK_M,)
-    xn = _normed(x_a, nw_a, rstd)
-    acc_g = _dot(xn, tl.trans(w_g_a), IEEE)  # (BLOCK_M, BLOCK_N)
-    acc_u = _dot(xn, tl.trans(w_u_a), IEEE)
-    if KB > 0:
-        xn_b = _normed(x_b, nw_b, rstd)
-        acc_g += _dot(xn_b, tl.trans(w_g_b), IEEE)
-        acc_u += _dot(xn_b, tl.trans(w_u_b), IEEE)
-    for k0 in range(KA + KB, DIM, BLOCK_K):  # columns past the prefetched tiles (larger models)
-        xk = _normed(_tile(x_ptr, offs_m, m_ok, k0, DIM, BLOCK_K), _vec(nw_ptr, k0, DIM, BLOCK_K), rstd)
-        acc_g += _dot(xk, tl.trans(_tile(w_ptr, offs_n, n_ok, k0, DIM, BLOCK_K)), IEEE)
-        acc_u += _dot(xk, tl.trans(_tile(w_ptr, HID + offs_n, n_ok, k0, DIM, BLOCK_K)), IEEE)
+    acc_g, acc_u = _norm_two_projections(x_ptr, nw_ptr, w_ptr, offs_n, HID + offs_n, n_ok, offs_m, m_ok, eps, DIM, IEEE, GDC,
+                                         KA, KB, BLOCK_K)  # (BLOCK_M, BLOCK_N) each
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptr + HID + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
