@@ -108,6 +108,23 @@ def capture(engine: Engine, body: Any, prepare: Any) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def greedy_verdict(
+    logits: torch.Tensor,  # (B, K+1, V) the verify step's logits
+    tokens: torch.Tensor,  # (B, K+1) the last token and the K drafts
+    eos_mask: torch.Tensor,  # (V,) bool
+    block_rows: torch.Tensor,  # (1,) EOS is blocked in the first block_rows rows (min_new_tokens)
+) -> torch.Tensor:  # (B, 2): accepted drafts, and the target's token after them
+    """Greedy acceptance on the device: the target's argmax per position (EOS blocked where
+    asked), then the registry's verify_prefix. The same tokens as GreedyMatch on the logits."""
+    from labkit.kernels import registry
+
+    T = tokens.shape[1]
+    rows = torch.arange(T, device=tokens.device) < block_rows  # (K+1,)
+    target = logits.masked_fill(eos_mask[None, None, :] & rows[None, :, None], float("-inf")).argmax(-1)  # (B, K+1)
+    accepted, bonus = registry.get("verify_prefix", tokens.device)(tokens[:, 1:], target)  # (B,), (B,)
+    return torch.stack([accepted.long(), bonus.long()], dim=1)
+
+
 class GraphStep:
     """One captured fixed-shape step (T tokens, optionally the first n layers only).
 
@@ -115,9 +132,13 @@ class GraphStep:
     the graph's output buffer and are valid until the next replay of this step. Warm-up and
     capture write keys and values at the cache's last T positions, which `ensure_capacity`
     keeps beyond any request's reach.
+
+    With `greedy`, the graph also decides greedy acceptance of the T-1 drafts (greedy_verdict):
+    a speculative step replays one graph and reads back two integers, instead of launching the
+    EOS mask, the argmax and the comparison from Python.
     """
 
-    def __init__(self, engine: Engine, T: int, n_layers: int | None) -> None:
+    def __init__(self, engine: Engine, T: int, n_layers: int | None, greedy: bool = False) -> None:
         cache = engine.cache
         assert cache is not None
         device = engine.device
@@ -126,11 +147,25 @@ class GraphStep:
         self.input_pos = torch.arange(cache.max_len - T, cache.max_len, device=device)  # (T,)
         step = engine._static_step or engine._static_forward  # compiled (fused kernels) when --compile
         self.logits = torch.empty(0)
+        self.eos_mask = torch.zeros(engine.args.vocab_size if greedy else 0, dtype=torch.bool, device=device)  # (V,)
+        self._eos_source: tuple[int, int] | None = None  # (id, version) of the mask last copied in
+        self.block_rows = torch.zeros(1, dtype=torch.long, device=device)  # (1,) EOS blocked in rows < this
+        self.verdict = torch.empty(0)  # (B, 2) with greedy
 
         def body() -> None:
             self.logits = step(self.tokens, self.input_pos, n_layers)  # (B, T, V): the graph's output buffer
+            if greedy:
+                self.verdict = greedy_verdict(self.logits, self.tokens, self.eos_mask, self.block_rows)
 
         self.graph = capture(engine, body, lambda: None)
+
+    def set_eos(self, eos_mask: torch.Tensor, block_rows: int) -> None:
+        """EOS blocking for the greedy verdict; the (V,) mask is copied only when it changed."""
+        source = (id(eos_mask), eos_mask._version)
+        if source != self._eos_source:
+            self.eos_mask.copy_(eos_mask, non_blocking=True)
+            self._eos_source = source
+        self.block_rows.fill_(block_rows)
 
     def run(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         self.tokens.copy_(tokens, non_blocking=True)
@@ -189,55 +224,6 @@ class GreedyGraph:
         return self.out[:, :n]
 
 
-def greedy_verdict(
-    logits: torch.Tensor,  # (B, K+1, V) the verify step's logits
-    tokens: torch.Tensor,  # (B, K+1) the last token and the K drafts
-    eos_mask: torch.Tensor,  # (V,) bool
-    block_rows: torch.Tensor,  # (1,) EOS is blocked in the first block_rows rows (min_new_tokens)
-) -> torch.Tensor:  # (B, 2): accepted drafts, and the target's token after them
-    """Greedy acceptance on the device: the target's argmax per position (EOS blocked where
-    asked), then the registry's verify_prefix. The same tokens as GreedyMatch on the logits."""
-    from labkit.kernels import registry
-
-    T = tokens.shape[1]
-    rows = torch.arange(T, device=tokens.device) < block_rows  # (K+1,)
-    target = logits.masked_fill(eos_mask[None, None, :] & rows[None, :, None], float("-inf")).argmax(-1)  # (B, K+1)
-    accepted, bonus = registry.get("verify_prefix", tokens.device)(tokens[:, 1:], target)  # (B,), (B,)
-    return torch.stack([accepted.long(), bonus.long()], dim=1)
-
-
-class GreedyVerifyGraph:
-    """A captured verify step of K+1 tokens that also decides greedy acceptance: a speculative
-    step replays one graph and reads back two integers, instead of launching the EOS mask, the
-    argmax and the comparison from Python. Cache positions as in GraphStep."""
-
-    def __init__(self, engine: Engine, T: int) -> None:
-        cache = engine.cache
-        assert cache is not None
-        device, B, V = engine.device, engine.batch_size, engine.args.vocab_size
-        self.T = T
-        self.tokens = torch.zeros(B, T, dtype=torch.long, device=device)  # (B, T)
-        self.input_pos = torch.arange(cache.max_len - T, cache.max_len, device=device)  # (T,)
-        self.eos_mask = torch.zeros(V, dtype=torch.bool, device=device)  # (V,)
-        self.block_rows = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
-        self.verdict = torch.zeros(B, 2, dtype=torch.long, device=device)  # (B, 2)
-        step = engine._static_step or engine._static_forward
-
-        def body() -> None:
-            logits = step(self.tokens, self.input_pos, None)  # (B, T, V)
-            self.verdict = greedy_verdict(logits, self.tokens, self.eos_mask, self.block_rows)
-
-        self.graph = capture(engine, body, lambda: None)
-
-    def run(self, tokens: torch.Tensor, start: int, eos_mask: torch.Tensor, block_rows: int) -> torch.Tensor:
-        self.tokens.copy_(tokens, non_blocking=True)
-        torch.arange(start, start + self.T, out=self.input_pos)
-        self.eos_mask.copy_(eos_mask, non_blocking=True)
-        self.block_rows.fill_(block_rows)
-        self.graph.replay()
-        return self.verdict
-
-
 class Engine:
     def __init__(
         self,
@@ -257,9 +243,8 @@ class Engine:
         self.device, self.dtype, self.amp = device, dtype, amp
         self.cuda_graph = cuda_graph
         self._graphs_safe = cuda_graph  # set per request by ensure_capacity
-        self._graphs: dict[tuple[int, int | None], GraphStep] = {}
+        self._graphs: dict[tuple[int, int | None, bool], GraphStep] = {}  # (T, n_layers, greedy verdict)
         self._greedy_graph: GreedyGraph | None = None
-        self._verify_graphs: dict[int, GreedyVerifyGraph] = {}  # verify width -> graph of its greedy verdict
         weight_dtype = torch.float32 if amp else dtype
         self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # Llama or GPT2
         ops, self.layer_kernels_reason = pick_layer_ops(self.model, device, dtype, amp, compile, layer_kernels)
@@ -347,7 +332,6 @@ class Engine:
     # -- cache management -------------------------------------------------------------
     def _allocate(self, max_len: int) -> None:
         self._graphs = {}  # captured graphs point into the old cache
-        self._verify_graphs = {}
         self._greedy_graph = None
         cache_dtype = self.dtype
         self.cache = KVCache(
@@ -402,8 +386,7 @@ class Engine:
         if B != self.batch_size:
             raise ValueError(f"engine was built for batch {self.batch_size}, got {B}")
         start = cache.length
-        if start + T > cache.max_len:
-            raise LabkitError(f"{start + T} positions exceed the cache of {cache.max_len}; call ensure_capacity first")
+        self._check_room(start, T)
         if self._graphs_safe and T > GRAPH_MAX_T:
             # A long input (a prompt) as captured chunks of GRAPH_MAX_T tokens: a few graph replays
             # instead of one eager pass of hundreds of small kernels launched from Python.
@@ -443,13 +426,18 @@ class Engine:
             return None
         return self.cache.mask(input_pos, attend_len, self.args.sliding_window, decode_step=decode_step)
 
-    def _graph_step(self, T: int, n_layers: int | None) -> GraphStep:
-        step = self._graphs.get((T, n_layers))
+    def _graph_step(self, T: int, n_layers: int | None, greedy: bool = False) -> GraphStep:
+        step = self._graphs.get((T, n_layers, greedy))
         if step is None:
             assert self.cache is not None
-            step = GraphStep(self, T, n_layers)
-            self._graphs[(T, n_layers)] = step
+            step = GraphStep(self, T, n_layers, greedy)
+            self._graphs[(T, n_layers, greedy)] = step
         return step
+
+    def _check_room(self, start: int, n: int) -> None:
+        assert self.cache is not None
+        if start + n > self.cache.max_len:
+            raise LabkitError(f"{start + n} positions exceed the cache of {self.cache.max_len}; call ensure_capacity first")
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prompt (B, T) → logits of its last position (B, vocab)."""
@@ -470,20 +458,18 @@ class Engine:
         eos_mask: torch.Tensor,  # (V,) bool: EOS ids ...
         block_rows: int,  # ... blocked in the first block_rows positions (min_new_tokens)
     ) -> torch.Tensor:  # (B, 2) on the device: accepted drafts, the target's next token
-        """verify + greedy acceptance in one step; with CUDA graphs, one more captured graph
-        after the verify graph, and nothing launched from Python in between."""
+        """verify + greedy acceptance in one step; with CUDA graphs one captured graph, nothing
+        launched from Python in between."""
         cache = self.cache
         assert cache is not None
         start, T = cache.length, tokens.shape[1]
         if self._graphs_safe and T <= GRAPH_MAX_T:
-            if start + T > cache.max_len:
-                raise LabkitError(f"{start + T} positions exceed the cache of {cache.max_len}; call ensure_capacity first")
-            graph = self._verify_graphs.get(T)
-            if graph is None:
-                graph = self._verify_graphs[T] = GreedyVerifyGraph(self, T)
-            verdict = graph.run(tokens, start, eos_mask, block_rows)
+            self._check_room(start, T)
+            step = self._graph_step(T, None, greedy=True)
+            step.set_eos(eos_mask, block_rows)
+            step.run(tokens, start)
             cache.length = start + T
-            return verdict
+            return step.verdict
         logits = self.forward(tokens)  # (B, K+1, V)
         return greedy_verdict(logits, tokens, eos_mask, torch.tensor([block_rows], device=self.device))
 
@@ -527,8 +513,7 @@ class Engine:
         cache = self.cache
         assert cache is not None
         start = cache.length
-        if start + n > cache.max_len:
-            raise LabkitError(f"{start + n} positions exceed the cache of {cache.max_len}; call ensure_capacity first")
+        self._check_room(start, n)
         if self._graphs_safe and n <= GREEDY_CHUNK:
             if self._greedy_graph is None:
                 self._greedy_graph = GreedyGraph(self, GREEDY_CHUNK)

@@ -1,6 +1,6 @@
 """Times the fused Triton layers' tile sizes on a GPU, in one run (plain greedy, CUDA graphs).
 
-    python3 scripts/layer_tune.py [prompts] [repeats] [combos|pdl]
+    python3 scripts/layer_tune.py [prompts] [repeats] [combos|pdl|pdl2]
 
 Each configuration overrides labkit.kernels.layer_triton.TUNE, recaptures the graphs, and
 decodes 128 tokens (EOS blocked) for the first prompt of a few categories; configurations are

@@ -291,11 +291,12 @@ def decode_attention(
     M, nh, D = q.shape
     nkv = k_cache.shape[1]
     out = torch.empty(M, nh * D, dtype=q.dtype, device=q.device)
+    pdl = _pdl(q)
     _decode_attention_kernel[(M, nh)](
         q, k_cache, v_cache, input_pos, out, input_pos.shape[0], scale,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NH=nh, GROUP=nh // nkv, D=D, WINDOW=window or 0, BLOCK_S=TUNE["attn_block_s"], GDC=_pdl(q),
-        num_warps=TUNE["num_warps"], **_launch(_pdl(q)),
+        NH=nh, GROUP=nh // nkv, D=D, WINDOW=window or 0, BLOCK_S=TUNE["attn_block_s"], GDC=pdl,
+        num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out
 

@@ -134,32 +134,35 @@ class CostAware:
     def alpha(self) -> float:
         return min(self.hits / self.trials, 0.999)
 
-    def verify_cost(self, k: int) -> float:
+    def verify_line(self) -> tuple[float, float, float]:
+        """(mean width, mean seconds, slope >= 0): the least-squares line through the widths seen
+        in the last `fresh` steps (at least the two most recent ones)."""
         recent = sorted(self.seen_at, key=lambda w: -self.seen_at[w])
-        fresh = [w for w in recent if self.steps - self.seen_at[w] <= self.fresh] or recent[:1]
-        if len(fresh) < 2:  # a line needs two widths: the next most recent one
-            fresh = recent[:2]
-        seen = sorted((w, self.verify_by_k[w]) for w in fresh)
+        fresh = [w for w in recent if self.steps - self.seen_at[w] <= self.fresh]
+        seen = [(w, self.verify_by_k[w]) for w in (fresh if len(fresh) >= 2 else recent[:2])]
         if not seen:
-            return 1.0
-        if len(seen) == 1:
-            return seen[0][1]
+            return 0.0, 1.0, 0.0
         n = len(seen)
         mk = sum(x for x, _ in seen) / n
         mv = sum(v for _, v in seen) / n
         var = sum((x - mk) ** 2 for x, _ in seen)
         slope = sum((x - mk) * (v - mv) for x, v in seen) / var if var else 0.0
-        return max(mv + max(slope, 0.0) * (k - mk), 1e-9)
+        return mk, mv, max(slope, 0.0)
 
-    def rate(self, k: int) -> float:
+    def verify_cost(self, k: int, line: tuple[float, float, float] | None = None) -> float:
+        mk, mv, slope = line or self.verify_line()
+        return max(mv + slope * (k - mk), 1e-9)
+
+    def rate(self, k: int, line: tuple[float, float, float] | None = None) -> float:
         """Expected tokens per second at width k under the current estimates."""
-        cost = k * (self.draft_per_token or 0.0) + self.verify_cost(k)
+        cost = k * (self.draft_per_token or 0.0) + self.verify_cost(k, line)
         return expected_tokens(self.alpha, k) / cost
 
     def next_k(self) -> int:
         if not self.verify_by_k:
             return self.k_start
-        best = max(range(1, self.k_max + 1), key=self.rate)
+        line = self.verify_line()  # fitted once per decision
+        best = max(range(1, self.k_max + 1), key=lambda k: self.rate(k, line))
         if self.steps % self.probe_every == self.probe_every - 1 and self.k_max > 1:  # probe a neighbour
             return best + 1 if best < self.k_max else best - 1
         return best
