@@ -148,7 +148,6 @@ class GraphStep:
         step = engine._static_step or engine._static_forward  # compiled (fused kernels) when --compile
         self.logits = torch.empty(0)
         self.eos_mask = torch.zeros(engine.args.vocab_size if greedy else 0, dtype=torch.bool, device=device)  # (V,)
-        self._eos_source: tuple[int, int] | None = None  # (id, version) of the mask last copied in
         self.block_rows = torch.zeros(1, dtype=torch.long, device=device)  # (1,) EOS blocked in rows < this
         self.verdict = torch.empty(0)  # (B, 2) with greedy
 
@@ -160,11 +159,10 @@ class GraphStep:
         self.graph = capture(engine, body, lambda: None)
 
     def set_eos(self, eos_mask: torch.Tensor, block_rows: int) -> None:
-        """EOS blocking for the greedy verdict; the (V,) mask is copied only when it changed."""
-        source = (id(eos_mask), eos_mask._version)
-        if source != self._eos_source:
-            self.eos_mask.copy_(eos_mask, non_blocking=True)
-            self._eos_source = source
+        """EOS blocking for the greedy verdict. The (V,) mask is copied on every call: one small
+        device copy, and no guess about whether the caller changed it (inference tensors carry no
+        version counter, and an id can be reused)."""
+        self.eos_mask.copy_(eos_mask, non_blocking=True)
         self.block_rows.fill_(block_rows)
 
     def run(self, tokens: torch.Tensor, start: int) -> torch.Tensor:

@@ -114,7 +114,10 @@ def test_cuda_warm_up_captures_every_verify_width() -> None:
     hf = tiny_hf_model("llama", seed=9).cuda()
     engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
     engine.warm_up(5)
-    assert {T for T, _ in engine._graphs} == set(range(1, 17)) and engine._greedy_graph is not None and engine.length == 0
+    widths = {T for T, _, greedy in engine._graphs if not greedy}
+    greedy_widths = {T for T, _, greedy in engine._graphs if greedy}
+    assert widths == set(range(1, 17)) and greedy_widths == set(range(2, 6))  # verify widths up to K+1 = 5
+    assert engine._greedy_graph is not None and engine.length == 0
 
 
 @pytest.mark.parametrize("compile", [False, True])
