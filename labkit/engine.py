@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import statistics
 from typing import Any, cast
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from labkit.config import Flags, resolve_device, resolve_dtype
 from labkit.errors import LabkitError
 from labkit.kernels import cpu_quant
+from labkit.metrics.timers import now
 from labkit.models.gguf_weights import attach_gguf_blocks
 from labkit.models.gpt2 import GPT2
 from labkit.models.kvcache import KVCache
@@ -470,6 +472,25 @@ class Engine:
             return step.verdict
         logits = self.forward(tokens)  # (B, K+1, V)
         return greedy_verdict(logits, tokens, eos_mask, torch.tensor([block_rows], device=self.device))
+
+    @torch.inference_mode()
+    def time_verify(self, max_k: int, reps: int = 5) -> dict[int, float]:
+        """Median seconds (host clock, device synchronised) of a verify of K drafts, i.e. K+1
+        tokens, for K = 0..max_k: the shape of a step's cost against its width, measured on this
+        device for the cost-aware controller. Widths take turns so drift hits them alike; the
+        first round is a warm-up. Runs at the cache's start and leaves the cache empty."""
+        self.ensure_capacity(max_k + 1)
+        tokens = torch.zeros(self.batch_size, max_k + 1, dtype=torch.long, device=self.device)  # (B, max_k+1)
+        times: dict[int, list[float]] = {K: [] for K in range(max_k + 1)}
+        for rep in range(reps + 1):
+            for K in times:
+                self.reset()
+                t0 = now(self.device)
+                self.forward(tokens[:, : K + 1])
+                if rep:
+                    times[K].append(now(self.device) - t0)
+        self.reset()
+        return {K: statistics.median(ts) for K, ts in times.items()}
 
     @torch.inference_mode()
     def warm_up(self, max_t: int = 1) -> None:

@@ -20,7 +20,7 @@ from labkit.metrics.memory import read_peak, reset_peak
 from labkit.metrics.phases import PhaseTimer
 from labkit.metrics.timers import now
 from labkit.sampling import make_generator, sample
-from labkit.specdec.controllers import Controller, FixedK
+from labkit.specdec.controllers import Controller, CostAware, FixedK
 from labkit.specdec.drafters import Draft, Drafter
 from labkit.specdec.policies import GreedyMatch, Policy, Verdict, default_policy, warm_up_kernels
 
@@ -167,6 +167,9 @@ def generate(
     if spec is not None:
         spec.validate()
     budget = min(config.max_new_tokens, engine.context_len - len(prompt_ids))
+    controller = (spec.controller or FixedK(spec.k)) if spec else None
+    if isinstance(controller, CostAware) and controller.verify_table is None:  # once per controller, before any timing
+        controller.calibrate(engine.time_verify(controller.k_max))
     engine.ensure_capacity(len(prompt_ids) + budget)
     eos_all = sorted(set(config.eos_token_ids or engine.eos_token_ids))
     eos = set(eos_all) if config.stop_at_eos else set()
@@ -175,7 +178,6 @@ def generate(
     eos_mask = torch.zeros(engine.args.vocab_size, dtype=torch.bool, device=device)  # (V,) EOS ids, blocked before min_new_tokens
     eos_mask[eos_all] = True
     policy = (spec.policy or default_policy(config)) if spec else None
-    controller = (spec.controller or FixedK(spec.k)) if spec else None
     if spec is not None:
         spec.drafter.begin(list(prompt_ids), len(prompt_ids) + budget)
     if controller is not None:

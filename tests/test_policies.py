@@ -199,3 +199,45 @@ def test_cost_aware_is_not_held_at_k1_by_a_stale_expensive_width() -> None:
         c.update(k, k, 0.0, 0.010 + 0.001 * k)  # now: every draft stands, a wider verify costs 10% more a token
     assert c.next_k() >= 5
     assert all(1 <= c.next_k() <= 6 for _ in range(3))
+
+
+def test_cost_aware_with_a_calibrated_table_is_not_tipped_by_one_slow_step() -> None:
+    """alpha 0.35 and a verify 2% dearer per token: K=3 gives the most tokens per second. One
+    step hit by a 15 ms hiccup (a CPU thread descheduled) makes a fitted line steep for a while;
+    with the measured table the hiccup moves every width alike."""
+    table = {k: 0.018 + 0.0003 * k for k in range(7)}
+    assert max(range(1, 7), key=lambda k: expected_tokens(0.35, k) / table[k]) == 3
+    calibrated, fitted = CostAware(6), CostAware(6)
+    calibrated.calibrate(table)
+    for c in (calibrated, fitted):
+        for i in range(40):  # steady: 7 of 20 draft tokens stand
+            k = c.next_k()
+            c.update(k, 1 if i % 3 else 0, 0.0, table[k])
+    assert calibrated.next_k() == 3
+    for c in (calibrated, fitted):
+        c.update(5, 1, 0.0, table[5] + 0.015)  # the hiccup, in a 5-token draft (the widest one seen lately)
+    assert calibrated.next_k() >= 3 and fitted.next_k() < 3
+
+
+def test_cost_aware_offset_follows_a_slower_context_and_keeps_the_shape() -> None:
+    c = CostAware(4)
+    c.calibrate({0: 0.010, 1: 0.011, 2: 0.012, 3: 0.013, 4: 0.030})  # width 4 falls off a cliff here
+    for _ in range(30):  # every draft stands; every live step 5 ms slower than the table (longer context)
+        k = c.next_k()
+        c.update(k, k, 0.0, c.verify_table[k] + 0.005)  # type: ignore[index]
+    assert c.offset == pytest.approx(0.005) and c.next_k() == 3
+    with pytest.raises(LabkitError, match="every K in 0..4"):
+        c.calibrate({0: 0.01, 1: 0.01})
+
+
+def test_generate_calibrates_the_cost_aware_controller_once(target: Engine) -> None:
+    table = target.time_verify(3, reps=2)
+    assert sorted(table) == [0, 1, 2, 3] and all(t > 0 for t in table.values()) and target.length == 0
+    c = CostAware(3)
+    cfg = GenerationConfig(max_new_tokens=12, stop_at_eos=False)
+    want = generate(target, PROMPT, cfg).tokens
+    assert generate(target, PROMPT, cfg, Speculation(make_drafter("ngram", target), 3, None, c)).tokens == want
+    first = c.verify_table
+    assert first is not None and sorted(first) == [0, 1, 2, 3]
+    generate(target, PROMPT, cfg, Speculation(make_drafter("ngram", target), 3, None, c))
+    assert c.verify_table is first  # measured once: the costs belong to the device

@@ -96,17 +96,20 @@ class CostAware:
         K*               = argmax_K tokens / time
 
     alpha, the chance that one draft token stands, is an EMA over the request's draft tokens
-    (each step observes `accepted` successes and one failure unless all stood). The costs are
-    measured on this device: an EMA of draft seconds per drafted token, and verify seconds per
-    verify width K, fitted as a line verify(K) = v0 + v1 * K once two widths were seen. Costs
-    carry over between requests (they belong to the device); alpha restarts from the last
-    request's estimate, with the weight of one draft token.
+    (each step observes `accepted` successes and one failure unless all stood); it restarts from
+    the last request's estimate, with the weight of one draft token. Draft seconds per token are
+    an EMA too. Costs carry over between requests: they belong to the device.
 
-    A verify's cost also grows with the context, so a width last seen long ago (or in another
-    request) is stale: the line is fitted to the widths seen in the last `fresh` steps, and every
-    `probe_every` steps the controller tries the width next to its choice, which keeps a fresh
-    neighbour to compare with. Without that, one expensive early verify at a wide K can hold the
-    controller at K=1 through a request whose drafts nearly all stand."""
+    verify(K) is measured on this device. With `calibrate` (generate does it before the first
+    request, `Engine.time_verify`): a table of verify seconds per width, medians of a few timed
+    steps, plus an offset that follows the live steps (context growth, the policy, the host). One
+    step's time is noisy (a CPU step jitters by more than the cost of one more token), so a shape
+    fitted from live steps alone mistakes noise for slope; with the table, live noise moves every
+    width alike and cannot tip K.
+
+    Without a table, verify(K) is a line fitted to the widths seen in the last `fresh` steps,
+    and every `probe_every` steps the controller tries the width next to its choice to keep a
+    fresh neighbour to compare with (a width seen long ago, in a shorter context, is stale)."""
 
     name = "cost"
 
@@ -121,14 +124,23 @@ class CostAware:
         _check(self.k_start, k_max)
         self.hits, self.trials = alpha_prior, 1.0  # EMA'd counts: alpha = hits / trials
         self.draft_per_token: float | None = None
-        self.verify_by_k: dict[int, float] = {}  # EMA of verify seconds per width K
+        self.verify_table: dict[int, float] | None = None  # calibrated seconds per width K = 0..k_max
+        self.offset: float | None = None  # EMA of live verify seconds minus the table's
+        self.verify_by_k: dict[int, float] = {}  # without a table: EMA of verify seconds per width K
         self.seen_at: dict[int, int] = {}  # width -> step it was last measured
         self.steps = 0
+
+    def calibrate(self, verify_s: dict[int, float]) -> None:
+        """Verify seconds for K = 0..k_max drafts, measured on this device."""
+        if any(k not in verify_s or not verify_s[k] > 0 for k in range(self.k_max + 1)):
+            raise LabkitError(f"a verify cost table needs a positive time for every K in 0..{self.k_max}, got {sorted(verify_s)}")
+        self.verify_table = {k: verify_s[k] for k in range(self.k_max + 1)}
+        self.offset = None
 
     def begin(self) -> None:
         # the last request's alpha becomes this one's prior, worth one draft token (the first
         # request starts from alpha_prior): less of each request is spent finding its level
-        self.hits, self.trials = self.alpha if self.verify_by_k else self.alpha_prior, 1.0
+        self.hits, self.trials = self.alpha if self.steps else self.alpha_prior, 1.0
 
     @property
     def alpha(self) -> float:
@@ -150,6 +162,8 @@ class CostAware:
         return mk, mv, max(slope, 0.0)
 
     def verify_cost(self, k: int, line: tuple[float, float, float] | None = None) -> float:
+        if self.verify_table is not None:
+            return max(self.verify_table[k] + (self.offset or 0.0), 1e-9)
         mk, mv, slope = line or self.verify_line()
         return max(mv + slope * (k - mk), 1e-9)
 
@@ -159,6 +173,8 @@ class CostAware:
         return expected_tokens(self.alpha, k) / cost
 
     def next_k(self) -> int:
+        if self.verify_table is not None:
+            return max(range(1, self.k_max + 1), key=self.rate)
         if not self.verify_by_k:
             return self.k_start
         line = self.verify_line()  # fitted once per decision
@@ -176,12 +192,16 @@ class CostAware:
         self.trials = (1 - a) * self.trials + a * (accepted + failures)
         per_token = draft_s / drafted
         self.draft_per_token = per_token if self.draft_per_token is None else (1 - a) * self.draft_per_token + a * per_token
+        self.steps += 1
+        if self.verify_table is not None:
+            gap = verify_s - self.verify_table[drafted]
+            self.offset = gap if self.offset is None else (1 - a) * self.offset + a * gap
+            return
         old = self.verify_by_k.get(drafted)
-        if old is None or self.steps - self.seen_at[drafted] > self.fresh:
+        if old is None or self.steps - 1 - self.seen_at[drafted] > self.fresh:
             self.verify_by_k[drafted] = verify_s  # first or stale measure of this width: start over
         else:
             self.verify_by_k[drafted] = (1 - a) * old + a * verify_s
-        self.steps += 1
         self.seen_at[drafted] = self.steps
 
 
