@@ -91,6 +91,11 @@ def test_validation_time_budget_stops_between_prompts_and_says_so(tiny_folder) -
     payload = run_validation(cfg, load_model(str(tiny_folder)))
     stopped = payload["stopped_early"]
     assert stopped["prompts_done"] == 1 and stopped["prompts_planned"] == 2 and len(stopped["not_run"]) == 1
-    assert {r["prompt_id"] for r in payload["rows"]} == {payload["parameters"]["prompts"][0]}
+    first = payload["parameters"]["prompts"][0]
+    assert {r["prompt_id"] for r in payload["rows"]} == {first}
+    # the slow systems run after the fast ones, on the prompts that ran: HF still has its one prompt
+    assert stopped["slow_prompts_done"] == 1 and stopped["slow_prompts_planned"] == 2 and stopped["slow_not_run"] == stopped["not_run"]
+    assert {r["system"] for r in payload["rows"]} == {"hf_generate", "labkit_plain", "labkit_ngram"}
+    assert [r["system"] for r in payload["rows"]][-1] == "hf_generate"
     with pytest.raises(LabkitError, match="time_budget_s"):
         ValidationConfig(time_budget_s=0).validate()

@@ -133,23 +133,23 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     controllers = {(d.name, label, c, k): make_controller(c, k) for d, label, _ in setups for c in cfg.controllers for k in cfg.ks}
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=cfg.iterations * len(prompts) * (1 + len(controllers)), desc="sweep", disable=not cfg.progress)
+    runs = [(drafter, label, policy, c, k) for drafter, label, policy in setups for c in cfg.controllers for k in cfg.ks]
     for it in range(cfg.iterations):
-        for prompt, ids in prompts:
+        for i, (prompt, ids) in enumerate(prompts):
             base = {"iteration": it, "prompt_id": prompt.id, "category": prompt.category, "prompt_tokens": len(ids)}
             plain = generate(target, ids, gen)
             plain_ppl = perplexity(target, ids, plain.tokens)
             rows.append({**run_row(plain, plain, {**base, "drafter": "plain", "k": 0, "policy": "", "controller": ""}), "perplexity": plain_ppl})
             bar.update()
-            for drafter, label, setup_policy in setups:
-                for controller_name in cfg.controllers:
-                    for k in cfg.ks:
-                        controller = controllers[(drafter.name, label, controller_name, k)]
-                        result = generate(target, ids, gen, Speculation(drafter, k, setup_policy, controller))
-                        row = run_row(result, plain, {**base, "drafter": drafter.name, "k": k, "policy": label, "controller": controller_name})
-                        # drift only where it can exist: lossy policies, or any sampling
-                        row["perplexity"] = perplexity(target, ids, result.tokens) if not result.stats.lossless or cfg.temperature > 0 else plain_ppl
-                        rows.append(row)
-                        bar.update()
+            shift = (it + i) % len(runs)  # rotate who goes first, so slow drift does not favour one setup
+            for drafter, label, setup_policy, controller_name, k in runs[shift:] + runs[:shift]:
+                controller = controllers[(drafter.name, label, controller_name, k)]
+                result = generate(target, ids, gen, Speculation(drafter, k, setup_policy, controller))
+                row = run_row(result, plain, {**base, "drafter": drafter.name, "k": k, "policy": label, "controller": controller_name})
+                # drift only where it can exist: lossy policies, or any sampling
+                row["perplexity"] = perplexity(target, ids, result.tokens) if not result.stats.lossless or cfg.temperature > 0 else plain_ppl
+                rows.append(row)
+                bar.update()
     bar.close()
     summary, per_category = summarize(rows)
     params = {k: v for k, v in asdict(cfg).items() if k != "progress"}

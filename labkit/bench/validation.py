@@ -66,7 +66,7 @@ class ValidationConfig:
     fused: bool = True  # also CUDA graphs over the fused Triton layers (CUDA with triton only)
     hf_assisted: bool = True
     explain_limit: int = 40  # differing outputs to analyse at most
-    time_budget_s: float | None = None  # start no new prompt after this long (the rest are reported as not run)
+    time_budget_s: float | None = None  # start no new prompt after this long (the rest are reported as not run); the slow systems run last
     output_dir: str | None = "results"
     progress: bool = True
 
@@ -236,44 +236,69 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
             tuning.append({"drafter": kind, "k": k, "tok_per_s": speed[k]})
         best_k[kind] = max(speed, key=lambda k: speed[k])
 
-    systems = ["hf_generate", *(f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else [])), *engines,
-               *(f"labkit_{d}" for d in cfg.drafters)]
+    # Two passes, so that a time budget cuts the slow systems, not the suite: first every prompt
+    # with labkit's graph engines and drafters (a second or two each), then the slow systems
+    # (transformers, eager labkit) on the first prompts of each category.
+    fast_systems = [*(name for name in engines if name == fast_name or engines[name].cuda_graph), *(f"labkit_{d}" for d in cfg.drafters)]
+    slow_systems = ["hf_generate", *(f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else [])),
+                    *(name for name in engines if name not in fast_systems)]
     rows: list[dict[str, Any]] = []
     pending: list[tuple[str, list[int], list[int], list[int], str]] = []  # for explain
-    bar = tqdm(total=len(prompts), desc="validation", disable=not cfg.progress)
-    stopped: dict[str, Any] | None = None
-    for i, (prompt, ids) in enumerate(prompts):
-        if cfg.time_budget_s is not None and i > 0 and time.perf_counter() - t_start > cfg.time_budget_s:
-            stopped = {"prompts_done": i, "prompts_planned": len(prompts), "time_budget_s": cfg.time_budget_s,
-                       "not_run": [p.id for p, _ in prompts[i:]]}
-            break
+    references: dict[str, list[int]] = {}  # labkit's fastest plain greedy: what every output is compared with
+
+    def out_of_time(i: int) -> bool:  # checked between prompts; the first prompt of a pass always runs
+        return cfg.time_budget_s is not None and i > 0 and time.perf_counter() - t_start > cfg.time_budget_s
+
+    def run(system: str, prompt: Any, ids: list[int]) -> None:
         base = {"prompt_id": prompt.id, "category": prompt.category, "prompt_tokens": len(ids)}
-        reference = generate(fast, ids, gen).tokens  # labkit's fastest plain greedy: what every output is compared with
-        shift = i % len(systems)
-        for system in systems[shift:] + systems[:shift]:
-            if (system.startswith("hf") or system == "labkit_plain" and fast_name != "labkit_plain") and prompt.id not in slow_ids:
-                continue
-            if system == "hf_generate":
-                tokens, seconds = time_hf_generate(hf_model, ids, gen, device)
-                row = _row(system, tokens, seconds, reference, base)
-            elif system.startswith("hf_assisted_"):
-                kind = system.removeprefix("hf_assisted_")
-                tokens, seconds = time_hf_assisted(hf_model, kind, best_k[kind], depth, assistant, ids, gen, device)
-                row = {**_row(system, tokens, seconds, reference, base), "k": best_k[kind]}
-            elif system in engines:
-                result = generate(engines[system], ids, gen)
-                tokens = result.tokens
-                row = _row(system, tokens, result.stats.total_s, reference, base, result)
-            else:
-                kind = system.removeprefix("labkit_")
-                result = generate(fast, ids, gen, Speculation(drafters[kind], best_k[kind]))
-                tokens = result.tokens
-                row = {**_row(system, tokens, result.stats.total_s, reference, base, result), "k": best_k[kind]}
-            rows.append(row)
-            if not row["identical_to_plain"]:
-                pending.append((system, ids, reference, tokens, prompt.id))
+        reference = references[prompt.id]
+        if system == "hf_generate":
+            tokens, seconds = time_hf_generate(hf_model, ids, gen, device)
+            row = _row(system, tokens, seconds, reference, base)
+        elif system.startswith("hf_assisted_"):
+            kind = system.removeprefix("hf_assisted_")
+            tokens, seconds = time_hf_assisted(hf_model, kind, best_k[kind], depth, assistant, ids, gen, device)
+            row = {**_row(system, tokens, seconds, reference, base), "k": best_k[kind]}
+        elif system in engines:
+            result = generate(engines[system], ids, gen)
+            tokens = result.tokens
+            row = _row(system, tokens, result.stats.total_s, reference, base, result)
+        else:
+            kind = system.removeprefix("labkit_")
+            result = generate(fast, ids, gen, Speculation(drafters[kind], best_k[kind]))
+            tokens = result.tokens
+            row = {**_row(system, tokens, result.stats.total_s, reference, base, result), "k": best_k[kind]}
+        rows.append(row)
+        if not row["identical_to_plain"]:
+            pending.append((system, ids, reference, tokens, prompt.id))
+
+    bar = tqdm(total=len(prompts), desc="validation", disable=not cfg.progress)
+    done = len(prompts)
+    for i, (prompt, ids) in enumerate(prompts):
+        if out_of_time(i):
+            done = i
+            break
+        references[prompt.id] = generate(fast, ids, gen).tokens
+        shift = i % len(fast_systems)  # rotate who goes first
+        for system in fast_systems[shift:] + fast_systems[:shift]:
+            run(system, prompt, ids)
         bar.update()
     bar.close()
+    slow = [(p, ids) for p, ids in prompts[:done] if p.id in slow_ids]
+    slow_done = len(slow)
+    for j, (prompt, ids) in enumerate(slow):
+        if out_of_time(j):
+            slow_done = j
+            break
+        shift = j % len(slow_systems)
+        for system in slow_systems[shift:] + slow_systems[:shift]:
+            run(system, prompt, ids)
+    stopped: dict[str, Any] | None = None
+    if done < len(prompts) or slow_done < len(slow):
+        stopped = {"time_budget_s": cfg.time_budget_s, "prompts_done": done, "prompts_planned": len(prompts),
+                   "not_run": [p.id for p, _ in prompts[done:]], "slow_prompts_done": slow_done,
+                   "slow_prompts_planned": len([p for p, _ in prompts if p.id in slow_ids]),
+                   "slow_not_run": [p.id for p, _ in prompts if p.id in slow_ids and p.id not in {q.id for q, _ in slow[:slow_done]}]}
 
     explanations = []
     if pending:

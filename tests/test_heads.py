@@ -1,0 +1,77 @@
+"""Medusa-style draft heads: labels, the untrained start, training on a learnable pattern, files."""
+
+import pytest
+import torch
+from torch import nn
+
+from labkit.errors import LabkitError
+from labkit.specdec.heads import IGNORE, DraftHeads, HeadsConfig, fingerprint, head_labels, heads_loss, load_heads, save_heads
+
+
+def test_head_labels_shift_each_head_one_token_further() -> None:
+    tokens = torch.tensor([[10, 11, 12, 13, 14]])  # (1, 5)
+    labels = head_labels(tokens, 2)  # (1, 5, 2)
+    # position t: the target guesses t+1; head 1 guesses t+2, head 2 guesses t+3
+    assert labels[0, :, 0].tolist() == [12, 13, 14, IGNORE, IGNORE]
+    assert labels[0, :, 1].tolist() == [13, 14, IGNORE, IGNORE, IGNORE]
+    assert (head_labels(tokens[:, :2], 3) == IGNORE).all()
+
+
+def test_untrained_heads_repeat_the_targets_own_guess() -> None:
+    torch.manual_seed(0)
+    lm_head = nn.Linear(8, 20, bias=False)
+    heads = DraftHeads(8, HeadsConfig(n_heads=3))
+    hidden = torch.randn(2, 8)  # (B, D)
+    want = lm_head(hidden).argmax(-1)  # (B,)
+    assert heads.draft(hidden, lm_head, 3).tolist() == [[t] * 3 for t in want.tolist()]
+    with pytest.raises(LabkitError, match="1 to 3"):
+        heads.draft(hidden, lm_head, 4)
+
+
+def test_heads_learn_a_pattern_the_next_token_head_cannot_see() -> None:
+    """Sequences count up by a step that the hidden state encodes: token t+1+j = token t+1 + j*step.
+    The LM head only reads token t+1 out of h_t; the heads must learn to add j*step."""
+    torch.manual_seed(0)
+    V, D, n = 24, 32, 2
+    table = torch.randn(V + 4, D)  # embedding of (next token, step)
+    lm_head = nn.Linear(D, V, bias=False)
+    with torch.no_grad():
+        lm_head.weight.copy_(table[:V])
+    lm_head.requires_grad_(False)
+
+    def batch(B: int = 64, T: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        start = torch.randint(0, V, (B, 1))
+        step = torch.randint(1, 3, (B, 1))
+        tokens = (start + step * torch.arange(T)) % V  # (B, T)
+        nxt = torch.roll(tokens, -1, dims=1)  # (B, T): the target's next token at each position
+        hidden = 3 * table[nxt] + table[V + step]  # (B, T, D): the next token, plus the step
+        return hidden, tokens  # (B, T, D), (B, T)
+
+    heads = DraftHeads(D, HeadsConfig(n_heads=n, n_blocks=1))
+    opt = torch.optim.AdamW(heads.parameters(), lr=1e-2)
+    _, before = heads_loss(heads, *batch(), lm_head)
+    for _ in range(300):
+        loss, _ = heads_loss(heads, *batch(), lm_head)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, after = heads_loss(heads, *batch(256), lm_head)
+    assert max(before) < 0.2 and min(after) > 0.9
+
+
+def test_heads_files_round_trip_and_refuse_another_target(tmp_path) -> None:
+    torch.manual_seed(1)
+    lm_head = nn.Linear(8, 20, bias=False)
+    heads = DraftHeads(8, HeadsConfig(n_heads=2))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_()
+    save_heads(heads, tmp_path / "h", fingerprint(lm_head.weight), {"steps": 3})
+    back = load_heads(tmp_path / "h", fingerprint(lm_head.weight.to(torch.bfloat16)))  # a bf16 copy is the same target
+    hidden = torch.randn(3, 8)
+    assert torch.equal(back(hidden), heads(hidden))
+    other = nn.Linear(8, 20, bias=False)
+    with pytest.raises(LabkitError, match="another target"):
+        load_heads(tmp_path / "h", fingerprint(other.weight))
+    with pytest.raises(LabkitError, match="holds no draft heads"):
+        load_heads(tmp_path / "nothing", fingerprint(lm_head.weight))
