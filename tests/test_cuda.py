@@ -167,3 +167,22 @@ def test_cuda_fused_layers_match_torch_layers(dtype: str) -> None:
         assert fused._greedy_graph is not None
         for kind in ("ngram", "layerskip"):
             assert generate(fused, prompt, cfg, Speculation(make_drafter(kind, fused, layers=2), 3)).tokens == want, kind
+
+
+def test_cuda_cost_aware_calibrates_on_graphs_and_stays_lossless() -> None:
+    """The cost table is timed through the captured steps; afterwards a request still decodes with
+    graphs (the calibration must not leave the cache too small for them) and matches plain greedy."""
+    from labkit.generate import Speculation
+    from labkit.specdec import make_drafter
+    from labkit.specdec.controllers import CostAware
+
+    hf = tiny_hf_model("llama", seed=9).cuda()
+    engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
+    engine.warm_up(5)
+    prompt = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]
+    cfg = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    c = CostAware(4)
+    got = generate(engine, prompt, cfg, Speculation(make_drafter("ngram", engine), 4, None, c)).tokens
+    assert got == want and c.verify_table is not None and sorted(c.verify_table) == [0, 1, 2, 3, 4]
+    assert all(t > 0 for t in c.verify_table.values()) and engine._graphs_safe
