@@ -1,0 +1,122 @@
+"""Training draft heads by self-distillation: the target writes its own texts, and the heads learn
+to guess its greedy continuation from its final hidden states.
+
+No dataset is needed (and the prompt suite is never used, since it is what the heads are then
+measured on): each text starts from the BOS token with a few tokens sampled at temperature 1, so
+texts differ, and goes on greedily. Only the greedy part is a label: that is what a greedy verify
+accepts. Hidden states come from the transformers model (`base_model(...).last_hidden_state`, after
+the final norm), so training works for every architecture the loader takes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from labkit.config import GenerationConfig
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.generate import generate
+from labkit.specdec.heads import IGNORE, DraftHeads, HeadsConfig, head_labels, heads_loss
+
+
+@dataclass
+class HeadsTrainConfig:
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    texts: int = 256  # texts the target writes for training (and held-out)
+    sampled_tokens: int = 8  # tokens sampled at temperature 1 after BOS, so that texts differ
+    greedy_tokens: int = 128  # greedy tokens per text after those: the labels
+    steps: int = 400  # optimiser steps
+    batch_size: int = 8  # texts per step
+    lr: float = 1e-3
+    held_out: float = 0.1  # share of texts kept out of training, to report accuracy on
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.heads.validate()
+        if self.texts < 2 or self.sampled_tokens < 1 or self.greedy_tokens <= self.heads.n_heads + 1:
+            raise LabkitError("heads training needs texts >= 2, sampled_tokens >= 1 and greedy_tokens > n_heads + 1, "
+                              f"got {self.texts}, {self.sampled_tokens}, {self.greedy_tokens}")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not 0 < self.held_out < 1:
+            raise LabkitError(f"heads training needs steps, batch_size >= 1, lr > 0 and 0 < held_out < 1, "
+                              f"got {self.steps}, {self.batch_size}, {self.lr}, {self.held_out}")
+
+
+def self_written_texts(engine: Engine, bos: int, cfg: HeadsTrainConfig) -> list[tuple[list[int], int]]:
+    """(tokens, first greedy index) per text, written by the target on `engine`."""
+    texts = []
+    for i in range(cfg.texts):
+        sampled = generate(engine, [bos], GenerationConfig(max_new_tokens=cfg.sampled_tokens, temperature=1.0, seed=cfg.seed + i,
+                                                           stop_at_eos=False)).tokens
+        prefix = [bos, *sampled]
+        greedy = generate(engine, prefix, GenerationConfig(max_new_tokens=cfg.greedy_tokens, stop_at_eos=False)).tokens
+        texts.append((prefix + greedy, len(prefix)))
+    return texts
+
+
+@torch.no_grad()
+def final_hidden(hf_model: Any, tokens: list[int]) -> torch.Tensor:  # -> (1, T, D)
+    """The transformers model's last hidden state (after its final norm): what its LM head reads."""
+    ids = torch.tensor([tokens], device=hf_model.device)
+    return hf_model.base_model(input_ids=ids).last_hidden_state
+
+
+def _labels_from(tokens: torch.Tensor, first: int) -> torch.Tensor:  # (1, T) -> (1, T) with IGNORE before `first`
+    out = tokens.clone()
+    out[:, :first] = IGNORE
+    return out
+
+
+def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTrainConfig) -> tuple[DraftHeads, dict[str, Any]]:
+    """Fit heads on the texts (all but a held-out share); returns them and a report with each
+    head's top-1 accuracy on the held-out texts, before and after training."""
+    cfg.validate()
+    lm_head = hf_model.get_output_embeddings()
+    device = lm_head.weight.device
+    data = [(final_hidden(hf_model, toks).float(), _labels_from(torch.tensor([toks], device=device), first)) for toks, first in texts]
+    rng = random.Random(cfg.seed)
+    rng.shuffle(data)
+    n_held = max(1, round(len(data) * cfg.held_out))
+    held, train = data[:n_held], data[n_held:]
+    torch.manual_seed(cfg.seed)
+    heads = DraftHeads(lm_head.weight.shape[1], cfg.heads).to(device)
+    head_fp32 = torch.nn.Linear(lm_head.weight.shape[1], lm_head.weight.shape[0], bias=False).to(device)
+    head_fp32.weight.data.copy_(lm_head.weight.detach().float())
+    head_fp32.requires_grad_(False)
+
+    def accuracy(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        hits = torch.zeros(cfg.heads.n_heads)
+        seen = torch.zeros(cfg.heads.n_heads)
+        with torch.no_grad():
+            for hidden, labels in batch:
+                _, acc, n = _loss_and_counts(heads, hidden, labels, head_fp32)
+                hits += torch.tensor(acc) * n
+                seen += n
+        return (hits / seen.clamp(min=1)).tolist()
+
+    before = accuracy(held)
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr)
+    losses = []
+    for _ in range(cfg.steps):
+        batch = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
+        loss = sum(_loss_and_counts(heads, hidden, labels, head_fp32)[0] for hidden, labels in batch) / len(batch)
+        opt.zero_grad()
+        loss.backward()  # type: ignore[union-attr]
+        opt.step()
+        losses.append(float(loss.detach()))  # type: ignore[union-attr]
+    report = {"texts": len(texts), "train_texts": len(train), "held_out_texts": len(held),
+              "label_tokens": sum(len(t) - f for t, f in texts), "steps": cfg.steps,
+              "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+              "held_out_top1_before": before, "held_out_top1": accuracy(held)}
+    return heads, report
+
+
+def _loss_and_counts(heads: DraftHeads, hidden: torch.Tensor, labels: torch.Tensor,
+                     lm_head: torch.nn.Module) -> tuple[torch.Tensor, list[float], torch.Tensor]:
+    """heads_loss on one text whose labels are IGNORE before its greedy part; also labels per head."""
+    loss, acc = heads_loss(heads, hidden, labels, lm_head)
+    n = (head_labels(labels, heads.cfg.n_heads) != IGNORE).sum((0, 1)).float()  # (n_heads,)
+    return loss, acc, n
