@@ -159,6 +159,8 @@ class GraphStep:
                 self.verdict = greedy_verdict(self.logits, self.tokens, self.eos_mask, self.block_rows)
 
         self.graph = capture(engine, body, lambda: None)
+        # the final hidden state the captured pass writes (draft heads read it), full passes only
+        self.hidden = engine.model.last_hidden if engine.model.keep_hidden and n_layers is None else None  # (B, T, D)
 
     def set_eos(self, eos_mask: torch.Tensor, block_rows: int) -> None:
         """EOS blocking for the greedy verdict. The (V,) mask is copied on every call: one small
@@ -209,6 +211,7 @@ class GreedyGraph:
             self.step_idx.zero_()
 
         self.graph = capture(engine, body, prepare)
+        self.hidden = engine.model.last_hidden if engine.model.keep_hidden else None  # (B, 1, D) of the last step run
 
     def run(self, token: torch.Tensor, start: int, n: int, eos_mask: torch.Tensor | None, block_steps: int) -> torch.Tensor:
         self.token.copy_(token, non_blocking=True)
@@ -245,6 +248,9 @@ class Engine:
         self._graphs_safe = cuda_graph  # set per request by ensure_capacity
         self._graphs: dict[tuple[int, int | None, bool], GraphStep] = {}  # (T, n_layers, greedy verdict)
         self._greedy_graph: GreedyGraph | None = None
+        self.heads: Any = None  # draft heads (attach_heads): the model then keeps its final hidden states
+        self._hidden: torch.Tensor | None = None  # (B, T, D) final hidden states of the last full pass ...
+        self._hidden_start = 0  # ... whose first row is this cache position
         weight_dtype = torch.float32 if amp else dtype
         self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # Llama or GPT2
         ops, self.layer_kernels_reason = pick_layer_ops(self.model, device, dtype, amp, compile, layer_kernels)
@@ -399,8 +405,10 @@ class Engine:
             return outs[-1] if last_only else torch.cat(outs, dim=1)
         with self._autocast():
             if self._graphs_safe and T <= GRAPH_MAX_T:
-                logits = self._graph_step(T, n_layers).run(tokens, start)
+                step = self._graph_step(T, n_layers)
+                logits = step.run(tokens, start)
                 cache.length = start + T
+                self._keep_hidden(step.hidden, start + T)
                 return logits[:, -1:] if last_only else logits
             input_pos = torch.arange(start, start + T, device=self.device)  # (T,)
             if self._static_step is not None and not last_only and n_layers is None:
@@ -408,6 +416,8 @@ class Engine:
             else:
                 mask = self._mask(input_pos, start + T, decode_step=T == 1)
                 logits = self.model(tokens, input_pos, cache, start + T, mask, last_only, n_layers)
+                if n_layers is None:
+                    self._keep_hidden(self.model.last_hidden, start + T)
         cache.length = start + T
         return logits
 
@@ -469,9 +479,36 @@ class Engine:
             step.set_eos(eos_mask, block_rows)
             step.run(tokens, start)
             cache.length = start + T
+            self._keep_hidden(step.hidden, start + T)
             return step.verdict
         logits = self.forward(tokens)  # (B, K+1, V)
         return greedy_verdict(logits, tokens, eos_mask, torch.tensor([block_rows], device=self.device))
+
+    # -- draft heads ----------------------------------------------------------------------
+    def attach_heads(self, heads: torch.nn.Module) -> None:
+        """Keep the final hidden state of every full pass from now on, for `heads` to draft from.
+        Captured steps are dropped, to be captured again with that state kept."""
+        if self._static_step is not None:
+            raise LabkitError("draft heads need an engine without --compile: its compiled step cannot hand out the hidden state")
+        self.heads = heads.to(device=self.device, dtype=self.dtype).eval()
+        self.model.keep_hidden = True
+        self._graphs.clear()
+        self._greedy_graph = None
+
+    def _keep_hidden(self, hidden: torch.Tensor | None, end: int) -> None:  # hidden: (B, rows, D) for positions up to end-1
+        if hidden is not None and self.model.keep_hidden:
+            self._hidden, self._hidden_start = hidden, end - hidden.shape[1]
+
+    def hidden_at(self, pos: int) -> torch.Tensor:  # -> (B, D)
+        """The final hidden state at cache position `pos`, from the last full pass that covered it
+        (valid until the next pass: a captured step reuses its buffer)."""
+        if self._hidden is None:
+            raise LabkitError("no hidden states kept: attach draft heads before decoding")
+        row = pos - self._hidden_start
+        if not 0 <= row < self._hidden.shape[1]:
+            raise LabkitError(f"position {pos} is not in the last pass (positions {self._hidden_start}.."
+                              f"{self._hidden_start + self._hidden.shape[1] - 1})")
+        return self._hidden[:, row]
 
     @torch.inference_mode()
     def time_verify(self, max_k: int, reps: int = 5) -> dict[int, float]:
@@ -538,6 +575,7 @@ class Engine:
                 self._greedy_graph = GreedyGraph(self, GREEDY_CHUNK)
             out = self._greedy_graph.run(token, start, n, eos_mask, block_steps)
             cache.length = start + n
+            self._keep_hidden(self._greedy_graph.hidden, start + n)
             return out
         outs = []
         for i in range(n):

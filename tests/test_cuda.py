@@ -186,3 +186,28 @@ def test_cuda_cost_aware_calibrates_on_graphs_and_stays_lossless() -> None:
     got = generate(engine, prompt, cfg, Speculation(make_drafter("ngram", engine), 4, None, c)).tokens
     assert got == want and c.verify_table is not None and sorted(c.verify_table) == [0, 1, 2, 3, 4]
     assert all(t > 0 for t in c.verify_table.values()) and engine._graphs_safe
+
+
+@pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
+def test_cuda_heads_read_the_captured_hidden_state(layer_kernels: str) -> None:
+    """With CUDA graphs (and the fused layers where Triton is there) the draft heads read the
+    hidden state the captured verify wrote, at the right row, and decoding stays lossless."""
+    from labkit.generate import Speculation
+    from labkit.specdec.drafters import HeadsDrafter
+    from labkit.specdec.heads import DraftHeads, HeadsConfig
+    from tests.test_heads import _CheckedHeads
+
+    hf = tiny_hf_model("llama", seed=4).cuda()
+    engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, layer_kernels=layer_kernels)
+    torch.manual_seed(0)
+    heads = DraftHeads(engine.args.dim, HeadsConfig(n_heads=3))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.02)
+    drafter = _CheckedHeads(HeadsDrafter(engine, heads))
+    engine.warm_up(4)
+    prompt = list(range(3, 40))
+    cfg = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    result = generate(engine, prompt, cfg, Speculation(drafter, 3))
+    assert result.tokens == want and drafter.checked >= 10 and engine._graphs_safe

@@ -103,3 +103,65 @@ def test_self_distilled_training_learns_the_targets_continuation() -> None:
     assert report["held_out_top1"][0] > report["held_out_top1_before"][0] + 0.06
     with pytest.raises(LabkitError, match="greedy_tokens > n_heads"):
         HeadsTrainConfig(greedy_tokens=3).validate()
+
+
+class _CheckedHeads:
+    """A HeadsDrafter that also checks, at every proposal, that the hidden state it reads is the
+    one that predicted the last context token (the target's greedy argmax of it)."""
+
+    def __init__(self, drafter) -> None:
+        self.inner, self.name, self.checked = drafter, drafter.name, 0
+        self.proposals: list[tuple[int, int, list[int]]] = []  # (last context token, k asked, draft)
+
+    def begin(self, prompt_ids, capacity) -> None:
+        self.inner.begin(prompt_ids, capacity)
+
+    def propose(self, context, k, config, generator):
+        target = self.inner.target
+        with torch.inference_mode():
+            hidden = target.hidden_at(target.length - 1)  # (B, D)
+            assert int(target.model.lm_head(hidden).argmax(-1)[0]) == context[-1]
+        self.checked += 1
+        draft = self.inner.propose(context, k, config, generator)
+        self.proposals.append((context[-1], k, draft.tokens))
+        return draft
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_heads_drafter_reads_the_right_hidden_state_and_stays_lossless(arch: str) -> None:
+    from labkit.config import GenerationConfig
+    from labkit.engine import Engine
+    from labkit.generate import Speculation, generate
+    from labkit.models.tiny import tiny_hf_model
+    from labkit.specdec.drafters import HeadsDrafter
+
+    engine = Engine.from_hf(tiny_hf_model(arch, seed=4), "cpu", "float32")
+    prompt = list(range(3, 40))  # longer than one step, so the prompt's pass is the first one read
+    cfg = GenerationConfig(max_new_tokens=30, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    torch.manual_seed(0)
+    heads = DraftHeads(engine.args.dim, HeadsConfig(n_heads=3))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.02)
+    drafter = _CheckedHeads(HeadsDrafter(engine, heads))
+    result = generate(engine, prompt, cfg, Speculation(drafter, 3))
+    assert result.tokens == want and drafter.checked >= 10
+    assert drafter.name == "heads-3" and sum(result.stats.drafted_lengths) > 0
+
+
+def test_untrained_heads_propose_the_last_token_again() -> None:
+    """Zero-initialised heads map the hidden state to itself, so every head repeats what it
+    predicted: the last context token. (Training moves them from there.)"""
+    from labkit.config import GenerationConfig
+    from labkit.engine import Engine
+    from labkit.generate import Speculation, generate
+    from labkit.models.tiny import tiny_hf_model
+    from labkit.specdec.drafters import HeadsDrafter
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=4), "cpu", "float32")
+    with pytest.raises(LabkitError, match="attach draft heads"):
+        engine.hidden_at(0)
+    drafter = _CheckedHeads(HeadsDrafter(engine, DraftHeads(engine.args.dim, HeadsConfig(n_heads=2))))
+    generate(engine, [5, 6, 7], GenerationConfig(max_new_tokens=12, stop_at_eos=False), Speculation(drafter, 4))
+    assert drafter.proposals and all(draft == [last] * min(k, 2) for last, k, draft in drafter.proposals)  # the heads have 2

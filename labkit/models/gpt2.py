@@ -99,6 +99,8 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(args.context_len, args.dim)
         self.layers = nn.ModuleList(GPT2Block(args, i) for i in range(args.n_layers))
         self.ln_f = nn.LayerNorm(args.dim, eps=args.norm_eps)
+        self.keep_hidden = False  # keep the final hidden state of full passes (draft heads read it)
+        self.last_hidden: torch.Tensor | None = None  # (B, T or 1, dim) after the final norm
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def setup_rope(self, max_len: int) -> None:
@@ -115,12 +117,16 @@ class GPT2(nn.Module):
         n_layers: int | None = None,  # run only the first n layers, then the head (layer-skip drafts)
     ) -> torch.Tensor:  # (B, T or 1, vocab)
         x = self.wte(tokens) + self.wpe(input_pos)  # (B, T, dim)
-        for i in range(self.args.n_layers if n_layers is None else n_layers):
+        n = self.args.n_layers if n_layers is None else n_layers
+        for i in range(n):
             block = self.layers[i]
             x = block(x, cache, i, input_pos, attend_len, mask)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.ln_f(x))
+        h = self.ln_f(x)  # (B, T or 1, dim)
+        if self.keep_hidden and n == self.args.n_layers:
+            self.last_hidden = h
+        return self.lm_head(h)
 
     @classmethod
     def from_hf(cls, hf_model: Any) -> GPT2:

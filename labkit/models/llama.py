@@ -161,6 +161,8 @@ class Llama(nn.Module):
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         self.layer_ops: Any = None  # a fused-kernel module (engine.pick_layer_ops), or None for the layers above
+        self.keep_hidden = False  # keep the final hidden state of full passes (draft heads read it)
+        self.last_hidden: torch.Tensor | None = None  # (B, T or 1, dim) after the final norm
 
     def setup_rope(self, max_len: int) -> None:
         """Tables for positions [0, max_len), computed in fp32 and rounded to the weights' dtype."""
@@ -198,7 +200,10 @@ class Llama(nn.Module):
                 x = self.layers[i](x, cos, sin, cache, i, input_pos, attend_len, mask)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        h = self.norm(x)  # (B, T or 1, dim)
+        if self.keep_hidden and n == self.args.n_layers:
+            self.last_hidden = h
+        return self.lm_head(h)
 
     @classmethod
     def from_hf(cls, hf_model: Any) -> Llama:

@@ -178,6 +178,27 @@ class NgramDrafter:
         return Draft([])
 
 
+class HeadsDrafter:
+    """Medusa-style draft heads (specdec/heads.py): K tokens from the target's own final hidden
+    state at the position before the last context token, the one that predicted that token.
+    No draft model runs: the target's last pass (prefill, decode or verify) left that state, and
+    the heads add K small blocks and one LM-head product. Greedy drafts (one-hot)."""
+
+    def __init__(self, target: Engine, heads: Any) -> None:
+        target.attach_heads(heads)
+        self.target, self.heads = target, target.heads
+        self.name = f"heads-{heads.cfg.n_heads}"
+
+    def begin(self, prompt_ids: list[int], capacity: int) -> None:
+        pass
+
+    @torch.inference_mode()
+    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
+        hidden = self.target.hidden_at(self.target.length - 1)  # (B, D): it predicted context[-1]
+        k = min(k, self.heads.cfg.n_heads)
+        return Draft(self.heads.draft(hidden, self.target.model.lm_head, k)[0].tolist())
+
+
 def truncated_model(model: nn.Module, n_layers: int) -> nn.Module:
     """A smaller model from the target's embeddings, first n layers, final norm and head (weights shared)."""
     args: Any = cast(Any, model).args
