@@ -33,7 +33,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _drafter_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", default=None, choices=["ngram", "layerskip", "truncated", "model"], help="speculative decoding with this drafter")
+    p.add_argument("--drafter", default=None, choices=["ngram", "layerskip", "truncated", "model", "heads"], help="speculative decoding with this drafter")
+    p.add_argument("--heads", default=None, metavar="FOLDER", help="draft heads for --drafter heads (written by `python -m labkit heads train`)")
     p.add_argument("--draft-model", default=None, help="draft model (HF id or folder) sharing the target's tokenizer")
     p.add_argument("--layers", type=int, default=None, help="layer-skip / truncated depth (default: a third of the target)")
 
@@ -123,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--repeats", type=int, default=50)
     bk.add_argument("--output-dir", default="results")
     bb.add_argument("--no-write", action="store_true", help="measure and print, write no files")
+
+    hd = sub.add_parser("heads", help="Medusa-style draft heads for --drafter heads")
+    hsub = hd.add_subparsers(dest="heads_command", required=True, parser_class=Parser)
+    ht = hsub.add_parser("train", help="train draft heads on texts the target writes itself (no dataset, never the prompt suite)")
+    _model_args(ht)
+    ht.add_argument("--dtype", default=None, help="auto, float32, float16, bfloat16")
+    ht.add_argument("--out", required=True, metavar="FOLDER", help="new folder for heads.safetensors and heads.json")
+    ht.add_argument("--n-heads", type=int, default=4, help="draft tokens the heads can propose (K max)")
+    ht.add_argument("--blocks", type=int, default=1, help="residual blocks per head")
+    ht.add_argument("--texts", type=int, default=256, help="texts the target writes (a share is held out)")
+    ht.add_argument("--sampled-tokens", type=int, default=8, help="tokens sampled at temperature 1 to start each text")
+    ht.add_argument("--greedy-tokens", type=int, default=128, help="greedy tokens per text after those: the labels")
+    ht.add_argument("--steps", type=int, default=400)
+    ht.add_argument("--batch-size", type=int, default=8)
+    ht.add_argument("--lr", type=float, default=1e-3)
+    ht.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -148,7 +165,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise LabkitError(f"--k must be at least 1, got {args.k}")
     trace_path = check_trace_path(args.profile) if args.profile else None  # before the slow part
-    drafter_kind = args.drafter or ("model" if args.draft_model else None)
+    drafter_kind = args.drafter or ("model" if args.draft_model else "heads" if args.heads else None)
+    if args.heads:
+        from labkit.specdec.heads import check_heads_folder
+
+        check_heads_folder(args.heads)  # before the slow part
     loaded = load_model(args.model)
     engine = Engine.from_loaded(loaded, device, dtype, weights=args.weights, compile=args.compile, cuda_graph=args.cuda_graph,
                                 layer_kernels=args.layer_kernels)
@@ -157,7 +178,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from labkit.generate import Speculation
         from labkit.specdec.drafters import build_drafter
 
-        drafter = build_drafter(drafter_kind, engine, layers=args.layers, draft_model=args.draft_model, target_tokenizer=loaded.tokenizer)
+        drafter = build_drafter(drafter_kind, engine, layers=args.layers, draft_model=args.draft_model, target_tokenizer=loaded.tokenizer,
+                                heads_path=args.heads)
         spec = Speculation(drafter, k=args.k)
     if engine.cuda_graph or args.compile:  # capture and compile now, not inside the timed request
         from labkit.generate import warm_up
@@ -287,6 +309,46 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_heads_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from labkit.config import Flags
+    from labkit.engine import Engine
+    from labkit.generate import warm_up
+    from labkit.models.loading import load_model
+    from labkit.specdec.heads import HeadsConfig, fingerprint, save_heads
+    from labkit.specdec.heads_train import HeadsTrainConfig, self_written_texts, train_heads
+
+    cfg = HeadsTrainConfig(heads=HeadsConfig(n_heads=args.n_heads, n_blocks=args.blocks), texts=args.texts,
+                           sampled_tokens=args.sampled_tokens, greedy_tokens=args.greedy_tokens, steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    cfg.validate()
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LabkitError(f"{out} already exists and is not an empty folder; choose a new --out (nothing was overwritten)")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or Flags.from_env().dtype, device)
+    loaded = load_model(args.model)
+    bos = loaded.tokenizer.bos_token_id if loaded.tokenizer.bos_token_id is not None else loaded.tokenizer.eos_token_id
+    if bos is None:
+        raise LabkitError("the tokenizer has neither a BOS nor an EOS token to start the texts from")
+    engine = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=device.type == "cuda")
+    if engine.cuda_graph:
+        warm_up(engine)
+    texts = self_written_texts(engine, int(bos), cfg)
+    hf_model = loaded.hf_model.to(device=device)
+    heads, report = train_heads(hf_model, texts, cfg)
+    info = {**report, "model_source": loaded.source, "device": str(device), "dtype": str(dtype), "arguments": vars(args)}
+    save_heads(heads, out, fingerprint(engine.model.lm_head.weight), info)
+    top1 = ", ".join(f"head {j + 1} {a:.0%} (untrained {b:.0%})"
+                     for j, (a, b) in enumerate(zip(report["held_out_top1"], report["held_out_top1_before"], strict=True)))
+    print(f"trained {cfg.heads.n_heads} heads on {report['train_texts']} texts ({report['label_tokens']} labelled tokens), "
+          f"loss {report['loss_first']:.2f} -> {report['loss_last']:.2f}")
+    print(f"held-out top-1 ({report['held_out_texts']} texts): {top1}")
+    print(f"wrote {out}; use it with --drafter heads --heads {out}")
+    return 0
+
+
 def cmd_kernels(args: argparse.Namespace) -> int:
     from labkit.kernels.registry import table
 
@@ -361,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_doctor(args)
         if args.command == "kernels":
             return cmd_kernels(args)
+        if args.command == "heads":
+            return cmd_heads_train(args)
     except LabkitError as err:
         print(f"labkit: error: {err}", file=sys.stderr)
         return 2

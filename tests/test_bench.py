@@ -99,3 +99,28 @@ def test_validation_time_budget_stops_between_prompts_and_says_so(tiny_folder) -
     assert [r["system"] for r in payload["rows"]][-1] == "hf_generate"
     with pytest.raises(LabkitError, match="time_budget_s"):
         ValidationConfig(time_budget_s=0).validate()
+
+
+def test_validation_runs_the_heads_drafter_lossless(tiny_folder, tmp_path) -> None:
+    import torch
+
+    from labkit.bench.validation import ValidationConfig, run_validation
+    from labkit.specdec.heads import DraftHeads, HeadsConfig, fingerprint, save_heads
+
+    loaded = load_model(str(tiny_folder))
+    head = loaded.hf_model.get_output_embeddings().weight
+    torch.manual_seed(0)
+    heads = DraftHeads(head.shape[1], HeadsConfig(n_heads=2))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.02)
+    save_heads(heads, tmp_path / "h", fingerprint(head))
+    cfg = ValidationConfig(device="cpu", dtype="float32", max_new_tokens=6, categories=["writing"], prompts_per_category=1,
+                           drafters=["ngram", "heads"], heads=str(tmp_path / "h"), ks=[1, 2], hf_assisted=True, fused=False,
+                           compile=False, output_dir=None, progress=False)
+    payload = run_validation(cfg, loaded)
+    rows = [r for r in payload["rows"] if r["system"] == "labkit_heads"]
+    assert len(rows) == 1 and rows[0]["identical_to_plain"]
+    assert "hf_assisted_heads" not in {r["system"] for r in payload["rows"]}  # transformers has no Medusa heads
+    with pytest.raises(LabkitError, match="needs heads"):
+        ValidationConfig(drafters=["heads"]).validate()

@@ -161,3 +161,24 @@ def test_sweep_policies_and_controllers(tiny_folder, tmp_path) -> None:
 ])
 def test_sweep_policy_bad_input(args: list[str], needle: str) -> None:
     assert_clean_error(*run_cli("sweep", "--max-tokens", "4", "--device", "cpu", *args), needle)
+
+
+def test_heads_train_then_generate_with_them(tiny_folder, tmp_path) -> None:
+    out = tmp_path / "heads"
+    rc, stdout, err = run_cli("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(out), "--n-heads", "2",
+                              "--texts", "6", "--sampled-tokens", "2", "--greedy-tokens", "12", "--steps", "5", "--batch-size", "2")
+    assert rc == 0, err
+    assert "trained 2 heads on 5 texts" in stdout and "held-out top-1 (1 texts): head 1" in stdout
+    assert (out / "heads.json").is_file() and (out / "heads.safetensors").is_file()
+    rc, stdout, err = run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "Tell me a story",
+                              "--max-tokens", "12", "--drafter", "heads", "--heads", str(out), "--k", "2", "--json")
+    assert rc == 0, err
+    assert json.loads(stdout)["stats"]["drafter"] == "heads-2"
+    # nothing a user wrote is overwritten; a missing folder is a clear error
+    assert_clean_error(*run_cli("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(out)), "already exists")
+    assert_clean_error(*run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "heads",
+                                "--heads", str(tmp_path / "none")), "holds no draft heads")
+    assert_clean_error(*run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "heads"),
+                       "needs --heads")
+    assert_clean_error(*run_cli("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(tmp_path / "x"),
+                                "--greedy-tokens", "2"), "greedy_tokens > n_heads")

@@ -45,6 +45,7 @@ from labkit.metrics.timers import now
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
 from labkit.specdec.drafters import Drafter, make_drafter
+from labkit.specdec.heads import check_heads_folder, fingerprint, load_heads
 
 TIE_ULPS = 4.0  # logits closer than this many bf16 steps count as a near-tie
 
@@ -65,6 +66,7 @@ class ValidationConfig:
     compile: bool = True  # torch.compile'd steps inside the CUDA graphs (CUDA only)
     fused: bool = True  # also CUDA graphs over the fused Triton layers (CUDA with triton only)
     hf_assisted: bool = True
+    heads: str | None = None  # draft heads folder (python -m labkit heads train), for the "heads" drafter
     explain_limit: int = 40  # differing outputs to analyse at most
     time_budget_s: float | None = None  # start no new prompt after this long (the rest are reported as not run); the slow systems run last
     output_dir: str | None = "results"
@@ -81,9 +83,13 @@ class ValidationConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise LabkitError(f"{name} must be at least 1 (or None for all), got {value}")
-        unknown = set(self.drafters) - {"ngram", "layerskip", "truncated"}
+        unknown = set(self.drafters) - {"ngram", "layerskip", "truncated", "heads"}
         if unknown:
-            raise LabkitError(f"unknown drafter(s) {sorted(unknown)}: use ngram, layerskip, truncated")
+            raise LabkitError(f"unknown drafter(s) {sorted(unknown)}: use ngram, layerskip, truncated, heads")
+        if "heads" in self.drafters:
+            if not self.heads:
+                raise LabkitError("the heads drafter needs heads (a folder written by `python -m labkit heads train`)")
+            check_heads_folder(self.heads)
 
 
 def weight_bytes_per_token(engine: Engine) -> int:
@@ -219,7 +225,10 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     weight_bytes = weight_bytes_per_token(fast)
     roofline = bandwidth / weight_bytes  # tok/s if one step costs one read of the weights
     depth = cfg.layers or max(1, fast.args.n_layers // 3)
-    drafters: dict[str, Drafter] = {kind: make_drafter(kind, fast, layers=depth) for kind in cfg.drafters}
+    heads = load_heads(cfg.heads, fingerprint(fast.model.lm_head.weight)) if "heads" in cfg.drafters and cfg.heads else None
+    drafters: dict[str, Drafter] = {kind: make_drafter(kind, fast, layers=depth, heads=heads) for kind in cfg.drafters}
+    if heads is not None and fast.cuda_graph:  # the heads' engine keeps its hidden states: capture its steps again
+        warm_up(fast, max(cfg.ks))
     assistant = hf_truncated(hf_model, depth) if cfg.hf_assisted and "truncated" in cfg.drafters else None
     for drafter in drafters.values():
         for k in cfg.ks:
@@ -240,7 +249,8 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     # with labkit's graph engines and drafters (a second or two each), then the slow systems
     # (transformers, eager labkit) on the first prompts of each category.
     fast_systems = [*(name for name in engines if name == fast_name or engines[name].cuda_graph), *(f"labkit_{d}" for d in cfg.drafters)]
-    slow_systems = ["hf_generate", *(f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else [])),
+    # transformers' assisted generation has no Medusa heads
+    slow_systems = ["hf_generate", *(f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else []) if d != "heads"),
                     *(name for name in engines if name not in fast_systems)]
     rows: list[dict[str, Any]] = []
     pending: list[tuple[str, list[int], list[int], list[int], str]] = []  # for explain

@@ -239,8 +239,10 @@ def build_drafter(
     draft_model: str | None = None,
     target_tokenizer: Any = None,
     stop_below: float = 0.0,
+    heads_path: str | None = None,
 ) -> Drafter:
-    """make_drafter, loading the draft model first for kind "model" (same device, dtype, graphs)."""
+    """make_drafter, loading the draft model first for kind "model" (same device, dtype, graphs)
+    and the draft heads for kind "heads" (checked against the target)."""
     draft_engine = None
     if kind == "model":
         if not draft_model:
@@ -250,7 +252,14 @@ def build_drafter(
         draft = load_model(draft_model)
         draft_engine = Engine.from_loaded(draft, target.device, target.dtype, weights="dense", cuda_graph=target.cuda_graph)
         check_draft_pair(target, draft_engine, target_tokenizer, draft.tokenizer)
-    return make_drafter(kind, target, layers=layers, draft_engine=draft_engine, stop_below=stop_below)
+    heads = None
+    if kind == "heads":
+        if not heads_path:
+            raise LabkitError("--drafter heads needs --heads (a folder written by `python -m labkit heads train`)")
+        from labkit.specdec.heads import fingerprint, load_heads
+
+        heads = load_heads(heads_path, fingerprint(target.model.lm_head.weight))
+    return make_drafter(kind, target, layers=layers, draft_engine=draft_engine, stop_below=stop_below, heads=heads)
 
 
 def make_drafter(
@@ -262,8 +271,9 @@ def make_drafter(
     ngram_max: int = 3,
     ngram_min: int = 2,
     stop_below: float = 0.0,
+    heads: Any = None,
 ) -> Drafter:
-    """ngram | layerskip | truncated | model. Default depth for layerskip/truncated: a third of the target.
+    """ngram | layerskip | truncated | model | heads (trained DraftHeads, see specdec/heads_train.py). Default depth for layerskip/truncated: a third of the target.
     stop_below > 0: draft-confidence early stop (the drafter stops at its first token below it)."""
     depth = layers or max(1, target.args.n_layers // 3)
     if not 0.0 <= stop_below < 1.0:
@@ -281,4 +291,10 @@ def make_drafter(
             raise LabkitError("--drafter model needs --draft-model")
         check_draft_pair(target, draft_engine)
         return ModelDrafter(draft_engine, target.args.vocab_size, name="model", stop_below=stop_below)
-    raise LabkitError(f"unknown drafter {kind!r}: use ngram, layerskip, truncated or model")
+    if kind == "heads":
+        if heads is None:
+            raise LabkitError("--drafter heads needs --heads (a folder written by `python -m labkit heads train`)")
+        if stop_below > 0:
+            raise LabkitError("the heads drafter proposes greedy tokens: a confidence stop needs layerskip, truncated or model")
+        return HeadsDrafter(target, heads)
+    raise LabkitError(f"unknown drafter {kind!r}: use ngram, layerskip, truncated, model or heads")

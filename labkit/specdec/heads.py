@@ -124,13 +124,18 @@ def save_heads(heads: DraftHeads, path: str | Path, target_fingerprint: dict[str
     return out
 
 
+def check_heads_folder(path: str | Path) -> Path:
+    folder = Path(path)
+    if not (folder / "heads.json").is_file() or not (folder / "heads.safetensors").is_file():
+        raise LabkitError(f"{folder} holds no draft heads (heads.json and heads.safetensors)")
+    return folder
+
+
 def load_heads(path: str | Path, target_fingerprint: dict[str, Any]) -> DraftHeads:
     """Heads saved by `save_heads`; refuses heads trained for another target."""
     from safetensors.torch import load_file
 
-    folder = Path(path)
-    if not (folder / "heads.json").is_file() or not (folder / "heads.safetensors").is_file():
-        raise LabkitError(f"{folder} holds no draft heads (heads.json and heads.safetensors)")
+    folder = check_heads_folder(path)
     meta = json.loads((folder / "heads.json").read_text())
     if not same_target(meta.get("target", {}), target_fingerprint):
         raise LabkitError(f"the draft heads in {folder} were trained for another target model "
