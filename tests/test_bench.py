@@ -102,19 +102,13 @@ def test_validation_time_budget_stops_between_prompts_and_says_so(tiny_folder) -
 
 
 def test_validation_runs_the_heads_drafter_lossless(tiny_folder, tmp_path) -> None:
-    import torch
-
     from labkit.bench.validation import ValidationConfig, run_validation
-    from labkit.specdec.heads import DraftHeads, HeadsConfig, fingerprint, save_heads
+    from labkit.specdec.heads import fingerprint, save_heads
+    from tests.test_heads import random_heads
 
     loaded = load_model(str(tiny_folder))
     head = loaded.hf_model.get_output_embeddings().weight
-    torch.manual_seed(0)
-    heads = DraftHeads(head.shape[1], HeadsConfig(n_heads=2))
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.normal_(0, 0.02)
-    save_heads(heads, tmp_path / "h", fingerprint(head))
+    save_heads(random_heads(head.shape[1], 2), tmp_path / "h", fingerprint(head))
     cfg = ValidationConfig(device="cpu", dtype="float32", max_new_tokens=6, categories=["writing"], prompts_per_category=1,
                            drafters=["ngram", "heads"], heads=str(tmp_path / "h"), ks=[1, 2], hf_assisted=True, fused=False,
                            compile=False, output_dir=None, progress=False)

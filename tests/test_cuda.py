@@ -194,17 +194,11 @@ def test_cuda_heads_read_the_captured_hidden_state(layer_kernels: str) -> None:
     hidden state the captured verify wrote, at the right row, and decoding stays lossless."""
     from labkit.generate import Speculation
     from labkit.specdec.drafters import HeadsDrafter
-    from labkit.specdec.heads import DraftHeads, HeadsConfig
-    from tests.test_heads import _CheckedHeads
+    from tests.test_heads import _CheckedHeads, random_heads
 
     hf = tiny_hf_model("llama", seed=4).cuda()
     engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, layer_kernels=layer_kernels)
-    torch.manual_seed(0)
-    heads = DraftHeads(engine.args.dim, HeadsConfig(n_heads=3))
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.normal_(0, 0.02)
-    drafter = _CheckedHeads(HeadsDrafter(engine, heads))
+    drafter = _CheckedHeads(HeadsDrafter(engine, random_heads(engine.args.dim, 3)))
     engine.warm_up(4)
     prompt = list(range(3, 40))
     cfg = GenerationConfig(max_new_tokens=40, stop_at_eos=False)

@@ -105,6 +105,16 @@ def test_self_distilled_training_learns_the_targets_continuation() -> None:
         HeadsTrainConfig(greedy_tokens=3).validate()
 
 
+def random_heads(dim: int, n_heads: int, seed: int = 0) -> DraftHeads:
+    """Heads with small random weights: they draft something other than the last token again."""
+    torch.manual_seed(seed)
+    heads = DraftHeads(dim, HeadsConfig(n_heads=n_heads))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.02)
+    return heads
+
+
 class _CheckedHeads:
     """A HeadsDrafter that also checks, at every proposal, that the hidden state it reads is the
     one that predicted the last context token (the target's greedy argmax of it)."""
@@ -139,11 +149,7 @@ def test_heads_drafter_reads_the_right_hidden_state_and_stays_lossless(arch: str
     prompt = list(range(3, 40))  # longer than one step, so the prompt's pass is the first one read
     cfg = GenerationConfig(max_new_tokens=30, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
-    torch.manual_seed(0)
-    heads = DraftHeads(engine.args.dim, HeadsConfig(n_heads=3))
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.normal_(0, 0.02)
+    heads = random_heads(engine.args.dim, 3)
     drafter = _CheckedHeads(HeadsDrafter(engine, heads))
     result = generate(engine, prompt, cfg, Speculation(drafter, 3))
     assert result.tokens == want and drafter.checked >= 10
