@@ -5,6 +5,7 @@
 #   call 1, carry .carry/part_aa .carry/gguf-*.whl:   bash scripts/device_run.sh stage
 #   call 2, carry .carry/part_ab .carry/pm:            bash scripts/device_run.sh assemble check
 #   call 3 (nothing to carry):                         bash scripts/device_run.sh validate
+#   with draft heads:  DRAFTERS=ngram,heads HEADS=/tmp/heads bash scripts/device_run.sh heads validate
 # validate stops starting prompts after BUDGET s (default 420) so that one call (10 min) brings results back.
 # .carry/pm holds papermill, ipykernel and what they need that the image lacks (Python 3.12).
 set -euo pipefail
@@ -52,11 +53,15 @@ case "$step" in
   repeat)
     python3 scripts/repeatability.py "${MODES:-eager,graph,compile,compile-cudnn,fused}" 3 2>&1 | grep -v Warning | tee "$out/repeatability.txt"
     ;;
+  heads)  # Medusa-style draft heads, self-distilled on this card (then: DRAFTERS=ngram,heads HEADS=/tmp/heads ... validate)
+    python3 -m labkit heads train --device cuda --out /tmp/heads --texts "${TEXTS:-256}" --steps "${STEPS:-400}" 2>&1 | tail -4 | tee "$out/heads_train.txt"
+    cp /tmp/heads/heads.json "$out/heads_train.json"
+    ;;
   validate)
     python3 -m papermill notebooks/3D_cuda_validation.ipynb "$out/3D_out.ipynb" -p device cuda -p max_new_tokens 128 -p categories "" \
-      -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters "${DRAFTERS:-ngram,layerskip,truncated}" \
+      -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters "${DRAFTERS:-ngram,layerskip,truncated}" -p heads "${HEADS:-}" \
       -p ks "${KS:-2,4,6,8}" -p compile "${COMPILE:-False}" -p time_budget_s "${BUDGET:-420}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|cudatests|speed|tune|repeat|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|cudatests|speed|tune|repeat|heads|validate ..." >&2; exit 2 ;;
 esac
 done
