@@ -496,7 +496,7 @@ class Engine:
         self._greedy_graph = None
 
     def _keep_hidden(self, hidden: torch.Tensor | None, end: int) -> None:  # hidden: (B, rows, D) for positions up to end-1
-        if hidden is not None and self.model.keep_hidden:
+        if hidden is not None:  # None unless heads are attached (the model keeps nothing then)
             self._hidden, self._hidden_start = hidden, end - hidden.shape[1]
 
     def hidden_at(self, pos: int) -> torch.Tensor:  # -> (B, D)

@@ -44,8 +44,8 @@ from labkit.generate import GenerationResult, Speculation, encode_prompt, genera
 from labkit.metrics.timers import now
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
-from labkit.specdec.drafters import Drafter, make_drafter
-from labkit.specdec.heads import check_heads_folder, fingerprint, load_heads
+from labkit.specdec.drafters import Drafter, build_drafter
+from labkit.specdec.heads import check_heads_folder
 
 TIE_ULPS = 4.0  # logits closer than this many bf16 steps count as a near-tie
 
@@ -225,9 +225,8 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     weight_bytes = weight_bytes_per_token(fast)
     roofline = bandwidth / weight_bytes  # tok/s if one step costs one read of the weights
     depth = cfg.layers or max(1, fast.args.n_layers // 3)
-    heads = load_heads(cfg.heads, fingerprint(fast.model.lm_head.weight)) if "heads" in cfg.drafters and cfg.heads else None
-    drafters: dict[str, Drafter] = {kind: make_drafter(kind, fast, layers=depth, heads=heads) for kind in cfg.drafters}
-    if heads is not None and fast.cuda_graph:  # the heads' engine keeps its hidden states: capture its steps again
+    drafters: dict[str, Drafter] = {kind: build_drafter(kind, fast, layers=depth, heads_path=cfg.heads) for kind in cfg.drafters}
+    if "heads" in drafters and fast.cuda_graph:  # the heads' engine keeps its hidden states: capture its steps again
         warm_up(fast, max(cfg.ks))
     assistant = hf_truncated(hf_model, depth) if cfg.hf_assisted and "truncated" in cfg.drafters else None
     for drafter in drafters.values():

@@ -253,9 +253,7 @@ def build_drafter(
         draft_engine = Engine.from_loaded(draft, target.device, target.dtype, weights="dense", cuda_graph=target.cuda_graph)
         check_draft_pair(target, draft_engine, target_tokenizer, draft.tokenizer)
     heads = None
-    if kind == "heads":
-        if not heads_path:
-            raise LabkitError("--drafter heads needs --heads (a folder written by `python -m labkit heads train`)")
+    if kind == "heads" and heads_path:  # without a path make_drafter says what is missing
         from labkit.specdec.heads import fingerprint, load_heads
 
         heads = load_heads(heads_path, fingerprint(target.model.lm_head.weight))

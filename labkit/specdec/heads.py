@@ -89,14 +89,25 @@ def heads_loss(
     lm_head: nn.Module,
 ) -> tuple[torch.Tensor, list[float]]:
     """Mean cross-entropy over heads and positions, and each head's top-1 accuracy."""
+    loss, hits, seen = heads_loss_counts(heads, hidden, tokens, lm_head)
+    return loss, (hits / seen.clamp(min=1)).tolist()
+
+
+def heads_loss_counts(
+    heads: DraftHeads,
+    hidden: torch.Tensor,  # (B, T, D) the target's final hidden states
+    tokens: torch.Tensor,  # (B, T) the tokens those states were computed on (IGNORE: no label)
+    lm_head: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy, and per head the top-1 hits and the labels seen: (), (n,), (n,)."""
     labels = head_labels(tokens, heads.cfg.n_heads)  # (B, T, n)
     logits = heads.logits(hidden, lm_head).float()  # (B, T, n, V)
     loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), ignore_index=IGNORE)
     with torch.no_grad():
-        hit = (logits.argmax(-1) == labels) & (labels != IGNORE)  # (B, T, n)
-        seen = (labels != IGNORE).sum((0, 1)).clamp(min=1)
-        accuracy = (hit.sum((0, 1)) / seen).tolist()
-    return loss, accuracy
+        valid = labels != IGNORE  # (B, T, n)
+        hits = ((logits.argmax(-1) == labels) & valid).sum((0, 1)).float()  # (n,)
+        seen = valid.sum((0, 1)).float()  # (n,)
+    return loss, hits, seen
 
 
 def fingerprint(lm_head_weight: torch.Tensor) -> dict[str, Any]:

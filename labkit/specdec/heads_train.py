@@ -20,7 +20,7 @@ from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import generate
-from labkit.specdec.heads import IGNORE, DraftHeads, HeadsConfig, head_labels, heads_loss
+from labkit.specdec.heads import IGNORE, DraftHeads, HeadsConfig, heads_loss_counts
 
 
 @dataclass
@@ -88,12 +88,12 @@ def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTra
     head_fp32.requires_grad_(False)
 
     def accuracy(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-        hits = torch.zeros(cfg.heads.n_heads)
-        seen = torch.zeros(cfg.heads.n_heads)
+        hits = torch.zeros(cfg.heads.n_heads, device=device)
+        seen = torch.zeros(cfg.heads.n_heads, device=device)
         with torch.no_grad():
             for hidden, labels in batch:
-                _, acc, n = _loss_and_counts(heads, hidden, labels, head_fp32)
-                hits += torch.tensor(acc) * n
+                _, h, n = heads_loss_counts(heads, hidden, labels, head_fp32)
+                hits += h
                 seen += n
         return (hits / seen.clamp(min=1)).tolist()
 
@@ -107,7 +107,7 @@ def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTra
     for _ in range(cfg.steps):
         batch = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
         with low:
-            loss = sum(_loss_and_counts(heads, hidden, labels, head_fp32)[0] for hidden, labels in batch) / len(batch)
+            loss = sum(heads_loss_counts(heads, hidden, labels, head_fp32)[0] for hidden, labels in batch) / len(batch)
         opt.zero_grad()
         loss.backward()  # type: ignore[union-attr]
         opt.step()
@@ -117,11 +117,3 @@ def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTra
               "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
               "held_out_top1_before": before, "held_out_top1": accuracy(held)}
     return heads, report
-
-
-def _loss_and_counts(heads: DraftHeads, hidden: torch.Tensor, labels: torch.Tensor,
-                     lm_head: torch.nn.Module) -> tuple[torch.Tensor, list[float], torch.Tensor]:
-    """heads_loss on one text whose labels are IGNORE before its greedy part; also labels per head."""
-    loss, acc = heads_loss(heads, hidden, labels, lm_head)
-    n = (head_labels(labels, heads.cfg.n_heads) != IGNORE).sum((0, 1)).float()  # (n_heads,)
-    return loss, acc, n
