@@ -134,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     ht.add_argument("--n-heads", type=int, default=4, help="draft tokens the heads can propose (K max)")
     ht.add_argument("--blocks", type=int, default=1, help="residual blocks per head")
     ht.add_argument("--texts", type=int, default=256, help="texts the target writes (a share is held out)")
-    ht.add_argument("--sampled-tokens", type=int, default=8, help="tokens sampled at temperature 1 to start each text")
+    ht.add_argument("--sampled-tokens", type=int, default=8, help="tokens sampled at temperature 1 to start each text (--no-chat)")
+    ht.add_argument("--user-tokens", type=int, default=48, help="at most this many tokens of each self-written user turn (chat)")
+    ht.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                    help="texts are answers to self-written user turns in the chat template (default: when the model has one)")
     ht.add_argument("--greedy-tokens", type=int, default=128, help="greedy tokens per text after those: the labels")
     ht.add_argument("--steps", type=int, default=400)
     ht.add_argument("--batch-size", type=int, default=8)
@@ -317,10 +320,10 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
     from labkit.generate import warm_up
     from labkit.models.loading import load_model
     from labkit.specdec.heads import HeadsConfig, fingerprint, save_heads
-    from labkit.specdec.heads_train import HeadsTrainConfig, self_written_texts, train_heads
+    from labkit.specdec.heads_train import HeadsTrainConfig, chat_frame, self_written_texts, train_heads
 
     cfg = HeadsTrainConfig(heads=HeadsConfig(n_heads=args.n_heads, n_blocks=args.blocks), texts=args.texts,
-                           sampled_tokens=args.sampled_tokens, greedy_tokens=args.greedy_tokens, steps=args.steps,
+                           sampled_tokens=args.sampled_tokens, user_tokens=args.user_tokens, greedy_tokens=args.greedy_tokens, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     cfg.validate()
     out = Path(args.out)
@@ -335,10 +338,13 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
     engine = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=device.type == "cuda")
     if engine.cuda_graph:
         warm_up(engine)
-    texts = self_written_texts(engine, int(bos), cfg)
+    if args.chat and getattr(loaded.tokenizer, "chat_template", None) is None:
+        raise LabkitError("this model's tokenizer has no chat template; train with --no-chat")
+    frame = chat_frame(loaded.tokenizer) if args.chat is not False else None
+    texts = self_written_texts(engine, int(bos), cfg, frame)
     hf_model = loaded.hf_model.to(device=device)
     heads, report = train_heads(hf_model, texts, cfg)
-    info = {**report, "model_source": loaded.source, "device": str(device), "dtype": str(dtype), "arguments": vars(args)}
+    info = {**report, "chat": frame is not None, "model_source": loaded.source, "device": str(device), "dtype": str(dtype), "arguments": vars(args)}
     save_heads(heads, out, fingerprint(engine.model.lm_head.weight), info)
     top1 = ", ".join(f"head {j + 1} {a:.0%} (untrained {b:.0%})"
                      for j, (a, b) in enumerate(zip(report["held_out_top1"], report["held_out_top1_before"], strict=True)))

@@ -127,6 +127,19 @@ def greedy_verdict(
     return torch.stack([accepted.long(), bonus.long()], dim=1)
 
 
+def heads_after_verdict(
+    heads: Any,  # DraftHeads
+    lm_head: torch.nn.Module,
+    hidden: torch.Tensor,  # (B, K+1, D) the verify pass's final hidden states
+    verdict: torch.Tensor,  # (B, 2) accepted drafts, the target's next token
+) -> torch.Tensor:  # (B, n_heads) greedy draft for the step after this one
+    """The heads' draft from the hidden state that predicted the verdict's next token: row
+    `accepted` of the verify pass (row 0 is the last token before the drafts). The same tokens as
+    HeadsDrafter.propose after the step, without a host round trip in between."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)  # (B,)
+    return heads.draft(hidden[rows, verdict[:, 0]], lm_head, heads.cfg.n_heads)
+
+
 class GraphStep:
     """One captured fixed-shape step (T tokens, optionally the first n layers only).
 
@@ -137,10 +150,12 @@ class GraphStep:
 
     With `greedy`, the graph also decides greedy acceptance of the T-1 drafts (greedy_verdict):
     a speculative step replays one graph and reads back two integers, instead of launching the
-    EOS mask, the argmax and the comparison from Python.
+    EOS mask, the argmax and the comparison from Python. With `draft_heads` it also runs the
+    engine's draft heads on the hidden state of the last accepted position, so the same read
+    brings back the next step's draft (heads_after_verdict).
     """
 
-    def __init__(self, engine: Engine, T: int, n_layers: int | None, greedy: bool = False) -> None:
+    def __init__(self, engine: Engine, T: int, n_layers: int | None, greedy: bool = False, draft_heads: bool = False) -> None:
         cache = engine.cache
         assert cache is not None
         device = engine.device
@@ -156,7 +171,10 @@ class GraphStep:
         def body() -> None:
             self.logits = step(self.tokens, self.input_pos, n_layers)  # (B, T, V): the graph's output buffer
             if greedy:
-                self.verdict = greedy_verdict(self.logits, self.tokens, self.eos_mask, self.block_rows)
+                verdict = greedy_verdict(self.logits, self.tokens, self.eos_mask, self.block_rows)  # (B, 2)
+                if draft_heads:  # (B, 2 + n_heads): the next step's draft, from this pass's hidden state
+                    verdict = torch.cat([verdict, heads_after_verdict(engine.heads, engine.model.lm_head, engine.model.last_hidden, verdict)], 1)
+                self.verdict = verdict
 
         self.graph = capture(engine, body, lambda: None)
         # the final hidden state the captured pass writes (draft heads read it), full passes only
@@ -246,7 +264,7 @@ class Engine:
         self.device, self.dtype, self.amp = device, dtype, amp
         self.cuda_graph = cuda_graph
         self._graphs_safe = cuda_graph  # set per request by ensure_capacity
-        self._graphs: dict[tuple[int, int | None, bool], GraphStep] = {}  # (T, n_layers, greedy verdict)
+        self._graphs: dict[tuple[int, int | None, bool, bool], GraphStep] = {}  # (T, n_layers, greedy verdict, heads draft)
         self._greedy_graph: GreedyGraph | None = None
         self.heads: Any = None  # draft heads (attach_heads): the model then keeps its final hidden states
         self._hidden: torch.Tensor | None = None  # (B, T, D) final hidden states of the last full pass ...
@@ -436,12 +454,13 @@ class Engine:
             return None
         return self.cache.mask(input_pos, attend_len, self.args.sliding_window, decode_step=decode_step)
 
-    def _graph_step(self, T: int, n_layers: int | None, greedy: bool = False) -> GraphStep:
-        step = self._graphs.get((T, n_layers, greedy))
+    def _graph_step(self, T: int, n_layers: int | None, greedy: bool = False, draft_heads: bool = False) -> GraphStep:
+        key = (T, n_layers, greedy, draft_heads)
+        step = self._graphs.get(key)
         if step is None:
             assert self.cache is not None
-            step = GraphStep(self, T, n_layers, greedy)
-            self._graphs[(T, n_layers, greedy)] = step
+            step = GraphStep(self, T, n_layers, greedy, draft_heads)
+            self._graphs[key] = step
         return step
 
     def _check_room(self, start: int, n: int) -> None:
@@ -467,22 +486,30 @@ class Engine:
         tokens: torch.Tensor,  # (B, K+1) last accepted token + K drafts
         eos_mask: torch.Tensor,  # (V,) bool: EOS ids ...
         block_rows: int,  # ... blocked in the first block_rows positions (min_new_tokens)
-    ) -> torch.Tensor:  # (B, 2) on the device: accepted drafts, the target's next token
+        draft_heads: bool = False,  # also draft the next step with the attached heads
+    ) -> torch.Tensor:  # (B, 2) on the device: accepted drafts, the target's next token (+ n_heads drafts)
         """verify + greedy acceptance in one step; with CUDA graphs one captured graph, nothing
-        launched from Python in between."""
+        launched from Python in between. With draft_heads, columns 2.. are the heads' draft for
+        the next step (heads_after_verdict), read back with the verdict."""
         cache = self.cache
         assert cache is not None
+        if draft_heads and self.heads is None:
+            raise LabkitError("draft_heads needs heads attached to the engine (attach_heads)")
         start, T = cache.length, tokens.shape[1]
         if self._graphs_safe and T <= GRAPH_MAX_T:
             self._check_room(start, T)
-            step = self._graph_step(T, None, greedy=True)
+            step = self._graph_step(T, None, greedy=True, draft_heads=draft_heads)
             step.set_eos(eos_mask, block_rows)
             step.run(tokens, start)
             cache.length = start + T
             self._keep_hidden(step.hidden, start + T)
             return step.verdict
         logits = self.forward(tokens)  # (B, K+1, V)
-        return greedy_verdict(logits, tokens, eos_mask, torch.tensor([block_rows], device=self.device))
+        verdict = greedy_verdict(logits, tokens, eos_mask, torch.tensor([block_rows], device=self.device))  # (B, 2)
+        if not draft_heads:
+            return verdict
+        assert self._hidden is not None and self._hidden_start == start and self._hidden.shape[1] == T  # one pass kept every row
+        return torch.cat([verdict, heads_after_verdict(self.heads, self.model.lm_head, self._hidden, verdict)], 1)
 
     # -- draft heads ----------------------------------------------------------------------
     def attach_heads(self, heads: torch.nn.Module) -> None:
@@ -543,9 +570,10 @@ class Engine:
         for T in range(1, max_t + 1):
             self.reset()
             self.forward(token.expand(self.batch_size, T).contiguous())
-            if 2 <= T <= verify_t:
-                self.reset()
-                self.verify_greedy(token.expand(self.batch_size, T).contiguous(), eos_mask, 0)
+            for draft_heads in (False, True) if self.heads is not None else (False,):
+                if 2 <= T <= verify_t and (not draft_heads or T <= self.heads.cfg.n_heads + 1):
+                    self.reset()
+                    self.verify_greedy(token.expand(self.batch_size, T).contiguous(), eos_mask, 0, draft_heads=draft_heads)
         self.reset()
         self.decode_greedy(token, 1)
         self.reset()

@@ -194,6 +194,8 @@ def generate(
     # greedy acceptance needs only the target's argmax: the engine decides it inside the verify
     # step (unless phases are timed one by one, which needs them apart)
     fused_greedy = isinstance(policy, GreedyMatch) and not timer.enabled
+    # draft heads can run inside that step too: the next draft comes back with the verdict
+    prepare_draft = getattr(spec.drafter, "prepare", None) if fused_greedy and spec and getattr(spec.drafter, "drafts_in_verify", False) else None
     reset_peak(device)
     t_start = now(device)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
@@ -230,8 +232,11 @@ def generate(
             feed = torch.tensor([[context[-1], *draft.tokens]], device=device)  # (1, K+1)
             assert policy is not None and controller is not None
             if fused_greedy:  # verify and greedy acceptance in one step, two integers read back
-                n_ok, token = engine.verify_greedy(feed, eos_mask, config.min_new_tokens - len(tokens) if eos_all else 0)[0].tolist()
-                verdict = Verdict(n_ok, token)
+                row = engine.verify_greedy(feed, eos_mask, config.min_new_tokens - len(tokens) if eos_all else 0,
+                                           draft_heads=prepare_draft is not None)[0].tolist()
+                verdict = Verdict(row[0], row[1])
+                if prepare_draft is not None:
+                    prepare_draft(row[2:])
             else:
                 with timer.phase("verify"):
                     logits = suppress_eos(engine.verify(feed)[0], len(tokens))  # (K+1, V)

@@ -54,14 +54,18 @@ case "$step" in
     python3 scripts/repeatability.py "${MODES:-eager,graph,compile,compile-cudnn,fused}" 3 2>&1 | grep -v Warning | tee "$out/repeatability.txt"
     ;;
   heads)  # Medusa-style draft heads, self-distilled on this card (then: DRAFTERS=ngram,heads HEADS=/tmp/heads ... validate)
-    python3 -m labkit heads train --device cuda --out /tmp/heads --texts "${TEXTS:-256}" --steps "${STEPS:-400}" 2>&1 | tail -4 | tee "$out/heads_train.txt"
+    python3 -m labkit heads train --device cuda --out /tmp/heads --texts "${TEXTS:-768}" --steps "${STEPS:-1500}" 2>&1 | tail -4 | tee "$out/heads_train.txt"
     cp /tmp/heads/heads.json "$out/heads_train.json"
+    mkdir -p "$out/heads" && cp /tmp/heads/* "$out/heads/"  # small: bring them home, to carry next time
+    ;;
+  costs)  # where a speculative step's time goes (HEADS: also the heads' draft, after and inside the verify)
+    python3 scripts/step_costs.py ${HEADS:-} 2>&1 | grep -v Warning | tee "$out/step_costs.txt"
     ;;
   validate)
     python3 -m papermill notebooks/3D_cuda_validation.ipynb "$out/3D_out.ipynb" -p device cuda -p max_new_tokens 128 -p categories "" \
       -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters "${DRAFTERS:-ngram,layerskip,truncated}" -p heads "${HEADS:-}" \
       -p ks "${KS:-2,4,6,8}" -p compile "${COMPILE:-False}" -p time_budget_s "${BUDGET:-420}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|cudatests|speed|tune|repeat|heads|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|cudatests|speed|tune|repeat|heads|costs|validate ..." >&2; exit 2 ;;
 esac
 done

@@ -166,10 +166,15 @@ def test_sweep_policy_bad_input(args: list[str], needle: str) -> None:
 def test_heads_train_then_generate_with_them(tiny_folder, tmp_path) -> None:
     out = tmp_path / "heads"
     rc, stdout, err = run_cli("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(out), "--n-heads", "2",
-                              "--texts", "6", "--sampled-tokens", "2", "--greedy-tokens", "12", "--steps", "5", "--batch-size", "2")
+                              "--texts", "6", "--user-tokens", "4", "--greedy-tokens", "12", "--steps", "5", "--batch-size", "2")
     assert rc == 0, err
     assert "trained 2 heads on 5 texts" in stdout and "held-out top-1 (1 texts): head 1" in stdout
     assert (out / "heads.json").is_file() and (out / "heads.safetensors").is_file()
+    assert json.loads((out / "heads.json").read_text())["info"]["chat"] is True  # the model has a chat template
+    rc, stdout, err = run_cli("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(tmp_path / "plain"),
+                              "--no-chat", "--n-heads", "2", "--texts", "2", "--sampled-tokens", "2", "--greedy-tokens", "6", "--steps", "1")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "plain" / "heads.json").read_text())["info"]["chat"] is False
     rc, stdout, err = run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "Tell me a story",
                               "--max-tokens", "12", "--drafter", "heads", "--heads", str(out), "--k", "2", "--json")
     assert rc == 0, err

@@ -188,20 +188,23 @@ def test_cuda_cost_aware_calibrates_on_graphs_and_stays_lossless() -> None:
     assert all(t > 0 for t in c.verify_table.values()) and engine._graphs_safe
 
 
-@pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
-def test_cuda_heads_read_the_captured_hidden_state(layer_kernels: str) -> None:
+@pytest.mark.parametrize("layer_kernels,fused", [("torch", False), ("auto", False), ("torch", True), ("auto", True)])
+def test_cuda_heads_read_the_captured_hidden_state(layer_kernels: str, fused: bool) -> None:
     """With CUDA graphs (and the fused layers where Triton is there) the draft heads read the
-    hidden state the captured verify wrote, at the right row, and decoding stays lossless."""
+    hidden state the captured verify wrote, at the right row, and decoding stays lossless; fused:
+    the heads run inside the captured verify and their draft is the one made after it."""
     from labkit.generate import Speculation
     from labkit.specdec.drafters import HeadsDrafter
-    from tests.test_heads import _CheckedHeads, random_heads
+    from tests.test_heads import _CheckedFusedHeads, _CheckedHeads, random_heads
 
     hf = tiny_hf_model("llama", seed=4).cuda()
     engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, layer_kernels=layer_kernels)
-    drafter = _CheckedHeads(HeadsDrafter(engine, random_heads(engine.args.dim, 3)))
+    drafter = (_CheckedFusedHeads if fused else _CheckedHeads)(HeadsDrafter(engine, random_heads(engine.args.dim, 3)))
     engine.warm_up(4)
     prompt = list(range(3, 40))
     cfg = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
     result = generate(engine, prompt, cfg, Speculation(drafter, 3))
     assert result.tokens == want and drafter.checked >= 10 and engine._graphs_safe
+    assert drafter.prepared in ((drafter.checked - 1, drafter.checked) if fused else (0,))
+    assert any(key[3] for key in engine._graphs) == fused  # the heads' draft came from a captured verify

@@ -125,20 +125,35 @@ class _CheckedHeads:
 
     def begin(self, prompt_ids, capacity) -> None:
         self.inner.begin(prompt_ids, capacity)
+        self.prepared = 0  # drafts the verify step made (with drafts_in_verify)
 
     def propose(self, context, k, config, generator):
-        target = self.inner.target
+        target, heads = self.inner.target, self.inner.heads
         with torch.inference_mode():
             hidden = target.hidden_at(target.length - 1)  # (B, D)
             assert int(target.model.lm_head(hidden).argmax(-1)[0]) == context[-1]
+            separate = heads.draft(hidden, target.model.lm_head, min(k, heads.cfg.n_heads))[0].tolist()
         self.checked += 1
         draft = self.inner.propose(context, k, config, generator)
+        assert draft.tokens == separate  # a draft made inside the verify step is the one made after it
         self.proposals.append((context[-1], k, draft.tokens))
         return draft
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_heads_drafter_reads_the_right_hidden_state_and_stays_lossless(arch: str) -> None:
+class _CheckedFusedHeads(_CheckedHeads):
+    """The same checks while the verify step drafts (Engine.verify_greedy with draft_heads)."""
+
+    drafts_in_verify = True
+
+    def prepare(self, tokens) -> None:
+        self.prepared += 1
+        self.inner.prepare(tokens)
+
+
+@pytest.mark.parametrize("arch,fused", [("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True)])
+def test_heads_drafter_reads_the_right_hidden_state_and_stays_lossless(arch: str, fused: bool) -> None:
+    """Drafts from the hidden state that predicted the last token, whether the heads run after the
+    verify step or inside it (fused: their draft comes back with the verdict)."""
     from labkit.config import GenerationConfig
     from labkit.engine import Engine
     from labkit.generate import Speculation, generate
@@ -150,9 +165,11 @@ def test_heads_drafter_reads_the_right_hidden_state_and_stays_lossless(arch: str
     cfg = GenerationConfig(max_new_tokens=30, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
     heads = random_heads(engine.args.dim, 3)
-    drafter = _CheckedHeads(HeadsDrafter(engine, heads))
+    drafter = (_CheckedFusedHeads if fused else _CheckedHeads)(HeadsDrafter(engine, heads))
     result = generate(engine, prompt, cfg, Speculation(drafter, 3))
     assert result.tokens == want and drafter.checked >= 10
+    # every proposal but the first (after the prompt's pass) was made in the verify before it; the last verify's goes unused
+    assert drafter.prepared in ((drafter.checked - 1, drafter.checked) if fused else (0,))
     assert drafter.name == "heads-3" and sum(result.stats.drafted_lengths) > 0
 
 
@@ -171,3 +188,33 @@ def test_untrained_heads_propose_the_last_token_again() -> None:
     drafter = _CheckedHeads(HeadsDrafter(engine, DraftHeads(engine.args.dim, HeadsConfig(n_heads=2))))
     generate(engine, [5, 6, 7], GenerationConfig(max_new_tokens=12, stop_at_eos=False), Speculation(drafter, 4))
     assert drafter.proposals and all(draft == [last] * min(k, 2) for last, k, draft in drafter.proposals)  # the heads have 2
+
+
+def test_chat_texts_answer_self_written_user_turns(embedded) -> None:
+    """The chat frame is the template around a user's words (the same ids as encoding a prompt);
+    each training text is a sampled user turn in it and a greedy answer of full length, EOS
+    blocked, and only the answer is labelled."""
+    from labkit.config import GenerationConfig
+    from labkit.engine import Engine
+    from labkit.generate import encode_prompt, generate
+    from labkit.models.tiny import tiny_hf_model
+    from labkit.specdec.heads_train import HeadsTrainConfig, chat_frame, self_written_texts
+
+    tok = embedded.tokenizer
+    before, after = chat_frame(tok)
+    words = tok("Why is the sky blue?", add_special_tokens=False).input_ids
+    assert before + words + after == encode_prompt(tok, "Why is the sky blue?")
+    hf = tiny_hf_model("llama", seed=3, vocab_size=len(tok))
+    hf.config.eos_token_id = embedded.hf_model.config.eos_token_id
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    cfg = HeadsTrainConfig(heads=HeadsConfig(n_heads=2), texts=3, user_tokens=6, greedy_tokens=10)
+    texts = self_written_texts(engine, 1, cfg, (before, after))
+    users = set()
+    for tokens, first in texts:
+        assert tokens[: len(before)] == before and tokens[first - len(after) : first] == after
+        assert len(before) + len(after) <= first <= len(before) + 6 + len(after) and len(tokens) == first + 10
+        users.add(tuple(tokens[len(before) : first - len(after)]))
+        answer = GenerationConfig(max_new_tokens=10, min_new_tokens=10, stop_at_eos=False)
+        assert generate(engine, tokens[:first], answer).tokens == tokens[first:]
+    assert len(users) == 3  # sampled with a different seed each
+    assert chat_frame(type("NoTemplate", (), {"chat_template": None})()) is None

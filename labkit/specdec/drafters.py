@@ -184,18 +184,29 @@ class HeadsDrafter:
     No draft model runs: the target's last pass (prefill, decode or verify) left that state, and
     the heads add K small blocks and one LM-head product. Greedy drafts (one-hot)."""
 
+    drafts_in_verify = True  # a greedy verify can run the heads too and hand their draft over (prepare)
+
     def __init__(self, target: Engine, heads: Any) -> None:
         target.attach_heads(heads)
         self.target, self.heads = target, target.heads
         self.name = f"heads-{heads.cfg.n_heads}"
+        self._prepared: list[int] | None = None  # the draft the last verify made for this context
 
     def begin(self, prompt_ids: list[int], capacity: int) -> None:
-        pass
+        self._prepared = None
+
+    def prepare(self, tokens: list[int]) -> None:
+        """The heads' draft for the next proposal, made inside the verify step that just ran
+        (Engine.verify_greedy with draft_heads): the same tokens propose would compute."""
+        self._prepared = tokens
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
-        hidden = self.target.hidden_at(self.target.length - 1)  # (B, D): it predicted context[-1]
         k = min(k, self.heads.cfg.n_heads)
+        if self._prepared is not None:
+            tokens, self._prepared = self._prepared[:k], None
+            return Draft(tokens)
+        hidden = self.target.hidden_at(self.target.length - 1)  # (B, D): it predicted context[-1]
         return Draft(self.heads.draft(hidden, self.target.model.lm_head, k)[0].tolist())
 
 

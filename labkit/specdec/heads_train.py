@@ -2,9 +2,12 @@
 to guess its greedy continuation from its final hidden states.
 
 No dataset is needed (and the prompt suite is never used, since it is what the heads are then
-measured on): each text starts from the BOS token with a few tokens sampled at temperature 1, so
-texts differ, and goes on greedily. Only the greedy part is a label: that is what a greedy verify
-accepts. Hidden states come from the transformers model (`base_model(...).last_hidden_state`, after
+measured on). With a chat template (the default where the model has one) the target first writes a
+user turn itself, sampled at temperature 1 inside the template's user frame, then answers it
+greedily in the assistant frame: the heads learn the target's answers to chat requests, which is
+what they are used on. Without one, a text starts from the BOS token with a few sampled tokens and
+goes on greedily. Only the greedy part is a label: that is what a greedy verify accepts; EOS is
+blocked in it, as the benchmarks do, so every text has its full length. Hidden states come from the transformers model (`base_model(...).last_hidden_state`, after
 the final norm), so training works for every architecture the loader takes.
 """
 
@@ -27,7 +30,8 @@ from labkit.specdec.heads import IGNORE, DraftHeads, HeadsConfig, heads_loss_cou
 class HeadsTrainConfig:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     texts: int = 256  # texts the target writes for training (and held-out)
-    sampled_tokens: int = 8  # tokens sampled at temperature 1 after BOS, so that texts differ
+    sampled_tokens: int = 8  # tokens sampled at temperature 1 after BOS, so that texts differ (no chat frame)
+    user_tokens: int = 48  # at most this many sampled tokens of a self-written user turn (chat frame)
     greedy_tokens: int = 128  # greedy tokens per text after those: the labels
     steps: int = 400  # optimiser steps
     batch_size: int = 8  # texts per step
@@ -37,22 +41,48 @@ class HeadsTrainConfig:
 
     def validate(self) -> None:
         self.heads.validate()
-        if self.texts < 2 or self.sampled_tokens < 1 or self.greedy_tokens <= self.heads.n_heads + 1:
-            raise LabkitError("heads training needs texts >= 2, sampled_tokens >= 1 and greedy_tokens > n_heads + 1, "
-                              f"got {self.texts}, {self.sampled_tokens}, {self.greedy_tokens}")
+        if self.texts < 2 or self.sampled_tokens < 1 or self.user_tokens < 1 or self.greedy_tokens <= self.heads.n_heads + 1:
+            raise LabkitError("heads training needs texts >= 2, sampled_tokens and user_tokens >= 1 and greedy_tokens > n_heads + 1, "
+                              f"got {self.texts}, {self.sampled_tokens}, {self.user_tokens}, {self.greedy_tokens}")
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not 0 < self.held_out < 1:
             raise LabkitError(f"heads training needs steps, batch_size >= 1, lr > 0 and 0 < held_out < 1, "
                               f"got {self.steps}, {self.batch_size}, {self.lr}, {self.held_out}")
 
 
-def self_written_texts(engine: Engine, bos: int, cfg: HeadsTrainConfig) -> list[tuple[list[int], int]]:
-    """(tokens, first greedy index) per text, written by the target on `engine`."""
+_MARK = "\u2063labkit-user-turn\u2063"  # stands in for the user's words when the template is split
+
+
+def chat_frame(tokenizer: Any) -> tuple[list[int], list[int]] | None:
+    """The chat template's ids before and after a user's words (system turn and user header; end of
+    turn and assistant header), or None when the tokenizer has no chat template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True)
+    if text.count(_MARK) != 1:
+        raise LabkitError("this chat template does not place the user's words once; train with --no-chat")
+    before, after = text.split(_MARK)
+    return list(tokenizer(before, add_special_tokens=False).input_ids), list(tokenizer(after, add_special_tokens=False).input_ids)
+
+
+def self_written_texts(engine: Engine, bos: int, cfg: HeadsTrainConfig,
+                       frame: tuple[list[int], list[int]] | None = None) -> list[tuple[list[int], int]]:
+    """(tokens, first greedy index) per text, written by the target on `engine`: in the chat
+    `frame` (ids before and after the user's words) a sampled user turn and its greedy answer,
+    else a few sampled tokens after `bos` and their greedy continuation."""
+    eos = set(engine.eos_token_ids)
     texts = []
     for i in range(cfg.texts):
-        sampled = generate(engine, [bos], GenerationConfig(max_new_tokens=cfg.sampled_tokens, temperature=1.0, seed=cfg.seed + i,
+        if frame is None:
+            start, n_sampled, stop = [bos], cfg.sampled_tokens, False
+        else:
+            start, n_sampled, stop = frame[0] or [bos], cfg.user_tokens, True
+        sampled = generate(engine, start, GenerationConfig(max_new_tokens=n_sampled, temperature=1.0, top_p=0.95, seed=cfg.seed + i,
+                                                           stop_at_eos=stop)).tokens
+        while sampled and sampled[-1] in eos:
+            sampled = sampled[:-1]
+        prefix = [*start, *sampled, *(frame[1] if frame else [])]
+        greedy = generate(engine, prefix, GenerationConfig(max_new_tokens=cfg.greedy_tokens, min_new_tokens=cfg.greedy_tokens,
                                                            stop_at_eos=False)).tokens
-        prefix = [bos, *sampled]
-        greedy = generate(engine, prefix, GenerationConfig(max_new_tokens=cfg.greedy_tokens, stop_at_eos=False)).tokens
         texts.append((prefix + greedy, len(prefix)))
     return texts
 

@@ -1,0 +1,87 @@
+"""Where a speculative step's time goes on this GPU (diagnostic; prints medians in microseconds).
+
+    python3 scripts/step_costs.py [heads_folder]
+
+On the fused engine (CUDA graphs over the Triton layers, bf16), at a context of ~300 tokens:
+- plain: one greedy chunk of 16 tokens per host read (what plain decoding does), per token;
+- single: one greedy token per host read (what a speculative run does when nothing is drafted);
+- verify K: a greedy verify of K drafts (K+1 tokens) and its host read, K = 1..8 (and with the heads'
+  next draft made inside it, when a heads folder is given);
+- ngram: the n-gram drafter's proposal (host only);
+- heads K: the heads drafter's proposal of K tokens (from the kept hidden state), when a folder is given.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from labkit.engine import GREEDY_CHUNK, Engine
+from labkit.generate import encode_prompt, warm_up
+from labkit.models.loading import load_model
+from labkit.prompts import load_suite
+from labkit.specdec.drafters import NgramDrafter, build_drafter
+
+REPS = int(os.environ.get("REPS", 200))
+DEV = os.environ.get("DEV", "cuda")  # cpu: a quick check of the script itself
+
+
+def median_us(fn, reps: int = REPS) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+loaded = load_model("default")
+gpu = DEV == "cuda"
+engine = Engine.from_loaded(loaded, DEV, torch.bfloat16 if gpu else torch.float32, weights="dense", cuda_graph=gpu,
+                            layer_kernels="triton" if gpu else "torch")
+drafter = build_drafter("heads", engine, heads_path=sys.argv[1]) if len(sys.argv) > 1 else None
+warm_up(engine, 8)
+ids = max((encode_prompt(loaded.tokenizer, p.content) for p in load_suite(None, None)), key=len)  # the longest prompt
+engine.ensure_capacity(len(ids) + 64)
+eos = torch.zeros(engine.args.vocab_size, dtype=torch.bool, device=DEV)
+engine.reset()
+engine.prefill(torch.tensor([ids], device=DEV))
+start = engine.length
+last = torch.tensor([[ids[-1]]], device=DEV)
+print(f"context {start} tokens, {torch.cuda.get_device_name() if gpu else DEV}")
+
+
+def plain() -> None:
+    engine.rollback(start)
+    engine.decode_greedy(last, GREEDY_CHUNK, eos, 0)[0].tolist()
+
+
+def single() -> None:
+    engine.rollback(start)
+    engine.decode_greedy(last, 1, eos, 0)[0].tolist()
+
+
+print(f"plain   {median_us(plain) / GREEDY_CHUNK:7.1f} us/token (chunks of {GREEDY_CHUNK})")
+print(f"single  {median_us(single):7.1f} us/token (one host read per token)")
+for heads_too in (False, True) if drafter else (False,):
+    for K in range(1, drafter.heads.cfg.n_heads + 1 if heads_too else 9):
+        feed_list = [ids[-1], *ids[-K:]]
+
+        def verify() -> None:
+            engine.rollback(start)
+            feed = torch.tensor([feed_list], device=DEV)
+            engine.verify_greedy(feed, eos, 0, draft_heads=heads_too)[0].tolist()
+
+        print(f"verify {K} {median_us(verify):7.1f} us (with the host-built feed){' + heads draft in the graph' if heads_too else ''}")
+ngram = NgramDrafter()
+ngram.begin(ids, len(ids) + 64)
+ctx = list(ids)
+print(f"ngram   {median_us(lambda: ngram.propose(ctx, 8, None, None)):7.1f} us")
+if drafter is not None:
+    engine.rollback(start)
+    engine.decode_greedy(last, 1, eos, 0)
+    ctx2 = ctx + [0]
+    for K in range(1, drafter.heads.cfg.n_heads + 1):
+        print(f"heads {K} {median_us(lambda: drafter.propose(ctx2, K, None, None)):7.1f} us")
