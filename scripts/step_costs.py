@@ -69,7 +69,7 @@ for heads_too in (False, True) if drafter else (False,):
     for K in range(1, drafter.heads.cfg.n_heads + 1 if heads_too else 9):
         feed_list = [ids[-1], *ids[-K:]]
 
-        def verify() -> None:
+        def verify(feed_list: list[int] = feed_list, heads_too: bool = heads_too) -> None:
             engine.rollback(start)
             feed = torch.tensor([feed_list], device=DEV)
             engine.verify_greedy(feed, eos, 0, draft_heads=heads_too)[0].tolist()
@@ -84,4 +84,4 @@ if drafter is not None:
     engine.decode_greedy(last, 1, eos, 0)
     ctx2 = ctx + [0]
     for K in range(1, drafter.heads.cfg.n_heads + 1):
-        print(f"heads {K} {median_us(lambda: drafter.propose(ctx2, K, None, None)):7.1f} us")
+        print(f"heads {K} {median_us(lambda K=K: drafter.propose(ctx2, K, None, None)):7.1f} us")
