@@ -208,3 +208,4 @@ def test_cuda_heads_read_the_captured_hidden_state(layer_kernels: str, fused: bo
     result = generate(engine, prompt, cfg, Speculation(drafter, 3))
     assert result.tokens == want and drafter.checked >= 10 and engine._graphs_safe
     assert drafter.prepared in ((drafter.checked - 1, drafter.checked) if fused else (0,))
+    assert {T for T, _, _, heads in engine._graphs if heads} == {2, 3, 4}  # warm-up captured the heads' verifies (K <= 3)
