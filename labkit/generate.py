@@ -22,6 +22,7 @@ from labkit.metrics.timers import now
 from labkit.sampling import make_generator, sample
 from labkit.specdec.controllers import Controller, CostAware, FixedK
 from labkit.specdec.drafters import Draft, Drafter
+from labkit.specdec.lookup_steps import CHUNK as LOOKUP_CHUNK
 from labkit.specdec.policies import GreedyMatch, Policy, Verdict, default_policy, warm_up_kernels
 
 Messages = list[dict[str, str]]
@@ -196,6 +197,8 @@ def generate(
     fused_greedy = isinstance(policy, GreedyMatch) and not timer.enabled
     # draft heads can run inside that step too: the next draft comes back with the verdict
     prepare_draft = getattr(spec.drafter, "prepare", None) if fused_greedy and spec and getattr(spec.drafter, "drafts_in_verify", False) else None
+    # or the drafter runs whole steps on the device, several per host read (LookupGraphDrafter)
+    run_steps = getattr(spec.drafter, "run_steps", None) if fused_greedy and spec and getattr(spec.drafter, "runs_steps", False) else None
     reset_peak(device)
     t_start = now(device)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
@@ -210,12 +213,54 @@ def generate(
                             drafter=spec.drafter.name if spec else "", policy=policy.name if policy else "",
                             controller=controller.name if controller else "", lossless=policy.lossless if policy else True)
     stop_reason = "eos" if tokens[0] in eos else ""
+
+    def keep(new: list[int], drafted: list[int]) -> None:
+        """Book one step's new tokens (an EOS inside them, or the budget, ends the output there)."""
+        nonlocal stop_reason, t_prev
+        before = len(tokens)
+        for token in new:
+            if len(tokens) == budget:
+                break
+            tokens.append(token)
+            if token in eos:
+                stop_reason = "eos"
+                break
+        kept = len(tokens) - before
+        if drafted:
+            stats.draft_tokens.append(drafted)
+            stats.accepted_lengths.append(len(new) - 1)
+        else:  # one target forward per kept token (a chunk's steps past an EOS are not counted)
+            stats.draft_tokens.extend([] for _ in range(kept))
+            stats.accepted_lengths.extend(0 for _ in range(kept))
+        context.extend(tokens[len(context) - len(prompt_ids):])
+        t = time.perf_counter()
+        stats.token_latencies_ms.extend([(t - t_prev) * 1e3 / len(new)] * len(new))
+        t_prev = t
+
     while not stop_reason:
         remaining = budget - len(tokens)
         if remaining <= 0:
             stop_reason = "max_new_tokens" if budget == config.max_new_tokens else "context"
             break
-        k = min(controller.next_k(), remaining - 1) if controller else 0
+        k_wanted = controller.next_k() if controller else 0
+        k = min(k_wanted, remaining - 1)
+        room = (engine.cache.max_len - len(context) + 1) // (k_wanted + 1) if engine.cache is not None else 0
+        if run_steps is not None and k_wanted >= 1 and room >= 1:  # m speculative steps on the device, one host read
+            # the full K even at the budget's end (tokens past it are dropped): one captured width
+            assert controller is not None
+            k = k_wanted
+            m = min(LOOKUP_CHUNK, max(1, remaining // 2), room)
+            t0 = time.perf_counter()
+            steps = run_steps(context, k, m, eos_mask, len(prompt_ids) + config.min_new_tokens)
+            step_s = (time.perf_counter() - t0) / len(steps)
+            stats.verify_s += step_s * len(steps)
+            for drafted, new in steps:
+                stats.k_trace.append(k)
+                controller.update(len(drafted), len(new) - 1, 0.0, step_s)
+                keep(new, drafted)
+                if stop_reason or len(tokens) == budget:
+                    break
+            continue
         draft = Draft([])
         step_draft_s = 0.0
         if k >= 1 and spec is not None:
@@ -257,23 +302,7 @@ def generate(
             with timer.phase("sampling"):
                 new = [int(sample(logits, config, generator).item())]
         stats.verify_s += time.perf_counter() - t0
-        before = len(tokens)
-        for token in new:  # EOS inside an accepted block (or a greedy chunk) ends the output there
-            tokens.append(token)
-            if token in eos:
-                stop_reason = "eos"
-                break
-        kept = len(tokens) - before
-        if draft.tokens:
-            stats.draft_tokens.append(draft.tokens)
-            stats.accepted_lengths.append(len(new) - 1)
-        else:  # one target forward per kept token (a chunk's steps past an EOS are not counted)
-            stats.draft_tokens.extend([] for _ in range(kept))
-            stats.accepted_lengths.extend(0 for _ in range(kept))
-        context.extend(tokens[len(context) - len(prompt_ids):])
-        t = time.perf_counter()
-        stats.token_latencies_ms.extend([(t - t_prev) * 1e3 / len(new)] * len(new))
-        t_prev = t
+        keep(new, draft.tokens)
     memory = read_peak(device)
     stats.new_tokens, stats.stop_reason, stats.total_s = len(tokens), stop_reason, t_prev - t_start
     stats.peak_memory_bytes, stats.memory_kind = memory.peak_bytes, memory.kind

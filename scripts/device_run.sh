@@ -58,6 +58,9 @@ case "$step" in
     cp /tmp/heads/heads.json "$out/heads_train.json"
     mkdir -p "$out/heads" && cp /tmp/heads/* "$out/heads/"  # small: bring them home, to carry next time
     ;;
+  heads-carried)  # heads trained in an earlier session, carried in .carry/heads
+    rm -rf /tmp/heads && cp -r .carry/heads /tmp/heads
+    ;;
   costs)  # where a speculative step's time goes (HEADS: also the heads' draft, after and inside the verify)
     python3 scripts/step_costs.py ${HEADS:-} 2>&1 | grep -v Warning | tee "$out/step_costs.txt"
     ;;
@@ -66,6 +69,6 @@ case "$step" in
       -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters "${DRAFTERS:-ngram,layerskip,truncated}" -p heads "${HEADS:-}" \
       -p ks "${KS:-2,4,6,8}" -p compile "${COMPILE:-False}" -p time_budget_s "${BUDGET:-420}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|cudatests|speed|tune|repeat|heads|costs|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|cudatests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
 esac
 done

@@ -7,6 +7,8 @@ On the fused engine (CUDA graphs over the Triton layers, bf16), at a context of 
 - single: one greedy token per host read (what a speculative run does when nothing is drafted);
 - verify K: a greedy verify of K drafts (K+1 tokens) and its host read, K = 1..8 (and with the heads'
   next draft made inside it, when a heads folder is given);
+- gpu T: back-to-back replays of the T-token step (no host read between): the GPU's own time;
+- lookup K: the n-gram graph drafter's device steps (lookup + verify + acceptance), 8 per host read;
 - ngram: the n-gram drafter's proposal (host only);
 - heads K: the heads drafter's proposal of K tokens (from the kept hidden state), when a folder is given.
 """
@@ -22,7 +24,7 @@ from labkit.engine import GREEDY_CHUNK, Engine
 from labkit.generate import encode_prompt, warm_up
 from labkit.models.loading import load_model
 from labkit.prompts import load_suite
-from labkit.specdec.drafters import NgramDrafter, build_drafter
+from labkit.specdec.drafters import NgramDrafter, build_drafter, make_drafter
 
 REPS = int(os.environ.get("REPS", 200))
 DEV = os.environ.get("DEV", "cuda")  # cpu: a quick check of the script itself
@@ -75,6 +77,27 @@ for heads_too in (False, True) if drafter else (False,):
             engine.verify_greedy(feed, eos, 0, draft_heads=heads_too)[0].tolist()
 
         print(f"verify {K} {median_us(verify):7.1f} us (with the host-built feed){' + heads draft in the graph' if heads_too else ''}")
+if gpu:  # back-to-back replays with no host read between: the GPU's own time per step of width T
+    for T in (1, 2, 4, 5, 9):
+        graph_step = engine._graph_step(T, None)
+        toks = torch.tensor([ids[-T:]], device=DEV)
+
+        def replays(graph_step=graph_step, toks=toks) -> None:
+            for _ in range(20):
+                graph_step.run(toks, start)
+            torch.cuda.synchronize()
+
+        print(f"gpu T={T} {median_us(replays, 20) / 20:7.1f} us per step (20 replays per read)")
+lookup = make_drafter("ngram-graph", engine)
+for K in (2, 3, 4, 6, 8):
+    steps = lookup.steps_for(K)
+
+    def chunk(steps=steps) -> None:
+        engine.rollback(start)
+        steps.on_device = 0
+        steps.run([*ids, ids[-1]], 8, eos, 0)
+
+    print(f"lookup K={K} {median_us(chunk, 50) / 8:7.1f} us per step (8 device steps per read: lookup, verify, accept)")
 ngram = NgramDrafter()
 ngram.begin(ids, len(ids) + 64)
 ctx = list(ids)

@@ -101,7 +101,7 @@ def test_validation_time_budget_stops_between_prompts_and_says_so(tiny_folder) -
         ValidationConfig(time_budget_s=0).validate()
 
 
-def test_validation_runs_the_heads_drafter_lossless(tiny_folder, tmp_path) -> None:
+def test_validation_runs_the_heads_and_graph_lookup_drafters_lossless(tiny_folder, tmp_path) -> None:
     from labkit.bench.validation import ValidationConfig, run_validation
     from labkit.specdec.heads import fingerprint, save_heads
     from tests.test_heads import random_heads
@@ -110,11 +110,14 @@ def test_validation_runs_the_heads_drafter_lossless(tiny_folder, tmp_path) -> No
     head = loaded.hf_model.get_output_embeddings().weight
     save_heads(random_heads(head.shape[1], 2), tmp_path / "h", fingerprint(head))
     cfg = ValidationConfig(device="cpu", dtype="float32", max_new_tokens=6, categories=["writing"], prompts_per_category=1,
-                           drafters=["ngram", "heads"], heads=str(tmp_path / "h"), ks=[1, 2], hf_assisted=True, fused=False,
-                           compile=False, output_dir=None, progress=False)
+                           drafters=["ngram", "heads", "ngram-graph"], heads=str(tmp_path / "h"), ks=[1, 2], hf_assisted=True,
+                           fused=False, compile=False, output_dir=None, progress=False)
     payload = run_validation(cfg, loaded)
-    rows = [r for r in payload["rows"] if r["system"] == "labkit_heads"]
-    assert len(rows) == 1 and rows[0]["identical_to_plain"]
-    assert "hf_assisted_heads" not in {r["system"] for r in payload["rows"]}  # transformers has no Medusa heads
+    for system in ("labkit_heads", "labkit_ngram-graph"):
+        rows = [r for r in payload["rows"] if r["system"] == system]
+        assert len(rows) == 1 and rows[0]["identical_to_plain"]
+    systems = {r["system"] for r in payload["rows"]}
+    assert "hf_assisted_heads" not in systems  # transformers has no Medusa heads
+    assert "hf_assisted_ngram-graph" not in systems and "hf_assisted_ngram" in systems  # its prompt lookup, once
     with pytest.raises(LabkitError, match="needs heads"):
         ValidationConfig(drafters=["heads"]).validate()

@@ -209,3 +209,25 @@ def test_cuda_heads_read_the_captured_hidden_state(layer_kernels: str, fused: bo
     assert result.tokens == want and drafter.checked >= 10 and engine._graphs_safe
     assert drafter.prepared in ((drafter.checked - 1, drafter.checked) if fused else (0,))
     assert {T for T, _, _, heads in engine._graphs if heads} == {2, 3, 4}  # warm-up captured the heads' verifies (K <= 3)
+
+
+@pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
+def test_cuda_lookup_steps_run_as_one_graph_and_stay_lossless(layer_kernels: str) -> None:
+    """The n-gram graph drafter: lookup, verify and acceptance captured as one CUDA graph and
+    replayed several times per host read; tokens identical to plain greedy (and to the same steps
+    run eagerly), EOS blocked while asked."""
+    from labkit.generate import Speculation
+    from labkit.specdec.drafters import make_drafter
+
+    hf = tiny_hf_model("llama", seed=4).cuda()
+    graphed = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, layer_kernels=layer_kernels)
+    eager = Engine.from_hf(hf, "cuda", "float32", cuda_graph=False, layer_kernels=layer_kernels)
+    prompt = [3, 4, 5, 6, 3, 4, 5, 6, 3, 4] * 3
+    for min_new in (0, 30):
+        cfg = GenerationConfig(max_new_tokens=60, min_new_tokens=min_new, eos_token_ids=(7,))
+        want = generate(graphed, prompt, cfg).tokens
+        drafter = make_drafter("ngram-graph", graphed)
+        got = generate(graphed, prompt, cfg, Speculation(drafter, 4))
+        assert got.tokens == want and drafter.steps_for(4).graph is not None
+        assert generate(eager, prompt, cfg, Speculation(make_drafter("ngram-graph", eager), 4)).tokens == want
+        assert got.stats.accepted_lengths and all(len(d) == 4 for d in got.stats.draft_tokens)

@@ -27,7 +27,7 @@ from labkit.specdec.drafters import Drafter, build_drafter
 from labkit.specdec.policies import POLICIES, Policy, make_policy
 from labkit.specdec.speedup import alpha_from_steps, compare
 
-DRAFTERS = ("ngram", "layerskip", "truncated", "model")
+DRAFTERS = ("ngram", "ngram-graph", "layerskip", "truncated", "model")
 
 
 @dataclass
@@ -84,7 +84,7 @@ class SweepConfig:
 
 
 def build_drafters(cfg: SweepConfig, target: Engine, loaded: LoadedModel, stop_below: float = 0.0) -> list[Drafter]:
-    kinds = [k for k in cfg.drafters if not (stop_below > 0 and k == "ngram")]  # n-gram has no confidence to stop on
+    kinds = [k for k in cfg.drafters if not (stop_below > 0 and k.startswith("ngram"))]  # n-gram has no confidence to stop on
     return [build_drafter(kind, target, layers=cfg.layers, draft_model=cfg.draft_model, target_tokenizer=loaded.tokenizer, stop_below=stop_below)
             for kind in kinds]
 

@@ -83,9 +83,9 @@ class ValidationConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise LabkitError(f"{name} must be at least 1 (or None for all), got {value}")
-        unknown = set(self.drafters) - {"ngram", "layerskip", "truncated", "heads"}
+        unknown = set(self.drafters) - {"ngram", "ngram-graph", "layerskip", "truncated", "heads"}
         if unknown:
-            raise LabkitError(f"unknown drafter(s) {sorted(unknown)}: use ngram, layerskip, truncated, heads")
+            raise LabkitError(f"unknown drafter(s) {sorted(unknown)}: use ngram, ngram-graph, layerskip, truncated, heads")
         if "heads" in self.drafters:
             if not self.heads:
                 raise LabkitError("the heads drafter needs heads (a folder written by `python -m labkit heads train`)")
@@ -248,8 +248,8 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     # with labkit's graph engines and drafters (a second or two each), then the slow systems
     # (transformers, eager labkit) on the first prompts of each category.
     fast_systems = [*(name for name in engines if name == fast_name or engines[name].cuda_graph), *(f"labkit_{d}" for d in cfg.drafters)]
-    # transformers' assisted generation has no Medusa heads
-    slow_systems = ["hf_generate", *(f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else []) if d != "heads"),
+    # transformers' assisted generation has no Medusa heads; its prompt lookup is hf_assisted_ngram
+    slow_systems = ["hf_generate", *(f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else []) if d not in ("heads", "ngram-graph")),
                     *(name for name in engines if name not in fast_systems)]
     rows: list[dict[str, Any]] = []
     pending: list[tuple[str, list[int], list[int], list[int], str]] = []  # for explain

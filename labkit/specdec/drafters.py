@@ -282,11 +282,18 @@ def make_drafter(
     stop_below: float = 0.0,
     heads: Any = None,
 ) -> Drafter:
-    """ngram | layerskip | truncated | model | heads (trained DraftHeads, see specdec/heads_train.py). Default depth for layerskip/truncated: a third of the target.
+    """ngram | ngram-graph (prompt lookup whose greedy steps run on the device, specdec/lookup_steps.py) |
+    layerskip | truncated | model | heads (trained DraftHeads, see specdec/heads_train.py). Default depth for layerskip/truncated: a third of the target.
     stop_below > 0: draft-confidence early stop (the drafter stops at its first token below it)."""
     depth = layers or max(1, target.args.n_layers // 3)
     if not 0.0 <= stop_below < 1.0:
         raise LabkitError(f"the confidence threshold must be in [0, 1), got {stop_below}")
+    if kind in ("ngram", "ngram-graph") and stop_below > 0:
+        raise LabkitError("the n-gram drafter has no probabilities: a confidence stop needs layerskip, truncated or model")
+    if kind == "ngram-graph":
+        from labkit.specdec.lookup_steps import LookupGraphDrafter
+
+        return LookupGraphDrafter(target)
     if kind == "ngram":
         if stop_below > 0:
             raise LabkitError("the n-gram drafter has no probabilities: a confidence stop needs layerskip, truncated or model")
@@ -306,4 +313,4 @@ def make_drafter(
         if stop_below > 0:
             raise LabkitError("the heads drafter proposes greedy tokens: a confidence stop needs layerskip, truncated or model")
         return HeadsDrafter(target, heads)
-    raise LabkitError(f"unknown drafter {kind!r}: use ngram, layerskip, truncated, model or heads")
+    raise LabkitError(f"unknown drafter {kind!r}: use ngram, ngram-graph, layerskip, truncated, model or heads")

@@ -1,0 +1,214 @@
+"""Prompt lookup with no host in the loop: drafting, verify and greedy acceptance in one CUDA graph.
+
+A speculative step driven from Python pays a host round trip per step: the verdict is read back,
+the drafter runs on the host, the next verify is launched. On a GPU, where a step of a small model
+takes half a millisecond, that gap costs more than the wider verify (scripts/step_costs.py). Here
+one captured step does it all on the device, and the host replays it m times per read:
+
+    draft    = lookup_draft(history, n_ctx, K)      n-gram lookup over the context on the device
+    target   = argmax of verify([last, *draft])     one (K+1)-token pass, EOS blocked while asked
+    accepted = verify_prefix(draft, target)         the longest prefix where they agree
+    history[n_ctx : n_ctx+K+1] = target; n_ctx += accepted + 1
+
+`target[:accepted]` are the accepted drafts and `target[accepted]` the target's own next token,
+so the output is plain greedy decoding's, token for token. Positions written past the accepted
+ones (cache and history) are rewritten by the next step, as a rollback would.
+
+The lookup (`lookup_reference` is the host twin that the tests hold it to): at the context's end,
+the longest n-gram (n = 3, 2, 1) that occurred before, its latest occurrence, and what followed
+it. The draft is always K tokens, since a verify of fixed width costs the same whatever it holds:
+where the copy would run into the context's end it repeats with the match's period (text that
+loops continues its loop), and with no match at all it repeats the last token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from labkit.config import GenerationConfig
+from labkit.engine import GRAPH_MAX_T, capture
+from labkit.errors import LabkitError
+
+MAX_N = 3  # longest n-gram looked up
+CHUNK = 8  # speculative steps per host read
+
+
+def lookup_reference(context: list[int], k: int) -> list[int]:
+    """The draft lookup_draft makes, computed on the host: the tests' reference, and the drafter's
+    proposal where the loop runs on the host (sampling, other policies, timed phases)."""
+    L = len(context)
+    c = L - 1  # no match: repeat the last token
+    for n in range(min(MAX_N, L - 1), 0, -1):
+        suffix = context[L - n :]
+        starts = [i for i in range(L - n) if context[i : i + n] == suffix]  # i + n <= L - 1: a token follows
+        if starts:
+            c = starts[-1] + n
+            break
+    q = L - c  # the match's period
+    return [context[c + j % q] for j in range(k)]
+
+
+def lookup_draft(
+    history: torch.Tensor,  # (Lh,) context tokens in [0, n_ctx), anything after
+    n_ctx: torch.Tensor,  # (1,) context length, >= 1
+    k: int,
+) -> torch.Tensor:  # (k,) the draft
+    """lookup_reference with fixed shapes and no host read, so it can be captured in a graph."""
+    Lh = history.shape[0]
+    pos = torch.arange(Lh, device=history.device)  # (Lh,)
+    # the context's last MAX_N tokens (clamped in a short context: a match needs c - n >= 0 and c < n_ctx,
+    # so a clamped entry is never compared where it counts)
+    tail = history.index_select(0, (n_ctx - MAX_N + torch.arange(MAX_N, device=history.device)).clamp(min=0))  # (MAX_N,)
+    # a continuation position c follows an n-gram match when history[c-n : c] == the context's last n
+    # tokens; eq[j][c] says history[c-1-j] == tail[-1-j] (shifted so that c indexes the continuation)
+    score = torch.zeros(Lh, dtype=torch.long, device=history.device)  # (Lh,) length of the match ending before c
+    run = torch.ones(Lh, dtype=torch.bool, device=history.device)  # (Lh,)
+    for j in range(MAX_N):
+        eq = torch.nn.functional.pad(history == tail[MAX_N - 1 - j], (j + 1, 0))[:Lh]  # (Lh,)
+        run = run & eq & (pos > j)  # the whole n-gram lies inside the history
+        score = score + run.long()
+    valid = (pos < n_ctx) & (score > 0)  # a token follows the match inside the context
+    best = torch.where(valid, score * Lh + pos, -1).max()  # longest n, then latest occurrence
+    c = torch.where(best >= 0, best % Lh, n_ctx[0] - 1)  # () continuation start
+    q = n_ctx[0] - c  # () period
+    return history.index_select(0, c + torch.arange(k, device=history.device) % q)  # (k,)
+
+
+def greedy_step(
+    engine: Any,  # Engine
+    step: Any,  # (tokens (1, T), input_pos (T,), n_layers) -> logits (1, T, V): the engine's static step
+    history: torch.Tensor,  # (Lh,) updated in place
+    n_ctx: torch.Tensor,  # (1,) updated in place
+    eos_mask: torch.Tensor,  # (V,) bool
+    eos_until: torch.Tensor,  # (1,) EOS is blocked for tokens at context positions < this (min_new_tokens)
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (k,) draft, () accepted
+    """One speculative greedy step on the device (see the module docstring). The engine's cache
+    holds the context but its last token, before and after."""
+    from labkit.kernels import registry
+
+    L = n_ctx  # (1,)
+    draft = lookup_draft(history, L, k)  # (k,)
+    feed = torch.cat([history.index_select(0, L - 1), draft])[None]  # (1, k+1): the last token, then the draft
+    input_pos = L - 1 + torch.arange(k + 1, device=history.device)  # (k+1,) cache positions
+    logits = step(feed, input_pos, None)  # (1, k+1, V)
+    blocked = eos_mask[None, None, :] & (L + torch.arange(k + 1, device=history.device) < eos_until)[None, :, None]
+    target = logits.masked_fill(blocked, float("-inf")).argmax(-1)  # (1, k+1)
+    accepted, _ = registry.get("verify_prefix", history.device)(draft[None], target)  # (1,), (1,)
+    history.index_copy_(0, L + torch.arange(k + 1, device=history.device), target[0])
+    n_ctx.add_(accepted + 1)
+    return draft, accepted[0]
+
+
+class LookupSteps:
+    """`chunk` speculative steps of width K per host read, as one captured step replayed (CUDA
+    graphs) or run eagerly (any device: the same operations, for tests and the CPU)."""
+
+    def __init__(self, engine: Any, k: int, chunk: int = CHUNK) -> None:
+        cache = engine.cache
+        assert cache is not None
+        if engine.batch_size != 1:
+            raise LabkitError("the n-gram graph drafter decodes batch 1")
+        if not 1 <= k < GRAPH_MAX_T:
+            raise LabkitError(f"the n-gram graph drafter drafts 1 to {GRAPH_MAX_T - 1} tokens per step, got {k}")
+        device, self.engine, self.k, self.chunk = engine.device, engine, k, chunk
+        self.history = torch.zeros(cache.max_len + k + 1, dtype=torch.long, device=device)  # (Lh,) room for a step past the end
+        self.n_ctx = torch.ones(1, dtype=torch.long, device=device)  # (1,)
+        self.on_device = 0  # context tokens the history holds (a host mirror; 0 after a capture)
+        self.eos_mask = torch.zeros(engine.args.vocab_size, dtype=torch.bool, device=device)  # (V,)
+        self.eos_until = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
+        self.drafts = torch.zeros(chunk, k, dtype=torch.long, device=device)  # (chunk, k)
+        self.accepted = torch.zeros(chunk, dtype=torch.long, device=device)  # (chunk,)
+        self.graph = None
+        static = engine._static_step or engine._static_forward
+
+        def body() -> None:
+            draft, accepted = greedy_step(engine, static, self.history, self.n_ctx, self.eos_mask, self.eos_until, k)
+            self.drafts.index_copy_(0, self.step_idx, draft[None])
+            self.accepted.index_copy_(0, self.step_idx, accepted[None])
+            self.step_idx.add_(1)
+
+        self.body = body
+        if engine.cuda_graph:
+
+            def prepare() -> None:  # warm-ups write the cache's last positions, out of every request's reach
+                self.n_ctx.fill_(cache.max_len - k)
+                self.step_idx.zero_()
+
+            self.graph = capture(engine, body, prepare)
+
+    @torch.inference_mode()
+    def run(self, context: list[int], m: int, eos_mask: torch.Tensor, eos_until: int) -> list[tuple[list[int], list[int]]]:
+        """m steps from `context` (the engine's cache holds all but its last token); returns each
+        step's (draft, new tokens) and leaves the cache holding the new context but its last token."""
+        engine, k = self.engine, self.k
+        cache = engine.cache
+        L0 = len(context)
+        if not 1 <= m <= self.chunk or L0 - 1 != cache.length or L0 - 1 + m * (k + 1) > cache.max_len:
+            raise LabkitError(f"{m} steps of {k + 1} tokens from position {L0 - 1} do not fit (cache {cache.length}/{cache.max_len})")
+        if self.on_device > L0 or self.on_device == 0:  # a new request (or a capture wrote the history)
+            self.on_device = 0
+        new = context[self.on_device :]
+        if new:
+            self.history[self.on_device : L0] = torch.tensor(new, device=engine.device)
+        self.n_ctx.fill_(L0)
+        self.eos_mask.copy_(eos_mask)
+        self.eos_until.fill_(eos_until)
+        self.step_idx.zero_()
+        with engine._autocast():
+            for _ in range(m):
+                if self.graph is not None and engine._graphs_safe:  # near the context's end: eagerly
+                    self.graph.replay()
+                else:
+                    self.body()
+        # one read: the context length, the tokens written, the drafts and the accepted counts
+        span = m * (k + 1)
+        back = torch.cat([self.n_ctx, self.history[L0 : L0 + span], self.drafts[:m].flatten(), self.accepted[:m]]).tolist()
+        n_ctx, written = back[0], back[1 : 1 + span]
+        drafts = back[1 + span : 1 + span + m * k]
+        accepted = back[1 + span + m * k :]
+        steps, at = [], 0
+        for i, a in enumerate(accepted):
+            steps.append((drafts[i * k : (i + 1) * k], written[at : at + a + 1]))
+            at += a + 1
+        assert at == n_ctx - L0
+        self.on_device = n_ctx
+        cache.length = n_ctx - 1
+        return steps
+
+
+class LookupGraphDrafter:
+    """Prompt lookup (3-, 2- and 1-grams, see lookup_reference) whose greedy steps run on the
+    device, `LookupSteps.CHUNK` steps per host read (`run_steps`), captured as one CUDA graph where
+    the engine has graphs. Elsewhere (sampling, other policies, timed phases) it proposes from the
+    host like any drafter, with the same lookup."""
+
+    name = "ngram-graph"
+    runs_steps = True  # generate calls run_steps for greedy decoding with greedy acceptance
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self._steps: dict[int, LookupSteps] = {}
+
+    def begin(self, prompt_ids: list[int], capacity: int) -> None:
+        for s in self._steps.values():
+            s.on_device = 0
+
+    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Any:
+        from labkit.specdec.drafters import Draft
+
+        return Draft(lookup_reference(context, k))
+
+    @torch.inference_mode()  # like the engine's own steps: buffers and capture without autograd
+    def steps_for(self, k: int) -> LookupSteps:
+        engine = self.target
+        s = self._steps.get(k)
+        if s is None or s.engine.cache is not engine.cache:  # the cache was reallocated: capture again
+            s = self._steps[k] = LookupSteps(engine, k)
+        return s
+
+    def run_steps(self, context: list[int], k: int, m: int, eos_mask: torch.Tensor, eos_until: int) -> list[tuple[list[int], list[int]]]:
+        return self.steps_for(k).run(context, m, eos_mask, eos_until)
