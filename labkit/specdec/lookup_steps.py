@@ -96,7 +96,7 @@ def greedy_step(
     logits = step(feed, input_pos, None)  # (1, k+1, V)
     blocked = eos_mask[None, None, :] & (L + torch.arange(k + 1, device=history.device) < eos_until)[None, :, None]
     target = logits.masked_fill(blocked, float("-inf")).argmax(-1)  # (1, k+1)
-    accepted, _ = registry.get("verify_prefix", history.device)(draft[None], target)  # (1,), (1,)
+    accepted = registry.get("verify_prefix", history.device)(draft[None], target)[0].long()  # (1,) (a kernel may give int32)
     history.index_copy_(0, L + torch.arange(k + 1, device=history.device), target[0])
     n_ctx.add_(accepted + 1)
     return draft, accepted[0]
