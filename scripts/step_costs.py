@@ -82,6 +82,7 @@ if gpu:  # back-to-back replays with no host read between: the GPU's own time pe
         graph_step = engine._graph_step(T, None)
         toks = torch.tensor([ids[-T:]], device=DEV)
 
+        @torch.inference_mode()  # the captured step's buffers are inference tensors
         def replays(graph_step=graph_step, toks=toks) -> None:
             for _ in range(20):
                 graph_step.run(toks, start)
