@@ -73,7 +73,7 @@ def test_force_py_disables_the_kernel(monkeypatch) -> None:
 # --- speculative decoding kernels: every available backend against the reference ---------
 
 from labkit.kernels import reference  # noqa: E402
-from labkit.kernels.registry import BACKENDS, KERNELS, LAYER_KERNELS, backend_status, get, table  # noqa: E402
+from labkit.kernels.registry import BACKENDS, KERNELS, LAYER_KERNELS, NO_CUDA, backend_status, get, table  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 AVAILABLE = [b for b in BACKENDS if backend_status(b, DEVICE).ok]
@@ -154,10 +154,27 @@ def test_kv_append_with_compaction(backend: str, D: int) -> None:
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("backend", [b for b in AVAILABLE if b != "cuda"])
+def test_lookup_draft(backend: str) -> None:
+    """Prompt lookup on random contexts over small vocabularies (many matches, loops), short ones,
+    and a context longer than the Triton kernel's block: the same draft as the reference."""
+    fn = get("lookup_draft", DEVICE, backend)
+    g = torch.Generator().manual_seed(1)
+    for L, vocab, k in [(1, 5, 3), (2, 2, 4), (3, 3, 1), (17, 2, 8), (40, 5, 6), (300, 50, 8), (1500, 7, 5), (1500, 4000, 4)]:
+        history = torch.randint(0, vocab, (L + 20,), generator=g)
+        n_ctx = torch.tensor([L])
+        want = reference.lookup_draft(history, n_ctx, k)
+        got = fn(history.to(DEVICE), n_ctx.to(DEVICE), k)
+        assert got.cpu().tolist() == want.tolist(), (L, vocab, k)
+    if "cuda" in AVAILABLE:
+        with pytest.raises(RuntimeError, match="Triton and PyTorch only"):
+            get("lookup_draft", DEVICE, "cuda")
+
+
 def test_registry_prefers_the_fastest_available_and_honours_force_py(monkeypatch) -> None:
     rows = table(DEVICE)
     assert [r["kernel"] for r in rows] == list(KERNELS + LAYER_KERNELS)
-    assert all(r["cuda"].startswith("no") for r in rows if r["kernel"] in LAYER_KERNELS)  # Triton and PyTorch only
+    assert all(r["cuda"].startswith("no") for r in rows if r["kernel"] in LAYER_KERNELS + NO_CUDA)  # Triton and PyTorch only
     automatic = [b for b in AVAILABLE if backend_status(b, DEVICE).auto]
     assert rows[0]["chosen"] == automatic[0]
     if DEVICE.type == "cpu":  # the Triton interpreter works when named, but is never picked for real work

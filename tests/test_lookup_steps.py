@@ -10,9 +10,10 @@ from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import Speculation, generate
+from labkit.kernels.reference import lookup_draft
 from labkit.models.tiny import tiny_hf_model
 from labkit.specdec.drafters import make_drafter
-from labkit.specdec.lookup_steps import lookup_draft, lookup_reference
+from labkit.specdec.lookup_steps import lookup_reference
 
 
 def test_lookup_reference_by_hand() -> None:

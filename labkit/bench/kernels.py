@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from labkit.kernels.registry import BACKENDS, KERNELS, backend_status, get
+from labkit.kernels.registry import BACKENDS, KERNELS, NO_CUDA, backend_status, get
 from labkit.metrics.timers import synchronize
 
 
@@ -72,11 +72,14 @@ def cases(cfg: KernelBenchConfig, device: torch.device) -> dict[str, tuple[tuple
     new = torch.randn(B, cfg.heads, K + 1, cfg.head_dim, generator=g)
     keep = torch.arange(K + 1).expand(B, K + 1).contiguous()
     start = torch.full((B,), cfg.cache_len // 2)
+    history = torch.randint(0, 64, (cfg.cache_len + K + 1,), generator=g)  # a small vocabulary: many matches
     to = lambda *ts: tuple(t.to(device) for t in ts)
     return {
         "verify_prefix": (to(draft, target), (draft.numel() + target.numel() + 2 * B) * 8),
         "rejection_sample": (to(draft, q, p, torch.rand(B, K, generator=g), torch.rand(B, generator=g)), (p.numel() + q.numel()) * 4),
         "kv_append": (to(cache, new, keep, start), 2 * new.numel() * 4),
+        # prompt lookup over a half-full cache's worth of context: reads the context once
+        "lookup_draft": ((history.to(device), torch.tensor([cfg.cache_len // 2], device=device), K), cfg.cache_len // 2 * 8),
     }
 
 
@@ -90,6 +93,9 @@ def run_kernel_bench(device: torch.device, cfg: KernelBenchConfig | None = None)
         assert name in KERNELS
         for backend in BACKENDS:
             status = backend_status(backend, device)
+            if backend == "cuda" and name in NO_CUDA:
+                rows.append({"kernel": name, "backend": backend, "available": False, "reason": "Triton and PyTorch only"})
+                continue
             if not status.ok:
                 rows.append({"kernel": name, "backend": backend, "available": False, "reason": status.reason})
                 continue

@@ -103,3 +103,36 @@ def kv_append(
         if valid.numel():
             cache[b, :, int(start[b]) : int(start[b]) + valid.numel()] = new[b, :, valid]
     return cache
+
+
+LOOKUP_MAX_N = 3  # longest n-gram lookup_draft looks up
+
+
+def lookup_draft(
+    history: torch.Tensor,  # (Lh,) context tokens in [0, n_ctx), anything after
+    n_ctx: torch.Tensor,  # (1,) context length, >= 1
+    k: int,
+) -> torch.Tensor:  # (k,) the draft
+    """Prompt lookup on the device: at the context's end the longest n-gram (n = 3, 2, 1) seen before,
+    its latest occurrence, and the k tokens that followed it, repeating with the match's period
+    where the copy runs into the context's end (the last token k times when nothing matches).
+    Fixed shapes and no host read, so it can be captured in a CUDA graph. The host twin is
+    specdec/lookup_steps.lookup_reference."""
+    Lh = history.shape[0]
+    pos = torch.arange(Lh, device=history.device)  # (Lh,)
+    # the context's last LOOKUP_MAX_N tokens (clamped in a short context: a match needs c - n >= 0 and c < n_ctx,
+    # so a clamped entry is never compared where it counts)
+    tail = history.index_select(0, (n_ctx - LOOKUP_MAX_N + torch.arange(LOOKUP_MAX_N, device=history.device)).clamp(min=0))  # (LOOKUP_MAX_N,)
+    # a continuation position c follows an n-gram match when history[c-n : c] == the context's last n
+    # tokens; eq[j][c] says history[c-1-j] == tail[-1-j] (shifted so that c indexes the continuation)
+    score = torch.zeros(Lh, dtype=torch.long, device=history.device)  # (Lh,) length of the match ending before c
+    run = torch.ones(Lh, dtype=torch.bool, device=history.device)  # (Lh,)
+    for j in range(LOOKUP_MAX_N):
+        eq = torch.nn.functional.pad(history == tail[LOOKUP_MAX_N - 1 - j], (j + 1, 0))[:Lh]  # (Lh,)
+        run = run & eq & (pos > j)  # the whole n-gram lies inside the history
+        score = score + run.long()
+    valid = (pos < n_ctx) & (score > 0)  # a token follows the match inside the context
+    best = torch.where(valid, score * Lh + pos, -1).max()  # longest n, then latest occurrence
+    c = torch.where(best >= 0, best % Lh, n_ctx[0] - 1)  # () continuation start
+    q = n_ctx[0] - c  # () period
+    return history.index_select(0, c + torch.arange(k, device=history.device) % q)  # (k,)

@@ -19,7 +19,8 @@ import torch
 from labkit.config import env_flag
 
 log = logging.getLogger(__name__)
-KERNELS = ("verify_prefix", "rejection_sample", "kv_append")
+KERNELS = ("verify_prefix", "rejection_sample", "kv_append", "lookup_draft")
+NO_CUDA = ("lookup_draft",)  # kernels with Triton and PyTorch backends only
 # The fused Llama layer (layer_triton.py / layer_reference.py): Triton or PyTorch, chosen per
 # engine by engine.pick_layer_ops (it needs the model's shapes), listed here beside the others.
 LAYER_KERNELS = ("norm_qkv_rope", "decode_attention", "linear_residual", "norm_gate_up")
@@ -83,6 +84,8 @@ def get(name: str, device: torch.device, backend: str | None = None) -> Callable
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; choose from {KERNELS}")
     if backend is not None:
+        if backend == "cuda" and name in NO_CUDA:
+            raise RuntimeError(f"{name}: backend cuda unavailable (Triton and PyTorch only)")
         status = backend_status(backend, device)
         if not status.ok:
             raise RuntimeError(f"{name}: backend {backend} unavailable ({status.reason})")
@@ -90,6 +93,8 @@ def get(name: str, device: torch.device, backend: str | None = None) -> Callable
     key = (name, device.type, env_flag("SPECDEC_FORCE_PY"))
     if key not in _chosen:
         for candidate in BACKENDS:
+            if candidate == "cuda" and name in NO_CUDA:
+                continue
             status = backend_status(candidate, device)
             if status.ok and status.auto:
                 _chosen[key] = (candidate, getattr(_module(candidate), name))
@@ -109,7 +114,7 @@ def table(device: torch.device) -> list[dict[str, Any]]:
         for b in BACKENDS:
             status = statuses[b]
             row[b] = ("ok" if status.auto else f"named only: {status.reason}") if status.ok else f"no: {status.reason}"
-        if layer:
+        if layer or name in NO_CUDA:
             row["cuda"] = "no: Triton and PyTorch only"
             row["chosen"] = "triton" if statuses["triton"].ok and statuses["triton"].auto else "torch"
         rows.append(row)

@@ -102,3 +102,34 @@ def kv_append(cache: torch.Tensor, new: torch.Tensor, keep: torch.Tensor, start:
     assert cache.is_contiguous(), "kv_append writes a contiguous (B, H, S, D) cache"
     _kv_append_kernel[(B, H, T)](cache, new.contiguous(), keep.contiguous(), start.contiguous(), H, S, T, D, BLOCK_D=triton.next_power_of_2(D))
     return cache
+
+
+@triton.jit
+def _lookup_draft_kernel(history_ptr, n_ctx_ptr, out_ptr, Lh, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program: the reference's three shifted comparisons and the max, a block of positions at
+    a time over the context only (not the whole buffer), then the k-token gather."""
+    L = tl.load(n_ctx_ptr)  # () int64
+    last1 = tl.load(history_ptr + L - 1)
+    last2 = tl.load(history_ptr + tl.maximum(L - 2, 0))
+    last3 = tl.load(history_ptr + tl.maximum(L - 3, 0))
+    best = tl.full((), -1, tl.int64)
+    for s0 in range(0, L, BLOCK):
+        c = s0 + tl.arange(0, BLOCK).to(tl.int64)  # (BLOCK,) continuation positions
+        inside = c < L
+        m1 = inside & (c >= 1) & (tl.load(history_ptr + c - 1, mask=inside & (c >= 1), other=-1) == last1)
+        m2 = m1 & (c >= 2) & (tl.load(history_ptr + c - 2, mask=m1 & (c >= 2), other=-1) == last2)
+        m3 = m2 & (c >= 3) & (tl.load(history_ptr + c - 3, mask=m2 & (c >= 3), other=-1) == last3)
+        score = m1.to(tl.int64) + m2.to(tl.int64) + m3.to(tl.int64)
+        best = tl.maximum(best, tl.max(tl.where(m1, score * Lh + c, -1), axis=0))
+    start = tl.where(best >= 0, best % Lh, L - 1)
+    period = L - start
+    j = tl.arange(0, BLOCK_K).to(tl.int64)
+    ok = j < K
+    tl.store(out_ptr + j, tl.load(history_ptr + start + j % period, mask=ok, other=0), mask=ok)
+
+
+def lookup_draft(history: torch.Tensor, n_ctx: torch.Tensor, k: int) -> torch.Tensor:
+    """reference.lookup_draft (3-gram lookup) as one launch."""
+    out = torch.empty(k, dtype=history.dtype, device=history.device)
+    _lookup_draft_kernel[(1,)](history, n_ctx, out, history.shape[0], k, BLOCK=1024, BLOCK_K=max(16, triton.next_power_of_2(k)))
+    return out

@@ -5,7 +5,7 @@ the drafter runs on the host, the next verify is launched. On a GPU, where a ste
 takes half a millisecond, that gap costs more than the wider verify (scripts/step_costs.py). Here
 one captured step does it all on the device, and the host replays it m times per read:
 
-    draft    = lookup_draft(history, n_ctx, K)      n-gram lookup over the context on the device
+    draft    = lookup_draft(history, n_ctx, K)      n-gram lookup over the context (a registry kernel)
     target   = argmax of verify([last, *draft])     one (K+1)-token pass, EOS blocked while asked
     accepted = verify_prefix(draft, target)         the longest prefix where they agree
     history[n_ctx : n_ctx+K+1] = target; n_ctx += accepted + 1
@@ -30,13 +30,14 @@ import torch
 from labkit.config import GenerationConfig
 from labkit.engine import GRAPH_MAX_T, capture
 from labkit.errors import LabkitError
+from labkit.kernels.reference import LOOKUP_MAX_N as MAX_N
 
-MAX_N = 3  # longest n-gram looked up
 CHUNK = 8  # speculative steps per host read
 
 
 def lookup_reference(context: list[int], k: int) -> list[int]:
-    """The draft lookup_draft makes, computed on the host: the tests' reference, and the drafter's
+    """The draft the lookup_draft kernel makes (kernels/reference.py, triton_ops.py), computed on the
+    host from a list: the tests' reference, and the drafter's
     proposal where the loop runs on the host (sampling, other policies, timed phases)."""
     L = len(context)
     c = L - 1  # no match: repeat the last token
@@ -48,32 +49,6 @@ def lookup_reference(context: list[int], k: int) -> list[int]:
             break
     q = L - c  # the match's period
     return [context[c + j % q] for j in range(k)]
-
-
-def lookup_draft(
-    history: torch.Tensor,  # (Lh,) context tokens in [0, n_ctx), anything after
-    n_ctx: torch.Tensor,  # (1,) context length, >= 1
-    k: int,
-) -> torch.Tensor:  # (k,) the draft
-    """lookup_reference with fixed shapes and no host read, so it can be captured in a graph."""
-    Lh = history.shape[0]
-    pos = torch.arange(Lh, device=history.device)  # (Lh,)
-    # the context's last MAX_N tokens (clamped in a short context: a match needs c - n >= 0 and c < n_ctx,
-    # so a clamped entry is never compared where it counts)
-    tail = history.index_select(0, (n_ctx - MAX_N + torch.arange(MAX_N, device=history.device)).clamp(min=0))  # (MAX_N,)
-    # a continuation position c follows an n-gram match when history[c-n : c] == the context's last n
-    # tokens; eq[j][c] says history[c-1-j] == tail[-1-j] (shifted so that c indexes the continuation)
-    score = torch.zeros(Lh, dtype=torch.long, device=history.device)  # (Lh,) length of the match ending before c
-    run = torch.ones(Lh, dtype=torch.bool, device=history.device)  # (Lh,)
-    for j in range(MAX_N):
-        eq = torch.nn.functional.pad(history == tail[MAX_N - 1 - j], (j + 1, 0))[:Lh]  # (Lh,)
-        run = run & eq & (pos > j)  # the whole n-gram lies inside the history
-        score = score + run.long()
-    valid = (pos < n_ctx) & (score > 0)  # a token follows the match inside the context
-    best = torch.where(valid, score * Lh + pos, -1).max()  # longest n, then latest occurrence
-    c = torch.where(best >= 0, best % Lh, n_ctx[0] - 1)  # () continuation start
-    q = n_ctx[0] - c  # () period
-    return history.index_select(0, c + torch.arange(k, device=history.device) % q)  # (k,)
 
 
 def greedy_step(
@@ -90,7 +65,7 @@ def greedy_step(
     from labkit.kernels import registry
 
     L = n_ctx  # (1,)
-    draft = lookup_draft(history, L, k)  # (k,)
+    draft = registry.get("lookup_draft", history.device)(history, L, k)  # (k,)
     feed = torch.cat([history.index_select(0, L - 1), draft])[None]  # (1, k+1): the last token, then the draft
     input_pos = L - 1 + torch.arange(k + 1, device=history.device)  # (k+1,) cache positions
     logits = step(feed, input_pos, None)  # (1, k+1, V)
