@@ -72,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default="auto")
     sw.add_argument("--dtype", default=None)
     sw.add_argument("--weights", default="auto", choices=["auto", "dense", "gguf"])
-    sw.add_argument("--drafter", type=_csv, default=None, help="comma list of ngram, layerskip, truncated, model (default: ngram, or model with --draft-model)")
+    sw.add_argument("--drafter", type=_csv, default=None,
+                    help="comma list of ngram, ngram-graph, layerskip, truncated, model, heads (default: ngram, or model with --draft-model)")
     sw.add_argument("--draft-model", default=None)
+    sw.add_argument("--heads", default=None, metavar="FOLDER", help="draft heads for the heads drafter (python -m labkit heads train)")
     sw.add_argument("--layers", type=int, default=None, help="layer-skip / truncated depth (default: a third of the target)")
     sw.add_argument("--k", type=_csv, default=["1", "2", "4", "8"])
     sw.add_argument("--max-tokens", type=int, default=64)
@@ -240,7 +242,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise LabkitError(f"--k takes whole numbers, got {','.join(args.k)}") from None
     drafters = args.drafter or (["model"] if args.draft_model else ["ngram"])
     cfg = SweepConfig(
-        base_model=args.model, draft_model=args.draft_model, drafters=drafters, layers=args.layers, ks=ks,
+        base_model=args.model, draft_model=args.draft_model, heads=args.heads, drafters=drafters, layers=args.layers, ks=ks,
         max_new_tokens=args.max_tokens, iterations=args.iterations, categories=args.categories,
         prompts_per_category=args.prompts_per_category, device=args.device, dtype=args.dtype, weights=args.weights,
         temperature=args.temperature, output_dir=args.output_dir, plots=not args.no_plots, cuda_graph=args.cuda_graph,
@@ -316,11 +318,9 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from labkit.config import Flags
-    from labkit.engine import Engine
-    from labkit.generate import warm_up
     from labkit.models.loading import load_model
-    from labkit.specdec.heads import HeadsConfig, fingerprint, save_heads
-    from labkit.specdec.heads_train import HeadsTrainConfig, chat_frame, self_written_texts, train_heads
+    from labkit.specdec.heads import HeadsConfig, save_heads
+    from labkit.specdec.heads_train import HeadsTrainConfig, train_for_model
 
     cfg = HeadsTrainConfig(heads=HeadsConfig(n_heads=args.n_heads, n_blocks=args.blocks), texts=args.texts,
                            sampled_tokens=args.sampled_tokens, user_tokens=args.user_tokens, greedy_tokens=args.greedy_tokens, steps=args.steps,
@@ -332,20 +332,9 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or Flags.from_env().dtype, device)
     loaded = load_model(args.model)
-    bos = loaded.tokenizer.bos_token_id if loaded.tokenizer.bos_token_id is not None else loaded.tokenizer.eos_token_id
-    if bos is None:
-        raise LabkitError("the tokenizer has neither a BOS nor an EOS token to start the texts from")
-    engine = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=device.type == "cuda")
-    if engine.cuda_graph:
-        warm_up(engine)
-    if args.chat and getattr(loaded.tokenizer, "chat_template", None) is None:
-        raise LabkitError("this model's tokenizer has no chat template; train with --no-chat")
-    frame = chat_frame(loaded.tokenizer) if args.chat is not False else None
-    texts = self_written_texts(engine, int(bos), cfg, frame)
-    hf_model = loaded.hf_model.to(device=device)
-    heads, report = train_heads(hf_model, texts, cfg)
-    info = {**report, "chat": frame is not None, "model_source": loaded.source, "device": str(device), "dtype": str(dtype), "arguments": vars(args)}
-    save_heads(heads, out, fingerprint(engine.model.lm_head.weight), info)
+    heads, report, target = train_for_model(loaded, device, dtype, cfg, chat=args.chat)
+    save_heads(heads, out, target, {**report, "model_source": loaded.source, "device": str(device), "dtype": str(dtype),
+                                    "arguments": vars(args)})
     top1 = ", ".join(f"head {j + 1} {a:.0%} (untrained {b:.0%})"
                      for j, (a, b) in enumerate(zip(report["held_out_top1"], report["held_out_top1_before"], strict=True)))
     print(f"trained {cfg.heads.n_heads} heads on {report['train_texts']} texts ({report['label_tokens']} labelled tokens), "

@@ -27,13 +27,14 @@ from labkit.specdec.drafters import Drafter, build_drafter
 from labkit.specdec.policies import POLICIES, Policy, make_policy
 from labkit.specdec.speedup import alpha_from_steps, compare
 
-DRAFTERS = ("ngram", "ngram-graph", "layerskip", "truncated", "model")
+DRAFTERS = ("ngram", "ngram-graph", "layerskip", "truncated", "model", "heads")
 
 
 @dataclass
 class SweepConfig:
     base_model: str = "default"
     draft_model: str | None = None  # for the "model" drafter
+    heads: str | None = None  # draft heads folder (python -m labkit heads train), for the "heads" drafter
     drafters: list[str] = field(default_factory=lambda: ["ngram"])
     layers: int | None = None  # layer-skip / truncated depth (default: a third of the target)
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # fixed K, or the K_max of an adaptive controller
@@ -81,12 +82,19 @@ class SweepConfig:
             raise LabkitError(f"the confidence threshold must be in (0, 1), got {self.confidence}")
         if "model" in self.drafters and not self.draft_model:
             raise LabkitError("the model drafter needs --draft-model")
+        if "heads" in self.drafters:
+            if not self.heads:
+                raise LabkitError("the heads drafter needs --heads (a folder written by `python -m labkit heads train`)")
+            from labkit.specdec.heads import check_heads_folder
+
+            check_heads_folder(self.heads)
 
 
 def build_drafters(cfg: SweepConfig, target: Engine, loaded: LoadedModel, stop_below: float = 0.0) -> list[Drafter]:
-    kinds = [k for k in cfg.drafters if not (stop_below > 0 and k.startswith("ngram"))]  # n-gram has no confidence to stop on
-    return [build_drafter(kind, target, layers=cfg.layers, draft_model=cfg.draft_model, target_tokenizer=loaded.tokenizer, stop_below=stop_below)
-            for kind in kinds]
+    # n-gram lookup and the heads have no confidence to stop on
+    kinds = [k for k in cfg.drafters if not (stop_below > 0 and (k.startswith("ngram") or k == "heads"))]
+    return [build_drafter(kind, target, layers=cfg.layers, draft_model=cfg.draft_model, target_tokenizer=loaded.tokenizer, stop_below=stop_below,
+                          heads_path=cfg.heads) for kind in kinds]
 
 
 def run_row(result: GenerationResult, plain: GenerationResult, base: dict[str, Any]) -> dict[str, Any]:

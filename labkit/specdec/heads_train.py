@@ -147,3 +147,28 @@ def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTra
               "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
               "held_out_top1_before": before, "held_out_top1": accuracy(held)}
     return heads, report
+
+
+def train_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: HeadsTrainConfig,
+                    chat: bool | None = None) -> tuple[DraftHeads, dict[str, Any], dict[str, Any]]:
+    """The whole recipe for a loaded model: the target writes the texts on our engine (CUDA graphs
+    on a GPU), in its chat template unless chat is False (None: where it has one), and the heads
+    are fitted on the transformers model's hidden states. Returns the heads, the training report
+    and the target's fingerprint (for save_heads)."""
+    from labkit.generate import warm_up
+    from labkit.specdec.heads import fingerprint
+
+    cfg.validate()
+    tokenizer = loaded.tokenizer
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        raise LabkitError("this model's tokenizer has no chat template; train with --no-chat")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise LabkitError("the tokenizer has neither a BOS nor an EOS token to start the texts from")
+    frame = chat_frame(tokenizer) if chat is not False else None
+    engine = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=device.type == "cuda")
+    if engine.cuda_graph:
+        warm_up(engine)
+    texts = self_written_texts(engine, int(bos), cfg, frame)
+    heads, report = train_heads(loaded.hf_model.to(device=device), texts, cfg)
+    return heads, {**report, "chat": frame is not None}, fingerprint(engine.model.lm_head.weight)
