@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from labkit.errors import LabkitError
-from labkit.specdec.speedup import expected_tokens_two_rates
+from labkit.specdec.speedup import expected_tokens
 
 
 class Controller(Protocol):
@@ -91,18 +91,14 @@ class AIMD:
 class CostAware:
     """Picks the K that maximises expected tokens per second (Leviathan et al.):
 
-        tokens(K) = 1 + alpha * (1 - alpha_later^K) / (1 - alpha_later)
-        time(K)   = K * draft_per_token + verify(K)
-        K*        = argmax_K tokens / time
+        tokens(alpha, K) = (1 - alpha^(K+1)) / (1 - alpha)
+        time(K)          = K * draft_per_token + verify(K)
+        K*               = argmax_K tokens / time
 
-    Leviathan's single alpha gives tokens = (1 - alpha^(K+1)) / (1 - alpha); here two acceptance
-    rates refine it (expected_tokens_two_rates): `alpha`, the
-    chance that the first draft token stands, and `alpha_later`, the chance that a later one
-    stands given the one before it did. One alpha per request underestimates long drafts where
-    copied spans stand whole once their first token does (prompt lookup in RAG), and holds K low
-    where the longest draft wins. Each is an EMA of its own successes and trials per step, and
-    restarts from the last request's estimate with the weight of one trial. Draft seconds per
-    token are an EMA too. Costs carry over between requests: they belong to the device.
+    alpha, the chance that one draft token stands, is an EMA over the request's draft tokens
+    (each step observes `accepted` successes and one failure unless all stood); it restarts from
+    the last request's estimate, with the weight of one draft token. Draft seconds per token are
+    an EMA too. Costs carry over between requests: they belong to the device.
 
     verify(K) is measured on this device. With `calibrate` (generate does it before the first
     request, `Engine.time_verify`): a table of verify seconds per width, medians of a few timed
@@ -126,8 +122,7 @@ class CostAware:
         self.fresh, self.probe_every = fresh, probe_every
         self.k_start = min(k_start, k_max)
         _check(self.k_start, k_max)
-        self.hits, self.trials = alpha_prior, 1.0  # EMA'd counts of the first draft token: alpha = hits / trials
-        self.later_hits, self.later_trials = alpha_prior, 1.0  # ... of later ones, given the one before stood
+        self.hits, self.trials = alpha_prior, 1.0  # EMA'd counts: alpha = hits / trials
         self.draft_per_token: float | None = None
         self.verify_table: dict[int, float] | None = None  # calibrated seconds per width K = 0..k_max
         self.offset: float | None = None  # EMA of live verify seconds minus the table's
@@ -146,15 +141,10 @@ class CostAware:
         # the last request's alpha becomes this one's prior, worth one draft token (the first
         # request starts from alpha_prior): less of each request is spent finding its level
         self.hits, self.trials = self.alpha if self.steps else self.alpha_prior, 1.0
-        self.later_hits, self.later_trials = self.alpha_later if self.steps else self.alpha_prior, 1.0
 
     @property
     def alpha(self) -> float:
         return min(self.hits / self.trials, 0.999)
-
-    @property
-    def alpha_later(self) -> float:
-        return min(self.later_hits / self.later_trials, 0.999)
 
     def verify_line(self) -> tuple[float, float, float]:
         """(mean width, mean seconds, slope >= 0): the least-squares line through the widths seen
@@ -180,7 +170,7 @@ class CostAware:
     def rate(self, k: int, line: tuple[float, float, float] | None = None) -> float:
         """Expected tokens per second at width k under the current estimates."""
         cost = k * (self.draft_per_token or 0.0) + self.verify_cost(k, line)
-        return expected_tokens_two_rates(self.alpha, self.alpha_later, k) / cost
+        return expected_tokens(self.alpha, k) / cost
 
     def next_k(self) -> int:
         if self.verify_table is not None:
@@ -197,11 +187,9 @@ class CostAware:
         if drafted < 1:
             return
         a = self.ema
-        self.hits = (1 - a) * self.hits + a * min(accepted, 1)
-        self.trials = (1 - a) * self.trials + a
-        if accepted >= 1 and drafted >= 2:  # tokens 2.. were judged up to the first failure
-            self.later_hits = (1 - a) * self.later_hits + a * (accepted - 1)
-            self.later_trials = (1 - a) * self.later_trials + a * (min(accepted + 1, drafted) - 1)
+        failures = 0 if accepted == drafted else 1
+        self.hits = (1 - a) * self.hits + a * accepted
+        self.trials = (1 - a) * self.trials + a * (accepted + failures)
         per_token = draft_s / drafted
         self.draft_per_token = per_token if self.draft_per_token is None else (1 - a) * self.draft_per_token + a * per_token
         self.steps += 1

@@ -27,16 +27,6 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def expected_tokens_two_rates(first: float, later: float, k: int) -> float:
-    """Tokens per target step when the first draft token stands with chance `first` and each later
-    one, given the one before it stood, with chance `later` (copied spans: once the first token
-    of a copy stands, the rest tends to). first == later gives expected_tokens."""
-    if not (0.0 <= first <= 1.0 and 0.0 <= later <= 1.0):
-        raise ValueError(f"acceptance rates must be in [0, 1], got {first}, {later}")
-    run = float(k) if later == 1.0 else (1.0 - later**k) / (1.0 - later)  # 1 + later + ... + later^(k-1)
-    return 1.0 + first * run
-
-
 def predicted_speedup(alpha: float, c: float, k: int, v: float = 1.0) -> float:
     """Speedup over plain decoding: E(alpha, K) / (K * c + v)."""
     return expected_tokens(alpha, k) / (k * c + v)
