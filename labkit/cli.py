@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any, NoReturn
 
-from labkit.config import resolve_device, resolve_dtype
+from labkit.config import DRAFTERS, resolve_device, resolve_dtype
 from labkit.errors import LabkitError
 
 
@@ -33,7 +33,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _drafter_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", default=None, choices=["ngram", "ngram-graph", "layerskip", "truncated", "model", "heads"], help="speculative decoding with this drafter")
+    p.add_argument("--drafter", default=None, choices=DRAFTERS, help="speculative decoding with this drafter")
     p.add_argument("--heads", default=None, metavar="FOLDER", help="draft heads for --drafter heads (written by `python -m labkit heads train`)")
     p.add_argument("--draft-model", default=None, help="draft model (HF id or folder) sharing the target's tokenizer")
     p.add_argument("--layers", type=int, default=None, help="layer-skip / truncated depth (default: a third of the target)")

@@ -30,6 +30,9 @@ def env_flag(name: str, default: bool = False) -> bool:
     raise LabkitError(f"{name}={raw!r} is not a switch: use 1 or 0")
 
 
+DRAFTERS = ("ngram", "ngram-graph", "layerskip", "truncated", "model", "heads")  # kinds make_drafter builds
+
+
 @dataclass
 class Flags:
     """The SPECDEC_* environment switches, read once (`Flags.from_env()`)."""

@@ -570,10 +570,12 @@ class Engine:
         for T in range(1, max_t + 1):
             self.reset()
             self.forward(token.expand(self.batch_size, T).contiguous())
-            for draft_heads in (False, True) if self.heads is not None else (False,):
-                if 2 <= T <= verify_t and (not draft_heads or T <= self.heads.cfg.n_heads + 1):
+            if 2 <= T <= verify_t:
+                self.reset()
+                self.verify_greedy(token.expand(self.batch_size, T).contiguous(), eos_mask, 0)
+                if self.heads is not None and T <= self.heads.cfg.n_heads + 1:  # the verifies that also draft
                     self.reset()
-                    self.verify_greedy(token.expand(self.batch_size, T).contiguous(), eos_mask, 0, draft_heads=draft_heads)
+                    self.verify_greedy(token.expand(self.batch_size, T).contiguous(), eos_mask, 0, draft_heads=True)
         self.reset()
         self.decode_greedy(token, 1)
         self.reset()

@@ -195,10 +195,10 @@ def generate(
     # greedy acceptance needs only the target's argmax: the engine decides it inside the verify
     # step (unless phases are timed one by one, which needs them apart)
     fused_greedy = isinstance(policy, GreedyMatch) and not timer.enabled
-    # draft heads can run inside that step too: the next draft comes back with the verdict
-    prepare_draft = getattr(spec.drafter, "prepare", None) if fused_greedy and spec and getattr(spec.drafter, "drafts_in_verify", False) else None
-    # or the drafter runs whole steps on the device, several per host read (LookupGraphDrafter)
-    run_steps = getattr(spec.drafter, "run_steps", None) if fused_greedy and spec and getattr(spec.drafter, "runs_steps", False) else None
+    # a drafter with `prepare` (draft heads) drafts inside that step: the next draft comes back with
+    # the verdict; one with `run_steps` runs whole steps on the device, several per host read
+    prepare_draft = getattr(spec.drafter, "prepare", None) if fused_greedy and spec else None
+    run_steps = getattr(spec.drafter, "run_steps", None) if fused_greedy and spec else None
     reset_peak(device)
     t_start = now(device)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
@@ -244,10 +244,11 @@ def generate(
             break
         k_wanted = controller.next_k() if controller else 0
         k = min(k_wanted, remaining - 1)
-        room = (engine.cache.max_len - len(context) + 1) // (k_wanted + 1) if engine.cache is not None else 0
-        if run_steps is not None and k_wanted >= 1 and room >= 1:  # m speculative steps on the device, one host read
+        assert engine.cache is not None
+        room = (engine.cache.max_len - len(context) + 1) // (k_wanted + 1) if run_steps is not None else 0
+        if room >= 1 and k_wanted >= 1:  # m speculative steps on the device, one host read
             # the full K even at the budget's end (tokens past it are dropped): one captured width
-            assert controller is not None
+            assert run_steps is not None and controller is not None
             k = k_wanted
             m = min(LOOKUP_CHUNK, max(1, remaining // 2), room)
             t0 = time.perf_counter()

@@ -125,7 +125,7 @@ class _CheckedHeads:
 
     def begin(self, prompt_ids, capacity) -> None:
         self.inner.begin(prompt_ids, capacity)
-        self.prepared = 0  # drafts the verify step made (with drafts_in_verify)
+        self.prepared = 0  # drafts the verify step made (drafters with `prepare`)
 
     def propose(self, context, k, config, generator):
         target, heads = self.inner.target, self.inner.heads
@@ -142,8 +142,6 @@ class _CheckedHeads:
 
 class _CheckedFusedHeads(_CheckedHeads):
     """The same checks while the verify step drafts (Engine.verify_greedy with draft_heads)."""
-
-    drafts_in_verify = True
 
     def prepare(self, tokens) -> None:
         self.prepared += 1

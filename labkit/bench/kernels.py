@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from labkit.kernels.registry import BACKENDS, KERNELS, NO_CUDA, backend_status, get
+from labkit.kernels.registry import BACKENDS, KERNELS, backend_status, backends, get
 from labkit.metrics.timers import synchronize
 
 
@@ -93,7 +93,7 @@ def run_kernel_bench(device: torch.device, cfg: KernelBenchConfig | None = None)
         assert name in KERNELS
         for backend in BACKENDS:
             status = backend_status(backend, device)
-            if backend == "cuda" and name in NO_CUDA:
+            if backend not in backends(name):
                 rows.append({"kernel": name, "backend": backend, "available": False, "reason": "Triton and PyTorch only"})
                 continue
             if not status.ok:

@@ -15,7 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from labkit.bench.results import provenance, write_results
-from labkit.config import GenerationConfig, resolve_device, resolve_dtype
+from labkit.config import DRAFTERS, GenerationConfig, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import GenerationResult, Speculation, encode_prompt, generate, warm_up
@@ -24,10 +24,9 @@ from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
 from labkit.specdec.controllers import CONTROLLERS, make_controller
 from labkit.specdec.drafters import Drafter, build_drafter
+from labkit.specdec.heads import check_heads_option
 from labkit.specdec.policies import POLICIES, Policy, make_policy
 from labkit.specdec.speedup import alpha_from_steps, compare
-
-DRAFTERS = ("ngram", "ngram-graph", "layerskip", "truncated", "model", "heads")
 
 
 @dataclass
@@ -82,12 +81,7 @@ class SweepConfig:
             raise LabkitError(f"the confidence threshold must be in (0, 1), got {self.confidence}")
         if "model" in self.drafters and not self.draft_model:
             raise LabkitError("the model drafter needs --draft-model")
-        if "heads" in self.drafters:
-            if not self.heads:
-                raise LabkitError("the heads drafter needs --heads (a folder written by `python -m labkit heads train`)")
-            from labkit.specdec.heads import check_heads_folder
-
-            check_heads_folder(self.heads)
+        check_heads_option(self.drafters, self.heads)
 
 
 def build_drafters(cfg: SweepConfig, target: Engine, loaded: LoadedModel, stop_below: float = 0.0) -> list[Drafter]:

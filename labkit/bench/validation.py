@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from labkit.bench.baseline import time_hf_generate
 from labkit.bench.kernels import copy_bandwidth
 from labkit.bench.results import device_name, provenance, write_results
-from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
+from labkit.config import DRAFTERS, GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import GenerationResult, Speculation, encode_prompt, generate, warm_up
@@ -45,7 +45,7 @@ from labkit.metrics.timers import now
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
 from labkit.specdec.drafters import Drafter, build_drafter
-from labkit.specdec.heads import check_heads_folder
+from labkit.specdec.heads import check_heads_option
 
 TIE_ULPS = 4.0  # logits closer than this many bf16 steps count as a near-tie
 
@@ -83,13 +83,11 @@ class ValidationConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise LabkitError(f"{name} must be at least 1 (or None for all), got {value}")
-        unknown = set(self.drafters) - {"ngram", "ngram-graph", "layerskip", "truncated", "heads"}
+        kinds = [d for d in DRAFTERS if d != "model"]  # drafts from the target itself (or no weights)
+        unknown = set(self.drafters) - set(kinds)
         if unknown:
-            raise LabkitError(f"unknown drafter(s) {sorted(unknown)}: use ngram, ngram-graph, layerskip, truncated, heads")
-        if "heads" in self.drafters:
-            if not self.heads:
-                raise LabkitError("the heads drafter needs heads (a folder written by `python -m labkit heads train`)")
-            check_heads_folder(self.heads)
+            raise LabkitError(f"unknown drafter(s) {sorted(unknown)}: use {', '.join(kinds)}")
+        check_heads_option(self.drafters, self.heads)
 
 
 def weight_bytes_per_token(engine: Engine) -> int:

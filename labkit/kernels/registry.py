@@ -27,6 +27,11 @@ LAYER_KERNELS = ("norm_qkv_rope", "decode_attention", "linear_residual", "norm_g
 BACKENDS = ("cuda", "triton", "torch")
 
 
+def backends(name: str) -> tuple[str, ...]:
+    """The backends a kernel has, best first: the lookup and the layer kernels have no CUDA C++ one."""
+    return tuple(b for b in BACKENDS if not (b == "cuda" and name in NO_CUDA + LAYER_KERNELS))
+
+
 @dataclass
 class BackendStatus:
     backend: str
@@ -84,17 +89,15 @@ def get(name: str, device: torch.device, backend: str | None = None) -> Callable
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; choose from {KERNELS}")
     if backend is not None:
-        if backend == "cuda" and name in NO_CUDA:
-            raise RuntimeError(f"{name}: backend cuda unavailable (Triton and PyTorch only)")
+        if backend not in backends(name):
+            raise RuntimeError(f"{name}: backend {backend} unavailable (Triton and PyTorch only)")
         status = backend_status(backend, device)
         if not status.ok:
             raise RuntimeError(f"{name}: backend {backend} unavailable ({status.reason})")
         return getattr(_module(backend), name)
     key = (name, device.type, env_flag("SPECDEC_FORCE_PY"))
     if key not in _chosen:
-        for candidate in BACKENDS:
-            if candidate == "cuda" and name in NO_CUDA:
-                continue
+        for candidate in backends(name):
             status = backend_status(candidate, device)
             if status.ok and status.auto:
                 _chosen[key] = (candidate, getattr(_module(candidate), name))
@@ -107,15 +110,12 @@ def table(device: torch.device) -> list[dict[str, Any]]:
     """One row per kernel: each backend's status and the one chosen."""
     rows = []
     statuses = {b: backend_status(b, device) for b in BACKENDS}
-    chosen = next(b for b in BACKENDS if statuses[b].ok and statuses[b].auto)
     for name in KERNELS + LAYER_KERNELS:
-        layer = name in LAYER_KERNELS
-        row: dict[str, Any] = {"kernel": name, "chosen": chosen}
+        row: dict[str, Any] = {"kernel": name, "chosen": next(b for b in backends(name) if statuses[b].ok and statuses[b].auto)}
         for b in BACKENDS:
             status = statuses[b]
             row[b] = ("ok" if status.auto else f"named only: {status.reason}") if status.ok else f"no: {status.reason}"
-        if layer or name in NO_CUDA:
+        if "cuda" not in backends(name):
             row["cuda"] = "no: Triton and PyTorch only"
-            row["chosen"] = "triton" if statuses["triton"].ok and statuses["triton"].auto else "torch"
         rows.append(row)
     return rows

@@ -16,7 +16,7 @@ from typing import Any, Protocol, cast
 import torch
 import torch.nn as nn
 
-from labkit.config import GenerationConfig
+from labkit.config import DRAFTERS, GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.sampling import warp_logits
@@ -184,8 +184,6 @@ class HeadsDrafter:
     No draft model runs: the target's last pass (prefill, decode or verify) left that state, and
     the heads add K small blocks and one LM-head product. Greedy drafts (one-hot)."""
 
-    drafts_in_verify = True  # a greedy verify can run the heads too and hand their draft over (prepare)
-
     def __init__(self, target: Engine, heads: Any) -> None:
         target.attach_heads(heads)
         self.target, self.heads = target, target.heads
@@ -295,8 +293,6 @@ def make_drafter(
 
         return LookupGraphDrafter(target)
     if kind == "ngram":
-        if stop_below > 0:
-            raise LabkitError("the n-gram drafter has no probabilities: a confidence stop needs layerskip, truncated or model")
         return NgramDrafter(max_n=ngram_max, min_n=ngram_min)
     if kind == "layerskip":
         return LayerSkipDrafter(target, depth, stop_below)
@@ -313,4 +309,4 @@ def make_drafter(
         if stop_below > 0:
             raise LabkitError("the heads drafter proposes greedy tokens: a confidence stop needs layerskip, truncated or model")
         return HeadsDrafter(target, heads)
-    raise LabkitError(f"unknown drafter {kind!r}: use ngram, ngram-graph, layerskip, truncated, model or heads")
+    raise LabkitError(f"unknown drafter {kind!r}: use {', '.join(DRAFTERS)}")

@@ -135,6 +135,14 @@ def save_heads(heads: DraftHeads, path: str | Path, target_fingerprint: dict[str
     return out
 
 
+def check_heads_option(drafters: list[str], heads: str | None) -> None:
+    """A run that lists the heads drafter names a heads folder that holds heads (before any loading)."""
+    if "heads" in drafters:
+        if not heads:
+            raise LabkitError("the heads drafter needs heads: --heads, a folder written by `python -m labkit heads train`")
+        check_heads_folder(heads)
+
+
 def check_heads_folder(path: str | Path) -> Path:
     folder = Path(path)
     if not (folder / "heads.json").is_file() or not (folder / "heads.safetensors").is_file():

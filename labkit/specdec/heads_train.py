@@ -7,8 +7,9 @@ user turn itself, sampled at temperature 1 inside the template's user frame, the
 greedily in the assistant frame: the heads learn the target's answers to chat requests, which is
 what they are used on. Without one, a text starts from the BOS token with a few sampled tokens and
 goes on greedily. Only the greedy part is a label: that is what a greedy verify accepts; EOS is
-blocked in it, as the benchmarks do, so every text has its full length. Hidden states come from the transformers model (`base_model(...).last_hidden_state`, after
-the final norm), so training works for every architecture the loader takes.
+blocked in it, as the benchmarks do, so every text has its full length. Hidden states come from
+the transformers model (`base_model(...).last_hidden_state`, after the final norm), so training
+works for every architecture the loader takes.
 """
 
 from __future__ import annotations

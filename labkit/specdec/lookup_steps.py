@@ -6,12 +6,11 @@ takes half a millisecond, that gap costs more than the wider verify (scripts/ste
 one captured step does it all on the device, and the host replays it m times per read:
 
     draft    = lookup_draft(history, n_ctx, K)      n-gram lookup over the context (a registry kernel)
-    target   = argmax of verify([last, *draft])     one (K+1)-token pass, EOS blocked while asked
-    accepted = verify_prefix(draft, target)         the longest prefix where they agree
-    history[n_ctx : n_ctx+K+1] = target; n_ctx += accepted + 1
+    accepted, next = greedy_verdict(verify([last, *draft]))   one (K+1)-token pass, EOS blocked while asked
+    history[n_ctx:] = draft[:accepted], next; n_ctx += accepted + 1
 
-`target[:accepted]` are the accepted drafts and `target[accepted]` the target's own next token,
-so the output is plain greedy decoding's, token for token. Positions written past the accepted
+The accepted drafts are the target's own argmax and `next` is its token after them, so the output
+is plain greedy decoding's, token for token. Positions written past the accepted
 ones (cache and history) are rewritten by the next step, as a rollback would.
 
 The lookup (`lookup_reference` is the host twin that the tests hold it to): at the context's end,
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from labkit.config import GenerationConfig
-from labkit.engine import GRAPH_MAX_T, capture
+from labkit.engine import GRAPH_MAX_T, capture, greedy_verdict
 from labkit.errors import LabkitError
 from labkit.kernels.reference import LOOKUP_MAX_N as MAX_N
 
@@ -52,7 +51,6 @@ def lookup_reference(context: list[int], k: int) -> list[int]:
 
 
 def greedy_step(
-    engine: Any,  # Engine
     step: Any,  # (tokens (1, T), input_pos (T,), n_layers) -> logits (1, T, V): the engine's static step
     history: torch.Tensor,  # (Lh,) updated in place
     n_ctx: torch.Tensor,  # (1,) updated in place
@@ -69,12 +67,12 @@ def greedy_step(
     feed = torch.cat([history.index_select(0, L - 1), draft])[None]  # (1, k+1): the last token, then the draft
     input_pos = L - 1 + torch.arange(k + 1, device=history.device)  # (k+1,) cache positions
     logits = step(feed, input_pos, None)  # (1, k+1, V)
-    blocked = eos_mask[None, None, :] & (L + torch.arange(k + 1, device=history.device) < eos_until)[None, :, None]
-    target = logits.masked_fill(blocked, float("-inf")).argmax(-1)  # (1, k+1)
-    accepted = registry.get("verify_prefix", history.device)(draft[None], target)[0].long()  # (1,) (a kernel may give int32)
-    history.index_copy_(0, L + torch.arange(k + 1, device=history.device), target[0])
+    accepted, bonus = greedy_verdict(logits, feed, eos_mask, eos_until - L)[0]  # (), (): feed row j is token L + j
+    # the accepted drafts are already the context's next tokens; the target's token follows them
+    history.index_copy_(0, L + torch.arange(k, device=history.device), draft)
+    history.index_copy_(0, (L + accepted).view(1), bonus.view(1))
     n_ctx.add_(accepted + 1)
-    return draft, accepted[0]
+    return draft, accepted
 
 
 class LookupSteps:
@@ -91,7 +89,7 @@ class LookupSteps:
         device, self.engine, self.k, self.chunk = engine.device, engine, k, chunk
         self.history = torch.zeros(cache.max_len + k + 1, dtype=torch.long, device=device)  # (Lh,) room for a step past the end
         self.n_ctx = torch.ones(1, dtype=torch.long, device=device)  # (1,)
-        self.on_device = 0  # context tokens the history holds (a host mirror; 0 after a capture)
+        self.on_device = 0  # context tokens the history holds (a host mirror)
         self.eos_mask = torch.zeros(engine.args.vocab_size, dtype=torch.bool, device=device)  # (V,)
         self.eos_until = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
         self.step_idx = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
@@ -101,7 +99,7 @@ class LookupSteps:
         static = engine._static_step or engine._static_forward
 
         def body() -> None:
-            draft, accepted = greedy_step(engine, static, self.history, self.n_ctx, self.eos_mask, self.eos_until, k)
+            draft, accepted = greedy_step(static, self.history, self.n_ctx, self.eos_mask, self.eos_until, k)
             self.drafts.index_copy_(0, self.step_idx, draft[None])
             self.accepted.index_copy_(0, self.step_idx, accepted[None])
             self.step_idx.add_(1)
@@ -124,7 +122,7 @@ class LookupSteps:
         L0 = len(context)
         if not 1 <= m <= self.chunk or L0 - 1 != cache.length or L0 - 1 + m * (k + 1) > cache.max_len:
             raise LabkitError(f"{m} steps of {k + 1} tokens from position {L0 - 1} do not fit (cache {cache.length}/{cache.max_len})")
-        if self.on_device > L0 or self.on_device == 0:  # a new request (or a capture wrote the history)
+        if self.on_device > L0:  # not this request's history (begin() also starts over)
             self.on_device = 0
         new = context[self.on_device :]
         if new:
@@ -162,7 +160,6 @@ class LookupGraphDrafter:
     host like any drafter, with the same lookup."""
 
     name = "ngram-graph"
-    runs_steps = True  # generate calls run_steps for greedy decoding with greedy acceptance
 
     def __init__(self, target: Any) -> None:
         self.target = target
