@@ -159,6 +159,8 @@ def test_sweep_policies_and_controllers(tiny_folder, tmp_path) -> None:
     (["--policy", "greedy", "--temperature", "0.8"], "temperature 0"),
     (["--policy", "typical", "--posterior-alpha", "0"], "posterior_alpha"),
     (["--policy", "confidence", "--confidence", "1.5"], "confidence threshold"),
+    (["--drafter", "heads"], "needs heads"),
+    (["--drafter", "ngram,heads", "--heads", "/nonexistent/heads"], "holds no draft heads"),
 ])
 def test_sweep_policy_bad_input(args: list[str], needle: str) -> None:
     assert_clean_error(*run_cli("sweep", "--max-tokens", "4", "--device", "cpu", *args), needle)
