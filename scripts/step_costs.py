@@ -10,18 +10,22 @@ On the fused engine (CUDA graphs over the Triton layers, bf16), at a context of 
 - gpu T: back-to-back replays of the T-token step (no host read between): the GPU's own time;
 - lookup K: the n-gram graph drafter's device steps (lookup + verify + acceptance), 8 per host read;
 - ngram: the n-gram drafter's proposal (host only);
-- heads K: the heads drafter's proposal of K tokens (from the kept hidden state), when a folder is given.
+- heads K: the heads drafter's proposal of K tokens (from the kept hidden state), when a folder is given;
+- eager kernels: the profiler's GPU time per kernel of an eager 4- and 5-token step.
+The step measurements run twice: with the fused final norm + LM head, and with PyTorch's.
 """
 
 import os
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
-from labkit.engine import GREEDY_CHUNK, Engine
+from labkit.engine import GREEDY_CHUNK, Engine, greedy_verdict
 from labkit.generate import encode_prompt, warm_up
+from labkit.kernels import layer_reference
 from labkit.models.loading import load_model
 from labkit.prompts import load_suite
 from labkit.specdec.drafters import NgramDrafter, build_drafter, make_drafter
@@ -65,40 +69,75 @@ def single() -> None:
     engine.decode_greedy(last, 1, eos, 0)[0].tolist()
 
 
-print(f"plain   {median_us(plain) / GREEDY_CHUNK:7.1f} us/token (chunks of {GREEDY_CHUNK})")
-print(f"single  {median_us(single):7.1f} us/token (one host read per token)")
-for heads_too in (False, True) if drafter else (False,):
-    for K in range(1, drafter.heads.cfg.n_heads + 1 if heads_too else 9):
-        feed_list = [ids[-1], *ids[-K:]]
+def kernel_times(T: int) -> dict[str, float]:
+    """GPU time per kernel name (us) of one eager T-token step and its greedy verdict, from the profiler."""
+    toks = torch.tensor([ids[-T:]], device=DEV)
+    pos = torch.arange(start, start + T, device=DEV)
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.inference_mode(), torch.profiler.profile(activities=acts) as prof:
+        for _ in range(10):
+            greedy_verdict(engine._static_forward(toks, pos), toks, eos, torch.zeros(1, device=DEV))
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for e in prof.events():  # the kernels themselves (CPU-side ops would count their kernels twice)
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name] = times.get(e.name, 0.0) + e.time_range.elapsed_us() / 10
+    return times
 
-        def verify(feed_list: list[int] = feed_list, heads_too: bool = heads_too) -> None:
+
+def measure() -> None:
+    print(f"plain   {median_us(plain) / GREEDY_CHUNK:7.1f} us/token (chunks of {GREEDY_CHUNK})")
+    print(f"single  {median_us(single):7.1f} us/token (one host read per token)")
+    for heads_too in (False, True) if drafter else (False,):
+        for K in range(1, drafter.heads.cfg.n_heads + 1 if heads_too else 9):
+            feed_list = [ids[-1], *ids[-K:]]
+
+            def verify(feed_list: list[int] = feed_list, heads_too: bool = heads_too) -> None:
+                engine.rollback(start)
+                feed = torch.tensor([feed_list], device=DEV)
+                engine.verify_greedy(feed, eos, 0, draft_heads=heads_too)[0].tolist()
+
+            print(f"verify {K} {median_us(verify):7.1f} us (with the host-built feed){' + heads draft in the graph' if heads_too else ''}")
+    if gpu:  # back-to-back replays with no host read between: the GPU's own time per step of width T
+        for T in (1, 2, 4, 5, 9):
+            graph_step = engine._graph_step(T, None)
+            toks = torch.tensor([ids[-T:]], device=DEV)
+
+            @torch.inference_mode()  # the captured step's buffers are inference tensors
+            def replays(graph_step=graph_step, toks=toks) -> None:
+                for _ in range(20):
+                    graph_step.run(toks, start)
+                torch.cuda.synchronize()
+
+            print(f"gpu T={T} {median_us(replays, 20) / 20:7.1f} us per step (20 replays per read)")
+    lookup = make_drafter("ngram-graph", engine)
+    for K in (2, 3, 4, 6, 8):
+        steps = lookup.steps_for(K)
+
+        def chunk(steps=steps) -> None:
             engine.rollback(start)
-            feed = torch.tensor([feed_list], device=DEV)
-            engine.verify_greedy(feed, eos, 0, draft_heads=heads_too)[0].tolist()
+            steps.on_device = 0
+            steps.run([*ids, ids[-1]], 8, eos, 0)
 
-        print(f"verify {K} {median_us(verify):7.1f} us (with the host-built feed){' + heads draft in the graph' if heads_too else ''}")
-if gpu:  # back-to-back replays with no host read between: the GPU's own time per step of width T
-    for T in (1, 2, 4, 5, 9):
-        graph_step = engine._graph_step(T, None)
-        toks = torch.tensor([ids[-T:]], device=DEV)
+        print(f"lookup K={K} {median_us(chunk, 50) / 8:7.1f} us per step (8 device steps per read: lookup, verify, accept)")
+    if gpu:  # which kernels make a 5-token step dearer than a 4-token one
+        t4, t5 = kernel_times(4), kernel_times(5)
+        print(f"eager kernels: T=4 {sum(t4.values()):.1f} us, T=5 {sum(t5.values()):.1f} us; largest changes:")
+        for name in sorted(set(t4) | set(t5), key=lambda n: -abs(t5.get(n, 0) - t4.get(n, 0)))[:6]:
+            print(f"  {t4.get(name, 0):7.1f} -> {t5.get(name, 0):7.1f} us  {name[:90]}")
 
-        @torch.inference_mode()  # the captured step's buffers are inference tensors
-        def replays(graph_step=graph_step, toks=toks) -> None:
-            for _ in range(20):
-                graph_step.run(toks, start)
-            torch.cuda.synchronize()
 
-        print(f"gpu T={T} {median_us(replays, 20) / 20:7.1f} us per step (20 replays per read)")
-lookup = make_drafter("ngram-graph", engine)
-for K in (2, 3, 4, 6, 8):
-    steps = lookup.steps_for(K)
-
-    def chunk(steps=steps) -> None:
-        engine.rollback(start)
-        steps.on_device = 0
-        steps.run([*ids, ids[-1]], 8, eos, 0)
-
-    print(f"lookup K={K} {median_us(chunk, 50) / 8:7.1f} us per step (8 device steps per read: lookup, verify, accept)")
+fused_ops = engine.model.layer_ops
+variants = [("fused norm+head" if fused_ops is not None else "PyTorch layers", fused_ops)]
+if fused_ops is not None:  # the same layers with the final norm and head as PyTorch ops (cuBLAS GEMM)
+    variants.append(("torch norm+head", SimpleNamespace(**{**vars(fused_ops), "norm_head": layer_reference.norm_head})))
+for label, ops in variants:
+    engine.model.layer_ops = ops
+    engine._graphs.clear()  # captured again with these ops
+    engine._greedy_graph = None
+    print(f"== {label}")
+    measure()
+engine.model.layer_ops = fused_ops
 ngram = NgramDrafter()
 ngram.begin(ids, len(ids) + 64)
 ctx = list(ids)

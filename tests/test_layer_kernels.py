@@ -111,6 +111,26 @@ def test_linear_residual_and_gate_up_match_reference(
         assert ours.shape == (M, 80) and close(ours, theirs, dtype)
 
 
+@interpreted
+@pytest.mark.parametrize("dtype, prefetch", PREFETCH)
+@pytest.mark.parametrize("M", [1, 5, 21])
+def test_norm_head_matches_reference(M: int, dtype: torch.dtype, prefetch: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from labkit.kernels import layer_triton as tri
+
+    small_prefetch(prefetch, dtype, monkeypatch)
+    g = torch.Generator().manual_seed(10 + M)
+    x = (torch.randn(M, 96, generator=g) * 3).to(dtype).to(DEVICE)
+    nw = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype).to(DEVICE)
+    w = (torch.randn(200, 96, generator=g) * 96**-0.5).to(dtype).to(DEVICE)  # a vocabulary that is not a multiple of the tile
+    want, want_h = ref.norm_head(x, nw, 1e-5, w, True)
+    for keep in (True, False):
+        logits, h = tri.norm_head(x, nw, 1e-5, w, keep)
+        assert logits.shape == (M, 200) and logits.dtype == dtype and close(logits, want, dtype)
+        assert (h is not None) == keep
+        if h is not None:
+            assert h.shape == (M, 96) and close(h, want_h, dtype)
+
+
 @pytest.mark.parametrize("arch", ["llama-untied", "mistral"])  # biases; sliding window
 def test_reference_layers_reproduce_the_model_layers(arch: str) -> None:
     """layer_reference through forward_fused is the model's own layer, in another shape."""
@@ -193,3 +213,6 @@ def test_kernels_at_model_sizes(dim: int, hidden: int, dtype: torch.dtype) -> No
         q_tri = tri.norm_qkv_rope(res, nw, 1e-5, w_qkv, None, cos, sin, pos, *caches[0], nh)
         q_ref = ref.norm_qkv_rope(res, nw, 1e-5, w_qkv, None, cos, sin, pos, *caches[1], nh)
         assert close(q_tri, q_ref, dtype) and close(caches[0][0], caches[1][0], dtype)
+        w_head = rnd(49152, dim, scale=dim**-0.5)  # the embedded model's vocabulary
+        (l_tri, h_tri), (l_ref, h_ref) = tri.norm_head(res, nw, 1e-5, w_head, True), ref.norm_head(res, nw, 1e-5, w_head, True)
+        assert close(l_tri, l_ref, dtype) and h_tri is not None and h_ref is not None and close(h_tri, h_ref, dtype)

@@ -1,4 +1,4 @@
-"""PyTorch twins of layer_triton.py: the same four fused layer operations, written plainly.
+"""PyTorch twins of layer_triton.py: the same fused layer operations, written plainly.
 
 They define what the Triton kernels must compute (tests compare the two on random inputs), and
 they run a whole Llama layer through the same interface on any device.
@@ -84,3 +84,14 @@ def norm_gate_up(
 ) -> torch.Tensor:  # (M, hidden)
     gate, up = F.linear(rms_normed(x, norm_w, eps), w, bias).chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def norm_head(
+    x: torch.Tensor,  # (M, dim)
+    norm_w: torch.Tensor,  # (dim,)
+    eps: float,
+    w: torch.Tensor,  # (vocab, dim)
+    keep_normed: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits (M, vocab); RMSNorm(x) (M, dim) when kept
+    h = rms_normed(x, norm_w, eps)
+    return F.linear(h, w), h if keep_normed else None

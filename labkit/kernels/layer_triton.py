@@ -8,6 +8,7 @@ sits between the matmuls:
     decode_attention softmax(q k^T) v over the cache positions each query may see (no mask tensor)
     linear_residual  residual + x W^T                      (attention output, MLP down)
     norm_gate_up     RMSNorm → gate/up projection → silu(gate) * up
+    norm_head        the final RMSNorm → LM head (once per step, after the last layer)
 
 Same arguments and results as layer_reference.py (the PyTorch twins). Rows are M = B*T tokens;
 matmuls use tl.dot on blocks of 16 rows, so one launch serves a decode step (T=1) and a verify
@@ -36,6 +37,7 @@ TUNE = {
     "qkv_sub": 32,  # q/k/v output dims per program (of each head half; its rope partners come along)
     "gate_block_n": 32,  # gate/up output columns per program
     "linear_block_n": 32,  # output columns per program (tl.dot needs >= 16)
+    "head_block_n": 64,  # vocabulary columns per program of the LM head
     "prefetch_bytes": 96 * 1024,  # weights a program loads up front (registers, then shared memory for tl.dot)
     "linear_block_k": 512,  # reduction tile (16-bit weights) for the columns past the prefetch (larger models)
     "norm_block_k": 256,  # the same for the kernels that also normalise
@@ -135,18 +137,21 @@ def _rstd(x_a, x_b, x_ptr, offs_m, m_ok, eps, DIM: tl.constexpr, KA: tl.constexp
 
 
 @triton.jit
-def _norm_two_projections(
+def _norm_projections(
     x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, eps, DIM: tl.constexpr, IEEE: tl.constexpr,
-    GDC: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr,
+    GDC: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr, TWO: tl.constexpr,
 ):
-    """RMSNorm(x) @ W[rows_a]^T and @ W[rows_b]^T, fp32 (BLOCK_M, len(rows)) each: the weight
-    tiles (and the norm's weight) are loaded before waiting on the previous kernel."""
+    """RMSNorm(x) @ W[rows_a]^T and (with TWO) @ W[rows_b]^T, fp32 (BLOCK_M, len(rows)) each, and the
+    rows' 1/RMS: the weight tiles (and the norm's weight) are loaded before waiting on the previous
+    kernel. Without TWO the second result is the first."""
     w_a_lo = _tile(w_ptr, rows_a, r_ok, 0, DIM, KA)  # (rows, KA)
-    w_b_lo = _tile(w_ptr, rows_b, r_ok, 0, DIM, KA)
+    if TWO:
+        w_b_lo = _tile(w_ptr, rows_b, r_ok, 0, DIM, KA)
     nw_lo = _vec(nw_ptr, 0, DIM, KA)
     if KB > 0:
         w_a_hi = _tile(w_ptr, rows_a, r_ok, KA, DIM, KB)  # (rows, KB)
-        w_b_hi = _tile(w_ptr, rows_b, r_ok, KA, DIM, KB)
+        if TWO:
+            w_b_hi = _tile(w_ptr, rows_b, r_ok, KA, DIM, KB)
         nw_hi = _vec(nw_ptr, KA, DIM, KB)
     _wait_for_inputs(GDC)
     x_lo = _tile(x_ptr, offs_m, m_ok, 0, DIM, KA)  # (BLOCK_M, KA)
@@ -156,16 +161,21 @@ def _norm_two_projections(
     rstd = _rstd(x_lo, x_hi, x_ptr, offs_m, m_ok, eps, DIM, KA, KB, BLOCK_K)  # (BLOCK_M,)
     xn = _normed(x_lo, nw_lo, rstd)
     acc_a = _dot(xn, tl.trans(w_a_lo), IEEE)  # (BLOCK_M, rows)
-    acc_b = _dot(xn, tl.trans(w_b_lo), IEEE)
+    if TWO:
+        acc_b = _dot(xn, tl.trans(w_b_lo), IEEE)
     if KB > 0:
         xn_hi = _normed(x_hi, nw_hi, rstd)
         acc_a += _dot(xn_hi, tl.trans(w_a_hi), IEEE)
-        acc_b += _dot(xn_hi, tl.trans(w_b_hi), IEEE)
+        if TWO:
+            acc_b += _dot(xn_hi, tl.trans(w_b_hi), IEEE)
     for k0 in range(KA + KB, DIM, BLOCK_K):  # columns past the prefetched tiles (larger models)
         xk = _normed(_tile(x_ptr, offs_m, m_ok, k0, DIM, BLOCK_K), _vec(nw_ptr, k0, DIM, BLOCK_K), rstd)
         acc_a += _dot(xk, tl.trans(_tile(w_ptr, rows_a, r_ok, k0, DIM, BLOCK_K)), IEEE)
-        acc_b += _dot(xk, tl.trans(_tile(w_ptr, rows_b, r_ok, k0, DIM, BLOCK_K)), IEEE)
-    return acc_a, acc_b
+        if TWO:
+            acc_b += _dot(xk, tl.trans(_tile(w_ptr, rows_b, r_ok, k0, DIM, BLOCK_K)), IEEE)
+    if not TWO:
+        acc_b = acc_a
+    return acc_a, acc_b, rstd
 
 
 @triton.jit
@@ -184,8 +194,8 @@ def _norm_qkv_rope_kernel(
     rows_lo = h * D + offs_d  # weight rows of this head's first and second halves
     rows_hi = rows_lo + HALF
     r_ok = offs_d < HALF
-    acc_lo, acc_hi = _norm_two_projections(x_ptr, nw_ptr, w_ptr, rows_lo, rows_hi, r_ok, offs_m, m_ok, eps, DIM, IEEE, GDC,
-                                           KA, KB, BLOCK_K)  # (BLOCK_M, SUB) each
+    acc_lo, acc_hi, _ = _norm_projections(x_ptr, nw_ptr, w_ptr, rows_lo, rows_hi, r_ok, offs_m, m_ok, eps, DIM, IEEE, GDC,
+                                          KA, KB, BLOCK_K, True)  # (BLOCK_M, SUB) each
     if HAS_BIAS:
         acc_lo += tl.load(b_ptr + rows_lo).to(tl.float32)[None, :]
         acc_hi += tl.load(b_ptr + rows_hi).to(tl.float32)[None, :]
@@ -359,8 +369,8 @@ def _norm_gate_up_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = offs_m < M, offs_n < HID
-    acc_g, acc_u = _norm_two_projections(x_ptr, nw_ptr, w_ptr, offs_n, HID + offs_n, n_ok, offs_m, m_ok, eps, DIM, IEEE, GDC,
-                                         KA, KB, BLOCK_K)  # (BLOCK_M, BLOCK_N) each
+    acc_g, acc_u, _ = _norm_projections(x_ptr, nw_ptr, w_ptr, offs_n, HID + offs_n, n_ok, offs_m, m_ok, eps, DIM, IEEE, GDC,
+                                        KA, KB, BLOCK_K, True)  # (BLOCK_M, BLOCK_N) each
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptr + HID + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -393,3 +403,49 @@ def norm_gate_up(
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out
+
+
+@triton.jit
+def _norm_head_kernel(
+    x_ptr, nw_ptr, w_ptr, out_ptr, h_ptr, M, eps, DIM: tl.constexpr, V: tl.constexpr, KEEP_H: tl.constexpr,
+    IEEE: tl.constexpr, GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr,
+    KB: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok, n_ok = offs_m < M, offs_n < V
+    acc, _, rstd = _norm_projections(x_ptr, nw_ptr, w_ptr, offs_n, offs_n, n_ok, offs_m, m_ok, eps, DIM, IEEE, GDC,
+                                     KA, KB, BLOCK_K, False)  # (BLOCK_M, BLOCK_N), (BLOCK_M,)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + offs_m[:, None] * V + offs_n[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+    if KEEP_H:
+        if tl.program_id(0) == 0:  # one column of programs also writes the normalised rows
+            for k0 in range(0, DIM, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                h = _normed(_tile(x_ptr, offs_m, m_ok, k0, DIM, BLOCK_K), _vec(nw_ptr, k0, DIM, BLOCK_K), rstd)
+                tl.store(h_ptr + offs_m[:, None] * DIM + offs_k[None, :], h, mask=m_ok[:, None] & (offs_k[None, :] < DIM))
+
+
+def norm_head(
+    x: torch.Tensor,  # (M, dim) the last layer's output
+    norm_w: torch.Tensor,  # (dim,) the final norm's weight
+    eps: float,
+    w: torch.Tensor,  # (vocab, dim) the LM head
+    keep_normed: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits (M, vocab); RMSNorm(x) (M, dim) when kept
+    """The final RMSNorm and the LM head in one launch (cuBLAS's GEMM picks its kernel by M, and
+    the norm is four small kernels of its own)."""
+    M, dim = x.shape
+    V = w.shape[0]
+    assert x.is_contiguous() and w.is_contiguous()
+    out = torch.empty(M, V, dtype=x.dtype, device=x.device)
+    h = torch.empty(M, dim, dtype=x.dtype, device=x.device) if keep_normed else out
+    BLOCK_N = TUNE["head_block_n"]
+    grid = (triton.cdiv(V, BLOCK_N), triton.cdiv(M, BLOCK_M))
+    ka, kb = _k_tiles(dim, BLOCK_N * w.element_size())
+    pdl = _pdl(x)
+    _norm_head_kernel[grid](
+        x, norm_w, w, out, h, M, eps, DIM=dim, V=V, KEEP_H=keep_normed, IEEE=_ieee(x), GDC=pdl, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, KA=ka, KB=kb, BLOCK_K=_loop_k("norm_block_k", w), num_warps=TUNE["num_warps"], **_launch(pdl),
+    )
+    return out, h if keep_normed else None

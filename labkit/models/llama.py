@@ -200,10 +200,19 @@ class Llama(nn.Module):
                 x = self.layers[i](x, cos, sin, cache, i, input_pos, attend_len, mask)
         if last_only:
             x = x[:, -1:]
-        h = self.norm(x)  # (B, T or 1, dim)
-        if self.keep_hidden and n == self.args.n_layers:
-            self.last_hidden = h
-        return self.lm_head(h)
+        keep = self.keep_hidden and n == self.args.n_layers
+        if self.layer_ops is not None:  # the final norm and the head in one fused operation
+            B, T, dim = x.shape
+            logits, h = self.layer_ops.norm_head(x.reshape(B * T, dim).contiguous(), self.norm.weight, self.norm.eps,
+                                                 self.lm_head.weight, keep)  # (B*T, vocab), (B*T, dim) or None
+            logits = logits.view(B, T, -1)
+        else:
+            h = self.norm(x)  # (B, T or 1, dim)
+            logits = self.lm_head(h)
+        if keep:
+            assert h is not None
+            self.last_hidden = h.view(x.shape)
+        return logits
 
     @classmethod
     def from_hf(cls, hf_model: Any) -> Llama:
