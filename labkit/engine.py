@@ -116,15 +116,11 @@ def greedy_verdict(
     eos_mask: torch.Tensor,  # (V,) bool
     block_rows: torch.Tensor,  # (1,) EOS is blocked in the first block_rows rows (min_new_tokens)
 ) -> torch.Tensor:  # (B, 2): accepted drafts, and the target's token after them
-    """Greedy acceptance on the device: the target's argmax per position (EOS blocked where
-    asked), then the registry's verify_prefix. The same tokens as GreedyMatch on the logits."""
+    """Greedy acceptance on the device (the registry's greedy_verdict: the target's argmax per
+    position, EOS blocked where asked, then the accepted prefix). The same tokens as GreedyMatch."""
     from labkit.kernels import registry
 
-    T = tokens.shape[1]
-    rows = torch.arange(T, device=tokens.device) < block_rows  # (K+1,)
-    target = logits.masked_fill(eos_mask[None, None, :] & rows[None, :, None], float("-inf")).argmax(-1)  # (B, K+1)
-    accepted, bonus = registry.get("verify_prefix", tokens.device)(tokens[:, 1:], target)  # (B,), (B,)
-    return torch.stack([accepted.long(), bonus.long()], dim=1)
+    return registry.get("greedy_verdict", tokens.device)(logits, tokens, eos_mask, block_rows)
 
 
 def heads_after_verdict(

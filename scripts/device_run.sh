@@ -40,6 +40,9 @@ case "$step" in
   cudatests)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layer_kernels.py 2>&1 | tail -30 | tee "$out/pytest_cuda.txt"
     ;;
+  quicktests)  # the CUDA tests, the kernels against their twins, and the layer kernels at model sizes (faster than cudatests)
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py tests/test_layer_kernels.py -k "cuda or verdict or commit or lookup or registry or norm_head or model_sizes" 2>&1 | tail -30 | tee "$out/pytest_cuda.txt"
+    ;;
   speed)  # plain greedy, one prompt, each way of running the layers (noisy: one request each)
     p="Explain in three sentences why the sky is blue."
     for flags in "--layer-kernels torch" "--compile" "--layer-kernels triton" "--layer-kernels triton --drafter ngram --k 4"; do
@@ -69,6 +72,6 @@ case "$step" in
       -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters "${DRAFTERS:-ngram,layerskip,truncated}" -p heads "${HEADS:-}" \
       -p ks "${KS:-2,4,6,8}" -p compile "${COMPILE:-False}" -p time_budget_s "${BUDGET:-420}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|cudatests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
 esac
 done

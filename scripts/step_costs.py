@@ -76,7 +76,7 @@ def kernel_times(T: int) -> dict[str, float]:
     acts = [torch.profiler.ProfilerActivity.CUDA]
     with torch.inference_mode(), torch.profiler.profile(activities=acts) as prof:
         for _ in range(10):
-            greedy_verdict(engine._static_forward(toks, pos), toks, eos, torch.zeros(1, device=DEV))
+            greedy_verdict(engine._static_forward(toks, pos), toks, eos, torch.zeros(1, dtype=torch.long, device=DEV))
         torch.cuda.synchronize()
     times: dict[str, float] = {}
     for e in prof.events():  # the kernels themselves (CPU-side ops would count their kernels twice)

@@ -106,15 +106,15 @@ def test_kernel_commands(tmp_path) -> None:
     rc, out, err = run_cli("kernels", "--device", "cpu", "--json")
     assert rc == 0, err
     rows = json.loads(out)
-    assert [r["kernel"] for r in rows] == ["verify_prefix", "rejection_sample", "kv_append", "lookup_draft",
-                                            "norm_qkv_rope", "decode_attention", "linear_residual", "norm_gate_up"]
+    assert [r["kernel"] for r in rows] == ["verify_prefix", "rejection_sample", "kv_append", "greedy_verdict", "lookup_draft",
+                                            "lookup_commit", "norm_qkv_rope", "decode_attention", "linear_residual", "norm_gate_up"]
     assert {r["chosen"] for r in rows} == {"torch"}  # the CPU: never the interpreter unless named
     rc, out, err = run_cli("bench", "kernels", "--device", "cpu", "--repeats", "1", "--output-dir", str(tmp_path))
     assert rc == 0, err
     assert "launch floor" in out
     rows = json.loads(next(tmp_path.glob("kernels-cpu-*.json")).read_text())["rows"]
     assert {r["backend"] for r in rows if r["available"]} >= {"torch"}
-    assert {r["kernel"] for r in rows} == {"verify_prefix", "rejection_sample", "kv_append", "lookup_draft"}
+    assert {r["kernel"] for r in rows} == {"verify_prefix", "rejection_sample", "kv_append", "greedy_verdict", "lookup_draft"}
     assert_clean_error(*run_cli("bench", "kernels", "--repeats", "0"), "at least 1")
 
 

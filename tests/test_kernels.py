@@ -171,6 +171,65 @@ def test_lookup_draft(backend: str) -> None:
             get("lookup_draft", DEVICE, "cuda")
 
 
+@pytest.mark.parametrize("backend", [b for b in AVAILABLE if b != "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_verdict(backend: str, dtype: torch.dtype) -> None:
+    """Logits that force a known answer (drafts matching the argmax up to a chosen row, EOS the
+    argmax of a blocked row, ties broken to the first index), then random ones against the reference."""
+    fn = get("greedy_verdict", DEVICE, backend)
+    g = torch.Generator().manual_seed(3)
+    V, eos = 5000, 17  # more than two vocabulary tiles, and not a multiple of one
+    eos_mask = torch.zeros(V, dtype=torch.bool)
+    eos_mask[eos] = True
+    for B, T, match, block in [(1, 1, 0, 0), (1, 5, 2, 0), (1, 5, 4, 0), (2, 9, 3, 2), (1, 16, 15, 16), (1, 4, 1, -3)]:
+        logits = torch.randn(B, T, V, generator=g)
+        argmax = torch.randint(0, V, (B, T), generator=g)
+        argmax[:, 0] = eos  # EOS is the first row's favourite: blocked there when block > 0
+        logits.scatter_(2, argmax[..., None], 50.0)
+        logits[:, 1:, V - 1] = 50.0  # a tie at the vocabulary's end: the first index wins
+        logits[:, 0, 1234] = 40.0  # the runner-up of row 0
+        tokens = torch.randint(0, V, (B, T), generator=g)
+        tokens[:, 1 : match + 1] = argmax[:, :match]  # drafts 0..match-1 agree with the target
+        if block > 0 and match > 0:
+            tokens[:, 1] = 1234  # row 0's EOS is blocked: its runner-up is the token to agree with
+        if match < T - 1:
+            tokens[:, match + 1] = (argmax[:, match] + 1) % V  # and draft `match` does not agree
+        block_rows = torch.tensor([block])
+        want = reference.greedy_verdict(logits.to(dtype), tokens, eos_mask, block_rows)
+        got = fn(logits.to(dtype).to(DEVICE), tokens.to(DEVICE), eos_mask.to(DEVICE), block_rows.to(DEVICE)).cpu()
+        assert torch.equal(got, want), (B, T, match, block, got, want)
+        assert want[:, 0].tolist() == [match] * B
+        assert want[:, 1].tolist() == [1234 if match == 0 and block > 0 else int(argmax[b, match]) for b in range(B)]
+    for _ in range(4):  # random logits and drafts
+        logits = torch.randn(1, 6, V, generator=g).to(dtype)
+        tokens = logits.argmax(-1)[:, [0, 0, 1, 2, 3, 4]]  # drafts that agree...
+        tokens[0, 1 + int(torch.randint(0, 5, (1,), generator=g))] = 3  # ...up to a random row
+        args = (logits, tokens, eos_mask, torch.tensor([2]))
+        assert torch.equal(fn(*(a.to(DEVICE) for a in args)).cpu(), reference.greedy_verdict(*args))
+
+
+@pytest.mark.parametrize("backend", [b for b in AVAILABLE if b != "cuda"])
+def test_lookup_commit(backend: str) -> None:
+    """The drafts land after the context with the target's token at the first rejected one (or
+    after all K), the context grows by accepted + 1, and the step is logged at step_idx."""
+    fn = get("lookup_commit", DEVICE, backend)
+    g = torch.Generator().manual_seed(4)
+    for K, accepted, step in [(1, 0, 0), (1, 1, 3), (4, 2, 1), (8, 8, 7), (15, 0, 2)]:
+        history = torch.randint(0, 100, (60,), generator=g)
+        feed = torch.randint(100, 200, (K + 1,), generator=g)
+        state = [history, torch.tensor([20]), feed, torch.tensor([[accepted, 999]]), torch.randint(0, 9, (8, K), generator=g),
+                 torch.randint(0, 9, (8,), generator=g), torch.tensor([step])]
+        want = [t.clone() for t in state]
+        reference.lookup_commit(*want)
+        got = [t.clone().to(DEVICE) for t in state]
+        fn(*got)
+        for name, a, b in zip(("history", "n_ctx", "feed", "verdict", "drafts", "accepted", "step"), got, want, strict=True):
+            assert torch.equal(a.cpu(), b), (K, accepted, name)
+        assert want[0][20 : 20 + accepted].tolist() == feed[1 : 1 + accepted].tolist() and int(want[0][20 + accepted]) == 999
+        assert int(want[1]) == 21 + accepted and want[4][step].tolist() == feed[1:].tolist() and int(want[5][step]) == accepted
+        assert int(want[6]) == step + 1 and torch.equal(want[0][:20], history[:20])
+
+
 def test_registry_prefers_the_fastest_available_and_honours_force_py(monkeypatch) -> None:
     rows = table(DEVICE)
     assert [r["kernel"] for r in rows] == list(KERNELS + LAYER_KERNELS)

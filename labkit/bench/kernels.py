@@ -61,7 +61,9 @@ def copy_bandwidth(device: torch.device, mib: int = 256) -> float:
 
 
 def cases(cfg: KernelBenchConfig, device: torch.device) -> dict[str, tuple[tuple[Any, ...], int]]:
-    """Inputs for each kernel and the bytes it must move at least."""
+    """Inputs for each kernel and the bytes it must move at least. lookup_commit is left out: it
+    advances its own context on every call (a few integers moved; scripts/step_costs.py times the
+    step it belongs to)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     B, K, V = cfg.batch, cfg.k, cfg.vocab
     target = torch.randint(0, V, (B, K + 1), generator=g)
@@ -73,11 +75,14 @@ def cases(cfg: KernelBenchConfig, device: torch.device) -> dict[str, tuple[tuple
     keep = torch.arange(K + 1).expand(B, K + 1).contiguous()
     start = torch.full((B,), cfg.cache_len // 2)
     history = torch.randint(0, 64, (cfg.cache_len + K + 1,), generator=g)  # a small vocabulary: many matches
+    logits = torch.randn(B, K + 1, V, generator=g).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     to = lambda *ts: tuple(t.to(device) for t in ts)
     return {
         "verify_prefix": (to(draft, target), (draft.numel() + target.numel() + 2 * B) * 8),
         "rejection_sample": (to(draft, q, p, torch.rand(B, K, generator=g), torch.rand(B, generator=g)), (p.numel() + q.numel()) * 4),
         "kv_append": (to(cache, new, keep, start), 2 * new.numel() * 4),
+        # a verify's logits in the model's dtype (bf16 on a GPU): read once
+        "greedy_verdict": (to(logits, target, torch.zeros(V, dtype=torch.bool), torch.tensor([1])), logits.numel() * logits.element_size()),
         # prompt lookup over a half-full cache's worth of context: reads the context once
         "lookup_draft": ((history.to(device), torch.tensor([cfg.cache_len // 2], device=device), K), cfg.cache_len // 2 * 8),
     }

@@ -38,8 +38,8 @@ def quant_linear_ref(
 
 
 # --- speculative decoding kernels ---------------------------------------------------------
-# Each has a Triton (triton_ops.py) and a CUDA (kernels/specdec_kernels.cu) twin; the registry
-# picks one. Random numbers come in as arguments, so every backend can be checked exactly.
+# Each has a Triton twin (triton_ops.py), and the first three a CUDA one (kernels/specdec_kernels.cu);
+# the registry picks one. Random numbers come in as arguments, so every backend can be checked exactly.
 
 
 def verify_prefix(
@@ -54,6 +54,21 @@ def verify_prefix(
     accepted = torch.where(mismatch, pos, K).min(dim=1).values if K else torch.zeros(B, dtype=torch.long, device=draft.device)
     bonus = target.gather(1, accepted[:, None]).squeeze(1)
     return accepted, bonus
+
+
+def greedy_verdict(
+    logits: torch.Tensor,  # (B, T, V) a verify step's logits, T = K+1
+    tokens: torch.Tensor,  # (B, T) long: the last token, then the K drafts
+    eos_mask: torch.Tensor,  # (V,) bool
+    block_rows: torch.Tensor,  # (1,) long: EOS is blocked in rows < block_rows (min_new_tokens)
+) -> torch.Tensor:  # (B, 2) long: accepted drafts, and the target's token after them
+    """Greedy acceptance on the device: the target's argmax per position (the first of equal
+    maxima; EOS blocked where asked), then verify_prefix. The same tokens as GreedyMatch."""
+    T = tokens.shape[1]
+    rows = torch.arange(T, device=tokens.device) < block_rows  # (T,)
+    target = logits.masked_fill(eos_mask[None, None, :] & rows[None, :, None], float("-inf")).argmax(-1)  # (B, T)
+    accepted, bonus = verify_prefix(tokens[:, 1:], target)  # (B,), (B,)
+    return torch.stack([accepted, bonus], dim=1)
 
 
 def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # (B, V), (B,) → (B,) long
@@ -136,3 +151,26 @@ def lookup_draft(
     c = torch.where(best >= 0, best % Lh, n_ctx[0] - 1)  # () continuation start
     q = n_ctx[0] - c  # () period
     return history.index_select(0, c + torch.arange(k, device=history.device) % q)  # (k,)
+
+
+def lookup_commit(
+    history: torch.Tensor,  # (Lh,) long, written in place
+    n_ctx: torch.Tensor,  # (1,) long: the context length, advanced in place
+    feed: torch.Tensor,  # (K+1,) long: the step's last context token, then its K drafts
+    verdict: torch.Tensor,  # (1, 2) long: greedy_verdict's accepted drafts and next token
+    drafts_log: torch.Tensor,  # (chunk, K) long: row step_idx gets this step's draft
+    accepted_log: torch.Tensor,  # (chunk,) long: entry step_idx gets its accepted count
+    step_idx: torch.Tensor,  # (1,) long: advanced in place
+) -> None:
+    """The end of a device lookup step (specdec/lookup_steps.py): the drafts go into the history
+    after the context, the target's token after the accepted ones (so the context grows by the
+    accepted drafts and that token), and the step is logged for the host's one read per chunk."""
+    K = feed.shape[0] - 1
+    L = n_ctx  # (1,)
+    accepted, bonus = verdict[0, 0], verdict[0, 1]  # (), ()
+    history.index_copy_(0, L + torch.arange(K, device=history.device), feed[1:])
+    history.index_copy_(0, (L + accepted).view(1), bonus.view(1))
+    n_ctx.add_(accepted + 1)
+    drafts_log.index_copy_(0, step_idx, feed[None, 1:])
+    accepted_log.index_copy_(0, step_idx, accepted.view(1))
+    step_idx.add_(1)

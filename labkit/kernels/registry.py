@@ -19,8 +19,8 @@ import torch
 from labkit.config import env_flag
 
 log = logging.getLogger(__name__)
-KERNELS = ("verify_prefix", "rejection_sample", "kv_append", "lookup_draft")
-NO_CUDA = ("lookup_draft",)  # kernels with Triton and PyTorch backends only
+KERNELS = ("verify_prefix", "rejection_sample", "kv_append", "greedy_verdict", "lookup_draft", "lookup_commit")
+NO_CUDA = ("greedy_verdict", "lookup_draft", "lookup_commit")  # kernels with Triton and PyTorch backends only
 # The fused Llama layer (layer_triton.py / layer_reference.py): Triton or PyTorch, chosen per
 # engine by engine.pick_layer_ops (it needs the model's shapes), listed here beside the others.
 LAYER_KERNELS = ("norm_qkv_rope", "decode_attention", "linear_residual", "norm_gate_up")
@@ -28,7 +28,7 @@ BACKENDS = ("cuda", "triton", "torch")
 
 
 def backends(name: str) -> tuple[str, ...]:
-    """The backends a kernel has, best first: the lookup and the layer kernels have no CUDA C++ one."""
+    """The backends a kernel has, best first: NO_CUDA and the layer kernels have no CUDA C++ one."""
     return tuple(b for b in BACKENDS if not (b == "cuda" and name in NO_CUDA + LAYER_KERNELS))
 
 

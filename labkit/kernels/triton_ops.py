@@ -133,3 +133,82 @@ def lookup_draft(history: torch.Tensor, n_ctx: torch.Tensor, k: int) -> torch.Te
     out = torch.empty(k, dtype=history.dtype, device=history.device)
     _lookup_draft_kernel[(1,)](history, n_ctx, out, history.shape[0], k, BLOCK=1024, BLOCK_K=max(16, triton.next_power_of_2(k)))
     return out
+
+
+@triton.jit
+def _argmax_tiles_kernel(logits_ptr, eos_ptr, block_rows_ptr, max_ptr, idx_ptr, T, V, N_TILES, BLOCK_V: tl.constexpr):
+    """Program (row, tile): the largest logit of one vocabulary tile and its first index, EOS
+    masked out in the blocked rows. Many programs read the logits at once."""
+    row = tl.program_id(0)  # b*T + t
+    tile = tl.program_id(1)
+    offs = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    inside = offs < V
+    x = tl.load(logits_ptr + row * V + offs, mask=inside, other=-float("inf")).to(tl.float32)
+    blocked = (row % T) < tl.load(block_rows_ptr)
+    eos = tl.load(eos_ptr + offs, mask=inside, other=0) != 0
+    x = tl.where(eos & blocked, -float("inf"), x)
+    best = tl.max(x, axis=0)
+    first = tl.min(tl.where((x == best) & inside, offs, V), axis=0)
+    tl.store(max_ptr + row * N_TILES + tile, best)
+    tl.store(idx_ptr + row * N_TILES + tile, first.to(tl.int64))
+
+
+@triton.jit
+def _verdict_kernel(max_ptr, idx_ptr, tokens_ptr, out_ptr, T, N_TILES, BLOCK_T: tl.constexpr, BLOCK_TILES: tl.constexpr):
+    """Program b: each row's argmax from its tiles' (max, first index) (the first tile holding the
+    maximum has its first index), then the accepted prefix of drafts and the token after it."""
+    b = tl.program_id(0)
+    t = tl.arange(0, BLOCK_T)
+    j = tl.arange(0, BLOCK_TILES)
+    ok = (t[:, None] < T) & (j[None, :] < N_TILES)
+    at = (b * T + t[:, None]) * N_TILES + j[None, :]
+    m = tl.load(max_ptr + at, mask=ok, other=-float("inf"))  # (BLOCK_T, BLOCK_TILES)
+    ix = tl.load(idx_ptr + at, mask=ok, other=0)
+    best = tl.max(m, axis=1)  # (BLOCK_T,)
+    target = tl.min(tl.where((m == best[:, None]) & ok, ix, 2**62), axis=1)  # (BLOCK_T,) int64
+    draft = tl.load(tokens_ptr + b * T + t + 1, mask=t < T - 1, other=-1)  # draft t is row t + 1's token
+    accepted = tl.min(tl.where((draft != target) & (t < T - 1), t, T - 1), axis=0)
+    bonus = tl.sum(tl.where(t == accepted, target, 0), axis=0)
+    tl.store(out_ptr + b * 2, accepted.to(tl.int64))
+    tl.store(out_ptr + b * 2 + 1, bonus.to(tl.int64))
+
+
+def greedy_verdict(logits: torch.Tensor, tokens: torch.Tensor, eos_mask: torch.Tensor, block_rows: torch.Tensor) -> torch.Tensor:
+    """reference.greedy_verdict in two launches: per-tile maxima over the vocabulary, then one
+    program per row of the batch (instead of a mask, an argmax, a comparison and a stack)."""
+    B, T, V = logits.shape
+    BLOCK_V = 2048
+    n_tiles = triton.cdiv(V, BLOCK_V)
+    maxima = torch.empty(B * T, n_tiles, dtype=torch.float32, device=logits.device)
+    first = torch.empty(B * T, n_tiles, dtype=torch.long, device=logits.device)
+    _argmax_tiles_kernel[(B * T, n_tiles)](logits.contiguous(), eos_mask, block_rows, maxima, first, T, V, n_tiles, BLOCK_V=BLOCK_V)
+    out = torch.empty(B, 2, dtype=torch.long, device=logits.device)
+    _verdict_kernel[(B,)](maxima, first, tokens.contiguous(), out, T, n_tiles,
+                          BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_TILES=max(16, triton.next_power_of_2(n_tiles)))
+    return out
+
+
+@triton.jit
+def _lookup_commit_kernel(history_ptr, n_ctx_ptr, feed_ptr, verdict_ptr, drafts_log_ptr, accepted_log_ptr, step_ptr, K,
+                          BLOCK_K: tl.constexpr):
+    L = tl.load(n_ctx_ptr)
+    accepted = tl.load(verdict_ptr)
+    bonus = tl.load(verdict_ptr + 1)
+    step = tl.load(step_ptr)
+    j = tl.arange(0, BLOCK_K)
+    draft = tl.load(feed_ptr + 1 + j, mask=j < K, other=0)  # (BLOCK_K,)
+    tl.debug_barrier()  # every thread has read n_ctx and step before any writes them
+    # one store per position: the drafts, with the target's token at the first rejected one (or after all)
+    tl.store(history_ptr + L + j, tl.where(j == accepted, bonus, draft), mask=(j < K) | (j == accepted))
+    tl.store(drafts_log_ptr + step * K + j, draft, mask=j < K)
+    tl.store(accepted_log_ptr + step, accepted)
+    tl.store(n_ctx_ptr, L + accepted + 1)
+    tl.store(step_ptr, step + 1)
+
+
+def lookup_commit(history: torch.Tensor, n_ctx: torch.Tensor, feed: torch.Tensor, verdict: torch.Tensor,
+                  drafts_log: torch.Tensor, accepted_log: torch.Tensor, step_idx: torch.Tensor) -> None:
+    """reference.lookup_commit as one launch (one warp)."""
+    K = feed.shape[0] - 1
+    _lookup_commit_kernel[(1,)](history, n_ctx, feed, verdict, drafts_log, accepted_log, step_idx, K,
+                                BLOCK_K=max(16, triton.next_power_of_2(K + 1)), num_warps=1)

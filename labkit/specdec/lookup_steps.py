@@ -7,7 +7,7 @@ one captured step does it all on the device, and the host replays it m times per
 
     draft    = lookup_draft(history, n_ctx, K)      n-gram lookup over the context (a registry kernel)
     accepted, next = greedy_verdict(verify([last, *draft]))   one (K+1)-token pass, EOS blocked while asked
-    history[n_ctx:] = draft[:accepted], next; n_ctx += accepted + 1
+    lookup_commit: history[n_ctx:] = draft[:accepted], next; n_ctx += accepted + 1; log the step
 
 The accepted drafts are the target's own argmax and `next` is its token after them, so the output
 is plain greedy decoding's, token for token. Positions written past the accepted
@@ -57,22 +57,23 @@ def greedy_step(
     eos_mask: torch.Tensor,  # (V,) bool
     eos_until: torch.Tensor,  # (1,) EOS is blocked for tokens at context positions < this (min_new_tokens)
     k: int,
-) -> tuple[torch.Tensor, torch.Tensor]:  # (k,) draft, () accepted
-    """One speculative greedy step on the device (see the module docstring). The engine's cache
-    holds the context but its last token, before and after."""
+    drafts_log: torch.Tensor,  # (chunk, k): row step_idx gets the draft
+    accepted_log: torch.Tensor,  # (chunk,): entry step_idx gets the accepted count
+    step_idx: torch.Tensor,  # (1,) advanced in place
+) -> None:
+    """One speculative greedy step on the device (see the module docstring): three registry
+    kernels around the verify pass. The engine's cache holds the context but its last token,
+    before and after."""
     from labkit.kernels import registry
 
+    device = history.device
     L = n_ctx  # (1,)
-    draft = registry.get("lookup_draft", history.device)(history, L, k)  # (k,)
-    feed = torch.cat([history.index_select(0, L - 1), draft])[None]  # (1, k+1): the last token, then the draft
-    input_pos = L - 1 + torch.arange(k + 1, device=history.device)  # (k+1,) cache positions
-    logits = step(feed, input_pos, None)  # (1, k+1, V)
-    accepted, bonus = greedy_verdict(logits, feed, eos_mask, eos_until - L)[0]  # (), (): feed row j is token L + j
-    # the accepted drafts are already the context's next tokens; the target's token follows them
-    history.index_copy_(0, L + torch.arange(k, device=history.device), draft)
-    history.index_copy_(0, (L + accepted).view(1), bonus.view(1))
-    n_ctx.add_(accepted + 1)
-    return draft, accepted
+    draft = registry.get("lookup_draft", device)(history, L, k)  # (k,)
+    feed = torch.cat([history.index_select(0, L - 1), draft])  # (k+1,): the last token, then the draft
+    input_pos = L - 1 + torch.arange(k + 1, device=device)  # (k+1,) cache positions
+    logits = step(feed[None], input_pos, None)  # (1, k+1, V)
+    verdict = greedy_verdict(logits, feed[None], eos_mask, eos_until - L)  # (1, 2): feed row j is token L + j
+    registry.get("lookup_commit", device)(history, n_ctx, feed, verdict, drafts_log, accepted_log, step_idx)
 
 
 class LookupSteps:
@@ -99,10 +100,7 @@ class LookupSteps:
         static = engine._static_step or engine._static_forward
 
         def body() -> None:
-            draft, accepted = greedy_step(static, self.history, self.n_ctx, self.eos_mask, self.eos_until, k)
-            self.drafts.index_copy_(0, self.step_idx, draft[None])
-            self.accepted.index_copy_(0, self.step_idx, accepted[None])
-            self.step_idx.add_(1)
+            greedy_step(static, self.history, self.n_ctx, self.eos_mask, self.eos_until, k, self.drafts, self.accepted, self.step_idx)
 
         self.body = body
         if engine.cuda_graph:
