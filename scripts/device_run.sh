@@ -7,6 +7,8 @@
 #   call 3 (nothing to carry):                         bash scripts/device_run.sh validate
 #   with draft heads:  DRAFTERS=ngram,heads HEADS=/tmp/heads bash scripts/device_run.sh heads validate
 # validate stops starting prompts after BUDGET s (default 420) so that one call (10 min) brings results back.
+# The device copy's .git is the session's first commit, so name the tree in the call:
+#   LABKIT_GIT_COMMIT=$(git rev-parse HEAD) (put the hash itself in the run command), or results say <first>-dirty.
 # .carry/pm holds papermill, ipykernel and what they need that the image lacks (Python 3.12).
 set -euo pipefail
 site=/tmp/labkit-site
