@@ -177,14 +177,41 @@ def test_mixed_model_reduces_to_the_textbook_and_to_plain() -> None:
 def test_cost_aware_starts_a_request_from_the_last_ones_alpha() -> None:
     c = CostAware(8)
     c.begin()
-    assert c.alpha == 0.5  # the prior, before any request
+    assert c.alpha == 0.5 and c.state == 0  # the prior, before any request
     for _ in range(20):
-        c.update(4, 4, 0.0, 0.01)  # every draft stands
-    high = c.alpha
-    c.begin()
-    assert c.alpha == pytest.approx(high) and high > 0.9
+        c.update(4, 4, 0.0, 0.01)  # every draft stands: the first step in state 0, the rest after full accepts
+    high, first = c.state_alpha(1), c.state_alpha(0)
+    assert c.state == 1 and c.alpha == high > 0.9 and 0.5 < first < high
+    c.begin()  # a request starts in state 0, from the last one's estimates
+    assert c.state == 0 and c.alpha == pytest.approx(first) and c.state_alpha(1) == pytest.approx(high)
     c.update(4, 0, 0.0, 0.01)  # one weight of evidence moves it at once
-    assert c.alpha < high - 0.2
+    assert c.state_alpha(0) < first - 0.2 and c.state == 0
+
+
+def test_cost_aware_drafts_long_in_a_run_and_short_after_a_miss() -> None:
+    """Acceptance in runs (a lookup copying a passage, then missing): after a fully accepted step
+    the controller drafts long, after a miss short, though the overall rate is middling. Steps of
+    K=1 are evidence for the state they start in, so a run seen only at K=1 still lifts K."""
+    c = CostAware(6)
+    c.calibrate({k: 0.010 + 0.0005 * k for k in range(7)})
+    rng = random.Random(0)
+    for _ in range(300):
+        k = c.next_k()
+        in_run = c.state == 1 and rng.random() < 0.95 or c.state == 0 and rng.random() < 0.3
+        c.update(k, k if in_run else 0, 0.0, c.verify_table[k])  # type: ignore[index]
+    assert c.state_alpha(1) > 0.85 and c.state_alpha(0) < 0.45
+    c.state = 1
+    assert c.next_k() == 6
+    c.state = 0
+    assert c.next_k() <= 2
+    stuck = CostAware(6)
+    stuck.calibrate({k: 0.010 + 0.0005 * k for k in range(7)})
+    for _ in range(5):
+        stuck.update(1, 0, 0.0, 0.0105)  # misses: K=1 looks best
+    assert stuck.next_k() == 1
+    for _ in range(6):
+        stuck.update(1, 1, 0.0, 0.0105)  # then every single draft stands
+    assert stuck.state == 1 and stuck.next_k() >= 4
 
 
 def test_cost_aware_is_not_held_at_k1_by_a_stale_expensive_width() -> None:

@@ -96,9 +96,14 @@ class CostAware:
         K*               = argmax_K tokens / time
 
     alpha, the chance that one draft token stands, is an EMA over the request's draft tokens
-    (each step observes `accepted` successes and one failure unless all stood); it restarts from
-    the last request's estimate, with the weight of one draft token. Draft seconds per token are
-    an EMA too. Costs carry over between requests: they belong to the device.
+    (each step observes `accepted` successes and one failure unless all stood), kept apart for
+    two states: after a step whose every draft stood, and otherwise. Acceptance comes in runs (a
+    lookup that copies a passage keeps copying; after a miss it often misses again), so the step
+    after a full accept drafts with that state's alpha, usually higher, and one after a miss with
+    the other's. Each state learns from every step taken in it, whatever K it drafted. Both
+    restart from the last request's estimates with the weight of one draft token; a request starts
+    in the "otherwise" state. Draft seconds per token are an EMA too. Costs carry over between
+    requests: they belong to the device.
 
     verify(K) is measured on this device. With `calibrate` (generate does it before the first
     request, `Engine.time_verify`): a table of verify seconds per width, medians of a few timed
@@ -122,7 +127,8 @@ class CostAware:
         self.fresh, self.probe_every = fresh, probe_every
         self.k_start = min(k_start, k_max)
         _check(self.k_start, k_max)
-        self.hits, self.trials = alpha_prior, 1.0  # EMA'd counts: alpha = hits / trials
+        self.hits, self.trials = [alpha_prior, alpha_prior], [1.0, 1.0]  # EMA'd counts per state: alpha = hits / trials
+        self.state = 0  # 1 after a step whose every draft stood, else 0
         self.draft_per_token: float | None = None
         self.verify_table: dict[int, float] | None = None  # calibrated seconds per width K = 0..k_max
         self.offset: float | None = None  # EMA of live verify seconds minus the table's
@@ -138,13 +144,19 @@ class CostAware:
         self.offset = None
 
     def begin(self) -> None:
-        # the last request's alpha becomes this one's prior, worth one draft token (the first
-        # request starts from alpha_prior): less of each request is spent finding its level
-        self.hits, self.trials = self.alpha if self.steps else self.alpha_prior, 1.0
+        # the last request's alphas become this one's priors, worth one draft token each (the
+        # first request starts from alpha_prior): less of each request is spent finding its level
+        self.hits = [self.state_alpha(s) if self.steps else self.alpha_prior for s in (0, 1)]
+        self.trials = [1.0, 1.0]
+        self.state = 0
+
+    def state_alpha(self, state: int) -> float:
+        return min(self.hits[state] / self.trials[state], 0.999)
 
     @property
     def alpha(self) -> float:
-        return min(self.hits / self.trials, 0.999)
+        """The acceptance rate for the next step: its state's."""
+        return self.state_alpha(self.state)
 
     def verify_line(self) -> tuple[float, float, float]:
         """(mean width, mean seconds, slope >= 0): the least-squares line through the widths seen
@@ -186,10 +198,11 @@ class CostAware:
     def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         if drafted < 1:
             return
-        a = self.ema
+        a, s = self.ema, self.state
         failures = 0 if accepted == drafted else 1
-        self.hits = (1 - a) * self.hits + a * accepted
-        self.trials = (1 - a) * self.trials + a * (accepted + failures)
+        self.hits[s] = (1 - a) * self.hits[s] + a * accepted
+        self.trials[s] = (1 - a) * self.trials[s] + a * (accepted + failures)
+        self.state = 1 - failures
         per_token = draft_s / drafted
         self.draft_per_token = per_token if self.draft_per_token is None else (1 - a) * self.draft_per_token + a * per_token
         self.steps += 1
