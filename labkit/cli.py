@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from typing import Any, NoReturn
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--policy", type=_csv, default=["default"],
                     help="comma list: default, greedy, rejection (lossless), typical, topk (lossy), confidence (drafter-side early stop, lossless)")
     sw.add_argument("--controller", type=_csv, default=["fixed"], help="comma list: fixed, heuristic, aimd, cost (--k is then K max)")
+    sw.add_argument("--adaptive-k", type=_csv, default=None, help="comma list: K max of the adaptive controllers (default: every --k)")
     sw.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance")
     sw.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance")
     sw.add_argument("--policy-top-k", type=int, default=2, help="top-k agreement")
@@ -238,11 +240,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     try:
         ks = [int(k) for k in args.k]
+        adaptive_ks = [int(k) for k in args.adaptive_k] if args.adaptive_k else None
     except ValueError:
-        raise LabkitError(f"--k takes whole numbers, got {','.join(args.k)}") from None
+        raise LabkitError(f"--k and --adaptive-k take whole numbers, got {','.join(args.k + (args.adaptive_k or []))}") from None
     drafters = args.drafter or (["model"] if args.draft_model else ["ngram"])
     cfg = SweepConfig(
-        base_model=args.model, draft_model=args.draft_model, heads=args.heads, drafters=drafters, layers=args.layers, ks=ks,
+        base_model=args.model, draft_model=args.draft_model, heads=args.heads, drafters=drafters, layers=args.layers, ks=ks, adaptive_ks=adaptive_ks,
         max_new_tokens=args.max_tokens, iterations=args.iterations, categories=args.categories,
         prompts_per_category=args.prompts_per_category, device=args.device, dtype=args.dtype, weights=args.weights,
         temperature=args.temperature, output_dir=args.output_dir, plots=not args.no_plots, cuda_graph=args.cuda_graph,
@@ -272,6 +275,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for r in table["overall"]:
             print(f"{name} (K max {r['adaptive_k_max']}) vs fixed K={r['fixed_k']} ({r['drafter']}, {r['policy']}): "
                   f"{r['adaptive_tok_per_s']:.1f} vs {r['fixed_tok_per_s']:.1f} tok/s = {r['ratio']:.3f}x")
+        for r in table["per_category"]:
+            lo, hi = r["ratio_ci90"]
+            spread = f" (90% interval {lo:.3f}-{hi:.3f})" if math.isfinite(lo) else " (one run: no interval)"
+            print(f"  {r['category']:<14} {name} {r['adaptive_tok_per_s']:.1f} vs fixed K={r['best_fixed_k']} {r['best_fixed_tok_per_s']:.1f} tok/s"
+                  f" = {r['ratio']:.3f}x{spread}")
         hits = [r for r in table["per_category"] if r["within_5pct"]]
         print(f"{name}: within 5% of the best fixed K in {len(hits)} of {len(table['per_category'])} categories")
     misses = [m for m in payload["speedup_model"] if m["miss"]]

@@ -121,3 +121,18 @@ def test_validation_runs_the_heads_and_graph_lookup_drafters_lossless(tiny_folde
     assert "hf_assisted_ngram-graph" not in systems and "hf_assisted_ngram" in systems  # its prompt lookup, once
     with pytest.raises(LabkitError, match="needs heads"):
         ValidationConfig(drafters=["heads"]).validate()
+
+
+def test_paired_ratio_interval_keeps_drift_common() -> None:
+    from labkit.bench.sweep import paired_ratio_interval
+
+    def rows(speeds: list[float]) -> list[dict]:
+        return [{"prompt_id": f"p{i % 3}", "iteration": i // 3, "tok_per_s": s} for i, s in enumerate(speeds)]
+
+    drift = [60.0, 35.0, 50.0, 40.0, 65.0, 30.0]  # the machine's speed wanders; each pair shares it
+    lo, hi = paired_ratio_interval(rows([1.1 * s for s in drift]), rows(drift))
+    assert lo == pytest.approx(1.1) and hi == pytest.approx(1.1)  # a constant paired ratio: no width from the drift
+    lo, hi = paired_ratio_interval(rows([s * f for s, f in zip(drift, (1.2, 0.9, 1.0, 1.1, 0.95, 1.05), strict=True)]), rows(drift))
+    point = sum(s * f for s, f in zip(drift, (1.2, 0.9, 1.0, 1.1, 0.95, 1.05), strict=True)) / sum(drift)
+    assert 0.9 < lo < point < hi < 1.2
+    assert paired_ratio_interval(rows([1.0]), rows([1.0])) != paired_ratio_interval(rows([1.0]), rows([1.0]))  # NaN: too few pairs

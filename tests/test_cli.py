@@ -143,19 +143,26 @@ def test_generate_metrics_and_profiler_trace(tiny_folder, tmp_path) -> None:
 
 
 def test_sweep_policies_and_controllers(tiny_folder, tmp_path) -> None:
-    rc, out, err = run_cli("sweep", "--model", str(tiny_folder), "--drafter", "layerskip", "--layers", "1", "--k", "3",
-                           "--policy", "default,topk,confidence", "--controller", "fixed,cost", "--confidence", "0.2",
-                           "--max-tokens", "8", "--categories", "math", "--device", "cpu", "--output-dir", str(tmp_path), "--no-plots")
+    rc, out, err = run_cli("sweep", "--model", str(tiny_folder), "--drafter", "layerskip", "--layers", "1", "--k", "1,3",
+                           "--adaptive-k", "3", "--policy", "default,topk,confidence", "--controller", "fixed,cost", "--confidence", "0.2",
+                           "--max-tokens", "8", "--iterations", "2", "--categories", "math", "--device", "cpu", "--output-dir", str(tmp_path), "--no-plots")
     assert rc == 0, err
     data = json.loads(next(tmp_path.glob("sweep-cpu-*.json")).read_text())
     setups = {(r["policy"], r["controller"], r["lossless"]) for r in data["summary"] if r["drafter"] != "plain"}
     assert setups == {(p, c, p != "topk-2") for p in ("greedy", "topk-2", "confidence-0.2") for c in ("fixed", "cost")}
+    ks = {(r["controller"], r["k"]) for r in data["summary"] if r["drafter"] != "plain"}
+    assert ks == {("fixed", 1), ("fixed", 3), ("cost", 3)}  # --adaptive-k: the cost controller only at K max 3
     assert "cost" in data["adaptive_vs_fixed"] and "topk-2*" in out
+    for r in data["adaptive_vs_fixed"]["cost"]["per_category"]:
+        lo, hi = r["ratio_ci90"]
+        assert lo <= r["ratio"] <= hi and "90% interval" in out
 
 
 @pytest.mark.parametrize("args, needle", [
     (["--policy", "nope"], "unknown policy"),
     (["--controller", "pid"], "unknown controller"),
+    (["--controller", "cost", "--adaptive-k", "0"], "adaptive K max must be at least 1"),
+    (["--controller", "cost", "--adaptive-k", "x"], "take whole numbers"),
     (["--policy", "greedy", "--temperature", "0.8"], "temperature 0"),
     (["--policy", "typical", "--posterior-alpha", "0"], "posterior_alpha"),
     (["--policy", "confidence", "--confidence", "1.5"], "confidence threshold"),

@@ -7,6 +7,7 @@ Replaces the seed's comprehensive_k_sweep.py.
 
 from __future__ import annotations
 
+import random
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class SweepConfig:
     drafters: list[str] = field(default_factory=lambda: ["ngram"])
     layers: int | None = None  # layer-skip / truncated depth (default: a third of the target)
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # fixed K, or the K_max of an adaptive controller
+    adaptive_ks: list[int] | None = None  # K max of the adaptive controllers, if not every K of ks
     policies: list[str] = field(default_factory=lambda: ["default"])  # default, greedy, rejection, typical, topk, confidence
     controllers: list[str] = field(default_factory=lambda: ["fixed"])  # fixed, heuristic, aimd, cost
     posterior_threshold: float = 0.09  # typical acceptance (Medusa's defaults)
@@ -59,9 +61,15 @@ class SweepConfig:
     plots: bool = True
     progress: bool = True
 
+    def ks_for(self, controller: str) -> list[int]:
+        """The Ks a controller runs at: every K for fixed, K max values for the adaptive ones."""
+        return self.ks if controller == "fixed" or self.adaptive_ks is None else self.adaptive_ks
+
     def validate(self) -> None:
         if not self.ks or min(self.ks) < 1:
             raise LabkitError(f"every K must be at least 1, got {self.ks}")
+        if self.adaptive_ks is not None and (not self.adaptive_ks or min(self.adaptive_ks) < 1):
+            raise LabkitError(f"every adaptive K max must be at least 1, got {self.adaptive_ks}")
         for name in ("max_new_tokens", "iterations", "prompts_per_category"):
             if getattr(self, name) < 1:
                 raise LabkitError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
@@ -120,9 +128,10 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     drafters = build_drafters(cfg, target, loaded)
     prompts = [(p, encode_prompt(loaded.tokenizer, p.content)) for p in load_suite(cfg.categories, cfg.prompts_per_category)]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
-    warm_up(target, max(cfg.ks))
+    k_top = max(cfg.ks + (cfg.adaptive_ks or []))
+    warm_up(target, k_top)
     for drafter in drafters:  # a repeated prompt, so that the n-gram drafter proposes
-        generate(target, prompts[0][1] * 2, GenerationConfig(max_new_tokens=8), Speculation(drafter, max(cfg.ks)))
+        generate(target, prompts[0][1] * 2, GenerationConfig(max_new_tokens=8), Speculation(drafter, k_top))
     setups: list[tuple[Drafter, str, Policy | None]] = []  # (drafter, policy label, policy); None: the default policy
     for name in cfg.policies:
         if name == "confidence":  # drafter-side: the same drafters, stopping below the threshold
@@ -132,10 +141,10 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
             setups += [(d, policy.name, policy) for d in drafters]
     # One controller per setup and K for the whole sweep: adaptive ones learn this device's costs
     # across requests, and never hear which category a prompt is from.
-    controllers = {(d.name, label, c, k): make_controller(c, k) for d, label, _ in setups for c in cfg.controllers for k in cfg.ks}
+    controllers = {(d.name, label, c, k): make_controller(c, k) for d, label, _ in setups for c in cfg.controllers for k in cfg.ks_for(c)}
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=cfg.iterations * len(prompts) * (1 + len(controllers)), desc="sweep", disable=not cfg.progress)
-    runs = [(drafter, label, policy, c, k) for drafter, label, policy in setups for c in cfg.controllers for k in cfg.ks]
+    runs = [(drafter, label, policy, c, k) for drafter, label, policy in setups for c in cfg.controllers for k in cfg.ks_for(c)]
     for it in range(cfg.iterations):
         for i, (prompt, ids) in enumerate(prompts):
             base = {"iteration": it, "prompt_id": prompt.id, "category": prompt.category, "prompt_tokens": len(ids)}
@@ -230,15 +239,37 @@ def adaptive_vs_fixed(rows: list[dict[str, Any]], controller: str = "cost") -> d
             by_k = {k: mean_tok_s([r for r in fixed if r["k"] == k and r["category"] == cat]) for k in ks}
             best_k = max(by_k, key=lambda k: by_k[k])
             ours = mean_tok_s([r for r in adaptive if r["category"] == cat])
+            lo, hi = paired_ratio_interval([r for r in adaptive if r["category"] == cat],
+                                           [r for r in fixed if r["k"] == best_k and r["category"] == cat])
             out["per_category"].append({"drafter": drafter, "policy": policy, "category": cat, "best_fixed_k": best_k,
                                         "best_fixed_tok_per_s": by_k[best_k], "adaptive_tok_per_s": ours,
-                                        "ratio": ours / by_k[best_k], "within_5pct": ours >= 0.95 * by_k[best_k]})
+                                        "ratio": ours / by_k[best_k], "ratio_ci90": [lo, hi], "within_5pct": ours >= 0.95 * by_k[best_k]})
         ours = mean_tok_s(adaptive)
         for k in ks:
             theirs = mean_tok_s([r for r in fixed if r["k"] == k])
             out["overall"].append({"drafter": drafter, "policy": policy, "fixed_k": k, "fixed_tok_per_s": theirs,
                                    "adaptive_k_max": k_max, "adaptive_tok_per_s": ours, "ratio": ours / theirs, "beats": ours > theirs})
     return out
+
+
+def paired_ratio_interval(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], resamples: int = 2000,
+                          level: float = 0.9) -> tuple[float, float]:
+    """A bootstrap interval for mean(ours tok/s) / mean(theirs tok/s) over the (prompt, iteration)
+    pairs both ran: the two runs of a pair ran seconds apart, so resampling pairs keeps the
+    machine's slow drift (a CPU's speed wanders by 10-20% over minutes) common to both sides.
+    Seeded, so one results file always reports the same interval."""
+    theirs_by = {(r["prompt_id"], r["iteration"]): r["tok_per_s"] for r in theirs}
+    pairs = [(r["tok_per_s"], theirs_by[(r["prompt_id"], r["iteration"])]) for r in ours if (r["prompt_id"], r["iteration"]) in theirs_by]
+    if len(pairs) < 2:
+        return float("nan"), float("nan")
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(resamples):
+        sample = [pairs[rng.randrange(len(pairs))] for _ in pairs]
+        ratios.append(sum(a for a, _ in sample) / sum(b for _, b in sample))
+    ratios.sort()
+    tail = (1 - level) / 2
+    return ratios[int(tail * resamples)], ratios[min(resamples - 1, int((1 - tail) * resamples))]
 
 
 def plot_sweep(rows: list[dict[str, Any]], stem: Path) -> list[str]:
