@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--policy", type=_csv, default=["default"],
                     help="comma list: default, greedy, rejection (lossless), typical, topk (lossy), confidence (drafter-side early stop, lossless)")
     sw.add_argument("--controller", type=_csv, default=["fixed"], help="comma list: fixed, heuristic, aimd, cost (--k is then K max)")
+    sw.add_argument("--replay", action="store_true",
+                    help="also replay every controller on a recorded acceptance oracle with measured costs: K choices compared without run-to-run noise")
     sw.add_argument("--adaptive-k", type=_csv, default=None, help="comma list: K max of the adaptive controllers (default: every --k)")
     sw.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance")
     sw.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance")
@@ -250,7 +252,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         prompts_per_category=args.prompts_per_category, device=args.device, dtype=args.dtype, weights=args.weights,
         temperature=args.temperature, output_dir=args.output_dir, plots=not args.no_plots, cuda_graph=args.cuda_graph,
         compile=args.compile, layer_kernels=args.layer_kernels, policies=args.policy, controllers=args.controller, posterior_threshold=args.posterior_threshold,
-        posterior_alpha=args.posterior_alpha, policy_top_k=args.policy_top_k, confidence=args.confidence,
+        posterior_alpha=args.posterior_alpha, policy_top_k=args.policy_top_k, confidence=args.confidence, replay=args.replay,
     )
     cfg.validate()
     resolve_device(args.device)
@@ -282,6 +284,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                   f" = {r['ratio']:.3f}x{spread}")
         hits = [r for r in table["per_category"] if r["within_5pct"]]
         print(f"{name}: within 5% of the best fixed K in {len(hits)} of {len(table['per_category'])} categories")
+    replayed = payload.get("replay", {})
+    for drafter, result in replayed.get("drafters", {}).items():
+        print(f"replay ({drafter}, {replayed['passes']} passes, modelled time from measured costs), per category over the best fixed K:")
+        names = [n for n in result["overall"] if not n.startswith("fixed")]
+        for r in result["per_category"]:
+            ratios = ", ".join(f"{n} {r['ratio_to_best_fixed'][n]:.3f}x" for n in names)
+            print(f"  {r['category']:<14} best {r['best_fixed']}: {ratios}")
+        print("  overall tok/s: " + ", ".join(f"{n} {v:.1f}" for n, v in result["overall"].items()))
+    if replayed.get("skipped"):
+        print(f"replay skipped {', '.join(replayed['skipped'])}: their proposals depend on more than the context")
     misses = [m for m in payload["speedup_model"] if m["miss"]]
     print(f"speedup model: {len(payload['speedup_model']) - len(misses)} of {len(payload['speedup_model'])} fixed-K settings within 15%")
     for m in misses:

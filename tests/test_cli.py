@@ -93,10 +93,13 @@ def test_speculation_bad_input(tiny_folder) -> None:
 
 def test_sweep_writes_results(tiny_folder, tmp_path) -> None:
     rc, out, err = run_cli("sweep", "--model", str(tiny_folder), "--drafter", "ngram,layerskip", "--layers", "1", "--k", "1,3",
-                           "--max-tokens", "8", "--categories", "math,rag", "--device", "cpu", "--output-dir", str(tmp_path))
+                           "--max-tokens", "8", "--categories", "math,rag", "--device", "cpu", "--output-dir", str(tmp_path), "--replay")
     assert rc == 0, err
     assert "best lossless setting per category" in out and "speedup model:" in out
+    assert "replay (ngram" in out and "replay skipped layerskip-1" in out
     data = json.loads(next(tmp_path.glob("sweep-cpu-*.json")).read_text())
+    replayed = data["replay"]["drafters"]["ngram"]
+    assert set(replayed["overall"]) == {"fixed-1", "fixed-3"} and len(replayed["per_category"]) == 2
     assert {(r["drafter"], r["k"]) for r in data["summary"]} == {("plain", 0), ("ngram", 1), ("ngram", 3), ("layerskip-1", 1), ("layerskip-1", 3)}
     assert all(r["identical_to_plain"] for r in data["rows"])  # greedy speculation is lossless
     assert next(tmp_path.glob("sweep-cpu-*.png")).stat().st_size > 10_000
@@ -163,6 +166,7 @@ def test_sweep_policies_and_controllers(tiny_folder, tmp_path) -> None:
     (["--controller", "pid"], "unknown controller"),
     (["--controller", "cost", "--adaptive-k", "0"], "adaptive K max must be at least 1"),
     (["--controller", "cost", "--adaptive-k", "x"], "take whole numbers"),
+    (["--replay", "--temperature", "0.7"], "--replay needs greedy decoding"),
     (["--policy", "greedy", "--temperature", "0.8"], "temperature 0"),
     (["--policy", "typical", "--posterior-alpha", "0"], "posterior_alpha"),
     (["--policy", "confidence", "--confidence", "1.5"], "confidence threshold"),

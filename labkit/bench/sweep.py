@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from labkit.bench.replay import replay_setups
 from labkit.bench.results import provenance, write_results
 from labkit.config import DRAFTERS, GenerationConfig, resolve_device, resolve_dtype
 from labkit.engine import Engine
@@ -57,6 +58,7 @@ class SweepConfig:
     cuda_graph: bool | None = None  # None: SPECDEC_CUDA_GRAPH
     compile: bool = False  # torch.compile the target's fixed-shape steps
     layer_kernels: str = "auto"  # fused Triton layers (auto: on CUDA without compile) or "torch"
+    replay: bool = False  # also replay every controller on a recorded acceptance oracle (bench/replay.py): K choices without noise
     output_dir: str | None = "results"
     plots: bool = True
     progress: bool = True
@@ -87,6 +89,8 @@ class SweepConfig:
                 make_policy(p, gen, posterior_threshold=self.posterior_threshold, posterior_alpha=self.posterior_alpha, top_k=self.policy_top_k)
         if "confidence" in self.policies and not 0 < self.confidence < 1:
             raise LabkitError(f"the confidence threshold must be in (0, 1), got {self.confidence}")
+        if self.replay and self.temperature != 0:
+            raise LabkitError("--replay needs greedy decoding (temperature 0): only then is the output, and so the oracle, fixed")
         if "model" in self.drafters and not self.draft_model:
             raise LabkitError("the model drafter needs --draft-model")
         check_heads_option(self.drafters, self.heads)
@@ -170,6 +174,8 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
                                "speedup_model": compare(rows)}
     if any(c != "fixed" for c in cfg.controllers) and "fixed" in cfg.controllers:
         payload["adaptive_vs_fixed"] = {c: adaptive_vs_fixed(rows, c) for c in cfg.controllers if c != "fixed"}
+    if cfg.replay:  # greedy acceptance only: lossy policies change the output the oracle records
+        payload["replay"] = replay_setups(target, drafters, prompts, gen, {c: cfg.ks_for(c) for c in cfg.controllers})
     if cfg.output_dir:
         json_path, csv_path = write_results(cfg.output_dir, f"sweep-{device.type}", payload, rows)
         payload["files"] = [str(json_path), str(csv_path)]
