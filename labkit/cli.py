@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 from typing import Any, NoReturn
 
@@ -278,8 +277,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{name} (K max {r['adaptive_k_max']}) vs fixed K={r['fixed_k']} ({r['drafter']}, {r['policy']}): "
                   f"{r['adaptive_tok_per_s']:.1f} vs {r['fixed_tok_per_s']:.1f} tok/s = {r['ratio']:.3f}x")
         for r in table["per_category"]:
-            lo, hi = r["ratio_ci90"]
-            spread = f" (90% interval {lo:.3f}-{hi:.3f})" if math.isfinite(lo) else " (one run: no interval)"
+            spread = " (90% interval {:.3f}-{:.3f})".format(*r["ratio_ci90"]) if r["ratio_ci90"] else " (one run each: no interval)"
             print(f"  {r['category']:<14} {name} {r['adaptive_tok_per_s']:.1f} vs fixed K={r['best_fixed_k']} {r['best_fixed_tok_per_s']:.1f} tok/s"
                   f" = {r['ratio']:.3f}x{spread}")
         hits = [r for r in table["per_category"] if r["within_5pct"]]

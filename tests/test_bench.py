@@ -136,3 +136,24 @@ def test_paired_ratio_interval_keeps_drift_common() -> None:
     point = sum(s * f for s, f in zip(drift, (1.2, 0.9, 1.0, 1.1, 0.95, 1.05), strict=True)) / sum(drift)
     assert 0.9 < lo < point < hi < 1.2
     assert paired_ratio_interval(rows([1.0]), rows([1.0])) != paired_ratio_interval(rows([1.0]), rows([1.0]))  # NaN: too few pairs
+
+
+def test_adaptive_vs_fixed_per_category_with_and_without_an_interval() -> None:
+    from labkit.bench.sweep import adaptive_vs_fixed
+
+    def row(it: int, pid: str, cat: str, controller: str, k: int, tok_s: float) -> dict:
+        return {"iteration": it, "prompt_id": pid, "category": cat, "drafter": "ngram", "policy": "greedy", "controller": controller,
+                "k": k, "lossless": True, "tok_per_s": tok_s}
+
+    rows = [row(0, "a", "copy", "fixed", 1, 50.0), row(0, "a", "copy", "fixed", 4, 80.0), row(0, "a", "copy", "cost", 4, 78.0),
+            row(0, "b", "chat", "fixed", 1, 60.0), row(0, "b", "chat", "fixed", 4, 50.0), row(0, "b", "chat", "cost", 4, 57.0)]
+    out = adaptive_vs_fixed(rows, "cost")
+    by_cat = {r["category"]: r for r in out["per_category"]}
+    assert by_cat["copy"]["best_fixed_k"] == 4 and by_cat["copy"]["ratio"] == pytest.approx(78 / 80)
+    assert by_cat["chat"]["best_fixed_k"] == 1 and by_cat["chat"]["within_5pct"] is True  # 57 / 60 = 0.95
+    assert by_cat["copy"]["ratio_ci90"] is None  # one run each: no interval
+    overall = {r["fixed_k"]: r for r in out["overall"]}
+    assert overall[1]["ratio"] == pytest.approx(67.5 / 55) and overall[4]["beats"] is True
+    again = adaptive_vs_fixed(rows + [{**r, "iteration": 1, "tok_per_s": r["tok_per_s"] * 0.5} for r in rows], "cost")
+    lo, hi = {r["category"]: r for r in again["per_category"]}["copy"]["ratio_ci90"]
+    assert lo == pytest.approx(78 / 80) and hi == pytest.approx(78 / 80)  # drift common to each pair leaves no width

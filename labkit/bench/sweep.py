@@ -7,6 +7,7 @@ Replaces the seed's comprehensive_k_sweep.py.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -249,7 +250,7 @@ def adaptive_vs_fixed(rows: list[dict[str, Any]], controller: str = "cost") -> d
                                            [r for r in fixed if r["k"] == best_k and r["category"] == cat])
             out["per_category"].append({"drafter": drafter, "policy": policy, "category": cat, "best_fixed_k": best_k,
                                         "best_fixed_tok_per_s": by_k[best_k], "adaptive_tok_per_s": ours,
-                                        "ratio": ours / by_k[best_k], "ratio_ci90": [lo, hi], "within_5pct": ours >= 0.95 * by_k[best_k]})
+                                        "ratio": ours / by_k[best_k], "ratio_ci90": [lo, hi] if math.isfinite(lo) else None, "within_5pct": ours >= 0.95 * by_k[best_k]})
         ours = mean_tok_s(adaptive)
         for k in ks:
             theirs = mean_tok_s([r for r in fixed if r["k"] == k])
