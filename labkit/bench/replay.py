@@ -22,16 +22,22 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import generate
-from labkit.specdec.controllers import Controller, CostAware
+from labkit.specdec.controllers import Controller, CostAware, make_controller
 from labkit.specdec.drafters import Drafter, ModelDrafter, NgramDrafter
+
+
+def replayable(drafter: Drafter) -> bool:
+    """Whether the drafter's proposal depends on the context alone (n-gram lookup, a draft model)."""
+    return isinstance(drafter, (NgramDrafter, ModelDrafter))
 
 
 @dataclass
@@ -51,7 +57,7 @@ def record_oracle(engine: Engine, drafter: Drafter, prompt_id: str, category: st
     """One plain greedy run, then the drafter's K max proposal at every output position."""
     if config.temperature != 0:
         raise LabkitError("replay needs greedy decoding (temperature 0): only then is the output fixed")
-    if not isinstance(drafter, (NgramDrafter, ModelDrafter)):
+    if not replayable(drafter):
         raise LabkitError(f"replay needs a drafter whose proposal depends only on the context (ngram, model), got {drafter.name}")
     plain = generate(engine, prompt_ids, config)
     out = plain.tokens
@@ -100,7 +106,7 @@ def replay(oracle: PromptOracle, controller: Controller, verify_s: dict[int, flo
             "tok_per_s": oracle.new_tokens / seconds, "k_trace": k_trace, "accepted_lengths": accepted}
 
 
-def replay_suite(oracles: list[PromptOracle], controllers: dict[str, Callable[[], Controller]], verify_s: dict[int, float],
+def replay_suite(oracles: list[PromptOracle], controllers: Mapping[str, Callable[[], Controller]], verify_s: dict[int, float],
                  passes: int = 2) -> dict[str, Any]:
     """Every controller over every prompt in order, `passes` times (the sweep keeps one controller
     per setup across requests; the last pass is reported, after the first has warmed it).
@@ -133,18 +139,15 @@ def replay_setups(target: Engine, drafters: list[Drafter], prompts: list[tuple[A
     """For each drafter that replay supports: record its oracle on every prompt, time the verify
     widths once, and replay every controller at every K it runs (controllers: name -> Ks; for the
     adaptive ones K is K max). Drafters it cannot replay are listed under "skipped"."""
-    from labkit.specdec.controllers import make_controller
-
     out: dict[str, Any] = {"passes": passes, "skipped": [], "drafters": {}}
     k_max = max(k for ks in controllers.values() for k in ks)
     for drafter in drafters:
-        if not isinstance(drafter, (NgramDrafter, ModelDrafter)):
+        if not replayable(drafter):
             out["skipped"].append(drafter.name)
             continue
         oracles = [record_oracle(target, drafter, p.id, p.category, ids, k_max, config) for p, ids in prompts]
         verify_s = target.time_verify(k_max)
-        makers: dict[str, Callable[[], Controller]] = {
-            f"{c}-{k}": (lambda c=c, k=k: make_controller(c, k)) for c, ks in controllers.items() for k in ks}  # type: ignore[misc]
+        makers = {f"{c}-{k}": partial(make_controller, c, k) for c, ks in controllers.items() for k in ks}
         result = replay_suite(oracles, makers, verify_s, passes)
         out["drafters"][drafter.name] = {"verify_s": verify_s, **result}
     return out

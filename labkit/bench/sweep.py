@@ -245,9 +245,9 @@ def adaptive_vs_fixed(rows: list[dict[str, Any]], controller: str = "cost") -> d
         for cat in dict.fromkeys(r["category"] for r in sel):
             by_k = {k: mean_tok_s([r for r in fixed if r["k"] == k and r["category"] == cat]) for k in ks}
             best_k = max(by_k, key=lambda k: by_k[k])
-            ours = mean_tok_s([r for r in adaptive if r["category"] == cat])
-            lo, hi = paired_ratio_interval([r for r in adaptive if r["category"] == cat],
-                                           [r for r in fixed if r["k"] == best_k and r["category"] == cat])
+            ours_rows = [r for r in adaptive if r["category"] == cat]
+            ours = mean_tok_s(ours_rows)
+            lo, hi = paired_ratio_interval(ours_rows, [r for r in fixed if r["k"] == best_k and r["category"] == cat])
             out["per_category"].append({"drafter": drafter, "policy": policy, "category": cat, "best_fixed_k": best_k,
                                         "best_fixed_tok_per_s": by_k[best_k], "adaptive_tok_per_s": ours,
                                         "ratio": ours / by_k[best_k], "ratio_ci90": [lo, hi] if math.isfinite(lo) else None, "within_5pct": ours >= 0.95 * by_k[best_k]})
