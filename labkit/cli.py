@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph", action="store_true", default=None, help="replay the fixed-shape steps as CUDA graphs (default: SPECDEC_CUDA_GRAPH)")
     g.add_argument("--layer-kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="Llama layers as 5 fused Triton kernels each (auto: on CUDA without --compile) or as PyTorch ops")
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help="KV cache positions, allocated once at load (default: the model's context, at most 8192)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead (adds per-step accepted lengths)")
     g.add_argument("--metrics-detailed", dest="metrics_detailed", action="store_true", default=None,
                    help="per-phase timings (CUDA events on a GPU); synchronises around each phase (default: SPECDEC_DETAILED_METRICS)")
@@ -129,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--repeats", type=int, default=50)
     bk.add_argument("--output-dir", default="results")
     bb.add_argument("--no-write", action="store_true", help="measure and print, write no files")
+    bc = bsub.add_parser("context", help="time to first token and decode tok/s against prompt length, labkit and transformers in one run")
+    _model_args(bc)
+    bc.add_argument("--dtype", default="auto")
+    bc.add_argument("--lengths", type=_csv, default=None, help="prompt tokens, comma list (default: 32 to 8064 on a GPU, 32 to 2048 on a CPU)")
+    bc.add_argument("--max-tokens", type=int, default=128)
+    bc.add_argument("--drafter", default="auto", choices=["auto", "none", "ngram", "ngram-graph"],
+                    help="the lossless drafter beside plain decoding (auto: ngram-graph on a GPU, ngram on a CPU)")
+    bc.add_argument("--k", type=int, default=0, help="draft tokens per step (default: 8 for ngram-graph, 3 for ngram)")
+    bc.add_argument("--repeats", type=int, default=2)
+    bc.add_argument("--no-hf", action="store_true", help="skip transformers generate and its forward")
+    bc.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, run the engine's steps eagerly")
+    bc.add_argument("--no-chat", dest="chat", action="store_false", default=True)
+    bc.add_argument("--output-dir", default="results")
+    bc.add_argument("--no-write", action="store_true", help="measure and print, write no files")
 
     hd = sub.add_parser("heads", help="Medusa-style draft heads for --drafter heads")
     hsub = hd.add_subparsers(dest="heads_command", required=True, parser_class=Parser)
@@ -180,7 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_heads_folder(args.heads)  # before the slow part
     loaded = load_model(args.model)
     engine = Engine.from_loaded(loaded, device, dtype, weights=args.weights, compile=args.compile, cuda_graph=args.cuda_graph,
-                                layer_kernels=args.layer_kernels)
+                                layer_kernels=args.layer_kernels, max_seq_len=args.max_seq_len)
     spec = None
     if drafter_kind:
         from labkit.generate import Speculation
@@ -420,7 +436,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for f in write_results(args.output_dir, f"kernels-{device.type}", payload, result["rows"]):
             print(f"wrote {f}")
         return 0
+    if args.bench == "context":
+        return cmd_bench_context(args)
     raise LabkitError(f"unknown benchmark {args.bench!r}")
+
+
+def _ints(name: str, values: list[str]) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise LabkitError(f"{name} takes whole numbers, got {','.join(values)}") from None
+
+
+def cmd_bench_context(args: argparse.Namespace) -> int:
+    from labkit.bench.context import ContextConfig, run_context
+    from labkit.bench.results import check_output_dir
+
+    cfg = ContextConfig(model=args.model, device=args.device, dtype=args.dtype, lengths=_ints("--lengths", args.lengths) if args.lengths else None,
+                        max_new_tokens=args.max_tokens, drafter=args.drafter, k=args.k, repeats=args.repeats, hf=not args.no_hf,
+                        cuda_graph=not args.no_cuda_graph, chat=args.chat, output_dir=None if args.no_write else args.output_dir)
+    cfg.validate()
+    resolve_dtype(args.dtype, resolve_device(args.device))  # before the slow part
+    if cfg.output_dir:
+        check_output_dir(cfg.output_dir)
+    payload = run_context(cfg)
+    print(f"context on {payload['card']}, {args.max_tokens} new tokens, median of {args.repeats}")
+    print(f"{'system':<22}{'prompt':>8}{'TTFT ms':>10}{'decode t/s':>12}{'tok/s':>9}{'identical':>11}{'HF fwd ms':>11}")
+    for e in payload["summary"]:
+        fwd = f"{e['hf_forward_ms']:>11.1f}" if e["hf_forward_ms"] is not None else ""
+        print(f"{e['system']:<22}{e['prompt_tokens']:>8}{e['ttft_ms']:>10.1f}{e['decode_tok_per_s']:>12.1f}{e['tok_per_s']:>9.1f}{e['identical_share']:>10.0%}{fwd}")
+    t = payload["targets"]
+    if t:
+        line = f"plain decode at {t['longest']} tokens keeps {t['decode_retained']:.0%} of its speed at {t['shortest']}"
+        if "ttft_over_hf_forward_at_longest" in t:
+            line += f"; TTFT at {t['longest']} = {t['ttft_over_hf_forward_at_longest']:.2f}x one transformers forward"
+        print(line)
+    for f in payload.get("files", []):
+        print(f"wrote {f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,19 +10,52 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 
 from labkit.config import Flags, resolve_device, resolve_dtype
 from labkit.errors import LabkitError
+from labkit.graphs import (
+    GRAPH_HEADROOM,
+    GRAPH_MAX_T,
+    GREEDY_CHUNK,
+    GraphStep,
+    GreedyGraph,
+    PrefillGraph,
+    greedy_verdict,
+    heads_after_verdict,
+    prefill_bucket,
+)
 from labkit.kernels import cpu_quant
 from labkit.metrics.timers import now
 from labkit.models.gguf_weights import attach_gguf_blocks
 from labkit.models.gpt2 import GPT2
-from labkit.models.kvcache import KVCache
+from labkit.models.kvcache import CAUSAL, KVCache
 from labkit.models.llama import LLAMA_FAMILY, Llama
 from labkit.models.loading import LoadedModel, eos_token_ids
+
+DEFAULT_MAX_SEQ_LEN = 8192  # cache positions allocated at load when --max-seq-len is not given (at most the model's context)
+MIN_ATTEND = 1024  # the smallest attention span of a masked fixed-shape step (see Engine.ensure_capacity)
+PREFILL_CHUNK = 8192  # a longer input runs as passes of this many tokens (activations and masks stay bounded)
+# With CUDA graphs a prompt from position 0 runs as one captured pass (PrefillGraph), padded to a
+# power of two; an input of up to PREFILL_GRAPH_CHUNKS_MAX_T tokens that cannot (one that follows
+# a cached prefix) runs as captured steps of GRAPH_MAX_T tokens. Anything else runs in one eager pass.
+PREFILL_GRAPH_CHUNKS_MAX_T = 64
+PREFILL_GRAPHS = True  # captured prompt passes (scripts/prefill_costs.py compares the ways)
+
+
+def resolve_max_seq_len(asked: int | None, context_len: int) -> int:
+    """Cache positions for an engine: what was asked (at most the model's context), or the whole
+    context up to DEFAULT_MAX_SEQ_LEN."""
+    if asked is None:
+        return min(context_len, DEFAULT_MAX_SEQ_LEN)
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 2:
+        raise LabkitError(f"--max-seq-len must be an integer of at least 2, got {asked!r}")
+    if asked > context_len:
+        raise LabkitError(f"--max-seq-len {asked} exceeds the model's context of {context_len} tokens")
+    return asked
 
 
 def build_decoder(hf_model: Any) -> torch.nn.Module:
@@ -87,161 +120,11 @@ def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dt
     return layer_triton, "Triton: 5 fused kernels per layer"
 
 
-GRAPH_MAX_T = 16  # steps of up to this many tokens run as CUDA graphs; longer ones (prefill) eagerly
-GRAPH_HEADROOM = GRAPH_MAX_T  # cache positions kept free at the end for capture warm-ups
-GREEDY_CHUNK = 16  # greedy tokens per host synchronisation on GPUs (decode_greedy)
-
-
-def capture(engine: Engine, body: Any, prepare: Any) -> torch.cuda.CUDAGraph:
-    """Warm `body` up twice on a side stream (as CUDA graph capture requires), then capture it
-    into the engine's graph pool. `prepare` resets the static inputs before each run."""
-    device = engine.device
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), engine._autocast():
-        for _ in range(2):
-            prepare()
-            body()
-    torch.cuda.current_stream(device).wait_stream(side)
-    prepare()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=engine.graph_pool()), engine._autocast():
-        body()
-    return graph
-
-
-def greedy_verdict(
-    logits: torch.Tensor,  # (B, K+1, V) the verify step's logits
-    tokens: torch.Tensor,  # (B, K+1) the last token and the K drafts
-    eos_mask: torch.Tensor,  # (V,) bool
-    block_rows: torch.Tensor,  # (1,) EOS is blocked in the first block_rows rows (min_new_tokens)
-) -> torch.Tensor:  # (B, 2): accepted drafts, and the target's token after them
-    """Greedy acceptance on the device (the registry's greedy_verdict: the target's argmax per
-    position, EOS blocked where asked, then the accepted prefix). The same tokens as GreedyMatch."""
-    from labkit.kernels import registry
-
-    return registry.get("greedy_verdict", tokens.device)(logits, tokens, eos_mask, block_rows)
-
-
-def heads_after_verdict(
-    heads: Any,  # DraftHeads
-    lm_head: torch.nn.Module,
-    hidden: torch.Tensor,  # (B, K+1, D) the verify pass's final hidden states
-    verdict: torch.Tensor,  # (B, 2) accepted drafts, the target's next token
-) -> torch.Tensor:  # (B, n_heads) greedy draft for the step after this one
-    """The heads' draft from the hidden state that predicted the verdict's next token: row
-    `accepted` of the verify pass (row 0 is the last token before the drafts). The same tokens as
-    HeadsDrafter.propose after the step, without a host round trip in between."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)  # (B,)
-    return heads.draft(hidden[rows, verdict[:, 0]], lm_head, heads.cfg.n_heads)
-
-
-class GraphStep:
-    """One captured fixed-shape step (T tokens, optionally the first n layers only).
-
-    Inputs are copied into static buffers and the graph replays; the logits it returns live in
-    the graph's output buffer and are valid until the next replay of this step. Warm-up and
-    capture write keys and values at the cache's last T positions, which `ensure_capacity`
-    keeps beyond any request's reach.
-
-    With `greedy`, the graph also decides greedy acceptance of the T-1 drafts (greedy_verdict):
-    a speculative step replays one graph and reads back two integers, instead of launching the
-    EOS mask, the argmax and the comparison from Python. With `draft_heads` it also runs the
-    engine's draft heads on the hidden state of the last accepted position, so the same read
-    brings back the next step's draft (heads_after_verdict).
-    """
-
-    def __init__(self, engine: Engine, T: int, n_layers: int | None, greedy: bool = False, draft_heads: bool = False) -> None:
-        cache = engine.cache
-        assert cache is not None
-        device = engine.device
-        self.T = T
-        self.tokens = torch.zeros(engine.batch_size, T, dtype=torch.long, device=device)  # (B, T)
-        self.input_pos = torch.arange(cache.max_len - T, cache.max_len, device=device)  # (T,)
-        step = engine._static_step or engine._static_forward  # compiled (fused kernels) when --compile
-        self.logits = torch.empty(0)
-        self.eos_mask = torch.zeros(engine.args.vocab_size if greedy else 0, dtype=torch.bool, device=device)  # (V,)
-        self.block_rows = torch.zeros(1, dtype=torch.long, device=device)  # (1,) EOS blocked in rows < this
-        self.verdict = torch.empty(0)  # (B, 2) with greedy
-
-        def body() -> None:
-            self.logits = step(self.tokens, self.input_pos, n_layers)  # (B, T, V): the graph's output buffer
-            if greedy:
-                verdict = greedy_verdict(self.logits, self.tokens, self.eos_mask, self.block_rows)  # (B, 2)
-                if draft_heads:  # (B, 2 + n_heads): the next step's draft, from this pass's hidden state
-                    verdict = torch.cat([verdict, heads_after_verdict(engine.heads, engine.model.lm_head, engine.model.last_hidden, verdict)], 1)
-                self.verdict = verdict
-
-        self.graph = capture(engine, body, lambda: None)
-        # the final hidden state the captured pass writes (draft heads read it), full passes only
-        self.hidden = engine.model.last_hidden if engine.model.keep_hidden and n_layers is None else None  # (B, T, D)
-
-    def set_eos(self, eos_mask: torch.Tensor, block_rows: int) -> None:
-        """EOS blocking for the greedy verdict. The (V,) mask is copied on every call: one small
-        device copy, and no guess about whether the caller changed it (inference tensors carry no
-        version counter, and an id can be reused)."""
-        self.eos_mask.copy_(eos_mask, non_blocking=True)
-        self.block_rows.fill_(block_rows)
-
-    def run(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        self.tokens.copy_(tokens, non_blocking=True)
-        torch.arange(start, start + self.T, out=self.input_pos)  # (T,) written in place: one kernel, no copy
-        self.graph.replay()
-        return self.logits
-
-
-class GreedyGraph:
-    """`n` greedy decode steps without the host: one captured step that also takes the argmax,
-    blocks EOS while asked to, writes the token into its own input, and advances the position.
-
-    The host replays the graph n times and reads the n tokens back once, so a chunk of tokens
-    costs one synchronisation instead of one per token.
-    """
-
-    def __init__(self, engine: Engine, chunk: int) -> None:
-        cache = engine.cache
-        assert cache is not None
-        device, B = engine.device, engine.batch_size
-        V = engine.args.vocab_size
-        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1) input, then output
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) position being written
-        self.step_idx = torch.zeros(1, dtype=torch.long, device=device)  # (1,) steps done in this chunk
-        self.block_steps = torch.zeros(1, dtype=torch.long, device=device)  # EOS blocked while step_idx < this
-        self.eos_mask = torch.zeros(V, dtype=torch.bool, device=device)  # (V,)
-        self.out = torch.zeros(B, chunk, dtype=torch.long, device=device)  # (B, chunk)
-        step = engine._static_step or engine._static_forward
-
-        def body() -> None:
-            logits = step(self.token, self.pos, None)[:, -1]  # (B, V)
-            blocked = self.eos_mask & (self.step_idx < self.block_steps)  # (V,)
-            nxt = logits.masked_fill(blocked, float("-inf")).argmax(-1, keepdim=True)  # (B, 1)
-            self.out.index_copy_(1, self.step_idx, nxt)
-            self.token.copy_(nxt)
-            self.pos.add_(1)
-            self.step_idx.add_(1)
-
-        def prepare() -> None:  # warm-ups write the cache's last position, out of every request's reach
-            self.pos.fill_(cache.max_len - 1)
-            self.step_idx.zero_()
-
-        self.graph = capture(engine, body, prepare)
-        self.hidden = engine.model.last_hidden if engine.model.keep_hidden else None  # (B, 1, D) of the last step run
-
-    def run(self, token: torch.Tensor, start: int, n: int, eos_mask: torch.Tensor | None, block_steps: int) -> torch.Tensor:
-        self.token.copy_(token, non_blocking=True)
-        self.pos.fill_(start)
-        self.step_idx.zero_()
-        self.block_steps.fill_(max(0, block_steps))
-        if eos_mask is None:
-            self.eos_mask.zero_()
-        else:
-            self.eos_mask.copy_(eos_mask)
-        for _ in range(n):
-            self.graph.replay()
-        return self.out[:, :n]
-
-
 class Engine:
+    """Steps one model over its static cache. The cache is allocated once, at load, for
+    `max_seq_len` positions (default: the model's context, at most DEFAULT_MAX_SEQ_LEN), so no
+    request moves it; `resize` is the one way to move it, and it drops every captured graph."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -252,7 +135,7 @@ class Engine:
         compile: bool = False,
         cuda_graph: bool = False,
         batch_size: int = 1,
-        max_seq_len: int = 1024,
+        max_seq_len: int | None = None,
         layer_kernels: str = "auto",
     ) -> None:
         if cuda_graph and device.type != "cuda":
@@ -260,8 +143,7 @@ class Engine:
         self.device, self.dtype, self.amp = device, dtype, amp
         self.cuda_graph = cuda_graph
         self._graphs_safe = cuda_graph  # set per request by ensure_capacity
-        self._graphs: dict[tuple[int, int | None, bool, bool], GraphStep] = {}  # (T, n_layers, greedy verdict, heads draft)
-        self._greedy_graph: GreedyGraph | None = None
+        self._captured: dict[tuple[Any, ...], Any] = {}  # every captured object, by what it was captured for (captured())
         self.heads: Any = None  # draft heads (attach_heads): the model then keeps its final hidden states
         self._hidden: torch.Tensor | None = None  # (B, T, D) final hidden states of the last full pass ...
         self._hidden_start = 0  # ... whose first row is this cache position
@@ -277,9 +159,11 @@ class Engine:
         self.eos_token_ids: tuple[int, ...] = ()  # set by from_hf; generate stops on these
         self.weights = "dense"  # or "gguf": linears read the GGUF's quantised blocks
         self.cache: KVCache | None = None
-        self._allocate(min(max_seq_len, self.context_len))
-        # Fixed-shape steps (decode, verify of K+1) attend over the whole cache with a mask,
-        # so one compiled graph serves every position.
+        self.max_seq_len = resolve_max_seq_len(max_seq_len, self.context_len)
+        self.attend_len = self.max_seq_len  # keys a masked fixed-shape step attends over (ensure_capacity)
+        self._allocate(self.max_seq_len)
+        # Fixed-shape steps (decode, verify of K+1) attend over the first attend_len positions of
+        # the cache with a mask, so one compiled graph serves every position.
         self._static_step: Any = None
         if compile:
             import torch._dynamo as dynamo
@@ -300,7 +184,7 @@ class Engine:
         compile: bool = False,
         cuda_graph: bool | None = None,
         batch_size: int = 1,
-        max_seq_len: int = 1024,
+        max_seq_len: int | None = None,
         layer_kernels: str = "auto",
     ) -> Engine:
         """Build from a transformers model. None reads the SPECDEC_* flags: dtype (default auto),
@@ -311,7 +195,8 @@ class Engine:
         if dev.type != "cpu":  # the weights are copied there: refuse clearly rather than crash
             from labkit.doctor import check_fits, estimate_model_bytes
 
-            check_fits(estimate_model_bytes(hf_model.config, dt, max_seq_len), dev, f"the {hf_model.config.model_type} model")
+            seq_len = resolve_max_seq_len(max_seq_len, hf_model.config.max_position_embeddings)
+            check_fits(estimate_model_bytes(hf_model.config, dt, seq_len), dev, f"the {hf_model.config.model_type} model")
         engine = cls(
             build_decoder(hf_model), device=dev, dtype=dt, amp=flags.amp if amp is None else amp,
             compile=compile, cuda_graph=flags.cuda_graph if cuda_graph is None else cuda_graph,
@@ -349,28 +234,85 @@ class Engine:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
 
+    # -- captured graphs ----------------------------------------------------------------
+    def captured(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        """The captured object (a CUDA graph and its buffers) for `key`, built by `build()` the
+        first time. Everything that holds addresses into this engine's cache lives here, drafters'
+        device steps included: `resize` drops it all at once, and the attention span of the
+        fixed-shape step is part of every key."""
+        full = (*key, self.attend_len)
+        obj = self._captured.get(full)
+        if obj is None:
+            obj = self._captured[full] = build()
+        return obj
+
+    def drop_captured(self) -> None:
+        """Forget every captured graph (they are captured again when next needed): after changing
+        what a step runs, such as the layer kernels."""
+        self._captured.clear()
+
+    def captured_keys(self) -> list[tuple[Any, ...]]:
+        """What is captured now (tests and tools read it)."""
+        return list(self._captured)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the fixed-shape steps are torch.compile'd (--compile)."""
+        return self._static_step is not None
+
+    @property
+    def graphs_safe(self) -> bool:
+        """Whether this request's fixed-shape steps may replay captured graphs (ensure_capacity)."""
+        return self._graphs_safe
+
+    @property
+    def static_step(self) -> Callable[..., torch.Tensor]:
+        """The fixed-shape step (tokens (B, T), input_pos (T,), n_layers) -> logits (B, T, V) that
+        graphs capture: compiled with --compile, else the plain one."""
+        return self._static_step or self._static_forward
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context every step runs in (a no-op without AMP)."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
     # -- cache management -------------------------------------------------------------
     def _allocate(self, max_len: int) -> None:
-        self._graphs = {}  # captured graphs point into the old cache
-        self._greedy_graph = None
-        cache_dtype = self.dtype
+        self.drop_captured()  # captured graphs point into the old cache
+        self.cache = None  # the old buffers go before the new ones come
         self.cache = KVCache(
             self.args.n_layers, self.batch_size, self.args.n_kv_heads, max_len, self.args.head_dim,
-            dtype=cache_dtype, device=self.device,
+            dtype=self.dtype, device=self.device,
         )
+        self.max_seq_len = self.attend_len = max_len
         self.model.setup_rope(max_len)
 
+    def resize(self, max_seq_len: int) -> None:
+        """Reallocate the cache for `max_seq_len` positions. Every captured graph (the engine's
+        steps, greedy chunks, drafters' device steps) is dropped, to be captured again on the new
+        cache; the cache starts empty."""
+        self._allocate(resolve_max_seq_len(max_seq_len, self.context_len))
+
     def ensure_capacity(self, total_len: int) -> None:
-        """Make room for `total_len` positions (up to the model's context); resets the cache."""
+        """Start a request of up to `total_len` positions: check that the cache holds them, choose
+        the attention span of masked fixed-shape steps, and empty the cache."""
         if total_len > self.context_len:
             raise LabkitError(f"{total_len} positions exceed the model's context of {self.context_len} tokens")
         assert self.cache is not None
-        # Graph capture warms up on the cache's last positions: keep them out of reach.
-        need = min(self.context_len, total_len + GRAPH_HEADROOM) if self.cuda_graph else total_len
-        if need > self.cache.max_len:
-            self._allocate(min(self.context_len, max(need, 2 * self.cache.max_len)))
-        assert self.cache is not None
-        # Near the end of the context there is no room for that headroom: steps run eagerly then.
+        if total_len > self.cache.max_len:
+            raise LabkitError(f"{total_len} positions exceed this engine's cache of {self.cache.max_len} "
+                              f"(--max-seq-len, at most the model's context of {self.context_len})")
+        # Fused layers read each query's keys by position and never look past it. Masked steps
+        # (PyTorch layers, --compile) attend over a span: the request's length rounded up to a
+        # power of two, so a short request on a long cache does not pay for the whole cache.
+        if self.layer_kernels == "triton":
+            self.attend_len = self.cache.max_len
+        else:
+            span = max(MIN_ATTEND, 1 << max(0, total_len + GRAPH_HEADROOM - 1).bit_length())
+            self.attend_len = min(self.cache.max_len, span)
+        # Graph capture warms up on the cache's last positions: keep them out of reach. Near the
+        # end of the cache there is no room for that headroom: steps run eagerly then.
         self._graphs_safe = self.cuda_graph and total_len + GRAPH_HEADROOM <= self.cache.max_len
         self.reset()
 
@@ -387,18 +329,24 @@ class Engine:
         assert self.cache is not None
         self.cache.rollback(length)
 
-    # -- steps ------------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+    def set_length(self, length: int) -> None:
+        """Declare positions [0, length) valid: for device steps that wrote the cache themselves
+        (a captured speculative step knows how far it got only on the device)."""
+        assert self.cache is not None
+        if not 0 <= length <= self.cache.max_len:
+            raise LabkitError(f"cache length {length} is outside 0..{self.cache.max_len}")
+        self.cache.length = length
 
+    # -- steps ------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, last_only: bool = False, n_layers: int | None = None) -> torch.Tensor:
         """Run T new tokens (B, T) at the next positions; returns logits (B, T or 1, vocab).
 
         n_layers runs only the first layers (then the final norm and head): a layer-skip draft.
         It writes those layers' cache at the new positions, which the next full pass overwrites.
+        A prompt runs in one pass (PREFILL_CHUNK tokens at most per pass; a short one as captured
+        chunks, PREFILL_GRAPH_CHUNKS_MAX_T): fused layers for up to model.fused_max_t tokens, PyTorch
+        layers (cuBLAS GEMMs, flash attention) for more.
         """
         cache = self.cache
         assert cache is not None
@@ -407,57 +355,67 @@ class Engine:
             raise ValueError(f"engine was built for batch {self.batch_size}, got {B}")
         start = cache.length
         self._check_room(start, T)
-        if self._graphs_safe and T > GRAPH_MAX_T:
-            # A long input (a prompt) as captured chunks of GRAPH_MAX_T tokens: a few graph replays
-            # instead of one eager pass of hundreds of small kernels launched from Python.
+        if (PREFILL_GRAPHS and self._graphs_safe and start == 0 and last_only is True and n_layers is None and T > GRAPH_MAX_T
+                and prefill_bucket(T) <= cache.max_len):
+            graph: PrefillGraph = self.captured(("prefill", prefill_bucket(T)), lambda: PrefillGraph(self, prefill_bucket(T)))
+            logits = graph.run(tokens)
+            cache.length = T
+            self._keep_hidden(graph.hidden, T)
+            return logits
+        chunk = GRAPH_MAX_T if self._graphs_safe and T <= PREFILL_GRAPH_CHUNKS_MAX_T else PREFILL_CHUNK
+        if T > chunk:
             outs = []
-            for i in range(0, T, GRAPH_MAX_T):
-                last_chunk = i + GRAPH_MAX_T >= T
-                logits = self.forward(tokens[:, i : i + GRAPH_MAX_T], last_only=last_only, n_layers=n_layers)
+            for i in range(0, T, chunk):
+                last_chunk = i + chunk >= T
+                logits = self.forward(tokens[:, i : i + chunk], last_only=last_only, n_layers=n_layers)
                 if last_chunk or not last_only:
                     outs.append(logits if last_chunk else logits.clone())  # graph outputs are overwritten by the next replay
             return outs[-1] if last_only else torch.cat(outs, dim=1)
-        with self._autocast():
+        with self.autocast():
             if self._graphs_safe and T <= GRAPH_MAX_T:
-                step = self._graph_step(T, n_layers)
+                step = self.graph_step(T, n_layers)
                 logits = step.run(tokens, start)
                 cache.length = start + T
                 self._keep_hidden(step.hidden, start + T)
                 return logits[:, -1:] if last_only else logits
             input_pos = torch.arange(start, start + T, device=self.device)  # (T,)
-            if self._static_step is not None and not last_only and n_layers is None:
+            if self._static_step is not None and not last_only and n_layers is None and T <= GRAPH_MAX_T:
                 logits = self._static_step(tokens, input_pos)
             else:
-                mask = self._mask(input_pos, start + T, decode_step=T == 1)
+                mask = self._mask(input_pos, start, start + T)
                 logits = self.model(tokens, input_pos, cache, start + T, mask, last_only, n_layers)
                 if n_layers is None:
                     self._keep_hidden(self.model.last_hidden, start + T)
         cache.length = start + T
         return logits
 
+    @torch.inference_mode()
+    def prompt_pass(self, tokens: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """A prompt from position 0 (B, T) in one causal pass through the PyTorch layers; logits
+        (B, 1, V) at row `last` (a (1,) device index: captured passes pad the prompt)."""
+        assert self.cache is not None
+        return self.model(tokens, input_pos, self.cache, tokens.shape[1], CAUSAL, last, None)
+
     def _static_forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
-        """The fixed-shape step: attends over the whole cache with a mask, so one graph serves every position."""
+        """The fixed-shape step: attends over the first attend_len cache positions with a mask, so
+        one graph serves every position of a request."""
         cache = self.cache
         assert cache is not None
-        mask = self._mask(input_pos, cache.max_len)
-        return self.model(tokens, input_pos, cache, cache.max_len, mask, False, n_layers)
+        mask = None if self.layer_kernels == "triton" else cache.mask(input_pos, self.attend_len, self.args.sliding_window)
+        return self.model(tokens, input_pos, cache, self.attend_len, mask, False, n_layers)
 
-    def _mask(self, input_pos: torch.Tensor, attend_len: int, decode_step: bool = False) -> torch.Tensor | None:
-        """(T, attend_len) attention mask for the PyTorch layers; the fused layers need none: they
-        read each query's visible keys from the cache themselves."""
+    def _mask(self, input_pos: torch.Tensor, start: int, end: int) -> Any:
+        """The attention mask of an eager step over positions [start, end): None where the fused
+        layers run (they read each query's visible keys from the cache themselves), else the
+        cache's mask (CAUSAL for a prompt from position 0)."""
         assert self.cache is not None
-        if self.layer_kernels == "triton":
+        if self.layer_kernels == "triton" and end - start <= self.model.fused_max_t:
             return None
-        return self.cache.mask(input_pos, attend_len, self.args.sliding_window, decode_step=decode_step)
+        return self.cache.mask(input_pos, end, self.args.sliding_window, decode_step=end - start == 1, start=start)
 
-    def _graph_step(self, T: int, n_layers: int | None, greedy: bool = False, draft_heads: bool = False) -> GraphStep:
-        key = (T, n_layers, greedy, draft_heads)
-        step = self._graphs.get(key)
-        if step is None:
-            assert self.cache is not None
-            step = GraphStep(self, T, n_layers, greedy, draft_heads)
-            self._graphs[key] = step
-        return step
+    def graph_step(self, T: int, n_layers: int | None, greedy: bool = False, draft_heads: bool = False) -> GraphStep:
+        """The captured step of T tokens (captured now if it was not)."""
+        return self.captured(("step", T, n_layers, greedy, draft_heads), lambda: GraphStep(self, T, n_layers, greedy, draft_heads))
 
     def _check_room(self, start: int, n: int) -> None:
         assert self.cache is not None
@@ -494,7 +452,7 @@ class Engine:
         start, T = cache.length, tokens.shape[1]
         if self._graphs_safe and T <= GRAPH_MAX_T:
             self._check_room(start, T)
-            step = self._graph_step(T, None, greedy=True, draft_heads=draft_heads)
+            step = self.graph_step(T, None, greedy=True, draft_heads=draft_heads)
             step.set_eos(eos_mask, block_rows)
             step.run(tokens, start)
             cache.length = start + T
@@ -511,12 +469,11 @@ class Engine:
     def attach_heads(self, heads: torch.nn.Module) -> None:
         """Keep the final hidden state of every full pass from now on, for `heads` to draft from.
         Captured steps are dropped, to be captured again with that state kept."""
-        if self._static_step is not None:
+        if self.compiled:
             raise LabkitError("draft heads need an engine without --compile: its compiled step cannot hand out the hidden state")
         self.heads = heads.to(device=self.device, dtype=self.dtype).eval()
         self.model.keep_hidden = True
-        self._graphs.clear()
-        self._greedy_graph = None
+        self.drop_captured()
 
     def _keep_hidden(self, hidden: torch.Tensor | None, end: int) -> None:  # hidden: (B, rows, D) for positions up to end-1
         if hidden is not None:  # None unless heads are attached (the model keeps nothing then)
@@ -553,10 +510,11 @@ class Engine:
         return {K: statistics.median(ts) for K, ts in times.items()}
 
     @torch.inference_mode()
-    def warm_up(self, max_t: int = 1) -> None:
-        """Capture (and compile) every step shape up to `max_t` tokens, and the greedy chunk, now
-        rather than inside a timed request. A speculative verify is 2..K+1 tokens wide (and
-        has a greedy-verdict graph of its own)."""
+    def warm_up(self, max_t: int = 1, prompt_len: int = 1024) -> None:
+        """Capture (and compile) every step shape up to `max_t` tokens, the greedy chunk, and the
+        prompt passes for prompts of up to `prompt_len` tokens, now rather than inside a timed
+        request (a longer prompt's pass is captured when it first comes). A speculative verify is
+        2..K+1 tokens wide (and has a greedy-verdict graph of its own)."""
         verify_t = min(max_t, GRAPH_MAX_T)
         if self.cuda_graph:  # prompts run as chunks of up to GRAPH_MAX_T tokens
             max_t = max(max_t, GRAPH_MAX_T)
@@ -574,6 +532,13 @@ class Engine:
                     self.verify_greedy(token.expand(self.batch_size, T).contiguous(), eos_mask, 0, draft_heads=True)
         self.reset()
         self.decode_greedy(token, 1)
+        bucket = prefill_bucket(GRAPH_MAX_T + 1)
+        while self.cuda_graph and PREFILL_GRAPHS and bucket <= prefill_bucket(min(prompt_len, self.max_seq_len)):
+            T = bucket // 2 + 1  # a prompt this bucket serves
+            self.ensure_capacity(T)
+            if self._graphs_safe:
+                self.prefill(token.expand(self.batch_size, T).contiguous())
+            bucket *= 2
         self.reset()
 
     @property
@@ -597,11 +562,10 @@ class Engine:
         start = cache.length
         self._check_room(start, n)
         if self._graphs_safe and n <= GREEDY_CHUNK:
-            if self._greedy_graph is None:
-                self._greedy_graph = GreedyGraph(self, GREEDY_CHUNK)
-            out = self._greedy_graph.run(token, start, n, eos_mask, block_steps)
+            graph: GreedyGraph = self.captured(("greedy", GREEDY_CHUNK), lambda: GreedyGraph(self, GREEDY_CHUNK))
+            out = graph.run(token, start, n, eos_mask, block_steps)
             cache.length = start + n
-            self._keep_hidden(self._greedy_graph.hidden, start + n)
+            self._keep_hidden(graph.hidden, start + n)
             return out
         outs = []
         for i in range(n):

@@ -244,8 +244,7 @@ def generate(
             break
         k_wanted = controller.next_k() if controller else 0
         k = min(k_wanted, remaining - 1)
-        assert engine.cache is not None
-        room = (engine.cache.max_len - len(context) + 1) // (k_wanted + 1) if run_steps is not None else 0
+        room = (engine.max_seq_len - len(context) + 1) // (k_wanted + 1) if run_steps is not None else 0
         if room >= 1 and k_wanted >= 1:  # m speculative steps on the device, one host read
             # the full K even at the budget's end (tokens past it are dropped): one captured width
             assert run_steps is not None and controller is not None
@@ -314,10 +313,11 @@ def generate(
     return GenerationResult(prompt_ids=list(prompt_ids), tokens=tokens, stats=stats)
 
 
-def warm_up(engine: Engine, max_k: int = 0) -> None:
+def warm_up(engine: Engine, max_k: int = 0, prompt_len: int = 1024) -> None:
     """Before anything is timed: capture (and compile) the target's step shapes for plain
-    decoding and verifies of up to max_k drafts, and load the acceptance kernels."""
-    engine.warm_up(max_k + 1)
+    decoding, verifies of up to max_k drafts and prompts of up to prompt_len tokens, and load
+    the acceptance kernels."""
+    engine.warm_up(max_k + 1, prompt_len)
     if max_k:
         warm_up_kernels(engine.device)
 

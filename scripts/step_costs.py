@@ -23,8 +23,9 @@ from types import SimpleNamespace
 
 import torch
 
-from labkit.engine import GREEDY_CHUNK, Engine, greedy_verdict
+from labkit.engine import Engine
 from labkit.generate import encode_prompt, warm_up
+from labkit.graphs import GREEDY_CHUNK, greedy_verdict
 from labkit.kernels import layer_reference
 from labkit.models.loading import load_model
 from labkit.prompts import load_suite
@@ -76,7 +77,7 @@ def kernel_times(T: int) -> dict[str, float]:
     acts = [torch.profiler.ProfilerActivity.CUDA]
     with torch.inference_mode(), torch.profiler.profile(activities=acts) as prof:
         for _ in range(10):
-            greedy_verdict(engine._static_forward(toks, pos), toks, eos, torch.zeros(1, dtype=torch.long, device=DEV))
+            greedy_verdict(engine.static_step(toks, pos, None), toks, eos, torch.zeros(1, dtype=torch.long, device=DEV))
         torch.cuda.synchronize()
     times: dict[str, float] = {}
     for e in prof.events():  # the kernels themselves (CPU-side ops would count their kernels twice)
@@ -100,7 +101,7 @@ def measure() -> None:
             print(f"verify {K} {median_us(verify):7.1f} us (with the host-built feed){' + heads draft in the graph' if heads_too else ''}")
     if gpu:  # back-to-back replays with no host read between: the GPU's own time per step of width T
         for T in (1, 2, 4, 5, 9):
-            graph_step = engine._graph_step(T, None)
+            graph_step = engine.graph_step(T, None)
             toks = torch.tensor([ids[-T:]], device=DEV)
 
             @torch.inference_mode()  # the captured step's buffers are inference tensors
@@ -133,8 +134,7 @@ if fused_ops is not None:  # the same layers with the final norm and head as PyT
     variants.append(("torch norm+head", SimpleNamespace(**{**vars(fused_ops), "norm_head": layer_reference.norm_head})))
 for label, ops in variants:
     engine.model.layer_ops = ops
-    engine._graphs.clear()  # captured again with these ops
-    engine._greedy_graph = None
+    engine.drop_captured()  # captured again with these ops
     print(f"== {label}")
     measure()
 engine.model.layer_ops = fused_ops

@@ -71,7 +71,7 @@ def test_cuda_graph_steps_match_eager(arch: str) -> None:
         engine.rollback(14)
         steps += list(engine.verify(ids[:, 14:20]).clone()[0])
         outs.append(torch.cat([s.reshape(-1, s.shape[-1]) for s in steps]))
-    assert graphed._graphs, "no graph was captured"
+    assert graphed.captured_keys(), "no graph was captured"
     assert (outs[0] - outs[1]).abs().max().item() < 1e-3
     cfg = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
     prompt = ids[0, :9].tolist()
@@ -95,7 +95,7 @@ def test_cuda_greedy_graph_chunks_match_eager(compile: bool) -> None:
     for cfg in (GenerationConfig(max_new_tokens=40, stop_at_eos=False), GenerationConfig(max_new_tokens=40, eos_token_ids=(eos,)),
                 GenerationConfig(max_new_tokens=40, min_new_tokens=30, eos_token_ids=(eos,))):
         assert generate(graphed, prompt, cfg).tokens == generate(eager, prompt, cfg).tokens
-    assert graphed._greedy_graph is not None
+    assert any(key[0] == "greedy" for key in graphed.captured_keys())
 
 
 def test_cuda_detailed_metrics_use_events() -> None:
@@ -114,11 +114,12 @@ def test_cuda_warm_up_captures_every_verify_width() -> None:
     hf = tiny_hf_model("llama", seed=9).cuda()
     engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
     engine.warm_up(5)
-    widths = {T for T, _, greedy, _ in engine._graphs if not greedy}
-    greedy_widths = {T for T, _, greedy, _ in engine._graphs if greedy}
+    steps = [key[1:5] for key in engine.captured_keys() if key[0] == "step"]  # (T, n_layers, greedy, heads)
+    widths = {T for T, _, greedy, _ in steps if not greedy}
+    greedy_widths = {T for T, _, greedy, _ in steps if greedy}
     assert widths == set(range(1, 17)) and greedy_widths == set(range(2, 6))  # verify widths up to K+1 = 5
-    assert not any(heads for *_, heads in engine._graphs)  # no heads attached: no verify drafts with them
-    assert engine._greedy_graph is not None and engine.length == 0
+    assert not any(heads for *_, heads in steps)  # no heads attached: no verify drafts with them
+    assert any(key[0] == "greedy" for key in engine.captured_keys()) and engine.length == 0
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -138,7 +139,7 @@ def test_cuda_long_inputs_run_as_graph_chunks(compile: bool) -> None:
         outs.append((full, last, engine.prefill(ids).clone()))
     for a, b in zip(outs[0], outs[1], strict=True):
         assert a.shape == b.shape and (a - b).abs().max().item() < 1e-3
-    assert len(graphed._graphs) >= 16
+    assert len([key for key in graphed.captured_keys() if key[0] == "step"]) >= 16
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -165,7 +166,7 @@ def test_cuda_fused_layers_match_torch_layers(dtype: str) -> None:
         prompt = ids[0, :9].tolist() * 2
         want = generate(torch_layers, prompt, cfg).tokens
         assert generate(fused, prompt, cfg).tokens == want
-        assert fused._greedy_graph is not None
+        assert any(key[0] == "greedy" for key in fused.captured_keys())
         for kind in ("ngram", "layerskip"):
             assert generate(fused, prompt, cfg, Speculation(make_drafter(kind, fused, layers=2), 3)).tokens == want, kind
 
@@ -186,7 +187,7 @@ def test_cuda_cost_aware_calibrates_on_graphs_and_stays_lossless() -> None:
     c = CostAware(4)
     got = generate(engine, prompt, cfg, Speculation(make_drafter("ngram", engine), 4, None, c)).tokens
     assert got == want and c.verify_table is not None and sorted(c.verify_table) == [0, 1, 2, 3, 4]
-    assert all(t > 0 for t in c.verify_table.values()) and engine._graphs_safe
+    assert all(t > 0 for t in c.verify_table.values()) and engine.graphs_safe
 
 
 @pytest.mark.parametrize("layer_kernels,fused", [("torch", False), ("auto", False), ("torch", True), ("auto", True)])
@@ -206,9 +207,9 @@ def test_cuda_heads_read_the_captured_hidden_state(layer_kernels: str, fused: bo
     cfg = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
     result = generate(engine, prompt, cfg, Speculation(drafter, 3))
-    assert result.tokens == want and drafter.checked >= 10 and engine._graphs_safe
+    assert result.tokens == want and drafter.checked >= 10 and engine.graphs_safe
     assert drafter.prepared in ((drafter.checked - 1, drafter.checked) if fused else (0,))
-    assert {T for T, _, _, heads in engine._graphs if heads} == {2, 3, 4}  # warm-up captured the heads' verifies (K <= 3)
+    assert {key[1] for key in engine.captured_keys() if key[0] == "step" and key[4]} == {2, 3, 4}  # warm-up captured the heads' verifies (K <= 3)
 
 
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
@@ -231,3 +232,88 @@ def test_cuda_lookup_steps_run_as_one_graph_and_stay_lossless(layer_kernels: str
         assert got.tokens == want and drafter.steps_for(4).graph is not None
         assert generate(eager, prompt, cfg, Speculation(make_drafter("ngram-graph", eager), 4)).tokens == want
         assert got.stats.accepted_lengths and all(len(d) == 4 for d in got.stats.draft_tokens)
+
+
+def _long_tiny(context: int = 2048):
+    hf = tiny_hf_model("llama", seed=4)
+    hf.config.max_position_embeddings = context
+    return hf.cuda()
+
+
+@pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
+def test_cuda_long_request_after_a_short_one_for_every_drafter(layer_kernels: str) -> None:
+    """The crash the long-context issue reported: a short request, then a 926-token prompt with the
+    n-gram graph drafter at K=8 (past the 1,024 positions the cache once started with). Every
+    drafter, on captured graphs: plain greedy's tokens, and the CUDA context still alive."""
+    from labkit.generate import Speculation
+    from labkit.specdec.drafters import ModelDrafter, make_drafter
+    from tests.test_heads import random_heads
+
+    hf = _long_tiny()
+    # bf16 where the fused layers run (their rows never share a reduction, so a verify gives a
+    # decode step's bits); fp32 for the PyTorch layers, whose GEMMs pick kernels by row count
+    dtype = "bfloat16" if layer_kernels == "auto" else "float32"
+    engine = Engine.from_hf(hf, "cuda", dtype, cuda_graph=True, layer_kernels=layer_kernels)
+    self_draft = Engine.from_hf(hf, "cuda", dtype, cuda_graph=True, layer_kernels=layer_kernels)
+    drafters = {"ngram": make_drafter("ngram", engine), "ngram-graph": make_drafter("ngram-graph", engine),
+                "layerskip": make_drafter("layerskip", engine, layers=2), "truncated": make_drafter("truncated", engine, layers=1),
+                "self-model": ModelDrafter(self_draft, 96, name="self"), "heads": make_drafter("heads", engine, heads=random_heads(engine.args.dim, 4))}
+    engine.warm_up(8)
+    cfg = GenerationConfig(max_new_tokens=128, stop_at_eos=False)
+    g = torch.Generator().manual_seed(0)
+    short = torch.randint(3, 96, (30,), generator=g).tolist()
+    long = torch.randint(3, 96, (926,), generator=g).tolist()
+    for prompt in (short, long):
+        want = generate(engine, prompt, cfg).tokens
+        for name, drafter in drafters.items():
+            k = 4 if name == "heads" else 8
+            got = generate(engine, prompt, cfg, Speculation(drafter, k))
+            assert got.tokens == want, (name, len(prompt))
+    assert engine.graphs_safe and any(key[0] == "lookup" for key in engine.captured_keys())
+    torch.cuda.synchronize()
+
+
+def test_cuda_one_pass_prefill_is_deterministic_and_close_to_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1,500-token prompt as one captured pass (cuBLAS GEMMs, flash attention, padded to 2,048):
+    the same bits run to run, the eager pass's values, and close to the same prompt fed as
+    16-token captured steps of the fused layers."""
+    import labkit.engine as eng
+
+    hf = _long_tiny()
+    engine = Engine.from_hf(hf, "cuda", "bfloat16", cuda_graph=True)
+    ids = torch.randint(0, 96, (1, 1500), device="cuda")
+    runs = []
+    for _ in range(3):
+        engine.ensure_capacity(1500)
+        runs.append((engine.prefill(ids).clone(), engine.cache.k[:, :, :, :1500].clone()))
+    assert all(torch.equal(r[0], runs[0][0]) and torch.equal(r[1], runs[0][1]) for r in runs)
+    assert any(key[:2] == ("prefill", 2048) for key in engine.captured_keys())
+    scale = runs[0][0].float().abs().max().item()
+    monkeypatch.setattr(eng, "PREFILL_GRAPHS", False)
+    engine.ensure_capacity(1500)
+    eager = engine.prefill(ids).float()
+    assert (eager - runs[0][0].float()).abs().max().item() < 0.02 * scale
+    monkeypatch.setattr(eng, "PREFILL_GRAPH_CHUNKS_MAX_T", 10**9)
+    engine.ensure_capacity(1500)
+    chunked = engine.prefill(ids).float()
+    assert (chunked - runs[0][0].float()).abs().max().item() < 0.05 * scale
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cuda_captured_prompt_pass_matches_eager_at_every_bucket(arch: str) -> None:
+    """Prompts of 17 to 200 tokens (buckets 32 to 256, padded) through the captured pass: the
+    eager engine's logits at the last token, and its greedy tokens after it."""
+    hf = tiny_hf_model(arch, seed=12).cuda()
+    eager = Engine.from_hf(hf, "cuda", "float32", cuda_graph=False)
+    graphed = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
+    graphed.warm_up(1, prompt_len=256)
+    assert {key[1] for key in graphed.captured_keys() if key[0] == "prefill"} == {32, 64, 128, 256}
+    cfg = GenerationConfig(max_new_tokens=20, stop_at_eos=False)
+    for T in (17, 31, 32, 33, 100, 200):
+        ids = torch.randint(0, 96, (1, T), device="cuda")
+        outs = []
+        for engine in (eager, graphed):
+            engine.ensure_capacity(T + 20)
+            outs.append(engine.prefill(ids).clone())
+        assert (outs[0] - outs[1]).abs().max().item() < 1e-3, T
+        assert generate(graphed, ids[0].tolist(), cfg).tokens == generate(eager, ids[0].tolist(), cfg).tokens, T

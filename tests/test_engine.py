@@ -76,15 +76,28 @@ def test_sliding_window_is_applied() -> None:
     assert (windowed - full).abs().max().item() > 1e-2
 
 
-def test_cache_grows_to_the_context_and_no_further() -> None:
+def test_cache_is_sized_once_for_the_context() -> None:
+    """The cache is allocated at load for the whole context (or --max-seq-len) and no request moves
+    it; a request past it is one clear error; resize is the one way to move it."""
     hf = tiny_hf_model("llama", seed=2)  # context 256
-    engine = Engine.from_hf(hf, "cpu", "float32", max_seq_len=16)
-    engine.ensure_capacity(100)
-    assert engine.cache is not None and engine.cache.max_len >= 100
-    ids = torch.randint(0, hf.config.vocab_size, (1, 90))
-    assert (engine.forward(ids) - hf_logits(hf, ids)).abs().max().item() < TOL
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    assert engine.cache is not None and engine.cache.max_len == engine.max_seq_len == 256
+    cache = engine.cache
+    ids = torch.randint(0, hf.config.vocab_size, (1, 250))
+    engine.ensure_capacity(250)
+    assert engine.cache is cache and (engine.forward(ids) - hf_logits(hf, ids)).abs().max().item() < TOL
     with pytest.raises(LabkitError, match="context"):
         engine.ensure_capacity(257)
+    small = Engine.from_hf(hf, "cpu", "float32", max_seq_len=16)
+    with pytest.raises(LabkitError, match="max-seq-len"):
+        small.ensure_capacity(100)
+    small.resize(128)
+    assert small.max_seq_len == 128
+    small.ensure_capacity(100)
+    assert (small.forward(ids[:, :90]) - hf_logits(hf, ids[:, :90])).abs().max().item() < TOL
+    for bad in (0, 1, 257, 2.5, True):
+        with pytest.raises(LabkitError, match="max-seq-len"):
+            Engine.from_hf(hf, "cpu", "float32", max_seq_len=bad)  # type: ignore[arg-type]
 
 
 def test_half_precision_runs_close_to_fp32() -> None:

@@ -75,8 +75,9 @@ def test_norm_qkv_rope_and_attention_match_reference(
         args = {**inputs, "k_cache": inputs["k_cache"].clone(), "v_cache": inputs["v_cache"].clone()}
         q = ops.norm_qkv_rope(**args)
         scale = 32**-0.5
-        full = ops.decode_attention(q, args["k_cache"], args["v_cache"], args["input_pos"], scale, None)
-        local = ops.decode_attention(q, args["k_cache"], args["v_cache"], args["input_pos"], scale, 4)
+        counters = torch.zeros(B * 2 * 16, dtype=torch.int32, device=DEVICE)
+        full = ops.decode_attention(q, args["k_cache"], args["v_cache"], args["input_pos"], scale, None, counters)
+        local = ops.decode_attention(q, args["k_cache"], args["v_cache"], args["input_pos"], scale, 4, counters)
         outs.append((q, args["k_cache"], args["v_cache"], full, local))
     for name, a, b in zip(("q", "k_cache", "v_cache", "attention", "windowed"), outs[1], outs[0], strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, name

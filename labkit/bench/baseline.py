@@ -55,7 +55,7 @@ def time_hf_generate(hf_model: Any, prompt_ids: list[int], gen: GenerationConfig
 
 def describe(engine: Engine) -> str:
     """Weights and step mode of an engine, e.g. 'dense+compile+graph'."""
-    return engine.weights + ("+compile" if engine._static_step is not None else "") + ("+graph" if engine.cuda_graph else "")
+    return engine.weights + ("+compile" if engine.compiled else "") + ("+graph" if engine.cuda_graph else "")
 
 
 def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:

@@ -63,6 +63,23 @@ def _labkit_version() -> str:
     return __version__
 
 
+def check_output_dir(output_dir: str | Path) -> Path:
+    """Make sure results can be written there before anything is measured: a folder (made if
+    missing) that this process may write into."""
+    from labkit.errors import LabkitError
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise LabkitError(f"output folder {out} is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LabkitError(f"cannot create output folder {out}: {err.strerror or err}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise LabkitError(f"cannot write into output folder {out}")
+    return out
+
+
 def write_results(output_dir: str | Path, stem: str, payload: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[Path, Path]:
     """Write <stem>-<time>.json (provenance, summary, rows) and the rows as .csv; returns both paths."""
     out = Path(output_dir)

@@ -43,7 +43,8 @@ from labkit.errors import LabkitError
 from labkit.generate import GenerationResult, Speculation, encode_prompt, generate, warm_up
 from labkit.metrics.timers import now
 from labkit.models.loading import LoadedModel, load_model
-from labkit.prompts import load_suite
+from labkit.prompts import Prompt, load_suite
+from labkit.prompts.long import long_prompt
 from labkit.specdec.drafters import Drafter, build_drafter
 from labkit.specdec.heads import check_heads_option
 
@@ -59,6 +60,7 @@ class ValidationConfig:
     fixed_length: bool = True  # EOS blocked until max_new_tokens, so every system emits the same count
     categories: list[str] | None = None  # None: every category
     prompts_per_category: int | None = None  # None: the whole suite
+    long_prompts: list[int] = field(default_factory=list)  # also long prompts of these token counts (category "long", prompts/long.py)
     slow_prompts_per_category: int | None = 1  # HF systems and eager labkit are slow: the first N per category (None: all)
     drafters: list[str] = field(default_factory=lambda: ["ngram", "layerskip", "truncated"])
     ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])  # tried in the tuning pass
@@ -79,6 +81,8 @@ class ValidationConfig:
             raise LabkitError(f"every K must be at least 1, got {self.ks}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise LabkitError(f"time_budget_s must be positive, got {self.time_budget_s}")
+        if any(n < 1 for n in self.long_prompts):
+            raise LabkitError(f"long prompt lengths must be positive, got {self.long_prompts}")
         for name in ("prompts_per_category", "slow_prompts_per_category"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -191,7 +195,11 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     except ValueError as err:
         raise LabkitError(str(err)) from None
     prompts = [(p, encode_prompt(loaded.tokenizer, p.content)) for p in suite]
+    for n in cfg.long_prompts:  # documents cut to n tokens, then a request to summarise them
+        ids = long_prompt(loaded.tokenizer, n)
+        prompts.append((Prompt(f"long-{n}", "long", loaded.tokenizer.decode(ids)), ids))
     slow_ids = {p.id for p in load_suite(cfg.categories, cfg.slow_prompts_per_category)}
+    slow_ids |= {f"long-{n}" for n in cfg.long_prompts[: cfg.slow_prompts_per_category or None]}
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens if cfg.fixed_length else 0)
     bandwidth = copy_bandwidth(device)
 
@@ -214,7 +222,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     time_hf_generate(hf_model, warm, GenerationConfig(max_new_tokens=4), device)
 
     # the fastest plain engine carries the drafters: timed on the first prompt of each category
-    tune = [(p, ids) for p, ids in prompts if p.id in {q.id for q in load_suite(cfg.categories, 1)}]
+    tune = [(p, ids) for p, ids in prompts if p.id in {q.id for q in load_suite(cfg.categories, 1)}]  # the suite's, not the long ones
     candidates = [name for name, e in engines.items() if e.cuda_graph] or list(engines)
     plain_speed = {name: statistics.fmean(generate(engines[name], ids, gen).stats.tok_per_s for _, ids in tune)
                    for name in candidates} if len(candidates) > 1 else {}

@@ -50,6 +50,7 @@ def decode_attention(
     input_pos: torch.Tensor,  # (T,) query t sees keys at positions <= input_pos[t]
     scale: float,
     window: int | None,
+    counters: torch.Tensor | None = None,  # the Triton kernel's scratch; unused here
 ) -> torch.Tensor:  # (M, NH*D)
     B, nkv, S, D = k_cache.shape
     M, nh, _ = q.shape

@@ -5,7 +5,8 @@ hundreds of small kernels: the step is bound by kernel count, not bytes. These k
 sits between the matmuls:
 
     norm_qkv_rope    RMSNorm → q/k/v projection → RoPE on q, k → k, v written into the cache
-    decode_attention softmax(q k^T) v over the cache positions each query may see (no mask tensor)
+    decode_attention softmax(q k^T) v over the cache positions each query may see (no mask tensor),
+                     split-K: a long context is read by many programs, combined in the same launch
     linear_residual  residual + x W^T                      (attention output, MLP down)
     norm_gate_up     RMSNorm → gate/up projection → silu(gate) * up
     norm_head        the final RMSNorm → LM head (once per step, after the last layer)
@@ -41,7 +42,8 @@ TUNE = {
     "prefetch_bytes": 96 * 1024,  # weights a program loads up front (registers, then shared memory for tl.dot)
     "linear_block_k": 512,  # reduction tile (16-bit weights) for the columns past the prefetch (larger models)
     "norm_block_k": 256,  # the same for the kernels that also normalise
-    "attn_block_s": 128,  # keys per step of the attention loop
+    "attn_splits": 32,  # attention programs per tile of rows (split-K: a long context is read by many programs)
+    "attn_block_s": 64,  # keys per step of an attention program's loop (a split is whole blocks)
     "num_warps": 4,
     "pdl": True,  # programmatic dependent launch (sm90+): the next kernel starts reading its weights early
 }
@@ -257,37 +259,99 @@ def norm_qkv_rope(
 
 
 @triton.jit
-def _decode_attention_kernel(
-    q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, T, scale, stride_cb, stride_ch, stride_cs,
-    NH: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr, BLOCK_S: tl.constexpr,
-    GDC: tl.constexpr,
+def _attention_kernel(
+    q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr, T, R, R_BLOCKS, scale,
+    stride_cb, stride_ch, stride_cs, NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    WINDOW: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
+    IEEE: tl.constexpr, GDC: tl.constexpr,
 ):
-    row = tl.program_id(0)  # token m = b*T + t
-    h = tl.program_id(1)  # query head
-    b = row // T
+    """Program (tile, split): the rows of one (batch row, kv head, row block) against one split of
+    the keys they see. Rows are (token t, query head g of the kv head's group), so a key block is
+    read once for every query head that shares it. The visible keys are cut into at most N_SPLITS
+    splits of whole BLOCK_S blocks, as few blocks per split as the context allows: a context of up
+    to N_SPLITS blocks is read one block per program, all at once."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    rb = tile % R_BLOCKS
+    kvh = (tile // R_BLOCKS) % NKV
+    b = tile // (R_BLOCKS * NKV)
     _wait_for_inputs(GDC)  # everything it reads but the positions comes from the kernel before
-    pos = tl.load(pos_ptr + row % T)
-    lo = tl.maximum(pos - WINDOW + 1, 0) if WINDOW > 0 else pos * 0  # first visible key
-    offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + (row * NH + h) * D + offs_d).to(tl.float32) * scale  # (D,)
-    base = b * stride_cb + (h // GROUP) * stride_ch
-    m_i = tl.full([], -float("inf"), tl.float32)
-    l_i = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([D], dtype=tl.float32)
-    # online softmax over keys lo..pos: every block holds at least one visible key
-    for s0 in range((lo // BLOCK_S) * BLOCK_S, pos + 1, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        seen = (offs_s >= lo) & (offs_s <= pos)
-        k = tl.load(kc_ptr + base + offs_s[:, None] * stride_cs + offs_d[None, :], mask=seen[:, None], other=0.0)
-        s = tl.where(seen, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))  # (BLOCK_S,)
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        p = tl.exp(s - m_new)
-        alpha = tl.exp(m_i - m_new)
-        v = tl.load(vc_ptr + base + offs_s[:, None] * stride_cs + offs_d[None, :], mask=seen[:, None], other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        m_i = m_new
-    tl.store(out_ptr + (row * NH + h) * D + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
+    local = tl.arange(0, BLOCK_R)
+    offs_r = rb * BLOCK_R + local  # (BLOCK_R,) row r = t * GROUP + g
+    r_ok = offs_r < R
+    t = offs_r // GROUP
+    head = kvh * GROUP + offs_r % GROUP
+    pos = tl.load(pos_ptr + t, mask=r_ok, other=-1)  # (BLOCK_R,) row r sees keys lo_r..pos_r
+    if WINDOW > 0:
+        lo_r = tl.maximum(pos - WINDOW + 1, 0)
+    else:
+        lo_r = pos * 0
+    hi = tl.max(pos, axis=0)  # the last key any row sees
+    lo = (tl.min(tl.where(r_ok, lo_r, hi), axis=0) // BLOCK_S) * BLOCK_S  # the first, down to a block start
+    n_blocks = (hi - lo) // BLOCK_S + 1
+    per = (n_blocks + N_SPLITS - 1) // N_SPLITS  # blocks per split
+    n_active = (n_blocks + per - 1) // per
+    if split < n_active:
+        offs_d = tl.arange(0, D)
+        q_rows = (b * T + t) * NH + head  # (BLOCK_R,) rows of q (M, NH, D) and of out (M, NH*D)
+        q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # (BLOCK_R, D)
+        base = b * stride_cb + kvh * stride_ch
+        qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 instead of exp
+        m_i = tl.full([BLOCK_R], -float("inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+        s_begin = lo + split * per * BLOCK_S
+        s_stop = tl.minimum(s_begin + per * BLOCK_S, hi + 1)
+        for s0 in range(s_begin, s_stop, BLOCK_S):  # online softmax over this split's blocks
+            offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+            s_ok = offs_s < s_stop
+            k = tl.load(kc_ptr + base + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)  # (BLOCK_S, D)
+            v = tl.load(vc_ptr + base + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+            seen = (offs_s[None, :] >= lo_r[:, None]) & (offs_s[None, :] <= pos[:, None])  # (BLOCK_R, BLOCK_S)
+            s = tl.where(seen, _dot(q, tl.trans(k), IEEE) * qk_scale, -float("inf"))  # (BLOCK_R, BLOCK_S) fp32
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no key seen yet keeps zeros
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            if IEEE:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:  # half precision: p rounded to v's type for the tensor cores, as flash attention does
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+        out_dtype = out_ptr.dtype.element_ty
+        if n_active == 1:  # one split holds every visible key: the result is final
+            tl.store(out_ptr + q_rows[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(out_dtype), mask=r_ok[:, None])
+        else:  # keep this split's partial result; the last split to finish combines them
+            at = (tile * N_SPLITS + split) * BLOCK_R + local  # (BLOCK_R,)
+            tl.store(part_o_ptr + at[:, None] * D + offs_d[None, :], acc, mask=r_ok[:, None])
+            tl.store(part_ml_ptr + at * 2, m_i, mask=r_ok)
+            tl.store(part_ml_ptr + at * 2 + 1, l_i, mask=r_ok)
+            tl.debug_barrier()  # every thread's partial is written before the count goes up
+            done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if done == n_active - 1:
+                # every split's running max at once: (BLOCK_R, N_SPLITS); .cg reads past this SM's L1,
+                # which may hold another launch's partials at the same addresses
+                sp = tl.arange(0, N_SPLITS)
+                ml_at = (tile * N_SPLITS + sp[None, :]) * BLOCK_R + local[:, None]  # (BLOCK_R, N_SPLITS)
+                ok = r_ok[:, None] & (sp[None, :] < n_active)
+                m_all = tl.load(part_ml_ptr + ml_at * 2, mask=ok, other=-float("inf"), cache_modifier=".cg")
+                m_max = tl.max(m_all, axis=1)
+                m_max = tl.where(m_max == -float("inf"), 0.0, m_max)
+                den = tl.zeros([BLOCK_R], dtype=tl.float32)
+                o = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+                for c0 in range(0, n_active, CHUNK):  # CHUNK splits per load, in split order
+                    sc = c0 + tl.arange(0, CHUNK)
+                    c_at = (tile * N_SPLITS + sc[None, :]) * BLOCK_R + local[:, None]  # (BLOCK_R, CHUNK)
+                    c_ok = r_ok[:, None] & (sc[None, :] < n_active)
+                    w = tl.exp2(tl.load(part_ml_ptr + c_at * 2, mask=c_ok, other=-float("inf"), cache_modifier=".cg") - m_max[:, None])
+                    den += tl.sum(w * tl.load(part_ml_ptr + c_at * 2 + 1, mask=c_ok, other=0.0, cache_modifier=".cg"), axis=1)
+                    o_c = tl.load(part_o_ptr + c_at[:, :, None] * D + offs_d[None, None, :], mask=c_ok[:, :, None], other=0.0,
+                                  cache_modifier=".cg")  # (BLOCK_R, CHUNK, D)
+                    o += tl.sum(w[:, :, None] * o_c, axis=1)
+                tl.store(out_ptr + q_rows[:, None] * D + offs_d[None, :], (o / den[:, None]).to(out_dtype), mask=r_ok[:, None])
+                tl.store(count_ptr + tile, 0)  # ready for the next launch
 
 
 def decode_attention(
@@ -297,15 +361,35 @@ def decode_attention(
     input_pos: torch.Tensor,  # (T,) query t sees keys at positions <= input_pos[t]
     scale: float,
     window: int | None,  # sliding window: also only keys > input_pos[t] - window
+    counters: torch.Tensor,  # (>= B*NKV*row blocks,) int32 zeros, owned by the caller (the cache), left zero
 ) -> torch.Tensor:  # (M, NH*D)
+    """Split-K (flash-decoding) attention in one launch. The keys each tile of rows sees are cut
+    into at most attn_splits splits of whole blocks, one program each, so a long context is read
+    by many programs at once; every split keeps its partial softmax (running max, sum, weighted
+    values), and the last split of a tile to finish (an atomic count) combines them in split order,
+    so the result does not depend on which finished last. A tile whose keys fit one block writes
+    its result directly. The grid depends on neither the positions nor the cache's size, so one
+    captured CUDA graph serves every position."""
     M, nh, D = q.shape
-    nkv = k_cache.shape[1]
+    B, nkv, S, _ = k_cache.shape
+    T = input_pos.shape[0]
+    group = nh // nkv
+    R = T * group  # rows per (batch row, kv head)
+    block_r = min(64, max(16, triton.next_power_of_2(R)))
+    r_blocks = triton.cdiv(R, block_r)
+    n_splits = int(TUNE["attn_splits"])
+    tiles = B * nkv * r_blocks
+    if counters.numel() < tiles or counters.dtype != torch.int32:
+        raise ValueError(f"attention needs {tiles} int32 counters, got {counters.numel()} {counters.dtype}")
     out = torch.empty(M, nh * D, dtype=q.dtype, device=q.device)
+    part_o = torch.empty(tiles * n_splits * block_r, D, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(tiles * n_splits * block_r, 2, dtype=torch.float32, device=q.device)
     pdl = _pdl(q)
-    _decode_attention_kernel[(M, nh)](
-        q, k_cache, v_cache, input_pos, out, input_pos.shape[0], scale,
+    _attention_kernel[(tiles, n_splits)](
+        q, k_cache, v_cache, input_pos, out, part_o, part_ml, counters, T, R, r_blocks, scale,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NH=nh, GROUP=nh // nkv, D=D, WINDOW=window or 0, BLOCK_S=TUNE["attn_block_s"], GDC=pdl,
+        NH=nh, NKV=nkv, GROUP=group, D=D, WINDOW=window or 0, N_SPLITS=n_splits, BLOCK_S=int(TUNE["attn_block_s"]),
+        BLOCK_R=block_r, CHUNK=min(n_splits, max(1, 128 // block_r)), IEEE=_ieee(q), GDC=pdl,
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out

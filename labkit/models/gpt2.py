@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labkit.models.kvcache import KVCache, attend
+from labkit.models.kvcache import KVCache, Mask, attend
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -80,7 +80,7 @@ class GPT2Block(nn.Module):
         layer: int,
         input_pos: torch.Tensor,  # (T,)
         attend_len: int,
-        mask: torch.Tensor | None,  # (T, S)
+        mask: Mask,  # (T, S) bool, CAUSAL or None
     ) -> torch.Tensor:  # (B, T, dim)
         B, T, C = x.shape
         qkv = self.c_attn(self.ln_1(x)).view(B, T, 3, self.n_heads, self.head_dim)
@@ -112,8 +112,8 @@ class GPT2(nn.Module):
         input_pos: torch.Tensor,  # (T,)
         cache: KVCache,
         attend_len: int,
-        mask: torch.Tensor | None,  # (T, attend_len) bool, None when every key is visible
-        last_only: bool = False,
+        mask: Mask,  # (T, attend_len) bool, CAUSAL, or None when every key is visible
+        last_only: bool | torch.Tensor = False,  # True: logits of the last row only; a (1,) tensor: of that row
         n_layers: int | None = None,  # run only the first n layers, then the head (layer-skip drafts)
     ) -> torch.Tensor:  # (B, T or 1, vocab)
         x = self.wte(tokens) + self.wpe(input_pos)  # (B, T, dim)
@@ -121,7 +121,9 @@ class GPT2(nn.Module):
         for i in range(n):
             block = self.layers[i]
             x = block(x, cache, i, input_pos, attend_len, mask)
-        if last_only:
+        if isinstance(last_only, torch.Tensor):
+            x = x.index_select(1, last_only)  # (B, 1, dim)
+        elif last_only:
             x = x[:, -1:]
         h = self.ln_f(x)  # (B, T or 1, dim)
         if self.keep_hidden and n == self.args.n_layers:

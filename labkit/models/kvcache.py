@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+CAUSAL = "causal"  # a mask that is plain causal attention over keys 0..T-1 for queries 0..T-1
+Mask = torch.Tensor | str | None  # (T, S) bool, CAUSAL, or None for "every key is visible"
+COUNTER_BLOCKS = 256  # attention row blocks per (batch row, kv head) the counters cover: T * group <= 16384
+
 
 class KVCache:
     def __init__(
@@ -31,6 +35,9 @@ class KVCache:
         self.k_layers = list(self.k.unbind(0))  # per-layer views, made once: (B, H, S, D) each
         self.v_layers = list(self.v.unbind(0))
         self.positions = torch.arange(max_len, device=device)  # (S,)
+        # scratch for the split-K attention kernel (layer_triton.decode_attention): per layer, one
+        # count per (batch row, kv head, row block), always left at zero between launches
+        self.counters = torch.zeros(n_layers, batch_size * n_kv_heads * COUNTER_BLOCKS, dtype=torch.int32, device=device)
         self.max_len = max_len
         self.batch_size = batch_size
         self.length = 0  # host-side: positions [0, length) hold valid keys and values
@@ -66,14 +73,19 @@ class KVCache:
         sliding_window: int | None = None,
         *,
         decode_step: bool = False,
-    ) -> torch.Tensor | None:
+        start: int | None = None,
+    ) -> Mask:
         """Boolean (T, attend_len) mask: query i sees key j when j <= pos_i (and within the window).
 
-        A one-token step that attends to exactly the valid prefix needs no mask at all.
+        A one-token step that attends to exactly the valid prefix needs no mask at all, and a
+        prompt from position 0 (`start` = 0, attend_len = T) is plain causal attention (CAUSAL),
+        which runs as flash attention without building a (T, T) mask.
         """
         window_bites = sliding_window is not None and attend_len > sliding_window
         if decode_step and not window_bites:
             return None
+        if start == 0 and attend_len == input_pos.shape[0] and not window_bites:
+            return CAUSAL
         keys = self.positions[:attend_len]  # (S,)
         allowed = keys[None, :] <= input_pos[:, None]  # (T, S)
         if window_bites and sliding_window is not None:
@@ -90,10 +102,17 @@ def attend(
     q: torch.Tensor,  # (B, nh, T, D)
     k: torch.Tensor,  # (B, nkv, S, D)
     v: torch.Tensor,  # (B, nkv, S, D)
-    mask: torch.Tensor | None,  # (T, S) bool, or None for "see everything"
+    mask: Mask,  # (T, S) bool, CAUSAL, or None for "see everything"
     scale: float,
 ) -> torch.Tensor:  # (B, nh, T, D)
+    gqa = q.shape[1] != k.shape[1]
+    if isinstance(mask, torch.Tensor) and gqa and q.shape[2] > 1:
+        # a masked prompt: PyTorch's memory-efficient kernel takes masks but not grouped heads
+        # (with both it would fall back to the math kernel, which builds the (T, S) scores)
+        group = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), False
+    causal = isinstance(mask, str)
     with sdpa_kernel(DETERMINISTIC_SDPA):
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+            q, k, v, attn_mask=mask if isinstance(mask, torch.Tensor) else None, is_causal=causal, scale=scale, enable_gqa=gqa
         )

@@ -15,9 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labkit.models.kvcache import KVCache, attend
+from labkit.models.kvcache import KVCache, Mask, attend
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# Fused layer kernels serve steps of up to this many tokens (decode, verify); a longer input (a
+# prompt) runs through the PyTorch layers: cuBLAS GEMMs and flash attention, in one pass.
+FUSED_MAX_T = 16
 
 
 @dataclass
@@ -109,7 +112,7 @@ class LlamaBlock(nn.Module):
         layer: int,
         input_pos: torch.Tensor,  # (T,)
         attend_len: int,
-        mask: torch.Tensor | None,  # (T, S)
+        mask: Mask,  # (T, S) bool, CAUSAL or None
     ) -> torch.Tensor:  # (B, T, dim)
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv_heads
@@ -141,7 +144,7 @@ class LlamaBlock(nn.Module):
         k_cache, v_cache = cache.k_layers[layer], cache.v_layers[layer]  # (B, nkv, S, D)
         q = ops.norm_qkv_rope(x2, self.attn_norm.weight, self.attn_norm.eps, self.wqkv.weight, self.wqkv.bias,
                               cos, sin, input_pos, k_cache, v_cache, self.n_heads)  # (M, nh, D)
-        y = ops.decode_attention(q, k_cache, v_cache, input_pos, self.scale, self.sliding_window)  # (M, nh*D)
+        y = ops.decode_attention(q, k_cache, v_cache, input_pos, self.scale, self.sliding_window, cache.counters[layer])  # (M, nh*D)
         x2 = ops.linear_residual(y, self.wo.weight, self.wo.bias, x2)  # (M, dim)
         h = ops.norm_gate_up(x2, self.mlp_norm.weight, self.mlp_norm.eps, self.w_gate_up.weight, self.w_gate_up.bias)
         return ops.linear_residual(h, self.w_down.weight, self.w_down.bias, x2).view(B, T, dim)
@@ -161,6 +164,7 @@ class Llama(nn.Module):
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         self.layer_ops: Any = None  # a fused-kernel module (engine.pick_layer_ops), or None for the layers above
+        self.fused_max_t = FUSED_MAX_T  # steps of up to this many tokens run through layer_ops, longer ones through the layers
         self.keep_hidden = False  # keep the final hidden state of full passes (draft heads read it)
         self.last_hidden: torch.Tensor | None = None  # (B, T or 1, dim) after the final norm
 
@@ -182,14 +186,14 @@ class Llama(nn.Module):
         input_pos: torch.Tensor,  # (T,)
         cache: KVCache,
         attend_len: int,
-        mask: torch.Tensor | None,  # (T, attend_len) bool, None when every key is visible
-        last_only: bool = False,
+        mask: Mask,  # (T, attend_len) bool, CAUSAL, or None when every key is visible (unused by fused layers)
+        last_only: bool | torch.Tensor = False,  # True: logits of the last row only; a (1,) tensor: of that row
         n_layers: int | None = None,  # run only the first n layers, then the head (layer-skip drafts)
     ) -> torch.Tensor:  # (B, T or 1, vocab)
         assert self.cos is not None and self.sin is not None, "call setup_rope first"
         x = self.embed(tokens)  # (B, T, dim)
         n = self.args.n_layers if n_layers is None else n_layers
-        if self.layer_ops is not None:
+        if self.layer_ops is not None and tokens.shape[1] <= self.fused_max_t:
             for i in range(n):
                 block: LlamaBlock = self.layers[i]  # type: ignore[assignment]
                 x = block.forward_fused(self.layer_ops, x, self.cos, self.sin, cache, i, input_pos)
@@ -198,7 +202,9 @@ class Llama(nn.Module):
             sin = self.sin[input_pos].unsqueeze(1)
             for i in range(n):
                 x = self.layers[i](x, cos, sin, cache, i, input_pos, attend_len, mask)
-        if last_only:
+        if isinstance(last_only, torch.Tensor):
+            x = x.index_select(1, last_only)  # (B, 1, dim)
+        elif last_only:
             x = x[:, -1:]
         keep = self.keep_hidden and n == self.args.n_layers
         if self.layer_ops is not None:  # the final norm and the head in one fused operation

@@ -225,7 +225,7 @@ def truncated_model(model: nn.Module, n_layers: int) -> nn.Module:
 def truncated_engine(target: Engine, n_layers: int) -> Engine:
     """An Engine over the truncated model, with its own (smaller) cache."""
     engine = Engine(truncated_model(target.model, n_layers), device=target.device, dtype=target.dtype, amp=target.amp,
-                    cuda_graph=target.cuda_graph, batch_size=target.batch_size, max_seq_len=target.cache.max_len if target.cache else 1024)
+                    cuda_graph=target.cuda_graph, batch_size=target.batch_size, max_seq_len=target.max_seq_len)
     engine.eos_token_ids = target.eos_token_ids
     return engine
 

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from labkit.config import GenerationConfig
-from labkit.engine import GRAPH_MAX_T, capture, greedy_verdict
 from labkit.errors import LabkitError
+from labkit.graphs import GRAPH_MAX_T, capture, greedy_verdict
 from labkit.kernels.reference import LOOKUP_MAX_N as MAX_N
 
 CHUNK = 8  # speculative steps per host read
@@ -78,17 +78,17 @@ def greedy_step(
 
 class LookupSteps:
     """`chunk` speculative steps of width K per host read, as one captured step replayed (CUDA
-    graphs) or run eagerly (any device: the same operations, for tests and the CPU)."""
+    graphs) or run eagerly (any device: the same operations, for tests and the CPU). It points
+    into the engine's cache, so the engine owns it (`Engine.captured`) and drops it with the cache."""
 
     def __init__(self, engine: Any, k: int, chunk: int = CHUNK) -> None:
-        cache = engine.cache
-        assert cache is not None
+        max_len = engine.max_seq_len
         if engine.batch_size != 1:
             raise LabkitError("the n-gram graph drafter decodes batch 1")
         if not 1 <= k < GRAPH_MAX_T:
             raise LabkitError(f"the n-gram graph drafter drafts 1 to {GRAPH_MAX_T - 1} tokens per step, got {k}")
         device, self.engine, self.k, self.chunk = engine.device, engine, k, chunk
-        self.history = torch.zeros(cache.max_len + k + 1, dtype=torch.long, device=device)  # (Lh,) room for a step past the end
+        self.history = torch.zeros(max_len + k + 1, dtype=torch.long, device=device)  # (Lh,) room for a step past the end
         self.n_ctx = torch.ones(1, dtype=torch.long, device=device)  # (1,)
         self.on_device = 0  # context tokens the history holds (a host mirror)
         self.eos_mask = torch.zeros(engine.args.vocab_size, dtype=torch.bool, device=device)  # (V,)
@@ -97,7 +97,7 @@ class LookupSteps:
         self.drafts = torch.zeros(chunk, k, dtype=torch.long, device=device)  # (chunk, k)
         self.accepted = torch.zeros(chunk, dtype=torch.long, device=device)  # (chunk,)
         self.graph = None
-        static = engine._static_step or engine._static_forward
+        static = engine.static_step
 
         def body() -> None:
             greedy_step(static, self.history, self.n_ctx, self.eos_mask, self.eos_until, k, self.drafts, self.accepted, self.step_idx)
@@ -106,21 +106,21 @@ class LookupSteps:
         if engine.cuda_graph:
 
             def prepare() -> None:  # warm-ups write the cache's last positions, out of every request's reach
-                self.n_ctx.fill_(cache.max_len - k)
+                self.n_ctx.fill_(max_len - k)
                 self.step_idx.zero_()
 
             self.graph = capture(engine, body, prepare)
 
     @torch.inference_mode()
-    def run(self, context: list[int], m: int, eos_mask: torch.Tensor, eos_until: int) -> list[tuple[list[int], list[int]]]:
+    def run(self, context: list[int], m: int, eos_mask: torch.Tensor, eos_until: int, fresh: bool = False) -> list[tuple[list[int], list[int]]]:
         """m steps from `context` (the engine's cache holds all but its last token); returns each
-        step's (draft, new tokens) and leaves the cache holding the new context but its last token."""
+        step's (draft, new tokens) and leaves the cache holding the new context but its last token.
+        `fresh`: a new request (the history on the device is not its own)."""
         engine, k = self.engine, self.k
-        cache = engine.cache
         L0 = len(context)
-        if not 1 <= m <= self.chunk or L0 - 1 != cache.length or L0 - 1 + m * (k + 1) > cache.max_len:
-            raise LabkitError(f"{m} steps of {k + 1} tokens from position {L0 - 1} do not fit (cache {cache.length}/{cache.max_len})")
-        if self.on_device > L0:  # not this request's history (begin() also starts over)
+        if not 1 <= m <= self.chunk or L0 - 1 != engine.length or L0 - 1 + m * (k + 1) > engine.max_seq_len:
+            raise LabkitError(f"{m} steps of {k + 1} tokens from position {L0 - 1} do not fit (cache {engine.length}/{engine.max_seq_len})")
+        if fresh or self.on_device > L0:  # not this request's history
             self.on_device = 0
         new = context[self.on_device :]
         if new:
@@ -129,9 +129,9 @@ class LookupSteps:
         self.eos_mask.copy_(eos_mask)
         self.eos_until.fill_(eos_until)
         self.step_idx.zero_()
-        with engine._autocast():
+        with engine.autocast():
             for _ in range(m):
-                if self.graph is not None and engine._graphs_safe:  # near the context's end: eagerly
+                if self.graph is not None and engine.graphs_safe:  # near the context's end: eagerly
                     self.graph.replay()
                 else:
                     self.body()
@@ -147,7 +147,7 @@ class LookupSteps:
             at += a + 1
         assert at == n_ctx - L0
         self.on_device = n_ctx
-        cache.length = n_ctx - 1
+        engine.set_length(n_ctx - 1)
         return steps
 
 
@@ -161,11 +161,10 @@ class LookupGraphDrafter:
 
     def __init__(self, target: Any) -> None:
         self.target = target
-        self._steps: dict[int, LookupSteps] = {}
+        self._used: set[int] = set()  # widths that ran steps in this request
 
     def begin(self, prompt_ids: list[int], capacity: int) -> None:
-        for s in self._steps.values():
-            s.on_device = 0
+        self._used = set()
 
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Any:
         from labkit.specdec.drafters import Draft
@@ -174,11 +173,11 @@ class LookupGraphDrafter:
 
     @torch.inference_mode()  # like the engine's own steps: buffers and capture without autograd
     def steps_for(self, k: int) -> LookupSteps:
-        engine = self.target
-        s = self._steps.get(k)
-        if s is None or s.engine.cache is not engine.cache:  # the cache was reallocated: capture again
-            s = self._steps[k] = LookupSteps(engine, k)
-        return s
+        """The device steps of width k: held by the engine with its other captured graphs, so a
+        new cache never meets an old graph."""
+        return self.target.captured(("lookup", k), lambda: LookupSteps(self.target, k))
 
     def run_steps(self, context: list[int], k: int, m: int, eos_mask: torch.Tensor, eos_until: int) -> list[tuple[list[int], list[int]]]:
-        return self.steps_for(k).run(context, m, eos_mask, eos_until)
+        fresh = k not in self._used
+        self._used.add(k)
+        return self.steps_for(k).run(context, m, eos_mask, eos_until, fresh)

@@ -1,0 +1,267 @@
+"""Long context: time to first token and decode speed against the prompt's length, in one run.
+
+Systems, on the same prompts (labkit/prompts/long.py: documents cut to an exact token count,
+then a request to summarise them), greedy, EOS blocked until max_new_tokens:
+- labkit_plain: the engine as `generate` runs it by default here (CUDA graphs over the fused
+  layers on a GPU; the GGUF's blocks on a CPU where they apply);
+- labkit_<drafter>: the same engine with the best lossless drafter (prompt lookup on the device,
+  ngram-graph, on a GPU with graphs; ngram elsewhere), checked token for token against plain;
+- hf_generate: transformers `generate` (SDPA attention); its time to first token is read by a
+  streamer when the first new token comes out;
+- hf_forward: one transformers forward over the prompt (the last position's logits, as
+  generate's prefill computes them): what a prompt costs without any decoding.
+
+Per system and length: median time to first token, median decode tok/s (tokens after the first
+over the time after it) and end-to-end tok/s. Systems take turns at each length.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from labkit.bench.results import device_name, provenance, write_results
+from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.generate import Speculation, generate, warm_up
+from labkit.metrics.timers import now, synchronize
+from labkit.models.loading import LoadedModel, load_model
+from labkit.prompts.long import long_prompt, min_tokens
+from labkit.specdec.drafters import build_drafter
+
+GPU_LENGTHS = [32, 128, 512, 800, 1024, 2048, 4096, 8064]  # 8064 + 128 new tokens fill SmolLM2's 8,192 positions
+CPU_LENGTHS = [32, 128, 512, 1024, 2048]
+
+
+@dataclass
+class ContextConfig:
+    model: str = "default"
+    device: str = "auto"
+    dtype: str = "auto"
+    lengths: list[int] | None = None  # prompt tokens; None: GPU_LENGTHS on a GPU, CPU_LENGTHS elsewhere
+    max_new_tokens: int = 128
+    drafter: str = "auto"  # "auto": ngram-graph on a GPU with CUDA graphs, ngram elsewhere; "none": plain only
+    k: int = 0  # draft tokens per step; 0: 8 for ngram-graph, 3 otherwise
+    repeats: int = 2
+    hf: bool = True  # also transformers generate and its forward over the prompt
+    cuda_graph: bool = True  # on CUDA, the engine's steps as CUDA graphs (labkit's fast path)
+    chat: bool = True  # the chat template around the documents
+    output_dir: str | None = "results"  # None: write nothing
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 2:
+            raise LabkitError(f"max new tokens must be at least 2 (decode speed needs a token after the first), got {self.max_new_tokens}")
+        if self.repeats < 1:
+            raise LabkitError(f"repeats must be at least 1, got {self.repeats}")
+        if self.k < 0:
+            raise LabkitError(f"K must be at least 1 (or 0 for the drafter's default), got {self.k}")
+        if self.lengths is not None and (not self.lengths or min(self.lengths) < 1):
+            raise LabkitError(f"prompt lengths must be positive, got {self.lengths}")
+        if self.drafter not in ("auto", "none", "ngram", "ngram-graph"):
+            raise LabkitError(f"drafter must be auto, none, ngram or ngram-graph (the lossless drafters with no weights), got {self.drafter!r}")
+
+
+class _FirstTokenClock:
+    """A transformers streamer that notes when generate hands out its first new token."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.calls, self.first = device, 0, 0.0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            self.first = now(self.device)
+
+    def end(self) -> None:
+        pass
+
+
+def time_hf_generate_ttft(hf_model: Any, prompt_ids: list[int], gen: GenerationConfig, device: torch.device) -> tuple[list[int], float, float]:
+    """transformers generate: (new tokens, seconds to the first token, seconds in all)."""
+    ids = torch.tensor([prompt_ids], device=device)
+    clock = _FirstTokenClock(device)
+    t0 = now(device)
+    with torch.inference_mode():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen.max_new_tokens,
+                                min_new_tokens=gen.min_new_tokens or None, do_sample=False, num_beams=1, streamer=clock,
+                                pad_token_id=hf_model.generation_config.pad_token_id or 0)
+    end = now(device)
+    return out[0, len(prompt_ids):].tolist(), clock.first - t0, end - t0
+
+
+def time_hf_forward(hf_model: Any, prompt_ids: list[int], device: torch.device, repeats: int) -> float:
+    """Median seconds of one transformers forward over the prompt (last position's logits)."""
+    ids = torch.tensor([prompt_ids], device=device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first is a warm-up
+            synchronize(device)
+            t0 = time.perf_counter()
+            hf_model(ids, logits_to_keep=1)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def _row(system: str, length: int, rep: int, tokens: list[int], ttft_s: float, total_s: float, plain: list[int] | None,
+         result: Any = None) -> dict[str, Any]:
+    decode_s = total_s - ttft_s
+    row = {"system": system, "prompt_tokens": length, "repeat": rep, "new_tokens": len(tokens), "ttft_ms": ttft_s * 1e3,
+           "total_s": total_s, "tok_per_s": len(tokens) / total_s, "decode_tok_per_s": (len(tokens) - 1) / decode_s if decode_s > 0 else 0.0,
+           "identical_to_plain": plain is None or tokens == plain}
+    if result is not None and result.stats.accepted_lengths:
+        row.update(tau=result.stats.tau, acceptance_rate=result.stats.acceptance_rate)
+    return row
+
+
+def run_context(cfg: ContextConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    lengths = sorted(set(cfg.lengths or (GPU_LENGTHS if device.type == "cuda" else CPU_LENGTHS)))
+    loaded = loaded or load_model(cfg.model)
+    tokenizer = loaded.tokenizer
+    shortest = min_tokens(tokenizer, cfg.chat)
+    if lengths[0] < shortest:
+        raise LabkitError(f"the shortest prompt this frame allows is {shortest} tokens; got {lengths[0]}")
+    context = loaded.hf_model.config.max_position_embeddings
+    if lengths[-1] + cfg.max_new_tokens > context:
+        raise LabkitError(f"a {lengths[-1]}-token prompt and {cfg.max_new_tokens} new tokens exceed the model's context of {context}")
+    graphs = cfg.cuda_graph and device.type == "cuda"
+    engine = Engine.from_loaded(loaded, device, dtype, cuda_graph=graphs, max_seq_len=context)
+    kind = ("ngram-graph" if graphs else "ngram") if cfg.drafter == "auto" else cfg.drafter
+    k = cfg.k or (8 if kind == "ngram-graph" else 3)
+    drafter = build_drafter(kind, engine) if kind != "none" else None
+    hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=dtype).eval() if cfg.hf else None
+    prompts = {n: long_prompt(tokenizer, n, cfg.chat) for n in lengths}
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens)
+    warm_up(engine, k if drafter is not None else 0)
+    systems = ["labkit_plain", *([f"labkit_{kind}"] if drafter is not None else []), *(["hf_generate"] if hf_model is not None else [])]
+    rows: list[dict[str, Any]] = []
+    forward_ms: dict[int, float] = {}
+    bar = tqdm(total=len(lengths) * cfg.repeats, desc="context", disable=not cfg.progress)
+    for i, n in enumerate(lengths):
+        ids = prompts[n]
+        short = GenerationConfig(max_new_tokens=4)  # untimed: first passes at this length (kernel choices, allocations)
+        generate(engine, ids, short)
+        if drafter is not None:
+            generate(engine, ids, short, Speculation(drafter, k))
+        if hf_model is not None:
+            time_hf_generate_ttft(hf_model, ids, short, device)
+            forward_ms[n] = time_hf_forward(hf_model, ids, device, cfg.repeats) * 1e3
+        for rep in range(cfg.repeats):
+            plain: list[int] | None = None
+            shift = (i + rep) % len(systems)  # rotate who goes first
+            got: dict[str, dict[str, Any]] = {}
+            for system in systems[shift:] + systems[:shift]:
+                if system == "hf_generate":
+                    assert hf_model is not None
+                    tokens, ttft, total = time_hf_generate_ttft(hf_model, ids, gen, device)
+                    got[system] = {"tokens": tokens, "ttft": ttft, "total": total, "result": None}
+                else:
+                    spec = Speculation(drafter, k) if system != "labkit_plain" and drafter is not None else None
+                    result = generate(engine, ids, gen, spec)
+                    got[system] = {"tokens": result.tokens, "ttft": result.stats.ttft_s, "total": result.stats.total_s, "result": result}
+            plain = got["labkit_plain"]["tokens"]
+            for system in systems:
+                g = got[system]
+                rows.append(_row(system, n, rep, g["tokens"], g["ttft"], g["total"], None if system == "labkit_plain" else plain, g["result"]))
+            bar.update()
+    bar.close()
+    summary = summarize(rows, forward_ms)
+    params = {key: v for key, v in asdict(cfg).items() if key != "progress"}
+    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(dtype), lengths_resolved=lengths,
+                  drafter_resolved=kind, k_resolved=k, weights=engine.weights, layer_kernels=engine.layer_kernels, max_seq_len=engine.max_seq_len)
+    payload: dict[str, Any] = {"benchmark": "context", **provenance(device, params), "card": device_name(device), "summary": summary,
+                               "hf_forward_ms": {str(n): ms for n, ms in forward_ms.items()}, "targets": targets(summary, forward_ms)}
+    if cfg.output_dir:
+        json_path, csv_path = write_results(cfg.output_dir, f"context-{device.type}", payload, rows)
+        png = json_path.with_suffix(".png")
+        plot_context(payload, png)
+        payload["files"] = [str(json_path), str(csv_path), str(png)]
+    payload["rows"] = rows
+    return payload
+
+
+def summarize(rows: list[dict[str, Any]], forward_ms: dict[int, float]) -> list[dict[str, Any]]:
+    """Per system and prompt length: medians over the repeats."""
+    out = []
+    for system in dict.fromkeys(r["system"] for r in rows):
+        for n in sorted({r["prompt_tokens"] for r in rows if r["system"] == system}):
+            sel = [r for r in rows if r["system"] == system and r["prompt_tokens"] == n]
+            entry: dict[str, Any] = {
+                "system": system, "prompt_tokens": n, "runs": len(sel),
+                "ttft_ms": statistics.median(r["ttft_ms"] for r in sel),
+                "decode_tok_per_s": statistics.median(r["decode_tok_per_s"] for r in sel),
+                "tok_per_s": statistics.median(r["tok_per_s"] for r in sel),
+                "identical_share": sum(r["identical_to_plain"] for r in sel) / len(sel),
+                "hf_forward_ms": forward_ms.get(n),
+            }
+            if "tau" in sel[0]:
+                entry["tau"] = statistics.median(r["tau"] for r in sel)
+            out.append(entry)
+    return out
+
+
+def targets(summary: list[dict[str, Any]], forward_ms: dict[int, float]) -> dict[str, Any]:
+    """The long-context figures the project tracks, where the run measured them: decode speed at
+    the longest prompt over the shortest, time to first token against transformers' forward over
+    the same prompt, and end-to-end speed near 800 prompt tokens."""
+    plain = {e["prompt_tokens"]: e for e in summary if e["system"] == "labkit_plain"}
+    if not plain:
+        return {}
+    short, long = min(plain), max(plain)
+    out: dict[str, Any] = {"shortest": short, "longest": long,
+                           "decode_retained": plain[long]["decode_tok_per_s"] / plain[short]["decode_tok_per_s"]}
+    if long in forward_ms:
+        out["ttft_over_hf_forward_at_longest"] = plain[long]["ttft_ms"] / forward_ms[long]
+        out["ttft_ms_at_longest"] = plain[long]["ttft_ms"]
+    near = min(plain, key=lambda n: abs(n - 800))
+    out.update(near_800=near, tok_per_s_near_800=plain[near]["tok_per_s"])
+    spec = [e for e in summary if e["system"].startswith("labkit_") and e["system"] != "labkit_plain"]
+    if spec:
+        out["speculative_identical_share"] = min(e["identical_share"] for e in spec)
+        out["speculative_speedup"] = {e["prompt_tokens"]: e["tok_per_s"] / plain[e["prompt_tokens"]]["tok_per_s"] for e in spec}
+    return out
+
+
+def plot_context(payload: dict[str, Any], path: Any = None) -> Any:
+    """Time to first token and decode tok/s against prompt length, one line per system."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    summary = payload["summary"]
+    for system in dict.fromkeys(e["system"] for e in summary):
+        sel = [e for e in summary if e["system"] == system]
+        xs = [e["prompt_tokens"] for e in sel]
+        ax1.plot(xs, [e["ttft_ms"] for e in sel], marker="o", label=system)
+        ax2.plot(xs, [e["decode_tok_per_s"] for e in sel], marker="o", label=system)
+    forward = {int(n): ms for n, ms in payload.get("hf_forward_ms", {}).items()}
+    if forward:
+        ax1.plot(sorted(forward), [forward[n] for n in sorted(forward)], marker="x", linestyle="--", label="hf_forward (prompt only)")
+    for ax, title in ((ax1, "time to first token (ms)"), (ax2, "decode tok/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax1.set_yscale("log")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{payload.get('card', '')}, {payload['parameters'].get('dtype_resolved', '')}", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig

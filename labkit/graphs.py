@@ -1,0 +1,207 @@
+"""CUDA graphs of the engine's fixed-shape steps.
+
+A captured graph replays fixed kernels on fixed addresses: the cache, the rope tables, the
+step's own input and output buffers. The engine owns every captured object (`Engine.captured`,
+keyed by what it was captured for) and drops them all whenever those addresses could change, so
+nothing is ever replayed against a cache that is no longer there.
+
+    capture(engine, body, prepare)   warm `body` up, then capture it in the engine's graph pool
+    GraphStep      one step of T tokens (decode, verify; optionally the greedy verdict and heads)
+    GreedyGraph    a greedy decode step that feeds itself: n steps per host read
+    PrefillGraph   a prompt from position 0 in one pass, padded to a power-of-two bucket
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from labkit.engine import Engine
+
+GRAPH_MAX_T = 16  # steps of up to this many tokens run as CUDA graphs; longer ones (prefill) eagerly
+GRAPH_HEADROOM = GRAPH_MAX_T  # cache positions kept free at the end for capture warm-ups
+GREEDY_CHUNK = 16  # greedy tokens per host synchronisation on GPUs (decode_greedy)
+PREFILL_MIN_BUCKET = 32  # the smallest captured prompt pass
+
+
+def prefill_bucket(T: int) -> int:
+    """The captured prompt pass that serves a T-token prompt: the next power of two."""
+    return max(PREFILL_MIN_BUCKET, 1 << (T - 1).bit_length())
+
+
+def capture(engine: Engine, body: Any, prepare: Any) -> torch.cuda.CUDAGraph:
+    """Warm `body` up twice on a side stream (as CUDA graph capture requires), then capture it
+    into the engine's graph pool. `prepare` resets the static inputs before each run."""
+    device = engine.device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), engine.autocast():
+        for _ in range(2):
+            prepare()
+            body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    prepare()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=engine.graph_pool()), engine.autocast():
+        body()
+    return graph
+
+
+def greedy_verdict(
+    logits: torch.Tensor,  # (B, K+1, V) the verify step's logits
+    tokens: torch.Tensor,  # (B, K+1) the last token and the K drafts
+    eos_mask: torch.Tensor,  # (V,) bool
+    block_rows: torch.Tensor,  # (1,) EOS is blocked in the first block_rows rows (min_new_tokens)
+) -> torch.Tensor:  # (B, 2): accepted drafts, and the target's token after them
+    """Greedy acceptance on the device (the registry's greedy_verdict: the target's argmax per
+    position, EOS blocked where asked, then the accepted prefix). The same tokens as GreedyMatch."""
+    from labkit.kernels import registry
+
+    return registry.get("greedy_verdict", tokens.device)(logits, tokens, eos_mask, block_rows)
+
+
+def heads_after_verdict(
+    heads: Any,  # DraftHeads
+    lm_head: torch.nn.Module,
+    hidden: torch.Tensor,  # (B, K+1, D) the verify pass's final hidden states
+    verdict: torch.Tensor,  # (B, 2) accepted drafts, the target's next token
+) -> torch.Tensor:  # (B, n_heads) greedy draft for the step after this one
+    """The heads' draft from the hidden state that predicted the verdict's next token: row
+    `accepted` of the verify pass (row 0 is the last token before the drafts). The same tokens as
+    HeadsDrafter.propose after the step, without a host round trip in between."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)  # (B,)
+    return heads.draft(hidden[rows, verdict[:, 0]], lm_head, heads.cfg.n_heads)
+
+
+class GraphStep:
+    """One captured fixed-shape step (T tokens, optionally the first n layers only).
+
+    Inputs are copied into static buffers and the graph replays; the logits it returns live in
+    the graph's output buffer and are valid until the next replay of this step. Warm-up and
+    capture write keys and values at the cache's last T positions, which `ensure_capacity`
+    keeps beyond any request's reach.
+
+    With `greedy`, the graph also decides greedy acceptance of the T-1 drafts (greedy_verdict):
+    a speculative step replays one graph and reads back two integers, instead of launching the
+    EOS mask, the argmax and the comparison from Python. With `draft_heads` it also runs the
+    engine's draft heads on the hidden state of the last accepted position, so the same read
+    brings back the next step's draft (heads_after_verdict).
+    """
+
+    def __init__(self, engine: Engine, T: int, n_layers: int | None, greedy: bool = False, draft_heads: bool = False) -> None:
+        max_len = engine.max_seq_len
+        device = engine.device
+        self.T = T
+        self.tokens = torch.zeros(engine.batch_size, T, dtype=torch.long, device=device)  # (B, T)
+        self.input_pos = torch.arange(max_len - T, max_len, device=device)  # (T,)
+        step = engine.static_step
+        self.logits = torch.empty(0)
+        self.eos_mask = torch.zeros(engine.args.vocab_size if greedy else 0, dtype=torch.bool, device=device)  # (V,)
+        self.block_rows = torch.zeros(1, dtype=torch.long, device=device)  # (1,) EOS blocked in rows < this
+        self.verdict = torch.empty(0)  # (B, 2) with greedy
+
+        def body() -> None:
+            self.logits = step(self.tokens, self.input_pos, n_layers)  # (B, T, V): the graph's output buffer
+            if greedy:
+                verdict = greedy_verdict(self.logits, self.tokens, self.eos_mask, self.block_rows)  # (B, 2)
+                if draft_heads:  # (B, 2 + n_heads): the next step's draft, from this pass's hidden state
+                    verdict = torch.cat([verdict, heads_after_verdict(engine.heads, engine.model.lm_head, engine.model.last_hidden, verdict)], 1)
+                self.verdict = verdict
+
+        self.graph = capture(engine, body, lambda: None)
+        # the final hidden state the captured pass writes (draft heads read it), full passes only
+        self.hidden = engine.model.last_hidden if engine.model.keep_hidden and n_layers is None else None  # (B, T, D)
+
+    def set_eos(self, eos_mask: torch.Tensor, block_rows: int) -> None:
+        """EOS blocking for the greedy verdict. The (V,) mask is copied on every call: one small
+        device copy, and no guess about whether the caller changed it (inference tensors carry no
+        version counter, and an id can be reused)."""
+        self.eos_mask.copy_(eos_mask, non_blocking=True)
+        self.block_rows.fill_(block_rows)
+
+    def run(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        self.tokens.copy_(tokens, non_blocking=True)
+        torch.arange(start, start + self.T, out=self.input_pos)  # (T,) written in place: one kernel, no copy
+        self.graph.replay()
+        return self.logits
+
+
+class GreedyGraph:
+    """`n` greedy decode steps without the host: one captured step that also takes the argmax,
+    blocks EOS while asked to, writes the token into its own input, and advances the position.
+
+    The host replays the graph n times and reads the n tokens back once, so a chunk of tokens
+    costs one synchronisation instead of one per token.
+    """
+
+    def __init__(self, engine: Engine, chunk: int) -> None:
+        device, B = engine.device, engine.batch_size
+        V = engine.args.vocab_size
+        max_len = engine.max_seq_len
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1) input, then output
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) position being written
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=device)  # (1,) steps done in this chunk
+        self.block_steps = torch.zeros(1, dtype=torch.long, device=device)  # EOS blocked while step_idx < this
+        self.eos_mask = torch.zeros(V, dtype=torch.bool, device=device)  # (V,)
+        self.out = torch.zeros(B, chunk, dtype=torch.long, device=device)  # (B, chunk)
+        step = engine.static_step
+
+        def body() -> None:
+            logits = step(self.token, self.pos, None)[:, -1]  # (B, V)
+            blocked = self.eos_mask & (self.step_idx < self.block_steps)  # (V,)
+            nxt = logits.masked_fill(blocked, float("-inf")).argmax(-1, keepdim=True)  # (B, 1)
+            self.out.index_copy_(1, self.step_idx, nxt)
+            self.token.copy_(nxt)
+            self.pos.add_(1)
+            self.step_idx.add_(1)
+
+        def prepare() -> None:  # warm-ups write the cache's last position, out of every request's reach
+            self.pos.fill_(max_len - 1)
+            self.step_idx.zero_()
+
+        self.graph = capture(engine, body, prepare)
+        self.hidden = engine.model.last_hidden if engine.model.keep_hidden else None  # (B, 1, D) of the last step run
+
+    def run(self, token: torch.Tensor, start: int, n: int, eos_mask: torch.Tensor | None, block_steps: int) -> torch.Tensor:
+        self.token.copy_(token, non_blocking=True)
+        self.pos.fill_(start)
+        self.step_idx.zero_()
+        self.block_steps.fill_(max(0, block_steps))
+        if eos_mask is None:
+            self.eos_mask.zero_()
+        else:
+            self.eos_mask.copy_(eos_mask)
+        for _ in range(n):
+            self.graph.replay()
+        return self.out[:, :n]
+
+
+class PrefillGraph:
+    """A prompt of up to `bucket` tokens from position 0 as one captured pass (PyTorch layers:
+    cuBLAS GEMMs and flash attention), so a prompt costs its GPU time, not hundreds of launches
+    from Python. The prompt is padded at the end to the bucket; the padding's keys and values land
+    past the prompt, where no query of this request looks before a later step rewrites them
+    (attention is causal), and the logits are taken at the prompt's last token."""
+
+    def __init__(self, engine: Engine, bucket: int) -> None:
+        device, B = engine.device, engine.batch_size
+        self.bucket = bucket
+        self.tokens = torch.zeros(B, bucket, dtype=torch.long, device=device)  # (B, bucket)
+        self.positions = torch.arange(bucket, device=device)  # (bucket,)
+        self.last = torch.full((1,), bucket - 1, dtype=torch.long, device=device)  # (1,) the prompt's last row
+        self.logits = torch.empty(0)
+
+        def body() -> None:
+            self.logits = engine.prompt_pass(self.tokens, self.positions, self.last)  # (B, 1, V)
+
+        self.graph = capture(engine, body, lambda: None)
+        self.hidden = engine.model.last_hidden if engine.model.keep_hidden else None  # (B, 1, D)
+
+    def run(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens (B, T) -> logits (B, 1, V) at the last one
+        T = tokens.shape[1]
+        self.tokens[:, :T].copy_(tokens, non_blocking=True)
+        self.last.fill_(T - 1)
+        self.graph.replay()
+        return self.logits
