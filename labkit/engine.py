@@ -303,14 +303,11 @@ class Engine:
         if total_len > self.cache.max_len:
             raise LabkitError(f"{total_len} positions exceed this engine's cache of {self.cache.max_len} "
                               f"(--max-seq-len, at most the model's context of {self.context_len})")
-        # Fused layers read each query's keys by position and never look past it. Masked steps
-        # (PyTorch layers, --compile) attend over a span: the request's length rounded up to a
-        # power of two, so a short request on a long cache does not pay for the whole cache.
-        if self.layer_kernels == "triton":
-            self.attend_len = self.cache.max_len
-        else:
-            span = max(MIN_ATTEND, 1 << max(0, total_len + GRAPH_HEADROOM - 1).bit_length())
-            self.attend_len = min(self.cache.max_len, span)
+        # Fixed-shape steps attend over a span: the request's length rounded up to a power of two,
+        # so a short request on a long cache pays for neither a mask over the whole cache (PyTorch
+        # layers, --compile) nor attention programs for keys it never has (fused layers).
+        span = max(MIN_ATTEND, 1 << max(0, total_len + GRAPH_HEADROOM - 1).bit_length())
+        self.attend_len = min(self.cache.max_len, span)
         # Graph capture warms up on the cache's last positions: keep them out of reach. Near the
         # end of the cache there is no room for that headroom: steps run eagerly then.
         self._graphs_safe = self.cuda_graph and total_len + GRAPH_HEADROOM <= self.cache.max_len

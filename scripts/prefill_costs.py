@@ -8,7 +8,7 @@ For each prompt length on the embedded model (bf16, CUDA graphs, fused layers):
   layers in one eager pass, cuBLAS GEMMs and flash attention ("torch");
 - one transformers forward over the prompt (the last position's logits);
 - a greedy decode step at that context, per token (16 captured steps per host read), for each
-  split count of the split-K attention (TUNE["attn_splits"]).
+  split size of the split-K attention (TUNE["attn_split_s"]).
 """
 
 import statistics
@@ -25,8 +25,8 @@ from labkit.models.loading import load_model
 from labkit.prompts.long import long_prompt
 
 lengths = [int(x) for x in sys.argv[1].split(",")] if len(sys.argv) > 1 else [32, 64, 128, 256, 512, 1024, 2048, 4096, 8064]
-SPLITS = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [16, 32, 64]
-default_splits = layer_triton.TUNE["attn_splits"]
+SPLITS = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [64, 128, 256]
+default_splits = layer_triton.TUNE["attn_split_s"]
 loaded = load_model("default")
 engine = Engine.from_loaded(loaded, "cuda", torch.bfloat16, weights="dense", cuda_graph=True, layer_kernels="triton")
 hf = loaded.hf_model.to("cuda", torch.bfloat16).eval()
@@ -48,7 +48,7 @@ def median_ms(fn, reps: int = 7) -> float:
 
 # (PREFILL_GRAPHS, PREFILL_GRAPH_CHUNKS_MAX_T, fused_max_t)
 STRATEGIES = {"graph": (True, 64, 16), "chunks": (False, 10**9, 16), "fused": (False, 0, 10**9), "torch": (False, 0, 16)}
-print(f"{'tokens':>7}" + "".join(f"{s:>10}" for s in STRATEGIES) + f"{'hf fwd':>10}" + "   decode us/token by split count")
+print(f"{'tokens':>7}" + "".join(f"{s:>10}" for s in STRATEGIES) + f"{'hf fwd':>10}" + "   decode us/token by split size")
 for n in lengths:
     ids = long_prompt(loaded.tokenizer, n)
     prompt = torch.tensor([ids], device="cuda")
@@ -69,7 +69,7 @@ for n in lengths:
         row += f"{median_ms(lambda prompt=prompt: hf(prompt, logits_to_keep=1)):>10.2f}"
         last = torch.tensor([[ids[-1]]], device="cuda")
         for split in SPLITS:
-            layer_triton.TUNE["attn_splits"] = split
+            layer_triton.TUNE["attn_split_s"] = split
             engine.drop_captured()
             engine.ensure_capacity(n + 32)
             engine.prefill(prompt)
@@ -80,6 +80,6 @@ for n in lengths:
                 engine.decode_greedy(last, 16)[0].tolist()
 
             row += f"   {split}: {median_ms(decode) / 16 * 1e3:6.1f}"
-        layer_triton.TUNE["attn_splits"] = default_splits
+        layer_triton.TUNE["attn_split_s"] = default_splits
         engine.drop_captured()
     print(row, flush=True)

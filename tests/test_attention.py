@@ -73,13 +73,14 @@ def test_naive_softmax_catches_a_wrong_window() -> None:
 ])
 def test_many_splits_match_reference(B: int, T: int, last: int, window: int | None, dtype: torch.dtype,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of 16 keys, at most 4 splits over a 200-position cache: one block, one split of
-    several blocks, up to 4 splits of several blocks combined; windows that start inside a block;
-    more rows than one block of rows; batch rows with their own cache."""
+    """Splits of 32 keys in blocks of 16 over a 200-position cache: one split, two, and seven
+    combined (in chunks of 3); windows that start inside a split; more rows than one tile; batch
+    rows with their own cache."""
     from labkit.kernels import layer_triton as tri
 
-    monkeypatch.setitem(tri.TUNE, "attn_splits", 4)
+    monkeypatch.setitem(tri.TUNE, "attn_split_s", 32)
     monkeypatch.setitem(tri.TUNE, "attn_block_s", 16)
+    monkeypatch.setitem(tri.TUNE, "attn_combine_chunk", 3)
     q, k, v, pos = inputs(B, T, 200, last, dtype)
     scratch = counters(B, 3)
     want = ref.decode_attention(q, k, v, pos, 0.125, window)
@@ -91,17 +92,35 @@ def test_many_splits_match_reference(B: int, T: int, last: int, window: int | No
 
 
 @interpreted
-@pytest.mark.parametrize("splits", [32, 2])
+@pytest.mark.parametrize("split_s", [64, 512])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_split_of_many_blocks_and_many_splits_of_one(splits: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 700-key context as 11 one-block splits (combined in chunks) and as 2 splits of 6 blocks."""
+def test_one_split_of_many_blocks_and_many_splits_of_one(split_s: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 700-key context as 11 one-block splits and as 2 splits of 8 blocks; a span shorter than
+    the cache (a smaller grid) gives the same values."""
     from labkit.kernels import layer_triton as tri
 
-    monkeypatch.setitem(tri.TUNE, "attn_splits", splits)
-    q, k, v, pos = inputs(1, 9, 1024, 700, dtype, seed=splits)
+    monkeypatch.setitem(tri.TUNE, "attn_split_s", split_s)
+    q, k, v, pos = inputs(1, 9, 1024, 700, dtype, seed=split_s)
     want = ref.decode_attention(q, k, v, pos, 0.125, None)
     got = tri.decode_attention(q, k, v, pos, 0.125, None, counters(1, 3))
     assert close(got, want, dtype), (got.float() - want.float()).abs().max().item()
+    assert torch.equal(tri.decode_attention(q, k, v, pos, 0.125, None, counters(1, 3), span=701), got)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gets_the_same_bits_whatever_shares_its_tile(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A query decoded alone (T=1) and the same query inside a verify of 9 (its neighbours in
+    other splits): bit for bit the same output, so greedy speculation matches plain greedy."""
+    from labkit.kernels import layer_triton as tri
+
+    monkeypatch.setitem(tri.TUNE, "attn_split_s", 32)
+    monkeypatch.setitem(tri.TUNE, "attn_block_s", 16)
+    q, k, v, pos = inputs(1, 9, 256, 200, dtype, seed=7)  # positions 192..200: the verify crosses a split boundary
+    wide = tri.decode_attention(q, k, v, pos, 0.125, None, counters(1, 3))  # (9, NH*D)
+    for t in (0, 4, 8):
+        alone = tri.decode_attention(q[t : t + 1], k, v, pos[t : t + 1], 0.125, None, counters(1, 3))
+        assert torch.equal(alone[0], wide[t]), t
 
 
 @interpreted

@@ -51,6 +51,7 @@ def decode_attention(
     scale: float,
     window: int | None,
     counters: torch.Tensor | None = None,  # the Triton kernel's scratch; unused here
+    span: int | None = None,  # the Triton kernel's grid; every query here sees all its keys
 ) -> torch.Tensor:  # (M, NH*D)
     B, nkv, S, D = k_cache.shape
     M, nh, _ = q.shape

@@ -42,8 +42,9 @@ TUNE = {
     "prefetch_bytes": 96 * 1024,  # weights a program loads up front (registers, then shared memory for tl.dot)
     "linear_block_k": 512,  # reduction tile (16-bit weights) for the columns past the prefetch (larger models)
     "norm_block_k": 256,  # the same for the kernels that also normalise
-    "attn_splits": 32,  # attention programs per tile of rows (split-K: a long context is read by many programs)
-    "attn_block_s": 64,  # keys per step of an attention program's loop (a split is whole blocks)
+    "attn_split_s": 64,  # keys per attention program (split-K: a long context is read by many programs at once)
+    "attn_block_s": 64,  # keys per step of an attention program's loop
+    "attn_combine_chunk": 8,  # partial results the combining program loads at a time
     "num_warps": 4,
     "pdl": True,  # programmatic dependent launch (sm90+): the next kernel starts reading its weights early
 }
@@ -260,16 +261,16 @@ def norm_qkv_rope(
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr, T, R, R_BLOCKS, scale,
+    q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr, T, R, R_BLOCKS, N_SPLITS, scale,
     stride_cb, stride_ch, stride_cs, NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-    WINDOW: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
-    IEEE: tl.constexpr, GDC: tl.constexpr,
+    WINDOW: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, NS_POW2: tl.constexpr,
+    CHUNK: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr,
 ):
-    """Program (tile, split): the rows of one (batch row, kv head, row block) against one split of
-    the keys they see. Rows are (token t, query head g of the kv head's group), so a key block is
-    read once for every query head that shares it. The visible keys are cut into at most N_SPLITS
-    splits of whole BLOCK_S blocks, as few blocks per split as the context allows: a context of up
-    to N_SPLITS blocks is read one block per program, all at once."""
+    """Program (tile, split): the rows of one (batch row, kv head, block of BLOCK_R rows) against
+    the keys of split `split`, positions [split * SPLIT_S, (split + 1) * SPLIT_S). Rows are (token
+    t, query head g of the kv head's group), so a key block is read once for every query head that
+    shares it. Split boundaries are absolute positions and every tile has BLOCK_R rows, so a row's
+    sums run in the same order whatever tokens share its tile: a verify row gets a decode step's bits."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     rb = tile % R_BLOCKS
@@ -287,11 +288,10 @@ def _attention_kernel(
     else:
         lo_r = pos * 0
     hi = tl.max(pos, axis=0)  # the last key any row sees
-    lo = (tl.min(tl.where(r_ok, lo_r, hi), axis=0) // BLOCK_S) * BLOCK_S  # the first, down to a block start
-    n_blocks = (hi - lo) // BLOCK_S + 1
-    per = (n_blocks + N_SPLITS - 1) // N_SPLITS  # blocks per split
-    n_active = (n_blocks + per - 1) // per
-    if split < n_active:
+    lo = tl.min(tl.where(r_ok, lo_r, hi), axis=0)  # the first
+    first = lo // SPLIT_S  # the splits holding visible keys: first..last (the grid may end sooner:
+    last = tl.minimum(hi // SPLIT_S, N_SPLITS - 1)  # rows past the span are tokens nobody keeps)
+    if (split >= first) & (split <= last):
         offs_d = tl.arange(0, D)
         q_rows = (b * T + t) * NH + head  # (BLOCK_R,) rows of q (M, NH, D) and of out (M, NH*D)
         q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # (BLOCK_R, D)
@@ -300,14 +300,14 @@ def _attention_kernel(
         m_i = tl.full([BLOCK_R], -float("inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-        s_begin = lo + split * per * BLOCK_S
-        s_stop = tl.minimum(s_begin + per * BLOCK_S, hi + 1)
-        for s0 in range(s_begin, s_stop, BLOCK_S):  # online softmax over this split's blocks
+        s_first = tl.maximum(split * SPLIT_S, lo)
+        s_end = tl.minimum(split * SPLIT_S + SPLIT_S, hi + 1)
+        for s0 in range((s_first // BLOCK_S) * BLOCK_S, s_end, BLOCK_S):  # blocks start BLOCK_S-aligned
             offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
-            s_ok = offs_s < s_stop
+            s_ok = (offs_s >= s_first) & (offs_s < s_end)
             k = tl.load(kc_ptr + base + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)  # (BLOCK_S, D)
             v = tl.load(vc_ptr + base + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-            seen = (offs_s[None, :] >= lo_r[:, None]) & (offs_s[None, :] <= pos[:, None])  # (BLOCK_R, BLOCK_S)
+            seen = (offs_s[None, :] >= lo_r[:, None]) & (offs_s[None, :] <= pos[:, None]) & s_ok[None, :]  # (BLOCK_R, BLOCK_S)
             s = tl.where(seen, _dot(q, tl.trans(k), IEEE) * qk_scale, -float("inf"))  # (BLOCK_R, BLOCK_S) fp32
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no key seen yet keeps zeros
@@ -321,7 +321,7 @@ def _attention_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
         out_dtype = out_ptr.dtype.element_ty
-        if n_active == 1:  # one split holds every visible key: the result is final
+        if first == last:  # one split holds every visible key: the result is final
             tl.store(out_ptr + q_rows[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(out_dtype), mask=r_ok[:, None])
         else:  # keep this split's partial result; the last split to finish combines them
             at = (tile * N_SPLITS + split) * BLOCK_R + local  # (BLOCK_R,)
@@ -330,26 +330,24 @@ def _attention_kernel(
             tl.store(part_ml_ptr + at * 2 + 1, l_i, mask=r_ok)
             tl.debug_barrier()  # every thread's partial is written before the count goes up
             done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if done == n_active - 1:
-                # every split's running max at once: (BLOCK_R, N_SPLITS); .cg reads past this SM's L1,
-                # which may hold another launch's partials at the same addresses
-                sp = tl.arange(0, N_SPLITS)
-                ml_at = (tile * N_SPLITS + sp[None, :]) * BLOCK_R + local[:, None]  # (BLOCK_R, N_SPLITS)
-                ok = r_ok[:, None] & (sp[None, :] < n_active)
-                m_all = tl.load(part_ml_ptr + ml_at * 2, mask=ok, other=-float("inf"), cache_modifier=".cg")
-                m_max = tl.max(m_all, axis=1)
+            if done == last - first:
+                # .cg: read past this SM's L1, which may hold another launch's partials at these addresses
+                sp = first + tl.arange(0, NS_POW2)
+                ok = r_ok[:, None] & (sp[None, :] <= last)
+                m_all = tl.load(part_ml_ptr + ((tile * N_SPLITS + sp[None, :]) * BLOCK_R + local[:, None]) * 2, mask=ok,
+                                other=-float("inf"), cache_modifier=".cg")  # (BLOCK_R, NS_POW2)
+                m_max = tl.max(m_all, axis=1)  # exact, whatever the order
                 m_max = tl.where(m_max == -float("inf"), 0.0, m_max)
                 den = tl.zeros([BLOCK_R], dtype=tl.float32)
                 o = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-                for c0 in range(0, n_active, CHUNK):  # CHUNK splits per load, in split order
-                    sc = c0 + tl.arange(0, CHUNK)
-                    c_at = (tile * N_SPLITS + sc[None, :]) * BLOCK_R + local[:, None]  # (BLOCK_R, CHUNK)
-                    c_ok = r_ok[:, None] & (sc[None, :] < n_active)
-                    w = tl.exp2(tl.load(part_ml_ptr + c_at * 2, mask=c_ok, other=-float("inf"), cache_modifier=".cg") - m_max[:, None])
-                    den += tl.sum(w * tl.load(part_ml_ptr + c_at * 2 + 1, mask=c_ok, other=0.0, cache_modifier=".cg"), axis=1)
-                    o_c = tl.load(part_o_ptr + c_at[:, :, None] * D + offs_d[None, None, :], mask=c_ok[:, :, None], other=0.0,
-                                  cache_modifier=".cg")  # (BLOCK_R, CHUNK, D)
-                    o += tl.sum(w[:, :, None] * o_c, axis=1)
+                for c0 in range(first, last + 1, CHUNK):  # in split order, CHUNK loads in flight at a time
+                    for c in tl.static_range(CHUNK):
+                        c_ok = r_ok & (local * 0 + c0 + c <= last)  # (BLOCK_R,)
+                        c_at = (tile * N_SPLITS + c0 + c) * BLOCK_R + local
+                        w = tl.exp2(tl.load(part_ml_ptr + c_at * 2, mask=c_ok, other=-float("inf"), cache_modifier=".cg") - m_max)
+                        den += w * tl.load(part_ml_ptr + c_at * 2 + 1, mask=c_ok, other=0.0, cache_modifier=".cg")
+                        o += w[:, None] * tl.load(part_o_ptr + c_at[:, None] * D + offs_d[None, :], mask=c_ok[:, None], other=0.0,
+                                                  cache_modifier=".cg")
                 tl.store(out_ptr + q_rows[:, None] * D + offs_d[None, :], (o / den[:, None]).to(out_dtype), mask=r_ok[:, None])
                 tl.store(count_ptr + tile, 0)  # ready for the next launch
 
@@ -362,22 +360,24 @@ def decode_attention(
     scale: float,
     window: int | None,  # sliding window: also only keys > input_pos[t] - window
     counters: torch.Tensor,  # (>= B*NKV*row blocks,) int32 zeros, owned by the caller (the cache), left zero
+    span: int | None = None,  # positions a kept query may see: [0, span) (default: the whole cache)
 ) -> torch.Tensor:  # (M, NH*D)
-    """Split-K (flash-decoding) attention in one launch. The keys each tile of rows sees are cut
-    into at most attn_splits splits of whole blocks, one program each, so a long context is read
-    by many programs at once; every split keeps its partial softmax (running max, sum, weighted
-    values), and the last split of a tile to finish (an atomic count) combines them in split order,
-    so the result does not depend on which finished last. A tile whose keys fit one block writes
-    its result directly. The grid depends on neither the positions nor the cache's size, so one
-    captured CUDA graph serves every position."""
+    """Split-K (flash-decoding) attention in one launch. The keys [0, span) are cut into splits of
+    attn_split_s positions, one program per (tile of rows, split), so a long context is read by
+    many programs at once; each split keeps its partial softmax (running max, sum and weighted
+    values), and the last split of a tile to finish (an atomic count) combines them in split
+    order, so the result does not depend on which finished last. A tile whose keys lie in one
+    split (every short context) writes its result directly. The grid depends on `span`, never on
+    the positions, so one captured CUDA graph serves every position below it."""
     M, nh, D = q.shape
     B, nkv, S, _ = k_cache.shape
     T = input_pos.shape[0]
     group = nh // nkv
     R = T * group  # rows per (batch row, kv head)
-    block_r = min(64, max(16, triton.next_power_of_2(R)))
+    block_r = 16  # the same for every T: a row's arithmetic never depends on its neighbours
     r_blocks = triton.cdiv(R, block_r)
-    n_splits = int(TUNE["attn_splits"])
+    split_s = int(TUNE["attn_split_s"])
+    n_splits = triton.cdiv(min(span or S, S), split_s)
     tiles = B * nkv * r_blocks
     if counters.numel() < tiles or counters.dtype != torch.int32:
         raise ValueError(f"attention needs {tiles} int32 counters, got {counters.numel()} {counters.dtype}")
@@ -386,10 +386,10 @@ def decode_attention(
     part_ml = torch.empty(tiles * n_splits * block_r, 2, dtype=torch.float32, device=q.device)
     pdl = _pdl(q)
     _attention_kernel[(tiles, n_splits)](
-        q, k_cache, v_cache, input_pos, out, part_o, part_ml, counters, T, R, r_blocks, scale,
+        q, k_cache, v_cache, input_pos, out, part_o, part_ml, counters, T, R, r_blocks, n_splits, scale,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NH=nh, NKV=nkv, GROUP=group, D=D, WINDOW=window or 0, N_SPLITS=n_splits, BLOCK_S=int(TUNE["attn_block_s"]),
-        BLOCK_R=block_r, CHUNK=min(n_splits, max(1, 128 // block_r)), IEEE=_ieee(q), GDC=pdl,
+        NH=nh, NKV=nkv, GROUP=group, D=D, WINDOW=window or 0, SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s),
+        BLOCK_R=block_r, NS_POW2=triton.next_power_of_2(n_splits), CHUNK=int(TUNE["attn_combine_chunk"]), IEEE=_ieee(q), GDC=pdl,
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out

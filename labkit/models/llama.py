@@ -136,6 +136,7 @@ class LlamaBlock(nn.Module):
         cache: KVCache,
         layer: int,
         input_pos: torch.Tensor,  # (T,)
+        attend_len: int,  # keys a kept query may see: [0, attend_len)
     ) -> torch.Tensor:  # (B, T, dim)
         """The same layer in five fused operations; attention reads keys up to each query's
         position straight from the cache, so no mask is built."""
@@ -144,7 +145,7 @@ class LlamaBlock(nn.Module):
         k_cache, v_cache = cache.k_layers[layer], cache.v_layers[layer]  # (B, nkv, S, D)
         q = ops.norm_qkv_rope(x2, self.attn_norm.weight, self.attn_norm.eps, self.wqkv.weight, self.wqkv.bias,
                               cos, sin, input_pos, k_cache, v_cache, self.n_heads)  # (M, nh, D)
-        y = ops.decode_attention(q, k_cache, v_cache, input_pos, self.scale, self.sliding_window, cache.counters[layer])  # (M, nh*D)
+        y = ops.decode_attention(q, k_cache, v_cache, input_pos, self.scale, self.sliding_window, cache.counters[layer], attend_len)  # (M, nh*D)
         x2 = ops.linear_residual(y, self.wo.weight, self.wo.bias, x2)  # (M, dim)
         h = ops.norm_gate_up(x2, self.mlp_norm.weight, self.mlp_norm.eps, self.w_gate_up.weight, self.w_gate_up.bias)
         return ops.linear_residual(h, self.w_down.weight, self.w_down.bias, x2).view(B, T, dim)
@@ -196,7 +197,7 @@ class Llama(nn.Module):
         if self.layer_ops is not None and tokens.shape[1] <= self.fused_max_t:
             for i in range(n):
                 block: LlamaBlock = self.layers[i]  # type: ignore[assignment]
-                x = block.forward_fused(self.layer_ops, x, self.cos, self.sin, cache, i, input_pos)
+                x = block.forward_fused(self.layer_ops, x, self.cos, self.sin, cache, i, input_pos, attend_len)
         else:
             cos = self.cos[input_pos].unsqueeze(1)  # (T, 1, D)
             sin = self.sin[input_pos].unsqueeze(1)
