@@ -248,8 +248,10 @@ class Engine:
 
     def drop_captured(self) -> None:
         """Forget every captured graph (they are captured again when next needed): after changing
-        what a step runs, such as the layer kernels."""
+        what a step runs, such as the layer kernels. Their memory pool goes with them: PyTorch
+        cannot capture into a pool whose graphs are all gone, so the next capture starts a new one."""
         self._captured.clear()
+        self._pool = None
 
     def captured_keys(self) -> list[tuple[Any, ...]]:
         """What is captured now (tests and tools read it)."""
