@@ -466,10 +466,10 @@ def cmd_bench_context(args: argparse.Namespace) -> int:
         fwd = f"{e['hf_forward_ms']:>11.1f}" if e["hf_forward_ms"] is not None else ""
         print(f"{e['system']:<22}{e['prompt_tokens']:>8}{e['ttft_ms']:>10.1f}{e['decode_tok_per_s']:>12.1f}{e['tok_per_s']:>9.1f}{e['identical_share']:>10.0%}{fwd}")
     t = payload["targets"]
-    if t:
-        line = f"plain decode at {t['longest']} tokens keeps {t['decode_retained']:.0%} of its speed at {t['shortest']}"
-        if "ttft_over_hf_forward_at_longest" in t:
-            line += f"; TTFT at {t['longest']} = {t['ttft_over_hf_forward_at_longest']:.2f}x one transformers forward"
+    for n, kept in t.get("decode_retained", {}).items():
+        line = f"at {n:>5} prompt tokens plain decode keeps {kept:.0%} of its speed at {t['shortest']}"
+        if n in t["ttft_over_hf_forward"]:
+            line += f"; TTFT {t['ttft_ms'][n]:.1f} ms = {t['ttft_over_hf_forward'][n]:.2f}x one transformers forward"
         print(line)
     for f in payload.get("files", []):
         print(f"wrote {f}")

@@ -39,10 +39,10 @@ from labkit.models.loading import LoadedModel, eos_token_ids
 DEFAULT_MAX_SEQ_LEN = 8192  # cache positions allocated at load when --max-seq-len is not given (at most the model's context)
 MIN_ATTEND = 1024  # the smallest attention span of a masked fixed-shape step (see Engine.ensure_capacity)
 PREFILL_CHUNK = 8192  # a longer input runs as passes of this many tokens (activations and masks stay bounded)
-# With CUDA graphs a prompt from position 0 runs as one captured pass (PrefillGraph), padded to a
-# power of two; an input of up to PREFILL_GRAPH_CHUNKS_MAX_T tokens that cannot (one that follows
-# a cached prefix) runs as captured steps of GRAPH_MAX_T tokens. Anything else runs in one eager pass.
-PREFILL_GRAPH_CHUNKS_MAX_T = 64
+# With CUDA graphs an input of up to PREFILL_GRAPH_CHUNKS_MAX_T tokens runs as captured steps of
+# GRAPH_MAX_T tokens (the fused layers: few kernels); a longer prompt from position 0 as one
+# captured pass (PrefillGraph), padded to a power of two. Anything else runs in one eager pass.
+PREFILL_GRAPH_CHUNKS_MAX_T = 48  # measured on an H200: 32 tokens as two chunks 1.1 ms, as one pass 2.1 ms; 512: 17.6 and 2.6 ms
 PREFILL_GRAPHS = True  # captured prompt passes (scripts/prefill_costs.py compares the ways)
 
 
@@ -144,6 +144,7 @@ class Engine:
         self.cuda_graph = cuda_graph
         self._graphs_safe = cuda_graph  # set per request by ensure_capacity
         self._captured: dict[tuple[Any, ...], Any] = {}  # every captured object, by what it was captured for (captured())
+        self._pool: Any = None  # the memory pool the captured graphs share
         self.heads: Any = None  # draft heads (attach_heads): the model then keeps its final hidden states
         self._hidden: torch.Tensor | None = None  # (B, T, D) final hidden states of the last full pass ...
         self._hidden_start = 0  # ... whose first row is this cache position
@@ -159,8 +160,12 @@ class Engine:
         self.eos_token_ids: tuple[int, ...] = ()  # set by from_hf; generate stops on these
         self.weights = "dense"  # or "gguf": linears read the GGUF's quantised blocks
         self.cache: KVCache | None = None
+        # Captures warm up on positions past every request's reach: models with rotary positions get
+        # GRAPH_HEADROOM positions beyond max_seq_len for it (GPT-2's learned positions end at its
+        # context, so there graphs give way to eager steps in the cache's last positions instead).
+        self.headroom = 0 if getattr(self.model, "learned_positions", False) else GRAPH_HEADROOM
         self.max_seq_len = resolve_max_seq_len(max_seq_len, self.context_len)
-        self.attend_len = self.max_seq_len  # keys a masked fixed-shape step attends over (ensure_capacity)
+        self.attend_len = self.max_seq_len  # keys a fixed-shape step attends over (ensure_capacity)
         self._allocate(self.max_seq_len)
         # Fixed-shape steps (decode, verify of K+1) attend over the first attend_len positions of
         # the cache with a mask, so one compiled graph serves every position.
@@ -230,7 +235,7 @@ class Engine:
         return engine
 
     def graph_pool(self) -> Any:
-        if getattr(self, "_pool", None) is None:
+        if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
 
@@ -280,15 +285,15 @@ class Engine:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     # -- cache management -------------------------------------------------------------
-    def _allocate(self, max_len: int) -> None:
+    def _allocate(self, max_seq_len: int) -> None:
         self.drop_captured()  # captured graphs point into the old cache
         self.cache = None  # the old buffers go before the new ones come
         self.cache = KVCache(
-            self.args.n_layers, self.batch_size, self.args.n_kv_heads, max_len, self.args.head_dim,
+            self.args.n_layers, self.batch_size, self.args.n_kv_heads, max_seq_len + self.headroom, self.args.head_dim,
             dtype=self.dtype, device=self.device,
         )
-        self.max_seq_len = self.attend_len = max_len
-        self.model.setup_rope(max_len)
+        self.max_seq_len = self.attend_len = max_seq_len
+        self.model.setup_rope(self.cache.max_len)
 
     def resize(self, max_seq_len: int) -> None:
         """Reallocate the cache for `max_seq_len` positions. Every captured graph (the engine's
@@ -302,14 +307,14 @@ class Engine:
         if total_len > self.context_len:
             raise LabkitError(f"{total_len} positions exceed the model's context of {self.context_len} tokens")
         assert self.cache is not None
-        if total_len > self.cache.max_len:
-            raise LabkitError(f"{total_len} positions exceed this engine's cache of {self.cache.max_len} "
+        if total_len > self.max_seq_len:
+            raise LabkitError(f"{total_len} positions exceed this engine's cache of {self.max_seq_len} "
                               f"(--max-seq-len, at most the model's context of {self.context_len})")
         # Fixed-shape steps attend over a span: the request's length rounded up to a power of two,
         # so a short request on a long cache pays for neither a mask over the whole cache (PyTorch
         # layers, --compile) nor attention programs for keys it never has (fused layers).
         span = max(MIN_ATTEND, 1 << max(0, total_len + GRAPH_HEADROOM - 1).bit_length())
-        self.attend_len = min(self.cache.max_len, span)
+        self.attend_len = min(self.max_seq_len, span)
         # Graph capture warms up on the cache's last positions: keep them out of reach. Near the
         # end of the cache there is no room for that headroom: steps run eagerly then.
         self._graphs_safe = self.cuda_graph and total_len + GRAPH_HEADROOM <= self.cache.max_len
@@ -355,7 +360,7 @@ class Engine:
         start = cache.length
         self._check_room(start, T)
         if (PREFILL_GRAPHS and self._graphs_safe and start == 0 and last_only is True and n_layers is None and T > GRAPH_MAX_T
-                and prefill_bucket(T) <= cache.max_len):
+                and T > PREFILL_GRAPH_CHUNKS_MAX_T and prefill_bucket(T) <= cache.max_len):
             graph: PrefillGraph = self.captured(("prefill", prefill_bucket(T)), lambda: PrefillGraph(self, prefill_bucket(T)))
             logits = graph.run(tokens)
             cache.length = T

@@ -91,7 +91,8 @@ class GraphStep:
     """
 
     def __init__(self, engine: Engine, T: int, n_layers: int | None, greedy: bool = False, draft_heads: bool = False) -> None:
-        max_len = engine.max_seq_len
+        assert engine.cache is not None
+        max_len = engine.cache.max_len  # warm-ups write the cache's last positions, past every request
         device = engine.device
         self.T = T
         self.tokens = torch.zeros(engine.batch_size, T, dtype=torch.long, device=device)  # (B, T)
@@ -139,7 +140,8 @@ class GreedyGraph:
     def __init__(self, engine: Engine, chunk: int) -> None:
         device, B = engine.device, engine.batch_size
         V = engine.args.vocab_size
-        max_len = engine.max_seq_len
+        assert engine.cache is not None
+        max_len = engine.cache.max_len
         self.token = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1) input, then output
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) position being written
         self.step_idx = torch.zeros(1, dtype=torch.long, device=device)  # (1,) steps done in this chunk

@@ -317,3 +317,29 @@ def test_cuda_captured_prompt_pass_matches_eager_at_every_bucket(arch: str) -> N
             outs.append(engine.prefill(ids).clone())
         assert (outs[0] - outs[1]).abs().max().item() < 1e-3, T
         assert generate(graphed, ids[0].tolist(), cfg).tokens == generate(eager, ids[0].tolist(), cfg).tokens, T
+
+
+def test_cuda_graphs_are_captured_again_after_a_resize() -> None:
+    """Resizing drops every captured graph, their pool included (PyTorch cannot capture into a pool
+    whose graphs are all gone): the next requests capture afresh on the new cache and stay lossless,
+    also right at the end of the cache, where capture warm-ups use the headroom past max_seq_len."""
+    from labkit.generate import Speculation
+    from labkit.specdec.drafters import make_drafter
+
+    hf = _long_tiny()
+    engine = Engine.from_hf(hf, "cuda", "bfloat16", cuda_graph=True, max_seq_len=512)
+    drafter = make_drafter("ngram-graph", engine)
+    engine.warm_up(4)
+    cfg = GenerationConfig(max_new_tokens=64, stop_at_eos=False)
+    prompt = torch.randint(3, 96, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    want = generate(engine, prompt, cfg).tokens
+    assert generate(engine, prompt, cfg, Speculation(drafter, 4)).tokens == want
+    engine.resize(2048)
+    assert engine.captured_keys() == []
+    engine.warm_up(4)
+    full = torch.randint(3, 96, (2048 - 64,), generator=torch.Generator().manual_seed(2)).tolist()  # fills the cache exactly
+    for p in (prompt, full):
+        plain = generate(engine, p, cfg)
+        assert engine.graphs_safe, "the last positions of the cache still run on graphs"
+        assert generate(engine, p, cfg, Speculation(drafter, 4)).tokens == plain.tokens
+    assert generate(engine, prompt, cfg).tokens == want  # the same tokens on the new cache

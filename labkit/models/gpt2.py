@@ -92,6 +92,8 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(nn.Module):
+    learned_positions = True  # positions past the context have no embedding
+
     def __init__(self, args: GPT2Args) -> None:
         super().__init__()
         self.args = args

@@ -82,7 +82,7 @@ class LookupSteps:
     into the engine's cache, so the engine owns it (`Engine.captured`) and drops it with the cache."""
 
     def __init__(self, engine: Any, k: int, chunk: int = CHUNK) -> None:
-        max_len = engine.max_seq_len
+        max_len = engine.cache.max_len  # warm-ups write its last positions, past every request
         if engine.batch_size != 1:
             raise LabkitError("the n-gram graph drafter decodes batch 1")
         if not 1 <= k < GRAPH_MAX_T:
