@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -145,6 +146,9 @@ class Engine:
         self._graphs_safe = cuda_graph  # set per request by ensure_capacity
         self._captured: dict[tuple[Any, ...], Any] = {}  # every captured object, by what it was captured for (captured())
         self._pool: Any = None  # the memory pool the captured graphs share
+        # one request at a time: the cache, the captured graphs' buffers and the drafters' state
+        # belong to the request that holds it (generate takes it; re-entrant for nested calls)
+        self.request_lock = threading.RLock()
         self.heads: Any = None  # draft heads (attach_heads): the model then keeps its final hidden states
         self._hidden: torch.Tensor | None = None  # (B, T, D) final hidden states of the last full pass ...
         self._hidden_start = 0  # ... whose first row is this cache position

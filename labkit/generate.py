@@ -161,8 +161,21 @@ def generate(
     """Decode one prompt (batch 1): greedy when temperature is 0; speculative when `spec` is given.
     detailed_metrics (None: SPECDEC_DETAILED_METRICS) times each phase, synchronising around it.
 
-    Invariant between steps: the target's cache holds every context token but the last.
+    One request at a time holds the engine (and the drafter that works on it): a second thread
+    calling generate on the same engine waits for the first to finish.
     """
+    with engine.request_lock:
+        return _generate(engine, prompt_ids, config, spec, detailed_metrics)
+
+
+def _generate(
+    engine: Engine,
+    prompt_ids: Sequence[int],
+    config: GenerationConfig,
+    spec: Speculation | None,
+    detailed_metrics: bool | None,
+) -> GenerationResult:
+    """The loop. Invariant between steps: the target's cache holds every context token but the last."""
     config.validate()
     check_prompt(prompt_ids, engine.context_len)
     if spec is not None:

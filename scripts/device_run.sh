@@ -9,6 +9,9 @@
 #   call 3, carry .carry/part_ac:                      bash scripts/device_run.sh stage assemble quicktests
 #   later calls (nothing to carry):                    bash scripts/device_run.sh context validate
 # papermill (for `validate`, which runs notebook 3D) travels in .carry/pm with a call of its own.
+# Run everything through this script: it sets PYTHONPATH and LABKIT_CACHE; a bare `python3 -m labkit`
+# on the machine finds neither the model package nor the converted cache. Any labkit command:
+#   ARGS="bench context --lengths 32,4096 --no-hf" bash scripts/device_run.sh labkit
 #   with draft heads:  DRAFTERS=ngram,heads HEADS=/tmp/heads bash scripts/device_run.sh heads validate
 # validate stops starting prompts after BUDGET s (default 420) so that one call (10 min) brings results back.
 # The device copy's .git is the session's first commit, so name the tree in the call:
@@ -48,6 +51,9 @@ case "$step" in
     ;;
   cudatests)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layer_kernels.py 2>&1 | tail -30 | tee "$out/pytest_cuda.txt"
+    ;;
+  labkit)  # python3 -m labkit $ARGS, results under $OUT/results
+    python3 -m labkit $ARGS 2>&1 | grep -v Warning | tail -60 | tee "$out/labkit.txt"
     ;;
   longtests)  # the split-K attention, the long-context engine, the CUDA tests
     python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_long_context.py tests/test_cuda.py 2>&1 | tail -30 | tee "$out/pytest_long.txt"
@@ -90,6 +96,6 @@ case "$step" in
       -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters "${DRAFTERS:-ngram,layerskip,truncated}" -p heads "${HEADS:-}" \
       -p ks "${KS:-2,4,6,8}" -p compile "${COMPILE:-False}" -p time_budget_s "${BUDGET:-420}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|labkit|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
 esac
 done

@@ -162,3 +162,30 @@ def test_detailed_metrics_time_each_phase_and_cost_nothing_when_off(monkeypatch:
     assert p is not None and {"prefill", "draft", "verify", "accept", "kv_update", "sampling"} <= set(p["host_s"])
     assert p["count"]["verify"] + p["count"].get("decode", 0) == on.stats.target_steps and all(v >= 0 for v in p["host_s"].values())
     assert p["device_s"] == {}  # CUDA events only on a CUDA device
+
+
+def test_two_threads_on_one_engine_each_get_their_own_answer() -> None:
+    """Two threads calling generate on one engine (and one drafter) at once: each answer is the one
+    a lone call gives (the engine lets one request in at a time), five times over."""
+    import threading
+
+    from labkit.generate import Speculation
+    from labkit.specdec import make_drafter
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=6), "cpu", "float32")
+    drafter = make_drafter("layerskip", engine, layers=1)
+    cfg = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
+    prompts = [[5, 6, 7, 8, 9, 10], [40, 41, 42, 43, 40, 41, 42]]
+    alone = [generate(engine, p, cfg).tokens for p in prompts]
+    for _ in range(5):
+        got: dict[int, list[int]] = {}
+
+        def run(i: int, got: dict[int, list[int]] = got) -> None:
+            got[i] = generate(engine, prompts[i], cfg, Speculation(drafter, 3) if i else None).tokens
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [got[0], got[1]] == alone

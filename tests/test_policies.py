@@ -268,3 +268,50 @@ def test_generate_calibrates_the_cost_aware_controller_once(target: Engine) -> N
     assert first is not None and sorted(first) == [0, 1, 2, 3]
     generate(target, PROMPT, cfg, Speculation(make_drafter("ngram", target), 3, None, c))
     assert c.verify_table is first  # measured once: the costs belong to the device
+
+
+def _confidence_trials(pick, q: list[float], p: list[float], threshold: float, n: int = 20000) -> list[int]:
+    """Counts of each first output token when a confidence-stopping drafter (`pick`, with draft
+    distribution q) proposes one token and rejection sampling decides it against the target p."""
+    from labkit.specdec.policies import RejectionSampling
+
+    cfg = GenerationConfig(temperature=1.0, max_new_tokens=1)
+    g = torch.Generator().manual_seed(123)
+    draft_logits = torch.tensor([q]).log()  # (1, V)
+    target_logits = torch.tensor([p, p]).log()  # (2, V): the draft's position and one past it
+    policy = RejectionSampling()
+    counts = [0] * len(p)
+    for _ in range(n):
+        token, probs = pick(draft_logits, len(p), cfg, g, threshold)
+        if token is None:  # no draft: the target samples its own token
+            out = int(torch.multinomial(torch.tensor(p), 1, generator=g))
+        else:
+            verdict = policy.accept(torch.tensor([token]), probs[None], target_logits, cfg, g)
+            out = token if verdict.accepted == 1 else verdict.next_token
+        counts[out] += 1
+    return counts
+
+
+def _sampled_token_confidence_pick(logits, vocab, config, generator, stop_below):
+    """The old, broken rule, kept here to prove the test can fail: stop on the probability of the
+    token just drawn (so whether a token gets drafted depends on which token it is)."""
+    q = logits[0].float().softmax(-1)
+    token = int(torch.multinomial(q, 1, generator=generator))
+    return (None, None) if float(q[token]) < stop_below else (token, q)
+
+
+@pytest.mark.parametrize("q, p", [([0.9, 0.1], [0.5, 0.5]), ([0.45, 0.35, 0.2], [0.2, 0.3, 0.5])])  # always drafts; never drafts
+def test_confidence_stop_keeps_the_target_distribution_under_sampling(q: list[float], p: list[float]) -> None:
+    """The drafter-side confidence stop is lossless: it decides from the draft distribution before
+    sampling (here threshold 0.5), so the output follows p within 5 standard deviations of the
+    binomial at 6,000 draws; the old rule (stop on the drawn token's q) fails the same check on
+    the issue's example (q = 0.9/0.1, p = 0.5/0.5: about 0.55/0.45)."""
+    from labkit.specdec.drafters import _pick
+
+    n = 6000
+    counts = _confidence_trials(_pick, q, p, 0.5, n)
+    for c, pi in zip(counts, p, strict=True):
+        assert abs(c / n - pi) < 5 * math.sqrt(pi * (1 - pi) / n), (counts, p)
+    if q == [0.9, 0.1]:
+        broken = _confidence_trials(_sampled_token_confidence_pick, q, p, 0.5, n)
+        assert abs(broken[0] / n - 0.5) > 5 * math.sqrt(0.25 / n), broken

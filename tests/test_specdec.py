@@ -43,7 +43,6 @@ def test_greedy_speculation_is_token_identical(target: Engine, k: int) -> None:
             want = plain(target, prompt)
             got = generate(target, prompt, GenerationConfig(max_new_tokens=30, stop_at_eos=False), Speculation(drafter, k))
             assert got.tokens == want, (name, k, prompt)
-            assert len(got.stats.accepted_lengths) == got.stats.target_steps
             assert all(0 <= a <= d for a, d in zip(got.stats.accepted_lengths, got.stats.drafted_lengths, strict=True))
 
 

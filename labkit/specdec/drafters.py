@@ -39,23 +39,28 @@ class Drafter(Protocol):
 
 
 def _pick(
-    logits: torch.Tensor, vocab: int, config: GenerationConfig, generator: torch.Generator | None, want_confidence: bool = False
-) -> tuple[int, torch.Tensor | None, float]:
-    """Draft token from draft logits (1, V_draft), its distribution over the target vocab, and
-    (when asked: it costs a sync) the draft's own probability of that token (softmax at T=1 for greedy)."""
+    logits: torch.Tensor, vocab: int, config: GenerationConfig, generator: torch.Generator | None, stop_below: float = 0.0
+) -> tuple[int | None, torch.Tensor | None]:
+    """Draft token from draft logits (1, V_draft) and its distribution over the target vocab, or
+    (None, None) when the draft's confidence, the largest probability of its distribution, is below
+    `stop_below` (the confidence early stop; softmax at T=1 for greedy). The stop is decided from
+    the distribution before anything is sampled, never from the token it would have drawn: a stop
+    that looked at the drawn token would skew which tokens get drafted away from q, and rejection
+    sampling against q would then no longer return the target's distribution."""
     logits = logits[0]
     if logits.shape[-1] > vocab:  # padded draft vocabulary: ids the target cannot have never drafted
         logits = logits[:vocab]
     if config.temperature == 0:
-        token = int(logits.argmax().item())
-        confidence = float(logits.float().softmax(-1)[token]) if want_confidence else 1.0
-        return token, None, confidence
+        if stop_below > 0 and float(logits.float().softmax(-1).max()) < stop_below:
+            return None, None
+        return int(logits.argmax().item()), None
     q = warp_logits(logits, config.temperature, config.top_k, config.top_p).softmax(-1)  # (V_draft,)
+    if stop_below > 0 and float(q.max()) < stop_below:
+        return None, None
     token = int(torch.multinomial(q, 1, generator=generator).item())
-    confidence = float(q[token]) if want_confidence else 1.0
     if q.shape[-1] < vocab:
         q = torch.nn.functional.pad(q, (0, vocab - q.shape[-1]))
-    return token, q, confidence
+    return token, q
 
 
 def _stack(probs: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -91,9 +96,9 @@ class ModelDrafter:
         probs: list[torch.Tensor | None] = []
         for i in range(k):
             logits = self.engine.forward(feed, last_only=True)[:, -1]  # (1, V_draft)
-            token, q, confidence = _pick(logits, self.vocab, config, generator, self.stop_below > 0)
+            token, q = _pick(logits, self.vocab, config, generator, self.stop_below)
             self.cached = context + tokens  # what the draft cache holds now
-            if confidence < self.stop_below:
+            if token is None:  # not confident enough: stop drafting (decided before sampling)
                 break
             tokens.append(token)
             probs.append(q)
@@ -125,9 +130,10 @@ class LayerSkipDrafter:
         probs: list[torch.Tensor | None] = []
         for _ in range(k):
             logits = self.engine.forward(torch.tensor([[token]], device=device), n_layers=self.n_layers)[:, -1]
-            token, q, confidence = _pick(logits, self.vocab, config, generator, self.stop_below > 0)
-            if confidence < self.stop_below:
+            picked, q = _pick(logits, self.vocab, config, generator, self.stop_below)
+            if picked is None:  # not confident enough: stop drafting (decided before sampling)
                 break
+            token = picked
             tokens.append(token)
             probs.append(q)
         self.engine.rollback(start)  # draft positions are rewritten by the verify pass
