@@ -176,18 +176,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     config.validate()
+    from labkit.generate import check_text
+
+    check_text(args.prompt)  # before the slow part: text a tokenizer can take
     if not args.prompt.strip():
         raise LabkitError("the prompt is empty")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise LabkitError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or Flags.from_env().dtype, device)
 
     from labkit.engine import Engine
-    from labkit.generate import generate_text
+    from labkit.generate import MAX_K, generate_text
     from labkit.metrics.profiler import check_trace_path, profile, top_ops
     from labkit.models.loading import load_model
 
-    if args.k < 1:
-        raise LabkitError(f"--k must be at least 1, got {args.k}")
+    if not 1 <= args.k <= MAX_K:
+        raise LabkitError(f"--k must be from 1 to {MAX_K}, got {args.k}")
+    if args.heads and args.drafter in (None, "heads"):
+        from labkit.specdec.heads import load_heads_config
+
+        n_heads = load_heads_config(args.heads).n_heads
+        if args.k > n_heads:
+            raise LabkitError(f"these heads draft at most {n_heads} tokens per step (one per head), got --k {args.k}")
     trace_path = check_trace_path(args.profile) if args.profile else None  # before the slow part
     drafter_kind = args.drafter or ("model" if args.draft_model else "heads" if args.heads else None)
     if args.heads:
@@ -423,6 +434,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if args.repeats < 1:
             raise LabkitError(f"--repeats must be at least 1, got {args.repeats}")
+        from labkit.bench.results import check_output_dir
+
+        check_output_dir(args.output_dir)  # before anything is measured
         device = resolve_device(args.device)
         result = run_kernel_bench(device, KernelBenchConfig(repeats=args.repeats))
         payload = {"benchmark": "kernels", **provenance(device, result["config"]),

@@ -6,6 +6,7 @@ notebooks' parameter cells are thin layers over these dataclasses.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -107,6 +108,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+MIN_TEMPERATURE = 1e-3  # below this, logits / temperature overflow; use 0 for greedy
+
+
 @dataclass
 class GenerationConfig:
     """How one request decodes. temperature 0 means greedy."""
@@ -121,12 +125,16 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # filled from the model when empty
 
     def validate(self) -> None:
+        for name in ("max_new_tokens", "min_new_tokens", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise LabkitError(f"{name.replace('_', ' ')} must be a whole number, got {value!r}")
         if self.max_new_tokens < 1:
             raise LabkitError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise LabkitError(f"min new tokens must be in [0, max new tokens], got {self.min_new_tokens}")
-        if self.temperature < 0:
-            raise LabkitError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0 or 0 < self.temperature < MIN_TEMPERATURE:
+            raise LabkitError(f"temperature must be 0 (greedy) or a finite number from {MIN_TEMPERATURE:g}, got {self.temperature}")
         if self.top_k < 0:
             raise LabkitError(f"top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:

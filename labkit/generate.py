@@ -26,6 +26,7 @@ from labkit.specdec.lookup_steps import CHUNK as LOOKUP_CHUNK
 from labkit.specdec.policies import GreedyMatch, Policy, Verdict, default_policy, warm_up_kernels
 
 Messages = list[dict[str, str]]
+MAX_K = 64  # draft tokens per step at most: a verify of K+1 rows past this costs more than any draft saves
 
 
 @dataclass
@@ -108,6 +109,7 @@ class GenerationResult:
 
 def encode_prompt(tokenizer: Any, prompt: str | Messages, chat: bool | None = None) -> list[int]:
     """Prompt text (or chat messages) → ids; the chat template is applied when the model has one."""
+    check_text(prompt)
     if isinstance(prompt, str):
         if not prompt.strip():
             raise LabkitError("the prompt is empty")
@@ -129,9 +131,33 @@ def encode_prompt(tokenizer: Any, prompt: str | Messages, chat: bool | None = No
     return list(tokenizer(text).input_ids)
 
 
-def check_prompt(prompt_ids: Sequence[int], context_len: int) -> None:
+def check_text(prompt: str | Messages) -> None:
+    """Text a tokenizer can take: valid UTF-8 (no lone surrogates), and chat messages that each
+    have a string role and content."""
+    if isinstance(prompt, str):
+        texts = [prompt]
+    elif isinstance(prompt, list):
+        texts = []
+        for i, m in enumerate(prompt):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise LabkitError(f"chat message {i} needs a string 'role' and 'content', got {str(m)[:80]}")
+            texts += [m["role"], m["content"]]
+    else:
+        raise LabkitError(f"a prompt is text or a list of chat messages, got {type(prompt).__name__}")
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise LabkitError(f"the prompt is not valid UTF-8 text (at character {err.start})") from None
+
+
+def check_prompt(prompt_ids: Sequence[int], context_len: int, vocab_size: int | None = None) -> None:
     if len(prompt_ids) == 0:
         raise LabkitError("the prompt is empty")
+    if vocab_size is not None:
+        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise LabkitError(f"token ids must be whole numbers in [0, {vocab_size}) for this model, got {bad[0]!r}")
     if len(prompt_ids) >= context_len:
         raise LabkitError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context_len}: shorten it")
 
@@ -147,8 +173,8 @@ class Speculation:
     controller: Controller | None = None
 
     def validate(self) -> None:
-        if self.k < 1:
-            raise LabkitError(f"K (draft tokens per step) must be at least 1, got {self.k}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
+            raise LabkitError(f"K (draft tokens per step) must be a whole number from 1 to {MAX_K}, got {self.k!r}")
 
 
 def generate(
@@ -177,7 +203,7 @@ def _generate(
 ) -> GenerationResult:
     """The loop. Invariant between steps: the target's cache holds every context token but the last."""
     config.validate()
-    check_prompt(prompt_ids, engine.context_len)
+    check_prompt(prompt_ids, engine.context_len, engine.args.vocab_size)
     if spec is not None:
         spec.validate()
     budget = min(config.max_new_tokens, engine.context_len - len(prompt_ids))

@@ -124,7 +124,7 @@ def test_a_row_gets_the_same_bits_whatever_shares_its_tile(dtype: torch.dtype, m
 
 
 @interpreted
-@pytest.mark.parametrize("T, last", [(1, 8191), (9, 8191), (1, 4095), (9, 1000)])
+@pytest.mark.parametrize("T, last", [(1, 8191), (9, 4095)])
 def test_long_contexts_match_reference(T: int, last: int) -> None:
     """The default splits at the embedded model's shapes, up to its context of 8,192 positions."""
     from labkit.kernels import layer_triton as tri

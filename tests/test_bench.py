@@ -157,3 +157,41 @@ def test_adaptive_vs_fixed_per_category_with_and_without_an_interval() -> None:
     again = adaptive_vs_fixed(rows + [{**r, "iteration": 1, "tok_per_s": r["tok_per_s"] * 0.5} for r in rows], "cost")
     lo, hi = {r["category"]: r for r in again["per_category"]}["copy"]["ratio_ci90"]
     assert lo == pytest.approx(78 / 80) and hi == pytest.approx(78 / 80)  # drift common to each pair leaves no width
+
+
+def test_results_files_are_never_overwritten(tmp_path) -> None:
+    """Two runs finishing in the same second each keep their own files."""
+    from labkit.bench.results import write_results
+
+    rows = [{"a": 1}]
+    first = write_results(tmp_path, "same", {"run": 1}, rows)
+    second = write_results(tmp_path, "same", {"run": 2}, rows)
+    third = write_results(tmp_path, "same", {"run": 3}, [])
+    names = {p.name for pair in (first, second, third) for p in pair}
+    assert len(names) == 6 and len({first[0], second[0], third[0]}) == 3
+    import json
+
+    assert [json.loads(p[0].read_text())["run"] for p in (first, second, third)] == [1, 2, 3]
+
+
+def test_rows_survive_a_run_that_dies(tmp_path) -> None:
+    """Rows land in <stem>.rows.jsonl as they are measured; finish() turns them into .json and .csv."""
+    from labkit.bench.results import RowLog
+
+    log = RowLog(tmp_path, "sweep-cpu")
+    log.add({"prompt": 1, "tok_per_s": 10.0})
+    log.add({"prompt": 2, "tok_per_s": 11.0})
+    lines = log.partial.read_text().splitlines()  # what a crash here would leave
+    assert [json.loads(line)["prompt"] for line in lines] == [1, 2]
+    json_path, csv_path = log.finish({"benchmark": "sweep"}, [{"prompt": 1}, {"prompt": 2}])
+    assert not log.partial.exists() and json_path.exists() and csv_path.exists()
+
+
+def test_an_output_folder_that_is_a_file_fails_before_measuring(tmp_path) -> None:
+    from tests.conftest import run_cli
+    from tests.test_cli import assert_clean_error
+
+    blocker = tmp_path / "results"
+    blocker.write_text("")
+    for args in (["sweep", "--k", "1"], ["bench", "baseline"], ["bench", "kernels"], ["bench", "context", "--lengths", "64"]):
+        assert_clean_error(*run_cli(*args, "--output-dir", str(blocker), timeout=60), "is a file")

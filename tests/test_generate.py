@@ -189,3 +189,50 @@ def test_two_threads_on_one_engine_each_get_their_own_answer() -> None:
         for t in threads:
             t.join()
         assert [got[0], got[1]] == alone
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=1e-45), dict(temperature=-1.0),
+    dict(max_new_tokens=2.5), dict(max_new_tokens=True), dict(top_k=1.5), dict(top_p=float("nan")),
+])
+def test_generation_config_refuses_what_it_cannot_sample(bad: dict) -> None:
+    with pytest.raises(LabkitError):
+        GenerationConfig(**bad).validate()
+
+
+def test_bad_prompts_are_one_clear_error() -> None:
+    """Token ids the model does not have, chat messages without a role, text that is not UTF-8,
+    a depth of 0 layers, K past the limit: each a LabkitError, none a raw IndexError or a silent default."""
+    from labkit.generate import Speculation, encode_prompt
+    from labkit.specdec import make_drafter
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=1), "cpu", "float32")
+    cfg = GenerationConfig(max_new_tokens=2)
+    for ids in ([5, 96], [5, -1], [5, 2.0]):
+        with pytest.raises(LabkitError, match="token ids"):
+            generate(engine, ids, cfg)  # type: ignore[arg-type]
+    for messages in ([{"content": "hi"}], [{"role": "user"}], ["hi"], [{"role": "user", "content": "a\udcff"}]):
+        with pytest.raises(LabkitError):
+            encode_prompt(None, messages)  # type: ignore[arg-type]
+    with pytest.raises(LabkitError, match="UTF-8"):
+        encode_prompt(None, "caf\udce9")
+    with pytest.raises(LabkitError, match="layers"):
+        make_drafter("layerskip", engine, layers=0)
+    with pytest.raises(LabkitError, match="from 1 to 64"):
+        generate(engine, [5, 6], cfg, Speculation(make_drafter("ngram", engine), 1000))
+
+
+def test_damaged_heads_files_are_explained(tmp_path) -> None:
+    from labkit.specdec.heads import fingerprint, load_heads, save_heads
+    from tests.test_heads import random_heads
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=1), "cpu", "float32")
+    print_ = fingerprint(engine.model.lm_head.weight)
+    folder = save_heads(random_heads(engine.args.dim, 2), tmp_path / "h", print_)
+    assert load_heads(folder, print_) is not None
+    (folder / "heads.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(LabkitError, match="heads.safetensors"):
+        load_heads(folder, print_)
+    (folder / "heads.json").write_text("{ broken")
+    with pytest.raises(LabkitError, match="heads.json"):
+        load_heads(folder, print_)

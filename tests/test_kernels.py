@@ -310,3 +310,20 @@ def test_registry_prefers_the_fastest_available_and_honours_force_py(monkeypatch
     monkeypatch.setenv("SPECDEC_FORCE_PY", "1")
     assert all(r["chosen"] == "torch" for r in table(DEVICE))
     assert backend_status("triton", DEVICE).reason == "SPECDEC_FORCE_PY=1"
+
+
+def test_the_built_kernel_is_keyed_by_the_cpu(monkeypatch, tmp_path) -> None:
+    """A cache shared between machines: a CPU with other instruction sets builds its own kernel
+    instead of loading one compiled with -march=native elsewhere."""
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    cpu_quant._load.cache_clear()
+    try:
+        if not cpu_quant.available()[0]:
+            pytest.skip("no C compiler")
+        built = {p.name for p in (tmp_path / "kernels").glob("*.so")}
+        monkeypatch.setattr(cpu_quant, "cpu_signature", lambda: "x86_64:fpu sse sse2")  # another machine
+        cpu_quant._load.cache_clear()
+        assert cpu_quant.available()[0]
+        assert len({p.name for p in (tmp_path / "kernels").glob("*.so")} - built) == 1
+    finally:
+        cpu_quant._load.cache_clear()

@@ -96,13 +96,13 @@ def drafters(target: Engine) -> dict:
     }
 
 
-@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("k", [1, 8])
 def test_long_request_after_a_short_one_is_lossless_for_every_drafter(k: int) -> None:
     """A short request, then one of 1,300 positions (past the 1,024 the cache once started with):
     every drafter's greedy output is plain greedy's, and drafts were proposed (and, from the
     target's own weights, stood: rollbacks deep in a long context are exercised)."""
     target = Engine.from_hf(long_model(), "cpu", "float32")
-    cfg = GenerationConfig(max_new_tokens=48, stop_at_eos=False)
+    cfg = GenerationConfig(max_new_tokens=32, stop_at_eos=False)
     short, long = long_prompt(40)[:40], long_prompt(1250, seed=1)
     for name, drafter in drafters(target).items():
         kk = min(k, 4) if name == "heads" else k
@@ -140,17 +140,17 @@ def test_resize_drops_every_captured_step() -> None:
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="Triton needs CUDA or TRITON_INTERPRET=1")
 def test_fused_layers_on_a_long_prompt_match_torch_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused engine prefills through the PyTorch layers and then decodes with the split-K
-    attention (splits of two blocks over a 600-token context): the same tokens as the
+    attention (six splits over a 330-token context): the same tokens as the
     PyTorch layers, plain and with prompt lookup."""
     from labkit.kernels import layer_triton as tri
 
-    monkeypatch.setitem(tri.TUNE, "attn_split_s", 128)
+    monkeypatch.setitem(tri.TUNE, "attn_split_s", 64)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = long_model()
     torch_layers = Engine.from_hf(hf, device, "float32", layer_kernels="torch")
     fused = Engine.from_hf(hf, device, "float32", layer_kernels="triton")
-    cfg = GenerationConfig(max_new_tokens=10, stop_at_eos=False)
-    prompt = long_prompt(600, seed=4)
+    cfg = GenerationConfig(max_new_tokens=6, stop_at_eos=False)
+    prompt = long_prompt(330, seed=4)
     want = generate(torch_layers, prompt, cfg).tokens
     assert generate(fused, prompt, cfg).tokens == want
     assert generate(fused, prompt, cfg, Speculation(make_drafter("ngram-graph", fused), 4)).tokens == want

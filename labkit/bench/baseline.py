@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from labkit.bench.results import provenance, write_results
+from labkit.bench.results import RowLog, provenance
 from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.generate import encode_prompt, generate, warm_up
@@ -62,6 +62,7 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
     """Measure both systems; returns provenance, rows and a summary per dtype (and writes them)."""
     device = resolve_device(cfg.device)
     dtypes = [resolve_dtype(d, device) for d in cfg.dtypes]
+    log = RowLog(cfg.output_dir, f"baseline-{device.type}") if cfg.output_dir else None  # before anything is measured
     loaded = loaded or load_model(cfg.model)
     prompts = load_suite(cfg.categories, cfg.prompts_per_category)
     encoded = [(p, encode_prompt(loaded.tokenizer, p.content, cfg.chat)) for p in prompts]
@@ -104,6 +105,8 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
                     rows.append({**base, "system": system, "weights": weights, "new_tokens": len(tokens), "seconds": seconds,
                                  "tok_per_s": len(tokens) / seconds, "ttft_ms": ttft_ms,
                                  "identical_tokens": tokens == got["hf_generate"][0]})
+                    if log:
+                        log.add(rows[-1])
                 bar.update()
         del engines, hf_model
     bar.close()
@@ -111,8 +114,8 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
     params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
     params.update(model_source=loaded.source, device_resolved=str(device), prompts=[p.id for p in prompts])
     payload = {"benchmark": "baseline", **provenance(device, params), "summary": summary}
-    if cfg.output_dir:
-        json_path, csv_path = write_results(cfg.output_dir, f"baseline-{device.type}", payload, rows)
+    if log:
+        json_path, csv_path = log.finish(payload, rows)
         payload["files"] = [str(json_path), str(csv_path)]
     payload["rows"] = rows
     return payload

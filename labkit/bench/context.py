@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from labkit.bench.results import device_name, provenance, write_results
+from labkit.bench.results import RowLog, device_name, provenance
 from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
@@ -127,6 +127,7 @@ def run_context(cfg: ContextConfig, loaded: LoadedModel | None = None) -> dict[s
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     lengths = sorted(set(cfg.lengths or (GPU_LENGTHS if device.type == "cuda" else CPU_LENGTHS)))
+    log = RowLog(cfg.output_dir, f"context-{device.type}") if cfg.output_dir else None  # before anything is measured
     loaded = loaded or load_model(cfg.model)
     tokenizer = loaded.tokenizer
     shortest = min_tokens(tokenizer, cfg.chat)
@@ -174,6 +175,8 @@ def run_context(cfg: ContextConfig, loaded: LoadedModel | None = None) -> dict[s
             for system in systems:
                 g = got[system]
                 rows.append(_row(system, n, rep, g["tokens"], g["ttft"], g["total"], None if system == "labkit_plain" else plain, g["result"]))
+                if log:
+                    log.add(rows[-1])
             bar.update()
     bar.close()
     summary = summarize(rows, forward_ms)
@@ -182,8 +185,8 @@ def run_context(cfg: ContextConfig, loaded: LoadedModel | None = None) -> dict[s
                   drafter_resolved=kind, k_resolved=k, weights=engine.weights, layer_kernels=engine.layer_kernels, max_seq_len=engine.max_seq_len)
     payload: dict[str, Any] = {"benchmark": "context", **provenance(device, params), "card": device_name(device), "summary": summary,
                                "hf_forward_ms": {str(n): ms for n, ms in forward_ms.items()}, "targets": targets(summary, forward_ms)}
-    if cfg.output_dir:
-        json_path, csv_path = write_results(cfg.output_dir, f"context-{device.type}", payload, rows)
+    if log:
+        json_path, csv_path = log.finish(payload, rows)
         png = json_path.with_suffix(".png")
         plot_context(payload, png)
         payload["files"] = [str(json_path), str(csv_path), str(png)]

@@ -80,17 +80,46 @@ def check_output_dir(output_dir: str | Path) -> Path:
     return out
 
 
+class RowLog:
+    """A run's results files, claimed before anything is measured: <stem>-<time>.rows.jsonl gets
+    each row the moment it is measured (a run that dies keeps them), and `finish` writes the .json
+    (provenance, summary, rows) and .csv beside it, then drops the JSONL. Names are never reused:
+    two runs in the same second get -2, -3, ... (the JSONL is created exclusively)."""
+
+    def __init__(self, output_dir: str | Path, stem: str) -> None:
+        out = check_output_dir(output_dir)
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        for n in range(1, 1000):
+            base = f"{stem}-{stamp}" + (f"-{n}" if n > 1 else "")
+            self.json_path, self.csv_path = out / f"{base}.json", out / f"{base}.csv"
+            self.partial = out / f"{base}.rows.jsonl"
+            if self.json_path.exists() or self.csv_path.exists():
+                continue
+            try:
+                self.partial.open("x").close()
+                return
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free results file name for {stem}-{stamp} in {out}")
+
+    def add(self, row: dict[str, Any]) -> None:
+        with self.partial.open("a") as fh:
+            fh.write(json.dumps(row, default=str) + "\n")
+
+    def finish(self, payload: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[Path, Path]:
+        with self.json_path.open("x") as fh:
+            fh.write(json.dumps({**payload, "rows": rows}, indent=2, default=str))
+        if rows:
+            fields = list(dict.fromkeys(k for row in rows for k in row))
+            with self.csv_path.open("x", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+        self.partial.unlink(missing_ok=True)
+        return self.json_path, self.csv_path
+
+
 def write_results(output_dir: str | Path, stem: str, payload: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[Path, Path]:
-    """Write <stem>-<time>.json (provenance, summary, rows) and the rows as .csv; returns both paths."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    json_path, csv_path = out / f"{stem}-{stamp}.json", out / f"{stem}-{stamp}.csv"
-    json_path.write_text(json.dumps({**payload, "rows": rows}, indent=2, default=str))
-    if rows:
-        fields = list(dict.fromkeys(k for row in rows for k in row))
-        with csv_path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-    return json_path, csv_path
+    """Write <stem>-<time>.json (provenance, summary, rows) and the rows as .csv; returns both
+    paths. Never over an existing file."""
+    return RowLog(output_dir, stem).finish(payload, rows)

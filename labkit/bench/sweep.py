@@ -17,7 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from labkit.bench.replay import replay_setups
-from labkit.bench.results import provenance, write_results
+from labkit.bench.results import RowLog, provenance
 from labkit.config import DRAFTERS, GenerationConfig, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
@@ -127,6 +127,7 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     cfg.validate()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    log = RowLog(cfg.output_dir, f"sweep-{device.type}") if cfg.output_dir else None  # before anything is measured
     loaded = loaded or load_model(cfg.base_model)
     target = Engine.from_loaded(loaded, device, dtype, weights=cfg.weights, cuda_graph=cfg.cuda_graph, compile=cfg.compile,
                                 layer_kernels=cfg.layer_kernels)
@@ -156,6 +157,8 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
             plain = generate(target, ids, gen)
             plain_ppl = perplexity(target, ids, plain.tokens)
             rows.append({**run_row(plain, plain, {**base, "drafter": "plain", "k": 0, "policy": "", "controller": ""}), "perplexity": plain_ppl})
+            if log:
+                log.add(rows[-1])
             bar.update()
             shift = (it + i) % len(runs)  # rotate who goes first, so slow drift does not favour one setup
             for drafter, label, setup_policy, controller_name, k in runs[shift:] + runs[:shift]:
@@ -165,6 +168,8 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
                 # drift only where it can exist: lossy policies, or any sampling
                 row["perplexity"] = perplexity(target, ids, result.tokens) if not result.stats.lossless or cfg.temperature > 0 else plain_ppl
                 rows.append(row)
+                if log:
+                    log.add(row)
                 bar.update()
     bar.close()
     summary, per_category = summarize(rows)
@@ -177,8 +182,8 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
         payload["adaptive_vs_fixed"] = {c: adaptive_vs_fixed(rows, c) for c in cfg.controllers if c != "fixed"}
     if cfg.replay:  # greedy acceptance only: lossy policies change the output the oracle records
         payload["replay"] = replay_setups(target, drafters, prompts, gen, {c: cfg.ks_for(c) for c in cfg.controllers})
-    if cfg.output_dir:
-        json_path, csv_path = write_results(cfg.output_dir, f"sweep-{device.type}", payload, rows)
+    if log:
+        json_path, csv_path = log.finish(payload, rows)
         payload["files"] = [str(json_path), str(csv_path)]
         if cfg.plots:
             payload["files"] += plot_sweep(rows, json_path.with_suffix(""))

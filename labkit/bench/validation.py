@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from labkit.bench.baseline import time_hf_generate
 from labkit.bench.kernels import copy_bandwidth
-from labkit.bench.results import device_name, provenance, write_results
+from labkit.bench.results import RowLog, device_name, provenance
 from labkit.config import DRAFTERS, GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
@@ -189,6 +189,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    log = RowLog(cfg.output_dir, results_stem({"card": device_name(device)})) if cfg.output_dir else None  # before anything is measured
     loaded = loaded or load_model(cfg.model)
     try:
         suite = load_suite(cfg.categories, cfg.prompts_per_category)
@@ -230,7 +231,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     fast = engines[fast_name]
     weight_bytes = weight_bytes_per_token(fast)
     roofline = bandwidth / weight_bytes  # tok/s if one step costs one read of the weights
-    depth = cfg.layers or max(1, fast.args.n_layers // 3)
+    depth = cfg.layers if cfg.layers is not None else max(1, fast.args.n_layers // 3)
     drafters: dict[str, Drafter] = {kind: build_drafter(kind, fast, layers=depth, heads_path=cfg.heads) for kind in cfg.drafters}
     if "heads" in drafters and fast.cuda_graph:  # the heads' engine keeps its hidden states: capture its steps again
         warm_up(fast, max(cfg.ks))
@@ -284,6 +285,8 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
             tokens = result.tokens
             row = {**_row(system, tokens, result.stats.total_s, reference, base, result), "k": best_k[kind]}
         rows.append(row)
+        if log:
+            log.add(row)
         if not row["identical_to_plain"]:
             pending.append((system, ids, reference, tokens, prompt.id))
 
@@ -332,8 +335,8 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
         "tuning": tuning, "summary": summary, "divergences": explanations, "divergences_total": len(pending),
         "stopped_early": stopped,
     }
-    if cfg.output_dir:
-        json_path, csv_path = write_results(cfg.output_dir, results_stem(payload), payload, rows)
+    if log:
+        json_path, csv_path = log.finish(payload, rows)
         payload["files"] = [str(json_path), str(csv_path)]
     payload["rows"] = rows
     return payload

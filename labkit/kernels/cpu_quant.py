@@ -25,6 +25,22 @@ log = logging.getLogger(__name__)
 SOURCE_NAME = "cpu_quant_gemv.c"
 
 
+def cpu_signature() -> str:
+    """What a -march=native build depends on: the CPU's model and instruction-set flags (Linux's
+    /proc/cpuinfo), else the platform's names. Part of the built kernel's cache key, so a cache
+    shared between machines never loads a kernel built for another instruction set."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":", 1)[0].strip().lower()
+            if key in ("flags", "features"):  # x86, arm
+                return f"{platform.machine()}:{line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"{platform.machine()}:{platform.processor()}:{platform.platform()}"
+
+
 def _source() -> Path | None:
     for candidate in (Path(__file__).resolve().parents[2] / "kernels" / SOURCE_NAME, Path(__file__).with_name(SOURCE_NAME)):
         if candidate.is_file():
@@ -42,11 +58,15 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler (cc or gcc) on PATH"
+    from labkit.errors import LabkitError
     from labkit.models.loading import cache_dir
 
     code = src.read_bytes()
-    tag = hashlib.sha256(code + compiler.encode()).hexdigest()[:16]
-    lib_path = cache_dir() / "kernels" / f"cpu_quant_gemv-{tag}.so"
+    tag = hashlib.sha256(code + compiler.encode() + cpu_signature().encode()).hexdigest()[:16]
+    try:
+        lib_path = cache_dir() / "kernels" / f"cpu_quant_gemv-{tag}.so"
+    except LabkitError as err:
+        return None, str(err)
     if not lib_path.is_file():
         lib_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")

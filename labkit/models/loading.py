@@ -8,6 +8,7 @@ afterwards in a few seconds. `LABKIT_CACHE` moves the cache.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -63,7 +64,16 @@ def eos_token_ids(hf_model: Any) -> tuple[int, ...]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LABKIT_CACHE") or Path.home() / ".cache" / "labkit")
+    """Where labkit keeps what it builds (LABKIT_CACHE, default ~/.cache/labkit): made if missing,
+    and one clear error when it cannot be (a path under a file, a folder not writable)."""
+    path = Path(os.environ.get("LABKIT_CACHE") or Path.home() / ".cache" / "labkit")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LabkitError(f"labkit's cache folder {path} cannot be created ({err.strerror or err}); set LABKIT_CACHE to a writable folder") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise LabkitError(f"labkit's cache folder {path} is not a writable folder; set LABKIT_CACHE to one")
+    return path
 
 
 def embedded_gguf_path() -> Path:
@@ -81,13 +91,39 @@ def _stamp(gguf: Path) -> dict[str, Any]:
     return {"source": gguf.name, "size": gguf.stat().st_size, "conversion": CONVERSION_VERSION}
 
 
+def _converted(dest: Path, gguf: Path) -> bool:
+    """The folder holds a finished conversion of this GGUF: the stamp matches, and the weights
+    file is there at the size the stamp recorded (a truncated or missing file is converted again)."""
+    try:
+        stamp = json.loads((dest / "labkit.json").read_text())
+        weights = dest / "model.safetensors"
+        return (isinstance(stamp, dict) and {k: stamp.get(k) for k in ("source", "size", "conversion")} == _stamp(gguf)
+                and weights.is_file() and weights.stat().st_size == stamp.get("weights_bytes"))
+    except (OSError, ValueError):
+        return False  # no stamp, or a garbage one: convert again
+
+
 def embedded_model_dir(progress: bool = True) -> Path:
-    """The converted embedded model's folder, converting it on first use."""
+    """The converted embedded model's folder, converting it on first use. Conversions are
+    serialised by a file lock (two processes never delete each other's work), leftovers of a killed
+    conversion are removed, and the stamp records the weights' size and SHA-256."""
     gguf = embedded_gguf_path()
-    dest = cache_dir() / "smollm2-135m-instruct"
-    stamp_file = dest / "labkit.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == _stamp(gguf):
+    root = cache_dir()
+    dest = root / "smollm2-135m-instruct"
+    if _converted(dest, gguf):
         return dest
+    from filelock import FileLock
+
+    with FileLock(str(root / "smollm2-135m-instruct.lock")):
+        if _converted(dest, gguf):  # another process finished it while we waited
+            return dest
+        for stale in root.glob("convert-smollm2-*"):  # a conversion killed before it finished (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        _convert(gguf, dest, progress)
+    return dest
+
+
+def _convert(gguf: Path, dest: Path, progress: bool) -> None:
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
             raise LabkitError(f"converting the embedded GGUF model needs the package {module!r}: pip install {module}")
@@ -95,9 +131,9 @@ def embedded_model_dir(progress: bool = True) -> Path:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
     steps = tqdm(total=4, desc="converting the embedded model (once)", disable=not progress)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+    tmp = Path(tempfile.mkdtemp(prefix="convert-smollm2-", dir=dest.parent))
+    try:
         steps.set_postfix_str("tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         steps.update()
@@ -109,22 +145,27 @@ def embedded_model_dir(progress: bool = True) -> Path:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        weights = tmp / "model.safetensors"
+        save_file(state, str(weights), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["_name_or_path"] = DEFAULT_MODEL
-        Path(tmp, "config.json").write_text(json.dumps(config, indent=2))
-        model.generation_config.to_json_file(os.path.join(tmp, "generation_config.json"))
-        tokenizer.save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        model.generation_config.to_json_file(str(tmp / "generation_config.json"))
+        tokenizer.save_pretrained(str(tmp))
         steps.update()
-        Path(tmp, "labkit.json").write_text(json.dumps(_stamp(gguf)))
+        digest = hashlib.sha256()
+        with weights.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+        (tmp / "labkit.json").write_text(json.dumps({**_stamp(gguf), "weights_bytes": weights.stat().st_size, "weights_sha256": digest.hexdigest()}))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
-        os.makedirs(tmp)  # TemporaryDirectory wants something to clean up
         steps.update()
-    steps.close()
-    return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it became dest
+        steps.close()
 
 
 def resolve_source(name: str) -> str:
@@ -168,8 +209,9 @@ def load_model(name: str = DEFAULT_MODEL) -> LoadedModel:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        except (OSError, ValueError) as err:
-            raise LabkitError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}") from None
+        except Exception as err:  # noqa: BLE001 - safetensors and tokenizers raise their own types for damaged files
+            hint = f"; the converted copy in {source} looks damaged: delete that folder to convert again" if name.strip().lower() in EMBEDDED_ALIASES else ""
+            raise LabkitError(f"model {name!r} could not be loaded: {(str(err).splitlines() or [type(err).__name__])[0][:200]}{hint}") from None
     hf_model.eval()
     gguf = embedded_gguf_path() if name.strip().lower() in EMBEDDED_ALIASES else None
     return LoadedModel(name=name, source=source, hf_model=hf_model, tokenizer=tokenizer, gguf_path=gguf)

@@ -206,7 +206,7 @@ class HeadsDrafter:
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
-        k = min(k, self.heads.cfg.n_heads)
+        k = min(k, self.heads.cfg.n_heads)  # one token per head: a larger K drafts what the heads have
         if self._prepared is not None:
             tokens, self._prepared = self._prepared[:k], None
             return Draft(tokens)
@@ -289,7 +289,9 @@ def make_drafter(
     """ngram | ngram-graph (prompt lookup whose greedy steps run on the device, specdec/lookup_steps.py) |
     layerskip | truncated | model | heads (trained DraftHeads, see specdec/heads_train.py). Default depth for layerskip/truncated: a third of the target.
     stop_below > 0: draft-confidence early stop (the drafter stops at its first token below it)."""
-    depth = layers or max(1, target.args.n_layers // 3)
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
+        raise LabkitError(f"--layers must be a whole number of at least 1, got {layers!r}")
+    depth = layers if layers is not None else max(1, target.args.n_layers // 3)
     if not 0.0 <= stop_below < 1.0:
         raise LabkitError(f"the confidence threshold must be in [0, 1), got {stop_below}")
     if kind in ("ngram", "ngram-graph") and stop_below > 0:

@@ -150,16 +150,40 @@ def check_heads_folder(path: str | Path) -> Path:
     return folder
 
 
+def _read_meta(folder: Path) -> dict[str, Any]:
+    """heads.json, checked: a file that is not what save_heads wrote is one clear error."""
+    try:
+        meta = json.loads((folder / "heads.json").read_text())
+        HeadsConfig(**meta["config"]).validate()
+        int(meta["dim"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise LabkitError(f"{folder / 'heads.json'} is not a heads description written by `labkit heads train` "
+                          f"({type(err).__name__}: {str(err)[:120]}); train the heads again") from None
+    if not isinstance(meta, dict):
+        raise LabkitError(f"{folder / 'heads.json'} is not a heads description written by `labkit heads train`")
+    return meta
+
+
+def load_heads_config(path: str | Path) -> HeadsConfig:
+    """The configuration of the heads in a folder (before any model loads)."""
+    return HeadsConfig(**_read_meta(check_heads_folder(path))["config"])
+
+
 def load_heads(path: str | Path, target_fingerprint: dict[str, Any]) -> DraftHeads:
-    """Heads saved by `save_heads`; refuses heads trained for another target."""
+    """Heads saved by `save_heads`; refuses heads trained for another target, and files that are
+    not what save_heads wrote."""
     from safetensors.torch import load_file
 
     folder = check_heads_folder(path)
-    meta = json.loads((folder / "heads.json").read_text())
+    meta = _read_meta(folder)
     if not same_target(meta.get("target", {}), target_fingerprint):
         raise LabkitError(f"the draft heads in {folder} were trained for another target model "
                           f"(vocab {meta.get('target', {}).get('vocab_size')}, dim {meta.get('target', {}).get('dim')}; "
                           f"this one: vocab {target_fingerprint['vocab_size']}, dim {target_fingerprint['dim']})")
     heads = DraftHeads(int(meta["dim"]), HeadsConfig(**meta["config"]))
-    heads.load_state_dict(load_file(str(folder / "heads.safetensors")))
+    try:
+        heads.load_state_dict(load_file(str(folder / "heads.safetensors")))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own errors for a damaged file
+        raise LabkitError(f"{folder / 'heads.safetensors'} cannot be read as these heads ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:120]}); train the heads again") from None
     return heads
