@@ -192,7 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from labkit.models.loading import load_model
 
     if not 1 <= args.k <= MAX_K:
-        raise LabkitError(f"--k must be from 1 to {MAX_K}, got {args.k}")
+        raise LabkitError(f"--k must be at least 1 and at most {MAX_K}, got {args.k}")
     if args.heads and args.drafter in (None, "heads"):
         from labkit.specdec.heads import load_heads_config
 

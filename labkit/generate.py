@@ -154,12 +154,12 @@ def check_text(prompt: str | Messages) -> None:
 def check_prompt(prompt_ids: Sequence[int], context_len: int, vocab_size: int | None = None) -> None:
     if len(prompt_ids) == 0:
         raise LabkitError("the prompt is empty")
+    if len(prompt_ids) >= context_len:
+        raise LabkitError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context_len}: shorten it")
     if vocab_size is not None:
         bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
         if bad:
             raise LabkitError(f"token ids must be whole numbers in [0, {vocab_size}) for this model, got {bad[0]!r}")
-    if len(prompt_ids) >= context_len:
-        raise LabkitError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context_len}: shorten it")
 
 
 @dataclass
@@ -174,7 +174,7 @@ class Speculation:
 
     def validate(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
-            raise LabkitError(f"K (draft tokens per step) must be a whole number from 1 to {MAX_K}, got {self.k!r}")
+            raise LabkitError(f"K (draft tokens per step) must be a whole number, at least 1 and at most {MAX_K}, got {self.k!r}")
 
 
 def generate(

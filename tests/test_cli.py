@@ -32,7 +32,7 @@ def assert_clean_error(rc: int, out: str, err: str, needle: str) -> None:
         (["--prompt", "hi", "--temperature", "nan"], "temperature"),
         (["--prompt", "hi", "--temperature", "inf"], "temperature"),
         (["--prompt", "hi", "--temperature", "1e-45"], "temperature"),
-        (["--prompt", "hi", "--drafter", "ngram", "--k", "1000"], "--k must be from 1 to 64"),
+        (["--prompt", "hi", "--drafter", "ngram", "--k", "1000"], "at most 64"),
         (["--prompt", "hi", "--max-seq-len", "1"], "max-seq-len"),
         (["--prompt", "hi\udcff", "--max-tokens", "4"], "UTF-8"),
     ],
@@ -90,7 +90,7 @@ def test_generate_with_a_drafter_reports_accepted_lengths(tiny_folder) -> None:
 
 def test_speculation_bad_input(tiny_folder) -> None:
     base = ["generate", "--model", str(tiny_folder), "--prompt", "hi", "--device", "cpu"]
-    assert_clean_error(*run_cli(*base, "--drafter", "ngram", "--k", "0"), "from 1 to 64")
+    assert_clean_error(*run_cli(*base, "--drafter", "ngram", "--k", "0"), "at most 64")
     assert_clean_error(*run_cli(*base, "--drafter", "model"), "--draft-model")
     assert_clean_error(*run_cli(*base, "--drafter", "layerskip", "--layers", "9"), "layer")
     assert_clean_error(*run_cli("sweep", "--k", "0,2", "--no-plots"), "at least 1")
