@@ -8,6 +8,7 @@ afterwards in a few seconds. `LABKIT_CACHE` moves the cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -169,12 +170,38 @@ def _convert(gguf: Path, dest: Path, progress: bool) -> None:
 
 
 def resolve_source(name: str) -> str:
-    """The folder or hub id behind a model name."""
+    """The folder or hub id behind a model name. A name that is not a local folder needs the
+    Hugging Face hub: where it cannot be reached (checked once, in a few seconds), transformers is
+    told to use its local cache only (HF_HUB_OFFLINE), instead of retrying for half a minute."""
     if not name or not name.strip():
         raise LabkitError("model name is empty")
     if name.strip().lower() in EMBEDDED_ALIASES:
         return str(embedded_model_dir())
+    if not Path(name).exists() and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
     return name
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (no request is made)."""
+    import socket
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        socket.create_connection((host, int(port or 443)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _where(name: str, source: str) -> str:
+    if Path(source).exists():
+        return "a local folder"
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return "not a local folder, and not in the hub's local cache; the hub is offline here (HF_HUB_OFFLINE): pass a model folder"
+    return "not a local folder, and the hub could not provide it"
 
 
 def load_config(name: str) -> Any:
@@ -200,8 +227,7 @@ def load_model(name: str = DEFAULT_MODEL) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
-        where = "a local folder" if Path(source).exists() else "not a local folder, and the hub could not provide it"
-        raise LabkitError(f"model {name!r} could not be loaded ({where}): {str(err).splitlines()[0]}") from None
+        raise LabkitError(f"model {name!r} could not be loaded ({_where(name, source)}): {str(err).splitlines()[0][:200]}") from None
     if config.model_type not in SUPPORTED_TYPES:
         raise LabkitError(f"model {name!r} is a {config.model_type!r}; labkit's engine supports {', '.join(SUPPORTED_TYPES)}")
     with warnings.catch_warnings():
