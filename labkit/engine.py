@@ -17,6 +17,7 @@ from typing import Any, cast
 import torch
 
 from labkit.config import Flags, resolve_device, resolve_dtype
+from labkit.engine_choices import build_decoder, gguf_unusable, pick_layer_ops
 from labkit.errors import LabkitError
 from labkit.graphs import (
     GRAPH_HEADROOM,
@@ -29,12 +30,10 @@ from labkit.graphs import (
     heads_after_verdict,
     prefill_bucket,
 )
-from labkit.kernels import cpu_quant
 from labkit.metrics.timers import now
 from labkit.models.gguf_weights import attach_gguf_blocks
-from labkit.models.gpt2 import GPT2
 from labkit.models.kvcache import CAUSAL, KVCache
-from labkit.models.llama import LLAMA_FAMILY, Llama
+from labkit.models.llama import Llama
 from labkit.models.loading import LoadedModel, eos_token_ids
 
 DEFAULT_MAX_SEQ_LEN = 8192  # cache positions allocated at load when --max-seq-len is not given (at most the model's context)
@@ -57,68 +56,6 @@ def resolve_max_seq_len(asked: int | None, context_len: int) -> int:
     if asked > context_len:
         raise LabkitError(f"--max-seq-len {asked} exceeds the model's context of {context_len} tokens")
     return asked
-
-
-def build_decoder(hf_model: Any) -> torch.nn.Module:
-    """Our compact forward for a transformers model, sharing its weights where it can."""
-    model_type = hf_model.config.model_type
-    if model_type in LLAMA_FAMILY:
-        return Llama.from_hf(hf_model)
-    if model_type == "gpt2":
-        return GPT2.from_hf(hf_model)
-    raise LabkitError(f"architecture {model_type!r} is not supported by labkit's engine")
-
-
-def gguf_unusable(engine: Engine, loaded: LoadedModel) -> str:
-    """Why the GGUF block weights cannot serve this engine ("" when they can)."""
-    if loaded.gguf_path is None:
-        return "the model was not loaded from a GGUF file"
-    if engine.device.type != "cpu" or engine.dtype != torch.float32 or engine.amp:
-        return "the block kernel runs on the CPU in float32 only"
-    if engine.model.__class__ is not Llama:
-        return "only Llama-family GGUF files are supported"
-    if engine.layer_kernels != "torch":
-        return "the fused Triton layers read dense weights"
-    ok, reason = cpu_quant.available()
-    return "" if ok else f"the CPU kernel is unavailable ({reason})"
-
-
-LAYER_KERNELS = ("auto", "triton", "torch")
-
-
-def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, amp: bool,
-                   compile: bool, choice: str) -> tuple[Any, str]:
-    """The fused layer kernels for this engine: (module or None, why). "auto" takes Triton's on a
-    CUDA device for a Llama-family model without AMP or torch.compile (which fuses on its own)."""
-    if choice not in LAYER_KERNELS:
-        raise LabkitError(f"unknown layer kernels {choice!r}: use {', '.join(LAYER_KERNELS)}")
-    if choice == "torch":
-        return None, "asked for torch layers"
-    from labkit.kernels.registry import backend_status
-
-    status = backend_status("triton", device)
-    why_not = ""
-    if not isinstance(model, Llama):
-        why_not = "only Llama-family models have fused layers"
-    elif model.args.head_dim not in (32, 64, 128, 256):
-        why_not = f"head_dim {model.args.head_dim} is not 32, 64, 128 or 256"
-    elif amp:
-        why_not = "AMP keeps fp32 weights and casts per op; the fused layers need one dtype"
-    elif dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        why_not = f"{dtype} is not a float type the kernels take"
-    elif compile:
-        why_not = "torch.compile fuses the layers itself (use one or the other)"
-    elif device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
-        why_not = "bf16 tensor-core dots need compute capability 8.0 or newer"
-    elif not status.ok or (choice == "auto" and not status.auto):
-        why_not = f"triton: {status.reason}"
-    if why_not:
-        if choice == "triton":
-            raise LabkitError(f"--layer-kernels triton is not possible here: {why_not}")
-        return None, why_not
-    from labkit.kernels import layer_triton
-
-    return layer_triton, "Triton: 5 fused kernels per layer"
 
 
 class Engine:
@@ -417,7 +354,7 @@ class Engine:
         layers run (they read each query's visible keys from the cache themselves), else the
         cache's mask (CAUSAL for a prompt from position 0)."""
         assert self.cache is not None
-        if self.layer_kernels == "triton" and end - start <= self.model.fused_max_t:
+        if self.layer_kernels == "triton" and self.model.runs_fused(end - start):
             return None
         return self.cache.mask(input_pos, end, self.args.sliding_window, decode_step=end - start == 1, start=start)
 

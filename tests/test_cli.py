@@ -207,3 +207,17 @@ def test_heads_train_then_generate_with_them(tiny_folder, tmp_path) -> None:
                        "needs --heads")
     assert_clean_error(*run_cli("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(tmp_path / "x"),
                                 "--greedy-tokens", "2"), "greedy_tokens > n_heads")
+
+
+def test_bench_context_runs_end_to_end(tiny_folder, tmp_path) -> None:
+    """labkit bench context on a tiny model: every system at every length, the plot, the targets."""
+    rc, out, err = run_cli("bench", "context", "--model", str(tiny_folder), "--device", "cpu", "--lengths", "32,80", "--max-tokens", "4",
+                           "--repeats", "1", "--k", "2", "--output-dir", str(tmp_path))
+    assert rc == 0, err
+    data = json.loads(next(tmp_path.glob("context-cpu-*.json")).read_text())
+    assert {(e["system"], e["prompt_tokens"]) for e in data["summary"]} == {
+        (s, n) for s in ("labkit_plain", "labkit_ngram", "hf_generate") for n in (32, 80)}
+    assert all(r["prompt_tokens"] in (32, 80) and r["new_tokens"] == 4 for r in data["rows"])
+    assert data["targets"]["speculative_identical_share"] == 1.0 and set(data["hf_forward_ms"]) == {"32", "80"}
+    assert next(tmp_path.glob("context-cpu-*.png")).stat().st_size > 10_000 and not list(tmp_path.glob("*.rows.jsonl"))
+    assert "keeps" in out

@@ -327,3 +327,23 @@ def test_the_built_kernel_is_keyed_by_the_cpu(monkeypatch, tmp_path) -> None:
         assert len({p.name for p in (tmp_path / "kernels").glob("*.so")} - built) == 1
     finally:
         cpu_quant._load.cache_clear()
+
+
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"])
+def test_kernel_without_avx512_matches_reference(monkeypatch, tmp_path, flags: str) -> None:
+    """The paths a CPU without AVX-512 takes (LABKIT_CPU_KERNEL_FLAGS), built and checked here
+    even on a machine that has it: the same values as the reference."""
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("LABKIT_CPU_KERNEL_FLAGS", flags)
+    cpu_quant._load.cache_clear()
+    try:
+        if not cpu_quant.available()[0]:
+            pytest.skip(f"cpu_quant: {cpu_quant.available()[1]}")
+        for make in (random_q4, random_q8):
+            qw = make(577, 576)
+            x = torch.randn(3, 576)
+            ours = cpu_quant.quant_linear(x, qw.kind, qw.qs, qw.d, qw.m)
+            ref = quant_linear_ref(x, qw.kind, qw.qs, qw.d, qw.m)
+            assert (ours - ref).abs().max().item() < 1e-5 * ref.abs().max().item() + 1e-5
+    finally:
+        cpu_quant._load.cache_clear()

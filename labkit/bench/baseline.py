@@ -40,14 +40,17 @@ class BaselineConfig:
     progress: bool = True
 
 
-def time_hf_generate(hf_model: Any, prompt_ids: list[int], gen: GenerationConfig, device: torch.device) -> tuple[list[int], float]:
+def time_hf_generate(hf_model: Any, prompt_ids: list[int], gen: GenerationConfig, device: torch.device,
+                     streamer: Any = None) -> tuple[list[int], float]:
+    """transformers greedy `generate` on the same prompt and length: (new tokens, seconds). A
+    streamer sees the prompt, then each new token, as transformers hands them out."""
     ids = torch.tensor([prompt_ids], device=device)
     t0 = now(device)
     with torch.inference_mode():
         out = hf_model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen.max_new_tokens,
             min_new_tokens=gen.min_new_tokens or None, do_sample=False, num_beams=1,
-            pad_token_id=hf_model.generation_config.pad_token_id or 0,
+            pad_token_id=hf_model.generation_config.pad_token_id or 0, streamer=streamer,
         )
     elapsed = now(device) - t0
     return out[0, len(prompt_ids):].tolist(), elapsed

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from labkit.bench.baseline import time_hf_generate
 from labkit.bench.results import RowLog, device_name, provenance
 from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
@@ -85,16 +86,11 @@ class _FirstTokenClock:
 
 
 def time_hf_generate_ttft(hf_model: Any, prompt_ids: list[int], gen: GenerationConfig, device: torch.device) -> tuple[list[int], float, float]:
-    """transformers generate: (new tokens, seconds to the first token, seconds in all)."""
-    ids = torch.tensor([prompt_ids], device=device)
+    """transformers generate (baseline.time_hf_generate): (new tokens, seconds to the first token, seconds in all)."""
     clock = _FirstTokenClock(device)
-    t0 = now(device)
-    with torch.inference_mode():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen.max_new_tokens,
-                                min_new_tokens=gen.min_new_tokens or None, do_sample=False, num_beams=1, streamer=clock,
-                                pad_token_id=hf_model.generation_config.pad_token_id or 0)
-    end = now(device)
-    return out[0, len(prompt_ids):].tolist(), clock.first - t0, end - t0
+    start = now(device)
+    tokens, total = time_hf_generate(hf_model, prompt_ids, gen, device, streamer=clock)
+    return tokens, clock.first - start, total
 
 
 def time_hf_forward(hf_model: Any, prompt_ids: list[int], device: torch.device, repeats: int) -> float:

@@ -50,7 +50,8 @@ def provenance(device: torch.device, parameters: dict[str, Any]) -> dict[str, An
     return {
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
-        "device": {"type": device.type, "name": device_name(device), "torch_threads": torch.get_num_threads()},
+        "device": {"type": device.type, "name": device_name(device), "torch_threads": torch.get_num_threads(),
+                   "cpu_kernel_flags": os.environ.get("LABKIT_CPU_KERNEL_FLAGS", "")},  # extra build flags of the CPU block kernel
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "labkit": _labkit_version()},
         "git_commit": git_commit(),
         "parameters": parameters,

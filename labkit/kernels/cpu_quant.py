@@ -62,7 +62,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     from labkit.models.loading import cache_dir
 
     code = src.read_bytes()
-    tag = hashlib.sha256(code + compiler.encode() + cpu_signature().encode()).hexdigest()[:16]
+    extra = os.environ.get("LABKIT_CPU_KERNEL_FLAGS", "").split()  # e.g. -mno-avx512f: the path CPUs without AVX-512 take
+    tag = hashlib.sha256(code + compiler.encode() + cpu_signature().encode() + " ".join(extra).encode()).hexdigest()[:16]
     try:
         lib_path = cache_dir() / "kernels" / f"cpu_quant_gemv-{tag}.so"
     except LabkitError as err:
@@ -70,7 +71,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if not lib_path.is_file():
         lib_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(tmp)]
+        cmd = [compiler, "-O3", "-march=native", *extra, "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             reason = f"compile failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"

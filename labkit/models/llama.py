@@ -169,6 +169,10 @@ class Llama(nn.Module):
         self.keep_hidden = False  # keep the final hidden state of full passes (draft heads read it)
         self.last_hidden: torch.Tensor | None = None  # (B, T or 1, dim) after the final norm
 
+    def runs_fused(self, T: int) -> bool:
+        """Whether a step of T tokens runs through the fused layer kernels (which need no mask)."""
+        return self.layer_ops is not None and T <= self.fused_max_t
+
     def setup_rope(self, max_len: int) -> None:
         """Tables for positions [0, max_len), computed in fp32 and rounded to the weights' dtype."""
         inv_freq = self.inv_freq.to(torch.float32)  # (D/2,)
@@ -194,7 +198,7 @@ class Llama(nn.Module):
         assert self.cos is not None and self.sin is not None, "call setup_rope first"
         x = self.embed(tokens)  # (B, T, dim)
         n = self.args.n_layers if n_layers is None else n_layers
-        if self.layer_ops is not None and tokens.shape[1] <= self.fused_max_t:
+        if self.runs_fused(tokens.shape[1]):
             for i in range(n):
                 block: LlamaBlock = self.layers[i]  # type: ignore[assignment]
                 x = block.forward_fused(self.layer_ops, x, self.cos, self.sin, cache, i, input_pos, attend_len)

@@ -196,7 +196,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _where(name: str, source: str) -> str:
+def _where(source: str) -> str:
     if Path(source).exists():
         return "a local folder"
     if os.environ.get("HF_HUB_OFFLINE"):
@@ -227,7 +227,7 @@ def load_model(name: str = DEFAULT_MODEL) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise LabkitError(f"model {name!r} could not be loaded ({_where(name, source)}): {str(err).splitlines()[0][:200]}") from None
+        raise LabkitError(f"model {name!r} could not be loaded ({_where(source)}): {str(err).splitlines()[0][:200]}") from None
     if config.model_type not in SUPPORTED_TYPES:
         raise LabkitError(f"model {name!r} is a {config.model_type!r}; labkit's engine supports {', '.join(SUPPORTED_TYPES)}")
     with warnings.catch_warnings():

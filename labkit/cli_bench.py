@@ -1,0 +1,127 @@
+"""`python -m labkit bench ...`: the benchmarks' command line (baseline, kernels, context), a thin
+layer over labkit.bench; the printing sits beside the code that produces the numbers where it can."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from labkit.cli_args import Parser, _csv, _ints, _model_args
+from labkit.config import resolve_device, resolve_dtype
+from labkit.errors import LabkitError
+
+
+def add_bench_parser(sub: Any) -> None:
+    """The `bench` command and its subcommands, on the main parser's subparsers."""
+    b = sub.add_parser("bench", help="benchmarks that write results/")
+    bsub = b.add_subparsers(dest="bench", required=True, parser_class=Parser)
+    bb = bsub.add_parser("baseline", help="our engine against Hugging Face generate, in one run")
+    _model_args(bb)
+    bb.add_argument("--dtype", type=_csv, default=["auto"], help="comma list, each run for both systems, e.g. float32,float16")
+    bb.add_argument("--max-tokens", type=int, default=128)
+    bb.add_argument("--prompts-per-category", type=int, default=1)
+    bb.add_argument("--categories", type=_csv, default=None)
+    bb.add_argument("--repeats", type=int, default=2)
+    bb.add_argument("--chat", dest="chat", action="store_true", default=None)
+    bb.add_argument("--no-chat", dest="chat", action="store_false")
+    bb.add_argument("--no-gguf", action="store_true", help="skip our engine on the GGUF's own blocks")
+    bb.add_argument("--compile", action="store_true", help="on CUDA, also time torch.compile'd steps inside CUDA graphs")
+    bb.add_argument("--output-dir", default="results")
+    bk = bsub.add_parser("kernels", help="each kernel backend against the launch and bytes floors, in one run")
+    bk.add_argument("--device", default="auto")
+    bk.add_argument("--repeats", type=int, default=50)
+    bk.add_argument("--output-dir", default="results")
+    bb.add_argument("--no-write", action="store_true", help="measure and print, write no files")
+    bc = bsub.add_parser("context", help="time to first token and decode tok/s against prompt length, labkit and transformers in one run")
+    _model_args(bc)
+    bc.add_argument("--dtype", default="auto")
+    bc.add_argument("--lengths", type=_csv, default=None, help="prompt tokens, comma list (default: 32 to 8064 on a GPU, 32 to 2048 on a CPU)")
+    bc.add_argument("--max-tokens", type=int, default=128)
+    bc.add_argument("--drafter", default="auto", choices=["auto", "none", "ngram", "ngram-graph"],
+                    help="the lossless drafter beside plain decoding (auto: ngram-graph on a GPU, ngram on a CPU)")
+    bc.add_argument("--k", type=int, default=0, help="draft tokens per step (default: 8 for ngram-graph, 3 for ngram)")
+    bc.add_argument("--repeats", type=int, default=2)
+    bc.add_argument("--no-hf", action="store_true", help="skip transformers generate and its forward")
+    bc.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, run the engine's steps eagerly")
+    bc.add_argument("--no-chat", dest="chat", action="store_false", default=True)
+    bc.add_argument("--output-dir", default="results")
+    bc.add_argument("--no-write", action="store_true", help="measure and print, write no files")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "baseline":
+        from labkit.bench.baseline import BaselineConfig, run_baseline
+
+        for name, value in (("--max-tokens", args.max_tokens), ("--repeats", args.repeats), ("--prompts-per-category", args.prompts_per_category)):
+            if value < 1:
+                raise LabkitError(f"{name} must be at least 1, got {value}")
+        device = resolve_device(args.device)
+        for d in args.dtype:
+            resolve_dtype(d, device)
+        cfg = BaselineConfig(
+            model=args.model, device=args.device, dtypes=args.dtype, max_new_tokens=args.max_tokens,
+            prompts_per_category=args.prompts_per_category, categories=args.categories, repeats=args.repeats,
+            chat=args.chat, gguf_weights=not args.no_gguf, compile=args.compile, output_dir=None if args.no_write else args.output_dir,
+        )
+        try:
+            payload = run_baseline(cfg)
+        except ValueError as err:  # unknown category and similar
+            raise LabkitError(str(err)) from None
+        print(f"baseline on {payload['device']['name']}, {args.max_tokens} new tokens, {payload['summary'][0]['pairs']} runs per system and dtype")
+        print(f"{'dtype':<10}{'labkit weights':<16}{'HF generate':>14}{'labkit':>12}{'speedup':>10}{'range':>16}{'identical':>11}")
+        for row in payload["summary"]:
+            print(f"{row['dtype']:<10}{row['weights']:<16}{row['hf_tok_per_s']:>10.1f} t/s{row['labkit_tok_per_s']:>8.1f} t/s{row['speedup_median']:>9.2f}x"
+                  f"{row['speedup_min']:>9.2f}-{row['speedup_max']:.2f}x{row['identical_share']:>10.0%}")
+        for f in payload.get("files", []):
+            print(f"wrote {f}")
+        return 0
+    if args.bench == "kernels":
+        from labkit.bench.kernels import KernelBenchConfig, run_kernel_bench
+        from labkit.bench.results import provenance, write_results
+
+        if args.repeats < 1:
+            raise LabkitError(f"--repeats must be at least 1, got {args.repeats}")
+        from labkit.bench.results import check_output_dir
+
+        check_output_dir(args.output_dir)  # before anything is measured
+        device = resolve_device(args.device)
+        result = run_kernel_bench(device, KernelBenchConfig(repeats=args.repeats))
+        payload = {"benchmark": "kernels", **provenance(device, result["config"]),
+                   "launch_floor_us": result["launch_floor_us"], "copy_bandwidth_gb_s": result["copy_bandwidth_gb_s"]}
+        print(f"launch floor {result['launch_floor_us']:.1f} us, copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s")
+        for r in result["rows"]:
+            if r["available"]:
+                print(f"{r['kernel']:<18}{r['backend']:<8}{r['us']:>10.1f} us  {r['x_over_floor']:>7.1f}x the floor")
+            else:
+                print(f"{r['kernel']:<18}{r['backend']:<8}  unavailable: {r['reason']}")
+        for f in write_results(args.output_dir, f"kernels-{device.type}", payload, result["rows"]):
+            print(f"wrote {f}")
+        return 0
+    if args.bench == "context":
+        return cmd_bench_context(args)
+    raise LabkitError(f"unknown benchmark {args.bench!r}")
+
+
+def cmd_bench_context(args: argparse.Namespace) -> int:
+    from labkit.bench.context import ContextConfig, run_context
+
+    cfg = ContextConfig(model=args.model, device=args.device, dtype=args.dtype, lengths=_ints("--lengths", args.lengths) if args.lengths else None,
+                        max_new_tokens=args.max_tokens, drafter=args.drafter, k=args.k, repeats=args.repeats, hf=not args.no_hf,
+                        cuda_graph=not args.no_cuda_graph, chat=args.chat, output_dir=None if args.no_write else args.output_dir)
+    cfg.validate()
+    resolve_dtype(args.dtype, resolve_device(args.device))  # before the slow part
+    payload = run_context(cfg)  # claims its results files before it measures anything
+    print(f"context on {payload['card']}, {args.max_tokens} new tokens, median of {args.repeats}")
+    print(f"{'system':<22}{'prompt':>8}{'TTFT ms':>10}{'decode t/s':>12}{'tok/s':>9}{'identical':>11}{'HF fwd ms':>11}")
+    for e in payload["summary"]:
+        fwd = f"{e['hf_forward_ms']:>11.1f}" if e["hf_forward_ms"] is not None else ""
+        print(f"{e['system']:<22}{e['prompt_tokens']:>8}{e['ttft_ms']:>10.1f}{e['decode_tok_per_s']:>12.1f}{e['tok_per_s']:>9.1f}{e['identical_share']:>10.0%}{fwd}")
+    t = payload["targets"]
+    for n, kept in t.get("decode_retained", {}).items():
+        line = f"at {n:>5} prompt tokens plain decode keeps {kept:.0%} of its speed at {t['shortest']}"
+        if n in t["ttft_over_hf_forward"]:
+            line += f"; TTFT {t['ttft_ms'][n]:.1f} ms = {t['ttft_over_hf_forward'][n]:.2f}x one transformers forward"
+        print(line)
+    for f in payload.get("files", []):
+        print(f"wrote {f}")
+    return 0

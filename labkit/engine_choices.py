@@ -1,0 +1,80 @@
+"""What an engine runs: our compact forward for the model's family, the fused layer kernels or
+PyTorch's, and whether the embedded GGUF's own blocks can serve as its weights (each with the
+reason when not)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from labkit.errors import LabkitError
+from labkit.kernels import cpu_quant
+from labkit.models.gpt2 import GPT2
+from labkit.models.llama import LLAMA_FAMILY, Llama
+from labkit.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from labkit.engine import Engine
+
+
+def build_decoder(hf_model: Any) -> torch.nn.Module:
+    """Our compact forward for a transformers model, sharing its weights where it can."""
+    model_type = hf_model.config.model_type
+    if model_type in LLAMA_FAMILY:
+        return Llama.from_hf(hf_model)
+    if model_type == "gpt2":
+        return GPT2.from_hf(hf_model)
+    raise LabkitError(f"architecture {model_type!r} is not supported by labkit's engine")
+
+
+def gguf_unusable(engine: Engine, loaded: LoadedModel) -> str:
+    """Why the GGUF block weights cannot serve this engine ("" when they can)."""
+    if loaded.gguf_path is None:
+        return "the model was not loaded from a GGUF file"
+    if engine.device.type != "cpu" or engine.dtype != torch.float32 or engine.amp:
+        return "the block kernel runs on the CPU in float32 only"
+    if engine.model.__class__ is not Llama:
+        return "only Llama-family GGUF files are supported"
+    if engine.layer_kernels != "torch":
+        return "the fused Triton layers read dense weights"
+    ok, reason = cpu_quant.available()
+    return "" if ok else f"the CPU kernel is unavailable ({reason})"
+
+
+LAYER_KERNELS = ("auto", "triton", "torch")
+
+
+def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, amp: bool,
+                   compile: bool, choice: str) -> tuple[Any, str]:
+    """The fused layer kernels for this engine: (module or None, why). "auto" takes Triton's on a
+    CUDA device for a Llama-family model without AMP or torch.compile (which fuses on its own)."""
+    if choice not in LAYER_KERNELS:
+        raise LabkitError(f"unknown layer kernels {choice!r}: use {', '.join(LAYER_KERNELS)}")
+    if choice == "torch":
+        return None, "asked for torch layers"
+    from labkit.kernels.registry import backend_status
+
+    status = backend_status("triton", device)
+    why_not = ""
+    if not isinstance(model, Llama):
+        why_not = "only Llama-family models have fused layers"
+    elif model.args.head_dim not in (32, 64, 128, 256):
+        why_not = f"head_dim {model.args.head_dim} is not 32, 64, 128 or 256"
+    elif amp:
+        why_not = "AMP keeps fp32 weights and casts per op; the fused layers need one dtype"
+    elif dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        why_not = f"{dtype} is not a float type the kernels take"
+    elif compile:
+        why_not = "torch.compile fuses the layers itself (use one or the other)"
+    elif device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+        why_not = "bf16 tensor-core dots need compute capability 8.0 or newer"
+    elif not status.ok or (choice == "auto" and not status.auto):
+        why_not = f"triton: {status.reason}"
+    if why_not:
+        if choice == "triton":
+            raise LabkitError(f"--layer-kernels triton is not possible here: {why_not}")
+        return None, why_not
+    from labkit.kernels import layer_triton
+
+    return layer_triton, "Triton: 5 fused kernels per layer"

@@ -1,0 +1,68 @@
+"""What every Triton kernel of labkit's layers shares: the tile table (TUNE), the launch options
+(programmatic dependent launch on Hopper), and two device helpers (a dot that stays in fp32 where
+it must, the wait for the previous kernel's writes). layer_triton.py and attention_triton.py
+import from here; scripts/layer_tune.py overrides TUNE.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 16  # rows (tokens) per program: tl.dot's smallest tile
+# Tile sizes. At batch 1 each kernel reads a few hundred KB of weights: many small programs keep
+# more SMs reading at once. scripts/layer_tune.py times alternatives on a GPU.
+TUNE = {
+    "qkv_sub": 32,  # q/k/v output dims per program (of each head half; its rope partners come along)
+    "gate_block_n": 32,  # gate/up output columns per program
+    "linear_block_n": 32,  # output columns per program (tl.dot needs >= 16)
+    "head_block_n": 64,  # vocabulary columns per program of the LM head
+    "prefetch_bytes": 96 * 1024,  # weights a program loads up front (registers, then shared memory for tl.dot)
+    "linear_block_k": 512,  # reduction tile (16-bit weights) for the columns past the prefetch (larger models)
+    "norm_block_k": 256,  # the same for the kernels that also normalise
+    "attn_split_s": 256,  # keys per attention program (split-K: a long context is read by many programs at once;
+    # on an H200 at 4096 keys 256 ran 729 us per decode step, 128 781, 64 958; all ~540 at 32 keys)
+    "attn_block_s": 64,  # keys per step of an attention program's loop
+    "attn_combine_chunk": 8,  # partial results the combining program loads at a time
+    "num_warps": 4,
+    "pdl": True,  # programmatic dependent launch (sm90+): the next kernel starts reading its weights early
+}
+
+
+def _ieee(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _sm90(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _pdl(x: torch.Tensor) -> bool:
+    """Launch with programmatic dependent launch: on Hopper and later, not under the interpreter."""
+    return bool(TUNE["pdl"]) and os.environ.get("TRITON_INTERPRET") != "1" and _sm90(x.device)
+
+
+def _launch(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 weights (no silent TF32), or the interpreter (whose half-precision dot is wrong)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _wait_for_inputs(GDC: tl.constexpr):
+    """Under programmatic dependent launch: let the next kernel start (it only reads weights until
+    its own wait), then wait until the previous kernel's writes are visible. Nothing a kernel
+    writes, and nothing an earlier kernel wrote, may be touched before this."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
