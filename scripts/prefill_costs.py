@@ -1,6 +1,6 @@
 """Prompt and long-context step costs on this GPU (diagnostic; prints medians in milliseconds).
 
-    python3 scripts/prefill_costs.py [lengths]
+    python3 scripts/prefill_costs.py [lengths] [configs]
 
 For each prompt length on the embedded model (bf16, CUDA graphs, fused layers):
 - prefill by each strategy: one captured pass padded to a power of two ("graph", the default),
@@ -8,7 +8,9 @@ For each prompt length on the embedded model (bf16, CUDA graphs, fused layers):
   layers in one eager pass, cuBLAS GEMMs and flash attention ("torch");
 - one transformers forward over the prompt (the last position's logits);
 - a greedy decode step at that context, per token (16 captured steps per host read), for each
-  split size of the split-K attention (TUNE["attn_split_s"]).
+  tile configuration of the split-K attention: keys per split, keys per loop step, partials the
+  combining program loads at a time (TUNE["attn_split_s"], ["attn_block_s"], ["attn_combine_chunk"]),
+  given as split:block:chunk (e.g. 256:64:8,512:128:16).
 """
 
 import statistics
@@ -25,8 +27,9 @@ from labkit.models.loading import load_model
 from labkit.prompts.long import long_prompt
 
 lengths = [int(x) for x in sys.argv[1].split(",")] if len(sys.argv) > 1 else [32, 64, 128, 256, 512, 1024, 2048, 4096, 8064]
-SPLITS = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [64, 128, 256]
-default_splits = layer_triton.TUNE["attn_split_s"]
+ATTN_KEYS = ("attn_split_s", "attn_block_s", "attn_combine_chunk")
+CONFIGS = [tuple(int(v) for v in c.split(":")) for c in (sys.argv[2] if len(sys.argv) > 2 else "64:64:8,128:64:8,256:64:8").split(",")]
+defaults = {key: layer_triton.TUNE[key] for key in ATTN_KEYS}
 loaded = load_model("default")
 engine = Engine.from_loaded(loaded, "cuda", torch.bfloat16, weights="dense", cuda_graph=True, layer_kernels="triton")
 hf = loaded.hf_model.to("cuda", torch.bfloat16).eval()
@@ -48,7 +51,7 @@ def median_ms(fn, reps: int = 7) -> float:
 
 # (PREFILL_GRAPHS, PREFILL_GRAPH_CHUNKS_MAX_T, fused_max_t)
 STRATEGIES = {"graph": (True, 64, 16), "chunks": (False, 10**9, 16), "fused": (False, 0, 10**9), "torch": (False, 0, 16)}
-print(f"{'tokens':>7}" + "".join(f"{s:>10}" for s in STRATEGIES) + f"{'hf fwd':>10}" + "   decode us/token by split size")
+print(f"{'tokens':>7}" + "".join(f"{s:>10}" for s in STRATEGIES) + f"{'hf fwd':>10}" + "   decode us/token by split:block:chunk")
 for n in lengths:
     ids = long_prompt(loaded.tokenizer, n)
     prompt = torch.tensor([ids], device="cuda")
@@ -68,8 +71,8 @@ for n in lengths:
         eng.PREFILL_GRAPHS, eng.PREFILL_GRAPH_CHUNKS_MAX_T, engine.model.fused_max_t = True, 64, 16
         row += f"{median_ms(lambda prompt=prompt: hf(prompt, logits_to_keep=1)):>10.2f}"
         last = torch.tensor([[ids[-1]]], device="cuda")
-        for split in SPLITS:
-            layer_triton.TUNE["attn_split_s"] = split
+        for config in CONFIGS:
+            layer_triton.TUNE.update(zip(ATTN_KEYS, config))
             engine.drop_captured()
             engine.ensure_capacity(n + 32)
             engine.prefill(prompt)
@@ -79,7 +82,7 @@ for n in lengths:
                 engine.rollback(n)
                 engine.decode_greedy(last, 16)[0].tolist()
 
-            row += f"   {split}: {median_ms(decode) / 16 * 1e3:6.1f}"
-        layer_triton.TUNE["attn_split_s"] = default_splits
+            row += f"   {':'.join(map(str, config))}: {median_ms(decode) / 16 * 1e3:6.1f}"
+        layer_triton.TUNE.update(defaults)
         engine.drop_captured()
     print(row, flush=True)
