@@ -73,7 +73,7 @@ for n in lengths:
         last = torch.tensor([[ids[-1]]], device="cuda")
         for config in CONFIGS:
             layer_triton.TUNE.update(defaults)
-            layer_triton.TUNE.update(zip(ATTN_KEYS, config))
+            layer_triton.TUNE.update(zip(ATTN_KEYS, config, strict=False))
             engine.drop_captured()
             engine.ensure_capacity(n + 32)
             engine.prefill(prompt)
