@@ -477,9 +477,10 @@ class Engine:
                     self.verify_greedy(token.expand(self.batch_size, T).contiguous(), eos_mask, 0, draft_heads=True)
         self.reset()
         self.decode_greedy(token, 1)
-        bucket = prefill_bucket(GRAPH_MAX_T + 1)
+        shortest = max(GRAPH_MAX_T, PREFILL_GRAPH_CHUNKS_MAX_T) + 1  # the shortest prompt `prefill` runs as one pass
+        bucket = prefill_bucket(shortest)
         while self.cuda_graph and PREFILL_GRAPHS and bucket <= prefill_bucket(min(prompt_len, self.max_seq_len)):
-            T = bucket // 2 + 1  # a prompt this bucket serves
+            T = max(bucket // 2 + 1, shortest)  # a prompt this bucket serves
             self.ensure_capacity(T)
             if self._graphs_safe:
                 self.prefill(token.expand(self.batch_size, T).contiguous())

@@ -10,7 +10,7 @@ For each prompt length on the embedded model (bf16, CUDA graphs, fused layers):
 - a greedy decode step at that context, per token (16 captured steps per host read), for each
   tile configuration of the split-K attention: keys per split, keys per loop step, partials the
   combining program loads at a time (TUNE["attn_split_s"], ["attn_block_s"], ["attn_combine_chunk"]),
-  given as split:block:chunk[:prefetch] (e.g. 256:64:8,512:128:16:0; prefetch: TUNE["attn_prefetch"]).
+  given as split:block:chunk (e.g. 256:64:8,512:128:16).
 """
 
 import statistics
@@ -27,7 +27,7 @@ from labkit.models.loading import load_model
 from labkit.prompts.long import long_prompt
 
 lengths = [int(x) for x in sys.argv[1].split(",")] if len(sys.argv) > 1 else [32, 64, 128, 256, 512, 1024, 2048, 4096, 8064]
-ATTN_KEYS = ("attn_split_s", "attn_block_s", "attn_combine_chunk", "attn_prefetch")
+ATTN_KEYS = ("attn_split_s", "attn_block_s", "attn_combine_chunk")
 CONFIGS = [tuple(int(v) for v in c.split(":")) for c in (sys.argv[2] if len(sys.argv) > 2 else "64:64:8,128:64:8,256:64:8").split(",")]
 defaults = {key: layer_triton.TUNE[key] for key in ATTN_KEYS}
 loaded = load_model("default")
@@ -72,8 +72,7 @@ for n in lengths:
         row += f"{median_ms(lambda prompt=prompt: hf(prompt, logits_to_keep=1)):>10.2f}"
         last = torch.tensor([[ids[-1]]], device="cuda")
         for config in CONFIGS:
-            layer_triton.TUNE.update(defaults)
-            layer_triton.TUNE.update(zip(ATTN_KEYS, config, strict=False))
+            layer_triton.TUNE.update(zip(ATTN_KEYS, config, strict=True))
             engine.drop_captured()
             engine.ensure_capacity(n + 32)
             engine.prefill(prompt)

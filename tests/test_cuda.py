@@ -300,9 +300,14 @@ def test_cuda_one_pass_prefill_is_deterministic_and_close_to_chunks(monkeypatch:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_cuda_captured_prompt_pass_matches_eager_at_every_bucket(arch: str) -> None:
+def test_cuda_captured_prompt_pass_matches_eager_at_every_bucket(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prompts of 17 to 200 tokens (buckets 32 to 256, padded) through the captured pass: the
-    eager engine's logits at the last token, and its greedy tokens after it."""
+    eager engine's logits at the last token, and its greedy tokens after it. (Prompts of up to 48
+    tokens run as captured chunks by default; here every prompt past 16 takes the one pass.)"""
+    import labkit.engine as eng
+    from labkit.graphs import GRAPH_MAX_T
+
+    monkeypatch.setattr(eng, "PREFILL_GRAPH_CHUNKS_MAX_T", GRAPH_MAX_T)
     hf = tiny_hf_model(arch, seed=12).cuda()
     eager = Engine.from_hf(hf, "cuda", "float32", cuda_graph=False)
     graphed = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)

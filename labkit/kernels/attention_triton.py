@@ -14,49 +14,29 @@ from labkit.kernels.triton_common import TUNE, _dot, _ieee, _launch, _pdl, _wait
 
 
 @triton.jit
-def _attend_block(q, k, v, offs_s, s_ok, lo_r, pos, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
-    """One block of keys into a tile's running softmax: (m_i, l_i, acc) for (BLOCK_R,), (BLOCK_R,), (BLOCK_R, D)."""
-    seen = (offs_s[None, :] >= lo_r[:, None]) & (offs_s[None, :] <= pos[:, None]) & s_ok[None, :]  # (BLOCK_R, BLOCK_S)
-    s = tl.where(seen, _dot(q, tl.trans(k), IEEE) * qk_scale, -float("inf"))  # (BLOCK_R, BLOCK_S) fp32
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no key seen yet keeps zeros
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    if IEEE:
-        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-    else:  # half precision: p rounded to v's type for the tensor cores, as flash attention does
-        pv = tl.dot(p.to(v.dtype), v)
-    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv
-
-
-@triton.jit
 def _attention_kernel(
     q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr, T, R, R_BLOCKS, N_SPLITS, scale,
     stride_cb, stride_ch, stride_cs, NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     WINDOW: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, NS_POW2: tl.constexpr,
-    CHUNK: tl.constexpr, PREFETCH: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr,
+    CHUNK: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr,
 ):
     """Program (tile, split): the rows of one (batch row, kv head, block of BLOCK_R rows) against
     the keys of split `split`, positions [split * SPLIT_S, (split + 1) * SPLIT_S). Rows are (token
     t, query head g of the kv head's group), so a key block is read once for every query head that
     shares it. Split boundaries are absolute positions and every tile has BLOCK_R rows, so a row's
-    sums run in the same order whatever tokens share its tile: a verify row gets a decode step's bits.
-
-    With PREFETCH, the split's first key block is read before the wait for the previous kernel
-    (which writes q and this step's keys) when it lies wholly below the step's first position:
-    those keys were written by earlier steps, finished before this kernel started (see
-    _wait_for_inputs). So on a long context the keys stream in while the previous kernel runs."""
+    sums run in the same order whatever tokens share its tile: a verify row gets a decode step's bits."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     rb = tile % R_BLOCKS
     kvh = (tile // R_BLOCKS) % NKV
     b = tile // (R_BLOCKS * NKV)
+    _wait_for_inputs(GDC)  # everything it reads but the positions comes from the kernel before
     local = tl.arange(0, BLOCK_R)
     offs_r = rb * BLOCK_R + local  # (BLOCK_R,) row r = t * GROUP + g
     r_ok = offs_r < R
     t = offs_r // GROUP
     head = kvh * GROUP + offs_r % GROUP
-    pos = tl.load(pos_ptr + t, mask=r_ok, other=-1)  # (BLOCK_R,) row r sees keys lo_r..pos_r (positions: host inputs)
+    pos = tl.load(pos_ptr + t, mask=r_ok, other=-1)  # (BLOCK_R,) row r sees keys lo_r..pos_r
     if WINDOW > 0:
         lo_r = tl.maximum(pos - WINDOW + 1, 0)
     else:
@@ -65,40 +45,35 @@ def _attention_kernel(
     lo = tl.min(tl.where(r_ok, lo_r, hi), axis=0)  # the first
     first = lo // SPLIT_S  # the splits holding visible keys: first..last (the grid may end sooner:
     last = tl.minimum(hi // SPLIT_S, N_SPLITS - 1)  # rows past the span are tokens nobody keeps)
-    active = (split >= first) & (split <= last)
-    s_first = tl.maximum(split * SPLIT_S, lo)
-    s_end = tl.minimum(split * SPLIT_S + SPLIT_S, hi + 1)
-    b0 = (s_first // BLOCK_S) * BLOCK_S  # blocks start BLOCK_S-aligned
-    offs_d = tl.arange(0, D)
-    base = b * stride_cb + kvh * stride_ch
-    offs_s = b0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,) the first block
-    s_ok = (offs_s >= s_first) & (offs_s < s_end)  # empty for a split outside first..last
-    # the whole block is older than the step's tokens (PREFETCH: 0 or 1); a (BLOCK_S, 1) block, not a scalar,
-    # as the interpreter masks loads with blocks only
-    early = (offs_s * 0 + tl.load(pos_ptr) * PREFETCH >= b0 + BLOCK_S)[:, None]
-    kv_at = base + offs_s[:, None] * stride_cs + offs_d[None, :]  # (BLOCK_S, D)
-    # .cg: from L2, where finished kernels' writes are (this SM's L1 may hold an older launch's lines)
-    k0 = tl.load(kc_ptr + kv_at, mask=s_ok[:, None] & early, other=0.0, cache_modifier=".cg")  # (BLOCK_S, D)
-    v0 = tl.load(vc_ptr + kv_at, mask=s_ok[:, None] & early, other=0.0, cache_modifier=".cg")
-    _wait_for_inputs(GDC)  # q and this step's keys come from the kernel before
-    if active:
+    if (split >= first) & (split <= last):
+        offs_d = tl.arange(0, D)
         q_rows = (b * T + t) * NH + head  # (BLOCK_R,) rows of q (M, NH, D) and of out (M, NH*D)
         q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # (BLOCK_R, D)
+        base = b * stride_cb + kvh * stride_ch
         qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 instead of exp
         m_i = tl.full([BLOCK_R], -float("inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-        late = s_ok[:, None] & (early == 0)  # (BLOCK_S, 1)
-        k = tl.where(early, k0, tl.load(kc_ptr + kv_at, mask=late, other=0.0))
-        v = tl.where(early, v0, tl.load(vc_ptr + kv_at, mask=late, other=0.0))
-        m_i, l_i, acc = _attend_block(q, k, v, offs_s, s_ok, lo_r, pos, m_i, l_i, acc, qk_scale, IEEE)
-        for s0 in range(b0 + BLOCK_S, s_end, BLOCK_S):
+        s_first = tl.maximum(split * SPLIT_S, lo)
+        s_end = tl.minimum(split * SPLIT_S + SPLIT_S, hi + 1)
+        for s0 in range((s_first // BLOCK_S) * BLOCK_S, s_end, BLOCK_S):  # blocks start BLOCK_S-aligned
             offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
             s_ok = (offs_s >= s_first) & (offs_s < s_end)
-            kv_at = base + offs_s[:, None] * stride_cs + offs_d[None, :]
-            k = tl.load(kc_ptr + kv_at, mask=s_ok[:, None], other=0.0)  # (BLOCK_S, D)
-            v = tl.load(vc_ptr + kv_at, mask=s_ok[:, None], other=0.0)
-            m_i, l_i, acc = _attend_block(q, k, v, offs_s, s_ok, lo_r, pos, m_i, l_i, acc, qk_scale, IEEE)
+            k = tl.load(kc_ptr + base + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)  # (BLOCK_S, D)
+            v = tl.load(vc_ptr + base + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+            seen = (offs_s[None, :] >= lo_r[:, None]) & (offs_s[None, :] <= pos[:, None]) & s_ok[None, :]  # (BLOCK_R, BLOCK_S)
+            s = tl.where(seen, _dot(q, tl.trans(k), IEEE) * qk_scale, -float("inf"))  # (BLOCK_R, BLOCK_S) fp32
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no key seen yet keeps zeros
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            if IEEE:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:  # half precision: p rounded to v's type for the tensor cores, as flash attention does
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
         out_dtype = out_ptr.dtype.element_ty
         if first == last:  # one split holds every visible key: the result is final
             tl.store(out_ptr + q_rows[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(out_dtype), mask=r_ok[:, None])
@@ -168,8 +143,7 @@ def decode_attention(
         q, k_cache, v_cache, input_pos, out, part_o, part_ml, counters, T, R, r_blocks, n_splits, scale,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NH=nh, NKV=nkv, GROUP=group, D=D, WINDOW=window or 0, SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s),
-        BLOCK_R=block_r, NS_POW2=triton.next_power_of_2(n_splits), CHUNK=int(TUNE["attn_combine_chunk"]),
-        PREFETCH=int(bool(TUNE["attn_prefetch"])), IEEE=_ieee(q), GDC=pdl,
+        BLOCK_R=block_r, NS_POW2=triton.next_power_of_2(n_splits), CHUNK=int(TUNE["attn_combine_chunk"]), IEEE=_ieee(q), GDC=pdl,
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out

@@ -26,9 +26,11 @@ TUNE = {
     "norm_block_k": 256,  # the same for the kernels that also normalise
     "attn_split_s": 256,  # keys per attention program (split-K: a long context is read by many programs at once;
     # on an H200 at 4096 keys 256 ran 729 us per decode step, 128 781, 64 958; all ~540 at 32 keys)
-    "attn_block_s": 64,  # keys per step of an attention program's loop
-    "attn_combine_chunk": 8,  # partial results the combining program loads at a time
-    "attn_prefetch": True,  # read the first key block before waiting for the previous kernel (keys older than the step)
+    "attn_block_s": 128,  # keys per step of an attention program's loop (64, 128, 256 within noise on an H200)
+    "attn_combine_chunk": 8,  # partial results the combining program loads at a time (32 ran slower)
+    # Tried: reading a split's first key block before waiting for the previous kernel (safe only if every
+    # kernel waits before it lets the next start) gained 3% at 4096 keys, but that wait order cost every
+    # decode step ~20% (H200, commit 7217fec).
     "num_warps": 4,
     "pdl": True,  # programmatic dependent launch (sm90+): the next kernel starts reading its weights early
 }
@@ -61,11 +63,9 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _wait_for_inputs(GDC: tl.constexpr):
-    """Under programmatic dependent launch: wait until the previous kernel has finished and its
-    writes are visible, then let the next kernel start. Nothing the previous kernel writes may be
-    touched before this. Waiting before letting the next one start keeps one rule for every
-    kernel: when a kernel starts, all kernels but the one just before it have finished, so what
-    they wrote may be read before the wait (weights, and the attention's older keys)."""
+    """Under programmatic dependent launch: let the next kernel start (it only reads weights until
+    its own wait), then wait until the previous kernel's writes are visible. Nothing a kernel
+    writes, and nothing an earlier kernel wrote, may be touched before this."""
     if GDC:
-        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
