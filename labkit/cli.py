@@ -154,6 +154,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise LabkitError(f"these heads draft at most {n_heads} tokens per step (one per head), got --k {args.k}")
     trace_path = check_trace_path(args.profile) if args.profile else None  # before the slow part
     drafter_kind = args.drafter or ("model" if args.draft_model else "heads" if args.heads else None)
+    from labkit.specdec.drafters import check_drafter_options
+
+    check_drafter_options([drafter_kind] if drafter_kind else [], args.draft_model, args.heads)  # before the slow part
     if args.heads:
         from labkit.specdec.heads import check_heads_folder
 
@@ -185,7 +188,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     s = result.stats
     if args.json:
         out: dict[str, Any] = {
-            "model": loaded.name, "device": str(device), "dtype": dtype_name(dtype), "weights": engine.weights,
+            "model": loaded.name, "device": str(device), "dtype": dtype_name(dtype), "weights": engine.weights, "weights_note": engine.weights_note,
             "layer_kernels": engine.layer_kernels, "text": result.text,
             "prompt_ids": result.prompt_ids, "token_ids": result.tokens, "stats": s.to_dict(),
         }
@@ -196,7 +199,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(result.text)
     print()
     warmed = " (after a warm-up: capture/compile)" if engine.cuda_graph or args.compile else ""
-    print(f"[{loaded.name} on {device} {dtype_name(dtype)}, {engine.weights} weights, {engine.layer_kernels} layers{warmed}] {s.new_tokens} new tokens in {s.total_s:.2f} s, stop: {s.stop_reason}")
+    weights = engine.weights + (f" ({engine.weights_note})" if engine.weights_note else "")
+    print(f"[{loaded.name} on {device} {dtype_name(dtype)}, {weights} weights, {engine.layer_kernels} layers{warmed}] {s.new_tokens} new tokens in {s.total_s:.2f} s, stop: {s.stop_reason}")
     print(f"  throughput      {s.tok_per_s:.1f} tok/s (decode only {s.decode_tok_per_s:.1f} tok/s)")
     print(f"  time to first   {s.ttft_s * 1e3:.1f} ms ({s.prompt_tokens} prompt tokens)")
     print(f"  per token       {s.mean_token_latency_ms:.2f} ms")
@@ -236,7 +240,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         payload = run_sweep(cfg)
     except ValueError as err:
         raise LabkitError(str(err)) from None
-    print(f"sweep on {payload['device']['name']}, {cfg.max_new_tokens} new tokens, weights {payload['parameters']['weights_resolved']}")
+    note = payload["parameters"].get("weights_note")
+    print(f"sweep on {payload['device']['name']}, {cfg.max_new_tokens} new tokens, weights {payload['parameters']['weights_resolved']}"
+          + (f" ({note})" if note else ""))
     print(f"{'drafter':<22}{'policy':<18}{'controller':<11}{'K':>3}{'tok/s':>16}{'speedup':>16}{'accept':>8}{'tau':>6}"
           f"{'agree':>7}{'ppl':>7}{'identical':>10}")
     for r in payload["summary"]:

@@ -100,6 +100,7 @@ class Engine:
         self.batch_size = batch_size
         self.eos_token_ids: tuple[int, ...] = ()  # set by from_hf; generate stops on these
         self.weights = "dense"  # or "gguf": linears read the GGUF's quantised blocks
+        self.weights_note = ""  # why a CPU engine of a GGUF model reads dense weights after all ("" otherwise)
         self.cache: KVCache | None = None
         # Captures warm up on positions past every request's reach: models with rotary positions get
         # GRAPH_HEADROOM positions beyond max_seq_len for it (GPT-2's learned positions end at its
@@ -173,6 +174,8 @@ class Engine:
             assert loaded.gguf_path is not None
             attach_gguf_blocks(engine.model, loaded.gguf_path)
             engine.weights = "gguf"
+        elif weights == "auto" and loaded.gguf_path is not None and engine.device.type == "cpu":
+            engine.weights_note = f"GGUF blocks not used: {why_not}"  # the values are the same; the speed is not
         return engine
 
     def graph_pool(self) -> Any:

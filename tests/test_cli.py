@@ -35,6 +35,9 @@ def assert_clean_error(rc: int, out: str, err: str, needle: str) -> None:
         (["--prompt", "hi", "--drafter", "ngram", "--k", "1000"], "at most 64"),
         (["--prompt", "hi", "--max-seq-len", "1"], "max-seq-len"),
         (["--prompt", "hi\udcff", "--max-tokens", "4"], "UTF-8"),
+        # checked before the model loads: this model does not exist, and the error is not about it
+        (["--prompt", "hi", "--model", "no-such-org/no-such-model-xyz", "--drafter", "model"], "--draft-model"),
+        (["--prompt", "hi", "--model", "no-such-org/no-such-model-xyz", "--drafter", "heads"], "--heads"),
     ],
 )
 def test_generate_bad_input(args: list[str], needle: str) -> None:

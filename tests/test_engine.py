@@ -193,3 +193,18 @@ def test_verify_greedy_decides_like_the_greedy_policy(device: str) -> None:
                 if name == "first wrong" or (eos is not None and block_rows > 0):
                     assert want[0] == 0
     assert len(seen) >= 3  # the cases lead to different verdicts
+
+
+def test_auto_weights_say_why_a_gguf_model_reads_dense_weights(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A GGUF model on the CPU reads its quantised blocks unless the kernel is unavailable (as
+    under SPECDEC_FORCE_PY=1): then the engine reads the dense weights and says why."""
+    from labkit.kernels import cpu_quant
+    from labkit.models.loading import LoadedModel
+
+    loaded = LoadedModel("tiny", "tiny", tiny_hf_model("llama"), None, gguf_path=tmp_path / "model.gguf")
+    monkeypatch.setattr(cpu_quant, "available", lambda: (False, "SPECDEC_FORCE_PY=1"))
+    engine = Engine.from_loaded(loaded, "cpu", "float32")
+    assert engine.weights == "dense" and "SPECDEC_FORCE_PY=1" in engine.weights_note
+    assert Engine.from_loaded(loaded, "cpu", "float32", weights="dense").weights_note == ""  # asked for: nothing to say
+    with pytest.raises(LabkitError, match="SPECDEC_FORCE_PY=1"):
+        Engine.from_loaded(loaded, "cpu", "float32", weights="gguf")

@@ -10,6 +10,7 @@ from labkit.generate import Speculation, generate
 from labkit.models.tiny import tiny_hf_model
 from labkit.specdec import ModelDrafter, make_drafter
 from labkit.specdec.drafters import NgramDrafter, check_draft_pair
+from labkit.specdec.heads import DraftHeads, HeadsConfig
 from labkit.specdec.policies import GreedyMatch, RejectionSampling, Verdict
 
 PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7], [11, 12, 13], [40, 41, 42, 43, 44, 45, 46, 47, 48, 40, 41]]
@@ -36,14 +37,86 @@ def drafters(target: Engine) -> dict:
     }
 
 
+def bigram_hf():
+    """The tiny target with every attention output zeroed: its next token depends on the last one
+    only, so its greedy text soon cycles, and prompt lookup gets long runs of drafts accepted."""
+    hf = tiny_hf_model("llama", seed=5)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    return hf
+
+
+@pytest.fixture(scope="module")
+def lossless_cases(target: Engine) -> dict:
+    """Each drafter on a target where it proposes and gets some drafts accepted (asserted below)."""
+    bigram = Engine.from_hf(bigram_hf(), "cpu", "float32")
+    noisy = tiny_hf_model("llama", seed=5)  # the target's weights plus 10% noise: accepts often, not always
+    with torch.no_grad():
+        for param in noisy.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=torch.Generator().manual_seed(7)))
+    with_heads = Engine.from_hf(tiny_hf_model("llama", seed=5), "cpu", "float32")  # heads change the engine's steps
+    return {
+        "ngram": (target, make_drafter("ngram", target)),
+        "ngram-cycle": (bigram, make_drafter("ngram", bigram)),  # long accepted runs
+        "ngram-graph": (target, make_drafter("ngram-graph", target)),
+        "layerskip": (target, make_drafter("layerskip", target, layers=2)),
+        "truncated": (target, make_drafter("truncated", target, layers=1)),
+        "model": (target, make_drafter("model", target, draft_engine=Engine.from_hf(noisy, "cpu", "float32"))),
+        # untrained heads repeat the last token: accepted where the target repeats one
+        "heads": (with_heads, make_drafter("heads", with_heads, heads=DraftHeads(with_heads.args.dim, HeadsConfig(n_heads=8)))),
+    }
+
+
 @pytest.mark.parametrize("k", range(1, 9))
-def test_greedy_speculation_is_token_identical(target: Engine, k: int) -> None:
-    for name, drafter in drafters(target).items():
-        for prompt in PROMPTS:
-            want = plain(target, prompt)
-            got = generate(target, prompt, GenerationConfig(max_new_tokens=30, stop_at_eos=False), Speculation(drafter, k))
-            assert got.tokens == want, (name, k, prompt)
-            assert all(0 <= a <= d for a, d in zip(got.stats.accepted_lengths, got.stats.drafted_lengths, strict=True))
+@pytest.mark.parametrize("kind", ["ngram", "ngram-cycle", "ngram-graph", "layerskip", "truncated", "model", "heads"])
+def test_greedy_speculation_is_token_identical(lossless_cases: dict, kind: str, k: int) -> None:
+    """Every drafter at every K gives plain greedy's tokens, on prompts where it really drafts:
+    drafts were proposed and some accepted (else this would compare plain decoding with itself),
+    and, but for prompt lookup on a cycle, some rejected (so the cache was rolled back). The
+    target is the tiny random model, whose keys matter; on its attention-free twin (ngram-cycle)
+    prompt lookup gets long runs of drafts accepted."""
+    engine, drafter = lossless_cases[kind]
+    drafted = accepted = 0
+    for prompt in PROMPTS:
+        want = plain(engine, prompt, 40)
+        got = generate(engine, prompt, GenerationConfig(max_new_tokens=40, stop_at_eos=False), Speculation(drafter, k))
+        assert got.tokens == want, (kind, k, prompt)
+        assert all(0 <= a <= d <= k for a, d in zip(got.stats.accepted_lengths, got.stats.drafted_lengths, strict=True))
+        drafted += sum(got.stats.drafted_lengths)
+        accepted += sum(got.stats.accepted_lengths)
+    assert accepted > 0, (kind, k, drafted)
+    if kind != "ngram-cycle":
+        assert accepted < drafted, (kind, k)
+
+
+def test_the_greedy_test_catches_a_verdict_that_accepts_one_draft_too_many(lossless_cases: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutation check: with the verify step's greedy verdict off by one, the identity test fails
+    for every drafter that ever has a draft rejected."""
+    import labkit.engine as engine_module
+    from labkit.specdec import lookup_steps
+
+    right = engine_module.greedy_verdict
+
+    def one_too_many(logits, tokens, eos_mask, block_rows):  # type: ignore[no-untyped-def]
+        verdict = right(logits, tokens, eos_mask, block_rows).clone()  # (B, 2)
+        short = verdict[:, 0] < tokens.shape[1] - 1
+        verdict[:, 0] += short.long()
+        verdict[:, 1] = torch.where(short, (verdict[:, 1] + 1) % logits.shape[-1], verdict[:, 1])
+        return verdict
+
+    def use(verdict) -> None:  # type: ignore[no-untyped-def]  # both places a greedy verify decides
+        monkeypatch.setattr(engine_module, "greedy_verdict", verdict)
+        monkeypatch.setattr(lookup_steps, "greedy_verdict", verdict)
+
+    for kind in ("ngram", "ngram-graph", "layerskip", "truncated", "model", "heads"):
+        engine, drafter = lossless_cases[kind]
+        use(right)
+        want = [plain(engine, prompt, 40) for prompt in PROMPTS]
+        use(one_too_many)
+        got = [generate(engine, prompt, GenerationConfig(max_new_tokens=40, stop_at_eos=False), Speculation(drafter, 4)).tokens
+               for prompt in PROMPTS]
+        assert got != want, kind
 
 
 def test_edge_cases_self_draft_accepts_all_random_draft_almost_nothing(target: Engine) -> None:

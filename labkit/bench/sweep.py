@@ -26,8 +26,7 @@ from labkit.metrics.drift import agreement, perplexity
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
 from labkit.specdec.controllers import CONTROLLERS, make_controller
-from labkit.specdec.drafters import Drafter, build_drafter
-from labkit.specdec.heads import check_heads_option
+from labkit.specdec.drafters import Drafter, build_drafter, check_drafter_options
 from labkit.specdec.policies import POLICIES, Policy, make_policy
 from labkit.specdec.speedup import alpha_from_steps, compare
 
@@ -92,9 +91,7 @@ class SweepConfig:
             raise LabkitError(f"the confidence threshold must be in (0, 1), got {self.confidence}")
         if self.replay and self.temperature != 0:
             raise LabkitError("--replay needs greedy decoding (temperature 0): only then is the output, and so the oracle, fixed")
-        if "model" in self.drafters and not self.draft_model:
-            raise LabkitError("the model drafter needs --draft-model")
-        check_heads_option(self.drafters, self.heads)
+        check_drafter_options(self.drafters, self.draft_model, self.heads)
 
 
 def build_drafters(cfg: SweepConfig, target: Engine, loaded: LoadedModel, stop_below: float = 0.0) -> list[Drafter]:
@@ -174,7 +171,7 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     bar.close()
     summary, per_category = summarize(rows)
     params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
-    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=str(dtype), weights_resolved=target.weights,
+    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=str(dtype), weights_resolved=target.weights, weights_note=target.weights_note,
                   cuda_graph_resolved=target.cuda_graph, layer_kernels_resolved=target.layer_kernels)
     payload: dict[str, Any] = {"benchmark": "sweep", **provenance(device, params), "summary": summary, "per_category": per_category,
                                "speedup_model": compare(rows)}

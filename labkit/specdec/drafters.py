@@ -246,6 +246,16 @@ def check_draft_pair(target: Engine, draft: Engine, target_tokenizer: Any = None
         raise LabkitError("the draft model's tokenizer differs from the target's; a draft model must share the target's tokenizer")
 
 
+def check_drafter_options(kinds: list[str], draft_model: str | None, heads_path: str | None) -> None:
+    """What the listed drafters need, checked before any model loads: the model drafter a draft
+    model, the heads drafter a folder of heads."""
+    from labkit.specdec.heads import check_heads_option
+
+    if "model" in kinds and not draft_model:
+        raise LabkitError("--drafter model needs --draft-model (a draft model sharing the target's tokenizer)")
+    check_heads_option(kinds, heads_path)
+
+
 def build_drafter(
     kind: str,
     target: Engine,
