@@ -17,9 +17,10 @@
  * Built by labkit/kernels/cpu_quant.py with -O3 -march=native -fopenmp; its PyTorch reference
  * is labkit.kernels.reference.quant_linear_ref.
  */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -28,6 +29,7 @@
 #define CHUNK 8
 
 #ifdef __AVX512F__
+#define PATH "avx512"
 
 #define Q4_VARIANT(MM)                                                                                   \
 static void q4_1_m##MM(const float *x, const uint8_t *qs, const float *d, const float *m, float *y,     \
@@ -79,6 +81,77 @@ static void q8_0_m##MM(const float *x, const int8_t *qs, const float *d, float *
     }                                                                                                    \
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PATH "avx2"
+
+/* Eight lanes: a block's 32 weights are four vectors (Q4_1: low nibbles 0-15 in w0, w1, high
+ * nibbles 16-31 in w2, w3). Same arithmetic as the AVX-512 path: w = d*q then + m, each row's
+ * dot product kept in four accumulators. */
+#define Q4_VARIANT(MM)                                                                                   \
+static void q4_1_m##MM(const float *x, const uint8_t *qs, const float *d, const float *m, float *y,     \
+                       int64_t N, int64_t K, int64_t ystride) {                                          \
+    const int64_t B = K / G;                                                                             \
+    _Pragma("omp parallel for schedule(static)")                                                         \
+    for (int64_t n = 0; n < N; n++) {                                                                    \
+        const uint8_t *row = qs + n * (K / 2);                                                           \
+        __m256 acc[MM][4];                                                                               \
+        for (int r = 0; r < MM; r++) for (int v = 0; v < 4; v++) acc[r][v] = _mm256_setzero_ps();        \
+        for (int64_t b = 0; b < B; b++) {                                                                \
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(row + b * 16));                        \
+            const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));                                  \
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));               \
+            const __m256 vd = _mm256_set1_ps(d[n * B + b]);                                              \
+            const __m256 vm = _mm256_set1_ps(m[n * B + b]);                                              \
+            __m256 w[4];                                                                                 \
+            w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));                                         \
+            w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));                      \
+            w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));                                         \
+            w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));                      \
+            for (int v = 0; v < 4; v++) w[v] = _mm256_add_ps(_mm256_mul_ps(vd, w[v]), vm);               \
+            for (int r = 0; r < MM; r++) {                                                               \
+                const float *xb = x + r * K + b * G;                                                     \
+                for (int v = 0; v < 4; v++) acc[r][v] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xb + 8 * v), acc[r][v]); \
+            }                                                                                            \
+        }                                                                                                \
+        for (int r = 0; r < MM; r++) y[r * ystride + n] = hsum8(acc[r]);                                 \
+    }                                                                                                    \
+}
+
+#define Q8_VARIANT(MM)                                                                                   \
+static void q8_0_m##MM(const float *x, const int8_t *qs, const float *d, float *y,                      \
+                       int64_t N, int64_t K, int64_t ystride) {                                          \
+    const int64_t B = K / G;                                                                             \
+    _Pragma("omp parallel for schedule(static)")                                                         \
+    for (int64_t n = 0; n < N; n++) {                                                                    \
+        const int8_t *row = qs + n * K;                                                                  \
+        __m256 acc[MM][4];                                                                               \
+        for (int r = 0; r < MM; r++) for (int v = 0; v < 4; v++) acc[r][v] = _mm256_setzero_ps();        \
+        for (int64_t b = 0; b < B; b++) {                                                                \
+            const __m256 vd = _mm256_set1_ps(d[n * B + b]);                                              \
+            __m256 w[4];                                                                                 \
+            for (int v = 0; v < 4; v++)                                                                  \
+                w[v] = _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + b * G + 8 * v))))); \
+            for (int r = 0; r < MM; r++) {                                                               \
+                const float *xb = x + r * K + b * G;                                                     \
+                for (int v = 0; v < 4; v++) acc[r][v] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xb + 8 * v), acc[r][v]); \
+            }                                                                                            \
+        }                                                                                                \
+        for (int r = 0; r < MM; r++) y[r * ystride + n] = hsum8(acc[r]);                                 \
+    }                                                                                                    \
+}
+
+static inline float hsum8(const __m256 *a) {  /* the sum of four 8-lane accumulators */
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_add_ss(t, _mm_movehdup_ps(t));
+    return _mm_cvtss_f32(t);
+}
+
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+
 Q4_VARIANT(1) Q4_VARIANT(2) Q4_VARIANT(3) Q4_VARIANT(4) Q4_VARIANT(5) Q4_VARIANT(6) Q4_VARIANT(7) Q4_VARIANT(8)
 Q8_VARIANT(1) Q8_VARIANT(2) Q8_VARIANT(3) Q8_VARIANT(4) Q8_VARIANT(5) Q8_VARIANT(6) Q8_VARIANT(7) Q8_VARIANT(8)
 
@@ -104,6 +177,7 @@ void gemv_q8_0(const float *x, const int8_t *qs, const float *d,
 }
 
 #else  /* portable C: the compiler vectorises what it can */
+#define PATH "portable"
 
 void gemv_q4_1(const float *x, const uint8_t *qs, const float *d, const float *m,
                float *y, int64_t M, int64_t N, int64_t K) {
@@ -158,3 +232,7 @@ void gemv_q8_0(const float *x, const int8_t *qs, const float *d,
 #endif
 
 int max_rows(void) { return MAX_M; }
+
+const char *kernel_path(void) { return PATH; }  /* which of the paths above this build took */
+
+int kernel_threads(void) { return omp_get_max_threads(); }  /* the OpenMP pool's size as this kernel sees it */

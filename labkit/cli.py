@@ -178,6 +178,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         warm_up(engine, args.k if spec else 0)
         if spec is not None:
             generate_text(engine, loaded.tokenizer, args.prompt, GenerationConfig(max_new_tokens=8), chat=args.chat, spec=spec)
+    from labkit.bench.results import warn_if_busy
+
+    warn_if_busy()
     ops: list[dict[str, Any]] = []
     with profile(device) if trace_path else contextlib.nullcontext() as prof:
         result = generate_text(engine, loaded.tokenizer, args.prompt, config, chat=args.chat, spec=spec, detailed_metrics=args.metrics_detailed)
@@ -307,7 +310,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"nvcc             {r.nvcc or 'not found'}")
     print(f"triton           {r.triton or 'not installed'}")
     print(f"C compiler       {r.c_compiler or 'not found'}")
-    print(f"CPU block kernel {r.cpu_block_kernel}")
+    print(f"CPU block kernel {r.cpu_block_kernel}" + (f", {r.cpu_kernel_path} path (CPU has: {r.cpu_instruction_sets})" if r.cpu_kernel_path else ""))
+    load = f", load average {r.load_average}" if r.load_average is not None else ""
+    print(f"CPU threads      {r.threads} (block kernel: {r.kernel_threads}; {r.physical_cores} physical cores{load})")
     print(f"CUDA graphs      {'available' if r.cuda_graphs else 'need a CUDA device'}")
     for fit in r.fits:
         verdict = "fits" if fit["fits"] else "DOES NOT FIT"
@@ -360,6 +365,9 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from labkit.threads import apply_threads
+
+        apply_threads(getattr(args, "threads", None))  # also for commands without --threads: LABKIT_THREADS, else the cores
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "bench":

@@ -24,6 +24,7 @@ def _csv(value: str) -> list[str]:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="embedded default (SmolLM2-135M-Instruct), a Hugging Face id, or a folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: LABKIT_THREADS, else the physical cores)")
 
 
 def _ints(name: str, values: list[str]) -> list[int]:

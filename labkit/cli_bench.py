@@ -26,6 +26,8 @@ def add_bench_parser(sub: Any) -> None:
     bb.add_argument("--no-chat", dest="chat", action="store_false")
     bb.add_argument("--no-gguf", action="store_true", help="skip our engine on the GGUF's own blocks")
     bb.add_argument("--compile", action="store_true", help="on CUDA, also time torch.compile'd steps inside CUDA graphs")
+    bb.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
+                    help="llama.cpp on the same GGUF, CPU float32 (auto: where llama-cpp-python is installed)")
     bb.add_argument("--output-dir", default="results")
     bk = bsub.add_parser("kernels", help="each kernel backend against the launch and bytes floors, in one run")
     bk.add_argument("--device", default="auto")
@@ -61,17 +63,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg = BaselineConfig(
             model=args.model, device=args.device, dtypes=args.dtype, max_new_tokens=args.max_tokens,
             prompts_per_category=args.prompts_per_category, categories=args.categories, repeats=args.repeats,
-            chat=args.chat, gguf_weights=not args.no_gguf, compile=args.compile, output_dir=None if args.no_write else args.output_dir,
+            chat=args.chat, gguf_weights=not args.no_gguf, compile=args.compile, llama_cpp=args.llama_cpp,
+            output_dir=None if args.no_write else args.output_dir,
         )
         try:
             payload = run_baseline(cfg)
         except ValueError as err:  # unknown category and similar
             raise LabkitError(str(err)) from None
         print(f"baseline on {payload['device']['name']}, {args.max_tokens} new tokens, {payload['summary'][0]['pairs']} runs per system and dtype")
-        print(f"{'dtype':<10}{'labkit weights':<16}{'HF generate':>14}{'labkit':>12}{'speedup':>10}{'range':>16}{'identical':>11}")
+        print(f"{'dtype':<10}{'system':<20}{'weights':<26}{'HF generate':>14}{'system':>12}{'speedup':>10}{'range':>16}{'identical':>11}"
+              f"{'vs llama.cpp':>14}")
         for row in payload["summary"]:
-            print(f"{row['dtype']:<10}{row['weights']:<16}{row['hf_tok_per_s']:>10.1f} t/s{row['labkit_tok_per_s']:>8.1f} t/s{row['speedup_median']:>9.2f}x"
-                  f"{row['speedup_min']:>9.2f}-{row['speedup_max']:.2f}x{row['identical_share']:>10.0%}")
+            peer = f"{row['over_llama_cpp_median']:>13.2f}x" if "over_llama_cpp_median" in row else ""
+            print(f"{row['dtype']:<10}{row['system']:<20}{row['weights'][:25]:<26}{row['hf_tok_per_s']:>10.1f} t/s{row['labkit_tok_per_s']:>8.1f} t/s"
+                  f"{row['speedup_median']:>9.2f}x{row['speedup_min']:>9.2f}-{row['speedup_max']:.2f}x{row['identical_share']:>10.0%}{peer}")
         for f in payload.get("files", []):
             print(f"wrote {f}")
         return 0

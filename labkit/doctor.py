@@ -89,6 +89,12 @@ class DoctorReport:
     triton: str | None
     c_compiler: str | None
     cpu_block_kernel: str
+    cpu_instruction_sets: str  # those the block kernel's paths use, of the CPU's flags
+    cpu_kernel_path: str  # avx512, avx2 or portable: the path its -march=native build took
+    threads: int  # PyTorch's, which the block kernel shares (labkit/threads.py)
+    kernel_threads: int
+    physical_cores: int
+    load_average: float | None
     cuda_graphs: bool
     fits: list[dict[str, Any]] = field(default_factory=list)
 
@@ -117,10 +123,16 @@ def _triton_version() -> str | None:
         return None
 
 
+def _kernel_isa(signature: str) -> str:
+    flags = set(signature.replace(":", " ").split())
+    return " ".join(f for f in ("avx512f", "avx2", "fma", "asimd", "neon") if f in flags) or "none of avx512f, avx2, fma, neon"
+
+
 def run_doctor(device: torch.device, models: list[tuple[str, Any]], dtype: torch.dtype, seq_len: int = 2048) -> DoctorReport:
     """models: (name, transformers config) pairs to check for fit (no weights are loaded)."""
     from labkit.bench.results import device_name
     from labkit.kernels import cpu_quant
+    from labkit.threads import load_average, physical_cores
 
     free, total = available_bytes(device)
     cc = None
@@ -134,7 +146,9 @@ def run_doctor(device: torch.device, models: list[tuple[str, Any]], dtype: torch
         torch=torch.__version__, device=str(device), device_name=device_name(device), compute_capability=cc,
         free_gib=free / 2**30, total_gib=total / 2**30, bf16=bf16, nvcc=_nvcc_version(), triton=_triton_version(),
         c_compiler=shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc"),
-        cpu_block_kernel="builds" if ok else f"unavailable ({reason})", cuda_graphs=device.type == "cuda",
+        cpu_block_kernel="builds" if ok else f"unavailable ({reason})", cpu_instruction_sets=_kernel_isa(cpu_quant.cpu_signature()),
+        cpu_kernel_path=cpu_quant.kernel_path(), threads=torch.get_num_threads(), kernel_threads=cpu_quant.kernel_threads(),
+        physical_cores=physical_cores(), load_average=load_average(), cuda_graphs=device.type == "cuda",
     )
     need_total = 0
     for name, config in models:

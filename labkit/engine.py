@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 
 from labkit.config import Flags, resolve_device, resolve_dtype
-from labkit.engine_choices import build_decoder, gguf_unusable, pick_layer_ops
+from labkit.engine_choices import build_decoder, gguf_unusable, pick_layer_ops, time_block_weights
 from labkit.errors import LabkitError
 from labkit.graphs import (
     GRAPH_HEADROOM,
@@ -31,7 +31,7 @@ from labkit.graphs import (
     prefill_bucket,
 )
 from labkit.metrics.timers import now
-from labkit.models.gguf_weights import attach_gguf_blocks
+from labkit.models.gguf_weights import attach_gguf_blocks, set_block_weights
 from labkit.models.kvcache import CAUSAL, KVCache
 from labkit.models.llama import Llama
 from labkit.models.loading import LoadedModel, eos_token_ids
@@ -100,7 +100,7 @@ class Engine:
         self.batch_size = batch_size
         self.eos_token_ids: tuple[int, ...] = ()  # set by from_hf; generate stops on these
         self.weights = "dense"  # or "gguf": linears read the GGUF's quantised blocks
-        self.weights_note = ""  # why a CPU engine of a GGUF model reads dense weights after all ("" otherwise)
+        self.weights_note = ""  # how "auto" chose for a CPU engine of a GGUF model: the timings, or why not the blocks
         self.cache: KVCache | None = None
         # Captures warm up on positions past every request's reach: models with rotary positions get
         # GRAPH_HEADROOM positions beyond max_seq_len for it (GPT-2's learned positions end at its
@@ -174,6 +174,12 @@ class Engine:
             assert loaded.gguf_path is not None
             attach_gguf_blocks(engine.model, loaded.gguf_path)
             engine.weights = "gguf"
+            if weights == "auto":  # the same values either way: keep the faster, measured here
+                blocks_ms, dense_ms = time_block_weights(engine)
+                if dense_ms < blocks_ms:
+                    set_block_weights(engine.model, False)
+                    engine.weights = "dense"
+                engine.weights_note = f"auto, one decode step: GGUF blocks {blocks_ms:.1f} ms, dense {dense_ms:.1f} ms"
         elif weights == "auto" and loaded.gguf_path is not None and engine.device.type == "cpu":
             engine.weights_note = f"GGUF blocks not used: {why_not}"  # the values are the same; the speed is not
         return engine

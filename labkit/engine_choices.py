@@ -4,12 +4,15 @@ reason when not)."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from labkit.errors import LabkitError
 from labkit.kernels import cpu_quant
+from labkit.models.gguf_weights import set_block_weights
 from labkit.models.gpt2 import GPT2
 from labkit.models.llama import LLAMA_FAMILY, Llama
 from labkit.models.loading import LoadedModel
@@ -40,6 +43,26 @@ def gguf_unusable(engine: Engine, loaded: LoadedModel) -> str:
         return "the fused Triton layers read dense weights"
     ok, reason = cpu_quant.available()
     return "" if ok else f"the CPU kernel is unavailable ({reason})"
+
+
+@torch.inference_mode()
+def time_block_weights(engine: Engine, reps: int = 5) -> tuple[float, float]:
+    """Milliseconds of one decode step reading the GGUF blocks, and reading the dense weights
+    (medians of `reps`, interleaved, after one warm-up each). The engine is left empty, reading
+    the blocks."""
+    token = torch.zeros(engine.batch_size, 1, dtype=torch.long)  # (B, 1)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for rep in range(reps + 1):
+        for blocks in (True, False):
+            set_block_weights(engine.model, blocks)
+            engine.reset()
+            t0 = time.perf_counter()
+            engine.forward(token)
+            if rep:
+                times[blocks].append(time.perf_counter() - t0)
+    set_block_weights(engine.model, True)
+    engine.reset()
+    return statistics.median(times[True]) * 1e3, statistics.median(times[False]) * 1e3
 
 
 LAYER_KERNELS = ("auto", "triton", "torch")

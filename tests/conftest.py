@@ -16,10 +16,10 @@ from labkit.models.tiny import tiny_hf_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, timeout: float = 300) -> tuple[int, str, str]:
+def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     import subprocess
 
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "labkit", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     return proc.returncode, proc.stdout, proc.stderr
 

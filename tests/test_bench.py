@@ -195,3 +195,42 @@ def test_an_output_folder_that_is_a_file_fails_before_measuring(tmp_path) -> Non
     blocker.write_text("")
     for args in (["sweep", "--k", "1"], ["bench", "baseline"], ["bench", "kernels"], ["bench", "context", "--lengths", "64"]):
         assert_clean_error(*run_cli(*args, "--output-dir", str(blocker), timeout=60), "is a file")
+
+
+def test_summary_compares_each_labkit_system_with_the_same_pairs_llama_cpp_run() -> None:
+    rows = []
+    for i, (hf, peer, ours) in enumerate(((10.0, 40.0, 20.0), (20.0, 30.0, 60.0), (5.0, 10.0, 20.0))):
+        key = {"dtype": "float32", "prompt_id": f"p{i}", "repeat": 0, "identical_tokens": True}
+        rows += [{**key, "system": "hf_generate", "tok_per_s": hf}, {**key, "system": "llama_cpp", "tok_per_s": peer},
+                 {**key, "system": "labkit_gguf", "tok_per_s": ours}]
+    by_system = {s["system"]: s for s in summarize(rows)}
+    assert by_system["labkit_gguf"]["over_llama_cpp_median"] == 2.0  # 0.5, 2, 2
+    assert "over_llama_cpp_median" not in by_system["llama_cpp"] and by_system["llama_cpp"]["speedup_median"] == 2.0
+
+
+def test_llama_cpp_required_but_missing_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, embedded) -> None:
+    import labkit.bench.baseline as baseline
+
+    monkeypatch.setattr(baseline, "llama_cpp_status", lambda: (False, "llama-cpp-python is not installed"))
+    cfg = BaselineConfig(device="cpu", max_new_tokens=2, categories=["math"], repeats=1, llama_cpp="on", output_dir=None, progress=False)
+    with pytest.raises(LabkitError, match="--llama-cpp on: llama-cpp-python is not installed"):
+        run_baseline(cfg, embedded)
+
+
+def test_llama_cpp_runs_beside_labkit_on_the_same_gguf(embedded) -> None:
+    """Where llama-cpp-python is installed: the third system of the baseline, on the embedded
+    GGUF, greedy, at the requested length with EOS blocked, against labkit's tokens."""
+    pytest.importorskip("llama_cpp")
+    from labkit.bench.llamacpp import LlamaCpp
+
+    peer = LlamaCpp(embedded.gguf_path, 256, 1, embedded.eos_token_ids)
+    from labkit.generate import encode_prompt
+
+    ids = encode_prompt(embedded.tokenizer, "Say OK.", None)
+    short, _, _ = peer.generate(ids, 64)
+    assert short and short[-1] not in embedded.eos_token_ids and len(short) < 64  # stopped at EOS
+    tokens, seconds, ttft_ms = peer.generate(ids, 64, min_new_tokens=64)
+    assert len(tokens) == 64 and seconds > 0 and 0 < ttft_ms < seconds * 1e3 and tokens[: len(short)] == short
+    cfg = BaselineConfig(device="cpu", max_new_tokens=8, categories=["math"], repeats=1, llama_cpp="on", output_dir=None, progress=False)
+    summary = {s["system"]: s for s in run_baseline(cfg, embedded)["summary"]}
+    assert "llama_cpp" in summary and "over_llama_cpp_median" in summary["labkit"]

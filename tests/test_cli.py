@@ -207,7 +207,7 @@ def test_heads_train_then_generate_with_them(tiny_folder, tmp_path) -> None:
     assert_clean_error(*run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "heads",
                                 "--heads", str(tmp_path / "none")), "holds no draft heads")
     assert_clean_error(*run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "heads"),
-                       "needs --heads")
+                       "needs heads: --heads")
     assert_clean_error(*run_cli("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(tmp_path / "x"),
                                 "--greedy-tokens", "2"), "greedy_tokens > n_heads")
 

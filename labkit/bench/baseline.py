@@ -13,9 +13,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from labkit.bench.results import RowLog, provenance
+from labkit.bench.llamacpp import LlamaCpp, llama_cpp_status
+from labkit.bench.results import RowLog, provenance, warn_if_busy
 from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
+from labkit.engine_choices import gguf_unusable
+from labkit.errors import LabkitError
 from labkit.generate import encode_prompt, generate, warm_up
 from labkit.metrics.timers import now
 from labkit.models.loading import LoadedModel, load_model
@@ -36,6 +39,7 @@ class BaselineConfig:
     gguf_weights: bool = True  # also time our engine on the GGUF's own blocks, where it applies
     cuda_graph: bool = True  # on CUDA, also time our engine with its fixed-shape steps as CUDA graphs
     compile: bool = False  # on CUDA, also time torch.compile'd steps inside the CUDA graphs
+    llama_cpp: str = "auto"  # llama.cpp on the same GGUF (CPU): "auto" where llama-cpp-python is installed, "on" (required), "off"
     output_dir: str | None = "results"  # None: write nothing
     progress: bool = True
 
@@ -61,11 +65,29 @@ def describe(engine: Engine) -> str:
     return engine.weights + ("+compile" if engine.compiled else "") + ("+graph" if engine.cuda_graph else "")
 
 
+def llama_cpp_peer(cfg: BaselineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, n_ctx: int) -> LlamaCpp | None:
+    """llama.cpp on the model's GGUF with labkit's threads, where asked for and possible (CPU, a GGUF
+    model, fp32 activations like labkit's, llama-cpp-python installed); "on" insists."""
+    if cfg.llama_cpp == "off":
+        return None
+    ok, why = llama_cpp_status()
+    if device.type != "cpu" or dtype != torch.float32 or loaded.gguf_path is None:
+        why = "llama.cpp runs here on the CPU against float32, on a GGUF model"
+        ok = False
+    if not ok:
+        if cfg.llama_cpp == "on":
+            raise LabkitError(f"--llama-cpp on: {why}")
+        return None
+    assert loaded.gguf_path is not None
+    return LlamaCpp(loaded.gguf_path, n_ctx, torch.get_num_threads(), loaded.eos_token_ids)
+
+
 def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
     """Measure both systems; returns provenance, rows and a summary per dtype (and writes them)."""
     device = resolve_device(cfg.device)
     dtypes = [resolve_dtype(d, device) for d in cfg.dtypes]
     log = RowLog(cfg.output_dir, f"baseline-{device.type}") if cfg.output_dir else None  # before anything is measured
+    warn_if_busy()
     loaded = loaded or load_model(cfg.model)
     prompts = load_suite(cfg.categories, cfg.prompts_per_category)
     encoded = [(p, encode_prompt(loaded.tokenizer, p.content, cfg.chat)) for p in prompts]
@@ -78,10 +100,9 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
             engines["labkit_cuda_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=True)
             if cfg.compile:
                 engines["labkit_compiled_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=True, compile=True)
-        if cfg.gguf_weights and loaded.gguf_path is not None:
-            probe = Engine.from_loaded(loaded, device, dtype, weights="auto", amp=False, cuda_graph=False)
-            if probe.weights == "gguf":
-                engines["labkit_gguf"] = probe
+        if cfg.gguf_weights and loaded.gguf_path is not None and not gguf_unusable(engines["labkit"], loaded):
+            engines["labkit_gguf"] = Engine.from_loaded(loaded, device, dtype, weights="gguf", amp=False, cuda_graph=False)
+        peer = llama_cpp_peer(cfg, loaded, device, dtype, max(len(ids) for _, ids in encoded) + cfg.max_new_tokens + 8)
         # A copy, so the fp32 original stays exact for the next dtype.
         hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=dtype)
         warm = encoded[0][1]
@@ -89,7 +110,9 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
         for engine in engines.values():
             warm_up(engine)
             generate(engine, warm, GenerationConfig(max_new_tokens=4))
-        systems = ["hf_generate", *engines]
+        if peer is not None:
+            peer.generate(warm, 4)
+        systems = ["hf_generate", *engines, *(["llama_cpp"] if peer is not None else [])]
         for rep in range(cfg.repeats):
             for i, (prompt, ids) in enumerate(encoded):
                 base = {"dtype": dtype_name(dtype), "prompt_id": prompt.id, "category": prompt.category, "repeat": rep, "prompt_tokens": len(ids)}
@@ -99,19 +122,22 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
                     if system == "hf_generate":
                         tokens, seconds = time_hf_generate(hf_model, ids, gen, device)
                         got[system] = (tokens, seconds, float("nan"))
+                    elif system == "llama_cpp":
+                        assert peer is not None
+                        got[system] = peer.generate(ids, gen.max_new_tokens, gen.min_new_tokens)
                     else:
                         result = generate(engines[system], ids, gen)
                         got[system] = (result.tokens, result.stats.total_s, result.stats.ttft_s * 1e3)
                 for system in systems:
                     tokens, seconds, ttft_ms = got[system]
-                    weights = "hf" if system == "hf_generate" else describe(engines[system])
+                    weights = {"hf_generate": "hf", "llama_cpp": f"gguf, llama.cpp {peer.version if peer else ''}"}.get(system) or describe(engines[system])
                     rows.append({**base, "system": system, "weights": weights, "new_tokens": len(tokens), "seconds": seconds,
                                  "tok_per_s": len(tokens) / seconds, "ttft_ms": ttft_ms,
                                  "identical_tokens": tokens == got["hf_generate"][0]})
                     if log:
                         log.add(rows[-1])
                 bar.update()
-        del engines, hf_model
+        del engines, hf_model, peer
     bar.close()
     summary = summarize(rows)
     params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
@@ -130,9 +156,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         sel = [r for r in rows if r["dtype"] == dtype]
         hf = {(r["prompt_id"], r["repeat"]): r for r in sel if r["system"] == "hf_generate"}
+        peer = {(r["prompt_id"], r["repeat"]): r for r in sel if r["system"] == "llama_cpp"}
         for system in dict.fromkeys(r["system"] for r in sel if r["system"] != "hf_generate"):
             ours = [r for r in sel if r["system"] == system]
             ratios = [r["tok_per_s"] / hf[(r["prompt_id"], r["repeat"])]["tok_per_s"] for r in ours]
+            if peer and system != "llama_cpp":  # the same pair's llama.cpp run
+                over_peer = [r["tok_per_s"] / peer[(r["prompt_id"], r["repeat"])]["tok_per_s"] for r in ours]
             out.append({
                 "dtype": dtype,
                 "system": system,
@@ -144,5 +173,6 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "speedup_max": max(ratios),
                 "identical_share": sum(r["identical_tokens"] for r in ours) / len(ours),
                 "pairs": len(ratios),
+                **({"over_llama_cpp_median": statistics.median(over_peer)} if peer and system != "llama_cpp" else {}),
             })
     return out

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from labkit.bench.baseline import time_hf_generate
-from labkit.bench.results import RowLog, device_name, provenance
+from labkit.bench.results import RowLog, device_name, provenance, warn_if_busy
 from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
@@ -124,6 +124,7 @@ def run_context(cfg: ContextConfig, loaded: LoadedModel | None = None) -> dict[s
     dtype = resolve_dtype(cfg.dtype, device)
     lengths = sorted(set(cfg.lengths or (GPU_LENGTHS if device.type == "cuda" else CPU_LENGTHS)))
     log = RowLog(cfg.output_dir, f"context-{device.type}") if cfg.output_dir else None  # before anything is measured
+    warn_if_busy()
     loaded = loaded or load_model(cfg.model)
     tokenizer = loaded.tokenizer
     shortest = min_tokens(tokenizer, cfg.chat)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from labkit.threads import load_average
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -51,11 +53,29 @@ def provenance(device: torch.device, parameters: dict[str, Any]) -> dict[str, An
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "device": {"type": device.type, "name": device_name(device), "torch_threads": torch.get_num_threads(),
+                   "load_average": load_average(), "cpu_kernel_path": _cpu_kernel_path(),  # avx512, avx2, portable
                    "cpu_kernel_flags": os.environ.get("LABKIT_CPU_KERNEL_FLAGS", "")},  # extra build flags of the CPU block kernel
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "labkit": _labkit_version()},
         "git_commit": git_commit(),
         "parameters": parameters,
     }
+
+
+def _cpu_kernel_path() -> str:
+    from labkit.kernels import cpu_quant
+
+    return cpu_quant.kernel_path() if cpu_quant.available()[0] else ""
+
+
+def warn_if_busy() -> None:
+    """Before measuring: one line on stderr when the machine is visibly busy."""
+    import sys
+
+    from labkit.threads import busy_warning
+
+    warning = busy_warning()
+    if warning:
+        print(f"labkit: warning: {warning}", file=sys.stderr)
 
 
 def _labkit_version() -> str:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from labkit.bench.baseline import time_hf_generate
 from labkit.bench.kernels import copy_bandwidth
-from labkit.bench.results import RowLog, device_name, provenance
+from labkit.bench.results import RowLog, device_name, provenance, warn_if_busy
 from labkit.config import DRAFTERS, GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
@@ -190,6 +190,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     log = RowLog(cfg.output_dir, results_stem({"card": device_name(device)})) if cfg.output_dir else None  # before anything is measured
+    warn_if_busy()
     loaded = loaded or load_model(cfg.model)
     try:
         suite = load_suite(cfg.categories, cfg.prompts_per_category)

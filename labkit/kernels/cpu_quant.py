@@ -83,12 +83,26 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.gemv_q4_1.argtypes = [p, p, p, p, p, i64, i64, i64]
     lib.gemv_q8_0.argtypes = [p, p, p, p, i64, i64, i64]
     lib.max_rows.restype = ctypes.c_int
+    lib.kernel_path.restype = ctypes.c_char_p
+    lib.kernel_threads.restype = ctypes.c_int
     return lib, "built"
 
 
 def available() -> tuple[bool, str]:
     lib, reason = _load()
     return lib is not None, reason
+
+
+def kernel_path() -> str:
+    """The instruction-set path the build took: "avx512", "avx2" (with FMA) or "portable" ("" when unavailable)."""
+    lib, _ = _load()
+    return lib.kernel_path().decode() if lib is not None else ""
+
+
+def kernel_threads() -> int:
+    """Threads the kernel's OpenMP loops run on (torch.set_num_threads sets them: one pool); 0 when unavailable."""
+    lib, _ = _load()
+    return int(lib.kernel_threads()) if lib is not None else 0
 
 
 def max_rows() -> int:

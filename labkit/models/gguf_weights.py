@@ -116,10 +116,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("d", qw.d, persistent=False)
         self.register_buffer("m", qw.m, persistent=False)
         self.max_rows = cpu_quant.max_rows()
+        self.use_blocks = True  # False: the dense weight for every row count (set_block_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) → (..., N)
         rows = x.numel() // x.shape[-1]
-        if rows > self.max_rows or x.dtype != torch.float32 or x.device.type != "cpu":
+        if not self.use_blocks or rows > self.max_rows or x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         y = cpu_quant.quant_linear(x.reshape(rows, -1).contiguous(), self.kind, self.qs, self.d, self.m)  # (rows, N)
         if self.bias is not None:
@@ -144,3 +145,12 @@ def attach_gguf_blocks(model: nn.Module, path: Path) -> int:
         setattr(parent, attr, QuantLinear(dense, qw))
         swapped += 1
     return swapped
+
+
+def set_block_weights(model: nn.Module, on: bool) -> int:
+    """Let the model's QuantLinears read their blocks (on) or their dense weights (off): the same
+    values either way. Returns how many layers it set."""
+    layers = [module for module in model.modules() if isinstance(module, QuantLinear)]
+    for layer in layers:
+        layer.use_blocks = on
+    return len(layers)

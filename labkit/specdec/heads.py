@@ -139,7 +139,7 @@ def check_heads_option(drafters: list[str], heads: str | None) -> None:
     """A run that lists the heads drafter names a heads folder that holds heads (before any loading)."""
     if "heads" in drafters:
         if not heads:
-            raise LabkitError("the heads drafter needs heads: --heads, a folder written by `python -m labkit heads train`")
+            raise LabkitError("--drafter heads needs heads: --heads, a folder written by `python -m labkit heads train`")
         check_heads_folder(heads)
 
 
