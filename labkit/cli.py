@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf: read the embedded model's own Q4_1 blocks (CPU, float32); auto: gguf where it applies")
     g.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape decode step")
     g.add_argument("--cuda-graph", action="store_true", default=None, help="replay the fixed-shape steps as CUDA graphs (default: SPECDEC_CUDA_GRAPH)")
-    g.add_argument("--layer-kernels", default="auto", choices=["auto", "triton", "torch"],
+    g.add_argument("--layer-kernels", default="auto", choices=["auto", "triton", "cpu", "torch"],
                    help="Llama layers as 5 fused Triton kernels each (auto: on CUDA without --compile) or as PyTorch ops")
     g.add_argument("--max-seq-len", type=int, default=None,
                    help="KV cache positions, allocated once at load (default: the model's context, at most 8192)")
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-plots", action="store_true")
     sw.add_argument("--cuda-graph", action="store_true", default=None, help="CUDA graphs for the target's and drafts' fixed-shape steps")
     sw.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape steps")
-    sw.add_argument("--layer-kernels", default="auto", choices=["auto", "triton", "torch"], help="fused Triton layers or PyTorch ops")
+    sw.add_argument("--layer-kernels", default="auto", choices=["auto", "triton", "cpu", "torch"], help="fused Triton layers or PyTorch ops")
     sw.add_argument("--policy", type=_csv, default=["default"],
                     help="comma list: default, greedy, rejection (lossless), typical, topk (lossy), confidence (drafter-side early stop, lossless)")
     sw.add_argument("--controller", type=_csv, default=["fixed"], help="comma list: fixed, heuristic, aimd, cost (--k is then K max)")

@@ -30,6 +30,7 @@ from labkit.graphs import (
     heads_after_verdict,
     prefill_bucket,
 )
+from labkit.kernels.layer_cpu import CpuLayerOps, cpu_layers_unusable
 from labkit.metrics.timers import now
 from labkit.models.gguf_weights import attach_gguf_blocks, set_block_weights
 from labkit.models.kvcache import CAUSAL, KVCache
@@ -92,7 +93,8 @@ class Engine:
         weight_dtype = torch.float32 if amp else dtype
         self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # Llama or GPT2
         ops, self.layer_kernels_reason = pick_layer_ops(self.model, device, dtype, amp, compile, layer_kernels)
-        self.layer_kernels = "torch" if ops is None else "triton"
+        self.layer_kernels = "torch" if ops is None else "triton"  # "cpu" once GGUF blocks come (read_blocks)
+        self.layer_choice = layer_kernels
         if isinstance(self.model, Llama):
             self.model.layer_ops = ops
         self.args: Any = cast(Any, model).args  # LlamaArgs or GPT2Args
@@ -173,16 +175,29 @@ class Engine:
         if weights == "gguf" or (weights == "auto" and not why_not):
             assert loaded.gguf_path is not None
             attach_gguf_blocks(engine.model, loaded.gguf_path)
-            engine.weights = "gguf"
+            engine.read_blocks(True)
             if weights == "auto":  # the same values either way: keep the faster, measured here
                 blocks_ms, dense_ms = time_block_weights(engine)
                 if dense_ms < blocks_ms:
-                    set_block_weights(engine.model, False)
-                    engine.weights = "dense"
+                    engine.read_blocks(False)
                 engine.weights_note = f"auto, one decode step: GGUF blocks {blocks_ms:.1f} ms, dense {dense_ms:.1f} ms"
         elif weights == "auto" and loaded.gguf_path is not None and engine.device.type == "cpu":
             engine.weights_note = f"GGUF blocks not used: {why_not}"  # the values are the same; the speed is not
+        if engine.layer_choice == "cpu" and engine.layer_kernels != "cpu":
+            raise LabkitError("--layer-kernels cpu runs the layers on GGUF blocks: the embedded model on the CPU in float32, --weights gguf")
         return engine
+
+    def read_blocks(self, on: bool) -> None:
+        """Let the linears read the GGUF blocks, and the CPU layer operations run the layers (where
+        they can and --layer-kernels allows), or read the dense weights through the PyTorch
+        layers: the same values either way."""
+        set_block_weights(self.model, on)
+        why_not = cpu_layers_unusable(self.model, self.batch_size) if on else "dense weights"
+        use_ops = on and not why_not and self.layer_choice in ("auto", "cpu")
+        self.model.layer_ops = CpuLayerOps(self.model) if use_ops else None
+        self.layer_kernels = "cpu" if use_ops else "torch"
+        self.layer_kernels_reason = "CPU: 5 fused C operations per layer on the GGUF blocks" if use_ops else why_not or "asked for torch layers"
+        self.weights = "gguf" if on else "dense"
 
     def graph_pool(self) -> Any:
         if self._pool is None:
@@ -355,7 +370,7 @@ class Engine:
         one graph serves every position of a request."""
         cache = self.cache
         assert cache is not None
-        mask = None if self.layer_kernels == "triton" else cache.mask(input_pos, self.attend_len, self.args.sliding_window)
+        mask = None if self.layer_kernels != "torch" else cache.mask(input_pos, self.attend_len, self.args.sliding_window)
         return self.model(tokens, input_pos, cache, self.attend_len, mask, False, n_layers)
 
     def _mask(self, input_pos: torch.Tensor, start: int, end: int) -> Any:
@@ -363,7 +378,7 @@ class Engine:
         layers run (they read each query's visible keys from the cache themselves), else the
         cache's mask (CAUSAL for a prompt from position 0)."""
         assert self.cache is not None
-        if self.layer_kernels == "triton" and self.model.runs_fused(end - start):
+        if self.layer_kernels != "torch" and self.model.runs_fused(end - start):
             return None
         return self.cache.mask(input_pos, end, self.args.sliding_window, decode_step=end - start == 1, start=start)
 

@@ -12,7 +12,6 @@ import torch
 
 from labkit.errors import LabkitError
 from labkit.kernels import cpu_quant
-from labkit.models.gguf_weights import set_block_weights
 from labkit.models.gpt2 import GPT2
 from labkit.models.llama import LLAMA_FAMILY, Llama
 from labkit.models.loading import LoadedModel
@@ -54,18 +53,18 @@ def time_block_weights(engine: Engine, reps: int = 5) -> tuple[float, float]:
     times: dict[bool, list[float]] = {True: [], False: []}
     for rep in range(reps + 1):
         for blocks in (True, False):
-            set_block_weights(engine.model, blocks)
+            engine.read_blocks(blocks)
             engine.reset()
             t0 = time.perf_counter()
             engine.forward(token)
             if rep:
                 times[blocks].append(time.perf_counter() - t0)
-    set_block_weights(engine.model, True)
+    engine.read_blocks(True)
     engine.reset()
     return statistics.median(times[True]) * 1e3, statistics.median(times[False]) * 1e3
 
 
-LAYER_KERNELS = ("auto", "triton", "torch")
+LAYER_KERNELS = ("auto", "triton", "cpu", "torch")  # cpu: kernels/cpu_layer.c, on GGUF blocks (Engine.read_blocks)
 
 
 def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, amp: bool,
@@ -76,6 +75,8 @@ def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dt
         raise LabkitError(f"unknown layer kernels {choice!r}: use {', '.join(LAYER_KERNELS)}")
     if choice == "torch":
         return None, "asked for torch layers"
+    if choice == "cpu" or device.type == "cpu":  # the CPU's fused layers come with the GGUF blocks (Engine.read_blocks)
+        return None, "the CPU's fused layers run on GGUF blocks"
     from labkit.kernels.registry import backend_status
 
     status = backend_status("triton", device)

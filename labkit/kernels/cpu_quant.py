@@ -23,6 +23,7 @@ from labkit.config import env_flag
 
 log = logging.getLogger(__name__)
 SOURCE_NAME = "cpu_quant_gemv.c"
+SOURCE_NAMES = (SOURCE_NAME, "cpu_layer.c")  # built into one library: the products, and the layer operations over them
 
 
 def cpu_signature() -> str:
@@ -41,10 +42,11 @@ def cpu_signature() -> str:
     return f"{platform.machine()}:{platform.processor()}:{platform.platform()}"
 
 
-def _source() -> Path | None:
-    for candidate in (Path(__file__).resolve().parents[2] / "kernels" / SOURCE_NAME, Path(__file__).with_name(SOURCE_NAME)):
-        if candidate.is_file():
-            return candidate
+def _sources() -> list[Path] | None:
+    for folder in (Path(__file__).resolve().parents[2] / "kernels", Path(__file__).parent):
+        paths = [folder / name for name in SOURCE_NAMES]
+        if all(p.is_file() for p in paths):
+            return paths
     return None
 
 
@@ -52,16 +54,16 @@ def _source() -> Path | None:
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if env_flag("SPECDEC_FORCE_PY"):
         return None, "SPECDEC_FORCE_PY=1"
-    src = _source()
-    if src is None:
-        return None, f"{SOURCE_NAME} not found"
+    srcs = _sources()
+    if srcs is None:
+        return None, f"{' and '.join(SOURCE_NAMES)} not found"
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler (cc or gcc) on PATH"
     from labkit.errors import LabkitError
     from labkit.models.loading import cache_dir
 
-    code = src.read_bytes()
+    code = b"".join(p.read_bytes() for p in srcs)
     extra = os.environ.get("LABKIT_CPU_KERNEL_FLAGS", "").split()  # e.g. -mno-avx512f: the path CPUs without AVX-512 take
     tag = hashlib.sha256(code + compiler.encode() + cpu_signature().encode() + " ".join(extra).encode()).hexdigest()[:16]
     try:
@@ -71,7 +73,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if not lib_path.is_file():
         lib_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [compiler, "-O3", "-march=native", *extra, "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(tmp)]
+        cmd = [compiler, "-O3", "-march=native", *extra, "-fopenmp", "-shared", "-fPIC", *map(str, srcs), "-o", str(tmp), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             reason = f"compile failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
@@ -86,6 +88,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.kernel_path.restype = ctypes.c_char_p
     lib.kernel_threads.restype = ctypes.c_int
     return lib, "built"
+
+
+def library() -> ctypes.CDLL | None:
+    """The built library (None when unavailable): for kernels/cpu_layer.c's operations (layer_cpu.py)."""
+    return _load()[0]
 
 
 def available() -> tuple[bool, str]:

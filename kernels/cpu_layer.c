@@ -1,0 +1,131 @@
+/* A Llama decoder layer's fused operations on the CPU, fp32, reading GGUF blocks: the same five
+ * operations as the Triton layer kernels, with labkit/kernels/layer_reference.py as the PyTorch
+ * reference they are tested against (labkit/kernels/layer_cpu.py calls them).
+ *
+ *   norm_qkv_rope    RMSNorm, the fused q/k/v product, RoPE on q and k, k and v written to the cache
+ *   attention        each query row against the cache's keys up to its position (sliding window kept)
+ *   linear_residual  residual + W x
+ *   norm_gate_up     RMSNorm, the fused gate/up product, silu(gate) * up
+ *   norm_head        the final RMSNorm and the LM head
+ *
+ * One call per operation instead of about twenty PyTorch operations: at batch 1 a decode step's
+ * arithmetic is small, and the per-operation cost of the PyTorch layers dominated it. Batch 1:
+ * rows are the step's tokens. The products are gemv_q4_1 / gemv_q8_0 (cpu_quant_gemv.c, built
+ * into the same library), threaded with OpenMP on the pool PyTorch sizes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+void gemv_q4_1(const float *x, const uint8_t *qs, const float *d, const float *m, float *y, int64_t M, int64_t N, int64_t K);
+void gemv_q8_0(const float *x, const int8_t *qs, const float *d, float *y, int64_t M, int64_t N, int64_t K);
+
+typedef struct {  /* one linear layer's GGUF blocks (layer_cpu.BlockWeight mirrors it) */
+    int64_t kind;  /* 0: Q4_1, 1: Q8_0 */
+    const void *qs;
+    const float *d;
+    const float *m;  /* Q4_1 only */
+    const float *bias;  /* NULL when none */
+    int64_t N, K;
+} block_weight;
+
+static void linear(const block_weight *w, const float *x, int64_t M, float *y) {  /* y (M, N) = x (M, K) W^T + bias */
+    if (w->kind == 0) gemv_q4_1(x, (const uint8_t *)w->qs, w->d, w->m, y, M, w->N, w->K);
+    else gemv_q8_0(x, (const int8_t *)w->qs, w->d, y, M, w->N, w->K);
+    if (w->bias)
+        for (int64_t r = 0; r < M; r++)
+            for (int64_t n = 0; n < w->N; n++) y[r * w->N + n] += w->bias[n];
+}
+
+static void rms_norm(const float *x, const float *w, float eps, int64_t M, int64_t K, float *out) {
+    for (int64_t r = 0; r < M; r++) {
+        const float *xr = x + r * K;
+        float ss = 0.f;
+        for (int64_t k = 0; k < K; k++) ss += xr[k] * xr[k];
+        const float inv = 1.f / sqrtf(ss / (float)K + eps);
+        for (int64_t k = 0; k < K; k++) out[r * K + k] = xr[k] * inv * w[k];
+    }
+}
+
+/* scratch: M * (dim + (nh + 2 nkv) D) floats. cos, sin: (S_rope, D) tables, sin's first half
+ * negated, so rotate_half(x) * sin == roll(x, D/2) * sin. Caches: (nkv, S, D). q_out: (M, nh, D). */
+void norm_qkv_rope(const float *x, int64_t M, int64_t dim, const float *norm_w, float eps, const block_weight *w,
+                   const float *cos_t, const float *sin_t, const int64_t *pos, float *k_cache, float *v_cache,
+                   int64_t S, int64_t nh, int64_t nkv, int64_t D, float *q_out, float *scratch) {
+    float *h = scratch, *qkv = scratch + M * dim;
+    rms_norm(x, norm_w, eps, M, dim, h);
+    linear(w, h, M, qkv);
+    const int64_t width = (nh + 2 * nkv) * D, half = D / 2;
+    for (int64_t t = 0; t < M; t++) {
+        const float *c = cos_t + pos[t] * D, *s = sin_t + pos[t] * D;
+        for (int64_t head = 0; head < nh + nkv; head++) {
+            const float *src = qkv + t * width + head * D;
+            float *dst = head < nh ? q_out + (t * nh + head) * D : k_cache + ((head - nh) * S + pos[t]) * D;
+            for (int64_t j = 0; j < D; j++) dst[j] = src[j] * c[j] + src[(j + half) % D] * s[j];
+        }
+        for (int64_t kv = 0; kv < nkv; kv++) {
+            const float *src = qkv + t * width + (nh + nkv + kv) * D;
+            float *dst = v_cache + (kv * S + pos[t]) * D;
+            for (int64_t j = 0; j < D; j++) dst[j] = src[j];
+        }
+    }
+}
+
+/* q: (M, nh, D); out: (M, nh*D). Row t sees keys lo..pos[t], lo = pos[t] - window + 1 with a
+ * window, else 0. scratch: M * nh * S floats (each (row, head) its scores). */
+void attention(const float *q, int64_t M, const float *k_cache, const float *v_cache, int64_t S, const int64_t *pos,
+               int64_t nh, int64_t nkv, int64_t D, float scale, int64_t window, float *out, float *scratch) {
+    const int64_t group = nh / nkv;
+    #pragma omp parallel for schedule(static)
+    for (int64_t item = 0; item < M * nh; item++) {
+        const int64_t t = item / nh, head = item % nh, kv = head / group;
+        const int64_t hi = pos[t], lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
+        const float *qr = q + item * D;
+        const float *kc = k_cache + kv * S * D, *vc = v_cache + kv * S * D;
+        float *p = scratch + item * S;
+        float mx = -INFINITY;
+        for (int64_t s = lo; s <= hi; s++) {
+            float dot = 0.f;
+            for (int64_t j = 0; j < D; j++) dot += qr[j] * kc[s * D + j];
+            p[s] = dot * scale;
+            if (p[s] > mx) mx = p[s];
+        }
+        float sum = 0.f;
+        for (int64_t s = lo; s <= hi; s++) {
+            p[s] = expf(p[s] - mx);
+            sum += p[s];
+        }
+        float *o = out + item * D;  /* (t, head) row of (M, nh*D) */
+        for (int64_t j = 0; j < D; j++) o[j] = 0.f;
+        for (int64_t s = lo; s <= hi; s++)
+            for (int64_t j = 0; j < D; j++) o[j] += p[s] * vc[s * D + j];
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < D; j++) o[j] *= inv;
+    }
+}
+
+void linear_residual(const float *x, int64_t M, const block_weight *w, const float *residual, float *out) {
+    linear(w, x, M, out);
+    for (int64_t i = 0; i < M * w->N; i++) out[i] += residual[i];
+}
+
+/* out: (M, hidden); scratch: M * (dim + 2 hidden) floats. */
+void norm_gate_up(const float *x, int64_t M, int64_t dim, const float *norm_w, float eps, const block_weight *w,
+                  float *out, float *scratch) {
+    const int64_t hidden = w->N / 2;
+    float *h = scratch, *gu = scratch + M * dim;
+    rms_norm(x, norm_w, eps, M, dim, h);
+    linear(w, h, M, gu);
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t j = 0; j < hidden; j++) {
+            const float g = gu[r * 2 * hidden + j];
+            out[r * hidden + j] = g / (1.f + expf(-g)) * gu[r * 2 * hidden + hidden + j];
+        }
+}
+
+/* logits: (M, vocab); normed: (M, dim), the RMSNorm output (kept for draft heads). */
+void norm_head(const float *x, int64_t M, int64_t dim, const float *norm_w, float eps, const block_weight *w,
+               float *logits, float *normed) {
+    rms_norm(x, norm_w, eps, M, dim, normed);
+    linear(w, normed, M, logits);
+}

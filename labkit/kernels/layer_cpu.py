@@ -1,0 +1,145 @@
+"""The fused layer operations on the CPU (kernels/cpu_layer.c), for an engine that reads the GGUF's
+blocks: the same five operations, with the same signatures, as layer_triton.py and their PyTorch
+reference layer_reference.py, so `LlamaBlock.forward_fused` runs either.
+
+The operations receive a linear layer's dense weight, as the others do; this op set finds that
+layer's blocks by the weight's storage (`CpuLayerOps(model)` indexes every QuantLinear of the
+model once). fp32, batch 1: rows are the step's tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+
+from labkit.errors import LabkitError
+from labkit.kernels import cpu_quant
+
+_p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class BlockWeight(ctypes.Structure):
+    """kernels/cpu_layer.c's block_weight: one linear layer's blocks, pointers into tensors the
+    QuantLinear keeps alive."""
+
+    _fields_ = [("kind", _i64), ("qs", _p), ("d", _p), ("m", _p), ("bias", _p), ("N", _i64), ("K", _i64)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    w = ctypes.POINTER(BlockWeight)
+    lib.norm_qkv_rope.argtypes = [_p, _i64, _i64, _p, _f32, w, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _p, _p]
+    lib.attention.argtypes = [_p, _i64, _p, _p, _i64, _p, _i64, _i64, _i64, _f32, _i64, _p, _p]
+    lib.linear_residual.argtypes = [_p, _i64, w, _p, _p]
+    lib.norm_gate_up.argtypes = [_p, _i64, _i64, _p, _f32, w, _p, _p]
+    lib.norm_head.argtypes = [_p, _i64, _i64, _p, _f32, w, _p, _p]
+    for name in ("norm_qkv_rope", "attention", "linear_residual", "norm_gate_up", "norm_head"):
+        getattr(lib, name).restype = None
+
+
+def cpu_layers_unusable(model: Any, batch_size: int) -> str:
+    """Why the CPU layer operations cannot run this model ("" when they can)."""
+    from labkit.models.gguf_weights import QuantLinear
+    from labkit.models.llama import Llama
+
+    if not isinstance(model, Llama):
+        return "only Llama-family models have fused layers"
+    if batch_size != 1:
+        return "the CPU layer operations decode batch 1"
+    if cpu_quant.library() is None:
+        return f"the CPU kernel is unavailable ({cpu_quant.available()[1]})"
+    linears = [model.lm_head] + [lin for block in model.layers for lin in (block.wqkv, block.wo, block.w_gate_up, block.w_down)]
+    if not all(isinstance(lin, QuantLinear) for lin in linears):
+        return "the CPU layer operations read GGUF blocks, and some layers have none"
+    return ""
+
+
+class CpuLayerOps:
+    """The op set for one model whose linears are QuantLinears (see cpu_layers_unusable)."""
+
+    name = "cpu"
+
+    def __init__(self, model: Any) -> None:
+        from labkit.models.gguf_weights import QuantLinear
+
+        why_not = cpu_layers_unusable(model, 1)
+        if why_not:
+            raise LabkitError(f"CPU layer operations: {why_not}")
+        lib = cpu_quant.library()
+        assert lib is not None
+        _bind(lib)
+        self.lib = lib
+        self._blocks: dict[int, tuple[BlockWeight, QuantLinear]] = {}
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                N, K = module.weight.shape
+                blocks = BlockWeight(0 if module.kind == "q4_1" else 1, _ptr(module.qs), _ptr(module.d), _ptr(module.m),
+                                     _ptr(module.bias), N, K)
+                self._blocks[module.weight.data_ptr()] = (blocks, module)
+
+    def _weight(self, w: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        found = self._blocks.get(w.data_ptr())
+        if found is None:
+            raise LabkitError("the CPU layer operations were handed a weight they hold no blocks for")
+        blocks, module = found
+        if _ptr(bias) != _ptr(module.bias):
+            raise LabkitError("the CPU layer operations read the bias their blocks came with")
+        return ctypes.byref(blocks)
+
+    @staticmethod
+    def _check(*tensors: torch.Tensor) -> None:
+        for t in tensors:
+            if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.long) or not t.is_contiguous():
+                raise LabkitError(f"the CPU layer operations take contiguous fp32 CPU tensors, got {t.dtype} {t.device} {tuple(t.stride())}")
+
+    def norm_qkv_rope(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, bias: torch.Tensor | None,
+                      cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      n_heads: int) -> torch.Tensor:  # x (M, dim), caches (1, NKV, S, D) → q (M, NH, D)
+        B, nkv, S, D = k_cache.shape
+        M, dim = x.shape
+        if B != 1:
+            raise LabkitError("the CPU layer operations decode batch 1")
+        self._check(x, norm_w, cos, sin, input_pos, k_cache, v_cache)
+        q = torch.empty(M, n_heads, D)
+        scratch = torch.empty(M * (dim + (n_heads + 2 * nkv) * D))
+        self.lib.norm_qkv_rope(x.data_ptr(), M, dim, norm_w.data_ptr(), eps, self._weight(w, bias), cos.data_ptr(), sin.data_ptr(),
+                               input_pos.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), S, n_heads, nkv, D, q.data_ptr(), scratch.data_ptr())
+        return q
+
+    def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor, scale: float,
+                         window: int | None, counters: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:  # (M, NH*D)
+        _, nkv, S, D = k_cache.shape
+        M, nh, _ = q.shape
+        self._check(q, k_cache, v_cache, input_pos)
+        out = torch.empty(M, nh * D)
+        scratch = torch.empty(M * nh * S)  # each (row, head)'s scores; only the first pos+1 of each are touched
+        self.lib.attention(q.data_ptr(), M, k_cache.data_ptr(), v_cache.data_ptr(), S, input_pos.data_ptr(), nh, nkv, D, scale,
+                           window or 0, out.data_ptr(), scratch.data_ptr())
+        return out
+
+    def linear_residual(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+        self._check(x, residual)
+        out = torch.empty(x.shape[0], w.shape[0])
+        self.lib.linear_residual(x.data_ptr(), x.shape[0], self._weight(w, bias), residual.data_ptr(), out.data_ptr())
+        return out
+
+    def norm_gate_up(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        M, dim = x.shape
+        self._check(x, norm_w)
+        out = torch.empty(M, w.shape[0] // 2)
+        scratch = torch.empty(M * (dim + w.shape[0]))
+        self.lib.norm_gate_up(x.data_ptr(), M, dim, norm_w.data_ptr(), eps, self._weight(w, bias), out.data_ptr(), scratch.data_ptr())
+        return out
+
+    def norm_head(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor,
+                  keep_normed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits (M, vocab); RMSNorm(x) (M, dim) when kept
+        M, dim = x.shape
+        self._check(x, norm_w)
+        logits, normed = torch.empty(M, w.shape[0]), torch.empty(M, dim)
+        self.lib.norm_head(x.data_ptr(), M, dim, norm_w.data_ptr(), eps, self._weight(w, None), logits.data_ptr(), normed.data_ptr())
+        return logits, normed if keep_normed else None

@@ -1,0 +1,107 @@
+"""The CPU layer operations (kernels/cpu_layer.c through labkit/kernels/layer_cpu.py) against their
+PyTorch reference, op by op and through the engine: tiny Llama-family models whose linears are
+random GGUF blocks (their dense weights the same values), every family the fused layers take
+(GQA, tied and untied heads, biases, a sliding window)."""
+
+import pytest
+import torch
+
+from labkit.config import GenerationConfig
+from labkit.engine import Engine
+from labkit.generate import generate
+from labkit.kernels import cpu_quant, layer_reference
+from labkit.kernels.layer_cpu import CpuLayerOps, cpu_layers_unusable
+from labkit.models.gguf_weights import QuantLinear, QuantWeight
+from labkit.models.tiny import tiny_hf_model
+
+pytestmark = pytest.mark.skipif(not cpu_quant.available()[0], reason=f"cpu_quant: {cpu_quant.available()[1]}")
+
+
+def random_blocks(N: int, K: int, kind: str, gen: torch.Generator) -> QuantWeight:
+    if kind == "q4_1":
+        return QuantWeight("q4_1", torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen),
+                           torch.rand(N, K // 32, generator=gen) * 0.05 + 1e-3, -torch.rand(N, K // 32, generator=gen) * 0.3)
+    return QuantWeight("q8_0", torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen), torch.rand(N, K // 32, generator=gen) * 0.02 + 1e-4, None)
+
+
+def block_engine(arch: str, seed: int = 0) -> Engine:
+    """A tiny engine whose every linear reads random blocks (the head Q8_0, the rest Q4_1), its
+    dense weights overwritten with the same values, reading the blocks."""
+    engine = Engine.from_hf(tiny_hf_model(arch, seed=seed), "cpu", "float32")
+    gen = torch.Generator().manual_seed(seed)
+    model = engine.model
+    owners = [(model, "lm_head")] + [(block, name) for block in model.layers for name in ("wqkv", "wo", "w_gate_up", "w_down")]
+    with torch.no_grad():
+        for owner, name in owners:
+            dense = getattr(owner, name)
+            qw = random_blocks(*dense.weight.shape, "q8_0" if name == "lm_head" else "q4_1", gen)
+            dense.weight.copy_(qw.dequantize())  # a tied head rewrites the embedding too: still one set of values
+            setattr(owner, name, QuantLinear(dense, qw))
+    engine.read_blocks(True)
+    return engine
+
+
+ARCHS = ["llama", "llama-untied", "mistral", "qwen2"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_steps_match_the_pytorch_layers_on_the_same_values(arch: str) -> None:
+    """Prompt, decode steps and a 5-token verify: logits within 1e-4 of the PyTorch layers (the
+    same weights, read dense), and the same greedy tokens past the sliding window."""
+    engine = block_engine(arch)
+    assert engine.layer_kernels == "cpu" and engine.weights == "gguf"
+    ids = torch.randint(3, 96, (1, 30), generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for blocks in (True, False):
+        engine.read_blocks(blocks)
+        engine.ensure_capacity(40)
+        with torch.inference_mode():
+            steps = [engine.forward(ids[:, :20]).clone()]  # a prompt: PyTorch layers both times (more than 16 rows)
+            steps += [engine.forward(ids[:, i : i + 1]).clone() for i in range(20, 24)]  # decode steps
+            steps.append(engine.forward(ids[:, 24:29]).clone())  # a verify of 5
+        outs[blocks] = steps
+    for ours, ref in zip(outs[True], outs[False], strict=True):
+        assert (ours - ref).abs().max().item() < 1e-4 * ref.abs().max().item() + 1e-4
+    cfg = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
+    engine.read_blocks(True)
+    got = generate(engine, ids[0, :12].tolist(), cfg).tokens
+    engine.read_blocks(False)
+    assert got == generate(engine, ids[0, :12].tolist(), cfg).tokens
+
+
+def test_each_operation_matches_its_reference() -> None:
+    """Random activations, several rows, positions well inside the cache, a window."""
+    engine = block_engine("llama-untied", seed=3)
+    ops: CpuLayerOps = engine.model.layer_ops
+    block = engine.model.layers[1]
+    gen = torch.Generator().manual_seed(2)
+    M, dim, nh, nkv, D, S = 5, 128, 4, 2, 32, 64
+    x = torch.randn(M, dim, generator=gen)
+    pos = torch.arange(20, 20 + M)
+    caches = [torch.randn(1, nkv, S, D, generator=gen) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    cos, sin = engine.model.cos, engine.model.sin
+    args = (block.attn_norm.weight, 1e-5, block.wqkv.weight, block.wqkv.bias, cos, sin, pos)
+    q = ops.norm_qkv_rope(x, *args, *caches, nh)
+    q_ref = layer_reference.norm_qkv_rope(x, *args, *ref_caches, nh)
+    assert torch.allclose(q, q_ref, atol=1e-4) and all(torch.allclose(c, r, atol=1e-4) for c, r in zip(caches, ref_caches, strict=True))
+    for window in (None, 6):
+        y = ops.decode_attention(q, *caches, pos, 0.17, window)
+        assert torch.allclose(y, layer_reference.decode_attention(q, *caches, pos, 0.17, window), atol=1e-5)
+    h = torch.randn(M, nh * D, generator=gen)
+    assert torch.allclose(ops.linear_residual(h, block.wo.weight, block.wo.bias, x),
+                          layer_reference.linear_residual(h, block.wo.weight, block.wo.bias, x), atol=1e-4)
+    up = ops.norm_gate_up(x, block.mlp_norm.weight, 1e-5, block.w_gate_up.weight, block.w_gate_up.bias)
+    assert torch.allclose(up, layer_reference.norm_gate_up(x, block.mlp_norm.weight, 1e-5, block.w_gate_up.weight, block.w_gate_up.bias), atol=1e-4)
+    logits, normed = ops.norm_head(x, engine.model.norm.weight, 1e-5, engine.model.lm_head.weight, True)
+    ref_logits, ref_normed = layer_reference.norm_head(x, engine.model.norm.weight, 1e-5, engine.model.lm_head.weight, True)
+    assert torch.allclose(logits, ref_logits, atol=1e-4) and normed is not None and torch.allclose(normed, ref_normed, atol=1e-5)
+
+
+def test_the_operations_refuse_what_they_cannot_run() -> None:
+    plain = Engine.from_hf(tiny_hf_model("llama"), "cpu", "float32")
+    assert "GGUF blocks" in cpu_layers_unusable(plain.model, 1) and plain.layer_kernels == "torch"
+    engine = block_engine("llama")
+    assert "batch 1" in cpu_layers_unusable(engine.model, 2)
+    with pytest.raises(Exception, match="no blocks"):
+        engine.model.layer_ops.linear_residual(torch.randn(1, 128), torch.randn(128, 128), None, torch.randn(1, 128))
