@@ -4,8 +4,9 @@
 
 Builds kernels/cpu_quant_gemv.c as this CPU's native build, without AVX-512 (the AVX2+FMA path)
 and without AVX2 (the portable path), then, interleaved: microseconds per product for the
-embedded model's shapes (Q4_1 at M = 1 and 5 rows), and milliseconds per decode step of the
-embedded model reading its blocks with each build, against its dense weights (PyTorch).
+embedded model's shapes (Q4_1 at M = 1 and 5 rows; one weight, so from cache: a compute
+comparison), and milliseconds per decode step of the embedded model on its blocks with each
+build (the CPU layer operations), against its dense weights (PyTorch layers).
 """
 
 import os
@@ -17,7 +18,6 @@ import torch
 
 from labkit.engine import Engine
 from labkit.kernels import cpu_quant
-from labkit.models.gguf_weights import set_block_weights
 from labkit.models.loading import load_model
 
 REPS = int(sys.argv[1]) if len(sys.argv) > 1 else 20
@@ -53,8 +53,8 @@ for label, (N, K) in SHAPES.items():
         row = f"{label:<22}{rows:>5}"
         for flags in BUILDS.values():
             use_build(flags)
-            row += f"{median_us(lambda x=x: cpu_quant.quant_linear(x, 'q4_1', qs, d, m)):>19.1f} us"
-        row += f"{median_us(lambda x=x: torch.nn.functional.linear(x, w)):>11.1f} us"
+            row += f"{median_us(lambda x=x, qs=qs, d=d, m=m: cpu_quant.quant_linear(x, 'q4_1', qs, d, m)):>19.1f} us"
+        row += f"{median_us(lambda x=x, w=w: torch.nn.functional.linear(x, w)):>11.1f} us"
         print(row, flush=True)
 
 loaded = load_model("default")
@@ -69,11 +69,11 @@ def step() -> None:
 
 
 with torch.inference_mode():
-    row = "decode step (embedded)     "
+    row = "decode step (embedded)  "
     for name, flags in BUILDS.items():
         use_build(flags)
-        set_block_weights(engine.model, True)
+        engine.read_blocks(True)  # the CPU layer operations, bound to this build
         row += f"{name}: {median_us(step) / 1e3:.2f} ms  "
-    set_block_weights(engine.model, False)
-    row += f"dense: {median_us(step) / 1e3:.2f} ms"
+    engine.read_blocks(False)
+    row += f"dense (PyTorch layers): {median_us(step) / 1e3:.2f} ms"
     print(row)
