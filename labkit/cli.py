@@ -178,9 +178,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         warm_up(engine, args.k if spec else 0)
         if spec is not None:
             generate_text(engine, loaded.tokenizer, args.prompt, GenerationConfig(max_new_tokens=8), chat=args.chat, spec=spec)
-    from labkit.bench.results import warn_if_busy
-
-    warn_if_busy()
     ops: list[dict[str, Any]] = []
     with profile(device) if trace_path else contextlib.nullcontext() as prof:
         result = generate_text(engine, loaded.tokenizer, args.prompt, config, chat=args.chat, spec=spec, detailed_metrics=args.metrics_detailed)
@@ -189,6 +186,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prof.export_chrome_trace(str(trace_path))
         ops = top_ops(prof, device)
     s = result.stats
+    from labkit.bench.results import warn_if_busy
+
+    warn_if_busy()  # after the request, so that bad input stays one line
     if args.json:
         out: dict[str, Any] = {
             "model": loaded.name, "device": str(device), "dtype": dtype_name(dtype), "weights": engine.weights, "weights_note": engine.weights_note,
@@ -324,9 +324,9 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from labkit.config import Flags
+    from labkit.heads_train import HeadsTrainConfig, train_for_model
     from labkit.models.loading import load_model
     from labkit.specdec.heads import HeadsConfig, save_heads
-    from labkit.specdec.heads_train import HeadsTrainConfig, train_for_model
 
     cfg = HeadsTrainConfig(heads=HeadsConfig(n_heads=args.n_heads, n_blocks=args.blocks), texts=args.texts,
                            sampled_tokens=args.sampled_tokens, user_tokens=args.user_tokens, greedy_tokens=args.greedy_tokens, steps=args.steps,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -139,3 +141,30 @@ class GenerationConfig:
             raise LabkitError(f"top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise LabkitError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+def cache_dir() -> Path:
+    """Where labkit keeps what it builds (LABKIT_CACHE, default ~/.cache/labkit): made if missing,
+    and one clear error when it cannot be (a path under a file, a folder not writable)."""
+    path = Path(os.environ.get("LABKIT_CACHE") or Path.home() / ".cache" / "labkit")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LabkitError(f"labkit's cache folder {path} cannot be created ({err.strerror or err}); set LABKIT_CACHE to a writable folder") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise LabkitError(f"labkit's cache folder {path} is not a writable folder; set LABKIT_CACHE to one")
+    return path
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"

@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 
 from labkit.config import Flags, resolve_device, resolve_dtype
-from labkit.engine_choices import build_decoder, gguf_unusable, pick_layer_ops, time_block_weights
+from labkit.engine_choices import block_linears, build_decoder, cpu_layers_unusable, gguf_unusable, pick_layer_ops, time_block_weights
 from labkit.errors import LabkitError
 from labkit.graphs import (
     GRAPH_HEADROOM,
@@ -30,7 +30,7 @@ from labkit.graphs import (
     heads_after_verdict,
     prefill_bucket,
 )
-from labkit.kernels.layer_cpu import CpuLayerOps, cpu_layers_unusable
+from labkit.kernels.layer_cpu import CpuLayerOps
 from labkit.metrics.timers import now
 from labkit.models.gguf_weights import attach_gguf_blocks, set_block_weights
 from labkit.models.kvcache import CAUSAL, KVCache
@@ -142,7 +142,7 @@ class Engine:
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or flags.dtype, dev)
         if dev.type != "cpu":  # the weights are copied there: refuse clearly rather than crash
-            from labkit.doctor import check_fits, estimate_model_bytes
+            from labkit.sizing import check_fits, estimate_model_bytes
 
             seq_len = resolve_max_seq_len(max_seq_len, hf_model.config.max_position_embeddings)
             check_fits(estimate_model_bytes(hf_model.config, dt, seq_len), dev, f"the {hf_model.config.model_type} model")
@@ -194,7 +194,7 @@ class Engine:
         set_block_weights(self.model, on)
         why_not = cpu_layers_unusable(self.model, self.batch_size) if on else "dense weights"
         use_ops = on and not why_not and self.layer_choice in ("auto", "cpu")
-        self.model.layer_ops = CpuLayerOps(self.model) if use_ops else None
+        self.model.layer_ops = CpuLayerOps(block_linears(self.model)) if use_ops else None
         self.layer_kernels = "cpu" if use_ops else "torch"
         self.layer_kernels_reason = "CPU: 5 fused C operations per layer on the GGUF blocks" if use_ops else why_not or "asked for torch layers"
         self.weights = "gguf" if on else "dense"

@@ -12,6 +12,7 @@ import torch
 
 from labkit.errors import LabkitError
 from labkit.kernels import cpu_quant
+from labkit.models.gguf_weights import QuantLinear
 from labkit.models.gpt2 import GPT2
 from labkit.models.llama import LLAMA_FAMILY, Llama
 from labkit.models.loading import LoadedModel
@@ -64,6 +65,25 @@ def time_block_weights(engine: Engine, reps: int = 5) -> tuple[float, float]:
     return statistics.median(times[True]) * 1e3, statistics.median(times[False]) * 1e3
 
 
+def block_linears(model: torch.nn.Module) -> list[QuantLinear]:
+    """The model's linear layers that hold GGUF blocks."""
+    return [module for module in model.modules() if isinstance(module, QuantLinear)]
+
+
+def cpu_layers_unusable(model: Any, batch_size: int) -> str:
+    """Why the CPU layer operations cannot run this model ("" when they can)."""
+    if not isinstance(model, Llama):
+        return "only Llama-family models have fused layers"
+    if batch_size != 1:
+        return "the CPU layer operations decode batch 1"
+    if cpu_quant.library() is None:
+        return f"the CPU kernel is unavailable ({cpu_quant.available()[1]})"
+    linears = [model.lm_head] + [lin for block in model.layers for lin in (block.wqkv, block.wo, block.w_gate_up, block.w_down)]
+    if not all(isinstance(lin, QuantLinear) for lin in linears):
+        return "the CPU layer operations read GGUF blocks, and some layers have none"
+    return ""
+
+
 LAYER_KERNELS = ("auto", "triton", "cpu", "torch")  # cpu: kernels/cpu_layer.c, on GGUF blocks (Engine.read_blocks)
 
 
@@ -75,7 +95,7 @@ def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dt
         raise LabkitError(f"unknown layer kernels {choice!r}: use {', '.join(LAYER_KERNELS)}")
     if choice == "torch":
         return None, "asked for torch layers"
-    if choice == "cpu" or device.type == "cpu":  # the CPU's fused layers come with the GGUF blocks (Engine.read_blocks)
+    if choice == "cpu" or (choice == "auto" and device.type == "cpu"):  # they come with the GGUF blocks (Engine.read_blocks)
         return None, "the CPU's fused layers run on GGUF blocks"
     from labkit.kernels.registry import backend_status
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from labkit import doctor
+from labkit import sizing
 from labkit.errors import LabkitError
 from labkit.models.tiny import TINY_ARCHS, tiny_hf_model
 from tests.conftest import run_cli
@@ -13,21 +13,21 @@ from tests.conftest import run_cli
 def test_parameter_count_from_the_config_alone(arch: str) -> None:
     model = tiny_hf_model(arch)
     real = sum(p.numel() for p in model.parameters())  # tied weights counted once
-    assert doctor.count_params(model.config) == real
+    assert sizing.count_params(model.config) == real
 
 
 def test_estimate_covers_weights_and_cache(embedded) -> None:
     cfg = embedded.hf_model.config
     weights = sum(p.numel() for p in embedded.hf_model.parameters()) * 2
-    est = doctor.estimate_model_bytes(cfg, torch.bfloat16, seq_len=2048)
+    est = sizing.estimate_model_bytes(cfg, torch.bfloat16, seq_len=2048)
     assert weights < est < 2 * weights
-    assert doctor.kv_cache_bytes(cfg, 2048, torch.bfloat16) == 2 * 30 * 3 * 2048 * 64 * 2
+    assert sizing.kv_cache_bytes(cfg, 2048, torch.bfloat16) == 2 * 30 * 3 * 2048 * 64 * 2
 
 
 def test_a_model_too_big_is_refused_clearly(monkeypatch) -> None:
-    monkeypatch.setattr(doctor, "available_bytes", lambda device: (2**20, 2**30))
+    monkeypatch.setattr(sizing, "available_bytes", lambda device: (2**20, 2**30))
     with pytest.raises(LabkitError, match="needs about .* GiB but cuda has 0.00 GiB free"):
-        doctor.check_fits(2**31, torch.device("cuda"), "the llama model")
+        sizing.check_fits(2**31, torch.device("cuda"), "the llama model")
 
 
 def test_doctor_cli_reports_and_checks_the_pair(tiny_folder) -> None:

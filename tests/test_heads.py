@@ -84,8 +84,8 @@ def test_self_distilled_training_learns_the_targets_continuation() -> None:
     from labkit.config import GenerationConfig
     from labkit.engine import Engine
     from labkit.generate import generate
+    from labkit.heads_train import HeadsTrainConfig, final_hidden, self_written_texts, train_heads
     from labkit.models.tiny import tiny_hf_model
-    from labkit.specdec.heads_train import HeadsTrainConfig, final_hidden, self_written_texts, train_heads
 
     hf = tiny_hf_model("llama", seed=3)
     engine = Engine.from_hf(hf, "cpu", "float32")
@@ -195,8 +195,8 @@ def test_chat_texts_answer_self_written_user_turns(embedded) -> None:
     from labkit.config import GenerationConfig
     from labkit.engine import Engine
     from labkit.generate import encode_prompt, generate
+    from labkit.heads_train import HeadsTrainConfig, chat_frame, self_written_texts
     from labkit.models.tiny import tiny_hf_model
-    from labkit.specdec.heads_train import HeadsTrainConfig, chat_frame, self_written_texts
 
     tok = embedded.tokenizer
     before, after = chat_frame(tok)

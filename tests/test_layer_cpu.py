@@ -8,9 +8,10 @@ import torch
 
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
+from labkit.engine_choices import cpu_layers_unusable
 from labkit.generate import generate
 from labkit.kernels import cpu_quant, layer_reference
-from labkit.kernels.layer_cpu import CpuLayerOps, cpu_layers_unusable
+from labkit.kernels.layer_cpu import CpuLayerOps
 from labkit.models.gguf_weights import QuantLinear, QuantWeight
 from labkit.models.tiny import tiny_hf_model
 

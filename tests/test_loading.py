@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from labkit import config
 from labkit.errors import LabkitError
 from labkit.models import loading
 
@@ -24,7 +25,7 @@ def test_embedded_conversion_is_cached(embedded, monkeypatch) -> None:
 
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
-    assert loading.cache_dir() == tmp_path
+    assert config.cache_dir() == tmp_path
 
 
 def test_missing_embedded_package_is_explained(monkeypatch) -> None:
@@ -76,7 +77,7 @@ def test_an_unusable_cache_folder_is_one_clear_error(monkeypatch, tmp_path, wher
     blocker.write_text("")
     monkeypatch.setenv("LABKIT_CACHE", str(blocker / "cache" if where == "under a file" else blocker))
     with pytest.raises(LabkitError, match="LABKIT_CACHE"):
-        loading.cache_dir()
+        config.cache_dir()
     from labkit.kernels import cpu_quant
 
     cpu_quant._load.cache_clear()

@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
+from labkit.bench.drift import agreement, perplexity
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import Speculation, generate
-from labkit.metrics.drift import agreement, perplexity
 from labkit.models.tiny import tiny_hf_model
 from labkit.specdec import make_drafter
 from labkit.specdec.controllers import AIMD, CONTROLLERS, CostAware, HeuristicK, make_controller

@@ -87,7 +87,6 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
     device = resolve_device(cfg.device)
     dtypes = [resolve_dtype(d, device) for d in cfg.dtypes]
     log = RowLog(cfg.output_dir, f"baseline-{device.type}") if cfg.output_dir else None  # before anything is measured
-    warn_if_busy()
     loaded = loaded or load_model(cfg.model)
     prompts = load_suite(cfg.categories, cfg.prompts_per_category)
     encoded = [(p, encode_prompt(loaded.tokenizer, p.content, cfg.chat)) for p in prompts]
@@ -147,6 +146,7 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
         json_path, csv_path = log.finish(payload, rows)
         payload["files"] = [str(json_path), str(csv_path)]
     payload["rows"] = rows
+    warn_if_busy()  # after the run: a competing process shows in the load average
     return payload
 
 

@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from labkit.bench.baseline import time_hf_generate
-from labkit.bench.results import RowLog, device_name, provenance, warn_if_busy
-from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
+from labkit.bench.results import RowLog, provenance, warn_if_busy
+from labkit.config import GenerationConfig, device_name, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import Speculation, generate, warm_up
@@ -124,7 +124,6 @@ def run_context(cfg: ContextConfig, loaded: LoadedModel | None = None) -> dict[s
     dtype = resolve_dtype(cfg.dtype, device)
     lengths = sorted(set(cfg.lengths or (GPU_LENGTHS if device.type == "cuda" else CPU_LENGTHS)))
     log = RowLog(cfg.output_dir, f"context-{device.type}") if cfg.output_dir else None  # before anything is measured
-    warn_if_busy()
     loaded = loaded or load_model(cfg.model)
     tokenizer = loaded.tokenizer
     shortest = min_tokens(tokenizer, cfg.chat)
@@ -188,6 +187,7 @@ def run_context(cfg: ContextConfig, loaded: LoadedModel | None = None) -> dict[s
         plot_context(payload, png)
         payload["files"] = [str(json_path), str(csv_path), str(png)]
     payload["rows"] = rows
+    warn_if_busy()  # after the run: a competing process shows in the load average
     return payload
 
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
+from labkit.bench.drift import agreement
 from labkit.bench.results import provenance
 from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import Speculation, encode_prompt, generate, warm_up
-from labkit.metrics.drift import agreement
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
 from labkit.specdec.drafters import make_drafter

@@ -13,21 +13,8 @@ from typing import Any
 
 import torch
 
+from labkit.config import device_name
 from labkit.threads import load_average
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return "Apple MPS"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def git_commit() -> str:
@@ -68,7 +55,8 @@ def _cpu_kernel_path() -> str:
 
 
 def warn_if_busy() -> None:
-    """Before measuring: one line on stderr when the machine is visibly busy."""
+    """After a run: one line on stderr when the machine is visibly busy (the load average counts this
+    process too, so only a competitor pushes it past the CPUs)."""
     import sys
 
     from labkit.threads import busy_warning
@@ -79,9 +67,13 @@ def warn_if_busy() -> None:
 
 
 def _labkit_version() -> str:
-    from labkit import __version__
+    """The installed distribution's version (pyproject.toml's), read without importing the package's top."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("labkit")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def check_output_dir(output_dir: str | Path) -> Path:

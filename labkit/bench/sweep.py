@@ -16,13 +16,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from labkit.bench.drift import agreement, perplexity
 from labkit.bench.replay import replay_setups
 from labkit.bench.results import RowLog, provenance, warn_if_busy
 from labkit.config import DRAFTERS, GenerationConfig, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import GenerationResult, Speculation, encode_prompt, generate, warm_up
-from labkit.metrics.drift import agreement, perplexity
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
 from labkit.specdec.controllers import CONTROLLERS, make_controller
@@ -125,7 +125,6 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     log = RowLog(cfg.output_dir, f"sweep-{device.type}") if cfg.output_dir else None  # before anything is measured
-    warn_if_busy()
     loaded = loaded or load_model(cfg.base_model)
     target = Engine.from_loaded(loaded, device, dtype, weights=cfg.weights, cuda_graph=cfg.cuda_graph, compile=cfg.compile,
                                 layer_kernels=cfg.layer_kernels)
@@ -186,6 +185,7 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
         if cfg.plots:
             payload["files"] += plot_sweep(rows, json_path.with_suffix(""))
     payload["rows"] = rows
+    warn_if_busy()  # after the run: a competing process shows in the load average
     return payload
 
 

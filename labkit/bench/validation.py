@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from labkit.bench.baseline import time_hf_generate
 from labkit.bench.kernels import copy_bandwidth
-from labkit.bench.results import RowLog, device_name, provenance, warn_if_busy
-from labkit.config import DRAFTERS, GenerationConfig, dtype_name, resolve_device, resolve_dtype
+from labkit.bench.results import RowLog, provenance, warn_if_busy
+from labkit.config import DRAFTERS, GenerationConfig, device_name, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import GenerationResult, Speculation, encode_prompt, generate, warm_up
@@ -190,7 +190,6 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     log = RowLog(cfg.output_dir, results_stem({"card": device_name(device)})) if cfg.output_dir else None  # before anything is measured
-    warn_if_busy()
     loaded = loaded or load_model(cfg.model)
     try:
         suite = load_suite(cfg.categories, cfg.prompts_per_category)
@@ -340,6 +339,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
         json_path, csv_path = log.finish(payload, rows)
         payload["files"] = [str(json_path), str(csv_path)]
     payload["rows"] = rows
+    warn_if_busy()  # after the run: a competing process shows in the load average
     return payload
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from labkit.config import env_flag
+from labkit.config import cache_dir, env_flag
 
 log = logging.getLogger(__name__)
 SOURCE_NAME = "cpu_quant_gemv.c"
@@ -61,7 +61,6 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if compiler is None:
         return None, "no C compiler (cc or gcc) on PATH"
     from labkit.errors import LabkitError
-    from labkit.models.loading import cache_dir
 
     code = b"".join(p.read_bytes() for p in srcs)
     extra = os.environ.get("LABKIT_CPU_KERNEL_FLAGS", "").split()  # e.g. -mno-avx512f: the path CPUs without AVX-512 take

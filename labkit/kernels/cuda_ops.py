@@ -22,7 +22,7 @@ def load() -> tuple[Any, str]:
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        from labkit.models.loading import cache_dir
+        from labkit.config import cache_dir
 
         build = cache_dir() / "cuda_ext"
         build.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ model once). fp32, batch 1: rows are the step's tokens.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -42,45 +43,25 @@ def _bind(lib: ctypes.CDLL) -> None:
         getattr(lib, name).restype = None
 
 
-def cpu_layers_unusable(model: Any, batch_size: int) -> str:
-    """Why the CPU layer operations cannot run this model ("" when they can)."""
-    from labkit.models.gguf_weights import QuantLinear
-    from labkit.models.llama import Llama
-
-    if not isinstance(model, Llama):
-        return "only Llama-family models have fused layers"
-    if batch_size != 1:
-        return "the CPU layer operations decode batch 1"
-    if cpu_quant.library() is None:
-        return f"the CPU kernel is unavailable ({cpu_quant.available()[1]})"
-    linears = [model.lm_head] + [lin for block in model.layers for lin in (block.wqkv, block.wo, block.w_gate_up, block.w_down)]
-    if not all(isinstance(lin, QuantLinear) for lin in linears):
-        return "the CPU layer operations read GGUF blocks, and some layers have none"
-    return ""
-
-
 class CpuLayerOps:
-    """The op set for one model whose linears are QuantLinears (see cpu_layers_unusable)."""
+    """The op set over one model's block-weight linears (engine_choices.cpu_layers_unusable says when it applies)."""
 
     name = "cpu"
 
-    def __init__(self, model: Any) -> None:
-        from labkit.models.gguf_weights import QuantLinear
-
-        why_not = cpu_layers_unusable(model, 1)
-        if why_not:
-            raise LabkitError(f"CPU layer operations: {why_not}")
+    def __init__(self, linears: Iterable[Any]) -> None:
+        """linears: the model's QuantLinear layers (a dense `weight`, its `bias`, and the blocks
+        `kind`, `qs`, `d`, `m`), whose storage they keep alive."""
         lib = cpu_quant.library()
-        assert lib is not None
+        if lib is None:
+            raise LabkitError(f"CPU layer operations: the CPU kernel is unavailable ({cpu_quant.available()[1]})")
         _bind(lib)
         self.lib = lib
-        self._blocks: dict[int, tuple[BlockWeight, QuantLinear]] = {}
-        for module in model.modules():
-            if isinstance(module, QuantLinear):
-                N, K = module.weight.shape
-                blocks = BlockWeight(0 if module.kind == "q4_1" else 1, _ptr(module.qs), _ptr(module.d), _ptr(module.m),
-                                     _ptr(module.bias), N, K)
-                self._blocks[module.weight.data_ptr()] = (blocks, module)
+        self._blocks: dict[int, tuple[BlockWeight, Any]] = {}
+        for module in linears:
+            N, K = module.weight.shape
+            blocks = BlockWeight(0 if module.kind == "q4_1" else 1, _ptr(module.qs), _ptr(module.d), _ptr(module.m),
+                                 _ptr(module.bias), N, K)
+            self._blocks[module.weight.data_ptr()] = (blocks, module)
 
     def _weight(self, w: torch.Tensor, bias: torch.Tensor | None) -> Any:
         found = self._blocks.get(w.data_ptr())

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from labkit.config import cache_dir
 from labkit.errors import LabkitError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -62,19 +63,6 @@ def eos_token_ids(hf_model: Any) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(sorted({eos} if isinstance(eos, int) else set(eos)))
-
-
-def cache_dir() -> Path:
-    """Where labkit keeps what it builds (LABKIT_CACHE, default ~/.cache/labkit): made if missing,
-    and one clear error when it cannot be (a path under a file, a folder not writable)."""
-    path = Path(os.environ.get("LABKIT_CACHE") or Path.home() / ".cache" / "labkit")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise LabkitError(f"labkit's cache folder {path} cannot be created ({err.strerror or err}); set LABKIT_CACHE to a writable folder") from None
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise LabkitError(f"labkit's cache folder {path} is not a writable folder; set LABKIT_CACHE to one")
-    return path
 
 
 def embedded_gguf_path() -> Path:

@@ -10,8 +10,7 @@ common prefix with the new context, so a partial acceptance costs no extra call.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -20,22 +19,7 @@ from labkit.config import DRAFTERS, GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.sampling import warp_logits
-
-
-@dataclass
-class Draft:
-    tokens: list[int]  # up to k proposed ids
-    probs: torch.Tensor | None = None  # (len(tokens), V_target) draft distribution, None = one-hot
-
-
-class Drafter(Protocol):
-    name: str
-
-    def begin(self, prompt_ids: list[int], capacity: int) -> None:
-        """A new request: make room for `capacity` positions and forget earlier state."""
-        ...
-
-    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft: ...
+from labkit.specdec.draft import Draft, Drafter
 
 
 def _pick(
@@ -297,7 +281,7 @@ def make_drafter(
     heads: Any = None,
 ) -> Drafter:
     """ngram | ngram-graph (prompt lookup whose greedy steps run on the device, specdec/lookup_steps.py) |
-    layerskip | truncated | model | heads (trained DraftHeads, see specdec/heads_train.py). Default depth for layerskip/truncated: a third of the target.
+    layerskip | truncated | model | heads (trained DraftHeads, see labkit/heads_train.py). Default depth for layerskip/truncated: a third of the target.
     stop_below > 0: draft-confidence early stop (the drafter stops at its first token below it)."""
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
         raise LabkitError(f"--layers must be a whole number of at least 1, got {layers!r}")

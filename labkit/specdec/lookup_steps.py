@@ -30,6 +30,7 @@ from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
 from labkit.graphs import GRAPH_MAX_T, capture, greedy_verdict
 from labkit.kernels.reference import LOOKUP_MAX_N as MAX_N
+from labkit.specdec.draft import Draft
 
 CHUNK = 8  # speculative steps per host read
 
@@ -166,9 +167,7 @@ class LookupGraphDrafter:
     def begin(self, prompt_ids: list[int], capacity: int) -> None:
         self._used = set()
 
-    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Any:
-        from labkit.specdec.drafters import Draft
-
+    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
         return Draft(lookup_reference(context, k))
 
     @torch.inference_mode()  # like the engine's own steps: buffers and capture without autograd
