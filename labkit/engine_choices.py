@@ -95,7 +95,7 @@ def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dt
         raise LabkitError(f"unknown layer kernels {choice!r}: use {', '.join(LAYER_KERNELS)}")
     if choice == "torch":
         return None, "asked for torch layers"
-    if choice == "cpu" or (choice == "auto" and device.type == "cpu"):  # they come with the GGUF blocks (Engine.read_blocks)
+    if choice == "cpu":  # the CPU's fused layers come with the GGUF blocks (Engine.read_blocks)
         return None, "the CPU's fused layers run on GGUF blocks"
     from labkit.kernels.registry import backend_status
 
