@@ -208,13 +208,13 @@ def test_summary_compares_each_labkit_system_with_the_same_pairs_llama_cpp_run()
     assert "over_llama_cpp_median" not in by_system["llama_cpp"] and by_system["llama_cpp"]["speedup_median"] == 2.0
 
 
-def test_llama_cpp_required_but_missing_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, embedded) -> None:
+def test_llama_cpp_required_but_missing_is_one_clear_error_before_loading(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     import labkit.bench.baseline as baseline
 
     monkeypatch.setattr(baseline, "llama_cpp_status", lambda: (False, "llama-cpp-python is not installed"))
-    cfg = BaselineConfig(device="cpu", max_new_tokens=2, categories=["math"], repeats=1, llama_cpp="on", output_dir=None, progress=False)
+    cfg = BaselineConfig(model=str(tmp_path / "no-model"), device="cpu", llama_cpp="on", output_dir=None, progress=False)
     with pytest.raises(LabkitError, match="--llama-cpp on: llama-cpp-python is not installed"):
-        run_baseline(cfg, embedded)
+        run_baseline(cfg)  # the model does not exist: the error comes first
 
 
 def test_llama_cpp_runs_beside_labkit_on_the_same_gguf(embedded) -> None:

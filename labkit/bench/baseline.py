@@ -86,6 +86,8 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
     """Measure both systems; returns provenance, rows and a summary per dtype (and writes them)."""
     device = resolve_device(cfg.device)
     dtypes = [resolve_dtype(d, device) for d in cfg.dtypes]
+    if cfg.llama_cpp == "on" and not llama_cpp_status()[0]:  # before anything loads
+        raise LabkitError(f"--llama-cpp on: {llama_cpp_status()[1]}")
     log = RowLog(cfg.output_dir, f"baseline-{device.type}") if cfg.output_dir else None  # before anything is measured
     loaded = loaded or load_model(cfg.model)
     prompts = load_suite(cfg.categories, cfg.prompts_per_category)
