@@ -175,7 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if engine.cuda_graph or args.compile:  # capture and compile now, not inside the timed request
         from labkit.generate import warm_up
 
-        warm_up(engine, args.k if spec else 0)
+        warm_up(engine, args.k if spec else 0, drafter=spec.drafter if spec else None)
         if spec is not None:
             generate_text(engine, loaded.tokenizer, args.prompt, GenerationConfig(max_new_tokens=8), chat=args.chat, spec=spec)
     ops: list[dict[str, Any]] = []

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import statistics
 import threading
 from collections.abc import Callable
 from typing import Any, cast
@@ -26,12 +25,11 @@ from labkit.graphs import (
     GraphStep,
     GreedyGraph,
     PrefillGraph,
+    VerifyHook,
     greedy_verdict,
-    heads_after_verdict,
     prefill_bucket,
 )
 from labkit.kernels.layer_cpu import CpuLayerOps
-from labkit.metrics.timers import now
 from labkit.models.gguf_weights import attach_gguf_blocks, set_block_weights
 from labkit.models.kvcache import CAUSAL, KVCache
 from labkit.models.llama import Llama
@@ -87,8 +85,7 @@ class Engine:
         # one request at a time: the cache, the captured graphs' buffers and the drafters' state
         # belong to the request that holds it (generate takes it; re-entrant for nested calls)
         self.request_lock = threading.RLock()
-        self.heads: Any = None  # draft heads (attach_heads): the model then keeps its final hidden states
-        self._hidden: torch.Tensor | None = None  # (B, T, D) final hidden states of the last full pass ...
+        self._hidden: torch.Tensor | None = None  # (B, T, D) final hidden states of the last full pass (keep_hidden_states) ...
         self._hidden_start = 0  # ... whose first row is this cache position
         weight_dtype = torch.float32 if amp else dtype
         self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # Llama or GPT2
@@ -382,9 +379,9 @@ class Engine:
             return None
         return self.cache.mask(input_pos, end, self.args.sliding_window, decode_step=end - start == 1, start=start)
 
-    def graph_step(self, T: int, n_layers: int | None, greedy: bool = False, draft_heads: bool = False) -> GraphStep:
+    def graph_step(self, T: int, n_layers: int | None, greedy: bool = False, hook: VerifyHook | None = None) -> GraphStep:
         """The captured step of T tokens (captured now if it was not)."""
-        return self.captured(("step", T, n_layers, greedy, draft_heads), lambda: GraphStep(self, T, n_layers, greedy, draft_heads))
+        return self.captured(("step", T, n_layers, greedy, hook), lambda: GraphStep(self, T, n_layers, greedy, hook))
 
     def _check_room(self, start: int, n: int) -> None:
         assert self.cache is not None
@@ -409,19 +406,19 @@ class Engine:
         tokens: torch.Tensor,  # (B, K+1) last accepted token + K drafts
         eos_mask: torch.Tensor,  # (V,) bool: EOS ids ...
         block_rows: int,  # ... blocked in the first block_rows positions (min_new_tokens)
-        draft_heads: bool = False,  # also draft the next step with the attached heads
-    ) -> torch.Tensor:  # (B, 2) on the device: accepted drafts, the target's next token (+ n_heads drafts)
+        hook: VerifyHook | None = None,  # a drafter's work after the verdict, in the same step
+    ) -> torch.Tensor:  # (B, 2) on the device: accepted drafts, the target's next token (+ the hook's columns)
         """verify + greedy acceptance in one step; with CUDA graphs one captured graph, nothing
-        launched from Python in between. With draft_heads, columns 2.. are the heads' draft for
-        the next step (heads_after_verdict), read back with the verdict."""
+        launched from Python in between. With a hook, columns 2.. are what its draft_after made
+        from the pass's hidden states and the verdict, read back with the verdict."""
         cache = self.cache
         assert cache is not None
-        if draft_heads and self.heads is None:
-            raise LabkitError("draft_heads needs heads attached to the engine (attach_heads)")
+        if hook is not None and not self.model.keep_hidden:
+            raise LabkitError("a verify hook reads the hidden states: call keep_hidden_states first")
         start, T = cache.length, tokens.shape[1]
         if self._graphs_safe and T <= GRAPH_MAX_T:
             self._check_room(start, T)
-            step = self.graph_step(T, None, greedy=True, draft_heads=draft_heads)
+            step = self.graph_step(T, None, greedy=True, hook=hook)
             step.set_eos(eos_mask, block_rows)
             step.run(tokens, start)
             cache.length = start + T
@@ -429,18 +426,17 @@ class Engine:
             return step.verdict
         logits = self.forward(tokens)  # (B, K+1, V)
         verdict = greedy_verdict(logits, tokens, eos_mask, torch.tensor([block_rows], device=self.device))  # (B, 2)
-        if not draft_heads:
+        if hook is None:
             return verdict
         assert self._hidden is not None and self._hidden_start == start and self._hidden.shape[1] == T  # one pass kept every row
-        return torch.cat([verdict, heads_after_verdict(self.heads, self.model.lm_head, self._hidden, verdict)], 1)
+        return torch.cat([verdict, hook.draft_after(self._hidden, verdict, self.model.lm_head)], 1)
 
-    # -- draft heads ----------------------------------------------------------------------
-    def attach_heads(self, heads: torch.nn.Module) -> None:
-        """Keep the final hidden state of every full pass from now on, for `heads` to draft from.
+    # -- hidden states (draft heads read them) -----------------------------------------------
+    def keep_hidden_states(self) -> None:
+        """Keep the final hidden state of every full pass from now on (draft heads draft from it).
         Captured steps are dropped, to be captured again with that state kept."""
         if self.compiled:
             raise LabkitError("draft heads need an engine without --compile: its compiled step cannot hand out the hidden state")
-        self.heads = heads.to(device=self.device, dtype=self.dtype).eval()
         self.model.keep_hidden = True
         self.drop_captured()
 
@@ -458,58 +454,6 @@ class Engine:
             raise LabkitError(f"position {pos} is not in the last pass (positions {self._hidden_start}.."
                               f"{self._hidden_start + self._hidden.shape[1] - 1})")
         return self._hidden[:, row]
-
-    @torch.inference_mode()
-    def time_verify(self, max_k: int, reps: int = 5) -> dict[int, float]:
-        """Median seconds (host clock, device synchronised) of a verify of K drafts, i.e. K+1
-        tokens, for K = 0..max_k: the shape of a step's cost against its width, measured on this
-        device for the cost-aware controller. Widths take turns so drift hits them alike; the
-        first round is a warm-up. Runs at the cache's start and leaves the cache empty."""
-        self.ensure_capacity(max_k + 1)
-        tokens = torch.zeros(self.batch_size, max_k + 1, dtype=torch.long, device=self.device)  # (B, max_k+1)
-        times: dict[int, list[float]] = {K: [] for K in range(max_k + 1)}
-        for rep in range(reps + 1):
-            for K in times:
-                self.reset()
-                t0 = now(self.device)
-                self.forward(tokens[:, : K + 1])
-                if rep:
-                    times[K].append(now(self.device) - t0)
-        self.reset()
-        return {K: statistics.median(ts) for K, ts in times.items()}
-
-    @torch.inference_mode()
-    def warm_up(self, max_t: int = 1, prompt_len: int = 1024) -> None:
-        """Capture (and compile) every step shape up to `max_t` tokens, the greedy chunk, and the
-        prompt passes for prompts of up to `prompt_len` tokens, now rather than inside a timed
-        request (a longer prompt's pass is captured when it first comes). A speculative verify is
-        2..K+1 tokens wide (and has a greedy-verdict graph of its own)."""
-        verify_t = min(max_t, GRAPH_MAX_T)
-        if self.cuda_graph:  # prompts run as chunks of up to GRAPH_MAX_T tokens
-            max_t = max(max_t, GRAPH_MAX_T)
-        self.ensure_capacity(max_t + 1)
-        token = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
-        eos_mask = torch.zeros(self.args.vocab_size, dtype=torch.bool, device=self.device)
-        for T in range(1, max_t + 1):
-            self.reset()
-            self.forward(token.expand(self.batch_size, T).contiguous())
-            if 2 <= T <= verify_t:
-                self.reset()
-                self.verify_greedy(token.expand(self.batch_size, T).contiguous(), eos_mask, 0)
-                if self.heads is not None and T <= self.heads.cfg.n_heads + 1:  # the verifies that also draft
-                    self.reset()
-                    self.verify_greedy(token.expand(self.batch_size, T).contiguous(), eos_mask, 0, draft_heads=True)
-        self.reset()
-        self.decode_greedy(token, 1)
-        shortest = max(GRAPH_MAX_T, PREFILL_GRAPH_CHUNKS_MAX_T) + 1  # the shortest prompt `prefill` runs as one pass
-        bucket = prefill_bucket(shortest)
-        while self.cuda_graph and PREFILL_GRAPHS and bucket <= prefill_bucket(min(prompt_len, self.max_seq_len)):
-            T = max(bucket // 2 + 1, shortest)  # a prompt this bucket serves
-            self.ensure_capacity(T)
-            if self._graphs_safe:
-                self.prefill(token.expand(self.batch_size, T).contiguous())
-            bucket *= 2
-        self.reset()
 
     @property
     def greedy_chunk(self) -> int:

@@ -13,7 +13,7 @@ nothing is ever replayed against a cache that is no longer there.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -62,17 +62,19 @@ def greedy_verdict(
     return registry.get("greedy_verdict", tokens.device)(logits, tokens, eos_mask, block_rows)
 
 
-def heads_after_verdict(
-    heads: Any,  # DraftHeads
-    lm_head: torch.nn.Module,
-    hidden: torch.Tensor,  # (B, K+1, D) the verify pass's final hidden states
-    verdict: torch.Tensor,  # (B, 2) accepted drafts, the target's next token
-) -> torch.Tensor:  # (B, n_heads) greedy draft for the step after this one
-    """The heads' draft from the hidden state that predicted the verdict's next token: row
-    `accepted` of the verify pass (row 0 is the last token before the drafts). The same tokens as
-    HeadsDrafter.propose after the step, without a host round trip in between."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)  # (B,)
-    return heads.draft(hidden[rows, verdict[:, 0]], lm_head, heads.cfg.n_heads)
+class VerifyHook(Protocol):
+    """Draft work inside the target's greedy verify step (captured with it where graphs are on):
+    `draft_after` reads the pass's final hidden states and verdict on the device, and the host
+    hands the columns it returned, read back with the verdict, to `take` for the next proposal."""
+
+    max_t: int  # the widest verify (K+1 tokens) it drafts after
+
+    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+        """hidden (B, T, D) final hidden states of the verify pass, verdict (B, 2) -> (B, n) draft ids."""
+        ...
+
+    def take(self, tokens: list[int]) -> None: ...
+
 
 
 class GraphStep:
@@ -85,12 +87,12 @@ class GraphStep:
 
     With `greedy`, the graph also decides greedy acceptance of the T-1 drafts (greedy_verdict):
     a speculative step replays one graph and reads back two integers, instead of launching the
-    EOS mask, the argmax and the comparison from Python. With `draft_heads` it also runs the
-    engine's draft heads on the hidden state of the last accepted position, so the same read
-    brings back the next step's draft (heads_after_verdict).
+    EOS mask, the argmax and the comparison from Python. With a `hook` it also runs a drafter's
+    work on the pass's hidden states and verdict (draft heads: the next step's draft), so the
+    same read brings that back.
     """
 
-    def __init__(self, engine: Engine, T: int, n_layers: int | None, greedy: bool = False, draft_heads: bool = False) -> None:
+    def __init__(self, engine: Engine, T: int, n_layers: int | None, greedy: bool = False, hook: VerifyHook | None = None) -> None:
         assert engine.cache is not None
         max_len = engine.cache.max_len  # warm-ups write the cache's last positions, past every request
         device = engine.device
@@ -107,8 +109,8 @@ class GraphStep:
             self.logits = step(self.tokens, self.input_pos, n_layers)  # (B, T, V): the graph's output buffer
             if greedy:
                 verdict = greedy_verdict(self.logits, self.tokens, self.eos_mask, self.block_rows)  # (B, 2)
-                if draft_heads:  # (B, 2 + n_heads): the next step's draft, from this pass's hidden state
-                    verdict = torch.cat([verdict, heads_after_verdict(engine.heads, engine.model.lm_head, engine.model.last_hidden, verdict)], 1)
+                if hook is not None:  # (B, 2 + n): the drafter's columns, from this pass's hidden states
+                    verdict = torch.cat([verdict, hook.draft_after(engine.model.last_hidden, verdict, engine.model.lm_head)], 1)
                 self.verdict = verdict
 
         self.graph = capture(engine, body, lambda: None)

@@ -96,7 +96,7 @@ def measure() -> None:
             def verify(feed_list: list[int] = feed_list, heads_too: bool = heads_too) -> None:
                 engine.rollback(start)
                 feed = torch.tensor([feed_list], device=DEV)
-                engine.verify_greedy(feed, eos, 0, draft_heads=heads_too)[0].tolist()
+                engine.verify_greedy(feed, eos, 0, hook=drafter.verify_hook if heads_too else None)[0].tolist()
 
             print(f"verify {K} {median_us(verify):7.1f} us (with the host-built feed){' + heads draft in the graph' if heads_too else ''}")
     if gpu:  # back-to-back replays with no host read between: the GPU's own time per step of width T
@@ -139,7 +139,7 @@ for label, ops in variants:
     measure()
 engine.model.layer_ops = fused_ops
 ngram = NgramDrafter()
-ngram.begin(ids, len(ids) + 64)
+ngram.start(ids, len(ids) + 64)
 ctx = list(ids)
 print(f"ngram   {median_us(lambda: ngram.propose(ctx, 8, None, None)):7.1f} us")
 if drafter is not None:

@@ -5,6 +5,7 @@ import torch
 
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
+from labkit.engine_warmup import warm_up_steps
 from labkit.generate import generate
 from labkit.models.tiny import TINY_ARCHS, tiny_hf_model
 
@@ -113,7 +114,7 @@ def test_cuda_detailed_metrics_use_events() -> None:
 def test_cuda_warm_up_captures_every_verify_width() -> None:
     hf = tiny_hf_model("llama", seed=9).cuda()
     engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
-    engine.warm_up(5)
+    warm_up_steps(engine, 5)
     steps = [key[1:5] for key in engine.captured_keys() if key[0] == "step"]  # (T, n_layers, greedy, heads)
     widths = {T for T, _, greedy, _ in steps if not greedy}
     greedy_widths = {T for T, _, greedy, _ in steps if greedy}
@@ -128,7 +129,7 @@ def test_cuda_long_inputs_run_as_graph_chunks(compile: bool) -> None:
     hf = tiny_hf_model("llama", seed=9).cuda()
     eager = Engine.from_hf(hf, "cuda", "float32", cuda_graph=False)
     graphed = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, compile=compile)
-    graphed.warm_up(4)
+    warm_up_steps(graphed, 4)
     ids = torch.randint(0, hf.config.vocab_size, (1, 41), device="cuda")
     outs = []
     for engine in (eager, graphed):
@@ -180,7 +181,7 @@ def test_cuda_cost_aware_calibrates_on_graphs_and_stays_lossless() -> None:
 
     hf = tiny_hf_model("llama", seed=9).cuda()
     engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
-    engine.warm_up(5)
+    warm_up_steps(engine, 5)
     prompt = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]
     cfg = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
@@ -202,7 +203,7 @@ def test_cuda_heads_read_the_captured_hidden_state(layer_kernels: str, fused: bo
     hf = tiny_hf_model("llama", seed=4).cuda()
     engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, layer_kernels=layer_kernels)
     drafter = (_CheckedFusedHeads if fused else _CheckedHeads)(HeadsDrafter(engine, random_heads(engine.args.dim, 3)))
-    engine.warm_up(4)
+    warm_up_steps(engine, 4)
     prompt = list(range(3, 40))
     cfg = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
@@ -258,7 +259,7 @@ def test_cuda_long_request_after_a_short_one_for_every_drafter(layer_kernels: st
     drafters = {"ngram": make_drafter("ngram", engine), "ngram-graph": make_drafter("ngram-graph", engine),
                 "layerskip": make_drafter("layerskip", engine, layers=2), "truncated": make_drafter("truncated", engine, layers=1),
                 "self-model": ModelDrafter(self_draft, 96, name="self"), "heads": make_drafter("heads", engine, heads=random_heads(engine.args.dim, 4))}
-    engine.warm_up(8)
+    warm_up_steps(engine, 8)
     cfg = GenerationConfig(max_new_tokens=128, stop_at_eos=False)
     g = torch.Generator().manual_seed(0)
     short = torch.randint(3, 96, (30,), generator=g).tolist()
@@ -311,7 +312,7 @@ def test_cuda_captured_prompt_pass_matches_eager_at_every_bucket(arch: str, monk
     hf = tiny_hf_model(arch, seed=12).cuda()
     eager = Engine.from_hf(hf, "cuda", "float32", cuda_graph=False)
     graphed = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
-    graphed.warm_up(1, prompt_len=256)
+    warm_up_steps(graphed, 1, prompt_len=256)
     assert {key[1] for key in graphed.captured_keys() if key[0] == "prefill"} == {32, 64, 128, 256}
     cfg = GenerationConfig(max_new_tokens=20, stop_at_eos=False)
     for T in (17, 31, 32, 33, 100, 200):
@@ -334,14 +335,14 @@ def test_cuda_graphs_are_captured_again_after_a_resize() -> None:
     hf = _long_tiny()
     engine = Engine.from_hf(hf, "cuda", "bfloat16", cuda_graph=True, max_seq_len=512)
     drafter = make_drafter("ngram-graph", engine)
-    engine.warm_up(4)
+    warm_up_steps(engine, 4)
     cfg = GenerationConfig(max_new_tokens=64, stop_at_eos=False)
     prompt = torch.randint(3, 96, (300,), generator=torch.Generator().manual_seed(1)).tolist()
     want = generate(engine, prompt, cfg).tokens
     assert generate(engine, prompt, cfg, Speculation(drafter, 4)).tokens == want
     engine.resize(2048)
     assert engine.captured_keys() == []
-    engine.warm_up(4)
+    warm_up_steps(engine, 4)
     full = torch.randint(3, 96, (2048 - 64,), generator=torch.Generator().manual_seed(2)).tolist()  # fills the cache exactly
     for p in (prompt, full):
         plain = generate(engine, p, cfg)

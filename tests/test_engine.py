@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from labkit.engine import Engine
+from labkit.engine_warmup import warm_up_steps
 from labkit.errors import LabkitError
 from labkit.models.tiny import TINY_ARCHS, tiny_hf_model
 
@@ -139,7 +140,7 @@ def test_cuda_graph_needs_cuda_device() -> None:
 def test_warm_up_leaves_the_engine_ready_and_empty() -> None:
     hf = tiny_hf_model("llama", seed=1)
     engine = Engine.from_hf(hf, "cpu", "float32")
-    engine.warm_up(5)
+    warm_up_steps(engine, 5)
     assert engine.length == 0
     ids = torch.randint(0, hf.config.vocab_size, (1, 9))
     engine.ensure_capacity(9)

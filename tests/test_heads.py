@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from labkit.errors import LabkitError
+from labkit.specdec.draft import Drafter
 from labkit.specdec.heads import IGNORE, DraftHeads, HeadsConfig, fingerprint, head_labels, heads_loss, load_heads, save_heads
 
 
@@ -115,17 +116,18 @@ def random_heads(dim: int, n_heads: int, seed: int = 0) -> DraftHeads:
     return heads
 
 
-class _CheckedHeads:
+class _CheckedHeads(Drafter):
     """A HeadsDrafter that also checks, at every proposal, that the hidden state it reads is the
-    one that predicted the last context token (the target's greedy argmax of it)."""
+    one that predicted the last context token (the target's greedy argmax of it). No verify hook:
+    the heads draft after each verify step."""
 
     def __init__(self, drafter) -> None:
         self.inner, self.name, self.checked = drafter, drafter.name, 0
         self.proposals: list[tuple[int, int, list[int]]] = []  # (last context token, k asked, draft)
 
-    def begin(self, prompt_ids, capacity) -> None:
-        self.inner.begin(prompt_ids, capacity)
-        self.prepared = 0  # drafts the verify step made (drafters with `prepare`)
+    def start(self, prompt_ids, capacity) -> None:
+        self.inner.start(prompt_ids, capacity)
+        self.prepared = 0  # drafts the verify step made (through the verify hook)
 
     def propose(self, context, k, config, generator):
         target, heads = self.inner.target, self.inner.heads
@@ -141,11 +143,18 @@ class _CheckedHeads:
 
 
 class _CheckedFusedHeads(_CheckedHeads):
-    """The same checks while the verify step drafts (Engine.verify_greedy with draft_heads)."""
+    """The same checks while the verify step drafts (the inner drafter's verify hook, passed on)."""
 
-    def prepare(self, tokens) -> None:
+    def __init__(self, drafter) -> None:
+        super().__init__(drafter)
+        self.verify_hook, self.max_t = self, drafter.max_t
+
+    def draft_after(self, hidden, verdict, lm_head):
+        return self.inner.draft_after(hidden, verdict, lm_head)
+
+    def take(self, tokens) -> None:
         self.prepared += 1
-        self.inner.prepare(tokens)
+        self.inner.take(tokens)
 
 
 @pytest.mark.parametrize("arch,fused", [("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True)])

@@ -13,7 +13,7 @@ from labkit.generate import Speculation, generate
 from labkit.kernels.reference import lookup_draft
 from labkit.models.tiny import tiny_hf_model
 from labkit.specdec.drafters import make_drafter
-from labkit.specdec.lookup_steps import lookup_reference
+from labkit.specdec.lookup import lookup_reference
 
 
 def test_lookup_reference_by_hand() -> None:
@@ -36,6 +36,32 @@ def test_lookup_draft_matches_the_host_lookup() -> None:
         history = torch.tensor(context + [rng.randrange(60) for _ in range(20)])  # anything after the context
         got = lookup_draft(history, torch.tensor([L]), k).tolist()
         assert got == lookup_reference(context, k), (context, k)
+
+
+def test_both_ngram_drafters_follow_one_matching_rule() -> None:
+    """The host drafter's n-gram index finds what a scan finds (latest_match), and with the device
+    drafter's sizes (3 down to 1) it proposes the start of the device drafter's draft: the same
+    match, cut where the copy ends instead of repeated."""
+    from labkit.specdec.drafters import NgramDrafter
+    from labkit.specdec.lookup import latest_match
+
+    rng = random.Random(1)
+    host, host_123 = NgramDrafter(max_n=3, min_n=2), NgramDrafter(max_n=3, min_n=1)
+    cfg = GenerationConfig()
+    for trial in range(300):
+        vocab = rng.choice([2, 3, 5, 50])
+        context = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+        k = rng.randint(1, 8)
+        if trial % 3 == 0:  # a fresh request sometimes; otherwise the index grows with a context
+            host.start(context, 64)
+            host_123.start(context, 64)
+        c = latest_match(context, 3, 2)
+        assert host.propose(context, k, cfg, None).tokens == ([] if c is None else context[c : c + k]), context
+        got = host_123.propose(context, k, cfg, None).tokens
+        if latest_match(context, 3, 1) is None:  # no match: the device drafter repeats the last token, the host proposes nothing
+            assert got == [], context
+        else:
+            assert got and got == lookup_reference(context, k)[: len(got)], (context, k)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

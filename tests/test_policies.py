@@ -9,6 +9,7 @@ import torch
 from labkit.bench.drift import agreement, perplexity
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
+from labkit.engine_warmup import time_verify
 from labkit.errors import LabkitError
 from labkit.generate import Speculation, generate
 from labkit.models.tiny import tiny_hf_model
@@ -51,7 +52,7 @@ def test_controllers_stay_within_one_and_k_max(name: str, k_max: int) -> None:
     rng = random.Random(k_max)
     controller = make_controller(name, k_max)
     for _request in range(3):
-        controller.begin()
+        controller.reset()
         for _ in range(200):
             k = controller.next_k()
             assert 1 <= k <= k_max and isinstance(k, int)
@@ -176,13 +177,13 @@ def test_mixed_model_reduces_to_the_textbook_and_to_plain() -> None:
 
 def test_cost_aware_starts_a_request_from_the_last_ones_alpha() -> None:
     c = CostAware(8)
-    c.begin()
+    c.reset()
     assert c.alpha == 0.5 and c.state == 0  # the prior, before any request
     for _ in range(20):
         c.update(4, 4, 0.0, 0.01)  # every draft stands: the first step in state 0, the rest after full accepts
     high, first = c.state_alpha(1), c.state_alpha(0)
     assert c.state == 1 and c.alpha == high > 0.9 and 0.5 < first < high
-    c.begin()  # a request starts in state 0, from the last one's estimates
+    c.reset()  # a request starts in state 0, from the last one's estimates
     assert c.state == 0 and c.alpha == pytest.approx(first) and c.state_alpha(1) == pytest.approx(high)
     c.update(4, 0, 0.0, 0.01)  # one weight of evidence moves it at once
     assert c.state_alpha(0) < first - 0.2 and c.state == 0
@@ -258,7 +259,7 @@ def test_cost_aware_offset_follows_a_slower_context_and_keeps_the_shape() -> Non
 
 
 def test_generate_calibrates_the_cost_aware_controller_once(target: Engine) -> None:
-    table = target.time_verify(3, reps=2)
+    table = time_verify(target, 3, reps=2)
     assert sorted(table) == [0, 1, 2, 3] and all(t > 0 for t in table.values()) and target.length == 0
     c = CostAware(3)
     cfg = GenerationConfig(max_new_tokens=12, stop_at_eos=False)

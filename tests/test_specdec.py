@@ -181,9 +181,9 @@ def test_ngram_index_equals_a_full_scan_as_the_context_grows() -> None:
     cfg = GenerationConfig()
     for max_n, min_n in ((3, 2), (4, 1)):
         ngram = NgramDrafter(max_n=max_n, min_n=min_n)
-        for _ in range(5):  # requests: begin() forgets the last one
+        for _ in range(5):  # requests: start() forgets the last one
             context = [rng.randrange(6) for _ in range(rng.randrange(1, 12))]
-            ngram.begin(context, 200)
+            ngram.start(context, 200)
             while len(context) < 120:
                 k = rng.randrange(1, 7)
                 assert ngram.propose(context, k, cfg, None).tokens == scan_lookup(context, k, max_n, min_n)

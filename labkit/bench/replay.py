@@ -29,15 +29,16 @@ from typing import Any
 
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
+from labkit.engine_warmup import time_verify
 from labkit.errors import LabkitError
 from labkit.generate import generate
-from labkit.specdec.controllers import Controller, CostAware, make_controller
-from labkit.specdec.drafters import Drafter, ModelDrafter, NgramDrafter
+from labkit.specdec.controllers import Controller, make_controller
+from labkit.specdec.draft import Drafter
 
 
 def replayable(drafter: Drafter) -> bool:
     """Whether the drafter's proposal depends on the context alone (n-gram lookup, a draft model)."""
-    return isinstance(drafter, (NgramDrafter, ModelDrafter))
+    return drafter.replayable
 
 
 @dataclass
@@ -61,7 +62,7 @@ def record_oracle(engine: Engine, drafter: Drafter, prompt_id: str, category: st
         raise LabkitError(f"replay needs a drafter whose proposal depends only on the context (ngram, model), got {drafter.name}")
     plain = generate(engine, prompt_ids, config)
     out = plain.tokens
-    drafter.begin(list(prompt_ids), len(prompt_ids) + len(out))
+    drafter.start(list(prompt_ids), len(prompt_ids) + len(out))
     offered, standing = [], []
     draft_s = 0.0
     for i in range(len(out)):
@@ -85,7 +86,7 @@ def replay(oracle: PromptOracle, controller: Controller, verify_s: dict[int, flo
     seconds, i = oracle.prefill_s, 1  # the first token comes with the prefill
     k_trace: list[int] = []
     accepted: list[int] = []
-    controller.begin()
+    controller.reset()
     while i < oracle.new_tokens:
         k = min(controller.next_k(), oracle.new_tokens - i - 1)
         drafted = min(k, oracle.offered[i])
@@ -116,8 +117,8 @@ def replay_suite(oracles: list[PromptOracle], controllers: Mapping[str, Callable
     rows: list[dict[str, Any]] = []
     for name, make in controllers.items():
         controller = make()
-        if isinstance(controller, CostAware):
-            controller.calibrate({k: verify_s[k] for k in range(controller.k_max + 1)})
+        if controller.wants_costs:
+            controller.calibrate({k: verify_s[k] for k in range(controller.wants_costs + 1)})
         for it in range(passes):
             for oracle in oracles:
                 row = replay(oracle, controller, verify_s)
@@ -146,7 +147,7 @@ def replay_setups(target: Engine, drafters: list[Drafter], prompts: list[tuple[A
             out["skipped"].append(drafter.name)
             continue
         oracles = [record_oracle(target, drafter, p.id, p.category, ids, k_max, config) for p, ids in prompts]
-        verify_s = target.time_verify(k_max)
+        verify_s = time_verify(target, k_max)
         makers = {f"{c}-{k}": partial(make_controller, c, k) for c, ks in controllers.items() for k in ks}
         result = replay_suite(oracles, makers, verify_s, passes)
         out["drafters"][drafter.name] = {"verify_s": verify_s, **result}

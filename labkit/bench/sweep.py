@@ -132,7 +132,8 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     prompts = [(p, encode_prompt(loaded.tokenizer, p.content)) for p in load_suite(cfg.categories, cfg.prompts_per_category)]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     k_top = max(cfg.ks + (cfg.adaptive_ks or []))
-    warm_up(target, k_top)
+    for drafter in drafters:  # captures with each drafter's verify hook (the heads')
+        warm_up(target, k_top, drafter=drafter)
     for drafter in drafters:  # a repeated prompt, so that the n-gram drafter proposes
         generate(target, prompts[0][1] * 2, GenerationConfig(max_new_tokens=8), Speculation(drafter, k_top))
     setups: list[tuple[Drafter, str, Policy | None]] = []  # (drafter, policy label, policy); None: the default policy

@@ -234,7 +234,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     depth = cfg.layers if cfg.layers is not None else max(1, fast.args.n_layers // 3)
     drafters: dict[str, Drafter] = {kind: build_drafter(kind, fast, layers=depth, heads_path=cfg.heads) for kind in cfg.drafters}
     if "heads" in drafters and fast.cuda_graph:  # the heads' engine keeps its hidden states: capture its steps again
-        warm_up(fast, max(cfg.ks))
+        warm_up(fast, max(cfg.ks), drafter=drafters["heads"])
     assistant = hf_truncated(hf_model, depth) if cfg.hf_assisted and "truncated" in cfg.drafters else None
     for drafter in drafters.values():
         for k in cfg.ks:

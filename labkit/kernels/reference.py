@@ -132,7 +132,7 @@ def lookup_draft(
     its latest occurrence, and the k tokens that followed it, repeating with the match's period
     where the copy runs into the context's end (the last token k times when nothing matches).
     Fixed shapes and no host read, so it can be captured in a CUDA graph. The host twin is
-    specdec/lookup_steps.lookup_reference."""
+    specdec/lookup.lookup_reference."""
     Lh = history.shape[0]
     pos = torch.arange(Lh, device=history.device)  # (Lh,)
     # the context's last LOOKUP_MAX_N tokens (clamped in a short context: a match needs c - n >= 0 and c < n_ctx,

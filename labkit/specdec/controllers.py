@@ -1,27 +1,36 @@
 """K controllers: how many tokens to draft next. Each keeps K in [1, k_max].
 
-The loop calls `begin()` at the start of a request, `next_k()` before each draft, and
+The loop calls `reset()` at the start of a request, `next_k()` before each draft, and
 `update(drafted, accepted, draft_s, verify_s)` after each verify (seconds as the host saw them;
-the verify includes the policy's device sync, so it is the step's real cost).
+the verify includes the policy's device sync, so it is the step's real cost). A controller that
+wants the device's verify cost per width says so in `wants_costs` (the widest K it needs, else 0),
+and the loop times them once (`Engine.time_verify`) and hands the table to `calibrate`.
 """
 
 from __future__ import annotations
-
-from typing import Protocol
 
 from labkit.errors import LabkitError
 from labkit.specdec.speedup import expected_tokens
 
 
-class Controller(Protocol):
-    name: str
-    k_max: int
+class Controller:
+    """The base: no verify costs wanted, nothing to reset."""
 
-    def begin(self) -> None: ...
+    name = "controller"
+    k_max = 1
+    wants_costs = 0  # the widest K whose verify cost the controller wants timed (0: none)
 
-    def next_k(self) -> int: ...
+    def calibrate(self, verify_s: dict[int, float]) -> None:
+        """Verify seconds for K = 0..wants_costs drafts, measured on this device."""
 
-    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None: ...
+    def reset(self) -> None:
+        """A new request starts."""
+
+    def next_k(self) -> int:
+        raise NotImplementedError
+
+    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        """What the last step drafted, how many stood, and what drafting and verifying cost."""
 
 
 def _check(k: int, k_max: int) -> None:
@@ -29,24 +38,18 @@ def _check(k: int, k_max: int) -> None:
         raise LabkitError(f"K must be in [1, {k_max}], got {k}")
 
 
-class FixedK:
+class FixedK(Controller):
     name = "fixed"
 
     def __init__(self, k: int) -> None:
         _check(k, k)
         self.k_max = k
 
-    def begin(self) -> None:
-        pass
-
     def next_k(self) -> int:
         return self.k_max
 
-    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
-        pass
 
-
-class HeuristicK:
+class HeuristicK(Controller):
     """transformers' assisted-generation schedule: +2 after a draft accepted in full, -1 otherwise."""
 
     name = "heuristic"
@@ -56,7 +59,7 @@ class HeuristicK:
         _check(self.k_start, k_max)
         self.k = self.k_start
 
-    def begin(self) -> None:
+    def reset(self) -> None:
         self.k = self.k_start
 
     def next_k(self) -> int:
@@ -66,7 +69,7 @@ class HeuristicK:
         self.k = min(self.k_max, self.k + 2) if accepted == drafted else max(1, self.k - 1)
 
 
-class AIMD:
+class AIMD(Controller):
     """Additive increase (+1 after a full accept), multiplicative decrease (K * beta after a rejection)."""
 
     name = "aimd"
@@ -78,7 +81,7 @@ class AIMD:
         _check(self.k_start, k_max)
         self.k = float(self.k_start)
 
-    def begin(self) -> None:
+    def reset(self) -> None:
         self.k = float(self.k_start)
 
     def next_k(self) -> int:
@@ -88,7 +91,7 @@ class AIMD:
         self.k = min(float(self.k_max), self.k + 1) if accepted == drafted else max(1.0, self.k * self.beta)
 
 
-class CostAware:
+class CostAware(Controller):
     """Picks the K that maximises expected tokens per second (Leviathan et al.):
 
         tokens(alpha, K) = (1 - alpha^(K+1)) / (1 - alpha)
@@ -143,7 +146,12 @@ class CostAware:
         self.verify_table = {k: verify_s[k] for k in range(self.k_max + 1)}
         self.offset = None
 
-    def begin(self) -> None:
+    @property
+    def wants_costs(self) -> int:  # type: ignore[override]
+        """Once per controller: the costs belong to the device."""
+        return self.k_max if self.verify_table is None else 0
+
+    def reset(self) -> None:
         # the last request's alphas become this one's priors, worth one draft token each (the
         # first request starts from alpha_prior): less of each request is spent finding its level
         self.hits = [self.state_alpha(s) if self.steps else self.alpha_prior for s in (0, 1)]

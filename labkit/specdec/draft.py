@@ -1,5 +1,14 @@
-"""What a drafter hands the generate loop (`Draft`), and the protocol every drafter follows: a
-leaf module, so the drafters and the device-step drafter (lookup_steps.py) import it, not each other."""
+"""What a drafter is and what it hands the generate loop: a leaf module, so every drafter (and
+the loop's steps) import it, not each other.
+
+A drafter declares what it can do, and the loop (labkit/steps.py) picks its step from that once
+per request, never by asking what class a drafter is:
+
+    propose(context, k)   host proposals: every drafter has them (any policy, sampling, timed phases)
+    device_steps          DeviceSteps or None: whole greedy steps (draft, verify, accept) on the device
+    verify_hook           VerifyHook or None: draft work that runs inside the target's greedy verify
+    replayable            proposals depend on the context alone (bench/replay.py records them once)
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,9 @@ from typing import Protocol
 import torch
 
 from labkit.config import GenerationConfig
+from labkit.graphs import VerifyHook
+
+__all__ = ["DeviceSteps", "Draft", "Drafter", "Step", "VerifyHook"]
 
 
 @dataclass
@@ -17,11 +29,33 @@ class Draft:
     probs: torch.Tensor | None = None  # (len(tokens), V_target) draft distribution, None = one-hot
 
 
-class Drafter(Protocol):
-    name: str
+Step = tuple[list[int], list[int]]  # one target step: (draft tokens, new tokens: the accepted drafts and the target's next)
 
-    def begin(self, prompt_ids: list[int], capacity: int) -> None:
-        """A new request: make room for `capacity` positions and forget earlier state."""
+
+class DeviceSteps(Protocol):
+    """Speculative greedy steps that run on the device, `chunk` at most per host read."""
+
+    chunk: int
+
+    def run_steps(self, context: list[int], k: int, m: int, eos_mask: torch.Tensor, eos_until: int) -> list[Step]:
+        """m steps of width k from `context` (the target's cache holds all but its last token);
+        eos_mask (V,) is blocked for tokens at context positions < eos_until. Leaves the cache
+        holding the new context but its last token."""
         ...
 
-    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft: ...
+
+class Drafter:
+    """The base every drafter builds on: host proposals, and no device steps or verify hook
+    unless a drafter sets them."""
+
+    name = "drafter"
+    replayable = False
+    device_steps: DeviceSteps | None = None
+    verify_hook: VerifyHook | None = None
+
+    def start(self, prompt_ids: list[int], capacity: int) -> None:
+        """A new request: make room for `capacity` positions and forget earlier state."""
+
+    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
+        """Up to k tokens after `context` (every token so far; the target's cache holds all but the last)."""
+        raise NotImplementedError

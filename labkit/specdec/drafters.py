@@ -20,6 +20,7 @@ from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.sampling import warp_logits
 from labkit.specdec.draft import Draft, Drafter
+from labkit.specdec.lookup import latest_match
 
 
 def _pick(
@@ -51,8 +52,10 @@ def _stack(probs: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if not probs or probs[0] is None else torch.stack([p for p in probs if p is not None])
 
 
-class ModelDrafter:
+class ModelDrafter(Drafter):
     """A separate, smaller model with its own cache (e.g. distilgpt2 for gpt2, or a truncated target)."""
+
+    replayable = True  # greedy drafts are a function of the context: its own cache follows it
 
     def __init__(self, engine: Engine, target_vocab: int, name: str = "model", stop_below: float = 0.0) -> None:
         self.engine, self.vocab = engine, target_vocab
@@ -61,7 +64,7 @@ class ModelDrafter:
         self.draft_vocab = int(engine.args.vocab_size)
         self.cached: list[int] = []  # tokens whose keys and values the draft cache holds
 
-    def begin(self, prompt_ids: list[int], capacity: int) -> None:
+    def start(self, prompt_ids: list[int], capacity: int) -> None:
         self.engine.ensure_capacity(capacity)
         self.cached = []
 
@@ -91,7 +94,7 @@ class ModelDrafter:
         return Draft(tokens, _stack(probs))
 
 
-class LayerSkipDrafter:
+class LayerSkipDrafter(Drafter):
     """The target's own first L layers, then its final norm and head: no extra weights, and the
     target's cache serves those layers (their keys and values are the same computation)."""
 
@@ -102,9 +105,6 @@ class LayerSkipDrafter:
         self.stop_below = stop_below  # draft-confidence early stop (lossless: it only proposes less)
         self.name = f"layerskip-{n_layers}" + (f"+conf{stop_below:g}" if stop_below > 0 else "")
         self.vocab = target.args.vocab_size
-
-    def begin(self, prompt_ids: list[int], capacity: int) -> None:
-        pass  # the target's cache is ours
 
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
         start = self.engine.length  # the target's cache holds context[:-1]
@@ -124,9 +124,9 @@ class LayerSkipDrafter:
         return Draft(tokens, _stack(probs))
 
 
-class NgramDrafter:
-    """Prompt lookup: find the latest earlier occurrence of the longest recent suffix (n = max_n
-    down to min_n) in the prompt and output, and propose what followed it. No weights.
+class NgramDrafter(Drafter):
+    """Prompt lookup: the rule of specdec/lookup.py (`latest_match`: the latest earlier
+    occurrence of the longest recent suffix, n = max_n down to min_n), and what followed it. No weights.
 
     An index from each n-gram to its latest start grows with the context (which only grows
     within a request), so a proposal costs O(max_n) dictionary lookups instead of a scan of the
@@ -134,6 +134,7 @@ class NgramDrafter:
     hundred tokens is a sizeable share of it."""
 
     name = "ngram"
+    replayable = True
 
     def __init__(self, max_n: int = 3, min_n: int = 2) -> None:
         # min_n 2: a single-token match guesses too often wrong, and on a CPU a verify of
@@ -144,7 +145,7 @@ class NgramDrafter:
         self._latest: dict[tuple[int, ...], int] = {}  # n-gram -> latest start that has a token after it
         self._indexed: list[int] = []  # the context the index covers (a prefix of the next one)
 
-    def begin(self, prompt_ids: list[int], capacity: int) -> None:
+    def start(self, prompt_ids: list[int], capacity: int) -> None:
         self._latest, self._indexed = {}, []
 
     def _extend(self, context: list[int]) -> None:
@@ -160,32 +161,39 @@ class NgramDrafter:
 
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
         self._extend(context)
-        n_ctx = len(context)
-        for n in range(min(self.max_n, n_ctx - 1), self.min_n - 1, -1):
-            start = self._latest.get(tuple(context[n_ctx - n :]))
-            if start is not None:
-                return Draft(context[start + n : start + n + k])
-        return Draft([])
+        match = latest_match(context, self.max_n, self.min_n, self._latest.get)
+        return Draft([] if match is None else context[match : match + k])
 
 
-class HeadsDrafter:
+class HeadsDrafter(Drafter):
     """Medusa-style draft heads (specdec/heads.py): K tokens from the target's own final hidden
     state at the position before the last context token, the one that predicted that token.
     No draft model runs: the target's last pass (prefill, decode or verify) left that state, and
-    the heads add K small blocks and one LM-head product. Greedy drafts (one-hot)."""
+    the heads add K small blocks and one LM-head product. Greedy drafts (one-hot).
+
+    It is its own verify hook: under greedy acceptance the heads draft inside the verify step
+    (`draft_after`, captured with it), and the draft comes back with the verdict (`take`)."""
 
     def __init__(self, target: Engine, heads: Any) -> None:
-        target.attach_heads(heads)
-        self.target, self.heads = target, target.heads
+        target.keep_hidden_states()
+        self.target, self.heads = target, heads.to(device=target.device, dtype=target.dtype).eval()
         self.name = f"heads-{heads.cfg.n_heads}"
+        self.max_t = heads.cfg.n_heads + 1  # the widest verify whose next draft it makes
+        self.verify_hook = self
         self._prepared: list[int] | None = None  # the draft the last verify made for this context
 
-    def begin(self, prompt_ids: list[int], capacity: int) -> None:
+    def start(self, prompt_ids: list[int], capacity: int) -> None:
         self._prepared = None
 
-    def prepare(self, tokens: list[int]) -> None:
-        """The heads' draft for the next proposal, made inside the verify step that just ran
-        (Engine.verify_greedy with draft_heads): the same tokens propose would compute."""
+    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """hidden (B, K+1, D) of the verify pass, verdict (B, 2) -> (B, n_heads): the heads' draft
+        from the hidden state that predicted the verdict's next token (row `accepted`: row 0 is
+        the last token before the drafts). The same tokens as propose after the step."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)  # (B,)
+        return self.heads.draft(hidden[rows, verdict[:, 0]], lm_head, self.heads.cfg.n_heads)
+
+    def take(self, tokens: list[int]) -> None:
+        """The draft draft_after made in the verify step that just ran, for the next proposal."""
         self._prepared = tokens
 
     @torch.inference_mode()

@@ -13,11 +13,11 @@ The accepted drafts are the target's own argmax and `next` is its token after th
 is plain greedy decoding's, token for token. Positions written past the accepted
 ones (cache and history) are rewritten by the next step, as a rollback would.
 
-The lookup (`lookup_reference` is the host twin that the tests hold it to): at the context's end,
-the longest n-gram (n = 3, 2, 1) that occurred before, its latest occurrence, and what followed
-it. The draft is always K tokens, since a verify of fixed width costs the same whatever it holds:
-where the copy would run into the context's end it repeats with the match's period (text that
-loops continues its loop), and with no match at all it repeats the last token.
+The lookup follows the n-gram rule of specdec/lookup.py (`lookup_reference` is the host twin that
+the tests hold the kernel to), with n = 3, 2, 1. The draft is always K tokens, since a verify of
+fixed width costs the same whatever it holds: where the copy would run into the context's end it
+repeats with the match's period (text that loops continues its loop), and with no match at all it
+repeats the last token.
 """
 
 from __future__ import annotations
@@ -29,26 +29,10 @@ import torch
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
 from labkit.graphs import GRAPH_MAX_T, capture, greedy_verdict
-from labkit.kernels.reference import LOOKUP_MAX_N as MAX_N
-from labkit.specdec.draft import Draft
+from labkit.specdec.draft import Draft, Drafter, Step
+from labkit.specdec.lookup import lookup_reference
 
 CHUNK = 8  # speculative steps per host read
-
-
-def lookup_reference(context: list[int], k: int) -> list[int]:
-    """The draft the lookup_draft kernel makes (kernels/reference.py, triton_ops.py), computed on the
-    host from a list: the tests' reference, and the drafter's
-    proposal where the loop runs on the host (sampling, other policies, timed phases)."""
-    L = len(context)
-    c = L - 1  # no match: repeat the last token
-    for n in range(min(MAX_N, L - 1), 0, -1):
-        suffix = context[L - n :]
-        starts = [i for i in range(L - n) if context[i : i + n] == suffix]  # i + n <= L - 1: a token follows
-        if starts:
-            c = starts[-1] + n
-            break
-    q = L - c  # the match's period
-    return [context[c + j % q] for j in range(k)]
 
 
 def greedy_step(
@@ -152,19 +136,21 @@ class LookupSteps:
         return steps
 
 
-class LookupGraphDrafter:
+class LookupGraphDrafter(Drafter):
     """Prompt lookup (3-, 2- and 1-grams, see lookup_reference) whose greedy steps run on the
-    device, `LookupSteps.CHUNK` steps per host read (`run_steps`), captured as one CUDA graph where
-    the engine has graphs. Elsewhere (sampling, other policies, timed phases) it proposes from the
-    host like any drafter, with the same lookup."""
+    device, CHUNK steps per host read (`run_steps`: it is its own DeviceSteps), captured as one
+    CUDA graph where the engine has graphs. Elsewhere (sampling, other policies, timed phases) it
+    proposes from the host like any drafter, with the same lookup."""
 
     name = "ngram-graph"
+    chunk = CHUNK
 
     def __init__(self, target: Any) -> None:
         self.target = target
+        self.device_steps = self
         self._used: set[int] = set()  # widths that ran steps in this request
 
-    def begin(self, prompt_ids: list[int], capacity: int) -> None:
+    def start(self, prompt_ids: list[int], capacity: int) -> None:
         self._used = set()
 
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
@@ -176,7 +162,7 @@ class LookupGraphDrafter:
         new cache never meets an old graph."""
         return self.target.captured(("lookup", k), lambda: LookupSteps(self.target, k))
 
-    def run_steps(self, context: list[int], k: int, m: int, eos_mask: torch.Tensor, eos_until: int) -> list[tuple[list[int], list[int]]]:
+    def run_steps(self, context: list[int], k: int, m: int, eos_mask: torch.Tensor, eos_until: int) -> list[Step]:
         fresh = k not in self._used
         self._used.add(k)
         return self.steps_for(k).run(context, m, eos_mask, eos_until, fresh)

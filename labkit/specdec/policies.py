@@ -31,9 +31,14 @@ class Verdict:
     next_token: int  # the recovered or bonus token that follows them
 
 
+TYPICAL_THRESHOLD = 0.09  # typical acceptance's posterior threshold (Medusa's default)
+TYPICAL_ALPHA = 0.3  # ... and its entropy factor
+
+
 class Policy(Protocol):
     name: str
     lossless: bool
+    fused_greedy: bool  # its verdict is greedy_verdict's: the engine may decide it inside the verify step
 
     def accept(
         self,
@@ -51,6 +56,7 @@ class GreedyMatch:
 
     name = "greedy"
     lossless = True
+    fused_greedy = True
 
     def accept(
         self,
@@ -77,6 +83,7 @@ class RejectionSampling:
 
     name = "rejection"
     lossless = True
+    fused_greedy = False
 
     def accept(
         self,
@@ -121,8 +128,9 @@ class TypicalAcceptance:
     target's distribution there; then the target's own token (argmax, or a sample when sampling)."""
 
     lossless = False
+    fused_greedy = False
 
-    def __init__(self, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3) -> None:
+    def __init__(self, posterior_threshold: float = TYPICAL_THRESHOLD, posterior_alpha: float = TYPICAL_ALPHA) -> None:
         if not (0 < posterior_threshold <= 1 and 0 < posterior_alpha <= 1):
             raise LabkitError("typical acceptance needs 0 < posterior_threshold <= 1 and 0 < posterior_alpha <= 1")
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
@@ -149,6 +157,7 @@ class TopKAgreement:
     """Keep draft tokens while each is among the target's top k there (lossy); then the target's own token."""
 
     lossless = False
+    fused_greedy = False
 
     def __init__(self, k: int = 2) -> None:
         if k < 1:
@@ -174,7 +183,7 @@ class TopKAgreement:
 POLICIES = ("greedy", "rejection", "typical", "topk")
 
 
-def make_policy(name: str, config: GenerationConfig, *, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
+def make_policy(name: str, config: GenerationConfig, *, posterior_threshold: float = TYPICAL_THRESHOLD, posterior_alpha: float = TYPICAL_ALPHA,
                 top_k: int = 2) -> Policy:
     """greedy | rejection | typical | topk | default (greedy for greedy decoding, else rejection)."""
     if name == "default":
