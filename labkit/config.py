@@ -43,7 +43,6 @@ class Flags:
     dtype: str = "auto"  # SPECDEC_DTYPE: auto, float32, float16, bfloat16
     amp: bool = False  # SPECDEC_AMP: fp32 weights, matmuls under autocast in `dtype`
     cuda_graph: bool = False  # SPECDEC_CUDA_GRAPH: capture the fixed-shape steps
-    force_py: bool = False  # SPECDEC_FORCE_PY: PyTorch reference kernels only
     detailed_metrics: bool = False  # SPECDEC_DETAILED_METRICS: per-phase timings
 
     @classmethod
@@ -52,9 +51,48 @@ class Flags:
             dtype=os.environ.get("SPECDEC_DTYPE", "auto") or "auto",
             amp=env_flag("SPECDEC_AMP"),
             cuda_graph=env_flag("SPECDEC_CUDA_GRAPH"),
-            force_py=env_flag("SPECDEC_FORCE_PY"),
             detailed_metrics=env_flag("SPECDEC_DETAILED_METRICS"),
         )
+
+
+WEIGHTS = ("auto", "dense", "gguf")  # gguf: the GGUF's own quantised blocks (CPU fp32); auto: the faster, timed at load
+LAYER_KERNELS = ("auto", "triton", "cpu", "torch")  # triton: fused layers on CUDA; cpu: C layers on GGUF blocks
+
+
+DEFAULT_MAX_SEQ_LEN = 8192  # cache positions allocated at load when --max-seq-len is not given (at most the model's context)
+
+
+def resolve_max_seq_len(asked: int | None, context_len: int) -> int:
+    """Cache positions for an engine: what was asked (at most the model's context), or the whole
+    context up to DEFAULT_MAX_SEQ_LEN."""
+    if asked is None:
+        return min(context_len, DEFAULT_MAX_SEQ_LEN)
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 2:
+        raise LabkitError(f"--max-seq-len must be an integer of at least 2, got {asked!r}")
+    if asked > context_len:
+        raise LabkitError(f"--max-seq-len {asked} exceeds the model's context of {context_len} tokens")
+    return asked
+
+
+@dataclass
+class EngineConfig:
+    """How an engine runs its model. The CLI's engine options and the benchmarks' configs embed
+    this one dataclass; None reads the SPECDEC_* flag of the same name (`Flags`)."""
+
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    dtype: str | None = None  # auto, float32, float16, bfloat16 (None: SPECDEC_DTYPE, default auto: bf16 on CUDA, fp32 on CPU)
+    amp: bool | None = None  # fp32 weights, matmuls under autocast in dtype
+    compile: bool = False  # torch.compile the fixed-shape steps
+    cuda_graph: bool | None = None  # capture the fixed-shape steps as CUDA graphs (CUDA only)
+    layer_kernels: str = "auto"  # one of LAYER_KERNELS (auto: triton on CUDA without compile, cpu on GGUF blocks)
+    weights: str = "auto"  # one of WEIGHTS
+    max_seq_len: int | None = None  # cache positions (None: the model's context, at most 8192)
+
+    def validate(self) -> None:
+        if self.weights not in WEIGHTS:
+            raise LabkitError(f"unknown weights {self.weights!r}: use {', '.join(WEIGHTS)}")
+        if self.layer_kernels not in LAYER_KERNELS:
+            raise LabkitError(f"unknown layer kernels {self.layer_kernels!r}: use {', '.join(LAYER_KERNELS)}")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

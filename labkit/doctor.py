@@ -1,6 +1,6 @@
 """GPU pre-check (phase 3B): what this machine offers, and whether a model pair fits before loading it.
 
-`python -m labkit doctor` prints a report; the estimates come from labkit/sizing.py, which the
+`python -m labkit doctor` prints a report; the estimates come from labkit/models/sizing.py, which the
 engine also uses to refuse a model that would not fit.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from labkit.sizing import available_bytes, count_params, estimate_model_bytes
+from labkit.models.sizing import available_bytes, count_params, estimate_model_bytes
 
 
 @dataclass

@@ -15,13 +15,14 @@ from typing import Any, cast
 
 import torch
 
-from labkit.config import Flags, resolve_device, resolve_dtype
-from labkit.engine_choices import block_linears, build_decoder, cpu_layers_unusable, gguf_unusable, pick_layer_ops, time_block_weights
+from labkit.config import resolve_max_seq_len
+from labkit.engine_choices import cpu_layer_ops, pick_layer_ops
 from labkit.errors import LabkitError
 from labkit.graphs import (
     GRAPH_HEADROOM,
     GRAPH_MAX_T,
     GREEDY_CHUNK,
+    CapturedGraphs,
     GraphStep,
     GreedyGraph,
     PrefillGraph,
@@ -29,13 +30,11 @@ from labkit.graphs import (
     greedy_verdict,
     prefill_bucket,
 )
-from labkit.kernels.layer_cpu import CpuLayerOps
-from labkit.models.gguf_weights import attach_gguf_blocks, set_block_weights
+from labkit.models.families import family_of_model
+from labkit.models.gguf_weights import set_block_weights
 from labkit.models.kvcache import CAUSAL, KVCache
-from labkit.models.llama import Llama
-from labkit.models.loading import LoadedModel, eos_token_ids
+from labkit.models.loading import LoadedModel
 
-DEFAULT_MAX_SEQ_LEN = 8192  # cache positions allocated at load when --max-seq-len is not given (at most the model's context)
 MIN_ATTEND = 1024  # the smallest attention span of a masked fixed-shape step (see Engine.ensure_capacity)
 PREFILL_CHUNK = 8192  # a longer input runs as passes of this many tokens (activations and masks stay bounded)
 # With CUDA graphs an input of up to PREFILL_GRAPH_CHUNKS_MAX_T tokens runs as captured steps of
@@ -45,21 +44,19 @@ PREFILL_GRAPH_CHUNKS_MAX_T = 48  # measured on an H200: 32 tokens as two chunks 
 PREFILL_GRAPHS = True  # captured prompt passes (scripts/prefill_costs.py compares the ways)
 
 
-def resolve_max_seq_len(asked: int | None, context_len: int) -> int:
-    """Cache positions for an engine: what was asked (at most the model's context), or the whole
-    context up to DEFAULT_MAX_SEQ_LEN."""
-    if asked is None:
-        return min(context_len, DEFAULT_MAX_SEQ_LEN)
-    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 2:
-        raise LabkitError(f"--max-seq-len must be an integer of at least 2, got {asked!r}")
-    if asked > context_len:
-        raise LabkitError(f"--max-seq-len {asked} exceeds the model's context of {context_len} tokens")
-    return asked
+def compile_step(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """torch.compile a fixed-shape step. Decode (T=1) compiles for its static shape; the second
+    width (a verify) makes dynamo compile once more with T dynamic, which then serves every
+    verify width 2..K+1."""
+    import torch._dynamo as dynamo
+
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+    return torch.compile(step, fullgraph=True)
 
 
 class Engine:
     """Steps one model over its static cache. The cache is allocated once, at load, for
-    `max_seq_len` positions (default: the model's context, at most DEFAULT_MAX_SEQ_LEN), so no
+    `max_seq_len` positions (default: the model's context, at most config.DEFAULT_MAX_SEQ_LEN), so no
     request moves it; `resize` is the one way to move it, and it drops every captured graph."""
 
     def __init__(
@@ -80,19 +77,18 @@ class Engine:
         self.device, self.dtype, self.amp = device, dtype, amp
         self.cuda_graph = cuda_graph
         self._graphs_safe = cuda_graph  # set per request by ensure_capacity
-        self._captured: dict[tuple[Any, ...], Any] = {}  # every captured object, by what it was captured for (captured())
-        self._pool: Any = None  # the memory pool the captured graphs share
+        self.graphs = CapturedGraphs()  # every captured graph and its buffers (captured())
         # one request at a time: the cache, the captured graphs' buffers and the drafters' state
         # belong to the request that holds it (generate takes it; re-entrant for nested calls)
         self.request_lock = threading.RLock()
         self._hidden: torch.Tensor | None = None  # (B, T, D) final hidden states of the last full pass (keep_hidden_states) ...
         self._hidden_start = 0  # ... whose first row is this cache position
         weight_dtype = torch.float32 if amp else dtype
-        self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # Llama or GPT2
+        self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # a decoder of models/families.py
         ops, self.layer_kernels_reason = pick_layer_ops(self.model, device, dtype, amp, compile, layer_kernels)
         self.layer_kernels = "torch" if ops is None else "triton"  # "cpu" once GGUF blocks come (read_blocks)
         self.layer_choice = layer_kernels
-        if isinstance(self.model, Llama):
+        if family_of_model(self.model).fused_layers:
             self.model.layer_ops = ops
         self.args: Any = cast(Any, model).args  # LlamaArgs or GPT2Args
         self.context_len: int = self.args.context_len
@@ -100,7 +96,6 @@ class Engine:
         self.eos_token_ids: tuple[int, ...] = ()  # set by from_hf; generate stops on these
         self.weights = "dense"  # or "gguf": linears read the GGUF's quantised blocks
         self.weights_note = ""  # how "auto" chose for a CPU engine of a GGUF model: the timings, or why not the blocks
-        self.cache: KVCache | None = None
         # Captures warm up on positions past every request's reach: models with rotary positions get
         # GRAPH_HEADROOM positions beyond max_seq_len for it (GPT-2's learned positions end at its
         # context, so there graphs give way to eager steps in the cache's last positions instead).
@@ -110,119 +105,37 @@ class Engine:
         self._allocate(self.max_seq_len)
         # Fixed-shape steps (decode, verify of K+1) attend over the first attend_len positions of
         # the cache with a mask, so one compiled graph serves every position.
-        self._static_step: Any = None
-        if compile:
-            import torch._dynamo as dynamo
+        self._static_step: Any = compile_step(self._static_forward) if compile else None
 
-            # decode (T=1) compiles for its static shape; the second width (a verify) makes dynamo
-            # compile once more with T dynamic, which then serves every verify width 2..K+1
-            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
-            self._static_step = torch.compile(self._static_forward, fullgraph=True)
+    # -- building (labkit/engine_build.py) ----------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_model: Any, *args: Any, **kwargs: Any) -> Engine:
+        """Build from a transformers model: engine_build.from_hf."""
+        from labkit.engine_build import from_hf
+
+        return from_hf(hf_model, *args, **kwargs)
 
     @classmethod
-    def from_hf(
-        cls,
-        hf_model: Any,
-        device: str | torch.device = "auto",
-        dtype: str | torch.dtype | None = None,
-        *,
-        amp: bool | None = None,
-        compile: bool = False,
-        cuda_graph: bool | None = None,
-        batch_size: int = 1,
-        max_seq_len: int | None = None,
-        layer_kernels: str = "auto",
-    ) -> Engine:
-        """Build from a transformers model. None reads the SPECDEC_* flags: dtype (default auto),
-        amp, cuda_graph. layer_kernels: "auto", "triton" (fused Llama layers) or "torch"."""
-        flags = Flags.from_env()
-        dev = device if isinstance(device, torch.device) else resolve_device(device)
-        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or flags.dtype, dev)
-        if dev.type != "cpu":  # the weights are copied there: refuse clearly rather than crash
-            from labkit.sizing import check_fits, estimate_model_bytes
+    def from_loaded(cls, loaded: LoadedModel, *args: Any, **kwargs: Any) -> Engine:
+        """Build for a loaded model (its GGUF blocks as weights where they serve): engine_build.from_loaded."""
+        from labkit.engine_build import from_loaded
 
-            seq_len = resolve_max_seq_len(max_seq_len, hf_model.config.max_position_embeddings)
-            check_fits(estimate_model_bytes(hf_model.config, dt, seq_len), dev, f"the {hf_model.config.model_type} model")
-        engine = cls(
-            build_decoder(hf_model), device=dev, dtype=dt, amp=flags.amp if amp is None else amp,
-            compile=compile, cuda_graph=flags.cuda_graph if cuda_graph is None else cuda_graph,
-            batch_size=batch_size, max_seq_len=max_seq_len, layer_kernels=layer_kernels,
-        )
-        engine.eos_token_ids = eos_token_ids(hf_model)
-        return engine
-
-    @classmethod
-    def from_loaded(
-        cls,
-        loaded: LoadedModel,
-        device: str | torch.device = "auto",
-        dtype: str | torch.dtype | None = None,
-        *,
-        weights: str = "auto",
-        **kwargs: Any,
-    ) -> Engine:
-        """Build for a loaded model. weights: "dense", "gguf" (the GGUF's own quantised blocks,
-        CPU fp32 only), or "auto" (gguf where it applies, else dense)."""
-        if weights not in ("auto", "dense", "gguf"):
-            raise LabkitError(f"unknown weights {weights!r}: use auto, dense or gguf")
-        engine = cls.from_hf(loaded.hf_model, device, dtype, **kwargs)
-        why_not = gguf_unusable(engine, loaded)
-        if weights == "gguf" and why_not:
-            raise LabkitError(f"--weights gguf is not possible here: {why_not}")
-        if weights == "gguf" or (weights == "auto" and not why_not):
-            assert loaded.gguf_path is not None
-            attach_gguf_blocks(engine.model, loaded.gguf_path)
-            engine.read_blocks(True)
-            if weights == "auto":  # the same values either way: keep the faster, measured here
-                blocks_ms, dense_ms = time_block_weights(engine)
-                if dense_ms < blocks_ms:
-                    engine.read_blocks(False)
-                engine.weights_note = f"auto, one decode step: GGUF blocks {blocks_ms:.1f} ms, dense {dense_ms:.1f} ms"
-        elif weights == "auto" and loaded.gguf_path is not None and engine.device.type == "cpu":
-            engine.weights_note = f"GGUF blocks not used: {why_not}"  # the values are the same; the speed is not
-        if engine.layer_choice == "cpu" and engine.layer_kernels != "cpu":
-            raise LabkitError("--layer-kernels cpu runs the layers on GGUF blocks: the embedded model on the CPU in float32, --weights gguf")
-        return engine
+        return from_loaded(loaded, *args, **kwargs)
 
     def read_blocks(self, on: bool) -> None:
         """Let the linears read the GGUF blocks, and the CPU layer operations run the layers (where
         they can and --layer-kernels allows), or read the dense weights through the PyTorch
         layers: the same values either way."""
         set_block_weights(self.model, on)
-        why_not = cpu_layers_unusable(self.model, self.batch_size) if on else "dense weights"
-        use_ops = on and not why_not and self.layer_choice in ("auto", "cpu")
-        self.model.layer_ops = CpuLayerOps(block_linears(self.model)) if use_ops else None
-        self.layer_kernels = "cpu" if use_ops else "torch"
-        self.layer_kernels_reason = "CPU: 5 fused C operations per layer on the GGUF blocks" if use_ops else why_not or "asked for torch layers"
+        self.model.layer_ops, self.layer_kernels_reason = cpu_layer_ops(self.model, self.batch_size, on, self.layer_choice)
+        self.layer_kernels = "cpu" if self.model.layer_ops is not None else "torch"
         self.weights = "gguf" if on else "dense"
-
-    def graph_pool(self) -> Any:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        return self._pool
 
     # -- captured graphs ----------------------------------------------------------------
     def captured(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
-        """The captured object (a CUDA graph and its buffers) for `key`, built by `build()` the
-        first time. Everything that holds addresses into this engine's cache lives here, drafters'
-        device steps included: `resize` drops it all at once, and the attention span of the
-        fixed-shape step is part of every key."""
-        full = (*key, self.attend_len)
-        obj = self._captured.get(full)
-        if obj is None:
-            obj = self._captured[full] = build()
-        return obj
-
-    def drop_captured(self) -> None:
-        """Forget every captured graph (they are captured again when next needed): after changing
-        what a step runs, such as the layer kernels. Their memory pool goes with them: PyTorch
-        cannot capture into a pool whose graphs are all gone, so the next capture starts a new one."""
-        self._captured.clear()
-        self._pool = None
-
-    def captured_keys(self) -> list[tuple[Any, ...]]:
-        """What is captured now (tests and tools read it)."""
-        return list(self._captured)
+        """The captured object for `key` (graphs.CapturedGraphs), built by `build()` the first
+        time; the attention span of the fixed-shape step is part of every key."""
+        return self.graphs.get((*key, self.attend_len), build)
 
     @property
     def compiled(self) -> bool:
@@ -248,9 +161,10 @@ class Engine:
 
     # -- cache management -------------------------------------------------------------
     def _allocate(self, max_seq_len: int) -> None:
-        self.drop_captured()  # captured graphs point into the old cache
-        self.cache = None  # the old buffers go before the new ones come
-        self.cache = KVCache(
+        self.graphs.clear()  # captured graphs point into the old cache
+        if hasattr(self, "cache"):
+            del self.cache  # the old buffers go before the new ones come
+        self.cache: KVCache = KVCache(
             self.args.n_layers, self.batch_size, self.args.n_kv_heads, max_seq_len + self.headroom, self.args.head_dim,
             dtype=self.dtype, device=self.device,
         )
@@ -268,7 +182,6 @@ class Engine:
         the attention span of masked fixed-shape steps, and empty the cache."""
         if total_len > self.context_len:
             raise LabkitError(f"{total_len} positions exceed the model's context of {self.context_len} tokens")
-        assert self.cache is not None
         if total_len > self.max_seq_len:
             raise LabkitError(f"{total_len} positions exceed this engine's cache of {self.max_seq_len} "
                               f"(--max-seq-len, at most the model's context of {self.context_len})")
@@ -284,21 +197,17 @@ class Engine:
 
     @property
     def length(self) -> int:
-        assert self.cache is not None
         return self.cache.length
 
     def reset(self) -> None:
-        assert self.cache is not None
         self.cache.length = 0
 
     def rollback(self, length: int) -> None:
-        assert self.cache is not None
         self.cache.rollback(length)
 
     def set_length(self, length: int) -> None:
         """Declare positions [0, length) valid: for device steps that wrote the cache themselves
         (a captured speculative step knows how far it got only on the device)."""
-        assert self.cache is not None
         if not 0 <= length <= self.cache.max_len:
             raise LabkitError(f"cache length {length} is outside 0..{self.cache.max_len}")
         self.cache.length = length
@@ -315,7 +224,6 @@ class Engine:
         layers (cuBLAS GEMMs, flash attention) for more.
         """
         cache = self.cache
-        assert cache is not None
         B, T = tokens.shape
         if B != self.batch_size:
             raise ValueError(f"engine was built for batch {self.batch_size}, got {B}")
@@ -359,14 +267,12 @@ class Engine:
     def prompt_pass(self, tokens: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """A prompt from position 0 (B, T) in one causal pass through the PyTorch layers; logits
         (B, 1, V) at row `last` (a (1,) device index: captured passes pad the prompt)."""
-        assert self.cache is not None
         return self.model(tokens, input_pos, self.cache, tokens.shape[1], CAUSAL, last, None)
 
     def _static_forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
         """The fixed-shape step: attends over the first attend_len cache positions with a mask, so
         one graph serves every position of a request."""
         cache = self.cache
-        assert cache is not None
         mask = None if self.layer_kernels != "torch" else cache.mask(input_pos, self.attend_len, self.args.sliding_window)
         return self.model(tokens, input_pos, cache, self.attend_len, mask, False, n_layers)
 
@@ -374,7 +280,6 @@ class Engine:
         """The attention mask of an eager step over positions [start, end): None where the fused
         layers run (they read each query's visible keys from the cache themselves), else the
         cache's mask (CAUSAL for a prompt from position 0)."""
-        assert self.cache is not None
         if self.layer_kernels != "torch" and self.model.runs_fused(end - start):
             return None
         return self.cache.mask(input_pos, end, self.args.sliding_window, decode_step=end - start == 1, start=start)
@@ -384,7 +289,6 @@ class Engine:
         return self.captured(("step", T, n_layers, greedy, hook), lambda: GraphStep(self, T, n_layers, greedy, hook))
 
     def _check_room(self, start: int, n: int) -> None:
-        assert self.cache is not None
         if start + n > self.cache.max_len:
             raise LabkitError(f"{start + n} positions exceed the cache of {self.cache.max_len}; call ensure_capacity first")
 
@@ -412,7 +316,6 @@ class Engine:
         launched from Python in between. With a hook, columns 2.. are what its draft_after made
         from the pass's hidden states and the verdict, read back with the verdict."""
         cache = self.cache
-        assert cache is not None
         if hook is not None and not self.model.keep_hidden:
             raise LabkitError("a verify hook reads the hidden states: call keep_hidden_states first")
         start, T = cache.length, tokens.shape[1]
@@ -438,7 +341,7 @@ class Engine:
         if self.compiled:
             raise LabkitError("draft heads need an engine without --compile: its compiled step cannot hand out the hidden state")
         self.model.keep_hidden = True
-        self.drop_captured()
+        self.graphs.clear()
 
     def _keep_hidden(self, hidden: torch.Tensor | None, end: int) -> None:  # hidden: (B, rows, D) for positions up to end-1
         if hidden is not None:  # None unless heads are attached (the model keeps nothing then)
@@ -472,7 +375,6 @@ class Engine:
         """n greedy steps with no host synchronisation between them (one CUDA graph per step
         when graphs are on). Greedy tokens are the same as n calls of decode + argmax."""
         cache = self.cache
-        assert cache is not None
         start = cache.length
         self._check_room(start, n)
         if self._graphs_safe and n <= GREEDY_CHUNK:

@@ -1,6 +1,6 @@
-"""What an engine runs: our compact forward for the model's family, the fused layer kernels or
-PyTorch's, and whether the embedded GGUF's own blocks can serve as its weights (each with the
-reason when not)."""
+"""What an engine runs: the fused layer kernels or PyTorch's, and whether the embedded GGUF's own
+blocks can serve as its weights (each with the reason when not; the model family's table,
+models/families.py, says what each family allows)."""
 
 from __future__ import annotations
 
@@ -10,25 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from labkit.config import LAYER_KERNELS, WEIGHTS
 from labkit.errors import LabkitError
 from labkit.kernels import cpu_quant
-from labkit.models.gguf_weights import QuantLinear
-from labkit.models.gpt2 import GPT2
-from labkit.models.llama import LLAMA_FAMILY, Llama
+from labkit.kernels.layer_cpu import CpuLayerOps
+from labkit.models.families import family_of_model
+from labkit.models.gguf_weights import QuantLinear, attach_gguf_blocks
 from labkit.models.loading import LoadedModel
 
 if TYPE_CHECKING:
     from labkit.engine import Engine
-
-
-def build_decoder(hf_model: Any) -> torch.nn.Module:
-    """Our compact forward for a transformers model, sharing its weights where it can."""
-    model_type = hf_model.config.model_type
-    if model_type in LLAMA_FAMILY:
-        return Llama.from_hf(hf_model)
-    if model_type == "gpt2":
-        return GPT2.from_hf(hf_model)
-    raise LabkitError(f"architecture {model_type!r} is not supported by labkit's engine")
 
 
 def gguf_unusable(engine: Engine, loaded: LoadedModel) -> str:
@@ -37,7 +28,7 @@ def gguf_unusable(engine: Engine, loaded: LoadedModel) -> str:
         return "the model was not loaded from a GGUF file"
     if engine.device.type != "cpu" or engine.dtype != torch.float32 or engine.amp:
         return "the block kernel runs on the CPU in float32 only"
-    if engine.model.__class__ is not Llama:
+    if not family_of_model(engine.model).gguf_blocks:
         return "only Llama-family GGUF files are supported"
     if engine.layer_kernels != "torch":
         return "the fused Triton layers read dense weights"
@@ -72,7 +63,7 @@ def block_linears(model: torch.nn.Module) -> list[QuantLinear]:
 
 def cpu_layers_unusable(model: Any, batch_size: int) -> str:
     """Why the CPU layer operations cannot run this model ("" when they can)."""
-    if not isinstance(model, Llama):
+    if not family_of_model(model).fused_layers:
         return "only Llama-family models have fused layers"
     if batch_size != 1:
         return "the CPU layer operations decode batch 1"
@@ -84,10 +75,7 @@ def cpu_layers_unusable(model: Any, batch_size: int) -> str:
     return ""
 
 
-LAYER_KERNELS = ("auto", "triton", "cpu", "torch")  # cpu: kernels/cpu_layer.c, on GGUF blocks (Engine.read_blocks)
-
-
-def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, amp: bool,
+def pick_layer_ops(model: Any, device: torch.device, dtype: torch.dtype, amp: bool,
                    compile: bool, choice: str) -> tuple[Any, str]:
     """The fused layer kernels for this engine: (module or None, why). "auto" takes Triton's on a
     CUDA device for a Llama-family model without AMP or torch.compile (which fuses on its own)."""
@@ -101,7 +89,7 @@ def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dt
 
     status = backend_status("triton", device)
     why_not = ""
-    if not isinstance(model, Llama):
+    if not family_of_model(model).fused_layers:
         why_not = "only Llama-family models have fused layers"
     elif model.args.head_dim not in (32, 64, 128, 256):
         why_not = f"head_dim {model.args.head_dim} is not 32, 64, 128 or 256"
@@ -122,3 +110,35 @@ def pick_layer_ops(model: torch.nn.Module, device: torch.device, dtype: torch.dt
     from labkit.kernels import layer_triton
 
     return layer_triton, "Triton: 5 fused kernels per layer"
+
+
+def cpu_layer_ops(model: Any, batch_size: int, on: bool, choice: str) -> tuple[CpuLayerOps | None, str]:
+    """The CPU layer operations over the GGUF blocks where they can run and `choice` allows them,
+    else None; and why."""
+    why_not = cpu_layers_unusable(model, batch_size) if on else "dense weights"
+    if on and not why_not and choice in ("auto", "cpu"):
+        return CpuLayerOps(block_linears(model)), "CPU: 5 fused C operations per layer on the GGUF blocks"
+    return None, why_not or "asked for torch layers"
+
+
+def choose_weights(engine: Engine, loaded: LoadedModel, weights: str) -> None:
+    """Give the engine the GGUF's blocks as weights where asked (or, for "auto", where they apply
+    and a timed decode step says they are faster), with a note on how "auto" chose."""
+    if weights not in WEIGHTS:
+        raise LabkitError(f"unknown weights {weights!r}: use {', '.join(WEIGHTS)}")
+    why_not = gguf_unusable(engine, loaded)
+    if weights == "gguf" and why_not:
+        raise LabkitError(f"--weights gguf is not possible here: {why_not}")
+    if weights == "gguf" or (weights == "auto" and not why_not):
+        assert loaded.gguf_path is not None
+        attach_gguf_blocks(engine.model, loaded.gguf_path)
+        engine.read_blocks(True)
+        if weights == "auto":  # the same values either way: keep the faster, measured here
+            blocks_ms, dense_ms = time_block_weights(engine)
+            if dense_ms < blocks_ms:
+                engine.read_blocks(False)
+            engine.weights_note = f"auto, one decode step: GGUF blocks {blocks_ms:.1f} ms, dense {dense_ms:.1f} ms"
+    elif weights == "auto" and loaded.gguf_path is not None and engine.device.type == "cpu":
+        engine.weights_note = f"GGUF blocks not used: {why_not}"  # the values are the same; the speed is not
+    if engine.layer_choice == "cpu" and engine.layer_kernels != "cpu":
+        raise LabkitError("--layer-kernels cpu runs the layers on GGUF blocks: the embedded model on the CPU in float32, --weights gguf")

@@ -31,6 +31,38 @@ def prefill_bucket(T: int) -> int:
     return max(PREFILL_MIN_BUCKET, 1 << (T - 1).bit_length())
 
 
+class CapturedGraphs:
+    """Every captured object of one engine (a CUDA graph and its buffers), by what it was captured
+    for, and the memory pool they share. Everything that holds addresses into the engine's cache
+    lives here, drafters' device steps included, so a new cache (or new layer kernels) drops it
+    all at once (`clear`)."""
+
+    def __init__(self) -> None:
+        self._objects: dict[tuple[Any, ...], Any] = {}
+        self._pool: Any = None
+
+    def get(self, key: tuple[Any, ...], build: Any) -> Any:
+        obj = self._objects.get(key)
+        if obj is None:
+            obj = self._objects[key] = build()
+        return obj
+
+    def keys(self) -> list[tuple[Any, ...]]:
+        """What is captured now (tests and tools read it)."""
+        return list(self._objects)
+
+    def clear(self) -> None:
+        """Forget every captured graph (captured again when next needed). Their memory pool goes
+        with them: PyTorch cannot capture into a pool whose graphs are all gone."""
+        self._objects.clear()
+        self._pool = None
+
+    def pool(self) -> Any:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+
 def capture(engine: Engine, body: Any, prepare: Any) -> torch.cuda.CUDAGraph:
     """Warm `body` up twice on a side stream (as CUDA graph capture requires), then capture it
     into the engine's graph pool. `prepare` resets the static inputs before each run."""
@@ -44,7 +76,7 @@ def capture(engine: Engine, body: Any, prepare: Any) -> torch.cuda.CUDAGraph:
     torch.cuda.current_stream(device).wait_stream(side)
     prepare()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=engine.graph_pool()), engine.autocast():
+    with torch.cuda.graph(graph, pool=engine.graphs.pool()), engine.autocast():
         body()
     return graph
 
@@ -93,7 +125,6 @@ class GraphStep:
     """
 
     def __init__(self, engine: Engine, T: int, n_layers: int | None, greedy: bool = False, hook: VerifyHook | None = None) -> None:
-        assert engine.cache is not None
         max_len = engine.cache.max_len  # warm-ups write the cache's last positions, past every request
         device = engine.device
         self.T = T
@@ -142,7 +173,6 @@ class GreedyGraph:
     def __init__(self, engine: Engine, chunk: int) -> None:
         device, B = engine.device, engine.batch_size
         V = engine.args.vocab_size
-        assert engine.cache is not None
         max_len = engine.cache.max_len
         self.token = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1) input, then output
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) position being written

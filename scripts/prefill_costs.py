@@ -73,7 +73,7 @@ for n in lengths:
         last = torch.tensor([[ids[-1]]], device="cuda")
         for config in CONFIGS:
             layer_triton.TUNE.update(zip(ATTN_KEYS, config, strict=True))
-            engine.drop_captured()
+            engine.graphs.clear()
             engine.ensure_capacity(n + 32)
             engine.prefill(prompt)
             engine.decode_greedy(last, 16)  # capture
@@ -84,5 +84,5 @@ for n in lengths:
 
             row += f"   {':'.join(map(str, config))}: {median_ms(decode) / 16 * 1e3:6.1f}"
         layer_triton.TUNE.update(defaults)
-        engine.drop_captured()
+        engine.graphs.clear()
     print(row, flush=True)

@@ -134,7 +134,7 @@ if fused_ops is not None:  # the same layers with the final norm and head as PyT
     variants.append(("torch norm+head", SimpleNamespace(**{**vars(fused_ops), "norm_head": layer_reference.norm_head})))
 for label, ops in variants:
     engine.model.layer_ops = ops
-    engine.drop_captured()  # captured again with these ops
+    engine.graphs.clear()  # captured again with these ops
     print(f"== {label}")
     measure()
 engine.model.layer_ops = fused_ops

@@ -72,7 +72,7 @@ def test_cuda_graph_steps_match_eager(arch: str) -> None:
         engine.rollback(14)
         steps += list(engine.verify(ids[:, 14:20]).clone()[0])
         outs.append(torch.cat([s.reshape(-1, s.shape[-1]) for s in steps]))
-    assert graphed.captured_keys(), "no graph was captured"
+    assert graphed.graphs.keys(), "no graph was captured"
     assert (outs[0] - outs[1]).abs().max().item() < 1e-3
     cfg = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
     prompt = ids[0, :9].tolist()
@@ -96,7 +96,7 @@ def test_cuda_greedy_graph_chunks_match_eager(compile: bool) -> None:
     for cfg in (GenerationConfig(max_new_tokens=40, stop_at_eos=False), GenerationConfig(max_new_tokens=40, eos_token_ids=(eos,)),
                 GenerationConfig(max_new_tokens=40, min_new_tokens=30, eos_token_ids=(eos,))):
         assert generate(graphed, prompt, cfg).tokens == generate(eager, prompt, cfg).tokens
-    assert any(key[0] == "greedy" for key in graphed.captured_keys())
+    assert any(key[0] == "greedy" for key in graphed.graphs.keys())
 
 
 def test_cuda_detailed_metrics_use_events() -> None:
@@ -115,12 +115,12 @@ def test_cuda_warm_up_captures_every_verify_width() -> None:
     hf = tiny_hf_model("llama", seed=9).cuda()
     engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
     warm_up_steps(engine, 5)
-    steps = [key[1:5] for key in engine.captured_keys() if key[0] == "step"]  # (T, n_layers, greedy, heads)
+    steps = [key[1:5] for key in engine.graphs.keys() if key[0] == "step"]  # (T, n_layers, greedy, hook)
     widths = {T for T, _, greedy, _ in steps if not greedy}
     greedy_widths = {T for T, _, greedy, _ in steps if greedy}
     assert widths == set(range(1, 17)) and greedy_widths == set(range(2, 6))  # verify widths up to K+1 = 5
     assert not any(heads for *_, heads in steps)  # no heads attached: no verify drafts with them
-    assert any(key[0] == "greedy" for key in engine.captured_keys()) and engine.length == 0
+    assert any(key[0] == "greedy" for key in engine.graphs.keys()) and engine.length == 0
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -140,7 +140,7 @@ def test_cuda_long_inputs_run_as_graph_chunks(compile: bool) -> None:
         outs.append((full, last, engine.prefill(ids).clone()))
     for a, b in zip(outs[0], outs[1], strict=True):
         assert a.shape == b.shape and (a - b).abs().max().item() < 1e-3
-    assert len([key for key in graphed.captured_keys() if key[0] == "step"]) >= 16
+    assert len([key for key in graphed.graphs.keys() if key[0] == "step"]) >= 16
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -167,7 +167,7 @@ def test_cuda_fused_layers_match_torch_layers(dtype: str) -> None:
         prompt = ids[0, :9].tolist() * 2
         want = generate(torch_layers, prompt, cfg).tokens
         assert generate(fused, prompt, cfg).tokens == want
-        assert any(key[0] == "greedy" for key in fused.captured_keys())
+        assert any(key[0] == "greedy" for key in fused.graphs.keys())
         for kind in ("ngram", "layerskip"):
             assert generate(fused, prompt, cfg, Speculation(make_drafter(kind, fused, layers=2), 3)).tokens == want, kind
 
@@ -203,14 +203,15 @@ def test_cuda_heads_read_the_captured_hidden_state(layer_kernels: str, fused: bo
     hf = tiny_hf_model("llama", seed=4).cuda()
     engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, layer_kernels=layer_kernels)
     drafter = (_CheckedFusedHeads if fused else _CheckedHeads)(HeadsDrafter(engine, random_heads(engine.args.dim, 3)))
-    warm_up_steps(engine, 4)
+    warm_up_steps(engine, 4, hook=drafter.verify_hook)
     prompt = list(range(3, 40))
     cfg = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
     result = generate(engine, prompt, cfg, Speculation(drafter, 3))
     assert result.tokens == want and drafter.checked >= 10 and engine.graphs_safe
     assert drafter.prepared in ((drafter.checked - 1, drafter.checked) if fused else (0,))
-    assert {key[1] for key in engine.captured_keys() if key[0] == "step" and key[4]} == {2, 3, 4}  # warm-up captured the heads' verifies (K <= 3)
+    hooked = {key[1] for key in engine.graphs.keys() if key[0] == "step" and key[4] is not None}
+    assert hooked == ({2, 3, 4} if fused else set())  # warm-up captured the verifies the heads draft after (K <= 3)
 
 
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
@@ -270,7 +271,7 @@ def test_cuda_long_request_after_a_short_one_for_every_drafter(layer_kernels: st
             k = 4 if name == "heads" else 8
             got = generate(engine, prompt, cfg, Speculation(drafter, k))
             assert got.tokens == want, (name, len(prompt))
-    assert engine.graphs_safe and any(key[0] == "lookup" for key in engine.captured_keys())
+    assert engine.graphs_safe and any(key[0] == "lookup" for key in engine.graphs.keys())
     torch.cuda.synchronize()
 
 
@@ -288,7 +289,7 @@ def test_cuda_one_pass_prefill_is_deterministic_and_close_to_chunks(monkeypatch:
         engine.ensure_capacity(1500)
         runs.append((engine.prefill(ids).clone(), engine.cache.k[:, :, :, :1500].clone()))
     assert all(torch.equal(r[0], runs[0][0]) and torch.equal(r[1], runs[0][1]) for r in runs)
-    assert any(key[:2] == ("prefill", 2048) for key in engine.captured_keys())
+    assert any(key[:2] == ("prefill", 2048) for key in engine.graphs.keys())
     scale = runs[0][0].float().abs().max().item()
     monkeypatch.setattr(eng, "PREFILL_GRAPHS", False)
     engine.ensure_capacity(1500)
@@ -313,7 +314,7 @@ def test_cuda_captured_prompt_pass_matches_eager_at_every_bucket(arch: str, monk
     eager = Engine.from_hf(hf, "cuda", "float32", cuda_graph=False)
     graphed = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True)
     warm_up_steps(graphed, 1, prompt_len=256)
-    assert {key[1] for key in graphed.captured_keys() if key[0] == "prefill"} == {32, 64, 128, 256}
+    assert {key[1] for key in graphed.graphs.keys() if key[0] == "prefill"} == {32, 64, 128, 256}
     cfg = GenerationConfig(max_new_tokens=20, stop_at_eos=False)
     for T in (17, 31, 32, 33, 100, 200):
         ids = torch.randint(0, 96, (1, T), device="cuda")
@@ -341,7 +342,7 @@ def test_cuda_graphs_are_captured_again_after_a_resize() -> None:
     want = generate(engine, prompt, cfg).tokens
     assert generate(engine, prompt, cfg, Speculation(drafter, 4)).tokens == want
     engine.resize(2048)
-    assert engine.captured_keys() == []
+    assert engine.graphs.keys() == []
     warm_up_steps(engine, 4)
     full = torch.randint(3, 96, (2048 - 64,), generator=torch.Generator().manual_seed(2)).tolist()  # fills the cache exactly
     for p in (prompt, full):

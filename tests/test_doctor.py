@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from labkit import sizing
 from labkit.errors import LabkitError
+from labkit.models import sizing
 from labkit.models.tiny import TINY_ARCHS, tiny_hf_model
 from tests.conftest import run_cli
 

@@ -209,3 +209,17 @@ def test_auto_weights_say_why_a_gguf_model_reads_dense_weights(monkeypatch: pyte
     assert Engine.from_loaded(loaded, "cpu", "float32", weights="dense").weights_note == ""  # asked for: nothing to say
     with pytest.raises(LabkitError, match="SPECDEC_FORCE_PY=1"):
         Engine.from_loaded(loaded, "cpu", "float32", weights="gguf")
+
+
+def test_opt_variants_it_cannot_run_are_refused_clearly() -> None:
+    """OPT-350m's projected embeddings and post-LayerNorm layers would run wrong in GPT-2's shape: refused."""
+    from transformers import AutoModelForCausalLM
+
+    from labkit.models.tiny import tiny_config
+
+    for change, words in (({"word_embed_proj_dim": 32}, "projected embeddings"), ({"do_layer_norm_before": False}, "LayerNorm after")):
+        config = tiny_config("opt")
+        for key, value in change.items():
+            setattr(config, key, value)
+        with pytest.raises(LabkitError, match=words):
+            Engine.from_hf(AutoModelForCausalLM.from_config(config), "cpu", "float32")

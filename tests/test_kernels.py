@@ -73,7 +73,7 @@ def test_force_py_disables_the_kernel(monkeypatch) -> None:
 # --- speculative decoding kernels: every available backend against the reference ---------
 
 from labkit.kernels import reference  # noqa: E402
-from labkit.kernels.registry import BACKENDS, KERNELS, LAYER_KERNELS, NO_CUDA, backend_status, get, table  # noqa: E402
+from labkit.kernels.registry import BACKENDS, FUSED_LAYER_OPS, KERNELS, NO_CUDA, backend_status, get, table  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 AVAILABLE = [b for b in BACKENDS if backend_status(b, DEVICE).ok]
@@ -300,8 +300,8 @@ def test_lookup_commit(backend: str) -> None:
 
 def test_registry_prefers_the_fastest_available_and_honours_force_py(monkeypatch) -> None:
     rows = table(DEVICE)
-    assert [r["kernel"] for r in rows] == list(KERNELS + LAYER_KERNELS)
-    assert all(r["cuda"].startswith("no") for r in rows if r["kernel"] in LAYER_KERNELS + NO_CUDA)  # Triton and PyTorch only
+    assert [r["kernel"] for r in rows] == list(KERNELS + FUSED_LAYER_OPS)
+    assert all(r["cuda"].startswith("no") for r in rows if r["kernel"] in FUSED_LAYER_OPS + NO_CUDA)  # Triton and PyTorch only
     automatic = [b for b in AVAILABLE if backend_status(b, DEVICE).auto]
     assert rows[0]["chosen"] == automatic[0]
     if DEVICE.type == "cpu":  # the Triton interpreter works when named, but is never picked for real work

@@ -9,10 +9,10 @@ LABKIT = Path(__file__).resolve().parents[1] / "labkit"
 
 # bottom to top; a module belongs to the first entry that is its name or a package above it
 LAYERS: list[tuple[str, ...]] = [
-    ("labkit.errors", "labkit.config", "labkit.threads", "labkit.sizing", "labkit.prompts", "labkit.sampling", "labkit.cli_args", "labkit.prompting"),
+    ("labkit.errors", "labkit.config", "labkit.threads", "labkit.prompts", "labkit.sampling", "labkit.cli_args", "labkit.prompting"),
     ("labkit.kernels", "labkit.metrics"),
     ("labkit.models",),
-    ("labkit.engine", "labkit.engine_choices", "labkit.engine_warmup", "labkit.graphs"),
+    ("labkit.engine", "labkit.engine_build", "labkit.engine_choices", "labkit.engine_warmup", "labkit.graphs"),
     ("labkit.specdec",),
     ("labkit.steps", "labkit.generate"),
     ("labkit.heads_train", "labkit.bench", "labkit.doctor", "labkit.notebook"),

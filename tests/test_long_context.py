@@ -125,11 +125,11 @@ def test_resize_drops_every_captured_step() -> None:
     want = generate(target, prompt, cfg).tokens
     assert generate(target, prompt, cfg, Speculation(drafter, 4)).tokens == want
     before = drafter.steps_for(4)
-    assert any(key[0] == "lookup" for key in target.captured_keys())
+    assert any(key[0] == "lookup" for key in target.graphs.keys())
     with pytest.raises(LabkitError, match="max-seq-len"):
         generate(target, long_prompt(600), cfg)
     target.resize(1200)
-    assert target.captured_keys() == []
+    assert target.graphs.keys() == []
     long = long_prompt(1100, seed=3)
     want = generate(target, long, cfg).tokens
     got = generate(target, long, cfg, Speculation(drafter, 4))

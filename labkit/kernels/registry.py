@@ -23,13 +23,13 @@ KERNELS = ("verify_prefix", "rejection_sample", "kv_append", "greedy_verdict", "
 NO_CUDA = ("greedy_verdict", "lookup_draft", "lookup_commit")  # kernels with Triton and PyTorch backends only
 # The fused Llama layer (layer_triton.py / layer_reference.py): Triton or PyTorch, chosen per
 # engine by engine.pick_layer_ops (it needs the model's shapes), listed here beside the others.
-LAYER_KERNELS = ("norm_qkv_rope", "decode_attention", "linear_residual", "norm_gate_up")
+FUSED_LAYER_OPS = ("norm_qkv_rope", "decode_attention", "linear_residual", "norm_gate_up")
 BACKENDS = ("cuda", "triton", "torch")
 
 
 def backends(name: str) -> tuple[str, ...]:
     """The backends a kernel has, best first: NO_CUDA and the layer kernels have no CUDA C++ one."""
-    return tuple(b for b in BACKENDS if not (b == "cuda" and name in NO_CUDA + LAYER_KERNELS))
+    return tuple(b for b in BACKENDS if not (b == "cuda" and name in NO_CUDA + FUSED_LAYER_OPS))
 
 
 @dataclass
@@ -110,7 +110,7 @@ def table(device: torch.device) -> list[dict[str, Any]]:
     """One row per kernel: each backend's status and the one chosen."""
     rows = []
     statuses = {b: backend_status(b, device) for b in BACKENDS}
-    for name in KERNELS + LAYER_KERNELS:
+    for name in KERNELS + FUSED_LAYER_OPS:
         row: dict[str, Any] = {"kernel": name, "chosen": next(b for b in backends(name) if statuses[b].ok and statuses[b].auto)}
         for b in BACKENDS:
             status = statuses[b]

@@ -92,7 +92,10 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(nn.Module):
+    """A learned-position pre-LayerNorm decoder: GPT-2, and OPT (models/opt.py) in GPT-2's shape."""
+
     learned_positions = True  # positions past the context have no embedding
+    family = "gpt2"  # models/families.py (OPT's builder sets "opt")
 
     def __init__(self, args: GPT2Args) -> None:
         super().__init__()
@@ -157,3 +160,14 @@ class GPT2(nn.Module):
         if ours["lm_head.weight"].data_ptr() == ours["wte.weight"].data_ptr():
             model.lm_head.weight = model.wte.weight
         return model
+
+
+def count_params(config: Any) -> int:
+    """Parameters from a GPT-2 config alone (no weights loaded)."""
+    d, L, V, P = config.n_embd, config.n_layer, config.vocab_size, config.n_positions
+    inner = config.n_inner or 4 * d
+    return V * d + P * d + L * (4 * d * d + 2 * d * inner + 9 * d + inner) + 2 * d
+
+
+def kv_shape(config: Any) -> tuple[int, int, int]:
+    return config.n_layer, config.n_head, config.n_embd // config.n_head

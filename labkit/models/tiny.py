@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-TINY_ARCHS = ("llama", "llama3-rope", "mistral", "qwen2", "gpt2", "llama-untied")
+TINY_ARCHS = ("llama", "llama3-rope", "mistral", "qwen2", "gpt2", "llama-untied", "opt")
 
 
 def tiny_config(arch: str, vocab_size: int = 96) -> Any:
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
     common: dict[str, Any] = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     llama_like: dict[str, Any] = dict(
@@ -31,6 +31,9 @@ def tiny_config(arch: str, vocab_size: int = 96) -> Any:
         return Qwen2Config(tie_word_embeddings=True, **llama_like)
     if arch == "gpt2":
         return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=256, **common)
+    if arch == "opt":
+        return OPTConfig(hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                         max_position_embeddings=256, **common)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose from {TINY_ARCHS}")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from labkit.errors import LabkitError
+from labkit.models.families import family_of
 
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
@@ -29,32 +30,11 @@ def available_bytes(device: torch.device) -> tuple[int, int]:
 
 def count_params(config: Any) -> int:
     """Parameters of a supported architecture, from its config alone (no weights loaded)."""
-    if config.model_type == "gpt2":
-        d, L, V, P = config.n_embd, config.n_layer, config.vocab_size, config.n_positions
-        inner = config.n_inner or 4 * d
-        return V * d + P * d + L * (4 * d * d + 2 * d * inner + 9 * d + inner) + 2 * d
-    d, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    hd = getattr(config, "head_dim", None) or d // heads
-    inter = config.intermediate_size
-    attn = d * heads * hd * 2 + d * kv * hd * 2
-    if getattr(config, "attention_bias", False) or config.model_type == "qwen2":
-        attn += heads * hd + 2 * kv * hd  # q, k, v biases
-    if getattr(config, "attention_bias", False):
-        attn += d  # o_proj bias (Llama's attention_bias)
-    mlp = 3 * d * inter + ((2 * inter + d) if getattr(config, "mlp_bias", False) else 0)
-    head = 0 if getattr(config, "tie_word_embeddings", True) else V * d
-    return V * d + head + L * (attn + mlp + 2 * d) + d
+    return family_of(config.model_type).count_params(config)
 
 
 def kv_cache_bytes(config: Any, seq_len: int, dtype: torch.dtype, batch: int = 1) -> int:
-    if config.model_type == "gpt2":
-        layers, kv, hd = config.n_layer, config.n_head, config.n_embd // config.n_head
-    else:
-        layers = config.num_hidden_layers
-        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers, kv, hd = family_of(config.model_type).kv_shape(config)
     return 2 * layers * batch * kv * seq_len * hd * DTYPE_BYTES[dtype]
 
 
