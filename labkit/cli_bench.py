@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from labkit.cli_args import Parser, _csv, _ints, _model_args
+from labkit.cli_args import Parser, _csv, _engine_args, _ints, _model_args, engine_config
 from labkit.config import resolve_device, resolve_dtype
 from labkit.errors import LabkitError
 
@@ -36,7 +36,7 @@ def add_bench_parser(sub: Any) -> None:
     bb.add_argument("--no-write", action="store_true", help="measure and print, write no files")
     bc = bsub.add_parser("context", help="time to first token and decode tok/s against prompt length, labkit and transformers in one run")
     _model_args(bc)
-    bc.add_argument("--dtype", default="auto")
+    _engine_args(bc, cuda_graph_default=True)
     bc.add_argument("--lengths", type=_csv, default=None, help="prompt tokens, comma list (default: 32 to 8064 on a GPU, 32 to 2048 on a CPU)")
     bc.add_argument("--max-tokens", type=int, default=128)
     bc.add_argument("--drafter", default="auto", choices=["auto", "none", "ngram", "ngram-graph"],
@@ -44,7 +44,6 @@ def add_bench_parser(sub: Any) -> None:
     bc.add_argument("--k", type=int, default=0, help="draft tokens per step (default: 8 for ngram-graph, 3 for ngram)")
     bc.add_argument("--repeats", type=int, default=2)
     bc.add_argument("--no-hf", action="store_true", help="skip transformers generate and its forward")
-    bc.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, run the engine's steps eagerly")
     bc.add_argument("--no-chat", dest="chat", action="store_false", default=True)
     bc.add_argument("--output-dir", default="results")
     bc.add_argument("--no-write", action="store_true", help="measure and print, write no files")
@@ -52,7 +51,7 @@ def add_bench_parser(sub: Any) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "baseline":
-        from labkit.bench.baseline import BaselineConfig, run_baseline
+        from labkit.bench.baseline import BaselineConfig, baseline_report, run_baseline
 
         for name, value in (("--max-tokens", args.max_tokens), ("--repeats", args.repeats), ("--prompts-per-category", args.prompts_per_category)):
             if value < 1:
@@ -70,19 +69,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             payload = run_baseline(cfg)
         except ValueError as err:  # unknown category and similar
             raise LabkitError(str(err)) from None
-        print(f"baseline on {payload['device']['name']}, {args.max_tokens} new tokens, {payload['summary'][0]['pairs']} runs per system and dtype")
-        print(f"{'dtype':<10}{'system':<20}{'weights':<26}{'HF generate':>14}{'system':>12}{'speedup':>10}{'range':>16}{'identical':>11}"
-              f"{'vs llama.cpp':>14}")
-        for row in payload["summary"]:
-            peer = f"{row['over_llama_cpp_median']:>13.2f}x" if "over_llama_cpp_median" in row else ""
-            print(f"{row['dtype']:<10}{row['system']:<20}{row['weights'][:25]:<26}{row['hf_tok_per_s']:>10.1f} t/s{row['labkit_tok_per_s']:>8.1f} t/s"
-                  f"{row['speedup_median']:>9.2f}x{row['speedup_min']:>9.2f}-{row['speedup_max']:.2f}x{row['identical_share']:>10.0%}{peer}")
-        for f in payload.get("files", []):
-            print(f"wrote {f}")
+        print("\n".join(baseline_report(payload)))
         return 0
     if args.bench == "kernels":
-        from labkit.bench.kernels import KernelBenchConfig, run_kernel_bench
-        from labkit.bench.results import provenance, write_results
+        from labkit.bench.kernels import KernelBenchConfig, kernels_payload, kernels_report, run_kernel_bench
+        from labkit.bench.results import write_results
 
         if args.repeats < 1:
             raise LabkitError(f"--repeats must be at least 1, got {args.repeats}")
@@ -91,14 +82,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_output_dir(args.output_dir)  # before anything is measured
         device = resolve_device(args.device)
         result = run_kernel_bench(device, KernelBenchConfig(repeats=args.repeats))
-        payload = {"benchmark": "kernels", **provenance(device, result["config"]),
-                   "launch_floor_us": result["launch_floor_us"], "copy_bandwidth_gb_s": result["copy_bandwidth_gb_s"]}
-        print(f"launch floor {result['launch_floor_us']:.1f} us, copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s")
-        for r in result["rows"]:
-            if r["available"]:
-                print(f"{r['kernel']:<18}{r['backend']:<8}{r['us']:>10.1f} us  {r['x_over_floor']:>7.1f}x the floor")
-            else:
-                print(f"{r['kernel']:<18}{r['backend']:<8}  unavailable: {r['reason']}")
+        payload = kernels_payload(device, result)
+        print("\n".join(kernels_report(result)))
         for f in write_results(args.output_dir, f"kernels-{device.type}", payload, result["rows"]):
             print(f"wrote {f}")
         return 0
@@ -108,25 +93,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_context(args: argparse.Namespace) -> int:
-    from labkit.bench.context import ContextConfig, run_context
+    from labkit.bench.context import ContextConfig, context_report, run_context
 
-    cfg = ContextConfig(model=args.model, device=args.device, dtype=args.dtype, lengths=_ints("--lengths", args.lengths) if args.lengths else None,
+    cfg = ContextConfig(model=args.model, engine=engine_config(args), lengths=_ints("--lengths", args.lengths) if args.lengths else None,
                         max_new_tokens=args.max_tokens, drafter=args.drafter, k=args.k, repeats=args.repeats, hf=not args.no_hf,
-                        cuda_graph=not args.no_cuda_graph, chat=args.chat, output_dir=None if args.no_write else args.output_dir)
+                        chat=args.chat, output_dir=None if args.no_write else args.output_dir)
     cfg.validate()
-    resolve_dtype(args.dtype, resolve_device(args.device))  # before the slow part
     payload = run_context(cfg)  # claims its results files before it measures anything
-    print(f"context on {payload['card']}, {args.max_tokens} new tokens, median of {args.repeats}")
-    print(f"{'system':<22}{'prompt':>8}{'TTFT ms':>10}{'decode t/s':>12}{'tok/s':>9}{'identical':>11}{'HF fwd ms':>11}")
-    for e in payload["summary"]:
-        fwd = f"{e['hf_forward_ms']:>11.1f}" if e["hf_forward_ms"] is not None else ""
-        print(f"{e['system']:<22}{e['prompt_tokens']:>8}{e['ttft_ms']:>10.1f}{e['decode_tok_per_s']:>12.1f}{e['tok_per_s']:>9.1f}{e['identical_share']:>10.0%}{fwd}")
-    t = payload["targets"]
-    for n, kept in t.get("decode_retained", {}).items():
-        line = f"at {n:>5} prompt tokens plain decode keeps {kept:.0%} of its speed at {t['shortest']}"
-        if n in t["ttft_over_hf_forward"]:
-            line += f"; TTFT {t['ttft_ms'][n]:.1f} ms = {t['ttft_over_hf_forward'][n]:.2f}x one transformers forward"
-        print(line)
-    for f in payload.get("files", []):
-        print(f"wrote {f}")
+    print("\n".join(context_report(payload)))
     return 0

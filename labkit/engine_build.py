@@ -1,7 +1,7 @@
 """Building an engine: from a transformers model (our decoder for its family, the device and
 precision, a refusal before anything is copied to a device it would not fit), from a loaded model
 (the GGUF's blocks as weights where they serve), or from an EngineConfig. `Engine.from_hf`,
-`Engine.from_loaded` and `Engine.from_config` call these."""
+`Engine.from_hf` and `Engine.from_loaded` call these."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("labkit.specdec",),
     ("labkit.steps", "labkit.generate"),
     ("labkit.heads_train", "labkit.bench", "labkit.doctor", "labkit.notebook"),
-    ("labkit.cli", "labkit.cli_bench", "labkit.__main__", "labkit"),
+    ("labkit.cli", "labkit.cli_bench", "labkit.cli_generate", "labkit.__main__", "labkit"),
 ]
 
 

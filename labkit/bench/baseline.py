@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import copy
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from labkit.bench.common import finish_log, rotated, run_params, start_log, time_hf_generate
 from labkit.bench.llamacpp import LlamaCpp, llama_cpp_status
-from labkit.bench.results import RowLog, provenance, warn_if_busy
+from labkit.bench.results import provenance, warn_if_busy
 from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.engine_choices import gguf_unusable
 from labkit.errors import LabkitError
 from labkit.generate import encode_prompt, generate, warm_up
-from labkit.metrics.timers import now
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
 
@@ -42,22 +42,6 @@ class BaselineConfig:
     llama_cpp: str = "auto"  # llama.cpp on the same GGUF (CPU): "auto" where llama-cpp-python is installed, "on" (required), "off"
     output_dir: str | None = "results"  # None: write nothing
     progress: bool = True
-
-
-def time_hf_generate(hf_model: Any, prompt_ids: list[int], gen: GenerationConfig, device: torch.device,
-                     streamer: Any = None) -> tuple[list[int], float]:
-    """transformers greedy `generate` on the same prompt and length: (new tokens, seconds). A
-    streamer sees the prompt, then each new token, as transformers hands them out."""
-    ids = torch.tensor([prompt_ids], device=device)
-    t0 = now(device)
-    with torch.inference_mode():
-        out = hf_model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen.max_new_tokens,
-            min_new_tokens=gen.min_new_tokens or None, do_sample=False, num_beams=1,
-            pad_token_id=hf_model.generation_config.pad_token_id or 0, streamer=streamer,
-        )
-    elapsed = now(device) - t0
-    return out[0, len(prompt_ids):].tolist(), elapsed
 
 
 def describe(engine: Engine) -> str:
@@ -88,7 +72,7 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
     dtypes = [resolve_dtype(d, device) for d in cfg.dtypes]
     if cfg.llama_cpp == "on" and not llama_cpp_status()[0]:  # before anything loads
         raise LabkitError(f"--llama-cpp on: {llama_cpp_status()[1]}")
-    log = RowLog(cfg.output_dir, f"baseline-{device.type}") if cfg.output_dir else None  # before anything is measured
+    log = start_log(cfg.output_dir, f"baseline-{device.type}")  # before anything is measured
     loaded = loaded or load_model(cfg.model)
     prompts = load_suite(cfg.categories, cfg.prompts_per_category)
     encoded = [(p, encode_prompt(loaded.tokenizer, p.content, cfg.chat)) for p in prompts]
@@ -119,7 +103,7 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
                 base = {"dtype": dtype_name(dtype), "prompt_id": prompt.id, "category": prompt.category, "repeat": rep, "prompt_tokens": len(ids)}
                 shift = (rep + i) % len(systems)  # rotate who goes first
                 got: dict[str, tuple[list[int], float, float]] = {}
-                for system in systems[shift:] + systems[:shift]:
+                for system in rotated(systems, shift):
                     if system == "hf_generate":
                         tokens, seconds = time_hf_generate(hf_model, ids, gen, device)
                         got[system] = (tokens, seconds, float("nan"))
@@ -141,12 +125,10 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
         del engines, hf_model, peer
     bar.close()
     summary = summarize(rows)
-    params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
+    params = run_params(cfg)
     params.update(model_source=loaded.source, device_resolved=str(device), prompts=[p.id for p in prompts])
     payload = {"benchmark": "baseline", **provenance(device, params), "summary": summary}
-    if log:
-        json_path, csv_path = log.finish(payload, rows)
-        payload["files"] = [str(json_path), str(csv_path)]
+    finish_log(log, payload, rows)
     payload["rows"] = rows
     warn_if_busy()  # after the run: a competing process shows in the load average
     return payload
@@ -177,4 +159,18 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "pairs": len(ratios),
                 **({"over_llama_cpp_median": statistics.median(over_peer)} if peer and system != "llama_cpp" else {}),
             })
+    return out
+
+
+def baseline_report(payload: dict[str, Any]) -> list[str]:
+    """The table `labkit bench baseline` prints: per dtype and system, both speeds and the ratio."""
+    out: list[str] = []
+    out.append(f"baseline on {payload['device']['name']}, {payload['parameters']['max_new_tokens']} new tokens, {payload['summary'][0]['pairs']} runs per system and dtype")
+    out.append(f"{'dtype':<10}{'system':<20}{'weights':<26}{'HF generate':>14}{'system':>12}{'speedup':>10}{'range':>16}{'identical':>11}"
+               f"{'vs llama.cpp':>14}")
+    for row in payload["summary"]:
+        peer = f"{row['over_llama_cpp_median']:>13.2f}x" if "over_llama_cpp_median" in row else ""
+        out.append(f"{row['dtype']:<10}{row['system']:<20}{row['weights'][:25]:<26}{row['hf_tok_per_s']:>10.1f} t/s{row['labkit_tok_per_s']:>8.1f} t/s"
+                   f"{row['speedup_median']:>9.2f}x{row['speedup_min']:>9.2f}-{row['speedup_max']:.2f}x{row['identical_share']:>10.0%}{peer}")
+    out += [f"wrote {f}" for f in payload.get("files", [])]
     return out

@@ -18,23 +18,27 @@ over the time after it) and end-to-end tok/s. Systems take turns at each length.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from labkit.bench.baseline import time_hf_generate
-from labkit.bench.results import RowLog, provenance, warn_if_busy
-from labkit.config import GenerationConfig, device_name, dtype_name, resolve_device, resolve_dtype
+from labkit.bench.common import finish_log, rotated, run_params, start_log, time_hf_generate
+from labkit.bench.results import provenance, warn_if_busy
+from labkit.config import EngineConfig, GenerationConfig, device_name, dtype_name, resolve_device
 from labkit.engine import Engine
+from labkit.engine_build import from_config
 from labkit.errors import LabkitError
 from labkit.generate import Speculation, generate, warm_up
 from labkit.metrics.timers import now, synchronize
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts.long import long_prompt, min_tokens
+from labkit.specdec.draft import Drafter
 from labkit.specdec.drafters import build_drafter
 
 GPU_LENGTHS = [32, 128, 512, 800, 1024, 2048, 4096, 8064]  # 8064 + 128 new tokens fill SmolLM2's 8,192 positions
@@ -44,15 +48,13 @@ CPU_LENGTHS = [32, 128, 512, 1024, 2048]
 @dataclass
 class ContextConfig:
     model: str = "default"
-    device: str = "auto"
-    dtype: str = "auto"
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(dtype="auto", cuda_graph=True))  # CUDA graphs: labkit's fast path (CUDA only)
     lengths: list[int] | None = None  # prompt tokens; None: GPU_LENGTHS on a GPU, CPU_LENGTHS elsewhere
     max_new_tokens: int = 128
     drafter: str = "auto"  # "auto": ngram-graph on a GPU with CUDA graphs, ngram elsewhere; "none": plain only
     k: int = 0  # draft tokens per step; 0: 8 for ngram-graph, 3 otherwise
     repeats: int = 2
     hf: bool = True  # also transformers generate and its forward over the prompt
-    cuda_graph: bool = True  # on CUDA, the engine's steps as CUDA graphs (labkit's fast path)
     chat: bool = True  # the chat template around the documents
     output_dir: str | None = "results"  # None: write nothing
     progress: bool = True
@@ -68,6 +70,7 @@ class ContextConfig:
             raise LabkitError(f"prompt lengths must be positive, got {self.lengths}")
         if self.drafter not in ("auto", "none", "ngram", "ngram-graph"):
             raise LabkitError(f"drafter must be auto, none, ngram or ngram-graph (the lossless drafters with no weights), got {self.drafter!r}")
+        self.engine.validate()
 
 
 class _FirstTokenClock:
@@ -86,7 +89,7 @@ class _FirstTokenClock:
 
 
 def time_hf_generate_ttft(hf_model: Any, prompt_ids: list[int], gen: GenerationConfig, device: torch.device) -> tuple[list[int], float, float]:
-    """transformers generate (baseline.time_hf_generate): (new tokens, seconds to the first token, seconds in all)."""
+    """transformers generate (common.time_hf_generate): (new tokens, seconds to the first token, seconds in all)."""
     clock = _FirstTokenClock(device)
     start = now(device)
     tokens, total = time_hf_generate(hf_model, prompt_ids, gen, device, streamer=clock)
@@ -118,74 +121,97 @@ def _row(system: str, length: int, rep: int, tokens: list[int], ttft_s: float, t
     return row
 
 
-def run_context(cfg: ContextConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    lengths = sorted(set(cfg.lengths or (GPU_LENGTHS if device.type == "cuda" else CPU_LENGTHS)))
-    log = RowLog(cfg.output_dir, f"context-{device.type}") if cfg.output_dir else None  # before anything is measured
-    loaded = loaded or load_model(cfg.model)
-    tokenizer = loaded.tokenizer
-    shortest = min_tokens(tokenizer, cfg.chat)
-    if lengths[0] < shortest:
-        raise LabkitError(f"the shortest prompt this frame allows is {shortest} tokens; got {lengths[0]}")
-    context = loaded.hf_model.config.max_position_embeddings
-    if lengths[-1] + cfg.max_new_tokens > context:
-        raise LabkitError(f"a {lengths[-1]}-token prompt and {cfg.max_new_tokens} new tokens exceed the model's context of {context}")
-    graphs = cfg.cuda_graph and device.type == "cuda"
-    engine = Engine.from_loaded(loaded, device, dtype, cuda_graph=graphs, max_seq_len=context)
+@dataclass
+class _Systems:
+    """What one context run times: our engine plain and with its drafter, and transformers."""
+
+    engine: Engine
+    drafter: Drafter | None
+    kind: str  # the drafter's kind, or "none"
+    k: int
+    hf_model: Any  # None: transformers not timed
+    names: list[str]
+
+    def run(self, system: str, ids: list[int], gen: GenerationConfig) -> dict[str, Any]:
+        if system == "hf_generate":
+            tokens, ttft, total = time_hf_generate_ttft(self.hf_model, ids, gen, self.engine.device)
+            return {"tokens": tokens, "ttft": ttft, "total": total, "result": None}
+        spec = Speculation(self.drafter, self.k) if system != "labkit_plain" and self.drafter is not None else None
+        result = generate(self.engine, ids, gen, spec)
+        return {"tokens": result.tokens, "ttft": result.stats.ttft_s, "total": result.stats.total_s, "result": result}
+
+
+def _systems(cfg: ContextConfig, loaded: LoadedModel, device: torch.device, context: int) -> _Systems:
+    graphs = bool(cfg.engine.cuda_graph) and device.type == "cuda"
+    engine_cfg = dataclasses.replace(cfg.engine, cuda_graph=graphs, max_seq_len=cfg.engine.max_seq_len or context)
+    engine = from_config(loaded, engine_cfg)
     kind = ("ngram-graph" if graphs else "ngram") if cfg.drafter == "auto" else cfg.drafter
     k = cfg.k or (8 if kind == "ngram-graph" else 3)
     drafter = build_drafter(kind, engine) if kind != "none" else None
-    hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=dtype).eval() if cfg.hf else None
-    prompts = {n: long_prompt(tokenizer, n, cfg.chat) for n in lengths}
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens)
+    hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=engine.dtype).eval() if cfg.hf else None
+    names = ["labkit_plain", *([f"labkit_{kind}"] if drafter is not None else []), *(["hf_generate"] if hf_model is not None else [])]
     warm_up(engine, k if drafter is not None else 0)
-    systems = ["labkit_plain", *([f"labkit_{kind}"] if drafter is not None else []), *(["hf_generate"] if hf_model is not None else [])]
+    return _Systems(engine, drafter, kind, k, hf_model, names)
+
+
+def _check_lengths(cfg: ContextConfig, lengths: list[int], tokenizer: Any, context: int) -> None:
+    shortest = min_tokens(tokenizer, cfg.chat)
+    if lengths[0] < shortest:
+        raise LabkitError(f"the shortest prompt this frame allows is {shortest} tokens; got {lengths[0]}")
+    if lengths[-1] + cfg.max_new_tokens > context:
+        raise LabkitError(f"a {lengths[-1]}-token prompt and {cfg.max_new_tokens} new tokens exceed the model's context of {context}")
+
+
+def _measure_length(cfg: ContextConfig, systems: _Systems, n: int, ids: list[int], first: int) -> tuple[list[dict[str, Any]], float | None]:
+    """Every system on one prompt length, `repeats` times in rotating order: rows, and one
+    transformers forward over the prompt (ms; None without transformers)."""
+    short = GenerationConfig(max_new_tokens=4)  # untimed: first passes at this length (kernel choices, allocations)
+    for system in systems.names:
+        systems.run(system, ids, short)
+    forward = time_hf_forward(systems.hf_model, ids, systems.engine.device, cfg.repeats) * 1e3 if systems.hf_model is not None else None
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens)
+    rows = []
+    for rep in range(cfg.repeats):
+        got = {system: systems.run(system, ids, gen) for system in rotated(systems.names, first + rep)}
+        plain = got["labkit_plain"]["tokens"]
+        for system in systems.names:
+            g = got[system]
+            rows.append(_row(system, n, rep, g["tokens"], g["ttft"], g["total"], None if system == "labkit_plain" else plain, g["result"]))
+    return rows, forward
+
+
+def run_context(cfg: ContextConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
+    cfg.validate()
+    device = resolve_device(cfg.engine.device)
+    lengths = sorted(set(cfg.lengths or (GPU_LENGTHS if device.type == "cuda" else CPU_LENGTHS)))
+    log = start_log(cfg.output_dir, f"context-{device.type}")  # before anything is measured
+    loaded = loaded or load_model(cfg.model)
+    context = loaded.hf_model.config.max_position_embeddings
+    _check_lengths(cfg, lengths, loaded.tokenizer, context)
+    systems = _systems(cfg, loaded, device, context)
     rows: list[dict[str, Any]] = []
     forward_ms: dict[int, float] = {}
-    bar = tqdm(total=len(lengths) * cfg.repeats, desc="context", disable=not cfg.progress)
-    for i, n in enumerate(lengths):
-        ids = prompts[n]
-        short = GenerationConfig(max_new_tokens=4)  # untimed: first passes at this length (kernel choices, allocations)
-        generate(engine, ids, short)
-        if drafter is not None:
-            generate(engine, ids, short, Speculation(drafter, k))
-        if hf_model is not None:
-            time_hf_generate_ttft(hf_model, ids, short, device)
-            forward_ms[n] = time_hf_forward(hf_model, ids, device, cfg.repeats) * 1e3
-        for rep in range(cfg.repeats):
-            plain: list[int] | None = None
-            shift = (i + rep) % len(systems)  # rotate who goes first
-            got: dict[str, dict[str, Any]] = {}
-            for system in systems[shift:] + systems[:shift]:
-                if system == "hf_generate":
-                    assert hf_model is not None
-                    tokens, ttft, total = time_hf_generate_ttft(hf_model, ids, gen, device)
-                    got[system] = {"tokens": tokens, "ttft": ttft, "total": total, "result": None}
-                else:
-                    spec = Speculation(drafter, k) if system != "labkit_plain" and drafter is not None else None
-                    result = generate(engine, ids, gen, spec)
-                    got[system] = {"tokens": result.tokens, "ttft": result.stats.ttft_s, "total": result.stats.total_s, "result": result}
-            plain = got["labkit_plain"]["tokens"]
-            for system in systems:
-                g = got[system]
-                rows.append(_row(system, n, rep, g["tokens"], g["ttft"], g["total"], None if system == "labkit_plain" else plain, g["result"]))
-                if log:
-                    log.add(rows[-1])
-            bar.update()
-    bar.close()
+    for i, n in enumerate(tqdm(lengths, desc="context", disable=not cfg.progress)):
+        length_rows, forward = _measure_length(cfg, systems, n, long_prompt(loaded.tokenizer, n, cfg.chat), i)
+        rows += length_rows
+        if forward is not None:
+            forward_ms[n] = forward
+        for row in length_rows:
+            if log:
+                log.add(row)
     summary = summarize(rows, forward_ms)
-    params = {key: v for key, v in asdict(cfg).items() if key != "progress"}
-    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(dtype), lengths_resolved=lengths,
-                  drafter_resolved=kind, k_resolved=k, weights=engine.weights, layer_kernels=engine.layer_kernels, max_seq_len=engine.max_seq_len)
+    engine = systems.engine
+    params = run_params(cfg)
+    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(engine.dtype), lengths_resolved=lengths,
+                  drafter_resolved=systems.kind, k_resolved=systems.k, weights=engine.weights, layer_kernels=engine.layer_kernels,
+                  max_seq_len=engine.max_seq_len)
     payload: dict[str, Any] = {"benchmark": "context", **provenance(device, params), "card": device_name(device), "summary": summary,
                                "hf_forward_ms": {str(n): ms for n, ms in forward_ms.items()}, "targets": targets(summary, forward_ms)}
-    if log:
-        json_path, csv_path = log.finish(payload, rows)
-        png = json_path.with_suffix(".png")
+    files = finish_log(log, payload, rows)
+    if files:
+        png = Path(files[0]).with_suffix(".png")
         plot_context(payload, png)
-        payload["files"] = [str(json_path), str(csv_path), str(png)]
+        files.append(str(png))
     payload["rows"] = rows
     warn_if_busy()  # after the run: a competing process shows in the load average
     return payload
@@ -231,6 +257,23 @@ def targets(summary: list[dict[str, Any]], forward_ms: dict[int, float]) -> dict
         out["speculative_identical_share"] = min(e["identical_share"] for e in spec)
         out["speculative_speedup"] = {e["prompt_tokens"]: e["tok_per_s"] / plain[e["prompt_tokens"]]["tok_per_s"] for e in spec}
     return out
+
+
+def context_report(payload: dict[str, Any]) -> list[str]:
+    """The lines `labkit bench context` prints: per system and length, and the targets."""
+    out = [f"context on {payload['card']}, {payload['parameters']['max_new_tokens']} new tokens, median of {payload['parameters']['repeats']}",
+           f"{'system':<22}{'prompt':>8}{'TTFT ms':>10}{'decode t/s':>12}{'tok/s':>9}{'identical':>11}{'HF fwd ms':>11}"]
+    for e in payload["summary"]:
+        fwd = f"{e['hf_forward_ms']:>11.1f}" if e["hf_forward_ms"] is not None else ""
+        out.append(f"{e['system']:<22}{e['prompt_tokens']:>8}{e['ttft_ms']:>10.1f}{e['decode_tok_per_s']:>12.1f}{e['tok_per_s']:>9.1f}"
+                   f"{e['identical_share']:>10.0%}{fwd}")
+    t = payload["targets"]
+    for n, kept in t.get("decode_retained", {}).items():
+        line = f"at {n:>5} prompt tokens plain decode keeps {kept:.0%} of its speed at {t['shortest']}"
+        if n in t["ttft_over_hf_forward"]:
+            line += f"; TTFT {t['ttft_ms'][n]:.1f} ms = {t['ttft_over_hf_forward'][n]:.2f}x one transformers forward"
+        out.append(line)
+    return out + [f"wrote {f}" for f in payload.get("files", [])]
 
 
 def plot_context(payload: dict[str, Any], path: Any = None) -> Any:

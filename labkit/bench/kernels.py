@@ -111,3 +111,22 @@ def run_kernel_bench(device: torch.device, cfg: KernelBenchConfig | None = None)
                          "launch_floor_us": launch * 1e6, "bytes": nbytes, "bytes_floor_us": nbytes / bandwidth * 1e6,
                          "x_over_floor": seconds / floor})
     return {"launch_floor_us": launch * 1e6, "copy_bandwidth_gb_s": bandwidth / 1e9, "config": cfg.__dict__, "rows": rows}
+
+
+def kernels_payload(device: torch.device, result: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A kernel benchmark's results file (its rows go beside it): where it ran and the floors."""
+    from labkit.bench.results import provenance
+
+    return {"benchmark": "kernels", **provenance(device, result["config"]), "launch_floor_us": result["launch_floor_us"],
+            "copy_bandwidth_gb_s": result["copy_bandwidth_gb_s"], **extra}
+
+
+def kernels_report(result: dict[str, Any]) -> list[str]:
+    """The lines `labkit bench kernels` prints: each kernel and backend against the floors."""
+    out = [f"launch floor {result['launch_floor_us']:.1f} us, copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s"]
+    for r in result["rows"]:
+        if r["available"]:
+            out.append(f"{r['kernel']:<18}{r['backend']:<8}{r['us']:>10.1f} us  {r['x_over_floor']:>7.1f}x the floor")
+        else:
+            out.append(f"{r['kernel']:<18}{r['backend']:<8}  unavailable: {r['reason']}")
+    return out

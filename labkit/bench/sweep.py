@@ -10,24 +10,27 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from labkit.bench.common import finish_log, rotated, run_params, start_log
 from labkit.bench.drift import agreement, perplexity
 from labkit.bench.replay import replay_setups
-from labkit.bench.results import RowLog, provenance, warn_if_busy
-from labkit.config import DRAFTERS, GenerationConfig, resolve_device, resolve_dtype
+from labkit.bench.results import provenance, warn_if_busy
+from labkit.bench.sweep_report import plot_sweep
+from labkit.config import DRAFTERS, EngineConfig, GenerationConfig, resolve_device
 from labkit.engine import Engine
+from labkit.engine_build import from_config
 from labkit.errors import LabkitError
 from labkit.generate import GenerationResult, Speculation, encode_prompt, generate, warm_up
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
 from labkit.specdec.controllers import CONTROLLERS, make_controller
 from labkit.specdec.drafters import Drafter, build_drafter, check_drafter_options
-from labkit.specdec.policies import POLICIES, Policy, make_policy
+from labkit.specdec.policies import POLICIES, TYPICAL_ALPHA, TYPICAL_THRESHOLD, Policy, make_policy
 from labkit.specdec.speedup import alpha_from_steps, compare
 
 
@@ -42,22 +45,17 @@ class SweepConfig:
     adaptive_ks: list[int] | None = None  # K max of the adaptive controllers, if not every K of ks
     policies: list[str] = field(default_factory=lambda: ["default"])  # default, greedy, rejection, typical, topk, confidence
     controllers: list[str] = field(default_factory=lambda: ["fixed"])  # fixed, heuristic, aimd, cost
-    posterior_threshold: float = 0.09  # typical acceptance (Medusa's defaults)
-    posterior_alpha: float = 0.3
+    posterior_threshold: float = TYPICAL_THRESHOLD  # typical acceptance (Medusa's defaults)
+    posterior_alpha: float = TYPICAL_ALPHA
     policy_top_k: int = 2  # top-k agreement
     confidence: float = 0.5  # draft-confidence early stop threshold (policy "confidence")
     max_new_tokens: int = 64
     iterations: int = 1
     categories: list[str] | None = None
     prompts_per_category: int = 1
-    device: str = "auto"
-    dtype: str | None = None
-    weights: str = "auto"  # target weights: auto, dense, gguf
+    engine: EngineConfig = field(default_factory=EngineConfig)  # how the target runs (the drafters' engines follow it)
     temperature: float = 0.0  # 0: greedy, where every drafter must reproduce plain decoding exactly
     seed: int = 0
-    cuda_graph: bool | None = None  # None: SPECDEC_CUDA_GRAPH
-    compile: bool = False  # torch.compile the target's fixed-shape steps
-    layer_kernels: str = "auto"  # fused Triton layers (auto: on CUDA without compile) or "torch"
     replay: bool = False  # also replay every controller on a recorded acceptance oracle (bench/replay.py): K choices without noise
     output_dir: str | None = "results"
     plots: bool = True
@@ -92,6 +90,7 @@ class SweepConfig:
         if self.replay and self.temperature != 0:
             raise LabkitError("--replay needs greedy decoding (temperature 0): only then is the output, and so the oracle, fixed")
         check_drafter_options(self.drafters, self.draft_model, self.heads)
+        self.engine.validate()
 
 
 def build_drafters(cfg: SweepConfig, target: Engine, loaded: LoadedModel, stop_below: float = 0.0) -> list[Drafter]:
@@ -122,12 +121,10 @@ def run_row(result: GenerationResult, plain: GenerationResult, base: dict[str, A
 
 def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
     cfg.validate()
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    log = RowLog(cfg.output_dir, f"sweep-{device.type}") if cfg.output_dir else None  # before anything is measured
+    device = resolve_device(cfg.engine.device)
+    log = start_log(cfg.output_dir, f"sweep-{device.type}")  # before anything is measured
     loaded = loaded or load_model(cfg.base_model)
-    target = Engine.from_loaded(loaded, device, dtype, weights=cfg.weights, cuda_graph=cfg.cuda_graph, compile=cfg.compile,
-                                layer_kernels=cfg.layer_kernels)
+    target = from_config(loaded, cfg.engine)
     drafters = build_drafters(cfg, target, loaded)
     prompts = [(p, encode_prompt(loaded.tokenizer, p.content)) for p in load_suite(cfg.categories, cfg.prompts_per_category)]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
@@ -159,7 +156,7 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
                 log.add(rows[-1])
             bar.update()
             shift = (it + i) % len(runs)  # rotate who goes first, so slow drift does not favour one setup
-            for drafter, label, setup_policy, controller_name, k in runs[shift:] + runs[:shift]:
+            for drafter, label, setup_policy, controller_name, k in rotated(runs, shift):
                 controller = controllers[(drafter.name, label, controller_name, k)]
                 result = generate(target, ids, gen, Speculation(drafter, k, setup_policy, controller))
                 row = run_row(result, plain, {**base, "drafter": drafter.name, "k": k, "policy": label, "controller": controller_name})
@@ -171,8 +168,8 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
                 bar.update()
     bar.close()
     summary, per_category = summarize(rows)
-    params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
-    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=str(dtype), weights_resolved=target.weights, weights_note=target.weights_note,
+    params = run_params(cfg)
+    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=str(target.dtype), weights_resolved=target.weights, weights_note=target.weights_note,
                   cuda_graph_resolved=target.cuda_graph, layer_kernels_resolved=target.layer_kernels)
     payload: dict[str, Any] = {"benchmark": "sweep", **provenance(device, params), "summary": summary, "per_category": per_category,
                                "speedup_model": compare(rows)}
@@ -180,11 +177,9 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
         payload["adaptive_vs_fixed"] = {c: adaptive_vs_fixed(rows, c) for c in cfg.controllers if c != "fixed"}
     if cfg.replay:  # greedy acceptance only: lossy policies change the output the oracle records
         payload["replay"] = replay_setups(target, drafters, prompts, gen, {c: cfg.ks_for(c) for c in cfg.controllers})
-    if log:
-        json_path, csv_path = log.finish(payload, rows)
-        payload["files"] = [str(json_path), str(csv_path)]
-        if cfg.plots:
-            payload["files"] += plot_sweep(rows, json_path.with_suffix(""))
+    files = finish_log(log, payload, rows)
+    if files and cfg.plots:
+        payload["files"] += plot_sweep(rows, Path(files[0]).with_suffix(""))
     payload["rows"] = rows
     warn_if_busy()  # after the run: a competing process shows in the load average
     return payload
@@ -281,47 +276,3 @@ def paired_ratio_interval(ours: list[dict[str, Any]], theirs: list[dict[str, Any
     ratios.sort()
     tail = (1 - level) / 2
     return ratios[int(tail * resamples)], ratios[min(resamples - 1, int((1 - tail) * resamples))]
-
-
-def plot_sweep(rows: list[dict[str, Any]], stem: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
-    df = pd.DataFrame([r for r in rows if r["drafter"] != "plain"])
-    if df.empty:
-        return []
-    df["setup"] = df.drafter + " " + df.policy + " " + df.controller + df.lossless.map({True: "", False: " (lossy)"})
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    sns.lineplot(data=df, x="k", y="tok_per_s", hue="setup", marker="o", ax=axes[0])
-    plain = statistics.fmean(r["tok_per_s"] for r in rows if r["drafter"] == "plain")
-    axes[0].axhline(plain, color="grey", ls="--", label="plain")
-    axes[0].set(title="throughput", xlabel="K (K max for adaptive controllers)", ylabel="tokens / s")
-    sns.lineplot(data=df, x="k", y="acceptance_rate", hue="setup", marker="o", ax=axes[1], legend=False)
-    axes[1].set(title="acceptance rate")
-    sns.barplot(data=df, x="category", y="speedup", hue="setup", ax=axes[2], errorbar=None, legend=False)
-    axes[2].axhline(1.0, color="grey", ls="--")
-    axes[2].tick_params(axis="x", rotation=45)
-    axes[2].set(title="speed-up over plain (mean over K)")
-    fig.tight_layout()
-    paths = [f"{stem}.png"]
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
-    model = pd.DataFrame(compare(rows))
-    if not model.empty:
-        fig, ax = plt.subplots(figsize=(5, 5))
-        sns.scatterplot(data=model, x="measured_speedup", y="predicted_speedup", hue="drafter", style="miss", ax=ax)
-        top = max(model.measured_speedup.max(), model.predicted_speedup.max()) * 1.1
-        ax.plot([0, top], [0, top], color="grey", ls="--")
-        ax.fill_between([0, top], [0, top * 0.85], [0, top * 1.15], color="grey", alpha=0.15, label="within 15%")
-        for r in model.itertuples():
-            ax.annotate(f"K={r.k}", (r.measured_speedup, r.predicted_speedup), fontsize=7)
-        ax.set(title="speedup model vs measured (decode)", xlabel="measured", ylabel="predicted")
-        fig.tight_layout()
-        paths.append(f"{stem}-model.png")
-        fig.savefig(paths[1], dpi=110)
-        plt.close(fig)
-    return paths

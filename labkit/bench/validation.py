@@ -28,20 +28,19 @@ import math
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from labkit.bench.baseline import time_hf_generate
+from labkit.bench.common import finish_log, rotated, run_params, start_log, time_hf_generate
 from labkit.bench.kernels import copy_bandwidth
-from labkit.bench.results import RowLog, provenance, warn_if_busy
+from labkit.bench.results import provenance, warn_if_busy
 from labkit.config import DRAFTERS, GenerationConfig, device_name, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import GenerationResult, Speculation, encode_prompt, generate, warm_up
-from labkit.metrics.timers import now
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import Prompt, load_suite
 from labkit.prompts.long import long_prompt
@@ -156,7 +155,7 @@ def hf_truncated(hf_model: Any, depth: int) -> Any:
 
 def time_hf_assisted(hf_model: Any, kind: str, k: int, depth: int, assistant: Any, prompt_ids: list[int],
                      gen: GenerationConfig, device: torch.device) -> tuple[list[int], float]:
-    ids = torch.tensor([prompt_ids], device=device)
+    """transformers' assisted generate (prompt lookup, early exit or an assistant model) at K."""
     kwargs: dict[str, Any] = {"num_assistant_tokens": k, "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.0}
     if kind == "ngram":
         kwargs = {"prompt_lookup_num_tokens": k, "max_matching_ngram_size": 3}
@@ -166,13 +165,7 @@ def time_hf_assisted(hf_model: Any, kind: str, k: int, depth: int, assistant: An
         kwargs["assistant_model"] = assistant
         assistant.generation_config.num_assistant_tokens = k
         assistant.generation_config.num_assistant_tokens_schedule = "constant"
-    t0 = now(device)
-    with torch.inference_mode():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen.max_new_tokens,
-                                min_new_tokens=gen.min_new_tokens or None, do_sample=False, num_beams=1,
-                                pad_token_id=hf_model.generation_config.pad_token_id or 0, **kwargs)
-    elapsed = now(device) - t0
-    return out[0, len(prompt_ids):].tolist(), elapsed
+    return time_hf_generate(hf_model, prompt_ids, gen, device, **kwargs)
 
 
 def _row(system: str, result_tokens: list[int], seconds: float, reference: list[int], base: dict[str, Any],
@@ -189,7 +182,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    log = RowLog(cfg.output_dir, results_stem({"card": device_name(device)})) if cfg.output_dir else None  # before anything is measured
+    log = start_log(cfg.output_dir, results_stem({"card": device_name(device)}))  # before anything is measured
     loaded = loaded or load_model(cfg.model)
     try:
         suite = load_suite(cfg.categories, cfg.prompts_per_category)
@@ -298,7 +291,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
             break
         references[prompt.id] = generate(fast, ids, gen).tokens
         shift = i % len(fast_systems)  # rotate who goes first
-        for system in fast_systems[shift:] + fast_systems[:shift]:
+        for system in rotated(fast_systems, shift):
             run(system, prompt, ids)
         bar.update()
     bar.close()
@@ -309,7 +302,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
             slow_done = j
             break
         shift = j % len(slow_systems)
-        for system in slow_systems[shift:] + slow_systems[:shift]:
+        for system in rotated(slow_systems, shift):
             run(system, prompt, ids)
     stopped: dict[str, Any] | None = None
     if done < len(prompts) or slow_done < len(slow):
@@ -325,7 +318,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
             explanations.append({"system": system, "prompt_id": pid, **explain(engines["labkit_plain"], reference_engine, ids, ref_tokens, tokens)})
     summary = summarize(rows, fast_name, roofline)
     card = device_name(device)
-    params = {k: v for k, v in asdict(cfg).items() if k != "progress"}
+    params = run_params(cfg)
     params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(dtype), best_k=best_k,
                   layers_resolved=depth, fastest_plain=fast_name, plain_tuning_tok_per_s=plain_speed,
                   layer_kernels={name: e.layer_kernels for name, e in engines.items()}, prompts=[p.id for p, _ in prompts], slow_prompts=sorted(slow_ids & {p.id for p, _ in prompts}))
@@ -335,9 +328,7 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
         "tuning": tuning, "summary": summary, "divergences": explanations, "divergences_total": len(pending),
         "stopped_early": stopped,
     }
-    if log:
-        json_path, csv_path = log.finish(payload, rows)
-        payload["files"] = [str(json_path), str(csv_path)]
+    finish_log(log, payload, rows)
     payload["rows"] = rows
     warn_if_busy()  # after the run: a competing process shows in the load average
     return payload

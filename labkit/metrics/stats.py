@@ -74,3 +74,20 @@ class GenerationStats:
                    acceptance_rate=self.acceptance_rate, tau=self.tau, other_s=self.other_s, target_steps=self.target_steps,
                    drafted_lengths=self.drafted_lengths)
         return out
+
+    def report(self) -> list[str]:
+        """The lines `labkit generate` prints under the text: speed, latency, memory, speculation, phases."""
+        lines = [f"  throughput      {self.tok_per_s:.1f} tok/s (decode only {self.decode_tok_per_s:.1f} tok/s)",
+                 f"  time to first   {self.ttft_s * 1e3:.1f} ms ({self.prompt_tokens} prompt tokens)",
+                 f"  per token       {self.mean_token_latency_ms:.2f} ms",
+                 f"  peak memory     {self.peak_memory_bytes / 2**20:.1f} MiB ({self.memory_kind})"]
+        if self.drafter:
+            k = max(self.k_trace, default=0)
+            lines.append(f"  speculation     {self.drafter}, K={k}, {self.policy}: acceptance {self.acceptance_rate:.0%}, "
+                         f"{self.tau:.2f} tokens per target step, draft {self.draft_s:.2f} s / target {self.verify_s:.2f} s / other {self.other_s:.2f} s")
+        if self.phases:
+            lines.append("  phases          " + "host ms".rjust(10) + ("device ms".rjust(11) if self.phases["device_s"] else "") + "  calls")
+            for name, host in self.phases["host_s"].items():
+                dev = self.phases["device_s"].get(name)
+                lines.append(f"    {name:<14}{host * 1e3:>10.2f}" + (f"{dev * 1e3:>11.2f}" if dev is not None else "") + f"  {self.phases['count'][name]:>5}")
+        return lines
