@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from labkit.cli_args import Parser, _csv, _engine_args, _ints, _model_args, engine_config
 from labkit.cli_bench import add_bench_parser, cmd_bench
@@ -17,12 +18,7 @@ from labkit.errors import LabkitError
 from labkit.specdec.policies import TYPICAL_ALPHA, TYPICAL_THRESHOLD
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m labkit", description="labkit: see, measure and speed up LLM decoding")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    add_generate_parser(sub)
-
+def add_sweep_parser(sub: Any) -> None:
     sw = sub.add_parser("sweep", help="every drafter at every K against plain greedy, in one run")
     sw.add_argument("--base-model", "--model", dest="model", default="default")
     sw.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -51,19 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--policy-top-k", type=int, default=2, help="top-k agreement")
     sw.add_argument("--confidence", type=float, default=0.5, help="draft-confidence early stop threshold")
 
-    d = sub.add_parser("doctor", help="GPU pre-check: device, memory, toolchain, kernels, and whether a model pair fits")
-    _model_args(d)
-    d.add_argument("--draft-model", default=None)
-    d.add_argument("--dtype", default=None)
-    d.add_argument("--seq-len", type=int, default=2048, help="KV cache length to budget for")
-    d.add_argument("--json", action="store_true")
 
-    kn = sub.add_parser("kernels", help="which kernel backends are available here and which one is chosen")
-    kn.add_argument("--device", default="auto")
-    kn.add_argument("--json", action="store_true")
-
-    add_bench_parser(sub)
-
+def add_heads_parser(sub: Any) -> None:
     hd = sub.add_parser("heads", help="Medusa-style draft heads for --drafter heads")
     hsub = hd.add_subparsers(dest="heads_command", required=True, parser_class=Parser)
     ht = hsub.add_parser("train", help="train draft heads on texts the target writes itself (no dataset, never the prompt suite)")
@@ -82,6 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
     ht.add_argument("--batch-size", type=int, default=8)
     ht.add_argument("--lr", type=float, default=1e-3)
     ht.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m labkit", description="labkit: see, measure and speed up LLM decoding")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    add_generate_parser(sub)
+
+    add_sweep_parser(sub)
+
+    d = sub.add_parser("doctor", help="GPU pre-check: device, memory, toolchain, kernels, and whether a model pair fits")
+    _model_args(d)
+    d.add_argument("--draft-model", default=None)
+    d.add_argument("--dtype", default=None)
+    d.add_argument("--seq-len", type=int, default=2048, help="KV cache length to budget for")
+    d.add_argument("--json", action="store_true")
+
+    kn = sub.add_parser("kernels", help="which kernel backends are available here and which one is chosen")
+    kn.add_argument("--device", default="auto")
+    kn.add_argument("--json", action="store_true")
+
+    add_bench_parser(sub)
+
+    add_heads_parser(sub)
     return parser
 
 

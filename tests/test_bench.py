@@ -53,7 +53,7 @@ def test_weight_bytes_count_a_tied_head_once() -> None:
 def test_explain_finds_the_first_difference_and_measures_the_gap() -> None:
     import torch
 
-    from labkit.bench.validation import explain
+    from labkit.bench.divergence import explain
     from labkit.engine import Engine
     from labkit.models.tiny import tiny_hf_model
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from labkit.bench.common import finish_log, rotated, run_params, start_log, time_hf_generate
 from labkit.bench.llamacpp import LlamaCpp, llama_cpp_status
-from labkit.bench.results import provenance, warn_if_busy
+from labkit.bench.results import RowLog, provenance, warn_if_busy
 from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.engine_choices import gguf_unusable
@@ -66,6 +66,60 @@ def llama_cpp_peer(cfg: BaselineConfig, loaded: LoadedModel, device: torch.devic
     return LlamaCpp(loaded.gguf_path, n_ctx, torch.get_num_threads(), loaded.eos_token_ids)
 
 
+def _engines(cfg: BaselineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> dict[str, Engine]:
+    """labkit's variants at one dtype: eager dense steps; on CUDA also CUDA graphs (and compiled
+    steps inside them); where they apply, the GGUF's own blocks."""
+    engines = {"labkit": Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=False)}
+    if cfg.cuda_graph and device.type == "cuda":
+        engines["labkit_cuda_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=True)
+        if cfg.compile:
+            engines["labkit_compiled_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=True, compile=True)
+    if cfg.gguf_weights and loaded.gguf_path is not None and not gguf_unusable(engines["labkit"], loaded):
+        engines["labkit_gguf"] = Engine.from_loaded(loaded, device, dtype, weights="gguf", amp=False, cuda_graph=False)
+    return engines
+
+
+def _run_dtype(cfg: BaselineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
+               encoded: list[tuple[Any, list[int]]], log: RowLog | None, bar: Any) -> list[dict[str, Any]]:
+    """Every system at one dtype, over every prompt, `repeats` times, in rotating order."""
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens if cfg.fixed_length else 0)
+    engines = _engines(cfg, loaded, device, dtype)
+    peer = llama_cpp_peer(cfg, loaded, device, dtype, max(len(ids) for _, ids in encoded) + cfg.max_new_tokens + 8)
+    hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=dtype)  # a copy: the fp32 original stays exact for the next dtype
+    warm = encoded[0][1]
+    time_hf_generate(hf_model, warm, GenerationConfig(max_new_tokens=4), device)
+    for engine in engines.values():
+        warm_up(engine)
+        generate(engine, warm, GenerationConfig(max_new_tokens=4))
+    if peer is not None:
+        peer.generate(warm, 4)
+
+    def run(system: str, ids: list[int]) -> tuple[list[int], float, float]:  # tokens, seconds, ms to the first token
+        if system == "hf_generate":
+            return (*time_hf_generate(hf_model, ids, gen, device), float("nan"))
+        if system == "llama_cpp":
+            assert peer is not None
+            return peer.generate(ids, gen.max_new_tokens, gen.min_new_tokens)
+        result = generate(engines[system], ids, gen)
+        return result.tokens, result.stats.total_s, result.stats.ttft_s * 1e3
+
+    systems = ["hf_generate", *engines, *(["llama_cpp"] if peer is not None else [])]
+    labels = {"hf_generate": "hf", "llama_cpp": f"gguf, llama.cpp {peer.version if peer else ''}", **{n: describe(e) for n, e in engines.items()}}
+    rows: list[dict[str, Any]] = []
+    for rep in range(cfg.repeats):
+        for i, (prompt, ids) in enumerate(encoded):
+            base = {"dtype": dtype_name(dtype), "prompt_id": prompt.id, "category": prompt.category, "repeat": rep, "prompt_tokens": len(ids)}
+            got = {system: run(system, ids) for system in rotated(systems, rep + i)}
+            for system in systems:
+                tokens, seconds, ttft_ms = got[system]
+                rows.append({**base, "system": system, "weights": labels[system], "new_tokens": len(tokens), "seconds": seconds,
+                             "tok_per_s": len(tokens) / seconds, "ttft_ms": ttft_ms, "identical_tokens": tokens == got["hf_generate"][0]})
+                if log:
+                    log.add(rows[-1])
+            bar.update()
+    return rows
+
+
 def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
     """Measure both systems; returns provenance, rows and a summary per dtype (and writes them)."""
     device = resolve_device(cfg.device)
@@ -76,58 +130,14 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
     loaded = loaded or load_model(cfg.model)
     prompts = load_suite(cfg.categories, cfg.prompts_per_category)
     encoded = [(p, encode_prompt(loaded.tokenizer, p.content, cfg.chat)) for p in prompts]
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens if cfg.fixed_length else 0)
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(dtypes) * len(encoded) * cfg.repeats, desc="baseline", disable=not cfg.progress)
     for dtype in dtypes:
-        engines = {"labkit": Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=False)}
-        if cfg.cuda_graph and device.type == "cuda":
-            engines["labkit_cuda_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=True)
-            if cfg.compile:
-                engines["labkit_compiled_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=True, compile=True)
-        if cfg.gguf_weights and loaded.gguf_path is not None and not gguf_unusable(engines["labkit"], loaded):
-            engines["labkit_gguf"] = Engine.from_loaded(loaded, device, dtype, weights="gguf", amp=False, cuda_graph=False)
-        peer = llama_cpp_peer(cfg, loaded, device, dtype, max(len(ids) for _, ids in encoded) + cfg.max_new_tokens + 8)
-        # A copy, so the fp32 original stays exact for the next dtype.
-        hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=dtype)
-        warm = encoded[0][1]
-        time_hf_generate(hf_model, warm, GenerationConfig(max_new_tokens=4), device)
-        for engine in engines.values():
-            warm_up(engine)
-            generate(engine, warm, GenerationConfig(max_new_tokens=4))
-        if peer is not None:
-            peer.generate(warm, 4)
-        systems = ["hf_generate", *engines, *(["llama_cpp"] if peer is not None else [])]
-        for rep in range(cfg.repeats):
-            for i, (prompt, ids) in enumerate(encoded):
-                base = {"dtype": dtype_name(dtype), "prompt_id": prompt.id, "category": prompt.category, "repeat": rep, "prompt_tokens": len(ids)}
-                shift = (rep + i) % len(systems)  # rotate who goes first
-                got: dict[str, tuple[list[int], float, float]] = {}
-                for system in rotated(systems, shift):
-                    if system == "hf_generate":
-                        tokens, seconds = time_hf_generate(hf_model, ids, gen, device)
-                        got[system] = (tokens, seconds, float("nan"))
-                    elif system == "llama_cpp":
-                        assert peer is not None
-                        got[system] = peer.generate(ids, gen.max_new_tokens, gen.min_new_tokens)
-                    else:
-                        result = generate(engines[system], ids, gen)
-                        got[system] = (result.tokens, result.stats.total_s, result.stats.ttft_s * 1e3)
-                for system in systems:
-                    tokens, seconds, ttft_ms = got[system]
-                    weights = {"hf_generate": "hf", "llama_cpp": f"gguf, llama.cpp {peer.version if peer else ''}"}.get(system) or describe(engines[system])
-                    rows.append({**base, "system": system, "weights": weights, "new_tokens": len(tokens), "seconds": seconds,
-                                 "tok_per_s": len(tokens) / seconds, "ttft_ms": ttft_ms,
-                                 "identical_tokens": tokens == got["hf_generate"][0]})
-                    if log:
-                        log.add(rows[-1])
-                bar.update()
-        del engines, hf_model, peer
+        rows += _run_dtype(cfg, loaded, device, dtype, encoded, log, bar)
     bar.close()
-    summary = summarize(rows)
     params = run_params(cfg)
     params.update(model_source=loaded.source, device_resolved=str(device), prompts=[p.id for p in prompts])
-    payload = {"benchmark": "baseline", **provenance(device, params), "summary": summary}
+    payload = {"benchmark": "baseline", **provenance(device, params), "summary": summarize(rows)}
     finish_log(log, payload, rows)
     payload["rows"] = rows
     warn_if_busy()  # after the run: a competing process shows in the load average

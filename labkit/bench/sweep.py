@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from labkit.bench.common import finish_log, rotated, run_params, start_log
 from labkit.bench.drift import agreement, perplexity
 from labkit.bench.replay import replay_setups
-from labkit.bench.results import provenance, warn_if_busy
+from labkit.bench.results import RowLog, provenance, warn_if_busy
 from labkit.bench.sweep_report import plot_sweep
 from labkit.config import DRAFTERS, EngineConfig, GenerationConfig, resolve_device
 from labkit.engine import Engine
@@ -119,6 +119,53 @@ def run_row(result: GenerationResult, plain: GenerationResult, base: dict[str, A
     }
 
 
+def _setups(cfg: SweepConfig, target: Engine, loaded: LoadedModel, drafters: list[Drafter],
+            gen: GenerationConfig) -> list[tuple[Drafter, str, Policy | None]]:
+    """(drafter, policy label, policy) for every policy asked; None: the default policy. The
+    confidence "policy" is drafter-side: the same drafters, stopping below the threshold."""
+    setups: list[tuple[Drafter, str, Policy | None]] = []
+    for name in cfg.policies:
+        if name == "confidence":
+            setups += [(d, f"confidence-{cfg.confidence:g}", None) for d in build_drafters(cfg, target, loaded, cfg.confidence)]
+        else:
+            policy = make_policy(name, gen, posterior_threshold=cfg.posterior_threshold, posterior_alpha=cfg.posterior_alpha, top_k=cfg.policy_top_k)
+            setups += [(d, policy.name, policy) for d in drafters]
+    return setups
+
+
+def _measure(cfg: SweepConfig, target: Engine, prompts: list[tuple[Any, list[int]]], setups: list[tuple[Drafter, str, Policy | None]],
+             gen: GenerationConfig, log: RowLog | None) -> list[dict[str, Any]]:
+    """Plain decoding, then every setup at every controller and K (in rotating order), on every prompt."""
+    # One controller per setup and K for the whole sweep: adaptive ones learn this device's costs
+    # across requests, and never hear which category a prompt is from.
+    controllers = {(d.name, label, c, k): make_controller(c, k) for d, label, _ in setups for c in cfg.controllers for k in cfg.ks_for(c)}
+    runs = [(drafter, label, policy, c, k) for drafter, label, policy in setups for c in cfg.controllers for k in cfg.ks_for(c)]
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=cfg.iterations * len(prompts) * (1 + len(controllers)), desc="sweep", disable=not cfg.progress)
+
+    def keep(row: dict[str, Any]) -> None:  # logged as it comes: a run cut short keeps what it measured
+        rows.append(row)
+        if log:
+            log.add(row)
+        bar.update()
+
+    for it in range(cfg.iterations):
+        for i, (prompt, ids) in enumerate(prompts):
+            base = {"iteration": it, "prompt_id": prompt.id, "category": prompt.category, "prompt_tokens": len(ids)}
+            plain = generate(target, ids, gen)
+            plain_ppl = perplexity(target, ids, plain.tokens)
+            keep({**run_row(plain, plain, {**base, "drafter": "plain", "k": 0, "policy": "", "controller": ""}), "perplexity": plain_ppl})
+            for drafter, label, setup_policy, controller_name, k in rotated(runs, it + i):  # slow drift favours no setup
+                controller = controllers[(drafter.name, label, controller_name, k)]
+                result = generate(target, ids, gen, Speculation(drafter, k, setup_policy, controller))
+                row = run_row(result, plain, {**base, "drafter": drafter.name, "k": k, "policy": label, "controller": controller_name})
+                # drift only where it can exist: lossy policies, or any sampling
+                row["perplexity"] = perplexity(target, ids, result.tokens) if not result.stats.lossless or cfg.temperature > 0 else plain_ppl
+                keep(row)
+    bar.close()
+    return rows
+
+
 def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
     cfg.validate()
     device = resolve_device(cfg.engine.device)
@@ -129,48 +176,14 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> dict[str, 
     prompts = [(p, encode_prompt(loaded.tokenizer, p.content)) for p in load_suite(cfg.categories, cfg.prompts_per_category)]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     k_top = max(cfg.ks + (cfg.adaptive_ks or []))
-    for drafter in drafters:  # captures with each drafter's verify hook (the heads')
+    for drafter in drafters:  # captures with each drafter's verify hook (the heads'), then a repeated prompt, so that the n-gram drafter proposes
         warm_up(target, k_top, drafter=drafter)
-    for drafter in drafters:  # a repeated prompt, so that the n-gram drafter proposes
         generate(target, prompts[0][1] * 2, GenerationConfig(max_new_tokens=8), Speculation(drafter, k_top))
-    setups: list[tuple[Drafter, str, Policy | None]] = []  # (drafter, policy label, policy); None: the default policy
-    for name in cfg.policies:
-        if name == "confidence":  # drafter-side: the same drafters, stopping below the threshold
-            setups += [(d, f"confidence-{cfg.confidence:g}", None) for d in build_drafters(cfg, target, loaded, cfg.confidence)]
-        else:
-            policy = make_policy(name, gen, posterior_threshold=cfg.posterior_threshold, posterior_alpha=cfg.posterior_alpha, top_k=cfg.policy_top_k)
-            setups += [(d, policy.name, policy) for d in drafters]
-    # One controller per setup and K for the whole sweep: adaptive ones learn this device's costs
-    # across requests, and never hear which category a prompt is from.
-    controllers = {(d.name, label, c, k): make_controller(c, k) for d, label, _ in setups for c in cfg.controllers for k in cfg.ks_for(c)}
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(total=cfg.iterations * len(prompts) * (1 + len(controllers)), desc="sweep", disable=not cfg.progress)
-    runs = [(drafter, label, policy, c, k) for drafter, label, policy in setups for c in cfg.controllers for k in cfg.ks_for(c)]
-    for it in range(cfg.iterations):
-        for i, (prompt, ids) in enumerate(prompts):
-            base = {"iteration": it, "prompt_id": prompt.id, "category": prompt.category, "prompt_tokens": len(ids)}
-            plain = generate(target, ids, gen)
-            plain_ppl = perplexity(target, ids, plain.tokens)
-            rows.append({**run_row(plain, plain, {**base, "drafter": "plain", "k": 0, "policy": "", "controller": ""}), "perplexity": plain_ppl})
-            if log:
-                log.add(rows[-1])
-            bar.update()
-            shift = (it + i) % len(runs)  # rotate who goes first, so slow drift does not favour one setup
-            for drafter, label, setup_policy, controller_name, k in rotated(runs, shift):
-                controller = controllers[(drafter.name, label, controller_name, k)]
-                result = generate(target, ids, gen, Speculation(drafter, k, setup_policy, controller))
-                row = run_row(result, plain, {**base, "drafter": drafter.name, "k": k, "policy": label, "controller": controller_name})
-                # drift only where it can exist: lossy policies, or any sampling
-                row["perplexity"] = perplexity(target, ids, result.tokens) if not result.stats.lossless or cfg.temperature > 0 else plain_ppl
-                rows.append(row)
-                if log:
-                    log.add(row)
-                bar.update()
-    bar.close()
+    rows = _measure(cfg, target, prompts, _setups(cfg, target, loaded, drafters, gen), gen, log)
     summary, per_category = summarize(rows)
     params = run_params(cfg)
-    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=str(target.dtype), weights_resolved=target.weights, weights_note=target.weights_note,
-                  cuda_graph_resolved=target.cuda_graph, layer_kernels_resolved=target.layer_kernels)
+    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=str(target.dtype), weights_resolved=target.weights,
+                  weights_note=target.weights_note, cuda_graph_resolved=target.cuda_graph, layer_kernels_resolved=target.layer_kernels)
     payload: dict[str, Any] = {"benchmark": "sweep", **provenance(device, params), "summary": summary, "per_category": per_category,
                                "speedup_model": compare(rows)}
     if any(c != "fixed" for c in cfg.controllers) and "fixed" in cfg.controllers:

@@ -24,7 +24,6 @@ bf16 steps of each other are a near-tie that different kernel orderings may brea
 from __future__ import annotations
 
 import copy
-import math
 import re
 import statistics
 import time
@@ -35,8 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from labkit.bench.common import finish_log, rotated, run_params, start_log, time_hf_generate
+from labkit.bench.divergence import explain
 from labkit.bench.kernels import copy_bandwidth
-from labkit.bench.results import provenance, warn_if_busy
+from labkit.bench.results import RowLog, provenance, warn_if_busy
 from labkit.config import DRAFTERS, GenerationConfig, device_name, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
 from labkit.errors import LabkitError
@@ -46,8 +46,6 @@ from labkit.prompts import Prompt, load_suite
 from labkit.prompts.long import long_prompt
 from labkit.specdec.drafters import Drafter, build_drafter
 from labkit.specdec.heads import check_heads_option
-
-TIE_ULPS = 4.0  # logits closer than this many bf16 steps count as a near-tie
 
 
 @dataclass
@@ -113,36 +111,6 @@ def weight_bytes_per_token(engine: Engine) -> int:
     return total
 
 
-def bf16_step(x: float) -> float:
-    """The spacing of bf16 numbers around x (8 significant bits)."""
-    return 2.0 ** (math.floor(math.log2(max(abs(x), 1e-30))) - 7)
-
-
-@torch.inference_mode()
-def explain(engine: Engine, reference: Engine, prompt: list[int], ours: list[int], theirs: list[int]) -> dict[str, Any]:
-    """Why two greedy outputs of the same model differ: the logits of both candidates at the
-    first differing position, from this dtype's engine and from an fp32 reference engine."""
-    first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
-    if first >= min(len(ours), len(theirs)):
-        return {"first_diff": first, "kind": "length", "note": "one output is a prefix of the other (EOS)"}
-    prefix = torch.tensor([prompt + ours[:first]], device=engine.device)  # (1, T)
-    a, b = ours[first], theirs[first]
-    out: dict[str, Any] = {"first_diff": first, "token_ref": a, "token_other": b}
-    for name, eng in (("low", engine), ("fp32", reference)):
-        eng.ensure_capacity(prefix.shape[1])
-        logits = eng.prefill(prefix)[0].float()  # (V,)
-        top2 = logits.topk(2).values
-        out[f"{name}_gap"] = float(logits[a] - logits[b])
-        out[f"{name}_top2_gap"] = float(top2[0] - top2[1])
-        out[f"{name}_top"] = int(logits.argmax())
-        out[f"{name}_logit_ref"] = float(logits[a])
-    step = bf16_step(out["fp32_logit_ref"])
-    out["bf16_step"] = step
-    out["gap_in_bf16_steps"] = abs(out["fp32_gap"]) / step
-    out["kind"] = "near-tie" if out["gap_in_bf16_steps"] <= TIE_ULPS else "unexplained"
-    return out
-
-
 def hf_truncated(hf_model: Any, depth: int) -> Any:
     """A copy of the HF model with its first `depth` layers: transformers' assistant for the truncated drafter."""
     small = copy.deepcopy(hf_model)
@@ -177,26 +145,24 @@ def _row(system: str, result_tokens: list[int], seconds: float, reference: list[
     return row
 
 
-def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
-    cfg.validate()
-    t_start = time.perf_counter()
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    log = start_log(cfg.output_dir, results_stem({"card": device_name(device)}))  # before anything is measured
-    loaded = loaded or load_model(cfg.model)
+def _prompts(cfg: ValidationConfig, tokenizer: Any) -> tuple[list[tuple[Prompt, list[int]]], set[str]]:
+    """The suite's prompts (and long ones: documents cut to n tokens, then a request to summarise
+    them), encoded; and the ids of those the slow systems also run."""
     try:
         suite = load_suite(cfg.categories, cfg.prompts_per_category)
     except ValueError as err:
         raise LabkitError(str(err)) from None
-    prompts = [(p, encode_prompt(loaded.tokenizer, p.content)) for p in suite]
-    for n in cfg.long_prompts:  # documents cut to n tokens, then a request to summarise them
-        ids = long_prompt(loaded.tokenizer, n)
-        prompts.append((Prompt(f"long-{n}", "long", loaded.tokenizer.decode(ids)), ids))
+    prompts = [(p, encode_prompt(tokenizer, p.content)) for p in suite]
+    for n in cfg.long_prompts:
+        ids = long_prompt(tokenizer, n)
+        prompts.append((Prompt(f"long-{n}", "long", tokenizer.decode(ids)), ids))
     slow_ids = {p.id for p in load_suite(cfg.categories, cfg.slow_prompts_per_category)}
     slow_ids |= {f"long-{n}" for n in cfg.long_prompts[: cfg.slow_prompts_per_category or None]}
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens if cfg.fixed_length else 0)
-    bandwidth = copy_bandwidth(device)
+    return prompts, slow_ids
 
+
+def _engines(cfg: ValidationConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> dict[str, Engine]:
+    """Plain eager labkit; on CUDA also CUDA graphs (compiled if asked) and graphs over the fused layers."""
     engines = {"labkit_plain": Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=False, layer_kernels="torch")}
     if device.type == "cuda":
         engines["labkit_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=True, compile=cfg.compile,
@@ -205,131 +171,167 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
             fused = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=True, layer_kernels="auto")
             if fused.layer_kernels == "triton":
                 engines["labkit_fused"] = fused
-    hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=dtype).eval()
+    return engines
 
-    # warm-up: every engine, graph and compiled shape before anything is timed
-    warm = prompts[0][1] * 2  # a repeated prompt, so that the n-gram drafter proposes
-    for engine in engines.values():
-        if engine.cuda_graph:
-            warm_up(engine, max(cfg.ks))
-        generate(engine, warm, GenerationConfig(max_new_tokens=8))
-    time_hf_generate(hf_model, warm, GenerationConfig(max_new_tokens=4), device)
 
-    # the fastest plain engine carries the drafters: timed on the first prompt of each category
-    tune = [(p, ids) for p, ids in prompts if p.id in {q.id for q in load_suite(cfg.categories, 1)}]  # the suite's, not the long ones
-    candidates = [name for name, e in engines.items() if e.cuda_graph] or list(engines)
-    plain_speed = {name: statistics.fmean(generate(engines[name], ids, gen).stats.tok_per_s for _, ids in tune)
-                   for name in candidates} if len(candidates) > 1 else {}
-    fast_name = max(plain_speed, key=lambda name: plain_speed[name]) if plain_speed else candidates[0]
-    fast = engines[fast_name]
-    weight_bytes = weight_bytes_per_token(fast)
-    roofline = bandwidth / weight_bytes  # tok/s if one step costs one read of the weights
-    depth = cfg.layers if cfg.layers is not None else max(1, fast.args.n_layers // 3)
-    drafters: dict[str, Drafter] = {kind: build_drafter(kind, fast, layers=depth, heads_path=cfg.heads) for kind in cfg.drafters}
-    if "heads" in drafters and fast.cuda_graph:  # the heads' engine keeps its hidden states: capture its steps again
-        warm_up(fast, max(cfg.ks), drafter=drafters["heads"])
-    assistant = hf_truncated(hf_model, depth) if cfg.hf_assisted and "truncated" in cfg.drafters else None
-    for drafter in drafters.values():
-        for k in cfg.ks:
-            generate(fast, warm, GenerationConfig(max_new_tokens=16), Speculation(drafter, k))
+class _Validation:
+    """One validation run's systems and state: labkit's engines and drafters (each drafter at
+    the K tuned for it), transformers with and without assisted generation, the reference
+    output every system is compared with, and the rows."""
 
-    # tuning: each drafter's best K on the first prompt of each category
-    best_k: dict[str, int] = {}
-    tuning: list[dict[str, Any]] = []
-    for kind, drafter in drafters.items():
-        speed = {}
-        for k in cfg.ks:
-            runs = [generate(fast, ids, gen, Speculation(drafter, k)).stats.tok_per_s for _, ids in tune]
-            speed[k] = statistics.fmean(runs)
-            tuning.append({"drafter": kind, "k": k, "tok_per_s": speed[k]})
-        best_k[kind] = max(speed, key=lambda k: speed[k])
+    def __init__(self, cfg: ValidationConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> None:
+        self.cfg, self.loaded, self.device, self.dtype = cfg, loaded, device, dtype
+        self.t_start = time.perf_counter()
+        self.prompts, self.slow_ids = _prompts(cfg, loaded.tokenizer)
+        self.gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens if cfg.fixed_length else 0)
+        self.engines = _engines(cfg, loaded, device, dtype)
+        self.hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=dtype).eval()
+        self.warm = self.prompts[0][1] * 2  # a repeated prompt, so that the n-gram drafter proposes
+        self.rows: list[dict[str, Any]] = []
+        self.pending: list[tuple[str, list[int], list[int], list[int], str]] = []  # outputs that differ, for explain
+        self.references: dict[str, list[int]] = {}  # labkit's fastest plain greedy: what every output is compared with
+        self.best_k: dict[str, int] = {}
+        self.tuning: list[dict[str, Any]] = []
 
-    # Two passes, so that a time budget cuts the slow systems, not the suite: first every prompt
-    # with labkit's graph engines and drafters (a second or two each), then the slow systems
-    # (transformers, eager labkit) on the first prompts of each category.
-    fast_systems = [*(name for name in engines if name == fast_name or engines[name].cuda_graph), *(f"labkit_{d}" for d in cfg.drafters)]
-    # transformers' assisted generation has no Medusa heads; its prompt lookup is hf_assisted_ngram
-    slow_systems = ["hf_generate", *(f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else []) if d not in ("heads", "ngram-graph")),
-                    *(name for name in engines if name not in fast_systems)]
-    rows: list[dict[str, Any]] = []
-    pending: list[tuple[str, list[int], list[int], list[int], str]] = []  # for explain
-    references: dict[str, list[int]] = {}  # labkit's fastest plain greedy: what every output is compared with
+    def warm_up(self) -> None:
+        """Every engine, graph and compiled shape before anything is timed."""
+        for engine in self.engines.values():
+            if engine.cuda_graph:
+                warm_up(engine, max(self.cfg.ks))
+            generate(engine, self.warm, GenerationConfig(max_new_tokens=8))
+        time_hf_generate(self.hf_model, self.warm, GenerationConfig(max_new_tokens=4), self.device)
 
-    def out_of_time(i: int) -> bool:  # checked between prompts; the first prompt of a pass always runs
-        return cfg.time_budget_s is not None and i > 0 and time.perf_counter() - t_start > cfg.time_budget_s
+    def pick_fast(self) -> None:
+        """The fastest plain engine carries the drafters: timed on the first prompt of each category."""
+        cfg = self.cfg
+        self.tune = [(p, ids) for p, ids in self.prompts if p.id in {q.id for q in load_suite(cfg.categories, 1)}]  # the suite's, not the long ones
+        candidates = [name for name, e in self.engines.items() if e.cuda_graph] or list(self.engines)
+        self.plain_speed = {name: statistics.fmean(generate(self.engines[name], ids, self.gen).stats.tok_per_s for _, ids in self.tune)
+                            for name in candidates} if len(candidates) > 1 else {}
+        self.fast_name = max(self.plain_speed, key=lambda name: self.plain_speed[name]) if self.plain_speed else candidates[0]
+        self.fast = self.engines[self.fast_name]
+        self.depth = cfg.layers if cfg.layers is not None else max(1, self.fast.args.n_layers // 3)
+        self.drafters: dict[str, Drafter] = {kind: build_drafter(kind, self.fast, layers=self.depth, heads_path=cfg.heads) for kind in cfg.drafters}
+        if "heads" in self.drafters and self.fast.cuda_graph:  # the heads' engine keeps its hidden states: capture its steps again
+            warm_up(self.fast, max(cfg.ks), drafter=self.drafters["heads"])
+        self.assistant = hf_truncated(self.hf_model, self.depth) if cfg.hf_assisted and "truncated" in cfg.drafters else None
+        for drafter in self.drafters.values():
+            for k in cfg.ks:
+                generate(self.fast, self.warm, GenerationConfig(max_new_tokens=16), Speculation(drafter, k))
 
-    def run(system: str, prompt: Any, ids: list[int]) -> None:
+    def tune_k(self) -> None:
+        """Each drafter's best K on the first prompt of each category."""
+        for kind, drafter in self.drafters.items():
+            speed = {}
+            for k in self.cfg.ks:
+                speed[k] = statistics.fmean(generate(self.fast, ids, self.gen, Speculation(drafter, k)).stats.tok_per_s for _, ids in self.tune)
+                self.tuning.append({"drafter": kind, "k": k, "tok_per_s": speed[k]})
+            self.best_k[kind] = max(speed, key=lambda k: speed[k])
+
+    def systems(self) -> tuple[list[str], list[str]]:
+        """Two passes, so that a time budget cuts the slow systems, not the suite: first every
+        prompt with labkit's graph engines and drafters (a second or two each), then the slow
+        systems (transformers, eager labkit) on the first prompts of each category."""
+        cfg = self.cfg
+        fast = [*(name for name in self.engines if name == self.fast_name or self.engines[name].cuda_graph), *(f"labkit_{d}" for d in cfg.drafters)]
+        # transformers' assisted generation has no Medusa heads; its prompt lookup is hf_assisted_ngram
+        assisted = [f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else []) if d not in ("heads", "ngram-graph")]
+        return fast, ["hf_generate", *assisted, *(name for name in self.engines if name not in fast)]
+
+    def out_of_time(self, i: int) -> bool:
+        """Checked between prompts; the first prompt of a pass always runs."""
+        budget = self.cfg.time_budget_s
+        return budget is not None and i > 0 and time.perf_counter() - self.t_start > budget
+
+    def run(self, system: str, prompt: Any, ids: list[int], log: RowLog | None) -> None:
         base = {"prompt_id": prompt.id, "category": prompt.category, "prompt_tokens": len(ids)}
-        reference = references[prompt.id]
+        reference, gen = self.references[prompt.id], self.gen
         if system == "hf_generate":
-            tokens, seconds = time_hf_generate(hf_model, ids, gen, device)
+            tokens, seconds = time_hf_generate(self.hf_model, ids, gen, self.device)
             row = _row(system, tokens, seconds, reference, base)
         elif system.startswith("hf_assisted_"):
             kind = system.removeprefix("hf_assisted_")
-            tokens, seconds = time_hf_assisted(hf_model, kind, best_k[kind], depth, assistant, ids, gen, device)
-            row = {**_row(system, tokens, seconds, reference, base), "k": best_k[kind]}
-        elif system in engines:
-            result = generate(engines[system], ids, gen)
+            tokens, seconds = time_hf_assisted(self.hf_model, kind, self.best_k[kind], self.depth, self.assistant, ids, gen, self.device)
+            row = {**_row(system, tokens, seconds, reference, base), "k": self.best_k[kind]}
+        elif system in self.engines:
+            result = generate(self.engines[system], ids, gen)
             tokens = result.tokens
             row = _row(system, tokens, result.stats.total_s, reference, base, result)
         else:
             kind = system.removeprefix("labkit_")
-            result = generate(fast, ids, gen, Speculation(drafters[kind], best_k[kind]))
+            result = generate(self.fast, ids, gen, Speculation(self.drafters[kind], self.best_k[kind]))
             tokens = result.tokens
-            row = {**_row(system, tokens, result.stats.total_s, reference, base, result), "k": best_k[kind]}
-        rows.append(row)
+            row = {**_row(system, tokens, result.stats.total_s, reference, base, result), "k": self.best_k[kind]}
+        self.rows.append(row)
         if log:
             log.add(row)
         if not row["identical_to_plain"]:
-            pending.append((system, ids, reference, tokens, prompt.id))
+            self.pending.append((system, ids, reference, tokens, prompt.id))
 
-    bar = tqdm(total=len(prompts), desc="validation", disable=not cfg.progress)
-    done = len(prompts)
-    for i, (prompt, ids) in enumerate(prompts):
-        if out_of_time(i):
-            done = i
-            break
-        references[prompt.id] = generate(fast, ids, gen).tokens
-        shift = i % len(fast_systems)  # rotate who goes first
-        for system in rotated(fast_systems, shift):
-            run(system, prompt, ids)
-        bar.update()
-    bar.close()
-    slow = [(p, ids) for p, ids in prompts[:done] if p.id in slow_ids]
-    slow_done = len(slow)
-    for j, (prompt, ids) in enumerate(slow):
-        if out_of_time(j):
-            slow_done = j
-            break
-        shift = j % len(slow_systems)
-        for system in rotated(slow_systems, shift):
-            run(system, prompt, ids)
-    stopped: dict[str, Any] | None = None
-    if done < len(prompts) or slow_done < len(slow):
-        stopped = {"time_budget_s": cfg.time_budget_s, "prompts_done": done, "prompts_planned": len(prompts),
-                   "not_run": [p.id for p, _ in prompts[done:]], "slow_prompts_done": slow_done,
-                   "slow_prompts_planned": len([p for p, _ in prompts if p.id in slow_ids]),
-                   "slow_not_run": [p.id for p, _ in prompts if p.id in slow_ids and p.id not in {q.id for q, _ in slow[:slow_done]}]}
+    def run_passes(self, log: RowLog | None) -> dict[str, Any] | None:
+        """Both passes; what a time budget left out (None when everything ran)."""
+        fast_systems, slow_systems = self.systems()
+        prompts = self.prompts
+        done = len(prompts)
+        for i, (prompt, ids) in enumerate(tqdm(prompts, desc="validation", disable=not self.cfg.progress)):
+            if self.out_of_time(i):
+                done = i
+                break
+            self.references[prompt.id] = generate(self.fast, ids, self.gen).tokens
+            for system in rotated(fast_systems, i):
+                self.run(system, prompt, ids, log)
+        slow = [(p, ids) for p, ids in prompts[:done] if p.id in self.slow_ids]
+        slow_done = len(slow)
+        for j, (prompt, ids) in enumerate(slow):
+            if self.out_of_time(j):
+                slow_done = j
+                break
+            for system in rotated(slow_systems, j):
+                self.run(system, prompt, ids, log)
+        if done == len(prompts) and slow_done == len(slow):
+            return None
+        ran_slow = {q.id for q, _ in slow[:slow_done]}
+        return {"time_budget_s": self.cfg.time_budget_s, "prompts_done": done, "prompts_planned": len(prompts),
+                "not_run": [p.id for p, _ in prompts[done:]], "slow_prompts_done": slow_done,
+                "slow_prompts_planned": len([p for p, _ in prompts if p.id in self.slow_ids]),
+                "slow_not_run": [p.id for p, _ in prompts if p.id in self.slow_ids and p.id not in ran_slow]}
 
-    explanations = []
-    if pending:
-        reference_engine = Engine.from_loaded(loaded, device, torch.float32, weights="dense", cuda_graph=False)
-        for system, ids, ref_tokens, tokens, pid in pending[: cfg.explain_limit]:
-            explanations.append({"system": system, "prompt_id": pid, **explain(engines["labkit_plain"], reference_engine, ids, ref_tokens, tokens)})
-    summary = summarize(rows, fast_name, roofline)
-    card = device_name(device)
+    def explain_divergences(self) -> list[dict[str, Any]]:
+        if not self.pending:
+            return []
+        reference_engine = Engine.from_loaded(self.loaded, self.device, torch.float32, weights="dense", cuda_graph=False)
+        return [{"system": system, "prompt_id": pid, **explain(self.engines["labkit_plain"], reference_engine, ids, ref_tokens, tokens)}
+                for system, ids, ref_tokens, tokens, pid in self.pending[: self.cfg.explain_limit]]
+
+
+def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    log = start_log(cfg.output_dir, results_stem({"card": device_name(device)}))  # before anything is measured
+    loaded = loaded or load_model(cfg.model)
+    bandwidth = copy_bandwidth(device)
+    v = _Validation(cfg, loaded, device, dtype)
+    v.warm_up()
+    v.pick_fast()
+    weight_bytes = weight_bytes_per_token(v.fast)
+    roofline = bandwidth / weight_bytes  # tok/s if one step costs one read of the weights
+    v.tune_k()
+    stopped = v.run_passes(log)
+    explanations = v.explain_divergences()
     params = run_params(cfg)
-    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(dtype), best_k=best_k,
-                  layers_resolved=depth, fastest_plain=fast_name, plain_tuning_tok_per_s=plain_speed,
-                  layer_kernels={name: e.layer_kernels for name, e in engines.items()}, prompts=[p.id for p, _ in prompts], slow_prompts=sorted(slow_ids & {p.id for p, _ in prompts}))
+    params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(dtype), best_k=v.best_k,
+                  layers_resolved=v.depth, fastest_plain=v.fast_name, plain_tuning_tok_per_s=v.plain_speed,
+                  layer_kernels={name: e.layer_kernels for name, e in v.engines.items()}, prompts=[p.id for p, _ in v.prompts],
+                  slow_prompts=sorted(v.slow_ids & {p.id for p, _ in v.prompts}))
     payload: dict[str, Any] = {
-        "benchmark": "validation", **provenance(device, params), "card": card,
+        "benchmark": "validation", **provenance(device, params), "card": device_name(device),
         "copy_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes_per_token": weight_bytes, "roofline_tok_per_s": roofline,
-        "tuning": tuning, "summary": summary, "divergences": explanations, "divergences_total": len(pending),
-        "stopped_early": stopped,
+        "tuning": v.tuning, "summary": summarize(v.rows, v.fast_name, roofline), "divergences": explanations,
+        "divergences_total": len(v.pending), "stopped_early": stopped,
     }
-    finish_log(log, payload, rows)
-    payload["rows"] = rows
+    finish_log(log, payload, v.rows)
+    payload["rows"] = v.rows
     warn_if_busy()  # after the run: a competing process shows in the load average
     return payload
 

@@ -14,6 +14,62 @@ from labkit.kernels.triton_common import TUNE, _dot, _ieee, _launch, _pdl, _wait
 
 
 @triton.jit
+def _attend_keys(q, k_ptr, v_ptr, stride_cs, lo_r, pos, s_first, s_end, qk_scale,
+                 BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax of the rows q (BLOCK_R, D) over keys [s_first, s_end), each row seeing keys
+    lo_r..pos (scores in log2 units): (acc (BLOCK_R, D) unnormalised, l (BLOCK_R,) sums, m (BLOCK_R,) maxima)."""
+    offs_d = tl.arange(0, D)
+    m_i = tl.full([BLOCK_R], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+    for s0 in range((s_first // BLOCK_S) * BLOCK_S, s_end, BLOCK_S):  # blocks start BLOCK_S-aligned
+        offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+        s_ok = (offs_s >= s_first) & (offs_s < s_end)
+        k = tl.load(k_ptr + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)  # (BLOCK_S, D)
+        v = tl.load(v_ptr + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        seen = (offs_s[None, :] >= lo_r[:, None]) & (offs_s[None, :] <= pos[:, None]) & s_ok[None, :]  # (BLOCK_R, BLOCK_S)
+        s = tl.where(seen, _dot(q, tl.trans(k), IEEE) * qk_scale, -float("inf"))  # (BLOCK_R, BLOCK_S) fp32
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no key seen yet keeps zeros
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        if IEEE:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:  # half precision: p rounded to v's type for the tensor cores, as flash attention does
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _combine_splits(out_ptr, part_o_ptr, part_ml_ptr, q_rows, tile_base, local, r_ok, first, last,
+                    BLOCK_R: tl.constexpr, D: tl.constexpr, NS_POW2: tl.constexpr, CHUNK: tl.constexpr):
+    """The last split of a tile to finish: the partial results of splits first..last, in split
+    order, into the output rows. .cg reads past this SM's L1, which may hold another launch's
+    partials at these addresses."""
+    offs_d = tl.arange(0, D)
+    sp = first + tl.arange(0, NS_POW2)
+    ok = r_ok[:, None] & (sp[None, :] <= last)
+    m_all = tl.load(part_ml_ptr + ((tile_base + sp[None, :]) * BLOCK_R + local[:, None]) * 2, mask=ok,
+                    other=-float("inf"), cache_modifier=".cg")  # (BLOCK_R, NS_POW2)
+    m_max = tl.max(m_all, axis=1)  # exact, whatever the order
+    m_max = tl.where(m_max == -float("inf"), 0.0, m_max)
+    den = tl.zeros([BLOCK_R], dtype=tl.float32)
+    o = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+    for c0 in range(first, last + 1, CHUNK):  # CHUNK loads in flight at a time
+        for c in tl.static_range(CHUNK):
+            c_ok = r_ok & (local * 0 + c0 + c <= last)  # (BLOCK_R,)
+            c_at = (tile_base + c0 + c) * BLOCK_R + local
+            w = tl.exp2(tl.load(part_ml_ptr + c_at * 2, mask=c_ok, other=-float("inf"), cache_modifier=".cg") - m_max)
+            den += w * tl.load(part_ml_ptr + c_at * 2 + 1, mask=c_ok, other=0.0, cache_modifier=".cg")
+            o += w[:, None] * tl.load(part_o_ptr + c_at[:, None] * D + offs_d[None, :], mask=c_ok[:, None], other=0.0,
+                                      cache_modifier=".cg")
+    tl.store(out_ptr + q_rows[:, None] * D + offs_d[None, :], (o / den[:, None]).to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr, T, R, R_BLOCKS, N_SPLITS, scale,
     stride_cb, stride_ch, stride_cs, NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
@@ -51,29 +107,10 @@ def _attention_kernel(
         q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # (BLOCK_R, D)
         base = b * stride_cb + kvh * stride_ch
         qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 instead of exp
-        m_i = tl.full([BLOCK_R], -float("inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
         s_first = tl.maximum(split * SPLIT_S, lo)
         s_end = tl.minimum(split * SPLIT_S + SPLIT_S, hi + 1)
-        for s0 in range((s_first // BLOCK_S) * BLOCK_S, s_end, BLOCK_S):  # blocks start BLOCK_S-aligned
-            offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
-            s_ok = (offs_s >= s_first) & (offs_s < s_end)
-            k = tl.load(kc_ptr + base + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)  # (BLOCK_S, D)
-            v = tl.load(vc_ptr + base + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-            seen = (offs_s[None, :] >= lo_r[:, None]) & (offs_s[None, :] <= pos[:, None]) & s_ok[None, :]  # (BLOCK_R, BLOCK_S)
-            s = tl.where(seen, _dot(q, tl.trans(k), IEEE) * qk_scale, -float("inf"))  # (BLOCK_R, BLOCK_S) fp32
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no key seen yet keeps zeros
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            if IEEE:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:  # half precision: p rounded to v's type for the tensor cores, as flash attention does
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
+        acc, l_i, m_i = _attend_keys(q, kc_ptr + base, vc_ptr + base, stride_cs, lo_r, pos, s_first, s_end, qk_scale,
+                                     BLOCK_R, BLOCK_S, D, IEEE)
         out_dtype = out_ptr.dtype.element_ty
         if first == last:  # one split holds every visible key: the result is final
             tl.store(out_ptr + q_rows[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(out_dtype), mask=r_ok[:, None])
@@ -85,24 +122,8 @@ def _attention_kernel(
             tl.debug_barrier()  # every thread's partial is written before the count goes up
             done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
             if done == last - first:
-                # .cg: read past this SM's L1, which may hold another launch's partials at these addresses
-                sp = first + tl.arange(0, NS_POW2)
-                ok = r_ok[:, None] & (sp[None, :] <= last)
-                m_all = tl.load(part_ml_ptr + ((tile * N_SPLITS + sp[None, :]) * BLOCK_R + local[:, None]) * 2, mask=ok,
-                                other=-float("inf"), cache_modifier=".cg")  # (BLOCK_R, NS_POW2)
-                m_max = tl.max(m_all, axis=1)  # exact, whatever the order
-                m_max = tl.where(m_max == -float("inf"), 0.0, m_max)
-                den = tl.zeros([BLOCK_R], dtype=tl.float32)
-                o = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-                for c0 in range(first, last + 1, CHUNK):  # in split order, CHUNK loads in flight at a time
-                    for c in tl.static_range(CHUNK):
-                        c_ok = r_ok & (local * 0 + c0 + c <= last)  # (BLOCK_R,)
-                        c_at = (tile * N_SPLITS + c0 + c) * BLOCK_R + local
-                        w = tl.exp2(tl.load(part_ml_ptr + c_at * 2, mask=c_ok, other=-float("inf"), cache_modifier=".cg") - m_max)
-                        den += w * tl.load(part_ml_ptr + c_at * 2 + 1, mask=c_ok, other=0.0, cache_modifier=".cg")
-                        o += w[:, None] * tl.load(part_o_ptr + c_at[:, None] * D + offs_d[None, :], mask=c_ok[:, None], other=0.0,
-                                                  cache_modifier=".cg")
-                tl.store(out_ptr + q_rows[:, None] * D + offs_d[None, :], (o / den[:, None]).to(out_dtype), mask=r_ok[:, None])
+                _combine_splits(out_ptr, part_o_ptr, part_ml_ptr, q_rows, tile * N_SPLITS, local, r_ok, first, last,
+                                BLOCK_R, D, NS_POW2, CHUNK)
                 tl.store(count_ptr + tile, 0)  # ready for the next launch
 
 
