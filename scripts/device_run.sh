@@ -16,6 +16,8 @@
 # validate stops starting prompts after BUDGET s (default 420) so that one call (10 min) brings results back.
 # The device copy's .git is the session's first commit, so name the tree in the call:
 #   LABKIT_GIT_COMMIT=$(git rev-parse HEAD) (put the hash itself in the run command), or results say <first>-dirty.
+# Before/after a change: git archive <commit> labkit kernels | tar -x -C .carry/before, carry .carry/before, then
+#   BEFORE_COMMIT=<commit> LABKIT_GIT_COMMIT=<hash> bash scripts/device_run.sh compare
 # .carry/pm holds papermill, ipykernel and what they need that the image lacks (Python 3.12).
 set -euo pipefail
 site=/tmp/labkit-site
@@ -66,6 +68,10 @@ case "$step" in
     ;;
   quicktests)  # the CUDA tests, the kernels against their twins, and the layer kernels at model sizes (faster than cudatests)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py tests/test_layer_kernels.py -k "cuda or verdict or commit or lookup or registry or norm_head or model_sizes" 2>&1 | tail -30 | tee "$out/pytest_cuda.txt"
+    ;;
+  compare)  # before and after: the same requests through the tree in .carry/before and this one (scripts/compare_commits.py)
+    python3 scripts/compare_commits.py --before .carry/before --after . --device cuda --rounds "${ROUNDS:-3}" \
+      --before-commit "${BEFORE_COMMIT:-unknown}" --after-commit "${LABKIT_GIT_COMMIT:-unknown}" --out "$out/results" 2>&1 | grep -v Warning | tee "$out/compare.txt"
     ;;
   speed)  # plain greedy, one prompt, each way of running the layers (noisy: one request each)
     p="Explain in three sentences why the sky is blue."

@@ -103,18 +103,18 @@ def test_auto_weights_keep_the_path_a_timed_decode_step_finds_faster(embedded, g
     """--weights auto times a decode step reading the GGUF blocks and one reading the dense
     weights, and keeps the faster (never slower than dense): here with the timings made up,
     then the real timing on this CPU."""
-    import labkit.engine as engine_module
+    import labkit.engine_choices as choices_module
     from labkit.engine_choices import time_block_weights
     from labkit.models.gguf_weights import QuantLinear
 
     def uses_blocks(engine: Engine) -> set[bool]:
         return {m.use_blocks for m in engine.model.modules() if isinstance(m, QuantLinear)}
 
-    monkeypatch.setattr(engine_module, "time_block_weights", lambda engine: (2.0, 1.0))
+    monkeypatch.setattr(choices_module, "time_block_weights", lambda engine: (2.0, 1.0))
     slower_blocks = Engine.from_loaded(embedded, "cpu", "float32")
     assert slower_blocks.weights == "dense" and uses_blocks(slower_blocks) == {False}
     assert "GGUF blocks 2.0 ms, dense 1.0 ms" in slower_blocks.weights_note
-    monkeypatch.setattr(engine_module, "time_block_weights", lambda engine: (1.0, 2.0))
+    monkeypatch.setattr(choices_module, "time_block_weights", lambda engine: (1.0, 2.0))
     faster_blocks = Engine.from_loaded(embedded, "cpu", "float32")
     assert faster_blocks.weights == "gguf" and uses_blocks(faster_blocks) == {True}
     blocks_ms, dense_ms = time_block_weights(gguf_engine)
