@@ -148,6 +148,12 @@ class Engine:
         return self._graphs_safe
 
     @property
+    def prompt_pass_min_t(self) -> int:
+        """The shortest prompt `prefill` runs as one captured pass (PrefillGraph; 0: never), read
+        when asked so that a tuned PREFILL_GRAPH_CHUNKS_MAX_T holds for warm-ups too."""
+        return max(GRAPH_MAX_T, PREFILL_GRAPH_CHUNKS_MAX_T) + 1 if PREFILL_GRAPHS and self.cuda_graph else 0
+
+    @property
     def static_step(self) -> Callable[..., torch.Tensor]:
         """The fixed-shape step (tokens (B, T), input_pos (T,), n_layers) -> logits (B, T, V) that
         graphs capture: compiled with --compile, else the plain one."""

@@ -8,7 +8,7 @@ import statistics
 
 import torch
 
-from labkit.engine import PREFILL_GRAPH_CHUNKS_MAX_T, PREFILL_GRAPHS, Engine
+from labkit.engine import Engine
 from labkit.graphs import GRAPH_MAX_T, VerifyHook, prefill_bucket
 from labkit.metrics.timers import now
 
@@ -64,9 +64,9 @@ def warm_up_steps(engine: Engine, max_t: int = 1, prompt_len: int = 1024, hook: 
 
 def _warm_up_prompt_passes(engine: Engine, prompt_len: int, token: torch.Tensor) -> None:
     """The captured prompt passes (PrefillGraph) for every bucket up to prompt_len's."""
-    shortest = max(GRAPH_MAX_T, PREFILL_GRAPH_CHUNKS_MAX_T) + 1  # the shortest prompt `prefill` runs as one pass
-    bucket = prefill_bucket(shortest)
-    while engine.cuda_graph and PREFILL_GRAPHS and bucket <= prefill_bucket(min(prompt_len, engine.max_seq_len)):
+    shortest = engine.prompt_pass_min_t
+    bucket = prefill_bucket(shortest) if shortest else 0
+    while shortest and bucket <= prefill_bucket(min(prompt_len, engine.max_seq_len)):
         T = max(bucket // 2 + 1, shortest)  # a prompt this bucket serves
         engine.ensure_capacity(T)
         if engine.graphs_safe:
