@@ -13,6 +13,7 @@ from typing import Any
 from labkit.cli_args import Parser, _csv, _engine_args, _ints, _model_args, engine_config
 from labkit.cli_bench import add_bench_parser, cmd_bench
 from labkit.cli_generate import add_generate_parser, cmd_generate
+from labkit.cli_serve import add_serve_parser
 from labkit.config import resolve_device, resolve_dtype
 from labkit.errors import LabkitError
 from labkit.specdec.policies import TYPICAL_ALPHA, TYPICAL_THRESHOLD
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--json", action="store_true")
 
     add_bench_parser(sub)
+    add_serve_parser(sub)
 
     add_heads_parser(sub)
     return parser
@@ -214,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_kernels(args)
         if args.command == "heads":
             return cmd_heads_train(args)
+        if args.command == "serve":
+            from labkit.cli_serve import cmd_serve
+
+            return cmd_serve(args)
     except LabkitError as err:
         print(f"labkit: error: {err}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from labkit.cli_args import Parser, _csv, _engine_args, _ints, _model_args, engine_config
+from labkit.cli_serve import add_bench_serve_parser
 from labkit.config import resolve_device, resolve_dtype
 from labkit.errors import LabkitError
 
@@ -34,6 +35,7 @@ def add_bench_parser(sub: Any) -> None:
     bk.add_argument("--repeats", type=int, default=50)
     bk.add_argument("--output-dir", default="results")
     bb.add_argument("--no-write", action="store_true", help="measure and print, write no files")
+    add_bench_serve_parser(bsub)
     bc = bsub.add_parser("context", help="time to first token and decode tok/s against prompt length, labkit and transformers in one run")
     _model_args(bc)
     _engine_args(bc, cuda_graph_default=True)
@@ -89,6 +91,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.bench == "context":
         return cmd_bench_context(args)
+    if args.bench == "serve":
+        from labkit.cli_serve import cmd_bench_serve
+
+        return cmd_bench_serve(args)
     raise LabkitError(f"unknown benchmark {args.bench!r}")
 
 

@@ -8,7 +8,7 @@ speculation) is a unit of its own in labkit/steps.py, chosen once per request.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,15 +63,18 @@ def generate(
     config: GenerationConfig,
     spec: Speculation | None = None,
     detailed_metrics: bool | None = None,
+    on_tokens: Callable[[list[int]], bool] | None = None,
 ) -> GenerationResult:
     """Decode one prompt (batch 1): greedy when temperature is 0; speculative when `spec` is given.
     detailed_metrics (None: SPECDEC_DETAILED_METRICS) times each phase, synchronising around it.
+    on_tokens sees the new tokens as each step keeps them (the first token, then several per
+    step when a draft stands); returning False stops the request there (stop reason "cancelled").
 
     One request at a time holds the engine (and the drafter that works on it): a second thread
     calling generate on the same engine waits for the first to finish.
     """
     with engine.request_lock:
-        return _generate(engine, prompt_ids, config, spec, detailed_metrics)
+        return _generate(engine, prompt_ids, config, spec, detailed_metrics, on_tokens)
 
 
 def _start(engine: Engine, prompt_ids: Sequence[int], config: GenerationConfig, spec: Speculation | None,
@@ -97,10 +100,12 @@ def _generate(
     config: GenerationConfig,
     spec: Speculation | None,
     detailed_metrics: bool | None,
+    on_tokens: Callable[[list[int]], bool] | None = None,
 ) -> GenerationResult:
     """The loop. Invariant between steps: the target's cache holds every context token but the last."""
     timer = PhaseTimer(engine.device, Flags.from_env().detailed_metrics if detailed_metrics is None else detailed_metrics)
     req = _start(engine, prompt_ids, config, spec, timer)
+    req.on_tokens = on_tokens
     drafter = spec.drafter if spec else None
     controller = (spec.controller or FixedK(spec.k)) if spec else None
     policy = (spec.policy or default_policy(config)) if spec else None
@@ -125,6 +130,7 @@ def _generate(
     req.t_prev = time.perf_counter()
     stats.ttft_s = req.t_prev - t_start
     req.stop_reason = "eos" if req.tokens[0] in req.eos else ""
+    req.hand_out(req.tokens[:1])
     while not req.stop_reason:
         if req.remaining <= 0:
             req.stop_reason = "max_new_tokens" if req.budget == config.max_new_tokens else "context"

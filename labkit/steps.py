@@ -16,6 +16,7 @@ nothing here asks what class an object is.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,6 +50,7 @@ class Request:
     context: list[int] = field(default_factory=list)  # prompt and new tokens
     stop_reason: str = ""
     t_prev: float = 0.0  # host clock at the last booked step
+    on_tokens: Callable[[list[int]], bool] | None = None  # sees each step's new tokens; False stops the request ("cancelled")
 
     @property
     def remaining(self) -> int:
@@ -85,9 +87,16 @@ class Request:
             stats.draft_tokens.extend([] for _ in range(kept))
             stats.accepted_lengths.extend(0 for _ in range(kept))
         self.context.extend(self.tokens[len(self.context) - self.prompt_len :])
+        self.hand_out(self.tokens[before:])
         t = time.perf_counter()
         stats.token_latencies_ms.extend([(t - self.t_prev) * 1e3 / len(new)] * len(new))
         self.t_prev = t
+
+
+    def hand_out(self, new: list[int]) -> None:
+        """Give the kept tokens to on_tokens (a streaming server); its False ends the request."""
+        if self.on_tokens is not None and not self.on_tokens(new) and not self.stop_reason:
+            self.stop_reason = "cancelled"
 
 
 class Step(Protocol):

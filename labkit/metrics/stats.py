@@ -10,7 +10,7 @@ from typing import Any
 class GenerationStats:
     prompt_tokens: int
     new_tokens: int
-    stop_reason: str  # "eos", "max_new_tokens" or "context" (the model's context ran out)
+    stop_reason: str  # "eos", "max_new_tokens", "context" (the model's context ran out) or "cancelled" (on_tokens said stop)
     ttft_s: float  # prefill + first token
     total_s: float
     token_latencies_ms: list[float] = field(default_factory=list)  # per step after the first token, spread over its tokens

@@ -1,0 +1,105 @@
+"""`python -m labkit serve` (the OpenAI-compatible server) and `python -m labkit bench serve` (the client)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+from labkit.cli_args import _engine_args, _model_args, engine_config
+from labkit.errors import LabkitError
+
+
+def add_serve_parser(sub: Any) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible server (chat and text completions, streaming, /metrics) over one engine")
+    _model_args(s)
+    _engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="the name /v1/models lists (default: --model)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting past this get 429")
+    s.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may run (0: no limit); past it, 504")
+    s.add_argument("--max-tokens", type=int, default=256, help="when a request names no max_tokens")
+    s.add_argument("--drafter", default=None, help="speculation by default (a request may override it with its own 'drafter' field)")
+    s.add_argument("--k", type=int, default=4, help="draft tokens per step (K max for adaptive controllers)")
+    s.add_argument("--controller", default="fixed", help="fixed, heuristic, aimd, cost")
+    s.add_argument("--policy", default="default", help="default, greedy, rejection, typical, topk")
+    s.add_argument("--draft-model", default=None, help="for --drafter model")
+    s.add_argument("--heads", default=None, metavar="FOLDER", help="for --drafter heads")
+    s.add_argument("--layers", type=int, default=None, help="layer-skip / truncated depth")
+
+
+def add_bench_serve_parser(bsub: Any) -> None:
+    b = bsub.add_parser("serve", help="load an OpenAI-compatible server (or labkit in-process) and report TTFT, TPOT, ITL and throughput")
+    b.add_argument("--backend", choices=["http", "local"], default="http", help="http: any OpenAI-compatible server; local: labkit's engine in-process")
+    b.add_argument("--base-url", default="http://127.0.0.1:8000")
+    _model_args(b)
+    _engine_args(b)
+    b.add_argument("--dataset", default="suite", help="suite (labkit's prompts) or a .jsonl file of {\"prompt\"} or {\"messages\"}")
+    b.add_argument("--num-prompts", type=int, default=16)
+    b.add_argument("--concurrency", "--max-concurrency", dest="concurrency", type=int, default=1, help="requests in flight at most")
+    b.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (default inf: all at once)")
+    b.add_argument("--max-tokens", type=int, default=128)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--extra-body", default=None, help="JSON merged into each request, e.g. '{\"drafter\": \"ngram\", \"k\": 3}'")
+    b.add_argument("--output-dir", default="results")
+    b.add_argument("--no-write", action="store_true", help="measure and print, write no files")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from labkit.serve.app import ServeConfig
+    from labkit.serve.worker import SpecDefaults
+
+    for name, value in (("--port", args.port), ("--max-queue", args.max_queue), ("--max-tokens", args.max_tokens), ("--k", args.k)):
+        if value < 1 or (name == "--port" and value > 65535):
+            raise LabkitError(f"{name} must be a whole number of at least 1{' and at most 65535' if name == '--port' else ''}, got {value}")
+    if args.request_timeout < 0:
+        raise LabkitError(f"--request-timeout must be >= 0 (0: no limit), got {args.request_timeout}")
+    spec = SpecDefaults(drafter=args.drafter if args.drafter not in (None, "none") else None, k=args.k, controller=args.controller, policy=args.policy)
+    cfg = ServeConfig(host=args.host, port=args.port, served_model_name=args.served_model_name or args.model, max_queue=args.max_queue,
+                      request_timeout_s=args.request_timeout or None, max_tokens_default=args.max_tokens, spec=spec)
+    return serve(cfg, args, engine_config(args))
+
+
+def serve(cfg: Any, args: argparse.Namespace, engine_cfg: Any) -> int:
+    import uvicorn
+
+    from labkit.engine_build import from_config
+    from labkit.generate import warm_up
+    from labkit.models.loading import load_model
+    from labkit.serve.app import create_app
+    from labkit.specdec.drafters import build_drafter, check_drafter_options
+
+    if cfg.spec.drafter:
+        check_drafter_options([cfg.spec.drafter], args.draft_model, args.heads)
+    loaded = load_model(args.model)
+    engine = from_config(loaded, engine_cfg)
+    drafter = None
+    if cfg.spec.drafter:
+        drafter = build_drafter(cfg.spec.drafter, engine, layers=args.layers, draft_model=args.draft_model, target_tokenizer=loaded.tokenizer,
+                                heads_path=args.heads)
+    warm_up(engine, cfg.spec.k if drafter else 0, drafter=drafter)
+    app = create_app(engine, loaded.tokenizer, cfg, (loaded.name, args.model), drafter)
+    print(f"labkit serve: {loaded.name} on {engine.device} ({engine.weights} weights, {engine.layer_kernels} layers), "
+          f"http://{cfg.host}:{cfg.port}/v1", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from labkit.bench.serve_client import ServeBenchConfig, run_serve_bench, serve_report
+
+    try:
+        extra = json.loads(args.extra_body) if args.extra_body else {}
+    except json.JSONDecodeError:
+        raise LabkitError(f"--extra-body is not JSON: {args.extra_body!r}") from None
+    if not isinstance(extra, dict):
+        raise LabkitError("--extra-body must be a JSON object")
+    cfg = ServeBenchConfig(backend=args.backend, base_url=args.base_url, model=args.model, engine=engine_config(args), dataset=args.dataset,
+                           num_prompts=args.num_prompts, concurrency=args.concurrency, request_rate=args.request_rate, max_tokens=args.max_tokens,
+                           temperature=args.temperature, seed=args.seed, extra_body=extra, output_dir=None if args.no_write else args.output_dir)
+    payload = run_serve_bench(cfg)
+    print("\n".join(serve_report(payload)))
+    return 0

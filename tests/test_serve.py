@@ -1,0 +1,253 @@
+"""`labkit serve` against a real server (a subprocess on a free port, serving a tiny random Llama
+with the embedded model's tokenizer, so that decoding is fast and its text is arbitrary bytes),
+and the detokenizer and client it relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from labkit.config import GenerationConfig  # noqa: E402
+from labkit.engine import Engine  # noqa: E402
+from labkit.generate import Speculation, encode_prompt, generate  # noqa: E402
+from labkit.models.loading import load_model  # noqa: E402
+from labkit.serve.detok import IncrementalDetokenizer  # noqa: E402
+from labkit.specdec.drafters import make_drafter  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT = [{"role": "user", "content": "Write a short poem about the sea, with an emoji: 🌊."}]
+
+
+def test_detokenizer_streams_the_whole_text_once(embedded) -> None:
+    """Pushed token by token or in random chunks, the pieces join to the full decode: no character
+    split (a multi-byte one spans tokens), none repeated, none lost."""
+    tok = embedded.tokenizer
+    rng = random.Random(0)
+    texts = ["naïve café — 東京 🌊🎉 ok", "plain ascii text, with  spaces", "Ünïcödé\n\ttabs 😀😀 x"]
+    ids_list = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    ids_list.append([rng.randrange(len(tok)) for _ in range(200)])  # arbitrary ids: bytes that need not form characters
+    for ids in ids_list:
+        for chunked in (False, True):
+            detok, out, i = IncrementalDetokenizer(tok), "", 0
+            while i < len(ids):
+                n = rng.randint(1, 4) if chunked else 1
+                piece = detok.push(ids[i : i + n])
+                assert "\ufffd" not in piece or not ids[i + n :]  # a half character waits for its other bytes
+                out += piece
+                i += n
+            out += detok.flush()
+            assert out == tok.decode(ids, skip_special_tokens=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder: Path):
+    port = _free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "labkit", "serve", "--model", str(tiny_folder), "--device", "cpu", "--dtype", "float32",
+                             "--weights", "dense", "--port", str(port), "--max-tokens", "16", "--max-queue", "32", "--threads", "1"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        if proc.poll() is not None:
+            raise RuntimeError(f"labkit serve exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("labkit serve did not come up")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_folder: Path):
+    """The same model in-process: what the server must answer, token for token."""
+    loaded = load_model(str(tiny_folder))
+    return loaded, Engine.from_loaded(loaded, "cpu", "float32", weights="dense")
+
+
+def _expected(local, messages, max_tokens: int, drafter: str | None = None) -> str:
+    loaded, engine = local
+    spec = Speculation(make_drafter(drafter, engine), 3) if drafter else None
+    tokens = generate(engine, encode_prompt(loaded.tokenizer, messages), GenerationConfig(max_new_tokens=max_tokens), spec).tokens
+    return loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _stream(url: str, body: dict) -> tuple[list[dict], bool]:
+    """The data events of a streamed answer, and whether [DONE] ended it."""
+    events, done = [], False
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                if line == "data: [DONE]":
+                    done = True
+                else:
+                    events.append(json.loads(line[6:]))
+    return events, done
+
+
+@pytest.mark.parametrize("drafter", [None, "ngram"])
+def test_answers_are_in_process_greedy_streamed_or_not(server: str, local, drafter: str | None) -> None:
+    extra = {"drafter": drafter, "k": 3} if drafter else {}
+    want = _expected(local, CHAT, 16, drafter)
+    body = {"model": "default", "messages": CHAT, "max_tokens": 16, **extra}
+    whole = httpx.post(server + "/v1/chat/completions", json=body, timeout=60).json()
+    assert whole["object"] == "chat.completion" and whole["choices"][0]["message"]["content"] == want
+    assert whole["usage"]["completion_tokens"] <= 16 and whole["choices"][0]["finish_reason"] in ("stop", "length")
+    events, done = _stream(server + "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
+    assert done and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == want and events[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+
+
+def test_text_completions(server: str, local) -> None:
+    loaded, engine = local
+    ids = encode_prompt(loaded.tokenizer, "Once upon a time", chat=False)
+    want = loaded.tokenizer.decode(generate(engine, ids, GenerationConfig(max_new_tokens=8)).tokens, skip_special_tokens=True)
+    got = httpx.post(server + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 8}, timeout=60).json()
+    assert got["object"] == "text_completion" and got["choices"][0]["text"] == want
+    events, done = _stream(server + "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 8})
+    assert done and "".join(e["choices"][0]["text"] for e in events) == want
+    models = httpx.get(server + "/v1/models").json()
+    assert models["data"][0]["id"] and httpx.get(server + "/health").json()["status"] == "ok"
+
+
+def test_sixteen_concurrent_clients_each_get_their_own_answer(server: str, local) -> None:
+    prompts = [[{"role": "user", "content": f"Tell me fact number {i} about rivers."}] for i in range(16)]
+    want = [_expected(local, p, 12) for p in prompts]
+
+    async def ask(client, i: int) -> str:
+        if i % 2:
+            got = ""
+            async with client.stream("POST", server + "/v1/chat/completions", json={"messages": prompts[i], "max_tokens": 12, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        got += json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+            return got
+        r = await client.post(server + "/v1/chat/completions", json={"messages": prompts[i], "max_tokens": 12})
+        return r.json()["choices"][0]["message"]["content"]
+
+    async def main() -> list[str]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return list(await asyncio.gather(*(ask(client, i) for i in range(16))))
+
+    assert asyncio.run(main()) == want  # none lost, none mixed, every one the in-process answer
+
+
+def _finished(metrics: str) -> float:
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("labkit_requests_total{"))
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_server(server: str) -> None:
+    """The abandoned request ends (at the next step once the server sees the disconnect, or at its
+    end if it got there first): counted as finished, and the next request is served."""
+    before = _finished(httpx.get(server + "/metrics").text)
+    with httpx.stream("POST", server + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 200, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"role"' not in line:
+                break  # text has come: hang up
+    ok = httpx.post(server + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
+    assert _finished(httpx.get(server + "/metrics").text) == before + 2
+
+
+def test_a_cancelled_job_stops_at_the_next_step(local) -> None:
+    """The worker's side of a disconnect: once the job is cancelled, generation stops at the next
+    step (stop reason "cancelled"), the engine is free, and the metrics say so."""
+    from labkit.serve.metrics import ServeMetrics
+    from labkit.serve.protocol import ServeRequest
+    from labkit.serve.worker import FifoWorker, Job, SpecDefaults
+
+    loaded, engine = local
+    worker = FifoWorker(engine, SpecDefaults(), 4, ServeMetrics())
+    ids = encode_prompt(loaded.tokenizer, CHAT)
+
+    async def run(cancel_after: int | None) -> tuple[int, object]:
+        r = ServeRequest("chat", CHAT, GenerationConfig(max_new_tokens=150, min_new_tokens=150), True, False, None, None, None, None, "x", 0)
+        job = Job(r, ids, asyncio.get_running_loop(), None)
+        worker.submit(job)
+        seen = 0
+        while True:
+            kind, payload = await job.events.get()
+            if kind == "tokens":
+                seen += len(payload)
+                if cancel_after is not None and seen >= cancel_after:
+                    job.cancelled.set()
+            else:
+                return seen, payload
+
+    try:
+        seen, (result, timed_out) = asyncio.run(run(3))
+        assert result.stats.stop_reason == "cancelled" and not timed_out and len(result.tokens) < 150 and seen == len(result.tokens)
+        seen, (result, _) = asyncio.run(run(None))  # the next job runs to its end on the same engine
+        assert result.stats.stop_reason == "max_new_tokens" and len(result.tokens) == 150
+        assert 'labkit_requests_total{status="cancelled"} 1.0' in worker.metrics.text().decode()
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ("{not json", 400, None),
+    ({"model": "default"}, 400, "messages"),
+    ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": CHAT, "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"messages": CHAT, "drafter": "telepathy"}, 400, "drafter"),
+    ({"messages": CHAT, "drafter": "ngram", "k": 65}, 400, "k"),
+    ({"messages": CHAT, "temperature": -0.5}, 400, "temperature"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature"),
+    ({"messages": CHAT, "model": "gpt-4o"}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "x" * (2 << 20)}]}, 413, None),
+])
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server: str, body, status: int, param: str | None) -> None:
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server + "/v1/chat/completions", content=data, headers={"content-type": "application/json"}, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == status and err["message"] and err["type"] and err["param"] == param
+    assert httpx.post(server + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_the_official_openai_client_talks_to_it(server: str, local) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused")
+    got = client.chat.completions.create(model="default", messages=CHAT, max_tokens=10)
+    assert got.choices[0].message.content == _expected(local, CHAT, 10)
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(model="default", messages=CHAT, max_tokens=10, stream=True)
+              if c.choices]
+    assert "".join(pieces) == got.choices[0].message.content
+
+
+def test_the_client_end_to_end(server: str, tmp_path: Path) -> None:
+    from labkit.bench.serve_client import ServeBenchConfig, run_serve_bench, serve_report
+
+    cfg = ServeBenchConfig(backend="http", base_url=server, num_prompts=6, concurrency=3, max_tokens=6, extra_body={"drafter": "ngram", "k": 2},
+                           output_dir=str(tmp_path), progress=False)
+    payload = run_serve_bench(cfg)
+    s = payload["summary"]
+    assert s["completed"] == 6 and s["failed"] == 0 and 0 < s["total_output_tokens"] <= 36
+    assert 0 < s["p50_ttft_ms"] <= s["p99_ttft_ms"] and s["output_throughput"] > 0 and "tau" in s and s["tau"] >= 1.0
+    assert len(payload["files"]) == 2 and all(Path(f).exists() for f in payload["files"])
+    assert any("Output token throughput" in line for line in serve_report(payload))
