@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from labkit.bench.results import provenance, write_results  # noqa: E402
-from labkit.bench.serve_client import ServeBenchConfig, _Local, _bench_http, _run, load_dataset, summarize  # noqa: E402
+from labkit.bench.serve_client import ServeBenchConfig, _bench_http, _Local, _run, load_dataset, summarize  # noqa: E402
 from labkit.config import EngineConfig, resolve_device  # noqa: E402
 
 
