@@ -73,6 +73,12 @@ case "$step" in
     python3 scripts/compare_commits.py --before .carry/before --after . --device cuda --rounds "${ROUNDS:-3}" \
       --before-commit "${BEFORE_COMMIT:-unknown}" --after-commit "${LABKIT_GIT_COMMIT:-unknown}" --out "$out/results" 2>&1 | grep -v Warning | tee "$out/compare.txt"
     ;;
+  serve)  # served against in-process on the GPU; wheels from .carry/serve (pip download --python-version 3.12 ... fastapi uvicorn sse-starlette prometheus-client httpx)
+    python3 -m pip install -q --no-index --find-links .carry/serve fastapi uvicorn sse-starlette prometheus-client httpx 2>&1 | tail -2 \
+      || python3 -m pip install -q --user --no-index --find-links .carry/serve fastapi uvicorn sse-starlette prometheus-client httpx 2>&1 | tail -2
+    python3 scripts/serve_overhead.py --device cuda --cuda-graph --rounds "${ROUNDS:-3}" --num-prompts 16 --max-tokens 128 --out "$out/results" 2>&1 \
+      | grep -v Warning | tee "$out/serve_overhead.txt"
+    ;;
   speed)  # plain greedy, one prompt, each way of running the layers (noisy: one request each)
     p="Explain in three sentences why the sky is blue."
     for flags in "--layer-kernels torch" "--compile" "--layer-kernels triton" "--layer-kernels triton --drafter ngram --k 4"; do
