@@ -66,24 +66,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def serve(cfg: Any, args: argparse.Namespace, engine_cfg: Any) -> int:
     import uvicorn
 
-    from labkit.engine_build import from_config
-    from labkit.generate import warm_up
-    from labkit.models.loading import load_model
-    from labkit.serve.app import create_app
-    from labkit.specdec.drafters import build_drafter, check_drafter_options
+    from labkit.serve.app import build_app
 
-    if cfg.spec.drafter:
-        check_drafter_options([cfg.spec.drafter], args.draft_model, args.heads)
-    loaded = load_model(args.model)
-    engine = from_config(loaded, engine_cfg)
-    drafter = None
-    if cfg.spec.drafter:
-        drafter = build_drafter(cfg.spec.drafter, engine, layers=args.layers, draft_model=args.draft_model, target_tokenizer=loaded.tokenizer,
-                                heads_path=args.heads)
-    warm_up(engine, cfg.spec.k if drafter else 0, drafter=drafter)
-    app = create_app(engine, loaded.tokenizer, cfg, (loaded.name, args.model), drafter)
-    print(f"labkit serve: {loaded.name} on {engine.device} ({engine.weights} weights, {engine.layer_kernels} layers), "
-          f"http://{cfg.host}:{cfg.port}/v1", flush=True)
+    app, what = build_app(args.model, engine_cfg, cfg, args.draft_model, args.heads, args.layers)
+    print(f"labkit serve: {what}, http://{cfg.host}:{cfg.port}/v1", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
     return 0
 

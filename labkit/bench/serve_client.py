@@ -285,6 +285,18 @@ async def _bench_http(cfg: ServeBenchConfig, prompts: list[tuple[str, list[dict[
     return outputs, duration, spec_over_run(before, after)
 
 
+def run_async(coro: Any) -> Any:
+    """asyncio.run, also where a loop already runs (a Jupyter kernel): then on a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     cfg.validate()
     prompts = load_dataset(cfg)
@@ -292,11 +304,11 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     log = start_log(cfg.output_dir, f"serve-{cfg.backend}")  # before anything is measured
     spec: dict[str, float] = {}
     if cfg.backend == "http":
-        outputs, duration, spec = asyncio.run(_bench_http(cfg, prompts))
+        outputs, duration, spec = run_async(_bench_http(cfg, prompts))
     else:
         local = _Local(cfg)
         try:
-            outputs, duration = asyncio.run(_run(cfg, prompts, local.request))
+            outputs, duration = run_async(_run(cfg, prompts, local.request))
             spec = spec_over_run({}, local.worker.metrics.spec_totals())
         finally:
             local.close()

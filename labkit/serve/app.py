@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette.sse import EventSourceResponse
 
+from labkit.config import EngineConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import GenerationResult, check_prompt, encode_prompt
@@ -206,3 +207,50 @@ def create_app(engine: Engine, tokenizer: Any, cfg: ServeConfig, model_names: tu
         return await server.answer(body, request)
 
     return app
+
+
+def build_app(model: str, engine_cfg: EngineConfig, cfg: ServeConfig, draft_model: str | None = None, heads: str | None = None,
+              layers: int | None = None) -> tuple[FastAPI, str]:
+    """Load the model, build its engine and the default drafter, capture the step shapes, and
+    return the app with a line that says what it serves."""
+    from labkit.engine_build import from_config
+    from labkit.generate import warm_up
+    from labkit.models.loading import load_model
+    from labkit.specdec.drafters import build_drafter, check_drafter_options
+
+    if cfg.spec.drafter:
+        check_drafter_options([cfg.spec.drafter], draft_model, heads)
+    loaded = load_model(model)
+    engine = from_config(loaded, engine_cfg)
+    drafter = None
+    if cfg.spec.drafter:
+        drafter = build_drafter(cfg.spec.drafter, engine, layers=layers, draft_model=draft_model, target_tokenizer=loaded.tokenizer, heads_path=heads)
+    warm_up(engine, cfg.spec.k if drafter else 0, drafter=drafter)
+    what = f"{loaded.name} on {engine.device} ({engine.weights} weights, {engine.layer_kernels} layers)"
+    return create_app(engine, loaded.tokenizer, cfg, (loaded.name, model), drafter), what
+
+
+class BackgroundServer:
+    """An app served by uvicorn on a thread of this process (a notebook, a script): `url` once
+    started, `stop()` to shut it down. Port 0 takes a free port."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        import threading
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="labkit-serve", daemon=True)
+        self.thread.start()
+        for _ in range(600):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        else:
+            raise LabkitError("the server did not start")
+        bound = self.server.servers[0].sockets[0].getsockname()
+        self.url = f"http://{host}:{bound[1]}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
