@@ -251,3 +251,42 @@ def test_the_client_end_to_end(server: str, tmp_path: Path) -> None:
     assert 0 < s["p50_ttft_ms"] <= s["p99_ttft_ms"] and s["output_throughput"] > 0 and "tau" in s and s["tau"] >= 1.0
     assert len(payload["files"]) == 2 and all(Path(f).exists() for f in payload["files"])
     assert any("Output token throughput" in line for line in serve_report(payload))
+
+
+def test_a_full_queue_answers_429_and_a_timeout_stops_the_request(local) -> None:
+    """Past --max-queue waiting requests, submit refuses with 429; a request past its deadline
+    stops at its next step and is reported as timed out (the server answers 504)."""
+    from labkit.serve.metrics import ServeMetrics
+    from labkit.serve.protocol import APIError, ServeRequest
+    from labkit.serve.worker import FifoWorker, Job, SpecDefaults
+
+    loaded, engine = local
+    ids = encode_prompt(loaded.tokenizer, CHAT)
+    r = ServeRequest("chat", CHAT, GenerationConfig(max_new_tokens=50, min_new_tokens=50), False, False, None, None, None, None, "x", 0)
+    full = FifoWorker(engine, SpecDefaults(), 0, ServeMetrics())
+    try:
+
+        async def refused() -> None:
+            with pytest.raises(APIError) as err:
+                full.submit(Job(r, ids, asyncio.get_running_loop(), None))
+            assert err.value.status == 429 and err.value.body()["error"]["code"] == "queue_full"
+
+        asyncio.run(refused())
+    finally:
+        full.close()
+    worker = FifoWorker(engine, SpecDefaults(), 4, ServeMetrics())
+    try:
+
+        async def late() -> tuple:
+            job = Job(r, ids, asyncio.get_running_loop(), time.monotonic() - 1.0)  # already past its deadline
+            worker.submit(job)
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "done":
+                    return payload
+
+        result, timed_out = asyncio.run(late())
+        assert timed_out and result.stats.stop_reason == "cancelled" and len(result.tokens) == 1
+        assert 'labkit_requests_total{status="timeout"} 1.0' in worker.metrics.text().decode()
+    finally:
+        worker.close()
