@@ -20,6 +20,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -148,9 +149,71 @@ static inline float hsum8(const __m256 *a) {  /* the sum of four 8-lane accumula
     return _mm_cvtss_f32(t);
 }
 
-#endif
+#else  /* portable: GCC/Clang vector types, which the compiler maps to NEON (aarch64), SSE (x86) or scalars */
+#define PATH "portable"
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+/* Four lanes, the width every SIMD unit has (NEON, SSE): a block's 32 weights are eight vectors
+ * (Q4_1: low nibbles 0-15, then high nibbles 16-31), w = d*q then + m, each row's dot product
+ * kept in eight accumulators. The nibbles are unpacked by a 16-byte loop the compiler vectorises. */
+typedef float v4f __attribute__((vector_size(16)));
+
+static inline v4f ld4(const float *p) { v4f v; memcpy(&v, p, sizeof v); return v; }
+
+static inline float hsum4(const v4f *a) {  /* the sum of eight 4-lane accumulators */
+    const v4f s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+#define Q4_VARIANT(MM)                                                                                   \
+static void q4_1_m##MM(const float *x, const uint8_t *qs, const float *d, const float *m, float *y,     \
+                       int64_t N, int64_t K, int64_t ystride) {                                          \
+    const int64_t B = K / G;                                                                             \
+    _Pragma("omp parallel for schedule(static)")                                                         \
+    for (int64_t n = 0; n < N; n++) {                                                                    \
+        const uint8_t *row = qs + n * (K / 2);                                                           \
+        v4f acc[MM][8];                                                                                  \
+        for (int r = 0; r < MM; r++) for (int v = 0; v < 8; v++) acc[r][v] = (v4f){0.f, 0.f, 0.f, 0.f};  \
+        for (int64_t b = 0; b < B; b++) {                                                                \
+            const uint8_t *blk = row + b * 16;                                                           \
+            const float db = d[n * B + b], mb = m[n * B + b];                                            \
+            float q[G];                                                                                  \
+            for (int j = 0; j < 16; j++) { q[j] = (float)(blk[j] & 0x0F); q[j + 16] = (float)(blk[j] >> 4); } \
+            v4f w[8];                                                                                    \
+            for (int v = 0; v < 8; v++) w[v] = ld4(q + 4 * v) * db + mb;                                 \
+            for (int r = 0; r < MM; r++) {                                                               \
+                const float *xb = x + r * K + b * G;                                                     \
+                for (int v = 0; v < 8; v++) acc[r][v] += w[v] * ld4(xb + 4 * v);                         \
+            }                                                                                            \
+        }                                                                                                \
+        for (int r = 0; r < MM; r++) y[r * ystride + n] = hsum4(acc[r]);                                 \
+    }                                                                                                    \
+}
+
+#define Q8_VARIANT(MM)                                                                                   \
+static void q8_0_m##MM(const float *x, const int8_t *qs, const float *d, float *y,                      \
+                       int64_t N, int64_t K, int64_t ystride) {                                          \
+    const int64_t B = K / G;                                                                             \
+    _Pragma("omp parallel for schedule(static)")                                                         \
+    for (int64_t n = 0; n < N; n++) {                                                                    \
+        const int8_t *row = qs + n * K;                                                                  \
+        v4f acc[MM][8];                                                                                  \
+        for (int r = 0; r < MM; r++) for (int v = 0; v < 8; v++) acc[r][v] = (v4f){0.f, 0.f, 0.f, 0.f};  \
+        for (int64_t b = 0; b < B; b++) {                                                                \
+            const float db = d[n * B + b];                                                               \
+            float q[G];                                                                                  \
+            for (int j = 0; j < G; j++) q[j] = (float)row[b * G + j];                                    \
+            v4f w[8];                                                                                    \
+            for (int v = 0; v < 8; v++) w[v] = ld4(q + 4 * v) * db;                                      \
+            for (int r = 0; r < MM; r++) {                                                               \
+                const float *xb = x + r * K + b * G;                                                     \
+                for (int v = 0; v < 8; v++) acc[r][v] += w[v] * ld4(xb + 4 * v);                         \
+            }                                                                                            \
+        }                                                                                                \
+        for (int r = 0; r < MM; r++) y[r * ystride + n] = hsum4(acc[r]);                                 \
+    }                                                                                                    \
+}
+
+#endif
 
 Q4_VARIANT(1) Q4_VARIANT(2) Q4_VARIANT(3) Q4_VARIANT(4) Q4_VARIANT(5) Q4_VARIANT(6) Q4_VARIANT(7) Q4_VARIANT(8)
 Q8_VARIANT(1) Q8_VARIANT(2) Q8_VARIANT(3) Q8_VARIANT(4) Q8_VARIANT(5) Q8_VARIANT(6) Q8_VARIANT(7) Q8_VARIANT(8)
@@ -176,60 +239,7 @@ void gemv_q8_0(const float *x, const int8_t *qs, const float *d,
     }
 }
 
-#else  /* portable C: the compiler vectorises what it can */
-#define PATH "portable"
 
-void gemv_q4_1(const float *x, const uint8_t *qs, const float *d, const float *m,
-               float *y, int64_t M, int64_t N, int64_t K) {
-    const int64_t B = K / G;
-    #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = qs + n * (K / 2);
-        float acc[MAX_M] = {0};
-        for (int64_t b = 0; b < B; b++) {
-            const uint8_t *blk = row + b * 16;
-            const float db = d[n * B + b], mb = m[n * B + b];
-            float w[G];
-            for (int j = 0; j < 16; j++) {
-                w[j] = db * (float)(blk[j] & 0x0F) + mb;
-                w[j + 16] = db * (float)(blk[j] >> 4) + mb;
-            }
-            for (int64_t r = 0; r < M; r++) {
-                const float *xb = x + r * K + b * G;
-                float dot = 0.f;
-                #pragma omp simd reduction(+:dot)
-                for (int j = 0; j < G; j++) dot += xb[j] * w[j];
-                acc[r] += dot;
-            }
-        }
-        for (int64_t r = 0; r < M; r++) y[r * N + n] = acc[r];
-    }
-}
-
-void gemv_q8_0(const float *x, const int8_t *qs, const float *d,
-               float *y, int64_t M, int64_t N, int64_t K) {
-    const int64_t B = K / G;
-    #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *row = qs + n * K;
-        float acc[MAX_M] = {0};
-        for (int64_t b = 0; b < B; b++) {
-            const float db = d[n * B + b];
-            float w[G];
-            for (int j = 0; j < G; j++) w[j] = db * (float)row[b * G + j];
-            for (int64_t r = 0; r < M; r++) {
-                const float *xb = x + r * K + b * G;
-                float dot = 0.f;
-                #pragma omp simd reduction(+:dot)
-                for (int j = 0; j < G; j++) dot += xb[j] * w[j];
-                acc[r] += dot;
-            }
-        }
-        for (int64_t r = 0; r < M; r++) y[r * N + n] = acc[r];
-    }
-}
-
-#endif
 
 int max_rows(void) { return MAX_M; }
 

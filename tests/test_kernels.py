@@ -1,5 +1,8 @@
 """Every kernel against its PyTorch reference, on random inputs (never zeros)."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -355,3 +358,28 @@ def test_kernel_without_avx512_matches_reference(monkeypatch, tmp_path, flags: s
                 assert (ours - ref).abs().max().item() < 1e-5 * ref.abs().max().item() + 1e-5, (make.__name__, rows)
     finally:
         cpu_quant._load.cache_clear()
+
+
+@pytest.mark.parametrize("target", ["portable", "aarch64"])
+def test_block_kernel_builds_elsewhere_match_a_double_reference(tmp_path, target: str) -> None:
+    """The paths this machine does not take, built as standalone programs (tests/native/check_gemv.c:
+    every row count, Q4_1 and Q8_0, against a double-precision reference): the portable vector
+    path with x86's SIMD extensions off, and an aarch64 (NEON) cross build run under qemu where
+    the cross compiler and qemu are installed (`apt install gcc-aarch64-linux-gnu qemu-user`)."""
+    import platform
+    import shutil
+    import subprocess
+
+    src = Path(__file__).parent / "native" / "check_gemv.c"
+    exe = tmp_path / "check"
+    if target == "portable":
+        if platform.machine() not in ("x86_64", "AMD64") or not shutil.which("gcc"):
+            pytest.skip("x86 gcc")
+        build, run = ["gcc", "-O3", "-fopenmp", "-mno-avx512f", "-mno-avx2", "-mno-fma"], [str(exe)]
+    else:
+        if not shutil.which("aarch64-linux-gnu-gcc") or not shutil.which("qemu-aarch64"):
+            pytest.skip("no aarch64 cross compiler and qemu here")
+        build, run = ["aarch64-linux-gnu-gcc", "-O3", "-march=armv8-a", "-fopenmp", "-static"], ["qemu-aarch64", str(exe)]
+    subprocess.run([*build, str(src), "-o", str(exe), "-lm"], check=True, capture_output=True, timeout=120)
+    out = subprocess.run(run, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok portable", out.stdout + out.stderr
