@@ -74,6 +74,21 @@ class RequestOutput:
     ttft_s: float = 0.0
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)  # between chunks after the first
+    chunks: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    last: float = 0.0
+
+    def arrive(self, text: str) -> None:
+        """A chunk of text: the first sets the time to first token, later ones an inter-token gap."""
+        if not text:
+            return
+        now = time.perf_counter()
+        if self.chunks == 0:
+            self.ttft_s = now - self.started
+        else:
+            self.itl_s.append(now - self.last)
+        self.last, self.chunks = now, self.chunks + 1
+        self.text += text
 
 
 def load_dataset(cfg: ServeBenchConfig) -> list[tuple[str, list[dict[str, str]]]]:
@@ -114,8 +129,6 @@ async def _http_request(client: Any, cfg: ServeBenchConfig, pid: str, messages: 
     out = RequestOutput(pid)
     body = {"model": cfg.model, "messages": messages, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "stream": True,
             "stream_options": {"include_usage": True}, **cfg.extra_body}
-    t0 = last = time.perf_counter()
-    chunks = 0
     try:
         async with client.stream("POST", cfg.base_url.rstrip("/") + "/v1/chat/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -133,20 +146,12 @@ async def _http_request(client: Any, cfg: ServeBenchConfig, pid: str, messages: 
                     return out
                 if obj.get("usage"):
                     out.output_tokens, out.prompt_tokens = obj["usage"]["completion_tokens"], obj["usage"]["prompt_tokens"]
-                text = "".join((c.get("delta") or {}).get("content") or c.get("text") or "" for c in obj.get("choices", []))
-                if text:
-                    now = time.perf_counter()
-                    if chunks == 0:
-                        out.ttft_s = now - t0
-                    else:
-                        out.itl_s.append(now - last)
-                    last, chunks = now, chunks + 1
-                    out.text += text
+                out.arrive("".join((c.get("delta") or {}).get("content") or c.get("text") or "" for c in obj.get("choices", [])))
     except Exception as err:  # noqa: BLE001 - a failed request is a result, not a crash
         out.error = f"{type(err).__name__}: {err}"
         return out
-    out.latency_s = time.perf_counter() - t0
-    out.output_tokens = out.output_tokens or chunks
+    out.latency_s = time.perf_counter() - out.started
+    out.output_tokens = out.output_tokens or out.chunks
     out.success = True
     return out
 
@@ -174,7 +179,6 @@ class _Local:
         from labkit.serve.worker import Job
 
         cfg, out = self.cfg, RequestOutput(pid)
-        t0 = last = time.perf_counter()
         ids = encode_prompt(self.loaded.tokenizer, messages)
         gen = GenerationConfig(max_new_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
         eb = cfg.extra_body
@@ -183,7 +187,6 @@ class _Local:
         job = Job(r, ids, asyncio.get_running_loop(), None)
         self.worker.submit(job)
         detok = IncrementalDetokenizer(self.loaded.tokenizer)
-        chunks = 0
         while True:
             kind, payload = await job.events.get()
             if kind == "error":
@@ -191,18 +194,10 @@ class _Local:
                 return out
             if kind == "done":
                 break
-            text = detok.push(payload)
-            if text:
-                now = time.perf_counter()
-                if chunks == 0:
-                    out.ttft_s = now - t0
-                else:
-                    out.itl_s.append(now - last)
-                last, chunks = now, chunks + 1
-                out.text += text
-        out.text += detok.flush()
+            out.arrive(detok.push(payload))
+        out.arrive(detok.flush())
         result, _ = payload
-        out.latency_s, out.output_tokens, out.prompt_tokens, out.success = time.perf_counter() - t0, len(result.tokens), len(ids), True
+        out.latency_s, out.output_tokens, out.prompt_tokens, out.success = time.perf_counter() - out.started, len(result.tokens), len(ids), True
         return out
 
     def close(self) -> None:
