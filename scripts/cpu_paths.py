@@ -10,14 +10,13 @@ build (the CPU layer operations), against its dense weights (PyTorch layers).
 """
 
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 from labkit.engine import Engine
 from labkit.kernels import cpu_quant
+from labkit.metrics import timers
 from labkit.models.loading import load_model
 
 REPS = int(sys.argv[1]) if len(sys.argv) > 1 else 20
@@ -32,13 +31,7 @@ def use_build(flags: str) -> str:
 
 
 def median_us(fn, reps: int = REPS) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return timers.median_us(fn, reps, warm=1)
 
 
 torch.manual_seed(0)

@@ -16,9 +16,7 @@ The step measurements run twice: with the fused final norm + LM head, and with P
 """
 
 import os
-import statistics
 import sys
-import time
 from types import SimpleNamespace
 
 import torch
@@ -27,6 +25,7 @@ from labkit.engine import Engine
 from labkit.generate import encode_prompt, warm_up
 from labkit.graphs import GREEDY_CHUNK, greedy_verdict
 from labkit.kernels import layer_reference
+from labkit.metrics import timers
 from labkit.models.loading import load_model
 from labkit.prompts import load_suite
 from labkit.specdec.drafters import NgramDrafter, build_drafter, make_drafter
@@ -36,12 +35,7 @@ DEV = os.environ.get("DEV", "cuda")  # cpu: a quick check of the script itself
 
 
 def median_us(fn, reps: int = REPS) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return timers.median_us(fn, reps, warm=0)
 
 
 loaded = load_model("default")
