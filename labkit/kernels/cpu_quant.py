@@ -43,7 +43,7 @@ def cpu_signature() -> str:
 
 
 def _sources() -> list[Path] | None:
-    for folder in (Path(__file__).resolve().parents[2] / "kernels", Path(__file__).parent):
+    for folder in (Path(__file__).resolve().parents[2] / "kernels", Path(__file__).parent / "csrc"):  # a checkout, an installed wheel
         paths = [folder / name for name in SOURCE_NAMES]
         if all(p.is_file() for p in paths):
             return paths

@@ -7,7 +7,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "specdec_kernels.cu"
+_CHECKOUT = Path(__file__).resolve().parents[2] / "kernels" / "specdec_kernels.cu"
+SOURCE = _CHECKOUT if _CHECKOUT.is_file() else Path(__file__).parent / "csrc" / "specdec_kernels.cu"  # a checkout, an installed wheel
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,1 @@
+../../../kernels/cpu_quant_gemv.c

@@ -1,0 +1,1 @@
+../../../kernels/specdec_kernels.cu
