@@ -17,3 +17,18 @@ def test_notebook_is_stripped_and_parameterised(path: Path) -> None:
     assert len(tagged) == 1
     assert 'device: str = "auto"' in "".join(tagged[0]["source"])
     assert "results_dir(" in "".join(code[-1]["source"]), "the last cell writes results"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_sees_every_parameter(path: Path) -> None:
+    """`papermill --help-notebook` lists every name the parameters cell sets (a comment with quotes
+    or "=" in it made papermill skip its line)."""
+    import re
+
+    translators = pytest.importorskip("papermill.translators")
+    nb = json.loads(path.read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    source = "".join(cell["source"])
+    names = [m.group(1) for line in source.splitlines() if (m := re.match(r"^(\w+)\s*[:=]", line))]
+    inferred = [p.name for p in translators.PythonTranslator.inspect({"source": source})]
+    assert names and inferred == names
