@@ -234,3 +234,18 @@ def test_llama_cpp_runs_beside_labkit_on_the_same_gguf(embedded) -> None:
     cfg = BaselineConfig(device="cpu", max_new_tokens=8, categories=["math"], repeats=1, llama_cpp="on", output_dir=None, progress=False)
     summary = {s["system"]: s for s in run_baseline(cfg, embedded)["summary"]}
     assert "llama_cpp" in summary and "over_llama_cpp_median" in summary["labkit"]
+
+
+def test_provenance_names_the_weights_and_the_toolchain(tiny_folder, embedded) -> None:
+    """Every results file says which weights ran (SHA-256) and the triton, CUDA and driver versions."""
+    import hashlib
+
+    import torch
+
+    from labkit.bench.results import provenance
+
+    p = provenance(torch.device("cpu"), {"model_source": str(tiny_folder)})
+    want = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(tiny_folder.glob("*.safetensors")))).hexdigest()
+    assert p["model_sha256"] == want and {"triton", "cuda", "driver"} <= set(p["versions"])
+    stamped = provenance(torch.device("cpu"), {"model_source": embedded.source})["model_sha256"]
+    assert len(stamped) == 64 and stamped != want  # the embedded conversion's recorded digest

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -42,10 +44,56 @@ def provenance(device: torch.device, parameters: dict[str, Any]) -> dict[str, An
         "device": {"type": device.type, "name": device_name(device), "torch_threads": torch.get_num_threads(),
                    "load_average": load_average(), "cpu_kernel_path": _cpu_kernel_path(),  # avx512, avx2, portable
                    "cpu_kernel_flags": os.environ.get("LABKIT_CPU_KERNEL_FLAGS", "")},  # extra build flags of the CPU block kernel
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "labkit": _labkit_version()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "labkit": _labkit_version(),
+                     "triton": _dist_version("triton"), "cuda": torch.version.cuda or "", "driver": _driver_version(device)},
         "git_commit": git_commit(),
+        "model_sha256": model_digest(str(parameters.get("model_source", ""))),
         "parameters": parameters,
     }
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return ""
+
+
+def _driver_version(device: torch.device) -> str:
+    """The NVIDIA driver's version on a CUDA run (nvidia-smi), else ""."""
+    if device.type != "cuda":
+        return ""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+
+
+@functools.lru_cache(maxsize=8)
+def model_digest(source: str) -> str:
+    """SHA-256 of the weights a run loaded: the embedded model's conversion records it; for another
+    model folder, of its weight files (safetensors or bin) in name order. "" when not a folder."""
+    folder = Path(source) if source else None
+    if folder is None or not folder.is_dir():
+        return ""
+    try:
+        stamp = json.loads((folder / "labkit.json").read_text())
+        if isinstance(stamp, dict) and isinstance(stamp.get("weights_sha256"), str):
+            return stamp["weights_sha256"]
+    except (OSError, ValueError):
+        pass
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        return ""
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _cpu_kernel_path() -> str:
