@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
@@ -39,6 +40,7 @@ class HeadsTrainConfig:
     lr: float = 1e-3
     held_out: float = 0.1  # share of texts kept out of training, to report accuracy on
     seed: int = 0
+    progress: bool = True  # progress bars for writing the texts and for training (a CPU run takes hours)
 
     def validate(self) -> None:
         self.heads.validate()
@@ -72,7 +74,7 @@ def self_written_texts(engine: Engine, bos: int, cfg: HeadsTrainConfig,
     else a few sampled tokens after `bos` and their greedy continuation."""
     eos = set(engine.eos_token_ids)
     texts = []
-    for i in range(cfg.texts):
+    for i in tqdm(range(cfg.texts), desc="writing texts", disable=not cfg.progress):
         if frame is None:
             start, n_sampled, stop = [bos], cfg.sampled_tokens, False
         else:
@@ -135,7 +137,8 @@ def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTra
     # bf16 tensor cores on a GPU (about 90 GFLOP per 128-token text and step at 49k vocabulary,
     # which is also why training on a CPU takes hours)
     low = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for _ in range(cfg.steps):
+    bar = tqdm(range(cfg.steps), desc="training heads", disable=not cfg.progress)
+    for _ in bar:
         batch = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
         with low:
             loss = sum(heads_loss_counts(heads, hidden, labels, head_fp32)[0] for hidden, labels in batch) / len(batch)
@@ -143,6 +146,7 @@ def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTra
         loss.backward()  # type: ignore[union-attr]
         opt.step()
         losses.append(float(loss.detach()))  # type: ignore[union-attr]
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     report = {"texts": len(texts), "train_texts": len(train), "held_out_texts": len(held),
               "label_tokens": sum(len(t) - f for t, f in texts), "steps": cfg.steps,
               "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
