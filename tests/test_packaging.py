@@ -55,3 +55,28 @@ def test_an_installed_wheel_builds_its_kernel_and_runs(tmp_path: Path, tiny_fold
     gen = subprocess.run([str(py), "-m", "labkit", "generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "Hi", "--max-tokens", "4",
                           "--json"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert gen.returncode == 0 and len(json.loads(gen.stdout.strip().splitlines()[-1])["token_ids"]) >= 1, gen.stderr[-500:]
+
+
+def test_kaggle_bundle_is_valid_offline_kernels(tmp_path: Path) -> None:
+    """labkit kaggle prepare (without downloads): a dataset with labkit's wheel, and per notebook a
+    kernel folder whose metadata passes the Kaggle CLI's fields check, whose first cell installs the
+    wheels offline, and whose parameters cell is still the tagged one."""
+    pytest.importorskip("setuptools")
+    from labkit.errors import LabkitError
+    from labkit.kaggle import check_kernel_metadata, prepare
+
+    notebooks = [REPO / "notebooks" / "1A_baseline.ipynb", REPO / "notebooks" / "3E_long_context.ipynb"]
+    got = prepare(tmp_path / "kaggle", "someone", notebooks, gpu=True, download=False)
+    assert any(w.startswith("labkit-") for w in got["wheels"]) and len(got["kernels"]) == 2
+    for folder in map(Path, got["kernels"]):
+        meta = json.loads((folder / "kernel-metadata.json").read_text())
+        check_kernel_metadata(meta)
+        assert meta["enable_internet"] is False and meta["enable_gpu"] is True and meta["dataset_sources"] == ["someone/labkit-wheels"]
+        nb = json.loads((folder / meta["code_file"]).read_text())
+        assert "--no-index" in "".join(nb["cells"][0]["source"])
+        assert sum("parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"]) == 1
+    bad = {**meta, "id": "someone/another-name"}
+    with pytest.raises(LabkitError, match="slug"):
+        check_kernel_metadata(bad)
+    with pytest.raises(LabkitError, match="lacks"):
+        check_kernel_metadata({k: v for k, v in meta.items() if k != "code_file"})
