@@ -22,7 +22,7 @@ from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import MAX_K, GenerationResult, Speculation, generate
 from labkit.serve.metrics import ServeMetrics
-from labkit.serve.protocol import APIError, ServeRequest
+from labkit.serve.protocol import FINISH, APIError, ServeRequest
 from labkit.specdec.controllers import CONTROLLERS, Controller, make_controller
 from labkit.specdec.draft import Drafter
 from labkit.specdec.drafters import make_drafter
@@ -179,6 +179,5 @@ class FifoWorker:
 
 
 def finish_reason(result: GenerationResult, timed_out: bool) -> str | None:
-    if timed_out:
-        return "length"
-    return {"eos": "stop", "max_new_tokens": "length", "context": "length"}.get(result.stats.stop_reason)
+    """OpenAI's finish_reason for a finished request (protocol.FINISH maps labkit's stop reasons)."""
+    return "length" if timed_out else FINISH.get(result.stats.stop_reason)
