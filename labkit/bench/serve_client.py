@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labkit.bench.common import run_params, start_log
+from labkit.bench.common import finish_log, run_params, start_log
 from labkit.bench.results import provenance
 from labkit.config import EngineConfig, GenerationConfig, resolve_device
 from labkit.errors import LabkitError
@@ -311,10 +311,7 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
              "ttft_ms": o.ttft_s * 1e3, "latency_ms": o.latency_s * 1e3, "mean_itl_ms": statistics.fmean(o.itl_s) * 1e3 if o.itl_s else float("nan")}
             for o in outputs]
     payload: dict[str, Any] = {"benchmark": "serve", **provenance(device, run_params(cfg)), "summary": {**summarize(outputs, duration), **spec}}
-    if log:
-        from labkit.bench.common import finish_log
-
-        finish_log(log, payload, rows)
+    finish_log(log, payload, rows)
     payload["outputs"] = outputs
     return payload
 
