@@ -10,38 +10,30 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from labkit.bench.results import provenance, write_results  # noqa: E402
-from labkit.bench.serve_client import ServeBenchConfig, _bench_http, _Local, _run, load_dataset, summarize  # noqa: E402
+from labkit.bench.serve_client import ServeBenchConfig, _bench_http, _Local, _run, free_port, load_dataset, summarize, wait_for_server  # noqa: E402
 from labkit.config import EngineConfig, resolve_device  # noqa: E402
 
 
 def start_server(device: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "labkit", "serve", "--device", device, "--port", str(port), *extra], cwd=REPO,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("labkit serve did not come up")
+    try:
+        wait_for_server(url, proc)
+    except Exception:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def main() -> None:

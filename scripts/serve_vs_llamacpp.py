@@ -11,41 +11,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from labkit.bench.results import provenance, write_results  # noqa: E402
-from labkit.bench.serve_client import ServeBenchConfig, _bench_http, load_dataset, summarize  # noqa: E402
+from labkit.bench.serve_client import ServeBenchConfig, _bench_http, free_port, load_dataset, summarize, wait_for_server  # noqa: E402
 from labkit.config import resolve_device  # noqa: E402
 from labkit.models.loading import embedded_gguf_path  # noqa: E402
 from labkit.threads import resolve_threads  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait(url: str, proc: subprocess.Popen) -> None:
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: the server exited")
-        try:
-            if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise SystemExit(f"{url} did not come up")
 
 
 def main() -> None:
@@ -71,7 +49,7 @@ def main() -> None:
     try:
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         for name, url in urls.items():
-            wait(url, procs[name])
+            wait_for_server(url, procs[name])
         cfgs = {name: ServeBenchConfig(backend="http", base_url=url, num_prompts=args.num_prompts, concurrency=args.concurrency,
                                        max_tokens=args.max_tokens, output_dir=None, progress=False) for name, url in urls.items()}
         prompts = load_dataset(cfgs["labkit"])

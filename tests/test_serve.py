@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -19,8 +18,10 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from labkit.bench.serve_client import free_port, wait_for_server  # noqa: E402
 from labkit.config import GenerationConfig  # noqa: E402
 from labkit.engine import Engine  # noqa: E402
+from labkit.errors import LabkitError  # noqa: E402
 from labkit.generate import Speculation, encode_prompt, generate  # noqa: E402
 from labkit.models.loading import load_model  # noqa: E402
 from labkit.serve.detok import IncrementalDetokenizer  # noqa: E402
@@ -51,31 +52,19 @@ def test_detokenizer_streams_the_whole_text_once(embedded) -> None:
             assert out == tok.decode(ids, skip_special_tokens=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tiny_folder: Path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, "-m", "labkit", "serve", "--model", str(tiny_folder), "--device", "cpu", "--dtype", "float32",
                              "--weights", "dense", "--port", str(port), "--max-tokens", "16", "--max-queue", "32", "--threads", "1"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        if proc.poll() is not None:
-            raise RuntimeError(f"labkit serve exited: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
+    try:
+        wait_for_server(url, proc, timeout_s=120)
+    except LabkitError:
         proc.kill()
-        raise RuntimeError("labkit serve did not come up")
+        raise RuntimeError(f"labkit serve did not come up: {proc.stdout.read() if proc.stdout else ''}") from None
     yield url
     proc.terminate()
     proc.wait(timeout=30)

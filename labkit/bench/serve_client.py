@@ -334,3 +334,29 @@ def serve_report(payload: dict[str, Any]) -> list[str]:
     if "tau" in s:
         out.append(f"{'Tokens per target step (tau):':<40}{s['tau']:<10.2f}")
     return out + [f"wrote {f}" for f in payload.get("files", [])]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server this process starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_server(url: str, proc: Any = None, timeout_s: float = 300.0) -> None:
+    """Until an OpenAI-compatible server at `url` lists its models (labkit's, llama.cpp's, vLLM's);
+    a LabkitError if its process (a subprocess.Popen) exits first or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise LabkitError(f"the server for {url} exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise LabkitError(f"no server came up at {url} within {timeout_s:g} s")
