@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from labkit.cli_args import Parser, _csv, _engine_args, _ints, _model_args, engine_config
+from labkit.cli_args import Parser, _csv, _engine_args, _ints, _model_args, _results_args, engine_config
 from labkit.cli_bench import add_bench_parser, cmd_bench
 from labkit.cli_generate import add_generate_parser, cmd_generate
 from labkit.cli_serve import add_serve_parser
@@ -36,7 +37,7 @@ def add_sweep_parser(sub: Any) -> None:
     sw.add_argument("--categories", type=_csv, default=None)
     sw.add_argument("--prompts-per-category", type=int, default=1)
     sw.add_argument("--temperature", type=float, default=0.0)
-    sw.add_argument("--output-dir", default="results")
+    _results_args(sw, no_write=False)
     sw.add_argument("--no-plots", action="store_true")
     sw.add_argument("--policy", type=_csv, default=["default"],
                     help="comma list: default, greedy, rejection (lossless), typical, topk (lossy), confidence (drafter-side early stop, lossless)")
@@ -209,6 +210,8 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "allow_dirty", False):  # read where results files are claimed (bench/results.py)
+        os.environ["LABKIT_ALLOW_DIRTY"] = "1"
     try:
         from labkit.threads import apply_threads
 

@@ -28,6 +28,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: LABKIT_THREADS, else the physical cores)")
 
 
+def _results_args(p: argparse.ArgumentParser, no_write: bool = True) -> None:
+    """Where a benchmark writes its results files, and whether it may from a dirty checkout."""
+    p.add_argument("--output-dir", default="results")
+    if no_write:
+        p.add_argument("--no-write", action="store_true", help="measure and print, write no files")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="write results into the repository from a checkout with uncommitted changes (the file records it)")
+
+
 def _ints(name: str, values: list[str]) -> list[int]:
     try:
         return [int(v) for v in values]

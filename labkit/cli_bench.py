@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from labkit.cli_args import Parser, _csv, _engine_args, _ints, _model_args, engine_config
+from labkit.cli_args import Parser, _csv, _engine_args, _ints, _model_args, _results_args, engine_config
 from labkit.cli_serve import add_bench_serve_parser
 from labkit.config import resolve_device, resolve_dtype
 from labkit.errors import LabkitError
@@ -29,12 +29,11 @@ def add_bench_parser(sub: Any) -> None:
     bb.add_argument("--compile", action="store_true", help="on CUDA, also time torch.compile'd steps inside CUDA graphs")
     bb.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
                     help="llama.cpp on the same GGUF, CPU float32 (auto: where llama-cpp-python is installed)")
-    bb.add_argument("--output-dir", default="results")
+    _results_args(bb)
     bk = bsub.add_parser("kernels", help="each kernel backend against the launch and bytes floors, in one run")
     bk.add_argument("--device", default="auto")
     bk.add_argument("--repeats", type=int, default=50)
-    bk.add_argument("--output-dir", default="results")
-    bb.add_argument("--no-write", action="store_true", help="measure and print, write no files")
+    _results_args(bk, no_write=False)
     add_bench_serve_parser(bsub)
     bc = bsub.add_parser("context", help="time to first token and decode tok/s against prompt length, labkit and transformers in one run")
     _model_args(bc)
@@ -47,8 +46,7 @@ def add_bench_parser(sub: Any) -> None:
     bc.add_argument("--repeats", type=int, default=2)
     bc.add_argument("--no-hf", action="store_true", help="skip transformers generate and its forward")
     bc.add_argument("--no-chat", dest="chat", action="store_false", default=True)
-    bc.add_argument("--output-dir", default="results")
-    bc.add_argument("--no-write", action="store_true", help="measure and print, write no files")
+    _results_args(bc)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from labkit.cli_args import _engine_args, _model_args, engine_config
+from labkit.cli_args import _engine_args, _model_args, _results_args, engine_config
 from labkit.errors import LabkitError
 
 
@@ -44,8 +44,7 @@ def add_bench_serve_parser(bsub: Any) -> None:
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--extra-body", default=None, help="JSON merged into each request, e.g. '{\"drafter\": \"ngram\", \"k\": 3}'")
-    b.add_argument("--output-dir", default="results")
-    b.add_argument("--no-write", action="store_true", help="measure and print, write no files")
+    _results_args(b)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
-"""Small helpers that keep the notebooks thin: where results go, and slider views.
+"""Small helpers that keep the notebooks thin: where results go, and slider plots.
 
-Widgets only display what a plain cell already computed; without ipywidgets (or without a
-front end, as under papermill and nbval) a view shows its first item as plain output.
+Widgets only display what a plain cell already computed. A slider plot redraws a figure from
+those rows in JupyterLab and carries a PNG of its first view for every reader without widgets
+(papermill, nbval, Kaggle logs, nbconvert).
 """
 
 from __future__ import annotations
@@ -19,40 +20,86 @@ def repo_root() -> Path | None:
 
 
 def results_dir(output_dir: str, phase: str) -> Path:
-    """`output_dir/phase`; LABKIT_RESULTS_DIR overrides (test runs write to scratch), and a
-    relative path is taken from the repository root so notebooks write to the same place
-    whatever their working directory."""
+    """`output_dir/phase`, made and checked: call it before measuring, as a dirty checkout is
+    refused for results that could be committed (LABKIT_ALLOW_DIRTY=1 lets them through).
+    LABKIT_RESULTS_DIR overrides (test runs write to scratch), and a relative path is taken from
+    the repository root so notebooks write to the same place whatever their working directory."""
+    from labkit.bench.results import check_output_dir, require_clean_tree
+
     override = os.environ.get("LABKIT_RESULTS_DIR")
     base = Path(override) if override else Path(output_dir)
     if not base.is_absolute():
         root = repo_root()
         base = (root / base) if root else base.resolve()
-    return base / phase
+    out = check_output_dir(base / phase)
+    require_clean_tree(out)
+    return out
 
 
-def slider_view(items: Sequence[Any], render: Callable[[Any], None], description: str = "item") -> Any:
-    """An IntSlider over `items` that calls `render(item)`; returns the widget (or None)."""
-    if not items:
-        return None
-    try:
-        import ipywidgets as widgets
-        from IPython.display import display
-    except ImportError:  # plain output instead
-        render(items[0])
-        return None
-    out = widgets.Output()
-    slider = widgets.IntSlider(value=0, min=0, max=len(items) - 1, description=description, continuous_update=False)
+class SliderPlot:
+    """A slider over `items` whose every move redraws `draw(item, ax)` (ipywidgets.interactive
+    with its output widget), carrying beside it a PNG of the first item's plot.
 
-    def show(change: Any = None) -> None:
-        out.clear_output(wait=True)
-        with out:
-            render(items[slider.value])
+    Displayed, it is one output with two forms of the same view: JupyterLab renders the live
+    widget; papermill and nbval outputs, nbconvert, Kaggle's viewer and any front end without
+    widgets show the PNG and the caption. So each widget appears once, and a headless run still
+    shows a result."""
 
-    slider.observe(show, names="value")
-    show()
-    box = widgets.VBox([slider, out])
-    display(box)
-    return box
+    def __init__(self, items: Sequence[Any], draw: Callable[[Any, Any], None], description: str = "item",
+                 figsize: tuple[float, float] = (7.0, 3.5)) -> None:
+        if not items:
+            raise ValueError("slider_plot needs at least one item")
+        self.items, self.draw, self.figsize = list(items), draw, figsize
+        self.caption = f"{description}: {self.items[0]!r} (of {len(self.items)}; live slider in JupyterLab)"
+        self.png = self._png(self.items[0])
+        self.widget = self._widget(description)
+
+    def _figure(self, item: Any) -> Any:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=self.figsize)
+        self.draw(item, ax)
+        fig.tight_layout()
+        return fig
+
+    def _png(self, item: Any) -> str:
+        import base64
+        import io
+
+        import matplotlib.pyplot as plt
+
+        fig = self._figure(item)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        plt.close(fig)
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+
+    def _widget(self, description: str) -> Any:
+        try:
+            import ipywidgets as widgets
+        except ImportError:  # the PNG alone
+            return None
+        import matplotlib.pyplot as plt
+
+        def redraw(index: int) -> None:
+            self._figure(self.items[index])
+            plt.show()
+
+        options = [(str(item), i) for i, item in enumerate(self.items)]
+        slider = widgets.SelectionSlider(options=options, value=0, description=description, continuous_update=False)
+        return widgets.interactive(redraw, index=slider)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        bundle = self.widget._repr_mimebundle_() if self.widget is not None else {}
+        bundle.update({"image/png": self.png, "text/plain": self.caption})
+        return bundle
+
+
+def slider_plot(items: Sequence[Any], draw: Callable[[Any, Any], None], description: str = "item") -> None:
+    """Display a `SliderPlot` once; returns nothing, so a notebook cell shows it once."""
+    from IPython.display import display
+
+    display(SliderPlot(items, draw, description))
 
 
 def spec_steps_html(tokenizer: Any, result: Any) -> str:

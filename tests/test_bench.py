@@ -249,3 +249,41 @@ def test_provenance_names_the_weights_and_the_toolchain(tiny_folder, embedded) -
     assert p["model_sha256"] == want and {"triton", "cuda", "driver"} <= set(p["versions"])
     stamped = provenance(torch.device("cpu"), {"model_source": embedded.source})["model_sha256"]
     assert len(stamped) == 64 and stamped != want  # the embedded conversion's recorded digest
+
+
+def test_a_dirty_checkout_is_refused_for_results_that_could_be_committed(tmp_path, monkeypatch) -> None:
+    """Before anything is measured; --allow-dirty (LABKIT_ALLOW_DIRTY=1) lets it through and the file says so."""
+    from labkit.bench import results
+
+    monkeypatch.delenv("LABKIT_ALLOW_DIRTY", raising=False)
+    monkeypatch.setattr(results, "git_commit", lambda: "0" * 40 + "-dirty")
+    monkeypatch.setattr(results, "committable", lambda folder: True)
+    with pytest.raises(LabkitError, match="uncommitted changes.*--allow-dirty"):
+        results.RowLog(tmp_path, "sweep-cpu")
+    assert not list(tmp_path.iterdir())  # nothing claimed
+    monkeypatch.setenv("LABKIT_ALLOW_DIRTY", "1")
+    json_path, _ = results.write_results(tmp_path, "sweep-cpu", {"benchmark": "sweep"}, [{"a": 1}])
+    assert json.loads(json_path.read_text())["dirty_tree"] is True
+    monkeypatch.setattr(results, "committable", lambda folder: False)  # scratch: written, marked
+    monkeypatch.delenv("LABKIT_ALLOW_DIRTY")
+    assert json.loads(results.write_results(tmp_path, "x", {}, [])[0].read_text())["dirty_tree"] is True
+
+
+def test_results_inside_the_checkout_are_committable_unless_ignored(tmp_path, monkeypatch) -> None:
+    from labkit.bench.results import committable
+    from labkit.notebook import repo_root
+
+    root = repo_root()
+    if root is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    monkeypatch.delenv("LABKIT_GIT_COMMIT", raising=False)
+    assert committable(root / "results")
+    assert not committable(root / ".nbval-results")  # ignored by git
+    assert not committable(tmp_path)
+
+
+def test_cli_allow_dirty_reaches_the_results_check(monkeypatch) -> None:
+    from labkit.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "kernels", "--allow-dirty"])
+    assert args.allow_dirty and args.output_dir == "results"

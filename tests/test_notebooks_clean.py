@@ -16,7 +16,9 @@ def test_notebook_is_stripped_and_parameterised(path: Path) -> None:
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1
     assert 'device: str = "auto"' in "".join(tagged[0]["source"])
-    assert "results_dir(" in "".join(code[-1]["source"]), "the last cell writes results"
+    validate = "".join(code[code.index(tagged[0]) + 1]["source"])
+    assert "out_dir = results_dir(" in validate, "the results folder is checked before anything is measured"
+    assert "write_results(out_dir" in "".join(code[-1]["source"]), "the last cell writes results"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

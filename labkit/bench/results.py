@@ -24,15 +24,47 @@ def git_commit() -> str:
     repository, as on a machine that got a copy of the working tree."""
     if os.environ.get("LABKIT_GIT_COMMIT"):
         return os.environ["LABKIT_GIT_COMMIT"]
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
     if len(commit) != 40 or any(c not in "0123456789abcdef" for c in commit):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
+
+
+def _git(*args: str) -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def committable(folder: Path) -> bool:
+    """Whether files written into `folder` could be committed: inside this labkit's checkout and
+    not ignored by git (results/ is; .nbval-results/ and a scratch folder outside are not)."""
+    top = _git("rev-parse", "--show-toplevel")
+    if not top or os.environ.get("LABKIT_GIT_COMMIT"):
+        return False
+    folder = folder.resolve()
+    if not folder.is_relative_to(Path(top).resolve()):
+        return False
+    here = Path(__file__).resolve().parent
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/"], cwd=here, capture_output=True, timeout=5)
+    return ignored.returncode != 0
+
+
+def require_clean_tree(folder: Path) -> bool:
+    """Refuse results meant for the repository from a checkout with uncommitted changes: their commit
+    would not reproduce them. LABKIT_ALLOW_DIRTY=1 (`--allow-dirty`) lets them through; returns
+    whether the tree is dirty, so the file can say so."""
+    from labkit.errors import LabkitError
+
+    dirty = git_commit().endswith("-dirty")
+    if dirty and committable(folder) and os.environ.get("LABKIT_ALLOW_DIRTY", "") not in ("1", "true", "yes"):
+        raise LabkitError(f"the checkout has uncommitted changes, so results in {folder} would not match their commit: "
+                          "commit first, or pass --allow-dirty (LABKIT_ALLOW_DIRTY=1) and the file records the dirty tree")
+    return dirty
 
 
 def provenance(device: torch.device, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -145,10 +177,12 @@ class RowLog:
     """A run's results files, claimed before anything is measured: <stem>-<time>.rows.jsonl gets
     each row the moment it is measured (a run that dies keeps them), and `finish` writes the .json
     (provenance, summary, rows) and .csv beside it, then drops the JSONL. Names are never reused:
-    two runs in the same second get -2, -3, ... (the JSONL is created exclusively)."""
+    two runs in the same second get -2, -3, ... (the JSONL is created exclusively). A dirty checkout
+    is refused here, before anything is measured, when the folder could be committed."""
 
     def __init__(self, output_dir: str | Path, stem: str) -> None:
         out = check_output_dir(output_dir)
+        self.dirty = require_clean_tree(out)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         for n in range(1, 1000):
             base = f"{stem}-{stamp}" + (f"-{n}" if n > 1 else "")
@@ -169,7 +203,7 @@ class RowLog:
 
     def finish(self, payload: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[Path, Path]:
         with self.json_path.open("x") as fh:
-            fh.write(json.dumps({**payload, "rows": rows}, indent=2, default=str))
+            fh.write(json.dumps({**payload, "dirty_tree": self.dirty, "rows": rows}, indent=2, default=str))
         if rows:
             fields = list(dict.fromkeys(k for row in rows for k in row))
             with self.csv_path.open("x", newline="") as fh:

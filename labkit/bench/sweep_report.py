@@ -9,19 +9,32 @@ from typing import Any
 from labkit.specdec.speedup import compare
 
 
-def plot_sweep(rows: list[dict[str, Any]], stem: Path) -> list[str]:
-    import matplotlib
+def plot_at_k(spec: Any, k: int, ax: Any) -> None:
+    """Speed-up over plain per category at one K, a bar per drafter (`spec`: a DataFrame of the
+    speculative rows). The K sliders of notebooks 2A and 2C draw this."""
+    import seaborn as sns
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    at_k = spec[spec.k == k]
+    sns.barplot(data=at_k, x="category", y="speedup", hue="drafter", errorbar=None, ax=ax)
+    ax.axhline(1.0, color="grey", ls="--")
+    tau = at_k.groupby("drafter").tau.mean()
+    ax.set(title=f"K = {k}: speed-up over plain (tau " + ", ".join(f"{d} {t:.2f}" for d, t in tau.items()) + ")",
+           ylabel="x plain", xlabel="")
+    ax.tick_params(axis="x", rotation=30)
+
+
+def plot_sweep(rows: list[dict[str, Any]], stem: Path) -> list[str]:
+    # Figures without pyplot: no backend is switched, so a notebook's inline plots keep working.
     import pandas as pd
     import seaborn as sns
+    from matplotlib.figure import Figure
 
     df = pd.DataFrame([r for r in rows if r["drafter"] != "plain"])
     if df.empty:
         return []
     df["setup"] = df.drafter + " " + df.policy + " " + df.controller + df.lossless.map({True: "", False: " (lossy)"})
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    fig = Figure(figsize=(16, 4))
+    axes = fig.subplots(1, 3)
     sns.lineplot(data=df, x="k", y="tok_per_s", hue="setup", marker="o", ax=axes[0])
     plain = statistics.fmean(r["tok_per_s"] for r in rows if r["drafter"] == "plain")
     axes[0].axhline(plain, color="grey", ls="--", label="plain")
@@ -35,10 +48,10 @@ def plot_sweep(rows: list[dict[str, Any]], stem: Path) -> list[str]:
     fig.tight_layout()
     paths = [f"{stem}.png"]
     fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
     model = pd.DataFrame(compare(rows))
     if not model.empty:
-        fig, ax = plt.subplots(figsize=(5, 5))
+        fig = Figure(figsize=(5, 5))
+        ax = fig.subplots()
         sns.scatterplot(data=model, x="measured_speedup", y="predicted_speedup", hue="drafter", style="miss", ax=ax)
         top = max(model.measured_speedup.max(), model.predicted_speedup.max()) * 1.1
         ax.plot([0, top], [0, top], color="grey", ls="--")
@@ -49,7 +62,6 @@ def plot_sweep(rows: list[dict[str, Any]], stem: Path) -> list[str]:
         fig.tight_layout()
         paths.append(f"{stem}-model.png")
         fig.savefig(paths[1], dpi=110)
-        plt.close(fig)
     return paths
 
 
