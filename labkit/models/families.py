@@ -1,7 +1,7 @@
 """Model families: the one table that says which transformers `model_type` maps to which of our
 decoders, what it costs in memory, and which of labkit's kernels and weight formats serve it.
 Loading, sizing (doctor) and the engine read it; adding a family is a module in this folder and
-a row here (README: "Adding a model family").
+a row here (docs/extending.md: "Adding a model family").
 """
 
 from __future__ import annotations
