@@ -55,6 +55,16 @@ def test_an_installed_wheel_builds_its_kernel_and_runs(tmp_path: Path, tiny_fold
     gen = subprocess.run([str(py), "-m", "labkit", "generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "Hi", "--max-tokens", "4",
                           "--json"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert gen.returncode == 0 and len(json.loads(gen.stdout.strip().splitlines()[-1])["token_ids"]) >= 1, gen.stderr[-500:]
+    # a notebook headless from the installed wheel, outside any checkout: its slider cell shows a plot
+    if subprocess.run([str(py), "-c", "import papermill"], capture_output=True, env=env).returncode == 0:
+        run = subprocess.run([str(py), "-m", "papermill", str(REPO / "notebooks" / "3C_kernels.ipynb"), "out.ipynb", "-p", "device", "cpu",
+                              "-p", "repeats", "1", "-p", "vocab", "256"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                             env={**env, "LABKIT_RESULTS_DIR": str(tmp_path / "results")})
+        assert run.returncode == 0, run.stderr[-800:]
+        cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
+        slider = [o for c in cells if "slider_plot(" in "".join(c["source"]) for o in c.get("outputs", [])]
+        assert any("image/png" in o.get("data", {}) for o in slider), slider
+        assert list((tmp_path / "results" / "3C").glob("kernels-cpu-*.json"))
 
 
 def test_kaggle_bundle_is_valid_offline_kernels(tmp_path: Path) -> None:
