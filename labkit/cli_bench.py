@@ -1,4 +1,4 @@
-"""`python -m labkit bench ...`: the benchmarks' command line (baseline, kernels, context), a thin
+"""`python -m labkit bench ...`: the benchmarks' command line (baseline, kernels, context, batch, serve), a thin
 layer over labkit.bench; the printing sits beside the code that produces the numbers where it can."""
 
 from __future__ import annotations
@@ -47,6 +47,15 @@ def add_bench_parser(sub: Any) -> None:
     bc.add_argument("--no-hf", action="store_true", help="skip transformers generate and its forward")
     bc.add_argument("--no-chat", dest="chat", action="store_false", default=True)
     _results_args(bc)
+    bt = bsub.add_parser("batch", help="continuous batching: aggregate and per-request tok/s, ITL and TTFT against batch size")
+    _model_args(bt)
+    _engine_args(bt)
+    bt.add_argument("--sizes", type=_csv, default=None, help="batch sizes, comma list (default: 1..64 on a GPU, 1,2,4,8 on a CPU)")
+    bt.add_argument("--modes", type=_csv, default=["fast", "invariant"], help="fast, invariant (fixed tiles: a row's bits independent of its batch)")
+    bt.add_argument("--max-tokens", type=int, default=64)
+    bt.add_argument("--requests-per-slot", type=int, default=2)
+    bt.add_argument("--slot-len", type=int, default=1024, help="positions per slot (prompt + new tokens)")
+    _results_args(bt)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -89,11 +98,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.bench == "context":
         return cmd_bench_context(args)
+    if args.bench == "batch":
+        return cmd_bench_batch(args)
     if args.bench == "serve":
         from labkit.cli_serve import cmd_bench_serve
 
         return cmd_bench_serve(args)
     raise LabkitError(f"unknown benchmark {args.bench!r}")
+
+
+def cmd_bench_batch(args: argparse.Namespace) -> int:
+    from labkit.bench.batch import BatchBenchConfig, batch_report, run_batch_bench
+
+    cfg = BatchBenchConfig(model=args.model, engine=engine_config(args), sizes=_ints("--sizes", args.sizes) if args.sizes else None,
+                           modes=args.modes, max_new_tokens=args.max_tokens, requests_per_slot=args.requests_per_slot,
+                           max_seq_len=args.slot_len, output_dir=None if args.no_write else args.output_dir)
+    cfg.validate()
+    payload = run_batch_bench(cfg)  # claims its results files before it measures anything
+    print("\n".join(batch_report(payload)))
+    return 0
 
 
 def cmd_bench_context(args: argparse.Namespace) -> int:

@@ -13,7 +13,22 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 CAUSAL = "causal"  # a mask that is plain causal attention over keys 0..T-1 for queries 0..T-1
-Mask = torch.Tensor | str | None  # (T, S) bool, CAUSAL, or None for "every key is visible"
+
+
+class RowSpans:
+    """Attention for a batch whose rows sit at their own positions (input_pos (B, T)): row b's
+    query t sees keys 0..input_pos[b, t] of its own cache row.
+
+    exact=False: one masked attention over the longest row's keys (fast). exact=True: each row
+    attends over exactly its own keys, as a batch-1 step would, so a row's result does not depend
+    on which rows share the batch (labkit.batch's invariant mode)."""
+
+    def __init__(self, input_pos: torch.Tensor, exact: bool) -> None:  # input_pos: (B, T)
+        self.input_pos, self.exact = input_pos, exact
+        self.ends = [int(e) + 1 for e in input_pos[:, -1].tolist()]  # keys row b may see: [0, ends[b])
+
+
+Mask = torch.Tensor | str | RowSpans | None  # (T, S) bool, CAUSAL, RowSpans, or None for "every key is visible"
 COUNTER_BLOCKS = 256  # attention row blocks per (batch row, kv head) the counters cover: T * group <= 16384
 
 
@@ -56,15 +71,30 @@ class KVCache:
         v: torch.Tensor,  # (B, H, T, D)
         attend_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v at their positions and return the first `attend_len` positions."""
+        """Write k, v at their positions (input_pos (T,), or (B, T): each row at its own) and return
+        the first `attend_len` positions."""
         k_cache, v_cache = self.k_layers[layer], self.v_layers[layer]
         if k.dtype != k_cache.dtype:  # autocast: activations may come out wider than the cache
             k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-        k_cache.index_copy_(2, input_pos, k)
-        v_cache.index_copy_(2, input_pos, v)
+        if input_pos.dim() == 2:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+            k_cache[rows, :, input_pos] = k.transpose(1, 2)  # indexed (B, T, H, D)
+            v_cache[rows, :, input_pos] = v.transpose(1, 2)
+        else:
+            k_cache.index_copy_(2, input_pos, k)
+            v_cache.index_copy_(2, input_pos, v)
         if attend_len == self.max_len:
             return k_cache, v_cache
         return k_cache[:, :, :attend_len], v_cache[:, :, :attend_len]  # (B, H, attend_len, D)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows [start, stop) of this cache as a cache of their own: views, no copy."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.k_layers, view.v_layers = list(view.k.unbind(0)), list(view.v.unbind(0))
+        view.positions, view.counters, view.max_len = self.positions, self.counters, self.max_len
+        view.batch_size, view.length = stop - start, 0
+        return view
 
     def mask(
         self,
@@ -98,13 +128,44 @@ class KVCache:
 DETERMINISTIC_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def attend_rows(
+    q: torch.Tensor,  # (B, nh, T, D)
+    k: torch.Tensor,  # (B, nkv, S, D)
+    v: torch.Tensor,  # (B, nkv, S, D)
+    spans: RowSpans,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:  # (B, nh, T, D)
+    """Attention for rows at their own positions (see RowSpans)."""
+    pos = spans.input_pos  # (B, T)
+    keys = torch.arange(k.shape[2], device=k.device)  # (S,)
+    if not spans.exact:
+        allowed = keys[None, None, :] <= pos[:, :, None]  # (B, T, S)
+        if sliding_window is not None:
+            allowed &= keys[None, None, :] > pos[:, :, None] - sliding_window
+        return attend(q, k, v, allowed[:, None], scale)  # the mask broadcast over heads: (B, 1, T, S)
+    out = []
+    for b, end in enumerate(spans.ends):  # each row over exactly its keys: a batch-1 step's shapes
+        T = pos.shape[1]
+        mask: Mask = None
+        if T > 1 or (sliding_window is not None and end > sliding_window):
+            mask = keys[None, :end] <= pos[b, :, None]  # (T, end)
+            if sliding_window is not None:
+                mask &= keys[None, :end] > pos[b, :, None] - sliding_window
+            if T == end and pos[b, 0] == 0 and (sliding_window is None or end <= sliding_window):
+                mask = CAUSAL
+        out.append(attend(q[b : b + 1], k[b : b + 1, :, :end], v[b : b + 1, :, :end], mask, scale))
+    return torch.cat(out)
+
+
 def attend(
     q: torch.Tensor,  # (B, nh, T, D)
     k: torch.Tensor,  # (B, nkv, S, D)
     v: torch.Tensor,  # (B, nkv, S, D)
-    mask: Mask,  # (T, S) bool, CAUSAL, or None for "see everything"
+    mask: Mask,  # (T, S) or (B, 1, T, S) bool, CAUSAL, or None for "see everything"
     scale: float,
 ) -> torch.Tensor:  # (B, nh, T, D)
+    assert not isinstance(mask, RowSpans), "rows at their own positions: attend_rows"
     gqa = q.shape[1] != k.shape[1]
     if isinstance(mask, torch.Tensor) and gqa and q.shape[2] > 1:
         # a masked prompt: PyTorch's memory-efficient kernel takes masks but not grouped heads

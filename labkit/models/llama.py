@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labkit.models.kvcache import KVCache, Mask, attend
+from labkit.models.kvcache import KVCache, Mask, RowSpans, attend, attend_rows
 
 # Fused layer kernels serve steps of up to this many tokens (decode, verify); a longer input (a
 # prompt) runs through the PyTorch layers: cuBLAS GEMMs and flash attention, in one pass.
@@ -105,13 +105,13 @@ class LlamaBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, dim)
-        cos: torch.Tensor,  # (T, 1, D)
-        sin: torch.Tensor,  # (T, 1, D)
+        cos: torch.Tensor,  # (T, 1, D), or (B, T, 1, D) for rows at their own positions
+        sin: torch.Tensor,  # (T, 1, D), or (B, T, 1, D)
         cache: KVCache,
         layer: int,
-        input_pos: torch.Tensor,  # (T,)
+        input_pos: torch.Tensor,  # (T,), or (B, T)
         attend_len: int,
-        mask: Mask,  # (T, S) bool, CAUSAL or None
+        mask: Mask,  # (T, S) bool, CAUSAL, None, or RowSpans with input_pos (B, T)
     ) -> torch.Tensor:  # (B, T, dim)
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv_heads
@@ -121,7 +121,10 @@ class LlamaBlock(nn.Module):
         k = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, D)
         v = qkv[:, :, nh + nkv :].transpose(1, 2)  # (B, nkv, T, D)
         k_all, v_all = cache.update(layer, input_pos, k, v, attend_len)  # (B, nkv, S, D)
-        y = attend(q, k_all, v_all, mask, self.scale)  # (B, nh, T, D)
+        if isinstance(mask, RowSpans):
+            y = attend_rows(q, k_all, v_all, mask, self.scale, self.sliding_window)  # (B, nh, T, D)
+        else:
+            y = attend(q, k_all, v_all, mask, self.scale)  # (B, nh, T, D)
         x = x + self.wo(y.transpose(1, 2).reshape(B, T, nh * self.head_dim))
         gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, T, hidden) each
         return x + self.w_down(F.silu(gate) * up)
@@ -188,23 +191,24 @@ class Llama(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,  # (B, T)
-        input_pos: torch.Tensor,  # (T,)
+        input_pos: torch.Tensor,  # (T,), or (B, T): each row at its own positions (PyTorch layers, mask a RowSpans)
         cache: KVCache,
         attend_len: int,
-        mask: Mask,  # (T, attend_len) bool, CAUSAL, or None when every key is visible (unused by fused layers)
+        mask: Mask,  # (T, attend_len) bool, CAUSAL, RowSpans, or None when every key is visible (unused by fused layers)
         last_only: bool | torch.Tensor = False,  # True: logits of the last row only; a (1,) tensor: of that row
         n_layers: int | None = None,  # run only the first n layers, then the head (layer-skip drafts)
     ) -> torch.Tensor:  # (B, T or 1, vocab)
         assert self.cos is not None and self.sin is not None, "call setup_rope first"
         x = self.embed(tokens)  # (B, T, dim)
         n = self.args.n_layers if n_layers is None else n_layers
-        if self.runs_fused(tokens.shape[1]):
+        per_row = input_pos.dim() == 2  # the fused kernels take one set of positions for every row
+        if not per_row and self.runs_fused(tokens.shape[1]):
             for i in range(n):
                 block: LlamaBlock = self.layers[i]  # type: ignore[assignment]
                 x = block.forward_fused(self.layer_ops, x, self.cos, self.sin, cache, i, input_pos, attend_len)
         else:
-            cos = self.cos[input_pos].unsqueeze(1)  # (T, 1, D)
-            sin = self.sin[input_pos].unsqueeze(1)
+            cos = self.cos[input_pos].unsqueeze(-2)  # (T, 1, D) or (B, T, 1, D)
+            sin = self.sin[input_pos].unsqueeze(-2)
             for i in range(n):
                 x = self.layers[i](x, cos, sin, cache, i, input_pos, attend_len, mask)
         if isinstance(last_only, torch.Tensor):
@@ -212,7 +216,7 @@ class Llama(nn.Module):
         elif last_only:
             x = x[:, -1:]
         keep = self.keep_hidden and n == self.args.n_layers
-        if self.layer_ops is not None:  # the final norm and the head in one fused operation
+        if self.layer_ops is not None and not per_row:  # the final norm and the head in one fused operation
             B, T, dim = x.shape
             logits, h = self.layer_ops.norm_head(x.reshape(B * T, dim).contiguous(), self.norm.weight, self.norm.eps,
                                                  self.lm_head.weight, keep)  # (B*T, vocab), (B*T, dim) or None

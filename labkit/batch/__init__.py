@@ -1,0 +1,1 @@
+"""Batched decoding: many requests over one static cache (engine.py), continuous batching (scheduler.py)."""

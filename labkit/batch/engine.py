@@ -1,0 +1,138 @@
+"""A batched engine: B slots over one static cache, each slot a request at its own length.
+
+Terms. A *slot* is a row of the cache, (L, B, H, S, D)[:, slot], holding one request's keys and
+values; its length lives on the host (`lengths[slot]`). Active requests always occupy slots
+0..n-1: a request that leaves hands its slot the last active row (`release`), so a decode step
+runs over one contiguous view of the cache, rows [0, n). A step feeds each row one token at its own
+position (input_pos (n, 1)); rollback is per row (`rollback(slot, length)`).
+
+Batch invariance. With `invariant=False` a step is one forward over the n rows: GEMMs of n rows,
+and one masked attention over the longest row's keys. Both can give a row different bits from a
+batch-1 step, because BLAS picks its kernel (and so its reduction order) by the number of rows, and
+the attention's reduction runs over more (masked) keys. With `invariant=True` every step runs in
+tiles of exactly TILE rows (padding rows sit in free slots at position 0) and each row attends over
+exactly its own keys; a row's result then depends only on the row, whatever shares its batch and
+whichever slot it lands in (tests/test_batch.py holds it to the bit). It costs TILE rows of
+compute at any batch below TILE.
+
+The PyTorch layers serve every batched step (the fused layer kernels take one set of positions for
+all rows); the prompt of a new request runs alone, as a batch-1 prefill into its slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.models.families import family_of_model
+from labkit.models.kvcache import KVCache, RowSpans
+
+TILE = 16  # rows per step in invariant mode
+
+
+@dataclass
+class BatchConfig:
+    slots: int = 8  # requests decoded together at most
+    max_seq_len: int = 1024  # positions per slot (prompt + new tokens), allocated once
+    invariant: bool = False  # a row's bits independent of its batch (fixed tiles, exact attention)
+
+    def validate(self) -> None:
+        if self.slots < 1 or self.max_seq_len < 2:
+            raise LabkitError(f"a batch needs at least 1 slot of 2 positions, got {self.slots} x {self.max_seq_len}")
+
+
+class BatchEngine:
+    """Steps many requests over one static cache; built beside an Engine, sharing its model."""
+
+    def __init__(self, engine: Engine, cfg: BatchConfig) -> None:
+        cfg.validate()
+        if family_of_model(engine.model).name != "llama":
+            raise LabkitError(f"batched decoding serves Llama-family models for now, not {family_of_model(engine.model).name}")
+        if cfg.max_seq_len > engine.cache.max_len:
+            raise LabkitError(f"{cfg.max_seq_len} positions per slot exceed the engine's rope table of {engine.cache.max_len}")
+        self.engine, self.cfg, self.model = engine, cfg, engine.model
+        rows = -(-cfg.slots // TILE) * TILE if cfg.invariant else cfg.slots  # padding rows live in free slots
+        L, _, H, _, D = engine.cache.k.shape
+        self.cache = KVCache(L, rows, H, cfg.max_seq_len, D, dtype=engine.dtype, device=engine.device)  # (L, rows, H, S, D)
+        self.lengths = [0] * rows  # host: valid positions per slot
+        self.active = 0  # slots [0, active) hold requests
+
+    @property
+    def free(self) -> int:
+        return self.cfg.slots - self.active
+
+    def _forward(self, start: int, stop: int, tokens: torch.Tensor, input_pos: torch.Tensor, exact: bool) -> torch.Tensor:
+        """tokens, input_pos (stop-start, T) into cache rows [start, stop) -> logits (rows, T, V)."""
+        view = self.cache.rows(start, stop)
+        spans = RowSpans(input_pos, exact)
+        with self.engine.autocast():
+            return self.model(tokens, input_pos, view, max(spans.ends), spans, False, None)  # keys up to the longest row
+
+    @torch.inference_mode()
+    def admit(self, prompt_ids: list[int]) -> tuple[int, torch.Tensor]:
+        """Prefill a new request into the next free slot: (slot, logits of its last position (V,))."""
+        if self.free == 0:
+            raise LabkitError("no free slot")
+        if not 1 <= len(prompt_ids) < self.cfg.max_seq_len:
+            raise LabkitError(f"a prompt of {len(prompt_ids)} tokens does not fit a slot of {self.cfg.max_seq_len} positions")
+        slot, T = self.active, len(prompt_ids)
+        tokens = torch.tensor([prompt_ids], device=self.engine.device)  # (1, T)
+        pos = torch.arange(T, device=self.engine.device)[None]  # (1, T)
+        logits = self._forward(slot, slot + 1, tokens, pos, exact=True)  # (1, T, V)
+        self.lengths[slot], self.active = T, self.active + 1
+        return slot, logits[0, -1]
+
+    @torch.inference_mode()
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """One token for each active slot (tokens[i] for slot i) at its next position -> logits (n, V)."""
+        n = self.active
+        if len(tokens) != n or n == 0:
+            raise LabkitError(f"a step takes one token for each of the {n} active slots, got {len(tokens)}")
+        if max(self.lengths[:n]) >= self.cfg.max_seq_len:
+            raise LabkitError(f"a slot is full ({self.cfg.max_seq_len} positions)")
+        dev = self.engine.device
+        if not self.cfg.invariant:
+            ids = torch.tensor(tokens, device=dev)[:, None]  # (n, 1)
+            pos = torch.tensor(self.lengths[:n], device=dev)[:, None]  # (n, 1)
+            logits = self._forward(0, n, ids, pos, exact=False)[:, -1]
+        else:
+            outs = []
+            for start in range(0, n, TILE):  # every tile TILE rows: rows past n are padding in free slots
+                real = min(TILE, n - start)
+                ids = torch.tensor(tokens[start : start + real] + [0] * (TILE - real), device=dev)[:, None]  # (TILE, 1)
+                pos = torch.tensor(self.lengths[start : start + real] + [0] * (TILE - real), device=dev)[:, None]
+                outs.append(self._forward(start, start + TILE, ids, pos, exact=True)[:real, -1])
+            logits = torch.cat(outs)
+        for i in range(n):
+            self.lengths[i] += 1
+        return logits  # (n, V)
+
+    def rollback(self, slot: int, length: int) -> None:
+        """Forget slot's positions from `length` on."""
+        if not 0 <= slot < self.active or not 0 <= length <= self.lengths[slot]:
+            raise LabkitError(f"cannot roll slot {slot} back to {length}")
+        self.lengths[slot] = length
+
+    @torch.inference_mode()
+    def release(self, slot: int) -> int | None:
+        """Free `slot` at once: the last active request moves into it (its keys and values copied);
+        returns the slot that request came from (None when `slot` was the last)."""
+        if not 0 <= slot < self.active:
+            raise LabkitError(f"slot {slot} is not active")
+        last = self.active - 1
+        self.active = last
+        if slot == last:
+            return None
+        n = self.lengths[last]
+        self.cache.k[:, slot, :, :n] = self.cache.k[:, last, :, :n]
+        self.cache.v[:, slot, :, :n] = self.cache.v[:, last, :, :n]
+        self.lengths[slot] = n
+        return last
+
+    def describe(self) -> dict[str, Any]:
+        return {"slots": self.cfg.slots, "max_seq_len": self.cfg.max_seq_len, "invariant": self.cfg.invariant,
+                "cache_mib": round(2 * self.cache.k.numel() * self.cache.k.element_size() / 2**20, 1)}

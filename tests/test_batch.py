@@ -1,0 +1,137 @@
+"""Batched decoding: every request's greedy output equals its batch-1 plain greedy output, whatever
+batch it shares, whichever slot it lands in, and as requests join and leave (continuous batching);
+in invariant mode a row's logits are the same bits at every batch size."""
+
+import pytest
+import torch
+
+from labkit.batch.engine import TILE, BatchConfig, BatchEngine
+from labkit.batch.scheduler import ContinuousBatcher
+from labkit.config import GenerationConfig
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.generate import generate
+from labkit.models.tiny import tiny_hf_model
+
+BATCH_ARCHS = ("llama", "mistral", "qwen2")  # the Llama family (GPT-2 and OPT are refused)
+
+
+def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+def engine_for(arch: str) -> Engine:
+    hf = tiny_hf_model(arch, seed=5)
+    hf.generation_config.eos_token_id = None
+    return Engine.from_hf(hf, "cpu", "float32", max_seq_len=128)
+
+
+@pytest.mark.parametrize("arch", BATCH_ARCHS)
+@pytest.mark.parametrize("invariant", [False, True])
+def test_continuous_batching_gives_every_request_its_batch_1_tokens(arch: str, invariant: bool) -> None:
+    engine = engine_for(arch)
+    asks = prompts(11, engine.args.vocab_size)
+    lengths = [5 + (i * 7) % 13 for i in range(len(asks))]  # ragged: requests leave at different steps
+    want = [generate(engine, p, GenerationConfig(max_new_tokens=n)).tokens for p, n in zip(asks, lengths, strict=True)]
+    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=4, max_seq_len=64, invariant=invariant)))
+    got = [batcher.submit(p, GenerationConfig(max_new_tokens=n)) for p, n in zip(asks[:6], lengths[:6], strict=True)]
+    for _ in range(3):  # the rest arrive while the first are running
+        batcher.step()
+    got += [batcher.submit(p, GenerationConfig(max_new_tokens=n)) for p, n in zip(asks[6:], lengths[6:], strict=True)]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    assert batcher.rows_stepped / batcher.steps > 2  # the steps did run batched
+    assert batcher.batch.active == 0
+
+
+def test_invariant_rows_get_the_same_bits_whatever_shares_their_batch() -> None:
+    engine = engine_for("llama")
+    asks = prompts(TILE + 3, engine.args.vocab_size, seed=1)
+
+    def logits_of_first(company: list[list[int]]) -> list[torch.Tensor]:
+        batch = BatchEngine(engine, BatchConfig(slots=len(company), max_seq_len=64, invariant=True))
+        first = [batch.admit(p)[1].argmax().item() for p in company]
+        rows = []
+        tokens = first
+        for _ in range(4):
+            logits = batch.step(tokens)
+            rows.append(logits[0].clone())
+            tokens = logits.argmax(-1).tolist()
+        return rows
+
+    alone = logits_of_first(asks[:1])
+    for company in (asks[:2], asks[:5], asks[: TILE + 3]):  # one tile, and past one tile
+        assert all(torch.equal(a, b) for a, b in zip(alone, logits_of_first(company), strict=True))
+
+
+def test_rows_at_their_own_positions_match_batch_1_steps() -> None:
+    """The per-row positions themselves: each row's logits close to its own batch-1 step's."""
+    engine = engine_for("llama")
+    asks = prompts(3, engine.args.vocab_size, seed=2)
+    batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=64))
+    first = [int(batch.admit(p)[1].argmax()) for p in asks]
+    logits = batch.step(first)
+    for i, p in enumerate(asks):
+        engine.ensure_capacity(len(p) + 2)
+        engine.prefill(torch.tensor([p]))
+        want = engine.decode(torch.tensor([[first[i]]]))[0]
+        torch.testing.assert_close(logits[i], want, rtol=1e-4, atol=1e-4)
+
+
+def test_release_moves_the_last_row_and_rollback_is_per_row() -> None:
+    engine = engine_for("llama")
+    batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=64))
+    a, b, c = prompts(3, engine.args.vocab_size, seed=3)
+    for p in (a, b, c):
+        batch.admit(p)
+    assert batch.release(0) == 2 and batch.lengths[:2] == [len(c), len(b)] and batch.free == 1
+    batch.rollback(1, 2)
+    assert batch.lengths[1] == 2
+    with pytest.raises(LabkitError):
+        batch.rollback(2, 0)  # not active
+
+
+def test_admission_refuses_what_cannot_fit_and_sampling() -> None:
+    engine = engine_for("llama")
+    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=2, max_seq_len=32)))
+    with pytest.raises(LabkitError, match="exceed a batch slot"):
+        batcher.submit(list(range(3, 23)), GenerationConfig(max_new_tokens=20))
+    with pytest.raises(LabkitError, match="greedy"):
+        batcher.submit([5, 6], GenerationConfig(max_new_tokens=4, temperature=0.7))
+    with pytest.raises(LabkitError, match="Llama-family"):
+        BatchEngine(engine_for_gpt2(), BatchConfig())
+
+
+def engine_for_gpt2() -> Engine:
+    return Engine.from_hf(tiny_hf_model("gpt2", seed=5), "cpu", "float32", max_seq_len=64)
+
+
+def test_eos_ends_a_row_and_min_new_tokens_blocks_it() -> None:
+    engine = engine_for("llama")
+    p = prompts(1, engine.args.vocab_size, seed=4)[0]
+    free = generate(engine, p, GenerationConfig(max_new_tokens=12, stop_at_eos=False)).tokens
+    eos = free[3]
+    for cfg in (GenerationConfig(max_new_tokens=12, eos_token_ids=(eos,)), GenerationConfig(max_new_tokens=12, min_new_tokens=8, eos_token_ids=(eos,))):
+        batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=2, max_seq_len=64)))
+        got = batcher.submit(p, cfg)
+        batcher.run()
+        assert got.tokens == generate(engine, p, cfg).tokens
+
+
+def test_bench_batch_writes_rows_for_every_size_and_mode(tiny_folder, tmp_path) -> None:
+    import json
+
+    from labkit.bench.batch import BatchBenchConfig, batch_report, run_batch_bench
+    from labkit.config import EngineConfig
+    from labkit.models.loading import load_model
+
+    cfg = BatchBenchConfig(model=str(tiny_folder), engine=EngineConfig(device="cpu", dtype="float32"), sizes=[1, 3], max_new_tokens=5,
+                           requests_per_slot=2, max_seq_len=512, output_dir=str(tmp_path), progress=False)
+    payload = run_batch_bench(cfg, load_model(str(tiny_folder)))
+    rows = payload["rows"]
+    assert [(r["mode"], r["batch"]) for r in rows] == [("fast", 1), ("invariant", 1), ("fast", 3), ("invariant", 3)]
+    assert all(r["new_tokens"] == 5 * r["requests"] and r["identical_to_batch_1"] == 1.0 for r in rows)
+    assert rows[2]["mean_rows_per_step"] > 1.5
+    assert json.loads(next(tmp_path.glob("batch-cpu-*.json")).read_text())["benchmark"] == "batch"
+    assert len(batch_report(payload)) == 2 + len(rows)
