@@ -51,7 +51,9 @@ def add_bench_parser(sub: Any) -> None:
     _model_args(bt)
     _engine_args(bt)
     bt.add_argument("--sizes", type=_csv, default=None, help="batch sizes, comma list (default: 1..64 on a GPU, 1,2,4,8 on a CPU)")
-    bt.add_argument("--modes", type=_csv, default=["fast", "invariant"], help="fast, invariant (fixed tiles: a row's bits independent of its batch)")
+    bt.add_argument("--no-invariant", dest="invariant", action="store_false", help="skip plain decoding in invariant mode")
+    bt.add_argument("--drafter", choices=["ngram", "none"], default="ngram", help="speculation in every row (prompt lookup), or none")
+    bt.add_argument("--k", type=int, default=3, help="draft tokens per row and step")
     bt.add_argument("--max-tokens", type=int, default=64)
     bt.add_argument("--requests-per-slot", type=int, default=2)
     bt.add_argument("--slot-len", type=int, default=1024, help="positions per slot (prompt + new tokens)")
@@ -111,7 +113,7 @@ def cmd_bench_batch(args: argparse.Namespace) -> int:
     from labkit.bench.batch import BatchBenchConfig, batch_report, run_batch_bench
 
     cfg = BatchBenchConfig(model=args.model, engine=engine_config(args), sizes=_ints("--sizes", args.sizes) if args.sizes else None,
-                           modes=args.modes, max_new_tokens=args.max_tokens, requests_per_slot=args.requests_per_slot,
+                           invariant=args.invariant, drafter=args.drafter, k=args.k, max_new_tokens=args.max_tokens, requests_per_slot=args.requests_per_slot,
                            max_seq_len=args.slot_len, output_dir=None if args.no_write else args.output_dir)
     cfg.validate()
     payload = run_batch_bench(cfg)  # claims its results files before it measures anything

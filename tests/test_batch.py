@@ -45,6 +45,27 @@ def test_continuous_batching_gives_every_request_its_batch_1_tokens(arch: str, i
     assert batcher.batch.active == 0
 
 
+@pytest.mark.parametrize("invariant", [False, True])
+def test_batched_speculation_gives_every_request_its_plain_greedy_tokens(invariant: bool) -> None:
+    """n-gram drafts for every row, verified in one batched pass with ragged acceptance; each row
+    keeps only what the target agrees with and rolls its own slot back."""
+    from labkit.specdec.drafters import NgramDrafter
+
+    engine = engine_for("llama")
+    base = prompts(7, engine.args.vocab_size, seed=6)
+    asks = [p + p[:6] + p for p in base]  # repeats: something to copy
+    lengths = [25 + (i * 5) % 17 for i in range(len(asks))]
+    want = [generate(engine, p, GenerationConfig(max_new_tokens=n)).tokens for p, n in zip(asks, lengths, strict=True)]
+    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128, invariant=invariant)),
+                                drafter=lambda: NgramDrafter(3, 1), k=4)
+    got = [batcher.submit(p, GenerationConfig(max_new_tokens=n)) for p, n in zip(asks, lengths, strict=True)]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    drafted, accepted = sum(r.drafted for r in got), sum(r.accepted for r in got)
+    assert 0 < accepted < drafted  # drafts were proposed, some kept and some rejected
+    assert sum(r.verify_steps for r in got) < sum(lengths)  # fewer target steps than tokens
+
+
 def test_invariant_rows_get_the_same_bits_whatever_shares_their_batch() -> None:
     engine = engine_for("llama")
     asks = prompts(TILE + 3, engine.args.vocab_size, seed=1)
@@ -119,19 +140,27 @@ def test_eos_ends_a_row_and_min_new_tokens_blocks_it() -> None:
         assert got.tokens == generate(engine, p, cfg).tokens
 
 
-def test_bench_batch_writes_rows_for_every_size_and_mode(tiny_folder, tmp_path) -> None:
+def test_bench_batch_writes_rows_for_every_size_and_system(tiny_folder, tmp_path) -> None:
     import json
 
     from labkit.bench.batch import BatchBenchConfig, batch_report, run_batch_bench
     from labkit.config import EngineConfig
     from labkit.models.loading import load_model
 
-    cfg = BatchBenchConfig(model=str(tiny_folder), engine=EngineConfig(device="cpu", dtype="float32"), sizes=[1, 3], max_new_tokens=5,
-                           requests_per_slot=2, max_seq_len=512, output_dir=str(tmp_path), progress=False)
+    cfg = BatchBenchConfig(model=str(tiny_folder), engine=EngineConfig(device="cpu", dtype="float32"), sizes=[1, 3], k=2, max_new_tokens=5,
+                           requests_per_slot=2, max_seq_len=128, output_dir=str(tmp_path), progress=False)
     payload = run_batch_bench(cfg, load_model(str(tiny_folder)))
     rows = payload["rows"]
-    assert [(r["mode"], r["batch"]) for r in rows] == [("fast", 1), ("invariant", 1), ("fast", 3), ("invariant", 3)]
-    assert all(r["new_tokens"] == 5 * r["requests"] and r["identical_to_batch_1"] == 1.0 for r in rows)
-    assert rows[2]["mean_rows_per_step"] > 1.5
+    assert [(r["system"], r["batch"]) for r in rows] == [(s, b) for b in (1, 3) for s in ("plain", "plain-invariant", "ngram-2")]
+    assert all(r["new_tokens"] == 5 * r["requests"] and r["identical_to_batch_1"] == 1.0 == r["identical_to_own_batch_1"] for r in rows)
+    assert rows[3]["mean_rows_per_step"] > 1.5
+    assert [m["batch"] for m in payload["speedup_model"]] == [1, 3] and all(m["verify_over_step"] > 0 for m in payload["speedup_model"])
     assert json.loads(next(tmp_path.glob("batch-cpu-*.json")).read_text())["benchmark"] == "batch"
-    assert len(batch_report(payload)) == 2 + len(rows)
+    assert len(batch_report(payload)) == 2 + len(rows) + 2 + 1
+
+
+def test_crossover_is_the_first_size_where_speculation_stops_paying() -> None:
+    from labkit.bench.batch import crossover
+
+    model = [{"batch": 1, "s": 1.4}, {"batch": 4, "s": 1.1}, {"batch": 16, "s": 0.9}, {"batch": 64, "s": 1.2}]
+    assert crossover(model, "s") == 16 and crossover(model[:2], "s") is None

@@ -86,30 +86,41 @@ class BatchEngine:
         self.lengths[slot], self.active = T, self.active + 1
         return slot, logits[0, -1]
 
-    @torch.inference_mode()
     def step(self, tokens: list[int]) -> torch.Tensor:
         """One token for each active slot (tokens[i] for slot i) at its next position -> logits (n, V)."""
+        return self.verify([[t] for t in tokens])[:, 0]
+
+    @torch.inference_mode()
+    def verify(self, feeds: list[list[int]], width: int | None = None) -> torch.Tensor:
+        """Feed each active slot its tokens at its next positions: the last token and its drafts,
+        ragged across slots (feeds[i] for slot i) -> logits (n, T, V), T = the longest feed (or
+        `width`). Shorter feeds are padded with their last token; every slot's length grows by
+        its own feed, so the padding is already rolled back. The caller rolls each slot back to
+        what it accepts."""
         n = self.active
-        if len(tokens) != n or n == 0:
-            raise LabkitError(f"a step takes one token for each of the {n} active slots, got {len(tokens)}")
-        if max(self.lengths[:n]) >= self.cfg.max_seq_len:
+        if len(feeds) != n or n == 0 or not all(feeds):
+            raise LabkitError(f"a step takes tokens for each of the {n} active slots, got {len(feeds)} feeds")
+        T = max(width or 0, *(len(f) for f in feeds))
+        if max(self.lengths[i] + T for i in range(n)) > self.cfg.max_seq_len:
             raise LabkitError(f"a slot is full ({self.cfg.max_seq_len} positions)")
         dev = self.engine.device
+        rows = [f + [f[-1]] * (T - len(f)) for f in feeds]
+        starts = self.lengths[:n]
         if not self.cfg.invariant:
-            ids = torch.tensor(tokens, device=dev)[:, None]  # (n, 1)
-            pos = torch.tensor(self.lengths[:n], device=dev)[:, None]  # (n, 1)
-            logits = self._forward(0, n, ids, pos, exact=False)[:, -1]
+            ids = torch.tensor(rows, device=dev)  # (n, T)
+            pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (n, T)
+            logits = self._forward(0, n, ids, pos, exact=False)
         else:
             outs = []
-            for start in range(0, n, TILE):  # every tile TILE rows: rows past n are padding in free slots
-                real = min(TILE, n - start)
-                ids = torch.tensor(tokens[start : start + real] + [0] * (TILE - real), device=dev)[:, None]  # (TILE, 1)
-                pos = torch.tensor(self.lengths[start : start + real] + [0] * (TILE - real), device=dev)[:, None]
-                outs.append(self._forward(start, start + TILE, ids, pos, exact=True)[:real, -1])
+            for first in range(0, n, TILE):  # every tile TILE rows: rows past n are padding in free slots at position 0
+                real = min(TILE, n - first)
+                ids = torch.tensor(rows[first : first + real] + [[0] * T] * (TILE - real), device=dev)  # (TILE, T)
+                pos = torch.tensor(starts[first : first + real] + [0] * (TILE - real), device=dev)[:, None] + torch.arange(T, device=dev)
+                outs.append(self._forward(first, first + TILE, ids, pos, exact=True)[:real])
             logits = torch.cat(outs)
-        for i in range(n):
-            self.lengths[i] += 1
-        return logits  # (n, V)
+        for i, f in enumerate(feeds):
+            self.lengths[i] += len(f)
+        return logits  # (n, T, V)
 
     def rollback(self, slot: int, length: int) -> None:
         """Forget slot's positions from `length` on."""

@@ -7,13 +7,18 @@ min_new_tokens allow it) leaves at once and its slot takes the next request at t
 Admission keeps within the cache: a request whose prompt and new tokens do not fit a slot is
 refused when it is submitted, and one waits while every slot is busy.
 
-Greedy decoding only, for now: sampling and speculation run through `labkit.generate` at batch 1.
+Speculation: with a drafter factory and K, every step drafts up to K tokens for each row (one K
+for the whole batch; a row may propose fewer, and drafts past a request's last token are not
+asked for) and verifies all rows in one batched pass; each row keeps the longest prefix of its
+draft that matches the target's argmax, plus the target's own next token, and its slot rolls back
+past the rest. Greedy only: sampling runs through `labkit.generate` at batch 1.
 """
 
 from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +26,7 @@ import torch
 from labkit.batch.engine import BatchEngine
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
+from labkit.specdec.draft import Drafter
 
 
 @dataclass
@@ -28,16 +34,23 @@ class BatchRequest:
     prompt_ids: list[int]
     config: GenerationConfig
     eos_ids: tuple[int, ...] = ()  # blocked before min_new_tokens; they end the output when config.stop_at_eos
+    drafter: Drafter | None = None
+    context: list[int] = field(default_factory=list)  # prompt + generated: what the drafter reads
     tokens: list[int] = field(default_factory=list)  # generated so far
     token_times: list[float] = field(default_factory=list)  # host clock (perf_counter) as each token came
     submitted: float = 0.0
     finished: bool = False
     stop_reason: str = ""  # "length" or "eos"
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # of them, kept
+    verify_steps: int = 0  # batched steps this request took part in
 
 
 class ContinuousBatcher:
-    def __init__(self, batch: BatchEngine) -> None:
-        self.batch = batch
+    def __init__(self, batch: BatchEngine, drafter: Callable[[], Drafter] | None = None, k: int = 0) -> None:
+        if (drafter is None) != (k == 0) or k < 0:
+            raise LabkitError("speculation takes a drafter and K >= 1 together (K 0: plain)")
+        self.batch, self.new_drafter, self.k = batch, drafter, k
         self.waiting: collections.deque[BatchRequest] = collections.deque()
         self.rows: list[BatchRequest] = []  # rows[i]: the request in slot i
         self.steps = 0  # batched decode steps taken
@@ -48,11 +61,14 @@ class ContinuousBatcher:
         config.validate()
         if config.temperature != 0:
             raise LabkitError("batched decoding is greedy for now (temperature 0)")
-        need = len(prompt_ids) + config.max_new_tokens
+        need = len(prompt_ids) + config.max_new_tokens + self.k  # a verify may write K positions past the last token
         if not prompt_ids or need > self.batch.cfg.max_seq_len:
             raise LabkitError(f"{need} positions (prompt + max_new_tokens) exceed a batch slot of {self.batch.cfg.max_seq_len}")
         eos = tuple(sorted(set(config.eos_token_ids or self.batch.engine.eos_token_ids)))
-        request = BatchRequest(list(prompt_ids), config, eos, submitted=time.perf_counter())
+        request = BatchRequest(list(prompt_ids), config, eos, context=list(prompt_ids), submitted=time.perf_counter())
+        if self.new_drafter is not None:
+            request.drafter = self.new_drafter()
+            request.drafter.start(request.prompt_ids, need)
         self.waiting.append(request)
         return request
 
@@ -60,18 +76,38 @@ class ContinuousBatcher:
     def busy(self) -> bool:
         return bool(self.waiting or self.rows)
 
-    def _take(self, request: BatchRequest, logits: torch.Tensor) -> None:  # logits: (V,)
+    def _take(self, request: BatchRequest, logits: torch.Tensor, draft: Sequence[int] = ()) -> int:
+        """Keep the longest prefix of `draft` the target agrees with, then its own next token;
+        logits (len(draft) + 1 or more, V) at the fed positions. Returns the drafts kept."""
         cfg = request.config
-        if len(request.tokens) < cfg.min_new_tokens and request.eos_ids:  # EOS blocked while min_new_tokens asks
+        block = cfg.min_new_tokens - len(request.tokens)  # EOS blocked on this many leading positions
+        if block > 0 and request.eos_ids:
             logits = logits.clone()
-            logits[list(request.eos_ids)] = float("-inf")
-        token = int(logits.argmax())
-        request.tokens.append(token)
-        request.token_times.append(time.perf_counter())
-        if cfg.stop_at_eos and token in request.eos_ids:
-            request.finished, request.stop_reason = True, "eos"
-        elif len(request.tokens) >= cfg.max_new_tokens:
-            request.finished, request.stop_reason = True, "length"
+            logits[:block, list(request.eos_ids)] = float("-inf")
+        greedy = logits[: len(draft) + 1].argmax(-1).tolist()
+        kept = 0
+        while kept < len(draft) and greedy[kept] == draft[kept]:
+            kept += 1
+        now = time.perf_counter()
+        for token in greedy[: kept + 1]:
+            request.tokens.append(token)
+            request.context.append(token)
+            request.token_times.append(now)
+            if cfg.stop_at_eos and token in request.eos_ids:
+                request.finished, request.stop_reason = True, "eos"
+            elif len(request.tokens) >= cfg.max_new_tokens:
+                request.finished, request.stop_reason = True, "length"
+            if request.finished:
+                break
+        return kept
+
+    def _feed(self, request: BatchRequest) -> list[int]:
+        """The last token and up to K drafts (none past the request's last token)."""
+        k = min(self.k, request.config.max_new_tokens - len(request.tokens) - 1)
+        if request.drafter is None or k <= 0:
+            return [request.tokens[-1]]
+        draft = request.drafter.propose(request.context, k, request.config, None).tokens[:k]
+        return [request.tokens[-1], *draft]
 
     def _leave(self) -> None:
         for slot in range(len(self.rows) - 1, -1, -1):  # from the end: a move only brings a kept row down
@@ -88,15 +124,20 @@ class ContinuousBatcher:
             slot, logits = self.batch.admit(request.prompt_ids)
             assert slot == len(self.rows)
             self.rows.append(request)
-            self._take(request, logits)
+            self._take(request, logits[None])
         self._leave()
         if not self.rows:
             return
-        logits = self.batch.step([r.tokens[-1] for r in self.rows])  # (n, V)
+        feeds = [self._feed(r) for r in self.rows]
+        width = self.k + 1 if self.k and self.batch.cfg.invariant else None  # invariant: one width whatever the batch drafts
+        starts = self.batch.lengths[: len(feeds)]
+        logits = self.batch.verify(feeds, width)  # (n, T, V)
         self.steps += 1
         self.rows_stepped += len(self.rows)
-        for request, row in zip(self.rows, logits, strict=True):
-            self._take(request, row)
+        for slot, (request, feed, row) in enumerate(zip(self.rows, feeds, logits, strict=True)):
+            kept = self._take(request, row, feed[1:])
+            request.drafted, request.accepted, request.verify_steps = request.drafted + len(feed) - 1, request.accepted + kept, request.verify_steps + 1
+            self.batch.rollback(slot, starts[slot] + 1 + kept)
         self._leave()
 
     def run(self) -> None:

@@ -1,15 +1,22 @@
-"""`labkit bench batch`: throughput and latency against batch size, in one run.
+"""`labkit bench batch`: throughput and latency against batch size, plain and speculative, in one run.
 
-For each batch size B, `requests_per_slot` x B prompts from the suite go through continuous
-batching with B slots (greedy, EOS blocked until max_new_tokens, so every request has the same
-length), once per mode (fast, and invariant: fixed tiles of rows, see labkit/batch/engine.py),
-the modes and sizes taking turns. Per run: aggregate output tok/s (every new token over the wall
-time), per-request decode tok/s, median inter-token latency, median time to first token, the mean
-rows per step, and the share of requests whose tokens equal batch-1 plain greedy through
-`generate` (the batch-invariance check at this size).
+Systems, each at every batch size B (the systems take turns at each size):
+- plain: continuous batching, greedy, one token per row per step;
+- plain-invariant: the same in invariant mode (fixed tiles of rows: a row's bits do not depend on
+  its batch; labkit/batch/engine.py);
+- ngram-K (with --drafter ngram): every row drafts up to K tokens by prompt lookup and all rows are
+  verified in one batched pass (one K for the batch).
 
-Speculation inside batches is not measured yet: the batched engine decodes greedily without
-drafts (its crossover against plain is the next step).
+Each run sends `requests_per_slot` x B prompts from the suite through B slots, greedy, EOS blocked
+until max_new_tokens, so every request has the same length. Per run: aggregate output tok/s
+(every new token over the wall time), per-request decode tok/s, median inter-token latency and
+time to first token, mean rows per step, tau (tokens per row per step), and two identities: with
+batch-1 plain greedy through `generate`, and with the same system run one request at a time.
+
+The speedup model at batch B: speculation pays tau(B) tokens per step for a verify of K+1 tokens
+per row, so it predicts tau(B) x t_step(B, 1) / t_step(B, K+1), with both step times measured
+here on B busy slots. Its crossover (the first batch size where it predicts below 1) is set
+beside the measured one (the first where ngram-K's aggregate tok/s falls below plain's).
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ from labkit.config import EngineConfig, GenerationConfig, device_name, dtype_nam
 from labkit.engine_build import from_config
 from labkit.errors import LabkitError
 from labkit.generate import generate
+from labkit.metrics.timers import now
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompting import encode_prompt
 from labkit.prompts import load_suite
+from labkit.specdec.drafters import NgramDrafter
 
 GPU_SIZES = [1, 2, 4, 8, 16, 32, 64]
 CPU_SIZES = [1, 2, 4, 8]
@@ -42,7 +51,9 @@ class BatchBenchConfig:
     model: str = "default"
     engine: EngineConfig = field(default_factory=EngineConfig)
     sizes: list[int] | None = None  # batch sizes; None: GPU_SIZES on a GPU, CPU_SIZES elsewhere
-    modes: list[str] = field(default_factory=lambda: ["fast", "invariant"])
+    invariant: bool = True  # also plain decoding in invariant mode
+    drafter: str = "ngram"  # "ngram" (prompt lookup in every row) or "none"
+    k: int = 3  # draft tokens per row and step
     max_new_tokens: int = 64
     requests_per_slot: int = 2  # requests per run = this x B
     max_seq_len: int = 1024  # positions per slot
@@ -53,28 +64,90 @@ class BatchBenchConfig:
         self.engine.validate()
         if any(b < 1 for b in self.sizes or [1]) or self.max_new_tokens < 1 or self.requests_per_slot < 1:
             raise LabkitError("batch sizes, max new tokens and requests per slot must be at least 1")
-        if not self.modes or set(self.modes) - {"fast", "invariant"}:
-            raise LabkitError(f"modes are fast and invariant, got {','.join(self.modes)}")
+        if self.drafter not in ("ngram", "none") or not 1 <= self.k <= 16:
+            raise LabkitError(f"the batched drafter is ngram or none, with K from 1 to 16 (got {self.drafter}, K {self.k})")
 
 
-def _run(batch: BatchEngine, prompts: list[list[int]], gen: GenerationConfig) -> tuple[list[BatchRequest], float, float]:
-    batcher = ContinuousBatcher(batch)
+@dataclass(frozen=True)
+class System:
+    name: str
+    invariant: bool
+    k: int  # 0: plain
+
+
+def _systems(cfg: BatchBenchConfig) -> list[System]:
+    out = [System("plain", False, 0)]
+    if cfg.invariant:
+        out.append(System("plain-invariant", True, 0))
+    if cfg.drafter == "ngram":
+        out.append(System(f"ngram-{cfg.k}", False, cfg.k))
+    return out
+
+
+def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig) -> tuple[list[BatchRequest], float, float]:
+    batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if system.k else None, system.k)
     t0 = time.perf_counter()
     requests = [batcher.submit(p, gen) for p in prompts]
     batcher.run()
     return requests, time.perf_counter() - t0, batcher.rows_stepped / max(1, batcher.steps)
 
 
-def _row(mode: str, size: int, requests: list[BatchRequest], wall: float, mean_rows: float, plain: list[list[int]]) -> dict[str, Any]:
-    gaps = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
-    per_request = [(len(r.tokens) - 1) / (r.token_times[-1] - r.token_times[0]) for r in requests if len(r.tokens) > 1]
-    return {"mode": mode, "batch": size, "requests": len(requests), "new_tokens": sum(len(r.tokens) for r in requests),
+def _row(system: System, size: int, requests: list[BatchRequest], wall: float, mean_rows: float,
+         plain: list[list[int]], own: list[list[int]]) -> dict[str, Any]:
+    gaps = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:], strict=False) if b > a]
+    per_request = [(len(r.tokens) - 1) / (r.token_times[-1] - r.token_times[0]) for r in requests if r.token_times[-1] > r.token_times[0]]
+    steps = sum(r.verify_steps for r in requests)
+    return {"system": system.name, "batch": size, "k": system.k, "invariant": system.invariant, "requests": len(requests),
+            "new_tokens": sum(len(r.tokens) for r in requests),
             "aggregate_tok_per_s": sum(len(r.tokens) for r in requests) / wall,
             "per_request_tok_per_s": statistics.median(per_request) if per_request else 0.0,
             "itl_ms_p50": 1000 * statistics.median(gaps) if gaps else 0.0,
             "ttft_ms_p50": 1000 * statistics.median(r.token_times[0] - r.submitted for r in requests),
             "mean_rows_per_step": mean_rows,
-            "identical_to_batch_1": sum(r.tokens == p for r, p in zip(requests, plain, strict=True)) / len(requests)}
+            "tau": sum(len(r.tokens) - 1 for r in requests) / max(1, steps),  # tokens per row per batched step
+            "acceptance_rate": sum(r.accepted for r in requests) / max(1, sum(r.drafted for r in requests)),
+            "identical_to_batch_1": sum(r.tokens == p for r, p in zip(requests, plain, strict=True)) / len(requests),
+            "identical_to_own_batch_1": sum(r.tokens == p for r, p in zip(requests, own, strict=True)) / len(requests)}
+
+
+def step_times(batch: BatchEngine, prompts: list[list[int]], widths: list[int], repeats: int = 5) -> dict[int, float]:
+    """Seconds per batched step of each width (tokens per row) with every slot busy: median of
+    `repeats`, each slot rolled back after every step so that the context stays put."""
+    device = batch.engine.device
+    for p in prompts[: batch.free]:
+        batch.admit(p)
+    n = batch.active
+    starts = batch.lengths[:n]
+    out = {}
+    for width in widths:
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            t0 = now(device)
+            batch.verify([[1] * width for _ in range(n)])
+            times.append(now(device) - t0)
+            for slot in range(n):
+                batch.rollback(slot, starts[slot])
+        out[width] = statistics.median(times[1:])
+    while batch.active:
+        batch.release(batch.active - 1)
+    return out
+
+
+def predicted_speedups(rows: list[dict[str, Any]], costs: dict[int, dict[int, float]], k: int) -> list[dict[str, Any]]:
+    """The speedup model per batch size: tau(B) x t_step(B, 1) / t_step(B, K+1), beside the measured ratio."""
+    out = []
+    for size, t in sorted(costs.items()):
+        plain = next(r for r in rows if r["batch"] == size and r["system"] == "plain")
+        spec = next(r for r in rows if r["batch"] == size and r["k"] == k)
+        out.append({"batch": size, "verify_over_step": t[k + 1] / t[1], "tau": spec["tau"],
+                    "predicted_speedup": spec["tau"] * t[1] / t[k + 1],
+                    "measured_speedup": spec["aggregate_tok_per_s"] / plain["aggregate_tok_per_s"]})
+    return out
+
+
+def crossover(model: list[dict[str, Any]], key: str) -> int | None:
+    """The first batch size where speculation stops paying (None: it pays at every size)."""
+    return next((m["batch"] for m in model if m[key] < 1.0), None)
 
 
 def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
@@ -85,27 +158,40 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     loaded = loaded or load_model(cfg.model)
     engine = from_config(loaded, cfg.engine)
     suite = [encode_prompt(loaded.tokenizer, p.content) for p in load_suite()]
-    need = max(sizes) * cfg.requests_per_slot
-    prompts = [suite[i % len(suite)] for i in range(need)]
+    prompts = [suite[i % len(suite)] for i in range(max(sizes) * cfg.requests_per_slot)]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens)
-    plain = [generate(engine, p, gen).tokens for p in tqdm(prompts, desc="batch-1 plain greedy", disable=not cfg.progress)]
+    bar = tqdm(desc="bench batch", total=len(prompts) * (1 + len(_systems(cfg))) + len(sizes) * len(_systems(cfg)), disable=not cfg.progress)
+    plain = []
+    for p in prompts:
+        plain.append(generate(engine, p, gen).tokens)
+        bar.update()
     slot_len = min(cfg.max_seq_len, engine.max_seq_len)  # at most the model's context
-    batches = {(m, b): BatchEngine(engine, BatchConfig(slots=b, max_seq_len=slot_len, invariant=m == "invariant"))
-               for m in cfg.modes for b in sizes}
-    _run(batches[(cfg.modes[0], sizes[0])], prompts[:1], GenerationConfig(max_new_tokens=2))  # warm-up
-    runs = [(m, b) for b in sizes for m in cfg.modes]  # the modes take turns at each size
-    rows = []
-    for mode, size in tqdm(runs, desc="bench batch", disable=not cfg.progress):
-        n = size * cfg.requests_per_slot
-        requests, wall, mean_rows = _run(batches[(mode, size)], prompts[:n], gen)
-        row = _row(mode, size, requests, wall, mean_rows, plain[:n])
-        rows.append(row)
-        if log:
-            log.add(row)
+    batches = {(s, b): BatchEngine(engine, BatchConfig(slots=b, max_seq_len=slot_len, invariant=s.invariant)) for s in _systems(cfg) for b in sizes}
+    own = {}
+    for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens
+        requests, _, _ = _run(batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant)), s, prompts, gen)
+        own[s] = [r.tokens for r in requests]
+        bar.update(len(prompts))
+    rows, costs = [], {}
+    for size in sizes:
+        for s in _systems(cfg):
+            n = size * cfg.requests_per_slot
+            requests, wall, mean_rows = _run(batches[(s, size)], s, prompts[:n], gen)
+            row = _row(s, size, requests, wall, mean_rows, plain[:n], own[s][:n])
+            rows.append(row)
+            bar.update()
+            if log:
+                log.add(row)
+        if cfg.drafter != "none":
+            costs[size] = step_times(batches[(_systems(cfg)[0], size)], prompts, [1, cfg.k + 1])
+    bar.close()
+    model = predicted_speedups(rows, costs, cfg.k) if cfg.drafter != "none" else []
     params = run_params(cfg)
     params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(engine.dtype), sizes_resolved=sizes,
-                  weights=engine.weights, slot_len=slot_len, speculation="none (batched speculation is not measured yet)")
-    payload: dict[str, Any] = {"benchmark": "batch", **provenance(device, params), "card": device_name(device), "summary": rows}
+                  weights=engine.weights, slot_len=slot_len)
+    payload: dict[str, Any] = {"benchmark": "batch", **provenance(device, params), "card": device_name(device), "summary": rows,
+                               "speedup_model": model, "crossover_measured": crossover(model, "measured_speedup") if model else None,
+                               "crossover_predicted": crossover(model, "predicted_speedup") if model else None}
     finish_log(log, payload, rows)
     payload["rows"] = rows
     warn_if_busy()
@@ -113,11 +199,15 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
 
 
 def batch_report(payload: dict[str, Any]) -> list[str]:
-    out = [f"{payload['card']}: continuous batching, greedy, {payload['parameters']['max_new_tokens']} new tokens per request"]
-    out.append(f"{'mode':<10} {'batch':>5} {'aggregate tok/s':>16} {'per request':>12} {'ITL ms':>8} {'TTFT ms':>8} {'rows/step':>9} {'= batch 1':>9}")
-    base = {r["mode"]: r["aggregate_tok_per_s"] for r in payload["summary"] if r["batch"] == min(x["batch"] for x in payload["summary"])}
+    out = [f"{payload['card']}: continuous batching, greedy, {payload['parameters']['max_new_tokens']} new tokens per request",
+           f"{'system':<16} {'batch':>5} {'aggregate tok/s':>16} {'per request':>12} {'ITL ms':>8} {'TTFT ms':>8} {'tau':>5} {'= batch 1':>9} {'= own b1':>8}"]
     for r in payload["summary"]:
-        gain = r["aggregate_tok_per_s"] / base[r["mode"]]
-        out.append(f"{r['mode']:<10} {r['batch']:>5} {r['aggregate_tok_per_s']:>9.1f} ({gain:4.2f}x) {r['per_request_tok_per_s']:>12.1f} "
-                   f"{r['itl_ms_p50']:>8.1f} {r['ttft_ms_p50']:>8.1f} {r['mean_rows_per_step']:>9.2f} {r['identical_to_batch_1']:>9.0%}")
+        out.append(f"{r['system']:<16} {r['batch']:>5} {r['aggregate_tok_per_s']:>16.1f} {r['per_request_tok_per_s']:>12.1f} "
+                   f"{r['itl_ms_p50']:>8.1f} {r['ttft_ms_p50']:>8.1f} {r['tau']:>5.2f} {r['identical_to_batch_1']:>9.0%} {r['identical_to_own_batch_1']:>8.0%}")
+    for m in payload["speedup_model"]:
+        out.append(f"batch {m['batch']:>3}: speculation measured {m['measured_speedup']:.2f}x plain, model {m['predicted_speedup']:.2f}x "
+                   f"(tau {m['tau']:.2f}, verify / step {m['verify_over_step']:.2f})")
+    if payload["speedup_model"]:
+        out.append(f"speculation stops paying at batch {payload['crossover_measured'] or 'never (in these sizes)'}; "
+                   f"the model says {payload['crossover_predicted'] or 'never (in these sizes)'}")
     return out

@@ -26,6 +26,18 @@ class RowSpans:
     def __init__(self, input_pos: torch.Tensor, exact: bool) -> None:  # input_pos: (B, T)
         self.input_pos, self.exact = input_pos, exact
         self.ends = [int(e) + 1 for e in input_pos[:, -1].tolist()]  # keys row b may see: [0, ends[b])
+        self._masks: dict[tuple[int, int | None], torch.Tensor] = {}  # built once per step, not once per layer
+
+    def mask(self, keys: int, sliding_window: int | None) -> torch.Tensor:
+        """(B, 1, T, keys) bool: which keys each row's queries see."""
+        if (keys, sliding_window) not in self._masks:
+            pos = self.input_pos
+            key = torch.arange(keys, device=pos.device)  # (S,)
+            allowed = key[None, None, :] <= pos[:, :, None]  # (B, T, S)
+            if sliding_window is not None:
+                allowed &= key[None, None, :] > pos[:, :, None] - sliding_window
+            self._masks[(keys, sliding_window)] = allowed[:, None]
+        return self._masks[(keys, sliding_window)]
 
 
 Mask = torch.Tensor | str | RowSpans | None  # (T, S) bool, CAUSAL, RowSpans, or None for "every key is visible"
@@ -137,13 +149,10 @@ def attend_rows(
     sliding_window: int | None,
 ) -> torch.Tensor:  # (B, nh, T, D)
     """Attention for rows at their own positions (see RowSpans)."""
+    if not spans.exact:
+        return attend(q, k, v, spans.mask(k.shape[2], sliding_window), scale)  # the mask broadcast over heads
     pos = spans.input_pos  # (B, T)
     keys = torch.arange(k.shape[2], device=k.device)  # (S,)
-    if not spans.exact:
-        allowed = keys[None, None, :] <= pos[:, :, None]  # (B, T, S)
-        if sliding_window is not None:
-            allowed &= keys[None, None, :] > pos[:, :, None] - sliding_window
-        return attend(q, k, v, allowed[:, None], scale)  # the mask broadcast over heads: (B, 1, T, S)
     out = []
     for b, end in enumerate(spans.ends):  # each row over exactly its keys: a batch-1 step's shapes
         T = pos.shape[1]

@@ -143,21 +143,25 @@ class NgramDrafter(Drafter):
             raise LabkitError(f"n-gram sizes need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.max_n, self.min_n = max_n, min_n
         self._latest: dict[tuple[int, ...], int] = {}  # n-gram -> latest start that has a token after it
-        self._indexed: list[int] = []  # the context the index covers (a prefix of the next one)
+        self._done = 0  # the index covers the context's first _done tokens ...
+        self._tail: tuple[int, ...] = ()  # ... which ended with these (the last max_n + 1 of them)
 
     def start(self, prompt_ids: list[int], capacity: int) -> None:
-        self._latest, self._indexed = {}, []
+        self._latest, self._done, self._tail = {}, 0, ()
 
     def _extend(self, context: list[int]) -> None:
-        """Index the n-grams that end before the context's last token and are not indexed yet."""
-        done = len(self._indexed)
-        if done > len(context) or context[:done] != self._indexed:  # not an extension: start over
+        """Index the n-grams that end before the context's last token and are not indexed yet.
+        Within a request the context only grows; a context that is not the indexed one grown
+        (shorter, or another ending where the index stopped) is indexed afresh. Checking the
+        tail, not the whole prefix, keeps a step O(new tokens) on a long prompt."""
+        done = self._done
+        if done > len(context) or tuple(context[max(0, done - len(self._tail)) : done]) != self._tail:
             self._latest, done = {}, 0
         for end in range(max(done, 1), len(context)):  # n-grams ending at end-1 have context[end] after them
             for n in range(self.min_n, self.max_n + 1):
                 if end - n >= 0:
                     self._latest[tuple(context[end - n : end])] = end - n
-        self._indexed = list(context)
+        self._done, self._tail = len(context), tuple(context[-(self.max_n + 1) :])
 
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
         self._extend(context)
