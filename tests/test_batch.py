@@ -164,3 +164,48 @@ def test_crossover_is_the_first_size_where_speculation_stops_paying() -> None:
 
     model = [{"batch": 1, "s": 1.4}, {"batch": 4, "s": 1.1}, {"batch": 16, "s": 0.9}, {"batch": 64, "s": 1.2}]
     assert crossover(model, "s") == 16 and crossover(model[:2], "s") is None
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("TRITON_INTERPRET") and not torch.cuda.is_available(), reason="Triton needs CUDA or TRITON_INTERPRET=1")
+def test_fused_layers_batch_rows_at_their_own_positions_with_batch_1_bits() -> None:
+    """With the fused Triton layers, a batched step takes per-row positions in the kernels
+    themselves, and each row's logits are a batch-1 decode step's, to the bit."""
+    hf = tiny_hf_model("llama", seed=5)
+    hf.generation_config.eos_token_id = None
+    engine = Engine.from_hf(hf, "cpu", "float32", max_seq_len=64, layer_kernels="triton")
+    assert engine.layer_kernels == "triton"
+    asks = prompts(3, engine.args.vocab_size, seed=7)
+    batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=64))
+    first = [int(batch.admit(p)[1].argmax()) for p in asks]
+    logits = batch.step(first)  # (3, V)
+    for i, p in enumerate(asks):
+        engine.ensure_capacity(len(p) + 2)
+        engine.prefill(torch.tensor([p]))
+        assert torch.equal(logits[i], engine.decode(torch.tensor([[first[i]]]))[0]), i
+    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=2, max_seq_len=64)))
+    got = [batcher.submit(p, GenerationConfig(max_new_tokens=5)) for p in asks]
+    batcher.run()
+    assert [r.tokens for r in got] == [generate(engine, p, GenerationConfig(max_new_tokens=5)).tokens for p in asks]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_batches_give_every_request_its_batch_1_tokens(dtype: str) -> None:
+    """On the GPU: batched steps replayed as CUDA graphs per rows bucket, the fused kernels reading
+    each row's positions; every request's tokens are batch-1 greedy's, speculative or not, bf16 included."""
+    from labkit.specdec.drafters import NgramDrafter
+
+    hf = tiny_hf_model("llama", seed=5)
+    hf.generation_config.eos_token_id = None
+    engine = Engine.from_hf(hf, "cuda", dtype, max_seq_len=128, cuda_graph=True)
+    assert engine.layer_kernels == "triton"
+    base = prompts(9, engine.args.vocab_size, seed=8)
+    asks = [p + p[:5] + p for p in base]
+    want = [generate(engine, p, GenerationConfig(max_new_tokens=24)).tokens for p in asks]
+    for k in (0, 3):
+        batch = BatchEngine(engine, BatchConfig(slots=5, max_seq_len=96, cuda_graph=True))
+        batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if k else None, k)
+        got = [batcher.submit(p, GenerationConfig(max_new_tokens=24)) for p in asks]
+        batcher.run()
+        assert [r.tokens for r in got] == want, k
+        assert batch.graphs  # the steps did replay graphs

@@ -15,8 +15,11 @@ exactly its own keys; a row's result then depends only on the row, whatever shar
 whichever slot it lands in (tests/test_batch.py holds it to the bit). It costs TILE rows of
 compute at any batch below TILE.
 
-The PyTorch layers serve every batched step (the fused layer kernels take one set of positions for
-all rows); the prompt of a new request runs alone, as a batch-1 prefill into its slot.
+Where the engine runs the fused layer kernels (Triton on CUDA), a batched step runs them too:
+they take each row's positions themselves, and a row's arithmetic never depends on its
+neighbours, so every row gets a batch-1 step's bits in either mode; with `cuda_graph` the steps
+replay as CUDA graphs per rows bucket (graphs.py). Elsewhere the PyTorch layers serve every
+batched step. The prompt of a new request runs alone, as a batch-1 prefill into its slot.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from typing import Any
 
 import torch
 
+from labkit.batch.graphs import BatchGraph, bucket
 from labkit.engine import Engine
 from labkit.errors import LabkitError
+from labkit.graphs import GRAPH_HEADROOM
 from labkit.models.families import family_of_model
 from labkit.models.kvcache import KVCache, RowSpans
 
@@ -39,6 +44,7 @@ class BatchConfig:
     slots: int = 8  # requests decoded together at most
     max_seq_len: int = 1024  # positions per slot (prompt + new tokens), allocated once
     invariant: bool = False  # a row's bits independent of its batch (fixed tiles, exact attention)
+    cuda_graph: bool = False  # replay batched steps as CUDA graphs per rows bucket (fused layers on CUDA)
 
     def validate(self) -> None:
         if self.slots < 1 or self.max_seq_len < 2:
@@ -52,14 +58,22 @@ class BatchEngine:
         cfg.validate()
         if family_of_model(engine.model).name != "llama":
             raise LabkitError(f"batched decoding serves Llama-family models for now, not {family_of_model(engine.model).name}")
-        if cfg.max_seq_len > engine.cache.max_len:
-            raise LabkitError(f"{cfg.max_seq_len} positions per slot exceed the engine's rope table of {engine.cache.max_len}")
         self.engine, self.cfg, self.model = engine, cfg, engine.model
+        ops = engine.model.layer_ops
+        self.graphs_ok = cfg.cuda_graph and engine.device.type == "cuda" and ops is not None and ops.ROW_POSITIONS
+        if cfg.cuda_graph and not self.graphs_ok:
+            raise LabkitError("batched CUDA graphs need a CUDA device and the fused layer kernels (--layer-kernels triton)")
         rows = -(-cfg.slots // TILE) * TILE if cfg.invariant else cfg.slots  # padding rows live in free slots
+        if self.graphs_ok:
+            rows = bucket(rows)
+        headroom = GRAPH_HEADROOM if self.graphs_ok else 0  # capture warm-ups write the last positions
+        if cfg.max_seq_len + headroom > engine.cache.max_len:
+            raise LabkitError(f"{cfg.max_seq_len} positions per slot exceed the engine's rope table of {engine.cache.max_len - headroom}")
         L, _, H, _, D = engine.cache.k.shape
-        self.cache = KVCache(L, rows, H, cfg.max_seq_len, D, dtype=engine.dtype, device=engine.device)  # (L, rows, H, S, D)
+        self.cache = KVCache(L, rows, H, cfg.max_seq_len + headroom, D, dtype=engine.dtype, device=engine.device)  # (L, rows, H, S, D)
         self.lengths = [0] * rows  # host: valid positions per slot
         self.active = 0  # slots [0, active) hold requests
+        self.graphs: dict[tuple[int, int], BatchGraph] = {}
 
     @property
     def free(self) -> int:
@@ -106,7 +120,14 @@ class BatchEngine:
         dev = self.engine.device
         rows = [f + [f[-1]] * (T - len(f)) for f in feeds]
         starts = self.lengths[:n]
-        if not self.cfg.invariant:
+        if self.graphs_ok and T <= GRAPH_HEADROOM and not self.cfg.invariant:
+            key = (bucket(n), T)
+            if key not in self.graphs:
+                self.graphs[key] = BatchGraph(self.engine, self.cache, *key)
+            ids = torch.tensor(rows, device=dev)  # (n, T)
+            pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (n, T)
+            logits = self.graphs[key].run(ids, pos)
+        elif not self.cfg.invariant:
             ids = torch.tensor(rows, device=dev)  # (n, T)
             pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (n, T)
             logits = self._forward(0, n, ids, pos, exact=False)

@@ -165,11 +165,13 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     for p in prompts:
         plain.append(generate(engine, p, gen).tokens)
         bar.update()
-    slot_len = min(cfg.max_seq_len, engine.max_seq_len)  # at most the model's context
-    batches = {(s, b): BatchEngine(engine, BatchConfig(slots=b, max_seq_len=slot_len, invariant=s.invariant)) for s in _systems(cfg) for b in sizes}
+    slot_len = min(cfg.max_seq_len, engine.max_seq_len - 16)  # at most the model's context, less the graphs' headroom
+    graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"  # batched steps as CUDA graphs per rows bucket
+    batches = {(s, b): BatchEngine(engine, BatchConfig(b, slot_len, s.invariant, graphs and not s.invariant)) for s in _systems(cfg) for b in sizes}
     own = {}
     for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens
-        requests, _, _ = _run(batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant)), s, prompts, gen)
+        requests, _, _ = _run(batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant)),
+                              s, prompts, gen)
         own[s] = [r.tokens for r in requests]
         bar.update(len(prompts))
     rows, costs = [], {}
@@ -188,7 +190,7 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     model = predicted_speedups(rows, costs, cfg.k) if cfg.drafter != "none" else []
     params = run_params(cfg)
     params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(engine.dtype), sizes_resolved=sizes,
-                  weights=engine.weights, slot_len=slot_len)
+                  weights=engine.weights, slot_len=slot_len, layer_kernels=engine.layer_kernels, batched_graphs=graphs)
     payload: dict[str, Any] = {"benchmark": "batch", **provenance(device, params), "card": device_name(device), "summary": rows,
                                "speedup_model": model, "crossover_measured": crossover(model, "measured_speedup") if model else None,
                                "crossover_predicted": crossover(model, "predicted_speedup") if model else None}

@@ -71,7 +71,7 @@ def _combine_splits(out_ptr, part_o_ptr, part_ml_ptr, q_rows, tile_base, local, 
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr, T, R, R_BLOCKS, N_SPLITS, scale,
+    q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, scale,
     stride_cb, stride_ch, stride_cs, NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     WINDOW: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, NS_POW2: tl.constexpr,
     CHUNK: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr,
@@ -92,7 +92,7 @@ def _attention_kernel(
     r_ok = offs_r < R
     t = offs_r // GROUP
     head = kvh * GROUP + offs_r % GROUP
-    pos = tl.load(pos_ptr + t, mask=r_ok, other=-1)  # (BLOCK_R,) row r sees keys lo_r..pos_r
+    pos = tl.load(pos_ptr + b * stride_pb + t, mask=r_ok, other=-1)  # (BLOCK_R,) row r sees keys lo_r..pos_r (stride_pb 0: shared)
     if WINDOW > 0:
         lo_r = tl.maximum(pos - WINDOW + 1, 0)
     else:
@@ -131,7 +131,7 @@ def decode_attention(
     q: torch.Tensor,  # (M, NH, D), M = B*T
     k_cache: torch.Tensor,  # (B, NKV, S, D)
     v_cache: torch.Tensor,  # (B, NKV, S, D)
-    input_pos: torch.Tensor,  # (T,) query t sees keys at positions <= input_pos[t]
+    input_pos: torch.Tensor,  # (T,) query t sees keys at positions <= input_pos[t]; or (B, T), per batch row
     scale: float,
     window: int | None,  # sliding window: also only keys > input_pos[t] - window
     counters: torch.Tensor,  # (>= B*NKV*row blocks,) int32 zeros, owned by the caller (the cache), left zero
@@ -146,7 +146,9 @@ def decode_attention(
     the positions, so one captured CUDA graph serves every position below it."""
     M, nh, D = q.shape
     B, nkv, S, _ = k_cache.shape
-    T = input_pos.shape[0]
+    T = input_pos.shape[-1]
+    stride_pb = T if input_pos.dim() == 2 else 0  # a tile's rows are one batch row's: its own positions
+    assert input_pos.is_contiguous()
     group = nh // nkv
     R = T * group  # rows per (batch row, kv head)
     block_r = 16  # the same for every T: a row's arithmetic never depends on its neighbours
@@ -161,7 +163,7 @@ def decode_attention(
     part_ml = torch.empty(tiles * n_splits * block_r, 2, dtype=torch.float32, device=q.device)
     pdl = _pdl(q)
     _attention_kernel[(tiles, n_splits)](
-        q, k_cache, v_cache, input_pos, out, part_o, part_ml, counters, T, R, r_blocks, n_splits, scale,
+        q, k_cache, v_cache, input_pos, out, part_o, part_ml, counters, T, stride_pb, R, r_blocks, n_splits, scale,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NH=nh, NKV=nkv, GROUP=group, D=D, WINDOW=window or 0, SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s),
         BLOCK_R=block_r, NS_POW2=triton.next_power_of_2(n_splits), CHUNK=int(TUNE["attn_combine_chunk"]), IEEE=_ieee(q), GDC=pdl,

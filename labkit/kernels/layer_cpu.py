@@ -47,6 +47,7 @@ class CpuLayerOps:
     """The op set over one model's block-weight linears (engine_choices.cpu_layers_unusable says when it applies)."""
 
     name = "cpu"
+    ROW_POSITIONS = False  # one set of positions for every batch row (batched steps take the PyTorch layers)
 
     def __init__(self, linears: Iterable[Any]) -> None:
         """linears: the model's QuantLinear layers (a dense `weight`, its `bias`, and the blocks

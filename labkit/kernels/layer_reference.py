@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+ROW_POSITIONS = True  # input_pos may be (B, T), as in layer_triton
+
 
 def rms_normed(x: torch.Tensor, norm_w: torch.Tensor, eps: float) -> torch.Tensor:  # (M, dim)
     """RMSNorm as llama.RMSNorm computes it: fp32 statistics, rounded, then scaled."""
@@ -25,21 +27,23 @@ def norm_qkv_rope(
     bias: torch.Tensor | None,
     cos: torch.Tensor,  # (S, D)
     sin: torch.Tensor,  # (S, D), first half negated
-    input_pos: torch.Tensor,  # (T,)
+    input_pos: torch.Tensor,  # (T,), or (B, T): each batch row at its own positions
     k_cache: torch.Tensor,  # (B, NKV, S, D), written at input_pos
     v_cache: torch.Tensor,  # (B, NKV, S, D)
     n_heads: int,
 ) -> torch.Tensor:  # q: (M, NH, D)
     B, nkv, _, D = k_cache.shape
     M = x.shape[0]
-    T = input_pos.shape[0]
+    pos = input_pos.expand(B, -1)  # (B, T)
+    T = pos.shape[1]
     qkv = F.linear(rms_normed(x, norm_w, eps), w, bias).view(B, T, n_heads + 2 * nkv, D)
-    c = cos[input_pos].unsqueeze(1)  # (T, 1, D)
-    s = sin[input_pos].unsqueeze(1)
+    c = cos[pos].unsqueeze(2)  # (B, T, 1, D)
+    s = sin[pos].unsqueeze(2)
     rot = qkv[:, :, : n_heads + nkv]
     roped = torch.addcmul(rot * c, rot.roll(D // 2, dims=-1), s)  # (B, T, NH+NKV, D)
-    k_cache.index_copy_(2, input_pos, roped[:, :, n_heads:].transpose(1, 2))
-    v_cache.index_copy_(2, input_pos, qkv[:, :, n_heads + nkv :].transpose(1, 2))
+    rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+    k_cache[rows, :, pos] = roped[:, :, n_heads:]  # indexed (B, T, NKV, D)
+    v_cache[rows, :, pos] = qkv[:, :, n_heads + nkv :]
     return roped[:, :, :n_heads].reshape(M, n_heads, D)
 
 
@@ -47,7 +51,7 @@ def decode_attention(
     q: torch.Tensor,  # (M, NH, D)
     k_cache: torch.Tensor,  # (B, NKV, S, D)
     v_cache: torch.Tensor,  # (B, NKV, S, D)
-    input_pos: torch.Tensor,  # (T,) query t sees keys at positions <= input_pos[t]
+    input_pos: torch.Tensor,  # (T,) query t sees keys at positions <= input_pos[t]; or (B, T), per batch row
     scale: float,
     window: int | None,
     counters: torch.Tensor | None = None,  # the Triton kernel's scratch; unused here
@@ -55,12 +59,14 @@ def decode_attention(
 ) -> torch.Tensor:  # (M, NH*D)
     B, nkv, S, D = k_cache.shape
     M, nh, _ = q.shape
-    T = input_pos.shape[0]
-    end = int(input_pos.max()) + 1
+    pos = input_pos.expand(B, -1)  # (B, T)
+    T = pos.shape[1]
+    end = int(pos.max()) + 1
     keys = torch.arange(end, device=q.device)
-    seen = keys[None, :] <= input_pos[:, None]  # (T, end)
+    seen = keys[None, None, :] <= pos[:, :, None]  # (B, T, end)
     if window:
-        seen &= keys[None, :] > input_pos[:, None] - window
+        seen &= keys[None, None, :] > pos[:, :, None] - window
+    seen = seen[:, None]  # (B, 1, T, end): over every head
     qb = q.view(B, T, nh, D).transpose(1, 2)  # (B, NH, T, D)
     y = F.scaled_dot_product_attention(
         qb, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=seen, scale=scale, enable_gqa=nh != nkv

@@ -31,6 +31,8 @@ import triton.language as tl
 from labkit.kernels.attention_triton import decode_attention  # noqa: F401  (the layer's attention op)
 from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _launch, _pdl, _wait_for_inputs  # noqa: F401  (TUNE: the one tile table)
 
+ROW_POSITIONS = True  # input_pos may be (B, T): each batch row at its own positions (batched decoding)
+
 
 def _k_tiles(K: int, row_bytes: int) -> tuple[int, int]:
     """Two power-of-two tiles (KA, KB) of reduction columns that a program loads before its wait,
@@ -131,7 +133,7 @@ def _norm_projections(
 @triton.jit
 def _norm_qkv_rope_kernel(
     x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
-    M, T, eps, stride_cb, stride_ch, stride_cs,
+    M, T, stride_pb, eps, stride_cb, stride_ch, stride_cs,
     DIM: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, GDC: tl.constexpr, BLOCK_M: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
     BLOCK_K: tl.constexpr, SUB: tl.constexpr,
@@ -154,7 +156,7 @@ def _norm_qkv_rope_kernel(
     a_hi = acc_hi.to(dtype).to(tl.float32)
     t = offs_m % T
     b = offs_m // T
-    pos = tl.load(pos_ptr + t, mask=m_ok, other=0)  # (BLOCK_M,)
+    pos = tl.load(pos_ptr + b * stride_pb + t, mask=m_ok, other=0)  # (BLOCK_M,): stride_pb 0 when rows share positions
     is_v = h >= NH + NKV
     if not is_v:  # RoPE: x*cos + rotate_half(x)*sin, with the tables' sin already negated in its first half
         c_lo = tl.load(cos_ptr + pos[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
@@ -184,14 +186,14 @@ def norm_qkv_rope(
     bias: torch.Tensor | None,  # (NH*D + 2*NKV*D,)
     cos: torch.Tensor,  # (S, D) rope table
     sin: torch.Tensor,  # (S, D) rope table, first half negated
-    input_pos: torch.Tensor,  # (T,) positions of the T tokens
+    input_pos: torch.Tensor,  # (T,) positions of the T tokens, or (B, T): each batch row at its own
     k_cache: torch.Tensor,  # (B, NKV, S, D) this layer's cache, written at input_pos
     v_cache: torch.Tensor,  # (B, NKV, S, D)
     n_heads: int,
 ) -> torch.Tensor:  # q: (M, NH, D), roped
     M, dim = x.shape
     _, nkv, _, D = k_cache.shape
-    assert D % 32 == 0 and k_cache.stride(3) == 1 and x.is_contiguous() and w.is_contiguous()
+    assert D % 32 == 0 and k_cache.stride(3) == 1 and x.is_contiguous() and w.is_contiguous() and input_pos.is_contiguous()
     q = torch.empty(M, n_heads, D, dtype=x.dtype, device=x.device)
     sub = min(TUNE["qkv_sub"], D // 2)
     grid = (n_heads + 2 * nkv, D // 2 // sub, triton.cdiv(M, BLOCK_M))
@@ -199,7 +201,7 @@ def norm_qkv_rope(
     pdl = _pdl(x)
     _norm_qkv_rope_kernel[grid](
         x, norm_w, w, bias if bias is not None else w, cos, sin, input_pos, q, k_cache, v_cache,
-        M, input_pos.shape[0], eps, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        M, input_pos.shape[-1], input_pos.shape[-1] if input_pos.dim() == 2 else 0, eps, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         DIM=dim, NH=n_heads, NKV=nkv, HALF=D // 2, HAS_BIAS=bias is not None, IEEE=_ieee(x), GDC=pdl,
         BLOCK_M=BLOCK_M, KA=ka, KB=kb, BLOCK_K=_loop_k("norm_block_k", w), SUB=sub, num_warps=TUNE["num_warps"], **_launch(pdl),
     )

@@ -201,8 +201,9 @@ class Llama(nn.Module):
         assert self.cos is not None and self.sin is not None, "call setup_rope first"
         x = self.embed(tokens)  # (B, T, dim)
         n = self.args.n_layers if n_layers is None else n_layers
-        per_row = input_pos.dim() == 2  # the fused kernels take one set of positions for every row
-        if not per_row and self.runs_fused(tokens.shape[1]):
+        # rows at their own positions (input_pos (B, T)) run fused where the kernels take them
+        fused_ok = self.layer_ops is not None and (input_pos.dim() == 1 or self.layer_ops.ROW_POSITIONS)
+        if fused_ok and self.runs_fused(tokens.shape[1]):
             for i in range(n):
                 block: LlamaBlock = self.layers[i]  # type: ignore[assignment]
                 x = block.forward_fused(self.layer_ops, x, self.cos, self.sin, cache, i, input_pos, attend_len)
@@ -216,7 +217,7 @@ class Llama(nn.Module):
         elif last_only:
             x = x[:, -1:]
         keep = self.keep_hidden and n == self.args.n_layers
-        if self.layer_ops is not None and not per_row:  # the final norm and the head in one fused operation
+        if fused_ok:  # the final norm and the head in one fused operation
             B, T, dim = x.shape
             logits, h = self.layer_ops.norm_head(x.reshape(B * T, dim).contiguous(), self.norm.weight, self.norm.eps,
                                                  self.lm_head.weight, keep)  # (B*T, vocab), (B*T, dim) or None
