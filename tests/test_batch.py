@@ -166,7 +166,7 @@ def test_crossover_is_the_first_size_where_speculation_stops_paying() -> None:
     assert crossover(model, "s") == 16 and crossover(model[:2], "s") is None
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("TRITON_INTERPRET") and not torch.cuda.is_available(), reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="Triton on the CPU needs TRITON_INTERPRET=1")
 def test_fused_layers_batch_rows_at_their_own_positions_with_batch_1_bits() -> None:
     """With the fused Triton layers, a batched step takes per-row positions in the kernels
     themselves, and each row's logits are a batch-1 decode step's, to the bit."""

@@ -19,7 +19,7 @@ Where the engine runs the fused layer kernels (Triton on CUDA), a batched step r
 they take each row's positions themselves, and a row's arithmetic never depends on its
 neighbours, so every row gets a batch-1 step's bits in either mode; with `cuda_graph` the steps
 replay as CUDA graphs per rows bucket (graphs.py). Elsewhere the PyTorch layers serve every
-batched step. The prompt of a new request runs alone, as a batch-1 prefill into its slot.
+batched step. The prompt of a new request runs through the engine's own batch-1 prefill and is copied into its slot.
 """
 
 from __future__ import annotations
@@ -88,17 +88,23 @@ class BatchEngine:
 
     @torch.inference_mode()
     def admit(self, prompt_ids: list[int]) -> tuple[int, torch.Tensor]:
-        """Prefill a new request into the next free slot: (slot, logits of its last position (V,))."""
+        """Prefill a new request into the next free slot: (slot, logits of its last position (V,)).
+        The prompt runs through the engine's own batch-1 prefill (whatever path it takes there:
+        captured chunks, one pass, GGUF blocks), then its keys and values are copied into the
+        slot, so a request starts from exactly the state batch-1 decoding would."""
         if self.free == 0:
             raise LabkitError("no free slot")
         if not 1 <= len(prompt_ids) < self.cfg.max_seq_len:
             raise LabkitError(f"a prompt of {len(prompt_ids)} tokens does not fit a slot of {self.cfg.max_seq_len} positions")
         slot, T = self.active, len(prompt_ids)
-        tokens = torch.tensor([prompt_ids], device=self.engine.device)  # (1, T)
-        pos = torch.arange(T, device=self.engine.device)[None]  # (1, T)
-        logits = self._forward(slot, slot + 1, tokens, pos, exact=True)  # (1, T, V)
+        with self.engine.request_lock:
+            self.engine.ensure_capacity(T + 1)
+            logits = self.engine.prefill(torch.tensor([prompt_ids], device=self.engine.device))[0]  # (V,)
+            self.cache.k[:, slot, :, :T] = self.engine.cache.k[:, 0, :, :T]
+            self.cache.v[:, slot, :, :T] = self.engine.cache.v[:, 0, :, :T]
+            logits = logits.clone()  # a captured pass's output buffer is overwritten by its next replay
         self.lengths[slot], self.active = T, self.active + 1
-        return slot, logits[0, -1]
+        return slot, logits
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """One token for each active slot (tokens[i] for slot i) at its next position -> logits (n, V)."""
