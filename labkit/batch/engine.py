@@ -75,6 +75,18 @@ class BatchEngine:
         self.active = 0  # slots [0, active) hold requests
         self.graphs: dict[tuple[int, int], BatchGraph] = {}
 
+    def capture_graphs(self, widths: list[int]) -> None:
+        """Capture the step of every rows bucket at these widths (tokens per row) now, so that no
+        timed step pays for a capture (speculative steps are ragged: 1 to K+1 tokens)."""
+        if not self.graphs_ok:
+            return
+        rows = 1
+        while rows <= self.cache.batch_size:
+            for T in widths:
+                if (rows, T) not in self.graphs and T <= GRAPH_HEADROOM:
+                    self.graphs[(rows, T)] = BatchGraph(self.engine, self.cache, rows, T)
+            rows *= 2
+
     @property
     def free(self) -> int:
         return self.cfg.slots - self.active

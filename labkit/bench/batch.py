@@ -168,6 +168,8 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     slot_len = min(cfg.max_seq_len, engine.max_seq_len - 16)  # at most the model's context, less the graphs' headroom
     graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"  # batched steps as CUDA graphs per rows bucket
     batches = {(s, b): BatchEngine(engine, BatchConfig(b, slot_len, s.invariant, graphs and not s.invariant)) for s in _systems(cfg) for b in sizes}
+    for (s, _), batch in batches.items():  # every step shape captured before anything is timed
+        batch.capture_graphs(list(range(1, s.k + 2)))
     own = {}
     for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens
         requests, _, _ = _run(batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant)),
