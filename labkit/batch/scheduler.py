@@ -76,15 +76,23 @@ class ContinuousBatcher:
     def busy(self) -> bool:
         return bool(self.waiting or self.rows)
 
-    def _take(self, request: BatchRequest, logits: torch.Tensor, draft: Sequence[int] = ()) -> int:
-        """Keep the longest prefix of `draft` the target agrees with, then its own next token;
-        logits (len(draft) + 1 or more, V) at the fed positions. Returns the drafts kept."""
-        cfg = request.config
-        block = cfg.min_new_tokens - len(request.tokens)  # EOS blocked on this many leading positions
-        if block > 0 and request.eos_ids:
+    @staticmethod
+    def _greedy(requests: list[BatchRequest], logits: torch.Tensor) -> list[list[int]]:
+        """The target's argmax at every fed position of every row, EOS blocked where a row's
+        min_new_tokens asks: one device read for the whole batch. logits (n, T, V)."""
+        block = [max(0, r.config.min_new_tokens - len(r.tokens)) if r.eos_ids else 0 for r in requests]
+        if any(block):
             logits = logits.clone()
-            logits[:block, list(request.eos_ids)] = float("-inf")
-        greedy = logits[: len(draft) + 1].argmax(-1).tolist()
+            T = logits.shape[1]
+            for i, (r, b) in enumerate(zip(requests, block, strict=True)):
+                if b:
+                    logits[i, : min(b, T), list(r.eos_ids)] = float("-inf")
+        return logits.argmax(-1).tolist()  # (n, T)
+
+    def _take(self, request: BatchRequest, greedy: list[int], draft: Sequence[int] = ()) -> int:
+        """Keep the longest prefix of `draft` the target agrees with (greedy: its argmax at the fed
+        positions), then its own next token. Returns the drafts kept."""
+        cfg = request.config
         kept = 0
         while kept < len(draft) and greedy[kept] == draft[kept]:
             kept += 1
@@ -124,7 +132,7 @@ class ContinuousBatcher:
             slot, logits = self.batch.admit(request.prompt_ids)
             assert slot == len(self.rows)
             self.rows.append(request)
-            self._take(request, logits[None])
+            self._take(request, self._greedy([request], logits[None, None])[0])
         self._leave()
         if not self.rows:
             return
@@ -134,7 +142,8 @@ class ContinuousBatcher:
         logits = self.batch.verify(feeds, width)  # (n, T, V)
         self.steps += 1
         self.rows_stepped += len(self.rows)
-        for slot, (request, feed, row) in enumerate(zip(self.rows, feeds, logits, strict=True)):
+        greedy = self._greedy(self.rows, logits)  # (n, T)
+        for slot, (request, feed, row) in enumerate(zip(self.rows, feeds, greedy, strict=True)):
             kept = self._take(request, row, feed[1:])
             request.drafted, request.accepted, request.verify_steps = request.drafted + len(feed) - 1, request.accepted + kept, request.verify_steps + 1
             self.batch.rollback(slot, starts[slot] + 1 + kept)
