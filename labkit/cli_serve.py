@@ -28,6 +28,9 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--draft-model", default=None, help="for --drafter model")
     s.add_argument("--heads", default=None, metavar="FOLDER", help="for --drafter heads")
     s.add_argument("--layers", type=int, default=None, help="layer-skip / truncated depth")
+    s.add_argument("--batch", type=int, default=0, metavar="N",
+                   help="continuous batching over N slots, greedy (with --drafter ngram: drafts in every row); 0: one request at a time")
+    s.add_argument("--batch-slot-len", type=int, default=2048, help="positions per batch slot (prompt + max_tokens + K)")
 
 
 def add_bench_serve_parser(bsub: Any) -> None:
@@ -57,8 +60,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.request_timeout < 0:
         raise LabkitError(f"--request-timeout must be >= 0 (0: no limit), got {args.request_timeout}")
     spec = SpecDefaults(drafter=args.drafter if args.drafter not in (None, "none") else None, k=args.k, controller=args.controller, policy=args.policy)
+    if args.batch < 0 or args.batch_slot_len < 2:
+        raise LabkitError(f"--batch takes 0 (off) or a number of slots, --batch-slot-len at least 2; got {args.batch}, {args.batch_slot_len}")
     cfg = ServeConfig(host=args.host, port=args.port, served_model_name=args.served_model_name or args.model, max_queue=args.max_queue,
-                      request_timeout_s=args.request_timeout or None, max_tokens_default=args.max_tokens, spec=spec)
+                      request_timeout_s=args.request_timeout or None, max_tokens_default=args.max_tokens, spec=spec,
+                      batch=args.batch, batch_slot_len=args.batch_slot_len)
     return serve(cfg, args, engine_config(args))
 
 

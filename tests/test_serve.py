@@ -125,26 +125,56 @@ def test_text_completions(server: str, local) -> None:
     assert models["data"][0]["id"] and httpx.get(server + "/health").json()["status"] == "ok"
 
 
-def test_sixteen_concurrent_clients_each_get_their_own_answer(server: str, local) -> None:
-    prompts = [[{"role": "user", "content": f"Tell me fact number {i} about rivers."}] for i in range(16)]
-    want = [_expected(local, p, 12) for p in prompts]
+def _concurrent_answers(url: str, prompts: list, max_tokens: int) -> list[str]:
+    """Every prompt at once, half of them streamed: the answers' texts, in order."""
 
     async def ask(client, i: int) -> str:
+        body = {"messages": prompts[i], "max_tokens": max_tokens}
         if i % 2:
             got = ""
-            async with client.stream("POST", server + "/v1/chat/completions", json={"messages": prompts[i], "max_tokens": 12, "stream": True}) as r:
+            async with client.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: {"):
                         got += json.loads(line[6:])["choices"][0]["delta"].get("content", "")
             return got
-        r = await client.post(server + "/v1/chat/completions", json={"messages": prompts[i], "max_tokens": 12})
+        r = await client.post(url + "/v1/chat/completions", json=body)
         return r.json()["choices"][0]["message"]["content"]
 
     async def main() -> list[str]:
         async with httpx.AsyncClient(timeout=120) as client:
-            return list(await asyncio.gather(*(ask(client, i) for i in range(16))))
+            return list(await asyncio.gather(*(ask(client, i) for i in range(len(prompts)))))
 
-    assert asyncio.run(main()) == want  # none lost, none mixed, every one the in-process answer
+    return asyncio.run(main())
+
+
+def test_sixteen_concurrent_clients_each_get_their_own_answer(server: str, local) -> None:
+    prompts = [[{"role": "user", "content": f"Tell me fact number {i} about rivers."}] for i in range(16)]
+    want = [_expected(local, p, 12) for p in prompts]
+    assert _concurrent_answers(server, prompts, 12) == want  # none lost, none mixed, every one the in-process answer
+
+
+def test_the_batching_server_gives_every_client_its_batch_1_answer(tiny_folder: Path, local) -> None:
+    """`labkit serve --batch 3 --drafter ngram`: continuous batching with drafts in every row; ten
+    clients at once each get in-process plain greedy's answer; sampling is refused in one line."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "labkit", "serve", "--model", str(tiny_folder), "--device", "cpu", "--dtype", "float32",
+                             "--weights", "dense", "--port", str(port), "--threads", "1", "--batch", "3", "--drafter", "ngram", "--k", "3",
+                             "--batch-slot-len", "256"], cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, proc, timeout_s=120)
+        prompts = [[{"role": "user", "content": f"Name river number {i} and repeat it twice."}] for i in range(10)]
+        assert _concurrent_answers(url, prompts, 14) == [_expected(local, p, 14) for p in prompts]
+        bad = httpx.post(url + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, "temperature": 0.7}, timeout=60)
+        assert bad.status_code == 400 and "greedy" in bad.json()["error"]["message"]
+        metrics = httpx.get(url + "/metrics").text
+        # every request finished; the random model seldom repeats, so rows seldom draft here:
+        # tests/test_batch.py holds drafting rows to plain greedy
+        assert _finished(metrics) == 10 and "labkit_requests_total{status=\"max_new_tokens\"} 10.0" in metrics
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def _finished(metrics: str) -> float:

@@ -40,10 +40,12 @@ class BatchRequest:
     token_times: list[float] = field(default_factory=list)  # host clock (perf_counter) as each token came
     submitted: float = 0.0
     finished: bool = False
-    stop_reason: str = ""  # "length" or "eos"
+    stop_reason: str = ""  # "max_new_tokens", "eos" or "cancelled", as generate names them
     drafted: int = 0  # draft tokens verified
     accepted: int = 0  # of them, kept
     verify_steps: int = 0  # batched steps this request took part in
+    draft_tokens: list[list[int]] = field(default_factory=list)  # per step: the proposal (speculation only)
+    accepted_lengths: list[int] = field(default_factory=list)  # per step: how much of it stood
 
 
 class ContinuousBatcher:
@@ -104,7 +106,7 @@ class ContinuousBatcher:
             if cfg.stop_at_eos and token in request.eos_ids:
                 request.finished, request.stop_reason = True, "eos"
             elif len(request.tokens) >= cfg.max_new_tokens:
-                request.finished, request.stop_reason = True, "length"
+                request.finished, request.stop_reason = True, "max_new_tokens"
             if request.finished:
                 break
         return kept
@@ -146,7 +148,18 @@ class ContinuousBatcher:
         for slot, (request, feed, row) in enumerate(zip(self.rows, feeds, greedy, strict=True)):
             kept = self._take(request, row, feed[1:])
             request.drafted, request.accepted, request.verify_steps = request.drafted + len(feed) - 1, request.accepted + kept, request.verify_steps + 1
+            if self.k:
+                request.draft_tokens.append(feed[1:])
+                request.accepted_lengths.append(kept)
             self.batch.rollback(slot, starts[slot] + 1 + kept)
+        self._leave()
+
+    def cancel(self, request: BatchRequest) -> None:
+        """Stop a request: a waiting one never starts, a running one leaves before the next step."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if not request.finished:
+            request.finished, request.stop_reason = True, "cancelled"
         self._leave()
 
     def run(self) -> None:

@@ -23,10 +23,12 @@ from labkit.config import EngineConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import GenerationResult, check_prompt, encode_prompt
+from labkit.graphs import GRAPH_HEADROOM
+from labkit.serve.batch_worker import BatchWorker
 from labkit.serve.detok import IncrementalDetokenizer
 from labkit.serve.metrics import ServeMetrics
 from labkit.serve.protocol import APIError, ChatRequest, CompletionRequest, chunk, response_body, to_serve_request, usage_chunk
-from labkit.serve.worker import FifoWorker, Job, SpecDefaults, finish_reason
+from labkit.serve.worker import FifoWorker, Job, Scheduler, SpecDefaults, finish_reason
 from labkit.specdec.draft import Drafter
 
 
@@ -42,6 +44,8 @@ class ServeConfig:
     max_tokens_default: int = 256  # when a request names no max_tokens
     max_body_bytes: int = 1 << 20  # a larger request body gets 413
     spec: SpecDefaults = field(default_factory=SpecDefaults)
+    batch: int = 0  # slots of continuous batching (serve/batch_worker.py); 0: one request at a time (FifoWorker)
+    batch_slot_len: int = 2048  # positions per slot
 
 
 def _json(obj: Any) -> str:
@@ -67,7 +71,12 @@ class _Server:
     def __init__(self, engine: Engine, tokenizer: Any, names: tuple[str, ...], cfg: ServeConfig, drafter: Drafter | None) -> None:
         self.engine, self.tokenizer, self.names, self.cfg = engine, tokenizer, names, cfg
         self.metrics = ServeMetrics()
-        self.worker = FifoWorker(engine, cfg.spec, cfg.max_queue, self.metrics, drafter)
+        self.worker: Scheduler
+        if cfg.batch:
+            slot_len = min(cfg.batch_slot_len, engine.max_seq_len - GRAPH_HEADROOM)
+            self.worker = BatchWorker(engine, cfg.spec, cfg.max_queue, self.metrics, cfg.batch, slot_len)
+        else:
+            self.worker = FifoWorker(engine, cfg.spec, cfg.max_queue, self.metrics, drafter)
 
     def admit(self, body: ChatRequest | CompletionRequest) -> Job:
         """Check a request and queue it (every refusal is an APIError before it queues)."""

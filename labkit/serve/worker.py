@@ -60,7 +60,12 @@ class Job:
 
 
 class Scheduler(Protocol):
-    depth: int  # requests waiting (not running)
+    """What the server needs of a worker: FifoWorker here, BatchWorker (serve/batch_worker.py)."""
+
+    @property
+    def depth(self) -> int: ...  # requests waiting (not running)
+
+    def check(self, r: ServeRequest) -> None: ...  # refuse a request's settings (APIError) before it queues
 
     def submit(self, job: Job) -> None: ...
 

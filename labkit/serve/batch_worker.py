@@ -1,0 +1,143 @@
+"""The batching worker (`labkit serve --batch N`): continuous batching behind the server's
+Scheduler interface (submit, depth, close), in place of the FIFO worker.
+
+One thread owns the engine and a ContinuousBatcher over N slots. Between batched steps it takes
+the requests that arrived, cancels the ones whose client left or whose time ran out, and hands
+each running request the tokens its step accepted. Requests decode greedily; the server's
+--drafter ngram and --k, when given, draft for every row. A request that asks for sampling or
+for its own speculation settings is refused (400) before it queues.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from labkit.batch.engine import BatchConfig, BatchEngine
+from labkit.batch.scheduler import BatchRequest, ContinuousBatcher
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.generate import GenerationResult
+from labkit.metrics.stats import GenerationStats
+from labkit.serve.metrics import ServeMetrics
+from labkit.serve.protocol import APIError, ServeRequest
+from labkit.serve.worker import Job, SpecDefaults
+from labkit.specdec.drafters import NgramDrafter
+
+
+class BatchWorker:
+    def __init__(self, engine: Engine, spec: SpecDefaults, max_queue: int, metrics: ServeMetrics, slots: int, slot_len: int) -> None:
+        if spec.drafter not in (None, "none", "ngram") or spec.controller != "fixed" or spec.policy != "default":
+            raise LabkitError("the batching server drafts with ngram at a fixed K, greedy (--drafter ngram or none)")
+        k = spec.k if spec.drafter == "ngram" else 0
+        graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"
+        self.batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots, slot_len, cuda_graph=graphs)),
+                                         (lambda: NgramDrafter(3, 1)) if k else None, k)
+        self.batcher.batch.capture_graphs(list(range(1, k + 2)))
+        self.max_queue, self.metrics = max_queue, metrics
+        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: dict[int, tuple[Job, BatchRequest]] = {}  # id(request) -> its job
+        self._sent: dict[int, int] = {}  # id(request) -> tokens already handed to the client
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="labkit-batch", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._waiting
+
+    def check(self, r: ServeRequest) -> None:
+        if r.config.temperature != 0:
+            raise APIError(400, "this server batches greedy requests only: temperature must be 0", "temperature")
+        for name, value in (("drafter", r.drafter), ("k", r.k), ("controller", r.controller), ("policy", r.policy)):
+            if value is not None:
+                raise APIError(400, f"this batching server takes no per-request {name}: it drafts as it was started", name)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                raise APIError(429, f"the server's queue is full ({self.max_queue} requests waiting); try again later",
+                               kind="rate_limit_error", code="queue_full")
+            need = len(job.prompt_ids) + job.request.config.max_new_tokens + self.batcher.k
+            if need > self.batcher.batch.cfg.max_seq_len:
+                raise APIError(400, f"the prompt and max_tokens take {need} positions, past a batch slot's "
+                                    f"{self.batcher.batch.cfg.max_seq_len} (--batch-slot-len)", "max_tokens")
+            self._waiting += 1
+        self.metrics.queue_depth.set(self._waiting)
+        self._inbox.put(job)
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def _take_arrivals(self) -> bool:
+        """Queue what arrived (waiting for one when idle); False when the server closes."""
+        block = not self.batcher.busy
+        while True:
+            try:
+                job = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            block = False
+            try:
+                request = self.batcher.submit(job.prompt_ids, job.request.config)
+            except LabkitError as err:
+                job.emit("error", APIError(400, str(err)))
+                continue
+            self._jobs[id(request)] = (job, request)
+            self._sent[id(request)] = 0
+
+    def _run(self) -> None:
+        while self._take_arrivals():
+            for job, request in list(self._jobs.values()):
+                if job.cancelled.is_set() or (job.deadline is not None and time.monotonic() >= job.deadline):
+                    self.batcher.cancel(request)
+            try:
+                self.batcher.step()
+            except Exception as err:  # noqa: BLE001 - the worker must survive anything a step does
+                for job, request in self._jobs.values():
+                    job.emit("error", APIError(500, f"{type(err).__name__}: {err}", kind="server_error"))
+                    self.batcher.cancel(request)
+                self._jobs.clear()
+            with self._lock:
+                self._waiting = len(self.batcher.waiting) + self._inbox.qsize()
+            self.metrics.queue_depth.set(self._waiting)
+            self.metrics.running.set(len(self.batcher.rows))
+            self._hand_out()
+
+    def _hand_out(self) -> None:
+        for key, (job, request) in list(self._jobs.items()):
+            sent = self._sent[key]
+            new = request.tokens[sent:]
+            if new:
+                now = time.perf_counter()
+                if sent == 0:
+                    self.metrics.ttft.observe(request.token_times[0] - job.arrived)
+                else:
+                    for _ in new:
+                        self.metrics.itl.observe((now - request.token_times[sent - 1]) / len(new))
+                job.emit("tokens", new)
+                self._sent[key] = len(request.tokens)
+            if request.finished:
+                timed_out = request.stop_reason == "cancelled" and not job.cancelled.is_set()
+                result = to_result(request)
+                self.metrics.observe_result(result, time.perf_counter() - job.arrived, "timeout" if timed_out else request.stop_reason)
+                job.emit("done", (result, timed_out))
+                del self._jobs[key], self._sent[key]
+
+
+def to_result(request: BatchRequest) -> GenerationResult:
+    """A finished batched request as `generate` would have returned it."""
+    times = request.token_times
+    gaps = [1000 * (b - a) for a, b in zip(times, times[1:], strict=False)]
+    stats = GenerationStats(
+        prompt_tokens=len(request.prompt_ids), new_tokens=len(request.tokens), stop_reason=request.stop_reason,
+        ttft_s=(times[0] - request.submitted) if times else 0.0, total_s=(times[-1] - request.submitted) if times else 0.0,
+        token_latencies_ms=gaps, drafter="ngram" if request.draft_tokens else "", draft_tokens=request.draft_tokens,
+        accepted_lengths=request.accepted_lengths,
+    )
+    return GenerationResult(request.prompt_ids, list(request.tokens), stats)
