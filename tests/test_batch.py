@@ -151,9 +151,9 @@ def test_bench_batch_writes_rows_for_every_size_and_system(tiny_folder, tmp_path
                            requests_per_slot=2, max_seq_len=128, output_dir=str(tmp_path), progress=False)
     payload = run_batch_bench(cfg, load_model(str(tiny_folder)))
     rows = payload["rows"]
-    assert [(r["system"], r["batch"]) for r in rows] == [(s, b) for b in (1, 3) for s in ("plain", "plain-invariant", "ngram-2")]
+    assert [(r["system"], r["batch"]) for r in rows] == [(s, b) for b in (1, 3) for s in ("plain", "plain-invariant", "ngram-2", "ngram-auto-2")]
     assert all(r["new_tokens"] == 5 * r["requests"] and r["identical_to_batch_1"] == 1.0 == r["identical_to_own_batch_1"] for r in rows)
-    assert rows[3]["mean_rows_per_step"] > 1.5
+    assert rows[4]["mean_rows_per_step"] > 1.5
     assert [m["batch"] for m in payload["speedup_model"]] == [1, 3] and all(m["verify_over_step"] > 0 for m in payload["speedup_model"])
     assert json.loads(next(tmp_path.glob("batch-cpu-*.json")).read_text())["benchmark"] == "batch"
     assert len(batch_report(payload)) == 2 + len(rows) + 2 + 1
@@ -209,3 +209,37 @@ def test_cuda_graph_batches_give_every_request_its_batch_1_tokens(dtype: str) ->
         batcher.run()
         assert [r.tokens for r in got] == want, k
         assert batch.graphs  # the steps did replay graphs
+
+
+def test_the_k_controller_takes_the_fastest_k_per_bucket_and_keeps_exploring() -> None:
+    from labkit.batch.controller import BatchKController
+
+    ctl = BatchKController(4, warm=2, explore_every=8)
+    assert ctl.candidates == [0, 2, 4]
+    speed = {1: {0: 100.0, 2: 150.0, 4: 180.0}, 64: {0: 900.0, 2: 800.0, 4: 600.0}}  # tokens per second
+    chosen = {1: [], 64: []}
+    for _ in range(40):
+        for b in (1, 64):
+            k = ctl.choose(b)
+            chosen[b].append(k)
+            ctl.observe(b, k, int(speed[b][k]), 1.0)
+    assert chosen[1][:6] == [0, 0, 2, 2, 4, 4]  # every candidate tried first
+    assert ctl.best(1) == 4 and ctl.best(64) == 0  # speculation pays at batch 1, not at 64
+    late = chosen[64][6:]
+    assert late.count(0) > 0.8 * len(late) and set(late) - {0}  # mostly K 0, still exploring
+
+
+def test_batched_speculation_with_the_k_controller_keeps_plain_greedy_tokens() -> None:
+    from labkit.batch.controller import BatchKController
+    from labkit.specdec.drafters import NgramDrafter
+
+    engine = engine_for("llama")
+    base = prompts(6, engine.args.vocab_size, seed=9)
+    asks = [p + p[:6] + p for p in base]
+    want = [generate(engine, p, GenerationConfig(max_new_tokens=30)).tokens for p in asks]
+    ctl = BatchKController(4, warm=1, explore_every=4)
+    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128)), lambda: NgramDrafter(3, 1), 4, ctl)
+    got = [batcher.submit(p, GenerationConfig(max_new_tokens=30)) for p in asks]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    assert set(ctl.buckets[4].tries) == {0, 2, 4}  # three rows run in the 4-row bucket, every K tried

@@ -158,7 +158,7 @@ def test_the_batching_server_gives_every_client_its_batch_1_answer(tiny_folder: 
     clients at once each get in-process plain greedy's answer; sampling is refused in one line."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "labkit", "serve", "--model", str(tiny_folder), "--device", "cpu", "--dtype", "float32",
-                             "--weights", "dense", "--port", str(port), "--threads", "1", "--batch", "3", "--drafter", "ngram", "--k", "3",
+                             "--weights", "dense", "--port", str(port), "--threads", "1", "--batch", "3", "--drafter", "ngram", "--k", "3", "--controller", "cost",
                              "--batch-slot-len", "256"], cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

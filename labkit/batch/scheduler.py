@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchEngine
+from labkit.batch.graphs import bucket
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
 from labkit.specdec.draft import Drafter
@@ -49,10 +51,13 @@ class BatchRequest:
 
 
 class ContinuousBatcher:
-    def __init__(self, batch: BatchEngine, drafter: Callable[[], Drafter] | None = None, k: int = 0) -> None:
-        if (drafter is None) != (k == 0) or k < 0:
-            raise LabkitError("speculation takes a drafter and K >= 1 together (K 0: plain)")
-        self.batch, self.new_drafter, self.k = batch, drafter, k
+    def __init__(self, batch: BatchEngine, drafter: Callable[[], Drafter] | None = None, k: int = 0,
+                 controller: BatchKController | None = None) -> None:
+        """k: draft tokens per row and step (K max with a controller, which picks K per step from
+        0..k by measured throughput, per rows bucket)."""
+        if (drafter is None) != (k == 0) or k < 0 or (controller is not None and controller.k_max != k):
+            raise LabkitError("speculation takes a drafter and K >= 1 together (K 0: plain; a controller's K max is K)")
+        self.batch, self.new_drafter, self.k, self.controller = batch, drafter, k, controller
         self.waiting: collections.deque[BatchRequest] = collections.deque()
         self.rows: list[BatchRequest] = []  # rows[i]: the request in slot i
         self.steps = 0  # batched decode steps taken
@@ -111,9 +116,9 @@ class ContinuousBatcher:
                 break
         return kept
 
-    def _feed(self, request: BatchRequest) -> list[int]:
-        """The last token and up to K drafts (none past the request's last token)."""
-        k = min(self.k, request.config.max_new_tokens - len(request.tokens) - 1)
+    def _feed(self, request: BatchRequest, k_step: int) -> list[int]:
+        """The last token and up to k_step drafts (none past the request's last token)."""
+        k = min(k_step, request.config.max_new_tokens - len(request.tokens) - 1)
         if request.drafter is None or k <= 0:
             return [request.tokens[-1]]
         draft = request.drafter.propose(request.context, k, request.config, None).tokens[:k]
@@ -138,8 +143,11 @@ class ContinuousBatcher:
         self._leave()
         if not self.rows:
             return
-        feeds = [self._feed(r) for r in self.rows]
-        width = self.k + 1 if self.k and self.batch.cfg.invariant else None  # invariant: one width whatever the batch drafts
+        t0 = time.perf_counter()
+        k_step = self.controller.choose(bucket(len(self.rows))) if self.controller else self.k
+        feeds = [self._feed(r, k_step) for r in self.rows]
+        before = sum(len(r.tokens) for r in self.rows)
+        width = k_step + 1 if k_step and self.batch.cfg.invariant else None  # invariant: one width whatever the batch drafts
         starts = self.batch.lengths[: len(feeds)]
         logits = self.batch.verify(feeds, width)  # (n, T, V)
         self.steps += 1
@@ -152,6 +160,8 @@ class ContinuousBatcher:
                 request.draft_tokens.append(feed[1:])
                 request.accepted_lengths.append(kept)
             self.batch.rollback(slot, starts[slot] + 1 + kept)
+        if self.controller:
+            self.controller.observe(bucket(len(self.rows)), k_step, sum(len(r.tokens) for r in self.rows) - before, time.perf_counter() - t0)
         self._leave()
 
     def cancel(self, request: BatchRequest) -> None:

@@ -5,7 +5,9 @@ Systems, each at every batch size B (the systems take turns at each size):
 - plain-invariant: the same in invariant mode (fixed tiles of rows: a row's bits do not depend on
   its batch; labkit/batch/engine.py);
 - ngram-K (with --drafter ngram): every row drafts up to K tokens by prompt lookup and all rows are
-  verified in one batched pass (one K for the batch).
+  verified in one batched pass (one K for the batch);
+- ngram-auto-K: the same with K chosen per step from 0, K/2 and K by measured throughput, per rows
+  bucket (batch/controller.py): plain steps where drafting stops paying.
 
 Each run sends `requests_per_slot` x B prompts from the suite through B slots, greedy, EOS blocked
 until max_new_tokens, so every request has the same length. Per run: aggregate output tok/s
@@ -28,6 +30,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchConfig, BatchEngine
 from labkit.batch.scheduler import BatchRequest, ContinuousBatcher
 from labkit.bench.common import finish_log, run_params, start_log
@@ -73,6 +76,7 @@ class System:
     name: str
     invariant: bool
     k: int  # 0: plain
+    auto: bool = False  # K chosen per step from 0..k by measured throughput (batch/controller.py)
 
 
 def _systems(cfg: BatchBenchConfig) -> list[System]:
@@ -80,12 +84,13 @@ def _systems(cfg: BatchBenchConfig) -> list[System]:
     if cfg.invariant:
         out.append(System("plain-invariant", True, 0))
     if cfg.drafter == "ngram":
-        out.append(System(f"ngram-{cfg.k}", False, cfg.k))
+        out += [System(f"ngram-{cfg.k}", False, cfg.k), System(f"ngram-auto-{cfg.k}", False, cfg.k, auto=True)]
     return out
 
 
 def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig) -> tuple[list[BatchRequest], float, float]:
-    batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if system.k else None, system.k)
+    batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if system.k else None, system.k,
+                                BatchKController(system.k) if system.auto else None)
     t0 = time.perf_counter()
     requests = [batcher.submit(p, gen) for p in prompts]
     batcher.run()
@@ -138,7 +143,7 @@ def predicted_speedups(rows: list[dict[str, Any]], costs: dict[int, dict[int, fl
     out = []
     for size, t in sorted(costs.items()):
         plain = next(r for r in rows if r["batch"] == size and r["system"] == "plain")
-        spec = next(r for r in rows if r["batch"] == size and r["k"] == k)
+        spec = next(r for r in rows if r["batch"] == size and r["system"] == f"ngram-{k}")
         out.append({"batch": size, "verify_over_step": t[k + 1] / t[1], "tau": spec["tau"],
                     "predicted_speedup": spec["tau"] * t[1] / t[k + 1],
                     "measured_speedup": spec["aggregate_tok_per_s"] / plain["aggregate_tok_per_s"]})

@@ -4,7 +4,8 @@ Scheduler interface (submit, depth, close), in place of the FIFO worker.
 One thread owns the engine and a ContinuousBatcher over N slots. Between batched steps it takes
 the requests that arrived, cancels the ones whose client left or whose time ran out, and hands
 each running request the tokens its step accepted. Requests decode greedily; the server's
---drafter ngram and --k, when given, draft for every row. A request that asks for sampling or
+--drafter ngram and --k, when given, draft for every row (with --controller cost, K per step
+from 0..K by measured throughput: batch/controller.py). A request that asks for sampling or
 for its own speculation settings is refused (400) before it queues.
 """
 
@@ -14,6 +15,7 @@ import queue
 import threading
 import time
 
+from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchConfig, BatchEngine
 from labkit.batch.scheduler import BatchRequest, ContinuousBatcher
 from labkit.engine import Engine
@@ -28,12 +30,14 @@ from labkit.specdec.drafters import NgramDrafter
 
 class BatchWorker:
     def __init__(self, engine: Engine, spec: SpecDefaults, max_queue: int, metrics: ServeMetrics, slots: int, slot_len: int) -> None:
-        if spec.drafter not in (None, "none", "ngram") or spec.controller != "fixed" or spec.policy != "default":
-            raise LabkitError("the batching server drafts with ngram at a fixed K, greedy (--drafter ngram or none)")
+        if spec.drafter not in (None, "none", "ngram") or spec.controller not in ("fixed", "cost") or spec.policy != "default":
+            raise LabkitError("the batching server drafts greedily with ngram (--drafter ngram or none), at a fixed K or "
+                              "--controller cost (K per step from 0..K by measured throughput)")
         k = spec.k if spec.drafter == "ngram" else 0
         graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"
         self.batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots, slot_len, cuda_graph=graphs)),
-                                         (lambda: NgramDrafter(3, 1)) if k else None, k)
+                                         (lambda: NgramDrafter(3, 1)) if k else None, k,
+                                         BatchKController(k) if k and spec.controller == "cost" else None)
         self.batcher.batch.capture_graphs(list(range(1, k + 2)))
         self.max_queue, self.metrics = max_queue, metrics
         self._inbox: queue.Queue[Job | None] = queue.Queue()
