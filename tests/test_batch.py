@@ -156,6 +156,7 @@ def test_bench_batch_writes_rows_for_every_size_and_system(tiny_folder, tmp_path
     assert rows[4]["mean_rows_per_step"] > 1.5
     assert [m["batch"] for m in payload["speedup_model"]] == [1, 3] and all(m["verify_over_step"] > 0 for m in payload["speedup_model"])
     assert json.loads(next(tmp_path.glob("batch-cpu-*.json")).read_text())["benchmark"] == "batch"
+    assert next(tmp_path.glob("batch-cpu-*.png")).stat().st_size > 1000  # the plot beside the results
     assert len(batch_report(payload)) == 2 + len(rows) + 2 + 1
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -201,7 +202,11 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     payload: dict[str, Any] = {"benchmark": "batch", **provenance(device, params), "card": device_name(device), "summary": rows,
                                "speedup_model": model, "crossover_measured": crossover(model, "measured_speedup") if model else None,
                                "crossover_predicted": crossover(model, "predicted_speedup") if model else None}
-    finish_log(log, payload, rows)
+    files = finish_log(log, payload, rows)
+    if files:
+        png = str(Path(files[0]).with_suffix(".png"))
+        plot_batch(payload, png)
+        files.append(png)
     payload["rows"] = rows
     warn_if_busy()
     return payload
@@ -220,3 +225,35 @@ def batch_report(payload: dict[str, Any]) -> list[str]:
         out.append(f"speculation stops paying at batch {payload['crossover_measured'] or 'never (in these sizes)'}; "
                    f"the model says {payload['crossover_predicted'] or 'never (in these sizes)'}")
     return out
+
+
+def plot_batch(payload: dict[str, Any], path: Any = None) -> Any:
+    """Aggregate tok/s against batch size per system, and speculation's speed-up over plain
+    (measured, and the speedup model's prediction)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    rows = payload["summary"]
+    for system in dict.fromkeys(r["system"] for r in rows):
+        sel = [r for r in rows if r["system"] == system]
+        ax1.plot([r["batch"] for r in sel], [r["aggregate_tok_per_s"] for r in sel], marker="o", label=system)
+    plain = {r["batch"]: r["aggregate_tok_per_s"] for r in rows if r["system"] == "plain"}
+    for system in dict.fromkeys(r["system"] for r in rows if r["k"]):
+        sel = [r for r in rows if r["system"] == system and r["batch"] in plain]
+        ax2.plot([r["batch"] for r in sel], [r["aggregate_tok_per_s"] / plain[r["batch"]] for r in sel], marker="o", label=f"{system} measured")
+    model = payload.get("speedup_model") or []
+    if model:
+        ax2.plot([m["batch"] for m in model], [m["predicted_speedup"] for m in model], marker="x", linestyle="--", label="speedup model")
+    ax2.axhline(1.0, color="grey", lw=0.8)
+    for ax, title in ((ax1, "aggregate output tok/s"), (ax2, "speculation / plain")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{payload.get('card', '')}, {payload['parameters'].get('dtype_resolved', '')}, continuous batching, greedy", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
