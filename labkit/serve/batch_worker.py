@@ -24,7 +24,7 @@ from labkit.generate import GenerationResult
 from labkit.metrics.stats import GenerationStats
 from labkit.serve.metrics import ServeMetrics
 from labkit.serve.protocol import APIError, ServeRequest
-from labkit.serve.worker import Job, SpecDefaults
+from labkit.serve.worker import Job, SpecDefaults, queue_full
 from labkit.specdec.drafters import NgramDrafter
 
 
@@ -62,8 +62,7 @@ class BatchWorker:
     def submit(self, job: Job) -> None:
         with self._lock:
             if self._waiting >= self.max_queue:
-                raise APIError(429, f"the server's queue is full ({self.max_queue} requests waiting); try again later",
-                               kind="rate_limit_error", code="queue_full")
+                raise queue_full(self.max_queue)
             need = len(job.prompt_ids) + job.request.config.max_new_tokens + self.batcher.k
             if need > self.batcher.batch.cfg.max_seq_len:
                 raise APIError(400, f"the prompt and max_tokens take {need} positions, past a batch slot's "

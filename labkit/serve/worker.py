@@ -59,6 +59,11 @@ class Job:
             self.cancelled.set()
 
 
+def queue_full(max_queue: int) -> APIError:
+    """The 429 a worker answers when max_queue requests already wait."""
+    return APIError(429, f"the server's queue is full ({max_queue} requests waiting); try again later", kind="rate_limit_error", code="queue_full")
+
+
 class Scheduler(Protocol):
     """What the server needs of a worker: FifoWorker here, BatchWorker (serve/batch_worker.py)."""
 
@@ -110,8 +115,7 @@ class FifoWorker:
     def submit(self, job: Job) -> None:
         with self._lock:
             if self._waiting >= self.max_queue:
-                raise APIError(429, f"the server's queue is full ({self.max_queue} requests waiting); try again later",
-                               kind="rate_limit_error", code="queue_full")
+                raise queue_full(self.max_queue)
             self._waiting += 1
         self.metrics.queue_depth.set(self._waiting)
         self._queue.put(job)
