@@ -170,23 +170,19 @@ def test_crossover_is_the_first_size_where_speculation_stops_paying() -> None:
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="Triton on the CPU needs TRITON_INTERPRET=1")
 def test_fused_layers_batch_rows_at_their_own_positions_with_batch_1_bits() -> None:
     """With the fused Triton layers, a batched step takes per-row positions in the kernels
-    themselves, and each row's logits are a batch-1 decode step's, to the bit."""
+    themselves, and each row's logits are a batch-1 decode step's, to the bit (token identity
+    under continuous batching with these kernels: the CUDA test below)."""
     hf = tiny_hf_model("llama", seed=5)
-    hf.generation_config.eos_token_id = None
     engine = Engine.from_hf(hf, "cpu", "float32", max_seq_len=64, layer_kernels="triton")
     assert engine.layer_kernels == "triton"
-    asks = prompts(3, engine.args.vocab_size, seed=7)
-    batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=64))
+    asks = prompts(2, engine.args.vocab_size, seed=7)
+    batch = BatchEngine(engine, BatchConfig(slots=2, max_seq_len=48))
     first = [int(batch.admit(p)[1].argmax()) for p in asks]
-    logits = batch.step(first)  # (3, V)
+    logits = batch.step(first)  # (2, V)
     for i, p in enumerate(asks):
         engine.ensure_capacity(len(p) + 2)
         engine.prefill(torch.tensor([p]))
         assert torch.equal(logits[i], engine.decode(torch.tensor([[first[i]]]))[0]), i
-    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=2, max_seq_len=64)))
-    got = [batcher.submit(p, GenerationConfig(max_new_tokens=5)) for p in asks]
-    batcher.run()
-    assert [r.tokens for r in got] == [generate(engine, p, GenerationConfig(max_new_tokens=5)).tokens for p in asks]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
