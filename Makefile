@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The torch build to install first; CPU machines here have 2.13.0's CPU wheel on disk.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint typecheck unit notebooks strip clean lab kaggle
+.PHONY: setup demo test test-slow lint typecheck unit notebooks strip clean lab kaggle
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,10 @@ lint: setup
 	$(PY) -m mypy labkit
 
 unit: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
+
+test-slow: setup  # the checks make test leaves out: the whole suite on the embedded model
+	$(PY) -m pytest -q -m slow tests
 
 # Notebooks run top to bottom with their cheap default parameters; their results go to a
 # scratch folder, not into results/.

@@ -61,9 +61,10 @@ def test_gguf_decode_steps_match_hf(embedded, gguf_engine) -> None:
     assert (steps - ref[:, 4:]).abs().max().item() < 1e-5 * ref.abs().max().item() + 2e-4
 
 
-def test_greedy_identical_to_hf_generate_on_the_whole_suite(embedded, engine, gguf_engine) -> None:
+@pytest.mark.parametrize("per_category", [1, pytest.param(None, marks=pytest.mark.slow)])  # the whole suite: make test-slow
+def test_greedy_identical_to_hf_generate_on_the_suite(embedded, engine, gguf_engine, per_category) -> None:
     mismatches = []
-    for prompt in load_suite():
+    for prompt in load_suite(per_category=per_category):
         ids = encode_prompt(embedded.tokenizer, prompt.content)
         t = torch.tensor([ids])
         with torch.no_grad():
@@ -81,8 +82,10 @@ def test_chat_template_is_applied_by_default(embedded) -> None:
     assert "<|im_start|>" in embedded.tokenizer.decode(with_chat)
 
 
-def test_speculation_is_lossless_on_the_suite(embedded, gguf_engine) -> None:
-    """Every drafter, K from 1 to 8, one prompt per category of the suite: identical to plain greedy."""
+@pytest.mark.parametrize("ks, other_ks", [((1, 3, 8), (3,)), pytest.param(tuple(range(1, 9)), (1, 3, 8), marks=pytest.mark.slow)])
+def test_speculation_is_lossless_on_the_suite(embedded, gguf_engine, ks, other_ks) -> None:
+    """Every drafter, one prompt per category of the suite: identical to plain greedy. Prompt lookup
+    at K 1, 3, 8 and the layer drafters at K 3 in make test; K 1 to 8 and 1, 3, 8 in make test-slow."""
     from labkit.generate import Speculation
     from labkit.specdec import make_drafter
 
@@ -93,7 +96,7 @@ def test_speculation_is_lossless_on_the_suite(embedded, gguf_engine) -> None:
         ids = encode_prompt(embedded.tokenizer, prompt.content)
         plain = generate(gguf_engine, ids, cfg).tokens
         for kind, drafter in drafters.items():
-            for k in range(1, 9) if kind == "ngram" else (1, 3, 8):
+            for k in ks if kind == "ngram" else other_ks:
                 if generate(gguf_engine, ids, cfg, Speculation(drafter, k)).tokens != plain:
                     mismatches.append((prompt.id, kind, k))
     assert mismatches == []
