@@ -91,10 +91,11 @@ class BatchEngine:
     def free(self) -> int:
         return self.cfg.slots - self.active
 
-    def _forward(self, start: int, stop: int, tokens: torch.Tensor, input_pos: torch.Tensor, exact: bool) -> torch.Tensor:
-        """tokens, input_pos (stop-start, T) into cache rows [start, stop) -> logits (rows, T, V)."""
+    def _forward(self, start: int, stop: int, tokens: torch.Tensor, input_pos: torch.Tensor, firsts: list[int], exact: bool) -> torch.Tensor:
+        """tokens, input_pos (stop-start, T) into cache rows [start, stop), firsts: each row's first
+        position (host) -> logits (rows, T, V)."""
         view = self.cache.rows(start, stop)
-        spans = RowSpans(input_pos, exact)
+        spans = RowSpans(input_pos, [f + tokens.shape[1] for f in firsts], exact)
         with self.engine.autocast():
             return self.model(tokens, input_pos, view, max(spans.ends), spans, False, None)  # keys up to the longest row
 
@@ -148,14 +149,15 @@ class BatchEngine:
         elif not self.cfg.invariant:
             ids = torch.tensor(rows, device=dev)  # (n, T)
             pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (n, T)
-            logits = self._forward(0, n, ids, pos, exact=False)
+            logits = self._forward(0, n, ids, pos, starts, exact=False)
         else:
             outs = []
             for first in range(0, n, TILE):  # every tile TILE rows: rows past n are padding in free slots at position 0
                 real = min(TILE, n - first)
                 ids = torch.tensor(rows[first : first + real] + [[0] * T] * (TILE - real), device=dev)  # (TILE, T)
-                pos = torch.tensor(starts[first : first + real] + [0] * (TILE - real), device=dev)[:, None] + torch.arange(T, device=dev)
-                outs.append(self._forward(first, first + TILE, ids, pos, exact=True)[:real])
+                firsts = starts[first : first + real] + [0] * (TILE - real)
+                pos = torch.tensor(firsts, device=dev)[:, None] + torch.arange(T, device=dev)
+                outs.append(self._forward(first, first + TILE, ids, pos, firsts, exact=True)[:real])
             logits = torch.cat(outs)
         for i, f in enumerate(feeds):
             self.lengths[i] += len(f)

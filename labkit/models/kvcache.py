@@ -23,9 +23,9 @@ class RowSpans:
     attends over exactly its own keys, as a batch-1 step would, so a row's result does not depend
     on which rows share the batch (labkit.batch's invariant mode)."""
 
-    def __init__(self, input_pos: torch.Tensor, exact: bool) -> None:  # input_pos: (B, T)
+    def __init__(self, input_pos: torch.Tensor, ends: list[int], exact: bool) -> None:  # input_pos: (B, T)
         self.input_pos, self.exact = input_pos, exact
-        self.ends = [int(e) + 1 for e in input_pos[:, -1].tolist()]  # keys row b may see: [0, ends[b])
+        self.ends = ends  # keys row b may see: [0, ends[b]) (input_pos[b, -1] + 1, from the host: no device read)
         self._masks: dict[tuple[int, int | None], torch.Tensor] = {}  # built once per step, not once per layer
 
     def mask(self, keys: int, sliding_window: int | None) -> torch.Tensor:
