@@ -52,21 +52,26 @@ def add_sweep_parser(sub: Any) -> None:
 
 
 def add_heads_parser(sub: Any) -> None:
-    hd = sub.add_parser("heads", help="Medusa-style draft heads for --drafter heads")
+    hd = sub.add_parser("heads", help="draft heads: Medusa-style (--drafter heads) or EAGLE-lite (--drafter eagle)")
     hsub = hd.add_subparsers(dest="heads_command", required=True, parser_class=Parser)
     ht = hsub.add_parser("train", help="train draft heads on texts the target writes itself (no dataset, never the prompt suite)")
     _model_args(ht)
     ht.add_argument("--dtype", default=None, help="auto, float32, float16, bfloat16")
-    ht.add_argument("--out", required=True, metavar="FOLDER", help="new folder for heads.safetensors and heads.json")
-    ht.add_argument("--n-heads", type=int, default=4, help="draft tokens the heads can propose (K max)")
-    ht.add_argument("--blocks", type=int, default=1, help="residual blocks per head")
-    ht.add_argument("--texts", type=int, default=256, help="texts the target writes (a share is held out)")
+    ht.add_argument("--out", required=True, metavar="FOLDER",
+                    help="folder for heads.* (kind heads) or eagle.* (kind eagle); one kind's files are never overwritten")
+    ht.add_argument("--kind", choices=("heads", "eagle"), default="heads", help="Medusa-style heads, or an EAGLE-lite draft layer")
+    ht.add_argument("--n-heads", type=int, default=4, help="heads: draft tokens the heads can propose (K max)")
+    ht.add_argument("--blocks", type=int, default=1, help="heads: residual blocks per head")
+    ht.add_argument("--depth", type=int, default=5, help="eagle: draft tokens a chain proposes (K max)")
+    ht.add_argument("--draft-vocab", type=int, default=8192, help="eagle: draft over the N tokens the target writes most (0: all)")
+    ht.add_argument("--train-depth", type=int, default=3, help="eagle: chain depths unrolled in training")
+    ht.add_argument("--texts", type=int, default=None, help="texts the target writes, a share held out (default: heads 256, eagle 512)")
     ht.add_argument("--sampled-tokens", type=int, default=8, help="tokens sampled at temperature 1 to start each text (--no-chat)")
     ht.add_argument("--user-tokens", type=int, default=48, help="at most this many tokens of each self-written user turn (chat)")
     ht.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                     help="texts are answers to self-written user turns in the chat template (default: when the model has one)")
     ht.add_argument("--greedy-tokens", type=int, default=128, help="greedy tokens per text after those: the labels")
-    ht.add_argument("--steps", type=int, default=400)
+    ht.add_argument("--steps", type=int, default=None, help="optimiser steps (default: heads 400, eagle 1500)")
     ht.add_argument("--batch-size", type=int, default=8)
     ht.add_argument("--lr", type=float, default=1e-3)
     ht.add_argument("--seed", type=int, default=0)
@@ -170,23 +175,36 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from labkit.config import Flags
-    from labkit.heads_train import HeadsTrainConfig, train_for_model
     from labkit.models.loading import load_model
-    from labkit.specdec.heads import HeadsConfig, save_heads
 
-    cfg = HeadsTrainConfig(heads=HeadsConfig(n_heads=args.n_heads, n_blocks=args.blocks), texts=args.texts,
-                           sampled_tokens=args.sampled_tokens, user_tokens=args.user_tokens, greedy_tokens=args.greedy_tokens, steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    cfg.validate()
+    files = ("eagle.json", "eagle.safetensors") if args.kind == "eagle" else ("heads.json", "heads.safetensors")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LabkitError(f"{out} already exists and is not an empty folder; choose a new --out (nothing was overwritten)")
+    if out.exists() and (not out.is_dir() or any((out / f).exists() for f in files)):
+        raise LabkitError(f"{out} already holds {args.kind} files (or is not a folder); choose another --out (nothing was overwritten)")
+    cfg = _train_config(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or Flags.from_env().dtype, device)
     loaded = load_model(args.model)
+    info = {"model_source": loaded.source, "device": str(device), "dtype": str(dtype), "arguments": vars(args)}
+    if args.kind == "eagle":
+        from labkit.eagle_train import train_eagle_for_model
+        from labkit.specdec.eagle import save_eagle
+
+        head, report, target = train_eagle_for_model(loaded, device, dtype, cfg, chat=args.chat)
+        save_eagle(head, out, target, {**report, **info})
+        depths = ", ".join(f"depth {d + 1} {a:.0%}" for d, a in enumerate(report["held_out_top1"]))
+        print(f"trained an EAGLE head ({report['draft_vocab']} draft tokens, {report['held_out_vocab_coverage']:.0%} of held-out labels) "
+              f"on {report['train_texts']} texts in {report['write_s']:.0f} s writing + {report['train_s']:.0f} s training, "
+              f"loss {report['loss_first']:.2f} -> {report['loss_last']:.2f}")
+        print(f"held-out top-1 given the drafts before ({report['held_out_texts']} texts): {depths}; "
+              f"expected accepted drafts per step {report['expected_accepted']:.2f}")
+        print(f"wrote {out}; use it with --drafter eagle --heads {out}")
+        return 0
+    from labkit.heads_train import train_for_model
+    from labkit.specdec.heads import save_heads
+
     heads, report, target = train_for_model(loaded, device, dtype, cfg, chat=args.chat)
-    save_heads(heads, out, target, {**report, "model_source": loaded.source, "device": str(device), "dtype": str(dtype),
-                                    "arguments": vars(args)})
+    save_heads(heads, out, target, {**report, **info})
     top1 = ", ".join(f"head {j + 1} {a:.0%} (untrained {b:.0%})"
                      for j, (a, b) in enumerate(zip(report["held_out_top1"], report["held_out_top1_before"], strict=True)))
     print(f"trained {cfg.heads.n_heads} heads on {report['train_texts']} texts ({report['label_tokens']} labelled tokens), "
@@ -194,6 +212,31 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
     print(f"held-out top-1 ({report['held_out_texts']} texts): {top1}")
     print(f"wrote {out}; use it with --drafter heads --heads {out}")
     return 0
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    """The training configuration of `heads train`, checked (before any model loads)."""
+    common = dict(sampled_tokens=args.sampled_tokens, user_tokens=args.user_tokens, greedy_tokens=args.greedy_tokens,
+                  batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    cfg: Any
+    if args.kind == "eagle":
+        from labkit.eagle_train import EagleTrainConfig
+        from labkit.specdec.eagle import EagleConfig
+
+        cfg = EagleTrainConfig(eagle=EagleConfig(depth=args.depth, draft_vocab=args.draft_vocab, train_depth=args.train_depth),
+                               texts=_or(args.texts, 512), steps=_or(args.steps, 1500), **common)
+    else:
+        from labkit.heads_train import HeadsTrainConfig
+        from labkit.specdec.heads import HeadsConfig
+
+        cfg = HeadsTrainConfig(heads=HeadsConfig(n_heads=args.n_heads, n_blocks=args.blocks), texts=_or(args.texts, 256),
+                               steps=_or(args.steps, 400), **common)
+    cfg.validate()
+    return cfg
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:

@@ -52,16 +52,22 @@ def check_generate_args(args: argparse.Namespace) -> tuple[GenerationConfig, str
         raise LabkitError("the prompt is empty")
     if not 1 <= args.k <= MAX_K:
         raise LabkitError(f"--k must be at least 1 and at most {MAX_K}, got {args.k}")
-    drafter_kind = args.drafter or ("model" if args.draft_model else "heads" if args.heads else None)
+    drafter_kind = args.drafter or ("model" if args.draft_model else heads_kind(args.heads) if args.heads else None)
     check_drafter_options([drafter_kind] if drafter_kind else [], args.draft_model, args.heads)
-    if args.heads:
-        from labkit.specdec.heads import check_heads_folder, load_heads_config
+    if drafter_kind == "heads":
+        from labkit.specdec.heads import load_heads_config
 
-        check_heads_folder(args.heads)
         n_heads = load_heads_config(args.heads).n_heads
-        if drafter_kind == "heads" and args.k > n_heads:
+        if args.k > n_heads:
             raise LabkitError(f"these heads draft at most {n_heads} tokens per step (one per head), got --k {args.k}")
     return config, drafter_kind
+
+
+def heads_kind(folder: str) -> str:
+    """The drafter a --heads folder serves by default: its draft heads, else its EAGLE head."""
+    from pathlib import Path
+
+    return "eagle" if (Path(folder) / "eagle.json").is_file() and not (Path(folder) / "heads.json").is_file() else "heads"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from typing import Any, cast
 import torch
 
 from labkit.config import resolve_max_seq_len
-from labkit.engine_choices import cpu_layer_ops, pick_layer_ops
+from labkit.engine_choices import compile_step, cpu_layer_ops, pick_layer_ops
 from labkit.errors import LabkitError
 from labkit.graphs import (
     GRAPH_HEADROOM,
@@ -30,6 +30,7 @@ from labkit.graphs import (
     greedy_verdict,
     prefill_bucket,
 )
+from labkit.hidden import KeptHidden
 from labkit.models.families import family_of_model
 from labkit.models.gguf_weights import set_block_weights
 from labkit.models.kvcache import CAUSAL, KVCache
@@ -42,16 +43,6 @@ PREFILL_CHUNK = 8192  # a longer input runs as passes of this many tokens (activ
 # captured pass (PrefillGraph), padded to a power of two. Anything else runs in one eager pass.
 PREFILL_GRAPH_CHUNKS_MAX_T = 48  # measured on an H200: 32 tokens as two chunks 1.1 ms, as one pass 2.1 ms; 512: 17.6 and 2.6 ms
 PREFILL_GRAPHS = True  # captured prompt passes (scripts/prefill_costs.py compares the ways)
-
-
-def compile_step(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """torch.compile a fixed-shape step. Decode (T=1) compiles for its static shape; the second
-    width (a verify) makes dynamo compile once more with T dynamic, which then serves every
-    verify width 2..K+1."""
-    import torch._dynamo as dynamo
-
-    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
-    return torch.compile(step, fullgraph=True)
 
 
 class Engine:
@@ -81,8 +72,7 @@ class Engine:
         # one request at a time: the cache, the captured graphs' buffers and the drafters' state
         # belong to the request that holds it (generate takes it; re-entrant for nested calls)
         self.request_lock = threading.RLock()
-        self._hidden: torch.Tensor | None = None  # (B, T, D) final hidden states of the last full pass (keep_hidden_states) ...
-        self._hidden_start = 0  # ... whose first row is this cache position
+        self.kept_hidden = KeptHidden()  # final hidden states of the last full pass (keep_hidden_states)
         weight_dtype = torch.float32 if amp else dtype
         self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # a decoder of models/families.py
         ops, self.layer_kernels_reason = pick_layer_ops(self.model, device, dtype, amp, compile, layer_kernels)
@@ -240,23 +230,26 @@ class Engine:
             graph: PrefillGraph = self.captured(("prefill", prefill_bucket(T)), lambda: PrefillGraph(self, prefill_bucket(T)))
             logits = graph.run(tokens)
             cache.length = T
-            self._keep_hidden(graph.hidden, T)
+            self.kept_hidden.keep(None if graph.hidden is None else graph.hidden[:, :T], T)  # one row, or every prompt row
             return logits
         chunk = GRAPH_MAX_T if self._graphs_safe and T <= PREFILL_GRAPH_CHUNKS_MAX_T else PREFILL_CHUNK
         if T > chunk:
             outs = []
+            if self.model.keep_every_hidden:
+                self.kept_hidden.gather()
             for i in range(0, T, chunk):
                 last_chunk = i + chunk >= T
                 logits = self.forward(tokens[:, i : i + chunk], last_only=last_only, n_layers=n_layers)
                 if last_chunk or not last_only:
                     outs.append(logits if last_chunk else logits.clone())  # graph outputs are overwritten by the next replay
+            self.kept_hidden.gathered()
             return outs[-1] if last_only else torch.cat(outs, dim=1)
         with self.autocast():
             if self._graphs_safe and T <= GRAPH_MAX_T:
                 step = self.graph_step(T, n_layers)
                 logits = step.run(tokens, start)
                 cache.length = start + T
-                self._keep_hidden(step.hidden, start + T)
+                self.kept_hidden.keep(step.hidden, start + T)
                 return logits[:, -1:] if last_only else logits
             input_pos = torch.arange(start, start + T, device=self.device)  # (T,)
             if self._static_step is not None and not last_only and n_layers is None and T <= GRAPH_MAX_T:
@@ -265,7 +258,7 @@ class Engine:
                 mask = self._mask(input_pos, start, start + T)
                 logits = self.model(tokens, input_pos, cache, start + T, mask, last_only, n_layers)
                 if n_layers is None:
-                    self._keep_hidden(self.model.last_hidden, start + T)
+                    self.kept_hidden.keep(self.model.last_hidden, start + T)
         cache.length = start + T
         return logits
 
@@ -331,38 +324,36 @@ class Engine:
             step.set_eos(eos_mask, block_rows)
             step.run(tokens, start)
             cache.length = start + T
-            self._keep_hidden(step.hidden, start + T)
+            self.kept_hidden.keep(step.hidden, start + T)
             return step.verdict
         logits = self.forward(tokens)  # (B, K+1, V)
         verdict = greedy_verdict(logits, tokens, eos_mask, torch.tensor([block_rows], device=self.device))  # (B, 2)
         if hook is None:
             return verdict
-        assert self._hidden is not None and self._hidden_start == start and self._hidden.shape[1] == T  # one pass kept every row
-        return torch.cat([verdict, hook.draft_after(self._hidden, verdict, self.model.lm_head)], 1)
+        hidden = self.kept_hidden.span(start, start + T)  # (B, T, D): the pass kept every row
+        input_pos = torch.arange(start, start + T, device=self.device)  # (T,)
+        return torch.cat([verdict, hook.draft_after(hidden, verdict, self.model.lm_head, tokens, input_pos)], 1)
 
     # -- hidden states (draft heads read them) -----------------------------------------------
-    def keep_hidden_states(self) -> None:
-        """Keep the final hidden state of every full pass from now on (draft heads draft from it).
+    def keep_hidden_states(self, every_position: bool = False) -> None:
+        """Keep the final hidden state of every full pass from now on (draft heads draft from it);
+        every_position: of every prompt position too, not only the last (EAGLE reads them all).
         Captured steps are dropped, to be captured again with that state kept."""
         if self.compiled:
             raise LabkitError("draft heads need an engine without --compile: its compiled step cannot hand out the hidden state")
         self.model.keep_hidden = True
+        self.model.keep_every_hidden = self.model.keep_every_hidden or every_position
         self.graphs.clear()
-
-    def _keep_hidden(self, hidden: torch.Tensor | None, end: int) -> None:  # hidden: (B, rows, D) for positions up to end-1
-        if hidden is not None:  # None unless heads are attached (the model keeps nothing then)
-            self._hidden, self._hidden_start = hidden, end - hidden.shape[1]
 
     def hidden_at(self, pos: int) -> torch.Tensor:  # -> (B, D)
         """The final hidden state at cache position `pos`, from the last full pass that covered it
         (valid until the next pass: a captured step reuses its buffer)."""
-        if self._hidden is None:
-            raise LabkitError("no hidden states kept: attach draft heads before decoding")
-        row = pos - self._hidden_start
-        if not 0 <= row < self._hidden.shape[1]:
-            raise LabkitError(f"position {pos} is not in the last pass (positions {self._hidden_start}.."
-                              f"{self._hidden_start + self._hidden.shape[1] - 1})")
-        return self._hidden[:, row]
+        return self.kept_hidden.at(pos)
+
+    def hidden_span(self, start: int, end: int) -> torch.Tensor:  # -> (B, end - start, D)
+        """The final hidden states at cache positions [start, end), from the last full pass (a
+        prompt's passes gathered with keep_hidden_states(every_position=True))."""
+        return self.kept_hidden.span(start, end)
 
     @property
     def greedy_chunk(self) -> int:
@@ -387,7 +378,7 @@ class Engine:
             graph: GreedyGraph = self.captured(("greedy", GREEDY_CHUNK), lambda: GreedyGraph(self, GREEDY_CHUNK))
             out = graph.run(token, start, n, eos_mask, block_steps)
             cache.length = start + n
-            self._keep_hidden(graph.hidden, start + n)
+            self.kept_hidden.keep(graph.hidden, start + n)
             return out
         outs = []
         for i in range(n):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -142,3 +143,13 @@ def choose_weights(engine: Engine, loaded: LoadedModel, weights: str) -> None:
         engine.weights_note = f"GGUF blocks not used: {why_not}"  # the values are the same; the speed is not
     if engine.layer_choice == "cpu" and engine.layer_kernels != "cpu":
         raise LabkitError("--layer-kernels cpu runs the layers on GGUF blocks: the embedded model on the CPU in float32, --weights gguf")
+
+
+def compile_step(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """torch.compile a fixed-shape step. Decode (T=1) compiles for its static shape; the second
+    width (a verify) makes dynamo compile once more with T dynamic, which then serves every
+    verify width 2..K+1."""
+    import torch._dynamo as dynamo
+
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+    return torch.compile(step, fullgraph=True)

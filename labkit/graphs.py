@@ -96,16 +96,20 @@ def greedy_verdict(
 
 class VerifyHook(Protocol):
     """Draft work inside the target's greedy verify step (captured with it where graphs are on):
-    `draft_after` reads the pass's final hidden states and verdict on the device, and the host
-    hands the columns it returned, read back with the verdict, to `take` for the next proposal."""
+    `draft_after` reads the pass's final hidden states, its tokens and positions and the verdict
+    on the device, and the host hands the columns it returned, read back with the verdict, to
+    `take` for the next proposal."""
 
     max_t: int  # the widest verify (K+1 tokens) it drafts after
 
-    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-        """hidden (B, T, D) final hidden states of the verify pass, verdict (B, 2) -> (B, n) draft ids."""
+    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
+                    tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, D) final hidden states of the verify pass, verdict (B, 2), the pass's
+        tokens (B, T) at positions input_pos (T,) -> (B, n) draft ids."""
         ...
 
-    def take(self, tokens: list[int]) -> None: ...
+    def take(self, tokens: list[int], context_len: int) -> None:
+        """The columns draft_after made, for the context of context_len tokens that the step left."""
 
 
 
@@ -141,7 +145,8 @@ class GraphStep:
             if greedy:
                 verdict = greedy_verdict(self.logits, self.tokens, self.eos_mask, self.block_rows)  # (B, 2)
                 if hook is not None:  # (B, 2 + n): the drafter's columns, from this pass's hidden states
-                    verdict = torch.cat([verdict, hook.draft_after(engine.model.last_hidden, verdict, engine.model.lm_head)], 1)
+                    verdict = torch.cat([verdict, hook.draft_after(engine.model.last_hidden, verdict, engine.model.lm_head,
+                                                                           self.tokens, self.input_pos)], 1)
                 self.verdict = verdict
 
         self.graph = capture(engine, body, lambda: None)

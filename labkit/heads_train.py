@@ -67,7 +67,7 @@ def chat_frame(tokenizer: Any) -> tuple[list[int], list[int]] | None:
     return list(tokenizer(before, add_special_tokens=False).input_ids), list(tokenizer(after, add_special_tokens=False).input_ids)
 
 
-def self_written_texts(engine: Engine, bos: int, cfg: HeadsTrainConfig,
+def self_written_texts(engine: Engine, bos: int, cfg: Any,
                        frame: tuple[list[int], list[int]] | None = None) -> list[tuple[list[int], int]]:
     """(tokens, first greedy index) per text, written by the target on `engine`: in the chat
     `frame` (ids before and after the user's words) a sampled user turn and its greedy answer,
@@ -154,16 +154,14 @@ def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTra
     return heads, report
 
 
-def train_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: HeadsTrainConfig,
-                    chat: bool | None = None) -> tuple[DraftHeads, dict[str, Any], dict[str, Any]]:
-    """The whole recipe for a loaded model: the target writes the texts on our engine (CUDA graphs
-    on a GPU), in its chat template unless chat is False (None: where it has one), and the heads
-    are fitted on the transformers model's hidden states. Returns the heads, the training report
-    and the target's fingerprint (for save_heads)."""
+def write_texts_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: Any,
+                          chat: bool | None = None) -> tuple[Engine, list[tuple[list[int], int]], tuple[list[int], list[int]] | None]:
+    """The target writes the training texts on our engine (CUDA graphs on a GPU), in its chat
+    template unless chat is False (None: where it has one). cfg: a heads or EAGLE training config
+    (texts, sampled_tokens, user_tokens, greedy_tokens, seed, progress). Returns the engine, the
+    texts and the chat frame (None without one)."""
     from labkit.generate import warm_up
-    from labkit.specdec.heads import fingerprint
 
-    cfg.validate()
     tokenizer = loaded.tokenizer
     if chat and getattr(tokenizer, "chat_template", None) is None:
         raise LabkitError("this model's tokenizer has no chat template; train with --no-chat")
@@ -174,6 +172,17 @@ def train_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: 
     engine = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=device.type == "cuda")
     if engine.cuda_graph:
         warm_up(engine)
-    texts = self_written_texts(engine, int(bos), cfg, frame)
+    return engine, self_written_texts(engine, int(bos), cfg, frame), frame
+
+
+def train_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: HeadsTrainConfig,
+                    chat: bool | None = None) -> tuple[DraftHeads, dict[str, Any], dict[str, Any]]:
+    """The whole recipe for a loaded model: the target writes the texts (write_texts_for_model),
+    and the heads are fitted on the transformers model's hidden states. Returns the heads, the
+    training report and the target's fingerprint (for save_heads)."""
+    from labkit.specdec.heads import fingerprint
+
+    cfg.validate()
+    engine, texts, frame = write_texts_for_model(loaded, device, dtype, cfg, chat)
     heads, report = train_heads(loaded.hf_model.to(device=device), texts, cfg)
     return heads, {**report, "chat": frame is not None}, fingerprint(engine.model.lm_head.weight)

@@ -180,7 +180,7 @@ class HostSpeculation:
         if self.fused:  # verify and greedy acceptance in one step: two integers read back (and the hook's draft)
             row = engine.verify_greedy(feed, req.eos_mask, req.eos_block, hook=self.hook)[0].tolist()
             if self.hook is not None:
-                self.hook.take(row[2:])
+                self.hook.take(row[2:], len(req.context) + 1 + row[0])
             verdict = Verdict(row[0], row[1])
         else:
             with req.timer.phase("verify"):

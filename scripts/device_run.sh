@@ -51,6 +51,9 @@ case "$step" in
     python3 -m papermill notebooks/3A_precision_profiling.ipynb "$out/3A_out.ipynb" -p device cuda -p dtypes float32,bfloat16,float16 \
       -p max_new_tokens 128 -p prompts_per_category 1 -p categories "" -p amp True -p profile_tokens 32 2>&1 | tail -3
     ;;
+  pytest)  # TESTS="tests/test_x.py -k y": any tests, on the GPU
+    python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_cuda.py} 2>&1 | tail -30 | tee "$out/pytest.txt"
+    ;;
   cudatests)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layer_kernels.py 2>&1 | tail -30 | tee "$out/pytest_cuda.txt"
     ;;
@@ -92,6 +95,10 @@ case "$step" in
   repeat)
     python3 scripts/repeatability.py "${MODES:-eager,graph,compile,compile-cudnn,fused}" 3 2>&1 | grep -v Warning | tee "$out/repeatability.txt"
     ;;
+  eagle)  # EAGLE-lite, self-distilled on this card (then: DRAFTERS=ngram-graph,eagle HEADS=/tmp/eagle ... validate)
+    python3 -m labkit heads train --kind eagle --device cuda --out /tmp/eagle --texts "${TEXTS:-768}" --steps "${STEPS:-1500}" ${EAGLE_ARGS:-} 2>&1 | grep -v Warning | tail -4 | tee "$out/eagle_train.txt"
+    mkdir -p "$out/eagle" && cp /tmp/eagle/* "$out/eagle/"  # small: bring it home, to carry next time
+    ;;
   heads)  # Medusa-style draft heads, self-distilled on this card (then: DRAFTERS=ngram,heads HEADS=/tmp/heads ... validate)
     python3 -m labkit heads train --device cuda --out /tmp/heads --texts "${TEXTS:-768}" --steps "${STEPS:-1500}" 2>&1 | tail -4 | tee "$out/heads_train.txt"
     cp /tmp/heads/heads.json "$out/heads_train.json"
@@ -108,6 +115,6 @@ case "$step" in
       -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters "${DRAFTERS:-ngram,layerskip,truncated}" -p heads "${HEADS:-}" \
       -p ks "${KS:-2,4,6,8}" -p compile "${COMPILE:-False}" -p time_budget_s "${BUDGET:-420}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|labkit|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|pytest|eagle|labkit|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
 esac
 done

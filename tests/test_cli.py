@@ -202,8 +202,22 @@ def test_heads_train_then_generate_with_them(tiny_folder, tmp_path) -> None:
                               "--max-tokens", "12", "--drafter", "heads", "--heads", str(out), "--k", "2", "--json")
     assert rc == 0, err
     assert json.loads(stdout)["stats"]["drafter"] == "heads-2"
+    # an EAGLE head beside the heads, in the same folder; --drafter eagle reads it
+    rc, stdout, err = run_cli("heads", "train", "--kind", "eagle", "--model", str(tiny_folder), "--device", "cpu", "--out", str(out),
+                              "--depth", "3", "--draft-vocab", "50", "--texts", "6", "--user-tokens", "4", "--greedy-tokens", "12",
+                              "--steps", "5", "--batch-size", "2")
+    assert rc == 0, err
+    assert "trained an EAGLE head" in stdout and "depth 3" in stdout and (out / "eagle.safetensors").is_file() and (out / "heads.json").is_file()
+    rc, stdout, err = run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "Tell me a story",
+                              "--max-tokens", "12", "--drafter", "eagle", "--heads", str(out), "--k", "3", "--json")
+    assert rc == 0, err
+    assert json.loads(stdout)["stats"]["drafter"].startswith("eagle-3")
     # nothing a user wrote is overwritten; a missing folder is a clear error
-    assert_clean_error(*run_cli("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(out)), "already exists")
+    for kind in ("heads", "eagle"):
+        assert_clean_error(*run_cli("heads", "train", "--kind", kind, "--model", str(tiny_folder), "--device", "cpu", "--out", str(out)),
+                           f"already holds {kind} files")
+    assert_clean_error(*run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "eagle",
+                                "--heads", str(tmp_path / "plain")), "holds no EAGLE head")
     assert_clean_error(*run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "heads",
                                 "--heads", str(tmp_path / "none")), "holds no draft heads")
     assert_clean_error(*run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "heads"),

@@ -215,6 +215,28 @@ def test_cuda_heads_read_the_captured_hidden_state(layer_kernels: str, fused: bo
 
 
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
+def test_cuda_eagle_drafts_inside_the_captured_verify(layer_kernels: str) -> None:
+    """EAGLE's catch-up and chain captured inside the verify step: plain greedy's tokens, and the
+    drafts the host-side catch-up makes (fp32: the same sums either way)."""
+    from labkit.generate import Speculation
+    from labkit.specdec.eagle_drafter import EagleDrafter
+    from tests.test_eagle import random_head
+
+    hf = tiny_hf_model("llama", seed=4).cuda()
+    engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, layer_kernels=layer_kernels)
+    drafter = EagleDrafter(engine, random_head(depth=4))
+    warm_up_steps(engine, 5, hook=drafter.verify_hook)
+    prompt, cfg = list(range(3, 60)), GenerationConfig(max_new_tokens=60, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    fused = generate(engine, prompt, cfg, Speculation(drafter, 4))
+    host = generate(engine, prompt, cfg, Speculation(drafter, 4), detailed_metrics=True)
+    assert fused.tokens == want and host.tokens == want and engine.graphs_safe
+    assert fused.stats.draft_tokens == host.stats.draft_tokens
+    hooked = {key[1] for key in engine.graphs.keys() if key[0] == "step" and key[4] is not None}
+    assert hooked == {2, 3, 4, 5}
+
+
+@pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
 def test_cuda_lookup_steps_run_as_one_graph_and_stay_lossless(layer_kernels: str) -> None:
     """The n-gram graph drafter: lookup, verify and acceptance captured as one CUDA graph and
     replayed several times per host read; tokens identical to plain greedy (and to the same steps
@@ -249,6 +271,7 @@ def test_cuda_long_request_after_a_short_one_for_every_drafter(layer_kernels: st
     drafter, on captured graphs: plain greedy's tokens, and the CUDA context still alive."""
     from labkit.generate import Speculation
     from labkit.specdec.drafters import ModelDrafter, make_drafter
+    from tests.test_eagle import random_head
     from tests.test_heads import random_heads
 
     hf = _long_tiny()
@@ -259,7 +282,8 @@ def test_cuda_long_request_after_a_short_one_for_every_drafter(layer_kernels: st
     self_draft = Engine.from_hf(hf, "cuda", dtype, cuda_graph=True, layer_kernels=layer_kernels)
     drafters = {"ngram": make_drafter("ngram", engine), "ngram-graph": make_drafter("ngram-graph", engine),
                 "layerskip": make_drafter("layerskip", engine, layers=2), "truncated": make_drafter("truncated", engine, layers=1),
-                "self-model": ModelDrafter(self_draft, 96, name="self"), "heads": make_drafter("heads", engine, heads=random_heads(engine.args.dim, 4))}
+                "self-model": ModelDrafter(self_draft, 96, name="self"), "heads": make_drafter("heads", engine, heads=random_heads(engine.args.dim, 4)),
+                "eagle": make_drafter("eagle", engine, heads=random_head(depth=4))}
     warm_up_steps(engine, 8)
     cfg = GenerationConfig(max_new_tokens=128, stop_at_eos=False)
     g = torch.Generator().manual_seed(0)
@@ -268,7 +292,7 @@ def test_cuda_long_request_after_a_short_one_for_every_drafter(layer_kernels: st
     for prompt in (short, long):
         want = generate(engine, prompt, cfg).tokens
         for name, drafter in drafters.items():
-            k = 4 if name == "heads" else 8
+            k = 4 if name in ("heads", "eagle") else 8
             got = generate(engine, prompt, cfg, Speculation(drafter, k))
             assert got.tokens == want, (name, len(prompt))
     assert engine.graphs_safe and any(key[0] == "lookup" for key in engine.graphs.keys())

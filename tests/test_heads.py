@@ -149,12 +149,12 @@ class _CheckedFusedHeads(_CheckedHeads):
         super().__init__(drafter)
         self.verify_hook, self.max_t = self, drafter.max_t
 
-    def draft_after(self, hidden, verdict, lm_head):
-        return self.inner.draft_after(hidden, verdict, lm_head)
+    def draft_after(self, hidden, verdict, lm_head, tokens, input_pos):
+        return self.inner.draft_after(hidden, verdict, lm_head, tokens, input_pos)
 
-    def take(self, tokens) -> None:
+    def take(self, tokens, context_len) -> None:
         self.prepared += 1
-        self.inner.take(tokens)
+        self.inner.take(tokens, context_len)
 
 
 @pytest.mark.parametrize("arch,fused", [("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True)])

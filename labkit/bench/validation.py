@@ -65,7 +65,7 @@ class ValidationConfig:
     compile: bool = True  # torch.compile'd steps inside the CUDA graphs (CUDA only)
     fused: bool = True  # also CUDA graphs over the fused Triton layers (CUDA with triton only)
     hf_assisted: bool = True
-    heads: str | None = None  # draft heads folder (python -m labkit heads train), for the "heads" drafter
+    heads: str | None = None  # draft heads folder (python -m labkit heads train [--kind eagle]), for "heads" and "eagle"
     explain_limit: int = 40  # differing outputs to analyse at most
     time_budget_s: float | None = None  # start no new prompt after this long (the rest are reported as not run); the slow systems run last
     output_dir: str | None = "results"
@@ -212,8 +212,9 @@ class _Validation:
         self.fast = self.engines[self.fast_name]
         self.depth = cfg.layers if cfg.layers is not None else max(1, self.fast.args.n_layers // 3)
         self.drafters: dict[str, Drafter] = {kind: build_drafter(kind, self.fast, layers=self.depth, heads_path=cfg.heads) for kind in cfg.drafters}
-        if "heads" in self.drafters and self.fast.cuda_graph:  # the heads' engine keeps its hidden states: capture its steps again
-            warm_up(self.fast, max(cfg.ks), drafter=self.drafters["heads"])
+        for drafter in self.drafters.values():  # heads and EAGLE keep hidden states and draft inside the verify: capture again
+            if drafter.verify_hook is not None and self.fast.cuda_graph:
+                warm_up(self.fast, max(cfg.ks), drafter=drafter)
         self.assistant = hf_truncated(self.hf_model, self.depth) if cfg.hf_assisted and "truncated" in cfg.drafters else None
         for drafter in self.drafters.values():
             for k in cfg.ks:
@@ -235,7 +236,7 @@ class _Validation:
         cfg = self.cfg
         fast = [*(name for name in self.engines if name == self.fast_name or self.engines[name].cuda_graph), *(f"labkit_{d}" for d in cfg.drafters)]
         # transformers' assisted generation has no Medusa heads; its prompt lookup is hf_assisted_ngram
-        assisted = [f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else []) if d not in ("heads", "ngram-graph")]
+        assisted = [f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else []) if d not in ("heads", "eagle", "ngram-graph")]
         return fast, ["hf_generate", *assisted, *(name for name in self.engines if name not in fast)]
 
     def out_of_time(self, i: int) -> bool:

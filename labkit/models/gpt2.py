@@ -105,6 +105,7 @@ class GPT2(nn.Module):
         self.layers = nn.ModuleList(GPT2Block(args, i) for i in range(args.n_layers))
         self.ln_f = nn.LayerNorm(args.dim, eps=args.norm_eps)
         self.keep_hidden = False  # keep the final hidden state of full passes (draft heads read it)
+        self.keep_every_hidden = False  # ... of every position of a pass that returns the last row's logits only (EAGLE)
         self.last_hidden: torch.Tensor | None = None  # (B, T or 1, dim) after the final norm
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
 
@@ -126,12 +127,15 @@ class GPT2(nn.Module):
         for i in range(n):
             block = self.layers[i]
             x = block(x, cache, i, input_pos, attend_len, mask)
+        keep = self.keep_hidden and n == self.args.n_layers
+        if keep and self.keep_every_hidden and (isinstance(last_only, torch.Tensor) or last_only):
+            self.last_hidden, keep = self.ln_f(x), False  # (B, T, dim): every row's, before the last is picked
         if isinstance(last_only, torch.Tensor):
             x = x.index_select(1, last_only)  # (B, 1, dim)
         elif last_only:
             x = x[:, -1:]
         h = self.ln_f(x)  # (B, T or 1, dim)
-        if self.keep_hidden and n == self.args.n_layers:
+        if keep:
             self.last_hidden = h
         return self.lm_head(h)
 

@@ -170,6 +170,7 @@ class Llama(nn.Module):
         self.layer_ops: Any = None  # a fused-kernel module (engine.pick_layer_ops), or None for the layers above
         self.fused_max_t = FUSED_MAX_T  # steps of up to this many tokens run through layer_ops, longer ones through the layers
         self.keep_hidden = False  # keep the final hidden state of full passes (draft heads read it)
+        self.keep_every_hidden = False  # ... of every position of a pass that returns the last row's logits only (EAGLE)
         self.last_hidden: torch.Tensor | None = None  # (B, T or 1, dim) after the final norm
 
     def runs_fused(self, T: int) -> bool:
@@ -212,11 +213,13 @@ class Llama(nn.Module):
             sin = self.sin[input_pos].unsqueeze(-2)
             for i in range(n):
                 x = self.layers[i](x, cos, sin, cache, i, input_pos, attend_len, mask)
+        keep = self.keep_hidden and n == self.args.n_layers
+        if keep and self.keep_every_hidden and (isinstance(last_only, torch.Tensor) or last_only):
+            self.last_hidden, keep = self.norm(x), False  # (B, T, dim): every row's, before the last is picked
         if isinstance(last_only, torch.Tensor):
             x = x.index_select(1, last_only)  # (B, 1, dim)
         elif last_only:
             x = x[:, -1:]
-        keep = self.keep_hidden and n == self.args.n_layers
         if fused_ok:  # the final norm and the head in one fused operation
             B, T, dim = x.shape
             logits, h = self.layer_ops.norm_head(x.reshape(B * T, dim).contiguous(), self.norm.weight, self.norm.eps,

@@ -184,28 +184,30 @@ class HeadsDrafter(Drafter):
         self.name = f"heads-{heads.cfg.n_heads}"
         self.max_t = heads.cfg.n_heads + 1  # the widest verify whose next draft it makes
         self.verify_hook = self
-        self._prepared: list[int] | None = None  # the draft the last verify made for this context
+        self._prepared: tuple[int, list[int]] | None = None  # (context length, draft) the last verify made
 
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         self._prepared = None
 
-    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: nn.Module,
+                    tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """hidden (B, K+1, D) of the verify pass, verdict (B, 2) -> (B, n_heads): the heads' draft
         from the hidden state that predicted the verdict's next token (row `accepted`: row 0 is
         the last token before the drafts). The same tokens as propose after the step."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)  # (B,)
         return self.heads.draft(hidden[rows, verdict[:, 0]], lm_head, self.heads.cfg.n_heads)
 
-    def take(self, tokens: list[int]) -> None:
-        """The draft draft_after made in the verify step that just ran, for the next proposal."""
-        self._prepared = tokens
+    def take(self, tokens: list[int], context_len: int) -> None:
+        """The draft draft_after made in the verify step that just ran, for the next proposal
+        (of a context of context_len tokens: after a step of another kind it is stale)."""
+        self._prepared = (context_len, tokens)
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
         k = min(k, self.heads.cfg.n_heads)  # one token per head: a larger K drafts what the heads have
-        if self._prepared is not None:
-            tokens, self._prepared = self._prepared[:k], None
-            return Draft(tokens)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == len(context):
+            return Draft(prepared[1][:k])
         hidden = self.target.hidden_at(self.target.length - 1)  # (B, D): it predicted context[-1]
         return Draft(self.heads.draft(hidden, self.target.model.lm_head, k)[0].tolist())
 
@@ -273,11 +275,13 @@ def build_drafter(
         draft = load_model(draft_model)
         draft_engine = Engine.from_loaded(draft, target.device, target.dtype, weights="dense", cuda_graph=target.cuda_graph)
         check_draft_pair(target, draft_engine, target_tokenizer, draft.tokenizer)
-    heads = None
-    if kind == "heads" and heads_path:  # without a path make_drafter says what is missing
+    heads: Any = None
+    if kind in ("heads", "eagle") and heads_path:  # without a path make_drafter says what is missing
+        from labkit.specdec.eagle import load_eagle
         from labkit.specdec.heads import fingerprint, load_heads
 
-        heads = load_heads(heads_path, fingerprint(target.model.lm_head.weight))
+        load = load_heads if kind == "heads" else load_eagle
+        heads = load(heads_path, fingerprint(target.model.lm_head.weight))
     return make_drafter(kind, target, layers=layers, draft_engine=draft_engine, stop_below=stop_below, heads=heads)
 
 
@@ -293,7 +297,8 @@ def make_drafter(
     heads: Any = None,
 ) -> Drafter:
     """ngram | ngram-graph (prompt lookup whose greedy steps run on the device, specdec/lookup_steps.py) |
-    layerskip | truncated | model | heads (trained DraftHeads, see labkit/heads_train.py). Default depth for layerskip/truncated: a third of the target.
+    layerskip | truncated | model | heads (trained DraftHeads, see labkit/heads_train.py) | eagle (a trained
+    EagleHead, labkit/eagle_train.py; `heads` carries either). Default depth for layerskip/truncated: a third of the target.
     stop_below > 0: draft-confidence early stop (the drafter stops at its first token below it)."""
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
         raise LabkitError(f"--layers must be a whole number of at least 1, got {layers!r}")
@@ -323,4 +328,12 @@ def make_drafter(
         if stop_below > 0:
             raise LabkitError("the heads drafter proposes greedy tokens: a confidence stop needs layerskip, truncated or model")
         return HeadsDrafter(target, heads)
+    if kind == "eagle":
+        if heads is None:
+            raise LabkitError("--drafter eagle needs --heads (a folder written by `python -m labkit heads train --kind eagle`)")
+        if stop_below > 0:
+            raise LabkitError("the EAGLE drafter proposes greedy tokens: a confidence stop needs layerskip, truncated or model")
+        from labkit.specdec.eagle_drafter import EagleDrafter
+
+        return EagleDrafter(target, heads)
     raise LabkitError(f"unknown drafter {kind!r}: use {', '.join(DRAFTERS)}")

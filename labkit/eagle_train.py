@@ -1,0 +1,199 @@
+"""Training the EAGLE-lite head by self-distillation (specdec/eagle.py): the target writes its own
+texts (heads_train.self_written_texts: chat answers to self-written user turns, never the prompt
+suite), and the head learns to continue the target's greedy answer from its features.
+
+Loss per depth d of the unrolled chain (the training-time test): cross-entropy of the draft
+logits (over the reduced vocabulary) against the target's token x_{c+d+1}, plus a smooth-L1 pull
+of the predicted feature towards the target's own h_{c+d} (EAGLE-1's feature regression), weighted
+down by `depth_decay` per depth. Only greedy tokens are labels.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from labkit.errors import LabkitError
+from labkit.heads_train import final_hidden, write_texts_for_model
+from labkit.specdec.eagle import EagleConfig, EagleDims, EagleHead, draft_head_weight, top_tokens, vocab_index
+
+IGNORE = -100
+
+
+@dataclass
+class EagleTrainConfig:
+    eagle: EagleConfig = field(default_factory=EagleConfig)
+    texts: int = 512  # texts the target writes for training (and held-out)
+    sampled_tokens: int = 8  # tokens sampled at temperature 1 after BOS, so that texts differ (no chat frame)
+    user_tokens: int = 48  # at most this many sampled tokens of a self-written user turn (chat frame)
+    greedy_tokens: int = 128  # greedy tokens per text after those: the labels
+    steps: int = 1500  # optimiser steps
+    batch_size: int = 8  # texts per step
+    lr: float = 1e-3  # peak, after a 5% warm-up, cosine to a tenth
+    feature_weight: float = 1.0  # smooth-L1 feature regression beside the token loss
+    depth_decay: float = 0.8  # weight of depth d: depth_decay ** (d - 1)
+    held_out: float = 0.1  # share of texts kept out of training, to report accuracy on
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        self.eagle.validate()
+        if self.texts < 2 or self.sampled_tokens < 1 or self.user_tokens < 1 or self.greedy_tokens <= self.eagle.train_depth + 1:
+            raise LabkitError("EAGLE training needs texts >= 2, sampled_tokens and user_tokens >= 1 and greedy_tokens > train_depth + 1, "
+                              f"got {self.texts}, {self.sampled_tokens}, {self.user_tokens}, {self.greedy_tokens}")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not 0 < self.held_out < 1 or self.feature_weight < 0:
+            raise LabkitError(f"EAGLE training needs steps, batch_size >= 1, lr > 0, 0 < held_out < 1 and feature_weight >= 0, "
+                              f"got {self.steps}, {self.batch_size}, {self.lr}, {self.held_out}, {self.feature_weight}")
+
+
+def dims_of(args: Any) -> EagleDims:
+    """The draft layer's shapes from the target's (LlamaArgs, GPT2Args, ...)."""
+    n_heads = int(args.n_heads)
+    return EagleDims(dim=int(args.dim), n_heads=n_heads, n_kv_heads=int(getattr(args, "n_kv_heads", n_heads)),
+                     head_dim=int(getattr(args, "head_dim", args.dim // n_heads)), hidden_dim=int(args.hidden_dim),
+                     norm_eps=float(getattr(args, "norm_eps", 1e-5)))
+
+
+def shifted_labels(tokens: torch.Tensor, first: int, shift: int) -> torch.Tensor:  # (B, T) -> (B, T)
+    """labels[:, c] = tokens[:, c + shift] where that position is a greedy one (>= first), else IGNORE."""
+    B, T = tokens.shape
+    out = torch.full_like(tokens, IGNORE)
+    if T > shift:
+        out[:, : T - shift] = tokens[:, shift:]
+        out[:, : max(0, first - shift)] = IGNORE
+    return out
+
+
+def eagle_loss_counts(
+    head: EagleHead,
+    feats: torch.Tensor,  # (B, T, D) the target's features
+    tokens: torch.Tensor,  # (B, T) the tokens they were computed on
+    first: int,  # the first greedy position: labels only from there
+    embed: torch.nn.Module,
+    weight: torch.Tensor,  # (N, D) the LM head's rows for the draft vocabulary
+    index: torch.Tensor,  # (V,) target id -> draft row, -1 outside the draft vocabulary
+    depth: int,
+    cfg: EagleTrainConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss, and per depth the top-1 hits and the labels seen: (), (depth,), (depth,). A label
+    outside the draft vocabulary counts as seen and missed (the draft can never propose it)."""
+    outs = head.unrolled(feats, tokens, embed, depth)
+    loss = feats.new_zeros(())
+    hits, seen = [], []
+    T = tokens.shape[1]
+    for d, out in enumerate(outs, start=1):
+        labels = shifted_labels(tokens, first, d + 1)  # (B, T): x_{c+d+1}
+        valid = labels != IGNORE
+        rows = torch.where(valid, index[labels.clamp(min=0)], IGNORE)  # (B, T) draft rows, IGNORE
+        rows = torch.where(rows < 0, IGNORE, rows)
+        logits = (out @ weight.t()).float()  # (B, T, N)
+        ce = F.cross_entropy(logits.flatten(0, 1), rows.flatten(), ignore_index=IGNORE) if (rows != IGNORE).any() else loss
+        reg = F.smooth_l1_loss(out[:, : T - d], feats[:, d:]) if T > d else loss
+        loss = loss + cfg.depth_decay ** (d - 1) * (ce + cfg.feature_weight * reg)
+        with torch.no_grad():
+            hits.append(((logits.argmax(-1) == rows) & valid & (rows != IGNORE)).sum().float())
+            seen.append(valid.sum().float())
+    return loss, torch.stack(hits), torch.stack(seen)
+
+
+def _lr_at(step: int, cfg: EagleTrainConfig) -> float:
+    warm = max(1, cfg.steps // 20)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
+
+
+def train_eagle(hf_model: Any, texts: list[tuple[list[int], int]], cfg: EagleTrainConfig,
+                dims: EagleDims) -> tuple[EagleHead, dict[str, Any]]:
+    """Fit the head on the texts (all but a held-out share); the report has the held-out top-1
+    at each depth up to cfg.eagle.depth, before and after training, and the vocabulary's coverage."""
+    cfg.validate()
+    lm_weight = hf_model.get_output_embeddings().weight.detach().float()  # (V, D)
+    embed = hf_model.get_input_embeddings()
+    device = lm_weight.device
+    V = lm_weight.shape[0]
+    rng = random.Random(cfg.seed)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    n_held = max(1, round(len(texts) * cfg.held_out))
+    held_texts, train_texts = [texts[i] for i in order[:n_held]], [texts[i] for i in order[n_held:]]
+    vocab_ids = top_tokens(train_texts, cfg.eagle.draft_vocab, V)  # from training texts only
+    torch.manual_seed(cfg.seed)
+    head = EagleHead(dims, cfg.eagle, vocab_ids).to(device)
+    weight, index = draft_head_weight(head, lm_weight), vocab_index(head.vocab_ids, V)
+
+    def encode(toks: list[int], first: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return final_hidden(hf_model, toks).float(), torch.tensor([toks], device=device), first
+
+    held, train = [encode(*t) for t in held_texts], [encode(*t) for t in train_texts]
+
+    def accuracy() -> list[float]:
+        hits = torch.zeros(cfg.eagle.depth, device=device)
+        seen = torch.zeros(cfg.eagle.depth, device=device)
+        with torch.no_grad():
+            for feats, toks, first in held:
+                _, h, n = eagle_loss_counts(head, feats, toks, first, embed, weight, index, cfg.eagle.depth, cfg)
+                hits, seen = hits + h, seen + n
+        return (hits / seen.clamp(min=1)).tolist()
+
+    before = accuracy()
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
+    low = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="training EAGLE", disable=not cfg.progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        batch = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
+        with low:
+            loss = sum(eagle_loss_counts(head, f, t, first, embed, weight, index, cfg.eagle.train_depth, cfg)[0]
+                       for f, t, first in batch) / len(batch)
+        opt.zero_grad()
+        loss.backward()  # type: ignore[union-attr]
+        opt.step()
+        losses.append(float(loss.detach()))  # type: ignore[union-attr]
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    train_s = time.perf_counter() - t0
+    held_labels = [t[first:] for t, first in held_texts]
+    inside = set(head.vocab_ids.tolist())
+    coverage = sum(x in inside for toks in held_labels for x in toks) / max(1, sum(map(len, held_labels)))
+    report = {"texts": len(texts), "train_texts": len(train), "held_out_texts": len(held),
+              "label_tokens": sum(len(t) - f for t, f in texts), "steps": cfg.steps, "train_s": train_s,
+              "draft_vocab": int(head.vocab_ids.numel()), "held_out_vocab_coverage": coverage,
+              "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+              "held_out_top1_before": before, "held_out_top1": accuracy()}
+    return head, report
+
+
+def expected_accepted(top1: list[float]) -> float:
+    """Drafts accepted per step if depth d is accepted with probability top1[d-1] given the ones
+    before it (what the held-out accuracies measure): sum over d of their running product."""
+    total, run = 0.0, 1.0
+    for p in top1:
+        run *= p
+        total += run
+    return total
+
+
+def train_eagle_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: EagleTrainConfig,
+                          chat: bool | None = None) -> tuple[EagleHead, dict[str, Any], dict[str, Any]]:
+    """The whole recipe for a loaded model (heads_train.write_texts_for_model, then train_eagle on
+    the transformers model's features). Returns the head, the report and the target's fingerprint."""
+    from labkit.specdec.heads import fingerprint
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    engine, texts, frame = write_texts_for_model(loaded, device, dtype, cfg, chat)
+    write_s = time.perf_counter() - t0
+    head, report = train_eagle(loaded.hf_model.to(device=device), texts, cfg, dims_of(engine.args))
+    report = {**report, "chat": frame is not None, "write_s": write_s,
+              "expected_accepted": expected_accepted(report["held_out_top1"])}
+    return head, report, fingerprint(engine.model.lm_head.weight)

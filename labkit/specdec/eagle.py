@@ -1,0 +1,258 @@
+"""EAGLE-lite: a one-layer autoregressive draft head on the target's features (Li et al. 2024,
+EAGLE-1, with EAGLE-3's training-time test and FR-Spec's reduced draft vocabulary).
+
+Terms. The target's feature h_p is its final hidden state at position p (after the final norm,
+what its LM head reads); it predicts token x_{p+1}. The draft's element p is the pair
+(h_p, x_{p+1}): fc(concat(embed(x_{p+1}), h_p)) goes through one decoder layer (causal attention
+over the draft's own cache of earlier elements, RoPE at position p, SwiGLU), giving a predicted
+feature f_{p+1}; the LM head on it drafts x_{p+2}. The next element is (f_{p+1}, that draft),
+and so on: a chain of drafts, one layer each.
+
+    anchor c   the last element whose feature is the target's own (c = the last context position
+               the target's cache holds); depth-1 drafts come from it
+    depth d    the d-th draft after the anchor; its element sits at position c + d - 1 and sees
+               the true elements 0..c and its own chain's elements c+1..c+d-1
+
+Training-time test (EAGLE-3): training unrolls the chain for `train_depth` depths at every anchor at
+once, feeding each depth the features the head itself predicted at the depth before, with
+attention over the true elements up to the anchor plus the chain's own (a diagonal), exactly what
+a chain sees at inference (`unrolled` checks against `forward_cached` in the tests). Tokens are the
+target's (teacher forcing): the accuracy at depth d is the acceptance of the d-th draft given the
+ones before it were accepted.
+
+Reduced vocabulary: the head's logits are over `vocab_ids`, the N tokens the target writes most
+in its own texts, through those rows of the target's frozen LM head. Verification stays over the
+full vocabulary, so decoding stays lossless; a token outside them is never drafted.
+
+The draft's weights (fc, one layer, its norms) are new; the embedding and LM head are the
+target's, frozen, passed in and never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from labkit.errors import LabkitError
+
+ROPE_THETA = 10000.0
+
+
+@dataclass
+class EagleConfig:
+    depth: int = 5  # draft tokens a chain proposes at most (K max)
+    draft_vocab: int = 8192  # N most frequent target tokens the head drafts over (0: the full vocabulary)
+    train_depth: int = 3  # depths unrolled in training (the training-time test)
+
+    def validate(self) -> None:
+        if self.depth < 1 or self.train_depth < 1 or self.draft_vocab < 0:
+            raise LabkitError(f"EAGLE needs depth >= 1, train_depth >= 1 and draft_vocab >= 0, "
+                              f"got {self.depth}, {self.train_depth}, {self.draft_vocab}")
+
+
+@dataclass
+class EagleDims:
+    """The target's shapes the layer copies (its attention heads, head size, MLP width)."""
+
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    norm_eps: float = 1e-5
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D) rotated by its positions pos (B, T): tables computed on the fly, so any
+    position (a device tensor inside a captured graph) costs no lookup into a fixed table."""
+    angles = pos.float()[..., None, None] * inv_freq  # (B, T, 1, D/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    lo, hi = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
+    return torch.cat((lo * cos - hi * sin, hi * cos + lo * sin), dim=-1)
+
+
+class EagleHead(nn.Module):
+    """fc + one Llama-style decoder layer; features in, predicted features out."""
+
+    inv_freq: torch.Tensor
+    vocab_ids: torch.Tensor
+
+    def __init__(self, dims: EagleDims, cfg: EagleConfig, vocab_ids: torch.Tensor) -> None:
+        super().__init__()
+        cfg.validate()
+        self.dims, self.cfg = dims, cfg
+        d, nh, nkv, hd = dims.dim, dims.n_heads, dims.n_kv_heads, dims.head_dim
+        self.fc = nn.Linear(2 * d, d, bias=False)
+        self.attn_norm = nn.RMSNorm(d, eps=dims.norm_eps)
+        self.wqkv = nn.Linear(d, (nh + 2 * nkv) * hd, bias=False)
+        self.wo = nn.Linear(nh * hd, d, bias=False)
+        self.mlp_norm = nn.RMSNorm(d, eps=dims.norm_eps)
+        self.w_gate_up = nn.Linear(d, 2 * dims.hidden_dim, bias=False)
+        self.w_down = nn.Linear(dims.hidden_dim, d, bias=False)
+        self.register_buffer("inv_freq", 1.0 / ROPE_THETA ** (torch.arange(0, hd, 2).float() / hd), persistent=False)  # (D/2,)
+        self.register_buffer("vocab_ids", vocab_ids.long().clone())  # (N,) target ids the head drafts over
+
+    # -- pieces shared by the cached and the unrolled forms ------------------------------------
+    def _qkv(self, feat: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """feat, emb (B, T, D), pos (B, T) -> x (B, T, D), q (B, nh, T, hd), k, v (B, nkv, T, hd)."""
+        B, T, _ = feat.shape
+        nh, nkv, hd = self.dims.n_heads, self.dims.n_kv_heads, self.dims.head_dim
+        x = self.fc(torch.cat((emb, feat), dim=-1))  # (B, T, D)
+        qkv = self.wqkv(self.attn_norm(x)).view(B, T, nh + 2 * nkv, hd)
+        qk = rope(qkv[:, :, : nh + nkv], pos, self.inv_freq)  # (B, T, nh+nkv, hd)
+        return x, qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2), qkv[:, :, nh + nkv :].transpose(1, 2)
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Residual attention output y (B, nh, T, hd) and the MLP -> predicted features (B, T, D)."""
+        B, T, _ = x.shape
+        x = x + self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)  # (B, T, hidden) each
+        return x + self.w_down(F.silu(gate) * up)
+
+    # -- inference: the draft's own cache, written by position -------------------------------
+    def forward_cached(
+        self,
+        feat: torch.Tensor,  # (B, T, D) features of the elements
+        emb: torch.Tensor,  # (B, T, D) embeddings of their tokens
+        pos: torch.Tensor,  # (B, T) their positions (a device tensor: one graph serves every position)
+        k_cache: torch.Tensor,  # (B, nkv, S, hd) written at pos
+        v_cache: torch.Tensor,  # (B, nkv, S, hd)
+    ) -> torch.Tensor:  # (B, T, D) predicted features
+        """Elements at their positions; each attends to every cached element at or before its own
+        position. The cache past a position may hold stale elements of a rejected chain: a
+        query never sees them, since every element at or before it was written afterwards."""
+        x, q, k, v = self._qkv(feat, emb, pos)
+        index = pos[:, None, :, None].expand_as(k)  # (B, nkv, T, hd)
+        k_cache.scatter_(2, index, k.to(k_cache.dtype))
+        v_cache.scatter_(2, index, v.to(v_cache.dtype))
+        S = k_cache.shape[2]
+        mask = torch.arange(S, device=pos.device) <= pos[:, None, :, None]  # (B, 1, T, S)
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
+        return self._finish(x, y)
+
+    # -- training: every anchor's chain at once ---------------------------------------------
+    def unrolled(
+        self,
+        feats: torch.Tensor,  # (B, T, D) the target's features h_0..h_{T-1}
+        tokens: torch.Tensor,  # (B, T) the tokens x_0..x_{T-1}
+        embed: nn.Module,  # the target's token embedding
+        depth: int,
+    ) -> list[torch.Tensor]:  # depth x (B, T, D): at anchor c, the feature depth d predicts (f_{c+d})
+        """The chain from every anchor c, depths 1..depth, in one pass per depth. Depth d's
+        element at anchor c is (its own previous prediction, x_{c+d}) at position c + d - 1 and
+        sees the true elements 0..c plus its chain's elements (a diagonal per earlier depth).
+        Anchors whose tokens run past the end see padding (their labels are ignored)."""
+        B, T, _ = feats.shape
+        scale = 1.0 / math.sqrt(self.dims.head_dim)
+        group = self.dims.n_heads // self.dims.n_kv_heads
+        anchors = torch.arange(T, device=feats.device)  # (T,)
+        causal = anchors[None, :] <= anchors[:, None]  # (T, T) key <= anchor
+        outs: list[torch.Tensor] = []
+        keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # (k, v) per depth, (B, nh, T, hd) by anchor
+        feat = feats
+        for d in range(1, depth + 1):
+            shifted = torch.cat((tokens[:, d:], tokens.new_zeros(B, d)), dim=1)  # (B, T): x_{c+d}
+            x, q, k, v = self._qkv(feat, embed(shifted), (anchors + d - 1).expand(B, T))
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, nh, T, hd)
+            keys.append((k, v))
+            k1, v1 = keys[0]
+            scores = (q @ k1.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))  # (B, nh, T, T)
+            diag = [(q * kj).sum(-1, keepdim=True) * scale for kj, _ in keys[1:]]  # (d-1) x (B, nh, T, 1)
+            weights = torch.cat([scores, *diag], dim=-1).float().softmax(-1).to(q.dtype)  # (B, nh, T, T + d - 1)
+            y = weights[..., :T] @ v1  # (B, nh, T, hd)
+            for j, (_, vj) in enumerate(keys[1:]):
+                y = y + weights[..., T + j : T + j + 1] * vj
+            feat = self._finish(x, y)
+            outs.append(feat)
+        return outs
+
+
+def draft_head_weight(head: EagleHead, lm_head_weight: torch.Tensor) -> torch.Tensor:  # (V, D) -> (N, D)
+    """The target LM head's rows for the draft vocabulary (all of it when N is the vocabulary)."""
+    if head.vocab_ids.numel() == lm_head_weight.shape[0]:
+        return lm_head_weight
+    return lm_head_weight.index_select(0, head.vocab_ids.to(lm_head_weight.device))
+
+
+def top_tokens(texts: list[tuple[list[int], int]], n: int, vocab_size: int) -> torch.Tensor:  # -> (N,) ids
+    """The n tokens the target writes most in the greedy part of its texts (all ids, by id, when
+    n is 0 or not smaller than the vocabulary); ties by id. Tokens it never wrote are left out."""
+    if n == 0 or n >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for toks, first in texts:
+        counts += torch.bincount(torch.tensor(toks[first:], dtype=torch.long), minlength=vocab_size)
+    seen = int((counts > 0).sum())
+    order = torch.argsort(-counts, stable=True)[: min(n, seen)]
+    return order.sort().values
+
+
+def vocab_index(vocab_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:  # (N,) -> (V,): id -> row, -1 if absent
+    index = torch.full((vocab_size,), -1, dtype=torch.long, device=vocab_ids.device)
+    index[vocab_ids] = torch.arange(vocab_ids.numel(), device=vocab_ids.device)
+    return index
+
+
+# -- files: eagle.json and eagle.safetensors in a folder (beside draft heads, if any) -----------
+def save_eagle(head: EagleHead, path: str | Path, target_fingerprint: dict[str, Any], info: dict[str, Any] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(out / "eagle.safetensors"))
+    meta = {"config": asdict(head.cfg), "dims": asdict(head.dims), "target": target_fingerprint, "info": info or {}}
+    (out / "eagle.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def check_eagle_folder(path: str | Path) -> Path:
+    folder = Path(path)
+    if not (folder / "eagle.json").is_file() or not (folder / "eagle.safetensors").is_file():
+        raise LabkitError(f"{folder} holds no EAGLE head (eagle.json and eagle.safetensors): "
+                          "train one with `python -m labkit heads train --kind eagle --out FOLDER`")
+    return folder
+
+
+def _read_eagle_meta(folder: Path) -> tuple[EagleConfig, EagleDims, dict[str, Any]]:
+    try:
+        meta = json.loads((folder / "eagle.json").read_text())
+        cfg, dims = EagleConfig(**meta["config"]), EagleDims(**meta["dims"])
+        cfg.validate()
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, LabkitError) as err:
+        raise LabkitError(f"{folder / 'eagle.json'} is not an EAGLE description written by `labkit heads train --kind eagle` "
+                          f"({type(err).__name__}: {str(err)[:120]}); train it again") from None
+    return cfg, dims, meta
+
+
+def load_eagle_config(path: str | Path) -> EagleConfig:
+    """The configuration of the EAGLE head in a folder (before any model loads)."""
+    return _read_eagle_meta(check_eagle_folder(path))[0]
+
+
+def load_eagle(path: str | Path, target_fingerprint: dict[str, Any]) -> EagleHead:
+    """The head save_eagle wrote; refuses one trained for another target, and damaged files."""
+    from safetensors.torch import load_file
+
+    from labkit.specdec.heads import same_target
+
+    folder = check_eagle_folder(path)
+    cfg, dims, meta = _read_eagle_meta(folder)
+    if not same_target(meta.get("target", {}), target_fingerprint):
+        raise LabkitError(f"the EAGLE head in {folder} was trained for another target model "
+                          f"(vocab {meta.get('target', {}).get('vocab_size')}, dim {meta.get('target', {}).get('dim')}; "
+                          f"this one: vocab {target_fingerprint['vocab_size']}, dim {target_fingerprint['dim']})")
+    try:
+        state = load_file(str(folder / "eagle.safetensors"))
+        head = EagleHead(dims, cfg, state["vocab_ids"])
+        head.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 - safetensors and torch raise their own errors for a damaged file
+        raise LabkitError(f"{folder / 'eagle.safetensors'} cannot be read as this EAGLE head ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:120]}); train it again") from None
+    return head

@@ -1,0 +1,130 @@
+"""The EAGLE-lite drafter (specdec/eagle.py): a chain of `depth` drafts, one draft-layer pass each,
+from the target's features.
+
+Its draft cache holds one element per context position: element p = (h_p, x_{p+1}), true while
+p is below `done`. A proposal first catches up the elements the target's last pass made true
+(its kept hidden states), then runs the chain from the last of them (the anchor).
+
+Like the draft heads it is its own verify hook: under greedy acceptance the catch-up and the chain
+run inside the verify step (captured with it on a GPU), from the verify's hidden states and its
+verdict, all on the device: the catch-up feeds every verify row (row j's token is the draft after
+it, or the target's next token at the accepted row), and the chain starts from the accepted row.
+Rows past it write elements that are stale, never read: each chain position is written again
+before any query at or past it looks (the draft's attention sees positions up to its own).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from labkit.config import GenerationConfig
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.specdec.draft import Draft, Drafter
+from labkit.specdec.eagle import EagleHead, draft_head_weight
+
+
+def token_embedding(model: Any) -> torch.nn.Module:
+    """The target's token embedding (Llama: embed; GPT-2 and OPT: wte)."""
+    embed = getattr(model, "embed", None)
+    embed = getattr(model, "wte", None) if embed is None else embed
+    if embed is None:
+        raise LabkitError(f"EAGLE needs the target's token embedding; {type(model).__name__} has none it knows")
+    return embed
+
+
+class EagleDrafter(Drafter):
+    def __init__(self, target: Engine, head: EagleHead) -> None:
+        if head.dims.dim != target.args.dim:
+            raise LabkitError(f"this EAGLE head has width {head.dims.dim}, the target {target.args.dim}: train it for this target")
+        target.keep_hidden_states(every_position=True)
+        self.target = target
+        self.head = head.to(device=target.device, dtype=target.dtype).eval()
+        self.depth = head.cfg.depth
+        n_vocab = int(head.vocab_ids.numel())
+        reduced = n_vocab < target.args.vocab_size
+        self.name = f"eagle-{self.depth}" + (f"-v{n_vocab}" if reduced else "")
+        self.embed = token_embedding(target.model)
+        self.weight = draft_head_weight(self.head, target.model.lm_head.weight.to(target.dtype))  # (N, D)
+        self.ids = self.head.vocab_ids.to(target.device)  # (N,) draft row -> target id
+        self.max_t = self.depth + 1  # the widest verify whose next draft it makes
+        self.verify_hook = self
+        self.done = 0  # the draft cache holds the true elements 0..done-1
+        self._prepared: tuple[int, list[int]] | None = None  # (context length, draft) the last verify made
+        self._k = self._v = torch.empty(0)
+
+    # -- the draft cache ----------------------------------------------------------------------
+    def _cache(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, nkv, S, hd) keys and values, S past the target cache's end by the widest verify and
+        chain (captures write there). Reallocated only when the target's cache was resized, which
+        drops every captured graph that read the old buffers."""
+        dims = self.head.dims
+        S = self.target.cache.max_len + self.max_t + self.depth + 1
+        if self._k.shape != (B, dims.n_kv_heads, S, dims.head_dim):
+            shape = (B, dims.n_kv_heads, S, dims.head_dim)
+            self._k = torch.zeros(shape, dtype=self.target.dtype, device=self.target.device)
+            self._v = torch.zeros(shape, dtype=self.target.dtype, device=self.target.device)
+        return self._k, self._v
+
+    def _elements(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """feats (B, T, D), tokens (B, T), pos (B, T) -> predicted features (B, T, D), cache written."""
+        k, v = self._cache(feats.shape[0])
+        return self.head.forward_cached(feats, self.embed(tokens), pos.clamp(max=k.shape[2] - 1), k, v)
+
+    def _pick(self, feat: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B,) target ids
+        return self.ids[(feat @ self.weight.t()).argmax(-1)]
+
+    def _chain(self, feat: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """feat (B, D) the anchor's predicted feature, anchor (B,) its position -> (B, depth) drafts."""
+        token = self._pick(feat)
+        drafts = [token]
+        for d in range(2, self.depth + 1):
+            feat = self._elements(feat[:, None], token[:, None], (anchor + d - 1)[:, None])[:, 0]
+            token = self._pick(feat)
+            drafts.append(token)
+        return torch.stack(drafts, dim=1)
+
+    # -- the drafter --------------------------------------------------------------------------
+    def start(self, prompt_ids: list[int], capacity: int) -> None:
+        self.done, self._prepared = 0, None
+        self._cache(self.target.batch_size)
+
+    @torch.inference_mode()
+    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
+                    tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Inside the verify step: hidden (B, T, D), verdict (B, 2), tokens (B, T) at input_pos (T,)
+        -> (B, depth) the next step's draft."""
+        B, T, _ = hidden.shape
+        accepted, nxt = verdict[:, 0], verdict[:, 1]  # (B,) each
+        rows = torch.arange(T, device=hidden.device)  # (T,)
+        after = torch.cat((tokens[:, 1:], nxt[:, None]), dim=1)  # (B, T): the token after each row
+        after = torch.where(rows[None] == accepted[:, None], nxt[:, None], after)
+        feats = self._elements(hidden, after, input_pos[None].expand(B, T))  # (B, T, D)
+        anchor_feat = feats[torch.arange(B, device=hidden.device), accepted]  # (B, D)
+        return self._chain(anchor_feat, input_pos[0] + accepted)
+
+    def take(self, tokens: list[int], context_len: int) -> None:
+        self._prepared = (context_len, tokens)
+
+    @torch.inference_mode()
+    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
+        k = min(k, self.depth)
+        L = len(context)  # the target's cache holds context[:-1]: true elements 0..L-2
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == L:  # the verify step caught up and drafted
+            self.done = L - 1
+            return Draft(prepared[1][:k])
+        # Elements the last pass made true. One not in it (a step that proposed nothing, then
+        # another) keeps a stale element: worse drafts there, never a wrong output.
+        start = min(max(self.done, self.target.kept_hidden.start), L - 2)
+        feats = self.target.hidden_span(start, L - 1)  # (B, n, D)
+        B = feats.shape[0]
+        device = self.target.device
+        tokens = torch.tensor([context[start + 1 : L]], device=device).expand(B, -1)  # (B, n)
+        pos = torch.arange(start, L - 1, device=device)[None].expand(B, -1)  # (B, n)
+        anchor_feat = self._elements(feats, tokens, pos)[:, -1]  # (B, D)
+        self.done = L - 1
+        drafts = self._chain(anchor_feat, torch.full((B,), L - 2, device=device))
+        return Draft(drafts[0, :k].tolist())
