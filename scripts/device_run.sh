@@ -52,7 +52,7 @@ case "$step" in
       -p max_new_tokens 128 -p prompts_per_category 1 -p categories "" -p amp True -p profile_tokens 32 2>&1 | tail -3
     ;;
   pytest)  # TESTS="tests/test_x.py -k y": any tests, on the GPU
-    python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_cuda.py} 2>&1 | tail -30 | tee "$out/pytest.txt"
+    eval "python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_cuda.py}" 2>&1 | tail -30 | tee "$out/pytest.txt"
     ;;
   cudatests)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layer_kernels.py 2>&1 | tail -30 | tee "$out/pytest_cuda.txt"
