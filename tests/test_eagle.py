@@ -142,3 +142,12 @@ def test_eagle_files_round_trip_and_refuse_another_target(tmp_path) -> None:
     (tmp_path / "e" / "eagle.json").write_text("{")
     with pytest.raises(LabkitError, match="not an EAGLE description"):
         load_eagle(tmp_path / "e", fingerprint(lm))
+
+
+def test_a_half_precision_head_keeps_its_positions() -> None:
+    """Cast for a bf16 target, the head's rotary frequencies stay fp32: a bf16 copy turns a
+    position of a few hundred by radians, and the drafts stop matching what training taught."""
+    head = random_head()
+    ref = head.inv_freq.clone()
+    head.cast(torch.device("cpu"), torch.bfloat16)
+    assert head.inv_freq.dtype == torch.float32 and torch.equal(head.inv_freq, ref) and head.fc.weight.dtype == torch.bfloat16

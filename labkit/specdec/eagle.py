@@ -69,6 +69,10 @@ class EagleDims:
     norm_eps: float = 1e-5
 
 
+def rope_frequencies(head_dim: int, device: torch.device) -> torch.Tensor:  # -> (D/2,) fp32
+    return 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+
+
 def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, D) rotated by its positions pos (B, T): tables computed on the fly, so any
     position (a device tensor inside a captured graph) costs no lookup into a fixed table."""
@@ -96,8 +100,15 @@ class EagleHead(nn.Module):
         self.mlp_norm = nn.RMSNorm(d, eps=dims.norm_eps)
         self.w_gate_up = nn.Linear(d, 2 * dims.hidden_dim, bias=False)
         self.w_down = nn.Linear(dims.hidden_dim, d, bias=False)
-        self.register_buffer("inv_freq", 1.0 / ROPE_THETA ** (torch.arange(0, hd, 2).float() / hd), persistent=False)  # (D/2,)
+        self.register_buffer("inv_freq", rope_frequencies(hd, torch.device("cpu")), persistent=False)  # (D/2,) fp32
         self.register_buffer("vocab_ids", vocab_ids.long().clone())  # (N,) target ids the head drafts over
+
+    def cast(self, device: torch.device, dtype: torch.dtype) -> EagleHead:
+        """On the target's device and dtype for drafting; the rotary frequencies stay fp32 (in
+        bf16 they are off by 1 in 256, which turns a position of a few hundred by radians)."""
+        self.to(device=device, dtype=dtype)
+        self.inv_freq = rope_frequencies(self.dims.head_dim, device)
+        return self
 
     # -- pieces shared by the cached and the unrolled forms ------------------------------------
     def _qkv(self, feat: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:

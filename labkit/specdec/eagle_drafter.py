@@ -41,7 +41,7 @@ class EagleDrafter(Drafter):
             raise LabkitError(f"this EAGLE head has width {head.dims.dim}, the target {target.args.dim}: train it for this target")
         target.keep_hidden_states(every_position=True)
         self.target = target
-        self.head = head.to(device=target.device, dtype=target.dtype).eval()
+        self.head = head.cast(target.device, target.dtype).eval()
         self.depth = head.cfg.depth
         n_vocab = int(head.vocab_ids.numel())
         reduced = n_vocab < target.args.vocab_size
