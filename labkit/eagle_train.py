@@ -19,8 +19,9 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from labkit.engine import Engine
 from labkit.errors import LabkitError
-from labkit.heads_train import final_hidden, write_texts_for_model
+from labkit.heads_train import write_texts_for_model
 from labkit.specdec.eagle import EagleConfig, EagleDims, EagleHead, draft_head_weight, top_tokens, vocab_index
 
 IGNORE = -100
@@ -58,6 +59,20 @@ def dims_of(args: Any) -> EagleDims:
     return EagleDims(dim=int(args.dim), n_heads=n_heads, n_kv_heads=int(getattr(args, "n_kv_heads", n_heads)),
                      head_dim=int(getattr(args, "head_dim", args.dim // n_heads)), hidden_dim=int(args.hidden_dim),
                      norm_eps=float(getattr(args, "norm_eps", 1e-5)))
+
+
+class _FrozenEmbedding(torch.nn.Module):
+    """The target's token embedding, in fp32, outside autograd (training reads it, never fits it)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        from labkit.specdec.eagle_drafter import token_embedding
+
+        table: Any = token_embedding(model)
+        self.weight = table.weight.detach().float()  # (V, D)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
+        return F.embedding(tokens, self.weight)
 
 
 def shifted_labels(tokens: torch.Tensor, first: int, shift: int) -> torch.Tensor:  # (B, T) -> (B, T)
@@ -110,13 +125,30 @@ def _lr_at(step: int, cfg: EagleTrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
 
 
-def train_eagle(hf_model: Any, texts: list[tuple[list[int], int]], cfg: EagleTrainConfig,
-                dims: EagleDims) -> tuple[EagleHead, dict[str, Any]]:
-    """Fit the head on the texts (all but a held-out share); the report has the held-out top-1
-    at each depth up to cfg.eagle.depth, before and after training, and the vocabulary's coverage."""
+def engine_features(engine: Engine, tokens: list[int]) -> torch.Tensor:  # -> (1, T, D) fp32
+    """The target's features for a text, from the engine that will serve the drafts: the same
+    kernels and dtype as at inference (a bf16 target's features differ from fp32 ones by more
+    than a head trained on the fp32 ones tolerates: measured on a tiny target, live acceptance
+    fell from 55% to 21%)."""
+    with torch.inference_mode():
+        engine.keep_hidden_states(every_position=True)
+        engine.reset()
+        engine.ensure_capacity(len(tokens))
+        engine.prefill(torch.tensor([tokens], device=engine.device))
+        feats = engine.hidden_span(0, len(tokens)).float()
+        engine.reset()
+    return feats.clone()  # outside inference mode: a tensor training may save for backward
+
+
+def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTrainConfig,
+                dims: EagleDims | None = None) -> tuple[EagleHead, dict[str, Any]]:
+    """Fit the head on the texts (all but a held-out share), on the features the engine's target
+    makes; the report has the held-out top-1 at each depth up to cfg.eagle.depth, before and after
+    training, and the vocabulary's coverage."""
     cfg.validate()
-    lm_weight = hf_model.get_output_embeddings().weight.detach().float()  # (V, D)
-    embed = hf_model.get_input_embeddings()
+    dims = dims or dims_of(engine.args)
+    lm_weight = engine.model.lm_head.weight.detach().float()  # (V, D)
+    embed = _FrozenEmbedding(engine.model)
     device = lm_weight.device
     V = lm_weight.shape[0]
     rng = random.Random(cfg.seed)
@@ -130,7 +162,7 @@ def train_eagle(hf_model: Any, texts: list[tuple[list[int], int]], cfg: EagleTra
     weight, index = draft_head_weight(head, lm_weight), vocab_index(head.vocab_ids, V)
 
     def encode(toks: list[int], first: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return final_hidden(hf_model, toks).float(), torch.tensor([toks], device=device), first
+        return engine_features(engine, toks), torch.tensor([toks], device=device), first
 
     held, train = [encode(*t) for t in held_texts], [encode(*t) for t in train_texts]
 
@@ -193,7 +225,7 @@ def train_eagle_for_model(loaded: Any, device: torch.device, dtype: torch.dtype,
     t0 = time.perf_counter()
     engine, texts, frame = write_texts_for_model(loaded, device, dtype, cfg, chat)
     write_s = time.perf_counter() - t0
-    head, report = train_eagle(loaded.hf_model.to(device=device), texts, cfg, dims_of(engine.args))
+    head, report = train_eagle(engine, texts, cfg)
     report = {**report, "chat": frame is not None, "write_s": write_s,
               "expected_accepted": expected_accepted(report["held_out_top1"])}
     return head, report, fingerprint(engine.model.lm_head.weight)

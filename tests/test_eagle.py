@@ -88,7 +88,7 @@ def test_eagle_learns_the_targets_continuation_and_its_draft_vocabulary() -> Non
     """Trained on texts a tiny target wrote, the head guesses its held-out greedy tokens better
     than untrained, at depth 1 and 2, and drafts only from its reduced vocabulary."""
     from labkit.config import GenerationConfig
-    from labkit.eagle_train import EagleTrainConfig, dims_of, expected_accepted, train_eagle
+    from labkit.eagle_train import EagleTrainConfig, expected_accepted, train_eagle
     from labkit.generate import Speculation, generate
     from labkit.heads_train import self_written_texts
     from labkit.models.tiny import tiny_hf_model
@@ -101,7 +101,7 @@ def test_eagle_learns_the_targets_continuation_and_its_draft_vocabulary() -> Non
     cfg = EagleTrainConfig(eagle=EagleConfig(depth=3, draft_vocab=48, train_depth=2), texts=40, sampled_tokens=3, greedy_tokens=32,
                            steps=150, batch_size=4, lr=3e-3, held_out=0.2, progress=False)
     texts = self_written_texts(engine, 1, cfg)
-    head, report = train_eagle(hf, texts, cfg, dims_of(engine.args))
+    head, report = train_eagle(engine, texts, cfg)
     assert report["draft_vocab"] <= 48 and 0 < report["held_out_vocab_coverage"] <= 1
     before, after = report["held_out_top1_before"], report["held_out_top1"]
     # a random model's continuation is hard to guess (chance: 1 in 96; 48 draft tokens hold 66% of the
