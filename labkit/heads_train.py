@@ -3,7 +3,8 @@ to guess its greedy continuation from its final hidden states.
 
 No dataset is needed (and the prompt suite is never used, since it is what the heads are then
 measured on). With a chat template (the default where the model has one) the target first writes a
-user turn itself, sampled at temperature 1 inside the template's user frame, then answers it
+user turn itself (from the first words of a request, REQUEST_OPENERS), sampled at temperature 1
+inside the template's user frame, then answers it
 greedily in the assistant frame: the heads learn the target's answers to chat requests, which is
 what they are used on. Without one, a text starts from the BOS token with a few sampled tokens and
 goes on greedily. Only the greedy part is a label: that is what a greedy verify accepts; EOS is
@@ -52,6 +53,19 @@ class HeadsTrainConfig:
                               f"got {self.steps}, {self.batch_size}, {self.lr}, {self.held_out}")
 
 
+# The first words of the self-written user turns, cycled: a bare sampled turn from a small model
+# is rarely a request, and heads trained on answers to those guess answers to real requests badly
+# (measured on SmolLM2-135M, EAGLE's held-out top-1 22% on such texts, 8.8% on answers to real
+# requests). Generic openings of requests of every kind; never the prompt suite's.
+REQUEST_OPENERS = (
+    "Write a short", "Write a poem about", "Write an email to", "Explain how", "Explain why", "What is the difference between",
+    "How do I", "How can I improve", "What are the best ways to", "Give me a list of", "Summarize the", "Describe",
+    "Tell me about", "Can you help me", "I need advice on", "Write a Python function that", "Write a SQL query that",
+    "Fix this code:", "What does this code do:", "Solve this problem:", "Calculate", "If a train", "Compare",
+    "What are the pros and cons of", "Translate into French:", "Rewrite this sentence:", "Plan a", "Suggest",
+    "Create a recipe for", "What happens when", "Why do", "Is it true that", "Pretend you are", "Continue the story:",
+    "Answer briefly:", "List the steps to", "Give an example of", "What would happen if", "Outline an essay on", "Define",
+)
 _MARK = "\u2063labkit-user-turn\u2063"  # stands in for the user's words when the template is split
 
 
@@ -67,18 +81,19 @@ def chat_frame(tokenizer: Any) -> tuple[list[int], list[int]] | None:
     return list(tokenizer(before, add_special_tokens=False).input_ids), list(tokenizer(after, add_special_tokens=False).input_ids)
 
 
-def self_written_texts(engine: Engine, bos: int, cfg: Any,
-                       frame: tuple[list[int], list[int]] | None = None) -> list[tuple[list[int], int]]:
+def self_written_texts(engine: Engine, bos: int, cfg: Any, frame: tuple[list[int], list[int]] | None = None,
+                       openers: list[list[int]] | None = None) -> list[tuple[list[int], int]]:
     """(tokens, first greedy index) per text, written by the target on `engine`: in the chat
     `frame` (ids before and after the user's words) a sampled user turn and its greedy answer,
-    else a few sampled tokens after `bos` and their greedy continuation."""
+    else a few sampled tokens after `bos` and their greedy continuation. With `openers` (ids of
+    REQUEST_OPENERS), user turn i starts with opener i (cycled) and the target writes the rest."""
     eos = set(engine.eos_token_ids)
     texts = []
     for i in tqdm(range(cfg.texts), desc="writing texts", disable=not cfg.progress):
         if frame is None:
             start, n_sampled, stop = [bos], cfg.sampled_tokens, False
         else:
-            start, n_sampled, stop = frame[0] or [bos], cfg.user_tokens, True
+            start, n_sampled, stop = [*(frame[0] or [bos]), *(openers[i % len(openers)] if openers else [])], cfg.user_tokens, True
         sampled = generate(engine, start, GenerationConfig(max_new_tokens=n_sampled, temperature=1.0, top_p=0.95, seed=cfg.seed + i,
                                                            stop_at_eos=stop)).tokens
         while sampled and sampled[-1] in eos:
@@ -169,10 +184,11 @@ def write_texts_for_model(loaded: Any, device: torch.device, dtype: torch.dtype,
     if bos is None:
         raise LabkitError("the tokenizer has neither a BOS nor an EOS token to start the texts from")
     frame = chat_frame(tokenizer) if chat is not False else None
+    openers = [list(tokenizer(text, add_special_tokens=False).input_ids) for text in REQUEST_OPENERS]
     engine = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=device.type == "cuda")
     if engine.cuda_graph:
         warm_up(engine)
-    return engine, self_written_texts(engine, int(bos), cfg, frame), frame
+    return engine, self_written_texts(engine, int(bos), cfg, frame, openers), frame
 
 
 def train_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: HeadsTrainConfig,

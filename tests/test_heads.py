@@ -224,4 +224,12 @@ def test_chat_texts_answer_self_written_user_turns(embedded) -> None:
         answer = GenerationConfig(max_new_tokens=10, min_new_tokens=10, stop_at_eos=False)
         assert generate(engine, tokens[:first], answer).tokens == tokens[first:]
     assert len(users) == 3  # sampled with a different seed each
+    # with request openers, user turn i starts with opener i (cycled); the target writes the rest
+    from labkit.heads_train import REQUEST_OPENERS
+
+    openers = [tok(text, add_special_tokens=False).input_ids for text in REQUEST_OPENERS[:2]]
+    for i, (tokens, first) in enumerate(self_written_texts(engine, 1, cfg, (before, after), openers)):
+        opener = openers[i % 2]
+        assert tokens[len(before) : len(before) + len(opener)] == opener and tokens[first - len(after) : first] == after
+        assert first <= len(before) + len(opener) + 6 + len(after)
     assert chat_frame(type("NoTemplate", (), {"chat_template": None})()) is None
