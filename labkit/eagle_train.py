@@ -21,36 +21,25 @@ from tqdm.auto import tqdm
 
 from labkit.engine import Engine
 from labkit.errors import LabkitError
-from labkit.heads_train import write_texts_for_model
+from labkit.heads_train import SelfDistillConfig, write_texts_for_model
 from labkit.specdec.eagle import EagleConfig, EagleDims, EagleHead, draft_head_weight, top_tokens, vocab_index
 
 IGNORE = -100
 
 
 @dataclass
-class EagleTrainConfig:
+class EagleTrainConfig(SelfDistillConfig):
     eagle: EagleConfig = field(default_factory=EagleConfig)
     texts: int = 512  # texts the target writes for training (and held-out)
-    sampled_tokens: int = 8  # tokens sampled at temperature 1 after BOS, so that texts differ (no chat frame)
-    user_tokens: int = 48  # at most this many sampled tokens of a self-written user turn (chat frame)
-    greedy_tokens: int = 128  # greedy tokens per text after those: the labels
-    steps: int = 1500  # optimiser steps
-    batch_size: int = 8  # texts per step
-    lr: float = 1e-3  # peak, after a 5% warm-up, cosine to a tenth
+    steps: int = 1500  # optimiser steps; the learning rate peaks after a 5% warm-up, then a cosine to a tenth
     feature_weight: float = 1.0  # smooth-L1 feature regression beside the token loss
     depth_decay: float = 0.8  # weight of depth d: depth_decay ** (d - 1)
-    held_out: float = 0.1  # share of texts kept out of training, to report accuracy on
-    seed: int = 0
-    progress: bool = True
 
     def validate(self) -> None:
         self.eagle.validate()
-        if self.texts < 2 or self.sampled_tokens < 1 or self.user_tokens < 1 or self.greedy_tokens <= self.eagle.train_depth + 1:
-            raise LabkitError("EAGLE training needs texts >= 2, sampled_tokens and user_tokens >= 1 and greedy_tokens > train_depth + 1, "
-                              f"got {self.texts}, {self.sampled_tokens}, {self.user_tokens}, {self.greedy_tokens}")
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not 0 < self.held_out < 1 or self.feature_weight < 0:
-            raise LabkitError(f"EAGLE training needs steps, batch_size >= 1, lr > 0, 0 < held_out < 1 and feature_weight >= 0, "
-                              f"got {self.steps}, {self.batch_size}, {self.lr}, {self.held_out}, {self.feature_weight}")
+        self.check("EAGLE training (greedy_tokens > train_depth + 1)", self.eagle.train_depth + 2)
+        if self.feature_weight < 0:
+            raise LabkitError(f"EAGLE training needs feature_weight >= 0, got {self.feature_weight}")
 
 
 def dims_of(args: Any) -> EagleDims:
@@ -176,23 +165,9 @@ def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTr
         return (hits / seen.clamp(min=1)).tolist()
 
     before = accuracy()
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
-    low = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="training EAGLE", disable=not cfg.progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        batch = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
-        with low:
-            loss = sum(eagle_loss_counts(head, f, t, first, embed, weight, index, cfg.eagle.train_depth, cfg)[0]
-                       for f, t, first in batch) / len(batch)
-        opt.zero_grad()
-        loss.backward()  # type: ignore[union-attr]
-        opt.step()
-        losses.append(float(loss.detach()))  # type: ignore[union-attr]
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    losses = _fit(head, lambda f, t, first: eagle_loss_counts(head, f, t, first, embed, weight, index, cfg.eagle.train_depth, cfg)[0],
+                  train, cfg, rng)
     train_s = time.perf_counter() - t0
     held_labels = [t[first:] for t, first in held_texts]
     inside = set(head.vocab_ids.tolist())
@@ -203,6 +178,28 @@ def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTr
               "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
               "held_out_top1_before": before, "held_out_top1": accuracy()}
     return head, report
+
+
+def _fit(head: EagleHead, loss_of: Any, train: list[tuple[torch.Tensor, torch.Tensor, int]], cfg: EagleTrainConfig,
+         rng: random.Random) -> list[float]:
+    """AdamW over random batches of training texts (bf16 autocast on a GPU); the loss per step."""
+    device = next(head.parameters()).device
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
+    low = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    losses: list[float] = []
+    bar = tqdm(range(cfg.steps), desc="training EAGLE", disable=not cfg.progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        batch = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
+        with low:
+            loss = sum(loss_of(*item) for item in batch) / len(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    return losses
 
 
 def expected_accepted(top1: list[float]) -> float:
@@ -218,7 +215,7 @@ def expected_accepted(top1: list[float]) -> float:
 def train_eagle_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: EagleTrainConfig,
                           chat: bool | None = None) -> tuple[EagleHead, dict[str, Any], dict[str, Any]]:
     """The whole recipe for a loaded model (heads_train.write_texts_for_model, then train_eagle on
-    the transformers model's features). Returns the head, the report and the target's fingerprint."""
+    the features of the engine that wrote the texts). Returns the head, the report and the target's fingerprint."""
     from labkit.specdec.heads import fingerprint
 
     cfg.validate()

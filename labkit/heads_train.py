@@ -30,8 +30,9 @@ from labkit.specdec.heads import IGNORE, DraftHeads, HeadsConfig, heads_loss_cou
 
 
 @dataclass
-class HeadsTrainConfig:
-    heads: HeadsConfig = field(default_factory=HeadsConfig)
+class SelfDistillConfig:
+    """What the target writes to train on, and how the fit runs: shared by draft heads and EAGLE."""
+
     texts: int = 256  # texts the target writes for training (and held-out)
     sampled_tokens: int = 8  # tokens sampled at temperature 1 after BOS, so that texts differ (no chat frame)
     user_tokens: int = 48  # at most this many sampled tokens of a self-written user turn (chat frame)
@@ -43,14 +44,23 @@ class HeadsTrainConfig:
     seed: int = 0
     progress: bool = True  # progress bars for writing the texts and for training (a CPU run takes hours)
 
-    def validate(self) -> None:
-        self.heads.validate()
-        if self.texts < 2 or self.sampled_tokens < 1 or self.user_tokens < 1 or self.greedy_tokens <= self.heads.n_heads + 1:
-            raise LabkitError("heads training needs texts >= 2, sampled_tokens and user_tokens >= 1 and greedy_tokens > n_heads + 1, "
+    def check(self, what: str, min_greedy: int) -> None:
+        """The shared checks; `what` names the training, min_greedy is the fewest greedy tokens it needs."""
+        if self.texts < 2 or self.sampled_tokens < 1 or self.user_tokens < 1 or self.greedy_tokens < min_greedy:
+            raise LabkitError(f"{what} needs texts >= 2, sampled_tokens and user_tokens >= 1 and greedy_tokens >= {min_greedy}, "
                               f"got {self.texts}, {self.sampled_tokens}, {self.user_tokens}, {self.greedy_tokens}")
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not 0 < self.held_out < 1:
-            raise LabkitError(f"heads training needs steps, batch_size >= 1, lr > 0 and 0 < held_out < 1, "
+            raise LabkitError(f"{what} needs steps, batch_size >= 1, lr > 0 and 0 < held_out < 1, "
                               f"got {self.steps}, {self.batch_size}, {self.lr}, {self.held_out}")
+
+
+@dataclass
+class HeadsTrainConfig(SelfDistillConfig):
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+
+    def validate(self) -> None:
+        self.heads.validate()
+        self.check("heads training (greedy_tokens > n_heads + 1)", self.heads.n_heads + 2)
 
 
 # The first words of the self-written user turns, cycled: a bare sampled turn from a small model
@@ -81,7 +91,7 @@ def chat_frame(tokenizer: Any) -> tuple[list[int], list[int]] | None:
     return list(tokenizer(before, add_special_tokens=False).input_ids), list(tokenizer(after, add_special_tokens=False).input_ids)
 
 
-def self_written_texts(engine: Engine, bos: int, cfg: Any, frame: tuple[list[int], list[int]] | None = None,
+def self_written_texts(engine: Engine, bos: int, cfg: SelfDistillConfig, frame: tuple[list[int], list[int]] | None = None,
                        openers: list[list[int]] | None = None) -> list[tuple[list[int], int]]:
     """(tokens, first greedy index) per text, written by the target on `engine`: in the chat
     `frame` (ids before and after the user's words) a sampled user turn and its greedy answer,
@@ -169,7 +179,7 @@ def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTra
     return heads, report
 
 
-def write_texts_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: Any,
+def write_texts_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: SelfDistillConfig,
                           chat: bool | None = None) -> tuple[Engine, list[tuple[list[int], int]], tuple[list[int], list[int]] | None]:
     """The target writes the training texts on our engine (CUDA graphs on a GPU), in its chat
     template unless chat is False (None: where it has one). cfg: a heads or EAGLE training config

@@ -151,3 +151,13 @@ def test_a_half_precision_head_keeps_its_positions() -> None:
     ref = head.inv_freq.clone()
     head.cast(torch.device("cpu"), torch.bfloat16)
     assert head.inv_freq.dtype == torch.float32 and torch.equal(head.inv_freq, ref) and head.fc.weight.dtype == torch.bfloat16
+
+
+def test_eagle_training_settings_are_checked() -> None:
+    from labkit.eagle_train import EagleTrainConfig
+
+    with pytest.raises(LabkitError, match="feature_weight"):
+        EagleTrainConfig(feature_weight=-1).validate()
+    with pytest.raises(LabkitError, match="greedy_tokens >= 5"):
+        EagleTrainConfig(eagle=EagleConfig(train_depth=3), greedy_tokens=4).validate()
+    EagleTrainConfig(eagle=EagleConfig(train_depth=3), greedy_tokens=5).validate()
