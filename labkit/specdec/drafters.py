@@ -322,18 +322,13 @@ def make_drafter(
             raise LabkitError("--drafter model needs --draft-model")
         check_draft_pair(target, draft_engine)
         return ModelDrafter(draft_engine, target.args.vocab_size, name="model", stop_below=stop_below)
-    if kind == "heads":
+    if kind in ("heads", "eagle"):  # trained weights on the target's features: greedy drafts, no confidence stop
+        how = "`python -m labkit heads train" + (" --kind eagle`" if kind == "eagle" else "`")
         if heads is None:
-            raise LabkitError("--drafter heads needs --heads (a folder written by `python -m labkit heads train`)")
+            raise LabkitError(f"--drafter {kind} needs --heads (a folder written by {how})")
         if stop_below > 0:
-            raise LabkitError("the heads drafter proposes greedy tokens: a confidence stop needs layerskip, truncated or model")
-        return HeadsDrafter(target, heads)
-    if kind == "eagle":
-        if heads is None:
-            raise LabkitError("--drafter eagle needs --heads (a folder written by `python -m labkit heads train --kind eagle`)")
-        if stop_below > 0:
-            raise LabkitError("the EAGLE drafter proposes greedy tokens: a confidence stop needs layerskip, truncated or model")
+            raise LabkitError(f"the {kind} drafter proposes greedy tokens: a confidence stop needs layerskip, truncated or model")
         from labkit.specdec.eagle_drafter import EagleDrafter
 
-        return EagleDrafter(target, heads)
+        return HeadsDrafter(target, heads) if kind == "heads" else EagleDrafter(target, heads)
     raise LabkitError(f"unknown drafter {kind!r}: use {', '.join(DRAFTERS)}")
