@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from labkit.errors import LabkitError
+from labkit.models.kvcache import KVCache
 from labkit.specdec.eagle import EagleConfig, EagleDims, EagleHead, load_eagle, save_eagle, top_tokens
 
 DIMS = EagleDims(dim=128, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256)
@@ -21,9 +24,14 @@ def random_head(dims: EagleDims = DIMS, depth: int = 4, vocab: int = 96, seed: i
     return head.eval()
 
 
-def test_training_unroll_is_the_chain_inference_runs() -> None:
+@pytest.mark.parametrize("ops_name", ["masked", "reference"])
+def test_training_unroll_is_the_chain_inference_runs(ops_name: str) -> None:
     """The training-time test's unrolled depths give, at every anchor, the features the cached
-    chain computes at inference (true elements up to the anchor, then its own predictions)."""
+    chain computes at inference (true elements up to the anchor, then its own predictions), in the
+    masked PyTorch form and through the fused layer operations' PyTorch twins."""
+    from labkit.kernels import layer_reference
+
+    ops = layer_reference if ops_name == "reference" else None
     head = random_head()
     embed = torch.nn.Embedding(96, DIMS.dim)
     T, depth = 12, 3
@@ -32,13 +40,12 @@ def test_training_unroll_is_the_chain_inference_runs() -> None:
     with torch.no_grad():
         outs = head.unrolled(feats, tokens, embed, depth)  # depth x (1, T, D)
         for c in (0, 4, T - depth - 1):
-            k = torch.zeros(1, DIMS.n_kv_heads, 32, DIMS.head_dim)
-            v = torch.zeros_like(k)
-            k.normal_()  # stale garbage past the anchor: never read
-            f = head.forward_cached(feats[:, : c + 1], embed(tokens[:, 1 : c + 2]), torch.arange(c + 1)[None], k, v)[:, -1]
+            cache = KVCache(1, 1, DIMS.n_kv_heads, 32, DIMS.head_dim, dtype=torch.float32, device=torch.device("cpu"))
+            cache.k.normal_()  # stale garbage past the anchor: never read
+            f = head.forward_cached(feats[:, : c + 1], embed(tokens[:, 1 : c + 2]), torch.arange(c + 1)[None], cache, ops)[:, -1]
             torch.testing.assert_close(f, outs[0][:, c], rtol=1e-4, atol=1e-4)
             for d in range(2, depth + 1):  # the chain feeds its own feature and the true token
-                f = head.forward_cached(f[:, None], embed(tokens[:, c + d : c + d + 1]), torch.tensor([[c + d - 1]]), k, v)[:, 0]
+                f = head.forward_cached(f[:, None], embed(tokens[:, c + d : c + d + 1]), torch.tensor([[c + d - 1]]), cache, ops)[:, 0]
                 torch.testing.assert_close(f, outs[d - 1][:, c], rtol=1e-4, atol=1e-4)
 
 
@@ -82,6 +89,35 @@ def test_a_prompt_in_several_passes_gives_the_drafter_every_position(monkeypatch
     monkeypatch.setattr(labkit.engine, "PREFILL_CHUNK", 16)
     chunked = generate(engine := _engine(), prompt, cfg, Speculation(EagleDrafter(engine, random_head()), 3))
     assert chunked.tokens == whole.tokens and chunked.stats.draft_tokens == whole.stats.draft_tokens
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's kernels run on the CPU under TRITON_INTERPRET=1")
+def test_eagle_through_the_fused_triton_layers_drafts_as_its_pytorch_twins() -> None:
+    """A target on the fused Triton layers runs the draft layer through them too (the five fused
+    operations, attention up to each query's position): the drafts are the PyTorch twins' and
+    the output plain greedy's."""
+    from labkit.config import GenerationConfig
+    from labkit.engine import Engine
+    from labkit.generate import Speculation, generate
+    from labkit.kernels import layer_reference, layer_triton
+    from labkit.models.tiny import tiny_hf_model
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    hf = tiny_hf_model("llama", seed=4)
+    fused = Engine.from_hf(hf, "cpu", "float32", layer_kernels="triton")
+    assert EagleDrafter(fused, random_head()).ops is layer_triton  # the target's kernels, the draft layer's too
+    # the draft layer alone interpreted (the target's layers interpreted too would take a minute)
+    engine = Engine.from_hf(hf, "cpu", "float32")
+    prompt, cfg = list(range(3, 21)), GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    results = {}
+    for ops in (layer_triton, layer_reference):
+        drafter = EagleDrafter(engine, random_head(depth=2))
+        assert drafter.ops is layer_reference  # a CPU target's default
+        drafter.ops = ops
+        results[ops.__name__] = generate(engine, prompt, cfg, Speculation(drafter, 2))
+    triton, reference = results[layer_triton.__name__], results[layer_reference.__name__]
+    assert triton.tokens == reference.tokens == generate(engine, prompt, cfg).tokens
+    assert triton.stats.draft_tokens == reference.stats.draft_tokens and len(triton.stats.draft_tokens) >= 3
 
 
 def test_eagle_learns_the_targets_continuation_and_its_draft_vocabulary() -> None:
@@ -145,12 +181,14 @@ def test_eagle_files_round_trip_and_refuse_another_target(tmp_path) -> None:
 
 
 def test_a_half_precision_head_keeps_its_positions() -> None:
-    """Cast for a bf16 target, the head's rotary frequencies stay fp32: a bf16 copy turns a
-    position of a few hundred by radians, and the drafts stop matching what training taught."""
+    """Cast for a bf16 target, the head's rotary tables stay fp32: a bf16 table turns a position
+    of a few hundred by radians, and the drafts stop matching what training taught."""
     head = random_head()
-    ref = head.inv_freq.clone()
+    ref = [t.clone() for t in head.rope_table(600, torch.device("cpu"))]
     head.cast(torch.device("cpu"), torch.bfloat16)
-    assert head.inv_freq.dtype == torch.float32 and torch.equal(head.inv_freq, ref) and head.fc.weight.dtype == torch.bfloat16
+    cos, sin = head.rope_table(600, torch.device("cpu"))
+    assert cos.dtype == torch.float32 and torch.equal(cos[:600], ref[0][:600]) and torch.equal(sin[:600], ref[1][:600])
+    assert head.fc.weight.dtype == torch.bfloat16
 
 
 def test_eagle_training_settings_are_checked() -> None:

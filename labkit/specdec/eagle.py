@@ -41,6 +41,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from labkit.errors import LabkitError
+from labkit.models.kvcache import KVCache
+from labkit.models.llama import apply_rope
 
 ROPE_THETA = 10000.0
 
@@ -73,19 +75,21 @@ def rope_frequencies(head_dim: int, device: torch.device) -> torch.Tensor:  # ->
     return 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, D) rotated by its positions pos (B, T): tables computed on the fly, so any
-    position (a device tensor inside a captured graph) costs no lookup into a fixed table."""
-    angles = pos.float()[..., None, None] * inv_freq  # (B, T, 1, D/2)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    lo, hi = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
-    return torch.cat((lo * cos - hi * sin, hi * cos + lo * sin), dim=-1)
+def rope_tables(head_dim: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (n, D) cos and sin tables for positions [0, n), sin's first half negated: the layout
+    llama.apply_rope and the fused layer kernels read (one lookup per position, any position a
+    device tensor). Kept fp32 whatever the head's dtype: in bf16 a position of a few hundred
+    turns by radians."""
+    angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), rope_frequencies(head_dim, device))  # (n, D/2)
+    emb = torch.cat((angles, angles), dim=-1)  # (n, D)
+    sin = emb.sin()
+    sin[:, : head_dim // 2] = -sin[:, : head_dim // 2]
+    return emb.cos(), sin
 
 
 class EagleHead(nn.Module):
     """fc + one Llama-style decoder layer; features in, predicted features out."""
 
-    inv_freq: torch.Tensor
     vocab_ids: torch.Tensor
 
     def __init__(self, dims: EagleDims, cfg: EagleConfig, vocab_ids: torch.Tensor) -> None:
@@ -100,24 +104,34 @@ class EagleHead(nn.Module):
         self.mlp_norm = nn.RMSNorm(d, eps=dims.norm_eps)
         self.w_gate_up = nn.Linear(d, 2 * dims.hidden_dim, bias=False)
         self.w_down = nn.Linear(dims.hidden_dim, d, bias=False)
-        self.register_buffer("inv_freq", rope_frequencies(hd, torch.device("cpu")), persistent=False)  # (D/2,) fp32
         self.register_buffer("vocab_ids", vocab_ids.long().clone())  # (N,) target ids the head drafts over
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 (n, D) cos, sin (rope_tables)
 
     def cast(self, device: torch.device, dtype: torch.dtype) -> EagleHead:
-        """On the target's device and dtype for drafting; the rotary frequencies stay fp32 (in
-        bf16 they are off by 1 in 256, which turns a position of a few hundred by radians)."""
+        """On the target's device and dtype for drafting (the rotary tables stay fp32)."""
         self.to(device=device, dtype=dtype)
-        self.inv_freq = rope_frequencies(self.dims.head_dim, device)
+        self._rope = None
         return self
+
+    def rope_table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (>= n, D) cos and sin tables on `device`, made once and grown when a longer one is
+        asked for (never inside a captured graph: the drafter asks for its whole cache up front)."""
+        if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != device:
+            self._rope = rope_tables(self.dims.head_dim, max(n, 256), device)
+        return self._rope
 
     # -- pieces shared by the cached and the unrolled forms ------------------------------------
     def _qkv(self, feat: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """feat, emb (B, T, D), pos (B, T) -> x (B, T, D), q (B, nh, T, hd), k, v (B, nkv, T, hd)."""
+        """feat, emb (B, T, D), pos (B, T) or (T,) -> x (B, T, D), q (B, nh, T, hd), k, v (B, nkv, T, hd).
+        The rotary table must already cover pos (rope_table): no host read of positions."""
         B, T, _ = feat.shape
         nh, nkv, hd = self.dims.n_heads, self.dims.n_kv_heads, self.dims.head_dim
         x = self.fc(torch.cat((emb, feat), dim=-1))  # (B, T, D)
         qkv = self.wqkv(self.attn_norm(x)).view(B, T, nh + 2 * nkv, hd)
-        qk = rope(qkv[:, :, : nh + nkv], pos, self.inv_freq)  # (B, T, nh+nkv, hd)
+        assert self._rope is not None, "rope_table first"
+        cos, sin = self._rope  # (>= every position, hd) fp32
+        c, s = cos[pos].unsqueeze(-2).to(x.dtype), sin[pos].unsqueeze(-2).to(x.dtype)  # (B, T, 1, hd) or (T, 1, hd)
+        qk = apply_rope(qkv[:, :, : nh + nkv], c, s)  # (B, T, nh+nkv, hd)
         return x, qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2), qkv[:, :, nh + nkv :].transpose(1, 2)
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -132,21 +146,43 @@ class EagleHead(nn.Module):
         self,
         feat: torch.Tensor,  # (B, T, D) features of the elements
         emb: torch.Tensor,  # (B, T, D) embeddings of their tokens
-        pos: torch.Tensor,  # (B, T) their positions (a device tensor: one graph serves every position)
-        k_cache: torch.Tensor,  # (B, nkv, S, hd) written at pos
-        v_cache: torch.Tensor,  # (B, nkv, S, hd)
+        pos: torch.Tensor,  # (B, T) or (T,) their positions (a device tensor: one graph serves every position)
+        cache: KVCache,  # one layer, (1, B, nkv, S, hd), written at pos
+        ops: Any = None,  # fused layer operations (kernels/layer_triton or layer_reference), or None
     ) -> torch.Tensor:  # (B, T, D) predicted features
         """Elements at their positions; each attends to every cached element at or before its own
         position. The cache past a position may hold stale elements of a rejected chain: a
-        query never sees them, since every element at or before it was written afterwards."""
+        query never sees them, since every element at or before it was written afterwards.
+        With `ops` the layer runs as the target's fused layers do (five operations, attention
+        over the positions each query sees); without, as PyTorch ops over the whole cache with a
+        mask (any device, capturable)."""
+        self.rope_table(cache.max_len, feat.device)
+        if ops is not None:
+            return self._fused(ops, feat, emb, pos, cache)
         x, q, k, v = self._qkv(feat, emb, pos)
+        B, _, T, _ = k.shape
+        k_cache, v_cache = cache.k_layers[0], cache.v_layers[0]  # (B, nkv, S, hd)
+        pos = pos.expand(B, T)
         index = pos[:, None, :, None].expand_as(k)  # (B, nkv, T, hd)
         k_cache.scatter_(2, index, k.to(k_cache.dtype))
         v_cache.scatter_(2, index, v.to(v_cache.dtype))
-        S = k_cache.shape[2]
-        mask = torch.arange(S, device=pos.device) <= pos[:, None, :, None]  # (B, 1, T, S)
+        mask = cache.positions <= pos[:, None, :, None]  # (B, 1, T, S)
         y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
         return self._finish(x, y)
+
+    def _fused(self, ops: Any, feat: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """forward_cached through the fused layer operations (llama.LlamaBlock.forward_fused's five)."""
+        B, T, D = feat.shape
+        eps = self.dims.norm_eps
+        cos, sin = self.rope_table(cache.max_len, feat.device)  # (>= S, hd) fp32, made by forward_cached
+        k_cache, v_cache = cache.k_layers[0], cache.v_layers[0]  # (B, nkv, S, hd)
+        x = self.fc(torch.cat((emb, feat), dim=-1)).reshape(B * T, D)  # (M, D)
+        q = ops.norm_qkv_rope(x, self.attn_norm.weight, eps, self.wqkv.weight, None, cos, sin, pos, k_cache, v_cache,
+                              self.dims.n_heads)  # (M, nh, hd)
+        y = ops.decode_attention(q, k_cache, v_cache, pos, 1.0 / math.sqrt(self.dims.head_dim), None, cache.counters[0])  # (M, nh*hd)
+        x = ops.linear_residual(y, self.wo.weight, None, x)  # (M, D)
+        h = ops.norm_gate_up(x, self.mlp_norm.weight, eps, self.w_gate_up.weight, None)  # (M, hidden)
+        return ops.linear_residual(h, self.w_down.weight, None, x).view(B, T, D)
 
     # -- training: every anchor's chain at once ---------------------------------------------
     def unrolled(
@@ -161,6 +197,7 @@ class EagleHead(nn.Module):
         sees the true elements 0..c plus its chain's elements (a diagonal per earlier depth).
         Anchors whose tokens run past the end see padding (their labels are ignored)."""
         B, T, _ = feats.shape
+        self.rope_table(T + depth, feats.device)
         scale = 1.0 / math.sqrt(self.dims.head_dim)
         group = self.dims.n_heads // self.dims.n_kv_heads
         anchors = torch.arange(T, device=feats.device)  # (T,)
@@ -170,7 +207,7 @@ class EagleHead(nn.Module):
         feat = feats
         for d in range(1, depth + 1):
             shifted = torch.cat((tokens[:, d:], tokens.new_zeros(B, d)), dim=1)  # (B, T): x_{c+d}
-            x, q, k, v = self._qkv(feat, embed(shifted), (anchors + d - 1).expand(B, T))
+            x, q, k, v = self._qkv(feat, embed(shifted), anchors + d - 1)
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, nh, T, hd)
             keys.append((k, v))
             k1, v1 = keys[0]

@@ -22,10 +22,27 @@ import torch
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
+from labkit.models.kvcache import KVCache
 from labkit.specdec.draft import Draft, Drafter
 from labkit.specdec.eagle import EagleHead, draft_head_weight
 
 DRAFT_DTYPE = torch.float32
+
+
+def draft_layer_ops(target: Engine) -> Any:
+    """How the draft layer runs: through the target's fused Triton kernels where the target runs
+    them (five launches a layer, attention over the positions each query sees); on a CPU through
+    their PyTorch twins (attention up to the last position, not the whole cache); else as PyTorch
+    ops over the whole draft cache with a mask (capturable on any GPU)."""
+    if target.layer_kernels == "triton":
+        from labkit.kernels import layer_triton
+
+        return layer_triton
+    if target.device.type == "cpu":
+        from labkit.kernels import layer_reference
+
+        return layer_reference
+    return None
 
 
 def token_embedding(model: Any) -> torch.nn.Module:
@@ -56,27 +73,33 @@ class EagleDrafter(Drafter):
         self.ids = self.head.vocab_ids.to(target.device)  # (N,) draft row -> target id
         self.max_t = self.depth + 1  # the widest verify whose next draft it makes
         self.verify_hook = self
+        self.ops = draft_layer_ops(target)
         self.done = 0  # the draft cache holds the true elements 0..done-1
         self._prepared: tuple[int, list[int]] | None = None  # (context length, draft) the last verify made
-        self._k = self._v = torch.empty(0)
+        self._draft_cache: KVCache | None = None
+        self._cache(target.batch_size)
 
     # -- the draft cache ----------------------------------------------------------------------
-    def _cache(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, nkv, S, hd) keys and values, S past the target cache's end by the widest verify and
-        chain (captures write there). Reallocated only when the target's cache was resized, which
-        drops every captured graph that read the old buffers."""
-        dims = self.head.dims
+    def _cache(self, B: int) -> KVCache:
+        """One layer's keys and values, (B, nkv, S, hd), S past the target cache's end by the widest
+        verify and chain (captures write there), and the rotary table over them. Reallocated (at
+        start, on the host) only when the target's cache was resized, which drops every captured
+        graph that read the old buffers."""
         S = self.target.cache.max_len + self.max_t + self.depth + 1
-        if self._k.shape != (B, dims.n_kv_heads, S, dims.head_dim):
-            shape = (B, dims.n_kv_heads, S, dims.head_dim)
-            self._k = torch.zeros(shape, dtype=DRAFT_DTYPE, device=self.target.device)
-            self._v = torch.zeros(shape, dtype=DRAFT_DTYPE, device=self.target.device)
-        return self._k, self._v
+        cache = self._draft_cache
+        if cache is None or cache.max_len != S or cache.batch_size != B:
+            dims = self.head.dims
+            cache = KVCache(1, B, dims.n_kv_heads, S, dims.head_dim, dtype=DRAFT_DTYPE, device=self.target.device)
+            self.head.rope_table(S, self.target.device)
+            self._draft_cache = cache
+        return cache
 
     def _elements(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """feats (B, T, D), tokens (B, T), pos (B, T) -> predicted features (B, T, D), cache written."""
-        k, v = self._cache(feats.shape[0])
-        return self.head.forward_cached(feats.to(DRAFT_DTYPE), self.embed(tokens).to(DRAFT_DTYPE), pos.clamp(max=k.shape[2] - 1), k, v)
+        """feats (B, T, D), tokens (B, T), pos (B, T) or (T,) -> predicted features (B, T, D), cache written."""
+        cache = self._draft_cache
+        assert cache is not None
+        return self.head.forward_cached(feats.to(DRAFT_DTYPE), self.embed(tokens).to(DRAFT_DTYPE),
+                                        pos.clamp(max=cache.max_len - 1), cache, self.ops)
 
     def _pick(self, feat: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B,) target ids
         return self.ids[(feat @ self.weight.t()).argmax(-1)]
@@ -94,7 +117,7 @@ class EagleDrafter(Drafter):
     # -- the drafter --------------------------------------------------------------------------
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         self.done, self._prepared = 0, None
-        self._cache(self.target.batch_size)
+        self._cache(self.target.batch_size)  # the target's cache may have grown since
 
     @torch.inference_mode()
     def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
@@ -106,7 +129,7 @@ class EagleDrafter(Drafter):
         rows = torch.arange(T, device=hidden.device)  # (T,)
         after = torch.cat((tokens[:, 1:], nxt[:, None]), dim=1)  # (B, T): the token after each row
         after = torch.where(rows[None] == accepted[:, None], nxt[:, None], after)
-        feats = self._elements(hidden, after, input_pos[None].expand(B, T))  # (B, T, D)
+        feats = self._elements(hidden, after, input_pos)  # (B, T, D)
         anchor_feat = feats[torch.arange(B, device=hidden.device), accepted]  # (B, D)
         return self._chain(anchor_feat, input_pos[0] + accepted)
 
@@ -128,7 +151,7 @@ class EagleDrafter(Drafter):
         B = feats.shape[0]
         device = self.target.device
         tokens = torch.tensor([context[start + 1 : L]], device=device).expand(B, -1)  # (B, n)
-        pos = torch.arange(start, L - 1, device=device)[None].expand(B, -1)  # (B, n)
+        pos = torch.arange(start, L - 1, device=device)  # (n,)
         anchor_feat = self._elements(feats, tokens, pos)[:, -1]  # (B, D)
         self.done = L - 1
         drafts = self._chain(anchor_feat, torch.full((B,), L - 2, device=device))
