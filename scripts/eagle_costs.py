@@ -1,0 +1,59 @@
+"""Where an EAGLE step's draft time goes on this GPU (diagnostic; prints medians in microseconds).
+
+    python3 scripts/eagle_costs.py EAGLE_FOLDER
+
+On the fused engine (bf16, Triton layers, CUDA graphs): the drafter's work inside a verify of
+K+1 tokens (catch-up of the K+1 rows, then the chain of `depth` drafts), run eagerly and captured
+in a CUDA graph, with the draft layer on the fused Triton kernels and on PyTorch ops; then the
+profiler's GPU time per kernel of one captured-form call, run eagerly.
+"""
+
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from labkit.engine import Engine
+from labkit.metrics import timers
+from labkit.models.loading import load_model
+from labkit.specdec.eagle import load_eagle
+from labkit.specdec.eagle_drafter import EagleDrafter
+from labkit.specdec.heads import fingerprint
+
+loaded = load_model("default")
+engine = Engine.from_loaded(loaded, "cuda", torch.bfloat16, weights="dense", cuda_graph=True, layer_kernels="triton")
+engine.ensure_capacity(512)
+D = engine.args.dim
+for dtype, T in ((torch.bfloat16, 4), (torch.float32, 4), (torch.bfloat16, 6)):
+    drafter = EagleDrafter(engine, load_eagle(sys.argv[1], fingerprint(engine.model.lm_head.weight)), dtype)
+    drafter.start([1, 2, 3], 512)
+    print(f"{drafter.name} in {dtype} on {torch.cuda.get_device_name()}, draft cache {drafter._draft_cache.max_len} positions")
+    ops_triton = drafter.ops
+    hidden = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16)
+    tokens = torch.randint(0, 1000, (1, T), device="cuda")
+    input_pos = torch.arange(300, 300 + T, device="cuda")
+    verdict = torch.tensor([[1, 5]], device="cuda")
+
+    def call() -> torch.Tensor:
+        return drafter.draft_after(hidden, verdict, engine.model.lm_head, tokens, input_pos)
+
+    for name, ops in (("triton", ops_triton), ("torch", None)):
+        drafter.ops = ops
+        for _ in range(3):
+            call()
+        eager = timers.median_us(lambda: (call(), torch.cuda.synchronize()), 50, warm=0)
+        graph = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            call()
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            call()
+        captured = timers.median_us(lambda: (graph.replay(), torch.cuda.synchronize()), 100, warm=0)
+        print(f"T={T} {name:6s}: eager {eager:7.1f} us, captured {captured:7.1f} us (a verify + host read alone is ~550)")
+    drafter.ops = ops_triton
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
