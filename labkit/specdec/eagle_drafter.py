@@ -77,6 +77,7 @@ class EagleDrafter(Drafter):
         self.done = 0  # the draft cache holds the true elements 0..done-1
         self._prepared: tuple[int, list[int]] | None = None  # (context length, draft) the last verify made
         self._draft_cache: KVCache | None = None
+        self._warm = False  # the draft layer's Triton kernels compiled for every kind of width (_warm_up)
         self._cache(target.batch_size)
 
     # -- the draft cache ----------------------------------------------------------------------
@@ -118,6 +119,22 @@ class EagleDrafter(Drafter):
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         self.done, self._prepared = 0, None
         self._cache(self.target.batch_size)  # the target's cache may have grown since
+        if self.ops is not None and self.ops.__name__.endswith("layer_triton") and not self._warm:
+            self._warm_up()
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Compile the draft layer's Triton kernels for each kind of width they are specialised on
+        (1, a multiple of 16, any other; rows at shared or own positions) before a request is timed:
+        a new kind met mid-request stalled it 2.1 s on the H200. The elements it writes are
+        rewritten before any is read (a request's first proposal catches up from position 0)."""
+        B, D, device = self.target.batch_size, self.head.dims.dim, self.target.device
+        for n in (1, 2, 16):
+            feats = torch.zeros(B, n, D, dtype=self.dtype, device=device)
+            tokens = torch.zeros(B, n, dtype=torch.long, device=device)
+            self._elements(feats, tokens, torch.arange(n, device=device))
+        self._chain(torch.zeros(B, D, dtype=self.dtype, device=device), torch.zeros(B, dtype=torch.long, device=device))
+        self._warm = True
 
     @torch.inference_mode()
     def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
