@@ -30,6 +30,8 @@ from labkit.sampling import sample
 from labkit.specdec.controllers import Controller
 from labkit.specdec.draft import DeviceSteps, Draft, Drafter
 from labkit.specdec.policies import Policy, Verdict
+from labkit.specdec.tree import TokenTree, greedy_walk
+from labkit.tree_verify import commit_path, tree_verify
 
 
 @dataclass
@@ -160,15 +162,23 @@ class HostSpeculation:
         t0 = time.perf_counter()
         with req.timer.phase("draft"):
             draft = self.drafter.propose(req.context, k, req.config, req.generator)
-        draft.tokens = draft.tokens[:k]
+        if draft.parents is not None and (not self.fused or len(draft.tokens) + 1 > req.engine.max_seq_len - req.engine.length
+                                          or max(TokenTree([-1, *(p + 1 for p in draft.parents)]).depths()) > k):
+            draft = draft.main_chain()  # trees: greedy acceptance inside the step, room for every node, no deeper than k
+        if draft.parents is None:
+            draft.tokens = draft.tokens[:k]
         draft_s = time.perf_counter() - t0
         req.stats.draft_s += draft_s
         if not draft.tokens:
             self.plain(req)
             return
         t0 = time.perf_counter()
-        verdict = self.verify(req, draft)
-        new = draft.tokens[: verdict.accepted] + [verdict.next_token]
+        if draft.parents is None:
+            verdict = self.verify(req, draft)
+            new = draft.tokens[: verdict.accepted] + [verdict.next_token]
+        else:
+            new = self.verify_tree(req, draft)
+            verdict = Verdict(len(new) - 1, new[-1])
         self.controller.update(len(draft.tokens), verdict.accepted, draft_s, time.perf_counter() - t0)
         req.stats.verify_s += time.perf_counter() - t0
         req.keep(new, draft.tokens)
@@ -190,6 +200,20 @@ class HostSpeculation:
         with req.timer.phase("kv_update"):
             engine.rollback(start + 1 + verdict.accepted)  # keep the last token and the accepted drafts
         return verdict
+
+    def verify_tree(self, req: Request, draft: Draft) -> list[int]:
+        """A token tree in one pass (labkit/tree_verify.py): the accepted path's tokens and the
+        target's next token; the cache keeps the path."""
+        assert draft.parents is not None
+        engine = req.engine
+        tree = TokenTree([-1, *(p + 1 for p in draft.parents)])  # node 0: the last context token
+        tokens = [req.context[-1], *draft.tokens]
+        start = engine.length
+        verify = tree_verify(engine, tree)
+        targets = verify.run(tokens, req.eos_mask, req.eos_block)
+        path, next_token = greedy_walk(tokens, tree, targets)
+        commit_path(engine, verify, start, path)
+        return [tokens[n] for n in path] + [next_token]
 
 
 class DeviceSpeculation:

@@ -160,3 +160,46 @@ def test_cuda_combine_is_deterministic_and_right_at_every_length(T: int) -> None
         assert close(runs[0], want, torch.bfloat16), last
         assert all(torch.equal(r, runs[0]) for r in runs), last
         assert not scratch.any()
+
+
+def tree_inputs(dtype: torch.dtype, base: int, S: int = 256):
+    """A 7-node token tree whose nodes sit at slots base..base+6 of the cache (test_tree_* below)."""
+    from labkit.specdec.tree import TokenTree
+
+    tree = TokenTree([-1, 0, 0, 1, 1, 2, 3])
+    q, k, v, _ = inputs(1, tree.size, S, base + tree.size - 1, dtype, seed=base)
+    slots = torch.arange(base, base + tree.size, device=DEVICE)  # (N,)
+    return q, k, v, slots, torch.tensor([base], device=DEVICE), tree.ancestor_mask().to(DEVICE)
+
+
+def naive_tree_attention(q, k_cache, v_cache, base: int, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Node t sees the keys before base and the tree nodes its mask row allows, in float64."""
+    _, nkv, _, D = k_cache.shape
+    M, nh, _ = q.shape
+    out = torch.zeros(M, nh, D, dtype=torch.float64)
+    for t in range(M):
+        seen = list(range(base)) + [base + j for j in range(mask.shape[1]) if mask[t, j]]
+        for h in range(nh):
+            keys = k_cache[0, h // (nh // nkv), seen].double().cpu()
+            w = torch.softmax(keys @ q[t, h].double().cpu() * scale, 0)
+            out[t, h] = w @ v_cache[0, h // (nh // nkv), seen].double().cpu()
+    return out.reshape(M, nh * D)
+
+
+def test_tree_twin_sees_the_context_and_each_nodes_ancestors() -> None:
+    q, k, v, slots, base, mask = tree_inputs(torch.float32, 40)
+    got = ref.decode_attention(q, k, v, slots, 0.125, None, tree_base=base, tree_mask=mask)
+    assert close(got, naive_tree_attention(q, k, v, 40, mask, 0.125), torch.float32)
+    assert not close(ref.decode_attention(q, k, v, slots, 0.125, None), got, torch.float32)  # causal over the slots differs
+
+
+@interpreted
+@pytest.mark.parametrize("base", [40, 60])  # tree inside one 64-key split; across a split boundary
+def test_triton_tree_attention_matches_its_twin(base: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from labkit.kernels import layer_triton as tri
+
+    monkeypatch.setitem(tri.TUNE, "attn_split_s", 64)
+    q, k, v, slots, tree_base, mask = tree_inputs(torch.float32, base)
+    want = ref.decode_attention(q, k, v, slots, 0.125, None, tree_base=tree_base, tree_mask=mask)
+    got = tri.decode_attention(q, k, v, slots, 0.125, None, counters(1, 3), tree_base=tree_base, tree_mask=mask.to(torch.int8))
+    assert close(got, want, torch.float32), (got - want).abs().max().item()

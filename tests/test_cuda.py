@@ -237,6 +237,31 @@ def test_cuda_eagle_drafts_inside_the_captured_verify(layer_kernels: str) -> Non
 
 
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_token_trees_run_captured_and_stay_lossless(layer_kernels: str, dtype: str) -> None:
+    """Token trees verified as captured graphs (one per shape; the fused layers' tree mask, or the
+    PyTorch layers' boolean one): plain greedy's tokens for every shape, and EAGLE's trees too."""
+    from labkit.generate import Speculation
+    from labkit.specdec.eagle_drafter import EagleDrafter
+    from tests.test_eagle import random_head
+    from tests.test_trees import SHAPES, OracleTreeDrafter
+
+    hf = tiny_hf_model("llama", seed=4).cuda()
+    engine = Engine.from_hf(hf, "cuda", dtype, cuda_graph=True, layer_kernels=layer_kernels)
+    prompt, cfg = list(range(3, 60)), GenerationConfig(max_new_tokens=60, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    for name, paths in sorted(SHAPES.items()):
+        drafter = OracleTreeDrafter(want, len(prompt), paths, engine.args.vocab_size, seed=len(name))
+        got = generate(engine, prompt, cfg, Speculation(drafter, max(len(p) for p in paths)))
+        assert got.tokens == want, name
+        assert sum(got.stats.accepted_lengths) >= 15, name
+    trees = {key[1] for key in engine.graphs.keys() if key[0] == "tree"}
+    assert len(trees) == len(SHAPES) and engine.graphs_safe
+    eagle = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(depth=3), width=3), 3))
+    assert eagle.tokens == want
+
+
+@pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
 def test_cuda_lookup_steps_run_as_one_graph_and_stay_lossless(layer_kernels: str) -> None:
     """The n-gram graph drafter: lookup, verify and acceptance captured as one CUDA graph and
     replayed several times per host read; tokens identical to plain greedy (and to the same steps

@@ -152,6 +152,11 @@ def test_eagle_learns_the_targets_continuation_and_its_draft_vocabulary() -> Non
     allowed = set(head.vocab_ids.tolist())
     assert all(t in allowed for d in result.stats.draft_tokens for t in d)
     assert sum(result.stats.accepted_lengths) > 0
+    # token trees: the chain with the next-best candidates as leaf siblings at every depth
+    tree = generate(engine, prompt, gen, Speculation(EagleDrafter(engine, head, width=3), 3))
+    assert tree.tokens == result.tokens and all(len(d) == 9 for d in tree.stats.draft_tokens[:-2])
+    chain_tau = len(result.tokens) / len(result.stats.accepted_lengths)
+    assert len(tree.tokens) / len(tree.stats.accepted_lengths) >= chain_tau, (tree.stats.accepted_lengths, result.stats.accepted_lengths)
 
 
 def test_top_tokens_are_the_most_written_greedy_ones() -> None:

@@ -236,7 +236,7 @@ class _Validation:
         cfg = self.cfg
         fast = [*(name for name in self.engines if name == self.fast_name or self.engines[name].cuda_graph), *(f"labkit_{d}" for d in cfg.drafters)]
         # transformers' assisted generation has no Medusa heads; its prompt lookup is hf_assisted_ngram
-        assisted = [f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else []) if d not in ("heads", "eagle", "ngram-graph")]
+        assisted = [f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else []) if d not in ("heads", "eagle", "eagle-tree", "ngram-graph")]
         return fast, ["hf_generate", *assisted, *(name for name in self.engines if name not in fast)]
 
     def out_of_time(self, i: int) -> bool:

@@ -14,10 +14,13 @@ from labkit.kernels.triton_common import TUNE, _dot, _ieee, _launch, _pdl, _wait
 
 
 @triton.jit
-def _attend_keys(q, k_ptr, v_ptr, stride_cs, lo_r, pos, s_first, s_end, qk_scale,
+def _attend_keys(q, k_ptr, v_ptr, stride_cs, lo_r, pos, s_first, s_end, qk_scale, t_r, r_ok, tree_ptr, tree_base,
+                 N_TREE: tl.constexpr, TREE: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
     """Online softmax of the rows q (BLOCK_R, D) over keys [s_first, s_end), each row seeing keys
-    lo_r..pos (scores in log2 units): (acc (BLOCK_R, D) unnormalised, l (BLOCK_R,) sums, m (BLOCK_R,) maxima)."""
+    lo_r..pos (scores in log2 units), and with TREE, of the tree's keys (slots tree_base..+N_TREE)
+    only those its row t_r of tree_ptr (T, N_TREE) int8 allows:
+    (acc (BLOCK_R, D) unnormalised, l (BLOCK_R,) sums, m (BLOCK_R,) maxima)."""
     offs_d = tl.arange(0, D)
     m_i = tl.full([BLOCK_R], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -28,6 +31,11 @@ def _attend_keys(q, k_ptr, v_ptr, stride_cs, lo_r, pos, s_first, s_end, qk_scale
         k = tl.load(k_ptr + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)  # (BLOCK_S, D)
         v = tl.load(v_ptr + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)
         seen = (offs_s[None, :] >= lo_r[:, None]) & (offs_s[None, :] <= pos[:, None]) & s_ok[None, :]  # (BLOCK_R, BLOCK_S)
+        if TREE:
+            node = offs_s - tree_base  # (BLOCK_S,) tree node of each key, negative before the tree
+            in_tree = (node >= 0) & (node < N_TREE)
+            bit = tl.load(tree_ptr + t_r[:, None] * N_TREE + node[None, :], mask=r_ok[:, None] & in_tree[None, :], other=0)
+            seen = seen & ((~in_tree)[None, :] | (bit != 0))
         s = tl.where(seen, _dot(q, tl.trans(k), IEEE) * qk_scale, -float("inf"))  # (BLOCK_R, BLOCK_S) fp32
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no key seen yet keeps zeros
@@ -72,9 +80,9 @@ def _combine_splits(out_ptr, part_o_ptr, part_ml_ptr, q_rows, tile_base, local, 
 @triton.jit
 def _attention_kernel(
     q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, scale,
-    stride_cb, stride_ch, stride_cs, NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    stride_cb, stride_ch, stride_cs, tree_ptr, tree_base_ptr, NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     WINDOW: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, NS_POW2: tl.constexpr,
-    CHUNK: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr,
+    CHUNK: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr, N_TREE: tl.constexpr, TREE: tl.constexpr,
 ):
     """Program (tile, split): the rows of one (batch row, kv head, block of BLOCK_R rows) against
     the keys of split `split`, positions [split * SPLIT_S, (split + 1) * SPLIT_S). Rows are (token
@@ -109,8 +117,11 @@ def _attention_kernel(
         qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 instead of exp
         s_first = tl.maximum(split * SPLIT_S, lo)
         s_end = tl.minimum(split * SPLIT_S + SPLIT_S, hi + 1)
+        tree_base = 0
+        if TREE:
+            tree_base = tl.load(tree_base_ptr)
         acc, l_i, m_i = _attend_keys(q, kc_ptr + base, vc_ptr + base, stride_cs, lo_r, pos, s_first, s_end, qk_scale,
-                                     BLOCK_R, BLOCK_S, D, IEEE)
+                                     t, r_ok, tree_ptr, tree_base, N_TREE, TREE, BLOCK_R, BLOCK_S, D, IEEE)
         out_dtype = out_ptr.dtype.element_ty
         if first == last:  # one split holds every visible key: the result is final
             tl.store(out_ptr + q_rows[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(out_dtype), mask=r_ok[:, None])
@@ -136,6 +147,8 @@ def decode_attention(
     window: int | None,  # sliding window: also only keys > input_pos[t] - window
     counters: torch.Tensor,  # (>= B*NKV*row blocks,) int32 zeros, owned by the caller (the cache), left zero
     span: int | None = None,  # positions a kept query may see: [0, span) (default: the whole cache)
+    tree_base: torch.Tensor | None = None,  # (1,) int64: first cache slot of a token tree's N nodes
+    tree_mask: torch.Tensor | None = None,  # (T, N) int8: query t sees tree node j (its ancestors and itself)
 ) -> torch.Tensor:  # (M, NH*D)
     """Split-K (flash-decoding) attention in one launch. The keys [0, span) are cut into splits of
     attn_split_s positions, one program per (tile of rows, split), so a long context is read by
@@ -161,11 +174,14 @@ def decode_attention(
     out = torch.empty(M, nh * D, dtype=q.dtype, device=q.device)
     part_o = torch.empty(tiles * n_splits * block_r, D, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(tiles * n_splits * block_r, 2, dtype=torch.float32, device=q.device)
+    tree = tree_mask is not None and tree_base is not None
+    if tree_mask is not None:
+        assert tree_base is not None and tree_mask.dtype == torch.int8 and tree_mask.is_contiguous() and tree_mask.shape[0] == T
     pdl = _pdl(q)
     _attention_kernel[(tiles, n_splits)](
         q, k_cache, v_cache, input_pos, out, part_o, part_ml, counters, T, stride_pb, R, r_blocks, n_splits, scale,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NH=nh, NKV=nkv, GROUP=group, D=D, WINDOW=window or 0, SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tree_mask if tree else q, tree_base if tree else input_pos,
+        N_TREE=tree_mask.shape[1] if tree_mask is not None else 1, TREE=tree, NH=nh, NKV=nkv, GROUP=group, D=D, WINDOW=window or 0, SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s),
         BLOCK_R=block_r, NS_POW2=triton.next_power_of_2(n_splits), CHUNK=int(TUNE["attn_combine_chunk"]), IEEE=_ieee(q), GDC=pdl,
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention
 ROW_POSITIONS = True  # input_pos may be (B, T), as in layer_triton
 
 
@@ -31,14 +32,16 @@ def norm_qkv_rope(
     k_cache: torch.Tensor,  # (B, NKV, S, D), written at input_pos
     v_cache: torch.Tensor,  # (B, NKV, S, D)
     n_heads: int,
+    rope_pos: torch.Tensor | None = None,  # (T,) rotary positions when they are not the cache slots (tree nodes)
 ) -> torch.Tensor:  # q: (M, NH, D)
     B, nkv, _, D = k_cache.shape
     M = x.shape[0]
     pos = input_pos.expand(B, -1)  # (B, T)
     T = pos.shape[1]
     qkv = F.linear(rms_normed(x, norm_w, eps), w, bias).view(B, T, n_heads + 2 * nkv, D)
-    c = cos[pos].unsqueeze(2)  # (B, T, 1, D)
-    s = sin[pos].unsqueeze(2)
+    rpos = pos if rope_pos is None else rope_pos.expand(B, -1)  # (B, T)
+    c = cos[rpos].unsqueeze(2)  # (B, T, 1, D)
+    s = sin[rpos].unsqueeze(2)
     rot = qkv[:, :, : n_heads + nkv]
     roped = torch.addcmul(rot * c, rot.roll(D // 2, dims=-1), s)  # (B, T, NH+NKV, D)
     rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
@@ -56,7 +59,11 @@ def decode_attention(
     window: int | None,
     counters: torch.Tensor | None = None,  # the Triton kernel's scratch; unused here
     span: int | None = None,  # the Triton kernel's grid; every query here sees all its keys
+    tree_base: torch.Tensor | None = None,  # (1,) first cache slot of a token tree's N nodes
+    tree_mask: torch.Tensor | None = None,  # (T, N) bool: query t sees tree node j (its ancestors and itself)
 ) -> torch.Tensor:  # (M, NH*D)
+    """With a tree, query t sees the keys before tree_base and the tree nodes (at slots
+    tree_base + j) that tree_mask allows, all at or before its own slot input_pos[t]."""
     B, nkv, S, D = k_cache.shape
     M, nh, _ = q.shape
     pos = input_pos.expand(B, -1)  # (B, T)
@@ -66,6 +73,12 @@ def decode_attention(
     seen = keys[None, None, :] <= pos[:, :, None]  # (B, T, end)
     if window:
         seen &= keys[None, None, :] > pos[:, :, None] - window
+    if tree_mask is not None:
+        assert tree_base is not None
+        node = keys - tree_base  # (end,) tree node of each key, negative before the tree
+        in_tree = (node >= 0) & (node < tree_mask.shape[1])
+        allowed = tree_mask.bool()[:, node.clamp(0, tree_mask.shape[1] - 1)]  # (T, end)
+        seen &= ~in_tree[None, None, :] | allowed[None]
     seen = seen[:, None]  # (B, 1, T, end): over every head
     qb = q.view(B, T, nh, D).transpose(1, 2)  # (B, NH, T, D)
     y = F.scaled_dot_product_attention(

@@ -31,6 +31,7 @@ import triton.language as tl
 from labkit.kernels.attention_triton import decode_attention  # noqa: F401  (the layer's attention op)
 from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _launch, _pdl, _wait_for_inputs  # noqa: F401  (TUNE: the one tile table)
 
+TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention
 ROW_POSITIONS = True  # input_pos may be (B, T): each batch row at its own positions (batched decoding)
 
 
@@ -132,8 +133,8 @@ def _norm_projections(
 
 @triton.jit
 def _norm_qkv_rope_kernel(
-    x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
-    M, T, stride_pb, eps, stride_cb, stride_ch, stride_cs,
+    x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, rope_ptr, q_ptr, kc_ptr, vc_ptr,
+    M, T, stride_pb, eps, stride_cb, stride_ch, stride_cs, SEP_ROPE: tl.constexpr,
     DIM: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, GDC: tl.constexpr, BLOCK_M: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
     BLOCK_K: tl.constexpr, SUB: tl.constexpr,
@@ -157,12 +158,15 @@ def _norm_qkv_rope_kernel(
     t = offs_m % T
     b = offs_m // T
     pos = tl.load(pos_ptr + b * stride_pb + t, mask=m_ok, other=0)  # (BLOCK_M,): stride_pb 0 when rows share positions
+    rpos = pos
+    if SEP_ROPE:  # tree nodes: rotary position (their depth) apart from their cache slot
+        rpos = tl.load(rope_ptr + t, mask=m_ok, other=0)
     is_v = h >= NH + NKV
     if not is_v:  # RoPE: x*cos + rotate_half(x)*sin, with the tables' sin already negated in its first half
-        c_lo = tl.load(cos_ptr + pos[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-        c_hi = tl.load(cos_ptr + pos[:, None] * D + HALF + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-        s_lo = tl.load(sin_ptr + pos[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-        s_hi = tl.load(sin_ptr + pos[:, None] * D + HALF + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        c_lo = tl.load(cos_ptr + rpos[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        c_hi = tl.load(cos_ptr + rpos[:, None] * D + HALF + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        s_lo = tl.load(sin_ptr + rpos[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        s_hi = tl.load(sin_ptr + rpos[:, None] * D + HALF + offs_d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
         y_lo = a_lo * c_lo + a_hi * s_lo
         y_hi = a_hi * c_hi + a_lo * s_hi
     else:
@@ -190,6 +194,7 @@ def norm_qkv_rope(
     k_cache: torch.Tensor,  # (B, NKV, S, D) this layer's cache, written at input_pos
     v_cache: torch.Tensor,  # (B, NKV, S, D)
     n_heads: int,
+    rope_pos: torch.Tensor | None = None,  # (T,) rotary positions when they are not the cache slots (tree nodes)
 ) -> torch.Tensor:  # q: (M, NH, D), roped
     M, dim = x.shape
     _, nkv, _, D = k_cache.shape
@@ -200,9 +205,9 @@ def norm_qkv_rope(
     ka, kb = _k_tiles(dim, 2 * sub * w.element_size())  # lo and hi rows
     pdl = _pdl(x)
     _norm_qkv_rope_kernel[grid](
-        x, norm_w, w, bias if bias is not None else w, cos, sin, input_pos, q, k_cache, v_cache,
-        M, input_pos.shape[-1], input_pos.shape[-1] if input_pos.dim() == 2 else 0, eps, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        DIM=dim, NH=n_heads, NKV=nkv, HALF=D // 2, HAS_BIAS=bias is not None, IEEE=_ieee(x), GDC=pdl,
+        x, norm_w, w, bias if bias is not None else w, cos, sin, input_pos, rope_pos if rope_pos is not None else input_pos,
+        q, k_cache, v_cache, M, input_pos.shape[-1], input_pos.shape[-1] if input_pos.dim() == 2 else 0, eps,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), SEP_ROPE=rope_pos is not None, DIM=dim, NH=n_heads, NKV=nkv, HALF=D // 2, HAS_BIAS=bias is not None, IEEE=_ieee(x), GDC=pdl,
         BLOCK_M=BLOCK_M, KA=ka, KB=kb, BLOCK_K=_loop_k("norm_block_k", w), SUB=sub, num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return q

@@ -8,6 +8,8 @@ steps slice the cache to the positions they attend to, and fixed-shape steps mas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -38,6 +40,16 @@ class RowSpans:
                 allowed &= key[None, None, :] > pos[:, :, None] - sliding_window
             self._masks[(keys, sliding_window)] = allowed[:, None]
         return self._masks[(keys, sliding_window)]
+
+
+@dataclass
+class TreeAttention:
+    """A token tree's pass (specdec/tree.py): node t sits at cache slot input_pos[t] and rotary
+    position rope_pos[t], and sees the cache before `base` and its ancestors' slots (mask)."""
+
+    rope_pos: torch.Tensor  # (T,) start + depth of each node
+    base: torch.Tensor  # (1,) the first node's slot (start)
+    mask: torch.Tensor  # (T, T) int8: [t, j] when node j is t or an ancestor of t
 
 
 Mask = torch.Tensor | str | RowSpans | None  # (T, S) bool, CAUSAL, RowSpans, or None for "every key is visible"

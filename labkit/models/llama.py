@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labkit.models.kvcache import KVCache, Mask, RowSpans, attend, attend_rows
+from labkit.models.kvcache import KVCache, Mask, RowSpans, TreeAttention, attend, attend_rows
 
 # Fused layer kernels serve steps of up to this many tokens (decode, verify); a longer input (a
 # prompt) runs through the PyTorch layers: cuBLAS GEMMs and flash attention, in one pass.
@@ -139,15 +139,19 @@ class LlamaBlock(nn.Module):
         layer: int,
         input_pos: torch.Tensor,  # (T,)
         attend_len: int,  # keys a kept query may see: [0, attend_len)
+        tree: TreeAttention | None = None,  # a token tree's nodes (input_pos: their slots)
     ) -> torch.Tensor:  # (B, T, dim)
         """The same layer in five fused operations; attention reads keys up to each query's
-        position straight from the cache, so no mask is built."""
+        position straight from the cache, so no mask is built (a tree's mask is T x T)."""
         B, T, dim = x.shape
         x2 = x.reshape(B * T, dim)  # (M, dim)
         k_cache, v_cache = cache.k_layers[layer], cache.v_layers[layer]  # (B, nkv, S, D)
+        tree_args = {} if tree is None else {"tree_base": tree.base, "tree_mask": tree.mask}
         q = ops.norm_qkv_rope(x2, self.attn_norm.weight, self.attn_norm.eps, self.wqkv.weight, self.wqkv.bias,
-                              cos, sin, input_pos, k_cache, v_cache, self.n_heads)  # (M, nh, D)
-        y = ops.decode_attention(q, k_cache, v_cache, input_pos, self.scale, self.sliding_window, cache.counters[layer], attend_len)  # (M, nh*D)
+                              cos, sin, input_pos, k_cache, v_cache, self.n_heads,
+                              *(() if tree is None else (tree.rope_pos,)))  # (M, nh, D)
+        y = ops.decode_attention(q, k_cache, v_cache, input_pos, self.scale, self.sliding_window, cache.counters[layer], attend_len,
+                                 **tree_args)  # (M, nh*D)
         x2 = ops.linear_residual(y, self.wo.weight, self.wo.bias, x2)  # (M, dim)
         h = ops.norm_gate_up(x2, self.mlp_norm.weight, self.mlp_norm.eps, self.w_gate_up.weight, self.w_gate_up.bias)
         return ops.linear_residual(h, self.w_down.weight, self.w_down.bias, x2).view(B, T, dim)
@@ -198,19 +202,22 @@ class Llama(nn.Module):
         mask: Mask,  # (T, attend_len) bool, CAUSAL, RowSpans, or None when every key is visible (unused by fused layers)
         last_only: bool | torch.Tensor = False,  # True: logits of the last row only; a (1,) tensor: of that row
         n_layers: int | None = None,  # run only the first n layers, then the head (layer-skip drafts)
+        tree: TreeAttention | None = None,  # a token tree's nodes at slots input_pos (T,); mask: the tree's, for PyTorch layers
     ) -> torch.Tensor:  # (B, T or 1, vocab)
         assert self.cos is not None and self.sin is not None, "call setup_rope first"
         x = self.embed(tokens)  # (B, T, dim)
         n = self.args.n_layers if n_layers is None else n_layers
-        # rows at their own positions (input_pos (B, T)) run fused where the kernels take them
+        # rows at their own positions (input_pos (B, T)) run fused where the kernels take them; trees where they take trees
         fused_ok = self.layer_ops is not None and (input_pos.dim() == 1 or self.layer_ops.ROW_POSITIONS)
+        fused_ok = fused_ok and (tree is None or getattr(self.layer_ops, "TREES", False))
         if fused_ok and self.runs_fused(tokens.shape[1]):
             for i in range(n):
                 block: LlamaBlock = self.layers[i]  # type: ignore[assignment]
-                x = block.forward_fused(self.layer_ops, x, self.cos, self.sin, cache, i, input_pos, attend_len)
+                x = block.forward_fused(self.layer_ops, x, self.cos, self.sin, cache, i, input_pos, attend_len, tree)
         else:
-            cos = self.cos[input_pos].unsqueeze(-2)  # (T, 1, D) or (B, T, 1, D)
-            sin = self.sin[input_pos].unsqueeze(-2)
+            rope_pos = input_pos if tree is None else tree.rope_pos
+            cos = self.cos[rope_pos].unsqueeze(-2)  # (T, 1, D) or (B, T, 1, D)
+            sin = self.sin[rope_pos].unsqueeze(-2)
             for i in range(n):
                 x = self.layers[i](x, cos, sin, cache, i, input_pos, attend_len, mask)
         keep = self.keep_hidden and n == self.args.n_layers

@@ -25,8 +25,21 @@ __all__ = ["DeviceSteps", "Draft", "Drafter", "Step", "VerifyHook"]
 
 @dataclass
 class Draft:
-    tokens: list[int]  # up to k proposed ids
+    tokens: list[int]  # up to k proposed ids (a tree's nodes in topological order)
     probs: torch.Tensor | None = None  # (len(tokens), V_target) draft distribution, None = one-hot
+    parents: list[int] | None = None  # a token tree (specdec/tree.py): parents[i] < i, -1 for a child of the root; None: a chain
+
+    def main_chain(self) -> Draft:
+        """A tree's first path (each node's first child): what a step that verifies chains only
+        takes from it (sampling, lossy policies)."""
+        if self.parents is None:
+            return self
+        chain, node = [], -1
+        for i, parent in enumerate(self.parents):
+            if parent == node:
+                chain.append(self.tokens[i])
+                node = i
+        return Draft(chain)
 
 
 Step = tuple[list[int], list[int]]  # one target step: (draft tokens, new tokens: the accepted drafts and the target's next)

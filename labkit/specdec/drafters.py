@@ -254,6 +254,11 @@ def check_drafter_options(kinds: list[str], draft_model: str | None, heads_path:
     check_heads_option(kinds, heads_path)
 
 
+# candidates per depth of an eagle-tree draft: on a tiny target's trained head, tokens per step
+# 2.00 (chain), 2.09, 2.14, 2.15 at widths 1-4 (tests/test_eagle.py's setting, 8 held-out texts)
+EAGLE_TREE_WIDTH = 3
+
+
 def build_drafter(
     kind: str,
     target: Engine,
@@ -276,7 +281,7 @@ def build_drafter(
         draft_engine = Engine.from_loaded(draft, target.device, target.dtype, weights="dense", cuda_graph=target.cuda_graph)
         check_draft_pair(target, draft_engine, target_tokenizer, draft.tokenizer)
     heads: Any = None
-    if kind in ("heads", "eagle") and heads_path:  # without a path make_drafter says what is missing
+    if kind in ("heads", "eagle", "eagle-tree") and heads_path:  # without a path make_drafter says what is missing
         from labkit.specdec.eagle import load_eagle
         from labkit.specdec.heads import fingerprint, load_heads
 
@@ -298,7 +303,8 @@ def make_drafter(
 ) -> Drafter:
     """ngram | ngram-graph (prompt lookup whose greedy steps run on the device, specdec/lookup_steps.py) |
     layerskip | truncated | model | heads (trained DraftHeads, see labkit/heads_train.py) | eagle (a trained
-    EagleHead, labkit/eagle_train.py; `heads` carries either). Default depth for layerskip/truncated: a third of the target.
+    EagleHead, labkit/eagle_train.py; `heads` carries either) | eagle-tree (the same head drafting token trees:
+    its chain with the next EAGLE_TREE_WIDTH - 1 candidates as leaves at every depth). Default depth for layerskip/truncated: a third of the target.
     stop_below > 0: draft-confidence early stop (the drafter stops at its first token below it)."""
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
         raise LabkitError(f"--layers must be a whole number of at least 1, got {layers!r}")
@@ -322,13 +328,15 @@ def make_drafter(
             raise LabkitError("--drafter model needs --draft-model")
         check_draft_pair(target, draft_engine)
         return ModelDrafter(draft_engine, target.args.vocab_size, name="model", stop_below=stop_below)
-    if kind in ("heads", "eagle"):  # trained weights on the target's features: greedy drafts, no confidence stop
-        how = "`python -m labkit heads train" + (" --kind eagle`" if kind == "eagle" else "`")
+    if kind in ("heads", "eagle", "eagle-tree"):  # trained weights on the target's features: greedy drafts, no confidence stop
+        how = "`python -m labkit heads train" + (" --kind eagle`" if kind != "heads" else "`")
         if heads is None:
             raise LabkitError(f"--drafter {kind} needs --heads (a folder written by {how})")
         if stop_below > 0:
             raise LabkitError(f"the {kind} drafter proposes greedy tokens: a confidence stop needs layerskip, truncated or model")
         from labkit.specdec.eagle_drafter import EagleDrafter
 
-        return HeadsDrafter(target, heads) if kind == "heads" else EagleDrafter(target, heads)
+        if kind == "heads":
+            return HeadsDrafter(target, heads)
+        return EagleDrafter(target, heads, width=EAGLE_TREE_WIDTH if kind == "eagle-tree" else 1)
     raise LabkitError(f"unknown drafter {kind!r}: use {', '.join(DRAFTERS)}")

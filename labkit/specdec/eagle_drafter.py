@@ -27,6 +27,19 @@ from labkit.specdec.draft import Draft, Drafter
 from labkit.specdec.eagle import EagleHead, draft_head_weight
 
 
+def chain_with_siblings(top: list[list[int]]) -> Draft:
+    """The token tree of a chain (top[d][0] at depth d+1, each the child of the one before) whose
+    nodes also have the other candidates top[d][1:] as leaf siblings, at every depth."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    prev = -1
+    for candidates in top:
+        chain_node = len(tokens)
+        tokens.extend(candidates)
+        parents.extend([prev] * len(candidates))
+        prev = chain_node
+    return Draft(tokens, parents=parents)
+
 
 def draft_layer_ops(target: Engine) -> Any:
     """How the draft layer runs: through the target's fused Triton kernels where the target runs
@@ -54,7 +67,7 @@ def token_embedding(model: Any) -> torch.nn.Module:
 
 
 class EagleDrafter(Drafter):
-    def __init__(self, target: Engine, head: EagleHead, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, target: Engine, head: EagleHead, dtype: torch.dtype | None = None, width: int = 1) -> None:
         if head.dims.dim != target.args.dim:
             raise LabkitError(f"this EAGLE head has width {head.dims.dim}, the target {target.args.dim}: train it for this target")
         target.keep_hidden_states(every_position=True)
@@ -72,7 +85,12 @@ class EagleDrafter(Drafter):
         self.weight = draft_head_weight(self.head, target.model.lm_head.weight.to(self.dtype))  # (N, D)
         self.ids = self.head.vocab_ids.to(target.device)  # (N,) draft row -> target id
         self.max_t = self.depth + 1  # the widest verify whose next draft it makes
-        self.verify_hook = self
+        if width < 1:
+            raise LabkitError(f"EAGLE's tree width is the candidates per depth (>= 1), got {width}")
+        self.width = width  # > 1: token trees (a chain and width-1 leaf siblings at every depth), drafted on the host
+        self.verify_hook = self if width == 1 else None
+        if width > 1:
+            self.name += f"-w{width}"
         self.ops = draft_layer_ops(target)
         self.done = 0  # the draft cache holds the true elements 0..done-1
         self._prepared: tuple[int, list[int]] | None = None  # (context length, draft) the last verify made
@@ -102,17 +120,19 @@ class EagleDrafter(Drafter):
         return self.head.forward_cached(feats.to(self.dtype), self.embed(tokens).to(self.dtype),
                                         pos.clamp(max=cache.max_len - 1), cache, self.ops)
 
-    def _pick(self, feat: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B,) target ids
-        return self.ids[(feat @ self.weight.t()).argmax(-1)]
+    def _pick(self, feat: torch.Tensor, width: int = 1) -> torch.Tensor:  # (B, D) -> (B, width) target ids, best first
+        logits = feat @ self.weight.t()  # (B, N)
+        return self.ids[logits.argmax(-1, keepdim=True) if width == 1 else logits.topk(width, dim=-1).indices]
 
-    def _chain(self, feat: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        """feat (B, D) the anchor's predicted feature, anchor (B,) its position -> (B, depth) drafts."""
-        token = self._pick(feat)
-        drafts = [token]
+    def _chain(self, feat: torch.Tensor, anchor: torch.Tensor, width: int = 1) -> torch.Tensor:
+        """feat (B, D) the anchor's predicted feature, anchor (B,) its position -> (B, depth, width)
+        the best `width` drafts at each depth of the chain, which follows the best."""
+        top = self._pick(feat, width)  # (B, width)
+        drafts = [top]
         for d in range(2, self.depth + 1):
-            feat = self._elements(feat[:, None], token[:, None], (anchor + d - 1)[:, None])[:, 0]
-            token = self._pick(feat)
-            drafts.append(token)
+            feat = self._elements(feat[:, None], top[:, :1], (anchor + d - 1)[:, None])[:, 0]
+            top = self._pick(feat, width)
+            drafts.append(top)
         return torch.stack(drafts, dim=1)
 
     # -- the drafter --------------------------------------------------------------------------
@@ -148,7 +168,7 @@ class EagleDrafter(Drafter):
         after = torch.where(rows[None] == accepted[:, None], nxt[:, None], after)
         feats = self._elements(hidden, after, input_pos)  # (B, T, D)
         anchor_feat = feats[torch.arange(B, device=hidden.device), accepted]  # (B, D)
-        return self._chain(anchor_feat, input_pos[0] + accepted)
+        return self._chain(anchor_feat, input_pos[0] + accepted)[:, :, 0]
 
     def take(self, tokens: list[int], context_len: int) -> None:
         self._prepared = (context_len, tokens)
@@ -171,5 +191,7 @@ class EagleDrafter(Drafter):
         pos = torch.arange(start, L - 1, device=device)  # (n,)
         anchor_feat = self._elements(feats, tokens, pos)[:, -1]  # (B, D)
         self.done = L - 1
-        drafts = self._chain(anchor_feat, torch.full((B,), L - 2, device=device))
-        return Draft(drafts[0, :k].tolist())
+        drafts = self._chain(anchor_feat, torch.full((B,), L - 2, device=device), self.width)[0, :k].tolist()  # (k, width)
+        if self.width == 1:
+            return Draft([row[0] for row in drafts])
+        return chain_with_siblings(drafts)

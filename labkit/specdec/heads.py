@@ -141,11 +141,11 @@ def check_heads_option(drafters: list[str], heads: str | None) -> None:
         if not heads:
             raise LabkitError("--drafter heads needs heads: --heads, a folder written by `python -m labkit heads train`")
         check_heads_folder(heads)
-    if "eagle" in drafters:
+    for kind in sorted({"eagle", "eagle-tree"} & set(drafters)):
         from labkit.specdec.eagle import check_eagle_folder
 
         if not heads:
-            raise LabkitError("--drafter eagle needs --heads, a folder written by `python -m labkit heads train --kind eagle`")
+            raise LabkitError(f"--drafter {kind} needs --heads, a folder written by `python -m labkit heads train --kind eagle`")
         check_eagle_folder(heads)
 
 

@@ -1,0 +1,137 @@
+"""Token trees (specdec/tree.py, labkit/tree_verify.py): shapes, greedy walks, and generation
+with trees that is token-identical to plain greedy for every tree shape and layer path."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from labkit.config import GenerationConfig
+from labkit.errors import LabkitError
+from labkit.generate import Speculation, generate
+from labkit.specdec.draft import Draft, Drafter
+from labkit.specdec.tree import TokenTree, greedy_walk, parse_tree
+
+SHAPES = {
+    "chain": [(0,), (0, 0), (0, 0, 0)],
+    "wide": [(0,), (1,), (2,), (3,)],
+    "binary": [(0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1), (0, 0, 0)],
+    "lopsided": [(0,), (1,), (2,), (1, 0), (1, 0, 0), (1, 0, 0, 0), (2, 0)],
+}
+
+
+def test_tree_shapes_from_paths() -> None:
+    tree = TokenTree.from_paths(SHAPES["binary"])
+    assert tree.parents == [-1, 0, 0, 1, 1, 2, 2, 3]
+    assert tree.depths() == [0, 1, 1, 2, 2, 2, 2, 3]
+    mask = tree.ancestor_mask()
+    assert mask[7].nonzero().flatten().tolist() == [0, 1, 3, 7] and mask[5].nonzero().flatten().tolist() == [0, 2, 5]
+    assert TokenTree.from_paths(SHAPES["chain"]).parents == TokenTree.chain(3).parents
+    assert parse_tree("0;1;0.0") == [(0,), (1,), (0, 0)]
+    with pytest.raises(LabkitError, match="prefix"):
+        TokenTree.from_paths([(0,), (1, 0)])
+    with pytest.raises(LabkitError, match="topological"):
+        TokenTree([-1, 2, 0])
+    with pytest.raises(LabkitError, match="child ranks"):
+        parse_tree("0;x")
+
+
+def test_greedy_walk_follows_the_targets_token_down_the_tree() -> None:
+    tree = TokenTree.from_paths(SHAPES["binary"])  # nodes 1, 2 under the root; 3, 4 under 1; 5, 6 under 2; 7 under 3
+    tokens = [9, 10, 11, 12, 13, 14, 15, 16]
+    # the target says 11 after the root (node 2), then 15 after node 2 (node 6), then 40 after node 6
+    targets = [11, 0, 15, 0, 0, 0, 40, 0]
+    assert greedy_walk(tokens, tree, targets) == ([2, 6], 40)
+    assert greedy_walk(tokens, tree, [99, *targets[1:]]) == ([], 99)
+
+
+class OracleTreeDrafter(Drafter):
+    """Proposes a fixed tree shape around the true continuation (plain greedy's output): each
+    node drafts the true next token with some chance, where its path is right so far, else a
+    wrong one; so walks end on first, later and leaf branches alike."""
+
+    name = "oracle-tree"
+
+    def __init__(self, truth: list[int], prompt_len: int, paths: list[tuple[int, ...]], vocab: int, seed: int = 0) -> None:
+        self.truth, self.prompt_len, self.vocab = truth, prompt_len, vocab
+        self.tree = TokenTree.from_paths(paths)
+        self.rng = random.Random(seed)
+
+    def propose(self, context, k, config, generator) -> Draft:
+        done = len(context) - self.prompt_len  # new tokens so far
+        parents = self.tree.parents
+        right = [True] * self.tree.size  # node's path drafts the truth so far
+        tokens = [context[-1]]
+        for i in range(1, self.tree.size):
+            depth_true = done + self.tree.depths()[i] - 1
+            true = self.truth[depth_true] if depth_true < len(self.truth) else 0
+            ok = right[parents[i]] and self.rng.random() < 0.6 and true not in (tokens[c] for c in range(i) if parents[c] == parents[i])
+            right[i] = ok
+            tokens.append(true if ok else (true + 1 + self.rng.randrange(self.vocab - 1)) % self.vocab)
+        return Draft(tokens[1:], parents=[p - 1 for p in parents[1:]])
+
+
+def _engine(kernels: str):
+    from labkit.engine import Engine
+    from labkit.kernels import layer_reference
+    from labkit.models.tiny import tiny_hf_model
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=4), "cpu", "float32")
+    if kernels == "reference":
+        engine.model.layer_ops = layer_reference  # the fused layers' twins: the tree mask in decode_attention
+    if kernels == "triton":
+        from labkit.kernels import layer_triton
+
+        engine.model.layer_ops = layer_triton
+    return engine
+
+
+@pytest.mark.parametrize("kernels", ["torch", "reference"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_tree_speculation_is_plain_greedy_for_every_shape(shape: str, kernels: str) -> None:
+    engine = _engine(kernels)
+    prompt, cfg = list(range(3, 25)), GenerationConfig(max_new_tokens=40, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    drafter = OracleTreeDrafter(want, len(prompt), SHAPES[shape], engine.args.vocab_size, seed=len(shape))
+    depth = max(len(p) for p in SHAPES[shape])
+    got = generate(engine, prompt, cfg, Speculation(drafter, depth))
+    assert got.tokens == want
+    assert sum(got.stats.accepted_lengths) >= 10 and len(got.stats.accepted_lengths) < 35  # trees were accepted from
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_a_tree_step_that_accepts_a_later_branch_moves_its_keys(kernels: str) -> None:
+    """After a walk down a non-first branch the cache holds the path's keys in order: the next
+    logits equal a plain pass over the accepted text (the fused layers' twins, and the Triton
+    kernels: rotary positions apart from the slots, the tree mask)."""
+    from labkit.tree_verify import commit_path, tree_verify
+
+    if kernels == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's kernels run on the CPU under TRITON_INTERPRET=1")
+    engine = _engine(kernels)
+    prompt = list(range(3, 20))
+    engine.ensure_capacity(64)
+    engine.prefill(torch.tensor([prompt[:-1]]))
+    start = engine.length
+    tree = TokenTree.from_paths(SHAPES["binary"])
+    verify = tree_verify(engine, tree)
+    no_eos = torch.zeros(engine.args.vocab_size, dtype=torch.bool)
+    tokens = [prompt[-1], 50, 51, 52, 53, 54, 55, 56]
+    targets = verify.run(tokens, no_eos, 0)
+    tokens[2] = targets[0]  # make node 2 (the second branch) right, then its second child (node 6)
+    engine.set_length(start)
+    targets = verify.run(tokens, no_eos, 0)
+    tokens[6] = targets[2]
+    engine.set_length(start)
+    targets = verify.run(tokens, no_eos, 0)
+    path, nxt = greedy_walk(tokens, tree, targets)
+    assert path == [2, 6]
+    commit_path(engine, verify, start, path)
+    after = engine.decode(torch.tensor([[nxt]]))  # (1, V)
+    fresh = _engine("reference")
+    fresh.ensure_capacity(64)
+    want = fresh.prefill(torch.tensor([prompt[:-1] + [prompt[-1], tokens[2], tokens[6], nxt]]))
+    torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
