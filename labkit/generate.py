@@ -28,6 +28,7 @@ from labkit.specdec.controllers import Controller, FixedK
 from labkit.specdec.draft import Draft, Drafter
 from labkit.specdec.policies import Policy, default_policy, warm_up_kernels
 from labkit.steps import Request, choose_step
+from labkit.tree_verify import tree_verify
 
 __all__ = ["Draft", "GenerationResult", "GenerationStats", "Messages", "Speculation", "check_prompt", "check_text",
            "encode_prompt", "generate", "generate_text", "warm_up"]
@@ -156,6 +157,11 @@ def warm_up(engine: Engine, max_k: int = 0, prompt_len: int = 1024, drafter: Dra
     decoding, verifies of up to max_k drafts (with the drafter's verify hook, if it has one) and
     prompts of up to prompt_len tokens, and load the acceptance kernels."""
     warm_up_steps(engine, max_k + 1, prompt_len, hook=drafter.verify_hook if drafter is not None else None)
+    if drafter is not None:
+        for tree in drafter.tree_shapes(max_k):  # token trees: one captured step per shape
+            engine.ensure_capacity(tree.size + 1)
+            tree_verify(engine, tree, drafter.verify_hook)
+        engine.reset()
     if max_k:
         warm_up_kernels(engine.device)
 

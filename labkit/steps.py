@@ -30,8 +30,7 @@ from labkit.sampling import sample
 from labkit.specdec.controllers import Controller
 from labkit.specdec.draft import DeviceSteps, Draft, Drafter
 from labkit.specdec.policies import Policy, Verdict
-from labkit.specdec.tree import TokenTree, greedy_walk
-from labkit.tree_verify import commit_path, tree_verify
+from labkit.tree_verify import tree_verify
 
 
 @dataclass
@@ -163,7 +162,7 @@ class HostSpeculation:
         with req.timer.phase("draft"):
             draft = self.drafter.propose(req.context, k, req.config, req.generator)
         if draft.parents is not None and (not self.fused or len(draft.tokens) + 1 > req.engine.max_seq_len - req.engine.length
-                                          or max(TokenTree([-1, *(p + 1 for p in draft.parents)]).depths()) > k):
+                                          or max(draft.tree().depths()) > k):
             draft = draft.main_chain()  # trees: greedy acceptance inside the step, room for every node, no deeper than k
         if draft.parents is None:
             draft.tokens = draft.tokens[:k]
@@ -206,13 +205,10 @@ class HostSpeculation:
         target's next token; the cache keeps the path."""
         assert draft.parents is not None
         engine = req.engine
-        tree = TokenTree([-1, *(p + 1 for p in draft.parents)])  # node 0: the last context token
-        tokens = [req.context[-1], *draft.tokens]
-        start = engine.length
-        verify = tree_verify(engine, tree)
-        targets = verify.run(tokens, req.eos_mask, req.eos_block)
-        path, next_token = greedy_walk(tokens, tree, targets)
-        commit_path(engine, verify, start, path)
+        tokens = [req.context[-1], *draft.tokens]  # node 0: the last context token
+        path, next_token, columns = tree_verify(engine, draft.tree(), self.hook).run(tokens, req.eos_mask, req.eos_block)
+        if self.hook is not None:
+            self.hook.take(columns, len(req.context) + 1 + len(path))
         return [tokens[n] for n in path] + [next_token]
 
 

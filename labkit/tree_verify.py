@@ -1,15 +1,21 @@
-"""A token tree verified in one target pass, and the accepted path committed (specdec/tree.py
-defines the terms).
+"""A token tree verified in one target pass, its accepted path committed, and the drafter's next
+draft made, all in one step (specdec/tree.py defines the terms).
 
-`TreeVerify` is one tree shape's greedy verify on an engine: its N nodes run at cache slots
-start..start+N-1 and rotary positions start + depth, each attending to the context and its own
-ancestors (the fused layers' tree mask, or a boolean mask for the PyTorch layers), and the
-target's greedy token after every node comes back (EOS blocked at depths the request asks). On
-a GPU that captures graphs it is one captured graph per shape, like the chain's verify.
-
-`commit_path` then moves the accepted nodes' keys and values (every layer) to the slots right
-after the root, so the cache holds the accepted text in order, and keeps their hidden states
-for drafters that read them.
+`TreeVerify` is one tree shape's greedy step on an engine:
+  1. the pass: the N nodes at cache slots start..start+N-1 and rotary positions start + depth,
+     each attending to the context and its own ancestors (the fused layers' tree mask, or a
+     boolean mask for the PyTorch layers); the target's greedy token after every node (EOS
+     blocked at the depths the request asks);
+  2. the walk, on the device: a node is accepted when it and every ancestor drafted the target's
+     token after its parent; the deepest accepted node ends the path (the first, at equal depth:
+     any accepted path is the target's own greedy text), and the target's token after it is the
+     step's next token;
+  3. the commit: the path's keys and values (every layer) move to the slots right after the
+     root, so the cache holds the accepted text in order;
+  4. with a verify hook (EAGLE), the drafter's next draft from the path's hidden states, handed
+     the path as the chain verify would hand its rows (graphs.VerifyHook).
+On a GPU that captures graphs the step is one captured graph per shape, and the host reads one
+row back: [accepted, next token, the path's nodes by depth, the hook's columns].
 """
 
 from __future__ import annotations
@@ -18,27 +24,37 @@ import torch
 
 from labkit.engine import Engine
 from labkit.errors import LabkitError
-from labkit.graphs import capture
+from labkit.graphs import VerifyHook, capture
 from labkit.models.kvcache import TreeAttention
 from labkit.specdec.tree import TokenTree
 
 
 class TreeVerify:
-    def __init__(self, engine: Engine, tree: TokenTree) -> None:
+    def __init__(self, engine: Engine, tree: TokenTree, hook: VerifyHook | None = None) -> None:
         if getattr(engine.model, "family", "") != "llama" or engine.batch_size != 1:
             raise LabkitError("token trees run on Llama-family models at batch size 1")
-        self.engine, self.tree = engine, tree
+        if hook is not None and not engine.model.keep_hidden:
+            raise LabkitError("a verify hook reads the hidden states: call keep_hidden_states first")
+        self.engine, self.tree, self.hook = engine, tree, hook
         N, device = tree.size, engine.device
+        depths = tree.depths()
+        self.max_depth = max(depths)
         self.tokens = torch.zeros(1, N, dtype=torch.long, device=device)  # (1, N) root's token, then the drafts
         self.slots = torch.arange(N, device=device)  # (N,) start + i
-        self.depth = torch.tensor(tree.depths(), device=device)  # (N,)
+        self.depth = torch.tensor(depths, device=device)  # (N,)
+        self.parent = torch.tensor([max(p, 0) for p in tree.parents], device=device)  # (N,) the root its own
+        ancestors = tree.ancestor_mask()  # (N, N) bool
+        self.ancestors = ancestors.to(device)
+        self.levels = torch.arange(1, self.max_depth + 1, device=device)  # (maxD,)
+        # deepest first, then the lowest index: the walk's choice as one argmax
+        self.rank = (self.depth * N + (N - 1 - torch.arange(N, device=device)))  # (N,)
         self.attn = TreeAttention(torch.zeros(N, dtype=torch.long, device=device),  # start + depth
                                   torch.zeros(1, dtype=torch.long, device=device),  # start
-                                  tree.ancestor_mask().to(torch.int8).to(device))
+                                  ancestors.to(torch.int8).to(device))
         self.eos_mask = torch.zeros(engine.args.vocab_size, dtype=torch.bool, device=device)  # (V,)
         self.block = torch.zeros(1, dtype=torch.long, device=device)  # EOS blocked at depths < this
-        self.targets = torch.empty(0)  # (N,) the target's greedy token after each node
-        self.hidden: torch.Tensor | None = None  # (1, N, D) the pass's final hidden states (kept ones)
+        self.out = torch.empty(0)  # (2 + maxD + hook columns,) what the host reads
+        self.hidden: torch.Tensor | None = None  # (1, 1 + maxD, D) the path's hidden states (root first)
         self.captured = engine.graphs_safe and engine.device.type == "cuda"
         self.graph = capture(engine, self._body, lambda: self._place(engine.cache.max_len - N)) if self.captured else None
 
@@ -55,22 +71,48 @@ class TreeVerify:
         keys = torch.arange(attend_len, device=self.slots.device)  # (S,)
         node = keys - self.attn.base  # (S,) the tree node at each key, negative before the tree
         in_tree = (node >= 0) & (node < self.tree.size)
-        allowed = self.attn.mask.bool()[:, node.clamp(0, self.tree.size - 1)]  # (N, S)
+        allowed = self.ancestors[:, node.clamp(0, self.tree.size - 1)]  # (N, S)
         return (keys[None, :] <= self.slots[:, None]) & (~in_tree[None, :] | allowed)
 
     def _body(self) -> None:
         engine = self.engine
+        cache, tokens = engine.cache, self.tokens[0]  # (N,)
         attend_len = engine.attend_len if self.captured else int(self.slots[-1]) + 1
-        logits = engine.model(self.tokens, self.slots, engine.cache, attend_len, self._mask(attend_len), False, None,
+        logits = engine.model(self.tokens, self.slots, cache, attend_len, self._mask(attend_len), False, None,
                               tree=self.attn)  # (1, N, V)
         blocked = (self.depth < self.block)[:, None] & self.eos_mask[None, :]  # (N, V)
-        self.targets = logits[0].masked_fill(blocked, float("-inf")).argmax(-1)  # (N,)
-        self.hidden = engine.model.last_hidden if engine.model.keep_hidden else None
+        targets = logits[0].masked_fill(blocked, float("-inf")).argmax(-1)  # (N,) the target's token after each node
+        verdict, path = self.walk(tokens, targets)  # (2,), (maxD,)
+        # commit: the path's keys and values to the slots after the root (rows past the path: dead slots)
+        src, dst = self.attn.base + path, self.attn.base + self.levels  # (maxD,) each
+        cache.k[:, :, :, dst] = cache.k[:, :, :, src]  # (L, B, H, maxD, D), gathered before written
+        cache.v[:, :, :, dst] = cache.v[:, :, :, src]
+        rows = torch.cat((path.new_zeros(1), path))  # (1 + maxD,) root, then the path
+        hidden = engine.model.last_hidden if engine.model.keep_hidden else None
+        self.hidden = None if hidden is None else hidden.index_select(1, rows)  # (1, 1 + maxD, D)
+        columns = [verdict, path]
+        if self.hook is not None:
+            assert self.hidden is not None
+            columns.append(self.hook.draft_after(self.hidden, verdict[None], engine.model.lm_head, tokens[rows][None],
+                                                 self.attn.base + torch.arange(1 + self.max_depth, device=rows.device))[0])
+        self.out = torch.cat(columns)
+
+    def walk(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (N,) the nodes' tokens, targets (N,) the target's greedy token after each node ->
+        (accepted drafts, next token) (2,) and the path's node at each depth (maxD,; 0 past its
+        end): specdec.tree.greedy_walk on the device, with no host read."""
+        match = (tokens == targets[self.parent]) | (self.depth == 0)  # (N,) drafted what its parent's row says
+        accepted = ~(self.ancestors & ~match[None, :]).any(-1)  # (N,) it and every ancestor matched
+        best = torch.where(accepted, self.rank, -1).argmax()  # () the path's last node
+        verdict = torch.stack((self.depth[best], targets[best]))  # (2,)
+        path = (self.ancestors[best][None, :] & (self.depth[None, :] == self.levels[:, None])).int().argmax(-1)  # (maxD,)
+        return verdict, path
 
     @torch.inference_mode()
-    def run(self, tokens: list[int], eos_mask: torch.Tensor, block: int) -> list[int]:
-        """The tree's tokens (N,: the root's, then the drafts) at the next cache slots -> the
-        target's greedy token after each node. Leaves the cache length at the root (+1)."""
+    def run(self, tokens: list[int], eos_mask: torch.Tensor, block: int) -> tuple[list[int], int, list[int]]:
+        """The tree's tokens (N: the root's, then the drafts) at the next cache slots -> (the
+        accepted path's nodes, the next token, the hook's columns). The cache then holds the root
+        and the path; their hidden states are kept for drafters."""
         engine = self.engine
         start = engine.length
         if start + self.tree.size > engine.cache.max_len:
@@ -84,29 +126,16 @@ class TreeVerify:
                 self.graph.replay()
             else:
                 self._body()
-        engine.set_length(start + 1)
-        return self.targets.tolist()
+        out = self.out.tolist()
+        n = out[0]
+        engine.set_length(start + 1 + n)
+        if self.hidden is not None:
+            engine.kept_hidden.keep(self.hidden[:, : 1 + n], start + 1 + n)
+        return out[2 : 2 + n], out[1], out[2 + self.max_depth :]
 
 
-@torch.inference_mode()
-def commit_path(engine: Engine, verify: TreeVerify, start: int, path: list[int]) -> None:
-    """After `verify` ran at `start`: the accepted nodes `path` (root excluded, in order) move to
-    slots start+1.. in every layer's cache, the cache length becomes start + 1 + len(path), and
-    their hidden states (the root's first) are kept for drafters."""
-    n = len(path)
-    if path != list(range(1, n + 1)):  # a chain's prefix is in place already
-        cache = engine.cache
-        src = torch.tensor(path, device=engine.device) + start  # (n,) nodes' slots; src >= dst, in order
-        dst = torch.arange(start + 1, start + 1 + n, device=engine.device)  # (n,)
-        cache.k[:, :, :, dst] = cache.k[:, :, :, src]  # (L, B, H, n, D): gathered, then written
-        cache.v[:, :, :, dst] = cache.v[:, :, :, src]
-    engine.set_length(start + 1 + n)
-    if verify.hidden is not None:
-        rows = torch.tensor([0, *path], device=engine.device)
-        engine.kept_hidden.keep(verify.hidden.index_select(1, rows), start + 1 + n)
-
-
-def tree_verify(engine: Engine, tree: TokenTree) -> TreeVerify:
-    """The engine's TreeVerify for this tree shape, made once per shape, attention span and
-    capture mode (a new request may change either: then it is captured again)."""
-    return engine.captured(("tree", tuple(tree.parents), engine.graphs_safe), lambda: TreeVerify(engine, tree))
+def tree_verify(engine: Engine, tree: TokenTree, hook: VerifyHook | None = None) -> TreeVerify:
+    """The engine's TreeVerify for this tree shape and hook, made once per shape, attention span
+    and capture mode (a new request may change either: then it is captured again)."""
+    key = ("tree", tuple(tree.parents), hook, engine.graphs_safe)
+    return engine.captured(key, lambda: TreeVerify(engine, tree, hook))

@@ -102,12 +102,35 @@ def test_tree_speculation_is_plain_greedy_for_every_shape(shape: str, kernels: s
     assert sum(got.stats.accepted_lengths) >= 10 and len(got.stats.accepted_lengths) < 35  # trees were accepted from
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_the_device_walk_is_the_greedy_walk(shape: str) -> None:
+    """TreeVerify.walk (tensors, no host read) against greedy_walk, on random tokens and targets
+    drawn from a few ids so that walks end at every depth and on every branch."""
+    from labkit.tree_verify import TreeVerify
+
+    tree = TokenTree.from_paths(SHAPES[shape])
+    verify = TreeVerify(_engine("torch"), tree)
+    g = torch.Generator().manual_seed(0)
+    seen_depths = set()
+    for _ in range(300):
+        targets = torch.randint(0, 3, (tree.size,), generator=g)
+        tokens = torch.randint(0, 3, (tree.size,), generator=g)
+        for kids in tree.children():  # siblings draft distinct tokens, as drafters do
+            for r, c in enumerate(kids):
+                tokens[c] = (tokens[kids[0]] + r) % 5
+        path, nxt = greedy_walk(tokens.tolist(), tree, targets.tolist())
+        verdict, on_device = verify.walk(tokens, targets)
+        assert verdict.tolist() == [len(path), nxt] and on_device[: len(path)].tolist() == path
+        seen_depths.add(len(path))
+    assert seen_depths == set(range(max(tree.depths()) + 1))
+
+
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 def test_a_tree_step_that_accepts_a_later_branch_moves_its_keys(kernels: str) -> None:
     """After a walk down a non-first branch the cache holds the path's keys in order: the next
     logits equal a plain pass over the accepted text (the fused layers' twins, and the Triton
     kernels: rotary positions apart from the slots, the tree mask)."""
-    from labkit.tree_verify import commit_path, tree_verify
+    from labkit.tree_verify import tree_verify
 
     if kernels == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's kernels run on the CPU under TRITON_INTERPRET=1")
@@ -120,16 +143,13 @@ def test_a_tree_step_that_accepts_a_later_branch_moves_its_keys(kernels: str) ->
     verify = tree_verify(engine, tree)
     no_eos = torch.zeros(engine.args.vocab_size, dtype=torch.bool)
     tokens = [prompt[-1], 50, 51, 52, 53, 54, 55, 56]
-    targets = verify.run(tokens, no_eos, 0)
-    tokens[2] = targets[0]  # make node 2 (the second branch) right, then its second child (node 6)
+    _, tokens[2], _ = verify.run(tokens, no_eos, 0)  # make node 2 (the second branch) right ...
     engine.set_length(start)
-    targets = verify.run(tokens, no_eos, 0)
-    tokens[6] = targets[2]
+    path, tokens[6], _ = verify.run(tokens, no_eos, 0)  # ... then its second child (node 6)
+    assert path == [2]
     engine.set_length(start)
-    targets = verify.run(tokens, no_eos, 0)
-    path, nxt = greedy_walk(tokens, tree, targets)
-    assert path == [2, 6]
-    commit_path(engine, verify, start, path)
+    path, nxt, _ = verify.run(tokens, no_eos, 0)
+    assert path == [2, 6] and engine.length == start + 3
     after = engine.decode(torch.tensor([[nxt]]))  # (1, V)
     fresh = _engine("reference")
     fresh.ensure_capacity(64)

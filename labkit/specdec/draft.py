@@ -19,6 +19,7 @@ import torch
 
 from labkit.config import GenerationConfig
 from labkit.graphs import VerifyHook
+from labkit.specdec.tree import TokenTree
 
 __all__ = ["DeviceSteps", "Draft", "Drafter", "Step", "VerifyHook"]
 
@@ -28,6 +29,11 @@ class Draft:
     tokens: list[int]  # up to k proposed ids (a tree's nodes in topological order)
     probs: torch.Tensor | None = None  # (len(tokens), V_target) draft distribution, None = one-hot
     parents: list[int] | None = None  # a token tree (specdec/tree.py): parents[i] < i, -1 for a child of the root; None: a chain
+
+    def tree(self) -> TokenTree:
+        """The token tree a tree draft is (node 0: the last context token, then the drafts)."""
+        assert self.parents is not None
+        return TokenTree([-1, *(p + 1 for p in self.parents)])
 
     def main_chain(self) -> Draft:
         """A tree's first path (each node's first child): what a step that verifies chains only
@@ -68,6 +74,10 @@ class Drafter:
 
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         """A new request: make room for `capacity` positions and forget earlier state."""
+
+    def tree_shapes(self, max_k: int) -> list[TokenTree]:
+        """The token trees it drafts at K up to max_k (warm-ups capture their steps); none: chains."""
+        return []
 
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
         """Up to k tokens after `context` (every token so far; the target's cache holds all but the last)."""

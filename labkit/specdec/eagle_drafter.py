@@ -25,6 +25,7 @@ from labkit.errors import LabkitError
 from labkit.models.kvcache import KVCache
 from labkit.specdec.draft import Draft, Drafter
 from labkit.specdec.eagle import EagleHead, draft_head_weight
+from labkit.specdec.tree import TokenTree
 
 
 def chain_with_siblings(top: list[list[int]]) -> Draft:
@@ -87,8 +88,8 @@ class EagleDrafter(Drafter):
         self.max_t = self.depth + 1  # the widest verify whose next draft it makes
         if width < 1:
             raise LabkitError(f"EAGLE's tree width is the candidates per depth (>= 1), got {width}")
-        self.width = width  # > 1: token trees (a chain and width-1 leaf siblings at every depth), drafted on the host
-        self.verify_hook = self if width == 1 else None
+        self.width = width  # > 1: token trees (a chain and width-1 leaf siblings at every depth)
+        self.verify_hook = self
         if width > 1:
             self.name += f"-w{width}"
         self.ops = draft_layer_ops(target)
@@ -142,6 +143,11 @@ class EagleDrafter(Drafter):
         if self.ops is not None and self.ops.__name__.endswith("layer_triton") and not self._warm:
             self._warm_up()
 
+    def tree_shapes(self, max_k: int) -> list[TokenTree]:
+        if self.width == 1:
+            return []
+        return [chain_with_siblings([[0] * self.width] * k).tree() for k in range(1, min(max_k, self.depth) + 1)]
+
     @torch.inference_mode()
     def _warm_up(self) -> None:
         """Compile the draft layer's Triton kernels for each kind of width they are specialised on
@@ -160,7 +166,7 @@ class EagleDrafter(Drafter):
     def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Inside the verify step: hidden (B, T, D), verdict (B, 2), tokens (B, T) at input_pos (T,)
-        -> (B, depth) the next step's draft."""
+        -> (B, depth * width) the next step's candidates (a tree step hands its path as these rows)."""
         B, T, _ = hidden.shape
         accepted, nxt = verdict[:, 0], verdict[:, 1]  # (B,) each
         rows = torch.arange(T, device=hidden.device)  # (T,)
@@ -168,7 +174,7 @@ class EagleDrafter(Drafter):
         after = torch.where(rows[None] == accepted[:, None], nxt[:, None], after)
         feats = self._elements(hidden, after, input_pos)  # (B, T, D)
         anchor_feat = feats[torch.arange(B, device=hidden.device), accepted]  # (B, D)
-        return self._chain(anchor_feat, input_pos[0] + accepted)[:, :, 0]
+        return self._chain(anchor_feat, input_pos[0] + accepted, self.width).flatten(1)  # (B, depth * width)
 
     def take(self, tokens: list[int], context_len: int) -> None:
         self._prepared = (context_len, tokens)
@@ -180,7 +186,7 @@ class EagleDrafter(Drafter):
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared[0] == L:  # the verify step caught up and drafted
             self.done = L - 1
-            return Draft(prepared[1][:k])
+            return self._draft(prepared[1], k)
         # Elements the last pass made true. One not in it (a step that proposed nothing, then
         # another) keeps a stale element: worse drafts there, never a wrong output.
         start = min(max(self.done, self.target.kept_hidden.start), L - 2)
@@ -191,7 +197,9 @@ class EagleDrafter(Drafter):
         pos = torch.arange(start, L - 1, device=device)  # (n,)
         anchor_feat = self._elements(feats, tokens, pos)[:, -1]  # (B, D)
         self.done = L - 1
-        drafts = self._chain(anchor_feat, torch.full((B,), L - 2, device=device), self.width)[0, :k].tolist()  # (k, width)
-        if self.width == 1:
-            return Draft([row[0] for row in drafts])
-        return chain_with_siblings(drafts)
+        return self._draft(self._chain(anchor_feat, torch.full((B,), L - 2, device=device), self.width)[0].flatten().tolist(), k)
+
+    def _draft(self, flat: list[int], k: int) -> Draft:
+        """(depth * width,) candidates, best first at each depth -> the first k depths' chain or tree."""
+        top = [flat[d * self.width : (d + 1) * self.width] for d in range(k)]
+        return Draft([row[0] for row in top]) if self.width == 1 else chain_with_siblings(top)
