@@ -30,6 +30,7 @@ from labkit.specdec.tree import TokenTree
 
 
 class TreeVerify:
+    @torch.inference_mode()  # its capture runs the step, which writes the (inference-mode) cache
     def __init__(self, engine: Engine, tree: TokenTree, hook: VerifyHook | None = None) -> None:
         if getattr(engine.model, "family", "") != "llama" or engine.batch_size != 1:
             raise LabkitError("token trees run on Llama-family models at batch size 1")
