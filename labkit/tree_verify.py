@@ -86,8 +86,8 @@ class TreeVerify:
         verdict, path = self.walk(tokens, targets)  # (2,), (maxD,)
         # commit: the path's keys and values to the slots after the root (rows past the path: dead slots)
         src, dst = self.attn.base + path, self.attn.base + self.levels  # (maxD,) each
-        cache.k[:, :, :, dst] = cache.k[:, :, :, src]  # (L, B, H, maxD, D), gathered before written
-        cache.v[:, :, :, dst] = cache.v[:, :, :, src]
+        cache.k.index_copy_(3, dst, cache.k.index_select(3, src))  # (L, B, H, maxD, D), gathered before written
+        cache.v.index_copy_(3, dst, cache.v.index_select(3, src))
         rows = torch.cat((path.new_zeros(1), path))  # (1 + maxD,) root, then the path
         hidden = engine.model.last_hidden if engine.model.keep_hidden else None
         self.hidden = None if hidden is None else hidden.index_select(1, rows)  # (1, 1 + maxD, D)
@@ -104,9 +104,10 @@ class TreeVerify:
         end): specdec.tree.greedy_walk on the device, with no host read."""
         match = (tokens == targets[self.parent]) | (self.depth == 0)  # (N,) drafted what its parent's row says
         accepted = ~(self.ancestors & ~match[None, :]).any(-1)  # (N,) it and every ancestor matched
-        best = torch.where(accepted, self.rank, -1).argmax()  # () the path's last node
-        verdict = torch.stack((self.depth[best], targets[best]))  # (2,)
-        path = (self.ancestors[best][None, :] & (self.depth[None, :] == self.levels[:, None])).int().argmax(-1)  # (maxD,)
+        # (1,), not a 0-d index: indexing by a 0-d tensor reads it on the host, which capture forbids
+        best = torch.where(accepted, self.rank, -1).argmax(0, keepdim=True)  # (1,) the path's last node
+        verdict = torch.cat((self.depth[best], targets[best]))  # (2,)
+        path = (self.ancestors[best] & (self.depth[None, :] == self.levels[:, None])).int().argmax(-1)  # (maxD,)
         return verdict, path
 
     @torch.inference_mode()
