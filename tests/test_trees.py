@@ -155,3 +155,53 @@ def test_a_tree_step_that_accepts_a_later_branch_moves_its_keys(kernels: str) ->
     fresh.ensure_capacity(64)
     want = fresh.prefill(torch.tensor([prompt[:-1] + [prompt[-1], tokens[2], tokens[6], nxt]]))
     torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
+
+
+def _walk_with_ranks(tree: TokenTree, outcome) -> list[int]:
+    """The accepted path when the target's token is, at each node the path reaches, the child of
+    rank outcome(node) (None: no child)."""
+    kids, path, node = tree.children(), [], 0
+    while True:
+        r = outcome(node)
+        if r is None or r >= len(kids[node]):
+            return path
+        node = kids[node][r]
+        path.append(node)
+
+
+def test_the_speedup_models_tree_form() -> None:
+    """E(tree, p) is the chain's closed form for a chain, and the mean accepted length when the
+    target picks rank r with chance p_r at every node (exact enumeration over the outcomes)."""
+    import itertools
+
+    from labkit.specdec.speedup import expected_tokens, expected_tree_tokens, predicted_tree_speedup
+
+    assert expected_tree_tokens(TokenTree.chain(4), [0.7]) == pytest.approx(expected_tokens(0.7, 4))
+    tree, p = TokenTree.from_paths(SHAPES["binary"]), [0.5, 0.2]
+    outcomes = [0, 1, None]
+    chance = {0: p[0], 1: p[1], None: 1 - sum(p)}
+    exact = 0.0
+    for pick in itertools.product(outcomes, repeat=tree.size):  # the outcome at each node
+        weight = 1.0
+        for o in pick:
+            weight *= chance[o]
+        exact += weight * (1 + len(_walk_with_ranks(tree, lambda n, pick=pick: pick[n])))
+    assert expected_tree_tokens(tree, p) == pytest.approx(exact)
+    assert predicted_tree_speedup(tree, p, 0.1, 1.2) == pytest.approx(exact / (3 * 0.1 + 1.2))
+
+
+def test_rank_acceptance_recovers_the_chances_it_was_drawn_with() -> None:
+    from labkit.specdec.speedup import expected_tree_tokens, rank_acceptance
+
+    tree, p = TokenTree.from_paths(SHAPES["binary"]), [0.55, 0.25]
+    rng = random.Random(1)
+
+    def outcome(node: int) -> int | None:
+        u = rng.random()
+        return 0 if u < p[0] else 1 if u < p[0] + p[1] else None
+
+    steps = [([q - 1 for q in tree.parents[1:]], [n - 1 for n in _walk_with_ranks(tree, outcome)]) for _ in range(4000)]
+    fitted = rank_acceptance(steps)
+    assert fitted == pytest.approx(p, abs=0.03)
+    measured_tau = 1 + sum(len(path) for _, path in steps) / len(steps)
+    assert expected_tree_tokens(tree, fitted) == pytest.approx(measured_tau, rel=0.03)

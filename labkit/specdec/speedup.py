@@ -9,6 +9,16 @@ CPU, where K+1 rows cost more than one).
     speedup           S = E(alpha, K) / (K * c + v(K))
 
 E(0.8, 4) = (1 - 0.8^5) / 0.2 = 3.3616: with free drafts and a verify as cheap as a step, 3.36x.
+
+Tree form (SpecInfer, Sequoia). A token tree's node of rank r among its siblings (r = 0: the
+drafter's first choice) stands, given its parent stood, with chance p_r (the ranks exclude each
+other: the target's token is one of them at most). A node is on the accepted path when it and
+every ancestor stood, so
+
+    tokens per step   E(tree, p) = 1 + sum over nodes n of  prod over m on the path root..n of p_rank(m)
+    speedup           S = E(tree, p) / (depth * c + v(N))        (a chain with siblings drafts depth steps)
+
+A chain is the tree with one rank, p_0 = alpha: E = 1 + alpha + ... + alpha^K, the form above.
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from typing import Any
+
+from labkit.specdec.tree import TokenTree
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -122,3 +134,48 @@ def compare(rows: list[dict[str, Any]], tolerance: float = 0.15) -> list[dict[st
                     "draft_share": draft_share, "textbook_speedup": textbook, "predicted_speedup": predicted, "measured_speedup": measured, "error": error,
                     "miss": abs(error) > tolerance, "why": "; ".join(reasons)})
     return out
+
+
+# -- the tree form ---------------------------------------------------------------------------
+def child_ranks(tree: TokenTree) -> list[int]:
+    """Each node's rank among its siblings (their order in the tree; the root's is 0)."""
+    ranks = [0] * tree.size
+    for kids in tree.children():
+        for r, c in enumerate(kids):
+            ranks[c] = r
+    return ranks
+
+
+def expected_tree_tokens(tree: TokenTree, p: list[float]) -> float:
+    """E(tree, p): tokens per step (the accepted path and the target's own token), ranks past p never stand."""
+    ranks = child_ranks(tree)
+    stands = [1.0] * tree.size  # chance that the node and every ancestor stood
+    for n in range(1, tree.size):
+        stands[n] = stands[tree.parents[n]] * (p[ranks[n]] if ranks[n] < len(p) else 0.0)
+    return 1.0 + sum(stands[1:])
+
+
+def rank_acceptance(tree_steps: list[tuple[list[int], list[int]]]) -> list[float]:
+    """p_r from tree steps (GenerationStats.tree_steps: the draft's parents, the accepted path):
+    at every node the path reached, each rank its children offer was a trial, and the rank the
+    path took (if any) a success. The chain's alpha_from_steps when every node has one child."""
+    hits: list[int] = []
+    trials: list[int] = []
+    for parents, path in tree_steps:
+        tree = TokenTree([-1, *(q + 1 for q in parents)])
+        kids, ranks = tree.children(), child_ranks(tree)
+        for node, taken in zip([0, *(n + 1 for n in path)], [*(n + 1 for n in path), None], strict=True):
+            for r in range(len(kids[node])):
+                if r >= len(trials):
+                    hits.append(0)
+                    trials.append(0)
+                trials[r] += 1
+            if taken is not None:
+                hits[ranks[taken]] += 1
+    return [h / t if t else 0.0 for h, t in zip(hits, trials, strict=True)]
+
+
+def predicted_tree_speedup(tree: TokenTree, p: list[float], c: float, v: float) -> float:
+    """Speedup over plain decoding of drafting `tree` (depth draft steps of cost c each, the
+    chain's siblings for free) and verifying its N nodes (cost v, in plain steps)."""
+    return expected_tree_tokens(tree, p) / (max(tree.depths()) * c + v)
