@@ -108,13 +108,15 @@ def spec_steps_html(tokenizer: Any, result: Any) -> str:
     import html
 
     stats = result.stats
+    paths = {step: path for step, _, path in stats.tree_steps}  # token trees: the accepted nodes, in order
     pieces = []
     pos = 1  # tokens[0] came from the prefill
     pieces.append(f"<span style='color:#1f5fbf'>{html.escape(tokenizer.decode(result.tokens[:1]))}</span>")
-    for drafted, accepted in zip(stats.draft_tokens, stats.accepted_lengths, strict=True):
-        for token in drafted[:accepted]:
+    for step, (drafted, accepted) in enumerate(zip(stats.draft_tokens, stats.accepted_lengths, strict=True)):
+        path = paths.get(step, list(range(accepted)))
+        for token in (drafted[i] for i in path):
             pieces.append(f"<span style='background:#c8f0c8'>{html.escape(tokenizer.decode([token]))}</span>")
-        for token in drafted[accepted:]:
+        for token in (t for i, t in enumerate(drafted) if i not in path):
             pieces.append(f"<span style='background:#f6c6c6;text-decoration:line-through'>{html.escape(tokenizer.decode([token]))}</span>")
         pos += accepted
         if pos < len(result.tokens):
@@ -122,3 +124,29 @@ def spec_steps_html(tokenizer: Any, result: Any) -> str:
         pos += 1
         pieces.append("<span style='color:#aaa'>|</span>")
     return "<div style='font-family:monospace;white-space:pre-wrap;line-height:1.6'>" + "".join(pieces) + "</div>"
+
+
+def tree_steps_html(tokenizer: Any, result: Any, max_steps: int = 8) -> str:
+    """The first token-tree steps of a generation, each tree drawn by depth: the accepted path
+    green, the other nodes grey and struck through, then the target's own token blue."""
+    import html
+
+    stats, pieces = result.stats, []
+    starts = [1]  # where each step's tokens begin in result.tokens (tokens[0] came from the prefill)
+    for accepted in stats.accepted_lengths:
+        starts.append(starts[-1] + accepted + 1)
+    for step, parents, path in stats.tree_steps[:max_steps]:
+        drafted = stats.draft_tokens[step]
+        depth = [0] * len(parents)
+        for i, parent in enumerate(parents):
+            depth[i] = 1 if parent < 0 else depth[parent] + 1
+        rows = [f"<b>step {step + 1}</b>: {len(path)} of {len(drafted)} nodes accepted"]
+        for i, token in enumerate(drafted):
+            style = "background:#c8f0c8" if i in path else "color:#999;text-decoration:line-through"
+            rows.append("&nbsp;" * 4 * depth[i] + f"└ <span style='{style}'>{html.escape(repr(tokenizer.decode([token])))}</span>")
+        at = starts[step] + len(path)
+        if at < len(result.tokens):
+            rows.append("&nbsp;" * 4 * (len(path) + 1) + f"<span style='color:#1f5fbf;font-weight:bold'>"
+                        f"{html.escape(repr(tokenizer.decode(result.tokens[at : at + 1])))}</span> (the target's)")
+        pieces.append("<br>".join(rows))
+    return "<div style='font-family:monospace;line-height:1.5'>" + "<hr>".join(pieces) + "</div>"

@@ -207,7 +207,7 @@ class HostSpeculation:
         engine = req.engine
         tokens = [req.context[-1], *draft.tokens]  # node 0: the last context token
         path, next_token, columns = tree_verify(engine, draft.tree(), self.hook).run(tokens, req.eos_mask, req.eos_block)
-        req.stats.tree_steps.append((draft.parents, [n - 1 for n in path]))
+        req.stats.tree_steps.append((len(req.stats.draft_tokens), draft.parents, [n - 1 for n in path]))
         if self.hook is not None:
             self.hook.take(columns, len(req.context) + 1 + len(path))
         return [tokens[n] for n in path] + [next_token]

@@ -200,8 +200,33 @@ def test_rank_acceptance_recovers_the_chances_it_was_drawn_with() -> None:
         u = rng.random()
         return 0 if u < p[0] else 1 if u < p[0] + p[1] else None
 
-    steps = [([q - 1 for q in tree.parents[1:]], [n - 1 for n in _walk_with_ranks(tree, outcome)]) for _ in range(4000)]
+    steps = [(i, [q - 1 for q in tree.parents[1:]], [n - 1 for n in _walk_with_ranks(tree, outcome)]) for i in range(4000)]
     fitted = rank_acceptance(steps)
     assert fitted == pytest.approx(p, abs=0.03)
-    measured_tau = 1 + sum(len(path) for _, path in steps) / len(steps)
+    measured_tau = 1 + sum(len(path) for _, _, path in steps) / len(steps)
     assert expected_tree_tokens(tree, fitted) == pytest.approx(measured_tau, rel=0.03)
+
+
+def test_step_views_show_the_accepted_path_of_each_tree() -> None:
+    """spec_steps_html and tree_steps_html on a tree run: the green (accepted) and blue (the
+    target's) tokens, in order, are the output; every drafted node is drawn once."""
+    import re
+
+    from labkit.notebook import spec_steps_html, tree_steps_html
+
+    class Tok:
+        def decode(self, ids, **_):
+            return "".join(f"<{i}>" for i in ids)
+
+    engine = _engine("torch")
+    prompt, cfg = list(range(3, 25)), GenerationConfig(max_new_tokens=30, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    result = generate(engine, prompt, cfg, Speculation(OracleTreeDrafter(want, len(prompt), SHAPES["binary"], 96, seed=3), 3))
+    steps_view = spec_steps_html(Tok(), result)
+    kept = re.findall(r"style='(background:#c8f0c8|color:#1f5fbf[^']*)'>&lt;(\d+)&gt;", steps_view)
+    assert [int(t) for _, t in kept] == result.tokens
+    trees_view = tree_steps_html(Tok(), result, max_steps=100)
+    tree_steps = result.stats.tree_steps
+    assert trees_view.count("└") == sum(len(result.stats.draft_tokens[step]) for step, _, _ in tree_steps)
+    assert trees_view.count("background:#c8f0c8") == sum(len(path) for _, _, path in tree_steps) > 0
+    assert 0 < trees_view.count("(the target's)") <= len(tree_steps)

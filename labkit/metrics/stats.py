@@ -22,8 +22,8 @@ class GenerationStats:
     accepted_lengths: list[int] = field(default_factory=list)  # per target step: draft tokens that stood
     draft_tokens: list[list[int]] = field(default_factory=list)  # per target step: the proposals themselves
     k_trace: list[int] = field(default_factory=list)  # per speculative step: the K the controller asked for
-    tree_steps: list[tuple[list[int], list[int]]] = field(default_factory=list)  # per token-tree step: (the draft's
-    # parents, the accepted path as draft indices), for the speedup model's tree form (specdec/speedup.py)
+    tree_steps: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # per token-tree step: (its index
+    # among the steps, the draft's parents, the accepted path as draft indices): the speedup model's tree form, tree views
     controller: str = ""
     lossless: bool = True  # False when a lossy acceptance policy decided
     draft_s: float = 0.0

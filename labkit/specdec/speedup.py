@@ -155,13 +155,13 @@ def expected_tree_tokens(tree: TokenTree, p: list[float]) -> float:
     return 1.0 + sum(stands[1:])
 
 
-def rank_acceptance(tree_steps: list[tuple[list[int], list[int]]]) -> list[float]:
-    """p_r from tree steps (GenerationStats.tree_steps: the draft's parents, the accepted path):
+def rank_acceptance(tree_steps: list[tuple[int, list[int], list[int]]]) -> list[float]:
+    """p_r from tree steps (GenerationStats.tree_steps: step, the draft's parents, the accepted path):
     at every node the path reached, each rank its children offer was a trial, and the rank the
     path took (if any) a success. The chain's alpha_from_steps when every node has one child."""
     hits: list[int] = []
     trials: list[int] = []
-    for parents, path in tree_steps:
+    for _, parents, path in tree_steps:
         tree = TokenTree([-1, *(q + 1 for q in parents)])
         kids, ranks = tree.children(), child_ranks(tree)
         for node, taken in zip([0, *(n + 1 for n in path)], [*(n + 1 for n in path), None], strict=True):
