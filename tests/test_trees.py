@@ -230,3 +230,26 @@ def test_step_views_show_the_accepted_path_of_each_tree() -> None:
     assert trees_view.count("└") == sum(len(result.stats.draft_tokens[step]) for step, _, _ in tree_steps)
     assert trees_view.count("background:#c8f0c8") == sum(len(path) for _, _, path in tree_steps) > 0
     assert 0 < trees_view.count("(the target's)") <= len(tree_steps)
+
+
+class ChainOf(Drafter):
+    """The first path of another drafter's trees, as a chain."""
+
+    def __init__(self, inner: Drafter) -> None:
+        self.inner, self.name = inner, "chain-of"
+
+    def propose(self, context, k, config, generator) -> Draft:
+        return self.inner.propose(context, k, config, generator).main_chain()
+
+
+def test_sampling_verifies_a_trees_first_path_as_a_chain() -> None:
+    """With sampling (rejection sampling, lossless on chains) a tree draft is cut to its first
+    path: the same tokens, seed for seed, as a drafter that proposes that chain."""
+    engine = _engine("torch")
+    prompt = list(range(3, 25))
+    want = generate(engine, prompt, GenerationConfig(max_new_tokens=30, stop_at_eos=False)).tokens
+    cfg = GenerationConfig(max_new_tokens=30, stop_at_eos=False, temperature=0.8, seed=5)
+    tree_run = generate(engine, prompt, cfg, Speculation(OracleTreeDrafter(want, len(prompt), SHAPES["binary"], 96), 3))
+    chain_run = generate(engine, prompt, cfg, Speculation(ChainOf(OracleTreeDrafter(want, len(prompt), SHAPES["binary"], 96)), 3))
+    assert tree_run.tokens == chain_run.tokens and not tree_run.stats.tree_steps
+    assert tree_run.stats.draft_tokens == chain_run.stats.draft_tokens and max(map(len, tree_run.stats.draft_tokens)) <= 3

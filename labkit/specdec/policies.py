@@ -10,6 +10,12 @@ Terms (as in vLLM's rejection sampler):
 - bonus token: sampled from p at position K when every draft token was accepted.
 
 A lossless policy leaves the output distribution exactly the target's (greedy: identical tokens).
+
+Token trees (specdec/tree.py) are verified by greedy acceptance inside the verify step only (a
+`fused_greedy` policy, phases not timed apart: labkit/tree_verify.py). Anywhere else (sampling,
+a lossy policy, timed phases) a tree draft is cut to its first path and verified as a chain, so
+every policy keeps its `lossless` declaration; multi-draft rejection sampling over a tree
+(SpecInfer's) is not built yet.
 """
 
 from __future__ import annotations
