@@ -48,16 +48,19 @@ static void rms_norm(const float *x, const float *w, float eps, int64_t M, int64
 }
 
 /* scratch: M * (dim + (nh + 2 nkv) D) floats. cos, sin: (S_rope, D) tables, sin's first half
- * negated, so rotate_half(x) * sin == roll(x, D/2) * sin. Caches: (nkv, S, D). q_out: (M, nh, D). */
+ * negated, so rotate_half(x) * sin == roll(x, D/2) * sin. Caches: (nkv, S, D). q_out: (M, nh, D).
+ * Row t is written at cache slot pos[t] and rotated by rope_pos[t] (a token tree's depth), or by
+ * pos[t] when rope_pos is NULL. */
 void norm_qkv_rope(const float *x, int64_t M, int64_t dim, const float *norm_w, float eps, const block_weight *w,
                    const float *cos_t, const float *sin_t, const int64_t *pos, float *k_cache, float *v_cache,
-                   int64_t S, int64_t nh, int64_t nkv, int64_t D, float *q_out, float *scratch) {
+                   int64_t S, int64_t nh, int64_t nkv, int64_t D, float *q_out, float *scratch, const int64_t *rope_pos) {
     float *h = scratch, *qkv = scratch + M * dim;
     rms_norm(x, norm_w, eps, M, dim, h);
     linear(w, h, M, qkv);
     const int64_t width = (nh + 2 * nkv) * D, half = D / 2;
     for (int64_t t = 0; t < M; t++) {
-        const float *c = cos_t + pos[t] * D, *s = sin_t + pos[t] * D;
+        const int64_t r = rope_pos ? rope_pos[t] : pos[t];
+        const float *c = cos_t + r * D, *s = sin_t + r * D;
         for (int64_t head = 0; head < nh + nkv; head++) {
             const float *src = qkv + t * width + head * D;
             float *dst = head < nh ? q_out + (t * nh + head) * D : k_cache + ((head - nh) * S + pos[t]) * D;
@@ -72,9 +75,12 @@ void norm_qkv_rope(const float *x, int64_t M, int64_t dim, const float *norm_w, 
 }
 
 /* q: (M, nh, D); out: (M, nh*D). Row t sees keys lo..pos[t], lo = pos[t] - window + 1 with a
- * window, else 0. scratch: M * nh * S floats (each (row, head) its scores). */
+ * window, else 0; with a token tree (tree_mask (M, n_tree) int8, else NULL) of those in the
+ * tree's slots tree_base..tree_base+n_tree-1 only the ones its mask row allows.
+ * scratch: M * nh * S floats (each (row, head) its scores). */
 void attention(const float *q, int64_t M, const float *k_cache, const float *v_cache, int64_t S, const int64_t *pos,
-               int64_t nh, int64_t nkv, int64_t D, float scale, int64_t window, float *out, float *scratch) {
+               int64_t nh, int64_t nkv, int64_t D, float scale, int64_t window, float *out, float *scratch,
+               const int8_t *tree_mask, int64_t tree_base, int64_t n_tree) {
     const int64_t group = nh / nkv;
     #pragma omp parallel for schedule(static)
     for (int64_t item = 0; item < M * nh; item++) {
@@ -83,8 +89,13 @@ void attention(const float *q, int64_t M, const float *k_cache, const float *v_c
         const float *qr = q + item * D;
         const float *kc = k_cache + kv * S * D, *vc = v_cache + kv * S * D;
         float *p = scratch + item * S;
+        const int8_t *allowed = tree_mask ? tree_mask + t * n_tree : NULL;
         float mx = -INFINITY;
         for (int64_t s = lo; s <= hi; s++) {
+            if (allowed && s >= tree_base && s < tree_base + n_tree && !allowed[s - tree_base]) {
+                p[s] = -INFINITY;  /* a tree node that is not this row's ancestor */
+                continue;
+            }
             float dot = 0.f;
             for (int64_t j = 0; j < D; j++) dot += qr[j] * kc[s * D + j];
             p[s] = dot * scale;
@@ -92,7 +103,7 @@ void attention(const float *q, int64_t M, const float *k_cache, const float *v_c
         }
         float sum = 0.f;
         for (int64_t s = lo; s <= hi; s++) {
-            p[s] = expf(p[s] - mx);
+            p[s] = p[s] == -INFINITY ? 0.f : expf(p[s] - mx);
             sum += p[s];
         }
         float *o = out + item * D;  /* (t, head) row of (M, nh*D) */

@@ -160,7 +160,7 @@ def warm_up(engine: Engine, max_k: int = 0, prompt_len: int = 1024, drafter: Dra
     if drafter is not None:
         for tree in drafter.tree_shapes(max_k):  # token trees: one captured step per shape
             engine.ensure_capacity(tree.size + 1)
-            tree_verify(engine, tree, drafter.verify_hook)
+            tree_verify(engine, tree.size, max(tree.depths()), drafter.verify_hook)
         engine.reset()
     if max_k:
         warm_up_kernels(engine.device)

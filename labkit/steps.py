@@ -206,7 +206,9 @@ class HostSpeculation:
         assert draft.parents is not None
         engine = req.engine
         tokens = [req.context[-1], *draft.tokens]  # node 0: the last context token
-        path, next_token, columns = tree_verify(engine, draft.tree(), self.hook).run(tokens, req.eos_mask, req.eos_block)
+        tree = draft.tree()
+        step = tree_verify(engine, tree.size, max(tree.depths()), self.hook)
+        path, next_token, columns = step.run(tree, tokens, req.eos_mask, req.eos_block)
         req.stats.tree_steps.append((len(req.stats.draft_tokens), draft.parents, [n - 1 for n in path]))
         if self.hook is not None:
             self.hook.take(columns, len(req.context) + 1 + len(path))

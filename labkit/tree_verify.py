@@ -14,8 +14,11 @@ draft made, all in one step (specdec/tree.py defines the terms).
      root, so the cache holds the accepted text in order;
   4. with a verify hook (EAGLE), the drafter's next draft from the path's hidden states, handed
      the path as the chain verify would hand its rows (graphs.VerifyHook).
-On a GPU that captures graphs the step is one captured graph per shape, and the host reads one
-row back: [accepted, next token, the path's nodes by depth, the hook's columns].
+The tree's structure (parents, hence depths, ancestors, sibling order) is data in the step's
+buffers, copied in when it changes: one TreeVerify (on a GPU that captures graphs, one captured
+graph) serves every tree of N nodes and depth at most max_depth, static shapes and dynamic trees
+alike, and the host reads one row back: [accepted, next token, the path's nodes by depth (0 past
+its end), the hook's columns].
 """
 
 from __future__ import annotations
@@ -31,27 +34,23 @@ from labkit.specdec.tree import TokenTree
 
 class TreeVerify:
     @torch.inference_mode()  # its capture runs the step, which writes the (inference-mode) cache
-    def __init__(self, engine: Engine, tree: TokenTree, hook: VerifyHook | None = None) -> None:
+    def __init__(self, engine: Engine, size: int, max_depth: int, hook: VerifyHook | None = None) -> None:
         if getattr(engine.model, "family", "") != "llama" or engine.batch_size != 1:
             raise LabkitError("token trees run on Llama-family models at batch size 1")
         if hook is not None and not engine.model.keep_hidden:
             raise LabkitError("a verify hook reads the hidden states: call keep_hidden_states first")
-        self.engine, self.tree, self.hook = engine, tree, hook
-        N, device = tree.size, engine.device
-        depths = tree.depths()
-        self.max_depth = max(depths)
+        self.engine, self.size, self.max_depth, self.hook = engine, size, max_depth, hook
+        N, device = size, engine.device
         self.tokens = torch.zeros(1, N, dtype=torch.long, device=device)  # (1, N) root's token, then the drafts
         self.slots = torch.arange(N, device=device)  # (N,) start + i
-        self.depth = torch.tensor(depths, device=device)  # (N,)
-        self.parent = torch.tensor([max(p, 0) for p in tree.parents], device=device)  # (N,) the root its own
-        ancestors = tree.ancestor_mask()  # (N, N) bool
-        self.ancestors = ancestors.to(device)
-        self.levels = torch.arange(1, self.max_depth + 1, device=device)  # (maxD,)
-        # deepest first, then the lowest index: the walk's choice as one argmax
-        self.rank = (self.depth * N + (N - 1 - torch.arange(N, device=device)))  # (N,)
+        self.structure = torch.zeros(3, N, dtype=torch.long, device=device)  # depth, parent (the root its own), walk rank
+        self.depth, self.parent, self.rank = self.structure.unbind(0)  # (N,) each
+        self.levels = torch.arange(1, max_depth + 1, device=device)  # (maxD,)
         self.attn = TreeAttention(torch.zeros(N, dtype=torch.long, device=device),  # start + depth
                                   torch.zeros(1, dtype=torch.long, device=device),  # start
-                                  ancestors.to(torch.int8).to(device))
+                                  torch.zeros(N, N, dtype=torch.int8, device=device))  # ancestor mask
+        self.parents: list[int] = []  # the structure in the buffers
+        self.set_tree(TokenTree.chain(N - 1) if N - 1 <= max_depth else TokenTree([-1] + [0] * (N - 1)))
         self.eos_mask = torch.zeros(engine.args.vocab_size, dtype=torch.bool, device=device)  # (V,)
         self.block = torch.zeros(1, dtype=torch.long, device=device)  # EOS blocked at depths < this
         self.out = torch.empty(0)  # (2 + maxD + hook columns,) what the host reads
@@ -59,20 +58,34 @@ class TreeVerify:
         self.captured = engine.graphs_safe and engine.device.type == "cuda"
         self.graph = capture(engine, self._body, lambda: self._place(engine.cache.max_len - N)) if self.captured else None
 
+    @torch.inference_mode()
+    def set_tree(self, tree: TokenTree) -> None:
+        """Copy a tree's structure into the buffers (nothing when it is the one there)."""
+        if tree.parents == self.parents:
+            return
+        N, depths = self.size, tree.depths()
+        if tree.size != N or max(depths) > self.max_depth:
+            raise LabkitError(f"this tree step takes {N} nodes at most {self.max_depth} deep, got {tree.size} nodes {max(depths)} deep")
+        depth = torch.tensor(depths)
+        rank = depth * N + (N - 1 - torch.arange(N))  # deepest first, then the lowest index: the walk's choice as one argmax
+        self.structure.copy_(torch.stack((depth, torch.tensor([max(p, 0) for p in tree.parents]), rank)), non_blocking=True)
+        self.attn.mask.copy_(tree.ancestor_mask().to(torch.int8), non_blocking=True)
+        self.parents = list(tree.parents)
+
     def _place(self, start: int) -> None:
-        torch.arange(start, start + self.tree.size, out=self.slots)
+        torch.arange(start, start + self.size, out=self.slots)
         torch.add(self.depth, start, out=self.attn.rope_pos)
         self.attn.base.fill_(start)
 
     def _mask(self, attend_len: int) -> torch.Tensor | None:
         """(N, attend_len) bool for the PyTorch layers (None where the fused layers read the tree)."""
         model = self.engine.model
-        if model.layer_ops is not None and getattr(model.layer_ops, "TREES", False) and model.runs_fused(self.tree.size):
+        if model.layer_ops is not None and getattr(model.layer_ops, "TREES", False) and model.runs_fused(self.size):
             return None
         keys = torch.arange(attend_len, device=self.slots.device)  # (S,)
         node = keys - self.attn.base  # (S,) the tree node at each key, negative before the tree
-        in_tree = (node >= 0) & (node < self.tree.size)
-        allowed = self.ancestors[:, node.clamp(0, self.tree.size - 1)]  # (N, S)
+        in_tree = (node >= 0) & (node < self.size)
+        allowed = self.attn.mask.bool()[:, node.clamp(0, self.size - 1)]  # (N, S)
         return (keys[None, :] <= self.slots[:, None]) & (~in_tree[None, :] | allowed)
 
     def _body(self) -> None:
@@ -102,23 +115,25 @@ class TreeVerify:
         """tokens (N,) the nodes' tokens, targets (N,) the target's greedy token after each node ->
         (accepted drafts, next token) (2,) and the path's node at each depth (maxD,; 0 past its
         end): specdec.tree.greedy_walk on the device, with no host read."""
+        ancestors = self.attn.mask.bool()  # (N, N)
         match = (tokens == targets[self.parent]) | (self.depth == 0)  # (N,) drafted what its parent's row says
-        accepted = ~(self.ancestors & ~match[None, :]).any(-1)  # (N,) it and every ancestor matched
+        accepted = ~(ancestors & ~match[None, :]).any(-1)  # (N,) it and every ancestor matched
         # (1,), not a 0-d index: indexing by a 0-d tensor reads it on the host, which capture forbids
         best = torch.where(accepted, self.rank, -1).argmax(0, keepdim=True)  # (1,) the path's last node
         verdict = torch.cat((self.depth[best], targets[best]))  # (2,)
-        path = (self.ancestors[best] & (self.depth[None, :] == self.levels[:, None])).int().argmax(-1)  # (maxD,)
+        path = (ancestors[best] & (self.depth[None, :] == self.levels[:, None])).int().argmax(-1)  # (maxD,)
         return verdict, path
 
     @torch.inference_mode()
-    def run(self, tokens: list[int], eos_mask: torch.Tensor, block: int) -> tuple[list[int], int, list[int]]:
+    def run(self, tree: TokenTree, tokens: list[int], eos_mask: torch.Tensor, block: int) -> tuple[list[int], int, list[int]]:
         """The tree's tokens (N: the root's, then the drafts) at the next cache slots -> (the
         accepted path's nodes, the next token, the hook's columns). The cache then holds the root
         and the path; their hidden states are kept for drafters."""
         engine = self.engine
+        self.set_tree(tree)
         start = engine.length
-        if start + self.tree.size > engine.cache.max_len:
-            raise LabkitError(f"a tree of {self.tree.size} nodes does not fit after {start} cached positions")
+        if start + self.size > engine.cache.max_len:
+            raise LabkitError(f"a tree of {self.size} nodes does not fit after {start} cached positions")
         self.tokens.copy_(torch.tensor([tokens], device=engine.device), non_blocking=True)
         self.eos_mask.copy_(eos_mask, non_blocking=True)
         self.block.fill_(block)
@@ -136,8 +151,9 @@ class TreeVerify:
         return out[2 : 2 + n], out[1], out[2 + self.max_depth :]
 
 
-def tree_verify(engine: Engine, tree: TokenTree, hook: VerifyHook | None = None) -> TreeVerify:
-    """The engine's TreeVerify for this tree shape and hook, made once per shape, attention span
-    and capture mode (a new request may change either: then it is captured again)."""
-    key = ("tree", tuple(tree.parents), hook, engine.graphs_safe)
-    return engine.captured(key, lambda: TreeVerify(engine, tree, hook))
+def tree_verify(engine: Engine, size: int, max_depth: int, hook: VerifyHook | None = None) -> TreeVerify:
+    """The engine's TreeVerify for trees of `size` nodes at most max_depth deep and this hook, made
+    once per attention span and capture mode (a new request may change either: then it is
+    captured again)."""
+    key = ("tree", size, max_depth, hook, engine.graphs_safe)
+    return engine.captured(key, lambda: TreeVerify(engine, size, max_depth, hook))

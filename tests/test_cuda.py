@@ -255,10 +255,16 @@ def test_cuda_token_trees_run_captured_and_stay_lossless(layer_kernels: str, dty
         got = generate(engine, prompt, cfg, Speculation(drafter, max(len(p) for p in paths)))
         assert got.tokens == want, name
         assert sum(got.stats.accepted_lengths) >= 15, name
-    trees = {key[1] for key in engine.graphs.keys() if key[0] == "tree"}
-    assert len(trees) == len(SHAPES) and engine.graphs_safe
+    trees = {key[1:3] for key in engine.graphs.keys() if key[0] == "tree"}  # (nodes, depth): one captured step each
+    assert trees == {(5, 1), (4, 3), (8, 3), (8, 4)} and engine.graphs_safe
     eagle = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(depth=3), width=3), 3))
     assert eagle.tokens == want
+    if layer_kernels == "auto":  # EAGLE-2's dynamic trees: the draft layer's tree attention on the Triton kernels
+        from labkit.specdec.eagle_tree import DynamicTreeConfig
+
+        dynamic = EagleDrafter(engine, random_head(depth=3), tree=DynamicTreeConfig(depth=3, expand=2, width=3, nodes=7))
+        got = generate(engine, prompt, cfg, Speculation(dynamic, 3))
+        assert got.tokens == want and got.stats.tree_steps
 
 
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])

@@ -85,21 +85,24 @@ def test_chat_template_is_applied_by_default(embedded) -> None:
 @pytest.mark.parametrize("ks, other_ks", [((1, 3, 8), (3,)), pytest.param(tuple(range(1, 9)), (1, 3, 8), marks=pytest.mark.slow)])
 def test_speculation_is_lossless_on_the_suite(embedded, gguf_engine, ks, other_ks) -> None:
     """Every drafter, one prompt per category of the suite: identical to plain greedy. Prompt lookup
-    at K 1, 3, 8 and the layer drafters at K 3 in make test; K 1 to 8 and 1, 3, 8 in make test-slow."""
+    at K 1, 3, 8 and the layer drafters and n-gram trees (through the C layer operations' tree
+    mask) at K 3 in make test; K 1 to 8 and 1, 3, 8 in make test-slow."""
     from labkit.generate import Speculation
     from labkit.specdec import make_drafter
 
     cfg = GenerationConfig(max_new_tokens=16)
-    drafters = {kind: make_drafter(kind, gguf_engine, layers=10) for kind in ("ngram", "layerskip", "truncated")}
-    mismatches = []
+    drafters = {kind: make_drafter(kind, gguf_engine, layers=10) for kind in ("ngram", "layerskip", "truncated", "ngram-tree")}
+    mismatches, tree_steps = [], 0
     for prompt in load_suite(per_category=1):
         ids = encode_prompt(embedded.tokenizer, prompt.content)
         plain = generate(gguf_engine, ids, cfg).tokens
         for kind, drafter in drafters.items():
             for k in ks if kind == "ngram" else other_ks:
-                if generate(gguf_engine, ids, cfg, Speculation(drafter, k)).tokens != plain:
+                result = generate(gguf_engine, ids, cfg, Speculation(drafter, k))
+                tree_steps += len(result.stats.tree_steps)
+                if result.tokens != plain:
                     mismatches.append((prompt.id, kind, k))
-    assert mismatches == []
+    assert mismatches == [] and tree_steps >= 3
 
 
 def test_auto_weights_keep_the_path_a_timed_decode_step_finds_faster(embedded, gguf_engine, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -89,6 +89,20 @@ def test_each_operation_matches_its_reference() -> None:
     for window in (None, 6):
         y = ops.decode_attention(q, *caches, pos, 0.17, window)
         assert torch.allclose(y, layer_reference.decode_attention(q, *caches, pos, 0.17, window), atol=1e-5)
+    # a token tree: rotary positions apart from the slots, each row seeing its ancestors among the tree's slots
+    from labkit.specdec.tree import TokenTree
+
+    tree = TokenTree([-1, 0, 0, 1, 2])
+    rope_pos, base, mask = 20 + torch.tensor(tree.depths()), torch.tensor([20]), tree.ancestor_mask().to(torch.int8)
+    caches = [torch.randn(1, nkv, S, D, generator=gen) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    q = ops.norm_qkv_rope(x, *args, *caches, nh, rope_pos)
+    q_ref = layer_reference.norm_qkv_rope(x, *args, *ref_caches, nh, rope_pos)
+    assert torch.allclose(q, q_ref, atol=1e-4) and all(torch.allclose(c, r, atol=1e-4) for c, r in zip(caches, ref_caches, strict=True))
+    assert not torch.allclose(q, ops.norm_qkv_rope(x, *args, *[c.clone() for c in caches], nh), atol=1e-3)  # the depths mattered
+    y = ops.decode_attention(q, *caches, pos, 0.17, None, tree_base=base, tree_mask=mask)
+    assert torch.allclose(y, layer_reference.decode_attention(q, *caches, pos, 0.17, None, tree_base=base, tree_mask=mask), atol=1e-5)
+    assert not torch.allclose(y, ops.decode_attention(q, *caches, pos, 0.17, None), atol=1e-3)  # the mask mattered
     h = torch.randn(M, nh * D, generator=gen)
     assert torch.allclose(ops.linear_residual(h, block.wo.weight, block.wo.bias, x),
                           layer_reference.linear_residual(h, block.wo.weight, block.wo.bias, x), atol=1e-4)

@@ -86,10 +86,15 @@ def _engine(kernels: str):
         from labkit.kernels import layer_triton
 
         engine.model.layer_ops = layer_triton
+    if kernels == "cpu":  # GGUF blocks through the C layer operations (their tree mask and rotary positions)
+        from tests.test_layer_cpu import block_engine
+
+        engine = block_engine("llama", seed=4)
+        assert engine.layer_kernels == "cpu"
     return engine
 
 
-@pytest.mark.parametrize("kernels", ["torch", "reference"])
+@pytest.mark.parametrize("kernels", ["torch", "reference", "cpu"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_tree_speculation_is_plain_greedy_for_every_shape(shape: str, kernels: str) -> None:
     engine = _engine(kernels)
@@ -109,7 +114,8 @@ def test_the_device_walk_is_the_greedy_walk(shape: str) -> None:
     from labkit.tree_verify import TreeVerify
 
     tree = TokenTree.from_paths(SHAPES[shape])
-    verify = TreeVerify(_engine("torch"), tree)
+    verify = TreeVerify(_engine("torch"), tree.size, max(tree.depths()))
+    verify.set_tree(tree)
     g = torch.Generator().manual_seed(0)
     seen_depths = set()
     for _ in range(300):
@@ -125,7 +131,7 @@ def test_the_device_walk_is_the_greedy_walk(shape: str) -> None:
     assert seen_depths == set(range(max(tree.depths()) + 1))
 
 
-@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("kernels", ["reference", "triton", "cpu"])
 def test_a_tree_step_that_accepts_a_later_branch_moves_its_keys(kernels: str) -> None:
     """After a walk down a non-first branch the cache holds the path's keys in order: the next
     logits equal a plain pass over the accepted text (the fused layers' twins, and the Triton
@@ -140,18 +146,18 @@ def test_a_tree_step_that_accepts_a_later_branch_moves_its_keys(kernels: str) ->
     engine.prefill(torch.tensor([prompt[:-1]]))
     start = engine.length
     tree = TokenTree.from_paths(SHAPES["binary"])
-    verify = tree_verify(engine, tree)
+    verify = tree_verify(engine, tree.size, max(tree.depths()))
     no_eos = torch.zeros(engine.args.vocab_size, dtype=torch.bool)
     tokens = [prompt[-1], 50, 51, 52, 53, 54, 55, 56]
-    _, tokens[2], _ = verify.run(tokens, no_eos, 0)  # make node 2 (the second branch) right ...
+    _, tokens[2], _ = verify.run(tree, tokens, no_eos, 0)  # make node 2 (the second branch) right ...
     engine.set_length(start)
-    path, tokens[6], _ = verify.run(tokens, no_eos, 0)  # ... then its second child (node 6)
+    path, tokens[6], _ = verify.run(tree, tokens, no_eos, 0)  # ... then its second child (node 6)
     assert path == [2]
     engine.set_length(start)
-    path, nxt, _ = verify.run(tokens, no_eos, 0)
+    path, nxt, _ = verify.run(tree, tokens, no_eos, 0)
     assert path == [2, 6] and engine.length == start + 3
     after = engine.decode(torch.tensor([[nxt]]))  # (1, V)
-    fresh = _engine("reference")
+    fresh = _engine("cpu" if kernels == "cpu" else "reference")  # the same weights
     fresh.ensure_capacity(64)
     want = fresh.prefill(torch.tensor([prompt[:-1] + [prompt[-1], tokens[2], tokens[6], nxt]]))
     torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
@@ -253,3 +259,40 @@ def test_sampling_verifies_a_trees_first_path_as_a_chain() -> None:
     chain_run = generate(engine, prompt, cfg, Speculation(ChainOf(OracleTreeDrafter(want, len(prompt), SHAPES["binary"], 96)), 3))
     assert tree_run.tokens == chain_run.tokens and not tree_run.stats.tree_steps
     assert tree_run.stats.draft_tokens == chain_run.stats.draft_tokens and max(map(len, tree_run.stats.draft_tokens)) <= 3
+
+
+def test_ngram_trees_start_with_the_chain_and_follow_earlier_occurrences() -> None:
+    """NgramTreeDrafter's first path is NgramDrafter's chain, its other paths continue earlier
+    occurrences of the suffix (distinct), merged where they share a prefix; `fixed` keeps one
+    shape per K (branches chains of k, the first repeated)."""
+    from labkit.specdec.ngram import NgramDrafter, NgramTreeDrafter
+
+    cfg = GenerationConfig()
+    context = [1, 2, 3, 7, 8, 1, 2, 3, 9, 9, 1, 2, 3, 7, 5, 4, 1, 2, 3]  # "1 2 3" was followed by 7 8, 9 9, 7 5
+    chain = NgramDrafter().propose(context, 3, cfg, None)
+    tree = NgramTreeDrafter(branches=3).propose(context, 3, cfg, None)
+    assert chain.tokens == [7, 5, 4]
+    paths = {tuple(tree.tokens[n] for n in _path_to(tree.parents, leaf)) for leaf in _leaves(tree.parents)}
+    assert paths == {(7, 5, 4), (9, 9, 1), (7, 8, 1)}
+    assert tree.main_chain().tokens == chain.tokens and len(tree.tokens) == 8  # "7" shared by two paths
+    fixed = NgramTreeDrafter(branches=3, fixed=True)
+    drafts = fixed.propose(context, 3, cfg, None)
+    assert drafts.tree().parents == fixed.tree_shapes(3)[2].parents and drafts.tokens[:3] == [7, 5, 4]
+    rng = random.Random(0)
+    for _ in range(200):  # on random contexts the first path is always the chain drafter's draft
+        ctx = [rng.randrange(4) for _ in range(rng.randrange(2, 40))]
+        want = NgramDrafter().propose(ctx, 4, cfg, None).tokens
+        for drafter in (NgramTreeDrafter(branches=3), NgramTreeDrafter(branches=2, fixed=True)):
+            got = drafter.propose(ctx, 4, cfg, None)
+            assert got.main_chain().tokens[: len(want)] == want
+
+
+def _leaves(parents: list[int]) -> list[int]:
+    return [i for i in range(len(parents)) if i not in parents]
+
+
+def _path_to(parents: list[int], node: int) -> list[int]:
+    path = [node]
+    while parents[path[-1]] >= 0:
+        path.append(parents[path[-1]])
+    return path[::-1]

@@ -1,10 +1,12 @@
 """EAGLE chains and token trees over a grid of depths (K) and widths, in one run: what notebook
 2C's tree section shows, with the speedup model's tree form beside each measurement.
 
-Every cell generates the same prompts greedily with EagleDrafter(width) at K; width 1 is the
-chain. A cell's row: tokens per target step (tau) measured, the per-rank acceptance p_r fitted
-from its own tree steps, and tau predicted from them by E(tree, p) (specdec/speedup.py) for the
-tree it drafted, plus throughput and whether every output equals plain greedy's.
+Every cell generates the same prompts greedily at K: the chain (width 1), the chain with the
+next width - 1 candidates of each depth as leaves (width > 1), and EAGLE-2's dynamic tree
+(kind "dynamic": the draft layer expands its `width` best candidates per depth, 15 nodes at
+most). A cell's row: tokens per target step (tau) measured, the per-rank acceptance p_r fitted
+from its own tree steps, and tau predicted from them by E(tree, p) (specdec/speedup.py) over the
+trees it drafted, plus throughput and whether every output equals plain greedy's.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import Speculation, generate
 from labkit.specdec.eagle import EagleHead
-from labkit.specdec.eagle_drafter import EagleDrafter, chain_with_siblings
+from labkit.specdec.eagle_drafter import EagleDrafter
+from labkit.specdec.eagle_tree import DynamicTreeConfig
 from labkit.specdec.speedup import expected_tree_tokens, rank_acceptance
+from labkit.specdec.tree import TokenTree
 
 
 @dataclass
@@ -26,6 +30,7 @@ class TreeGridConfig:
     depths: list[int] = field(default_factory=lambda: [1, 2, 3])  # K: draft depth
     widths: list[int] = field(default_factory=lambda: [1, 2, 3])  # candidates per depth (1: the chain)
     max_new_tokens: int = 64
+    dynamic: bool = True  # also EAGLE-2's dynamic trees at each depth (needs the fused draft layer)
 
     def validate(self, head_depth: int) -> None:
         if not self.depths or not self.widths or min(self.depths) < 1 or min(self.widths) < 1 or self.max_new_tokens < 2:
@@ -42,23 +47,32 @@ def tree_grid(engine: Engine, head: EagleHead, prompts: list[list[int]], cfg: Tr
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, stop_at_eos=False)
     plain = [generate(engine, ids, gen) for ids in prompts]
     rows, shown = [], {}
-    for width in cfg.widths:
-        drafter = EagleDrafter(engine, head, width=width)
+    cells = [("chain" if w == 1 else "siblings", w) for w in cfg.widths] + ([("dynamic", max(cfg.widths))] if cfg.dynamic else [])
+    for kind, width in cells:
         for depth in cfg.depths:
+            drafter = EagleDrafter(engine, head, width=width) if kind != "dynamic" else EagleDrafter(engine, head, tree=DynamicTreeConfig(
+                depth=depth, expand=width, width=width, nodes=min(15, width + (depth - 1) * width * width)))
             results = [generate(engine, ids, gen, Speculation(drafter, depth)) for ids in prompts]
             steps = sum(r.stats.target_steps for r in results)
             tree_steps = [s for r in results for s in r.stats.tree_steps]
-            p = rank_acceptance(tree_steps) if width > 1 else [r_alpha(results)]
-            tree = chain_with_siblings([[0] * width] * depth).tree()
+            if tree_steps:
+                p = rank_acceptance(tree_steps)
+                predicted = sum(expected_tree_tokens(TokenTree([-1, *(q + 1 for q in parents)]), p)
+                                for _, parents, _ in tree_steps) / len(tree_steps)
+            else:
+                p = [r_alpha(results)]
+                predicted = expected_tree_tokens(TokenTree.chain(depth), p)
             rows.append({
-                "depth": depth, "width": width, "nodes": depth * width,
+                "kind": kind, "depth": depth, "width": width,
+                "nodes": sum(len(r.stats.draft_tokens[s]) for r in results for s, _, _ in r.stats.tree_steps) / len(tree_steps)
+                if tree_steps else depth,
                 "tau": sum(r.stats.new_tokens - 1 for r in results) / max(1, steps),
-                "tau_predicted": expected_tree_tokens(tree, p),
+                "tau_predicted": predicted,
                 "p_rank": p,
                 "tok_per_s": sum(r.stats.new_tokens for r in results) / sum(r.stats.total_s for r in results),
                 "identical": all(r.tokens == q.tokens for r, q in zip(results, plain, strict=True)),
             })
-            shown = {"results": results, "depth": depth, "width": width}
+            shown = {"results": results, "depth": depth, "width": width, "kind": kind}
     return rows, shown
 
 

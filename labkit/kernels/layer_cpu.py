@@ -34,8 +34,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _bind(lib: ctypes.CDLL) -> None:
     w = ctypes.POINTER(BlockWeight)
-    lib.norm_qkv_rope.argtypes = [_p, _i64, _i64, _p, _f32, w, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _p, _p]
-    lib.attention.argtypes = [_p, _i64, _p, _p, _i64, _p, _i64, _i64, _i64, _f32, _i64, _p, _p]
+    lib.norm_qkv_rope.argtypes = [_p, _i64, _i64, _p, _f32, w, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p]
+    lib.attention.argtypes = [_p, _i64, _p, _p, _i64, _p, _i64, _i64, _i64, _f32, _i64, _p, _p, _p, _i64, _i64]
     lib.linear_residual.argtypes = [_p, _i64, w, _p, _p]
     lib.norm_gate_up.argtypes = [_p, _i64, _i64, _p, _f32, w, _p, _p]
     lib.norm_head.argtypes = [_p, _i64, _i64, _p, _f32, w, _p, _p]
@@ -48,6 +48,7 @@ class CpuLayerOps:
 
     name = "cpu"
     ROW_POSITIONS = False  # one set of positions for every batch row (batched steps take the PyTorch layers)
+    TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention
 
     def __init__(self, linears: Iterable[Any]) -> None:
         """linears: the model's QuantLinear layers (a dense `weight`, its `bias`, and the blocks
@@ -81,27 +82,32 @@ class CpuLayerOps:
 
     def norm_qkv_rope(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, bias: torch.Tensor | None,
                       cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      n_heads: int) -> torch.Tensor:  # x (M, dim), caches (1, NKV, S, D) → q (M, NH, D)
+                      n_heads: int, rope_pos: torch.Tensor | None = None) -> torch.Tensor:  # x (M, dim), caches (1, NKV, S, D) → q (M, NH, D)
         B, nkv, S, D = k_cache.shape
         M, dim = x.shape
         if B != 1:
             raise LabkitError("the CPU layer operations decode batch 1")
-        self._check(x, norm_w, cos, sin, input_pos, k_cache, v_cache)
+        self._check(x, norm_w, cos, sin, input_pos, k_cache, v_cache, *([] if rope_pos is None else [rope_pos]))
         q = torch.empty(M, n_heads, D)
         scratch = torch.empty(M * (dim + (n_heads + 2 * nkv) * D))
         self.lib.norm_qkv_rope(x.data_ptr(), M, dim, norm_w.data_ptr(), eps, self._weight(w, bias), cos.data_ptr(), sin.data_ptr(),
-                               input_pos.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), S, n_heads, nkv, D, q.data_ptr(), scratch.data_ptr())
+                               input_pos.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), S, n_heads, nkv, D, q.data_ptr(), scratch.data_ptr(),
+                               _ptr(rope_pos))
         return q
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor, scale: float,
-                         window: int | None, counters: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:  # (M, NH*D)
+                         window: int | None, counters: torch.Tensor | None = None, span: int | None = None,
+                         tree_base: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None) -> torch.Tensor:  # (M, NH*D)
         _, nkv, S, D = k_cache.shape
         M, nh, _ = q.shape
         self._check(q, k_cache, v_cache, input_pos)
+        if tree_mask is not None and (tree_mask.dtype != torch.int8 or not tree_mask.is_contiguous() or tree_mask.shape[0] != M):
+            raise LabkitError(f"a tree mask is ({M}, N) contiguous int8, got {tuple(tree_mask.shape)} {tree_mask.dtype}")
         out = torch.empty(M, nh * D)
         scratch = torch.empty(M * nh * S)  # each (row, head)'s scores; only the first pos+1 of each are touched
         self.lib.attention(q.data_ptr(), M, k_cache.data_ptr(), v_cache.data_ptr(), S, input_pos.data_ptr(), nh, nkv, D, scale,
-                           window or 0, out.data_ptr(), scratch.data_ptr())
+                           window or 0, out.data_ptr(), scratch.data_ptr(), _ptr(tree_mask),
+                           0 if tree_base is None else int(tree_base), 0 if tree_mask is None else tree_mask.shape[1])
         return out
 
     def linear_residual(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.sampling import warp_logits
 from labkit.specdec.draft import Draft, Drafter
-from labkit.specdec.lookup import latest_match
+from labkit.specdec.ngram import NgramDrafter, NgramTreeDrafter
 
 
 def _pick(
@@ -124,51 +124,6 @@ class LayerSkipDrafter(Drafter):
         return Draft(tokens, _stack(probs))
 
 
-class NgramDrafter(Drafter):
-    """Prompt lookup: the rule of specdec/lookup.py (`latest_match`: the latest earlier
-    occurrence of the longest recent suffix, n = max_n down to min_n), and what followed it. No weights.
-
-    An index from each n-gram to its latest start grows with the context (which only grows
-    within a request), so a proposal costs O(max_n) dictionary lookups instead of a scan of the
-    whole context: on a GPU a step is a few hundred microseconds, and a Python scan of a few
-    hundred tokens is a sizeable share of it."""
-
-    name = "ngram"
-    replayable = True
-
-    def __init__(self, max_n: int = 3, min_n: int = 2) -> None:
-        # min_n 2: a single-token match guesses too often wrong, and on a CPU a verify of
-        # K+1 positions costs 1.2-1.5 decode steps (measured in the K-sweep).
-        if not 1 <= min_n <= max_n:
-            raise LabkitError(f"n-gram sizes need 1 <= min_n <= max_n, got {min_n}, {max_n}")
-        self.max_n, self.min_n = max_n, min_n
-        self._latest: dict[tuple[int, ...], int] = {}  # n-gram -> latest start that has a token after it
-        self._done = 0  # the index covers the context's first _done tokens ...
-        self._tail: tuple[int, ...] = ()  # ... which ended with these (the last max_n + 1 of them)
-
-    def start(self, prompt_ids: list[int], capacity: int) -> None:
-        self._latest, self._done, self._tail = {}, 0, ()
-
-    def _extend(self, context: list[int]) -> None:
-        """Index the n-grams that end before the context's last token and are not indexed yet.
-        Within a request the context only grows; a context that is not the indexed one grown
-        (shorter, or another ending where the index stopped) is indexed afresh. Checking the
-        tail, not the whole prefix, keeps a step O(new tokens) on a long prompt."""
-        done = self._done
-        if done > len(context) or tuple(context[max(0, done - len(self._tail)) : done]) != self._tail:
-            self._latest, done = {}, 0
-        for end in range(max(done, 1), len(context)):  # n-grams ending at end-1 have context[end] after them
-            for n in range(self.min_n, self.max_n + 1):
-                if end - n >= 0:
-                    self._latest[tuple(context[end - n : end])] = end - n
-        self._done, self._tail = len(context), tuple(context[-(self.max_n + 1) :])
-
-    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
-        self._extend(context)
-        match = latest_match(context, self.max_n, self.min_n, self._latest.get)
-        return Draft([] if match is None else context[match : match + k])
-
-
 class HeadsDrafter(Drafter):
     """Medusa-style draft heads (specdec/heads.py): K tokens from the target's own final hidden
     state at the position before the last context token, the one that predicted that token.
@@ -254,9 +209,7 @@ def check_drafter_options(kinds: list[str], draft_model: str | None, heads_path:
     check_heads_option(kinds, heads_path)
 
 
-# candidates per depth of an eagle-tree draft: on a tiny target's trained head, tokens per step
-# 2.00 (chain), 2.09, 2.14, 2.15 at widths 1-4 (tests/test_eagle.py's setting, 8 held-out texts)
-EAGLE_TREE_WIDTH = 3
+NGRAM_TREE_BRANCHES = 3  # earlier occurrences an ngram-tree draft follows at most
 
 
 def build_drafter(
@@ -303,15 +256,15 @@ def make_drafter(
 ) -> Drafter:
     """ngram | ngram-graph (prompt lookup whose greedy steps run on the device, specdec/lookup_steps.py) |
     layerskip | truncated | model | heads (trained DraftHeads, see labkit/heads_train.py) | eagle (a trained
-    EagleHead, labkit/eagle_train.py; `heads` carries either) | eagle-tree (the same head drafting token trees:
-    its chain with the next EAGLE_TREE_WIDTH - 1 candidates as leaves at every depth). Default depth for layerskip/truncated: a third of the target.
+    EagleHead, labkit/eagle_train.py; `heads` carries either) | eagle-tree (the same head drafting EAGLE-2's
+    dynamic trees, specdec/eagle_tree.py) | ngram-tree (prompt lookup's token trees). Default depth for layerskip/truncated: a third of the target.
     stop_below > 0: draft-confidence early stop (the drafter stops at its first token below it)."""
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
         raise LabkitError(f"--layers must be a whole number of at least 1, got {layers!r}")
     depth = layers if layers is not None else max(1, target.args.n_layers // 3)
     if not 0.0 <= stop_below < 1.0:
         raise LabkitError(f"the confidence threshold must be in [0, 1), got {stop_below}")
-    if kind in ("ngram", "ngram-graph") and stop_below > 0:
+    if kind in ("ngram", "ngram-graph", "ngram-tree") and stop_below > 0:
         raise LabkitError("the n-gram drafter has no probabilities: a confidence stop needs layerskip, truncated or model")
     if kind == "ngram-graph":
         from labkit.specdec.lookup_steps import LookupGraphDrafter
@@ -319,6 +272,9 @@ def make_drafter(
         return LookupGraphDrafter(target)
     if kind == "ngram":
         return NgramDrafter(max_n=ngram_max, min_n=ngram_min)
+    if kind == "ngram-tree":  # on a GPU that captures: one tree shape per K
+        # 1-grams too: their several continuations are what a tree verifies at once
+        return NgramTreeDrafter(max_n=ngram_max, min_n=1, branches=NGRAM_TREE_BRANCHES, fixed=target.cuda_graph)
     if kind == "layerskip":
         return LayerSkipDrafter(target, depth, stop_below)
     if kind == "truncated":
@@ -338,5 +294,9 @@ def make_drafter(
 
         if kind == "heads":
             return HeadsDrafter(target, heads)
-        return EagleDrafter(target, heads, width=EAGLE_TREE_WIDTH if kind == "eagle-tree" else 1)
+        if kind == "eagle-tree":
+            from labkit.specdec.eagle_tree import DynamicTreeConfig
+
+            return EagleDrafter(target, heads, tree=DynamicTreeConfig(depth=min(DynamicTreeConfig.depth, heads.cfg.depth)))
+        return EagleDrafter(target, heads)
     raise LabkitError(f"unknown drafter {kind!r}: use {', '.join(DRAFTERS)}")

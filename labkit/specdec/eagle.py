@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from labkit.errors import LabkitError
-from labkit.models.kvcache import KVCache
+from labkit.models.kvcache import KVCache, TreeAttention
 from labkit.models.llama import apply_rope
 
 ROPE_THETA = 10000.0
@@ -149,6 +149,7 @@ class EagleHead(nn.Module):
         pos: torch.Tensor,  # (B, T) or (T,) their positions (a device tensor: one graph serves every position)
         cache: KVCache,  # one layer, (1, B, nkv, S, hd), written at pos
         ops: Any = None,  # fused layer operations (kernels/layer_triton or layer_reference), or None
+        tree: TreeAttention | None = None,  # elements of a draft tree (pos: their cache slots; fused ops only)
     ) -> torch.Tensor:  # (B, T, D) predicted features
         """Elements at their positions; each attends to every cached element at or before its own
         position. The cache past a position may hold stale elements of a rejected chain: a
@@ -158,7 +159,9 @@ class EagleHead(nn.Module):
         mask (any device, capturable)."""
         self.rope_table(cache.max_len, feat.device)
         if ops is not None:
-            return self._fused(ops, feat, emb, pos, cache)
+            return self._fused(ops, feat, emb, pos, cache, tree)
+        if tree is not None:
+            raise LabkitError("draft trees run the draft layer through the fused layer operations (a CPU, or a GPU's Triton layers)")
         x, q, k, v = self._qkv(feat, emb, pos)
         B, _, T, _ = k.shape
         k_cache, v_cache = cache.k_layers[0], cache.v_layers[0]  # (B, nkv, S, hd)
@@ -170,7 +173,8 @@ class EagleHead(nn.Module):
         y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
         return self._finish(x, y)
 
-    def _fused(self, ops: Any, feat: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _fused(self, ops: Any, feat: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+               tree: TreeAttention | None = None) -> torch.Tensor:
         """forward_cached through the fused layer operations (llama.LlamaBlock.forward_fused's five)."""
         B, T, D = feat.shape
         eps = self.dims.norm_eps
@@ -178,8 +182,10 @@ class EagleHead(nn.Module):
         k_cache, v_cache = cache.k_layers[0], cache.v_layers[0]  # (B, nkv, S, hd)
         x = self.fc(torch.cat((emb, feat), dim=-1)).reshape(B * T, D)  # (M, D)
         q = ops.norm_qkv_rope(x, self.attn_norm.weight, eps, self.wqkv.weight, None, cos, sin, pos, k_cache, v_cache,
-                              self.dims.n_heads)  # (M, nh, hd)
-        y = ops.decode_attention(q, k_cache, v_cache, pos, 1.0 / math.sqrt(self.dims.head_dim), None, cache.counters[0])  # (M, nh*hd)
+                              self.dims.n_heads, *(() if tree is None else (tree.rope_pos,)))  # (M, nh, hd)
+        tree_args = {} if tree is None else {"tree_base": tree.base, "tree_mask": tree.mask}
+        y = ops.decode_attention(q, k_cache, v_cache, pos, 1.0 / math.sqrt(self.dims.head_dim), None, cache.counters[0],
+                                 **tree_args)  # (M, nh*hd)
         x = ops.linear_residual(y, self.wo.weight, None, x)  # (M, D)
         h = ops.norm_gate_up(x, self.mlp_norm.weight, eps, self.w_gate_up.weight, None)  # (M, hidden)
         return ops.linear_residual(h, self.w_down.weight, None, x).view(B, T, D)

@@ -22,10 +22,23 @@ import torch
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
-from labkit.models.kvcache import KVCache
+from labkit.models.kvcache import KVCache, TreeAttention
 from labkit.specdec.draft import Draft, Drafter
 from labkit.specdec.eagle import EagleHead, draft_head_weight
+from labkit.specdec.eagle_tree import DynamicTreeConfig, dynamic_tree
 from labkit.specdec.tree import TokenTree
+
+
+def shallower(draft: Draft, k: int) -> Draft:
+    """A tree draft without its nodes deeper than k (parents re-indexed)."""
+    assert draft.parents is not None
+    depth, keep, index = [0] * len(draft.parents), list[int](), {-1: -1}
+    for i, parent in enumerate(draft.parents):
+        depth[i] = 1 if parent < 0 else depth[parent] + 1
+        if depth[i] <= k:
+            index[i] = len(keep)
+            keep.append(i)
+    return Draft([draft.tokens[i] for i in keep], parents=[index[draft.parents[i]] for i in keep])
 
 
 def chain_with_siblings(top: list[list[int]]) -> Draft:
@@ -68,7 +81,8 @@ def token_embedding(model: Any) -> torch.nn.Module:
 
 
 class EagleDrafter(Drafter):
-    def __init__(self, target: Engine, head: EagleHead, dtype: torch.dtype | None = None, width: int = 1) -> None:
+    def __init__(self, target: Engine, head: EagleHead, dtype: torch.dtype | None = None, width: int = 1,
+                 tree: DynamicTreeConfig | None = None) -> None:
         if head.dims.dim != target.args.dim:
             raise LabkitError(f"this EAGLE head has width {head.dims.dim}, the target {target.args.dim}: train it for this target")
         target.keep_hidden_states(every_position=True)
@@ -89,10 +103,16 @@ class EagleDrafter(Drafter):
         if width < 1:
             raise LabkitError(f"EAGLE's tree width is the candidates per depth (>= 1), got {width}")
         self.width = width  # > 1: token trees (a chain and width-1 leaf siblings at every depth)
+        self.tree = tree  # dynamic trees (EAGLE-2): the draft layer expands its best candidates (eagle_tree.py)
         self.verify_hook = self
         if width > 1:
             self.name += f"-w{width}"
         self.ops = draft_layer_ops(target)
+        if tree is not None:
+            tree.validate(self.depth)
+            if self.ops is None:
+                raise LabkitError("dynamic EAGLE trees need the fused draft layer: a CPU, or a GPU target on Triton layers")
+            self.name += f"-tree{tree.nodes}"
         self.done = 0  # the draft cache holds the true elements 0..done-1
         self._prepared: tuple[int, list[int]] | None = None  # (context length, draft) the last verify made
         self._draft_cache: KVCache | None = None
@@ -105,7 +125,7 @@ class EagleDrafter(Drafter):
         verify and chain (captures write there), and the rotary table over them. Reallocated (at
         start, on the host) only when the target's cache was resized, which drops every captured
         graph that read the old buffers."""
-        S = self.target.cache.max_len + self.max_t + self.depth + 1
+        S = self.target.cache.max_len + self.max_t + self.depth + 1 + (self.tree.slots if self.tree is not None else 0)
         cache = self._draft_cache
         if cache is None or cache.max_len != S or cache.batch_size != B:
             dims = self.head.dims
@@ -114,12 +134,16 @@ class EagleDrafter(Drafter):
             self._draft_cache = cache
         return cache
 
-    def _elements(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """feats (B, T, D), tokens (B, T), pos (B, T) or (T,) -> predicted features (B, T, D), cache written."""
+    def elements(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, tree: TreeAttention | None = None) -> torch.Tensor:
+        """feats (B, T, D), tokens (B, T), pos (B, T) or (T,) -> predicted features (B, T, D), the
+        draft cache written at pos (a draft tree's elements: at their slots, tree attention)."""
         cache = self._draft_cache
         assert cache is not None
         return self.head.forward_cached(feats.to(self.dtype), self.embed(tokens).to(self.dtype),
-                                        pos.clamp(max=cache.max_len - 1), cache, self.ops)
+                                        pos.clamp(max=cache.max_len - 1), cache, self.ops, tree)
+
+    def log_probs(self, feat: torch.Tensor) -> torch.Tensor:  # (M, D) -> (M, N) over the draft vocabulary
+        return torch.log_softmax((feat @ self.weight.t()).float(), dim=-1)
 
     def _pick(self, feat: torch.Tensor, width: int = 1) -> torch.Tensor:  # (B, D) -> (B, width) target ids, best first
         logits = feat @ self.weight.t()  # (B, N)
@@ -131,7 +155,7 @@ class EagleDrafter(Drafter):
         top = self._pick(feat, width)  # (B, width)
         drafts = [top]
         for d in range(2, self.depth + 1):
-            feat = self._elements(feat[:, None], top[:, :1], (anchor + d - 1)[:, None])[:, 0]
+            feat = self.elements(feat[:, None], top[:, :1], (anchor + d - 1)[:, None])[:, 0]
             top = self._pick(feat, width)
             drafts.append(top)
         return torch.stack(drafts, dim=1)
@@ -144,6 +168,9 @@ class EagleDrafter(Drafter):
             self._warm_up()
 
     def tree_shapes(self, max_k: int) -> list[TokenTree]:
+        if self.tree is not None:  # any structure of `nodes` nodes: one step per depth
+            n = self.tree.nodes
+            return [TokenTree([-1, *range(d), *[0] * (n - d)]) for d in range(1, min(max_k, self.tree.depth) + 1)]
         if self.width == 1:
             return []
         return [chain_with_siblings([[0] * self.width] * k).tree() for k in range(1, min(max_k, self.depth) + 1)]
@@ -158,7 +185,7 @@ class EagleDrafter(Drafter):
         for n in (1, 2, 16):
             feats = torch.zeros(B, n, D, dtype=self.dtype, device=device)
             tokens = torch.zeros(B, n, dtype=torch.long, device=device)
-            self._elements(feats, tokens, torch.arange(n, device=device))
+            self.elements(feats, tokens, torch.arange(n, device=device))
         self._chain(torch.zeros(B, D, dtype=self.dtype, device=device), torch.zeros(B, dtype=torch.long, device=device))
         self._warm = True
 
@@ -172,8 +199,10 @@ class EagleDrafter(Drafter):
         rows = torch.arange(T, device=hidden.device)  # (T,)
         after = torch.cat((tokens[:, 1:], nxt[:, None]), dim=1)  # (B, T): the token after each row
         after = torch.where(rows[None] == accepted[:, None], nxt[:, None], after)
-        feats = self._elements(hidden, after, input_pos)  # (B, T, D)
+        feats = self.elements(hidden, after, input_pos)  # (B, T, D)
         anchor_feat = feats[torch.arange(B, device=hidden.device), accepted]  # (B, D)
+        if self.tree is not None:
+            return dynamic_tree(self, anchor_feat, input_pos[:1] + accepted, self.tree)[None]  # (1, 2 * nodes)
         return self._chain(anchor_feat, input_pos[0] + accepted, self.width).flatten(1)  # (B, depth * width)
 
     def take(self, tokens: list[int], context_len: int) -> None:
@@ -195,11 +224,18 @@ class EagleDrafter(Drafter):
         device = self.target.device
         tokens = torch.tensor([context[start + 1 : L]], device=device).expand(B, -1)  # (B, n)
         pos = torch.arange(start, L - 1, device=device)  # (n,)
-        anchor_feat = self._elements(feats, tokens, pos)[:, -1]  # (B, D)
+        anchor_feat = self.elements(feats, tokens, pos)[:, -1]  # (B, D)
         self.done = L - 1
-        return self._draft(self._chain(anchor_feat, torch.full((B,), L - 2, device=device), self.width)[0].flatten().tolist(), k)
+        anchor = torch.full((B,), L - 2, device=device)
+        if self.tree is not None:
+            return self._draft(dynamic_tree(self, anchor_feat, anchor, self.tree).tolist(), k)
+        return self._draft(self._chain(anchor_feat, anchor, self.width)[0].flatten().tolist(), k)
 
     def _draft(self, flat: list[int], k: int) -> Draft:
-        """(depth * width,) candidates, best first at each depth -> the first k depths' chain or tree."""
+        """(depth * width,) candidates, best first at each depth -> the first k depths' chain or tree;
+        with dynamic trees (2 * nodes,) tokens and parents -> the tree's nodes at most k deep."""
+        if self.tree is not None:
+            n = self.tree.nodes
+            return shallower(Draft(flat[:n], parents=flat[n:]), k)
         top = [flat[d * self.width : (d + 1) * self.width] for d in range(k)]
         return Draft([row[0] for row in top]) if self.width == 1 else chain_with_siblings(top)

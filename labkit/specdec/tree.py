@@ -97,3 +97,29 @@ def greedy_walk(tokens: list[int], tree: TokenTree, targets: list[int]) -> tuple
             return path, want
         path.append(hit)
         node = hit
+
+
+def trie(sequences: list[list[int]], max_nodes: int) -> tuple[list[int], list[int]]:
+    """Token sequences (each a path from the root, best first) merged where they share a prefix:
+    (tokens, parents) of a tree draft (parents index the tokens, -1 under the root), nodes in
+    topological order, the first sequence's path first-ranked, at most max_nodes nodes."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    index: dict[tuple[int, ...], int] = {}
+    for seq in sequences:
+        for d in range(len(seq)):
+            prefix = tuple(seq[: d + 1])
+            if prefix in index:
+                continue
+            if len(tokens) == max_nodes:
+                return tokens, parents
+            index[prefix] = len(tokens)
+            tokens.append(seq[d])
+            parents.append(index[prefix[:-1]] if d else -1)
+    return tokens, parents
+
+
+def parallel_chains(branches: int, k: int) -> list[int]:
+    """A tree draft's parents for `branches` chains of k tokens each under the root (chain b's
+    tokens at b*k..b*k+k-1)."""
+    return [-1 if d == 0 else b * k + d - 1 for b in range(branches) for d in range(k)]
