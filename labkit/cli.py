@@ -185,7 +185,10 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or Flags.from_env().dtype, device)
     loaded = load_model(args.model)
-    info = {"model_source": loaded.source, "device": str(device), "dtype": str(dtype), "arguments": vars(args)}
+    from labkit.bench.results import provenance
+
+    info = {"model_source": loaded.source, "device": str(device), "dtype": str(dtype), "arguments": vars(args),
+            "provenance": provenance(device, {"model_source": loaded.source})}  # the machine, versions and commit it came from
     if args.kind == "eagle":
         from labkit.eagle_train import train_eagle_for_model
         from labkit.specdec.eagle import save_eagle

@@ -193,7 +193,9 @@ def test_heads_train_then_generate_with_them(tiny_folder, tmp_path) -> None:
     assert rc == 0, err
     assert "trained 2 heads on 5 texts" in stdout and "held-out top-1 (1 texts): head 1" in stdout
     assert (out / "heads.json").is_file() and (out / "heads.safetensors").is_file()
-    assert json.loads((out / "heads.json").read_text())["info"]["chat"] is True  # the model has a chat template
+    info = json.loads((out / "heads.json").read_text())["info"]
+    assert info["chat"] is True  # the model has a chat template
+    assert info["provenance"]["device"]["type"] == "cpu" and info["provenance"]["git_commit"]  # where the heads came from
     rc, stdout, err = run_cli("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(tmp_path / "plain"),
                               "--no-chat", "--n-heads", "2", "--texts", "2", "--sampled-tokens", "2", "--greedy-tokens", "6", "--steps", "1")
     assert rc == 0, err

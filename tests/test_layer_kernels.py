@@ -191,6 +191,8 @@ def test_engine_with_triton_layers_gives_the_same_tokens(arch: str) -> None:
         engine.ensure_capacity(40)
         logits.append(torch.cat([engine.forward(ids[:, :17]), engine.decode(ids[:, 17:18])[:, None], engine.verify(ids[:, 18:])], 1))
     assert (logits[0] - logits[1]).abs().max().item() < 1e-4
+    if arch != "llama-untied":  # the interpreter takes ~20 s a model for these: one architecture is enough
+        return
     cfg = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
     prompt = ids[0, :9].tolist() * 2  # repeated, so that the n-gram drafter proposes
     want = generate(plain, prompt, cfg).tokens
