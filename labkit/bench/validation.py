@@ -121,6 +121,9 @@ def hf_truncated(hf_model: Any, depth: int) -> Any:
     return small
 
 
+HF_ASSISTED = ("ngram", "layerskip", "truncated")  # drafters transformers' assisted generation has a kind of
+
+
 def time_hf_assisted(hf_model: Any, kind: str, k: int, depth: int, assistant: Any, prompt_ids: list[int],
                      gen: GenerationConfig, device: torch.device) -> tuple[list[int], float]:
     """transformers' assisted generate (prompt lookup, early exit or an assistant model) at K."""
@@ -235,8 +238,8 @@ class _Validation:
         systems (transformers, eager labkit) on the first prompts of each category."""
         cfg = self.cfg
         fast = [*(name for name in self.engines if name == self.fast_name or self.engines[name].cuda_graph), *(f"labkit_{d}" for d in cfg.drafters)]
-        # transformers' assisted generation has no Medusa heads; its prompt lookup is hf_assisted_ngram
-        assisted = [f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else []) if d not in ("heads", "eagle", "eagle-tree", "ngram-graph")]
+        # transformers' assisted generation has prompt lookup (hf_assisted_ngram) and draft models, no heads, EAGLE or trees
+        assisted = [f"hf_assisted_{d}" for d in (cfg.drafters if cfg.hf_assisted else []) if d in HF_ASSISTED]
         return fast, ["hf_generate", *assisted, *(name for name in self.engines if name not in fast)]
 
     def out_of_time(self, i: int) -> bool:
