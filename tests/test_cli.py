@@ -210,10 +210,12 @@ def test_heads_train_then_generate_with_them(tiny_folder, tmp_path) -> None:
                               "--steps", "5", "--batch-size", "2")
     assert rc == 0, err
     assert "trained an EAGLE head" in stdout and "depth 3" in stdout and (out / "eagle.safetensors").is_file() and (out / "heads.json").is_file()
-    rc, stdout, err = run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "Tell me a story",
-                              "--max-tokens", "12", "--drafter", "eagle", "--heads", str(out), "--k", "3", "--json")
-    assert rc == 0, err
-    assert json.loads(stdout)["stats"]["drafter"].startswith("eagle-3")
+    for kind in ("eagle", "eagle-tree"):  # the chain, and EAGLE-2's dynamic trees
+        rc, stdout, err = run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "Tell me a story",
+                                  "--max-tokens", "12", "--drafter", kind, "--heads", str(out), "--k", "3", "--json")
+        assert rc == 0, err
+        stats = json.loads(stdout)["stats"]
+        assert stats["drafter"].startswith("eagle-3") and (("-tree" in stats["drafter"]) == (kind == "eagle-tree"))
     # nothing a user wrote is overwritten; a missing folder is a clear error
     for kind in ("heads", "eagle"):
         assert_clean_error(*run_cli("heads", "train", "--kind", kind, "--model", str(tiny_folder), "--device", "cpu", "--out", str(out)),
