@@ -13,6 +13,7 @@
 # on the machine finds neither the model package nor the converted cache. Any labkit command:
 #   ARGS="bench context --lengths 32,4096 --no-hf" bash scripts/device_run.sh labkit
 #   with draft heads:  DRAFTERS=ngram,heads HEADS=/tmp/heads bash scripts/device_run.sh heads validate
+#   trees:             DRAFTERS=ngram-graph,ngram-tree,eagle,eagle-tree HEADS=/tmp/eagle KS=3,4 bash scripts/device_run.sh eagle-carried validate
 # validate stops starting prompts after BUDGET s (default 420) so that one call (10 min) brings results back.
 # The device copy's .git is the session's first commit, so name the tree in the call:
 #   LABKIT_GIT_COMMIT=$(git rev-parse HEAD) (put the hash itself in the run command), or results say <first>-dirty.
@@ -97,7 +98,12 @@ case "$step" in
     ;;
   eagle)  # EAGLE-lite, self-distilled on this card (then: DRAFTERS=ngram-graph,eagle HEADS=/tmp/eagle ... validate)
     python3 -m labkit heads train --kind eagle --device cuda --out /tmp/eagle --texts "${TEXTS:-768}" --steps "${STEPS:-1500}" ${EAGLE_ARGS:-} 2>&1 | grep -v Warning | tail -4 | tee "$out/eagle_train.txt"
-    mkdir -p "$out/eagle" && cp /tmp/eagle/* "$out/eagle/"  # small: bring it home, to carry next time
+    # bring it home, to carry next time (.carry/eagle, then the eagle-carried step): the weights in
+    # parts under the 16 MB a returned file may have
+    mkdir -p "$out/eagle" && cp /tmp/eagle/eagle.json "$out/eagle/" && split -b 15M /tmp/eagle/eagle.safetensors "$out/eagle/eagle.safetensors.part_"
+    ;;
+  eagle-carried)  # an EAGLE head trained in an earlier session, carried in .carry/eagle (eagle.json, eagle.safetensors.part_*)
+    rm -rf /tmp/eagle && mkdir -p /tmp/eagle && cp .carry/eagle/eagle.json /tmp/eagle/ && cat .carry/eagle/eagle.safetensors.part_* > /tmp/eagle/eagle.safetensors
     ;;
   heads)  # Medusa-style draft heads, self-distilled on this card (then: DRAFTERS=ngram,heads HEADS=/tmp/heads ... validate)
     python3 -m labkit heads train --device cuda --out /tmp/heads --texts "${TEXTS:-768}" --steps "${STEPS:-1500}" 2>&1 | tail -4 | tee "$out/heads_train.txt"
@@ -115,6 +121,6 @@ case "$step" in
       -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters "${DRAFTERS:-ngram,layerskip,truncated}" -p heads "${HEADS:-}" \
       -p ks "${KS:-2,4,6,8}" -p compile "${COMPILE:-False}" -p time_budget_s "${BUDGET:-420}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|pytest|eagle|labkit|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|pytest|eagle|eagle-carried|labkit|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
 esac
 done
