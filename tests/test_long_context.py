@@ -14,6 +14,7 @@ from labkit.generate import Speculation, generate
 from labkit.models.kvcache import CAUSAL
 from labkit.models.tiny import tiny_hf_model
 from labkit.specdec import ModelDrafter, make_drafter
+from tests.test_eagle import random_head
 from tests.test_heads import random_heads
 
 CONTEXT = 1536
@@ -93,6 +94,8 @@ def drafters(target: Engine) -> dict:
         "self-model": ModelDrafter(self_draft, 96, name="self"),
         "heads": make_drafter("heads", target, heads=random_heads(target.args.dim, 4)),
         "layerskip+confidence": make_drafter("layerskip", target, layers=2, stop_below=0.3),
+        "ngram-tree": make_drafter("ngram-tree", target),  # token trees whose slots lie deep in the cache
+        "eagle-tree": make_drafter("eagle-tree", target, heads=random_head(depth=4)),  # EAGLE-2's expansion after 1,250 elements
     }
 
 
@@ -105,7 +108,7 @@ def test_long_request_after_a_short_one_is_lossless_for_every_drafter(k: int) ->
     cfg = GenerationConfig(max_new_tokens=32, stop_at_eos=False)
     short, long = long_prompt(40)[:40], long_prompt(1250, seed=1)
     for name, drafter in drafters(target).items():
-        kk = min(k, 4) if name == "heads" else k
+        kk = min(k, 4) if name in ("heads", "eagle-tree") else k
         for prompt in (short, long):
             want = generate(target, prompt, cfg).tokens
             got = generate(target, prompt, cfg, Speculation(drafter, kk))
