@@ -162,8 +162,8 @@ class HostSpeculation:
         with req.timer.phase("draft"):
             draft = self.drafter.propose(req.context, k, req.config, req.generator)
         if draft.parents is not None and (not self.fused or len(draft.tokens) + 1 > req.engine.max_seq_len - req.engine.length
-                                          or max(draft.tree().depths()) > k):
-            draft = draft.main_chain()  # trees: greedy acceptance inside the step, room for every node, no deeper than k
+                                          or max(draft.tree().depths()) > req.remaining - 1):
+            draft = draft.main_chain()  # trees: greedy acceptance inside the step, room for every node, within the budget
         if draft.parents is None:
             draft.tokens = draft.tokens[:k]
         draft_s = time.perf_counter() - t0

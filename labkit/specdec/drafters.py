@@ -257,7 +257,8 @@ def make_drafter(
     """ngram | ngram-graph (prompt lookup whose greedy steps run on the device, specdec/lookup_steps.py) |
     layerskip | truncated | model | heads (trained DraftHeads, see labkit/heads_train.py) | eagle (a trained
     EagleHead, labkit/eagle_train.py; `heads` carries either) | eagle-tree (the same head drafting EAGLE-2's
-    dynamic trees, specdec/eagle_tree.py) | ngram-tree (prompt lookup's token trees). Default depth for layerskip/truncated: a third of the target.
+    dynamic trees, specdec/eagle_tree.py, DynamicTreeConfig.depth deep whatever K) | ngram-tree (prompt
+    lookup's token trees, K deep). Default depth for layerskip/truncated: a third of the target.
     stop_below > 0: draft-confidence early stop (the drafter stops at its first token below it)."""
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
         raise LabkitError(f"--layers must be a whole number of at least 1, got {layers!r}")

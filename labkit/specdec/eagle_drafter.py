@@ -29,18 +29,6 @@ from labkit.specdec.eagle_tree import DynamicTreeConfig, dynamic_tree
 from labkit.specdec.tree import TokenTree
 
 
-def shallower(draft: Draft, k: int) -> Draft:
-    """A tree draft without its nodes deeper than k (parents re-indexed)."""
-    assert draft.parents is not None
-    depth, keep, index = [0] * len(draft.parents), list[int](), {-1: -1}
-    for i, parent in enumerate(draft.parents):
-        depth[i] = 1 if parent < 0 else depth[parent] + 1
-        if depth[i] <= k:
-            index[i] = len(keep)
-            keep.append(i)
-    return Draft([draft.tokens[i] for i in keep], parents=[index[draft.parents[i]] for i in keep])
-
-
 def chain_with_siblings(top: list[list[int]]) -> Draft:
     """The token tree of a chain (top[d][0] at depth d+1, each the child of the one before) whose
     nodes also have the other candidates top[d][1:] as leaf siblings, at every depth."""
@@ -168,9 +156,9 @@ class EagleDrafter(Drafter):
             self._warm_up()
 
     def tree_shapes(self, max_k: int) -> list[TokenTree]:
-        if self.tree is not None:  # any structure of `nodes` nodes: one step per depth
+        if self.tree is not None:  # any structure of `nodes` nodes: one step per depth (the tree's own, whatever K)
             n = self.tree.nodes
-            return [TokenTree([-1, *range(d), *[0] * (n - d)]) for d in range(1, min(max_k, self.tree.depth) + 1)]
+            return [TokenTree([-1, *range(d), *[0] * (n - d)]) for d in range(1, self.tree.depth + 1)]
         if self.width == 1:
             return []
         return [chain_with_siblings([[0] * self.width] * k).tree() for k in range(1, min(max_k, self.depth) + 1)]
@@ -233,9 +221,11 @@ class EagleDrafter(Drafter):
 
     def _draft(self, flat: list[int], k: int) -> Draft:
         """(depth * width,) candidates, best first at each depth -> the first k depths' chain or tree;
-        with dynamic trees (2 * nodes,) tokens and parents -> the tree's nodes at most k deep."""
+        with dynamic trees (2 * nodes,) tokens and parents -> the whole tree: its depth is the
+        drafter's (DynamicTreeConfig.depth), not K, so that every step verifies one captured size
+        (the generate loop cuts a tree that would pass the token budget to its first path)."""
         if self.tree is not None:
             n = self.tree.nodes
-            return shallower(Draft(flat[:n], parents=flat[n:]), k)
+            return Draft(flat[:n], parents=flat[n:])
         top = [flat[d * self.width : (d + 1) * self.width] for d in range(k)]
         return Draft([row[0] for row in top]) if self.width == 1 else chain_with_siblings(top)
