@@ -136,10 +136,10 @@ def tree_steps_html(tokenizer: Any, result: Any, max_steps: int = 8) -> str:
     for accepted in stats.accepted_lengths:
         starts.append(starts[-1] + accepted + 1)
     for step, parents, path in stats.tree_steps[:max_steps]:
+        from labkit.specdec.tree import TokenTree
+
         drafted = stats.draft_tokens[step]
-        depth = [0] * len(parents)
-        for i, parent in enumerate(parents):
-            depth[i] = 1 if parent < 0 else depth[parent] + 1
+        depth = TokenTree.of_draft(parents).depths()[1:]
         rows = [f"<b>step {step + 1}</b>: {len(path)} of {len(drafted)} nodes accepted"]
         for i, token in enumerate(drafted):
             style = "background:#c8f0c8" if i in path else "color:#999;text-decoration:line-through"

@@ -30,6 +30,7 @@ from labkit.sampling import sample
 from labkit.specdec.controllers import Controller
 from labkit.specdec.draft import DeviceSteps, Draft, Drafter
 from labkit.specdec.policies import Policy, Verdict
+from labkit.specdec.tree import TokenTree
 from labkit.tree_verify import tree_verify
 
 
@@ -161,9 +162,10 @@ class HostSpeculation:
         t0 = time.perf_counter()
         with req.timer.phase("draft"):
             draft = self.drafter.propose(req.context, k, req.config, req.generator)
-        if draft.parents is not None and (not self.fused or len(draft.tokens) + 1 > req.engine.max_seq_len - req.engine.length
-                                          or max(draft.tree().depths()) > req.remaining - 1):
-            draft = draft.main_chain()  # trees: greedy acceptance inside the step, room for every node, within the budget
+        tree = draft.tree() if draft.parents is not None else None
+        if tree is not None and (not self.fused or tree.size > req.engine.max_seq_len - req.engine.length
+                                 or max(tree.depths()) > req.remaining - 1):
+            draft, tree = draft.main_chain(), None  # trees: greedy acceptance inside the step, room for every node, within the budget
         if draft.parents is None:
             draft.tokens = draft.tokens[:k]
         draft_s = time.perf_counter() - t0
@@ -172,11 +174,11 @@ class HostSpeculation:
             self.plain(req)
             return
         t0 = time.perf_counter()
-        if draft.parents is None:
+        if tree is None:
             verdict = self.verify(req, draft)
             new = draft.tokens[: verdict.accepted] + [verdict.next_token]
         else:
-            new = self.verify_tree(req, draft)
+            new = self.verify_tree(req, draft, tree)
             verdict = Verdict(len(new) - 1, new[-1])
         self.controller.update(len(draft.tokens), verdict.accepted, draft_s, time.perf_counter() - t0)
         req.stats.verify_s += time.perf_counter() - t0
@@ -200,16 +202,15 @@ class HostSpeculation:
             engine.rollback(start + 1 + verdict.accepted)  # keep the last token and the accepted drafts
         return verdict
 
-    def verify_tree(self, req: Request, draft: Draft) -> list[int]:
+    def verify_tree(self, req: Request, draft: Draft, tree: TokenTree) -> list[int]:
         """A token tree in one pass (labkit/tree_verify.py): the accepted path's tokens and the
         target's next token; the cache keeps the path."""
-        assert draft.parents is not None
         engine = req.engine
         tokens = [req.context[-1], *draft.tokens]  # node 0: the last context token
-        tree = draft.tree()
         step = tree_verify(engine, tree.size, max(tree.depths()), self.hook)
         path, next_token, columns = step.run(tree, tokens, req.eos_mask, req.eos_block)
-        req.stats.tree_steps.append((len(req.stats.draft_tokens), draft.parents, [n - 1 for n in path]))
+        parents = [p - 1 for p in tree.parents[1:]]  # the draft's own (-1 under the root)
+        req.stats.tree_steps.append((len(req.stats.draft_tokens), parents, [n - 1 for n in path]))
         if self.hook is not None:
             self.hook.take(columns, len(req.context) + 1 + len(path))
         return [tokens[n] for n in path] + [next_token]

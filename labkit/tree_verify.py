@@ -28,6 +28,7 @@ import torch
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.graphs import VerifyHook, capture
+from labkit.kernels.layer_reference import tree_keys_seen
 from labkit.models.kvcache import TreeAttention
 from labkit.specdec.tree import TokenTree
 
@@ -83,10 +84,7 @@ class TreeVerify:
         if model.layer_ops is not None and getattr(model.layer_ops, "TREES", False) and model.runs_fused(self.size):
             return None
         keys = torch.arange(attend_len, device=self.slots.device)  # (S,)
-        node = keys - self.attn.base  # (S,) the tree node at each key, negative before the tree
-        in_tree = (node >= 0) & (node < self.size)
-        allowed = self.attn.mask.bool()[:, node.clamp(0, self.size - 1)]  # (N, S)
-        return (keys[None, :] <= self.slots[:, None]) & (~in_tree[None, :] | allowed)
+        return (keys[None, :] <= self.slots[:, None]) & tree_keys_seen(keys, self.attn.base, self.attn.mask)
 
     def _body(self) -> None:
         engine = self.engine

@@ -57,7 +57,7 @@ def tree_grid(engine: Engine, head: EagleHead, prompts: list[list[int]], cfg: Tr
             tree_steps = [s for r in results for s in r.stats.tree_steps]
             if tree_steps:
                 p = rank_acceptance(tree_steps)
-                predicted = sum(expected_tree_tokens(TokenTree([-1, *(q + 1 for q in parents)]), p)
+                predicted = sum(expected_tree_tokens(TokenTree.of_draft(parents), p)
                                 for _, parents, _ in tree_steps) / len(tree_steps)
             else:
                 p = [r_alpha(results)]

@@ -50,6 +50,15 @@ def norm_qkv_rope(
     return roped[:, :, :n_heads].reshape(M, n_heads, D)
 
 
+def tree_keys_seen(keys: torch.Tensor, tree_base: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
+    """keys (S,) cache positions -> (T, S) bool: which of them query t may see as far as the tree
+    goes (every key outside the tree's slots tree_base..+N, and the tree nodes its mask row allows)."""
+    node = keys - tree_base  # (S,) tree node of each key, negative before the tree
+    in_tree = (node >= 0) & (node < tree_mask.shape[1])
+    allowed = tree_mask.bool()[:, node.clamp(0, tree_mask.shape[1] - 1)]  # (T, S)
+    return ~in_tree[None, :] | allowed
+
+
 def decode_attention(
     q: torch.Tensor,  # (M, NH, D)
     k_cache: torch.Tensor,  # (B, NKV, S, D)
@@ -75,10 +84,7 @@ def decode_attention(
         seen &= keys[None, None, :] > pos[:, :, None] - window
     if tree_mask is not None:
         assert tree_base is not None
-        node = keys - tree_base  # (end,) tree node of each key, negative before the tree
-        in_tree = (node >= 0) & (node < tree_mask.shape[1])
-        allowed = tree_mask.bool()[:, node.clamp(0, tree_mask.shape[1] - 1)]  # (T, end)
-        seen &= ~in_tree[None, None, :] | allowed[None]
+        seen &= tree_keys_seen(keys, tree_base, tree_mask)[None]
     seen = seen[:, None]  # (B, 1, T, end): over every head
     qb = q.view(B, T, nh, D).transpose(1, 2)  # (B, NH, T, D)
     y = F.scaled_dot_product_attention(

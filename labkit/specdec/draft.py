@@ -33,7 +33,7 @@ class Draft:
     def tree(self) -> TokenTree:
         """The token tree a tree draft is (node 0: the last context token, then the drafts)."""
         assert self.parents is not None
-        return TokenTree([-1, *(p + 1 for p in self.parents)])
+        return TokenTree.of_draft(self.parents)
 
     def main_chain(self) -> Draft:
         """A tree's first path (each node's first child): what a step that verifies chains only

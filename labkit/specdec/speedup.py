@@ -162,7 +162,7 @@ def rank_acceptance(tree_steps: list[tuple[int, list[int], list[int]]]) -> list[
     hits: list[int] = []
     trials: list[int] = []
     for _, parents, path in tree_steps:
-        tree = TokenTree([-1, *(q + 1 for q in parents)])
+        tree = TokenTree.of_draft(parents)
         kids, ranks = tree.children(), child_ranks(tree)
         for node, taken in zip([0, *(n + 1 for n in path)], [*(n + 1 for n in path), None], strict=True):
             for r in range(len(kids[node])):

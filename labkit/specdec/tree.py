@@ -10,7 +10,7 @@ the ancestor mask. A chain is the tree whose parents are 0, 1, 2, ...
 Greedy acceptance walks from the root: the target's token after node n (argmax of its logits)
 is accepted where a child of n drafted it, and the walk goes on from that child; where no child
 did, it is the step's next token. The accepted nodes' keys and values are then moved to the
-contiguous slots start+1.. (`path_slots`), so the cache holds the accepted text in order.
+contiguous slots start+1.. (labkit/tree_verify.py), so the cache holds the accepted text in order.
 
 A static tree is given as a list of paths of child ranks ((0,), (1,), (0, 0), ...): path (a, b)
 is the b-th choice after the a-th choice at the first depth. Every prefix of a path must be a
@@ -56,6 +56,11 @@ class TokenTree:
         for i in range(1, self.size):
             kids[self.parents[i]].append(i)
         return kids
+
+    @classmethod
+    def of_draft(cls, parents: list[int]) -> TokenTree:
+        """The tree of a draft's parents (specdec/draft.py: -1 under the root): the root becomes node 0."""
+        return cls([-1, *(p + 1 for p in parents)])
 
     @classmethod
     def chain(cls, k: int) -> TokenTree:
