@@ -64,21 +64,39 @@ class _FrozenEmbedding(torch.nn.Module):
         return F.embedding(tokens, self.weight)
 
 
-def shifted_labels(tokens: torch.Tensor, first: int, shift: int) -> torch.Tensor:  # (B, T) -> (B, T)
-    """labels[:, c] = tokens[:, c + shift] where that position is a greedy one (>= first), else IGNORE."""
+def shifted_labels(tokens: torch.Tensor, firsts: torch.Tensor, lengths: torch.Tensor, shift: int) -> torch.Tensor:  # (B, T) -> (B, T)
+    """labels[b, c] = tokens[b, c + shift] where that position is one of text b's greedy ones
+    (firsts[b] <= c + shift < lengths[b]), else IGNORE. firsts, lengths: (B,)."""
     B, T = tokens.shape
     out = torch.full_like(tokens, IGNORE)
     if T > shift:
         out[:, : T - shift] = tokens[:, shift:]
-        out[:, : max(0, first - shift)] = IGNORE
-    return out
+    at = torch.arange(T, device=tokens.device)[None, :] + shift  # (1, T)
+    return out.masked_fill((at < firsts[:, None]) | (at >= lengths[:, None]), IGNORE)
+
+
+@dataclass
+class TextBatch:
+    """Texts right-padded to one length: a causal pass never lets padding reach a real position."""
+
+    feats: torch.Tensor  # (B, T, D) the target's features (zeros past a text's end)
+    tokens: torch.Tensor  # (B, T) the tokens they were computed on (0 past the end)
+    firsts: torch.Tensor  # (B,) each text's first greedy position: labels only from there
+    lengths: torch.Tensor  # (B,) each text's length
+
+    @staticmethod
+    def of(items: list[tuple[torch.Tensor, list[int], int]]) -> TextBatch:
+        """items: (features (T_i, D), tokens, first greedy index) per text."""
+        feats = torch.nn.utils.rnn.pad_sequence([f for f, _, _ in items], batch_first=True)  # (B, T, D)
+        device = feats.device
+        tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(t, device=device) for _, t, _ in items], batch_first=True)  # (B, T)
+        return TextBatch(feats, tokens, torch.tensor([f for _, _, f in items], device=device),
+                         torch.tensor([len(t) for _, t, _ in items], device=device))
 
 
 def eagle_loss_counts(
     head: EagleHead,
-    feats: torch.Tensor,  # (B, T, D) the target's features
-    tokens: torch.Tensor,  # (B, T) the tokens they were computed on
-    first: int,  # the first greedy position: labels only from there
+    batch: TextBatch,
     embed: torch.nn.Module,
     weight: torch.Tensor,  # (N, D) the LM head's rows for the draft vocabulary
     index: torch.Tensor,  # (V,) target id -> draft row, -1 outside the draft vocabulary
@@ -87,18 +105,22 @@ def eagle_loss_counts(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss, and per depth the top-1 hits and the labels seen: (), (depth,), (depth,). A label
     outside the draft vocabulary counts as seen and missed (the draft can never propose it)."""
+    feats, tokens = batch.feats, batch.tokens
     outs = head.unrolled(feats, tokens, embed, depth)
     loss = feats.new_zeros(())
     hits, seen = [], []
     T = tokens.shape[1]
+    at = torch.arange(T, device=feats.device)[None, :]  # (1, T)
     for d, out in enumerate(outs, start=1):
-        labels = shifted_labels(tokens, first, d + 1)  # (B, T): x_{c+d+1}
+        labels = shifted_labels(tokens, batch.firsts, batch.lengths, d + 1)  # (B, T): x_{c+d+1}
         valid = labels != IGNORE
         rows = torch.where(valid, index[labels.clamp(min=0)], IGNORE)  # (B, T) draft rows, IGNORE
         rows = torch.where(rows < 0, IGNORE, rows)
         logits = (out @ weight.t()).float()  # (B, T, N)
         ce = F.cross_entropy(logits.flatten(0, 1), rows.flatten(), ignore_index=IGNORE) if (rows != IGNORE).any() else loss
-        reg = F.smooth_l1_loss(out[:, : T - d], feats[:, d:]) if T > d else loss
+        real = (at[:, : T - d] + d < batch.lengths[:, None]).float()  # (B, T - d): f_{c+d} is a real feature
+        gap = F.smooth_l1_loss(out[:, : T - d].float(), feats[:, d:], reduction="none").mean(-1)  # (B, T - d)
+        reg = (gap * real).sum() / real.sum().clamp(min=1)
         loss = loss + cfg.depth_decay ** (d - 1) * (ce + cfg.feature_weight * reg)
         with torch.no_grad():
             hits.append(((logits.argmax(-1) == rows) & valid & (rows != IGNORE)).sum().float())
@@ -150,8 +172,8 @@ def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTr
     head = EagleHead(dims, cfg.eagle, vocab_ids).to(device)
     weight, index = draft_head_weight(head, lm_weight), vocab_index(head.vocab_ids, V)
 
-    def encode(toks: list[int], first: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return engine_features(engine, toks), torch.tensor([toks], device=device), first
+    def encode(toks: list[int], first: int) -> tuple[torch.Tensor, list[int], int]:
+        return engine_features(engine, toks)[0], toks, first  # (T, D)
 
     held, train = [encode(*t) for t in held_texts], [encode(*t) for t in train_texts]
 
@@ -159,15 +181,14 @@ def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTr
         hits = torch.zeros(cfg.eagle.depth, device=device)
         seen = torch.zeros(cfg.eagle.depth, device=device)
         with torch.no_grad():
-            for feats, toks, first in held:
-                _, h, n = eagle_loss_counts(head, feats, toks, first, embed, weight, index, cfg.eagle.depth, cfg)
+            for i in range(0, len(held), cfg.batch_size):
+                _, h, n = eagle_loss_counts(head, TextBatch.of(held[i : i + cfg.batch_size]), embed, weight, index, cfg.eagle.depth, cfg)
                 hits, seen = hits + h, seen + n
         return (hits / seen.clamp(min=1)).tolist()
 
     before = accuracy()
     t0 = time.perf_counter()
-    losses = _fit(head, lambda f, t, first: eagle_loss_counts(head, f, t, first, embed, weight, index, cfg.eagle.train_depth, cfg)[0],
-                  train, cfg, rng)
+    losses = _fit(head, lambda batch: eagle_loss_counts(head, batch, embed, weight, index, cfg.eagle.train_depth, cfg)[0], train, cfg, rng)
     train_s = time.perf_counter() - t0
     held_labels = [t[first:] for t, first in held_texts]
     inside = set(head.vocab_ids.tolist())
@@ -180,9 +201,10 @@ def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTr
     return head, report
 
 
-def _fit(head: EagleHead, loss_of: Any, train: list[tuple[torch.Tensor, torch.Tensor, int]], cfg: EagleTrainConfig,
+def _fit(head: EagleHead, loss_of: Any, train: list[tuple[torch.Tensor, list[int], int]], cfg: EagleTrainConfig,
          rng: random.Random) -> list[float]:
-    """AdamW over random batches of training texts (bf16 autocast on a GPU); the loss per step."""
+    """AdamW over random batches of cfg.batch_size training texts, one padded pass each (bf16
+    autocast on a GPU); the loss per step."""
     device = next(head.parameters()).device
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
     low = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -191,9 +213,9 @@ def _fit(head: EagleHead, loss_of: Any, train: list[tuple[torch.Tensor, torch.Te
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        batch = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
+        batch = TextBatch.of([train[rng.randrange(len(train))] for _ in range(cfg.batch_size)])
         with low:
-            loss = sum(loss_of(*item) for item in batch) / len(batch)
+            loss = loss_of(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()

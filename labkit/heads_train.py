@@ -96,23 +96,58 @@ def self_written_texts(engine: Engine, bos: int, cfg: SelfDistillConfig, frame: 
     """(tokens, first greedy index) per text, written by the target on `engine`: in the chat
     `frame` (ids before and after the user's words) a sampled user turn and its greedy answer,
     else a few sampled tokens after `bos` and their greedy continuation. With `openers` (ids of
-    REQUEST_OPENERS), user turn i starts with opener i (cycled) and the target writes the rest."""
+    REQUEST_OPENERS), user turn i starts with opener i (cycled) and the target writes the rest.
+    Text i's sampling is seeded cfg.seed + i, and the texts are batched (write_all) exactly as
+    `generate` writes them one at a time."""
     eos = set(engine.eos_token_ids)
-    texts = []
-    for i in tqdm(range(cfg.texts), desc="writing texts", disable=not cfg.progress):
+    starts, user = [], []
+    for i in range(cfg.texts):
         if frame is None:
-            start, n_sampled, stop = [bos], cfg.sampled_tokens, False
+            starts.append([bos])
+            user.append(GenerationConfig(max_new_tokens=cfg.sampled_tokens, temperature=1.0, top_p=0.95, seed=cfg.seed + i, stop_at_eos=False))
         else:
-            start, n_sampled, stop = [*(frame[0] or [bos]), *(openers[i % len(openers)] if openers else [])], cfg.user_tokens, True
-        sampled = generate(engine, start, GenerationConfig(max_new_tokens=n_sampled, temperature=1.0, top_p=0.95, seed=cfg.seed + i,
-                                                           stop_at_eos=stop)).tokens
+            starts.append([*(frame[0] or [bos]), *(openers[i % len(openers)] if openers else [])])
+            user.append(GenerationConfig(max_new_tokens=cfg.user_tokens, temperature=1.0, top_p=0.95, seed=cfg.seed + i, stop_at_eos=True))
+    prefixes = []
+    for start, sampled in zip(starts, write_all(engine, starts, user, "writing user turns" if frame else "sampling starts", cfg.progress), strict=True):
         while sampled and sampled[-1] in eos:
             sampled = sampled[:-1]
-        prefix = [*start, *sampled, *(frame[1] if frame else [])]
-        greedy = generate(engine, prefix, GenerationConfig(max_new_tokens=cfg.greedy_tokens, min_new_tokens=cfg.greedy_tokens,
-                                                           stop_at_eos=False)).tokens
-        texts.append((prefix + greedy, len(prefix)))
-    return texts
+        prefixes.append([*start, *sampled, *(frame[1] if frame else [])])
+    answer = GenerationConfig(max_new_tokens=cfg.greedy_tokens, min_new_tokens=cfg.greedy_tokens, stop_at_eos=False)
+    greedy = write_all(engine, prefixes, [answer] * len(prefixes), "writing answers", cfg.progress)
+    return [(prefix + tokens, len(prefix)) for prefix, tokens in zip(prefixes, greedy, strict=True)]
+
+
+def write_all(engine: Engine, prompts: list[list[int]], configs: list[GenerationConfig], desc: str, progress: bool) -> list[list[int]]:
+    """generate(engine, prompts[i], configs[i]).tokens for every i, continuously batched where the
+    engine's model batches (Llama family): invariant rows on the PyTorch layers (16 at once), the
+    fused kernels' rows (bitwise a batch-1 step's) with CUDA graphs on a GPU (64 at once)."""
+    from labkit.batch.engine import TILE, BatchConfig, BatchEngine
+    from labkit.batch.scheduler import ContinuousBatcher
+    from labkit.generate import generate
+    from labkit.models.families import family_of_model
+
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
+    if family_of_model(engine.model).name != "llama" or len(prompts) < 2:
+        out = []
+        for prompt, config in zip(prompts, configs, strict=True):
+            out.append(generate(engine, prompt, config).tokens)
+            bar.update()
+        return out
+    fused = engine.device.type == "cuda" and engine.layer_kernels == "triton"
+    slot_len = -(-max(len(p) + c.max_new_tokens for p, c in zip(prompts, configs, strict=True)) // 64) * 64
+    slot_len = min(slot_len, engine.cache.max_len - 64)
+    batch = BatchEngine(engine, BatchConfig(64 if fused else TILE, slot_len, invariant=not fused, cuda_graph=fused and bool(engine.cuda_graph)))
+    batch.capture_graphs([1])
+    batcher = ContinuousBatcher(batch)
+    requests = [batcher.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
+    done = 0
+    while batcher.busy:
+        batcher.step()
+        now = sum(r.finished for r in requests)
+        bar.update(now - done)
+        done = now
+    return [r.tokens for r in requests]
 
 
 @torch.no_grad()

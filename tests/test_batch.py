@@ -12,6 +12,7 @@ from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import generate
 from labkit.models.tiny import tiny_hf_model
+from labkit.specdec.drafters import NgramDrafter
 
 BATCH_ARCHS = ("llama", "mistral", "qwen2")  # the Llama family (GPT-2 and OPT are refused)
 
@@ -113,13 +114,31 @@ def test_release_moves_the_last_row_and_rollback_is_per_row() -> None:
         batch.rollback(2, 0)  # not active
 
 
+def test_sampled_requests_batched_draw_their_batch_1_tokens() -> None:
+    """Sampling without drafts: in invariant mode every request, seeded, draws `generate`'s
+    tokens at batch 1 (its own generator, one draw per token), whatever shares its batch; EOS
+    stays blocked before min_new_tokens."""
+    engine = engine_for("llama")
+    asks = prompts(7, engine.args.vocab_size, seed=3)
+    configs = [GenerationConfig(max_new_tokens=6 + i % 5, temperature=0.9 + 0.1 * (i % 3), top_p=0.95, seed=40 + i) for i in range(len(asks))]
+    want = [generate(engine, p, c).tokens for p, c in zip(asks, configs, strict=True)]
+    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=3, max_seq_len=64, invariant=True)))
+    got = [batcher.submit(p, c) for p, c in zip(asks, configs, strict=True)]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    assert batcher.rows_stepped / batcher.steps > 1.5
+    assert len({tuple(t) for t in want}) == len(want) and want != [generate(engine, p, GenerationConfig(max_new_tokens=c.max_new_tokens)).tokens
+                                                                  for p, c in zip(asks, configs, strict=True)]  # they do sample
+
+
 def test_admission_refuses_what_cannot_fit_and_sampling() -> None:
     engine = engine_for("llama")
     batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=2, max_seq_len=32)))
     with pytest.raises(LabkitError, match="exceed a batch slot"):
         batcher.submit(list(range(3, 23)), GenerationConfig(max_new_tokens=20))
+    drafting = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=2, max_seq_len=32)), lambda: NgramDrafter(3, 1), 2)
     with pytest.raises(LabkitError, match="greedy"):
-        batcher.submit([5, 6], GenerationConfig(max_new_tokens=4, temperature=0.7))
+        drafting.submit([5, 6], GenerationConfig(max_new_tokens=4, temperature=0.7))
     with pytest.raises(LabkitError, match="Llama-family"):
         BatchEngine(engine_for_gpt2(), BatchConfig())
 

@@ -204,3 +204,37 @@ def test_eagle_training_settings_are_checked() -> None:
     with pytest.raises(LabkitError, match="greedy_tokens >= 5"):
         EagleTrainConfig(eagle=EagleConfig(train_depth=3), greedy_tokens=4).validate()
     EagleTrainConfig(eagle=EagleConfig(train_depth=3), greedy_tokens=5).validate()
+
+
+def test_a_padded_training_batch_counts_each_text_as_alone() -> None:
+    """Texts of different lengths in one padded pass: per depth, the hits and labels seen are the
+    sums of each text's own, and padding past a text's end changes neither its loss nor its counts
+    (no label, feature or attention from beyond a text's length)."""
+    from labkit.eagle_train import EagleTrainConfig, TextBatch, eagle_loss_counts
+    from labkit.specdec.eagle import vocab_index
+
+    torch.manual_seed(2)
+    head = random_head(vocab=96, ids=torch.arange(60))
+    embed = torch.nn.Embedding(96, DIMS.dim)
+    index = vocab_index(head.vocab_ids, 96)
+    shapes = ((14, 3), (9, 2), (20, 6))  # (length, first greedy position)
+    texts = [(torch.randn(T, DIMS.dim), torch.randint(0, 4, (T,)).tolist(), first) for T, first in shapes]
+    cfg = EagleTrainConfig(eagle=EagleConfig(depth=3, draft_vocab=60, train_depth=3))
+
+    def counts(batch, weight):
+        return eagle_loss_counts(head, batch, embed, weight, index, 3, cfg)
+
+    with torch.no_grad():
+        blind = torch.zeros(60, DIMS.dim)  # every draft is row 0 (token 0): a label 0 is a hit
+        _, hits, seen = counts(TextBatch.of(texts), blind)
+        alone = [counts(TextBatch.of([t]), blind) for t in texts]
+        assert torch.equal(seen, sum(a[2] for a in alone)) and torch.equal(hits, sum(a[1] for a in alone))
+        assert seen.tolist() == [sum(T - max(first, d + 1) for T, first in shapes) for d in range(1, 4)]
+        assert hits.tolist() == [sum(t[max(f, d + 1):].count(0) for _, t, f in texts) for d in range(1, 4)] and hits.sum() > 0
+        weight = torch.randn(60, DIMS.dim)
+        want = counts(TextBatch.of([texts[1]]), weight)
+        padded = TextBatch.of([texts[1]])
+        padded.feats = torch.cat([padded.feats, torch.randn(1, 7, DIMS.dim)], dim=1)
+        padded.tokens = torch.cat([padded.tokens, torch.randint(0, 96, (1, 7))], dim=1)
+        got = counts(padded, weight)
+        assert torch.allclose(want[0], got[0], atol=1e-6) and torch.equal(want[1], got[1]) and torch.equal(want[2], got[2])

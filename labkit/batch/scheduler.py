@@ -11,7 +11,11 @@ Speculation: with a drafter factory and K, every step drafts up to K tokens for 
 for the whole batch; a row may propose fewer, and drafts past a request's last token are not
 asked for) and verifies all rows in one batched pass; each row keeps the longest prefix of its
 draft that matches the target's argmax, plus the target's own next token, and its slot rolls back
-past the rest. Greedy only: sampling runs through `labkit.generate` at batch 1.
+past the rest. Speculation is greedy only.
+
+Sampling (temperature > 0, without speculation): each request draws its token from its own
+generator, seeded by its config as `generate` seeds one, one draw per token; so in invariant mode
+(a row's logits the same bits as at batch 1) a sampled request's tokens are `generate`'s.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from labkit.batch.engine import BatchEngine
 from labkit.batch.graphs import bucket
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
+from labkit.sampling import make_generator, sample
 from labkit.specdec.draft import Drafter
 
 
@@ -37,6 +42,7 @@ class BatchRequest:
     config: GenerationConfig
     eos_ids: tuple[int, ...] = ()  # blocked before min_new_tokens; they end the output when config.stop_at_eos
     drafter: Drafter | None = None
+    generator: torch.Generator | None = None  # sampling only: the request's own draws
     context: list[int] = field(default_factory=list)  # prompt + generated: what the drafter reads
     tokens: list[int] = field(default_factory=list)  # generated so far
     token_times: list[float] = field(default_factory=list)  # host clock (perf_counter) as each token came
@@ -66,13 +72,14 @@ class ContinuousBatcher:
     def submit(self, prompt_ids: list[int], config: GenerationConfig) -> BatchRequest:
         """Queue a request (EOS ids as `generate` takes them: the config's, else the model's)."""
         config.validate()
-        if config.temperature != 0:
-            raise LabkitError("batched decoding is greedy for now (temperature 0)")
+        if config.temperature != 0 and self.k:
+            raise LabkitError("batched speculation is greedy (temperature 0); sampled requests batch without drafts")
         need = len(prompt_ids) + config.max_new_tokens + self.k  # a verify may write K positions past the last token
         if not prompt_ids or need > self.batch.cfg.max_seq_len:
             raise LabkitError(f"{need} positions (prompt + max_new_tokens) exceed a batch slot of {self.batch.cfg.max_seq_len}")
         eos = tuple(sorted(set(config.eos_token_ids or self.batch.engine.eos_token_ids)))
-        request = BatchRequest(list(prompt_ids), config, eos, context=list(prompt_ids), submitted=time.perf_counter())
+        request = BatchRequest(list(prompt_ids), config, eos, context=list(prompt_ids), submitted=time.perf_counter(),
+                               generator=make_generator(config, self.batch.engine.device))
         if self.new_drafter is not None:
             request.drafter = self.new_drafter()
             request.drafter.start(request.prompt_ids, need)
@@ -86,7 +93,8 @@ class ContinuousBatcher:
     @staticmethod
     def _greedy(requests: list[BatchRequest], logits: torch.Tensor) -> list[list[int]]:
         """The target's argmax at every fed position of every row, EOS blocked where a row's
-        min_new_tokens asks: one device read for the whole batch. logits (n, T, V)."""
+        min_new_tokens asks; a sampled row (one fed position) draws its token from its generator
+        instead. One device read for the whole batch. logits (n, T, V)."""
         block = [max(0, r.config.min_new_tokens - len(r.tokens)) if r.eos_ids else 0 for r in requests]
         if any(block):
             logits = logits.clone()
@@ -94,7 +102,11 @@ class ContinuousBatcher:
             for i, (r, b) in enumerate(zip(requests, block, strict=True)):
                 if b:
                     logits[i, : min(b, T), list(r.eos_ids)] = float("-inf")
-        return logits.argmax(-1).tolist()  # (n, T)
+        chosen = logits.argmax(-1)  # (n, T)
+        for i, r in enumerate(requests):
+            if r.generator is not None:
+                chosen[i, -1] = sample(logits[i, -1:], r.config, r.generator)[0]
+        return chosen.tolist()
 
     def _take(self, request: BatchRequest, greedy: list[int], draft: Sequence[int] = ()) -> int:
         """Keep the longest prefix of `draft` the target agrees with (greedy: its argmax at the fed

@@ -53,8 +53,8 @@ class BatchWorker:
         return self._waiting
 
     def check(self, r: ServeRequest) -> None:
-        if r.config.temperature != 0:
-            raise APIError(400, "this server batches greedy requests only: temperature must be 0", "temperature")
+        if r.config.temperature != 0 and self.batcher.k:
+            raise APIError(400, "this server drafts for every request, and drafting is greedy: temperature must be 0 (start it with --drafter none to batch sampled requests)", "temperature")
         for name, value in (("drafter", r.drafter), ("k", r.k), ("controller", r.controller), ("policy", r.policy)):
             if value is not None:
                 raise APIError(400, f"this batching server takes no per-request {name}: it drafts as it was started", name)
