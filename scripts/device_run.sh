@@ -14,7 +14,8 @@
 #   ARGS="bench context --lengths 32,4096 --no-hf" bash scripts/device_run.sh labkit
 #   with draft heads:  DRAFTERS=ngram,heads HEADS=/tmp/heads bash scripts/device_run.sh heads validate
 #   trees:             DRAFTERS=ngram-graph,ngram-tree,eagle,eagle-tree HEADS=/tmp/eagle KS=3,4 bash scripts/device_run.sh eagle-carried validate
-# validate stops starting prompts after BUDGET s (default 420) so that one call (10 min) brings results back.
+# validate stops starting prompts after BUDGET s (default 420) so that one call (10 min) brings results back;
+# DTYPE (auto: bf16), LONG (long prompts of these token counts, e.g. 1024,4096) and CATEGORIES ("" = all) pass through.
 # The device copy's .git is the session's first commit, so name the tree in the call:
 #   LABKIT_GIT_COMMIT=$(git rev-parse HEAD) (put the hash itself in the run command), or results say <first>-dirty.
 # Before/after a change: git archive <commit> labkit kernels | tar -x -C .carry/before, carry .carry/before, then
@@ -117,8 +118,9 @@ case "$step" in
     python3 scripts/step_costs.py ${HEADS:-} 2>&1 | grep -v Warning | tee "$out/step_costs.txt"
     ;;
   validate)
-    python3 -m papermill notebooks/3D_cuda_validation.ipynb "$out/3D_out.ipynb" -p device cuda -p max_new_tokens 128 -p categories "" \
+    python3 -m papermill notebooks/3D_cuda_validation.ipynb "$out/3D_out.ipynb" -p device cuda -p max_new_tokens 128 \
       -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters "${DRAFTERS:-ngram,layerskip,truncated}" -p heads "${HEADS:-}" \
+      -p dtype "${DTYPE:-auto}" -p long_prompts "${LONG:-}" -p categories "${CATEGORIES:-}" \
       -p ks "${KS:-2,4,6,8}" -p compile "${COMPILE:-False}" -p time_budget_s "${BUDGET:-420}" 2>&1 | tail -3
     ;;
   *) echo "usage: $0 stage|assemble|check|pytest|eagle|eagle-carried|labkit|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
