@@ -123,6 +123,36 @@ def test_validation_runs_the_heads_and_graph_lookup_drafters_lossless(tiny_folde
         ValidationConfig(drafters=["heads"]).validate()
 
 
+def test_validation_carries_the_drafters_on_the_fastest_engine_that_can(tiny_folder, monkeypatch) -> None:
+    """A drafter the fastest plain engine cannot carry (dynamic EAGLE trees need fused layers: an
+    fp32 run on a GPU, where the PyTorch graphs beat fp32 Triton) moves every drafter to the next
+    fastest, says why, and speedups stay against the fastest plain engine."""
+    import labkit.bench.validation as validation
+    from labkit.engine import Engine
+
+    def two_engines(cfg, loaded, device, dtype):
+        return {**real_engines(cfg, loaded, device, dtype), "labkit_other": Engine.from_loaded(loaded, device, dtype, weights="dense")}
+
+    def picky_build(kind, target, **kw):
+        refused.setdefault("engine", target)  # the first engine tried is the fastest: it cannot carry this drafter
+        if target is refused["engine"]:
+            raise LabkitError("this engine cannot carry it")
+        return real_build(kind, target, **kw)
+
+    real_engines, real_build, refused = validation._engines, validation.build_drafter, {}
+    monkeypatch.setattr(validation, "_engines", two_engines)
+    monkeypatch.setattr(validation, "build_drafter", picky_build)
+    cfg = validation.ValidationConfig(device="cpu", dtype="float32", max_new_tokens=4, categories=["writing"], prompts_per_category=1,
+                                      drafters=["ngram"], ks=[1], hf_assisted=False, fused=False, compile=False, output_dir=None, progress=False)
+    payload = validation.run_validation(cfg, load_model(str(tiny_folder)))
+    params = payload["parameters"]
+    assert params["drafters_on"] != params["fastest_plain"] and params["plain_passed_over"] == {params["fastest_plain"]: "this engine cannot carry it"}
+    rows = [r for r in payload["rows"] if r["system"] == "labkit_ngram"]
+    assert len(rows) == 1 and rows[0]["identical_to_plain"]
+    plain = next(s for s in payload["summary"] if s["system"] == params["fastest_plain"])
+    assert plain["speedup_vs_labkit_plain"] == pytest.approx(1.0)
+
+
 def test_paired_ratio_interval_keeps_drift_common() -> None:
     from labkit.bench.sweep import paired_ratio_interval
 

@@ -91,6 +91,24 @@ def test_a_prompt_in_several_passes_gives_the_drafter_every_position(monkeypatch
     assert chunked.tokens == whole.tokens and chunked.stats.draft_tokens == whole.stats.draft_tokens
 
 
+def test_a_long_catch_up_runs_the_draft_layer_in_passes_with_the_same_drafts() -> None:
+    """The draft layer takes a long prompt in passes of pass_t elements (one fused attention pass
+    covers COUNTER_ROWS rows: a 4,096-token prompt overran it on the H200); the drafts are those of
+    one pass."""
+    from labkit.config import GenerationConfig
+    from labkit.generate import Speculation, generate
+    from labkit.models.kvcache import COUNTER_ROWS
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    prompt, cfg = list(range(3, 43)), GenerationConfig(max_new_tokens=20, stop_at_eos=False)
+    whole = generate(engine := _engine(), prompt, cfg, Speculation(drafter := EagleDrafter(engine, random_head()), 3))
+    assert drafter.pass_t * (DIMS.n_heads // DIMS.n_kv_heads) <= COUNTER_ROWS and drafter.pass_t > len(prompt)
+    drafter = EagleDrafter(engine := _engine(), random_head())
+    drafter.pass_t = 7
+    passes = generate(engine, prompt, cfg, Speculation(drafter, 3))
+    assert passes.tokens == whole.tokens and passes.stats.draft_tokens == whole.stats.draft_tokens
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's kernels run on the CPU under TRITON_INTERPRET=1")
 def test_eagle_through_the_fused_triton_layers_drafts_as_its_pytorch_twins() -> None:
     """A target on the fused Triton layers runs the draft layer through them too (the five fused

@@ -8,7 +8,7 @@ Systems (greedy, batch 1, the same prompts and length):
 - labkit_plain: our engine, eager steps (like HF, on the first prompts of each category only);
 - labkit_graph: our engine with CUDA graphs (and torch.compile'd steps) — CUDA only;
 - labkit_fused: CUDA graphs over our fused Triton layers (five kernels a layer) — CUDA only;
-- labkit_<drafter>: speculative greedy on the fastest labkit engine (timed on the tuning prompts),
+- labkit_<drafter>: speculative greedy on the fastest labkit engine that carries every drafter asked for (timed on the tuning prompts),
   each drafter at its best K, chosen in a tuning pass over the first prompt of each category.
 
 Each is reported as tok/s, speed-up over HF generate and over labkit's fastest plain decoding,
@@ -194,6 +194,7 @@ class _Validation:
         self.pending: list[tuple[str, list[int], list[int], list[int], str]] = []  # outputs that differ, for explain
         self.references: dict[str, list[int]] = {}  # labkit's fastest plain greedy: what every output is compared with
         self.best_k: dict[str, int] = {}
+        self.passed_over: dict[str, str] = {}  # plain engines faster than the one chosen that cannot carry a drafter: why
         self.tuning: list[dict[str, Any]] = []
 
     def warm_up(self) -> None:
@@ -211,10 +212,20 @@ class _Validation:
         candidates = [name for name, e in self.engines.items() if e.cuda_graph] or list(self.engines)
         self.plain_speed = {name: statistics.fmean(generate(self.engines[name], ids, self.gen).stats.tok_per_s for _, ids in self.tune)
                             for name in candidates} if len(candidates) > 1 else {}
-        self.fast_name = max(self.plain_speed, key=lambda name: self.plain_speed[name]) if self.plain_speed else candidates[0]
-        self.fast = self.engines[self.fast_name]
-        self.depth = cfg.layers if cfg.layers is not None else max(1, self.fast.args.n_layers // 3)
-        self.drafters: dict[str, Drafter] = {kind: build_drafter(kind, self.fast, layers=self.depth, heads_path=cfg.heads) for kind in cfg.drafters}
+        ranked = sorted(candidates, key=lambda name: -self.plain_speed.get(name, 0.0))
+        self.fastest = ranked[0]  # speedups are against it, even where the drafters ride a slower engine
+        self.depth = cfg.layers if cfg.layers is not None else max(1, self.engines[ranked[0]].args.n_layers // 3)
+        for i, name in enumerate(ranked):  # the fastest that carries every drafter asked for (dynamic trees: fused layers)
+            try:
+                self.drafters: dict[str, Drafter] = {kind: build_drafter(kind, self.engines[name], layers=self.depth, heads_path=cfg.heads)
+                                                     for kind in cfg.drafters}
+            except LabkitError as error:
+                if i == len(ranked) - 1:
+                    raise
+                self.passed_over[name] = str(error)
+                continue
+            self.fast_name, self.fast = name, self.engines[name]
+            break
         for drafter in self.drafters.values():  # heads and EAGLE keep hidden states and draft inside the verify: capture again
             if drafter.verify_hook is not None and self.fast.cuda_graph:
                 warm_up(self.fast, max(cfg.ks), drafter=drafter)
@@ -325,13 +336,13 @@ def run_validation(cfg: ValidationConfig, loaded: LoadedModel | None = None) -> 
     explanations = v.explain_divergences()
     params = run_params(cfg)
     params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(dtype), best_k=v.best_k,
-                  layers_resolved=v.depth, fastest_plain=v.fast_name, plain_tuning_tok_per_s=v.plain_speed,
+                  layers_resolved=v.depth, fastest_plain=v.fastest, drafters_on=v.fast_name, plain_passed_over=v.passed_over, plain_tuning_tok_per_s=v.plain_speed,
                   layer_kernels={name: e.layer_kernels for name, e in v.engines.items()}, prompts=[p.id for p, _ in v.prompts],
                   slow_prompts=sorted(v.slow_ids & {p.id for p, _ in v.prompts}))
     payload: dict[str, Any] = {
         "benchmark": "validation", **provenance(device, params), "card": device_name(device),
         "copy_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes_per_token": weight_bytes, "roofline_tok_per_s": roofline,
-        "tuning": v.tuning, "summary": summarize(v.rows, v.fast_name, roofline), "divergences": explanations,
+        "tuning": v.tuning, "summary": summarize(v.rows, v.fastest, roofline), "divergences": explanations,
         "divergences_total": len(v.pending), "stopped_early": stopped,
     }
     finish_log(log, payload, v.rows)

@@ -53,7 +53,8 @@ class TreeAttention:
 
 
 Mask = torch.Tensor | str | RowSpans | None  # (T, S) bool, CAUSAL, RowSpans, or None for "every key is visible"
-COUNTER_BLOCKS = 256  # attention row blocks per (batch row, kv head) the counters cover: T * group <= 16384
+COUNTER_BLOCKS = 256  # attention row blocks per (batch row, kv head) the counters cover
+COUNTER_ROWS = COUNTER_BLOCKS * 16  # so one fused attention pass takes T * group <= this many rows (tiles of 16 rows)
 
 
 class KVCache:

@@ -22,7 +22,7 @@ import torch
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
-from labkit.models.kvcache import KVCache, TreeAttention
+from labkit.models.kvcache import COUNTER_ROWS, KVCache, TreeAttention
 from labkit.specdec.draft import Draft, Drafter
 from labkit.specdec.eagle import EagleHead, draft_head_weight
 from labkit.specdec.eagle_tree import DynamicTreeConfig, dynamic_tree
@@ -88,6 +88,7 @@ class EagleDrafter(Drafter):
         self.weight = draft_head_weight(self.head, target.model.lm_head.weight.to(self.dtype))  # (N, D)
         self.ids = self.head.vocab_ids.to(target.device)  # (N,) draft row -> target id
         self.max_t = self.depth + 1  # the widest verify whose next draft it makes
+        self.pass_t = max(1, COUNTER_ROWS // (head.dims.n_heads // head.dims.n_kv_heads))  # elements per draft-layer pass
         if width < 1:
             raise LabkitError(f"EAGLE's tree width is the candidates per depth (>= 1), got {width}")
         self.width = width  # > 1: token trees (a chain and width-1 leaf siblings at every depth)
@@ -127,6 +128,10 @@ class EagleDrafter(Drafter):
         draft cache written at pos (a draft tree's elements: at their slots, tree attention)."""
         cache = self._draft_cache
         assert cache is not None
+        T = tokens.shape[1]
+        if tree is None and T > self.pass_t:  # a long prompt's catch-up: passes the attention's counters cover
+            return torch.cat([self.elements(feats[:, i : i + self.pass_t], tokens[:, i : i + self.pass_t], pos[..., i : i + self.pass_t])
+                              for i in range(0, T, self.pass_t)], dim=1)
         return self.head.forward_cached(feats.to(self.dtype), self.embed(tokens).to(self.dtype),
                                         pos.clamp(max=cache.max_len - 1), cache, self.ops, tree)
 
