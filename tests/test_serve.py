@@ -194,6 +194,27 @@ def test_a_client_that_leaves_mid_stream_frees_the_server(server: str) -> None:
     assert _finished(httpx.get(server + "/metrics").text) == before + 2
 
 
+def test_the_batching_server_takes_sampled_requests_unless_it_drafts(local) -> None:
+    """Batched rows sample from their own generators (tests/test_batch.py), so a batching server
+    without a drafter takes temperature > 0; one that drafts (greedy verification) refuses it."""
+    from labkit.serve.batch_worker import BatchWorker
+    from labkit.serve.metrics import ServeMetrics
+    from labkit.serve.protocol import APIError, ServeRequest
+    from labkit.serve.worker import SpecDefaults
+
+    _, engine = local
+    sampled = ServeRequest("chat", CHAT, GenerationConfig(max_new_tokens=4, temperature=0.7, seed=1), False, False, None, None, None, None, "s", 0)
+    plain = BatchWorker(engine, SpecDefaults(), 4, ServeMetrics(), 2, 128)
+    drafting = BatchWorker(engine, SpecDefaults(drafter="ngram", k=2), 4, ServeMetrics(), 2, 128)
+    try:
+        plain.check(sampled)
+        with pytest.raises(APIError, match="greedy"):
+            drafting.check(sampled)
+    finally:
+        plain.close()
+        drafting.close()
+
+
 def test_a_cancelled_job_stops_at_the_next_step(local) -> None:
     """The worker's side of a disconnect: once the job is cancelled, generation stops at the next
     step (stop reason "cancelled"), the engine is free, and the metrics say so."""
