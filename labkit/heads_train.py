@@ -124,7 +124,6 @@ def write_all(engine: Engine, prompts: list[list[int]], configs: list[Generation
     fused kernels' rows (bitwise a batch-1 step's) with CUDA graphs on a GPU (64 at once)."""
     from labkit.batch.engine import TILE, BatchConfig, BatchEngine
     from labkit.batch.scheduler import ContinuousBatcher
-    from labkit.generate import generate
     from labkit.models.families import family_of_model
 
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
