@@ -25,6 +25,7 @@ from labkit.heads_train import SelfDistillConfig, write_texts_for_model
 from labkit.specdec.eagle import EagleConfig, EagleDims, EagleHead, draft_head_weight, top_tokens, vocab_index
 
 IGNORE = -100
+FEATURE_BATCH = 32  # texts a features pass prefills at once on a GPU
 
 
 @dataclass
@@ -136,25 +137,32 @@ def _lr_at(step: int, cfg: EagleTrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
 
 
-def engine_features(engine: Engine, tokens: list[int]) -> torch.Tensor:  # -> (1, T, D) fp32
-    """The target's features for a text, from the engine that will serve the drafts: the same
-    kernels and dtype as at inference (a bf16 target's features differ from fp32 ones by more
-    than a head trained on the fp32 ones tolerates: measured on a tiny target, live acceptance
-    fell from 55% to 21%)."""
-    with torch.inference_mode():
-        engine.keep_hidden_states(every_position=True)
-        engine.reset()
-        engine.ensure_capacity(len(tokens))
-        engine.prefill(torch.tensor([tokens], device=engine.device))
-        feats = engine.hidden_span(0, len(tokens)).float()
-        engine.reset()
-    return feats.clone()  # outside inference mode: a tensor training may save for backward
+def engine_features(engine: Engine, texts: list[list[int]]) -> list[torch.Tensor]:  # -> (T_i, D) fp32 each
+    """The target's features for each text, from the engine that serves the drafts (the same
+    kernels and dtype as at inference: a bf16 target's features differ from fp32 ones by more than
+    a head trained on the fp32 ones tolerates; measured on a tiny target, live acceptance fell from
+    55% to 21%). An engine built for batch B prefills B texts at once, right-padded: causal
+    attention keeps padding out of every real position."""
+    B, out = engine.batch_size, []
+    for i in range(0, len(texts), B):
+        group = texts[i : i + B]
+        T = max(map(len, group))
+        rows = [t + [0] * (T - len(t)) for t in group] + [[0] * T] * (B - len(group))  # (B, T)
+        with torch.inference_mode():
+            engine.keep_hidden_states(every_position=True)
+            engine.reset()
+            engine.ensure_capacity(T)
+            engine.prefill(torch.tensor(rows, device=engine.device))
+            feats = engine.hidden_span(0, T).float()  # (B, T, D)
+            engine.reset()
+        out += [feats[j, : len(t)].clone() for j, t in enumerate(group)]  # outside inference mode: tensors training may save for backward
+    return out
 
 
 def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTrainConfig,
-                dims: EagleDims | None = None) -> tuple[EagleHead, dict[str, Any]]:
+                dims: EagleDims | None = None, features: Engine | None = None) -> tuple[EagleHead, dict[str, Any]]:
     """Fit the head on the texts (all but a held-out share), on the features the engine's target
-    makes; the report has the held-out top-1 at each depth up to cfg.eagle.depth, before and after
+    makes (`features`: the same target in an engine of a larger batch, to prefill many texts at once); the report has the held-out top-1 at each depth up to cfg.eagle.depth, before and after
     training, and the vocabulary's coverage."""
     cfg.validate()
     dims = dims or dims_of(engine.args)
@@ -172,10 +180,13 @@ def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTr
     head = EagleHead(dims, cfg.eagle, vocab_ids).to(device)
     weight, index = draft_head_weight(head, lm_weight), vocab_index(head.vocab_ids, V)
 
-    def encode(toks: list[int], first: int) -> tuple[torch.Tensor, list[int], int]:
-        return engine_features(engine, toks)[0], toks, first  # (T, D)
+    def encode(items: list[tuple[list[int], int]]) -> list[tuple[torch.Tensor, list[int], int]]:
+        feats = engine_features(features or engine, [t for t, _ in items])
+        return [(f, t, first) for f, (t, first) in zip(feats, items, strict=True)]
 
-    held, train = [encode(*t) for t in held_texts], [encode(*t) for t in train_texts]
+    t0 = time.perf_counter()
+    held, train = encode(held_texts), encode(train_texts)
+    features_s = time.perf_counter() - t0
 
     def accuracy() -> list[float]:
         hits = torch.zeros(cfg.eagle.depth, device=device)
@@ -194,7 +205,7 @@ def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTr
     inside = set(head.vocab_ids.tolist())
     coverage = sum(x in inside for toks in held_labels for x in toks) / max(1, sum(map(len, held_labels)))
     report = {"texts": len(texts), "train_texts": len(train), "held_out_texts": len(held),
-              "label_tokens": sum(len(t) - f for t, f in texts), "steps": cfg.steps, "train_s": train_s,
+              "label_tokens": sum(len(t) - f for t, f in texts), "steps": cfg.steps, "features_s": features_s, "train_s": train_s,
               "draft_vocab": int(head.vocab_ids.numel()), "held_out_vocab_coverage": coverage,
               "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
               "held_out_top1_before": before, "held_out_top1": accuracy()}
@@ -244,7 +255,11 @@ def train_eagle_for_model(loaded: Any, device: torch.device, dtype: torch.dtype,
     t0 = time.perf_counter()
     engine, texts, frame = write_texts_for_model(loaded, device, dtype, cfg, chat)
     write_s = time.perf_counter() - t0
-    head, report = train_eagle(engine, texts, cfg)
+    features = None
+    if device.type == "cuda":  # prefill FEATURE_BATCH texts a pass (a CPU gains little: one at a time, on the writing engine)
+        longest = max(len(t) for t, _ in texts)
+        features = Engine.from_loaded(loaded, device, dtype, weights="dense", batch_size=FEATURE_BATCH, max_seq_len=-(-longest // 64) * 64)
+    head, report = train_eagle(engine, texts, cfg, features=features)
     report = {**report, "chat": frame is not None, "write_s": write_s,
               "expected_accepted": expected_accepted(report["held_out_top1"])}
     return head, report, fingerprint(engine.model.lm_head.weight)

@@ -256,3 +256,19 @@ def test_a_padded_training_batch_counts_each_text_as_alone() -> None:
         padded.tokens = torch.cat([padded.tokens, torch.randint(0, 96, (1, 7))], dim=1)
         got = counts(padded, weight)
         assert torch.allclose(want[0], got[0], atol=1e-6) and torch.equal(want[1], got[1]) and torch.equal(want[2], got[2])
+
+
+def test_features_of_a_batch_of_texts_are_each_texts_own() -> None:
+    """A features engine of batch B prefills B right-padded texts at once: each text's features
+    are those of its own batch-1 prefill (the padding after it never reaches it)."""
+    from labkit.eagle_train import engine_features
+    from labkit.engine import Engine
+    from labkit.models.tiny import tiny_hf_model
+
+    hf = tiny_hf_model("llama", seed=3)
+    texts = [list(range(3, 3 + n)) for n in (7, 19, 12, 30, 5)]
+    one = engine_features(Engine.from_hf(hf, "cpu", "float32"), texts)
+    batched = engine_features(Engine.from_hf(hf, "cpu", "float32", batch_size=3), texts)
+    assert [f.shape[0] for f in batched] == [len(t) for t in texts]
+    for a, b in zip(one, batched, strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
