@@ -2,8 +2,9 @@
 
     python3 scripts/tree_check.py EAGLE_FOLDER [K]
 
-Fused bf16 engine with CUDA graphs; plain greedy, eagle and eagle-tree at K; prints tok/s over
-all prompts, tokens per target step (tau) and how many outputs equal plain greedy's.
+Fused bf16 engine with CUDA graphs; plain greedy, eagle (device steps: 8 per host read),
+eagle-host (a host read every step) and eagle-tree at K; prints tok/s over all prompts, tokens
+per target step (tau) and how many outputs equal plain greedy's.
 """
 
 import sys
@@ -16,11 +17,15 @@ from labkit.generate import Speculation, encode_prompt, generate, warm_up
 from labkit.models.loading import load_model
 from labkit.prompts import load_suite
 from labkit.specdec.drafters import build_drafter
+from labkit.specdec.eagle import load_eagle
+from labkit.specdec.eagle_drafter import EagleDrafter
+from labkit.specdec.heads import fingerprint
 
 folder, k = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3
 loaded = load_model("default")
 engine = Engine.from_loaded(loaded, "cuda", torch.bfloat16, weights="dense", cuda_graph=True, layer_kernels="triton")
 drafters = {kind: build_drafter(kind, engine, heads_path=folder) for kind in ("eagle", "eagle-tree")}
+drafters["eagle-host"] = EagleDrafter(engine, load_eagle(folder, fingerprint(engine.model.lm_head.weight)), device_steps=False)
 for drafter in drafters.values():
     warm_up(engine, k, drafter=drafter)
 cfg = GenerationConfig(max_new_tokens=128, stop_at_eos=False)

@@ -217,14 +217,16 @@ def test_cuda_heads_read_the_captured_hidden_state(layer_kernels: str, fused: bo
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
 def test_cuda_eagle_drafts_inside_the_captured_verify(layer_kernels: str) -> None:
     """EAGLE's catch-up and chain captured inside the verify step: plain greedy's tokens, and the
-    drafts the host-side catch-up makes (fp32: the same sums either way)."""
+    drafts the host-side catch-up makes (fp32: the same sums either way); with device steps (the
+    default on CUDA graphs: 8 captured steps per host read, each verifying the chain the step
+    before drafted) the same steps again."""
     from labkit.generate import Speculation
     from labkit.specdec.eagle_drafter import EagleDrafter
     from tests.test_eagle import random_head
 
     hf = tiny_hf_model("llama", seed=4).cuda()
     engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, layer_kernels=layer_kernels)
-    drafter = EagleDrafter(engine, random_head(depth=4))
+    drafter = EagleDrafter(engine, random_head(depth=4), device_steps=False)
     warm_up_steps(engine, 5, hook=drafter.verify_hook)
     prompt, cfg = list(range(3, 60)), GenerationConfig(max_new_tokens=60, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
@@ -234,6 +236,12 @@ def test_cuda_eagle_drafts_inside_the_captured_verify(layer_kernels: str) -> Non
     assert fused.stats.draft_tokens == host.stats.draft_tokens
     hooked = {key[1] for key in engine.graphs.keys() if key[0] == "step" and key[4] is not None}
     assert hooked == {2, 3, 4, 5}
+    stepper = EagleDrafter(engine, random_head(depth=4))
+    assert stepper.device_steps is stepper
+    steps = generate(engine, prompt, cfg, Speculation(stepper, 4))
+    n = next(i for i, d in enumerate(host.stats.draft_tokens) if len(d) < 4)  # the host drafts fewer at the budget's end
+    assert steps.tokens == want and steps.stats.draft_tokens[:n] == host.stats.draft_tokens[:n] and n >= 8
+    assert any(key[0] == "eagle-steps" for key in engine.graphs.keys())
 
 
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])

@@ -170,6 +170,11 @@ def test_eagle_learns_the_targets_continuation_and_its_draft_vocabulary() -> Non
     allowed = set(head.vocab_ids.tolist())
     assert all(t in allowed for d in result.stats.draft_tokens for t in d)
     assert sum(result.stats.accepted_lengths) > 0
+    # device steps (CHUNK steps per host read): the same steps, accepted drafts and all
+    steps = generate(engine, prompt, gen, Speculation(EagleDrafter(engine, head, device_steps=True), 3))
+    n = next(i for i, d in enumerate(result.stats.draft_tokens) if len(d) < 3)
+    assert steps.tokens == result.tokens and steps.stats.draft_tokens[:n] == result.stats.draft_tokens[:n]
+    assert steps.stats.accepted_lengths[:n] == result.stats.accepted_lengths[:n] and sum(result.stats.accepted_lengths[:n]) > 0
     # token trees: the chain with the next-best candidates as leaf siblings at every depth
     tree = generate(engine, prompt, gen, Speculation(EagleDrafter(engine, head, width=3), 3))
     assert tree.tokens == result.tokens and all(len(d) == 9 for d in tree.stats.draft_tokens[:-2])
@@ -272,3 +277,26 @@ def test_features_of_a_batch_of_texts_are_each_texts_own() -> None:
     assert [f.shape[0] for f in batched] == [len(t) for t in texts]
     for a, b in zip(one, batched, strict=True):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("prompt_len", [5, 40])
+def test_eagle_device_steps_are_the_host_steps(prompt_len: int) -> None:
+    """EAGLE chains in device steps (CHUNK greedy steps per host read, each verifying the chain the
+    step before drafted inside its verify): plain greedy's tokens, and step for step the drafts
+    of the host loop that reads every verdict."""
+    from labkit.config import GenerationConfig
+    from labkit.generate import Speculation, generate
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    engine = _engine()
+    prompt = list(range(3, 3 + prompt_len))
+    cfg = GenerationConfig(max_new_tokens=48, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    host = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=False), 3))
+    steps = generate(engine, prompt, cfg, Speculation(drafter := EagleDrafter(engine, random_head(), device_steps=True), 3))
+    assert drafter.device_steps is drafter and any(key[0] == "eagle-steps" for key in engine.graphs.keys())
+    assert host.tokens == want and steps.tokens == want
+    # the host drafts fewer near the token budget; device steps run at the full K there (one captured width)
+    n = next(i for i, d in enumerate(host.stats.draft_tokens) if len(d) < 3)
+    assert steps.stats.draft_tokens[:n] == host.stats.draft_tokens[:n] and n >= 8
+    assert steps.stats.accepted_lengths[:n] == host.stats.accepted_lengths[:n]  # a random head: rejections (a trained one: below)

@@ -23,9 +23,10 @@ from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.models.kvcache import COUNTER_ROWS, KVCache, TreeAttention
-from labkit.specdec.draft import Draft, Drafter
+from labkit.specdec.draft import Draft, Drafter, Step
 from labkit.specdec.eagle import EagleHead, draft_head_weight
 from labkit.specdec.eagle_tree import DynamicTreeConfig, dynamic_tree
+from labkit.specdec.lookup_steps import CHUNK, LookupSteps
 from labkit.specdec.tree import TokenTree
 
 
@@ -69,8 +70,12 @@ def token_embedding(model: Any) -> torch.nn.Module:
 
 
 class EagleDrafter(Drafter):
+    chunk = CHUNK  # device steps per host read (run_steps)
+
     def __init__(self, target: Engine, head: EagleHead, dtype: torch.dtype | None = None, width: int = 1,
-                 tree: DynamicTreeConfig | None = None) -> None:
+                 tree: DynamicTreeConfig | None = None, device_steps: bool | None = None) -> None:
+        """device_steps: chains run CHUNK greedy steps per host read (run_steps); None: where the
+        target has CUDA graphs."""
         if head.dims.dim != target.args.dim:
             raise LabkitError(f"this EAGLE head has width {head.dims.dim}, the target {target.args.dim}: train it for this target")
         target.keep_hidden_states(every_position=True)
@@ -102,6 +107,9 @@ class EagleDrafter(Drafter):
             if self.ops is None:
                 raise LabkitError("dynamic EAGLE trees need the fused draft layer: a CPU, or a GPU target on Triton layers")
             self.name += f"-tree{tree.nodes}"
+        if (target.cuda_graph if device_steps is None else device_steps) and width == 1 and tree is None:
+            self.device_steps = self
+        self._steps_used: set[int] = set()  # widths whose device steps ran in this request
         self.done = 0  # the draft cache holds the true elements 0..done-1
         self._prepared: tuple[int, list[int]] | None = None  # (context length, draft) the last verify made
         self._draft_cache: KVCache | None = None
@@ -155,7 +163,7 @@ class EagleDrafter(Drafter):
 
     # -- the drafter --------------------------------------------------------------------------
     def start(self, prompt_ids: list[int], capacity: int) -> None:
-        self.done, self._prepared = 0, None
+        self.done, self._prepared, self._steps_used = 0, None, set()
         self._cache(self.target.batch_size)  # the target's cache may have grown since
         if self.ops is not None and self.ops.__name__.endswith("layer_triton") and not self._warm:
             self._warm_up()
@@ -200,6 +208,20 @@ class EagleDrafter(Drafter):
 
     def take(self, tokens: list[int], context_len: int) -> None:
         self._prepared = (context_len, tokens)
+
+    @torch.inference_mode()
+    def run_steps(self, context: list[int], k: int, m: int, eos_mask: torch.Tensor, eos_until: int) -> list[Step]:
+        """m greedy steps on the device per host read (DeviceSteps): each step verifies the chain
+        the step before drafted inside its verify (LookupSteps with this drafter as its hook), the
+        first the host's draft; the last step's chain is kept for the next proposal."""
+        k = min(k, self.depth)
+        first = self.propose(context, k, GenerationConfig(), None).tokens
+        steps = self.target.captured(("eagle-steps", self, k), lambda: LookupSteps(self.target, k, hook=self, n_cols=self.depth))
+        fresh = k not in self._steps_used
+        self._steps_used.add(k)
+        out = steps.run(context, m, eos_mask, eos_until, fresh, cols=first)
+        self.take(steps.last_cols, len(context) + sum(len(new) for _, new in out))
+        return out
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:

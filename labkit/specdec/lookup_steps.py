@@ -28,7 +28,7 @@ import torch
 
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
-from labkit.graphs import GRAPH_MAX_T, capture, greedy_verdict
+from labkit.graphs import GRAPH_MAX_T, VerifyHook, capture, greedy_verdict
 from labkit.specdec.draft import Draft, Drafter, Step
 from labkit.specdec.lookup import lookup_reference
 
@@ -45,7 +45,8 @@ def greedy_step(
     drafts_log: torch.Tensor,  # (chunk, k): row step_idx gets the draft
     accepted_log: torch.Tensor,  # (chunk,): entry step_idx gets the accepted count
     step_idx: torch.Tensor,  # (1,) advanced in place
-) -> None:
+    draft: torch.Tensor | None = None,  # (k,) the step's draft (a verify hook's, made by the step before); None: the lookup's
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # verdict (1, 2), feed (k+1,), input_pos (k+1,)
     """One speculative greedy step on the device (see the module docstring): three registry
     kernels around the verify pass. The engine's cache holds the context but its last token,
     before and after."""
@@ -53,20 +54,26 @@ def greedy_step(
 
     device = history.device
     L = n_ctx  # (1,)
-    draft = registry.get("lookup_draft", device)(history, L, k)  # (k,)
+    if draft is None:
+        draft = registry.get("lookup_draft", device)(history, L, k)  # (k,)
     feed = torch.cat([history.index_select(0, L - 1), draft])  # (k+1,): the last token, then the draft
     input_pos = L - 1 + torch.arange(k + 1, device=device)  # (k+1,) cache positions
     logits = step(feed[None], input_pos, None)  # (1, k+1, V)
     verdict = greedy_verdict(logits, feed[None], eos_mask, eos_until - L)  # (1, 2): feed row j is token L + j
     registry.get("lookup_commit", device)(history, n_ctx, feed, verdict, drafts_log, accepted_log, step_idx)
+    return verdict, feed, input_pos
 
 
 class LookupSteps:
     """`chunk` speculative steps of width K per host read, as one captured step replayed (CUDA
     graphs) or run eagerly (any device: the same operations, for tests and the CPU). It points
-    into the engine's cache, so the engine owns it (`Engine.captured`) and drops it with the cache."""
+    into the engine's cache, so the engine owns it (`Engine.captured`) and drops it with the cache.
 
-    def __init__(self, engine: Any, k: int, chunk: int = CHUNK) -> None:
+    With a verify `hook` (a drafter that drafts inside the verify: EAGLE chains), a step's draft is
+    the first K of the `n_cols` columns the hook made from the step before (its `draft_after` on
+    the pass's hidden states and verdict, on the device); the first step's come from the host."""
+
+    def __init__(self, engine: Any, k: int, chunk: int = CHUNK, hook: VerifyHook | None = None, n_cols: int = 0) -> None:
         max_len = engine.cache.max_len  # warm-ups write its last positions, past every request
         if engine.batch_size != 1:
             raise LabkitError("the n-gram graph drafter decodes batch 1")
@@ -81,11 +88,19 @@ class LookupSteps:
         self.step_idx = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
         self.drafts = torch.zeros(chunk, k, dtype=torch.long, device=device)  # (chunk, k)
         self.accepted = torch.zeros(chunk, dtype=torch.long, device=device)  # (chunk,)
+        if hook is not None and n_cols < k:
+            raise LabkitError(f"a verify hook's {n_cols} columns cannot draft {k} tokens a step")
+        self.cols = torch.zeros(n_cols, dtype=torch.long, device=device)  # (n_cols,) the hook's next draft
+        self.last_cols: list[int] = []  # the hook's columns after the last run (host)
         self.graph = None
         static = engine.static_step
 
         def body() -> None:
-            greedy_step(static, self.history, self.n_ctx, self.eos_mask, self.eos_until, k, self.drafts, self.accepted, self.step_idx)
+            draft = None if hook is None else self.cols[:k]
+            verdict, feed, input_pos = greedy_step(static, self.history, self.n_ctx, self.eos_mask, self.eos_until, k,
+                                                   self.drafts, self.accepted, self.step_idx, draft)
+            if hook is not None:  # the next step's draft, from this pass
+                self.cols.copy_(hook.draft_after(engine.model.last_hidden, verdict, engine.model.lm_head, feed[None], input_pos)[0])
 
         self.body = body
         if engine.cuda_graph:
@@ -97,10 +112,12 @@ class LookupSteps:
             self.graph = capture(engine, body, prepare)
 
     @torch.inference_mode()
-    def run(self, context: list[int], m: int, eos_mask: torch.Tensor, eos_until: int, fresh: bool = False) -> list[tuple[list[int], list[int]]]:
+    def run(self, context: list[int], m: int, eos_mask: torch.Tensor, eos_until: int, fresh: bool = False,
+            cols: list[int] | None = None) -> list[tuple[list[int], list[int]]]:
         """m steps from `context` (the engine's cache holds all but its last token); returns each
         step's (draft, new tokens) and leaves the cache holding the new context but its last token.
-        `fresh`: a new request (the history on the device is not its own)."""
+        `fresh`: a new request (the history on the device is not its own). `cols`: with a hook, its
+        columns for the first step (the host's draft); the hook's last ones are in `last_cols`."""
         engine, k = self.engine, self.k
         L0 = len(context)
         if not 1 <= m <= self.chunk or L0 - 1 != engine.length or L0 - 1 + m * (k + 1) > engine.max_seq_len:
@@ -114,6 +131,9 @@ class LookupSteps:
         self.eos_mask.copy_(eos_mask)
         self.eos_until.fill_(eos_until)
         self.step_idx.zero_()
+        if cols is not None:
+            n = self.cols.numel()
+            self.cols.copy_(torch.tensor((list(cols) + [0] * n)[:n], device=engine.device))
         with engine.autocast():
             for _ in range(m):
                 if self.graph is not None and engine.graphs_safe:  # near the context's end: eagerly
@@ -122,10 +142,11 @@ class LookupSteps:
                     self.body()
         # one read: the context length, the tokens written, the drafts and the accepted counts
         span = m * (k + 1)
-        back = torch.cat([self.n_ctx, self.history[L0 : L0 + span], self.drafts[:m].flatten(), self.accepted[:m]]).tolist()
+        back = torch.cat([self.n_ctx, self.history[L0 : L0 + span], self.drafts[:m].flatten(), self.accepted[:m], self.cols]).tolist()
         n_ctx, written = back[0], back[1 : 1 + span]
         drafts = back[1 + span : 1 + span + m * k]
-        accepted = back[1 + span + m * k :]
+        accepted = back[1 + span + m * k : 1 + span + m * k + m]
+        self.last_cols = back[1 + span + m * k + m :]
         steps, at = [], 0
         for i, a in enumerate(accepted):
             steps.append((drafts[i * k : (i + 1) * k], written[at : at + a + 1]))
