@@ -11,6 +11,10 @@ verdict, all on the device: the catch-up feeds every verify row (row j's token i
 it, or the target's next token at the accepted row), and the chain starts from the accepted row.
 Rows past it write elements that are stale, never read: each chain position is written again
 before any query at or past it looks (the draft's attention sees positions up to its own).
+
+Where the target has CUDA graphs a chain drafter is also its own DeviceSteps (`run_steps`): CHUNK
+greedy steps per host read, each verifying the chain the step before drafted inside its verify
+(specdec/lookup_steps.LookupSteps with this drafter as the hook), the first from the host.
 """
 
 from __future__ import annotations
