@@ -48,12 +48,17 @@ def chain_with_siblings(top: list[list[int]]) -> Draft:
     return Draft(tokens, parents=parents)
 
 
+def target_runs_triton(target: Engine) -> bool:
+    """Whether the target runs the fused Triton layers, which the draft layer then shares."""
+    return target.layer_kernels == "triton"
+
+
 def draft_layer_ops(target: Engine) -> Any:
     """How the draft layer runs: through the target's fused Triton kernels where the target runs
     them (five launches a layer, attention over the positions each query sees); on a CPU through
     their PyTorch twins (attention up to the last position, not the whole cache); else as PyTorch
     ops over the whole draft cache with a mask (capturable on any GPU)."""
-    if target.layer_kernels == "triton":
+    if target_runs_triton(target):
         from labkit.kernels import layer_triton
 
         return layer_triton
@@ -106,6 +111,7 @@ class EagleDrafter(Drafter):
         if width > 1:
             self.name += f"-w{width}"
         self.ops = draft_layer_ops(target)
+        self._triton = target_runs_triton(target)  # the ops are the Triton kernels: compile their widths before a request
         if tree is not None:
             tree.validate(self.depth)
             if self.ops is None:
@@ -169,7 +175,7 @@ class EagleDrafter(Drafter):
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         self.done, self._prepared, self._steps_used = 0, None, set()
         self._cache(self.target.batch_size)  # the target's cache may have grown since
-        if self.ops is not None and self.ops.__name__.endswith("layer_triton") and not self._warm:
+        if self._triton and not self._warm:
             self._warm_up()
 
     def tree_shapes(self, max_k: int) -> list[TokenTree]:
