@@ -163,9 +163,9 @@ class HostSpeculation:
         with req.timer.phase("draft"):
             draft = self.drafter.propose(req.context, k, req.config, req.generator)
         tree = draft.tree() if draft.parents is not None else None
-        if tree is not None and (not self.fused or tree.size > req.engine.max_seq_len - req.engine.length
+        if tree is not None and (not (self.fused or self.sampled_trees(draft)) or tree.size > req.engine.max_seq_len - req.engine.length
                                  or max(tree.depths()) > req.remaining - 1):
-            draft, tree = draft.main_chain(), None  # trees: greedy acceptance inside the step, room for every node, within the budget
+            draft, tree = draft.main_chain(), None  # trees: an acceptance rule for trees, room for every node, within the budget
         if draft.parents is None:
             draft.tokens = draft.tokens[:k]
         draft_s = time.perf_counter() - t0
@@ -202,13 +202,29 @@ class HostSpeculation:
             engine.rollback(start + 1 + verdict.accepted)  # keep the last token and the accepted drafts
         return verdict
 
+    def sampled_trees(self, draft: Draft) -> bool:
+        """Whether this policy verifies a tree under sampling (one-hot drafts, multi-draft rejection)."""
+        return hasattr(self.policy, "accept_tree") and draft.probs is None and not self.policy.fused_greedy
+
     def verify_tree(self, req: Request, draft: Draft, tree: TokenTree) -> list[int]:
         """A token tree in one pass (labkit/tree_verify.py): the accepted path's tokens and the
-        target's next token; the cache keeps the path."""
+        target's next token; the cache keeps the path. Greedy: inside the step; sampling: the
+        policy's tree rule on the host between the pass and the commit."""
         engine = req.engine
         tokens = [req.context[-1], *draft.tokens]  # node 0: the last context token
-        step = tree_verify(engine, tree.size, max(tree.depths()), self.hook)
-        path, next_token, columns = step.run(tree, tokens, req.eos_mask, req.eos_block)
+        if self.fused:
+            step = tree_verify(engine, tree.size, max(tree.depths()), self.hook)
+            path, next_token, columns = step.run(tree, tokens, req.eos_mask, req.eos_block)
+        else:
+            depths = torch.tensor(tree.depths(), device=engine.device)  # (N,) node i's row is new token len(tokens) + depth(i)
+
+            def pick(logits: torch.Tensor) -> tuple[list[int], int]:  # (N, V)
+                if req.eos_block > 0:
+                    logits = logits.masked_fill((depths < req.eos_block)[:, None] & req.eos_mask[None, :], float("-inf"))
+                return self.policy.accept_tree(tree, tokens, logits, req.config, req.generator)  # type: ignore[attr-defined]
+
+            path, next_token = tree_verify(engine, tree.size, max(tree.depths())).run_host(tree, tokens, pick)
+            columns = []
         parents = [p - 1 for p in tree.parents[1:]]  # the draft's own (-1 under the root)
         req.stats.tree_steps.append((len(req.stats.draft_tokens), parents, [n - 1 for n in path]))
         if self.hook is not None:

@@ -14,6 +14,8 @@ draft made, all in one step (specdec/tree.py defines the terms).
      root, so the cache holds the accepted text in order;
   4. with a verify hook (EAGLE), the drafter's next draft from the path's hidden states, handed
      the path as the chain verify would hand its rows (graphs.VerifyHook).
+Sampling runs the same pass and commit with its acceptance rule on the host between them
+(`run_host`: multi-draft rejection sampling, policies.RejectionSampling.accept_tree).
 The tree's structure (parents, hence depths, ancestors, sibling order) is data in the step's
 buffers, copied in when it changes: one TreeVerify (on a GPU that captures graphs, one captured
 graph) serves every tree of N nodes and depth at most max_depth, static shapes and dynamic trees
@@ -22,6 +24,8 @@ its end), the hook's columns].
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -86,22 +90,31 @@ class TreeVerify:
         keys = torch.arange(attend_len, device=self.slots.device)  # (S,)
         return (keys[None, :] <= self.slots[:, None]) & tree_keys_seen(keys, self.attn.base, self.attn.mask)
 
-    def _body(self) -> None:
+    def _forward(self) -> torch.Tensor:  # -> (1, N, V) the target's logits after every node
         engine = self.engine
-        cache, tokens = engine.cache, self.tokens[0]  # (N,)
         attend_len = engine.attend_len if self.captured else int(self.slots[-1]) + 1
-        logits = engine.model(self.tokens, self.slots, cache, attend_len, self._mask(attend_len), False, None,
-                              tree=self.attn)  # (1, N, V)
-        blocked = (self.depth < self.block)[:, None] & self.eos_mask[None, :]  # (N, V)
-        targets = logits[0].masked_fill(blocked, float("-inf")).argmax(-1)  # (N,) the target's token after each node
-        verdict, path = self.walk(tokens, targets)  # (2,), (maxD,)
-        # commit: the path's keys and values to the slots after the root (rows past the path: dead slots)
+        return engine.model(self.tokens, self.slots, engine.cache, attend_len, self._mask(attend_len), False, None, tree=self.attn)
+
+    def _commit(self, path: torch.Tensor) -> torch.Tensor:  # path (maxD,) -> rows (1 + maxD,): root, then the path
+        """The path's keys and values to the slots after the root (rows past the path: dead
+        slots), and the path's hidden states kept for drafters."""
+        cache, engine = self.engine.cache, self.engine
         src, dst = self.attn.base + path, self.attn.base + self.levels  # (maxD,) each
         cache.k.index_copy_(3, dst, cache.k.index_select(3, src))  # (L, B, H, maxD, D), gathered before written
         cache.v.index_copy_(3, dst, cache.v.index_select(3, src))
-        rows = torch.cat((path.new_zeros(1), path))  # (1 + maxD,) root, then the path
+        rows = torch.cat((path.new_zeros(1), path))  # (1 + maxD,)
         hidden = engine.model.last_hidden if engine.model.keep_hidden else None
         self.hidden = None if hidden is None else hidden.index_select(1, rows)  # (1, 1 + maxD, D)
+        return rows
+
+    def _body(self) -> None:
+        engine = self.engine
+        tokens = self.tokens[0]  # (N,)
+        logits = self._forward()  # (1, N, V)
+        blocked = (self.depth < self.block)[:, None] & self.eos_mask[None, :]  # (N, V)
+        targets = logits[0].masked_fill(blocked, float("-inf")).argmax(-1)  # (N,) the target's token after each node
+        verdict, path = self.walk(tokens, targets)  # (2,), (maxD,)
+        rows = self._commit(path)
         columns = [verdict, path]
         if self.hook is not None:
             assert self.hidden is not None
@@ -147,6 +160,29 @@ class TreeVerify:
         if self.hidden is not None:
             engine.kept_hidden.keep(self.hidden[:, : 1 + n], start + 1 + n)
         return out[2 : 2 + n], out[1], out[2 + self.max_depth :]
+
+
+    @torch.inference_mode()
+    def run_host(self, tree: TokenTree, tokens: list[int], pick: Callable[[torch.Tensor], tuple[list[int], int]]) -> tuple[list[int], int]:
+        """The pass (eagerly), then `pick` (an acceptance rule on the host: the target's logits
+        after every node (N, V) -> the accepted path's nodes, the next token), then the commit of
+        that path: sampling's multi-draft rejection over the tree (policies.RejectionSampling)."""
+        engine = self.engine
+        self.set_tree(tree)
+        start = engine.length
+        if start + self.size > engine.cache.max_len:
+            raise LabkitError(f"a tree of {self.size} nodes does not fit after {start} cached positions")
+        self.tokens.copy_(torch.tensor([tokens], device=engine.device))
+        self._place(start)
+        with engine.autocast():
+            logits = self._forward()[0]  # (N, V)
+        path, next_token = pick(logits)
+        with engine.autocast():
+            self._commit(torch.tensor(path + [0] * (self.max_depth - len(path)), device=engine.device))
+        engine.set_length(start + 1 + len(path))
+        if self.hidden is not None:
+            engine.kept_hidden.keep(self.hidden[:, : 1 + len(path)], start + 1 + len(path))
+        return path, next_token
 
 
 def tree_verify(engine: Engine, size: int, max_depth: int, hook: VerifyHook | None = None) -> TreeVerify:

@@ -9,6 +9,7 @@ warped distribution allows. A chi-square goodness-of-fit test (scipy) at n draws
 sampled frequencies; two deliberately broken rules, in test-local subclasses, fail it.
 """
 
+import collections
 import math
 
 import pytest
@@ -20,6 +21,7 @@ from labkit.engine import Engine
 from labkit.generate import Speculation, generate
 from labkit.models.tiny import tiny_hf_model
 from labkit.specdec import ModelDrafter
+from labkit.specdec.draft import Draft, Drafter
 from labkit.specdec.policies import RejectionSampling, Verdict
 
 TEMPERATURE, TOP_K, TOP_P = 0.8, 3, 0.9
@@ -148,3 +150,59 @@ def test_the_distribution_test_catches_broken_rules(setup, wrong: RejectionSampl
     target, drafter, expected = setup
     samples, _, _ = draws(target, Speculation(drafter, K, policy=wrong), DRAWS // 3)
     assert chi_square_p(samples, expected) < ALPHA
+
+
+class TopTree(Drafter):
+    """A tree of one-hot drafts from the target itself (transformers): the 2 likeliest tokens,
+    each followed by its likeliest next one (nodes 0, 1 under the root; 2 under 0, 3 under 1).
+    Its drafts are often in the warped support and often rejected there."""
+
+    name = "top-tree"
+
+    def __init__(self, hf) -> None:
+        self.hf = hf
+
+    @torch.no_grad()
+    def propose(self, context, k, config, generator):  # type: ignore[no-untyped-def]
+        first = self.hf(torch.tensor([context])).logits[0, -1].topk(2).indices.tolist()
+        second = [int(self.hf(torch.tensor([context + [t]])).logits[0, -1].argmax()) for t in first]
+        return Draft(first + second, parents=[-1, -1, 0, 1])
+
+
+class TriesEveryChildAgainstTheFullDistribution(RejectionSampling):
+    """Wrong: a child tried after a rejection stands with p(x), not r(x) / sum(r), and the next
+    token is drawn from p (the rejected children's mass is never taken out)."""
+
+    def accept_tree(self, tree, tokens, target_logits, config, generator):  # type: ignore[no-untyped-def]
+        from labkit.sampling import target_probs
+
+        p = target_probs(target_logits, config).float()
+        u = iter(torch.rand(p.shape[0] + 1, generator=generator).tolist())
+        kids, node, path = tree.children(), 0, []
+        while True:
+            for child in kids[node]:
+                if next(u) < float(p[node, tokens[child]]):
+                    break
+            else:
+                return path, int(torch.multinomial(p[node], 1, generator=generator))
+            path.append(child)
+            node = child
+
+
+def test_tree_speculative_sampling_follows_the_target(setup) -> None:
+    """Multi-draft rejection over a token tree (RejectionSampling.accept_tree): sibling tried after
+    a rejection, the residual draw and the bonus after a leaf all taken, and the continuations
+    follow the target; the same tree with the residual left out fails."""
+    target, _, expected = setup
+    hf = tiny_hf_model("llama", seed=5)
+    samples, paths = [], collections.Counter()
+    for seed in range(DRAWS):
+        cfg = GenerationConfig(max_new_tokens=NEW, temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, seed=seed, stop_at_eos=False)
+        result = generate(target, PROMPT, cfg, Speculation(TopTree(hf), K))
+        samples.append(tuple(result.tokens))
+        paths.update(tuple(path) for _, _, path in result.stats.tree_steps)
+    # the first child and its leaf (then the bonus), the second child after the first's rejection, and none (the residual draw)
+    assert min(paths[(0, 2)], paths[(1,)] + paths[(1, 3)], paths[()]) > DRAWS // 50, paths
+    assert chi_square_p(samples, expected) > ALPHA
+    wrong, _, _ = draws(target, Speculation(TopTree(hf), K, policy=TriesEveryChildAgainstTheFullDistribution()), DRAWS // 3)
+    assert chi_square_p(wrong, expected) < ALPHA

@@ -248,15 +248,22 @@ class ChainOf(Drafter):
         return self.inner.propose(context, k, config, generator).main_chain()
 
 
-def test_sampling_verifies_a_trees_first_path_as_a_chain() -> None:
-    """With sampling (rejection sampling, lossless on chains) a tree draft is cut to its first
-    path: the same tokens, seed for seed, as a drafter that proposes that chain."""
+def test_sampling_verifies_trees_and_a_lossy_policy_their_first_path() -> None:
+    """Rejection sampling verifies a tree draft whole (multi-draft rejection over the tree: its
+    distribution is held in tests/test_sampling_generate.py); a lossy policy (typical acceptance)
+    cuts a tree to its first path: the same tokens, seed for seed, as a drafter that proposes that
+    chain."""
+    from labkit.specdec.policies import TypicalAcceptance
+
     engine = _engine("torch")
     prompt = list(range(3, 25))
     want = generate(engine, prompt, GenerationConfig(max_new_tokens=30, stop_at_eos=False)).tokens
     cfg = GenerationConfig(max_new_tokens=30, stop_at_eos=False, temperature=0.8, seed=5)
-    tree_run = generate(engine, prompt, cfg, Speculation(OracleTreeDrafter(want, len(prompt), SHAPES["binary"], 96), 3))
-    chain_run = generate(engine, prompt, cfg, Speculation(ChainOf(OracleTreeDrafter(want, len(prompt), SHAPES["binary"], 96)), 3))
+    sampled = generate(engine, prompt, cfg, Speculation(OracleTreeDrafter(want, len(prompt), SHAPES["binary"], 96), 3))
+    assert sampled.stats.tree_steps and max(map(len, sampled.stats.draft_tokens)) > 3
+    typical = TypicalAcceptance()
+    tree_run = generate(engine, prompt, cfg, Speculation(OracleTreeDrafter(want, len(prompt), SHAPES["binary"], 96), 3, policy=typical))
+    chain_run = generate(engine, prompt, cfg, Speculation(ChainOf(OracleTreeDrafter(want, len(prompt), SHAPES["binary"], 96)), 3, policy=typical))
     assert tree_run.tokens == chain_run.tokens and not tree_run.stats.tree_steps
     assert tree_run.stats.draft_tokens == chain_run.stats.draft_tokens and max(map(len, tree_run.stats.draft_tokens)) <= 3
 

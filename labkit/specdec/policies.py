@@ -11,11 +11,12 @@ Terms (as in vLLM's rejection sampler):
 
 A lossless policy leaves the output distribution exactly the target's (greedy: identical tokens).
 
-Token trees (specdec/tree.py) are verified by greedy acceptance inside the verify step only (a
-`fused_greedy` policy, phases not timed apart: labkit/tree_verify.py). Anywhere else (sampling,
-a lossy policy, timed phases) a tree draft is cut to its first path and verified as a chain, so
-every policy keeps its `lossless` declaration; multi-draft rejection sampling over a tree
-(SpecInfer's) is not built yet.
+Token trees (specdec/tree.py) are verified by greedy acceptance inside the verify step (a
+`fused_greedy` policy, phases not timed apart: labkit/tree_verify.py), and under sampling by
+RejectionSampling's multi-draft rule (`accept_tree`, SpecInfer's for drafts without
+probabilities). Anywhere else (a lossy policy, timed greedy phases, a tree whose drafts carry
+probabilities) a tree draft is cut to its first path and verified as a chain, so every policy
+keeps its `lossless` declaration.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
 from labkit.kernels import registry
 from labkit.sampling import target_probs
+from labkit.specdec.tree import TokenTree
 
 
 @dataclass
@@ -108,6 +110,33 @@ class RejectionSampling:
         accepted, token = kernel(draft_tokens[None], q[None].contiguous(), p[None].contiguous(), u[None, :K].contiguous(), u[K:])
         n, tok = torch.cat([accepted, token]).tolist()
         return Verdict(n, tok)
+
+
+    def accept_tree(self, tree: TokenTree, tokens: list[int], target_logits: torch.Tensor, config: GenerationConfig,
+                    generator: torch.Generator | None) -> tuple[list[int], int]:
+        """Multi-draft speculative sampling over a tree of one-hot drafts (tokens[i] at node i,
+        tokens[0] the root's; target_logits (N, V): the target after each node). From the root,
+        a node's children are tried in their order: child x stands with probability
+        r(x) / sum(r), r the target's distribution after the node less the children already
+        rejected there; the first to stand becomes the node, and when none does the next token
+        is drawn from r. Every token so comes out with the target's probability (a child tried
+        first stands with p(x); one tried after rejections with (1 - p(rejected)) * r(x) / sum(r)
+        = p(x)). Returns the accepted nodes in path order and the next token."""
+        p = target_probs(target_logits, config).float().cpu()  # (N, V)
+        u = iter(torch.rand(p.shape[0] + 1, device=target_logits.device, generator=generator).tolist())  # <= N - 1 tests, 1 draw
+        kids = tree.children()
+        node, path = 0, list[int]()
+        while True:
+            r = p[node].clone()  # (V,)
+            for child in kids[node]:
+                if next(u) * float(r.sum()) < float(r[tokens[child]]):
+                    break
+                r[tokens[child]] = 0.0
+            else:
+                cdf = r.cumsum(0)  # (V,)
+                return path, int(torch.searchsorted(cdf, next(u) * cdf[-1], right=True).clamp(max=r.numel() - 1))
+            path.append(child)
+            node = child
 
 
 def _leading_run(ok: torch.Tensor) -> int:  # (K,) bool → how many stand before the first False
