@@ -161,7 +161,6 @@ class TreeVerify:
             engine.kept_hidden.keep(self.hidden[:, : 1 + n], start + 1 + n)
         return out[2 : 2 + n], out[1], out[2 + self.max_depth :]
 
-
     @torch.inference_mode()
     def run_host(self, tree: TokenTree, tokens: list[int], pick: Callable[[torch.Tensor], tuple[list[int], int]]) -> tuple[list[int], int]:
         """The pass (eagerly), then `pick` (an acceptance rule on the host: the target's logits
