@@ -1,6 +1,7 @@
 """The CLI as a user meets it: one clear line and a non-zero exit for bad input, never a traceback."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -196,20 +197,18 @@ def test_heads_train_then_generate_with_them(tiny_folder, tmp_path) -> None:
     info = json.loads((out / "heads.json").read_text())["info"]
     assert info["chat"] is True  # the model has a chat template
     assert info["provenance"]["device"]["type"] == "cpu" and info["provenance"]["git_commit"]  # where the heads came from
-    rc, stdout, err = run_cli("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(tmp_path / "plain"),
-                              "--no-chat", "--n-heads", "2", "--texts", "2", "--sampled-tokens", "2", "--greedy-tokens", "6", "--steps", "1")
-    assert rc == 0, err
-    assert json.loads((tmp_path / "plain" / "heads.json").read_text())["info"]["chat"] is False
+    shutil.copytree(out, tmp_path / "plain")  # heads alone: the folder --drafter eagle refuses below
     rc, stdout, err = run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "Tell me a story",
                               "--max-tokens", "12", "--drafter", "heads", "--heads", str(out), "--k", "2", "--json")
     assert rc == 0, err
     assert json.loads(stdout)["stats"]["drafter"] == "heads-2"
-    # an EAGLE head beside the heads, in the same folder; --drafter eagle reads it
+    # an EAGLE head beside the heads, in the same folder (its texts without the chat template); --drafter eagle reads it
     rc, stdout, err = run_cli("heads", "train", "--kind", "eagle", "--model", str(tiny_folder), "--device", "cpu", "--out", str(out),
-                              "--depth", "3", "--draft-vocab", "50", "--texts", "6", "--user-tokens", "4", "--greedy-tokens", "12",
+                              "--no-chat", "--depth", "3", "--draft-vocab", "50", "--texts", "6", "--sampled-tokens", "2", "--greedy-tokens", "12",
                               "--steps", "5", "--batch-size", "2")
     assert rc == 0, err
     assert "trained an EAGLE head" in stdout and "depth 3" in stdout and (out / "eagle.safetensors").is_file() and (out / "heads.json").is_file()
+    assert json.loads((out / "eagle.json").read_text())["info"]["chat"] is False
     for kind in ("eagle", "eagle-tree"):  # the chain, and EAGLE-2's dynamic trees
         rc, stdout, err = run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "Tell me a story",
                                   "--max-tokens", "12", "--drafter", kind, "--heads", str(out), "--k", "3", "--json")
