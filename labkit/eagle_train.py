@@ -144,12 +144,12 @@ def engine_features(engine: Engine, texts: list[list[int]]) -> list[torch.Tensor
     55% to 21%). An engine built for batch B prefills B texts at once, right-padded: causal
     attention keeps padding out of every real position."""
     B, out = engine.batch_size, []
+    engine.keep_hidden_states(every_position=True)  # once: it also drops the engine's captured steps
     for i in range(0, len(texts), B):
         group = texts[i : i + B]
         T = max(map(len, group))
         rows = [t + [0] * (T - len(t)) for t in group] + [[0] * T] * (B - len(group))  # (B, T)
         with torch.inference_mode():
-            engine.keep_hidden_states(every_position=True)
             engine.reset()
             engine.ensure_capacity(T)
             engine.prefill(torch.tensor(rows, device=engine.device))

@@ -124,6 +124,7 @@ def write_all(engine: Engine, prompts: list[list[int]], configs: list[Generation
     fused kernels' rows (bitwise a batch-1 step's) with CUDA graphs on a GPU (64 at once)."""
     from labkit.batch.engine import TILE, BatchConfig, BatchEngine
     from labkit.batch.scheduler import ContinuousBatcher
+    from labkit.graphs import GRAPH_HEADROOM
     from labkit.models.families import family_of_model
 
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
@@ -135,7 +136,7 @@ def write_all(engine: Engine, prompts: list[list[int]], configs: list[Generation
         return out
     fused = engine.device.type == "cuda" and engine.layer_kernels == "triton"
     slot_len = -(-max(len(p) + c.max_new_tokens for p, c in zip(prompts, configs, strict=True)) // 64) * 64
-    slot_len = min(slot_len, engine.cache.max_len - 64)
+    slot_len = min(slot_len, engine.cache.max_len - GRAPH_HEADROOM)  # a captured step's warm-ups write past a slot
     batch = BatchEngine(engine, BatchConfig(64 if fused else TILE, slot_len, invariant=not fused, cuda_graph=fused and bool(engine.cuda_graph)))
     batch.capture_graphs([1])
     batcher = ContinuousBatcher(batch)
