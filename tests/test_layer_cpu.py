@@ -113,6 +113,37 @@ def test_each_operation_matches_its_reference() -> None:
     assert torch.allclose(logits, ref_logits, atol=1e-4) and normed is not None and torch.allclose(normed, ref_normed, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_a_stack_in_one_call_is_the_five_operations_bit_for_bit(arch: str) -> None:
+    """decode_layers (every layer in one call) against forward_fused layer by layer: the same
+    residual stream and the same cache, exactly, for decode rows, a verify and a token tree."""
+    from labkit.models.kvcache import TreeAttention
+    from labkit.specdec.tree import TokenTree
+
+    engine = block_engine(arch, seed=4)
+    model, ops = engine.model, engine.model.layer_ops
+    engine.ensure_capacity(48)
+    cache, gen = engine.cache, torch.Generator().manual_seed(5)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    tree = TokenTree([-1, 0, 0, 1, 2])
+    cases = [(1, None), (5, None),
+             (5, TreeAttention(30 + torch.tensor(tree.depths()), torch.tensor([30]), tree.ancestor_mask().to(torch.int8)))]
+    for M, tree_attention in cases:
+        x = torch.randn(1, M, model.args.dim, generator=gen)
+        pos = torch.arange(30, 30 + M)
+        before = (cache.k.clone(), cache.v.clone())
+        ref = x
+        for i in range(model.args.n_layers):
+            ref = model.layers[i].forward_fused(ops, ref, model.cos, model.sin, cache, i, pos, 30 + M, tree_attention)
+        ref_cache = (cache.k.clone(), cache.v.clone())
+        cache.k.copy_(before[0])
+        cache.v.copy_(before[1])
+        got = model.forward_stack(x, cache, pos, model.args.n_layers, tree_attention)
+        assert torch.equal(got, ref) and torch.equal(cache.k, ref_cache[0]) and torch.equal(cache.v, ref_cache[1])
+        assert not torch.equal(got, model.forward_stack(x, cache, pos, model.args.n_layers - 1, tree_attention))  # n counts
+
+
 def test_the_operations_refuse_what_they_cannot_run() -> None:
     plain = Engine.from_hf(tiny_hf_model("llama"), "cpu", "float32")
     assert "GGUF blocks" in cpu_layers_unusable(plain.model, 1) and plain.layer_kernels == "torch"

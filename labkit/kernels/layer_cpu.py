@@ -10,7 +10,8 @@ model once). fp32, batch 1: rows are the step's tokens.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,27 @@ class BlockWeight(ctypes.Structure):
     _fields_ = [("kind", _i64), ("qs", _p), ("d", _p), ("m", _p), ("bias", _p), ("N", _i64), ("K", _i64)]
 
 
+class LayerWeights(ctypes.Structure):
+    """kernels/cpu_layer.c's layer_weights: one decoder layer for decode_layers."""
+
+    _fields_ = [("attn_norm", _p), ("mlp_norm", _p), ("qkv", BlockWeight), ("o", BlockWeight), ("gate_up", BlockWeight),
+                ("down", BlockWeight), ("k_cache", _p), ("v_cache", _p)]
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """What decode_layers reads of one decoder layer (llama.LlamaBlock.fused_tensors): the dense
+    weights name the blocks, as in the five operations."""
+
+    attn_norm: torch.Tensor  # (dim,)
+    mlp_norm: torch.Tensor  # (dim,)
+    eps: float
+    qkv: tuple[torch.Tensor, torch.Tensor | None]  # weight ((nh + 2 nkv) D, dim), bias
+    o: tuple[torch.Tensor, torch.Tensor | None]
+    gate_up: tuple[torch.Tensor, torch.Tensor | None]
+    down: tuple[torch.Tensor, torch.Tensor | None]
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -41,6 +63,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.norm_head.argtypes = [_p, _i64, _i64, _p, _f32, w, _p, _p]
     for name in ("norm_qkv_rope", "attention", "linear_residual", "norm_gate_up", "norm_head"):
         getattr(lib, name).restype = None
+    lib.decode_layers.argtypes = [_p, _i64, _i64, ctypes.POINTER(LayerWeights), _i64, _f32, _p, _p, _p, _p, _i64, _i64, _i64, _i64,
+                                  _f32, _i64, _p, _i64, _i64]
+    lib.decode_layers.restype = ctypes.c_int
 
 
 class CpuLayerOps:
@@ -49,6 +74,7 @@ class CpuLayerOps:
     name = "cpu"
     ROW_POSITIONS = False  # one set of positions for every batch row (batched steps take the PyTorch layers)
     TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention
+    STACKS = True  # decode_layers: a whole stack of layers in one call
 
     def __init__(self, linears: Iterable[Any]) -> None:
         """linears: the model's QuantLinear layers (a dense `weight`, its `bias`, and the blocks
@@ -58,6 +84,7 @@ class CpuLayerOps:
             raise LabkitError(f"CPU layer operations: the CPU kernel is unavailable ({cpu_quant.available()[1]})")
         _bind(lib)
         self.lib = lib
+        self._stacks: dict[tuple[int, ...], Any] = {}  # decode_layers' weight arrays, by layers and cache
         self._blocks: dict[int, tuple[BlockWeight, Any]] = {}
         for module in linears:
             N, K = module.weight.shape
@@ -66,13 +93,16 @@ class CpuLayerOps:
             self._blocks[module.weight.data_ptr()] = (blocks, module)
 
     def _weight(self, w: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        return ctypes.byref(self._blocks_of(w, bias))
+
+    def _blocks_of(self, w: torch.Tensor, bias: torch.Tensor | None) -> BlockWeight:
         found = self._blocks.get(w.data_ptr())
         if found is None:
             raise LabkitError("the CPU layer operations were handed a weight they hold no blocks for")
         blocks, module = found
         if _ptr(bias) != _ptr(module.bias):
             raise LabkitError("the CPU layer operations read the bias their blocks came with")
-        return ctypes.byref(blocks)
+        return blocks
 
     @staticmethod
     def _check(*tensors: torch.Tensor) -> None:
@@ -131,3 +161,41 @@ class CpuLayerOps:
         logits, normed = torch.empty(M, w.shape[0]), torch.empty(M, dim)
         self.lib.norm_head(x.data_ptr(), M, dim, norm_w.data_ptr(), eps, self._weight(w, None), logits.data_ptr(), normed.data_ptr())
         return logits, normed if keep_normed else None
+
+    def decode_layers(self, x: torch.Tensor, layers: Sequence[LayerTensors], k_layers: Sequence[torch.Tensor],
+                      v_layers: Sequence[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                      n_heads: int, scale: float, window: int | None, tree: Any = None) -> torch.Tensor:  # x (M, dim) → (M, dim)
+        """The first four operations through every layer in `layers` in one call: the same
+        functions in the same order as the per-layer calls, so the same bits. x is not changed.
+        k_layers, v_layers: each layer's cache (1, nkv, S, D); tree: a kvcache.TreeAttention or None."""
+        M, dim = x.shape
+        _, nkv, S, D = k_layers[0].shape
+        if k_layers[0].shape[0] != 1 or len({layer.eps for layer in layers}) != 1:
+            raise LabkitError("decode_layers runs batch 1, one norm epsilon")
+        rope_pos = None if tree is None else tree.rope_pos
+        self._check(x, cos, sin, input_pos, k_layers[0], v_layers[0], *([] if tree is None else [rope_pos]))  # the layers' caches: views of one tensor
+        if tree is not None and (tree.mask.dtype != torch.int8 or not tree.mask.is_contiguous() or tree.mask.shape[0] != M):
+            raise LabkitError(f"a tree mask is ({M}, N) contiguous int8, got {tuple(tree.mask.shape)} {tree.mask.dtype}")
+        out = x.clone()
+        status = self.lib.decode_layers(out.data_ptr(), M, dim, self._stack(layers, k_layers, v_layers), len(layers), layers[0].eps,
+                                        cos.data_ptr(), sin.data_ptr(), input_pos.data_ptr(), _ptr(rope_pos), S, n_heads, nkv, D,
+                                        scale, window or 0, None if tree is None else tree.mask.data_ptr(),
+                                        0 if tree is None else int(tree.base), 0 if tree is None else tree.mask.shape[1])
+        if status != 0:
+            raise LabkitError(f"decode_layers could not allocate its scratch ({M} rows, a cache of {S})")
+        return out
+
+    def _stack(self, layers: Sequence[LayerTensors], k_layers: Sequence[torch.Tensor], v_layers: Sequence[torch.Tensor]) -> Any:
+        """The layer_weights array for these layers and caches, built once (a grown cache is a new key)."""
+        n = len(layers)
+        key = (n, id(layers[0]), k_layers[0].data_ptr(), v_layers[0].data_ptr(), k_layers[n - 1].data_ptr(), v_layers[n - 1].data_ptr())
+        found = self._stacks.get(key)
+        if found is None:
+            found = (LayerWeights * n)(*(
+                LayerWeights(layer.attn_norm.data_ptr(), layer.mlp_norm.data_ptr(), self._blocks_of(*layer.qkv), self._blocks_of(*layer.o),
+                             self._blocks_of(*layer.gate_up), self._blocks_of(*layer.down), k.data_ptr(), v.data_ptr())
+                for layer, k, v in zip(layers, k_layers, v_layers)))
+            if len(self._stacks) >= 4:  # a few stacks (the whole model, a layer-skip draft's first layers), not every cache ever seen
+                self._stacks.clear()
+            self._stacks[key] = (found, layers)  # the layers kept alive beside their pointers
+        return found[0]

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from labkit.kernels.layer_cpu import LayerTensors
 from labkit.models.kvcache import KVCache, Mask, RowSpans, TreeAttention, attend, attend_rows
 
 # Fused layer kernels serve steps of up to this many tokens (decode, verify); a longer input (a
@@ -156,6 +157,11 @@ class LlamaBlock(nn.Module):
         h = ops.norm_gate_up(x2, self.mlp_norm.weight, self.mlp_norm.eps, self.w_gate_up.weight, self.w_gate_up.bias)
         return ops.linear_residual(h, self.w_down.weight, self.w_down.bias, x2).view(B, T, dim)
 
+    def fused_tensors(self) -> LayerTensors:
+        """What an op set that runs a whole stack in one call (STACKS) reads of this layer."""
+        return LayerTensors(self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps, (self.wqkv.weight, self.wqkv.bias),
+                            (self.wo.weight, self.wo.bias), (self.w_gate_up.weight, self.w_gate_up.bias), (self.w_down.weight, self.w_down.bias))
+
 
 class Llama(nn.Module):
     family = "llama"  # models/families.py
@@ -172,6 +178,8 @@ class Llama(nn.Module):
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         self.layer_ops: Any = None  # a fused-kernel module (engine.pick_layer_ops), or None for the layers above
+        self._stack_tensors: list[LayerTensors] = []  # forward_stack's, for the op set in _stack_ops
+        self._stack_ops: Any = None
         self.fused_max_t = FUSED_MAX_T  # steps of up to this many tokens run through layer_ops, longer ones through the layers
         self.keep_hidden = False  # keep the final hidden state of full passes (draft heads read it)
         self.keep_every_hidden = False  # ... of every position of a pass that returns the last row's logits only (EAGLE)
@@ -210,7 +218,9 @@ class Llama(nn.Module):
         # rows at their own positions (input_pos (B, T)) run fused where the kernels take them; trees where they take trees
         fused_ok = self.layer_ops is not None and (input_pos.dim() == 1 or self.layer_ops.ROW_POSITIONS)
         fused_ok = fused_ok and (tree is None or getattr(self.layer_ops, "TREES", False))
-        if fused_ok and self.runs_fused(tokens.shape[1]):
+        if fused_ok and self.runs_fused(tokens.shape[1]) and getattr(self.layer_ops, "STACKS", False) and x.shape[0] == 1:
+            x = self.forward_stack(x, cache, input_pos, n, tree)
+        elif fused_ok and self.runs_fused(tokens.shape[1]):
             for i in range(n):
                 block: LlamaBlock = self.layers[i]  # type: ignore[assignment]
                 x = block.forward_fused(self.layer_ops, x, self.cos, self.sin, cache, i, input_pos, attend_len, tree)
@@ -239,6 +249,17 @@ class Llama(nn.Module):
             assert h is not None
             self.last_hidden = h.view(x.shape)
         return logits
+
+    def forward_stack(self, x: torch.Tensor, cache: KVCache, input_pos: torch.Tensor, n: int,
+                       tree: TreeAttention | None) -> torch.Tensor:  # x (1, T, dim) → (1, T, dim)
+        """The first n layers in one call of the op set (the CPU's decode_layers)."""
+        if self._stack_ops is not self.layer_ops:  # the tensors each layer hands over, gathered once per op set
+            self._stack_tensors, self._stack_ops = [block.fused_tensors() for block in self.layers], self.layer_ops  # type: ignore[operator]
+        first: LlamaBlock = self.layers[0]  # type: ignore[assignment]
+        B, T, dim = x.shape
+        out = self.layer_ops.decode_layers(x.reshape(T, dim), self._stack_tensors[:n], cache.k_layers, cache.v_layers, self.cos, self.sin,
+                                           input_pos, first.n_heads, first.scale, first.sliding_window, tree)
+        return out.view(B, T, dim)
 
     @classmethod
     def from_hf(cls, hf_model: Any) -> Llama:
