@@ -360,12 +360,12 @@ def test_kernel_without_avx512_matches_reference(monkeypatch, tmp_path, flags: s
         cpu_quant._load.cache_clear()
 
 
-@pytest.mark.parametrize("target", ["portable", "aarch64"])
+@pytest.mark.parametrize("target", ["portable", "aarch64", "clang-aarch64"])
 def test_block_kernel_builds_elsewhere_match_a_double_reference(tmp_path, target: str) -> None:
     """The paths this machine does not take, built as standalone programs (tests/native/check_gemv.c:
     every row count, Q4_1 and Q8_0, against a double-precision reference): the portable vector
-    path with x86's SIMD extensions off, and an aarch64 (NEON) cross build run under qemu where
-    the cross compiler and qemu are installed (`apt install gcc-aarch64-linux-gnu qemu-user`)."""
+    path with x86's SIMD extensions off, and aarch64 (NEON) cross builds by GCC and by clang run
+    under qemu where they are installed (`apt install gcc-aarch64-linux-gnu qemu-user clang`)."""
     import platform
     import shutil
     import subprocess
@@ -376,10 +376,16 @@ def test_block_kernel_builds_elsewhere_match_a_double_reference(tmp_path, target
         if platform.machine() not in ("x86_64", "AMD64") or not shutil.which("gcc"):
             pytest.skip("x86 gcc")
         build, run = ["gcc", "-O3", "-fopenmp", "-mno-avx512f", "-mno-avx2", "-mno-fma"], [str(exe)]
-    else:
+    elif target == "aarch64":
         if not shutil.which("aarch64-linux-gnu-gcc") or not shutil.which("qemu-aarch64"):
             pytest.skip("no aarch64 cross compiler and qemu here")
         build, run = ["aarch64-linux-gnu-gcc", "-O3", "-march=armv8-a", "-fopenmp", "-static"], ["qemu-aarch64", str(exe)]
+    else:  # clang's spelling of the byte shuffles (Apple's compiler), one thread: an omp.h stub stands in for libomp
+        if not shutil.which("clang") or not shutil.which("qemu-aarch64") or not Path("/usr/aarch64-linux-gnu").is_dir():
+            pytest.skip("no clang, aarch64 sysroot and qemu here")
+        (tmp_path / "omp.h").write_text("static inline int omp_get_max_threads(void) { return 1; }\n")
+        build = ["clang", "--target=aarch64-linux-gnu", "-O3", "-march=armv8-a", "-static", f"-I{tmp_path}", "-Wno-unknown-pragmas"]
+        run = ["qemu-aarch64", str(exe)]
     subprocess.run([*build, str(src), "-o", str(exe), "-lm"], check=True, capture_output=True, timeout=120)
     out = subprocess.run(run, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert out.returncode == 0 and out.stdout.strip() == "ok portable", out.stdout + out.stderr
