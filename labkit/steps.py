@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
@@ -29,7 +29,7 @@ from labkit.metrics.stats import GenerationStats
 from labkit.sampling import sample
 from labkit.specdec.controllers import Controller
 from labkit.specdec.draft import DeviceSteps, Draft, Drafter
-from labkit.specdec.policies import Policy, Verdict
+from labkit.specdec.policies import Policy, TreePolicy, Verdict
 from labkit.specdec.tree import TokenTree
 from labkit.tree_verify import tree_verify
 
@@ -204,7 +204,7 @@ class HostSpeculation:
 
     def sampled_trees(self, draft: Draft) -> bool:
         """Whether this policy verifies a tree under sampling (one-hot drafts, multi-draft rejection)."""
-        return hasattr(self.policy, "accept_tree") and draft.probs is None and not self.policy.fused_greedy
+        return self.policy.trees and draft.probs is None and not self.policy.fused_greedy
 
     def verify_tree(self, req: Request, draft: Draft, tree: TokenTree) -> list[int]:
         """A token tree in one pass (labkit/tree_verify.py): the accepted path's tokens and the
@@ -221,7 +221,7 @@ class HostSpeculation:
             def pick(logits: torch.Tensor) -> tuple[list[int], int]:  # (N, V)
                 if req.eos_block > 0:
                     logits = logits.masked_fill((depths < req.eos_block)[:, None] & req.eos_mask[None, :], float("-inf"))
-                return self.policy.accept_tree(tree, tokens, logits, req.config, req.generator)  # type: ignore[attr-defined]
+                return cast(TreePolicy, self.policy).accept_tree(tree, tokens, logits, req.config, req.generator)
 
             path, next_token = tree_verify(engine, tree.size, max(tree.depths())).run_host(tree, tokens, pick)
             columns = []

@@ -172,8 +172,10 @@ class CpuLayerOps:
         _, nkv, S, D = k_layers[0].shape
         if k_layers[0].shape[0] != 1 or len({layer.eps for layer in layers}) != 1:
             raise LabkitError("decode_layers runs batch 1, one norm epsilon")
-        rope_pos = None if tree is None else tree.rope_pos
-        self._check(x, cos, sin, input_pos, k_layers[0], v_layers[0], *([] if tree is None else [rope_pos]))  # the layers' caches: views of one tensor
+        rope_pos: torch.Tensor | None = None if tree is None else tree.rope_pos
+        self._check(x, cos, sin, input_pos, k_layers[0], v_layers[0])  # the layers' caches: views of one tensor
+        if rope_pos is not None:
+            self._check(rope_pos)
         if tree is not None and (tree.mask.dtype != torch.int8 or not tree.mask.is_contiguous() or tree.mask.shape[0] != M):
             raise LabkitError(f"a tree mask is ({M}, N) contiguous int8, got {tuple(tree.mask.shape)} {tree.mask.dtype}")
         out = x.clone()
@@ -194,7 +196,7 @@ class CpuLayerOps:
             found = (LayerWeights * n)(*(
                 LayerWeights(layer.attn_norm.data_ptr(), layer.mlp_norm.data_ptr(), self._blocks_of(*layer.qkv), self._blocks_of(*layer.o),
                              self._blocks_of(*layer.gate_up), self._blocks_of(*layer.down), k.data_ptr(), v.data_ptr())
-                for layer, k, v in zip(layers, k_layers, v_layers)))
+                for layer, k, v in zip(layers, k_layers[:n], v_layers[:n], strict=True)))
             if len(self._stacks) >= 4:  # a few stacks (the whole model, a layer-skip draft's first layers), not every cache ever seen
                 self._stacks.clear()
             self._stacks[key] = (found, layers)  # the layers kept alive beside their pointers

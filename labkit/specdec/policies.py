@@ -47,6 +47,7 @@ class Policy(Protocol):
     name: str
     lossless: bool
     fused_greedy: bool  # its verdict is greedy_verdict's: the engine may decide it inside the verify step
+    trees: bool  # it verifies a token tree under sampling by its own rule (a TreePolicy: accept_tree)
 
     def accept(
         self,
@@ -58,6 +59,19 @@ class Policy(Protocol):
     ) -> Verdict: ...
 
 
+class TreePolicy(Policy, Protocol):
+    """A policy whose `trees` is True: it picks a token tree's accepted path itself."""
+
+    def accept_tree(
+        self,
+        tree: TokenTree,
+        tokens: list[int],  # the tree's node tokens, node 0 the last context token
+        target_logits: torch.Tensor,  # (N, V) the target's logits at every node
+        config: GenerationConfig,
+        generator: torch.Generator | None,
+    ) -> tuple[list[int], int]: ...  # the accepted path's nodes from the root, the next token
+
+
 class GreedyMatch:
     """Keep draft tokens while they equal the target's argmax; the next argmax is the bonus
     (the registry's verify_prefix kernel; one device sync to read the verdict)."""
@@ -65,6 +79,7 @@ class GreedyMatch:
     name = "greedy"
     lossless = True
     fused_greedy = True
+    trees = False
 
     def accept(
         self,
@@ -92,6 +107,7 @@ class RejectionSampling:
     name = "rejection"
     lossless = True
     fused_greedy = False
+    trees = True
 
     def accept(
         self,
@@ -164,6 +180,7 @@ class TypicalAcceptance:
 
     lossless = False
     fused_greedy = False
+    trees = False
 
     def __init__(self, posterior_threshold: float = TYPICAL_THRESHOLD, posterior_alpha: float = TYPICAL_ALPHA) -> None:
         if not (0 < posterior_threshold <= 1 and 0 < posterior_alpha <= 1):
@@ -193,6 +210,7 @@ class TopKAgreement:
 
     lossless = False
     fused_greedy = False
+    trees = False
 
     def __init__(self, k: int = 2) -> None:
         if k < 1:
