@@ -6,7 +6,8 @@ Builds kernels/cpu_quant_gemv.c as this CPU's native build, without AVX-512 (the
 and without AVX2 (the portable path), then, interleaved: microseconds per product for the
 embedded model's shapes (Q4_1 at M = 1 and 5 rows; one weight, so from cache: a compute
 comparison), and milliseconds per decode step of the embedded model on its blocks with each
-build (the CPU layer operations), against its dense weights (PyTorch layers). Beside them,
+build (the CPU layer operations; on the native build also with five calls per layer from Python
+instead of one per step), against its dense weights (PyTorch layers). Beside them,
 PyTorch's own int4 CPU product (`aten._weight_int4pack_mm_for_cpu`, group 32, Q4_1's w = d q + m
 as scale d and zero m + 8 d) with fp32 and with bf16 activations, and its largest error against
 the exactly dequantised weights.
@@ -67,7 +68,7 @@ for label, (N, K) in SHAPES.items():
         packed, sz, dense = int4pack(qs, d, m)
         errors = []
         for dtype in (torch.float32, torch.bfloat16):
-            row += f"{median_us(lambda x=x, dtype=dtype: int4_mm(x, packed, sz, dtype)):>13.1f} us"
+            row += f"{median_us(lambda x=x, dtype=dtype, packed=packed, sz=sz: int4_mm(x, packed, sz, dtype)):>13.1f} us"
             errors.append(f"{(int4_mm(x, packed, sz, dtype) - x @ dense.T).abs().max().item():.1e}")
         print(row + "  " + " / ".join(errors), flush=True)
 
@@ -88,6 +89,9 @@ with torch.inference_mode():
         use_build(flags)
         engine.read_blocks(True)  # the CPU layer operations, bound to this build
         row += f"{name}: {median_us(step) / 1e3:.2f} ms  "
+        if name == "native":  # the same build with five calls per layer from Python instead of decode_layers' one per step
+            engine.model.layer_ops.STACKS = False
+            row += f"(five calls per layer: {median_us(step) / 1e3:.2f} ms)  "
     engine.read_blocks(False)
     row += f"dense (PyTorch layers): {median_us(step) / 1e3:.2f} ms"
     print(row)
