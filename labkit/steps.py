@@ -204,7 +204,7 @@ class HostSpeculation:
 
     def sampled_trees(self, draft: Draft) -> bool:
         """Whether this policy verifies a tree under sampling (one-hot drafts, multi-draft rejection)."""
-        return self.policy.trees and draft.probs is None and not self.policy.fused_greedy
+        return self.policy.trees and draft.probs is None
 
     def verify_tree(self, req: Request, draft: Draft, tree: TokenTree) -> list[int]:
         """A token tree in one pass (labkit/tree_verify.py): the accepted path's tokens and the
@@ -212,18 +212,19 @@ class HostSpeculation:
         policy's tree rule on the host between the pass and the commit."""
         engine = req.engine
         tokens = [req.context[-1], *draft.tokens]  # node 0: the last context token
+        node_depths = tree.depths()
         if self.fused:
-            step = tree_verify(engine, tree.size, max(tree.depths()), self.hook)
+            step = tree_verify(engine, tree.size, max(node_depths), self.hook)
             path, next_token, columns = step.run(tree, tokens, req.eos_mask, req.eos_block)
         else:
-            depths = torch.tensor(tree.depths(), device=engine.device)  # (N,) node i's row is new token len(tokens) + depth(i)
+            depths = torch.tensor(node_depths, device=engine.device)  # (N,) node i's row is new token len(tokens) + depth(i)
 
             def pick(logits: torch.Tensor) -> tuple[list[int], int]:  # (N, V)
                 if req.eos_block > 0:
                     logits = logits.masked_fill((depths < req.eos_block)[:, None] & req.eos_mask[None, :], float("-inf"))
                 return cast(TreePolicy, self.policy).accept_tree(tree, tokens, logits, req.config, req.generator)
 
-            path, next_token = tree_verify(engine, tree.size, max(tree.depths())).run_host(tree, tokens, pick)
+            path, next_token = tree_verify(engine, tree.size, max(node_depths)).run_host(tree, tokens, pick)
             columns = []
         parents = [p - 1 for p in tree.parents[1:]]  # the draft's own (-1 under the root)
         req.stats.tree_steps.append((len(req.stats.draft_tokens), parents, [n - 1 for n in path]))

@@ -141,14 +141,9 @@ class TreeVerify:
         accepted path's nodes, the next token, the hook's columns). The cache then holds the root
         and the path; their hidden states are kept for drafters."""
         engine = self.engine
-        self.set_tree(tree)
-        start = engine.length
-        if start + self.size > engine.cache.max_len:
-            raise LabkitError(f"a tree of {self.size} nodes does not fit after {start} cached positions")
-        self.tokens.copy_(torch.tensor([tokens], device=engine.device), non_blocking=True)
         self.eos_mask.copy_(eos_mask, non_blocking=True)
         self.block.fill_(block)
-        self._place(start)
+        start = self._load(tree, tokens)
         with engine.autocast():
             if self.graph is not None:
                 self.graph.replay()
@@ -156,10 +151,25 @@ class TreeVerify:
                 self._body()
         out = self.out.tolist()
         n = out[0]
-        engine.set_length(start + 1 + n)
-        if self.hidden is not None:
-            engine.kept_hidden.keep(self.hidden[:, : 1 + n], start + 1 + n)
+        self._settle(start, n)
         return out[2 : 2 + n], out[1], out[2 + self.max_depth :]
+
+    def _load(self, tree: TokenTree, tokens: list[int]) -> int:
+        """The tree's structure and tokens into the step's buffers, placed after the cache's
+        positions; returns that start."""
+        start = self.engine.length
+        self.set_tree(tree)
+        if start + self.size > self.engine.cache.max_len:
+            raise LabkitError(f"a tree of {self.size} nodes does not fit after {start} cached positions")
+        self.tokens.copy_(torch.tensor([tokens], device=self.engine.device), non_blocking=True)
+        self._place(start)
+        return start
+
+    def _settle(self, start: int, n: int) -> None:
+        """The cache holds the root and the n accepted nodes; their hidden states are kept."""
+        self.engine.set_length(start + 1 + n)
+        if self.hidden is not None:
+            self.engine.kept_hidden.keep(self.hidden[:, : 1 + n], start + 1 + n)
 
     @torch.inference_mode()
     def run_host(self, tree: TokenTree, tokens: list[int], pick: Callable[[torch.Tensor], tuple[list[int], int]]) -> tuple[list[int], int]:
@@ -167,20 +177,13 @@ class TreeVerify:
         after every node (N, V) -> the accepted path's nodes, the next token), then the commit of
         that path: sampling's multi-draft rejection over the tree (policies.RejectionSampling)."""
         engine = self.engine
-        self.set_tree(tree)
-        start = engine.length
-        if start + self.size > engine.cache.max_len:
-            raise LabkitError(f"a tree of {self.size} nodes does not fit after {start} cached positions")
-        self.tokens.copy_(torch.tensor([tokens], device=engine.device))
-        self._place(start)
+        start = self._load(tree, tokens)
         with engine.autocast():
             logits = self._forward()[0]  # (N, V)
         path, next_token = pick(logits)
         with engine.autocast():
             self._commit(torch.tensor(path + [0] * (self.max_depth - len(path)), device=engine.device))
-        engine.set_length(start + 1 + len(path))
-        if self.hidden is not None:
-            engine.kept_hidden.keep(self.hidden[:, : 1 + len(path)], start + 1 + len(path))
+        self._settle(start, len(path))
         return path, next_token
 
 
