@@ -50,8 +50,7 @@ def tree_grid(engine: Engine, head: EagleHead, prompts: list[list[int]], cfg: Tr
     cells = [("chain" if w == 1 else "siblings", w) for w in cfg.widths] + ([("dynamic", max(cfg.widths))] if cfg.dynamic else [])
     for kind, width in cells:
         for depth in cfg.depths:
-            drafter = EagleDrafter(engine, head, width=width) if kind != "dynamic" else EagleDrafter(engine, head, tree=DynamicTreeConfig(
-                depth=depth, expand=width, width=width, nodes=min(15, width + (depth - 1) * width * width)))
+            drafter = EagleDrafter(engine, head, width=width) if kind != "dynamic" else EagleDrafter(engine, head, tree=DynamicTreeConfig.square(depth, width))
             results = [generate(engine, ids, gen, Speculation(drafter, depth)) for ids in prompts]
             steps = sum(r.stats.target_steps for r in results)
             tree_steps = [s for r in results for s in r.stats.tree_steps]

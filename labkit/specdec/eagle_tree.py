@@ -42,6 +42,12 @@ class DynamicTreeConfig:
             raise LabkitError(f"a dynamic tree of depth {self.depth}, expand {self.expand}, width {self.width} has fewer "
                               f"candidates than {self.nodes} nodes")
 
+    @classmethod
+    def square(cls, depth: int, width: int) -> DynamicTreeConfig:
+        """Every expanded candidate offers as many tokens as are expanded (width), and the target
+        verifies as many nodes as there are, at most the default 15."""
+        return cls(depth=depth, expand=width, width=width, nodes=min(cls.nodes, width + (depth - 1) * width * width))
+
     @property
     def slots(self) -> int:
         """Draft-cache slots the expanded candidates take past the anchor."""
