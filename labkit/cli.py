@@ -71,6 +71,9 @@ def add_heads_parser(sub: Any) -> None:
     ht.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                     help="texts are answers to self-written user turns in the chat template (default: when the model has one)")
     ht.add_argument("--greedy-tokens", type=int, default=128, help="greedy tokens per text after those: the labels")
+    ht.add_argument("--texts-file", default=None, metavar="FILE",
+                    help="keep the written texts in this JSON file as they are written; a later run with the same settings "
+                         "reads them back and writes only what is missing (writing across runs)")
     ht.add_argument("--steps", type=int, default=None, help="optimiser steps (default: heads 400, eagle 1500)")
     ht.add_argument("--batch-size", type=int, default=8)
     ht.add_argument("--lr", type=float, default=1e-3)
@@ -224,7 +227,7 @@ def _or(value: int | None, default: int) -> int:
 def _train_config(args: argparse.Namespace) -> Any:
     """The training configuration of `heads train`, checked (before any model loads)."""
     common = dict(sampled_tokens=args.sampled_tokens, user_tokens=args.user_tokens, greedy_tokens=args.greedy_tokens,
-                  batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, texts_file=args.texts_file)
     cfg: Any
     if args.kind == "eagle":
         from labkit.eagle_train import EagleTrainConfig

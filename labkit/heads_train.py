@@ -43,6 +43,7 @@ class SelfDistillConfig:
     held_out: float = 0.1  # share of texts kept out of training, to report accuracy on
     seed: int = 0
     progress: bool = True  # progress bars for writing the texts and for training (a CPU run takes hours)
+    texts_file: str | None = None  # keep the written texts here, and resume from them (writing across runs: texts_store.py)
 
     def check(self, what: str, min_greedy: int) -> None:
         """The shared checks; `what` names the training, min_greedy is the fewest greedy tokens it needs."""
@@ -98,10 +99,29 @@ def self_written_texts(engine: Engine, bos: int, cfg: SelfDistillConfig, frame: 
     else a few sampled tokens after `bos` and their greedy continuation. With `openers` (ids of
     REQUEST_OPENERS), user turn i starts with opener i (cycled) and the target writes the rest.
     Text i's sampling is seeded cfg.seed + i, and the texts are batched (write_all) exactly as
-    `generate` writes them one at a time."""
+    `generate` writes them one at a time. With cfg.texts_file the texts are saved as they are
+    written and a later run reads them back (texts_store.py)."""
+    from labkit.specdec.heads import fingerprint
+    from labkit.texts_store import SAVE_EVERY, TextsFile
+
+    settings = {"seed": cfg.seed, "sampled_tokens": cfg.sampled_tokens, "user_tokens": cfg.user_tokens, "greedy_tokens": cfg.greedy_tokens,
+                "frame": frame, "openers": openers, "bos": bos, "target": fingerprint(engine.model.lm_head.weight)}
+    store = TextsFile(cfg.texts_file, settings) if cfg.texts_file else None
+    texts = store.load()[: cfg.texts] if store else []
+    while len(texts) < cfg.texts:
+        last = min(cfg.texts, len(texts) + SAVE_EVERY) if store else cfg.texts
+        texts += _write_texts(engine, bos, cfg, frame, openers, range(len(texts), last))
+        if store:
+            store.save(texts)
+    return texts
+
+
+def _write_texts(engine: Engine, bos: int, cfg: SelfDistillConfig, frame: tuple[list[int], list[int]] | None,
+                 openers: list[list[int]] | None, indices: range) -> list[tuple[list[int], int]]:
+    """Texts `indices` of self_written_texts."""
     eos = set(engine.eos_token_ids)
     starts, user = [], []
-    for i in range(cfg.texts):
+    for i in indices:
         if frame is None:
             starts.append([bos])
             user.append(GenerationConfig(max_new_tokens=cfg.sampled_tokens, temperature=1.0, top_p=0.95, seed=cfg.seed + i, stop_at_eos=False))

@@ -204,6 +204,59 @@ def test_fused_layers_batch_rows_at_their_own_positions_with_batch_1_bits() -> N
         assert torch.equal(logits[i], engine.decode(torch.tensor([[first[i]]]))[0]), i
 
 
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="Triton on the CPU needs TRITON_INTERPRET=1")
+def test_requests_joining_together_are_prefilled_as_rows_with_batch_1_bits() -> None:
+    """Admission in one batched pass (prefill.py): the short prompts of joining requests run as rows
+    of one fused step, a longer one on its own through the engine; every slot then holds batch-1
+    prefill's keys and values, and its logits are batch-1 prefill's, to the bit. (The batch-1 pass
+    here computes every position's logits, so its last row sits where the staged one does in a
+    16-row tile: under the interpreter numpy's matmul gives a row other bits at another place in a
+    tile; on a GPU it does not, and the CUDA test below holds the tokens to batch-1 generate's.)"""
+    hf = tiny_hf_model("llama", seed=5)
+    engine = Engine.from_hf(hf, "cpu", "float32", max_seq_len=64, layer_kernels="triton")
+    asks = [p[:n] for p, n in zip(prompts(4, engine.args.vocab_size, seed=3), (9, 5, 12, 16), strict=True)]  # shortest first: staged rows reversed
+    asks.append(list(range(3, 23)))  # 20 tokens: past one fused pass, so the engine prefills it through the PyTorch layers
+    batch = BatchEngine(engine, BatchConfig(slots=5, max_seq_len=48))
+    batch.admit(asks[0])  # a request already decoding in slot 0
+    assert batch.staging is not None and not batch.staging.takes(20) and all(batch.staging.takes(len(p)) for p in asks[:4])
+    calls = []
+    run = batch.staging.run
+    batch.staging.run = lambda ps: calls.append(len(ps)) or run(ps)  # type: ignore[method-assign]
+    logits = batch.admit_many(asks[1:])  # (4, V)
+    assert calls == [3]  # three short prompts together, the long one alone
+    for i, p in enumerate(asks[1:], start=1):
+        engine.ensure_capacity(len(p) + 1)
+        want = engine.forward(torch.tensor([p]))[0, -1]
+        assert torch.equal(logits[i - 1], want), i
+        assert batch.lengths[i] == len(p)
+        assert torch.equal(batch.cache.k[:, i, :, : len(p)], engine.cache.k[:, 0, :, : len(p)]), i
+        assert torch.equal(batch.cache.v[:, i, :, : len(p)], engine.cache.v[:, 0, :, : len(p)]), i
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="Triton on the CPU needs TRITON_INTERPRET=1")
+def test_staged_prompts_of_several_chunks_match_batch_1_chunked_prefill() -> None:
+    """Prompts of up to three 16-token chunks (as a GPU engine prefills them, one captured step per
+    chunk), staged as rows of different lengths: each row's last logits and its keys and values
+    are the batch-1 chunked prefill's, to the bit."""
+    from labkit.batch.prefill import StagedPrefill
+    from labkit.graphs import GRAPH_MAX_T
+
+    hf = tiny_hf_model("llama", seed=5)
+    engine = Engine.from_hf(hf, "cpu", "float32", max_seq_len=96, layer_kernels="triton")
+    g = torch.Generator().manual_seed(4)
+    asks = [torch.randint(3, engine.args.vocab_size, (n,), generator=g).tolist() for n in (20, 48, 7, 33)]
+    staged = StagedPrefill(engine, 4, graphs=False, longest=48)
+    logits, rows = staged.run(asks)
+    assert sorted(rows) == [0, 1, 2, 3]
+    for i, p in enumerate(asks):
+        engine.ensure_capacity(len(p) + 1)
+        for c0 in range(0, len(p), GRAPH_MAX_T):
+            want = engine.forward(torch.tensor([p[c0 : c0 + GRAPH_MAX_T]]))[0, -1]
+        assert torch.equal(logits[i], want), i
+        assert torch.equal(staged.cache.k[:, rows[i], :, : len(p)], engine.cache.k[:, 0, :, : len(p)]), i
+        assert torch.equal(staged.cache.v[:, rows[i], :, : len(p)], engine.cache.v[:, 0, :, : len(p)]), i
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graph_batches_give_every_request_its_batch_1_tokens(dtype: str) -> None:

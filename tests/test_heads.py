@@ -233,3 +233,36 @@ def test_chat_texts_answer_self_written_user_turns(embedded) -> None:
         assert tokens[len(before) : len(before) + len(opener)] == opener and tokens[first - len(after) : first] == after
         assert first <= len(before) + len(opener) + 6 + len(after)
     assert chat_frame(type("NoTemplate", (), {"chat_template": None})()) is None
+
+
+def test_texts_written_across_runs_are_the_texts_written_in_one_go(tmp_path, monkeypatch) -> None:
+    """With a texts file the texts are saved in parts; a run stopped after the first part and a
+    second run that reads them back and writes the rest give the one-go texts; a file written with
+    other settings is refused in one line."""
+    import json
+
+    from labkit import texts_store
+    from labkit.engine import Engine
+    from labkit.errors import LabkitError
+    from labkit.heads_train import HeadsTrainConfig, self_written_texts
+    from labkit.models.tiny import tiny_hf_model
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=3), "cpu", "float32")
+    frame = ([1, 5, 6], [7, 8])
+    cfg = HeadsTrainConfig(heads=HeadsConfig(n_heads=2), texts=5, user_tokens=5, greedy_tokens=6, progress=False)
+    one_go = self_written_texts(engine, 1, cfg, frame)
+    monkeypatch.setattr(texts_store, "SAVE_EVERY", 2)
+    path = tmp_path / "texts.json"
+    cfg.texts_file = str(path)
+    cfg.texts = 3  # the first run: stopped after 3 texts (saved as 2, then 1)
+    assert self_written_texts(engine, 1, cfg, frame) == one_go[:3]
+    assert len(json.loads(path.read_text())["texts"]) == 3
+    cfg.texts = 5
+    written = []
+    real = __import__("labkit.heads_train", fromlist=["_write_texts"])._write_texts
+    monkeypatch.setattr("labkit.heads_train._write_texts", lambda *a: written.append(list(a[-1])) or real(*a))
+    assert self_written_texts(engine, 1, cfg, frame) == one_go
+    assert written == [[3, 4]]  # only what was missing
+    cfg.seed = 1
+    with pytest.raises(LabkitError, match="other settings"):
+        self_written_texts(engine, 1, cfg, frame)

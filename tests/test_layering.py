@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("labkit.engine", "labkit.engine_build", "labkit.engine_choices", "labkit.engine_warmup", "labkit.graphs", "labkit.hidden"),
     ("labkit.specdec",),
     ("labkit.steps", "labkit.tree_verify", "labkit.generate", "labkit.batch"),
-    ("labkit.heads_train", "labkit.eagle_train", "labkit.bench", "labkit.serve", "labkit.doctor", "labkit.notebook", "labkit.kaggle"),
+    ("labkit.heads_train", "labkit.texts_store", "labkit.eagle_train", "labkit.bench", "labkit.serve", "labkit.doctor", "labkit.notebook", "labkit.kaggle"),
     ("labkit.cli", "labkit.cli_bench", "labkit.cli_generate", "labkit.cli_serve", "labkit.__main__", "labkit"),
 ]
 

@@ -19,7 +19,8 @@ Where the engine runs the fused layer kernels (Triton on CUDA), a batched step r
 they take each row's positions themselves, and a row's arithmetic never depends on its
 neighbours, so every row gets a batch-1 step's bits in either mode; with `cuda_graph` the steps
 replay as CUDA graphs per rows bucket (graphs.py). Elsewhere the PyTorch layers serve every
-batched step. The prompt of a new request runs through the engine's own batch-1 prefill and is copied into its slot.
+batched step. New requests' prompts run with batch-1 prefill's bits: short ones together, as rows
+of one batched step per chunk (prefill.py), others through the engine's own batch-1 prefill.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from labkit.batch.graphs import BatchGraph, bucket
+from labkit.batch.prefill import StagedPrefill
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.graphs import GRAPH_HEADROOM
@@ -74,6 +76,8 @@ class BatchEngine:
         self.lengths = [0] * rows  # host: valid positions per slot
         self.active = 0  # slots [0, active) hold requests
         self.graphs: dict[tuple[int, int], BatchGraph] = {}
+        # joining requests' short prompts prefilled together (prefill.py): where the fused kernels take rows at their own positions
+        self.staging = StagedPrefill(engine, rows, self.graphs_ok) if ops is not None and ops.ROW_POSITIONS else None
 
     def capture_graphs(self, widths: list[int]) -> None:
         """Capture the step of every rows bucket at these widths (tokens per row) now, so that no
@@ -99,25 +103,49 @@ class BatchEngine:
         with self.engine.autocast():
             return self.model(tokens, input_pos, view, max(spans.ends), spans, False, None)  # keys up to the longest row
 
-    @torch.inference_mode()
     def admit(self, prompt_ids: list[int]) -> tuple[int, torch.Tensor]:
-        """Prefill a new request into the next free slot: (slot, logits of its last position (V,)).
-        The prompt runs through the engine's own batch-1 prefill (whatever path it takes there:
-        captured chunks, one pass, GGUF blocks), then its keys and values are copied into the
-        slot, so a request starts from exactly the state batch-1 decoding would."""
-        if self.free == 0:
-            raise LabkitError("no free slot")
-        if not 1 <= len(prompt_ids) < self.cfg.max_seq_len:
-            raise LabkitError(f"a prompt of {len(prompt_ids)} tokens does not fit a slot of {self.cfg.max_seq_len} positions")
-        slot, T = self.active, len(prompt_ids)
+        """Prefill one new request into the next free slot: (slot, logits of its last position (V,))."""
+        slot = self.active
+        return slot, self.admit_many([prompt_ids])[0]
+
+    @torch.inference_mode()
+    def admit_many(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Prefill new requests into the next free slots, in order -> logits of each prompt's last
+        position (m, V). Every request starts from exactly the state batch-1 decoding would: the
+        prompts the engine prefills through the fused kernels run together as rows of one step per
+        chunk (prefill.py), the others one at a time through the engine's own batch-1 prefill
+        (whatever path it takes there: a captured prompt pass, GGUF blocks), their keys and values
+        then copied into their slots."""
+        if len(prompts) > self.free:
+            raise LabkitError(f"{len(prompts)} requests for {self.free} free slots")
+        for p in prompts:
+            if not 1 <= len(p) < self.cfg.max_seq_len:
+                raise LabkitError(f"a prompt of {len(p)} tokens does not fit a slot of {self.cfg.max_seq_len} positions")
+        first = self.active
+        together = [i for i, p in enumerate(prompts) if self.staging is not None and self.staging.takes(len(p))]
+        out: list[torch.Tensor | None] = [None] * len(prompts)
         with self.engine.request_lock:
-            self.engine.ensure_capacity(T + 1)
-            logits = self.engine.prefill(torch.tensor([prompt_ids], device=self.engine.device))[0]  # (V,)
-            self.cache.k[:, slot, :, :T] = self.engine.cache.k[:, 0, :, :T]
-            self.cache.v[:, slot, :, :T] = self.engine.cache.v[:, 0, :, :T]
-            logits = logits.clone()  # a captured pass's output buffer is overwritten by its next replay
-        self.lengths[slot], self.active = T, self.active + 1
-        return slot, logits
+            if len(together) > 1 and self.staging is not None:
+                logits, rows = self.staging.run([prompts[i] for i in together])  # (n, V)
+                self.staging.copy_into(self.cache, [first + i for i in together], rows, max(len(prompts[i]) for i in together))
+                for j, i in enumerate(together):
+                    out[i] = logits[j]
+            for i, p in enumerate(prompts):
+                if out[i] is None:
+                    out[i] = self._prefill_one(first + i, p)
+        for i, p in enumerate(prompts):
+            self.lengths[first + i] = len(p)
+        self.active += len(prompts)
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def _prefill_one(self, slot: int, prompt_ids: list[int]) -> torch.Tensor:
+        """The engine's batch-1 prefill, its keys and values copied into `slot` -> logits (V,)."""
+        T = len(prompt_ids)
+        self.engine.ensure_capacity(T + 1)
+        logits = self.engine.prefill(torch.tensor([prompt_ids], device=self.engine.device))[0]  # (V,)
+        self.cache.k[:, slot, :, :T] = self.engine.cache.k[:, 0, :, :T]
+        self.cache.v[:, slot, :, :T] = self.engine.cache.v[:, 0, :, :T]
+        return logits.clone()  # a captured pass's output buffer is overwritten by its next replay
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """One token for each active slot (tokens[i] for slot i) at its next position -> logits (n, V)."""

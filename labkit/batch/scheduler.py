@@ -1,7 +1,8 @@
 """Continuous batching over a BatchEngine: requests join and leave between steps.
 
-Each `step()` first admits waiting requests into free slots (each prompt is prefilled on its own:
-prefill and decode run as separate steps), then decodes one token for every active request in one
+Each `step()` first admits waiting requests into free slots (their prompts prefilled together where
+that keeps batch-1 prefill's bits, BatchEngine.admit_many: prefill and decode run as separate
+steps), then decodes one token for every active request in one
 batched step. A request that finishes (max_new_tokens, or an end-of-sequence token once
 min_new_tokens allow it) leaves at once and its slot takes the next request at the next step.
 Admission keeps within the cache: a request whose prompt and new tokens do not fit a slot is
@@ -146,12 +147,13 @@ class ContinuousBatcher:
 
     def step(self) -> None:
         """Admit what fits, then one decode step over every active request."""
-        while self.waiting and self.batch.free:
-            request = self.waiting.popleft()
-            slot, logits = self.batch.admit(request.prompt_ids)
-            assert slot == len(self.rows)
-            self.rows.append(request)
-            self._take(request, self._greedy([request], logits[None, None])[0])
+        joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.batch.free))]
+        if joining:
+            assert self.batch.active == len(self.rows)
+            logits = self.batch.admit_many([r.prompt_ids for r in joining])  # (m, V): slots len(rows)...
+            self.rows.extend(joining)
+            for request, first in zip(joining, self._greedy(joining, logits[:, None]), strict=True):
+                self._take(request, first)
         self._leave()
         if not self.rows:
             return

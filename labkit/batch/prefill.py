@@ -1,0 +1,85 @@
+"""Admission in one batched pass: the prompts of requests that join together, prefilled as rows of
+one step per chunk, with batch-1 prefill's bits.
+
+Why it keeps the bits. The engine prefills a short prompt through the fused layer kernels, as
+steps of at most GRAPH_MAX_T tokens (Engine.prefills_fused), and those kernels give a token the same
+arithmetic whatever other rows and tokens share its step (fixed 16-row tiles, absolute split
+boundaries in the attention, causal keys only). So the joining prompts run as rows of one step per
+chunk of GRAPH_MAX_T positions, and every request starts from exactly the keys, values and logits
+that batch-1 prefill gives it. A longer prompt, which the engine prefills through the PyTorch
+layers (GEMMs whose reduction order follows the number of rows), is admitted on its own.
+
+Where. The rows run on a staging cache of a few positions per row, replayed as CUDA graphs per rows
+bucket when the batch uses graphs (graphs.BatchGraph), eagerly otherwise; their keys and values are
+then copied into the batch's slots. Rows are ordered longest prompt first, so a chunk runs only the
+rows whose prompts reach it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from labkit.batch.graphs import BatchGraph, bucket
+from labkit.engine import PREFILL_GRAPH_CHUNKS_MAX_T, Engine
+from labkit.graphs import GRAPH_HEADROOM, GRAPH_MAX_T
+from labkit.models.kvcache import KVCache
+
+
+class StagedPrefill:
+    def __init__(self, engine: Engine, rows: int, graphs: bool, longest: int | None = None) -> None:
+        """rows: staging rows (joining requests at most); longest: the longest prompt staged (default:
+        the longest the engine prefills through the fused kernels)."""
+        self.engine, self.use_graphs = engine, graphs
+        self.longest = longest or (max(GRAPH_MAX_T, PREFILL_GRAPH_CHUNKS_MAX_T) if graphs else engine.model.fused_max_t)
+        L, _, H, _, D = engine.cache.k.shape
+        chunks = -(-self.longest // GRAPH_MAX_T)
+        self.cache = KVCache(L, rows, H, chunks * GRAPH_MAX_T + GRAPH_HEADROOM, D, dtype=engine.dtype, device=engine.device)  # (L, rows, H, S, D)
+        self.graphs: dict[int, BatchGraph] = {}  # rows bucket -> the captured chunk step
+
+    def takes(self, prompt_len: int) -> bool:
+        """Whether a prompt of this length joins a batched prefill (with batch-1 prefill's bits)."""
+        return prompt_len <= self.longest and self.engine.prefills_fused(prompt_len)
+
+    def _chunk(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """tokens, input_pos (n, GRAPH_MAX_T) into staging rows [0, n) -> logits (n, GRAPH_MAX_T, V)."""
+        n = tokens.shape[0]
+        if self.use_graphs:
+            rows = bucket(n)
+            if rows not in self.graphs:
+                self.graphs[rows] = BatchGraph(self.engine, self.cache, rows, GRAPH_MAX_T)
+            return self.graphs[rows].run(tokens, input_pos)
+        with self.engine.autocast():  # the fused kernels read each row's positions; they take no mask
+            return self.engine.model(tokens, input_pos, self.cache.rows(0, n), self.cache.max_len, None, False, None)
+
+    @torch.inference_mode()
+    def run(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Prefill the prompts (each `takes`) as staging rows -> (logits of each prompt's last
+        position (m, V), in the prompts' order; each prompt's staging row)."""
+        dev = self.engine.device
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # staging row r holds prompts[order[r]]
+        row_of = [0] * len(prompts)
+        for r, i in enumerate(order):
+            row_of[i] = r
+        out: torch.Tensor | None = None  # (m, V), in the logits' own dtype
+        for c0 in range(0, len(prompts[order[0]]), GRAPH_MAX_T):
+            rows = [prompts[i] for i in order if len(prompts[i]) > c0]  # longest first: rows [0, n) reach this chunk
+            feed = [p[c0 : c0 + GRAPH_MAX_T] for p in rows]
+            tokens = torch.tensor([f + [f[-1]] * (GRAPH_MAX_T - len(f)) for f in feed], device=dev)  # (n, GRAPH_MAX_T)
+            pos = torch.arange(c0, c0 + GRAPH_MAX_T, device=dev).repeat(len(rows), 1)  # (n, GRAPH_MAX_T)
+            logits = self._chunk(tokens, pos)
+            ends = [(r, len(p) - 1 - c0) for r, p in enumerate(rows) if len(p) <= c0 + GRAPH_MAX_T]  # prompts ending here
+            if out is None:
+                out = logits.new_empty(len(prompts), logits.shape[-1])
+            if ends:
+                r_idx = torch.tensor([r for r, _ in ends], device=dev)
+                t_idx = torch.tensor([t for _, t in ends], device=dev)
+                out[torch.tensor([order[r] for r, _ in ends], device=dev)] = logits[r_idx, t_idx]
+        assert out is not None
+        return out, row_of
+
+    def copy_into(self, cache: KVCache, slots: list[int], rows: list[int], length: int) -> None:
+        """Staging rows' first `length` positions into the cache's slots (slots[i] <- rows[i])."""
+        dst = torch.tensor(slots, device=cache.k.device)
+        src = torch.tensor(rows, device=cache.k.device)
+        cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
+        cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
