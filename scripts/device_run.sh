@@ -114,6 +114,9 @@ case "$step" in
   heads-carried)  # heads trained in an earlier session, carried in .carry/heads
     rm -rf /tmp/heads && cp -r .carry/heads /tmp/heads
     ;;
+  batchcosts)  # where a batched step's time goes, and admission one at a time against together (scripts/batch_costs.py)
+    python3 scripts/batch_costs.py ${SLOTS:-64} 2>&1 | grep -v Warning | tee "$out/batch_costs.txt"
+    ;;
   costs)  # where a speculative step's time goes (HEADS: also the heads' draft, after and inside the verify)
     python3 scripts/step_costs.py ${HEADS:-} 2>&1 | grep -v Warning | tee "$out/step_costs.txt"
     ;;
@@ -123,6 +126,6 @@ case "$step" in
       -p dtype "${DTYPE:-auto}" -p long_prompts "${LONG:-}" -p categories "${CATEGORIES:-}" \
       -p ks "${KS:-2,4,6,8}" -p compile "${COMPILE:-False}" -p time_budget_s "${BUDGET:-420}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|pytest|eagle|eagle-carried|labkit|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|pytest|eagle|eagle-carried|labkit|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|batchcosts|validate ..." >&2; exit 2 ;;
 esac
 done
