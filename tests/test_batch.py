@@ -159,6 +159,45 @@ def test_eos_ends_a_row_and_min_new_tokens_blocks_it() -> None:
         assert got.tokens == generate(engine, p, cfg).tokens
 
 
+@pytest.mark.parametrize("k", [0, 3])
+def test_rows_block_their_own_eos_until_their_own_min_new_tokens(k: int) -> None:
+    """Rows sharing a step, each with its own EOS ids and min_new_tokens (one blocking EOS just up to
+    where it would end, one just past it, one not at all), plain and speculative (a verify spans
+    several positions, some blocked, some not): every request's tokens are batch-1 generate's."""
+    engine = engine_for("llama")
+    base = prompts(4, engine.args.vocab_size, seed=4)
+    asks = [p + p[:5] + p for p in base]  # repeats: prompt lookup finds drafts
+    configs = []
+    for i, p in enumerate(asks):
+        free = generate(engine, p, GenerationConfig(max_new_tokens=16, stop_at_eos=False)).tokens
+        eos = free[4 + i]
+        configs.append(GenerationConfig(max_new_tokens=16, min_new_tokens=(4 + i, 5 + i, 0, 4 + i)[i], eos_token_ids=(eos, 2 + i)))
+    want = [generate(engine, p, c).tokens for p, c in zip(asks, configs, strict=True)]
+    assert len({len(w) for w in want}) > 1  # some rows end early at their EOS, others are held past it
+    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=4, max_seq_len=128)), (lambda: NgramDrafter(3, 1)) if k else None, k)
+    got = [batcher.submit(p, c) for p, c in zip(asks, configs, strict=True)]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+
+
+def test_the_verdict_blocks_eos_at_exactly_the_positions_before_min_new_tokens() -> None:
+    """Logits whose argmax is EOS at every fed position: a row with b tokens still to go before
+    min_new_tokens gets another token at its first b positions and EOS after them; rows with other
+    EOS ids block theirs only."""
+    from labkit.batch.scheduler import BatchRequest
+
+    V, T = 10, 4
+    logits = torch.zeros(3, T, V)
+    logits[:2, :, 7] = 3.0  # the EOS of rows 0 and 1, their argmax
+    logits[2, :, 8] = 3.0  # row 2's EOS, its argmax; 7 is an ordinary token there
+    logits[2, :, 7] = 2.0
+    logits[:, :, 5] = 1.0  # the runner-up
+    rows = [BatchRequest([1], GenerationConfig(max_new_tokens=9, min_new_tokens=m), eos, tokens=[4] * done)
+            for m, eos, done in ((3, (7,), 2), (3, (7,), 0), (2, (8,), 0))]
+    chosen = ContinuousBatcher._greedy(rows, logits)
+    assert chosen == [[5, 7, 7, 7], [5, 5, 5, 7], [7, 7, 8, 8]]
+
+
 def test_bench_batch_writes_rows_for_every_size_and_system(tiny_folder, tmp_path) -> None:
     import json
 

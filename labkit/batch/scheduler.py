@@ -96,13 +96,22 @@ class ContinuousBatcher:
         """The target's argmax at every fed position of every row, EOS blocked where a row's
         min_new_tokens asks; a sampled row (one fed position) draws its token from its generator
         instead. One device read for the whole batch. logits (n, T, V)."""
-        block = [max(0, r.config.min_new_tokens - len(r.tokens)) if r.eos_ids else 0 for r in requests]
-        if any(block):
+        groups: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}  # EOS ids -> (rows, positions blocked)
+        for i, r in enumerate(requests):
+            block = max(0, r.config.min_new_tokens - len(r.tokens))
+            if block and r.eos_ids:
+                rows, blocks = groups.setdefault(r.eos_ids, ([], []))
+                rows.append(i)
+                blocks.append(block)
+        if groups:
             logits = logits.clone()
-            T = logits.shape[1]
-            for i, (r, b) in enumerate(zip(requests, block, strict=True)):
-                if b:
-                    logits[i, : min(b, T), list(r.eos_ids)] = float("-inf")
+            dev, T = logits.device, logits.shape[1]
+            for eos, (rows, blocks) in groups.items():  # a few launches per group, not a launch per row
+                r_idx, e_idx = torch.tensor(rows, device=dev), torch.tensor(eos, device=dev)
+                blocked = torch.arange(T, device=dev)[None, :] < torch.tensor(blocks, device=dev)[:, None]  # (g, T)
+                sub = logits[r_idx][:, :, e_idx]  # (g, T, E)
+                logits[r_idx[:, None, None], torch.arange(T, device=dev)[None, :, None], e_idx[None, None, :]] = \
+                    sub.masked_fill(blocked[:, :, None], float("-inf"))
         chosen = logits.argmax(-1)  # (n, T)
         for i, r in enumerate(requests):
             if r.generator is not None:
