@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from labkit.batch.graphs import BatchGraph, bucket
-from labkit.batch.prefill import StagedPrefill
+from labkit.batch.prefill import STAGE_ROWS, StagedPrefill, staged_prefill
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.graphs import GRAPH_HEADROOM
@@ -76,14 +76,21 @@ class BatchEngine:
         self.lengths = [0] * rows  # host: valid positions per slot
         self.active = 0  # slots [0, active) hold requests
         self.graphs: dict[tuple[int, int], BatchGraph] = {}
-        # joining requests' short prompts prefilled together (prefill.py): where the fused kernels take rows at their own positions
-        self.staging = StagedPrefill(engine, rows, self.graphs_ok) if ops is not None and ops.ROW_POSITIONS else None
+        self.stages = ops is not None and ops.ROW_POSITIONS  # joining requests' short prompts prefilled together (prefill.py)
+
+    @property
+    def staging(self) -> StagedPrefill | None:
+        """The engine's staging for batched admission, where the fused kernels take rows at their own positions."""
+        return staged_prefill(self.engine, self.graphs_ok) if self.stages else None
 
     def capture_graphs(self, widths: list[int]) -> None:
-        """Capture the step of every rows bucket at these widths (tokens per row) now, so that no
-        timed step pays for a capture (speculative steps are ragged: 1 to K+1 tokens)."""
+        """Capture the step of every rows bucket at these widths (tokens per row) now, and the
+        staged admission's chunk steps, so that no timed step pays for a capture (speculative
+        steps are ragged: 1 to K+1 tokens)."""
         if not self.graphs_ok:
             return
+        if self.staging is not None:
+            self.staging.capture()
         rows = 1
         while rows <= self.cache.batch_size:
             for T in widths:
@@ -124,11 +131,14 @@ class BatchEngine:
         first = self.active
         together = [i for i, p in enumerate(prompts) if self.staging is not None and self.staging.takes(len(p))]
         out: list[torch.Tensor | None] = [None] * len(prompts)
+        staging = self.staging
         with self.engine.request_lock:
-            if len(together) > 1 and self.staging is not None:
-                logits, rows = self.staging.run([prompts[i] for i in together])  # (n, V)
-                self.staging.copy_into(self.cache, [first + i for i in together], rows, max(len(prompts[i]) for i in together))
-                for j, i in enumerate(together):
+            for g in range(0, len(together) if len(together) > 1 and staging is not None else 0, STAGE_ROWS):
+                assert staging is not None
+                group = together[g : g + STAGE_ROWS]
+                logits, rows = staging.run([prompts[i] for i in group])  # (n, V)
+                staging.copy_into(self.cache, [first + i for i in group], rows, max(len(prompts[i]) for i in group))
+                for j, i in enumerate(group):
                     out[i] = logits[j]
             for i, p in enumerate(prompts):
                 if out[i] is None:

@@ -9,10 +9,12 @@ chunk of GRAPH_MAX_T positions, and every request starts from exactly the keys, 
 that batch-1 prefill gives it. A longer prompt, which the engine prefills through the PyTorch
 layers (GEMMs whose reduction order follows the number of rows), is admitted on its own.
 
-Where. The rows run on a staging cache of a few positions per row, replayed as CUDA graphs per rows
-bucket when the batch uses graphs (graphs.BatchGraph), eagerly otherwise; their keys and values are
-then copied into the batch's slots. Rows are ordered longest prompt first, so a chunk runs only the
-rows whose prompts reach it.
+Where. The rows run on a staging cache of a few positions per row (STAGE_ROWS rows: more prompts
+join in groups), replayed as CUDA graphs per rows bucket when the batch uses graphs
+(graphs.BatchGraph), eagerly otherwise; their keys and values are then copied into the batch's
+slots. Rows are ordered longest prompt first, so a chunk runs only the rows whose prompts reach it.
+An engine has one staging (`staged_prefill`, kept in its graph store, so every batch built on it
+shares the captures, and a new cache drops it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ from labkit.batch.graphs import BatchGraph, bucket
 from labkit.engine import PREFILL_GRAPH_CHUNKS_MAX_T, Engine
 from labkit.graphs import GRAPH_HEADROOM, GRAPH_MAX_T
 from labkit.models.kvcache import KVCache
+
+STAGE_ROWS = 64  # prompts prefilled together at most
+
+
+def staged_prefill(engine: Engine, graphs: bool) -> StagedPrefill:
+    """The engine's staging for batched admission (with CUDA graphs or eager)."""
+    return engine.graphs.get(("staged-prefill", graphs), lambda: StagedPrefill(engine, STAGE_ROWS, graphs))
 
 
 class StagedPrefill:
@@ -39,6 +48,14 @@ class StagedPrefill:
     def takes(self, prompt_len: int) -> bool:
         """Whether a prompt of this length joins a batched prefill (with batch-1 prefill's bits)."""
         return prompt_len <= self.longest and self.engine.prefills_fused(prompt_len)
+
+    def capture(self) -> None:
+        """Capture the chunk step of every rows bucket now (so that no timed admission pays for it)."""
+        rows = 1
+        while self.use_graphs and rows <= self.cache.batch_size:
+            if rows not in self.graphs:
+                self.graphs[rows] = BatchGraph(self.engine, self.cache, rows, GRAPH_MAX_T)
+            rows *= 2
 
     def _chunk(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """tokens, input_pos (n, GRAPH_MAX_T) into staging rows [0, n) -> logits (n, GRAPH_MAX_T, V)."""
