@@ -147,10 +147,8 @@ class Engine:
         """Whether `prefill` runs a prompt of T tokens through the fused layer kernels (as steps of
         at most GRAPH_MAX_T tokens), where a token's bits do not depend on what shares its step, for
         a request with room for graphs (every batch slot has it). Batched admission reads it."""
-        if self.compiled or self.layer_kernels == "torch":
-            return False
-        if PREFILL_GRAPHS and self.cuda_graph and T > max(GRAPH_MAX_T, PREFILL_GRAPH_CHUNKS_MAX_T):
-            return False  # a captured prompt pass through the PyTorch layers (forward)
+        if self.compiled or self.layer_kernels == "torch" or 0 < self.prompt_pass_min_t <= T:
+            return False  # the last: a captured prompt pass through the PyTorch layers (forward)
         chunk = GRAPH_MAX_T if self.cuda_graph and T <= PREFILL_GRAPH_CHUNKS_MAX_T else PREFILL_CHUNK
         return self.model.runs_fused(min(T, chunk))
 
