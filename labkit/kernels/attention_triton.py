@@ -42,7 +42,7 @@ def _attend_keys(q, k_ptr, v_ptr, stride_cs, lo_r, pos, s_first, s_end, qk_scale
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         if IEEE:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            pv = _dot(p, v, IEEE)  # fp32 products
         else:  # half precision: p rounded to v's type for the tensor cores, as flash attention does
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv

@@ -36,8 +36,12 @@ TUNE = {
 }
 
 
-def _ieee(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+def _ieee(x: torch.Tensor) -> int:
+    """How the kernels multiply (their IEEE argument): 0 tensor cores in x's half precision, 1 fp32
+    products (no silent TF32), 2 the interpreter's row-by-row fp32 sums (_dot)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 2
+    return int(x.dtype == torch.float32)
 
 
 @functools.cache
@@ -56,7 +60,11 @@ def _launch(pdl: bool) -> dict:
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:  # fp32 weights (no silent TF32), or the interpreter (whose half-precision dot is wrong)
+    if IEEE == 2:  # the interpreter: each row's sums in one order whatever shares its tile, as on
+        # tensor cores (numpy's matmul, which tl.dot becomes there, may give a row other bits at
+        # another place in the tile on some CPUs); fp32, since its half-precision dot is wrong
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    if IEEE:  # fp32 weights (no silent TF32)
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
 
