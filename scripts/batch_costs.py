@@ -9,21 +9,27 @@ On the fused engine (CUDA graphs per rows bucket over the Triton layers, bf16), 
   time per step at rows 1..slots, T = 1 and 4;
 - step rows: one plain batched step as the scheduler takes it: the host-built feed, the replay,
   the argmax and its host read, the rollback;
+- scheduler rows/K: a whole ContinuousBatcher step over busy requests, plain and drafting K=3 by
+  prompt lookup, and the verify inside it (the rest: the host's per-row work and the verdict);
 - kernels: the profiler's GPU time per kernel of a step over every slot (the largest).
 """
 
 import os
+import statistics
 import sys
 import time
 
 import torch
 
 from labkit.batch.engine import BatchConfig, BatchEngine
+from labkit.batch.scheduler import ContinuousBatcher
+from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.generate import encode_prompt, warm_up
 from labkit.metrics import timers
 from labkit.models.loading import load_model
 from labkit.prompts import load_suite
+from labkit.specdec.drafters import NgramDrafter
 
 slots = int(sys.argv[1]) if len(sys.argv) > 1 else 64
 DEV = os.environ.get("DEV", "cuda")  # cpu: a quick check of the script itself (PyTorch layers, no graphs)
@@ -99,6 +105,45 @@ while rows <= slots:
     batch.admit_many(asks)
     rows *= 2
 
+def scheduler_steps(rows: int, k: int, steps: int = 40) -> tuple[float, float]:
+    """Median ms of a ContinuousBatcher step over `rows` busy requests (128 new tokens each, EOS
+    blocked as `bench batch` blocks it), plain (k 0) or drafting K by prompt lookup, and the
+    median ms of the verify inside it (the rest is the host's per-row work and the verdict)."""
+    release_all()
+    batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if k else None, k)
+    gen = GenerationConfig(max_new_tokens=128, min_new_tokens=128)
+    for p in asks[:rows]:
+        batcher.submit(p, gen)
+    batcher.step()  # admission and the first step
+    inner: list[float] = []
+    verify = batch.verify
+
+    def timed(feeds: list[list[int]], width: int | None = None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = verify(feeds, width)
+        sync()
+        inner.append(time.perf_counter() - t0)
+        return out
+
+    batch.verify = timed  # type: ignore[method-assign]
+    whole = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batcher.step()
+        whole.append(time.perf_counter() - t0)
+    batch.verify = verify  # type: ignore[method-assign]
+    return statistics.median(whole) * 1e3, statistics.median(inner) * 1e3
+
+
+for rows in (1, 8, 64):
+    if rows <= slots:
+        line = f"scheduler rows {rows:3d}"
+        for k in (0, 3):
+            whole, inner = scheduler_steps(rows, k)
+            line += f"  K={k}: step {whole:6.2f} ms, verify {inner:6.2f} ms, rest {whole - inner:6.2f} ms"
+        print(line, flush=True)
+release_all()
+batch.admit_many(asks)
 acts = [torch.profiler.ProfilerActivity.CUDA if gpu else torch.profiler.ProfilerActivity.CPU]
 with torch.inference_mode(), torch.profiler.profile(activities=acts) as prof:
     for _ in range(5):
