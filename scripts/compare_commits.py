@@ -32,9 +32,12 @@ from labkit.models.loading import load_model
 from labkit.prompts import load_suite
 from labkit.specdec.drafters import make_drafter
 
-device, max_new, settings = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+device, max_new, settings, prompt_tokens = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 loaded = load_model("default")
 prompts = [encode_prompt(loaded.tokenizer, p.content) for p in load_suite(None, 1)]
+if prompt_tokens:  # one long prompt (a document cut to this many tokens) instead of the suite's
+    from labkit.prompts.long import long_prompt
+    prompts = [long_prompt(loaded.tokenizer, prompt_tokens)]
 gen = GenerationConfig(max_new_tokens=max_new, min_new_tokens=max_new)
 out = {}
 for s in settings:
@@ -65,9 +68,9 @@ GPU_SETTINGS = [
 ]
 
 
-def run_tree(tree: Path, device: str, max_new: int, settings: list[dict]) -> dict:
+def run_tree(tree: Path, device: str, max_new: int, settings: list[dict], prompt_tokens: int = 0) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree.resolve()), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", CHILD, device, str(max_new), json.dumps(settings)], cwd=tree, env=env,
+    proc = subprocess.run([sys.executable, "-c", CHILD, device, str(max_new), json.dumps(settings), str(prompt_tokens)], cwd=tree, env=env,
                           capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -90,13 +93,16 @@ def main() -> None:
     ap.add_argument("--before-commit", default=None)
     ap.add_argument("--after-commit", default=None)
     ap.add_argument("--out", default=None, help="folder for the JSON record")
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="one long prompt of this many tokens instead of the suite's (CPU: no dense setting)")
     args = ap.parse_args()
     settings = GPU_SETTINGS if args.device.startswith("cuda") else CPU_SETTINGS
+    if args.prompt_tokens and not args.device.startswith("cuda"):
+        settings = [s for s in settings if s.get("weights") != "dense"]
     trees = {"before": args.before, "after": args.after}
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for r in range(args.rounds):
         for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-            runs[name].append(run_tree(trees[name], args.device, args.max_tokens, settings))
+            runs[name].append(run_tree(trees[name], args.device, args.max_tokens, settings, args.prompt_tokens))
             print(f"round {r} {name}: " + ", ".join(f"{k} {v['tok_per_s']:.1f}" for k, v in runs[name][-1].items()), flush=True)
     summary = []
     for s in settings:
@@ -117,7 +123,7 @@ def main() -> None:
 
         device = resolve_device(args.device)
         params = {"before_commit": args.before_commit or git_commit(args.before), "after_commit": args.after_commit or git_commit(args.after),
-                  "rounds": args.rounds, "max_new_tokens": args.max_tokens, "settings": settings, "torch_threads": torch.get_num_threads()}
+                  "rounds": args.rounds, "max_new_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens, "settings": settings, "torch_threads": torch.get_num_threads()}
         payload = {"benchmark": "before-after", **provenance(device, params), "summary": summary, "runs": runs}
         for f in write_results(args.out, f"before-after-{device.type}", payload, [{**row, "ratios": " ".join(f"{x:.4f}" for x in row["ratios"])} for row in summary]):
             print(f"wrote {f}")

@@ -89,6 +89,10 @@ def test_each_operation_matches_its_reference() -> None:
     for window in (None, 6):
         y = ops.decode_attention(q, *caches, pos, 0.17, window)
         assert torch.allclose(y, layer_reference.decode_attention(q, *caches, pos, 0.17, window), atol=1e-5)
+    odd = [torch.randn(1, nkv, S, 20, generator=gen) for _ in range(2)]  # a head size past the scores' eight lanes (a tail of 4)
+    q_odd = torch.randn(M, nh, 20, generator=gen)
+    y = ops.decode_attention(q_odd, *odd, pos, 0.17, None)
+    assert torch.allclose(y, layer_reference.decode_attention(q_odd, *odd, pos, 0.17, None), atol=1e-5)
     # a token tree: rotary positions apart from the slots, each row seeing its ancestors among the tree's slots
     from labkit.specdec.tree import TokenTree
 
