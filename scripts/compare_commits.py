@@ -48,10 +48,12 @@ for s in settings:
     for ids in prompts[:2]:
         generate(engine, ids, GenerationConfig(max_new_tokens=8), spec())
     t0 = time.perf_counter()
-    tokens = 0
+    tokens = decoded = decode_s = 0
     for ids in prompts:
-        tokens += generate(engine, ids, gen, spec()).stats.new_tokens
-    out[s["name"]] = {"tok_per_s": tokens / (time.perf_counter() - t0), "weights": engine.weights, "layer_kernels": engine.layer_kernels}
+        stats = generate(engine, ids, gen, spec()).stats
+        tokens, decoded, decode_s = tokens + stats.new_tokens, decoded + stats.new_tokens - 1, decode_s + stats.total_s - stats.ttft_s
+    out[s["name"]] = {"tok_per_s": tokens / (time.perf_counter() - t0), "decode_tok_per_s": decoded / decode_s,
+                      "weights": engine.weights, "layer_kernels": engine.layer_kernels}
     del engine, drafter
 print("RESULT " + json.dumps(out))
 """
@@ -103,13 +105,14 @@ def main() -> None:
     for r in range(args.rounds):
         for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
             runs[name].append(run_tree(trees[name], args.device, args.max_tokens, settings, args.prompt_tokens))
-            print(f"round {r} {name}: " + ", ".join(f"{k} {v['tok_per_s']:.1f}" for k, v in runs[name][-1].items()), flush=True)
+            print(f"round {r} {name}: " + ", ".join(f"{k} {v['tok_per_s']:.1f} (decode {v['decode_tok_per_s']:.1f})" for k, v in runs[name][-1].items()), flush=True)
     summary = []
+    metric = "decode_tok_per_s" if args.prompt_tokens else "tok_per_s"  # a long prompt's prefill would hide the decode
     for s in settings:
-        before = [run[s["name"]]["tok_per_s"] for run in runs["before"]]
-        after = [run[s["name"]]["tok_per_s"] for run in runs["after"]]
+        before = [run[s["name"]][metric] for run in runs["before"]]
+        after = [run[s["name"]][metric] for run in runs["after"]]
         ratios = [a / b for a, b in zip(after, before, strict=True)]
-        summary.append({"setting": s["name"], "before_tok_per_s": statistics.median(before), "after_tok_per_s": statistics.median(after),
+        summary.append({"setting": s["name"], "metric": metric, "before_tok_per_s": statistics.median(before), "after_tok_per_s": statistics.median(after),
                         "after_over_before": statistics.median(ratios), "ratios": ratios,
                         "weights": runs["after"][0][s["name"]]["weights"], "layer_kernels": runs["after"][0][s["name"]]["layer_kernels"]})
         print(f"{s['name']:<22} before {summary[-1]['before_tok_per_s']:8.1f}  after {summary[-1]['after_tok_per_s']:8.1f} tok/s"
