@@ -128,12 +128,13 @@ class BatchEngine:
         for p in prompts:
             if not 1 <= len(p) < self.cfg.max_seq_len:
                 raise LabkitError(f"a prompt of {len(p)} tokens does not fit a slot of {self.cfg.max_seq_len} positions")
-        first = self.active
-        together = [i for i, p in enumerate(prompts) if self.staging is not None and self.staging.takes(len(p))]
+        first, staging = self.active, self.staging
+        together = [i for i, p in enumerate(prompts) if staging is not None and staging.takes(len(p))]
+        if len(together) < 2:
+            together = []  # a prompt alone: the engine's own (captured) prefill
         out: list[torch.Tensor | None] = [None] * len(prompts)
-        staging = self.staging
         with self.engine.request_lock:
-            for g in range(0, len(together) if len(together) > 1 and staging is not None else 0, STAGE_ROWS):
+            for g in range(0, len(together), STAGE_ROWS):
                 assert staging is not None
                 group = together[g : g + STAGE_ROWS]
                 logits, rows = staging.run([prompts[i] for i in group])  # (n, V)
