@@ -144,13 +144,14 @@ class Engine:
         return max(GRAPH_MAX_T, PREFILL_GRAPH_CHUNKS_MAX_T) + 1 if PREFILL_GRAPHS and self.cuda_graph else 0
 
     def prefills_fused(self, T: int) -> bool:
-        """Whether `prefill` runs a prompt of T tokens through the fused layer kernels (as steps of
-        at most GRAPH_MAX_T tokens), where a token's bits do not depend on what shares its step, for
-        a request with room for graphs (every batch slot has it). Batched admission reads it."""
-        if self.compiled or self.layer_kernels == "torch" or 0 < self.prompt_pass_min_t <= T:
-            return False  # the last: a captured prompt pass through the PyTorch layers (forward)
-        chunk = GRAPH_MAX_T if self.cuda_graph and T <= PREFILL_GRAPH_CHUNKS_MAX_T else PREFILL_CHUNK
-        return self.model.runs_fused(min(T, chunk))
+        """Whether `prefill` runs T tokens through the fused kernels (a token's bits then do not depend on
+        what shares its step), for a request with room for graphs (a batch slot's). Batched admission asks."""
+        pass_t = 0 < self.prompt_pass_min_t <= T  # a captured prompt pass, through the PyTorch layers
+        return not (self.compiled or self.layer_kernels == "torch" or pass_t) and self.model.runs_fused(min(T, self._prompt_chunk(T, self.cuda_graph)))
+
+    @staticmethod
+    def _prompt_chunk(T: int, graphs: bool) -> int:  # the widest step forward runs T prompt tokens in (no prompt pass)
+        return GRAPH_MAX_T if graphs and T <= PREFILL_GRAPH_CHUNKS_MAX_T else PREFILL_CHUNK
 
     @property
     def static_step(self) -> Callable[..., torch.Tensor]:
@@ -241,7 +242,7 @@ class Engine:
             cache.length = T
             self.kept_hidden.keep(None if graph.hidden is None else graph.hidden[:, :T], T)  # one row, or every prompt row
             return logits
-        chunk = GRAPH_MAX_T if self._graphs_safe and T <= PREFILL_GRAPH_CHUNKS_MAX_T else PREFILL_CHUNK
+        chunk = self._prompt_chunk(T, self._graphs_safe)
         if T > chunk:
             outs = []
             if self.model.keep_every_hidden:

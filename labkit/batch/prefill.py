@@ -53,18 +53,20 @@ class StagedPrefill:
         """Capture the chunk step of every rows bucket now (so that no timed admission pays for it)."""
         rows = 1
         while self.use_graphs and rows <= self.cache.batch_size:
-            if rows not in self.graphs:
-                self.graphs[rows] = BatchGraph(self.engine, self.cache, rows, GRAPH_MAX_T)
+            self._graph(rows)
             rows *= 2
+
+    def _graph(self, rows: int) -> BatchGraph:
+        """The captured chunk step of this rows bucket (captured now if it was not)."""
+        if rows not in self.graphs:
+            self.graphs[rows] = BatchGraph(self.engine, self.cache, rows, GRAPH_MAX_T)
+        return self.graphs[rows]
 
     def _chunk(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """tokens, input_pos (n, GRAPH_MAX_T) into staging rows [0, n) -> logits (n, GRAPH_MAX_T, V)."""
         n = tokens.shape[0]
         if self.use_graphs:
-            rows = bucket(n)
-            if rows not in self.graphs:
-                self.graphs[rows] = BatchGraph(self.engine, self.cache, rows, GRAPH_MAX_T)
-            return self.graphs[rows].run(tokens, input_pos)
+            return self._graph(bucket(n)).run(tokens, input_pos)
         with self.engine.autocast():  # the fused kernels read each row's positions; they take no mask
             return self.engine.model(tokens, input_pos, self.cache.rows(0, n), self.cache.max_len, None, False, None)
 

@@ -106,12 +106,11 @@ class ContinuousBatcher:
         if groups:
             logits = logits.clone()
             dev, T = logits.device, logits.shape[1]
+            positions = torch.arange(T, device=dev)  # (T,)
             for eos, (rows, blocks) in groups.items():  # a few launches per group, not a launch per row
-                r_idx, e_idx = torch.tensor(rows, device=dev), torch.tensor(eos, device=dev)
-                blocked = torch.arange(T, device=dev)[None, :] < torch.tensor(blocks, device=dev)[:, None]  # (g, T)
-                sub = logits[r_idx][:, :, e_idx]  # (g, T, E)
-                logits[r_idx[:, None, None], torch.arange(T, device=dev)[None, :, None], e_idx[None, None, :]] = \
-                    sub.masked_fill(blocked[:, :, None], float("-inf"))
+                at = (torch.tensor(rows, device=dev)[:, None, None], positions[None, :, None], torch.tensor(eos, device=dev)[None, None, :])
+                blocked = positions[None, :] < torch.tensor(blocks, device=dev)[:, None]  # (g, T)
+                logits[at] = logits[at].masked_fill(blocked[:, :, None], float("-inf"))  # the (g, T, E) EOS logits only
         chosen = logits.argmax(-1)  # (n, T)
         for i, r in enumerate(requests):
             if r.generator is not None:
