@@ -33,7 +33,9 @@ def env_flag(name: str, default: bool = False) -> bool:
     raise LabkitError(f"{name}={raw!r} is not a switch: use 1 or 0")
 
 
-DRAFTERS = ("ngram", "ngram-graph", "layerskip", "truncated", "model", "heads", "eagle", "eagle-tree", "ngram-tree")  # kinds make_drafter builds
+DRAFTERS = ("ngram", "ngram-graph", "layerskip", "truncated", "model", "heads", "eagle", "eagle-tree", "eagle-ngram",
+            "ngram-tree")  # kinds make_drafter builds
+EAGLE_KINDS = ("eagle", "eagle-tree", "eagle-ngram")  # drafters that run a trained EagleHead (--heads)
 
 
 @dataclass

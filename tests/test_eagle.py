@@ -300,3 +300,52 @@ def test_eagle_device_steps_are_the_host_steps(prompt_len: int) -> None:
     n = next(i for i, d in enumerate(host.stats.draft_tokens) if len(d) < 3)
     assert steps.stats.draft_tokens[:n] == host.stats.draft_tokens[:n] and n >= 8
     assert steps.stats.accepted_lengths[:n] == host.stats.accepted_lengths[:n]  # a random head: rejections (a trained one: below)
+
+
+def test_eagle_ngram_verifies_lookups_copy_after_a_match_and_the_chain_elsewhere() -> None:
+    """eagle-ngram: a step whose context ends in an n-gram seen before (n >= lookup_over; 1 here,
+    since a random tiny model seldom repeats itself longer) verifies prompt lookup's copy, every
+    other step EAGLE's chain, on the host and in device steps alike (step for step), and the output
+    is plain greedy's."""
+    from labkit.config import GenerationConfig
+    from labkit.generate import Speculation, generate
+    from labkit.specdec.eagle_drafter import EagleDrafter
+    from labkit.specdec.lookup import lookup_reference, match_order
+
+    engine = _engine()
+    prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]  # copies to find, and stretches with none
+    cfg = GenerationConfig(max_new_tokens=48, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    runs = {}
+    for device_steps in (False, True):
+        drafter = EagleDrafter(engine, random_head(), device_steps=device_steps, lookup_over=1)
+        runs[device_steps] = generate(engine, prompt, cfg, Speculation(drafter, 3))
+        assert runs[device_steps].tokens == want and drafter.name.endswith("+ngram1")
+    for out in runs.values():
+        kinds, at = [], 1  # the prefill made the first token
+        for draft, accepted in zip(out.stats.draft_tokens, out.stats.accepted_lengths, strict=True):
+            context = prompt + want[:at]
+            copy = match_order(context) >= 1
+            kinds.append(copy)
+            if copy:
+                assert draft == lookup_reference(context, len(draft)), (at, draft)
+            else:
+                assert draft != lookup_reference(context, len(draft)), (at, draft)  # a random head's chain, not the repeated last token
+            at += accepted + 1
+        assert any(kinds) and not all(kinds)  # both kinds of step were met
+    host, steps = runs[False].stats, runs[True].stats
+    n = next(i for i, d in enumerate(host.draft_tokens) if len(d) < 3)
+    assert steps.draft_tokens[:n] == host.draft_tokens[:n] and n >= 8
+    eagle = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=False), 3)).stats
+    assert host.draft_tokens != eagle.draft_tokens  # the copies changed what was verified
+
+
+def test_eagle_ngram_settings_are_checked() -> None:
+    from labkit.specdec.eagle_drafter import EagleDrafter
+    from labkit.specdec.eagle_tree import DynamicTreeConfig
+
+    engine = _engine()
+    for kwargs in ({"lookup_over": 4}, {"lookup_over": -1}, {"lookup_over": 2, "width": 2},
+                   {"lookup_over": 2, "tree": DynamicTreeConfig.square(2, 2)}):
+        with pytest.raises(LabkitError, match="eagle-ngram"):
+            EagleDrafter(engine, random_head(), **kwargs)

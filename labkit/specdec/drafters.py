@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 import torch.nn as nn
 
-from labkit.config import DRAFTERS, GenerationConfig
+from labkit.config import DRAFTERS, EAGLE_KINDS, GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.sampling import warp_logits
@@ -210,6 +210,7 @@ def check_drafter_options(kinds: list[str], draft_model: str | None, heads_path:
 
 
 NGRAM_TREE_BRANCHES = 3  # earlier occurrences an ngram-tree draft follows at most
+EAGLE_LOOKUP_OVER = 3  # eagle-ngram: lookup's copy replaces the chain after a match of this many tokens
 
 
 def build_drafter(
@@ -234,7 +235,7 @@ def build_drafter(
         draft_engine = Engine.from_loaded(draft, target.device, target.dtype, weights="dense", cuda_graph=target.cuda_graph)
         check_draft_pair(target, draft_engine, target_tokenizer, draft.tokenizer)
     heads: Any = None
-    if kind in ("heads", "eagle", "eagle-tree") and heads_path:  # without a path make_drafter says what is missing
+    if kind in ("heads", *EAGLE_KINDS) and heads_path:  # without a path make_drafter says what is missing
         from labkit.specdec.eagle import load_eagle
         from labkit.specdec.heads import fingerprint, load_heads
 
@@ -257,7 +258,8 @@ def make_drafter(
     """ngram | ngram-graph (prompt lookup whose greedy steps run on the device, specdec/lookup_steps.py) |
     layerskip | truncated | model | heads (trained DraftHeads, see labkit/heads_train.py) | eagle (a trained
     EagleHead, labkit/eagle_train.py; `heads` carries either) | eagle-tree (the same head drafting EAGLE-2's
-    dynamic trees, specdec/eagle_tree.py, DynamicTreeConfig.depth deep whatever K) | ngram-tree (prompt
+    dynamic trees, specdec/eagle_tree.py, DynamicTreeConfig.depth deep whatever K) | eagle-ngram (EAGLE
+    chains that give way to prompt lookup's copy after an n-gram of EAGLE_LOOKUP_OVER tokens) | ngram-tree (prompt
     lookup's token trees, K deep). Default depth for layerskip/truncated: a third of the target.
     stop_below > 0: draft-confidence early stop (the drafter stops at its first token below it)."""
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
@@ -285,7 +287,7 @@ def make_drafter(
             raise LabkitError("--drafter model needs --draft-model")
         check_draft_pair(target, draft_engine)
         return ModelDrafter(draft_engine, target.args.vocab_size, name="model", stop_below=stop_below)
-    if kind in ("heads", "eagle", "eagle-tree"):  # trained weights on the target's features: greedy drafts, no confidence stop
+    if kind in ("heads", *EAGLE_KINDS):  # trained weights on the target's features: greedy drafts, no confidence stop
         how = "`python -m labkit heads train" + (" --kind eagle`" if kind != "heads" else "`")
         if heads is None:
             raise LabkitError(f"--drafter {kind} needs --heads (a folder written by {how})")
@@ -299,5 +301,5 @@ def make_drafter(
             from labkit.specdec.eagle_tree import DynamicTreeConfig
 
             return EagleDrafter(target, heads, tree=DynamicTreeConfig(depth=min(DynamicTreeConfig.depth, heads.cfg.depth)))
-        return EagleDrafter(target, heads)
+        return EagleDrafter(target, heads, lookup_over=EAGLE_LOOKUP_OVER if kind == "eagle-ngram" else 0)
     raise LabkitError(f"unknown drafter {kind!r}: use {', '.join(DRAFTERS)}")

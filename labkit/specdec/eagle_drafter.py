@@ -15,6 +15,12 @@ before any query at or past it looks (the draft's attention sees positions up to
 Where the target has CUDA graphs a chain drafter is also its own DeviceSteps (`run_steps`): CHUNK
 greedy steps per host read, each verifying the chain the step before drafted inside its verify
 (specdec/lookup_steps.LookupSteps with this drafter as the hook), the first from the host.
+
+eagle-ngram (`lookup_over` n > 0): where the context ends in an n-gram of at least n tokens seen
+before, a step verifies prompt lookup's copy (specdec/lookup.py) instead of the chain: copying is
+what the head drafts worst (a RAG answer, a summary, a translation quoting its source) and what
+lookup drafts best. The chain is still made every step (its cache stays true), on the host as on
+the device, so the choice costs one lookup a step; the verify keeps it lossless either way.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
+from labkit.kernels.reference import LOOKUP_MAX_N, lookup_draft
 from labkit.models.kvcache import COUNTER_ROWS, KVCache, TreeAttention
 from labkit.specdec.draft import Draft, Drafter, Step
 from labkit.specdec.eagle import EagleHead, draft_head_weight
@@ -82,9 +89,10 @@ class EagleDrafter(Drafter):
     chunk = CHUNK  # device steps per host read (run_steps)
 
     def __init__(self, target: Engine, head: EagleHead, dtype: torch.dtype | None = None, width: int = 1,
-                 tree: DynamicTreeConfig | None = None, device_steps: bool | None = None) -> None:
+                 tree: DynamicTreeConfig | None = None, device_steps: bool | None = None, lookup_over: int = 0) -> None:
         """device_steps: chains run CHUNK greedy steps per host read (run_steps); None: where the
-        target has CUDA graphs."""
+        target has CUDA graphs. lookup_over > 0: chains give way to prompt lookup's copy where the
+        context ends in an n-gram of at least that many tokens seen before (eagle-ngram)."""
         if head.dims.dim != target.args.dim:
             raise LabkitError(f"this EAGLE head has width {head.dims.dim}, the target {target.args.dim}: train it for this target")
         target.keep_hidden_states(every_position=True)
@@ -117,6 +125,12 @@ class EagleDrafter(Drafter):
             if self.ops is None:
                 raise LabkitError("dynamic EAGLE trees need the fused draft layer: a CPU, or a GPU target on Triton layers")
             self.name += f"-tree{tree.nodes}"
+        if lookup_over:
+            if not 1 <= lookup_over <= LOOKUP_MAX_N or width > 1 or tree is not None:
+                raise LabkitError(f"eagle-ngram takes lookup's copy after an n-gram of 1 to {LOOKUP_MAX_N} tokens, "
+                                  f"for chains only; got n = {lookup_over}, width {width}, tree {tree is not None}")
+            self.name += f"+ngram{lookup_over}"
+        self.lookup_over = lookup_over
         if (target.cuda_graph if device_steps is None else device_steps) and width == 1 and tree is None:
             self.device_steps = self
         self._steps_used: set[int] = set()  # widths whose device steps ran in this request
@@ -226,7 +240,8 @@ class EagleDrafter(Drafter):
         first the host's draft; the last step's chain is kept for the next proposal."""
         k = min(k, self.depth)
         first = self.propose(context, k, GenerationConfig(), None).tokens
-        steps = self.target.captured(("eagle-steps", self, k), lambda: LookupSteps(self.target, k, hook=self, n_cols=self.depth))
+        steps = self.target.captured(("eagle-steps", self, k),
+                                     lambda: LookupSteps(self.target, k, hook=self, n_cols=self.depth, lookup_over=self.lookup_over))
         fresh = k not in self._steps_used
         self._steps_used.add(k)
         out = steps.run(context, m, eos_mask, eos_until, fresh, cols=first)
@@ -235,6 +250,15 @@ class EagleDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
+        draft = self._propose(context, k)
+        if self.lookup_over:  # the device steps' rule (lookup_steps.greedy_step), by the same reference lookup
+            order = torch.zeros(1, dtype=torch.long)
+            lookup = lookup_draft(torch.tensor(context), torch.tensor([len(context)]), min(k, self.depth), order)
+            if int(order) >= self.lookup_over:
+                return Draft(lookup.tolist())
+        return draft
+
+    def _propose(self, context: list[int], k: int) -> Draft:
         k = min(k, self.depth)
         L = len(context)  # the target's cache holds context[:-1]: true elements 0..L-2
         prepared, self._prepared = self._prepared, None

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from labkit.config import EAGLE_KINDS
 from labkit.errors import LabkitError
 
 IGNORE = -100  # label where a head looks past the end of the sequence
@@ -141,7 +142,7 @@ def check_heads_option(drafters: list[str], heads: str | None) -> None:
         if not heads:
             raise LabkitError("--drafter heads needs heads: --heads, a folder written by `python -m labkit heads train`")
         check_heads_folder(heads)
-    for kind in sorted({"eagle", "eagle-tree"} & set(drafters)):
+    for kind in sorted(set(EAGLE_KINDS) & set(drafters)):
         from labkit.specdec.eagle import check_eagle_folder
 
         if not heads:

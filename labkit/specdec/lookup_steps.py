@@ -46,6 +46,7 @@ def greedy_step(
     accepted_log: torch.Tensor,  # (chunk,): entry step_idx gets the accepted count
     step_idx: torch.Tensor,  # (1,) advanced in place
     draft: torch.Tensor | None = None,  # (k,) the step's draft (a verify hook's, made by the step before); None: the lookup's
+    lookup_over: int = 0,  # > 0: the lookup's draft replaces `draft` where its match is an n-gram of at least this n
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # verdict (1, 2), feed (k+1,), input_pos (k+1,)
     """One speculative greedy step on the device (see the module docstring): three registry
     kernels around the verify pass. The engine's cache holds the context but its last token,
@@ -56,6 +57,10 @@ def greedy_step(
     L = n_ctx  # (1,)
     if draft is None:
         draft = registry.get("lookup_draft", device)(history, L, k)  # (k,)
+    elif lookup_over > 0:
+        order = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
+        lookup = registry.get("lookup_draft", device)(history, L, k, order)  # (k,)
+        draft = torch.where(order >= lookup_over, lookup, draft)  # (k,)
     feed = torch.cat([history.index_select(0, L - 1), draft])  # (k+1,): the last token, then the draft
     input_pos = L - 1 + torch.arange(k + 1, device=device)  # (k+1,) cache positions
     logits = step(feed[None], input_pos, None)  # (1, k+1, V)
@@ -71,9 +76,12 @@ class LookupSteps:
 
     With a verify `hook` (a drafter that drafts inside the verify: EAGLE chains), a step's draft is
     the first K of the `n_cols` columns the hook made from the step before (its `draft_after` on
-    the pass's hidden states and verdict, on the device); the first step's come from the host."""
+    the pass's hidden states and verdict, on the device); the first step's come from the host.
+    With `lookup_over` > 0 as well, a step whose context ends in an n-gram of at least that n seen
+    before drafts the lookup's copy instead (eagle-ngram: specdec/eagle_lookup.py)."""
 
-    def __init__(self, engine: Any, k: int, chunk: int = CHUNK, hook: VerifyHook | None = None, n_cols: int = 0) -> None:
+    def __init__(self, engine: Any, k: int, chunk: int = CHUNK, hook: VerifyHook | None = None, n_cols: int = 0,
+                 lookup_over: int = 0) -> None:
         max_len = engine.cache.max_len  # warm-ups write its last positions, past every request
         if engine.batch_size != 1:
             raise LabkitError("the n-gram graph drafter decodes batch 1")
@@ -98,7 +106,7 @@ class LookupSteps:
         def body() -> None:
             draft = None if hook is None else self.cols[:k]
             verdict, feed, input_pos = greedy_step(static, self.history, self.n_ctx, self.eos_mask, self.eos_until, k,
-                                                   self.drafts, self.accepted, self.step_idx, draft)
+                                                   self.drafts, self.accepted, self.step_idx, draft, lookup_over)
             if hook is not None:  # the next step's draft, from this pass
                 self.cols.copy_(hook.draft_after(engine.model.last_hidden, verdict, engine.model.lm_head, feed[None], input_pos)[0])
 
