@@ -329,7 +329,7 @@ def test_eagle_ngram_verifies_lookups_copy_after_a_match_and_the_chain_elsewhere
             kinds.append(copy)
             if copy:
                 assert draft == lookup_reference(context, len(draft)), (at, draft)
-            else:
+            elif out is runs[False]:  # (device steps may run a chunk of copy steps: test below)
                 assert draft != lookup_reference(context, len(draft)), (at, draft)  # a random head's chain, not the repeated last token
             at += accepted + 1
         assert any(kinds) and not all(kinds)  # both kinds of step were met
@@ -349,3 +349,49 @@ def test_eagle_ngram_settings_are_checked() -> None:
                    {"lookup_over": 2, "tree": DynamicTreeConfig.square(2, 2)}):
         with pytest.raises(LabkitError, match="eagle-ngram"):
             EagleDrafter(engine, random_head(), **kwargs)
+
+
+def test_eagle_ngram_copy_steps_keep_the_draft_cache_true(monkeypatch) -> None:
+    """Device steps whose chunks alternate copy and chain steps: plain greedy's tokens; each copy
+    step verifies lookup's K-token copy; the chain that follows copy steps is the one a fresh drafter
+    makes from the whole context (the copy steps' catch-up left every element of the draft cache
+    true, and the anchor's feature)."""
+    from labkit.config import GenerationConfig
+    from labkit.generate import Speculation, generate
+    from labkit.specdec.eagle_drafter import EagleDrafter
+    from labkit.specdec.lookup import lookup_reference
+
+    engine = _engine()
+    prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]
+    cfg = GenerationConfig(max_new_tokens=60, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    monkeypatch.setattr(EagleDrafter, "next_copying", lambda self, orders: not self.copying)
+    chunks = []  # (context, copy steps?, steps)
+    run_steps = EagleDrafter.run_steps
+
+    def logged(self, context, k, m, eos_mask, eos_until):
+        copying = self.copying
+        out = run_steps(self, context, k, m, eos_mask, eos_until)
+        chunks.append((list(context), copying, out))
+        return out
+
+    monkeypatch.setattr(EagleDrafter, "run_steps", logged)
+    got = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=True, lookup_over=3), 3))
+    assert got.tokens == want
+    assert [c for _, c, _ in chunks][:4] == [False, True, False, True]
+    checked = 0
+    for i, (context, copying, out) in enumerate(chunks):
+        ctx = list(context)
+        for draft, new in out:
+            if copying:
+                assert draft == lookup_reference(ctx, 3), (i, draft)
+            ctx += new
+        if copying and i + 1 < len(chunks):  # the next chunk's first chain, against a fresh drafter's
+            nxt = chunks[i + 1][0]
+            fresh = EagleDrafter(engine, random_head(), device_steps=False)
+            engine.reset()
+            engine.prefill(torch.tensor([nxt[:-1]]))
+            fresh.start(nxt, len(nxt) + 8)
+            assert chunks[i + 1][2][0][0] == fresh.propose(nxt, 3, GenerationConfig(), None).tokens, i
+            checked += 1
+    assert checked >= 2

@@ -19,8 +19,10 @@ greedy steps per host read, each verifying the chain the step before drafted ins
 eagle-ngram (`lookup_over` n > 0): where the context ends in an n-gram of at least n tokens seen
 before, a step verifies prompt lookup's copy (specdec/lookup.py) instead of the chain: copying is
 what the head drafts worst (a RAG answer, a summary, a translation quoting its source) and what
-lookup drafts best. The chain is still made every step (its cache stays true), on the host as on
-the device, so the choice costs one lookup a step; the verify keeps it lossless either way.
+lookup drafts best. The verify keeps it lossless whichever it takes. In device steps the host
+also picks per chunk: after a chunk whose steps mostly matched, the next one runs copy steps
+(lookup's K-token drafts, no chain: a step costs what ngram-graph's does, plus one draft-layer
+pass that keeps the draft cache true), and chain steps again once matches fail.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
+from labkit.graphs import GRAPH_MAX_T
 from labkit.kernels.reference import LOOKUP_MAX_N, lookup_draft
 from labkit.models.kvcache import COUNTER_ROWS, KVCache, TreeAttention
 from labkit.specdec.draft import Draft, Drafter, Step
@@ -131,9 +134,13 @@ class EagleDrafter(Drafter):
                                   f"for chains only; got n = {lookup_over}, width {width}, tree {tree is not None}")
             self.name += f"+ngram{lookup_over}"
         self.lookup_over = lookup_over
+        self.copying = False  # eagle-ngram's device steps: the next chunk runs copy steps
+        self._anchor_at = -1  # a copy step's catch-up left the feature at this position in anchor_feat
+        self.anchor_feat = torch.zeros(target.batch_size, head.dims.dim, dtype=self.dtype, device=target.device)  # (B, D)
+        self._watch = _CatchUp(self)
         if (target.cuda_graph if device_steps is None else device_steps) and width == 1 and tree is None:
             self.device_steps = self
-        self._steps_used: set[int] = set()  # widths whose device steps ran in this request
+        self._steps_used: set[tuple[int, bool]] = set()  # (width, copy steps?) whose device steps ran in this request
         self.done = 0  # the draft cache holds the true elements 0..done-1
         self._prepared: tuple[int, list[int]] | None = None  # (context length, draft) the last verify made
         self._draft_cache: KVCache | None = None
@@ -188,6 +195,7 @@ class EagleDrafter(Drafter):
     # -- the drafter --------------------------------------------------------------------------
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         self.done, self._prepared, self._steps_used = 0, None, set()
+        self.copying, self._anchor_at = False, -1
         self._cache(self.target.batch_size)  # the target's cache may have grown since
         if self._triton and not self._warm:
             self._warm_up()
@@ -219,34 +227,65 @@ class EagleDrafter(Drafter):
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Inside the verify step: hidden (B, T, D), verdict (B, 2), tokens (B, T) at input_pos (T,)
         -> (B, depth * width) the next step's candidates (a tree step hands its path as these rows)."""
+        anchor_feat = self.catch_up(hidden, verdict, tokens, input_pos)  # (B, D)
+        accepted = verdict[:, 0]  # (B,)
+        if self.tree is not None:
+            return dynamic_tree(self, anchor_feat, input_pos[:1] + accepted, self.tree)[None]  # (1, 2 * nodes)
+        return self._chain(anchor_feat, input_pos[0] + accepted, self.width).flatten(1)  # (B, depth * width)
+
+    def catch_up(self, hidden: torch.Tensor, verdict: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Inside the verify step: the draft cache's elements for every verified row (row j's token
+        is the draft after it, or the target's next token at the accepted row) -> (B, D) the
+        accepted row's predicted feature, the chain's anchor."""
         B, T, _ = hidden.shape
         accepted, nxt = verdict[:, 0], verdict[:, 1]  # (B,) each
         rows = torch.arange(T, device=hidden.device)  # (T,)
         after = torch.cat((tokens[:, 1:], nxt[:, None]), dim=1)  # (B, T): the token after each row
         after = torch.where(rows[None] == accepted[:, None], nxt[:, None], after)
         feats = self.elements(hidden, after, input_pos)  # (B, T, D)
-        anchor_feat = feats[torch.arange(B, device=hidden.device), accepted]  # (B, D)
-        if self.tree is not None:
-            return dynamic_tree(self, anchor_feat, input_pos[:1] + accepted, self.tree)[None]  # (1, 2 * nodes)
-        return self._chain(anchor_feat, input_pos[0] + accepted, self.width).flatten(1)  # (B, depth * width)
+        return feats[torch.arange(B, device=hidden.device), accepted]
 
     def take(self, tokens: list[int], context_len: int) -> None:
         self._prepared = (context_len, tokens)
+
+    def _steps(self, k: int, copy: bool) -> tuple[LookupSteps, bool]:
+        """The device steps of width k (chain or copy steps), and whether this request is new to them."""
+        if copy:
+            steps = self.target.captured(("eagle-copy-steps", self, k), lambda: LookupSteps(self.target, k, hook=self._watch))
+        else:
+            steps = self.target.captured(("eagle-steps", self, k),
+                                         lambda: LookupSteps(self.target, k, hook=self, n_cols=self.depth, lookup_over=self.lookup_over))
+        fresh = (k, copy) not in self._steps_used
+        self._steps_used.add((k, copy))
+        return steps, fresh
 
     @torch.inference_mode()
     def run_steps(self, context: list[int], k: int, m: int, eos_mask: torch.Tensor, eos_until: int) -> list[Step]:
         """m greedy steps on the device per host read (DeviceSteps): each step verifies the chain
         the step before drafted inside its verify (LookupSteps with this drafter as its hook), the
-        first the host's draft; the last step's chain is kept for the next proposal."""
-        k = min(k, self.depth)
-        first = self.propose(context, k, GenerationConfig(), None).tokens
-        steps = self.target.captured(("eagle-steps", self, k),
-                                     lambda: LookupSteps(self.target, k, hook=self, n_cols=self.depth, lookup_over=self.lookup_over))
-        fresh = k not in self._steps_used
-        self._steps_used.add(k)
-        out = steps.run(context, m, eos_mask, eos_until, fresh, cols=first)
-        self.take(steps.last_cols, len(context) + sum(len(new) for _, new in out))
+        first the host's draft; the last step's chain is kept for the next proposal. eagle-ngram
+        runs copy steps instead after a chunk whose steps mostly matched (module docstring)."""
+        k_chain = min(k, self.depth)
+        if self.lookup_over:  # both kinds captured on the first chunk, before either is needed mid-request
+            copy_steps, copy_fresh = self._steps(k, copy=True)
+        chain_steps, chain_fresh = self._steps(k_chain, copy=False)
+        if self.lookup_over and self.copying:
+            out = copy_steps.run(context, m, eos_mask, eos_until, copy_fresh)
+            L = len(context) + sum(len(new) for _, new in out)
+            self._anchor_at = L - 2  # the catch-up made every element true and kept the anchor's feature
+            orders = copy_steps.last_orders
+        else:
+            first = self.propose(context, k_chain, GenerationConfig(), None).tokens
+            out = chain_steps.run(context, m, eos_mask, eos_until, chain_fresh, cols=first)
+            self.take(chain_steps.last_cols, len(context) + sum(len(new) for _, new in out))
+            orders = chain_steps.last_orders
+        self.copying = self.next_copying(orders) if self.lookup_over else False
         return out
+
+    def next_copying(self, orders: list[int]) -> bool:
+        """Whether the next chunk runs copy steps: at least half of this one's steps matched (each
+        step's lookup match order, 0 for none)."""
+        return 2 * sum(o >= self.lookup_over for o in orders) >= len(orders)
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
@@ -265,6 +304,10 @@ class EagleDrafter(Drafter):
         if prepared is not None and prepared[0] == L:  # the verify step caught up and drafted
             self.done = L - 1
             return self._draft(prepared[1], k)
+        if self._anchor_at == L - 2 and self.tree is None:  # copy steps caught up: the chain from their anchor
+            self.done, self._anchor_at = L - 1, -1
+            anchor = torch.full((self.target.batch_size,), L - 2, device=self.target.device)
+            return self._draft(self._chain(self.anchor_feat, anchor, self.width)[0].flatten().tolist(), k)
         # Elements the last pass made true. One not in it (a step that proposed nothing, then
         # another) keeps a stale element: worse drafts there, never a wrong output.
         start = min(max(self.done, self.target.kept_hidden.start), L - 2)
@@ -290,3 +333,21 @@ class EagleDrafter(Drafter):
             return Draft(flat[:n], parents=flat[n:])
         top = [flat[d * self.width : (d + 1) * self.width] for d in range(k)]
         return Draft([row[0] for row in top]) if self.width == 1 else chain_with_siblings(top)
+
+
+class _CatchUp:
+    """eagle-ngram's copy steps' watching hook: inside each verify it writes the draft cache's
+    elements for the verified rows (EagleDrafter.draft_after's catch-up, no chain) and keeps the
+    accepted row's feature, the anchor of the chain that follows the copy steps."""
+
+    def __init__(self, drafter: EagleDrafter) -> None:
+        self.drafter = drafter
+        self.max_t = GRAPH_MAX_T
+
+    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
+                    tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (B, 0)
+        self.drafter.anchor_feat.copy_(self.drafter.catch_up(hidden, verdict, tokens, input_pos))
+        return tokens[:, :0]
+
+    def take(self, tokens: list[int], context_len: int) -> None:
+        pass
