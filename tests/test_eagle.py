@@ -302,42 +302,54 @@ def test_eagle_device_steps_are_the_host_steps(prompt_len: int) -> None:
     assert steps.stats.accepted_lengths[:n] == host.stats.accepted_lengths[:n]  # a random head: rejections (a trained one: below)
 
 
-def test_eagle_ngram_verifies_lookups_copy_after_a_match_and_the_chain_elsewhere() -> None:
-    """eagle-ngram: a step whose context ends in an n-gram seen before (n >= lookup_over; 1 here,
-    since a random tiny model seldom repeats itself longer) verifies prompt lookup's copy, every
-    other step EAGLE's chain, on the host and in device steps alike (step for step), and the output
-    is plain greedy's."""
+def test_eagle_ngram_verifies_lookups_copy_after_a_match_and_the_chain_elsewhere(monkeypatch) -> None:
+    """eagle-ngram: on the host, a step whose context ends in an n-gram seen before (n >= lookup_over;
+    1 here, since a random tiny model seldom repeats itself longer) verifies prompt lookup's copy,
+    every other step EAGLE's chain; in device steps a chunk runs copy steps (COPY_K wide) exactly
+    when at least half of the chunk before ended matched. Both give plain greedy's tokens."""
     from labkit.config import GenerationConfig
     from labkit.generate import Speculation, generate
-    from labkit.specdec.eagle_drafter import EagleDrafter
-    from labkit.specdec.lookup import lookup_reference, match_order
+    from labkit.specdec.eagle_drafter import COPY_K, EagleDrafter
+    from labkit.specdec.lookup import latest_match, lookup_reference
 
     engine = _engine()
     prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]  # copies to find, and stretches with none
-    cfg = GenerationConfig(max_new_tokens=48, stop_at_eos=False)
+    cfg = GenerationConfig(max_new_tokens=60, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
-    runs = {}
-    for device_steps in (False, True):
-        drafter = EagleDrafter(engine, random_head(), device_steps=device_steps, lookup_over=1)
-        runs[device_steps] = generate(engine, prompt, cfg, Speculation(drafter, 3))
-        assert runs[device_steps].tokens == want and drafter.name.endswith("+ngram1")
-    for out in runs.values():
-        kinds, at = [], 1  # the prefill made the first token
-        for draft, accepted in zip(out.stats.draft_tokens, out.stats.accepted_lengths, strict=True):
-            context = prompt + want[:at]
-            copy = match_order(context) >= 1
-            kinds.append(copy)
-            if copy:
-                assert draft == lookup_reference(context, len(draft)), (at, draft)
-            elif out is runs[False]:  # (device steps may run a chunk of copy steps: test below)
-                assert draft != lookup_reference(context, len(draft)), (at, draft)  # a random head's chain, not the repeated last token
-            at += accepted + 1
-        assert any(kinds) and not all(kinds)  # both kinds of step were met
-    host, steps = runs[False].stats, runs[True].stats
-    n = next(i for i, d in enumerate(host.draft_tokens) if len(d) < 3)
-    assert steps.draft_tokens[:n] == host.draft_tokens[:n] and n >= 8
+    host = generate(engine, prompt, cfg, Speculation(drafter := EagleDrafter(engine, random_head(), device_steps=False, lookup_over=1), 3))
+    assert host.tokens == want and drafter.name.endswith("+ngram1")
+    kinds, at = [], 1  # the prefill made the first token
+    for draft, accepted in zip(host.stats.draft_tokens, host.stats.accepted_lengths, strict=True):
+        context = prompt + want[:at]
+        kinds.append(latest_match(context, 3, 1) is not None)
+        if draft:  # (none at the budget's last token)
+            assert (draft == lookup_reference(context, len(draft))) == kinds[-1], (at, draft)  # else a random head's chain
+        at += accepted + 1
+    assert any(kinds) and not all(kinds)  # both kinds of step were met
     eagle = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=False), 3)).stats
-    assert host.draft_tokens != eagle.draft_tokens  # the copies changed what was verified
+    assert host.stats.draft_tokens != eagle.draft_tokens  # the copies changed what was verified
+
+    chunks = []  # (context, copy steps?, steps)
+    run_steps = EagleDrafter.run_steps
+
+    def logged(self, context, k, m, eos_mask, eos_until):
+        copying = self.copying
+        out = run_steps(self, context, k, m, eos_mask, eos_until)
+        chunks.append((list(context), copying, out))
+        return out
+
+    monkeypatch.setattr(EagleDrafter, "run_steps", logged)
+    steps = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=True, lookup_over=1), 3))
+    assert steps.tokens == want
+    for (context, copying, out), (_, copying_next, _) in zip(chunks, chunks[1:]):
+        ends, ctx = [], list(context)
+        for draft, new in out:
+            if copying:
+                assert len(draft) == COPY_K and draft == lookup_reference(ctx, COPY_K)
+            ctx += new
+            ends.append(latest_match(ctx, 3, 1) is not None)
+        assert copying_next == (2 * sum(ends) >= len(ends))
+    assert {c for _, c, _ in chunks} == {False, True}
 
 
 def test_eagle_ngram_settings_are_checked() -> None:
@@ -365,7 +377,7 @@ def test_eagle_ngram_copy_steps_keep_the_draft_cache_true(monkeypatch) -> None:
     prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]
     cfg = GenerationConfig(max_new_tokens=60, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
-    monkeypatch.setattr(EagleDrafter, "next_copying", lambda self, orders: not self.copying)
+    monkeypatch.setattr(EagleDrafter, "next_copying", lambda self, ends: not self.copying)
     chunks = []  # (context, copy steps?, steps)
     run_steps = EagleDrafter.run_steps
 
@@ -384,7 +396,7 @@ def test_eagle_ngram_copy_steps_keep_the_draft_cache_true(monkeypatch) -> None:
         ctx = list(context)
         for draft, new in out:
             if copying:
-                assert draft == lookup_reference(ctx, 3), (i, draft)
+                assert draft == lookup_reference(ctx, len(draft)), (i, draft)
             ctx += new
         if copying and i + 1 < len(chunks):  # the next chunk's first chain, against a fresh drafter's
             nxt = chunks[i + 1][0]

@@ -127,13 +127,12 @@ def lookup_draft(
     history: torch.Tensor,  # (Lh,) context tokens in [0, n_ctx), anything after
     n_ctx: torch.Tensor,  # (1,) context length, >= 1
     k: int,
-    order: torch.Tensor | None = None,  # (1,) long, written: the matched n-gram's length n (0: no match)
 ) -> torch.Tensor:  # (k,) the draft
     """Prompt lookup on the device: at the context's end the longest n-gram (n = 3, 2, 1) seen before,
     its latest occurrence, and the k tokens that followed it, repeating with the match's period
     where the copy runs into the context's end (the last token k times when nothing matches).
-    Fixed shapes and no host read, so it can be captured in a CUDA graph. The host twins are
-    specdec/lookup.lookup_reference and match_order."""
+    Fixed shapes and no host read, so it can be captured in a CUDA graph. The host twin is
+    specdec/lookup.lookup_reference."""
     Lh = history.shape[0]
     pos = torch.arange(Lh, device=history.device)  # (Lh,)
     # the context's last LOOKUP_MAX_N tokens (clamped in a short context: a match needs c - n >= 0 and c < n_ctx,
@@ -150,8 +149,6 @@ def lookup_draft(
     valid = (pos < n_ctx) & (score > 0)  # a token follows the match inside the context
     best = torch.where(valid, score * Lh + pos, -1).max()  # longest n, then latest occurrence
     c = torch.where(best >= 0, best % Lh, n_ctx[0] - 1)  # () continuation start
-    if order is not None:
-        order.copy_(torch.where(best >= 0, best // Lh, 0).view(1))
     q = n_ctx[0] - c  # () period
     return history.index_select(0, c + torch.arange(k, device=history.device) % q)  # (k,)
 

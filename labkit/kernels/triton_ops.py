@@ -105,8 +105,7 @@ def kv_append(cache: torch.Tensor, new: torch.Tensor, keep: torch.Tensor, start:
 
 
 @triton.jit
-def _lookup_draft_kernel(history_ptr, n_ctx_ptr, out_ptr, order_ptr, Lh, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                         WRITE_ORDER: tl.constexpr):
+def _lookup_draft_kernel(history_ptr, n_ctx_ptr, out_ptr, Lh, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program: the reference's three shifted comparisons and the max, a block of positions at
     a time over the context only (not the whole buffer), then the k-token gather."""
     L = tl.load(n_ctx_ptr)  # () int64
@@ -123,19 +122,16 @@ def _lookup_draft_kernel(history_ptr, n_ctx_ptr, out_ptr, order_ptr, Lh, K, BLOC
         score = m1.to(tl.int64) + m2.to(tl.int64) + m3.to(tl.int64)
         best = tl.maximum(best, tl.max(tl.where(m1, score * Lh + c, -1), axis=0))
     start = tl.where(best >= 0, best % Lh, L - 1)
-    if WRITE_ORDER:
-        tl.store(order_ptr, tl.where(best >= 0, best // Lh, 0))
     period = L - start
     j = tl.arange(0, BLOCK_K).to(tl.int64)
     ok = j < K
     tl.store(out_ptr + j, tl.load(history_ptr + start + j % period, mask=ok, other=0), mask=ok)
 
 
-def lookup_draft(history: torch.Tensor, n_ctx: torch.Tensor, k: int, order: torch.Tensor | None = None) -> torch.Tensor:
+def lookup_draft(history: torch.Tensor, n_ctx: torch.Tensor, k: int) -> torch.Tensor:
     """reference.lookup_draft (3-gram lookup) as one launch."""
     out = torch.empty(k, dtype=history.dtype, device=history.device)
-    _lookup_draft_kernel[(1,)](history, n_ctx, out, out if order is None else order, history.shape[0], k, BLOCK=1024,
-                               BLOCK_K=max(16, triton.next_power_of_2(k)), WRITE_ORDER=order is not None)
+    _lookup_draft_kernel[(1,)](history, n_ctx, out, history.shape[0], k, BLOCK=1024, BLOCK_K=max(16, triton.next_power_of_2(k)))
     return out
 
 

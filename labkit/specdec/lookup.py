@@ -39,16 +39,6 @@ def latest_match(context: list[int], max_n: int, min_n: int,
     return None
 
 
-def match_order(context: list[int], max_n: int = LOOKUP_MAX_N) -> int:
-    """The length n of the longest suffix of the context (max_n down to 1) that occurred earlier with
-    a token after it; 0 when none did. The host twin of lookup_draft's `order`."""
-    L = len(context)
-    for n in range(min(max_n, L - 1), 0, -1):
-        if scan_latest(context, tuple(context[L - n :])) is not None:
-            return n
-    return 0
-
-
 def lookup_reference(context: list[int], k: int) -> list[int]:
     """The draft the lookup_draft kernel makes (kernels/reference.py, triton_ops.py), computed on the
     host: n-grams of LOOKUP_MAX_N down to 1 tokens, always k tokens. Where the copy would run into

@@ -46,8 +46,6 @@ def greedy_step(
     accepted_log: torch.Tensor,  # (chunk,): entry step_idx gets the accepted count
     step_idx: torch.Tensor,  # (1,) advanced in place
     draft: torch.Tensor | None = None,  # (k,) the step's draft (a verify hook's, made by the step before); None: the lookup's
-    lookup_over: int = 0,  # > 0: the lookup's draft replaces `draft` where its match is an n-gram of at least this n
-    order: torch.Tensor | None = None,  # (1,) written with the lookup's match order where the step looks up
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # verdict (1, 2), feed (k+1,), input_pos (k+1,)
     """One speculative greedy step on the device (see the module docstring): three registry
     kernels around the verify pass. The engine's cache holds the context but its last token,
@@ -57,11 +55,7 @@ def greedy_step(
     device = history.device
     L = n_ctx  # (1,)
     if draft is None:
-        draft = registry.get("lookup_draft", device)(history, L, k, order)  # (k,)
-    elif lookup_over > 0:
-        order = torch.zeros(1, dtype=torch.long, device=device) if order is None else order  # (1,)
-        lookup = registry.get("lookup_draft", device)(history, L, k, order)  # (k,)
-        draft = torch.where(order >= lookup_over, lookup, draft)  # (k,)
+        draft = registry.get("lookup_draft", device)(history, L, k)  # (k,)
     feed = torch.cat([history.index_select(0, L - 1), draft])  # (k+1,): the last token, then the draft
     input_pos = L - 1 + torch.arange(k + 1, device=device)  # (k+1,) cache positions
     logits = step(feed[None], input_pos, None)  # (1, k+1, V)
@@ -78,13 +72,10 @@ class LookupSteps:
     With a verify `hook` (a drafter that drafts inside the verify: EAGLE chains), a step's draft is
     the first K of the `n_cols` columns the hook made from the step before (its `draft_after` on
     the pass's hidden states and verdict, on the device); the first step's come from the host.
-    With `lookup_over` > 0 as well, a step whose context ends in an n-gram of at least that n seen
-    before drafts the lookup's copy instead (eagle-ngram). A hook with no columns only watches: the
-    lookup drafts, and the hook sees each verify (eagle-ngram's copy steps keep EAGLE's cache so).
-    Each step logs the lookup's match order (0 where it did not look up) for the host's read."""
+    A hook with no columns only watches: the lookup drafts and the hook sees each verify
+    (eagle-ngram's copy steps keep EAGLE's draft cache true so, specdec/eagle_drafter.py)."""
 
-    def __init__(self, engine: Any, k: int, chunk: int = CHUNK, hook: VerifyHook | None = None, n_cols: int = 0,
-                 lookup_over: int = 0) -> None:
+    def __init__(self, engine: Any, k: int, chunk: int = CHUNK, hook: VerifyHook | None = None, n_cols: int = 0) -> None:
         max_len = engine.cache.max_len  # warm-ups write its last positions, past every request
         if engine.batch_size != 1:
             raise LabkitError("the n-gram graph drafter decodes batch 1")
@@ -99,21 +90,17 @@ class LookupSteps:
         self.step_idx = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
         self.drafts = torch.zeros(chunk, k, dtype=torch.long, device=device)  # (chunk, k)
         self.accepted = torch.zeros(chunk, dtype=torch.long, device=device)  # (chunk,)
-        self.order = torch.zeros(1, dtype=torch.long, device=device)  # (1,) the step's lookup match order
-        self.orders = torch.zeros(chunk, dtype=torch.long, device=device)  # (chunk,) ... logged per step
         if hook is not None and 0 < n_cols < k:
             raise LabkitError(f"a verify hook's {n_cols} columns cannot draft {k} tokens a step")
         self.cols = torch.zeros(n_cols, dtype=torch.long, device=device)  # (n_cols,) the hook's next draft
         self.last_cols: list[int] = []  # the hook's columns after the last run (host)
-        self.last_orders: list[int] = []  # each step's lookup match order in the last run (host)
         self.graph = None
         static = engine.static_step
 
         def body() -> None:
             draft = self.cols[:k] if n_cols else None
             verdict, feed, input_pos = greedy_step(static, self.history, self.n_ctx, self.eos_mask, self.eos_until, k,
-                                                   self.drafts, self.accepted, self.step_idx, draft, lookup_over, self.order)
-            self.orders.index_copy_(0, self.step_idx - 1, self.order)
+                                                   self.drafts, self.accepted, self.step_idx, draft)
             if hook is not None:  # the next step's draft, from this pass (none from a watching hook)
                 self.cols.copy_(hook.draft_after(engine.model.last_hidden, verdict, engine.model.lm_head, feed[None], input_pos)[0])
 
@@ -155,13 +142,13 @@ class LookupSteps:
                     self.graph.replay()
                 else:
                     self.body()
-        # one read: the context length, the tokens written, the drafts, the accepted counts, the match orders
+        # one read: the context length, the tokens written, the drafts and the accepted counts
         span = m * (k + 1)
-        back = torch.cat([self.n_ctx, self.history[L0 : L0 + span], self.drafts[:m].flatten(), self.accepted[:m], self.orders[:m],
-                          self.cols]).tolist()
+        back = torch.cat([self.n_ctx, self.history[L0 : L0 + span], self.drafts[:m].flatten(), self.accepted[:m], self.cols]).tolist()
         n_ctx, written = back[0], back[1 : 1 + span]
-        o = 1 + span + m * k
-        drafts, accepted, self.last_orders, self.last_cols = back[1 + span : o], back[o : o + m], back[o + m : o + 2 * m], back[o + 2 * m :]
+        drafts = back[1 + span : 1 + span + m * k]
+        accepted = back[1 + span + m * k : 1 + span + m * k + m]
+        self.last_cols = back[1 + span + m * k + m :]
         steps, at = [], 0
         for i, a in enumerate(accepted):
             steps.append((drafts[i * k : (i + 1) * k], written[at : at + a + 1]))
