@@ -341,7 +341,7 @@ def test_eagle_ngram_verifies_lookups_copy_after_a_match_and_the_chain_elsewhere
     monkeypatch.setattr(EagleDrafter, "run_steps", logged)
     steps = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=True, lookup_over=1), 3))
     assert steps.tokens == want
-    for (context, copying, out), (_, copying_next, _) in zip(chunks, chunks[1:]):
+    for (context, copying, out), (_, copying_next, _) in zip(chunks, chunks[1:], strict=False):
         ends, ctx = [], list(context)
         for draft, new in out:
             if copying:
