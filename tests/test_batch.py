@@ -215,7 +215,9 @@ def test_bench_batch_writes_rows_for_every_size_and_system(tiny_folder, tmp_path
     assert [m["batch"] for m in payload["speedup_model"]] == [1, 3] and all(m["verify_over_step"] > 0 for m in payload["speedup_model"])
     assert json.loads(next(tmp_path.glob("batch-cpu-*.json")).read_text())["benchmark"] == "batch"
     assert next(tmp_path.glob("batch-cpu-*.png")).stat().st_size > 1000  # the plot beside the results
-    assert len(batch_report(payload)) == 2 + len(rows) + 2 + 1
+    auto = [r for r in rows if r["system"] == "ngram-auto-2"]
+    assert all(sum(r["k_steps"].values()) > 0 and set(r["k_steps"]) <= {0, 1, 2} for r in auto)  # the timed run's own steps
+    assert len(batch_report(payload)) == 2 + len(rows) + len(auto) + 2 + 1
 
 
 def test_crossover_is_the_first_size_where_speculation_stops_paying() -> None:

@@ -245,6 +245,28 @@ def test_cuda_eagle_drafts_inside_the_captured_verify(layer_kernels: str) -> Non
 
 
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
+def test_cuda_eagle_ngram_copy_and_chain_steps_run_captured(layer_kernels: str, monkeypatch) -> None:
+    """eagle-ngram's device steps on CUDA graphs, chunks of copy and chain steps in turn: plain
+    greedy's tokens, both kinds captured, and the chain after copy steps the one a fresh drafter
+    makes from the whole context (fp32)."""
+    from labkit.generate import Speculation
+    from labkit.specdec.eagle_drafter import EagleDrafter
+    from tests.test_eagle import random_head
+
+    hf = tiny_hf_model("llama", seed=4).cuda()
+    engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, layer_kernels=layer_kernels)
+    monkeypatch.setattr(EagleDrafter, "next_copying", lambda self, ends: not self.copying)
+    prompt, cfg = [5, 6, 7, 8, 9, 10, 11] * 3 + list(range(40, 60)), GenerationConfig(max_new_tokens=80, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    drafter = EagleDrafter(engine, random_head(depth=4), lookup_over=3)
+    got = generate(engine, prompt, cfg, Speculation(drafter, 4))
+    assert got.tokens == want and engine.graphs_safe
+    kinds = {key[0] for key in engine.graphs.keys()}
+    assert {"eagle-steps", "eagle-copy-steps"} <= kinds
+    assert any(len(d) == 8 for d in got.stats.draft_tokens) and any(len(d) == 4 for d in got.stats.draft_tokens)
+
+
+@pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_token_trees_run_captured_and_stay_lossless(layer_kernels: str, dtype: str) -> None:
     """Token trees verified as captured graphs (one per shape; the fused layers' tree mask, or the

@@ -74,6 +74,14 @@ class BatchKController:
             return k
         return best
 
+    def steps_by_k(self) -> dict[int, int]:
+        """Steps taken with each K so far, every bucket together."""
+        out: dict[int, int] = {}
+        for stats in self.buckets.values():
+            for k, n in stats.tries.items():
+                out[k] = out.get(k, 0) + n
+        return out
+
     def best(self, bucket: int) -> int:
         return max(self.candidates, key=self.buckets[bucket].rate)
 

@@ -7,7 +7,10 @@ Systems, each at every batch size B (the systems take turns at each size):
 - ngram-K (with --drafter ngram): every row drafts up to K tokens by prompt lookup and all rows are
   verified in one batched pass (one K for the batch);
 - ngram-auto-K: the same with K chosen per step from 0, K/2 and K by measured throughput, per rows
-  bucket (batch/controller.py): plain steps where drafting stops paying.
+  bucket (batch/controller.py): plain steps where drafting stops paying. One controller serves the
+  system at every size, as a server's lives across its load, and runs one untimed pass at each size
+  first (its warm-up: a few steps of every K per rows bucket); the share of steps it gave each K is
+  reported (`k_steps`), so the best K's move with the batch size can be read off.
 
 Each run sends `requests_per_slot` x B prompts from the suite through B slots, greedy, EOS blocked
 until max_new_tokens, so every request has the same length. Per run: aggregate output tok/s
@@ -89,9 +92,9 @@ def _systems(cfg: BatchBenchConfig) -> list[System]:
     return out
 
 
-def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig) -> tuple[list[BatchRequest], float, float]:
-    batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if system.k else None, system.k,
-                                BatchKController(system.k) if system.auto else None)
+def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig,
+         controller: BatchKController | None = None) -> tuple[list[BatchRequest], float, float]:
+    batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if system.k else None, system.k, controller)
     t0 = time.perf_counter()
     requests = [batcher.submit(p, gen) for p in prompts]
     batcher.run()
@@ -177,17 +180,24 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     for (s, _), batch in batches.items():  # every step shape captured before anything is timed
         batch.capture_graphs(list(range(1, s.k + 2)))
     own = {}
+    controllers = {s: BatchKController(s.k) for s in _systems(cfg) if s.auto}  # one per system, across sizes
     for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens
         requests, _, _ = _run(batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant)),
-                              s, prompts, gen)
+                              s, prompts, gen, controllers.get(s))
         own[s] = [r.tokens for r in requests]
         bar.update(len(prompts))
     rows, costs = [], {}
     for size in sizes:
         for s in _systems(cfg):
             n = size * cfg.requests_per_slot
-            requests, wall, mean_rows = _run(batches[(s, size)], s, prompts[:n], gen)
+            ctl = controllers.get(s)
+            if ctl is not None:  # its warm-up at this size, untimed
+                _run(batches[(s, size)], s, prompts[:n], gen, ctl)
+            before = ctl.steps_by_k() if ctl is not None else {}
+            requests, wall, mean_rows = _run(batches[(s, size)], s, prompts[:n], gen, ctl)
             row = _row(s, size, requests, wall, mean_rows, plain[:n], own[s][:n])
+            if ctl is not None:
+                row["k_steps"] = {k: v - before.get(k, 0) for k, v in ctl.steps_by_k().items()}
             rows.append(row)
             bar.update()
             if log:
@@ -218,6 +228,10 @@ def batch_report(payload: dict[str, Any]) -> list[str]:
     for r in payload["summary"]:
         out.append(f"{r['system']:<16} {r['batch']:>5} {r['aggregate_tok_per_s']:>16.1f} {r['per_request_tok_per_s']:>12.1f} "
                    f"{r['itl_ms_p50']:>8.1f} {r['ttft_ms_p50']:>8.1f} {r['tau']:>5.2f} {r['identical_to_batch_1']:>9.0%} {r['identical_to_own_batch_1']:>8.0%}")
+    for r in payload["summary"]:
+        if r.get("k_steps"):
+            total = sum(r["k_steps"].values()) or 1
+            out.append(f"{r['system']} at batch {r['batch']}: steps with K " + ", ".join(f"{k}: {v / total:.0%}" for k, v in sorted(r["k_steps"].items(), key=lambda kv: int(kv[0]))))
     for m in payload["speedup_model"]:
         out.append(f"batch {m['batch']:>3}: speculation measured {m['measured_speedup']:.2f}x plain, model {m['predicted_speedup']:.2f}x "
                    f"(tau {m['tau']:.2f}, verify / step {m['verify_over_step']:.2f})")
