@@ -255,7 +255,7 @@ def test_cuda_eagle_ngram_copy_and_chain_steps_run_captured(layer_kernels: str, 
 
     hf = tiny_hf_model("llama", seed=4).cuda()
     engine = Engine.from_hf(hf, "cuda", "float32", cuda_graph=True, layer_kernels=layer_kernels)
-    monkeypatch.setattr(EagleDrafter, "next_copying", lambda self, ends: not self.copying)
+    monkeypatch.setattr(EagleDrafter, "next_copying", lambda self, *chunk: not self.copying)
     prompt, cfg = [5, 6, 7, 8, 9, 10, 11] * 3 + list(range(40, 60)), GenerationConfig(max_new_tokens=80, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
     drafter = EagleDrafter(engine, random_head(depth=4), lookup_over=3)

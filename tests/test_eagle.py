@@ -305,8 +305,8 @@ def test_eagle_device_steps_are_the_host_steps(prompt_len: int) -> None:
 def test_eagle_ngram_verifies_lookups_copy_after_a_match_and_the_chain_elsewhere(monkeypatch) -> None:
     """eagle-ngram: on the host, a step whose context ends in an n-gram seen before (n >= lookup_over;
     1 here, since a random tiny model seldom repeats itself longer) verifies prompt lookup's copy,
-    every other step EAGLE's chain; in device steps a chunk runs copy steps (COPY_K wide) exactly
-    when at least half of the chunk before ended matched. Both give plain greedy's tokens."""
+    every other step EAGLE's chain; in device steps chunks of copy steps (lookup's COPY_K-token
+    drafts) come where they rate faster (test_copy_or_chain.py). Both give plain greedy's tokens."""
     from labkit.config import GenerationConfig
     from labkit.generate import Speculation, generate
     from labkit.specdec.eagle_drafter import COPY_K, EagleDrafter
@@ -341,14 +341,12 @@ def test_eagle_ngram_verifies_lookups_copy_after_a_match_and_the_chain_elsewhere
     monkeypatch.setattr(EagleDrafter, "run_steps", logged)
     steps = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=True, lookup_over=1), 3))
     assert steps.tokens == want
-    for (context, copying, out), (_, copying_next, _) in zip(chunks, chunks[1:], strict=False):
-        ends, ctx = [], list(context)
+    for context, copying, out in chunks:
+        ctx = list(context)
         for draft, new in out:
             if copying:
                 assert len(draft) == COPY_K and draft == lookup_reference(ctx, COPY_K)
             ctx += new
-            ends.append(latest_match(ctx, 3, 1) is not None)
-        assert copying_next == (2 * sum(ends) >= len(ends))
     assert {c for _, c, _ in chunks} == {False, True}
 
 
@@ -377,7 +375,7 @@ def test_eagle_ngram_copy_steps_keep_the_draft_cache_true(monkeypatch) -> None:
     prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]
     cfg = GenerationConfig(max_new_tokens=60, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
-    monkeypatch.setattr(EagleDrafter, "next_copying", lambda self, ends: not self.copying)
+    monkeypatch.setattr(EagleDrafter, "next_copying", lambda self, *chunk: not self.copying)
     chunks = []  # (context, copy steps?, steps)
     run_steps = EagleDrafter.run_steps
 

@@ -19,15 +19,16 @@ greedy steps per host read, each verifying the chain the step before drafted ins
 eagle-ngram (`lookup_over` n > 0): where the context ends in an n-gram of at least n tokens seen
 before, prompt lookup's copy (specdec/lookup.py) is verified instead of the chain: copying is what
 the head drafts worst (a RAG answer, a summary, a translation quoting its source) and what lookup
-drafts best, at a third of a chain step's draft cost. The verify keeps it lossless whichever it
-takes. On the host the rule is per step; device steps take it per chunk (a graph replays one kind
-of step): after a chunk whose step ends mostly matched, the next runs copy steps (lookup's drafts,
-at least COPY_K wide, and one draft-layer pass inside each verify that keeps the draft cache true),
-else chain steps, which then cost what eagle's do.
+drafts best. The verify keeps it lossless whichever it takes. On the host the rule is per step;
+device steps choose per chunk (a graph replays one kind of step) between chain steps, which cost
+what eagle's do, and copy steps (lookup's drafts, at least COPY_K wide, and one draft-layer pass
+inside each verify that keeps the draft cache true), by their measured rates
+(specdec/copy_or_chain.py).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -38,12 +39,12 @@ from labkit.errors import LabkitError
 from labkit.graphs import GRAPH_MAX_T
 from labkit.kernels.reference import LOOKUP_MAX_N
 from labkit.models.kvcache import COUNTER_ROWS, KVCache, TreeAttention
+from labkit.specdec.copy_or_chain import CopyOrChain
 from labkit.specdec.draft import Draft, Drafter, Step
 from labkit.specdec.eagle import EagleHead, draft_head_weight
 from labkit.specdec.eagle_tree import DynamicTreeConfig, dynamic_tree
 from labkit.specdec.lookup import lookup_reference
 from labkit.specdec.lookup_steps import CHUNK, LookupSteps
-from labkit.specdec.ngram import NgramDrafter
 from labkit.specdec.tree import TokenTree
 
 COPY_K = 8  # eagle-ngram's copy steps draft at least this many tokens (lookup's best K on the H200 suite)
@@ -143,7 +144,7 @@ class EagleDrafter(Drafter):
         self._anchor_at = -1  # a copy step's catch-up left the feature at this position in anchor_feat
         self.anchor_feat = torch.zeros(target.batch_size, head.dims.dim, dtype=self.dtype, device=target.device)  # (B, D)
         self._watch = _CatchUp(self)
-        self._matches = NgramDrafter(max_n=LOOKUP_MAX_N, min_n=max(1, lookup_over))  # its index: does a context end in a match?
+        self._choice = CopyOrChain(max(1, lookup_over))  # copy or chain steps, per chunk
         if (target.cuda_graph if device_steps is None else device_steps) and width == 1 and tree is None:
             self.device_steps = self
         self._steps_used: set[tuple[int, bool]] = set()  # (width, copy steps?) whose device steps ran in this request
@@ -202,7 +203,7 @@ class EagleDrafter(Drafter):
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         self.done, self._prepared, self._steps_used = 0, None, set()
         self.copying, self._anchor_at = False, -1
-        self._matches.start(prompt_ids, capacity)
+        self._choice.start(prompt_ids, capacity)
         self._cache(self.target.batch_size)  # the target's cache may have grown since
         if self._triton and not self._warm:
             self._warm_up()
@@ -270,13 +271,14 @@ class EagleDrafter(Drafter):
         """m greedy steps on the device per host read (DeviceSteps): each step verifies the chain
         the step before drafted inside its verify (LookupSteps with this drafter as its hook), the
         first the host's draft; the last step's chain is kept for the next proposal. eagle-ngram
-        runs copy steps instead after a chunk whose steps mostly matched (module docstring)."""
+        runs copy steps instead where they rate faster (module docstring)."""
         k_chain, k_copy = min(k, self.depth), max(k, COPY_K)
         if len(context) - 1 + m * (k_copy + 1) > self.target.max_seq_len:  # near the cache's end: copy steps as wide as asked
             k_copy = k
         if self.lookup_over:  # both kinds captured on the first chunk, before either is needed mid-request
             copy_steps, copy_fresh = self._steps(k_copy, copy=True)
         chain_steps, chain_fresh = self._steps(k_chain, copy=False)
+        t0 = time.perf_counter()
         if self.lookup_over and self.copying:
             out = copy_steps.run(context, m, eos_mask, eos_until, copy_fresh)
             self._anchor_at = len(context) + sum(len(new) for _, new in out) - 2  # the catch-up kept the anchor's feature
@@ -285,26 +287,17 @@ class EagleDrafter(Drafter):
             out = chain_steps.run(context, m, eos_mask, eos_until, chain_fresh, cols=first)
             self.take(chain_steps.last_cols, len(context) + sum(len(new) for _, new in out))
         if self.lookup_over:
-            ends, ctx = [], list(context)
-            for _, new in out:
-                ctx += new
-                ends.append(self.matched(ctx))
-            self.copying = self.next_copying(ends)
+            self.copying = self.next_copying(context, out, time.perf_counter() - t0, k_copy)
         return out
 
-    def matched(self, context: list[int]) -> bool:
-        """Whether the context ends in an n-gram of at least lookup_over tokens seen before (with a
-        token after it): lookup's rule, by the host index's O(new tokens) update."""
-        return bool(self._matches.propose(context, 1, GenerationConfig(), None).tokens)
-
-    def next_copying(self, ends: list[bool]) -> bool:
-        """Whether the next chunk runs copy steps: at least half of this one's step ends matched."""
-        return 2 * sum(ends) >= len(ends)
+    def next_copying(self, context: list[int], steps: list[Step], seconds: float, k_copy: int) -> bool:
+        """Whether the next chunk runs copy steps, after this one's steps from `context`."""
+        return self._choice.after_chunk(context, steps, self.copying, seconds, k_copy)
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
         draft = self._propose(context, k)  # the chain, made even where the copy is taken: its cache stays true
-        if self.lookup_over and self.matched(context):
+        if self.lookup_over and self._choice.lookup(context, 1):  # the context ends in a match
             return Draft(lookup_reference(context, min(k, self.depth)))
         return draft
 
