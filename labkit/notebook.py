@@ -19,6 +19,18 @@ def repo_root() -> Path | None:
     return here if (here / "pyproject.toml").is_file() else None
 
 
+def int_list(value: Any, name: str) -> list[int]:
+    """A parameters cell's list of whole numbers: "4,8", 8 (papermill passes `-p ks 8` as an int)
+    or [4, 8]; anything else is one clear error."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        return [int(str(x).strip()) for x in items if str(x).strip()]
+    except ValueError:
+        from labkit.errors import LabkitError
+
+        raise LabkitError(f"{name} takes whole numbers separated by commas, got {value!r}") from None
+
+
 def results_dir(output_dir: str, phase: str) -> Path:
     """`output_dir/phase`, made and checked: call it before measuring, as a dirty checkout is
     refused for results that could be committed (LABKIT_ALLOW_DIRTY=1 lets them through).

@@ -34,3 +34,17 @@ def test_slider_plot_redraws_the_chosen_item_and_carries_a_png():
 def test_slider_plot_refuses_no_items():
     with pytest.raises(ValueError, match="at least one item"):
         SliderPlot([], lambda item, ax: None)
+
+
+def test_number_lists_from_a_parameters_cell_take_what_papermill_passes() -> None:
+    """`-p ks 8` reaches a notebook as the int 8, `-p ks 4,8` as a string: both are lists; a word
+    among the numbers is one clear error."""
+    import pytest
+
+    from labkit.errors import LabkitError
+    from labkit.notebook import int_list
+
+    assert int_list("4, 8", "ks") == [4, 8] and int_list(8, "ks") == [8] and int_list([4, "8"], "ks") == [4, 8]
+    assert int_list("", "ks") == [] and int_list("5,", "ks") == [5]
+    with pytest.raises(LabkitError, match="ks takes whole numbers"):
+        int_list("4,x", "ks")
