@@ -175,15 +175,18 @@ class ContinuousBatcher:
         self.steps += 1
         self.rows_stepped += len(self.rows)
         greedy = self._greedy(self.rows, logits)  # (n, T)
+        kept_rows = []  # each row's accepted drafts
         for slot, (request, feed, row) in enumerate(zip(self.rows, feeds, greedy, strict=True)):
             kept = self._take(request, row, feed[1:])
+            kept_rows.append(kept)
             request.drafted, request.accepted, request.verify_steps = request.drafted + len(feed) - 1, request.accepted + kept, request.verify_steps + 1
             if self.k:
                 request.draft_tokens.append(feed[1:])
                 request.accepted_lengths.append(kept)
             self.batch.rollback(slot, starts[slot] + 1 + kept)
         if self.controller:
-            self.controller.observe(bucket(len(self.rows)), k_step, sum(len(r.tokens) for r in self.rows) - before, time.perf_counter() - t0)
+            self.controller.observe(bucket(len(self.rows)), k_step, sum(len(r.tokens) for r in self.rows) - before, time.perf_counter() - t0,
+                                    kept_rows)
         self._leave()
 
     def cancel(self, request: BatchRequest) -> None:
