@@ -302,6 +302,23 @@ def test_eagle_device_steps_are_the_host_steps(prompt_len: int) -> None:
     assert steps.stats.accepted_lengths[:n] == host.stats.accepted_lengths[:n]  # a random head: rejections (a trained one: below)
 
 
+def log_chunks(monkeypatch) -> list:
+    """Every chunk EagleDrafter's device steps run from now: (context, copy steps?, its steps)."""
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    chunks = []
+    run_steps = EagleDrafter.run_steps
+
+    def logged(self, context, k, m, eos_mask, eos_until):
+        copying = self.copying
+        out = run_steps(self, context, k, m, eos_mask, eos_until)
+        chunks.append((list(context), copying, out))
+        return out
+
+    monkeypatch.setattr(EagleDrafter, "run_steps", logged)
+    return chunks
+
+
 def test_eagle_ngram_verifies_lookups_copy_after_a_match_and_the_chain_elsewhere(monkeypatch) -> None:
     """eagle-ngram: on the host, a step whose context ends in an n-gram seen before (n >= lookup_over;
     1 here, since a random tiny model seldom repeats itself longer) verifies prompt lookup's copy,
@@ -329,16 +346,7 @@ def test_eagle_ngram_verifies_lookups_copy_after_a_match_and_the_chain_elsewhere
     eagle = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=False), 3)).stats
     assert host.stats.draft_tokens != eagle.draft_tokens  # the copies changed what was verified
 
-    chunks = []  # (context, copy steps?, steps)
-    run_steps = EagleDrafter.run_steps
-
-    def logged(self, context, k, m, eos_mask, eos_until):
-        copying = self.copying
-        out = run_steps(self, context, k, m, eos_mask, eos_until)
-        chunks.append((list(context), copying, out))
-        return out
-
-    monkeypatch.setattr(EagleDrafter, "run_steps", logged)
+    chunks = log_chunks(monkeypatch)
     steps = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=True, lookup_over=1), 3))
     assert steps.tokens == want
     for context, copying, out in chunks:
@@ -376,16 +384,7 @@ def test_eagle_ngram_copy_steps_keep_the_draft_cache_true(monkeypatch) -> None:
     cfg = GenerationConfig(max_new_tokens=60, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
     monkeypatch.setattr(EagleDrafter, "next_copying", lambda self, *chunk: not self.copying)
-    chunks = []  # (context, copy steps?, steps)
-    run_steps = EagleDrafter.run_steps
-
-    def logged(self, context, k, m, eos_mask, eos_until):
-        copying = self.copying
-        out = run_steps(self, context, k, m, eos_mask, eos_until)
-        chunks.append((list(context), copying, out))
-        return out
-
-    monkeypatch.setattr(EagleDrafter, "run_steps", logged)
+    chunks = log_chunks(monkeypatch)
     got = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=True, lookup_over=3), 3))
     assert got.tokens == want
     assert [c for _, c, _ in chunks][:4] == [False, True, False, True]
