@@ -16,7 +16,7 @@ from labkit.cli_args import Parser, _csv, _engine_args, _ints, _model_args, _res
 from labkit.cli_bench import add_bench_parser, cmd_bench
 from labkit.cli_generate import add_generate_parser, cmd_generate
 from labkit.cli_serve import add_serve_parser
-from labkit.config import resolve_device, resolve_dtype
+from labkit.config import DRAFTERS, resolve_device, resolve_dtype
 from labkit.errors import LabkitError
 from labkit.specdec.policies import TYPICAL_ALPHA, TYPICAL_THRESHOLD
 
@@ -27,9 +27,10 @@ def add_sweep_parser(sub: Any) -> None:
     sw.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     _engine_args(sw)
     sw.add_argument("--drafter", type=_csv, default=None,
-                    help="comma list of ngram, ngram-graph, layerskip, truncated, model, heads (default: ngram, or model with --draft-model)")
+                    help=f"comma list of {', '.join(DRAFTERS)} (default: ngram, or model with --draft-model)")
     sw.add_argument("--draft-model", default=None)
-    sw.add_argument("--heads", default=None, metavar="FOLDER", help="draft heads for the heads drafter (python -m labkit heads train)")
+    sw.add_argument("--heads", default=None, metavar="FOLDER",
+                    help="draft heads or an EAGLE head for the heads and eagle drafters (python -m labkit heads train [--kind eagle])")
     sw.add_argument("--layers", type=int, default=None, help="layer-skip / truncated depth (default: a third of the target)")
     sw.add_argument("--k", type=_csv, default=["1", "2", "4", "8"])
     sw.add_argument("--max-tokens", type=int, default=64)
