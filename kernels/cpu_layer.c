@@ -54,25 +54,27 @@ static void rms_norm(const float *x, const float *w, float eps, int64_t M, int64
 /* scratch: M * (dim + (nh + 2 nkv) D) floats. cos, sin: (S_rope, D) tables, sin's first half
  * negated, so rotate_half(x) * sin == roll(x, D/2) * sin. Caches: (nkv, S, D). q_out: (M, nh, D).
  * Row t is written at cache slot pos[t] and rotated by rope_pos[t] (a token tree's depth), or by
- * pos[t] when rope_pos is NULL. */
+ * pos[t] when rope_pos is NULL. Batched rows: row t belongs to batch row t / T (T rows each), whose
+ * cache is the (nkv, S, D) block after the previous rows'; T = M is one batch row. */
 void norm_qkv_rope(const float *x, int64_t M, int64_t dim, const float *norm_w, float eps, const block_weight *w,
                    const float *cos_t, const float *sin_t, const int64_t *pos, float *k_cache, float *v_cache,
-                   int64_t S, int64_t nh, int64_t nkv, int64_t D, float *q_out, float *scratch, const int64_t *rope_pos) {
+                   int64_t S, int64_t nh, int64_t nkv, int64_t D, float *q_out, float *scratch, const int64_t *rope_pos,
+                   int64_t T) {
     float *h = scratch, *qkv = scratch + M * dim;
     rms_norm(x, norm_w, eps, M, dim, h);
     linear(w, h, M, qkv);
     const int64_t width = (nh + 2 * nkv) * D, half = D / 2;
     for (int64_t t = 0; t < M; t++) {
-        const int64_t r = rope_pos ? rope_pos[t] : pos[t];
+        const int64_t r = rope_pos ? rope_pos[t] : pos[t], row = (t / T) * nkv * S * D;
         const float *c = cos_t + r * D, *s = sin_t + r * D;
         for (int64_t head = 0; head < nh + nkv; head++) {
             const float *src = qkv + t * width + head * D;
-            float *dst = head < nh ? q_out + (t * nh + head) * D : k_cache + ((head - nh) * S + pos[t]) * D;
+            float *dst = head < nh ? q_out + (t * nh + head) * D : k_cache + row + ((head - nh) * S + pos[t]) * D;
             for (int64_t j = 0; j < D; j++) dst[j] = src[j] * c[j] + src[(j + half) % D] * s[j];
         }
         for (int64_t kv = 0; kv < nkv; kv++) {
             const float *src = qkv + t * width + (nh + nkv + kv) * D;
-            float *dst = v_cache + (kv * S + pos[t]) * D;
+            float *dst = v_cache + row + (kv * S + pos[t]) * D;
             for (int64_t j = 0; j < D; j++) dst[j] = src[j];
         }
     }
@@ -100,18 +102,20 @@ static float dot8(const float *a, const float *b, int64_t D) {
 
 /* q: (M, nh, D); out: (M, nh*D). Row t sees keys lo..pos[t], lo = pos[t] - window + 1 with a
  * window, else 0; with a token tree (tree_mask (M, n_tree) int8, else NULL) of those in the
- * tree's slots tree_base..tree_base+n_tree-1 only the ones its mask row allows.
+ * tree's slots tree_base..tree_base+n_tree-1 only the ones its mask row allows. Row t reads the
+ * cache of batch row t / T (norm_qkv_rope's rule).
  * scratch: M * nh * S floats (each (row, head) its scores). */
 void attention(const float *q, int64_t M, const float *k_cache, const float *v_cache, int64_t S, const int64_t *pos,
                int64_t nh, int64_t nkv, int64_t D, float scale, int64_t window, float *out, float *scratch,
-               const int8_t *tree_mask, int64_t tree_base, int64_t n_tree) {
+               const int8_t *tree_mask, int64_t tree_base, int64_t n_tree, int64_t T) {
     const int64_t group = nh / nkv;
     #pragma omp parallel for schedule(static)
     for (int64_t item = 0; item < M * nh; item++) {
         const int64_t t = item / nh, head = item % nh, kv = head / group;
         const int64_t hi = pos[t], lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
         const float *qr = q + item * D;
-        const float *kc = k_cache + kv * S * D, *vc = v_cache + kv * S * D;
+        const int64_t row = (t / T) * nkv * S * D;
+        const float *kc = k_cache + row + kv * S * D, *vc = v_cache + row + kv * S * D;
         float *p = scratch + item * S;
         const int8_t *allowed = tree_mask ? tree_mask + t * n_tree : NULL;
         float mx = -INFINITY;
@@ -188,8 +192,8 @@ int decode_layers(float *x, int64_t M, int64_t dim, const layer_weights *layers,
     for (int64_t l = 0; l < n_layers; l++) {
         const layer_weights *L = layers + l;
         norm_qkv_rope(x, M, dim, L->attn_norm, eps, &L->qkv, cos_t, sin_t, pos, L->k_cache, L->v_cache, S, nh, nkv, D, q,
-                      qkv_scratch, rope_pos);
-        attention(q, M, L->k_cache, L->v_cache, S, pos, nh, nkv, D, scale, window, y, scores, tree_mask, tree_base, n_tree);
+                      qkv_scratch, rope_pos, M);
+        attention(q, M, L->k_cache, L->v_cache, S, pos, nh, nkv, D, scale, window, y, scores, tree_mask, tree_base, n_tree, M);
         linear_residual(y, M, &L->o, x, tmp);  /* tmp = x + W_o y, as the five-call path computes it */
         norm_gate_up(tmp, M, dim, L->mlp_norm, eps, &L->gate_up, y, mlp_scratch);  /* y: silu(gate) * up, (M, hidden) */
         linear_residual(y, M, &L->down, tmp, x);  /* x = tmp + W_down y */

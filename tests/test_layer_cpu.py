@@ -155,3 +155,38 @@ def test_the_operations_refuse_what_they_cannot_run() -> None:
     assert "batch 1" in cpu_layers_unusable(engine.model, 2)
     with pytest.raises(Exception, match="no blocks"):
         engine.model.layer_ops.linear_residual(torch.randn(1, 128), torch.randn(128, 128), None, torch.randn(1, 128))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_batched_rows_run_the_cpu_operations_with_batch_1_bits(arch: str) -> None:
+    """Continuous batching over an engine on GGUF blocks: the batched steps run the C operations
+    (rows at their own positions, each in its own cache row; joining prompts prefilled together),
+    and every request's greedy tokens, plain and speculative, are its batch-1 tokens."""
+    from labkit.batch.engine import BatchConfig, BatchEngine
+    from labkit.batch.scheduler import ContinuousBatcher
+    from labkit.specdec.drafters import NgramDrafter
+
+    engine = block_engine(arch, seed=2)
+    gen = torch.Generator().manual_seed(4)
+    asks = [torch.randint(3, 96, (n,), generator=gen).tolist() for n in (5, 23, 40, 9, 31)]
+    asks = [p + p[:8] for p in asks]  # something for prompt lookup to find
+    cfg = GenerationConfig(max_new_tokens=20, stop_at_eos=False)
+    want = [generate(engine, p, cfg).tokens for p in asks]
+    ops = engine.model.layer_ops
+    rows_seen: list[int] = []
+    attention = ops.decode_attention
+
+    def spy(q, k_cache, *args, **kwargs):
+        rows_seen.append(k_cache.shape[0])
+        return attention(q, k_cache, *args, **kwargs)
+
+    ops.decode_attention = spy
+    try:
+        for drafter, k in ((None, 0), (lambda: NgramDrafter(3, 1), 3)):
+            batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128)), drafter, k)
+            got = [batcher.submit(p, cfg) for p in asks]
+            batcher.run()
+            assert [r.tokens for r in got] == want, k
+    finally:
+        del ops.decode_attention
+    assert max(rows_seen) == 3  # three slots stepped together through the C attention

@@ -4,7 +4,8 @@ reference layer_reference.py, so `LlamaBlock.forward_fused` runs either.
 
 The operations receive a linear layer's dense weight, as the others do; this op set finds that
 layer's blocks by the weight's storage (`CpuLayerOps(model)` indexes every QuantLinear of the
-model once). fp32, batch 1: rows are the step's tokens.
+model once). fp32; rows are the step's tokens, of one batch row or of several, each at its own
+positions in its own cache row (batched steps); a whole stack in one call runs batch 1.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _bind(lib: ctypes.CDLL) -> None:
     w = ctypes.POINTER(BlockWeight)
-    lib.norm_qkv_rope.argtypes = [_p, _i64, _i64, _p, _f32, w, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p]
-    lib.attention.argtypes = [_p, _i64, _p, _p, _i64, _p, _i64, _i64, _i64, _f32, _i64, _p, _p, _p, _i64, _i64]
+    lib.norm_qkv_rope.argtypes = [_p, _i64, _i64, _p, _f32, w, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _i64]
+    lib.attention.argtypes = [_p, _i64, _p, _p, _i64, _p, _i64, _i64, _i64, _f32, _i64, _p, _p, _p, _i64, _i64, _i64]
     lib.linear_residual.argtypes = [_p, _i64, w, _p, _p]
     lib.norm_gate_up.argtypes = [_p, _i64, _i64, _p, _f32, w, _p, _p]
     lib.norm_head.argtypes = [_p, _i64, _i64, _p, _f32, w, _p, _p]
@@ -72,7 +73,7 @@ class CpuLayerOps:
     """The op set over one model's block-weight linears (engine_choices.cpu_layers_unusable says when it applies)."""
 
     name = "cpu"
-    ROW_POSITIONS = False  # one set of positions for every batch row (batched steps take the PyTorch layers)
+    ROW_POSITIONS = True  # batch rows at their own positions, each in its own cache row (batch/engine.py)
     TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention
     STACKS = True  # decode_layers: a whole stack of layers in one call
 
@@ -112,32 +113,42 @@ class CpuLayerOps:
 
     def norm_qkv_rope(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, bias: torch.Tensor | None,
                       cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      n_heads: int, rope_pos: torch.Tensor | None = None) -> torch.Tensor:  # x (M, dim), caches (1, NKV, S, D) → q (M, NH, D)
+                      n_heads: int, rope_pos: torch.Tensor | None = None) -> torch.Tensor:  # x (M, dim), caches (B, NKV, S, D) → q (M, NH, D)
+        """Rows are B batch rows of M / B tokens each, row b's written into cache row b at
+        input_pos (T,) for all of them, or (B, T) each at its own (batch/engine.py)."""
         B, nkv, S, D = k_cache.shape
         M, dim = x.shape
-        if B != 1:
-            raise LabkitError("the CPU layer operations decode batch 1")
-        self._check(x, norm_w, cos, sin, input_pos, k_cache, v_cache, *([] if rope_pos is None else [rope_pos]))
+        pos = self._row_positions(input_pos, B, M)
+        self._check(x, norm_w, cos, sin, pos, k_cache, v_cache, *([] if rope_pos is None else [rope_pos]))
+        if B > 1 and rope_pos is not None:
+            raise LabkitError("the CPU layer operations take token trees at batch 1")
         q = torch.empty(M, n_heads, D)
         scratch = torch.empty(M * (dim + (n_heads + 2 * nkv) * D))
         self.lib.norm_qkv_rope(x.data_ptr(), M, dim, norm_w.data_ptr(), eps, self._weight(w, bias), cos.data_ptr(), sin.data_ptr(),
-                               input_pos.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), S, n_heads, nkv, D, q.data_ptr(), scratch.data_ptr(),
-                               _ptr(rope_pos))
+                               pos.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), S, n_heads, nkv, D, q.data_ptr(), scratch.data_ptr(),
+                               _ptr(rope_pos), M // B)
         return q
+
+    @staticmethod
+    def _row_positions(input_pos: torch.Tensor, B: int, M: int) -> torch.Tensor:  # -> (M,) each row's position
+        if M % B or input_pos.numel() not in (M, M // B):
+            raise LabkitError(f"{M} rows over {B} cache rows at positions {tuple(input_pos.shape)}: not one batch row's tokens each")
+        return (input_pos if input_pos.numel() == M else input_pos.reshape(1, -1).expand(B, -1)).reshape(M).contiguous()
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor, scale: float,
                          window: int | None, counters: torch.Tensor | None = None, span: int | None = None,
                          tree_base: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None) -> torch.Tensor:  # (M, NH*D)
-        _, nkv, S, D = k_cache.shape
+        B, nkv, S, D = k_cache.shape
         M, nh, _ = q.shape
-        self._check(q, k_cache, v_cache, input_pos)
+        pos = self._row_positions(input_pos, B, M)
+        self._check(q, k_cache, v_cache, pos)
         if tree_mask is not None and (tree_mask.dtype != torch.int8 or not tree_mask.is_contiguous() or tree_mask.shape[0] != M):
             raise LabkitError(f"a tree mask is ({M}, N) contiguous int8, got {tuple(tree_mask.shape)} {tree_mask.dtype}")
         out = torch.empty(M, nh * D)
         scratch = torch.empty(M * nh * S)  # each (row, head)'s scores; only the first pos+1 of each are touched
-        self.lib.attention(q.data_ptr(), M, k_cache.data_ptr(), v_cache.data_ptr(), S, input_pos.data_ptr(), nh, nkv, D, scale,
+        self.lib.attention(q.data_ptr(), M, k_cache.data_ptr(), v_cache.data_ptr(), S, pos.data_ptr(), nh, nkv, D, scale,
                            window or 0, out.data_ptr(), scratch.data_ptr(), _ptr(tree_mask),
-                           0 if tree_base is None else int(tree_base), 0 if tree_mask is None else tree_mask.shape[1])
+                           0 if tree_base is None else int(tree_base), 0 if tree_mask is None else tree_mask.shape[1], M // B)
         return out
 
     def linear_residual(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
