@@ -14,10 +14,12 @@ import statistics
 import sys
 import time
 
+import torch
+
 from labkit.batch.engine import BatchConfig, BatchEngine
 from labkit.batch.scheduler import ContinuousBatcher
 from labkit.bench.results import git_commit
-from labkit.config import EngineConfig, GenerationConfig
+from labkit.config import EngineConfig, GenerationConfig, device_name
 from labkit.engine_build import from_config
 from labkit.generate import generate
 from labkit.kernels import cpu_quant
@@ -51,7 +53,7 @@ def run(size: int, c_ops: bool) -> tuple[float, bool]:
     return sum(len(r.tokens) for r in requests) / wall, all(r.tokens == want[i] for i, r in enumerate(requests))
 
 
-print(f"CPU {cpu_quant.cpu_signature().split(':')[0]}, kernel path {cpu_quant.kernel_path()}, commit {git_commit()}, "
+print(f"{device_name(torch.device('cpu'))}, kernel path {cpu_quant.kernel_path()}, commit {git_commit()}, "
       f"{new_tokens} new tokens, 2 requests per slot, {rounds} rounds interleaved")
 print(f"{'batch':>5} {'C operations tok/s':>19} {'PyTorch layers tok/s':>21} {'ratio':>6}  identical to batch 1 (C / PyTorch)")
 for size in sizes:
