@@ -174,12 +174,12 @@ typedef struct {  /* one decoder layer's weights and cache (layer_cpu.LayerWeigh
 } layer_weights;
 
 /* x: (M, dim), the residual stream, updated in place through n_layers layers; the other arguments
- * are norm_qkv_rope's and attention's. Scratch is allocated here, once a call. Returns 0, or -1
- * when it could not be allocated. */
+ * are norm_qkv_rope's and attention's (T rows a batch row). Scratch is allocated here, once a call.
+ * Returns 0, or -1 when it could not be allocated. */
 int decode_layers(float *x, int64_t M, int64_t dim, const layer_weights *layers, int64_t n_layers, float eps,
                   const float *cos_t, const float *sin_t, const int64_t *pos, const int64_t *rope_pos, int64_t S,
                   int64_t nh, int64_t nkv, int64_t D, float scale, int64_t window,
-                  const int8_t *tree_mask, int64_t tree_base, int64_t n_tree) {
+                  const int8_t *tree_mask, int64_t tree_base, int64_t n_tree, int64_t T) {
     const int64_t hidden = layers[0].gate_up.N / 2, qkv_w = (nh + 2 * nkv) * D;
     const int64_t y_w = hidden > nh * D ? hidden : nh * D;  /* y holds the attention's output, then silu(gate) * up */
     const int64_t sizes[6] = {M * nh * D, M * (dim + qkv_w), M * nh * S, M * y_w, M * (dim + 2 * hidden), M * dim};
@@ -192,8 +192,8 @@ int decode_layers(float *x, int64_t M, int64_t dim, const layer_weights *layers,
     for (int64_t l = 0; l < n_layers; l++) {
         const layer_weights *L = layers + l;
         norm_qkv_rope(x, M, dim, L->attn_norm, eps, &L->qkv, cos_t, sin_t, pos, L->k_cache, L->v_cache, S, nh, nkv, D, q,
-                      qkv_scratch, rope_pos, M);
-        attention(q, M, L->k_cache, L->v_cache, S, pos, nh, nkv, D, scale, window, y, scores, tree_mask, tree_base, n_tree, M);
+                      qkv_scratch, rope_pos, T);
+        attention(q, M, L->k_cache, L->v_cache, S, pos, nh, nkv, D, scale, window, y, scores, tree_mask, tree_base, n_tree, T);
         linear_residual(y, M, &L->o, x, tmp);  /* tmp = x + W_o y, as the five-call path computes it */
         norm_gate_up(tmp, M, dim, L->mlp_norm, eps, &L->gate_up, y, mlp_scratch);  /* y: silu(gate) * up, (M, hidden) */
         linear_residual(y, M, &L->down, tmp, x);  /* x = tmp + W_down y */

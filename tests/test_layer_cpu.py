@@ -174,13 +174,13 @@ def test_batched_rows_run_the_cpu_operations_with_batch_1_bits(arch: str) -> Non
     want = [generate(engine, p, cfg).tokens for p in asks]
     ops = engine.model.layer_ops
     rows_seen: list[int] = []
-    attention = ops.decode_attention
+    stack = ops.decode_layers
 
-    def spy(q, k_cache, *args, **kwargs):
-        rows_seen.append(k_cache.shape[0])
-        return attention(q, k_cache, *args, **kwargs)
+    def spy(x, layers, k_layers, *args, **kwargs):
+        rows_seen.append(k_layers[0].shape[0])
+        return stack(x, layers, k_layers, *args, **kwargs)
 
-    ops.decode_attention = spy
+    ops.decode_layers = spy
     try:
         for drafter, k in ((None, 0), (lambda: NgramDrafter(3, 1), 3)):
             batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128)), drafter, k)
@@ -188,5 +188,5 @@ def test_batched_rows_run_the_cpu_operations_with_batch_1_bits(arch: str) -> Non
             batcher.run()
             assert [r.tokens for r in got] == want, k
     finally:
-        del ops.decode_attention
-    assert max(rows_seen) == 3  # three slots stepped together through the C attention
+        del ops.decode_layers
+    assert max(rows_seen) == 3  # three slots stepped together through the C layers, a stack a call

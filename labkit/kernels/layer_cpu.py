@@ -5,7 +5,8 @@ reference layer_reference.py, so `LlamaBlock.forward_fused` runs either.
 The operations receive a linear layer's dense weight, as the others do; this op set finds that
 layer's blocks by the weight's storage (`CpuLayerOps(model)` indexes every QuantLinear of the
 model once). fp32; rows are the step's tokens, of one batch row or of several, each at its own
-positions in its own cache row (batched steps); a whole stack in one call runs batch 1.
+positions in its own cache row (batched steps), through one operation or a whole stack of layers
+in one call.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     for name in ("norm_qkv_rope", "attention", "linear_residual", "norm_gate_up", "norm_head"):
         getattr(lib, name).restype = None
     lib.decode_layers.argtypes = [_p, _i64, _i64, ctypes.POINTER(LayerWeights), _i64, _f32, _p, _p, _p, _p, _i64, _i64, _i64, _i64,
-                                  _f32, _i64, _p, _i64, _i64]
+                                  _f32, _i64, _p, _i64, _i64, _i64]
     lib.decode_layers.restype = ctypes.c_int
 
 
@@ -178,22 +179,25 @@ class CpuLayerOps:
                       n_heads: int, scale: float, window: int | None, tree: Any = None) -> torch.Tensor:  # x (M, dim) → (M, dim)
         """The first four operations through every layer in `layers` in one call: the same
         functions in the same order as the per-layer calls, so the same bits. x is not changed.
-        k_layers, v_layers: each layer's cache (1, nkv, S, D); tree: a kvcache.TreeAttention or None."""
+        k_layers, v_layers: each layer's cache (B, nkv, S, D), x's rows B batch rows of M / B
+        tokens at input_pos (T,) or (B, T) (norm_qkv_rope's rule); tree: a kvcache.TreeAttention
+        (batch 1) or None."""
         M, dim = x.shape
-        _, nkv, S, D = k_layers[0].shape
-        if k_layers[0].shape[0] != 1 or len({layer.eps for layer in layers}) != 1:
-            raise LabkitError("decode_layers runs batch 1, one norm epsilon")
+        B, nkv, S, D = k_layers[0].shape
+        if len({layer.eps for layer in layers}) != 1 or (B > 1 and tree is not None):
+            raise LabkitError("decode_layers runs one norm epsilon, and token trees at batch 1")
+        pos = self._row_positions(input_pos, B, M)
         rope_pos: torch.Tensor | None = None if tree is None else tree.rope_pos
-        self._check(x, cos, sin, input_pos, k_layers[0], v_layers[0])  # the layers' caches: views of one tensor
+        self._check(x, cos, sin, pos, k_layers[0], v_layers[0])  # the layers' caches: views of one tensor
         if rope_pos is not None:
             self._check(rope_pos)
         if tree is not None and (tree.mask.dtype != torch.int8 or not tree.mask.is_contiguous() or tree.mask.shape[0] != M):
             raise LabkitError(f"a tree mask is ({M}, N) contiguous int8, got {tuple(tree.mask.shape)} {tree.mask.dtype}")
         out = x.clone()
         status = self.lib.decode_layers(out.data_ptr(), M, dim, self._stack(layers, k_layers, v_layers), len(layers), layers[0].eps,
-                                        cos.data_ptr(), sin.data_ptr(), input_pos.data_ptr(), _ptr(rope_pos), S, n_heads, nkv, D,
+                                        cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), _ptr(rope_pos), S, n_heads, nkv, D,
                                         scale, window or 0, None if tree is None else tree.mask.data_ptr(),
-                                        0 if tree is None else int(tree.base), 0 if tree is None else tree.mask.shape[1])
+                                        0 if tree is None else int(tree.base), 0 if tree is None else tree.mask.shape[1], M // B)
         if status != 0:
             raise LabkitError(f"decode_layers could not allocate its scratch ({M} rows, a cache of {S})")
         return out

@@ -218,7 +218,7 @@ class Llama(nn.Module):
         # rows at their own positions (input_pos (B, T)) run fused where the kernels take them; trees where they take trees
         fused_ok = self.layer_ops is not None and (input_pos.dim() == 1 or self.layer_ops.ROW_POSITIONS)
         fused_ok = fused_ok and (tree is None or getattr(self.layer_ops, "TREES", False))
-        if fused_ok and self.runs_fused(tokens.shape[1]) and getattr(self.layer_ops, "STACKS", False) and x.shape[0] == 1:
+        if fused_ok and self.runs_fused(tokens.shape[1]) and getattr(self.layer_ops, "STACKS", False):
             x = self.forward_stack(x, cache, input_pos, n, tree)
         elif fused_ok and self.runs_fused(tokens.shape[1]):
             for i in range(n):
@@ -251,13 +251,13 @@ class Llama(nn.Module):
         return logits
 
     def forward_stack(self, x: torch.Tensor, cache: KVCache, input_pos: torch.Tensor, n: int,
-                       tree: TreeAttention | None) -> torch.Tensor:  # x (1, T, dim) → (1, T, dim)
+                       tree: TreeAttention | None) -> torch.Tensor:  # x (B, T, dim) → (B, T, dim)
         """The first n layers in one call of the op set (the CPU's decode_layers)."""
         if self._stack_ops is not self.layer_ops:  # the tensors each layer hands over, gathered once per op set
             self._stack_tensors, self._stack_ops = [block.fused_tensors() for block in self.layers], self.layer_ops  # type: ignore[operator]
         first: LlamaBlock = self.layers[0]  # type: ignore[assignment]
         B, T, dim = x.shape
-        out = self.layer_ops.decode_layers(x.reshape(T, dim), self._stack_tensors[:n], cache.k_layers, cache.v_layers, self.cos, self.sin,
+        out = self.layer_ops.decode_layers(x.reshape(B * T, dim), self._stack_tensors[:n], cache.k_layers, cache.v_layers, self.cos, self.sin,
                                            input_pos, first.n_heads, first.scale, first.sliding_window, tree)
         return out.view(B, T, dim)
 
