@@ -101,6 +101,18 @@ def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: Gene
     return requests, time.perf_counter() - t0, batcher.rows_stepped / max(1, batcher.steps)
 
 
+def _timed_run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig,
+               controller: BatchKController | None) -> tuple[list[BatchRequest], float, float, dict[int, int] | None]:
+    """_run, after an untimed warm-up run where a controller chooses K; with it, the steps the
+    timed run gave each K."""
+    if controller is None:
+        return (*_run(batch, system, prompts, gen), None)
+    _run(batch, system, prompts, gen, controller)
+    before = controller.steps_by_k()
+    requests, wall, mean_rows = _run(batch, system, prompts, gen, controller)
+    return requests, wall, mean_rows, {k: v - before.get(k, 0) for k, v in controller.steps_by_k().items()}
+
+
 def _row(system: System, size: int, requests: list[BatchRequest], wall: float, mean_rows: float,
          plain: list[list[int]], own: list[list[int]]) -> dict[str, Any]:
     gaps = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:], strict=False) if b > a]
@@ -190,14 +202,10 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     for size in sizes:
         for s in _systems(cfg):
             n = size * cfg.requests_per_slot
-            ctl = controllers.get(s)
-            if ctl is not None:  # its warm-up at this size, untimed
-                _run(batches[(s, size)], s, prompts[:n], gen, ctl)
-            before = ctl.steps_by_k() if ctl is not None else {}
-            requests, wall, mean_rows = _run(batches[(s, size)], s, prompts[:n], gen, ctl)
+            requests, wall, mean_rows, k_steps = _timed_run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s))
             row = _row(s, size, requests, wall, mean_rows, plain[:n], own[s][:n])
-            if ctl is not None:
-                row["k_steps"] = {k: v - before.get(k, 0) for k, v in ctl.steps_by_k().items()}
+            if k_steps is not None:
+                row["k_steps"] = k_steps
             rows.append(row)
             bar.update()
             if log:
