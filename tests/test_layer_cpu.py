@@ -190,3 +190,29 @@ def test_batched_rows_run_the_cpu_operations_with_batch_1_bits(arch: str) -> Non
     finally:
         del ops.decode_layers
     assert max(rows_seen) == 3  # three slots stepped together through the C layers, a stack a call
+
+
+def test_eagle_drafts_through_the_cpu_operations_on_q8_0_blocks() -> None:
+    """On a target that reads GGUF blocks, EAGLE's draft layer runs the C operations on Q8_0 blocks
+    of its linears (their dense weights set to the blocks' values) and its head reads the target's
+    head blocks: plain greedy's tokens, and the drafts the PyTorch twins make on the same values."""
+    from labkit.kernels import layer_reference
+    from labkit.specdec.eagle_drafter import EagleDrafter
+    from labkit.generate import Speculation
+    from labkit.models.gguf_weights import quantize_q8_0
+    from tests.test_eagle import random_head
+
+    engine = block_engine("llama", seed=1)
+    prompt, cfg = list(range(3, 40)), GenerationConfig(max_new_tokens=40, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    head = random_head(ids=torch.arange(1, 96, 2))  # a reduced draft vocabulary: rows of the target's head blocks
+    drafter = EagleDrafter(engine, head, device_steps=False)
+    assert isinstance(drafter.ops, CpuLayerOps) and isinstance(head.wqkv, QuantLinear) and drafter.draft_head is not None
+    got = generate(engine, prompt, cfg, Speculation(drafter, 3), detailed_metrics=True)
+    twin = EagleDrafter(engine, head, device_steps=False)  # the same values through the PyTorch twins
+    twin.ops, twin.draft_head = layer_reference, None
+    ref = generate(engine, prompt, cfg, Speculation(twin, 3), detailed_metrics=True)
+    assert got.tokens == want == ref.tokens
+    assert got.stats.draft_tokens == ref.stats.draft_tokens and len(got.stats.draft_tokens) >= 8
+    w = torch.randn(8, 64)
+    assert (quantize_q8_0(w).dequantize() - w).abs().max() <= w.abs().max() / 254 + 1e-6  # half a step of the largest block

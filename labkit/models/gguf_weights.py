@@ -48,6 +48,25 @@ class QuantWeight:
         return QuantWeight(parts[0].kind, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m)
 
 
+def quantize_q8_0(w: torch.Tensor) -> QuantWeight:  # (N, K) float, K a multiple of 32
+    """GGUF's Q8_0 of a dense weight: per block of 32, d = max |w| / 127 and q = round(w / d)."""
+    N, K = w.shape
+    if K % 32:
+        raise LabkitError(f"Q8_0 blocks take rows of a multiple of 32 weights, got {K}")
+    blocks = w.detach().float().cpu().reshape(N, K // 32, 32)  # (N, B, 32)
+    d = blocks.abs().amax(-1) / 127  # (N, B)
+    qs = torch.where(d[..., None] > 0, blocks / d.clamp(min=torch.finfo(torch.float32).tiny)[..., None], 0.0)
+    return QuantWeight("q8_0", qs.round().clamp(-127, 127).to(torch.int8).reshape(N, K), d, None)
+
+
+def block_linear(dense: nn.Linear) -> QuantLinear:
+    """A QuantLinear over the Q8_0 blocks of a dense layer, its dense weight set to their values."""
+    qw = quantize_q8_0(dense.weight)
+    with torch.no_grad():
+        dense.weight.copy_(qw.dequantize())
+    return QuantLinear(dense, qw)
+
+
 def _from_blocks(kind: str, raw: np.ndarray) -> QuantWeight:
     """raw: (N, B * block_bytes) uint8 as GGUFReader gives it."""
     N = raw.shape[0]

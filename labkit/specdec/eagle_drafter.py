@@ -128,6 +128,11 @@ class EagleDrafter(Drafter):
         if width > 1:
             self.name += f"-w{width}"
         self.ops = draft_layer_ops(target)
+        self.draft_head: torch.nn.Module | None = None  # the draft head as a linear on blocks (a CPU target on GGUF blocks)
+        if target.layer_kernels == "cpu":
+            from labkit.specdec.eagle_cpu import cpu_draft_layer
+
+            self.ops, self.draft_head = cpu_draft_layer(self.head, target.model.lm_head, self.weight)
         self._triton = target_runs_triton(target)  # the ops are the Triton kernels: compile their widths before a request
         if tree is not None:
             tree.validate(self.depth)
@@ -181,11 +186,14 @@ class EagleDrafter(Drafter):
         return self.head.forward_cached(feats.to(self.dtype), self.embed(tokens).to(self.dtype),
                                         pos.clamp(max=cache.max_len - 1), cache, self.ops, tree)
 
+    def _logits(self, feat: torch.Tensor) -> torch.Tensor:  # (M, D) -> (M, N) over the draft vocabulary
+        return feat @ self.weight.t() if self.draft_head is None else self.draft_head(feat)
+
     def log_probs(self, feat: torch.Tensor) -> torch.Tensor:  # (M, D) -> (M, N) over the draft vocabulary
-        return torch.log_softmax((feat @ self.weight.t()).float(), dim=-1)
+        return torch.log_softmax(self._logits(feat).float(), dim=-1)
 
     def _pick(self, feat: torch.Tensor, width: int = 1) -> torch.Tensor:  # (B, D) -> (B, width) target ids, best first
-        logits = feat @ self.weight.t()  # (B, N)
+        logits = self._logits(feat)  # (B, N)
         return self.ids[logits.argmax(-1, keepdim=True) if width == 1 else logits.topk(width, dim=-1).indices]
 
     def _chain(self, feat: torch.Tensor, anchor: torch.Tensor, width: int = 1) -> torch.Tensor:
