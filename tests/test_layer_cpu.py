@@ -196,10 +196,10 @@ def test_eagle_drafts_through_the_cpu_operations_on_q8_0_blocks() -> None:
     """On a target that reads GGUF blocks, EAGLE's draft layer runs the C operations on Q8_0 blocks
     of its linears (their dense weights set to the blocks' values) and its head reads the target's
     head blocks: plain greedy's tokens, and the drafts the PyTorch twins make on the same values."""
-    from labkit.kernels import layer_reference
-    from labkit.specdec.eagle_drafter import EagleDrafter
     from labkit.generate import Speculation
+    from labkit.kernels import layer_reference
     from labkit.models.gguf_weights import quantize_q8_0
+    from labkit.specdec.eagle_drafter import EagleDrafter
     from tests.test_eagle import random_head
 
     engine = block_engine("llama", seed=1)
