@@ -127,23 +127,17 @@ class EagleDrafter(Drafter):
         self.verify_hook = self
         if width > 1:
             self.name += f"-w{width}"
-        self.ops = draft_layer_ops(target)
-        self.draft_head: torch.nn.Module | None = None  # the draft head as a linear on blocks (a CPU target on GGUF blocks)
-        if target.layer_kernels == "cpu":
-            from labkit.specdec.eagle_cpu import cpu_draft_layer
-
-            self.ops, self.draft_head = cpu_draft_layer(self.head, target.model.lm_head, self.weight)
+        self.ops, self.draft_head = self._draft_layer(target)
         self._triton = target_runs_triton(target)  # the ops are the Triton kernels: compile their widths before a request
         if tree is not None:
             tree.validate(self.depth)
             if self.ops is None:
                 raise LabkitError("dynamic EAGLE trees need the fused draft layer: a CPU, or a GPU target on Triton layers")
             self.name += f"-tree{tree.nodes}"
-        if lookup_over:
-            if not 1 <= lookup_over <= LOOKUP_MAX_N or width > 1 or tree is not None:
-                raise LabkitError(f"eagle-ngram takes lookup's copy after an n-gram of 1 to {LOOKUP_MAX_N} tokens, "
-                                  f"for chains only; got n = {lookup_over}, width {width}, tree {tree is not None}")
-            self.name += f"+ngram{lookup_over}"
+        if lookup_over and (not 1 <= lookup_over <= LOOKUP_MAX_N or width > 1 or tree is not None):
+            raise LabkitError(f"eagle-ngram takes lookup's copy after an n-gram of 1 to {LOOKUP_MAX_N} tokens, "
+                              f"for chains only; got n = {lookup_over}, width {width}, tree {tree is not None}")
+        self.name += f"+ngram{lookup_over}" if lookup_over else ""
         self.lookup_over = lookup_over
         self.copying = False  # eagle-ngram's device steps: the next chunk runs copy steps
         self._anchor_at = -1  # a copy step's catch-up left the feature at this position in anchor_feat
@@ -158,6 +152,15 @@ class EagleDrafter(Drafter):
         self._draft_cache: KVCache | None = None
         self._warm = False  # the draft layer's Triton kernels compiled for every kind of width (_warm_up)
         self._cache(target.batch_size)
+
+    def _draft_layer(self, target: Engine) -> tuple[Any, torch.nn.Module | None]:
+        """How the draft layer runs (draft_layer_ops), and the draft head as a linear on blocks
+        where the target reads GGUF blocks on a CPU (eagle_cpu.py; else None: a product)."""
+        if target.layer_kernels != "cpu":
+            return draft_layer_ops(target), None
+        from labkit.specdec.eagle_cpu import cpu_draft_layer
+
+        return cpu_draft_layer(self.head, target.model.lm_head, self.weight)
 
     # -- the draft cache ----------------------------------------------------------------------
     def _cache(self, B: int) -> KVCache:
