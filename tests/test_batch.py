@@ -216,7 +216,9 @@ def test_bench_batch_writes_rows_for_every_size_and_system(tiny_folder, tmp_path
     assert json.loads(next(tmp_path.glob("batch-cpu-*.json")).read_text())["benchmark"] == "batch"
     assert next(tmp_path.glob("batch-cpu-*.png")).stat().st_size > 1000  # the plot beside the results
     auto = [r for r in rows if r["system"] == "ngram-auto-2"]
-    assert all(sum(r["k_steps"].values()) > 0 and set(r["k_steps"]) <= {0, 1, 2} for r in auto)  # the timed run's own steps
+    for r in auto:  # the timed run's own steps: its row-steps (tokens over tau) over its rows a step
+        steps = (r["new_tokens"] - r["requests"]) / r["tau"] / r["mean_rows_per_step"]
+        assert set(r["k_steps"]) <= {0, 1, 2} and abs(sum(r["k_steps"].values()) - steps) < 0.01, (r["k_steps"], steps)
     assert len(batch_report(payload)) == 2 + len(rows) + len(auto) + 2 + 1
 
 
