@@ -19,9 +19,9 @@ rate until they run again, which they do as soon as copying rates below them.
 
 from __future__ import annotations
 
-from labkit.config import GenerationConfig
 from labkit.kernels.reference import LOOKUP_MAX_N
 from labkit.specdec.draft import Step
+from labkit.specdec.lookup import periodic_copy
 from labkit.specdec.ngram import NgramDrafter
 
 COPY_COST_GUESS = 0.7  # a copy step's seconds over a chain step's, until a copy chunk is timed
@@ -46,9 +46,11 @@ class CopyOrChain:
         self.index.start(prompt_ids, capacity)
         self.tokens = {}
 
-    def lookup(self, context: list[int], k: int) -> list[int]:
-        """Lookup's draft where the context ends in a match of at least min_n tokens; else none."""
-        return self.index.propose(context, k, GenerationConfig(), None).tokens
+    def copy(self, context: list[int], k: int) -> list[int] | None:
+        """Lookup's k-token draft (the device's rule: periodic_copy) where the context ends in a match
+        of at least min_n tokens; else None."""
+        c = self.index.match(context)
+        return None if c is None else periodic_copy(context, c, k)
 
     def _update(self, table: dict[bool, float], copy: bool, value: float) -> None:
         table[copy] = value if copy not in table else MEMORY * table[copy] + (1 - MEMORY) * value
@@ -65,8 +67,7 @@ class CopyOrChain:
             at, kept = len(context), 0
             text = context + made
             for _, new in steps:
-                draft = self.lookup(text[:at], k_copy)
-                kept += 1 + agreement(draft, text[at:])
+                kept += 1 + agreement(self.copy(text[:at], k_copy) or [], text[at:])
                 at += len(new)
             self._update(self.tokens, True, kept / len(steps))
         chain_s = self.seconds.get(False)

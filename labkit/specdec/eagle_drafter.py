@@ -43,7 +43,6 @@ from labkit.specdec.copy_or_chain import CopyOrChain
 from labkit.specdec.draft import Draft, Drafter, Step
 from labkit.specdec.eagle import EagleHead, draft_head_weight
 from labkit.specdec.eagle_tree import DynamicTreeConfig, dynamic_tree
-from labkit.specdec.lookup import lookup_reference
 from labkit.specdec.lookup_steps import CHUNK, LookupSteps
 from labkit.specdec.tree import TokenTree
 
@@ -308,8 +307,9 @@ class EagleDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
         draft = self._propose(context, k)  # the chain, made even where the copy is taken: its cache stays true
-        if self.lookup_over and self._choice.lookup(context, 1):  # the context ends in a match
-            return Draft(lookup_reference(context, min(k, self.depth)))
+        copy = self._choice.copy(context, min(k, self.depth)) if self.lookup_over else None
+        if copy is not None:  # the context ends in a match
+            return Draft(copy)
         return draft
 
     def _propose(self, context: list[int], k: int) -> Draft:

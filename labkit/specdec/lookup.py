@@ -45,7 +45,11 @@ def lookup_reference(context: list[int], k: int) -> list[int]:
     the context's end it repeats with the match's period; with no match it repeats the last token.
     The tests' reference, and the device drafter's proposal where the loop runs on the host."""
     c = latest_match(context, LOOKUP_MAX_N, 1)
-    if c is None:
-        c = len(context) - 1  # no match: repeat the last token
+    return periodic_copy(context, len(context) - 1 if c is None else c, k)  # no match: repeat the last token
+
+
+def periodic_copy(context: list[int], c: int, k: int) -> list[int]:
+    """k tokens copied from context[c:], repeating with the period len(context) - c where the copy
+    runs into the context's end (the lookup_draft kernel's rule)."""
     q = len(context) - c  # the match's period
     return [context[c + j % q] for j in range(k)]

@@ -59,9 +59,13 @@ class NgramDrafter(Drafter):
                         del starts[: -self.keep]
         self._done, self._tail = len(context), tuple(context[-(self.max_n + 1) :])
 
-    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
+    def match(self, context: list[int]) -> int | None:
+        """Where the copy starts in the context (latest_match's rule, by the index), or None."""
         self._extend(context)
-        match = latest_match(context, self.max_n, self.min_n, self._latest.get)
+        return latest_match(context, self.max_n, self.min_n, self._latest.get)
+
+    def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
+        match = self.match(context)
         return Draft([] if match is None else context[match : match + k])
 
 
