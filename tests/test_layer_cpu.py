@@ -207,9 +207,10 @@ def test_eagle_drafts_through_the_cpu_operations_on_q8_0_blocks() -> None:
     want = generate(engine, prompt, cfg).tokens
     head = random_head(ids=torch.arange(1, 96, 2))  # a reduced draft vocabulary: rows of the target's head blocks
     drafter = EagleDrafter(engine, head, device_steps=False)
-    assert isinstance(drafter.ops, CpuLayerOps) and isinstance(head.wqkv, QuantLinear) and drafter.draft_head is not None
+    assert isinstance(drafter.ops, CpuLayerOps) and isinstance(drafter.head.wqkv, QuantLinear) and drafter.draft_head is not None
+    assert not isinstance(head.wqkv, QuantLinear)  # the caller's head is left as it was
     got = generate(engine, prompt, cfg, Speculation(drafter, 3), detailed_metrics=True)
-    twin = EagleDrafter(engine, head, device_steps=False)  # the same values through the PyTorch twins
+    twin = EagleDrafter(engine, drafter.head, device_steps=False)  # the same values through the PyTorch twins
     twin.ops, twin.draft_head = layer_reference, None
     ref = generate(engine, prompt, cfg, Speculation(twin, 3), detailed_metrics=True)
     assert got.tokens == want == ref.tokens

@@ -11,6 +11,8 @@ rounding moves an argmax; the verify keeps the output the target's either way.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -21,9 +23,11 @@ from labkit.specdec.eagle import EagleHead
 LINEARS = ("fc", "wqkv", "wo", "w_gate_up", "w_down")
 
 
-def cpu_draft_layer(head: EagleHead, lm_head: QuantLinear, weight: torch.Tensor) -> tuple[CpuLayerOps, QuantLinear]:
-    """The head's linears on Q8_0 blocks (in place, once) and the draft head's rows of the target's
-    head blocks -> (the C operations over them, the draft head as a linear: (M, D) -> (M, N))."""
+def cpu_draft_layer(head: EagleHead, lm_head: QuantLinear, weight: torch.Tensor) -> tuple[EagleHead, CpuLayerOps, QuantLinear]:
+    """A copy of the head with its linears on Q8_0 blocks (the caller's head is left as it was) and
+    the draft head's rows of the target's head blocks -> (that head, the C operations over them,
+    the draft head as a linear: (M, D) -> (M, N))."""
+    head = copy.deepcopy(head)
     for name in LINEARS:
         layer = getattr(head, name)
         if not isinstance(layer, QuantLinear):
@@ -34,4 +38,4 @@ def cpu_draft_layer(head: EagleHead, lm_head: QuantLinear, weight: torch.Tensor)
     dense = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     dense.weight = nn.Parameter(weight, requires_grad=False)  # (N, D): the same values, dequantised
     draft_head = QuantLinear(dense, rows)
-    return CpuLayerOps([*(getattr(head, name) for name in LINEARS), draft_head]), draft_head
+    return head, CpuLayerOps([*(getattr(head, name) for name in LINEARS), draft_head]), draft_head

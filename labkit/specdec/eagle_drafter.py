@@ -154,12 +154,14 @@ class EagleDrafter(Drafter):
 
     def _draft_layer(self, target: Engine) -> tuple[Any, torch.nn.Module | None]:
         """How the draft layer runs (draft_layer_ops), and the draft head as a linear on blocks
-        where the target reads GGUF blocks on a CPU (eagle_cpu.py; else None: a product)."""
+        where the target reads GGUF blocks on a CPU (eagle_cpu.py, on a copy of the head, which
+        then drafts; else None: a product)."""
         if target.layer_kernels != "cpu":
             return draft_layer_ops(target), None
         from labkit.specdec.eagle_cpu import cpu_draft_layer
 
-        return cpu_draft_layer(self.head, target.model.lm_head, self.weight)
+        self.head, ops, draft_head = cpu_draft_layer(self.head, target.model.lm_head, self.weight)
+        return ops, draft_head
 
     # -- the draft cache ----------------------------------------------------------------------
     def _cache(self, B: int) -> KVCache:
