@@ -46,6 +46,27 @@ def test_continuous_batching_gives_every_request_its_batch_1_tokens(arch: str, i
     assert batcher.batch.active == 0
 
 
+def test_plain_steps_launch_before_the_step_in_flight_is_read() -> None:
+    """A plain step is launched from the last step's tokens on the device, and the host reads and
+    takes those tokens while it runs; no step runs once every row has its last token."""
+    engine = engine_for("llama")
+    batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=64))
+    batcher = ContinuousBatcher(batch)
+    events: list[str] = []
+    advance, take = batch.advance, batcher._take
+    batch.advance = lambda ids: (events.append("l"), advance(ids))[1]  # type: ignore[method-assign]
+    batcher._take = lambda r, greedy, draft=(): (events.append("t"), take(r, greedy, draft))[1]  # type: ignore[method-assign]
+    asks = prompts(3, engine.args.vocab_size, seed=8)
+    lengths = (6, 6, 4)
+    got = [batcher.submit(p, GenerationConfig(max_new_tokens=n)) for p, n in zip(asks, lengths, strict=True)]
+    batcher.run()
+    assert [r.tokens for r in got] == [generate(engine, p, GenerationConfig(max_new_tokens=n)).tokens for p, n in zip(asks, lengths, strict=True)]
+    # admission's first tokens, then each launch before the last step's read (the short row's last
+    # step runs for the others' sake), and a read alone once every row has its last token
+    assert "".join(events) == "ttt" + "l" + "lttt" * 3 + "ltt" + "tt"
+    assert batcher.steps == 5 and batcher.in_flight is None and not batcher.busy
+
+
 @pytest.mark.parametrize("invariant", [False, True])
 def test_batched_speculation_gives_every_request_its_plain_greedy_tokens(invariant: bool) -> None:
     """n-gram drafts for every row, verified in one batched pass with ragged acceptance; each row
@@ -311,11 +332,12 @@ def test_cuda_graph_batches_give_every_request_its_batch_1_tokens(dtype: str) ->
     assert engine.layer_kernels == "triton"
     base = prompts(9, engine.args.vocab_size, seed=8)
     asks = [p + p[:5] + p for p in base]
-    want = [generate(engine, p, GenerationConfig(max_new_tokens=24)).tokens for p in asks]
+    lengths = [12 + (i * 5) % 13 for i in range(len(asks))]  # ragged: rows leave (and slots move) while a step is in flight
+    want = [generate(engine, p, GenerationConfig(max_new_tokens=n)).tokens for p, n in zip(asks, lengths, strict=True)]
     for k in (0, 3):
         batch = BatchEngine(engine, BatchConfig(slots=5, max_seq_len=96, cuda_graph=True))
         batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if k else None, k)
-        got = [batcher.submit(p, GenerationConfig(max_new_tokens=24)) for p in asks]
+        got = [batcher.submit(p, GenerationConfig(max_new_tokens=n)) for p, n in zip(asks, lengths, strict=True)]
         batcher.run()
         assert [r.tokens for r in got] == want, k
         assert batch.graphs  # the steps did replay graphs

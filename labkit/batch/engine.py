@@ -41,6 +41,37 @@ from labkit.models.kvcache import KVCache, RowSpans
 TILE = 16  # rows per step in invariant mode
 
 
+def to_device(data: list, device: torch.device) -> torch.Tensor:
+    """A host list as a long tensor on `device` without waiting for the device: a plain copy from
+    pageable memory waits for every step already queued (it synchronises the stream), which would
+    stall a step launched ahead (scheduler.py); a copy from pinned memory is queued like a kernel."""
+    host = torch.tensor(data, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+
+class HostCopy:
+    """A device tensor's copy to the host, queued behind what produced it. `tolist` waits for that
+    copy alone (its event), not for the steps queued after it, as a plain `.tolist()` would (it
+    synchronises the whole stream)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.event = None
+        if tensor.device.type != "cuda":
+            self.host = tensor
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def tolist(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
 @dataclass
 class BatchConfig:
     slots: int = 8  # requests decoded together at most
@@ -173,33 +204,45 @@ class BatchEngine:
         if len(feeds) != n or n == 0 or not all(feeds):
             raise LabkitError(f"a step takes tokens for each of the {n} active slots, got {len(feeds)} feeds")
         T = max(width or 0, *(len(f) for f in feeds))
-        if max(self.lengths[i] + T for i in range(n)) > self.cfg.max_seq_len:
+        ids = to_device([f + [f[-1]] * (T - len(f)) for f in feeds], self.engine.device)  # (n, T)
+        return self._run(ids, [len(f) for f in feeds])
+
+    @torch.inference_mode()
+    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each active slot, given on the device (tokens (n,), say the last step's
+        argmax: nothing waits for the host) -> logits (n, V)."""
+        n = self.active
+        if n == 0 or tokens.shape != (n,):
+            raise LabkitError(f"a step takes one token for each of the {n} active slots, got {tuple(tokens.shape)}")
+        return self._run(tokens[:, None], [1] * n)[:, 0]
+
+    def _run(self, ids: torch.Tensor, grow: list[int]) -> torch.Tensor:
+        """ids (n, T) at each active slot's next positions; slot i's length then grows by grow[i] -> logits (n, T, V)."""
+        n, T = ids.shape
+        starts = self.lengths[:n]
+        if max(s + T for s in starts) > self.cfg.max_seq_len:
             raise LabkitError(f"a slot is full ({self.cfg.max_seq_len} positions)")
         dev = self.engine.device
-        rows = [f + [f[-1]] * (T - len(f)) for f in feeds]
-        starts = self.lengths[:n]
+        pos = to_device([[s + t for t in range(T)] for s in starts], dev)  # (n, T)
         if self.graphs_ok and T <= GRAPH_HEADROOM and not self.cfg.invariant:
             key = (bucket(n), T)
             if key not in self.graphs:
                 self.graphs[key] = BatchGraph(self.engine, self.cache, *key)
-            ids = torch.tensor(rows, device=dev)  # (n, T)
-            pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (n, T)
             logits = self.graphs[key].run(ids, pos)
         elif not self.cfg.invariant:
-            ids = torch.tensor(rows, device=dev)  # (n, T)
-            pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (n, T)
             logits = self._forward(0, n, ids, pos, starts, exact=False)
         else:
             outs = []
             for first in range(0, n, TILE):  # every tile TILE rows: rows past n are padding in free slots at position 0
                 real = min(TILE, n - first)
-                ids = torch.tensor(rows[first : first + real] + [[0] * T] * (TILE - real), device=dev)  # (TILE, T)
-                firsts = starts[first : first + real] + [0] * (TILE - real)
-                pos = torch.tensor(firsts, device=dev)[:, None] + torch.arange(T, device=dev)
-                outs.append(self._forward(first, first + TILE, ids, pos, firsts, exact=True)[:real])
+                pad = TILE - real
+                tile_ids = torch.cat([ids[first : first + real], ids.new_zeros(pad, T)])  # (TILE, T)
+                firsts = starts[first : first + real] + [0] * pad
+                tile_pos = torch.cat([pos[first : first + real], torch.arange(T, device=dev).repeat(pad, 1)])
+                outs.append(self._forward(first, first + TILE, tile_ids, tile_pos, firsts, exact=True)[:real])
             logits = torch.cat(outs)
-        for i, f in enumerate(feeds):
-            self.lengths[i] += len(f)
+        for i, g in enumerate(grow):
+            self.lengths[i] += g
         return logits  # (n, T, V)
 
     def rollback(self, slot: int, length: int) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from labkit.batch.controller import BatchKController
-from labkit.batch.engine import BatchEngine
+from labkit.batch.engine import BatchEngine, HostCopy, to_device
 from labkit.batch.graphs import bucket
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
@@ -57,6 +57,15 @@ class BatchRequest:
     accepted_lengths: list[int] = field(default_factory=list)  # per step: how much of it stood
 
 
+@dataclass
+class _InFlight:
+    """A plain step launched and not yet read."""
+    requests: list[BatchRequest]  # its rows, in the order it ran them
+    chosen: torch.Tensor  # (n,) each row's next token, on the device
+    host: HostCopy  # the same tokens on their way to the host
+    rows: dict[int, int]  # id(request) -> its row
+
+
 class ContinuousBatcher:
     def __init__(self, batch: BatchEngine, drafter: Callable[[], Drafter] | None = None, k: int = 0,
                  controller: BatchKController | None = None) -> None:
@@ -69,6 +78,7 @@ class ContinuousBatcher:
         self.rows: list[BatchRequest] = []  # rows[i]: the request in slot i
         self.steps = 0  # batched decode steps taken
         self.rows_stepped = 0  # sum of active rows over those steps (mean batch = rows_stepped / steps)
+        self.in_flight: _InFlight | None = None  # a plain step launched and not yet read
 
     def submit(self, prompt_ids: list[int], config: GenerationConfig) -> BatchRequest:
         """Queue a request (EOS ids as `generate` takes them: the config's, else the model's)."""
@@ -89,16 +99,22 @@ class ContinuousBatcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.rows)
+        return bool(self.waiting or self.rows or self.in_flight)
 
     @staticmethod
     def _greedy(requests: list[BatchRequest], logits: torch.Tensor) -> list[list[int]]:
+        """The chosen tokens at every fed position of every row (`_choose`), read by the host. logits (n, T, V)."""
+        return ContinuousBatcher._choose(requests, logits, [len(r.tokens) for r in requests]).tolist()
+
+    @staticmethod
+    def _choose(requests: list[BatchRequest], logits: torch.Tensor, produced: list[int]) -> torch.Tensor:
         """The target's argmax at every fed position of every row, EOS blocked where a row's
-        min_new_tokens asks; a sampled row (one fed position) draws its token from its generator
-        instead. One device read for the whole batch. logits (n, T, V)."""
+        min_new_tokens asks (produced[i]: the tokens row i has before this step's); a sampled row
+        (one fed position) draws its token from its generator instead. On the device, nothing
+        read: logits (n, T, V) -> (n, T)."""
         groups: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}  # EOS ids -> (rows, positions blocked)
-        for i, r in enumerate(requests):
-            block = max(0, r.config.min_new_tokens - len(r.tokens))
+        for i, (r, done) in enumerate(zip(requests, produced, strict=True)):
+            block = max(0, r.config.min_new_tokens - done)
             if block and r.eos_ids:
                 rows, blocks = groups.setdefault(r.eos_ids, ([], []))
                 rows.append(i)
@@ -108,14 +124,14 @@ class ContinuousBatcher:
             dev, T = logits.device, logits.shape[1]
             positions = torch.arange(T, device=dev)  # (T,)
             for eos, (rows, blocks) in groups.items():  # a few launches per group, not a launch per row
-                at = (torch.tensor(rows, device=dev)[:, None, None], positions[None, :, None], torch.tensor(eos, device=dev)[None, None, :])
-                blocked = positions[None, :] < torch.tensor(blocks, device=dev)[:, None]  # (g, T)
+                at = (to_device(rows, dev)[:, None, None], positions[None, :, None], to_device(list(eos), dev)[None, None, :])
+                blocked = positions[None, :] < to_device(blocks, dev)[:, None]  # (g, T)
                 logits[at] = logits[at].masked_fill(blocked[:, :, None], float("-inf"))  # the (g, T, E) EOS logits only
         chosen = logits.argmax(-1)  # (n, T)
         for i, r in enumerate(requests):
             if r.generator is not None:
                 chosen[i, -1] = sample(logits[i, -1:], r.config, r.generator)[0]
-        return chosen.tolist()
+        return chosen
 
     def _take(self, request: BatchRequest, greedy: list[int], draft: Sequence[int] = ()) -> int:
         """Keep the longest prefix of `draft` the target agrees with (greedy: its argmax at the fed
@@ -154,7 +170,25 @@ class ContinuousBatcher:
                     self.rows[slot] = last
 
     def step(self) -> None:
-        """Admit what fits, then one decode step over every active request."""
+        """Admit what fits, then one decode step over every active request. A plain step (K 0) is
+        launched ahead: its tokens come from the step before it on the device, and that step's
+        tokens are read and taken while it runs (`_plain_ahead`); any other step first reads the
+        step in flight (`_settle`)."""
+        self._admit()
+        if not self.rows:
+            self.in_flight = None  # its requests all left (cancelled): nothing to read
+            return
+        k_step = self.controller.choose(bucket(len(self.rows))) if self.controller else self.k
+        flight = self.in_flight
+        if k_step == 0 and (flight is None or any(len(r.tokens) + (id(r) in flight.rows) < r.config.max_new_tokens for r in self.rows)):
+            self._plain_ahead()  # (a step after which every row is done by max_new_tokens would be wasted)
+            return
+        self._settle_in_flight()
+        if self.rows:
+            self._read_step(k_step)
+
+    def _admit(self) -> None:
+        """Prefill the waiting requests that fit into free slots; each takes its first token."""
         joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.batch.free))]
         if joining:
             assert self.batch.active == len(self.rows)
@@ -163,10 +197,52 @@ class ContinuousBatcher:
             for request, first in zip(joining, self._greedy(joining, logits[:, None]), strict=True):
                 self._take(request, first)
         self._leave()
-        if not self.rows:
-            return
+
+    def _plain_ahead(self) -> None:
+        """Launch a plain step over every row, then read the step in flight while it runs. A row
+        in the step in flight is fed that step's token on the device; one that joined since, its
+        last token from the host. A row that the read finishes has had one step too many, whose
+        result no one reads (its slot is released after it, in the device's order)."""
         t0 = time.perf_counter()
-        k_step = self.controller.choose(bucket(len(self.rows))) if self.controller else self.k
+        flight, n = self.in_flight, len(self.rows)
+        in_flight = [flight.rows.get(id(r), -1) if flight else -1 for r in self.rows]  # each row's row in the flight, -1: none
+        if flight is None or in_flight != list(range(n)):
+            ids = to_device([r.tokens[-1] for r in self.rows], self.batch.engine.device)  # (n,)
+            if flight is not None:
+                at = to_device([max(i, 0) for i in in_flight], ids.device)
+                ids = torch.where(to_device(in_flight, ids.device) >= 0, flight.chosen[at], ids)
+        else:
+            ids = flight.chosen[:n]
+        logits = self.batch.advance(ids)  # (n, V)
+        self.steps += 1
+        self.rows_stepped += n
+        chosen = self._choose(self.rows, logits[:, None], [len(r.tokens) + (i >= 0) for r, i in zip(self.rows, in_flight, strict=True)])
+        self.in_flight = _InFlight(list(self.rows), chosen[:, 0], HostCopy(chosen[:, 0]), {id(r): i for i, r in enumerate(self.rows)})
+        if flight is not None:
+            self._settle(flight, t0)
+
+    def _settle_in_flight(self) -> None:
+        if self.in_flight is not None:
+            flight, self.in_flight = self.in_flight, None
+            self._settle(flight, time.perf_counter())
+
+    def _settle(self, flight: _InFlight, t0: float) -> None:
+        """Read a plain step's tokens and take them (rows finished since it was launched skip theirs)."""
+        before = sum(len(r.tokens) for r in flight.requests)
+        for request, token in zip(flight.requests, flight.host.tolist(), strict=True):
+            if not request.finished:
+                self._take(request, [token])
+                request.verify_steps += 1
+                if self.k:
+                    request.draft_tokens.append([])
+                    request.accepted_lengths.append(0)
+        if self.controller:
+            self.controller.observe(bucket(len(flight.requests)), 0, sum(len(r.tokens) for r in flight.requests) - before, time.perf_counter() - t0)
+        self._leave()
+
+    def _read_step(self, k_step: int) -> None:
+        """One step read at once: the rows' drafts (K k_step) verified, each row's verdict taken."""
+        t0 = time.perf_counter()
         feeds = [self._feed(r, k_step) for r in self.rows]
         before = sum(len(r.tokens) for r in self.rows)
         width = k_step + 1 if k_step and self.batch.cfg.invariant else None  # invariant: one width whatever the batch drafts
