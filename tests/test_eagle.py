@@ -76,6 +76,42 @@ def test_eagle_drafts_inside_the_verify_step_as_after_it_and_stays_lossless(prom
     assert sum(fused.stats.accepted_lengths) < sum(map(len, fused.stats.draft_tokens))  # some rejections: ragged rows were met
 
 
+def test_the_chain_a_verify_drafts_is_as_deep_as_k_asks(monkeypatch) -> None:
+    """On the host's steps the verify drafts a chain as deep as the proposal before it asked (a
+    draft-layer pass per depth, not the head's whole depth); where the next K asks for more, the
+    proposal makes its chain again. Drafts equal the host-side catch-up's, the output plain greedy's."""
+    from labkit.config import GenerationConfig
+    from labkit.generate import Speculation, generate
+    from labkit.specdec.controllers import Controller
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    class Cycle(Controller):  # K 2, 4, 1, 3, ...: a deeper chain asked after a shallower one
+        k_max = 4
+
+        def reset(self) -> None:
+            self.i = 0
+
+        def next_k(self) -> int:
+            self.i += 1
+            return (2, 4, 1, 3)[self.i % 4]
+
+    engine = _engine()
+    prompt = list(range(3, 20))
+    cfg = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    drafter = EagleDrafter(engine, random_head(depth=4))
+    picks: list[int] = []
+    pick = drafter._pick
+    monkeypatch.setattr(drafter, "_pick", lambda feat, width=1: (picks.append(1), pick(feat, width))[1])
+    fixed = generate(engine, prompt, cfg, Speculation(drafter, 2))
+    assert fixed.tokens == want and len(picks) <= 2 * len(fixed.stats.draft_tokens)  # a pass per drafted depth, not 4
+    cycled = generate(engine, prompt, cfg, Speculation(drafter, 4, controller=Cycle()))
+    host = generate(engine, prompt, cfg, Speculation(drafter, 4, controller=Cycle()), detailed_metrics=True)
+    assert cycled.tokens == want == host.tokens
+    assert cycled.stats.draft_tokens == host.stats.draft_tokens
+    assert [len(d) for d in cycled.stats.draft_tokens[:8]] == [4, 1, 3, 2, 4, 1, 3, 2]
+
+
 def test_a_prompt_in_several_passes_gives_the_drafter_every_position(monkeypatch) -> None:
     """A prompt longer than one pass (PREFILL_CHUNK) is gathered: the draft cache gets every
     prompt element, so the drafts are those of the prompt in one pass (fresh drafters)."""

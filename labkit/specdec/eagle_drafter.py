@@ -147,6 +147,7 @@ class EagleDrafter(Drafter):
             self.device_steps = self
         self._steps_used: set[tuple[int, bool]] = set()  # (width, copy steps?) whose device steps ran in this request
         self.done = 0  # the draft cache holds the true elements 0..done-1
+        self.chain_depth = self.depth  # the chain a verify drafts: on the host's steps, as deep as the last proposal asked
         self._prepared: tuple[int, list[int]] | None = None  # (context length, draft) the last verify made
         self._draft_cache: KVCache | None = None
         self._warm = False  # the draft layer's Triton kernels compiled for every kind of width (_warm_up)
@@ -200,12 +201,12 @@ class EagleDrafter(Drafter):
         logits = self._logits(feat)  # (B, N)
         return self.ids[logits.argmax(-1, keepdim=True) if width == 1 else logits.topk(width, dim=-1).indices]
 
-    def _chain(self, feat: torch.Tensor, anchor: torch.Tensor, width: int = 1) -> torch.Tensor:
+    def _chain(self, feat: torch.Tensor, anchor: torch.Tensor, width: int = 1, depth: int | None = None) -> torch.Tensor:
         """feat (B, D) the anchor's predicted feature, anchor (B,) its position -> (B, depth, width)
-        the best `width` drafts at each depth of the chain, which follows the best."""
+        the best `width` drafts at each depth of the chain (default: the head's depth), which follows the best."""
         top = self._pick(feat, width)  # (B, width)
         drafts = [top]
-        for d in range(2, self.depth + 1):
+        for d in range(2, (depth or self.depth) + 1):
             feat = self.elements(feat[:, None], top[:, :1], (anchor + d - 1)[:, None])[:, 0]
             top = self._pick(feat, width)
             drafts.append(top)
@@ -251,7 +252,7 @@ class EagleDrafter(Drafter):
         accepted = verdict[:, 0]  # (B,)
         if self.tree is not None:
             return dynamic_tree(self, anchor_feat, input_pos[:1] + accepted, self.tree)[None]  # (1, 2 * nodes)
-        return self._chain(anchor_feat, input_pos[0] + accepted, self.width).flatten(1)  # (B, depth * width)
+        return self._chain(anchor_feat, input_pos[0] + accepted, self.width, self.chain_depth).flatten(1)  # (B, depth * width)
 
     def catch_up(self, hidden: torch.Tensor, verdict: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Inside the verify step: the draft cache's elements for every verified row (row j's token
@@ -291,11 +292,13 @@ class EagleDrafter(Drafter):
             copy_steps, copy_fresh = self._steps(k_copy, copy=True)
         chain_steps, chain_fresh = self._steps(k_chain, copy=False)
         t0 = time.perf_counter()
+        self.chain_depth = self.depth  # the device steps' chains fill their columns
         if self.lookup_over and self.copying:
             out = copy_steps.run(context, m, eos_mask, eos_until, copy_fresh)
             self._anchor_at = len(context) + sum(len(new) for _, new in out) - 2  # the catch-up kept the anchor's feature
         else:
             first = self.propose(context, k_chain, GenerationConfig(), None).tokens
+            self.chain_depth = self.depth
             out = chain_steps.run(context, m, eos_mask, eos_until, chain_fresh, cols=first)
             self.take(chain_steps.last_cols, len(context) + sum(len(new) for _, new in out))
         if self.lookup_over:
@@ -316,15 +319,17 @@ class EagleDrafter(Drafter):
 
     def _propose(self, context: list[int], k: int) -> Draft:
         k = min(k, self.depth)
+        if self.width == 1 and self.tree is None:  # the next verify drafts a chain as deep as this proposal (a pass per depth)
+            self.chain_depth = k
         L = len(context)  # the target's cache holds context[:-1]: true elements 0..L-2
         prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared[0] == L:  # the verify step caught up and drafted
+        if prepared is not None and prepared[0] == L and len(prepared[1]) >= k * self.width:  # the verify step caught up and drafted
             self.done = L - 1
             return self._draft(prepared[1], k)
         if self._anchor_at == L - 2 and self.tree is None:  # copy steps caught up: the chain from their anchor
             self.done, self._anchor_at = L - 1, -1
             anchor = torch.full((self.target.batch_size,), L - 2, device=self.target.device)
-            return self._draft(self._chain(self.anchor_feat, anchor, self.width)[0].flatten().tolist(), k)
+            return self._draft(self._chain(self.anchor_feat, anchor, self.width, self.chain_depth)[0].flatten().tolist(), k)
         # Elements the last pass made true. One not in it (a step that proposed nothing, then
         # another) keeps a stale element: worse drafts there, never a wrong output.
         start = min(max(self.done, self.target.kept_hidden.start), L - 2)
@@ -338,7 +343,7 @@ class EagleDrafter(Drafter):
         anchor = torch.full((B,), L - 2, device=device)
         if self.tree is not None:
             return self._draft(dynamic_tree(self, anchor_feat, anchor, self.tree).tolist(), k)
-        return self._draft(self._chain(anchor_feat, anchor, self.width)[0].flatten().tolist(), k)
+        return self._draft(self._chain(anchor_feat, anchor, self.width, self.chain_depth)[0].flatten().tolist(), k)
 
     def _draft(self, flat: list[int], k: int) -> Draft:
         """(depth * width,) candidates, best first at each depth -> the first k depths' chain or tree;
