@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from labkit.cli_args import _engine_args, _model_args, engine_config
-from labkit.config import DRAFTERS, GenerationConfig
+from labkit.config import CONTROLLERS, DRAFTERS, GenerationConfig
 from labkit.errors import LabkitError
 
 
@@ -29,7 +29,9 @@ def add_generate_parser(sub: Any) -> None:
                    help="per-phase timings (CUDA events on a GPU); synchronises around each phase (default: SPECDEC_DETAILED_METRICS)")
     g.add_argument("--profile", default=None, metavar="TRACE.json", help="write a torch profiler trace of the request and print the top operators")
     add_drafter_args(g)
-    g.add_argument("--k", type=int, default=4, help="draft tokens per step")
+    g.add_argument("--k", type=int, default=4, help="draft tokens per step (K max for adaptive controllers)")
+    g.add_argument("--controller", default="auto", choices=CONTROLLERS,
+                   help="how many tokens to draft each step: auto (cost-aware on a CPU, fixed K elsewhere), fixed, heuristic, aimd, cost")
 
 
 def add_drafter_args(p: argparse.ArgumentParser) -> None:
@@ -77,6 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from labkit.generate import Speculation, generate_text, warm_up
     from labkit.metrics.profiler import check_trace_path, profile, top_ops
     from labkit.models.loading import load_model
+    from labkit.specdec.controllers import make_controller
     from labkit.specdec.drafters import build_drafter
 
     config, drafter_kind = check_generate_args(args)
@@ -88,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if drafter_kind:
         drafter = build_drafter(drafter_kind, engine, layers=args.layers, draft_model=args.draft_model, target_tokenizer=loaded.tokenizer,
                                 heads_path=args.heads)
-        spec = Speculation(drafter, k=args.k)
+        spec = Speculation(drafter, k=args.k, controller=make_controller(args.controller, args.k, engine.device.type))
     if engine.cuda_graph or engine.compiled:  # capture and compile now, not inside the timed request
         warm_up(engine, args.k if spec else 0, drafter=spec.drafter if spec else None)
         if spec is not None:

@@ -23,7 +23,7 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--max-tokens", type=int, default=256, help="when a request names no max_tokens")
     s.add_argument("--drafter", default=None, help="speculation by default (a request may override it with its own 'drafter' field)")
     s.add_argument("--k", type=int, default=4, help="draft tokens per step (K max for adaptive controllers)")
-    s.add_argument("--controller", default="fixed", help="fixed, heuristic, aimd, cost")
+    s.add_argument("--controller", default="auto", help="auto (cost-aware on a CPU, fixed K elsewhere), fixed, heuristic, aimd, cost")
     s.add_argument("--policy", default="default", help="default, greedy, rejection, typical, topk")
     s.add_argument("--draft-model", default=None, help="for --drafter model")
     s.add_argument("--heads", default=None, metavar="FOLDER", help="for --drafter heads")

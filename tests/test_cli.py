@@ -90,6 +90,11 @@ def test_generate_with_a_drafter_reports_accepted_lengths(tiny_folder) -> None:
     stats = json.loads(out)["stats"]
     assert stats["drafter"] == "ngram" and stats["policy"] == "greedy"
     assert len(stats["accepted_lengths"]) == stats["target_steps"] >= 1
+    assert stats["controller"] == "cost"  # auto, on a CPU: K by the measured verify costs
+    rc, out, err = run_cli("generate", "--model", str(tiny_folder), "--prompt", "one two one two", "--max-tokens", "6",
+                           "--json", "--device", "cpu", "--drafter", "ngram", "--k", "3", "--controller", "fixed")
+    assert rc == 0, err
+    assert json.loads(out)["stats"]["controller"] == "fixed"
 
 
 def test_speculation_bad_input(tiny_folder) -> None:

@@ -14,7 +14,7 @@ from labkit.errors import LabkitError
 from labkit.generate import Speculation, generate
 from labkit.models.tiny import tiny_hf_model
 from labkit.specdec import make_drafter
-from labkit.specdec.controllers import AIMD, CONTROLLERS, CostAware, HeuristicK, make_controller
+from labkit.specdec.controllers import AIMD, CONTROLLERS, CostAware, HeuristicK, controller_name, make_controller
 from labkit.specdec.policies import TopKAgreement, TypicalAcceptance, Verdict, make_policy
 from labkit.specdec.speedup import alpha_from_steps, expected_tokens, predicted_speedup
 
@@ -100,7 +100,7 @@ def test_lossless_policies_stay_identical_with_every_controller(target: Engine, 
     drafter = make_drafter(kind, target, layers=2)
     result = generate(target, PROMPT, cfg, Speculation(drafter, 6, None, make_controller(controller, 6)))
     assert result.tokens == want and result.stats.lossless
-    assert all(1 <= k <= 6 for k in result.stats.k_trace) and result.stats.controller == controller
+    assert all(1 <= k <= 6 for k in result.stats.k_trace) and result.stats.controller == controller_name(controller, "cpu")
 
 
 @pytest.mark.parametrize("kind", ["layerskip", "truncated"])
@@ -156,6 +156,17 @@ def test_make_policy_rejects_bad_input() -> None:
         make_policy("typical", GenerationConfig(), posterior_threshold=0.0)
     with pytest.raises(LabkitError, match="unknown controller"):
         make_controller("nope", 4)
+
+
+def test_the_auto_controller_is_cost_aware_on_a_cpu_and_fixed_elsewhere() -> None:
+    assert isinstance(make_controller("auto", 4, "cpu"), CostAware)
+    fixed = make_controller("auto", 4, "cuda")
+    assert fixed.name == "fixed" and fixed.next_k() == 4
+    assert make_controller("aimd", 4, "cpu").name == "aimd"  # a name asked for is kept on any device
+    cost = make_controller("cost", 3)
+    cost.calibrate({0: 1.0, 1: 1.2, 2: 1.4, 3: 1.6})
+    cost.update(15, 2, 0.001, 2.0)  # a token tree's 15 nodes (eagle-tree sets its own size): not a chain's K
+    assert cost.steps == 0 and cost.next_k() in (1, 2, 3)
 
 
 def test_perplexity_matches_the_model() -> None:

@@ -138,7 +138,7 @@ def _measure(cfg: SweepConfig, target: Engine, prompts: list[tuple[Any, list[int
     """Plain decoding, then every setup at every controller and K (in rotating order), on every prompt."""
     # One controller per setup and K for the whole sweep: adaptive ones learn this device's costs
     # across requests, and never hear which category a prompt is from.
-    controllers = {(d.name, label, c, k): make_controller(c, k) for d, label, _ in setups for c in cfg.controllers for k in cfg.ks_for(c)}
+    controllers = {(d.name, label, c, k): make_controller(c, k, target.device.type) for d, label, _ in setups for c in cfg.controllers for k in cfg.ks_for(c)}
     runs = [(drafter, label, policy, c, k) for drafter, label, policy in setups for c in cfg.controllers for k in cfg.ks_for(c)]
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=cfg.iterations * len(prompts) * (1 + len(controllers)), desc="sweep", disable=not cfg.progress)

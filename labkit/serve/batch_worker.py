@@ -30,14 +30,14 @@ from labkit.specdec.drafters import NgramDrafter
 
 class BatchWorker:
     def __init__(self, engine: Engine, spec: SpecDefaults, max_queue: int, metrics: ServeMetrics, slots: int, slot_len: int) -> None:
-        if spec.drafter not in (None, "none", "ngram") or spec.controller not in ("fixed", "cost") or spec.policy != "default":
+        if spec.drafter not in (None, "none", "ngram") or spec.controller not in ("fixed", "cost", "auto") or spec.policy != "default":
             raise LabkitError("the batching server drafts greedily with ngram (--drafter ngram or none), at a fixed K or "
-                              "--controller cost (K per step from 0..K by measured throughput)")
+                              "--controller cost or auto (K per step from 0..K by measured throughput)")
         k = spec.k if spec.drafter == "ngram" else 0
         graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"
         self.batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots, slot_len, cuda_graph=graphs)),
                                          (lambda: NgramDrafter(3, 1)) if k else None, k,
-                                         BatchKController(k) if k and spec.controller == "cost" else None)
+                                         BatchKController(k) if k and spec.controller != "fixed" else None)  # auto: by throughput, K 0 included
         self.batcher.batch.capture_graphs(list(range(1, k + 2)))
         self.max_queue, self.metrics = max_queue, metrics
         self._inbox: queue.Queue[Job | None] = queue.Queue()

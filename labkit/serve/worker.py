@@ -37,7 +37,7 @@ class SpecDefaults:
 
     drafter: str | None = None
     k: int = 4
-    controller: str = "fixed"
+    controller: str = "auto"  # cost-aware on a CPU, fixed K elsewhere (controllers.AUTO_CONTROLLER)
     policy: str = "default"
 
 
@@ -138,7 +138,7 @@ class FifoWorker:
         name = r.controller or self.spec.controller
         key = (name, k)
         if key not in self._controllers:
-            self._controllers[key] = make_controller(name, k)
+            self._controllers[key] = make_controller(name, k, self.engine.device.type)
         return Speculation(self._drafters[kind], k, self._policy(r), self._controllers[key])
 
     def _run(self) -> None:

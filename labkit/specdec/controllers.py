@@ -9,6 +9,7 @@ and the loop times them once (`Engine.time_verify`) and hands the table to `cali
 
 from __future__ import annotations
 
+from labkit.config import CONTROLLERS
 from labkit.errors import LabkitError
 from labkit.specdec.speedup import expected_tokens
 
@@ -204,7 +205,7 @@ class CostAware(Controller):
         return best
 
     def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
-        if drafted < 1:
+        if not 1 <= drafted <= self.k_max:  # none, or a token tree's nodes (a tree drafter sets its own size): nothing on chains
             return
         a, s = self.ema, self.state
         failures = 0 if accepted == drafted else 1
@@ -226,11 +227,22 @@ class CostAware(Controller):
         self.seen_at[drafted] = self.steps
 
 
-CONTROLLERS = ("fixed", "heuristic", "aimd", "cost")
+# auto: the controller measured best on the device. On a CPU a verify of K+1 tokens costs more than
+# a step per token it adds (2.1 plain steps at K=3 on a 2-core EPYC: the products turn
+# compute-bound), so a fixed K that pays on a GPU loses there; the cost-aware controller drafts
+# what pays by the measured verify costs: 1.01-1.06x plain for every drafter against 0.57-0.99x at
+# a fixed K (results/sweep-cpu-20261201-201300.json, AVX2 build). On a GPU fixed K is what was measured best.
+AUTO_CONTROLLER = {"cpu": "cost"}
 
 
-def make_controller(name: str, k_max: int) -> Controller:
-    """fixed (K = k_max) | heuristic | aimd | cost; every one stays in [1, k_max]."""
+def controller_name(name: str, device_type: str) -> str:
+    """The controller a name means on this kind of device (auto: AUTO_CONTROLLER's, else fixed)."""
+    return AUTO_CONTROLLER.get(device_type, "fixed") if name == "auto" else name
+
+
+def make_controller(name: str, k_max: int, device_type: str = "cpu") -> Controller:
+    """fixed (K = k_max) | heuristic | aimd | cost | auto (by the device); every one stays in [1, k_max]."""
+    name = controller_name(name, device_type)
     if k_max < 1:
         raise LabkitError(f"K must be at least 1, got {k_max}")
     if name == "fixed":
