@@ -29,13 +29,13 @@ def engine_for(arch: str) -> Engine:
 
 
 @pytest.mark.parametrize("arch", BATCH_ARCHS)
-@pytest.mark.parametrize("invariant", [False, True])
-def test_continuous_batching_gives_every_request_its_batch_1_tokens(arch: str, invariant: bool) -> None:
+@pytest.mark.parametrize(("invariant", "ahead"), [(False, False), (False, True), (True, True)])
+def test_continuous_batching_gives_every_request_its_batch_1_tokens(arch: str, invariant: bool, ahead: bool) -> None:
     engine = engine_for(arch)
     asks = prompts(11, engine.args.vocab_size)
     lengths = [5 + (i * 7) % 13 for i in range(len(asks))]  # ragged: requests leave at different steps
     want = [generate(engine, p, GenerationConfig(max_new_tokens=n)).tokens for p, n in zip(asks, lengths, strict=True)]
-    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=4, max_seq_len=64, invariant=invariant)))
+    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=4, max_seq_len=64, invariant=invariant)), ahead=ahead)
     got = [batcher.submit(p, GenerationConfig(max_new_tokens=n)) for p, n in zip(asks[:6], lengths[:6], strict=True)]
     for _ in range(3):  # the rest arrive while the first are running
         batcher.step()
@@ -51,7 +51,7 @@ def test_plain_steps_launch_before_the_step_in_flight_is_read() -> None:
     takes those tokens while it runs; no step runs once every row has its last token."""
     engine = engine_for("llama")
     batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=64))
-    batcher = ContinuousBatcher(batch)
+    batcher = ContinuousBatcher(batch, ahead=True)  # the default on CUDA, whose steps run while the host works
     events: list[str] = []
     advance, take = batch.advance, batcher._take
     batch.advance = lambda ids: (events.append("l"), advance(ids))[1]  # type: ignore[method-assign]
@@ -143,7 +143,7 @@ def test_sampled_requests_batched_draw_their_batch_1_tokens() -> None:
     asks = prompts(7, engine.args.vocab_size, seed=3)
     configs = [GenerationConfig(max_new_tokens=6 + i % 5, temperature=0.9 + 0.1 * (i % 3), top_p=0.95, seed=40 + i) for i in range(len(asks))]
     want = [generate(engine, p, c).tokens for p, c in zip(asks, configs, strict=True)]
-    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=3, max_seq_len=64, invariant=True)))
+    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=3, max_seq_len=64, invariant=True)), ahead=True)
     got = [batcher.submit(p, c) for p, c in zip(asks, configs, strict=True)]
     batcher.run()
     assert [r.tokens for r in got] == want
@@ -174,7 +174,7 @@ def test_eos_ends_a_row_and_min_new_tokens_blocks_it() -> None:
     free = generate(engine, p, GenerationConfig(max_new_tokens=12, stop_at_eos=False)).tokens
     eos = free[3]
     for cfg in (GenerationConfig(max_new_tokens=12, eos_token_ids=(eos,)), GenerationConfig(max_new_tokens=12, min_new_tokens=8, eos_token_ids=(eos,))):
-        batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=2, max_seq_len=64)))
+        batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=2, max_seq_len=64)), ahead=True)
         got = batcher.submit(p, cfg)
         batcher.run()
         assert got.tokens == generate(engine, p, cfg).tokens
@@ -195,7 +195,8 @@ def test_rows_block_their_own_eos_until_their_own_min_new_tokens(k: int) -> None
         configs.append(GenerationConfig(max_new_tokens=16, min_new_tokens=(4 + i, 5 + i, 0, 4 + i)[i], eos_token_ids=(eos, 2 + i)))
     want = [generate(engine, p, c).tokens for p, c in zip(asks, configs, strict=True)]
     assert len({len(w) for w in want}) > 1  # some rows end early at their EOS, others are held past it
-    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=4, max_seq_len=128)), (lambda: NgramDrafter(3, 1)) if k else None, k)
+    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=4, max_seq_len=128)), (lambda: NgramDrafter(3, 1)) if k else None, k,
+                                ahead=True)  # plain steps launched ahead block EOS by the tokens before their own
     got = [batcher.submit(p, c) for p, c in zip(asks, configs, strict=True)]
     batcher.run()
     assert [r.tokens for r in got] == want
@@ -387,7 +388,9 @@ def test_the_k_controller_follows_the_fastest_k_not_the_steadiest() -> None:
     assert chosen.count(3) > 0.7 * len(chosen)
 
 
-def test_batched_speculation_with_the_k_controller_keeps_plain_greedy_tokens() -> None:
+@pytest.mark.parametrize("ahead", [False, True])
+def test_batched_speculation_with_the_k_controller_keeps_plain_greedy_tokens(ahead: bool) -> None:
+    """Plain and drafting steps mixed (a drafting step first reads the plain step in flight)."""
     from labkit.batch.controller import BatchKController
     from labkit.specdec.drafters import NgramDrafter
 
@@ -396,7 +399,7 @@ def test_batched_speculation_with_the_k_controller_keeps_plain_greedy_tokens() -
     asks = [p + p[:6] + p for p in base]
     want = [generate(engine, p, GenerationConfig(max_new_tokens=30)).tokens for p in asks]
     ctl = BatchKController(4, warm=1, explore_every=4)
-    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128)), lambda: NgramDrafter(3, 1), 4, ctl)
+    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128)), lambda: NgramDrafter(3, 1), 4, ctl, ahead=ahead)
     got = [batcher.submit(p, GenerationConfig(max_new_tokens=30)) for p in asks]
     batcher.run()
     assert [r.tokens for r in got] == want

@@ -5,7 +5,8 @@ then a request to summarise them), greedy, EOS blocked until max_new_tokens:
 - labkit_plain: the engine as `generate` runs it by default here (CUDA graphs over the fused
   layers on a GPU; the GGUF's blocks on a CPU where they apply);
 - labkit_<drafter>: the same engine with the best lossless drafter (prompt lookup on the device,
-  ngram-graph, on a GPU with graphs; ngram elsewhere), checked token for token against plain;
+  ngram-graph, on a GPU with graphs; ngram elsewhere) and the K controller `generate` gives a
+  user (auto: cost-aware on a CPU, fixed K elsewhere), checked token for token against plain;
 - hf_generate: transformers `generate` (SDPA attention); its time to first token is read by a
   streamer when the first new token comes out;
 - hf_forward: one transformers forward over the prompt (the last position's logits, as
@@ -39,6 +40,7 @@ from labkit.metrics.timers import now, synchronize
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts.long import long_prompt, min_tokens
 from labkit.specdec.draft import Drafter
+from labkit.specdec.controllers import Controller, make_controller
 from labkit.specdec.drafters import build_drafter
 
 GPU_LENGTHS = [32, 128, 512, 800, 1024, 2048, 4096, 8064]  # 8064 + 128 new tokens fill SmolLM2's 8,192 positions
@@ -129,6 +131,7 @@ class _Systems:
     drafter: Drafter | None
     kind: str  # the drafter's kind, or "none"
     k: int
+    controller: Controller | None  # K max k, "auto": cost-aware on a CPU (a fixed K loses there), fixed K elsewhere
     hf_model: Any  # None: transformers not timed
     names: list[str]
 
@@ -136,7 +139,7 @@ class _Systems:
         if system == "hf_generate":
             tokens, ttft, total = time_hf_generate_ttft(self.hf_model, ids, gen, self.engine.device)
             return {"tokens": tokens, "ttft": ttft, "total": total, "result": None}
-        spec = Speculation(self.drafter, self.k) if system != "labkit_plain" and self.drafter is not None else None
+        spec = Speculation(self.drafter, self.k, controller=self.controller) if system != "labkit_plain" and self.drafter is not None else None
         result = generate(self.engine, ids, gen, spec)
         return {"tokens": result.tokens, "ttft": result.stats.ttft_s, "total": result.stats.total_s, "result": result}
 
@@ -151,7 +154,8 @@ def _systems(cfg: ContextConfig, loaded: LoadedModel, device: torch.device, cont
     hf_model = copy.deepcopy(loaded.hf_model).to(device=device, dtype=engine.dtype).eval() if cfg.hf else None
     names = ["labkit_plain", *([f"labkit_{kind}"] if drafter is not None else []), *(["hf_generate"] if hf_model is not None else [])]
     warm_up(engine, k if drafter is not None else 0)
-    return _Systems(engine, drafter, kind, k, hf_model, names)
+    controller = make_controller("auto", k, device.type) if drafter is not None else None  # what generate gives a user
+    return _Systems(engine, drafter, kind, k, controller, hf_model, names)
 
 
 def _check_lengths(cfg: ContextConfig, lengths: list[int], tokenizer: Any, context: int) -> None:
@@ -203,7 +207,8 @@ def run_context(cfg: ContextConfig, loaded: LoadedModel | None = None) -> dict[s
     engine = systems.engine
     params = run_params(cfg)
     params.update(model_source=loaded.source, device_resolved=str(device), dtype_resolved=dtype_name(engine.dtype), lengths_resolved=lengths,
-                  drafter_resolved=systems.kind, k_resolved=systems.k, weights=engine.weights, layer_kernels=engine.layer_kernels,
+                  drafter_resolved=systems.kind, k_resolved=systems.k,
+                  controller_resolved=systems.controller.name if systems.controller else "", weights=engine.weights, layer_kernels=engine.layer_kernels,
                   max_seq_len=engine.max_seq_len)
     payload: dict[str, Any] = {"benchmark": "context", **provenance(device, params), "card": device_name(device), "summary": summary,
                                "hf_forward_ms": {str(n): ms for n, ms in forward_ms.items()}, "targets": targets(summary, forward_ms)}
