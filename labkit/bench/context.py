@@ -39,8 +39,8 @@ from labkit.generate import Speculation, generate, warm_up
 from labkit.metrics.timers import now, synchronize
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts.long import long_prompt, min_tokens
-from labkit.specdec.draft import Drafter
 from labkit.specdec.controllers import Controller, make_controller
+from labkit.specdec.draft import Drafter
 from labkit.specdec.drafters import build_drafter
 
 GPU_LENGTHS = [32, 128, 512, 800, 1024, 2048, 4096, 8064]  # 8064 + 128 new tokens fill SmolLM2's 8,192 positions
