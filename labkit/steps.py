@@ -244,7 +244,7 @@ class DeviceSpeculation:
     def __call__(self, req: Request) -> None:
         k = self.controller.next_k()
         room = (req.engine.max_seq_len - len(req.context) + 1) // (k + 1)
-        if room < 1:
+        if room < 1 or k < 1:  # no room, or no draft asked (a plain step)
             self.host.run(req, k)
             return
         m = min(self.steps.chunk, max(1, req.remaining // 2), room)

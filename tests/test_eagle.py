@@ -338,6 +338,25 @@ def test_eagle_device_steps_are_the_host_steps(prompt_len: int) -> None:
     assert steps.stats.accepted_lengths[:n] == host.stats.accepted_lengths[:n]  # a random head: rejections (a trained one: below)
 
 
+def test_device_steps_take_a_plain_step_where_the_controller_asks_for_no_draft() -> None:
+    """A calibrated cost-aware controller may answer K=0 (no draft pays): device speculation then
+    runs a plain step, and the output stays plain greedy's."""
+    from labkit.config import GenerationConfig
+    from labkit.generate import Speculation, generate
+    from labkit.specdec.controllers import CostAware
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    engine = _engine()
+    prompt = list(range(3, 20))
+    cfg = GenerationConfig(max_new_tokens=30, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    controller = CostAware(3, alpha_prior=0.0)
+    controller.calibrate({k: 1.0 + 0.5 * k for k in range(4)})  # a draft token costs half a step: with alpha 0, K=0 wins
+    out = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=True), 3, controller=controller))
+    assert out.tokens == want
+    assert out.stats.target_steps > len(out.stats.k_trace) > 0  # plain steps, and probes that drafted
+
+
 def log_chunks(monkeypatch) -> list:
     """Every chunk EagleDrafter's device steps run from now: (context, copy steps?, its steps)."""
     from labkit.specdec.eagle_drafter import EagleDrafter

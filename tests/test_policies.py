@@ -186,6 +186,27 @@ def test_mixed_model_reduces_to_the_textbook_and_to_plain() -> None:
     assert predicted_mixed_speedup(0.8, 0.1, 4, 1.2, 0.0) == pytest.approx(1.0)
 
 
+def test_cost_aware_decodes_plainly_where_no_draft_pays_and_probes_for_alpha() -> None:
+    """With a verify cost table (a CPU's: a draft token costs 0.25 of a step) K=0, a plain step,
+    is a candidate: where nothing stands the controller answers 0, drafting one token every
+    probe_every-th step to keep alpha fresh; where drafts stand again it drafts again."""
+    table = {k: 1.0 + 0.25 * k for k in range(4)}
+    cost = CostAware(3, probe_every=6)
+    cost.calibrate(table)
+    ks = []
+    for _ in range(60):  # nothing stands
+        k = cost.next_k()
+        ks.append(k)
+        if k:
+            cost.update(k, 0, 0.0, table[k])
+    assert ks[-30:].count(0) == 25 and set(ks[-30:]) == {0, 1}  # plain, one probe in six
+    for _ in range(20):  # every draft stands
+        k = cost.next_k()
+        if k:
+            cost.update(k, k, 0.0, table[k])
+    assert cost.next_k() == 3
+
+
 def test_cost_aware_starts_a_request_from_the_last_ones_alpha() -> None:
     c = CostAware(8)
     c.reset()

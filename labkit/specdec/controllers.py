@@ -1,4 +1,5 @@
-"""K controllers: how many tokens to draft next. Each keeps K in [1, k_max].
+"""K controllers: how many tokens to draft next. Each keeps K in [1, k_max]; the cost-aware one,
+calibrated, may also answer 0 (a plain step) where no draft pays by its measured costs.
 
 The loop calls `reset()` at the start of a request, `next_k()` before each draft, and
 `update(drafted, accepted, draft_s, verify_s)` after each verify (seconds as the host saw them;
@@ -114,7 +115,10 @@ class CostAware(Controller):
     steps, plus an offset that follows the live steps (context growth, the policy, the host). One
     step's time is noisy (a CPU step jitters by more than the cost of one more token), so a shape
     fitted from live steps alone mistakes noise for slope; with the table, live noise moves every
-    width alike and cannot tip K.
+    width alike and cannot tip K. With the table K=0 is a candidate too (one token at verify(0),
+    a plain step): where no draft pays (a CPU, where a verify of 2 tokens costs about 1.2 plain
+    steps, on text that lookup cannot copy) the request decodes plainly, and every `probe_every`-th
+    plain step in a row drafts one token instead, since plain steps teach nothing of alpha.
 
     Without a table, verify(K) is a line fitted to the widths seen in the last `fresh` steps,
     and every `probe_every` steps the controller tries the width next to its choice to keep a
@@ -139,6 +143,7 @@ class CostAware(Controller):
         self.verify_by_k: dict[int, float] = {}  # without a table: EMA of verify seconds per width K
         self.seen_at: dict[int, int] = {}  # width -> step it was last measured
         self.steps = 0
+        self.plain_run = 0  # plain steps (K 0) chosen in a row
 
     def calibrate(self, verify_s: dict[int, float]) -> None:
         """Verify seconds for K = 0..k_max drafts, measured on this device."""
@@ -195,7 +200,11 @@ class CostAware(Controller):
 
     def next_k(self) -> int:
         if self.verify_table is not None:
-            return max(range(1, self.k_max + 1), key=self.rate)
+            best = max(range(self.k_max + 1), key=self.rate)  # K 0: a plain step, one token at verify(0)
+            self.plain_run = self.plain_run + 1 if best == 0 else 0
+            if best == 0 and self.plain_run % self.probe_every == 0:  # a plain step teaches nothing of alpha: probe one draft
+                return 1
+            return best
         if not self.verify_by_k:
             return self.k_start
         line = self.verify_line()  # fitted once per decision
