@@ -100,6 +100,44 @@ static float dot8(const float *a, const float *b, int64_t D) {
     return s;
 }
 
+/* e^x within 1 ulp of the rounded exact value on [-87, 88] (clamped beyond: e^-87 is 1.6e-38,
+ * e^88 1.7e38), in operations the compiler vectorizes: libm's expf is a call per element, and at
+ * 2,048 positions the softmax's exps were most of a CPU decode step (0.55 M a token; a verify of
+ * T tokens T times as many). Cephes' expf: x = n ln 2 + r, e^r by a degree-7 polynomial, 2^n by
+ * the exponent's bits; n by the round-to-nearest of adding and taking away 1.5 * 2^23. One
+ * function for every row, so a row's bits do not depend on what shares its step. */
+static inline float expv(float x) {
+    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+    const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;  /* ln 2 in two parts: 0.693359375 - 2.12194440e-4 */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* p[0] + ... + p[n-1] as eight lanes added in dot8's fixed tree (one order whatever shares the step). */
+static float sum8(const float *p, int64_t n) {
+    v8f acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        v8f x;
+        memcpy(&x, p + j, sizeof x);
+        acc += x;
+    }
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; j < n; j++) s += p[j];
+    return s;
+}
+
 /* q: (M, nh, D); out: (M, nh*D). Row t sees keys lo..pos[t], lo = pos[t] - window + 1 with a
  * window, else 0; with a token tree (tree_mask (M, n_tree) int8, else NULL) of those in the
  * tree's slots tree_base..tree_base+n_tree-1 only the ones its mask row allows. Row t reads the
@@ -127,11 +165,9 @@ void attention(const float *q, int64_t M, const float *k_cache, const float *v_c
             p[s] = dot8(qr, kc + s * D, D) * scale;
             if (p[s] > mx) mx = p[s];
         }
-        float sum = 0.f;
-        for (int64_t s = lo; s <= hi; s++) {
-            p[s] = p[s] == -INFINITY ? 0.f : expf(p[s] - mx);
-            sum += p[s];
-        }
+        for (int64_t s = lo; s <= hi; s++)
+            p[s] = p[s] == -INFINITY ? 0.f : expv(p[s] - mx);
+        const float sum = sum8(p + lo, hi - lo + 1);
         float *o = out + item * D;  /* (t, head) row of (M, nh*D) */
         for (int64_t j = 0; j < D; j++) o[j] = 0.f;
         for (int64_t s = lo; s <= hi; s++)
@@ -156,7 +192,7 @@ void norm_gate_up(const float *x, int64_t M, int64_t dim, const float *norm_w, f
     for (int64_t r = 0; r < M; r++)
         for (int64_t j = 0; j < hidden; j++) {
             const float g = gu[r * 2 * hidden + j];
-            out[r * hidden + j] = g / (1.f + expf(-g)) * gu[r * 2 * hidden + hidden + j];
+            out[r * hidden + j] = g / (1.f + expv(-g)) * gu[r * 2 * hidden + hidden + j];
         }
 }
 
