@@ -151,7 +151,6 @@ class HostSpeculation:
         self.hook = drafter.verify_hook if fused else None
 
     def __call__(self, req: Request) -> None:
-        self.controller.at_context(len(req.context))
         self.run(req, self.controller.next_k())
 
     def run(self, req: Request, k_wanted: int) -> None:
@@ -249,7 +248,6 @@ class DeviceSpeculation:
         self.steps, self.controller, self.host = steps, controller, host
 
     def __call__(self, req: Request) -> None:
-        self.controller.at_context(len(req.context))
         k = self.controller.next_k()
         room = (req.engine.max_seq_len - len(req.context) + 1) // (k + 1)
         if room < 1 or k < 1:  # no room, or no draft asked (a plain step)

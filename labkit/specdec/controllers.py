@@ -37,9 +37,6 @@ class Controller:
     def observe_plain(self, seconds: float) -> None:
         """A plain step (no draft: K 0 asked, or nothing proposed) took `seconds`."""
 
-    def at_context(self, n: int) -> None:
-        """The next step reads a context of n tokens (the loop says so before next_k)."""
-
 
 def _check(k: int, k_max: int) -> None:
     if not 1 <= k <= k_max:
@@ -121,13 +118,12 @@ class CostAware(Controller):
 
     verify(K) is measured on this device. With `calibrate` (generate does it before the first
     request, `Engine.time_verify`): a table of verify seconds per width, medians of a few timed
-    steps at an empty context, plus two offsets that follow the live steps. One per verified row
-    and context token, from plain steps (the ones it chose or the drafter left plain, and one in
-    PLAIN_PROBE_EVERY while it drafts): each row attends over the whole context, so at 2,048
-    positions on a CPU a verify of 2 rows costs well over the table's 1.01 plain steps, and an
-    offset per step alone called the second row free there; per context token, since requests of
-    every length share the controller. And one per step, from drafting steps, for what the first
-    leaves over (the policy, the host). One
+    steps, plus two offsets that follow the live steps: one per verified row, from plain steps
+    (the ones it chose or the drafter left plain, and one in PLAIN_PROBE_EVERY while it drafts)
+    (context growth: each row attends over the whole context, so at 2,048 positions on a CPU a
+    verify of 2 rows costs more than the table, timed at a short context, says: 1.01 plain steps
+    there; an offset per step alone would call the extra row free), and one per step, from drafting
+    steps, for what the first leaves over (the policy, the host). One
     step's time is noisy (a CPU step jitters by more than the cost of one more token), so a shape
     fitted from live steps alone mistakes noise for slope; with the table, live noise moves every
     width alike and cannot tip K. With the table K=0 is a candidate too (one token at verify(0),
@@ -155,8 +151,7 @@ class CostAware(Controller):
         self.draft_per_token: float | None = None
         self.verify_table: dict[int, float] | None = None  # calibrated seconds per width K = 0..k_max
         self.offset: float | None = None  # EMA of live verify seconds minus the table's and the row offset's
-        self.row_offset: float | None = None  # EMA of a plain step's live seconds minus the table's, per context token: a row's extra
-        self.context = 0  # tokens the next step reads (at_context)
+        self.row_offset: float | None = None  # EMA of a plain step's live seconds minus the table's: a row's extra at this context
         self.verify_by_k: dict[int, float] = {}  # without a table: EMA of verify seconds per width K
         self.seen_at: dict[int, int] = {}  # width -> step it was last measured
         self.steps = 0
@@ -207,7 +202,7 @@ class CostAware(Controller):
 
     def verify_cost(self, k: int, line: tuple[float, float, float] | None = None) -> float:
         if self.verify_table is not None:
-            return max(self.verify_table[k] + self.row_extra() * (k + 1) + (self.offset or 0.0), 1e-9)
+            return max(self.verify_table[k] + (self.row_offset or 0.0) * (k + 1) + (self.offset or 0.0), 1e-9)
         mk, mv, slope = line or self.verify_line()
         return max(mv + slope * (k - mk), 1e-9)
 
@@ -216,21 +211,14 @@ class CostAware(Controller):
         cost = k * (self.draft_per_token or 0.0) + self.verify_cost(k, line)
         return expected_tokens(self.alpha, k) / cost
 
-    def at_context(self, n: int) -> None:
-        self.context = n
-
-    def row_extra(self) -> float:
-        """A verified row's live seconds past the table's, at the current context."""
-        return (self.row_offset or 0.0) * self.context
-
     def observe_plain(self, seconds: float) -> None:
         if self.verify_table is not None:
-            gap = (seconds - self.verify_table[0]) / max(self.context, 1)
+            gap = seconds - self.verify_table[0]
             self.row_offset = gap if self.row_offset is None else (1 - self.ema) * self.row_offset + self.ema * gap
 
     def _follow(self, drafted: int, seconds: float) -> None:
         """The live offset per step, from a drafting step of drafted + 1 rows that took `seconds`."""
-        gap = seconds - self.verify_table[drafted] - self.row_extra() * (drafted + 1)  # type: ignore[index]
+        gap = seconds - self.verify_table[drafted] - (self.row_offset or 0.0) * (drafted + 1)  # type: ignore[index]
         self.offset = gap if self.offset is None else (1 - self.ema) * self.offset + self.ema * gap
 
     def next_k(self) -> int:
