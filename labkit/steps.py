@@ -156,7 +156,7 @@ class HostSpeculation:
     def run(self, req: Request, k_wanted: int) -> None:
         k = min(k_wanted, req.remaining - 1)
         if k < 1:
-            self._plain(req)
+            self.plain(req)
             return
         req.stats.k_trace.append(k)
         t0 = time.perf_counter()
@@ -171,7 +171,7 @@ class HostSpeculation:
         draft_s = time.perf_counter() - t0
         req.stats.draft_s += draft_s
         if not draft.tokens:
-            self._plain(req)
+            self.plain(req)
             return
         t0 = time.perf_counter()
         if tree is None:
@@ -183,12 +183,6 @@ class HostSpeculation:
         self.controller.update(len(draft.tokens), verdict.accepted, draft_s, time.perf_counter() - t0)
         req.stats.verify_s += time.perf_counter() - t0
         req.keep(new, draft.tokens)
-
-    def _plain(self, req: Request) -> None:
-        """A plain step, its time told to the controller (what a step costs at this context)."""
-        t0 = time.perf_counter()
-        self.plain(req)
-        self.controller.observe_plain(time.perf_counter() - t0)
 
     def verify(self, req: Request, draft: Draft) -> Verdict:
         engine = req.engine

@@ -94,7 +94,6 @@ def replay(oracle: PromptOracle, controller: Controller, verify_s: dict[int, flo
             k_trace.append(k)
         if drafted == 0:  # nothing offered (or no room): a plain step
             seconds += verify_s[0] * scale
-            controller.observe_plain(verify_s[0] * scale)
             i += 1
             continue
         stood = min(oracle.standing[i], drafted)

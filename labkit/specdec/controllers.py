@@ -34,9 +34,6 @@ class Controller:
     def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         """What the last step drafted, how many stood, and what drafting and verifying cost."""
 
-    def observe_plain(self, seconds: float) -> None:
-        """A plain step (no draft: K 0 asked, or nothing proposed) took `seconds`."""
-
 
 def _check(k: int, k_max: int) -> None:
     if not 1 <= k <= k_max:
@@ -96,9 +93,6 @@ class AIMD(Controller):
         self.k = min(float(self.k_max), self.k + 1) if accepted == drafted else max(1.0, self.k * self.beta)
 
 
-PLAIN_PROBE_EVERY = 32  # a calibrated cost-aware controller that keeps drafting times a plain step this often
-
-
 class CostAware(Controller):
     """Picks the K that maximises expected tokens per second (Leviathan et al.):
 
@@ -118,12 +112,7 @@ class CostAware(Controller):
 
     verify(K) is measured on this device. With `calibrate` (generate does it before the first
     request, `Engine.time_verify`): a table of verify seconds per width, medians of a few timed
-    steps, plus two offsets that follow the live steps: one per verified row, from plain steps
-    (the ones it chose or the drafter left plain, and one in PLAIN_PROBE_EVERY while it drafts)
-    (context growth: each row attends over the whole context, so at 2,048 positions on a CPU a
-    verify of 2 rows costs more than the table, timed at a short context, says: 1.01 plain steps
-    there; an offset per step alone would call the extra row free), and one per step, from drafting
-    steps, for what the first leaves over (the policy, the host). One
+    steps, plus an offset that follows the live steps (context growth, the policy, the host). One
     step's time is noisy (a CPU step jitters by more than the cost of one more token), so a shape
     fitted from live steps alone mistakes noise for slope; with the table, live noise moves every
     width alike and cannot tip K. With the table K=0 is a candidate too (one token at verify(0),
@@ -150,20 +139,18 @@ class CostAware(Controller):
         self.state = 0  # 1 after a step whose every draft stood, else 0
         self.draft_per_token: float | None = None
         self.verify_table: dict[int, float] | None = None  # calibrated seconds per width K = 0..k_max
-        self.offset: float | None = None  # EMA of live verify seconds minus the table's and the row offset's
-        self.row_offset: float | None = None  # EMA of a plain step's live seconds minus the table's: a row's extra at this context
+        self.offset: float | None = None  # EMA of live verify seconds minus the table's
         self.verify_by_k: dict[int, float] = {}  # without a table: EMA of verify seconds per width K
         self.seen_at: dict[int, int] = {}  # width -> step it was last measured
         self.steps = 0
         self.plain_run = 0  # plain steps (K 0) chosen in a row
-        self.since_plain = 0  # drafting steps chosen since the last plain one
 
     def calibrate(self, verify_s: dict[int, float]) -> None:
         """Verify seconds for K = 0..k_max drafts, measured on this device."""
         if any(k not in verify_s or not verify_s[k] > 0 for k in range(self.k_max + 1)):
             raise LabkitError(f"a verify cost table needs a positive time for every K in 0..{self.k_max}, got {sorted(verify_s)}")
         self.verify_table = {k: verify_s[k] for k in range(self.k_max + 1)}
-        self.offset = self.row_offset = None
+        self.offset = None
 
     @property
     def wants_costs(self) -> int:  # type: ignore[override]
@@ -202,7 +189,7 @@ class CostAware(Controller):
 
     def verify_cost(self, k: int, line: tuple[float, float, float] | None = None) -> float:
         if self.verify_table is not None:
-            return max(self.verify_table[k] + (self.row_offset or 0.0) * (k + 1) + (self.offset or 0.0), 1e-9)
+            return max(self.verify_table[k] + (self.offset or 0.0), 1e-9)
         mk, mv, slope = line or self.verify_line()
         return max(mv + slope * (k - mk), 1e-9)
 
@@ -211,26 +198,12 @@ class CostAware(Controller):
         cost = k * (self.draft_per_token or 0.0) + self.verify_cost(k, line)
         return expected_tokens(self.alpha, k) / cost
 
-    def observe_plain(self, seconds: float) -> None:
-        if self.verify_table is not None:
-            gap = seconds - self.verify_table[0]
-            self.row_offset = gap if self.row_offset is None else (1 - self.ema) * self.row_offset + self.ema * gap
-
-    def _follow(self, drafted: int, seconds: float) -> None:
-        """The live offset per step, from a drafting step of drafted + 1 rows that took `seconds`."""
-        gap = seconds - self.verify_table[drafted] - (self.row_offset or 0.0) * (drafted + 1)  # type: ignore[index]
-        self.offset = gap if self.offset is None else (1 - self.ema) * self.offset + self.ema * gap
-
     def next_k(self) -> int:
         if self.verify_table is not None:
             best = max(range(self.k_max + 1), key=self.rate)  # K 0: a plain step, one token at verify(0)
             self.plain_run = self.plain_run + 1 if best == 0 else 0
-            self.since_plain = 0 if best == 0 else self.since_plain + 1
             if best == 0 and self.plain_run % self.probe_every == 0:  # a plain step teaches nothing of alpha: probe one draft
                 return 1
-            if self.since_plain >= PLAIN_PROBE_EVERY:  # what a plain step costs at this context: the row offset
-                self.since_plain = 0
-                return 0
             return best
         if not self.verify_by_k:
             return self.k_start
@@ -252,7 +225,8 @@ class CostAware(Controller):
         self.draft_per_token = per_token if self.draft_per_token is None else (1 - a) * self.draft_per_token + a * per_token
         self.steps += 1
         if self.verify_table is not None:
-            self._follow(drafted, verify_s)
+            gap = verify_s - self.verify_table[drafted]
+            self.offset = gap if self.offset is None else (1 - a) * self.offset + a * gap
             return
         old = self.verify_by_k.get(drafted)
         if old is None or self.steps - 1 - self.seen_at[drafted] > self.fresh:
