@@ -250,7 +250,8 @@ def controller_name(name: str, device_type: str) -> str:
 
 
 def make_controller(name: str, k_max: int, device_type: str = "cpu") -> Controller:
-    """fixed (K = k_max) | heuristic | aimd | cost | auto (by the device); every one stays in [1, k_max]."""
+    """fixed (K = k_max) | heuristic | aimd | cost | auto (by the device); each stays in [1, k_max]
+    (the cost-aware one, calibrated, in [0, k_max])."""
     name = controller_name(name, device_type)
     if k_max < 1:
         raise LabkitError(f"K must be at least 1, got {k_max}")
