@@ -117,6 +117,9 @@ case "$step" in
   batchcosts)  # where a batched step's time goes, and admission one at a time against together (scripts/batch_costs.py)
     python3 scripts/batch_costs.py ${SLOTS:-64} 2>&1 | grep -v Warning | tee "$out/batch_costs.txt"
     ;;
+  batchahead)  # batched plain steps launched ahead against read first, interleaved (scripts/batch_ahead.py)
+    python3 scripts/batch_ahead.py ${SIZES:-1,4,16,64} ${NEW_TOKENS:-128} ${ROUNDS:-3} 2>&1 | grep -v Warning | tee "$out/batch_ahead.txt"
+    ;;
   costs)  # where a speculative step's time goes (HEADS: also the heads' draft, after and inside the verify)
     python3 scripts/step_costs.py ${HEADS:-} 2>&1 | grep -v Warning | tee "$out/step_costs.txt"
     ;;
