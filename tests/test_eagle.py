@@ -338,6 +338,24 @@ def test_eagle_device_steps_are_the_host_steps(prompt_len: int) -> None:
     assert steps.stats.accepted_lengths[:n] == host.stats.accepted_lengths[:n]  # a random head: rejections (a trained one: below)
 
 
+def test_device_steps_capture_whole_chains_after_a_shallow_host_proposal() -> None:
+    """A proposal on the host's path (K=2) leaves the verify's chain 2 deep; device steps captured
+    after it still fill their columns with the head's whole depth."""
+    from labkit.config import GenerationConfig
+    from labkit.generate import Speculation, generate
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    engine = _engine()
+    prompt = list(range(3, 20))
+    cfg = GenerationConfig(max_new_tokens=30, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    drafter = EagleDrafter(engine, random_head(), device_steps=True)
+    assert generate(engine, prompt, cfg, Speculation(drafter, 2), detailed_metrics=True).tokens == want  # timed phases: the host's steps
+    assert drafter.chain_depth == 2
+    out = generate(engine, prompt, cfg, Speculation(drafter, 3))
+    assert out.tokens == want and any(key[0] == "eagle-steps" for key in engine.graphs.keys())
+
+
 def test_device_steps_take_a_plain_step_where_the_controller_asks_for_no_draft() -> None:
     """A calibrated cost-aware controller may answer K=0 (no draft pays): device speculation then
     runs a plain step, and the output stays plain greedy's."""

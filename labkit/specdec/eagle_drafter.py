@@ -252,7 +252,8 @@ class EagleDrafter(Drafter):
         accepted = verdict[:, 0]  # (B,)
         if self.tree is not None:
             return dynamic_tree(self, anchor_feat, input_pos[:1] + accepted, self.tree)[None]  # (1, 2 * nodes)
-        return self._chain(anchor_feat, input_pos[0] + accepted, self.width, self.chain_depth).flatten(1)  # (B, depth * width)
+        depth = self.depth if hidden.is_cuda and torch.cuda.is_current_stream_capturing() else self.chain_depth  # a captured step replays at any K
+        return self._chain(anchor_feat, input_pos[0] + accepted, self.width, depth).flatten(1)  # (B, depth * width)
 
     def catch_up(self, hidden: torch.Tensor, verdict: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Inside the verify step: the draft cache's elements for every verified row (row j's token
@@ -292,13 +293,12 @@ class EagleDrafter(Drafter):
             copy_steps, copy_fresh = self._steps(k_copy, copy=True)
         chain_steps, chain_fresh = self._steps(k_chain, copy=False)
         t0 = time.perf_counter()
-        self.chain_depth = self.depth  # the device steps' chains fill their columns
         if self.lookup_over and self.copying:
             out = copy_steps.run(context, m, eos_mask, eos_until, copy_fresh)
             self._anchor_at = len(context) + sum(len(new) for _, new in out) - 2  # the catch-up kept the anchor's feature
         else:
             first = self.propose(context, k_chain, GenerationConfig(), None).tokens
-            self.chain_depth = self.depth
+            self.chain_depth = self.depth  # the device steps' chains fill their columns (eagerly; captured ones always do)
             out = chain_steps.run(context, m, eos_mask, eos_until, chain_fresh, cols=first)
             self.take(chain_steps.last_cols, len(context) + sum(len(new) for _, new in out))
         if self.lookup_over:
