@@ -228,13 +228,16 @@ def test_bench_batch_writes_rows_for_every_size_and_system(tiny_folder, tmp_path
     from labkit.models.loading import load_model
 
     cfg = BatchBenchConfig(model=str(tiny_folder), engine=EngineConfig(device="cpu", dtype="float32"), sizes=[1, 3], k=2, max_new_tokens=5,
-                           requests_per_slot=2, max_seq_len=128, output_dir=str(tmp_path), progress=False)
+                           requests_per_slot=2, max_seq_len=128, repeats=2, output_dir=str(tmp_path), progress=False)
     payload = run_batch_bench(cfg, load_model(str(tiny_folder)))
     rows = payload["rows"]
     assert [(r["system"], r["batch"]) for r in rows] == [(s, b) for b in (1, 3) for s in ("plain", "plain-invariant", "ngram-2", "ngram-auto-2")]
     assert all(r["new_tokens"] == 5 * r["requests"] and r["identical_to_batch_1"] == 1.0 == r["identical_to_own_batch_1"] for r in rows)
     assert rows[4]["mean_rows_per_step"] > 1.5
     assert [m["batch"] for m in payload["speedup_model"]] == [1, 3] and all(m["verify_over_step"] > 0 for m in payload["speedup_model"])
+    for m in payload["speedup_model"]:  # the model from the scheduler's own steps, timed apart from the runs
+        assert m["plain_step"] > 0 and m["spec_step"] > 0 and m["predicted_speedup"] == pytest.approx(m["tau"] * m["plain_step"] / m["spec_step"])
+    assert all(len(r["aggregate_tok_per_s_runs"]) == 2 and r["aggregate_tok_per_s"] in r["aggregate_tok_per_s_runs"] for r in rows)
     assert json.loads(next(tmp_path.glob("batch-cpu-*.json")).read_text())["benchmark"] == "batch"
     assert next(tmp_path.glob("batch-cpu-*.png")).stat().st_size > 1000  # the plot beside the results
     auto = [r for r in rows if r["system"] == "ngram-auto-2"]
@@ -244,8 +247,18 @@ def test_bench_batch_writes_rows_for_every_size_and_system(tiny_folder, tmp_path
     assert len(batch_report(payload)) == 2 + len(rows) + len(auto) + 2 + 1
 
 
+def test_a_row_is_the_median_run_and_identity_holds_only_if_every_run_held_it() -> None:
+    from labkit.bench.batch import median_run
+
+    runs = [{"aggregate_tok_per_s": a, "identical_to_batch_1": i, "identical_to_own_batch_1": 1.0, "run": n}
+            for n, (a, i) in enumerate([(90.0, 1.0), (120.0, 0.5), (100.0, 1.0)])]
+    row = median_run(runs)
+    assert row["run"] == 2 and row["aggregate_tok_per_s_runs"] == [90.0, 120.0, 100.0] and row["identical_to_batch_1"] == 0.5
+    assert median_run(runs[:2])["run"] == 0  # an even count: the lower middle run
+
+
 def test_crossover_is_the_first_size_where_speculation_stops_paying() -> None:
-    from labkit.bench.batch import crossover
+    from labkit.bench.batch_model import crossover
 
     model = [{"batch": 1, "s": 1.4}, {"batch": 4, "s": 1.1}, {"batch": 16, "s": 0.9}, {"batch": 64, "s": 1.2}]
     assert crossover(model, "s") == 16 and crossover(model[:2], "s") is None

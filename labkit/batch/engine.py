@@ -32,6 +32,7 @@ import torch
 
 from labkit.batch.graphs import BatchGraph, bucket
 from labkit.batch.prefill import STAGE_ROWS, StagedPrefill, staged_prefill
+from labkit.batch.transfer import to_device
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.graphs import GRAPH_HEADROOM
@@ -40,37 +41,6 @@ from labkit.models.kvcache import KVCache, RowSpans
 
 TILE = 16  # rows per step in invariant mode
 
-
-def to_device(data: list, device: torch.device) -> torch.Tensor:
-    """A host list as a long tensor on `device` without waiting for the device: a plain copy from
-    pageable memory waits for every step already queued (it synchronises the stream), which would
-    stall a step launched ahead (scheduler.py); a copy from pinned memory is queued like a kernel."""
-    host = torch.tensor(data, dtype=torch.long)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-
-class HostCopy:
-    """A device tensor's copy to the host, queued behind what produced it. `tolist` waits for that
-    copy alone (its event), not for the steps queued after it, as a plain `.tolist()` would (it
-    synchronises the whole stream)."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.event = None
-        if tensor.device.type != "cuda":
-            self.host = tensor
-            return
-        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        self.host.copy_(tensor, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
-
-    def tolist(self) -> list:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
 
 @dataclass
 class BatchConfig:

@@ -28,6 +28,7 @@ class BatchGraph:
         assert T <= GRAPH_HEADROOM
         self.tokens = torch.zeros(rows, T, dtype=torch.long, device=device)  # (rows, T)
         self.input_pos = torch.arange(last - T, last, device=device).repeat(rows, 1)  # (rows, T): past every request
+        self.first_positions = torch.arange(T, device=device)  # (T,)
         view = cache.rows(0, rows)
         self.logits = torch.empty(0)
 
@@ -41,7 +42,8 @@ class BatchGraph:
         n = tokens.shape[0]
         self.tokens[:n].copy_(tokens, non_blocking=True)
         self.input_pos[:n].copy_(input_pos, non_blocking=True)
-        self.tokens[n:].zero_()
-        self.input_pos[n:] = torch.arange(self.tokens.shape[1], device=self.tokens.device)  # padding: free slots' first positions
+        if n < self.tokens.shape[0]:  # padding: free slots' first positions
+            self.tokens[n:].zero_()
+            self.input_pos[n:] = self.first_positions
         self.graph.replay()
         return self.logits[:n]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from labkit.batch.graphs import BatchGraph, bucket
+from labkit.batch.transfer import to_device
 from labkit.engine import PREFILL_GRAPH_CHUNKS_MAX_T, Engine
 from labkit.graphs import GRAPH_HEADROOM, GRAPH_MAX_T
 from labkit.models.kvcache import KVCache
@@ -83,22 +84,22 @@ class StagedPrefill:
         for c0 in range(0, len(prompts[order[0]]), GRAPH_MAX_T):
             rows = [prompts[i] for i in order if len(prompts[i]) > c0]  # longest first: rows [0, n) reach this chunk
             feed = [p[c0 : c0 + GRAPH_MAX_T] for p in rows]
-            tokens = torch.tensor([f + [f[-1]] * (GRAPH_MAX_T - len(f)) for f in feed], device=dev)  # (n, GRAPH_MAX_T)
+            tokens = to_device([f + [f[-1]] * (GRAPH_MAX_T - len(f)) for f in feed], dev)  # (n, GRAPH_MAX_T)
             pos = torch.arange(c0, c0 + GRAPH_MAX_T, device=dev).repeat(len(rows), 1)  # (n, GRAPH_MAX_T)
             logits = self._chunk(tokens, pos)
             ends = [(r, len(p) - 1 - c0) for r, p in enumerate(rows) if len(p) <= c0 + GRAPH_MAX_T]  # prompts ending here
             if out is None:
                 out = logits.new_empty(len(prompts), logits.shape[-1])
             if ends:
-                r_idx = torch.tensor([r for r, _ in ends], device=dev)
-                t_idx = torch.tensor([t for _, t in ends], device=dev)
-                out[torch.tensor([order[r] for r, _ in ends], device=dev)] = logits[r_idx, t_idx]
+                r_idx = to_device([r for r, _ in ends], dev)
+                t_idx = to_device([t for _, t in ends], dev)
+                out[to_device([order[r] for r, _ in ends], dev)] = logits[r_idx, t_idx]
         assert out is not None
         return out, row_of
 
     def copy_into(self, cache: KVCache, slots: list[int], rows: list[int], length: int) -> None:
         """Staging rows' first `length` positions into the cache's slots (slots[i] <- rows[i])."""
-        dst = torch.tensor(slots, device=cache.k.device)
-        src = torch.tensor(rows, device=cache.k.device)
+        dst = to_device(slots, cache.k.device)
+        src = to_device(rows, cache.k.device)
         cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
         cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]

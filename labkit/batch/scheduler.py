@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 import torch
 
 from labkit.batch.controller import BatchKController
-from labkit.batch.engine import BatchEngine, HostCopy, to_device
+from labkit.batch.engine import BatchEngine
 from labkit.batch.graphs import bucket
+from labkit.batch.transfer import HostCopy, constant, to_device
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
 from labkit.sampling import make_generator, sample
@@ -116,21 +117,23 @@ class ContinuousBatcher:
         min_new_tokens asks (produced[i]: the tokens row i has before this step's); a sampled row
         (one fed position) draws its token from its generator instead. On the device, nothing
         read: logits (n, T, V) -> (n, T)."""
-        groups: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}  # EOS ids -> (rows, positions blocked)
+        groups: dict[tuple[int, ...], list[int]] = {}  # EOS ids -> each row's positions blocked (0: none)
         for i, (r, done) in enumerate(zip(requests, produced, strict=True)):
-            block = max(0, r.config.min_new_tokens - done)
-            if block and r.eos_ids:
-                rows, blocks = groups.setdefault(r.eos_ids, ([], []))
-                rows.append(i)
-                blocks.append(block)
-        if groups:
-            logits = logits.clone()
+            block = r.config.min_new_tokens - done
+            if block > 0 and r.eos_ids:
+                groups.setdefault(r.eos_ids, [0] * len(requests))[i] = block
+        blocked_logits = None
+        for eos, blocks in groups.items():  # a few launches per group (one usually), none per row
             dev, T = logits.device, logits.shape[1]
-            positions = torch.arange(T, device=dev)  # (T,)
-            for eos, (rows, blocks) in groups.items():  # a few launches per group, not a launch per row
-                at = (to_device(rows, dev)[:, None, None], positions[None, :, None], to_device(list(eos), dev)[None, None, :])
-                blocked = positions[None, :] < to_device(blocks, dev)[:, None]  # (g, T)
-                logits[at] = logits[at].masked_fill(blocked[:, :, None], float("-inf"))  # the (g, T, E) EOS logits only
+            cols = constant(eos, dev)  # (E,)
+            blocked = constant(tuple(range(T)), dev)[None, :] < to_device(blocks, dev)[:, None]  # (n, T)
+            eos_logits = logits.index_select(2, cols).masked_fill_(blocked[:, :, None], float("-inf"))  # (n, T, E)
+            if blocked_logits is None:
+                blocked_logits = logits.index_copy(2, cols, eos_logits)  # a copy: the step's own logits stay as they are
+            else:
+                blocked_logits.index_copy_(2, cols, eos_logits)
+        if blocked_logits is not None:
+            logits = blocked_logits
         chosen = logits.argmax(-1)  # (n, T)
         for i, r in enumerate(requests):
             if r.generator is not None:

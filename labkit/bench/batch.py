@@ -8,19 +8,23 @@ Systems, each at every batch size B (the systems take turns at each size):
   verified in one batched pass (one K for the batch);
 - ngram-auto-K: the same with K chosen per step from 0, K/2 and K by measured throughput, per rows
   bucket (batch/controller.py): plain steps where drafting stops paying. One controller serves the
-  system at every size, as a server's lives across its load, and runs one untimed pass at each size
-  first (its warm-up: a few steps of every K per rows bucket); the share of steps it gave each K is
+  system at every size, as a server's lives across its load (the untimed run at each size is its
+  warm-up: a few steps of every K per rows bucket); the share of steps its timed run gave each K is
   reported (`k_steps`), so the best K's move with the batch size can be read off.
 
 Each run sends `requests_per_slot` x B prompts from the suite through B slots, greedy, EOS blocked
-until max_new_tokens, so every request has the same length. Per run: aggregate output tok/s
+until max_new_tokens, so every request has the same length. At each size every system first runs
+once untimed, then `repeats` timed runs (3 on a GPU), the systems taking turns; a row is a system's
+median run by aggregate tok/s (every run's figure beside it), so one run disturbed by the machine
+moves no ratio. Per run: aggregate output tok/s
 (every new token over the wall time), per-request decode tok/s, median inter-token latency and
 time to first token, mean rows per step, tau (tokens per row per step), and two identities: with
 batch-1 plain greedy through `generate`, and with the same system run one request at a time.
 
-The speedup model at batch B: speculation pays tau(B) tokens per step for a verify of K+1 tokens
-per row, so it predicts tau(B) x t_step(B, 1) / t_step(B, K+1), with both step times measured
-here on B busy slots. Its crossover (the first batch size where it predicts below 1) is set
+The speedup model at batch B (batch_model.py): speculation pays tau(B) tokens per step, so it
+predicts tau(B) x t_plain(B) / t_draft(B), with the scheduler's plain and drafting steps timed on
+their own over B busy slots (the host's work included, which a step of the device alone leaves
+out; that ratio is reported beside it). Its crossover (the first batch size where it predicts below 1) is set
 beside the measured one (the first where ngram-K's aggregate tok/s falls below plain's).
 """
 
@@ -37,13 +41,13 @@ from tqdm.auto import tqdm
 from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchConfig, BatchEngine
 from labkit.batch.scheduler import BatchRequest, ContinuousBatcher
+from labkit.bench.batch_model import crossover, predicted_speedups, step_costs
 from labkit.bench.common import finish_log, run_params, start_log
 from labkit.bench.results import provenance, warn_if_busy
 from labkit.config import EngineConfig, GenerationConfig, device_name, dtype_name, resolve_device
 from labkit.engine_build import from_config
 from labkit.errors import LabkitError
 from labkit.generate import generate
-from labkit.metrics.timers import now
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompting import encode_prompt
 from labkit.prompts import load_suite
@@ -63,14 +67,15 @@ class BatchBenchConfig:
     k: int = 3  # draft tokens per row and step
     max_new_tokens: int = 64
     requests_per_slot: int = 2  # requests per run = this x B
+    repeats: int | None = None  # timed runs of each system at each size, taking turns (a row: the median run); None: 3 on a GPU, 1 on a CPU
     max_seq_len: int = 1024  # positions per slot
     output_dir: str | None = "results"
     progress: bool = True
 
     def validate(self) -> None:
         self.engine.validate()
-        if any(b < 1 for b in self.sizes or [1]) or self.max_new_tokens < 1 or self.requests_per_slot < 1:
-            raise LabkitError("batch sizes, max new tokens and requests per slot must be at least 1")
+        if any(b < 1 for b in self.sizes or [1]) or self.max_new_tokens < 1 or self.requests_per_slot < 1 or (self.repeats or 1) < 1:
+            raise LabkitError("batch sizes, max new tokens, requests per slot and repeats must be at least 1")
         if self.drafter not in ("ngram", "none") or not 1 <= self.k <= 16:
             raise LabkitError(f"the batched drafter is ngram or none, with K from 1 to 16 (got {self.drafter}, K {self.k})")
 
@@ -103,14 +108,10 @@ def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: Gene
 
 def _timed_run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig,
                controller: BatchKController | None) -> tuple[list[BatchRequest], float, float, dict[int, int] | None]:
-    """_run, after an untimed warm-up run where a controller chooses K; with it, the steps the
-    timed run gave each K."""
-    if controller is None:
-        return (*_run(batch, system, prompts, gen), None)
-    _run(batch, system, prompts, gen, controller)
-    before = controller.steps_by_k()
+    """_run; with a controller, also the steps this run gave each K."""
+    before = controller.steps_by_k() if controller else {}
     requests, wall, mean_rows = _run(batch, system, prompts, gen, controller)
-    return requests, wall, mean_rows, {k: v - before.get(k, 0) for k, v in controller.steps_by_k().items()}
+    return requests, wall, mean_rows, {k: v - before.get(k, 0) for k, v in controller.steps_by_k().items()} if controller else None
 
 
 def _row(system: System, size: int, requests: list[BatchRequest], wall: float, mean_rows: float,
@@ -131,57 +132,29 @@ def _row(system: System, size: int, requests: list[BatchRequest], wall: float, m
             "identical_to_own_batch_1": sum(r.tokens == p for r, p in zip(requests, own, strict=True)) / len(requests)}
 
 
-def step_times(batch: BatchEngine, prompts: list[list[int]], widths: list[int], repeats: int = 5) -> dict[int, float]:
-    """Seconds per batched step of each width (tokens per row) with every slot busy: median of
-    `repeats`, each slot rolled back after every step so that the context stays put."""
-    device = batch.engine.device
-    for p in prompts[: batch.free]:
-        batch.admit(p)
-    n = batch.active
-    starts = batch.lengths[:n]
-    out = {}
-    for width in widths:
-        times = []
-        for _ in range(repeats + 1):  # the first is a warm-up
-            t0 = now(device)
-            batch.verify([[1] * width for _ in range(n)])
-            times.append(now(device) - t0)
-            for slot in range(n):
-                batch.rollback(slot, starts[slot])
-        out[width] = statistics.median(times[1:])
-    while batch.active:
-        batch.release(batch.active - 1)
-    return out
-
-
-def predicted_speedups(rows: list[dict[str, Any]], costs: dict[int, dict[int, float]], k: int) -> list[dict[str, Any]]:
-    """The speedup model per batch size: tau(B) x t_step(B, 1) / t_step(B, K+1), beside the measured ratio."""
-    out = []
-    for size, t in sorted(costs.items()):
-        plain = next(r for r in rows if r["batch"] == size and r["system"] == "plain")
-        spec = next(r for r in rows if r["batch"] == size and r["system"] == f"ngram-{k}")
-        out.append({"batch": size, "verify_over_step": t[k + 1] / t[1], "tau": spec["tau"],
-                    "predicted_speedup": spec["tau"] * t[1] / t[k + 1],
-                    "measured_speedup": spec["aggregate_tok_per_s"] / plain["aggregate_tok_per_s"]})
-    return out
-
-
-def crossover(model: list[dict[str, Any]], key: str) -> int | None:
-    """The first batch size where speculation stops paying (None: it pays at every size)."""
-    return next((m["batch"] for m in model if m[key] < 1.0), None)
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median aggregate tok/s (the lower middle one of an even count), with every
+    run's aggregate tok/s beside it and whether every run's tokens were identical to batch 1."""
+    ordered = sorted(runs, key=lambda r: r["aggregate_tok_per_s"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["aggregate_tok_per_s_runs"] = [r["aggregate_tok_per_s"] for r in runs]
+    for key in ("identical_to_batch_1", "identical_to_own_batch_1"):
+        row[key] = min(r[key] for r in runs)
+    return row
 
 
 def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) -> dict[str, Any]:
     cfg.validate()
     device = resolve_device(cfg.engine.device)
     sizes = sorted(set(cfg.sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)))
+    repeats = cfg.repeats or (3 if device.type == "cuda" else 1)
     log = start_log(cfg.output_dir, f"batch-{device.type}")  # before anything is measured
     loaded = loaded or load_model(cfg.model)
     engine = from_config(loaded, cfg.engine)
     suite = [encode_prompt(loaded.tokenizer, p.content) for p in load_suite()]
     prompts = [suite[i % len(suite)] for i in range(max(sizes) * cfg.requests_per_slot)]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens)
-    bar = tqdm(desc="bench batch", total=len(prompts) * (1 + len(_systems(cfg))) + len(sizes) * len(_systems(cfg)), disable=not cfg.progress)
+    bar = tqdm(desc="bench batch", total=len(prompts) * (1 + len(_systems(cfg))) + len(sizes) * len(_systems(cfg)) * (1 + repeats), disable=not cfg.progress)
     plain = []
     for p in prompts:
         plain.append(generate(engine, p, gen).tokens)
@@ -200,18 +173,26 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
         bar.update(len(prompts))
     rows, costs = [], {}
     for size in sizes:
-        for s in _systems(cfg):
-            n = size * cfg.requests_per_slot
-            requests, wall, mean_rows, k_steps = _timed_run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s))
-            row = _row(s, size, requests, wall, mean_rows, plain[:n], own[s][:n])
-            if k_steps is not None:
-                row["k_steps"] = k_steps
-            rows.append(row)
+        n = size * cfg.requests_per_slot
+        for s in _systems(cfg):  # untimed: first passes at this size, and a controller's first tries
+            _run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s))
             bar.update()
+        runs: dict[System, list[dict[str, Any]]] = {s: [] for s in _systems(cfg)}
+        for _ in range(repeats):  # the systems take turns, so that a drift of the machine's speed reaches each alike
+            for s in _systems(cfg):
+                requests, wall, mean_rows, k_steps = _timed_run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s))
+                row = _row(s, size, requests, wall, mean_rows, plain[:n], own[s][:n])
+                if k_steps is not None:
+                    row["k_steps"] = k_steps
+                runs[s].append(row)
+                bar.update()
+        for s in _systems(cfg):
+            row = median_run(runs[s])
+            rows.append(row)
             if log:
                 log.add(row)
         if cfg.drafter != "none":
-            costs[size] = step_times(batches[(_systems(cfg)[0], size)], prompts, [1, cfg.k + 1])
+            costs[size] = step_costs(batches[(_systems(cfg)[0], size)], prompts, cfg.k, lambda: NgramDrafter(3, 1))
     bar.close()
     model = predicted_speedups(rows, costs, cfg.k) if cfg.drafter != "none" else []
     params = run_params(cfg)
@@ -242,7 +223,8 @@ def batch_report(payload: dict[str, Any]) -> list[str]:
             out.append(f"{r['system']} at batch {r['batch']}: steps with K " + ", ".join(f"{k}: {v / total:.0%}" for k, v in sorted(r["k_steps"].items(), key=lambda kv: int(kv[0]))))
     for m in payload["speedup_model"]:
         out.append(f"batch {m['batch']:>3}: speculation measured {m['measured_speedup']:.2f}x plain, model {m['predicted_speedup']:.2f}x "
-                   f"(tau {m['tau']:.2f}, verify / step {m['verify_over_step']:.2f})")
+                   f"(tau {m['tau']:.2f}, step K {payload['parameters']['k']} / plain step {m['spec_over_plain_step']:.2f}, "
+                   f"of the device alone {m['verify_over_step']:.2f})")
     if payload["speedup_model"]:
         out.append(f"speculation stops paying at batch {payload['crossover_measured'] or 'never (in these sizes)'}; "
                    f"the model says {payload['crossover_predicted'] or 'never (in these sizes)'}")
