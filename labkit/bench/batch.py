@@ -192,7 +192,8 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
             if log:
                 log.add(row)
         if cfg.drafter != "none":
-            costs[size] = step_costs(batches[(_systems(cfg)[0], size)], prompts, cfg.k, lambda: NgramDrafter(3, 1))
+            drafting = next(s for s in _systems(cfg) if s.k == cfg.k and not s.auto)  # its engine has every step width captured
+            costs[size] = step_costs(batches[(drafting, size)], prompts, cfg.k, lambda: NgramDrafter(3, 1))
     bar.close()
     model = predicted_speedups(rows, costs, cfg.k) if cfg.drafter != "none" else []
     params = run_params(cfg)
