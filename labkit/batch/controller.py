@@ -97,6 +97,11 @@ class BatchKController:
                 out[k] = out.get(k, 0) + n
         return out
 
+    def rates(self) -> dict[int, dict[int, float]]:
+        """Each rows bucket's rate of each K tried there (tokens per second over its recent steps):
+        what the choice rests on, for a report."""
+        return {b: {k: stats.rate(k) for k in self.candidates if stats.seconds.get(k)} for b, stats in sorted(self.buckets.items())}
+
     def best(self, bucket: int) -> int:
         return max(self.candidates, key=self.buckets[bucket].rate)
 

@@ -184,6 +184,7 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
                 row = _row(s, size, requests, wall, mean_rows, plain[:n], own[s][:n])
                 if k_steps is not None:
                     row["k_steps"] = k_steps
+                    row["k_rates"] = controllers[s].rates()  # per rows bucket, each K's tokens/s as the controller saw them
                 runs[s].append(row)
                 bar.update()
         for s in _systems(cfg):
@@ -221,7 +222,11 @@ def batch_report(payload: dict[str, Any]) -> list[str]:
     for r in payload["summary"]:
         if r.get("k_steps"):
             total = sum(r["k_steps"].values()) or 1
-            out.append(f"{r['system']} at batch {r['batch']}: steps with K " + ", ".join(f"{k}: {v / total:.0%}" for k, v in sorted(r["k_steps"].items(), key=lambda kv: int(kv[0]))))
+            line = f"{r['system']} at batch {r['batch']}: steps with K " + ", ".join(f"{k}: {v / total:.0%}" for k, v in sorted(r["k_steps"].items(), key=lambda kv: int(kv[0])))
+            rates = {str(b): v for b, v in r.get("k_rates", {}).items()}.get(str(r["batch"]))  # its own size's bucket (a power of two)
+            if rates:
+                line += "; its rates there " + ", ".join(f"K {k} {v:,.0f}" for k, v in sorted(rates.items(), key=lambda kv: int(kv[0]))) + " tok/s"
+            out.append(line)
     for m in payload["speedup_model"]:
         out.append(f"batch {m['batch']:>3}: speculation measured {m['measured_speedup']:.2f}x plain, model {m['predicted_speedup']:.2f}x "
                    f"(tau {m['tau']:.2f}, step K {payload['parameters']['k']} / plain step {m['spec_over_plain_step']:.2f}, "
