@@ -420,6 +420,61 @@ def test_batched_speculation_with_the_k_controller_keeps_plain_greedy_tokens(ahe
     assert set(ctl.buckets[4].tries) == {0, 2, 4}  # three rows run in the 4-row bucket, every K tried
 
 
+def test_one_stalled_step_does_not_make_the_fastest_k_a_loser() -> None:
+    """Plain steps are fastest at 8 rows (8 tokens per ms against K=2's 6); one of them stalls for
+    a hundred steps' time (an admission, a garbage collection). Counted whole, it sank plain's rate
+    below K=2's and plain, now a clear loser, waited; counted as OUTLIER steps, plain stays best."""
+    from labkit.batch.controller import BatchKController
+
+    ctl = BatchKController(2, candidates=[0, 2])
+    cost, tokens = {0: 1e-3, 2: 1.5e-3}, {0: 8, 2: 9}
+    for _ in range(40):
+        k = ctl.choose(8)
+        ctl.observe(8, k, tokens[k], cost[k])
+    assert ctl.best(8) == 0
+    ctl.observe(8, 0, 8, 100 * cost[0])  # the stall
+    chosen = []
+    for _ in range(20):
+        k = ctl.choose(8)
+        ctl.observe(8, k, tokens[k], cost[k])
+        chosen.append(k)
+    assert ctl.best(8) == 0 and chosen.count(0) >= 15, chosen
+
+
+def test_a_plain_step_between_drafting_steps_is_charged_from_its_launch() -> None:
+    """The controller rates K=0 by the time its steps hold the batcher. A plain step launched ahead
+    and read by the drafting step after it costs its launch (here the whole step: a CPU step runs
+    in the call) and its read; charged from its read alone it looked nearly free."""
+    import time
+
+    from labkit.specdec.drafters import NgramDrafter
+
+    class Alternate:  # K 0, 2, 0, 2, ...: every plain step sits between drafting steps
+        k_max = 2
+
+        def __init__(self) -> None:
+            self.calls, self.seen = 0, []
+
+        def choose(self, bucket: int) -> int:
+            self.calls += 1
+            return 0 if self.calls % 2 else 2
+
+        def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
+            self.seen.append((k, seconds))
+
+    engine = engine_for("llama")
+    batch = BatchEngine(engine, BatchConfig(slots=2, max_seq_len=128))
+    advance = batch.advance
+    batch.advance = lambda ids: (time.sleep(0.02), advance(ids))[1]  # type: ignore[method-assign]  # a plain step takes >= 20 ms
+    ctl = Alternate()
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, ctl, ahead=True)  # type: ignore[arg-type]
+    for p in prompts(2, engine.args.vocab_size, seed=4):
+        batcher.submit(p, GenerationConfig(max_new_tokens=12))
+    batcher.run()
+    plain = [seconds for k, seconds in ctl.seen if k == 0]
+    assert len(plain) >= 3 and min(plain) >= 0.02, plain
+
+
 def test_the_k_controller_keeps_plain_speed_where_drafting_never_pays() -> None:
     """Simulated steps at 64 rows, where a draft token is kept with probability 0.3 and a verify of
     K+1 tokens per row costs 1.5x (K=2) and 2.5x (K=5) a plain step: the controller keeps 97% of

@@ -25,6 +25,11 @@ A candidate close to the best (within CLOSE) is tried again often, since noise m
 behind; a clear loser rarely, and more rarely each time it loses again (its wait doubles from
 `explore_every` up to MAX_WAIT steps), since each try costs most there: at 64 rows, where a
 drafting step costs twice a plain one, tries every 16 steps alone cost 5% of plain's speed.
+One slow step must not decide: a loser is tried rarely, so its sums are rarely refreshed, and a
+single stall in them (an admission's prefill, the host's garbage collector) would keep it losing
+for hundreds of steps. Past its first tries, a K's step counts at most OUTLIER times its mean. (On
+the H200 the controller once rated plain steps at 2 rows at 992 tok/s, where plain ran at 3,513:
+`k_rates` in results/gpu/batch-NVIDIA-H200-20261201-231228.json.)
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dataclasses import dataclass, field
 CLOSE = 0.9  # a candidate within this share of the best's rate is a close call ...
 CLOSE_EVERY = 8  # ... tried again every this many steps (a clear loser after a wait that doubles)
 MAX_WAIT = 256  # steps a clear loser waits at most before its next try
+OUTLIER = 4.0  # a step timed at more than this many times its K's mean step counts as this many (after the first tries)
 
 
 @dataclass
@@ -111,6 +117,8 @@ class BatchKController:
         if seconds <= 0:
             return
         stats = self.buckets.setdefault(bucket, BucketStats())
+        if stats.tries.get(k, 0) >= self.warm:  # a stall (an admission, a capture, the host's garbage collector) is not the K's speed
+            seconds = min(seconds, OUTLIER * stats.seconds[k] / stats.own_steps[k])
         stats.tokens[k] = self.memory * stats.tokens.get(k, 0.0) + tokens
         stats.seconds[k] = self.memory * stats.seconds.get(k, 0.0) + seconds
         stats.own_steps[k] = self.memory * stats.own_steps.get(k, 0.0) + 1

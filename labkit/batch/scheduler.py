@@ -65,6 +65,7 @@ class _InFlight:
     chosen: torch.Tensor  # (n,) each row's next token, on the device
     host: HostCopy  # the same tokens on their way to the host
     rows: dict[int, int]  # id(request) -> its row
+    launched: float  # perf_counter when the call that launched it began
 
 
 class ContinuousBatcher:
@@ -84,6 +85,7 @@ class ContinuousBatcher:
         self.steps = 0  # batched decode steps taken
         self.rows_stepped = 0  # sum of active rows over those steps (mean batch = rows_stepped / steps)
         self.in_flight: _InFlight | None = None  # a plain step launched and not yet read
+        self.accounted = time.perf_counter()  # where the last step timed for the controller ended
 
     def submit(self, prompt_ids: list[int], config: GenerationConfig) -> BatchRequest:
         """Queue a request (EOS ids as `generate` takes them: the config's, else the model's)."""
@@ -224,17 +226,22 @@ class ContinuousBatcher:
         self.steps += 1
         self.rows_stepped += n
         chosen = self._choose(self.rows, logits[:, None], [len(r.tokens) + (i >= 0) for r, i in zip(self.rows, in_flight, strict=True)])
-        self.in_flight = _InFlight(list(self.rows), chosen[:, 0], HostCopy(chosen[:, 0]), {id(r): i for i, r in enumerate(self.rows)})
+        self.in_flight = _InFlight(list(self.rows), chosen[:, 0], HostCopy(chosen[:, 0]), {id(r): i for i, r in enumerate(self.rows)}, t0)
         if flight is not None:
-            self._settle(flight, t0)
+            self._settle(flight)
 
     def _settle_in_flight(self) -> None:
         if self.in_flight is not None:
             flight, self.in_flight = self.in_flight, None
-            self._settle(flight, time.perf_counter())
+            self._settle(flight)
 
-    def _settle(self, flight: _InFlight, t0: float) -> None:
-        """Read a plain step's tokens and take them (rows finished since it was launched skip theirs)."""
+    def _settle(self, flight: _InFlight) -> None:
+        """Read a plain step's tokens and take them (rows finished since it was launched skip theirs).
+        The controller is told the time from its launch, or from where the step before it was
+        timed to end, whichever is later: in a run of plain steps each is charged one period (its
+        launch overlaps the step before), and one between drafting steps its launch too (nothing
+        overlapped it; charged only from its read, it looked nearly free)."""
+        t0 = max(flight.launched, self.accounted)
         before = sum(len(r.tokens) for r in flight.requests)
         for request, token in zip(flight.requests, flight.host.tolist(), strict=True):
             if not request.finished:
@@ -245,6 +252,7 @@ class ContinuousBatcher:
                     request.accepted_lengths.append(0)
         if self.controller:
             self.controller.observe(bucket(len(flight.requests)), 0, sum(len(r.tokens) for r in flight.requests) - before, time.perf_counter() - t0)
+        self.accounted = time.perf_counter()
         self._leave()
 
     def _read_step(self, k_step: int) -> None:
@@ -270,6 +278,7 @@ class ContinuousBatcher:
         if self.controller:
             self.controller.observe(bucket(len(self.rows)), k_step, sum(len(r.tokens) for r in self.rows) - before, time.perf_counter() - t0,
                                     kept_rows)
+        self.accounted = time.perf_counter()
         self._leave()
 
     def cancel(self, request: BatchRequest) -> None:
