@@ -153,12 +153,14 @@ def test_sixteen_concurrent_clients_each_get_their_own_answer(server: str, local
     assert _concurrent_answers(server, prompts, 12) == want  # none lost, none mixed, every one the in-process answer
 
 
-def test_the_batching_server_gives_every_client_its_batch_1_answer(tiny_folder: Path, local) -> None:
-    """`labkit serve --batch 3 --drafter ngram`: continuous batching with drafts in every row; ten
-    clients at once each get in-process plain greedy's answer; sampling is refused in one line."""
+@pytest.mark.parametrize("drafter", ["ngram", "ngram-graph"])
+def test_the_batching_server_gives_every_client_its_batch_1_answer(tiny_folder: Path, local, drafter: str) -> None:
+    """`labkit serve --batch 3 --drafter ngram` (drafts on the host) or `ngram-graph` (chunks of
+    device lookup steps): continuous batching with drafts in every row; ten clients at once each
+    get in-process plain greedy's answer; sampling is refused in one line."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "labkit", "serve", "--model", str(tiny_folder), "--device", "cpu", "--dtype", "float32",
-                             "--weights", "dense", "--port", str(port), "--threads", "1", "--batch", "3", "--drafter", "ngram", "--k", "3", "--controller", "cost",
+                             "--weights", "dense", "--port", str(port), "--threads", "1", "--batch", "3", "--drafter", drafter, "--k", "3", "--controller", "cost",
                              "--batch-slot-len", "256"], cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

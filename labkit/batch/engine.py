@@ -215,6 +215,23 @@ class BatchEngine:
             self.lengths[i] += g
         return logits  # (n, T, V)
 
+    @torch.inference_mode()
+    def step_rows(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """tokens at input_pos (r, T), both on the device, into cache rows [0, r) -> logits (r, T, V),
+        the lengths left alone (the caller sets them: set_lengths). With the fused kernels no mask
+        and no host read, so a caller can capture it in a CUDA graph (batch/lookup.py); else masks
+        from the rows' first positions, read by the host."""
+        r = tokens.shape[0]
+        if self.graphs_ok:
+            return self.model(tokens, input_pos, self.cache.rows(0, r), self.cache.max_len, None, False, None)
+        return self._forward(0, r, tokens, input_pos, input_pos[:, 0].tolist(), exact=False)
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """The valid positions of slots [0, len(lengths)), after steps whose positions the device chose."""
+        if len(lengths) > self.active or not all(0 <= n <= self.cfg.max_seq_len for n in lengths):
+            raise LabkitError(f"cannot set {len(lengths)} slots' lengths to {lengths} ({self.active} active, {self.cfg.max_seq_len} positions)")
+        self.lengths[: len(lengths)] = lengths
+
     def rollback(self, slot: int, length: int) -> None:
         """Forget slot's positions from `length` on."""
         if not 0 <= slot < self.active or not 0 <= length <= self.lengths[slot]:

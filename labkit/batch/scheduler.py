@@ -31,6 +31,7 @@ import torch
 from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchEngine
 from labkit.batch.graphs import bucket
+from labkit.batch.lookup import CHUNK, BatchLookup
 from labkit.batch.transfer import HostCopy, constant, to_device
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
@@ -70,15 +71,20 @@ class _InFlight:
 
 class ContinuousBatcher:
     def __init__(self, batch: BatchEngine, drafter: Callable[[], Drafter] | None = None, k: int = 0,
-                 controller: BatchKController | None = None, ahead: bool | None = None) -> None:
+                 controller: BatchKController | None = None, ahead: bool | None = None, lookup: BatchLookup | None = None) -> None:
         """k: draft tokens per row and step (K max with a controller, which picks K per step from
         0..k by measured throughput, per rows bucket). ahead: launch plain steps ahead of reading
         the last (`_plain_ahead`); None: on CUDA, whose steps run while the host works. On a CPU a
         step runs in the call itself, so nothing overlaps, and launching ahead only adds the
-        finished rows' extra step (0.93-1.00x at batch 1-8, scripts/batch_ahead.py)."""
+        finished rows' extra step (0.93-1.00x at batch 1-8, scripts/batch_ahead.py). lookup: steps
+        that draft K run as chunks of prompt lookup on the device (batch/lookup.py: one host read per
+        CHUNK steps) wherever every row is greedy, shares its EOS ids and has room; elsewhere, and for
+        a controller's other K, the drafter drafts on the host."""
         if (drafter is None) != (k == 0) or k < 0 or (controller is not None and controller.k_max != k):
             raise LabkitError("speculation takes a drafter and K >= 1 together (K 0: plain; a controller's K max is K)")
-        self.batch, self.new_drafter, self.k, self.controller = batch, drafter, k, controller
+        if lookup is not None and (lookup.batch is not batch or lookup.k != k):
+            raise LabkitError(f"device lookup steps are built for their batch engine and K (got K {lookup.k} for K {k})")
+        self.batch, self.new_drafter, self.k, self.controller, self.lookup = batch, drafter, k, controller, lookup
         self.ahead = batch.engine.device.type == "cuda" if ahead is None else ahead
         self.waiting: collections.deque[BatchRequest] = collections.deque()
         self.rows: list[BatchRequest] = []  # rows[i]: the request in slot i
@@ -193,7 +199,9 @@ class ContinuousBatcher:
             self._plain_ahead()  # (a step after which every row is done by max_new_tokens would be wasted)
             return
         self._settle_in_flight()
-        if self.rows:
+        if self.rows and k_step == self.k and self._lookup_fits():
+            self._lookup_chunk()
+        elif self.rows:
             self._read_step(k_step)
 
     def _admit(self) -> None:
@@ -268,16 +276,51 @@ class ContinuousBatcher:
         greedy = self._greedy(self.rows, logits)  # (n, T)
         kept_rows = []  # each row's accepted drafts
         for slot, (request, feed, row) in enumerate(zip(self.rows, feeds, greedy, strict=True)):
-            kept = self._take(request, row, feed[1:])
+            kept = self._verdict(request, feed[1:], row)
             kept_rows.append(kept)
-            request.drafted, request.accepted, request.verify_steps = request.drafted + len(feed) - 1, request.accepted + kept, request.verify_steps + 1
-            if self.k:
-                request.draft_tokens.append(feed[1:])
-                request.accepted_lengths.append(kept)
             self.batch.rollback(slot, starts[slot] + 1 + kept)
         if self.controller:
             self.controller.observe(bucket(len(self.rows)), k_step, sum(len(r.tokens) for r in self.rows) - before, time.perf_counter() - t0,
                                     kept_rows)
+        self.accounted = time.perf_counter()
+        self._leave()
+
+    def _verdict(self, request: BatchRequest, draft: list[int], greedy: list[int]) -> int:
+        """Take a drafting step's verdict for one row (`_take`) and count it; returns the drafts kept."""
+        kept = self._take(request, greedy, draft)
+        request.drafted, request.accepted, request.verify_steps = request.drafted + len(draft), request.accepted + kept, request.verify_steps + 1
+        if self.k:
+            request.draft_tokens.append(draft)
+            request.accepted_lengths.append(kept)
+        return kept
+
+    def _lookup_fits(self) -> bool:
+        """Whether the next drafting steps can run as a chunk of device lookup steps."""
+        return (self.lookup is not None and all(r.generator is None and r.eos_ids == self.rows[0].eos_ids for r in self.rows)
+                and self.lookup.fits([r.context for r in self.rows]))
+
+    def _lookup_chunk(self) -> None:
+        """CHUNK drafting steps on the device, read at once: each row takes its verdicts in order
+        (a row that finishes inside the chunk ignores the steps after it)."""
+        t0 = time.perf_counter()
+        rows = list(self.rows)
+        self.lookup.run(rows, rows[0].eos_ids)  # type: ignore[union-attr]
+        drafts, chosen, n_ctx = self.lookup.read(rows)  # type: ignore[union-attr]
+        per_step = []  # of the steps that gave a row a token: the tokens, and each row's kept drafts
+        for step in range(CHUNK):
+            live = [not r.finished for r in rows]
+            if any(live):
+                taken = sum(len(r.tokens) for r in rows)
+                kept = [self._verdict(r, drafts[step][i], chosen[step][i]) if on else 0 for i, (r, on) in enumerate(zip(rows, live, strict=True))]
+                per_step.append((sum(len(r.tokens) for r in rows) - taken, kept))
+        self.lookup.taken(rows, n_ctx)  # type: ignore[union-attr]
+        self.batch.set_lengths([c - 1 for c in n_ctx])  # each cache holds its context but the last token
+        self.steps += CHUNK
+        self.rows_stepped += CHUNK * len(rows)
+        if self.controller:  # each step that gave tokens, the chunk's time shared among them (steps after every row finished cost too)
+            seconds = (time.perf_counter() - t0) / len(per_step)
+            for tokens, kept in per_step:
+                self.controller.observe(bucket(len(rows)), self.k, tokens, seconds, kept)
         self.accounted = time.perf_counter()
         self._leave()
 

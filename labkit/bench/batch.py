@@ -11,6 +11,9 @@ Systems, each at every batch size B (the systems take turns at each size):
   system at every size, as a server's lives across its load (the untimed run at each size is its
   warm-up: a few steps of every K per rows bucket); the share of steps its timed run gave each K is
   reported (`k_steps`), so the best K's move with the batch size can be read off.
+- ngram-device-K, ngram-device-auto-K (K chosen from 0 and K): the drafting steps as chunks of
+  prompt lookup drafted, verified and accepted on the device, the host reading once per chunk
+  (batch/lookup.py; the lookup's rule is the kernels', n-grams of 3 down to 1 tokens, always K).
 
 Each run sends `requests_per_slot` x B prompts from the suite through B slots, greedy, EOS blocked
 until max_new_tokens, so every request has the same length. At each size every system first runs
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ from tqdm.auto import tqdm
 
 from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchConfig, BatchEngine
+from labkit.batch.lookup import BatchLookup
 from labkit.batch.scheduler import BatchRequest, ContinuousBatcher
 from labkit.bench.batch_model import crossover, predicted_speedups, step_costs
 from labkit.bench.common import finish_log, run_params, start_log
@@ -86,6 +91,7 @@ class System:
     invariant: bool
     k: int  # 0: plain
     auto: bool = False  # K chosen per step from 0..k by measured throughput (batch/controller.py)
+    device: bool = False  # drafting steps as chunks of prompt lookup on the device (batch/lookup.py)
 
 
 def _systems(cfg: BatchBenchConfig) -> list[System]:
@@ -93,13 +99,25 @@ def _systems(cfg: BatchBenchConfig) -> list[System]:
     if cfg.invariant:
         out.append(System("plain-invariant", True, 0))
     if cfg.drafter == "ngram":
-        out += [System(f"ngram-{cfg.k}", False, cfg.k), System(f"ngram-auto-{cfg.k}", False, cfg.k, auto=True)]
+        out += [System(f"ngram-{cfg.k}", False, cfg.k), System(f"ngram-auto-{cfg.k}", False, cfg.k, auto=True),
+                System(f"ngram-device-{cfg.k}", False, cfg.k, device=True), System(f"ngram-device-auto-{cfg.k}", False, cfg.k, auto=True, device=True)]
     return out
+
+
+_LOOKUPS: weakref.WeakKeyDictionary[BatchEngine, BatchLookup] = weakref.WeakKeyDictionary()
+
+
+def _lookup_for(batch: BatchEngine, k: int) -> BatchLookup:
+    """One BatchLookup per batch engine, across runs: its captured steps are kept."""
+    if batch not in _LOOKUPS:
+        _LOOKUPS[batch] = BatchLookup(batch, k)
+    return _LOOKUPS[batch]
 
 
 def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig,
          controller: BatchKController | None = None) -> tuple[list[BatchRequest], float, float]:
-    batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if system.k else None, system.k, controller)
+    batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if system.k else None, system.k, controller,
+                                lookup=_lookup_for(batch, system.k) if system.device else None)
     t0 = time.perf_counter()
     requests = [batcher.submit(p, gen) for p in prompts]
     batcher.run()
@@ -165,7 +183,7 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     for (s, _), batch in batches.items():  # every step shape captured before anything is timed
         batch.capture_graphs(list(range(1, s.k + 2)))
     own = {}
-    controllers = {s: BatchKController(s.k) for s in _systems(cfg) if s.auto}  # one per system, across sizes
+    controllers = {s: BatchKController(s.k, [0, s.k] if s.device else None) for s in _systems(cfg) if s.auto}  # one per system, across sizes
     for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens
         requests, _, _ = _run(batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant)),
                               s, prompts, gen, controllers.get(s))

@@ -5,7 +5,9 @@ One thread owns the engine and a ContinuousBatcher over N slots. Between batched
 the requests that arrived, cancels the ones whose client left or whose time ran out, and hands
 each running request the tokens its step accepted. Requests decode greedily; the server's
 --drafter ngram and --k, when given, draft for every row (with --controller cost, K per step
-from 0..K by measured throughput: batch/controller.py). A request that asks for sampling or
+from 0..K by measured throughput: batch/controller.py); --drafter ngram-graph drafts, verifies and
+accepts on the device in chunks of steps (batch/lookup.py; K per chunk from 0 and K), so a
+client's stream gets its tokens a chunk at a time. A request that asks for sampling or
 for its own speculation settings is refused (400) before it queues.
 """
 
@@ -17,6 +19,7 @@ import time
 
 from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchConfig, BatchEngine
+from labkit.batch.lookup import BatchLookup
 from labkit.batch.scheduler import BatchRequest, ContinuousBatcher
 from labkit.engine import Engine
 from labkit.errors import LabkitError
@@ -30,14 +33,17 @@ from labkit.specdec.drafters import NgramDrafter
 
 class BatchWorker:
     def __init__(self, engine: Engine, spec: SpecDefaults, max_queue: int, metrics: ServeMetrics, slots: int, slot_len: int) -> None:
-        if spec.drafter not in (None, "none", "ngram") or spec.controller not in ("fixed", "cost", "auto") or spec.policy != "default":
-            raise LabkitError("the batching server drafts greedily with ngram (--drafter ngram or none), at a fixed K or "
+        if spec.drafter not in (None, "none", "ngram", "ngram-graph") or spec.controller not in ("fixed", "cost", "auto") or spec.policy != "default":
+            raise LabkitError("the batching server drafts greedily by prompt lookup (--drafter ngram, ngram-graph or none), at a fixed K or "
                               "--controller cost or auto (K per step from 0..K by measured throughput)")
-        k = spec.k if spec.drafter == "ngram" else 0
+        k = spec.k if spec.drafter in ("ngram", "ngram-graph") else 0
+        device = spec.drafter == "ngram-graph"
         graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"
-        self.batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots, slot_len, cuda_graph=graphs)),
-                                         (lambda: NgramDrafter(3, 1)) if k else None, k,
-                                         BatchKController(k) if k and spec.controller != "fixed" else None)  # auto: by throughput, K 0 included
+        batch = BatchEngine(engine, BatchConfig(slots, slot_len, cuda_graph=graphs))
+        self.batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if k else None, k,
+                                         BatchKController(k, [0, k] if device else None) if k and spec.controller != "fixed" else None,
+                                         lookup=BatchLookup(batch, k) if device else None)  # auto: by throughput, K 0 included
+        self.drafter = spec.drafter if k else ""
         self.batcher.batch.capture_graphs(list(range(1, k + 2)))
         self.max_queue, self.metrics = max_queue, metrics
         self._inbox: queue.Queue[Job | None] = queue.Queue()
@@ -127,20 +133,20 @@ class BatchWorker:
                 self._sent[key] = len(request.tokens)
             if request.finished:
                 timed_out = request.stop_reason == "cancelled" and not job.cancelled.is_set()
-                result = to_result(request)
+                result = to_result(request, self.drafter)
                 self.metrics.observe_result(result, time.perf_counter() - job.arrived, "timeout" if timed_out else request.stop_reason)
                 job.emit("done", (result, timed_out))
                 del self._jobs[key], self._sent[key]
 
 
-def to_result(request: BatchRequest) -> GenerationResult:
+def to_result(request: BatchRequest, drafter: str = "") -> GenerationResult:
     """A finished batched request as `generate` would have returned it."""
     times = request.token_times
     gaps = [1000 * (b - a) for a, b in zip(times, times[1:], strict=False)]
     stats = GenerationStats(
         prompt_tokens=len(request.prompt_ids), new_tokens=len(request.tokens), stop_reason=request.stop_reason,
         ttft_s=(times[0] - request.submitted) if times else 0.0, total_s=(times[-1] - request.submitted) if times else 0.0,
-        token_latencies_ms=gaps, drafter="ngram" if request.draft_tokens else "", draft_tokens=request.draft_tokens,
+        token_latencies_ms=gaps, drafter=drafter if request.draft_tokens else "", draft_tokens=request.draft_tokens,
         accepted_lengths=request.accepted_lengths,
     )
     return GenerationResult(request.prompt_ids, list(request.tokens), stats)

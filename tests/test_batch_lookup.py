@@ -1,0 +1,121 @@
+"""Prompt lookup for batched rows on the device (batch/lookup.py): every request's tokens are its
+plain greedy tokens, with rows joining and leaving, EOS held by min_new_tokens, host steps mixed in,
+and rows too close to their slot's end left to the host."""
+
+import pytest
+import torch
+
+from labkit.batch.controller import BatchKController
+from labkit.batch.engine import BatchConfig, BatchEngine
+from labkit.batch.lookup import CHUNK, BatchLookup
+from labkit.batch.scheduler import ContinuousBatcher
+from labkit.config import GenerationConfig
+from labkit.engine import Engine
+from labkit.errors import LabkitError
+from labkit.generate import generate
+from labkit.kernels.reference import lookup_draft
+from labkit.models.tiny import tiny_hf_model
+from labkit.specdec.drafters import NgramDrafter
+from labkit.specdec.lookup import lookup_reference
+
+
+def engine() -> Engine:
+    hf = tiny_hf_model("llama", seed=5)
+    hf.generation_config.eos_token_id = None
+    return Engine.from_hf(hf, "cpu", "float32", max_seq_len=256)
+
+
+def asks(n: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p = torch.randint(3, vocab, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+        out.append(p + p[:3] + p)  # repeats: lookup finds drafts
+    return out
+
+
+def test_the_lookup_rule_vmapped_over_rows_is_each_rows_own() -> None:
+    g = torch.Generator().manual_seed(1)
+    history = torch.randint(0, 5, (6, 40), generator=g)  # (n, Lh) few distinct tokens: matches of every length
+    n_ctx = torch.tensor([1, 2, 7, 19, 33, 40])
+    got = torch.vmap(lookup_draft, in_dims=(0, 0, None))(history, n_ctx[:, None], 5)  # (n, 5)
+    assert got.tolist() == [lookup_reference(history[b, : n_ctx[b]].tolist(), 5) for b in range(6)]
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_device_lookup_chunks_give_every_request_its_plain_greedy_tokens(slots: int) -> None:
+    """More requests than slots (rows join and leave between chunks, the last row moving into a
+    freed slot), different lengths (rows finish inside a chunk), one request's EOS held by its
+    min_new_tokens, the others' ending them."""
+    eng = engine()
+    prompts = asks(5, eng.args.vocab_size, seed=3)
+    free = generate(eng, prompts[1], GenerationConfig(max_new_tokens=30, stop_at_eos=False)).tokens
+    eos = (free[6], free[15])  # one set for every row: chunks step them all together
+    configs = [GenerationConfig(max_new_tokens=20 + 3 * i, eos_token_ids=eos) for i in range(5)]
+    configs[1] = GenerationConfig(max_new_tokens=30, min_new_tokens=12, eos_token_ids=eos)
+    want = [generate(eng, p, c).tokens for p, c in zip(prompts, configs, strict=True)]
+    batch = BatchEngine(eng, BatchConfig(slots=slots, max_seq_len=160))
+    lookup = BatchLookup(batch, 3)
+    chunks = []
+    run = lookup.run
+    lookup.run = lambda rows, eos: (chunks.append(len(rows)), run(rows, eos))[1]  # type: ignore[method-assign]
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, lookup=lookup)
+    got = [batcher.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    assert len(chunks) >= 3 and max(chunks) == slots  # chunks ran, over every slot
+    assert sum(r.accepted for r in got) > 0  # some of the device's drafts were kept: steps committed several tokens
+    assert all(len(r.draft_tokens) == r.verify_steps == len(r.accepted_lengths) for r in got)
+
+
+def test_host_steps_between_chunks_and_a_full_slot_left_to_the_host() -> None:
+    """A controller choosing plain steps (launched ahead) and K between chunks: each chunk starts
+    from the context the host steps grew. A slot with less room than a chunk needs runs host steps:
+    the output is the same, and the device ran no step past the slot."""
+    eng = engine()
+    prompts = asks(3, eng.args.vocab_size, seed=7)
+    cfg = GenerationConfig(max_new_tokens=40)
+    want = [generate(eng, p, cfg).tokens for p in prompts]
+    batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=72))  # room for a chunk only early on
+    lookup = BatchLookup(batch, 2)
+    ctl = BatchKController(2, candidates=[0, 2], warm=1, explore_every=2)
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, ctl, ahead=True, lookup=lookup)
+    got = [batcher.submit(p, cfg) for p in prompts]
+    chunks = host = 0
+    while batcher.busy:
+        steps = batcher.steps
+        batcher.step()
+        chunks += batcher.steps - steps == CHUNK
+        host += batcher.steps - steps == 1
+    assert [r.tokens for r in got] == want
+    assert chunks and host and lookup.room < max(len(p) for p in prompts) + 40
+
+
+def test_device_lookup_refuses_what_it_was_not_built_for() -> None:
+    eng = engine()
+    batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=64))
+    with pytest.raises(LabkitError, match="K"):
+        ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, lookup=BatchLookup(batch, 2))
+    with pytest.raises(LabkitError, match="invariant"):
+        BatchLookup(BatchEngine(eng, BatchConfig(slots=2, max_seq_len=64, invariant=True)), 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_device_lookup_chunks_replay_captured_steps_with_plain_greedy_tokens(dtype: str) -> None:
+    """On the GPU: each rows bucket's step captured once (from positions past every request, then
+    every row loaded again) and replayed CHUNK times per read; ragged lengths, so rows leave and
+    buckets shrink between chunks; bf16 included."""
+    hf = tiny_hf_model("llama", seed=5)
+    hf.generation_config.eos_token_id = None
+    eng = Engine.from_hf(hf, "cuda", dtype, max_seq_len=256, cuda_graph=True)
+    prompts = asks(9, eng.args.vocab_size, seed=8)
+    lengths = [12 + (i * 5) % 13 for i in range(len(prompts))]
+    want = [generate(eng, p, GenerationConfig(max_new_tokens=n)).tokens for p, n in zip(prompts, lengths, strict=True)]
+    batch = BatchEngine(eng, BatchConfig(slots=5, max_seq_len=160, cuda_graph=True))
+    lookup = BatchLookup(batch, 3)
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, lookup=lookup)
+    got = [batcher.submit(p, GenerationConfig(max_new_tokens=n)) for p, n in zip(prompts, lengths, strict=True)]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    assert len(lookup.graphs) >= 2  # buckets captured as rows left
