@@ -86,7 +86,7 @@ class BatchLookup:
             if eos_ids:
                 self.eos_mask[to_device(list(eos_ids), dev)] = True
             self.eos_ids = eos_ids
-        stale = [i for i, r in enumerate(requests) if self.synced[i] is None or self.synced[i][0] is not r or self.synced[i][1] != len(r.context)]
+        stale = [i for i, r in enumerate(requests) if not self._holds(i, r)]
         for i in stale:
             self.history[i, : len(requests[i].context)] = to_device(requests[i].context, dev)
         if stale:
@@ -95,6 +95,11 @@ class BatchLookup:
         if rows > len(requests):
             self.n_ctx[len(requests) : rows] = 1
             self.synced[len(requests) : rows] = [None] * (rows - len(requests))
+
+    def _holds(self, slot: int, request: Any) -> bool:
+        """Whether the device's row `slot` holds this request's context as it is now."""
+        synced = self.synced[slot]
+        return synced is not None and synced[0] is request and synced[1] == len(request.context)
 
     def _step(self, r: int) -> None:
         """One speculative greedy step of rows [0, r) (the module docstring), logged at step_idx."""

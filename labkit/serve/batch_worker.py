@@ -43,7 +43,7 @@ class BatchWorker:
         self.batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if k else None, k,
                                          BatchKController(k, [0, k] if device else None) if k and spec.controller != "fixed" else None,
                                          lookup=BatchLookup(batch, k) if device else None)  # auto: by throughput, K 0 included
-        self.drafter = spec.drafter if k else ""
+        self.drafter = (spec.drafter or "") if k else ""
         self.batcher.batch.capture_graphs(list(range(1, k + 2)))
         self.max_queue, self.metrics = max_queue, metrics
         self._inbox: queue.Queue[Job | None] = queue.Queue()
