@@ -66,6 +66,8 @@ def test_device_lookup_chunks_give_every_request_its_plain_greedy_tokens(slots: 
     assert len(chunks) >= 3 and max(chunks) == slots  # chunks ran, over every slot
     assert sum(r.accepted for r in got) > 0  # some of the device's drafts were kept: steps committed several tokens
     assert all(len(r.draft_tokens) == r.verify_steps == len(r.accepted_lengths) for r in got)
+    long = [r for r in got if len(r.tokens) > 2 * CHUNK]
+    assert long and all(len(set(r.token_times)) <= len(r.token_times) // 2 for r in long)  # a chunk's tokens reach the host together
 
 
 def test_host_steps_between_chunks_and_a_full_slot_left_to_the_host() -> None:

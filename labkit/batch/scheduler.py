@@ -148,14 +148,14 @@ class ContinuousBatcher:
                 chosen[i, -1] = sample(logits[i, -1:], r.config, r.generator)[0]
         return chosen
 
-    def _take(self, request: BatchRequest, greedy: list[int], draft: Sequence[int] = ()) -> int:
+    def _take(self, request: BatchRequest, greedy: list[int], draft: Sequence[int] = (), now: float | None = None) -> int:
         """Keep the longest prefix of `draft` the target agrees with (greedy: its argmax at the fed
         positions), then its own next token. Returns the drafts kept."""
         cfg = request.config
         kept = 0
         while kept < len(draft) and greedy[kept] == draft[kept]:
             kept += 1
-        now = time.perf_counter()
+        now = time.perf_counter() if now is None else now  # when the host has the tokens (a chunk's, all at its read)
         for token in greedy[: kept + 1]:
             request.tokens.append(token)
             request.context.append(token)
@@ -285,9 +285,9 @@ class ContinuousBatcher:
         self.accounted = time.perf_counter()
         self._leave()
 
-    def _verdict(self, request: BatchRequest, draft: list[int], greedy: list[int]) -> int:
+    def _verdict(self, request: BatchRequest, draft: list[int], greedy: list[int], now: float | None = None) -> int:
         """Take a drafting step's verdict for one row (`_take`) and count it; returns the drafts kept."""
-        kept = self._take(request, greedy, draft)
+        kept = self._take(request, greedy, draft, now)
         request.drafted, request.accepted, request.verify_steps = request.drafted + len(draft), request.accepted + kept, request.verify_steps + 1
         if self.k:
             request.draft_tokens.append(draft)
@@ -306,12 +306,13 @@ class ContinuousBatcher:
         rows = list(self.rows)
         self.lookup.run(rows, rows[0].eos_ids)  # type: ignore[union-attr]
         drafts, chosen, n_ctx = self.lookup.read(rows)  # type: ignore[union-attr]
+        read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
         per_step = []  # of the steps that gave a row a token: the tokens, and each row's kept drafts
         for step in range(CHUNK):
             live = [not r.finished for r in rows]
             if any(live):
                 taken = sum(len(r.tokens) for r in rows)
-                kept = [self._verdict(r, drafts[step][i], chosen[step][i]) if on else 0 for i, (r, on) in enumerate(zip(rows, live, strict=True))]
+                kept = [self._verdict(r, drafts[step][i], chosen[step][i], read) if on else 0 for i, (r, on) in enumerate(zip(rows, live, strict=True))]
                 per_step.append((sum(len(r.tokens) for r in rows) - taken, kept))
         self.lookup.taken(rows, n_ctx)  # type: ignore[union-attr]
         self.batch.set_lengths([c - 1 for c in n_ctx])  # each cache holds its context but the last token

@@ -20,7 +20,8 @@ until max_new_tokens, so every request has the same length. At each size every s
 once untimed, then `repeats` timed runs (3 on a GPU), the systems taking turns; a row is a system's
 median run by aggregate tok/s (every run's figure beside it), so one run disturbed by the machine
 moves no ratio. Per run: aggregate output tok/s
-(every new token over the wall time), per-request decode tok/s, median inter-token latency and
+(every new token over the wall time), per-request decode tok/s, median inter-token latency (the
+gap between tokens' arrivals at the host: for ngram-device systems, between chunks) and
 time to first token, mean rows per step, tau (tokens per row per step), and two identities: with
 batch-1 plain greedy through `generate`, and with the same system run one request at a time.
 
