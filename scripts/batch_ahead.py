@@ -14,26 +14,16 @@ import sys
 import time
 
 import torch
+from batch_setup import engine_and_suite  # scripts/batch_setup.py, beside this script
 
 from labkit.batch.engine import BatchConfig, BatchEngine
 from labkit.batch.scheduler import ContinuousBatcher
 from labkit.config import GenerationConfig
-from labkit.engine import Engine
-from labkit.generate import encode_prompt
-from labkit.models.loading import load_model
-from labkit.prompts import load_suite
 
 sizes = [int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "1,4,8").split(",")]
 new_tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 48
 rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-gpu = torch.cuda.is_available()
-loaded = load_model("default")
-if gpu:
-    engine = Engine.from_loaded(loaded, "cuda", torch.bfloat16, weights="dense", cuda_graph=True, layer_kernels="triton")
-else:
-    engine = Engine.from_loaded(loaded, "cpu", torch.float32)
-suite = [encode_prompt(loaded.tokenizer, p.content) for p in load_suite(None, None)]
-print(f"{torch.cuda.get_device_name() if gpu else 'CPU'}, {engine.weights} weights, {engine.layer_kernels} layers, {new_tokens} new tokens")
+engine, suite, gpu = engine_and_suite(new_tokens)
 
 
 def run(batch: BatchEngine, ahead: bool) -> tuple[float, list[list[int]]]:

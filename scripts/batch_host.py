@@ -14,28 +14,17 @@ import pstats
 import sys
 import time
 
-import torch
+from batch_setup import engine_and_suite  # scripts/batch_setup.py, beside this script
 
 from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchConfig, BatchEngine
 from labkit.batch.scheduler import ContinuousBatcher
 from labkit.config import GenerationConfig
-from labkit.engine import Engine
-from labkit.generate import encode_prompt
-from labkit.models.loading import load_model
-from labkit.prompts import load_suite
 from labkit.specdec.drafters import NgramDrafter
 
 sizes = [int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "4,16").split(",")]
 new_tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 128
-gpu = torch.cuda.is_available()
-loaded = load_model("default")
-if gpu:
-    engine = Engine.from_loaded(loaded, "cuda", torch.bfloat16, weights="dense", cuda_graph=True, layer_kernels="triton")
-else:
-    engine = Engine.from_loaded(loaded, "cpu", torch.float32)
-suite = [encode_prompt(loaded.tokenizer, p.content) for p in load_suite(None, None)]
-print(f"{torch.cuda.get_device_name() if gpu else 'CPU'}, {engine.weights} weights, {engine.layer_kernels} layers, {new_tokens} new tokens")
+engine, suite, gpu = engine_and_suite(new_tokens)
 
 
 def run(batch: BatchEngine, controller: BatchKController | None) -> ContinuousBatcher:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,20 +104,9 @@ def _systems(cfg: BatchBenchConfig) -> list[System]:
     return out
 
 
-_LOOKUPS: weakref.WeakKeyDictionary[BatchEngine, BatchLookup] = weakref.WeakKeyDictionary()
-
-
-def _lookup_for(batch: BatchEngine, k: int) -> BatchLookup:
-    """One BatchLookup per batch engine, across runs: its captured steps are kept."""
-    if batch not in _LOOKUPS:
-        _LOOKUPS[batch] = BatchLookup(batch, k)
-    return _LOOKUPS[batch]
-
-
 def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig,
-         controller: BatchKController | None = None) -> tuple[list[BatchRequest], float, float]:
-    batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if system.k else None, system.k, controller,
-                                lookup=_lookup_for(batch, system.k) if system.device else None)
+         controller: BatchKController | None = None, lookup: BatchLookup | None = None) -> tuple[list[BatchRequest], float, float]:
+    batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if system.k else None, system.k, controller, lookup=lookup)
     t0 = time.perf_counter()
     requests = [batcher.submit(p, gen) for p in prompts]
     batcher.run()
@@ -126,10 +114,10 @@ def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: Gene
 
 
 def _timed_run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig,
-               controller: BatchKController | None) -> tuple[list[BatchRequest], float, float, dict[int, int] | None]:
+               controller: BatchKController | None, lookup: BatchLookup | None) -> tuple[list[BatchRequest], float, float, dict[int, int] | None]:
     """_run; with a controller, also the steps this run gave each K."""
     before = controller.steps_by_k() if controller else {}
-    requests, wall, mean_rows = _run(batch, system, prompts, gen, controller)
+    requests, wall, mean_rows = _run(batch, system, prompts, gen, controller, lookup)
     return requests, wall, mean_rows, {k: v - before.get(k, 0) for k, v in controller.steps_by_k().items()} if controller else None
 
 
@@ -183,23 +171,24 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     batches = {(s, b): BatchEngine(engine, BatchConfig(b, slot_len, s.invariant, graphs and not s.invariant)) for s in _systems(cfg) for b in sizes}
     for (s, _), batch in batches.items():  # every step shape captured before anything is timed
         batch.capture_graphs(list(range(1, s.k + 2)))
+    lookups = {key: BatchLookup(batch, key[0].k) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps
     own = {}
     controllers = {s: BatchKController(s.k, [0, s.k] if s.device else None) for s in _systems(cfg) if s.auto}  # one per system, across sizes
     for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens
-        requests, _, _ = _run(batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant)),
-                              s, prompts, gen, controllers.get(s))
+        one = batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant))
+        requests, _, _ = _run(one, s, prompts, gen, controllers.get(s), lookups.get((s, 1)) or (BatchLookup(one, s.k) if s.device else None))
         own[s] = [r.tokens for r in requests]
         bar.update(len(prompts))
     rows, costs = [], {}
     for size in sizes:
         n = size * cfg.requests_per_slot
         for s in _systems(cfg):  # untimed: first passes at this size, and a controller's first tries
-            _run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s))
+            _run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s), lookups.get((s, size)))
             bar.update()
         runs: dict[System, list[dict[str, Any]]] = {s: [] for s in _systems(cfg)}
         for _ in range(repeats):  # the systems take turns, so that a drift of the machine's speed reaches each alike
             for s in _systems(cfg):
-                requests, wall, mean_rows, k_steps = _timed_run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s))
+                requests, wall, mean_rows, k_steps = _timed_run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s), lookups.get((s, size)))
                 row = _row(s, size, requests, wall, mean_rows, plain[:n], own[s][:n])
                 if k_steps is not None:
                     row["k_steps"] = k_steps
@@ -212,7 +201,7 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
             if log:
                 log.add(row)
         if cfg.drafter != "none":
-            drafting = next(s for s in _systems(cfg) if s.k == cfg.k and not s.auto)  # its engine has every step width captured
+            drafting = next(s for s in _systems(cfg) if s.k == cfg.k and not s.auto and not s.device)  # host drafting; its engine has every width captured
             costs[size] = step_costs(batches[(drafting, size)], prompts, cfg.k, lambda: NgramDrafter(3, 1))
     bar.close()
     model = predicted_speedups(rows, costs, cfg.k) if cfg.drafter != "none" else []
