@@ -30,6 +30,13 @@ single stall in them (an admission's prefill, the host's garbage collector) woul
 for hundreds of steps. Past its first tries, a K's step counts at most OUTLIER times its mean. (On
 the H200 the controller once rated plain steps at 2 rows at 992 tok/s, where plain ran at 3,513:
 `k_rates` in results/gpu/batch-NVIDIA-H200-20261201-231228.json.)
+Plain steps are rated in runs. The scheduler launches a plain step ahead of reading the one before,
+so in a run of them the host's work hides behind the device's; a lone plain step between drafting
+steps cannot hide it and costs its whole latency. Rated by lone steps, plain looked as slow as
+drafting where a run of it was a third faster (H200, 4 rows: 4,814 tok/s against 6,710 measured,
+results/gpu/batch-NVIDIA-H200-20261202-005543.json), and the controller drafted where it should
+not. So a choice of K 0 holds for `plain_run` steps, and plain is rated by the steps of a run after
+its first (the fill, which a long run spreads thin): the rate plain keeps once chosen.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 CLOSE = 0.9  # a candidate within this share of the best's rate is a close call ...
-CLOSE_EVERY = 8  # ... tried again every this many steps (a clear loser after a wait that doubles)
+CLOSE_EVERY = 8  # ... tried again every this many choices (a clear loser after a wait that doubles)
 MAX_WAIT = 256  # steps a clear loser waits at most before its next try
 OUTLIER = 4.0  # a step timed at more than this many times its K's mean step counts as this many (after the first tries)
 
@@ -53,6 +60,9 @@ class BucketStats:
     wait: dict[int, int] = field(default_factory=dict)  # K -> steps between its tries while it clearly loses
     next_try: dict[int, int] = field(default_factory=dict)  # K -> the step from which a clear loser is tried again
     steps: int = 0
+    decisions: int = 0  # choices made (a run of plain steps is one)
+    plain_left: int = 0  # steps of the current run of plain steps still to take
+    last_k: int = -1  # the K of the step observed last
 
     def bound_rate(self, k: int) -> float:
         """The most K could make per second by what smaller K's steps showed (0 before it is known)."""
@@ -66,25 +76,39 @@ class BucketStats:
 
 
 class BatchKController:
-    def __init__(self, k_max: int, candidates: list[int] | None = None, warm: int = 3, explore_every: int = 16, memory: float = 0.95) -> None:
+    def __init__(self, k_max: int, candidates: list[int] | None = None, warm: int = 3, explore_every: int = 16, memory: float = 0.95,
+                 plain_run: int = 2) -> None:
+        if plain_run < 2:
+            raise ValueError("plain steps are rated after a run's first: a run takes at least 2")
         self.k_max = k_max
         self.candidates = sorted(set(candidates if candidates is not None else [0, max(1, k_max // 2), k_max]))
-        self.warm, self.explore_every, self.memory = warm, explore_every, memory
+        self.warm, self.explore_every, self.memory, self.plain_run = warm, explore_every, memory, plain_run
         self.buckets: dict[int, BucketStats] = {}
 
     def choose(self, bucket: int) -> int:
-        """The K for a step of this many rows (rounded up to its bucket)."""
+        """The K for a step of this many rows (rounded up to its bucket). K 0, once chosen, holds
+        for `plain_run` steps (the module docstring)."""
         stats = self.buckets.setdefault(bucket, BucketStats())
         stats.steps += 1
+        if stats.plain_left > 0:
+            stats.plain_left -= 1
+            return 0
+        k = self._decide(stats)
+        if k == 0:
+            stats.plain_left = self.plain_run - 1
+        return k
+
+    def _decide(self, stats: BucketStats) -> int:
+        stats.decisions += 1
         untried = [k for k in self.candidates if stats.tries.get(k, 0) < self.warm]
         if untried:
             return untried[0]
-        best = self.best(bucket)
+        best = max(self.candidates, key=stats.rate)
         close = [k for k in self.candidates if k != best and max(stats.rate(k), stats.bound_rate(k)) >= CLOSE * stats.rate(best)]
         for k in (best, *close):  # back in the race: a later clear loss waits from the start again
             stats.wait.pop(k, None)
             stats.next_try.pop(k, None)
-        if close and stats.steps % CLOSE_EVERY == 0:  # a close call is checked often: the rates are noisy
+        if close and stats.decisions % CLOSE_EVERY == 0:  # a close call is checked often: the rates are noisy
             return min(close, key=lambda k: stats.tries.get(k, 0))
         losers = [k for k in self.candidates if k != best and k not in close]
         due = [k for k in losers if stats.next_try.setdefault(k, stats.steps + self.explore_every) <= stats.steps]
@@ -117,7 +141,11 @@ class BatchKController:
         if seconds <= 0:
             return
         stats = self.buckets.setdefault(bucket, BucketStats())
-        if stats.tries.get(k, 0) >= self.warm:  # a stall (an admission, a capture, the host's garbage collector) is not the K's speed
+        fill, stats.last_k = k == 0 and stats.last_k != 0, k
+        if fill:  # a run's first plain step: tried, not rated (the module docstring)
+            stats.tries[k] = stats.tries.get(k, 0) + 1
+            return
+        if stats.tries.get(k, 0) >= self.warm and stats.own_steps.get(k):  # a stall (an admission, a capture, the host's garbage collector) is not the K's speed
             seconds = min(seconds, OUTLIER * stats.seconds[k] / stats.own_steps[k])
         stats.tokens[k] = self.memory * stats.tokens.get(k, 0.0) + tokens
         stats.seconds[k] = self.memory * stats.seconds.get(k, 0.0) + seconds
