@@ -228,15 +228,21 @@ def test_kv_append_with_compaction(backend: str, D: int) -> None:
 @pytest.mark.parametrize("backend", [b for b in COMPILED if b != "cuda"])
 def test_lookup_draft(backend: str) -> None:
     """Prompt lookup on random contexts over small vocabularies (many matches, loops), short ones,
-    and a context longer than the Triton kernel's block: the same draft as the reference."""
+    and a context longer than the Triton kernel's block, one row and several rows of different
+    lengths at once: the same drafts as the reference, and each row's as if it were alone."""
     fn = get("lookup_draft", DEVICE, backend)
     g = torch.Generator().manual_seed(1)
     for L, vocab, k in [(1, 5, 3), (2, 2, 4), (3, 3, 1), (17, 2, 8), (40, 5, 6), (300, 50, 8), (1500, 7, 5), (1500, 4000, 4)]:
-        history = torch.randint(0, vocab, (L + 20,), generator=g)
+        history = torch.randint(0, vocab, (1, L + 20), generator=g)
         n_ctx = torch.tensor([L])
         want = reference.lookup_draft(history, n_ctx, k)
         got = fn(history.to(DEVICE), n_ctx.to(DEVICE), k)
         assert got.cpu().tolist() == want.tolist(), (L, vocab, k)
+    history = torch.randint(0, 4, (5, 1300), generator=g)  # (B, Lh)
+    n_ctx = torch.tensor([1, 3, 40, 1299, 700])
+    want = reference.lookup_draft(history, n_ctx, 6)
+    assert want.tolist() == [reference.lookup_draft(history[b : b + 1], n_ctx[b : b + 1], 6)[0].tolist() for b in range(5)]
+    assert fn(history.to(DEVICE), n_ctx.to(DEVICE), 6).cpu().tolist() == want.tolist()
     if "cuda" in AVAILABLE:
         with pytest.raises(RuntimeError, match="Triton and PyTorch only"):
             get("lookup_draft", DEVICE, "cuda")
@@ -277,28 +283,40 @@ def test_greedy_verdict(backend: str, dtype: torch.dtype) -> None:
         tokens[0, 1 + int(torch.randint(0, 5, (1,), generator=g))] = 3  # ...up to a random row
         args = (logits, tokens, eos_mask, torch.tensor([2]))
         assert torch.equal(fn(*(a.to(DEVICE) for a in args)).cpu(), reference.greedy_verdict(*args))
+    # a block count per batch row: EOS (every row's favourite at every position) blocked in the first 0 / 2 / 5 positions
+    logits = torch.randn(3, 5, V, generator=g)
+    logits[:, :, eos] = 50.0
+    tokens = torch.full((3, 5), eos)  # drafts of EOS: accepted wherever EOS is not blocked
+    got = fn(logits.to(dtype).to(DEVICE), tokens.to(DEVICE), eos_mask.to(DEVICE), torch.tensor([0, 2, 5]).to(DEVICE)).cpu()
+    want = reference.greedy_verdict(logits.to(dtype), tokens, eos_mask, torch.tensor([0, 2, 5]))
+    assert torch.equal(got, want) and want[:, 0].tolist() == [4, 0, 0] and want[:, 1].tolist()[0] == eos and eos not in want[1:, 1].tolist()
 
 
 @pytest.mark.parametrize("backend", [b for b in COMPILED if b != "cuda"])
 def test_lookup_commit(backend: str) -> None:
-    """The drafts land after the context with the target's token at the first rejected one (or
-    after all K), the context grows by accepted + 1, and the step is logged at step_idx."""
+    """Each row's drafts land after its context with the target's token at the first rejected one
+    (or after all K), its context grows by accepted + 1, and the step is logged at step_idx, into
+    logs that are views of wider ones (a batch's first rows)."""
     fn = get("lookup_commit", DEVICE, backend)
     g = torch.Generator().manual_seed(4)
-    for K, accepted, step in [(1, 0, 0), (1, 1, 3), (4, 2, 1), (8, 8, 7), (15, 0, 2)]:
-        history = torch.randint(0, 100, (60,), generator=g)
-        feed = torch.randint(100, 200, (K + 1,), generator=g)
-        state = [history, torch.tensor([20]), feed, torch.tensor([[accepted, 999]]), torch.randint(0, 9, (8, K), generator=g),
-                 torch.randint(0, 9, (8,), generator=g), torch.tensor([step])]
+    for K, accepted, step in [(1, [0], 0), (1, [1], 3), (4, [2, 0, 4], 1), (8, [8, 3], 7), (15, [0, 15, 7, 1], 2)]:
+        B = len(accepted)
+        history = torch.randint(0, 100, (B, 60), generator=g)
+        feed = torch.randint(100, 200, (B, K + 1), generator=g)
+        n_ctx = torch.tensor([20 + 3 * b for b in range(B)])
+        state = [history, n_ctx, feed, torch.tensor([[a, 900 + b] for b, a in enumerate(accepted)]),
+                 torch.randint(0, 9, (8, B + 2, K), generator=g), torch.randint(0, 9, (8, B + 2), generator=g), torch.tensor([step])]
         want = [t.clone() for t in state]
-        reference.lookup_commit(*want)
+        reference.lookup_commit(*want[:4], want[4][:, :B], want[5][:, :B], want[6])
         got = [t.clone().to(DEVICE) for t in state]
-        fn(*got)
+        fn(*got[:4], got[4][:, :B], got[5][:, :B], got[6])
         for name, a, b in zip(("history", "n_ctx", "feed", "verdict", "drafts", "accepted", "step"), got, want, strict=True):
             assert torch.equal(a.cpu(), b), (K, accepted, name)
-        assert want[0][20 : 20 + accepted].tolist() == feed[1 : 1 + accepted].tolist() and int(want[0][20 + accepted]) == 999
-        assert int(want[1]) == 21 + accepted and want[4][step].tolist() == feed[1:].tolist() and int(want[5][step]) == accepted
-        assert int(want[6]) == step + 1 and torch.equal(want[0][:20], history[:20])
+        for b, a in enumerate(accepted):
+            L = 20 + 3 * b
+            assert want[0][b, L : L + a].tolist() == feed[b, 1 : 1 + a].tolist() and int(want[0][b, L + a]) == 900 + b
+            assert int(want[1][b]) == L + a + 1 and want[4][step, b].tolist() == feed[b, 1:].tolist() and int(want[5][step, b]) == a
+        assert torch.equal(want[4][:, B:], state[4][:, B:]) and int(want[6]) == step + 1
 
 
 def test_registry_prefers_the_fastest_available_and_honours_force_py(monkeypatch) -> None:

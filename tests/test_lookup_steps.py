@@ -34,7 +34,7 @@ def test_lookup_draft_matches_the_host_lookup() -> None:
         context = [rng.randrange(vocab) for _ in range(L)]
         k = rng.randint(1, 8)
         history = torch.tensor(context + [rng.randrange(60) for _ in range(20)])  # anything after the context
-        got = lookup_draft(history, torch.tensor([L]), k).tolist()
+        got = lookup_draft(history[None], torch.tensor([L]), k)[0].tolist()
         assert got == lookup_reference(context, k), (context, k)
 
 

@@ -5,18 +5,23 @@ the host's per-row work (proposing, accepting, building the next feed) sits betw
 verifies, while a plain step launched ahead hides it (scheduler.py): on an H200 a K=5 drafting
 step cost 1.35-1.73 plain steps at 1-8 rows against 1.02-1.14 for the device alone
 (results/gpu/batch-NVIDIA-H200-20261201-231228.json). Here every row drafts, is verified and
-accepts on the device, and the host reads once per chunk of CHUNK steps:
+accepts on the device, and the host reads once per chunk of CHUNK steps. A step is the single
+stream's (specdec/lookup_steps.greedy_step) over r rows: the same three registry kernels, each
+taking every row at once (a program per row in Triton), around one batched verify:
 
-    draft   (r, K)    = lookup_draft per row (the kernels' PyTorch reference, vmapped over rows)
+    draft   (r, K)      = lookup_draft: each row's n-gram lookup over its own context
     logits  (r, K+1, V) = one batched pass of [last token, draft] at each row's own positions
-    chosen  (r, K+1)  = argmax, EOS blocked at context positions < eos_until (min_new_tokens)
-    accepted (r,)     = the drafts' prefix equal to chosen; the context grows by chosen[:accepted+1]
+    verdict (r, 2)      = greedy_verdict: accepted drafts and the target's next token, EOS blocked
+                          at context positions < eos_until (min_new_tokens)
+    lookup_commit       = the accepted drafts and that token after each row's context; logged
 
-chosen[:accepted] are the accepted drafts themselves and chosen[accepted] the target's token after
-them, so every row's output is its plain greedy output. All K+1 chosen tokens are written after
-the context; those past the accepted ones (in the history and the cache) are overwritten by the
-next step, as a rollback would leave them. Rows of the bucket past the active ones are padding:
-they step too, from position 0 of free slots, whose contents no request reads.
+The accepted drafts are the target's own argmax and the next token its token after them, so every
+row's output is its plain greedy output. The drafts past the accepted ones (in the history and the
+cache) are overwritten by the next step, as a rollback would leave them. Rows of the bucket past
+the active ones are padding: they step too, from position 0 of free slots, whose contents no
+request reads. (A first version drafted with the reference vmapped over rows and accepted with a
+dozen PyTorch ops: ~40 launches a step, and a chunk step cost 1.34 plain steps at batch 1 on an
+H200, results/gpu/batch-NVIDIA-H200-20261202-005543.json.)
 
 State per slot lives on the device (history, n_ctx = context length, eos_until); the host rewrites
 a slot's row from its request's context whenever the slot holds another request or the request
@@ -34,7 +39,7 @@ from labkit.batch.graphs import bucket
 from labkit.batch.transfer import to_device
 from labkit.errors import LabkitError
 from labkit.graphs import GRAPH_HEADROOM, capture
-from labkit.kernels.reference import lookup_draft
+from labkit.specdec.lookup_steps import greedy_step
 
 CHUNK = 8  # device steps per host read
 
@@ -51,10 +56,11 @@ class BatchLookup:
         self.eos_until = torch.zeros(slots, dtype=torch.long, device=dev)  # (B,) EOS blocked for tokens at context positions below
         self.eos_mask = torch.zeros(batch.engine.model.args.vocab_size, dtype=torch.bool, device=dev)  # (V,)
         self.eos_ids: tuple[int, ...] | None = None
+        self.n_start = torch.ones(slots, dtype=torch.long, device=dev)  # (B,) context length at the chunk's start
         self.drafts_log = torch.zeros(CHUNK, slots, k, dtype=torch.long, device=dev)  # (CHUNK, B, K)
-        self.chosen_log = torch.zeros(CHUNK, slots, k + 1, dtype=torch.long, device=dev)  # (CHUNK, B, K+1)
+        self.accepted_log = torch.zeros(CHUNK, slots, dtype=torch.long, device=dev)  # (CHUNK, B)
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)  # (1,)
-        self.offsets = torch.arange(k + 1, device=dev)  # (K+1,)
+        self.span = torch.arange(CHUNK * (k + 1), device=dev)  # (CHUNK*(K+1),) the most history positions a chunk writes
         self.synced: list[tuple[Any, int] | None] = [None] * slots  # per slot: (request, context length) its device row holds
         self.graphs: dict[int, Any] = {}  # rows bucket -> captured step
 
@@ -70,6 +76,7 @@ class BatchLookup:
         if self.batch.graphs_ok and r not in self.graphs:
             self.capture(r)
         self._load(requests, eos_ids, r)
+        self.n_start.copy_(self.n_ctx)
         self.step_idx.zero_()
         for _ in range(CHUNK):
             if self.batch.graphs_ok:
@@ -103,19 +110,8 @@ class BatchLookup:
 
     def _step(self, r: int) -> None:
         """One speculative greedy step of rows [0, r) (the module docstring), logged at step_idx."""
-        k, hist, n_ctx = self.k, self.history[:r], self.n_ctx[:r]
-        draft = torch.vmap(lookup_draft, in_dims=(0, 0, None))(hist, n_ctx[:, None], k)  # (r, K)
-        feed = torch.cat([hist.gather(1, (n_ctx - 1)[:, None]), draft], 1)  # (r, K+1): the last token, then the draft
-        at = n_ctx[:, None] + self.offsets  # (r, K+1) the context positions the chosen tokens take
-        logits = self.batch.step_rows(feed, at - 1)  # (r, K+1, V), fed at positions n_ctx-1 ...
-        blocked = (at < self.eos_until[:r, None])[:, :, None] & self.eos_mask  # (r, K+1, V)
-        chosen = logits.masked_fill(blocked, float("-inf")).argmax(-1)  # (r, K+1)
-        accepted = (draft == chosen[:, :k]).long().cumprod(1).sum(1)  # (r,)
-        hist.scatter_(1, at, chosen)
-        n_ctx.add_(accepted + 1)
-        self.drafts_log[:, :r].index_copy_(0, self.step_idx, draft[None])
-        self.chosen_log[:, :r].index_copy_(0, self.step_idx, chosen[None])
-        self.step_idx.add_(1)
+        greedy_step(self.batch.step_rows, self.history[:r], self.n_ctx[:r], self.eos_mask, self.eos_until[:r], self.k,
+                    self.drafts_log[:, :r], self.accepted_log[:, :r], self.step_idx)
 
     def capture(self, r: int) -> None:
         """Capture the step of bucket r: warm-ups and capture start from a position past every
@@ -130,10 +126,20 @@ class BatchLookup:
         self.synced = [None] * len(self.synced)
 
     def read(self, requests: list[Any]) -> tuple[list[list[list[int]]], list[list[list[int]]], list[int]]:
-        """The chunk's log for rows [0, n), read at once: drafts [step][row] (K), chosen [step][row]
-        (K+1), and each row's context length after it. The caller takes the tokens, then `taken`."""
-        n = len(requests)
-        return self.drafts_log[:, :n].tolist(), self.chosen_log[:, :n].tolist(), self.n_ctx[:n].tolist()
+        """The chunk's log for rows [0, n), read at once: drafts [step][row] (K), the tokens each
+        step gave each row [step][row] (its accepted drafts, then the target's next token), and each
+        row's context length after it. The caller takes the tokens, then `taken`."""
+        n, k = len(requests), self.k
+        written = self.history[:n].gather(1, self.n_start[:n, None] + self.span)  # (n, CHUNK*(K+1)) from each row's start
+        back = torch.cat([self.drafts_log[:, :n].transpose(0, 1).flatten(1), self.accepted_log[:, :n].T, written, self.n_ctx[:n, None]], 1).tolist()
+        drafts = [[row[s * k : (s + 1) * k] for row in back] for s in range(CHUNK)]
+        tokens: list[list[list[int]]] = [[] for _ in range(CHUNK)]
+        for row in back:
+            accepted, at, out = row[CHUNK * k : CHUNK * (k + 1)], 0, row[CHUNK * (k + 1) : -1]
+            for s, a in enumerate(accepted):
+                tokens[s].append(out[at : at + a + 1])
+                at += a + 1
+        return drafts, tokens, [row[-1] for row in back]
 
     def taken(self, requests: list[Any], n_ctx: list[int]) -> None:
         """The host took the chunk's tokens: a row whose request's context now has the device's

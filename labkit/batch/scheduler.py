@@ -305,14 +305,14 @@ class ContinuousBatcher:
         t0 = time.perf_counter()
         rows = list(self.rows)
         self.lookup.run(rows, rows[0].eos_ids)  # type: ignore[union-attr]
-        drafts, chosen, n_ctx = self.lookup.read(rows)  # type: ignore[union-attr]
+        drafts, tokens, n_ctx = self.lookup.read(rows)  # type: ignore[union-attr]
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
         per_step = []  # of the steps that gave a row a token: the tokens, and each row's kept drafts
         for step in range(CHUNK):
             live = [not r.finished for r in rows]
             if any(live):
                 taken = sum(len(r.tokens) for r in rows)
-                kept = [self._verdict(r, drafts[step][i], chosen[step][i], read) if on else 0 for i, (r, on) in enumerate(zip(rows, live, strict=True))]
+                kept = [self._verdict(r, drafts[step][i], tokens[step][i], read) if on else 0 for i, (r, on) in enumerate(zip(rows, live, strict=True))]
                 per_step.append((sum(len(r.tokens) for r in rows) - taken, kept))
         self.lookup.taken(rows, n_ctx)  # type: ignore[union-attr]
         self.batch.set_lengths([c - 1 for c in n_ctx])  # each cache holds its context but the last token

@@ -74,7 +74,7 @@ def cases(cfg: KernelBenchConfig, device: torch.device) -> dict[str, tuple[tuple
     new = torch.randn(B, cfg.heads, K + 1, cfg.head_dim, generator=g)
     keep = torch.arange(K + 1).expand(B, K + 1).contiguous()
     start = torch.full((B,), cfg.cache_len // 2)
-    history = torch.randint(0, 64, (cfg.cache_len + K + 1,), generator=g)  # a small vocabulary: many matches
+    history = torch.randint(0, 64, (B, cfg.cache_len + K + 1), generator=g)  # a small vocabulary: many matches
     logits = torch.randn(B, K + 1, V, generator=g).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     to = lambda *ts: tuple(t.to(device) for t in ts)
     return {
@@ -83,8 +83,8 @@ def cases(cfg: KernelBenchConfig, device: torch.device) -> dict[str, tuple[tuple
         "kv_append": (to(cache, new, keep, start), 2 * new.numel() * 4),
         # a verify's logits in the model's dtype (bf16 on a GPU): read once
         "greedy_verdict": (to(logits, target, torch.zeros(V, dtype=torch.bool), torch.tensor([1])), logits.numel() * logits.element_size()),
-        # prompt lookup over a half-full cache's worth of context: reads the context once
-        "lookup_draft": ((history.to(device), torch.tensor([cfg.cache_len // 2], device=device), K), cfg.cache_len // 2 * 8),
+        # prompt lookup over a half-full cache's worth of context per row: reads each context once
+        "lookup_draft": ((history.to(device), torch.full((B,), cfg.cache_len // 2, device=device), K), B * cfg.cache_len // 2 * 8),
     }
 
 

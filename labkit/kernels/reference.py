@@ -60,13 +60,13 @@ def greedy_verdict(
     logits: torch.Tensor,  # (B, T, V) a verify step's logits, T = K+1
     tokens: torch.Tensor,  # (B, T) long: the last token, then the K drafts
     eos_mask: torch.Tensor,  # (V,) bool
-    block_rows: torch.Tensor,  # (1,) long: EOS is blocked in rows < block_rows (min_new_tokens)
+    block_rows: torch.Tensor,  # (B,) or (1,) long: EOS is blocked at positions t < block_rows[b] of row b (min_new_tokens)
 ) -> torch.Tensor:  # (B, 2) long: accepted drafts, and the target's token after them
     """Greedy acceptance on the device: the target's argmax per position (the first of equal
     maxima; EOS blocked where asked), then verify_prefix. The same tokens as GreedyMatch."""
     T = tokens.shape[1]
-    rows = torch.arange(T, device=tokens.device) < block_rows  # (T,)
-    target = logits.masked_fill(eos_mask[None, None, :] & rows[None, :, None], float("-inf")).argmax(-1)  # (B, T)
+    rows = torch.arange(T, device=tokens.device) < block_rows[:, None]  # (B or 1, T)
+    target = logits.masked_fill(eos_mask[None, None, :] & rows[:, :, None], float("-inf")).argmax(-1)  # (B, T)
     accepted, bonus = verify_prefix(tokens[:, 1:], target)  # (B,), (B,)
     return torch.stack([accepted, bonus], dim=1)
 
@@ -124,53 +124,54 @@ LOOKUP_MAX_N = 3  # longest n-gram lookup_draft looks up
 
 
 def lookup_draft(
-    history: torch.Tensor,  # (Lh,) context tokens in [0, n_ctx), anything after
-    n_ctx: torch.Tensor,  # (1,) context length, >= 1
+    history: torch.Tensor,  # (B, Lh) each row's context tokens in [0, n_ctx[b]), anything after
+    n_ctx: torch.Tensor,  # (B,) each row's context length, >= 1
     k: int,
-) -> torch.Tensor:  # (k,) the draft
-    """Prompt lookup on the device: at the context's end the longest n-gram (n = 3, 2, 1) seen before,
-    its latest occurrence, and the k tokens that followed it, repeating with the match's period
-    where the copy runs into the context's end (the last token k times when nothing matches).
-    Fixed shapes and no host read, so it can be captured in a CUDA graph. The host twin is
-    specdec/lookup.lookup_reference."""
-    Lh = history.shape[0]
-    pos = torch.arange(Lh, device=history.device)  # (Lh,)
-    # the context's last LOOKUP_MAX_N tokens (clamped in a short context: a match needs c - n >= 0 and c < n_ctx,
+) -> torch.Tensor:  # (B, k) each row's draft
+    """Prompt lookup on the device, each row on its own: at the context's end the longest n-gram
+    (n = 3, 2, 1) seen before, its latest occurrence, and the k tokens that followed it, repeating
+    with the match's period where the copy runs into the context's end (the last token k times when
+    nothing matches). Fixed shapes and no host read, so it can be captured in a CUDA graph. The host
+    twin is specdec/lookup.lookup_reference; one stream is one row."""
+    B, Lh = history.shape
+    dev = history.device
+    pos = torch.arange(Lh, device=dev)  # (Lh,)
+    # each context's last LOOKUP_MAX_N tokens (clamped in a short context: a match needs c - n >= 0 and c < n_ctx,
     # so a clamped entry is never compared where it counts)
-    tail = history.index_select(0, (n_ctx - LOOKUP_MAX_N + torch.arange(LOOKUP_MAX_N, device=history.device)).clamp(min=0))  # (LOOKUP_MAX_N,)
+    tail = history.gather(1, (n_ctx[:, None] - LOOKUP_MAX_N + torch.arange(LOOKUP_MAX_N, device=dev)).clamp(min=0))  # (B, N)
     # a continuation position c follows an n-gram match when history[c-n : c] == the context's last n
-    # tokens; eq[j][c] says history[c-1-j] == tail[-1-j] (shifted so that c indexes the continuation)
-    score = torch.zeros(Lh, dtype=torch.long, device=history.device)  # (Lh,) length of the match ending before c
-    run = torch.ones(Lh, dtype=torch.bool, device=history.device)  # (Lh,)
+    # tokens; eq[b, c] says history[b, c-1-j] == tail[b, -1-j] (shifted so that c indexes the continuation)
+    score = torch.zeros(B, Lh, dtype=torch.long, device=dev)  # (B, Lh) length of the match ending before c
+    run = torch.ones(B, Lh, dtype=torch.bool, device=dev)  # (B, Lh)
     for j in range(LOOKUP_MAX_N):
-        eq = torch.nn.functional.pad(history == tail[LOOKUP_MAX_N - 1 - j], (j + 1, 0))[:Lh]  # (Lh,)
+        eq = torch.nn.functional.pad(history == tail[:, LOOKUP_MAX_N - 1 - j, None], (j + 1, 0))[:, :Lh]  # (B, Lh)
         run = run & eq & (pos > j)  # the whole n-gram lies inside the history
         score = score + run.long()
-    valid = (pos < n_ctx) & (score > 0)  # a token follows the match inside the context
-    best = torch.where(valid, score * Lh + pos, -1).max()  # longest n, then latest occurrence
-    c = torch.where(best >= 0, best % Lh, n_ctx[0] - 1)  # () continuation start
-    q = n_ctx[0] - c  # () period
-    return history.index_select(0, c + torch.arange(k, device=history.device) % q)  # (k,)
+    valid = (pos < n_ctx[:, None]) & (score > 0)  # a token follows the match inside the context
+    best = torch.where(valid, score * Lh + pos, -1).amax(1)  # (B,) longest n, then latest occurrence
+    c = torch.where(best >= 0, best % Lh, n_ctx - 1)  # (B,) continuation start
+    q = n_ctx - c  # (B,) period
+    return history.gather(1, c[:, None] + torch.arange(k, device=dev) % q[:, None])  # (B, k)
 
 
 def lookup_commit(
-    history: torch.Tensor,  # (Lh,) long, written in place
-    n_ctx: torch.Tensor,  # (1,) long: the context length, advanced in place
-    feed: torch.Tensor,  # (K+1,) long: the step's last context token, then its K drafts
-    verdict: torch.Tensor,  # (1, 2) long: greedy_verdict's accepted drafts and next token
-    drafts_log: torch.Tensor,  # (chunk, K) long: row step_idx gets this step's draft
-    accepted_log: torch.Tensor,  # (chunk,) long: entry step_idx gets its accepted count
+    history: torch.Tensor,  # (B, Lh) long, written in place
+    n_ctx: torch.Tensor,  # (B,) long: each row's context length, advanced in place
+    feed: torch.Tensor,  # (B, K+1) long: each row's last context token, then its K drafts
+    verdict: torch.Tensor,  # (B, 2) long: greedy_verdict's accepted drafts and next token per row
+    drafts_log: torch.Tensor,  # (chunk, B, K) long: [step_idx] gets this step's drafts
+    accepted_log: torch.Tensor,  # (chunk, B) long: [step_idx] gets the accepted counts
     step_idx: torch.Tensor,  # (1,) long: advanced in place
 ) -> None:
-    """The end of a device lookup step (specdec/lookup_steps.py): the drafts go into the history
-    after the context, the target's token after the accepted ones (so the context grows by the
-    accepted drafts and that token), and the step is logged for the host's one read per chunk."""
-    K = feed.shape[0] - 1
-    L = n_ctx  # (1,)
-    accepted, bonus = verdict[0, 0], verdict[0, 1]  # (), ()
-    history.index_copy_(0, L + torch.arange(K, device=history.device), feed[1:])
-    history.index_copy_(0, (L + accepted).view(1), bonus.view(1))
+    """The end of a device lookup step (specdec/lookup_steps.py), each row on its own: the drafts go
+    into the history after the context, the target's token after the accepted ones (so the context
+    grows by the accepted drafts and that token), and the step is logged for the host's one read
+    per chunk."""
+    K = feed.shape[1] - 1
+    accepted, bonus = verdict[:, 0], verdict[:, 1]  # (B,), (B,)
+    history.scatter_(1, n_ctx[:, None] + torch.arange(K, device=history.device), feed[:, 1:])
+    history.scatter_(1, (n_ctx + accepted)[:, None], bonus[:, None])
     n_ctx.add_(accepted + 1)
-    drafts_log.index_copy_(0, step_idx, feed[None, 1:])
-    accepted_log.index_copy_(0, step_idx, accepted.view(1))
+    drafts_log.index_copy_(0, step_idx, feed[None, :, 1:])
+    accepted_log.index_copy_(0, step_idx, accepted[None])
     step_idx.add_(1)

@@ -106,45 +106,50 @@ def kv_append(cache: torch.Tensor, new: torch.Tensor, keep: torch.Tensor, start:
 
 @triton.jit
 def _lookup_draft_kernel(history_ptr, n_ctx_ptr, out_ptr, Lh, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program: the reference's three shifted comparisons and the max, a block of positions at
-    a time over the context only (not the whole buffer), then the k-token gather."""
-    L = tl.load(n_ctx_ptr)  # () int64
-    last1 = tl.load(history_ptr + L - 1)
-    last2 = tl.load(history_ptr + tl.maximum(L - 2, 0))
-    last3 = tl.load(history_ptr + tl.maximum(L - 3, 0))
+    """Program b: row b's three shifted comparisons and the max, a block of positions at a time
+    over its context only (not the whole buffer), then its k-token gather."""
+    b = tl.program_id(0).to(tl.int64)
+    row_ptr = history_ptr + b * Lh
+    L = tl.load(n_ctx_ptr + b)  # () int64
+    last1 = tl.load(row_ptr + L - 1)
+    last2 = tl.load(row_ptr + tl.maximum(L - 2, 0))
+    last3 = tl.load(row_ptr + tl.maximum(L - 3, 0))
     best = tl.full((), -1, tl.int64)
     for s0 in range(0, L, BLOCK):
         c = s0 + tl.arange(0, BLOCK).to(tl.int64)  # (BLOCK,) continuation positions
         inside = c < L
-        m1 = inside & (c >= 1) & (tl.load(history_ptr + c - 1, mask=inside & (c >= 1), other=-1) == last1)
-        m2 = m1 & (c >= 2) & (tl.load(history_ptr + c - 2, mask=m1 & (c >= 2), other=-1) == last2)
-        m3 = m2 & (c >= 3) & (tl.load(history_ptr + c - 3, mask=m2 & (c >= 3), other=-1) == last3)
+        m1 = inside & (c >= 1) & (tl.load(row_ptr + c - 1, mask=inside & (c >= 1), other=-1) == last1)
+        m2 = m1 & (c >= 2) & (tl.load(row_ptr + c - 2, mask=m1 & (c >= 2), other=-1) == last2)
+        m3 = m2 & (c >= 3) & (tl.load(row_ptr + c - 3, mask=m2 & (c >= 3), other=-1) == last3)
         score = m1.to(tl.int64) + m2.to(tl.int64) + m3.to(tl.int64)
         best = tl.maximum(best, tl.max(tl.where(m1, score * Lh + c, -1), axis=0))
     start = tl.where(best >= 0, best % Lh, L - 1)
     period = L - start
     j = tl.arange(0, BLOCK_K).to(tl.int64)
     ok = j < K
-    tl.store(out_ptr + j, tl.load(history_ptr + start + j % period, mask=ok, other=0), mask=ok)
+    tl.store(out_ptr + b * K + j, tl.load(row_ptr + start + j % period, mask=ok, other=0), mask=ok)
 
 
 def lookup_draft(history: torch.Tensor, n_ctx: torch.Tensor, k: int) -> torch.Tensor:
-    """reference.lookup_draft (3-gram lookup) as one launch."""
-    out = torch.empty(k, dtype=history.dtype, device=history.device)
-    _lookup_draft_kernel[(1,)](history, n_ctx, out, history.shape[0], k, BLOCK=1024, BLOCK_K=max(16, triton.next_power_of_2(k)))
+    """reference.lookup_draft (3-gram lookup) as one launch, a program per row."""
+    B, Lh = history.shape
+    assert history.stride(1) == 1 and history.stride(0) == Lh and n_ctx.is_contiguous(), "rows of one contiguous history"
+    out = torch.empty(B, k, dtype=history.dtype, device=history.device)
+    _lookup_draft_kernel[(B,)](history, n_ctx, out, Lh, k, BLOCK=1024, BLOCK_K=max(16, triton.next_power_of_2(k)))
     return out
 
 
 @triton.jit
-def _argmax_tiles_kernel(logits_ptr, eos_ptr, block_rows_ptr, max_ptr, idx_ptr, T, V, N_TILES, BLOCK_V: tl.constexpr):
+def _argmax_tiles_kernel(logits_ptr, eos_ptr, block_rows_ptr, block_stride, max_ptr, idx_ptr, T, V, N_TILES, BLOCK_V: tl.constexpr):
     """Program (row, tile): the largest logit of one vocabulary tile and its first index, EOS
-    masked out in the blocked rows. Many programs read the logits at once."""
+    masked out at the blocked positions (block_stride 0: one count for every batch row). Many
+    programs read the logits at once."""
     row = tl.program_id(0)  # b*T + t
     tile = tl.program_id(1)
     offs = tile * BLOCK_V + tl.arange(0, BLOCK_V)
     inside = offs < V
     x = tl.load(logits_ptr + row * V + offs, mask=inside, other=-float("inf")).to(tl.float32)
-    blocked = (row % T) < tl.load(block_rows_ptr)
+    blocked = (row % T) < tl.load(block_rows_ptr + (row // T) * block_stride)
     eos = tl.load(eos_ptr + offs, mask=inside, other=0) != 0
     x = tl.where(eos & blocked, -float("inf"), x)
     best = tl.max(x, axis=0)
@@ -181,7 +186,9 @@ def greedy_verdict(logits: torch.Tensor, tokens: torch.Tensor, eos_mask: torch.T
     n_tiles = triton.cdiv(V, BLOCK_V)
     maxima = torch.empty(B * T, n_tiles, dtype=torch.float32, device=logits.device)
     first = torch.empty(B * T, n_tiles, dtype=torch.long, device=logits.device)
-    _argmax_tiles_kernel[(B * T, n_tiles)](logits.contiguous(), eos_mask, block_rows, maxima, first, T, V, n_tiles, BLOCK_V=BLOCK_V)
+    assert block_rows.numel() in (1, B) and block_rows.is_contiguous(), "one EOS block count, or one per row"
+    _argmax_tiles_kernel[(B * T, n_tiles)](logits.contiguous(), eos_mask, block_rows, int(block_rows.numel() > 1), maxima, first, T, V, n_tiles,
+                                           BLOCK_V=BLOCK_V)
     out = torch.empty(B, 2, dtype=torch.long, device=logits.device)
     _verdict_kernel[(B,)](maxima, first, tokens.contiguous(), out, T, n_tiles,
                           BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_TILES=max(16, triton.next_power_of_2(n_tiles)))
@@ -189,26 +196,31 @@ def greedy_verdict(logits: torch.Tensor, tokens: torch.Tensor, eos_mask: torch.T
 
 
 @triton.jit
-def _lookup_commit_kernel(history_ptr, n_ctx_ptr, feed_ptr, verdict_ptr, drafts_log_ptr, accepted_log_ptr, step_ptr, K,
-                          BLOCK_K: tl.constexpr):
-    L = tl.load(n_ctx_ptr)
-    accepted = tl.load(verdict_ptr)
-    bonus = tl.load(verdict_ptr + 1)
+def _lookup_commit_kernel(history_ptr, n_ctx_ptr, feed_ptr, verdict_ptr, drafts_log_ptr, accepted_log_ptr, step_ptr, K, Lh,
+                          drafts_step_stride, drafts_row_stride, accepted_step_stride, accepted_row_stride, BLOCK_K: tl.constexpr):
+    """Program b: row b's commit. The step index is only read here (its wrapper advances it after)."""
+    b = tl.program_id(0).to(tl.int64)
+    L = tl.load(n_ctx_ptr + b)
+    accepted = tl.load(verdict_ptr + b * 2)
+    bonus = tl.load(verdict_ptr + b * 2 + 1)
     step = tl.load(step_ptr)
     j = tl.arange(0, BLOCK_K)
-    draft = tl.load(feed_ptr + 1 + j, mask=j < K, other=0)  # (BLOCK_K,)
-    tl.debug_barrier()  # every thread has read n_ctx and step before any writes them
+    draft = tl.load(feed_ptr + b * (K + 1) + 1 + j, mask=j < K, other=0)  # (BLOCK_K,)
+    tl.debug_barrier()  # every thread has read n_ctx before any writes it
     # one store per position: the drafts, with the target's token at the first rejected one (or after all)
-    tl.store(history_ptr + L + j, tl.where(j == accepted, bonus, draft), mask=(j < K) | (j == accepted))
-    tl.store(drafts_log_ptr + step * K + j, draft, mask=j < K)
-    tl.store(accepted_log_ptr + step, accepted)
-    tl.store(n_ctx_ptr, L + accepted + 1)
-    tl.store(step_ptr, step + 1)
+    tl.store(history_ptr + b * Lh + L + j, tl.where(j == accepted, bonus, draft), mask=(j < K) | (j == accepted))
+    tl.store(drafts_log_ptr + step * drafts_step_stride + b * drafts_row_stride + j, draft, mask=j < K)
+    tl.store(accepted_log_ptr + step * accepted_step_stride + b * accepted_row_stride, accepted)
+    tl.store(n_ctx_ptr + b, L + accepted + 1)
 
 
 def lookup_commit(history: torch.Tensor, n_ctx: torch.Tensor, feed: torch.Tensor, verdict: torch.Tensor,
                   drafts_log: torch.Tensor, accepted_log: torch.Tensor, step_idx: torch.Tensor) -> None:
-    """reference.lookup_commit as one launch (one warp)."""
-    K = feed.shape[0] - 1
-    _lookup_commit_kernel[(1,)](history, n_ctx, feed, verdict, drafts_log, accepted_log, step_idx, K,
+    """reference.lookup_commit as one launch (a one-warp program per row), then the step index advanced."""
+    B, Lh = history.shape
+    K = feed.shape[1] - 1
+    assert history.stride(0) == Lh and drafts_log.stride(2) == 1 and n_ctx.is_contiguous(), "contiguous rows"
+    _lookup_commit_kernel[(B,)](history, n_ctx, feed.contiguous(), verdict.contiguous(), drafts_log, accepted_log, step_idx, K, Lh,
+                                drafts_log.stride(0), drafts_log.stride(1), accepted_log.stride(0), accepted_log.stride(1),
                                 BLOCK_K=max(16, triton.next_power_of_2(K + 1)), num_warps=1)
+    step_idx.add_(1)

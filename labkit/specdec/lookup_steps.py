@@ -36,30 +36,31 @@ CHUNK = 8  # speculative steps per host read
 
 
 def greedy_step(
-    step: Any,  # (tokens (1, T), input_pos (T,), n_layers) -> logits (1, T, V): the engine's static step
-    history: torch.Tensor,  # (Lh,) updated in place
-    n_ctx: torch.Tensor,  # (1,) updated in place
+    step: Any,  # (tokens (B, T), input_pos (B, T)) -> logits (B, T, V): a static verify of rows [0, B)
+    history: torch.Tensor,  # (B, Lh) updated in place
+    n_ctx: torch.Tensor,  # (B,) updated in place
     eos_mask: torch.Tensor,  # (V,) bool
-    eos_until: torch.Tensor,  # (1,) EOS is blocked for tokens at context positions < this (min_new_tokens)
+    eos_until: torch.Tensor,  # (B,) EOS is blocked for tokens at context positions < this (min_new_tokens)
     k: int,
-    drafts_log: torch.Tensor,  # (chunk, k): row step_idx gets the draft
-    accepted_log: torch.Tensor,  # (chunk,): entry step_idx gets the accepted count
+    drafts_log: torch.Tensor,  # (chunk, B, k): [step_idx] gets the drafts
+    accepted_log: torch.Tensor,  # (chunk, B): [step_idx] gets the accepted counts
     step_idx: torch.Tensor,  # (1,) advanced in place
-    draft: torch.Tensor | None = None,  # (k,) the step's draft (a verify hook's, made by the step before); None: the lookup's
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # verdict (1, 2), feed (k+1,), input_pos (k+1,)
-    """One speculative greedy step on the device (see the module docstring): three registry
-    kernels around the verify pass. The engine's cache holds the context but its last token,
-    before and after."""
+    draft: torch.Tensor | None = None,  # (B, k) the step's drafts (a verify hook's, made by the step before); None: the lookup's
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # verdict (B, 2), feed (B, k+1), input_pos (B, k+1)
+    """One speculative greedy step of B rows on the device (see the module docstring), each row on
+    its own: three registry kernels around the verify pass. One stream is one row; batched rows
+    (batch/lookup.py) are many. Each row's cache holds its context but its last token, before and after."""
     from labkit.kernels import registry
 
     device = history.device
-    L = n_ctx  # (1,)
+    L = n_ctx  # (B,)
     if draft is None:
-        draft = registry.get("lookup_draft", device)(history, L, k)  # (k,)
-    feed = torch.cat([history.index_select(0, L - 1), draft])  # (k+1,): the last token, then the draft
-    input_pos = L - 1 + torch.arange(k + 1, device=device)  # (k+1,) cache positions
-    logits = step(feed[None], input_pos, None)  # (1, k+1, V)
-    verdict = greedy_verdict(logits, feed[None], eos_mask, eos_until - L)  # (1, 2): feed row j is token L + j
+        draft = registry.get("lookup_draft", device)(history, L, k)  # (B, k)
+    last = (L - 1)[:, None]  # (B, 1)
+    feed = torch.cat([history.gather(1, last), draft], 1)  # (B, k+1): the last token, then the draft
+    input_pos = last + torch.arange(k + 1, device=device)  # (B, k+1) cache positions
+    logits = step(feed, input_pos)  # (B, k+1, V)
+    verdict = greedy_verdict(logits, feed, eos_mask, eos_until - L)  # (B, 2): feed column j is token L + j
     registry.get("lookup_commit", device)(history, n_ctx, feed, verdict, drafts_log, accepted_log, step_idx)
     return verdict, feed, input_pos
 
@@ -88,8 +89,8 @@ class LookupSteps:
         self.eos_mask = torch.zeros(engine.args.vocab_size, dtype=torch.bool, device=device)  # (V,)
         self.eos_until = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
         self.step_idx = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
-        self.drafts = torch.zeros(chunk, k, dtype=torch.long, device=device)  # (chunk, k)
-        self.accepted = torch.zeros(chunk, dtype=torch.long, device=device)  # (chunk,)
+        self.drafts = torch.zeros(chunk, 1, k, dtype=torch.long, device=device)  # (chunk, 1, k): one row
+        self.accepted = torch.zeros(chunk, 1, dtype=torch.long, device=device)  # (chunk, 1)
         if hook is not None and 0 < n_cols < k:
             raise LabkitError(f"a verify hook's {n_cols} columns cannot draft {k} tokens a step")
         self.cols = torch.zeros(n_cols, dtype=torch.long, device=device)  # (n_cols,) the hook's next draft
@@ -98,11 +99,11 @@ class LookupSteps:
         static = engine.static_step
 
         def body() -> None:
-            draft = self.cols[:k] if n_cols else None
-            verdict, feed, input_pos = greedy_step(static, self.history, self.n_ctx, self.eos_mask, self.eos_until, k,
-                                                   self.drafts, self.accepted, self.step_idx, draft)
+            draft = self.cols[None, :k] if n_cols else None  # (1, k)
+            verdict, feed, input_pos = greedy_step(lambda tokens, pos: static(tokens, pos[0], None), self.history[None], self.n_ctx,
+                                                   self.eos_mask, self.eos_until, k, self.drafts, self.accepted, self.step_idx, draft)
             if hook is not None:  # the next step's draft, from this pass (none from a watching hook)
-                self.cols.copy_(hook.draft_after(engine.model.last_hidden, verdict, engine.model.lm_head, feed[None], input_pos)[0])
+                self.cols.copy_(hook.draft_after(engine.model.last_hidden, verdict, engine.model.lm_head, feed, input_pos[0])[0])
 
         self.body = body
         if engine.cuda_graph:
@@ -144,7 +145,7 @@ class LookupSteps:
                     self.body()
         # one read: the context length, the tokens written, the drafts and the accepted counts
         span = m * (k + 1)
-        back = torch.cat([self.n_ctx, self.history[L0 : L0 + span], self.drafts[:m].flatten(), self.accepted[:m], self.cols]).tolist()
+        back = torch.cat([self.n_ctx, self.history[L0 : L0 + span], self.drafts[:m].flatten(), self.accepted[:m, 0], self.cols]).tolist()
         n_ctx, written = back[0], back[1 : 1 + span]
         drafts = back[1 + span : 1 + span + m * k]
         accepted = back[1 + span + m * k : 1 + span + m * k + m]
