@@ -58,12 +58,13 @@ def test_device_lookup_chunks_give_every_request_its_plain_greedy_tokens(slots: 
     lookup = BatchLookup(batch, 3)
     chunks = []
     run = lookup.run
-    lookup.run = lambda rows, eos: (chunks.append(len(rows)), run(rows, eos))[1]  # type: ignore[method-assign]
+    lookup.run = lambda rows, eos, steps: (chunks.append((len(rows), steps)), run(rows, eos, steps))[1]  # type: ignore[method-assign]
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, lookup=lookup)
     got = [batcher.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
     batcher.run()
     assert [r.tokens for r in got] == want
-    assert len(chunks) >= 3 and max(chunks) == slots  # chunks ran, over every slot
+    assert len(chunks) >= 3 and max(n for n, _ in chunks) == slots  # chunks ran, over every slot
+    assert max(m for _, m in chunks) == CHUNK and min(m for _, m in chunks) < CHUNK  # shorter where rows were nearly done
     assert sum(r.accepted for r in got) > 0  # some of the device's drafts were kept: steps committed several tokens
     assert all(len(r.draft_tokens) == r.verify_steps == len(r.accepted_lengths) for r in got)
     long = [r for r in got if len(r.tokens) > 2 * CHUNK]
@@ -83,14 +84,32 @@ def test_host_steps_between_chunks_and_a_full_slot_left_to_the_host() -> None:
     ctl = BatchKController(2, candidates=[0, 2], warm=1, explore_every=2)
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, ctl, ahead=True, lookup=lookup)
     got = [batcher.submit(p, cfg) for p in prompts]
-    chunks = host = 0
+    chunks: list[int] = []
+    host = 0
+    run = lookup.run
+    lookup.run = lambda *args: (chunks.append(1), run(*args))[1]  # type: ignore[method-assign]
     while batcher.busy:
-        steps = batcher.steps
+        steps, n_chunks = batcher.steps, len(chunks)
         batcher.step()
-        chunks += batcher.steps - steps == CHUNK
-        host += batcher.steps - steps == 1
+        host += len(chunks) == n_chunks and batcher.steps > steps
     assert [r.tokens for r in got] == want
     assert chunks and host and lookup.room < max(len(p) for p in prompts) + 40
+
+
+def test_a_chunk_runs_the_steps_its_rows_are_expected_to_need() -> None:
+    """CHUNK steps, or fewer where every row should be done sooner at its tokens per step so far
+    (at least one token a step); never fewer than one."""
+    from types import SimpleNamespace
+
+    def row(max_new: int, tokens: int, steps: int) -> SimpleNamespace:
+        return SimpleNamespace(config=GenerationConfig(max_new_tokens=max_new), tokens=[0] * tokens, verify_steps=steps)
+
+    steps = ContinuousBatcher._chunk_steps
+    assert steps([row(100, 1, 0)]) == CHUNK  # nothing known: one token a step
+    assert steps([row(100, 95, 10)]) == 1  # 5 left at ~9.4 a step
+    assert steps([row(100, 91, 30)]) == 3  # 9 left at 3 a step
+    assert steps([row(100, 91, 30), row(100, 96, 95)]) == 4  # the slowest row: 4 left at ~1 a step
+    assert steps([row(100, 100, 40)]) == 1
 
 
 def test_device_lookup_refuses_what_it_was_not_built_for() -> None:

@@ -63,22 +63,25 @@ class BatchLookup:
         self.span = torch.arange(CHUNK * (k + 1), device=dev)  # (CHUNK*(K+1),) the most history positions a chunk writes
         self.synced: list[tuple[Any, int] | None] = [None] * slots  # per slot: (request, context length) its device row holds
         self.graphs: dict[int, Any] = {}  # rows bucket -> captured step
+        self.steps = CHUNK  # steps the last chunk ran
 
     def fits(self, contexts: list[list[int]]) -> bool:
         """Whether every row has room for a chunk of steps in its slot."""
         return all(len(c) <= self.room for c in contexts)
 
-    def run(self, requests: list[Any], eos_ids: tuple[int, ...]) -> None:
-        """CHUNK steps of rows [0, n), one per request (BatchRequest: context, prompt_ids, config),
-        every row's EOS ids these: replays of the bucket's captured step on CUDA."""
-        n = len(requests)
+    def run(self, requests: list[Any], eos_ids: tuple[int, ...], steps: int = CHUNK) -> None:
+        """`steps` (<= CHUNK) steps of rows [0, n), one per request (BatchRequest: context,
+        prompt_ids, config), every row's EOS ids these: replays of the bucket's captured step on CUDA."""
+        if not 1 <= steps <= CHUNK:
+            raise LabkitError(f"a chunk takes 1 to {CHUNK} steps, not {steps}")
+        n, self.steps = len(requests), steps
         r = bucket(n) if self.batch.graphs_ok else n
         if self.batch.graphs_ok and r not in self.graphs:
             self.capture(r)
         self._load(requests, eos_ids, r)
         self.n_start.copy_(self.n_ctx)
         self.step_idx.zero_()
-        for _ in range(CHUNK):
+        for _ in range(steps):
             if self.batch.graphs_ok:
                 self.graphs[r].replay()
             else:
@@ -126,16 +129,16 @@ class BatchLookup:
         self.synced = [None] * len(self.synced)
 
     def read(self, requests: list[Any]) -> tuple[list[list[list[int]]], list[list[list[int]]], list[int]]:
-        """The chunk's log for rows [0, n), read at once: drafts [step][row] (K), the tokens each
+        """The last chunk's log for rows [0, n), read at once: drafts [step][row] (K), the tokens each
         step gave each row [step][row] (its accepted drafts, then the target's next token), and each
         row's context length after it. The caller takes the tokens, then `taken`."""
-        n, k = len(requests), self.k
-        written = self.history[:n].gather(1, self.n_start[:n, None] + self.span)  # (n, CHUNK*(K+1)) from each row's start
-        back = torch.cat([self.drafts_log[:, :n].transpose(0, 1).flatten(1), self.accepted_log[:, :n].T, written, self.n_ctx[:n, None]], 1).tolist()
-        drafts = [[row[s * k : (s + 1) * k] for row in back] for s in range(CHUNK)]
-        tokens: list[list[list[int]]] = [[] for _ in range(CHUNK)]
+        n, k, m = len(requests), self.k, self.steps
+        written = self.history[:n].gather(1, self.n_start[:n, None] + self.span[: m * (k + 1)])  # (n, m*(K+1)) from each row's start
+        back = torch.cat([self.drafts_log[:m, :n].transpose(0, 1).flatten(1), self.accepted_log[:m, :n].T, written, self.n_ctx[:n, None]], 1).tolist()
+        drafts = [[row[s * k : (s + 1) * k] for row in back] for s in range(m)]
+        tokens: list[list[list[int]]] = [[] for _ in range(m)]
         for row in back:
-            accepted, at, out = row[CHUNK * k : CHUNK * (k + 1)], 0, row[CHUNK * (k + 1) : -1]
+            accepted, at, out = row[m * k : m * (k + 1)], 0, row[m * (k + 1) : -1]
             for s, a in enumerate(accepted):
                 tokens[s].append(out[at : at + a + 1])
                 at += a + 1

@@ -22,6 +22,7 @@ generator, seeded by its config as `generate` seeds one, one draw per token; so 
 from __future__ import annotations
 
 import collections
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -299,16 +300,28 @@ class ContinuousBatcher:
         return (self.lookup is not None and all(r.generator is None and r.eos_ids == self.rows[0].eos_ids for r in self.rows)
                 and self.lookup.fits([r.context for r in self.rows]))
 
+    @staticmethod
+    def _chunk_steps(rows: list[BatchRequest]) -> int:
+        """Steps for the next chunk: CHUNK, or fewer where every row should be done sooner by its
+        tokens per step so far (a row that finishes inside a chunk idles through the steps after it;
+        one that needs more after a short chunk costs a host read)."""
+        def left(r: BatchRequest) -> int:
+            per_step = max(1.0, (len(r.tokens) - 1) / max(1, r.verify_steps))
+            return math.ceil((r.config.max_new_tokens - len(r.tokens)) / per_step)
+
+        return max(1, min(CHUNK, max(left(r) for r in rows)))
+
     def _lookup_chunk(self) -> None:
-        """CHUNK drafting steps on the device, read at once: each row takes its verdicts in order
-        (a row that finishes inside the chunk ignores the steps after it)."""
+        """A chunk of drafting steps on the device, read at once: each row takes its verdicts in
+        order (a row that finishes inside the chunk ignores the steps after it)."""
         t0 = time.perf_counter()
         rows = list(self.rows)
-        self.lookup.run(rows, rows[0].eos_ids)  # type: ignore[union-attr]
+        m = self._chunk_steps(rows)
+        self.lookup.run(rows, rows[0].eos_ids, m)  # type: ignore[union-attr]
         drafts, tokens, n_ctx = self.lookup.read(rows)  # type: ignore[union-attr]
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
         per_step = []  # of the steps that gave a row a token: the tokens, and each row's kept drafts
-        for step in range(CHUNK):
+        for step in range(m):
             live = [not r.finished for r in rows]
             if any(live):
                 taken = sum(len(r.tokens) for r in rows)
@@ -316,12 +329,12 @@ class ContinuousBatcher:
                 per_step.append((sum(len(r.tokens) for r in rows) - taken, kept))
         self.lookup.taken(rows, n_ctx)  # type: ignore[union-attr]
         self.batch.set_lengths([c - 1 for c in n_ctx])  # each cache holds its context but the last token
-        self.steps += CHUNK
-        self.rows_stepped += CHUNK * len(rows)
+        self.steps += m
+        self.rows_stepped += m * len(rows)
         if self.controller:  # each step that gave tokens, the chunk's time shared among them (steps after every row finished cost too)
             seconds = (time.perf_counter() - t0) / len(per_step)
-            for tokens, kept in per_step:
-                self.controller.observe(bucket(len(rows)), self.k, tokens, seconds, kept)
+            for gained, kept in per_step:
+                self.controller.observe(bucket(len(rows)), self.k, gained, seconds, kept)
         self.accounted = time.perf_counter()
         self._leave()
 
