@@ -476,6 +476,41 @@ def test_a_plain_step_between_drafting_steps_is_charged_from_its_launch() -> Non
     assert len(plain) >= 3 and min(plain) >= 0.02, plain
 
 
+def test_a_plain_step_in_flight_during_an_admission_is_not_rated() -> None:
+    """Requests join while a plain step is in flight (launched ahead); the admission's prefill (here
+    >= 50 ms) runs before that step is read, so charged to it plain would look slow: such a step is
+    not rated, and every plain step rated is charged less than the prefill took."""
+    import time
+
+    class Record:
+        k_max = 2
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, float]] = []
+
+        def choose(self, bucket: int) -> int:
+            return 0
+
+        def best(self, bucket: int) -> int:
+            return 0
+
+        def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
+            self.seen.append((k, seconds))
+
+    from labkit.specdec.drafters import NgramDrafter
+
+    engine = engine_for("llama")
+    batch = BatchEngine(engine, BatchConfig(slots=2, max_seq_len=128))
+    admit = batch.admit_many
+    batch.admit_many = lambda prompts: (time.sleep(0.05), admit(prompts))[1]  # type: ignore[method-assign]
+    ctl = Record()
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, ctl, ahead=True)  # type: ignore[arg-type]
+    for p, n in zip(prompts(5, engine.args.vocab_size, seed=6), [6, 9, 7, 12, 8], strict=True):
+        batcher.submit(p, GenerationConfig(max_new_tokens=n))
+    batcher.run()
+    assert len(ctl.seen) >= 10 and max(seconds for _, seconds in ctl.seen) < 0.05, ctl.seen
+
+
 def test_the_k_controller_keeps_plain_speed_where_drafting_never_pays() -> None:
     """Simulated steps at 64 rows, where a draft token is kept with probability 0.3 and a verify of
     K+1 tokens per row costs 1.5x (K=2) and 2.5x (K=5) a plain step: the controller keeps 97% of

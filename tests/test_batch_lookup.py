@@ -96,6 +96,42 @@ def test_host_steps_between_chunks_and_a_full_slot_left_to_the_host() -> None:
     assert chunks and host and lookup.room < max(len(p) for p in prompts) + 40
 
 
+@pytest.mark.parametrize("best", [0, 2])
+def test_a_controllers_try_of_k_runs_one_device_step(best: int) -> None:
+    """A controller that takes K while another K rates best is trying it: the chunk runs one step
+    (a try of a losing K costs one step, not CHUNK of them); where K is the best, whole chunks."""
+    class Alternate:
+        k_max = 2
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def choose(self, bucket: int) -> int:
+            self.calls += 1
+            return 2 if self.calls % 3 == 0 or best == 2 else 0
+
+        def best(self, bucket: int) -> int:
+            return best
+
+        def observe(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    eng = engine()
+    prompts = asks(2, eng.args.vocab_size, seed=2)
+    cfg = GenerationConfig(max_new_tokens=40)
+    want = [generate(eng, p, cfg).tokens for p in prompts]
+    batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=160))
+    lookup = BatchLookup(batch, 2)
+    chunks: list[int] = []
+    run = lookup.run
+    lookup.run = lambda rows, eos, steps: (chunks.append(steps), run(rows, eos, steps))[1]  # type: ignore[method-assign]
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, Alternate(), ahead=True, lookup=lookup)  # type: ignore[arg-type]
+    got = [batcher.submit(p, cfg) for p in prompts]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    assert chunks and (set(chunks) == {1} if best == 0 else max(chunks) == CHUNK), chunks
+
+
 def test_a_chunk_runs_the_steps_its_rows_are_expected_to_need() -> None:
     """CHUNK steps, or fewer where every row should be done sooner at its tokens per step so far
     (at least one token a step); never fewer than one."""

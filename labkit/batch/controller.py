@@ -133,7 +133,9 @@ class BatchKController:
         return {b: {k: stats.rate(k) for k in self.candidates if stats.seconds.get(k)} for b, stats in sorted(self.buckets.items())}
 
     def best(self, bucket: int) -> int:
-        return max(self.candidates, key=self.buckets[bucket].rate)
+        """The K rated fastest for this bucket (K max where nothing is known yet)."""
+        stats = self.buckets.get(bucket)
+        return max(self.candidates, key=stats.rate) if stats else self.k_max
 
     def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
         """A step of this bucket drafted with K gave `tokens` new tokens (all rows) in `seconds`;

@@ -68,6 +68,7 @@ class _InFlight:
     host: HostCopy  # the same tokens on their way to the host
     rows: dict[int, int]  # id(request) -> its row
     launched: float  # perf_counter when the call that launched it began
+    rated: bool = True  # False: an admission ran while it was in flight, so its time is not its own
 
 
 class ContinuousBatcher:
@@ -208,6 +209,8 @@ class ContinuousBatcher:
     def _admit(self) -> None:
         """Prefill the waiting requests that fit into free slots; each takes its first token."""
         joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.batch.free))]
+        if joining and self.in_flight is not None:  # the prefill's time would be charged to the step in flight
+            self.in_flight.rated = False
         if joining:
             assert self.batch.active == len(self.rows)
             logits = self.batch.admit_many([r.prompt_ids for r in joining])  # (m, V): slots len(rows)...
@@ -249,7 +252,9 @@ class ContinuousBatcher:
         The controller is told the time from its launch, or from where the step before it was
         timed to end, whichever is later: in a run of plain steps each is charged one period (its
         launch overlaps the step before), and one between drafting steps its launch too (nothing
-        overlapped it; charged only from its read, it looked nearly free)."""
+        overlapped it; charged only from its read, it looked nearly free). A step in flight while
+        requests were admitted is not rated: the prefill's time is not its own (charged to it, an
+        admission of 64 prompts made plain look half as fast as it ran)."""
         t0 = max(flight.launched, self.accounted)
         before = sum(len(r.tokens) for r in flight.requests)
         for request, token in zip(flight.requests, flight.host.tolist(), strict=True):
@@ -259,7 +264,7 @@ class ContinuousBatcher:
                 if self.k:
                     request.draft_tokens.append([])
                     request.accepted_lengths.append(0)
-        if self.controller:
+        if self.controller and flight.rated:
             self.controller.observe(bucket(len(flight.requests)), 0, sum(len(r.tokens) for r in flight.requests) - before, time.perf_counter() - t0)
         self.accounted = time.perf_counter()
         self._leave()
@@ -316,7 +321,8 @@ class ContinuousBatcher:
         order (a row that finishes inside the chunk ignores the steps after it)."""
         t0 = time.perf_counter()
         rows = list(self.rows)
-        m = self._chunk_steps(rows)
+        exploring = self.controller is not None and self.controller.best(bucket(len(rows))) != self.k
+        m = 1 if exploring else self._chunk_steps(rows)  # a controller's try of K costs one step, not a chunk
         self.lookup.run(rows, rows[0].eos_ids, m)  # type: ignore[union-attr]
         drafts, tokens, n_ctx = self.lookup.read(rows)  # type: ignore[union-attr]
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
