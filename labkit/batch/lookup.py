@@ -69,14 +69,16 @@ class BatchLookup:
         """Whether every row has room for a chunk of steps in its slot."""
         return all(len(c) <= self.room for c in contexts)
 
-    def run(self, requests: list[Any], eos_ids: tuple[int, ...], steps: int = CHUNK) -> None:
+    def run(self, requests: list[Any], eos_ids: tuple[int, ...], steps: int = CHUNK) -> bool:
         """`steps` (<= CHUNK) steps of rows [0, n), one per request (BatchRequest: context,
-        prompt_ids, config), every row's EOS ids these: replays of the bucket's captured step on CUDA."""
+        prompt_ids, config), every row's EOS ids these: replays of the bucket's captured step on CUDA.
+        Returns whether the bucket's step was captured first (the chunk's time is then not its own)."""
         if not 1 <= steps <= CHUNK:
             raise LabkitError(f"a chunk takes 1 to {CHUNK} steps, not {steps}")
         n, self.steps = len(requests), steps
         r = bucket(n) if self.batch.graphs_ok else n
-        if self.batch.graphs_ok and r not in self.graphs:
+        captured = self.batch.graphs_ok and r not in self.graphs
+        if captured:
             self.capture(r)
         self._load(requests, eos_ids, r)
         self.n_start.copy_(self.n_ctx)
@@ -86,6 +88,7 @@ class BatchLookup:
                 self.graphs[r].replay()
             else:
                 self._step(r)
+        return captured
 
     def _load(self, requests: list[Any], eos_ids: tuple[int, ...], rows: int) -> None:
         """Rows [0, n) from their requests where the device's row is not already theirs; rows of
@@ -115,6 +118,13 @@ class BatchLookup:
         """One speculative greedy step of rows [0, r) (the module docstring), logged at step_idx."""
         greedy_step(self.batch.step_rows, self.history[:r], self.n_ctx[:r], self.eos_mask, self.eos_until[:r], self.k,
                     self.drafts_log[:, :r], self.accepted_log[:, :r], self.step_idx)
+
+    def capture_all(self) -> None:
+        """Capture every rows bucket's step now (where steps are captured), so that no chunk a
+        request waits on pays for one."""
+        if self.batch.graphs_ok:
+            for r in sorted({bucket(n) for n in range(1, self.batch.cfg.slots + 1)} - set(self.graphs)):
+                self.capture(r)
 
     def capture(self, r: int) -> None:
         """Capture the step of bucket r: warm-ups and capture start from a position past every

@@ -323,7 +323,7 @@ class ContinuousBatcher:
         rows = list(self.rows)
         exploring = self.controller is not None and self.controller.best(bucket(len(rows))) != self.k
         m = 1 if exploring else self._chunk_steps(rows)  # a controller's try of K costs one step, not a chunk
-        self.lookup.run(rows, rows[0].eos_ids, m)  # type: ignore[union-attr]
+        captured = self.lookup.run(rows, rows[0].eos_ids, m)  # type: ignore[union-attr]
         drafts, tokens, n_ctx = self.lookup.read(rows)  # type: ignore[union-attr]
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
         per_step = []  # of the steps that gave a row a token: the tokens, and each row's kept drafts
@@ -337,7 +337,7 @@ class ContinuousBatcher:
         self.batch.set_lengths([c - 1 for c in n_ctx])  # each cache holds its context but the last token
         self.steps += m
         self.rows_stepped += m * len(rows)
-        if self.controller:  # each step that gave tokens, the chunk's time shared among them (steps after every row finished cost too)
+        if self.controller and not captured:  # each step that gave tokens, the chunk's time shared among them (steps after every row finished cost too)
             seconds = (time.perf_counter() - t0) / len(per_step)
             for gained, kept in per_step:
                 self.controller.observe(bucket(len(rows)), self.k, gained, seconds, kept)

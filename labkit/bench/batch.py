@@ -172,6 +172,8 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     for (s, _), batch in batches.items():  # every step shape captured before anything is timed
         batch.capture_graphs(list(range(1, s.k + 2)))
     lookups = {key: BatchLookup(batch, key[0].k) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps
+    for lookup in lookups.values():
+        lookup.capture_all()
     own = {}
     controllers = {s: BatchKController(s.k, [0, s.k] if s.device else None) for s in _systems(cfg) if s.auto}  # one per system, across sizes
     for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens

@@ -45,6 +45,8 @@ class BatchWorker:
                                          lookup=BatchLookup(batch, k) if device else None)  # auto: by throughput, K 0 included
         self.drafter = (spec.drafter or "") if k else ""
         self.batcher.batch.capture_graphs(list(range(1, k + 2)))
+        if self.batcher.lookup is not None:
+            self.batcher.lookup.capture_all()
         self.max_queue, self.metrics = max_queue, metrics
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, tuple[Job, BatchRequest]] = {}  # id(request) -> its job
