@@ -43,6 +43,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from labkit.errors import LabkitError
+
 CLOSE = 0.9  # a candidate within this share of the best's rate is a close call ...
 CLOSE_EVERY = 8  # ... tried again every this many choices (a clear loser after a wait that doubles)
 MAX_WAIT = 256  # steps a clear loser waits at most before its next try
@@ -79,7 +81,7 @@ class BatchKController:
     def __init__(self, k_max: int, candidates: list[int] | None = None, warm: int = 3, explore_every: int = 16, memory: float = 0.95,
                  plain_run: int = 2) -> None:
         if plain_run < 2:
-            raise ValueError("plain steps are rated after a run's first: a run takes at least 2")
+            raise LabkitError(f"plain steps are rated after a run's first, so a run takes at least 2 (got plain_run {plain_run})")
         self.k_max = k_max
         self.candidates = sorted(set(candidates if candidates is not None else [0, max(1, k_max // 2), k_max]))
         self.warm, self.explore_every, self.memory, self.plain_run = warm, explore_every, memory, plain_run
