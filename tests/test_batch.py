@@ -596,3 +596,17 @@ def test_the_k_controller_rates_plain_steps_by_a_run_of_them() -> None:
 
     shares = [share(seed) for seed in range(8)]
     assert min(shares) >= 0.95, shares
+
+
+def test_bench_batch_takes_the_suites_categories_in_turn() -> None:
+    """Every run sees every category it has room for: the first 8 prompts are one per category, the
+    same prompts as the suite's, each category's in its own order."""
+    from labkit.bench.batch import categories_in_turn
+    from labkit.prompts import CATEGORIES, load_suite
+
+    suite = load_suite()
+    ordered = categories_in_turn(suite)
+    assert sorted(map(id, ordered)) == sorted(map(id, suite))
+    assert {p.category for p in ordered[: len(CATEGORIES)]} == set(CATEGORIES)
+    for c in CATEGORIES:
+        assert [p for p in ordered if p.category == c] == [p for p in suite if p.category == c]

@@ -15,7 +15,10 @@ Systems, each at every batch size B (the systems take turns at each size):
   prompt lookup drafted, verified and accepted on the device, the host reading once per chunk
   (batch/lookup.py; the lookup's rule is the kernels', n-grams of 3 down to 1 tokens, always K).
 
-Each run sends `requests_per_slot` x B prompts from the suite through B slots, greedy, EOS blocked
+Each run sends max(`requests_per_slot` x B, `min_requests`) prompts from the suite through B slots,
+its categories taken in turn, so that every run sees every category it has room for (the suite lists
+its prompts category by category: taken in that order, batch 1 and 2 had run writing prompts alone,
+and a size's ratio said as much about its categories as about its batch); greedy, EOS blocked
 until max_new_tokens, so every request has the same length. At each size every system first runs
 once untimed, then `repeats` timed runs (3 on a GPU), the systems taking turns; a row is a system's
 median run by aggregate tok/s (every run's figure beside it), so one run disturbed by the machine
@@ -34,6 +37,7 @@ beside the measured one (the first where ngram-K's aggregate tok/s falls below p
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -55,7 +59,7 @@ from labkit.errors import LabkitError
 from labkit.generate import generate
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompting import encode_prompt
-from labkit.prompts import load_suite
+from labkit.prompts import Prompt, load_suite
 from labkit.specdec.drafters import NgramDrafter
 
 GPU_SIZES = [1, 2, 4, 8, 16, 32, 64]
@@ -71,7 +75,8 @@ class BatchBenchConfig:
     drafter: str = "ngram"  # "ngram" (prompt lookup in every row) or "none"
     k: int = 3  # draft tokens per row and step
     max_new_tokens: int = 64
-    requests_per_slot: int = 2  # requests per run = this x B
+    requests_per_slot: int = 2  # requests per run = this x B ...
+    min_requests: int = 8  # ... and at least this many (one per category of the suite)
     repeats: int | None = None  # timed runs of each system at each size, taking turns (a row: the median run); None: 3 on a GPU, 1 on a CPU
     max_seq_len: int = 1024  # positions per slot
     output_dir: str | None = "results"
@@ -79,8 +84,9 @@ class BatchBenchConfig:
 
     def validate(self) -> None:
         self.engine.validate()
-        if any(b < 1 for b in self.sizes or [1]) or self.max_new_tokens < 1 or self.requests_per_slot < 1 or (self.repeats or 1) < 1:
-            raise LabkitError("batch sizes, max new tokens, requests per slot and repeats must be at least 1")
+        if any(b < 1 for b in self.sizes or [1]) or self.max_new_tokens < 1 or self.requests_per_slot < 1 or (self.repeats or 1) < 1 \
+                or self.min_requests < 1:
+            raise LabkitError("batch sizes, max new tokens, requests per slot, min requests and repeats must be at least 1")
         if self.drafter not in ("ngram", "none") or not 1 <= self.k <= 16:
             raise LabkitError(f"the batched drafter is ngram or none, with K from 1 to 16 (got {self.drafter}, K {self.k})")
 
@@ -92,6 +98,15 @@ class System:
     k: int  # 0: plain
     auto: bool = False  # K chosen per step from 0..k by measured throughput (batch/controller.py)
     device: bool = False  # drafting steps as chunks of prompt lookup on the device (batch/lookup.py)
+
+
+def categories_in_turn(prompts: list[Prompt]) -> list[Prompt]:
+    """The prompts reordered so that their categories take turns: the first of each category, then
+    the second of each, and so on (each category's own order kept)."""
+    by_category: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_category.setdefault(p.category, []).append(p)
+    return [p for turn in itertools.zip_longest(*by_category.values()) for p in turn if p is not None]
 
 
 def _systems(cfg: BatchBenchConfig) -> list[System]:
@@ -158,8 +173,8 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     log = start_log(cfg.output_dir, f"batch-{device.type}")  # before anything is measured
     loaded = loaded or load_model(cfg.model)
     engine = from_config(loaded, cfg.engine)
-    suite = [encode_prompt(loaded.tokenizer, p.content) for p in load_suite()]
-    prompts = [suite[i % len(suite)] for i in range(max(sizes) * cfg.requests_per_slot)]
+    suite = [encode_prompt(loaded.tokenizer, p.content) for p in categories_in_turn(load_suite())]
+    prompts = [suite[i % len(suite)] for i in range(max(max(sizes) * cfg.requests_per_slot, cfg.min_requests))]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens)
     bar = tqdm(desc="bench batch", total=len(prompts) * (1 + len(_systems(cfg))) + len(sizes) * len(_systems(cfg)) * (1 + repeats), disable=not cfg.progress)
     plain = []
@@ -183,7 +198,7 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
         bar.update(len(prompts))
     rows, costs = [], {}
     for size in sizes:
-        n = size * cfg.requests_per_slot
+        n = max(size * cfg.requests_per_slot, cfg.min_requests)
         for s in _systems(cfg):  # untimed: first passes at this size, and a controller's first tries
             _run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s), lookups.get((s, size)))
             bar.update()
