@@ -164,6 +164,43 @@ def test_a_chunk_that_captured_its_step_is_not_rated(captured: bool) -> None:
     assert (ctl.seen == []) if captured else len(ctl.seen) >= 8
 
 
+def test_a_controller_takes_chunks_of_each_k_it_has_device_steps_for() -> None:
+    """Device lookup steps of K 1 and 3 beside plain steps, a controller going round 0, 1, 3: each
+    drafting K runs as chunks of its own steps (a row's device history rewritten where the other
+    K's steps or plain steps moved it on), and every request keeps its plain greedy tokens."""
+    class Round:
+        k_max = 3
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def choose(self, bucket: int) -> int:
+            self.calls += 1
+            return (0, 1, 3)[self.calls % 3]
+
+        def best(self, bucket: int) -> int:
+            return 3
+
+        def observe(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    eng = engine()
+    prompts = asks(3, eng.args.vocab_size, seed=11)
+    cfg = GenerationConfig(max_new_tokens=36)
+    want = [generate(eng, p, cfg).tokens for p in prompts]
+    batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=160))
+    lookups = [BatchLookup(batch, 1), BatchLookup(batch, 3)]
+    ran: list[int] = []
+    for lu in lookups:
+        run = lu.run
+        lu.run = lambda *args, _run=run, _k=lu.k: (ran.append(_k), _run(*args))[1]  # type: ignore[method-assign]
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, Round(), ahead=True, lookup=lookups)  # type: ignore[arg-type]
+    got = [batcher.submit(p, cfg) for p in prompts]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    assert {1, 3} <= set(ran), ran
+
+
 def test_a_chunk_runs_the_steps_its_rows_are_expected_to_need() -> None:
     """CHUNK steps, or fewer where every row should be done sooner at its tokens per step so far
     (at least one token a step); never fewer than one."""
@@ -184,7 +221,9 @@ def test_device_lookup_refuses_what_it_was_not_built_for() -> None:
     eng = engine()
     batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=64))
     with pytest.raises(LabkitError, match="K"):
-        ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, lookup=BatchLookup(batch, 2))
+        ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, lookup=BatchLookup(batch, 4))  # more than K
+    with pytest.raises(LabkitError, match="batch engine"):
+        ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, lookup=BatchLookup(BatchEngine(eng, BatchConfig(slots=2, max_seq_len=64)), 3))
     with pytest.raises(LabkitError, match="invariant"):
         BatchLookup(BatchEngine(eng, BatchConfig(slots=2, max_seq_len=64, invariant=True)), 2)
 

@@ -73,20 +73,24 @@ class _InFlight:
 
 class ContinuousBatcher:
     def __init__(self, batch: BatchEngine, drafter: Callable[[], Drafter] | None = None, k: int = 0,
-                 controller: BatchKController | None = None, ahead: bool | None = None, lookup: BatchLookup | None = None) -> None:
+                 controller: BatchKController | None = None, ahead: bool | None = None,
+                 lookup: BatchLookup | Sequence[BatchLookup] | None = None) -> None:
         """k: draft tokens per row and step (K max with a controller, which picks K per step from
         0..k by measured throughput, per rows bucket). ahead: launch plain steps ahead of reading
         the last (`_plain_ahead`); None: on CUDA, whose steps run while the host works. On a CPU a
         step runs in the call itself, so nothing overlaps, and launching ahead only adds the
-        finished rows' extra step (0.93-1.00x at batch 1-8, scripts/batch_ahead.py). lookup: steps
-        that draft K run as chunks of prompt lookup on the device (batch/lookup.py: one host read per
-        CHUNK steps) wherever every row is greedy, shares its EOS ids and has room; elsewhere, and for
-        a controller's other K, the drafter drafts on the host."""
+        finished rows' extra step (0.93-1.00x at batch 1-8, scripts/batch_ahead.py). lookup: device
+        lookup steps of one K or several (a controller's candidates): a step that drafts a K they
+        cover runs as a chunk of prompt lookup on the device (batch/lookup.py: one host read per
+        chunk) wherever every row is greedy, shares its EOS ids and has room; elsewhere, and for
+        other K, the drafter drafts on the host."""
         if (drafter is None) != (k == 0) or k < 0 or (controller is not None and controller.k_max != k):
             raise LabkitError("speculation takes a drafter and K >= 1 together (K 0: plain; a controller's K max is K)")
-        if lookup is not None and (lookup.batch is not batch or lookup.k != k):
-            raise LabkitError(f"device lookup steps are built for their batch engine and K (got K {lookup.k} for K {k})")
-        self.batch, self.new_drafter, self.k, self.controller, self.lookup = batch, drafter, k, controller, lookup
+        lookups = [lookup] if isinstance(lookup, BatchLookup) else list(lookup or [])
+        if any(lu.batch is not batch or not 1 <= lu.k <= k for lu in lookups):
+            raise LabkitError(f"device lookup steps are built for their batch engine and K up to K (got K {[lu.k for lu in lookups]} for K {k})")
+        self.batch, self.new_drafter, self.k, self.controller = batch, drafter, k, controller
+        self.lookups = {lu.k: lu for lu in lookups}  # K -> its device lookup steps
         self.ahead = batch.engine.device.type == "cuda" if ahead is None else ahead
         self.waiting: collections.deque[BatchRequest] = collections.deque()
         self.rows: list[BatchRequest] = []  # rows[i]: the request in slot i
@@ -201,8 +205,9 @@ class ContinuousBatcher:
             self._plain_ahead()  # (a step after which every row is done by max_new_tokens would be wasted)
             return
         self._settle_in_flight()
-        if self.rows and k_step == self.k and self._lookup_fits():
-            self._lookup_chunk()
+        lookup = self.lookups.get(k_step)
+        if self.rows and lookup is not None and self._lookup_fits(lookup):
+            self._lookup_chunk(lookup)
         elif self.rows:
             self._read_step(k_step)
 
@@ -300,10 +305,9 @@ class ContinuousBatcher:
             request.accepted_lengths.append(kept)
         return kept
 
-    def _lookup_fits(self) -> bool:
-        """Whether the next drafting steps can run as a chunk of device lookup steps."""
-        return (self.lookup is not None and all(r.generator is None and r.eos_ids == self.rows[0].eos_ids for r in self.rows)
-                and self.lookup.fits([r.context for r in self.rows]))
+    def _lookup_fits(self, lookup: BatchLookup) -> bool:
+        """Whether the next drafting steps can run as a chunk of these device lookup steps."""
+        return all(r.generator is None and r.eos_ids == self.rows[0].eos_ids for r in self.rows) and lookup.fits([r.context for r in self.rows])
 
     @staticmethod
     def _chunk_steps(rows: list[BatchRequest]) -> int:
@@ -316,15 +320,15 @@ class ContinuousBatcher:
 
         return max(1, min(CHUNK, max(left(r) for r in rows)))
 
-    def _lookup_chunk(self) -> None:
+    def _lookup_chunk(self, lookup: BatchLookup) -> None:
         """A chunk of drafting steps on the device, read at once: each row takes its verdicts in
         order (a row that finishes inside the chunk ignores the steps after it)."""
         t0 = time.perf_counter()
         rows = list(self.rows)
-        exploring = self.controller is not None and self.controller.best(bucket(len(rows))) != self.k
+        exploring = self.controller is not None and self.controller.best(bucket(len(rows))) != lookup.k
         m = 1 if exploring else self._chunk_steps(rows)  # a controller's try of K costs one step, not a chunk
-        captured = self.lookup.run(rows, rows[0].eos_ids, m)  # type: ignore[union-attr]
-        drafts, tokens, n_ctx = self.lookup.read(rows)  # type: ignore[union-attr]
+        captured = lookup.run(rows, rows[0].eos_ids, m)
+        drafts, tokens, n_ctx = lookup.read(rows)
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
         per_step = []  # of the steps that gave a row a token: the tokens, and each row's kept drafts
         for step in range(m):
@@ -333,14 +337,14 @@ class ContinuousBatcher:
                 taken = sum(len(r.tokens) for r in rows)
                 kept = [self._verdict(r, drafts[step][i], tokens[step][i], read) if on else 0 for i, (r, on) in enumerate(zip(rows, live, strict=True))]
                 per_step.append((sum(len(r.tokens) for r in rows) - taken, kept))
-        self.lookup.taken(rows, n_ctx)  # type: ignore[union-attr]
+        lookup.taken(rows, n_ctx)
         self.batch.set_lengths([c - 1 for c in n_ctx])  # each cache holds its context but the last token
         self.steps += m
         self.rows_stepped += m * len(rows)
         if self.controller and not captured:  # each step that gave tokens, the chunk's time shared among them (steps after every row finished cost too)
             seconds = (time.perf_counter() - t0) / len(per_step)
             for gained, kept in per_step:
-                self.controller.observe(bucket(len(rows)), self.k, gained, seconds, kept)
+                self.controller.observe(bucket(len(rows)), lookup.k, gained, seconds, kept)
         self.accounted = time.perf_counter()
         self._leave()
 

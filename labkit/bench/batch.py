@@ -11,7 +11,7 @@ Systems, each at every batch size B (the systems take turns at each size):
   system at every size, as a server's lives across its load (the untimed run at each size is its
   warm-up: a few steps of every K per rows bucket); the share of steps its timed run gave each K is
   reported (`k_steps`), so the best K's move with the batch size can be read off.
-- ngram-device-K, ngram-device-auto-K (K chosen from 0 and K): the drafting steps as chunks of
+- ngram-device-K, ngram-device-auto-K (K chosen like ngram-auto-K's): the drafting steps as chunks of
   prompt lookup drafted, verified and accepted on the device, the host reading once per chunk
   (batch/lookup.py; the lookup's rule is the kernels', n-grams of 3 down to 1 tokens, always K).
 
@@ -46,7 +46,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from labkit.batch.controller import BatchKController
+from labkit.batch.controller import BatchKController, default_candidates
 from labkit.batch.engine import BatchConfig, BatchEngine
 from labkit.batch.lookup import BatchLookup
 from labkit.batch.scheduler import BatchRequest, ContinuousBatcher
@@ -120,8 +120,8 @@ def _systems(cfg: BatchBenchConfig) -> list[System]:
 
 
 def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig,
-         controller: BatchKController | None = None, lookup: BatchLookup | None = None) -> tuple[list[BatchRequest], float, float]:
-    batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if system.k else None, system.k, controller, lookup=lookup)
+         controller: BatchKController | None = None, lookups: list[BatchLookup] | None = None) -> tuple[list[BatchRequest], float, float]:
+    batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if system.k else None, system.k, controller, lookup=lookups)
     t0 = time.perf_counter()
     requests = [batcher.submit(p, gen) for p in prompts]
     batcher.run()
@@ -129,11 +129,16 @@ def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: Gene
 
 
 def _timed_run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig,
-               controller: BatchKController | None, lookup: BatchLookup | None) -> tuple[list[BatchRequest], float, float, dict[int, int] | None]:
+               controller: BatchKController | None, lookups: list[BatchLookup] | None) -> tuple[list[BatchRequest], float, float, dict[int, int] | None]:
     """_run; with a controller, also the steps this run gave each K."""
     before = controller.steps_by_k() if controller else {}
-    requests, wall, mean_rows = _run(batch, system, prompts, gen, controller, lookup)
+    requests, wall, mean_rows = _run(batch, system, prompts, gen, controller, lookups)
     return requests, wall, mean_rows, {k: v - before.get(k, 0) for k, v in controller.steps_by_k().items()} if controller else None
+
+
+def _device_lookups(batch: BatchEngine, system: System) -> list[BatchLookup]:
+    """A device system's lookup steps: its K, or every drafting K its controller chooses from."""
+    return [BatchLookup(batch, k) for k in (default_candidates(system.k) if system.auto else [system.k]) if k]
 
 
 def _row(system: System, size: int, requests: list[BatchRequest], wall: float, mean_rows: float,
@@ -186,14 +191,14 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     batches = {(s, b): BatchEngine(engine, BatchConfig(b, slot_len, s.invariant, graphs and not s.invariant)) for s in _systems(cfg) for b in sizes}
     for (s, _), batch in batches.items():  # every step shape captured before anything is timed
         batch.capture_graphs(list(range(1, s.k + 2)))
-    lookups = {key: BatchLookup(batch, key[0].k) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps
-    for lookup in lookups.values():
+    lookups = {key: _device_lookups(batch, key[0]) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps
+    for lookup in (lu for lus in lookups.values() for lu in lus):
         lookup.capture_all()
     own = {}
-    controllers = {s: BatchKController(s.k, [0, s.k] if s.device else None) for s in _systems(cfg) if s.auto}  # one per system, across sizes
+    controllers = {s: BatchKController(s.k) for s in _systems(cfg) if s.auto}  # one per system, across sizes
     for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens
         one = batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant))
-        requests, _, _ = _run(one, s, prompts, gen, controllers.get(s), lookups.get((s, 1)) or (BatchLookup(one, s.k) if s.device else None))
+        requests, _, _ = _run(one, s, prompts, gen, controllers.get(s), lookups.get((s, 1)) or (_device_lookups(one, s) if s.device else None))
         own[s] = [r.tokens for r in requests]
         bar.update(len(prompts))
     rows, costs = [], {}

@@ -6,7 +6,7 @@ the requests that arrived, cancels the ones whose client left or whose time ran 
 each running request the tokens its step accepted. Requests decode greedily; the server's
 --drafter ngram and --k, when given, draft for every row (with --controller cost, K per step
 from 0..K by measured throughput: batch/controller.py); --drafter ngram-graph drafts, verifies and
-accepts on the device in chunks of steps (batch/lookup.py; K per chunk from 0 and K), so a
+accepts on the device in chunks of steps (batch/lookup.py; K per chunk from 0, K/2 and K), so a
 client's stream gets its tokens a chunk at a time. A request that asks for sampling or
 for its own speculation settings is refused (400) before it queues.
 """
@@ -40,13 +40,13 @@ class BatchWorker:
         device = spec.drafter == "ngram-graph"
         graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"
         batch = BatchEngine(engine, BatchConfig(slots, slot_len, cuda_graph=graphs))
-        self.batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if k else None, k,
-                                         BatchKController(k, [0, k] if device else None) if k and spec.controller != "fixed" else None,
-                                         lookup=BatchLookup(batch, k) if device else None)  # auto: by throughput, K 0 included
+        controller = BatchKController(k) if k and spec.controller != "fixed" else None  # by throughput, K 0 included
+        lookups = [BatchLookup(batch, c) for c in (controller.candidates if controller else [k]) if c] if device else []  # each K's device steps
+        self.batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if k else None, k, controller, lookup=lookups)
         self.drafter = (spec.drafter or "") if k else ""
         self.batcher.batch.capture_graphs(list(range(1, k + 2)))
-        if self.batcher.lookup is not None:
-            self.batcher.lookup.capture_all()
+        for lookup in self.batcher.lookups.values():
+            lookup.capture_all()
         self.max_queue, self.metrics = max_queue, metrics
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, tuple[Job, BatchRequest]] = {}  # id(request) -> its job
