@@ -610,3 +610,22 @@ def test_bench_batch_takes_the_suites_categories_in_turn() -> None:
     assert {p.category for p in ordered[: len(CATEGORIES)]} == set(CATEGORIES)
     for c in CATEGORIES:
         assert [p for p in ordered if p.category == c] == [p for p in suite if p.category == c]
+
+
+def test_bench_batch_runs_long_prompts_that_differ(tiny_folder, tmp_path) -> None:
+    """`--prompt-tokens N`: every request a long prompt of exactly N tokens (documents, then the
+    request to summarise them), each opening with another document; a slot too short refused."""
+    from labkit.bench.batch import BatchBenchConfig, run_batch_bench
+    from labkit.config import EngineConfig
+    from labkit.models.loading import load_model
+    from labkit.prompts.long import long_prompt
+
+    loaded = load_model(str(tiny_folder))
+    first, second = long_prompt(loaded.tokenizer, 150, start=0), long_prompt(loaded.tokenizer, 150, start=1)
+    assert len(first) == len(second) == 150 and first != second
+    cfg = BatchBenchConfig(model=str(tiny_folder), engine=EngineConfig(device="cpu", dtype="float32"), sizes=[2], k=2, max_new_tokens=4,
+                           min_requests=2, prompt_tokens=150, max_seq_len=192, repeats=1, invariant=False, output_dir=None, progress=False)
+    rows = run_batch_bench(cfg, loaded)["rows"]
+    assert {r["batch"] for r in rows} == {2} and all(r["identical_to_batch_1"] == 1.0 and r["new_tokens"] == 4 * r["requests"] for r in rows)
+    with pytest.raises(LabkitError, match="slot-len"):
+        BatchBenchConfig(prompt_tokens=1000, max_seq_len=1024, max_new_tokens=64).validate()

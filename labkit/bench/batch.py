@@ -18,7 +18,9 @@ Systems, each at every batch size B (the systems take turns at each size):
 Each run sends max(`requests_per_slot` x B, `min_requests`) prompts from the suite through B slots,
 its categories taken in turn, so that every run sees every category it has room for (the suite lists
 its prompts category by category: taken in that order, batch 1 and 2 had run writing prompts alone,
-and a size's ratio said as much about its categories as about its batch); greedy, EOS blocked
+and a size's ratio said as much about its categories as about its batch), or with `prompt_tokens`
+long prompts of that many tokens (a RAG or summarisation request: documents, each prompt opening
+with another, then the request); greedy, EOS blocked
 until max_new_tokens, so every request has the same length. At each size every system first runs
 once untimed, then `repeats` timed runs (3 on a GPU), the systems taking turns; a row is a system's
 median run by aggregate tok/s (every run's figure beside it), so one run disturbed by the machine
@@ -60,6 +62,7 @@ from labkit.generate import generate
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompting import encode_prompt
 from labkit.prompts import Prompt, load_suite
+from labkit.prompts.long import documents, long_prompt
 from labkit.specdec.drafters import NgramDrafter
 
 GPU_SIZES = [1, 2, 4, 8, 16, 32, 64]
@@ -77,6 +80,7 @@ class BatchBenchConfig:
     max_new_tokens: int = 64
     requests_per_slot: int = 2  # requests per run = this x B ...
     min_requests: int = 8  # ... and at least this many (one per category of the suite)
+    prompt_tokens: int = 0  # > 0: every prompt a long one of this many tokens (documents, then a request to summarise them; each opening with another document) instead of the suite's
     repeats: int | None = None  # timed runs of each system at each size, taking turns (a row: the median run); None: 3 on a GPU, 1 on a CPU
     max_seq_len: int = 1024  # positions per slot
     output_dir: str | None = "results"
@@ -87,6 +91,9 @@ class BatchBenchConfig:
         if any(b < 1 for b in self.sizes or [1]) or self.max_new_tokens < 1 or self.requests_per_slot < 1 or (self.repeats or 1) < 1 \
                 or self.min_requests < 1:
             raise LabkitError("batch sizes, max new tokens, requests per slot, min requests and repeats must be at least 1")
+        if self.prompt_tokens < 0 or self.prompt_tokens + self.max_new_tokens + self.k >= self.max_seq_len:
+            raise LabkitError(f"a slot of {self.max_seq_len} positions cannot hold a {self.prompt_tokens}-token prompt, {self.max_new_tokens} "
+                              f"new tokens and {self.k} drafts (raise --slot-len)")
         if self.drafter not in ("ngram", "none") or not 1 <= self.k <= 16:
             raise LabkitError(f"the batched drafter is ngram or none, with K from 1 to 16 (got {self.drafter}, K {self.k})")
 
@@ -178,7 +185,10 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     log = start_log(cfg.output_dir, f"batch-{device.type}")  # before anything is measured
     loaded = loaded or load_model(cfg.model)
     engine = from_config(loaded, cfg.engine)
-    suite = [encode_prompt(loaded.tokenizer, p.content) for p in categories_in_turn(load_suite())]
+    if cfg.prompt_tokens:
+        suite = [long_prompt(loaded.tokenizer, cfg.prompt_tokens, start=i) for i in range(len(documents()))]
+    else:
+        suite = [encode_prompt(loaded.tokenizer, p.content) for p in categories_in_turn(load_suite())]
     prompts = [suite[i % len(suite)] for i in range(max(max(sizes) * cfg.requests_per_slot, cfg.min_requests))]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens)
     bar = tqdm(desc="bench batch", total=len(prompts) * (1 + len(_systems(cfg))) + len(sizes) * len(_systems(cfg)) * (1 + repeats), disable=not cfg.progress)

@@ -44,14 +44,17 @@ def min_tokens(tokenizer: Any, chat: bool = True) -> int:
     return len(before) + len(after) + 1
 
 
-def long_prompt(tokenizer: Any, n_tokens: int, chat: bool = True) -> list[int]:
-    """Token ids of a prompt exactly `n_tokens` long: the frame, the documents cut to fit, the request."""
+def long_prompt(tokenizer: Any, n_tokens: int, chat: bool = True, start: int = 0) -> list[int]:
+    """Token ids of a prompt exactly `n_tokens` long: the frame, the documents cut to fit, the request.
+    `start`: the document to open with (the others follow in turn), so that prompts of one length differ."""
     before, after = _frame(tokenizer, chat)
+    docs = documents()
+    docs = docs[start % len(docs) :] + docs[: start % len(docs)]
     room = n_tokens - len(before) - len(after)
     if room < 1:
         raise LabkitError(f"a long prompt needs at least {len(before) + len(after) + 1} tokens with this tokenizer, got {n_tokens}")
     body: list[int] = []
-    for text in documents():
+    for text in docs:
         if len(body) >= room:
             break
         body += tokenizer(("\n\n" if body else "") + text, add_special_tokens=False).input_ids
