@@ -19,6 +19,24 @@ from labkit.specdec.drafters import NgramDrafter
 from labkit.specdec.lookup import lookup_reference
 
 
+class Round:
+    """A stand-in controller going round K 0, 1, 3 (3 rated best)."""
+    k_max = 3
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def choose(self, bucket: int) -> int:
+        self.calls += 1
+        return (0, 1, 3)[self.calls % 3]
+
+    def best(self, bucket: int) -> int:
+        return 3
+
+    def observe(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
 def engine() -> Engine:
     hf = tiny_hf_model("llama", seed=5)
     hf.generation_config.eos_token_id = None
@@ -168,22 +186,6 @@ def test_a_controller_takes_chunks_of_each_k_it_has_device_steps_for() -> None:
     """Device lookup steps of K 1 and 3 beside plain steps, a controller going round 0, 1, 3: each
     drafting K runs as chunks of its own steps (a row's device history rewritten where the other
     K's steps or plain steps moved it on), and every request keeps its plain greedy tokens."""
-    class Round:
-        k_max = 3
-
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def choose(self, bucket: int) -> int:
-            self.calls += 1
-            return (0, 1, 3)[self.calls % 3]
-
-        def best(self, bucket: int) -> int:
-            return 3
-
-        def observe(self, *args: object, **kwargs: object) -> None:
-            pass
-
     eng = engine()
     prompts = asks(3, eng.args.vocab_size, seed=11)
     cfg = GenerationConfig(max_new_tokens=36)
@@ -250,3 +252,24 @@ def test_cuda_device_lookup_chunks_replay_captured_steps_with_plain_greedy_token
     batcher.run()
     assert [r.tokens for r in got] == want
     assert len(lookup.graphs) >= 2  # buckets captured as rows left
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+def test_cuda_device_lookup_of_two_k_beside_plain_steps_keeps_plain_greedy_tokens() -> None:
+    """On the GPU, bf16: device steps of K 1 and 3, every bucket captured up front, plain steps
+    launched ahead between chunks; every request its plain greedy tokens."""
+    hf = tiny_hf_model("llama", seed=5)
+    hf.generation_config.eos_token_id = None
+    eng = Engine.from_hf(hf, "cuda", "bfloat16", max_seq_len=256, cuda_graph=True)
+    prompts = asks(6, eng.args.vocab_size, seed=12)
+    cfg = GenerationConfig(max_new_tokens=30)
+    want = [generate(eng, p, cfg).tokens for p in prompts]
+    batch = BatchEngine(eng, BatchConfig(slots=3, max_seq_len=160, cuda_graph=True))
+    lookups = [BatchLookup(batch, 1), BatchLookup(batch, 3)]
+    for lu in lookups:
+        lu.capture_all()
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, Round(), lookup=lookups)  # type: ignore[arg-type]
+    got = [batcher.submit(p, cfg) for p in prompts]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    assert all(set(lu.graphs) == {1, 2, 4} for lu in lookups)
