@@ -17,6 +17,25 @@ from labkit.specdec.drafters import NgramDrafter
 BATCH_ARCHS = ("llama", "mistral", "qwen2")  # the Llama family (GPT-2 and OPT are refused)
 
 
+
+class Scripted:
+    """A stand-in K controller: takes the K of `ks` in turn, rates `best` fastest, and records what
+    it is told of each step (K, seconds)."""
+
+    def __init__(self, k_max: int, ks: tuple[int, ...], best: int = 0) -> None:
+        self.k_max, self.ks, self.best_k, self.calls = k_max, ks, best, 0
+        self.seen: list[tuple[int, float]] = []
+
+    def choose(self, bucket: int) -> int:
+        self.calls += 1
+        return self.ks[(self.calls - 1) % len(self.ks)]
+
+    def best(self, bucket: int) -> int:
+        return self.best_k
+
+    def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
+        self.seen.append((k, seconds))
+
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
@@ -450,24 +469,11 @@ def test_a_plain_step_between_drafting_steps_is_charged_from_its_launch() -> Non
 
     from labkit.specdec.drafters import NgramDrafter
 
-    class Alternate:  # K 0, 2, 0, 2, ...: every plain step sits between drafting steps
-        k_max = 2
-
-        def __init__(self) -> None:
-            self.calls, self.seen = 0, []
-
-        def choose(self, bucket: int) -> int:
-            self.calls += 1
-            return 0 if self.calls % 2 else 2
-
-        def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
-            self.seen.append((k, seconds))
-
     engine = engine_for("llama")
     batch = BatchEngine(engine, BatchConfig(slots=2, max_seq_len=128))
     advance = batch.advance
     batch.advance = lambda ids: (time.sleep(0.02), advance(ids))[1]  # type: ignore[method-assign]  # a plain step takes >= 20 ms
-    ctl = Alternate()
+    ctl = Scripted(2, (0, 2))  # K 0, 2, 0, 2, ...: every plain step sits between drafting steps
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, ctl, ahead=True)  # type: ignore[arg-type]
     for p in prompts(2, engine.args.vocab_size, seed=4):
         batcher.submit(p, GenerationConfig(max_new_tokens=12))
@@ -482,28 +488,13 @@ def test_a_plain_step_in_flight_during_an_admission_is_not_rated() -> None:
     not rated, and every plain step rated is charged less than the prefill took."""
     import time
 
-    class Record:
-        k_max = 2
-
-        def __init__(self) -> None:
-            self.seen: list[tuple[int, float]] = []
-
-        def choose(self, bucket: int) -> int:
-            return 0
-
-        def best(self, bucket: int) -> int:
-            return 0
-
-        def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
-            self.seen.append((k, seconds))
-
     from labkit.specdec.drafters import NgramDrafter
 
     engine = engine_for("llama")
     batch = BatchEngine(engine, BatchConfig(slots=2, max_seq_len=128))
     admit = batch.admit_many
     batch.admit_many = lambda prompts: (time.sleep(0.05), admit(prompts))[1]  # type: ignore[method-assign]
-    ctl = Record()
+    ctl = Scripted(2, (0,))  # plain steps only
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, ctl, ahead=True)  # type: ignore[arg-type]
     for p, n in zip(prompts(5, engine.args.vocab_size, seed=6), [6, 9, 7, 12, 8], strict=True):
         batcher.submit(p, GenerationConfig(max_new_tokens=n))

@@ -17,24 +17,7 @@ from labkit.kernels.reference import lookup_draft
 from labkit.models.tiny import tiny_hf_model
 from labkit.specdec.drafters import NgramDrafter
 from labkit.specdec.lookup import lookup_reference
-
-
-class Round:
-    """A stand-in controller going round K 0, 1, 3 (3 rated best)."""
-    k_max = 3
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def choose(self, bucket: int) -> int:
-        self.calls += 1
-        return (0, 1, 3)[self.calls % 3]
-
-    def best(self, bucket: int) -> int:
-        return 3
-
-    def observe(self, *args: object, **kwargs: object) -> None:
-        pass
+from tests.test_batch import Scripted
 
 
 def engine() -> Engine:
@@ -118,22 +101,6 @@ def test_host_steps_between_chunks_and_a_full_slot_left_to_the_host() -> None:
 def test_a_controllers_try_of_k_runs_one_device_step(best: int) -> None:
     """A controller that takes K while another K rates best is trying it: the chunk runs one step
     (a try of a losing K costs one step, not CHUNK of them); where K is the best, whole chunks."""
-    class Alternate:
-        k_max = 2
-
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def choose(self, bucket: int) -> int:
-            self.calls += 1
-            return 2 if self.calls % 3 == 0 or best == 2 else 0
-
-        def best(self, bucket: int) -> int:
-            return best
-
-        def observe(self, *args: object, **kwargs: object) -> None:
-            pass
-
     eng = engine()
     prompts = asks(2, eng.args.vocab_size, seed=2)
     cfg = GenerationConfig(max_new_tokens=40)
@@ -143,7 +110,7 @@ def test_a_controllers_try_of_k_runs_one_device_step(best: int) -> None:
     chunks: list[int] = []
     run = lookup.run
     lookup.run = lambda rows, eos, steps: (chunks.append(steps), run(rows, eos, steps))[1]  # type: ignore[method-assign]
-    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, Alternate(), ahead=True, lookup=lookup)  # type: ignore[arg-type]
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, Scripted(2, (0, 0, 2) if best == 0 else (2,), best=best), ahead=True, lookup=lookup)  # type: ignore[arg-type]
     got = [batcher.submit(p, cfg) for p in prompts]
     batcher.run()
     assert [r.tokens for r in got] == want
@@ -154,27 +121,12 @@ def test_a_controllers_try_of_k_runs_one_device_step(best: int) -> None:
 def test_a_chunk_that_captured_its_step_is_not_rated(captured: bool) -> None:
     """A chunk whose bucket's step was captured first took the capture's time too (on an H200 it
     rated K at 713 tok/s at 2 rows, where it ran 4,600): the controller hears nothing of it."""
-    class Record:
-        k_max = 2
-
-        def __init__(self) -> None:
-            self.seen: list[int] = []
-
-        def choose(self, bucket: int) -> int:
-            return 2
-
-        def best(self, bucket: int) -> int:
-            return 2
-
-        def observe(self, bucket: int, k: int, *args: object) -> None:
-            self.seen.append(k)
-
     eng = engine()
     batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=160))
     lookup = BatchLookup(batch, 2)
     run = lookup.run
     lookup.run = lambda *args: (run(*args), captured)[1]  # type: ignore[method-assign]
-    ctl = Record()
+    ctl = Scripted(2, (2,), best=2)
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, ctl, lookup=lookup)  # type: ignore[arg-type]
     for p in asks(2, eng.args.vocab_size, seed=2):
         batcher.submit(p, GenerationConfig(max_new_tokens=30))
@@ -196,7 +148,7 @@ def test_a_controller_takes_chunks_of_each_k_it_has_device_steps_for() -> None:
     for lu in lookups:
         run = lu.run
         lu.run = lambda *args, _run=run, _k=lu.k: (ran.append(_k), _run(*args))[1]  # type: ignore[method-assign]
-    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, Round(), ahead=True, lookup=lookups)  # type: ignore[arg-type]
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, Scripted(3, (1, 3, 0), best=3), ahead=True, lookup=lookups)  # type: ignore[arg-type]
     got = [batcher.submit(p, cfg) for p in prompts]
     batcher.run()
     assert [r.tokens for r in got] == want
@@ -268,7 +220,7 @@ def test_cuda_device_lookup_of_two_k_beside_plain_steps_keeps_plain_greedy_token
     lookups = [BatchLookup(batch, 1), BatchLookup(batch, 3)]
     for lu in lookups:
         lu.capture_all()
-    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, Round(), lookup=lookups)  # type: ignore[arg-type]
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, Scripted(3, (1, 3, 0), best=3), lookup=lookups)  # type: ignore[arg-type]
     got = [batcher.submit(p, cfg) for p in prompts]
     batcher.run()
     assert [r.tokens for r in got] == want

@@ -51,11 +51,6 @@ MAX_WAIT = 256  # steps a clear loser waits at most before its next try
 OUTLIER = 4.0  # a step timed at more than this many times its K's mean step counts as this many (after the first tries)
 
 
-def default_candidates(k_max: int) -> list[int]:
-    """The K a controller chooses from unless told: plain, about half of K max, and K max."""
-    return sorted({0, max(1, k_max // 2), k_max})
-
-
 @dataclass
 class BucketStats:
     tokens: dict[int, float] = field(default_factory=dict)  # K -> decayed sum of the tokens its steps gave
@@ -88,7 +83,7 @@ class BatchKController:
         if plain_run < 2:
             raise LabkitError(f"plain steps are rated after a run's first, so a run takes at least 2 (got plain_run {plain_run})")
         self.k_max = k_max
-        self.candidates = sorted(set(candidates if candidates is not None else default_candidates(k_max)))
+        self.candidates = sorted(set(candidates if candidates is not None else [0, max(1, k_max // 2), k_max]))
         self.warm, self.explore_every, self.memory, self.plain_run = warm, explore_every, memory, plain_run
         self.buckets: dict[int, BucketStats] = {}
 

@@ -44,6 +44,11 @@ from labkit.specdec.lookup_steps import greedy_step
 CHUNK = 8  # device steps per host read
 
 
+def device_lookups(batch: BatchEngine, ks: list[int]) -> list[BatchLookup]:
+    """Device lookup steps for each drafting K of `ks` (a fixed K, or a controller's candidates; 0 is plain)."""
+    return [BatchLookup(batch, k) for k in ks if k]
+
+
 class BatchLookup:
     def __init__(self, batch: BatchEngine, k: int) -> None:
         if batch.cfg.invariant or not 1 <= k < GRAPH_HEADROOM:

@@ -48,9 +48,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from labkit.batch.controller import BatchKController, default_candidates
+from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchConfig, BatchEngine
-from labkit.batch.lookup import BatchLookup
+from labkit.batch.lookup import BatchLookup, device_lookups
 from labkit.batch.scheduler import BatchRequest, ContinuousBatcher
 from labkit.bench.batch_model import crossover, predicted_speedups, step_costs
 from labkit.bench.common import finish_log, run_params, start_log
@@ -143,11 +143,6 @@ def _timed_run(batch: BatchEngine, system: System, prompts: list[list[int]], gen
     return requests, wall, mean_rows, {k: v - before.get(k, 0) for k, v in controller.steps_by_k().items()} if controller else None
 
 
-def _device_lookups(batch: BatchEngine, system: System) -> list[BatchLookup]:
-    """A device system's lookup steps: its K, or every drafting K its controller chooses from."""
-    return [BatchLookup(batch, k) for k in (default_candidates(system.k) if system.auto else [system.k]) if k]
-
-
 def _row(system: System, size: int, requests: list[BatchRequest], wall: float, mean_rows: float,
          plain: list[list[int]], own: list[list[int]]) -> dict[str, Any]:
     gaps = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:], strict=False) if b > a]
@@ -201,14 +196,15 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     batches = {(s, b): BatchEngine(engine, BatchConfig(b, slot_len, s.invariant, graphs and not s.invariant)) for s in _systems(cfg) for b in sizes}
     for (s, _), batch in batches.items():  # every step shape captured before anything is timed
         batch.capture_graphs(list(range(1, s.k + 2)))
-    lookups = {key: _device_lookups(batch, key[0]) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps
+    controllers = {s: BatchKController(s.k) for s in _systems(cfg) if s.auto}  # one per system, across sizes
+    drafting_ks = {s: controllers[s].candidates if s.auto else [s.k] for s in _systems(cfg) if s.device}  # a device system's K with steps of their own
+    lookups = {key: device_lookups(batch, drafting_ks[key[0]]) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps
     for lookup in (lu for lus in lookups.values() for lu in lus):
         lookup.capture_all()
     own = {}
-    controllers = {s: BatchKController(s.k) for s in _systems(cfg) if s.auto}  # one per system, across sizes
     for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens
         one = batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant))
-        requests, _, _ = _run(one, s, prompts, gen, controllers.get(s), lookups.get((s, 1)) or (_device_lookups(one, s) if s.device else None))
+        requests, _, _ = _run(one, s, prompts, gen, controllers.get(s), lookups.get((s, 1)) or (device_lookups(one, drafting_ks[s]) if s.device else None))
         own[s] = [r.tokens for r in requests]
         bar.update(len(prompts))
     rows, costs = [], {}

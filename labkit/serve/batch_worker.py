@@ -19,7 +19,7 @@ import time
 
 from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchConfig, BatchEngine
-from labkit.batch.lookup import BatchLookup
+from labkit.batch.lookup import device_lookups
 from labkit.batch.scheduler import BatchRequest, ContinuousBatcher
 from labkit.engine import Engine
 from labkit.errors import LabkitError
@@ -41,7 +41,7 @@ class BatchWorker:
         graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"
         batch = BatchEngine(engine, BatchConfig(slots, slot_len, cuda_graph=graphs))
         controller = BatchKController(k) if k and spec.controller != "fixed" else None  # by throughput, K 0 included
-        lookups = [BatchLookup(batch, c) for c in (controller.candidates if controller else [k]) if c] if device else []  # each K's device steps
+        lookups = device_lookups(batch, controller.candidates if controller else [k]) if device else []  # each drafting K's device steps
         self.batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if k else None, k, controller, lookup=lookups)
         self.drafter = (spec.drafter or "") if k else ""
         self.batcher.batch.capture_graphs(list(range(1, k + 2)))
