@@ -117,6 +117,29 @@ def test_a_controllers_try_of_k_runs_one_device_step(best: int) -> None:
     assert chunks and (set(chunks) == {1} if best == 0 else max(chunks) == CHUNK), chunks
 
 
+def test_a_try_of_k_is_rated_at_what_its_step_costs_in_a_whole_chunk() -> None:
+    """A chunk's host work (here a read of >= 40 ms) is paid once per chunk: a one-step try of K
+    is charged its own step (>= 5 ms, the device's time: here a CPU's, in the call) and its share
+    of that work in a chunk of the length its rows would run, not the whole 40 ms (charged so on
+    the H200 K 5 looked 26% slower than its chunks ran, and lost to K 2)."""
+    import statistics
+    import time
+
+    eng = engine()
+    batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=160))
+    lookup = BatchLookup(batch, 2)
+    run, read = lookup.run, lookup.read
+    lookup.run = lambda rows, eos, steps: (time.sleep(0.005 * steps), run(rows, eos, steps))[1]  # type: ignore[method-assign]
+    lookup.read = lambda rows: (time.sleep(0.04), read(rows))[1]  # type: ignore[method-assign]
+    ctl = Scripted(2, (0, 0, 2), best=0)  # every K 2 chunk a try: one step
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, ctl, ahead=True, lookup=lookup)  # type: ignore[arg-type]
+    for p in asks(2, eng.args.vocab_size, seed=2):
+        batcher.submit(p, GenerationConfig(max_new_tokens=60))
+    batcher.run()
+    tries = [seconds for k, seconds in ctl.seen if k == 2]
+    assert len(tries) >= 5 and min(tries) >= 0.005 and statistics.median(tries) < 0.025, tries
+
+
 @pytest.mark.parametrize("captured", [False, True])
 def test_a_chunk_that_captured_its_step_is_not_rated(captured: bool) -> None:
     """A chunk whose bucket's step was captured first took the capture's time too (on an H200 it

@@ -35,8 +35,13 @@ so in a run of them the host's work hides behind the device's; a lone plain step
 steps cannot hide it and costs its whole latency. Rated by lone steps, plain looked as slow as
 drafting where a run of it was a third faster (H200, 4 rows: 4,814 tok/s against 6,710 measured,
 results/gpu/batch-NVIDIA-H200-20261202-005543.json), and the controller drafted where it should
-not. So a choice of K 0 holds for `plain_run` steps, and plain is rated by the steps of a run after
-its first (the fill, which a long run spreads thin): the rate plain keeps once chosen.
+not. So plain is rated by the steps of a run after its first (the fill, which a long run spreads
+thin): the rate plain keeps once chosen. A try of K 0 is such a run of 2 steps; taken as the best,
+K 0 holds for `plain_run` (8) steps, as long as a chunk of device drafting steps: every switch
+costs a fill and a chunk's host work, and with runs of 2 a drafting K close behind plain (tried
+every CLOSE_EVERY choices) had the batch switching every few steps (simulated at 16 rows with K=2
+at 0.91 of plain: 0.84-0.94 of plain's rate, >= 0.93 with runs of 8; 0.92x at 8 rows on the H200,
+results/gpu/batch-NVIDIA-H200-20261202-032933.json; tests/test_batch.py).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from dataclasses import dataclass, field
 from labkit.errors import LabkitError
 
 CLOSE = 0.9  # a candidate within this share of the best's rate is a close call ...
-CLOSE_EVERY = 8  # ... tried again every this many choices (a clear loser after a wait that doubles)
+CLOSE_EVERY = 6  # ... tried again every this many choices (a clear loser after a wait that doubles)
 MAX_WAIT = 256  # steps a clear loser waits at most before its next try
 OUTLIER = 4.0  # a step timed at more than this many times its K's mean step counts as this many (after the first tries)
 
@@ -79,7 +84,7 @@ class BucketStats:
 
 class BatchKController:
     def __init__(self, k_max: int, candidates: list[int] | None = None, warm: int = 3, explore_every: int = 16, memory: float = 0.95,
-                 plain_run: int = 2) -> None:
+                 plain_run: int = 8) -> None:
         if plain_run < 2:
             raise LabkitError(f"plain steps are rated after a run's first, so a run takes at least 2 (got plain_run {plain_run})")
         self.k_max = k_max
@@ -95,31 +100,32 @@ class BatchKController:
         if stats.plain_left > 0:
             stats.plain_left -= 1
             return 0
-        k = self._decide(stats)
-        if k == 0:
-            stats.plain_left = self.plain_run - 1
+        k, tried = self._decide(stats)
+        if k == 0:  # a run while plain is the best; a try of it, the least that rates it (a fill, then one step)
+            stats.plain_left = (2 if tried else self.plain_run) - 1
         return k
 
-    def _decide(self, stats: BucketStats) -> int:
+    def _decide(self, stats: BucketStats) -> tuple[int, bool]:
+        """The next K, and whether it is a try (else the best, taken)."""
         stats.decisions += 1
         untried = [k for k in self.candidates if stats.tries.get(k, 0) < self.warm]
         if untried:
-            return untried[0]
+            return untried[0], True
         best = max(self.candidates, key=stats.rate)
         close = [k for k in self.candidates if k != best and max(stats.rate(k), stats.bound_rate(k)) >= CLOSE * stats.rate(best)]
         for k in (best, *close):  # back in the race: a later clear loss waits from the start again
             stats.wait.pop(k, None)
             stats.next_try.pop(k, None)
         if close and stats.decisions % CLOSE_EVERY == 0:  # a close call is checked often: the rates are noisy
-            return min(close, key=lambda k: stats.tries.get(k, 0))
+            return min(close, key=lambda k: stats.tries.get(k, 0)), True
         losers = [k for k in self.candidates if k != best and k not in close]
         due = [k for k in losers if stats.next_try.setdefault(k, stats.steps + self.explore_every) <= stats.steps]
         if due:  # the least tried clear loser, whose next wait doubles
             k = min(due, key=lambda k: stats.tries.get(k, 0))
             stats.wait[k] = min(MAX_WAIT, 2 * stats.wait.get(k, self.explore_every // 2))
             stats.next_try[k] = stats.steps + stats.wait[k]
-            return k
-        return best
+            return k, True
+        return best, False
 
     def steps_by_k(self) -> dict[int, int]:
         """Steps taken with each K so far, every bucket together."""

@@ -36,6 +36,7 @@ from labkit.batch.lookup import CHUNK, BatchLookup
 from labkit.batch.transfer import HostCopy, constant, to_device
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
+from labkit.metrics.timers import DeviceSpan
 from labkit.sampling import make_generator, sample
 from labkit.specdec.draft import Drafter
 
@@ -98,6 +99,7 @@ class ContinuousBatcher:
         self.rows_stepped = 0  # sum of active rows over those steps (mean batch = rows_stepped / steps)
         self.in_flight: _InFlight | None = None  # a plain step launched and not yet read
         self.accounted = time.perf_counter()  # where the last step timed for the controller ended
+        self.span = DeviceSpan(batch.engine.device)  # a chunk's device time (`_lookup_chunk`)
 
     def submit(self, prompt_ids: list[int], config: GenerationConfig) -> BatchRequest:
         """Queue a request (EOS ids as `generate` takes them: the config's, else the model's)."""
@@ -322,12 +324,23 @@ class ContinuousBatcher:
 
     def _lookup_chunk(self, lookup: BatchLookup) -> None:
         """A chunk of drafting steps on the device, read at once: each row takes its verdicts in
-        order (a row that finishes inside the chunk ignores the steps after it)."""
+        order (a row that finishes inside the chunk ignores the steps after it).
+
+        The controller is told each step's share of what the chunk would cost at its full length:
+        the device's time for the steps, plus the chunk's host work (launch, read, verdicts) spread
+        over the full chunk's steps. A try of a K that is not the best runs one step (cheap where
+        it loses), and charged the whole host work per chunk that one step looked slower than K
+        runs once chosen: on the H200 a one-step try rated K 5 at 1,915 tok/s at batch 1, where
+        K 5's chunks ran at 2,593, and the controller kept K 2 (2,419 tok/s:
+        results/gpu/batch-NVIDIA-H200-20261202-032933.json)."""
         t0 = time.perf_counter()
         rows = list(self.rows)
+        full = self._chunk_steps(rows)
         exploring = self.controller is not None and self.controller.best(bucket(len(rows))) != lookup.k
-        m = 1 if exploring else self._chunk_steps(rows)  # a controller's try of K costs one step, not a chunk
+        m = 1 if exploring else full  # a controller's try of K costs one step, not a chunk
+        self.span.start()
         captured = lookup.run(rows, rows[0].eos_ids, m)
+        self.span.stop()
         drafts, tokens, n_ctx = lookup.read(rows)
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
         per_step = []  # of the steps that gave a row a token: the tokens, and each row's kept drafts
@@ -342,7 +355,9 @@ class ContinuousBatcher:
         self.steps += m
         self.rows_stepped += m * len(rows)
         if self.controller and not captured:  # each step that gave tokens, the chunk's time shared among them (steps after every row finished cost too)
-            seconds = (time.perf_counter() - t0) / len(per_step)
+            wall = time.perf_counter() - t0
+            device = min(self.span.seconds(), wall)
+            seconds = (device + (wall - device) * m / full) / len(per_step)
             for gained, kept in per_step:
                 self.controller.observe(bucket(len(rows)), lookup.k, gained, seconds, kept)
         self.accounted = time.perf_counter()

@@ -33,3 +33,33 @@ def median_us(fn: Callable[[], object], reps: int, warm: int = 0) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6
+
+
+class DeviceSpan:
+    """The device's time for the work queued between `start` and `stop`: a CUDA event pair (no
+    synchronisation until `seconds`, which waits for the end event); elsewhere the host's time
+    between them, the work having run in the calls (on MPS after a synchronise)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.cuda = device, device.type == "cuda"
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.t0 = self.t1 = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self.begin.record()
+        else:
+            self.t0 = now(self.device)
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end.record()
+        else:
+            self.t1 = now(self.device)
+
+    def seconds(self) -> float:
+        if self.cuda:
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end) / 1e3
+        return self.t1 - self.t0
