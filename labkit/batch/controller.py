@@ -36,12 +36,11 @@ steps cannot hide it and costs its whole latency. Rated by lone steps, plain loo
 drafting where a run of it was a third faster (H200, 4 rows: 4,814 tok/s against 6,710 measured,
 results/gpu/batch-NVIDIA-H200-20261202-005543.json), and the controller drafted where it should
 not. So plain is rated by the steps of a run after its first (the fill, which a long run spreads
-thin): the rate plain keeps once chosen. A try of K 0 is such a run of 2 steps; taken as the best,
-K 0 holds for `plain_run` (8) steps, as long as a chunk of device drafting steps: every switch
-costs a fill and a chunk's host work, and with runs of 2 a drafting K close behind plain (tried
-every CLOSE_EVERY choices) had the batch switching every few steps (simulated at 16 rows with K=2
-at 0.91 of plain: 0.84-0.94 of plain's rate, >= 0.93 with runs of 8; 0.92x at 8 rows on the H200,
-results/gpu/batch-NVIDIA-H200-20261202-032933.json; tests/test_batch.py).
+thin): the rate plain keeps once chosen. A choice of K 0 holds for `plain_run` steps (a try of it
+for 2). (Tried: runs of 8 while plain is the best, fewer switches where a drafting K is a close call
+behind plain: in simulation at 16 rows 0.94-0.97 of plain against 0.84-0.94, on the H200 0.92-0.95x
+from 8 to 64 rows in two runs (with tries rated as now) against 0.92-0.98x with runs of 2 the same day:
+results/gpu/batch-NVIDIA-H200-20261202-034541.json, -035542.json, -032933.json.)
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ from dataclasses import dataclass, field
 from labkit.errors import LabkitError
 
 CLOSE = 0.9  # a candidate within this share of the best's rate is a close call ...
-CLOSE_EVERY = 6  # ... tried again every this many choices (a clear loser after a wait that doubles)
+CLOSE_EVERY = 8  # ... tried again every this many choices (a clear loser after a wait that doubles)
 MAX_WAIT = 256  # steps a clear loser waits at most before its next try
 OUTLIER = 4.0  # a step timed at more than this many times its K's mean step counts as this many (after the first tries)
 
@@ -84,7 +83,7 @@ class BucketStats:
 
 class BatchKController:
     def __init__(self, k_max: int, candidates: list[int] | None = None, warm: int = 3, explore_every: int = 16, memory: float = 0.95,
-                 plain_run: int = 8) -> None:
+                 plain_run: int = 2) -> None:
         if plain_run < 2:
             raise LabkitError(f"plain steps are rated after a run's first, so a run takes at least 2 (got plain_run {plain_run})")
         self.k_max = k_max
