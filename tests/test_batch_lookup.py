@@ -43,13 +43,11 @@ def test_the_lookup_rule_over_rows_is_each_rows_own() -> None:
     assert got.tolist() == [lookup_reference(history[b, : n_ctx[b]].tolist(), 5) for b in range(6)]
 
 
-@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("slots", [1, 3])
-def test_device_lookup_chunks_give_every_request_its_plain_greedy_tokens(slots: int, ahead: bool) -> None:
+def test_device_lookup_chunks_give_every_request_its_plain_greedy_tokens(slots: int) -> None:
     """More requests than slots (rows join and leave between chunks, the last row moving into a
     freed slot), different lengths (rows finish inside a chunk), one request's EOS held by its
-    min_new_tokens, the others' ending them. With `ahead`, chunks are launched before the one in
-    flight is read (a chunk launched, then another, then a read)."""
+    min_new_tokens, the others' ending them."""
     eng = engine()
     prompts = asks(5, eng.args.vocab_size, seed=3)
     free = generate(eng, prompts[1], GenerationConfig(max_new_tokens=30, stop_at_eos=False)).tokens
@@ -59,15 +57,13 @@ def test_device_lookup_chunks_give_every_request_its_plain_greedy_tokens(slots: 
     want = [generate(eng, p, c).tokens for p, c in zip(prompts, configs, strict=True)]
     batch = BatchEngine(eng, BatchConfig(slots=slots, max_seq_len=160))
     lookup = BatchLookup(batch, 3)
-    chunks, order = [], []
-    run, parse = lookup.run, lookup.parse
-    lookup.run = lambda rows, eos, steps: (chunks.append((len(rows), steps)), order.append("run"), run(rows, eos, steps))[2]  # type: ignore[method-assign]
-    lookup.parse = lambda log: (order.append("read"), parse(log))[1]  # type: ignore[method-assign]
-    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, lookup=lookup, ahead=ahead)
+    chunks = []
+    run = lookup.run
+    lookup.run = lambda rows, eos, steps: (chunks.append((len(rows), steps)), run(rows, eos, steps))[1]  # type: ignore[method-assign]
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, lookup=lookup)
     got = [batcher.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
     batcher.run()
     assert [r.tokens for r in got] == want
-    assert (" run run read" in " " + " ".join(order)) == ahead, order
     assert len(chunks) >= 3 and max(n for n, _ in chunks) == slots  # chunks ran, over every slot
     assert max(m for _, m in chunks) == CHUNK and min(m for _, m in chunks) < CHUNK  # shorter where rows were nearly done
     assert sum(r.accepted for r in got) > 0  # some of the device's drafts were kept: steps committed several tokens
@@ -101,31 +97,6 @@ def test_host_steps_between_chunks_and_a_full_slot_left_to_the_host() -> None:
     assert chunks and host and lookup.room < max(len(p) for p in prompts) + 40
 
 
-def test_a_chunk_is_launched_ahead_only_with_room_past_the_chunk_in_flight() -> None:
-    """A slot with room for one more chunk but not two: the chunk in flight is read first, and the
-    device never starts a chunk past its room (each launch's rows start at most `room`)."""
-    eng = engine()
-    prompts = asks(2, eng.args.vocab_size, seed=5)
-    cfg = GenerationConfig(max_new_tokens=96 - 3 - max(len(p) for p in prompts))
-    want = [generate(eng, p, cfg).tokens for p in prompts]
-    batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=96))
-    lookup = BatchLookup(batch, 2)
-    starts: list[int] = []
-    run = lookup.run
-
-    def watched(rows, eos, steps):  # type: ignore[no-untyped-def]
-        held = [int(lookup.n_ctx[i]) if lookup.synced[i] is not None and lookup.synced[i][0] is r else len(r.context) for i, r in enumerate(rows)]
-        starts.append(max(held))
-        return run(rows, eos, steps)
-
-    lookup.run = watched  # type: ignore[method-assign]
-    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, lookup=lookup, ahead=True)
-    got = [batcher.submit(p, cfg) for p in prompts]
-    batcher.run()
-    assert [r.tokens for r in got] == want
-    assert starts and max(starts) <= lookup.room and max(starts) > lookup.room - CHUNK * 3, (starts, lookup.room)
-
-
 @pytest.mark.parametrize("best", [0, 2])
 def test_a_controllers_try_of_k_runs_one_device_step(best: int) -> None:
     """A controller that takes K while another K rates best is trying it: the chunk runs one step
@@ -157,9 +128,9 @@ def test_a_try_of_k_is_rated_at_what_its_step_costs_in_a_whole_chunk() -> None:
     eng = engine()
     batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=160))
     lookup = BatchLookup(batch, 2)
-    run, parse = lookup.run, lookup.parse
+    run, read = lookup.run, lookup.read
     lookup.run = lambda rows, eos, steps: (time.sleep(0.005 * steps), run(rows, eos, steps))[1]  # type: ignore[method-assign]
-    lookup.parse = lambda log: (time.sleep(0.04), parse(log))[1]  # type: ignore[method-assign]
+    lookup.read = lambda rows: (time.sleep(0.04), read(rows))[1]  # type: ignore[method-assign]
     ctl = Scripted(2, (0, 0, 2), best=0)  # every K 2 chunk a try: one step
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, ctl, ahead=True, lookup=lookup)  # type: ignore[arg-type]
     for p in asks(2, eng.args.vocab_size, seed=2):

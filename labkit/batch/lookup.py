@@ -25,8 +25,7 @@ H200, results/gpu/batch-NVIDIA-H200-20261202-005543.json.)
 
 State per slot lives on the device (history, n_ctx = context length, eos_until); the host rewrites
 a slot's row from its request's context whenever the slot holds another request or the request
-took host steps since (`load`), and reads the chunk's log at its end (`read`: `collect` queues its copy
-behind the chunk's steps, so a next chunk launched before the host reads it may go on, `parse` reads it).
+took host steps since (`load`), and reads the chunk's log at its end (`read`).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ import torch
 
 from labkit.batch.engine import BatchEngine
 from labkit.batch.graphs import bucket
-from labkit.batch.transfer import HostCopy, to_device
+from labkit.batch.transfer import to_device
 from labkit.errors import LabkitError
 from labkit.graphs import GRAPH_HEADROOM, capture
 from labkit.specdec.lookup_steps import greedy_step
@@ -71,10 +70,9 @@ class BatchLookup:
         self.graphs: dict[int, Any] = {}  # rows bucket -> captured step
         self.steps = CHUNK  # steps the last chunk ran
 
-    def fits(self, contexts: list[list[int]], ahead: int = 0) -> bool:
-        """Whether every row has room for a chunk of steps in its slot (after `ahead` steps of a
-        chunk in flight, which may write K+1 positions each)."""
-        return all(len(c) + ahead * (self.k + 1) <= self.room for c in contexts)
+    def fits(self, contexts: list[list[int]]) -> bool:
+        """Whether every row has room for a chunk of steps in its slot."""
+        return all(len(c) <= self.room for c in contexts)
 
     def run(self, requests: list[Any], eos_ids: tuple[int, ...], steps: int = CHUNK) -> bool:
         """`steps` (<= CHUNK) steps of rows [0, n), one per request (BatchRequest: context,
@@ -109,7 +107,6 @@ class BatchLookup:
         stale = [i for i, r in enumerate(requests) if not self._holds(i, r)]
         for i in stale:
             self.history[i, : len(requests[i].context)] = to_device(requests[i].context, dev)
-            self.synced[i] = (requests[i], len(requests[i].context))  # the row goes on from this context (a chunk launched before this one's read continues it)
         if stale:
             self.n_ctx[stale] = to_device([len(requests[i].context) for i in stale], dev)
             self.eos_until[stale] = to_device([len(requests[i].prompt_ids) + requests[i].config.min_new_tokens for i in stale], dev)
@@ -147,25 +144,12 @@ class BatchLookup:
         self.synced = [None] * len(self.synced)
 
     def read(self, requests: list[Any]) -> tuple[list[list[list[int]]], list[list[list[int]]], list[int]]:
-        """The last chunk's log for rows [0, n), read at once (`collect`, then `parse`)."""
-        return self.parse(self.collect(len(requests)))
-
-    def collect(self, n: int) -> HostCopy:
-        """The last chunk's log for rows [0, n) on its way to the host, queued behind its steps (the
-        next chunk may then run before the host reads it): drafts, accepted counts, the history
-        the chunk wrote from each row's start, and each row's context length after it."""
-        k, m = self.k, self.steps
+        """The last chunk's log for rows [0, n), read at once: drafts [step][row] (K), the tokens each
+        step gave each row [step][row] (its accepted drafts, then the target's next token), and each
+        row's context length after it. The caller takes the tokens, then `taken`."""
+        n, k, m = len(requests), self.k, self.steps
         written = self.history[:n].gather(1, self.n_start[:n, None] + self.span[: m * (k + 1)])  # (n, m*(K+1)) from each row's start
-        log = torch.cat([self.drafts_log[:m, :n].transpose(0, 1).flatten(1), self.accepted_log[:m, :n].T, written, self.n_ctx[:n, None]], 1)  # (n, m*(2K+2)+1)
-        return HostCopy(log)
-
-    def parse(self, log: HostCopy) -> tuple[list[list[list[int]]], list[list[list[int]]], list[int]]:
-        """A collected log, read: drafts [step][row] (K), the tokens each step gave each row
-        [step][row] (its accepted drafts, then the target's next token), and each row's context
-        length after it. The caller takes the tokens, then `taken`."""
-        back = log.tolist()
-        k = self.k
-        m = (len(back[0]) - 1) // (2 * k + 2) if back else 0
+        back = torch.cat([self.drafts_log[:m, :n].transpose(0, 1).flatten(1), self.accepted_log[:m, :n].T, written, self.n_ctx[:n, None]], 1).tolist()
         drafts = [[row[s * k : (s + 1) * k] for row in back] for s in range(m)]
         tokens: list[list[list[int]]] = [[] for _ in range(m)]
         for row in back:

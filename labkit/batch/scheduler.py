@@ -25,6 +25,7 @@ import collections
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,7 +33,6 @@ from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchEngine
 from labkit.batch.graphs import bucket
 from labkit.batch.lookup import CHUNK, BatchLookup
-from labkit.batch.requests import BatchRequest, ChunkInFlight, PlainInFlight
 from labkit.batch.transfer import HostCopy, constant, to_device
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
@@ -40,7 +40,36 @@ from labkit.metrics.timers import DeviceSpan
 from labkit.sampling import make_generator, sample
 from labkit.specdec.draft import Drafter
 
-__all__ = ["BatchRequest", "ContinuousBatcher"]
+
+@dataclass
+class BatchRequest:
+    prompt_ids: list[int]
+    config: GenerationConfig
+    eos_ids: tuple[int, ...] = ()  # blocked before min_new_tokens; they end the output when config.stop_at_eos
+    drafter: Drafter | None = None
+    generator: torch.Generator | None = None  # sampling only: the request's own draws
+    context: list[int] = field(default_factory=list)  # prompt + generated: what the drafter reads
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    token_times: list[float] = field(default_factory=list)  # host clock (perf_counter) as each token came
+    submitted: float = 0.0
+    finished: bool = False
+    stop_reason: str = ""  # "max_new_tokens", "eos" or "cancelled", as generate names them
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # of them, kept
+    verify_steps: int = 0  # batched steps this request took part in
+    draft_tokens: list[list[int]] = field(default_factory=list)  # per step: the proposal (speculation only)
+    accepted_lengths: list[int] = field(default_factory=list)  # per step: how much of it stood
+
+
+@dataclass
+class _InFlight:
+    """A plain step launched and not yet read."""
+    requests: list[BatchRequest]  # its rows, in the order it ran them
+    chosen: torch.Tensor  # (n,) each row's next token, on the device
+    host: HostCopy  # the same tokens on their way to the host
+    rows: dict[int, int]  # id(request) -> its row
+    launched: float  # perf_counter when the call that launched it began
+    rated: bool = True  # False: an admission ran while it was in flight, so its time is not its own
 
 
 class ContinuousBatcher:
@@ -68,9 +97,9 @@ class ContinuousBatcher:
         self.rows: list[BatchRequest] = []  # rows[i]: the request in slot i
         self.steps = 0  # batched decode steps taken
         self.rows_stepped = 0  # sum of active rows over those steps (mean batch = rows_stepped / steps)
-        self.in_flight: PlainInFlight | None = None  # a plain step launched and not yet read
+        self.in_flight: _InFlight | None = None  # a plain step launched and not yet read
         self.accounted = time.perf_counter()  # where the last step timed for the controller ended
-        self.chunk: ChunkInFlight | None = None  # a chunk of device lookup steps launched and not yet read
+        self.span = DeviceSpan(batch.engine.device)  # a chunk's device time (`_lookup_chunk`)
 
     def submit(self, prompt_ids: list[int], config: GenerationConfig) -> BatchRequest:
         """Queue a request (EOS ids as `generate` takes them: the config's, else the model's)."""
@@ -91,7 +120,7 @@ class ContinuousBatcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.rows or self.in_flight or self.chunk)
+        return bool(self.waiting or self.rows or self.in_flight)
 
     @staticmethod
     def _greedy(requests: list[BatchRequest], logits: torch.Tensor) -> list[list[int]]:
@@ -166,27 +195,20 @@ class ContinuousBatcher:
     def step(self) -> None:
         """Admit what fits, then one decode step over every active request. A plain step (K 0) is
         launched ahead (with `ahead`): its tokens come from the step before it on the device, and that step's
-        tokens are read and taken while it runs (`_plain_ahead`); so is a chunk of device lookup
-        steps that follows one of the same K (`_lookup_chunk`). Any other step first reads the
-        step or chunk in flight (`_settle`, `_settle_chunk`)."""
-        if self.chunk is not None and self.waiting and self.batch.free:
-            self._settle_chunk()  # an admission changes the rows: the chunk in flight is read first
+        tokens are read and taken while it runs (`_plain_ahead`); any other step first reads the
+        step in flight (`_settle`)."""
         self._admit()
         if not self.rows:
             self.in_flight = None  # its requests all left (cancelled): nothing to read
             return
         k_step = self.controller.choose(bucket(len(self.rows))) if self.controller else self.k
-        lookup = self.lookups.get(k_step)
-        if self.chunk is not None and not self._chunk_goes_on(lookup):
-            self._settle_chunk()
-            if not self.rows:
-                return
         flight = self.in_flight
         if k_step == 0 and self.ahead and (flight is None or any(len(r.tokens) + (id(r) in flight.rows) < r.config.max_new_tokens for r in self.rows)):
             self._plain_ahead()  # (a step after which every row is done by max_new_tokens would be wasted)
             return
         self._settle_in_flight()
-        if self.rows and lookup is not None and (self.chunk is not None or self._lookup_fits(lookup)):
+        lookup = self.lookups.get(k_step)
+        if self.rows and lookup is not None and self._lookup_fits(lookup):
             self._lookup_chunk(lookup)
         elif self.rows:
             self._read_step(k_step)
@@ -223,7 +245,7 @@ class ContinuousBatcher:
         self.steps += 1
         self.rows_stepped += n
         chosen = self._choose(self.rows, logits[:, None], [len(r.tokens) + (i >= 0) for r, i in zip(self.rows, in_flight, strict=True)])
-        self.in_flight = PlainInFlight(list(self.rows), chosen[:, 0], HostCopy(chosen[:, 0]), {id(r): i for i, r in enumerate(self.rows)}, t0)
+        self.in_flight = _InFlight(list(self.rows), chosen[:, 0], HostCopy(chosen[:, 0]), {id(r): i for i, r in enumerate(self.rows)}, t0)
         if flight is not None:
             self._settle(flight)
 
@@ -232,7 +254,7 @@ class ContinuousBatcher:
             flight, self.in_flight = self.in_flight, None
             self._settle(flight)
 
-    def _settle(self, flight: PlainInFlight) -> None:
+    def _settle(self, flight: _InFlight) -> None:
         """Read a plain step's tokens and take them (rows finished since it was launched skip theirs).
         The controller is told the time from its launch, or from where the step before it was
         timed to end, whichever is later: in a run of plain steps each is charged one period (its
@@ -290,77 +312,36 @@ class ContinuousBatcher:
         return all(r.generator is None and r.eos_ids == self.rows[0].eos_ids for r in self.rows) and lookup.fits([r.context for r in self.rows])
 
     @staticmethod
-    def _chunk_steps(rows: list[BatchRequest], ahead: int = 0) -> int:
+    def _chunk_steps(rows: list[BatchRequest]) -> int:
         """Steps for the next chunk: CHUNK, or fewer where every row should be done sooner by its
         tokens per step so far (a row that finishes inside a chunk idles through the steps after it;
-        one that needs more after a short chunk costs a host read). `ahead`: steps of a chunk in
-        flight not yet taken (then 0 or less where the rows should be done within it)."""
+        one that needs more after a short chunk costs a host read)."""
         def left(r: BatchRequest) -> int:
             per_step = max(1.0, (len(r.tokens) - 1) / max(1, r.verify_steps))
             return math.ceil((r.config.max_new_tokens - len(r.tokens)) / per_step)
 
-        steps = min(CHUNK, max(left(r) for r in rows) - ahead)
-        return steps if ahead else max(1, steps)
-
-    def _exploring(self, lookup: BatchLookup) -> bool:
-        """Whether a chunk of this K is a controller's try (one step), not its choice."""
-        return self.controller is not None and self.controller.best(bucket(len(self.rows))) != lookup.k
-
-    def _chunk_goes_on(self, lookup: BatchLookup | None) -> bool:
-        """Whether the next chunk can be launched before the one in flight is read: the same K's
-        steps, chosen (not tried), over the same rows, with room past the chunk in flight and tokens
-        still to make after it."""
-        chunk = self.chunk
-        assert chunk is not None
-        same_rows = len(chunk.requests) == len(self.rows) and all(a is b for a, b in zip(chunk.requests, self.rows, strict=False))
-        return (lookup is chunk.lookup and same_rows and not self._exploring(lookup)
-                and lookup.fits([r.context for r in self.rows], chunk.steps) and self._chunk_steps(self.rows, chunk.steps) > 0)
+        return max(1, min(CHUNK, max(left(r) for r in rows)))
 
     def _lookup_chunk(self, lookup: BatchLookup) -> None:
         """A chunk of drafting steps on the device, read at once: each row takes its verdicts in
-        order (a row that finishes inside the chunk ignores the steps after it). With `ahead` a
-        chunk the controller chose (not a try) stays in flight: the next chunk of the same K over
-        the same rows is launched before it is read, so the host's reading and taking of one
-        chunk overlaps the device's steps of the next (as plain steps launched ahead do); a chunk
-        in which a row finished is read at once, and so is the one in flight behind it, before the
-        row leaves (a slot moves)."""
+        order (a row that finishes inside the chunk ignores the steps after it).
+
+        The controller is told each step's share of what the chunk would cost at its full length:
+        the device's time for the steps, plus the chunk's host work (launch, read, verdicts) spread
+        over the full chunk's steps. A try of a K that is not the best runs one step (cheap where
+        it loses), and charged the whole host work per chunk that one step looked slower than K
+        runs once chosen: on the H200 a one-step try rated K 5 at 1,915 tok/s at batch 1, where
+        K 5's chunks ran at 2,593, and the controller kept K 2 (2,419 tok/s:
+        results/gpu/batch-NVIDIA-H200-20261202-032933.json)."""
         t0 = time.perf_counter()
-        previous, self.chunk = self.chunk, None
         rows = list(self.rows)
-        exploring = self._exploring(lookup)
-        full = self._chunk_steps(rows, previous.steps if previous else 0)
+        full = self._chunk_steps(rows)
+        exploring = self.controller is not None and self.controller.best(bucket(len(rows))) != lookup.k
         m = 1 if exploring else full  # a controller's try of K costs one step, not a chunk
-        span = DeviceSpan(self.batch.engine.device)
-        span.start()
+        self.span.start()
         captured = lookup.run(rows, rows[0].eos_ids, m)
-        span.stop()
-        launched = ChunkInFlight(lookup, rows, m, full, t0, captured, span, lookup.collect(len(rows)))
-        if previous is not None:
-            self._take_chunk(previous)
-        if self.ahead and not exploring and not any(r.finished for r in rows):
-            self.chunk = launched
-            return
-        self._take_chunk(launched)
-        self._leave()
-
-    def _settle_chunk(self) -> None:
-        if self.chunk is not None:
-            chunk, self.chunk = self.chunk, None
-            self._take_chunk(chunk)
-            self._leave()
-
-    def _take_chunk(self, chunk: ChunkInFlight) -> None:
-        """Read a chunk and take each row's verdicts (not `_leave`: a chunk launched behind it may
-        still be in flight). The controller is told each step's share of what the chunk would cost
-        at its full length, from its launch or from where the step before it was timed to end
-        (whichever is later: chunks launched ahead are each charged one period): the device's time
-        for the steps, plus the chunk's host work (launch, read, verdicts) spread over a full
-        chunk's steps. A try of a K that is not the best runs one step (cheap where it loses), and
-        charged the whole host work of a chunk that one step looked slower than K runs once chosen:
-        on the H200 a one-step try rated K 5 at 1,915 tok/s at batch 1, where K 5's chunks ran at
-        2,593, and the controller kept K 2 (results/gpu/batch-NVIDIA-H200-20261202-032933.json)."""
-        rows, m = chunk.requests, chunk.steps
-        drafts, tokens, n_ctx = chunk.lookup.parse(chunk.log)
+        self.span.stop()
+        drafts, tokens, n_ctx = lookup.read(rows)
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
         per_step = []  # of the steps that gave a row a token: the tokens, and each row's kept drafts
         for step in range(m):
@@ -369,21 +350,21 @@ class ContinuousBatcher:
                 taken = sum(len(r.tokens) for r in rows)
                 kept = [self._verdict(r, drafts[step][i], tokens[step][i], read) if on else 0 for i, (r, on) in enumerate(zip(rows, live, strict=True))]
                 per_step.append((sum(len(r.tokens) for r in rows) - taken, kept))
-        chunk.lookup.taken(rows, n_ctx)
+        lookup.taken(rows, n_ctx)
         self.batch.set_lengths([c - 1 for c in n_ctx])  # each cache holds its context but the last token
         self.steps += m
         self.rows_stepped += m * len(rows)
-        if self.controller and not chunk.captured and per_step:  # each step that gave tokens, the chunk's time shared among them (steps after every row finished cost too)
-            wall = time.perf_counter() - max(chunk.launched, self.accounted)
-            device = min(chunk.span.seconds(), wall)
-            seconds = (device + (wall - device) * m / chunk.full) / len(per_step)
+        if self.controller and not captured:  # each step that gave tokens, the chunk's time shared among them (steps after every row finished cost too)
+            wall = time.perf_counter() - t0
+            device = min(self.span.seconds(), wall)
+            seconds = (device + (wall - device) * m / full) / len(per_step)
             for gained, kept in per_step:
-                self.controller.observe(bucket(len(rows)), chunk.lookup.k, gained, seconds, kept)
+                self.controller.observe(bucket(len(rows)), lookup.k, gained, seconds, kept)
         self.accounted = time.perf_counter()
+        self._leave()
 
     def cancel(self, request: BatchRequest) -> None:
         """Stop a request: a waiting one never starts, a running one leaves before the next step."""
-        self._settle_chunk()  # its rows' slots may move
         if request in self.waiting:
             self.waiting.remove(request)
         if not request.finished:
