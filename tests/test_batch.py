@@ -526,10 +526,11 @@ def test_the_k_controller_keeps_plain_speed_where_drafting_never_pays() -> None:
 
 def test_the_k_controller_tries_a_larger_k_again_when_rows_keep_every_draft() -> None:
     """Batch 1, acceptance alternating 0.3 / 0.85 every 100 steps (K=2 pays in the first stretch,
-    K=5 in the second): told each row's accepted drafts, the controller bounds the larger K by the
-    rows that kept every draft and tries it again soon, reaching 89% of an oracle's rate on average
-    over seeds and 85% on every seed (without the bound 87% and 74%: a K that lost in a poor stretch
-    waited out the good one)."""
+    K=5 in the second): told each row's accepted drafts, the controller rates every K by the rows'
+    acceptance per draft position now (a larger K than the one drafting by the last positions'
+    ratio), reaching 94% of an oracle's rate on average over seeds and 90% on every seed (rated by
+    each K's own recent steps and a bound for the larger K from rows that kept every draft: 92%
+    and 86%; without the bound 87% and 74%: a K that lost in a poor stretch waited out the good one)."""
     import random
 
     from labkit.batch.controller import BatchKController
@@ -552,7 +553,7 @@ def test_the_k_controller_tries_a_larger_k_again_when_rows_keep_every_draft() ->
             best = max(cost, key=lambda c: tokens(p, c) / cost[c])
             oracle_tokens, oracle_seconds = oracle_tokens + tokens(p, best), oracle_seconds + cost[best]
         shares.append(got_tokens / seconds / (oracle_tokens / oracle_seconds))
-    assert sum(shares) / len(shares) >= 0.89 and min(shares) >= 0.85, shares
+    assert sum(shares) / len(shares) >= 0.94 and min(shares) >= 0.9, shares
 
 
 def test_the_k_controller_rates_plain_steps_by_a_run_of_them() -> None:
@@ -587,6 +588,60 @@ def test_the_k_controller_rates_plain_steps_by_a_run_of_them() -> None:
 
     shares = [share(seed) for seed in range(8)]
     assert min(shares) >= 0.95, shares
+
+
+def test_the_rows_acceptance_rates_each_k_by_draft_position() -> None:
+    """P(a row keeps its first j drafts) from the rows that drafted position j; a position not
+    drafted lately continues the last ratio, and one drafted long ago does not count."""
+    from labkit.batch.controller import Acceptance
+
+    acc = Acceptance(5, memory=0.5)
+    acc.observe(5, [0, 5, 5, 1])  # positions 1..5: kept by 3, 2, 2, 2, 2 of 4 rows
+    assert acc.tokens(5) == 1 + 3 / 4 + 4 * (2 / 4)
+    for _ in range(4):
+        acc.observe(2, [2, 2, 1, 2])  # now: 4 of 4 keep the first draft, 3 of 4 the second
+    assert abs(acc.tokens(2) - (1 + 1.0 + 0.75)) < 0.02  # the old step weighs 1/16 of the new ones
+    p1, p2 = acc.kept[1] / acc.rows[1], acc.kept[2] / acc.rows[2]
+    r = p2 / p1
+    assert abs(acc.tokens(4) - (1 + p1 + p2 + p2 * r + p2 * r * r)) < 1e-9  # positions 3..4 not drafted lately: p2's ratio goes on
+
+
+def test_the_k_controller_tries_a_close_call_less_often_while_it_stays_behind() -> None:
+    """Simulated device chunks at 8 rows, where drafting K=2 runs at 0.996 of plain's rate and K=5
+    at 0.92 (close calls) and every switch costs: a plain step after drafting 1.3 ms against 0.67 in
+    a run, a chunk 1.5 ms of host work (a try of one step charged its share of a whole chunk's, as
+    the scheduler charges it). Tried every CLOSE_EVERY choices, the close calls had the batch
+    switching all the time: 0.84-0.85 of plain (0.92x on the H200 at 8 rows,
+    results/gpu/batch-NVIDIA-H200-20261202-040308.json); with waits that double while a close call
+    stays behind, >= 0.88 of plain on every seed and >= 0.9 on average."""
+    import random
+
+    from labkit.batch.controller import BatchKController
+
+    cost, fill, host, rows = {0: 0.67, 2: 0.78, 5: 0.9}, 1.3, 1.5, 8  # ms
+
+    def share(seed: int) -> float:
+        rng, ctl = random.Random(seed), BatchKController(5, candidates=[0, 2, 5])
+        tokens = seconds = 0.0
+        last, steps = 0, 0
+        while steps < 3000:
+            k = ctl.choose(rows)
+            if k == 0:
+                ms = cost[0] if last == 0 else fill
+                ctl.observe(rows, 0, rows, ms * 1e-3)
+                tokens, seconds, steps = tokens + rows, seconds + ms, steps + 1
+            else:
+                m = 8 if ctl.best(rows) == k else 1
+                for _ in range(m):
+                    kept = [next((i for i in range(k) if rng.random() >= 0.33), k) for _ in range(rows)]
+                    ctl.observe(rows, k, sum(1 + a for a in kept), (cost[k] + host / 8) * 1e-3, kept)
+                    tokens += sum(1 + a for a in kept)
+                seconds, steps = seconds + m * cost[k] + host, steps + m
+            last = k
+        return tokens / seconds / (rows / cost[0])
+
+    shares = [share(seed) for seed in range(8)]
+    assert sum(shares) / len(shares) >= 0.9 and min(shares) >= 0.88, shares
 
 
 def test_bench_batch_takes_the_suites_categories_in_turn() -> None:

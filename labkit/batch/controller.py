@@ -4,25 +4,36 @@ At batch 1 a verify of K+1 tokens costs about one decode step, so drafting pays;
 grows the step turns from reading weights to computing, a verify of K+1 tokens per row costs more,
 and past some batch size drafting stops paying (batched speculation's crossover). Where exactly
 depends on the device, the kernels, the host's own per-row work and the acceptance the prompts
-allow, so this controller measures instead of modelling: per rows bucket (1, 2, 4, ...) it keeps,
-for each candidate K (0 = plain steps), the tokens and the seconds of its steps as sums that decay
-by `memory` at each new step, and rates K by their ratio; it tries every candidate a few times
-first, then takes the best, and tries another every `explore_every` steps so that the rates follow
-the load. A K choice never changes the output (greedy verification), only its speed.
+allow, so this controller measures: per rows bucket (1, 2, 4, ...) it keeps, for each candidate
+K (0 = plain steps), the seconds of its steps (and its tokens) as sums that decay by `memory` at
+each new step; it tries every candidate a few times first, then takes the best, and tries another
+now and then so that the rates follow the load. A K choice never changes the output (greedy
+verification), only its speed.
 
+How K is rated. A step's cost is the bucket's and K's (the device, the kernels, the host's work),
+while what the rows keep of their drafts is the text's, the same in every bucket. So, where the
+scheduler reports each row's accepted drafts, K's rate is the bucket's rows x a row's expected
+tokens with K (`Acceptance`: per draft position j, the share of recent rows that kept their first
+j drafts, over every bucket) / K's mean step in the bucket. Every drafting step, of any bucket and
+K, then updates every K's rate at once: when the text turns copyable under K 2, K 5 is rated higher
+at the next choice, not after its next try (a larger K than the one drafting continues the last
+positions' ratio). Rated by each K's own recent steps (tokens over seconds) and a bound for the
+larger K from rows that kept every draft, the controller reached 92% of an oracle's rate at batch 1
+with acceptance alternating 0.3 / 0.85 every 100 steps, 86% on the worst seed; so rated, 96% and
+93% (tests/test_batch.py). Without drafts reported (a caller that passes none) K is rated by its
+steps' tokens over their seconds.
 Why sums and not an average of per-step rates: a drafting step's tokens vary from 1 to K+1 per row,
 a plain step's never, so an average of per-step rates swings most for the K that drafts most, and
 a greedy choice over swinging averages drifts to the steadiest candidate rather than the fastest
 (simulated at batch 1 with acceptance 0.6: it settled on K=1, 1.50 tokens per ms, where K=3 gives
-1.89; tests/test_batch.py). The ratio of the sums is the rate over the recent steps themselves.
-A larger K cannot be rated from a smaller K's steps, but it can be bounded: a row that kept all
-its k drafts might have kept every one of a larger K's, the others no more than they did. A loser
-whose bound reaches the best's rate counts as a close call, so that a K that may pay again is not
-left waiting (simulated at batch 1 over acceptance alternating 0.3 / 0.85 every 100 steps: 91% of
-an oracle's rate against 87% without; at 8 rows 85% against 81%; at 64 rows unchanged, 97% of
-plain; tests/test_batch.py). A plain step bounds nothing.
+1.89; tests/test_batch.py).
 A candidate close to the best (within CLOSE) is tried again often, since noise may have put it
-behind; a clear loser rarely, and more rarely each time it loses again (its wait doubles from
+behind, and less often each time it stays behind (its wait doubles from CLOSE_EVERY choices up
+to CLOSE_MAX): every try switches, and a switch costs (the plain run's first step hides nothing,
+a chunk of device steps has host work of its own), so a K a few percent behind, tried every
+CLOSE_EVERY choices, had the batch switching all the time (simulated at 8 rows with K 2 at 0.996 of
+plain and K 5 at 0.92: 0.84-0.85 of plain, 0.90-0.92 with waits that double; 0.92x on the H200
+at 8 rows). A clear loser is tried rarely, and more rarely each time it loses again (its wait doubles from
 `explore_every` up to MAX_WAIT steps), since each try costs most there: at 64 rows, where a
 drafting step costs twice a plain one, tries every 16 steps alone cost 5% of plain's speed.
 One slow step must not decide: a loser is tried rarely, so its sums are rarely refreshed, and a
@@ -51,34 +62,74 @@ from labkit.errors import LabkitError
 
 CLOSE = 0.9  # a candidate within this share of the best's rate is a close call ...
 CLOSE_EVERY = 8  # ... tried again every this many choices (a clear loser after a wait that doubles)
+CLOSE_MAX = 32  # ... choices a close call waits at most while it stays behind (its wait doubles from CLOSE_EVERY)
 MAX_WAIT = 256  # steps a clear loser waits at most before its next try
+FRESH = 0.25  # a draft position's acceptance counts while its recent rows are at least this share of the first position's
 OUTLIER = 4.0  # a step timed at more than this many times its K's mean step counts as this many (after the first tries)
+
+
+class Acceptance:
+    """How often rows keep their drafts, by draft position, over every bucket (it is the text's, not
+    the batch's): for position j, the rows of recent drafting steps that drafted it and, of them,
+    those that kept it (decayed sums). tokens(K) is a row's expected tokens from a step with K."""
+
+    def __init__(self, k_max: int, memory: float) -> None:
+        self.memory = memory
+        self.rows = [0.0] * (k_max + 1)  # [j]: decayed rows whose step drafted position j (j >= 1)
+        self.kept = [0.0] * (k_max + 1)  # [j]: of them, those that kept their first j drafts
+
+    def observe(self, k: int, kept: list[int]) -> None:
+        for j in range(1, len(self.rows)):
+            self.rows[j] *= self.memory
+            self.kept[j] *= self.memory
+        for j in range(1, min(k, len(self.rows) - 1) + 1):
+            self.rows[j] += len(kept)
+            self.kept[j] += sum(a >= j for a in kept)
+
+    @property
+    def known(self) -> bool:
+        return self.rows[1] > 0
+
+    def tokens(self, k: int) -> float:
+        """1 + the sum over positions j <= K of P(a row keeps its first j drafts). A position not
+        drafted lately (its rows below FRESH of the first's) continues the last ratio P(j-1)/P(j-2):
+        a larger K than the one drafting is rated from what the rows keep now, not from a stale past."""
+        out, last, before = 1.0, 1.0, 1.0
+        for j in range(1, k + 1):
+            if j < len(self.rows) and self.rows[j] >= FRESH * self.rows[1]:
+                p = min(self.kept[j] / self.rows[j], last)
+            else:
+                p = last * (last / before if before > 0 else 0.0)
+            out, before, last = out + p, last, p
+        return out
 
 
 @dataclass
 class BucketStats:
+    acceptance: Acceptance | None = None  # the controller's, shared by every bucket
     tokens: dict[int, float] = field(default_factory=dict)  # K -> decayed sum of the tokens its steps gave
     seconds: dict[int, float] = field(default_factory=dict)  # K -> decayed sum of those steps' seconds
     own_steps: dict[int, float] = field(default_factory=dict)  # K -> decayed count of those steps
-    bound: dict[int, float] = field(default_factory=dict)  # K -> decayed sum of the most a step with K could have given, by smaller K's steps ...
-    bound_steps: dict[int, float] = field(default_factory=dict)  # ... over this decayed count of steps
+    rows: float = 0.0  # decayed mean of the rows a step ran (0: none yet)
     tries: dict[int, int] = field(default_factory=dict)  # K -> steps taken with it
     wait: dict[int, int] = field(default_factory=dict)  # K -> steps between its tries while it clearly loses
     next_try: dict[int, int] = field(default_factory=dict)  # K -> the step from which a clear loser is tried again
+    close_wait: dict[int, int] = field(default_factory=dict)  # K -> choices between its tries while it is a close call behind
+    close_next: dict[int, int] = field(default_factory=dict)  # K -> the choice from which that close call is tried again
     steps: int = 0
     decisions: int = 0  # choices made (a run of plain steps is one)
     plain_left: int = 0  # steps of the current run of plain steps still to take
     last_k: int = -1  # the K of the step observed last
 
-    def bound_rate(self, k: int) -> float:
-        """The most K could make per second by what smaller K's steps showed (0 before it is known)."""
-        if not self.bound_steps.get(k) or not self.seconds.get(k):
-            return 0.0
-        return (self.bound[k] / self.bound_steps[k]) / (self.seconds[k] / self.own_steps[k])
-
     def rate(self, k: int) -> float:
-        """K's tokens per second over its recent steps (0 before its first)."""
-        return self.tokens.get(k, 0.0) / self.seconds[k] if self.seconds.get(k) else 0.0
+        """K's tokens per second (0 before its first step): where the rows' acceptance is known,
+        this bucket's rows x a row's expected tokens with K / K's mean step here; else (no drafts
+        reported) the ratio of its recent steps' tokens and seconds."""
+        if not self.seconds.get(k):
+            return 0.0
+        if k and self.acceptance is not None and self.acceptance.known and self.rows:
+            return self.rows * self.acceptance.tokens(k) / (self.seconds[k] / self.own_steps[k])
+        return self.tokens.get(k, 0.0) / self.seconds[k]
 
 
 class BatchKController:
@@ -90,11 +141,12 @@ class BatchKController:
         self.candidates = sorted(set(candidates if candidates is not None else [0, max(1, k_max // 2), k_max]))
         self.warm, self.explore_every, self.memory, self.plain_run = warm, explore_every, memory, plain_run
         self.buckets: dict[int, BucketStats] = {}
+        self.acceptance = Acceptance(max(self.candidates), memory)
 
     def choose(self, bucket: int) -> int:
         """The K for a step of this many rows (rounded up to its bucket). K 0, once chosen, holds
         for `plain_run` steps (the module docstring)."""
-        stats = self.buckets.setdefault(bucket, BucketStats())
+        stats = self._stats(bucket)
         stats.steps += 1
         if stats.plain_left > 0:
             stats.plain_left -= 1
@@ -111,12 +163,18 @@ class BatchKController:
         if untried:
             return untried[0], True
         best = max(self.candidates, key=stats.rate)
-        close = [k for k in self.candidates if k != best and max(stats.rate(k), stats.bound_rate(k)) >= CLOSE * stats.rate(best)]
+        close = [k for k in self.candidates if k != best and stats.rate(k) >= CLOSE * stats.rate(best)]
         for k in (best, *close):  # back in the race: a later clear loss waits from the start again
             stats.wait.pop(k, None)
             stats.next_try.pop(k, None)
-        if close and stats.decisions % CLOSE_EVERY == 0:  # a close call is checked often: the rates are noisy
-            return min(close, key=lambda k: stats.tries.get(k, 0)), True
+        stats.close_wait.pop(best, None)  # the best, once behind again, is checked often from the start
+        stats.close_next.pop(best, None)
+        due_close = [k for k in close if stats.close_next.setdefault(k, stats.decisions + CLOSE_EVERY) <= stats.decisions]
+        if due_close:  # a close call is checked often (the rates are noisy), less often each time it stays behind
+            k = min(due_close, key=lambda k: stats.tries.get(k, 0))
+            stats.close_wait[k] = min(CLOSE_MAX, 2 * stats.close_wait.get(k, CLOSE_EVERY // 2))
+            stats.close_next[k] = stats.decisions + stats.close_wait[k]
+            return k, True
         losers = [k for k in self.candidates if k != best and k not in close]
         due = [k for k in losers if stats.next_try.setdefault(k, stats.steps + self.explore_every) <= stats.steps]
         if due:  # the least tried clear loser, whose next wait doubles
@@ -149,7 +207,7 @@ class BatchKController:
         `kept`: each row's accepted drafts (a row that kept all K might have kept more with a larger K)."""
         if seconds <= 0:
             return
-        stats = self.buckets.setdefault(bucket, BucketStats())
+        stats = self._stats(bucket)
         fill, stats.last_k = k == 0 and stats.last_k != 0, k
         if fill:  # a run's first plain step: tried, not rated (the module docstring)
             stats.tries[k] = stats.tries.get(k, 0) + 1
@@ -160,8 +218,11 @@ class BatchKController:
         stats.seconds[k] = self.memory * stats.seconds.get(k, 0.0) + seconds
         stats.own_steps[k] = self.memory * stats.own_steps.get(k, 0.0) + 1
         stats.tries[k] = stats.tries.get(k, 0) + 1
+        rows = len(kept) if kept is not None and k > 0 else tokens if k == 0 else 0
+        if rows:
+            stats.rows = self.memory * stats.rows + (1 - self.memory) * rows if stats.rows else float(rows)
         if kept is not None and k > 0:  # a plain step says nothing of drafts
-            for c in self.candidates:
-                if c > k:  # a row that kept all k drafts might have kept c
-                    stats.bound[c] = self.memory * stats.bound.get(c, 0.0) + sum(1 + a + (c - k) * (a == k) for a in kept)
-                    stats.bound_steps[c] = self.memory * stats.bound_steps.get(c, 0.0) + 1
+            self.acceptance.observe(k, kept)
+
+    def _stats(self, bucket: int) -> BucketStats:
+        return self.buckets.setdefault(bucket, BucketStats(self.acceptance))
