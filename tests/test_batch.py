@@ -25,6 +25,7 @@ class Scripted:
     def __init__(self, k_max: int, ks: tuple[int, ...], best: int = 0) -> None:
         self.k_max, self.ks, self.best_k, self.calls = k_max, ks, best, 0
         self.seen: list[tuple[int, float]] = []
+        self.kept: list[list[int]] = []  # per drafting step observed: the accepted drafts it was told of
 
     def choose(self, bucket: int) -> int:
         self.calls += 1
@@ -35,6 +36,8 @@ class Scripted:
 
     def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
         self.seen.append((k, seconds))
+        if kept is not None:
+            self.kept.append(kept)
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)

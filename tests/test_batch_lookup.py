@@ -140,6 +140,19 @@ def test_a_try_of_k_is_rated_at_what_its_step_costs_in_a_whole_chunk() -> None:
     assert len(tries) >= 5 and min(tries) >= 0.005 and statistics.median(tries) < 0.025, tries
 
 
+def test_a_chunk_tells_the_controller_of_the_rows_still_running_only() -> None:
+    """A row that finished inside a chunk idles through its last steps: the controller hears each
+    step's accepted drafts for the rows still running (a finished row's 0 would read as a rejected
+    draft), so the rows it is told of are the steps the requests took part in."""
+    eng = engine()
+    batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=160))
+    ctl = Scripted(2, (2,), best=2)
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, ctl, lookup=BatchLookup(batch, 2))  # type: ignore[arg-type]
+    got = [batcher.submit(p, GenerationConfig(max_new_tokens=n)) for p, n in zip(asks(2, eng.args.vocab_size, seed=8), [6, 40], strict=True)]
+    batcher.run()
+    assert sum(len(k) for k in ctl.kept) == sum(r.verify_steps for r in got) and min(len(k) for k in ctl.kept) == 1, ctl.kept
+
+
 @pytest.mark.parametrize("captured", [False, True])
 def test_a_chunk_that_captured_its_step_is_not_rated(captured: bool) -> None:
     """A chunk whose bucket's step was captured first took the capture's time too (on an H200 it

@@ -88,7 +88,7 @@ class Acceptance:
 
     @property
     def known(self) -> bool:
-        return self.rows[1] > 0
+        return len(self.rows) > 1 and self.rows[1] > 0
 
     def tokens(self, k: int) -> float:
         """1 + the sum over positions j <= K of P(a row keeps its first j drafts). A position not

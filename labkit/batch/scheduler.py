@@ -348,8 +348,8 @@ class ContinuousBatcher:
             live = [not r.finished for r in rows]
             if any(live):
                 taken = sum(len(r.tokens) for r in rows)
-                kept = [self._verdict(r, drafts[step][i], tokens[step][i], read) if on else 0 for i, (r, on) in enumerate(zip(rows, live, strict=True))]
-                per_step.append((sum(len(r.tokens) for r in rows) - taken, kept))
+                kept = [self._verdict(r, drafts[step][i], tokens[step][i], read) for i, (r, on) in enumerate(zip(rows, live, strict=True)) if on]
+                per_step.append((sum(len(r.tokens) for r in rows) - taken, kept))  # kept: the rows still running, each its accepted drafts
         lookup.taken(rows, n_ctx)
         self.batch.set_lengths([c - 1 for c in n_ctx])  # each cache holds its context but the last token
         self.steps += m
