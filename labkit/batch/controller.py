@@ -61,8 +61,8 @@ from dataclasses import dataclass, field
 from labkit.errors import LabkitError
 
 CLOSE = 0.9  # a candidate within this share of the best's rate is a close call ...
-CLOSE_EVERY = 8  # ... tried again every this many choices (a clear loser after a wait that doubles)
-CLOSE_MAX = 32  # ... choices a close call waits at most while it stays behind (its wait doubles from CLOSE_EVERY)
+CLOSE_EVERY = 8  # ... tried again after this many choices, then after twice as many while it stays behind ...
+CLOSE_MAX = 32  # ... up to this many (a clear loser waits steps, doubling from explore_every)
 MAX_WAIT = 256  # steps a clear loser waits at most before its next try
 FRESH = 0.25  # a draft position's acceptance counts while its recent rows are at least this share of the first position's
 OUTLIER = 4.0  # a step timed at more than this many times its K's mean step counts as this many (after the first tries)
@@ -204,7 +204,7 @@ class BatchKController:
 
     def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
         """A step of this bucket drafted with K gave `tokens` new tokens (all rows) in `seconds`;
-        `kept`: each row's accepted drafts (a row that kept all K might have kept more with a larger K)."""
+        `kept`: the accepted drafts of each row still running (`Acceptance`; None: not reported)."""
         if seconds <= 0:
             return
         stats = self._stats(bucket)
