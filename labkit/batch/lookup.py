@@ -45,8 +45,12 @@ CHUNK = 8  # device steps per host read
 
 
 def device_lookups(batch: BatchEngine, ks: list[int]) -> list[BatchLookup]:
-    """Device lookup steps for each drafting K of `ks` (a fixed K, or a controller's candidates; 0 is plain)."""
-    return [BatchLookup(batch, k) for k in ks if k]
+    """Device lookup steps for each drafting K of `ks` (a fixed K, or a controller's candidates; 0 is
+    plain), every rows bucket's step captured now (`capture_all`)."""
+    lookups = [BatchLookup(batch, k) for k in ks if k]
+    for lookup in lookups:
+        lookup.capture_all()
+    return lookups
 
 
 class BatchLookup:

@@ -199,8 +199,6 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     controllers = {s: BatchKController(s.k) for s in _systems(cfg) if s.auto}  # one per system, across sizes
     drafting_ks = {s: controllers[s].candidates if s.auto else [s.k] for s in _systems(cfg) if s.device}  # a device system's K with steps of their own
     lookups = {key: device_lookups(batch, drafting_ks[key[0]]) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps
-    for lookup in (lu for lus in lookups.values() for lu in lus):
-        lookup.capture_all()
     own = {}
     for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens
         one = batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant))

@@ -45,8 +45,6 @@ class BatchWorker:
         self.batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if k else None, k, controller, lookup=lookups)
         self.drafter = (spec.drafter or "") if k else ""
         self.batcher.batch.capture_graphs(list(range(1, k + 2)))
-        for lookup in self.batcher.lookups.values():
-            lookup.capture_all()
         self.max_queue, self.metrics = max_queue, metrics
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, tuple[Job, BatchRequest]] = {}  # id(request) -> its job
