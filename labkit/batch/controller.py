@@ -22,6 +22,14 @@ larger K from rows that kept every draft, the controller reached 92% of an oracl
 with acceptance alternating 0.3 / 0.85 every 100 steps, 86% on the worst seed; so rated, 96% and
 93% (tests/test_batch.py). Without drafts reported (a caller that passes none) K is rated by its
 steps' tokens over their seconds.
+While the batch runs plain nothing is drafted, and the acceptance known went stale: at batch 1 on
+the H200 a writing prompt sent the controller to plain, and the next request, which copied, began
+with the last one's acceptance (1.24x plain where K 5 alone ran 1.39x: results/gpu/
+batch-NVIDIA-H200-20261202-061702.json). So the scheduler judges drafts during plain steps too
+(batch/shadow.py, `observe_drafts`: rows in turn draft on the host, and under greedy the tokens
+they go on to take say exactly what a verify would have kept), and the acceptance decays faster
+(ACCEPTANCE_MEMORY) than a step's rates: simulated at batch 1 with text alternating between writing
+(plain pays) and copying (K 5 pays), 0.90 of an oracle's rate, 0.76 told of drafting steps alone.
 Why sums and not an average of per-step rates: a drafting step's tokens vary from 1 to K+1 per row,
 a plain step's never, so an average of per-step rates swings most for the K that drafts most, and
 a greedy choice over swinging averages drifts to the steadiest candidate rather than the fastest
@@ -35,7 +43,11 @@ CLOSE_EVERY choices, had the batch switching all the time (simulated at 8 rows w
 plain and K 5 at 0.92: 0.84-0.85 of plain, 0.90-0.92 with waits that double; 0.92x on the H200
 at 8 rows). A clear loser is tried rarely, and more rarely each time it loses again (its wait doubles from
 `explore_every` up to MAX_WAIT steps), since each try costs most there: at 64 rows, where a
-drafting step costs twice a plain one, tries every 16 steps alone cost 5% of plain's speed.
+drafting step costs twice a plain one, tries every 16 steps alone cost 5% of plain's speed. Its
+wait is also at least what keeps its tries to TRY_SHARE of the bucket's time (a try loses K's step
+over the best's x the share of the best's rate it lacks): on the H200 at 64 rows a try of K 5 costs
+about 3 plain steps, and tries every MAX_WAIT steps of K 2 and K 5 alone cost 2% of plain's speed.
+The rows' acceptance comes from judged drafts as well, so a try only refreshes the K's step time.
 One slow step must not decide: a loser is tried rarely, so its sums are rarely refreshed, and a
 single stall in them (an admission's prefill, the host's garbage collector) would keep it losing
 for hundreds of steps. Past its first tries, a K's step counts at most OUTLIER times its mean. (On
@@ -63,7 +75,10 @@ from labkit.errors import LabkitError
 CLOSE = 0.9  # a candidate within this share of the best's rate is a close call ...
 CLOSE_EVERY = 8  # ... tried again after this many choices, then after twice as many while it stays behind ...
 CLOSE_MAX = 32  # ... up to this many (a clear loser waits steps, doubling from explore_every)
-MAX_WAIT = 256  # steps a clear loser waits at most before its next try
+MAX_WAIT = 256  # steps a clear loser's doubling wait reaches at most ...
+TRY_SHARE = 0.005  # ... and past it, a wait long enough that its try costs this share of the bucket's time ...
+LONG_WAIT = 4096  # ... up to this many steps
+ACCEPTANCE_MEMORY = 0.9  # the rows' acceptance decays by this at each drafting step or judged draft (a step's rates by `memory`)
 FRESH = 0.25  # a draft position's acceptance counts while its recent rows are at least this share of the first position's
 OUTLIER = 4.0  # a step timed at more than this many times its K's mean step counts as this many (after the first tries)
 
@@ -121,6 +136,10 @@ class BucketStats:
     plain_left: int = 0  # steps of the current run of plain steps still to take
     last_k: int = -1  # the K of the step observed last
 
+    def step(self, k: int) -> float:
+        """K's mean step here, in seconds (0 before its first)."""
+        return self.seconds[k] / self.own_steps[k] if self.own_steps.get(k) else 0.0
+
     def rate(self, k: int) -> float:
         """K's tokens per second (0 before its first step): where the rows' acceptance is known,
         this bucket's rows x a row's expected tokens with K / K's mean step here; else (no drafts
@@ -128,7 +147,7 @@ class BucketStats:
         if not self.seconds.get(k):
             return 0.0
         if k and self.acceptance is not None and self.acceptance.known and self.rows:
-            return self.rows * self.acceptance.tokens(k) / (self.seconds[k] / self.own_steps[k])
+            return self.rows * self.acceptance.tokens(k) / self.step(k)
         return self.tokens.get(k, 0.0) / self.seconds[k]
 
 
@@ -141,7 +160,7 @@ class BatchKController:
         self.candidates = sorted(set(candidates if candidates is not None else [0, max(1, k_max // 2), k_max]))
         self.warm, self.explore_every, self.memory, self.plain_run = warm, explore_every, memory, plain_run
         self.buckets: dict[int, BucketStats] = {}
-        self.acceptance = Acceptance(max(self.candidates), memory)
+        self.acceptance = Acceptance(max(self.candidates), ACCEPTANCE_MEMORY)
 
     def choose(self, bucket: int) -> int:
         """The K for a step of this many rows (rounded up to its bucket). K 0, once chosen, holds
@@ -177,10 +196,11 @@ class BatchKController:
             return k, True
         losers = [k for k in self.candidates if k != best and k not in close]
         due = [k for k in losers if stats.next_try.setdefault(k, stats.steps + self.explore_every) <= stats.steps]
-        if due:  # the least tried clear loser, whose next wait doubles
+        if due:  # the least tried clear loser, whose next wait doubles, and is at least what keeps its tries' cost to TRY_SHARE
             k = min(due, key=lambda k: stats.tries.get(k, 0))
             stats.wait[k] = min(MAX_WAIT, 2 * stats.wait.get(k, self.explore_every // 2))
-            stats.next_try[k] = stats.steps + stats.wait[k]
+            lost = stats.step(k) / stats.step(best) * (1 - stats.rate(k) / stats.rate(best)) if stats.step(best) else 0.0  # best's steps a try loses
+            stats.next_try[k] = stats.steps + min(LONG_WAIT, max(stats.wait[k], round(lost / TRY_SHARE)))
             return k, True
         return best, False
 
@@ -222,6 +242,12 @@ class BatchKController:
         if rows:
             stats.rows = self.memory * stats.rows + (1 - self.memory) * rows if stats.rows else float(rows)
         if kept is not None and k > 0:  # a plain step says nothing of drafts
+            self.acceptance.observe(k, kept)
+
+    def observe_drafts(self, k: int, kept: list[int]) -> None:
+        """Rows' drafts of K judged without a verify (batch/shadow.py: by the tokens plain steps gave
+        them; under greedy, what a verify would have kept): the rows' acceptance, no step to rate."""
+        if k > 0 and kept:
             self.acceptance.observe(k, kept)
 
     def _stats(self, bucket: int) -> BucketStats:

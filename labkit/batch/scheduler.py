@@ -33,6 +33,7 @@ from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchEngine
 from labkit.batch.graphs import bucket
 from labkit.batch.lookup import CHUNK, BatchLookup
+from labkit.batch.shadow import ShadowDrafts
 from labkit.batch.transfer import HostCopy, constant, to_device
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
@@ -100,6 +101,7 @@ class ContinuousBatcher:
         self.in_flight: _InFlight | None = None  # a plain step launched and not yet read
         self.accounted = time.perf_counter()  # where the last step timed for the controller ended
         self.span = DeviceSpan(batch.engine.device)  # a chunk's device time (`_lookup_chunk`)
+        self.shadow = ShadowDrafts(k) if controller is not None and k else None  # the rows' acceptance during plain steps
 
     def submit(self, prompt_ids: list[int], config: GenerationConfig) -> BatchRequest:
         """Queue a request (EOS ids as `generate` takes them: the config's, else the model's)."""
@@ -273,8 +275,18 @@ class ContinuousBatcher:
                     request.accepted_lengths.append(0)
         if self.controller and flight.rated:
             self.controller.observe(bucket(len(flight.requests)), 0, sum(len(r.tokens) for r in flight.requests) - before, time.perf_counter() - t0)
+        self._shadow_drafts()  # (the next step is running: this host work hides behind it)
         self.accounted = time.perf_counter()
         self._leave()
+
+    def _shadow_drafts(self) -> None:
+        """After a plain step, with a controller: the drafts its rows' tokens settle are judged and
+        told to the controller, and the next rows in turn draft (batch/shadow.py): the controller
+        knows what rows keep of drafts while the batch runs plain."""
+        if self.controller is not None and self.shadow is not None:
+            for asked, kept in self.shadow.judged():
+                self.controller.observe_drafts(asked, [kept])
+            self.shadow.propose(self.rows)
 
     def _read_step(self, k_step: int) -> None:
         """One step read at once: the rows' drafts (K k_step) verified, each row's verdict taken."""
@@ -295,6 +307,8 @@ class ContinuousBatcher:
         if self.controller:
             self.controller.observe(bucket(len(self.rows)), k_step, sum(len(r.tokens) for r in self.rows) - before, time.perf_counter() - t0,
                                     kept_rows)
+        if not k_step:
+            self._shadow_drafts()
         self.accounted = time.perf_counter()
         self._leave()
 

@@ -1,0 +1,82 @@
+"""Drafts judged by plain steps: the rows' acceptance while the batch does not draft (greedy only).
+
+The K controller rates each drafting K by what rows keep of their drafts now (batch/controller.py,
+`Acceptance`), and text turns copyable, or stops being so, within a request and from one request to
+the next. While the batch runs plain steps nothing is drafted, so the acceptance it knew went stale:
+at batch 1 on the H200 a writing prompt sent the controller to plain, and the next request, which
+copied, began with the last one's acceptance and waited for a try of K to learn otherwise (the
+controller ran 1.24x plain where K 5 alone ran 1.39x: results/gpu/batch-NVIDIA-H200-20261202-061702.json).
+
+Under greedy verification a draft's fate does not depend on the K the batch runs: a row keeps the
+longest prefix of its draft that the target's own next tokens match, and those tokens are the same
+whether they come from plain steps or from verifies. So during plain steps a few rows each propose a
+draft on the host (their own drafter, asked as a drafting step asks it), and once the row's next
+tokens are in, the draft is judged against them: what a verify would have kept, without one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from labkit.config import GenerationConfig
+from labkit.specdec.draft import Drafter
+
+
+class Row(Protocol):
+    context: list[int]  # prompt + generated: grows in place as the row takes tokens
+    tokens: list[int]
+    config: GenerationConfig
+    drafter: Drafter | None
+    finished: bool
+
+
+@dataclass
+class _Pending:
+    row: Row
+    start: int  # len(row.context) when it drafted: the draft guesses context[start:]
+    asked: int  # the K it was asked for (a shorter draft counts as rejected past its end, as a verify counts it)
+    draft: list[int]
+
+
+class ShadowDrafts:
+    """Rows take turns to draft up to K tokens during plain steps (`per_step` rows a step); `judged`
+    returns each draft whose row has since taken as many tokens, as the drafts it would have kept."""
+
+    def __init__(self, k: int, per_step: int = 1) -> None:
+        self.k, self.per_step = k, per_step
+        self.pending: dict[int, _Pending] = {}  # id(row) -> its draft awaiting the row's next tokens
+        self.turn = 0  # the row whose turn to draft comes next (rotating over the batch)
+
+    def propose(self, rows: Sequence[Row]) -> None:
+        """The next `per_step` rows without a draft pending draft now (none past a row's last token,
+        as `ContinuousBatcher._feed` asks)."""
+        asked = 0
+        for _ in range(len(rows)):
+            if asked == self.per_step:
+                break
+            row = rows[self.turn % len(rows)]
+            self.turn += 1
+            k = min(self.k, row.config.max_new_tokens - len(row.tokens) - 1)
+            if row.finished or row.drafter is None or k <= 0 or id(row) in self.pending:
+                continue
+            draft = row.drafter.propose(row.context, k, row.config, None).tokens[:k]
+            self.pending[id(row)] = _Pending(row, len(row.context), k, list(draft))
+            asked += 1
+
+    def judged(self) -> list[tuple[int, int]]:
+        """(K asked, drafts kept) for each pending draft whose row has taken its next len(draft) tokens;
+        a row that finished before (EOS) is forgotten, its draft never judged."""
+        out = []
+        for key, p in list(self.pending.items()):
+            seen = p.row.context[p.start : p.start + len(p.draft)]
+            if len(seen) == len(p.draft):
+                kept = 0
+                while kept < len(p.draft) and seen[kept] == p.draft[kept]:
+                    kept += 1
+                out.append((p.asked, kept))
+            elif not p.row.finished:
+                continue
+            del self.pending[key]
+        return out
