@@ -726,9 +726,12 @@ def test_plain_steps_judge_drafts_as_a_verify_would_have(ahead: bool) -> None:
             n += 1
         return n
 
-    expected = sorted((k, [kept(p, at, d)]) for p, at, k, d in proposals)
-    assert len(proposals) >= 20 and sorted(ctl.judged) == expected
-    assert {k[0] for asked, k in ctl.judged if asked == 4} == {0, 1, 2, 3, 4}  # drafts right up to every position
+    expected = [(k, kept(p, at, d)) for p, at, k, d in proposals]
+    told = [(k, n) for k, kept_rows in ctl.judged for n in kept_rows]
+    assert len(proposals) >= 20 and len(told) >= len(proposals) - 3  # (the last, fewer than a batch's worth, are not told)
+    assert all(told.count(pair) <= expected.count(pair) for pair in told)  # each told as the continuation has it
+    assert {n for k, n in told if k == 4} == {0, 1, 2, 3, 4}  # drafts right up to every position
+    assert max(len(kept_rows) for _, kept_rows in ctl.judged) >= 3  # a batch's worth told together
 
 
 def test_drafts_judged_during_plain_steps_keep_the_controller_on_the_texts_acceptance() -> None:
@@ -792,3 +795,37 @@ def test_a_clear_losers_tries_cost_a_small_share_where_a_try_costs_many_plain_st
                 tokens, seconds = tokens + sum(1 + a for a in kept), seconds + cost[k]
         shares.append(tokens / seconds / (64 / cost[0]))
     assert min(shares) >= 0.987, shares
+
+
+def test_a_switch_to_plain_pays_its_first_step() -> None:
+    """Batch 1 with H200-like costs: a plain step 0.51 ms in a run, 0.85 ms as a run's first after
+    drafting (nothing hides its host work), a device K 5 step 0.605 ms, and rows keeping a draft token
+    with probability 0.13, where K 5 and plain are nearly even. Rated by runs alone, plain looked 3%
+    faster and the controller kept switching to it, paying the first step each time: 0.985 of K 5
+    alone on the worst seed. Plain after drafting rated with its first step spread over SWITCH_HORIZON
+    steps: at least 0.995 of it on every seed (1.013 on average)."""
+    import random
+
+    from labkit.batch.controller import BatchKController
+
+    def draw(rng: random.Random, p: float, k: int) -> int:
+        return next((i for i in range(k) if rng.random() >= p), k)
+
+    run, fill, cost, p = 0.51, 0.85, {2: 0.57, 5: 0.605}, 0.13
+    k5 = sum(p**i for i in range(6)) / cost[5]  # tokens per ms
+    for seed in range(8):
+        rng, ctl = random.Random(seed), BatchKController(5)
+        tokens = seconds = 0.0
+        last = 5
+        for _ in range(2000):
+            k = ctl.choose(1)
+            if k == 0:
+                ms, got = run if last == 0 else fill, 1
+                ctl.observe(1, 0, 1, ms * 1e-3)
+                ctl.observe_drafts(5, [draw(rng, p, 5)])
+            else:
+                kept = [draw(rng, p, k)]
+                ms, got = cost[k], 1 + kept[0]
+                ctl.observe(1, k, got, ms * 1e-3, kept)
+            tokens, seconds, last = tokens + got, seconds + ms, k
+        assert tokens / seconds / k5 >= 0.995, (seed, tokens / seconds / k5)

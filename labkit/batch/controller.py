@@ -60,7 +60,10 @@ drafting where a run of it was a third faster (H200, 4 rows: 4,814 tok/s against
 results/gpu/batch-NVIDIA-H200-20261202-005543.json), and the controller drafted where it should
 not. So plain is rated by the steps of a run after its first (the fill, which a long run spreads
 thin): the rate plain keeps once chosen. A choice of K 0 holds for `plain_run` steps (a try of it
-for 2). (Tried: runs of 8 while plain is the best, fewer switches where a drafting K is a close call
+for 2). But a switch to plain pays that first step: where the batch last drafted, plain is valued
+with its first step (`fill`, measured) spread over SWITCH_HORIZON steps. Rated by runs alone, at
+batch 1 where K 5 and plain were nearly even, the controller switched to plain and back and paid
+the fill each time (simulated: 0.985 of K 5 alone; valued so, 1.01). (Tried: runs of 8 while plain is the best, fewer switches where a drafting K is a close call
 behind plain: in simulation at 16 rows 0.94-0.97 of plain against 0.84-0.94, on the H200 0.92-0.95x
 from 8 to 64 rows in two runs (with tries rated as now) against 0.92-0.98x with runs of 2 the same day:
 results/gpu/batch-NVIDIA-H200-20261202-034541.json, -035542.json, -032933.json.)
@@ -75,6 +78,7 @@ from labkit.errors import LabkitError
 CLOSE = 0.9  # a candidate within this share of the best's rate is a close call ...
 CLOSE_EVERY = 8  # ... tried again after this many choices, then after twice as many while it stays behind ...
 CLOSE_MAX = 32  # ... up to this many (a clear loser waits steps, doubling from explore_every)
+SWITCH_HORIZON = 8  # a switch from drafting to plain pays the run's first step once: rated as spread over this many steps
 MAX_WAIT = 256  # steps a clear loser's doubling wait reaches at most ...
 TRY_SHARE = 0.005  # ... and past it, a wait long enough that its try costs this share of the bucket's time ...
 LONG_WAIT = 4096  # ... up to this many steps
@@ -135,10 +139,18 @@ class BucketStats:
     decisions: int = 0  # choices made (a run of plain steps is one)
     plain_left: int = 0  # steps of the current run of plain steps still to take
     last_k: int = -1  # the K of the step observed last
+    fill: float = 0.0  # decayed mean seconds of a run's first plain step after drafting (0: none yet)
 
     def step(self, k: int) -> float:
         """K's mean step here, in seconds (0 before its first)."""
         return self.seconds[k] / self.own_steps[k] if self.own_steps.get(k) else 0.0
+
+    def value(self, k: int, horizon: int) -> float:
+        """K's rate for the choice now: plain, where the batch last drafted, first pays a run's first
+        step (the fill) once, spread over `horizon` steps of the run; any other K, its rate."""
+        if k or self.last_k in (0, -1) or not self.fill or not self.step(0):
+            return self.rate(k)
+        return self.rate(0) * horizon * self.step(0) / (self.fill + (horizon - 1) * self.step(0))
 
     def rate(self, k: int) -> float:
         """K's tokens per second (0 before its first step): where the rows' acceptance is known,
@@ -181,8 +193,9 @@ class BatchKController:
         untried = [k for k in self.candidates if stats.tries.get(k, 0) < self.warm]
         if untried:
             return untried[0], True
-        best = max(self.candidates, key=stats.rate)
-        close = [k for k in self.candidates if k != best and stats.rate(k) >= CLOSE * stats.rate(best)]
+        value = lambda k: stats.value(k, SWITCH_HORIZON)  # noqa: E731
+        best = max(self.candidates, key=value)
+        close = [k for k in self.candidates if k != best and value(k) >= CLOSE * value(best)]
         for k in (best, *close):  # back in the race: a later clear loss waits from the start again
             stats.wait.pop(k, None)
             stats.next_try.pop(k, None)
@@ -199,7 +212,7 @@ class BatchKController:
         if due:  # the least tried clear loser, whose next wait doubles, and is at least what keeps its tries' cost to TRY_SHARE
             k = min(due, key=lambda k: stats.tries.get(k, 0))
             stats.wait[k] = min(MAX_WAIT, 2 * stats.wait.get(k, self.explore_every // 2))
-            lost = stats.step(k) / stats.step(best) * (1 - stats.rate(k) / stats.rate(best)) if stats.step(best) else 0.0  # best's steps a try loses
+            lost = stats.step(k) / stats.step(best) * (1 - value(k) / value(best)) if stats.step(best) else 0.0  # best's steps a try loses
             stats.next_try[k] = stats.steps + min(LONG_WAIT, max(stats.wait[k], round(lost / TRY_SHARE)))
             return k, True
         return best, False
@@ -220,7 +233,7 @@ class BatchKController:
     def best(self, bucket: int) -> int:
         """The K rated fastest for this bucket (K max where nothing is known yet)."""
         stats = self.buckets.get(bucket)
-        return max(self.candidates, key=stats.rate) if stats else self.k_max
+        return max(self.candidates, key=lambda k: stats.value(k, SWITCH_HORIZON)) if stats else self.k_max
 
     def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
         """A step of this bucket drafted with K gave `tokens` new tokens (all rows) in `seconds`;
@@ -229,8 +242,11 @@ class BatchKController:
             return
         stats = self._stats(bucket)
         fill, stats.last_k = k == 0 and stats.last_k != 0, k
-        if fill:  # a run's first plain step: tried, not rated (the module docstring)
+        if fill:  # a run's first plain step: tried, not rated, but its cost kept for a switch to plain (the module docstring)
             stats.tries[k] = stats.tries.get(k, 0) + 1
+            if stats.step(0):
+                seconds = min(seconds, OUTLIER * stats.step(0))
+            stats.fill = self.memory * stats.fill + (1 - self.memory) * seconds if stats.fill else seconds
             return
         if stats.tries.get(k, 0) >= self.warm and stats.own_steps.get(k):  # a stall (an admission, a capture, the host's garbage collector) is not the K's speed
             seconds = min(seconds, OUTLIER * stats.seconds[k] / stats.own_steps[k])

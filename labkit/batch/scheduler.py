@@ -284,8 +284,8 @@ class ContinuousBatcher:
         told to the controller, and the next rows in turn draft (batch/shadow.py): the controller
         knows what rows keep of drafts while the batch runs plain."""
         if self.controller is not None and self.shadow is not None:
-            for asked, kept in self.shadow.judged():
-                self.controller.observe_drafts(asked, [kept])
+            for asked, kept in self.shadow.judged(len(self.rows)).items():
+                self.controller.observe_drafts(asked, kept)
             self.shadow.propose(self.rows)
 
     def _read_step(self, k_step: int) -> None:

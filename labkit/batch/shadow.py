@@ -42,12 +42,13 @@ class _Pending:
 
 class ShadowDrafts:
     """Rows take turns to draft up to K tokens during plain steps (`per_step` rows a step); `judged`
-    returns each draft whose row has since taken as many tokens, as the drafts it would have kept."""
+    hands over, a batch's worth at a time, what each draft would have kept."""
 
     def __init__(self, k: int, per_step: int = 1) -> None:
         self.k, self.per_step = k, per_step
         self.pending: dict[int, _Pending] = {}  # id(row) -> its draft awaiting the row's next tokens
         self.turn = 0  # the row whose turn to draft comes next (rotating over the batch)
+        self.ready: list[tuple[int, int]] = []  # (K asked, kept) judged and not yet handed over
 
     def propose(self, rows: Sequence[Row]) -> None:
         """The next `per_step` rows without a draft pending draft now (none past a row's last token,
@@ -65,18 +66,26 @@ class ShadowDrafts:
             self.pending[id(row)] = _Pending(row, len(row.context), k, list(draft))
             asked += 1
 
-    def judged(self) -> list[tuple[int, int]]:
-        """(K asked, drafts kept) for each pending draft whose row has taken its next len(draft) tokens;
-        a row that finished before (EOS) is forgotten, its draft never judged."""
-        out = []
+    def judged(self, sweep: int) -> dict[int, list[int]]:
+        """K asked -> drafts kept, for the drafts whose rows have taken their next len(draft) tokens
+        since; handed over once `sweep` of them are in (the batch's rows: told as one step of that
+        many rows, as a drafting step's verdicts are, so that one row's copying does not sway the
+        batch's acceptance as much as a whole step of rows), else {}. A row that finished first
+        (EOS) is forgotten, its draft never judged."""
         for key, p in list(self.pending.items()):
             seen = p.row.context[p.start : p.start + len(p.draft)]
             if len(seen) == len(p.draft):
                 kept = 0
                 while kept < len(p.draft) and seen[kept] == p.draft[kept]:
                     kept += 1
-                out.append((p.asked, kept))
+                self.ready.append((p.asked, kept))
             elif not p.row.finished:
                 continue
             del self.pending[key]
+        if len(self.ready) < sweep:
+            return {}
+        out: dict[int, list[int]] = {}
+        for asked, kept in self.ready:
+            out.setdefault(asked, []).append(kept)
+        self.ready = []
         return out
