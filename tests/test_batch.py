@@ -273,6 +273,8 @@ def test_bench_batch_writes_rows_for_every_size_and_system(tiny_folder, tmp_path
         steps = (r["new_tokens"] - r["requests"]) / r["tau"] / r["mean_rows_per_step"]
         assert set(r["k_steps"]) <= {0, 1, 2} and abs(sum(r["k_steps"].values()) - steps) < 0.01, (r["k_steps"], steps)
         assert r["k_rates"] and all(set(rates) <= {0, 1, 2} and all(v > 0 for v in rates.values()) for rates in r["k_rates"].values())
+        assert set(r["k_costs"]) == set(r["k_rates"]) and all(set(c["step_ms"]) == set(r["k_rates"][b]) and all(v > 0 for v in c["step_ms"].values())
+                                                             for b, c in r["k_costs"].items())
     assert len(batch_report(payload)) == 2 + len(rows) + len(auto) + 2 + 1
 
 

@@ -140,6 +140,8 @@ class BucketStats:
     plain_left: int = 0  # steps of the current run of plain steps still to take
     last_k: int = -1  # the K of the step observed last
     fill: float = 0.0  # decayed mean seconds of a run's first plain step after drafting (0: none yet)
+    chosen: int = 0  # the K of the last choice
+    switches: int = 0  # choices that went from plain to drafting or back
 
     def step(self, k: int) -> float:
         """K's mean step here, in seconds (0 before its first)."""
@@ -183,6 +185,8 @@ class BatchKController:
             stats.plain_left -= 1
             return 0
         k, tried = self._decide(stats)
+        stats.switches += (k == 0) != (stats.chosen == 0)
+        stats.chosen = k
         if k == 0:  # a run while plain is the best; a try of it, the least that rates it (a fill, then one step)
             stats.plain_left = (2 if tried else self.plain_run) - 1
         return k
@@ -229,6 +233,13 @@ class BatchKController:
         """Each rows bucket's rate of each K tried there (tokens per second over its recent steps):
         what the choice rests on, for a report."""
         return {b: {k: stats.rate(k) for k in self.candidates if stats.seconds.get(k)} for b, stats in sorted(self.buckets.items())}
+
+    def costs(self) -> dict[int, dict[str, object]]:
+        """Per rows bucket, what the rates rest on, for a report: each K's mean step and the fill (ms),
+        the switches between plain and drafting, and a row's expected tokens with each K now."""
+        tokens = {k: self.acceptance.tokens(k) for k in self.candidates if k} if self.acceptance.known else {}
+        return {b: {"step_ms": {k: 1e3 * st.step(k) for k in self.candidates if st.step(k)}, "fill_ms": 1e3 * st.fill,
+                    "switches": st.switches, "tokens": tokens} for b, st in sorted(self.buckets.items())}
 
     def best(self, bucket: int) -> int:
         """The K rated fastest for this bucket (K max where nothing is known yet)."""

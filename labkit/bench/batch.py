@@ -219,6 +219,7 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
                 if k_steps is not None:
                     row["k_steps"] = k_steps
                     row["k_rates"] = controllers[s].rates()  # per rows bucket, each K's tokens/s as the controller saw them
+                    row["k_costs"] = controllers[s].costs()  # ... and what they rest on: steps, fill, switches, acceptance
                 runs[s].append(row)
                 bar.update()
         for s in _systems(cfg):
