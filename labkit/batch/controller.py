@@ -60,10 +60,13 @@ drafting where a run of it was a third faster (H200, 4 rows: 4,814 tok/s against
 results/gpu/batch-NVIDIA-H200-20261202-005543.json), and the controller drafted where it should
 not. So plain is rated by the steps of a run after its first (the fill, which a long run spreads
 thin): the rate plain keeps once chosen. A choice of K 0 holds for `plain_run` steps (a try of it
-for 2). But a switch to plain pays that first step: where the batch last drafted, plain is valued
-with its first step (`fill`, measured) spread over SWITCH_HORIZON steps. Rated by runs alone, at
-batch 1 where K 5 and plain were nearly even, the controller switched to plain and back and paid
-the fill each time (simulated: 0.985 of K 5 alone; valued so, 1.01). (Tried: runs of 8 while plain is the best, fewer switches where a drafting K is a close call
+for 2). But a switch between plain and drafting pays that first step's unhidden host work (the
+bubble: the measured `fill` less a run's plain step), either way: valued as paid once over
+SWITCH_HORIZON steps of the K switched to. Rated by runs alone, at batch 1 where K 5 and plain were
+nearly even, the controller switched to plain and back and paid each time (simulated: 0.985 of K 5
+alone; valued so, 1.01); on the H200 plain's first step after a chunk took 1.0-1.4 ms at 1-8 rows,
+against 0.5 ms in a run (`k_costs` in results/gpu/batch-NVIDIA-H200-20261202-065040.json), and the
+controller drafted at 8 rows where drafting lost (0.87x plain; K 5 alone 0.91x). (Tried: runs of 8 while plain is the best, fewer switches where a drafting K is a close call
 behind plain: in simulation at 16 rows 0.94-0.97 of plain against 0.84-0.94, on the H200 0.92-0.95x
 from 8 to 64 rows in two runs (with tries rated as now) against 0.92-0.98x with runs of 2 the same day:
 results/gpu/batch-NVIDIA-H200-20261202-034541.json, -035542.json, -032933.json.)
@@ -140,19 +143,23 @@ class BucketStats:
     plain_left: int = 0  # steps of the current run of plain steps still to take
     last_k: int = -1  # the K of the step observed last
     fill: float = 0.0  # decayed mean seconds of a run's first plain step after drafting (0: none yet)
-    chosen: int = 0  # the K of the last choice
-    switches: int = 0  # choices that went from plain to drafting or back
+    chosen: int = -1  # the K last taken as the best (-1: none yet)
+    switches: int = 0  # such choices that went from plain to drafting or back
 
     def step(self, k: int) -> float:
         """K's mean step here, in seconds (0 before its first)."""
         return self.seconds[k] / self.own_steps[k] if self.own_steps.get(k) else 0.0
 
     def value(self, k: int, horizon: int) -> float:
-        """K's rate for the choice now: plain, where the batch last drafted, first pays a run's first
-        step (the fill) once, spread over `horizon` steps of the run; any other K, its rate."""
-        if k or self.last_k in (0, -1) or not self.fill or not self.step(0):
+        """K's rate for the choice now. A switch between plain and drafting (either way, from the K
+        last taken as the best) leaves the device a step's host work that nothing hides (measured: the
+        fill, a run's first plain step after drafting, less a plain step in a run): valued as paid once
+        over `horizon` steps of K. Staying, K's rate."""
+        switch = self.chosen != -1 and (k == 0) != (self.chosen == 0)
+        if not switch or not self.fill or not self.step(0) or not self.step(k):
             return self.rate(k)
-        return self.rate(0) * horizon * self.step(0) / (self.fill + (horizon - 1) * self.step(0))
+        bubble = max(0.0, self.fill - self.step(0))
+        return self.rate(k) * horizon * self.step(k) / (horizon * self.step(k) + bubble)
 
     def rate(self, k: int) -> float:
         """K's tokens per second (0 before its first step): where the rows' acceptance is known,
@@ -185,8 +192,9 @@ class BatchKController:
             stats.plain_left -= 1
             return 0
         k, tried = self._decide(stats)
-        stats.switches += (k == 0) != (stats.chosen == 0)
-        stats.chosen = k
+        if not tried:  # (a try is a detour: the batch returns to the best)
+            stats.switches += stats.chosen != -1 and (k == 0) != (stats.chosen == 0)
+            stats.chosen = k
         if k == 0:  # a run while plain is the best; a try of it, the least that rates it (a fill, then one step)
             stats.plain_left = (2 if tried else self.plain_run) - 1
         return k
@@ -276,6 +284,7 @@ class BatchKController:
         them; under greedy, what a verify would have kept): the rows' acceptance, no step to rate."""
         if k > 0 and kept:
             self.acceptance.observe(k, kept)
+
 
     def _stats(self, bucket: int) -> BucketStats:
         return self.buckets.setdefault(bucket, BucketStats(self.acceptance))
