@@ -35,3 +35,33 @@ def test_a_span_on_cuda_times_the_device_not_the_host() -> None:
     time.sleep(0.2)
     seconds = span.seconds()
     assert 0.01 < seconds < 0.15 and queued < seconds / 2, (seconds, queued)
+
+
+def test_timed_work_runs_with_the_collector_paused_after_a_collection() -> None:
+    """A cycle left before the timed work is collected on entry; inside, the collector does not run
+    (a cycle made there stays until after); afterwards it runs as before."""
+    import gc
+    import weakref
+
+    from labkit.metrics.timers import collector_paused
+
+    class Node:
+        pass
+
+    def cycle() -> weakref.ref:
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # type: ignore[attr-defined]
+        return weakref.ref(a)
+
+    assert gc.isenabled()
+    before = cycle()
+    with collector_paused():
+        assert before() is None  # collected on entry
+        assert not gc.isenabled()
+        inside = cycle()
+        for _ in range(20000):  # allocations that would trigger collections
+            [Node() for _ in range(3)]  # noqa: B018
+        assert inside() is not None
+    assert gc.isenabled()
+    gc.collect()
+    assert inside() is None

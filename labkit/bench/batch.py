@@ -59,6 +59,7 @@ from labkit.config import EngineConfig, GenerationConfig, device_name, dtype_nam
 from labkit.engine_build import from_config
 from labkit.errors import LabkitError
 from labkit.generate import generate
+from labkit.metrics.timers import collector_paused
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompting import encode_prompt
 from labkit.prompts import Prompt, load_suite
@@ -137,9 +138,11 @@ def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: Gene
 
 def _timed_run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig,
                controller: BatchKController | None, lookups: list[BatchLookup] | None) -> tuple[list[BatchRequest], float, float, dict[int, int] | None]:
-    """_run; with a controller, also the steps this run gave each K."""
+    """_run, with the garbage collector paused (`collector_paused`); with a controller, also the
+    steps this run gave each K."""
     before = controller.steps_by_k() if controller else {}
-    requests, wall, mean_rows = _run(batch, system, prompts, gen, controller, lookups)
+    with collector_paused():
+        requests, wall, mean_rows = _run(batch, system, prompts, gen, controller, lookups)
     return requests, wall, mean_rows, {k: v - before.get(k, 0) for k, v in controller.steps_by_k().items()} if controller else None
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -20,6 +22,23 @@ def now(device: torch.device) -> float:
     """perf_counter after the device has finished its queued work."""
     synchronize(device)
     return time.perf_counter()
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Timed work with Python's garbage collector paused, collected first (as timeit times). A
+    benchmark keeps what it measured, so a full collection walks every result kept so far: on a
+    2-core CPU up to 0.3 s each (bench batch, K 3, 16 tokens, batch 1 and 4: 11 of them, 2 s of a
+    110 s run). One landed in a timed run at random: on the H200 one run in three at 64 rows ran
+    30-40% slow (aggregate_tok_per_s_runs in results/gpu/batch-NVIDIA-H200-20261202-065846.json)."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def median_us(fn: Callable[[], object], reps: int, warm: int = 0) -> float:
