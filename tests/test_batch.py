@@ -275,7 +275,9 @@ def test_bench_batch_writes_rows_for_every_size_and_system(tiny_folder, tmp_path
         assert r["k_rates"] and all(set(rates) <= {0, 1, 2} and all(v > 0 for v in rates.values()) for rates in r["k_rates"].values())
         assert set(r["k_costs"]) == set(r["k_rates"]) and all(set(c["step_ms"]) == set(r["k_rates"][b]) and all(v > 0 for v in c["step_ms"].values())
                                                              for b, c in r["k_costs"].items())
-    assert len(batch_report(payload)) == 2 + len(rows) + len(auto) + 2 + 1
+    report = batch_report(payload)
+    assert len(report) == 2 + len(rows) + len(auto) + 2 + 1
+    assert sum("steps with K 0" in line and " ms, fill " in line for line in report) == len(auto)  # what each auto system's rates rest on
 
 
 def test_a_row_is_the_median_run_and_identity_holds_only_if_every_run_held_it() -> None:

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchConfig, BatchEngine
+from labkit.batch.graphs import bucket
 from labkit.batch.lookup import BatchLookup, device_lookups
 from labkit.batch.scheduler import BatchRequest, ContinuousBatcher
 from labkit.bench.batch_model import crossover, predicted_speedups, step_costs
@@ -251,20 +252,39 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     return payload
 
 
+def controller_lines(summary: list[dict[str, Any]]) -> list[str]:
+    """For each -auto system and size: the share of its steps each K took, and at its size's rows
+    bucket the tokens/s it rated each K at, with what the rates rest on (each K's mean step, the
+    fill: plain's first step after drafting, and a row's expected tokens with each K)."""
+    def by_k(d: dict[Any, float], fmt: str) -> str:
+        return ", ".join(f"K {k} {fmt.format(v)}" for k, v in sorted(d.items(), key=lambda kv: int(kv[0])))
+
+    out = []
+    for r in summary:
+        if not r.get("k_steps"):
+            continue
+        total = sum(r["k_steps"].values()) or 1
+        line = f"{r['system']} at batch {r['batch']}: steps with " + by_k({k: v / total for k, v in r["k_steps"].items()}, "{:.0%}")
+        own = str(bucket(r["batch"]))  # its size's rows bucket
+        rates = {str(b): v for b, v in r.get("k_rates", {}).items()}.get(own)
+        if rates:
+            line += "; rated " + by_k(rates, "{:,.0f}") + " tok/s"
+        costs = {str(b): v for b, v in r.get("k_costs", {}).items()}.get(own)
+        if costs:
+            line += f"; steps {by_k(costs['step_ms'], '{:.2f}')} ms, fill {costs['fill_ms']:.2f} ms"
+            if costs["tokens"]:
+                line += f", a row's tokens {by_k(costs['tokens'], '{:.2f}')}"
+        out.append(line)
+    return out
+
+
 def batch_report(payload: dict[str, Any]) -> list[str]:
     out = [f"{payload['card']}: continuous batching, greedy, {payload['parameters']['max_new_tokens']} new tokens per request",
            f"{'system':<16} {'batch':>5} {'aggregate tok/s':>16} {'per request':>12} {'ITL ms':>8} {'TTFT ms':>8} {'tau':>5} {'= batch 1':>9} {'= own b1':>8}"]
     for r in payload["summary"]:
         out.append(f"{r['system']:<16} {r['batch']:>5} {r['aggregate_tok_per_s']:>16.1f} {r['per_request_tok_per_s']:>12.1f} "
                    f"{r['itl_ms_p50']:>8.1f} {r['ttft_ms_p50']:>8.1f} {r['tau']:>5.2f} {r['identical_to_batch_1']:>9.0%} {r['identical_to_own_batch_1']:>8.0%}")
-    for r in payload["summary"]:
-        if r.get("k_steps"):
-            total = sum(r["k_steps"].values()) or 1
-            line = f"{r['system']} at batch {r['batch']}: steps with K " + ", ".join(f"{k}: {v / total:.0%}" for k, v in sorted(r["k_steps"].items(), key=lambda kv: int(kv[0])))
-            rates = {str(b): v for b, v in r.get("k_rates", {}).items()}.get(str(r["batch"]))  # its own size's bucket (a power of two)
-            if rates:
-                line += "; its rates there " + ", ".join(f"K {k} {v:,.0f}" for k, v in sorted(rates.items(), key=lambda kv: int(kv[0]))) + " tok/s"
-            out.append(line)
+    out += controller_lines(payload["summary"])
     for m in payload["speedup_model"]:
         out.append(f"batch {m['batch']:>3}: speculation measured {m['measured_speedup']:.2f}x plain, model {m['predicted_speedup']:.2f}x "
                    f"(tau {m['tau']:.2f}, step K {payload['parameters']['k']} / plain step {m['spec_over_plain_step']:.2f}, "
