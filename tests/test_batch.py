@@ -44,6 +44,33 @@ class Scripted:
     def observe_drafts(self, k: int, kept: list[int]) -> None:
         self.judged.append((k, kept))
 
+
+def drafts_kept(rng, p: float, k: int) -> int:  # type: ignore[no-untyped-def]
+    """The drafts a row keeps of K when each is kept with probability p (the first rejection ends them)."""
+    return next((i for i in range(k) if rng.random() >= p), k)
+
+
+def share_of_plain(cost: dict[int, float], p: float, rows: int, steps: int, seed: int, skip: int = 0, judged: bool = False) -> float:
+    """A K controller over simulated steps of `rows` rows (K's step cost[K] ms, each draft kept with
+    probability p), from step `skip` on: its tokens per ms over plain's. judged: each plain step also
+    tells it one draft judged (`observe_drafts`), as the scheduler's judged drafts do."""
+    import random
+
+    from labkit.batch.controller import BatchKController
+
+    rng, ctl = random.Random(seed), BatchKController(max(cost))
+    tokens = seconds = 0.0
+    for step in range(steps):
+        k = ctl.choose(rows)
+        kept = [drafts_kept(rng, p, k) for _ in range(rows)]
+        ctl.observe(rows, k, sum(1 + a for a in kept), cost[k] * 1e-3, kept if k else None)
+        if judged and k == 0:
+            ctl.observe_drafts(max(cost), [drafts_kept(rng, p, max(cost))])
+        if step >= skip:
+            tokens, seconds = tokens + sum(1 + a for a in kept), seconds + cost[k]
+    return tokens / seconds / (rows / cost[0])
+
+
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
@@ -519,21 +546,10 @@ def test_the_k_controller_keeps_plain_speed_where_drafting_never_pays() -> None:
     K+1 tokens per row costs 1.5x (K=2) and 2.5x (K=5) a plain step: the controller keeps 97% of
     plain's rate over 600 steps on every seed (tries every 16 steps cost 5%: clear losers wait longer
     each time they lose again)."""
-    import random
-
-    from labkit.batch.controller import BatchKController
-
     cost = {0: 1.34, 2: 2.0, 5: 3.4}  # ms per step (batch_costs.py on an H200: 1.34 plain, 2.57 at K=3)
     for seed in range(6):
-        rng, ctl = random.Random(seed), BatchKController(5)
-        tokens = seconds = 0.0
-        for _ in range(600):
-            k = ctl.choose(64)
-            kept = [next((i for i in range(k) if rng.random() >= 0.3), k) for _ in range(64)]
-            got = sum(1 + a for a in kept)
-            ctl.observe(64, k, got, cost[k] * 1e-3, kept)
-            tokens, seconds = tokens + got, seconds + cost[k]
-        assert tokens / seconds / (64 / cost[0]) >= 0.97, (seed, tokens / seconds / (64 / cost[0]))
+        share = share_of_plain(cost, 0.3, 64, 600, seed)
+        assert share >= 0.97, (seed, share)
 
 
 def test_the_k_controller_tries_a_larger_k_again_when_rows_keep_every_draft() -> None:
@@ -780,24 +796,7 @@ def test_a_clear_losers_tries_cost_a_small_share_where_a_try_costs_many_plain_st
     probability 0.1. A clear loser's wait doubles up to MAX_WAIT steps and is at least long enough
     that its tries cost TRY_SHARE of the time: >= 0.987 of plain's rate after the first 300 steps on
     every seed (waits of at most MAX_WAIT steps: 0.984)."""
-    import random
-
-    from labkit.batch.controller import BatchKController
-
-    cost = {0: 1.0, 2: 2.5, 5: 4.2}  # ms
-    shares = []
-    for seed in range(6):
-        rng, ctl = random.Random(seed), BatchKController(5)
-        tokens = seconds = 0.0
-        for step in range(2000):
-            k = ctl.choose(64)
-            kept = [next((i for i in range(k) if rng.random() >= 0.1), k) for _ in range(64)]
-            ctl.observe(64, k, sum(1 + a for a in kept), cost[k] * 1e-3, kept if k else None)
-            if k == 0:
-                ctl.observe_drafts(5, [next((i for i in range(5) if rng.random() >= 0.1), 5)])
-            if step >= 300:
-                tokens, seconds = tokens + sum(1 + a for a in kept), seconds + cost[k]
-        shares.append(tokens / seconds / (64 / cost[0]))
+    shares = [share_of_plain({0: 1.0, 2: 2.5, 5: 4.2}, 0.1, 64, 2000, seed, skip=300, judged=True) for seed in range(6)]
     assert min(shares) >= 0.987, shares
 
 
@@ -812,9 +811,6 @@ def test_a_switch_to_plain_pays_its_first_step() -> None:
 
     from labkit.batch.controller import BatchKController
 
-    def draw(rng: random.Random, p: float, k: int) -> int:
-        return next((i for i in range(k) if rng.random() >= p), k)
-
     run, fill, cost, p = 0.51, 0.85, {2: 0.57, 5: 0.605}, 0.13
     k5 = sum(p**i for i in range(6)) / cost[5]  # tokens per ms
     for seed in range(8):
@@ -826,9 +822,9 @@ def test_a_switch_to_plain_pays_its_first_step() -> None:
             if k == 0:
                 ms, got = run if last == 0 else fill, 1
                 ctl.observe(1, 0, 1, ms * 1e-3)
-                ctl.observe_drafts(5, [draw(rng, p, 5)])
+                ctl.observe_drafts(5, [drafts_kept(rng, p, 5)])
             else:
-                kept = [draw(rng, p, k)]
+                kept = [drafts_kept(rng, p, k)]
                 ms, got = cost[k], 1 + kept[0]
                 ctl.observe(1, k, got, ms * 1e-3, kept)
             tokens, seconds, last = tokens + got, seconds + ms, k
@@ -847,9 +843,6 @@ def test_near_even_drafting_does_not_keep_the_batch_switching() -> None:
 
     from labkit.batch.controller import BatchKController
 
-    def draw(rng: random.Random, p: float, k: int) -> int:
-        return next((i for i in range(k) if rng.random() >= p), k)
-
     rows, run, fill, step5, host = 8, 0.53, 1.38, 0.754, 0.85  # ms
     for seed in range(6):
         rng, ctl = random.Random(seed), BatchKController(5, candidates=[0, 5])
@@ -862,14 +855,14 @@ def test_near_even_drafting_does_not_keep_the_batch_switching() -> None:
                 ms = run if last == 0 else fill
                 ctl.observe(rows, 0, rows, ms * 1e-3)
                 tokens, seconds = tokens + rows, seconds + ms
-                judged.append(draw(rng, p, 5))
+                judged.append(drafts_kept(rng, p, 5))
                 if len(judged) == rows:
                     ctl.observe_drafts(5, judged)
                     judged = []
             else:
                 m = 8 if ctl.best(rows) == 5 else 1
                 for _ in range(m):
-                    kept = [draw(rng, p, 5) for _ in range(rows)]
+                    kept = [drafts_kept(rng, p, 5) for _ in range(rows)]
                     ctl.observe(rows, 5, sum(1 + a for a in kept), (step5 + host / 8) * 1e-3, kept)
                     tokens += sum(1 + a for a in kept)
                 seconds += m * step5 + host
