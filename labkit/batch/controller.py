@@ -66,10 +66,13 @@ SWITCH_HORIZON steps of the K switched to. Rated by runs alone, at batch 1 where
 nearly even, the controller switched to plain and back and paid each time (simulated: 0.985 of K 5
 alone; valued so, 1.01); on the H200 plain's first step after a chunk took 1.0-1.4 ms at 1-8 rows,
 against 0.5 ms in a run (`k_costs` in results/gpu/batch-NVIDIA-H200-20261202-065040.json), and the
-controller drafted at 8 rows where drafting lost (0.87x plain; K 5 alone 0.91x). (Tried: runs of 8 while plain is the best, fewer switches where a drafting K is a close call
-behind plain: in simulation at 16 rows 0.94-0.97 of plain against 0.84-0.94, on the H200 0.92-0.95x
-from 8 to 64 rows in two runs (with tries rated as now) against 0.92-0.98x with runs of 2 the same day:
-results/gpu/batch-NVIDIA-H200-20261202-034541.json, -035542.json, -032933.json.)
+controller drafted at 8 rows where drafting lost (0.87x plain; K 5 alone 0.91x). A switch is counted
+from the K last taken as the best, not the last step's: after a try of K 5, plain looked like the
+switch (simulated at 8 rows with drafting near even: 0.88 of plain, switching every 12 steps; so
+counted, 0.97). (Tried: runs of 8 while plain is the best, fewer switches where a drafting K is a
+close call behind plain: in simulation at 16 rows 0.94-0.97 of plain against 0.84-0.94, on the H200
+0.92-0.95x from 8 to 64 rows in two runs (with tries rated as now) against 0.92-0.98x with runs of 2
+the same day: results/gpu/batch-NVIDIA-H200-20261202-034541.json, -035542.json, -032933.json.)
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ from labkit.errors import LabkitError
 CLOSE = 0.9  # a candidate within this share of the best's rate is a close call ...
 CLOSE_EVERY = 8  # ... tried again after this many choices, then after twice as many while it stays behind ...
 CLOSE_MAX = 32  # ... up to this many (a clear loser waits steps, doubling from explore_every)
-SWITCH_HORIZON = 8  # a switch from drafting to plain pays the run's first step once: rated as spread over this many steps
+SWITCH_HORIZON = 8  # a switch between plain and drafting pays its unhidden host work once: valued as spread over this many steps
 MAX_WAIT = 256  # steps a clear loser's doubling wait reaches at most ...
 TRY_SHARE = 0.005  # ... and past it, a wait long enough that its try costs this share of the bucket's time ...
 LONG_WAIT = 4096  # ... up to this many steps
@@ -284,7 +287,6 @@ class BatchKController:
         them; under greedy, what a verify would have kept): the rows' acceptance, no step to rate."""
         if k > 0 and kept:
             self.acceptance.observe(k, kept)
-
 
     def _stats(self, bucket: int) -> BucketStats:
         return self.buckets.setdefault(bucket, BucketStats(self.acceptance))
