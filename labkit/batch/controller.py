@@ -208,9 +208,9 @@ class BatchKController:
         untried = [k for k in self.candidates if stats.tries.get(k, 0) < self.warm]
         if untried:
             return untried[0], True
-        value = lambda k: stats.value(k, SWITCH_HORIZON)  # noqa: E731
-        best = max(self.candidates, key=value)
-        close = [k for k in self.candidates if k != best and value(k) >= CLOSE * value(best)]
+        value = {k: stats.value(k, SWITCH_HORIZON) for k in self.candidates}  # each K's rate for this choice, once
+        best = max(self.candidates, key=value.__getitem__)
+        close = [k for k in self.candidates if k != best and value[k] >= CLOSE * value[best]]
         for k in (best, *close):  # back in the race: a later clear loss waits from the start again
             stats.wait.pop(k, None)
             stats.next_try.pop(k, None)
@@ -227,7 +227,7 @@ class BatchKController:
         if due:  # the least tried clear loser, whose next wait doubles, and is at least what keeps its tries' cost to TRY_SHARE
             k = min(due, key=lambda k: stats.tries.get(k, 0))
             stats.wait[k] = min(MAX_WAIT, 2 * stats.wait.get(k, self.explore_every // 2))
-            lost = stats.step(k) / stats.step(best) * (1 - value(k) / value(best)) if stats.step(best) else 0.0  # best's steps a try loses
+            lost = stats.step(k) / stats.step(best) * (1 - value[k] / value[best]) if stats.step(best) else 0.0  # best's steps a try loses
             stats.next_try[k] = stats.steps + min(LONG_WAIT, max(stats.wait[k], round(lost / TRY_SHARE)))
             return k, True
         return best, False
@@ -271,7 +271,7 @@ class BatchKController:
             stats.fill = self.memory * stats.fill + (1 - self.memory) * seconds if stats.fill else seconds
             return
         if stats.tries.get(k, 0) >= self.warm and stats.own_steps.get(k):  # a stall (an admission, a capture, the host's garbage collector) is not the K's speed
-            seconds = min(seconds, OUTLIER * stats.seconds[k] / stats.own_steps[k])
+            seconds = min(seconds, OUTLIER * stats.step(k))
         stats.tokens[k] = self.memory * stats.tokens.get(k, 0.0) + tokens
         stats.seconds[k] = self.memory * stats.seconds.get(k, 0.0) + seconds
         stats.own_steps[k] = self.memory * stats.own_steps.get(k, 0.0) + 1

@@ -73,10 +73,9 @@ class ShadowDrafts:
         batch's acceptance as much as a whole step of rows), else {}. A row that finished first
         (EOS) is forgotten, its draft never judged."""
         for key, p in list(self.pending.items()):
-            seen = p.row.context[p.start : p.start + len(p.draft)]
-            if len(seen) == len(p.draft):
+            if len(p.row.context) >= p.start + len(p.draft):  # (checked first: most rows are still waiting, every plain step)
                 kept = 0
-                while kept < len(p.draft) and seen[kept] == p.draft[kept]:
+                while kept < len(p.draft) and p.row.context[p.start + kept] == p.draft[kept]:
                     kept += 1
                 self.ready.append((p.asked, kept))
             elif not p.row.finished:
