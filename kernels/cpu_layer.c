@@ -138,42 +138,172 @@ static float sum8(const float *p, int64_t n) {
     return s;
 }
 
+/* The largest of p[0..n-1], eight lanes at a time (a maximum is the same in any order; NaNs are
+ * skipped, as a chain of > skips them). */
+typedef int32_t v8i __attribute__((vector_size(32)));
+static float max8(const float *p, int64_t n) {
+    const float ninf = -INFINITY;
+    v8f m = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        v8f x;
+        memcpy(&x, p + j, sizeof x);
+        const v8i gt = x > m;
+        m = (v8f)(((v8i)x & gt) | ((v8i)m & ~gt));
+    }
+    float mx = -INFINITY;
+    for (int i = 0; i < 8; i++)
+        if (m[i] > mx) mx = m[i];
+    for (; j < n; j++)
+        if (p[j] > mx) mx = p[j];
+    return mx;
+}
+
+/* With 256-bit registers (AVX and up) eight positions' scores come out of one pass, each in dot8's
+ * order, and a slice of the outputs stays in registers; elsewhere (SSE, NEON) GCC spills such
+ * vectors, so those builds take dot8 a position at a time and the outputs through memory (the
+ * same bits either way). */
+#if defined(__AVX__)
+#define WIDE_LANES 1
+static inline v8f load8(const float *p) {
+    v8f x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+/* Lane u of the result is a[u]'s eight lanes summed in dot8's tree, ((0+4)+(1+5))+((2+6)+(3+7)):
+ * the halves added, then even and odd lanes twice (a transpose folded into the adds). */
+static inline v8f tree8(const v8f a[8]) {
+    v8f P[4], Q[2];
+    for (int u = 0; u < 4; u++)
+        P[u] = SHUFFLE(a[u], a[u + 4], 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(a[u], a[u + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int u = 0; u < 2; u++)
+        Q[u] = SHUFFLE(P[2 * u], P[2 * u + 1], 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE(P[2 * u], P[2 * u + 1], 1, 3, 9, 11, 5, 7, 13, 15);
+    return SHUFFLE(Q[0], Q[1], 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE(Q[0], Q[1], 1, 3, 9, 11, 5, 7, 13, 15);
+}
+#else
+#define WIDE_LANES 0
+#endif
+
+enum { KEY_BLOCK = 64, OUT_SLICE = 32 };  /* positions per scores item; head dims per outputs item */
+
+/* Scores s.. of query row q against keys kc (D floats each), scaled, into p: eight at a time
+ * where the build has the registers for it. Returns the first position not done. */
+static int64_t scores8(const float *q, const float *kc, int64_t s, int64_t hi, int64_t D, float scale, float *p) {
+#if WIDE_LANES
+    if (D % 8 == 0)
+        for (; s + 8 <= hi + 1; s += 8) {
+            v8f a[8];
+            for (int u = 0; u < 8; u++) a[u] = (v8f){0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int64_t j = 0; j < D; j += 8) {
+                const v8f x = load8(q + j);
+                for (int u = 0; u < 8; u++) a[u] += x * load8(kc + (s + u) * D + j);
+            }
+            const v8f r = tree8(a) * scale;
+            memcpy(p + s, &r, sizeof r);
+        }
+#endif
+    (void)q, (void)kc, (void)hi, (void)D, (void)scale, (void)p;
+    return s;
+}
+
+#if WIDE_LANES
+/* out[g] (OUT_SLICE floats of head g's output) = inv[g] * sum over s in lo..hi of w[g][s] v[s],
+ * the sum in order of s, for G heads sharing the values; the accumulators in registers. */
+static inline __attribute__((always_inline)) void weighted_values(const float *w, int64_t S, const float *vc, int64_t D, int64_t lo, int64_t hi,
+                                   const int G, const float *inv, float *out, int64_t out_stride) {
+    v8f acc[4][OUT_SLICE / 8];
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < OUT_SLICE / 8; i++) acc[g][i] = (v8f){0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int64_t s = lo; s <= hi; s++) {
+        v8f v[OUT_SLICE / 8];
+        for (int i = 0; i < OUT_SLICE / 8; i++) v[i] = load8(vc + s * D + 8 * i);
+        for (int g = 0; g < G; g++) {
+            const float pw = w[g * S + s];
+            for (int i = 0; i < OUT_SLICE / 8; i++) acc[g][i] += pw * v[i];
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < OUT_SLICE / 8; i++) {
+            const v8f r = acc[g][i] * inv[g];
+            memcpy(out + g * out_stride + 8 * i, &r, sizeof r);
+        }
+}
+#endif
+
 /* q: (M, nh, D); out: (M, nh*D). Row t sees keys lo..pos[t], lo = pos[t] - window + 1 with a
  * window, else 0; with a token tree (tree_mask (M, n_tree) int8, else NULL) of those in the
  * tree's slots tree_base..tree_base+n_tree-1 only the ones its mask row allows. Row t reads the
  * cache of batch row t / T (norm_qkv_rope's rule).
- * scratch: M * nh * S floats (each (row, head) its scores). */
+ * scratch: M * nh * (S + 1) floats (each (row, head) its scores, then every (row, head)'s 1 / sum).
+ *
+ * In three passes, so that each key and value row is read once for every query that shares it
+ * (the kv head's group of query heads, and a verify's T rows): scores by (batch row, kv head,
+ * block of positions); softmax weights by (row, head); outputs by (row, kv head, slice of the
+ * head's dims). Each (row, head) keeps one order of its own: its scores in dot8's, its softmax
+ * sum in sum8's, each output dim summed over positions in order; so a row's bits do not depend
+ * on what shares its step, and are the ones a (row, head) at a time gave. */
 void attention(const float *q, int64_t M, const float *k_cache, const float *v_cache, int64_t S, const int64_t *pos,
                int64_t nh, int64_t nkv, int64_t D, float scale, int64_t window, float *out, float *scratch,
                const int8_t *tree_mask, int64_t tree_base, int64_t n_tree, int64_t T) {
-    const int64_t group = nh / nkv;
-    #pragma omp parallel for schedule(static)
-    for (int64_t item = 0; item < M * nh; item++) {
-        const int64_t t = item / nh, head = item % nh, kv = head / group;
-        const int64_t hi = pos[t], lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
-        const float *qr = q + item * D;
-        const int64_t row = (t / T) * nkv * S * D;
-        const float *kc = k_cache + row + kv * S * D, *vc = v_cache + row + kv * S * D;
-        float *p = scratch + item * S;
-        const int8_t *allowed = tree_mask ? tree_mask + t * n_tree : NULL;
-        float mx = -INFINITY;
-        for (int64_t s = lo; s <= hi; s++) {
-            if (allowed && s >= tree_base && s < tree_base + n_tree && !allowed[s - tree_base]) {
-                p[s] = -INFINITY;  /* a tree node that is not this row's ancestor */
+    const int64_t group = nh / nkv, n_blocks = (S + KEY_BLOCK - 1) / KEY_BLOCK, n_slices = (D + OUT_SLICE - 1) / OUT_SLICE;
+    float *inv_sum = scratch + M * nh * S;  /* (M, nh) */
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(static)
+        for (int64_t item = 0; item < (M / T) * nkv * n_blocks; item++) {
+            const int64_t b = item / (nkv * n_blocks), kv = item / n_blocks % nkv, first = item % n_blocks * KEY_BLOCK;
+            const float *kc = k_cache + (b * nkv + kv) * S * D;
+            for (int64_t t = b * T; t < (b + 1) * T; t++) {
+                const int64_t last = pos[t], from = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
+                const int64_t lo = from > first ? from : first, hi = last < first + KEY_BLOCK - 1 ? last : first + KEY_BLOCK - 1;
+                for (int64_t head = kv * group; head < (kv + 1) * group; head++) {
+                    const float *qr = q + (t * nh + head) * D;
+                    float *p = scratch + (t * nh + head) * S;
+                    for (int64_t s = scores8(qr, kc, lo, hi, D, scale, p); s <= hi; s++) p[s] = dot8(qr, kc + s * D, D) * scale;
+                }
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t item = 0; item < M * nh; item++) {
+            const int64_t t = item / nh, hi = pos[t], lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
+            float *p = scratch + item * S;
+            const int8_t *allowed = tree_mask ? tree_mask + t * n_tree : NULL;
+            if (allowed)  /* a tree node that is not this row's ancestor */
+                for (int64_t s = tree_base > lo ? tree_base : lo; s <= hi && s < tree_base + n_tree; s++)
+                    if (!allowed[s - tree_base]) p[s] = -INFINITY;
+            const float mx = max8(p + lo, hi - lo + 1);
+            for (int64_t s = lo; s <= hi; s++) p[s] = p[s] == -INFINITY ? 0.f : expv(p[s] - mx);
+            inv_sum[item] = 1.f / sum8(p + lo, hi - lo + 1);
+        }
+        #pragma omp for schedule(static)
+        for (int64_t item = 0; item < M * nkv * n_slices; item++) {
+            const int64_t t = item / (nkv * n_slices), kv = item / n_slices % nkv, j0 = item % n_slices * OUT_SLICE;
+            const int64_t hi = pos[t], lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
+            const int64_t width = D - j0 < OUT_SLICE ? D - j0 : OUT_SLICE, head0 = t * nh + kv * group;
+            const float *vc = v_cache + ((t / T) * nkv + kv) * S * D + j0, *w = scratch + head0 * S;
+            float *o = out + head0 * D + j0;
+#if WIDE_LANES
+            if (width == OUT_SLICE && group <= 4) {  /* a constant G each, for registers */
+                if (group == 3) weighted_values(w, S, vc, D, lo, hi, 3, inv_sum + head0, o, D);
+                else if (group == 1) weighted_values(w, S, vc, D, lo, hi, 1, inv_sum + head0, o, D);
+                else if (group == 2) weighted_values(w, S, vc, D, lo, hi, 2, inv_sum + head0, o, D);
+                else weighted_values(w, S, vc, D, lo, hi, 4, inv_sum + head0, o, D);
                 continue;
             }
-            p[s] = dot8(qr, kc + s * D, D) * scale;
-            if (p[s] > mx) mx = p[s];
+#endif
+            for (int64_t g = 0; g < group; g++) {
+                float *og = o + g * D;
+                for (int64_t j = 0; j < width; j++) og[j] = 0.f;
+                for (int64_t s = lo; s <= hi; s++)
+                    for (int64_t j = 0; j < width; j++) og[j] += w[g * S + s] * vc[s * D + j];
+                for (int64_t j = 0; j < width; j++) og[j] *= inv_sum[head0 + g];
+            }
         }
-        for (int64_t s = lo; s <= hi; s++)
-            p[s] = p[s] == -INFINITY ? 0.f : expv(p[s] - mx);
-        const float sum = sum8(p + lo, hi - lo + 1);
-        float *o = out + item * D;  /* (t, head) row of (M, nh*D) */
-        for (int64_t j = 0; j < D; j++) o[j] = 0.f;
-        for (int64_t s = lo; s <= hi; s++)
-            for (int64_t j = 0; j < D; j++) o[j] += p[s] * vc[s * D + j];
-        const float inv = 1.f / sum;
-        for (int64_t j = 0; j < D; j++) o[j] *= inv;
     }
 }
 
@@ -218,7 +348,7 @@ int decode_layers(float *x, int64_t M, int64_t dim, const layer_weights *layers,
                   const int8_t *tree_mask, int64_t tree_base, int64_t n_tree, int64_t T) {
     const int64_t hidden = layers[0].gate_up.N / 2, qkv_w = (nh + 2 * nkv) * D;
     const int64_t y_w = hidden > nh * D ? hidden : nh * D;  /* y holds the attention's output, then silu(gate) * up */
-    const int64_t sizes[6] = {M * nh * D, M * (dim + qkv_w), M * nh * S, M * y_w, M * (dim + 2 * hidden), M * dim};
+    const int64_t sizes[6] = {M * nh * D, M * (dim + qkv_w), M * nh * (S + 1), M * y_w, M * (dim + 2 * hidden), M * dim};
     int64_t total = 0;
     for (int i = 0; i < 6; i++) total += sizes[i];
     float *buf = (float *)malloc((size_t)total * sizeof(float));

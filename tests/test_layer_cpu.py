@@ -117,6 +117,28 @@ def test_each_operation_matches_its_reference() -> None:
     assert torch.allclose(logits, ref_logits, atol=1e-4) and normed is not None and torch.allclose(normed, ref_normed, atol=1e-5)
 
 
+@pytest.mark.parametrize("nh, nkv, D", [(9, 3, 64), (4, 4, 48), (8, 2, 32), (12, 2, 20)])
+def test_attention_matches_its_reference_and_keeps_each_rows_bits(nh: int, nkv: int, D: int) -> None:
+    """The C attention reads each key and value once for every query sharing it (the kv head's
+    group, a verify's rows), by blocks of positions and slices of the head: against the PyTorch
+    twin over every shape it takes apart (the embedded model's 9 heads over 3, one kv head a query
+    head, groups past four, head sizes that leave a slice or the eight lanes short), keys across
+    several blocks, a window, batch rows; and each row's output bit for bit the one it gets alone."""
+    ops = block_engine("llama").model.layer_ops
+    gen = torch.Generator().manual_seed(nh * D)
+    B, T, S = 2, 5, 300
+    k_cache, v_cache = (torch.randn(B, nkv, S, D, generator=gen) for _ in range(2))
+    q = torch.randn(B * T, nh, D, generator=gen)
+    pos = torch.tensor([[150, 151, 152, 153, 154], [201, 202, 203, 204, 205]])  # (B, T)
+    for window in (None, 70):
+        y = ops.decode_attention(q, k_cache, v_cache, pos, 0.125, window)  # (B*T, NH*D)
+        assert torch.allclose(y, layer_reference.decode_attention(q, k_cache, v_cache, pos, 0.125, window), atol=1e-5)
+        for b in range(B):
+            for t in range(T):
+                alone = ops.decode_attention(q[b * T + t : b * T + t + 1], k_cache[b : b + 1], v_cache[b : b + 1], pos[b, t : t + 1], 0.125, window)
+                assert torch.equal(alone[0], y[b * T + t]), (b, t, window)
+
+
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_a_stack_in_one_call_is_the_five_operations_bit_for_bit(arch: str) -> None:
     """decode_layers (every layer in one call) against forward_fused layer by layer: the same

@@ -146,7 +146,7 @@ class CpuLayerOps:
         if tree_mask is not None and (tree_mask.dtype != torch.int8 or not tree_mask.is_contiguous() or tree_mask.shape[0] != M):
             raise LabkitError(f"a tree mask is ({M}, N) contiguous int8, got {tuple(tree_mask.shape)} {tree_mask.dtype}")
         out = torch.empty(M, nh * D)
-        scratch = torch.empty(M * nh * S)  # each (row, head)'s scores; only the first pos+1 of each are touched
+        scratch = torch.empty(M * nh * (S + 1))  # each (row, head)'s scores (only its visible positions touched), then its 1 / sum
         self.lib.attention(q.data_ptr(), M, k_cache.data_ptr(), v_cache.data_ptr(), S, pos.data_ptr(), nh, nkv, D, scale,
                            window or 0, out.data_ptr(), scratch.data_ptr(), _ptr(tree_mask),
                            0 if tree_base is None else int(tree_base), 0 if tree_mask is None else tree_mask.shape[1], M // B)
