@@ -754,6 +754,41 @@ def test_plain_steps_judge_drafts_as_a_verify_would_have(ahead: bool) -> None:
     assert max(len(kept_rows) for _, kept_rows in ctl.judged) >= 3  # a batch's worth told together
 
 
+def test_only_a_sample_of_rows_drafts_during_plain_steps() -> None:
+    """A row that drafts keeps its n-gram index current (host work for every token it takes), so at
+    64 rows the judged drafts come from the first SAMPLE slots in turn, every one of them drafting,
+    and no other row's drafter is asked; rows that join those slots take their turns."""
+    from types import SimpleNamespace
+
+    from labkit.batch.shadow import SAMPLE, ShadowDrafts
+
+    asked: list[int] = []
+
+    class Counting:
+        def __init__(self, slot: int) -> None:
+            self.slot = slot
+
+        def propose(self, context, k, config, generator):  # type: ignore[no-untyped-def]
+            asked.append(self.slot)
+            return Draft([1] * k)
+
+    def row(slot: int) -> SimpleNamespace:
+        return SimpleNamespace(context=[5, 6, 7], tokens=[7], config=GenerationConfig(max_new_tokens=1000), drafter=Counting(slot), finished=False)
+
+    rows = [row(i) for i in range(64)]
+    shadow = ShadowDrafts(4)
+    for step in range(200):
+        for r in rows:  # every row takes a token a step
+            r.context.append(step % 5)
+            r.tokens.append(step % 5)
+        shadow.judged(len(rows))
+        shadow.propose(rows)
+        if step == 100:
+            rows[0] = row(100)  # a request joins slot 0
+    assert set(asked) == set(range(SAMPLE)) | {100} and SAMPLE < 64
+    assert len(asked) >= 150  # a draft nearly every step
+
+
 def test_drafts_judged_during_plain_steps_keep_the_controller_on_the_texts_acceptance() -> None:
     """Batch 1 with H200-like costs (plain 0.55 ms, K 2 0.66, K 5 0.75) and text alternating every 100
     tokens between writing (a draft token kept with probability 0.05: plain pays) and copying (0.75:
