@@ -754,6 +754,31 @@ def test_plain_steps_judge_drafts_as_a_verify_would_have(ahead: bool) -> None:
     assert max(len(kept_rows) for _, kept_rows in ctl.judged) >= 3  # a batch's worth told together
 
 
+@pytest.mark.parametrize("ahead", [False, True])
+def test_every_step_is_charged_the_host_work_between_steps(ahead: bool) -> None:
+    """The controller's choice of K (here slowed to 20 ms) is host work between steps, and every
+    step is charged from where the last one's timing ended: in a run of steps of one K, plain
+    (launched ahead or read at once) or drafting, each step pays the choice before it, so neither
+    looks cheaper than it runs; and no choice goes uncharged."""
+    import time
+
+    engine = engine_for("llama")
+
+    class Slow(Scripted):
+        def choose(self, bucket: int) -> int:
+            time.sleep(0.02)
+            return super().choose(bucket)
+
+    ctl = Slow(2, (0, 0, 0, 2, 2, 2))
+    batcher = ContinuousBatcher(BatchEngine(engine, BatchConfig(slots=2, max_seq_len=128)), lambda: NgramDrafter(3, 1), 2, ctl, ahead=ahead)  # type: ignore[arg-type]
+    for p in prompts(2, engine.args.vocab_size, seed=3):
+        batcher.submit(p, GenerationConfig(max_new_tokens=30))
+    batcher.run()
+    in_runs = {k: [s for (j, _), (k2, s) in zip(ctl.seen, ctl.seen[1:], strict=False) if j == k2 == k] for k in (0, 2)}
+    assert all(len(v) >= 3 and min(v) >= 0.02 for v in in_runs.values()), ctl.seen
+    assert sum(s for _, s in ctl.seen) >= 0.02 * len(ctl.seen)
+
+
 def test_only_a_sample_of_rows_drafts_during_plain_steps() -> None:
     """A row that drafts keeps its n-gram index current (host work for every token it takes), so at
     64 rows the judged drafts come from the first SAMPLE slots in turn, every one of them drafting,

@@ -1,6 +1,5 @@
 """Every kernel against its PyTorch reference, on random inputs (never zeros)."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 from labkit.kernels import cpu_quant
 from labkit.kernels.reference import dequant_q4_1, quant_linear_ref
 from labkit.models.gguf_weights import QuantLinear, QuantWeight, unpermute_rows
+from tests.native.build import TARGETS, build_and_run
 
 needs_kernel = pytest.mark.skipif(not cpu_quant.available()[0], reason=f"cpu_quant: {cpu_quant.available()[1]}")
 
@@ -378,32 +378,11 @@ def test_kernel_without_avx512_matches_reference(monkeypatch, tmp_path, flags: s
         cpu_quant._load.cache_clear()
 
 
-@pytest.mark.parametrize("target", ["portable", "aarch64", "clang-aarch64"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_block_kernel_builds_elsewhere_match_a_double_reference(tmp_path, target: str) -> None:
     """The paths this machine does not take, built as standalone programs (tests/native/check_gemv.c:
     every row count, Q4_1 and Q8_0, against a double-precision reference): the portable vector
     path with x86's SIMD extensions off, and aarch64 (NEON) cross builds by GCC and by clang run
-    under qemu where they are installed (`apt install gcc-aarch64-linux-gnu qemu-user clang`)."""
-    import platform
-    import shutil
-    import subprocess
-
-    src = Path(__file__).parent / "native" / "check_gemv.c"
-    exe = tmp_path / "check"
-    if target == "portable":
-        if platform.machine() not in ("x86_64", "AMD64") or not shutil.which("gcc"):
-            pytest.skip("x86 gcc")
-        build, run = ["gcc", "-O3", "-fopenmp", "-mno-avx512f", "-mno-avx2", "-mno-fma"], [str(exe)]
-    elif target == "aarch64":
-        if not shutil.which("aarch64-linux-gnu-gcc") or not shutil.which("qemu-aarch64"):
-            pytest.skip("no aarch64 cross compiler and qemu here")
-        build, run = ["aarch64-linux-gnu-gcc", "-O3", "-march=armv8-a", "-fopenmp", "-static"], ["qemu-aarch64", str(exe)]
-    else:  # clang's spelling of the byte shuffles (Apple's compiler), one thread: an omp.h stub stands in for libomp
-        if not shutil.which("clang") or not shutil.which("qemu-aarch64") or not Path("/usr/aarch64-linux-gnu").is_dir():
-            pytest.skip("no clang, aarch64 sysroot and qemu here")
-        (tmp_path / "omp.h").write_text("static inline int omp_get_max_threads(void) { return 1; }\n")
-        build = ["clang", "--target=aarch64-linux-gnu", "-O3", "-march=armv8-a", "-static", f"-I{tmp_path}", "-Wno-unknown-pragmas"]
-        run = ["qemu-aarch64", str(exe)]
-    subprocess.run([*build, str(src), "-o", str(exe), "-lm"], check=True, capture_output=True, timeout=120)
-    out = subprocess.run(run, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert out.returncode == 0 and out.stdout.strip() == "ok portable", out.stdout + out.stderr
+    under qemu where they are installed (tests/native/build.py)."""
+    out = build_and_run(Path(__file__).parent / "native" / "check_gemv.c", target, tmp_path)
+    assert out.strip() == "ok portable", out

@@ -14,6 +14,7 @@ from labkit.kernels import cpu_quant, layer_reference
 from labkit.kernels.layer_cpu import CpuLayerOps
 from labkit.models.gguf_weights import QuantLinear, QuantWeight
 from labkit.models.tiny import tiny_hf_model
+from tests.native.build import TARGETS, build_and_run
 
 pytestmark = pytest.mark.skipif(not cpu_quant.available()[0], reason=f"cpu_quant: {cpu_quant.available()[1]}")
 
@@ -137,6 +138,18 @@ def test_attention_matches_its_reference_and_keeps_each_rows_bits(nh: int, nkv: 
             for t in range(T):
                 alone = ops.decode_attention(q[b * T + t : b * T + t + 1], k_cache[b : b + 1], v_cache[b : b + 1], pos[b, t : t + 1], 0.125, window)
                 assert torch.equal(alone[0], y[b * T + t]), (b, t, window)
+
+
+@pytest.mark.parametrize("target", ["native", *TARGETS])
+def test_attention_builds_elsewhere_match_a_double_reference(tmp_path, target: str) -> None:
+    """The attention as other builds take it (tests/native/check_attention.c, against a
+    double-precision softmax(q k^T) v, GQA groups of 1 to 6, short head sizes, a window, a tree,
+    each row's bits alone and in a verify): this machine's own build (eight scores a pass where it
+    has AVX), x86 without AVX (a position at a time, outputs through memory) and aarch64 (NEON)."""
+    from pathlib import Path
+
+    out = build_and_run(Path(__file__).parent / "native" / "check_attention.c", target, tmp_path)
+    assert out.strip() == "ok", out
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])

@@ -69,7 +69,6 @@ class _InFlight:
     chosen: torch.Tensor  # (n,) each row's next token, on the device
     host: HostCopy  # the same tokens on their way to the host
     rows: dict[int, int]  # id(request) -> its row
-    launched: float  # perf_counter when the call that launched it began
     rated: bool = True  # False: an admission ran while it was in flight, so its time is not its own
 
 
@@ -226,6 +225,7 @@ class ContinuousBatcher:
             self.rows.extend(joining)
             for request, first in zip(joining, self._greedy(joining, logits[:, None]), strict=True):
                 self._take(request, first)
+            self.accounted = time.perf_counter()  # the prefill's time is no step's
         self._leave()
 
     def _plain_ahead(self) -> None:
@@ -233,7 +233,6 @@ class ContinuousBatcher:
         in the step in flight is fed that step's token on the device; one that joined since, its
         last token from the host. A row that the read finishes has had one step too many, whose
         result no one reads (its slot is released after it, in the device's order)."""
-        t0 = time.perf_counter()
         flight, n = self.in_flight, len(self.rows)
         in_flight = [flight.rows.get(id(r), -1) if flight else -1 for r in self.rows]  # each row's row in the flight, -1: none
         if flight is None or in_flight != list(range(n)):
@@ -247,7 +246,7 @@ class ContinuousBatcher:
         self.steps += 1
         self.rows_stepped += n
         chosen = self._choose(self.rows, logits[:, None], [len(r.tokens) + (i >= 0) for r, i in zip(self.rows, in_flight, strict=True)])
-        self.in_flight = _InFlight(list(self.rows), chosen[:, 0], HostCopy(chosen[:, 0]), {id(r): i for i, r in enumerate(self.rows)}, t0)
+        self.in_flight = _InFlight(list(self.rows), chosen[:, 0], HostCopy(chosen[:, 0]), {id(r): i for i, r in enumerate(self.rows)})
         if flight is not None:
             self._settle(flight)
 
@@ -258,13 +257,13 @@ class ContinuousBatcher:
 
     def _settle(self, flight: _InFlight) -> None:
         """Read a plain step's tokens and take them (rows finished since it was launched skip theirs).
-        The controller is told the time from its launch, or from where the step before it was
-        timed to end, whichever is later: in a run of plain steps each is charged one period (its
-        launch overlaps the step before), and one between drafting steps its launch too (nothing
-        overlapped it; charged only from its read, it looked nearly free). A step in flight while
-        requests were admitted is not rated: the prefill's time is not its own (charged to it, an
-        admission of 64 prompts made plain look half as fast as it ran)."""
-        t0 = max(flight.launched, self.accounted)
+        The controller is told the time from where the step before it was timed to end, as every
+        step is: in a run of plain steps each is charged one period (its launch overlaps the step
+        before), one after a drafting step its launch too (charged only from its read, it looked
+        nearly free), and each the host's work between steps (the choice of K, rows leaving). A
+        step in flight while requests were admitted is not rated: the prefill's time is not its own
+        (charged to it, an admission of 64 prompts made plain look half as fast as it ran)."""
+        t0 = self.accounted
         before = sum(len(r.tokens) for r in flight.requests)
         for request, token in zip(flight.requests, flight.host.tolist(), strict=True):
             if not request.finished:
@@ -289,8 +288,10 @@ class ContinuousBatcher:
             self.shadow.propose(self.rows)
 
     def _read_step(self, k_step: int) -> None:
-        """One step read at once: the rows' drafts (K k_step) verified, each row's verdict taken."""
-        t0 = time.perf_counter()
+        """One step read at once: the rows' drafts (K k_step) verified, each row's verdict taken.
+        Timed from where the last step's timing ended, as plain steps are (`_settle`): the host's
+        work between steps (the choice of K, rows leaving) is every step's."""
+        t0 = self.accounted
         feeds = [self._feed(r, k_step) for r in self.rows]
         before = sum(len(r.tokens) for r in self.rows)
         width = k_step + 1 if k_step and self.batch.cfg.invariant else None  # invariant: one width whatever the batch drafts
@@ -346,8 +347,9 @@ class ContinuousBatcher:
         it loses), and charged the whole host work per chunk that one step looked slower than K
         runs once chosen: on the H200 a one-step try rated K 5 at 1,915 tok/s at batch 1, where
         K 5's chunks ran at 2,593, and the controller kept K 2 (2,419 tok/s:
-        results/gpu/batch-NVIDIA-H200-20261202-032933.json)."""
-        t0 = time.perf_counter()
+        results/gpu/batch-NVIDIA-H200-20261202-032933.json). Timed from where the last step's
+        timing ended (`_read_step`)."""
+        t0 = self.accounted
         rows = list(self.rows)
         full = self._chunk_steps(rows)
         exploring = self.controller is not None and self.controller.best(bucket(len(rows))) != lookup.k
@@ -358,12 +360,13 @@ class ContinuousBatcher:
         drafts, tokens, n_ctx = lookup.read(rows)
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
         per_step = []  # of the steps that gave a row a token: the tokens, and each row's kept drafts
+        taken = sum(len(r.tokens) for r in rows)
         for step in range(m):
             live = [not r.finished for r in rows]
             if any(live):
-                taken = sum(len(r.tokens) for r in rows)
                 kept = [self._verdict(r, drafts[step][i], tokens[step][i], read) for i, (r, on) in enumerate(zip(rows, live, strict=True)) if on]
-                per_step.append((sum(len(r.tokens) for r in rows) - taken, kept))  # kept: the rows still running, each its accepted drafts
+                before, taken = taken, sum(len(r.tokens) for r in rows)
+                per_step.append((taken - before, kept))  # kept: the rows still running, each its accepted drafts
         lookup.taken(rows, n_ctx)
         self.batch.set_lengths([c - 1 for c in n_ctx])  # each cache holds its context but the last token
         self.steps += m
