@@ -247,6 +247,35 @@ def test_llama_cpp_required_but_missing_is_one_clear_error_before_loading(monkey
         run_baseline(cfg)  # the model does not exist: the error comes first
 
 
+def test_a_llama_cpp_that_crashes_here_is_left_out_in_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """llama.cpp is tried in a child process before the benchmark loads it: a build that dies on
+    this CPU (a segfault, as a native build did on a Sapphire Rapids VM) or fails is named in one
+    line, and left out under "auto"; "on" stops with that line. Nothing runs it in this process."""
+    import signal
+
+    import torch
+
+    from labkit.bench import baseline
+    from labkit.bench.llamacpp import llama_cpp_probe
+
+    crash = f"import os, signal; os.kill(os.getpid(), signal.{signal.SIGSEGV.name})"
+    ok, why = llama_cpp_probe("any.gguf", 2, code=crash)
+    assert not ok and "SIGSEGV" in why and "\n" not in why
+    ok, why = llama_cpp_probe("any.gguf", 2, code="import sys; sys.exit('no such file: any.gguf')")
+    assert not ok and "exit 1: no such file: any.gguf" in why
+    assert llama_cpp_probe("any.gguf", 2, code="print('decoded')") == (True, "")
+
+    monkeypatch.setattr(baseline, "llama_cpp_status", lambda: (True, "0.3.36"))
+    monkeypatch.setattr(baseline, "llama_cpp_probe", lambda path, threads: (False, "llama.cpp failed a test decode on this machine (it died with SIGSEGV)"))
+    monkeypatch.setattr(baseline, "LlamaCpp", lambda *a, **k: pytest.fail("a crashing llama.cpp must not be loaded"))
+    loaded = type("Loaded", (), {"gguf_path": "model.gguf", "eos_token_ids": ()})()
+    cfg = BaselineConfig(device="cpu", llama_cpp="auto", output_dir=None, progress=False)
+    assert baseline.llama_cpp_peer(cfg, loaded, torch.device("cpu"), torch.float32, 256) is None  # type: ignore[arg-type]
+    assert "llama.cpp left out: llama.cpp failed a test decode on this machine (it died with SIGSEGV)" in capsys.readouterr().err
+    with pytest.raises(LabkitError, match="^--llama-cpp on: llama.cpp failed a test decode"):
+        baseline.llama_cpp_peer(BaselineConfig(device="cpu", llama_cpp="on", output_dir=None, progress=False), loaded, torch.device("cpu"), torch.float32, 256)  # type: ignore[arg-type]
+
+
 def test_llama_cpp_runs_beside_labkit_on_the_same_gguf(embedded) -> None:
     """Where llama-cpp-python is installed: the third system of the baseline, on the embedded
     GGUF, greedy, at the requested length with EOS blocked, against labkit's tokens."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from labkit.bench.common import finish_log, rotated, run_params, start_log, time_hf_generate
-from labkit.bench.llamacpp import LlamaCpp, llama_cpp_status
+from labkit.bench.llamacpp import LlamaCpp, llama_cpp_probe, llama_cpp_status
 from labkit.bench.results import RowLog, provenance, warn_if_busy
 from labkit.config import GenerationConfig, dtype_name, resolve_device, resolve_dtype
 from labkit.engine import Engine
@@ -58,6 +59,11 @@ def llama_cpp_peer(cfg: BaselineConfig, loaded: LoadedModel, device: torch.devic
     if device.type != "cpu" or dtype != torch.float32 or loaded.gguf_path is None:
         why = "llama.cpp runs here on the CPU against float32, on a GGUF model"
         ok = False
+    if ok:
+        assert loaded.gguf_path is not None
+        ok, why = llama_cpp_probe(loaded.gguf_path, torch.get_num_threads())
+        if not ok and cfg.llama_cpp == "auto":  # installed, so expected: say why it is left out
+            print(f"bench baseline: llama.cpp left out: {why}", file=sys.stderr)
     if not ok:
         if cfg.llama_cpp == "on":
             raise LabkitError(f"--llama-cpp on: {why}")

@@ -9,6 +9,9 @@ speed either way.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,36 @@ def llama_cpp_status() -> tuple[bool, str]:
     except Exception as err:  # noqa: BLE001 - not installed, or a broken build: "not there"
         return False, f"llama-cpp-python is not installed ({type(err).__name__})"
     return True, str(getattr(llama_cpp, "__version__", "?"))
+
+
+# One decode of a few tokens in a child process: what the benchmark's llama.cpp must survive.
+PROBE = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), n_threads_batch=int(sys.argv[2]), n_gpu_layers=0, verbose=False)
+llm.eval([1, 2, 3])
+print("decoded")
+"""
+
+
+def llama_cpp_probe(gguf_path: str | Path, threads: int, code: str = PROBE, timeout_s: float = 300.0) -> tuple[bool, str]:
+    """Whether llama.cpp loads this GGUF and decodes on this machine, tried in a child process
+    first: a build that crashes here would take the benchmark down with it, and what it had
+    measured (llama-cpp-python 0.3.36 built natively on a Sapphire Rapids VM died in its first
+    decode with SIGSEGV). Returns (True, "") or (False, why, in one line)."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(gguf_path), str(threads)], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False, f"a test decode did not finish in {timeout_s:.0f} s"
+    if proc.returncode == 0 and proc.stdout.strip().endswith("decoded"):
+        return True, ""
+    if proc.returncode < 0:
+        how = f"it died with {signal.Signals(-proc.returncode).name}"
+    else:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1][:200]
+        how = f"exit {proc.returncode}: {last}"
+    return False, (f"llama.cpp failed a test decode on this machine ({how}); a build for this CPU may help, e.g. "
+                   "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=OFF' pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python")
 
 
 class LlamaCpp:
