@@ -30,9 +30,9 @@
 #define CHUNK 8
 
 /* The weights stream from memory once a token (80 MB for the embedded model): a row's blocks are
- * asked for AHEAD rows before they are needed, since the hardware's prefetcher alone kept a 2-core
- * Sapphire Rapids VM at 7.7 GB/s of the 20+ its memory gives (the product ran at a third of the
- * speed it has with the weights in cache). Prefetches change no arithmetic. */
+ * asked for AHEAD rows before they are needed. With the hardware's prefetcher alone a 2-core
+ * Sapphire Rapids VM streamed them at 7.7 GB/s, a third of the product's speed with the weights in
+ * cache; so asked, at 23 GB/s (docs/cpu.md). Prefetches change no arithmetic. */
 #define AHEAD 8
 static inline void prefetch_span(const void *p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 3);
@@ -55,7 +55,8 @@ static void q4_1_m##MM(const float *x, const uint8_t *qs, const float *d, const 
                        int64_t N, int64_t K, int64_t ystride) {                                          \
     const int64_t B = K / G;                                                                             \
     _Pragma("omp parallel for schedule(static)")                                                         \
-    for (int64_t n = 0; n < N; n++) {                                                                     PREFETCH_ROW(n, K / 2, m); \
+    for (int64_t n = 0; n < N; n++) {                                                                    \
+        PREFETCH_ROW(n, K / 2, m);                                                                       \
         const uint8_t *row = qs + n * (K / 2);                                                           \
         __m512 a0[MM], a1[MM];                                                                           \
         for (int r = 0; r < MM; r++) a0[r] = a1[r] = _mm512_setzero_ps();                                \
@@ -82,7 +83,8 @@ static void q8_0_m##MM(const float *x, const int8_t *qs, const float *d, float *
                        int64_t N, int64_t K, int64_t ystride) {                                          \
     const int64_t B = K / G;                                                                             \
     _Pragma("omp parallel for schedule(static)")                                                         \
-    for (int64_t n = 0; n < N; n++) {                                                                     PREFETCH_ROW(n, K, (const float *)NULL); \
+    for (int64_t n = 0; n < N; n++) {                                                                    \
+        PREFETCH_ROW(n, K, (const float *)NULL);                                                         \
         const int8_t *row = qs + n * K;                                                                  \
         __m512 a0[MM], a1[MM];                                                                           \
         for (int r = 0; r < MM; r++) a0[r] = a1[r] = _mm512_setzero_ps();                                \
@@ -111,7 +113,8 @@ static void q4_1_m##MM(const float *x, const uint8_t *qs, const float *d, const 
                        int64_t N, int64_t K, int64_t ystride) {                                          \
     const int64_t B = K / G;                                                                             \
     _Pragma("omp parallel for schedule(static)")                                                         \
-    for (int64_t n = 0; n < N; n++) {                                                                     PREFETCH_ROW(n, K / 2, m); \
+    for (int64_t n = 0; n < N; n++) {                                                                    \
+        PREFETCH_ROW(n, K / 2, m);                                                                       \
         const uint8_t *row = qs + n * (K / 2);                                                           \
         __m256 acc[MM][4];                                                                               \
         for (int r = 0; r < MM; r++) for (int v = 0; v < 4; v++) acc[r][v] = _mm256_setzero_ps();        \
@@ -141,7 +144,8 @@ static void q8_0_m##MM(const float *x, const int8_t *qs, const float *d, float *
                        int64_t N, int64_t K, int64_t ystride) {                                          \
     const int64_t B = K / G;                                                                             \
     _Pragma("omp parallel for schedule(static)")                                                         \
-    for (int64_t n = 0; n < N; n++) {                                                                     PREFETCH_ROW(n, K, (const float *)NULL); \
+    for (int64_t n = 0; n < N; n++) {                                                                    \
+        PREFETCH_ROW(n, K, (const float *)NULL);                                                         \
         const int8_t *row = qs + n * K;                                                                  \
         __m256 acc[MM][4];                                                                               \
         for (int r = 0; r < MM; r++) for (int v = 0; v < 4; v++) acc[r][v] = _mm256_setzero_ps();        \
@@ -206,7 +210,8 @@ static void q4_1_m##MM(const float *x, const uint8_t *qs, const float *d, const 
                        int64_t N, int64_t K, int64_t ystride) {                                          \
     const int64_t B = K / G;                                                                             \
     _Pragma("omp parallel for schedule(static)")                                                         \
-    for (int64_t n = 0; n < N; n++) {                                                                     PREFETCH_ROW(n, K / 2, m); \
+    for (int64_t n = 0; n < N; n++) {                                                                    \
+        PREFETCH_ROW(n, K / 2, m);                                                                       \
         const uint8_t *row = qs + n * (K / 2);                                                           \
         v4f acc[MM][8];                                                                                  \
         for (int r = 0; r < MM; r++) for (int v = 0; v < 8; v++) acc[r][v] = (v4f){0.f, 0.f, 0.f, 0.f};  \
@@ -233,7 +238,8 @@ static void q8_0_m##MM(const float *x, const int8_t *qs, const float *d, float *
                        int64_t N, int64_t K, int64_t ystride) {                                          \
     const int64_t B = K / G;                                                                             \
     _Pragma("omp parallel for schedule(static)")                                                         \
-    for (int64_t n = 0; n < N; n++) {                                                                     PREFETCH_ROW(n, K, (const float *)NULL); \
+    for (int64_t n = 0; n < N; n++) {                                                                    \
+        PREFETCH_ROW(n, K, (const float *)NULL);                                                         \
         const int8_t *row = qs + n * K;                                                                  \
         v4f acc[MM][8];                                                                                  \
         for (int r = 0; r < MM; r++) for (int v = 0; v < 8; v++) acc[r][v] = (v4f){0.f, 0.f, 0.f, 0.f};  \
