@@ -52,7 +52,10 @@ def llama_cpp_probe(gguf_path: str | Path, threads: int, code: str = PROBE, time
     if proc.returncode == 0 and proc.stdout.strip().endswith("decoded"):
         return True, ""
     if proc.returncode < 0:
-        how = f"it died with {signal.Signals(-proc.returncode).name}"
+        try:
+            how = f"it died with {signal.Signals(-proc.returncode).name}"
+        except ValueError:  # a signal without a name (a real-time one)
+            how = f"it died with signal {-proc.returncode}"
     else:
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1][:200]
         how = f"exit {proc.returncode}: {last}"
