@@ -56,20 +56,18 @@ def llama_cpp_peer(cfg: BaselineConfig, loaded: LoadedModel, device: torch.devic
     if cfg.llama_cpp == "off":
         return None
     ok, why = llama_cpp_status()
-    if device.type != "cpu" or dtype != torch.float32 or loaded.gguf_path is None:
-        why = "llama.cpp runs here on the CPU against float32, on a GGUF model"
-        ok = False
-    if ok:
-        assert loaded.gguf_path is not None
-        ok, why = llama_cpp_probe(loaded.gguf_path, torch.get_num_threads())
+    path, threads = loaded.gguf_path, torch.get_num_threads()
+    if device.type != "cpu" or dtype != torch.float32 or path is None:
+        ok, why = False, "llama.cpp runs here on the CPU against float32, on a GGUF model"
+    elif ok:
+        ok, why = llama_cpp_probe(path, threads)
         if not ok and cfg.llama_cpp == "auto":  # installed, so expected: say why it is left out
             print(f"bench baseline: llama.cpp left out: {why}", file=sys.stderr)
-    if not ok:
+    if not ok or path is None:
         if cfg.llama_cpp == "on":
             raise LabkitError(f"--llama-cpp on: {why}")
         return None
-    assert loaded.gguf_path is not None
-    return LlamaCpp(loaded.gguf_path, n_ctx, torch.get_num_threads(), loaded.eos_token_ids)
+    return LlamaCpp(path, n_ctx, threads, loaded.eos_token_ids)
 
 
 def _engines(cfg: BaselineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> dict[str, Engine]:

@@ -30,12 +30,11 @@ def llama_cpp_status() -> tuple[bool, str]:
     return True, str(getattr(llama_cpp, "__version__", "?"))
 
 
-# One decode of a few tokens in a child process: what the benchmark's llama.cpp must survive.
+# The benchmark's own LlamaCpp, decoding a few tokens, in a child process: what it must survive.
 PROBE = """
 import sys
-from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), n_threads_batch=int(sys.argv[2]), n_gpu_layers=0, verbose=False)
-llm.eval([1, 2, 3])
+from labkit.bench.llamacpp import LlamaCpp
+LlamaCpp(sys.argv[1], 64, int(sys.argv[2])).generate([1, 2, 3], 2)
 print("decoded")
 """
 
