@@ -62,6 +62,9 @@ case "$step" in
   labkit)  # python3 -m labkit $ARGS, results under $OUT/results
     python3 -m labkit $ARGS 2>&1 | grep -v Warning | tail -60 | tee "$out/labkit.txt"
     ;;
+  script)  # python3 $SCRIPT (a diagnostic under scripts/, with the environment above; its files under $OUT)
+    eval "python3 $SCRIPT" 2>&1 | grep -v Warning | tail -80 | tee "$out/script.txt"
+    ;;
   longtests)  # the split-K attention, the long-context engine, the CUDA tests
     python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_long_context.py tests/test_cuda.py 2>&1 | tail -30 | tee "$out/pytest_long.txt"
     ;;

@@ -1,0 +1,73 @@
+"""What the batch K controller saw and chose, step by step (diagnostic; writes JSON).
+
+    python3 scripts/batch_trace.py OUT.json [sizes, default 4,8] [repeats, default 3]
+
+Runs `labkit bench batch`'s own flow (the suite's categories in turn, 128 new tokens, K 5, the
+device's defaults) at the given sizes with every -auto system's controller recording: each choice
+(the rows bucket, the K, whether it was a try, each candidate's value then) and each observed step
+(tokens, seconds, the rows' kept drafts, and the tokens a row was expected to take with that K
+when it was chosen). From it: how far the expected tokens of the steps drafting took were from
+what they gave (a choice's rates are estimates, and the K chosen is the one estimated highest),
+and where the time went by bucket and K.
+"""
+
+import json
+import sys
+from typing import Any
+
+import labkit.bench.batch as bench
+from labkit.batch.controller import SWITCH_HORIZON, BatchKController
+from labkit.config import EngineConfig
+
+
+class TracingController(BatchKController):
+    traces: list[list[dict[str, Any]]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trace: list[dict[str, Any]] = []
+        self.expected: dict[int, float] = {}
+        TracingController.traces.append(self.trace)
+
+    def choose(self, bucket: int) -> int:
+        stats = self._stats(bucket)
+        values = {k: stats.value(k, SWITCH_HORIZON) for k in self.candidates}
+        before = stats.decisions
+        k = super().choose(bucket)
+        if stats.decisions != before:  # a choice, not a step of a plain run
+            self.trace.append({"e": "choose", "b": bucket, "k": k, "best": max(values, key=values.__getitem__), "values": values})
+        self.expected[bucket] = self.acceptance.tokens(k) if k and self.acceptance.known else 0.0
+        return k
+
+    def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
+        self.trace.append({"e": "obs", "b": bucket, "k": k, "tokens": tokens, "s": seconds, "kept": kept,
+                           "expected": self.expected.get(bucket, 0.0) if k else 0.0})
+        super().observe(bucket, k, tokens, seconds, kept)
+
+    def observe_drafts(self, k: int, kept: list[int]) -> None:
+        self.trace.append({"e": "judged", "k": k, "kept": kept})
+        super().observe_drafts(k, kept)
+
+
+def main() -> None:
+    out = sys.argv[1]
+    sizes = [int(s) for s in (sys.argv[2] if len(sys.argv) > 2 else "4,8").split(",")]
+    repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    bench.BatchKController = TracingController  # type: ignore[misc]
+    cfg = bench.BatchBenchConfig(engine=EngineConfig(device="cuda", cuda_graph=True), sizes=sizes, invariant=False, k=5,
+                                 max_new_tokens=128, repeats=repeats, output_dir=None, progress=False)
+    payload = bench.run_batch_bench(cfg)
+    for line in bench.batch_report(payload):
+        print(line)
+    json.dump({"summary": payload["summary"], "traces": TracingController.traces}, open(out, "w"))
+    for i, trace in enumerate(TracingController.traces):
+        steps = [e for e in trace if e["e"] == "obs" and e["k"] and e["kept"] and e["expected"]]
+        for b in sorted({e["b"] for e in steps}):
+            sel = [e for e in steps if e["b"] == b]
+            exp = sum(e["expected"] * len(e["kept"]) for e in sel)
+            got = sum(len(e["kept"]) + sum(e["kept"]) for e in sel)
+            print(f"controller {i} bucket {b}: {len(sel)} drafting steps, expected {exp:.0f} tokens, got {got} ({got / exp:.2f})")
+
+
+if __name__ == "__main__":
+    main()
