@@ -41,14 +41,20 @@ to CLOSE_MAX): every try switches, and a switch costs (the plain run's first ste
 a chunk of device steps has host work of its own), so a K a few percent behind, tried every
 CLOSE_EVERY choices, had the batch switching all the time (simulated at 8 rows with K 2 at 0.996 of
 plain and K 5 at 0.92: 0.84-0.85 of plain, 0.90-0.92 with waits that double; 0.92x on the H200
-at 8 rows). A clear loser is tried rarely, and more rarely each time it loses again (its wait doubles from
+at 8 rows). Nor more often than keeps a try's cost to TRY_SHARE of the bucket's time, the bubbles
+of the switch there and back counted (below): with the suite's categories simulated as requests that
+each keep drafts at their own rate, K 5 near even with plain at 8 rows, each try of it paid two
+bubbles and a chunk's host work, and the controller ran 0.93 of plain; so bounded, 0.96-0.97
+(tests/test_batch.py; on the H200 0.90-0.92x at 8 rows before). A clear loser is tried rarely, and more rarely each time it loses again (its wait doubles from
 `explore_every` up to MAX_WAIT steps), since each try costs most there: at 64 rows, where a
 drafting step costs twice a plain one, tries every 16 steps alone cost 5% of plain's speed. Its
 wait is also at least what keeps its tries to TRY_SHARE of the bucket's time (a try loses K's step
 over the best's x the share of the best's rate it lacks): on the H200 at 64 rows a try of K 5 costs
 about 3 plain steps, and tries every MAX_WAIT steps of K 2 and K 5 alone cost 2% of plain's speed.
 The rows' acceptance comes from judged drafts as well, so a try only refreshes the K's step time.
-One slow step must not decide: a loser is tried rarely, so its sums are rarely refreshed, and a
+A K's first step in a bucket is its warm-up, not rated (the first replay of a step shape took 26 ms
+on the H200 against 0.7 after it: rated, K 2 looked 9x slower than plain at one row for the rest of
+the run: scripts/batch_trace.py). One slow step must not decide: a loser is tried rarely, so its sums are rarely refreshed, and a
 single stall in them (an admission's prefill, the host's garbage collector) would keep it losing
 for hundreds of steps. Past its first tries, a K's step counts at most OUTLIER times its mean. (On
 the H200 the controller once rated plain steps at 2 rows at 992 tok/s, where plain ran at 3,513:
@@ -66,7 +72,11 @@ SWITCH_HORIZON steps of the K switched to. Rated by runs alone, at batch 1 where
 nearly even, the controller switched to plain and back and paid each time (simulated: 0.985 of K 5
 alone; valued so, 1.01); on the H200 plain's first step after a chunk took 1.0-1.4 ms at 1-8 rows,
 against 0.5 ms in a run (`k_costs` in results/gpu/batch-NVIDIA-H200-20261202-065040.json), and the
-controller drafted at 8 rows where drafting lost (0.87x plain; K 5 alone 0.91x). A switch is counted
+controller drafted at 8 rows where drafting lost (0.87x plain; K 5 alone 0.91x). A fill is kept
+once a run's plain step is known to bound it (OUTLIER of them): a bucket's very first step, a fill
+with nothing to bound it by, once stalled 18 ms on the H200 against 0.47 ms steps, and priced every
+switch out for the rest of the run (a row left to run alone stayed plain where K 5 ran 1.2x faster).
+A switch is counted
 from the K last taken as the best, not the last step's: after a try of K 5, plain looked like the
 switch (simulated at 8 rows with drafting near even: 0.88 of plain, switching every 12 steps; so
 counted, 0.97). (Tried: runs of 8 while plain is the best, fewer switches where a drafting K is a
@@ -141,6 +151,7 @@ class BucketStats:
     next_try: dict[int, int] = field(default_factory=dict)  # K -> the step from which a clear loser is tried again
     close_wait: dict[int, int] = field(default_factory=dict)  # K -> choices between its tries while it is a close call behind
     close_next: dict[int, int] = field(default_factory=dict)  # K -> the choice from which that close call is tried again
+    close_step: dict[int, int] = field(default_factory=dict)  # K -> ... and the step before which it is not (what a try costs: TRY_SHARE)
     steps: int = 0
     decisions: int = 0  # choices made (a run of plain steps is one)
     plain_left: int = 0  # steps of the current run of plain steps still to take
@@ -163,6 +174,16 @@ class BucketStats:
             return self.rate(k)
         bubble = max(0.0, self.fill - self.step(0))
         return self.rate(k) * horizon * self.step(k) / (horizon * self.step(k) + bubble)
+
+    def try_cost(self, k: int, best: int, value: dict[int, float]) -> float:
+        """The best's steps a try of K loses: K's step over the best's x the share of the best's rate
+        K lacks, and where the try switches between plain and drafting, the bubble paid there and back."""
+        if not self.step(best) or not value[best]:
+            return 0.0
+        lost = self.step(k) / self.step(best) * max(0.0, 1 - value[k] / value[best])
+        if (k == 0) != (best == 0) and self.fill and self.step(0):
+            lost += 2 * max(0.0, self.fill - self.step(0)) / self.step(best)
+        return lost
 
     def rate(self, k: int) -> float:
         """K's tokens per second (0 before its first step): where the rows' acceptance is known,
@@ -216,19 +237,20 @@ class BatchKController:
             stats.next_try.pop(k, None)
         stats.close_wait.pop(best, None)  # the best, once behind again, is checked often from the start
         stats.close_next.pop(best, None)
-        due_close = [k for k in close if stats.close_next.setdefault(k, stats.decisions + CLOSE_EVERY) <= stats.decisions]
+        due_close = [k for k in close if stats.close_next.setdefault(k, stats.decisions + CLOSE_EVERY) <= stats.decisions
+                     and stats.close_step.get(k, 0) <= stats.steps]
         if due_close:  # a close call is checked often (the rates are noisy), less often each time it stays behind
             k = min(due_close, key=lambda k: stats.tries.get(k, 0))
             stats.close_wait[k] = min(CLOSE_MAX, 2 * stats.close_wait.get(k, CLOSE_EVERY // 2))
             stats.close_next[k] = stats.decisions + stats.close_wait[k]
+            stats.close_step[k] = stats.steps + min(LONG_WAIT, round(stats.try_cost(k, best, value) / TRY_SHARE))
             return k, True
         losers = [k for k in self.candidates if k != best and k not in close]
         due = [k for k in losers if stats.next_try.setdefault(k, stats.steps + self.explore_every) <= stats.steps]
         if due:  # the least tried clear loser, whose next wait doubles, and is at least what keeps its tries' cost to TRY_SHARE
             k = min(due, key=lambda k: stats.tries.get(k, 0))
             stats.wait[k] = min(MAX_WAIT, 2 * stats.wait.get(k, self.explore_every // 2))
-            lost = stats.step(k) / stats.step(best) * (1 - value[k] / value[best]) if stats.step(best) else 0.0  # best's steps a try loses
-            stats.next_try[k] = stats.steps + min(LONG_WAIT, max(stats.wait[k], round(lost / TRY_SHARE)))
+            stats.next_try[k] = stats.steps + min(LONG_WAIT, max(stats.wait[k], round(stats.try_cost(k, best, value) / TRY_SHARE)))
             return k, True
         return best, False
 
@@ -266,21 +288,25 @@ class BatchKController:
         fill, stats.last_k = k == 0 and stats.last_k != 0, k
         if fill:  # a run's first plain step: tried, not rated, but its cost kept for a switch to plain (the module docstring)
             stats.tries[k] = stats.tries.get(k, 0) + 1
-            if stats.step(0):
-                seconds = min(seconds, OUTLIER * stats.step(0))
+            if not stats.step(0):  # nothing yet to bound a stall by (a bucket's very first step, say): not kept
+                return
+            seconds = min(seconds, OUTLIER * stats.step(0))
             stats.fill = self.memory * stats.fill + (1 - self.memory) * seconds if stats.fill else seconds
             return
-        if stats.tries.get(k, 0) >= self.warm and stats.own_steps.get(k):  # a stall (an admission, a capture, the host's garbage collector) is not the K's speed
+        if kept is not None and k > 0:  # a plain step says nothing of drafts
+            self.acceptance.observe(k, kept)
+        first = k > 0 and not stats.tries.get(k)
+        stats.tries[k] = stats.tries.get(k, 0) + 1
+        if first:  # a drafting K's first step here is its warm-up, not its speed (a step shape's first replay: 26 ms against 0.7 on the H200)
+            return
+        if stats.tries[k] > self.warm and stats.own_steps.get(k):  # a stall (an admission, a capture, the host's garbage collector) is not the K's speed
             seconds = min(seconds, OUTLIER * stats.step(k))
         stats.tokens[k] = self.memory * stats.tokens.get(k, 0.0) + tokens
         stats.seconds[k] = self.memory * stats.seconds.get(k, 0.0) + seconds
         stats.own_steps[k] = self.memory * stats.own_steps.get(k, 0.0) + 1
-        stats.tries[k] = stats.tries.get(k, 0) + 1
         rows = len(kept) if kept is not None and k > 0 else tokens if k == 0 else 0
         if rows:
             stats.rows = self.memory * stats.rows + (1 - self.memory) * rows if stats.rows else float(rows)
-        if kept is not None and k > 0:  # a plain step says nothing of drafts
-            self.acceptance.observe(k, kept)
 
     def observe_drafts(self, k: int, kept: list[int]) -> None:
         """Rows' drafts of K judged without a verify (batch/shadow.py: by the tokens plain steps gave
