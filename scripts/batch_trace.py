@@ -4,7 +4,7 @@
 
 Runs `labkit bench batch`'s own flow (the suite's categories in turn, 128 new tokens, K 5, the
 device's defaults) at the given sizes with every -auto system's controller recording: each choice
-(the rows bucket, the K, whether it was a try, each candidate's value then) and each observed step
+(every step's: the rows bucket, the K, each candidate's value then) and each observed step
 (tokens, seconds, the rows' kept drafts, and the tokens a row was expected to take with that K
 when it was chosen). From it: how far the expected tokens of the steps drafting took were from
 what they gave (a choice's rates are estimates, and the K chosen is the one estimated highest),
@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 import labkit.bench.batch as bench
-from labkit.batch.controller import SWITCH_HORIZON, BatchKController
+from labkit.batch.controller import BatchKController
 from labkit.config import EngineConfig
 
 
@@ -30,12 +30,9 @@ class TracingController(BatchKController):
         TracingController.traces.append(self.trace)
 
     def choose(self, bucket: int) -> int:
-        stats = self._stats(bucket)
-        values = {k: stats.value(k, SWITCH_HORIZON) for k in self.candidates}
-        before = stats.decisions
+        values = self.values(bucket)
         k = super().choose(bucket)
-        if stats.decisions != before:  # a choice, not a step of a plain run
-            self.trace.append({"e": "choose", "b": bucket, "k": k, "best": max(values, key=values.__getitem__), "values": values})
+        self.trace.append({"e": "choose", "b": bucket, "k": k, "best": max(values, key=values.__getitem__) if values else None, "values": values})
         self.expected[bucket] = self.acceptance.tokens(k) if k and self.acceptance.known else 0.0
         return k
 

@@ -274,10 +274,15 @@ class BatchKController:
         return {b: {"step_ms": {k: 1e3 * st.step(k) for k in self.candidates if st.step(k)}, "fill_ms": 1e3 * st.fill,
                     "switches": st.switches, "tokens": tokens} for b, st in sorted(self.buckets.items())}
 
+    def values(self, bucket: int) -> dict[int, float]:
+        """Each candidate K's rate for a choice in this bucket now, a switch's bubble counted ({} before its first step)."""
+        stats = self.buckets.get(bucket)
+        return {k: stats.value(k, SWITCH_HORIZON) for k in self.candidates} if stats else {}
+
     def best(self, bucket: int) -> int:
         """The K rated fastest for this bucket (K max where nothing is known yet)."""
-        stats = self.buckets.get(bucket)
-        return max(self.candidates, key=lambda k: stats.value(k, SWITCH_HORIZON)) if stats else self.k_max
+        values = self.values(bucket)
+        return max(values, key=values.__getitem__) if values else self.k_max
 
     def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
         """A step of this bucket drafted with K gave `tokens` new tokens (all rows) in `seconds`;
