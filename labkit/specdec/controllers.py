@@ -112,7 +112,12 @@ class CostAware(Controller):
 
     verify(K) is measured on this device. With `calibrate` (generate does it before the first
     request, `Engine.time_verify`): a table of verify seconds per width, medians of a few timed
-    steps, plus an offset that follows the live steps (context growth, the policy, the host). One
+    steps, times a factor that follows the live steps (context growth, the policy, the host). A
+    factor, not an added offset: attention's work grows with the context for every row a verify
+    runs, so a long context makes the wide verifies dearer, not only every step alike (2-core
+    Sapphire Rapids, GGUF blocks: a 2-token verify 1.27 one-token steps at 40 tokens of context,
+    1.39 at 2,048; the table plus an offset learnt from live steps put it at 1.13, and n-gram
+    lookup at 2,048 prompt tokens drafted where it lost: 0.92x plain decode). One
     step's time is noisy (a CPU step jitters by more than the cost of one more token), so a shape
     fitted from live steps alone mistakes noise for slope; with the table, live noise moves every
     width alike and cannot tip K. With the table K=0 is a candidate too (one token at verify(0),
@@ -139,7 +144,7 @@ class CostAware(Controller):
         self.state = 0  # 1 after a step whose every draft stood, else 0
         self.draft_per_token: float | None = None
         self.verify_table: dict[int, float] | None = None  # calibrated seconds per width K = 0..k_max
-        self.offset: float | None = None  # EMA of live verify seconds minus the table's
+        self.scale: float | None = None  # EMA of live verify seconds over the table's
         self.verify_by_k: dict[int, float] = {}  # without a table: EMA of verify seconds per width K
         self.seen_at: dict[int, int] = {}  # width -> step it was last measured
         self.steps = 0
@@ -150,7 +155,7 @@ class CostAware(Controller):
         if any(k not in verify_s or not verify_s[k] > 0 for k in range(self.k_max + 1)):
             raise LabkitError(f"a verify cost table needs a positive time for every K in 0..{self.k_max}, got {sorted(verify_s)}")
         self.verify_table = {k: verify_s[k] for k in range(self.k_max + 1)}
-        self.offset = None
+        self.scale = None
 
     @property
     def wants_costs(self) -> int:  # type: ignore[override]
@@ -189,7 +194,7 @@ class CostAware(Controller):
 
     def verify_cost(self, k: int, line: tuple[float, float, float] | None = None) -> float:
         if self.verify_table is not None:
-            return max(self.verify_table[k] + (self.offset or 0.0), 1e-9)
+            return max(self.verify_table[k] * (self.scale or 1.0), 1e-9)
         mk, mv, slope = line or self.verify_line()
         return max(mv + slope * (k - mk), 1e-9)
 
@@ -225,8 +230,8 @@ class CostAware(Controller):
         self.draft_per_token = per_token if self.draft_per_token is None else (1 - a) * self.draft_per_token + a * per_token
         self.steps += 1
         if self.verify_table is not None:
-            gap = verify_s - self.verify_table[drafted]
-            self.offset = gap if self.offset is None else (1 - a) * self.offset + a * gap
+            ratio = verify_s / self.verify_table[drafted]
+            self.scale = ratio if self.scale is None else (1 - a) * self.scale + a * ratio
             return
         old = self.verify_by_k.get(drafted)
         if old is None or self.steps - 1 - self.seen_at[drafted] > self.fresh:
