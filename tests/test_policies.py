@@ -373,3 +373,55 @@ def test_cost_aware_at_a_long_context_prices_wide_verifies_as_they_grew() -> Non
                 c.update(k, kept, 0.0, long[k])
             tokens, seconds = tokens + 1 + kept, seconds + long[k]
         assert tokens / seconds * long[0] >= 0.94, seed
+
+
+def test_cost_aware_times_a_long_prompts_costs_at_its_length_once() -> None:
+    """A prompt of LONG_CONTEXT tokens or more wants the verify costs timed at its length's power of
+    two (at most its own length, so the request's cache holds it), once per such length; the table
+    for a context lies straight between the short one and the long one (attention's work is linear
+    in the context), and beyond it continues the line. At 2,048 tokens on the 2-core VM a 2-token
+    verify costs 1.39 one-token steps, where the short table says 1.27."""
+    from labkit.specdec.controllers import LONG_CONTEXT
+
+    short = {0: 0.00633, 1: 0.00807, 2: 0.0094, 3: 0.01064}
+    long = {0: 0.01365, 1: 0.01903, 2: 0.0220, 3: 0.02492}
+    c = CostAware(3)
+    c.at_context(3000)
+    assert c.long_table_wanted() == 0  # the short table first
+    c.calibrate(short)
+    assert c.long_table_wanted() == 2048
+    c.calibrate_at(2048, long)
+    assert c.long_table_wanted() == 0
+    c.at_context(2048)
+    assert c.verify_cost(1) / c.verify_cost(0) == pytest.approx(long[1] / long[0])
+    c.at_context(1024)
+    assert c.table_cost(3) == pytest.approx((short[3] + long[3]) / 2)
+    c.at_context(4096)
+    assert c.table_cost(0) == pytest.approx(short[0] + 2 * (long[0] - short[0]))
+    c.at_context(LONG_CONTEXT - 1)
+    assert c.long_table_wanted() == 0
+    with pytest.raises(LabkitError, match="context > 0"):
+        c.calibrate_at(0, long)
+
+
+def test_generate_times_a_long_prompts_costs_once() -> None:
+    from labkit.specdec.controllers import LONG_CONTEXT
+
+    hf = tiny_hf_model("llama", seed=5)
+    hf.config.max_position_embeddings = 2 * LONG_CONTEXT  # room for a long prompt
+    target = Engine.from_hf(hf, "cpu", "float32")
+    prompt = (PROMPT * (LONG_CONTEXT // len(PROMPT) + 2))[: LONG_CONTEXT + 40]
+    c, cfg = CostAware(3), GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    want = generate(target, prompt, cfg).tokens
+    assert generate(target, prompt, cfg, Speculation(make_drafter("ngram", target), 3, None, c)).tokens == want
+    first = c.long_tables.get(LONG_CONTEXT)
+    assert first is not None and sorted(first) == [0, 1, 2, 3] and all(t > 0 for t in first.values())
+    generate(target, prompt, cfg, Speculation(make_drafter("ngram", target), 3, None, c))
+    assert c.long_tables[LONG_CONTEXT] is first and sorted(c.long_tables) == [LONG_CONTEXT]
+    starts, forward = [], target.forward
+    target.forward = lambda tokens, *a, **kw: starts.append(target.length) or forward(tokens, *a, **kw)  # type: ignore[method-assign]
+    try:
+        time_verify(target, 2, reps=1, context=LONG_CONTEXT)
+    finally:
+        del target.forward
+    assert starts == [LONG_CONTEXT] * 6 and target.length == 0  # each verify after the context's positions; the cache left empty
