@@ -14,18 +14,17 @@ from labkit.metrics.timers import now
 
 
 @torch.inference_mode()
-def time_verify(engine: Engine, max_k: int, reps: int = 5, context: int = 0) -> dict[int, float]:
+def time_verify(engine: Engine, max_k: int, reps: int = 5) -> dict[int, float]:
     """Median seconds (host clock, device synchronised) of a verify of K drafts, i.e. K+1
     tokens, for K = 0..max_k: the shape of a step's cost against its width, measured on this
     device for the cost-aware controller. Widths take turns so drift hits them alike; the
-    first round is a warm-up. context: after that many cached positions (whatever they hold:
-    only the time is read), where attention's share of the step is larger."""
-    engine.ensure_capacity(context + max_k + 1)
+    first round is a warm-up."""
+    engine.ensure_capacity(max_k + 1)
     tokens = torch.zeros(engine.batch_size, max_k + 1, dtype=torch.long, device=engine.device)  # (B, max_k+1)
     times: dict[int, list[float]] = {K: [] for K in range(max_k + 1)}
     for rep in range(reps + 1):
         for K in times:
-            engine.set_length(context)
+            engine.reset()
             t0 = now(engine.device)
             engine.forward(tokens[:, : K + 1])
             if rep:

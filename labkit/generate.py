@@ -111,12 +111,8 @@ def _generate(
     controller = (spec.controller or FixedK(spec.k)) if spec else None
     policy = (spec.policy or default_policy(config)) if spec else None
     if controller is not None:
-        controller.at_context(len(prompt_ids))
         if controller.wants_costs:  # timed before the request, never inside it
             controller.calibrate(time_verify(engine, controller.wants_costs))
-        at = controller.long_table_wanted()
-        if at and at + controller.k_max + 1 <= engine.context_len:  # a long prompt: the costs there too, once per length
-            controller.calibrate_at(at, time_verify(engine, controller.k_max, reps=3, context=at))
         controller.reset()
     if drafter is not None:
         drafter.start(list(prompt_ids), len(prompt_ids) + req.budget)

@@ -14,8 +14,6 @@ from labkit.config import CONTROLLERS
 from labkit.errors import LabkitError
 from labkit.specdec.speedup import expected_tokens
 
-LONG_CONTEXT = 1024  # prompts from this many tokens on get verify costs timed near their length (CostAware)
-
 
 class Controller:
     """The base: no verify costs wanted, nothing to reset."""
@@ -26,16 +24,6 @@ class Controller:
 
     def calibrate(self, verify_s: dict[int, float]) -> None:
         """Verify seconds for K = 0..wants_costs drafts, measured on this device."""
-
-    def at_context(self, tokens: int) -> None:
-        """The next request's context (its prompt) is this many tokens long."""
-
-    def long_table_wanted(self) -> int:
-        """The cache length at which the next request wants verify costs timed too (0: none)."""
-        return 0
-
-    def calibrate_at(self, context: int, verify_s: dict[int, float]) -> None:
-        """Verify seconds for K = 0..k_max drafts after `context` cached tokens, on this device."""
 
     def reset(self) -> None:
         """A new request starts."""
@@ -129,11 +117,7 @@ class CostAware(Controller):
     runs, so a long context makes the wide verifies dearer, not only every step alike (2-core
     Sapphire Rapids, GGUF blocks: a 2-token verify 1.27 one-token steps at 40 tokens of context,
     1.39 at 2,048; the table plus an offset learnt from live steps put it at 1.13, and n-gram
-    lookup at 2,048 prompt tokens drafted where it lost: 0.92x plain decode). The factor alone
-    still took 1.27 for it, so a prompt of LONG_CONTEXT tokens or more has the costs timed after
-    its length's power of two in cached positions too (`calibrate_at`, once per such length, before
-    the request: ~0.3 s at 2,048 on that CPU), and the table for a context lies straight between
-    the two (0.96-0.97x plain decode there, drafting mostly the probes). One
+    lookup at 2,048 prompt tokens drafted where it lost: 0.92x plain decode). One
     step's time is noisy (a CPU step jitters by more than the cost of one more token), so a shape
     fitted from live steps alone mistakes noise for slope; with the table, live noise moves every
     width alike and cannot tip K. With the table K=0 is a candidate too (one token at verify(0),
@@ -161,8 +145,6 @@ class CostAware(Controller):
         self.draft_per_token: float | None = None
         self.verify_table: dict[int, float] | None = None  # calibrated seconds per width K = 0..k_max
         self.scale: float | None = None  # EMA of live verify seconds over the table's
-        self.long_tables: dict[int, dict[int, float]] = {}  # cache length -> verify seconds per width there
-        self.context = 0  # the request's prompt tokens
         self.verify_by_k: dict[int, float] = {}  # without a table: EMA of verify seconds per width K
         self.seen_at: dict[int, int] = {}  # width -> step it was last measured
         self.steps = 0
@@ -174,34 +156,6 @@ class CostAware(Controller):
             raise LabkitError(f"a verify cost table needs a positive time for every K in 0..{self.k_max}, got {sorted(verify_s)}")
         self.verify_table = {k: verify_s[k] for k in range(self.k_max + 1)}
         self.scale = None
-
-    def at_context(self, tokens: int) -> None:
-        self.context = tokens
-
-    def long_table_wanted(self) -> int:
-        """A request of LONG_CONTEXT tokens or more wants the costs timed at its context's power of
-        two (at most its own length), once per such length: attention grows with the context for
-        each row a verify runs, so the wide verifies grow dearer than the short table says."""
-        if self.verify_table is None or self.context < LONG_CONTEXT:
-            return 0
-        at = 1 << (self.context.bit_length() - 1)
-        return 0 if at in self.long_tables else at
-
-    def calibrate_at(self, context: int, verify_s: dict[int, float]) -> None:
-        if context <= 0 or any(k not in verify_s or not verify_s[k] > 0 for k in range(self.k_max + 1)):
-            raise LabkitError(f"a verify cost table at a context needs a context > 0 and a positive time for every K in 0..{self.k_max}")
-        self.long_tables[context] = {k: verify_s[k] for k in range(self.k_max + 1)}
-
-    def table_cost(self, k: int) -> float:
-        """The table's verify seconds at width k for this request's context: straight between the
-        short table (an empty cache) and the one timed at the nearest longer context (or the
-        longest), since attention's work grows linearly with the context."""
-        assert self.verify_table is not None
-        base = self.verify_table[k]
-        if not self.long_tables or not self.context:
-            return base
-        at = min((c for c in self.long_tables if c >= self.context), default=max(self.long_tables))
-        return max(base + (self.long_tables[at][k] - base) * self.context / at, 1e-9)
 
     @property
     def wants_costs(self) -> int:  # type: ignore[override]
@@ -240,7 +194,7 @@ class CostAware(Controller):
 
     def verify_cost(self, k: int, line: tuple[float, float, float] | None = None) -> float:
         if self.verify_table is not None:
-            return max(self.table_cost(k) * (self.scale or 1.0), 1e-9)
+            return max(self.verify_table[k] * (self.scale or 1.0), 1e-9)
         mk, mv, slope = line or self.verify_line()
         return max(mv + slope * (k - mk), 1e-9)
 
@@ -276,7 +230,7 @@ class CostAware(Controller):
         self.draft_per_token = per_token if self.draft_per_token is None else (1 - a) * self.draft_per_token + a * per_token
         self.steps += 1
         if self.verify_table is not None:
-            ratio = verify_s / self.table_cost(drafted)
+            ratio = verify_s / self.verify_table[drafted]
             self.scale = ratio if self.scale is None else (1 - a) * self.scale + a * ratio
             return
         old = self.verify_by_k.get(drafted)
