@@ -5,7 +5,12 @@
 On the fused engine (bf16, Triton layers, CUDA graphs): the drafter's work inside a verify of
 K+1 tokens (catch-up of the K+1 rows, then the chain of `depth` drafts), run eagerly and captured
 in a CUDA graph, with the draft layer on the fused Triton kernels and on PyTorch ops; then the
-profiler's GPU time per kernel of one captured-form call, run eagerly.
+profiler's GPU time per kernel of one captured-form call, run eagerly. Last, whole steps: a
+request of 256 new tokens with the chain in device steps at K = 5 and 8 (microseconds per step,
+however many drafts stood: a random head's rarely do), against plain decoding's per token and
+ngram-graph's per step at K = 8 (medians of 3 requests).
+
+    python3 scripts/eagle_costs.py EAGLE_FOLDER [steps]    (steps: only the whole steps)
 """
 
 import sys
@@ -13,7 +18,9 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from labkit.config import GenerationConfig
 from labkit.engine import Engine
+from labkit.generate import Speculation, generate, warm_up
 from labkit.metrics import timers
 from labkit.models.loading import load_model
 from labkit.specdec.eagle import load_eagle
@@ -24,6 +31,31 @@ loaded = load_model("default")
 engine = Engine.from_loaded(loaded, "cuda", torch.bfloat16, weights="dense", cuda_graph=True, layer_kernels="triton")
 engine.ensure_capacity(512)
 D = engine.args.dim
+
+
+def whole_steps() -> None:
+    """Microseconds per step of whole requests (decode time over target steps), medians of 3."""
+    prompt = list(range(1000, 1120))  # 120 tokens, the suite's typical prompt
+    cfg = GenerationConfig(max_new_tokens=256, stop_at_eos=False)
+    drafter = EagleDrafter(engine, load_eagle(sys.argv[1], fingerprint(engine.model.lm_head.weight)))
+    from labkit.specdec.drafters import make_drafter
+
+    ways = [("plain", None)] + [(f"eagle K={k}", Speculation(drafter, k)) for k in (5, 8)]
+    ways.append(("ngram-graph K=8", Speculation(make_drafter("ngram-graph", engine), 8)))
+    warm_up(engine, 8, drafter=drafter)
+    for name, spec in ways:
+        per_step, tau = [], []
+        for _ in range(4):
+            r = generate(engine, prompt, cfg, spec)
+            steps = max(1, len(r.stats.accepted_lengths)) if spec is not None else r.stats.new_tokens - 1
+            per_step.append((r.stats.total_s - r.stats.ttft_s) / steps * 1e6)
+            tau.append(r.stats.new_tokens / max(1, steps))
+        print(f"step {name:16s}: {sorted(per_step[1:])[1]:7.1f} us per step (tau {tau[-1]:.2f}), {drafter.name}")
+
+
+if sys.argv[2:] == ["steps"]:
+    whole_steps()
+    sys.exit(0)
 for dtype, T in ((torch.bfloat16, 4), (torch.float32, 4), (torch.bfloat16, 6)):
     drafter = EagleDrafter(engine, load_eagle(sys.argv[1], fingerprint(engine.model.lm_head.weight)), dtype)
     drafter.start([1, 2, 3], 512)
@@ -57,3 +89,4 @@ for dtype, T in ((torch.bfloat16, 4), (torch.float32, 4), (torch.bfloat16, 6)):
         call()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
+whole_steps()

@@ -164,6 +164,43 @@ def test_norm_head_matches_reference(M: int, dtype: torch.dtype, prefetch: int |
             assert h.shape == (M, 96) and close(h, want_h, dtype)
 
 
+@interpreted
+@pytest.mark.parametrize("dtype, prefetch", PREFETCH)
+@pytest.mark.parametrize("M", [1, 5, 21])
+def test_eagle_pass_ends_match_reference(M: int, dtype: torch.dtype, prefetch: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """embed_fc (the embedding gathered inside the fc) and draft_argmax (the draft head's product,
+    argmax and id in one launch) against their twins; the argmax exactly (fp32 and fp16: the
+    interpreter's bf16 rounds by truncation), its scratch left zero for the next launch."""
+    from labkit.kernels import layer_triton as tri
+
+    small_prefetch(prefetch, dtype, monkeypatch)
+    g = torch.Generator().manual_seed(20 + M)
+    D, V, N = 96, 300, 200  # a draft vocabulary that is not a multiple of the tile
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+    tokens = torch.randint(0, V, (M,), generator=g).to(DEVICE)
+    emb, feat, fc = rnd(V, D), rnd(M, D), rnd(D, 2 * D, scale=(2 * D) ** -0.5)
+    x = tri.embed_fc(tokens, emb, feat, fc)
+    assert x.shape == (M, D) and x.dtype == dtype and close(x, ref.embed_fc(tokens, emb, feat, fc), dtype)
+    head = rnd(N, D, scale=D**-0.5)
+    ids = torch.randperm(V, generator=g)[:N].to(DEVICE)
+    scratch = (torch.zeros(32, dtype=torch.long, device=DEVICE), torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    for _ in range(2):  # a second launch on the scratch the first left
+        picked = tri.draft_argmax(x, head, ids, scratch)
+        assert picked.shape == (M,) and picked.dtype == torch.long
+        assert not scratch[0].any() and not scratch[1].any()
+        if dtype != torch.bfloat16:
+            assert picked.tolist() == ref.draft_argmax(x, head, ids).tolist()
+        else:  # the logits it picked are the best within bf16 rounding
+            logits = x.float() @ head.float().T  # (M, N)
+            chosen = logits.gather(1, (ids[None, :] == picked[:, None]).float().argmax(1, keepdim=True))[:, 0]
+            assert (chosen >= logits.max(1).values - 3e-2 * logits.abs().max()).all()
+    tie = torch.zeros(1, D, dtype=dtype, device=DEVICE)  # every logit 0: the first row's id, as torch.argmax
+    assert tri.draft_argmax(tie, head, ids, scratch).tolist() == [ids[0].item()] == ref.draft_argmax(tie, head, ids).tolist()
+
+
 @pytest.mark.parametrize("arch", ["llama-untied", "mistral"])  # biases; sliding window
 def test_reference_layers_reproduce_the_model_layers(arch: str) -> None:
     """layer_reference through forward_fused is the model's own layer, in another shape."""

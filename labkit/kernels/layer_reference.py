@@ -122,3 +122,21 @@ def norm_head(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # logits (M, vocab); RMSNorm(x) (M, dim) when kept
     h = rms_normed(x, norm_w, eps)
     return F.linear(h, w), h if keep_normed else None
+
+
+def embed_fc(
+    tokens: torch.Tensor,  # (M,) int64 token ids
+    embed: torch.Tensor,  # (V, D) the token embedding
+    feat: torch.Tensor,  # (M, D) the elements' features
+    w: torch.Tensor,  # (D, 2D) fc: the embedding's columns, then the feature's
+) -> torch.Tensor:  # (M, D): an EAGLE draft pass's input, fc(concat(embed[tokens], feat))
+    return F.linear(torch.cat((F.embedding(tokens, embed).to(feat.dtype), feat), dim=-1), w)
+
+
+def draft_argmax(
+    x: torch.Tensor,  # (M, D) predicted features
+    w: torch.Tensor,  # (N, D) the draft vocabulary's rows of the LM head
+    ids: torch.Tensor,  # (N,) int64: row -> target token id
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None,  # the Triton kernel's; unused here
+) -> torch.Tensor:  # (M,) int64 target ids of the best draft-vocabulary logit (the first of equal ones)
+    return ids[F.linear(x, w).argmax(-1)]

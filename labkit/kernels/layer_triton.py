@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from labkit.kernels.attention_triton import decode_attention  # noqa: F401  (the layer's attention op)
+from labkit.kernels.draft_triton import draft_argmax, embed_fc  # noqa: F401  (an EAGLE draft pass's ends)
 from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _launch, _pdl, _wait_for_inputs  # noqa: F401  (TUNE: the one tile table)
 
 TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention

@@ -145,19 +145,29 @@ class EagleHead(nn.Module):
     def forward_cached(
         self,
         feat: torch.Tensor,  # (B, T, D) features of the elements
-        emb: torch.Tensor,  # (B, T, D) embeddings of their tokens
+        emb: torch.Tensor | None,  # (B, T, D) embeddings of their tokens; None: `tokens` through `embed` (fused ops)
         pos: torch.Tensor,  # (B, T) or (T,) their positions (a device tensor: one graph serves every position)
         cache: KVCache,  # one layer, (1, B, nkv, S, hd), written at pos
         ops: Any = None,  # fused layer operations (kernels/layer_triton or layer_reference), or None
         tree: TreeAttention | None = None,  # elements of a draft tree (pos: their cache slots; fused ops only)
+        tokens: torch.Tensor | None = None,  # (B, T) int64 the elements' tokens, when emb is None
+        embed: torch.Tensor | None = None,  # (V, D) the target's token embedding, when emb is None
     ) -> torch.Tensor:  # (B, T, D) predicted features
         """Elements at their positions; each attends to every cached element at or before its own
         position. The cache past a position may hold stale elements of a rejected chain: a
         query never sees them, since every element at or before it was written afterwards.
         With `ops` the layer runs as the target's fused layers do (five operations, attention
-        over the positions each query sees); without, as PyTorch ops over the whole cache with a
-        mask (any device, capturable)."""
+        over the positions each query sees, and the fc with its embedding gather as a sixth where
+        the ops have `embed_fc`); without, as PyTorch ops over the whole cache with a mask (any
+        device, capturable)."""
         self.rope_table(cache.max_len, feat.device)
+        if emb is None:
+            assert tokens is not None and embed is not None, "the tokens and the embedding, or their embeddings"
+            if ops is not None and hasattr(ops, "embed_fc"):
+                B, T, D = feat.shape
+                x = ops.embed_fc(tokens.reshape(B * T), embed, feat.reshape(B * T, D), self.fc.weight)  # (M, D)
+                return self._fused_layer(ops, x, B, T, pos, cache, tree)
+            emb = F.embedding(tokens, embed).to(feat.dtype)
         if ops is not None:
             return self._fused(ops, feat, emb, pos, cache, tree)
         if tree is not None:
@@ -177,10 +187,13 @@ class EagleHead(nn.Module):
                tree: TreeAttention | None = None) -> torch.Tensor:
         """forward_cached through the fused layer operations (llama.LlamaBlock.forward_fused's five)."""
         B, T, D = feat.shape
-        eps = self.dims.norm_eps
-        cos, sin = self.rope_table(cache.max_len, feat.device)  # (>= S, hd) fp32, made by forward_cached
+        return self._fused_layer(ops, self.fc(torch.cat((emb, feat), dim=-1)).reshape(B * T, D), B, T, pos, cache, tree)
+
+    def _fused_layer(self, ops: Any, x: torch.Tensor, B: int, T: int, pos: torch.Tensor, cache: KVCache,
+                     tree: TreeAttention | None = None) -> torch.Tensor:  # x (M, D), the fc's output -> (B, T, D)
+        eps, D = self.dims.norm_eps, self.dims.dim
+        cos, sin = self.rope_table(cache.max_len, x.device)  # (>= S, hd) fp32, made by forward_cached
         k_cache, v_cache = cache.k_layers[0], cache.v_layers[0]  # (B, nkv, S, hd)
-        x = self.fc(torch.cat((emb, feat), dim=-1)).reshape(B * T, D)  # (M, D)
         q = ops.norm_qkv_rope(x, self.attn_norm.weight, eps, self.wqkv.weight, None, cos, sin, pos, k_cache, v_cache,
                               self.dims.n_heads, *(() if tree is None else (tree.rope_pos,)))  # (M, nh, hd)
         tree_args = {} if tree is None else {"tree_base": tree.base, "tree_mask": tree.mask}

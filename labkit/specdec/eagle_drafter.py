@@ -127,6 +127,15 @@ class EagleDrafter(Drafter):
         if width > 1:
             self.name += f"-w{width}"
         self.ops, self.draft_head = self._draft_layer(target)
+        # A draft pass's ends in the fused operations (kernels/draft_triton.py): the embedding gather
+        # and fc, and the draft head's argmax, where the ops have them and the target's embedding is a table
+        table = self.embed.weight if isinstance(self.embed, torch.nn.Embedding) else None  # (V, D)
+        fused_ends = hasattr(self.ops, "embed_fc") and table is not None
+        self.embed_weight = table if fused_ends else None
+        self.fused_pick = fused_ends and self.draft_head is None
+        rows = max(16, target.batch_size)
+        self._pick_scratch = (torch.zeros(rows, dtype=torch.long, device=target.device),  # draft_argmax's, left zero
+                              torch.zeros(rows // 16 + 1, dtype=torch.int32, device=target.device))
         self._triton = target_runs_triton(target)  # the ops are the Triton kernels: compile their widths before a request
         if tree is not None:
             tree.validate(self.depth)
@@ -188,8 +197,15 @@ class EagleDrafter(Drafter):
         if tree is None and T > self.pass_t:  # a long prompt's catch-up: passes the attention's counters cover
             return torch.cat([self.elements(feats[:, i : i + self.pass_t], tokens[:, i : i + self.pass_t], pos[..., i : i + self.pass_t])
                               for i in range(0, T, self.pass_t)], dim=1)
-        return self.head.forward_cached(feats.to(self.dtype), self.embed(tokens).to(self.dtype),
-                                        pos.clamp(max=cache.max_len - 1), cache, self.ops, tree)
+        return self._pass(feats, tokens, pos.clamp(max=cache.max_len - 1), tree)
+
+    def _pass(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, tree: TreeAttention | None = None) -> torch.Tensor:
+        """One draft-layer pass of elements at pos (within the draft cache) -> (B, T, D) predicted features."""
+        cache = self._draft_cache
+        assert cache is not None
+        if self.embed_weight is not None:  # the embedding gathered inside the fc's kernel
+            return self.head.forward_cached(feats.to(self.dtype), None, pos, cache, self.ops, tree, tokens=tokens, embed=self.embed_weight)
+        return self.head.forward_cached(feats.to(self.dtype), self.embed(tokens).to(self.dtype), pos, cache, self.ops, tree)
 
     def _logits(self, feat: torch.Tensor) -> torch.Tensor:  # (M, D) -> (M, N) over the draft vocabulary
         return feat @ self.weight.t() if self.draft_head is None else self.draft_head(feat)
@@ -198,16 +214,23 @@ class EagleDrafter(Drafter):
         return torch.log_softmax(self._logits(feat).float(), dim=-1)
 
     def _pick(self, feat: torch.Tensor, width: int = 1) -> torch.Tensor:  # (B, D) -> (B, width) target ids, best first
+        if width == 1 and self.fused_pick:  # one launch: the product, its argmax and the id
+            return self.ops.draft_argmax(feat.contiguous(), self.weight, self.ids, self._pick_scratch)[:, None]
         logits = self._logits(feat)  # (B, N)
         return self.ids[logits.argmax(-1, keepdim=True) if width == 1 else logits.topk(width, dim=-1).indices]
 
     def _chain(self, feat: torch.Tensor, anchor: torch.Tensor, width: int = 1, depth: int | None = None) -> torch.Tensor:
         """feat (B, D) the anchor's predicted feature, anchor (B,) its position -> (B, depth, width)
         the best `width` drafts at each depth of the chain (default: the head's depth), which follows the best."""
+        depth = depth or self.depth
+        cache = self._draft_cache
+        assert cache is not None
+        # (depth - 1, B): depth d's element sits at anchor + d - 1 (a row each, so each depth's is contiguous)
+        pos = (anchor[None, :] + torch.arange(1, depth, device=anchor.device)[:, None]).clamp_(max=cache.max_len - 1)
         top = self._pick(feat, width)  # (B, width)
         drafts = [top]
-        for d in range(2, (depth or self.depth) + 1):
-            feat = self.elements(feat[:, None], top[:, :1], (anchor + d - 1)[:, None])[:, 0]
+        for d in range(2, depth + 1):
+            feat = self._pass(feat[:, None], top[:, :1], pos[d - 2][:, None])[:, 0]
             top = self._pick(feat, width)
             drafts.append(top)
         return torch.stack(drafts, dim=1)

@@ -1,0 +1,169 @@
+"""Triton kernels for the two ends of an EAGLE draft pass, so a chain's depths stay in the fused
+kernels' launch chain (programmatic dependent launch) with no PyTorch op between them:
+
+    embed_fc       x = concat(embed[token], feat) fc^T   (the token's embedding gathered in the kernel)
+    draft_argmax   the best token of feat @ head^T over the draft vocabulary, as a target id
+
+Between a chain's depths the PyTorch path ran about ten launches a depth (the embedding, the
+concat, cuBLAS's GEMV, the argmax, the id lookup, position arithmetic), each a full launch
+latency on a GPU where a depth's arithmetic takes a few microseconds. Here a depth is seven
+launches: these two and the layer's five (layer_triton.py).
+
+draft_argmax is one launch: each program takes a tile of the vocabulary, keeps its rows' best
+(value, index) as one int64 key (an order-preserving integer of the logit rounded to the
+activations' dtype, then the index reversed, so the larger key is the larger logit and, among
+equal ones, the smaller index: torch.argmax's choice), and folds it into the row's key with an
+atomic max; the last program to finish (an atomic count, as decode_attention combines its splits)
+turns the keys into target ids and leaves its scratch zero for the next launch.
+
+Same arguments and results as their PyTorch twins in layer_reference.py. Runs on CUDA, or on the
+CPU under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _launch, _pdl, _wait_for_inputs
+
+KEY_INDEX = 1 << 31  # a key is (ordered logit bits) * KEY_INDEX + (KEY_INDEX - 1 - index)
+
+
+def _tiles(K: int, row_bytes: int) -> tuple[int, int]:
+    from labkit.kernels.layer_triton import _k_tiles
+
+    return _k_tiles(K, row_bytes)
+
+
+@triton.jit
+def _cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, k0, D: tl.constexpr, KT: tl.constexpr):
+    """Columns k0..k0+KT of the rows of concat(embed[tok], feat), (BLOCK_M, KT) in feat's dtype."""
+    offs_k = k0 + tl.arange(0, KT)
+    from_emb = offs_k < D
+    e = tl.load(emb_ptr + tok[:, None] * D + offs_k[None, :], mask=m_ok[:, None] & from_emb[None, :], other=0.0)
+    f = tl.load(feat_ptr + offs_m[:, None] * D + (offs_k - D)[None, :],
+                mask=m_ok[:, None] & (~from_emb & (offs_k < 2 * D))[None, :], other=0.0)
+    return tl.where(from_emb[None, :], e.to(f.dtype), f)
+
+
+@triton.jit
+def _embed_fc_kernel(
+    tok_ptr, emb_ptr, feat_ptr, w_ptr, out_ptr, M, D: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok, n_ok = offs_m < M, offs_n < D
+    K: tl.constexpr = 2 * D
+    w_offs = tl.arange(0, KA)
+    w_a = tl.load(w_ptr + offs_n[:, None] * K + w_offs[None, :], mask=n_ok[:, None] & (w_offs[None, :] < K), other=0.0)
+    if KB > 0:
+        w_offs_b = KA + tl.arange(0, KB)
+        w_b = tl.load(w_ptr + offs_n[:, None] * K + w_offs_b[None, :], mask=n_ok[:, None] & (w_offs_b[None, :] < K), other=0.0)
+    _wait_for_inputs(GDC)  # the tokens and the features come from the kernels before
+    tok = tl.load(tok_ptr + offs_m, mask=m_ok, other=0)
+    acc = _dot(_cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, 0, D, KA), tl.trans(w_a), IEEE)  # (BLOCK_M, BLOCK_N)
+    if KB > 0:
+        acc += _dot(_cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, KA, D, KB), tl.trans(w_b), IEEE)
+    for k0 in range(KA + KB, K, BLOCK_K):  # columns past the prefetched tiles
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        w_k = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+        acc += _dot(_cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, k0, D, BLOCK_K), tl.trans(w_k), IEEE)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + offs_m[:, None] * D + offs_n[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def embed_fc(
+    tokens: torch.Tensor,  # (M,) int64 token ids
+    embed: torch.Tensor,  # (V, D) the token embedding
+    feat: torch.Tensor,  # (M, D) the elements' features
+    w: torch.Tensor,  # (D, 2D) fc: the embedding's columns, then the feature's
+) -> torch.Tensor:  # (M, D) in feat's dtype: concat(embed[tokens], feat) @ w^T
+    M, D = feat.shape
+    assert w.shape == (D, 2 * D) and embed.shape[1] == D and tokens.shape == (M,)
+    assert tokens.is_contiguous() and embed.is_contiguous() and feat.is_contiguous() and w.is_contiguous()
+    out = torch.empty(M, D, dtype=feat.dtype, device=feat.device)
+    BLOCK_N = TUNE["linear_block_n"]
+    ka, kb = _tiles(2 * D, BLOCK_N * w.element_size())
+    pdl = _pdl(feat)
+    _embed_fc_kernel[(triton.cdiv(D, BLOCK_N), triton.cdiv(M, BLOCK_M))](
+        tokens, embed, feat, w, out, M, D=D, IEEE=_ieee(feat), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb,
+        BLOCK_K=int(TUNE["linear_block_k"]) * 2 // w.element_size(), num_warps=TUNE["num_warps"], **_launch(pdl),
+    )
+    return out
+
+
+@triton.jit
+def _ordered(v):
+    """fp32 values -> int64 in [0, 2^32) that order as the values do."""
+    bits = v.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    return tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000)
+
+
+@triton.jit
+def _draft_argmax_kernel(
+    x_ptr, w_ptr, ids_ptr, key_ptr, count_ptr, out_ptr, M, N, N_PROGRAMS, D: tl.constexpr, IEEE: tl.constexpr,
+    GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+    BLOCK_K: tl.constexpr, KEY_INDEX: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mb = tl.program_id(1)
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    w_offs = tl.arange(0, KA)
+    w_a = tl.load(w_ptr + offs_n[:, None] * D + w_offs[None, :], mask=n_ok[:, None] & (w_offs[None, :] < D), other=0.0)
+    if KB > 0:
+        w_offs_b = KA + tl.arange(0, KB)
+        w_b = tl.load(w_ptr + offs_n[:, None] * D + w_offs_b[None, :], mask=n_ok[:, None] & (w_offs_b[None, :] < D), other=0.0)
+    _wait_for_inputs(GDC)  # the features come from the kernel before
+    x_offs = tl.arange(0, KA)
+    acc = _dot(tl.load(x_ptr + offs_m[:, None] * D + x_offs[None, :], mask=m_ok[:, None] & (x_offs[None, :] < D), other=0.0),
+               tl.trans(w_a), IEEE)  # (BLOCK_M, BLOCK_N)
+    if KB > 0:
+        acc += _dot(tl.load(x_ptr + offs_m[:, None] * D + w_offs_b[None, :], mask=m_ok[:, None] & (w_offs_b[None, :] < D), other=0.0),
+                    tl.trans(w_b), IEEE)
+    for k0 in range(KA + KB, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < D
+        w_k = tl.load(w_ptr + offs_n[:, None] * D + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x_k = tl.load(x_ptr + offs_m[:, None] * D + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += _dot(x_k, tl.trans(w_k), IEEE)
+    logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as the PyTorch product's output is
+    key = _ordered(logits) * KEY_INDEX + (KEY_INDEX - 1 - offs_n.to(tl.int64))[None, :]  # (BLOCK_M, BLOCK_N)
+    key = tl.where(n_ok[None, :], key, 0)
+    tl.atomic_max(key_ptr + offs_m, tl.max(key, axis=1), mask=m_ok, sem="relaxed", scope="gpu")
+    tl.debug_barrier()  # every thread's maximum is in before the count goes up
+    done = tl.atomic_add(count_ptr + mb, 1, sem="acq_rel", scope="gpu")
+    if done == N_PROGRAMS - 1:  # the last tile of these rows: every maximum is in
+        best = tl.atomic_xchg(key_ptr + offs_m, tl.zeros([BLOCK_M], dtype=tl.int64), mask=m_ok, sem="acq_rel", scope="gpu")
+        index = KEY_INDEX - 1 - best % KEY_INDEX
+        tl.store(out_ptr + offs_m, tl.load(ids_ptr + index, mask=m_ok, other=0), mask=m_ok)
+        tl.store(count_ptr + mb, 0)  # ready for the next launch
+
+
+def draft_argmax(
+    x: torch.Tensor,  # (M, D) predicted features
+    w: torch.Tensor,  # (N, D) the draft vocabulary's rows of the LM head
+    ids: torch.Tensor,  # (N,) int64: row -> target token id
+    scratch: tuple[torch.Tensor, torch.Tensor],  # int64 (>= M,) and int32 (>= row blocks,) zeros, owned by the caller, left zero
+) -> torch.Tensor:  # (M,) int64 target ids: ids[argmax(x w^T)], the first of equal logits
+    M, D = x.shape
+    N = w.shape[0]
+    keys, counts = scratch
+    assert w.shape[1] == D and ids.shape == (N,) and N < KEY_INDEX and x.is_contiguous() and w.is_contiguous()
+    if keys.numel() < M or keys.dtype != torch.int64 or counts.numel() < triton.cdiv(M, BLOCK_M) or counts.dtype != torch.int32:
+        raise ValueError(f"draft_argmax needs {M} int64 and {triton.cdiv(M, BLOCK_M)} int32 zeros, "
+                         f"got {keys.numel()} {keys.dtype} and {counts.numel()} {counts.dtype}")
+    out = torch.empty(M, dtype=torch.int64, device=x.device)
+    BLOCK_N = TUNE["head_block_n"]
+    n_programs = triton.cdiv(N, BLOCK_N)
+    ka, kb = _tiles(D, BLOCK_N * w.element_size())
+    pdl = _pdl(x)
+    _draft_argmax_kernel[(n_programs, triton.cdiv(M, BLOCK_M))](
+        x, w, ids, keys, counts, out, M, N, n_programs, D=D, IEEE=_ieee(x), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        KA=ka, KB=kb, BLOCK_K=int(TUNE["norm_block_k"]) * 2 // w.element_size(), KEY_INDEX=KEY_INDEX,
+        num_warps=TUNE["num_warps"], **_launch(pdl),
+    )
+    return out
