@@ -338,9 +338,9 @@ def test_eagle_device_steps_are_the_host_steps(prompt_len: int) -> None:
     assert steps.stats.accepted_lengths[:n] == host.stats.accepted_lengths[:n]  # a random head: rejections (a trained one: below)
 
 
-def test_device_steps_capture_whole_chains_after_a_shallow_host_proposal() -> None:
-    """A proposal on the host's path (K=2) leaves the verify's chain 2 deep; device steps captured
-    after it still fill their columns with the head's whole depth."""
+def test_device_steps_draft_chains_as_deep_as_their_k(monkeypatch) -> None:
+    """Device steps of width K draft K deep inside each verify (one draft-layer pass and pick per
+    depth), not the head's whole depth, whatever the host's path asked before (K=2 there)."""
     from labkit.config import GenerationConfig
     from labkit.generate import Speculation, generate
     from labkit.specdec.eagle_drafter import EagleDrafter
@@ -349,11 +349,17 @@ def test_device_steps_capture_whole_chains_after_a_shallow_host_proposal() -> No
     prompt = list(range(3, 20))
     cfg = GenerationConfig(max_new_tokens=30, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
-    drafter = EagleDrafter(engine, random_head(), device_steps=True)
+    drafter = EagleDrafter(engine, random_head(depth=4), device_steps=True)
     assert generate(engine, prompt, cfg, Speculation(drafter, 2), detailed_metrics=True).tokens == want  # timed phases: the host's steps
     assert drafter.chain_depth == 2
+    picks: list[int] = []
+    pick = drafter._pick
+    monkeypatch.setattr(drafter, "_pick", lambda feat, width=1: (picks.append(1), pick(feat, width))[1])
     out = generate(engine, prompt, cfg, Speculation(drafter, 3))
     assert out.tokens == want and any(key[0] == "eagle-steps" for key in engine.graphs.keys())
+    steps = len(out.stats.draft_tokens)
+    assert all(len(d) == 3 for d in out.stats.draft_tokens[:-1])
+    assert 3 * steps <= len(picks) <= 3 * (steps + 1)  # a chain per step (and the first proposal's), 3 deep, not 4
 
 
 def test_device_steps_take_a_plain_step_where_the_controller_asks_for_no_draft() -> None:

@@ -298,7 +298,7 @@ class EagleDrafter(Drafter):
         if copy:
             steps = self.target.captured(("eagle-copy-steps", self, k), lambda: LookupSteps(self.target, k, hook=self._watch))
         else:
-            steps = self.target.captured(("eagle-steps", self, k), lambda: LookupSteps(self.target, k, hook=self, n_cols=self.depth))
+            steps = self.target.captured(("eagle-steps", self, k), lambda: LookupSteps(self.target, k, hook=_ChainOf(self, k), n_cols=k))
         fresh = (k, copy) not in self._steps_used
         self._steps_used.add((k, copy))
         return steps, fresh
@@ -321,7 +321,6 @@ class EagleDrafter(Drafter):
             self._anchor_at = len(context) + sum(len(new) for _, new in out) - 2  # the catch-up kept the anchor's feature
         else:
             first = self.propose(context, k_chain, GenerationConfig(), None).tokens
-            self.chain_depth = self.depth  # the device steps' chains fill their columns (eagerly; captured ones always do)
             out = chain_steps.run(context, m, eos_mask, eos_until, chain_fresh, cols=first)
             self.take(chain_steps.last_cols, len(context) + sum(len(new) for _, new in out))
         if self.lookup_over:
@@ -378,6 +377,24 @@ class EagleDrafter(Drafter):
             return Draft(flat[:n], parents=flat[n:])
         top = [flat[d * self.width : (d + 1) * self.width] for d in range(k)]
         return Draft([row[0] for row in top]) if self.width == 1 else chain_with_siblings(top)
+
+
+class _ChainOf:
+    """Chain steps' verify hook: EagleDrafter.draft_after with chains as deep as the steps' K (the
+    drafter's own draft_after drafts its whole depth inside a captured verify, which then serves
+    any K; device steps are captured per K, so depths past it would be drafted for nothing)."""
+
+    def __init__(self, drafter: EagleDrafter, depth: int) -> None:
+        self.drafter, self.depth = drafter, depth
+        self.max_t = drafter.max_t
+
+    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
+                    tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (B, depth)
+        anchor_feat = self.drafter.catch_up(hidden, verdict, tokens, input_pos)  # (B, D)
+        return self.drafter._chain(anchor_feat, input_pos[0] + verdict[:, 0], 1, self.depth).flatten(1)
+
+    def take(self, tokens: list[int], context_len: int) -> None:
+        pass
 
 
 class _CatchUp:
