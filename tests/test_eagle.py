@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -448,11 +449,12 @@ def test_eagle_ngram_settings_are_checked() -> None:
             EagleDrafter(engine, random_head(), **kwargs)
 
 
-def test_eagle_ngram_copy_steps_keep_the_draft_cache_true(monkeypatch) -> None:
+@pytest.mark.parametrize("pattern", [(False, True), (False, True, True)])  # chunks: chain, copy (, copy), ...
+def test_eagle_ngram_copy_steps_keep_the_draft_cache_true(monkeypatch, pattern: tuple[bool, ...]) -> None:
     """Device steps whose chunks alternate copy and chain steps: plain greedy's tokens; each copy
     step verifies lookup's K-token copy; the chain that follows copy steps is the one a fresh drafter
-    makes from the whole context (the copy steps' catch-up left every element of the draft cache
-    true, and the anchor's feature)."""
+    makes from the whole context (the hidden states the copy steps kept make every element of the
+    draft cache true when the chain catches up over their span)."""
     from labkit.config import GenerationConfig
     from labkit.generate import Speculation, generate
     from labkit.specdec.eagle_drafter import EagleDrafter
@@ -462,11 +464,12 @@ def test_eagle_ngram_copy_steps_keep_the_draft_cache_true(monkeypatch) -> None:
     prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]
     cfg = GenerationConfig(max_new_tokens=60, stop_at_eos=False)
     want = generate(engine, prompt, cfg).tokens
-    monkeypatch.setattr(EagleDrafter, "next_copying", lambda self, *chunk: not self.copying)
+    kinds = itertools.cycle(pattern[1:] + pattern[:1])  # what each chunk after the first runs
+    monkeypatch.setattr(EagleDrafter, "next_copying", lambda self, *chunk: next(kinds))
     chunks = log_chunks(monkeypatch)
     got = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=True, lookup_over=3), 3))
     assert got.tokens == want
-    assert [c for _, c, _ in chunks][:4] == [False, True, False, True]
+    assert [c for _, c, _ in chunks][: 2 * len(pattern)] == list(pattern) * 2
     checked = 0
     for i, (context, copying, out) in enumerate(chunks):
         ctx = list(context)
@@ -474,7 +477,7 @@ def test_eagle_ngram_copy_steps_keep_the_draft_cache_true(monkeypatch) -> None:
             if copying:
                 assert draft == lookup_reference(ctx, len(draft)), (i, draft)
             ctx += new
-        if copying and i + 1 < len(chunks):  # the next chunk's first chain, against a fresh drafter's
+        if copying and i + 1 < len(chunks) and not chunks[i + 1][1]:  # the next chain chunk's first chain, against a fresh drafter's
             nxt = chunks[i + 1][0]
             fresh = EagleDrafter(engine, random_head(), device_steps=False)
             engine.reset()

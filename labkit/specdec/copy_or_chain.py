@@ -3,9 +3,9 @@
 A chunk of CHUNK device steps replays one captured graph, so the kind of step is chosen per chunk,
 on the host, from what the last chunks showed:
 
-    chain steps   EAGLE's chain (about 0.9 ms a step on the H200 suite: five draft-layer passes)
-    copy steps    prompt lookup's copy, COPY_K wide (about 0.65 ms: a lookup and one draft-layer
-                  pass that keeps the draft cache true)
+    chain steps   EAGLE's chain (about 0.8 ms a step on the H200: a catch-up and a pass per depth)
+    copy steps    prompt lookup's copy, COPY_K wide (about lookup's 0.6 ms: the verify's hidden
+                  states are kept for the chain that follows, which catches up over them at once)
 
 Each is rated in tokens per second = (tokens per step) / (seconds per step). Seconds per step are
 the host's clock around each chunk (one read per chunk: the clock sees the device's time). Tokens

@@ -21,9 +21,9 @@ before, prompt lookup's copy (specdec/lookup.py) is verified instead of the chai
 the head drafts worst (a RAG answer, a summary, a translation quoting its source) and what lookup
 drafts best. The verify keeps it lossless whichever it takes. On the host the rule is per step;
 device steps choose per chunk (a graph replays one kind of step) between chain steps, which cost
-what eagle's do, and copy steps (lookup's drafts, at least COPY_K wide, and one draft-layer pass
-inside each verify that keeps the draft cache true), by their measured rates
-(specdec/copy_or_chain.py).
+what eagle's do, and copy steps (lookup's drafts, at least COPY_K wide, each verify's hidden
+states kept by position: the chain after them catches the draft cache up over their span in one
+go), by their measured rates (specdec/copy_or_chain.py).
 """
 
 from __future__ import annotations
@@ -148,9 +148,9 @@ class EagleDrafter(Drafter):
         self.name += f"+ngram{lookup_over}" if lookup_over else ""
         self.lookup_over = lookup_over
         self.copying = False  # eagle-ngram's device steps: the next chunk runs copy steps
-        self._anchor_at = -1  # a copy step's catch-up left the feature at this position in anchor_feat
-        self.anchor_feat = torch.zeros(target.batch_size, head.dims.dim, dtype=self.dtype, device=target.device)  # (B, D)
-        self._watch = _CatchUp(self)
+        self._copied_from = -1  # copy steps ran from this position on: their hidden states wait in _hist for the chain's catch-up
+        self._hist: torch.Tensor | None = None  # (B, S, D) the target's hidden states by position, kept by copy steps (eagle-ngram)
+        self._watch = _KeepHidden(self)
         self._choice = CopyOrChain(max(1, lookup_over))  # copy or chain steps, per chunk
         if (target.cuda_graph if device_steps is None else device_steps) and width == 1 and tree is None:
             self.device_steps = self
@@ -186,6 +186,8 @@ class EagleDrafter(Drafter):
             cache = KVCache(1, B, dims.n_kv_heads, S, dims.head_dim, dtype=self.dtype, device=self.target.device)
             self.head.rope_table(S, self.target.device)
             self._draft_cache = cache
+            if self.lookup_over:
+                self._hist = torch.zeros(B, S, self.head.dims.dim, dtype=self.dtype, device=self.target.device)
         return cache
 
     def elements(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, tree: TreeAttention | None = None) -> torch.Tensor:
@@ -238,7 +240,7 @@ class EagleDrafter(Drafter):
     # -- the drafter --------------------------------------------------------------------------
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         self.done, self._prepared, self._steps_used = 0, None, set()
-        self.copying, self._anchor_at = False, -1
+        self.copying, self._copied_from = False, -1
         self._choice.start(prompt_ids, capacity)
         self._cache(self.target.batch_size)  # the target's cache may have grown since
         if self._triton and not self._warm:
@@ -317,8 +319,9 @@ class EagleDrafter(Drafter):
         chain_steps, chain_fresh = self._steps(k_chain, copy=False)
         t0 = time.perf_counter()
         if self.lookup_over and self.copying:
+            if self._copied_from < 0:  # the first copy step's pass holds the first hidden state past the true elements
+                self._copied_from = len(context) - 1
             out = copy_steps.run(context, m, eos_mask, eos_until, copy_fresh)
-            self._anchor_at = len(context) + sum(len(new) for _, new in out) - 2  # the catch-up kept the anchor's feature
         else:
             first = self.propose(context, k_chain, GenerationConfig(), None).tokens
             out = chain_steps.run(context, m, eos_mask, eos_until, chain_fresh, cols=first)
@@ -348,14 +351,14 @@ class EagleDrafter(Drafter):
         if prepared is not None and prepared[0] == L and len(prepared[1]) >= k * self.width:  # the verify step caught up and drafted
             self.done = L - 1
             return self._draft(prepared[1], k)
-        if self._anchor_at == L - 2 and self.tree is None:  # copy steps caught up: the chain from their anchor
-            self.done, self._anchor_at = L - 1, -1
-            anchor = torch.full((self.target.batch_size,), L - 2, device=self.target.device)
-            return self._draft(self._chain(self.anchor_feat, anchor, self.width, self.chain_depth)[0].flatten().tolist(), k)
-        # Elements the last pass made true. One not in it (a step that proposed nothing, then
-        # another) keeps a stale element: worse drafts there, never a wrong output.
-        start = min(max(self.done, self.target.kept_hidden.start), L - 2)
-        feats = self.target.hidden_span(start, L - 1)  # (B, n, D)
+        if self._copied_from >= 0:  # copy steps ran: catch up over their span from the hidden states they kept
+            start, self._copied_from = min(self._copied_from, L - 2), -1
+            assert self._hist is not None
+            feats = self._hist[:, start : L - 1]  # (B, n, D)
+        else:  # elements the last pass made true. One not in it (a step that proposed nothing, then
+            # another) keeps a stale element: worse drafts there, never a wrong output.
+            start = min(max(self.done, self.target.kept_hidden.start), L - 2)
+            feats = self.target.hidden_span(start, L - 1)  # (B, n, D)
         B = feats.shape[0]
         device = self.target.device
         tokens = torch.tensor([context[start + 1 : L]], device=device).expand(B, -1)  # (B, n)
@@ -397,10 +400,11 @@ class _ChainOf:
         pass
 
 
-class _CatchUp:
-    """eagle-ngram's copy steps' watching hook: inside each verify it writes the draft cache's
-    elements for the verified rows (EagleDrafter.draft_after's catch-up, no chain) and keeps the
-    accepted row's feature, the anchor of the chain that follows the copy steps."""
+class _KeepHidden:
+    """eagle-ngram's copy steps' watching hook: inside each verify it keeps the pass's hidden states
+    at their positions (one copy; rows past the accepted ones are rewritten by the next step's pass),
+    so the chain after the copy steps catches the draft cache up over their whole span in one go
+    (EagleDrafter._propose) instead of a draft-layer pass inside every copy step."""
 
     def __init__(self, drafter: EagleDrafter) -> None:
         self.drafter = drafter
@@ -408,7 +412,9 @@ class _CatchUp:
 
     def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (B, 0)
-        self.drafter.anchor_feat.copy_(self.drafter.catch_up(hidden, verdict, tokens, input_pos))
+        kept = self.drafter._hist
+        assert kept is not None
+        kept.index_copy_(1, input_pos.clamp(max=kept.shape[1] - 1), hidden.to(kept.dtype))  # (B, S, D) at the T positions
         return tokens[:, :0]
 
     def take(self, tokens: list[int], context_len: int) -> None:
