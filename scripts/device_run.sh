@@ -101,7 +101,13 @@ case "$step" in
     python3 scripts/repeatability.py "${MODES:-eager,graph,compile,compile-cudnn,fused}" 3 2>&1 | grep -v Warning | tee "$out/repeatability.txt"
     ;;
   eagle)  # EAGLE-lite, self-distilled on this card (then: DRAFTERS=ngram-graph,eagle HEADS=/tmp/eagle ... validate)
+    # texts written in earlier sessions, carried in .carry/texts (gzip parts of a --texts-file): only the rest is written
+    if ls .carry/texts/eagle-texts.json.gz.part_* >/dev/null 2>&1; then
+      cat .carry/texts/eagle-texts.json.gz.part_* | gunzip > /tmp/eagle-texts.json
+      EAGLE_ARGS="${EAGLE_ARGS:-} --texts-file /tmp/eagle-texts.json"
+    fi
     python3 -m labkit heads train --kind eagle --device cuda --out /tmp/eagle --texts "${TEXTS:-768}" --steps "${STEPS:-1500}" ${EAGLE_ARGS:-} 2>&1 | grep -v Warning | tail -4 | tee "$out/eagle_train.txt"
+    if [ -e /tmp/eagle-texts.json ]; then mkdir -p "$out/texts" && gzip -c /tmp/eagle-texts.json | split -b 15M - "$out/texts/eagle-texts.json.gz.part_"; fi
     # bring it home, to carry next time (.carry/eagle, then the eagle-carried step): the weights in
     # parts under the 16 MB a returned file may have
     mkdir -p "$out/eagle" && cp /tmp/eagle/eagle.json "$out/eagle/" && split -b 15M /tmp/eagle/eagle.safetensors "$out/eagle/eagle.safetensors.part_"
