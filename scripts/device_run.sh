@@ -14,6 +14,7 @@
 #   ARGS="bench context --lengths 32,4096 --no-hf" bash scripts/device_run.sh labkit
 #   with draft heads:  DRAFTERS=ngram,heads HEADS=/tmp/heads bash scripts/device_run.sh heads validate
 #   trees:             DRAFTERS=ngram-graph,ngram-tree,eagle,eagle-tree HEADS=/tmp/eagle KS=3,4 bash scripts/device_run.sh eagle-carried validate
+#   without papermill: DRAFTERS=ngram-graph,eagle,eagle-ngram HEADS=/tmp/eagle BUDGET=200 bash scripts/device_run.sh eagle-carried suite
 # validate stops starting prompts after BUDGET s (default 420) so that one call (10 min) brings results back;
 # DTYPE (auto: bf16), LONG (long prompts of these token counts, e.g. 1024,4096) and CATEGORIES ("" = all) pass through.
 # The device copy's .git is the session's first commit, so name the tree in the call:
@@ -132,12 +133,25 @@ case "$step" in
   costs)  # where a speculative step's time goes (HEADS: also the heads' draft, after and inside the verify)
     python3 scripts/step_costs.py ${HEADS:-} 2>&1 | grep -v Warning | tee "$out/step_costs.txt"
     ;;
+  suite)  # what `validate` measures (notebook 3D's run_validation), without papermill: DRAFTERS, HEADS, KS, BUDGET as there
+    python3 - <<PY 2>&1 | grep -v Warning | tail -12 | tee "$out/suite.txt"
+from labkit.bench.results import write_results
+from labkit.bench.validation import ValidationConfig, results_stem, run_validation
+cfg = ValidationConfig(device="cuda", max_new_tokens=128, drafters="${DRAFTERS:-ngram-graph}".split(","), heads="${HEADS:-}" or None,
+                       ks=[int(k) for k in "${KS:-5,8}".split(",")], compile=False, hf_assisted=False,
+                       time_budget_s=float("${BUDGET:-420}"), output_dir=None, progress=False)
+payload = run_validation(cfg)
+print(*write_results("$out/results", results_stem(payload), {k: v for k, v in payload.items() if k != "rows"}, payload["rows"]))
+for s in payload["summary"]:
+    print(s["system"], s.get("k"), round(s["tok_per_s"]), f'{s["speedup_vs_labkit_plain"]:.3f}x', "tau", round(s.get("tau", 0), 2), "identical", s["identical_share"])
+PY
+    ;;
   validate)
     python3 -m papermill notebooks/3D_cuda_validation.ipynb "$out/3D_out.ipynb" -p device cuda -p max_new_tokens 128 \
       -p prompts_per_category 0 -p slow_prompts_per_category 1 -p drafters "${DRAFTERS:-ngram,layerskip,truncated}" -p heads "${HEADS:-}" \
       -p dtype "${DTYPE:-auto}" -p long_prompts "${LONG:-}" -p categories "${CATEGORIES:-}" \
       -p ks "${KS:-2,4,6,8}" -p compile "${COMPILE:-False}" -p time_budget_s "${BUDGET:-420}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|pytest|eagle|eagle-carried|labkit|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|batchcosts|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|pytest|eagle|eagle-carried|suite|labkit|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|batchcosts|validate ..." >&2; exit 2 ;;
 esac
 done
