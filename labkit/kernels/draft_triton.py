@@ -26,15 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _launch, _pdl, _wait_for_inputs
+from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _k_tiles, _launch, _pdl, _wait_for_inputs
 
 KEY_INDEX = 1 << 31  # a key is (ordered logit bits) * KEY_INDEX + (KEY_INDEX - 1 - index)
-
-
-def _tiles(K: int, row_bytes: int) -> tuple[int, int]:
-    from labkit.kernels.layer_triton import _k_tiles
-
-    return _k_tiles(K, row_bytes)
 
 
 @triton.jit
@@ -86,7 +80,7 @@ def embed_fc(
     assert tokens.is_contiguous() and embed.is_contiguous() and feat.is_contiguous() and w.is_contiguous()
     out = torch.empty(M, D, dtype=feat.dtype, device=feat.device)
     BLOCK_N = TUNE["linear_block_n"]
-    ka, kb = _tiles(2 * D, BLOCK_N * w.element_size())
+    ka, kb = _k_tiles(2 * D, BLOCK_N * w.element_size())
     pdl = _pdl(feat)
     _embed_fc_kernel[(triton.cdiv(D, BLOCK_N), triton.cdiv(M, BLOCK_M))](
         tokens, embed, feat, w, out, M, D=D, IEEE=_ieee(feat), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb,
@@ -159,7 +153,7 @@ def draft_argmax(
     out = torch.empty(M, dtype=torch.int64, device=x.device)
     BLOCK_N = TUNE["head_block_n"]
     n_programs = triton.cdiv(N, BLOCK_N)
-    ka, kb = _tiles(D, BLOCK_N * w.element_size())
+    ka, kb = _k_tiles(D, BLOCK_N * w.element_size())
     pdl = _pdl(x)
     _draft_argmax_kernel[(n_programs, triton.cdiv(M, BLOCK_M))](
         x, w, ids, keys, counts, out, M, N, n_programs, D=D, IEEE=_ieee(x), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,

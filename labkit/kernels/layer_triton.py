@@ -30,21 +30,10 @@ import triton.language as tl
 
 from labkit.kernels.attention_triton import decode_attention  # noqa: F401  (the layer's attention op)
 from labkit.kernels.draft_triton import draft_argmax, embed_fc  # noqa: F401  (an EAGLE draft pass's ends)
-from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _launch, _pdl, _wait_for_inputs  # noqa: F401  (TUNE: the one tile table)
+from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _k_tiles, _launch, _pdl, _wait_for_inputs  # noqa: F401  (TUNE: the one tile table)
 
 TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention
 ROW_POSITIONS = True  # input_pos may be (B, T): each batch row at its own positions (batched decoding)
-
-
-def _k_tiles(K: int, row_bytes: int) -> tuple[int, int]:
-    """Two power-of-two tiles (KA, KB) of reduction columns that a program loads before its wait,
-    within prefetch_bytes; row_bytes is what one column costs it (weight rows x matrices x element
-    size). 576 = 512 + 64, 1536 = 1024 + 512; a loop covers any columns past KA + KB."""
-    pre = max(16, min(K, int(TUNE["prefetch_bytes"]) // row_bytes))
-    ka = 1 << (pre.bit_length() - 1)
-    rest = pre - ka
-    kb = 1 << (rest.bit_length() - 1) if rest >= 16 else 0  # tl.dot needs K >= 16
-    return ka, kb
 
 
 def _loop_k(key: str, x: torch.Tensor) -> int:

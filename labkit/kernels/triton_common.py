@@ -1,7 +1,8 @@
-"""What every Triton kernel of labkit's layers shares: the tile table (TUNE), the launch options
-(programmatic dependent launch on Hopper), and two device helpers (a dot that stays in fp32 where
-it must, the wait for the previous kernel's writes). layer_triton.py and attention_triton.py
-import from here; scripts/layer_tune.py overrides TUNE.
+"""What every Triton kernel of labkit's layers shares: the tile table (TUNE) and the weight tiles a
+program loads up front (_k_tiles), the launch options (programmatic dependent launch on Hopper),
+and two device helpers (a dot that stays in fp32 where it must, the wait for the previous
+kernel's writes). layer_triton.py, attention_triton.py and draft_triton.py import from here;
+scripts/layer_tune.py overrides TUNE.
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ TUNE = {
     "num_warps": 4,
     "pdl": True,  # programmatic dependent launch (sm90+): the next kernel starts reading its weights early
 }
+
+
+def _k_tiles(K: int, row_bytes: int) -> tuple[int, int]:
+    """Two power-of-two tiles (KA, KB) of reduction columns that a program loads before its wait,
+    within prefetch_bytes; row_bytes is what one column costs it (weight rows x matrices x element
+    size). 576 = 512 + 64, 1536 = 1024 + 512; a loop covers any columns past KA + KB."""
+    pre = max(16, min(K, int(TUNE["prefetch_bytes"]) // row_bytes))
+    ka = 1 << (pre.bit_length() - 1)
+    rest = pre - ka
+    kb = 1 << (rest.bit_length() - 1) if rest >= 16 else 0  # tl.dot needs K >= 16
+    return ka, kb
 
 
 def _ieee(x: torch.Tensor) -> int:
