@@ -3,18 +3,24 @@
 A chunk of CHUNK device steps replays one captured graph, so the kind of step is chosen per chunk,
 on the host, from what the last chunks showed:
 
-    chain steps   EAGLE's chain (about 0.8 ms a step on the H200: a catch-up and a pass per depth)
-    copy steps    prompt lookup's copy, COPY_K wide (about lookup's 0.6 ms: the verify's hidden
-                  states are kept for the chain that follows, which catches up over them at once)
+    chain steps   EAGLE's chain (0.78-0.79 ms a step on the H200: a catch-up and a pass per depth)
+    copy steps    prompt lookup's copy, COPY_K wide (ngram-graph's step, 0.57 ms there, and one copy
+                  of the verify's hidden states, kept for the chain that follows to catch up over)
 
 Each is rated in tokens per second = (tokens per step) / (seconds per step). Seconds per step are
-the host's clock around each chunk (one read per chunk: the clock sees the device's time). Tokens
-per step come from the chunks of that kind, and for copy steps also from chain chunks, without
-running them: the text a chain chunk made is known, so for each of its steps the tokens lookup's
-draft would have kept are counted against it (its agreement with what followed, which a greedy
-verify would have accepted; a later step's draft may run past the chunk's text and is counted
-short). A copy chunk's tokens cannot say what a chain would have made, so chains keep their last
-rate until they run again, which they do as soon as copying rates below them.
+the host's clock around each chunk's device steps (one read per chunk: the clock sees the device's
+time). Tokens per step come from the chunks of that kind, and for copy steps also from chain
+chunks, without running them: the text a chain chunk made is known, so for each of its steps the
+tokens lookup's draft would have kept are counted against it (its agreement with what followed,
+which a greedy verify would have accepted; a later step's draft may run past the chunk's text and
+is counted short). A copy chunk's tokens cannot say what a chain would have made, so chains keep
+their last rate until they run again, which they do as soon as copying rates below them.
+
+The host's proposal before a chain chunk is not in the chunk's seconds. After copy steps it is a
+switch (the chain catches the draft cache up over the copied span and drafts its first chain,
+eagerly), timed on its own (`switch_s`): going to copy steps is weighed with one switch back over
+a chunk's steps, leaving them by the rates alone (the switch was weighed on the way in). Counted
+in the chain chunk's seconds, as before, every switch made chains look slower than they step.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class CopyOrChain:
         self.index = NgramDrafter(max_n=LOOKUP_MAX_N, min_n=min_n)  # lookup's match (the rule of specdec/lookup.py), O(new tokens) a step
         self.tokens: dict[bool, float] = {}  # copy steps? -> tokens per step
         self.seconds: dict[bool, float] = {}  # copy steps? -> seconds per step (kept across requests: the device's own)
+        self.switch_s = 0.0  # the host's work before a chain chunk that follows copy steps (kept across requests)
 
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         self.index.start(prompt_ids, capacity)
@@ -55,9 +62,13 @@ class CopyOrChain:
     def _update(self, table: dict[bool, float], copy: bool, value: float) -> None:
         table[copy] = value if copy not in table else MEMORY * table[copy] + (1 - MEMORY) * value
 
-    def after_chunk(self, context: list[int], steps: list[Step], copy: bool, seconds: float, k_copy: int) -> bool:
-        """Book a chunk of `steps` from `context` (copy or chain steps, `seconds` on the host's
-        clock; copy steps draft k_copy tokens) -> whether the next chunk runs copy steps."""
+    def after_chunk(self, context: list[int], steps: list[Step], copy: bool, seconds: float, k_copy: int,
+                    switch_s: float | None = None) -> bool:
+        """Book a chunk of `steps` from `context` (copy or chain steps, `seconds` of device steps on
+        the host's clock; copy steps draft k_copy tokens; switch_s: a chain chunk's proposal time
+        after copy steps) -> whether the next chunk runs copy steps."""
+        if switch_s is not None:
+            self.switch_s = switch_s if not self.switch_s else MEMORY * self.switch_s + (1 - MEMORY) * switch_s
         if not steps:
             return copy
         self._update(self.seconds, copy, seconds / len(steps))
@@ -74,4 +85,8 @@ class CopyOrChain:
         if chain_s is None or False not in self.tokens or True not in self.tokens:
             return False
         copy_s = self.seconds.get(True, COPY_COST_GUESS * chain_s)
-        return self.tokens[True] / copy_s > self.tokens[False] / chain_s
+        chain_rate = self.tokens[False] / chain_s
+        if copy:  # the switch back was weighed on the way in: the rates alone
+            return self.tokens[True] / copy_s > chain_rate
+        n = len(steps)  # a copy run of at least a chunk like this one, then one switch back to chains
+        return self.tokens[True] * n / (copy_s * n + self.switch_s) > chain_rate

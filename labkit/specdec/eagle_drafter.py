@@ -317,22 +317,28 @@ class EagleDrafter(Drafter):
         if self.lookup_over:  # both kinds captured on the first chunk, before either is needed mid-request
             copy_steps, copy_fresh = self._steps(k_copy, copy=True)
         chain_steps, chain_fresh = self._steps(k_chain, copy=False)
-        t0 = time.perf_counter()
+        switch_s = None  # a chain chunk's proposal after copy steps (copy_or_chain.py weighs it apart from the steps)
         if self.lookup_over and self.copying:
             if self._copied_from < 0:  # the first copy step's pass holds the first hidden state past the true elements
                 self._copied_from = len(context) - 1
+            t0 = time.perf_counter()
             out = copy_steps.run(context, m, eos_mask, eos_until, copy_fresh)
         else:
+            t_propose, after_copy = time.perf_counter(), self._copied_from >= 0
             first = self.propose(context, k_chain, GenerationConfig(), None).tokens
+            t0 = time.perf_counter()
+            switch_s = t0 - t_propose if after_copy else None
             out = chain_steps.run(context, m, eos_mask, eos_until, chain_fresh, cols=first)
             self.take(chain_steps.last_cols, len(context) + sum(len(new) for _, new in out))
         if self.lookup_over:
-            self.copying = self.next_copying(context, out, time.perf_counter() - t0, k_copy)
+            self.copying = self.next_copying(context, out, time.perf_counter() - t0, k_copy, switch_s)
         return out
 
-    def next_copying(self, context: list[int], steps: list[Step], seconds: float, k_copy: int) -> bool:
-        """Whether the next chunk runs copy steps, after this one's steps from `context`."""
-        return self._choice.after_chunk(context, steps, self.copying, seconds, k_copy)
+    def next_copying(self, context: list[int], steps: list[Step], seconds: float, k_copy: int,
+                     switch_s: float | None = None) -> bool:
+        """Whether the next chunk runs copy steps, after this one's steps from `context` (seconds of
+        device steps; switch_s: the proposal's time when it followed copy steps)."""
+        return self._choice.after_chunk(context, steps, self.copying, seconds, k_copy, switch_s)
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
