@@ -42,6 +42,8 @@ def whole_steps() -> None:
 
     ways = [("plain", None)] + [(f"eagle K={k}", Speculation(drafter, k)) for k in (5, 8)]
     ways.append(("ngram-graph K=8", Speculation(make_drafter("ngram-graph", engine), 8)))
+    hybrid = EagleDrafter(engine, drafter.head, lookup_over=3)
+    ways.append(("eagle-ngram K=5", Speculation(hybrid, 5)))
     warm_up(engine, 8, drafter=drafter)
     for name, spec in ways:
         per_step, tau = [], []
@@ -51,6 +53,9 @@ def whole_steps() -> None:
             per_step.append((r.stats.total_s - r.stats.ttft_s) / steps * 1e6)
             tau.append(r.stats.new_tokens / max(1, steps))
         print(f"step {name:16s}: {sorted(per_step[1:])[1]:7.1f} us per step (tau {tau[-1]:.2f}), {drafter.name}")
+    c = hybrid.choice  # eagle-ngram's rates as its copy-or-chain choice saw them (the random head's chains rarely stand)
+    print("eagle-ngram: us per step " + ", ".join(f"{'copy' if k else 'chain'} {1e6 * v:.0f}" for k, v in c.seconds.items())
+          + f"; tokens per step {c.tokens}; a switch from copy to chain steps {1e6 * c.switch_s:.0f} us")
 
 
 if sys.argv[2:] == ["steps"]:

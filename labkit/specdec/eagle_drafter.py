@@ -151,7 +151,7 @@ class EagleDrafter(Drafter):
         self._copied_from = -1  # copy steps ran from this position on: their hidden states wait in _hist for the chain's catch-up
         self._hist: torch.Tensor | None = None  # (B, S, D) the target's hidden states by position, kept by copy steps (eagle-ngram)
         self._watch = _KeepHidden(self)
-        self._choice = CopyOrChain(max(1, lookup_over))  # copy or chain steps, per chunk
+        self.choice = CopyOrChain(max(1, lookup_over))  # copy or chain steps, per chunk (its rates and switch time: read-only outside)
         if (target.cuda_graph if device_steps is None else device_steps) and width == 1 and tree is None:
             self.device_steps = self
         self._steps_used: set[tuple[int, bool]] = set()  # (width, copy steps?) whose device steps ran in this request
@@ -241,7 +241,7 @@ class EagleDrafter(Drafter):
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         self.done, self._prepared, self._steps_used = 0, None, set()
         self.copying, self._copied_from = False, -1
-        self._choice.start(prompt_ids, capacity)
+        self.choice.start(prompt_ids, capacity)
         self._cache(self.target.batch_size)  # the target's cache may have grown since
         if self._triton and not self._warm:
             self._warm_up()
@@ -338,12 +338,12 @@ class EagleDrafter(Drafter):
                      switch_s: float | None = None) -> bool:
         """Whether the next chunk runs copy steps, after this one's steps from `context` (seconds of
         device steps; switch_s: the proposal's time when it followed copy steps)."""
-        return self._choice.after_chunk(context, steps, self.copying, seconds, k_copy, switch_s)
+        return self.choice.after_chunk(context, steps, self.copying, seconds, k_copy, switch_s)
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
         draft = self._propose(context, k)  # the chain, made even where the copy is taken: its cache stays true
-        copy = self._choice.copy(context, min(k, self.depth)) if self.lookup_over else None
+        copy = self.choice.copy(context, min(k, self.depth)) if self.lookup_over else None
         if copy is not None:  # the context ends in a match
             return Draft(copy)
         return draft
