@@ -438,6 +438,41 @@ def test_eagle_ngram_verifies_lookups_copy_after_a_match_and_the_chain_elsewhere
     assert {c for _, c, _ in chunks} == {False, True}
 
 
+def test_eagle_ngram_on_a_cpu_drafts_chains_only_where_it_takes_no_copy(monkeypatch) -> None:
+    """On a CPU eagle-ngram's verify only catches the draft cache up (its hook drafts no chain): the
+    next proposal drafts a chain where the context ends in no match, and a copy step runs no
+    draft-layer pass of a chain. The drafts are those of the verify that drafts a chain every step
+    (the same elements, the same chains), the output plain greedy's, with fewer picks."""
+    from labkit.config import GenerationConfig
+    from labkit.generate import Speculation, generate
+    from labkit.specdec.eagle_drafter import EagleDrafter, _CatchUpOnly
+    from labkit.specdec.lookup import latest_match
+
+    engine = _engine()
+    prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]
+    cfg = GenerationConfig(max_new_tokens=60, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    runs = {}
+    for catch_up_only in (True, False):
+        drafter = EagleDrafter(engine, random_head(), device_steps=False, lookup_over=1)  # 1-grams: copies this tiny target meets
+        assert isinstance(drafter.verify_hook, _CatchUpOnly)  # a CPU target's
+        if not catch_up_only:
+            drafter.verify_hook = drafter  # the verify drafts the chain, as on a GPU
+        picks: list[int] = []
+        pick = drafter._pick
+        monkeypatch.setattr(drafter, "_pick", lambda feat, width=1, pick=pick, picks=picks: (picks.append(1), pick(feat, width))[1])
+        out = generate(engine, prompt, cfg, Speculation(drafter, 3))
+        runs[catch_up_only] = (out, len(picks))
+    (lean, lean_picks), (full, full_picks) = runs[True], runs[False]
+    assert lean.tokens == want == full.tokens
+    assert lean.stats.draft_tokens == full.stats.draft_tokens and lean.stats.accepted_lengths == full.stats.accepted_lengths
+    at, copies = 1, 0  # copy steps: where the context ends in a 1-gram seen before (the prefill made the first token)
+    for accepted in lean.stats.accepted_lengths:
+        copies += latest_match(prompt + want[:at], 3, 1) is not None
+        at += accepted + 1
+    assert copies >= 4 and full_picks - lean_picks >= 3 * (copies - 1)  # no chain for a copy step (the last: cut by the budget)
+
+
 def test_eagle_ngram_settings_are_checked() -> None:
     from labkit.specdec.eagle_drafter import EagleDrafter
     from labkit.specdec.eagle_tree import DynamicTreeConfig

@@ -123,7 +123,7 @@ class EagleDrafter(Drafter):
             raise LabkitError(f"EAGLE's tree width is the candidates per depth (>= 1), got {width}")
         self.width = width  # > 1: token trees (a chain and width-1 leaf siblings at every depth)
         self.tree = tree  # dynamic trees (EAGLE-2): the draft layer expands its best candidates (eagle_tree.py)
-        self.verify_hook = self
+        self.verify_hook: Any = self
         if width > 1:
             self.name += f"-w{width}"
         self.ops, self.draft_head = self._draft_layer(target)
@@ -151,6 +151,10 @@ class EagleDrafter(Drafter):
         self._copied_from = -1  # copy steps ran from this position on: their hidden states wait in _hist for the chain's catch-up
         self._hist: torch.Tensor | None = None  # (B, S, D) the target's hidden states by position, kept by copy steps (eagle-ngram)
         self._watch = _KeepHidden(self)
+        self._anchor_len = -1  # a catch-up-only verify made the draft cache true for this context length ...
+        self.anchor_feat = torch.zeros(target.batch_size, head.dims.dim, dtype=self.dtype, device=target.device)  # ... (B, D) its anchor's feature
+        if lookup_over and target.device.type == "cpu":  # a verify's work costs what a proposal's does: chains only where no copy is taken
+            self.verify_hook = _CatchUpOnly(self)
         self.choice = CopyOrChain(max(1, lookup_over))  # copy or chain steps, per chunk (its rates and switch time: read-only outside)
         if (target.cuda_graph if device_steps is None else device_steps) and width == 1 and tree is None:
             self.device_steps = self
@@ -240,7 +244,7 @@ class EagleDrafter(Drafter):
     # -- the drafter --------------------------------------------------------------------------
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         self.done, self._prepared, self._steps_used = 0, None, set()
-        self.copying, self._copied_from = False, -1
+        self.copying, self._copied_from, self._anchor_len = False, -1, -1
         self.choice.start(prompt_ids, capacity)
         self._cache(self.target.batch_size)  # the target's cache may have grown since
         if self._triton and not self._warm:
@@ -342,11 +346,15 @@ class EagleDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, context: list[int], k: int, config: GenerationConfig, generator: torch.Generator | None) -> Draft:
-        draft = self._propose(context, k)  # the chain, made even where the copy is taken: its cache stays true
         copy = self.choice.copy(context, min(k, self.depth)) if self.lookup_over else None
-        if copy is not None:  # the context ends in a match
-            return Draft(copy)
-        return draft
+        if copy is None:
+            return self._propose(context, k)
+        prepared, self._prepared = self._prepared, None  # the context ends in a match: lookup's copy, the draft cache
+        if prepared is not None and prepared[0] == len(context):  # kept true (a verify that drafted a chain caught it up)
+            self.done = len(context) - 1
+        else:
+            self._catch_up_to(context)
+        return Draft(copy)
 
     def _propose(self, context: list[int], k: int) -> Draft:
         k = min(k, self.depth)
@@ -357,6 +365,19 @@ class EagleDrafter(Drafter):
         if prepared is not None and prepared[0] == L and len(prepared[1]) >= k * self.width:  # the verify step caught up and drafted
             self.done = L - 1
             return self._draft(prepared[1], k)
+        anchor_feat = self._catch_up_to(context)  # (B, D)
+        anchor = torch.full((self.target.batch_size,), L - 2, device=self.target.device)
+        if self.tree is not None:
+            return self._draft(dynamic_tree(self, anchor_feat, anchor, self.tree).tolist(), k)
+        return self._draft(self._chain(anchor_feat, anchor, self.width, self.chain_depth)[0].flatten().tolist(), k)
+
+    def _catch_up_to(self, context: list[int]) -> torch.Tensor:  # -> (B, D)
+        """The draft cache's elements true up to the context's last position but one -> the
+        predicted feature there, the anchor of the next chain."""
+        L = len(context)  # the target's cache holds context[:-1]: true elements 0..L-2
+        if self._anchor_len == L:  # a catch-up-only verify did it (_CatchUpOnly)
+            self.done, self._anchor_len = L - 1, -1
+            return self.anchor_feat
         if self._copied_from >= 0:  # copy steps ran: catch up over their span from the hidden states they kept
             start, self._copied_from = min(self._copied_from, L - 2), -1
             assert self._hist is not None
@@ -369,12 +390,8 @@ class EagleDrafter(Drafter):
         device = self.target.device
         tokens = torch.tensor([context[start + 1 : L]], device=device).expand(B, -1)  # (B, n)
         pos = torch.arange(start, L - 1, device=device)  # (n,)
-        anchor_feat = self.elements(feats, tokens, pos)[:, -1]  # (B, D)
         self.done = L - 1
-        anchor = torch.full((B,), L - 2, device=device)
-        if self.tree is not None:
-            return self._draft(dynamic_tree(self, anchor_feat, anchor, self.tree).tolist(), k)
-        return self._draft(self._chain(anchor_feat, anchor, self.width, self.chain_depth)[0].flatten().tolist(), k)
+        return self.elements(feats, tokens, pos)[:, -1]
 
     def _draft(self, flat: list[int], k: int) -> Draft:
         """(depth * width,) candidates, best first at each depth -> the first k depths' chain or tree;
@@ -404,6 +421,25 @@ class _ChainOf:
 
     def take(self, tokens: list[int], context_len: int) -> None:
         pass
+
+
+class _CatchUpOnly:
+    """eagle-ngram's verify hook on a CPU: the catch-up inside the verify (the draft cache's
+    elements for the verified rows, and the anchor's feature kept), no chain. The next proposal
+    drafts a chain from that anchor only where it takes no copy: on a CPU the chain costs the same
+    inside the verify or after it, and a copy step needs none."""
+
+    def __init__(self, drafter: EagleDrafter) -> None:
+        self.drafter = drafter
+        self.max_t = drafter.max_t
+
+    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
+                    tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (B, 0)
+        self.drafter.anchor_feat.copy_(self.drafter.catch_up(hidden, verdict, tokens, input_pos))
+        return tokens[:, :0]
+
+    def take(self, tokens: list[int], context_len: int) -> None:
+        self.drafter._anchor_len = context_len
 
 
 class _KeepHidden:
