@@ -438,6 +438,46 @@ def test_eagle_ngram_verifies_lookups_copy_after_a_match_and_the_chain_elsewhere
     assert {c for _, c, _ in chunks} == {False, True}
 
 
+def test_a_plain_step_after_copy_steps_leaves_the_chain_a_fresh_drafter_makes(monkeypatch) -> None:
+    """Copy steps, then a plain step (the controller asked for no draft), then chain steps: the
+    catch-up takes the copy steps' span from the hidden states they kept and the plain step's
+    position from its own pass (the copy steps' last kept row there is a rejected draft's), so the
+    first chain is the one a fresh drafter makes from the whole context."""
+    from labkit.config import GenerationConfig
+    from labkit.generate import Speculation, generate
+    from labkit.specdec.controllers import Controller
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    class Cycle(Controller):  # chain chunk, copy chunk, plain step, chain chunks
+        k_max = 3
+
+        def reset(self) -> None:
+            self.ks = iter([3, 3, 0] + [3] * 40)
+
+        def next_k(self) -> int:
+            return next(self.ks)
+
+    engine = _engine()
+    prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]
+    cfg = GenerationConfig(max_new_tokens=60, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    kinds = iter([True, False] + [False] * 40)  # after the first chunk: copy steps, then chains
+    monkeypatch.setattr(EagleDrafter, "next_copying", lambda self, *chunk: next(kinds))
+    chunks = log_chunks(monkeypatch)
+    got = generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, random_head(), device_steps=True, lookup_over=3), 3,
+                                                   controller=Cycle()))
+    assert got.tokens == want
+    assert [c for _, c, _ in chunks[:3]] == [False, True, False]
+    context_a, _, out_a = chunks[1]
+    context_c = chunks[2][0]
+    assert len(context_c) == len(context_a) + sum(len(new) for _, new in out_a) + 1  # one plain token between
+    fresh = EagleDrafter(engine, random_head(), device_steps=False)
+    engine.reset()
+    engine.prefill(torch.tensor([context_c[:-1]]))
+    fresh.start(context_c, len(context_c) + 8)
+    assert chunks[2][2][0][0] == fresh.propose(context_c, 3, GenerationConfig(), None).tokens
+
+
 def test_eagle_ngram_on_a_cpu_drafts_chains_only_where_it_takes_no_copy(monkeypatch) -> None:
     """On a CPU eagle-ngram's verify only catches the draft cache up (its hook drafts no chain): the
     next proposal drafts a chain where the context ends in no match, and a copy step runs no

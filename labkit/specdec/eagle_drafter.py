@@ -148,7 +148,8 @@ class EagleDrafter(Drafter):
         self.name += f"+ngram{lookup_over}" if lookup_over else ""
         self.lookup_over = lookup_over
         self.copying = False  # eagle-ngram's device steps: the next chunk runs copy steps
-        self._copied_from = -1  # copy steps ran from this position on: their hidden states wait in _hist for the chain's catch-up
+        self._copied_from = -1  # copy steps ran from this position on: their hidden states wait in _hist for the chain's catch-up ...
+        self._copied_to = -1  # ... up to the context length they left
         self._hist: torch.Tensor | None = None  # (B, S, D) the target's hidden states by position, kept by copy steps (eagle-ngram)
         self._watch = _KeepHidden(self)
         self._anchor_len = -1  # a catch-up-only verify made the draft cache true for this context length ...
@@ -244,7 +245,7 @@ class EagleDrafter(Drafter):
     # -- the drafter --------------------------------------------------------------------------
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         self.done, self._prepared, self._steps_used = 0, None, set()
-        self.copying, self._copied_from, self._anchor_len = False, -1, -1
+        self.copying, self._copied_from, self._copied_to, self._anchor_len = False, -1, -1, -1
         self.choice.start(prompt_ids, capacity)
         self._cache(self.target.batch_size)  # the target's cache may have grown since
         if self._triton and not self._warm:
@@ -327,6 +328,7 @@ class EagleDrafter(Drafter):
                 self._copied_from = len(context) - 1
             t0 = time.perf_counter()
             out = copy_steps.run(context, m, eos_mask, eos_until, copy_fresh)
+            self._copied_to = len(context) + sum(len(new) for _, new in out)
         else:
             t_propose, after_copy = time.perf_counter(), self._copied_from >= 0
             first = self.propose(context, k_chain, GenerationConfig(), None).tokens
@@ -379,18 +381,27 @@ class EagleDrafter(Drafter):
             self.done, self._anchor_len = L - 1, -1
             return self.anchor_feat
         if self._copied_from >= 0:  # copy steps ran: catch up over their span from the hidden states they kept
-            start, self._copied_from = min(self._copied_from, L - 2), -1
+            start, end = min(self._copied_from, L - 2), min(self._copied_to, L) - 1
+            self._copied_from = -1
             assert self._hist is not None
-            feats = self._hist[:, start : L - 1]  # (B, n, D)
-        else:  # elements the last pass made true. One not in it (a step that proposed nothing, then
-            # another) keeps a stale element: worse drafts there, never a wrong output.
-            start = min(max(self.done, self.target.kept_hidden.start), L - 2)
-            feats = self.target.hidden_span(start, L - 1)  # (B, n, D)
-        B = feats.shape[0]
+            anchor_feat = self._elements_at(context, self._hist[:, start:end], start)
+            if end == L - 1:
+                return anchor_feat
+            # steps after them that kept no hidden states here (a plain step): from the last pass, below
+        # Elements the last pass made true. One not in it (a step that proposed nothing, then
+        # another) keeps a stale element: worse drafts there, never a wrong output.
+        start = min(max(self.done, self.target.kept_hidden.start), L - 2)
+        return self._elements_at(context, self.target.hidden_span(start, L - 1), start)
+
+    def _elements_at(self, context: list[int], feats: torch.Tensor, start: int) -> torch.Tensor:
+        """feats (B, n, D) the target's hidden states at positions start.. -> the draft cache's
+        elements there written (tokens from the context), done moved past them -> (B, D) the last's
+        predicted feature."""
+        B, n, _ = feats.shape
         device = self.target.device
-        tokens = torch.tensor([context[start + 1 : L]], device=device).expand(B, -1)  # (B, n)
-        pos = torch.arange(start, L - 1, device=device)  # (n,)
-        self.done = L - 1
+        tokens = torch.tensor([context[start + 1 : start + 1 + n]], device=device).expand(B, -1)  # (B, n)
+        pos = torch.arange(start, start + n, device=device)  # (n,)
+        self.done = start + n
         return self.elements(feats, tokens, pos)[:, -1]
 
     def _draft(self, flat: list[int], k: int) -> Draft:
