@@ -14,12 +14,13 @@ before any query at or past it looks (the draft's attention sees positions up to
 
 Where the target has CUDA graphs a chain drafter is also its own DeviceSteps (`run_steps`): CHUNK
 greedy steps per host read, each verifying the chain the step before drafted inside its verify
-(specdec/lookup_steps.LookupSteps with this drafter as the hook), the first from the host.
+(specdec/lookup_steps.LookupSteps with a hook that drafts chains K deep), the first from the host.
 
 eagle-ngram (`lookup_over` n > 0): where the context ends in an n-gram of at least n tokens seen
 before, prompt lookup's copy (specdec/lookup.py) is verified instead of the chain: copying is what
 the head drafts worst (a RAG answer, a summary, a translation quoting its source) and what lookup
-drafts best. The verify keeps it lossless whichever it takes. On the host the rule is per step;
+drafts best. The verify keeps it lossless whichever it takes. On the host the rule is per step
+(on a CPU the verify then only catches up, and a chain is drafted only where no copy is taken);
 device steps choose per chunk (a graph replays one kind of step) between chain steps, which cost
 what eagle's do, and copy steps (lookup's drafts, at least COPY_K wide, each verify's hidden
 states kept by position: the chain after them catches the draft cache up over their span in one
