@@ -175,6 +175,42 @@ def test_eagle_through_the_fused_triton_layers_drafts_as_its_pytorch_twins() -> 
     assert triton.stats.draft_tokens == reference.stats.draft_tokens and len(triton.stats.draft_tokens) >= 3
 
 
+@pytest.mark.parametrize("ops_name", ["layer_reference", "layer_triton", "torch"])
+def test_the_draft_layers_window_leaves_older_elements_unread(ops_name: str, monkeypatch) -> None:
+    """The draft layer attends `window` positions back, so a catch-up starts there: a 40-token
+    prompt's first proposal runs 6 elements, not 40, and the drafts are those of a drafter whose
+    catch-ups run every element (the ones before the window are never read), in the PyTorch twins
+    and in the Triton kernels (interpreted on a CPU), and as PyTorch ops over the whole cache with a
+    mask (a GPU without Triton); the output is plain greedy's."""
+    import importlib
+
+    from labkit.config import GenerationConfig
+    from labkit.generate import Speculation, generate
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    if ops_name == "layer_triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's kernels run on the CPU under TRITON_INTERPRET=1")
+    ops = None if ops_name == "torch" else importlib.import_module(f"labkit.kernels.{ops_name}")
+    engine = _engine()
+    prompt, cfg = list(range(3, 43)), GenerationConfig(max_new_tokens=12, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    runs = {}
+    for windowed in (True, False):
+        drafter = EagleDrafter(engine, random_head(depth=2), device_steps=False, window=6)
+        drafter.ops = ops
+        if not windowed:
+            monkeypatch.setattr(drafter, "first_needed", lambda L: 0)  # every element caught up
+        rows: list[int] = []
+        elements = drafter.elements
+        monkeypatch.setattr(drafter, "elements", lambda feats, *a, elements=elements, rows=rows, **kw: (rows.append(feats.shape[1]), elements(feats, *a, **kw))[1])
+        out = generate(engine, prompt, cfg, Speculation(drafter, 2))
+        runs[windowed] = (out, rows)
+    (short, short_rows), (full, full_rows) = runs[True], runs[False]
+    assert short.tokens == want == full.tokens
+    assert short.stats.draft_tokens == full.stats.draft_tokens and len(short.stats.draft_tokens) >= 3
+    assert short_rows[0] == 6 and full_rows[0] == 40  # the first proposal's catch-up: the window's elements, or all
+
+
 def test_eagle_learns_the_targets_continuation_and_its_draft_vocabulary() -> None:
     """Trained on texts a tiny target wrote, the head guesses its held-out greedy tokens better
     than untrained, at depth 1 and 2, and drafts only from its reduced vocabulary."""

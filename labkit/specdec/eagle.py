@@ -152,6 +152,7 @@ class EagleHead(nn.Module):
         tree: TreeAttention | None = None,  # elements of a draft tree (pos: their cache slots; fused ops only)
         tokens: torch.Tensor | None = None,  # (B, T) int64 the elements' tokens, when emb is None
         embed: torch.Tensor | None = None,  # (V, D) the target's token embedding, when emb is None
+        window: int | None = None,  # each element attends to the elements at most this many positions back (None: all)
     ) -> torch.Tensor:  # (B, T, D) predicted features
         """Elements at their positions; each attends to every cached element at or before its own
         position. The cache past a position may hold stale elements of a rejected chain: a
@@ -166,10 +167,11 @@ class EagleHead(nn.Module):
             if ops is not None and hasattr(ops, "embed_fc"):
                 B, T, D = feat.shape
                 x = ops.embed_fc(tokens.reshape(B * T), embed, feat.reshape(B * T, D), self.fc.weight)  # (M, D)
-                return self._fused_layer(ops, x, B, T, pos, cache, tree)
+                return self._fused_layer(ops, x, B, T, pos, cache, tree, window)
             emb = F.embedding(tokens, embed).to(feat.dtype)
         if ops is not None:
-            return self._fused(ops, feat, emb, pos, cache, tree)
+            B, T, D = feat.shape
+            return self._fused_layer(ops, self.fc(torch.cat((emb, feat), dim=-1)).reshape(B * T, D), B, T, pos, cache, tree, window)
         if tree is not None:
             raise LabkitError("draft trees run the draft layer through the fused layer operations (a CPU, or a GPU's Triton layers)")
         x, q, k, v = self._qkv(feat, emb, pos)
@@ -180,24 +182,21 @@ class EagleHead(nn.Module):
         k_cache.scatter_(2, index, k.to(k_cache.dtype))
         v_cache.scatter_(2, index, v.to(v_cache.dtype))
         mask = cache.positions <= pos[:, None, :, None]  # (B, 1, T, S)
+        if window:
+            mask &= cache.positions > pos[:, None, :, None] - window
         y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
         return self._finish(x, y)
 
-    def _fused(self, ops: Any, feat: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor, cache: KVCache,
-               tree: TreeAttention | None = None) -> torch.Tensor:
-        """forward_cached through the fused layer operations (llama.LlamaBlock.forward_fused's five)."""
-        B, T, D = feat.shape
-        return self._fused_layer(ops, self.fc(torch.cat((emb, feat), dim=-1)).reshape(B * T, D), B, T, pos, cache, tree)
-
     def _fused_layer(self, ops: Any, x: torch.Tensor, B: int, T: int, pos: torch.Tensor, cache: KVCache,
-                     tree: TreeAttention | None = None) -> torch.Tensor:  # x (M, D), the fc's output -> (B, T, D)
+                     tree: TreeAttention | None = None, window: int | None = None) -> torch.Tensor:  # x (M, D), the fc's output -> (B, T, D)
+        """The layer after the fc through the fused layer operations (llama.LlamaBlock.forward_fused's five)."""
         eps, D = self.dims.norm_eps, self.dims.dim
         cos, sin = self.rope_table(cache.max_len, x.device)  # (>= S, hd) fp32, made by forward_cached
         k_cache, v_cache = cache.k_layers[0], cache.v_layers[0]  # (B, nkv, S, hd)
         q = ops.norm_qkv_rope(x, self.attn_norm.weight, eps, self.wqkv.weight, None, cos, sin, pos, k_cache, v_cache,
                               self.dims.n_heads, *(() if tree is None else (tree.rope_pos,)))  # (M, nh, hd)
         tree_args = {} if tree is None else {"tree_base": tree.base, "tree_mask": tree.mask}
-        y = ops.decode_attention(q, k_cache, v_cache, pos, 1.0 / math.sqrt(self.dims.head_dim), None, cache.counters[0],
+        y = ops.decode_attention(q, k_cache, v_cache, pos, 1.0 / math.sqrt(self.dims.head_dim), window, cache.counters[0],
                                  **tree_args)  # (M, nh*hd)
         x = ops.linear_residual(y, self.wo.weight, None, x)  # (M, D)
         h = ops.norm_gate_up(x, self.mlp_norm.weight, eps, self.w_gate_up.weight, None)  # (M, hidden)

@@ -48,6 +48,10 @@ from labkit.specdec.lookup_steps import CHUNK, LookupSteps
 from labkit.specdec.tree import TokenTree
 
 COPY_K = 8  # eagle-ngram's copy steps draft at least this many tokens (lookup's best K on the H200 suite)
+# The draft layer attends to the elements at most this many positions back. Its head trains on texts
+# of a few hundred tokens, so attention further back is untrained; a window bounds a long prompt's
+# catch-up (elements further back are never read) and each pass's attention.
+WINDOW = 512
 
 
 def chain_with_siblings(top: list[list[int]]) -> Draft:
@@ -98,7 +102,8 @@ class EagleDrafter(Drafter):
     chunk = CHUNK  # device steps per host read (run_steps)
 
     def __init__(self, target: Engine, head: EagleHead, dtype: torch.dtype | None = None, width: int = 1,
-                 tree: DynamicTreeConfig | None = None, device_steps: bool | None = None, lookup_over: int = 0) -> None:
+                 tree: DynamicTreeConfig | None = None, device_steps: bool | None = None, lookup_over: int = 0,
+                 window: int = WINDOW) -> None:
         """device_steps: chains run CHUNK greedy steps per host read (run_steps); None: where the
         target has CUDA graphs. lookup_over > 0: chains give way to prompt lookup's copy where the
         context ends in an n-gram of at least that many tokens seen before (eagle-ngram)."""
@@ -106,6 +111,9 @@ class EagleDrafter(Drafter):
             raise LabkitError(f"this EAGLE head has width {head.dims.dim}, the target {target.args.dim}: train it for this target")
         target.keep_hidden_states(every_position=True)
         self.target = target
+        if window < 1:
+            raise LabkitError(f"EAGLE's attention window is at least one position, got {window}")
+        self.window = window  # the draft layer's attention reaches this many positions back (WINDOW)
         # The head drafts in the target's dtype (it trains under bf16 autocast on a GPU), with fp32
         # rotary tables. fp32 drafting on an H200 cost 1.4 ms a step through the fused kernels
         # (their fp32 dots run without tensor cores), against ~0.55 ms for the verify itself.
@@ -211,9 +219,11 @@ class EagleDrafter(Drafter):
         """One draft-layer pass of elements at pos (within the draft cache) -> (B, T, D) predicted features."""
         cache = self._draft_cache
         assert cache is not None
-        if self.embed_weight is not None:  # the embedding gathered inside the fc's kernel
-            return self.head.forward_cached(feats.to(self.dtype), None, pos, cache, self.ops, tree, tokens=tokens, embed=self.embed_weight)
-        return self.head.forward_cached(feats.to(self.dtype), self.embed(tokens).to(self.dtype), pos, cache, self.ops, tree)
+        if self.embed_weight is not None and hasattr(self.ops, "embed_fc"):  # the embedding gathered inside the fc's kernel
+            return self.head.forward_cached(feats.to(self.dtype), None, pos, cache, self.ops, tree, tokens=tokens, embed=self.embed_weight,
+                                            window=self.window)
+        return self.head.forward_cached(feats.to(self.dtype), self.embed(tokens).to(self.dtype), pos, cache, self.ops, tree,
+                                        window=self.window)
 
     def _logits(self, feat: torch.Tensor) -> torch.Tensor:  # (M, D) -> (M, N) over the draft vocabulary
         return feat @ self.weight.t() if self.draft_head is None else self.draft_head(feat)
@@ -222,7 +232,7 @@ class EagleDrafter(Drafter):
         return torch.log_softmax(self._logits(feat).float(), dim=-1)
 
     def _pick(self, feat: torch.Tensor, width: int = 1) -> torch.Tensor:  # (B, D) -> (B, width) target ids, best first
-        if width == 1 and self.fused_pick:  # one launch: the product, its argmax and the id
+        if width == 1 and self.fused_pick and hasattr(self.ops, "draft_argmax"):  # one launch: the product, its argmax and the id
             return self.ops.draft_argmax(feat.contiguous(), self.weight, self.ids, self._pick_scratch)[:, None]
         logits = self._logits(feat)  # (B, N)
         return self.ids[logits.argmax(-1, keepdim=True) if width == 1 else logits.topk(width, dim=-1).indices]
@@ -381,18 +391,25 @@ class EagleDrafter(Drafter):
         if self._anchor_len == L:  # a catch-up-only verify did it (_CatchUpOnly)
             self.done, self._anchor_len = L - 1, -1
             return self.anchor_feat
+        first = self.first_needed(L)
         if self._copied_from >= 0:  # copy steps ran: catch up over their span from the hidden states they kept
-            start, end = min(self._copied_from, L - 2), min(self._copied_to, L) - 1
+            start, end = min(max(self._copied_from, first), L - 2), min(self._copied_to, L) - 1
             self._copied_from = -1
             assert self._hist is not None
-            anchor_feat = self._elements_at(context, self._hist[:, start:end], start)
-            if end == L - 1:
-                return anchor_feat
+            if end > start:  # (a span wholly before the window: never read)
+                anchor_feat = self._elements_at(context, self._hist[:, start:end], start)
+                if end == L - 1:
+                    return anchor_feat
             # steps after them that kept no hidden states here (a plain step): from the last pass, below
         # Elements the last pass made true. One not in it (a step that proposed nothing, then
         # another) keeps a stale element: worse drafts there, never a wrong output.
-        start = min(max(self.done, self.target.kept_hidden.start), L - 2)
+        start = min(max(self.done, self.target.kept_hidden.start, first), L - 2)
         return self._elements_at(context, self.target.hidden_span(start, L - 1), start)
+
+    def first_needed(self, L: int) -> int:
+        """The first position whose element a chain from a context of L tokens reads (its first
+        query sits at L - 2 and sees `window` positions back): catch-ups start there at the earliest."""
+        return max(0, L - 1 - self.window)
 
     def _elements_at(self, context: list[int], feats: torch.Tensor, start: int) -> torch.Tensor:
         """feats (B, n, D) the target's hidden states at positions start.. -> the draft cache's
