@@ -5,17 +5,20 @@ after the first token), token identity with plain, tau, steps and drafting steps
     python scripts/eagle_long_cpu.py PROMPT_TOKENS [EAGLE_FOLDER]   (default folder: /tmp/eagle10k)
 """
 
-import sys, torch
-from labkit.models.loading import load_model
-from labkit.engine import Engine
+import sys
+
+import torch
+
+import labkit
 from labkit.config import GenerationConfig
+from labkit.engine import Engine
 from labkit.generate import Speculation, generate
+from labkit.models.loading import load_model
+from labkit.prompts.long import long_prompt
 from labkit.specdec.controllers import make_controller
 from labkit.specdec.eagle import load_eagle
 from labkit.specdec.eagle_drafter import EagleDrafter
 from labkit.specdec.heads import fingerprint
-from labkit.prompts.long import long_prompt
-import labkit
 
 print(labkit.__file__)
 loaded = load_model("default")
