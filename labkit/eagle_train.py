@@ -56,7 +56,7 @@ class _FrozenEmbedding(torch.nn.Module):
 
     def __init__(self, model: Any) -> None:
         super().__init__()
-        from labkit.specdec.eagle_drafter import token_embedding
+        from labkit.specdec.eagle_ops import token_embedding
 
         table: Any = token_embedding(model)
         self.weight = table.weight.detach().float()  # (V, D)

@@ -521,7 +521,8 @@ def test_eagle_ngram_on_a_cpu_drafts_chains_only_where_it_takes_no_copy(monkeypa
     (the same elements, the same chains), the output plain greedy's, with fewer picks."""
     from labkit.config import GenerationConfig
     from labkit.generate import Speculation, generate
-    from labkit.specdec.eagle_drafter import EagleDrafter, _CatchUpOnly
+    from labkit.specdec.eagle_drafter import EagleDrafter
+    from labkit.specdec.eagle_hooks import CatchUpOnly
     from labkit.specdec.lookup import latest_match
 
     engine = _engine()
@@ -531,7 +532,7 @@ def test_eagle_ngram_on_a_cpu_drafts_chains_only_where_it_takes_no_copy(monkeypa
     runs = {}
     for catch_up_only in (True, False):
         drafter = EagleDrafter(engine, random_head(), device_steps=False, lookup_over=1)  # 1-grams: copies this tiny target meets
-        assert isinstance(drafter.verify_hook, _CatchUpOnly)  # a CPU target's
+        assert isinstance(drafter.verify_hook, CatchUpOnly)  # a CPU target's
         if not catch_up_only:
             drafter.verify_hook = drafter  # the verify drafts the chain, as on a GPU
         picks: list[int] = []

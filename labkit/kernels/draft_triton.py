@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _k_tiles, _launch, _pdl, _wait_for_inputs
+from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _k_tiles, _launch, _pdl, _tile, _wait_for_inputs
 
 KEY_INDEX = 1 << 31  # a key is (ordered logit bits) * KEY_INDEX + (KEY_INDEX - 1 - index)
 
@@ -51,20 +51,16 @@ def _embed_fc_kernel(
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = offs_m < M, offs_n < D
     K: tl.constexpr = 2 * D
-    w_offs = tl.arange(0, KA)
-    w_a = tl.load(w_ptr + offs_n[:, None] * K + w_offs[None, :], mask=n_ok[:, None] & (w_offs[None, :] < K), other=0.0)
+    w_a = _tile(w_ptr, offs_n, n_ok, 0, K, KA)  # (BLOCK_N, KA): weights first, before the wait
     if KB > 0:
-        w_offs_b = KA + tl.arange(0, KB)
-        w_b = tl.load(w_ptr + offs_n[:, None] * K + w_offs_b[None, :], mask=n_ok[:, None] & (w_offs_b[None, :] < K), other=0.0)
+        w_b = _tile(w_ptr, offs_n, n_ok, KA, K, KB)
     _wait_for_inputs(GDC)  # the tokens and the features come from the kernels before
     tok = tl.load(tok_ptr + offs_m, mask=m_ok, other=0)
     acc = _dot(_cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, 0, D, KA), tl.trans(w_a), IEEE)  # (BLOCK_M, BLOCK_N)
     if KB > 0:
         acc += _dot(_cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, KA, D, KB), tl.trans(w_b), IEEE)
     for k0 in range(KA + KB, K, BLOCK_K):  # columns past the prefetched tiles
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        w_k = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
-        acc += _dot(_cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, k0, D, BLOCK_K), tl.trans(w_k), IEEE)
+        acc += _dot(_cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, k0, D, BLOCK_K), tl.trans(_tile(w_ptr, offs_n, n_ok, k0, K, BLOCK_K)), IEEE)
     dtype = out_ptr.dtype.element_ty
     tl.store(out_ptr + offs_m[:, None] * D + offs_n[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -106,24 +102,15 @@ def _draft_argmax_kernel(
     mb = tl.program_id(1)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = offs_m < M, offs_n < N
-    w_offs = tl.arange(0, KA)
-    w_a = tl.load(w_ptr + offs_n[:, None] * D + w_offs[None, :], mask=n_ok[:, None] & (w_offs[None, :] < D), other=0.0)
+    w_a = _tile(w_ptr, offs_n, n_ok, 0, D, KA)  # (BLOCK_N, KA): weights first, before the wait
     if KB > 0:
-        w_offs_b = KA + tl.arange(0, KB)
-        w_b = tl.load(w_ptr + offs_n[:, None] * D + w_offs_b[None, :], mask=n_ok[:, None] & (w_offs_b[None, :] < D), other=0.0)
+        w_b = _tile(w_ptr, offs_n, n_ok, KA, D, KB)
     _wait_for_inputs(GDC)  # the features come from the kernel before
-    x_offs = tl.arange(0, KA)
-    acc = _dot(tl.load(x_ptr + offs_m[:, None] * D + x_offs[None, :], mask=m_ok[:, None] & (x_offs[None, :] < D), other=0.0),
-               tl.trans(w_a), IEEE)  # (BLOCK_M, BLOCK_N)
+    acc = _dot(_tile(x_ptr, offs_m, m_ok, 0, D, KA), tl.trans(w_a), IEEE)  # (BLOCK_M, BLOCK_N)
     if KB > 0:
-        acc += _dot(tl.load(x_ptr + offs_m[:, None] * D + w_offs_b[None, :], mask=m_ok[:, None] & (w_offs_b[None, :] < D), other=0.0),
-                    tl.trans(w_b), IEEE)
-    for k0 in range(KA + KB, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < D
-        w_k = tl.load(w_ptr + offs_n[:, None] * D + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x_k = tl.load(x_ptr + offs_m[:, None] * D + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += _dot(x_k, tl.trans(w_k), IEEE)
+        acc += _dot(_tile(x_ptr, offs_m, m_ok, KA, D, KB), tl.trans(w_b), IEEE)
+    for k0 in range(KA + KB, D, BLOCK_K):  # columns past the prefetched tiles
+        acc += _dot(_tile(x_ptr, offs_m, m_ok, k0, D, BLOCK_K), tl.trans(_tile(w_ptr, offs_n, n_ok, k0, D, BLOCK_K)), IEEE)
     logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as the PyTorch product's output is
     key = _ordered(logits) * KEY_INDEX + (KEY_INDEX - 1 - offs_n.to(tl.int64))[None, :]  # (BLOCK_M, BLOCK_N)
     key = tl.where(n_ok[None, :], key, 0)

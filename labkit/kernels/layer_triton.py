@@ -30,7 +30,7 @@ import triton.language as tl
 
 from labkit.kernels.attention_triton import decode_attention  # noqa: F401  (the layer's attention op)
 from labkit.kernels.draft_triton import draft_argmax, embed_fc  # noqa: F401  (an EAGLE draft pass's ends)
-from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _k_tiles, _launch, _pdl, _wait_for_inputs  # noqa: F401  (TUNE: the one tile table)
+from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _k_tiles, _launch, _pdl, _tile, _vec, _wait_for_inputs  # noqa: F401  (TUNE: the one tile table)
 
 TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention
 ROW_POSITIONS = True  # input_pos may be (B, T): each batch row at its own positions (batched decoding)
@@ -39,19 +39,6 @@ ROW_POSITIONS = True  # input_pos may be (B, T): each batch row at its own posit
 def _loop_k(key: str, x: torch.Tensor) -> int:
     """The loop's reduction tile, halved for 32-bit weights (same bytes in shared memory)."""
     return int(TUNE[key]) * 2 // x.element_size()
-
-
-@triton.jit
-def _tile(ptr, rows, r_ok, k0, K: tl.constexpr, KT: tl.constexpr):
-    """Columns k0..k0+KT of the given rows of a row-major (*, K) matrix, zeros past K."""
-    offs_k = k0 + tl.arange(0, KT)
-    return tl.load(ptr + rows[:, None] * K + offs_k[None, :], mask=r_ok[:, None] & (offs_k[None, :] < K), other=0.0)
-
-
-@triton.jit
-def _vec(ptr, k0, K: tl.constexpr, KT: tl.constexpr):
-    offs_k = k0 + tl.arange(0, KT)
-    return tl.load(ptr + offs_k, mask=offs_k < K, other=0.0)
 
 
 @triton.jit

@@ -89,3 +89,16 @@ def _wait_for_inputs(GDC: tl.constexpr):
     if GDC:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _tile(ptr, rows, r_ok, k0, K: tl.constexpr, KT: tl.constexpr):
+    """Columns k0..k0+KT of the given rows of a row-major (*, K) matrix, zeros past K."""
+    offs_k = k0 + tl.arange(0, KT)
+    return tl.load(ptr + rows[:, None] * K + offs_k[None, :], mask=r_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _vec(ptr, k0, K: tl.constexpr, KT: tl.constexpr):
+    offs_k = k0 + tl.arange(0, KT)
+    return tl.load(ptr + offs_k, mask=offs_k < K, other=0.0)

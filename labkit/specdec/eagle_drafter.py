@@ -37,13 +37,14 @@ import torch
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
-from labkit.graphs import GRAPH_MAX_T
 from labkit.kernels.reference import LOOKUP_MAX_N
 from labkit.models.kvcache import COUNTER_ROWS, KVCache, TreeAttention
 from labkit.specdec.copy_or_chain import CopyOrChain
 from labkit.specdec.draft import Draft, Drafter, Step
 from labkit.specdec.eagle import EagleHead, draft_head_weight
-from labkit.specdec.eagle_tree import DynamicTreeConfig, dynamic_tree
+from labkit.specdec.eagle_hooks import CatchUpOnly, ChainOf, KeepHidden
+from labkit.specdec.eagle_ops import draft_layer_ops, target_runs_triton, token_embedding
+from labkit.specdec.eagle_tree import DynamicTreeConfig, chain_with_siblings, dynamic_tree
 from labkit.specdec.lookup_steps import CHUNK, LookupSteps
 from labkit.specdec.tree import TokenTree
 
@@ -52,50 +53,6 @@ COPY_K = 8  # eagle-ngram's copy steps draft at least this many tokens (lookup's
 # of a few hundred tokens, so attention further back is untrained; a window bounds a long prompt's
 # catch-up (elements further back are never read) and each pass's attention.
 WINDOW = 512
-
-
-def chain_with_siblings(top: list[list[int]]) -> Draft:
-    """The token tree of a chain (top[d][0] at depth d+1, each the child of the one before) whose
-    nodes also have the other candidates top[d][1:] as leaf siblings, at every depth."""
-    tokens: list[int] = []
-    parents: list[int] = []
-    prev = -1
-    for candidates in top:
-        chain_node = len(tokens)
-        tokens.extend(candidates)
-        parents.extend([prev] * len(candidates))
-        prev = chain_node
-    return Draft(tokens, parents=parents)
-
-
-def target_runs_triton(target: Engine) -> bool:
-    """Whether the target runs the fused Triton layers, which the draft layer then shares."""
-    return target.layer_kernels == "triton"
-
-
-def draft_layer_ops(target: Engine) -> Any:
-    """How the draft layer runs: through the target's fused Triton kernels where the target runs
-    them (five launches a layer, attention over the positions each query sees); on a CPU through
-    their PyTorch twins (attention up to the last position, not the whole cache); else as PyTorch
-    ops over the whole draft cache with a mask (capturable on any GPU)."""
-    if target_runs_triton(target):
-        from labkit.kernels import layer_triton
-
-        return layer_triton
-    if target.device.type == "cpu":
-        from labkit.kernels import layer_reference
-
-        return layer_reference
-    return None
-
-
-def token_embedding(model: Any) -> torch.nn.Module:
-    """The target's token embedding (Llama: embed; GPT-2 and OPT: wte)."""
-    embed = getattr(model, "embed", None)
-    embed = getattr(model, "wte", None) if embed is None else embed
-    if embed is None:
-        raise LabkitError(f"EAGLE needs the target's token embedding; {type(model).__name__} has none it knows")
-    return embed
 
 
 class EagleDrafter(Drafter):
@@ -138,10 +95,7 @@ class EagleDrafter(Drafter):
         self.ops, self.draft_head = self._draft_layer(target)
         # A draft pass's ends in the fused operations (kernels/draft_triton.py): the embedding gather
         # and fc, and the draft head's argmax, where the ops have them and the target's embedding is a table
-        table = self.embed.weight if isinstance(self.embed, torch.nn.Embedding) else None  # (V, D)
-        fused_ends = hasattr(self.ops, "embed_fc") and table is not None
-        self.embed_weight = table if fused_ends else None
-        self.fused_pick = fused_ends and self.draft_head is None
+        self.embed_weight = self.embed.weight if isinstance(self.embed, torch.nn.Embedding) else None  # (V, D) a table, or a CPU's blocks
         rows = max(16, target.batch_size)
         self._pick_scratch = (torch.zeros(rows, dtype=torch.long, device=target.device),  # draft_argmax's, left zero
                               torch.zeros(rows // 16 + 1, dtype=torch.int32, device=target.device))
@@ -160,11 +114,11 @@ class EagleDrafter(Drafter):
         self._copied_from = -1  # copy steps ran from this position on: their hidden states wait in _hist for the chain's catch-up ...
         self._copied_to = -1  # ... up to the context length they left
         self._hist: torch.Tensor | None = None  # (B, S, D) the target's hidden states by position, kept by copy steps (eagle-ngram)
-        self._watch = _KeepHidden(self)
+        self._watch = KeepHidden(self)
         self._anchor_len = -1  # a catch-up-only verify made the draft cache true for this context length ...
         self.anchor_feat = torch.zeros(target.batch_size, head.dims.dim, dtype=self.dtype, device=target.device)  # ... (B, D) its anchor's feature
         if lookup_over and target.device.type == "cpu":  # a verify's work costs what a proposal's does: chains only where no copy is taken
-            self.verify_hook = _CatchUpOnly(self)
+            self.verify_hook = CatchUpOnly(self)
         self.choice = CopyOrChain(max(1, lookup_over))  # copy or chain steps, per chunk (its rates and switch time: read-only outside)
         if (target.cuda_graph if device_steps is None else device_steps) and width == 1 and tree is None:
             self.device_steps = self
@@ -232,12 +186,12 @@ class EagleDrafter(Drafter):
         return torch.log_softmax(self._logits(feat).float(), dim=-1)
 
     def _pick(self, feat: torch.Tensor, width: int = 1) -> torch.Tensor:  # (B, D) -> (B, width) target ids, best first
-        if width == 1 and self.fused_pick and hasattr(self.ops, "draft_argmax"):  # one launch: the product, its argmax and the id
+        if width == 1 and self.draft_head is None and hasattr(self.ops, "draft_argmax"):  # one launch: the product, its argmax and the id
             return self.ops.draft_argmax(feat.contiguous(), self.weight, self.ids, self._pick_scratch)[:, None]
         logits = self._logits(feat)  # (B, N)
         return self.ids[logits.argmax(-1, keepdim=True) if width == 1 else logits.topk(width, dim=-1).indices]
 
-    def _chain(self, feat: torch.Tensor, anchor: torch.Tensor, width: int = 1, depth: int | None = None) -> torch.Tensor:
+    def chain(self, feat: torch.Tensor, anchor: torch.Tensor, width: int = 1, depth: int | None = None) -> torch.Tensor:
         """feat (B, D) the anchor's predicted feature, anchor (B,) its position -> (B, depth, width)
         the best `width` drafts at each depth of the chain (default: the head's depth), which follows the best."""
         depth = depth or self.depth
@@ -281,7 +235,7 @@ class EagleDrafter(Drafter):
             feats = torch.zeros(B, n, D, dtype=self.dtype, device=device)
             tokens = torch.zeros(B, n, dtype=torch.long, device=device)
             self.elements(feats, tokens, torch.arange(n, device=device))
-        self._chain(torch.zeros(B, D, dtype=self.dtype, device=device), torch.zeros(B, dtype=torch.long, device=device))
+        self.chain(torch.zeros(B, D, dtype=self.dtype, device=device), torch.zeros(B, dtype=torch.long, device=device))
         self._warm = True
 
     @torch.inference_mode()
@@ -294,7 +248,7 @@ class EagleDrafter(Drafter):
         if self.tree is not None:
             return dynamic_tree(self, anchor_feat, input_pos[:1] + accepted, self.tree)[None]  # (1, 2 * nodes)
         depth = self.depth if hidden.is_cuda and torch.cuda.is_current_stream_capturing() else self.chain_depth  # a captured step replays at any K
-        return self._chain(anchor_feat, input_pos[0] + accepted, self.width, depth).flatten(1)  # (B, depth * width)
+        return self.chain(anchor_feat, input_pos[0] + accepted, self.width, depth).flatten(1)  # (B, depth * width)
 
     def catch_up(self, hidden: torch.Tensor, verdict: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Inside the verify step: the draft cache's elements for every verified row (row j's token
@@ -311,12 +265,22 @@ class EagleDrafter(Drafter):
     def take(self, tokens: list[int], context_len: int) -> None:
         self._prepared = (context_len, tokens)
 
+    def keep_hidden(self, hidden: torch.Tensor, input_pos: torch.Tensor) -> None:
+        """hidden (B, T, D) a verify's states at input_pos (T,), kept for the catch-up after copy steps."""
+        kept = self._hist
+        assert kept is not None
+        kept.index_copy_(1, input_pos.clamp(max=kept.shape[1] - 1), hidden.to(kept.dtype))  # (B, S, D) at the T positions
+
+    def anchored(self, context_len: int) -> None:
+        """A catch-up-only verify made the draft cache true for this context length (anchor_feat holds its anchor's feature)."""
+        self._anchor_len = context_len
+
     def _steps(self, k: int, copy: bool) -> tuple[LookupSteps, bool]:
         """The device steps of width k (chain or copy steps), and whether this request is new to them."""
         if copy:
             steps = self.target.captured(("eagle-copy-steps", self, k), lambda: LookupSteps(self.target, k, hook=self._watch))
         else:
-            steps = self.target.captured(("eagle-steps", self, k), lambda: LookupSteps(self.target, k, hook=_ChainOf(self, k), n_cols=k))
+            steps = self.target.captured(("eagle-steps", self, k), lambda: LookupSteps(self.target, k, hook=ChainOf(self, k), n_cols=k))
         fresh = (k, copy) not in self._steps_used
         self._steps_used.add((k, copy))
         return steps, fresh
@@ -382,13 +346,13 @@ class EagleDrafter(Drafter):
         anchor = torch.full((self.target.batch_size,), L - 2, device=self.target.device)
         if self.tree is not None:
             return self._draft(dynamic_tree(self, anchor_feat, anchor, self.tree).tolist(), k)
-        return self._draft(self._chain(anchor_feat, anchor, self.width, self.chain_depth)[0].flatten().tolist(), k)
+        return self._draft(self.chain(anchor_feat, anchor, self.width, self.chain_depth)[0].flatten().tolist(), k)
 
     def _catch_up_to(self, context: list[int]) -> torch.Tensor:  # -> (B, D)
         """The draft cache's elements true up to the context's last position but one -> the
         predicted feature there, the anchor of the next chain."""
         L = len(context)  # the target's cache holds context[:-1]: true elements 0..L-2
-        if self._anchor_len == L:  # a catch-up-only verify did it (_CatchUpOnly)
+        if self._anchor_len == L:  # a catch-up-only verify did it (CatchUpOnly)
             self.done, self._anchor_len = L - 1, -1
             return self.anchor_feat
         first = self.first_needed(L)
@@ -432,61 +396,3 @@ class EagleDrafter(Drafter):
             return Draft(flat[:n], parents=flat[n:])
         top = [flat[d * self.width : (d + 1) * self.width] for d in range(k)]
         return Draft([row[0] for row in top]) if self.width == 1 else chain_with_siblings(top)
-
-
-class _ChainOf:
-    """Chain steps' verify hook: EagleDrafter.draft_after with chains as deep as the steps' K (the
-    drafter's own draft_after drafts its whole depth inside a captured verify, which then serves
-    any K; device steps are captured per K, so depths past it would be drafted for nothing)."""
-
-    def __init__(self, drafter: EagleDrafter, depth: int) -> None:
-        self.drafter, self.depth = drafter, depth
-        self.max_t = drafter.max_t
-
-    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
-                    tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (B, depth)
-        anchor_feat = self.drafter.catch_up(hidden, verdict, tokens, input_pos)  # (B, D)
-        return self.drafter._chain(anchor_feat, input_pos[0] + verdict[:, 0], 1, self.depth).flatten(1)
-
-    def take(self, tokens: list[int], context_len: int) -> None:
-        pass
-
-
-class _CatchUpOnly:
-    """eagle-ngram's verify hook on a CPU: the catch-up inside the verify (the draft cache's
-    elements for the verified rows, and the anchor's feature kept), no chain. The next proposal
-    drafts a chain from that anchor only where it takes no copy: on a CPU the chain costs the same
-    inside the verify or after it, and a copy step needs none."""
-
-    def __init__(self, drafter: EagleDrafter) -> None:
-        self.drafter = drafter
-        self.max_t = drafter.max_t
-
-    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
-                    tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (B, 0)
-        self.drafter.anchor_feat.copy_(self.drafter.catch_up(hidden, verdict, tokens, input_pos))
-        return tokens[:, :0]
-
-    def take(self, tokens: list[int], context_len: int) -> None:
-        self.drafter._anchor_len = context_len
-
-
-class _KeepHidden:
-    """eagle-ngram's copy steps' watching hook: inside each verify it keeps the pass's hidden states
-    at their positions (one copy; rows past the accepted ones are rewritten by the next step's pass),
-    so the chain after the copy steps catches the draft cache up over their whole span in one go
-    (EagleDrafter._propose) instead of a draft-layer pass inside every copy step."""
-
-    def __init__(self, drafter: EagleDrafter) -> None:
-        self.drafter = drafter
-        self.max_t = GRAPH_MAX_T
-
-    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
-                    tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (B, 0)
-        kept = self.drafter._hist
-        assert kept is not None
-        kept.index_copy_(1, input_pos.clamp(max=kept.shape[1] - 1), hidden.to(kept.dtype))  # (B, S, D) at the T positions
-        return tokens[:, :0]
-
-    def take(self, tokens: list[int], context_len: int) -> None:
-        pass

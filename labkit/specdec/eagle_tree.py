@@ -23,6 +23,7 @@ import torch
 
 from labkit.errors import LabkitError
 from labkit.models.kvcache import TreeAttention
+from labkit.specdec.draft import Draft
 
 DEPTH_PENALTY = 1e-3  # subtracted per depth from a path's score: an ancestor always outranks its descendants
 
@@ -100,3 +101,17 @@ def dynamic_tree(layer: DraftLayer, feat: torch.Tensor, anchor: torch.Tensor, cf
     position[order] = torch.arange(cfg.nodes, device=device)
     parent = torch.cat(parents)[order]  # (nodes,) candidate index or -1
     return torch.cat((torch.cat(tokens)[order], position[parent]))
+
+
+def chain_with_siblings(top: list[list[int]]) -> Draft:
+    """The token tree of a chain (top[d][0] at depth d+1, each the child of the one before) whose
+    nodes also have the other candidates top[d][1:] as leaf siblings, at every depth."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    prev = -1
+    for candidates in top:
+        chain_node = len(tokens)
+        tokens.extend(candidates)
+        parents.extend([prev] * len(candidates))
+        prev = chain_node
+    return Draft(tokens, parents=parents)
