@@ -6,6 +6,7 @@ keyed by what it was captured for) and drops them all whenever those addresses c
 nothing is ever replayed against a cache that is no longer there.
 
     capture(engine, body, prepare)   warm `body` up, then capture it in the engine's graph pool
+    only_where(pred)                 a block's device work only where a device flag holds (an IF node)
     GraphStep      one step of T tokens (decode, verify; optionally the greedy verdict and heads)
     GreedyGraph    a greedy decode step that feeds itself: n steps per host read
     PrefillGraph   a prompt from position 0 in one pass, padded to a power-of-two bucket
@@ -13,6 +14,9 @@ nothing is ever replayed against a cache that is no longer there.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -61,6 +65,28 @@ class CapturedGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
+
+
+def if_nodes() -> bool:
+    """Whether this PyTorch captures CUDA graph IF nodes (torch.cuda.CUDAGraph's conditional capture),
+    unless LABKIT_IF_NODES=0 (then only_where's blocks always run)."""
+    return os.environ.get("LABKIT_IF_NODES", "1") != "0" and hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph") and hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+
+
+@contextmanager
+def only_where(pred: torch.Tensor) -> Iterator[None]:  # pred (1,) bool on the device
+    """The block's device work runs only where pred holds, when a CUDA graph is being captured
+    (a conditional IF node, read on the device at each replay: no host sync). Anywhere else the
+    block always runs: its writes must be harmless where pred is false (the caller picks past them)."""
+    if pred.is_cuda and torch.cuda.is_current_stream_capturing() and if_nodes():
+        graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+        graph.begin_capture_to_if_node(pred)
+        try:
+            yield
+        finally:
+            graph.end_capture_to_conditional_node()
+    else:
+        yield
 
 
 def capture(engine: Engine, body: Any, prepare: Any) -> torch.cuda.CUDAGraph:

@@ -266,6 +266,55 @@ def test_cuda_eagle_ngram_copy_and_chain_steps_run_captured(layer_kernels: str, 
     assert any(len(d) == 8 for d in got.stats.draft_tokens) and any(len(d) == 4 for d in got.stats.draft_tokens)
 
 
+def test_cuda_only_where_runs_its_block_only_where_the_flag_holds() -> None:
+    """A captured graph's IF node (graphs.only_where): each replay runs the block where the device
+    flag holds then, and skips it elsewhere."""
+    from labkit.graphs import if_nodes, only_where
+
+    if not if_nodes():
+        pytest.skip("this PyTorch captures no CUDA graph IF nodes")
+    flag = torch.zeros(1, dtype=torch.bool, device="cuda")
+    x = torch.zeros(1, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        with only_where(flag):
+            x.add_(1)
+    x.zero_()
+    seen = []
+    for f in (False, True, True, False):
+        flag.fill_(f)
+        graph.replay()
+        seen.append(x.item())
+    assert seen == [0, 1, 2, 2]
+
+
+@pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
+def test_cuda_eagle_mix_steps_run_captured(layer_kernels: str) -> None:
+    """eagle-mix's device steps on CUDA graphs (the chain in an IF node): plain greedy's tokens, and
+    the drafts of the same steps run eagerly (fp32), copies and chains both met."""
+    from labkit.generate import Speculation
+    from labkit.specdec.eagle_mix import EagleMixDrafter
+    from labkit.specdec.lookup import latest_match
+    from tests.test_eagle import random_head
+
+    prompt, cfg = [5, 6, 7, 8, 9, 10, 11] * 3 + list(range(40, 60)), GenerationConfig(max_new_tokens=80, stop_at_eos=False)
+    runs = []
+    for graphs in (True, False):
+        engine = Engine.from_hf(tiny_hf_model("llama", seed=4).cuda(), "cuda", "float32", cuda_graph=graphs, layer_kernels=layer_kernels)
+        want = generate(engine, prompt, cfg).tokens
+        got = generate(engine, prompt, cfg, Speculation(EagleMixDrafter(engine, random_head(depth=4), min_n=1, device_steps=True), 4))
+        assert got.tokens == want
+        runs.append(got.stats)
+        if graphs:
+            assert engine.graphs_safe and any(key[0] == "eagle-mix-steps" for key in engine.graphs.keys())
+    assert runs[0].draft_tokens == runs[1].draft_tokens
+    ctx, kinds = prompt + want[:1], set()
+    for accepted in runs[0].accepted_lengths:
+        kinds.add(latest_match(ctx, 1, 1) is not None)
+        ctx = prompt + want[: len(ctx) - len(prompt) + accepted + 1]
+    assert kinds == {True, False}
+
+
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_token_trees_run_captured_and_stay_lossless(layer_kernels: str, dtype: str) -> None:

@@ -259,7 +259,8 @@ def make_drafter(
     layerskip | truncated | model | heads (trained DraftHeads, see labkit/heads_train.py) | eagle (a trained
     EagleHead, labkit/eagle_train.py; `heads` carries either) | eagle-tree (the same head drafting EAGLE-2's
     dynamic trees, specdec/eagle_tree.py, DynamicTreeConfig.depth deep whatever K) | eagle-ngram (EAGLE
-    chains that give way to prompt lookup's copy after an n-gram of EAGLE_LOOKUP_OVER tokens) | ngram-tree (prompt
+    chains that give way to prompt lookup's copy after an n-gram of EAGLE_LOOKUP_OVER tokens; device steps choose per
+    chunk) | eagle-mix (the same rule after an n-gram of MIX_MIN_N tokens, chosen at every device step) | ngram-tree (prompt
     lookup's token trees, K deep). Default depth for layerskip/truncated: a third of the target.
     stop_below > 0: draft-confidence early stop (the drafter stops at its first token below it)."""
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
@@ -301,5 +302,9 @@ def make_drafter(
             from labkit.specdec.eagle_tree import DynamicTreeConfig
 
             return EagleDrafter(target, heads, tree=DynamicTreeConfig(depth=min(DynamicTreeConfig.depth, heads.cfg.depth)))
+        if kind == "eagle-mix":
+            from labkit.specdec.eagle_mix import EagleMixDrafter
+
+            return EagleMixDrafter(target, heads)
         return EagleDrafter(target, heads, lookup_over=EAGLE_LOOKUP_OVER if kind == "eagle-ngram" else 0)
     raise LabkitError(f"unknown drafter {kind!r}: use {', '.join(DRAFTERS)}")

@@ -1,0 +1,129 @@
+"""eagle-mix: EAGLE's chain or prompt lookup's copy, chosen at every step on the device.
+
+eagle-ngram's device steps choose per chunk of CHUNK steps (a captured graph replays one kind of
+step), from the rates the chunks before showed. A text that copies for a few tokens and then
+writes (a summary quoting its source, an answer citing a passage) changes kind inside a chunk,
+and a chunk spent on the wrong kind costs its whole length. Here every step chooses, with the
+host rule of eagle-ngram's proposals (specdec/eagle_drafter.py), on the device:
+
+    after the verify:  the draft cache caught up over the verified rows (every step, so a chain
+                       can start anywhere);
+                       copy = the context now ends in an n-gram of at least `min_n` tokens seen
+                       before (`ngram_seen`, the twin of NgramDrafter.match is not None);
+                       the next step's K columns: lookup's copy (the lookup_draft kernel) if copy,
+                       else EAGLE's chain (`depth` deep, its last draft repeated to K).
+
+The chain's draft passes (most of a chain step's drafting time) run only where the step takes no
+copy: in a captured graph they sit in a CUDA graph IF node (graphs.only_where); run eagerly they
+always run and the copy is picked over them. Every step verifies K columns (at least COPY_K), so
+one graph serves both kinds; the verify keeps the output plain greedy's whatever it holds.
+
+Simulated on the suite's texts with the H200's step costs (scripts/copy_chain_sim.py): the
+per-chunk choice 1.61x plain, this rule 1.70x (n >= 2; n >= 3 1.67x), a per-step oracle 2.0x.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from labkit.config import GenerationConfig
+from labkit.engine import Engine
+from labkit.graphs import only_where
+from labkit.kernels import registry
+from labkit.specdec.draft import Step
+from labkit.specdec.eagle import EagleHead
+from labkit.specdec.eagle_drafter import COPY_K, EagleDrafter
+from labkit.specdec.lookup_steps import LookupSteps
+
+MIX_MIN_N = 2  # copy after an n-gram of this many tokens seen before (prompt lookup's own default, NgramDrafter.min_n)
+
+
+def ngram_seen(
+    history: torch.Tensor,  # (Lh,) the context's tokens in [0, n_ctx), anything after
+    n_ctx: torch.Tensor,  # (1,) the context's length
+    n: int,
+) -> torch.Tensor:  # (1,) bool
+    """Whether the context's last n tokens occurred earlier with a token after them (a start
+    i <= n_ctx - n - 1): latest_match(context, n, n) is not None, on the device, fixed shapes."""
+    S = history.shape[0] - n + 1
+    starts = torch.arange(S, device=history.device)  # (S,)
+    hit = starts <= n_ctx - n - 1  # (S,)
+    for j in range(n):
+        tok = history.gather(0, (n_ctx - n + j).clamp(min=0))  # (1,)
+        hit = hit & (history[j : j + S] == tok)
+    return hit.any(0, keepdim=True)
+
+
+class MixOf:
+    """Mixed steps' verify hook (module docstring): catch-up, the choice, then lookup's copy or
+    EAGLE's chain as the next step's k columns."""
+
+    def __init__(self, drafter: EagleDrafter, depth: int, k: int, min_n: int) -> None:
+        self.drafter, self.depth, self.k, self.min_n = drafter, depth, k, min_n
+        self.max_t = k + 1
+        self.history: torch.Tensor | None = None  # (Lh,) the steps' context, n_ctx (1,) its length: bind_history
+        self.n_ctx: torch.Tensor | None = None
+        self.chain_cols = torch.zeros(1, depth, dtype=torch.long, device=drafter.target.device)  # (1, depth) the last chain drafted
+
+    def bind_history(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
+        """The device steps' context buffers (LookupSteps), read after each step's commit."""
+        self.history, self.n_ctx = history, n_ctx
+
+    def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
+                    tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (1, k)
+        assert self.history is not None and self.n_ctx is not None
+        d = self.drafter
+        anchor_feat = d.catch_up(hidden, verdict, tokens, input_pos)  # (1, D)
+        copy = ngram_seen(self.history, self.n_ctx, self.min_n)  # (1,) bool
+        copied = registry.get("lookup_draft", hidden.device)(self.history[None], self.n_ctx, self.k)  # (1, k)
+        with only_where(~copy):
+            self.chain_cols.copy_(d.chain(anchor_feat, input_pos[0] + verdict[:, 0], 1, self.depth).flatten(1))
+        chain = torch.cat((self.chain_cols, self.chain_cols[:, -1:].expand(1, self.k - self.depth)), dim=1)  # (1, k)
+        return torch.where(copy[:, None], copied, chain)
+
+    def take(self, tokens: list[int], context_len: int) -> None:
+        pass
+
+
+class EagleMixDrafter(EagleDrafter):
+    """eagle-mix (module docstring): eagle-ngram's per-step rule in its device steps too. On the host
+    (a CPU, sampling) it is eagle-ngram with copies after min_n tokens."""
+
+    def __init__(self, target: Engine, head: EagleHead, min_n: int = MIX_MIN_N, **kwargs: Any) -> None:
+        super().__init__(target, head, lookup_over=min_n, **kwargs)
+        self.name = self.name.replace("+ngram", "+mix")
+        self._mixed_used: set[tuple[int, int]] = set()  # (width, depth) whose mixed steps ran in this request
+
+    def start(self, prompt_ids: list[int], capacity: int) -> None:
+        super().start(prompt_ids, capacity)
+        self._mixed_used = set()
+
+    def _mixed(self, k: int, depth: int) -> tuple[LookupSteps, bool]:
+        """The mixed device steps of k columns (chains depth deep), and whether this request is new to them."""
+        steps = self.target.captured(("eagle-mix-steps", self, k, depth),
+                                     lambda: LookupSteps(self.target, k, hook=MixOf(self, depth, k, self.lookup_over), n_cols=k))
+        fresh = (k, depth) not in self._mixed_used
+        self._mixed_used.add((k, depth))
+        return steps, fresh
+
+    @torch.inference_mode()
+    def run_steps(self, context: list[int], k: int, m: int, eos_mask: torch.Tensor, eos_until: int) -> list[Step]:
+        """m mixed steps per host read (DeviceSteps): the first verifies the host's proposal (or the
+        columns the last chunk's final step made for this context), padded to the steps' width."""
+        depth = min(k, self.depth)
+        width = max(k, COPY_K, depth)
+        if len(context) - 1 + m * (width + 1) > self.target.max_seq_len:  # near the cache's end: as wide as asked
+            width = max(k, depth)
+        steps, fresh = self._mixed(width, depth)
+        L = len(context)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == L and len(prepared[1]) == width:  # the last step made it, the draft cache true
+            self.done, first = L - 1, prepared[1]
+        else:
+            first = self.propose(context, depth, GenerationConfig(), None).tokens or [context[-1]]
+            first = (first + first[-1:] * width)[:width]
+        out = steps.run(context, m, eos_mask, eos_until, fresh, cols=first)
+        self.take(steps.last_cols, L + sum(len(new) for _, new in out))
+        return out
