@@ -6,7 +6,8 @@ Per suite prompt: the greedy continuation (128 tokens, this machine's fp32 targe
 position of it the tokens a chain step would keep (the head's chain of `depth` drafts from that
 anchor, all anchors in one unrolled pass: the training-time test, so depth d sees the head's own
 depth d-1 feature) and the tokens a copy step would keep (lookup's K=8 copy, the device rule).
-These are cached in CACHE.json (default /tmp/copy_chain_sim.json) so that policies can be changed
+With it, the head's confidence in its first draft (a rule that copies only where the chain is
+unsure simulated worse: the head is sure of itself inside copies too). These are cached in CACHE.json (default /tmp/copy_chain_sim.json) so that policies can be changed
 and re-run in a second.
 
 Then each policy walks every prompt's positions with step costs measured on an H200
@@ -60,14 +61,16 @@ def measure(folder: str, cache: Path) -> list[dict]:
             engine.reset()
             outs = head.unrolled(feats, torch.tensor([ids]), embed, head.cfg.depth)
             preds = [head.vocab_ids[(o[0] @ weight.t()).argmax(-1)].tolist() for o in outs]  # depth x (T,)
+            p1 = (outs[0][0] @ weight.t()).float().softmax(-1).max(-1).values.tolist()  # (T,) depth 1's confidence
         engine.keep_hidden_states(every_position=False)
         lookup = CopyOrChain(min_n=1)
         lookup.start(prompt, len(ids) + 16)
-        chain, copy = [], []
+        chain, copy, conf = [], [], []
         for at in range(len(prompt) + 1, len(ids)):  # a context of `at` tokens: the anchor is at - 2
             chain.append(agreement([preds[d][at - 2] for d in range(head.cfg.depth)], ids[at:]))
             copy.append(agreement(lookup.copy(ids[:at], K_COPY) or [], ids[at:]))
-        rows.append({"id": p.id, "category": p.category, "ids": ids, "prompt_len": len(prompt), "chain": chain, "copy": copy})
+            conf.append(round(p1[at - 2], 4))
+        rows.append({"id": p.id, "category": p.category, "ids": ids, "prompt_len": len(prompt), "chain": chain, "copy": copy, "conf": conf})
         print(p.id, len(out), "chain mean", round(sum(chain) / max(1, len(chain)), 2), "copy mean", round(sum(copy) / max(1, len(copy)), 2), flush=True)
     cache.write_text(json.dumps(rows))
     return rows
