@@ -68,9 +68,11 @@ class CapturedGraphs:
 
 
 def if_nodes() -> bool:
-    """Whether this PyTorch captures CUDA graph IF nodes (torch.cuda.CUDAGraph's conditional capture),
-    unless LABKIT_IF_NODES=0 (then only_where's blocks always run)."""
-    return os.environ.get("LABKIT_IF_NODES", "1") != "0" and hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph") and hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+    """Whether only_where captures CUDA graph IF nodes: asked for (LABKIT_IF_NODES=1; not yet run on
+    a GPU whose PyTorch has them: the H200 image's 2.11 has none) and this PyTorch captures them."""
+    graph = torch.cuda.CUDAGraph
+    return (os.environ.get("LABKIT_IF_NODES", "0") == "1" and hasattr(graph, "get_currently_capturing_graph")
+            and hasattr(graph, "begin_capture_to_if_node"))
 
 
 @contextmanager

@@ -266,11 +266,12 @@ def test_cuda_eagle_ngram_copy_and_chain_steps_run_captured(layer_kernels: str, 
     assert any(len(d) == 8 for d in got.stats.draft_tokens) and any(len(d) == 4 for d in got.stats.draft_tokens)
 
 
-def test_cuda_only_where_runs_its_block_only_where_the_flag_holds() -> None:
-    """A captured graph's IF node (graphs.only_where): each replay runs the block where the device
-    flag holds then, and skips it elsewhere."""
+def test_cuda_only_where_runs_its_block_only_where_the_flag_holds(monkeypatch) -> None:
+    """A captured graph's IF node (graphs.only_where, asked for): each replay runs the block where
+    the device flag holds then, and skips it elsewhere."""
     from labkit.graphs import if_nodes, only_where
 
+    monkeypatch.setenv("LABKIT_IF_NODES", "1")
     if not if_nodes():
         pytest.skip("this PyTorch captures no CUDA graph IF nodes")
     flag = torch.zeros(1, dtype=torch.bool, device="cuda")

@@ -98,5 +98,6 @@ def test_eagle_mix_is_built_by_name_and_checked() -> None:
     assert isinstance(drafter, EagleMixDrafter) and drafter.lookup_over == MIX_MIN_N
     with pytest.raises(LabkitError, match="eagle-mix needs --heads"):
         make_drafter("eagle-mix", engine)
-    with pytest.raises(LabkitError, match="n-gram of 1 to 3"):
-        EagleMixDrafter(engine, random_head(), min_n=4)
+    for bad in (0, 4):
+        with pytest.raises(LabkitError, match="eagle-mix copies after an n-gram of 1 to 3"):
+            EagleMixDrafter(engine, random_head(), min_n=bad)

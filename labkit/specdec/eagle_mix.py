@@ -14,8 +14,9 @@ host rule of eagle-ngram's proposals (specdec/eagle_drafter.py), on the device:
                        else EAGLE's chain (`depth` deep, its last draft repeated to K).
 
 The chain's draft passes (most of a chain step's drafting time) run only where the step takes no
-copy: in a captured graph they sit in a CUDA graph IF node (graphs.only_where); run eagerly they
-always run and the copy is picked over them. Every step verifies K columns (at least COPY_K), so
+copy: in a captured graph they sit in a CUDA graph IF node (graphs.only_where, with
+LABKIT_IF_NODES=1 on a PyTorch that captures them; not yet run on a GPU); elsewhere they always run
+and the copy is picked over them. Every step verifies K columns (at least COPY_K), so
 one graph serves both kinds; the verify keeps the output plain greedy's whatever it holds.
 
 Simulated on the suite's texts with the H200's step costs (scripts/copy_chain_sim.py): the
@@ -33,8 +34,10 @@ import torch
 
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
+from labkit.errors import LabkitError
 from labkit.graphs import only_where
 from labkit.kernels import registry
+from labkit.kernels.reference import LOOKUP_MAX_N
 from labkit.specdec.draft import Step
 from labkit.specdec.eagle import EagleHead
 from labkit.specdec.eagle_drafter import COPY_K, EagleDrafter
@@ -95,6 +98,8 @@ class EagleMixDrafter(EagleDrafter):
     (a CPU, sampling) it is eagle-ngram with copies after min_n tokens."""
 
     def __init__(self, target: Engine, head: EagleHead, min_n: int = MIX_MIN_N, **kwargs: Any) -> None:
+        if not 1 <= min_n <= LOOKUP_MAX_N:
+            raise LabkitError(f"eagle-mix copies after an n-gram of 1 to {LOOKUP_MAX_N} tokens seen before, got {min_n}")
         super().__init__(target, head, lookup_over=min_n, **kwargs)
         self.name = self.name.replace("+ngram", "+mix")
         self._mixed_used: set[tuple[int, int]] = set()  # (width, depth) whose mixed steps ran in this request
