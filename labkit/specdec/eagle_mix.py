@@ -22,8 +22,8 @@ one graph serves both kinds; the verify keeps the output plain greedy's whatever
 Simulated on the suite's texts with the H200's step costs (scripts/copy_chain_sim.py): the
 per-chunk choice 1.61x plain, this rule 1.70x (n >= 2; n >= 3 1.67x), a per-step oracle 2.0x.
 PyTorch 2.11 (the H200 image's) captures no IF nodes, so there the chain runs every step and a
-copy step costs a chain step; measured so, whole suite: eagle-mix 1.69x plain, ngram-graph 1.69x,
-eagle-ngram 1.67x (docs/speculation.md).
+copy step costs a chain step; measured so, whole suite, two runs: eagle-mix 1.69x / 1.68x plain,
+ngram-graph 1.69x / 1.69x, eagle-ngram 1.67x / 1.68x (docs/speculation.md).
 """
 
 from __future__ import annotations
