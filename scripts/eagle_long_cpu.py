@@ -1,4 +1,4 @@
-"""EAGLE on a long prompt on the CPU (diagnostic): plain greedy, then eagle-ngram and eagle with
+"""EAGLE on a long prompt on the CPU (diagnostic): plain greedy, then eagle-ngram, eagle-mix and eagle with
 fixed K=3 and the cost-aware controller, each against a plain run right after it (decode tok/s,
 after the first token), token identity with plain, tau, steps and drafting steps.
 
@@ -18,6 +18,7 @@ from labkit.prompts.long import long_prompt
 from labkit.specdec.controllers import make_controller
 from labkit.specdec.eagle import load_eagle
 from labkit.specdec.eagle_drafter import EagleDrafter
+from labkit.specdec.eagle_mix import EagleMixDrafter
 from labkit.specdec.heads import fingerprint
 
 print(labkit.__file__)
@@ -30,8 +31,7 @@ prompt = long_prompt(loaded.tokenizer, n)
 engine.ensure_capacity(len(prompt) + 80)
 dp = lambda x: (x.stats.new_tokens - 1) / (x.stats.total_s - x.stats.ttft_s)
 plain = generate(engine, prompt, cfg)
-for lo in (3, 0):
-    d = EagleDrafter(engine, head, lookup_over=lo)
+for d in (EagleDrafter(engine, head, lookup_over=3), EagleMixDrafter(engine, head), EagleDrafter(engine, head)):
     for ctl in ("fixed", "cost"):
         r = generate(engine, prompt, cfg, Speculation(d, 3, controller=make_controller(ctl, 3, "cpu")))
         p2 = generate(engine, prompt, cfg)
