@@ -80,12 +80,11 @@ def walk(row: dict, choose, chunk: int = CHUNK) -> float:
     """Microseconds to make the row's tokens with `choose(state) -> (kind, cost_us)` per chunk or step."""
     chain, copy = row["chain"], row["copy"]
     n, at, us, steps = len(chain), 0, 0.0, 0
-    state = {"row": row, "hist": [], "kind": None}
+    state = {"row": row, "hist": []}
     while at < n:
         kind, cost = choose(state, at)
         kept = {"chain": chain[at], "copy": copy[at], "tree": max(chain[at], copy[at]), "plain": 0}[kind]
         state["hist"].append((kind, at, kept))
-        state["kind"] = kind
         us += cost
         at += 1 + kept
         steps += 1
@@ -111,7 +110,7 @@ def chunked(rule):
             state["chunk_kind"] = rule(state, at)
         kind = state["chunk_kind"]
         cost = {"chain": CHAIN_US, "copy": COPY_US, "tree": CHAIN_US + TREE_EXTRA_US}[kind]
-        if kind == "chain" and len(h) % CHUNK == 0 and any(k == "copy" for k, _, _ in h[-1:]):
+        if kind == "chain" and len(h) % CHUNK == 0 and h and h[-1][0] == "copy":
             cost += SWITCH_US
         return kind, cost
     return choose

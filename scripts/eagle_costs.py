@@ -33,6 +33,16 @@ engine.ensure_capacity(512)
 D = engine.args.dim
 
 
+def step_us(prompt: list[int], cfg: GenerationConfig, spec: Speculation | None) -> tuple[float, float]:
+    """Microseconds per target step of a request (decode time over steps; median of the last 3 of 4) and its tau."""
+    per_step = []
+    for _ in range(4):
+        r = generate(engine, prompt, cfg, spec)
+        steps = max(1, len(r.stats.accepted_lengths)) if spec is not None else r.stats.new_tokens - 1
+        per_step.append((r.stats.total_s - r.stats.ttft_s) / steps * 1e6)
+    return sorted(per_step[1:])[1], r.stats.new_tokens / max(1, steps)
+
+
 def whole_steps() -> None:
     """Microseconds per step of whole requests (decode time over target steps), medians of 3."""
     prompt = list(range(1000, 1120))  # 120 tokens, the suite's typical prompt
@@ -50,22 +60,13 @@ def whole_steps() -> None:
     ways.append(("eagle-mix K=8", Speculation(mix, 8)))
     warm_up(engine, 8, drafter=drafter)
     for name, spec in ways:
-        per_step, tau = [], []
-        for _ in range(4):
-            r = generate(engine, prompt, cfg, spec)
-            steps = max(1, len(r.stats.accepted_lengths)) if spec is not None else r.stats.new_tokens - 1
-            per_step.append((r.stats.total_s - r.stats.ttft_s) / steps * 1e6)
-            tau.append(r.stats.new_tokens / max(1, steps))
-        print(f"step {name:16s}: {sorted(per_step[1:])[1]:7.1f} us per step (tau {tau[-1]:.2f}), {drafter.name}")
+        us, tau = step_us(prompt, cfg, spec)
+        print(f"step {name:16s}: {us:7.1f} us per step (tau {tau:.2f}), {drafter.name}")
     looped = list(range(1000, 1040)) * 3  # a prompt that repeats itself: mostly copy steps
     for name, spec in [("plain (looped)", None), ("ngram-graph K=8 (looped)", Speculation(make_drafter("ngram-graph", engine), 8)),
                        ("eagle-mix K=8 (looped)", Speculation(mix, 8))]:
-        per_step = []
-        for _ in range(4):
-            r = generate(engine, looped, cfg, spec)
-            steps = max(1, len(r.stats.accepted_lengths)) if spec is not None else r.stats.new_tokens - 1
-            per_step.append((r.stats.total_s - r.stats.ttft_s) / steps * 1e6)
-        print(f"step {name:26s}: {sorted(per_step[1:])[1]:7.1f} us per step (tau {r.stats.new_tokens / steps:.2f})")
+        us, tau = step_us(looped, cfg, spec)
+        print(f"step {name:26s}: {us:7.1f} us per step (tau {tau:.2f})")
     c = hybrid.choice  # eagle-ngram's rates as its copy-or-chain choice saw them (the random head's chains rarely stand)
     print("eagle-ngram: us per step " + ", ".join(f"{'copy' if k else 'chain'} {1e6 * v:.0f}" for k, v in c.seconds.items())
           + f"; tokens per step {c.tokens}; a switch from copy to chain steps {1e6 * c.switch_s:.0f} us")

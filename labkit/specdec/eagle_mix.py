@@ -50,11 +50,12 @@ def ngram_seen(
     history: torch.Tensor,  # (Lh,) the context's tokens in [0, n_ctx), anything after
     n_ctx: torch.Tensor,  # (1,) the context's length
     n: int,
+    starts: torch.Tensor | None = None,  # (Lh - n + 1,) arange: made once by a caller that asks every step
 ) -> torch.Tensor:  # (1,) bool
     """Whether the context's last n tokens occurred earlier with a token after them (a start
     i <= n_ctx - n - 1): latest_match(context, n, n) is not None, on the device, fixed shapes."""
     S = history.shape[0] - n + 1
-    starts = torch.arange(S, device=history.device)  # (S,)
+    starts = torch.arange(S, device=history.device) if starts is None else starts  # (S,)
     hit = starts <= n_ctx - n - 1  # (S,)
     for j in range(n):
         tok = history.gather(0, (n_ctx - n + j).clamp(min=0))  # (1,)
@@ -71,18 +72,20 @@ class MixOf:
         self.max_t = k + 1
         self.history: torch.Tensor | None = None  # (Lh,) the steps' context, n_ctx (1,) its length: bind_history
         self.n_ctx: torch.Tensor | None = None
+        self.starts: torch.Tensor | None = None  # (Lh - min_n + 1,) the n-gram starts ngram_seen tries
         self.chain_cols = torch.zeros(1, depth, dtype=torch.long, device=drafter.target.device)  # (1, depth) the last chain drafted
 
     def bind_history(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         """The device steps' context buffers (LookupSteps), read after each step's commit."""
         self.history, self.n_ctx = history, n_ctx
+        self.starts = torch.arange(history.shape[0] - self.min_n + 1, device=history.device)
 
     def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (1, k)
         assert self.history is not None and self.n_ctx is not None
         d = self.drafter
         anchor_feat = d.catch_up(hidden, verdict, tokens, input_pos)  # (1, D)
-        copy = ngram_seen(self.history, self.n_ctx, self.min_n)  # (1,) bool
+        copy = ngram_seen(self.history, self.n_ctx, self.min_n, self.starts)  # (1,) bool
         copied = registry.get("lookup_draft", hidden.device)(self.history[None], self.n_ctx, self.k)  # (1, k)
         with only_where(~copy):
             self.chain_cols.copy_(d.chain(anchor_feat, input_pos[0] + verdict[:, 0], 1, self.depth).flatten(1))
