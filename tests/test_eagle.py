@@ -103,7 +103,7 @@ def test_the_chain_a_verify_drafts_is_as_deep_as_k_asks(monkeypatch) -> None:
     drafter = EagleDrafter(engine, random_head(depth=4))
     picks: list[int] = []
     pick = drafter._pick
-    monkeypatch.setattr(drafter, "_pick", lambda feat, width=1: (picks.append(1), pick(feat, width))[1])
+    monkeypatch.setattr(drafter, "_pick", lambda feat, width=1, ops=None: (picks.append(1), pick(feat, width, ops))[1])
     fixed = generate(engine, prompt, cfg, Speculation(drafter, 2))
     assert fixed.tokens == want and len(picks) <= 2 * len(fixed.stats.draft_tokens)  # a pass per drafted depth, not 4
     cycled = generate(engine, prompt, cfg, Speculation(drafter, 4, controller=Cycle()))
@@ -391,7 +391,7 @@ def test_device_steps_draft_chains_as_deep_as_their_k(monkeypatch) -> None:
     assert drafter.chain_depth == 2
     picks: list[int] = []
     pick = drafter._pick
-    monkeypatch.setattr(drafter, "_pick", lambda feat, width=1: (picks.append(1), pick(feat, width))[1])
+    monkeypatch.setattr(drafter, "_pick", lambda feat, width=1, ops=None: (picks.append(1), pick(feat, width, ops))[1])
     out = generate(engine, prompt, cfg, Speculation(drafter, 3))
     assert out.tokens == want and any(key[0] == "eagle-steps" for key in engine.graphs.keys())
     steps = len(out.stats.draft_tokens)
@@ -537,7 +537,7 @@ def test_eagle_ngram_on_a_cpu_drafts_chains_only_where_it_takes_no_copy(monkeypa
             drafter.verify_hook = drafter  # the verify drafts the chain, as on a GPU
         picks: list[int] = []
         pick = drafter._pick
-        monkeypatch.setattr(drafter, "_pick", lambda feat, width=1, pick=pick, picks=picks: (picks.append(1), pick(feat, width))[1])
+        monkeypatch.setattr(drafter, "_pick", lambda feat, width=1, ops=None, pick=pick, picks=picks: (picks.append(1), pick(feat, width, ops))[1])
         out = generate(engine, prompt, cfg, Speculation(drafter, 3))
         runs[catch_up_only] = (out, len(picks))
     (lean, lean_picks), (full, full_picks) = runs[True], runs[False]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -12,38 +13,51 @@ from labkit.generate import Speculation, generate
 from tests.test_eagle import _engine, random_head
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
-def test_ngram_seen_is_the_host_rule_on_the_device(n: int) -> None:
-    """ngram_seen(history, n_ctx, n) holds exactly where latest_match(context, n, n) finds a copy,
-    whatever lies in the history past the context."""
-    from labkit.specdec.eagle_mix import ngram_seen
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lookups_match_n_is_the_host_rule_on_the_device(backend: str) -> None:
+    """lookup_draft's match_n >= n holds exactly where latest_match(context, n, n) finds a copy
+    (n = 1, 2, 3), whatever lies in the history past the context: eagle-mix's choice."""
+    from labkit.kernels.registry import get
     from labkit.specdec.lookup import latest_match
 
-    rng = random.Random(n)
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on the CPU runs under TRITON_INTERPRET=1")
+    lookup = get("lookup_draft", torch.device("cpu"), backend)
+    rng = random.Random(5)
     seen = set()
-    for _ in range(300):
+    for _ in range(200):
         L = rng.randint(1, 24)
         context = [rng.randint(0, 4) for _ in range(L)]
-        history = torch.tensor(context + [rng.randint(0, 4) for _ in range(8)])  # past the context: anything
-        got = bool(ngram_seen(history, torch.tensor([L]), n)[0])
-        assert got == (latest_match(context, n, n) is not None), (context, n)
-        seen.add(got)
-    assert seen == {True, False}
+        history = torch.tensor([context + [rng.randint(0, 4) for _ in range(8)]])  # past the context: anything
+        match_n = torch.full((1,), -1)
+        lookup(history, torch.tensor([L]), 4, match_n)
+        for n in (1, 2, 3):
+            got = bool(match_n[0] >= n)
+            assert got == (latest_match(context, n, n) is not None), (context, n, match_n)
+            seen.add((n, got))
+    assert len(seen) == 6
 
 
 def log_mixed(monkeypatch) -> list:
-    """Every chunk EagleMixDrafter's device steps run from now: (context, its steps)."""
+    """Every chunk EagleMixDrafter's device steps run from now: (context, its steps, the only_if
+    flag each of its steps' chains got: whether the chain's launches were to run)."""
     from labkit.specdec.eagle_mix import EagleMixDrafter
 
-    chunks = []
-    run_steps = EagleMixDrafter.run_steps
+    chunks, flags = [], []
+    run_steps, chain = EagleMixDrafter.run_steps, EagleMixDrafter.chain
 
     def logged(self, context, k, m, eos_mask, eos_until):
+        flags.clear()
         out = run_steps(self, context, k, m, eos_mask, eos_until)
-        chunks.append((list(context), out))
+        chunks.append((list(context), out, list(flags)))
         return out
 
+    def flagged(self, *args, only_if=None):
+        flags.append(None if only_if is None else bool(only_if.item()))
+        return chain(self, *args, only_if=only_if)
+
     monkeypatch.setattr(EagleMixDrafter, "run_steps", logged)
+    monkeypatch.setattr(EagleMixDrafter, "chain", flagged)
     return chunks
 
 
@@ -66,12 +80,14 @@ def test_eagle_mix_takes_lookups_copy_or_the_chain_at_every_step(monkeypatch, mi
     got = generate(engine, prompt, cfg, Speculation(drafter, 3))
     assert got.tokens == want and drafter.name.endswith(f"+mix{min_n}")
     kinds, chains = [], []
-    for context, out in chunks:
-        ctx = list(context)
+    for context, out, flags in chunks:
+        ctx, flags = list(context), [f for f in flags if f is not None]  # (None: the host's proposal for the first step)
+        assert len(flags) == len(out)  # each step's verify drafted the next step's chain, called off where it copies
         for i, (draft, new) in enumerate(out):
             assert len(draft) == COPY_K
             if i:  # the device's own choice (a chunk's first step verifies the host's)
                 copy = latest_match(ctx, min_n, min_n) is not None
+                assert flags[i - 1] is (not copy), (ctx, flags)
                 kinds.append(copy)
                 if copy:
                     assert draft == lookup_reference(ctx, COPY_K), (ctx, draft)

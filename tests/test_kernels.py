@@ -235,14 +235,18 @@ def test_lookup_draft(backend: str) -> None:
     for L, vocab, k in [(1, 5, 3), (2, 2, 4), (3, 3, 1), (17, 2, 8), (40, 5, 6), (300, 50, 8), (1500, 7, 5), (1500, 4000, 4)]:
         history = torch.randint(0, vocab, (1, L + 20), generator=g)
         n_ctx = torch.tensor([L])
-        want = reference.lookup_draft(history, n_ctx, k)
-        got = fn(history.to(DEVICE), n_ctx.to(DEVICE), k)
-        assert got.cpu().tolist() == want.tolist(), (L, vocab, k)
+        want_n, got_n = torch.full((1,), -1), torch.full((1,), -1, device=DEVICE)
+        want = reference.lookup_draft(history, n_ctx, k, want_n)
+        got = fn(history.to(DEVICE), n_ctx.to(DEVICE), k, got_n)
+        assert got.cpu().tolist() == want.tolist() and got_n.tolist() == want_n.tolist(), (L, vocab, k)
+        assert torch.equal(fn(history.to(DEVICE), n_ctx.to(DEVICE), k).cpu(), want)  # the match's n only where asked
     history = torch.randint(0, 4, (5, 1300), generator=g)  # (B, Lh)
     n_ctx = torch.tensor([1, 3, 40, 1299, 700])
-    want = reference.lookup_draft(history, n_ctx, 6)
+    want_n, got_n = torch.full((5,), -1), torch.full((5,), -1, device=DEVICE)
+    want = reference.lookup_draft(history, n_ctx, 6, want_n)
     assert want.tolist() == [reference.lookup_draft(history[b : b + 1], n_ctx[b : b + 1], 6)[0].tolist() for b in range(5)]
-    assert fn(history.to(DEVICE), n_ctx.to(DEVICE), 6).cpu().tolist() == want.tolist()
+    assert fn(history.to(DEVICE), n_ctx.to(DEVICE), 6, got_n).cpu().tolist() == want.tolist()
+    assert got_n.tolist() == want_n.tolist() and want_n[0] == 0 and want_n[3] == 3
     if "cuda" in AVAILABLE:
         with pytest.raises(RuntimeError, match="Triton and PyTorch only"):
             get("lookup_draft", DEVICE, "cuda")

@@ -201,6 +201,53 @@ def test_eagle_pass_ends_match_reference(M: int, dtype: torch.dtype, prefetch: i
     assert tri.draft_argmax(tie, head, ids, scratch).tolist() == [ids[0].item()] == ref.draft_argmax(tie, head, ids).tolist()
 
 
+@interpreted
+@pytest.mark.parametrize("M", [1, 5])
+def test_a_launch_called_off_writes_nothing(M: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kernel an EAGLE chain runs, given only_if: where it holds, exactly the results without
+    the flag; where it does not, nothing written: the outputs (allocated full of a sentinel here),
+    the caches, the attention's counters and the argmax's scratch stay as they were."""
+    from labkit.kernels import layer_triton as tri
+
+    dtype, sentinel = torch.float32, 12345.0
+    empty = torch.empty
+
+    def filled(*shape, **kw):  # the kernels' outputs, made recognisable
+        out = empty(*shape, **kw)
+        return out.fill_(sentinel if out.is_floating_point() else -7)
+
+    inputs = layer_inputs(1, M, dtype, bias=False, seed=M)
+    x, g = inputs["x"], torch.Generator().manual_seed(M)
+    counters = torch.zeros(2 * 16, dtype=torch.int32, device=DEVICE)
+    scratch = (torch.zeros(32, dtype=torch.long, device=DEVICE), torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    head, ids = torch.randn(40, 96, generator=g).to(DEVICE), torch.randperm(50, generator=g)[:40].to(DEVICE)
+    tokens, emb, fc = torch.randint(0, 50, (M,), generator=g).to(DEVICE), torch.randn(50, 96, generator=g).to(DEVICE), torch.randn(96, 192, generator=g).to(DEVICE) / 14
+    w_o, w_gu = torch.randn(96, 192, generator=g).to(DEVICE) / 14, torch.randn(2 * 64, 96, generator=g).to(DEVICE) / 10
+
+    q0 = ref.norm_qkv_rope(**{**inputs, "k_cache": inputs["k_cache"].clone(), "v_cache": inputs["v_cache"].clone()})  # (M, nh, D)
+
+    def run(**flag) -> list[torch.Tensor]:
+        k_cache, v_cache = inputs["k_cache"].clone(), inputs["v_cache"].clone()
+        q = tri.norm_qkv_rope(**{**inputs, "k_cache": k_cache, "v_cache": v_cache}, **flag)
+        att = tri.decode_attention(q0, inputs["k_cache"], inputs["v_cache"], inputs["input_pos"], 32**-0.5, None, counters, **flag)
+        return [q, k_cache, v_cache, att, tri.linear_residual(torch.cat((x, x), 1), w_o, None, x, **flag),
+                tri.norm_gate_up(x, inputs["norm_w"], 1e-5, w_gu, None, **flag), tri.embed_fc(tokens, emb, x, fc, **flag),
+                tri.draft_argmax(x, head, ids, scratch, **flag)]
+
+    monkeypatch.setattr(torch, "empty", filled)
+    plain = run()
+    on = run(only_if=torch.ones(1, dtype=torch.bool, device=DEVICE))
+    off = run(only_if=torch.zeros(1, dtype=torch.bool, device=DEVICE))
+    names = ("q", "k_cache", "v_cache", "attention", "linear_residual", "norm_gate_up", "embed_fc", "draft_argmax")
+    for name, a, b, c in zip(names, plain, on, off, strict=True):
+        assert torch.equal(a, b), name
+        if name.endswith("cache"):
+            assert torch.equal(c, inputs[name]) and not torch.equal(a, inputs[name]), name
+        else:
+            assert (c == (sentinel if c.is_floating_point() else -7)).all() and not torch.equal(a, c), name
+    assert not counters.any() and not scratch[0].any() and not scratch[1].any()
+
+
 @pytest.mark.parametrize("arch", ["llama-untied", "mistral"])  # biases; sliding window
 def test_reference_layers_reproduce_the_model_layers(arch: str) -> None:
     """layer_reference through forward_fused is the model's own layer, in another shape."""

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from labkit.kernels.triton_common import TUNE, _dot, _ieee, _launch, _pdl, _wait_for_inputs
+from labkit.kernels.triton_common import TUNE, _called_off, _dot, _ieee, _launch, _only_if_args, _pdl, _wait_for_inputs
 
 
 @triton.jit
@@ -80,9 +80,9 @@ def _combine_splits(out_ptr, part_o_ptr, part_ml_ptr, q_rows, tile_base, local, 
 @triton.jit
 def _attention_kernel(
     q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, scale,
-    stride_cb, stride_ch, stride_cs, tree_ptr, tree_base_ptr, NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    stride_cb, stride_ch, stride_cs, tree_ptr, tree_base_ptr, only_if_ptr, NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     WINDOW: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, NS_POW2: tl.constexpr,
-    CHUNK: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr, N_TREE: tl.constexpr, TREE: tl.constexpr,
+    CHUNK: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr, N_TREE: tl.constexpr, TREE: tl.constexpr, ONLY_IF: tl.constexpr,
 ):
     """Program (tile, split): the rows of one (batch row, kv head, block of BLOCK_R rows) against
     the keys of split `split`, positions [split * SPLIT_S, (split + 1) * SPLIT_S). Rows are (token
@@ -95,6 +95,8 @@ def _attention_kernel(
     kvh = (tile // R_BLOCKS) % NKV
     b = tile // (R_BLOCKS * NKV)
     _wait_for_inputs(GDC)  # everything it reads but the positions comes from the kernel before
+    if _called_off(only_if_ptr, ONLY_IF):  # every program returns here: the counters stay zero
+        return
     local = tl.arange(0, BLOCK_R)
     offs_r = rb * BLOCK_R + local  # (BLOCK_R,) row r = t * GROUP + g
     r_ok = offs_r < R
@@ -149,6 +151,8 @@ def decode_attention(
     span: int | None = None,  # positions a kept query may see: [0, span) (default: the whole cache)
     tree_base: torch.Tensor | None = None,  # (1,) int64: first cache slot of a token tree's N nodes
     tree_mask: torch.Tensor | None = None,  # (T, N) int8: query t sees tree node j (its ancestors and itself)
+    only_if: torch.Tensor | None = None,  # (1,) bool on the device: where false the launch does nothing past
+    # its inputs' wait, its outputs unwritten (triton_common._called_off)
 ) -> torch.Tensor:  # (M, NH*D)
     """Split-K (flash-decoding) attention in one launch. The keys [0, span) are cut into splits of
     attn_split_s positions, one program per (tile of rows, split), so a long context is read by
@@ -178,10 +182,11 @@ def decode_attention(
     if tree_mask is not None:
         assert tree_base is not None and tree_mask.dtype == torch.int8 and tree_mask.is_contiguous() and tree_mask.shape[0] == T
     pdl = _pdl(q)
+    flag, only = _only_if_args(only_if, q)
     _attention_kernel[(tiles, n_splits)](
         q, k_cache, v_cache, input_pos, out, part_o, part_ml, counters, T, stride_pb, R, r_blocks, n_splits, scale,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tree_mask if tree else q, tree_base if tree else input_pos,
-        N_TREE=tree_mask.shape[1] if tree_mask is not None else 1, TREE=tree, NH=nh, NKV=nkv, GROUP=group, D=D, WINDOW=window or 0, SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tree_mask if tree else q, tree_base if tree else input_pos, flag,
+        ONLY_IF=only, N_TREE=tree_mask.shape[1] if tree_mask is not None else 1, TREE=tree, NH=nh, NKV=nkv, GROUP=group, D=D, WINDOW=window or 0, SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s),
         BLOCK_R=block_r, NS_POW2=triton.next_power_of_2(n_splits), CHUNK=int(TUNE["attn_combine_chunk"]), IEEE=_ieee(q), GDC=pdl,
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )

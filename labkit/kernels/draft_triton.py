@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _k_tiles, _launch, _pdl, _tile, _wait_for_inputs
+from labkit.kernels.triton_common import BLOCK_M, TUNE, _called_off, _dot, _ieee, _k_tiles, _launch, _only_if_args, _pdl, _tile, _wait_for_inputs
 
 KEY_INDEX = 1 << 31  # a key is (ordered logit bits) * KEY_INDEX + (KEY_INDEX - 1 - index)
 
@@ -44,8 +44,8 @@ def _cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, k0, D: tl.constexpr, KT: tl.
 
 @triton.jit
 def _embed_fc_kernel(
-    tok_ptr, emb_ptr, feat_ptr, w_ptr, out_ptr, M, D: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr,
+    tok_ptr, emb_ptr, feat_ptr, w_ptr, out_ptr, only_if_ptr, M, D: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr, ONLY_IF: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -55,6 +55,8 @@ def _embed_fc_kernel(
     if KB > 0:
         w_b = _tile(w_ptr, offs_n, n_ok, KA, K, KB)
     _wait_for_inputs(GDC)  # the tokens and the features come from the kernels before
+    if _called_off(only_if_ptr, ONLY_IF):
+        return
     tok = tl.load(tok_ptr + offs_m, mask=m_ok, other=0)
     acc = _dot(_cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, 0, D, KA), tl.trans(w_a), IEEE)  # (BLOCK_M, BLOCK_N)
     if KB > 0:
@@ -70,6 +72,8 @@ def embed_fc(
     embed: torch.Tensor,  # (V, D) the token embedding
     feat: torch.Tensor,  # (M, D) the elements' features
     w: torch.Tensor,  # (D, 2D) fc: the embedding's columns, then the feature's
+    only_if: torch.Tensor | None = None,  # (1,) bool on the device: where false the launch does nothing past
+    # its inputs' wait, its outputs unwritten (triton_common._called_off)
 ) -> torch.Tensor:  # (M, D) in feat's dtype: concat(embed[tokens], feat) @ w^T
     M, D = feat.shape
     assert w.shape == (D, 2 * D) and embed.shape[1] == D and tokens.shape == (M,)
@@ -78,9 +82,10 @@ def embed_fc(
     BLOCK_N = TUNE["linear_block_n"]
     ka, kb = _k_tiles(2 * D, BLOCK_N * w.element_size())
     pdl = _pdl(feat)
+    flag, only = _only_if_args(only_if, tokens)
     _embed_fc_kernel[(triton.cdiv(D, BLOCK_N), triton.cdiv(M, BLOCK_M))](
-        tokens, embed, feat, w, out, M, D=D, IEEE=_ieee(feat), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb,
-        BLOCK_K=int(TUNE["linear_block_k"]) * 2 // w.element_size(), num_warps=TUNE["num_warps"], **_launch(pdl),
+        tokens, embed, feat, w, out, flag, M, D=D, IEEE=_ieee(feat), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb,
+        BLOCK_K=int(TUNE["linear_block_k"]) * 2 // w.element_size(), ONLY_IF=only, num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out
 
@@ -94,9 +99,9 @@ def _ordered(v):
 
 @triton.jit
 def _draft_argmax_kernel(
-    x_ptr, w_ptr, ids_ptr, key_ptr, count_ptr, out_ptr, M, N, N_PROGRAMS, D: tl.constexpr, IEEE: tl.constexpr,
+    x_ptr, w_ptr, ids_ptr, key_ptr, count_ptr, out_ptr, only_if_ptr, M, N, N_PROGRAMS, D: tl.constexpr, IEEE: tl.constexpr,
     GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
-    BLOCK_K: tl.constexpr, KEY_INDEX: tl.constexpr,
+    BLOCK_K: tl.constexpr, KEY_INDEX: tl.constexpr, ONLY_IF: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mb = tl.program_id(1)
@@ -106,6 +111,8 @@ def _draft_argmax_kernel(
     if KB > 0:
         w_b = _tile(w_ptr, offs_n, n_ok, KA, D, KB)
     _wait_for_inputs(GDC)  # the features come from the kernel before
+    if _called_off(only_if_ptr, ONLY_IF):  # every program returns here: the count and the keys stay zero
+        return
     acc = _dot(_tile(x_ptr, offs_m, m_ok, 0, D, KA), tl.trans(w_a), IEEE)  # (BLOCK_M, BLOCK_N)
     if KB > 0:
         acc += _dot(_tile(x_ptr, offs_m, m_ok, KA, D, KB), tl.trans(w_b), IEEE)
@@ -129,6 +136,8 @@ def draft_argmax(
     w: torch.Tensor,  # (N, D) the draft vocabulary's rows of the LM head
     ids: torch.Tensor,  # (N,) int64: row -> target token id
     scratch: tuple[torch.Tensor, torch.Tensor],  # int64 (>= M,) and int32 (>= row blocks,) zeros, owned by the caller, left zero
+    only_if: torch.Tensor | None = None,  # (1,) bool on the device: where false the launch does nothing past
+    # its inputs' wait, its outputs unwritten (triton_common._called_off)
 ) -> torch.Tensor:  # (M,) int64 target ids: ids[argmax(x w^T)], the first of equal logits
     M, D = x.shape
     N = w.shape[0]
@@ -142,9 +151,10 @@ def draft_argmax(
     n_programs = triton.cdiv(N, BLOCK_N)
     ka, kb = _k_tiles(D, BLOCK_N * w.element_size())
     pdl = _pdl(x)
+    flag, only = _only_if_args(only_if, ids)
     _draft_argmax_kernel[(n_programs, triton.cdiv(M, BLOCK_M))](
-        x, w, ids, keys, counts, out, M, N, n_programs, D=D, IEEE=_ieee(x), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        KA=ka, KB=kb, BLOCK_K=int(TUNE["norm_block_k"]) * 2 // w.element_size(), KEY_INDEX=KEY_INDEX,
+        x, w, ids, keys, counts, out, flag, M, N, n_programs, D=D, IEEE=_ieee(x), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        KA=ka, KB=kb, BLOCK_K=int(TUNE["norm_block_k"]) * 2 // w.element_size(), KEY_INDEX=KEY_INDEX, ONLY_IF=only,
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out

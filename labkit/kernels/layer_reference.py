@@ -1,7 +1,9 @@
 """PyTorch twins of layer_triton.py: the same fused layer operations, written plainly.
 
 They define what the Triton kernels must compute (tests compare the two on random inputs), and
-they run a whole Llama layer through the same interface on any device.
+they run a whole Llama layer through the same interface on any device. A Triton launch may be
+called off on the device (`only_if` false: its outputs are then unwritten, and a caller picks past
+them); a twin takes the flag and always computes, which meets that contract too.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def norm_qkv_rope(
     v_cache: torch.Tensor,  # (B, NKV, S, D)
     n_heads: int,
     rope_pos: torch.Tensor | None = None,  # (T,) rotary positions when they are not the cache slots (tree nodes)
+    only_if: torch.Tensor | None = None,  # the Triton launch's flag; computed regardless here
 ) -> torch.Tensor:  # q: (M, NH, D)
     B, nkv, _, D = k_cache.shape
     M = x.shape[0]
@@ -70,6 +73,7 @@ def decode_attention(
     span: int | None = None,  # the Triton kernel's grid; every query here sees all its keys
     tree_base: torch.Tensor | None = None,  # (1,) first cache slot of a token tree's N nodes
     tree_mask: torch.Tensor | None = None,  # (T, N) bool: query t sees tree node j (its ancestors and itself)
+    only_if: torch.Tensor | None = None,  # the Triton launch's flag; computed regardless here
 ) -> torch.Tensor:  # (M, NH*D)
     """With a tree, query t sees the keys before tree_base and the tree nodes (at slots
     tree_base + j) that tree_mask allows, all at or before its own slot input_pos[t]."""
@@ -98,6 +102,7 @@ def linear_residual(
     w: torch.Tensor,  # (N, K)
     bias: torch.Tensor | None,
     residual: torch.Tensor,  # (M, N)
+    only_if: torch.Tensor | None = None,  # the Triton launch's flag; computed regardless here
 ) -> torch.Tensor:  # (M, N)
     return residual + F.linear(x, w, bias)
 
@@ -108,6 +113,7 @@ def norm_gate_up(
     eps: float,
     w: torch.Tensor,  # (2*hidden, dim)
     bias: torch.Tensor | None,
+    only_if: torch.Tensor | None = None,  # the Triton launch's flag; computed regardless here
 ) -> torch.Tensor:  # (M, hidden)
     gate, up = F.linear(rms_normed(x, norm_w, eps), w, bias).chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -129,6 +135,7 @@ def embed_fc(
     embed: torch.Tensor,  # (V, D) the token embedding
     feat: torch.Tensor,  # (M, D) the elements' features
     w: torch.Tensor,  # (D, 2D) fc: the embedding's columns, then the feature's
+    only_if: torch.Tensor | None = None,  # the Triton launch's flag; computed regardless here
 ) -> torch.Tensor:  # (M, D): an EAGLE draft pass's input, fc(concat(embed[tokens], feat))
     return F.linear(torch.cat((F.embedding(tokens, embed).to(feat.dtype), feat), dim=-1), w)
 
@@ -138,5 +145,6 @@ def draft_argmax(
     w: torch.Tensor,  # (N, D) the draft vocabulary's rows of the LM head
     ids: torch.Tensor,  # (N,) int64: row -> target token id
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None,  # the Triton kernel's; unused here
+    only_if: torch.Tensor | None = None,  # the Triton launch's flag; computed regardless here
 ) -> torch.Tensor:  # (M,) int64 target ids of the best draft-vocabulary logit (the first of equal ones)
     return ids[F.linear(x, w).argmax(-1)]

@@ -30,7 +30,20 @@ import triton.language as tl
 
 from labkit.kernels.attention_triton import decode_attention  # noqa: F401  (the layer's attention op)
 from labkit.kernels.draft_triton import draft_argmax, embed_fc  # noqa: F401  (an EAGLE draft pass's ends)
-from labkit.kernels.triton_common import BLOCK_M, TUNE, _dot, _ieee, _k_tiles, _launch, _pdl, _tile, _vec, _wait_for_inputs  # noqa: F401  (TUNE: the one tile table)
+from labkit.kernels.triton_common import (
+    BLOCK_M,
+    TUNE,  # noqa: F401  (the one tile table)
+    _called_off,
+    _dot,
+    _ieee,
+    _k_tiles,
+    _launch,
+    _only_if_args,
+    _pdl,
+    _tile,
+    _vec,
+    _wait_for_inputs,
+)
 
 TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention
 ROW_POSITIONS = True  # input_pos may be (B, T): each batch row at its own positions (batched decoding)
@@ -68,12 +81,13 @@ def _rstd(x_a, x_b, x_ptr, offs_m, m_ok, eps, DIM: tl.constexpr, KA: tl.constexp
 
 @triton.jit
 def _norm_projections(
-    x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, eps, DIM: tl.constexpr, IEEE: tl.constexpr,
-    GDC: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr, TWO: tl.constexpr,
+    x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, eps, only_if_ptr, DIM: tl.constexpr, IEEE: tl.constexpr,
+    GDC: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr, TWO: tl.constexpr, ONLY_IF: tl.constexpr,
 ):
     """RMSNorm(x) @ W[rows_a]^T and (with TWO) @ W[rows_b]^T, fp32 (BLOCK_M, len(rows)) each, and the
     rows' 1/RMS: the weight tiles (and the norm's weight) are loaded before waiting on the previous
-    kernel. Without TWO the second result is the first."""
+    kernel. Without TWO the second result is the first. A launch called off (_called_off) reads no
+    row of x (its kernel then returns before writing)."""
     w_a_lo = _tile(w_ptr, rows_a, r_ok, 0, DIM, KA)  # (rows, KA)
     if TWO:
         w_b_lo = _tile(w_ptr, rows_b, r_ok, 0, DIM, KA)
@@ -84,6 +98,8 @@ def _norm_projections(
             w_b_hi = _tile(w_ptr, rows_b, r_ok, KA, DIM, KB)
         nw_hi = _vec(nw_ptr, KA, DIM, KB)
     _wait_for_inputs(GDC)
+    if _called_off(only_if_ptr, ONLY_IF):
+        m_ok = m_ok & (offs_m < 0)
     x_lo = _tile(x_ptr, offs_m, m_ok, 0, DIM, KA)  # (BLOCK_M, KA)
     x_hi = x_lo
     if KB > 0:
@@ -110,11 +126,11 @@ def _norm_projections(
 
 @triton.jit
 def _norm_qkv_rope_kernel(
-    x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, rope_ptr, q_ptr, kc_ptr, vc_ptr,
+    x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, rope_ptr, q_ptr, kc_ptr, vc_ptr, only_if_ptr,
     M, T, stride_pb, eps, stride_cb, stride_ch, stride_cs, SEP_ROPE: tl.constexpr,
     DIM: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, GDC: tl.constexpr, BLOCK_M: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
-    BLOCK_K: tl.constexpr, SUB: tl.constexpr,
+    BLOCK_K: tl.constexpr, SUB: tl.constexpr, ONLY_IF: tl.constexpr,
 ):
     h = tl.program_id(0)  # output head: q heads, then k heads, then v heads
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -124,8 +140,10 @@ def _norm_qkv_rope_kernel(
     rows_lo = h * D + offs_d  # weight rows of this head's first and second halves
     rows_hi = rows_lo + HALF
     r_ok = offs_d < HALF
-    acc_lo, acc_hi, _ = _norm_projections(x_ptr, nw_ptr, w_ptr, rows_lo, rows_hi, r_ok, offs_m, m_ok, eps, DIM, IEEE, GDC,
-                                          KA, KB, BLOCK_K, True)  # (BLOCK_M, SUB) each
+    acc_lo, acc_hi, _ = _norm_projections(x_ptr, nw_ptr, w_ptr, rows_lo, rows_hi, r_ok, offs_m, m_ok, eps, only_if_ptr, DIM, IEEE,
+                                          GDC, KA, KB, BLOCK_K, True, ONLY_IF)  # (BLOCK_M, SUB) each
+    if _called_off(only_if_ptr, ONLY_IF):  # (after the wait, inside _norm_projections)
+        return
     if HAS_BIAS:
         acc_lo += tl.load(b_ptr + rows_lo).to(tl.float32)[None, :]
         acc_hi += tl.load(b_ptr + rows_hi).to(tl.float32)[None, :]
@@ -172,6 +190,8 @@ def norm_qkv_rope(
     v_cache: torch.Tensor,  # (B, NKV, S, D)
     n_heads: int,
     rope_pos: torch.Tensor | None = None,  # (T,) rotary positions when they are not the cache slots (tree nodes)
+    only_if: torch.Tensor | None = None,  # (1,) bool on the device: where false the launch does nothing past
+    # its inputs' wait, its outputs unwritten (triton_common._called_off)
 ) -> torch.Tensor:  # q: (M, NH, D), roped
     M, dim = x.shape
     _, nkv, _, D = k_cache.shape
@@ -181,20 +201,21 @@ def norm_qkv_rope(
     grid = (n_heads + 2 * nkv, D // 2 // sub, triton.cdiv(M, BLOCK_M))
     ka, kb = _k_tiles(dim, 2 * sub * w.element_size())  # lo and hi rows
     pdl = _pdl(x)
+    flag, only = _only_if_args(only_if, x)
     _norm_qkv_rope_kernel[grid](
         x, norm_w, w, bias if bias is not None else w, cos, sin, input_pos, rope_pos if rope_pos is not None else input_pos,
-        q, k_cache, v_cache, M, input_pos.shape[-1], input_pos.shape[-1] if input_pos.dim() == 2 else 0, eps,
+        q, k_cache, v_cache, flag, M, input_pos.shape[-1], input_pos.shape[-1] if input_pos.dim() == 2 else 0, eps,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), SEP_ROPE=rope_pos is not None, DIM=dim, NH=n_heads, NKV=nkv, HALF=D // 2, HAS_BIAS=bias is not None, IEEE=_ieee(x), GDC=pdl,
-        BLOCK_M=BLOCK_M, KA=ka, KB=kb, BLOCK_K=_loop_k("norm_block_k", w), SUB=sub, num_warps=TUNE["num_warps"], **_launch(pdl),
+        BLOCK_M=BLOCK_M, KA=ka, KB=kb, BLOCK_K=_loop_k("norm_block_k", w), SUB=sub, ONLY_IF=only, num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return q
 
 
 @triton.jit
 def _linear_residual_kernel(
-    x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, M, N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, only_if_ptr, M, N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr,
-    KB: tl.constexpr, BLOCK_K: tl.constexpr,
+    KB: tl.constexpr, BLOCK_K: tl.constexpr, ONLY_IF: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -203,6 +224,8 @@ def _linear_residual_kernel(
     if KB > 0:
         w_b = _tile(w_ptr, offs_n, n_ok, KA, K, KB)  # (BLOCK_N, KB)
     _wait_for_inputs(GDC)
+    if _called_off(only_if_ptr, ONLY_IF):
+        return
     acc = _dot(_tile(x_ptr, offs_m, m_ok, 0, K, KA), tl.trans(w_a), IEEE)  # (BLOCK_M, BLOCK_N)
     if KB > 0:
         acc += _dot(_tile(x_ptr, offs_m, m_ok, KA, K, KB), tl.trans(w_b), IEEE)
@@ -222,6 +245,8 @@ def linear_residual(
     w: torch.Tensor,  # (N, K)
     bias: torch.Tensor | None,  # (N,)
     residual: torch.Tensor,  # (M, N)
+    only_if: torch.Tensor | None = None,  # (1,) bool on the device: where false the launch does nothing past
+    # its inputs' wait, its outputs unwritten (triton_common._called_off)
 ) -> torch.Tensor:  # (M, N): residual + x w^T + bias
     M, K = x.shape
     N = w.shape[0]
@@ -231,9 +256,10 @@ def linear_residual(
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
     ka, kb = _k_tiles(K, BLOCK_N * w.element_size())
     pdl = _pdl(x)
+    flag, only = _only_if_args(only_if, x)
     _linear_residual_kernel[grid](
-        x, w, bias if bias is not None else w, residual, out, M, N, K, HAS_BIAS=bias is not None, IEEE=_ieee(x),
-        GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb, BLOCK_K=_loop_k("linear_block_k", w),
+        x, w, bias if bias is not None else w, residual, out, flag, M, N, K, HAS_BIAS=bias is not None, IEEE=_ieee(x),
+        GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb, BLOCK_K=_loop_k("linear_block_k", w), ONLY_IF=only,
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out
@@ -241,15 +267,17 @@ def linear_residual(
 
 @triton.jit
 def _norm_gate_up_kernel(
-    x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, M, eps, DIM: tl.constexpr, HID: tl.constexpr, HAS_BIAS: tl.constexpr,
+    x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, only_if_ptr, M, eps, DIM: tl.constexpr, HID: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr,
-    KB: tl.constexpr, BLOCK_K: tl.constexpr,
+    KB: tl.constexpr, BLOCK_K: tl.constexpr, ONLY_IF: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = offs_m < M, offs_n < HID
-    acc_g, acc_u, _ = _norm_projections(x_ptr, nw_ptr, w_ptr, offs_n, HID + offs_n, n_ok, offs_m, m_ok, eps, DIM, IEEE, GDC,
-                                        KA, KB, BLOCK_K, True)  # (BLOCK_M, BLOCK_N) each
+    acc_g, acc_u, _ = _norm_projections(x_ptr, nw_ptr, w_ptr, offs_n, HID + offs_n, n_ok, offs_m, m_ok, eps, only_if_ptr, DIM, IEEE,
+                                        GDC, KA, KB, BLOCK_K, True, ONLY_IF)  # (BLOCK_M, BLOCK_N) each
+    if _called_off(only_if_ptr, ONLY_IF):  # (after the wait, inside _norm_projections)
+        return
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptr + HID + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -267,6 +295,8 @@ def norm_gate_up(
     eps: float,
     w: torch.Tensor,  # (2*hidden, dim): gate rows, then up rows
     bias: torch.Tensor | None,  # (2*hidden,)
+    only_if: torch.Tensor | None = None,  # (1,) bool on the device: where false the launch does nothing past
+    # its inputs' wait, its outputs unwritten (triton_common._called_off)
 ) -> torch.Tensor:  # (M, hidden): silu(gate) * up
     M, dim = x.shape
     hid = w.shape[0] // 2
@@ -276,9 +306,10 @@ def norm_gate_up(
     grid = (triton.cdiv(hid, BLOCK_N), triton.cdiv(M, BLOCK_M))
     ka, kb = _k_tiles(dim, 2 * BLOCK_N * w.element_size())  # gate and up rows
     pdl = _pdl(x)
+    flag, only = _only_if_args(only_if, x)
     _norm_gate_up_kernel[grid](
-        x, norm_w, w, bias if bias is not None else w, out, M, eps, DIM=dim, HID=hid, HAS_BIAS=bias is not None,
-        IEEE=_ieee(x), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb, BLOCK_K=_loop_k("norm_block_k", w),
+        x, norm_w, w, bias if bias is not None else w, out, flag, M, eps, DIM=dim, HID=hid, HAS_BIAS=bias is not None,
+        IEEE=_ieee(x), GDC=pdl, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, KA=ka, KB=kb, BLOCK_K=_loop_k("norm_block_k", w), ONLY_IF=only,
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out
@@ -293,8 +324,8 @@ def _norm_head_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = offs_m < M, offs_n < V
-    acc, _, rstd = _norm_projections(x_ptr, nw_ptr, w_ptr, offs_n, offs_n, n_ok, offs_m, m_ok, eps, DIM, IEEE, GDC,
-                                     KA, KB, BLOCK_K, False)  # (BLOCK_M, BLOCK_N), (BLOCK_M,)
+    acc, _, rstd = _norm_projections(x_ptr, nw_ptr, w_ptr, offs_n, offs_n, n_ok, offs_m, m_ok, eps, x_ptr, DIM, IEEE, GDC,
+                                     KA, KB, BLOCK_K, False, False)  # (BLOCK_M, BLOCK_N), (BLOCK_M,)
     dtype = out_ptr.dtype.element_ty
     tl.store(out_ptr + offs_m[:, None] * V + offs_n[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
     if KEEP_H:

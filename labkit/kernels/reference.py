@@ -127,12 +127,14 @@ def lookup_draft(
     history: torch.Tensor,  # (B, Lh) each row's context tokens in [0, n_ctx[b]), anything after
     n_ctx: torch.Tensor,  # (B,) each row's context length, >= 1
     k: int,
+    match_n: torch.Tensor | None = None,  # (B,) long, written if given: the matched n-gram's length n (0: none)
 ) -> torch.Tensor:  # (B, k) each row's draft
     """Prompt lookup on the device, each row on its own: at the context's end the longest n-gram
     (n = 3, 2, 1) seen before, its latest occurrence, and the k tokens that followed it, repeating
     with the match's period where the copy runs into the context's end (the last token k times when
     nothing matches). Fixed shapes and no host read, so it can be captured in a CUDA graph. The host
-    twin is specdec/lookup.lookup_reference; one stream is one row."""
+    twin is specdec/lookup.lookup_reference; one stream is one row. match_n >= n holds exactly where
+    latest_match(context, n, n) finds a copy (eagle-mix's choice, without a launch of its own)."""
     B, Lh = history.shape
     dev = history.device
     pos = torch.arange(Lh, device=dev)  # (Lh,)
@@ -150,6 +152,8 @@ def lookup_draft(
     valid = (pos < n_ctx[:, None]) & (score > 0)  # a token follows the match inside the context
     best = torch.where(valid, score * Lh + pos, -1).amax(1)  # (B,) longest n, then latest occurrence
     c = torch.where(best >= 0, best % Lh, n_ctx - 1)  # (B,) continuation start
+    if match_n is not None:
+        match_n.copy_(torch.where(best >= 0, best // Lh, 0))
     q = n_ctx - c  # (B,) period
     return history.gather(1, c[:, None] + torch.arange(k, device=dev) % q[:, None])  # (B, k)
 

@@ -92,6 +92,26 @@ def _wait_for_inputs(GDC: tl.constexpr):
 
 
 @triton.jit
+def _called_off(only_if_ptr, ONLY_IF: tl.constexpr):
+    """After _wait_for_inputs: whether this launch has nothing to do, its `only_if` flag (a device
+    bool, read only now: an earlier kernel may write it) being false. Layer and draft kernels take
+    the flag so a captured step can call a whole EAGLE chain off on the device (specdec/eagle_mix.py)
+    where PyTorch captures no conditional nodes; a launch called off leaves its outputs unwritten."""
+    if ONLY_IF:
+        return tl.load(only_if_ptr) == 0
+    else:
+        return False
+
+
+def _only_if_args(only_if: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A kernel's (only_if_ptr, ONLY_IF) for a wrapper's `only_if` argument."""
+    if only_if is None:
+        return dummy, False
+    assert only_if.numel() == 1 and only_if.dtype == torch.bool, "only_if is one device bool"
+    return only_if, True
+
+
+@triton.jit
 def _tile(ptr, rows, r_ok, k0, K: tl.constexpr, KT: tl.constexpr):
     """Columns k0..k0+KT of the given rows of a row-major (*, K) matrix, zeros past K."""
     offs_k = k0 + tl.arange(0, KT)

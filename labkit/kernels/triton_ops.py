@@ -105,9 +105,10 @@ def kv_append(cache: torch.Tensor, new: torch.Tensor, keep: torch.Tensor, start:
 
 
 @triton.jit
-def _lookup_draft_kernel(history_ptr, n_ctx_ptr, out_ptr, Lh, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _lookup_draft_kernel(history_ptr, n_ctx_ptr, out_ptr, n_out_ptr, Lh, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                         HAS_N: tl.constexpr):
     """Program b: row b's three shifted comparisons and the max, a block of positions at a time
-    over its context only (not the whole buffer), then its k-token gather."""
+    over its context only (not the whole buffer), then its k-token gather (and the match's n)."""
     b = tl.program_id(0).to(tl.int64)
     row_ptr = history_ptr + b * Lh
     L = tl.load(n_ctx_ptr + b)  # () int64
@@ -124,18 +125,22 @@ def _lookup_draft_kernel(history_ptr, n_ctx_ptr, out_ptr, Lh, K, BLOCK: tl.const
         score = m1.to(tl.int64) + m2.to(tl.int64) + m3.to(tl.int64)
         best = tl.maximum(best, tl.max(tl.where(m1, score * Lh + c, -1), axis=0))
     start = tl.where(best >= 0, best % Lh, L - 1)
+    if HAS_N:
+        tl.store(n_out_ptr + b, tl.where(best >= 0, best // Lh, 0))
     period = L - start
     j = tl.arange(0, BLOCK_K).to(tl.int64)
     ok = j < K
     tl.store(out_ptr + b * K + j, tl.load(row_ptr + start + j % period, mask=ok, other=0), mask=ok)
 
 
-def lookup_draft(history: torch.Tensor, n_ctx: torch.Tensor, k: int) -> torch.Tensor:
+def lookup_draft(history: torch.Tensor, n_ctx: torch.Tensor, k: int, match_n: torch.Tensor | None = None) -> torch.Tensor:
     """reference.lookup_draft (3-gram lookup) as one launch, a program per row."""
     B, Lh = history.shape
     assert history.stride(1) == 1 and history.stride(0) == Lh and n_ctx.is_contiguous(), "rows of one contiguous history"
     out = torch.empty(B, k, dtype=history.dtype, device=history.device)
-    _lookup_draft_kernel[(B,)](history, n_ctx, out, Lh, k, BLOCK=1024, BLOCK_K=max(16, triton.next_power_of_2(k)))
+    assert match_n is None or (match_n.shape == (B,) and match_n.dtype == torch.long and match_n.is_contiguous())
+    _lookup_draft_kernel[(B,)](history, n_ctx, out, out if match_n is None else match_n, Lh, k, BLOCK=1024,
+                               BLOCK_K=max(16, triton.next_power_of_2(k)), HAS_N=match_n is not None)
     return out
 
 

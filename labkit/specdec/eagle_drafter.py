@@ -43,7 +43,7 @@ from labkit.specdec.copy_or_chain import CopyOrChain
 from labkit.specdec.draft import Draft, Drafter, Step
 from labkit.specdec.eagle import EagleHead, draft_head_weight
 from labkit.specdec.eagle_hooks import CatchUpOnly, ChainOf, KeepHidden
-from labkit.specdec.eagle_ops import draft_layer_ops, target_runs_triton, token_embedding
+from labkit.specdec.eagle_ops import OnlyIf, draft_layer_ops, target_runs_triton, token_embedding
 from labkit.specdec.eagle_tree import DynamicTreeConfig, chain_with_siblings, dynamic_tree
 from labkit.specdec.lookup_steps import CHUNK, LookupSteps
 from labkit.specdec.tree import TokenTree
@@ -169,15 +169,14 @@ class EagleDrafter(Drafter):
                               for i in range(0, T, self.pass_t)], dim=1)
         return self._pass(feats, tokens, pos.clamp(max=cache.max_len - 1), tree)
 
-    def _pass(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, tree: TreeAttention | None = None) -> torch.Tensor:
+    def _pass(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, tree: TreeAttention | None = None,
+              ops: Any = None) -> torch.Tensor:
         """One draft-layer pass of elements at pos (within the draft cache) -> (B, T, D) predicted features."""
-        cache = self._draft_cache
+        cache, ops = self._draft_cache, ops or self.ops
         assert cache is not None
-        if self.embed_weight is not None and hasattr(self.ops, "embed_fc"):  # the embedding gathered inside the fc's kernel
-            return self.head.forward_cached(feats.to(self.dtype), None, pos, cache, self.ops, tree, tokens=tokens, embed=self.embed_weight,
-                                            window=self.window)
-        return self.head.forward_cached(feats.to(self.dtype), self.embed(tokens).to(self.dtype), pos, cache, self.ops, tree,
-                                        window=self.window)
+        fused = self.embed_weight is not None and hasattr(ops, "embed_fc")  # the embedding gathered inside the fc's kernel
+        emb = None if fused else self.embed(tokens).to(self.dtype)  # (B, T, D)
+        return self.head.forward_cached(feats.to(self.dtype), emb, pos, cache, ops, tree, tokens=tokens, embed=self.embed_weight, window=self.window)
 
     def _logits(self, feat: torch.Tensor) -> torch.Tensor:  # (M, D) -> (M, N) over the draft vocabulary
         return feat @ self.weight.t() if self.draft_head is None else self.draft_head(feat)
@@ -185,25 +184,28 @@ class EagleDrafter(Drafter):
     def log_probs(self, feat: torch.Tensor) -> torch.Tensor:  # (M, D) -> (M, N) over the draft vocabulary
         return torch.log_softmax(self._logits(feat).float(), dim=-1)
 
-    def _pick(self, feat: torch.Tensor, width: int = 1) -> torch.Tensor:  # (B, D) -> (B, width) target ids, best first
-        if width == 1 and self.draft_head is None and hasattr(self.ops, "draft_argmax"):  # one launch: the product, its argmax and the id
-            return self.ops.draft_argmax(feat.contiguous(), self.weight, self.ids, self._pick_scratch)[:, None]
+    def _pick(self, feat: torch.Tensor, width: int = 1, ops: Any = None) -> torch.Tensor:  # (B, D) -> (B, width) target ids, best first
+        if width == 1 and self.draft_head is None and hasattr(ops := ops or self.ops, "draft_argmax"):  # one launch: product, argmax, id
+            return ops.draft_argmax(feat.contiguous(), self.weight, self.ids, self._pick_scratch)[:, None]
         logits = self._logits(feat)  # (B, N)
         return self.ids[logits.argmax(-1, keepdim=True) if width == 1 else logits.topk(width, dim=-1).indices]
 
-    def chain(self, feat: torch.Tensor, anchor: torch.Tensor, width: int = 1, depth: int | None = None) -> torch.Tensor:
+    def chain(self, feat: torch.Tensor, anchor: torch.Tensor, width: int = 1, depth: int | None = None,
+              only_if: torch.Tensor | None = None) -> torch.Tensor:
         """feat (B, D) the anchor's predicted feature, anchor (B,) its position -> (B, depth, width)
-        the best `width` drafts at each depth of the chain (default: the head's depth), which follows the best."""
-        depth = depth or self.depth
-        cache = self._draft_cache
+        the best `width` drafts at each depth of the chain (default: the head's depth), which follows the best.
+        only_if (1,) bool: where false the fused ops' launches may be called off (the drafts are then
+        anything, the draft cache past the anchor unwritten; eagle_ops.OnlyIf)."""
+        depth, cache = depth or self.depth, self._draft_cache
+        ops = self.ops if only_if is None or self.ops is None else OnlyIf(self.ops, only_if)
         assert cache is not None
         # (depth - 1, B): depth d's element sits at anchor + d - 1 (a row each, so each depth's is contiguous)
         pos = (anchor[None, :] + torch.arange(1, depth, device=anchor.device)[:, None]).clamp_(max=cache.max_len - 1)
-        top = self._pick(feat, width)  # (B, width)
+        top = self._pick(feat, width, ops)  # (B, width)
         drafts = [top]
         for d in range(2, depth + 1):
-            feat = self._pass(feat[:, None], top[:, :1], pos[d - 2][:, None])[:, 0]
-            top = self._pick(feat, width)
+            feat = self._pass(feat[:, None], top[:, :1], pos[d - 2][:, None], ops=ops)[:, 0]
+            top = self._pick(feat, width, ops)
             drafts.append(top)
         return torch.stack(drafts, dim=1)
 

@@ -9,15 +9,18 @@ host rule of eagle-ngram's proposals (specdec/eagle_drafter.py), on the device:
     after the verify:  the draft cache caught up over the verified rows (every step, so a chain
                        can start anywhere);
                        copy = the context now ends in an n-gram of at least `min_n` tokens seen
-                       before (`ngram_seen`, the twin of NgramDrafter.match is not None);
-                       the next step's K columns: lookup's copy (the lookup_draft kernel) if copy,
+                       before (the lookup_draft kernel's match_n >= min_n: the twin of
+                       NgramDrafter.match is not None, with no launch of its own);
+                       the next step's K columns: lookup's copy (that kernel's draft) if copy,
                        else EAGLE's chain (`depth` deep, its last draft repeated to K).
 
 The chain's draft passes (most of a chain step's drafting time) run only where the step takes no
-copy: in a captured graph they sit in a CUDA graph IF node (graphs.only_where, with
-LABKIT_IF_NODES=1 on a PyTorch that captures them; not yet run on a GPU); elsewhere they always run
-and the copy is picked over them. Every step verifies K columns (at least COPY_K), so
-one graph serves both kinds; the verify keeps the output plain greedy's whatever it holds.
+copy. In a captured graph they sit in a CUDA graph IF node (graphs.only_where, with
+LABKIT_IF_NODES=1 on a PyTorch that captures them; not yet run on a GPU). Without one, each of
+the chain's fused Triton launches is still made but returns right after its inputs' wait where
+the flag says copy (`only_if`, eagle_ops.OnlyIf); on other layers the chain runs and the copy is
+picked over it. Every step verifies K columns (at least COPY_K), so one graph serves both kinds;
+the verify keeps the output plain greedy's whatever it holds.
 
 Simulated on the suite's texts with the H200's step costs (scripts/copy_chain_sim.py): the
 per-chunk choice 1.61x plain, this rule 1.70x (n >= 2; n >= 3 1.67x), a per-step oracle 2.0x.
@@ -46,23 +49,6 @@ from labkit.specdec.lookup_steps import LookupSteps
 MIX_MIN_N = 2  # copy after an n-gram of this many tokens seen before (prompt lookup's own default, NgramDrafter.min_n)
 
 
-def ngram_seen(
-    history: torch.Tensor,  # (Lh,) the context's tokens in [0, n_ctx), anything after
-    n_ctx: torch.Tensor,  # (1,) the context's length
-    n: int,
-    starts: torch.Tensor | None = None,  # (Lh - n + 1,) arange: made once by a caller that asks every step
-) -> torch.Tensor:  # (1,) bool
-    """Whether the context's last n tokens occurred earlier with a token after them (a start
-    i <= n_ctx - n - 1): latest_match(context, n, n) is not None, on the device, fixed shapes."""
-    S = history.shape[0] - n + 1
-    starts = torch.arange(S, device=history.device) if starts is None else starts  # (S,)
-    hit = starts <= n_ctx - n - 1  # (S,)
-    for j in range(n):
-        tok = history.gather(0, (n_ctx - n + j).clamp(min=0))  # (1,)
-        hit = hit & (history[j : j + S] == tok)
-    return hit.any(0, keepdim=True)
-
-
 class MixOf:
     """Mixed steps' verify hook (module docstring): catch-up, the choice, then lookup's copy or
     EAGLE's chain as the next step's k columns."""
@@ -72,25 +58,25 @@ class MixOf:
         self.max_t = k + 1
         self.history: torch.Tensor | None = None  # (Lh,) the steps' context, n_ctx (1,) its length: bind_history
         self.n_ctx: torch.Tensor | None = None
-        self.starts: torch.Tensor | None = None  # (Lh - min_n + 1,) the n-gram starts ngram_seen tries
-        self.chain_cols = torch.zeros(1, depth, dtype=torch.long, device=drafter.target.device)  # (1, depth) the last chain drafted
+        device = drafter.target.device
+        self.match_n = torch.zeros(1, dtype=torch.long, device=device)  # (1,) the n-gram lookup matched (0: none)
+        self.chain_cols = torch.zeros(1, depth, dtype=torch.long, device=device)  # (1, depth) the last chain drafted
 
     def bind_history(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         """The device steps' context buffers (LookupSteps), read after each step's commit."""
         self.history, self.n_ctx = history, n_ctx
-        self.starts = torch.arange(history.shape[0] - self.min_n + 1, device=history.device)
 
     def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (1, k)
         assert self.history is not None and self.n_ctx is not None
         d = self.drafter
         anchor_feat = d.catch_up(hidden, verdict, tokens, input_pos)  # (1, D)
-        copy = ngram_seen(self.history, self.n_ctx, self.min_n, self.starts)  # (1,) bool
-        copied = registry.get("lookup_draft", hidden.device)(self.history[None], self.n_ctx, self.k)  # (1, k)
-        with only_where(~copy):
-            self.chain_cols.copy_(d.chain(anchor_feat, input_pos[0] + verdict[:, 0], 1, self.depth).flatten(1))
+        copied = registry.get("lookup_draft", hidden.device)(self.history[None], self.n_ctx, self.k, self.match_n)  # (1, k)
+        chains = self.match_n < self.min_n  # (1,) bool: no n-gram of min_n tokens seen before
+        with only_where(chains):
+            self.chain_cols.copy_(d.chain(anchor_feat, input_pos[0] + verdict[:, 0], 1, self.depth, only_if=chains).flatten(1))
         chain = torch.cat((self.chain_cols, self.chain_cols[:, -1:].expand(1, self.k - self.depth)), dim=1)  # (1, k)
-        return torch.where(copy[:, None], copied, chain)
+        return torch.where(chains[:, None], chain, copied)
 
     def take(self, tokens: list[int], context_len: int) -> None:
         pass

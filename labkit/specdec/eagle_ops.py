@@ -1,9 +1,11 @@
 """How EAGLE's draft layer runs on a target (specdec/eagle_drafter.py): which layer operations it
-shares with the target, and the target's token embedding it reads.
+shares with the target, the same with every launch under a device flag, and the target's token
+embedding it reads.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -31,6 +33,19 @@ def draft_layer_ops(target: Engine) -> Any:
 
         return layer_reference
     return None
+
+
+class OnlyIf:
+    """The fused layer operations `ops` with every call given `only_if` (1,) bool: a Triton launch
+    whose flag is false returns right after its inputs' wait, writing nothing (the PyTorch twins
+    compute anyway). eagle-mix's captured steps call a step's chain off so where it copies, on a
+    PyTorch without conditional graph nodes (specdec/eagle_mix.py)."""
+
+    def __init__(self, ops: Any, only_if: torch.Tensor) -> None:
+        self.ops, self.only_if = ops, only_if
+
+    def __getattr__(self, name: str) -> Any:
+        return functools.partial(getattr(self.ops, name), only_if=self.only_if)
 
 
 def token_embedding(model: Any) -> torch.nn.Module:
