@@ -11,6 +11,8 @@ however many drafts stood: a random head's rarely do), against plain decoding's 
 ngram-graph's per step at K = 8 (medians of 3 requests).
 
     python3 scripts/eagle_costs.py EAGLE_FOLDER [steps]    (steps: only the whole steps)
+    python3 scripts/eagle_costs.py EAGLE_FOLDER calloff    (eagle-mix with its copy steps' chain
+        launches called off, against the same steps with the chain run: interleaved requests)
 """
 
 import sys
@@ -72,8 +74,37 @@ def whole_steps() -> None:
           + f"; tokens per step {c.tokens}; a switch from copy to chain steps {1e6 * c.switch_s:.0f} us")
 
 
+def call_off() -> None:
+    """eagle-mix's steps with the chain's launches called off where a step copies (only_if), against
+    a drafter whose graphs were captured with the flag dropped (the chain runs every step):
+    microseconds per step, medians of 5 interleaved requests, on a copying prompt and a typical one."""
+    from labkit.specdec import eagle_ops
+    from labkit.specdec.eagle_mix import EagleMixDrafter
+
+    head = load_eagle(sys.argv[1], fingerprint(engine.model.lm_head.weight))
+    cfg = GenerationConfig(max_new_tokens=256, stop_at_eos=False)
+    prompts = {"looped": list(range(1000, 1040)) * 3, "typical": list(range(1000, 1120))}
+    called_off, run_always = EagleMixDrafter(engine, head), EagleMixDrafter(engine, head)
+    honoured = eagle_ops.OnlyIf.__getattr__
+    eagle_ops.OnlyIf.__getattr__ = lambda self, name: getattr(self.ops, name)  # type: ignore[method-assign]
+    for prompt in prompts.values():  # captured now, without the flag
+        generate(engine, prompt, cfg, Speculation(run_always, 8))
+    eagle_ops.OnlyIf.__getattr__ = honoured  # type: ignore[method-assign]
+    for name, prompt in prompts.items():
+        times: dict[str, list[float]] = {"called off": [], "chain run": []}
+        for _ in range(5):
+            for way, drafter in (("called off", called_off), ("chain run", run_always)):
+                r = generate(engine, prompt, cfg, Speculation(drafter, 8))
+                times[way].append((r.stats.total_s - r.stats.ttft_s) / len(r.stats.accepted_lengths) * 1e6)
+        print(f"eagle-mix K=8, {name} prompt (tau {r.stats.new_tokens / len(r.stats.accepted_lengths):.2f}): "
+              + ", ".join(f"{way} {sorted(t)[2]:.1f} us per step" for way, t in times.items()))
+
+
 if sys.argv[2:] == ["steps"]:
     whole_steps()
+    sys.exit(0)
+if sys.argv[2:] == ["calloff"]:
+    call_off()
     sys.exit(0)
 for dtype, T in ((torch.bfloat16, 4), (torch.float32, 4), (torch.bfloat16, 6)):
     drafter = EagleDrafter(engine, load_eagle(sys.argv[1], fingerprint(engine.model.lm_head.weight)), dtype)
