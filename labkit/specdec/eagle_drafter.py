@@ -37,6 +37,7 @@ import torch
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
+from labkit.graphs import GRAPH_MAX_T
 from labkit.kernels.reference import LOOKUP_MAX_N
 from labkit.models.kvcache import COUNTER_ROWS, KVCache, TreeAttention
 from labkit.specdec.copy_or_chain import CopyOrChain
@@ -97,6 +98,7 @@ class EagleDrafter(Drafter):
         # and fc, and the draft head's argmax, where the ops have them and the target's embedding is a table
         self.embed_weight = self.embed.weight if isinstance(self.embed, torch.nn.Embedding) else None  # (V, D) a table, or a CPU's blocks
         rows = max(16, target.batch_size)
+        self._counting = torch.arange(max(GRAPH_MAX_T, rows) + 1, device=target.device)  # 0, 1, ...: sliced, not launched in every step
         self._pick_scratch = (torch.zeros(rows, dtype=torch.long, device=target.device),  # draft_argmax's, left zero
                               torch.zeros(rows // 16 + 1, dtype=torch.int32, device=target.device))
         self._triton = target_runs_triton(target)  # the ops are the Triton kernels: compile their widths before a request
@@ -200,7 +202,7 @@ class EagleDrafter(Drafter):
         ops = self.ops if only_if is None or self.ops is None else OnlyIf(self.ops, only_if)
         assert cache is not None
         # (depth - 1, B): depth d's element sits at anchor + d - 1 (a row each, so each depth's is contiguous)
-        pos = (anchor[None, :] + torch.arange(1, depth, device=anchor.device)[:, None]).clamp_(max=cache.max_len - 1)
+        pos = (anchor[None, :] + self._counting[1:depth, None]).clamp_(max=cache.max_len - 1)
         top = self._pick(feat, width, ops)  # (B, width)
         drafts = [top]
         for d in range(2, depth + 1):
@@ -257,12 +259,10 @@ class EagleDrafter(Drafter):
         is the draft after it, or the target's next token at the accepted row) -> (B, D) the
         accepted row's predicted feature, the chain's anchor."""
         B, T, _ = hidden.shape
-        accepted, nxt = verdict[:, 0], verdict[:, 1]  # (B,) each
-        rows = torch.arange(T, device=hidden.device)  # (T,)
-        after = torch.cat((tokens[:, 1:], nxt[:, None]), dim=1)  # (B, T): the token after each row
-        after = torch.where(rows[None] == accepted[:, None], nxt[:, None], after)
+        accepted, nxt = verdict[:, 0:1], verdict[:, 1:2]  # (B, 1) each
+        after = torch.cat((tokens[:, 1:], nxt), dim=1).scatter_(1, accepted, nxt)  # (B, T): the token after each row
         feats = self.elements(hidden, after, input_pos)  # (B, T, D)
-        return feats[torch.arange(B, device=hidden.device), accepted]
+        return feats.gather(1, accepted[:, :, None].expand(B, 1, feats.shape[2]))[:, 0]
 
     def take(self, tokens: list[int], context_len: int) -> None:
         self._prepared = (context_len, tokens)
