@@ -15,6 +15,7 @@
 #   with draft heads:  DRAFTERS=ngram,heads HEADS=/tmp/heads bash scripts/device_run.sh heads validate
 #   trees:             DRAFTERS=ngram-graph,ngram-tree,eagle,eagle-tree HEADS=/tmp/eagle KS=3,4 bash scripts/device_run.sh eagle-carried validate
 #   without papermill: DRAFTERS=ngram-graph,eagle,eagle-ngram HEADS=/tmp/eagle BUDGET=200 bash scripts/device_run.sh eagle-carried suite
+#     (suite takes LONG and CATEGORIES too: LONG=1024,4096 CATEGORIES=rag runs rag and two long prompts)
 # validate stops starting prompts after BUDGET s (default 420) so that one call (10 min) brings results back;
 # DTYPE (auto: bf16), LONG (long prompts of these token counts, e.g. 1024,4096) and CATEGORIES ("" = all) pass through.
 # The device copy's .git is the session's first commit, so name the tree in the call:
@@ -139,7 +140,8 @@ from labkit.bench.results import write_results
 from labkit.bench.validation import ValidationConfig, results_stem, run_validation
 cfg = ValidationConfig(device="cuda", max_new_tokens=128, drafters="${DRAFTERS:-ngram-graph}".split(","), heads="${HEADS:-}" or None,
                        ks=[int(k) for k in "${KS:-5,8}".split(",")], compile=False, hf_assisted=False,
-                       time_budget_s=float("${BUDGET:-420}"), output_dir=None, progress=False)
+                       time_budget_s=float("${BUDGET:-420}"), output_dir=None, progress=False,
+                       long_prompts=[int(n) for n in "${LONG:-}".split(",") if n], categories=[c for c in "${CATEGORIES:-}".split(",") if c] or None)
 payload = run_validation(cfg)
 print(*write_results("$out/results", results_stem(payload), {k: v for k, v in payload.items() if k != "rows"}, payload["rows"]))
 for s in payload["summary"]:
