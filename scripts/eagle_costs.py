@@ -13,6 +13,8 @@ ngram-graph's per step at K = 8 (medians of 3 requests).
     python3 scripts/eagle_costs.py EAGLE_FOLDER [steps]    (steps: only the whole steps)
     python3 scripts/eagle_costs.py EAGLE_FOLDER calloff    (eagle-mix with its copy steps' chain
         launches called off, against the same steps with the chain run: interleaved requests)
+    python3 scripts/eagle_costs.py EAGLE_FOLDER long N     (a long prompt of N tokens: each drafter's
+        speed, the graphs it captured, and where eagle-mix's host time goes)
 """
 
 import sys
@@ -100,6 +102,34 @@ def call_off() -> None:
               + ", ".join(f"{way} {sorted(t)[2]:.1f} us per step" for way, t in times.items()))
 
 
+def long_request(n: int) -> None:
+    """One long prompt (prompts/long.py): tok/s of plain, eagle and eagle-mix (third request of
+    each), the engine's captured objects after each, and the profile of eagle-mix's third request."""
+    import cProfile
+    import pstats
+
+    from labkit.prompts.long import long_prompt
+    from labkit.specdec.eagle_mix import EagleMixDrafter
+
+    head = load_eagle(sys.argv[1], fingerprint(engine.model.lm_head.weight))
+    prompt, cfg = long_prompt(loaded.tokenizer, n), GenerationConfig(max_new_tokens=128, stop_at_eos=False)
+    for name, spec in (("plain", None), ("eagle", Speculation(EagleDrafter(engine, head), 8)),
+                       ("eagle-mix", Speculation(EagleMixDrafter(engine, head), 8))):
+        for _ in range(2):
+            generate(engine, prompt, cfg, spec)
+        prof = cProfile.Profile()
+        prof.enable()
+        r = generate(engine, prompt, cfg, spec)
+        prof.disable()
+        print(f"{name}: {r.stats.new_tokens / (r.stats.total_s - r.stats.ttft_s):.0f} tok/s, ttft {r.stats.ttft_s * 1e3:.0f} ms, "
+              f"graphs safe {engine.graphs_safe}, attend_len {engine.attend_len}, captured {sorted(str(k[0]) for k in engine.graphs.keys())}")
+        if name == "eagle-mix":
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+
+
+if sys.argv[2:3] == ["long"]:
+    long_request(int(sys.argv[3]))
+    sys.exit(0)
 if sys.argv[2:] == ["steps"]:
     whole_steps()
     sys.exit(0)
