@@ -103,28 +103,46 @@ def call_off() -> None:
 
 
 def long_request(n: int) -> None:
-    """One long prompt (prompts/long.py): tok/s of plain, eagle and eagle-mix (third request of
-    each), the engine's captured objects after each, and the profile of eagle-mix's third request."""
+    """One long prompt (prompts/long.py): each request of plain, eagle-mix and eagle (in that order,
+    as the suite runs them) with its tok/s and the CUDA graphs captured and Triton kernels compiled
+    during it (a first request pays for them), then the profile of eagle-mix's last request."""
     import cProfile
     import pstats
+
+    import triton
 
     from labkit.prompts.long import long_prompt
     from labkit.specdec.eagle_mix import EagleMixDrafter
 
+    counts = {"captures": 0, "compiles": 0}
+    capture_begin, compile_ = torch.cuda.CUDAGraph.capture_begin, triton.compile
+
+    def counted_capture(self, *a, **k):
+        counts["captures"] += 1
+        return capture_begin(self, *a, **k)
+
+    def counted_compile(*a, **k):
+        counts["compiles"] += 1
+        return compile_(*a, **k)
+
+    torch.cuda.CUDAGraph.capture_begin = counted_capture  # type: ignore[method-assign]
+    triton.compile = counted_compile
+    import triton.runtime.jit as jit
+    jit.compile = counted_compile  # where JITFunction calls it, if it imported the name
     head = load_eagle(sys.argv[1], fingerprint(engine.model.lm_head.weight))
     prompt, cfg = long_prompt(loaded.tokenizer, n), GenerationConfig(max_new_tokens=128, stop_at_eos=False)
-    for name, spec in (("plain", None), ("eagle", Speculation(EagleDrafter(engine, head), 8)),
-                       ("eagle-mix", Speculation(EagleMixDrafter(engine, head), 8))):
-        for _ in range(2):
-            generate(engine, prompt, cfg, spec)
-        prof = cProfile.Profile()
-        prof.enable()
-        r = generate(engine, prompt, cfg, spec)
-        prof.disable()
-        print(f"{name}: {r.stats.new_tokens / (r.stats.total_s - r.stats.ttft_s):.0f} tok/s, ttft {r.stats.ttft_s * 1e3:.0f} ms, "
-              f"graphs safe {engine.graphs_safe}, attend_len {engine.attend_len}, captured {sorted(str(k[0]) for k in engine.graphs.keys())}")
-        if name == "eagle-mix":
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    for name, spec in (("plain", None), ("eagle-mix", Speculation(EagleMixDrafter(engine, head), 8)),
+                       ("eagle", Speculation(EagleDrafter(engine, head), 8))):
+        for i in range(3):
+            counts.update(captures=0, compiles=0)
+            prof = cProfile.Profile()
+            prof.enable()
+            r = generate(engine, prompt, cfg, spec)
+            prof.disable()
+            print(f"{name} request {i + 1}: {r.stats.new_tokens / r.stats.total_s:.0f} tok/s ({r.stats.total_s * 1e3:.0f} ms), "
+                  f"{counts['captures']} graphs captured, {counts['compiles']} kernels compiled, attend_len {engine.attend_len}")
+            if name == "eagle-mix" and i == 0:
+                pstats.Stats(prof).sort_stats("cumulative").print_stats(12)
 
 
 if sys.argv[2:3] == ["long"]:
