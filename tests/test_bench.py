@@ -101,6 +101,29 @@ def test_validation_time_budget_stops_between_prompts_and_says_so(tiny_folder) -
         ValidationConfig(time_budget_s=0).validate()
 
 
+def test_validation_warms_every_system_on_the_long_prompts_before_timing_them(tiny_folder, monkeypatch) -> None:
+    """A long prompt's attention span is a shape of its own (compiled kernels, captured graphs):
+    every engine and drafter meets it untimed before its first timed request."""
+    import labkit.bench.validation as validation
+
+    calls: list[tuple[int, int, bool]] = []  # (prompt length, new tokens, speculative)
+    generate = validation.generate
+
+    def logged(engine, ids, cfg, spec=None, *args, **kwargs):
+        calls.append((len(ids), cfg.max_new_tokens, spec is not None))
+        return generate(engine, ids, cfg, spec, *args, **kwargs)
+
+    monkeypatch.setattr(validation, "generate", logged)
+    cfg = validation.ValidationConfig(device="cpu", dtype="float32", max_new_tokens=5, categories=["writing"], prompts_per_category=1,
+                                      drafters=["ngram"], ks=[1], hf_assisted=False, fused=False, compile=False, output_dir=None,
+                                      progress=False, long_prompts=[120])
+    payload = validation.run_validation(cfg, load_model(str(tiny_folder)))
+    assert {r["prompt_id"] for r in payload["rows"]} >= {"long-120"}
+    for speculative in (False, True):
+        timed = calls.index((120, 5, speculative))
+        assert (120, 16 if speculative else 8, speculative) in calls[:timed], calls
+
+
 def test_validation_runs_the_heads_and_graph_lookup_drafters_lossless(tiny_folder, tmp_path) -> None:
     from labkit.bench.validation import ValidationConfig, run_validation
     from labkit.specdec.heads import fingerprint, save_heads
