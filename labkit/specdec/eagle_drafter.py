@@ -258,7 +258,7 @@ class EagleDrafter(Drafter):
         """Inside the verify step: the draft cache's elements for every verified row (row j's token
         is the draft after it, or the target's next token at the accepted row) -> (B, D) the
         accepted row's predicted feature, the chain's anchor."""
-        B, T, _ = hidden.shape
+        B = hidden.shape[0]
         accepted, nxt = verdict[:, 0:1], verdict[:, 1:2]  # (B, 1) each
         after = torch.cat((tokens[:, 1:], nxt), dim=1).scatter_(1, accepted, nxt)  # (B, T): the token after each row
         feats = self.elements(hidden, after, input_pos)  # (B, T, D)
@@ -279,10 +279,8 @@ class EagleDrafter(Drafter):
 
     def _steps(self, k: int, copy: bool) -> tuple[LookupSteps, bool]:
         """The device steps of width k (chain or copy steps), and whether this request is new to them."""
-        if copy:
-            steps = self.target.captured(("eagle-copy-steps", self, k), lambda: LookupSteps(self.target, k, hook=self._watch))
-        else:
-            steps = self.target.captured(("eagle-steps", self, k), lambda: LookupSteps(self.target, k, hook=ChainOf(self, k), n_cols=k))
+        key, hook = ("eagle-copy-steps", self._watch) if copy else ("eagle-steps", ChainOf(self, k))
+        steps = self.target.captured((key, self, k), lambda: LookupSteps(self.target, k, hook=hook, n_cols=0 if copy else k))
         fresh = (k, copy) not in self._steps_used
         self._steps_used.add((k, copy))
         return steps, fresh
@@ -293,9 +291,7 @@ class EagleDrafter(Drafter):
         the step before drafted inside its verify (LookupSteps with this drafter as its hook), the
         first the host's draft; the last step's chain is kept for the next proposal. eagle-ngram
         runs copy steps instead where they rate faster (module docstring)."""
-        k_chain, k_copy = min(k, self.depth), max(k, COPY_K)
-        if len(context) - 1 + m * (k_copy + 1) > self.target.max_seq_len:  # near the cache's end: copy steps as wide as asked
-            k_copy = k
+        k_chain, k_copy = min(k, self.depth), self.copy_width(len(context), k, m)
         if self.lookup_over:  # both kinds captured on the first chunk, before either is needed mid-request
             copy_steps, copy_fresh = self._steps(k_copy, copy=True)
         chain_steps, chain_fresh = self._steps(k_chain, copy=False)
@@ -316,6 +312,10 @@ class EagleDrafter(Drafter):
         if self.lookup_over:
             self.copying = self.next_copying(context, out, time.perf_counter() - t0, k_copy, switch_s)
         return out
+
+    def copy_width(self, context_len: int, k: int, m: int) -> int:
+        """m copy steps' width from a context of context_len tokens: COPY_K at least; near the cache's end as wide as asked."""
+        return k if context_len - 1 + m * (max(k, COPY_K) + 1) > self.target.max_seq_len else max(k, COPY_K)
 
     def next_copying(self, context: list[int], steps: list[Step], seconds: float, k_copy: int,
                      switch_s: float | None = None) -> bool:

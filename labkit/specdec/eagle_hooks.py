@@ -2,7 +2,8 @@
 that a verify calls with its hidden states and verdict (graphs.VerifyHook), each running one part
 of the drafter's work inside the verify.
 
-    ChainOf       device chain steps of width K: the catch-up and a chain K deep
+    ChainOf       device chain steps of width K: the catch-up and a chain K deep (eagle_mix.MixOf:
+                  the same, or lookup's copy, at every step)
     CatchUpOnly   eagle-ngram on a CPU: the catch-up only; the proposal drafts a chain where it takes no copy
     KeepHidden    eagle-ngram's device copy steps: the verify's hidden states kept by position
 """
@@ -30,8 +31,13 @@ class ChainOf:
 
     def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (B, depth)
-        anchor_feat = self.drafter.catch_up(hidden, verdict, tokens, input_pos)  # (B, D)
-        return self.drafter.chain(anchor_feat, input_pos[0] + verdict[:, 0], 1, self.depth).flatten(1)
+        return self.chain_from(self.drafter.catch_up(hidden, verdict, tokens, input_pos), verdict, input_pos)
+
+    def chain_from(self, anchor_feat: torch.Tensor, verdict: torch.Tensor, input_pos: torch.Tensor,
+                   only_if: torch.Tensor | None = None) -> torch.Tensor:  # (B, D), (B, 2), (T,) -> (B, depth)
+        """The chain from the accepted row (its predicted feature after the catch-up), launches
+        called off where only_if is false (EagleDrafter.chain)."""
+        return self.drafter.chain(anchor_feat, input_pos[0] + verdict[:, 0], 1, self.depth, only_if=only_if).flatten(1)
 
     def take(self, tokens: list[int], context_len: int) -> None:
         pass

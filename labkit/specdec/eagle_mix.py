@@ -24,9 +24,10 @@ the verify keeps the output plain greedy's whatever it holds.
 
 Simulated on the suite's texts with the H200's step costs (scripts/copy_chain_sim.py): the
 per-chunk choice 1.61x plain, this rule 1.70x (n >= 2; n >= 3 1.67x), a per-step oracle 2.0x.
-PyTorch 2.11 (the H200 image's) captures no IF nodes, so there the chain runs every step and a
-copy step costs a chain step; measured so, whole suite, two runs: eagle-mix 1.69x / 1.68x plain,
-ngram-graph 1.69x / 1.69x, eagle-ngram 1.67x / 1.68x (docs/speculation.md).
+PyTorch 2.11 (the H200 image's) captures no IF nodes, so there a copy step launches the chain's
+kernels and each returns at once (806 against 822 us a step with the chain run: a launch, not its
+work, is what a kernel costs at batch 1). Measured so, whole suite, two runs: eagle-mix 1.71x /
+1.71x plain, ngram-graph 1.68x / 1.68x (docs/speculation.md, session 28).
 """
 
 from __future__ import annotations
@@ -43,18 +44,20 @@ from labkit.kernels import registry
 from labkit.kernels.reference import LOOKUP_MAX_N
 from labkit.specdec.draft import Step
 from labkit.specdec.eagle import EagleHead
-from labkit.specdec.eagle_drafter import COPY_K, EagleDrafter
+from labkit.specdec.eagle_drafter import EagleDrafter
+from labkit.specdec.eagle_hooks import ChainOf
 from labkit.specdec.lookup_steps import LookupSteps
 
 MIX_MIN_N = 2  # copy after an n-gram of this many tokens seen before (prompt lookup's own default, NgramDrafter.min_n)
 
 
-class MixOf:
-    """Mixed steps' verify hook (module docstring): catch-up, the choice, then lookup's copy or
-    EAGLE's chain as the next step's k columns."""
+class MixOf(ChainOf):
+    """Mixed steps' verify hook (module docstring): the catch-up, the choice, then lookup's copy or
+    ChainOf's chain as the next step's k columns."""
 
     def __init__(self, drafter: EagleDrafter, depth: int, k: int, min_n: int) -> None:
-        self.drafter, self.depth, self.k, self.min_n = drafter, depth, k, min_n
+        super().__init__(drafter, depth)
+        self.k, self.min_n = k, min_n
         self.max_t = k + 1
         self.history: torch.Tensor | None = None  # (Lh,) the steps' context, n_ctx (1,) its length: bind_history
         self.n_ctx: torch.Tensor | None = None
@@ -69,17 +72,13 @@ class MixOf:
     def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (1, k)
         assert self.history is not None and self.n_ctx is not None
-        d = self.drafter
-        anchor_feat = d.catch_up(hidden, verdict, tokens, input_pos)  # (1, D)
+        anchor_feat = self.drafter.catch_up(hidden, verdict, tokens, input_pos)  # (1, D): every step, copy or chain
         copied = registry.get("lookup_draft", hidden.device)(self.history[None], self.n_ctx, self.k, self.match_n)  # (1, k)
         chains = self.match_n < self.min_n  # (1,) bool: no n-gram of min_n tokens seen before
         with only_where(chains):
-            self.chain_cols.copy_(d.chain(anchor_feat, input_pos[0] + verdict[:, 0], 1, self.depth, only_if=chains).flatten(1))
+            self.chain_cols.copy_(self.chain_from(anchor_feat, verdict, input_pos, only_if=chains))
         chain = torch.cat((self.chain_cols, self.chain_cols[:, -1:].expand(1, self.k - self.depth)), dim=1)  # (1, k)
         return torch.where(chains[:, None], chain, copied)
-
-    def take(self, tokens: list[int], context_len: int) -> None:
-        pass
 
 
 class EagleMixDrafter(EagleDrafter):
@@ -109,10 +108,7 @@ class EagleMixDrafter(EagleDrafter):
     def run_steps(self, context: list[int], k: int, m: int, eos_mask: torch.Tensor, eos_until: int) -> list[Step]:
         """m mixed steps per host read (DeviceSteps): the first verifies the host's proposal (or the
         columns the last chunk's final step made for this context), padded to the steps' width."""
-        depth = min(k, self.depth)
-        width = max(k, COPY_K, depth)
-        if len(context) - 1 + m * (width + 1) > self.target.max_seq_len:  # near the cache's end: as wide as asked
-            width = max(k, depth)
+        depth, width = min(k, self.depth), self.copy_width(len(context), k, m)  # (depth <= k <= width)
         steps, fresh = self._mixed(width, depth)
         L = len(context)
         prepared, self._prepared = self._prepared, None

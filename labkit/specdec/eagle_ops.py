@@ -38,7 +38,7 @@ def draft_layer_ops(target: Engine) -> Any:
 class OnlyIf:
     """The fused layer operations `ops` with every call given `only_if` (1,) bool: a Triton launch
     whose flag is false returns right after its inputs' wait, writing nothing (the PyTorch twins
-    compute anyway). eagle-mix's captured steps call a step's chain off so where it copies, on a
+    compute anyway). eagle-mix's captured steps call a step's chain off where it copies, on a
     PyTorch without conditional graph nodes (specdec/eagle_mix.py)."""
 
     def __init__(self, ops: Any, only_if: torch.Tensor) -> None:

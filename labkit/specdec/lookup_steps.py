@@ -22,7 +22,7 @@ repeats the last token.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -65,6 +65,14 @@ def greedy_step(
     return verdict, feed, input_pos
 
 
+@runtime_checkable
+class ReadsHistory(Protocol):
+    """A verify hook that also reads the steps' context on the device (eagle-mix's lookup)."""
+
+    def bind_history(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
+        """history (Lh,) the context's tokens in [0, n_ctx), n_ctx (1,): LookupSteps' own buffers, as each step's commit left them."""
+
+
 class LookupSteps:
     """`chunk` speculative steps of width K per host read, as one captured step replayed (CUDA
     graphs) or run eagerly (any device: the same operations, for tests and the CPU). It points
@@ -95,7 +103,7 @@ class LookupSteps:
             raise LabkitError(f"a verify hook's {n_cols} columns cannot draft {k} tokens a step")
         self.cols = torch.zeros(n_cols, dtype=torch.long, device=device)  # (n_cols,) the hook's next draft
         self.last_cols: list[int] = []  # the hook's columns after the last run (host)
-        if hook is not None and hasattr(hook, "bind_history"):  # a hook that reads the steps' context (eagle-mix's lookup)
+        if isinstance(hook, ReadsHistory):  # a hook that reads the steps' context (eagle-mix's lookup)
             hook.bind_history(self.history, self.n_ctx)
         self.graph = None
         static = engine.static_step
