@@ -1,5 +1,6 @@
 """Phase 2B: acceptance policies, K controllers and the speedup model."""
 
+import copy
 import math
 import random
 
@@ -188,23 +189,50 @@ def test_mixed_model_reduces_to_the_textbook_and_to_plain() -> None:
 
 def test_cost_aware_decodes_plainly_where_no_draft_pays_and_probes_for_alpha() -> None:
     """With a verify cost table (a CPU's: a draft token costs 0.25 of a step) K=0, a plain step,
-    is a candidate: where nothing stands the controller answers 0, drafting one token every
-    probe_every-th step to keep alpha fresh; where drafts stand again it drafts again."""
+    is a candidate: where nothing stands the controller answers 0, drafting one token after
+    probe_every plain steps to keep alpha fresh, each probe that keeps nothing doubling the wait
+    (up to PROBE_BACKOFF times); where drafts stand again it drafts again, and a probe that keeps
+    a token brings the first wait back."""
+    from labkit.specdec.controllers import PROBE_BACKOFF
+
     table = {k: 1.0 + 0.25 * k for k in range(4)}
-    cost = CostAware(3, probe_every=6)
+    cost = CostAware(3, probe_every=6, alpha_prior=0.0)  # no draft pays from the start
     cost.calibrate(table)
     ks = []
-    for _ in range(60):  # nothing stands
+    for _ in range(100):  # nothing stands
         k = cost.next_k()
         ks.append(k)
         if k:
             cost.update(k, 0, 0.0, table[k])
-    assert ks[-30:].count(0) == 25 and set(ks[-30:]) == {0, 1}  # plain, one probe in six
-    for _ in range(20):  # every draft stands
+    probes = [i for i, k in enumerate(ks) if k]
+    assert set(ks) == {0, 1}  # plain steps and one-token probes
+    assert probes[0] == 5 and [b - a for a, b in zip(probes, probes[1:], strict=False)] == [12, 24, 24, 24] and PROBE_BACKOFF * 6 == 24
+    for _ in range(40):  # every draft stands: the next probe keeps its token, and drafting resumes
         k = cost.next_k()
         if k:
             cost.update(k, k, 0.0, table[k])
     assert cost.next_k() == 3
+
+
+def test_cost_aware_probes_at_the_first_rate_after_a_probe_that_keeps_a_token() -> None:
+    table = {k: 1.0 + 0.25 * k for k in range(4)}
+    cost = CostAware(3, probe_every=6, alpha_prior=0.0)
+    cost.calibrate(table)
+    for _ in range(40):  # nothing stands: the wait grows
+        k = cost.next_k()
+        if k:
+            cost.update(k, 0, 0.0, table[k])
+    assert cost.probe_gap == 24
+    fresh = copy.deepcopy(cost)
+    fresh.reset()  # a new request: a probe at its first plain step, the waits from the first one again
+    assert fresh.next_k() == 1
+    fresh.update(1, 0, 0.0, table[1])
+    assert [fresh.next_k() for _ in range(12)] == [0] * 11 + [1]
+    while not (k := cost.next_k()):
+        pass
+    cost.update(k, 1, 0.0, table[k])  # the probe keeps its token
+    ks = [cost.next_k() for _ in range(6)]
+    assert ks == [0, 0, 0, 0, 0, 1]
 
 
 def test_cost_aware_starts_a_request_from_the_last_ones_alpha() -> None:

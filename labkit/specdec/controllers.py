@@ -93,6 +93,9 @@ class AIMD(Controller):
         self.k = min(float(self.k_max), self.k + 1) if accepted == drafted else max(1.0, self.k * self.beta)
 
 
+PROBE_BACKOFF = 4  # CostAware's longest wait between probes, in units of probe_every
+
+
 class CostAware(Controller):
     """Picks the K that maximises expected tokens per second (Leviathan et al.):
 
@@ -122,8 +125,13 @@ class CostAware(Controller):
     fitted from live steps alone mistakes noise for slope; with the table, live noise moves every
     width alike and cannot tip K. With the table K=0 is a candidate too (one token at verify(0),
     a plain step): where no draft pays (a CPU, where a verify of 2 tokens costs about 1.2 plain
-    steps, on text that lookup cannot copy) the request decodes plainly, and every `probe_every`-th
-    plain step in a row drafts one token instead, since plain steps teach nothing of alpha.
+    steps, on text that lookup cannot copy) the request decodes plainly, and after `probe_every`
+    plain steps in a row it drafts one token instead, since plain steps teach nothing of alpha. A
+    probe that keeps nothing doubles the wait for the next (up to PROBE_BACKOFF times
+    `probe_every`); one that keeps a token, or a step that drafts by choice, resets it, and a new
+    request probes at its first plain step (new text: the last request's alpha is only a prior). A probe
+    costs what a verify of two tokens and a draft cost (on a 2-core CPU at 2,048 tokens of context
+    with EAGLE, two plain steps): probing every sixth plain step lost 12% where no draft stood.
 
     Without a table, verify(K) is a line fitted to the widths seen in the last `fresh` steps,
     and every `probe_every` steps the controller tries the width next to its choice to keep a
@@ -148,7 +156,8 @@ class CostAware(Controller):
         self.verify_by_k: dict[int, float] = {}  # without a table: EMA of verify seconds per width K
         self.seen_at: dict[int, int] = {}  # width -> step it was last measured
         self.steps = 0
-        self.plain_run = 0  # plain steps (K 0) chosen in a row
+        self.until_probe = self.probe_gap = probe_every  # plain steps (K 0) before the next probe; the wait it restarts from
+        self.probing = False  # the last answer was a probe, its outcome not yet seen
 
     def calibrate(self, verify_s: dict[int, float]) -> None:
         """Verify seconds for K = 0..k_max drafts, measured on this device."""
@@ -168,6 +177,8 @@ class CostAware(Controller):
         self.hits = [self.state_alpha(s) if self.steps else self.alpha_prior for s in (0, 1)]
         self.trials = [1.0, 1.0]
         self.state = 0
+        self.until_probe, self.probe_gap = 1, self.probe_every  # new text: a probe at once if no draft pays, then the first wait
+        self.probing = False
 
     def state_alpha(self, state: int) -> float:
         return min(self.hits[state] / self.trials[state], 0.999)
@@ -206,10 +217,16 @@ class CostAware(Controller):
     def next_k(self) -> int:
         if self.verify_table is not None:
             best = max(range(self.k_max + 1), key=self.rate)  # K 0: a plain step, one token at verify(0)
-            self.plain_run = self.plain_run + 1 if best == 0 else 0
-            if best == 0 and self.plain_run % self.probe_every == 0:  # a plain step teaches nothing of alpha: probe one draft
+            if self.probing:  # a probe whose outcome never came (nothing drafted): a probe that kept nothing
+                self._probed(kept=False)
+            if best:
+                self.until_probe = self.probe_gap = self.probe_every
+                return best
+            self.until_probe -= 1
+            if self.until_probe <= 0:  # a plain step teaches nothing of alpha: probe one draft
+                self.probing = True
                 return 1
-            return best
+            return 0
         if not self.verify_by_k:
             return self.k_start
         line = self.verify_line()  # fitted once per decision
@@ -218,7 +235,14 @@ class CostAware(Controller):
             return best + 1 if best < self.k_max else best - 1
         return best
 
+    def _probed(self, kept: bool) -> None:
+        self.probing = False
+        self.probe_gap = self.probe_every if kept else min(2 * self.probe_gap, PROBE_BACKOFF * self.probe_every)
+        self.until_probe = self.probe_gap
+
     def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        if self.probing:
+            self._probed(kept=accepted > 0)
         if not 1 <= drafted <= self.k_max:  # none, or a token tree's nodes (a tree drafter sets its own size): nothing on chains
             return
         a, s = self.ema, self.state
