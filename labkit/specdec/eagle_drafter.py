@@ -124,7 +124,7 @@ class EagleDrafter(Drafter):
         self.choice = CopyOrChain(max(1, lookup_over))  # copy or chain steps, per chunk (its rates and switch time: read-only outside)
         if (target.cuda_graph if device_steps is None else device_steps) and width == 1 and tree is None:
             self.device_steps = self
-        self._steps_used: set[tuple[int, bool]] = set()  # (width, copy steps?) whose device steps ran in this request
+        self._steps_used: set[tuple[int, int]] = set()  # (width, copy steps?) whose device steps ran in this request (eagle-mix: (width, depth))
         self.done = 0  # the draft cache holds the true elements 0..done-1
         self.chain_depth = self.depth  # the chain a verify drafts: on the host's steps, as deep as the last proposal asked
         self._prepared: tuple[int, list[int]] | None = None  # (context length, draft) the last verify made

@@ -90,18 +90,13 @@ class EagleMixDrafter(EagleDrafter):
             raise LabkitError(f"eagle-mix copies after an n-gram of 1 to {LOOKUP_MAX_N} tokens seen before, got {min_n}")
         super().__init__(target, head, lookup_over=min_n, **kwargs)
         self.name = self.name.replace("+ngram", "+mix")
-        self._mixed_used: set[tuple[int, int]] = set()  # (width, depth) whose mixed steps ran in this request
-
-    def start(self, prompt_ids: list[int], capacity: int) -> None:
-        super().start(prompt_ids, capacity)
-        self._mixed_used = set()
 
     def _mixed(self, k: int, depth: int) -> tuple[LookupSteps, bool]:
         """The mixed device steps of k columns (chains depth deep), and whether this request is new to them."""
         steps = self.target.captured(("eagle-mix-steps", self, k, depth),
                                      lambda: LookupSteps(self.target, k, hook=MixOf(self, depth, k, self.lookup_over), n_cols=k))
-        fresh = (k, depth) not in self._mixed_used
-        self._mixed_used.add((k, depth))
+        fresh = (k, depth) not in self._steps_used  # (it runs no chain or copy steps of its own: the keys are its (k, depth))
+        self._steps_used.add((k, depth))
         return steps, fresh
 
     @torch.inference_mode()
