@@ -13,6 +13,8 @@ ngram-graph's per step at K = 8 (medians of 3 requests).
     python3 scripts/eagle_costs.py EAGLE_FOLDER [steps]    (steps: only the whole steps)
     python3 scripts/eagle_costs.py EAGLE_FOLDER calloff    (eagle-mix with its copy steps' chain
         launches called off, against the same steps with the chain run: interleaved requests)
+    python3 scripts/eagle_costs.py EAGLE_FOLDER fused      (eagle and eagle-mix with each chain one
+        launch, specdec/eagle_chain.py, against its launches one by one: interleaved requests)
     python3 scripts/eagle_costs.py EAGLE_FOLDER long N     (a long prompt of N tokens: each drafter's
         speed, the graphs it captured, and where eagle-mix's host time goes)
 """
@@ -102,6 +104,34 @@ def call_off() -> None:
               + ", ".join(f"{way} {sorted(t)[2]:.1f} us per step" for way, t in times.items()))
 
 
+def fused_ab() -> None:
+    """Each chain one launch (kernels/chain_triton.py) against its launches one by one, for eagle and
+    eagle-mix at K=8: microseconds per step, medians of 5 interleaved requests, on a typical and a
+    copying prompt; the two must give the same tokens and the same tau (the same drafts)."""
+    from labkit.specdec.eagle_mix import EagleMixDrafter
+
+    head = load_eagle(sys.argv[1], fingerprint(engine.model.lm_head.weight))
+    cfg = GenerationConfig(max_new_tokens=256, stop_at_eos=False)
+    prompts = {"typical": list(range(1000, 1120)), "looped": list(range(1000, 1040)) * 3}
+    plain = {name: step_us(prompt, cfg, None)[0] for name, prompt in prompts.items()}
+    for cls in (EagleDrafter, EagleMixDrafter):
+        fused, apart = cls(engine, head), cls(engine, head)
+        apart.fused_chain = False
+        for name, prompt in prompts.items():
+            times: dict[str, list[float]] = {"one launch": [], "launches": []}
+            seen: dict[str, tuple] = {}
+            for _ in range(5):
+                for way, drafter in (("one launch", fused), ("launches", apart)):
+                    r = generate(engine, prompt, cfg, Speculation(drafter, 8))
+                    times[way].append((r.stats.total_s - r.stats.ttft_s) / len(r.stats.accepted_lengths) * 1e6)
+                    seen[way] = (r.tokens, len(r.stats.accepted_lengths))
+            same = seen["one launch"] == seen["launches"]
+            print(f"{fused.name} K=8, {name} prompt (tau {r.stats.new_tokens / len(r.stats.accepted_lengths):.2f}, plain "
+                  f"{plain[name]:.1f} us a token): " + ", ".join(f"{way} {sorted(t)[2]:.1f} us per step" for way, t in times.items())
+                  + f"; same tokens and steps: {same}")
+        print(f"{fused.name}: grid barriers that gave up: {fused._fused.stalls()}")
+
+
 def triton_compiles(prof) -> tuple[int, float]:
     """Calls of triton.compiler's compile during a profiled run (disk-cache loads included) and their seconds:
     read from the profile, so that it counts whatever name a kernel's JITFunction bound the function to."""
@@ -152,6 +182,9 @@ if sys.argv[2:3] == ["long"]:
     sys.exit(0)
 if sys.argv[2:] == ["steps"]:
     whole_steps()
+    sys.exit(0)
+if sys.argv[2:] == ["fused"]:
+    fused_ab()
     sys.exit(0)
 if sys.argv[2:] == ["calloff"]:
     call_off()

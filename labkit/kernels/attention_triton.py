@@ -78,6 +78,63 @@ def _combine_splits(out_ptr, part_o_ptr, part_ml_ptr, q_rows, tile_base, local, 
 
 
 @triton.jit
+def _tile_rows(tile, pos_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, NKV: tl.constexpr, GROUP: tl.constexpr,
+               WINDOW: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The rows of tile `tile` (batch row b, kv head, block of BLOCK_R rows r = t * GROUP + g) and the
+    splits holding keys they see: (b, kvh, local, t, r_ok, head, pos, lo_r, first, last)."""
+    rb = tile % R_BLOCKS
+    kvh = (tile // R_BLOCKS) % NKV
+    b = tile // (R_BLOCKS * NKV)
+    local = tl.arange(0, BLOCK_R)
+    offs_r = rb * BLOCK_R + local  # (BLOCK_R,)
+    r_ok = offs_r < R
+    t = offs_r // GROUP
+    head = kvh * GROUP + offs_r % GROUP
+    pos = tl.load(pos_ptr + b * stride_pb + t, mask=r_ok, other=-1)  # (BLOCK_R,) row r sees keys lo_r..pos_r (stride_pb 0: shared)
+    if WINDOW > 0:
+        lo_r = tl.maximum(pos - WINDOW + 1, 0)
+    else:
+        lo_r = pos * 0
+    hi = tl.max(pos, axis=0)  # the last key any row sees
+    lo = tl.min(tl.where(r_ok, lo_r, hi), axis=0)  # the first
+    first = lo // SPLIT_S  # the splits holding visible keys: first..last (the grid may end sooner:
+    last = tl.minimum(hi // SPLIT_S, N_SPLITS - 1)  # rows past the span are tokens nobody keeps)
+    return b, kvh, local, t, r_ok, head, pos, lo_r, first, last
+
+
+@triton.jit
+def _attend_split(
+    q_ptr, kc_ptr, vc_ptr, out_ptr, part_o_ptr, part_ml_ptr, tile, split, b, kvh, local, t, r_ok, head, pos, lo_r, first, last,
+    T, N_SPLITS, scale, stride_cb, stride_ch, stride_cs, tree_ptr, tree_base_ptr, NH: tl.constexpr, D: tl.constexpr,
+    SPLIT_S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, N_TREE: tl.constexpr,
+    TREE: tl.constexpr,
+):
+    """A tile's rows against the keys of one split: the result where one split holds every
+    visible key, else the split's partial (running max, sum, weighted values) for _combine_splits."""
+    offs_d = tl.arange(0, D)
+    q_rows = (b * T + t) * NH + head  # (BLOCK_R,) rows of q (M, NH, D) and of out (M, NH*D)
+    q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # (BLOCK_R, D)
+    base = b * stride_cb + kvh * stride_ch
+    qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 instead of exp
+    hi = tl.max(pos, axis=0)
+    s_first = tl.maximum(split * SPLIT_S, tl.min(tl.where(r_ok, lo_r, hi), axis=0))
+    s_end = tl.minimum(split * SPLIT_S + SPLIT_S, hi + 1)
+    tree_base = 0
+    if TREE:
+        tree_base = tl.load(tree_base_ptr)
+    acc, l_i, m_i = _attend_keys(q, kc_ptr + base, vc_ptr + base, stride_cs, lo_r, pos, s_first, s_end, qk_scale,
+                                 t, r_ok, tree_ptr, tree_base, N_TREE, TREE, BLOCK_R, BLOCK_S, D, IEEE)
+    if first == last:  # one split holds every visible key: the result is final
+        tl.store(out_ptr + q_rows[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+    else:  # keep this split's partial result
+        at = (tile * N_SPLITS + split) * BLOCK_R + local  # (BLOCK_R,)
+        tl.store(part_o_ptr + at[:, None] * D + offs_d[None, :], acc, mask=r_ok[:, None])
+        tl.store(part_ml_ptr + at * 2, m_i, mask=r_ok)
+        tl.store(part_ml_ptr + at * 2 + 1, l_i, mask=r_ok)
+    return q_rows
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, scale,
     stride_cb, stride_ch, stride_cs, tree_ptr, tree_base_ptr, only_if_ptr, NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
@@ -91,47 +148,16 @@ def _attention_kernel(
     sums run in the same order whatever tokens share its tile: a verify row gets a decode step's bits."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    rb = tile % R_BLOCKS
-    kvh = (tile // R_BLOCKS) % NKV
-    b = tile // (R_BLOCKS * NKV)
     _wait_for_inputs(GDC)  # everything it reads but the positions comes from the kernel before
     if _called_off(only_if_ptr, ONLY_IF):  # every program returns here: the counters stay zero
         return
-    local = tl.arange(0, BLOCK_R)
-    offs_r = rb * BLOCK_R + local  # (BLOCK_R,) row r = t * GROUP + g
-    r_ok = offs_r < R
-    t = offs_r // GROUP
-    head = kvh * GROUP + offs_r % GROUP
-    pos = tl.load(pos_ptr + b * stride_pb + t, mask=r_ok, other=-1)  # (BLOCK_R,) row r sees keys lo_r..pos_r (stride_pb 0: shared)
-    if WINDOW > 0:
-        lo_r = tl.maximum(pos - WINDOW + 1, 0)
-    else:
-        lo_r = pos * 0
-    hi = tl.max(pos, axis=0)  # the last key any row sees
-    lo = tl.min(tl.where(r_ok, lo_r, hi), axis=0)  # the first
-    first = lo // SPLIT_S  # the splits holding visible keys: first..last (the grid may end sooner:
-    last = tl.minimum(hi // SPLIT_S, N_SPLITS - 1)  # rows past the span are tokens nobody keeps)
+    b, kvh, local, t, r_ok, head, pos, lo_r, first, last = _tile_rows(tile, pos_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, NKV, GROUP,
+                                                                      WINDOW, SPLIT_S, BLOCK_R)
     if (split >= first) & (split <= last):
-        offs_d = tl.arange(0, D)
-        q_rows = (b * T + t) * NH + head  # (BLOCK_R,) rows of q (M, NH, D) and of out (M, NH*D)
-        q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # (BLOCK_R, D)
-        base = b * stride_cb + kvh * stride_ch
-        qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 instead of exp
-        s_first = tl.maximum(split * SPLIT_S, lo)
-        s_end = tl.minimum(split * SPLIT_S + SPLIT_S, hi + 1)
-        tree_base = 0
-        if TREE:
-            tree_base = tl.load(tree_base_ptr)
-        acc, l_i, m_i = _attend_keys(q, kc_ptr + base, vc_ptr + base, stride_cs, lo_r, pos, s_first, s_end, qk_scale,
-                                     t, r_ok, tree_ptr, tree_base, N_TREE, TREE, BLOCK_R, BLOCK_S, D, IEEE)
-        out_dtype = out_ptr.dtype.element_ty
-        if first == last:  # one split holds every visible key: the result is final
-            tl.store(out_ptr + q_rows[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(out_dtype), mask=r_ok[:, None])
-        else:  # keep this split's partial result; the last split to finish combines them
-            at = (tile * N_SPLITS + split) * BLOCK_R + local  # (BLOCK_R,)
-            tl.store(part_o_ptr + at[:, None] * D + offs_d[None, :], acc, mask=r_ok[:, None])
-            tl.store(part_ml_ptr + at * 2, m_i, mask=r_ok)
-            tl.store(part_ml_ptr + at * 2 + 1, l_i, mask=r_ok)
+        q_rows = _attend_split(q_ptr, kc_ptr, vc_ptr, out_ptr, part_o_ptr, part_ml_ptr, tile, split, b, kvh, local, t, r_ok, head,
+                               pos, lo_r, first, last, T, N_SPLITS, scale, stride_cb, stride_ch, stride_cs, tree_ptr,
+                               tree_base_ptr, NH, D, SPLIT_S, BLOCK_S, BLOCK_R, IEEE, N_TREE, TREE)
+        if first != last:  # the last split to finish combines the partials
             tl.debug_barrier()  # every thread's partial is written before the count goes up
             done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
             if done == last - first:

@@ -26,7 +26,21 @@ import torch
 import triton
 import triton.language as tl
 
-from labkit.kernels.triton_common import BLOCK_M, TUNE, _called_off, _dot, _ieee, _k_tiles, _launch, _only_if_args, _pdl, _tile, _wait_for_inputs
+from labkit.kernels.triton_common import (
+    BLOCK_M,
+    TUNE,
+    _called_off,
+    _dot,
+    _ieee,
+    _k_tiles,
+    _launch,
+    _only_if_args,
+    _pdl,
+    _tile,
+    _tiled_dot,
+    _wait_for_inputs,
+    _weight_tiles,
+)
 
 KEY_INDEX = 1 << 31  # a key is (ordered logit bits) * KEY_INDEX + (KEY_INDEX - 1 - index)
 
@@ -43,21 +57,13 @@ def _cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, k0, D: tl.constexpr, KT: tl.
 
 
 @triton.jit
-def _embed_fc_kernel(
-    tok_ptr, emb_ptr, feat_ptr, w_ptr, out_ptr, only_if_ptr, M, D: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr, ONLY_IF: tl.constexpr,
+def _embed_fc_rows(
+    tok, emb_ptr, feat_ptr, w_ptr, out_ptr, offs_m, m_ok, offs_n, n_ok, w_a, w_b, D: tl.constexpr, IEEE: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok, n_ok = offs_m < M, offs_n < D
+    """After the inputs' wait: concat(embed[tok], feat) @ w^T for a tile of rows (tok (BLOCK_M,) their
+    tokens) and columns (w_a, w_b the weight tiles loaded up front), stored (embed_fc, the fused chain)."""
     K: tl.constexpr = 2 * D
-    w_a = _tile(w_ptr, offs_n, n_ok, 0, K, KA)  # (BLOCK_N, KA): weights first, before the wait
-    if KB > 0:
-        w_b = _tile(w_ptr, offs_n, n_ok, KA, K, KB)
-    _wait_for_inputs(GDC)  # the tokens and the features come from the kernels before
-    if _called_off(only_if_ptr, ONLY_IF):
-        return
-    tok = tl.load(tok_ptr + offs_m, mask=m_ok, other=0)
     acc = _dot(_cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, 0, D, KA), tl.trans(w_a), IEEE)  # (BLOCK_M, BLOCK_N)
     if KB > 0:
         acc += _dot(_cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, KA, D, KB), tl.trans(w_b), IEEE)
@@ -65,6 +71,22 @@ def _embed_fc_kernel(
         acc += _dot(_cat_tile(tok, emb_ptr, feat_ptr, offs_m, m_ok, k0, D, BLOCK_K), tl.trans(_tile(w_ptr, offs_n, n_ok, k0, K, BLOCK_K)), IEEE)
     dtype = out_ptr.dtype.element_ty
     tl.store(out_ptr + offs_m[:, None] * D + offs_n[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _embed_fc_kernel(
+    tok_ptr, emb_ptr, feat_ptr, w_ptr, out_ptr, only_if_ptr, M, D: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr, ONLY_IF: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok, n_ok = offs_m < M, offs_n < D
+    w_a, w_b = _weight_tiles(w_ptr, offs_n, n_ok, 2 * D, KA, KB)  # weights first, before the wait
+    _wait_for_inputs(GDC)  # the tokens and the features come from the kernels before
+    if _called_off(only_if_ptr, ONLY_IF):
+        return
+    tok = tl.load(tok_ptr + offs_m, mask=m_ok, other=0)
+    _embed_fc_rows(tok, emb_ptr, feat_ptr, w_ptr, out_ptr, offs_m, m_ok, offs_n, n_ok, w_a, w_b, D, IEEE, KA, KB, BLOCK_K)
 
 
 def embed_fc(
@@ -98,6 +120,26 @@ def _ordered(v):
 
 
 @triton.jit
+def _fold_best(
+    x_ptr, w_ptr, key_ptr, offs_m, m_ok, offs_n, n_ok, w_a, w_b, D: tl.constexpr, IEEE: tl.constexpr, KA: tl.constexpr,
+    KB: tl.constexpr, BLOCK_K: tl.constexpr, KEY_INDEX: tl.constexpr,
+):
+    """After the inputs' wait: each row's best (logit, index) over a tile of the draft vocabulary,
+    folded into its key by an atomic max (draft_argmax, the fused chain)."""
+    acc = _tiled_dot(x_ptr, offs_m, m_ok, w_ptr, offs_n, n_ok, w_a, w_b, D, IEEE, KA, KB, BLOCK_K)  # (BLOCK_M, BLOCK_N)
+    logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as the PyTorch product's output is
+    key = _ordered(logits) * KEY_INDEX + (KEY_INDEX - 1 - offs_n.to(tl.int64))[None, :]  # (BLOCK_M, BLOCK_N)
+    key = tl.where(n_ok[None, :], key, 0)
+    tl.atomic_max(key_ptr + offs_m, tl.max(key, axis=1), mask=m_ok, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _key_ids(best, ids_ptr, m_ok, KEY_INDEX: tl.constexpr):
+    """Rows' keys (BLOCK_M,) int64 -> their target ids."""
+    return tl.load(ids_ptr + (KEY_INDEX - 1 - best % KEY_INDEX), mask=m_ok, other=0)
+
+
+@triton.jit
 def _draft_argmax_kernel(
     x_ptr, w_ptr, ids_ptr, key_ptr, count_ptr, out_ptr, only_if_ptr, M, N, N_PROGRAMS, D: tl.constexpr, IEEE: tl.constexpr,
     GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
@@ -107,27 +149,16 @@ def _draft_argmax_kernel(
     mb = tl.program_id(1)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = offs_m < M, offs_n < N
-    w_a = _tile(w_ptr, offs_n, n_ok, 0, D, KA)  # (BLOCK_N, KA): weights first, before the wait
-    if KB > 0:
-        w_b = _tile(w_ptr, offs_n, n_ok, KA, D, KB)
+    w_a, w_b = _weight_tiles(w_ptr, offs_n, n_ok, D, KA, KB)  # weights first, before the wait
     _wait_for_inputs(GDC)  # the features come from the kernel before
     if _called_off(only_if_ptr, ONLY_IF):  # every program returns here: the count and the keys stay zero
         return
-    acc = _dot(_tile(x_ptr, offs_m, m_ok, 0, D, KA), tl.trans(w_a), IEEE)  # (BLOCK_M, BLOCK_N)
-    if KB > 0:
-        acc += _dot(_tile(x_ptr, offs_m, m_ok, KA, D, KB), tl.trans(w_b), IEEE)
-    for k0 in range(KA + KB, D, BLOCK_K):  # columns past the prefetched tiles
-        acc += _dot(_tile(x_ptr, offs_m, m_ok, k0, D, BLOCK_K), tl.trans(_tile(w_ptr, offs_n, n_ok, k0, D, BLOCK_K)), IEEE)
-    logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as the PyTorch product's output is
-    key = _ordered(logits) * KEY_INDEX + (KEY_INDEX - 1 - offs_n.to(tl.int64))[None, :]  # (BLOCK_M, BLOCK_N)
-    key = tl.where(n_ok[None, :], key, 0)
-    tl.atomic_max(key_ptr + offs_m, tl.max(key, axis=1), mask=m_ok, sem="relaxed", scope="gpu")
+    _fold_best(x_ptr, w_ptr, key_ptr, offs_m, m_ok, offs_n, n_ok, w_a, w_b, D, IEEE, KA, KB, BLOCK_K, KEY_INDEX)
     tl.debug_barrier()  # every thread's maximum is in before the count goes up
     done = tl.atomic_add(count_ptr + mb, 1, sem="acq_rel", scope="gpu")
     if done == N_PROGRAMS - 1:  # the last tile of these rows: every maximum is in
         best = tl.atomic_xchg(key_ptr + offs_m, tl.zeros([BLOCK_M], dtype=tl.int64), mask=m_ok, sem="acq_rel", scope="gpu")
-        index = KEY_INDEX - 1 - best % KEY_INDEX
-        tl.store(out_ptr + offs_m, tl.load(ids_ptr + index, mask=m_ok, other=0), mask=m_ok)
+        tl.store(out_ptr + offs_m, _key_ids(best, ids_ptr, m_ok, KEY_INDEX), mask=m_ok)
         tl.store(count_ptr + mb, 0)  # ready for the next launch
 
 

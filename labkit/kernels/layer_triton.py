@@ -41,8 +41,10 @@ from labkit.kernels.triton_common import (
     _only_if_args,
     _pdl,
     _tile,
+    _tiled_dot,
     _vec,
     _wait_for_inputs,
+    _weight_tiles,
 )
 
 TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention
@@ -144,6 +146,21 @@ def _norm_qkv_rope_kernel(
                                           GDC, KA, KB, BLOCK_K, True, ONLY_IF)  # (BLOCK_M, SUB) each
     if _called_off(only_if_ptr, ONLY_IF):  # (after the wait, inside _norm_projections)
         return
+    _qkv_rope_out(acc_lo, acc_hi, h, offs_d, offs_m, m_ok, T, b_ptr, cos_ptr, sin_ptr, pos_ptr, rope_ptr, q_ptr, kc_ptr, vc_ptr,
+                  stride_pb, stride_cb, stride_ch, stride_cs, SEP_ROPE, NH, NKV, HALF, HAS_BIAS)
+
+
+@triton.jit
+def _qkv_rope_out(
+    acc_lo, acc_hi, h, offs_d, offs_m, m_ok, T, b_ptr, cos_ptr, sin_ptr, pos_ptr, rope_ptr, q_ptr, kc_ptr, vc_ptr,
+    stride_pb, stride_cb, stride_ch, stride_cs, SEP_ROPE: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr,
+    HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """Head h's dims offs_d and their rope partners (BLOCK_M, SUB) fp32 each: bias, RoPE on q and k,
+    q stored, k and v written into the cache at their positions (norm_qkv_rope, the fused chain)."""
+    D: tl.constexpr = 2 * HALF
+    rows_lo = h * D + offs_d
+    rows_hi = rows_lo + HALF
     if HAS_BIAS:
         acc_lo += tl.load(b_ptr + rows_lo).to(tl.float32)[None, :]
         acc_hi += tl.load(b_ptr + rows_hi).to(tl.float32)[None, :]
@@ -212,6 +229,23 @@ def norm_qkv_rope(
 
 
 @triton.jit
+def _linear_residual_rows(
+    x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, offs_m, m_ok, offs_n, n_ok, w_a, w_b, N: tl.constexpr, K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """After the inputs' wait: residual + x W^T + bias for a tile of rows and columns (w_a, w_b the
+    weight tiles loaded up front), stored (linear_residual, chain_triton's fused chain)."""
+    acc = _tiled_dot(x_ptr, offs_m, m_ok, w_ptr, offs_n, n_ok, w_a, w_b, K, IEEE, KA, KB, BLOCK_K)  # (BLOCK_M, BLOCK_N)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    ok = m_ok[:, None] & n_ok[None, :]
+    res = tl.load(res_ptr + offs_m[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+    y = acc.to(dtype).to(tl.float32) + res.to(tl.float32)  # rounded like x + linear(y)
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(dtype), mask=ok)
+
+
+@triton.jit
 def _linear_residual_kernel(
     x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, only_if_ptr, M, N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, GDC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KA: tl.constexpr,
@@ -220,24 +254,12 @@ def _linear_residual_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = offs_m < M, offs_n < N
-    w_a = _tile(w_ptr, offs_n, n_ok, 0, K, KA)  # (BLOCK_N, KA): weights first, before the wait
-    if KB > 0:
-        w_b = _tile(w_ptr, offs_n, n_ok, KA, K, KB)  # (BLOCK_N, KB)
+    w_a, w_b = _weight_tiles(w_ptr, offs_n, n_ok, K, KA, KB)  # (BLOCK_N, KA), (BLOCK_N, KB): weights first, before the wait
     _wait_for_inputs(GDC)
     if _called_off(only_if_ptr, ONLY_IF):
         return
-    acc = _dot(_tile(x_ptr, offs_m, m_ok, 0, K, KA), tl.trans(w_a), IEEE)  # (BLOCK_M, BLOCK_N)
-    if KB > 0:
-        acc += _dot(_tile(x_ptr, offs_m, m_ok, KA, K, KB), tl.trans(w_b), IEEE)
-    for k0 in range(KA + KB, K, BLOCK_K):  # columns past the prefetched tiles (larger models)
-        acc += _dot(_tile(x_ptr, offs_m, m_ok, k0, K, BLOCK_K), tl.trans(_tile(w_ptr, offs_n, n_ok, k0, K, BLOCK_K)), IEEE)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    dtype = out_ptr.dtype.element_ty
-    ok = m_ok[:, None] & n_ok[None, :]
-    res = tl.load(res_ptr + offs_m[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
-    y = acc.to(dtype).to(tl.float32) + res.to(tl.float32)  # rounded like x + linear(y)
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(dtype), mask=ok)
+    _linear_residual_rows(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, offs_m, m_ok, offs_n, n_ok, w_a, w_b, N, K, HAS_BIAS, IEEE,
+                          KA, KB, BLOCK_K)
 
 
 def linear_residual(
@@ -278,6 +300,12 @@ def _norm_gate_up_kernel(
                                         GDC, KA, KB, BLOCK_K, True, ONLY_IF)  # (BLOCK_M, BLOCK_N) each
     if _called_off(only_if_ptr, ONLY_IF):  # (after the wait, inside _norm_projections)
         return
+    _gate_up_out(acc_g, acc_u, b_ptr, out_ptr, offs_m, m_ok, offs_n, n_ok, HID, HAS_BIAS)
+
+
+@triton.jit
+def _gate_up_out(acc_g, acc_u, b_ptr, out_ptr, offs_m, m_ok, offs_n, n_ok, HID: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """silu(gate) * up from the two products (BLOCK_M, BLOCK_N) fp32, stored (norm_gate_up, the fused chain)."""
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptr + HID + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]

@@ -119,6 +119,31 @@ def _tile(ptr, rows, r_ok, k0, K: tl.constexpr, KT: tl.constexpr):
 
 
 @triton.jit
+def _weight_tiles(w_ptr, rows, r_ok, K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
+    """The weight tiles a program loads up front: columns [0, KA) and [KA, KA + KB) of its rows
+    (the first again where KB is 0)."""
+    w_a = _tile(w_ptr, rows, r_ok, 0, K, KA)  # (rows, KA)
+    w_b = w_a
+    if KB > 0:
+        w_b = _tile(w_ptr, rows, r_ok, KA, K, KB)  # (rows, KB)
+    return w_a, w_b
+
+
+@triton.jit
+def _tiled_dot(x_ptr, offs_m, m_ok, w_ptr, rows, r_ok, w_a, w_b, K: tl.constexpr, IEEE: tl.constexpr, KA: tl.constexpr,
+               KB: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[offs_m] @ W[rows]^T, fp32 (BLOCK_M, len(rows)): the tiles in hand, then a loop over the
+    columns past them. One order of sums for every caller, so every kernel that runs a product
+    gives it the same bits."""
+    acc = _dot(_tile(x_ptr, offs_m, m_ok, 0, K, KA), tl.trans(w_a), IEEE)
+    if KB > 0:
+        acc += _dot(_tile(x_ptr, offs_m, m_ok, KA, K, KB), tl.trans(w_b), IEEE)
+    for k0 in range(KA + KB, K, BLOCK_K):  # columns past the prefetched tiles (larger models)
+        acc += _dot(_tile(x_ptr, offs_m, m_ok, k0, K, BLOCK_K), tl.trans(_tile(w_ptr, rows, r_ok, k0, K, BLOCK_K)), IEEE)
+    return acc
+
+
+@triton.jit
 def _vec(ptr, k0, K: tl.constexpr, KT: tl.constexpr):
     offs_k = k0 + tl.arange(0, KT)
     return tl.load(ptr + offs_k, mask=offs_k < K, other=0.0)

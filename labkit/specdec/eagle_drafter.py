@@ -43,6 +43,7 @@ from labkit.models.kvcache import COUNTER_ROWS, KVCache, TreeAttention
 from labkit.specdec.copy_or_chain import CopyOrChain
 from labkit.specdec.draft import Draft, Drafter, Step
 from labkit.specdec.eagle import EagleHead, draft_head_weight
+from labkit.specdec.eagle_chain import FusedChain
 from labkit.specdec.eagle_hooks import CatchUpOnly, ChainOf, KeepHidden
 from labkit.specdec.eagle_ops import OnlyIf, draft_layer_ops, target_runs_triton, token_embedding
 from labkit.specdec.eagle_tree import DynamicTreeConfig, chain_with_siblings, dynamic_tree
@@ -91,16 +92,14 @@ class EagleDrafter(Drafter):
         self.width = width  # > 1: token trees (a chain and width-1 leaf siblings at every depth)
         self.tree = tree  # dynamic trees (EAGLE-2): the draft layer expands its best candidates (eagle_tree.py)
         self.verify_hook: Any = self
-        if width > 1:
-            self.name += f"-w{width}"
+        self.name += f"-w{width}" if width > 1 else ""
         self.ops, self.draft_head = self._draft_layer(target)
-        # A draft pass's ends in the fused operations (kernels/draft_triton.py): the embedding gather
-        # and fc, and the draft head's argmax, where the ops have them and the target's embedding is a table
+        # a draft pass's ends in the fused operations (draft_triton.py) where the embedding is a table
         self.embed_weight = self.embed.weight if isinstance(self.embed, torch.nn.Embedding) else None  # (V, D) a table, or a CPU's blocks
         rows = max(16, target.batch_size)
         self._counting = torch.arange(max(GRAPH_MAX_T, rows) + 1, device=target.device)  # 0, 1, ...: sliced, not launched in every step
-        self._pick_scratch = (torch.zeros(rows, dtype=torch.long, device=target.device),  # draft_argmax's, left zero
-                              torch.zeros(rows // 16 + 1, dtype=torch.int32, device=target.device))
+        self._pick_scratch = (torch.zeros(rows, dtype=torch.long, device=target.device), torch.zeros(rows // 16 + 1, dtype=torch.int32, device=target.device))  # draft_argmax's
+        self.fused_chain, self._fused = True, FusedChain(self)  # chains in one launch where the ops are Triton's (eagle_chain.py)
         self._triton = target_runs_triton(target)  # the ops are the Triton kernels: compile their widths before a request
         if tree is not None:
             tree.validate(self.depth)
@@ -113,8 +112,7 @@ class EagleDrafter(Drafter):
         self.name += f"+ngram{lookup_over}" if lookup_over else ""
         self.lookup_over = lookup_over
         self.copying = False  # eagle-ngram's device steps: the next chunk runs copy steps
-        self._copied_from = -1  # copy steps ran from this position on: their hidden states wait in _hist for the chain's catch-up ...
-        self._copied_to = -1  # ... up to the context length they left
+        self._copied_from, self._copied_to = -1, -1  # copy steps ran from, to these positions: their hidden states wait in _hist for the chain
         self._hist: torch.Tensor | None = None  # (B, S, D) the target's hidden states by position, kept by copy steps (eagle-ngram)
         self._watch = KeepHidden(self)
         self._anchor_len = -1  # a catch-up-only verify made the draft cache true for this context length ...
@@ -203,6 +201,8 @@ class EagleDrafter(Drafter):
         assert cache is not None
         # (depth - 1, B): depth d's element sits at anchor + d - 1 (a row each, so each depth's is contiguous)
         pos = (anchor[None, :] + self._counting[1:depth, None]).clamp_(max=cache.max_len - 1)
+        if self._fused.serves(self.ops, width):  # one launch (eagle_chain.py), the same drafts
+            return self._fused(feat, pos, cache, only_if)[:, :, None]
         top = self._pick(feat, width, ops)  # (B, width)
         drafts = [top]
         for d in range(2, depth + 1):

@@ -1,0 +1,278 @@
+"""An EAGLE draft chain in one persistent Triton launch.
+
+A chain of depth n runs 1 + 7 (n - 1) dependent operations: the first depth's pick, then at each
+depth the draft layer (embed_fc, norm_qkv_rope, attention, wo, norm_gate_up, down) and its pick
+(draft_argmax). As separate kernels (layer_triton.py, draft_triton.py) each costs a launch and
+the wait on the one before, ~4-6 us on an H200 where its arithmetic takes a microsecond or two:
+an 8-token EAGLE step spent ~170 us on a 5-deep chain's 29 launches. Here one launch runs every
+operation in turn, its programs meeting at a grid-wide barrier between them (an atomic count on
+the device; every program is resident, the grid being at most the SM count), and a step whose
+chain is called off (`only_if`) costs one launch that returns at once.
+
+Each operation runs the same tile code as its own kernel (the helpers of layer_triton,
+draft_triton and attention_triton, with the same tiles), so the chain's drafts are bit for bit
+those of the launches one by one; a program takes tiles pid, pid + P, ... of each operation.
+
+Under TRITON_INTERPRET=1 programs run one after another, so no program could wait for another:
+there each operation is its own launch of the same kernel (PHASE_FIRST..PHASE_LAST one phase),
+which is how CI tests the same code. A barrier that waits past SPIN_LIMIT polls gives up and
+counts a stall (`ChainScratch.stalls`): the drafts are then wrong, never the output (a verify
+keeps only what the target itself picks).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from labkit.kernels.attention_triton import _attend_split, _combine_splits, _tile_rows
+from labkit.kernels.draft_triton import KEY_INDEX, _embed_fc_rows, _fold_best, _key_ids
+from labkit.kernels.layer_triton import _gate_up_out, _linear_residual_rows, _loop_k, _norm_projections, _qkv_rope_out
+from labkit.kernels.triton_common import BLOCK_M, TUNE, _called_off, _ieee, _k_tiles, _launch, _only_if_args, _pdl, _wait_for_inputs, _weight_tiles
+
+OPS = 7  # a depth's operations: embed_fc, norm_qkv_rope, attention, wo, norm_gate_up, down, pick
+SPIN_LIMIT = 1 << 22  # polls before a barrier gives up (~seconds: never, unless a program was not resident)
+
+
+@dataclass(frozen=True)
+class ChainLayer:
+    """The draft layer and head a chain runs: the weights of EagleHead and EagleDrafter's pick."""
+
+    embed: torch.Tensor  # (V, D) the target's token embedding
+    fc: torch.Tensor  # (D, 2D)
+    attn_norm: torch.Tensor  # (D,)
+    wqkv: torch.Tensor  # ((NH + 2 NKV) HD, D)
+    cos: torch.Tensor  # (S, HD) rope tables over the draft cache
+    sin: torch.Tensor  # (S, HD)
+    wo: torch.Tensor  # (D, NH HD)
+    mlp_norm: torch.Tensor  # (D,)
+    gate_up: torch.Tensor  # (2 HID, D)
+    down: torch.Tensor  # (D, HID)
+    head: torch.Tensor  # (N, D) the draft vocabulary's rows of the LM head
+    ids: torch.Tensor  # (N,) int64 target ids of those rows
+    n_heads: int
+    eps: float
+    window: int  # keys at most this many positions back (0: all)
+
+
+@dataclass(frozen=True)
+class ChainScratch:
+    """Per-depth buffers (no address is written twice in a launch) and the zeros a launch leaves zero."""
+
+    x: torch.Tensor  # (depth, BLOCK_M, D) embed_fc's outputs
+    q: torch.Tensor  # (depth, BLOCK_M, NH HD)
+    y: torch.Tensor  # (depth, BLOCK_M, NH HD) attention's
+    x2: torch.Tensor  # (depth, BLOCK_M, D) after wo
+    act: torch.Tensor  # (depth, BLOCK_M, HID)
+    feat: torch.Tensor  # (depth, BLOCK_M, D) after down: each depth's predicted feature
+    keys: torch.Tensor  # (depth, BLOCK_M) int64 zeros: each depth's best (logit, index)
+    part_o: torch.Tensor  # (tiles * splits * 16, HD) fp32: attention's partial results
+    part_ml: torch.Tensor  # (tiles * splits * 16, 2) fp32
+    barrier: torch.Tensor  # (2,) int32 zeros: arrivals, exits
+    stalls: torch.Tensor  # (1,) int32: barriers that gave up (never expected)
+
+
+def chain_scratch(depth: int, rows: int, layer: ChainLayer, k_cache: torch.Tensor) -> ChainScratch:
+    B, nkv, S, hd = k_cache.shape
+    D, hid, dev, dt = layer.fc.shape[0], layer.down.shape[1], k_cache.device, layer.fc.dtype
+    assert rows <= BLOCK_M, f"a fused chain drafts at most {BLOCK_M} rows"
+    parts = B * nkv * triton.cdiv(S, int(TUNE["attn_split_s"])) * 16
+
+    def buf(width: int) -> torch.Tensor:
+        return torch.zeros(depth, BLOCK_M, width, dtype=dt, device=dev)
+
+    return ChainScratch(buf(D), buf(layer.n_heads * hd), buf(layer.n_heads * hd), buf(D), buf(hid), buf(D),
+                        torch.zeros(depth, BLOCK_M, dtype=torch.int64, device=dev),
+                        torch.zeros(parts, hd, dtype=torch.float32, device=dev), torch.zeros(parts, 2, dtype=torch.float32, device=dev),
+                        torch.zeros(2, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev))
+
+
+@triton.jit
+def _grid_sync(bar_ptr, stall_ptr, target, SPIN_LIMIT: tl.constexpr):
+    """Every program waits here until `target` arrivals are counted: each program's writes before
+    it are then visible to every program after it (release on arrival, acquire on each poll)."""
+    tl.debug_barrier()  # every thread of this program has written before it arrives
+    seen = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    spins = 0
+    while (seen < target) & (spins < SPIN_LIMIT):
+        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    if seen < target:
+        tl.atomic_add(stall_ptr, 1, sem="relaxed", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _chain_kernel(
+    feat0_ptr, pos_ptr, emb_ptr, fc_ptr, an_ptr, wqkv_ptr, cos_ptr, sin_ptr, wo_ptr, mn_ptr, wgu_ptr, wd_ptr, head_ptr, ids_ptr,
+    kc_ptr, vc_ptr, xs_ptr, qs_ptr, ys_ptr, x2s_ptr, acts_ptr, feats_ptr, keys_ptr, part_o_ptr, part_ml_ptr, bar_ptr, stall_ptr,
+    only_if_ptr, out_ptr, M, N_VOCAB, N_SPLITS, eps, scale, stride_cb, stride_ch, stride_cs, PHASE_FIRST, PHASE_LAST,
+    DEPTH: tl.constexpr, DIM: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr, HID: tl.constexpr,
+    WINDOW: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr, BARRIERS: tl.constexpr, ONLY_IF: tl.constexpr,
+    BLOCK_M: tl.constexpr, BN: tl.constexpr, FC_KA: tl.constexpr, FC_KB: tl.constexpr, LIN_K: tl.constexpr,
+    SUB: tl.constexpr, QKV_KA: tl.constexpr, QKV_KB: tl.constexpr, NORM_K: tl.constexpr,
+    WO_KA: tl.constexpr, WO_KB: tl.constexpr, GBN: tl.constexpr, GU_KA: tl.constexpr, GU_KB: tl.constexpr,
+    DN_KA: tl.constexpr, DN_KB: tl.constexpr, HBN: tl.constexpr, HD_KA: tl.constexpr, HD_KB: tl.constexpr,
+    SPLIT_S: tl.constexpr, BLOCK_S: tl.constexpr, NS_POW2: tl.constexpr, CHUNK: tl.constexpr,
+    KEY_INDEX: tl.constexpr, SPIN_LIMIT: tl.constexpr, N_OPS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    _wait_for_inputs(GDC)
+    if _called_off(only_if_ptr, ONLY_IF):  # every program returns here: nothing is written, the counts stay zero
+        return
+    D: tl.constexpr = 2 * HALF
+    GROUP: tl.constexpr = NH // NKV
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    last_phase = 1 + N_OPS * (DEPTH - 1)  # the phase that writes the drafts
+    for p in range(PHASE_FIRST, PHASE_LAST):
+        d = (p + N_OPS - 1) // N_OPS  # the depth (0-based) whose element this phase computes
+        op = (p - 1) % N_OPS
+        x_d = xs_ptr + d * BLOCK_M * DIM  # this depth's buffers
+        q_d = qs_ptr + d * BLOCK_M * NH * D
+        y_d = ys_ptr + d * BLOCK_M * NH * D
+        x2_d = x2s_ptr + d * BLOCK_M * DIM
+        act_d = acts_ptr + d * BLOCK_M * HID
+        feat_d = feats_ptr + d * BLOCK_M * DIM
+        pos_d = pos_ptr + (d - 1) * M  # depth d's positions (d >= 1), one per row
+        if p == last_phase:  # the drafts: each depth's best as target ids; the keys left zero
+            if pid == 0:
+                for dd in range(DEPTH):
+                    best = tl.load(keys_ptr + dd * BLOCK_M + offs_m, mask=m_ok, other=0)
+                    tl.store(out_ptr + dd * M + offs_m, _key_ids(best, ids_ptr, m_ok, KEY_INDEX), mask=m_ok)
+                    tl.store(keys_ptr + dd * BLOCK_M + offs_m, tl.zeros([BLOCK_M], dtype=tl.int64), mask=m_ok)
+        elif (p == 0) | (op == 6):  # pick: depth d's feature against the draft vocabulary
+            src = feat0_ptr
+            if p > 0:
+                src = feat_d
+            for tile in range(pid, tl.cdiv(N_VOCAB, HBN), P):
+                offs_n = tile * HBN + tl.arange(0, HBN)
+                n_ok = offs_n < N_VOCAB
+                w_a, w_b = _weight_tiles(head_ptr, offs_n, n_ok, DIM, HD_KA, HD_KB)
+                _fold_best(src, head_ptr, keys_ptr + d * BLOCK_M, offs_m, m_ok, offs_n, n_ok, w_a, w_b, DIM, IEEE, HD_KA, HD_KB,
+                           NORM_K, KEY_INDEX)
+        elif op == 0:  # embed_fc: the last depth's draft and feature
+            best = tl.load(keys_ptr + (d - 1) * BLOCK_M + offs_m, mask=m_ok, other=0)
+            tok = _key_ids(best, ids_ptr, m_ok, KEY_INDEX)
+            src = feat0_ptr
+            if d > 1:
+                src = feats_ptr + (d - 1) * BLOCK_M * DIM
+            for tile in range(pid, tl.cdiv(DIM, BN), P):
+                offs_n = tile * BN + tl.arange(0, BN)
+                n_ok = offs_n < DIM
+                w_a, w_b = _weight_tiles(fc_ptr, offs_n, n_ok, 2 * DIM, FC_KA, FC_KB)
+                _embed_fc_rows(tok, emb_ptr, src, fc_ptr, x_d, offs_m, m_ok, offs_n, n_ok, w_a, w_b, DIM, IEEE, FC_KA, FC_KB, LIN_K)
+        elif op == 1:  # norm_qkv_rope: q, and k, v into the draft cache at the depth's positions
+            for tile in range(pid, (NH + 2 * NKV) * (HALF // SUB), P):
+                h = tile // (HALF // SUB)
+                offs_d = (tile % (HALF // SUB)) * SUB + tl.arange(0, SUB)
+                rows_lo = h * D + offs_d
+                acc_lo, acc_hi, _ = _norm_projections(x_d, an_ptr, wqkv_ptr, rows_lo, rows_lo + HALF, offs_d < HALF, offs_m, m_ok, eps,
+                                                      only_if_ptr, DIM, IEEE, False, QKV_KA, QKV_KB, NORM_K, True, False)
+                _qkv_rope_out(acc_lo, acc_hi, h, offs_d, offs_m, m_ok, 1, wqkv_ptr, cos_ptr, sin_ptr, pos_d, pos_d, q_d, kc_ptr, vc_ptr,
+                              1, stride_cb, stride_ch, stride_cs, False, NH, NKV, HALF, False)
+        elif op == 2:  # attention over the draft cache, every split of a tile in this program
+            for tile in range(pid, M * NKV, P):
+                b, kvh, local, t, r_ok, head, pos, lo_r, first, last = _tile_rows(tile, pos_d, 1, 1, GROUP, 1, N_SPLITS, NKV, GROUP,
+                                                                                  WINDOW, SPLIT_S, 16)
+                for split in range(first, last + 1):
+                    _attend_split(q_d, kc_ptr, vc_ptr, y_d, part_o_ptr, part_ml_ptr, tile, split, b, kvh, local, t, r_ok, head,
+                                           pos, lo_r, first, last, 1, N_SPLITS, scale, stride_cb, stride_ch, stride_cs, pos_d, pos_d,
+                                           NH, D, SPLIT_S, BLOCK_S, 16, IEEE, 1, False)
+                if first != last:
+                    tl.debug_barrier()  # this program's partials are written before it reads them back
+                    q_rows = (b + t) * NH + head
+                    _combine_splits(y_d, part_o_ptr, part_ml_ptr, q_rows, tile * N_SPLITS, local, r_ok, first, last, 16, D, NS_POW2, CHUNK)
+        elif op == 3:  # wo: attention's output onto the residual
+            for tile in range(pid, tl.cdiv(DIM, BN), P):
+                offs_n = tile * BN + tl.arange(0, BN)
+                n_ok = offs_n < DIM
+                w_a, w_b = _weight_tiles(wo_ptr, offs_n, n_ok, NH * D, WO_KA, WO_KB)
+                _linear_residual_rows(y_d, wo_ptr, wo_ptr, x_d, x2_d, offs_m, m_ok, offs_n, n_ok, w_a, w_b, DIM, NH * D, False, IEEE,
+                                      WO_KA, WO_KB, LIN_K)
+        elif op == 5:  # down: the MLP's output onto the residual, the depth's predicted feature
+            for tile in range(pid, tl.cdiv(DIM, BN), P):
+                offs_n = tile * BN + tl.arange(0, BN)
+                n_ok = offs_n < DIM
+                w_a, w_b = _weight_tiles(wd_ptr, offs_n, n_ok, HID, DN_KA, DN_KB)
+                _linear_residual_rows(act_d, wd_ptr, wd_ptr, x2_d, feat_d, offs_m, m_ok, offs_n, n_ok, w_a, w_b, DIM, HID, False, IEEE,
+                                      DN_KA, DN_KB, LIN_K)
+        else:  # op == 4: norm_gate_up
+            for tile in range(pid, tl.cdiv(HID, GBN), P):
+                offs_n = tile * GBN + tl.arange(0, GBN)
+                n_ok = offs_n < HID
+                acc_g, acc_u, _ = _norm_projections(x2_d, mn_ptr, wgu_ptr, offs_n, HID + offs_n, n_ok, offs_m, m_ok, eps, only_if_ptr,
+                                                    DIM, IEEE, False, GU_KA, GU_KB, NORM_K, True, False)
+                _gate_up_out(acc_g, acc_u, wgu_ptr, act_d, offs_m, m_ok, offs_n, n_ok, HID, False)
+        if BARRIERS:
+            if p + 1 < PHASE_LAST:
+                _grid_sync(bar_ptr, stall_ptr, (p - PHASE_FIRST + 1) * P, SPIN_LIMIT)
+    if BARRIERS:  # the last program out leaves the counts zero for the next launch
+        tl.debug_barrier()
+        if tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu") == P - 1:
+            tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def draft_chain(
+    feat: torch.Tensor,  # (M, D) the anchor's predicted feature, M <= 16 rows (batch rows)
+    pos: torch.Tensor,  # (depth - 1, M) int64: depth d's element sits at pos[d - 2]
+    layer: ChainLayer,
+    k_cache: torch.Tensor,  # (B, NKV, S, HD) the draft layer's cache, written at pos
+    v_cache: torch.Tensor,  # (B, NKV, S, HD)
+    scratch: ChainScratch,  # chain_scratch(depth, ...), owned by the caller, its zeros left zero
+    only_if: torch.Tensor | None = None,  # (1,) bool on the device: where false the launch returns at once, writing nothing
+    programs: int | None = None,  # the grid (default: TUNE["chain_programs"], at most the SM count)
+) -> torch.Tensor:  # (M, depth) int64 target ids: each depth's best draft, as EagleDrafter.chain's
+    M, dim = feat.shape
+    depth = pos.shape[0] + 1
+    B, nkv, S, hd = k_cache.shape
+    hid = layer.down.shape[1]
+    assert M <= BLOCK_M and M == B and depth <= scratch.keys.shape[0] and pos.shape == (depth - 1, M) and pos.is_contiguous()
+    assert feat.is_contiguous() and k_cache.stride(3) == 1 and layer.n_heads % nkv == 0
+    out = torch.empty(depth, M, dtype=torch.int64, device=feat.device)
+    elt = layer.fc.element_size()
+    bn, gbn, hbn = int(TUNE["linear_block_n"]), int(TUNE["gate_block_n"]), int(TUNE["head_block_n"])
+    sub = min(int(TUNE["qkv_sub"]), hd // 2)
+    split_s = int(TUNE["attn_split_s"])
+    n_splits = triton.cdiv(S, split_s)
+    phases = 2 + OPS * (depth - 1)
+    P = programs or int(TUNE.get("chain_programs", 128))
+    if feat.device.type == "cuda":  # every program resident at once: at most one per SM
+        P = min(P, torch.cuda.get_device_properties(feat.device).multi_processor_count)
+    elif _interpreted():  # programs run one after another there: a few take every tile
+        P = min(P, 4)
+    pdl = _pdl(feat)
+    flag, only = _only_if_args(only_if, feat)
+    fc_ka, fc_kb = _k_tiles(2 * dim, bn * elt)
+    qkv_ka, qkv_kb = _k_tiles(dim, 2 * sub * elt)
+    wo_ka, wo_kb = _k_tiles(layer.n_heads * hd, bn * elt)
+    gu_ka, gu_kb = _k_tiles(dim, 2 * gbn * elt)
+    dn_ka, dn_kb = _k_tiles(hid, bn * elt)
+    hd_ka, hd_kb = _k_tiles(dim, hbn * elt)
+    spans = [(p, p + 1) for p in range(phases)] if _interpreted() else [(0, phases)]  # no program waits on another there
+    for first, last in spans:
+        _chain_kernel[(P,)](
+            feat, pos, layer.embed, layer.fc, layer.attn_norm, layer.wqkv, layer.cos, layer.sin, layer.wo, layer.mlp_norm,
+            layer.gate_up, layer.down, layer.head, layer.ids, k_cache, v_cache, scratch.x, scratch.q, scratch.y, scratch.x2,
+            scratch.act, scratch.feat, scratch.keys, scratch.part_o, scratch.part_ml, scratch.barrier, scratch.stalls, flag, out,
+            M, layer.head.shape[0], n_splits, layer.eps, 1.0 / math.sqrt(hd), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            first, last, DEPTH=depth, DIM=dim, NH=layer.n_heads, NKV=nkv, HALF=hd // 2, HID=hid, WINDOW=layer.window,
+            IEEE=_ieee(feat), GDC=pdl, BARRIERS=not _interpreted(), ONLY_IF=only, BLOCK_M=BLOCK_M, BN=bn, FC_KA=fc_ka, FC_KB=fc_kb,
+            LIN_K=_loop_k("linear_block_k", layer.fc), SUB=sub, QKV_KA=qkv_ka, QKV_KB=qkv_kb, NORM_K=_loop_k("norm_block_k", layer.fc),
+            WO_KA=wo_ka, WO_KB=wo_kb, GBN=gbn, GU_KA=gu_ka, GU_KB=gu_kb, DN_KA=dn_ka, DN_KB=dn_kb, HBN=hbn, HD_KA=hd_ka, HD_KB=hd_kb,
+            SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s), NS_POW2=triton.next_power_of_2(n_splits),
+            CHUNK=int(TUNE["attn_combine_chunk"]), KEY_INDEX=KEY_INDEX, SPIN_LIMIT=SPIN_LIMIT, N_OPS=OPS, num_warps=TUNE["num_warps"],
+            **_launch(pdl),
+        )
+    return out.t()

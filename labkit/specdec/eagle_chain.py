@@ -1,0 +1,60 @@
+"""EagleDrafter.chain in one launch (kernels/chain_triton.py) where its draft layer runs the
+target's Triton kernels: the same drafts bit for bit as the chain's launches one by one (the
+same tile code), without a launch and a wait per operation.
+
+Off with `LABKIT_FUSED_CHAIN=0`, or per drafter with `drafter.fused_chain = False` (the A/B of
+scripts/eagle_costs.py).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from labkit.models.kvcache import KVCache
+
+FUSED_CHAIN = os.environ.get("LABKIT_FUSED_CHAIN", "1") != "0"
+
+
+class FusedChain:
+    """A drafter's chains as one launch each. Its buffers (kernels/chain_triton.ChainScratch) are
+    made for a draft cache and depth the first time they are asked for, outside any capture (the
+    drafter's warm-up runs its chains eagerly first)."""
+
+    def __init__(self, drafter: Any) -> None:
+        self.drafter = drafter
+        self._scratch: dict[tuple, Any] = {}
+
+    def serves(self, ops: Any, width: int) -> bool:
+        """Whether a chain of `width` 1 through `ops` runs here: the Triton kernels, a draft head that
+        is a product (no CPU blocks), the embedding a table, at most 16 batch rows."""
+        d = self.drafter
+        if not (FUSED_CHAIN and d.fused_chain and width == 1 and d.draft_head is None and d.embed_weight is not None):
+            return False
+        from labkit.kernels import layer_triton
+
+        return ops is layer_triton and d.target.batch_size <= 16
+
+    def __call__(self, feat: torch.Tensor, pos: torch.Tensor, cache: KVCache, only_if: torch.Tensor | None) -> torch.Tensor:
+        """feat (B, D) the anchor's predicted feature, pos (depth - 1, B) the chain's positions ->
+        (B, depth) drafts, the draft cache written at pos (where only_if is true, or None)."""
+        from labkit.kernels.chain_triton import ChainLayer, chain_scratch, draft_chain
+
+        d = self.drafter
+        head = d.head
+        k_cache, v_cache = cache.k_layers[0], cache.v_layers[0]  # (B, nkv, S, hd)
+        cos, sin = head.rope_table(cache.max_len, k_cache.device)
+        layer = ChainLayer(d.embed_weight, head.fc.weight, head.attn_norm.weight, head.wqkv.weight, cos, sin, head.wo.weight,
+                           head.mlp_norm.weight, head.w_gate_up.weight, head.w_down.weight, d.weight, d.ids, head.dims.n_heads,
+                           head.dims.norm_eps, d.window or 0)
+        depth = pos.shape[0] + 1
+        key = (k_cache.data_ptr(), k_cache.shape, depth)
+        if key not in self._scratch:
+            self._scratch[key] = chain_scratch(depth, feat.shape[0], layer, k_cache)
+        return draft_chain(feat.to(d.dtype).contiguous(), pos, layer, k_cache, v_cache, self._scratch[key], only_if)
+
+    def stalls(self) -> int:
+        """Grid barriers that gave up waiting, over every chain so far (never expected: see chain_triton)."""
+        return sum(int(s.stalls.item()) for s in self._scratch.values())

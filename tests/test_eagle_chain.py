@@ -1,0 +1,94 @@
+"""An EAGLE chain in one launch (labkit/kernels/chain_triton.py, specdec/eagle_chain.py) against the
+same chain's launches one by one: the same drafts and the same draft cache, bit for bit (the same
+tile code), under TRITON_INTERPRET=1 on the CPU (each phase its own launch there) or on a GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.test_eagle import random_head
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="Triton needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _drafter(window: int, depth: int, dtype: str = "float32"):
+    from labkit.engine import Engine
+    from labkit.kernels import layer_triton
+    from labkit.models.tiny import tiny_hf_model
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=4), DEVICE, dtype)
+    drafter = EagleDrafter(engine, random_head(depth=depth, vocab=96), device_steps=False, window=window)
+    drafter.ops = layer_triton
+    drafter._warm = True  # (its warm-up would run every width through the interpreter)
+    return drafter
+
+
+def _filled(drafter, n: int, seed: int) -> torch.Tensor:
+    """The draft cache's first n elements from random features: -> a random anchor feature (1, D)."""
+    g = torch.Generator().manual_seed(seed)
+    D = drafter.head.dims.dim
+    drafter.start(list(range(3, 3 + n)), 64)
+    feats = torch.randn(1, n, D, generator=g).to(drafter.dtype).to(DEVICE)
+    tokens = torch.randint(0, 96, (1, n), generator=g).to(DEVICE)
+    drafter.elements(feats, tokens, torch.arange(n, device=DEVICE))
+    return torch.randn(1, D, generator=g).to(drafter.dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("n, window, split, programs", [(9, 512, 256, 3), (30, 12, 8, 1), (30, 40, 8, 4)])
+def test_the_fused_chain_drafts_what_the_chains_launches_do(monkeypatch, n: int, window: int, split: int, programs: int) -> None:
+    """Drafts, the draft cache it writes and its scratch left zero: equal to the launches one by one,
+    with one split of keys or several (combined in the program), a window reaching back past the
+    first key or not, and programs taking one tile or several of each operation."""
+    from labkit.kernels import triton_common
+
+    monkeypatch.setitem(triton_common.TUNE, "attn_split_s", split)
+    monkeypatch.setitem(triton_common.TUNE, "chain_programs", programs)
+    drafter = _drafter(window, depth=4)
+    runs = {}
+    for fused in (False, True):
+        drafter.fused_chain = fused
+        feat = _filled(drafter, n, seed=1)
+        drafts = drafter.chain(feat, torch.tensor([n - 1], device=DEVICE))  # (1, 4, 1)
+        cache = drafter._draft_cache
+        runs[fused] = (drafts.clone(), cache.k_layers[0][:, :, : n + 3].clone(), cache.v_layers[0][:, :, : n + 3].clone())
+    (want, k0, v0), (got, k1, v1) = runs[False], runs[True]
+    assert got.shape == want.shape == (1, 4, 1)
+    assert torch.equal(got, want), (got.flatten().tolist(), want.flatten().tolist())
+    assert torch.equal(k1, k0) and torch.equal(v1, v0)
+    scratch = next(iter(drafter._fused._scratch.values()))
+    assert not scratch.keys.any() and not scratch.barrier.any() and drafter._fused.stalls() == 0
+    assert len(set(want.flatten().tolist())) > 1  # a random head's chain, not one token repeated
+
+
+def test_a_fused_chain_called_off_writes_nothing() -> None:
+    """only_if false: the draft cache, the scratch and its counts untouched; true: as no flag."""
+    drafter = _drafter(512, depth=3)
+    feat = _filled(drafter, 9, seed=2)
+    anchor = torch.tensor([8], device=DEVICE)
+    cache = drafter._draft_cache
+    before = (cache.k.clone(), cache.v.clone())
+    drafter.chain(feat, anchor, only_if=torch.tensor([False], device=DEVICE))
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
+    scratch = next(iter(drafter._fused._scratch.values()))
+    assert not scratch.x.any() and not scratch.feat.any() and not scratch.keys.any()
+    on = drafter.chain(feat, anchor, only_if=torch.tensor([True], device=DEVICE))
+    drafter.fused_chain = False
+    assert torch.equal(on, drafter.chain(feat, anchor))
+
+
+def test_the_fused_chain_serves_triton_chains_only() -> None:
+    """Widths past one, a CPU's PyTorch twins, the switch off: the launches one by one."""
+    from labkit.kernels import layer_reference, layer_triton
+
+    drafter = _drafter(512, depth=3)
+    fused = drafter._fused
+    assert fused.serves(layer_triton, 1)
+    assert not fused.serves(layer_triton, 2) and not fused.serves(layer_reference, 1) and not fused.serves(None, 1)
+    drafter.fused_chain = False
+    assert not fused.serves(layer_triton, 1)
