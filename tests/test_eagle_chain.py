@@ -92,3 +92,42 @@ def test_the_fused_chain_serves_triton_chains_only() -> None:
     assert not fused.serves(layer_triton, 2) and not fused.serves(layer_reference, 1) and not fused.serves(None, 1)
     drafter.fused_chain = False
     assert not fused.serves(layer_triton, 1)
+
+
+@pytest.mark.parametrize("T, accepted, split", [(4, 1, 256), (9, 8, 8), (6, 0, 8)])
+@pytest.mark.parametrize("chain", [True, False])
+def test_a_fused_catch_up_and_chain_is_the_two_apart(monkeypatch, T: int, accepted: int, split: int, chain: bool) -> None:
+    """A verify's catch-up over its rows (row j's token the draft after it, the target's next at the
+    accepted row), then the chain from the accepted row at positions past it: the drafts and the
+    draft cache of catch_up and chain one by one; with the chain called off (only_if false) the
+    catch-up's elements all the same, nothing past them written."""
+    from labkit.kernels import triton_common
+
+    monkeypatch.setitem(triton_common.TUNE, "attn_split_s", split)
+    drafter = _drafter(512, depth=4)
+    D, n = drafter.head.dims.dim, 20
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(1, T, D, generator=g).to(drafter.dtype).to(DEVICE)
+    tokens = torch.randint(0, 96, (1, T), generator=g).to(DEVICE)
+    verdict = torch.tensor([[accepted, 77]], device=DEVICE)
+    input_pos = torch.arange(n, n + T, device=DEVICE)
+    flag = None if chain else torch.tensor([False], device=DEVICE)
+    runs = {}
+    for fused in (False, True):
+        drafter.fused_chain = fused
+        _filled(drafter, n, seed=3)
+        cache = drafter._draft_cache
+        cache.k[:, :, :, n:].fill_(0.5)  # past the true elements: what a called-off chain must leave
+        cache.v[:, :, :, n:].fill_(0.5)
+        drafts = drafter.catch_up_chain(hidden, verdict, tokens, input_pos, 4, only_if=flag)
+        runs[fused] = (drafts.clone(), cache.k.clone(), cache.v.clone())
+    (want, k0, v0), (got, k1, v1) = runs[False], runs[True]
+    assert torch.equal(k1, k0) and torch.equal(v1, v0)
+    past = k1[0][:, :, n + T :]  # (B, nkv, S - n - T, hd): the chain's positions and beyond
+    reach = accepted + 4 - T  # chain positions (accepted + 1 .. accepted + 3) past the verified rows
+    if reach > 0:
+        assert past[:, :, :reach].ne(0.5).any().item() == chain  # written where the chain runs only
+    assert not past[:, :, max(reach, 0) :].ne(0.5).any()
+    if chain:
+        assert got.shape == want.shape == (1, 4) and torch.equal(got, want), (got.tolist(), want.tolist())
+    assert drafter._fused.stalls() == 0

@@ -61,15 +61,30 @@ class ChainLayer:
 
 
 @dataclass(frozen=True)
-class ChainScratch:
-    """Per-depth buffers (no address is written twice in a launch) and the zeros a launch leaves zero."""
+class CatchUp:
+    """A verify's rows for the draft cache's catch-up before the chain (EagleDrafter.catch_up): row
+    j's element is (hidden_j, the token after it: the draft after it, or the target's next token
+    at the accepted row); the chain starts from the accepted row."""
 
-    x: torch.Tensor  # (depth, BLOCK_M, D) embed_fc's outputs
-    q: torch.Tensor  # (depth, BLOCK_M, NH HD)
-    y: torch.Tensor  # (depth, BLOCK_M, NH HD) attention's
-    x2: torch.Tensor  # (depth, BLOCK_M, D) after wo
-    act: torch.Tensor  # (depth, BLOCK_M, HID)
-    feat: torch.Tensor  # (depth, BLOCK_M, D) after down: each depth's predicted feature
+    hidden: torch.Tensor  # (B, T, D) the verify's hidden states
+    tokens: torch.Tensor  # (B, T) int64 the tokens it verified
+    verdict: torch.Tensor  # (B, 2) int64: accepted rows, the target's next token
+    input_pos: torch.Tensor  # (T,) int64 their positions
+
+
+@dataclass(frozen=True)
+class ChainScratch:
+    """Buffers per pass (slots 0..depth-1 the chain's depths, slot depth the catch-up's: no address
+    is written twice in a launch), and the zeros a launch leaves zero."""
+
+    x: torch.Tensor  # (depth + 1, BLOCK_M, D) embed_fc's outputs
+    q: torch.Tensor  # (depth + 1, BLOCK_M, NH HD)
+    y: torch.Tensor  # (depth + 1, BLOCK_M, NH HD) attention's
+    x2: torch.Tensor  # (depth + 1, BLOCK_M, D) after wo
+    act: torch.Tensor  # (depth + 1, BLOCK_M, HID)
+    feat: torch.Tensor  # (depth + 1, BLOCK_M, D) after down: each pass's predicted features
+    anchor: torch.Tensor  # (BLOCK_M, D) the catch-up's accepted rows: the chain's first feature
+    pos: torch.Tensor  # (depth * BLOCK_M,) int64: the chain's positions after a catch-up
     keys: torch.Tensor  # (depth, BLOCK_M) int64 zeros: each depth's best (logit, index)
     part_o: torch.Tensor  # (tiles * splits * 16, HD) fp32: attention's partial results
     part_ml: torch.Tensor  # (tiles * splits * 16, 2) fp32
@@ -77,19 +92,21 @@ class ChainScratch:
     stalls: torch.Tensor  # (1,) int32: barriers that gave up (never expected)
 
 
-def chain_scratch(depth: int, rows: int, layer: ChainLayer, k_cache: torch.Tensor) -> ChainScratch:
+def chain_scratch(depth: int, layer: ChainLayer, k_cache: torch.Tensor) -> ChainScratch:
     B, nkv, S, hd = k_cache.shape
     D, hid, dev, dt = layer.fc.shape[0], layer.down.shape[1], k_cache.device, layer.fc.dtype
-    assert rows <= BLOCK_M, f"a fused chain drafts at most {BLOCK_M} rows"
-    parts = B * nkv * triton.cdiv(S, int(TUNE["attn_split_s"])) * 16
+    rows = triton.cdiv(BLOCK_M * (layer.n_heads // nkv), 16)  # the attention's row blocks at most (a catch-up of 16 rows)
+    parts = B * nkv * rows * triton.cdiv(S, int(TUNE["attn_split_s"])) * 16
 
     def buf(width: int) -> torch.Tensor:
-        return torch.zeros(depth, BLOCK_M, width, dtype=dt, device=dev)
+        return torch.zeros(depth + 1, BLOCK_M, width, dtype=dt, device=dev)
 
-    return ChainScratch(buf(D), buf(layer.n_heads * hd), buf(layer.n_heads * hd), buf(D), buf(hid), buf(D),
-                        torch.zeros(depth, BLOCK_M, dtype=torch.int64, device=dev),
-                        torch.zeros(parts, hd, dtype=torch.float32, device=dev), torch.zeros(parts, 2, dtype=torch.float32, device=dev),
-                        torch.zeros(2, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev))
+    def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype, device=dev)
+
+    return ChainScratch(buf(D), buf(layer.n_heads * hd), buf(layer.n_heads * hd), buf(D), buf(hid), buf(D), zeros(BLOCK_M, D, dtype=dt),
+                        zeros(depth * BLOCK_M, dtype=torch.int64), zeros(depth, BLOCK_M, dtype=torch.int64), zeros(parts, hd),
+                        zeros(parts, 2), zeros(2, dtype=torch.int32), zeros(1, dtype=torch.int32))
 
 
 @triton.jit
@@ -107,13 +124,14 @@ def _grid_sync(bar_ptr, stall_ptr, target, SPIN_LIMIT: tl.constexpr):
     tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "T_CU", "DEPTH"])  # runtime values whatever they are (1 included)
 def _chain_kernel(
-    feat0_ptr, pos_ptr, emb_ptr, fc_ptr, an_ptr, wqkv_ptr, cos_ptr, sin_ptr, wo_ptr, mn_ptr, wgu_ptr, wd_ptr, head_ptr, ids_ptr,
-    kc_ptr, vc_ptr, xs_ptr, qs_ptr, ys_ptr, x2s_ptr, acts_ptr, feats_ptr, keys_ptr, part_o_ptr, part_ml_ptr, bar_ptr, stall_ptr,
-    only_if_ptr, out_ptr, M, N_VOCAB, N_SPLITS, eps, scale, stride_cb, stride_ch, stride_cs, PHASE_FIRST, PHASE_LAST, DEPTH,
+    feat0_ptr, pos_ptr, hid_ptr, tok_ptr, verdict_ptr, ipos_ptr, anc_ptr, emb_ptr, fc_ptr, an_ptr, wqkv_ptr, cos_ptr, sin_ptr,
+    wo_ptr, mn_ptr, wgu_ptr, wd_ptr, head_ptr, ids_ptr, kc_ptr, vc_ptr, xs_ptr, qs_ptr, ys_ptr, x2s_ptr, acts_ptr, feats_ptr,
+    keys_ptr, part_o_ptr, part_ml_ptr, bar_ptr, stall_ptr, only_if_ptr, out_ptr, M, T_CU, S_LAST, N_VOCAB, N_SPLITS, eps, scale,
+    stride_cb, stride_ch, stride_cs, PHASE_FIRST, PHASE_LAST, DEPTH,
     DIM: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr, HID: tl.constexpr,
-    WINDOW: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr, BARRIERS: tl.constexpr, ONLY_IF: tl.constexpr,
+    WINDOW: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr, BARRIERS: tl.constexpr, ONLY_IF: tl.constexpr, CATCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BN: tl.constexpr, FC_KA: tl.constexpr, FC_KB: tl.constexpr, LIN_K: tl.constexpr,
     SUB: tl.constexpr, QKV_KA: tl.constexpr, QKV_KB: tl.constexpr, NORM_K: tl.constexpr,
     WO_KA: tl.constexpr, WO_KB: tl.constexpr, GBN: tl.constexpr, GU_KA: tl.constexpr, GU_KB: tl.constexpr,
@@ -121,35 +139,50 @@ def _chain_kernel(
     SPLIT_S: tl.constexpr, BLOCK_S: tl.constexpr, NS_POW2: tl.constexpr, CHUNK: tl.constexpr,
     KEY_INDEX: tl.constexpr, SPIN_LIMIT: tl.constexpr, N_OPS: tl.constexpr,
 ):
+    """Phases PHASE_FIRST..PHASE_LAST-1 of: with CATCH, the catch-up's draft-layer pass over the
+    verified rows (6 phases, slot DEPTH of the buffers); then the chain's first pick (depth 0), each
+    depth's pass and pick (N_OPS phases, slot d), and the drafts written."""
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     _wait_for_inputs(GDC)
-    if _called_off(only_if_ptr, ONLY_IF):  # every program returns here: nothing is written, the counts stay zero
-        return
+    C: tl.constexpr = 6 if CATCH else 0  # the catch-up's phases
+    p_end = PHASE_LAST
+    if ONLY_IF:  # called off: the catch-up only (without one, nothing: the counts stay zero)
+        p_end = tl.where(_called_off(only_if_ptr, ONLY_IF), tl.minimum(PHASE_LAST, C), PHASE_LAST)
     D: tl.constexpr = 2 * HALF
     GROUP: tl.constexpr = NH // NKV
     offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    last_phase = 1 + N_OPS * (DEPTH - 1)  # the phase that writes the drafts
-    for p in range(PHASE_FIRST, PHASE_LAST):
-        d = (p + N_OPS - 1) // N_OPS  # the depth (0-based) whose element this phase computes
-        op = (p - 1) % N_OPS
-        x_d = xs_ptr + d * BLOCK_M * DIM  # this depth's buffers
+    m_ok = offs_m < M  # the chain's rows: one per batch row
+    last_phase = C + 1 + N_OPS * (DEPTH - 1)  # the phase that writes the drafts
+    for p in range(PHASE_FIRST, p_end):
+        q = p - C  # the chain's phase (negative: the catch-up's)
+        d = (q + N_OPS - 1) // N_OPS  # the depth (0-based) whose element a chain phase computes
+        op = (q - 1) % N_OPS
+        T = T_CU * 0 + 1  # a pass's rows per batch row, their positions (stride_pb 0: shared by the batch rows)
+        pos_s = pos_ptr + (d - 1) * M
+        stride_pb = T
+        if q < 0:  # the catch-up: the verified rows at their positions, into the last slot
+            d = DEPTH
+            op = p
+            T = T_CU
+            pos_s = ipos_ptr
+            stride_pb = T * 0
+        rows_ok = offs_m < M * T
+        x_d = xs_ptr + d * BLOCK_M * DIM  # this pass's buffers
         q_d = qs_ptr + d * BLOCK_M * NH * D
         y_d = ys_ptr + d * BLOCK_M * NH * D
         x2_d = x2s_ptr + d * BLOCK_M * DIM
         act_d = acts_ptr + d * BLOCK_M * HID
         feat_d = feats_ptr + d * BLOCK_M * DIM
-        pos_d = pos_ptr + (d - 1) * M  # depth d's positions (d >= 1), one per row
         if p == last_phase:  # the drafts: each depth's best as target ids; the keys left zero
             if pid == 0:
                 for dd in range(DEPTH):
                     best = tl.load(keys_ptr + dd * BLOCK_M + offs_m, mask=m_ok, other=0)
                     tl.store(out_ptr + dd * M + offs_m, _key_ids(best, ids_ptr, m_ok, KEY_INDEX), mask=m_ok)
                     tl.store(keys_ptr + dd * BLOCK_M + offs_m, tl.zeros([BLOCK_M], dtype=tl.int64), mask=m_ok)
-        elif (p == 0) | (op == 6):  # pick: depth d's feature against the draft vocabulary
+        elif (q == 0) | ((q > 0) & (op == 6)):  # pick: depth d's feature against the draft vocabulary
             src = feat0_ptr
-            if p > 0:
+            if q > 0:
                 src = feat_d
             for tile in range(pid, tl.cdiv(N_VOCAB, HBN), P):
                 offs_n = tile * HBN + tl.arange(0, HBN)
@@ -157,61 +190,79 @@ def _chain_kernel(
                 w_a, w_b = _weight_tiles(head_ptr, offs_n, n_ok, DIM, HD_KA, HD_KB)
                 _fold_best(src, head_ptr, keys_ptr + d * BLOCK_M, offs_m, m_ok, offs_n, n_ok, w_a, w_b, DIM, IEEE, HD_KA, HD_KB,
                            NORM_K, KEY_INDEX)
-        elif op == 0:  # embed_fc: the last depth's draft and feature
-            best = tl.load(keys_ptr + (d - 1) * BLOCK_M + offs_m, mask=m_ok, other=0)
-            tok = _key_ids(best, ids_ptr, m_ok, KEY_INDEX)
-            src = feat0_ptr
-            if d > 1:
-                src = feats_ptr + (d - 1) * BLOCK_M * DIM
+        elif op == 0:  # embed_fc: (the token after each row, its feature)
+            if q < 0:  # the catch-up: row j's token is the draft after it, or the target's next at the accepted row
+                b = offs_m // T
+                j = offs_m % T
+                acc = tl.load(verdict_ptr + b * 2, mask=rows_ok, other=-1)
+                nxt = tl.load(verdict_ptr + b * 2 + 1, mask=rows_ok, other=0)
+                after = tl.load(tok_ptr + offs_m + 1, mask=rows_ok & (j < T - 1), other=0)
+                tok = tl.where((j == acc) | (j == T - 1), nxt, after)
+                src = hid_ptr
+                if pid == 0:  # the chain's positions: depth dd's element at input_pos[0] + accepted + dd
+                    chain_b = offs_m < M
+                    anchor = tl.load(ipos_ptr) + tl.load(verdict_ptr + offs_m * 2, mask=chain_b, other=0)
+                    for dd in range(1, DEPTH):
+                        tl.store(pos_ptr + (dd - 1) * M + offs_m, tl.minimum(anchor + dd, S_LAST), mask=chain_b)
+            else:  # the chain: the last depth's draft and feature
+                tok = _key_ids(tl.load(keys_ptr + (d - 1) * BLOCK_M + offs_m, mask=m_ok, other=0), ids_ptr, m_ok, KEY_INDEX)
+                src = feat0_ptr
+                if d > 1:
+                    src = feats_ptr + (d - 1) * BLOCK_M * DIM
             for tile in range(pid, tl.cdiv(DIM, BN), P):
                 offs_n = tile * BN + tl.arange(0, BN)
                 n_ok = offs_n < DIM
                 w_a, w_b = _weight_tiles(fc_ptr, offs_n, n_ok, 2 * DIM, FC_KA, FC_KB)
-                _embed_fc_rows(tok, emb_ptr, src, fc_ptr, x_d, offs_m, m_ok, offs_n, n_ok, w_a, w_b, DIM, IEEE, FC_KA, FC_KB, LIN_K)
-        elif op == 1:  # norm_qkv_rope: q, and k, v into the draft cache at the depth's positions
+                _embed_fc_rows(tok, emb_ptr, src, fc_ptr, x_d, offs_m, rows_ok, offs_n, n_ok, w_a, w_b, DIM, IEEE, FC_KA, FC_KB, LIN_K)
+        elif op == 1:  # norm_qkv_rope: q, and k, v into the draft cache at the pass's positions
             for tile in range(pid, (NH + 2 * NKV) * (HALF // SUB), P):
                 h = tile // (HALF // SUB)
                 offs_d = (tile % (HALF // SUB)) * SUB + tl.arange(0, SUB)
                 rows_lo = h * D + offs_d
-                acc_lo, acc_hi, _ = _norm_projections(x_d, an_ptr, wqkv_ptr, rows_lo, rows_lo + HALF, offs_d < HALF, offs_m, m_ok, eps,
+                acc_lo, acc_hi, _ = _norm_projections(x_d, an_ptr, wqkv_ptr, rows_lo, rows_lo + HALF, offs_d < HALF, offs_m, rows_ok, eps,
                                                       only_if_ptr, DIM, IEEE, False, QKV_KA, QKV_KB, NORM_K, True, False)
-                _qkv_rope_out(acc_lo, acc_hi, h, offs_d, offs_m, m_ok, 1, wqkv_ptr, cos_ptr, sin_ptr, pos_d, pos_d, q_d, kc_ptr, vc_ptr,
-                              1, stride_cb, stride_ch, stride_cs, False, NH, NKV, HALF, False)
+                _qkv_rope_out(acc_lo, acc_hi, h, offs_d, offs_m, rows_ok, T, wqkv_ptr, cos_ptr, sin_ptr, pos_s, pos_s, q_d, kc_ptr, vc_ptr,
+                              stride_pb, stride_cb, stride_ch, stride_cs, False, NH, NKV, HALF, False)
         elif op == 2:  # attention over the draft cache, every split of a tile in this program
-            for tile in range(pid, M * NKV, P):
-                b, kvh, local, t, r_ok, head, pos, lo_r, first, last = _tile_rows(tile, pos_d, 1, 1, GROUP, 1, N_SPLITS, NKV, GROUP,
-                                                                                  WINDOW, SPLIT_S, 16)
+            r_blocks = tl.cdiv(T * GROUP, 16)
+            for tile in range(pid, M * NKV * r_blocks, P):
+                b, kvh, local, t, r_ok, head, pos, lo_r, first, last = _tile_rows(tile, pos_s, T, stride_pb, T * GROUP, r_blocks, N_SPLITS,
+                                                                                  NKV, GROUP, WINDOW, SPLIT_S, 16)
                 for split in range(first, last + 1):
-                    _attend_split(q_d, kc_ptr, vc_ptr, y_d, part_o_ptr, part_ml_ptr, tile, split, b, kvh, local, t, r_ok, head,
-                                           pos, lo_r, first, last, 1, N_SPLITS, scale, stride_cb, stride_ch, stride_cs, pos_d, pos_d,
-                                           NH, D, SPLIT_S, BLOCK_S, 16, IEEE, 1, False)
+                    _attend_split(q_d, kc_ptr, vc_ptr, y_d, part_o_ptr, part_ml_ptr, tile, split, b, kvh, local, t, r_ok, head, pos, lo_r,
+                                  first, last, T, N_SPLITS, scale, stride_cb, stride_ch, stride_cs, pos_s, pos_s, NH, D, SPLIT_S, BLOCK_S,
+                                  16, IEEE, 1, False)
                 if first != last:
                     tl.debug_barrier()  # this program's partials are written before it reads them back
-                    q_rows = (b + t) * NH + head
+                    q_rows = (b * T + t) * NH + head
                     _combine_splits(y_d, part_o_ptr, part_ml_ptr, q_rows, tile * N_SPLITS, local, r_ok, first, last, 16, D, NS_POW2, CHUNK)
         elif op == 3:  # wo: attention's output onto the residual
             for tile in range(pid, tl.cdiv(DIM, BN), P):
                 offs_n = tile * BN + tl.arange(0, BN)
                 n_ok = offs_n < DIM
                 w_a, w_b = _weight_tiles(wo_ptr, offs_n, n_ok, NH * D, WO_KA, WO_KB)
-                _linear_residual_rows(y_d, wo_ptr, wo_ptr, x_d, x2_d, offs_m, m_ok, offs_n, n_ok, w_a, w_b, DIM, NH * D, False, IEEE,
+                _linear_residual_rows(y_d, wo_ptr, wo_ptr, x_d, x2_d, offs_m, rows_ok, offs_n, n_ok, w_a, w_b, DIM, NH * D, False, IEEE,
                                       WO_KA, WO_KB, LIN_K)
-        elif op == 5:  # down: the MLP's output onto the residual, the depth's predicted feature
+        elif op == 5:  # down: the MLP's output onto the residual, the pass's predicted features
             for tile in range(pid, tl.cdiv(DIM, BN), P):
                 offs_n = tile * BN + tl.arange(0, BN)
                 n_ok = offs_n < DIM
                 w_a, w_b = _weight_tiles(wd_ptr, offs_n, n_ok, HID, DN_KA, DN_KB)
-                _linear_residual_rows(act_d, wd_ptr, wd_ptr, x2_d, feat_d, offs_m, m_ok, offs_n, n_ok, w_a, w_b, DIM, HID, False, IEEE,
-                                      DN_KA, DN_KB, LIN_K)
+                y = _linear_residual_rows(act_d, wd_ptr, wd_ptr, x2_d, feat_d, offs_m, rows_ok, offs_n, n_ok, w_a, w_b, DIM, HID, False,
+                                          IEEE, DN_KA, DN_KB, LIN_K)
+                if q < 0:  # the catch-up: each batch row's accepted row is the chain's anchor
+                    b = offs_m // T
+                    acc = tl.load(verdict_ptr + b * 2, mask=rows_ok, other=-1)
+                    tl.store(anc_ptr + b[:, None] * DIM + offs_n[None, :], y, mask=(rows_ok & (offs_m % T == acc))[:, None] & n_ok[None, :])
         else:  # op == 4: norm_gate_up
             for tile in range(pid, tl.cdiv(HID, GBN), P):
                 offs_n = tile * GBN + tl.arange(0, GBN)
                 n_ok = offs_n < HID
-                acc_g, acc_u, _ = _norm_projections(x2_d, mn_ptr, wgu_ptr, offs_n, HID + offs_n, n_ok, offs_m, m_ok, eps, only_if_ptr,
+                acc_g, acc_u, _ = _norm_projections(x2_d, mn_ptr, wgu_ptr, offs_n, HID + offs_n, n_ok, offs_m, rows_ok, eps, only_if_ptr,
                                                     DIM, IEEE, False, GU_KA, GU_KB, NORM_K, True, False)
-                _gate_up_out(acc_g, acc_u, wgu_ptr, act_d, offs_m, m_ok, offs_n, n_ok, HID, False)
+                _gate_up_out(acc_g, acc_u, wgu_ptr, act_d, offs_m, rows_ok, offs_n, n_ok, HID, False)
         if BARRIERS:
-            if p + 1 < PHASE_LAST:
+            if p + 1 < p_end:
                 _grid_sync(bar_ptr, stall_ptr, (p - PHASE_FIRST + 1) * P, SPIN_LIMIT)
     if BARRIERS:  # the last program out leaves the counts zero for the next launch
         tl.debug_barrier()
@@ -225,35 +276,45 @@ def _interpreted() -> bool:
 
 
 def draft_chain(
-    feat: torch.Tensor,  # (M, D) the anchor's predicted feature, M <= 16 rows (batch rows)
-    pos: torch.Tensor,  # (depth - 1, M) int64: depth d's element sits at pos[d - 2]
+    feat: torch.Tensor | None,  # (M, D) the anchor's predicted feature, M <= 16 rows (batch rows); None: catch_up's
+    pos: torch.Tensor | None,  # (depth - 1, M) int64: depth d's element sits at pos[d - 2]; None: after catch_up's accepted row
     layer: ChainLayer,
     k_cache: torch.Tensor,  # (B, NKV, S, HD) the draft layer's cache, written at pos
     v_cache: torch.Tensor,  # (B, NKV, S, HD)
-    scratch: ChainScratch,  # chain_scratch(depth, ...), owned by the caller, its zeros left zero
-    only_if: torch.Tensor | None = None,  # (1,) bool on the device: where false the launch returns at once, writing nothing
+    scratch: ChainScratch,  # chain_scratch(at least depth, ...), owned by the caller, its zeros left zero
+    only_if: torch.Tensor | None = None,  # (1,) bool on the device: where false the launch runs the catch-up only, the chain
+    # called off (its outputs and draft cache unwritten)
+    catch_up: CatchUp | None = None,  # the draft cache caught up over a verify's rows first, the chain from its accepted row
+    depth: int | None = None,  # the chain's depth (with catch_up; else pos's rows + 1)
     programs: int | None = None,  # the grid (default: TUNE["chain_programs"], at most the SM count)
 ) -> torch.Tensor:  # (M, depth) int64 target ids: each depth's best draft, as EagleDrafter.chain's
-    M, dim = feat.shape
-    depth = pos.shape[0] + 1
     B, nkv, S, hd = k_cache.shape
-    hid = layer.down.shape[1]
-    assert M <= BLOCK_M and M == B and depth <= scratch.keys.shape[0] and pos.shape == (depth - 1, M) and pos.is_contiguous()
-    assert feat.is_contiguous() and k_cache.stride(3) == 1 and layer.n_heads % nkv == 0
-    out = torch.empty(depth, M, dtype=torch.int64, device=feat.device)
+    dim, hid = layer.fc.shape[0], layer.down.shape[1]
+    if catch_up is None:
+        assert feat is not None and pos is not None and feat.is_contiguous() and pos.is_contiguous()
+        depth, t_cu, hidden, tokens, verdict, input_pos = pos.shape[0] + 1, 0, feat, pos, pos, pos
+    else:
+        assert depth is not None and catch_up.hidden.dtype == layer.fc.dtype and catch_up.tokens.is_contiguous()
+        t_cu, hidden, tokens = catch_up.tokens.shape[1], catch_up.hidden.contiguous(), catch_up.tokens
+        verdict, input_pos = catch_up.verdict.contiguous(), catch_up.input_pos.contiguous()
+        feat, pos = scratch.anchor, scratch.pos
+        assert B * t_cu <= BLOCK_M, f"a fused catch-up takes at most {BLOCK_M} rows"
+    M = B
+    assert M <= BLOCK_M and depth + 1 <= scratch.x.shape[0] and k_cache.stride(3) == 1 and layer.n_heads % nkv == 0
+    out = torch.empty(depth, M, dtype=torch.int64, device=k_cache.device)
     elt = layer.fc.element_size()
     bn, gbn, hbn = int(TUNE["linear_block_n"]), int(TUNE["gate_block_n"]), int(TUNE["head_block_n"])
     sub = min(int(TUNE["qkv_sub"]), hd // 2)
     split_s = int(TUNE["attn_split_s"])
     n_splits = triton.cdiv(S, split_s)
-    phases = 2 + OPS * (depth - 1)
+    phases = (6 if catch_up is not None else 0) + 2 + OPS * (depth - 1)
     P = programs or int(TUNE.get("chain_programs", 128))
-    if feat.device.type == "cuda":  # every program resident at once: at most one per SM
-        P = min(P, torch.cuda.get_device_properties(feat.device).multi_processor_count)
+    if k_cache.device.type == "cuda":  # every program resident at once: at most one per SM
+        P = min(P, torch.cuda.get_device_properties(k_cache.device).multi_processor_count)
     elif _interpreted():  # programs run one after another there: a few take every tile
         P = min(P, 4)
-    pdl = _pdl(feat)
-    flag, only = _only_if_args(only_if, feat)
+    pdl = _pdl(k_cache)
+    flag, only = _only_if_args(only_if, out)
     fc_ka, fc_kb = _k_tiles(2 * dim, bn * elt)
     qkv_ka, qkv_kb = _k_tiles(dim, 2 * sub * elt)
     wo_ka, wo_kb = _k_tiles(layer.n_heads * hd, bn * elt)
@@ -263,12 +324,12 @@ def draft_chain(
     spans = [(p, p + 1) for p in range(phases)] if _interpreted() else [(0, phases)]  # no program waits on another there
     for first, last in spans:
         _chain_kernel[(P,)](
-            feat, pos, layer.embed, layer.fc, layer.attn_norm, layer.wqkv, layer.cos, layer.sin, layer.wo, layer.mlp_norm,
+            feat, pos, hidden, tokens, verdict, input_pos, scratch.anchor, layer.embed, layer.fc, layer.attn_norm, layer.wqkv, layer.cos, layer.sin, layer.wo, layer.mlp_norm,
             layer.gate_up, layer.down, layer.head, layer.ids, k_cache, v_cache, scratch.x, scratch.q, scratch.y, scratch.x2,
             scratch.act, scratch.feat, scratch.keys, scratch.part_o, scratch.part_ml, scratch.barrier, scratch.stalls, flag, out,
-            M, layer.head.shape[0], n_splits, layer.eps, 1.0 / math.sqrt(hd), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            M, t_cu, S - 1, layer.head.shape[0], n_splits, layer.eps, 1.0 / math.sqrt(hd), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             first, last, depth, DIM=dim, NH=layer.n_heads, NKV=nkv, HALF=hd // 2, HID=hid, WINDOW=layer.window,
-            IEEE=_ieee(feat), GDC=pdl, BARRIERS=not _interpreted(), ONLY_IF=only, BLOCK_M=BLOCK_M, BN=bn, FC_KA=fc_ka, FC_KB=fc_kb,
+            IEEE=_ieee(feat), GDC=pdl, BARRIERS=not _interpreted(), ONLY_IF=only, CATCH=catch_up is not None, BLOCK_M=BLOCK_M, BN=bn, FC_KA=fc_ka, FC_KB=fc_kb,
             LIN_K=_loop_k("linear_block_k", layer.fc), SUB=sub, QKV_KA=qkv_ka, QKV_KB=qkv_kb, NORM_K=_loop_k("norm_block_k", layer.fc),
             WO_KA=wo_ka, WO_KB=wo_kb, GBN=gbn, GU_KA=gu_ka, GU_KB=gu_kb, DN_KA=dn_ka, DN_KB=dn_kb, HBN=hbn, HD_KA=hd_ka, HD_KB=hd_kb,
             SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s), NS_POW2=triton.next_power_of_2(n_splits),

@@ -234,7 +234,7 @@ def _linear_residual_rows(
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """After the inputs' wait: residual + x W^T + bias for a tile of rows and columns (w_a, w_b the
-    weight tiles loaded up front), stored (linear_residual, chain_triton's fused chain)."""
+    weight tiles loaded up front), stored and returned (linear_residual, chain_triton's fused chain)."""
     acc = _tiled_dot(x_ptr, offs_m, m_ok, w_ptr, offs_n, n_ok, w_a, w_b, K, IEEE, KA, KB, BLOCK_K)  # (BLOCK_M, BLOCK_N)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -243,6 +243,7 @@ def _linear_residual_rows(
     res = tl.load(res_ptr + offs_m[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
     y = acc.to(dtype).to(tl.float32) + res.to(tl.float32)  # rounded like x + linear(y)
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(dtype), mask=ok)
+    return y.to(dtype)
 
 
 @triton.jit

@@ -37,9 +37,12 @@ class FusedChain:
 
         return ops is layer_triton and d.target.batch_size <= 16
 
-    def __call__(self, feat: torch.Tensor, pos: torch.Tensor, cache: KVCache, only_if: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, feat: torch.Tensor | None, pos: torch.Tensor | None, cache: KVCache, only_if: torch.Tensor | None,
+                 catch_up: Any = None, depth: int | None = None) -> torch.Tensor:
         """feat (B, D) the anchor's predicted feature, pos (depth - 1, B) the chain's positions ->
-        (B, depth) drafts, the draft cache written at pos (where only_if is true, or None)."""
+        (B, depth) drafts, the draft cache written at pos (where only_if is true, or None). With
+        catch_up (chain_triton.CatchUp) the draft cache first catches up over a verify's rows (even
+        where only_if is false) and the chain, `depth` deep, starts from its accepted row."""
         from labkit.kernels.chain_triton import ChainLayer, chain_scratch, draft_chain
 
         d = self.drafter
@@ -49,11 +52,20 @@ class FusedChain:
         layer = ChainLayer(d.embed_weight, head.fc.weight, head.attn_norm.weight, head.wqkv.weight, cos, sin, head.wo.weight,
                            head.mlp_norm.weight, head.w_gate_up.weight, head.w_down.weight, d.weight, d.ids, head.dims.n_heads,
                            head.dims.norm_eps, d.window or 0)
-        depth = pos.shape[0] + 1
-        key = (k_cache.data_ptr(), k_cache.shape, depth)
+        key = (k_cache.data_ptr(), k_cache.shape)
         if key not in self._scratch:
-            self._scratch[key] = chain_scratch(depth, feat.shape[0], layer, k_cache)
-        return draft_chain(feat.to(d.dtype).contiguous(), pos, layer, k_cache, v_cache, self._scratch[key], only_if)
+            self._scratch[key] = chain_scratch(d.depth, layer, k_cache)
+        if feat is not None:
+            feat = feat.to(d.dtype).contiguous()
+        return draft_chain(feat, pos, layer, k_cache, v_cache, self._scratch[key], only_if, catch_up, depth)
+
+    def after_verify(self, hidden: torch.Tensor, verdict: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor,
+                     cache: KVCache | None, depth: int, only_if: torch.Tensor | None) -> torch.Tensor:  # -> (B, depth)
+        """EagleDrafter.catch_up over a verify's rows, then the chain from its accepted row, one launch."""
+        from labkit.kernels.chain_triton import CatchUp
+
+        assert cache is not None, "the drafter's draft cache is made at its start"
+        return self(None, None, cache, only_if, CatchUp(hidden, tokens, verdict, input_pos), depth)
 
     def stalls(self) -> int:
         """Grid barriers that gave up waiting, over every chain so far (never expected: see chain_triton)."""

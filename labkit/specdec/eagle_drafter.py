@@ -14,12 +14,11 @@ before any query at or past it looks (the draft's attention sees positions up to
 
 Where the target has CUDA graphs a chain drafter is also its own DeviceSteps (`run_steps`): CHUNK
 greedy steps per host read, each verifying the chain the step before drafted inside its verify
-(specdec/lookup_steps.LookupSteps with a hook that drafts chains K deep), the first from the host.
+(LookupSteps with a hook that drafts chains K deep: catch-up and chain one launch where fused).
 
 eagle-ngram (`lookup_over` n > 0): where the context ends in an n-gram of at least n tokens seen
-before, prompt lookup's copy (specdec/lookup.py) is verified instead of the chain: copying is what
-the head drafts worst (a RAG answer, a summary, a translation quoting its source) and what lookup
-drafts best. The verify keeps it lossless whichever it takes. On the host the rule is per step
+before, prompt lookup's copy (specdec/lookup.py) is verified instead of the chain: what the head
+drafts worst (a RAG answer, a summary quoting its source) and lookup best. The verify keeps it lossless whichever it takes. On the host the rule is per step
 (on a CPU the verify then only catches up, and a chain is drafted only where no copy is taken);
 device steps choose per chunk (a graph replays one kind of step) between chain steps, which cost
 what eagle's do, and copy steps (lookup's drafts, at least COPY_K wide, each verify's hidden
@@ -51,9 +50,8 @@ from labkit.specdec.lookup_steps import CHUNK, LookupSteps
 from labkit.specdec.tree import TokenTree
 
 COPY_K = 8  # eagle-ngram's copy steps draft at least this many tokens (lookup's best K on the H200 suite)
-# The draft layer attends to the elements at most this many positions back. Its head trains on texts
-# of a few hundred tokens, so attention further back is untrained; a window bounds a long prompt's
-# catch-up (elements further back are never read) and each pass's attention.
+# The draft layer attends at most this many positions back: its head trains on texts of a few hundred tokens (attention
+# further back is untrained); a window bounds a long prompt's catch-up (elements further back are never read) and each pass.
 WINDOW = 512
 
 
@@ -264,6 +262,13 @@ class EagleDrafter(Drafter):
         feats = self.elements(hidden, after, input_pos)  # (B, T, D)
         return feats.gather(1, accepted[:, :, None].expand(B, 1, feats.shape[2]))[:, 0]
 
+    def catch_up_chain(self, hidden: torch.Tensor, verdict: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor, depth: int,
+                       only_if: torch.Tensor | None = None) -> torch.Tensor:  # -> (B, depth)
+        """catch_up, then the chain from the accepted row (only_if false: the catch-up only), one launch where fused (eagle_chain.py)."""
+        if self._fused.serves(self.ops, 1) and hidden.shape[0] * hidden.shape[1] <= 16 and hidden.dtype == self.dtype:
+            return self._fused.after_verify(hidden, verdict, tokens, input_pos, self._draft_cache, depth, only_if)
+        return self.chain(self.catch_up(hidden, verdict, tokens, input_pos), input_pos[0] + verdict[:, 0], 1, depth, only_if=only_if).flatten(1)
+
     def take(self, tokens: list[int], context_len: int) -> None:
         self._prepared = (context_len, tokens)
 
@@ -273,8 +278,7 @@ class EagleDrafter(Drafter):
         assert kept is not None
         kept.index_copy_(1, input_pos.clamp(max=kept.shape[1] - 1), hidden.to(kept.dtype))  # (B, S, D) at the T positions
 
-    def anchored(self, context_len: int) -> None:
-        """A catch-up-only verify made the draft cache true for this context length (anchor_feat holds its anchor's feature)."""
+    def anchored(self, context_len: int) -> None:  # a catch-up-only verify made the draft cache true for this length (anchor_feat: its anchor's)
         self._anchor_len = context_len
 
     def _steps(self, k: int, copy: bool) -> tuple[LookupSteps, bool]:
@@ -373,14 +377,12 @@ class EagleDrafter(Drafter):
         return self._elements_at(context, self.target.hidden_span(start, L - 1), start)
 
     def first_needed(self, L: int) -> int:
-        """The first position whose element a chain from a context of L tokens reads (its first
-        query sits at L - 2 and sees `window` positions back): catch-ups start there at the earliest."""
+        """The first position a chain from a context of L tokens reads (L - 2, `window` back): catch-ups start there at the earliest."""
         return max(0, L - 1 - self.window)
 
     def _elements_at(self, context: list[int], feats: torch.Tensor, start: int) -> torch.Tensor:
-        """feats (B, n, D) the target's hidden states at positions start.. -> the draft cache's
-        elements there written (tokens from the context), done moved past them -> (B, D) the last's
-        predicted feature."""
+        """feats (B, n, D) the target's hidden states at positions start.. -> the draft cache's elements there written
+        (tokens from the context), done moved past them -> (B, D) the last's predicted feature."""
         B, n, _ = feats.shape
         device = self.target.device
         tokens = torch.tensor([context[start + 1 : start + 1 + n]], device=device).expand(B, -1)  # (B, n)
@@ -389,10 +391,8 @@ class EagleDrafter(Drafter):
         return self.elements(feats, tokens, pos)[:, -1]
 
     def _draft(self, flat: list[int], k: int) -> Draft:
-        """(depth * width,) candidates, best first at each depth -> the first k depths' chain or tree;
-        with dynamic trees (2 * nodes,) tokens and parents -> the whole tree: its depth is the
-        drafter's (DynamicTreeConfig.depth), not K, so that every step verifies one captured size
-        (the generate loop cuts a tree that would pass the token budget to its first path)."""
+        """(depth * width,) candidates, best first at each depth -> the first k depths' chain or tree; dynamic trees (2 * nodes,)
+        tokens and parents -> the whole tree, the drafter's depth whatever K (one captured size; generate cuts it at the budget)."""
         if self.tree is not None:
             n = self.tree.nodes
             return Draft(flat[:n], parents=flat[n:])

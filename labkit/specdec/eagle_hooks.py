@@ -31,7 +31,7 @@ class ChainOf:
 
     def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (B, depth)
-        return self.chain_from(self.drafter.catch_up(hidden, verdict, tokens, input_pos), verdict, input_pos)
+        return self.drafter.catch_up_chain(hidden, verdict, tokens, input_pos, self.depth)
 
     def chain_from(self, anchor_feat: torch.Tensor, verdict: torch.Tensor, input_pos: torch.Tensor,
                    only_if: torch.Tensor | None = None) -> torch.Tensor:  # (B, D), (B, 2), (T,) -> (B, depth)

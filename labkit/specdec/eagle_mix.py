@@ -39,7 +39,7 @@ import torch
 from labkit.config import GenerationConfig
 from labkit.engine import Engine
 from labkit.errors import LabkitError
-from labkit.graphs import only_where
+from labkit.graphs import if_nodes, only_where
 from labkit.kernels import registry
 from labkit.kernels.reference import LOOKUP_MAX_N
 from labkit.specdec.draft import Step
@@ -72,11 +72,14 @@ class MixOf(ChainOf):
     def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (1, k)
         assert self.history is not None and self.n_ctx is not None
-        anchor_feat = self.drafter.catch_up(hidden, verdict, tokens, input_pos)  # (1, D): every step, copy or chain
         copied = registry.get("lookup_draft", hidden.device)(self.history[None], self.n_ctx, self.k, self.match_n)  # (1, k)
         chains = self.match_n < self.min_n  # (1,) bool: no n-gram of min_n tokens seen before
-        with only_where(chains):
-            self.chain_cols.copy_(self.chain_from(anchor_feat, verdict, input_pos, only_if=chains))
+        if if_nodes():  # the catch-up every step, copy or chain; the chain's passes inside an IF node
+            anchor_feat = self.drafter.catch_up(hidden, verdict, tokens, input_pos)  # (1, D)
+            with only_where(chains):
+                self.chain_cols.copy_(self.chain_from(anchor_feat, verdict, input_pos, only_if=chains))
+        else:  # the chain's launches called off where it copies (one launch for both where fused)
+            self.chain_cols.copy_(self.drafter.catch_up_chain(hidden, verdict, tokens, input_pos, self.depth, only_if=chains))
         chain = torch.cat((self.chain_cols, self.chain_cols[:, -1:].expand(1, self.k - self.depth)), dim=1)  # (1, k)
         return torch.where(chains[:, None], chain, copied)
 
