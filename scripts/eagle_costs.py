@@ -15,6 +15,8 @@ ngram-graph's per step at K = 8 (medians of 3 requests).
         launches called off, against the same steps with the chain run: interleaved requests)
     python3 scripts/eagle_costs.py EAGLE_FOLDER fused      (eagle and eagle-mix with each chain one
         launch, specdec/eagle_chain.py, against its launches one by one: interleaved requests)
+    python3 scripts/eagle_costs.py EAGLE_FOLDER chaincost  (a verify's catch-up and chain captured:
+        fused, grids of 32..132 programs, against the launches one by one)
     python3 scripts/eagle_costs.py EAGLE_FOLDER long N     (a long prompt of N tokens: each drafter's
         speed, the graphs it captured, and where eagle-mix's host time goes)
 """
@@ -132,6 +134,43 @@ def fused_ab() -> None:
         print(f"{fused.name}: grid barriers that gave up: {fused._fused.stalls()}")
 
 
+def chain_cost() -> None:
+    """A K=8 verify's catch-up and 5-deep chain (EagleDrafter.catch_up_chain) captured in a CUDA
+    graph: microseconds per replay, fused (one launch; grids of 32..132 programs) against the
+    launches one by one, and whether the fused drafts equal theirs."""
+    from labkit.kernels.triton_common import TUNE
+
+    drafter = EagleDrafter(engine, load_eagle(sys.argv[1], fingerprint(engine.model.lm_head.weight)))
+    drafter.start(list(range(1000, 1300)), 512)
+    T = 9
+    hidden = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16)
+    tokens = torch.randint(0, 1000, (1, T), device="cuda")
+    input_pos = torch.arange(300, 300 + T, device="cuda")
+    verdict = torch.tensor([[3, 5]], device="cuda")
+
+    def replay_us(fused: bool, programs: int) -> tuple[float, list[int]]:
+        drafter.fused_chain, TUNE["chain_programs"] = fused, programs
+        out = drafter.catch_up_chain(hidden, verdict, tokens, input_pos, drafter.depth)  # compiled and warm
+        graph = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            drafter.catch_up_chain(hidden, verdict, tokens, input_pos, drafter.depth)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            out = drafter.catch_up_chain(hidden, verdict, tokens, input_pos, drafter.depth)
+        us = timers.median_us(lambda: (graph.replay(), torch.cuda.synchronize()), 200, warm=20)
+        return us, out.flatten().tolist()
+
+    base, want = replay_us(False, 128)
+    print(f"catch-up of {T} rows + chain {drafter.depth} deep, captured: launches one by one {base:.1f} us (with the host's sync)")
+    for programs in (32, 64, 96, 128, 132):
+        us, got = replay_us(True, programs)
+        print(f"  fused, {programs:3d} programs: {us:.1f} us, drafts {'equal' if got == want else f'DIFFER {got} vs {want}'}")
+    print(f"grid barriers that gave up: {drafter._fused.stalls()}")
+    TUNE["chain_programs"] = 128
+
+
 def triton_compiles(prof) -> tuple[int, float]:
     """Calls of triton.compiler's compile during a profiled run (disk-cache loads included) and their seconds:
     read from the profile, so that it counts whatever name a kernel's JITFunction bound the function to."""
@@ -182,6 +221,9 @@ if sys.argv[2:3] == ["long"]:
     sys.exit(0)
 if sys.argv[2:] == ["steps"]:
     whole_steps()
+    sys.exit(0)
+if sys.argv[2:] == ["chaincost"]:
+    chain_cost()
     sys.exit(0)
 if sys.argv[2:] == ["fused"]:
     fused_ab()
