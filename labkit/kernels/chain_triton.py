@@ -1,13 +1,15 @@
-"""An EAGLE draft chain in one persistent Triton launch.
+"""An EAGLE draft chain, and the catch-up before it, in one persistent Triton launch.
 
 A chain of depth n runs 1 + 7 (n - 1) dependent operations: the first depth's pick, then at each
 depth the draft layer (embed_fc, norm_qkv_rope, attention, wo, norm_gate_up, down) and its pick
-(draft_argmax). As separate kernels (layer_triton.py, draft_triton.py) each costs a launch and
-the wait on the one before, ~4-6 us on an H200 where its arithmetic takes a microsecond or two:
-an 8-token EAGLE step spent ~170 us on a 5-deep chain's 29 launches. Here one launch runs every
+(draft_argmax); inside a verify the draft cache's catch-up over the verified rows (a draft-layer
+pass, 6 operations, plus the tokens after each row and the accepted row's gather) comes first. As
+separate kernels (layer_triton.py, draft_triton.py) each costs a launch and the wait on the one
+before, ~4-6 us on an H200 where its arithmetic takes a microsecond or two: an 8-token EAGLE step
+spent ~220 us on a 5-deep chain's and its catch-up's ~38 launches. Here one launch runs every
 operation in turn, its programs meeting at a grid-wide barrier between them (an atomic count on
-the device; every program is resident, the grid being at most the SM count), and a step whose
-chain is called off (`only_if`) costs one launch that returns at once.
+the device; every program is resident, the grid being at most the SM count). A step whose chain
+is called off (`only_if`) runs the catch-up only.
 
 Each operation runs the same tile code as its own kernel (the helpers of layer_triton,
 draft_triton and attention_triton, with the same tiles), so the chain's drafts are bit for bit
