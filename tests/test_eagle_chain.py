@@ -40,7 +40,7 @@ def _filled(drafter, n: int, seed: int) -> torch.Tensor:
     return torch.randn(1, D, generator=g).to(drafter.dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("n, window, split, programs", [(9, 512, 256, 3), (30, 12, 8, 1), (30, 40, 8, 4)])
+@pytest.mark.parametrize("n, window, split, programs", [(9, 512, 256, 3), (30, 12, 16, 1), (30, 40, 16, 4)])
 def test_the_fused_chain_drafts_what_the_chains_launches_do(monkeypatch, n: int, window: int, split: int, programs: int) -> None:
     """Drafts, the draft cache it writes and its scratch left zero: equal to the launches one by one,
     with one split of keys or several (combined in the program), a window reaching back past the
@@ -94,7 +94,7 @@ def test_the_fused_chain_serves_triton_chains_only() -> None:
     assert not fused.serves(layer_triton, 1)
 
 
-@pytest.mark.parametrize("T, accepted, split", [(4, 1, 256), (9, 8, 8), (6, 0, 8)])
+@pytest.mark.parametrize("T, accepted, split", [(4, 1, 256), (9, 8, 16), (6, 0, 16)])
 @pytest.mark.parametrize("chain", [True, False])
 def test_a_fused_catch_up_and_chain_is_the_two_apart(monkeypatch, T: int, accepted: int, split: int, chain: bool) -> None:
     """A verify's catch-up over its rows (row j's token the draft after it, the target's next at the
