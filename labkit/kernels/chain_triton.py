@@ -336,6 +336,7 @@ def draft_chain(
             WO_KA=wo_ka, WO_KB=wo_kb, GBN=gbn, GU_KA=gu_ka, GU_KB=gu_kb, DN_KA=dn_ka, DN_KB=dn_kb, HBN=hbn, HD_KA=hd_ka, HD_KB=hd_kb,
             SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s), NS_POW2=triton.next_power_of_2(n_splits),
             CHUNK=int(TUNE["attn_combine_chunk"]), KEY_INDEX=KEY_INDEX, SPIN_LIMIT=SPIN_LIMIT, N_OPS=OPS, num_warps=TUNE["num_warps"],
+            num_stages=1,  # no software pipelining: its loops take a tile or two, and stages of every phase's tiles overflowed shared memory
             **_launch(pdl),
         )
     return out.t()
