@@ -118,7 +118,7 @@ def fused_ab() -> None:
     plain = {name: step_us(prompt, cfg, None)[0] for name, prompt in prompts.items()}
     for cls in (EagleDrafter, EagleMixDrafter):
         fused, apart = cls(engine, head), cls(engine, head)
-        apart.fused_chain = False
+        fused.fused_chain, apart.fused_chain = True, False
         for name, prompt in prompts.items():
             times: dict[str, list[float]] = {"one launch": [], "launches": []}
             seen: dict[str, tuple] = {}

@@ -69,6 +69,7 @@ def test_the_fused_chain_drafts_what_the_chains_launches_do(monkeypatch, n: int,
 def test_a_fused_chain_called_off_writes_nothing() -> None:
     """only_if false: the draft cache, the scratch and its counts untouched; true: as no flag."""
     drafter = _drafter(512, depth=3)
+    drafter.fused_chain = True
     feat = _filled(drafter, 9, seed=2)
     anchor = torch.tensor([8], device=DEVICE)
     cache = drafter._draft_cache
@@ -83,11 +84,13 @@ def test_a_fused_chain_called_off_writes_nothing() -> None:
 
 
 def test_the_fused_chain_serves_triton_chains_only() -> None:
-    """Widths past one, a CPU's PyTorch twins, the switch off: the launches one by one."""
+    """Off by default; on, widths past one, a CPU's PyTorch twins: the launches one by one."""
     from labkit.kernels import layer_reference, layer_triton
 
     drafter = _drafter(512, depth=3)
     fused = drafter._fused
+    assert not fused.serves(layer_triton, 1)  # off by default (eagle_chain.py: slower on the H200)
+    drafter.fused_chain = True
     assert fused.serves(layer_triton, 1)
     assert not fused.serves(layer_triton, 2) and not fused.serves(layer_reference, 1) and not fused.serves(None, 1)
     drafter.fused_chain = False

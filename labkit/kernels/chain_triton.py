@@ -11,6 +11,13 @@ operation in turn, its programs meeting at a grid-wide barrier between them (an 
 the device; every program is resident, the grid being at most the SM count). A step whose chain
 is called off (`only_if`) runs the catch-up only.
 
+Measured on the H200 it is the slower way (specdec/eagle_chain.py, off by default): a K=8
+verify's catch-up and 5-deep chain ran 240 us fused against 145 us as launches one by one
+(results/gpu/eagle-chain-cost-NVIDIA-H200-7274f8c.txt). A launch chained by programmatic dependent
+launch reads its weights while the one before still runs; here each phase reads its tiles only
+after the barrier, and the phases' code shares one register budget (spills). A phase that loads
+the next phase's tiles before it waits would be the next thing to try.
+
 Each operation runs the same tile code as its own kernel (the helpers of layer_triton,
 draft_triton and attention_triton, with the same tiles), so the chain's drafts are bit for bit
 those of the launches one by one; a program takes tiles pid, pid + P, ... of each operation.

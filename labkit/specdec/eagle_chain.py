@@ -1,9 +1,13 @@
-"""EagleDrafter.chain in one launch (kernels/chain_triton.py) where its draft layer runs the
-target's Triton kernels: the same drafts bit for bit as the chain's launches one by one (the
-same tile code), without a launch and a wait per operation.
+"""EagleDrafter.chain, and the catch-up before it inside a verify, in one launch
+(kernels/chain_triton.py) where the draft layer runs the target's Triton kernels: the same drafts
+bit for bit as the launches one by one (the same tile code), without a launch and a wait per
+operation.
 
-Off with `LABKIT_FUSED_CHAIN=0`, or per drafter with `drafter.fused_chain = False` (the A/B of
-scripts/eagle_costs.py).
+Off by default: measured on the H200 (results/gpu/eagle-chain-cost-NVIDIA-H200-7274f8c.txt), a
+K=8 verify's catch-up and 5-deep chain captured ran 240-296 us fused (grids of 32-132 programs)
+against 145 us as launches one by one. The launches overlap each one's weight reads with the one
+before (programmatic dependent launch); the fused kernel's phases read theirs after each grid
+barrier, ~7 us a phase. On with `LABKIT_FUSED_CHAIN=1`, or per drafter `drafter.fused_chain = True`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from labkit.models.kvcache import KVCache
 
-FUSED_CHAIN = os.environ.get("LABKIT_FUSED_CHAIN", "1") != "0"
+FUSED_CHAIN = os.environ.get("LABKIT_FUSED_CHAIN", "0") == "1"  # drafters' default (module docstring)
 
 
 class FusedChain:
@@ -31,7 +35,7 @@ class FusedChain:
         """Whether a chain of `width` 1 through `ops` runs here: the Triton kernels, a draft head that
         is a product (no CPU blocks), the embedding a table, at most 16 batch rows."""
         d = self.drafter
-        if not (FUSED_CHAIN and d.fused_chain and width == 1 and d.draft_head is None and d.embed_weight is not None):
+        if not (d.fused_chain and width == 1 and d.draft_head is None and d.embed_weight is not None):
             return False
         from labkit.kernels import layer_triton
 
