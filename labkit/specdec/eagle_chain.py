@@ -57,8 +57,8 @@ class FusedChain:
                            head.mlp_norm.weight, head.w_gate_up.weight, head.w_down.weight, d.weight, d.ids, head.dims.n_heads,
                            head.dims.norm_eps, d.window or 0)
         key = (k_cache.data_ptr(), k_cache.shape)
-        if key not in self._scratch:
-            self._scratch[key] = chain_scratch(d.depth, layer, k_cache)
+        if key not in self._scratch:  # (a new draft cache: the old one's buffers go with it)
+            self._scratch = {key: chain_scratch(d.depth, layer, k_cache)}
         if feat is not None:
             feat = feat.to(d.dtype).contiguous()
         return draft_chain(feat, pos, layer, k_cache, v_cache, self._scratch[key], only_if, catch_up, depth)
@@ -72,5 +72,5 @@ class FusedChain:
         return self(None, None, cache, only_if, CatchUp(hidden, tokens, verdict, input_pos), depth)
 
     def stalls(self) -> int:
-        """Grid barriers that gave up waiting, over every chain so far (never expected: see chain_triton)."""
+        """Grid barriers that gave up waiting, over the chains on this draft cache (never expected: see chain_triton)."""
         return sum(int(s.stalls.item()) for s in self._scratch.values())

@@ -18,12 +18,12 @@ greedy steps per host read, each verifying the chain the step before drafted ins
 
 eagle-ngram (`lookup_over` n > 0): where the context ends in an n-gram of at least n tokens seen
 before, prompt lookup's copy (specdec/lookup.py) is verified instead of the chain: what the head
-drafts worst (a RAG answer, a summary quoting its source) and lookup best. The verify keeps it lossless whichever it takes. On the host the rule is per step
-(on a CPU the verify then only catches up, and a chain is drafted only where no copy is taken);
-device steps choose per chunk (a graph replays one kind of step) between chain steps, which cost
-what eagle's do, and copy steps (lookup's drafts, at least COPY_K wide, each verify's hidden
-states kept by position: the chain after them catches the draft cache up over their span in one
-go), by their measured rates (specdec/copy_or_chain.py).
+drafts worst (a RAG answer, a summary quoting its source) and lookup best; the verify keeps it
+lossless either way. On the host the rule is per step (on a CPU the verify then only catches up,
+and a chain is drafted only where no copy is taken); device steps choose per chunk (a graph
+replays one kind of step) between chain steps and copy steps (lookup's drafts, at least COPY_K
+wide, each verify's hidden states kept by position: the chain after them catches the draft cache
+up over their span in one go), by their measured rates (specdec/copy_or_chain.py).
 """
 
 from __future__ import annotations
