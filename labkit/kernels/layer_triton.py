@@ -30,11 +30,11 @@ import triton.language as tl
 
 from labkit.kernels.attention_triton import decode_attention  # noqa: F401  (the layer's attention op)
 from labkit.kernels.draft_triton import draft_argmax, embed_fc  # noqa: F401  (an EAGLE draft pass's ends)
+from labkit.kernels.norm_triton import _norm_projections, _normed
 from labkit.kernels.triton_common import (
     BLOCK_M,
     TUNE,  # noqa: F401  (the one tile table)
     _called_off,
-    _dot,
     _ieee,
     _k_tiles,
     _launch,
@@ -54,76 +54,6 @@ ROW_POSITIONS = True  # input_pos may be (B, T): each batch row at its own posit
 def _loop_k(key: str, x: torch.Tensor) -> int:
     """The loop's reduction tile, halved for 32-bit weights (same bytes in shared memory)."""
     return int(TUNE[key]) * 2 // x.element_size()
-
-
-@triton.jit
-def _sumsq(x):
-    xf = x.to(tl.float32)
-    return tl.sum(xf * xf, axis=1)
-
-
-@triton.jit
-def _normed(x, nw, rstd):
-    """RMSNorm(x) for a tile of rows, rounded as the PyTorch norm rounds: half precision
-    normalises in fp32, rounds, then scales (HF's order); fp32 does the same in fp32."""
-    xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
-    return (xn * nw.to(tl.float32)[None, :]).to(x.dtype)
-
-
-@triton.jit
-def _rstd(x_a, x_b, x_ptr, offs_m, m_ok, eps, DIM: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / RMS of each row, in fp32, from the tiles in hand and a loop over the columns past them."""
-    ss = _sumsq(x_a)
-    if KB > 0:
-        ss += _sumsq(x_b)
-    for k0 in range(KA + KB, DIM, BLOCK_K):
-        ss += _sumsq(_tile(x_ptr, offs_m, m_ok, k0, DIM, BLOCK_K))
-    return 1.0 / tl.sqrt(ss / DIM + eps)
-
-
-@triton.jit
-def _norm_projections(
-    x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, eps, only_if_ptr, DIM: tl.constexpr, IEEE: tl.constexpr,
-    GDC: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_K: tl.constexpr, TWO: tl.constexpr, ONLY_IF: tl.constexpr,
-):
-    """RMSNorm(x) @ W[rows_a]^T and (with TWO) @ W[rows_b]^T, fp32 (BLOCK_M, len(rows)) each, and the
-    rows' 1/RMS: the weight tiles (and the norm's weight) are loaded before waiting on the previous
-    kernel. Without TWO the second result is the first. A launch called off (_called_off) reads no
-    row of x (its kernel then returns before writing)."""
-    w_a_lo = _tile(w_ptr, rows_a, r_ok, 0, DIM, KA)  # (rows, KA)
-    if TWO:
-        w_b_lo = _tile(w_ptr, rows_b, r_ok, 0, DIM, KA)
-    nw_lo = _vec(nw_ptr, 0, DIM, KA)
-    if KB > 0:
-        w_a_hi = _tile(w_ptr, rows_a, r_ok, KA, DIM, KB)  # (rows, KB)
-        if TWO:
-            w_b_hi = _tile(w_ptr, rows_b, r_ok, KA, DIM, KB)
-        nw_hi = _vec(nw_ptr, KA, DIM, KB)
-    _wait_for_inputs(GDC)
-    if _called_off(only_if_ptr, ONLY_IF):
-        m_ok = m_ok & (offs_m < 0)
-    x_lo = _tile(x_ptr, offs_m, m_ok, 0, DIM, KA)  # (BLOCK_M, KA)
-    x_hi = x_lo
-    if KB > 0:
-        x_hi = _tile(x_ptr, offs_m, m_ok, KA, DIM, KB)
-    rstd = _rstd(x_lo, x_hi, x_ptr, offs_m, m_ok, eps, DIM, KA, KB, BLOCK_K)  # (BLOCK_M,)
-    xn = _normed(x_lo, nw_lo, rstd)
-    acc_a = _dot(xn, tl.trans(w_a_lo), IEEE)  # (BLOCK_M, rows)
-    if TWO:
-        acc_b = _dot(xn, tl.trans(w_b_lo), IEEE)
-    if KB > 0:
-        xn_hi = _normed(x_hi, nw_hi, rstd)
-        acc_a += _dot(xn_hi, tl.trans(w_a_hi), IEEE)
-        if TWO:
-            acc_b += _dot(xn_hi, tl.trans(w_b_hi), IEEE)
-    for k0 in range(KA + KB, DIM, BLOCK_K):  # columns past the prefetched tiles (larger models)
-        xk = _normed(_tile(x_ptr, offs_m, m_ok, k0, DIM, BLOCK_K), _vec(nw_ptr, k0, DIM, BLOCK_K), rstd)
-        acc_a += _dot(xk, tl.trans(_tile(w_ptr, rows_a, r_ok, k0, DIM, BLOCK_K)), IEEE)
-        if TWO:
-            acc_b += _dot(xk, tl.trans(_tile(w_ptr, rows_b, r_ok, k0, DIM, BLOCK_K)), IEEE)
-    if not TWO:
-        acc_b = acc_a
-    return acc_a, acc_b, rstd
 
 
 @triton.jit

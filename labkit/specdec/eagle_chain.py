@@ -5,9 +5,10 @@ operation.
 
 Off by default: measured on the H200 (results/gpu/eagle-chain-cost-NVIDIA-H200-7274f8c.txt), a
 K=8 verify's catch-up and 5-deep chain captured ran 240-296 us fused (grids of 32-132 programs)
-against 145 us as launches one by one. The launches overlap each one's weight reads with the one
-before (programmatic dependent launch); the fused kernel's phases read theirs after each grid
-barrier, ~7 us a phase. On with `LABKIT_FUSED_CHAIN=1`, or per drafter `drafter.fused_chain = True`.
+against 145 us as launches one by one, with a grid-wide barrier between phases and each phase's
+weights read after it (~7 us a phase). The kernel now waits per phase on the phase before's
+count of finished tiles, its weights loaded first (kernels/chain_triton.py): not yet measured.
+On with `LABKIT_FUSED_CHAIN=1`, or per drafter `drafter.fused_chain = True`.
 """
 
 from __future__ import annotations
@@ -72,5 +73,5 @@ class FusedChain:
         return self(None, None, cache, only_if, CatchUp(hidden, tokens, verdict, input_pos), depth)
 
     def stalls(self) -> int:
-        """Grid barriers that gave up waiting, over the chains on this draft cache (never expected: see chain_triton)."""
+        """Waits that gave up, over the chains on this draft cache (never expected: see chain_triton)."""
         return sum(int(s.stalls.item()) for s in self._scratch.values())
