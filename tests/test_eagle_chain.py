@@ -62,7 +62,7 @@ def test_the_fused_chain_drafts_what_the_chains_launches_do(monkeypatch, n: int,
     assert torch.equal(got, want), (got.flatten().tolist(), want.flatten().tolist())
     assert torch.equal(k1, k0) and torch.equal(v1, v0)
     scratch = next(iter(drafter._fused._scratch.values()))
-    assert not scratch.keys.any() and not scratch.done.any() and drafter._fused.stalls() == 0
+    assert not scratch.keys.any() and not scratch.done.any() and drafter._fused.stalls() == 0  # (each phase's wait met, counts reset)
     assert len(set(want.flatten().tolist())) > 1  # a random head's chain, not one token repeated
 
 
@@ -77,7 +77,7 @@ def test_a_fused_chain_called_off_writes_nothing() -> None:
     drafter.chain(feat, anchor, only_if=torch.tensor([False], device=DEVICE))
     assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
     scratch = next(iter(drafter._fused._scratch.values()))
-    assert not scratch.x.any() and not scratch.feat.any() and not scratch.keys.any()
+    assert not scratch.x.any() and not scratch.feat.any() and not scratch.keys.any() and not scratch.done.any()
     on = drafter.chain(feat, anchor, only_if=torch.tensor([True], device=DEVICE))
     drafter.fused_chain = False
     assert torch.equal(on, drafter.chain(feat, anchor))
@@ -133,4 +133,5 @@ def test_a_fused_catch_up_and_chain_is_the_two_apart(monkeypatch, T: int, accept
     assert not past[:, :, max(reach, 0) :].ne(0.5).any()
     if chain:
         assert got.shape == want.shape == (1, 4) and torch.equal(got, want), (got.tolist(), want.tolist())
-    assert drafter._fused.stalls() == 0
+    scratch = next(iter(drafter._fused._scratch.values()))
+    assert drafter._fused.stalls() == 0 and not scratch.done.any()  # every phase waited on counts that came, then left zero

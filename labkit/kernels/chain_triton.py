@@ -22,9 +22,9 @@ Each operation runs the same tile code as its own kernel (the helpers of layer_t
 norm_triton, draft_triton and attention_triton, with the same tiles), so the drafts are bit for
 bit those of the launches one by one; a program takes tiles pid, pid + P, ... of each operation.
 Under TRITON_INTERPRET=1 programs run one after another (none could wait for another), so there
-each operation is its own launch of the same kernel, without waits: how CI tests the same code.
-A wait past SPIN_LIMIT polls gives up and counts a stall (`ChainScratch.stalls`): the drafts are
-then wrong, never the output (a verify keeps only what the target itself picks).
+each operation is its own launch of the same kernel, waiting on the one before's count (met at
+once there): how CI tests the same code and counts. A wait past SPIN_LIMIT polls gives up and
+counts a stall (`ChainScratch.stalls`): the drafts are then wrong, never the output.
 """
 
 from __future__ import annotations
@@ -133,20 +133,46 @@ def _await(done_ptr, target, stall_ptr, SPIN_LIMIT: tl.constexpr):
 
 
 @triton.jit
+def _phase_tiles(p, C, last_phase, T_CU, M, N_VOCAB, DIM: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr,
+                 HID: tl.constexpr, BN: tl.constexpr, GBN: tl.constexpr, HBN: tl.constexpr, SUB: tl.constexpr, N_OPS: tl.constexpr):
+    """How many tiles phase p has (0 before the first): what the phase after it waits to see counted."""
+    q = p - C
+    op = (q - 1) % N_OPS
+    T = T_CU * 0 + 1
+    if q < 0:
+        op = p
+        T = T_CU
+    n = T * 0 + tl.cdiv(DIM, BN)  # embed_fc, wo, down
+    if p < 0:
+        n = T * 0
+    elif p == last_phase:  # the drafts: program 0
+        n = T * 0 + 1
+    elif (q == 0) | ((q > 0) & (op == 6)):  # a pick
+        n = T * 0 + tl.cdiv(N_VOCAB, HBN)
+    elif op == 1:
+        n = T * 0 + (NH + 2 * NKV) * (HALF // SUB)
+    elif op == 2:
+        n = M * NKV * tl.cdiv(T * (NH // NKV), 16)
+    elif op == 4:
+        n = T * 0 + tl.cdiv(HID, GBN)
+    return n
+
+
+@triton.jit
 def _signal(done_ptr):
     """A tile of this phase is written: count it (release), after every thread's stores."""
     tl.debug_barrier()
     tl.atomic_add(done_ptr, 1, sem="release", scope="gpu")
 
 
-@triton.jit(do_not_specialize=["M", "T_CU", "DEPTH"])  # runtime values whatever they are (1 included)
+@triton.jit(do_not_specialize=["M", "T_CU", "DEPTH", "PHASE_FIRST", "PHASE_LAST", "N_PHASES"])  # runtime values whatever they are (1 included)
 def _chain_kernel(
     feat0_ptr, pos_ptr, hid_ptr, tok_ptr, verdict_ptr, ipos_ptr, anc_ptr, emb_ptr, fc_ptr, an_ptr, wqkv_ptr, cos_ptr, sin_ptr,
     wo_ptr, mn_ptr, wgu_ptr, wd_ptr, head_ptr, ids_ptr, kc_ptr, vc_ptr, xs_ptr, qs_ptr, ys_ptr, x2s_ptr, acts_ptr, feats_ptr,
     keys_ptr, part_o_ptr, part_ml_ptr, done_ptr, stall_ptr, only_if_ptr, out_ptr, M, T_CU, S_LAST, N_VOCAB, N_SPLITS, eps, scale,
-    stride_cb, stride_ch, stride_cs, PHASE_FIRST, PHASE_LAST, DEPTH,
+    stride_cb, stride_ch, stride_cs, PHASE_FIRST, PHASE_LAST, N_PHASES, DEPTH,
     DIM: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr, HID: tl.constexpr,
-    WINDOW: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr, BARRIERS: tl.constexpr, ONLY_IF: tl.constexpr, CATCH: tl.constexpr,
+    WINDOW: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr, ONLY_IF: tl.constexpr, CATCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BN: tl.constexpr, FC_KA: tl.constexpr, FC_KB: tl.constexpr, LIN_K: tl.constexpr,
     SUB: tl.constexpr, QKV_KA: tl.constexpr, QKV_KB: tl.constexpr, NORM_K: tl.constexpr,
     WO_KA: tl.constexpr, WO_KB: tl.constexpr, GBN: tl.constexpr, GU_KA: tl.constexpr, GU_KB: tl.constexpr,
@@ -169,7 +195,6 @@ def _chain_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M  # the chain's rows: one per batch row
     last_phase = C + 1 + N_OPS * (DEPTH - 1)  # the phase that writes the drafts
-    prev_tiles = T_CU * 0  # tiles of the phase before in this launch (none before the first)
     for p in range(PHASE_FIRST, p_end):
         q = p - C  # the chain's phase (negative: the catch-up's)
         d = (q + N_OPS - 1) // N_OPS  # the depth (0-based) whose element a chain phase computes
@@ -191,21 +216,11 @@ def _chain_kernel(
         act_d = acts_ptr + d * BLOCK_M * HID
         feat_d = feats_ptr + d * BLOCK_M * DIM
         done_before, done_here = done_ptr + p, done_ptr + p + 1  # the phase before's count of finished tiles (slot 0: none), this one's
-        n_tiles = T * 0 + tl.cdiv(DIM, BN)  # embed_fc, wo, down
-        if p == last_phase:
-            n_tiles = T * 0 + 1
-        elif (q == 0) | ((q > 0) & (op == 6)):
-            n_tiles = T * 0 + tl.cdiv(N_VOCAB, HBN)
-        elif op == 1:
-            n_tiles = T * 0 + (NH + 2 * NKV) * (HALF // SUB)
-        elif op == 2:
-            n_tiles = M * NKV * tl.cdiv(T * GROUP, 16)
-        elif op == 4:
-            n_tiles = T * 0 + tl.cdiv(HID, GBN)
+        n_tiles = _phase_tiles(p, C, last_phase, T_CU, M, N_VOCAB, DIM, NH, NKV, HALF, HID, BN, GBN, HBN, SUB, N_OPS)
+        prev_tiles = _phase_tiles(p - 1, C, last_phase, T_CU, M, N_VOCAB, DIM, NH, NKV, HALF, HID, BN, GBN, HBN, SUB, N_OPS)
         if p == last_phase:  # the drafts: each depth's best as target ids; the keys left zero
             if pid == 0:
-                if BARRIERS:
-                    _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
+                _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
                 for dd in range(DEPTH):
                     best = tl.load(keys_ptr + dd * BLOCK_M + offs_m, mask=m_ok, other=0)
                     tl.store(out_ptr + dd * M + offs_m, _key_ids(best, ids_ptr, m_ok, KEY_INDEX), mask=m_ok)
@@ -218,19 +233,16 @@ def _chain_kernel(
                 offs_n = tile * HBN + tl.arange(0, HBN)
                 n_ok = offs_n < N_VOCAB
                 w_a, w_b = _weight_tiles(head_ptr, offs_n, n_ok, DIM, HD_KA, HD_KB)  # weights first, then the wait
-                if BARRIERS:
-                    _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
+                _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
                 _fold_best(src, head_ptr, keys_ptr + d * BLOCK_M, offs_m, m_ok, offs_n, n_ok, w_a, w_b, DIM, IEEE, HD_KA, HD_KB,
                            NORM_K, KEY_INDEX)
-                if BARRIERS:
-                    _signal(done_here)
+                _signal(done_here)
         elif op == 0:  # embed_fc: (the token after each row, its feature)
             for tile in range(pid, n_tiles, P):
                 offs_n = tile * BN + tl.arange(0, BN)
                 n_ok = offs_n < DIM
                 w_a, w_b = _weight_tiles(fc_ptr, offs_n, n_ok, 2 * DIM, FC_KA, FC_KB)
-                if BARRIERS:
-                    _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
+                _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
                 if q < 0:  # the catch-up: row j's token is the draft after it, or the target's next at the accepted row
                     b = offs_m // T
                     j = offs_m % T
@@ -250,8 +262,7 @@ def _chain_kernel(
                     if d > 1:
                         src = feats_ptr + (d - 1) * BLOCK_M * DIM
                 _embed_fc_rows(tok, emb_ptr, src, fc_ptr, x_d, offs_m, rows_ok, offs_n, n_ok, w_a, w_b, DIM, IEEE, FC_KA, FC_KB, LIN_K)
-                if BARRIERS:
-                    _signal(done_here)
+                _signal(done_here)
         elif op == 1:  # norm_qkv_rope: q, and k, v into the draft cache at the pass's positions
             for tile in range(pid, n_tiles, P):
                 h = tile // (HALF // SUB)
@@ -260,19 +271,16 @@ def _chain_kernel(
                 r_ok = offs_d < HALF
                 w_a_lo, w_b_lo, nw_lo, w_a_hi, w_b_hi, nw_hi = _norm_weights(wqkv_ptr, an_ptr, rows_lo, rows_lo + HALF, r_ok, DIM,
                                                                              QKV_KA, QKV_KB, True)
-                if BARRIERS:
-                    _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
+                _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
                 acc_lo, acc_hi, _ = _norm_products(x_d, an_ptr, wqkv_ptr, rows_lo, rows_lo + HALF, r_ok, offs_m, rows_ok, eps, w_a_lo,
                                                    w_b_lo, nw_lo, w_a_hi, w_b_hi, nw_hi, DIM, IEEE, QKV_KA, QKV_KB, NORM_K, True)
                 _qkv_rope_out(acc_lo, acc_hi, h, offs_d, offs_m, rows_ok, T, wqkv_ptr, cos_ptr, sin_ptr, pos_s, pos_s, q_d, kc_ptr, vc_ptr,
                               stride_pb, stride_cb, stride_ch, stride_cs, False, NH, NKV, HALF, False)
-                if BARRIERS:
-                    _signal(done_here)
+                _signal(done_here)
         elif op == 2:  # attention over the draft cache, every split of a tile in this program
             r_blocks = tl.cdiv(T * GROUP, 16)
             for tile in range(pid, n_tiles, P):
-                if BARRIERS:
-                    _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
+                _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
                 b, kvh, local, t, r_ok, head, pos, lo_r, first, last = _tile_rows(tile, pos_s, T, stride_pb, T * GROUP, r_blocks, N_SPLITS,
                                                                                   NKV, GROUP, WINDOW, SPLIT_S, 16)
                 for split in range(first, last + 1):
@@ -283,49 +291,41 @@ def _chain_kernel(
                     tl.debug_barrier()  # this program's partials are written before it reads them back
                     q_rows = (b * T + t) * NH + head
                     _combine_splits(y_d, part_o_ptr, part_ml_ptr, q_rows, tile * N_SPLITS, local, r_ok, first, last, 16, D, NS_POW2, CHUNK)
-                if BARRIERS:
-                    _signal(done_here)
+                _signal(done_here)
         elif op == 3:  # wo: attention's output onto the residual
             for tile in range(pid, n_tiles, P):
                 offs_n = tile * BN + tl.arange(0, BN)
                 n_ok = offs_n < DIM
                 w_a, w_b = _weight_tiles(wo_ptr, offs_n, n_ok, NH * D, WO_KA, WO_KB)
-                if BARRIERS:
-                    _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
+                _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
                 _linear_residual_rows(y_d, wo_ptr, wo_ptr, x_d, x2_d, offs_m, rows_ok, offs_n, n_ok, w_a, w_b, DIM, NH * D, False, IEEE,
                                       WO_KA, WO_KB, LIN_K)
-                if BARRIERS:
-                    _signal(done_here)
+                _signal(done_here)
         elif op == 5:  # down: the MLP's output onto the residual, the pass's predicted features
             for tile in range(pid, n_tiles, P):
                 offs_n = tile * BN + tl.arange(0, BN)
                 n_ok = offs_n < DIM
                 w_a, w_b = _weight_tiles(wd_ptr, offs_n, n_ok, HID, DN_KA, DN_KB)
-                if BARRIERS:
-                    _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
+                _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
                 y = _linear_residual_rows(act_d, wd_ptr, wd_ptr, x2_d, feat_d, offs_m, rows_ok, offs_n, n_ok, w_a, w_b, DIM, HID, False,
                                           IEEE, DN_KA, DN_KB, LIN_K)
                 if q < 0:  # the catch-up: each batch row's accepted row is the chain's anchor
                     b = offs_m // T
                     acc = tl.load(verdict_ptr + b * 2, mask=rows_ok, other=-1)
                     tl.store(anc_ptr + b[:, None] * DIM + offs_n[None, :], y, mask=(rows_ok & (offs_m % T == acc))[:, None] & n_ok[None, :])
-                if BARRIERS:
-                    _signal(done_here)
+                _signal(done_here)
         else:  # op == 4: norm_gate_up
             for tile in range(pid, n_tiles, P):
                 offs_n = tile * GBN + tl.arange(0, GBN)
                 n_ok = offs_n < HID
                 w_a_lo, w_b_lo, nw_lo, w_a_hi, w_b_hi, nw_hi = _norm_weights(wgu_ptr, mn_ptr, offs_n, HID + offs_n, n_ok, DIM, GU_KA, GU_KB,
                                                                              True)
-                if BARRIERS:
-                    _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
+                _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
                 acc_g, acc_u, _ = _norm_products(x2_d, mn_ptr, wgu_ptr, offs_n, HID + offs_n, n_ok, offs_m, rows_ok, eps, w_a_lo, w_b_lo,
                                                  nw_lo, w_a_hi, w_b_hi, nw_hi, DIM, IEEE, GU_KA, GU_KB, NORM_K, True)
                 _gate_up_out(acc_g, acc_u, wgu_ptr, act_d, offs_m, rows_ok, offs_n, n_ok, HID, False)
-                if BARRIERS:
-                    _signal(done_here)
-        prev_tiles = n_tiles
-    if BARRIERS:  # the last program out leaves the counts zero for the next launch
+                _signal(done_here)
+    if PHASE_LAST == N_PHASES:  # the last program out of the last launch leaves the counts zero for the next chain
         tl.debug_barrier()
         if tl.atomic_add(done_ptr + MAX_PHASES + 1, 1, sem="acq_rel", scope="gpu") == P - 1:
             at = tl.arange(0, MAX_PHASES)
@@ -388,12 +388,12 @@ def draft_chain(
             layer.gate_up, layer.down, layer.head, layer.ids, k_cache, v_cache, scratch.x, scratch.q, scratch.y, scratch.x2,
             scratch.act, scratch.feat, scratch.keys, scratch.part_o, scratch.part_ml, scratch.done, scratch.stalls, flag, out,
             M, t_cu, S - 1, layer.head.shape[0], n_splits, layer.eps, 1.0 / math.sqrt(hd), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            first, last, depth, DIM=dim, NH=layer.n_heads, NKV=nkv, HALF=hd // 2, HID=hid, WINDOW=layer.window,
-            IEEE=_ieee(feat), GDC=pdl, BARRIERS=not interpreted, ONLY_IF=only, CATCH=catch_up is not None, BLOCK_M=BLOCK_M, BN=bn, FC_KA=fc_ka, FC_KB=fc_kb,
+            first, last, phases, depth, DIM=dim, NH=layer.n_heads, NKV=nkv, HALF=hd // 2, HID=hid, WINDOW=layer.window,
+            IEEE=_ieee(feat), GDC=pdl, ONLY_IF=only, CATCH=catch_up is not None, BLOCK_M=BLOCK_M, BN=bn, FC_KA=fc_ka, FC_KB=fc_kb,
             LIN_K=_loop_k("linear_block_k", layer.fc), SUB=sub, QKV_KA=qkv_ka, QKV_KB=qkv_kb, NORM_K=_loop_k("norm_block_k", layer.fc),
             WO_KA=wo_ka, WO_KB=wo_kb, GBN=gbn, GU_KA=gu_ka, GU_KB=gu_kb, DN_KA=dn_ka, DN_KB=dn_kb, HBN=hbn, HD_KA=hd_ka, HD_KB=hd_kb,
             SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s), NS_POW2=triton.next_power_of_2(n_splits),
-            CHUNK=int(TUNE["attn_combine_chunk"]), KEY_INDEX=KEY_INDEX, SPIN_LIMIT=SPIN_LIMIT, N_OPS=OPS, MAX_PHASES=MAX_PHASES, num_warps=TUNE["num_warps"],
+            CHUNK=int(TUNE["attn_combine_chunk"]), KEY_INDEX=KEY_INDEX, SPIN_LIMIT=4 if interpreted else SPIN_LIMIT, N_OPS=OPS, MAX_PHASES=MAX_PHASES, num_warps=TUNE["num_warps"],
             num_stages=1,  # no software pipelining: its loops take a tile or two, and stages of every phase's tiles overflowed shared memory
             **_launch(pdl),
         )
