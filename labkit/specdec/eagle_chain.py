@@ -34,13 +34,14 @@ class FusedChain:
 
     def serves(self, ops: Any, width: int) -> bool:
         """Whether a chain of `width` 1 through `ops` runs here: the Triton kernels, a draft head that
-        is a product (no CPU blocks), the embedding a table, at most 16 batch rows."""
+        is a product (no CPU blocks), the embedding a table, one batch row (the kernel takes up to
+        16, tested with one: batched EAGLE does not exist yet)."""
         d = self.drafter
         if not (d.fused_chain and width == 1 and d.draft_head is None and d.embed_weight is not None):
             return False
         from labkit.kernels import layer_triton
 
-        return ops is layer_triton and d.target.batch_size <= 16
+        return ops is layer_triton and d.target.batch_size == 1
 
     def __call__(self, feat: torch.Tensor | None, pos: torch.Tensor | None, cache: KVCache, only_if: torch.Tensor | None,
                  catch_up: Any = None, depth: int | None = None) -> torch.Tensor:
