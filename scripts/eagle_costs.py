@@ -41,6 +41,19 @@ engine.ensure_capacity(512)
 D = engine.args.dim
 
 
+def captured(call) -> tuple[torch.cuda.CUDAGraph, object]:
+    """call() run once on a side stream (as capture asks), then captured: (the graph, what the capture returned)."""
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
 def step_us(prompt: list[int], cfg: GenerationConfig, spec: Speculation | None) -> tuple[float, float]:
     """Microseconds per target step of a request (decode time over steps; median of the last 3 of 4) and its tau."""
     per_step = []
@@ -150,15 +163,8 @@ def chain_cost() -> None:
 
     def replay_us(fused: bool, programs: int) -> tuple[float, list[int]]:
         drafter.fused_chain, TUNE["chain_programs"] = fused, programs
-        out = drafter.catch_up_chain(hidden, verdict, tokens, input_pos, drafter.depth)  # compiled and warm
-        graph = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            drafter.catch_up_chain(hidden, verdict, tokens, input_pos, drafter.depth)
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.inference_mode(), torch.cuda.graph(graph):
-            out = drafter.catch_up_chain(hidden, verdict, tokens, input_pos, drafter.depth)
+        drafter.catch_up_chain(hidden, verdict, tokens, input_pos, drafter.depth)  # compiled and warm
+        graph, out = captured(lambda: drafter.catch_up_chain(hidden, verdict, tokens, input_pos, drafter.depth))
         us = timers.median_us(lambda: (graph.replay(), torch.cuda.synchronize()), 200, warm=20)
         return us, out.flatten().tolist()
 
@@ -249,16 +255,9 @@ for dtype, T in ((torch.bfloat16, 4), (torch.float32, 4), (torch.bfloat16, 6)):
         for _ in range(3):
             call()
         eager = timers.median_us(lambda: (call(), torch.cuda.synchronize()), 50, warm=0)
-        graph = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            call()
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.inference_mode(), torch.cuda.graph(graph):
-            call()
-        captured = timers.median_us(lambda: (graph.replay(), torch.cuda.synchronize()), 100, warm=0)
-        print(f"T={T} {name:6s}: eager {eager:7.1f} us, captured {captured:7.1f} us (a verify + host read alone is ~550)")
+        graph, _ = captured(call)
+        replay = timers.median_us(lambda: (graph.replay(), torch.cuda.synchronize()), 100, warm=0)
+        print(f"T={T} {name:6s}: eager {eager:7.1f} us, captured {replay:7.1f} us (a verify + host read alone is ~550)")
     drafter.ops = ops_triton
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         call()

@@ -80,8 +80,8 @@ def _combine_splits(out_ptr, part_o_ptr, part_ml_ptr, q_rows, tile_base, local, 
 @triton.jit
 def _tile_rows(tile, pos_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, NKV: tl.constexpr, GROUP: tl.constexpr,
                WINDOW: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The rows of tile `tile` (batch row b, kv head, block of BLOCK_R rows r = t * GROUP + g) and the
-    splits holding keys they see: (b, kvh, local, t, r_ok, head, pos, lo_r, first, last)."""
+    """The rows of tile `tile` (batch row b, kv head, block of BLOCK_R rows r = t * GROUP + g), the keys
+    they see (lo..hi) and the splits holding them: (b, kvh, local, t, r_ok, head, pos, lo_r, lo, hi, first, last)."""
     rb = tile % R_BLOCKS
     kvh = (tile // R_BLOCKS) % NKV
     b = tile // (R_BLOCKS * NKV)
@@ -99,13 +99,13 @@ def _tile_rows(tile, pos_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, NKV: tl.const
     lo = tl.min(tl.where(r_ok, lo_r, hi), axis=0)  # the first
     first = lo // SPLIT_S  # the splits holding visible keys: first..last (the grid may end sooner:
     last = tl.minimum(hi // SPLIT_S, N_SPLITS - 1)  # rows past the span are tokens nobody keeps)
-    return b, kvh, local, t, r_ok, head, pos, lo_r, first, last
+    return b, kvh, local, t, r_ok, head, pos, lo_r, lo, hi, first, last
 
 
 @triton.jit
 def _attend_split(
-    q_ptr, kc_ptr, vc_ptr, out_ptr, part_o_ptr, part_ml_ptr, tile, split, b, kvh, local, t, r_ok, head, pos, lo_r, first, last,
-    T, N_SPLITS, scale, stride_cb, stride_ch, stride_cs, tree_ptr, tree_base_ptr, NH: tl.constexpr, D: tl.constexpr,
+    q_ptr, kc_ptr, vc_ptr, out_ptr, part_o_ptr, part_ml_ptr, tile, split, b, kvh, local, t, r_ok, head, pos, lo_r, lo, hi, first,
+    last, T, N_SPLITS, scale, stride_cb, stride_ch, stride_cs, tree_ptr, tree_base_ptr, NH: tl.constexpr, D: tl.constexpr,
     SPLIT_S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, N_TREE: tl.constexpr,
     TREE: tl.constexpr,
 ):
@@ -116,8 +116,7 @@ def _attend_split(
     q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)  # (BLOCK_R, D)
     base = b * stride_cb + kvh * stride_ch
     qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 instead of exp
-    hi = tl.max(pos, axis=0)
-    s_first = tl.maximum(split * SPLIT_S, tl.min(tl.where(r_ok, lo_r, hi), axis=0))
+    s_first = tl.maximum(split * SPLIT_S, lo)
     s_end = tl.minimum(split * SPLIT_S + SPLIT_S, hi + 1)
     tree_base = 0
     if TREE:
@@ -151,11 +150,11 @@ def _attention_kernel(
     _wait_for_inputs(GDC)  # everything it reads but the positions comes from the kernel before
     if _called_off(only_if_ptr, ONLY_IF):  # every program returns here: the counters stay zero
         return
-    b, kvh, local, t, r_ok, head, pos, lo_r, first, last = _tile_rows(tile, pos_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, NKV, GROUP,
-                                                                      WINDOW, SPLIT_S, BLOCK_R)
+    b, kvh, local, t, r_ok, head, pos, lo_r, lo, hi, first, last = _tile_rows(tile, pos_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, NKV,
+                                                                              GROUP, WINDOW, SPLIT_S, BLOCK_R)
     if (split >= first) & (split <= last):
         q_rows = _attend_split(q_ptr, kc_ptr, vc_ptr, out_ptr, part_o_ptr, part_ml_ptr, tile, split, b, kvh, local, t, r_ok, head,
-                               pos, lo_r, first, last, T, N_SPLITS, scale, stride_cb, stride_ch, stride_cs, tree_ptr,
+                               pos, lo_r, lo, hi, first, last, T, N_SPLITS, scale, stride_cb, stride_ch, stride_cs, tree_ptr,
                                tree_base_ptr, NH, D, SPLIT_S, BLOCK_S, BLOCK_R, IEEE, N_TREE, TREE)
         if first != last:  # the last split to finish combines the partials
             tl.debug_barrier()  # every thread's partial is written before the count goes up

@@ -32,12 +32,15 @@ class FusedChain:
         self.drafter = drafter
         self._scratch: dict[tuple, Any] = {}
 
-    def serves(self, ops: Any, width: int) -> bool:
-        """Whether a chain of `width` 1 through `ops` runs here: the Triton kernels, a draft head that
-        is a product (no CPU blocks), the embedding a table, one batch row (the kernel takes up to
-        16, tested with one: batched EAGLE does not exist yet)."""
+    def serves(self, ops: Any, width: int, hidden: torch.Tensor | None = None) -> bool:
+        """Whether a chain of `width` 1 through `ops` runs here (and with `hidden` (B, T, D), a verify's
+        catch-up before it): the Triton kernels, a draft head that is a product (no CPU blocks), the
+        embedding a table, one batch row (the kernel takes up to 16, tested with one: batched EAGLE
+        does not exist yet), a catch-up of at most 16 rows in the drafter's dtype."""
         d = self.drafter
         if not (d.fused_chain and width == 1 and d.draft_head is None and d.embed_weight is not None):
+            return False
+        if hidden is not None and (hidden.shape[0] * hidden.shape[1] > 16 or hidden.dtype != d.dtype):
             return False
         from labkit.kernels import layer_triton
 

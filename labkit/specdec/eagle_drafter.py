@@ -265,7 +265,7 @@ class EagleDrafter(Drafter):
     def catch_up_chain(self, hidden: torch.Tensor, verdict: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor, depth: int,
                        only_if: torch.Tensor | None = None) -> torch.Tensor:  # -> (B, depth)
         """catch_up, then the chain from the accepted row (only_if false: the catch-up only), one launch where fused (eagle_chain.py)."""
-        if self._fused.serves(self.ops, 1) and hidden.shape[0] * hidden.shape[1] <= 16 and hidden.dtype == self.dtype:
+        if self._fused.serves(self.ops, 1, hidden):
             return self._fused.after_verify(hidden, verdict, tokens, input_pos, self._draft_cache, depth, only_if)
         return self.chain(self.catch_up(hidden, verdict, tokens, input_pos), input_pos[0] + verdict[:, 0], 1, depth, only_if=only_if).flatten(1)
 
