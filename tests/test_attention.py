@@ -194,6 +194,31 @@ def test_tree_twin_sees_the_context_and_each_nodes_ancestors() -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("base", [40, 60])  # tree inside one 64-key split; across a split boundary
+def test_triton_tree_nodes_get_a_decode_steps_bits_over_their_path(base: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each tree node's attention equals, bit for bit, a decode step's over a cache that holds the
+    node's path right after the context (where plain decoding puts those tokens): every other
+    operation of a layer is row by row, so a tree's verify gives plain greedy's tokens in any dtype."""
+    from labkit.kernels import layer_triton as tri
+
+    monkeypatch.setitem(tri.TUNE, "attn_split_s", 64)
+    q, k, v, slots, tree_base, mask = tree_inputs(dtype, base)
+    got = tri.decode_attention(q, k, v, slots, 0.125, None, counters(1, 3), tree_base=tree_base, tree_mask=mask.to(torch.int8))
+    deep = 0
+    for t in range(mask.shape[0]):
+        path = [base + j for j in range(mask.shape[1]) if mask[t, j]]  # its ancestors' slots and its own, root first
+        k_chain, v_chain = k.clone(), v.clone()
+        k_chain[:, :, base : base + len(path)] = k[:, :, path]
+        v_chain[:, :, base : base + len(path)] = v[:, :, path]
+        pos = torch.tensor([base + len(path) - 1], device=DEVICE)
+        want = tri.decode_attention(q[t : t + 1], k_chain, v_chain, pos, 0.125, None, counters(1, 3))  # (1, NH*D)
+        assert torch.equal(got[t], want[0]), (t, path)
+        deep += path != list(range(base, base + len(path)))
+    assert deep >= 3  # nodes whose path skips slots (the case a mask over the slots sums in another order)
+
+
+@interpreted
 @pytest.mark.parametrize("base", [40, 60])  # tree inside one 64-key split; across a split boundary
 def test_triton_tree_attention_matches_its_twin(base: int, monkeypatch: pytest.MonkeyPatch) -> None:
     from labkit.kernels import layer_triton as tri

@@ -14,28 +14,30 @@ from labkit.kernels.triton_common import TUNE, _called_off, _dot, _ieee, _launch
 
 
 @triton.jit
-def _attend_keys(q, k_ptr, v_ptr, stride_cs, lo_r, pos, s_first, s_end, qk_scale, t_r, r_ok, tree_ptr, tree_base,
-                 N_TREE: tl.constexpr, TREE: tl.constexpr,
+def _attend_keys(q, k_ptr, v_ptr, stride_cs, lo_r, pos, s_first, s_end, qk_scale, t_r, tree_ptr, tree_base,
+                 N_TREE: tl.constexpr, N_POW2: tl.constexpr, TREE: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
     """Online softmax of the rows q (BLOCK_R, D) over keys [s_first, s_end), each row seeing keys
-    lo_r..pos (scores in log2 units), and with TREE, of the tree's keys (slots tree_base..+N_TREE)
-    only those its row t_r of tree_ptr (T, N_TREE) int8 allows:
-    (acc (BLOCK_R, D) unnormalised, l (BLOCK_R,) sums, m (BLOCK_R,) maxima)."""
+    lo_r..pos (scores in log2 units): (acc (BLOCK_R, D) unnormalised, l (BLOCK_R,) sums, m (BLOCK_R,)
+    maxima). With TREE the rows are one tree node's (t_r) and key position tree_base + j is its
+    ancestor at depth j (`_tree_path`): the node's path laid out as a chain's keys."""
     offs_d = tl.arange(0, D)
     m_i = tl.full([BLOCK_R], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+    if TREE:
+        on_path, rank, _ = _tree_path(tree_ptr, tl.min(t_r, axis=0), N_TREE, N_POW2)  # (row 0 is the token's; padding rows past it)
     for s0 in range((s_first // BLOCK_S) * BLOCK_S, s_end, BLOCK_S):  # blocks start BLOCK_S-aligned
         offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
         s_ok = (offs_s >= s_first) & (offs_s < s_end)
-        k = tl.load(k_ptr + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)  # (BLOCK_S, D)
-        v = tl.load(v_ptr + offs_s[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        slot = offs_s
+        if TREE:  # position tree_base + j: the slot of the path's node of rank j (positions past the node's depth are not seen)
+            nodes = tl.arange(0, N_POW2)
+            match = on_path[None, :] & (rank[None, :] == (offs_s - tree_base)[:, None])  # (BLOCK_S, N_POW2)
+            slot = tl.where(offs_s >= tree_base, tree_base + tl.sum(tl.where(match, nodes[None, :], 0), axis=1), offs_s)
+        k = tl.load(k_ptr + slot[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)  # (BLOCK_S, D)
+        v = tl.load(v_ptr + slot[:, None] * stride_cs + offs_d[None, :], mask=s_ok[:, None], other=0.0)
         seen = (offs_s[None, :] >= lo_r[:, None]) & (offs_s[None, :] <= pos[:, None]) & s_ok[None, :]  # (BLOCK_R, BLOCK_S)
-        if TREE:
-            node = offs_s - tree_base  # (BLOCK_S,) tree node of each key, negative before the tree
-            in_tree = (node >= 0) & (node < N_TREE)
-            bit = tl.load(tree_ptr + t_r[:, None] * N_TREE + node[None, :], mask=r_ok[:, None] & in_tree[None, :], other=0)
-            seen = seen & ((~in_tree)[None, :] | (bit != 0))
         s = tl.where(seen, _dot(q, tl.trans(k), IEEE) * qk_scale, -float("inf"))  # (BLOCK_R, BLOCK_S) fp32
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no key seen yet keeps zeros
@@ -78,16 +80,33 @@ def _combine_splits(out_ptr, part_o_ptr, part_ml_ptr, q_rows, tile_base, local, 
 
 
 @triton.jit
-def _tile_rows(tile, pos_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, NKV: tl.constexpr, GROUP: tl.constexpr,
-               WINDOW: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_R: tl.constexpr):
+def _tree_path(tree_ptr, t, N_TREE: tl.constexpr, N_POW2: tl.constexpr):
+    """Tree node t's path (its mask row in tree_ptr (T, N_TREE) int8: its ancestors and itself, a
+    parent's slot before its children's): (on_path (N_POW2,), each node's rank on it, t's depth)."""
+    nodes = tl.arange(0, N_POW2)
+    on_path = tl.load(tree_ptr + t * N_TREE + nodes, mask=nodes < N_TREE, other=0) != 0
+    rank = tl.cumsum(on_path.to(tl.int32), axis=0) - 1
+    return on_path, rank, tl.sum(on_path.to(tl.int32), axis=0) - 1
+
+
+@triton.jit
+def _tile_rows(tile, pos_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, tree_ptr, tree_base_ptr, NKV: tl.constexpr, GROUP: tl.constexpr,
+               WINDOW: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_R: tl.constexpr, N_TREE: tl.constexpr, N_POW2: tl.constexpr,
+               TREE: tl.constexpr):
     """The rows of tile `tile` (batch row b, kv head, block of BLOCK_R rows r = t * GROUP + g), the keys
-    they see (lo..hi) and the splits holding them: (b, kvh, local, t, r_ok, head, pos, lo_r, lo, hi, first, last)."""
+    they see (lo..hi) and the splits holding them: (b, kvh, local, t, r_ok, head, pos, lo_r, lo, hi, first, last).
+    With TREE a tile holds one token's GROUP rows, and a tree node sees keys up to tree_base + its
+    depth: its path takes the positions after the context that a chain's tokens would (`_attend_keys`)."""
     rb = tile % R_BLOCKS
     kvh = (tile // R_BLOCKS) % NKV
     b = tile // (R_BLOCKS * NKV)
     local = tl.arange(0, BLOCK_R)
-    offs_r = rb * BLOCK_R + local  # (BLOCK_R,)
-    r_ok = offs_r < R
+    if TREE:
+        offs_r = rb * GROUP + local  # (BLOCK_R,) token rb's query heads, the rest padding
+        r_ok = local < GROUP
+    else:
+        offs_r = rb * BLOCK_R + local  # (BLOCK_R,)
+        r_ok = offs_r < R
     t = offs_r // GROUP
     head = kvh * GROUP + offs_r % GROUP
     pos = tl.load(pos_ptr + b * stride_pb + t, mask=r_ok, other=-1)  # (BLOCK_R,) row r sees keys lo_r..pos_r (stride_pb 0: shared)
@@ -95,6 +114,9 @@ def _tile_rows(tile, pos_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, NKV: tl.const
         lo_r = tl.maximum(pos - WINDOW + 1, 0)
     else:
         lo_r = pos * 0
+    if TREE:  # a node (its slot at or past tree_base) sees its path as a chain at its depth would
+        tree_base = tl.load(tree_base_ptr)
+        pos = tl.where(pos >= tree_base, tree_base + _tree_path(tree_ptr, rb, N_TREE, N_POW2)[2], pos)
     hi = tl.max(pos, axis=0)  # the last key any row sees
     lo = tl.min(tl.where(r_ok, lo_r, hi), axis=0)  # the first
     first = lo // SPLIT_S  # the splits holding visible keys: first..last (the grid may end sooner:
@@ -107,7 +129,7 @@ def _attend_split(
     q_ptr, kc_ptr, vc_ptr, out_ptr, part_o_ptr, part_ml_ptr, tile, split, b, kvh, local, t, r_ok, head, pos, lo_r, lo, hi, first,
     last, T, N_SPLITS, scale, stride_cb, stride_ch, stride_cs, tree_ptr, tree_base_ptr, NH: tl.constexpr, D: tl.constexpr,
     SPLIT_S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, N_TREE: tl.constexpr,
-    TREE: tl.constexpr,
+    N_POW2: tl.constexpr, TREE: tl.constexpr,
 ):
     """A tile's rows against the keys of one split: the result where one split holds every
     visible key, else the split's partial (running max, sum, weighted values) for _combine_splits."""
@@ -122,7 +144,7 @@ def _attend_split(
     if TREE:
         tree_base = tl.load(tree_base_ptr)
     acc, l_i, m_i = _attend_keys(q, kc_ptr + base, vc_ptr + base, stride_cs, lo_r, pos, s_first, s_end, qk_scale,
-                                 t, r_ok, tree_ptr, tree_base, N_TREE, TREE, BLOCK_R, BLOCK_S, D, IEEE)
+                                 t, tree_ptr, tree_base, N_TREE, N_POW2, TREE, BLOCK_R, BLOCK_S, D, IEEE)
     if first == last:  # one split holds every visible key: the result is final
         tl.store(out_ptr + q_rows[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
     else:  # keep this split's partial result
@@ -138,7 +160,8 @@ def _attention_kernel(
     q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, part_o_ptr, part_ml_ptr, count_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, scale,
     stride_cb, stride_ch, stride_cs, tree_ptr, tree_base_ptr, only_if_ptr, NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     WINDOW: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, NS_POW2: tl.constexpr,
-    CHUNK: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr, N_TREE: tl.constexpr, TREE: tl.constexpr, ONLY_IF: tl.constexpr,
+    CHUNK: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr, N_TREE: tl.constexpr, N_POW2: tl.constexpr, TREE: tl.constexpr,
+    ONLY_IF: tl.constexpr,
 ):
     """Program (tile, split): the rows of one (batch row, kv head, block of BLOCK_R rows) against
     the keys of split `split`, positions [split * SPLIT_S, (split + 1) * SPLIT_S). Rows are (token
@@ -150,12 +173,13 @@ def _attention_kernel(
     _wait_for_inputs(GDC)  # everything it reads but the positions comes from the kernel before
     if _called_off(only_if_ptr, ONLY_IF):  # every program returns here: the counters stay zero
         return
-    b, kvh, local, t, r_ok, head, pos, lo_r, lo, hi, first, last = _tile_rows(tile, pos_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS, NKV,
-                                                                              GROUP, WINDOW, SPLIT_S, BLOCK_R)
+    b, kvh, local, t, r_ok, head, pos, lo_r, lo, hi, first, last = _tile_rows(tile, pos_ptr, T, stride_pb, R, R_BLOCKS, N_SPLITS,
+                                                                              tree_ptr, tree_base_ptr, NKV, GROUP, WINDOW, SPLIT_S,
+                                                                              BLOCK_R, N_TREE, N_POW2, TREE)
     if (split >= first) & (split <= last):
         q_rows = _attend_split(q_ptr, kc_ptr, vc_ptr, out_ptr, part_o_ptr, part_ml_ptr, tile, split, b, kvh, local, t, r_ok, head,
                                pos, lo_r, lo, hi, first, last, T, N_SPLITS, scale, stride_cb, stride_ch, stride_cs, tree_ptr,
-                               tree_base_ptr, NH, D, SPLIT_S, BLOCK_S, BLOCK_R, IEEE, N_TREE, TREE)
+                               tree_base_ptr, NH, D, SPLIT_S, BLOCK_S, BLOCK_R, IEEE, N_TREE, N_POW2, TREE)
         if first != last:  # the last split to finish combines the partials
             tl.debug_barrier()  # every thread's partial is written before the count goes up
             done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
@@ -194,7 +218,8 @@ def decode_attention(
     group = nh // nkv
     R = T * group  # rows per (batch row, kv head)
     block_r = 16  # the same for every T: a row's arithmetic never depends on its neighbours
-    r_blocks = triton.cdiv(R, block_r)
+    tree = tree_mask is not None and tree_base is not None
+    r_blocks = T if tree else triton.cdiv(R, block_r)  # a tree: one token's rows a tile (its own keys' order, _tile_rows)
     split_s = int(TUNE["attn_split_s"])
     n_splits = triton.cdiv(min(span or S, S), split_s)
     tiles = B * nkv * r_blocks
@@ -203,15 +228,16 @@ def decode_attention(
     out = torch.empty(M, nh * D, dtype=q.dtype, device=q.device)
     part_o = torch.empty(tiles * n_splits * block_r, D, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(tiles * n_splits * block_r, 2, dtype=torch.float32, device=q.device)
-    tree = tree_mask is not None and tree_base is not None
     if tree_mask is not None:
         assert tree_base is not None and tree_mask.dtype == torch.int8 and tree_mask.is_contiguous() and tree_mask.shape[0] == T
+        assert group <= block_r
+    n_tree = tree_mask.shape[1] if tree_mask is not None else 1
     pdl = _pdl(q)
     flag, only = _only_if_args(only_if, q)
     _attention_kernel[(tiles, n_splits)](
         q, k_cache, v_cache, input_pos, out, part_o, part_ml, counters, T, stride_pb, R, r_blocks, n_splits, scale,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tree_mask if tree else q, tree_base if tree else input_pos, flag,
-        ONLY_IF=only, N_TREE=tree_mask.shape[1] if tree_mask is not None else 1, TREE=tree, NH=nh, NKV=nkv, GROUP=group, D=D, WINDOW=window or 0, SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s),
+        ONLY_IF=only, N_TREE=n_tree, N_POW2=triton.next_power_of_2(n_tree), TREE=tree, NH=nh, NKV=nkv, GROUP=group, D=D, WINDOW=window or 0, SPLIT_S=split_s, BLOCK_S=min(int(TUNE["attn_block_s"]), split_s),
         BLOCK_R=block_r, NS_POW2=triton.next_power_of_2(n_splits), CHUNK=int(TUNE["attn_combine_chunk"]), IEEE=_ieee(q), GDC=pdl,
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )

@@ -282,11 +282,11 @@ def _chain_kernel(
             for tile in range(pid, n_tiles, P):
                 _await(done_before, prev_tiles, stall_ptr, SPIN_LIMIT)
                 b, kvh, local, t, r_ok, head, pos, lo_r, lo, hi, first, last = _tile_rows(tile, pos_s, T, stride_pb, T * GROUP, r_blocks, N_SPLITS,
-                                                                                  NKV, GROUP, WINDOW, SPLIT_S, 16)
+                                                                                  pos_s, pos_s, NKV, GROUP, WINDOW, SPLIT_S, 16, 1, 1, False)
                 for split in range(first, last + 1):
                     _attend_split(q_d, kc_ptr, vc_ptr, y_d, part_o_ptr, part_ml_ptr, tile, split, b, kvh, local, t, r_ok, head, pos, lo_r,
                                   lo, hi, first, last, T, N_SPLITS, scale, stride_cb, stride_ch, stride_cs, pos_s, pos_s, NH, D, SPLIT_S, BLOCK_S,
-                                  16, IEEE, 1, False)
+                                  16, IEEE, 1, 1, False)
                 if first != last:
                     tl.debug_barrier()  # this program's partials are written before it reads them back
                     q_rows = (b * T + t) * NH + head
