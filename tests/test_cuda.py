@@ -347,6 +347,23 @@ def test_cuda_token_trees_run_captured_and_stay_lossless(layer_kernels: str, dty
         assert got.tokens == want and got.stats.tree_steps
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cuda_tree_nodes_get_a_chain_verifys_bits_for_their_path(dtype: str) -> None:
+    """On the fused Triton layers a tree node's logits are a chain verify's of its path, bit for bit,
+    in bf16 too (the tree's attention lays each path out where the chain's tokens sit)."""
+    from labkit.specdec.tree import TokenTree
+    from tests.test_trees import SHAPES, tree_and_path_logits
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=4).cuda(), "cuda", dtype)
+    assert engine.layer_kernels == "triton"
+    prompt = list(range(3, 90))
+    engine.prefill(torch.tensor([prompt[:-1]], device="cuda"))
+    for name in ("binary", "lopsided", "wide"):
+        tree = TokenTree.from_paths(SHAPES[name])
+        tree_logits, chains = tree_and_path_logits(engine, tree, [prompt[-1], *range(40, 40 + tree.size - 1)], engine.length)
+        assert all(torch.equal(tree_logits[t], chain) for t, chain in enumerate(chains)), name
+
+
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
 def test_cuda_lookup_steps_run_as_one_graph_and_stay_lossless(layer_kernels: str) -> None:
     """The n-gram graph drafter: lookup, verify and acceptance captured as one CUDA graph and

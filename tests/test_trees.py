@@ -163,6 +163,41 @@ def test_a_tree_step_that_accepts_a_later_branch_moves_its_keys(kernels: str) ->
     torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
 
 
+def tree_and_path_logits(engine, tree: TokenTree, tokens: list[int], start: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The target's logits after every node of `tree` in one tree pass at slots start.., and after
+    each node as the last row of a chain verify of its path (root first) at positions start.."""
+    from labkit.models.kvcache import TreeAttention
+
+    N, depths, dev = tree.size, tree.depths(), engine.device
+    mask = tree.ancestor_mask()
+    attn = TreeAttention(torch.tensor(depths, device=dev) + start, torch.tensor([start], device=dev), mask.to(torch.int8).to(dev))
+    slots = torch.arange(start, start + N, device=dev)
+    with torch.inference_mode(), engine.autocast():
+        tree_logits = engine.model(torch.tensor([tokens], device=dev), slots, engine.cache, start + N, None, False, None, tree=attn)[0].clone()
+        chains = []
+        for t in range(N):
+            engine.set_length(start)
+            path = [tokens[j] for j in range(N) if mask[t, j]]
+            chains.append(engine.forward(torch.tensor([path], device=dev))[0, -1].clone())
+    return tree_logits, chains
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's kernels run on the CPU under TRITON_INTERPRET=1")
+def test_a_tree_nodes_logits_are_a_chain_verifys_bits_for_its_path() -> None:
+    """Through the fused Triton layers a tree node's logits are the bits a chain verify of its path
+    gives (and a chain's are plain decoding's), so trees keep plain greedy's tokens in any dtype:
+    the tree's attention lays each node's path out where the chain's tokens sit."""
+    engine = _engine("triton")
+    prompt = list(range(3, 30))
+    engine.ensure_capacity(64)
+    engine.prefill(torch.tensor([prompt[:-1]]))
+    start = engine.length
+    tree = TokenTree.from_paths(SHAPES["lopsided"])
+    tree_logits, chains = tree_and_path_logits(engine, tree, [prompt[-1], *range(40, 40 + tree.size - 1)], start)
+    for t, chain in enumerate(chains):
+        assert torch.equal(tree_logits[t], chain), t
+
+
 def _walk_with_ranks(tree: TokenTree, outcome) -> list[int]:
     """The accepted path when the target's token is, at each node the path reaches, the child of
     rank outcome(node) (None: no child)."""
