@@ -199,7 +199,7 @@ def decode_attention(
     counters: torch.Tensor,  # (>= B*NKV*row blocks,) int32 zeros, owned by the caller (the cache), left zero
     span: int | None = None,  # positions a kept query may see: [0, span) (default: the whole cache)
     tree_base: torch.Tensor | None = None,  # (1,) int64: first cache slot of a token tree's N nodes
-    tree_mask: torch.Tensor | None = None,  # (T, N) int8: query t sees tree node j (its ancestors and itself)
+    tree_mask: torch.Tensor | None = None,  # (T, N) int8: query t sees tree node j (its ancestors and itself; a parent's slot before its children's)
     only_if: torch.Tensor | None = None,  # (1,) bool on the device: where false the launch does nothing past
     # its inputs' wait, its outputs unwritten (triton_common._called_off)
 ) -> torch.Tensor:  # (M, NH*D)
