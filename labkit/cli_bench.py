@@ -54,6 +54,7 @@ def add_bench_parser(sub: Any) -> None:
     bt.add_argument("--no-invariant", dest="invariant", action="store_false", help="skip plain decoding in invariant mode")
     bt.add_argument("--drafter", choices=["ngram", "none"], default="ngram", help="speculation in every row (prompt lookup), or none")
     bt.add_argument("--k", type=int, default=3, help="draft tokens per row and step")
+    bt.add_argument("--heads", default=None, help="a trained EAGLE head's folder: also eagle-device-K (EAGLE chains drafted inside each batched verify)")
     bt.add_argument("--max-tokens", type=int, default=64)
     bt.add_argument("--requests-per-slot", type=int, default=2)
     bt.add_argument("--min-requests", type=int, default=8, help="at least this many requests per run (8: one per category of the suite)")
@@ -116,7 +117,7 @@ def cmd_bench_batch(args: argparse.Namespace) -> int:
     from labkit.bench.batch import BatchBenchConfig, batch_report, run_batch_bench
 
     cfg = BatchBenchConfig(model=args.model, engine=engine_config(args), sizes=_ints("--sizes", args.sizes) if args.sizes else None,
-                           invariant=args.invariant, drafter=args.drafter, k=args.k, max_new_tokens=args.max_tokens, requests_per_slot=args.requests_per_slot, min_requests=args.min_requests, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
+                           invariant=args.invariant, drafter=args.drafter, heads=args.heads, k=args.k, max_new_tokens=args.max_tokens, requests_per_slot=args.requests_per_slot, min_requests=args.min_requests, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                            max_seq_len=args.slot_len, output_dir=None if args.no_write else args.output_dir)
     cfg.validate()
     payload = run_batch_bench(cfg)  # claims its results files before it measures anything

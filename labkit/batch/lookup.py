@@ -30,7 +30,7 @@ took host steps since (`load`), and reads the chunk's log at its end (`read`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -53,11 +53,26 @@ def device_lookups(batch: BatchEngine, ks: list[int]) -> list[BatchLookup]:
     return lookups
 
 
+class RowsHook(Protocol):
+    """A drafter whose drafts for the next step come out of each batched verify (EAGLE: batch/eagle.py)."""
+
+    cols: torch.Tensor  # (B, K) each slot's drafts for its next step
+
+    def load(self, slots: list[int], contexts: list[list[int]]) -> None:
+        """Slots whose device state is not their request's context: make it so, their next drafts into cols."""
+
+    def after_verify(self, r: int, verdict: torch.Tensor, feed: torch.Tensor, input_pos: torch.Tensor) -> None:
+        """Inside the step of rows [0, r): verdict (r, 2), feed and input_pos (r, K+1) -> the next drafts into cols[:r]."""
+
+
 class BatchLookup:
-    def __init__(self, batch: BatchEngine, k: int) -> None:
+    def __init__(self, batch: BatchEngine, k: int, hook: RowsHook | None = None) -> None:
+        """hook: the drafts come from it (each step's, made inside the step before) instead of prompt lookup."""
         if batch.cfg.invariant or not 1 <= k < GRAPH_HEADROOM:
             raise LabkitError(f"device lookup steps need a batch outside invariant mode and 1 <= K < {GRAPH_HEADROOM} (got K {k})")
-        self.batch, self.k = batch, k
+        if hook is not None and hook.cols.shape[1] != k:
+            raise LabkitError(f"a drafting hook of {hook.cols.shape[1]} columns cannot draft K {k}")
+        self.batch, self.k, self.hook = batch, k, hook
         dev, slots = batch.engine.device, batch.cache.batch_size
         self.room = batch.cfg.max_seq_len - CHUNK * (k + 1) - 1  # a row whose context is longer has no room for a chunk
         self.history = torch.zeros(slots, batch.cfg.max_seq_len + CHUNK * (k + 1) + 2, dtype=torch.long, device=dev)  # (B, Lh)
@@ -114,6 +129,8 @@ class BatchLookup:
         if stale:
             self.n_ctx[stale] = to_device([len(requests[i].context) for i in stale], dev)
             self.eos_until[stale] = to_device([len(requests[i].prompt_ids) + requests[i].config.min_new_tokens for i in stale], dev)
+            if self.hook is not None:
+                self.hook.load(stale, [requests[i].context for i in stale])
         if rows > len(requests):
             self.n_ctx[len(requests) : rows] = 1
             self.synced[len(requests) : rows] = [None] * (rows - len(requests))
@@ -125,8 +142,12 @@ class BatchLookup:
 
     def _step(self, r: int) -> None:
         """One speculative greedy step of rows [0, r) (the module docstring), logged at step_idx."""
-        greedy_step(self.batch.step_rows, self.history[:r], self.n_ctx[:r], self.eos_mask, self.eos_until[:r], self.k,
-                    self.drafts_log[:, :r], self.accepted_log[:, :r], self.step_idx)
+        hook = self.hook
+        verdict, feed, input_pos = greedy_step(self.batch.step_rows, self.history[:r], self.n_ctx[:r], self.eos_mask, self.eos_until[:r],
+                                               self.k, self.drafts_log[:, :r], self.accepted_log[:, :r], self.step_idx,
+                                               None if hook is None else hook.cols[:r])
+        if hook is not None:
+            hook.after_verify(r, verdict, feed, input_pos)
 
     def capture_all(self) -> None:
         """Capture every rows bucket's step now (where steps are captured), so that no chunk a

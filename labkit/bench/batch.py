@@ -14,6 +14,8 @@ Systems, each at every batch size B (the systems take turns at each size):
 - ngram-device-K, ngram-device-auto-K (K chosen like ngram-auto-K's): the drafting steps as chunks of
   prompt lookup drafted, verified and accepted on the device, the host reading once per chunk
   (batch/lookup.py; the lookup's rule is the kernels', n-grams of 3 down to 1 tokens, always K).
+- eagle-device-K (with --heads, a trained EAGLE head): the same chunks, each row's drafts the EAGLE
+  chain drafted inside the step before's batched verify (batch/eagle.py).
 
 Each run sends max(`requests_per_slot` x B, `min_requests`) prompts from the suite through B slots,
 its categories taken in turn, so that every run sees every category it has room for (the suite lists
@@ -49,6 +51,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from labkit.batch.controller import BatchKController
+from labkit.batch.eagle import device_eagles
 from labkit.batch.engine import BatchConfig, BatchEngine
 from labkit.batch.graphs import bucket
 from labkit.batch.lookup import BatchLookup, device_lookups
@@ -66,6 +69,8 @@ from labkit.prompting import encode_prompt
 from labkit.prompts import Prompt, load_suite
 from labkit.prompts.long import documents, long_prompt
 from labkit.specdec.drafters import NgramDrafter
+from labkit.specdec.eagle import load_eagle
+from labkit.specdec.heads import fingerprint
 
 GPU_SIZES = [1, 2, 4, 8, 16, 32, 64]
 CPU_SIZES = [1, 2, 4, 8]
@@ -78,6 +83,7 @@ class BatchBenchConfig:
     sizes: list[int] | None = None  # batch sizes; None: GPU_SIZES on a GPU, CPU_SIZES elsewhere
     invariant: bool = True  # also plain decoding in invariant mode
     drafter: str = "ngram"  # "ngram" (prompt lookup in every row) or "none"
+    heads: str | None = None  # a trained EAGLE head's folder: also eagle-device-K (batch/eagle.py)
     k: int = 3  # draft tokens per row and step
     max_new_tokens: int = 64
     requests_per_slot: int = 2  # requests per run = this x B ...
@@ -107,6 +113,7 @@ class System:
     k: int  # 0: plain
     auto: bool = False  # K chosen per step from 0..k by measured throughput (batch/controller.py)
     device: bool = False  # drafting steps as chunks of prompt lookup on the device (batch/lookup.py)
+    eagle: bool = False  # ... of EAGLE chains drafted inside each verify (batch/eagle.py)
 
 
 def categories_in_turn(prompts: list[Prompt]) -> list[Prompt]:
@@ -125,6 +132,8 @@ def _systems(cfg: BatchBenchConfig) -> list[System]:
     if cfg.drafter == "ngram":
         out += [System(f"ngram-{cfg.k}", False, cfg.k), System(f"ngram-auto-{cfg.k}", False, cfg.k, auto=True),
                 System(f"ngram-device-{cfg.k}", False, cfg.k, device=True), System(f"ngram-device-auto-{cfg.k}", False, cfg.k, auto=True, device=True)]
+    if cfg.heads:
+        out.append(System(f"eagle-device-{cfg.k}", False, cfg.k, device=True, eagle=True))
     return out
 
 
@@ -184,6 +193,14 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     log = start_log(cfg.output_dir, f"batch-{device.type}")  # before anything is measured
     loaded = loaded or load_model(cfg.model)
     engine = from_config(loaded, cfg.engine)
+    head = load_eagle(cfg.heads, fingerprint(engine.model.lm_head.weight)) if cfg.heads else None
+
+    def device_steps(s: System, batch: BatchEngine) -> list[BatchLookup]:
+        if s.eagle:
+            assert head is not None
+            return device_eagles(batch, head, drafting_ks[s])
+        return device_lookups(batch, drafting_ks[s])
+
     if cfg.prompt_tokens:
         suite = [long_prompt(loaded.tokenizer, cfg.prompt_tokens, start=i) for i in range(len(documents()))]
     else:
@@ -202,11 +219,11 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
         batch.capture_graphs(list(range(1, s.k + 2)))
     controllers = {s: BatchKController(s.k) for s in _systems(cfg) if s.auto}  # one per system, across sizes
     drafting_ks = {s: controllers[s].candidates if s.auto else [s.k] for s in _systems(cfg) if s.device}  # a device system's K with steps of their own
-    lookups = {key: device_lookups(batch, drafting_ks[key[0]]) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps
+    lookups = {key: device_steps(key[0], batch) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps
     own = {}
     for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens
         one = batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant))
-        requests, _, _ = _run(one, s, prompts, gen, controllers.get(s), lookups.get((s, 1)) or (device_lookups(one, drafting_ks[s]) if s.device else None))
+        requests, _, _ = _run(one, s, prompts, gen, controllers.get(s), lookups.get((s, 1)) or (device_steps(s, one) if s.device else None))
         own[s] = [r.tokens for r in requests]
         bar.update(len(prompts))
     rows, costs = [], {}

@@ -156,21 +156,22 @@ class EagleDrafter(Drafter):
                 self._hist = torch.zeros(B, S, self.head.dims.dim, dtype=self.dtype, device=self.target.device)
         return cache
 
-    def elements(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, tree: TreeAttention | None = None) -> torch.Tensor:
-        """feats (B, T, D), tokens (B, T), pos (B, T) or (T,) -> predicted features (B, T, D), the
-        draft cache written at pos (a draft tree's elements: at their slots, tree attention)."""
-        cache = self._draft_cache
+    def elements(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, tree: TreeAttention | None = None,
+                 cache: KVCache | None = None) -> torch.Tensor:
+        """feats (B, T, D), tokens (B, T), pos (B, T) or (T,) -> predicted features (B, T, D), the draft cache (or `cache`:
+        another draft cache's rows, batch/eagle.py) written at pos (a draft tree's elements: at their slots, tree attention)."""
+        cache = cache or self._draft_cache
         assert cache is not None
         T = tokens.shape[1]
         if tree is None and T > self.pass_t:  # a long prompt's catch-up: passes the attention's counters cover
-            return torch.cat([self.elements(feats[:, i : i + self.pass_t], tokens[:, i : i + self.pass_t], pos[..., i : i + self.pass_t])
+            return torch.cat([self.elements(feats[:, i : i + self.pass_t], tokens[:, i : i + self.pass_t], pos[..., i : i + self.pass_t], cache=cache)
                               for i in range(0, T, self.pass_t)], dim=1)
-        return self._pass(feats, tokens, pos.clamp(max=cache.max_len - 1), tree)
+        return self._pass(feats, tokens, pos.clamp(max=cache.max_len - 1), tree, cache=cache)
 
     def _pass(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, tree: TreeAttention | None = None,
-              ops: Any = None) -> torch.Tensor:
+              ops: Any = None, cache: KVCache | None = None) -> torch.Tensor:
         """One draft-layer pass of elements at pos (within the draft cache) -> (B, T, D) predicted features."""
-        cache, ops = self._draft_cache, ops or self.ops
+        cache, ops = cache or self._draft_cache, ops or self.ops
         assert cache is not None
         fused = self.embed_weight is not None and hasattr(ops, "embed_fc")  # the embedding gathered inside the fc's kernel
         emb = None if fused else self.embed(tokens).to(self.dtype)  # (B, T, D)
@@ -189,22 +190,22 @@ class EagleDrafter(Drafter):
         return self.ids[logits.argmax(-1, keepdim=True) if width == 1 else logits.topk(width, dim=-1).indices]
 
     def chain(self, feat: torch.Tensor, anchor: torch.Tensor, width: int = 1, depth: int | None = None,
-              only_if: torch.Tensor | None = None) -> torch.Tensor:
+              only_if: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """feat (B, D) the anchor's predicted feature, anchor (B,) its position -> (B, depth, width)
         the best `width` drafts at each depth of the chain (default: the head's depth), which follows the best.
         only_if (1,) bool: where false the fused ops' launches may be called off (the drafts are then
         anything, the draft cache past the anchor unwritten; eagle_ops.OnlyIf)."""
-        depth, cache = depth or self.depth, self._draft_cache
+        depth, cache = depth or self.depth, cache or self._draft_cache  # (cache: another draft cache's rows, batch/eagle.py)
         ops = self.ops if only_if is None or self.ops is None else OnlyIf(self.ops, only_if)
         assert cache is not None
         # (depth - 1, B): depth d's element sits at anchor + d - 1 (a row each, so each depth's is contiguous)
         pos = (anchor[None, :] + self._counting[1:depth, None]).clamp_(max=cache.max_len - 1)
-        if self._fused.serves(self.ops, width):  # one launch (eagle_chain.py), the same drafts
+        if cache is self._draft_cache and self._fused.serves(self.ops, width):  # one launch (eagle_chain.py), the same drafts
             return self._fused(feat, pos, cache, only_if)[:, :, None]
         top = self._pick(feat, width, ops)  # (B, width)
         drafts = [top]
         for d in range(2, depth + 1):
-            feat = self._pass(feat[:, None], top[:, :1], pos[d - 2][:, None], ops=ops)[:, 0]
+            feat = self._pass(feat[:, None], top[:, :1], pos[d - 2][:, None], ops=ops, cache=cache)[:, 0]
             top = self._pick(feat, width, ops)
             drafts.append(top)
         return torch.stack(drafts, dim=1)
@@ -252,15 +253,14 @@ class EagleDrafter(Drafter):
         depth = self.depth if hidden.is_cuda and torch.cuda.is_current_stream_capturing() else self.chain_depth  # a captured step replays at any K
         return self.chain(anchor_feat, input_pos[0] + accepted, self.width, depth).flatten(1)  # (B, depth * width)
 
-    def catch_up(self, hidden: torch.Tensor, verdict: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """Inside the verify step: the draft cache's elements for every verified row (row j's token
-        is the draft after it, or the target's next token at the accepted row) -> (B, D) the
-        accepted row's predicted feature, the chain's anchor."""
-        B = hidden.shape[0]
+    def catch_up(self, hidden: torch.Tensor, verdict: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor,
+                 cache: KVCache | None = None) -> torch.Tensor:
+        """Inside the verify step: the draft cache's (or `cache`'s) elements for every verified row (row j's token
+        is the draft after it, or the target's next token at the accepted row) -> (B, D) the accepted row's predicted feature."""
         accepted, nxt = verdict[:, 0:1], verdict[:, 1:2]  # (B, 1) each
         after = torch.cat((tokens[:, 1:], nxt), dim=1).scatter_(1, accepted, nxt)  # (B, T): the token after each row
-        feats = self.elements(hidden, after, input_pos)  # (B, T, D)
-        return feats.gather(1, accepted[:, :, None].expand(B, 1, feats.shape[2]))[:, 0]
+        feats = self.elements(hidden, after, input_pos, cache=cache)  # (B, T, D)
+        return feats.gather(1, accepted[:, :, None].expand(hidden.shape[0], 1, feats.shape[2]))[:, 0]
 
     def catch_up_chain(self, hidden: torch.Tensor, verdict: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor, depth: int,
                        only_if: torch.Tensor | None = None) -> torch.Tensor:  # -> (B, depth)

@@ -1,0 +1,130 @@
+"""EAGLE chains for batched rows (labkit/batch/eagle.py): drafted inside each batched verify, every
+row's drafts are a single-request EAGLE drafter's, and every request's output its plain greedy one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labkit.batch.eagle import BatchEagle, device_eagles
+from labkit.batch.engine import BatchConfig, BatchEngine
+from labkit.batch.lookup import BatchLookup
+from labkit.batch.scheduler import ContinuousBatcher
+from labkit.config import GenerationConfig
+from labkit.errors import LabkitError
+from labkit.generate import Speculation, generate
+from labkit.specdec.drafters import NgramDrafter
+from labkit.specdec.eagle_drafter import EagleDrafter
+from tests.test_batch import prompts
+from tests.test_eagle import _engine, random_head
+
+K = 3
+
+
+def host_eagle(engine, head, prompt: list[int], cfg: GenerationConfig):  # type: ignore[no-untyped-def]
+    """One request alone, its EAGLE chain proposed from the host every step: the drafts to match."""
+    return generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, head, device_steps=False), K))
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(slots: int) -> None:
+    engine, head = _engine(), random_head()
+    asks = [p * 2 for p in prompts(5, 96, seed=11)]  # repeats: some drafts stand
+    lengths = [24 + 5 * i for i in range(len(asks))]  # ragged: rows leave and others join mid-run
+    cfgs = [GenerationConfig(max_new_tokens=n, stop_at_eos=False) for n in lengths]
+    want = [generate(engine, p, c).tokens for p, c in zip(asks, cfgs, strict=True)]
+    alone = [host_eagle(engine, head, p, c) for p, c in zip(asks, cfgs, strict=True)]
+    batch = BatchEngine(engine, BatchConfig(slots=slots, max_seq_len=128))
+    steps = BatchLookup(batch, K, hook=BatchEagle(batch, head, K))
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, lookup=steps)
+    got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    compared = 0
+    for request, one in zip(got, alone, strict=True):
+        # the host drafts fewer near the token budget, device steps keep K (one captured width): compare before
+        n = next((i for i, d in enumerate(one.stats.draft_tokens) if len(d) < K), len(one.stats.draft_tokens))
+        assert request.draft_tokens[:n] == one.stats.draft_tokens[:n]
+        assert request.accepted_lengths[:n] == one.stats.accepted_lengths[:n]
+        compared += n
+    assert compared >= 30 and sum(r.accepted for r in got) > 0  # many steps, some drafts kept
+    assert sum(r.accepted for r in got) < sum(r.drafted for r in got)  # and some rejected: ragged rows were met
+
+
+def test_a_row_moved_by_a_release_keeps_its_drafts() -> None:
+    """Slot 0's request leaves first; the last row moves into its slot and is loaded there afresh:
+    its drafts stay a lone request's."""
+    engine, head = _engine(), random_head()
+    asks = [p * 2 for p in prompts(3, 96, seed=5)]
+    cfgs = [GenerationConfig(max_new_tokens=n, stop_at_eos=False) for n in (10, 40, 40)]
+    alone = [host_eagle(engine, head, p, c) for p, c in zip(asks, cfgs, strict=True)]
+    batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
+    (steps,) = device_eagles(batch, head, [0, K])
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, lookup=steps)
+    got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
+    batcher.run()
+    last, one = got[2], alone[2]
+    n = next((i for i, d in enumerate(one.stats.draft_tokens) if len(d) < K), len(one.stats.draft_tokens))
+    assert last.draft_tokens[:n] == one.stats.draft_tokens[:n] and n > len(got[0].draft_tokens)  # it drafted on after the move
+
+
+def test_batched_eagle_settings_are_checked() -> None:
+    engine = _engine()
+    batch = BatchEngine(engine, BatchConfig(slots=2, max_seq_len=64))
+    with pytest.raises(LabkitError, match="drafts 1 to 4"):
+        BatchEagle(batch, random_head(depth=4), 5)
+    with pytest.raises(LabkitError, match="cannot draft K"):
+        BatchLookup(batch, 2, hook=BatchEagle(batch, random_head(depth=4), 3))
+    assert torch.equal(BatchEagle(batch, random_head(), 2).cols, torch.zeros(2, 2, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_batched_eagle_steps_replay_captured_with_a_lone_requests_drafts(dtype: str) -> None:
+    """On the GPU: every rows bucket's step captured with its catch-up and chain (the draft layer on
+    the fused Triton kernels, rows at their own positions), replayed per chunk; each request its
+    plain greedy tokens and, step for step, a lone request's EAGLE drafts (bf16 included: the fused
+    kernels keep a row's arithmetic its own)."""
+    from labkit.engine import Engine
+    from labkit.models.tiny import tiny_hf_model
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=4).cuda(), "cuda", dtype, max_seq_len=256, cuda_graph=True)
+    head = random_head()
+    asks = [p * 2 for p in prompts(6, 96, seed=11)]
+    cfgs = [GenerationConfig(max_new_tokens=24 + 5 * i, stop_at_eos=False) for i in range(len(asks))]
+    want = [generate(engine, p, c).tokens for p, c in zip(asks, cfgs, strict=True)]
+    alone = [host_eagle(engine, head, p, c) for p, c in zip(asks, cfgs, strict=True)]
+    batch = BatchEngine(engine, BatchConfig(slots=4, max_seq_len=160, cuda_graph=True))
+    (steps,) = device_eagles(batch, head, [K])
+    assert set(steps.graphs) == {1, 2, 4}
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, lookup=steps)
+    got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    for request, one in zip(got, alone, strict=True):
+        n = next((i for i, d in enumerate(one.stats.draft_tokens) if len(d) < K), len(one.stats.draft_tokens))
+        assert request.draft_tokens[:n] == one.stats.draft_tokens[:n] and n >= 5
+
+
+def test_bench_batch_runs_eagle_device_steps_from_a_head_folder(tiny_folder, tmp_path) -> None:
+    """`labkit bench batch --heads FOLDER`: an eagle-device-K system beside the others, its rows
+    identical to batch-1 plain greedy; a folder without a head is one clear error."""
+    import dataclasses
+
+    from labkit.bench.batch import BatchBenchConfig, run_batch_bench
+    from labkit.config import EngineConfig
+    from labkit.engine_build import from_config
+    from labkit.models.loading import load_model
+    from labkit.specdec.eagle import save_eagle
+    from labkit.specdec.heads import fingerprint
+
+    loaded = load_model(str(tiny_folder))
+    cpu = EngineConfig(device="cpu", dtype="float32")
+    save_eagle(random_head(), tmp_path / "eagle", fingerprint(from_config(loaded, cpu).model.lm_head.weight), {})
+    cfg = BatchBenchConfig(model=str(tiny_folder), engine=cpu, sizes=[1, 2], invariant=False, k=2, max_new_tokens=6, requests_per_slot=1,
+                           min_requests=3, max_seq_len=128, repeats=1, heads=str(tmp_path / "eagle"), output_dir=None, progress=False)
+    rows = [r for r in run_batch_bench(cfg, loaded)["rows"] if r["system"] == "eagle-device-2"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["identical_to_batch_1"] == 1.0 == r["identical_to_own_batch_1"] and r["tau"] >= 1.0 for r in rows)
+    with pytest.raises(LabkitError, match="holds no EAGLE head"):
+        run_batch_bench(dataclasses.replace(cfg, heads=str(tmp_path / "none")), loaded)
