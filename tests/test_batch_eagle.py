@@ -104,6 +104,9 @@ def test_cuda_batched_eagle_steps_replay_captured_with_a_lone_requests_drafts(dt
     for request, one in zip(got, alone, strict=True):
         n = next((i for i, d in enumerate(one.stats.draft_tokens) if len(d) < K), len(one.stats.draft_tokens))
         assert request.draft_tokens[:n] == one.stats.draft_tokens[:n] and n >= 5
+    wide = BatchEagle(BatchEngine(engine, BatchConfig(slots=40, max_seq_len=160, cuda_graph=True)), head, K)  # past 16 rows: scratch for each
+    feat = torch.randn(40, head.dims.dim, device="cuda", dtype=wide.drafter.dtype)
+    assert wide.drafter.chain(feat, torch.full((40,), 30, device="cuda"), 1, K, cache=wide.cache).shape == (40, K, 1)
 
 
 def test_bench_batch_runs_eagle_device_steps_from_a_head_folder(tiny_folder, tmp_path) -> None:

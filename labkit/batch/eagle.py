@@ -47,7 +47,7 @@ class BatchEagle:
 
     def __init__(self, batch: BatchEngine, head: EagleHead, k: int) -> None:
         engine = batch.engine
-        self.drafter = EagleDrafter(engine, head, device_steps=False)  # the draft layer: its ops, dtype and catch-up (not its own cache)
+        self.drafter = EagleDrafter(engine, head, device_steps=False, batch_rows=batch.cache.batch_size)  # the draft layer (not its own cache)
         if not 1 <= k <= self.drafter.depth:
             raise LabkitError(f"this EAGLE head drafts 1 to {self.drafter.depth} tokens a step, not K {k}")
         dims, rows = head.dims, batch.cache.batch_size

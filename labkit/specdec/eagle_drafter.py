@@ -60,10 +60,10 @@ class EagleDrafter(Drafter):
 
     def __init__(self, target: Engine, head: EagleHead, dtype: torch.dtype | None = None, width: int = 1,
                  tree: DynamicTreeConfig | None = None, device_steps: bool | None = None, lookup_over: int = 0,
-                 window: int = WINDOW) -> None:
+                 window: int = WINDOW, batch_rows: int = 1) -> None:
         """device_steps: chains run CHUNK greedy steps per host read (run_steps); None: where the
         target has CUDA graphs. lookup_over > 0: chains give way to prompt lookup's copy where the
-        context ends in an n-gram of at least that many tokens seen before (eagle-ngram)."""
+        context ends in an n-gram of at least that many tokens seen before (eagle-ngram). batch_rows: chains drafted at once (batch/eagle.py)."""
         if head.dims.dim != target.args.dim:
             raise LabkitError(f"this EAGLE head has width {head.dims.dim}, the target {target.args.dim}: train it for this target")
         target.keep_hidden_states(every_position=True)
@@ -94,7 +94,7 @@ class EagleDrafter(Drafter):
         self.ops, self.draft_head = self._draft_layer(target)
         # a draft pass's ends in the fused operations (draft_triton.py) where the embedding is a table
         self.embed_weight = self.embed.weight if isinstance(self.embed, torch.nn.Embedding) else None  # (V, D) a table, or a CPU's blocks
-        rows = max(16, target.batch_size)
+        rows = max(16, target.batch_size, batch_rows)
         self._counting = torch.arange(max(GRAPH_MAX_T, rows) + 1, device=target.device)  # 0, 1, ...: sliced, not launched in every step
         self._pick_scratch = (torch.zeros(rows, dtype=torch.long, device=target.device), torch.zeros(rows // 16 + 1, dtype=torch.int32, device=target.device))  # draft_argmax's
         self.fused_chain, self._fused = FUSED_CHAIN, FusedChain(self)  # chains in one launch where the ops are Triton's (eagle_chain.py)
@@ -160,7 +160,7 @@ class EagleDrafter(Drafter):
                  cache: KVCache | None = None) -> torch.Tensor:
         """feats (B, T, D), tokens (B, T), pos (B, T) or (T,) -> predicted features (B, T, D), the draft cache (or `cache`:
         another draft cache's rows, batch/eagle.py) written at pos (a draft tree's elements: at their slots, tree attention)."""
-        cache = cache or self._draft_cache
+        cache = self._draft_cache if cache is None else cache
         assert cache is not None
         T = tokens.shape[1]
         if tree is None and T > self.pass_t:  # a long prompt's catch-up: passes the attention's counters cover
@@ -171,7 +171,7 @@ class EagleDrafter(Drafter):
     def _pass(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, tree: TreeAttention | None = None,
               ops: Any = None, cache: KVCache | None = None) -> torch.Tensor:
         """One draft-layer pass of elements at pos (within the draft cache) -> (B, T, D) predicted features."""
-        cache, ops = cache or self._draft_cache, ops or self.ops
+        cache, ops = self._draft_cache if cache is None else cache, ops or self.ops
         assert cache is not None
         fused = self.embed_weight is not None and hasattr(ops, "embed_fc")  # the embedding gathered inside the fc's kernel
         emb = None if fused else self.embed(tokens).to(self.dtype)  # (B, T, D)
@@ -195,7 +195,7 @@ class EagleDrafter(Drafter):
         the best `width` drafts at each depth of the chain (default: the head's depth), which follows the best.
         only_if (1,) bool: where false the fused ops' launches may be called off (the drafts are then
         anything, the draft cache past the anchor unwritten; eagle_ops.OnlyIf)."""
-        depth, cache = depth or self.depth, cache or self._draft_cache  # (cache: another draft cache's rows, batch/eagle.py)
+        depth, cache = depth or self.depth, self._draft_cache if cache is None else cache  # (cache: another draft cache's rows, batch/eagle.py)
         ops = self.ops if only_if is None or self.ops is None else OnlyIf(self.ops, only_if)
         assert cache is not None
         # (depth - 1, B): depth d's element sits at anchor + d - 1 (a row each, so each depth's is contiguous)
