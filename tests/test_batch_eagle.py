@@ -66,6 +66,8 @@ def test_a_row_moved_by_a_release_keeps_its_drafts() -> None:
     last, one = got[2], alone[2]
     n = next((i for i, d in enumerate(one.stats.draft_tokens) if len(d) < K), len(one.stats.draft_tokens))
     assert last.draft_tokens[:n] == one.stats.draft_tokens[:n] and n > len(got[0].draft_tokens)  # it drafted on after the move
+    hook = steps.hook
+    assert isinstance(hook, BatchEagle) and hook.moved >= 1 and hook.loaded == len(asks)  # moved with its row, loaded once (admission)
 
 
 def test_batched_eagle_settings_are_checked() -> None:

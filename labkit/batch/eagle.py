@@ -13,12 +13,15 @@ so row i drafts what a single-request EAGLE drafter drafts for its request, step
 (tests/test_batch_eagle.py holds them to it). The verify keeps the target's own argmax, so every
 row's output is its plain greedy output whatever the head drafts.
 
-The draft cache has a row per slot, (1, B, nkv, S, hd). A row whose device state is not its
-request's (a new request, a request a release moved into another slot, host or plain steps
-taken since) is loaded from its context: the target's hidden states over it from one batch-1 pass
-of the engine (the scratch admissions use), the row's draft cache caught up over the positions the
-draft layer's window reaches, and its first chain. That pass costs what the request's prefill did,
-once per load; keeping the hidden states of admissions and plain steps would save it.
+The draft cache has a row per slot, (1, B, nkv, S, hd). A request a release moved into another
+slot takes its row along (`move`: the draft cache row and its next drafts copied). A row whose
+device state is not its request's otherwise (a new request, host or plain steps taken since) is
+loaded from its context: the target's hidden states over it from one batch-1 pass of the engine
+(the scratch admissions use), the row's draft cache caught up over the positions the draft
+layer's window reaches, and its first chain. For a new request that pass is its prompt's prefill
+again (the same bits as a lone request's first proposal); keeping the hidden states of admissions
+and plain steps would save it. (Loading moved rows so in bf16 changed drafts: a prefill's hidden
+states over generated tokens are not the verifies' bits, H200 at 86c75b7.)
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class BatchEagle:
         self.cols = torch.zeros(rows, k, dtype=torch.long, device=engine.device)  # (B, K) each slot's next drafts
         self.views: dict[int, KVCache] = {}  # r -> the draft cache's rows [0, r) (one view per bucket: a captured step reads it)
         self.batch, self.k = batch, k
+        self.loaded = self.moved = 0  # rows loaded from their context (a batch-1 pass each), rows moved along with a release
 
     def _rows(self, start: int, stop: int) -> KVCache:
         if start:
@@ -73,6 +77,7 @@ class BatchEagle:
             if L < 2:
                 raise LabkitError("a row drafts after its prompt's first token")
             first, view = drafter.first_needed(L), self._rows(slot, slot + 1)
+            self.loaded += 1
             with engine.request_lock:  # the engine's batch-1 cache is scratch, as for admissions
                 engine.ensure_capacity(L)
                 engine.prefill(torch.tensor([context[:-1]], device=engine.device))
@@ -81,6 +86,15 @@ class BatchEagle:
                                              torch.arange(first, L - 1, device=engine.device), cache=view)  # (1, n, D)
                     anchor = torch.tensor([L - 2], device=engine.device)
                     self.cols[slot] = drafter.chain(feats[:, -1], anchor, 1, self.k, cache=view)[0, :, 0]
+
+    @torch.inference_mode()
+    def move(self, sources: list[int], slots: list[int]) -> None:
+        """Rows a release moved: their draft cache rows and next drafts copied along (gathered first, so a slot may be both)."""
+        src, dst = torch.tensor(sources, device=self.cols.device), torch.tensor(slots, device=self.cols.device)
+        self.cache.k[:, dst] = self.cache.k[:, src]  # (1, n, nkv, S, hd)
+        self.cache.v[:, dst] = self.cache.v[:, src]
+        self.cols[dst] = self.cols[src]
+        self.moved += len(slots)
 
     @torch.inference_mode()
     def after_verify(self, r: int, verdict: torch.Tensor, feed: torch.Tensor, input_pos: torch.Tensor) -> None:

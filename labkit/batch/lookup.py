@@ -61,6 +61,9 @@ class RowsHook(Protocol):
     def load(self, slots: list[int], contexts: list[list[int]]) -> None:
         """Slots whose device state is not their request's context: make it so, their next drafts into cols."""
 
+    def move(self, sources: list[int], slots: list[int]) -> None:
+        """Each source slot's state (its request's, as it is now) into the slot its request moved to."""
+
     def after_verify(self, r: int, verdict: torch.Tensor, feed: torch.Tensor, input_pos: torch.Tensor) -> None:
         """Inside the step of rows [0, r): verdict (r, 2), feed and input_pos (r, K+1) -> the next drafts into cols[:r]."""
 
@@ -129,8 +132,14 @@ class BatchLookup:
         if stale:
             self.n_ctx[stale] = to_device([len(requests[i].context) for i in stale], dev)
             self.eos_until[stale] = to_device([len(requests[i].prompt_ids) + requests[i].config.min_new_tokens for i in stale], dev)
-            if self.hook is not None:
-                self.hook.load(stale, [requests[i].context for i in stale])
+            if self.hook is not None:  # a row a release moved (its request's state still in its old row) is moved; the rest loaded
+                holders = {(id(held[0]), held[1]): j for j, held in enumerate(self.synced) if held is not None}
+                moved = {i: holders[key] for i in stale if (key := (id(requests[i]), len(requests[i].context))) in holders}
+                if moved:
+                    self.hook.move(list(moved.values()), list(moved))
+                fresh = [i for i in stale if i not in moved]
+                if fresh:
+                    self.hook.load(fresh, [requests[i].context for i in fresh])
         if rows > len(requests):
             self.n_ctx[len(requests) : rows] = 1
             self.synced[len(requests) : rows] = [None] * (rows - len(requests))
