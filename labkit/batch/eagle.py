@@ -20,8 +20,9 @@ loaded from its context: the target's hidden states over it from one batch-1 pas
 (the scratch admissions use), the row's draft cache caught up over the positions the draft
 layer's window reaches, and its first chain. For a new request that pass is its prompt's prefill
 again (the same bits as a lone request's first proposal); keeping the hidden states of admissions
-and plain steps would save it. (Loading moved rows so in bf16 changed drafts: a prefill's hidden
-states over generated tokens are not the verifies' bits, H200 at 86c75b7.)
+and plain steps would save it. (Moved rows loaded so drafted otherwise in bf16 on the H200 at
+86c75b7, 34 steps into a request, tokens identical: likely a prefill's hidden states over generated
+tokens are not the verifies' bits.)
 """
 
 from __future__ import annotations
