@@ -26,10 +26,10 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--controller", default="auto", help="auto (cost-aware on a CPU, fixed K elsewhere), fixed, heuristic, aimd, cost")
     s.add_argument("--policy", default="default", help="default, greedy, rejection, typical, topk")
     s.add_argument("--draft-model", default=None, help="for --drafter model")
-    s.add_argument("--heads", default=None, metavar="FOLDER", help="for --drafter heads")
+    s.add_argument("--heads", default=None, metavar="FOLDER", help="for --drafter heads or eagle (EAGLE heads; with --batch, EAGLE chains in every row)")
     s.add_argument("--layers", type=int, default=None, help="layer-skip / truncated depth")
     s.add_argument("--batch", type=int, default=0, metavar="N",
-                   help="continuous batching over N slots, greedy (with --drafter ngram: drafts in every row); 0: one request at a time")
+                   help="continuous batching over N slots, greedy (with --drafter ngram, ngram-graph or eagle: drafts in every row); 0: one request at a time")
     s.add_argument("--batch-slot-len", type=int, default=2048, help="positions per batch slot (prompt + max_tokens + K)")
 
 

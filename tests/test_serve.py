@@ -153,15 +153,24 @@ def test_sixteen_concurrent_clients_each_get_their_own_answer(server: str, local
     assert _concurrent_answers(server, prompts, 12) == want  # none lost, none mixed, every one the in-process answer
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "ngram-graph"])
-def test_the_batching_server_gives_every_client_its_batch_1_answer(tiny_folder: Path, local, drafter: str) -> None:
-    """`labkit serve --batch 3 --drafter ngram` (drafts on the host) or `ngram-graph` (chunks of
-    device lookup steps): continuous batching with drafts in every row; ten clients at once each
-    get in-process plain greedy's answer; sampling is refused in one line."""
+@pytest.mark.parametrize("drafter", ["ngram", "ngram-graph", "eagle"])
+def test_the_batching_server_gives_every_client_its_batch_1_answer(tiny_folder: Path, local, drafter: str, tmp_path: Path) -> None:
+    """`labkit serve --batch 3 --drafter ngram` (drafts on the host), `ngram-graph` (chunks of
+    device lookup steps) or `eagle --heads FOLDER` (chunks whose rows draft EAGLE chains inside each
+    verify): continuous batching with drafts in every row; ten clients at once each get in-process
+    plain greedy's answer; sampling is refused in one line."""
+    heads = []
+    if drafter == "eagle":
+        from labkit.specdec.eagle import save_eagle
+        from labkit.specdec.heads import fingerprint
+        from tests.test_eagle import random_head
+
+        save_eagle(random_head(), tmp_path / "eagle", fingerprint(local[1].model.lm_head.weight), {})
+        heads = ["--heads", str(tmp_path / "eagle")]
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "labkit", "serve", "--model", str(tiny_folder), "--device", "cpu", "--dtype", "float32",
                              "--weights", "dense", "--port", str(port), "--threads", "1", "--batch", "3", "--drafter", drafter, "--k", "3", "--controller", "cost",
-                             "--batch-slot-len", "256"], cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                             "--batch-slot-len", "256", *heads], cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -174,6 +183,8 @@ def test_the_batching_server_gives_every_client_its_batch_1_answer(tiny_folder: 
         # every request finished; the random model seldom repeats, so rows seldom draft here:
         # tests/test_batch.py holds drafting rows to plain greedy
         assert _finished(metrics) == 10 and "labkit_requests_total{status=\"max_new_tokens\"} 10.0" in metrics
+        if drafter != "ngram":  # device chunks draft K tokens every step (EAGLE's chains, or lookup's K)
+            assert float(next(line for line in metrics.splitlines() if line.startswith("labkit_spec_decode_num_draft_tokens_total")).split()[-1]) > 0
     finally:
         proc.terminate()
         proc.wait(timeout=30)

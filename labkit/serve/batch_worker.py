@@ -7,7 +7,8 @@ each running request the tokens its step accepted. Requests decode greedily; the
 --drafter ngram and --k, when given, draft for every row (with --controller cost, K per step
 from 0..K by measured throughput: batch/controller.py); --drafter ngram-graph drafts, verifies and
 accepts on the device in chunks of steps (batch/lookup.py; K per chunk from 0, K/2 and K), so a
-client's stream gets its tokens a chunk at a time. A request that asks for sampling or
+client's stream gets its tokens a chunk at a time; --drafter eagle (with --heads) runs the same
+chunks at K, each row's EAGLE chain drafted inside the step before's verify (batch/eagle.py). A request that asks for sampling or
 for its own speculation settings is refused (400) before it queues.
 """
 
@@ -18,6 +19,7 @@ import threading
 import time
 
 from labkit.batch.controller import BatchKController
+from labkit.batch.eagle import device_eagles
 from labkit.batch.engine import BatchConfig, BatchEngine
 from labkit.batch.lookup import device_lookups
 from labkit.batch.scheduler import BatchRequest, ContinuousBatcher
@@ -29,19 +31,25 @@ from labkit.serve.metrics import ServeMetrics
 from labkit.serve.protocol import APIError, ServeRequest
 from labkit.serve.worker import Job, SpecDefaults, queue_full
 from labkit.specdec.drafters import NgramDrafter
+from labkit.specdec.eagle import EagleHead
 
 
 class BatchWorker:
-    def __init__(self, engine: Engine, spec: SpecDefaults, max_queue: int, metrics: ServeMetrics, slots: int, slot_len: int) -> None:
-        if spec.drafter not in (None, "none", "ngram", "ngram-graph") or spec.controller not in ("fixed", "cost", "auto") or spec.policy != "default":
-            raise LabkitError("the batching server drafts greedily by prompt lookup (--drafter ngram, ngram-graph or none), at a fixed K or "
-                              "--controller cost or auto (K per step from 0..K by measured throughput)")
-        k = spec.k if spec.drafter in ("ngram", "ngram-graph") else 0
-        device = spec.drafter == "ngram-graph"
+    def __init__(self, engine: Engine, spec: SpecDefaults, max_queue: int, metrics: ServeMetrics, slots: int, slot_len: int,
+                 head: EagleHead | None = None) -> None:
+        """head: the EAGLE head --drafter eagle drafts with."""
+        if spec.drafter not in (None, "none", "ngram", "ngram-graph", "eagle") or spec.controller not in ("fixed", "cost", "auto") \
+                or spec.policy != "default" or (spec.drafter == "eagle" and head is None):
+            raise LabkitError("the batching server drafts greedily by prompt lookup (--drafter ngram, ngram-graph or none) or EAGLE chains "
+                              "(--drafter eagle --heads FOLDER), at a fixed K or --controller cost or auto (K per step from 0..K by measured throughput)")
+        k = spec.k if spec.drafter in ("ngram", "ngram-graph", "eagle") else 0
+        device = spec.drafter in ("ngram-graph", "eagle")
         graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"
         batch = BatchEngine(engine, BatchConfig(slots, slot_len, cuda_graph=graphs))
-        controller = BatchKController(k) if k and spec.controller != "fixed" else None  # by throughput, K 0 included
-        lookups = device_lookups(batch, controller.candidates if controller else [k]) if device else []  # each drafting K's device steps
+        # by throughput, K 0 included; EAGLE at its K (the controller's drafts judged in plain steps are lookup's, and rows back from plain reload)
+        controller = BatchKController(k) if k and spec.controller != "fixed" and spec.drafter != "eagle" else None
+        ks = controller.candidates if controller else [k]
+        lookups = (device_eagles(batch, head, ks) if head is not None else device_lookups(batch, ks)) if device else []  # each drafting K's device steps
         self.batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if k else None, k, controller, lookup=lookups)
         self.drafter = (spec.drafter or "") if k else ""
         self.batcher.batch.capture_graphs(list(range(1, k + 2)))
