@@ -83,10 +83,9 @@ class BatchEagle:
                 engine.ensure_capacity(L)
                 engine.prefill(torch.tensor([context[:-1]], device=engine.device))
                 with engine.autocast():
-                    feats = drafter.elements(engine.hidden_span(first, L - 1), torch.tensor([context[first + 1 :]], device=engine.device),
-                                             torch.arange(first, L - 1, device=engine.device), cache=view)  # (1, n, D)
+                    anchor_feat = drafter.elements_at(context, engine.hidden_span(first, L - 1), first, cache=view)  # (1, D)
                     anchor = torch.tensor([L - 2], device=engine.device)
-                    self.cols[slot] = drafter.chain(feats[:, -1], anchor, 1, self.k, cache=view)[0, :, 0]
+                    self.cols[slot] = drafter.chain(anchor_feat, anchor, 1, self.k, cache=view)[0, :, 0]
 
     @torch.inference_mode()
     def move(self, sources: list[int], slots: list[int]) -> None:

@@ -195,12 +195,6 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     engine = from_config(loaded, cfg.engine)
     head = load_eagle(cfg.heads, fingerprint(engine.model.lm_head.weight)) if cfg.heads else None
 
-    def device_steps(s: System, batch: BatchEngine) -> list[BatchLookup]:
-        if s.eagle:
-            assert head is not None
-            return device_eagles(batch, head, drafting_ks[s])
-        return device_lookups(batch, drafting_ks[s])
-
     if cfg.prompt_tokens:
         suite = [long_prompt(loaded.tokenizer, cfg.prompt_tokens, start=i) for i in range(len(documents()))]
     else:
@@ -219,6 +213,13 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
         batch.capture_graphs(list(range(1, s.k + 2)))
     controllers = {s: BatchKController(s.k) for s in _systems(cfg) if s.auto}  # one per system, across sizes
     drafting_ks = {s: controllers[s].candidates if s.auto else [s.k] for s in _systems(cfg) if s.device}  # a device system's K with steps of their own
+
+    def device_steps(s: System, batch: BatchEngine) -> list[BatchLookup]:  # a device system's steps: prompt lookup's or EAGLE's
+        if s.eagle:
+            assert head is not None
+            return device_eagles(batch, head, drafting_ks[s])
+        return device_lookups(batch, drafting_ks[s])
+
     lookups = {key: device_steps(key[0], batch) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps
     own = {}
     for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens

@@ -12,11 +12,11 @@ after each tile's stores): inside one launch, the dependency programmatic depend
 kernels one by one; programs without a tile in a phase go straight on. A step whose chain is
 called off (`only_if`) runs the catch-up only.
 
-Measured on the H200, a first version (a grid-wide barrier between phases, weights read after it)
-was the slower way (specdec/eagle_chain.py, off by default): a K=8 verify's catch-up and 5-deep
-chain ran 240 us fused against 145 us as launches one by one
-(results/gpu/eagle-chain-cost-NVIDIA-H200-7274f8c.txt). These per-phase counts, each phase's
-weights loaded before its wait, have not run on a GPU yet.
+Measured on the H200 it is the slower way (specdec/eagle_chain.py, off by default): a K=8 verify's
+catch-up and 5-deep chain ran 240 us fused with a grid-wide barrier between phases
+(results/gpu/eagle-chain-cost-NVIDIA-H200-7274f8c.txt), and 233 us with these per-phase counts,
+each phase's weights loaded before its wait, against 149 us as launches one by one
+(results/gpu/eagle-chain-cost-NVIDIA-H200-c5f2665.txt): ~6.5 us a phase against ~4 a launch.
 
 Each operation runs the same tile code as its own kernel (the helpers of layer_triton,
 norm_triton, draft_triton and attention_triton, with the same tiles), so the drafts are bit for

@@ -3,12 +3,12 @@
 bit for bit as the launches one by one (the same tile code), without a launch and a wait per
 operation.
 
-Off by default: measured on the H200 (results/gpu/eagle-chain-cost-NVIDIA-H200-7274f8c.txt), a
-K=8 verify's catch-up and 5-deep chain captured ran 240-296 us fused (grids of 32-132 programs)
-against 145 us as launches one by one, with a grid-wide barrier between phases and each phase's
-weights read after it (~7 us a phase). The kernel now waits per phase on the phase before's
-count of finished tiles, its weights loaded first (kernels/chain_triton.py): not yet measured.
-On with `LABKIT_FUSED_CHAIN=1`, or per drafter `drafter.fused_chain = True`.
+Off by default: measured on the H200, a K=8 verify's catch-up and 5-deep chain captured ran
+240-296 us fused with a grid-wide barrier between phases (results/gpu/eagle-chain-cost-NVIDIA-H200-7274f8c.txt)
+and 233-310 us waiting per phase on the phase before's count, weights loaded first, against 149 us
+as launches one by one (results/gpu/eagle-chain-cost-NVIDIA-H200-c5f2665.txt; whole eagle steps
+~80 us slower, eagle-mix's on copying prompts faster). On with `LABKIT_FUSED_CHAIN=1`, or per
+drafter `drafter.fused_chain = True`.
 """
 
 from __future__ import annotations

@@ -367,28 +367,28 @@ class EagleDrafter(Drafter):
             self._copied_from = -1
             assert self._hist is not None
             if end > start:  # (a span wholly before the window: never read)
-                anchor_feat = self._elements_at(context, self._hist[:, start:end], start)
+                anchor_feat = self.elements_at(context, self._hist[:, start:end], start)
                 if end == L - 1:
                     return anchor_feat
             # steps after them that kept no hidden states here (a plain step): from the last pass, below
         # Elements the last pass made true. One not in it (a step that proposed nothing, then
         # another) keeps a stale element: worse drafts there, never a wrong output.
         start = min(max(self.done, self.target.kept_hidden.start, first), L - 2)
-        return self._elements_at(context, self.target.hidden_span(start, L - 1), start)
+        return self.elements_at(context, self.target.hidden_span(start, L - 1), start)
 
     def first_needed(self, L: int) -> int:
         """The first position a chain from a context of L tokens reads (L - 2, `window` back): catch-ups start there at the earliest."""
         return max(0, L - 1 - self.window)
 
-    def _elements_at(self, context: list[int], feats: torch.Tensor, start: int) -> torch.Tensor:
-        """feats (B, n, D) the target's hidden states at positions start.. -> the draft cache's elements there written
-        (tokens from the context), done moved past them -> (B, D) the last's predicted feature."""
+    def elements_at(self, context: list[int], feats: torch.Tensor, start: int, cache: KVCache | None = None) -> torch.Tensor:
+        """feats (B, n, D) the target's hidden states at positions start.. -> the draft cache's (or `cache`'s) elements there
+        written (tokens from the context), done moved past them -> (B, D) the last's predicted feature."""
         B, n, _ = feats.shape
         device = self.target.device
         tokens = torch.tensor([context[start + 1 : start + 1 + n]], device=device).expand(B, -1)  # (B, n)
         pos = torch.arange(start, start + n, device=device)  # (n,)
         self.done = start + n
-        return self.elements(feats, tokens, pos)[:, -1]
+        return self.elements(feats, tokens, pos, cache=cache)[:, -1]
 
     def _draft(self, flat: list[int], k: int) -> Draft:
         """(depth * width,) candidates, best first at each depth -> the first k depths' chain or tree; dynamic trees (2 * nodes,)
