@@ -131,6 +131,9 @@ case "$step" in
   batchahead)  # batched plain steps launched ahead against read first, interleaved (scripts/batch_ahead.py)
     python3 scripts/batch_ahead.py ${SIZES:-1,4,16,64} ${NEW_TOKENS:-128} ${ROUNDS:-3} 2>&1 | grep -v Warning | tee "$out/batch_ahead.txt"
     ;;
+  batcheagle)  # batched EAGLE and eagle-mix steps against prompt lookup's, and a row's load (scripts/batch_eagle_costs.py; after eagle-carried)
+    (cd scripts && python3 batch_eagle_costs.py /tmp/eagle ${SIZES:-1,2,4,8} ${K:-5}) 2>&1 | grep -v Warning | tee "$out/batch_eagle_costs.txt"
+    ;;
   costs)  # where a speculative step's time goes (HEADS: also the heads' draft, after and inside the verify)
     python3 scripts/step_costs.py ${HEADS:-} 2>&1 | grep -v Warning | tee "$out/step_costs.txt"
     ;;

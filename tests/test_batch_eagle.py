@@ -15,6 +15,7 @@ from labkit.errors import LabkitError
 from labkit.generate import Speculation, generate
 from labkit.specdec.drafters import NgramDrafter
 from labkit.specdec.eagle_drafter import EagleDrafter
+from labkit.specdec.lookup import latest_match
 from tests.test_batch import prompts
 from tests.test_eagle import _engine, random_head
 
@@ -51,6 +52,35 @@ def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(
     assert sum(r.accepted for r in got) < sum(r.drafted for r in got)  # and some rejected: ragged rows were met
 
 
+def test_batched_eagle_mix_rows_copy_or_chain_as_one_requests_eagle_ngram() -> None:
+    """copy_after 2 (eagle-mix): a row whose context ends in a bigram seen before drafts lookup's copy,
+    else its chain; every row's drafts are a lone request's eagle-ngram host loop's, step for step."""
+    engine, head = _engine(), random_head()
+    one = GenerationConfig(max_new_tokens=1, stop_at_eos=False)
+    pool = [p * 2 for p in prompts(8, 96, seed=7)]  # repeats: copies; the random head's chains elsewhere
+    # prompts whose context at admission (the prompt and its first token) ends in a bigram seen before: the load's draft a copy
+    opened = [[p[-1], *generate(engine, p, one).tokens] + p for p in pool]
+    copy_first = [p for p in opened if latest_match(p + generate(engine, p, one).tokens, 3, 2) is not None]
+    asks = copy_first[:2] + pool[:2]
+    assert len(asks) == 4 and all(latest_match(p + generate(engine, p, one).tokens, 3, 2) is None for p in pool[:2])
+    cfgs = [GenerationConfig(max_new_tokens=30 + 6 * i, stop_at_eos=False) for i in range(len(asks))]
+    alone = [generate(engine, p, c, Speculation(EagleDrafter(engine, head, device_steps=False, lookup_over=2), K)) for p, c in zip(asks, cfgs, strict=True)]
+    chains = [host_eagle(engine, head, p, c) for p, c in zip(asks, cfgs, strict=True)]
+    batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
+    (steps,) = device_eagles(batch, head, [K], copy_after=2)
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, lookup=steps)
+    got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
+    batcher.run()
+    assert [r.tokens for r in got] == [one.tokens for one in alone]
+    compared = copied = 0
+    for request, one, chain in zip(got, alone, chains, strict=True):
+        n = next((i for i, d in enumerate(one.stats.draft_tokens) if len(d) < K), len(one.stats.draft_tokens))
+        assert request.draft_tokens[:n] == one.stats.draft_tokens[:n]
+        compared += n
+        copied += one.stats.draft_tokens[:n] != chain.stats.draft_tokens[:n]
+    assert compared >= 30 and copied >= 2  # the copies changed what rows drafted
+
+
 def test_a_row_moved_by_a_release_keeps_its_drafts() -> None:
     """Slot 0's request leaves first; the last row moves into its slot and is loaded there afresh:
     its drafts stay a lone request's."""
@@ -75,18 +105,21 @@ def test_batched_eagle_settings_are_checked() -> None:
     batch = BatchEngine(engine, BatchConfig(slots=2, max_seq_len=64))
     with pytest.raises(LabkitError, match="drafts 1 to 4"):
         BatchEagle(batch, random_head(depth=4), 5)
+    with pytest.raises(LabkitError, match="copies after 9"):
+        BatchEagle(batch, random_head(depth=4), 3, copy_after=9)
+    assert BatchEagle(batch, random_head(depth=4), 6, copy_after=2).depth == 4  # copies fill K columns, chains 4 deep
     with pytest.raises(LabkitError, match="cannot draft K"):
         BatchLookup(batch, 2, hook=BatchEagle(batch, random_head(depth=4), 3))
     assert torch.equal(BatchEagle(batch, random_head(), 2).cols, torch.zeros(2, 2, dtype=torch.long))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_batched_eagle_steps_replay_captured_with_a_lone_requests_drafts(dtype: str) -> None:
+@pytest.mark.parametrize("dtype,copy_after", [("float32", 0), ("bfloat16", 0), ("bfloat16", 2)])
+def test_cuda_batched_eagle_steps_replay_captured_with_a_lone_requests_drafts(dtype: str, copy_after: int) -> None:
     """On the GPU: every rows bucket's step captured with its catch-up and chain (the draft layer on
     the fused Triton kernels, rows at their own positions), replayed per chunk; each request its
     plain greedy tokens and, step for step, a lone request's EAGLE drafts (bf16 included: the fused
-    kernels keep a row's arithmetic its own)."""
+    kernels keep a row's arithmetic its own); copy_after 2: eagle-mix's rows, a lone eagle-ngram's drafts."""
     from labkit.engine import Engine
     from labkit.models.tiny import tiny_hf_model
 
@@ -95,9 +128,10 @@ def test_cuda_batched_eagle_steps_replay_captured_with_a_lone_requests_drafts(dt
     asks = [p * 2 for p in prompts(6, 96, seed=11)]
     cfgs = [GenerationConfig(max_new_tokens=24 + 5 * i, stop_at_eos=False) for i in range(len(asks))]
     want = [generate(engine, p, c).tokens for p, c in zip(asks, cfgs, strict=True)]
-    alone = [host_eagle(engine, head, p, c) for p, c in zip(asks, cfgs, strict=True)]
+    alone = [generate(engine, p, c, Speculation(EagleDrafter(engine, head, device_steps=False, lookup_over=copy_after), K))
+             for p, c in zip(asks, cfgs, strict=True)]
     batch = BatchEngine(engine, BatchConfig(slots=4, max_seq_len=160, cuda_graph=True))
-    (steps,) = device_eagles(batch, head, [K])
+    (steps,) = device_eagles(batch, head, [K], copy_after)
     assert set(steps.graphs) == {1, 2, 4}
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, lookup=steps)
     got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]

@@ -10,7 +10,12 @@ verifies, for every row, the chain the step before drafted for it, and then draf
     chain     K drafts from each row's accepted position (EagleDrafter.chain, an anchor per row)
 
 so row i drafts what a single-request EAGLE drafter drafts for its request, step for step
-(tests/test_batch_eagle.py holds them to it). The verify keeps the target's own argmax, so every
+(tests/test_batch_eagle.py holds them to it). With `copy_after` n (eagle-mix, specdec/eagle_mix.py)
+a row whose context ends in an n-gram of at least n tokens seen before drafts prompt lookup's copy
+instead (the lookup_draft kernel over its context, after the step's commit): a lone request's
+eagle-ngram drafts (EagleDrafter(lookup_over=n)), step for step. Every row's chain is still
+drafted (one captured step serves every row), and K may exceed the head's depth: copies fill the
+columns, a chain repeats its last draft. The verify keeps the target's own argmax, so every
 row's output is its plain greedy output whatever the head drafts.
 
 The draft cache has a row per slot, (1, B, nkv, S, hd). A request a release moved into another
@@ -32,15 +37,18 @@ import torch
 from labkit.batch.engine import BatchEngine
 from labkit.batch.lookup import BatchLookup
 from labkit.errors import LabkitError
+from labkit.graphs import GRAPH_HEADROOM
+from labkit.kernels import registry
+from labkit.kernels.reference import LOOKUP_MAX_N
 from labkit.models.kvcache import KVCache
 from labkit.specdec.eagle import EagleHead
 from labkit.specdec.eagle_drafter import EagleDrafter
 
 
-def device_eagles(batch: BatchEngine, head: EagleHead, ks: list[int]) -> list[BatchLookup]:
-    """Device steps drafting EAGLE chains for each drafting K of `ks` (0 is plain), every rows
-    bucket's step captured now where steps are captured."""
-    eagles = [BatchLookup(batch, k, hook=BatchEagle(batch, head, k)) for k in ks if k]
+def device_eagles(batch: BatchEngine, head: EagleHead, ks: list[int], copy_after: int = 0) -> list[BatchLookup]:
+    """Device steps drafting EAGLE chains (copy_after n: or lookup's copies, eagle-mix) for each
+    drafting K of `ks` (0 is plain), every rows bucket's step captured now where steps are captured."""
+    eagles = [BatchLookup(batch, k, hook=BatchEagle(batch, head, k, copy_after)) for k in ks if k]
     for steps in eagles:
         steps.capture_all()
     return eagles
@@ -49,18 +57,38 @@ def device_eagles(batch: BatchEngine, head: EagleHead, ks: list[int]) -> list[Ba
 class BatchEagle:
     """BatchLookup's drafting hook (batch/lookup.RowsHook): K-deep EAGLE chains for every row."""
 
-    def __init__(self, batch: BatchEngine, head: EagleHead, k: int) -> None:
+    def __init__(self, batch: BatchEngine, head: EagleHead, k: int, copy_after: int = 0) -> None:
+        """copy_after n > 0: eagle-mix (module docstring), lookup's copy after an n-gram of n tokens seen before."""
         engine = batch.engine
         self.drafter = EagleDrafter(engine, head, device_steps=False, batch_rows=batch.cache.batch_size)  # the draft layer (not its own cache)
-        if not 1 <= k <= self.drafter.depth:
-            raise LabkitError(f"this EAGLE head drafts 1 to {self.drafter.depth} tokens a step, not K {k}")
+        if not 1 <= k <= (GRAPH_HEADROOM - 1 if copy_after else self.drafter.depth) or not 0 <= copy_after <= LOOKUP_MAX_N:
+            raise LabkitError(f"this EAGLE head drafts 1 to {self.drafter.depth} tokens a step (more only with copies, after an n-gram "
+                              f"of 1 to {LOOKUP_MAX_N} tokens), not K {k} (copies after {copy_after})")
         dims, rows = head.dims, batch.cache.batch_size
-        S = batch.cache.max_len + k + self.drafter.depth + 2  # a step's chain past a slot's last position (capture warm-ups too)
+        self.depth = min(k, self.drafter.depth)  # each chain's drafts
+        S = batch.cache.max_len + k + self.depth + 2  # a step's chain past a slot's last position (capture warm-ups too)
         self.cache = KVCache(1, rows, dims.n_kv_heads, S, dims.head_dim, dtype=self.drafter.dtype, device=engine.device)  # (1, B, nkv, S, hd)
         self.cols = torch.zeros(rows, k, dtype=torch.long, device=engine.device)  # (B, K) each slot's next drafts
+        self.match_n = torch.zeros(rows, dtype=torch.long, device=engine.device)  # (B,) the n-gram each row's lookup matched (eagle-mix)
+        self.history: torch.Tensor | None = None  # (B, Lh) and n_ctx (B,): the steps' contexts (BatchLookup's, `bind`)
+        self.n_ctx: torch.Tensor | None = None
         self.views: dict[int, KVCache] = {}  # r -> the draft cache's rows [0, r) (one view per bucket: a captured step reads it)
-        self.batch, self.k = batch, k
+        self.batch, self.k, self.copy_after = batch, k, copy_after
         self.loaded = self.moved = 0  # rows loaded from their context (a batch-1 pass each), rows moved along with a release
+
+    def bind(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
+        self.history, self.n_ctx = history, n_ctx
+
+    def _choose(self, chain: torch.Tensor, start: int, stop: int) -> None:
+        """cols[start:stop] = each row's chain (n, depth), its last draft repeated to K, or (eagle-mix)
+        lookup's copy where the row's context ends in an n-gram of copy_after tokens seen before."""
+        cols = torch.cat((chain, chain[:, -1:].expand(-1, self.k - self.depth)), 1) if self.k > self.depth else chain  # (n, K)
+        if self.copy_after:
+            assert self.history is not None and self.n_ctx is not None
+            match_n = self.match_n[start:stop]  # (n,)
+            copied = registry.get("lookup_draft", chain.device)(self.history[start:stop], self.n_ctx[start:stop], self.k, match_n)  # (n, K)
+            cols = torch.where((match_n >= self.copy_after)[:, None], copied, cols)
+        self.cols[start:stop] = cols
 
     def _rows(self, start: int, stop: int) -> KVCache:
         if start:
@@ -85,7 +113,7 @@ class BatchEagle:
                 with engine.autocast():
                     anchor_feat = drafter.elements_at(context, engine.hidden_span(first, L - 1), first, cache=view)  # (1, D)
                     anchor = torch.tensor([L - 2], device=engine.device)
-                    self.cols[slot] = drafter.chain(anchor_feat, anchor, 1, self.k, cache=view)[0, :, 0]
+                    self._choose(drafter.chain(anchor_feat, anchor, 1, self.depth, cache=view)[:, :, 0], slot, slot + 1)
 
     @torch.inference_mode()
     def move(self, sources: list[int], slots: list[int]) -> None:
@@ -101,4 +129,4 @@ class BatchEagle:
         """Inside the step: the verify's hidden states (r, K+1, D) into each row's draft cache, then each row's next chain."""
         view, drafter = self._rows(0, r), self.drafter
         anchor_feat = drafter.catch_up(self.batch.model.last_hidden, verdict, feed, input_pos, cache=view)  # (r, D)
-        self.cols[:r] = drafter.chain(anchor_feat, input_pos[:, 0] + verdict[:, 0], 1, self.k, cache=view)[:, :, 0]
+        self._choose(drafter.chain(anchor_feat, input_pos[:, 0] + verdict[:, 0], 1, self.depth, cache=view)[:, :, 0], 0, r)

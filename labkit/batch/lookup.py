@@ -58,6 +58,9 @@ class RowsHook(Protocol):
 
     cols: torch.Tensor  # (B, K) each slot's drafts for its next step
 
+    def bind(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
+        """The steps' contexts: history (B, Lh) holds each slot's tokens in [0, n_ctx) (B,), as each step's commit leaves them."""
+
     def load(self, slots: list[int], contexts: list[list[int]]) -> None:
         """Slots whose device state is not their request's context: make it so, their next drafts into cols."""
 
@@ -91,6 +94,8 @@ class BatchLookup:
         self.synced: list[tuple[Any, int] | None] = [None] * slots  # per slot: (request, context length) its device row holds
         self.graphs: dict[int, Any] = {}  # rows bucket -> captured step
         self.steps = CHUNK  # steps the last chunk ran
+        if hook is not None:
+            hook.bind(self.history, self.n_ctx)
 
     def fits(self, contexts: list[list[int]]) -> bool:
         """Whether every row has room for a chunk of steps in its slot."""

@@ -15,7 +15,8 @@ Systems, each at every batch size B (the systems take turns at each size):
   prompt lookup drafted, verified and accepted on the device, the host reading once per chunk
   (batch/lookup.py; the lookup's rule is the kernels', n-grams of 3 down to 1 tokens, always K).
 - eagle-device-K (with --heads, a trained EAGLE head): the same chunks, each row's drafts the EAGLE
-  chain drafted inside the step before's batched verify (batch/eagle.py).
+  chain drafted inside the step before's batched verify (batch/eagle.py); eagle-mix-device-K the
+  same with prompt lookup's copy where a row's context ends in a bigram seen before (eagle-mix's rule).
 
 Each run sends max(`requests_per_slot` x B, `min_requests`) prompts from the suite through B slots,
 its categories taken in turn, so that every run sees every category it has room for (the suite lists
@@ -70,6 +71,7 @@ from labkit.prompts import Prompt, load_suite
 from labkit.prompts.long import documents, long_prompt
 from labkit.specdec.drafters import NgramDrafter
 from labkit.specdec.eagle import load_eagle
+from labkit.specdec.eagle_mix import MIX_MIN_N
 from labkit.specdec.heads import fingerprint
 
 GPU_SIZES = [1, 2, 4, 8, 16, 32, 64]
@@ -114,6 +116,7 @@ class System:
     auto: bool = False  # K chosen per step from 0..k by measured throughput (batch/controller.py)
     device: bool = False  # drafting steps as chunks of prompt lookup on the device (batch/lookup.py)
     eagle: bool = False  # ... of EAGLE chains drafted inside each verify (batch/eagle.py)
+    copy_after: int = 0  # ... or prompt lookup's copy after an n-gram of this many tokens seen before (eagle-mix)
 
 
 def categories_in_turn(prompts: list[Prompt]) -> list[Prompt]:
@@ -133,7 +136,8 @@ def _systems(cfg: BatchBenchConfig) -> list[System]:
         out += [System(f"ngram-{cfg.k}", False, cfg.k), System(f"ngram-auto-{cfg.k}", False, cfg.k, auto=True),
                 System(f"ngram-device-{cfg.k}", False, cfg.k, device=True), System(f"ngram-device-auto-{cfg.k}", False, cfg.k, auto=True, device=True)]
     if cfg.heads:
-        out.append(System(f"eagle-device-{cfg.k}", False, cfg.k, device=True, eagle=True))
+        out += [System(f"eagle-device-{cfg.k}", False, cfg.k, device=True, eagle=True),
+                System(f"eagle-mix-device-{cfg.k}", False, cfg.k, device=True, eagle=True, copy_after=MIX_MIN_N)]
     return out
 
 
@@ -217,7 +221,7 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     def device_steps(s: System, batch: BatchEngine) -> list[BatchLookup]:  # a device system's steps: prompt lookup's or EAGLE's
         if s.eagle:
             assert head is not None
-            return device_eagles(batch, head, drafting_ks[s])
+            return device_eagles(batch, head, drafting_ks[s], s.copy_after)
         return device_lookups(batch, drafting_ks[s])
 
     lookups = {key: device_steps(key[0], batch) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps

@@ -74,7 +74,7 @@ class _Server:
         self.worker: Scheduler
         if cfg.batch:
             slot_len = min(cfg.batch_slot_len, engine.max_seq_len - GRAPH_HEADROOM)
-            head = getattr(drafter, "head", None) if cfg.spec.drafter == "eagle" else None  # the EAGLE head, for every row's chains
+            head = getattr(drafter, "head", None) if cfg.spec.drafter in ("eagle", "eagle-mix") else None  # the EAGLE head, for every row's chains
             self.worker = BatchWorker(engine, cfg.spec, cfg.max_queue, self.metrics, cfg.batch, slot_len, head)
         else:
             self.worker = FifoWorker(engine, cfg.spec, cfg.max_queue, self.metrics, drafter)

@@ -8,7 +8,8 @@ each running request the tokens its step accepted. Requests decode greedily; the
 from 0..K by measured throughput: batch/controller.py); --drafter ngram-graph drafts, verifies and
 accepts on the device in chunks of steps (batch/lookup.py; K per chunk from 0, K/2 and K), so a
 client's stream gets its tokens a chunk at a time; --drafter eagle (with --heads) runs the same
-chunks at K, each row's EAGLE chain drafted inside the step before's verify (batch/eagle.py). A request that asks for sampling or
+chunks at K, each row's EAGLE chain drafted inside the step before's verify (batch/eagle.py), and
+--drafter eagle-mix those chains or prompt lookup's copies (eagle-mix's rule). A request that asks for sampling or
 for its own speculation settings is refused (400) before it queues.
 """
 
@@ -32,24 +33,27 @@ from labkit.serve.protocol import APIError, ServeRequest
 from labkit.serve.worker import Job, SpecDefaults, queue_full
 from labkit.specdec.drafters import NgramDrafter
 from labkit.specdec.eagle import EagleHead
+from labkit.specdec.eagle_mix import MIX_MIN_N
 
 
 class BatchWorker:
     def __init__(self, engine: Engine, spec: SpecDefaults, max_queue: int, metrics: ServeMetrics, slots: int, slot_len: int,
                  head: EagleHead | None = None) -> None:
         """head: the EAGLE head --drafter eagle drafts with."""
-        if spec.drafter not in (None, "none", "ngram", "ngram-graph", "eagle") or spec.controller not in ("fixed", "cost", "auto") \
-                or spec.policy != "default" or (spec.drafter == "eagle" and head is None):
+        eagle = spec.drafter in ("eagle", "eagle-mix")
+        if spec.drafter not in (None, "none", "ngram", "ngram-graph", "eagle", "eagle-mix") or spec.controller not in ("fixed", "cost", "auto") \
+                or spec.policy != "default" or (eagle and head is None):
             raise LabkitError("the batching server drafts greedily by prompt lookup (--drafter ngram, ngram-graph or none) or EAGLE chains "
-                              "(--drafter eagle --heads FOLDER), at a fixed K or --controller cost or auto (K per step from 0..K by measured throughput)")
-        k = spec.k if spec.drafter in ("ngram", "ngram-graph", "eagle") else 0
-        device = spec.drafter in ("ngram-graph", "eagle")
+                              "(--drafter eagle or eagle-mix --heads FOLDER), at a fixed K or --controller cost or auto (K per step from 0..K by measured throughput)")
+        k = spec.k if spec.drafter in ("ngram", "ngram-graph", "eagle", "eagle-mix") else 0
+        device = spec.drafter == "ngram-graph" or eagle
         graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"
         batch = BatchEngine(engine, BatchConfig(slots, slot_len, cuda_graph=graphs))
         # by throughput, K 0 included; EAGLE at its K (the controller's drafts judged in plain steps are lookup's, and rows back from plain reload)
-        controller = BatchKController(k) if k and spec.controller != "fixed" and spec.drafter != "eagle" else None
+        controller = BatchKController(k) if k and spec.controller != "fixed" and not eagle else None
         ks = controller.candidates if controller else [k]
-        lookups = (device_eagles(batch, head, ks) if head is not None else device_lookups(batch, ks)) if device else []  # each drafting K's device steps
+        copy_after = MIX_MIN_N if spec.drafter == "eagle-mix" else 0
+        lookups = (device_eagles(batch, head, ks, copy_after) if head is not None else device_lookups(batch, ks)) if device else []  # each drafting K's device steps
         self.batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if k else None, k, controller, lookup=lookups)
         self.drafter = (spec.drafter or "") if k else ""
         self.batcher.batch.capture_graphs(list(range(1, k + 2)))

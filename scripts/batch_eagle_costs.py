@@ -1,0 +1,71 @@
+"""What a batched EAGLE step costs on this GPU against prompt lookup's (diagnostic; prints medians).
+
+    python3 scripts/batch_eagle_costs.py EAGLE_FOLDER [sizes] [K]
+
+For rows r of each size (the suite's prompts, mid-request: admitted and a chunk decoded through a
+ContinuousBatcher), each system's captured device step (batch/lookup.py) replayed back to back, no
+host read between: the GPU's own time per step of ngram-device-K, eagle-device-K (batch/eagle.py:
+a catch-up and a chain per row inside the step) and eagle-mix-device-K (the same and the lookup's
+choice); and one row's load (BatchEagle.load: a batch-1 prefill of its context, the catch-up over
+it and its first chain), which a new request pays before its first EAGLE step.
+"""
+
+import sys
+
+import torch
+
+from batch_setup import engine_and_suite
+from labkit.batch.eagle import BatchEagle
+from labkit.batch.engine import BatchConfig, BatchEngine
+from labkit.batch.graphs import bucket
+from labkit.batch.lookup import CHUNK, BatchLookup
+from labkit.batch.scheduler import ContinuousBatcher
+from labkit.config import GenerationConfig
+from labkit.metrics import timers
+from labkit.specdec.drafters import NgramDrafter
+from labkit.specdec.eagle import load_eagle
+from labkit.specdec.heads import fingerprint
+
+folder = sys.argv[1]
+sizes = [int(s) for s in (sys.argv[2] if len(sys.argv) > 2 else "1,2,4,8").split(",")]
+K = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+engine, suite, gpu = engine_and_suite(128)
+sync = torch.cuda.synchronize if gpu else (lambda: None)
+head = load_eagle(folder, fingerprint(engine.model.lm_head.weight))
+batch = BatchEngine(engine, BatchConfig(slots=max(sizes), max_seq_len=1024, cuda_graph=gpu))
+systems = {f"ngram-device-{K}": BatchLookup(batch, K), f"eagle-device-{K}": BatchLookup(batch, K, hook=BatchEagle(batch, head, K)),
+           f"eagle-mix-device-{K}": BatchLookup(batch, K, hook=BatchEagle(batch, head, K, copy_after=2))}
+for steps in systems.values():
+    steps.capture_all()
+gen = GenerationConfig(max_new_tokens=600, min_new_tokens=600)
+
+for r in sizes:
+    line = f"rows {r:2d}:"
+    for name, steps in systems.items():
+        batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, lookup=[steps])
+        asks = [batcher.submit(suite[i % len(suite)], gen) for i in range(r)]
+        for _ in range(3):
+            batcher.step()  # admission, loads, a chunk or so
+        sync()
+
+        def replays(steps: BatchLookup = steps, r: int = r) -> None:
+            steps.step_idx.zero_()
+            for _ in range(CHUNK):
+                if gpu:
+                    steps.graphs[bucket(r)].replay()
+                else:
+                    steps._step(r)
+            sync()
+
+        line += f"  {name} {timers.median_us(replays, 5, warm=1) / CHUNK:7.1f} us"
+        for a in asks:
+            batcher.cancel(a)
+        batcher.run()
+    print(line)
+
+hook = systems[f"eagle-device-{K}"].hook
+assert isinstance(hook, BatchEagle)
+for n in (64, 256):
+    context = (suite[0] * (n // len(suite[0]) + 1))[:n]
+    us = timers.median_us(lambda context=context: (hook.load([0], [context]), sync()), 10, warm=2)
+    print(f"load of a {n}-token context: {us:7.1f} us (prefill, catch-up, first chain)")
