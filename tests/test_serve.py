@@ -153,14 +153,14 @@ def test_sixteen_concurrent_clients_each_get_their_own_answer(server: str, local
     assert _concurrent_answers(server, prompts, 12) == want  # none lost, none mixed, every one the in-process answer
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "ngram-graph", "eagle"])
+@pytest.mark.parametrize("drafter", ["ngram", "ngram-graph", "eagle", "eagle-mix"])
 def test_the_batching_server_gives_every_client_its_batch_1_answer(tiny_folder: Path, local, drafter: str, tmp_path: Path) -> None:
     """`labkit serve --batch 3 --drafter ngram` (drafts on the host), `ngram-graph` (chunks of
-    device lookup steps) or `eagle --heads FOLDER` (chunks whose rows draft EAGLE chains inside each
-    verify): continuous batching with drafts in every row; ten clients at once each get in-process
+    device lookup steps), `eagle --heads FOLDER` (chunks whose rows draft EAGLE chains inside each
+    verify) or `eagle-mix` (those chains or lookup's copies): continuous batching with drafts in every row; ten clients at once each get in-process
     plain greedy's answer; sampling is refused in one line."""
     heads = []
-    if drafter == "eagle":
+    if drafter.startswith("eagle"):
         from labkit.specdec.eagle import save_eagle
         from labkit.specdec.heads import fingerprint
         from tests.test_eagle import random_head
