@@ -6,8 +6,8 @@ For rows r of each size (the suite's prompts, mid-request: admitted and a chunk 
 ContinuousBatcher), each system's captured device step (batch/lookup.py) replayed back to back, no
 host read between: the GPU's own time per step of ngram-device-K, eagle-device-K (batch/eagle.py:
 a catch-up and a chain per row inside the step) and eagle-mix-device-K (the same and the lookup's
-choice); and one row's load (BatchEagle.load: a batch-1 prefill of its context, the catch-up over
-it and its first chain), which a new request pays before its first EAGLE step.
+choice); and one row's load (BatchEagle.load: the catch-up over its context and the first chains),
+with a batch-1 prefill of its own and from its admission's hidden states (a new request's).
 """
 
 import sys
@@ -67,5 +67,19 @@ hook = systems[f"eagle-device-{K}"].hook
 assert isinstance(hook, BatchEagle)
 for n in (64, 256):
     context = (suite[0] * (n // len(suite[0]) + 1))[:n]
-    us = timers.median_us(lambda context=context: (hook.load([0], [context]), sync()), 10, warm=2)
-    print(f"load of a {n}-token context: {us:7.1f} us (prefill, catch-up, first chain)")
+    prompt = torch.tensor([context[:-1]], device=engine.device)
+    engine.ensure_capacity(n)
+    engine.prefill(prompt)
+    hidden = engine.hidden_span(0, n - 1)[0].clone()  # (n-1, D) as an admission hands it over
+
+    def kept_load(context: list[int] = context, hidden: torch.Tensor = hidden) -> None:
+        for listener in batch.prompt_listeners:  # as admit_many hands each prompt's hidden states over
+            listener(context[:-1], hidden)
+        hook.load([0], [context], 1)
+        sync()
+
+    passed = timers.median_us(lambda context=context: (hook.load([0], [context], 1), sync()), 10, warm=2)
+    kept = timers.median_us(kept_load, 10, warm=2)
+    prefill = timers.median_us(lambda prompt=prompt: (engine.prefill(prompt), sync()), 10, warm=2)
+    print(f"load of a {n}-token context: {passed:7.1f} us with a prefill of its own, {kept:7.1f} us from its admission's hidden states "
+          f"(a prefill alone {prefill:7.1f} us)")

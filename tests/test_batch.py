@@ -372,8 +372,8 @@ def test_requests_joining_together_are_prefilled_as_rows_with_batch_1_bits() -> 
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="Triton on the CPU needs TRITON_INTERPRET=1")
 def test_staged_prompts_of_several_chunks_match_batch_1_chunked_prefill() -> None:
     """Prompts of up to three 16-token chunks (as a GPU engine prefills them, one captured step per
-    chunk), staged as rows of different lengths: each row's last logits and its keys and values
-    are the batch-1 chunked prefill's, to the bit."""
+    chunk), staged as rows of different lengths: each row's last logits, its keys and values and
+    its final hidden states are the batch-1 chunked prefill's, to the bit."""
     from labkit.batch.prefill import StagedPrefill
     from labkit.graphs import GRAPH_MAX_T
 
@@ -381,14 +381,18 @@ def test_staged_prompts_of_several_chunks_match_batch_1_chunked_prefill() -> Non
     engine = Engine.from_hf(hf, "cpu", "float32", max_seq_len=96, layer_kernels="triton")
     g = torch.Generator().manual_seed(4)
     asks = [torch.randint(3, engine.args.vocab_size, (n,), generator=g).tolist() for n in (20, 40, 7)]
+    engine.keep_hidden_states(every_position=True)  # the final hidden states too (batched EAGLE's loads read them: batch/eagle.py)
     staged = StagedPrefill(engine, 3, graphs=False, longest=48)
     logits, rows = staged.run(asks)
     assert rows == [1, 0, 2]  # longest first
     for i, p in enumerate(asks):
         engine.ensure_capacity(len(p) + 1)
+        hidden = []
         for c0 in range(0, len(p), GRAPH_MAX_T):
             want = engine.forward(torch.tensor([p[c0 : c0 + GRAPH_MAX_T]]))[0, -1]
+            hidden.append(engine.model.last_hidden[0])
         assert torch.equal(logits[i], want), i
+        assert torch.equal(staged.hidden_of(rows[i], len(p)), torch.cat(hidden)), i
         assert torch.equal(staged.cache.k[:, rows[i], :, : len(p)], engine.cache.k[:, 0, :, : len(p)]), i
         assert torch.equal(staged.cache.v[:, rows[i], :, : len(p)], engine.cache.v[:, 0, :, : len(p)]), i
 

@@ -98,6 +98,7 @@ def test_a_row_moved_by_a_release_keeps_its_drafts() -> None:
     assert last.draft_tokens[:n] == one.stats.draft_tokens[:n] and n > len(got[0].draft_tokens)  # it drafted on after the move
     hook = steps.hook
     assert isinstance(hook, BatchEagle) and hook.moved >= 1 and hook.loaded == len(asks)  # moved with its row, loaded once (admission)
+    assert hook.prefilled == 0  # each load read its admission's hidden states
 
 
 def test_batched_eagle_settings_are_checked() -> None:
@@ -140,6 +141,8 @@ def test_cuda_batched_eagle_steps_replay_captured_with_a_lone_requests_drafts(dt
     for request, one in zip(got, alone, strict=True):
         n = next((i for i, d in enumerate(one.stats.draft_tokens) if len(d) < K), len(one.stats.draft_tokens))
         assert request.draft_tokens[:n] == one.stats.draft_tokens[:n] and n >= 5
+    hook = steps.hook
+    assert isinstance(hook, BatchEagle) and hook.loaded - hook.prefilled == len(asks)  # each new request its admission's hidden states (staged too)
     wide = BatchEagle(BatchEngine(engine, BatchConfig(slots=40, max_seq_len=160, cuda_graph=True)), head, K)  # past 16 rows: scratch for each
     feat = torch.randn(40, head.dims.dim, device="cuda", dtype=wide.drafter.dtype)
     assert wide.drafter.chain(feat, torch.full((40,), 30, device="cuda"), 1, K, cache=wide.cache).shape == (40, K, 1)

@@ -25,6 +25,7 @@ of one batched step per chunk (prefill.py), others through the engine's own batc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,18 @@ class BatchEngine:
         self.active = 0  # slots [0, active) hold requests
         self.graphs: dict[tuple[int, int], BatchGraph] = {}
         self.stages = ops is not None and ops.ROW_POSITIONS  # joining requests' short prompts prefilled together (prefill.py)
+        self.prompt_listeners: list[Callable[[list[int], torch.Tensor], None]] = []  # listen_prompts
+
+    def listen_prompts(self, listener: Callable[[list[int], torch.Tensor], None]) -> None:
+        """Hand every admitted prompt's final hidden states (T, D) to `listener(prompt_ids, hidden)`
+        as it is prefilled (valid during the call), where the model keeps them (keep_hidden_states):
+        a drafter that reads them (batch/eagle.py) then needs no second pass over the prompt."""
+        self.prompt_listeners.append(listener)
+
+    def _heard(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
+        if hidden is not None:
+            for listener in self.prompt_listeners:
+                listener(prompt_ids, hidden)
 
     @property
     def staging(self) -> StagedPrefill | None:
@@ -142,6 +155,8 @@ class BatchEngine:
                 staging.copy_into(self.cache, [first + i for i in group], rows, max(len(prompts[i]) for i in group))
                 for j, i in enumerate(group):
                     out[i] = logits[j]
+                    if self.prompt_listeners:
+                        self._heard(prompts[i], staging.hidden_of(rows[j], len(prompts[i])))
             for i, p in enumerate(prompts):
                 if out[i] is None:
                     out[i] = self._prefill_one(first + i, p)
@@ -157,6 +172,8 @@ class BatchEngine:
         logits = self.engine.prefill(torch.tensor([prompt_ids], device=self.engine.device))[0]  # (V,)
         self.cache.k[:, slot, :, :T] = self.engine.cache.k[:, 0, :, :T]
         self.cache.v[:, slot, :, :T] = self.engine.cache.v[:, 0, :, :T]
+        if self.prompt_listeners and self.model.keep_hidden and self.model.keep_every_hidden:
+            self._heard(prompt_ids, self.engine.hidden_span(0, T)[0])
         return logits.clone()  # a captured pass's output buffer is overwritten by its next replay
 
     def step(self, tokens: list[int]) -> torch.Tensor:

@@ -31,9 +31,11 @@ class BatchGraph:
         self.first_positions = torch.arange(T, device=device)  # (T,)
         view = cache.rows(0, rows)
         self.logits = torch.empty(0)
+        self.hidden: torch.Tensor | None = None  # (rows, T, D) the final hidden states, where the model keeps them
 
         def body() -> None:
             self.logits = engine.model(self.tokens, self.input_pos, view, last, None, False, None)  # (rows, T, V)
+            self.hidden = engine.model.last_hidden if engine.model.keep_hidden else None
 
         self.graph = capture(engine, body, lambda: None)
 

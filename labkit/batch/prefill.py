@@ -45,6 +45,7 @@ class StagedPrefill:
         chunks = -(-self.longest // GRAPH_MAX_T)
         self.cache = KVCache(L, rows, H, chunks * GRAPH_MAX_T + GRAPH_HEADROOM, D, dtype=engine.dtype, device=engine.device)  # (L, rows, H, S, D)
         self.graphs: dict[int, BatchGraph] = {}  # rows bucket -> the captured chunk step
+        self.hidden: torch.Tensor | None = None  # (rows, S, D) the last run's final hidden states by row and position (`hidden_of`)
 
     def takes(self, prompt_len: int) -> bool:
         """Whether a prompt of this length joins a batched prefill (with batch-1 prefill's bits)."""
@@ -63,13 +64,26 @@ class StagedPrefill:
             self.graphs[rows] = BatchGraph(self.engine, self.cache, rows, GRAPH_MAX_T)
         return self.graphs[rows]
 
-    def _chunk(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """tokens, input_pos (n, GRAPH_MAX_T) into staging rows [0, n) -> logits (n, GRAPH_MAX_T, V)."""
+    def _chunk(self, tokens: torch.Tensor, input_pos: torch.Tensor, c0: int) -> torch.Tensor:
+        """tokens, input_pos (n, GRAPH_MAX_T) from position c0 into staging rows [0, n) -> logits
+        (n, GRAPH_MAX_T, V); where the model keeps hidden states, theirs into `hidden` there."""
         n = tokens.shape[0]
         if self.use_graphs:
-            return self._graph(bucket(n)).run(tokens, input_pos)
-        with self.engine.autocast():  # the fused kernels read each row's positions; they take no mask
-            return self.engine.model(tokens, input_pos, self.cache.rows(0, n), self.cache.max_len, None, False, None)
+            graph = self._graph(bucket(n))
+            logits, hidden = graph.run(tokens, input_pos), graph.hidden
+        else:
+            with self.engine.autocast():  # the fused kernels read each row's positions; they take no mask
+                logits = self.engine.model(tokens, input_pos, self.cache.rows(0, n), self.cache.max_len, None, False, None)
+            hidden = self.engine.model.last_hidden if self.engine.model.keep_hidden else None
+        if hidden is not None:
+            if self.hidden is None:
+                self.hidden = hidden.new_zeros(self.cache.batch_size, self.cache.max_len, hidden.shape[-1])  # (rows, S, D)
+            self.hidden[:n, c0 : c0 + tokens.shape[1]] = hidden[:n]
+        return logits
+
+    def hidden_of(self, row: int, length: int) -> torch.Tensor | None:
+        """The last run's final hidden states of a staging row's prompt (length, D), where the model kept them."""
+        return None if self.hidden is None or not self.engine.model.keep_hidden else self.hidden[row, :length]
 
     @torch.inference_mode()
     def run(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
@@ -86,7 +100,7 @@ class StagedPrefill:
             feed = [p[c0 : c0 + GRAPH_MAX_T] for p in rows]
             tokens = to_device([f + [f[-1]] * (GRAPH_MAX_T - len(f)) for f in feed], dev)  # (n, GRAPH_MAX_T)
             pos = torch.arange(c0, c0 + GRAPH_MAX_T, device=dev).repeat(len(rows), 1)  # (n, GRAPH_MAX_T)
-            logits = self._chunk(tokens, pos)
+            logits = self._chunk(tokens, pos, c0)
             ends = [(r, len(p) - 1 - c0) for r, p in enumerate(rows) if len(p) <= c0 + GRAPH_MAX_T]  # prompts ending here
             if out is None:
                 out = logits.new_empty(len(prompts), logits.shape[-1])
