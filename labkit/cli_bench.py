@@ -54,7 +54,7 @@ def add_bench_parser(sub: Any) -> None:
     bt.add_argument("--no-invariant", dest="invariant", action="store_false", help="skip plain decoding in invariant mode")
     bt.add_argument("--drafter", choices=["ngram", "none"], default="ngram", help="speculation in every row (prompt lookup), or none")
     bt.add_argument("--k", type=int, default=3, help="draft tokens per row and step")
-    bt.add_argument("--heads", default=None, help="a trained EAGLE head's folder: also eagle-device-K (EAGLE chains drafted inside each batched verify)")
+    bt.add_argument("--heads", default=None, help="a trained EAGLE head's folder: also eagle-device-K (EAGLE chains drafted inside each batched verify) and eagle-mix-device-K (those or prompt lookup's copies)")
     bt.add_argument("--max-tokens", type=int, default=64)
     bt.add_argument("--requests-per-slot", type=int, default=2)
     bt.add_argument("--min-requests", type=int, default=8, help="at least this many requests per run (8: one per category of the suite)")

@@ -85,7 +85,7 @@ class BatchBenchConfig:
     sizes: list[int] | None = None  # batch sizes; None: GPU_SIZES on a GPU, CPU_SIZES elsewhere
     invariant: bool = True  # also plain decoding in invariant mode
     drafter: str = "ngram"  # "ngram" (prompt lookup in every row) or "none"
-    heads: str | None = None  # a trained EAGLE head's folder: also eagle-device-K (batch/eagle.py)
+    heads: str | None = None  # a trained EAGLE head's folder: also eagle-device-K and eagle-mix-device-K (batch/eagle.py)
     k: int = 3  # draft tokens per row and step
     max_new_tokens: int = 64
     requests_per_slot: int = 2  # requests per run = this x B ...
