@@ -75,10 +75,10 @@ for n in (64, 256):
     def kept_load(context: list[int] = context, hidden: torch.Tensor = hidden) -> None:
         for listener in batch.prompt_listeners:  # as admit_many hands each prompt's hidden states over
             listener(context[:-1], hidden)
-        hook.load([0], [context], 1)
+        hook.load([0], [context])
         sync()
 
-    passed = timers.median_us(lambda context=context: (hook.load([0], [context], 1), sync()), 10, warm=2)
+    passed = timers.median_us(lambda context=context: (hook.load([0], [context]), sync()), 10, warm=2)
     kept = timers.median_us(kept_load, 10, warm=2)
     prefill = timers.median_us(lambda prompt=prompt: (engine.prefill(prompt), sync()), 10, warm=2)
     print(f"load of a {n}-token context: {passed:7.1f} us with a prefill of its own, {kept:7.1f} us from its admission's hidden states "

@@ -34,14 +34,13 @@ identical: a prefill's hidden states over generated tokens are not the verifies'
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
 
 import torch
 
 from labkit.batch.engine import BatchEngine
 from labkit.batch.lookup import BatchLookup
 from labkit.errors import LabkitError
-from labkit.graphs import GRAPH_HEADROOM, capture
+from labkit.graphs import GRAPH_HEADROOM
 from labkit.kernels import registry
 from labkit.kernels.reference import LOOKUP_MAX_N
 from labkit.models.kvcache import KVCache
@@ -76,10 +75,6 @@ class BatchEagle:
         self.match_n = torch.zeros(rows, dtype=torch.long, device=engine.device)  # (B,) the n-gram each row's lookup matched (eagle-mix)
         self.history: torch.Tensor | None = None  # (B, Lh) and n_ctx (B,): the steps' contexts (BatchLookup's, `bind`)
         self.n_ctx: torch.Tensor | None = None
-        self.anchor_feat = torch.zeros(rows, dims.dim, dtype=self.drafter.dtype, device=engine.device)  # (B, D) each row's chain starts ...
-        self.anchor_pos = torch.zeros(rows, dtype=torch.long, device=engine.device)  # (B,) ... from this feature, at this position
-        self.past = S - self.depth - 1  # an anchor past every request's positions (captures write there)
-        self.chain_graphs: dict[int, Any] = {}  # rows bucket -> the captured chains of rows [0, r) (`capture`)
         self.views: dict[int, KVCache] = {}  # r -> the draft cache's rows [0, r) (one view per bucket: a captured step reads it)
         self.batch, self.k, self.copy_after = batch, k, copy_after
         self.loaded = self.moved = self.prefilled = 0  # rows loaded from their context, of them by a pass of their own; rows moved
@@ -115,22 +110,9 @@ class BatchEagle:
             self.views[stop] = self.cache.rows(0, stop)
         return self.views[stop]
 
-    def _chains(self, r: int) -> None:
-        """Rows [0, r): each row's chain from its anchor, into cols (a row's chain from the same anchor is the same chain)."""
-        self._choose(self.drafter.chain(self.anchor_feat[:r], self.anchor_pos[:r], 1, self.depth, cache=self._rows(0, r))[:, :, 0], 0, r)
-
-    def capture(self, r: int) -> None:
-        """Capture rows [0, r)'s chains (a load's first chain replays them), its warm-ups from anchors past every request."""
-        def prepare() -> None:
-            self.anchor_pos[:r] = self.past
-
-        self.chain_graphs[r] = capture(self.batch.engine, lambda: self._chains(r), prepare)
-
     @torch.inference_mode()
-    def load(self, slots: list[int], contexts: list[list[int]], rows: int) -> None:
-        """Each slot's draft cache row caught up over its context (but its last token), then the
-        first chains: those of rows [0, rows) in one pass (replayed where captured; the other rows'
-        chains come out as they were)."""
+    def load(self, slots: list[int], contexts: list[list[int]]) -> None:
+        """Each slot's draft cache row caught up over its context (but its last token), and its first chain."""
         engine, drafter = self.batch.engine, self.drafter
         for slot, context in zip(slots, contexts, strict=True):
             L = len(context)  # the row's cache holds context[:-1]: elements 0..L-2 are true
@@ -146,13 +128,9 @@ class BatchEagle:
                     engine.prefill(torch.tensor([context[:-1]], device=engine.device))
                 feats = kept[1][None] if kept is not None and kept[0] == first else engine.hidden_span(first, L - 1)  # (1, L-1-first, D)
                 with engine.autocast():
-                    self.anchor_feat[slot] = drafter.elements_at(context, feats, first, cache=view)[0]  # (D,)
-                self.anchor_pos[slot] = L - 2
-        if rows in self.chain_graphs:
-            self.chain_graphs[rows].replay()
-        else:
-            with engine.autocast():
-                self._chains(rows)
+                    anchor_feat = drafter.elements_at(context, feats, first, cache=view)  # (1, D)
+                    anchor = torch.tensor([L - 2], device=engine.device)
+                    self._choose(drafter.chain(anchor_feat, anchor, 1, self.depth, cache=view)[:, :, 0], slot, slot + 1)
 
     @torch.inference_mode()
     def move(self, sources: list[int], slots: list[int]) -> None:
@@ -161,13 +139,11 @@ class BatchEagle:
         self.cache.k[:, dst] = self.cache.k[:, src]  # (1, n, nkv, S, hd)
         self.cache.v[:, dst] = self.cache.v[:, src]
         self.cols[dst] = self.cols[src]
-        self.anchor_feat[dst] = self.anchor_feat[src]
-        self.anchor_pos[dst] = self.anchor_pos[src]
         self.moved += len(slots)
 
     @torch.inference_mode()
     def after_verify(self, r: int, verdict: torch.Tensor, feed: torch.Tensor, input_pos: torch.Tensor) -> None:
         """Inside the step: the verify's hidden states (r, K+1, D) into each row's draft cache, then each row's next chain."""
-        self.anchor_feat[:r] = self.drafter.catch_up(self.batch.model.last_hidden, verdict, feed, input_pos, cache=self._rows(0, r))  # (r, D)
-        self.anchor_pos[:r] = input_pos[:, 0] + verdict[:, 0]
-        self._chains(r)
+        view, drafter = self._rows(0, r), self.drafter
+        anchor_feat = drafter.catch_up(self.batch.model.last_hidden, verdict, feed, input_pos, cache=view)  # (r, D)
+        self._choose(drafter.chain(anchor_feat, input_pos[:, 0] + verdict[:, 0], 1, self.depth, cache=view)[:, :, 0], 0, r)

@@ -61,18 +61,14 @@ class RowsHook(Protocol):
     def bind(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         """The steps' contexts: history (B, Lh) holds each slot's tokens in [0, n_ctx) (B,), as each step's commit leaves them."""
 
-    def load(self, slots: list[int], contexts: list[list[int]], rows: int) -> None:
-        """Slots whose device state is not their request's context: make it so, their next drafts
-        into cols (rows [0, rows) step next; the others' drafts stay theirs)."""
+    def load(self, slots: list[int], contexts: list[list[int]]) -> None:
+        """Slots whose device state is not their request's context: make it so, their next drafts into cols."""
 
     def move(self, sources: list[int], slots: list[int]) -> None:
         """Each source slot's state (its request's, as it is now) into the slot its request moved to."""
 
     def after_verify(self, r: int, verdict: torch.Tensor, feed: torch.Tensor, input_pos: torch.Tensor) -> None:
         """Inside the step of rows [0, r): verdict (r, 2), feed and input_pos (r, K+1) -> the next drafts into cols[:r]."""
-
-    def capture(self, r: int) -> None:
-        """Capture what the hook replays for rows bucket r, after the step's own capture (every row is then stale)."""
 
 
 class BatchLookup:
@@ -148,7 +144,7 @@ class BatchLookup:
                     self.hook.move(list(moved.values()), list(moved))
                 fresh = [i for i in stale if i not in moved]
                 if fresh:
-                    self.hook.load(fresh, [requests[i].context for i in fresh], rows)
+                    self.hook.load(fresh, [requests[i].context for i in fresh])
         if rows > len(requests):
             self.n_ctx[len(requests) : rows] = 1
             self.synced[len(requests) : rows] = [None] * (rows - len(requests))
@@ -184,8 +180,6 @@ class BatchLookup:
             self.step_idx.zero_()
 
         self.graphs[r] = capture(self.batch.engine, lambda: self._step(r), prepare)
-        if self.hook is not None:
-            self.hook.capture(r)
         self.synced = [None] * len(self.synced)
 
     def read(self, requests: list[Any]) -> tuple[list[list[list[int]]], list[list[list[int]]], list[int]]:
