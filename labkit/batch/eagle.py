@@ -78,14 +78,13 @@ class BatchEagle:
         self.views: dict[int, KVCache] = {}  # r -> the draft cache's rows [0, r) (one view per bucket: a captured step reads it)
         self.batch, self.k, self.copy_after = batch, k, copy_after
         self.loaded = self.moved = self.prefilled = 0  # rows loaded from their context, of them by a pass of their own; rows moved
-        self.kept: OrderedDict[tuple[int, ...], tuple[int, torch.Tensor]] = OrderedDict()  # prompt -> (first, (n, D)): admissions' hidden states
+        self.kept: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # prompt -> (n, D) its hidden states from first_needed: admissions'
         batch.listen_prompts(self._keep)
 
     def _keep(self, prompt_ids: list[int], hidden: torch.Tensor) -> None:
         """An admitted prompt's hidden states (T, D), from the first position its first chain reads
         (a few per slot kept: a request's load takes its own)."""
-        first = self.drafter.first_needed(len(prompt_ids) + 1)
-        self.kept[tuple(prompt_ids)] = (first, hidden[first:].clone())
+        self.kept[tuple(prompt_ids)] = hidden[self.drafter.first_needed(len(prompt_ids) + 1) :].clone()
         while len(self.kept) > 2 * self.cols.shape[0]:
             self.kept.popitem(last=False)
 
@@ -120,13 +119,13 @@ class BatchEagle:
                 raise LabkitError("a row drafts after its prompt's first token")
             first, view = drafter.first_needed(L), self._rows(slot, slot + 1)
             self.loaded += 1
-            kept = self.kept.pop(tuple(context[:-1]), None)  # a new request: its admission's hidden states
+            kept = self.kept.pop(tuple(context[:-1]), None)  # a new request (its context the prompt and one token): its admission's
             with engine.request_lock:  # the engine's batch-1 cache is scratch, as for admissions
-                if kept is None or kept[0] != first:
+                if kept is None:
                     self.prefilled += 1
                     engine.ensure_capacity(L)
                     engine.prefill(torch.tensor([context[:-1]], device=engine.device))
-                feats = kept[1][None] if kept is not None and kept[0] == first else engine.hidden_span(first, L - 1)  # (1, L-1-first, D)
+                feats = engine.hidden_span(first, L - 1) if kept is None else kept[None]  # (1, L-1-first, D)
                 with engine.autocast():
                     anchor_feat = drafter.elements_at(context, feats, first, cache=view)  # (1, D)
                     anchor = torch.tensor([L - 2], device=engine.device)
