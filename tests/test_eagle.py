@@ -292,6 +292,38 @@ def test_a_half_precision_head_keeps_its_positions() -> None:
     assert head.fc.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("lookup_over", [0, 2])
+def test_eagle_drafts_for_a_bf16_cpu_target(lookup_over: int) -> None:
+    """A bf16 target on a CPU: the draft layer's PyTorch operations take bf16 rows with fp32 rotary
+    tables and write the bf16 draft cache in the rows' dtype, as the Triton kernels store (they
+    raised a dtype error there: a bf16 cache written with the fp32 rotated keys), for chains and
+    eagle-ngram. (Token identity is not promised here: a bf16 verify of several rows through the
+    PyTorch layers is not a decode step's bits, docs/speculation.md.)"""
+    from labkit.config import GenerationConfig
+    from labkit.engine import Engine
+    from labkit.generate import Speculation, generate
+    from labkit.kernels import layer_reference as ref
+    from labkit.models.tiny import tiny_hf_model
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=4), "cpu", "bfloat16")
+    prompt = [5, 9, 11, 5, 9, 11, 5, 9, 14, 20, 5, 9, 11]
+    cfg = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
+    drafter = EagleDrafter(engine, random_head(), lookup_over=lookup_over)
+    out = generate(engine, prompt, cfg, Speculation(drafter, 3))
+    assert drafter.dtype == torch.bfloat16 and len(out.tokens) == 24 and len(out.stats.draft_tokens) >= 3
+    assert out.tokens[0] == generate(engine, prompt, cfg).tokens[0]  # the prompt's pass is plain's
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 32, generator=g), torch.randn(4 * 8 + 2 * 2 * 8, 32, generator=g)  # 4 query heads, 2 kv heads, D 8
+    cos, sin = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    caches = {dt: (torch.zeros(1, 2, 16, 8, dtype=dt), torch.zeros(1, 2, 16, 8, dtype=dt)) for dt in (torch.float32, torch.bfloat16)}
+    q = {dt: ref.norm_qkv_rope(x.to(dt), torch.ones(32, dtype=dt), 1e-5, w.to(dt), None, cos, sin, torch.tensor([2, 3, 4]), *caches[dt], 4)
+         for dt in caches}
+    assert q[torch.bfloat16].dtype == torch.bfloat16 and q[torch.float32].dtype == torch.float32
+    torch.testing.assert_close(q[torch.bfloat16].float(), q[torch.float32], rtol=0.05, atol=0.3)
+    torch.testing.assert_close(caches[torch.bfloat16][0].float(), caches[torch.float32][0], rtol=0.05, atol=0.3)
+
+
 def test_eagle_training_settings_are_checked() -> None:
     from labkit.eagle_train import EagleTrainConfig
 

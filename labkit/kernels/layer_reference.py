@@ -46,7 +46,7 @@ def norm_qkv_rope(
     c = cos[rpos].unsqueeze(2)  # (B, T, 1, D)
     s = sin[rpos].unsqueeze(2)
     rot = qkv[:, :, : n_heads + nkv]
-    roped = torch.addcmul(rot * c, rot.roll(D // 2, dims=-1), s)  # (B, T, NH+NKV, D)
+    roped = torch.addcmul(rot * c, rot.roll(D // 2, dims=-1), s).to(x.dtype)  # (B, T, NH+NKV, D): fp32 tables, the rows' dtype out (as the kernels store)
     rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
     k_cache[rows, :, pos] = roped[:, :, n_heads:]  # indexed (B, T, NKV, D)
     v_cache[rows, :, pos] = qkv[:, :, n_heads + nkv :]
