@@ -120,7 +120,9 @@ def test_cuda_batched_eagle_steps_replay_captured_with_a_lone_requests_drafts(dt
     """On the GPU: every rows bucket's step captured with its catch-up and chain (the draft layer on
     the fused Triton kernels, rows at their own positions), replayed per chunk; each request its
     plain greedy tokens and, step for step, a lone request's EAGLE drafts (bf16 included: the fused
-    kernels keep a row's arithmetic its own); copy_after 2: eagle-mix's rows, a lone eagle-ngram's drafts."""
+    kernels keep a row's arithmetic its own), with another drafter captured on the same head in
+    between (as `bench batch` builds one per system and size); copy_after 2: eagle-mix's rows, a
+    lone eagle-ngram's drafts."""
     from labkit.engine import Engine
     from labkit.models.tiny import tiny_hf_model
 
@@ -134,6 +136,8 @@ def test_cuda_batched_eagle_steps_replay_captured_with_a_lone_requests_drafts(dt
     batch = BatchEngine(engine, BatchConfig(slots=4, max_seq_len=160, cuda_graph=True))
     (steps,) = device_eagles(batch, head, [K], copy_after)
     assert set(steps.graphs) == {1, 2, 4}
+    device_eagles(BatchEngine(engine, BatchConfig(slots=2, max_seq_len=220, cuda_graph=True)), head, [K])  # another drafter on the head,
+    # captured after these steps with a longer table: the steps above still read theirs (freed, the drafts left a lone request's)
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, lookup=steps)
     got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
     batcher.run()

@@ -324,6 +324,30 @@ def test_eagle_drafts_for_a_bf16_cpu_target(lookup_over: int) -> None:
     torch.testing.assert_close(caches[torch.bfloat16][0].float(), caches[torch.float32][0], rtol=0.05, atol=0.3)
 
 
+def test_a_heads_rotary_tables_outlive_every_drafter_built_on_it() -> None:
+    """Captured steps read the rotary tables by address, so a table a drafter drafted with stays
+    where it was: another drafter's cast of the same head keeps it, and a longer table asked for
+    later leaves the shorter one alive (each drafter built per system and size in `bench batch`
+    on one head; freed and reused, the first drafters' graphs read other tensors)."""
+    import gc
+    import weakref
+
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    engine, head = _engine(), random_head()
+    EagleDrafter(engine, head)
+    cpu = torch.device("cpu")
+    first = head.rope_table(300, cpu)
+    EagleDrafter(engine, head)  # casts the head again
+    assert head.rope_table(300, cpu)[0] is first[0] and head.rope_table(300, cpu)[1] is first[1]
+    alive = [weakref.ref(t) for t in first]
+    longer = head.rope_table(first[0].shape[0] + 500, cpu)
+    assert longer[0].shape[0] > first[0].shape[0] and torch.equal(longer[0][:300], first[0][:300])
+    del first
+    gc.collect()
+    assert all(ref() is not None for ref in alive)
+
+
 def test_eagle_training_settings_are_checked() -> None:
     from labkit.eagle_train import EagleTrainConfig
 

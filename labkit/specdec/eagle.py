@@ -106,17 +106,25 @@ class EagleHead(nn.Module):
         self.w_down = nn.Linear(dims.hidden_dim, d, bias=False)
         self.register_buffer("vocab_ids", vocab_ids.long().clone())  # (N,) target ids the head drafts over
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 (n, D) cos, sin (rope_tables)
+        self._retired: list[tuple[torch.Tensor, torch.Tensor]] = []  # tables grown past, kept: captured graphs read them
 
     def cast(self, device: torch.device, dtype: torch.dtype) -> EagleHead:
-        """On the target's device and dtype for drafting (the rotary tables stay fp32)."""
+        """On the target's device and dtype for drafting (the rotary tables stay fp32, and stay: a
+        drafter's captured steps read them by address, and another drafter may cast the same head)."""
         self.to(device=device, dtype=dtype)
-        self._rope = None
         return self
 
     def rope_table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (>= n, D) cos and sin tables on `device`, made once and grown when a longer one is
-        asked for (never inside a captured graph: the drafter asks for its whole cache up front)."""
+        asked for (never inside a captured graph: the drafter asks for its whole cache up front).
+        A table grown past is kept alive, not freed: a graph captured on it reads its address at
+        every replay. (Dropped at each cast and freed at each growth, the tables of the drafters
+        built first on a shared head were freed memory that others reused; `bench batch` builds a
+        drafter per system and size on one head, and on the H200 its EAGLE rows drafted at tau 1.68
+        where a lone request drafted at 2.33, output lossless all the same: docs/batching.md.)"""
         if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != device:
+            if self._rope is not None:
+                self._retired.append(self._rope)
             self._rope = rope_tables(self.dims.head_dim, max(n, 256), device)
         return self._rope
 
