@@ -155,10 +155,12 @@ def test_cuda_batched_eagle_steps_replay_captured_with_a_lone_requests_drafts(dt
 
 def test_bench_batch_runs_eagle_device_steps_from_a_head_folder(tiny_folder, tmp_path) -> None:
     """`labkit bench batch --heads FOLDER`: an eagle-device-K system beside the others, its rows
-    identical to batch-1 plain greedy; a folder without a head is one clear error."""
+    identical to batch-1 plain greedy; a folder without a head is one clear error, before anything
+    runs; with K past the head's depth the chain system drafts at the depth (a K 8 run stopped on
+    the H200 after its plain runs), eagle-mix at K."""
     import dataclasses
 
-    from labkit.bench.batch import BatchBenchConfig, run_batch_bench
+    from labkit.bench.batch import BatchBenchConfig, _systems, run_batch_bench
     from labkit.config import EngineConfig
     from labkit.engine_build import from_config
     from labkit.models.loading import load_model
@@ -174,4 +176,6 @@ def test_bench_batch_runs_eagle_device_steps_from_a_head_folder(tiny_folder, tmp
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["identical_to_batch_1"] == 1.0 == r["identical_to_own_batch_1"] and r["tau"] >= 1.0 for r in rows)
     with pytest.raises(LabkitError, match="holds no EAGLE head"):
-        run_batch_bench(dataclasses.replace(cfg, heads=str(tmp_path / "none")), loaded)
+        dataclasses.replace(cfg, heads=str(tmp_path / "none")).validate()  # before anything runs
+    names = [s.name for s in _systems(dataclasses.replace(cfg, k=6))]  # past the head's depth of 4: the chain at 4, eagle-mix at 6
+    assert "eagle-device-4" in names and "eagle-mix-device-6" in names and not any(n.startswith("eagle-device-6") for n in names)

@@ -17,6 +17,8 @@ Systems, each at every batch size B (the systems take turns at each size):
 - eagle-device-K (with --heads, a trained EAGLE head): the same chunks, each row's drafts the EAGLE
   chain drafted inside the step before's batched verify (batch/eagle.py); eagle-mix-device-K the
   same with prompt lookup's copy where a row's context ends in a bigram seen before (eagle-mix's rule).
+  A chain is at most the head's depth: with K past it, eagle-device runs at the depth (its name says
+  which K) and eagle-mix-device at K (copies fill the columns a chain leaves).
 
 Each run sends max(`requests_per_slot` x B, `min_requests`) prompts from the suite through B slots,
 its categories taken in turn, so that every run sees every category it has room for (the suite lists
@@ -70,7 +72,7 @@ from labkit.prompting import encode_prompt
 from labkit.prompts import Prompt, load_suite
 from labkit.prompts.long import documents, long_prompt
 from labkit.specdec.drafters import NgramDrafter
-from labkit.specdec.eagle import load_eagle
+from labkit.specdec.eagle import load_eagle, load_eagle_config
 from labkit.specdec.eagle_mix import MIX_MIN_N
 from labkit.specdec.heads import fingerprint
 
@@ -106,6 +108,8 @@ class BatchBenchConfig:
                               f"new tokens and {self.k} drafts (raise --slot-len)")
         if self.drafter not in ("ngram", "none") or not 1 <= self.k <= 16:
             raise LabkitError(f"the batched drafter is ngram or none, with K from 1 to 16 (got {self.drafter}, K {self.k})")
+        if self.heads:
+            load_eagle_config(self.heads)  # a folder without a head: one clear error before anything runs
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,8 @@ def _systems(cfg: BatchBenchConfig) -> list[System]:
         out += [System(f"ngram-{cfg.k}", False, cfg.k), System(f"ngram-auto-{cfg.k}", False, cfg.k, auto=True),
                 System(f"ngram-device-{cfg.k}", False, cfg.k, device=True), System(f"ngram-device-auto-{cfg.k}", False, cfg.k, auto=True, device=True)]
     if cfg.heads:
-        out += [System(f"eagle-device-{cfg.k}", False, cfg.k, device=True, eagle=True),
+        chain_k = min(cfg.k, load_eagle_config(cfg.heads).depth)  # a chain is at most the head's depth; eagle-mix's copies go past it
+        out += [System(f"eagle-device-{chain_k}", False, chain_k, device=True, eagle=True),
                 System(f"eagle-mix-device-{cfg.k}", False, cfg.k, device=True, eagle=True, copy_after=MIX_MIN_N)]
     return out
 
