@@ -27,8 +27,8 @@ def host_eagle(engine, head, prompt: list[int], cfg: GenerationConfig):  # type:
     return generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, head, device_steps=False), K))
 
 
-@pytest.mark.parametrize("slots", [1, 3])
-def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(slots: int) -> None:
+@pytest.mark.parametrize("slots,ahead", [(1, False), (3, False), (3, True)])
+def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(slots: int, ahead: bool) -> None:
     engine, head = _engine(), random_head()
     asks = [p * 2 for p in prompts(5, 96, seed=11)]  # repeats: some drafts stand
     lengths = [24 + 5 * i for i in range(len(asks))]  # ragged: rows leave and others join mid-run
@@ -37,7 +37,7 @@ def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(
     alone = [host_eagle(engine, head, p, c) for p, c in zip(asks, cfgs, strict=True)]
     batch = BatchEngine(engine, BatchConfig(slots=slots, max_seq_len=128))
     steps = BatchLookup(batch, K, hook=BatchEagle(batch, head, K))
-    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, lookup=steps)
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, ahead=ahead, lookup=steps)  # ahead: chunks launched before their last's verdicts
     got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
     batcher.run()
     assert [r.tokens for r in got] == want

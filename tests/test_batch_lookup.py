@@ -199,12 +199,60 @@ def test_a_chunk_runs_the_steps_its_rows_are_expected_to_need() -> None:
     def row(max_new: int, tokens: int, steps: int) -> SimpleNamespace:
         return SimpleNamespace(config=GenerationConfig(max_new_tokens=max_new), tokens=[0] * tokens, verify_steps=steps)
 
-    steps = ContinuousBatcher._chunk_steps
+    from labkit.batch.chunking import chunk_steps as steps
+
     assert steps([row(100, 1, 0)]) == CHUNK  # nothing known: one token a step
     assert steps([row(100, 95, 10)]) == 1  # 5 left at ~9.4 a step
     assert steps([row(100, 91, 30)]) == 3  # 9 left at 3 a step
     assert steps([row(100, 91, 30), row(100, 96, 95)]) == 4  # the slowest row: 4 left at ~1 a step
     assert steps([row(100, 100, 40)]) == 1
+    assert steps([row(100, 67, 30)], coming=[24], uncounted=8) == 4  # a chunk read, not taken: 91 tokens after 38 steps, 9 left at ~2.4 a step
+
+
+def test_a_chunk_goes_on_ahead_only_where_every_row_goes_on() -> None:
+    """rows_go_on: each row's tokens in the chunk just read where every row continues after it;
+    None where one reaches max_new_tokens, meets an EOS that ends it, was cancelled or has no room."""
+    from types import SimpleNamespace
+
+    from labkit.batch.chunking import rows_go_on
+
+    def row(tokens: int, max_new: int = 20, stop: bool = True, finished: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(config=GenerationConfig(max_new_tokens=max_new, stop_at_eos=stop), tokens=[0] * tokens,
+                               context=[0] * (10 + tokens), eos_ids=(2,), finished=finished)
+
+    chunk = [[[5, 6], [7]], [[8], [9, 10, 11]]]  # [step][row]: row 0 took 3 tokens, row 1 took 4
+    assert rows_go_on([row(5), row(5)], chunk, room=100) == [3, 4]
+    assert rows_go_on([row(5), row(16)], chunk, room=100) is None  # row 1 reaches 20
+    assert rows_go_on([row(5), row(5, finished=True)], chunk, room=100) is None  # cancelled
+    assert rows_go_on([row(5), row(5)], chunk, room=18) is None  # row 1's context 19 > room
+    eos = [[[5, 2], [7]], [[8], [9]]]
+    assert rows_go_on([row(5), row(5)], eos, room=100) is None and rows_go_on([row(5, stop=False), row(5)], eos, room=100) == [3, 2]
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_chunks_launched_ahead_keep_each_rows_tokens_and_drafts(slots: int) -> None:
+    """With `ahead`, the next chunk is launched as soon as the last is read, before the host takes
+    its verdicts, wherever no row ends in it and no waiting request could join: every request its
+    plain greedy tokens, and each row's drafts and verdicts those of chunks read one at a time."""
+    eng = engine()
+    prompts = asks(5, eng.args.vocab_size, seed=3)
+    free = generate(eng, prompts[1], GenerationConfig(max_new_tokens=60, stop_at_eos=False)).tokens
+    configs = [GenerationConfig(max_new_tokens=30 + 7 * i, eos_token_ids=(free[40],)) for i in range(5)]
+    want = [generate(eng, p, c).tokens for p, c in zip(prompts, configs, strict=True)]
+    runs = []
+    for ahead in (False, True):
+        batch = BatchEngine(eng, BatchConfig(slots=slots, max_seq_len=200))
+        lookup = BatchLookup(batch, 3)
+        launched: list[int] = []
+        run_on = lookup.run_on
+        lookup.run_on = lambda n, steps, log=launched, go=run_on: (log.append(steps), go(n, steps))[1]  # type: ignore[method-assign]
+        batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, ahead=ahead, lookup=lookup)
+        got = [batcher.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
+        batcher.run()
+        assert [r.tokens for r in got] == want and batcher.chunk_ahead is None
+        runs.append(([(r.draft_tokens, r.accepted_lengths) for r in got], launched))
+    (alone, none), (together, launched) = runs
+    assert together == alone and not none and len(launched) >= 5  # chunks went ahead, nothing changed
 
 
 def test_device_lookup_refuses_what_it_was_not_built_for() -> None:

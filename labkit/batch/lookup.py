@@ -113,6 +113,21 @@ class BatchLookup:
         if captured:
             self.capture(r)
         self._load(requests, eos_ids, r)
+        self._replay(r, steps)
+        return captured
+
+    def run_on(self, n: int, steps: int) -> None:
+        """`steps` (<= CHUNK) more steps of the last chunk's rows [0, n), launched before the host
+        takes that chunk's tokens (the scheduler's chunks ahead): the device's rows are theirs
+        already, so nothing is loaded; read, then `taken`, as after `run`."""
+        if not 1 <= steps <= CHUNK:
+            raise LabkitError(f"a chunk takes 1 to {CHUNK} steps, not {steps}")
+        self.steps = steps
+        r = bucket(n) if self.batch.graphs_ok else n
+        self._pad(n, r)
+        self._replay(r, steps)
+
+    def _replay(self, r: int, steps: int) -> None:
         self.n_start.copy_(self.n_ctx)
         self.step_idx.zero_()
         for _ in range(steps):
@@ -120,7 +135,12 @@ class BatchLookup:
                 self.graphs[r].replay()
             else:
                 self._step(r)
-        return captured
+
+    def _pad(self, n: int, rows: int) -> None:
+        """Rows of the bucket past the n active ones start at position 0 (of free slots)."""
+        if rows > n:
+            self.n_ctx[n:rows] = 1
+            self.synced[n:rows] = [None] * (rows - n)
 
     def _load(self, requests: list[Any], eos_ids: tuple[int, ...], rows: int) -> None:
         """Rows [0, n) from their requests where the device's row is not already theirs; rows of
@@ -145,9 +165,7 @@ class BatchLookup:
                 fresh = [i for i in stale if i not in moved]
                 if fresh:
                     self.hook.load(fresh, [requests[i].context for i in fresh])
-        if rows > len(requests):
-            self.n_ctx[len(requests) : rows] = 1
-            self.synced[len(requests) : rows] = [None] * (rows - len(requests))
+        self._pad(len(requests), rows)
 
     def _holds(self, slot: int, request: Any) -> bool:
         """Whether the device's row `slot` holds this request's context as it is now."""

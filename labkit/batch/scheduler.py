@@ -22,17 +22,17 @@ generator, seeded by its config as `generate` seeds one, one draw per token; so 
 from __future__ import annotations
 
 import collections
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from labkit.batch.chunking import chunk_steps, rows_go_on
 from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchEngine
 from labkit.batch.graphs import bucket
-from labkit.batch.lookup import CHUNK, BatchLookup
+from labkit.batch.lookup import BatchLookup
 from labkit.batch.shadow import ShadowDrafts
 from labkit.batch.transfer import HostCopy, constant, to_device
 from labkit.config import GenerationConfig
@@ -98,6 +98,7 @@ class ContinuousBatcher:
         self.steps = 0  # batched decode steps taken
         self.rows_stepped = 0  # sum of active rows over those steps (mean batch = rows_stepped / steps)
         self.in_flight: _InFlight | None = None  # a plain step launched and not yet read
+        self.chunk_ahead: tuple[BatchLookup, list[BatchRequest], int] | None = None  # device steps launched ahead: theirs, rows, steps
         self.accounted = time.perf_counter()  # where the last step timed for the controller ended
         self.span = DeviceSpan(batch.engine.device)  # a chunk's device time (`_lookup_chunk`)
         self.shadow = ShadowDrafts(k) if controller is not None and k else None  # the rows' acceptance during plain steps
@@ -121,7 +122,7 @@ class ContinuousBatcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.rows or self.in_flight)
+        return bool(self.waiting or self.rows or self.in_flight or self.chunk_ahead)
 
     @staticmethod
     def _greedy(requests: list[BatchRequest], logits: torch.Tensor) -> list[list[int]]:
@@ -186,6 +187,8 @@ class ContinuousBatcher:
         return [request.tokens[-1], *draft]
 
     def _leave(self) -> None:
+        if self.chunk_ahead is not None:  # its rows are running: they leave once it is read
+            return
         for slot in range(len(self.rows) - 1, -1, -1):  # from the end: a move only brings a kept row down
             if self.rows[slot].finished:
                 moved = self.batch.release(slot)
@@ -195,9 +198,12 @@ class ContinuousBatcher:
 
     def step(self) -> None:
         """Admit what fits, then one decode step over every active request. A plain step (K 0) is
-        launched ahead (with `ahead`): its tokens come from the step before it on the device, and that step's
-        tokens are read and taken while it runs (`_plain_ahead`); any other step first reads the
-        step in flight (`_settle`)."""
+        launched ahead (with `ahead`): its tokens come from the step before it on the device, and
+        that step's tokens are read and taken while it runs (`_plain_ahead`); any other step first
+        reads the step in flight (`_settle`). A chunk launched ahead (`_ahead_steps`) is read first."""
+        if self.chunk_ahead is not None:
+            self._lookup_chunk(self.chunk_ahead[0], self.chunk_ahead[1:])
+            return
         self._admit()
         if not self.rows:
             self.in_flight = None  # its requests all left (cancelled): nothing to read
@@ -326,39 +332,39 @@ class ContinuousBatcher:
         """Whether the next drafting steps can run as a chunk of these device lookup steps."""
         return all(r.generator is None and r.eos_ids == self.rows[0].eos_ids for r in self.rows) and lookup.fits([r.context for r in self.rows])
 
-    @staticmethod
-    def _chunk_steps(rows: list[BatchRequest]) -> int:
-        """Steps for the next chunk: CHUNK, or fewer where every row should be done sooner by its
-        tokens per step so far (a row that finishes inside a chunk idles through the steps after it;
-        one that needs more after a short chunk costs a host read)."""
-        def left(r: BatchRequest) -> int:
-            per_step = max(1.0, (len(r.tokens) - 1) / max(1, r.verify_steps))
-            return math.ceil((r.config.max_new_tokens - len(r.tokens)) / per_step)
+    def _ahead_steps(self, lookup: BatchLookup, rows: list[BatchRequest], tokens: list[list[list[int]]]) -> int:
+        """Steps of a chunk to launch before the host takes the tokens of the one just read (`ahead`;
+        0: none, batch/chunking.py): every row goes on, no waiting request could take a free slot,
+        and K is fixed (a controller chooses K from the chunk's verdicts)."""
+        if not self.ahead or self.controller is not None or (self.waiting and self.batch.free):
+            return 0
+        coming = rows_go_on(rows, tokens, lookup.room)
+        return 0 if coming is None else chunk_steps(rows, coming, len(tokens))
 
-        return max(1, min(CHUNK, max(left(r) for r in rows)))
-
-    def _lookup_chunk(self, lookup: BatchLookup) -> None:
-        """A chunk of drafting steps on the device, read at once: each row takes its verdicts in
-        order (a row that finishes inside the chunk ignores the steps after it).
-
-        The controller is told each step's share of what the chunk would cost at its full length:
-        the device's time for the steps, plus the chunk's host work (launch, read, verdicts) spread
-        over the full chunk's steps. A try of a K that is not the best runs one step (cheap where
-        it loses), and charged the whole host work per chunk that one step looked slower than K
-        runs once chosen: on the H200 a one-step try rated K 5 at 1,915 tok/s at batch 1, where
-        K 5's chunks ran at 2,593, and the controller kept K 2 (2,419 tok/s:
-        results/gpu/batch-NVIDIA-H200-20261202-032933.json). Timed from where the last step's
-        timing ended (`_read_step`)."""
+    def _lookup_chunk(self, lookup: BatchLookup, ahead: tuple[list[BatchRequest], int] | None = None) -> None:
+        """A chunk of drafting steps on the device (`ahead`: one launched before, its rows and
+        steps), read at once: each row takes its verdicts in order (a row that finishes inside the
+        chunk ignores the steps after it). The controller is told each step's share of the chunk's
+        cost at its full length: its device time plus its host work spread over a full chunk (a
+        one-step try charged the whole host work rated K 5 at 1,915 tok/s at batch 1 on the H200
+        where its chunks ran at 2,593: batch-NVIDIA-H200-20261202-032933.json). Timed from where the
+        last step's timing ended (`_read_step`)."""
         t0 = self.accounted
-        rows = list(self.rows)
-        full = self._chunk_steps(rows)
-        exploring = self.controller is not None and self.controller.best(bucket(len(rows))) != lookup.k
-        m = 1 if exploring else full  # a controller's try of K costs one step, not a chunk
-        self.span.start()
-        captured = lookup.run(rows, rows[0].eos_ids, m)
-        self.span.stop()
+        if ahead is None:
+            rows = list(self.rows)
+            full = chunk_steps(rows)
+            exploring = self.controller is not None and self.controller.best(bucket(len(rows))) != lookup.k
+            m = 1 if exploring else full  # a controller's try of K costs one step, not a chunk
+            self.span.start()
+            captured = lookup.run(rows, rows[0].eos_ids, m)
+            self.span.stop()
+        else:  # launched ahead (no controller)
+            (rows, m), full, captured, self.chunk_ahead = ahead, ahead[1], False, None
         drafts, tokens, n_ctx = lookup.read(rows)
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
+        more = self._ahead_steps(lookup, rows, tokens)
+        if more:
+            lookup.run_on(len(rows), more)
         per_step = []  # of the steps that gave a row a token: the tokens, and each row's kept drafts
         taken = sum(len(r.tokens) for r in rows)
         for step in range(m):
@@ -377,6 +383,7 @@ class ContinuousBatcher:
             seconds = (device + (wall - device) * m / full) / len(per_step)
             for gained, kept in per_step:
                 self.controller.observe(bucket(len(rows)), lookup.k, gained, seconds, kept)
+        self.chunk_ahead = (lookup, rows, more) if more else None
         self.accounted = time.perf_counter()
         self._leave()
 
