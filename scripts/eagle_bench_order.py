@@ -1,13 +1,14 @@
-"""Why does `bench batch` see a lower EAGLE tau than a lone request? (diagnostic; prints tau per run)
+"""Does `bench batch` see the EAGLE tau of a lone request? (diagnostic; prints tau per run)
 
     python3 scripts/eagle_bench_order.py EAGLE_FOLDER [sizes, default 1]
 
 scripts/eagle_tau_paths.py found the host loop, the device steps and batched rows at tau 2.33 on the
-H200 for the bench's first 8 prompts, where `bench batch` reported eagle-device-5 at tau 1.68. The
-bench builds and captures every system's batch before the first EAGLE drafter turns on the
-engine's hidden states (Engine.keep_hidden_states drops the engine's captures). Runs the bench
-twice: as it is, and with the hidden states kept from the engine's start; each EAGLE run's tau
-as it goes (its own batch-1 run, the untimed run, the timed ones) and the loads so far.
+H200 for the bench's first 8 prompts, where `bench batch` reported eagle-device-5 at tau 1.68: the
+bench builds a drafter per system and size on one head, and each new drafter freed the rotary
+table the earlier ones' captured steps read (fixed in 79dceb4: EagleHead.rope_table). This runs the
+bench twice, as it is and with the engine's hidden states kept from its start, and prints each
+EAGLE run's tau as it goes (its own batch-1 run, the untimed run, the timed ones) with the loads so
+far: every run should draft at a lone request's tau.
 """
 
 import os
