@@ -49,6 +49,8 @@ def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(
         assert request.accepted_lengths[:n] == one.stats.accepted_lengths[:n]
         compared += n
     assert compared >= 30 and sum(r.accepted for r in got) > 0  # many steps, some drafts kept
+    hook = steps.hook
+    assert isinstance(hook, BatchEagle) and (hook.chained < hook.loaded if slots > 1 else hook.chained == hook.loaded)  # rows admitted together: one first chain
     assert sum(r.accepted for r in got) < sum(r.drafted for r in got)  # and some rejected: ragged rows were met
 
 

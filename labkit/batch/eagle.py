@@ -22,7 +22,8 @@ The draft cache has a row per slot, (1, B, nkv, S, hd). A request a release move
 slot takes its row along (`move`: the draft cache row and its next drafts copied). A row whose
 device state is not its request's otherwise (a new request, host or plain steps taken since) is
 loaded from its context: the row's draft cache caught up over the positions the draft layer's
-window reaches, from the target's hidden states there, and its first chain. A new request's come
+window reaches, from the target's hidden states there, and its first chain (one pass for the rows
+loaded together in neighbouring slots, as admissions place them). A new request's come
 from its admission (BatchEngine.listen_prompts: batch-1 prefill's bits, which a lone request's
 first proposal reads); other rows' from one batch-1 pass of the engine over their context (the
 scratch admissions use). On the H200 a load with that pass cost 4.1 ms for a 64-token context, a
@@ -77,7 +78,7 @@ class BatchEagle:
         self.n_ctx: torch.Tensor | None = None
         self.views: dict[int, KVCache] = {}  # r -> the draft cache's rows [0, r) (one view per bucket: a captured step reads it)
         self.batch, self.k, self.copy_after = batch, k, copy_after
-        self.loaded = self.moved = self.prefilled = 0  # rows loaded from their context, of them by a pass of their own; rows moved
+        self.loaded = self.moved = self.prefilled = self.chained = 0  # rows loaded (of them by a pass of their own), their first chains' passes; rows moved
         self.kept: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # prompt -> (n, D) its hidden states from first_needed: admissions'
         batch.listen_prompts(self._keep)
 
@@ -111,25 +112,37 @@ class BatchEagle:
 
     @torch.inference_mode()
     def load(self, slots: list[int], contexts: list[list[int]]) -> None:
-        """Each slot's draft cache row caught up over its context (but its last token), and its first chain."""
+        """Each slot's draft cache row caught up over its context (but its last token), then the first
+        chains: one for each run of neighbouring slots (rows admitted together), not one a row."""
         engine, drafter = self.batch.engine, self.drafter
-        for slot, context in zip(slots, contexts, strict=True):
-            L = len(context)  # the row's cache holds context[:-1]: elements 0..L-2 are true
-            if L < 2:
-                raise LabkitError("a row drafts after its prompt's first token")
-            first, view = drafter.first_needed(L), self._rows(slot, slot + 1)
-            self.loaded += 1
-            kept = self.kept.pop(tuple(context[:-1]), None)  # a new request (its context the prompt and one token): its admission's
-            with engine.request_lock:  # the engine's batch-1 cache is scratch, as for admissions
+        anchors: dict[int, tuple[torch.Tensor, int]] = {}  # slot -> its anchor's predicted feature (1, D), and position
+        with engine.request_lock:  # the engine's batch-1 cache is scratch, as for admissions
+            for slot, context in zip(slots, contexts, strict=True):
+                L = len(context)  # the row's cache holds context[:-1]: elements 0..L-2 are true
+                if L < 2:
+                    raise LabkitError("a row drafts after its prompt's first token")
+                first = drafter.first_needed(L)
+                self.loaded += 1
+                kept = self.kept.pop(tuple(context[:-1]), None)  # a new request (its context the prompt and one token): its admission's
                 if kept is None:
                     self.prefilled += 1
                     engine.ensure_capacity(L)
                     engine.prefill(torch.tensor([context[:-1]], device=engine.device))
                 feats = engine.hidden_span(first, L - 1) if kept is None else kept[None]  # (1, L-1-first, D)
                 with engine.autocast():
-                    anchor_feat = drafter.elements_at(context, feats, first, cache=view)  # (1, D)
-                    anchor = torch.tensor([L - 2], device=engine.device)
-                    self._choose(drafter.chain(anchor_feat, anchor, 1, self.depth, cache=view)[:, :, 0], slot, slot + 1)
+                    anchors[slot] = (drafter.elements_at(context, feats, first, cache=self._rows(slot, slot + 1)), L - 2)
+            runs: list[list[int]] = []
+            for slot in sorted(anchors):
+                if runs and runs[-1][-1] == slot - 1:
+                    runs[-1].append(slot)
+                else:
+                    runs.append([slot])
+            self.chained += len(runs)
+            for run in runs:  # a row's chain is its own whatever rows share the pass (the steps' chains run every row at once)
+                feat = torch.cat([anchors[slot][0] for slot in run])  # (n, D)
+                at = torch.tensor([anchors[slot][1] for slot in run], device=engine.device)  # (n,)
+                with engine.autocast():
+                    self._choose(drafter.chain(feat, at, 1, self.depth, cache=self._rows(run[0], run[-1] + 1))[:, :, 0], run[0], run[-1] + 1)
 
     @torch.inference_mode()
     def move(self, sources: list[int], slots: list[int]) -> None:
