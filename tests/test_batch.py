@@ -622,6 +622,26 @@ def test_the_k_controller_rates_plain_steps_by_a_run_of_them() -> None:
     assert min(shares) >= 0.95, shares
 
 
+def test_plain_is_rated_by_the_same_rows_as_drafting() -> None:
+    """A bucket spans several row counts (5 to 8 rows in bucket 8). Plain steps timed while 5 rows
+    ran, then K 5 steps at 8 rows: per row plain gives 1 token in 0.5 ms and K 5 1.25 in 0.75 ms, so
+    plain is faster at any row count and must rate so (rated by its own steps' tokens, 5 rows' worth,
+    it fell behind K 5 rated at the rows now: H200, scripts/batch_trace.py)."""
+    from labkit.batch.controller import BatchKController
+
+    ctl = BatchKController(5, candidates=[0, 5])
+    ctl.observe(8, 0, 5, 0.9e-3)  # a run's first plain step (the fill)
+    for _ in range(10):
+        ctl.observe(8, 0, 5, 0.5e-3)  # 5 rows
+    kept = [0] * 6 + [1] * 2  # 8 rows keep 0.25 drafts each: 1.25 tokens a row
+    for _ in range(12):
+        ctl.observe(8, 5, sum(1 + a for a in kept), 0.75e-3, kept)
+    rates = ctl.rates()[8]
+    assert rates[0] > rates[5], rates
+    stats = ctl.buckets[8]
+    assert abs(rates[0] / rates[5] - (1 / 0.5) / (ctl.acceptance.tokens(5) / 0.75)) < 1e-9 and 5 < stats.rows < 8
+
+
 def test_the_rows_acceptance_rates_each_k_by_draft_position() -> None:
     """P(a row keeps its first j drafts) from the rows that drafted position j; a position not
     drafted lately continues the last ratio, and one drafted long ago does not count."""

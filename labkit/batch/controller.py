@@ -187,12 +187,16 @@ class BucketStats:
 
     def rate(self, k: int) -> float:
         """K's tokens per second (0 before its first step): where the rows' acceptance is known,
-        this bucket's rows x a row's expected tokens with K / K's mean step here; else (no drafts
-        reported) the ratio of its recent steps' tokens and seconds."""
+        this bucket's rows x a row's expected tokens with K (plain: one) / K's mean step here; else
+        (no drafts reported) the ratio of its recent steps' tokens and seconds. Plain is rated by
+        the same rows as drafting: a bucket spans several row counts (5 to 8 rows in bucket 8), and
+        rated by its own steps' tokens, plain measured while 5 rows ran stayed behind K 5 rated at
+        8 rows (H200, `scripts/batch_trace.py`: plain's last steps at 5-6 rows, 10,658 tok/s,
+        against K 5's 12,014, where plain ran 15,100 at 8 rows and K 5 14,300)."""
         if not self.seconds.get(k):
             return 0.0
-        if k and self.acceptance is not None and self.acceptance.known and self.rows:
-            return self.rows * self.acceptance.tokens(k) / self.step(k)
+        if self.acceptance is not None and self.acceptance.known and self.rows:
+            return self.rows * (self.acceptance.tokens(k) if k else 1.0) / self.step(k)
         return self.tokens.get(k, 0.0) / self.seconds[k]
 
 
@@ -263,8 +267,8 @@ class BatchKController:
         return out
 
     def rates(self) -> dict[int, dict[int, float]]:
-        """Each rows bucket's rate of each K tried there (tokens per second over its recent steps):
-        what the choice rests on, for a report."""
+        """Each rows bucket's rate of each K tried there (tokens per second, BucketStats.rate): what
+        the choice rests on, for a report."""
         return {b: {k: stats.rate(k) for k in self.candidates if stats.seconds.get(k)} for b, stats in sorted(self.buckets.items())}
 
     def costs(self) -> dict[int, dict[str, object]]:
