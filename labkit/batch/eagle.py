@@ -130,7 +130,8 @@ class BatchEagle:
                     engine.prefill(torch.tensor([context[:-1]], device=engine.device))
                 feats = engine.hidden_span(first, L - 1) if kept is None else kept[None]  # (1, L-1-first, D)
                 with engine.autocast():
-                    anchors[slot] = (drafter.elements_at(context, feats, first, cache=self._rows(slot, slot + 1)), L - 2)
+                    feat = drafter.elements_at(context, feats, first, cache=self._rows(slot, slot + 1))  # (1, D)
+                    anchors[slot] = (feat.clone(), L - 2)  # kept past the next row's pass (an op set may reuse its output buffers)
             runs: list[list[int]] = []
             for slot in sorted(anchors):
                 if runs and runs[-1][-1] == slot - 1:
