@@ -98,7 +98,7 @@ class ContinuousBatcher:
         self.steps = 0  # batched decode steps taken
         self.rows_stepped = 0  # sum of active rows over those steps (mean batch = rows_stepped / steps)
         self.in_flight: _InFlight | None = None  # a plain step launched and not yet read
-        self.chunk_ahead: tuple[BatchLookup, list[BatchRequest], int] | None = None  # device steps launched ahead: theirs, rows, steps
+        self.chunk_ahead: tuple[BatchLookup, tuple[list[BatchRequest], int]] | None = None  # device steps launched ahead: theirs, (rows, steps)
         self.accounted = time.perf_counter()  # where the last step timed for the controller ended
         self.span = DeviceSpan(batch.engine.device)  # a chunk's device time (`_lookup_chunk`)
         self.shadow = ShadowDrafts(k) if controller is not None and k else None  # the rows' acceptance during plain steps
@@ -202,7 +202,7 @@ class ContinuousBatcher:
         that step's tokens are read and taken while it runs (`_plain_ahead`); any other step first
         reads the step in flight (`_settle`). A chunk launched ahead (`_ahead_steps`) is read first."""
         if self.chunk_ahead is not None:
-            self._lookup_chunk(self.chunk_ahead[0], self.chunk_ahead[1:])
+            self._lookup_chunk(*self.chunk_ahead)
             return
         self._admit()
         if not self.rows:
@@ -333,9 +333,8 @@ class ContinuousBatcher:
         return all(r.generator is None and r.eos_ids == self.rows[0].eos_ids for r in self.rows) and lookup.fits([r.context for r in self.rows])
 
     def _ahead_steps(self, lookup: BatchLookup, rows: list[BatchRequest], tokens: list[list[list[int]]]) -> int:
-        """Steps of a chunk to launch before the host takes the tokens of the one just read (`ahead`;
-        0: none, batch/chunking.py): every row goes on, no waiting request could take a free slot,
-        and K is fixed (a controller chooses K from the chunk's verdicts)."""
+        """Steps of a chunk to launch before the host takes the last one's tokens (0: none; chunking.py): with `ahead`,
+        where every row goes on, no waiting request could take a free slot and K is fixed (no controller)."""
         if not self.ahead or self.controller is not None or (self.waiting and self.batch.free):
             return 0
         coming = rows_go_on(rows, tokens, lookup.room)
@@ -359,7 +358,8 @@ class ContinuousBatcher:
             captured = lookup.run(rows, rows[0].eos_ids, m)
             self.span.stop()
         else:  # launched ahead (no controller)
-            (rows, m), full, captured, self.chunk_ahead = ahead, ahead[1], False, None
+            (rows, m), captured, self.chunk_ahead = ahead, False, None
+            full = m
         drafts, tokens, n_ctx = lookup.read(rows)
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
         more = self._ahead_steps(lookup, rows, tokens)
@@ -383,7 +383,7 @@ class ContinuousBatcher:
             seconds = (device + (wall - device) * m / full) / len(per_step)
             for gained, kept in per_step:
                 self.controller.observe(bucket(len(rows)), lookup.k, gained, seconds, kept)
-        self.chunk_ahead = (lookup, rows, more) if more else None
+        self.chunk_ahead = (lookup, (rows, more)) if more else None
         self.accounted = time.perf_counter()
         self._leave()
 
