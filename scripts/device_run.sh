@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (no internet): assemble the embedded model from the carried parts,
 # install the carried wheels, then run what belongs together. The machine stays warm about 30 s
-# between calls, so send each call right after the last. The working tree (~32 MB with results/)
-# and the carried files share the 64 MiB a call may take: the model travels in four parts
-# (split -n 4 of the GGUF into .carry/part_aa .. _ad; three parts stopped fitting as results/ grew).
+# between calls, so send each call right after the last. The working tree (~43 MB with results/)
+# and the carried files share the 64 MiB a call may take: the model travels in six parts
+# (split -n 6 of the GGUF into .carry/part_aa .. _af; four parts stopped fitting as results/ grew).
 #   call 1, carry .carry/part_aa .carry/gguf-*.whl:   bash scripts/device_run.sh stage
-#   calls 2-3, carry .carry/part_ab, then _ac:         bash scripts/device_run.sh stage
-#   call 4, carry .carry/part_ad:                      bash scripts/device_run.sh stage assemble quicktests
+#   calls 2-5, carry .carry/part_ab, then _ac, _ad, _ae: bash scripts/device_run.sh stage
+#   call 6, carry .carry/part_af:                      bash scripts/device_run.sh stage assemble quicktests
 #   later calls (nothing to carry):                    bash scripts/device_run.sh context validate
 # papermill (for `validate`, which runs notebook 3D) travels in .carry/pm with a call of its own.
 # Run everything through this script: it sets PYTHONPATH and LABKIT_CACHE; a bare `python3 -m labkit`
