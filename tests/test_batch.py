@@ -317,6 +317,23 @@ def test_a_row_is_the_median_run_and_identity_holds_only_if_every_run_held_it() 
     assert median_run(runs[:2])["run"] == 0  # an even count: the lower middle run
 
 
+def test_busy_throughput_counts_tokens_while_every_slot_ran_and_leaves_out_the_drain() -> None:
+    from labkit.batch.scheduler import BatchRequest
+    from labkit.bench.batch import busy_tok_per_s
+
+    def request(times: list[float]) -> BatchRequest:
+        return BatchRequest([1], GenerationConfig(max_new_tokens=len(times)), token_times=times)
+
+    first = request([1.0, 2.0, 3.0, 4.0])  # its slot then takes the third
+    second = request([1.5, 2.5, 3.5, 4.5, 5.5, 6.5])  # finishes first after the last admission: the drain begins
+    third = request([4.2, 5.2, 6.2, 7.2, 8.2])
+    # both slots busy from 1.5 to 6.5: 3 + 5 + 3 tokens in 5 s; 7.2 and 8.2 (one row left) are the drain
+    assert busy_tok_per_s([first, second, third], 2) == pytest.approx(11 / 5.0)
+    alone = [request([1.0, 2.0, 3.0]), request([3.5, 4.5, 5.5])]  # one slot, one request after the other
+    assert busy_tok_per_s(alone, 1) == pytest.approx(5 / 4.5)  # busy to the last finish: the admission between them counted
+    assert busy_tok_per_s([first], 2) is None  # the slots were never all busy
+
+
 def test_crossover_is_the_first_size_where_speculation_stops_paying() -> None:
     from labkit.bench.batch_model import crossover
 

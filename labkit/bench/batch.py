@@ -30,7 +30,8 @@ until max_new_tokens, so every request has the same length. At each size every s
 once untimed, then `repeats` timed runs (3 on a GPU), the systems taking turns; a row is a system's
 median run by aggregate tok/s (every run's figure beside it), so one run disturbed by the machine
 moves no ratio. Per run: aggregate output tok/s
-(every new token over the wall time), per-request decode tok/s, median inter-token latency (the
+(every new token over the wall time), output tok/s while every slot was busy (`busy_tok_per_s`: the
+drain at the end left out, which speculative rows pay and plain's equal rows do not), per-request decode tok/s, median inter-token latency (the
 gap between tokens' arrivals at the host: for ngram-device systems, between chunks) and
 time to first token, mean rows per step, tau (tokens per row per step), and two identities: with
 batch-1 plain greedy through `generate`, and with the same system run one request at a time.
@@ -176,11 +177,28 @@ def _row(system: System, size: int, requests: list[BatchRequest], wall: float, m
             "per_request_tok_per_s": statistics.median(per_request) if per_request else 0.0,
             "itl_ms_p50": 1000 * statistics.median(gaps) if gaps else 0.0,
             "ttft_ms_p50": 1000 * statistics.median(r.token_times[0] - r.submitted for r in requests),
+            "busy_tok_per_s": busy_tok_per_s(requests, size),
             "mean_rows_per_step": mean_rows,
             "tau": sum(len(r.tokens) - 1 for r in requests) / max(1, steps),  # tokens per row per batched step
             "acceptance_rate": sum(r.accepted for r in requests) / max(1, sum(r.drafted for r in requests)),
             "identical_to_batch_1": sum(r.tokens == p for r, p in zip(requests, plain, strict=True)) / len(requests),
             "identical_to_own_batch_1": sum(r.tokens == p for r, p in zip(requests, own, strict=True)) / len(requests)}
+
+
+def busy_tok_per_s(requests: list[BatchRequest], size: int) -> float | None:
+    """Output tok/s while all `size` slots were busy: from the moment the size-th request had its
+    first token (every slot filled) to the first finish after the last request had its first (a
+    slot freed with nothing left to take it: the drain begins). A run's aggregate counts the drain,
+    and with every request the same length plain's rows finish together while speculative rows,
+    whose steps keep different counts of tokens, finish apart and drain with fewer rows (a serving
+    load that keeps coming has no drain). None where the slots were never all busy."""
+    firsts = sorted(r.token_times[0] for r in requests if r.token_times)
+    if len(firsts) < size:
+        return None
+    start = firsts[size - 1]
+    end = min((r.token_times[-1] for r in requests if r.token_times and r.token_times[-1] > firsts[-1]), default=firsts[-1])
+    tokens = sum(start < t <= end for r in requests for t in r.token_times)
+    return tokens / (end - start) if end > start and tokens else None
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -307,9 +325,11 @@ def controller_lines(summary: list[dict[str, Any]]) -> list[str]:
 
 def batch_report(payload: dict[str, Any]) -> list[str]:
     out = [f"{payload['card']}: continuous batching, greedy, {payload['parameters']['max_new_tokens']} new tokens per request",
-           f"{'system':<16} {'batch':>5} {'aggregate tok/s':>16} {'per request':>12} {'ITL ms':>8} {'TTFT ms':>8} {'tau':>5} {'= batch 1':>9} {'= own b1':>8}"]
+           f"{'system':<20} {'batch':>5} {'aggregate tok/s':>16} {'all busy':>9} {'per request':>12} {'ITL ms':>8} {'TTFT ms':>8} {'tau':>5} "
+           f"{'= batch 1':>9} {'= own b1':>8}"]
     for r in payload["summary"]:
-        out.append(f"{r['system']:<16} {r['batch']:>5} {r['aggregate_tok_per_s']:>16.1f} {r['per_request_tok_per_s']:>12.1f} "
+        busy = f"{r['busy_tok_per_s']:>9.1f}" if r.get("busy_tok_per_s") else f"{'-':>9}"
+        out.append(f"{r['system']:<20} {r['batch']:>5} {r['aggregate_tok_per_s']:>16.1f} {busy} {r['per_request_tok_per_s']:>12.1f} "
                    f"{r['itl_ms_p50']:>8.1f} {r['ttft_ms_p50']:>8.1f} {r['tau']:>5.2f} {r['identical_to_batch_1']:>9.0%} {r['identical_to_own_batch_1']:>8.0%}")
     out += controller_lines(payload["summary"])
     for m in payload["speedup_model"]:
