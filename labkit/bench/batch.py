@@ -228,18 +228,19 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
         suite = [encode_prompt(loaded.tokenizer, p.content) for p in categories_in_turn(load_suite())]
     prompts = [suite[i % len(suite)] for i in range(max(max(sizes) * cfg.requests_per_slot, cfg.min_requests))]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens)
-    bar = tqdm(desc="bench batch", total=len(prompts) * (1 + len(_systems(cfg))) + len(sizes) * len(_systems(cfg)) * (1 + repeats), disable=not cfg.progress)
+    systems = _systems(cfg)  # (with a head, its eagle.json read once)
+    bar = tqdm(desc="bench batch", total=len(prompts) * (1 + len(systems)) + len(sizes) * len(systems) * (1 + repeats), disable=not cfg.progress)
     plain = []
     for p in prompts:
         plain.append(generate(engine, p, gen).tokens)
         bar.update()
     slot_len = min(cfg.max_seq_len, engine.max_seq_len - 16)  # at most the model's context, less the graphs' headroom
     graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"  # batched steps as CUDA graphs per rows bucket
-    batches = {(s, b): BatchEngine(engine, BatchConfig(b, slot_len, s.invariant, graphs and not s.invariant)) for s in _systems(cfg) for b in sizes}
+    batches = {(s, b): BatchEngine(engine, BatchConfig(b, slot_len, s.invariant, graphs and not s.invariant)) for s in systems for b in sizes}
     for (s, _), batch in batches.items():  # every step shape captured before anything is timed
         batch.capture_graphs(list(range(1, s.k + 2)))
-    controllers = {s: BatchKController(s.k) for s in _systems(cfg) if s.auto}  # one per system, across sizes
-    drafting_ks = {s: controllers[s].candidates if s.auto else [s.k] for s in _systems(cfg) if s.device}  # a device system's K with steps of their own
+    controllers = {s: BatchKController(s.k) for s in systems if s.auto}  # one per system, across sizes
+    drafting_ks = {s: controllers[s].candidates if s.auto else [s.k] for s in systems if s.device}  # a device system's K with steps of their own
 
     def device_steps(s: System, batch: BatchEngine) -> list[BatchLookup]:  # a device system's steps: prompt lookup's or EAGLE's
         if s.eagle:
@@ -249,7 +250,7 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
 
     lookups = {key: device_steps(key[0], batch) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps
     own = {}
-    for s in _systems(cfg):  # each system one request at a time: its own batch-1 tokens
+    for s in systems:  # each system one request at a time: its own batch-1 tokens
         one = batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant))
         requests, _, _ = _run(one, s, prompts, gen, controllers.get(s), lookups.get((s, 1)) or (device_steps(s, one) if s.device else None))
         own[s] = [r.tokens for r in requests]
@@ -257,12 +258,12 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     rows, costs = [], {}
     for size in sizes:
         n = max(size * cfg.requests_per_slot, cfg.min_requests)
-        for s in _systems(cfg):  # untimed: first passes at this size, and a controller's first tries
+        for s in systems:  # untimed: first passes at this size, and a controller's first tries
             _run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s), lookups.get((s, size)))
             bar.update()
-        runs: dict[System, list[dict[str, Any]]] = {s: [] for s in _systems(cfg)}
+        runs: dict[System, list[dict[str, Any]]] = {s: [] for s in systems}
         for _ in range(repeats):  # the systems take turns, so that a drift of the machine's speed reaches each alike
-            for s in _systems(cfg):
+            for s in systems:
                 requests, wall, mean_rows, k_steps = _timed_run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s), lookups.get((s, size)))
                 row = _row(s, size, requests, wall, mean_rows, plain[:n], own[s][:n])
                 if k_steps is not None:
@@ -271,13 +272,13 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
                     row["k_costs"] = controllers[s].costs()  # ... and what they rest on: steps, fill, switches, acceptance
                 runs[s].append(row)
                 bar.update()
-        for s in _systems(cfg):
+        for s in systems:
             row = median_run(runs[s])
             rows.append(row)
             if log:
                 log.add(row)
         if cfg.drafter != "none":
-            drafting = next(s for s in _systems(cfg) if s.k == cfg.k and not s.auto and not s.device)  # host drafting; its engine has every width captured
+            drafting = next(s for s in systems if s.k == cfg.k and not s.auto and not s.device)  # host drafting; its engine has every width captured
             costs[size] = step_costs(batches[(drafting, size)], prompts, cfg.k, lambda: NgramDrafter(3, 1))
     bar.close()
     model = predicted_speedups(rows, costs, cfg.k) if cfg.drafter != "none" else []

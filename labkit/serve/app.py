@@ -30,6 +30,7 @@ from labkit.serve.metrics import ServeMetrics
 from labkit.serve.protocol import APIError, ChatRequest, CompletionRequest, chunk, response_body, to_serve_request, usage_chunk
 from labkit.serve.worker import FifoWorker, Job, Scheduler, SpecDefaults, finish_reason
 from labkit.specdec.draft import Drafter
+from labkit.specdec.eagle_drafter import EagleDrafter
 
 
 @dataclass
@@ -74,7 +75,7 @@ class _Server:
         self.worker: Scheduler
         if cfg.batch:
             slot_len = min(cfg.batch_slot_len, engine.max_seq_len - GRAPH_HEADROOM)
-            head = getattr(drafter, "head", None) if cfg.spec.drafter in ("eagle", "eagle-mix") else None  # the EAGLE head, for every row's chains
+            head = drafter.head if isinstance(drafter, EagleDrafter) else None  # the EAGLE head, for every row's chains
             self.worker = BatchWorker(engine, cfg.spec, cfg.max_queue, self.metrics, cfg.batch, slot_len, head)
         else:
             self.worker = FifoWorker(engine, cfg.spec, cfg.max_queue, self.metrics, drafter)
