@@ -16,7 +16,7 @@ from labkit.generate import Speculation, generate
 from labkit.specdec.drafters import NgramDrafter
 from labkit.specdec.eagle_drafter import EagleDrafter
 from labkit.specdec.lookup import latest_match
-from tests.test_batch import prompts
+from tests.test_batch import Scripted, prompts
 from tests.test_eagle import _engine, random_head
 
 K = 3
@@ -52,6 +52,26 @@ def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(
     hook = steps.hook
     assert isinstance(hook, BatchEagle) and (hook.chained < hook.loaded if slots > 1 else hook.chained == hook.loaded)  # rows admitted together: one first chain
     assert sum(r.accepted for r in got) < sum(r.drafted for r in got)  # and some rejected: ragged rows were met
+
+
+def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and_no_ngram_judging() -> None:
+    """eagle-device-auto (a K controller over EAGLE chunks): rows switch between plain steps and
+    chunks, each switch back loads them again from their contexts, and every output stays plain
+    greedy; the controller learns what rows keep from EAGLE's drafts alone (plain steps' host
+    n-gram drafts, batch/shadow.py, would judge another drafter's acceptance)."""
+    engine, head = _engine(), random_head()
+    asks = [p * 2 for p in prompts(4, 96, seed=13)]
+    cfgs = [GenerationConfig(max_new_tokens=20 + 4 * i, stop_at_eos=False) for i in range(len(asks))]
+    want = [generate(engine, p, c).tokens for p, c in zip(asks, cfgs, strict=True)]
+    batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
+    hook = BatchEagle(batch, head, K)
+    ctl = Scripted(K, (0, 0, K), best=K)  # two plain steps, then a chunk of EAGLE steps, in turn
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, ctl, lookup=BatchLookup(batch, K, hook=hook))  # type: ignore[arg-type]
+    got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    assert {k for k, _ in ctl.seen} == {0, K} and ctl.kept and not ctl.judged
+    assert hook.loaded > len(asks)  # rows back from plain steps were loaded again
 
 
 def test_batched_eagle_mix_rows_copy_or_chain_as_one_requests_eagle_ngram() -> None:
@@ -174,9 +194,10 @@ def test_bench_batch_runs_eagle_device_steps_from_a_head_folder(tiny_folder, tmp
     save_eagle(random_head(), tmp_path / "eagle", fingerprint(from_config(loaded, cpu).model.lm_head.weight), {})
     cfg = BatchBenchConfig(model=str(tiny_folder), engine=cpu, sizes=[1, 2], invariant=False, k=2, max_new_tokens=6, requests_per_slot=1,
                            min_requests=3, max_seq_len=128, repeats=1, heads=str(tmp_path / "eagle"), output_dir=None, progress=False)
-    rows = [r for r in run_batch_bench(cfg, loaded)["rows"] if r["system"] == "eagle-device-2"]
-    assert [r["batch"] for r in rows] == [1, 2]
+    rows = [r for r in run_batch_bench(cfg, loaded)["rows"] if r["system"] in ("eagle-device-2", "eagle-device-auto-2")]
+    assert [(r["system"], r["batch"]) for r in rows] == [("eagle-device-2", 1), ("eagle-device-auto-2", 1), ("eagle-device-2", 2), ("eagle-device-auto-2", 2)]
     assert all(r["identical_to_batch_1"] == 1.0 == r["identical_to_own_batch_1"] and r["tau"] >= 1.0 for r in rows)
+    assert all(sum(r["k_steps"].values()) > 0 for r in rows if "auto" in r["system"])  # the controller's steps reported
     with pytest.raises(LabkitError, match="holds no EAGLE head"):
         dataclasses.replace(cfg, heads=str(tmp_path / "none")).validate()  # before anything runs
     names = [s.name for s in _systems(dataclasses.replace(cfg, k=6))]  # past the head's depth of 4: the chain at 4, eagle-mix at 6

@@ -2,8 +2,7 @@
 
 Each `step()` first admits waiting requests into free slots (their prompts prefilled together where
 that keeps batch-1 prefill's bits, BatchEngine.admit_many: prefill and decode run as separate
-steps), then decodes one token for every active request in one
-batched step. A request that finishes (max_new_tokens, or an end-of-sequence token once
+steps), then decodes one token for every active request in one batched step. A request that finishes (max_new_tokens, or an end-of-sequence token once
 min_new_tokens allow it) leaves at once and its slot takes the next request at the next step.
 Admission keeps within the cache: a request whose prompt and new tokens do not fit a slot is
 refused when it is submitted, and one waits while every slot is busy.
@@ -101,7 +100,8 @@ class ContinuousBatcher:
         self.chunk_ahead: tuple[BatchLookup, tuple[list[BatchRequest], int]] | None = None  # device steps launched ahead: theirs, (rows, steps)
         self.accounted = time.perf_counter()  # where the last step timed for the controller ended
         self.span = DeviceSpan(batch.engine.device)  # a chunk's device time (`_lookup_chunk`)
-        self.shadow = ShadowDrafts(k) if controller is not None and k else None  # the rows' acceptance during plain steps
+        # the rows' acceptance during plain steps (not where a hook drafts, EAGLE: the host's n-gram drafts would misjudge it)
+        self.shadow = ShadowDrafts(k) if controller is not None and k and not any(lu.hook is not None for lu in lookups) else None
 
     def submit(self, prompt_ids: list[int], config: GenerationConfig) -> BatchRequest:
         """Queue a request (EOS ids as `generate` takes them: the config's, else the model's)."""

@@ -16,7 +16,9 @@ Systems, each at every batch size B (the systems take turns at each size):
   (batch/lookup.py; the lookup's rule is the kernels', n-grams of 3 down to 1 tokens, always K).
 - eagle-device-K (with --heads, a trained EAGLE head): the same chunks, each row's drafts the EAGLE
   chain drafted inside the step before's batched verify (batch/eagle.py); eagle-mix-device-K the
-  same with prompt lookup's copy where a row's context ends in a bigram seen before (eagle-mix's rule).
+  same with prompt lookup's copy where a row's context ends in a bigram seen before (eagle-mix's rule);
+  eagle-device-auto-K the EAGLE chunks with K chosen like ngram-auto-K's (plain where they stop
+  paying; rows back from plain steps are loaded again, a pass over their context each).
   A chain is at most the head's depth: with K past it, eagle-device runs at the depth (its name says
   which K) and eagle-mix-device at K (copies fill the columns a chain leaves).
 
@@ -143,6 +145,7 @@ def _systems(cfg: BatchBenchConfig) -> list[System]:
     if cfg.heads:
         chain_k = min(cfg.k, load_eagle_config(cfg.heads).depth)  # a chain is at most the head's depth; eagle-mix's copies go past it
         out += [System(f"eagle-device-{chain_k}", False, chain_k, device=True, eagle=True),
+                System(f"eagle-device-auto-{chain_k}", False, chain_k, auto=True, device=True, eagle=True),
                 System(f"eagle-mix-device-{cfg.k}", False, cfg.k, device=True, eagle=True, copy_after=MIX_MIN_N)]
     return out
 

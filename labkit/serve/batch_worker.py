@@ -49,7 +49,7 @@ class BatchWorker:
         device = spec.drafter == "ngram-graph" or eagle
         graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"
         batch = BatchEngine(engine, BatchConfig(slots, slot_len, cuda_graph=graphs))
-        # by throughput, K 0 included; EAGLE at its K (the controller's drafts judged in plain steps are lookup's, and rows back from plain reload)
+        # by throughput, K 0 included; EAGLE at its K until bench batch's eagle-device-auto is measured on a GPU (rows back from plain reload)
         controller = BatchKController(k) if k and spec.controller != "fixed" and not eagle else None
         ks = controller.candidates if controller else [k]
         copy_after = MIX_MIN_N if spec.drafter == "eagle-mix" else 0
