@@ -1,11 +1,11 @@
 """Continuous batching over a BatchEngine: requests join and leave between steps.
 
 Each `step()` first admits waiting requests into free slots (their prompts prefilled together where
-that keeps batch-1 prefill's bits, BatchEngine.admit_many: prefill and decode run as separate
-steps), then decodes one token for every active request in one batched step. A request that finishes (max_new_tokens, or an end-of-sequence token once
-min_new_tokens allow it) leaves at once and its slot takes the next request at the next step.
-Admission keeps within the cache: a request whose prompt and new tokens do not fit a slot is
-refused when it is submitted, and one waits while every slot is busy.
+that keeps batch-1 prefill's bits, BatchEngine.admit_many: prefill and decode run as separate steps),
+then decodes one token for every active request in one batched step. A request that finishes
+(max_new_tokens, or an end-of-sequence token once min_new_tokens allow it) leaves at once and its
+slot takes the next request at the next step. Admission keeps within the cache: a request whose
+prompt and new tokens do not fit a slot is refused when submitted; one waits while every slot is busy.
 
 Speculation: with a drafter factory and K, every step drafts up to K tokens for each row (one K
 for the whole batch; a row may propose fewer, and drafts past a request's last token are not

@@ -31,12 +31,12 @@ with another, then the request); greedy, EOS blocked
 until max_new_tokens, so every request has the same length. At each size every system first runs
 once untimed, then `repeats` timed runs (3 on a GPU), the systems taking turns; a row is a system's
 median run by aggregate tok/s (every run's figure beside it), so one run disturbed by the machine
-moves no ratio. Per run: aggregate output tok/s
-(every new token over the wall time), output tok/s while every slot was busy (`busy_tok_per_s`: the
-drain at the end left out, which speculative rows pay and plain's equal rows do not), per-request decode tok/s, median inter-token latency (the
-gap between tokens' arrivals at the host: for ngram-device systems, between chunks) and
-time to first token, mean rows per step, tau (tokens per row per step), and two identities: with
-batch-1 plain greedy through `generate`, and with the same system run one request at a time.
+moves no ratio. Per run: aggregate output tok/s (every new token over the wall time), output tok/s
+while every slot was busy (`busy_tok_per_s`: the drain at the end left out, which speculative rows
+pay and plain's equal rows do not), per-request decode tok/s, median inter-token latency (the gap
+between tokens' arrivals at the host: for ngram-device systems, between chunks) and time to first
+token, mean rows per step, tau (tokens per row per step), and two identities: with batch-1 plain
+greedy through `generate`, and with the same system run one request at a time.
 
 The speedup model at batch B (batch_model.py): speculation pays tau(B) tokens per step, so it
 predicts tau(B) x t_plain(B) / t_draft(B), with the scheduler's plain and drafting steps timed on
