@@ -104,15 +104,22 @@ case "$step" in
     ;;
   eagle)  # EAGLE-lite, self-distilled on this card (then: DRAFTERS=ngram-graph,eagle HEADS=/tmp/eagle ... validate)
     # texts written in earlier sessions, carried in .carry/texts (gzip parts of a --texts-file): only the rest is written
-    if ls .carry/texts/eagle-texts.json.gz.part_* >/dev/null 2>&1; then
+    # (not over the texts an earlier call on this machine went on writing)
+    if [ ! -e /tmp/eagle-texts.json ] && ls .carry/texts/eagle-texts.json.gz.part_* >/dev/null 2>&1; then
       cat .carry/texts/eagle-texts.json.gz.part_* | gunzip > /tmp/eagle-texts.json
-      EAGLE_ARGS="${EAGLE_ARGS:-} --texts-file /tmp/eagle-texts.json"
     fi
-    python3 -m labkit heads train --kind eagle --device cuda --out /tmp/eagle --texts "${TEXTS:-768}" --steps "${STEPS:-1500}" ${EAGLE_ARGS:-} 2>&1 | grep -v Warning | tail -4 | tee "$out/eagle_train.txt"
+    # TRAIN_S bounds writing + training (the texts file keeps what was written, and comes home below either way: a machine
+    # released before the next call lost 30,720 written texts in session 33). The 30k-text head: TEXTS=30720 STEPS=5000
+    # EAGLE_ARGS="--batch-size 32 --train-depth 4 --depth 5" takes ~430 s writing + ~130 s training: two calls, the second at once.
+    case " ${EAGLE_ARGS:-} " in *--texts-file*) ;; *) EAGLE_ARGS="${EAGLE_ARGS:-} --texts-file /tmp/eagle-texts.json" ;; esac
+    timeout "${TRAIN_S:-540}" python3 -m labkit heads train --kind eagle --device cuda --out /tmp/eagle --texts "${TEXTS:-768}" --steps "${STEPS:-1500}" ${EAGLE_ARGS:-} 2>&1 \
+      | tr '\r' '\n' | grep -v -e Warning -e 'it/s' | tail -4 | tee "$out/eagle_train.txt" || true
     if [ -e /tmp/eagle-texts.json ]; then mkdir -p "$out/texts" && gzip -c /tmp/eagle-texts.json | split -b 15M - "$out/texts/eagle-texts.json.gz.part_"; fi
     # bring it home, to carry next time (.carry/eagle, then the eagle-carried step): the weights in
     # parts under the 16 MB a returned file may have
-    mkdir -p "$out/eagle" && cp /tmp/eagle/eagle.json "$out/eagle/" && split -b 15M /tmp/eagle/eagle.safetensors "$out/eagle/eagle.safetensors.part_"
+    if [ -e /tmp/eagle/eagle.safetensors ]; then
+      mkdir -p "$out/eagle" && cp /tmp/eagle/eagle.json "$out/eagle/" && split -b 15M /tmp/eagle/eagle.safetensors "$out/eagle/eagle.safetensors.part_"
+    else echo "no head yet (writing or training stopped at TRAIN_S ${TRAIN_S:-540} s): call again at once, the texts are kept"; fi
     ;;
   eagle-carried)  # an EAGLE head trained in an earlier session, carried in .carry/eagle (eagle.json, eagle.safetensors.part_*)
     rm -rf /tmp/eagle && mkdir -p /tmp/eagle && cp .carry/eagle/eagle.json /tmp/eagle/ && cat .carry/eagle/eagle.safetensors.part_* > /tmp/eagle/eagle.safetensors
