@@ -303,7 +303,9 @@ def test_bench_batch_writes_rows_for_every_size_and_system(tiny_folder, tmp_path
         assert set(r["k_costs"]) == set(r["k_rates"]) and all(set(c["step_ms"]) == set(r["k_rates"][b]) and all(v > 0 for v in c["step_ms"].values())
                                                              for b, c in r["k_costs"].items())
     report = batch_report(payload)
-    assert len(report) == 2 + len(rows) + len(auto) + 2 + 1
+    assert len(report) == 2 + len(rows) + len(auto) + 2 + 2 + 1
+    over = [line for line in report if " over plain: " in line]  # each size: every speculative system's ratio, and while all slots ran
+    assert len(over) == 2 and all(line.count("x all busy") == len(systems) - 2 for line in over)
     assert sum("steps with K 0" in line and " ms, fill " in line for line in report) == len(auto)  # what each auto system's rates rest on
 
 

@@ -328,6 +328,23 @@ def controller_lines(summary: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def over_plain_lines(summary: list[dict[str, Any]]) -> list[str]:
+    """Per batch size, each speculative system's aggregate tok/s over plain's, and while every slot
+    was busy (the drain left out, `busy_tok_per_s`) where both runs had such a window."""
+    plain = {r["batch"]: r for r in summary if r["system"] == "plain"}
+    out = []
+    for size, base in plain.items():
+        parts = []
+        for r in (r for r in summary if r["batch"] == size and r["k"]):
+            part = f"{r['system']} {r['aggregate_tok_per_s'] / base['aggregate_tok_per_s']:.2f}x"
+            if r.get("busy_tok_per_s") and base.get("busy_tok_per_s"):
+                part += f" ({r['busy_tok_per_s'] / base['busy_tok_per_s']:.2f}x all busy)"
+            parts.append(part)
+        if parts:
+            out.append(f"batch {size:>3} over plain: " + ", ".join(parts))
+    return out
+
+
 def batch_report(payload: dict[str, Any]) -> list[str]:
     out = [f"{payload['card']}: continuous batching, greedy, {payload['parameters']['max_new_tokens']} new tokens per request",
            f"{'system':<20} {'batch':>5} {'aggregate tok/s':>16} {'all busy':>9} {'per request':>12} {'ITL ms':>8} {'TTFT ms':>8} {'tau':>5} "
@@ -337,6 +354,7 @@ def batch_report(payload: dict[str, Any]) -> list[str]:
         out.append(f"{r['system']:<20} {r['batch']:>5} {r['aggregate_tok_per_s']:>16.1f} {busy} {r['per_request_tok_per_s']:>12.1f} "
                    f"{r['itl_ms_p50']:>8.1f} {r['ttft_ms_p50']:>8.1f} {r['tau']:>5.2f} {r['identical_to_batch_1']:>9.0%} {r['identical_to_own_batch_1']:>8.0%}")
     out += controller_lines(payload["summary"])
+    out += over_plain_lines(payload["summary"])
     for m in payload["speedup_model"]:
         out.append(f"batch {m['batch']:>3}: speculation measured {m['measured_speedup']:.2f}x plain, model {m['predicted_speedup']:.2f}x "
                    f"(tau {m['tau']:.2f}, step K {payload['parameters']['k']} / plain step {m['spec_over_plain_step']:.2f}, "
