@@ -105,10 +105,7 @@ class BatchLookup:
         """`steps` (<= CHUNK) steps of rows [0, n), one per request (BatchRequest: context,
         prompt_ids, config), every row's EOS ids these: replays of the bucket's captured step on CUDA.
         Returns whether the bucket's step was captured first (the chunk's time is then not its own)."""
-        if not 1 <= steps <= CHUNK:
-            raise LabkitError(f"a chunk takes 1 to {CHUNK} steps, not {steps}")
-        n, self.steps = len(requests), steps
-        r = bucket(n) if self.batch.graphs_ok else n
+        r = self._chunk_rows(len(requests), steps)
         captured = self.batch.graphs_ok and r not in self.graphs
         if captured:
             self.capture(r)
@@ -120,12 +117,16 @@ class BatchLookup:
         """`steps` (<= CHUNK) more steps of the last chunk's rows [0, n), launched before the host
         takes that chunk's tokens (the scheduler's chunks ahead): the device's rows are theirs
         already, so nothing is loaded; read, then `taken`, as after `run`."""
+        r = self._chunk_rows(n, steps)
+        self._pad(n, r)
+        self._replay(r, steps)
+
+    def _chunk_rows(self, n: int, steps: int) -> int:
+        """A chunk of `steps` over n rows: checked, kept as this chunk's, and its rows (the bucket's where steps are captured)."""
         if not 1 <= steps <= CHUNK:
             raise LabkitError(f"a chunk takes 1 to {CHUNK} steps, not {steps}")
         self.steps = steps
-        r = bucket(n) if self.batch.graphs_ok else n
-        self._pad(n, r)
-        self._replay(r, steps)
+        return bucket(n) if self.batch.graphs_ok else n
 
     def _replay(self, r: int, steps: int) -> None:
         self.n_start.copy_(self.n_ctx)
