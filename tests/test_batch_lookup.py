@@ -255,6 +255,35 @@ def test_chunks_launched_ahead_keep_each_rows_tokens_and_drafts(slots: int) -> N
     assert together == alone and not none and len(launched) >= 5  # chunks went ahead, nothing changed
 
 
+@pytest.mark.parametrize(("ks", "best"), [((2,), 2), ((2, 0, 0, 2, 2), 2), ((2,), 0)])
+def test_a_controllers_chunks_go_ahead_where_its_choice_is_its_best(ks: tuple[int, ...], best: int) -> None:
+    """With a controller, the next chunk is launched ahead where the controller, asked as the last
+    chunk is read, chooses the chunk's K and rates it best (not a try). Every choice is acted on
+    once, in order (one not taken there is the next step's, not asked for again), and every
+    request keeps its plain greedy tokens."""
+    eng = engine()
+    prompts = asks(2, eng.args.vocab_size, seed=2)
+    cfg = GenerationConfig(max_new_tokens=60)
+    want = [generate(eng, p, cfg).tokens for p in prompts]
+    batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=200))
+    lookup = BatchLookup(batch, 2)
+    ctl = Scripted(2, ks, best=best)
+    done: list[int] = []  # the K of each step begun: a chunk (read at once or launched ahead), or a plain step
+    launched: list[int] = []
+    run, run_on, advance, choose = lookup.run, lookup.run_on, batch.advance, ctl.choose
+    chosen: list[int] = []
+    lookup.run = lambda *a: (done.append(2), run(*a))[1]  # type: ignore[method-assign]
+    lookup.run_on = lambda *a: (done.append(2), launched.append(1), run_on(*a))[2]  # type: ignore[method-assign]
+    batch.advance = lambda *a: (done.append(0), advance(*a))[1]  # type: ignore[method-assign]
+    ctl.choose = lambda b: (chosen.append(choose(b)), chosen[-1])[1]  # type: ignore[method-assign]
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 2, ctl, ahead=True, lookup=lookup)  # type: ignore[arg-type]
+    got = [batcher.submit(p, cfg) for p in prompts]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    assert done == chosen[: len(done)] and len(chosen) - len(done) <= 1, (done, chosen)  # (the last choice may find every row done)
+    assert (len(launched) >= 2) if best == 2 else not launched, launched
+
+
 def test_device_lookup_refuses_what_it_was_not_built_for() -> None:
     eng = engine()
     batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=64))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +32,7 @@ from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchEngine
 from labkit.batch.graphs import bucket
 from labkit.batch.lookup import BatchLookup
+from labkit.batch.request import BatchRequest
 from labkit.batch.shadow import ShadowDrafts
 from labkit.batch.transfer import HostCopy, constant, to_device
 from labkit.config import GenerationConfig
@@ -39,26 +40,6 @@ from labkit.errors import LabkitError
 from labkit.metrics.timers import DeviceSpan
 from labkit.sampling import make_generator, sample
 from labkit.specdec.draft import Drafter
-
-
-@dataclass
-class BatchRequest:
-    prompt_ids: list[int]
-    config: GenerationConfig
-    eos_ids: tuple[int, ...] = ()  # blocked before min_new_tokens; they end the output when config.stop_at_eos
-    drafter: Drafter | None = None
-    generator: torch.Generator | None = None  # sampling only: the request's own draws
-    context: list[int] = field(default_factory=list)  # prompt + generated: what the drafter reads
-    tokens: list[int] = field(default_factory=list)  # generated so far
-    token_times: list[float] = field(default_factory=list)  # host clock (perf_counter) as each token came
-    submitted: float = 0.0
-    finished: bool = False
-    stop_reason: str = ""  # "max_new_tokens", "eos" or "cancelled", as generate names them
-    drafted: int = 0  # draft tokens verified
-    accepted: int = 0  # of them, kept
-    verify_steps: int = 0  # batched steps this request took part in
-    draft_tokens: list[list[int]] = field(default_factory=list)  # per step: the proposal (speculation only)
-    accepted_lengths: list[int] = field(default_factory=list)  # per step: how much of it stood
 
 
 @dataclass
@@ -98,6 +79,7 @@ class ContinuousBatcher:
         self.rows_stepped = 0  # sum of active rows over those steps (mean batch = rows_stepped / steps)
         self.in_flight: _InFlight | None = None  # a plain step launched and not yet read
         self.chunk_ahead: tuple[BatchLookup, tuple[list[BatchRequest], int]] | None = None  # device steps launched ahead: theirs, (rows, steps)
+        self.chosen: tuple[int, int] | None = None  # a controller's choice made ahead of its step (`_ahead_steps`): (bucket, K)
         self.accounted = time.perf_counter()  # where the last step timed for the controller ended
         self.span = DeviceSpan(batch.engine.device)  # a chunk's device time (`_lookup_chunk`)
         # the rows' acceptance during plain steps (not where a hook drafts, EAGLE: the host's n-gram drafts would misjudge it)
@@ -208,7 +190,7 @@ class ContinuousBatcher:
         if not self.rows:
             self.in_flight = None  # its requests all left (cancelled): nothing to read
             return
-        k_step = self.controller.choose(bucket(len(self.rows))) if self.controller else self.k
+        k_step = self._choose_k()
         flight = self.in_flight
         if k_step == 0 and self.ahead and (flight is None or any(len(r.tokens) + (id(r) in flight.rows) < r.config.max_new_tokens for r in self.rows)):
             self._plain_ahead()  # (a step after which every row is done by max_new_tokens would be wasted)
@@ -219,6 +201,13 @@ class ContinuousBatcher:
             self._lookup_chunk(lookup)
         elif self.rows:
             self._read_step(k_step)
+
+    def _choose_k(self) -> int:
+        """The next step's K: fixed, or the controller's (a choice made ahead for these rows' bucket stands)."""
+        chosen, self.chosen, rows = self.chosen, None, bucket(len(self.rows))
+        if self.controller is None:
+            return self.k
+        return chosen[1] if chosen is not None and chosen[0] == rows else self.controller.choose(rows)
 
     def _admit(self) -> None:
         """Prefill the waiting requests that fit into free slots; each takes its first token."""
@@ -334,11 +323,17 @@ class ContinuousBatcher:
 
     def _ahead_steps(self, lookup: BatchLookup, rows: list[BatchRequest], tokens: list[list[list[int]]]) -> int:
         """Steps of a chunk to launch before the host takes the last one's tokens (0: none; chunking.py): with `ahead`,
-        where every row goes on, no waiting request could take a free slot and K is fixed (no controller)."""
-        if not self.ahead or self.controller is not None or (self.waiting and self.batch.free):
+        where every row goes on, no waiting request could take a free slot and the next step drafts this K: fixed, or
+        a controller's choice that is its best (a try runs one step). The controller chooses here, a chunk early (it
+        has not yet heard of the chunk just read); a choice not taken here is the next step's (`_choose_k`)."""
+        if not self.ahead or (self.waiting and self.batch.free) or (coming := rows_go_on(rows, tokens, lookup.room)) is None:
             return 0
-        coming = rows_go_on(rows, tokens, lookup.room)
-        return 0 if coming is None else chunk_steps(rows, coming, len(tokens))
+        if self.controller is not None:
+            self.chosen = (rows_bucket := bucket(len(rows)), self.controller.choose(rows_bucket))
+            if self.chosen[1] != lookup.k or self.controller.best(rows_bucket) != lookup.k:
+                return 0
+            self.chosen = None
+        return chunk_steps(rows, coming, len(tokens))
 
     def _lookup_chunk(self, lookup: BatchLookup, ahead: tuple[list[BatchRequest], int] | None = None) -> None:
         """A chunk of drafting steps on the device (`ahead`: one launched before, its rows and
@@ -357,7 +352,7 @@ class ContinuousBatcher:
             self.span.start()
             captured = lookup.run(rows, rows[0].eos_ids, m)
             self.span.stop()
-        else:  # launched ahead (no controller)
+        else:  # launched ahead (its full length: its time per step is the period its chunks run at)
             (rows, m), captured, self.chunk_ahead = ahead, False, None
             full = m
         drafts, tokens, n_ctx = lookup.read(rows)
