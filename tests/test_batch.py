@@ -28,6 +28,7 @@ class Scripted:
         self.seen: list[tuple[int, float]] = []
         self.kept: list[list[int]] = []  # per drafting step observed: the accepted drafts it was told of
         self.judged: list[tuple[int, list[int]]] = []  # drafts judged by plain steps (batch/shadow.py): (K, kept)
+        self.loads: list[tuple[int, float]] = []  # chunks' loads of their rows: (K, seconds)
 
     def choose(self, bucket: int) -> int:
         self.calls += 1
@@ -43,6 +44,9 @@ class Scripted:
 
     def observe_drafts(self, k: int, kept: list[int]) -> None:
         self.judged.append((k, kept))
+
+    def observe_load(self, bucket: int, k: int, seconds: float) -> None:
+        self.loads.append((k, seconds))
 
 
 def drafts_kept(rng, p: float, k: int) -> int:  # type: ignore[no-untyped-def]
@@ -932,6 +936,33 @@ def test_a_switch_to_plain_pays_its_first_step() -> None:
                 ctl.observe(1, k, got, ms * 1e-3, kept)
             tokens, seconds, last = tokens + got, seconds + ms, k
         assert tokens / seconds / k5 >= 0.995, (seed, tokens / seconds / k5)
+
+
+def test_a_switch_to_drafting_pays_the_rows_load_and_a_drafting_run_none() -> None:
+    """A drafting K's load of rows that plain steps moved on (EAGLE: a pass over each row's context)
+    is the switch's cost: told after plain steps, K's value from plain counts it beside the bubble
+    (once over SWITCH_HORIZON of its steps), and a try of K across plain pays it; told within a
+    drafting run (rows newly admitted), it is not kept. K's own rate never includes it."""
+    from labkit.batch.controller import SWITCH_HORIZON, BatchKController
+
+    ctl = BatchKController(5, candidates=[0, 5], warm=1)
+    for k, seconds, kept in [(0, 0.85e-3, None), (0, 0.5e-3, None), (0, 0.5e-3, None), (5, 0.8e-3, [2]), (5, 0.8e-3, [2]), (5, 0.8e-3, [2])]:
+        ctl.observe(1, k, 3 if k else 1, seconds, kept)
+    ctl.observe_load(1, 5, 3e-3)  # within a drafting run: no one's
+    stats = ctl.buckets[1]
+    assert stats.load == {}
+    ctl.observe(1, 0, 1, 0.85e-3)
+    ctl.observe(1, 0, 1, 0.5e-3)  # plain steps, then a chunk of K 5 that loaded its rows
+    ctl.observe_load(1, 5, 3e-3)
+    ctl.observe(1, 5, 3, 0.8e-3, [2])
+    assert stats.load == {5: 3e-3}
+    stats.chosen = 0  # the batch runs plain: K 5 is a switch away
+    step, bubble = stats.step(5), stats.fill - stats.step(0)
+    assert ctl.values(1)[5] == pytest.approx(stats.rate(5) * SWITCH_HORIZON * step / (SWITCH_HORIZON * step + bubble + 3e-3))
+    value = ctl.values(1)
+    assert stats.try_cost(5, 0, value) == pytest.approx(step / stats.step(0) * max(0.0, 1 - value[5] / value[0]) + (2 * bubble + 3e-3) / stats.step(0))
+    stats.chosen = 5  # drafting: staying costs nothing, and K 5's rate is its steps' alone
+    assert ctl.values(1)[5] == stats.rate(5) == pytest.approx(3 / 0.8e-3, rel=0.05)
 
 
 def test_near_even_drafting_does_not_keep_the_batch_switching() -> None:

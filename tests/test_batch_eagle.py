@@ -58,13 +58,19 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     """eagle-device-auto (a K controller over EAGLE chunks): rows switch between plain steps and
     chunks, each switch back loads them again from their contexts, and every output stays plain
     greedy; the controller learns what rows keep from EAGLE's drafts alone (plain steps' host
-    n-gram drafts, batch/shadow.py, would judge another drafter's acceptance)."""
+    n-gram drafts, batch/shadow.py, would judge another drafter's acceptance). A chunk's load of
+    its rows (here >= 0.2 s each) is told apart, not in its steps' seconds: charged to them, a
+    one-step try rated EAGLE's K 5 at 3.4 ms a step on the H200 where its steps took 0.8."""
+    import time
+
     engine, head = _engine(), random_head()
     asks = [p * 2 for p in prompts(4, 96, seed=13)]
     cfgs = [GenerationConfig(max_new_tokens=20 + 4 * i, stop_at_eos=False) for i in range(len(asks))]
     want = [generate(engine, p, c).tokens for p, c in zip(asks, cfgs, strict=True)]
     batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
     hook = BatchEagle(batch, head, K)
+    load = hook.load
+    hook.load = lambda *args: (time.sleep(0.2), load(*args))[1]  # type: ignore[method-assign]
     ctl = Scripted(K, (0, 0, K), best=K)  # two plain steps, then a chunk of EAGLE steps, in turn
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, ctl, lookup=BatchLookup(batch, K, hook=hook))  # type: ignore[arg-type]
     got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
@@ -72,6 +78,7 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     assert [r.tokens for r in got] == want
     assert {k for k, _ in ctl.seen} == {0, K} and ctl.kept and not ctl.judged
     assert hook.loaded > len(asks)  # rows back from plain steps were loaded again
+    assert sum(seconds >= 0.2 for k, seconds in ctl.loads if k == K) >= 3 and max(seconds for k, seconds in ctl.seen if k == K) < 0.02, ctl.seen
 
 
 def test_batched_eagle_mix_rows_copy_or_chain_as_one_requests_eagle_ngram() -> None:

@@ -79,7 +79,11 @@ switch out for the rest of the run (a row left to run alone stayed plain where K
 A switch is counted
 from the K last taken as the best, not the last step's: after a try of K 5, plain looked like the
 switch (simulated at 8 rows with drafting near even: 0.88 of plain, switching every 12 steps; so
-counted, 0.97). (Tried: runs of 8 while plain is the best, fewer switches where a drafting K is a
+counted, 0.97). A drafting K may also have to load rows that plain steps moved on (EAGLE: a pass
+over each row's context, its draft cache caught up): told apart from K's steps (`observe_load`),
+it joins the bubble of a switch from plain to that K and a try's cost, never K's rate (charged to
+a one-step try, it rated EAGLE's K 5 at 3.4 ms a step on the H200 where its steps took 0.8, and the
+controller never drafted: results/gpu/batch-NVIDIA-H200-20261203-170508.json). (Tried: runs of 8 while plain is the best, fewer switches where a drafting K is a
 close call behind plain: in simulation at 16 rows 0.94-0.97 of plain against 0.84-0.94, on the H200
 0.92-0.95x from 8 to 64 rows in two runs (with tries rated as now) against 0.92-0.98x with runs of 2
 the same day: results/gpu/batch-NVIDIA-H200-20261202-034541.json, -035542.json, -032933.json.)
@@ -157,6 +161,7 @@ class BucketStats:
     plain_left: int = 0  # steps of the current run of plain steps still to take
     last_k: int = -1  # the K of the step observed last
     fill: float = 0.0  # decayed mean seconds of a run's first plain step after drafting (0: none yet)
+    load: dict[int, float] = field(default_factory=dict)  # K -> decayed mean seconds its first chunk after plain steps took to load the rows
     chosen: int = -1  # the K last taken as the best (-1: none yet)
     switches: int = 0  # such choices that went from plain to drafting or back
 
@@ -168,21 +173,25 @@ class BucketStats:
         """K's rate for the choice now. A switch between plain and drafting (either way, from the K
         last taken as the best) leaves the device a step's host work that nothing hides (measured: the
         fill, a run's first plain step after drafting, less a plain step in a run): valued as paid once
-        over `horizon` steps of K. Staying, K's rate."""
+        over `horizon` steps of K; a switch to drafting, also K's load of the rows plain steps moved on
+        (`BatchKController.observe_load`). Staying, K's rate."""
         switch = self.chosen != -1 and (k == 0) != (self.chosen == 0)
-        if not switch or not self.fill or not self.step(0) or not self.step(k):
+        if not switch or not self.step(k):
             return self.rate(k)
-        bubble = max(0.0, self.fill - self.step(0))
+        bubble = max(0.0, self.fill - self.step(0)) if self.fill and self.step(0) else 0.0
+        bubble += self.load.get(k, 0.0)
         return self.rate(k) * horizon * self.step(k) / (horizon * self.step(k) + bubble)
 
     def try_cost(self, k: int, best: int, value: dict[int, float]) -> float:
         """The best's steps a try of K loses: K's step over the best's x the share of the best's rate
-        K lacks, and where the try switches between plain and drafting, the bubble paid there and back."""
+        K lacks, and where the try switches between plain and drafting, the bubble paid there and back
+        and the drafting K's load of the rows on its way back from plain."""
         if not self.step(best) or not value[best]:
             return 0.0
         lost = self.step(k) / self.step(best) * max(0.0, 1 - value[k] / value[best])
-        if (k == 0) != (best == 0) and self.fill and self.step(0):
-            lost += 2 * max(0.0, self.fill - self.step(0)) / self.step(best)
+        if (k == 0) != (best == 0):
+            bubbles = 2 * max(0.0, self.fill - self.step(0)) if self.fill and self.step(0) else 0.0
+            lost += (bubbles + self.load.get(k or best, 0.0)) / self.step(best)
         return lost
 
     def rate(self, k: int) -> float:
@@ -272,10 +281,11 @@ class BatchKController:
         return {b: {k: stats.rate(k) for k in self.candidates if stats.seconds.get(k)} for b, stats in sorted(self.buckets.items())}
 
     def costs(self) -> dict[int, dict[str, object]]:
-        """Per rows bucket, what the rates rest on, for a report: each K's mean step and the fill (ms),
+        """Per rows bucket, what the rates rest on, for a report: each K's mean step, the fill and its loads (ms),
         the switches between plain and drafting, and a row's expected tokens with each K now."""
         tokens = {k: self.acceptance.tokens(k) for k in self.candidates if k} if self.acceptance.known else {}
         return {b: {"step_ms": {k: 1e3 * st.step(k) for k in self.candidates if st.step(k)}, "fill_ms": 1e3 * st.fill,
+                    "load_ms": {k: 1e3 * v for k, v in st.load.items()},
                     "switches": st.switches, "tokens": tokens} for b, st in sorted(self.buckets.items())}
 
     def values(self, bucket: int) -> dict[int, float]:
@@ -316,6 +326,17 @@ class BatchKController:
         rows = len(kept) if kept is not None and k > 0 else tokens if k == 0 else 0
         if rows:
             stats.rows = self.memory * stats.rows + (1 - self.memory) * rows if stats.rows else float(rows)
+
+    def observe_load(self, bucket: int, k: int, seconds: float) -> None:
+        """A chunk of K took `seconds` to load rows whose device state was not their requests' (batch/
+        lookup.py; EAGLE: a pass over each such row's context, 4 ms at 64 tokens on the H200). Told
+        before the chunk's steps; after plain steps it is the switch's cost, kept apart from K's step
+        (charged to a one-step try, it rated EAGLE's K 5 at 3.4 ms a step where its steps took 0.8
+        and the controller never drafted: results/gpu/batch-NVIDIA-H200-20261203-170508.json). Within
+        a drafting run (rows newly admitted) it is no one's."""
+        stats = self._stats(bucket)
+        if k > 0 and stats.last_k == 0 and seconds > 0:
+            stats.load[k] = self.memory * stats.load[k] + (1 - self.memory) * seconds if k in stats.load else seconds
 
     def observe_drafts(self, k: int, kept: list[int]) -> None:
         """Rows' drafts of K judged without a verify (batch/shadow.py: by the tokens plain steps gave

@@ -39,6 +39,7 @@ from labkit.batch.graphs import bucket
 from labkit.batch.transfer import to_device
 from labkit.errors import LabkitError
 from labkit.graphs import GRAPH_HEADROOM, capture
+from labkit.metrics.timers import DeviceSpan
 from labkit.specdec.lookup_steps import greedy_step
 
 CHUNK = 8  # device steps per host read
@@ -94,6 +95,7 @@ class BatchLookup:
         self.synced: list[tuple[Any, int] | None] = [None] * slots  # per slot: (request, context length) its device row holds
         self.graphs: dict[int, Any] = {}  # rows bucket -> captured step
         self.steps = CHUNK  # steps the last chunk ran
+        self.load_time, self.step_time = DeviceSpan(dev), DeviceSpan(dev)  # the last chunk's: loading its rows (`run` only), its steps
         if hook is not None:
             hook.bind(self.history, self.n_ctx)
 
@@ -104,12 +106,15 @@ class BatchLookup:
     def run(self, requests: list[Any], eos_ids: tuple[int, ...], steps: int = CHUNK) -> bool:
         """`steps` (<= CHUNK) steps of rows [0, n), one per request (BatchRequest: context,
         prompt_ids, config), every row's EOS ids these: replays of the bucket's captured step on CUDA.
-        Returns whether the bucket's step was captured first (the chunk's time is then not its own)."""
+        Returns whether the bucket's step was captured first (the chunk's time is then not its own).
+        The device's time of the rows' load and of the steps: `load_time`, `step_time`."""
         r = self._chunk_rows(len(requests), steps)
         captured = self.batch.graphs_ok and r not in self.graphs
         if captured:
             self.capture(r)
+        self.load_time.start()
         self._load(requests, eos_ids, r)
+        self.load_time.stop()
         self._replay(r, steps)
         return captured
 
@@ -129,6 +134,7 @@ class BatchLookup:
         return bucket(n) if self.batch.graphs_ok else n
 
     def _replay(self, r: int, steps: int) -> None:
+        self.step_time.start()
         self.n_start.copy_(self.n_ctx)
         self.step_idx.zero_()
         for _ in range(steps):
@@ -136,6 +142,7 @@ class BatchLookup:
                 self.graphs[r].replay()
             else:
                 self._step(r)
+        self.step_time.stop()
 
     def _pad(self, n: int, rows: int) -> None:
         """Rows of the bucket past the n active ones start at position 0 (of free slots)."""

@@ -37,7 +37,6 @@ from labkit.batch.shadow import ShadowDrafts
 from labkit.batch.transfer import HostCopy, constant, to_device
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
-from labkit.metrics.timers import DeviceSpan
 from labkit.sampling import make_generator, sample
 from labkit.specdec.draft import Drafter
 
@@ -81,7 +80,6 @@ class ContinuousBatcher:
         self.chunk_ahead: tuple[BatchLookup, tuple[list[BatchRequest], int]] | None = None  # device steps launched ahead: theirs, (rows, steps)
         self.chosen: tuple[int, int] | None = None  # a controller's choice made ahead of its step (`_ahead_steps`): (bucket, K)
         self.accounted = time.perf_counter()  # where the last step timed for the controller ended
-        self.span = DeviceSpan(batch.engine.device)  # a chunk's device time (`_lookup_chunk`)
         # the rows' acceptance during plain steps (not where a hook drafts, EAGLE: the host's n-gram drafts would misjudge it)
         self.shadow = ShadowDrafts(k) if controller is not None and k and not any(lu.hook is not None for lu in lookups) else None
 
@@ -341,22 +339,21 @@ class ContinuousBatcher:
         chunk ignores the steps after it). The controller is told each step's share of the chunk's
         cost at its full length: its device time plus its host work spread over a full chunk (a
         one-step try charged the whole host work rated K 5 at 1,915 tok/s at batch 1 on the H200
-        where its chunks ran at 2,593: batch-NVIDIA-H200-20261202-032933.json). Timed from where the
-        last step's timing ended (`_read_step`)."""
+        where its chunks ran at 2,593: batch-NVIDIA-H200-20261202-032933.json), its load of rows told
+        apart (`BatchKController.observe_load`). Timed from where the last step's timing ended (`_read_step`)."""
         t0 = self.accounted
         if ahead is None:
             rows = list(self.rows)
             full = chunk_steps(rows)
             exploring = self.controller is not None and self.controller.best(bucket(len(rows))) != lookup.k
             m = 1 if exploring else full  # a controller's try of K costs one step, not a chunk
-            self.span.start()
             captured = lookup.run(rows, rows[0].eos_ids, m)
-            self.span.stop()
         else:  # launched ahead (its full length: its time per step is the period its chunks run at)
             (rows, m), captured, self.chunk_ahead = ahead, False, None
             full = m
         drafts, tokens, n_ctx = lookup.read(rows)
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
+        load, device = (lookup.load_time.seconds(), lookup.step_time.seconds()) if ahead is None else (0.0, 0.0)  # (before steps ahead time theirs)
         more = self._ahead_steps(lookup, rows, tokens)
         if more:
             lookup.run_on(len(rows), more)
@@ -373,9 +370,10 @@ class ContinuousBatcher:
         self.steps += m
         self.rows_stepped += m * len(rows)
         if self.controller and not captured:  # each step that gave tokens, the chunk's time shared among them (steps after every row finished cost too)
-            wall = time.perf_counter() - t0
-            device = min(self.span.seconds(), wall)
+            wall = time.perf_counter() - t0 - load  # the rows' load is told apart: after plain steps, a switch's cost
+            device = min(device, wall)
             seconds = (device + (wall - device) * m / full) / len(per_step)
+            self.controller.observe_load(bucket(len(rows)), lookup.k, load)
             for gained, kept in per_step:
                 self.controller.observe(bucket(len(rows)), lookup.k, gained, seconds, kept)
         self.chunk_ahead = (lookup, (rows, more)) if more else None

@@ -322,6 +322,8 @@ def controller_lines(summary: list[dict[str, Any]]) -> list[str]:
         costs = {str(b): v for b, v in r.get("k_costs", {}).items()}.get(own)
         if costs:
             line += f"; steps {by_k(costs['step_ms'], '{:.2f}')} ms, fill {costs['fill_ms']:.2f} ms"
+            if costs.get("load_ms"):  # (files from before loads were timed apart have none)
+                line += f", loads after plain {by_k(costs['load_ms'], '{:.2f}')} ms"
             if costs["tokens"]:
                 line += f", a row's tokens {by_k(costs['tokens'], '{:.2f}')}"
         out.append(line)
