@@ -83,10 +83,11 @@ counted, 0.97). A drafting K may also have to load rows that plain steps moved o
 over each row's context, its draft cache caught up): told apart from K's steps (`observe_load`),
 it joins the bubble of a switch from plain to that K and a try's cost, never K's rate (charged to
 a one-step try, it rated EAGLE's K 5 at 3.4 ms a step on the H200 where its steps took 0.8, and the
-controller never drafted: results/gpu/batch-NVIDIA-H200-20261203-170508.json). (Tried: runs of 8 while plain is the best, fewer switches where a drafting K is a
-close call behind plain: in simulation at 16 rows 0.94-0.97 of plain against 0.84-0.94, on the H200
-0.92-0.95x from 8 to 64 rows in two runs (with tries rated as now) against 0.92-0.98x with runs of 2
-the same day: results/gpu/batch-NVIDIA-H200-20261202-034541.json, -035542.json, -032933.json.)
+controller never drafted: results/gpu/batch-NVIDIA-H200-20261203-170508.json). (Tried: runs of 8
+while plain is the best, fewer switches where a drafting K is a close call behind plain: in
+simulation at 16 rows 0.94-0.97 of plain against 0.84-0.94, on the H200 0.92-0.95x from 8 to 64
+rows in two runs (with tries rated as now) against 0.92-0.98x with runs of 2 the same day:
+results/gpu/batch-NVIDIA-H200-20261202-034541.json, -035542.json, -032933.json.)
 """
 
 from __future__ import annotations
@@ -329,7 +330,7 @@ class BatchKController:
 
     def observe_load(self, bucket: int, k: int, seconds: float) -> None:
         """A chunk of K took `seconds` to load rows whose device state was not their requests' (batch/
-        lookup.py; EAGLE: a pass over each such row's context, 4 ms at 64 tokens on the H200). Told
+        lookup.py; EAGLE: a pass over each such row's context, 9 / 47 ms at 1 / 8 rows on the H200). Told
         before the chunk's steps; after plain steps it is the switch's cost, kept apart from K's step
         (charged to a one-step try, it rated EAGLE's K 5 at 3.4 ms a step where its steps took 0.8
         and the controller never drafted: results/gpu/batch-NVIDIA-H200-20261203-170508.json). Within
