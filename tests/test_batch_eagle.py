@@ -81,6 +81,35 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     assert sum(seconds >= 0.2 for k, seconds in ctl.loads if k == K) >= 3 and max(seconds for k, seconds in ctl.seen if k == K) < 0.02, ctl.seen
 
 
+def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states() -> None:
+    """Rows that a K controller sends to plain steps and back: each is loaded again from the hidden
+    states those plain steps kept (BatchEngine.listen_steps), over the positions since its last
+    chunk, not by a pass over its whole context (the H200 paid 9-47 ms a switch back for that
+    pass). Its drafts are those a load by a pass of its own gives, step for step, and every output
+    stays plain greedy. (A row moved by a release, or one whose plain steps came before its first
+    chunk, is still loaded by a pass.)"""
+    engine, head = _engine(), random_head()
+    asks = [p * 2 for p in prompts(4, 96, seed=13)]
+    cfgs = [GenerationConfig(max_new_tokens=24 + 4 * i, stop_at_eos=False) for i in range(len(asks))]
+    want = [generate(engine, p, c).tokens for p, c in zip(asks, cfgs, strict=True)]
+    runs = []
+    for from_steps in (True, False):
+        batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
+        hook = BatchEagle(batch, head, K)
+        if not from_steps:  # every load a pass over the row's context (what it was before)
+            load = hook.load
+            hook.load = lambda slots, contexts, since=None, _load=load: _load(slots, contexts)  # type: ignore[method-assign]
+        batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, Scripted(K, (0, 0, 0, K), best=K),  # type: ignore[arg-type]
+                                    lookup=BatchLookup(batch, K, hook=hook))
+        got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
+        batcher.run()
+        assert [r.tokens for r in got] == want
+        runs.append(([r.draft_tokens for r in got], hook.caught_up, hook.prefilled))
+    (drafts, caught_up, prefilled), (full_drafts, none, passes) = runs
+    assert caught_up >= 4 and prefilled + caught_up == passes and none == 0, runs[0][1:] + runs[1][1:]  # (rows moved by a release, or plain before their first chunk: a pass)
+    assert drafts == full_drafts
+
+
 def test_batched_eagle_mix_rows_copy_or_chain_as_one_requests_eagle_ngram() -> None:
     """copy_after 2 (eagle-mix): a row whose context ends in a bigram seen before drafts lookup's copy,
     else its chain; every row's drafts are a lone request's eagle-ngram host loop's, step for step."""

@@ -30,6 +30,11 @@ scratch admissions use). On the H200 a load with that pass cost 4.1 ms for a 64-
 second prefill most of it (results/gpu/batch-eagle-costs-NVIDIA-H200-9e5e491.txt). (Moved rows
 loaded so drafted otherwise in bf16 on the H200 at 86c75b7, 34 steps into a request, tokens
 identical: a prefill's hidden states over generated tokens are not the verifies' bits; they move.)
+Under a K controller a switch back from plain steps paid 9-47 ms of such passes at 1-8 rows
+(batch-NVIDIA-H200-20261203-171930.json). So the hidden states of every step not drafted here
+(plain or host steps, BatchEngine.listen_steps) are kept by slot and position (`feats`, allocated
+at the first such step: slots x positions x D), and a row whose draft cache its request's last
+chunk left in place catches up over the positions since from them alone (`load`'s `since`).
 """
 
 from __future__ import annotations
@@ -79,8 +84,12 @@ class BatchEagle:
         self.views: dict[int, KVCache] = {}  # r -> the draft cache's rows [0, r) (one view per bucket: a captured step reads it)
         self.batch, self.k, self.copy_after = batch, k, copy_after
         self.loaded = self.moved = self.prefilled = self.chained = 0  # rows loaded (of them by a pass of their own), their first chains' passes; rows moved
+        self.caught_up = 0  # rows loaded from the hidden states the steps since their last chunk kept (no pass of their own)
         self.kept: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # prompt -> (n, D) its hidden states from first_needed: admissions'
+        self.feats: torch.Tensor | None = None  # (B, S, D) the hidden states of steps not drafted here (plain steps), by slot and position
+        self.fed = [(0, 0)] * rows  # per slot: the positions [from, to) those steps wrote, one after another
         batch.listen_prompts(self._keep)
+        batch.listen_steps(self._keep_step)
 
     def _keep(self, prompt_ids: list[int], hidden: torch.Tensor) -> None:
         """An admitted prompt's hidden states (T, D), from the first position its first chain reads
@@ -88,6 +97,18 @@ class BatchEagle:
         self.kept[tuple(prompt_ids)] = hidden[self.drafter.first_needed(len(prompt_ids) + 1) :].clone()
         while len(self.kept) > 2 * self.cols.shape[0]:
             self.kept.popitem(last=False)
+
+    def _keep_step(self, starts: list[int], input_pos: torch.Tensor, hidden: torch.Tensor) -> None:
+        """A step's hidden states (n, T, D) at input_pos (n, T) kept by slot and position: a row that
+        comes back to the chunks after such steps catches its draft cache up from them (`load`)."""
+        n, T = input_pos.shape
+        if self.feats is None:
+            self.feats = torch.zeros(self.cols.shape[0], self.batch.cfg.max_seq_len, hidden.shape[-1], dtype=self.drafter.dtype, device=hidden.device)
+        rows = torch.arange(n, device=hidden.device)[:, None].expand(n, T)  # (n, T)
+        self.feats[rows, input_pos] = hidden.to(self.feats.dtype)
+        for slot, start in enumerate(starts):
+            first, end = self.fed[slot]
+            self.fed[slot] = (first if first <= start <= end else start, start + T)
 
     def bind(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         self.history, self.n_ctx = history, n_ctx
@@ -111,24 +132,31 @@ class BatchEagle:
         return self.views[stop]
 
     @torch.inference_mode()
-    def load(self, slots: list[int], contexts: list[list[int]]) -> None:
+    def load(self, slots: list[int], contexts: list[list[int]], since: list[int] | None = None) -> None:
         """Each slot's draft cache row caught up over its context (but its last token), then the first
-        chains: one for each run of neighbouring slots (rows admitted together), not one a row."""
+        chains: one for each run of neighbouring slots (rows admitted together), not one a row.
+        since[i] > 0: slot i's draft cache holds its request's context of that length (a chunk left it
+        so): where the steps since kept every hidden state after it, only those positions are caught up."""
         engine, drafter = self.batch.engine, self.drafter
         anchors: dict[int, tuple[torch.Tensor, int]] = {}  # slot -> its anchor's predicted feature (1, D), and position
         with engine.request_lock:  # the engine's batch-1 cache is scratch, as for admissions
-            for slot, context in zip(slots, contexts, strict=True):
+            for slot, context, held in zip(slots, contexts, since or [0] * len(slots), strict=True):
                 L = len(context)  # the row's cache holds context[:-1]: elements 0..L-2 are true
                 if L < 2:
                     raise LabkitError("a row drafts after its prompt's first token")
                 first = drafter.first_needed(L)
                 self.loaded += 1
                 kept = self.kept.pop(tuple(context[:-1]), None)  # a new request (its context the prompt and one token): its admission's
-                if kept is None:
-                    self.prefilled += 1
-                    engine.ensure_capacity(L)
-                    engine.prefill(torch.tensor([context[:-1]], device=engine.device))
-                feats = engine.hidden_span(first, L - 1) if kept is None else kept[None]  # (1, L-1-first, D)
+                if held and self.feats is not None and max(first, held - 1) < L - 1 and self.fed[slot][0] <= held - 1 and self.fed[slot][1] >= L - 1:
+                    first = max(first, held - 1)  # elements before it are the chunks' (a window past them: not needed)
+                    self.caught_up += 1
+                    feats = self.feats[slot : slot + 1, first : L - 1]  # (1, L-1-first, D) the steps' own
+                else:
+                    if kept is None:
+                        self.prefilled += 1
+                        engine.ensure_capacity(L)
+                        engine.prefill(torch.tensor([context[:-1]], device=engine.device))
+                    feats = engine.hidden_span(first, L - 1) if kept is None else kept[None]  # (1, L-1-first, D)
                 with engine.autocast():
                     feat = drafter.elements_at(context, feats, first, cache=self._rows(slot, slot + 1))  # (1, D)
                     anchors[slot] = (feat.clone(), L - 2)  # kept past the next row's pass (an op set may reuse its output buffers)

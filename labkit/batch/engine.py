@@ -80,12 +80,20 @@ class BatchEngine:
         self.graphs: dict[tuple[int, int], BatchGraph] = {}
         self.stages = ops is not None and ops.ROW_POSITIONS  # joining requests' short prompts prefilled together (prefill.py)
         self.prompt_listeners: list[Callable[[list[int], torch.Tensor], None]] = []  # listen_prompts
+        self.step_listeners: list[Callable[[list[int], torch.Tensor, torch.Tensor], None]] = []  # listen_steps
 
     def listen_prompts(self, listener: Callable[[list[int], torch.Tensor], None]) -> None:
         """Hand every admitted prompt's final hidden states (T, D) to `listener(prompt_ids, hidden)`
         as it is prefilled (valid during the call), where the model keeps them (keep_hidden_states):
         a drafter that reads them (batch/eagle.py) then needs no second pass over the prompt."""
         self.prompt_listeners.append(listener)
+
+    def listen_steps(self, listener: Callable[[list[int], torch.Tensor, torch.Tensor], None]) -> None:
+        """Hand every decode or verify step's final hidden states to `listener(starts, input_pos,
+        hidden)` (the active slots' first positions, (n, T) and (n, T, D) on the device; valid during
+        the call), where the model keeps them and the rows are not batch-invariant: a drafter that
+        drafts from them (batch/eagle.py) keeps its rows current through steps it did not draft."""
+        self.step_listeners.append(listener)
 
     def _heard(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
         if hidden is not None:
@@ -216,8 +224,10 @@ class BatchEngine:
             if key not in self.graphs:
                 self.graphs[key] = BatchGraph(self.engine, self.cache, *key)
             logits = self.graphs[key].run(ids, pos)
+            hidden = self.graphs[key].hidden
         elif not self.cfg.invariant:
             logits = self._forward(0, n, ids, pos, starts, exact=False)
+            hidden = self.model.last_hidden if self.model.keep_hidden else None
         else:
             outs = []
             for first in range(0, n, TILE):  # every tile TILE rows: rows past n are padding in free slots at position 0
@@ -227,7 +237,10 @@ class BatchEngine:
                 firsts = starts[first : first + real] + [0] * pad
                 tile_pos = torch.cat([pos[first : first + real], torch.arange(T, device=dev).repeat(pad, 1)])
                 outs.append(self._forward(first, first + TILE, tile_ids, tile_pos, firsts, exact=True)[:real])
-            logits = torch.cat(outs)
+            logits, hidden = torch.cat(outs), None
+        if hidden is not None:
+            for listener in self.step_listeners:
+                listener(list(starts), pos, hidden[:n])
         for i, g in enumerate(grow):
             self.lengths[i] += g
         return logits  # (n, T, V)
