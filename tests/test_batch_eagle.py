@@ -85,9 +85,9 @@ def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states(
     """Rows that a K controller sends to plain steps and back: each is loaded again from the hidden
     states those plain steps kept (BatchEngine.listen_steps), over the positions since its last
     chunk, not by a pass over its whole context (the H200 paid 9-47 ms a switch back for that
-    pass). Its drafts are those a load by a pass of its own gives, step for step, and every output
-    stays plain greedy. (A row moved by a release, or one whose plain steps came before its first
-    chunk, is still loaded by a pass.)"""
+    pass); one whose plain steps came before its first chunk, from its admission's hidden states and
+    those steps'. Its drafts are those a load by a pass of its own gives, step for step, and every
+    output stays plain greedy. (A row moved by a release is still loaded by a pass.)"""
     engine, head = _engine(), random_head()
     asks = [p * 2 for p in prompts(4, 96, seed=13)]
     cfgs = [GenerationConfig(max_new_tokens=24 + 4 * i, stop_at_eos=False) for i in range(len(asks))]
@@ -96,9 +96,8 @@ def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states(
     for from_steps in (True, False):
         batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
         hook = BatchEagle(batch, head, K)
-        if not from_steps:  # every load a pass over the row's context (what it was before)
-            load = hook.load
-            hook.load = lambda slots, contexts, since=None, _load=load: _load(slots, contexts)  # type: ignore[method-assign]
+        if not from_steps:  # no step's hidden states kept: every load but a new request's a pass over the row's context (as before)
+            batch.step_listeners.clear()
         batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, Scripted(K, (0, 0, 0, K), best=K),  # type: ignore[arg-type]
                                     lookup=BatchLookup(batch, K, hook=hook))
         got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
@@ -106,8 +105,35 @@ def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states(
         assert [r.tokens for r in got] == want
         runs.append(([r.draft_tokens for r in got], hook.caught_up, hook.prefilled))
     (drafts, caught_up, prefilled), (full_drafts, none, passes) = runs
-    assert caught_up >= 4 and prefilled + caught_up == passes and none == 0, runs[0][1:] + runs[1][1:]  # (rows moved by a release, or plain before their first chunk: a pass)
+    assert caught_up >= 8 and prefilled + caught_up == passes and none == 0, runs[0][1:] + runs[1][1:]  # (rows moved by a release: a pass)
     assert drafts == full_drafts
+
+
+def test_a_slot_that_changed_hands_never_lends_its_last_requests_hidden_states() -> None:
+    """A is admitted and steps on; B joins later, steps, and moves into A's slot when A leaves: the
+    slot's kept positions before B's move are A's, so B's load there, at once or after more plain
+    steps, is a pass of its own, not a catch-up that reads them (BatchEngine.turns tells the slots'
+    requests apart)."""
+    engine, head = _engine(), random_head()
+    batch = BatchEngine(engine, BatchConfig(slots=2, max_seq_len=64))
+    hook = BatchEagle(batch, head, K)
+    a, b = prompts(2, 96, seed=3)
+    a, b = a[:6], b[:8]
+    batch.admit_many([a])
+    step = lambda: batch.advance(torch.zeros(batch.active, dtype=torch.long))  # noqa: E731
+    for _ in range(10):
+        step()  # A at positions 6..15
+    batch.admit_many([b])
+    for _ in range(3):
+        step()  # A 16..18, B 8..10
+    assert batch.release(0) == 1  # A leaves, B moves into slot 0 (length 11)
+    loads = []
+    for steps in (0, 2):  # at once, and after B's steps 11..12 in slot 0
+        for _ in range(steps):
+            step()
+        hook.load([0], [b + [0] * (batch.lengths[0] + 1 - len(b))], [0])  # (the tokens fed are zeros: what a load reads of them)
+        loads.append((hook.prefilled, hook.caught_up))
+    assert loads == [(1, 0), (2, 0)]
 
 
 def test_batched_eagle_mix_rows_copy_or_chain_as_one_requests_eagle_ngram() -> None:

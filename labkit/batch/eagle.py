@@ -87,7 +87,7 @@ class BatchEagle:
         self.caught_up = 0  # rows loaded from the hidden states the steps since their last chunk kept (no pass of their own)
         self.kept: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # prompt -> (n, D) its hidden states from first_needed: admissions'
         self.feats: torch.Tensor | None = None  # (B, S, D) the hidden states of steps not drafted here (plain steps), by slot and position
-        self.fed = [(0, 0)] * rows  # per slot: the positions [from, to) those steps wrote, one after another
+        self.fed = [(0, 0, -1)] * rows  # per slot: the positions [from, to) those steps wrote one after another, for its request (BatchEngine.turns)
         batch.listen_prompts(self._keep)
         batch.listen_steps(self._keep_step)
 
@@ -103,12 +103,25 @@ class BatchEagle:
         comes back to the chunks after such steps catches its draft cache up from them (`load`)."""
         n, T = input_pos.shape
         if self.feats is None:
-            self.feats = torch.zeros(self.cols.shape[0], self.batch.cfg.max_seq_len, hidden.shape[-1], dtype=self.drafter.dtype, device=hidden.device)
+            self.feats = torch.zeros(self.cols.shape[0], self.batch.cfg.max_seq_len, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
         rows = torch.arange(n, device=hidden.device)[:, None].expand(n, T)  # (n, T)
         self.feats[rows, input_pos] = hidden.to(self.feats.dtype)
         for slot, start in enumerate(starts):
-            first, end = self.fed[slot]
-            self.fed[slot] = (first if first <= start <= end else start, start + T)
+            first, end, turn = self.fed[slot]
+            same = turn == self.batch.turns[slot] and first <= start <= end
+            self.fed[slot] = (first if same else start, start + T, self.batch.turns[slot])
+
+    def _stepped(self, slot: int, start: int, end: int) -> bool:
+        """Whether the steps kept slot's hidden states at positions [start, end), all for its request now."""
+        first, to, turn = self.fed[slot]
+        return self.feats is not None and turn == self.batch.turns[slot] and first <= start and end <= to
+
+    def _admitted(self, context: list[int]) -> tuple[int, torch.Tensor] | None:
+        """The admission's hidden states (popped) of the prompt this context begins with, and its length."""
+        for prompt in reversed(self.kept):
+            if len(prompt) < len(context) and tuple(context[: len(prompt)]) == prompt:
+                return len(prompt), self.kept.pop(prompt)
+        return None
 
     def bind(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         self.history, self.n_ctx = history, n_ctx
@@ -146,17 +159,21 @@ class BatchEagle:
                     raise LabkitError("a row drafts after its prompt's first token")
                 first = drafter.first_needed(L)
                 self.loaded += 1
-                kept = self.kept.pop(tuple(context[:-1]), None)  # a new request (its context the prompt and one token): its admission's
-                if held and self.feats is not None and max(first, held - 1) < L - 1 and self.fed[slot][0] <= held - 1 and self.fed[slot][1] >= L - 1:
+                admitted = self._admitted(context)  # a new request's: its prompt's hidden states, from first_needed(P + 1)
+                P = admitted[0] if admitted else L - 1
+                if held and self._stepped(slot, max(first, held - 1), L - 1):
                     first = max(first, held - 1)  # elements before it are the chunks' (a window past them: not needed)
                     self.caught_up += 1
-                    feats = self.feats[slot : slot + 1, first : L - 1]  # (1, L-1-first, D) the steps' own
+                    feats = self.feats[slot : slot + 1, first : L - 1]  # type: ignore[index]  # (1, L-1-first, D) the steps' own
+                elif admitted and (P == L - 1 or self._stepped(slot, max(first, P), L - 1)):  # the prompt's, then the steps'
+                    self.caught_up += P < L - 1
+                    kept = admitted[1][max(0, first - drafter.first_needed(P + 1)) :]  # (n, D) positions max(first, ...)..P-1
+                    feats = torch.cat([kept, self.feats[slot, max(first, P) : L - 1]])[None] if P < L - 1 else kept[None]  # type: ignore[index]
                 else:
-                    if kept is None:
-                        self.prefilled += 1
-                        engine.ensure_capacity(L)
-                        engine.prefill(torch.tensor([context[:-1]], device=engine.device))
-                    feats = engine.hidden_span(first, L - 1) if kept is None else kept[None]  # (1, L-1-first, D)
+                    self.prefilled += 1
+                    engine.ensure_capacity(L)
+                    engine.prefill(torch.tensor([context[:-1]], device=engine.device))
+                    feats = engine.hidden_span(first, L - 1)  # (1, L-1-first, D)
                 with engine.autocast():
                     feat = drafter.elements_at(context, feats, first, cache=self._rows(slot, slot + 1))  # (1, D)
                     anchors[slot] = (feat.clone(), L - 2)  # kept past the next row's pass (an op set may reuse its output buffers)

@@ -77,6 +77,7 @@ class BatchEngine:
         self.cache = KVCache(L, rows, H, cfg.max_seq_len + headroom, D, dtype=engine.dtype, device=engine.device)  # (L, rows, H, S, D)
         self.lengths = [0] * rows  # host: valid positions per slot
         self.active = 0  # slots [0, active) hold requests
+        self.turns = [0] * cfg.slots  # per slot: the requests it has taken (admitted into it, or moved there by a release)
         self.graphs: dict[tuple[int, int], BatchGraph] = {}
         self.stages = ops is not None and ops.ROW_POSITIONS  # joining requests' short prompts prefilled together (prefill.py)
         self.prompt_listeners: list[Callable[[list[int], torch.Tensor], None]] = []  # listen_prompts
@@ -170,6 +171,8 @@ class BatchEngine:
                     out[i] = self._prefill_one(first + i, p)
         for i, p in enumerate(prompts):
             self.lengths[first + i] = len(p)
+        for slot in range(self.active, self.active + len(prompts)):
+            self.turns[slot] += 1
         self.active += len(prompts)
         return torch.stack(out)  # type: ignore[arg-type]
 
@@ -278,6 +281,7 @@ class BatchEngine:
         self.active = last
         if slot == last:
             return None
+        self.turns[slot] += 1
         n = self.lengths[last]
         self.cache.k[:, slot, :, :n] = self.cache.k[:, last, :, :n]
         self.cache.v[:, slot, :, :n] = self.cache.v[:, last, :, :n]
