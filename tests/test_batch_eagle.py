@@ -131,7 +131,7 @@ def test_a_slot_that_changed_hands_never_lends_its_last_requests_hidden_states()
     for steps in (0, 2):  # at once, and after B's steps 11..12 in slot 0
         for _ in range(steps):
             step()
-        hook.load([0], [b + [0] * (batch.lengths[0] + 1 - len(b))], [0])  # (the tokens fed are zeros: what a load reads of them)
+        hook.load([0], [b + [0] * (batch.lengths[0] + 1 - len(b))], [0], [len(b)])  # (the tokens fed are zeros: what a load reads of them)
         loads.append((hook.prefilled, hook.caught_up))
     assert loads == [(1, 0), (2, 0)]
 

@@ -116,12 +116,10 @@ class BatchEagle:
         first, to, turn = self.fed[slot]
         return self.feats is not None and turn == self.batch.turns[slot] and first <= start and end <= to
 
-    def _admitted(self, context: list[int]) -> tuple[int, torch.Tensor] | None:
-        """The admission's hidden states (popped) of the prompt this context begins with, and its length."""
-        for prompt in reversed(self.kept):
-            if len(prompt) < len(context) and tuple(context[: len(prompt)]) == prompt:
-                return len(prompt), self.kept.pop(prompt)
-        return None
+    def _admitted(self, context: list[int], prompt_len: int) -> tuple[int, torch.Tensor] | None:
+        """The admission's hidden states (popped) of the context's first prompt_len tokens, and that length."""
+        kept = self.kept.pop(tuple(context[:prompt_len]), None) if 0 < prompt_len < len(context) else None
+        return None if kept is None else (prompt_len, kept)
 
     def bind(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         self.history, self.n_ctx = history, n_ctx
@@ -145,27 +143,28 @@ class BatchEagle:
         return self.views[stop]
 
     @torch.inference_mode()
-    def load(self, slots: list[int], contexts: list[list[int]], since: list[int] | None = None) -> None:
+    def load(self, slots: list[int], contexts: list[list[int]], since: list[int] | None = None, prompt_lens: list[int] | None = None) -> None:
         """Each slot's draft cache row caught up over its context (but its last token), then the first
         chains: one for each run of neighbouring slots (rows admitted together), not one a row.
         since[i] > 0: slot i's draft cache holds its request's context of that length (a chunk left it
-        so): where the steps since kept every hidden state after it, only those positions are caught up."""
+        so): where the steps since kept every hidden state after it, only those positions are caught up.
+        prompt_lens[i]: the request's prompt length (None: a context of its prompt and one token)."""
         engine, drafter = self.batch.engine, self.drafter
         anchors: dict[int, tuple[torch.Tensor, int]] = {}  # slot -> its anchor's predicted feature (1, D), and position
         with engine.request_lock:  # the engine's batch-1 cache is scratch, as for admissions
-            for slot, context, held in zip(slots, contexts, since or [0] * len(slots), strict=True):
+            for slot, context, held, prompt_len in zip(slots, contexts, since or [0] * len(slots),
+                                                       prompt_lens or [len(c) - 1 for c in contexts], strict=True):
                 L = len(context)  # the row's cache holds context[:-1]: elements 0..L-2 are true
                 if L < 2:
                     raise LabkitError("a row drafts after its prompt's first token")
                 first = drafter.first_needed(L)
                 self.loaded += 1
-                admitted = self._admitted(context)  # a new request's: its prompt's hidden states, from first_needed(P + 1)
-                P = admitted[0] if admitted else L - 1
                 if held and self._stepped(slot, max(first, held - 1), L - 1):
                     first = max(first, held - 1)  # elements before it are the chunks' (a window past them: not needed)
                     self.caught_up += 1
                     feats = self.feats[slot : slot + 1, first : L - 1]  # type: ignore[index]  # (1, L-1-first, D) the steps' own
-                elif admitted and (P == L - 1 or self._stepped(slot, max(first, P), L - 1)):  # the prompt's, then the steps'
+                elif (admitted := self._admitted(context, prompt_len)) and ((P := admitted[0]) == L - 1 or self._stepped(slot, max(first, P), L - 1)):
+                    # a request before its first chunk: its prompt's hidden states (from first_needed(P + 1)), then its steps'
                     self.caught_up += P < L - 1
                     kept = admitted[1][max(0, first - drafter.first_needed(P + 1)) :]  # (n, D) positions max(first, ...)..P-1
                     feats = torch.cat([kept, self.feats[slot, max(first, P) : L - 1]])[None] if P < L - 1 else kept[None]  # type: ignore[index]

@@ -77,7 +77,7 @@ class BatchEngine:
         self.cache = KVCache(L, rows, H, cfg.max_seq_len + headroom, D, dtype=engine.dtype, device=engine.device)  # (L, rows, H, S, D)
         self.lengths = [0] * rows  # host: valid positions per slot
         self.active = 0  # slots [0, active) hold requests
-        self.turns = [0] * cfg.slots  # per slot: the requests it has taken (admitted into it, or moved there by a release)
+        self.turns = [0] * rows  # per slot: the requests it has taken (admitted into it, or moved there by a release)
         self.graphs: dict[tuple[int, int], BatchGraph] = {}
         self.stages = ops is not None and ops.ROW_POSITIONS  # joining requests' short prompts prefilled together (prefill.py)
         self.prompt_listeners: list[Callable[[list[int], torch.Tensor], None]] = []  # listen_prompts

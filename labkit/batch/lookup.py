@@ -62,9 +62,10 @@ class RowsHook(Protocol):
     def bind(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         """The steps' contexts: history (B, Lh) holds each slot's tokens in [0, n_ctx) (B,), as each step's commit leaves them."""
 
-    def load(self, slots: list[int], contexts: list[list[int]], since: list[int] | None = None) -> None:
+    def load(self, slots: list[int], contexts: list[list[int]], since: list[int] | None = None, prompt_lens: list[int] | None = None) -> None:
         """Slots whose device state is not their request's context: make it so, their next drafts into cols
-        (since[i] > 0: the slot's state is its request's context of that length, left by this hook's last chunk)."""
+        (since[i] > 0: the slot's state is its request's context of that length, left by this hook's last
+        chunk; prompt_lens[i]: how much of the context is the request's prompt)."""
 
     def move(self, sources: list[int], slots: list[int]) -> None:
         """Each source slot's state (its request's, as it is now) into the slot its request moved to."""
@@ -174,7 +175,7 @@ class BatchLookup:
                 fresh = [i for i in stale if i not in moved]
                 if fresh:  # (a slot whose request is the one this hook's last chunk left there: its length then)
                     since = [held[1] if (held := self.synced[i]) is not None and held[0] is requests[i] else 0 for i in fresh]
-                    self.hook.load(fresh, [requests[i].context for i in fresh], since)
+                    self.hook.load(fresh, [requests[i].context for i in fresh], since, [len(requests[i].prompt_ids) for i in fresh])
         self._pad(len(requests), rows)
 
     def _holds(self, slot: int, request: Any) -> bool:
