@@ -35,6 +35,15 @@ def asks(n: int, vocab: int, seed: int) -> list[list[int]]:
     return out
 
 
+def two_requests(max_new_tokens: int, max_seq_len: int) -> tuple[list[list[int]], GenerationConfig, list[list[int]], BatchEngine, BatchLookup]:
+    """Two requests (seed 2), their config and plain greedy tokens, and a 2-slot batch with device lookup steps of K 2."""
+    eng = engine()
+    prompts = asks(2, eng.args.vocab_size, seed=2)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens)
+    batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=max_seq_len))
+    return prompts, cfg, [generate(eng, p, cfg).tokens for p in prompts], batch, BatchLookup(batch, 2)
+
+
 def test_the_lookup_rule_over_rows_is_each_rows_own() -> None:
     g = torch.Generator().manual_seed(1)
     history = torch.randint(0, 5, (6, 40), generator=g)  # (n, Lh) few distinct tokens: matches of every length
@@ -101,12 +110,7 @@ def test_host_steps_between_chunks_and_a_full_slot_left_to_the_host() -> None:
 def test_a_controllers_try_of_k_runs_one_device_step(best: int) -> None:
     """A controller that takes K while another K rates best is trying it: the chunk runs one step
     (a try of a losing K costs one step, not CHUNK of them); where K is the best, whole chunks."""
-    eng = engine()
-    prompts = asks(2, eng.args.vocab_size, seed=2)
-    cfg = GenerationConfig(max_new_tokens=40)
-    want = [generate(eng, p, cfg).tokens for p in prompts]
-    batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=160))
-    lookup = BatchLookup(batch, 2)
+    prompts, cfg, want, batch, lookup = two_requests(40, 160)
     chunks: list[int] = []
     run = lookup.run
     lookup.run = lambda rows, eos, steps: (chunks.append(steps), run(rows, eos, steps))[1]  # type: ignore[method-assign]
@@ -261,12 +265,7 @@ def test_a_controllers_chunks_go_ahead_where_its_choice_is_its_best(ks: tuple[in
     chunk is read, chooses the chunk's K and rates it best (not a try). Every choice is acted on
     once, in order (one not taken there is the next step's, not asked for again), and every
     request keeps its plain greedy tokens."""
-    eng = engine()
-    prompts = asks(2, eng.args.vocab_size, seed=2)
-    cfg = GenerationConfig(max_new_tokens=60)
-    want = [generate(eng, p, cfg).tokens for p in prompts]
-    batch = BatchEngine(eng, BatchConfig(slots=2, max_seq_len=200))
-    lookup = BatchLookup(batch, 2)
+    prompts, cfg, want, batch, lookup = two_requests(60, 200)
     ctl = Scripted(2, ks, best=best)
     done: list[int] = []  # the K of each step begun: a chunk (read at once or launched ahead), or a plain step
     launched: list[int] = []
