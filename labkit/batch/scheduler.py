@@ -353,7 +353,7 @@ class ContinuousBatcher:
             full = m
         drafts, tokens, n_ctx = lookup.read(rows)
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
-        load, device = (lookup.load_time.seconds(), lookup.step_time.seconds()) if ahead is None else (0.0, 0.0)  # (before steps ahead time theirs)
+        load, device = (lookup.load_time.seconds(), lookup.step_time.seconds()) if ahead is None and self.controller else (0.0, 0.0)  # (before steps ahead time theirs)
         more = self._ahead_steps(lookup, rows, tokens)
         if more:
             lookup.run_on(len(rows), more)
