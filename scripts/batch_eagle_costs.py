@@ -7,7 +7,8 @@ ContinuousBatcher), each system's captured device step (batch/lookup.py) replaye
 host read between: the GPU's own time per step of ngram-device-K, eagle-device-K (batch/eagle.py:
 a catch-up and a chain per row inside the step) and eagle-mix-device-K (the same and the lookup's
 choice); and one row's load (BatchEagle.load: the catch-up over its context and the first chains),
-with a batch-1 prefill of its own and from its admission's hidden states (a new request's).
+with a batch-1 prefill of its own, from its admission's hidden states (a new request's), and caught up
+over 8 positions from the hidden states plain steps kept (a row back from plain steps).
 """
 
 import sys
@@ -78,8 +79,15 @@ for n in (64, 256):
         hook.load([0], [context])
         sync()
 
+    def caught_up(context: list[int] = context, hidden: torch.Tensor = hidden, n: int = n) -> None:
+        for listener in batch.step_listeners:  # as 8 plain steps since its last chunk hand their hidden states over
+            listener([n - 9], torch.arange(n - 9, n - 1, device=hidden.device)[None], hidden[None, n - 9 : n - 1])
+        hook.load([0], [context], [n - 8], [n - 9])
+        sync()
+
     passed = timers.median_us(lambda context=context: (hook.load([0], [context]), sync()), 10, warm=2)
     kept = timers.median_us(kept_load, 10, warm=2)
+    back = timers.median_us(caught_up, 10, warm=2)
     prefill = timers.median_us(lambda prompt=prompt: (engine.prefill(prompt), sync()), 10, warm=2)
-    print(f"load of a {n}-token context: {passed:7.1f} us with a prefill of its own, {kept:7.1f} us from its admission's hidden states "
-          f"(a prefill alone {prefill:7.1f} us)")
+    print(f"load of a {n}-token context: {passed:7.1f} us with a prefill of its own, {kept:7.1f} us from its admission's hidden states, "
+          f"{back:7.1f} us caught up after 8 plain steps (a prefill alone {prefill:7.1f} us)")

@@ -27,8 +27,9 @@ def host_eagle(engine, head, prompt: list[int], cfg: GenerationConfig):  # type:
     return generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, head, device_steps=False), K))
 
 
-@pytest.mark.parametrize("slots,ahead", [(1, False), (3, False), (3, True)])
-def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(slots: int, ahead: bool) -> None:
+@pytest.mark.parametrize("slots,ahead,whole", [(1, False, False), (3, False, False), (3, True, False), (3, False, True)])
+def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(slots: int, ahead: bool, whole: bool) -> None:
+    """whole: a load's first chains over its bucket's rows, the loaded marked (as captured on CUDA): the others' drafts and caches kept."""
     engine, head = _engine(), random_head()
     asks = [p * 2 for p in prompts(5, 96, seed=11)]  # repeats: some drafts stand
     lengths = [24 + 5 * i for i in range(len(asks))]  # ragged: rows leave and others join mid-run
@@ -37,6 +38,7 @@ def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(
     alone = [host_eagle(engine, head, p, c) for p, c in zip(asks, cfgs, strict=True)]
     batch = BatchEngine(engine, BatchConfig(slots=slots, max_seq_len=128))
     steps = BatchLookup(batch, K, hook=BatchEagle(batch, head, K))
+    steps.hook.whole_bucket = whole  # type: ignore[attr-defined]
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, ahead=ahead, lookup=steps)  # ahead: chunks launched before their last's verdicts
     got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
     batcher.run()
@@ -137,9 +139,11 @@ def test_a_slot_that_changed_hands_never_lends_its_last_requests_hidden_states()
     assert loads == [(1, 0), (2, 0)]
 
 
-def test_batched_eagle_mix_rows_copy_or_chain_as_one_requests_eagle_ngram() -> None:
+@pytest.mark.parametrize("whole", [False, True])
+def test_batched_eagle_mix_rows_copy_or_chain_as_one_requests_eagle_ngram(whole: bool) -> None:
     """copy_after 2 (eagle-mix): a row whose context ends in a bigram seen before drafts lookup's copy,
-    else its chain; every row's drafts are a lone request's eagle-ngram host loop's, step for step."""
+    else its chain; every row's drafts are a lone request's eagle-ngram host loop's, step for step
+    (whole: loads' first chains over their bucket's rows, as captured on CUDA: the others' matches kept)."""
     engine, head = _engine(), random_head()
     one = GenerationConfig(max_new_tokens=1, stop_at_eos=False)
     pool = [p * 2 for p in prompts(8, 96, seed=7)]  # repeats: copies; the random head's chains elsewhere
@@ -153,6 +157,7 @@ def test_batched_eagle_mix_rows_copy_or_chain_as_one_requests_eagle_ngram() -> N
     chains = [host_eagle(engine, head, p, c) for p, c in zip(asks, cfgs, strict=True)]
     batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
     (steps,) = device_eagles(batch, head, [K], copy_after=2)
+    steps.hook.whole_bucket = whole  # type: ignore[attr-defined]
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, lookup=steps)
     got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
     batcher.run()
@@ -220,7 +225,7 @@ def test_cuda_batched_eagle_steps_replay_captured_with_a_lone_requests_drafts(dt
              for p, c in zip(asks, cfgs, strict=True)]
     batch = BatchEngine(engine, BatchConfig(slots=4, max_seq_len=160, cuda_graph=True))
     (steps,) = device_eagles(batch, head, [K], copy_after)
-    assert set(steps.graphs) == {1, 2, 4}
+    assert set(steps.graphs) == set(steps.hook.first_chains) == {1, 2, 4}  # type: ignore[attr-defined]  # (loads' first chains: replays)
     device_eagles(BatchEngine(engine, BatchConfig(slots=2, max_seq_len=220, cuda_graph=True)), head, [K])  # another drafter on the head,
     # captured after these steps with a longer table: the steps above still read theirs (freed, the drafts left a lone request's)
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, lookup=steps)

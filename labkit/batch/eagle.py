@@ -35,6 +35,9 @@ Under a K controller a switch back from plain steps paid 9-47 ms of such passes 
 (plain or host steps, BatchEngine.listen_steps) are kept by slot and position (`feats`, allocated
 at the first such step: slots x positions x D), and a row whose draft cache its request's last
 chunk left in place catches up over the positions since from them alone (`load`'s `since`).
+Where steps are captured, a load's first chains are too (`capture_all`): one replay over the rows
+[0, bucket) with the loaded ones marked (`loading`; the others chain in the headroom, their drafts
+kept), not a draft-layer pass per depth from the host.
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ from collections import OrderedDict
 import torch
 
 from labkit.batch.engine import BatchEngine
+from labkit.batch.graphs import bucket
 from labkit.batch.lookup import BatchLookup
+from labkit.batch.transfer import to_device
 from labkit.errors import LabkitError
-from labkit.graphs import GRAPH_HEADROOM
+from labkit.graphs import GRAPH_HEADROOM, capture
 from labkit.kernels import registry
 from labkit.kernels.reference import LOOKUP_MAX_N
 from labkit.models.kvcache import KVCache
@@ -57,9 +62,13 @@ from labkit.specdec.eagle_drafter import EagleDrafter
 def device_eagles(batch: BatchEngine, head: EagleHead, ks: list[int], copy_after: int = 0) -> list[BatchLookup]:
     """Device steps drafting EAGLE chains (copy_after n: or lookup's copies, eagle-mix) for each
     drafting K of `ks` (0 is plain), every rows bucket's step captured now where steps are captured."""
-    eagles = [BatchLookup(batch, k, hook=BatchEagle(batch, head, k, copy_after)) for k in ks if k]
-    for steps in eagles:
-        steps.capture_all()
+    eagles = []
+    for k in ks:
+        if k:
+            hook = BatchEagle(batch, head, k, copy_after)
+            eagles.append(BatchLookup(batch, k, hook=hook))
+            eagles[-1].capture_all()
+            hook.capture_all()
     return eagles
 
 
@@ -79,6 +88,11 @@ class BatchEagle:
         self.cache = KVCache(1, rows, dims.n_kv_heads, S, dims.head_dim, dtype=self.drafter.dtype, device=engine.device)  # (1, B, nkv, S, hd)
         self.cols = torch.zeros(rows, k, dtype=torch.long, device=engine.device)  # (B, K) each slot's next drafts
         self.match_n = torch.zeros(rows, dtype=torch.long, device=engine.device)  # (B,) the n-gram each row's lookup matched (eagle-mix)
+        self.anchor_feat = torch.zeros(rows, dims.dim, dtype=self.drafter.dtype, device=engine.device)  # (B, D) loaded rows' anchors' predicted features
+        self.anchor_at = torch.zeros(rows, dtype=torch.long, device=engine.device)  # (B,) and positions: their first chains' start
+        self.loading = torch.zeros(rows, dtype=torch.bool, device=engine.device)  # (B,) the rows a load's first chains are for
+        self.first_chains: dict[int, torch.cuda.CUDAGraph] = {}  # rows bucket -> its first chains, captured (where steps are)
+        self.whole_bucket = batch.graphs_ok  # a load's first chains: over its bucket's rows, `loading` marking its own (as captured)
         self.history: torch.Tensor | None = None  # (B, Lh) and n_ctx (B,): the steps' contexts (BatchLookup's, `bind`)
         self.n_ctx: torch.Tensor | None = None
         self.views: dict[int, KVCache] = {}  # r -> the draft cache's rows [0, r) (one view per bucket: a captured step reads it)
@@ -124,16 +138,40 @@ class BatchEagle:
     def bind(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         self.history, self.n_ctx = history, n_ctx
 
-    def _choose(self, chain: torch.Tensor, start: int, stop: int) -> None:
+    def _choose(self, chain: torch.Tensor, start: int, stop: int, only: torch.Tensor | None = None) -> None:
         """cols[start:stop] = each row's chain (n, depth), its last draft repeated to K, or (eagle-mix)
-        lookup's copy where the row's context ends in an n-gram of copy_after tokens seen before."""
+        lookup's copy where the row's context ends in an n-gram of copy_after tokens seen before.
+        only (n,) bool: the rows chosen for, the others' cols kept (their matches are found again
+        over the contexts their last step's commit left: the same)."""
         cols = torch.cat((chain, chain[:, -1:].expand(-1, self.k - self.depth)), 1) if self.k > self.depth else chain  # (n, K)
         if self.copy_after:
             assert self.history is not None and self.n_ctx is not None
             match_n = self.match_n[start:stop]  # (n,)
             copied = registry.get("lookup_draft", chain.device)(self.history[start:stop], self.n_ctx[start:stop], self.k, match_n)  # (n, K)
             cols = torch.where((match_n >= self.copy_after)[:, None], copied, cols)
-        self.cols[start:stop] = cols
+        self.cols[start:stop] = cols if only is None else torch.where(only[:, None], cols, self.cols[start:stop])
+
+    def capture_all(self) -> None:
+        """Capture each rows bucket's first chains (`load`) now, where steps are captured: one replay
+        for the rows a load takes, not a draft-layer pass per depth launched from the host (a load
+        after plain steps took 8.3 ms at one row on the H200, most of it those launches:
+        results/gpu/batch-NVIDIA-H200-20261203-194159.json). Warm-ups and capture chain for no row (`_headroom`)."""
+        if self.batch.graphs_ok:
+            for r in sorted({bucket(n) for n in range(1, self.cols.shape[0] + 1)} - set(self.first_chains)):
+                self._capture(r)
+
+    def _capture(self, r: int) -> None:
+        self.first_chains[r] = capture(self.batch.engine, lambda: self._first_chains(0, r), self._headroom)
+
+    def _headroom(self) -> None:
+        """Every row's first chain for no row: from a position past every request's, in the draft cache's headroom."""
+        self.anchor_at.fill_(self.batch.cfg.max_seq_len + 1)
+        self.loading.zero_()
+
+    def _first_chains(self, start: int, stop: int, only: bool = True) -> None:
+        """Rows [start, stop)'s chains from their anchors (anchor_feat, anchor_at); only: for the rows `loading` alone."""
+        chain = self.drafter.chain(self.anchor_feat[start:stop], self.anchor_at[start:stop], 1, self.depth, cache=self._rows(start, stop))
+        self._choose(chain[:, :, 0], start, stop, self.loading[start:stop] if only else None)
 
     def _rows(self, start: int, stop: int) -> KVCache:
         if start:
@@ -150,7 +188,7 @@ class BatchEagle:
         so): where the steps since kept every hidden state after it, only those positions are caught up.
         prompt_lens[i]: the request's prompt length (None: a context of its prompt and one token)."""
         engine, drafter = self.batch.engine, self.drafter
-        anchors: dict[int, tuple[torch.Tensor, int]] = {}  # slot -> its anchor's predicted feature (1, D), and position
+        anchors: dict[int, int] = {}  # slot -> its anchor's position (its predicted feature: anchor_feat[slot])
         with engine.request_lock:  # the engine's batch-1 cache is scratch, as for admissions
             for slot, context, held, prompt_len in zip(slots, contexts, since or [0] * len(slots),
                                                        prompt_lens or [len(c) - 1 for c in contexts], strict=True):
@@ -174,20 +212,40 @@ class BatchEagle:
                     engine.prefill(torch.tensor([context[:-1]], device=engine.device))
                     feats = engine.hidden_span(first, L - 1)  # (1, L-1-first, D)
                 with engine.autocast():
-                    feat = drafter.elements_at(context, feats, first, cache=self._rows(slot, slot + 1))  # (1, D)
-                    anchors[slot] = (feat.clone(), L - 2)  # kept past the next row's pass (an op set may reuse its output buffers)
-            runs: list[list[int]] = []
-            for slot in sorted(anchors):
-                if runs and runs[-1][-1] == slot - 1:
-                    runs[-1].append(slot)
-                else:
-                    runs.append([slot])
-            self.chained += len(runs)
-            for run in runs:  # a row's chain is its own whatever rows share the pass (the steps' chains run every row at once)
-                feat = torch.cat([anchors[slot][0] for slot in run])  # (n, D)
-                at = torch.tensor([anchors[slot][1] for slot in run], device=engine.device)  # (n,)
-                with engine.autocast():
-                    self._choose(drafter.chain(feat, at, 1, self.depth, cache=self._rows(run[0], run[-1] + 1))[:, :, 0], run[0], run[-1] + 1)
+                    self.anchor_feat[slot] = drafter.elements_at(context, feats, first, cache=self._rows(slot, slot + 1))[0]  # (D,)
+                anchors[slot] = L - 2
+            self._chain_loaded(anchors)
+
+    def _chain_loaded(self, anchors: dict[int, int]) -> None:
+        """The loaded rows' first chains: captured, one replay of the bucket of rows [0, last loaded]
+        (`loading` marks which); else one pass for each run of neighbouring slots (rows admitted
+        together). A row's chain is its own whatever rows share the pass (the steps' run every row)."""
+        slots = sorted(anchors)
+        if self.whole_bucket:
+            self._headroom()  # the other rows chain there, their cols kept
+        self.anchor_at[slots] = to_device([anchors[slot] for slot in slots], self.cols.device)
+        if self.whole_bucket:
+            r = bucket(slots[-1] + 1)
+            self.loading[slots] = True
+            if not self.batch.graphs_ok:
+                with self.batch.engine.autocast():
+                    self._first_chains(0, r)
+            else:
+                if r not in self.first_chains:
+                    self._capture(r)
+                self.first_chains[r].replay()
+            self.chained += 1
+            return
+        runs: list[list[int]] = []
+        for slot in slots:
+            if runs and runs[-1][-1] == slot - 1:
+                runs[-1].append(slot)
+            else:
+                runs.append([slot])
+        self.chained += len(runs)
+        for run in runs:
+            with self.batch.engine.autocast():
+                self._first_chains(run[0], run[-1] + 1, only=False)
 
     @torch.inference_mode()
     def move(self, sources: list[int], slots: list[int]) -> None:
