@@ -62,7 +62,10 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     greedy; the controller learns what rows keep from EAGLE's drafts alone (plain steps' host
     n-gram drafts, batch/shadow.py, would judge another drafter's acceptance). A chunk's load of
     its rows (here >= 1 s each) is told apart, not in its steps' seconds (charged to them, at least
-    1 s / CHUNK a step; on the H200 a one-step try was rated at 3.4 ms where EAGLE's steps took 0.8)."""
+    1 s / CHUNK a step; on the H200 a one-step try was rated at 3.4 ms where EAGLE's steps took 0.8),
+    and only that of rows back from plain steps: a request's first load (its prompt's draft cache,
+    paid once whatever K does) is not a switch's cost (told, it priced switches at 8-42 ms at 1-8 rows
+    on the H200, where rows back took about 1.2 ms each, and the controller stayed plain at one row)."""
     import time
 
     engine, head = _engine(), random_head()
@@ -71,8 +74,8 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     want = [generate(engine, p, c).tokens for p, c in zip(asks, cfgs, strict=True)]
     batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
     hook = BatchEagle(batch, head, K)
-    load = hook.load
-    hook.load = lambda *args: (time.sleep(1.0), load(*args))[1]  # type: ignore[method-assign]
+    load, back = hook.load, []
+    hook.load = lambda *args: (back.append(any(args[2])), time.sleep(1.0), load(*args))[2]  # type: ignore[method-assign]
     ctl = Scripted(K, (0, 0, K), best=K)  # two plain steps, then a chunk of EAGLE steps, in turn
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, ctl, lookup=BatchLookup(batch, K, hook=hook))  # type: ignore[arg-type]
     got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
@@ -81,7 +84,8 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     assert {k for k, _ in ctl.seen} == {0, K} and ctl.kept and not ctl.judged
     assert hook.loaded > len(asks)  # rows back from plain steps were loaded again
     plain = max(seconds for k, seconds in ctl.seen if k == 0)  # (a busy machine's steps are slower: the bound moves with them)
-    assert sum(seconds >= 1.0 for k, seconds in ctl.loads if k == K) >= 3 and max(seconds for k, seconds in ctl.seen if k == K) < 0.1 + 2 * plain, ctl.seen
+    assert sum(seconds >= 1.0 for k, seconds in ctl.loads if k == K) == sum(back) >= 2 and len(back) > sum(back), (ctl.loads, back)
+    assert max(seconds for k, seconds in ctl.seen if k == K) < 0.1 + 2 * plain, ctl.seen
 
 
 def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states() -> None:

@@ -334,7 +334,9 @@ class BatchKController:
         before the chunk's steps; after plain steps it is the switch's cost, kept apart from K's step
         (charged to a one-step try, it rated EAGLE's K 5 at 3.4 ms a step where its steps took 0.8
         and the controller never drafted: results/gpu/batch-NVIDIA-H200-20261203-170508.json). Within
-        a drafting run (rows newly admitted) it is no one's."""
+        a drafting run it is no one's. A request's first load (its prompt's draft cache) is not told
+        (BatchLookup.first_load_time): paid once whatever K does, told it priced switches at 8-42 ms at
+        1-8 rows on the H200 (results/gpu/batch-NVIDIA-H200-20261203-195731.json)."""
         stats = self._stats(bucket)
         if k > 0 and stats.last_k == 0 and seconds > 0:
             stats.load[k] = self.memory * stats.load[k] + (1 - self.memory) * seconds if k in stats.load else seconds

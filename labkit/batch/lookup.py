@@ -97,7 +97,9 @@ class BatchLookup:
         self.synced: list[tuple[Any, int] | None] = [None] * slots  # per slot: (request, context length) its device row holds
         self.graphs: dict[int, Any] = {}  # rows bucket -> captured step
         self.steps = CHUNK  # steps the last chunk ran
-        self.load_time, self.step_time = DeviceSpan(dev), DeviceSpan(dev)  # the last chunk's: loading its rows (`run` only), its steps
+        # the last chunk's device time (`run` only): loading rows back from steps elsewhere (plain, host), loading
+        # requests' first rows here (a new request's prompt: paid once by any drafting, not a switch's), its steps
+        self.load_time, self.first_load_time, self.step_time = DeviceSpan(dev), DeviceSpan(dev), DeviceSpan(dev)
         if hook is not None:
             hook.bind(self.history, self.n_ctx)
 
@@ -109,14 +111,12 @@ class BatchLookup:
         """`steps` (<= CHUNK) steps of rows [0, n), one per request (BatchRequest: context,
         prompt_ids, config), every row's EOS ids these: replays of the bucket's captured step on CUDA.
         Returns whether the bucket's step was captured first (the chunk's time is then not its own).
-        The device's time of the rows' load and of the steps: `load_time`, `step_time`."""
+        The device's time of the rows' loads and of the steps: `load_time`, `first_load_time`, `step_time`."""
         r = self._chunk_rows(len(requests), steps)
         captured = self.batch.graphs_ok and r not in self.graphs
         if captured:
             self.capture(r)
-        self.load_time.start()
         self._load(requests, eos_ids, r)
-        self.load_time.stop()
         self._replay(r, steps)
         return captured
 
@@ -164,6 +164,7 @@ class BatchLookup:
         stale = [i for i, r in enumerate(requests) if not self._holds(i, r)]
         for i in stale:
             self.history[i, : len(requests[i].context)] = to_device(requests[i].context, dev)
+        since: dict[int, int] = {}  # rows the hook loads -> the length its last chunk left the slot's request at (0: the request's first here)
         if stale:
             self.n_ctx[stale] = to_device([len(requests[i].context) for i in stale], dev)
             self.eos_until[stale] = to_device([len(requests[i].prompt_ids) + requests[i].config.min_new_tokens for i in stale], dev)
@@ -172,10 +173,12 @@ class BatchLookup:
                 moved = {i: holders[key] for i in stale if (key := (id(requests[i]), len(requests[i].context))) in holders}
                 if moved:
                     self.hook.move(list(moved.values()), list(moved))
-                fresh = [i for i in stale if i not in moved]
-                if fresh:  # (a slot whose request is the one this hook's last chunk left there: its length then)
-                    since = [held[1] if (held := self.synced[i]) is not None and held[0] is requests[i] else 0 for i in fresh]
-                    self.hook.load(fresh, [requests[i].context for i in fresh], since, [len(requests[i].prompt_ids) for i in fresh])
+                since = {i: held[1] if (held := self.synced[i]) is not None and held[0] is requests[i] else 0 for i in stale if i not in moved}
+        for span, group in ((self.load_time, [i for i in since if since[i]]), (self.first_load_time, [i for i in since if not since[i]])):
+            span.start()
+            if group and self.hook is not None:
+                self.hook.load(group, [requests[i].context for i in group], [since[i] for i in group], [len(requests[i].prompt_ids) for i in group])
+            span.stop()
         self._pad(len(requests), rows)
 
     def _holds(self, slot: int, request: Any) -> bool:

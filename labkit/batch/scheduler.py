@@ -353,7 +353,8 @@ class ContinuousBatcher:
             full = m
         drafts, tokens, n_ctx = lookup.read(rows)
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
-        load, device = (lookup.load_time.seconds(), lookup.step_time.seconds()) if ahead is None and self.controller else (0.0, 0.0)  # (before steps ahead time theirs)
+        load, first, device = ((lookup.load_time.seconds(), lookup.first_load_time.seconds(), lookup.step_time.seconds())
+                               if ahead is None and self.controller else (0.0, 0.0, 0.0))  # (before steps ahead time theirs)
         more = self._ahead_steps(lookup, rows, tokens)
         if more:
             lookup.run_on(len(rows), more)
@@ -370,7 +371,7 @@ class ContinuousBatcher:
         self.steps += m
         self.rows_stepped += m * len(rows)
         if self.controller and not captured:  # each step that gave tokens, the chunk's time shared among them (steps after every row finished cost too)
-            wall = time.perf_counter() - t0 - load  # the rows' load is told apart: after plain steps, a switch's cost
+            wall = time.perf_counter() - t0 - load - first  # the rows' loads told apart: after plain steps, a switch's cost (requests' first: nobody's)
             device = min(device, wall)
             seconds = (device + (wall - device) * m / full) / len(per_step)
             self.controller.observe_load(bucket(len(rows)), lookup.k, load)
