@@ -942,8 +942,9 @@ def test_a_switch_to_drafting_pays_the_rows_load_and_a_drafting_run_none() -> No
     """A drafting K's load of rows that plain steps moved on (EAGLE: a pass over each row's context)
     is the switch's cost: told after plain steps, K's value from plain counts it beside the bubble
     (once over SWITCH_HORIZON of its steps), and a try of K across plain pays it; told within a
-    drafting run (rows newly admitted), it is not kept. K's own rate never includes it."""
-    from labkit.batch.controller import SWITCH_HORIZON, BatchKController
+    drafting run, it is not kept, nor the first after plain steps (a warm-up), and a stall counts as
+    OUTLIER times the mean load. K's own rate never includes it."""
+    from labkit.batch.controller import OUTLIER, SWITCH_HORIZON, BatchKController
 
     ctl = BatchKController(5, candidates=[0, 5], warm=1)
     for k, seconds, kept in [(0, 0.85e-3, None), (0, 0.5e-3, None), (0, 0.5e-3, None), (5, 0.8e-3, [2]), (5, 0.8e-3, [2]), (5, 0.8e-3, [2])]:
@@ -951,10 +952,11 @@ def test_a_switch_to_drafting_pays_the_rows_load_and_a_drafting_run_none() -> No
     ctl.observe_load(1, 5, 3e-3)  # within a drafting run: no one's
     stats = ctl.buckets[1]
     assert stats.load == {}
-    ctl.observe(1, 0, 1, 0.85e-3)
-    ctl.observe(1, 0, 1, 0.5e-3)  # plain steps, then a chunk of K 5 that loaded its rows
-    ctl.observe_load(1, 5, 3e-3)
-    ctl.observe(1, 5, 3, 0.8e-3, [2])
+    for load in (73e-3, 3e-3):  # the first load after plain steps a warm-up (new shapes' first launches: 73 ms on the H200), not kept
+        ctl.observe(1, 0, 1, 0.85e-3)
+        ctl.observe(1, 0, 1, 0.5e-3)  # plain steps, then a chunk of K 5 that loaded its rows
+        ctl.observe_load(1, 5, load)
+        ctl.observe(1, 5, 3, 0.8e-3, [2])
     assert stats.load == {5: 3e-3}
     stats.chosen = 0  # the batch runs plain: K 5 is a switch away
     step, bubble = stats.step(5), stats.fill - stats.step(0)
@@ -963,6 +965,9 @@ def test_a_switch_to_drafting_pays_the_rows_load_and_a_drafting_run_none() -> No
     assert stats.try_cost(5, 0, value) == pytest.approx(step / stats.step(0) * max(0.0, 1 - value[5] / value[0]) + (2 * bubble + 3e-3) / stats.step(0))
     stats.chosen = 5  # drafting: staying costs nothing, and K 5's rate is its steps' alone
     assert ctl.values(1)[5] == stats.rate(5) == pytest.approx(3 / 0.8e-3, rel=0.05)
+    ctl.observe(1, 0, 1, 0.5e-3)
+    ctl.observe_load(1, 5, 1.0)  # a stall (the host's garbage collector, say) counts as OUTLIER times the mean load
+    assert stats.load[5] == pytest.approx(ctl.memory * 3e-3 + (1 - ctl.memory) * OUTLIER * 3e-3)
 
 
 def test_near_even_drafting_does_not_keep_the_batch_switching() -> None:

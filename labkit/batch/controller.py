@@ -163,6 +163,7 @@ class BucketStats:
     last_k: int = -1  # the K of the step observed last
     fill: float = 0.0  # decayed mean seconds of a run's first plain step after drafting (0: none yet)
     load: dict[int, float] = field(default_factory=dict)  # K -> decayed mean seconds its first chunk after plain steps took to load the rows
+    loads_seen: set[int] = field(default_factory=set)  # the drafting K whose first such load (a warm-up, not kept) was seen
     chosen: int = -1  # the K last taken as the best (-1: none yet)
     switches: int = 0  # such choices that went from plain to drafting or back
 
@@ -339,7 +340,13 @@ class BatchKController:
         1-8 rows on the H200 (results/gpu/batch-NVIDIA-H200-20261203-195731.json)."""
         stats = self._stats(bucket)
         if k > 0 and stats.last_k == 0 and seconds > 0:
-            stats.load[k] = self.memory * stats.load[k] + (1 - self.memory) * seconds if k in stats.load else seconds
+            if k not in stats.loads_seen:  # K's first load here is its warm-up (kernels' first launches at new shapes), not kept:
+                stats.loads_seen.add(k)  # a first one of 73 ms at one row on the H200, later ones 0.6, priced every switch out
+                return  # (results/gpu/batch-NVIDIA-H200-20261203-200622.json)
+            if k in stats.load:
+                stats.load[k] = self.memory * stats.load[k] + (1 - self.memory) * min(seconds, OUTLIER * stats.load[k])
+            else:
+                stats.load[k] = seconds
 
     def observe_drafts(self, k: int, kept: list[int]) -> None:
         """Rows' drafts of K judged without a verify (batch/shadow.py: by the tokens plain steps gave
