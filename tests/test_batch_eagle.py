@@ -275,3 +275,26 @@ def test_bench_batch_runs_eagle_device_steps_from_a_head_folder(tiny_folder, tmp
         dataclasses.replace(cfg, heads=str(tmp_path / "none")).validate()  # before anything runs
     names = [s.name for s in _systems(dataclasses.replace(cfg, k=6))]  # past the head's depth of 4: the chain at 4, eagle-mix at 6
     assert "eagle-device-4" in names and "eagle-mix-device-6" in names and not any(n.startswith("eagle-device-6") for n in names)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+def test_cuda_plain_steps_captured_before_an_eagle_hook_hand_it_their_hidden_states() -> None:
+    """Plain steps captured before the EAGLE hook made the model keep hidden states (as `bench batch`
+    captures every step shape first) are captured again: rows back from them catch up from their
+    hidden states, not by a prefill (on the H200 such loads took 42-73 ms at one row)."""
+    from labkit.engine import Engine
+    from labkit.models.tiny import tiny_hf_model
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=4).cuda(), "cuda", "float32", max_seq_len=256, cuda_graph=True)
+    asks = [p * 2 for p in prompts(2, 96, seed=13)]
+    cfgs = [GenerationConfig(max_new_tokens=28, stop_at_eos=False) for _ in asks]
+    want = [generate(engine, p, c).tokens for p, c in zip(asks, cfgs, strict=True)]
+    batch = BatchEngine(engine, BatchConfig(slots=2, max_seq_len=160, cuda_graph=True))
+    batch.capture_graphs([1, K + 1])  # the model keeps no hidden states yet
+    (steps,) = device_eagles(batch, random_head(), [K])
+    batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, Scripted(K, (0, 0, 0, K), best=K), lookup=steps)  # type: ignore[arg-type]
+    got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
+    batcher.run()
+    assert [r.tokens for r in got] == want
+    hook = steps.hook
+    assert isinstance(hook, BatchEagle) and hook.caught_up >= 2 and hook.prefilled == 0, (hook.caught_up, hook.prefilled)

@@ -106,6 +106,13 @@ class BatchEngine:
         """The engine's staging for batched admission, where the fused kernels take rows at their own positions."""
         return staged_prefill(self.engine, self.graphs_ok) if self.stages else None
 
+    def _uncaptured(self, key: tuple[int, int]) -> bool:
+        """Whether the step of (rows, T) needs capturing: never captured, or captured before the model
+        kept hidden states (it hands listeners none: on the H200 every EAGLE row back from plain steps
+        was then loaded by a prefill, 42-73 ms at one row, results/gpu/batch-NVIDIA-H200-20261203-201318.json)."""
+        graph = self.graphs.get(key)
+        return graph is None or (graph.hidden is None and self.model.keep_hidden)
+
     def capture_graphs(self, widths: list[int]) -> None:
         """Capture the step of every rows bucket at these widths (tokens per row) now, and the
         staged admission's chunk steps, so that no timed step pays for a capture (speculative
@@ -117,7 +124,7 @@ class BatchEngine:
         rows = 1
         while rows <= self.cache.batch_size:
             for T in widths:
-                if (rows, T) not in self.graphs and T <= GRAPH_HEADROOM:
+                if self._uncaptured((rows, T)) and T <= GRAPH_HEADROOM:
                     self.graphs[(rows, T)] = BatchGraph(self.engine, self.cache, rows, T)
             rows *= 2
 
@@ -224,7 +231,7 @@ class BatchEngine:
         pos = to_device([[s + t for t in range(T)] for s in starts], dev)  # (n, T)
         if self.graphs_ok and T <= GRAPH_HEADROOM and not self.cfg.invariant:
             key = (bucket(n), T)
-            if key not in self.graphs:
+            if self._uncaptured(key):
                 self.graphs[key] = BatchGraph(self.engine, self.cache, *key)
             logits = self.graphs[key].run(ids, pos)
             hidden = self.graphs[key].hidden

@@ -240,8 +240,6 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     slot_len = min(cfg.max_seq_len, engine.max_seq_len - 16)  # at most the model's context, less the graphs' headroom
     graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"  # batched steps as CUDA graphs per rows bucket
     batches = {(s, b): BatchEngine(engine, BatchConfig(b, slot_len, s.invariant, graphs and not s.invariant)) for s in systems for b in sizes}
-    for (s, _), batch in batches.items():  # every step shape captured before anything is timed
-        batch.capture_graphs(list(range(1, s.k + 2)))
     # one per system, across sizes; EAGLE's from plain and K alone (each K's chunks keep their own draft cache: a switch between two reloads the rows)
     controllers = {s: BatchKController(s.k, [0, s.k] if s.eagle else None) for s in systems if s.auto}
     drafting_ks = {s: controllers[s].candidates if s.auto else [s.k] for s in systems if s.device}  # a device system's K with steps of their own
@@ -253,6 +251,8 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
         return device_lookups(batch, drafting_ks[s])
 
     lookups = {key: device_steps(key[0], batch) for key, batch in batches.items() if key[0].device}  # kept across runs: their captured steps
+    for (s, _), batch in batches.items():  # every step shape captured before anything is timed (after EAGLE's: the model keeps hidden states)
+        batch.capture_graphs(list(range(1, s.k + 2)))
     own = {}
     for s in systems:  # each system one request at a time: its own batch-1 tokens
         one = batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant))
