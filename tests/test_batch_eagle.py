@@ -88,13 +88,16 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     assert max(seconds for k, seconds in ctl.seen if k == K) < 0.1 + 2 * plain, ctl.seen
 
 
-def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states() -> None:
+@pytest.mark.parametrize("window", [512, 6])
+def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states(window: int) -> None:
     """Rows that a K controller sends to plain steps and back: each is loaded again from the hidden
     states those plain steps kept (BatchEngine.listen_steps), over the positions since its last
     chunk, not by a pass over its whole context (the H200 paid 9-47 ms a switch back for that
     pass); one whose plain steps came before its first chunk, from its admission's hidden states and
     those steps'. Its drafts are those a load by a pass of its own gives, step for step, and every
-    output stays plain greedy. (A row moved by a release is still loaded by a pass.)"""
+    output stays plain greedy. (A row moved by a release is still loaded by a pass.) The steps'
+    states are kept by position mod the draft layer's window and a step's headroom: window 6, the
+    catch-ups read across the ring's wrap many times."""
     engine, head = _engine(), random_head()
     asks = [p * 2 for p in prompts(4, 96, seed=13)]
     cfgs = [GenerationConfig(max_new_tokens=24 + 4 * i, stop_at_eos=False) for i in range(len(asks))]
@@ -102,7 +105,7 @@ def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states(
     runs = []
     for from_steps in (True, False):
         batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
-        hook = BatchEagle(batch, head, K)
+        hook = BatchEagle(batch, head, K, window=window)
         if not from_steps:  # no step's hidden states kept: every load but a new request's a pass over the row's context (as before)
             batch.step_listeners.clear()
         batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, Scripted(K, (0, 0, 0, K), best=K),  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ identical: a prefill's hidden states over generated tokens are not the verifies'
 Under a K controller a switch back from plain steps paid 9-47 ms of such passes at 1-8 rows
 (batch-NVIDIA-H200-20261203-171930.json). So the hidden states of every step not drafted here
 (plain or host steps, BatchEngine.listen_steps) are kept by slot and position (`feats`, allocated
-at the first such step: slots x positions x D), and a row whose draft cache its request's last
+at the first such step: slots x the draft layer's window x D, by position mod its length), and a row whose draft cache its request's last
 chunk left in place catches up over the positions since from them alone (`load`'s `since`).
 Where steps are captured, a load's first chains are too (`capture_all`): one replay over the rows
 [0, bucket) with the loaded ones marked (`loading`; the others chain in the headroom, their drafts
@@ -56,7 +56,7 @@ from labkit.kernels import registry
 from labkit.kernels.reference import LOOKUP_MAX_N
 from labkit.models.kvcache import KVCache
 from labkit.specdec.eagle import EagleHead
-from labkit.specdec.eagle_drafter import EagleDrafter
+from labkit.specdec.eagle_drafter import WINDOW, EagleDrafter
 
 
 def device_eagles(batch: BatchEngine, head: EagleHead, ks: list[int], copy_after: int = 0) -> list[BatchLookup]:
@@ -75,10 +75,11 @@ def device_eagles(batch: BatchEngine, head: EagleHead, ks: list[int], copy_after
 class BatchEagle:
     """BatchLookup's drafting hook (batch/lookup.RowsHook): K-deep EAGLE chains for every row."""
 
-    def __init__(self, batch: BatchEngine, head: EagleHead, k: int, copy_after: int = 0) -> None:
-        """copy_after n > 0: eagle-mix (module docstring), lookup's copy after an n-gram of n tokens seen before."""
+    def __init__(self, batch: BatchEngine, head: EagleHead, k: int, copy_after: int = 0, window: int = WINDOW) -> None:
+        """copy_after n > 0: eagle-mix (module docstring), lookup's copy after an n-gram of n tokens seen before;
+        window: the positions back the draft layer attends to (specdec/eagle_drafter.WINDOW)."""
         engine = batch.engine
-        self.drafter = EagleDrafter(engine, head, device_steps=False, batch_rows=batch.cache.batch_size)  # the draft layer (not its own cache)
+        self.drafter = EagleDrafter(engine, head, device_steps=False, window=window, batch_rows=batch.cache.batch_size)  # the draft layer (not its own cache)
         if not 1 <= k <= (GRAPH_HEADROOM - 1 if copy_after else self.drafter.depth) or not 0 <= copy_after <= LOOKUP_MAX_N:
             raise LabkitError(f"this EAGLE head drafts 1 to {self.drafter.depth} tokens a step (more only with copies, after an n-gram "
                               f"of 1 to {LOOKUP_MAX_N} tokens), not K {k} (copies after {copy_after})")
@@ -100,7 +101,11 @@ class BatchEagle:
         self.loaded = self.moved = self.prefilled = self.chained = 0  # rows loaded (of them by a pass of their own), their first chains' passes; rows moved
         self.caught_up = 0  # rows loaded from the hidden states the steps since their last chunk kept (no pass of their own)
         self.kept: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # prompt -> (n, D) its hidden states from first_needed: admissions'
-        self.feats: torch.Tensor | None = None  # (B, S, D) the hidden states of steps not drafted here (plain steps), by slot and position
+        # (B, R, D) the hidden states of steps not drafted here (plain steps), by slot and position mod R: a catch-up reads at most
+        # the draft layer's window back, and a step writes at most GRAPH_HEADROOM positions past what it keeps (a slot's whole
+        # length would cost slots x max_seq_len x D: 604 MB in bf16 at 64 slots of 8,192 positions)
+        self.feats: torch.Tensor | None = None
+        self.ring = self.drafter.window + GRAPH_HEADROOM + 1  # R
         self.fed = [(0, 0, -1)] * rows  # per slot: the positions [from, to) those steps wrote one after another, for its request (BatchEngine.turns)
         batch.listen_prompts(self._keep)
         batch.listen_steps(self._keep_step)
@@ -117,9 +122,9 @@ class BatchEagle:
         comes back to the chunks after such steps catches its draft cache up from them (`load`)."""
         n, T = input_pos.shape
         if self.feats is None:
-            self.feats = torch.zeros(self.cols.shape[0], self.batch.cfg.max_seq_len, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+            self.feats = torch.zeros(self.cols.shape[0], self.ring, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
         rows = torch.arange(n, device=hidden.device)[:, None].expand(n, T)  # (n, T)
-        self.feats[rows, input_pos] = hidden.to(self.feats.dtype)
+        self.feats[rows, input_pos % self.ring] = hidden.to(self.feats.dtype)
         for slot, start in enumerate(starts):
             first, end, turn = self.fed[slot]
             same = turn == self.batch.turns[slot] and first <= start <= end
@@ -128,7 +133,13 @@ class BatchEagle:
     def _stepped(self, slot: int, start: int, end: int) -> bool:
         """Whether the steps kept slot's hidden states at positions [start, end), all for its request now."""
         first, to, turn = self.fed[slot]
-        return self.feats is not None and turn == self.batch.turns[slot] and first <= start and end <= to
+        # (positions from `to` - window - 1 on: a step's verify wrote up to GRAPH_HEADROOM - 1 past `to`, the ring's older ones)
+        return self.feats is not None and turn == self.batch.turns[slot] and max(first, to + GRAPH_HEADROOM - self.ring) <= start and end <= to
+
+    def _kept(self, slot: int, start: int, end: int) -> torch.Tensor:
+        """(end - start, D) the steps' hidden states of slot at positions [start, end) (`_stepped` says they are there)."""
+        assert self.feats is not None
+        return self.feats[slot, torch.arange(start, end, device=self.feats.device) % self.ring]
 
     def _admitted(self, context: list[int], prompt_len: int) -> tuple[int, torch.Tensor] | None:
         """The admission's hidden states (popped) of the context's first prompt_len tokens, and that length."""
@@ -200,12 +211,12 @@ class BatchEagle:
                 if held and self._stepped(slot, max(first, held - 1), L - 1):
                     first = max(first, held - 1)  # elements before it are the chunks' (a window past them: not needed)
                     self.caught_up += 1
-                    feats = self.feats[slot : slot + 1, first : L - 1]  # type: ignore[index]  # (1, L-1-first, D) the steps' own
+                    feats = self._kept(slot, first, L - 1)[None]  # (1, L-1-first, D) the steps' own
                 elif (admitted := self._admitted(context, prompt_len)) and ((P := admitted[0]) == L - 1 or self._stepped(slot, max(first, P), L - 1)):
                     # a request before its first chunk: its prompt's hidden states (from first_needed(P + 1)), then its steps'
                     self.caught_up += P < L - 1
                     kept = admitted[1][max(0, first - drafter.first_needed(P + 1)) :]  # (n, D) positions max(first, ...)..P-1
-                    feats = torch.cat([kept, self.feats[slot, max(first, P) : L - 1]])[None] if P < L - 1 else kept[None]  # type: ignore[index]
+                    feats = torch.cat([kept, self._kept(slot, max(first, P), L - 1)])[None] if P < L - 1 else kept[None]
                 else:
                     self.prefilled += 1
                     engine.ensure_capacity(L)
