@@ -1093,3 +1093,37 @@ def test_a_stalled_first_step_does_not_price_out_switches_or_a_k() -> None:
             last = k
         assert chosen[100:300].count(5) > 150, (stall_fill, stall_k5)  # drafting while it pays
         assert chosen[500:].count(0) > 0.75 * len(chosen[500:]), (stall_fill, stall_k5)  # plain once it pays
+
+
+def test_eagle_under_the_controller_switches_back_from_plain_its_loads_included() -> None:
+    """One row with the H200's EAGLE costs (`k_costs` in results/gpu/batch-NVIDIA-H200-20261203-
+    200622.json): plain 0.53 ms a step in a run, 0.9 ms as a run's first, K 5 0.69 ms; a writing
+    request first (each draft kept with probability 0.15 for 300 steps: plain pays), then copying
+    ones (0.7: K 5 alone 2.25x plain); every switch from plain to K 5 loads the row (1.2 ms), the
+    first such load a warm-up of 73 ms (new shapes' first launches); no drafts judged while plain
+    (an EAGLE hook's). Kept as the switch's price, that warm-up keeps the row plain for good (0.955x
+    on every seed); as a warm-up, the controller's tries find the copying text: 1.4x plain or more
+    on average over six seeds (it learns a text's turn only from its tries: one seed stays plain)."""
+    import random
+
+    from labkit.batch.controller import BatchKController
+
+    step, fill, load, warm_up = {0: 0.53, 5: 0.69}, 0.9, 1.2, 73.0  # ms
+    shares = []
+    for seed in range(6):
+        rng, ctl = random.Random(seed), BatchKController(5, [0, 5])
+        tokens = ms = 0.0
+        last, loads = 0, 0
+        for i in range(3000):
+            k = ctl.choose(1)
+            if k and last == 0:  # the row back from plain steps: loaded first
+                took = warm_up if loads == 0 else load
+                loads += 1
+                ctl.observe_load(1, k, took * 1e-3)
+                ms += took
+            kept = [drafts_kept(rng, 0.15 if i < 300 else 0.7, k)]
+            cost = fill if k == 0 and last != 0 else step[k]
+            ctl.observe(1, k, 1 + kept[0], cost * 1e-3, kept if k else None)
+            tokens, ms, last = tokens + 1 + kept[0], ms + cost, k
+        shares.append(tokens / ms * step[0])
+    assert sum(shares) / len(shares) >= 1.4, shares
