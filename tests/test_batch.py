@@ -34,6 +34,9 @@ class Scripted:
         self.calls += 1
         return self.ks[(self.calls - 1) % len(self.ks)]
 
+    def try_steps(self, bucket: int, k: int) -> int:
+        return 1
+
     def best(self, bucket: int) -> int:
         return self.best_k
 
@@ -1102,8 +1105,10 @@ def test_eagle_under_the_controller_switches_back_from_plain_its_loads_included(
     ones (0.7: K 5 alone 2.25x plain); every switch from plain to K 5 loads the row (1.2 ms), the
     first such load a warm-up of 73 ms (new shapes' first launches); no drafts judged while plain
     (an EAGLE hook's). Kept as the switch's price, that warm-up keeps the row plain for good (0.955x
-    on every seed); as a warm-up, the controller's tries find the copying text: 1.4x plain or more
-    on average over six seeds (it learns a text's turn only from its tries: one seed stays plain)."""
+    on every seed); as a warm-up, the controller's tries find the copying text. It learns the
+    text's turn from its tries alone: tries of one step, 1.73x on average over these six seeds and
+    0.95x on the worst (it stayed plain); tries of a chunk from plain (`try_steps`), 1.75x or more
+    on average and 1.5x or more on each (1.84x and 1.62x; K 5 alone runs about 2.1x here)."""
     import random
 
     from labkit.batch.controller import BatchKController
@@ -1114,16 +1119,18 @@ def test_eagle_under_the_controller_switches_back_from_plain_its_loads_included(
         rng, ctl = random.Random(seed), BatchKController(5, [0, 5])
         tokens = ms = 0.0
         last, loads = 0, 0
-        for i in range(3000):
+        i = 0
+        while i < 3000:
             k = ctl.choose(1)
             if k and last == 0:  # the row back from plain steps: loaded first
                 took = warm_up if loads == 0 else load
                 loads += 1
                 ctl.observe_load(1, k, took * 1e-3)
                 ms += took
-            kept = [drafts_kept(rng, 0.15 if i < 300 else 0.7, k)]
-            cost = fill if k == 0 and last != 0 else step[k]
-            ctl.observe(1, k, 1 + kept[0], cost * 1e-3, kept if k else None)
-            tokens, ms, last = tokens + 1 + kept[0], ms + cost, k
+            for _ in range(ctl.try_steps(1, k) if k and ctl.best(1) != k else 1):  # a try's steps, as the scheduler runs them
+                kept = [drafts_kept(rng, 0.15 if i < 300 else 0.7, k)]
+                cost = fill if k == 0 and last != 0 else step[k]
+                ctl.observe(1, k, 1 + kept[0], cost * 1e-3, kept if k else None)
+                tokens, ms, last, i = tokens + 1 + kept[0], ms + cost, k, i + 1
         shares.append(tokens / ms * step[0])
-    assert sum(shares) / len(shares) >= 1.4, shares
+    assert sum(shares) / len(shares) >= 1.75 and min(shares) >= 1.5, shares

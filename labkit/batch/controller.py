@@ -51,7 +51,10 @@ drafting step costs twice a plain one, tries every 16 steps alone cost 5% of pla
 wait is also at least what keeps its tries to TRY_SHARE of the bucket's time (a try loses K's step
 over the best's x the share of the best's rate it lacks): on the H200 at 64 rows a try of K 5 costs
 about 3 plain steps, and tries every MAX_WAIT steps of K 2 and K 5 alone cost 2% of plain's speed.
-The rows' acceptance comes from judged drafts as well, so a try only refreshes the K's step time.
+The rows' acceptance comes from judged drafts as well, so a try mostly refreshes the K's step time;
+but a drafting hook's drafts (EAGLE's) are judged only in its own steps, so a try of a drafting K
+from plain runs a chunk of TRY_STEPS, not one step (`try_steps`): it pays the switch's cost anyway,
+and one step's drafts barely moved the acceptance a plain run left.
 A K's first step in a bucket is its warm-up, not rated (the first replay of a step shape took 26 ms
 on the H200 against 0.7 after it: rated, K 2 looked 9x slower than plain at one row for the rest of
 the run: scripts/batch_trace.py). One slow step must not decide: a loser is tried rarely, so its sums are rarely refreshed, and a
@@ -105,6 +108,7 @@ TRY_SHARE = 0.005  # ... and past it, a wait long enough that its try costs this
 LONG_WAIT = 4096  # ... up to this many steps
 ACCEPTANCE_MEMORY = 0.9  # the rows' acceptance decays by this at each drafting step or judged draft (a step's rates by `memory`)
 FRESH = 0.25  # a draft position's acceptance counts while its recent rows are at least this share of the first position's
+TRY_STEPS = 8  # a try of a drafting K from plain steps runs this many steps (try_steps; a device chunk)
 OUTLIER = 4.0  # a step timed at more than this many times its K's mean step counts as this many (after the first tries)
 
 
@@ -184,17 +188,32 @@ class BucketStats:
         bubble += self.load.get(k, 0.0)
         return self.rate(k) * horizon * self.step(k) / (horizon * self.step(k) + bubble)
 
+    def switch_cost(self, k: int, best: int) -> float:
+        """Seconds a try of K from the best pays however many steps it runs: where it crosses between
+        plain and drafting, the bubble there and back and the drafting K's load of the rows."""
+        if (k == 0) == (best == 0):
+            return 0.0
+        bubbles = 2 * max(0.0, self.fill - self.step(0)) if self.fill and self.step(0) else 0.0
+        return bubbles + self.load.get(k or best, 0.0)
+
+    def try_steps(self, k: int, best: int) -> int:
+        """The steps a try of drafting K runs: one, or from plain steps TRY_STEPS. Such a try pays the
+        switch's cost (`switch_cost`: the bubbles, an EAGLE row's load) however long it runs, and it
+        is what tells the rows' acceptance how the text turned while plain steps ran (an EAGLE hook
+        judges no drafts then): one step moves that acceptance by 1 - ACCEPTANCE_MEMORY, a chunk by
+        1 - ACCEPTANCE_MEMORY ** 8. Simulated at one row with the H200's EAGLE costs and a text that
+        turns copyable after plain steps won (tests/test_batch.py), one-step tries ran 1.71x plain on
+        average over 12 seeds (0.95x on the worst: it stayed plain), tries of 3 steps 1.6-2.1x with
+        one seed plain, tries of a chunk 1.99x (1.88x). Its wait counts its steps (`try_cost`)."""
+        return TRY_STEPS if k and not best else 1
+
     def try_cost(self, k: int, best: int, value: dict[int, float]) -> float:
-        """The best's steps a try of K loses: K's step over the best's x the share of the best's rate
-        K lacks, and where the try switches between plain and drafting, the bubble paid there and back
-        and the drafting K's load of the rows on its way back from plain."""
+        """The best's steps a try of K loses: K's steps over the best's x the share of the best's rate
+        K lacks, and where the try switches between plain and drafting, the switch's cost (`switch_cost`)."""
         if not self.step(best) or not value[best]:
             return 0.0
-        lost = self.step(k) / self.step(best) * max(0.0, 1 - value[k] / value[best])
-        if (k == 0) != (best == 0):
-            bubbles = 2 * max(0.0, self.fill - self.step(0)) if self.fill and self.step(0) else 0.0
-            lost += (bubbles + self.load.get(k or best, 0.0)) / self.step(best)
-        return lost
+        lost = self.try_steps(k, best) * self.step(k) / self.step(best) * max(0.0, 1 - value[k] / value[best])
+        return lost + self.switch_cost(k, best) / self.step(best)
 
     def rate(self, k: int) -> float:
         """K's tokens per second (0 before its first step): where the rows' acceptance is known,
@@ -294,6 +313,10 @@ class BatchKController:
         """Each candidate K's rate for a choice in this bucket now, a switch's bubble counted ({} before its first step)."""
         stats = self.buckets.get(bucket)
         return {k: stats.value(k, SWITCH_HORIZON) for k in self.candidates} if stats else {}
+
+    def try_steps(self, bucket: int, k: int) -> int:
+        """The steps a try of K in this bucket runs (BucketStats.try_steps), from the K rated best."""
+        return self._stats(bucket).try_steps(k, self.best(bucket))
 
     def best(self, bucket: int) -> int:
         """The K rated fastest for this bucket (K max where nothing is known yet)."""

@@ -345,8 +345,8 @@ class ContinuousBatcher:
         if ahead is None:
             rows = list(self.rows)
             full = chunk_steps(rows)
-            exploring = self.controller is not None and self.controller.best(bucket(len(rows))) != lookup.k
-            m = 1 if exploring else full  # a controller's try of K costs one step, not a chunk
+            ctl, b = self.controller, bucket(len(rows))
+            m = min(full, ctl.try_steps(b, lookup.k)) if ctl is not None and ctl.best(b) != lookup.k else full  # a try: a step, or a few across a switch
             captured = lookup.run(rows, rows[0].eos_ids, m)
         else:  # launched ahead (its full length: its time per step is the period its chunks run at)
             (rows, m), captured, self.chunk_ahead = ahead, False, None
