@@ -947,7 +947,7 @@ def test_a_switch_to_drafting_pays_the_rows_load_and_a_drafting_run_none() -> No
     (once over SWITCH_HORIZON of its steps), and a try of K across plain pays it; told within a
     drafting run, it is not kept, nor the first after plain steps (a warm-up), and a stall counts as
     OUTLIER times the mean load. K's own rate never includes it."""
-    from labkit.batch.controller import OUTLIER, SWITCH_HORIZON, BatchKController
+    from labkit.batch.controller import OUTLIER, SWITCH_HORIZON, TRY_STEPS, BatchKController
 
     ctl = BatchKController(5, candidates=[0, 5], warm=1)
     for k, seconds, kept in [(0, 0.85e-3, None), (0, 0.5e-3, None), (0, 0.5e-3, None), (5, 0.8e-3, [2]), (5, 0.8e-3, [2]), (5, 0.8e-3, [2])]:
@@ -966,6 +966,9 @@ def test_a_switch_to_drafting_pays_the_rows_load_and_a_drafting_run_none() -> No
     assert ctl.values(1)[5] == pytest.approx(stats.rate(5) * SWITCH_HORIZON * step / (SWITCH_HORIZON * step + bubble + 3e-3))
     value = ctl.values(1)
     assert stats.try_cost(5, 0, value) == pytest.approx(step / stats.step(0) * max(0.0, 1 - value[5] / value[0]) + (2 * bubble + 3e-3) / stats.step(0))
+    # a try of K 5 from plain runs a chunk (its acceptance told only by its steps), its wait counting them
+    assert (stats.try_steps(5, 0), stats.try_steps(5, 5), stats.try_steps(0, 5)) == (TRY_STEPS, 1, 1)
+    assert stats.try_cost(5, 0, {0: 2000.0, 5: 1000.0}) == pytest.approx(TRY_STEPS * step / stats.step(0) * 0.5 + (2 * bubble + 3e-3) / stats.step(0))
     stats.chosen = 5  # drafting: staying costs nothing, and K 5's rate is its steps' alone
     assert ctl.values(1)[5] == stats.rate(5) == pytest.approx(3 / 0.8e-3, rel=0.05)
     ctl.observe(1, 0, 1, 0.5e-3)
