@@ -202,9 +202,9 @@ class BucketStats:
         is what tells the rows' acceptance how the text turned while plain steps ran (an EAGLE hook
         judges no drafts then): one step moves that acceptance by 1 - ACCEPTANCE_MEMORY, a chunk by
         1 - ACCEPTANCE_MEMORY ** 8. Simulated at one row with the H200's EAGLE costs and a text that
-        turns copyable after plain steps won (tests/test_batch.py), one-step tries ran 1.71x plain on
-        average over 12 seeds (0.95x on the worst: it stayed plain), tries of 3 steps 1.6-2.1x with
-        one seed plain, tries of a chunk 1.99x (1.88x). Its wait counts its steps (`try_cost`)."""
+        turns copyable after plain steps won (tests/test_batch.py), one-step tries ran 1.73x plain on
+        average over six seeds (0.95x on the worst: it stayed plain), tries of a chunk 1.84x (1.62x;
+        K 5 alone about 2.1x). Its wait counts its steps (`try_cost`)."""
         return TRY_STEPS if k and not best else 1
 
     def try_cost(self, k: int, best: int, value: dict[int, float]) -> float:

@@ -228,35 +228,32 @@ class BatchEagle:
             self._chain_loaded(anchors)
 
     def _chain_loaded(self, anchors: dict[int, int]) -> None:
-        """The loaded rows' first chains: captured, one replay of the bucket of rows [0, last loaded]
-        (`loading` marks which); else one pass for each run of neighbouring slots (rows admitted
-        together). A row's chain is its own whatever rows share the pass (the steps' run every row)."""
+        """The loaded rows' first chains: with `whole_bucket` (as captured) one pass over the rows
+        [0, bucket) with the loaded ones marked (`loading`), the others chaining in the headroom;
+        else one pass for each run of neighbouring slots (rows admitted together). A row's chain is
+        its own whatever rows share the pass (the steps' run every row)."""
         slots = sorted(anchors)
-        if self.whole_bucket:
-            self._headroom()  # the other rows chain there, their cols kept
-        self.anchor_at[slots] = to_device([anchors[slot] for slot in slots], self.cols.device)
-        if self.whole_bucket:
-            r = bucket(slots[-1] + 1)
-            self.loading[slots] = True
-            if not self.batch.graphs_ok:
-                with self.batch.engine.autocast():
-                    self._first_chains(0, r)
-            else:
-                if r not in self.first_chains:
-                    self._capture(r)
-                self.first_chains[r].replay()
-            self.chained += 1
-            return
         runs: list[list[int]] = []
-        for slot in slots:
-            if runs and runs[-1][-1] == slot - 1:
-                runs[-1].append(slot)
-            else:
-                runs.append([slot])
+        if self.whole_bucket:
+            self._headroom()
+            self.loading[slots] = True
+            runs.append(list(range(bucket(slots[-1] + 1))))
+        else:
+            for slot in slots:
+                if runs and runs[-1][-1] == slot - 1:
+                    runs[-1].append(slot)
+                else:
+                    runs.append([slot])
+        self.anchor_at[slots] = to_device([anchors[slot] for slot in slots], self.cols.device)
         self.chained += len(runs)
         for run in runs:
-            with self.batch.engine.autocast():
-                self._first_chains(run[0], run[-1] + 1, only=False)
+            if self.batch.graphs_ok and self.whole_bucket:
+                if len(run) not in self.first_chains:
+                    self._capture(len(run))
+                self.first_chains[len(run)].replay()
+            else:
+                with self.batch.engine.autocast():
+                    self._first_chains(run[0], run[-1] + 1, only=self.whole_bucket)
 
     @torch.inference_mode()
     def move(self, sources: list[int], slots: list[int]) -> None:
