@@ -111,7 +111,7 @@ class BatchEngine:
         kept hidden states (it hands listeners none: on the H200 every EAGLE row back from plain steps
         was then loaded by a prefill, 42-73 ms at one row, results/gpu/batch-NVIDIA-H200-20261203-201318.json)."""
         graph = self.graphs.get(key)
-        return graph is None or (graph.hidden is None and self.model.keep_hidden)
+        return graph is None or (self.model.keep_hidden and not graph.keeps_hidden)
 
     def capture_graphs(self, widths: list[int]) -> None:
         """Capture the step of every rows bucket at these widths (tokens per row) now, and the

@@ -32,6 +32,7 @@ class BatchGraph:
         view = cache.rows(0, rows)
         self.logits = torch.empty(0)
         self.hidden: torch.Tensor | None = None  # (rows, T, D) the final hidden states, where the model keeps them
+        self.keeps_hidden = engine.model.keep_hidden  # whether it was captured keeping them (BatchEngine captures it again if not)
 
         def body() -> None:
             self.logits = engine.model(self.tokens, self.input_pos, view, last, None, False, None)  # (rows, T, V)
