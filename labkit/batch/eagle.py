@@ -106,6 +106,7 @@ class BatchEagle:
         # length would cost slots x max_seq_len x D: 604 MB in bf16 at 64 slots of 8,192 positions)
         self.feats: torch.Tensor | None = None
         self.ring = self.drafter.window + GRAPH_HEADROOM + 1  # R
+        self.slot_ids = torch.empty(0, 1, dtype=torch.long)  # (B, 1) row indices for feats' writes (allocated with it)
         self.fed = [(0, 0, -1)] * rows  # per slot: the positions [from, to) those steps wrote one after another, for its request (BatchEngine.turns)
         batch.listen_prompts(self._keep)
         batch.listen_steps(self._keep_step)
@@ -123,8 +124,8 @@ class BatchEagle:
         n, T = input_pos.shape
         if self.feats is None:
             self.feats = torch.zeros(self.cols.shape[0], self.ring, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        rows = torch.arange(n, device=hidden.device)[:, None].expand(n, T)  # (n, T)
-        self.feats[rows, input_pos % self.ring] = hidden.to(self.feats.dtype)
+            self.slot_ids = torch.arange(self.cols.shape[0], device=hidden.device)[:, None]  # (B, 1): a step's rows, made once (every plain step writes)
+        self.feats[self.slot_ids[:n], input_pos % self.ring] = hidden.to(self.feats.dtype)
         for slot, start in enumerate(starts):
             first, end, turn = self.fed[slot]
             same = turn == self.batch.turns[slot] and first <= start <= end
