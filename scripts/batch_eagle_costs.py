@@ -8,10 +8,13 @@ host read between: the GPU's own time per step of ngram-device-K, eagle-device-K
 a catch-up and a chain per row inside the step) and eagle-mix-device-K (the same and the lookup's
 choice); and one row's load (BatchEagle.load: the catch-up over its context and the first chains),
 with a batch-1 prefill of its own, from its admission's hidden states (a new request's), and caught up
-over 8 positions from the hidden states plain steps kept (a row back from plain steps).
+over 8 positions from the hidden states plain steps kept (a row back from plain steps). First: one
+row's first load caught up over each of several lengths, timed once each, before and after the hook's
+capture_all (which runs a catch-up of each length class its kernels compile apart).
 """
 
 import sys
+import time
 
 import torch
 
@@ -39,6 +42,37 @@ systems = {f"ngram-device-{K}": BatchLookup(batch, K), f"eagle-device-{K}": Batc
 for steps in systems.values():
     steps.capture_all()
 gen = GenerationConfig(max_new_tokens=600, min_new_tokens=600)
+hook = systems[f"eagle-device-{K}"].hook
+assert isinstance(hook, BatchEagle)
+
+
+def caught_up_load(context: list[int], hidden: torch.Tensor, m: int) -> None:
+    """One row's load caught up over the m positions before its last, as after m plain steps (hidden: (n-1, D))."""
+    n = len(context)
+    for listener in batch.step_listeners:  # as m plain steps since its last chunk hand their hidden states over
+        listener([n - 1 - m], torch.arange(n - 1 - m, n - 1, device=hidden.device)[None], hidden[None, n - 1 - m : n - 1])
+    hook.load([0], [context], [n - m], [n - 1 - m])
+    sync()
+
+
+def hidden_of(context: list[int]) -> torch.Tensor:
+    engine.ensure_capacity(len(context))
+    engine.prefill(torch.tensor([context[:-1]], device=engine.device))
+    return engine.hidden_span(0, len(context) - 1)[0].clone()  # (n-1, D) as the steps hand them over
+
+
+# the first load caught up over each length, before and after the hook's capture_all (which warms its catch-ups' kernels)
+context = (suite[0] * (300 // len(suite[0]) + 1))[:300]
+hidden = hidden_of(context)
+for when, lengths in (("cold", (8, 1, 16, 8, 3)), ("after capture_all", (2, 32, 85, 5))):
+    if when != "cold":
+        hook.capture_all()
+    line = f"first loads caught up, {when}:"
+    for m in lengths:
+        t0 = time.perf_counter()
+        caught_up_load(context, hidden, m)
+        line += f"  {m} positions {1e3 * (time.perf_counter() - t0):7.1f} ms"
+    print(line)
 
 for r in sizes:
     line = f"rows {r:2d}:"
@@ -64,14 +98,10 @@ for r in sizes:
         batcher.run()
     print(line)
 
-hook = systems[f"eagle-device-{K}"].hook
-assert isinstance(hook, BatchEagle)
 for n in (64, 256):
     context = (suite[0] * (n // len(suite[0]) + 1))[:n]
     prompt = torch.tensor([context[:-1]], device=engine.device)
-    engine.ensure_capacity(n)
-    engine.prefill(prompt)
-    hidden = engine.hidden_span(0, n - 1)[0].clone()  # (n-1, D) as an admission hands it over
+    hidden = hidden_of(context)  # as an admission hands it over
 
     def kept_load(context: list[int] = context, hidden: torch.Tensor = hidden) -> None:
         for listener in batch.prompt_listeners:  # as admit_many hands each prompt's hidden states over
@@ -79,15 +109,9 @@ for n in (64, 256):
         hook.load([0], [context])
         sync()
 
-    def caught_up(context: list[int] = context, hidden: torch.Tensor = hidden, n: int = n) -> None:
-        for listener in batch.step_listeners:  # as 8 plain steps since its last chunk hand their hidden states over
-            listener([n - 9], torch.arange(n - 9, n - 1, device=hidden.device)[None], hidden[None, n - 9 : n - 1])
-        hook.load([0], [context], [n - 8], [n - 9])
-        sync()
-
     passed = timers.median_us(lambda context=context: (hook.load([0], [context]), sync()), 10, warm=2)
     kept = timers.median_us(kept_load, 10, warm=2)
-    back = timers.median_us(caught_up, 10, warm=2)
+    back = timers.median_us(lambda context=context, hidden=hidden: caught_up_load(context, hidden, 8), 10, warm=2)
     prefill = timers.median_us(lambda prompt=prompt: (engine.prefill(prompt), sync()), 10, warm=2)
     print(f"load of a {n}-token context: {passed:7.1f} us with a prefill of its own, {kept:7.1f} us from its admission's hidden states, "
           f"{back:7.1f} us caught up after 8 plain steps (a prefill alone {prefill:7.1f} us)")

@@ -82,15 +82,15 @@ switch out for the rest of the run (a row left to run alone stayed plain where K
 A switch is counted
 from the K last taken as the best, not the last step's: after a try of K 5, plain looked like the
 switch (simulated at 8 rows with drafting near even: 0.88 of plain, switching every 12 steps; so
-counted, 0.97). A drafting K may also have to load rows that plain steps moved on (EAGLE: a pass
+counted, 0.97). The switch's cost is spread over the steps a choice has lasted here (the mean stay
+between switches, or the current stay if longer; `horizon`: SWITCH_HORIZON to MAX_HORIZON): spread
+over 8 steps alone, a row whose text had turned copyable stayed plain where drafting ran 2x (after
+one stalled load: simulated, tests/test_batch.py). A drafting K may also have to load rows that plain steps moved on (EAGLE: a pass
 over each row's context, its draft cache caught up): told apart from K's steps (`observe_load`),
 it joins the bubble of a switch from plain to that K and a try's cost, never K's rate (charged to
 a one-step try, it rated EAGLE's K 5 at 3.4 ms a step on the H200 where its steps took 0.8, and the
-controller never drafted: results/gpu/batch-NVIDIA-H200-20261203-170508.json). (Tried: runs of 8
-while plain is the best, fewer switches where a drafting K is a close call behind plain: in
-simulation at 16 rows 0.94-0.97 of plain against 0.84-0.94, on the H200 0.92-0.95x from 8 to 64
-rows in two runs (with tries rated as now) against 0.92-0.98x with runs of 2 the same day:
-results/gpu/batch-NVIDIA-H200-20261202-034541.json, -035542.json, -032933.json.)
+controller never drafted: results/gpu/batch-NVIDIA-H200-20261203-170508.json). (Tried: runs of 8 while plain is the best: on the H200 0.92-0.95x from 8 to 64 rows against 0.92-0.98x
+with runs of 2 the same day: results/gpu/batch-NVIDIA-H200-20261202-034541.json, -032933.json.)
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ from labkit.errors import LabkitError
 CLOSE = 0.9  # a candidate within this share of the best's rate is a close call ...
 CLOSE_EVERY = 8  # ... tried again after this many choices, then after twice as many while it stays behind ...
 CLOSE_MAX = 32  # ... up to this many (a clear loser waits steps, doubling from explore_every)
-SWITCH_HORIZON = 8  # a switch between plain and drafting pays its unhidden host work once: valued as spread over this many steps
+SWITCH_HORIZON = 8  # a switch between plain and drafting pays its unhidden host work once: valued as spread over the steps
+MAX_HORIZON = 64  # a choice has lasted here (BucketStats.horizon), at least this many, at most that many
 MAX_WAIT = 256  # steps a clear loser's doubling wait reaches at most ...
 TRY_SHARE = 0.005  # ... and past it, a wait long enough that its try costs this share of the bucket's time ...
 LONG_WAIT = 4096  # ... up to this many steps
@@ -110,6 +111,7 @@ ACCEPTANCE_MEMORY = 0.9  # the rows' acceptance decays by this at each drafting 
 FRESH = 0.25  # a draft position's acceptance counts while its recent rows are at least this share of the first position's
 TRY_STEPS = 8  # a try of a drafting K from plain steps runs this many steps (try_steps; a device chunk)
 OUTLIER = 4.0  # a step timed at more than this many times its K's mean step counts as this many (after the first tries)
+LOAD_STEPS = 4  # a load of rows counts at most this many of its K's mean steps (a pass over a window and a chain: 1-2 on the H200)
 
 
 class Acceptance:
@@ -170,22 +172,30 @@ class BucketStats:
     loads_seen: set[int] = field(default_factory=set)  # the drafting K whose first such load (a warm-up, not kept) was seen
     chosen: int = -1  # the K last taken as the best (-1: none yet)
     switches: int = 0  # such choices that went from plain to drafting or back
+    observed: int = 0  # steps observed here, every K
+    stay_from: int = 0  # `observed` at the last switch
+    stay: float = 0.0  # decayed mean of the steps between switches (0: none yet)
+
+    def horizon(self) -> float:
+        """Steps a switch's cost is spread over: the mean stay between switches, or the current one if longer (bounded)."""
+        return min(MAX_HORIZON, max(SWITCH_HORIZON, self.stay, self.observed - self.stay_from))
 
     def step(self, k: int) -> float:
         """K's mean step here, in seconds (0 before its first)."""
         return self.seconds[k] / self.own_steps[k] if self.own_steps.get(k) else 0.0
 
-    def value(self, k: int, horizon: int) -> float:
+    def value(self, k: int) -> float:
         """K's rate for the choice now. A switch between plain and drafting (either way, from the K
         last taken as the best) leaves the device a step's host work that nothing hides (measured: the
         fill, a run's first plain step after drafting, less a plain step in a run): valued as paid once
-        over `horizon` steps of K; a switch to drafting, also K's load of the rows plain steps moved on
+        over `horizon()` steps of K; a switch to drafting, also K's load of the rows plain steps moved on
         (`BatchKController.observe_load`). Staying, K's rate."""
         switch = self.chosen != -1 and (k == 0) != (self.chosen == 0)
         if not switch or not self.step(k):
             return self.rate(k)
         bubble = max(0.0, self.fill - self.step(0)) if self.fill and self.step(0) else 0.0
         bubble += self.load.get(k, 0.0)
+        horizon = self.horizon()
         return self.rate(k) * horizon * self.step(k) / (horizon * self.step(k) + bubble)
 
     def switch_cost(self, k: int, best: int) -> float:
@@ -251,7 +261,10 @@ class BatchKController:
             return 0
         k, tried = self._decide(stats)
         if not tried:  # (a try is a detour: the batch returns to the best)
-            stats.switches += stats.chosen != -1 and (k == 0) != (stats.chosen == 0)
+            if stats.chosen != -1 and (k == 0) != (stats.chosen == 0):
+                stay, stats.stay_from = stats.observed - stats.stay_from, stats.observed
+                stats.stay = self.memory * stats.stay + (1 - self.memory) * stay if stats.stay else float(stay)
+                stats.switches += 1
             stats.chosen = k
         if k == 0:  # a run while plain is the best; a try of it, the least that rates it (a fill, then one step)
             stats.plain_left = (2 if tried else self.plain_run) - 1
@@ -263,7 +276,7 @@ class BatchKController:
         untried = [k for k in self.candidates if stats.tries.get(k, 0) < self.warm]
         if untried:
             return untried[0], True
-        value = {k: stats.value(k, SWITCH_HORIZON) for k in self.candidates}  # each K's rate for this choice, once
+        value = {k: stats.value(k) for k in self.candidates}  # each K's rate for this choice, once
         best = max(self.candidates, key=value.__getitem__)
         close = [k for k in self.candidates if k != best and value[k] >= CLOSE * value[best]]
         for k in (best, *close):  # back in the race: a later clear loss waits from the start again
@@ -312,7 +325,7 @@ class BatchKController:
     def values(self, bucket: int) -> dict[int, float]:
         """Each candidate K's rate for a choice in this bucket now, a switch's bubble counted ({} before its first step)."""
         stats = self.buckets.get(bucket)
-        return {k: stats.value(k, SWITCH_HORIZON) for k in self.candidates} if stats else {}
+        return {k: stats.value(k) for k in self.candidates} if stats else {}
 
     def try_steps(self, bucket: int, k: int) -> int:
         """The steps a try of K in this bucket runs (BucketStats.try_steps), from the K rated best."""
@@ -329,6 +342,7 @@ class BatchKController:
         if seconds <= 0:
             return
         stats = self._stats(bucket)
+        stats.observed += 1
         fill, stats.last_k = k == 0 and stats.last_k != 0, k
         if fill:  # a run's first plain step: tried, not rated, but its cost kept for a switch to plain (the module docstring)
             stats.tries[k] = stats.tries.get(k, 0) + 1
@@ -360,12 +374,17 @@ class BatchKController:
         and the controller never drafted: results/gpu/batch-NVIDIA-H200-20261203-170508.json). Within
         a drafting run it is no one's. A request's first load (its prompt's draft cache) is not told
         (BatchLookup.first_load_time): paid once whatever K does, told it priced switches at 8-42 ms at
-        1-8 rows on the H200 (results/gpu/batch-NVIDIA-H200-20261203-195731.json)."""
+        1-8 rows on the H200 (results/gpu/batch-NVIDIA-H200-20261203-195731.json). A load counts at most
+        LOAD_STEPS of K's steps (before any mean can bound a stall: a kernel compiled for a new catch-up
+        length stalled one 1.1 s on the H200 and the controller stayed plain: ...-20261203-222841.json)."""
         stats = self._stats(bucket)
         if k > 0 and stats.last_k == 0 and seconds > 0:
             if k not in stats.loads_seen:  # K's first load here is its warm-up (kernels' first launches at new shapes), not kept:
                 stats.loads_seen.add(k)  # a first one of 73 ms at one row on the H200, later ones 0.6, priced every switch out
                 return  # (results/gpu/batch-NVIDIA-H200-20261203-200622.json)
+            if not stats.step(k):  # nothing yet to bound a stall by: not kept
+                return
+            seconds = min(seconds, LOAD_STEPS * stats.step(k))
             if k in stats.load:
                 stats.load[k] = self.memory * stats.load[k] + (1 - self.memory) * min(seconds, OUTLIER * stats.load[k])
             else:

@@ -171,6 +171,22 @@ class BatchEagle:
         if self.batch.graphs_ok:
             for r in sorted({bucket(n) for n in range(1, self.cols.shape[0] + 1)} - set(self.first_chains)):
                 self._capture(r)
+            self._warm_catch_ups()
+
+    @torch.inference_mode()
+    def _warm_catch_ups(self) -> None:
+        """One catch-up pass (a load's, eager) of a length of each class the fused kernels compile apart, in the
+        draft cache's headroom: a kernel's first launch at a new class compiles it (Triton specializes integer
+        arguments of 1 and multiples of 16), and a load that did stalled 1.1 s at one row on the H200, after which
+        the K controller never drafted again (results/gpu/batch-NVIDIA-H200-20261203-222841.json). The classes:
+        1; a few (the attention's rows of a KV head in one tile of 16); more; 16; 16 such tiles."""
+        rows, at, dims = self._rows(0, 1), self.batch.cfg.max_seq_len + 1, self.drafter.head.dims
+        group = dims.n_heads // dims.n_kv_heads  # attention rows a position per KV head
+        for n in sorted({1, 2, 16 // group + 1, 16, 240 // group + 1}):
+            feats = torch.zeros(1, n, dims.dim, dtype=self.drafter.dtype, device=self.cols.device)  # (1, n, D)
+            pos = torch.arange(at, at + n, device=self.cols.device)  # (n,) clamped to the cache's last position
+            with self.batch.engine.autocast():
+                self.drafter.elements(feats, torch.zeros(1, n, dtype=torch.long, device=self.cols.device), pos, cache=rows)
 
     def _capture(self, r: int) -> None:
         self.first_chains[r] = capture(self.batch.engine, lambda: self._first_chains(0, r), self._headroom)
