@@ -82,10 +82,10 @@ switch out for the rest of the run (a row left to run alone stayed plain where K
 A switch is counted
 from the K last taken as the best, not the last step's: after a try of K 5, plain looked like the
 switch (simulated at 8 rows with drafting near even: 0.88 of plain, switching every 12 steps; so
-counted, 0.97). The switch's cost is spread over the steps a choice has lasted here (the mean stay
-between switches, or the current stay if longer; `horizon`: SWITCH_HORIZON to MAX_HORIZON): spread
-over 8 steps alone, a row whose text had turned copyable stayed plain where drafting ran 2x (after
-one stalled load: simulated, tests/test_batch.py). A drafting K may also have to load rows that plain steps moved on (EAGLE: a pass
+counted, 0.97). The switch's cost is spread over the steps the side switched to lasted its last stays
+(`horizon`): over 8 alone, EAGLE at 2 rows on the H200 stayed plain where K 5 was rated 1.26x (results/
+gpu/batch-NVIDIA-H200-20261203-222841.json); over the last stay of either side, ngram-device-auto-5
+at 8 rows switched 19 times, not 7, and ran 0.85x plain (-224800.json). A drafting K may also have to load rows that plain steps moved on (EAGLE: a pass
 over each row's context, its draft cache caught up): told apart from K's steps (`observe_load`),
 it joins the bubble of a switch from plain to that K and a try's cost, never K's rate (charged to
 a one-step try, it rated EAGLE's K 5 at 3.4 ms a step on the H200 where its steps took 0.8, and the
@@ -102,8 +102,8 @@ from labkit.errors import LabkitError
 CLOSE = 0.9  # a candidate within this share of the best's rate is a close call ...
 CLOSE_EVERY = 8  # ... tried again after this many choices, then after twice as many while it stays behind ...
 CLOSE_MAX = 32  # ... up to this many (a clear loser waits steps, doubling from explore_every)
-SWITCH_HORIZON = 8  # a switch between plain and drafting pays its unhidden host work once: valued as spread over the steps
-MAX_HORIZON = 64  # a choice has lasted here (BucketStats.horizon), at least this many, at most that many
+SWITCH_HORIZON, MAX_HORIZON = 8, 64  # a switch's cost spread over steps: at least / most (BucketStats.horizon)
+STAY_MEMORY = 0.5  # a side's mean stay decays by this at each of its stays (flapping shortens it within a few)
 MAX_WAIT = 256  # steps a clear loser's doubling wait reaches at most ...
 TRY_SHARE = 0.005  # ... and past it, a wait long enough that its try costs this share of the bucket's time ...
 LONG_WAIT = 4096  # ... up to this many steps
@@ -174,11 +174,11 @@ class BucketStats:
     switches: int = 0  # such choices that went from plain to drafting or back
     observed: int = 0  # steps observed here, every K
     stay_from: int = 0  # `observed` at the last switch
-    stay: float = 0.0  # decayed mean of the steps between switches (0: none yet)
+    stays: dict[bool, float] = field(default_factory=dict)  # drafting or not -> the steps its last stays lasted (a mean, STAY_MEMORY)
 
-    def horizon(self) -> float:
-        """Steps a switch's cost is spread over: the mean stay between switches, or the current one if longer (bounded)."""
-        return min(MAX_HORIZON, max(SWITCH_HORIZON, self.stay, self.observed - self.stay_from))
+    def horizon(self, k: int) -> float:
+        """Steps a switch to K's side (plain or drafting) is spread over: what that side's last stays lasted (bounded)."""
+        return min(MAX_HORIZON, max(SWITCH_HORIZON, self.stays.get(k > 0, 0.0)))
 
     def step(self, k: int) -> float:
         """K's mean step here, in seconds (0 before its first)."""
@@ -188,14 +188,14 @@ class BucketStats:
         """K's rate for the choice now. A switch between plain and drafting (either way, from the K
         last taken as the best) leaves the device a step's host work that nothing hides (measured: the
         fill, a run's first plain step after drafting, less a plain step in a run): valued as paid once
-        over `horizon()` steps of K; a switch to drafting, also K's load of the rows plain steps moved on
+        over `horizon(k)` steps of K; a switch to drafting, also K's load of the rows plain steps moved on
         (`BatchKController.observe_load`). Staying, K's rate."""
         switch = self.chosen != -1 and (k == 0) != (self.chosen == 0)
         if not switch or not self.step(k):
             return self.rate(k)
         bubble = max(0.0, self.fill - self.step(0)) if self.fill and self.step(0) else 0.0
         bubble += self.load.get(k, 0.0)
-        horizon = self.horizon()
+        horizon = self.horizon(k)
         return self.rate(k) * horizon * self.step(k) / (horizon * self.step(k) + bubble)
 
     def switch_cost(self, k: int, best: int) -> float:
@@ -213,7 +213,7 @@ class BucketStats:
         judges no drafts then): one step moves that acceptance by 1 - ACCEPTANCE_MEMORY, a chunk by
         1 - ACCEPTANCE_MEMORY ** 8. Simulated at one row with the H200's EAGLE costs and a text that
         turns copyable after plain steps won (tests/test_batch.py), one-step tries ran 1.73x plain on
-        average over six seeds (0.95x on the worst: it stayed plain), tries of a chunk 1.84x (1.62x;
+        average over six seeds (0.95x on the worst: it stayed plain), tries of a chunk 1.86x (1.62x;
         K 5 alone about 2.1x). Its wait counts its steps (`try_cost`)."""
         return TRY_STEPS if k and not best else 1
 
@@ -262,8 +262,8 @@ class BatchKController:
         k, tried = self._decide(stats)
         if not tried:  # (a try is a detour: the batch returns to the best)
             if stats.chosen != -1 and (k == 0) != (stats.chosen == 0):
-                stay, stats.stay_from = stats.observed - stats.stay_from, stats.observed
-                stats.stay = self.memory * stats.stay + (1 - self.memory) * stay if stats.stay else float(stay)
+                stay, stats.stay_from, side = stats.observed - stats.stay_from, stats.observed, stats.chosen > 0
+                stats.stays[side] = STAY_MEMORY * stats.stays[side] + (1 - STAY_MEMORY) * stay if side in stats.stays else float(stay)
                 stats.switches += 1
             stats.chosen = k
         if k == 0:  # a run while plain is the best; a try of it, the least that rates it (a fill, then one step)
