@@ -949,7 +949,8 @@ def test_a_switch_to_drafting_pays_the_rows_load_and_a_drafting_run_none() -> No
     at most LOAD_STEPS of K's steps, later a stall OUTLIER times the mean load. K's own rate never includes it."""
     from labkit.batch.controller import LOAD_STEPS, MAX_HORIZON, OUTLIER, SWITCH_HORIZON, TRY_STEPS, BatchKController
 
-    ctl = BatchKController(5, candidates=[0, 5], warm=1)
+    ctl = BatchKController.for_eagle(5)
+    ctl.warm = 1
     for k, seconds, kept in [(0, 0.85e-3, None), (0, 0.5e-3, None), (0, 0.5e-3, None), (5, 0.8e-3, [2]), (5, 0.8e-3, [2]), (5, 0.8e-3, [2])]:
         ctl.observe(1, k, 3 if k else 1, seconds, kept)
     load = 0.6e-3  # a load of the rows (1.1-1.3 ms against 0.7 ms steps on the H200)
@@ -972,8 +973,11 @@ def test_a_switch_to_drafting_pays_the_rows_load_and_a_drafting_run_none() -> No
     stats.stays.clear()
     value = ctl.values(1)
     assert stats.try_cost(5, 0, value) == pytest.approx(step / stats.step(0) * max(0.0, 1 - value[5] / value[0]) + (2 * bubble + load) / stats.step(0))
-    # a try of K 5 from plain runs a chunk (its acceptance told only by its steps), its wait counting them
+    # an EAGLE try of K 5 from plain runs a chunk (its acceptance told only by its steps), its wait counting them
     assert (stats.try_steps(5, 0), stats.try_steps(5, 5), stats.try_steps(0, 5)) == (TRY_STEPS, 1, 1)
+    lookup = BatchKController(5)
+    lookup.observe(1, 0, 1, 0.5e-3)
+    assert lookup.buckets[1].try_steps(5, 0) == 1  # prompt lookup's drafts are judged during plain steps: a try is a step
     assert stats.try_cost(5, 0, {0: 2000.0, 5: 1000.0}) == pytest.approx(TRY_STEPS * step / stats.step(0) * 0.5 + (2 * bubble + load) / stats.step(0))
     stats.chosen = 5  # drafting: staying costs nothing, and K 5's rate is its steps' alone
     assert ctl.values(1)[5] == stats.rate(5) == pytest.approx(3 / 0.8e-3, rel=0.05)
@@ -1150,7 +1154,7 @@ def test_eagle_under_the_controller_switches_back_from_plain_its_loads_included(
     step, fill, load = {0: 0.53, 5: 0.69}, 0.9, 1.2  # ms
     shares = []
     for seed in range(6):
-        rng, ctl = random.Random(seed), BatchKController(5, [0, 5])
+        rng, ctl = random.Random(seed), BatchKController.for_eagle(5)
         tokens = ms = 0.0
         last, loads = 0, 0
         i = 0

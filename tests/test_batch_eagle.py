@@ -61,11 +61,12 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     chunks, each switch back loads them again from their contexts, and every output stays plain
     greedy; the controller learns what rows keep from EAGLE's drafts alone (plain steps' host
     n-gram drafts, batch/shadow.py, would judge another drafter's acceptance). A chunk's load of
-    its rows (here >= 1 s each) is told apart, not in its steps' seconds (charged to them, at least
-    1 s / CHUNK a step; on the H200 a one-step try was rated at 3.4 ms where EAGLE's steps took 0.8),
-    and only that of rows back from plain steps: a request's first load (its prompt's draft cache,
-    paid once whatever K does) is not a switch's cost (told, it priced switches at 8-42 ms at 1-8 rows
-    on the H200, where rows back took about 1.2 ms each, and the controller stayed plain at one row)."""
+    rows back from plain steps (here >= 1 s each) is told apart, a switch's cost, not in its steps'
+    seconds (charged to them, on the H200 a one-step try was rated at 3.4 ms where EAGLE's steps
+    took 0.8). A request's first load (its prompt's draft cache) is no switch's cost (told, it priced
+    switches at 8-42 ms at 1-8 rows on the H200, and the controller stayed plain at one row) but
+    drafting's: in its chunk's steps (left out, EAGLE's K 5 was rated 1.28x plain at 16 rows on the
+    H200 where it ran 0.77x: a request joined every few steps)."""
     import time
 
     engine, head = _engine(), random_head()
@@ -83,9 +84,9 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     assert [r.tokens for r in got] == want
     assert {k for k, _ in ctl.seen} == {0, K} and ctl.kept and not ctl.judged
     assert hook.loaded > len(asks)  # rows back from plain steps were loaded again
-    plain = max(seconds for k, seconds in ctl.seen if k == 0)  # (a busy machine's steps are slower: the bound moves with them)
     assert sum(seconds >= 1.0 for k, seconds in ctl.loads if k == K) == sum(back) >= 2 and len(back) > sum(back), (ctl.loads, back)
-    assert max(seconds for k, seconds in ctl.seen if k == K) < 0.1 + 2 * plain, ctl.seen
+    firsts, drafting = len(back) - sum(back), sum(seconds for k, seconds in ctl.seen if k == K)  # (chunks at their full length)
+    assert firsts <= drafting < firsts + sum(back), (firsts, drafting, back)  # the first loads' seconds in K's steps, the others' not
 
 
 @pytest.mark.parametrize("window", [512, 6])

@@ -22,39 +22,30 @@ larger K from rows that kept every draft, the controller reached 92% of an oracl
 with acceptance alternating 0.3 / 0.85 every 100 steps, 86% on the worst seed; so rated, 96% and
 93% (tests/test_batch.py). Without drafts reported (a caller that passes none) K is rated by its
 steps' tokens over their seconds.
-While the batch runs plain nothing is drafted, and the acceptance known went stale: at batch 1 on
-the H200 a writing prompt sent the controller to plain, and the next request, which copied, began
-with the last one's acceptance (1.24x plain where K 5 alone ran 1.39x: results/gpu/
-batch-NVIDIA-H200-20261202-061702.json). So the scheduler judges drafts during plain steps too
-(batch/shadow.py, `observe_drafts`: rows in turn draft on the host, and under greedy the tokens
-they go on to take say exactly what a verify would have kept), and the acceptance decays faster
-(ACCEPTANCE_MEMORY) than a step's rates: simulated at batch 1 with text alternating between writing
-(plain pays) and copying (K 5 pays), 0.90 of an oracle's rate, 0.76 told of drafting steps alone.
-Why sums and not an average of per-step rates: a drafting step's tokens vary from 1 to K+1 per row,
-a plain step's never, so an average of per-step rates swings most for the K that drafts most, and
-a greedy choice over swinging averages drifts to the steadiest candidate rather than the fastest
-(simulated at batch 1 with acceptance 0.6: it settled on K=1, 1.50 tokens per ms, where K=3 gives
-1.89; tests/test_batch.py).
+While the batch runs plain nothing is drafted and the acceptance known goes stale (a copying request
+began with a writing one's at batch 1 on the H200: 1.24x plain where K 5 alone ran 1.39x,
+batch-NVIDIA-H200-20261202-061702.json), so the scheduler judges drafts during plain steps too
+(batch/shadow.py, `observe_drafts`: under greedy, the tokens rows go on to take say what a verify
+would have kept), and the acceptance decays faster (ACCEPTANCE_MEMORY) than a step's rates. Sums,
+not an average of per-step rates: a drafting step's tokens vary, a plain step's never, and a greedy
+choice over swinging averages drifts to the steadiest candidate, not the fastest (tests/test_batch.py).
 A candidate close to the best (within CLOSE) is tried again often, since noise may have put it
 behind, and less often each time it stays behind (its wait doubles from CLOSE_EVERY choices up
 to CLOSE_MAX): every try switches, and a switch costs (the plain run's first step hides nothing,
 a chunk of device steps has host work of its own), so a K a few percent behind, tried every
 CLOSE_EVERY choices, had the batch switching all the time (simulated at 8 rows with K 2 at 0.996 of
 plain and K 5 at 0.92: 0.84-0.85 of plain, 0.90-0.92 with waits that double; 0.92x on the H200
-at 8 rows). Nor more often than keeps a try's cost to TRY_SHARE of the bucket's time, the bubbles
-of the switch there and back counted (below): with the suite's categories simulated as requests that
-each keep drafts at their own rate, K 5 near even with plain at 8 rows, each try of it paid two
-bubbles and a chunk's host work, and the controller ran 0.93 of plain; so bounded, 0.96-0.97
-(tests/test_batch.py; on the H200 0.90-0.92x at 8 rows before). A clear loser is tried rarely, and more rarely each time it loses again (its wait doubles from
-`explore_every` up to MAX_WAIT steps), since each try costs most there: at 64 rows, where a
-drafting step costs twice a plain one, tries every 16 steps alone cost 5% of plain's speed. Its
-wait is also at least what keeps its tries to TRY_SHARE of the bucket's time (a try loses K's step
-over the best's x the share of the best's rate it lacks): on the H200 at 64 rows a try of K 5 costs
-about 3 plain steps, and tries every MAX_WAIT steps of K 2 and K 5 alone cost 2% of plain's speed.
+at 8 rows). Nor more often than keeps a try's cost to TRY_SHARE of the bucket's time, the switch's
+bubbles there and back counted (simulated with the suite's categories, K 5 near even at 8 rows: 0.93
+of plain, so bounded 0.96-0.97). A clear loser is tried rarely, its wait doubling from `explore_every`
+up to MAX_WAIT steps and at least what keeps its tries to TRY_SHARE (a try loses K's step over the
+best's x the share of the best's rate it lacks): at 64 rows on the H200, where a try of K 5 costs
+about 3 plain steps, tries every 16 steps cost 5% of plain's speed, every MAX_WAIT 2%.
 The rows' acceptance comes from judged drafts as well, so a try mostly refreshes the K's step time;
-but a drafting hook's drafts (EAGLE's) are judged only in its own steps, so a try of a drafting K
-from plain runs a chunk of TRY_STEPS, not one step (`try_steps`): it pays the switch's cost anyway,
-and one step's drafts barely moved the acceptance a plain run left.
+but a drafting hook's drafts (EAGLE's) are judged only in its own steps, so there (`for_eagle`) a try
+of a drafting K from plain runs a chunk of TRY_STEPS, not one step (`try_steps`): it pays the switch's
+cost anyway, and one step's drafts barely moved the acceptance a plain run left. (Prompt lookup's tries
+so long drafted 23% of its steps at 32 rows on the H200, 0.75x plain: ...-20261203-230058.json.)
 A K's first step in a bucket is its warm-up, not rated (the first replay of a step shape took 26 ms
 on the H200 against 0.7 after it: rated, K 2 looked 9x slower than plain at one row for the rest of
 the run: scripts/batch_trace.py). One slow step must not decide: a loser is tried rarely, so its sums are rarely refreshed, and a
@@ -107,9 +98,9 @@ STAY_MEMORY = 0.5  # a side's mean stay decays by this at each of its stays (fla
 MAX_WAIT = 256  # steps a clear loser's doubling wait reaches at most ...
 TRY_SHARE = 0.005  # ... and past it, a wait long enough that its try costs this share of the bucket's time ...
 LONG_WAIT = 4096  # ... up to this many steps
-ACCEPTANCE_MEMORY = 0.9  # the rows' acceptance decays by this at each drafting step or judged draft (a step's rates by `memory`)
+ACCEPTANCE_MEMORY = 0.9  # the rows' acceptance decays by this at each drafting step or judged draft (rates by `memory`)
 FRESH = 0.25  # a draft position's acceptance counts while its recent rows are at least this share of the first position's
-TRY_STEPS = 8  # a try of a drafting K from plain steps runs this many steps (try_steps; a device chunk)
+TRY_STEPS = 8  # an EAGLE try of a drafting K from plain steps runs this many steps (try_steps; a device chunk)
 OUTLIER = 4.0  # a step timed at more than this many times its K's mean step counts as this many (after the first tries)
 LOAD_STEPS = 4  # a load of rows counts at most this many of its K's mean steps (a pass over a window and a chain: 1-2 on the H200)
 
@@ -174,6 +165,7 @@ class BucketStats:
     switches: int = 0  # such choices that went from plain to drafting or back
     observed: int = 0  # steps observed here, every K
     stay_from: int = 0  # `observed` at the last switch
+    plain_try_steps: int = 1  # the steps a try of drafting from plain runs (BatchKController.for_eagle: TRY_STEPS)
     stays: dict[bool, float] = field(default_factory=dict)  # drafting or not -> the steps its last stays lasted (a mean, STAY_MEMORY)
 
     def horizon(self, k: int) -> float:
@@ -215,7 +207,7 @@ class BucketStats:
         turns copyable after plain steps won (tests/test_batch.py), one-step tries ran 1.73x plain on
         average over six seeds (0.95x on the worst: it stayed plain), tries of a chunk 1.86x (1.62x;
         K 5 alone about 2.1x). Its wait counts its steps (`try_cost`)."""
-        return TRY_STEPS if k and not best else 1
+        return self.plain_try_steps if k and not best else 1
 
     def try_cost(self, k: int, best: int, value: dict[int, float]) -> float:
         """The best's steps a try of K loses: K's steps over the best's x the share of the best's rate
@@ -247,9 +239,17 @@ class BatchKController:
             raise LabkitError(f"plain steps are rated after a run's first, so a run takes at least 2 (got plain_run {plain_run})")
         self.k_max = k_max
         self.candidates = sorted(set(candidates if candidates is not None else [0, max(1, k_max // 2), k_max]))
-        self.warm, self.explore_every, self.memory, self.plain_run = warm, explore_every, memory, plain_run
+        self.warm, self.explore_every, self.memory, self.plain_run, self.plain_try_steps = warm, explore_every, memory, plain_run, 1
         self.buckets: dict[int, BucketStats] = {}
         self.acceptance = Acceptance(max(self.candidates), ACCEPTANCE_MEMORY)
+
+    @classmethod
+    def for_eagle(cls, k: int) -> BatchKController:
+        """K or plain for EAGLE rows (each K's chunks keep a draft cache of their own: a switch between two
+        reloads the rows), a try from plain a chunk of TRY_STEPS (its drafts judged in its own steps alone)."""
+        controller = cls(k, [0, k])
+        controller.plain_try_steps = TRY_STEPS
+        return controller
 
     def choose(self, bucket: int) -> int:
         """The K for a step of this many rows (rounded up to its bucket). K 0, once chosen, holds
@@ -373,8 +373,8 @@ class BatchKController:
         (charged to a one-step try, it rated EAGLE's K 5 at 3.4 ms a step where its steps took 0.8
         and the controller never drafted: results/gpu/batch-NVIDIA-H200-20261203-170508.json). Within
         a drafting run it is no one's. A request's first load (its prompt's draft cache) is not told
-        (BatchLookup.first_load_time): paid once whatever K does, told it priced switches at 8-42 ms at
-        1-8 rows on the H200 (results/gpu/batch-NVIDIA-H200-20261203-195731.json). A load counts at most
+        (BatchLookup.first_load_time): told, it priced switches at 8-42 ms at 1-8 rows on the H200
+        (-195731.json); it is drafting's cost, in K's steps (the scheduler's). A load counts at most
         LOAD_STEPS of K's steps (before any mean can bound a stall: a kernel compiled for a new catch-up
         length stalled one 1.1 s on the H200 and the controller stayed plain: ...-20261203-222841.json)."""
         stats = self._stats(bucket)
@@ -397,4 +397,4 @@ class BatchKController:
             self.acceptance.observe(k, kept)
 
     def _stats(self, bucket: int) -> BucketStats:
-        return self.buckets.setdefault(bucket, BucketStats(self.acceptance))
+        return self.buckets.setdefault(bucket, BucketStats(self.acceptance, plain_try_steps=self.plain_try_steps))

@@ -98,7 +98,7 @@ class BatchLookup:
         self.graphs: dict[int, Any] = {}  # rows bucket -> captured step
         self.steps = CHUNK  # steps the last chunk ran
         # the last chunk's device time (`run` only): loading rows back from steps elsewhere (plain, host), loading
-        # requests' first rows here (a new request's prompt: paid once by any drafting, not a switch's), its steps
+        # requests' first rows here (a new request's prompt: drafting's cost, not a switch's), its steps
         self.load_time, self.first_load_time, self.step_time = DeviceSpan(dev), DeviceSpan(dev), DeviceSpan(dev)
         if hook is not None:
             hook.bind(self.history, self.n_ctx)

@@ -339,8 +339,10 @@ class ContinuousBatcher:
         chunk ignores the steps after it). The controller is told each step's share of the chunk's
         cost at its full length: its device time plus its host work spread over a full chunk (a
         one-step try charged the whole host work rated K 5 at 1,915 tok/s at batch 1 on the H200
-        where its chunks ran at 2,593: batch-NVIDIA-H200-20261202-032933.json), its load of rows told
-        apart (`BatchKController.observe_load`). Timed from where the last step's timing ended (`_read_step`)."""
+        where its chunks ran at 2,593: batch-NVIDIA-H200-20261202-032933.json), its load of rows back
+        from plain told apart (`BatchKController.observe_load`), requests' first loads in its steps (not
+        counted, EAGLE's K 5 was rated 1.28x plain at 16 rows on the H200 where it ran 0.77x: a request
+        joined every few steps; batch-NVIDIA-H200-20261203-230058.json). Timed from where the last step's timing ended."""
         t0 = self.accounted
         if ahead is None:
             rows = list(self.rows)
@@ -353,8 +355,8 @@ class ContinuousBatcher:
             full = m
         drafts, tokens, n_ctx = lookup.read(rows)
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
-        load, first, device = ((lookup.load_time.seconds(), lookup.first_load_time.seconds(), lookup.step_time.seconds())
-                               if ahead is None and self.controller else (0.0, 0.0, 0.0))  # (before steps ahead time theirs)
+        load, device = ((lookup.load_time.seconds(), lookup.step_time.seconds())
+                        if ahead is None and self.controller else (0.0, 0.0))  # (before steps ahead time theirs)
         more = self._ahead_steps(lookup, rows, tokens)
         if more:
             lookup.run_on(len(rows), more)
@@ -371,7 +373,7 @@ class ContinuousBatcher:
         self.steps += m
         self.rows_stepped += m * len(rows)
         if self.controller and not captured:  # each step that gave tokens, the chunk's time shared among them (steps after every row finished cost too)
-            wall = time.perf_counter() - t0 - load - first  # the rows' loads told apart: after plain steps, a switch's cost (requests' first: nobody's)
+            wall = time.perf_counter() - t0 - load  # rows back from plain told apart (a switch's cost); requests' first loads K's own
             device = min(device, wall)
             seconds = (device + (wall - device) * m / full) / len(per_step)
             self.controller.observe_load(bucket(len(rows)), lookup.k, load)

@@ -240,8 +240,8 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     slot_len = min(cfg.max_seq_len, engine.max_seq_len - 16)  # at most the model's context, less the graphs' headroom
     graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"  # batched steps as CUDA graphs per rows bucket
     batches = {(s, b): BatchEngine(engine, BatchConfig(b, slot_len, s.invariant, graphs and not s.invariant)) for s in systems for b in sizes}
-    # one per system, across sizes; EAGLE's from plain and K alone (each K's chunks keep their own draft cache: a switch between two reloads the rows)
-    controllers = {s: BatchKController(s.k, [0, s.k] if s.eagle else None) for s in systems if s.auto}
+    # one per system, across sizes
+    controllers = {s: BatchKController.for_eagle(s.k) if s.eagle else BatchKController(s.k) for s in systems if s.auto}
     drafting_ks = {s: controllers[s].candidates if s.auto else [s.k] for s in systems if s.device}  # a device system's K with steps of their own
 
     def device_steps(s: System, batch: BatchEngine) -> list[BatchLookup]:  # a device system's steps: prompt lookup's or EAGLE's

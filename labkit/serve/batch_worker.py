@@ -49,8 +49,8 @@ class BatchWorker:
         device = spec.drafter == "ngram-graph" or eagle
         graphs = bool(engine.cuda_graph) and engine.layer_kernels == "triton"
         batch = BatchEngine(engine, BatchConfig(slots, slot_len, cuda_graph=graphs))
-        # by throughput, K 0 included; EAGLE at its K until bench batch's eagle-device-auto is measured on a GPU (rows back from plain reload)
-        controller = BatchKController(k) if k and spec.controller != "fixed" and not eagle else None
+        # by throughput, K 0 included (EAGLE: K or plain, BatchKController.for_eagle)
+        controller = (BatchKController.for_eagle(k) if eagle else BatchKController(k)) if k and spec.controller != "fixed" else None
         ks = controller.candidates if controller else [k]
         copy_after = MIX_MIN_N if spec.drafter == "eagle-mix" else 0
         lookups = (device_eagles(batch, head, ks, copy_after) if head is not None else device_lookups(batch, ks)) if device else []  # each drafting K's device steps
