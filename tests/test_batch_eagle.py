@@ -302,3 +302,20 @@ def test_cuda_plain_steps_captured_before_an_eagle_hook_hand_it_their_hidden_sta
     assert [r.tokens for r in got] == want
     hook = steps.hook
     assert isinstance(hook, BatchEagle) and hook.caught_up >= 2 and hook.prefilled == 0, (hook.caught_up, hook.prefilled)
+
+
+def test_the_catch_ups_warm_up_writes_only_the_draft_caches_headroom() -> None:
+    """capture_all runs a catch-up of each length class the fused kernels compile apart (on the H200 a
+    load that compiled one stalled 1.1 s): into slot 0's headroom past every request's positions, so
+    no row's draft cache changes below it (on a CPU capture_all does not run it; here directly)."""
+    engine, head = _engine(), random_head()
+    batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
+    hook = BatchEagle(batch, head, K)
+    gen = torch.Generator().manual_seed(0)
+    for buf in (hook.cache.k, hook.cache.v):
+        buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.dtype))
+    k, v, at = hook.cache.k.clone(), hook.cache.v.clone(), batch.cfg.max_seq_len + 1
+    hook._warm_catch_ups()
+    assert torch.equal(hook.cache.k[..., :at, :], k[..., :at, :]) and torch.equal(hook.cache.v[..., :at, :], v[..., :at, :])
+    assert torch.equal(hook.cache.k[:, 1:], k[:, 1:])  # other slots untouched
+    assert not torch.equal(hook.cache.k[:, 0, :, at:], k[:, 0, :, at:])  # it ran, into slot 0's headroom

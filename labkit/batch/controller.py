@@ -373,7 +373,7 @@ class BatchKController:
         (charged to a one-step try, it rated EAGLE's K 5 at 3.4 ms a step where its steps took 0.8
         and the controller never drafted: results/gpu/batch-NVIDIA-H200-20261203-170508.json). Within
         a drafting run it is no one's. A request's first load (its prompt's draft cache) is not told
-        (BatchLookup.first_load_time): told, it priced switches at 8-42 ms at 1-8 rows on the H200
+        (BatchLookup.load_time times rows back alone): told, it priced switches at 8-42 ms at 1-8 rows on the H200
         (-195731.json); it is drafting's cost, in K's steps (the scheduler's). A load counts at most
         LOAD_STEPS of K's steps (before any mean can bound a stall: a kernel compiled for a new catch-up
         length stalled one 1.1 s on the H200 and the controller stayed plain: ...-20261203-222841.json)."""

@@ -97,9 +97,9 @@ class BatchLookup:
         self.synced: list[tuple[Any, int] | None] = [None] * slots  # per slot: (request, context length) its device row holds
         self.graphs: dict[int, Any] = {}  # rows bucket -> captured step
         self.steps = CHUNK  # steps the last chunk ran
-        # the last chunk's device time (`run` only): loading rows back from steps elsewhere (plain, host), loading
-        # requests' first rows here (a new request's prompt: drafting's cost, not a switch's), its steps
-        self.load_time, self.first_load_time, self.step_time = DeviceSpan(dev), DeviceSpan(dev), DeviceSpan(dev)
+        # the last chunk's device time (`run` only): loading rows back from steps elsewhere (plain, host; not requests'
+        # first loads: drafting's cost, not a switch's), its steps
+        self.load_time, self.step_time = DeviceSpan(dev), DeviceSpan(dev)
         if hook is not None:
             hook.bind(self.history, self.n_ctx)
 
@@ -111,7 +111,7 @@ class BatchLookup:
         """`steps` (<= CHUNK) steps of rows [0, n), one per request (BatchRequest: context,
         prompt_ids, config), every row's EOS ids these: replays of the bucket's captured step on CUDA.
         Returns whether the bucket's step was captured first (the chunk's time is then not its own).
-        The device's time of the rows' loads and of the steps: `load_time`, `first_load_time`, `step_time`."""
+        The device's time of the loads of rows back and of the steps: `load_time`, `step_time`."""
         r = self._chunk_rows(len(requests), steps)
         captured = self.batch.graphs_ok and r not in self.graphs
         if captured:
@@ -174,11 +174,14 @@ class BatchLookup:
                 if moved:
                     self.hook.move(list(moved.values()), list(moved))
                 since = {i: held[1] if (held := self.synced[i]) is not None and held[0] is requests[i] else 0 for i in stale if i not in moved}
-        for span, group in ((self.load_time, [i for i in since if since[i]]), (self.first_load_time, [i for i in since if not since[i]])):
-            span.start()
+        # rows back from steps elsewhere, timed apart (a switch's cost); then requests' first loads (the chunk's own cost)
+        for group, timed in (([i for i in since if since[i]], True), ([i for i in since if not since[i]], False)):
+            if timed:
+                self.load_time.start()
             if group and self.hook is not None:
                 self.hook.load(group, [requests[i].context for i in group], [since[i] for i in group], [len(requests[i].prompt_ids) for i in group])
-            span.stop()
+            if timed:
+                self.load_time.stop()
         self._pad(len(requests), rows)
 
     def _holds(self, slot: int, request: Any) -> bool:
