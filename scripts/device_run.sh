@@ -8,6 +8,7 @@
 #   calls 2-5, carry .carry/part_ab, then _ac, _ad, _ae: bash scripts/device_run.sh stage
 #   call 6, carry .carry/part_af:                      bash scripts/device_run.sh stage assemble quicktests
 #   later calls (nothing to carry):                    bash scripts/device_run.sh context validate
+#   batched, with the carried EAGLE head (carry .carry/eagle): SIZES=1,2,4,8 bash scripts/device_run.sh eagle-carried batch
 # papermill (for `validate`, which runs notebook 3D) travels in .carry/pm with a call of its own.
 # Run everything through this script: it sets PYTHONPATH and LABKIT_CACHE; a bare `python3 -m labkit`
 # on the machine finds neither the model package nor the converted cache. Any labkit command:
@@ -140,6 +141,11 @@ case "$step" in
     ;;
   batcheagle)  # batched EAGLE and eagle-mix steps against prompt lookup's, and a row's load (scripts/batch_eagle_costs.py; after eagle-carried)
     (cd scripts && python3 batch_eagle_costs.py /tmp/eagle ${SIZES:-1,2,4,8} ${K:-5}) 2>&1 | grep -v Warning | tee "$out/batch_eagle_costs.txt"
+    ;;
+  batch)  # labkit bench batch (K 5, 128 new tokens; SIZES, REPEATS; with the head in /tmp/eagle after eagle-carried, its systems too)
+    heads=""; [ -e /tmp/eagle/eagle.safetensors ] && heads="--heads /tmp/eagle"
+    python3 -m labkit bench batch --device cuda --cuda-graph --no-invariant --max-tokens 128 --k "${K:-5}" --sizes "${SIZES:-1,2,4,8}" \
+      --repeats "${REPEATS:-3}" $heads --output-dir "$out/results" 2>&1 | grep -v Warning | tr '\r' '\n' | grep -v "bench batch:" | tail -45 | tee "$out/batch.txt"
     ;;
   costs)  # where a speculative step's time goes (HEADS: also the heads' draft, after and inside the verify)
     python3 scripts/step_costs.py ${HEADS:-} 2>&1 | grep -v Warning | tee "$out/step_costs.txt"
