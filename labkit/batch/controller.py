@@ -163,10 +163,13 @@ class BucketStats:
     loads_seen: set[int] = field(default_factory=set)  # the drafting K whose first such load (a warm-up, not kept) was seen
     chosen: int = -1  # the K last taken as the best (-1: none yet)
     switches: int = 0  # such choices that went from plain to drafting or back
-    observed: int = 0  # steps observed here, every K
     stay_from: int = 0  # `observed` at the last switch
     plain_try_steps: int = 1  # the steps a try of drafting from plain runs (BatchKController.for_eagle: TRY_STEPS)
     stays: dict[bool, float] = field(default_factory=dict)  # drafting or not -> the steps its last stays lasted (a mean, STAY_MEMORY)
+
+    @property
+    def observed(self) -> int:  # steps observed here, every K
+        return sum(self.tries.values())
 
     def horizon(self, k: int) -> float:
         """Steps a switch to K's side (plain or drafting) is spread over: what that side's last stays lasted (bounded)."""
@@ -234,12 +237,12 @@ class BucketStats:
 
 class BatchKController:
     def __init__(self, k_max: int, candidates: list[int] | None = None, warm: int = 3, explore_every: int = 16, memory: float = 0.95,
-                 plain_run: int = 2) -> None:
+                 plain_run: int = 2, plain_try_steps: int = 1) -> None:
         if plain_run < 2:
             raise LabkitError(f"plain steps are rated after a run's first, so a run takes at least 2 (got plain_run {plain_run})")
         self.k_max = k_max
         self.candidates = sorted(set(candidates if candidates is not None else [0, max(1, k_max // 2), k_max]))
-        self.warm, self.explore_every, self.memory, self.plain_run, self.plain_try_steps = warm, explore_every, memory, plain_run, 1
+        self.warm, self.explore_every, self.memory, self.plain_run, self.plain_try_steps = warm, explore_every, memory, plain_run, plain_try_steps
         self.buckets: dict[int, BucketStats] = {}
         self.acceptance = Acceptance(max(self.candidates), ACCEPTANCE_MEMORY)
 
@@ -247,9 +250,7 @@ class BatchKController:
     def for_eagle(cls, k: int) -> BatchKController:
         """K or plain for EAGLE rows (each K's chunks keep a draft cache of their own: a switch between two
         reloads the rows), a try from plain a chunk of TRY_STEPS (its drafts judged in its own steps alone)."""
-        controller = cls(k, [0, k])
-        controller.plain_try_steps = TRY_STEPS
-        return controller
+        return cls(k, [0, k], plain_try_steps=TRY_STEPS)
 
     def choose(self, bucket: int) -> int:
         """The K for a step of this many rows (rounded up to its bucket). K 0, once chosen, holds
@@ -342,7 +343,6 @@ class BatchKController:
         if seconds <= 0:
             return
         stats = self._stats(bucket)
-        stats.observed += 1
         fill, stats.last_k = k == 0 and stats.last_k != 0, k
         if fill:  # a run's first plain step: tried, not rated, but its cost kept for a switch to plain (the module docstring)
             stats.tries[k] = stats.tries.get(k, 0) + 1

@@ -174,15 +174,17 @@ class BatchLookup:
                 if moved:
                     self.hook.move(list(moved.values()), list(moved))
                 since = {i: held[1] if (held := self.synced[i]) is not None and held[0] is requests[i] else 0 for i in stale if i not in moved}
-        # rows back from steps elsewhere, timed apart (a switch's cost); then requests' first loads (the chunk's own cost)
-        for group, timed in (([i for i in since if since[i]], True), ([i for i in since if not since[i]], False)):
-            if timed:
-                self.load_time.start()
-            if group and self.hook is not None:
-                self.hook.load(group, [requests[i].context for i in group], [since[i] for i in group], [len(requests[i].prompt_ids) for i in group])
-            if timed:
-                self.load_time.stop()
+        self.load_time.start()  # rows back from steps elsewhere, timed apart (a switch's cost) ...
+        self._hook_load(requests, {i: n for i, n in since.items() if n})
+        self.load_time.stop()
+        self._hook_load(requests, {i: n for i, n in since.items() if not n})  # ... then requests' first loads (the chunk's own cost)
         self._pad(len(requests), rows)
+
+    def _hook_load(self, requests: list[Any], since: dict[int, int]) -> None:
+        """The hook's load of these rows (row -> the length its last chunk left it at, 0: none)."""
+        if since and self.hook is not None:
+            rows = list(since)
+            self.hook.load(rows, [requests[i].context for i in rows], list(since.values()), [len(requests[i].prompt_ids) for i in rows])
 
     def _holds(self, slot: int, request: Any) -> bool:
         """Whether the device's row `slot` holds this request's context as it is now."""
