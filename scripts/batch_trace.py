@@ -1,6 +1,7 @@
 """What the batch K controller saw and chose, step by step (diagnostic; writes JSON).
 
-    python3 scripts/batch_trace.py OUT.json [sizes, default 4,8] [repeats, default 3]
+    python3 scripts/batch_trace.py OUT.json [sizes, default 4,8] [repeats, default 3] [an EAGLE head's folder]
+    (SYSTEMS=plain,eagle-device-auto-5 runs those systems alone)
 
 Runs `labkit bench batch`'s own flow (the suite's categories in turn, 128 new tokens, K 5, the
 device's defaults) at the given sizes with every -auto system's controller recording: each choice
@@ -12,7 +13,9 @@ and where the time went by bucket and K.
 """
 
 import json
+import os
 import sys
+import time
 from typing import Any
 
 import labkit.bench.batch as bench
@@ -32,14 +35,18 @@ class TracingController(BatchKController):
     def choose(self, bucket: int) -> int:
         values = self.values(bucket)
         k = super().choose(bucket)
-        self.trace.append({"e": "choose", "b": bucket, "k": k, "best": max(values, key=values.__getitem__) if values else None, "values": values})
+        self.trace.append({"e": "choose", "t": time.perf_counter(), "b": bucket, "k": k, "best": max(values, key=values.__getitem__) if values else None, "values": values})
         self.expected[bucket] = self.acceptance.tokens(k) if k and self.acceptance.known else 0.0
         return k
 
     def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
-        self.trace.append({"e": "obs", "b": bucket, "k": k, "tokens": tokens, "s": seconds, "kept": kept,
+        self.trace.append({"e": "obs", "t": time.perf_counter(), "b": bucket, "k": k, "tokens": tokens, "s": seconds, "kept": kept,
                            "expected": self.expected.get(bucket, 0.0) if k else 0.0})
         super().observe(bucket, k, tokens, seconds, kept)
+
+    def observe_load(self, bucket: int, k: int, seconds: float) -> None:
+        self.trace.append({"e": "load", "t": time.perf_counter(), "b": bucket, "k": k, "s": seconds})
+        super().observe_load(bucket, k, seconds)
 
     def observe_drafts(self, k: int, kept: list[int]) -> None:
         self.trace.append({"e": "judged", "k": k, "kept": kept})
@@ -50,9 +57,16 @@ def main() -> None:
     out = sys.argv[1]
     sizes = [int(s) for s in (sys.argv[2] if len(sys.argv) > 2 else "4,8").split(",")]
     repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    heads = sys.argv[4] if len(sys.argv) > 4 else None
     bench.BatchKController = TracingController  # type: ignore[misc]
-    cfg = bench.BatchBenchConfig(engine=EngineConfig(device="cuda", cuda_graph=True), sizes=sizes, invariant=False, k=5,
-                                 max_new_tokens=128, repeats=repeats, output_dir=None, progress=False)
+    if os.environ.get("SYSTEMS"):
+        keep, systems = os.environ["SYSTEMS"].split(","), bench._systems
+        if any(name.startswith("ngram") for name in keep):
+            keep.append("ngram-5")  # (bench batch's step costs run on its host-drafting system)
+        bench._systems = lambda cfg: [s for s in systems(cfg) if s.name in keep]  # type: ignore[assignment]
+    cfg = bench.BatchBenchConfig(engine=EngineConfig(device=os.environ.get("DEVICE", "cuda"), cuda_graph=os.environ.get("DEVICE", "cuda") == "cuda"), sizes=sizes, invariant=False, k=5,
+                                 max_new_tokens=int(os.environ.get("MAX_TOKENS", "128")),
+                                 drafter="ngram" if "ngram-5" in os.environ.get("SYSTEMS", "ngram-5") else "none", repeats=repeats, output_dir=None, progress=False, heads=heads)
     payload = bench.run_batch_bench(cfg)
     for line in bench.batch_report(payload):
         print(line)
@@ -64,6 +78,15 @@ def main() -> None:
             exp = sum(e["expected"] * len(e["kept"]) for e in sel)
             got = sum(len(e["kept"]) + sum(e["kept"]) for e in sel)
             print(f"controller {i} bucket {b}: {len(sel)} drafting steps, expected {exp:.0f} tokens, got {got} ({got / exp:.2f})")
+        chosen = [e for e in trace if e["e"] == "choose"]
+        for b in sorted({e["b"] for e in chosen}):
+            sel = [e for e in chosen if e["b"] == b]
+            counts: dict[str, int] = {}
+            for e in sel:
+                key = f"k{e['k']}/best{e['best']}"
+                counts[key] = counts.get(key, 0) + 1
+            loads = [round(1e3 * e["s"], 2) for e in trace if e["e"] == "load" and e["b"] == b and e["s"] > 0]
+            print(f"controller {i} bucket {b}: choices {counts}; loads after plain (ms) {loads[:20]}")
 
 
 if __name__ == "__main__":
