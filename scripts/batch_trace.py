@@ -44,6 +44,12 @@ class TracingController(BatchKController):
                            "expected": self.expected.get(bucket, 0.0) if k else 0.0})
         super().observe(bucket, k, tokens, seconds, kept)
 
+    def observe_chunk(self, bucket: int, k: int, steps: list[tuple[int, list[int]]], seconds: float) -> None:
+        for tokens, kept in steps:
+            self.trace.append({"e": "obs", "t": time.perf_counter(), "b": bucket, "k": k, "tokens": tokens, "s": seconds, "kept": kept,
+                               "expected": self.expected.get(bucket, 0.0)})
+        super().observe_chunk(bucket, k, steps, seconds)
+
     def observe_load(self, bucket: int, k: int, seconds: float) -> None:
         self.trace.append({"e": "load", "t": time.perf_counter(), "b": bucket, "k": k, "s": seconds})
         super().observe_load(bucket, k, seconds)

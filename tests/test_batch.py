@@ -45,6 +45,10 @@ class Scripted:
         if kept is not None:
             self.kept.append(kept)
 
+    def observe_chunk(self, bucket: int, k: int, steps: list[tuple[int, list[int]]], seconds: float) -> None:
+        for tokens, kept in steps:
+            self.observe(bucket, k, tokens, seconds, kept)
+
     def observe_drafts(self, k: int, kept: list[int]) -> None:
         self.judged.append((k, kept))
 
@@ -1172,3 +1176,38 @@ def test_eagle_under_the_controller_switches_back_from_plain_its_loads_included(
                 tokens, ms, last, i = tokens + 1 + kept[0], ms + cost, k, i + 1
         shares.append(tokens / ms * step[0])
     assert sum(shares) / len(shares) >= mean and min(shares) >= least, shares
+
+
+def test_a_stalled_chunk_counts_as_one_stall_not_as_a_slow_k() -> None:
+    """Four rows with the H200's EAGLE costs (plain 0.55 ms a step in a run, 0.9 as a run's first, K 5
+    0.85 ms a step in chunks of 8; rows keep each draft with probability 0.6: K 5 about 1.5x plain). One
+    chunk, after 300 steps, takes 71 ms (on the H200: a run's four first loads, results/gpu/batch-
+    trace-NVIDIA-H200-1cb6fac.txt). Its steps bounded one by one, each bound raised by the steps
+    before it, rated K 5 below plain and the batch ran plain for hundreds of steps (there: 750); the
+    chunk bounded once by the mean before it (`observe_chunk`), K 5 stays."""
+    import random
+
+    from labkit.batch.controller import BatchKController
+
+    rows, step, fill = 4, {0: 0.55, 5: 0.85}, 0.9  # ms
+    for seed in range(3):
+        rng, ctl = random.Random(seed), BatchKController.for_eagle(5)
+        taken: list[int] = []
+        last, stalled = 0, False
+        while len(taken) < 1000:
+            k = ctl.choose(rows)
+            if k == 0:
+                ctl.observe(rows, 0, rows, (fill if last else step[0]) * 1e-3)
+                taken.append(0)
+            else:
+                if last == 0:
+                    ctl.observe_load(rows, k, 3e-3)
+                m = ctl.try_steps(rows, k) if ctl.best(rows) != k else 8
+                chunk = [[drafts_kept(rng, 0.6, k) for _ in range(rows)] for _ in range(m)]
+                ms = step[k]
+                if len(taken) >= 300 and not stalled:
+                    ms, stalled = 71.0 / m, True
+                ctl.observe_chunk(rows, k, [(sum(1 + a for a in kept), kept) for kept in chunk], ms * 1e-3)
+                taken += [k] * m
+            last = k
+        assert taken[300:1000].count(5) >= 0.85 * 700, (seed, taken[300:1000].count(5))

@@ -1,87 +1,72 @@
 """How many tokens a batch drafts per row: K chosen per batch, by measured throughput.
 
-At batch 1 a verify of K+1 tokens costs about one decode step, so drafting pays; as the batch
-grows the step turns from reading weights to computing, a verify of K+1 tokens per row costs more,
-and past some batch size drafting stops paying (batched speculation's crossover). Where exactly
-depends on the device, the kernels, the host's own per-row work and the acceptance the prompts
-allow, so this controller measures: per rows bucket (1, 2, 4, ...) it keeps, for each candidate
-K (0 = plain steps), the seconds of its steps (and its tokens) as sums that decay by `memory` at
-each new step; it tries every candidate a few times first, then takes the best, and tries another
-now and then so that the rates follow the load. A K choice never changes the output (greedy
-verification), only its speed.
+At batch 1 a verify of K+1 tokens costs about one decode step, so drafting pays; as the batch grows the step turns from
+reading weights to computing, a verify of K+1 tokens per row costs more, and past some batch size drafting stops paying
+(batched speculation's crossover). Where exactly depends on the device, the kernels, the host's own per-row work and the
+acceptance the prompts allow, so this controller measures: per rows bucket (1, 2, 4, ...) it keeps, for each candidate K (0
+= plain steps), the seconds of its steps (and its tokens) as sums that decay by `memory` at each new step; it tries every
+candidate a few times first, then takes the best, and tries another now and then so that the rates follow the load. A K
+choice never changes the output (greedy verification), only its speed.
 
-How K is rated. A step's cost is the bucket's and K's (the device, the kernels, the host's work),
-while what the rows keep of their drafts is the text's, the same in every bucket. So, where the
-scheduler reports each row's accepted drafts, K's rate is the bucket's rows x a row's expected
-tokens with K (`Acceptance`: per draft position j, the share of recent rows that kept their first
-j drafts, over every bucket) / K's mean step in the bucket. Every drafting step, of any bucket and
-K, then updates every K's rate at once: when the text turns copyable under K 2, K 5 is rated higher
-at the next choice, not after its next try (a larger K than the one drafting continues the last
-positions' ratio). Rated by each K's own recent steps (tokens over seconds) and a bound for the
-larger K from rows that kept every draft, the controller reached 92% of an oracle's rate at batch 1
-with acceptance alternating 0.3 / 0.85 every 100 steps, 86% on the worst seed; so rated, 96% and
-93% (tests/test_batch.py). Without drafts reported (a caller that passes none) K is rated by its
-steps' tokens over their seconds.
-While the batch runs plain nothing is drafted and the acceptance known goes stale (a copying request
-began with a writing one's at batch 1 on the H200: 1.24x plain where K 5 alone ran 1.39x,
-batch-NVIDIA-H200-20261202-061702.json), so the scheduler judges drafts during plain steps too
-(batch/shadow.py, `observe_drafts`: under greedy, the tokens rows go on to take say what a verify
-would have kept), and the acceptance decays faster (ACCEPTANCE_MEMORY) than a step's rates. Sums,
-not an average of per-step rates: a drafting step's tokens vary, a plain step's never, and a greedy
-choice over swinging averages drifts to the steadiest candidate, not the fastest (tests/test_batch.py).
-A candidate close to the best (within CLOSE) is tried again often, since noise may have put it
-behind, and less often each time it stays behind (its wait doubles from CLOSE_EVERY choices up
-to CLOSE_MAX): every try switches, and a switch costs (the plain run's first step hides nothing,
-a chunk of device steps has host work of its own), so a K a few percent behind, tried every
-CLOSE_EVERY choices, had the batch switching all the time (simulated at 8 rows with K 2 at 0.996 of
-plain and K 5 at 0.92: 0.84-0.85 of plain, 0.90-0.92 with waits that double; 0.92x on the H200
-at 8 rows). Nor more often than keeps a try's cost to TRY_SHARE of the bucket's time, the switch's
-bubbles there and back counted (simulated with the suite's categories, K 5 near even at 8 rows: 0.93
-of plain, so bounded 0.96-0.97). A clear loser is tried rarely, its wait doubling from `explore_every`
-up to MAX_WAIT steps and at least what keeps its tries to TRY_SHARE (a try loses K's step over the
-best's x the share of the best's rate it lacks): at 64 rows on the H200, where a try of K 5 costs
-about 3 plain steps, tries every 16 steps cost 5% of plain's speed, every MAX_WAIT 2%.
-The rows' acceptance comes from judged drafts as well, so a try mostly refreshes the K's step time;
-but a drafting hook's drafts (EAGLE's) are judged only in its own steps, so there (`for_eagle`) a try
-of a drafting K from plain runs a chunk of TRY_STEPS, not one step (`try_steps`): it pays the switch's
-cost anyway, and one step's drafts barely moved the acceptance a plain run left. (Prompt lookup's tries
-so long drafted 23% of its steps at 32 rows on the H200, 0.75x plain: ...-20261203-230058.json.)
-A K's first step in a bucket is its warm-up, not rated (the first replay of a step shape took 26 ms
-on the H200 against 0.7 after it: rated, K 2 looked 9x slower than plain at one row for the rest of
-the run: scripts/batch_trace.py). One slow step must not decide: a loser is tried rarely, so its sums are rarely refreshed, and a
-single stall in them (an admission's prefill, the host's garbage collector) would keep it losing
-for hundreds of steps. Past its first tries, a K's step counts at most OUTLIER times its mean. (On
-the H200 the controller once rated plain steps at 2 rows at 992 tok/s, where plain ran at 3,513:
-`k_rates` in results/gpu/batch-NVIDIA-H200-20261201-231228.json.)
-Plain steps are rated in runs. The scheduler launches a plain step ahead of reading the one before,
-so in a run of them the host's work hides behind the device's; a lone plain step between drafting
-steps cannot hide it and costs its whole latency. Rated by lone steps, plain looked as slow as
-drafting where a run of it was a third faster (H200, 4 rows: 4,814 tok/s against 6,710 measured,
-results/gpu/batch-NVIDIA-H200-20261202-005543.json), and the controller drafted where it should
-not. So plain is rated by the steps of a run after its first (the fill, which a long run spreads
-thin): the rate plain keeps once chosen. A choice of K 0 holds for `plain_run` steps (a try of it
-for 2). But a switch between plain and drafting pays that first step's unhidden host work (the
-bubble: the measured `fill` less a run's plain step), either way: valued as paid once over
-SWITCH_HORIZON steps of the K switched to. Rated by runs alone, at batch 1 where K 5 and plain were
-nearly even, the controller switched to plain and back and paid each time (simulated: 0.985 of K 5
-alone; valued so, 1.01); on the H200 plain's first step after a chunk took 1.0-1.4 ms at 1-8 rows,
-against 0.5 ms in a run (`k_costs` in results/gpu/batch-NVIDIA-H200-20261202-065040.json), and the
-controller drafted at 8 rows where drafting lost (0.87x plain; K 5 alone 0.91x). A fill is kept
-once a run's plain step is known to bound it (OUTLIER of them): a bucket's very first step, a fill
-with nothing to bound it by, once stalled 18 ms on the H200 against 0.47 ms steps, and priced every
-switch out for the rest of the run (a row left to run alone stayed plain where K 5 ran 1.2x faster).
-A switch is counted
-from the K last taken as the best, not the last step's: after a try of K 5, plain looked like the
-switch (simulated at 8 rows with drafting near even: 0.88 of plain, switching every 12 steps; so
-counted, 0.97). The switch's cost is spread over the steps the side switched to lasted its last stays
-(`horizon`): over 8 alone, EAGLE at 2 rows on the H200 stayed plain where K 5 was rated 1.26x (results/
-gpu/batch-NVIDIA-H200-20261203-222841.json); over the last stay of either side, ngram-device-auto-5
-at 8 rows switched 19 times, not 7, and ran 0.85x plain (-224800.json). A drafting K may also have to load rows that plain steps moved on (EAGLE: a pass
-over each row's context, its draft cache caught up): told apart from K's steps (`observe_load`),
-it joins the bubble of a switch from plain to that K and a try's cost, never K's rate (charged to
-a one-step try, it rated EAGLE's K 5 at 3.4 ms a step on the H200 where its steps took 0.8, and the
-controller never drafted: results/gpu/batch-NVIDIA-H200-20261203-170508.json). (Tried: runs of 8 while plain is the best: on the H200 0.92-0.95x from 8 to 64 rows against 0.92-0.98x
-with runs of 2 the same day: results/gpu/batch-NVIDIA-H200-20261202-034541.json, -032933.json.)
+How K is rated. A step's cost is the bucket's and K's (the device, the kernels, the host's work), while what the rows keep
+of their drafts is the text's, the same in every bucket. So, where the scheduler reports each row's accepted drafts, K's
+rate is the bucket's rows x a row's expected tokens with K (`Acceptance`: per draft position j, the share of recent rows
+that kept their first j drafts, over every bucket) / K's mean step in the bucket. Every drafting step, of any bucket and K,
+then updates every K's rate at once: when the text turns copyable under K 2, K 5 is rated higher at the next choice, not
+after its next try (a larger K than the one drafting continues the last positions' ratio). Rated by each K's own recent
+steps (tokens over seconds) and a bound for the larger K from rows that kept every draft, the controller reached 92% of an
+oracle's rate at batch 1 with acceptance alternating 0.3 / 0.85 every 100 steps, 86% on the worst seed; so rated, 96% and
+93% (tests/test_batch.py). Without drafts reported (a caller that passes none) K is rated by its steps' tokens over their
+seconds. While the batch runs plain nothing is drafted and the acceptance known goes stale (a copying request began with a
+writing one's at batch 1 on the H200: 1.24x plain where K 5 alone ran 1.39x, batch-NVIDIA-H200-20261202-061702.json), so the
+scheduler judges drafts during plain steps too (batch/shadow.py, `observe_drafts`: under greedy, the tokens rows go on to
+take say what a verify would have kept), and the acceptance decays faster (ACCEPTANCE_MEMORY) than a step's rates. Sums, not
+an average of per-step rates: a drafting step's tokens vary, a plain step's never, and a greedy choice over swinging
+averages drifts to the steadiest candidate, not the fastest (tests/test_batch.py). A candidate close to the best (within
+CLOSE) is tried again often, since noise may have put it behind, and less often each time it stays behind (its wait doubles
+from CLOSE_EVERY choices up to CLOSE_MAX): every try switches, and a switch costs (the plain run's first step hides nothing,
+a chunk of device steps has host work of its own), so a K a few percent behind, tried every CLOSE_EVERY choices, had the
+batch switching all the time (simulated at 8 rows with K 2 at 0.996 of plain and K 5 at 0.92: 0.84-0.85 of plain, 0.90-0.92
+with waits that double; 0.92x on the H200 at 8 rows). Nor more often than keeps a try's cost to TRY_SHARE of the bucket's
+time, the switch's bubbles there and back counted (simulated with the suite's categories, K 5 near even at 8 rows: 0.93 of
+plain, so bounded 0.96-0.97). A clear loser is tried rarely, its wait doubling from `explore_every` up to MAX_WAIT steps and
+at least what keeps its tries to TRY_SHARE (a try loses K's step over the best's x the share of the best's rate it lacks):
+at 64 rows on the H200, where a try of K 5 costs about 3 plain steps, tries every 16 steps cost 5% of plain's speed, every
+MAX_WAIT 2%. The rows' acceptance comes from judged drafts as well, so a try mostly refreshes the K's step time; but a
+drafting hook's drafts (EAGLE's) are judged only in its own steps, so there (`for_eagle`) a try of a drafting K from plain
+runs a chunk of TRY_STEPS, not one step (`try_steps`): it pays the switch's cost anyway, and one step's drafts barely moved
+the acceptance a plain run left. (Prompt lookup's tries so long drafted 23% of its steps at 32 rows on the H200, 0.75x
+plain: ...-20261203-230058.json.) A K's first step in a bucket is its warm-up, not rated (the first replay of a step shape
+took 26 ms on the H200 against 0.7 after it: rated, K 2 looked 9x slower than plain at one row for the rest of the run:
+scripts/batch_trace.py). One slow step must not decide: a loser is tried rarely, so its sums are rarely refreshed, and a
+single stall in them (an admission's prefill, the host's garbage collector) would keep it losing for hundreds of steps. Past
+its first tries, a K's step counts at most OUTLIER times its mean. (On the H200 the controller once rated plain steps at 2
+rows at 992 tok/s, where plain ran at 3,513: `k_rates` in results/gpu/batch-NVIDIA-H200-20261201-231228.json.) Plain steps
+are rated in runs. The scheduler launches a plain step ahead of reading the one before, so in a run of them the host's work
+hides behind the device's; a lone plain step between drafting steps cannot hide it and costs its whole latency. Rated by
+lone steps, plain looked as slow as drafting where a run of it was a third faster (H200, 4 rows: 4,814 tok/s against 6,710
+measured, results/gpu/batch-NVIDIA-H200-20261202-005543.json), and the controller drafted where it should not. So plain is
+rated by the steps of a run after its first (the fill, which a long run spreads thin): the rate plain keeps once chosen. A
+choice of K 0 holds for `plain_run` steps (a try of it for 2). But a switch between plain and drafting pays that first
+step's unhidden host work (the bubble: the measured `fill` less a run's plain step), either way: valued as paid once over
+SWITCH_HORIZON steps of the K switched to. Rated by runs alone, at batch 1 where K 5 and plain were nearly even, the
+controller switched to plain and back and paid each time (simulated: 0.985 of K 5 alone; valued so, 1.01); on the H200
+plain's first step after a chunk took 1.0-1.4 ms at 1-8 rows, against 0.5 ms in a run (`k_costs` in
+results/gpu/batch-NVIDIA-H200-20261202-065040.json), and the controller drafted at 8 rows where drafting lost (0.87x plain;
+K 5 alone 0.91x). A fill is kept once a run's plain step is known to bound it (OUTLIER of them): a bucket's very first step,
+a fill with nothing to bound it by, once stalled 18 ms on the H200 against 0.47 ms steps, and priced every switch out for
+the rest of the run (a row left to run alone stayed plain where K 5 ran 1.2x faster). A switch is counted from the K last
+taken as the best, not the last step's: after a try of K 5, plain looked like the switch (simulated at 8 rows with drafting
+near even: 0.88 of plain, switching every 12 steps; so counted, 0.97). The switch's cost is spread over the steps the side
+switched to lasted its last stays (`horizon`): over 8 alone, EAGLE at 2 rows on the H200 stayed plain where K 5 was rated
+1.26x (results/ gpu/batch-NVIDIA-H200-20261203-222841.json); over the last stay of either side, ngram-device-auto-5 at 8
+rows switched 19 times, not 7, and ran 0.85x plain (-224800.json). A drafting K may also have to load rows that plain steps
+moved on (EAGLE: a pass over each row's context, its draft cache caught up): told apart from K's steps (`observe_load`), it
+joins the bubble of a switch from plain to that K and a try's cost, never K's rate (charged to a one-step try, it rated
+EAGLE's K 5 at 3.4 ms a step on the H200 where its steps took 0.8, and the controller never drafted:
+results/gpu/batch-NVIDIA-H200-20261203-170508.json). (Tried: runs of 8 while plain is the best: on the H200 0.92-0.95x from
+8 to 64 rows against 0.92-0.98x with runs of 2 the same day: results/gpu/batch-NVIDIA-H200-20261202-034541.json,
+-032933.json.)
 """
 
 from __future__ import annotations
@@ -340,9 +325,24 @@ class BatchKController:
     def observe(self, bucket: int, k: int, tokens: int, seconds: float, kept: list[int] | None = None) -> None:
         """A step of this bucket drafted with K gave `tokens` new tokens (all rows) in `seconds`;
         `kept`: the accepted drafts of each row still running (`Acceptance`; None: not reported)."""
-        if seconds <= 0:
-            return
+        if seconds > 0:
+            self._observe(self._stats(bucket), k, tokens, seconds, kept, True)
+
+    def observe_chunk(self, bucket: int, k: int, steps: list[tuple[int, list[int]]], seconds: float) -> None:
+        """A chunk of K's steps on the device (batch/lookup.py): each step's tokens and its rows' kept drafts,
+        each step charged `seconds` (the chunk's time shared). A stall in a chunk is one stall: the chunk counts
+        at most (steps - 1 + OUTLIER) of K's mean steps, bounded once by the mean before it. (Bounded step by
+        step, each bound raised by the steps before it: a 71 ms chunk at 4 rows on the H200, four requests'
+        first loads, charged 8.84 ms a step against 0.85, rated K 5 at 3,052 tok/s against plain's 7,275,
+        and the batch ran plain for 750 steps: results/gpu/batch-trace-NVIDIA-H200-1cb6fac.txt.)"""
         stats = self._stats(bucket)
+        if steps and seconds > 0 and stats.tries.get(k, 0) >= self.warm and stats.step(k):
+            seconds = min(seconds, (len(steps) - 1 + OUTLIER) * stats.step(k) / len(steps))
+        for tokens, kept in steps:
+            if seconds > 0:
+                self._observe(stats, k, tokens, seconds, kept, False)
+
+    def _observe(self, stats: BucketStats, k: int, tokens: int, seconds: float, kept: list[int] | None, bound: bool) -> None:  # bound: OUTLIER here
         fill, stats.last_k = k == 0 and stats.last_k != 0, k
         if fill:  # a run's first plain step: tried, not rated, but its cost kept for a switch to plain (the module docstring)
             stats.tries[k] = stats.tries.get(k, 0) + 1
@@ -357,7 +357,7 @@ class BatchKController:
         stats.tries[k] = stats.tries.get(k, 0) + 1
         if first:  # a drafting K's first step here is its warm-up, not its speed (a step shape's first replay: 26 ms against 0.7 on the H200)
             return
-        if stats.tries[k] > self.warm and stats.own_steps.get(k):  # a stall (an admission, a capture, the host's garbage collector) is not the K's speed
+        if bound and stats.tries[k] > self.warm and stats.own_steps.get(k):  # a stall (an admission, a capture, the host's garbage collector) is not the K's speed
             seconds = min(seconds, OUTLIER * stats.step(k))
         stats.tokens[k] = self.memory * stats.tokens.get(k, 0.0) + tokens
         stats.seconds[k] = self.memory * stats.seconds.get(k, 0.0) + seconds

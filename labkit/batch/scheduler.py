@@ -377,8 +377,7 @@ class ContinuousBatcher:
             device = min(device, wall)
             seconds = (device + (wall - device) * m / full) / len(per_step)
             self.controller.observe_load(bucket(len(rows)), lookup.k, load)
-            for gained, kept in per_step:
-                self.controller.observe(bucket(len(rows)), lookup.k, gained, seconds, kept)
+            self.controller.observe_chunk(bucket(len(rows)), lookup.k, per_step, seconds)
         self.chunk_ahead = (lookup, (rows, more)) if more else None
         self.accounted = time.perf_counter()
         self._leave()
