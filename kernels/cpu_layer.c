@@ -23,9 +23,11 @@
 
 void gemv_q4_1(const float *x, const uint8_t *qs, const float *d, const float *m, float *y, int64_t M, int64_t N, int64_t K);
 void gemv_q8_0(const float *x, const int8_t *qs, const float *d, float *y, int64_t M, int64_t N, int64_t K);
+void gemv_q4_1_q8(const float *x, const uint8_t *qs, const float *d, const float *m, float *y, int64_t M, int64_t N, int64_t K);
+void gemv_q8_0_q8(const float *x, const int8_t *qs, const float *d, float *y, int64_t M, int64_t N, int64_t K);
 
 typedef struct {  /* one linear layer's GGUF blocks (layer_cpu.BlockWeight mirrors it) */
-    int64_t kind;  /* 0: Q4_1, 1: Q8_0 */
+    int64_t kind;  /* 0: Q4_1, 1: Q8_0; 2, 3: the same with 8-bit activations (cpu_q8_gemv.c) */
     const void *qs;
     const float *d;
     const float *m;  /* Q4_1 only */
@@ -35,7 +37,9 @@ typedef struct {  /* one linear layer's GGUF blocks (layer_cpu.BlockWeight mirro
 
 static void linear(const block_weight *w, const float *x, int64_t M, float *y) {  /* y (M, N) = x (M, K) W^T + bias */
     if (w->kind == 0) gemv_q4_1(x, (const uint8_t *)w->qs, w->d, w->m, y, M, w->N, w->K);
-    else gemv_q8_0(x, (const int8_t *)w->qs, w->d, y, M, w->N, w->K);
+    else if (w->kind == 1) gemv_q8_0(x, (const int8_t *)w->qs, w->d, y, M, w->N, w->K);
+    else if (w->kind == 2) gemv_q4_1_q8(x, (const uint8_t *)w->qs, w->d, w->m, y, M, w->N, w->K);
+    else gemv_q8_0_q8(x, (const int8_t *)w->qs, w->d, y, M, w->N, w->K);
     if (w->bias)
         for (int64_t r = 0; r < M; r++)
             for (int64_t n = 0; n < w->N; n++) y[r * w->N + n] += w->bias[n];

@@ -50,7 +50,8 @@ def _engine_args(p: argparse.ArgumentParser, cuda_graph_default: bool | None = N
 
     p.add_argument("--dtype", default=None, help="auto, float32, float16, bfloat16 (default: SPECDEC_DTYPE or auto)")
     p.add_argument("--weights", default="auto", choices=WEIGHTS,
-                   help="gguf: read the embedded model's own Q4_1 blocks (CPU, float32); auto: gguf where it applies and a timed step says it is faster")
+                   help="gguf: read the embedded model's own Q4_1 blocks (CPU, float32); auto: gguf where it applies and a timed step says it is faster; "
+                        "gguf-q8: the blocks with 8-bit activations, as llama.cpp (faster; its text may differ from gguf's, speculation stays lossless against its plain steps)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape steps")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=cuda_graph_default,
                    help="replay the fixed-shape steps as CUDA graphs" + (" (default: SPECDEC_CUDA_GRAPH)" if cuda_graph_default is None else ""))

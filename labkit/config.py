@@ -58,7 +58,8 @@ class Flags:
         )
 
 
-WEIGHTS = ("auto", "dense", "gguf")  # gguf: the GGUF's own quantised blocks (CPU fp32); auto: the faster, timed at load
+WEIGHTS = ("auto", "dense", "gguf", "gguf-q8")  # gguf: the GGUF's own quantised blocks (CPU fp32); auto: the faster, timed at load;
+# gguf-q8: the blocks with activations rounded to 8 bits per block of 32 (llama.cpp's way: faster, not the dequantised model's values)
 LAYER_KERNELS = ("auto", "triton", "cpu", "torch")  # triton: fused layers on CUDA; cpu: C layers on GGUF blocks
 
 

@@ -84,7 +84,7 @@ class Engine:
         self.context_len: int = self.args.context_len
         self.batch_size = batch_size
         self.eos_token_ids: tuple[int, ...] = ()  # set by from_hf; generate stops on these
-        self.weights = "dense"  # or "gguf": linears read the GGUF's quantised blocks
+        self.weights = "dense"  # or "gguf": linears read the GGUF's quantised blocks ("gguf-q8": with 8-bit activations)
         self.weights_note = ""  # how "auto" chose for a CPU engine of a GGUF model: the timings, or why not the blocks
         # Captures warm up on positions past every request's reach: models with rotary positions get
         # GRAPH_HEADROOM positions beyond max_seq_len for it (GPT-2's learned positions end at its
@@ -112,14 +112,15 @@ class Engine:
 
         return from_loaded(loaded, *args, **kwargs)
 
-    def read_blocks(self, on: bool) -> None:
+    def read_blocks(self, on: bool, act: str = "fp32") -> None:
         """Let the linears read the GGUF blocks, and the CPU layer operations run the layers (where
         they can and --layer-kernels allows), or read the dense weights through the PyTorch
-        layers: the same values either way."""
-        set_block_weights(self.model, on)
+        layers: the same values either way. act "q8": the blocks' products take 8-bit activations
+        (--weights gguf-q8: faster, not the same values; a verify's rows still a decode step's bits)."""
+        set_block_weights(self.model, on, act)
         self.model.layer_ops, self.layer_kernels_reason = cpu_layer_ops(self.model, self.batch_size, on, self.layer_choice)
         self.layer_kernels = "cpu" if self.model.layer_ops is not None else "torch"
-        self.weights = "gguf" if on else "dense"
+        self.weights = ("gguf-q8" if act == "q8" else "gguf") if on else "dense"
 
     # -- captured graphs ----------------------------------------------------------------
     def captured(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:

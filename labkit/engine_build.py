@@ -56,7 +56,8 @@ def from_loaded(
     **kwargs: Any,
 ) -> Engine:
     """Build for a loaded model. weights: "dense", "gguf" (the GGUF's own quantised blocks,
-    CPU fp32 only), or "auto" (gguf where it applies and a timed step says it is faster)."""
+    CPU fp32 only), "gguf-q8" (the same with 8-bit activations), or "auto" (gguf where it applies
+    and a timed step says it is faster; never gguf-q8, whose values are not the model's)."""
     EngineConfig(weights=weights).validate()  # before anything loads
     engine = from_hf(loaded.hf_model, device, dtype, **kwargs)
     choose_weights(engine, loaded, weights)

@@ -128,12 +128,12 @@ def choose_weights(engine: Engine, loaded: LoadedModel, weights: str) -> None:
     if weights not in WEIGHTS:
         raise LabkitError(f"unknown weights {weights!r}: use {', '.join(WEIGHTS)}")
     why_not = gguf_unusable(engine, loaded)
-    if weights == "gguf" and why_not:
-        raise LabkitError(f"--weights gguf is not possible here: {why_not}")
-    if weights == "gguf" or (weights == "auto" and not why_not):
+    if weights in ("gguf", "gguf-q8") and why_not:
+        raise LabkitError(f"--weights {weights} is not possible here: {why_not}")
+    if weights in ("gguf", "gguf-q8") or (weights == "auto" and not why_not):
         assert loaded.gguf_path is not None
         attach_gguf_blocks(engine.model, loaded.gguf_path)
-        engine.read_blocks(True)
+        engine.read_blocks(True, "q8" if weights == "gguf-q8" else "fp32")
         if weights == "auto":  # the same values either way: keep the faster, measured here
             blocks_ms, dense_ms = time_block_weights(engine)
             if dense_ms < blocks_ms:

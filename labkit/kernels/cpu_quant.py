@@ -1,4 +1,5 @@
-"""CPU matrix-vector products straight from GGUF Q4_1 / Q8_0 blocks (kernels/cpu_quant_gemv.c).
+"""CPU matrix-vector products straight from GGUF Q4_1 / Q8_0 blocks (kernels/cpu_quant_gemv.c), with fp32
+activations or (act "q8", --weights gguf-q8) activations quantised to 8 bits per block (kernels/cpu_q8_gemv.c).
 
 Built once with the system C compiler into the labkit cache and loaded with ctypes: no torch
 headers, so the build takes about a second. It links the same libgomp torch already loaded,
@@ -23,7 +24,8 @@ from labkit.config import cache_dir, env_flag
 
 log = logging.getLogger(__name__)
 SOURCE_NAME = "cpu_quant_gemv.c"
-SOURCE_NAMES = (SOURCE_NAME, "cpu_layer.c")  # built into one library: the products, and the layer operations over them
+SOURCE_NAMES = (SOURCE_NAME, "cpu_q8_gemv.c", "cpu_layer.c")  # built into one library: the products, and the layer operations over them
+ACTIVATIONS = ("fp32", "q8")  # a product's activations: as they are, or quantised per block of 32 (llama.cpp's Q8)
 
 
 def cpu_signature() -> str:
@@ -83,6 +85,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.gemv_q4_1.argtypes = [p, p, p, p, p, i64, i64, i64]
     lib.gemv_q8_0.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.gemv_q4_1_q8.argtypes = [p, p, p, p, p, i64, i64, i64]
+    lib.gemv_q8_0_q8.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.q8_kernel_path.restype = ctypes.c_char_p
     lib.max_rows.restype = ctypes.c_int
     lib.kernel_path.restype = ctypes.c_char_p
     lib.kernel_threads.restype = ctypes.c_int
@@ -111,6 +116,12 @@ def kernel_threads() -> int:
     return int(lib.kernel_threads()) if lib is not None else 0
 
 
+def q8_kernel_path() -> str:
+    """Which path the 8-bit-activation products took in this build ("avx2-int8", with VNNI "avx2-int8-vnni", "portable-int8"), "" when unbuilt."""
+    lib, _ = _load()
+    return lib.q8_kernel_path().decode() if lib is not None else ""
+
+
 def max_rows() -> int:
     lib, _ = _load()
     return int(lib.max_rows()) if lib is not None else 0
@@ -122,6 +133,7 @@ def quant_linear(
     qs: torch.Tensor,  # q4_1: (N, K/2) uint8; q8_0: (N, K) int8
     d: torch.Tensor,  # (N, K/32) float32
     m: torch.Tensor | None,  # (N, K/32) float32 for q4_1
+    act: str = "fp32",  # "q8": x quantised per block of 32 first (kernels/cpu_q8_gemv.c; reference.quant_linear_q8_ref)
 ) -> torch.Tensor:  # (M, N) float32
     lib, reason = _load()
     if lib is None:
@@ -129,9 +141,10 @@ def quant_linear(
     M, K = x.shape
     N = qs.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
+    q8 = act == "q8"
     if kind == "q4_1":
         assert m is not None
-        lib.gemv_q4_1(x.data_ptr(), qs.data_ptr(), d.data_ptr(), m.data_ptr(), y.data_ptr(), M, N, K)
+        (lib.gemv_q4_1_q8 if q8 else lib.gemv_q4_1)(x.data_ptr(), qs.data_ptr(), d.data_ptr(), m.data_ptr(), y.data_ptr(), M, N, K)
     else:
-        lib.gemv_q8_0(x.data_ptr(), qs.data_ptr(), d.data_ptr(), y.data_ptr(), M, N, K)
+        (lib.gemv_q8_0_q8 if q8 else lib.gemv_q8_0)(x.data_ptr(), qs.data_ptr(), d.data_ptr(), y.data_ptr(), M, N, K)
     return y

@@ -90,7 +90,8 @@ class CpuLayerOps:
         self._blocks: dict[int, tuple[BlockWeight, Any]] = {}
         for module in linears:
             N, K = module.weight.shape
-            blocks = BlockWeight(0 if module.kind == "q4_1" else 1, _ptr(module.qs), _ptr(module.d), _ptr(module.m),
+            kind = (0 if module.kind == "q4_1" else 1) + (2 if module.act == "q8" else 0)  # cpu_layer.c's block_weight.kind
+            blocks = BlockWeight(kind, _ptr(module.qs), _ptr(module.d), _ptr(module.m),
                                  _ptr(module.bias), N, K)
             self._blocks[module.weight.data_ptr()] = (blocks, module)
 

@@ -37,6 +37,41 @@ def quant_linear_ref(
     return x @ w.T
 
 
+def quantize_rows_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # x (M, K) float32
+    """Each row's blocks of 32 as llama.cpp's Q8 activations: xq (M, K/32, 32) int8 values (as int32) in
+    [-127, 127], dx (M, K/32) = max|x| / 127, and sx (M, K/32). xq rounds x * (1 / dx)
+    to nearest, ties to even (0 where dx is 0); sx = dx * the block's sum of xq (llama.cpp's Q8_1: the m term of
+    Q4_1 then meets the same rounding as the rest, kernels/cpu_q8_gemv.c)."""
+    blocks = x.reshape(x.shape[0], -1, 32)  # (M, B, 32)
+    dx = blocks.abs().amax(-1) / 127.0  # (M, B)
+    inv = torch.where(dx > 0, 1.0 / dx, torch.zeros_like(dx))
+    xq = torch.round(blocks * inv[..., None]).to(torch.int32)  # (M, B, 32)
+    return xq, dx, dx * xq.sum(-1).float()
+
+
+def quant_linear_q8_ref(
+    x: torch.Tensor,  # (M, K) float32
+    kind: str,  # "q4_1" or "q8_0"
+    qs: torch.Tensor,
+    d: torch.Tensor,  # (N, K/32)
+    m: torch.Tensor | None,  # (N, K/32) for q4_1
+) -> torch.Tensor:  # (M, N)
+    """kernels/cpu_q8_gemv.c's product: per block b, d_b dx_b (the integer dot product of the weights' quants
+    and xq) + m_b sx_b (Q4_1), summed over blocks (in float64 here: the kernel's order of fp32 sums differs)."""
+    xq, dx, sx = quantize_rows_q8(x)  # (M, B, 32), (M, B), (M, B)
+    if kind == "q4_1":
+        blocks = qs.view(qs.shape[0], -1, 16).to(torch.int32)  # (N, B, 16)
+        q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1)  # (N, B, 32): element j, then j+16 (dequant_q4_1's order)
+    else:
+        q = qs.reshape(qs.shape[0], -1, 32).to(torch.int32)  # (N, B, 32)
+    dots = torch.einsum("mbj,nbj->mnb", xq.double(), q.double())  # (M, N, B): exact integers
+    y = (dots * (d[None].float() * dx[:, None]).double()).sum(-1)  # (M, N): d_b * dx_b rounded in fp32, as the kernel's
+    if kind == "q4_1":
+        assert m is not None
+        y = y + (m[None].double() * sx[:, None].double()).sum(-1)
+    return y.float()
+
+
 # --- speculative decoding kernels ---------------------------------------------------------
 # Each has a Triton twin (triton_ops.py), and the first three a CUDA one (kernels/specdec_kernels.cu);
 # the registry picks one. Random numbers come in as arguments, so every backend can be checked exactly.

@@ -136,12 +136,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("m", qw.m, persistent=False)
         self.max_rows = cpu_quant.max_rows()
         self.use_blocks = True  # False: the dense weight for every row count (set_block_weights)
+        self.act = "fp32"  # the block products' activations: "q8", quantised per block of 32 (cpu_quant.ACTIVATIONS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) → (..., N)
         rows = x.numel() // x.shape[-1]
         if not self.use_blocks or rows > self.max_rows or x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        y = cpu_quant.quant_linear(x.reshape(rows, -1).contiguous(), self.kind, self.qs, self.d, self.m)  # (rows, N)
+        y = cpu_quant.quant_linear(x.reshape(rows, -1).contiguous(), self.kind, self.qs, self.d, self.m, self.act)  # (rows, N)
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -166,10 +167,11 @@ def attach_gguf_blocks(model: nn.Module, path: Path) -> int:
     return swapped
 
 
-def set_block_weights(model: nn.Module, on: bool) -> int:
+def set_block_weights(model: nn.Module, on: bool, act: str = "fp32") -> int:
     """Let the model's QuantLinears read their blocks (on) or their dense weights (off): the same
-    values either way. Returns how many layers it set."""
+    values either way, with act "fp32"; act "q8" rounds the blocks' activations to 8 bits (cpu_quant).
+    Returns how many layers it set."""
     layers = [module for module in model.modules() if isinstance(module, QuantLinear)]
     for layer in layers:
-        layer.use_blocks = on
+        layer.use_blocks, layer.act = on, act
     return len(layers)
