@@ -113,10 +113,9 @@ class Engine:
         return from_loaded(loaded, *args, **kwargs)
 
     def read_blocks(self, on: bool, act: str = "fp32") -> None:
-        """Let the linears read the GGUF blocks, and the CPU layer operations run the layers (where
-        they can and --layer-kernels allows), or read the dense weights through the PyTorch
-        layers: the same values either way. act "q8": the blocks' products take 8-bit activations
-        (--weights gguf-q8: faster, not the same values; a verify's rows still a decode step's bits)."""
+        """Let the linears read the GGUF blocks, and the CPU layer operations run the layers (where they can and
+        --layer-kernels allows), or the dense weights through the PyTorch layers: the same values either way. act
+        "q8": the blocks' products take 8-bit activations (--weights gguf-q8: faster, not the same values)."""
         set_block_weights(self.model, on, act)
         self.model.layer_ops, self.layer_kernels_reason = cpu_layer_ops(self.model, self.batch_size, on, self.layer_choice)
         self.layer_kernels = "cpu" if self.model.layer_ops is not None else "torch"
