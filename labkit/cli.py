@@ -165,7 +165,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"nvcc             {r.nvcc or 'not found'}")
     print(f"triton           {r.triton or 'not installed'}")
     print(f"C compiler       {r.c_compiler or 'not found'}")
-    print(f"CPU block kernel {r.cpu_block_kernel}" + (f", {r.cpu_kernel_path} path (CPU has: {r.cpu_instruction_sets})" if r.cpu_kernel_path else ""))
+    print(f"CPU block kernel {r.cpu_block_kernel}" + (f", {r.cpu_kernel_path} path, {r.cpu_q8_kernel_path} with --weights gguf-q8 "
+                                                      f"(CPU has: {r.cpu_instruction_sets})" if r.cpu_kernel_path else ""))
     load = f", load average {r.load_average}" if r.load_average is not None else ""
     print(f"CPU threads      {r.threads} (block kernel: {r.kernel_threads}; {r.physical_cores} physical cores{load})")
     print(f"CUDA graphs      {'available' if r.cuda_graphs else 'need a CUDA device'}")

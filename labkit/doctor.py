@@ -32,6 +32,7 @@ class DoctorReport:
     cpu_block_kernel: str
     cpu_instruction_sets: str  # those the block kernel's paths use, of the CPU's flags
     cpu_kernel_path: str  # avx512, avx2 or portable: the path its -march=native build took
+    cpu_q8_kernel_path: str  # --weights gguf-q8's: avx2-int8(-vnni) or portable-int8
     threads: int  # PyTorch's, which the block kernel shares (labkit/threads.py)
     kernel_threads: int
     physical_cores: int
@@ -66,7 +67,7 @@ def _triton_version() -> str | None:
 
 def _kernel_isa(signature: str) -> str:
     flags = set(signature.replace(":", " ").split())
-    return " ".join(f for f in ("avx512f", "avx2", "fma", "asimd", "neon") if f in flags) or "none of avx512f, avx2, fma, neon"
+    return " ".join(f for f in ("avx512f", "avx2", "fma", "avx512_vnni", "avx_vnni", "asimd", "neon") if f in flags) or "none of avx512f, avx2, fma, neon"
 
 
 def run_doctor(device: torch.device, models: list[tuple[str, Any]], dtype: torch.dtype, seq_len: int = 2048) -> DoctorReport:
@@ -88,7 +89,7 @@ def run_doctor(device: torch.device, models: list[tuple[str, Any]], dtype: torch
         free_gib=free / 2**30, total_gib=total / 2**30, bf16=bf16, nvcc=_nvcc_version(), triton=_triton_version(),
         c_compiler=shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc"),
         cpu_block_kernel="builds" if ok else f"unavailable ({reason})", cpu_instruction_sets=_kernel_isa(cpu_quant.cpu_signature()),
-        cpu_kernel_path=cpu_quant.kernel_path(), threads=torch.get_num_threads(), kernel_threads=cpu_quant.kernel_threads(),
+        cpu_kernel_path=cpu_quant.kernel_path(), cpu_q8_kernel_path=cpu_quant.q8_kernel_path(), threads=torch.get_num_threads(), kernel_threads=cpu_quant.kernel_threads(),
         physical_cores=physical_cores(), load_average=load_average(), cuda_graphs=device.type == "cuda",
     )
     need_total = 0
