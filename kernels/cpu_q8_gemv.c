@@ -79,7 +79,7 @@ static inline float hsum_ps(__m256 s) {
 #else
 #define DOT_LANES(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1))
 #endif
-/* sum_b m[b] sx[b] over B blocks, eight at a time then the rest (Q4_1's m term, once a row and weight row) */
+/* Q4_1's m term, sum_b m[b] sx[b] over B blocks: eight at a time, then the rest (once a row and weight row) */
 static inline float dot_ms(const float *m, const float *sx, int64_t B) {
     __m256 acc = _mm256_setzero_ps();
     int64_t b = 0;
@@ -88,112 +88,83 @@ static inline float dot_ms(const float *m, const float *sx, int64_t B) {
     for (; b < B; b++) out += m[b] * sx[b];
     return out;
 }
-
-#define Q4Q8_VARIANT(MM)                                                                                 \
-static void q4_1_q8_m##MM(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs,         \
-                          const float *d, const float *m, float *y, int64_t N, int64_t K, int64_t ystride) { \
-    const int64_t B = K / G;                                                                             \
-    _Pragma("omp parallel for schedule(static)")                                                         \
-    for (int64_t n = 0; n < N; n++) {                                                                    \
-        const uint8_t *row = qs + n * (K / 2);                                                           \
-        __m256 acc[MM];                                                                                  \
-        for (int r = 0; r < MM; r++) acc[r] = _mm256_setzero_ps();                                       \
-        for (int64_t b = 0; b < B; b++) {                                                                \
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(row + b * 16));                        \
-            const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));                                  \
-            const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));               \
-            const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);  /* 0-15, 16-31 */ \
-            const float db = d[n * B + b];                                                               \
-            for (int r = 0; r < MM; r++) {                                                               \
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * G));            \
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT_LANES(q, xv)), _mm256_set1_ps(db * dx[r * B + b]), acc[r]); \
-            }                                                                                            \
-        }                                                                                                \
-        for (int r = 0; r < MM; r++) y[r * ystride + n] = hsum_ps(acc[r]) + dot_ms(m + n * B, sx + r * B, B); \
-    }                                                                                                    \
+/* weight row n's block b as 32 unsigned bytes for the dot (Q8_0: |w|; its signs move to x, sign_x) */
+static inline __m256i block_u(int kind, const void *qs, int64_t n, int64_t b, int64_t K, __m256i *sign_x) {
+    if (kind == 0) {  /* Q4_1: low nibbles are elements 0-15, high ones 16-31 */
+        const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)qs + n * (K / 2) + b * 16));
+        const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F)), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+        return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+    }
+    *sign_x = _mm256_loadu_si256((const __m256i *)((const int8_t *)qs + n * K + b * G));
+    return _mm256_sign_epi8(*sign_x, *sign_x);
 }
 
-#define Q8Q8_VARIANT(MM)                                                                                 \
-static void q8_0_q8_m##MM(const int8_t *xq, const float *dx, const float *sx, const int8_t *qs,          \
-                          const float *d, const float *m, float *y, int64_t N, int64_t K, int64_t ystride) { \
-    (void)sx; (void)m;                                                                                   \
+/* rows [0, MM) of a chunk against every weight row (kind 0: Q4_1, 1: Q8_0): per block, each row's exact
+ * integer dot product, converted and scaled by d_b dx_b into eight lanes; Q4_1's m term after */
+#define Q8ACT_VARIANT(MM)                                                                                \
+static void q8act_m##MM(int kind, const int8_t *xq, const float *dx, const float *sx, const void *qs,   \
+                        const float *d, const float *m, float *y, int64_t N, int64_t K, int64_t ystride) { \
     const int64_t B = K / G;                                                                             \
     _Pragma("omp parallel for schedule(static)")                                                         \
     for (int64_t n = 0; n < N; n++) {                                                                    \
-        const int8_t *row = qs + n * K;                                                                  \
         __m256 acc[MM];                                                                                  \
         for (int r = 0; r < MM; r++) acc[r] = _mm256_setzero_ps();                                       \
         for (int64_t b = 0; b < B; b++) {                                                                \
-            const __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * G));                        \
-            const __m256i aw = _mm256_sign_epi8(w, w);  /* |w|, unsigned for maddubs; the sign moves to x */ \
+            __m256i sign_x = _mm256_setzero_si256();                                                     \
+            const __m256i u = block_u(kind, qs, n, b, K, &sign_x);                                       \
             const float db = d[n * B + b];                                                               \
             for (int r = 0; r < MM; r++) {                                                               \
-                const __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + r * K + b * G)), w); \
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT_LANES(aw, xv)), _mm256_set1_ps(db * dx[r * B + b]), acc[r]); \
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * G));                  \
+                if (kind == 1) xv = _mm256_sign_epi8(xv, sign_x);                                        \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT_LANES(u, xv)), _mm256_set1_ps(db * dx[r * B + b]), acc[r]); \
             }                                                                                            \
         }                                                                                                \
-        for (int r = 0; r < MM; r++) y[r * ystride + n] = hsum_ps(acc[r]);                               \
+        for (int r = 0; r < MM; r++)                                                                     \
+            y[r * ystride + n] = kind == 0 ? hsum_ps(acc[r]) + dot_ms(m + n * B, sx + r * B, B) : hsum_ps(acc[r]); \
     }                                                                                                    \
 }
 
 #else  /* portable: a block's integer dot product in C (the compiler vectorises it where it can) */
 #define Q8_PATH "portable-int8"
 
-#define Q4Q8_VARIANT(MM)                                                                                 \
-static void q4_1_q8_m##MM(const int8_t *xq, const float *dx, const float *sx, const uint8_t *qs,         \
-                          const float *d, const float *m, float *y, int64_t N, int64_t K, int64_t ystride) { \
-    const int64_t B = K / G;                                                                             \
-    _Pragma("omp parallel for schedule(static)")                                                         \
-    for (int64_t n = 0; n < N; n++) {                                                                    \
-        const uint8_t *row = qs + n * (K / 2);                                                           \
-        float acc[MM], macc[MM];                                                                         \
-        for (int r = 0; r < MM; r++) acc[r] = macc[r] = 0.f;                                             \
-        for (int64_t b = 0; b < B; b++) {                                                                \
-            const uint8_t *blk = row + b * 16;                                                           \
-            const float db = d[n * B + b], mb = m[n * B + b];                                            \
-            for (int r = 0; r < MM; r++) {                                                               \
-                const int8_t *xb = xq + r * K + b * G;                                                   \
-                int32_t s = 0;                                                                           \
-                for (int j = 0; j < 16; j++) s += (int32_t)(blk[j] & 0x0F) * xb[j] + (int32_t)(blk[j] >> 4) * xb[j + 16]; \
-                acc[r] += (float)s * (db * dx[r * B + b]);                                               \
-                macc[r] += mb * sx[r * B + b];                                                           \
-            }                                                                                            \
-        }                                                                                                \
-        for (int r = 0; r < MM; r++) y[r * ystride + n] = acc[r] + macc[r];                              \
-    }                                                                                                    \
+static inline float dot_ms(const float *m, const float *sx, int64_t B) {  /* Q4_1's m term, sum_b m[b] sx[b] */
+    float out = 0.f;
+    for (int64_t b = 0; b < B; b++) out += m[b] * sx[b];
+    return out;
+}
+/* weight row n's block b (kind 0: Q4_1's quants, 1: Q8_0's) against a row's 32 activations: the exact integer dot */
+static inline int32_t block_dot(int kind, const void *qs, int64_t n, int64_t b, int64_t K, const int8_t *xb) {
+    int32_t s = 0;
+    if (kind == 0) {
+        const uint8_t *blk = (const uint8_t *)qs + n * (K / 2) + b * 16;
+        for (int j = 0; j < 16; j++) s += (int32_t)(blk[j] & 0x0F) * xb[j] + (int32_t)(blk[j] >> 4) * xb[j + 16];
+    } else {
+        const int8_t *blk = (const int8_t *)qs + n * K + b * G;
+        for (int j = 0; j < G; j++) s += (int32_t)blk[j] * xb[j];
+    }
+    return s;
 }
 
-#define Q8Q8_VARIANT(MM)                                                                                 \
-static void q8_0_q8_m##MM(const int8_t *xq, const float *dx, const float *sx, const int8_t *qs,          \
-                          const float *d, const float *m, float *y, int64_t N, int64_t K, int64_t ystride) { \
-    (void)sx; (void)m;                                                                                   \
+#define Q8ACT_VARIANT(MM)                                                                                \
+static void q8act_m##MM(int kind, const int8_t *xq, const float *dx, const float *sx, const void *qs,   \
+                        const float *d, const float *m, float *y, int64_t N, int64_t K, int64_t ystride) { \
     const int64_t B = K / G;                                                                             \
     _Pragma("omp parallel for schedule(static)")                                                         \
     for (int64_t n = 0; n < N; n++) {                                                                    \
-        const int8_t *row = qs + n * K;                                                                  \
         float acc[MM];                                                                                   \
         for (int r = 0; r < MM; r++) acc[r] = 0.f;                                                       \
-        for (int64_t b = 0; b < B; b++) {                                                                \
-            const float db = d[n * B + b];                                                               \
-            for (int r = 0; r < MM; r++) {                                                               \
-                const int8_t *xb = xq + r * K + b * G;                                                   \
-                int32_t s = 0;                                                                           \
-                for (int j = 0; j < G; j++) s += (int32_t)row[b * G + j] * xb[j];                        \
-                acc[r] += (float)s * (db * dx[r * B + b]);                                               \
-            }                                                                                            \
-        }                                                                                                \
-        for (int r = 0; r < MM; r++) y[r * ystride + n] = acc[r];                                        \
+        for (int64_t b = 0; b < B; b++)                                                                  \
+            for (int r = 0; r < MM; r++)                                                                 \
+                acc[r] += (float)block_dot(kind, qs, n, b, K, xq + r * K + b * G) * (d[n * B + b] * dx[r * B + b]); \
+        for (int r = 0; r < MM; r++) y[r * ystride + n] = kind == 0 ? acc[r] + dot_ms(m + n * B, sx + r * B, B) : acc[r]; \
     }                                                                                                    \
 }
 #endif
 
-Q4Q8_VARIANT(1) Q4Q8_VARIANT(2) Q4Q8_VARIANT(3) Q4Q8_VARIANT(4) Q4Q8_VARIANT(5) Q4Q8_VARIANT(6) Q4Q8_VARIANT(7) Q4Q8_VARIANT(8)
-Q8Q8_VARIANT(1) Q8Q8_VARIANT(2) Q8Q8_VARIANT(3) Q8Q8_VARIANT(4) Q8Q8_VARIANT(5) Q8Q8_VARIANT(6) Q8Q8_VARIANT(7) Q8Q8_VARIANT(8)
+Q8ACT_VARIANT(1) Q8ACT_VARIANT(2) Q8ACT_VARIANT(3) Q8ACT_VARIANT(4) Q8ACT_VARIANT(5) Q8ACT_VARIANT(6) Q8ACT_VARIANT(7) Q8ACT_VARIANT(8)
 
-typedef void (*q4q8_fn)(const int8_t *, const float *, const float *, const uint8_t *, const float *, const float *, float *, int64_t, int64_t, int64_t);
-typedef void (*q8q8_fn)(const int8_t *, const float *, const float *, const int8_t *, const float *, const float *, float *, int64_t, int64_t, int64_t);
-static const q4q8_fn Q4Q8[CHUNK + 1] = {0, q4_1_q8_m1, q4_1_q8_m2, q4_1_q8_m3, q4_1_q8_m4, q4_1_q8_m5, q4_1_q8_m6, q4_1_q8_m7, q4_1_q8_m8};
-static const q8q8_fn Q8Q8[CHUNK + 1] = {0, q8_0_q8_m1, q8_0_q8_m2, q8_0_q8_m3, q8_0_q8_m4, q8_0_q8_m5, q8_0_q8_m6, q8_0_q8_m7, q8_0_q8_m8};
+typedef void (*q8act_fn)(int, const int8_t *, const float *, const float *, const void *, const float *, const float *, float *, int64_t, int64_t, int64_t);
+static const q8act_fn Q8ACT[CHUNK + 1] = {0, q8act_m1, q8act_m2, q8act_m3, q8act_m4, q8act_m5, q8act_m6, q8act_m7, q8act_m8};
 
 /* y (M, N) = x (M, K) W^T with x quantised per block first, eight rows at a time (kind 0: Q4_1 with mins m; 1: Q8_0).
  * A chunk's quantised rows live on the stack (8 K bytes and 64 K / 32 floats): nothing to allocate, nothing to fail. */
@@ -204,8 +175,7 @@ static void gemv_q8act(int kind, const float *x, const void *qs, const float *d,
     for (int64_t r0 = 0; r0 < M; r0 += CHUNK) {
         const int64_t rows = M - r0 < CHUNK ? M - r0 : CHUNK;
         quantize_rows_q8(x + r0 * K, rows, K, xq, dx, sx);
-        if (kind == 0) Q4Q8[rows](xq, dx, sx, (const uint8_t *)qs, d, m, y + r0 * N, N, K, N);
-        else Q8Q8[rows](xq, dx, sx, (const int8_t *)qs, d, m, y + r0 * N, N, K, N);
+        Q8ACT[rows](kind, xq, dx, sx, qs, d, m, y + r0 * N, N, K, N);
     }
 }
 
