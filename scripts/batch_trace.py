@@ -1,7 +1,7 @@
 """What the batch K controller saw and chose, step by step (diagnostic; writes JSON).
 
     python3 scripts/batch_trace.py OUT.json [sizes, default 4,8] [repeats, default 3] [an EAGLE head's folder]
-    (SYSTEMS=plain,eagle-device-auto-5 runs those systems alone)
+    (SYSTEMS=plain,eagle-device-auto-5 runs those systems alone; DEVICE=cpu MAX_TOKENS=16 for a quick check here)
 
 Runs `labkit bench batch`'s own flow (the suite's categories in turn, 128 new tokens, K 5, the
 device's defaults) at the given sizes with every -auto system's controller recording: each choice
@@ -65,14 +65,18 @@ def main() -> None:
     repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 3
     heads = sys.argv[4] if len(sys.argv) > 4 else None
     bench.BatchKController = TracingController  # type: ignore[misc]
+    drafter = "ngram"
     if os.environ.get("SYSTEMS"):
         keep, systems = os.environ["SYSTEMS"].split(","), bench._systems
         if any(name.startswith("ngram") for name in keep):
             keep.append("ngram-5")  # (bench batch's step costs run on its host-drafting system)
+        else:
+            drafter = "none"  # (no prompt-lookup systems built at all)
         bench._systems = lambda cfg: [s for s in systems(cfg) if s.name in keep]  # type: ignore[assignment]
-    cfg = bench.BatchBenchConfig(engine=EngineConfig(device=os.environ.get("DEVICE", "cuda"), cuda_graph=os.environ.get("DEVICE", "cuda") == "cuda"), sizes=sizes, invariant=False, k=5,
-                                 max_new_tokens=int(os.environ.get("MAX_TOKENS", "128")),
-                                 drafter="ngram" if "ngram-5" in os.environ.get("SYSTEMS", "ngram-5") else "none", repeats=repeats, output_dir=None, progress=False, heads=heads)
+    device = os.environ.get("DEVICE", "cuda")
+    cfg = bench.BatchBenchConfig(engine=EngineConfig(device=device, cuda_graph=device == "cuda"), sizes=sizes, invariant=False, k=5,
+                                 max_new_tokens=int(os.environ.get("MAX_TOKENS", "128")), drafter=drafter, repeats=repeats,
+                                 output_dir=None, progress=False, heads=heads)
     payload = bench.run_batch_bench(cfg)
     for line in bench.batch_report(payload):
         print(line)

@@ -6,6 +6,7 @@ import platform
 import pytest
 import torch
 
+from labkit.errors import LabkitError
 from labkit.kernels import cpu_quant
 from labkit.kernels.reference import quant_linear_q8_ref, quant_linear_ref, quantize_rows_q8
 from tests.test_kernels import random_q4, random_q8
@@ -103,6 +104,8 @@ def test_speculation_under_gguf_q8_keeps_its_plain_greedy_tokens() -> None:
         with torch.inference_mode():
             logits[act] = engine.forward(torch.tensor([prompt[:12]])).clone()
     assert engine.weights == "gguf-q8" and engine.layer_kernels == "cpu"
+    with pytest.raises(LabkitError, match="activations"):
+        engine.read_blocks(True, "q4")
     diff = (logits["q8"] - logits["fp32"]).abs().max().item()
     assert 0 < diff < 0.05 * logits["fp32"].abs().max().item()
     with torch.inference_mode():  # a verify's rows are the decode steps' bits

@@ -171,6 +171,8 @@ def set_block_weights(model: nn.Module, on: bool, act: str = "fp32") -> int:
     """Let the model's QuantLinears read their blocks (on) or their dense weights (off): the same
     values either way, with act "fp32"; act "q8" rounds the blocks' activations to 8 bits (cpu_quant).
     Returns how many layers it set."""
+    if act not in cpu_quant.ACTIVATIONS:
+        raise LabkitError(f"the blocks' products take activations {' or '.join(cpu_quant.ACTIVATIONS)}, not {act!r}")
     layers = [module for module in model.modules() if isinstance(module, QuantLinear)]
     for layer in layers:
         layer.use_blocks, layer.act = on, act
