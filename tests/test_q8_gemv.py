@@ -14,23 +14,28 @@ from tests.test_kernels import random_q4, random_q8
 BUILDS = [("", None), ("-mno-avx512f", "avx2-int8"), ("-mno-avx512f -mno-avx2 -mno-fma", "portable-int8")]
 
 
-@pytest.fixture(params=BUILDS, ids=["native", "avx2", "portable"])
-def build(request, monkeypatch, tmp_path):  # type: ignore[no-untyped-def]
-    """The kernel library built with these flags (LABKIT_CPU_KERNEL_FLAGS) into a fresh cache: the path it took."""
+@pytest.fixture(scope="module", params=BUILDS, ids=["native", "avx2", "portable"])
+def build(request, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The kernel library built with these flags (LABKIT_CPU_KERNEL_FLAGS; the native one in the session's cache,
+    the others into a cache of their own, once for this module's tests): the path it took."""
     flags, path = request.param
     if flags and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 instruction-set flags")
-    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
-    monkeypatch.setenv("LABKIT_CPU_KERNEL_FLAGS", flags)
-    cpu_quant._load.cache_clear()
-    if not cpu_quant.available()[0]:
-        pytest.skip(f"cpu_quant: {cpu_quant.available()[1]}")
-    if path == "avx2-int8" and "avx2" not in cpu_quant.cpu_signature().split():
-        pytest.skip("this CPU has no AVX2")
-    if path is not None:
-        assert cpu_quant.q8_kernel_path() == path
-    yield cpu_quant.q8_kernel_path()
-    cpu_quant._load.cache_clear()
+    with pytest.MonkeyPatch.context() as mp:
+        if flags:
+            mp.setenv("LABKIT_CACHE", str(tmp_path_factory.mktemp("kernels")))
+        mp.setenv("LABKIT_CPU_KERNEL_FLAGS", flags)
+        cpu_quant._load.cache_clear()
+        try:
+            if not cpu_quant.available()[0]:
+                pytest.skip(f"cpu_quant: {cpu_quant.available()[1]}")
+            if path == "avx2-int8" and "avx2" not in cpu_quant.cpu_signature().split():
+                pytest.skip("this CPU has no AVX2")
+            if path is not None:
+                assert cpu_quant.q8_kernel_path() == path
+            yield cpu_quant.q8_kernel_path()
+        finally:
+            cpu_quant._load.cache_clear()
 
 
 def test_q8_products_match_the_reference_on_every_path(build: str) -> None:
