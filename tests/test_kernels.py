@@ -354,22 +354,30 @@ def test_the_built_kernel_is_keyed_by_the_cpu(monkeypatch, tmp_path) -> None:
         cpu_quant._load.cache_clear()
 
 
+def use_kernel_build(mp: pytest.MonkeyPatch, cache: Path | None, flags: str) -> None:
+    """Load the kernel library built with LABKIT_CPU_KERNEL_FLAGS `flags` (into `cache`; None: the session's),
+    skipping where this machine cannot take that path: instruction-set flags off x86, no compiler, an AVX2
+    build without AVX2. The caller clears `cpu_quant._load`'s cache when done."""
+    import platform
+
+    if flags and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 instruction-set flags")
+    if cache is not None:
+        mp.setenv("LABKIT_CACHE", str(cache))
+    mp.setenv("LABKIT_CPU_KERNEL_FLAGS", flags)
+    cpu_quant._load.cache_clear()
+    if not cpu_quant.available()[0]:
+        pytest.skip(f"cpu_quant: {cpu_quant.available()[1]}")
+    if "-mno-avx512f" in flags and "-mno-avx2" not in flags and "avx2" not in cpu_quant.cpu_signature().split():
+        pytest.skip("this CPU has no AVX2")
+
+
 @pytest.mark.parametrize("flags, path", [("-mno-avx512f", "avx2"), ("-mno-avx512f -mno-avx2 -mno-fma", "portable")])
 def test_kernel_without_avx512_matches_reference(monkeypatch, tmp_path, flags: str, path: str) -> None:
     """The paths a CPU without AVX-512 takes (LABKIT_CPU_KERNEL_FLAGS), built and checked here
     even on a machine that has it: the same values as the reference, for every row count."""
-    import platform
-
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("x86 instruction-set flags")
-    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
-    monkeypatch.setenv("LABKIT_CPU_KERNEL_FLAGS", flags)
-    cpu_quant._load.cache_clear()
     try:
-        if not cpu_quant.available()[0]:
-            pytest.skip(f"cpu_quant: {cpu_quant.available()[1]}")
-        if path == "avx2" and "avx2" not in cpu_quant.cpu_signature().split():
-            pytest.skip("this CPU has no AVX2")
+        use_kernel_build(monkeypatch, tmp_path, flags)
         assert cpu_quant.kernel_path() == path
         for make in (random_q4, random_q8):
             qw = make(577, 576)

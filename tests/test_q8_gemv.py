@@ -1,7 +1,6 @@
 """The 8-bit-activation block products (kernels/cpu_q8_gemv.c, --weights gguf-q8) against their PyTorch
 reference, every path this machine can build, and each row's result independent of the rows beside it."""
 
-import platform
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 from labkit.errors import LabkitError
 from labkit.kernels import cpu_quant
 from labkit.kernels.reference import quant_linear_q8_ref, quant_linear_ref, quantize_rows_q8
-from tests.test_kernels import random_q4, random_q8
+from tests.test_kernels import random_q4, random_q8, use_kernel_build
 
 BUILDS = [("", None), ("-mno-avx512f", "avx2-int8"), ("-mno-avx512f -mno-avx2 -mno-fma", "portable-int8")]
 
@@ -19,18 +18,9 @@ def build(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     """The kernel library built with these flags (LABKIT_CPU_KERNEL_FLAGS; the native one in the session's cache,
     the others into a cache of their own, once for this module's tests): the path it took."""
     flags, path = request.param
-    if flags and platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("x86 instruction-set flags")
     with pytest.MonkeyPatch.context() as mp:
-        if flags:
-            mp.setenv("LABKIT_CACHE", str(tmp_path_factory.mktemp("kernels")))
-        mp.setenv("LABKIT_CPU_KERNEL_FLAGS", flags)
-        cpu_quant._load.cache_clear()
         try:
-            if not cpu_quant.available()[0]:
-                pytest.skip(f"cpu_quant: {cpu_quant.available()[1]}")
-            if path == "avx2-int8" and "avx2" not in cpu_quant.cpu_signature().split():
-                pytest.skip("this CPU has no AVX2")
+            use_kernel_build(mp, tmp_path_factory.mktemp("kernels") if flags else None, flags)
             if path is not None:
                 assert cpu_quant.q8_kernel_path() == path
             yield cpu_quant.q8_kernel_path()

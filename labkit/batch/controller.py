@@ -59,7 +59,7 @@ the rest of the run (a row left to run alone stayed plain where K 5 ran 1.2x fas
 taken as the best, not the last step's: after a try of K 5, plain looked like the switch (simulated at 8 rows with drafting
 near even: 0.88 of plain, switching every 12 steps; so counted, 0.97). The switch's cost is spread over the steps the side
 switched to lasted its last stays (`horizon`): over 8 alone, EAGLE at 2 rows on the H200 stayed plain where K 5 was rated
-1.26x (results/ gpu/batch-NVIDIA-H200-20261203-222841.json); over the last stay of either side, ngram-device-auto-5 at 8
+1.26x (results/gpu/batch-NVIDIA-H200-20261203-222841.json); over the last stay of either side, ngram-device-auto-5 at 8
 rows switched 19 times, not 7, and ran 0.85x plain (-224800.json). A drafting K may also have to load rows that plain steps
 moved on (EAGLE: a pass over each row's context, its draft cache caught up): told apart from K's steps (`observe_load`), it
 joins the bubble of a switch from plain to that K and a try's cost, never K's rate (charged to a one-step try, it rated
@@ -329,18 +329,18 @@ class BatchKController:
             self._observe(self._stats(bucket), k, tokens, seconds, kept, True)
 
     def observe_chunk(self, bucket: int, k: int, steps: list[tuple[int, list[int]]], seconds: float) -> None:
-        """A chunk of K's steps on the device (batch/lookup.py): each step's tokens and its rows' kept drafts,
-        each step charged `seconds` (the chunk's time shared). A stall in a chunk is one stall: the chunk counts
-        at most (steps - 1 + OUTLIER) of K's mean steps, bounded once by the mean before it. (Bounded step by
-        step, each bound raised by the steps before it: a 71 ms chunk at 4 rows on the H200, four requests'
-        first loads, charged 8.84 ms a step against 0.85, rated K 5 at 3,052 tok/s against plain's 7,275,
-        and the batch ran plain for 750 steps: results/gpu/batch-trace-NVIDIA-H200-1cb6fac.txt.)"""
+        """A chunk of K's steps on the device (batch/lookup.py): each step's tokens and its rows' kept drafts, each
+        charged `seconds` (the chunk's time shared). A stall in a chunk is one stall: the chunk counts at most (steps - 1
+        + OUTLIER) of K's mean steps, bounded once by the mean before it. (Bounded step by step, each bound raised by the
+        steps before it: a 71 ms chunk at 4 rows on the H200, four requests' first loads, charged 8.84 ms a step against
+        0.85, K 5 rated 3,052 tok/s against plain's 7,275, 750 steps plain: results/gpu/batch-trace-NVIDIA-H200-1cb6fac.txt.)"""
+        if not steps or seconds <= 0:
+            return
         stats = self._stats(bucket)
-        if steps and seconds > 0 and stats.tries.get(k, 0) >= self.warm and stats.step(k):
+        if stats.tries.get(k, 0) >= self.warm and stats.step(k):
             seconds = min(seconds, (len(steps) - 1 + OUTLIER) * stats.step(k) / len(steps))
         for tokens, kept in steps:
-            if seconds > 0:
-                self._observe(stats, k, tokens, seconds, kept, False)
+            self._observe(stats, k, tokens, seconds, kept, False)
 
     def _observe(self, stats: BucketStats, k: int, tokens: int, seconds: float, kept: list[int] | None, bound: bool) -> None:  # bound: OUTLIER here
         fill, stats.last_k = k == 0 and stats.last_k != 0, k
