@@ -26,6 +26,7 @@ def add_bench_parser(sub: Any) -> None:
     bb.add_argument("--chat", dest="chat", action="store_true", default=None)
     bb.add_argument("--no-chat", dest="chat", action="store_false")
     bb.add_argument("--no-gguf", action="store_true", help="skip our engine on the GGUF's own blocks")
+    bb.add_argument("--gguf-q8", action="store_true", help="also time the GGUF's blocks with 8-bit activations (--weights gguf-q8)")
     bb.add_argument("--compile", action="store_true", help="on CUDA, also time torch.compile'd steps inside CUDA graphs")
     bb.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
                     help="llama.cpp on the same GGUF, CPU float32 (auto: where llama-cpp-python is installed)")
@@ -77,7 +78,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg = BaselineConfig(
             model=args.model, device=args.device, dtypes=args.dtype, max_new_tokens=args.max_tokens,
             prompts_per_category=args.prompts_per_category, categories=args.categories, repeats=args.repeats,
-            chat=args.chat, gguf_weights=not args.no_gguf, compile=args.compile, llama_cpp=args.llama_cpp,
+            chat=args.chat, gguf_weights=not args.no_gguf, gguf_q8=args.gguf_q8, compile=args.compile, llama_cpp=args.llama_cpp,
             output_dir=None if args.no_write else args.output_dir,
         )
         try:

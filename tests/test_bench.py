@@ -318,6 +318,18 @@ def test_llama_cpp_runs_beside_labkit_on_the_same_gguf(embedded) -> None:
     assert "llama_cpp" in summary and "over_llama_cpp_median" in summary["labkit"]
 
 
+def test_baseline_times_the_gguf_blocks_with_8_bit_activations_when_asked(embedded) -> None:
+    """--gguf-q8: a fourth system, our engine on the GGUF's blocks with 8-bit activations, beside the
+    GGUF's fp32 one (whose tokens stay HF's); asked without the GGUF's own system, one clear error."""
+    cfg = BaselineConfig(device="cpu", max_new_tokens=8, categories=["math"], repeats=1, gguf_q8=True, llama_cpp="off", output_dir=None, progress=False)
+    summary = {s["system"]: s for s in run_baseline(cfg, embedded)["summary"]}
+    assert set(summary) == {"labkit", "labkit_gguf", "labkit_gguf_q8"}
+    assert summary["labkit_gguf_q8"]["weights"] == "gguf-q8" and summary["labkit_gguf"]["weights"] == "gguf"
+    assert summary["labkit_gguf"]["identical_share"] == 1.0 and summary["labkit_gguf_q8"]["labkit_tok_per_s"] > 0
+    with pytest.raises(LabkitError, match="drop --no-gguf"):
+        run_baseline(BaselineConfig(device="cpu", gguf_weights=False, gguf_q8=True, output_dir=None, progress=False), embedded)
+
+
 def test_provenance_names_the_weights_and_the_toolchain(tiny_folder, embedded) -> None:
     """Every results file says which weights ran (SHA-256) and the triton, CUDA and driver versions."""
     import hashlib

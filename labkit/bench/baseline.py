@@ -37,7 +37,8 @@ class BaselineConfig:
     categories: list[str] | None = None
     repeats: int = 2
     chat: bool | None = None  # None: the chat template when the model has one
-    gguf_weights: bool = True  # also time our engine on the GGUF's own blocks, where it applies
+    gguf_weights: bool = True  # also time our engine on the GGUF's own blocks, where it applies ...
+    gguf_q8: bool = False  # ... and on them with 8-bit activations (labkit_gguf_q8: faster; its tokens may differ from HF's)
     cuda_graph: bool = True  # on CUDA, also time our engine with its fixed-shape steps as CUDA graphs
     compile: bool = False  # on CUDA, also time torch.compile'd steps inside the CUDA graphs
     llama_cpp: str = "auto"  # llama.cpp on the same GGUF (CPU): "auto" where llama-cpp-python is installed, "on" (required), "off"
@@ -72,7 +73,7 @@ def llama_cpp_peer(cfg: BaselineConfig, loaded: LoadedModel, device: torch.devic
 
 def _engines(cfg: BaselineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> dict[str, Engine]:
     """labkit's variants at one dtype: eager dense steps; on CUDA also CUDA graphs (and compiled
-    steps inside them); where they apply, the GGUF's own blocks."""
+    steps inside them); where they apply, the GGUF's own blocks (and, asked, with 8-bit activations)."""
     engines = {"labkit": Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=False)}
     if cfg.cuda_graph and device.type == "cuda":
         engines["labkit_cuda_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=True)
@@ -80,6 +81,8 @@ def _engines(cfg: BaselineConfig, loaded: LoadedModel, device: torch.device, dty
             engines["labkit_compiled_graph"] = Engine.from_loaded(loaded, device, dtype, weights="dense", amp=False, cuda_graph=True, compile=True)
     if cfg.gguf_weights and loaded.gguf_path is not None and not gguf_unusable(engines["labkit"], loaded):
         engines["labkit_gguf"] = Engine.from_loaded(loaded, device, dtype, weights="gguf", amp=False, cuda_graph=False)
+        if cfg.gguf_q8:
+            engines["labkit_gguf_q8"] = Engine.from_loaded(loaded, device, dtype, weights="gguf-q8", amp=False, cuda_graph=False)
     return engines
 
 
@@ -130,6 +133,8 @@ def run_baseline(cfg: BaselineConfig, loaded: LoadedModel | None = None) -> dict
     dtypes = [resolve_dtype(d, device) for d in cfg.dtypes]
     if cfg.llama_cpp == "on" and not llama_cpp_status()[0]:  # before anything loads
         raise LabkitError(f"--llama-cpp on: {llama_cpp_status()[1]}")
+    if cfg.gguf_q8 and not cfg.gguf_weights:
+        raise LabkitError("--gguf-q8 times the GGUF's blocks with 8-bit activations beside them: drop --no-gguf")
     log = start_log(cfg.output_dir, f"baseline-{device.type}")  # before anything is measured
     loaded = loaded or load_model(cfg.model)
     prompts = load_suite(cfg.categories, cfg.prompts_per_category)
