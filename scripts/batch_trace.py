@@ -1,8 +1,7 @@
 """What the batch K controller saw and chose, step by step (diagnostic; writes JSON).
 
     python3 scripts/batch_trace.py OUT.json [sizes, default 4,8] [repeats, default 3] [an EAGLE head's folder]
-    (SYSTEMS=plain,eagle-device-auto-5 runs those systems alone; DEVICE=cpu MAX_TOKENS=16 for a quick check here;
-    ADMIT_GROUP=1 admits each waiting request as its slot frees, batch/admission.py's group otherwise)
+    (SYSTEMS=plain,eagle-device-auto-5 runs those systems alone; DEVICE=cpu MAX_TOKENS=16 for a quick check here)
 
 Runs `labkit bench batch`'s own flow (the suite's categories in turn, 128 new tokens, K 5, the
 device's defaults) at the given sizes with every -auto system's controller recording: each choice
@@ -13,7 +12,6 @@ what they gave (a choice's rates are estimates, and the K chosen is the one esti
 and where the time went by bucket and K.
 """
 
-import functools
 import json
 import os
 import sys
@@ -21,7 +19,6 @@ import time
 from typing import Any
 
 import labkit.bench.batch as bench
-from labkit.batch.admission import Admission
 from labkit.batch.controller import BatchKController
 from labkit.batch.transfer import HostCopy
 from labkit.config import EngineConfig
@@ -97,8 +94,6 @@ def main() -> None:
     heads = sys.argv[4] if len(sys.argv) > 4 else None
     bench.BatchKController = TracingController  # type: ignore[misc]
     HostCopy.tolist = _waited_tolist  # type: ignore[method-assign]
-    if os.environ.get("ADMIT_GROUP"):
-        bench.ContinuousBatcher = functools.partial(bench.ContinuousBatcher, admission=Admission(group=int(os.environ["ADMIT_GROUP"])))  # type: ignore[misc]
     bench._run = _traced_run  # type: ignore[assignment]
     drafter = "ngram"
     if os.environ.get("SYSTEMS"):

@@ -4,8 +4,10 @@ Each `step()` first admits waiting requests into free slots (their prompts prefi
 that keeps batch-1 prefill's bits, BatchEngine.admit_many: prefill and decode run as separate steps),
 then decodes one token for every active request in one batched step. A request that finishes
 (max_new_tokens, or an end-of-sequence token once min_new_tokens allow it) leaves at once and its
-slot takes the next request at the next step, or, while a queue waits, a few steps later with others
-(batch/admission.py). A request whose prompt and new tokens do not fit a slot is refused when submitted.
+slot takes the next request at the next step (held for a few to join together while a queue waited, speculative
+systems ran 3-7% slower at 8-32 rows on the H200: 16 prompts prefilled together took 28 ms, one at a time 34;
+results/gpu/admission-NVIDIA-H200-ac6bfb7.txt). Admission keeps within the cache: a request whose
+prompt and new tokens do not fit a slot is refused when submitted; one waits while every slot is busy.
 
 Speculation: with a drafter factory and K, every step drafts up to K tokens for each row (one K
 for the whole batch; a row may propose fewer, and drafts past a request's last token are not
@@ -27,12 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.batch.admission import Admission, AdmissionGate
 from labkit.batch.chunking import chunk_steps, rows_go_on
 from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchEngine
 from labkit.batch.graphs import bucket
-from labkit.batch.lookup import CHUNK, BatchLookup
+from labkit.batch.lookup import BatchLookup
 from labkit.batch.request import BatchRequest
 from labkit.batch.shadow import ShadowDrafts
 from labkit.batch.transfer import HostCopy, constant, to_device
@@ -55,7 +56,7 @@ class _InFlight:
 class ContinuousBatcher:
     def __init__(self, batch: BatchEngine, drafter: Callable[[], Drafter] | None = None, k: int = 0,
                  controller: BatchKController | None = None, ahead: bool | None = None,
-                 lookup: BatchLookup | Sequence[BatchLookup] | None = None, admission: Admission | None = None) -> None:
+                 lookup: BatchLookup | Sequence[BatchLookup] | None = None) -> None:
         """k: draft tokens per row and step (K max with a controller, which picks K per step from
         0..k by measured throughput, per rows bucket). ahead: launch plain steps ahead of reading
         the last (`_plain_ahead`); None: on CUDA, whose steps run while the host works. On a CPU a
@@ -64,7 +65,7 @@ class ContinuousBatcher:
         lookup steps of one K or several (a controller's candidates): a step that drafts a K they
         cover runs as a chunk of prompt lookup on the device (batch/lookup.py: one host read per
         chunk) wherever every row is greedy, shares its EOS ids and has room; elsewhere, and for
-        other K, the drafter drafts on the host. admission: when waiting requests join a busy batch (admission.py)."""
+        other K, the drafter drafts on the host."""
         if (drafter is None) != (k == 0) or k < 0 or (controller is not None and controller.k_max != k):
             raise LabkitError("speculation takes a drafter and K >= 1 together (K 0: plain; a controller's K max is K)")
         lookups = [lookup] if isinstance(lookup, BatchLookup) else list(lookup or [])
@@ -74,7 +75,6 @@ class ContinuousBatcher:
         self.lookups = {lu.k: lu for lu in lookups}  # K -> its device lookup steps
         self.ahead = batch.engine.device.type == "cuda" if ahead is None else ahead
         self.waiting: collections.deque[BatchRequest] = collections.deque()
-        self.gate = AdmissionGate(batch.cfg.slots, admission)
         self.rows: list[BatchRequest] = []  # rows[i]: the request in slot i
         self.steps = 0  # batched decode steps taken
         self.rows_stepped = 0  # sum of active rows over those steps (mean batch = rows_stepped / steps)
@@ -211,9 +211,7 @@ class ContinuousBatcher:
 
     def _admit(self) -> None:
         """Prefill the waiting requests that fit into free slots; each takes its first token."""
-        n = self.gate.joining(len(self.waiting), self.batch.free, len(self.rows), self.steps)
-        self.gate.record(n, min(len(self.waiting), self.batch.free), self.steps)
-        joining = [self.waiting.popleft() for _ in range(n)]
+        joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.batch.free))]
         if joining and self.in_flight is not None:  # the prefill's time would be charged to the step in flight
             self.in_flight.rated = False
         if joining:
@@ -325,11 +323,10 @@ class ContinuousBatcher:
 
     def _ahead_steps(self, lookup: BatchLookup, rows: list[BatchRequest], tokens: list[list[list[int]]]) -> int:
         """Steps of a chunk to launch before the host takes the last one's tokens (0: none; chunking.py): with `ahead`,
-        where every row goes on, no waiting request would join before they end (`gate`) and the next step drafts this K: fixed, or
+        where every row goes on, no waiting request could take a free slot and the next step drafts this K: fixed, or
         a controller's choice that is its best (a try runs one step). The controller chooses here, a chunk early (it
         has not yet heard of the chunk just read); a choice not taken here is the next step's (`_choose_k`)."""
-        admits = self.gate.joining(len(self.waiting), self.batch.free, len(rows), self.steps, self.steps + len(tokens) + CHUNK)
-        if not self.ahead or admits or (coming := rows_go_on(rows, tokens, lookup.room)) is None:
+        if not self.ahead or (self.waiting and self.batch.free) or (coming := rows_go_on(rows, tokens, lookup.room)) is None:
             return 0
         if self.controller is not None:
             self.chosen = (rows_bucket := bucket(len(rows)), self.controller.choose(rows_bucket))
