@@ -4,8 +4,9 @@
 
 Speculative rows finish at different steps, so continuous batching admits the next requests one at a
 time as slots free, where plain rows of one length finish together and their successors join in one
-batched prefill (batch/prefill.py). This times both on `bench batch`'s prompts (the suite's categories in
-turn) and a plain step of the full batch beside them, each synchronised, four rounds.
+batched prefill (batch/prefill.py; prompts of more than 48 tokens, whose batch-1 prefill is one PyTorch
+pass, join one at a time either way). This times both on `bench batch`'s prompts (the suite's categories
+in turn) and a plain step of the full batch beside them, each synchronised, four rounds.
 """
 
 import statistics
@@ -16,7 +17,7 @@ import torch
 
 from labkit.batch.engine import BatchConfig, BatchEngine
 from labkit.bench.batch import categories_in_turn
-from labkit.config import EngineConfig
+from labkit.config import EngineConfig, device_name
 from labkit.engine_build import from_config
 from labkit.models.loading import load_model
 from labkit.prompting import encode_prompt
@@ -56,10 +57,6 @@ def main() -> None:
     print(f"all {slots} together: {1e3 * med(together):.2f} ms; one at a time: {1e3 * med(alone):.2f} ms "
           f"({1e3 * med(alone) / slots:.2f} ms each); a plain step of {slots} rows {1e3 * med(step):.3f} ms (first tokens read)")
     print("rounds together", [round(1e3 * t, 2) for t in together], "alone", [round(1e3 * t, 2) for t in alone])
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
 
 
 if __name__ == "__main__":
