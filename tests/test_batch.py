@@ -34,8 +34,8 @@ class Scripted:
         self.calls += 1
         return self.ks[(self.calls - 1) % len(self.ks)]
 
-    def try_steps(self, bucket: int, k: int) -> int:
-        return 1
+    def steps_of(self, bucket: int, k: int, full: int) -> int:  # a try: one step
+        return full if k == self.best_k else min(full, 1)
 
     def best(self, bucket: int) -> int:
         return self.best_k
@@ -982,6 +982,12 @@ def test_a_switch_to_drafting_pays_the_rows_load_and_a_drafting_run_none() -> No
     lookup = BatchKController(5)
     lookup.observe(1, 0, 1, 0.5e-3)
     assert lookup.buckets[1].try_steps(5, 0) == 1  # prompt lookup's drafts are judged during plain steps: a try is a step
+    assert ctl.best(1) == 5 and lookup.best(1) == 0  # a chunk of the best runs whole (at most the rows' chunk), a try its try's steps
+    assert (ctl.steps_of(1, 5, 8), ctl.steps_of(1, 5, 3), ctl.steps_of(1, 0, 8), lookup.steps_of(1, 0, 8), lookup.steps_of(1, 5, 8)) == (8, 3, 1, 8, 1)
+    slow = BatchKController.for_eagle(5)  # K 5 slow and keeping nothing: plain the best, a try of K 5 TRY_STEPS at most the rows' chunk
+    for k, seconds in [(0, 0.5e-3)] * 6 + [(5, 5e-3)] * 5:
+        slow.observe(1, k, 1, seconds, [0] if k else None)
+    assert slow.best(1) == 0 and (slow.steps_of(1, 5, 8), slow.steps_of(1, 5, 3)) == (TRY_STEPS, 3)
     assert stats.try_cost(5, 0, {0: 2000.0, 5: 1000.0}) == pytest.approx(TRY_STEPS * step / stats.step(0) * 0.5 + (2 * bubble + load) / stats.step(0))
     stats.chosen = 5  # drafting: staying costs nothing, and K 5's rate is its steps' alone
     assert ctl.values(1)[5] == stats.rate(5) == pytest.approx(3 / 0.8e-3, rel=0.05)
@@ -1169,7 +1175,7 @@ def test_eagle_under_the_controller_switches_back_from_plain_its_loads_included(
                 ctl.observe_load(1, k, took * 1e-3)
                 ms += took if loads == 0 else min(took, load)  # (a later stall's own time left out: paid whatever the controller does)
                 loads += 1
-            for _ in range(ctl.try_steps(1, k) if k and ctl.best(1) != k else 1):  # a try's steps, as the scheduler runs them
+            for _ in range(ctl.steps_of(1, k, 8) if k and ctl.best(1) != k else 1):  # a try's steps, as the scheduler runs them (a chunk of 8 at most)
                 kept = [drafts_kept(rng, 0.15 if i < 300 else 0.7, k)]
                 cost = fill if k == 0 and last != 0 else step[k]
                 ctl.observe(1, k, 1 + kept[0], cost * 1e-3, kept if k else None)
@@ -1202,7 +1208,7 @@ def test_a_stalled_chunk_counts_as_one_stall_not_as_a_slow_k() -> None:
             else:
                 if last == 0:
                     ctl.observe_load(rows, k, 3e-3)
-                m = ctl.try_steps(rows, k) if ctl.best(rows) != k else 8
+                m = ctl.steps_of(rows, k, 8)
                 chunk = [[drafts_kept(rng, 0.6, k) for _ in range(rows)] for _ in range(m)]
                 ms = step[k]
                 if len(taken) >= 300 and not stalled:

@@ -313,9 +313,10 @@ class BatchKController:
         stats = self.buckets.get(bucket)
         return {k: stats.value(k) for k in self.candidates} if stats else {}
 
-    def try_steps(self, bucket: int, k: int) -> int:
-        """The steps a try of K in this bucket runs (BucketStats.try_steps), from the K rated best."""
-        return self._stats(bucket).try_steps(k, self.best(bucket))
+    def steps_of(self, bucket: int, k: int, full: int) -> int:
+        """The steps a chunk of K in this bucket runs: `full` where K is rated best, else a try's (BucketStats.try_steps), at most `full`."""
+        best = self.best(bucket)
+        return full if k == best else min(full, self._stats(bucket).try_steps(k, best))
 
     def best(self, bucket: int) -> int:
         """The K rated fastest for this bucket (K max where nothing is known yet)."""

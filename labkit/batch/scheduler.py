@@ -350,7 +350,7 @@ class ContinuousBatcher:
             rows = list(self.rows)
             full = chunk_steps(rows)
             ctl, b = self.controller, bucket(len(rows))
-            m = min(full, ctl.try_steps(b, lookup.k)) if ctl is not None and ctl.best(b) != lookup.k else full  # a try: a step, or a few across a switch
+            m = ctl.steps_of(b, lookup.k, full) if ctl is not None else full  # a try: a step, or a few across a switch
             captured = lookup.run(rows, rows[0].eos_ids, m)
         else:  # launched ahead (its full length: its time per step is the period its chunks run at)
             (rows, m), captured, self.chunk_ahead = ahead, False, None
