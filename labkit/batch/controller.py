@@ -315,8 +315,7 @@ class BatchKController:
 
     def steps_of(self, bucket: int, k: int, full: int) -> int:
         """The steps a chunk of K in this bucket runs: `full` where K is rated best, else a try's (BucketStats.try_steps), at most `full`."""
-        best = self.best(bucket)
-        return full if k == best else min(full, self._stats(bucket).try_steps(k, best))
+        return full if k == (best := self.best(bucket)) else min(full, self._stats(bucket).try_steps(k, best))
 
     def best(self, bucket: int) -> int:
         """The K rated fastest for this bucket (K max where nothing is known yet)."""
