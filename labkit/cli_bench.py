@@ -59,6 +59,8 @@ def add_bench_parser(sub: Any) -> None:
     bt.add_argument("--max-tokens", type=int, default=64)
     bt.add_argument("--requests-per-slot", type=int, default=2)
     bt.add_argument("--min-requests", type=int, default=8, help="at least this many requests per run (8: one per category of the suite)")
+    bt.add_argument("--length-spread", type=float, default=0.0,
+                    help="each request's new tokens drawn (seeded) from max-tokens x [1 - s, 1 + s]: rows that end apart (0: all equal)")
     bt.add_argument("--prompt-tokens", type=int, default=0, help="long prompts of this many tokens (documents to summarise) instead of the suite's")
     bt.add_argument("--repeats", type=int, default=None, help="timed runs per system and size, taking turns; rows are medians (default: 3 on a GPU, 1 on a CPU)")
     bt.add_argument("--slot-len", type=int, default=1024, help="positions per slot (prompt + new tokens)")
@@ -115,10 +117,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_batch(args: argparse.Namespace) -> int:
-    from labkit.bench.batch import BatchBenchConfig, batch_report, run_batch_bench
+    from labkit.bench.batch import BatchBenchConfig, run_batch_bench
+    from labkit.bench.batch_report import batch_report
 
     cfg = BatchBenchConfig(model=args.model, engine=engine_config(args), sizes=_ints("--sizes", args.sizes) if args.sizes else None,
-                           invariant=args.invariant, drafter=args.drafter, heads=args.heads, k=args.k, max_new_tokens=args.max_tokens, requests_per_slot=args.requests_per_slot, min_requests=args.min_requests, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
+                           invariant=args.invariant, drafter=args.drafter, heads=args.heads, k=args.k, max_new_tokens=args.max_tokens, length_spread=args.length_spread, requests_per_slot=args.requests_per_slot, min_requests=args.min_requests, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                            max_seq_len=args.slot_len, output_dir=None if args.no_write else args.output_dir)
     cfg.validate()
     payload = run_batch_bench(cfg)  # claims its results files before it measures anything

@@ -1,7 +1,8 @@
 """What the batch K controller saw and chose, step by step (diagnostic; writes JSON).
 
     python3 scripts/batch_trace.py OUT.json [sizes, default 4,8] [repeats, default 3] [an EAGLE head's folder]
-    (SYSTEMS=plain,eagle-device-auto-5 runs those systems alone; DEVICE=cpu MAX_TOKENS=16 for a quick check here)
+    (SYSTEMS=plain,eagle-device-auto-5 runs those systems alone; DEVICE=cpu MAX_TOKENS=16 for a quick check here;
+    SPREAD=0.5 draws each request's new tokens within +-50% of them: `bench batch --length-spread`)
 
 Runs `labkit bench batch`'s own flow (the suite's categories in turn, 128 new tokens, K 5, the
 device's defaults) at the given sizes with every -auto system's controller recording: each choice
@@ -21,6 +22,7 @@ from typing import Any
 import labkit.bench.batch as bench
 from labkit.batch.controller import BatchKController
 from labkit.batch.transfer import HostCopy
+from labkit.bench.batch_report import batch_report
 from labkit.config import EngineConfig
 
 
@@ -106,9 +108,9 @@ def main() -> None:
     device = os.environ.get("DEVICE", "cuda")
     cfg = bench.BatchBenchConfig(engine=EngineConfig(device=device, cuda_graph=device == "cuda"), sizes=sizes, invariant=False, k=5,
                                  max_new_tokens=int(os.environ.get("MAX_TOKENS", "128")), drafter=drafter, repeats=repeats,
-                                 output_dir=None, progress=False, heads=heads)
+                                 output_dir=None, progress=False, heads=heads, length_spread=float(os.environ.get("SPREAD", "0")))
     payload = bench.run_batch_bench(cfg)
-    for line in bench.batch_report(payload):
+    for line in batch_report(payload):
         print(line)
     for line in RUNS:
         print(line)

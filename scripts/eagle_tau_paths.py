@@ -50,7 +50,7 @@ for over in (0, 2):
               f"{'' if [o.tokens for o in dev] == plain else ' NOT plain greedy'}", flush=True)
     batch = BatchEngine(engine, BatchConfig(1, 1024, False, gpu))
     steps = device_eagles(batch, head, [K], over)
-    requests, _, _ = _run(batch, System("eagle", False, K, device=True, eagle=True, copy_after=over), prompts, gen, None, steps)
+    requests, _, _ = _run(batch, System("eagle", False, K, device=True, eagle=True, copy_after=over), prompts, [gen] * len(prompts), None, steps)
     print(f"lookup_over {over}: batched rows tau {tau([r.tokens for r in requests], sum(r.verify_steps for r in requests)):.3f}"
           f"{'' if [r.tokens for r in requests] == plain else ' NOT plain greedy'}", flush=True)
     for i, (r, o) in enumerate(zip(requests, host, strict=True)):

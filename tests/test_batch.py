@@ -288,7 +288,8 @@ def test_the_verdict_blocks_eos_at_exactly_the_positions_before_min_new_tokens()
 def test_bench_batch_writes_rows_for_every_size_and_system(tiny_folder, tmp_path) -> None:
     import json
 
-    from labkit.bench.batch import BatchBenchConfig, batch_report, run_batch_bench
+    from labkit.bench.batch import BatchBenchConfig, run_batch_bench
+    from labkit.bench.batch_report import batch_report
     from labkit.config import EngineConfig
     from labkit.models.loading import load_model
 
@@ -757,6 +758,29 @@ def test_bench_batch_runs_long_prompts_that_differ(tiny_folder, tmp_path) -> Non
     assert {r["batch"] for r in rows} == {2} and all(r["identical_to_batch_1"] == 1.0 and r["new_tokens"] == 4 * r["requests"] for r in rows)
     with pytest.raises(LabkitError, match="slot-len"):
         BatchBenchConfig(prompt_tokens=1000, max_seq_len=1024, max_new_tokens=64).validate()
+
+
+def test_bench_batch_draws_each_requests_length_within_the_spread(tiny_folder) -> None:
+    """`--length-spread s`: request i generates request_lengths(N, s, n)[i] tokens, drawn within N x [1 - s, 1 + s] (the
+    same for every system and size: seeded), so rows end apart; every request still its batch-1 tokens. 0: all N."""
+    from labkit.bench.batch import BatchBenchConfig, request_lengths, run_batch_bench
+    from labkit.bench.batch_report import batch_report
+    from labkit.config import EngineConfig
+    from labkit.models.loading import load_model
+
+    lengths = request_lengths(8, 0.5, 6)
+    assert lengths == request_lengths(8, 0.5, 6) and len(set(lengths)) > 2 and all(4 <= n <= 12 for n in lengths)
+    assert request_lengths(8, 0.0, 3) == [8, 8, 8]
+    cfg = BatchBenchConfig(model=str(tiny_folder), engine=EngineConfig(device="cpu", dtype="float32"), sizes=[2], k=2, max_new_tokens=8,
+                           length_spread=0.5, min_requests=6, max_seq_len=128, repeats=1, invariant=False, output_dir=None, progress=False)
+    payload = run_batch_bench(cfg, load_model(str(tiny_folder)))
+    assert all(r["new_tokens"] == sum(lengths) and r["identical_to_batch_1"] == 1.0 == r["identical_to_own_batch_1"] for r in payload["rows"])
+    assert "within +-50%" in batch_report(payload)[0]
+    for bad in (1.0, -0.1):
+        with pytest.raises(LabkitError, match="length spread"):
+            BatchBenchConfig(length_spread=bad).validate()
+    with pytest.raises(LabkitError, match="slot-len"):  # the longest draw must fit a slot
+        BatchBenchConfig(max_new_tokens=600, length_spread=0.8, max_seq_len=1024).validate()
 
 
 @pytest.mark.parametrize("ahead", [False, True])

@@ -28,7 +28,8 @@ its prompts category by category: taken in that order, batch 1 and 2 had run wri
 and a size's ratio said as much about its categories as about its batch), or with `prompt_tokens`
 long prompts of that many tokens (a RAG or summarisation request: documents, each prompt opening
 with another, then the request); greedy, EOS blocked
-until max_new_tokens, so every request has the same length. At each size every system first runs
+until max_new_tokens, so every request has the same length (with `length_spread`, lengths drawn around it,
+`request_lengths`: rows that end apart, as a serving load's do). At each size every system first runs
 once untimed, then `repeats` timed runs (3 on a GPU), the systems taking turns; a row is a system's
 median run by aggregate tok/s (every run's figure beside it), so one run disturbed by the machine
 moves no ratio. Per run: aggregate output tok/s (every new token over the wall time), output tok/s
@@ -48,6 +49,7 @@ beside the measured one (the first where ngram-K's aggregate tok/s falls below p
 from __future__ import annotations
 
 import itertools
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -59,10 +61,10 @@ from tqdm.auto import tqdm
 from labkit.batch.controller import BatchKController
 from labkit.batch.eagle import device_eagles
 from labkit.batch.engine import BatchConfig, BatchEngine
-from labkit.batch.graphs import bucket
 from labkit.batch.lookup import BatchLookup, device_lookups
 from labkit.batch.scheduler import BatchRequest, ContinuousBatcher
 from labkit.bench.batch_model import crossover, predicted_speedups, step_costs
+from labkit.bench.batch_report import plot_batch
 from labkit.bench.common import finish_log, run_params, start_log
 from labkit.bench.results import provenance, warn_if_busy
 from labkit.config import EngineConfig, GenerationConfig, device_name, dtype_name, resolve_device
@@ -93,6 +95,7 @@ class BatchBenchConfig:
     heads: str | None = None  # a trained EAGLE head's folder: also eagle-device-K and eagle-mix-device-K (batch/eagle.py)
     k: int = 3  # draft tokens per row and step
     max_new_tokens: int = 64
+    length_spread: float = 0.0  # > 0: each request's new tokens drawn (seeded) from max_new_tokens x [1 - s, 1 + s] (`request_lengths`)
     requests_per_slot: int = 2  # requests per run = this x B ...
     min_requests: int = 8  # ... and at least this many (one per category of the suite)
     prompt_tokens: int = 0  # > 0: every prompt a long one of this many tokens (documents, then a request to summarise them; each opening with another document) instead of the suite's
@@ -106,7 +109,9 @@ class BatchBenchConfig:
         if any(b < 1 for b in self.sizes or [1]) or self.max_new_tokens < 1 or self.requests_per_slot < 1 or (self.repeats or 1) < 1 \
                 or self.min_requests < 1:
             raise LabkitError("batch sizes, max new tokens, requests per slot, min requests and repeats must be at least 1")
-        if self.prompt_tokens < 0 or self.prompt_tokens + self.max_new_tokens + self.k >= self.max_seq_len:
+        if not 0 <= self.length_spread < 1:
+            raise LabkitError(f"the length spread is a share of max new tokens from 0 up to 1 (got {self.length_spread})")
+        if self.prompt_tokens < 0 or self.prompt_tokens + round(self.max_new_tokens * (1 + self.length_spread)) + self.k >= self.max_seq_len:
             raise LabkitError(f"a slot of {self.max_seq_len} positions cannot hold a {self.prompt_tokens}-token prompt, {self.max_new_tokens} "
                               f"new tokens and {self.k} drafts (raise --slot-len)")
         if self.drafter not in ("ngram", "none") or not 1 <= self.k <= 16:
@@ -124,6 +129,14 @@ class System:
     device: bool = False  # drafting steps as chunks of prompt lookup on the device (batch/lookup.py)
     eagle: bool = False  # ... of EAGLE chains drafted inside each verify (batch/eagle.py)
     copy_after: int = 0  # ... or prompt lookup's copy after an n-gram of this many tokens seen before (eagle-mix)
+
+
+def request_lengths(max_new_tokens: int, spread: float, count: int) -> list[int]:
+    """Each request's new tokens: max_new_tokens, or with spread s > 0 drawn uniformly from max_new_tokens x [1 - s, 1 + s]
+    (mean max_new_tokens; seeded, so every system and size runs the same requests). Equal lengths let plain's rows finish
+    together where speculative rows finish apart and drain; a serving load's requests end apart whatever decodes them."""
+    rng = random.Random(0)
+    return [max(1, round(max_new_tokens * (1 - spread + 2 * spread * rng.random()))) if spread else max_new_tokens for _ in range(count)]
 
 
 def categories_in_turn(prompts: list[Prompt]) -> list[Prompt]:
@@ -150,22 +163,22 @@ def _systems(cfg: BatchBenchConfig) -> list[System]:
     return out
 
 
-def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig,
+def _run(batch: BatchEngine, system: System, prompts: list[list[int]], gens: list[GenerationConfig],
          controller: BatchKController | None = None, lookups: list[BatchLookup] | None = None) -> tuple[list[BatchRequest], float, float]:
     batcher = ContinuousBatcher(batch, (lambda: NgramDrafter(3, 1)) if system.k else None, system.k, controller, lookup=lookups)
     t0 = time.perf_counter()
-    requests = [batcher.submit(p, gen) for p in prompts]
+    requests = [batcher.submit(p, gen) for p, gen in zip(prompts, gens, strict=True)]
     batcher.run()
     return requests, time.perf_counter() - t0, batcher.rows_stepped / max(1, batcher.steps)
 
 
-def _timed_run(batch: BatchEngine, system: System, prompts: list[list[int]], gen: GenerationConfig,
+def _timed_run(batch: BatchEngine, system: System, prompts: list[list[int]], gens: list[GenerationConfig],
                controller: BatchKController | None, lookups: list[BatchLookup] | None) -> tuple[list[BatchRequest], float, float, dict[int, int] | None]:
     """_run, with the garbage collector paused (`collector_paused`); with a controller, also the
     steps this run gave each K."""
     before = controller.steps_by_k() if controller else {}
     with collector_paused():
-        requests, wall, mean_rows = _run(batch, system, prompts, gen, controller, lookups)
+        requests, wall, mean_rows = _run(batch, system, prompts, gens, controller, lookups)
     return requests, wall, mean_rows, {k: v - before.get(k, 0) for k, v in controller.steps_by_k().items()} if controller else None
 
 
@@ -230,11 +243,11 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     else:
         suite = [encode_prompt(loaded.tokenizer, p.content) for p in categories_in_turn(load_suite())]
     prompts = [suite[i % len(suite)] for i in range(max(max(sizes) * cfg.requests_per_slot, cfg.min_requests))]
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens)
+    gens = [GenerationConfig(max_new_tokens=n, min_new_tokens=n) for n in request_lengths(cfg.max_new_tokens, cfg.length_spread, len(prompts))]
     systems = _systems(cfg)  # (with a head, its eagle.json read once)
     bar = tqdm(desc="bench batch", total=len(prompts) * (1 + len(systems)) + len(sizes) * len(systems) * (1 + repeats), disable=not cfg.progress)
     plain = []
-    for p in prompts:
+    for p, gen in zip(prompts, gens, strict=True):
         plain.append(generate(engine, p, gen).tokens)
         bar.update()
     slot_len = min(cfg.max_seq_len, engine.max_seq_len - 16)  # at most the model's context, less the graphs' headroom
@@ -256,19 +269,19 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     own = {}
     for s in systems:  # each system one request at a time: its own batch-1 tokens
         one = batches[(s, sizes[0])] if sizes[0] == 1 else BatchEngine(engine, BatchConfig(1, slot_len, s.invariant, graphs and not s.invariant))
-        requests, _, _ = _run(one, s, prompts, gen, controllers.get(s), lookups.get((s, 1)) or (device_steps(s, one) if s.device else None))
+        requests, _, _ = _run(one, s, prompts, gens, controllers.get(s), lookups.get((s, 1)) or (device_steps(s, one) if s.device else None))
         own[s] = [r.tokens for r in requests]
         bar.update(len(prompts))
     rows, costs = [], {}
     for size in sizes:
         n = max(size * cfg.requests_per_slot, cfg.min_requests)
         for s in systems:  # untimed: first passes at this size, and a controller's first tries
-            _run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s), lookups.get((s, size)))
+            _run(batches[(s, size)], s, prompts[:n], gens[:n], controllers.get(s), lookups.get((s, size)))
             bar.update()
         runs: dict[System, list[dict[str, Any]]] = {s: [] for s in systems}
         for _ in range(repeats):  # the systems take turns, so that a drift of the machine's speed reaches each alike
             for s in systems:
-                requests, wall, mean_rows, k_steps = _timed_run(batches[(s, size)], s, prompts[:n], gen, controllers.get(s), lookups.get((s, size)))
+                requests, wall, mean_rows, k_steps = _timed_run(batches[(s, size)], s, prompts[:n], gens[:n], controllers.get(s), lookups.get((s, size)))
                 row = _row(s, size, requests, wall, mean_rows, plain[:n], own[s][:n])
                 if k_steps is not None:
                     row["k_steps"] = k_steps
@@ -300,100 +313,3 @@ def run_batch_bench(cfg: BatchBenchConfig, loaded: LoadedModel | None = None) ->
     payload["rows"] = rows
     warn_if_busy()
     return payload
-
-
-def controller_lines(summary: list[dict[str, Any]]) -> list[str]:
-    """For each -auto system and size: the share of its steps each K took, and at its size's rows
-    bucket the tokens/s it rated each K at, with what the rates rest on (each K's mean step, the
-    fill: plain's first step after drafting, and a row's expected tokens with each K)."""
-    def by_k(d: dict[Any, float], fmt: str) -> str:
-        return ", ".join(f"K {k} {fmt.format(v)}" for k, v in sorted(d.items(), key=lambda kv: int(kv[0])))
-
-    out = []
-    for r in summary:
-        if not r.get("k_steps"):
-            continue
-        total = sum(r["k_steps"].values()) or 1
-        line = f"{r['system']} at batch {r['batch']}: steps with " + by_k({k: v / total for k, v in r["k_steps"].items()}, "{:.0%}")
-        own = str(bucket(r["batch"]))  # its size's rows bucket
-        rates = {str(b): v for b, v in r.get("k_rates", {}).items()}.get(own)
-        if rates:
-            line += "; rated " + by_k(rates, "{:,.0f}") + " tok/s"
-        costs = {str(b): v for b, v in r.get("k_costs", {}).items()}.get(own)
-        if costs:
-            line += f"; steps {by_k(costs['step_ms'], '{:.2f}')} ms, fill {costs['fill_ms']:.2f} ms"
-            if costs.get("load_ms"):  # (files from before loads were timed apart have none)
-                line += f", loads after plain {by_k(costs['load_ms'], '{:.2f}')} ms"
-            if costs["tokens"]:
-                line += f", a row's tokens {by_k(costs['tokens'], '{:.2f}')}"
-        out.append(line)
-    return out
-
-
-def over_plain_lines(summary: list[dict[str, Any]]) -> list[str]:
-    """Per batch size, each speculative system's aggregate tok/s over plain's, and while every slot
-    was busy (the drain left out, `busy_tok_per_s`) where both runs had such a window."""
-    plain = {r["batch"]: r for r in summary if r["system"] == "plain"}
-    out = []
-    for size, base in plain.items():
-        parts = []
-        for r in (r for r in summary if r["batch"] == size and r["k"]):
-            part = f"{r['system']} {r['aggregate_tok_per_s'] / base['aggregate_tok_per_s']:.2f}x"
-            if r.get("busy_tok_per_s") and base.get("busy_tok_per_s"):
-                part += f" ({r['busy_tok_per_s'] / base['busy_tok_per_s']:.2f}x all busy)"
-            parts.append(part)
-        if parts:
-            out.append(f"batch {size:>3} over plain: " + ", ".join(parts))
-    return out
-
-
-def batch_report(payload: dict[str, Any]) -> list[str]:
-    out = [f"{payload['card']}: continuous batching, greedy, {payload['parameters']['max_new_tokens']} new tokens per request",
-           f"{'system':<20} {'batch':>5} {'aggregate tok/s':>16} {'all busy':>9} {'per request':>12} {'ITL ms':>8} {'TTFT ms':>8} {'tau':>5} "
-           f"{'= batch 1':>9} {'= own b1':>8}"]
-    for r in payload["summary"]:
-        busy = f"{r['busy_tok_per_s']:>9.1f}" if r.get("busy_tok_per_s") else f"{'-':>9}"
-        out.append(f"{r['system']:<20} {r['batch']:>5} {r['aggregate_tok_per_s']:>16.1f} {busy} {r['per_request_tok_per_s']:>12.1f} "
-                   f"{r['itl_ms_p50']:>8.1f} {r['ttft_ms_p50']:>8.1f} {r['tau']:>5.2f} {r['identical_to_batch_1']:>9.0%} {r['identical_to_own_batch_1']:>8.0%}")
-    out += controller_lines(payload["summary"])
-    out += over_plain_lines(payload["summary"])
-    for m in payload["speedup_model"]:
-        out.append(f"batch {m['batch']:>3}: speculation measured {m['measured_speedup']:.2f}x plain, model {m['predicted_speedup']:.2f}x "
-                   f"(tau {m['tau']:.2f}, step K {payload['parameters']['k']} / plain step {m['spec_over_plain_step']:.2f}, "
-                   f"of the device alone {m['verify_over_step']:.2f})")
-    if payload["speedup_model"]:
-        out.append(f"speculation stops paying at batch {payload['crossover_measured'] or 'never (in these sizes)'}; "
-                   f"the model says {payload['crossover_predicted'] or 'never (in these sizes)'}")
-    return out
-
-
-def plot_batch(payload: dict[str, Any], path: Any = None) -> Any:
-    """Aggregate tok/s against batch size per system, and speculation's speed-up over plain
-    (measured, and the speedup model's prediction)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4))
-    ax1, ax2 = fig.subplots(1, 2)
-    rows = payload["summary"]
-    for system in dict.fromkeys(r["system"] for r in rows):
-        sel = [r for r in rows if r["system"] == system]
-        ax1.plot([r["batch"] for r in sel], [r["aggregate_tok_per_s"] for r in sel], marker="o", label=system)
-    plain = {r["batch"]: r["aggregate_tok_per_s"] for r in rows if r["system"] == "plain"}
-    for system in dict.fromkeys(r["system"] for r in rows if r["k"]):
-        sel = [r for r in rows if r["system"] == system and r["batch"] in plain]
-        ax2.plot([r["batch"] for r in sel], [r["aggregate_tok_per_s"] / plain[r["batch"]] for r in sel], marker="o", label=f"{system} measured")
-    model = payload.get("speedup_model") or []
-    if model:
-        ax2.plot([m["batch"] for m in model], [m["predicted_speedup"] for m in model], marker="x", linestyle="--", label="speedup model")
-    ax2.axhline(1.0, color="grey", lw=0.8)
-    for ax, title in ((ax1, "aggregate output tok/s"), (ax2, "speculation / plain")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{payload.get('card', '')}, {payload['parameters'].get('dtype_resolved', '')}, continuous batching, greedy", fontsize=9)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
