@@ -142,10 +142,10 @@ case "$step" in
   batcheagle)  # batched EAGLE and eagle-mix steps against prompt lookup's, and a row's load (scripts/batch_eagle_costs.py; after eagle-carried)
     (cd scripts && python3 batch_eagle_costs.py /tmp/eagle ${SIZES:-1,2,4,8} ${K:-5}) 2>&1 | grep -v Warning | tee "$out/batch_eagle_costs.txt"
     ;;
-  batch)  # labkit bench batch (K 5, 128 new tokens; SIZES, REPEATS; with the head in /tmp/eagle after eagle-carried, its systems too)
+  batch)  # labkit bench batch (K 5, 128 new tokens; SIZES, REPEATS, BATCH_ARGS="--length-spread 0.5"; with the head in /tmp/eagle after eagle-carried, its systems too)
     heads=""; [ -e /tmp/eagle/eagle.safetensors ] && heads="--heads /tmp/eagle"
     python3 -m labkit bench batch --device cuda --cuda-graph --no-invariant --max-tokens 128 --k "${K:-5}" --sizes "${SIZES:-1,2,4,8}" \
-      --repeats "${REPEATS:-3}" $heads --output-dir "$out/results" 2>&1 | grep -v Warning | tr '\r' '\n' | grep -v "bench batch:" | tail -45 | tee "$out/batch.txt"
+      --repeats "${REPEATS:-3}" $heads ${BATCH_ARGS:-} --output-dir "$out/results" 2>&1 | grep -v Warning | tr '\r' '\n' | grep -v "bench batch:" | tail -45 | tee "$out/batch.txt"
     ;;
   costs)  # where a speculative step's time goes (HEADS: also the heads' draft, after and inside the verify)
     python3 scripts/step_costs.py ${HEADS:-} 2>&1 | grep -v Warning | tee "$out/step_costs.txt"
