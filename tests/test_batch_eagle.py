@@ -96,7 +96,7 @@ def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states(
     chunk, not by a pass over its whole context (the H200 paid 9-47 ms a switch back for that
     pass); one whose plain steps came before its first chunk, from its admission's hidden states and
     those steps'. Its drafts are those a load by a pass of its own gives, step for step, and every
-    output stays plain greedy. (A row moved by a release is still loaded by a pass.) The steps'
+    output stays plain greedy. The steps'
     states are kept by position mod the draft layer's window and a step's headroom: window 6, the
     catch-ups read across the ring's wrap many times."""
     engine, head = _engine(), random_head()
@@ -120,11 +120,13 @@ def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states(
     assert drafts == full_drafts
 
 
-def test_a_slot_that_changed_hands_never_lends_its_last_requests_hidden_states() -> None:
+def test_a_request_a_release_moves_takes_its_kept_hidden_states_along() -> None:
     """A is admitted and steps on; B joins later, steps, and moves into A's slot when A leaves: the
-    slot's kept positions before B's move are A's, so B's load there, at once or after more plain
-    steps, is a pass of its own, not a catch-up that reads them (BatchEngine.turns tells the slots'
-    requests apart)."""
+    hidden states kept for B (its admission's and its steps') go along (BatchEngine.listen_releases),
+    so B's load there, at once or after more plain steps, catches up from them, no pass of its own,
+    and its draft layer gets what a pass over its context gives; the slot's positions A's steps wrote
+    are never read (BatchEngine.turns tells the slots' requests apart). (Kept by prompt and not
+    moved, such loads were passes: on the H200 one stalled 1.8 s.)"""
     engine, head = _engine(), random_head()
     batch = BatchEngine(engine, BatchConfig(slots=2, max_seq_len=64))
     hook = BatchEagle(batch, head, K)
@@ -138,13 +140,19 @@ def test_a_slot_that_changed_hands_never_lends_its_last_requests_hidden_states()
     for _ in range(3):
         step()  # A 16..18, B 8..10
     assert batch.release(0) == 1  # A leaves, B moves into slot 0 (length 11)
-    loads = []
     for steps in (0, 2):  # at once, and after B's steps 11..12 in slot 0
         for _ in range(steps):
             step()
-        hook.load([0], [b + [0] * (batch.lengths[0] + 1 - len(b))], [0], [len(b)])  # (the tokens fed are zeros: what a load reads of them)
-        loads.append((hook.prefilled, hook.caught_up))
-    assert loads == [(1, 0), (2, 0)]
+        context = b + [0] * (batch.lengths[0] + 1 - len(b))  # (the tokens fed are zeros: what a load reads of them)
+        passes, caught_up, kept = hook.prefilled, hook.caught_up, hook.fed[0]
+        hook.load([0], [context], [0], [len(b)])
+        assert (hook.prefilled, hook.caught_up) == (passes, caught_up + 1)
+        caught = hook.anchor_feat[0].clone()  # (D,) the anchor's predicted feature: from every element caught up
+        hook.fed[0] = (0, 0, -1)  # nothing kept: the same load by a pass over the context
+        hook.load([0], [context], [0], [len(b)])
+        assert hook.prefilled == passes + 1
+        torch.testing.assert_close(caught, hook.anchor_feat[0], rtol=1e-4, atol=1e-4)
+        hook.fed[0] = kept
 
 
 @pytest.mark.parametrize("whole", [False, True])

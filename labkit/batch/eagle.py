@@ -34,15 +34,16 @@ Under a K controller a switch back from plain steps paid 9-47 ms of such passes 
 (batch-NVIDIA-H200-20261203-171930.json). So the hidden states of every step not drafted here
 (plain or host steps, BatchEngine.listen_steps) are kept by slot and position (`feats`, allocated
 at the first such step: slots x the draft layer's window x D, by position mod its length), and a row whose draft cache its request's last
-chunk left in place catches up over the positions since from them alone (`load`'s `since`).
+chunk left in place catches up over the positions since from them alone (`load`'s `since`). An admitted prompt's hidden
+states go into its slot's ring too, and a release that moves a request moves its ring row (BatchEngine.listen_releases):
+a request's first load, however many plain steps and moves came before it, catches up from its admission's and its steps'
+states (a pass over its context only where they do not reach back far enough).
 Where steps are captured, a load's first chains are too (`capture_all`): one replay over the rows
 [0, bucket) with the loaded ones marked (`loading`; the others chain in the headroom, their drafts
 kept), not a draft-layer pass per depth from the host.
 """
 
 from __future__ import annotations
-
-from collections import OrderedDict
 
 import torch
 
@@ -100,32 +101,49 @@ class BatchEagle:
         self.batch, self.k, self.copy_after = batch, k, copy_after
         self.loaded = self.moved = self.prefilled = self.chained = 0  # rows loaded (of them by a pass of their own), their first chains' passes; rows moved
         self.caught_up = 0  # rows loaded from the hidden states the steps since their last chunk kept (no pass of their own)
-        self.kept: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # prompt -> (n, D) its hidden states from first_needed: admissions'
-        # (B, R, D) the hidden states of steps not drafted here (plain steps), by slot and position mod R: a catch-up reads at most
-        # the draft layer's window back, and a step writes at most GRAPH_HEADROOM positions past what it keeps (a slot's whole
-        # length would cost slots x max_seq_len x D: 604 MB in bf16 at 64 slots of 8,192 positions)
+        # (B, R, D) the hidden states of admitted prompts and of steps not drafted here (plain steps), by slot and position mod R: a
+        # catch-up reads at most the draft layer's window back, and a step writes at most GRAPH_HEADROOM positions past what it keeps
+        # (a slot's whole length would cost slots x max_seq_len x D: 604 MB in bf16 at 64 slots of 8,192 positions)
         self.feats: torch.Tensor | None = None
         self.ring = self.drafter.window + GRAPH_HEADROOM + 1  # R
         self.slot_ids = torch.empty(0, 1, dtype=torch.long)  # (B, 1) row indices for feats' writes (allocated with it)
         self.fed = [(0, 0, -1)] * rows  # per slot: the positions [from, to) those steps wrote one after another, for its request (BatchEngine.turns)
         batch.listen_prompts(self._keep)
         batch.listen_steps(self._keep_step)
+        batch.listen_releases(self._moved)
 
-    def _keep(self, prompt_ids: list[int], hidden: torch.Tensor) -> None:
-        """An admitted prompt's hidden states (T, D), from the first position its first chain reads
-        (a few per slot kept: a request's load takes its own)."""
-        self.kept[tuple(prompt_ids)] = hidden[self.drafter.first_needed(len(prompt_ids) + 1) :].clone()
-        while len(self.kept) > 2 * self.cols.shape[0]:
-            self.kept.popitem(last=False)
+    def _ring(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`feats`, allocated at the first hidden states kept (their dtype and device)."""
+        if self.feats is None:
+            self.feats = torch.zeros(self.cols.shape[0], self.ring, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+            self.slot_ids = torch.arange(self.cols.shape[0], device=hidden.device)[:, None]  # (B, 1): a step's rows, made once (every plain step writes)
+        return self.feats
+
+    def _keep(self, slot: int, prompt_ids: list[int], hidden: torch.Tensor) -> None:
+        """An admitted prompt's hidden states (T, D) kept in its slot's ring, from the first position its
+        first chain reads: its first load catches up from them and the steps' after them, whenever it comes.
+        (Kept by prompt, a few per slot, a request that ran plain while many others were admitted found its
+        own gone, and its load was a pass over its context: on the H200 one at 16 rows stalled 1.8 s,
+        capturing that pass's length: results/gpu/batch-trace-spread-NVIDIA-H200-bbe0f45.txt.)"""
+        T = len(prompt_ids)
+        first = self.drafter.first_needed(T + 1)
+        ring = self._ring(hidden)
+        ring[slot, torch.arange(first, T, device=hidden.device) % self.ring] = hidden[first:T].to(ring.dtype)
+        self.fed[slot] = (first, T, self.batch.turns[slot])
+
+    def _moved(self, slot: int, source: int) -> None:
+        """A release moved source's request into slot: the hidden states kept for it go along (else its next load is a pass)."""
+        first, to, turn = self.fed[source]
+        if self.feats is not None and turn == self.batch.turns[source]:
+            self.feats[slot] = self.feats[source]
+            self.fed[slot] = (first, to, self.batch.turns[slot])
 
     def _keep_step(self, starts: list[int], input_pos: torch.Tensor, hidden: torch.Tensor) -> None:
         """A step's hidden states (n, T, D) at input_pos (n, T) kept by slot and position: a row that
         comes back to the chunks after such steps catches its draft cache up from them (`load`)."""
         n, T = input_pos.shape
-        if self.feats is None:
-            self.feats = torch.zeros(self.cols.shape[0], self.ring, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-            self.slot_ids = torch.arange(self.cols.shape[0], device=hidden.device)[:, None]  # (B, 1): a step's rows, made once (every plain step writes)
-        self.feats[self.slot_ids[:n], input_pos % self.ring] = hidden.to(self.feats.dtype)
+        ring = self._ring(hidden)
+        ring[self.slot_ids[:n], input_pos % self.ring] = hidden.to(ring.dtype)
         for slot, start in enumerate(starts):
             first, end, turn = self.fed[slot]
             same = turn == self.batch.turns[slot] and first <= start <= end
@@ -141,11 +159,6 @@ class BatchEagle:
         """(end - start, D) the steps' hidden states of slot at positions [start, end) (`_stepped` says they are there)."""
         assert self.feats is not None
         return self.feats[slot, torch.arange(start, end, device=self.feats.device) % self.ring]
-
-    def _admitted(self, context: list[int], prompt_len: int) -> tuple[int, torch.Tensor] | None:
-        """The admission's hidden states (popped) of the context's first prompt_len tokens, and that length."""
-        kept = self.kept.pop(tuple(context[:prompt_len]), None) if 0 < prompt_len < len(context) else None
-        return None if kept is None else (prompt_len, kept)
 
     def bind(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         self.history, self.n_ctx = history, n_ctx
@@ -225,15 +238,11 @@ class BatchEagle:
                     raise LabkitError("a row drafts after its prompt's first token")
                 first = drafter.first_needed(L)
                 self.loaded += 1
-                if held and self._stepped(slot, max(first, held - 1), L - 1):
-                    first = max(first, held - 1)  # elements before it are the chunks' (a window past them: not needed)
-                    self.caught_up += 1
-                    feats = self._kept(slot, first, L - 1)[None]  # (1, L-1-first, D) the steps' own
-                elif (admitted := self._admitted(context, prompt_len)) and ((P := admitted[0]) == L - 1 or self._stepped(slot, max(first, P), L - 1)):
-                    # a request before its first chunk: its prompt's hidden states (from first_needed(P + 1)), then its steps'
-                    self.caught_up += P < L - 1
-                    kept = admitted[1][max(0, first - drafter.first_needed(P + 1)) :]  # (n, D) positions max(first, ...)..P-1
-                    feats = torch.cat([kept, self._kept(slot, max(first, P), L - 1)])[None] if P < L - 1 else kept[None]
+                if self._stepped(slot, start := max(first, held - 1), L - 1):  # (before held - 1 the elements are the chunks': not needed)
+                    # every position from there kept: the admission's (a request before its first chunk) and the steps' since
+                    first = start
+                    self.caught_up += held > 0 or prompt_len < L - 1
+                    feats = self._kept(slot, first, L - 1)[None]  # (1, L-1-first, D)
                 else:
                     self.prefilled += 1
                     engine.ensure_capacity(L)

@@ -80,14 +80,22 @@ class BatchEngine:
         self.turns = [0] * rows  # per slot: the requests it has taken (admitted into it, or moved there by a release)
         self.graphs: dict[tuple[int, int], BatchGraph] = {}
         self.stages = ops is not None and ops.ROW_POSITIONS  # joining requests' short prompts prefilled together (prefill.py)
-        self.prompt_listeners: list[Callable[[list[int], torch.Tensor], None]] = []  # listen_prompts
+        self.prompt_listeners: list[Callable[[int, list[int], torch.Tensor], None]] = []  # listen_prompts
         self.step_listeners: list[Callable[[list[int], torch.Tensor, torch.Tensor], None]] = []  # listen_steps
+        self.release_listeners: list[Callable[[int, int], None]] = []  # listen_releases
 
-    def listen_prompts(self, listener: Callable[[list[int], torch.Tensor], None]) -> None:
-        """Hand every admitted prompt's final hidden states (T, D) to `listener(prompt_ids, hidden)`
-        as it is prefilled (valid during the call), where the model keeps them (keep_hidden_states):
-        a drafter that reads them (batch/eagle.py) then needs no second pass over the prompt."""
+    def listen_prompts(self, listener: Callable[[int, list[int], torch.Tensor], None]) -> None:
+        """Hand every admitted prompt's final hidden states (T, D) to `listener(slot, prompt_ids, hidden)`
+        as it is prefilled (valid during the call; the slot's turn already the request's), where the model
+        keeps them (keep_hidden_states): a drafter that reads them (batch/eagle.py) then needs no second
+        pass over the prompt."""
         self.prompt_listeners.append(listener)
+
+    def listen_releases(self, listener: Callable[[int, int], None]) -> None:
+        """Tell `listener(slot, source)` when a release moves the request in slot `source` into `slot`
+        (its keys and values copied there; `turns[slot]` already counts it): what a listener keeps by
+        slot for that request goes along (batch/eagle.py: the hidden states it catches rows up from)."""
+        self.release_listeners.append(listener)
 
     def listen_steps(self, listener: Callable[[list[int], torch.Tensor, torch.Tensor], None]) -> None:
         """Hand every decode or verify step's final hidden states to `listener(starts, input_pos,
@@ -96,10 +104,10 @@ class BatchEngine:
         drafts from them (batch/eagle.py) keeps its rows current through steps it did not draft."""
         self.step_listeners.append(listener)
 
-    def _heard(self, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
+    def _heard(self, slot: int, prompt_ids: list[int], hidden: torch.Tensor | None) -> None:
         if hidden is not None:
             for listener in self.prompt_listeners:
-                listener(prompt_ids, hidden)
+                listener(slot, prompt_ids, hidden)
 
     @property
     def staging(self) -> StagedPrefill | None:
@@ -163,6 +171,8 @@ class BatchEngine:
         if len(together) < 2:
             together = []  # a prompt alone: the engine's own (captured) prefill
         out: list[torch.Tensor | None] = [None] * len(prompts)
+        for slot in range(first, first + len(prompts)):  # (before the prefills: listeners hear the slot's new request)
+            self.turns[slot] += 1
         with self.engine.request_lock:
             for g in range(0, len(together), STAGE_ROWS):
                 assert staging is not None
@@ -172,14 +182,12 @@ class BatchEngine:
                 for j, i in enumerate(group):
                     out[i] = logits[j]
                     if self.prompt_listeners:
-                        self._heard(prompts[i], staging.hidden_of(rows[j], len(prompts[i])))
+                        self._heard(first + i, prompts[i], staging.hidden_of(rows[j], len(prompts[i])))
             for i, p in enumerate(prompts):
                 if out[i] is None:
                     out[i] = self._prefill_one(first + i, p)
         for i, p in enumerate(prompts):
             self.lengths[first + i] = len(p)
-        for slot in range(self.active, self.active + len(prompts)):
-            self.turns[slot] += 1
         self.active += len(prompts)
         return torch.stack(out)  # type: ignore[arg-type]
 
@@ -191,7 +199,7 @@ class BatchEngine:
         self.cache.k[:, slot, :, :T] = self.engine.cache.k[:, 0, :, :T]
         self.cache.v[:, slot, :, :T] = self.engine.cache.v[:, 0, :, :T]
         if self.prompt_listeners and self.model.keep_hidden and self.model.keep_every_hidden:
-            self._heard(prompt_ids, self.engine.hidden_span(0, T)[0])
+            self._heard(slot, prompt_ids, self.engine.hidden_span(0, T)[0])
         return logits.clone()  # a captured pass's output buffer is overwritten by its next replay
 
     def step(self, tokens: list[int]) -> torch.Tensor:
@@ -293,6 +301,8 @@ class BatchEngine:
         self.cache.k[:, slot, :, :n] = self.cache.k[:, last, :, :n]
         self.cache.v[:, slot, :, :n] = self.cache.v[:, last, :, :n]
         self.lengths[slot] = n
+        for listener in self.release_listeners:
+            listener(slot, last)
         return last
 
     def describe(self) -> dict[str, Any]:
