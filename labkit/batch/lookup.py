@@ -102,6 +102,7 @@ class BatchLookup:
         self.load_time, self.step_time = DeviceSpan(dev), DeviceSpan(dev)
         if hook is not None:
             hook.bind(self.history, self.n_ctx)
+        batch.listen_releases(self._released)
 
     def fits(self, contexts: list[list[int]]) -> bool:
         """Whether every row has room for a chunk of steps in its slot."""
@@ -168,12 +169,8 @@ class BatchLookup:
         if stale:
             self.n_ctx[stale] = to_device([len(requests[i].context) for i in stale], dev)
             self.eos_until[stale] = to_device([len(requests[i].prompt_ids) + requests[i].config.min_new_tokens for i in stale], dev)
-            if self.hook is not None:  # a row a release moved (its request's state still in its old row) is moved; the rest loaded
-                holders = {(id(held[0]), held[1]): j for j, held in enumerate(self.synced) if held is not None}
-                moved = {i: holders[key] for i in stale if (key := (id(requests[i]), len(requests[i].context))) in holders}
-                if moved:
-                    self.hook.move(list(moved.values()), list(moved))
-                since = {i: held[1] if (held := self.synced[i]) is not None and held[0] is requests[i] else 0 for i in stale if i not in moved}
+            if self.hook is not None:  # (a request a release moved took its row along: `_released`)
+                since = {i: held[1] if (held := self.synced[i]) is not None and held[0] is requests[i] else 0 for i in stale}
         self.load_time.start()  # rows back from steps elsewhere, timed apart (a switch's cost) ...
         self._hook_load(requests, {i: n for i, n in since.items() if n})
         self.load_time.stop()
@@ -185,6 +182,21 @@ class BatchLookup:
         if since and self.hook is not None:
             rows = list(since)
             self.hook.load(rows, [requests[i].context for i in rows], list(since.values()), [len(requests[i].prompt_ids) for i in rows])
+
+    def _released(self, slot: int, source: int) -> None:
+        """A release moved source's request into slot (BatchEngine.listen_releases; no chunk is in flight then): the
+        device row it holds goes along, the hook's state too, so that its next chunk starts from it, or catches up from
+        where its last chunk left it, whatever plain steps came between. (Moved at its next chunk, and only if no step
+        had come between, a request that ran plain steps after a chunk and then moved was loaded by a pass over its
+        context: the positions before its plain steps were in its old slot's draft cache alone.)"""
+        held, self.synced[source] = self.synced[source], None
+        self.synced[slot] = held
+        if held is not None:
+            self.history[slot] = self.history[source]
+            self.n_ctx[slot] = self.n_ctx[source]
+            self.eos_until[slot] = self.eos_until[source]
+            if self.hook is not None:
+                self.hook.move([source], [slot])
 
     def _holds(self, slot: int, request: Any) -> bool:
         """Whether the device's row `slot` holds this request's context as it is now."""
