@@ -68,7 +68,7 @@ class RowsHook(Protocol):
         chunk; prompt_lens[i]: how much of the context is the request's prompt)."""
 
     def move(self, sources: list[int], slots: list[int]) -> None:
-        """Each source slot's state (its request's, as it is now) into the slot its request moved to."""
+        """Each source slot's state (its request's, as it is now) into the slot a release moved its request to (at the release)."""
 
     def after_verify(self, r: int, verdict: torch.Tensor, feed: torch.Tensor, input_pos: torch.Tensor) -> None:
         """Inside the step of rows [0, r): verdict (r, 2), feed and input_pos (r, K+1) -> the next drafts into cols[:r]."""
