@@ -123,8 +123,8 @@ class BatchEagle:
         """An admitted prompt's hidden states (T, D) kept in its slot's ring, from the first position its
         first chain reads: its first load catches up from them and the steps' after them, whenever it comes.
         (Kept by prompt, a few per slot, a request that ran plain while many others were admitted found its
-        own gone, and its load was a pass over its context: on the H200 one at 16 rows stalled 1.8 s,
-        capturing that pass's length: results/gpu/batch-trace-spread-NVIDIA-H200-bbe0f45.txt.)"""
+        own gone, and its load was a pass over its context: on the H200 a chunk at 16 rows with such loads
+        stalled 1.8 s, a pass of a new length captured then, as it seems: results/gpu/batch-trace-spread-NVIDIA-H200-bbe0f45.txt.)"""
         T = len(prompt_ids)
         first = self.drafter.first_needed(T + 1)
         ring = self._ring(hidden)
