@@ -19,7 +19,7 @@ columns, a chain repeats its last draft. The verify keeps the target's own argma
 row's output is its plain greedy output whatever the head drafts.
 
 The draft cache has a row per slot, (1, B, nkv, S, hd). A request a release moved into another
-slot takes its row along (`move`: the draft cache row and its next drafts copied). A row whose
+slot takes its row along (`_moved`: the draft cache row and its next drafts copied at the release). A row whose
 device state is not its request's otherwise (a new request, host or plain steps taken since) is
 loaded from its context: the row's draft cache caught up over the positions the draft layer's
 window reaches, from the target's hidden states there, and its first chain (one pass for the rows
@@ -131,8 +131,15 @@ class BatchEagle:
         ring[slot, torch.arange(first, T, device=hidden.device) % self.ring] = hidden[first:T].to(ring.dtype)
         self.fed[slot] = (first, T, self.batch.turns[slot])
 
+    @torch.inference_mode()
     def _moved(self, slot: int, source: int) -> None:
-        """A release moved source's request into slot: the hidden states kept for it go along (else its next load is a pass)."""
+        """A release moved source's request into slot: its state here goes along, its draft cache row and next drafts
+        (BatchLookup's record of the slot says whether they are its request's) and the hidden states kept for it (else
+        its next load is a pass)."""
+        self.cache.k[:, slot] = self.cache.k[:, source]  # (1, nkv, S, hd)
+        self.cache.v[:, slot] = self.cache.v[:, source]
+        self.cols[slot] = self.cols[source]
+        self.moved += 1
         first, to, turn = self.fed[source]
         if self.feats is not None and turn == self.batch.turns[source]:
             self.feats[slot] = self.feats[source]
@@ -280,15 +287,6 @@ class BatchEagle:
             else:
                 with self.batch.engine.autocast():
                     self._first_chains(run[0], run[-1] + 1, only=self.whole_bucket)
-
-    @torch.inference_mode()
-    def move(self, sources: list[int], slots: list[int]) -> None:
-        """Rows a release moved: their draft cache rows and next drafts copied along (gathered first, so a slot may be both)."""
-        src, dst = torch.tensor(sources, device=self.cols.device), torch.tensor(slots, device=self.cols.device)
-        self.cache.k[:, dst] = self.cache.k[:, src]  # (1, n, nkv, S, hd)
-        self.cache.v[:, dst] = self.cache.v[:, src]
-        self.cols[dst] = self.cols[src]
-        self.moved += len(slots)
 
     @torch.inference_mode()
     def after_verify(self, r: int, verdict: torch.Tensor, feed: torch.Tensor, input_pos: torch.Tensor) -> None:

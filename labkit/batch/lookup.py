@@ -67,9 +67,6 @@ class RowsHook(Protocol):
         (since[i] > 0: the slot's state is its request's context of that length, left by this hook's last
         chunk; prompt_lens[i]: how much of the context is the request's prompt)."""
 
-    def move(self, sources: list[int], slots: list[int]) -> None:
-        """Each source slot's state (its request's, as it is now) into the slot a release moved its request to (at the release)."""
-
     def after_verify(self, r: int, verdict: torch.Tensor, feed: torch.Tensor, input_pos: torch.Tensor) -> None:
         """Inside the step of rows [0, r): verdict (r, 2), feed and input_pos (r, K+1) -> the next drafts into cols[:r]."""
 
@@ -185,7 +182,7 @@ class BatchLookup:
 
     def _released(self, slot: int, source: int) -> None:
         """A release moved source's request into slot (BatchEngine.listen_releases; no chunk is in flight then): the
-        device row it holds goes along, the hook's state too, so that its next chunk starts from it, or catches up from
+        device row it holds goes along (a hook moves its own state: BatchEagle._moved), so that its next chunk starts from it, or catches up from
         where its last chunk left it, whatever plain steps came between. (Moved at its next chunk, and only if no step
         had come between, a request that ran plain steps after a chunk and then moved was loaded by a pass over its
         context: the positions before its plain steps were in its old slot's draft cache alone.)"""
@@ -195,8 +192,6 @@ class BatchLookup:
             self.history[slot] = self.history[source]
             self.n_ctx[slot] = self.n_ctx[source]
             self.eos_until[slot] = self.eos_until[source]
-            if self.hook is not None:
-                self.hook.move([source], [slot])
 
     def _holds(self, slot: int, request: Any) -> bool:
         """Whether the device's row `slot` holds this request's context as it is now."""

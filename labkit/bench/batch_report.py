@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from labkit.batch.graphs import bucket
+from labkit.bench.common import log2_panels
 
 
 def controller_lines(summary: list[dict[str, Any]]) -> list[str]:
@@ -94,14 +95,6 @@ def plot_batch(payload: dict[str, Any], path: Any = None) -> Any:
     if model:
         ax2.plot([m["batch"] for m in model], [m["predicted_speedup"] for m in model], marker="x", linestyle="--", label="speedup model")
     ax2.axhline(1.0, color="grey", lw=0.8)
-    for ax, title in ((ax1, "aggregate output tok/s"), (ax2, "speculation / plain")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{payload.get('card', '')}, {payload['parameters'].get('dtype_resolved', '')}, continuous batching, greedy", fontsize=9)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
+    log2_panels(fig, [(ax1, "aggregate output tok/s"), (ax2, "speculation / plain")], "batch size",
+                f"{payload.get('card', '')}, {payload['parameters'].get('dtype_resolved', '')}, continuous batching, greedy", path)
     return fig

@@ -48,6 +48,21 @@ def time_hf_generate(hf_model: Any, prompt_ids: list[int], gen: GenerationConfig
     return out[0, len(prompt_ids):].tolist(), elapsed
 
 
+def log2_panels(fig: Any, panels: list[tuple[Any, str]], xlabel: str, title: str, path: Any = None) -> None:
+    """A figure's (matplotlib axes, title) panels against a size that doubles: a log-2 x axis, its label, a grid and a
+    legend each; the figure's title, its layout, and the figure saved at `path` (None: not saved)."""
+    for ax, panel in panels:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+
+
 def start_log(output_dir: str | None, stem: str) -> RowLog | None:
     """Claim the results files before anything is measured (None: write nothing)."""
     return RowLog(output_dir, stem) if output_dir else None

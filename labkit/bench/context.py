@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from labkit.bench.common import finish_log, rotated, run_params, start_log, time_hf_generate
+from labkit.bench.common import finish_log, log2_panels, rotated, run_params, start_log, time_hf_generate
 from labkit.bench.results import provenance, warn_if_busy
 from labkit.config import EngineConfig, GenerationConfig, device_name, dtype_name, resolve_device
 from labkit.engine import Engine
@@ -299,17 +299,9 @@ def plot_context(payload: dict[str, Any], path: Any = None) -> Any:
     forward = {int(n): ms for n, ms in payload.get("hf_forward_ms", {}).items()}
     if forward:
         ax1.plot(sorted(forward), [forward[n] for n in sorted(forward)], marker="x", linestyle="--", label="hf_forward (prompt only)")
-    for ax, title in ((ax1, "time to first token (ms)"), (ax2, "decode tok/s")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("prompt tokens")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
     ax1.set_yscale("log")
-    ax1.legend(fontsize=8)
-    ax2.legend(fontsize=8)
-    fig.suptitle(f"{payload.get('card', '')}, {payload['parameters'].get('dtype_resolved', '')}", fontsize=9)
-    fig.tight_layout()
+    log2_panels(fig, [(ax1, "time to first token (ms)"), (ax2, "decode tok/s")], "prompt tokens",
+                f"{payload.get('card', '')}, {payload['parameters'].get('dtype_resolved', '')}", path)
     if path is not None:
-        fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig
