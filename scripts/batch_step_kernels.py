@@ -3,7 +3,7 @@
     python3 scripts/batch_step_kernels.py EAGLE_FOLDER [sizes] [K] [steps]
 
 For each rows count r and system (plain, ngram-device-K, eagle-device-K: bench batch's), r requests
-of the suite (600 new tokens each, so none ends) run through a ContinuousBatcher past their
+of the suite (850 new tokens each, so none ends) run through a ContinuousBatcher past their
 admission and first loads; then `steps` scheduler steps are timed, and as many more run under the profiler. Per
 generated token (all rows): the host's wall time, the device's kernel time (the rest of the wall the device
 sat idle: the host's work or a read's wait), and the kernels that take the most. plain's wall per
@@ -28,11 +28,11 @@ from labkit.specdec.heads import fingerprint
 folder = sys.argv[1]
 sizes = [int(s) for s in (sys.argv[2] if len(sys.argv) > 2 else "1,2,4,8").split(",")]
 K = int(sys.argv[3]) if len(sys.argv) > 3 else 5
-STEPS = int(sys.argv[4]) if len(sys.argv) > 4 else 12
-engine, suite, gpu = engine_and_suite(600)
+STEPS = int(sys.argv[4]) if len(sys.argv) > 4 else 16
+engine, suite, gpu = engine_and_suite(850)
 sync = torch.cuda.synchronize if gpu else (lambda: None)
 head = load_eagle(folder, fingerprint(engine.model.lm_head.weight))
-gen = GenerationConfig(max_new_tokens=600, min_new_tokens=600)
+gen = GenerationConfig(max_new_tokens=850, min_new_tokens=850)
 kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
 acts = [torch.profiler.ProfilerActivity.CUDA if gpu else torch.profiler.ProfilerActivity.CPU]
 
@@ -59,7 +59,7 @@ for r in sizes:
             for _ in range(STEPS):
                 batcher.step()
             sync()
-        tokens = sum(len(a.tokens) for a in asks) - before
+        tokens = max(1, sum(len(a.tokens) for a in asks) - before)
         times: dict[str, float] = {}
         for e in prof.events():
             if e.device_type == kind:
