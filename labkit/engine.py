@@ -38,17 +38,16 @@ from labkit.models.loading import LoadedModel
 
 MIN_ATTEND = 1024  # the smallest attention span of a masked fixed-shape step (see Engine.ensure_capacity)
 PREFILL_CHUNK = 8192  # a longer input runs as passes of this many tokens (activations and masks stay bounded)
-# With CUDA graphs an input of up to PREFILL_GRAPH_CHUNKS_MAX_T tokens runs as captured steps of
-# GRAPH_MAX_T tokens (the fused layers: few kernels); a longer prompt from position 0 as one
-# captured pass (PrefillGraph), padded to a power of two. Anything else runs in one eager pass.
+# With CUDA graphs a prompt from position 0 runs as one captured pass (PrefillGraph), padded to a power of two: through
+# the fused layers up to their PROMPT_MAX_T (layer_triton), else the PyTorch layers, and then only past
+# PREFILL_GRAPH_CHUNKS_MAX_T tokens (shorter ones as captured fused steps of GRAPH_MAX_T). Anything else: one eager pass.
 PREFILL_GRAPH_CHUNKS_MAX_T = 48  # measured on an H200: 32 tokens as two chunks 1.1 ms, as one pass 2.1 ms; 512: 17.6 and 2.6 ms
 PREFILL_GRAPHS = True  # captured prompt passes (scripts/prefill_costs.py compares the ways)
 
 
 class Engine:
-    """Steps one model over its static cache. The cache is allocated once, at load, for
-    `max_seq_len` positions (default: the model's context, at most config.DEFAULT_MAX_SEQ_LEN), so no
-    request moves it; `resize` is the one way to move it, and it drops every captured graph."""
+    """Steps one model over its static cache. The cache is allocated once, at load, for `max_seq_len` positions (default:
+    the model's context, at most config.DEFAULT_MAX_SEQ_LEN): `resize` is the one way to move it (dropping every captured graph)."""
 
     def __init__(
         self,
@@ -139,15 +138,23 @@ class Engine:
 
     @property
     def prompt_pass_min_t(self) -> int:
-        """The shortest prompt `prefill` runs as one captured pass (PrefillGraph; 0: never), read
-        when asked so that a tuned PREFILL_GRAPH_CHUNKS_MAX_T holds for warm-ups too."""
-        return max(GRAPH_MAX_T, PREFILL_GRAPH_CHUNKS_MAX_T) + 1 if PREFILL_GRAPHS and self.cuda_graph else 0
+        """The shortest prompt `prefill` runs as one captured pass (PrefillGraph; 0: never): past one step's
+        tokens where the pass runs through the fused layers (their PROMPT_MAX_T), else past PREFILL_GRAPH_CHUNKS_MAX_T.
+        Read when asked, so that a tuned PREFILL_GRAPH_CHUNKS_MAX_T holds for warm-ups too."""
+        if not (PREFILL_GRAPHS and self.cuda_graph):
+            return 0
+        fused = self.model.runs_fused(prefill_bucket(GRAPH_MAX_T + 1), prompt=True)  # (the smallest bucket's pass)
+        return GRAPH_MAX_T + 1 if fused else max(GRAPH_MAX_T, PREFILL_GRAPH_CHUNKS_MAX_T) + 1
 
     def prefills_fused(self, T: int) -> bool:
         """Whether `prefill` runs T tokens through the fused kernels (a token's bits then do not depend on
         what shares its step), for a request with room for graphs (a batch slot's). Batched admission asks."""
-        pass_t = 0 < self.prompt_pass_min_t <= T  # a captured prompt pass, through the PyTorch layers
-        return not (self.compiled or self.layer_kernels == "torch" or pass_t) and self.model.runs_fused(min(T, self._prompt_chunk(T, self.cuda_graph)))
+        if self.compiled or self.layer_kernels == "torch":
+            return False
+        if 0 < self.prompt_pass_min_t <= T:  # one captured pass: fused up to the kernels' PROMPT_MAX_T
+            return self.model.runs_fused(prefill_bucket(T), prompt=True)
+        chunk = self._prompt_chunk(T, self.cuda_graph)
+        return self.model.runs_fused(min(T, chunk), prompt=T <= chunk)  # (one eager pass: a prompt's, from position 0)
 
     @staticmethod
     def _prompt_chunk(T: int, graphs: bool) -> int:  # the widest step forward runs T prompt tokens in (no prompt pass)
@@ -155,15 +162,12 @@ class Engine:
 
     @property
     def static_step(self) -> Callable[..., torch.Tensor]:
-        """The fixed-shape step (tokens (B, T), input_pos (T,), n_layers) -> logits (B, T, V) that
-        graphs capture: compiled with --compile, else the plain one."""
+        """The fixed-shape step (tokens (B, T), input_pos (T,), n_layers) -> logits (B, T, V) graphs capture (--compile's)."""
         return self._static_step or self._static_forward
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast context every step runs in (a no-op without AMP)."""
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype) if self.amp else contextlib.nullcontext()
 
     # -- cache management -------------------------------------------------------------
     def _allocate(self, max_seq_len: int) -> None:
@@ -178,9 +182,8 @@ class Engine:
         self.model.setup_rope(self.cache.max_len)
 
     def resize(self, max_seq_len: int) -> None:
-        """Reallocate the cache for `max_seq_len` positions. Every captured graph (the engine's
-        steps, greedy chunks, drafters' device steps) is dropped, to be captured again on the new
-        cache; the cache starts empty."""
+        """Reallocate the cache for `max_seq_len` positions. Every captured graph (steps, greedy chunks,
+        drafters' device steps) is dropped, to be captured again on the new cache; the cache starts empty."""
         self._allocate(resolve_max_seq_len(max_seq_len, self.context_len))
 
     def ensure_capacity(self, total_len: int) -> None:
@@ -191,9 +194,8 @@ class Engine:
         if total_len > self.max_seq_len:
             raise LabkitError(f"{total_len} positions exceed this engine's cache of {self.max_seq_len} "
                               f"(--max-seq-len, at most the model's context of {self.context_len})")
-        # Fixed-shape steps attend over a span: the request's length rounded up to a power of two,
-        # so a short request on a long cache pays for neither a mask over the whole cache (PyTorch
-        # layers, --compile) nor attention programs for keys it never has (fused layers).
+        # Fixed-shape steps attend over a span: the request's length rounded up to a power of two, so a short request on
+        # a long cache pays for neither a mask over the whole cache (PyTorch layers) nor attention programs past its keys.
         span = max(MIN_ATTEND, 1 << max(0, total_len + GRAPH_HEADROOM - 1).bit_length())
         self.attend_len = min(self.max_seq_len, span)
         # Graph capture warms up on the cache's last positions: keep them out of reach. Near the
@@ -212,8 +214,7 @@ class Engine:
         self.cache.rollback(length)
 
     def set_length(self, length: int) -> None:
-        """Declare positions [0, length) valid: for device steps that wrote the cache themselves
-        (a captured speculative step knows how far it got only on the device)."""
+        """Declare positions [0, length) valid (a captured speculative step knows how far it got only on the device)."""
         if not 0 <= length <= self.cache.max_len:
             raise LabkitError(f"cache length {length} is outside 0..{self.cache.max_len}")
         self.cache.length = length
@@ -225,9 +226,9 @@ class Engine:
 
         n_layers runs only the first layers (then the final norm and head): a layer-skip draft.
         It writes those layers' cache at the new positions, which the next full pass overwrites.
-        A prompt runs in one pass (PREFILL_CHUNK tokens at most per pass; a short one as captured
-        chunks, PREFILL_GRAPH_CHUNKS_MAX_T): fused layers for up to model.fused_max_t tokens, PyTorch
-        layers (cuBLAS GEMMs, flash attention) for more.
+        A prompt runs in one pass (PREFILL_CHUNK tokens at most per pass; captured as above): fused layers
+        for up to model.fused_max_t tokens (a prompt's pass: the kernels' PROMPT_MAX_T), PyTorch layers
+        (cuBLAS GEMMs, flash attention) for more.
         """
         cache = self.cache
         B, T = tokens.shape
@@ -235,8 +236,8 @@ class Engine:
             raise ValueError(f"engine was built for batch {self.batch_size}, got {B}")
         start = cache.length
         self._check_room(start, T)
-        if (PREFILL_GRAPHS and self._graphs_safe and start == 0 and last_only is True and n_layers is None and T > GRAPH_MAX_T
-                and T > PREFILL_GRAPH_CHUNKS_MAX_T and prefill_bucket(T) <= cache.max_len):
+        if (self._graphs_safe and start == 0 and last_only is True and n_layers is None and 0 < self.prompt_pass_min_t <= T
+                and prefill_bucket(T) <= cache.max_len):
             graph: PrefillGraph = self.captured(("prefill", prefill_bucket(T)), lambda: PrefillGraph(self, prefill_bucket(T)))
             logits = graph.run(tokens)
             cache.length = T
@@ -274,7 +275,7 @@ class Engine:
 
     @torch.inference_mode()
     def prompt_pass(self, tokens: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """A prompt from position 0 (B, T) in one causal pass through the PyTorch layers; logits
+        """A prompt from position 0 (B, T) in one causal pass (the fused layers up to their PROMPT_MAX_T); logits
         (B, 1, V) at row `last` (a (1,) device index: captured passes pad the prompt)."""
         return self.model(tokens, input_pos, self.cache, tokens.shape[1], CAUSAL, last, None)
 
@@ -346,9 +347,8 @@ class Engine:
 
     # -- hidden states (draft heads read them) -----------------------------------------------
     def keep_hidden_states(self, every_position: bool = False) -> None:
-        """Keep the final hidden state of every full pass from now on (draft heads draft from it);
-        every_position: of every prompt position too, not only the last (EAGLE reads them all).
-        Captured steps are dropped, to be captured again with that state kept."""
+        """Keep the final hidden state of every full pass from now on (draft heads draft from it); every_position: of
+        every prompt position too (EAGLE reads them all). Captured steps are dropped, to be captured again keeping it."""
         if self.compiled:
             raise LabkitError("draft heads need an engine without --compile: its compiled step cannot hand out the hidden state")
         self.model.keep_hidden = True
@@ -367,8 +367,8 @@ class Engine:
 
     @property
     def greedy_chunk(self) -> int:
-        """Greedy tokens decoded per host synchronisation: several on an asynchronous device,
-        one on the CPU (where a chunk would only compute tokens past an EOS for nothing)."""
+        """Greedy tokens per host synchronisation: several on an asynchronous device, one on the CPU (where a chunk
+        would only compute tokens past an EOS for nothing)."""
         return GREEDY_CHUNK if self.device.type in ("cuda", "mps") else 1
 
     @torch.inference_mode()

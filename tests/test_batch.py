@@ -382,7 +382,7 @@ def test_requests_joining_together_are_prefilled_as_rows_with_batch_1_bits() -> 
     hf = tiny_hf_model("llama", seed=5)
     engine = Engine.from_hf(hf, "cpu", "float32", max_seq_len=64, layer_kernels="triton")
     asks = [p[:n] for p, n in zip(prompts(4, engine.args.vocab_size, seed=3), (9, 5, 12, 16), strict=True)]  # shortest first: staged rows reversed
-    asks.append(list(range(3, 23)))  # 20 tokens: past one fused pass, so the engine prefills it through the PyTorch layers
+    asks.append(list(range(3, 23)))  # 20 tokens: past the staging's one step, so the engine prefills it in a pass of its own
     batch = BatchEngine(engine, BatchConfig(slots=5, max_seq_len=48))
     batch.admit(asks[0])  # a request already decoding in slot 0
     assert batch.staging is not None and not batch.staging.takes(20) and all(batch.staging.takes(len(p)) for p in asks[:4])

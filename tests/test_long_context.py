@@ -59,6 +59,39 @@ def test_one_pass_prefill_matches_transformers(arch: str) -> None:
     assert (got - want).abs().max().item() < 1e-4
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("T", [40])
+def test_a_prompt_pass_through_the_fused_kernels_has_their_16_token_steps_bits(T: int) -> None:
+    """A prompt's causal pass of up to the kernels' PROMPT_MAX_T tokens runs through the fused layers
+    (in one pass, eager or captured and padded): its last logits, the keys and values it leaves in the
+    cache and every position's kept hidden state are what 16-token fused steps over the prompt give,
+    to the bit (so batched admission's staged rows, which run such steps, keep batch-1 prefill's bits)."""
+    from labkit.graphs import GRAPH_MAX_T, prefill_bucket
+    from labkit.kernels import layer_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = Engine.from_hf(long_model(), device, "float32", max_seq_len=512, layer_kernels="triton")
+    engine.keep_hidden_states(every_position=True)  # (EAGLE's loads read them)
+    assert T <= layer_triton.PROMPT_MAX_T and engine.prefills_fused(T) and not engine.prefills_fused(layer_triton.PROMPT_MAX_T + 1)
+    ids = torch.randint(3, 96, (1, T), generator=torch.Generator().manual_seed(T)).to(device)  # (1, T)
+    engine.ensure_capacity(T + 1)
+    hidden = []
+    for c0 in range(0, T, GRAPH_MAX_T):  # 16-token steps, as captured chunks and staged rows run
+        want = engine.forward(ids[:, c0 : c0 + GRAPH_MAX_T])[:, -1]  # (1, V)
+        hidden.append(engine.model.last_hidden)
+    want_hidden, keys, values = torch.cat(hidden, 1), engine.cache.k[:, :, :, :T].clone(), engine.cache.v[:, :, :, :T].clone()
+    engine.ensure_capacity(T + 1)
+    assert torch.equal(engine.prefill(ids), want)  # one eager pass from position 0
+    assert torch.equal(engine.hidden_span(0, T), want_hidden)
+    assert torch.equal(engine.cache.k[:, :, :, :T], keys) and torch.equal(engine.cache.v[:, :, :, :T], values)
+    bucket = prefill_bucket(T)  # what graphs.PrefillGraph captures: the prompt padded with junk, its last row picked
+    padded = torch.cat([ids, torch.randint(3, 96, (1, bucket - T), device=device)], 1)
+    engine.ensure_capacity(bucket)
+    assert torch.equal(engine.prompt_pass(padded, torch.arange(bucket, device=device), torch.tensor([T - 1], device=device))[:, 0], want)
+    assert torch.equal(engine.model.last_hidden[:, :T], want_hidden)
+    assert torch.equal(engine.cache.k[:, :, :, :T], keys) and torch.equal(engine.cache.v[:, :, :, :T], values)
+
+
 def test_prompts_from_position_zero_are_plain_causal() -> None:
     engine = Engine.from_hf(long_model(), "cpu", "float32")
     pos = torch.arange(0, 300)

@@ -1,13 +1,15 @@
 """Admission in one batched pass: the prompts of requests that join together, prefilled as rows of
 one step per chunk, with batch-1 prefill's bits.
 
-Why it keeps the bits. The engine prefills a short prompt through the fused layer kernels, as
-steps of at most GRAPH_MAX_T tokens (Engine.prefills_fused), and those kernels give a token the same
+Why it keeps the bits. The engine prefills a prompt of up to the kernels' PROMPT_MAX_T tokens through
+the fused layer kernels, in one pass (Engine.prefills_fused), and those kernels give a token the same
 arithmetic whatever other rows and tokens share its step (fixed 16-row tiles, absolute split
 boundaries in the attention, causal keys only). So the joining prompts run as rows of one step per
 chunk of GRAPH_MAX_T positions, and every request starts from exactly the keys, values and logits
-that batch-1 prefill gives it. A longer prompt, which the engine prefills through the PyTorch
-layers (GEMMs whose reduction order follows the number of rows), is admitted on its own.
+that batch-1 prefill gives it. A longer prompt is admitted on its own, by the engine's prefill (one
+captured fused pass: 0.86 ms for a 100-token prompt on an H200; its seven 16-token steps 4.2 ms, staging
+them with others' not measured), and so is one past PROMPT_MAX_T, which the engine prefills through
+the PyTorch layers (GEMMs whose reduction order follows the number of rows).
 
 Where. The rows run on a staging cache of a few positions per row (STAGE_ROWS rows: more prompts
 join in groups), replayed as CUDA graphs per rows bucket when the batch uses graphs

@@ -49,6 +49,11 @@ from labkit.kernels.triton_common import (
 
 TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention
 ROW_POSITIONS = True  # input_pos may be (B, T): each batch row at its own positions (batched decoding)
+# A prompt's causal pass of up to this many tokens runs through these kernels too (16-row tiles over
+# any T). Captured on an H200 (scripts/prefill_costs.py, results/gpu/prefill-costs-NVIDIA-H200-c922de7.txt):
+# 0.55 / 0.86 / 1.37 / 2.53 / 4.81 ms at 32 / 128 / 256 / 512 / 1024 tokens against the PyTorch layers'
+# 1.15 / 2.14 / 2.28 / 2.54 / 3.25 ms, and the same bits as 16-token steps.
+PROMPT_MAX_T = 256
 
 
 def _loop_k(key: str, x: torch.Tensor) -> int:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from labkit.kernels.layer_cpu import LayerTensors
-from labkit.models.kvcache import KVCache, Mask, RowSpans, TreeAttention, attend, attend_rows
+from labkit.models.kvcache import CAUSAL, KVCache, Mask, RowSpans, TreeAttention, attend, attend_rows
 
 # Fused layer kernels serve steps of up to this many tokens (decode, verify); a longer input (a
 # prompt) runs through the PyTorch layers: cuBLAS GEMMs and flash attention, in one pass.
@@ -185,9 +185,10 @@ class Llama(nn.Module):
         self.keep_every_hidden = False  # ... of every position of a pass that returns the last row's logits only (EAGLE)
         self.last_hidden: torch.Tensor | None = None  # (B, T or 1, dim) after the final norm
 
-    def runs_fused(self, T: int) -> bool:
-        """Whether a step of T tokens runs through the fused layer kernels (which need no mask)."""
-        return self.layer_ops is not None and T <= self.fused_max_t
+    def runs_fused(self, T: int, prompt: bool = False) -> bool:
+        """Whether a step of T tokens runs through the fused layer kernels (which need no mask); a
+        prompt's causal pass (mask CAUSAL) also up to the op set's PROMPT_MAX_T where it has one."""
+        return self.layer_ops is not None and (T <= self.fused_max_t or prompt and T <= getattr(self.layer_ops, "PROMPT_MAX_T", 0))
 
     def setup_rope(self, max_len: int) -> None:
         """Tables for positions [0, max_len), computed in fp32 and rounded to the weights' dtype."""
@@ -218,9 +219,10 @@ class Llama(nn.Module):
         # rows at their own positions (input_pos (B, T)) run fused where the kernels take them; trees where they take trees
         fused_ok = self.layer_ops is not None and (input_pos.dim() == 1 or self.layer_ops.ROW_POSITIONS)
         fused_ok = fused_ok and (tree is None or getattr(self.layer_ops, "TREES", False))
-        if fused_ok and self.runs_fused(tokens.shape[1]) and getattr(self.layer_ops, "STACKS", False):
+        fused_ok = fused_ok and self.runs_fused(tokens.shape[1], prompt=isinstance(mask, str) and mask == CAUSAL)
+        if fused_ok and getattr(self.layer_ops, "STACKS", False):
             x = self.forward_stack(x, cache, input_pos, n, tree)
-        elif fused_ok and self.runs_fused(tokens.shape[1]):
+        elif fused_ok:
             for i in range(n):
                 block: LlamaBlock = self.layers[i]  # type: ignore[assignment]
                 x = block.forward_fused(self.layer_ops, x, self.cos, self.sin, cache, i, input_pos, attend_len, tree)
@@ -232,23 +234,32 @@ class Llama(nn.Module):
                 x = self.layers[i](x, cos, sin, cache, i, input_pos, attend_len, mask)
         keep = self.keep_hidden and n == self.args.n_layers
         if keep and self.keep_every_hidden and (isinstance(last_only, torch.Tensor) or last_only):
+            if fused_ok and tokens.shape[1] > self.fused_max_t:  # a fused prompt pass: every row through the fused
+                # head, so the hidden states kept are the bits its prompt's 16-token steps keep (batched admission's)
+                return self._rows_picked(self._fused_head(x, True), last_only)
             self.last_hidden, keep = self.norm(x), False  # (B, T, dim): every row's, before the last is picked
-        if isinstance(last_only, torch.Tensor):
-            x = x.index_select(1, last_only)  # (B, 1, dim)
-        elif last_only:
-            x = x[:, -1:]
+        if isinstance(last_only, torch.Tensor) or last_only:
+            x = self._rows_picked(x, last_only)  # (B, 1, dim)
         if fused_ok:  # the final norm and the head in one fused operation
-            B, T, dim = x.shape
-            logits, h = self.layer_ops.norm_head(x.reshape(B * T, dim).contiguous(), self.norm.weight, self.norm.eps,
-                                                 self.lm_head.weight, keep)  # (B*T, vocab), (B*T, dim) or None
-            logits = logits.view(B, T, -1)
-        else:
-            h = self.norm(x)  # (B, T or 1, dim)
-            logits = self.lm_head(h)
+            return self._fused_head(x, keep)
+        h = self.norm(x)  # (B, T or 1, dim)
+        if keep:
+            self.last_hidden = h
+        return self.lm_head(h)
+
+    def _fused_head(self, x: torch.Tensor, keep: bool) -> torch.Tensor:  # x (B, T, dim) -> logits (B, T, vocab)
+        """The final norm and the LM head in one fused operation (its normed rows kept as last_hidden where `keep`)."""
+        B, T, dim = x.shape
+        logits, h = self.layer_ops.norm_head(x.reshape(B * T, dim).contiguous(), self.norm.weight, self.norm.eps,
+                                             self.lm_head.weight, keep)  # (B*T, vocab), (B*T, dim) or None
         if keep:
             assert h is not None
-            self.last_hidden = h.view(x.shape)
-        return logits
+            self.last_hidden = h.view(B, T, dim)
+        return logits.view(B, T, -1)
+
+    @staticmethod
+    def _rows_picked(x: torch.Tensor, last_only: bool | torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, 1, ...)
+        return x.index_select(1, last_only) if isinstance(last_only, torch.Tensor) else x[:, -1:]
 
     def forward_stack(self, x: torch.Tensor, cache: KVCache, input_pos: torch.Tensor, n: int,
                        tree: TreeAttention | None) -> torch.Tensor:  # x (B, T, dim) → (B, T, dim)
