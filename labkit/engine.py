@@ -143,7 +143,7 @@ class Engine:
         Read when asked, so that a tuned PREFILL_GRAPH_CHUNKS_MAX_T holds for warm-ups too."""
         if not (PREFILL_GRAPHS and self.cuda_graph):
             return 0
-        fused = self.model.runs_fused(prefill_bucket(GRAPH_MAX_T + 1), prompt=True)  # (the smallest bucket's pass)
+        fused = self.layer_kernels != "torch" and self.model.runs_fused(prefill_bucket(GRAPH_MAX_T + 1), prompt=True)  # (its smallest bucket)
         return GRAPH_MAX_T + 1 if fused else max(GRAPH_MAX_T, PREFILL_GRAPH_CHUNKS_MAX_T) + 1
 
     def prefills_fused(self, T: int) -> bool:
