@@ -248,9 +248,9 @@ class GreedyGraph:
 class PrefillGraph:
     """A prompt of up to `bucket` tokens from position 0 as one captured pass (the fused layers up to
     their PROMPT_MAX_T, else the PyTorch layers: cuBLAS GEMMs and flash attention), so a prompt costs
-    its GPU time, not hundreds of launches from Python. The prompt is padded at the end to the bucket; the padding's keys and values land
-    past the prompt, where no query of this request looks before a later step rewrites them
-    (attention is causal), and the logits are taken at the prompt's last token."""
+    its GPU time, not hundreds of launches from Python. The prompt is padded at the end to the bucket;
+    the padding's keys and values land past the prompt, where no query of this request looks before a
+    later step rewrites them (attention is causal), and the logits are taken at the prompt's last token."""
 
     def __init__(self, engine: Engine, bucket: int) -> None:
         device, B = engine.device, engine.batch_size

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from labkit.kernels.layer_cpu import LayerTensors
 from labkit.models.kvcache import CAUSAL, KVCache, Mask, RowSpans, TreeAttention, attend, attend_rows
 
-# Fused layer kernels serve steps of up to this many tokens (decode, verify); a longer input (a
-# prompt) runs through the PyTorch layers: cuBLAS GEMMs and flash attention, in one pass.
+# Fused layer kernels serve steps of up to this many tokens (decode, verify), and a prompt's causal pass up to their
+# op set's PROMPT_MAX_T; a longer input runs through the PyTorch layers: cuBLAS GEMMs and flash attention, in one pass.
 FUSED_MAX_T = 16
 
 
@@ -234,8 +234,8 @@ class Llama(nn.Module):
                 x = self.layers[i](x, cos, sin, cache, i, input_pos, attend_len, mask)
         keep = self.keep_hidden and n == self.args.n_layers
         if keep and self.keep_every_hidden and (isinstance(last_only, torch.Tensor) or last_only):
-            if fused_ok and tokens.shape[1] > self.fused_max_t:  # a fused prompt pass: every row through the fused
-                # head, so the hidden states kept are the bits its prompt's 16-token steps keep (batched admission's)
+            if fused_ok and tokens.shape[1] > self.fused_max_t:  # a fused prompt pass: every row through the fused head
+                # (an LM head over every row), so the hidden states kept are the bits its 16-token steps keep (batched admission's)
                 return self._rows_picked(self._fused_head(x, True), last_only)
             self.last_hidden, keep = self.norm(x), False  # (B, T, dim): every row's, before the last is picked
         if isinstance(last_only, torch.Tensor) or last_only:
