@@ -136,8 +136,7 @@ class BatchEagle:
         """A release moved source's request into slot: its state here goes along, its draft cache row and next drafts
         (BatchLookup's record of the slot says whether they are its request's) and the hidden states kept for it (else
         its next load is a pass)."""
-        self.cache.k[:, slot] = self.cache.k[:, source]  # (1, nkv, S, hd)
-        self.cache.v[:, slot] = self.cache.v[:, source]
+        self.cache.copy_rows(slot, self.cache, source)  # the draft cache row, every position
         self.cols[slot] = self.cols[source]
         self.moved += 1
         first, to, turn = self.fed[source]

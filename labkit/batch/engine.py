@@ -196,8 +196,7 @@ class BatchEngine:
         T = len(prompt_ids)
         self.engine.ensure_capacity(T + 1)
         logits = self.engine.prefill(torch.tensor([prompt_ids], device=self.engine.device))[0]  # (V,)
-        self.cache.k[:, slot, :, :T] = self.engine.cache.k[:, 0, :, :T]
-        self.cache.v[:, slot, :, :T] = self.engine.cache.v[:, 0, :, :T]
+        self.cache.copy_rows(slot, self.engine.cache, 0, T)
         if self.prompt_listeners and self.model.keep_hidden and self.model.keep_every_hidden:
             self._heard(slot, prompt_ids, self.engine.hidden_span(0, T)[0])
         return logits.clone()  # a captured pass's output buffer is overwritten by its next replay
@@ -298,8 +297,7 @@ class BatchEngine:
             return None
         self.turns[slot] += 1
         n = self.lengths[last]
-        self.cache.k[:, slot, :, :n] = self.cache.k[:, last, :, :n]
-        self.cache.v[:, slot, :, :n] = self.cache.v[:, last, :, :n]
+        self.cache.copy_rows(slot, self.cache, last, n)
         self.lengths[slot] = n
         for listener in self.release_listeners:
             listener(slot, last)

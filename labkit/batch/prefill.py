@@ -115,7 +115,4 @@ class StagedPrefill:
 
     def copy_into(self, cache: KVCache, slots: list[int], rows: list[int], length: int) -> None:
         """Staging rows' first `length` positions into the cache's slots (slots[i] <- rows[i])."""
-        dst = to_device(slots, cache.k.device)
-        src = to_device(rows, cache.k.device)
-        cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
-        cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
+        cache.copy_rows(to_device(slots, cache.k.device), self.cache, to_device(rows, cache.k.device), length)

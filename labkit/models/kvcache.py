@@ -112,6 +112,12 @@ class KVCache:
             return k_cache, v_cache
         return k_cache[:, :, :attend_len], v_cache[:, :, :attend_len]  # (B, H, attend_len, D)
 
+    def copy_rows(self, dst: int | torch.Tensor, src_cache: KVCache, src: int | torch.Tensor, length: int | None = None) -> None:
+        """Rows `src` of src_cache (this one or another of the same layers and heads), positions [0, length) (None: all),
+        into rows `dst` of this cache: a slot index each, or (n,) index tensors (gathered first, so a row may be both)."""
+        self.k[:, dst, :, :length] = src_cache.k[:, src, :, :length]  # (L, n, H, length, D)
+        self.v[:, dst, :, :length] = src_cache.v[:, src, :, :length]
+
     def rows(self, start: int, stop: int) -> KVCache:
         """Rows [start, stop) of this cache as a cache of their own: views, no copy."""
         view = object.__new__(KVCache)
