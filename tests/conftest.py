@@ -24,6 +24,28 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None)
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def run_cli_here(*args: str) -> tuple[int, str, str]:
+    """run_cli in this process (labkit.cli.main with its output captured): for commands that fail before any
+    work, where a fresh interpreter's start (~2.5 s of torch's import on a 2-core machine) is the whole cost."""
+    import contextlib
+    import io
+    import warnings
+
+    from labkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            rc = main(list(args))
+        except SystemExit as exit_:  # argparse's own errors
+            rc = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            torch.set_num_threads(threads)  # (main applies --threads)
+    return rc, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="session")
 def embedded() -> LoadedModel:
     """The real default model (converted once into the cache)."""

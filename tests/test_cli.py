@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -220,18 +220,18 @@ def test_heads_train_then_generate_with_them(tiny_folder, tmp_path) -> None:
         assert rc == 0, err
         stats = json.loads(stdout)["stats"]
         assert stats["drafter"].startswith("eagle-3") and (("-tree" in stats["drafter"]) == (kind == "eagle-tree"))
-    # nothing a user wrote is overwritten; a missing folder is a clear error
+    # nothing a user wrote is overwritten; a missing folder is a clear error (each fails before any work: in this process)
     for kind in ("heads", "eagle"):
-        assert_clean_error(*run_cli("heads", "train", "--kind", kind, "--model", str(tiny_folder), "--device", "cpu", "--out", str(out)),
+        assert_clean_error(*run_cli_here("heads", "train", "--kind", kind, "--model", str(tiny_folder), "--device", "cpu", "--out", str(out)),
                            f"already holds {kind} files")
-    assert_clean_error(*run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "eagle",
-                                "--heads", str(tmp_path / "plain")), "holds no EAGLE head")
-    assert_clean_error(*run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "heads",
-                                "--heads", str(tmp_path / "none")), "holds no draft heads")
-    assert_clean_error(*run_cli("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "heads"),
+    assert_clean_error(*run_cli_here("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "eagle",
+                                     "--heads", str(tmp_path / "plain")), "holds no EAGLE head")
+    assert_clean_error(*run_cli_here("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "heads",
+                                     "--heads", str(tmp_path / "none")), "holds no draft heads")
+    assert_clean_error(*run_cli_here("generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "hi", "--drafter", "heads"),
                        "needs heads: --heads")
-    assert_clean_error(*run_cli("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(tmp_path / "x"),
-                                "--greedy-tokens", "2"), "greedy_tokens > n_heads")
+    assert_clean_error(*run_cli_here("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(tmp_path / "x"),
+                                     "--greedy-tokens", "2"), "greedy_tokens > n_heads")
 
 
 def test_bench_context_runs_end_to_end(tiny_folder, tmp_path) -> None:
