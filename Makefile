@@ -30,7 +30,7 @@ lint: setup
 unit: setup
 	$(PY) -m pytest -q --durations=10 tests
 
-test-slow: setup  # the checks make test leaves out: the whole suite on the embedded model
+test-slow: setup  # the checks make test leaves out: the whole suite on the embedded model, compiled steps on the CPU
 	$(PY) -m pytest -q -m slow tests
 
 # Notebooks run top to bottom with their cheap default parameters; their results go to a

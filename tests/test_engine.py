@@ -121,6 +121,7 @@ def test_amp_keeps_fp32_weights() -> None:
     assert (engine.forward(ids).float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
 
 
+@pytest.mark.slow  # inductor compiles C++ for each step shape: 36 s of a 2-core CI machine (make test-slow runs it)
 def test_compiled_static_step_matches_eager() -> None:
     hf = tiny_hf_model("qwen2", seed=4)
     ids = torch.randint(0, hf.config.vocab_size, (1, 14))
