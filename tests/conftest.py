@@ -25,8 +25,8 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None)
 
 
 def run_cli_here(*args: str) -> tuple[int, str, str]:
-    """run_cli in this process (labkit.cli.main with its output captured): for commands that fail before any
-    work, where a fresh interpreter's start (~2.5 s of torch's import on a 2-core machine) is the whole cost."""
+    """run_cli in this process (labkit.cli.main with its output captured): for commands that fail before they generate
+    or train, where a fresh interpreter's start (~2.5 s of torch's import on a 2-core machine) is most of their time."""
     import contextlib
     import io
     import warnings

@@ -220,7 +220,7 @@ def test_heads_train_then_generate_with_them(tiny_folder, tmp_path) -> None:
         assert rc == 0, err
         stats = json.loads(stdout)["stats"]
         assert stats["drafter"].startswith("eagle-3") and (("-tree" in stats["drafter"]) == (kind == "eagle-tree"))
-    # nothing a user wrote is overwritten; a missing folder is a clear error (each fails before any work: in this process)
+    # nothing a user wrote is overwritten; a missing folder is a clear error (each fails before generating or training: run in this process)
     for kind in ("heads", "eagle"):
         assert_clean_error(*run_cli_here("heads", "train", "--kind", kind, "--model", str(tiny_folder), "--device", "cpu", "--out", str(out)),
                            f"already holds {kind} files")
