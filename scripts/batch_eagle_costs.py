@@ -13,6 +13,7 @@ row's first load caught up over each of several lengths, timed once each, before
 capture_all (which runs a catch-up of each length class its kernels compile apart).
 """
 
+import os
 import sys
 import time
 
@@ -105,7 +106,7 @@ for n in (64, 256):
 
     def kept_load(context: list[int] = context, hidden: torch.Tensor = hidden) -> None:
         for listener in batch.prompt_listeners:  # as admit_many hands each prompt's hidden states over
-            listener(context[:-1], hidden)
+            listener(0, context[:-1], hidden)
         hook.load([0], [context])
         sync()
 
@@ -113,5 +114,12 @@ for n in (64, 256):
     kept = timers.median_us(kept_load, 10, warm=2)
     back = timers.median_us(lambda context=context, hidden=hidden: caught_up_load(context, hidden, 8), 10, warm=2)
     prefill = timers.median_us(lambda prompt=prompt: (engine.prefill(prompt), sync()), 10, warm=2)
+    if os.environ.get("PROFILE_LOAD"):  # where a load from its admission's hidden states spends its time (host and device)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                kept_load()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
     print(f"load of a {n}-token context: {passed:7.1f} us with a prefill of its own, {kept:7.1f} us from its admission's hidden states, "
           f"{back:7.1f} us caught up after 8 plain steps (a prefill alone {prefill:7.1f} us)")

@@ -248,6 +248,43 @@ def test_a_launch_called_off_writes_nothing(M: int, monkeypatch: pytest.MonkeyPa
     assert not counters.any() and not scratch[0].any() and not scratch[1].any()
 
 
+@interpreted
+def test_a_rows_bits_do_not_depend_on_the_rows_beside_it() -> None:
+    """Batch invariance in the layer kernels: every row's outputs are the same bits whatever rows
+    share its launch and wherever its 16-row tile falls (M = 1, 16, 24 and the last 16 rows alone
+    against the same rows of a 40-row launch: three tiles, the last part full). At the embedded
+    model's sizes on a GPU (tl.dot on tensor cores), small ones under the interpreter."""
+    from labkit.kernels import layer_triton as tri
+
+    gpu = DEVICE == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    dim, hidden, vocab, nh, nkv, D, S = (576, 1536, 49152, 9, 3, 64, 64) if gpu else (96, 160, 200, 3, 1, 32, 48)
+    g = torch.Generator().manual_seed(42)
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+    M = 40
+    x, h, nw = rnd(M, dim), rnd(M, hidden), 1 + rnd(dim, scale=0.1)
+    w_down, w_gu, w_head = rnd(dim, hidden, scale=hidden**-0.5), rnd(2 * hidden, dim, scale=dim**-0.5), rnd(vocab, dim, scale=dim**-0.5)
+    w_qkv = rnd((nh + 2 * nkv) * D, dim, scale=dim**-0.5)
+    angles = torch.rand(S, D // 2, generator=g)
+    cos = torch.cat([angles.cos()] * 2, -1).to(dtype).to(DEVICE)
+    sin = torch.cat([-angles.sin(), angles.sin()], -1).to(dtype).to(DEVICE)
+    k_cache, v_cache = rnd(1, nkv, S, D), rnd(1, nkv, S, D)
+
+    def outputs(rows: slice) -> list[torch.Tensor]:  # each kernel over x[rows]
+        pos = torch.full((len(range(M)[rows]),), 5, device=DEVICE)  # one position: every row writes the same cache slot
+        q = tri.norm_qkv_rope(x[rows], nw, 1e-5, w_qkv, None, cos, sin, pos, k_cache.clone(), v_cache.clone(), nh)
+        return [q, tri.linear_residual(h[rows], w_down, None, x[rows]), tri.norm_gate_up(x[rows], nw, 1e-5, w_gu, None),
+                *tri.norm_head(x[rows], nw, 1e-5, w_head, True)]
+
+    whole = outputs(slice(0, M))
+    for rows in (slice(0, 1), slice(0, 16), slice(0, 24), slice(24, 40)):
+        for name, part, all_rows in zip(("q", "linear_residual", "norm_gate_up", "logits", "normed"), outputs(rows), whole, strict=True):
+            assert torch.equal(part, all_rows[rows]), (name, rows)
+
+
 @pytest.mark.parametrize("arch", ["llama-untied", "mistral"])  # biases; sliding window
 def test_reference_layers_reproduce_the_model_layers(arch: str) -> None:
     """layer_reference through forward_fused is the model's own layer, in another shape."""

@@ -15,6 +15,10 @@ import triton
 import triton.language as tl
 
 BLOCK_M = 16  # rows (tokens) per program: tl.dot's smallest tile
+# Tried 32-row programs for launches of 17-32 rows (a 4-row verify of K 5 is 24 rows, two 16-row programs
+# that each read the weights; H200, session 42, scripts/with_tune.py): every row's bits the same, but a
+# 4-row K 5 lookup step ran 1,685 against 656 us and a 32-token prompt pass 5.6 against 0.6 ms (1.5 ms
+# with 8 warps): the prefetched weight tiles beside a 32-row tile spill. Kept at 16 for every launch.
 # Tile sizes. At batch 1 each kernel reads a few hundred KB of weights: many small programs keep
 # more SMs reading at once. scripts/layer_tune.py times alternatives on a GPU.
 TUNE = {
