@@ -61,7 +61,8 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     chunks, each switch back loads them again from their contexts, and every output stays plain
     greedy; the controller learns what rows keep from EAGLE's drafts alone (plain steps' host
     n-gram drafts, batch/shadow.py, would judge another drafter's acceptance). A chunk's load of
-    rows back from plain steps (here >= 1 s each) is told apart, a switch's cost, not in its steps'
+    rows back from plain steps (here >= 1.5 s each: a margin over the steps' own seconds, which a
+    busy machine stretches) is told apart, a switch's cost, not in its steps'
     seconds (charged to them, on the H200 a one-step try was rated at 3.4 ms where EAGLE's steps
     took 0.8). A request's first load (its prompt's draft cache) is no switch's cost (told, it priced
     switches at 8-42 ms at 1-8 rows on the H200, and the controller stayed plain at one row) but
@@ -76,7 +77,7 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
     hook = BatchEagle(batch, head, K)
     load, back = hook.load, []
-    hook.load = lambda *args: (back.append(any(args[2])), time.sleep(1.0), load(*args))[2]  # type: ignore[method-assign]
+    hook.load = lambda *args: (back.append(any(args[2])), time.sleep(1.5), load(*args))[2]  # type: ignore[method-assign]
     ctl = Scripted(K, (0, 0, K), best=K)  # two plain steps, then a chunk of EAGLE steps, in turn
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, ctl, lookup=BatchLookup(batch, K, hook=hook))  # type: ignore[arg-type]
     got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
@@ -84,9 +85,9 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     assert [r.tokens for r in got] == want
     assert {k for k, _ in ctl.seen} == {0, K} and ctl.kept and not ctl.judged
     assert hook.loaded > len(asks)  # rows back from plain steps were loaded again
-    assert sum(seconds >= 1.0 for k, seconds in ctl.loads if k == K) == sum(back) >= 2 and len(back) > sum(back), (ctl.loads, back)
+    assert sum(seconds >= 1.5 for k, seconds in ctl.loads if k == K) == sum(back) >= 2 and len(back) > sum(back), (ctl.loads, back)
     firsts, drafting = len(back) - sum(back), sum(seconds for k, seconds in ctl.seen if k == K)  # (chunks at their full length)
-    assert firsts <= drafting < firsts + sum(back), (firsts, drafting, back)  # the first loads' seconds in K's steps, the others' not
+    assert 1.5 * firsts <= drafting < 1.5 * (firsts + sum(back)), (firsts, drafting, back)  # the first loads' seconds in K's steps, the others' not
 
 
 @pytest.mark.parametrize("window", [512, 6])

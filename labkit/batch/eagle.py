@@ -268,7 +268,7 @@ class BatchEagle:
         runs: list[list[int]] = []
         if self.whole_bucket:
             self._headroom()
-            self.loading[slots] = True
+            self.loading[to_device(slots, self.cols.device)] = True  # (indexed by a device tensor: a host list's copy would wait for the stream)
             runs.append(list(range(bucket(slots[-1] + 1))))
         else:
             for slot in slots:
@@ -276,7 +276,7 @@ class BatchEagle:
                     runs[-1].append(slot)
                 else:
                     runs.append([slot])
-        self.anchor_at[slots] = to_device([anchors[slot] for slot in slots], self.cols.device)
+        self.anchor_at[to_device(slots, self.cols.device)] = to_device([anchors[slot] for slot in slots], self.cols.device)
         self.chained += len(runs)
         for run in runs:
             if self.batch.graphs_ok and self.whole_bucket:

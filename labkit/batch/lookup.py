@@ -164,8 +164,9 @@ class BatchLookup:
             self.history[i, : len(requests[i].context)] = to_device(requests[i].context, dev)
         since: dict[int, int] = {}  # rows the hook loads -> the length its last chunk left the slot's request at (0: the request's first here)
         if stale:
-            self.n_ctx[stale] = to_device([len(requests[i].context) for i in stale], dev)
-            self.eos_until[stale] = to_device([len(requests[i].prompt_ids) + requests[i].config.min_new_tokens for i in stale], dev)
+            rows_at = to_device(stale, dev)  # (a host list as the index would be copied, waiting for the stream)
+            self.n_ctx[rows_at] = to_device([len(requests[i].context) for i in stale], dev)
+            self.eos_until[rows_at] = to_device([len(requests[i].prompt_ids) + requests[i].config.min_new_tokens for i in stale], dev)
             if self.hook is not None:  # (a request a release moved took its row along: `_released`)
                 since = {i: held[1] if (held := self.synced[i]) is not None and held[0] is requests[i] else 0 for i in stale}
         self.load_time.start()  # rows back from steps elsewhere, timed apart (a switch's cost) ...
