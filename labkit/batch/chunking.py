@@ -3,10 +3,11 @@ the last one's tokens (batch/scheduler.py's chunks of batch/lookup.py's steps).
 
 A chunk's rows step together until its end, so a row that finishes inside it idles through the
 steps after it, and one that needs more after a short chunk costs a host read: a chunk runs CHUNK
-steps, or fewer where every row should be done sooner by its tokens per step so far. But where a
-request waits for a slot (`first`), a chunk ends where its first row should be done: the slot's
-idle steps would keep the waiting request out (under a steady load at 4 rows on the H200 a row
-idled ~3.5 steps of each request's ~60), while the host reads the chunk for the admission anyway.
+steps, or fewer where every row should be done sooner by its tokens per step so far. (Tried: where
+a request waited for a slot, ending a chunk where its first row should be done, so that its slot
+idled no steps. On the H200 under a steady load at 4 rows eagle-mix-device-3 ran 1.33x plain
+against 1.43x, eagle-device-auto-3 1.22x against 1.38x: the short chunks near each row's end cost
+host reads that no chunk ahead hides; results/gpu/batch-NVIDIA-H200-20261204-165814.json.)
 
 Ahead: the host's work on a chunk (reading it, taking each row's verdicts) leaves the device idle
 unless the next chunk already runs. The device holds every row's state, so the next chunk can be
@@ -22,17 +23,15 @@ from typing import Any
 from labkit.batch.lookup import CHUNK
 
 
-def chunk_steps(rows: list[Any], coming: list[int] | None = None, uncounted: int = 0, first: bool = False) -> int:
+def chunk_steps(rows: list[Any], coming: list[int] | None = None, uncounted: int = 0) -> int:
     """Steps for the next chunk of these requests (BatchRequest: tokens, verify_steps, config).
-    coming, uncounted: each row's tokens and the steps of a chunk read but not yet taken.
-    first: until the row that should be done first is (a request waits for a slot), else the last."""
+    coming, uncounted: each row's tokens and the steps of a chunk read but not yet taken."""
     def left(r: Any, extra: int) -> int:
         done = len(r.tokens) + extra
         per_step = max(1.0, (done - 1) / max(1, r.verify_steps + uncounted))
         return math.ceil((r.config.max_new_tokens - done) / per_step)
 
-    lefts = [left(r, c) for r, c in zip(rows, coming or [0] * len(rows), strict=True)]
-    return max(1, min(CHUNK, min(lefts) if first else max(lefts)))
+    return max(1, min(CHUNK, max(left(r, c) for r, c in zip(rows, coming or [0] * len(rows), strict=True))))
 
 
 def rows_go_on(rows: list[Any], tokens: list[list[list[int]]], room: int) -> list[int] | None:

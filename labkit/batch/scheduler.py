@@ -333,7 +333,7 @@ class ContinuousBatcher:
             if self.chosen[1] != lookup.k or self.controller.best(rows_bucket) != lookup.k:
                 return 0
             self.chosen = None
-        return chunk_steps(rows, coming, len(tokens), first=bool(self.waiting))
+        return chunk_steps(rows, coming, len(tokens))
 
     def _lookup_chunk(self, lookup: BatchLookup, ahead: tuple[list[BatchRequest], int] | None = None) -> None:
         """A chunk of drafting steps on the device (`ahead`: one launched before, its rows and
@@ -348,7 +348,7 @@ class ContinuousBatcher:
         t0 = self.accounted
         if ahead is None:
             rows = list(self.rows)
-            full = chunk_steps(rows, first=bool(self.waiting))
+            full = chunk_steps(rows)
             ctl, b = self.controller, bucket(len(rows))
             m = ctl.steps_of(b, lookup.k, full) if ctl is not None else full  # a try: a step, or a few across a switch
             captured = lookup.run(rows, rows[0].eos_ids, m)
