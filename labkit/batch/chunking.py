@@ -5,9 +5,11 @@ A chunk's rows step together until its end, so a row that finishes inside it idl
 steps after it, and one that needs more after a short chunk costs a host read: a chunk runs CHUNK
 steps, or fewer where every row should be done sooner by its tokens per step so far. (Tried: where
 a request waited for a slot, ending a chunk where its first row should be done, so that its slot
-idled no steps. On the H200 under a steady load at 4 rows eagle-mix-device-3 ran 1.33x plain
-against 1.43x, eagle-device-auto-3 1.22x against 1.38x: the short chunks near each row's end cost
-host reads that no chunk ahead hides; results/gpu/batch-NVIDIA-H200-20261204-165814.json.)
+idled no steps. On the H200 under a steady load at 4 rows, against the same day's run without it:
+eagle-mix-device-3 1.33x plain against 1.37x, eagle-device-auto-3 1.22x against 1.27x,
+eagle-device-3 1.36x against 1.33x: no gain beyond the runs' noise, so not kept (the short chunks
+near each row's end cost host reads that no chunk ahead hides; results/gpu/batch-NVIDIA-H200-20261204-165814.json,
+-170345.json.)
 
 Ahead: the host's work on a chunk (reading it, taking each row's verdicts) leaves the device idle
 unless the next chunk already runs. The device holds every row's state, so the next chunk can be
