@@ -128,7 +128,8 @@ class BatchEagle:
         T = len(prompt_ids)
         first = self.drafter.first_needed(T + 1)
         ring = self._ring(hidden)
-        ring[slot, torch.arange(first, T, device=hidden.device) % self.ring] = hidden[first:T].to(ring.dtype)
+        for at, part in self._spans(first, T):  # (slices: a copy or two, no index tensors built on the host's time)
+            ring[slot, at] = hidden[first:T][part]
         self.fed[slot] = (first, T, self.batch.turns[slot])
 
     @torch.inference_mode()
@@ -161,10 +162,20 @@ class BatchEagle:
         # (positions from `to` - window - 1 on: a step's verify wrote up to GRAPH_HEADROOM - 1 past `to`, the ring's older ones)
         return self.feats is not None and turn == self.batch.turns[slot] and max(first, to + GRAPH_HEADROOM - self.ring) <= start and end <= to
 
+    def _spans(self, start: int, end: int) -> list[tuple[slice, slice]]:
+        """Positions [start, end) (at most R of them) as (their ring slots, their part of the span): one
+        piece, or two where they wrap past the ring's end."""
+        a, n = start % self.ring, end - start
+        if a + n <= self.ring:
+            return [(slice(a, a + n), slice(0, n))]
+        head = self.ring - a
+        return [(slice(a, self.ring), slice(0, head)), (slice(0, n - head), slice(head, n))]
+
     def _kept(self, slot: int, start: int, end: int) -> torch.Tensor:
         """(end - start, D) the steps' hidden states of slot at positions [start, end) (`_stepped` says they are there)."""
         assert self.feats is not None
-        return self.feats[slot, torch.arange(start, end, device=self.feats.device) % self.ring]
+        pieces = [self.feats[slot, at] for at, _ in self._spans(start, end)]  # (a view where they do not wrap)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def bind(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         self.history, self.n_ctx = history, n_ctx
@@ -265,10 +276,12 @@ class BatchEagle:
         else one pass for each run of neighbouring slots (rows admitted together). A row's chain is
         its own whatever rows share the pass (the steps' run every row)."""
         slots = sorted(anchors)
+        # one row (an admission's): a fill of it; several: a device index (a host list's would be a copy that waits for the stream)
+        at: int | torch.Tensor = slots[0] if len(slots) == 1 else to_device(slots, self.cols.device)
         runs: list[list[int]] = []
         if self.whole_bucket:
             self._headroom()
-            self.loading[to_device(slots, self.cols.device)] = True  # (indexed by a device tensor: a host list's copy would wait for the stream)
+            self.loading[at] = True
             runs.append(list(range(bucket(slots[-1] + 1))))
         else:
             for slot in slots:
@@ -276,7 +289,7 @@ class BatchEagle:
                     runs[-1].append(slot)
                 else:
                     runs.append([slot])
-        self.anchor_at[to_device(slots, self.cols.device)] = to_device([anchors[slot] for slot in slots], self.cols.device)
+        self.anchor_at[at] = anchors[slots[0]] if len(slots) == 1 else to_device([anchors[slot] for slot in slots], self.cols.device)
         self.chained += len(runs)
         for run in runs:
             if self.batch.graphs_ok and self.whole_bucket:
