@@ -251,8 +251,8 @@ def test_a_launch_called_off_writes_nothing(M: int, monkeypatch: pytest.MonkeyPa
 @interpreted
 def test_a_rows_bits_do_not_depend_on_the_rows_beside_it() -> None:
     """Batch invariance in the layer kernels: every row's outputs are the same bits whatever rows
-    share its launch and wherever its 16-row tile falls (M = 1, 16, 24 and the last 16 rows alone
-    against the same rows of a 40-row launch: three tiles, the last part full). At the embedded
+    share its launch and wherever its 16-row tile falls (M = 1, 16, 24, and rows 24-39 alone,
+    against the same rows of a 40-row launch: tiles of rows 0-15, 16-31 and 32-39). At the embedded
     model's sizes on a GPU (tl.dot on tensor cores), small ones under the interpreter."""
     from labkit.kernels import layer_triton as tri
 
