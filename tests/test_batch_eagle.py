@@ -27,9 +27,11 @@ def host_eagle(engine, head, prompt: list[int], cfg: GenerationConfig):  # type:
     return generate(engine, prompt, cfg, Speculation(EagleDrafter(engine, head, device_steps=False), K))
 
 
-@pytest.mark.parametrize("slots,ahead,whole", [(1, False, False), (3, False, False), (3, True, False), (3, False, True)])
-def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(slots: int, ahead: bool, whole: bool) -> None:
-    """whole: a load's first chains over its bucket's rows, the loaded marked (as captured on CUDA): the others' drafts and caches kept."""
+@pytest.mark.parametrize("slots,ahead,whole,padded", [(1, False, False, False), (3, False, False, False), (3, True, False, False),
+                                                      (3, False, True, False), (3, False, True, True), (1, False, False, True)])
+def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(slots: int, ahead: bool, whole: bool, padded: bool) -> None:
+    """whole: a load's first chains over its bucket's rows, the loaded marked (as captured on CUDA): the others' drafts and caches kept;
+    padded: loads' catch-ups padded to a few lengths through a scratch row (as on CUDA, batch/eagle_load.py)."""
     engine, head = _engine(), random_head()
     asks = [p * 2 for p in prompts(5, 96, seed=11)]  # repeats: some drafts stand
     lengths = [24 + 5 * i for i in range(len(asks))]  # ragged: rows leave and others join mid-run
@@ -37,7 +39,7 @@ def test_batched_eagle_rows_draft_what_one_request_drafts_and_keep_plain_greedy(
     want = [generate(engine, p, c).tokens for p, c in zip(asks, cfgs, strict=True)]
     alone = [host_eagle(engine, head, p, c) for p, c in zip(asks, cfgs, strict=True)]
     batch = BatchEngine(engine, BatchConfig(slots=slots, max_seq_len=128))
-    steps = BatchLookup(batch, K, hook=BatchEagle(batch, head, K))
+    steps = BatchLookup(batch, K, hook=BatchEagle(batch, head, K, padded=padded))
     steps.hook.whole_bucket = whole  # type: ignore[attr-defined]
     batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, ahead=ahead, lookup=steps)  # ahead: chunks launched before their last's verdicts
     got = [batcher.submit(p, c) for p, c in zip(asks, cfgs, strict=True)]
@@ -90,8 +92,8 @@ def test_eagle_rows_under_a_k_controller_go_plain_and_back_with_plain_greedy_and
     assert 1.5 * firsts <= drafting < 1.5 * (firsts + sum(back)), (firsts, drafting, back)  # the first loads' seconds in K's steps, the others' not
 
 
-@pytest.mark.parametrize("window", [512, 6])
-def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states(window: int) -> None:
+@pytest.mark.parametrize("window,padded", [(512, False), (6, False), (6, True)])
+def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states(window: int, padded: bool) -> None:
     """Rows that a K controller sends to plain steps and back: each is loaded again from the hidden
     states those plain steps kept (BatchEngine.listen_steps), over the positions since its last
     chunk, not by a pass over its whole context (the H200 paid 9-47 ms a switch back for that
@@ -99,7 +101,8 @@ def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states(
     those steps'. Its drafts are those a load by a pass of its own gives, step for step, and every
     output stays plain greedy. The steps'
     states are kept by position mod the draft layer's window and a step's headroom: window 6, the
-    catch-ups read across the ring's wrap many times."""
+    catch-ups read across the ring's wrap many times. padded: through padded passes (batch/eagle_load.py), which
+    read the row's elements before the catch-up's first from the chunks before."""
     engine, head = _engine(), random_head()
     asks = [p * 2 for p in prompts(4, 96, seed=13)]
     cfgs = [GenerationConfig(max_new_tokens=24 + 4 * i, stop_at_eos=False) for i in range(len(asks))]
@@ -107,7 +110,7 @@ def test_eagle_rows_back_from_plain_steps_catch_up_from_the_steps_hidden_states(
     runs = []
     for from_steps in (True, False):
         batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
-        hook = BatchEagle(batch, head, K, window=window)
+        hook = BatchEagle(batch, head, K, window=window, padded=padded)
         if not from_steps:  # no step's hidden states kept: every load but a new request's a pass over the row's context (as before)
             batch.step_listeners.clear()
         batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, Scripted(K, (0, 0, 0, K), best=K),  # type: ignore[arg-type]
@@ -313,18 +316,20 @@ def test_cuda_plain_steps_captured_before_an_eagle_hook_hand_it_their_hidden_sta
     assert isinstance(hook, BatchEagle) and hook.caught_up >= 2 and hook.prefilled == 0, (hook.caught_up, hook.prefilled)
 
 
-def test_the_catch_ups_warm_up_writes_only_the_draft_caches_headroom() -> None:
-    """capture_all runs a catch-up of each length class the fused kernels compile apart (on the H200 a
-    load that compiled one stalled 1.1 s): into slot 0's headroom past every request's positions, so
-    no row's draft cache changes below it (on a CPU capture_all does not run it; here directly)."""
+def test_the_padded_catch_ups_warm_up_writes_only_the_draft_caches_headroom() -> None:
+    """capture_all runs (or captures) the padded catch-up of each length class once (on the H200 a load that compiled
+    a kernel stalled 1.1 s): into slot 0's headroom past every request's positions, so no row's draft cache changes
+    below it (on a CPU capture_all does not run it; here directly, eager)."""
     engine, head = _engine(), random_head()
     batch = BatchEngine(engine, BatchConfig(slots=3, max_seq_len=128))
-    hook = BatchEagle(batch, head, K)
+    hook = BatchEagle(batch, head, K, padded=True)
+    assert hook.padded is not None and hook.padded.classes == [16, 32, 64, 128, 256, 512]
     gen = torch.Generator().manual_seed(0)
     for buf in (hook.cache.k, hook.cache.v):
         buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.dtype))
     k, v, at = hook.cache.k.clone(), hook.cache.v.clone(), batch.cfg.max_seq_len + 1
-    hook._warm_catch_ups()
+    with torch.inference_mode():
+        hook.padded.capture_all(at, graphs=False)
     assert torch.equal(hook.cache.k[..., :at, :], k[..., :at, :]) and torch.equal(hook.cache.v[..., :at, :], v[..., :at, :])
     assert torch.equal(hook.cache.k[:, 1:], k[:, 1:])  # other slots untouched
     assert not torch.equal(hook.cache.k[:, 0, :, at:], k[:, 0, :, at:])  # it ran, into slot 0's headroom

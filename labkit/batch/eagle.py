@@ -40,13 +40,16 @@ a request's first load, however many plain steps and moves came before it, catch
 states (a pass over its context only where they do not reach back far enough).
 Where steps are captured, a load's first chains are too (`capture_all`): one replay over the rows
 [0, bucket) with the loaded ones marked (`loading`; the others chain in the headroom, their drafts
-kept), not a draft-layer pass per depth from the host.
+kept), not a draft-layer pass per depth from the host; and on CUDA its catch-up is a pass padded to
+one of a few lengths through a scratch row (batch/eagle_load.py), captured: a replay, not the ~20
+launches of an eager pass that kept the GPU idle for 0.67 ms a request joining.
 """
 
 from __future__ import annotations
 
 import torch
 
+from labkit.batch.eagle_load import PaddedCatchUp
 from labkit.batch.engine import BatchEngine
 from labkit.batch.graphs import bucket
 from labkit.batch.lookup import BatchLookup
@@ -76,9 +79,11 @@ def device_eagles(batch: BatchEngine, head: EagleHead, ks: list[int], copy_after
 class BatchEagle:
     """BatchLookup's drafting hook (batch/lookup.RowsHook): K-deep EAGLE chains for every row."""
 
-    def __init__(self, batch: BatchEngine, head: EagleHead, k: int, copy_after: int = 0, window: int = WINDOW) -> None:
+    def __init__(self, batch: BatchEngine, head: EagleHead, k: int, copy_after: int = 0, window: int = WINDOW,
+                 padded: bool | None = None) -> None:
         """copy_after n > 0: eagle-mix (module docstring), lookup's copy after an n-gram of n tokens seen before;
-        window: the positions back the draft layer attends to (specdec/eagle_drafter.WINDOW)."""
+        window: the positions back the draft layer attends to (specdec/eagle_drafter.WINDOW); padded: loads'
+        catch-ups as passes of a few fixed lengths (batch/eagle_load.py; None: on CUDA, captured where steps are)."""
         engine = batch.engine
         self.drafter = EagleDrafter(engine, head, device_steps=False, window=window, batch_rows=batch.cache.batch_size)  # the draft layer (not its own cache)
         if not 1 <= k <= (GRAPH_HEADROOM - 1 if copy_after else self.drafter.depth) or not 0 <= copy_after <= LOOKUP_MAX_N:
@@ -99,6 +104,8 @@ class BatchEagle:
         self.n_ctx: torch.Tensor | None = None
         self.views: dict[int, KVCache] = {}  # r -> the draft cache's rows [0, r) (one view per bucket: a captured step reads it)
         self.batch, self.k, self.copy_after = batch, k, copy_after
+        padded = engine.device.type == "cuda" if padded is None else padded
+        self.padded = PaddedCatchUp(engine, self.drafter, self.cache, self.anchor_feat) if padded else None
         self.loaded = self.moved = self.prefilled = self.chained = 0  # rows loaded (of them by a pass of their own), their first chains' passes; rows moved
         self.caught_up = 0  # rows loaded from the hidden states the steps since their last chunk kept (no pass of their own)
         # (B, R, D) the hidden states of admitted prompts and of steps not drafted here (plain steps), by slot and position mod R: a
@@ -197,26 +204,14 @@ class BatchEagle:
         """Capture each rows bucket's first chains (`load`) now, where steps are captured: one replay
         for the rows a load takes, not a draft-layer pass per depth launched from the host (a load
         after plain steps took 8.3 ms at one row on the H200, most of it those launches:
-        results/gpu/batch-NVIDIA-H200-20261203-194159.json). Warm-ups and capture chain for no row (`_headroom`)."""
+        results/gpu/batch-NVIDIA-H200-20261203-194159.json). Warm-ups and capture chain for no row (`_headroom`).
+        Padded catch-ups: each length's pass captured, or (no graphs) run once, in slot 0's headroom."""
         if self.batch.graphs_ok:
             for r in sorted({bucket(n) for n in range(1, self.cols.shape[0] + 1)} - set(self.first_chains)):
                 self._capture(r)
-            self._warm_catch_ups()
-
-    @torch.inference_mode()
-    def _warm_catch_ups(self) -> None:
-        """One catch-up pass (a load's, eager) of a length of each class the fused kernels compile apart, in the
-        draft cache's headroom: a kernel's first launch at a new class compiles it (Triton specializes integer
-        arguments of 1 and multiples of 16), and a load that did stalled 1.1 s at one row on the H200, after which
-        the K controller never drafted again (results/gpu/batch-NVIDIA-H200-20261203-222841.json). The classes:
-        1; a few (the attention's rows of a KV head in one tile of 16); more; 16; 16 such tiles."""
-        rows, at, dims = self._rows(0, 1), self.batch.cfg.max_seq_len + 1, self.drafter.head.dims
-        group = dims.n_heads // dims.n_kv_heads  # attention rows a position per KV head
-        for n in sorted({1, 2, 16 // group + 1, 16, 240 // group + 1}):
-            feats = torch.zeros(1, n, dims.dim, dtype=self.drafter.dtype, device=self.cols.device)  # (1, n, D)
-            pos = torch.arange(at, at + n, device=self.cols.device)  # (n,) clamped to the cache's last position
-            with self.batch.engine.autocast():
-                self.drafter.elements(feats, torch.zeros(1, n, dtype=torch.long, device=self.cols.device), pos, cache=rows)
+        if self.padded is not None:
+            with torch.inference_mode():
+                self.padded.capture_all(self.batch.cfg.max_seq_len + 1, self.batch.graphs_ok)
 
     def _capture(self, r: int) -> None:
         self.first_chains[r] = capture(self.batch.engine, lambda: self._first_chains(0, r), self._headroom)
@@ -265,8 +260,11 @@ class BatchEagle:
                     engine.ensure_capacity(L)
                     engine.prefill(torch.tensor([context[:-1]], device=engine.device))
                     feats = engine.hidden_span(first, L - 1)  # (1, L-1-first, D)
-                with engine.autocast():
-                    self.anchor_feat[slot] = drafter.elements_at(context, feats, first, cache=self._rows(slot, slot + 1))[0]  # (D,)
+                if self.padded is not None:
+                    self.padded.load(slot, context[first + 1 : L], feats, first)
+                else:
+                    with engine.autocast():
+                        self.anchor_feat[slot] = drafter.elements_at(context, feats, first, cache=self._rows(slot, slot + 1))[0]  # (D,)
                 anchors[slot] = L - 2
             self._chain_loaded(anchors)
 
