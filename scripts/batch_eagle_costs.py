@@ -8,7 +8,8 @@ host read between: the GPU's own time per step of ngram-device-K, eagle-device-K
 a catch-up and a chain per row inside the step) and eagle-mix-device-K (the same and the lookup's
 choice); and one row's load (BatchEagle.load: the catch-up over its context and the first chains),
 with a batch-1 prefill of its own, from its admission's hidden states (a new request's), and caught up
-over 8 positions from the hidden states plain steps kept (a row back from plain steps). First: one
+over 8 positions from the hidden states plain steps kept (a row back from plain steps). PROFILE_STEPS=1: each
+system's kernels in a chunk of replays, by GPU time; PROFILE_LOAD=1: a load's host and device time. First: one
 row's first load caught up over each of several lengths, timed once each, before and after the hook's
 capture_all (which runs a catch-up of each length class its kernels compile apart).
 """
@@ -94,6 +95,13 @@ for r in sizes:
             sync()
 
         line += f"  {name} {timers.median_us(replays, 5, warm=1) / CHUNK:7.1f} us"
+        if os.environ.get("PROFILE_STEPS") and gpu:  # the kernels of a chunk's replays, by their GPU time
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                replays()
+            print(f"-- {name} at {r} rows, {CHUNK} steps:")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
         for a in asks:
             batcher.cancel(a)
         batcher.run()
