@@ -259,42 +259,6 @@ def test_chunks_launched_ahead_keep_each_rows_tokens_and_drafts(slots: int) -> N
     assert together == alone and not none and len(launched) >= 5  # chunks went ahead, nothing changed
 
 
-@pytest.mark.parametrize("slots", [1, 2, 3])
-def test_a_row_ending_on_eos_inside_a_chunk_with_one_queued_behind_it_leaves_after_that_one(slots: int) -> None:
-    """Chunks queued before the last is read (chunking.rows_surely_go_on: no row can reach its token budget in
-    it, so one ending on an EOS is the only surprise): such a row takes nothing from the chunk behind it, every
-    request keeps its plain greedy tokens and the drafts of chunks read one at a time, and no log is left unread.
-    (Its slot is released after that chunk is read, so that the host's records of the slots follow the device's
-    layout; released before, the moves are queued behind the chunk and the tokens stay right, so this test does
-    not tell the two apart.)"""
-    eng = engine()
-    prompts = asks(6, eng.args.vocab_size, seed=4)
-    free = generate(eng, prompts[0], GenerationConfig(max_new_tokens=80, stop_at_eos=False)).tokens
-    configs = [GenerationConfig(max_new_tokens=70 + 5 * i, eos_token_ids=(free[14],)) for i in range(len(prompts))]
-    want = [generate(eng, p, c).tokens for p, c in zip(prompts, configs, strict=True)]
-    runs = []
-    for ahead in (False, True):
-        batch = BatchEngine(eng, BatchConfig(slots=slots, max_seq_len=240))
-        lookup = BatchLookup(batch, 3)
-        batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), 3, ahead=ahead, lookup=lookup)
-        ended_early: list[int] = []  # rows that ended on an EOS while a chunk queued behind theirs ran
-        verdict = batcher._verdict
-
-        def take(request, *args, verdict=verdict, ended=ended_early, lookup=lookup):  # type: ignore[no-untyped-def]
-            kept = verdict(request, *args)
-            if request.finished and request.stop_reason == "eos" and lookup.logs:
-                ended.append(1)
-            return kept
-        batcher._verdict = take  # type: ignore[method-assign]
-        got = [batcher.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
-        batcher.run()
-        assert [r.tokens for r in got] == want and batcher.chunk_ahead is None and not lookup.logs
-        runs.append(([(r.draft_tokens, r.accepted_lengths) for r in got], ended_early))
-    (alone, none), (together, ended) = runs
-    assert together == alone and not none and ended, ended
-    assert sum(len(w) < c.max_new_tokens for w, c in zip(want, configs, strict=True)) >= 2  # several ended on the EOS
-
-
 @pytest.mark.parametrize(("ks", "best"), [((2,), 2), ((2, 0, 0, 2, 2), 2), ((2,), 0)])
 def test_a_controllers_chunks_go_ahead_where_its_choice_is_its_best(ks: tuple[int, ...], best: int) -> None:
     """With a controller, the next chunk is launched ahead where the controller, asked as the last

@@ -14,13 +14,7 @@ near each row's end cost host reads that no chunk ahead hides; results/gpu/batch
 Ahead: the host's work on a chunk (reading it, taking each row's verdicts) leaves the device idle
 unless the next chunk already runs. The device holds every row's state, so the next chunk can be
 launched as soon as the last is read, where no row's slot changes: none ends in it (an ended row's
-slot is freed, and maybe refilled, by the host) and every row has room for another chunk. Sooner
-still, before the last is read, where no row can reach its token budget or its slot's room in it
-however many drafts it keeps (`rows_surely_go_on`; with a fixed K): the read then waits for that
-chunk's log alone, the next already queued behind it, and the device runs on through the read (on the
-H200 the host's read, take and launch between two chunks left the GPU idle ~0.2-0.4 ms a boundary:
-results/gpu/batch-gaps-NVIDIA-H200-95a7ba5.txt). A row that ends on an EOS inside such a chunk idles
-through the next, and leaves after it.
+slot is freed, and maybe refilled, by the host) and every row has room for another chunk.
 """
 
 from __future__ import annotations
@@ -40,22 +34,6 @@ def chunk_steps(rows: list[Any], coming: list[int] | None = None, uncounted: int
         return math.ceil((r.config.max_new_tokens - done) / per_step)
 
     return max(1, min(CHUNK, max(left(r, c) for r, c in zip(rows, coming or [0] * len(rows), strict=True))))
-
-
-def rows_surely_go_on(rows: list[Any], steps: int, k: int, room: int) -> list[int] | None:
-    """Each row's expected tokens in a chunk of `steps` steps of K drafts launched but not yet read,
-    where every row goes on after it whatever its verdicts (an EOS apart): even taking every draft
-    (K + 1 tokens a step) short of max_new_tokens, its context within `room`, not finished; else None."""
-    most = steps * (k + 1)
-    if any(r.finished or len(r.tokens) + most >= r.config.max_new_tokens or len(r.context) + most > room for r in rows):
-        return None
-    return [round(steps * max(1.0, (len(r.tokens) - 1) / max(1, r.verify_steps))) for r in rows]
-
-
-def early_steps(rows: list[Any], steps: int, k: int, room: int) -> int:
-    """Steps of a chunk to queue behind one of `steps` steps launched but not yet read (0: none): where every row surely goes on."""
-    coming = rows_surely_go_on(rows, steps, k, room)
-    return 0 if coming is None else chunk_steps(rows, coming, steps)
 
 
 def rows_go_on(rows: list[Any], tokens: list[list[list[int]]], room: int) -> list[int] | None:

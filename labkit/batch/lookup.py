@@ -30,14 +30,13 @@ took host steps since (`load`), and reads the chunk's log at its end (`read`).
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Protocol
 
 import torch
 
 from labkit.batch.engine import BatchEngine
 from labkit.batch.graphs import bucket
-from labkit.batch.transfer import HostCopy, to_device
+from labkit.batch.transfer import to_device
 from labkit.errors import LabkitError
 from labkit.graphs import GRAPH_HEADROOM, capture
 from labkit.metrics.timers import DeviceSpan
@@ -94,7 +93,7 @@ class BatchLookup:
         self.span = torch.arange(CHUNK * (k + 1), device=dev)  # (CHUNK*(K+1),) the most history positions a chunk writes
         self.synced: list[tuple[Any, int] | None] = [None] * slots  # per slot: (request, context length) its device row holds
         self.graphs: dict[int, Any] = {}  # rows bucket -> captured step
-        self.logs: deque[tuple[int, int, HostCopy]] = deque()  # each launched chunk's rows, steps and log on its way to the host, oldest first
+        self.steps = CHUNK  # steps the last chunk ran
         # the last chunk's device time (`run` only): loading rows back from steps elsewhere (plain, host; not requests'
         # first loads: drafting's cost, not a switch's), its steps
         self.load_time, self.step_time = DeviceSpan(dev), DeviceSpan(dev)
@@ -116,26 +115,25 @@ class BatchLookup:
         if captured:
             self.capture(r)
         self._load(requests, eos_ids, r)
-        self._replay(r, steps, len(requests))
+        self._replay(r, steps)
         return captured
 
     def run_on(self, n: int, steps: int) -> None:
         """`steps` (<= CHUNK) more steps of the last chunk's rows [0, n), launched before the host
-        takes that chunk's tokens, or reads them (the scheduler's chunks ahead): the device's rows
-        are theirs already, so nothing is loaded; read, then `taken`, as after `run` (each chunk's
-        log is copied to the host behind it, so a chunk queued behind another leaves its log be)."""
+        takes that chunk's tokens (the scheduler's chunks ahead): the device's rows are theirs
+        already, so nothing is loaded; read, then `taken`, as after `run`."""
         r = self._chunk_rows(n, steps)
         self._pad(n, r)
-        self._replay(r, steps, n)
+        self._replay(r, steps)
 
     def _chunk_rows(self, n: int, steps: int) -> int:
         """A chunk of `steps` over n rows: checked, kept as this chunk's, and its rows (the bucket's where steps are captured)."""
         if not 1 <= steps <= CHUNK:
             raise LabkitError(f"a chunk takes 1 to {CHUNK} steps, not {steps}")
+        self.steps = steps
         return bucket(n) if self.batch.graphs_ok else n
 
-    def _replay(self, r: int, steps: int, n: int) -> None:
-        """`steps` steps of bucket r, then the log of rows [0, n) queued for the host (`read`)."""
+    def _replay(self, r: int, steps: int) -> None:
         self.step_time.start()
         self.n_start.copy_(self.n_ctx)
         self.step_idx.zero_()
@@ -145,10 +143,6 @@ class BatchLookup:
             else:
                 self._step(r)
         self.step_time.stop()
-        k = self.k
-        written = self.history[:n].gather(1, self.n_start[:n, None] + self.span[: steps * (k + 1)])  # (n, m*(K+1)) from each row's start
-        log = torch.cat([self.drafts_log[:steps, :n].transpose(0, 1).flatten(1), self.accepted_log[:steps, :n].T, written, self.n_ctx[:n, None]], 1)
-        self.logs.append((n, steps, HostCopy(log)))  # (n, m*K + m + m*(K+1) + 1)
 
     def _pad(self, n: int, rows: int) -> None:
         """Rows of the bucket past the n active ones start at position 0 (of free slots)."""
@@ -234,14 +228,12 @@ class BatchLookup:
         self.synced = [None] * len(self.synced)
 
     def read(self, requests: list[Any]) -> tuple[list[list[list[int]]], list[list[list[int]]], list[int]]:
-        """The oldest unread chunk's log for rows [0, n), read at once (waiting for its copy alone, not for a
-        chunk queued behind it): drafts [step][row] (K), the tokens each step gave each row [step][row] (its
-        accepted drafts, then the target's next token), and each row's context length after it. The caller
-        takes the tokens, then `taken`."""
-        n, m, log = self.logs.popleft()
-        if n != len(requests):
-            raise LabkitError(f"this chunk ran {n} rows, not {len(requests)}")
-        k, back = self.k, log.tolist()
+        """The last chunk's log for rows [0, n), read at once: drafts [step][row] (K), the tokens each
+        step gave each row [step][row] (its accepted drafts, then the target's next token), and each
+        row's context length after it. The caller takes the tokens, then `taken`."""
+        n, k, m = len(requests), self.k, self.steps
+        written = self.history[:n].gather(1, self.n_start[:n, None] + self.span[: m * (k + 1)])  # (n, m*(K+1)) from each row's start
+        back = torch.cat([self.drafts_log[:m, :n].transpose(0, 1).flatten(1), self.accepted_log[:m, :n].T, written, self.n_ctx[:n, None]], 1).tolist()
         drafts = [[row[s * k : (s + 1) * k] for row in back] for s in range(m)]
         tokens: list[list[list[int]]] = [[] for _ in range(m)]
         for row in back:

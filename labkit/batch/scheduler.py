@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.batch.chunking import chunk_steps, early_steps, rows_go_on
+from labkit.batch.chunking import chunk_steps, rows_go_on
 from labkit.batch.controller import BatchKController
 from labkit.batch.engine import BatchEngine
 from labkit.batch.graphs import bucket
@@ -355,14 +355,12 @@ class ContinuousBatcher:
         else:  # launched ahead (its full length: its time per step is the period its chunks run at)
             (rows, m), captured, self.chunk_ahead = ahead, False, None
             full = m
-        if early := (early_steps(rows, m, lookup.k, lookup.room) if self.ahead and not self.controller and not (self.waiting and self.batch.free) else 0):
-            lookup.run_on(len(rows), early)  # the next chunk queued behind this one before it is read (chunking.py; with a fixed K)
         drafts, tokens, n_ctx = lookup.read(rows)
         read = time.perf_counter()  # every token of the chunk reaches the host now (a stream gets them in one burst)
         load, device = ((lookup.load_time.seconds(), lookup.step_time.seconds())
-                        if ahead is None and self.controller else (0.0, 0.0))  # (before steps ahead time theirs; none early with a controller)
-        more = early or self._ahead_steps(lookup, rows, tokens)
-        if more and not early:
+                        if ahead is None and self.controller else (0.0, 0.0))  # (before steps ahead time theirs)
+        more = self._ahead_steps(lookup, rows, tokens)
+        if more:
             lookup.run_on(len(rows), more)
         per_step = []  # of the steps that gave a row a token: the tokens, and each row's kept drafts
         taken = sum(len(r.tokens) for r in rows)
@@ -384,8 +382,7 @@ class ContinuousBatcher:
             self.controller.observe_chunk(bucket(len(rows)), lookup.k, per_step, seconds)
         self.chunk_ahead = (lookup, (rows, more)) if more else None
         self.accounted = time.perf_counter()
-        if not more:  # (a row that ended on an EOS inside a chunk queued early leaves after the chunk behind it: its slot is in it)
-            self._leave()
+        self._leave()
 
     def cancel(self, request: BatchRequest) -> None:
         """Stop a request: a waiting one never starts, a running one leaves before the next step."""
