@@ -9,7 +9,10 @@ idled no steps. On the H200 under a steady load at 4 rows, against the same day'
 eagle-mix-device-3 1.33x plain against 1.37x, eagle-device-auto-3 1.22x against 1.27x,
 eagle-device-3 1.36x against 1.33x: no gain beyond the runs' noise, so not kept (the short chunks
 near each row's end cost host reads that no chunk ahead hides; results/gpu/batch-NVIDIA-H200-20261204-165814.json,
--170345.json.)
+-170345.json. Also tried: the next chunk queued behind the last before it is read, where no row could
+reach its token budget in it, each chunk's log copied to the host behind it: eagle-mix-device-3 at 4 rows
+10,734 against 10,726 tok/s in the same call, nothing measurable, so not kept:
+results/gpu/batch-NVIDIA-H200-20261204-190024.json, -190204.json.)
 
 Ahead: the host's work on a chunk (reading it, taking each row's verdicts) leaves the device idle
 unless the next chunk already runs. The device holds every row's state, so the next chunk can be
