@@ -23,21 +23,19 @@ from __future__ import annotations
 
 import torch
 
+from labkit.batch.graphs import bucket
 from labkit.batch.transfer import to_device
 from labkit.engine import Engine
 from labkit.graphs import capture
 from labkit.models.kvcache import KVCache
 from labkit.specdec.eagle_drafter import EagleDrafter
 
-FIRST_CLASS = 16  # the shortest padded pass; each class doubles the one before, the last reaches the window
+FIRST_CLASS = 16  # the shortest padded pass; longer ones are powers of two (rows buckets' rule), the last reaches the window
 
 
-def length_classes(window: int) -> list[int]:
-    """The padded passes' lengths: 16, 32, ... until one holds `window` elements."""
-    classes = [FIRST_CLASS]
-    while classes[-1] < window:
-        classes.append(classes[-1] * 2)
-    return classes
+def length_class(n: int) -> int:
+    """The padded pass that holds n elements: the next power of two, at least FIRST_CLASS."""
+    return max(FIRST_CLASS, bucket(n))
 
 
 class PaddedCatchUp:
@@ -48,7 +46,7 @@ class PaddedCatchUp:
         _, _, nkv, S, hd = cache.k.shape
         device = cache.k.device
         self.engine, self.drafter, self.cache, self.anchor_feat = engine, drafter, cache, anchor_feat
-        self.classes = length_classes(drafter.window)
+        self.classes = sorted({length_class(n) for n in range(1, drafter.window + 1)})  # 16, 32, ... (a catch-up is at most the window)
         C = self.classes[-1]
         self.scratch = KVCache(1, 1, nkv, S, hd, dtype=cache.k.dtype, device=device)  # (1, 1, nkv, S, hd)
         self.feats = torch.zeros(1, C, anchor_feat.shape[-1], dtype=drafter.dtype, device=device)  # (1, C, D) the given hidden states, then stale
@@ -76,7 +74,7 @@ class PaddedCatchUp:
         """Slot's draft cache row written at positions start.. from the target's hidden states there, feats (1, n, D)
         (n <= the window), and `tokens` (n,) the context's tokens after each; its last predicted feature into anchor_feat[slot]."""
         n = feats.shape[1]
-        c = next(c for c in self.classes if c >= n)
+        c = length_class(n)
         self.feats[:, :n] = feats
         self.args[: 3 + n] = to_device([start, slot, n - 1, *tokens], self.args.device)  # (queued: no wait for the stream)
         if c in self.graphs:
