@@ -11,7 +11,9 @@ with a batch-1 prefill of its own, from its admission's hidden states (a new req
 over 8 positions from the hidden states plain steps kept (a row back from plain steps). PROFILE_STEPS=1: each
 system's kernels in a chunk of replays, by GPU time; PROFILE_LOAD=1: a load's host and device time. First: one
 row's first load caught up over each of several lengths, timed once each, before and after the hook's
-capture_all (which runs a catch-up of each length class its kernels compile apart).
+capture_all (which runs a catch-up of each length class its kernels compile apart). ORDER=eagle-mix,eagle,ngram,eagle-mix:
+the systems timed at each size in that order (repeats allowed: is a step's time the order's?), each also with the host's
+time to launch its chunk of replays (before the sync: whether the launches, not the GPU, set the pace).
 """
 
 import os
@@ -76,25 +78,33 @@ for when, lengths in (("cold", (8, 1, 16, 8, 3)), ("after capture_all", (2, 32, 
         line += f"  {m} positions {1e3 * (time.perf_counter() - t0):7.1f} ms"
     print(line)
 
+order = [f"{s}-device-{K}" for s in os.environ["ORDER"].split(",")] if os.environ.get("ORDER") else list(systems)
 for r in sizes:
     line = f"rows {r:2d}:"
-    for name, steps in systems.items():
+    for name in order:
+        steps = systems[name]
         batcher = ContinuousBatcher(batch, lambda: NgramDrafter(3, 1), K, lookup=[steps])
         asks = [batcher.submit(suite[i % len(suite)], gen) for i in range(r)]
         for _ in range(3):
             batcher.step()  # admission, loads, a chunk or so
         sync()
 
-        def replays(steps: BatchLookup = steps, r: int = r) -> None:
+        launched: list[float] = []
+
+        def replays(steps: BatchLookup = steps, r: int = r, launched: list[float] = launched) -> None:
             steps.step_idx.zero_()
+            t0 = time.perf_counter()
             for _ in range(CHUNK):
                 if gpu:
                     steps.graphs[bucket(r)].replay()
                 else:
                     steps._step(r)
+            launched.append(time.perf_counter() - t0)
             sync()
 
         line += f"  {name} {timers.median_us(replays, 5, warm=1) / CHUNK:7.1f} us"
+        if os.environ.get("ORDER"):
+            line += f" (launch {1e6 * sorted(launched)[len(launched) // 2] / CHUNK:5.1f})"
         if os.environ.get("PROFILE_STEPS") and gpu:  # the kernels of a chunk's replays, by their GPU time
             from torch.profiler import ProfilerActivity, profile
 
