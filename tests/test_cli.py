@@ -125,7 +125,7 @@ def test_kernel_commands(tmp_path) -> None:
     assert rc == 0, err
     rows = json.loads(out)
     assert [r["kernel"] for r in rows] == ["verify_prefix", "rejection_sample", "kv_append", "greedy_verdict", "lookup_draft",
-                                            "lookup_commit", "norm_qkv_rope", "decode_attention", "linear_residual", "norm_gate_up"]
+                                            "step_feed", "lookup_commit", "norm_qkv_rope", "decode_attention", "linear_residual", "norm_gate_up"]
     assert {r["chosen"] for r in rows} == {"torch"}  # the CPU: never the interpreter unless named
     rc, out, err = run_cli("bench", "kernels", "--device", "cpu", "--repeats", "1", "--output-dir", str(tmp_path))
     assert rc == 0, err

@@ -253,6 +253,29 @@ def test_lookup_draft(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", [b for b in COMPILED if b != "cuda"])
+def test_step_feed(backend: str) -> None:
+    """Each row's verify input is its context's last token, then its drafts, at positions n_ctx - 1
+    on, whatever its neighbours' lengths; drafts read from a view of wider columns (a hook's)."""
+    fn = get("step_feed", DEVICE, backend)
+    g = torch.Generator().manual_seed(7)
+    for B, K in [(1, 1), (1, 8), (3, 4), (5, 15)]:
+        history = torch.randint(0, 1000, (B, 40), generator=g)
+        n_ctx = torch.randint(1, 30, (B,), generator=g)
+        cols = torch.randint(1000, 2000, (B, K + 3), generator=g)
+        draft = cols[:, :K]  # (B, K), rows K + 3 apart
+        feed, pos = fn(history.to(DEVICE), n_ctx.to(DEVICE), draft.to(DEVICE))
+        want_feed, want_pos = reference.step_feed(history, n_ctx, draft)
+        assert torch.equal(feed.cpu(), want_feed) and torch.equal(pos.cpu(), want_pos), (B, K)
+        for b in range(B):  # the rule itself, row by row
+            L = int(n_ctx[b])
+            assert want_feed[b].tolist() == [int(history[b, L - 1]), *draft[b].tolist()]
+            assert want_pos[b].tolist() == list(range(L - 1, L + K))
+    if "cuda" in AVAILABLE:
+        with pytest.raises(RuntimeError, match="Triton and PyTorch only"):
+            get("step_feed", DEVICE, "cuda")
+
+
+@pytest.mark.parametrize("backend", [b for b in COMPILED if b != "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_verdict(backend: str, dtype: torch.dtype) -> None:
     """Logits that force a known answer (drafts matching the argmax up to a chosen row, EOS the

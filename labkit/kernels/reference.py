@@ -193,6 +193,19 @@ def lookup_draft(
     return history.gather(1, c[:, None] + torch.arange(k, device=dev) % q[:, None])  # (B, k)
 
 
+def step_feed(
+    history: torch.Tensor,  # (B, Lh) each row's context tokens in [0, n_ctx[b]), anything after
+    n_ctx: torch.Tensor,  # (B,) each row's context length, >= 1
+    draft: torch.Tensor,  # (B, K) long: each row's drafts
+) -> tuple[torch.Tensor, torch.Tensor]:  # feed (B, K+1), input_pos (B, K+1)
+    """The verify input of a device lookup step (specdec/lookup_steps.py), each row on its own: its
+    context's last token, then its K drafts, at cache positions n_ctx - 1 on (the cache holds the
+    context but its last token)."""
+    last = (n_ctx - 1)[:, None]  # (B, 1)
+    feed = torch.cat([history.gather(1, last), draft], 1)  # (B, K+1)
+    return feed, last + torch.arange(draft.shape[1] + 1, device=history.device)
+
+
 def lookup_commit(
     history: torch.Tensor,  # (B, Lh) long, written in place
     n_ctx: torch.Tensor,  # (B,) long: each row's context length, advanced in place

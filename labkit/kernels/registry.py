@@ -19,8 +19,8 @@ import torch
 from labkit.config import env_flag
 
 log = logging.getLogger(__name__)
-KERNELS = ("verify_prefix", "rejection_sample", "kv_append", "greedy_verdict", "lookup_draft", "lookup_commit")
-NO_CUDA = ("greedy_verdict", "lookup_draft", "lookup_commit")  # kernels with Triton and PyTorch backends only
+KERNELS = ("verify_prefix", "rejection_sample", "kv_append", "greedy_verdict", "lookup_draft", "step_feed", "lookup_commit")
+NO_CUDA = ("greedy_verdict", "lookup_draft", "step_feed", "lookup_commit")  # kernels with Triton and PyTorch backends only
 # The fused Llama layer (layer_triton.py / layer_reference.py): Triton or PyTorch, chosen per
 # engine by engine.pick_layer_ops (it needs the model's shapes), listed here beside the others.
 FUSED_LAYER_OPS = ("norm_qkv_rope", "decode_attention", "linear_residual", "norm_gate_up")

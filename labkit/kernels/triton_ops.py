@@ -201,6 +201,32 @@ def greedy_verdict(logits: torch.Tensor, tokens: torch.Tensor, eos_mask: torch.T
 
 
 @triton.jit
+def _step_feed_kernel(history_ptr, n_ctx_ptr, draft_ptr, feed_ptr, pos_ptr, K, Lh, draft_stride, BLOCK_K: tl.constexpr):
+    """Program b: row b's last context token and drafts (feed), and their cache positions."""
+    b = tl.program_id(0).to(tl.int64)
+    L = tl.load(n_ctx_ptr + b)
+    j = tl.arange(0, BLOCK_K).to(tl.int64)
+    ok = j <= K
+    last = tl.load(history_ptr + b * Lh + L - 1)
+    draft = tl.load(draft_ptr + b * draft_stride + j - 1, mask=ok & (j >= 1), other=0)
+    tl.store(feed_ptr + b * (K + 1) + j, tl.where(j == 0, last, draft), mask=ok)
+    tl.store(pos_ptr + b * (K + 1) + j, L - 1 + j, mask=ok)
+
+
+def step_feed(history: torch.Tensor, n_ctx: torch.Tensor, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.step_feed as one launch (a one-warp program per row), not five (a subtraction, a
+    gather, a concatenation, a range and an addition: ~2 us each inside a captured step on an H200)."""
+    B, Lh = history.shape
+    K = draft.shape[1]
+    assert history.stride(1) == 1 and history.stride(0) == Lh and draft.stride(1) == 1 and n_ctx.is_contiguous(), "contiguous rows"
+    feed = torch.empty(B, K + 1, dtype=history.dtype, device=history.device)
+    input_pos = torch.empty(B, K + 1, dtype=torch.long, device=history.device)
+    _step_feed_kernel[(B,)](history, n_ctx, draft, feed, input_pos, K, Lh, draft.stride(0),
+                            BLOCK_K=max(16, triton.next_power_of_2(K + 1)), num_warps=1)
+    return feed, input_pos
+
+
+@triton.jit
 def _lookup_commit_kernel(history_ptr, n_ctx_ptr, feed_ptr, verdict_ptr, drafts_log_ptr, accepted_log_ptr, step_ptr, K, Lh,
                           drafts_step_stride, drafts_row_stride, accepted_step_stride, accepted_row_stride, BLOCK_K: tl.constexpr):
     """Program b: row b's commit. The step index is only read here (its wrapper advances it after)."""

@@ -6,7 +6,8 @@ takes half a millisecond, that gap costs more than the wider verify (scripts/ste
 one captured step does it all on the device, and the host replays it m times per read:
 
     draft    = lookup_draft(history, n_ctx, K)      n-gram lookup over the context (a registry kernel)
-    accepted, next = greedy_verdict(verify([last, *draft]))   one (K+1)-token pass, EOS blocked while asked
+    feed, positions = step_feed(history, n_ctx, draft)   [last, *draft] at n_ctx - 1 on (one launch)
+    accepted, next = greedy_verdict(verify(feed))   one (K+1)-token pass, EOS blocked while asked
     lookup_commit: history[n_ctx:] = draft[:accepted], next; n_ctx += accepted + 1; log the step
 
 The accepted drafts are the target's own argmax and `next` is its token after them, so the output
@@ -56,9 +57,7 @@ def greedy_step(
     L = n_ctx  # (B,)
     if draft is None:
         draft = registry.get("lookup_draft", device)(history, L, k)  # (B, k)
-    last = (L - 1)[:, None]  # (B, 1)
-    feed = torch.cat([history.gather(1, last), draft], 1)  # (B, k+1): the last token, then the draft
-    input_pos = last + torch.arange(k + 1, device=device)  # (B, k+1) cache positions
+    feed, input_pos = registry.get("step_feed", device)(history, L, draft)  # (B, k+1) each: the last token, then the draft; cache positions
     logits = step(feed, input_pos)  # (B, k+1, V)
     verdict = greedy_verdict(logits, feed, eos_mask, eos_until - L)  # (B, 2): feed column j is token L + j
     registry.get("lookup_commit", device)(history, n_ctx, feed, verdict, drafts_log, accepted_log, step_idx)
