@@ -6,11 +6,12 @@ verifies, while a plain step launched ahead hides it (scheduler.py): on an H200 
 step cost 1.35-1.73 plain steps at 1-8 rows against 1.02-1.14 for the device alone
 (results/gpu/batch-NVIDIA-H200-20261201-231228.json). Here every row drafts, is verified and
 accepts on the device, and the host reads once per chunk of CHUNK steps. A step is the single
-stream's (specdec/lookup_steps.greedy_step) over r rows: the same three registry kernels, each
+stream's (specdec/lookup_steps.greedy_step) over r rows: the same four registry kernels, each
 taking every row at once (a program per row in Triton), around one batched verify:
 
     draft   (r, K)      = lookup_draft: each row's n-gram lookup over its own context
-    logits  (r, K+1, V) = one batched pass of [last token, draft] at each row's own positions
+    feed    (r, K+1)    = step_feed: [last token, draft] and their positions (n_ctx - 1 on)
+    logits  (r, K+1, V) = one batched pass of the feed at each row's own positions
     verdict (r, 2)      = greedy_verdict: accepted drafts and the target's next token, EOS blocked
                           at context positions < eos_until (min_new_tokens)
     lookup_commit       = the accepted drafts and that token after each row's context; logged

@@ -49,7 +49,7 @@ def greedy_step(
     draft: torch.Tensor | None = None,  # (B, k) the step's drafts (a verify hook's, made by the step before); None: the lookup's
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # verdict (B, 2), feed (B, k+1), input_pos (B, k+1)
     """One speculative greedy step of B rows on the device (see the module docstring), each row on
-    its own: three registry kernels around the verify pass. One stream is one row; batched rows
+    its own: four registry kernels around the verify pass. One stream is one row; batched rows
     (batch/lookup.py) are many. Each row's cache holds its context but its last token, before and after."""
     from labkit.kernels import registry
 
