@@ -52,9 +52,9 @@ def log_mixed(monkeypatch) -> list:
         chunks.append((list(context), out, list(flags)))
         return out
 
-    def flagged(self, *args, only_if=None):
+    def flagged(self, *args, only_if=None, **kwargs):
         flags.append(None if only_if is None else bool(only_if.item()))
-        return chain(self, *args, only_if=only_if)
+        return chain(self, *args, only_if=only_if, **kwargs)
 
     monkeypatch.setattr(EagleMixDrafter, "run_steps", logged)
     monkeypatch.setattr(EagleMixDrafter, "chain", flagged)

@@ -165,6 +165,35 @@ def test_norm_head_matches_reference(M: int, dtype: torch.dtype, prefetch: int |
 
 
 @interpreted
+@pytest.mark.parametrize("B, T, depth, shared", [(1, 1, 1, True), (1, 4, 5, True), (3, 4, 4, False), (5, 9, 8, False), (2, 16, 2, False)])
+def test_chain_inputs_match_reference(B: int, T: int, depth: int, shared: bool) -> None:
+    """chain_inputs (a verify's catch-up tokens and positions, the chain's positions, one launch) against its
+    twin, which holds the rule itself: the next fed token after each row, the target's at the accepted row
+    and after the last; positions clamped to the draft cache, rows at their own or shared positions."""
+    from labkit.kernels import layer_triton as tri
+
+    g = torch.Generator().manual_seed(40 + B * T)
+    tokens = torch.randint(0, 1000, (B, T), generator=g)
+    accepted = torch.randint(0, T, (B,), generator=g)
+    verdict = torch.stack([accepted, 2000 + torch.arange(B)], 1)  # (B, 2)
+    starts = torch.tensor([60]) if shared else torch.randint(0, 80, (B,), generator=g)
+    input_pos = starts[:, None] + torch.arange(T)  # (B, T) or (1, T)
+    input_pos = input_pos[0] if shared else input_pos
+    last = 64  # some rows' positions past it: clamped
+    got = tri.chain_inputs(tokens.to(DEVICE), verdict.to(DEVICE), input_pos.to(DEVICE), depth, last)
+    want = ref.chain_inputs(tokens, verdict, input_pos, depth, last)
+    for name, a, b in zip(("after", "positions", "chain positions"), got, want, strict=True):
+        assert a.shape == b.shape and torch.equal(a.cpu(), b), (name, a, b)
+    after, at, chain_pos = want
+    for b in range(B):
+        a = int(accepted[b])
+        assert after[b].tolist() == [*tokens[b, 1:].tolist(), 2000 + b][:a] + [2000 + b] + [*tokens[b, 1:].tolist(), 2000 + b][a + 1 :]
+        anchor = int(input_pos[..., 0].expand(B)[b]) + a
+        assert chain_pos[:, b].tolist() == [min(anchor + d, last) for d in range(1, depth)]
+    assert at.tolist() == input_pos.clamp(max=last).tolist() and at.max() <= last
+
+
+@interpreted
 @pytest.mark.parametrize("dtype, prefetch", PREFETCH)
 @pytest.mark.parametrize("M", [1, 5, 21])
 def test_eagle_pass_ends_match_reference(M: int, dtype: torch.dtype, prefetch: int | None, monkeypatch: pytest.MonkeyPatch) -> None:

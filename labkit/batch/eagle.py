@@ -301,6 +301,5 @@ class BatchEagle:
     @torch.inference_mode()
     def after_verify(self, r: int, verdict: torch.Tensor, feed: torch.Tensor, input_pos: torch.Tensor) -> None:
         """Inside the step: the verify's hidden states (r, K+1, D) into each row's draft cache, then each row's next chain."""
-        view, drafter = self._rows(0, r), self.drafter
-        anchor_feat = drafter.catch_up(self.batch.model.last_hidden, verdict, feed, input_pos, cache=view)  # (r, D)
-        self._choose(drafter.chain(anchor_feat, input_pos[:, 0] + verdict[:, 0], 1, self.depth, cache=view)[:, :, 0], 0, r)
+        chain = self.drafter.catch_up_chain(self.batch.model.last_hidden, verdict, feed, input_pos, self.depth, cache=self._rows(0, r))
+        self._choose(chain, 0, r)  # (r, depth)

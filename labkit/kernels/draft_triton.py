@@ -3,6 +3,8 @@ kernels' launch chain (programmatic dependent launch) with no PyTorch op between
 
     embed_fc       x = concat(embed[token], feat) fc^T   (the token's embedding gathered in the kernel)
     draft_argmax   the best token of feat @ head^T over the draft vocabulary, as a target id
+    chain_inputs   after a verify: the catch-up's tokens and positions, the chain's positions (one
+                   launch for what took six small PyTorch ops, ~2 us each inside a captured step)
 
 Between a chain's depths the PyTorch path ran about ten launches a depth (the embedding, the
 concat, cuBLAS's GEMV, the argmax, the id lookup, position arithmetic), each a full launch
@@ -189,3 +191,46 @@ def draft_argmax(
         num_warps=TUNE["num_warps"], **_launch(pdl),
     )
     return out
+
+
+@triton.jit
+def _chain_inputs_kernel(tokens_ptr, verdict_ptr, input_pos_ptr, after_ptr, at_ptr, chain_pos_ptr, B, T, last_pos, n_chain,
+                         SHARED: tl.constexpr, GDC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program b: row b's tokens after each verified one, their positions (clamped), and the chain's positions."""
+    _wait_for_inputs(GDC)
+    b = tl.program_id(0).to(tl.int64)
+    accepted = tl.load(verdict_ptr + b * 2)
+    nxt = tl.load(verdict_ptr + b * 2 + 1)
+    t = tl.arange(0, BLOCK_T).to(tl.int64)
+    ok = t < T
+    following = tl.load(tokens_ptr + b * T + t + 1, mask=t + 1 < T, other=nxt)  # (BLOCK_T,) the fed token after each, the target's after the last
+    tl.store(after_ptr + b * T + t, tl.where(t == accepted, nxt, following), mask=ok)
+    if SHARED:  # positions (T,) every row shares: row 0 writes them clamped
+        pos = tl.load(input_pos_ptr + t, mask=ok, other=0)
+        tl.store(at_ptr + t, tl.minimum(pos, last_pos), mask=t < tl.where(b == 0, T, 0))
+        anchor = tl.load(input_pos_ptr) + accepted
+    else:  # (B, T)
+        pos = tl.load(input_pos_ptr + b * T + t, mask=ok, other=0)
+        tl.store(at_ptr + b * T + t, tl.minimum(pos, last_pos), mask=ok)
+        anchor = tl.load(input_pos_ptr + b * T) + accepted
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    tl.store(chain_pos_ptr + d * B + b, tl.minimum(anchor + 1 + d, last_pos), mask=d < n_chain)
+
+
+def chain_inputs(
+    tokens: torch.Tensor,  # (B, T) int64: the verify's fed tokens
+    verdict: torch.Tensor,  # (B, 2) int64: each row's accepted drafts and the target's next token
+    input_pos: torch.Tensor,  # (B, T) or (T,) int64: their positions
+    depth: int,  # the chain's depth
+    last_pos: int,  # the draft cache's last position
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (B, T), input_pos's shape, (depth - 1, B): layer_reference.chain_inputs
+    B, T = tokens.shape
+    assert verdict.shape == (B, 2) and verdict.is_contiguous() and tokens.is_contiguous() and input_pos.shape[-1] == T
+    assert input_pos.is_contiguous() and input_pos.dim() in (1, 2), "positions (B, T) or (T,), contiguous"
+    after = torch.empty(B, T, dtype=torch.int64, device=tokens.device)
+    at = torch.empty(input_pos.shape, dtype=torch.int64, device=tokens.device)
+    chain_pos = torch.empty(max(depth - 1, 0), B, dtype=torch.int64, device=tokens.device)
+    pdl = _pdl(tokens)
+    _chain_inputs_kernel[(B,)](tokens, verdict, input_pos, after, at, chain_pos, B, T, last_pos, depth - 1, SHARED=input_pos.dim() == 1, GDC=pdl, BLOCK_T=max(16, triton.next_power_of_2(T)),
+                               BLOCK_D=max(16, triton.next_power_of_2(max(depth - 1, 1))), num_warps=1, **_launch(pdl))
+    return after, at, chain_pos

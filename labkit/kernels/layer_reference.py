@@ -148,3 +148,22 @@ def draft_argmax(
     only_if: torch.Tensor | None = None,  # the Triton launch's flag; computed regardless here
 ) -> torch.Tensor:  # (M,) int64 target ids of the best draft-vocabulary logit (the first of equal ones)
     return ids[F.linear(x, w).argmax(-1)]
+
+
+def chain_inputs(
+    tokens: torch.Tensor,  # (B, T) int64: a verify's fed tokens
+    verdict: torch.Tensor,  # (B, 2) int64: each row's accepted drafts and the target's next token
+    input_pos: torch.Tensor,  # (B, T) or (T,) int64: their positions
+    depth: int,  # the chain's depth
+    last_pos: int,  # the draft cache's last position
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (B, T), input_pos's shape, (depth - 1, B) int64
+    """An EAGLE catch-up's and chain's inputs after a verify (specdec/eagle_drafter.py): the token after
+    each fed one (B, T) (the next fed token; the target's own at the accepted row and after the last),
+    the fed positions clamped to the draft cache (input_pos's shape), and the chain's depths 2..depth
+    positions (depth - 1, B): anchor (the accepted row's position) + 1, + 2, ..., clamped."""
+    accepted, nxt = verdict[:, 0:1], verdict[:, 1:2]  # (B, 1) each
+    after = torch.cat((tokens[:, 1:], nxt), dim=1).scatter_(1, accepted, nxt)  # (B, T)
+    at = input_pos.clamp(max=last_pos)  # (B, T) or (T,)
+    anchor = input_pos[..., 0] + verdict[:, 0]  # (B,)
+    chain_pos = (anchor[None, :] + torch.arange(1, depth, device=tokens.device)[:, None]).clamp_(max=last_pos)  # (depth - 1, B)
+    return after, at, chain_pos

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from labkit.kernels.attention_triton import decode_attention  # noqa: F401  (the layer's attention op)
-from labkit.kernels.draft_triton import draft_argmax, embed_fc  # noqa: F401  (an EAGLE draft pass's ends)
+from labkit.kernels.draft_triton import chain_inputs, draft_argmax, embed_fc  # noqa: F401  (an EAGLE draft pass's ends)
 from labkit.kernels.norm_triton import _norm_projections, _normed
 from labkit.kernels.triton_common import (
     BLOCK_M,

@@ -44,7 +44,7 @@ from labkit.specdec.draft import Draft, Drafter, Step
 from labkit.specdec.eagle import EagleHead, draft_head_weight
 from labkit.specdec.eagle_chain import FUSED_CHAIN, FusedChain
 from labkit.specdec.eagle_hooks import CatchUpOnly, ChainOf, KeepHidden
-from labkit.specdec.eagle_ops import OnlyIf, draft_layer_ops, target_runs_triton, token_embedding
+from labkit.specdec.eagle_ops import OnlyIf, after_verify_inputs, draft_layer, target_runs_triton, token_embedding
 from labkit.specdec.eagle_tree import DynamicTreeConfig, chain_with_siblings, dynamic_tree
 from labkit.specdec.lookup_steps import CHUNK, LookupSteps
 from labkit.specdec.tree import TokenTree
@@ -91,7 +91,7 @@ class EagleDrafter(Drafter):
         self.tree = tree  # dynamic trees (EAGLE-2): the draft layer expands its best candidates (eagle_tree.py)
         self.verify_hook: Any = self
         self.name += f"-w{width}" if width > 1 else ""
-        self.ops, self.draft_head = self._draft_layer(target)
+        self.head, self.ops, self.draft_head = draft_layer(target, self.head, self.weight)  # (on a CPU's blocks: a copy of the head)
         # a draft pass's ends in the fused operations (draft_triton.py) where the embedding is a table
         self.embed_weight = self.embed.weight if isinstance(self.embed, torch.nn.Embedding) else None  # (V, D) a table, or a CPU's blocks
         rows = max(16, target.batch_size, batch_rows)
@@ -128,17 +128,6 @@ class EagleDrafter(Drafter):
         self._warm = False  # the draft layer's Triton kernels compiled for every kind of width (_warm_up)
         self._cache(target.batch_size)
 
-    def _draft_layer(self, target: Engine) -> tuple[Any, torch.nn.Module | None]:
-        """How the draft layer runs (draft_layer_ops), and the draft head as a linear on blocks
-        where the target reads GGUF blocks on a CPU (eagle_cpu.py, on a copy of the head, which
-        then drafts; else None: a product)."""
-        if target.layer_kernels != "cpu":
-            return draft_layer_ops(target), None
-        from labkit.specdec.eagle_cpu import cpu_draft_layer
-
-        self.head, ops, draft_head = cpu_draft_layer(self.head, target.model.lm_head, self.weight)
-        return ops, draft_head
-
     # -- the draft cache ----------------------------------------------------------------------
     def _cache(self, B: int) -> KVCache:
         """One layer's keys and values, (B, nkv, S, hd), S past the target cache's end by the widest
@@ -157,16 +146,16 @@ class EagleDrafter(Drafter):
         return cache
 
     def elements(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, tree: TreeAttention | None = None,
-                 cache: KVCache | None = None) -> torch.Tensor:
-        """feats (B, T, D), tokens (B, T), pos (B, T) or (T,) -> predicted features (B, T, D), the draft cache (or `cache`:
-        another draft cache's rows, batch/eagle.py) written at pos (a draft tree's elements: at their slots, tree attention)."""
+                 cache: KVCache | None = None, clamped: bool = False) -> torch.Tensor:
+        """feats (B, T, D), tokens (B, T), pos (B, T) or (T,) (clamped: within the cache already) -> predicted features (B, T, D),
+        the draft cache (or `cache`: another draft cache's rows, batch/eagle.py) written at pos (a tree's: at their slots)."""
         cache = self._draft_cache if cache is None else cache
         assert cache is not None
         T = tokens.shape[1]
         if tree is None and T > self.pass_t:  # a long prompt's catch-up: passes the attention's counters cover
             return torch.cat([self.elements(feats[:, i : i + self.pass_t], tokens[:, i : i + self.pass_t], pos[..., i : i + self.pass_t], cache=cache)
                               for i in range(0, T, self.pass_t)], dim=1)
-        return self._pass(feats, tokens, pos.clamp(max=cache.max_len - 1), tree, cache=cache)
+        return self._pass(feats, tokens, pos if clamped else pos.clamp(max=cache.max_len - 1), tree, cache=cache)
 
     def _pass(self, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, tree: TreeAttention | None = None,
               ops: Any = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -189,17 +178,18 @@ class EagleDrafter(Drafter):
         logits = self._logits(feat)  # (B, N)
         return self.ids[logits.argmax(-1, keepdim=True) if width == 1 else logits.topk(width, dim=-1).indices]
 
-    def chain(self, feat: torch.Tensor, anchor: torch.Tensor, width: int = 1, depth: int | None = None,
-              only_if: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """feat (B, D) the anchor's predicted feature, anchor (B,) its position -> (B, depth, width)
-        the best `width` drafts at each depth of the chain (default: the head's depth), which follows the best.
+    def chain(self, feat: torch.Tensor, anchor: torch.Tensor | None, width: int = 1, depth: int | None = None,
+              only_if: torch.Tensor | None = None, cache: KVCache | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """feat (B, D) the anchor's predicted feature, anchor (B,) its position (or pos (depth - 1, B), the chain's) -> (B, depth,
+        width) the best `width` drafts at each depth of the chain (default: the head's depth), which follows the best.
         only_if (1,) bool: where false the fused ops' launches may be called off (the drafts are then
         anything, the draft cache past the anchor unwritten; eagle_ops.OnlyIf)."""
         depth, cache = depth or self.depth, self._draft_cache if cache is None else cache  # (cache: another draft cache's rows, batch/eagle.py)
         ops = self.ops if only_if is None or self.ops is None else OnlyIf(self.ops, only_if)
         assert cache is not None
-        # (depth - 1, B): depth d's element sits at anchor + d - 1 (a row each, so each depth's is contiguous)
-        pos = (anchor[None, :] + self._counting[1:depth, None]).clamp_(max=cache.max_len - 1)
+        if pos is None:  # (depth - 1, B): depth d's element sits at anchor + d - 1 (a row each, so each depth's is contiguous)
+            assert anchor is not None
+            pos = (anchor[None, :] + self._counting[1:depth, None]).clamp_(max=cache.max_len - 1)
         if cache is self._draft_cache and self._fused.serves(self.ops, width):  # one launch (eagle_chain.py), the same drafts
             return self._fused(feat, pos, cache, only_if)[:, :, None]
         top = self._pick(feat, width, ops)  # (B, width)
@@ -246,28 +236,35 @@ class EagleDrafter(Drafter):
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Inside the verify step: hidden (B, T, D), verdict (B, 2), tokens (B, T) at input_pos (T,)
         -> (B, depth * width) the next step's candidates (a tree step hands its path as these rows)."""
-        anchor_feat = self.catch_up(hidden, verdict, tokens, input_pos)  # (B, D)
-        accepted = verdict[:, 0]  # (B,)
         if self.tree is not None:
-            return dynamic_tree(self, anchor_feat, input_pos[:1] + accepted, self.tree)[None]  # (1, 2 * nodes)
+            return dynamic_tree(self, self.catch_up(hidden, verdict, tokens, input_pos), input_pos[:1] + verdict[:, 0], self.tree)[None]  # (1, 2 * nodes)
         depth = self.depth if hidden.is_cuda and torch.cuda.is_current_stream_capturing() else self.chain_depth  # a captured step replays at any K
-        return self.chain(anchor_feat, input_pos[0] + accepted, self.width, depth).flatten(1)  # (B, depth * width)
+        return self.catch_up_chain(hidden, verdict, tokens, input_pos, depth, width=self.width)  # (B, depth * width)
 
     def catch_up(self, hidden: torch.Tensor, verdict: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor,
-                 cache: KVCache | None = None) -> torch.Tensor:
-        """Inside the verify step: the draft cache's (or `cache`'s) elements for every verified row (row j's token
-        is the draft after it, or the target's next token at the accepted row) -> (B, D) the accepted row's predicted feature."""
-        accepted, nxt = verdict[:, 0:1], verdict[:, 1:2]  # (B, 1) each
-        after = torch.cat((tokens[:, 1:], nxt), dim=1).scatter_(1, accepted, nxt)  # (B, T): the token after each row
-        feats = self.elements(hidden, after, input_pos, cache=cache)  # (B, T, D)
-        return feats.gather(1, accepted[:, :, None].expand(hidden.shape[0], 1, feats.shape[2]))[:, 0]
+                 cache: KVCache | None = None, inputs: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """Inside the verify step: the draft cache's (or `cache`'s) elements for every verified row (row j's token is the draft after
+        it, or the target's next token at the accepted row; inputs: after_verify_inputs') -> (B, D) the accepted row's predicted feature."""
+        after, at, _ = inputs or self.verify_inputs(tokens, verdict, input_pos, 1, cache)  # (B, T), positions
+        feats = self.elements(hidden, after, at, cache=cache, clamped=True)  # (B, T, D)
+        return feats.gather(1, verdict[:, 0:1, None].expand(hidden.shape[0], 1, feats.shape[2]))[:, 0]
 
     def catch_up_chain(self, hidden: torch.Tensor, verdict: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor, depth: int,
-                       only_if: torch.Tensor | None = None) -> torch.Tensor:  # -> (B, depth)
-        """catch_up, then the chain from the accepted row (only_if false: the catch-up only), one launch where fused (eagle_chain.py)."""
-        if self._fused.serves(self.ops, 1, hidden):
+                       only_if: torch.Tensor | None = None, cache: KVCache | None = None, width: int = 1) -> torch.Tensor:  # -> (B, depth * width)
+        """catch_up, then the chain from the accepted row (only_if false: the catch-up only) in the draft cache (or
+        `cache`'s rows, batch/eagle.py), one launch where fused (eagle_chain.py), else their inputs in one (after_verify_inputs)."""
+        if cache is None and self._fused.serves(self.ops, width, hidden):
             return self._fused.after_verify(hidden, verdict, tokens, input_pos, self._draft_cache, depth, only_if)
-        return self.chain(self.catch_up(hidden, verdict, tokens, input_pos), input_pos[0] + verdict[:, 0], 1, depth, only_if=only_if).flatten(1)
+        inputs = self.verify_inputs(tokens, verdict, input_pos, depth, cache)
+        feat = self.catch_up(hidden, verdict, tokens, input_pos, cache, inputs)  # (B, D)
+        return self.chain(feat, None, width, depth, only_if=only_if, cache=cache, pos=inputs[2]).flatten(1)
+
+    def verify_inputs(self, tokens: torch.Tensor, verdict: torch.Tensor, input_pos: torch.Tensor, depth: int,
+                      cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """after_verify_inputs (eagle_ops.py) of a verify, within the draft cache (or `cache`): the catch-up's and the chain's inputs."""
+        cache = self._draft_cache if cache is None else cache
+        assert cache is not None
+        return after_verify_inputs(self.ops, tokens, verdict, input_pos, depth, cache.max_len - 1)
 
     def take(self, tokens: list[int], context_len: int) -> None:
         self._prepared = (context_len, tokens)

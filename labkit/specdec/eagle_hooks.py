@@ -34,10 +34,11 @@ class ChainOf:
         return self.drafter.catch_up_chain(hidden, verdict, tokens, input_pos, self.depth)
 
     def chain_from(self, anchor_feat: torch.Tensor, verdict: torch.Tensor, input_pos: torch.Tensor,
-                   only_if: torch.Tensor | None = None) -> torch.Tensor:  # (B, D), (B, 2), (T,) -> (B, depth)
-        """The chain from the accepted row (its predicted feature after the catch-up), launches
-        called off where only_if is false (EagleDrafter.chain)."""
-        return self.drafter.chain(anchor_feat, input_pos[0] + verdict[:, 0], 1, self.depth, only_if=only_if).flatten(1)
+                   only_if: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:  # (B, D), (B, 2), (T,) -> (B, depth)
+        """The chain from the accepted row (its predicted feature after the catch-up; pos: the chain's positions,
+        EagleDrafter.verify_inputs'), launches called off where only_if is false (EagleDrafter.chain)."""
+        anchor = input_pos[0] + verdict[:, 0] if pos is None else None
+        return self.drafter.chain(anchor_feat, anchor, 1, self.depth, only_if=only_if, pos=pos).flatten(1)
 
     def take(self, tokens: list[int], context_len: int) -> None:
         pass

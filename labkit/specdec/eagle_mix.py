@@ -75,9 +75,10 @@ class MixOf(ChainOf):
         copied = registry.get("lookup_draft", hidden.device)(self.history[None], self.n_ctx, self.k, self.match_n)  # (1, k)
         chains = self.match_n < self.min_n  # (1,) bool: no n-gram of min_n tokens seen before
         if if_nodes():  # the catch-up every step, copy or chain; the chain's passes inside an IF node
-            anchor_feat = self.drafter.catch_up(hidden, verdict, tokens, input_pos)  # (1, D)
+            inputs = self.drafter.verify_inputs(tokens, verdict, input_pos, self.depth)  # the catch-up's and the chain's, one launch
+            anchor_feat = self.drafter.catch_up(hidden, verdict, tokens, input_pos, inputs=inputs)  # (1, D)
             with only_where(chains):
-                self.chain_cols.copy_(self.chain_from(anchor_feat, verdict, input_pos, only_if=chains))
+                self.chain_cols.copy_(self.chain_from(anchor_feat, verdict, input_pos, only_if=chains, pos=inputs[2]))
         else:  # the chain's launches called off where it copies (one launch for both where fused)
             self.chain_cols.copy_(self.drafter.catch_up_chain(hidden, verdict, tokens, input_pos, self.depth, only_if=chains))
         chain = torch.cat((self.chain_cols, self.chain_cols[:, -1:].expand(1, self.k - self.depth)), dim=1)  # (1, k)

@@ -1,6 +1,6 @@
 """How EAGLE's draft layer runs on a target (specdec/eagle_drafter.py): which layer operations it
-shares with the target, the same with every launch under a device flag, and the target's token
-embedding it reads.
+shares with the target, the same with every launch under a device flag, the target's token
+embedding it reads, and a verify's catch-up and chain inputs.
 """
 
 from __future__ import annotations
@@ -35,6 +35,16 @@ def draft_layer_ops(target: Engine) -> Any:
     return None
 
 
+def draft_layer(target: Engine, head: Any, weight: torch.Tensor) -> tuple[Any, Any, torch.nn.Module | None]:
+    """(the head that drafts, how its layer runs (draft_layer_ops), the draft head as a linear on blocks) where
+    the target reads GGUF blocks on a CPU (eagle_cpu.py, on a copy of the head); else (head, ops, None: a product)."""
+    if target.layer_kernels != "cpu":
+        return head, draft_layer_ops(target), None
+    from labkit.specdec.eagle_cpu import cpu_draft_layer
+
+    return cpu_draft_layer(head, target.model.lm_head, weight)
+
+
 class OnlyIf:
     """The fused layer operations `ops` with every call given `only_if` (1,) bool: a Triton launch
     whose flag is false returns right after its inputs' wait, writing nothing (the PyTorch twins
@@ -55,3 +65,13 @@ def token_embedding(model: Any) -> torch.nn.Module:
     if embed is None:
         raise LabkitError(f"EAGLE needs the target's token embedding; {type(model).__name__} has none it knows")
     return embed
+
+
+def after_verify_inputs(ops: Any, tokens: torch.Tensor, verdict: torch.Tensor, input_pos: torch.Tensor, depth: int,
+                        last_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """After a verify of tokens (B, T) at input_pos (B, T) or (T,) with this verdict (B, 2): the catch-up's
+    tokens (B, T) and positions (input_pos's shape) and the chain's positions (depth - 1, B), clamped to
+    last_pos (layer_reference.chain_inputs): one launch where the ops are the Triton kernels."""
+    if not hasattr(ops, "chain_inputs"):
+        from labkit.kernels import layer_reference as ops
+    return ops.chain_inputs(tokens, verdict, input_pos, depth, last_pos)
