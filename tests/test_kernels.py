@@ -275,6 +275,19 @@ def test_step_feed(backend: str) -> None:
             get("step_feed", DEVICE, "cuda")
 
 
+def test_opt_in_triton_kernels_are_chosen_only_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """step_feed's Triton kernel (not yet timed on a GPU) is chosen automatically only with LABKIT_GLUE_KERNELS=1;
+    the kernels that were timed are chosen as before."""
+    from labkit.kernels.registry import BackendStatus, _chosen_automatically
+
+    compiled = BackendStatus("triton", True, "compiled")
+    monkeypatch.delenv("LABKIT_GLUE_KERNELS", raising=False)
+    assert not _chosen_automatically("step_feed", "triton", compiled) and _chosen_automatically("lookup_draft", "triton", compiled)
+    assert _chosen_automatically("step_feed", "torch", BackendStatus("torch", True, "PyTorch reference"))
+    monkeypatch.setenv("LABKIT_GLUE_KERNELS", "1")
+    assert _chosen_automatically("step_feed", "triton", compiled)
+
+
 @pytest.mark.parametrize("backend", [b for b in COMPILED if b != "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_verdict(backend: str, dtype: torch.dtype) -> None:

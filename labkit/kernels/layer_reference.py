@@ -156,6 +156,7 @@ def chain_inputs(
     input_pos: torch.Tensor,  # (B, T) or (T,) int64: their positions
     depth: int,  # the chain's depth
     last_pos: int,  # the draft cache's last position
+    counting: torch.Tensor | None = None,  # (>= depth,) 0, 1, ... on the device (sliced, not made: a launch fewer)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (B, T), input_pos's shape, (depth - 1, B) int64
     """An EAGLE catch-up's and chain's inputs after a verify (specdec/eagle_drafter.py): the token after
     each fed one (B, T) (the next fed token; the target's own at the accepted row and after the last),
@@ -165,5 +166,6 @@ def chain_inputs(
     after = torch.cat((tokens[:, 1:], nxt), dim=1).scatter_(1, accepted, nxt)  # (B, T)
     at = input_pos.clamp(max=last_pos)  # (B, T) or (T,)
     anchor = input_pos[..., 0] + verdict[:, 0]  # (B,)
-    chain_pos = (anchor[None, :] + torch.arange(1, depth, device=tokens.device)[:, None]).clamp_(max=last_pos)  # (depth - 1, B)
+    steps = torch.arange(1, depth, device=tokens.device) if counting is None else counting[1:depth]  # (depth - 1,)
+    chain_pos = (anchor[None, :] + steps[:, None]).clamp_(max=last_pos)  # (depth - 1, B)
     return after, at, chain_pos

@@ -25,6 +25,9 @@ NO_CUDA = ("greedy_verdict", "lookup_draft", "step_feed", "lookup_commit")  # ke
 # engine by engine.pick_layer_ops (it needs the model's shapes), listed here beside the others.
 FUSED_LAYER_OPS = ("norm_qkv_rope", "decode_attention", "linear_residual", "norm_gate_up")
 BACKENDS = ("cuda", "triton", "torch")
+# Triton kernels chosen only when asked for (LABKIT_GLUE_KERNELS=1; by name always): tested bit for bit
+# against their twins under the interpreter, not yet timed on a GPU (docs/speculation.md)
+OPT_IN = ("step_feed",)
 
 
 def backends(name: str) -> tuple[str, ...]:
@@ -81,7 +84,7 @@ def _module(backend: str) -> Any:
     return cuda_ops
 
 
-_chosen: dict[tuple[str, str, bool], tuple[str, Callable[..., Any]]] = {}
+_chosen: dict[tuple[str, str, bool, bool], tuple[str, Callable[..., Any]]] = {}
 
 
 def get(name: str, device: torch.device, backend: str | None = None) -> Callable[..., Any]:
@@ -95,15 +98,19 @@ def get(name: str, device: torch.device, backend: str | None = None) -> Callable
         if not status.ok:
             raise RuntimeError(f"{name}: backend {backend} unavailable ({status.reason})")
         return getattr(_module(backend), name)
-    key = (name, device.type, env_flag("SPECDEC_FORCE_PY"))
+    key = (name, device.type, env_flag("SPECDEC_FORCE_PY"), env_flag("LABKIT_GLUE_KERNELS"))
     if key not in _chosen:
         for candidate in backends(name):
             status = backend_status(candidate, device)
-            if status.ok and status.auto:
+            if _chosen_automatically(name, candidate, status):
                 _chosen[key] = (candidate, getattr(_module(candidate), name))
                 break
             log.info("kernel %s: %s unavailable (%s), falling back", name, candidate, status.reason)
     return _chosen[key][1]
+
+
+def _chosen_automatically(name: str, backend: str, status: BackendStatus) -> bool:
+    return status.ok and status.auto and not (backend == "triton" and name in OPT_IN and not env_flag("LABKIT_GLUE_KERNELS"))
 
 
 def table(device: torch.device) -> list[dict[str, Any]]:
@@ -111,10 +118,12 @@ def table(device: torch.device) -> list[dict[str, Any]]:
     rows = []
     statuses = {b: backend_status(b, device) for b in BACKENDS}
     for name in KERNELS + FUSED_LAYER_OPS:
-        row: dict[str, Any] = {"kernel": name, "chosen": next(b for b in backends(name) if statuses[b].ok and statuses[b].auto)}
+        row: dict[str, Any] = {"kernel": name, "chosen": next(b for b in backends(name) if _chosen_automatically(name, b, statuses[b]))}
         for b in BACKENDS:
             status = statuses[b]
             row[b] = ("ok" if status.auto else f"named only: {status.reason}") if status.ok else f"no: {status.reason}"
+            if status.ok and status.auto and not _chosen_automatically(name, b, status):
+                row[b] = "named only: LABKIT_GLUE_KERNELS=1 to choose it (not yet timed on a GPU)"
         if "cuda" not in backends(name):
             row["cuda"] = "no: Triton and PyTorch only"
         rows.append(row)

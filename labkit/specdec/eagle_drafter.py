@@ -264,7 +264,7 @@ class EagleDrafter(Drafter):
         """after_verify_inputs (eagle_ops.py) of a verify, within the draft cache (or `cache`): the catch-up's and the chain's inputs."""
         cache = self._draft_cache if cache is None else cache
         assert cache is not None
-        return after_verify_inputs(self.ops, tokens, verdict, input_pos, depth, cache.max_len - 1)
+        return after_verify_inputs(self.ops, tokens, verdict, input_pos, depth, cache.max_len - 1, self._counting)
 
     def take(self, tokens: list[int], context_len: int) -> None:
         self._prepared = (context_len, tokens)

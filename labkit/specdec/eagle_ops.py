@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from labkit.config import env_flag
 from labkit.engine import Engine
 from labkit.errors import LabkitError
 
@@ -68,10 +69,13 @@ def token_embedding(model: Any) -> torch.nn.Module:
 
 
 def after_verify_inputs(ops: Any, tokens: torch.Tensor, verdict: torch.Tensor, input_pos: torch.Tensor, depth: int,
-                        last_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        last_pos: int, counting: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """After a verify of tokens (B, T) at input_pos (B, T) or (T,) with this verdict (B, 2): the catch-up's
     tokens (B, T) and positions (input_pos's shape) and the chain's positions (depth - 1, B), clamped to
-    last_pos (layer_reference.chain_inputs): one launch where the ops are the Triton kernels."""
-    if not hasattr(ops, "chain_inputs"):
-        from labkit.kernels import layer_reference as ops
-    return ops.chain_inputs(tokens, verdict, input_pos, depth, last_pos)
+    last_pos (layer_reference.chain_inputs; counting: 0, 1, ... on the device, sliced there). One Triton launch
+    where the ops are the Triton kernels and LABKIT_GLUE_KERNELS=1 asks for it (not yet timed on a GPU)."""
+    if env_flag("LABKIT_GLUE_KERNELS") and hasattr(ops, "chain_inputs"):
+        return ops.chain_inputs(tokens, verdict, input_pos, depth, last_pos)
+    from labkit.kernels import layer_reference
+
+    return layer_reference.chain_inputs(tokens, verdict, input_pos, depth, last_pos, counting)
