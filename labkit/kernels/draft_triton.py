@@ -4,7 +4,8 @@ kernels' launch chain (programmatic dependent launch) with no PyTorch op between
     embed_fc       x = concat(embed[token], feat) fc^T   (the token's embedding gathered in the kernel)
     draft_argmax   the best token of feat @ head^T over the draft vocabulary, as a target id
     chain_inputs   after a verify: the catch-up's tokens and positions, the chain's positions (one
-                   launch for what took six small PyTorch ops, ~2 us each inside a captured step)
+                   launch for six small PyTorch ops, ~2 us each inside a captured step; chosen only with
+                   LABKIT_GLUE_KERNELS=1 until timed on a GPU: specdec/eagle_ops.after_verify_inputs)
 
 Between a chain's depths the PyTorch path ran about ten launches a depth (the embedding, the
 concat, cuBLAS's GEMV, the argmax, the id lookup, position arithmetic), each a full launch

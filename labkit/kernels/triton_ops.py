@@ -215,7 +215,8 @@ def _step_feed_kernel(history_ptr, n_ctx_ptr, draft_ptr, feed_ptr, pos_ptr, K, L
 
 def step_feed(history: torch.Tensor, n_ctx: torch.Tensor, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.step_feed as one launch (a one-warp program per row), not five (a subtraction, a
-    gather, a concatenation, a range and an addition: ~2 us each inside a captured step on an H200)."""
+    gather, a concatenation, a range and an addition: ~2 us each inside a captured step on an H200).
+    Chosen automatically only with LABKIT_GLUE_KERNELS=1 until timed on a GPU (registry.OPT_IN)."""
     B, Lh = history.shape
     K = draft.shape[1]
     assert history.stride(1) == 1 and history.stride(0) == Lh and draft.stride(1) == 1 and n_ctx.is_contiguous(), "contiguous rows"
