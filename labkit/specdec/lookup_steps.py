@@ -6,7 +6,7 @@ takes half a millisecond, that gap costs more than the wider verify (scripts/ste
 one captured step does it all on the device, and the host replays it m times per read:
 
     draft    = lookup_draft(history, n_ctx, K)      n-gram lookup over the context (a registry kernel)
-    feed, positions = step_feed(history, n_ctx, draft)   [last, *draft] at n_ctx - 1 on (one launch)
+    feed, positions = step_feed(history, n_ctx, draft)   [last, *draft] at n_ctx - 1 on (opt-in: one launch)
     accepted, next = greedy_verdict(verify(feed))   one (K+1)-token pass, EOS blocked while asked
     lookup_commit: history[n_ctx:] = draft[:accepted], next; n_ctx += accepted + 1; log the step
 
