@@ -9,6 +9,7 @@
 #   call 6, carry .carry/part_af:                      bash scripts/device_run.sh stage assemble quicktests
 #   later calls (nothing to carry):                    bash scripts/device_run.sh context validate
 #   batched, with the carried EAGLE head (carry .carry/eagle): SIZES=1,2,4,8 bash scripts/device_run.sh eagle-carried batch
+#   the opt-in small kernels off and on (tests, a step's time, bench batch K 3): bash scripts/device_run.sh eagle-carried glue
 # papermill (for `validate`, which runs notebook 3D) travels in .carry/pm with a call of its own.
 # Run everything through this script: it sets PYTHONPATH and LABKIT_CACHE; a bare `python3 -m labkit`
 # on the machine finds neither the model package nor the converted cache. Any labkit command:
@@ -146,6 +147,17 @@ case "$step" in
     heads=""; [ -e /tmp/eagle/eagle.safetensors ] && heads="--heads /tmp/eagle"
     python3 -m labkit bench batch --device cuda --cuda-graph --no-invariant --max-tokens 128 --k "${K:-5}" --sizes "${SIZES:-1,2,4,8}" \
       --repeats "${REPEATS:-3}" $heads ${BATCH_ARGS:-} --output-dir "$out/results" 2>&1 | grep -v Warning | tr '\r' '\n' | grep -v "bench batch:" | tail -45 | tee "$out/batch.txt"
+    ;;
+  glue)  # the opt-in small kernels (step_feed, chain_inputs; LABKIT_GLUE_KERNELS) on a card: their tests, then a batched step's time
+    # and bench batch (K 3, SIZES, REPEATS) without and with them, after eagle-carried
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_layer_kernels.py -k "step_feed or chain_inputs" 2>&1 | tail -3 | tee "$out/pytest_glue.txt"
+    for g in 0 1; do
+      (cd scripts && LABKIT_GLUE_KERNELS=$g ORDER=ngram,eagle,eagle-mix python3 batch_eagle_costs.py /tmp/eagle 4,1 3 2>&1 | grep -E "^rows" | sed "s/^/glue $g: /")
+    done | tee "$out/glue_costs.txt"
+    for g in 0 1; do
+      LABKIT_GLUE_KERNELS=$g python3 -m labkit bench batch --device cuda --cuda-graph --no-invariant --max-tokens 128 --k 3 --sizes "${SIZES:-2,4}" \
+        --repeats "${REPEATS:-3}" --heads /tmp/eagle --requests-per-slot 8 --output-dir "$out/results" 2>&1 | grep -E "over plain" | sed "s/^/glue $g: /"
+    done | tee "$out/glue_batch.txt"
     ;;
   costs)  # where a speculative step's time goes (HEADS: also the heads' draft, after and inside the verify)
     python3 scripts/step_costs.py ${HEADS:-} 2>&1 | grep -v Warning | tee "$out/step_costs.txt"
