@@ -25,7 +25,6 @@ import torch
 from batch_setup import engine_and_suite
 from labkit.batch.eagle import BatchEagle
 from labkit.batch.engine import BatchConfig, BatchEngine
-from labkit.batch.graphs import bucket
 from labkit.batch.lookup import CHUNK, BatchLookup
 from labkit.batch.scheduler import ContinuousBatcher
 from labkit.config import GenerationConfig
@@ -92,13 +91,8 @@ for r in sizes:
         launched: list[float] = []
 
         def replays(steps: BatchLookup = steps, r: int = r, launched: list[float] = launched) -> None:
-            steps.step_idx.zero_()
             t0 = time.perf_counter()
-            for _ in range(CHUNK):
-                if gpu:
-                    steps.graphs[bucket(r)].replay()
-                else:
-                    steps._step(r)
+            steps.run_on(r, CHUNK)  # a chunk of the rows' steps (replays of the bucket's graph where captured)
             launched.append(time.perf_counter() - t0)
             sync()
 

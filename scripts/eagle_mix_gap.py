@@ -23,7 +23,6 @@ import torch
 from batch_setup import engine_and_suite
 from labkit.batch.eagle import BatchEagle
 from labkit.batch.engine import BatchConfig, BatchEngine
-from labkit.batch.graphs import bucket
 from labkit.batch.lookup import CHUNK, BatchLookup
 from labkit.batch.scheduler import ContinuousBatcher
 from labkit.config import GenerationConfig
@@ -74,12 +73,7 @@ for _ in range(2):
         replayed = [0]
 
         def replays(steps: BatchLookup = steps, replayed: list[int] = replayed) -> None:
-            steps.step_idx.zero_()
-            for _ in range(CHUNK):
-                if gpu:
-                    steps.graphs[bucket(r)].replay()
-                else:
-                    steps._step(r)
+            steps.run_on(r, CHUNK)  # a chunk of the rows' steps (replays of the bucket's graph where captured)
             replayed[0] += CHUNK
             torch.cuda.synchronize() if gpu else None
 

@@ -27,6 +27,7 @@ from labkit.batch.eagle import BatchEagle
 from labkit.batch.engine import BatchConfig, BatchEngine
 from labkit.batch.lookup import BatchLookup
 from labkit.batch.scheduler import ContinuousBatcher
+from labkit.bench.batch import categories_in_turn
 from labkit.config import GenerationConfig
 from labkit.kernels import registry
 from labkit.prompts import load_suite
@@ -59,8 +60,9 @@ K = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 new = int(sys.argv[4]) if len(sys.argv) > 4 else 128
 n_prompts = int(sys.argv[5]) if len(sys.argv) > 5 else 40
 engine, suite, gpu = engine_and_suite(new)
-cats = [p.category for p in load_suite(None, None)]
-order = sorted(range(len(suite)), key=lambda i: (cats[:i].count(cats[i]), i))[:n_prompts]  # categories in turn
+listed = load_suite(None, None)  # suite[i] is listed[i]'s tokens
+cats = [p.category for p in listed]
+order = [listed.index(p) for p in categories_in_turn(listed)][:n_prompts]
 head = load_eagle(folder, fingerprint(engine.model.lm_head.weight))
 batch = BatchEngine(engine, BatchConfig(slots=rows, max_seq_len=1024, cuda_graph=gpu))
 for rule in (sys.argv[6].split(",") if len(sys.argv) > 6 else ("chain", "copy2", "copy3", "agree2", "agree2|copy3", "agree1", "agree1|copy2")):

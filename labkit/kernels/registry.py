@@ -30,6 +30,11 @@ BACKENDS = ("cuda", "triton", "torch")
 OPT_IN = ("step_feed",)
 
 
+def glue_kernels() -> bool:
+    """Whether the opt-in Triton kernels (OPT_IN, and the EAGLE draft layer's chain_inputs) are asked for."""
+    return env_flag("LABKIT_GLUE_KERNELS")
+
+
 def backends(name: str) -> tuple[str, ...]:
     """The backends a kernel has, best first: NO_CUDA and the layer kernels have no CUDA C++ one."""
     return tuple(b for b in BACKENDS if not (b == "cuda" and name in NO_CUDA + FUSED_LAYER_OPS))
@@ -98,7 +103,7 @@ def get(name: str, device: torch.device, backend: str | None = None) -> Callable
         if not status.ok:
             raise RuntimeError(f"{name}: backend {backend} unavailable ({status.reason})")
         return getattr(_module(backend), name)
-    key = (name, device.type, env_flag("SPECDEC_FORCE_PY"), env_flag("LABKIT_GLUE_KERNELS"))
+    key = (name, device.type, env_flag("SPECDEC_FORCE_PY"), glue_kernels())
     if key not in _chosen:
         for candidate in backends(name):
             status = backend_status(candidate, device)
@@ -110,7 +115,7 @@ def get(name: str, device: torch.device, backend: str | None = None) -> Callable
 
 
 def _chosen_automatically(name: str, backend: str, status: BackendStatus) -> bool:
-    return status.ok and status.auto and not (backend == "triton" and name in OPT_IN and not env_flag("LABKIT_GLUE_KERNELS"))
+    return status.ok and status.auto and not (backend == "triton" and name in OPT_IN and not glue_kernels())
 
 
 def table(device: torch.device) -> list[dict[str, Any]]:

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from labkit.config import env_flag
 from labkit.engine import Engine
 from labkit.errors import LabkitError
+from labkit.kernels.registry import glue_kernels
 
 
 def target_runs_triton(target: Engine) -> bool:
@@ -74,7 +74,7 @@ def after_verify_inputs(ops: Any, tokens: torch.Tensor, verdict: torch.Tensor, i
     tokens (B, T) and positions (input_pos's shape) and the chain's positions (depth - 1, B), clamped to
     last_pos (layer_reference.chain_inputs; counting: 0, 1, ... on the device, sliced there). One Triton launch
     where the ops are the Triton kernels and LABKIT_GLUE_KERNELS=1 asks for it (not yet timed on a GPU)."""
-    if env_flag("LABKIT_GLUE_KERNELS") and hasattr(ops, "chain_inputs"):
+    if glue_kernels() and hasattr(ops, "chain_inputs"):
         return ops.chain_inputs(tokens, verdict, input_pos, depth, last_pos)
     from labkit.kernels import layer_reference
 
