@@ -25,12 +25,14 @@ void gemv_q4_1(const float *x, const uint8_t *qs, const float *d, const float *m
 void gemv_q8_0(const float *x, const int8_t *qs, const float *d, float *y, int64_t M, int64_t N, int64_t K);
 void gemv_q4_1_q8(const float *x, const uint8_t *qs, const float *d, const float *m, float *y, int64_t M, int64_t N, int64_t K);
 void gemv_q8_0_q8(const float *x, const int8_t *qs, const float *d, float *y, int64_t M, int64_t N, int64_t K);
+void gemv_q4_1_q8_tiles(const float *x, const uint8_t *qt, const float *dt, const float *mt, float *y, int64_t M, int64_t N, int64_t K);
+void gemv_q8_0_q8_tiles(const float *x, const int8_t *qt, const float *dt, const int32_t *wt, float *y, int64_t M, int64_t N, int64_t K);
 
 typedef struct {  /* one linear layer's GGUF blocks (layer_cpu.BlockWeight mirrors it) */
-    int64_t kind;  /* 0: Q4_1, 1: Q8_0; 2, 3: the same with 8-bit activations (cpu_q8_gemv.c) */
-    const void *qs;
+    int64_t kind;  /* 0: Q4_1, 1: Q8_0; 2, 3: the same with 8-bit activations (cpu_q8_gemv.c); 4, 5: those over tiles (cpu_q8_tiles.c) */
+    const void *qs;  /* kinds 4, 5: the tiles' quants */
     const float *d;
-    const float *m;  /* Q4_1 only */
+    const float *m;  /* Q4_1 only (kind 5: the tiles' block sums of quants, int32) */
     const float *bias;  /* NULL when none */
     int64_t N, K;
 } block_weight;
@@ -39,7 +41,9 @@ static void linear(const block_weight *w, const float *x, int64_t M, float *y) {
     if (w->kind == 0) gemv_q4_1(x, (const uint8_t *)w->qs, w->d, w->m, y, M, w->N, w->K);
     else if (w->kind == 1) gemv_q8_0(x, (const int8_t *)w->qs, w->d, y, M, w->N, w->K);
     else if (w->kind == 2) gemv_q4_1_q8(x, (const uint8_t *)w->qs, w->d, w->m, y, M, w->N, w->K);
-    else gemv_q8_0_q8(x, (const int8_t *)w->qs, w->d, y, M, w->N, w->K);
+    else if (w->kind == 3) gemv_q8_0_q8(x, (const int8_t *)w->qs, w->d, y, M, w->N, w->K);
+    else if (w->kind == 4) gemv_q4_1_q8_tiles(x, (const uint8_t *)w->qs, w->d, w->m, y, M, w->N, w->K);
+    else gemv_q8_0_q8_tiles(x, (const int8_t *)w->qs, w->d, (const int32_t *)(const void *)w->m, y, M, w->N, w->K);
     if (w->bias)
         for (int64_t r = 0; r < M; r++)
             for (int64_t n = 0; n < w->N; n++) y[r * w->N + n] += w->bias[n];
@@ -254,7 +258,13 @@ static inline __attribute__((always_inline)) void weighted_values(const float *w
 void attention(const float *q, int64_t M, const float *k_cache, const float *v_cache, int64_t S, const int64_t *pos,
                int64_t nh, int64_t nkv, int64_t D, float scale, int64_t window, float *out, float *scratch,
                const int8_t *tree_mask, int64_t tree_base, int64_t n_tree, int64_t T) {
-    const int64_t group = nh / nkv, n_blocks = (S + KEY_BLOCK - 1) / KEY_BLOCK, n_slices = (D + OUT_SLICE - 1) / OUT_SLICE;
+    const int64_t group = nh / nkv, n_slices = (D + OUT_SLICE - 1) / OUT_SLICE;
+    /* the blocks of positions some row reads, not the cache's every block: items split evenly over the threads
+     * only among blocks that hold work (with all of S's, at a 200-token context of an 8,192-slot cache one of two
+     * threads took two kv heads' scores and the other one) */
+    int64_t last_pos = 0;
+    for (int64_t t = 0; t < M; t++) last_pos = pos[t] > last_pos ? pos[t] : last_pos;
+    const int64_t n_blocks = last_pos / KEY_BLOCK + 1;
     float *inv_sum = scratch + M * nh * S;  /* (M, nh) */
     #pragma omp parallel
     {

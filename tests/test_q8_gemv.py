@@ -5,7 +5,6 @@ reference, every path this machine can build, and each row's result independent 
 import pytest
 import torch
 
-from labkit.errors import LabkitError
 from labkit.kernels import cpu_quant
 from labkit.kernels.reference import quant_linear_q8_ref, quant_linear_ref, quantize_rows_q8
 from tests.test_kernels import random_q4, random_q8, use_kernel_build
@@ -50,6 +49,12 @@ def test_a_rows_q8_product_is_the_same_bits_whatever_rows_share_the_call(build: 
                 assert torch.equal(alone[0], together[r]), (build, make.__name__, K, r)
 
 
+def test_only_a_build_with_avx512_vnni_tiles_the_weights(build: str) -> None:
+    """kernels/cpu_q8_tiles.c: tiles where the build targets AVX-512 with VNNI (tests/test_q8_tiles.py), none elsewhere."""
+    flags = cpu_quant.cpu_signature().split()
+    assert (cpu_quant.q8_tile_rows() == 16) == (build == "avx2-int8-vnni" and "avx512_vnni" in flags and "avx512bw" in flags), build
+
+
 def test_q8_activations_are_rounded_and_the_product_near_the_fp32_one() -> None:
     """The reference's quantisation: x * (1 / dx) to nearest, ties to even, within [-127, 127], a zero block
     all zeros; the product within the activations' rounding of the fp32 product, and not equal to it."""
@@ -79,37 +84,3 @@ def test_a_q8_product_is_the_fp32_product_of_the_rounded_activations(make) -> No
     want = quant_linear_ref(rounded, qw.kind, qw.qs, qw.d, qw.m)
     for got in (quant_linear_q8_ref(x, qw.kind, qw.qs, qw.d, qw.m), cpu_quant.quant_linear(x, qw.kind, qw.qs, qw.d, qw.m, act="q8")):
         assert (got - want).abs().max().item() < 2e-6 * want.abs().max().item() + 1e-6
-
-
-def test_speculation_under_gguf_q8_keeps_its_plain_greedy_tokens() -> None:
-    """A tiny engine on random blocks (tests/test_layer_cpu.py) reading them with 8-bit activations: its
-    logits are not the fp32 blocks' (the mode is in effect) but near them, a verify's rows are its decode
-    steps' bits, and n-gram speculation (K 4) gives exactly its own plain greedy tokens."""
-    from labkit.config import GenerationConfig
-    from labkit.generate import Speculation, generate
-    from labkit.specdec.ngram import NgramDrafter
-    from tests.test_layer_cpu import block_engine
-
-    engine = block_engine("llama")
-    prompt = torch.randint(3, 96, (1, 24), generator=torch.Generator().manual_seed(2))[0].tolist() * 2  # copyable: drafts kept
-    logits = {}
-    for act in ("fp32", "q8"):
-        engine.read_blocks(True, act)
-        engine.reset()
-        with torch.inference_mode():
-            logits[act] = engine.forward(torch.tensor([prompt[:12]])).clone()
-    assert engine.weights == "gguf-q8" and engine.layer_kernels == "cpu"
-    with pytest.raises(LabkitError, match="activations"):
-        engine.read_blocks(True, "q4")
-    diff = (logits["q8"] - logits["fp32"]).abs().max().item()
-    assert 0 < diff < 0.05 * logits["fp32"].abs().max().item()
-    with torch.inference_mode():  # a verify's rows are the decode steps' bits
-        engine.rollback(12)
-        verify = engine.forward(torch.tensor([prompt[12:17]]))[0].clone()  # (5, V)
-        engine.rollback(12)
-        steps = torch.cat([engine.forward(torch.tensor([prompt[i : i + 1]]))[0] for i in range(12, 17)])  # (5, V)
-    assert torch.equal(verify, steps)
-    cfg = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
-    plain = generate(engine, prompt, cfg).tokens
-    drafted = generate(engine, prompt, cfg, Speculation(NgramDrafter(3, 1), 4))
-    assert drafted.tokens == plain and sum(drafted.stats.accepted_lengths) > 0

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from labkit.config import cache_dir, env_flag
 
 log = logging.getLogger(__name__)
 SOURCE_NAME = "cpu_quant_gemv.c"
-SOURCE_NAMES = (SOURCE_NAME, "cpu_q8_gemv.c", "cpu_layer.c")  # built into one library: the products, and the layer operations over them
+SOURCE_NAMES = (SOURCE_NAME, "cpu_q8_gemv.c", "cpu_q8_tiles.c", "cpu_layer.c")  # built into one library: the products, and the layer operations over them
 ACTIVATIONS = ("fp32", "q8")  # a product's activations: as they are, or quantised per block of 32 (llama.cpp's Q8)
 
 
@@ -87,6 +88,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.gemv_q8_0.argtypes = [p, p, p, p, i64, i64, i64]
     lib.gemv_q4_1_q8.argtypes = [p, p, p, p, p, i64, i64, i64]
     lib.gemv_q8_0_q8.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.gemv_q4_1_q8_tiles.argtypes = [p, p, p, p, p, i64, i64, i64]
+    lib.gemv_q8_0_q8_tiles.argtypes = [p, p, p, p, p, i64, i64, i64]
+    lib.q8_tile_rows.restype = ctypes.c_int
     lib.q8_kernel_path.restype = ctypes.c_char_p
     lib.max_rows.restype = ctypes.c_int
     lib.kernel_path.restype = ctypes.c_char_p
@@ -122,6 +126,13 @@ def q8_kernel_path() -> str:
     return lib.q8_kernel_path().decode() if lib is not None else ""
 
 
+def q8_tile_rows() -> int:
+    """Weight rows a tile of the 8-bit-activation products holds (kernels/cpu_q8_tiles.c: 16 where the
+    build has AVX-512 VNNI), 0 where there are no tiles (unbuilt, or another instruction set)."""
+    lib, _ = _load()
+    return int(lib.q8_tile_rows()) if lib is not None else 0
+
+
 def max_rows() -> int:
     lib, _ = _load()
     return int(lib.max_rows()) if lib is not None else 0
@@ -147,4 +158,52 @@ def quant_linear(
         (lib.gemv_q4_1_q8 if q8 else lib.gemv_q4_1)(x.data_ptr(), qs.data_ptr(), d.data_ptr(), m.data_ptr(), y.data_ptr(), M, N, K)
     else:
         (lib.gemv_q8_0_q8 if q8 else lib.gemv_q8_0)(x.data_ptr(), qs.data_ptr(), d.data_ptr(), y.data_ptr(), M, N, K)
+    return y
+
+
+@dataclass(frozen=True)
+class Q8Tiles:
+    """A linear layer's GGUF blocks tiled sixteen weight rows at a time for the 8-bit-activation
+    products (kernels/cpu_q8_tiles.c's header: the layouts). The same values as the blocks; a copy."""
+
+    kind: str  # "q4_1" or "q8_0"
+    qt: torch.Tensor  # q4_1: (N/16, B, 4, 16, 4) uint8; q8_0: (N/16, B, 8, 16, 4) int8
+    dt: torch.Tensor  # (N/16, B, 16) float32: d by lane
+    extra: torch.Tensor  # q4_1: mt (N/16, B, 16) float32, m by lane; q8_0: wt (N/16, B, 16) int32, each lane's block sum of quants
+    N: int
+    K: int
+
+
+def tile_q8(
+    kind: str,  # "q4_1" or "q8_0"
+    qs: torch.Tensor,  # q4_1: (N, K/2) uint8; q8_0: (N, K) int8
+    d: torch.Tensor,  # (N, B) float32, B = K/32
+    m: torch.Tensor | None,  # (N, B) float32 for q4_1
+) -> Q8Tiles | None:
+    """The blocks as tiles of the build's tile rows, or None where it has none or N is not a multiple of them."""
+    rows = q8_tile_rows()
+    N, B = d.shape
+    if not rows or N % rows:
+        return None
+    by_lane = lambda t: t.reshape(N // rows, rows, B).transpose(1, 2).contiguous()  # noqa: E731  (N, B) -> (N/16, B, 16)
+    if kind == "q4_1":
+        assert m is not None
+        qt = qs.reshape(N // rows, rows, B, 4, 4).permute(0, 2, 3, 1, 4).contiguous()  # (N/16, B, 4 quads, 16 lanes, 4 bytes)
+        return Q8Tiles(kind, qt, by_lane(d), by_lane(m), N, B * 32)
+    q = qs.reshape(N, B, 32)  # (N, B, 32) int8
+    qt = q.reshape(N // rows, rows, B, 8, 4).permute(0, 2, 3, 1, 4).contiguous()  # (N/16, B, 8 quads, 16 lanes, 4 bytes)
+    return Q8Tiles(kind, qt, by_lane(d), by_lane(q.sum(-1, dtype=torch.int32)), N, B * 32)
+
+
+def quant_linear_tiles(
+    x: torch.Tensor,  # (M, K) float32, contiguous, CPU
+    tiles: Q8Tiles,
+) -> torch.Tensor:  # (M, N) float32: quant_linear(x, ..., act="q8")'s product, but for the order of fp32 sums
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(f"cpu_quant kernel unavailable: {reason}")
+    M = x.shape[0]
+    y = torch.empty(M, tiles.N, dtype=torch.float32)
+    fn = lib.gemv_q4_1_q8_tiles if tiles.kind == "q4_1" else lib.gemv_q8_0_q8_tiles
+    fn(x.data_ptr(), tiles.qt.data_ptr(), tiles.dt.data_ptr(), tiles.extra.data_ptr(), y.data_ptr(), M, tiles.N, tiles.K)
     return y

@@ -79,8 +79,8 @@ class CpuLayerOps:
     STACKS = True  # decode_layers: a whole stack of layers in one call
 
     def __init__(self, linears: Iterable[Any]) -> None:
-        """linears: the model's QuantLinear layers (a dense `weight`, its `bias`, and the blocks
-        `kind`, `qs`, `d`, `m`), whose storage they keep alive."""
+        """linears: the model's QuantLinear layers (a dense `weight`, its `bias`, the blocks `kind`, `qs`, `d`,
+        `m`, their activations `act` and, for act "q8", `q8_tiles()`), whose storage they keep alive."""
         lib = cpu_quant.library()
         if lib is None:
             raise LabkitError(f"CPU layer operations: the CPU kernel is unavailable ({cpu_quant.available()[1]})")
@@ -91,8 +91,11 @@ class CpuLayerOps:
         for module in linears:
             N, K = module.weight.shape
             kind = (0 if module.kind == "q4_1" else 1) + (2 if module.act == "q8" else 0)  # cpu_layer.c's block_weight.kind
-            blocks = BlockWeight(kind, _ptr(module.qs), _ptr(module.d), _ptr(module.m),
-                                 _ptr(module.bias), N, K)
+            tiles = module.q8_tiles() if module.act == "q8" else None  # (the module keeps them)
+            if tiles is not None:  # kinds 4, 5: the q8 products over tiles
+                blocks = BlockWeight(kind + 2, _ptr(tiles.qt), _ptr(tiles.dt), _ptr(tiles.extra), _ptr(module.bias), N, K)
+            else:
+                blocks = BlockWeight(kind, _ptr(module.qs), _ptr(module.d), _ptr(module.m), _ptr(module.bias), N, K)
             self._blocks[module.weight.data_ptr()] = (blocks, module)
 
     def _weight(self, w: torch.Tensor, bias: torch.Tensor | None) -> Any:

@@ -137,12 +137,23 @@ class QuantLinear(nn.Module):
         self.max_rows = cpu_quant.max_rows()
         self.use_blocks = True  # False: the dense weight for every row count (set_block_weights)
         self.act = "fp32"  # the block products' activations: "q8", quantised per block of 32 (cpu_quant.ACTIVATIONS)
+        self._tiles: cpu_quant.Q8Tiles | None = None  # the blocks tiled for the q8 products, made at their first use
+        self._tiled = False
+
+    def q8_tiles(self) -> cpu_quant.Q8Tiles | None:
+        """The blocks as tiles for the 8-bit-activation products (kernels/cpu_q8_tiles.c), made once; None where
+        this build has none. Every q8 product of this layer runs on them then, so a row's bits are one path's."""
+        if not self._tiled:
+            self._tiles, self._tiled = cpu_quant.tile_q8(self.kind, self.qs, self.d, self.m), True
+        return self._tiles
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) → (..., N)
         rows = x.numel() // x.shape[-1]
         if not self.use_blocks or rows > self.max_rows or x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        y = cpu_quant.quant_linear(x.reshape(rows, -1).contiguous(), self.kind, self.qs, self.d, self.m, self.act)  # (rows, N)
+        x2 = x.reshape(rows, -1).contiguous()  # (rows, K)
+        tiles = self.q8_tiles() if self.act == "q8" else None
+        y = cpu_quant.quant_linear_tiles(x2, tiles) if tiles is not None else cpu_quant.quant_linear(x2, self.kind, self.qs, self.d, self.m, self.act)  # (rows, N)
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], y.shape[-1])

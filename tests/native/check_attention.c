@@ -8,6 +8,7 @@
 #include "../../kernels/cpu_layer.c"
 #include "../../kernels/cpu_quant_gemv.c"
 #include "../../kernels/cpu_q8_gemv.c"
+#include "../../kernels/cpu_q8_tiles.c"
 
 static uint32_t state = 2024u;
 static uint32_t next(void) { state = state * 1664525u + 1013904223u; return state >> 8; }

@@ -1,0 +1,150 @@
+/* --weights gguf-q8's products on CPUs with AVX-512 VNNI, over weights tiled sixteen rows at a time.
+ *
+ * cpu_q8_gemv.c takes a weight row at a time: a block's integer dot product sums 32 lanes, and its
+ * eight 32-bit partial sums are scaled apart, so each row of activations costs about as many vector
+ * operations a block as fp32's fused multiply-adds (a 4-token verify still cost 1.7-2.4 one-token
+ * steps: docs/cpu.md). Here a tile holds sixteen weight rows, one per 32-bit lane, four consecutive
+ * quants of each lane's row in its four bytes, so one vpdpbusd multiplies four of a row of
+ * activations' quants (broadcast to every lane) by four of each of sixteen weight rows and adds
+ * them into each lane's block sum: per block and row of activations, eight such instructions give
+ * sixteen exact block sums, scaled once. The weights' bytes are read once for every row.
+ *
+ * Tiles (made by labkit.kernels.cpu_quant.tile_q8 from the GGUF's blocks; N a multiple of 16, G = 32):
+ *   Q4_1: qt (N/16, B, 4, 16, 4) uint8: tile g, block b, quad p, lane i: bytes 4p..4p+3 of row 16g+i's
+ *         block b, whose low nibbles are the block's elements 4p..4p+3 and high ones 16+4p..16+4p+3;
+ *         dt, mt (N/16, B, 16) float32: d and m by lane.
+ *   Q8_0: qt (N/16, B, 8, 16, 4) int8: quad j holds elements 4j..4j+3 of each lane's row; dt as
+ *         above; wt (N/16, B, 16) int32: each lane's block sum of quants (vpdpbusd multiplies an
+ *         unsigned byte by a signed one: the activations go in as xq + 128, and 128 times that sum
+ *         comes off).
+ * The arithmetic is cpu_q8_gemv.c's (its header; reference.quant_linear_q8_ref): per block the exact
+ * integer dot of the weights' quants and xq, times d_b dx_b rounded in fp32, summed over blocks in
+ * fp32, Q4_1's m_b sx_b summed apart and added last; only the order of fp32 sums differs. A row's
+ * result is the same bits whatever rows share the call (its own quantised row, the same operations
+ * in the same order), so speculation stays lossless against plain steps of this mode.
+ * Built only where the compiler targets AVX-512 VNNI (q8_tile_rows() says 16, else 0: the callers
+ * keep row-at-a-time products).
+ */
+#include <stdint.h>
+#include <string.h>
+
+void quantize_rows_q8(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx);  /* cpu_q8_gemv.c */
+
+/* No fused multiply-adds but the written ones (cpu_q8_gemv.c says why) */
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#define G 32
+#define CHUNK 8
+#define TILE 16
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+
+int q8_tile_rows(void) { return TILE; }
+
+static inline __m512i quad(const int8_t *p) {  /* four bytes broadcast to every lane */
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm512_set1_epi32(v);
+}
+
+/* the next tile's bytes and scales, asked for a tile ahead of their use (as cpu_quant_gemv.c's rows) */
+static inline void prefetch_tile(const char *p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+/* kind 0: Q4_1 (mt: its mins), 1: Q8_0 (wt: its block sums). xq: MM rows of quantised activations
+ * (xu: the same plus 128, for Q8_0), dx, sx: their scales and block sums. y: MM rows of ystride. */
+#define TILE_VARIANT(MM)                                                                                 \
+static void tiles_m##MM(int kind, const int8_t *xq, const uint8_t *xu, const float *dx, const float *sx, \
+                        const void *qt, const float *dt, const float *mt, const int32_t *wt,             \
+                        float *y, int64_t N, int64_t K, int64_t ystride) {                               \
+    const int64_t B = K / G, tile_bytes = B * TILE * (kind == 0 ? G / 2 : G);                            \
+    _Pragma("omp parallel for schedule(static)")                                                         \
+    for (int64_t g = 0; g < N / TILE; g++) {                                                             \
+        const char *tile = (const char *)qt + g * tile_bytes;                                            \
+        if (g + 1 < N / TILE) {                                                                          \
+            prefetch_tile(tile + tile_bytes, tile_bytes);                                                \
+            prefetch_tile((const char *)(dt + (g + 1) * B * TILE), B * TILE * 4);                        \
+            prefetch_tile(kind == 0 ? (const char *)(mt + (g + 1) * B * TILE) : (const char *)(wt + (g + 1) * B * TILE), B * TILE * 4); \
+        }                                                                                                \
+        __m512 acc[MM], macc[MM];                                                                        \
+        for (int r = 0; r < MM; r++) acc[r] = macc[r] = _mm512_setzero_ps();                             \
+        for (int64_t b = 0; b < B; b++) {                                                                \
+            __m512i w[8];                                                                                \
+            if (kind == 0) {                                                                             \
+                const __m512i low = _mm512_set1_epi8(0x0F);                                              \
+                for (int p = 0; p < 4; p++) {                                                            \
+                    const __m512i raw = _mm512_loadu_si512(tile + (b * 4 + p) * 64);                    \
+                    w[p] = _mm512_and_si512(raw, low);  /* elements 4p..4p+3 */                          \
+                    w[p + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);  /* 16+4p..16+4p+3 */    \
+                }                                                                                        \
+            } else {                                                                                     \
+                for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512(tile + (b * 8 + j) * 64);          \
+            }                                                                                            \
+            const __m512 vd = _mm512_loadu_ps(dt + (g * B + b) * TILE);                                  \
+            for (int r = 0; r < MM; r++) {                                                               \
+                __m512i s = _mm512_setzero_si512();                                                      \
+                if (kind == 0) {                                                                         \
+                    const int8_t *xb = xq + r * K + b * G;                                               \
+                    for (int p = 0; p < 4; p++) s = _mm512_dpbusd_epi32(s, w[p], quad(xb + 4 * p));      \
+                    for (int p = 0; p < 4; p++) s = _mm512_dpbusd_epi32(s, w[p + 4], quad(xb + 16 + 4 * p)); \
+                } else {                                                                                 \
+                    const int8_t *xb = (const int8_t *)(xu + r * K + b * G);                             \
+                    for (int j = 0; j < 8; j++) s = _mm512_dpbusd_epi32(s, quad(xb + 4 * j), w[j]);      \
+                    s = _mm512_sub_epi32(s, _mm512_slli_epi32(_mm512_loadu_si512(wt + (g * B + b) * TILE), 7)); \
+                }                                                                                        \
+                const __m512 scale = _mm512_mul_ps(vd, _mm512_set1_ps(dx[r * B + b]));                   \
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);                          \
+                if (kind == 0) macc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(mt + (g * B + b) * TILE), _mm512_set1_ps(sx[r * B + b]), macc[r]); \
+            }                                                                                            \
+        }                                                                                                \
+        for (int r = 0; r < MM; r++) _mm512_storeu_ps(y + r * ystride + g * TILE, kind == 0 ? _mm512_add_ps(acc[r], macc[r]) : acc[r]); \
+    }                                                                                                    \
+}
+
+TILE_VARIANT(1) TILE_VARIANT(2) TILE_VARIANT(3) TILE_VARIANT(4) TILE_VARIANT(5) TILE_VARIANT(6) TILE_VARIANT(7) TILE_VARIANT(8)
+
+typedef void (*tiles_fn)(int, const int8_t *, const uint8_t *, const float *, const float *, const void *, const float *,
+                         const float *, const int32_t *, float *, int64_t, int64_t, int64_t);
+static const tiles_fn TILES[CHUNK + 1] = {0, tiles_m1, tiles_m2, tiles_m3, tiles_m4, tiles_m5, tiles_m6, tiles_m7, tiles_m8};
+
+/* y (M, N) = x (M, K) W^T over tiles, eight rows at a time; a chunk's quantised rows on the stack (as cpu_q8_gemv.c's) */
+static void gemv_tiles(int kind, const float *x, const void *qt, const float *dt, const float *mt, const int32_t *wt,
+                       float *y, int64_t M, int64_t N, int64_t K) {
+    const int64_t B = K / G;
+    int8_t xq[CHUNK * K];
+    uint8_t xu[CHUNK * K];
+    float dx[CHUNK * B], sx[CHUNK * B];
+    for (int64_t r0 = 0; r0 < M; r0 += CHUNK) {
+        const int64_t rows = M - r0 < CHUNK ? M - r0 : CHUNK;
+        quantize_rows_q8(x + r0 * K, rows, K, xq, dx, sx);
+        if (kind == 1)
+            for (int64_t i = 0; i < rows * K; i++) xu[i] = (uint8_t)((int32_t)xq[i] + 128);
+        TILES[rows](kind, xq, xu, dx, sx, qt, dt, mt, wt, y + r0 * N, N, K, N);
+    }
+}
+
+void gemv_q4_1_q8_tiles(const float *x, const uint8_t *qt, const float *dt, const float *mt, float *y, int64_t M, int64_t N, int64_t K) {
+    gemv_tiles(0, x, qt, dt, mt, NULL, y, M, N, K);
+}
+
+void gemv_q8_0_q8_tiles(const float *x, const int8_t *qt, const float *dt, const int32_t *wt, float *y, int64_t M, int64_t N, int64_t K) {
+    gemv_tiles(1, x, qt, dt, NULL, wt, y, M, N, K);
+}
+
+#else
+int q8_tile_rows(void) { return 0; }  /* no AVX-512 VNNI in this build: no tiles */
+
+void gemv_q4_1_q8_tiles(const float *x, const uint8_t *qt, const float *dt, const float *mt, float *y, int64_t M, int64_t N, int64_t K) {
+    (void)x, (void)qt, (void)dt, (void)mt, (void)y, (void)M, (void)N, (void)K;  /* never called: q8_tile_rows() is 0 */
+}
+
+void gemv_q8_0_q8_tiles(const float *x, const int8_t *qt, const float *dt, const int32_t *wt, float *y, int64_t M, int64_t N, int64_t K) {
+    (void)x, (void)qt, (void)dt, (void)wt, (void)y, (void)M, (void)N, (void)K;
+}
+#endif

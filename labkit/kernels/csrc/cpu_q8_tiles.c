@@ -1,0 +1,1 @@
+../../../kernels/cpu_q8_tiles.c
