@@ -57,12 +57,13 @@ static inline void prefetch_tile(const char *p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
-/* kind 0: Q4_1 (mt: its mins), 1: Q8_0 (wt: its block sums). xq: MM rows of quantised activations
+/* KIND 0: Q4_1 (mt: its mins), 1: Q8_0 (wt: its block sums). xq: MM rows of quantised activations
  * (xu: the same plus 128, for Q8_0), dx, sx: their scales and block sums. y: MM rows of ystride. */
-#define TILE_VARIANT(MM)                                                                                 \
-static void tiles_m##MM(int kind, const int8_t *xq, const uint8_t *xu, const float *dx, const float *sx, \
+#define TILE_VARIANT(KIND, MM)                                                                           \
+static void tiles_k##KIND##_m##MM(const int8_t *xq, const uint8_t *xu, const float *dx, const float *sx,  \
                         const void *qt, const float *dt, const float *mt, const int32_t *wt,             \
                         float *y, int64_t N, int64_t K, int64_t ystride) {                               \
+    const int kind = KIND;  /* a constant per variant, as MM: its branches fold and the rows unroll into registers */ \
     const int64_t B = K / G, tile_bytes = B * TILE * (kind == 0 ? G / 2 : G);                            \
     _Pragma("omp parallel for schedule(static)")                                                         \
     for (int64_t g = 0; g < N / TILE; g++) {                                                             \
@@ -87,6 +88,7 @@ static void tiles_m##MM(int kind, const int8_t *xq, const uint8_t *xu, const flo
                 for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512(tile + (b * 8 + j) * 64);          \
             }                                                                                            \
             const __m512 vd = _mm512_loadu_ps(dt + (g * B + b) * TILE);                                  \
+            _Pragma("GCC unroll 8")                                                                      \
             for (int r = 0; r < MM; r++) {                                                               \
                 __m512i s = _mm512_setzero_si512();                                                      \
                 if (kind == 0) {                                                                         \
@@ -107,11 +109,14 @@ static void tiles_m##MM(int kind, const int8_t *xq, const uint8_t *xu, const flo
     }                                                                                                    \
 }
 
-TILE_VARIANT(1) TILE_VARIANT(2) TILE_VARIANT(3) TILE_VARIANT(4) TILE_VARIANT(5) TILE_VARIANT(6) TILE_VARIANT(7) TILE_VARIANT(8)
+TILE_VARIANT(0, 1) TILE_VARIANT(0, 2) TILE_VARIANT(0, 3) TILE_VARIANT(0, 4) TILE_VARIANT(0, 5) TILE_VARIANT(0, 6) TILE_VARIANT(0, 7) TILE_VARIANT(0, 8)
+TILE_VARIANT(1, 1) TILE_VARIANT(1, 2) TILE_VARIANT(1, 3) TILE_VARIANT(1, 4) TILE_VARIANT(1, 5) TILE_VARIANT(1, 6) TILE_VARIANT(1, 7) TILE_VARIANT(1, 8)
 
-typedef void (*tiles_fn)(int, const int8_t *, const uint8_t *, const float *, const float *, const void *, const float *,
+typedef void (*tiles_fn)(const int8_t *, const uint8_t *, const float *, const float *, const void *, const float *,
                          const float *, const int32_t *, float *, int64_t, int64_t, int64_t);
-static const tiles_fn TILES[CHUNK + 1] = {0, tiles_m1, tiles_m2, tiles_m3, tiles_m4, tiles_m5, tiles_m6, tiles_m7, tiles_m8};
+static const tiles_fn TILES[2][CHUNK + 1] = {  /* [kind][rows] */
+    {0, tiles_k0_m1, tiles_k0_m2, tiles_k0_m3, tiles_k0_m4, tiles_k0_m5, tiles_k0_m6, tiles_k0_m7, tiles_k0_m8},
+    {0, tiles_k1_m1, tiles_k1_m2, tiles_k1_m3, tiles_k1_m4, tiles_k1_m5, tiles_k1_m6, tiles_k1_m7, tiles_k1_m8}};
 
 /* y (M, N) = x (M, K) W^T over tiles, eight rows at a time; a chunk's quantised rows on the stack (as cpu_q8_gemv.c's) */
 static void gemv_tiles(int kind, const float *x, const void *qt, const float *dt, const float *mt, const int32_t *wt,
@@ -125,7 +130,7 @@ static void gemv_tiles(int kind, const float *x, const void *qt, const float *dt
         quantize_rows_q8(x + r0 * K, rows, K, xq, dx, sx);
         if (kind == 1)
             for (int64_t i = 0; i < rows * K; i++) xu[i] = (uint8_t)((int32_t)xq[i] + 128);
-        TILES[rows](kind, xq, xu, dx, sx, qt, dt, mt, wt, y + r0 * N, N, K, N);
+        TILES[kind][rows](xq, xu, dx, sx, qt, dt, mt, wt, y + r0 * N, N, K, N);
     }
 }
 
