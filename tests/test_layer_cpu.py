@@ -252,3 +252,22 @@ def test_eagle_drafts_through_the_cpu_operations_on_q8_0_blocks() -> None:
     assert got.stats.draft_tokens == ref.stats.draft_tokens and len(got.stats.draft_tokens) >= 8
     w = torch.randn(8, 64)
     assert (quantize_q8_0(w).dequantize() - w).abs().max() <= w.abs().max() / 254 + 1e-6  # half a step of the largest block
+
+
+def test_eagle_drafts_with_the_targets_8_bit_activations() -> None:
+    """Under --weights gguf-q8 the draft layer's products take 8-bit activations too (on tiles where the build has
+    them), and speculation keeps that mode's plain greedy tokens."""
+    from labkit.generate import Speculation
+    from labkit.kernels import cpu_quant
+    from labkit.specdec.eagle_drafter import EagleDrafter
+    from tests.test_eagle import random_head
+
+    engine = block_engine("llama", seed=1)
+    engine.read_blocks(True, "q8")
+    prompt, cfg = list(range(3, 40)), GenerationConfig(max_new_tokens=40, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    drafter = EagleDrafter(engine, random_head(ids=torch.arange(1, 96, 2)), device_steps=False)
+    assert drafter.draft_head is not None and drafter.draft_head.act == drafter.head.wqkv.act == "q8"
+    assert (drafter.head.wqkv.q8_tiles() is not None) == bool(cpu_quant.q8_tile_rows())
+    got = generate(engine, prompt, cfg, Speculation(drafter, 3), detailed_metrics=True)
+    assert got.tokens == want and len(got.stats.draft_tokens) >= 8

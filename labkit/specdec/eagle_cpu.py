@@ -5,8 +5,10 @@ A draft pass in fp32 PyTorch read the draft layer (4.2 M weights) and its draft-
 so a chain of passes cost more than two target steps. Here the layer's linears become Q8_0 blocks
 (their dense weights set to the blocks' values, so both paths compute with one set of values),
 the head reads the draft vocabulary's rows of the target's own head blocks, and the C layer
-operations run the layer (kernels/cpu_layer.c): about 9 MB a pass. Drafts change where the
-rounding moves an argmax; the verify keeps the output the target's either way.
+operations run the layer (kernels/cpu_layer.c): about 9 MB a pass. Its products take the target's
+activations (fp32, or 8-bit with --weights gguf-q8, on kernels/cpu_q8_tiles.c's tiles where the build
+has them). Drafts change where the rounding moves an argmax; the verify keeps the output the target's
+either way.
 """
 
 from __future__ import annotations
@@ -38,4 +40,7 @@ def cpu_draft_layer(head: EagleHead, lm_head: QuantLinear, weight: torch.Tensor)
     dense = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     dense.weight = nn.Parameter(weight, requires_grad=False)  # (N, D): the same values, dequantised
     draft_head = QuantLinear(dense, rows)
-    return head, CpuLayerOps([*(getattr(head, name) for name in LINEARS), draft_head]), draft_head
+    linears = [*(getattr(head, name) for name in LINEARS), draft_head]
+    for layer in linears:  # the target's activations (--weights gguf-q8: 8 bits, on tiles where the build has them)
+        layer.act = lm_head.act
+    return head, CpuLayerOps(linears), draft_head
