@@ -6,6 +6,7 @@ prompt of the suite's first prompt per category. The report gives per setting th
 tok/s of each tree and their ratio, after over before (the ratio of medians of paired rounds).
 
     python scripts/compare_commits.py --before /tmp/before --after . --device cpu --rounds 3 --out results
+    python scripts/compare_commits.py ... --weights gguf-q8          # the CPU settings on these block weights
 
 A tree is a checkout (`git worktree add /tmp/before <commit>`, or `git archive <commit> | tar -x`);
 the settings use only APIs both trees have (load_model, Engine.from_loaded, make_drafter,
@@ -96,8 +97,11 @@ def main() -> None:
     ap.add_argument("--after-commit", default=None)
     ap.add_argument("--out", default=None, help="folder for the JSON record")
     ap.add_argument("--prompt-tokens", type=int, default=0, help="one long prompt of this many tokens instead of the suite's (CPU: no dense setting)")
+    ap.add_argument("--weights", default=None, help="the CPU settings' block weights (gguf-q8, say) instead of the timed choice; the dense control stays")
     args = ap.parse_args()
     settings = GPU_SETTINGS if args.device.startswith("cuda") else CPU_SETTINGS
+    if args.weights:
+        settings = [s if s.get("weights") == "dense" else {**s, "name": f"{s['name']} {args.weights}", "weights": args.weights} for s in settings]
     if args.prompt_tokens and not args.device.startswith("cuda"):
         settings = [s for s in settings if s.get("weights") != "dense"]
     trees = {"before": args.before, "after": args.after}
