@@ -30,7 +30,9 @@ def test_an_installed_wheel_builds_its_kernel_and_runs(tmp_path: Path, tiny_fold
         pytest.skip(f"no wheel build here: {built.stderr[-300:]}")
     wheel = next((tmp_path / "wheel").glob("labkit-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert {f"labkit/kernels/csrc/{n}" for n in ("cpu_quant_gemv.c", "cpu_layer.c", "cpu_q8_gemv.c", "specdec_kernels.cu")} <= set(names)
+    from labkit.kernels.cpu_quant import SOURCE_NAMES
+
+    assert {f"labkit/kernels/csrc/{n}" for n in (*SOURCE_NAMES, "specdec_kernels.cu")} <= set(names)  # every source the library builds from
     # a fresh venv with labkit from the wheel; its dependencies (torch, transformers, ...) are this
     # interpreter's, through a .pth file, so nothing is downloaded
     venv = tmp_path / "venv"
