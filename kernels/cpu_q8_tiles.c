@@ -26,6 +26,7 @@
  * keep row-at-a-time products).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 void quantize_rows_q8(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx);  /* cpu_q8_gemv.c */
@@ -57,81 +58,104 @@ static inline void prefetch_tile(const char *p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
-/* KIND 0: Q4_1 (mt: its mins), 1: Q8_0 (wt: its block sums). xq: MM rows of quantised activations
- * (xu: the same plus 128, for Q8_0), dx, sx: their scales and block sums. y: MM rows of ystride. */
+/* Tile g against MM rows. KIND 0: Q4_1 (mt: its mins), 1: Q8_0 (wt: its block sums). xq: MM rows of quantised
+ * activations (xu: the same plus 128, for Q8_0), dx, sx: their scales and block sums. y: MM rows of ystride. */
 #define TILE_VARIANT(KIND, MM)                                                                           \
-static void tiles_k##KIND##_m##MM(const int8_t *xq, const uint8_t *xu, const float *dx, const float *sx,  \
+static void tile_k##KIND##_m##MM(int64_t g, const int8_t *xq, const uint8_t *xu, const float *dx, const float *sx, \
                         const void *qt, const float *dt, const float *mt, const int32_t *wt,             \
-                        float *y, int64_t N, int64_t K, int64_t ystride) {                               \
+                        float *y, int64_t K, int64_t ystride) {                                          \
     const int kind = KIND;  /* a constant per variant, as MM: its branches fold and the rows unroll into registers */ \
     const int64_t B = K / G, tile_bytes = B * TILE * (kind == 0 ? G / 2 : G);                            \
-    _Pragma("omp parallel for schedule(static)")                                                         \
-    for (int64_t g = 0; g < N / TILE; g++) {                                                             \
-        const char *tile = (const char *)qt + g * tile_bytes;                                            \
-        if (g + 1 < N / TILE) {                                                                          \
-            prefetch_tile(tile + tile_bytes, tile_bytes);                                                \
-            prefetch_tile((const char *)(dt + (g + 1) * B * TILE), B * TILE * 4);                        \
-            prefetch_tile(kind == 0 ? (const char *)(mt + (g + 1) * B * TILE) : (const char *)(wt + (g + 1) * B * TILE), B * TILE * 4); \
+    const char *tile = (const char *)qt + g * tile_bytes;                                                \
+    __m512 acc[MM], macc[MM];                                                                            \
+    for (int r = 0; r < MM; r++) acc[r] = macc[r] = _mm512_setzero_ps();                                 \
+    for (int64_t b = 0; b < B; b++) {                                                                    \
+        __m512i w[8];                                                                                    \
+        if (kind == 0) {                                                                                 \
+            const __m512i low = _mm512_set1_epi8(0x0F);                                                  \
+            for (int p = 0; p < 4; p++) {                                                                \
+                const __m512i raw = _mm512_loadu_si512(tile + (b * 4 + p) * 64);                         \
+                w[p] = _mm512_and_si512(raw, low);  /* elements 4p..4p+3 */                              \
+                w[p + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);  /* 16+4p..16+4p+3 */        \
+            }                                                                                            \
+        } else {                                                                                         \
+            for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512(tile + (b * 8 + j) * 64);              \
         }                                                                                                \
-        __m512 acc[MM], macc[MM];                                                                        \
-        for (int r = 0; r < MM; r++) acc[r] = macc[r] = _mm512_setzero_ps();                             \
-        for (int64_t b = 0; b < B; b++) {                                                                \
-            __m512i w[8];                                                                                \
+        const __m512 vd = _mm512_loadu_ps(dt + (g * B + b) * TILE);                                      \
+        _Pragma("GCC unroll 8")                                                                          \
+        for (int r = 0; r < MM; r++) {                                                                   \
+            __m512i s = _mm512_setzero_si512();                                                          \
             if (kind == 0) {                                                                             \
-                const __m512i low = _mm512_set1_epi8(0x0F);                                              \
-                for (int p = 0; p < 4; p++) {                                                            \
-                    const __m512i raw = _mm512_loadu_si512(tile + (b * 4 + p) * 64);                    \
-                    w[p] = _mm512_and_si512(raw, low);  /* elements 4p..4p+3 */                          \
-                    w[p + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);  /* 16+4p..16+4p+3 */    \
-                }                                                                                        \
+                const int8_t *xb = xq + r * K + b * G;                                                   \
+                for (int p = 0; p < 4; p++) s = _mm512_dpbusd_epi32(s, w[p], quad(xb + 4 * p));          \
+                for (int p = 0; p < 4; p++) s = _mm512_dpbusd_epi32(s, w[p + 4], quad(xb + 16 + 4 * p));  \
             } else {                                                                                     \
-                for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512(tile + (b * 8 + j) * 64);          \
+                const int8_t *xb = (const int8_t *)(xu + r * K + b * G);                                 \
+                for (int j = 0; j < 8; j++) s = _mm512_dpbusd_epi32(s, quad(xb + 4 * j), w[j]);          \
+                s = _mm512_sub_epi32(s, _mm512_slli_epi32(_mm512_loadu_si512(wt + (g * B + b) * TILE), 7)); \
             }                                                                                            \
-            const __m512 vd = _mm512_loadu_ps(dt + (g * B + b) * TILE);                                  \
-            _Pragma("GCC unroll 8")                                                                      \
-            for (int r = 0; r < MM; r++) {                                                               \
-                __m512i s = _mm512_setzero_si512();                                                      \
-                if (kind == 0) {                                                                         \
-                    const int8_t *xb = xq + r * K + b * G;                                               \
-                    for (int p = 0; p < 4; p++) s = _mm512_dpbusd_epi32(s, w[p], quad(xb + 4 * p));      \
-                    for (int p = 0; p < 4; p++) s = _mm512_dpbusd_epi32(s, w[p + 4], quad(xb + 16 + 4 * p)); \
-                } else {                                                                                 \
-                    const int8_t *xb = (const int8_t *)(xu + r * K + b * G);                             \
-                    for (int j = 0; j < 8; j++) s = _mm512_dpbusd_epi32(s, quad(xb + 4 * j), w[j]);      \
-                    s = _mm512_sub_epi32(s, _mm512_slli_epi32(_mm512_loadu_si512(wt + (g * B + b) * TILE), 7)); \
-                }                                                                                        \
-                const __m512 scale = _mm512_mul_ps(vd, _mm512_set1_ps(dx[r * B + b]));                   \
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);                          \
-                if (kind == 0) macc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(mt + (g * B + b) * TILE), _mm512_set1_ps(sx[r * B + b]), macc[r]); \
-            }                                                                                            \
+            const __m512 scale = _mm512_mul_ps(vd, _mm512_set1_ps(dx[r * B + b]));                       \
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);                              \
+            if (kind == 0) macc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(mt + (g * B + b) * TILE), _mm512_set1_ps(sx[r * B + b]), macc[r]); \
         }                                                                                                \
-        for (int r = 0; r < MM; r++) _mm512_storeu_ps(y + r * ystride + g * TILE, kind == 0 ? _mm512_add_ps(acc[r], macc[r]) : acc[r]); \
     }                                                                                                    \
+    for (int r = 0; r < MM; r++) _mm512_storeu_ps(y + r * ystride + g * TILE, kind == 0 ? _mm512_add_ps(acc[r], macc[r]) : acc[r]); \
 }
 
 TILE_VARIANT(0, 1) TILE_VARIANT(0, 2) TILE_VARIANT(0, 3) TILE_VARIANT(0, 4) TILE_VARIANT(0, 5) TILE_VARIANT(0, 6) TILE_VARIANT(0, 7) TILE_VARIANT(0, 8)
 TILE_VARIANT(1, 1) TILE_VARIANT(1, 2) TILE_VARIANT(1, 3) TILE_VARIANT(1, 4) TILE_VARIANT(1, 5) TILE_VARIANT(1, 6) TILE_VARIANT(1, 7) TILE_VARIANT(1, 8)
 
-typedef void (*tiles_fn)(const int8_t *, const uint8_t *, const float *, const float *, const void *, const float *,
-                         const float *, const int32_t *, float *, int64_t, int64_t, int64_t);
-static const tiles_fn TILES[2][CHUNK + 1] = {  /* [kind][rows] */
-    {0, tiles_k0_m1, tiles_k0_m2, tiles_k0_m3, tiles_k0_m4, tiles_k0_m5, tiles_k0_m6, tiles_k0_m7, tiles_k0_m8},
-    {0, tiles_k1_m1, tiles_k1_m2, tiles_k1_m3, tiles_k1_m4, tiles_k1_m5, tiles_k1_m6, tiles_k1_m7, tiles_k1_m8}};
+typedef void (*tile_fn)(int64_t, const int8_t *, const uint8_t *, const float *, const float *, const void *, const float *,
+                        const float *, const int32_t *, float *, int64_t, int64_t);
+static const tile_fn TILES[2][CHUNK + 1] = {  /* [kind][rows] */
+    {0, tile_k0_m1, tile_k0_m2, tile_k0_m3, tile_k0_m4, tile_k0_m5, tile_k0_m6, tile_k0_m7, tile_k0_m8},
+    {0, tile_k1_m1, tile_k1_m2, tile_k1_m3, tile_k1_m4, tile_k1_m5, tile_k1_m6, tile_k1_m7, tile_k1_m8}};
 
-/* y (M, N) = x (M, K) W^T over tiles, eight rows at a time; a chunk's quantised rows on the stack (as cpu_q8_gemv.c's) */
+/* `rows` quantised rows against every tile: the tiles split over the threads, each tile's rows eight at a time while
+ * its bytes are in cache (a prompt's rows read the weights once a group, not once every eight rows) */
+static void tiles_rows(int kind, int64_t rows, const int8_t *xq, const uint8_t *xu, const float *dx, const float *sx,
+                       const void *qt, const float *dt, const float *mt, const int32_t *wt, float *y, int64_t N, int64_t K) {
+    const int64_t B = K / G, tile_bytes = B * TILE * (kind == 0 ? G / 2 : G);
+    #pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < N / TILE; g++) {
+        if (g + 1 < N / TILE) {
+            prefetch_tile((const char *)qt + (g + 1) * tile_bytes, tile_bytes);
+            prefetch_tile((const char *)(dt + (g + 1) * B * TILE), B * TILE * 4);
+            prefetch_tile(kind == 0 ? (const char *)(mt + (g + 1) * B * TILE) : (const char *)(wt + (g + 1) * B * TILE), B * TILE * 4);
+        }
+        for (int64_t r0 = 0; r0 < rows; r0 += CHUNK) {
+            const int64_t n = rows - r0 < CHUNK ? rows - r0 : CHUNK;
+            TILES[kind][n](g, xq + r0 * K, xu + r0 * K, dx + r0 * B, sx + r0 * B, qt, dt, mt, wt, y + r0 * N, K, N);
+        }
+    }
+}
+
+/* y (M, N) = x (M, K) W^T over tiles, the rows quantised GROUP at a time into a buffer (eight on the stack where
+ * the buffer cannot be had: the same bits, the weights read more often) */
+#define GROUP 64
 static void gemv_tiles(int kind, const float *x, const void *qt, const float *dt, const float *mt, const int32_t *wt,
                        float *y, int64_t M, int64_t N, int64_t K) {
     const int64_t B = K / G;
-    int8_t xq[CHUNK * K];
-    uint8_t xu[CHUNK * K];
-    float dx[CHUNK * B], sx[CHUNK * B];
-    for (int64_t r0 = 0; r0 < M; r0 += CHUNK) {
-        const int64_t rows = M - r0 < CHUNK ? M - r0 : CHUNK;
+    int8_t small_q[2 * CHUNK * K];
+    float small_f[2 * CHUNK * B];
+    int8_t *bq = small_q;
+    float *bf = small_f;
+    int64_t group = CHUNK;
+    void *heap = M > CHUNK ? malloc((size_t)(GROUP * (2 * K + 2 * B * (int64_t)sizeof(float)))) : NULL;
+    if (heap) {
+        bq = (int8_t *)heap, bf = (float *)(bq + 2 * GROUP * K), group = GROUP;
+    }
+    int8_t *xq = bq;
+    uint8_t *xu = (uint8_t *)(bq + group * K);
+    float *dx = bf, *sx = bf + group * B;
+    for (int64_t r0 = 0; r0 < M; r0 += group) {
+        const int64_t rows = M - r0 < group ? M - r0 : group;
         quantize_rows_q8(x + r0 * K, rows, K, xq, dx, sx);
         if (kind == 1)
             for (int64_t i = 0; i < rows * K; i++) xu[i] = (uint8_t)((int32_t)xq[i] + 128);
-        TILES[kind][rows](xq, xu, dx, sx, qt, dt, mt, wt, y + r0 * N, N, K, N);
+        tiles_rows(kind, rows, xq, xu, dx, sx, qt, dt, mt, wt, y + r0 * N, N, K);
     }
+    free(heap);
 }
 
 void gemv_q4_1_q8_tiles(const float *x, const uint8_t *qt, const float *dt, const float *mt, float *y, int64_t M, int64_t N, int64_t K) {

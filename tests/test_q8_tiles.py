@@ -44,19 +44,20 @@ def test_tiled_products_match_the_reference_and_keep_each_rows_bits(make, tiles_
         qw = make(N, K)
         tiles = cpu_quant.tile_q8(qw.kind, qw.qs, qw.d, qw.m)
         assert tiles is not None
-        x = torch.randn(13, K) * torch.rand(13, 1) * 3 + 0.3  # rows of different scales, a mean off 0 (Q4_1's m term)
-        together = cpu_quant.quant_linear_tiles(x, tiles)
+        x = torch.randn(70, K) * torch.rand(70, 1) * 3 + 0.3  # rows of different scales, a mean off 0 (Q4_1's m term)
+        together = cpu_quant.quant_linear_tiles(x, tiles)  # a prompt's rows: a group of 64 and one of 6, in eights
         ref = quant_linear_q8_ref(x, qw.kind, qw.qs, qw.d, qw.m)
         assert (together - ref).abs().max().item() < 2e-6 * ref.abs().max().item() + 1e-6, (make.__name__, K)
-        for rows in (1, 3, 8):
+        for rows in (1, 3, 8, 13):
             assert torch.equal(cpu_quant.quant_linear_tiles(x[:rows].contiguous(), tiles), together[:rows]), (make.__name__, K, rows)
-        for r in range(13):
+        for r in (*range(13), 63, 64, 69):
             assert torch.equal(cpu_quant.quant_linear_tiles(x[r : r + 1].contiguous(), tiles)[0], together[r]), (make.__name__, K, r)
 
 
 def test_a_q8_layer_runs_on_its_tiles_in_both_paths(tiles_here: None) -> None:
     """QuantLinear's own product and the C layer operations' read the same tiles (kinds 4 and 5), so a step through
-    either gives a row the same bits; a layer of rows not in whole tiles keeps the row-at-a-time product."""
+    either gives a row the same bits, and a prompt's rows past max_rows stay on them; a layer of rows not in whole
+    tiles keeps the row-at-a-time product (and the dense weight past max_rows)."""
     from labkit.kernels.layer_cpu import CpuLayerOps
     from labkit.models.gguf_weights import QuantLinear
 
@@ -70,6 +71,9 @@ def test_a_q8_layer_runs_on_its_tiles_in_both_paths(tiles_here: None) -> None:
         want = cpu_quant.quant_linear_tiles(x, tiles) if tiles is not None else cpu_quant.quant_linear(x, qw.kind, qw.qs, qw.d, qw.m, act="q8")
         with torch.no_grad():
             assert torch.equal(layer(x), want)
+            prompt = torch.randn(40, 128)  # past max_rows: on the tiles still (a prompt in gguf-q8), else the dense weight
+            want = cpu_quant.quant_linear_tiles(prompt, tiles) if tiles is not None else torch.nn.functional.linear(prompt, layer.weight)
+            assert torch.equal(layer(prompt), want)
         blocks = CpuLayerOps([layer])._blocks_of(layer.weight, layer.bias)
         assert blocks.kind == (0 if qw.kind == "q4_1" else 1) + (4 if tiles is not None else 2)
 

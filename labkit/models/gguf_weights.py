@@ -120,7 +120,8 @@ def llama_blocks(path: Path, n_layers: int, n_heads: int, n_kv_heads: int) -> di
 
 
 class QuantLinear(nn.Module):
-    """A linear layer that reads GGUF blocks for up to `max_rows` rows, the dense weight beyond."""
+    """A linear layer that reads GGUF blocks for up to `max_rows` rows, the dense weight beyond; on the q8 tiles
+    (--weights gguf-q8 where the build has them) for any rows: a prompt's too, eight rows a pass over the tiles."""
 
     qs: torch.Tensor
     d: torch.Tensor
@@ -149,10 +150,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) → (..., N)
         rows = x.numel() // x.shape[-1]
-        if not self.use_blocks or rows > self.max_rows or x.dtype != torch.float32 or x.device.type != "cpu":
+        if not self.use_blocks or x.dtype != torch.float32 or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        tiles = self.q8_tiles() if self.act == "q8" else None
+        if rows > self.max_rows and tiles is None:  # a prompt's many rows: one dense GEMM beats row-at-a-time products
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(rows, -1).contiguous()  # (rows, K)
-        tiles = self.q8_tiles() if self.act == "q8" else None
         y = cpu_quant.quant_linear_tiles(x2, tiles) if tiles is not None else cpu_quant.quant_linear(x2, self.kind, self.qs, self.d, self.m, self.act)  # (rows, N)
         if self.bias is not None:
             y += self.bias
