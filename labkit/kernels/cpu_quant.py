@@ -185,7 +185,10 @@ def tile_q8(
     N, B = d.shape
     if not rows or N % rows:
         return None
-    by_lane = lambda t: t.reshape(N // rows, rows, B).transpose(1, 2).contiguous()  # noqa: E731  (N, B) -> (N/16, B, 16)
+
+    def by_lane(t: torch.Tensor) -> torch.Tensor:  # (N, B) -> (N/16, B, 16)
+        return t.reshape(N // rows, rows, B).transpose(1, 2).contiguous()
+
     if kind == "q4_1":
         assert m is not None
         qt = qs.reshape(N // rows, rows, B, 4, 4).permute(0, 2, 3, 1, 4).contiguous()  # (N/16, B, 4 quads, 16 lanes, 4 bytes)

@@ -150,10 +150,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) → (..., N)
         rows = x.numel() // x.shape[-1]
-        if not self.use_blocks or x.dtype != torch.float32 or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        tiles = self.q8_tiles() if self.act == "q8" else None
-        if rows > self.max_rows and tiles is None:  # a prompt's many rows: one dense GEMM beats row-at-a-time products
+        tiles = self.q8_tiles() if self.use_blocks and self.act == "q8" else None
+        # a prompt's many rows: one dense GEMM beats row-at-a-time products (not the tiles, which take eight a pass)
+        if not self.use_blocks or (rows > self.max_rows and tiles is None) or x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(rows, -1).contiguous()  # (rows, K)
         y = cpu_quant.quant_linear_tiles(x2, tiles) if tiles is not None else cpu_quant.quant_linear(x2, self.kind, self.qs, self.d, self.m, self.act)  # (rows, N)
