@@ -103,6 +103,14 @@ def library() -> ctypes.CDLL | None:
     return _load()[0]
 
 
+def _built() -> ctypes.CDLL:
+    """The built library for a product's call; RuntimeError with the reason where there is none."""
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(f"cpu_quant kernel unavailable: {reason}")
+    return lib
+
+
 def available() -> tuple[bool, str]:
     lib, reason = _load()
     return lib is not None, reason
@@ -146,9 +154,7 @@ def quant_linear(
     m: torch.Tensor | None,  # (N, K/32) float32 for q4_1
     act: str = "fp32",  # "q8": x quantised per block of 32 first (kernels/cpu_q8_gemv.c; reference.quant_linear_q8_ref)
 ) -> torch.Tensor:  # (M, N) float32
-    lib, reason = _load()
-    if lib is None:
-        raise RuntimeError(f"cpu_quant kernel unavailable: {reason}")
+    lib = _built()
     M, K = x.shape
     N = qs.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
@@ -202,9 +208,7 @@ def quant_linear_tiles(
     x: torch.Tensor,  # (M, K) float32, contiguous, CPU
     tiles: Q8Tiles,
 ) -> torch.Tensor:  # (M, N) float32: quant_linear(x, ..., act="q8")'s product, but for the order of fp32 sums
-    lib, reason = _load()
-    if lib is None:
-        raise RuntimeError(f"cpu_quant kernel unavailable: {reason}")
+    lib = _built()
     M = x.shape[0]
     y = torch.empty(M, tiles.N, dtype=torch.float32)
     fn = lib.gemv_q4_1_q8_tiles if tiles.kind == "q4_1" else lib.gemv_q8_0_q8_tiles
