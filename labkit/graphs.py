@@ -67,28 +67,53 @@ class CapturedGraphs:
         return self._pool
 
 
-def if_nodes() -> bool:
-    """Whether only_where captures CUDA graph IF nodes: asked for (LABKIT_IF_NODES=1; not yet run on
-    a GPU whose PyTorch has them: the H200 image's 2.11 has none) and this PyTorch captures them."""
+_capture_pool: Any = None  # the memory pool of the graph capture() is making (an IF node's body allocates from it)
+
+
+def _torch_if_nodes() -> bool:
     graph = torch.cuda.CUDAGraph
-    return (os.environ.get("LABKIT_IF_NODES", "0") == "1" and hasattr(graph, "get_currently_capturing_graph")
-            and hasattr(graph, "begin_capture_to_if_node"))
+    return hasattr(graph, "get_currently_capturing_graph") and hasattr(graph, "begin_capture_to_if_node")
+
+
+def if_nodes() -> bool:
+    """Whether only_where captures CUDA graph IF nodes: asked for (LABKIT_IF_NODES=1) and this PyTorch
+    captures them, or else labkit's own (kernels/graph_if.cu, CUDA 12.4: PyTorch 2.11 has no API for them)."""
+    if os.environ.get("LABKIT_IF_NODES", "0") != "1":
+        return False
+    if _torch_if_nodes():
+        return True
+    from labkit.kernels import cuda_ops
+
+    return cuda_ops.graph_if()[0] is not None
 
 
 @contextmanager
-def only_where(pred: torch.Tensor) -> Iterator[None]:  # pred (1,) bool on the device
+def only_where(pred: torch.Tensor, pool: Any = None) -> Iterator[None]:  # pred (1,) bool on the device
     """The block's device work runs only where pred holds, when a CUDA graph is being captured
     (a conditional IF node, read on the device at each replay: no host sync). Anywhere else the
-    block always runs: its writes must be harmless where pred is false (the caller picks past them)."""
-    if pred.is_cuda and torch.cuda.is_current_stream_capturing() and if_nodes():
+    block always runs: its writes must be harmless where pred is false (the caller picks past them).
+    pool: the capture's memory pool, which labkit's own IF nodes need (default: capture()'s)."""
+    pool = _capture_pool if pool is None else pool
+    if not (pred.is_cuda and torch.cuda.is_current_stream_capturing() and if_nodes()):
+        yield
+    elif _torch_if_nodes():
         graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
         graph.begin_capture_to_if_node(pred)
         try:
             yield
         finally:
             graph.end_capture_to_conditional_node()
-    else:
+    elif pool is None:  # a capture whose pool is unknown: no body of its own
         yield
+    else:
+        from labkit.kernels import cuda_ops
+
+        module = cuda_ops.graph_if()[0]
+        module.begin_if(pred, *pool)  # the body is captured on a stream of its own, PyTorch's current one
+        try:
+            yield
+        finally:
+            module.end_if()
 
 
 def capture(engine: Engine, body: Any, prepare: Any) -> torch.cuda.CUDAGraph:
@@ -103,9 +128,15 @@ def capture(engine: Engine, body: Any, prepare: Any) -> torch.cuda.CUDAGraph:
             body()
     torch.cuda.current_stream(device).wait_stream(side)
     prepare()
+    global _capture_pool
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=engine.graphs.pool()), engine.autocast():
-        body()
+    pool = engine.graphs.pool()
+    with torch.cuda.graph(graph, pool=pool), engine.autocast():
+        _capture_pool = pool
+        try:
+            body()
+        finally:
+            _capture_pool = None
     return graph
 
 

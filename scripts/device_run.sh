@@ -10,6 +10,7 @@
 #   later calls (nothing to carry):                    bash scripts/device_run.sh context validate
 #   batched, with the carried EAGLE head (carry .carry/eagle): SIZES=1,2,4,8 bash scripts/device_run.sh eagle-carried batch
 #   the opt-in small kernels off and on (tests, a step's time, bench batch K 3): bash scripts/device_run.sh eagle-carried glue
+#   labkit's CUDA graph IF nodes (tests, batch-1 steps off and on):            bash scripts/device_run.sh eagle-carried ifnodes
 # papermill (for `validate`, which runs notebook 3D) travels in .carry/pm with a call of its own.
 # Run everything through this script: it sets PYTHONPATH and LABKIT_CACHE; a bare `python3 -m labkit`
 # on the machine finds neither the model package nor the converted cache. Any labkit command:
@@ -148,6 +149,13 @@ case "$step" in
     python3 -m labkit bench batch --device cuda --cuda-graph --no-invariant --max-tokens 128 --k "${K:-5}" --sizes "${SIZES:-1,2,4,8}" \
       --repeats "${REPEATS:-3}" $heads ${BATCH_ARGS:-} --output-dir "$out/results" 2>&1 | grep -v Warning | tr '\r' '\n' | grep -v "bench batch:" | tail -45 | tee "$out/batch.txt"
     ;;
+  ifnodes)  # labkit's own CUDA graph IF nodes (kernels/graph_if.cu, LABKIT_IF_NODES=1) on a card: their tests, then
+    # batch-1 steps without and with them, alternated (after eagle-carried); then e.g. LABKIT_IF_NODES=1 ... suite
+    LABKIT_IF_NODES=1 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "only_where or eagle_mix_steps" 2>&1 | tail -15 | tee "$out/pytest_ifnodes.txt"
+    for n in 0 1 0 1; do
+      (cd scripts && LABKIT_IF_NODES=$n python3 eagle_costs.py /tmp/eagle steps 2>&1 | grep -E "^step (eagle|eagle-mix|ngram-graph) K=8 " | sed "s/^/if nodes $n: /")
+    done | tee "$out/ifnodes_steps.txt"
+    ;;
   glue)  # the opt-in small kernels (step_feed, chain_inputs; LABKIT_GLUE_KERNELS) on a card: their tests, then a batched step's time
     # and bench batch (K 3, SIZES, REPEATS) without and with them, after eagle-carried
     python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_layer_kernels.py -k "step_feed or chain_inputs" 2>&1 | tail -3 | tee "$out/pytest_glue.txt"
@@ -182,6 +190,6 @@ PY
       -p dtype "${DTYPE:-auto}" -p long_prompts "${LONG:-}" -p categories "${CATEGORIES:-}" \
       -p ks "${KS:-2,4,6,8}" -p compile "${COMPILE:-False}" -p time_budget_s "${BUDGET:-420}" 2>&1 | tail -3
     ;;
-  *) echo "usage: $0 stage|assemble|check|pytest|eagle|eagle-carried|suite|labkit|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|batchcosts|validate ..." >&2; exit 2 ;;
+  *) echo "usage: $0 stage|assemble|check|pytest|eagle|eagle-carried|ifnodes|glue|suite|labkit|longtests|prefill|context|cudatests|quicktests|speed|tune|repeat|heads|heads-carried|costs|batchcosts|validate ..." >&2; exit 2 ;;
 esac
 done

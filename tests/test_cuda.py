@@ -267,26 +267,35 @@ def test_cuda_eagle_ngram_copy_and_chain_steps_run_captured(layer_kernels: str, 
 
 
 def test_cuda_only_where_runs_its_block_only_where_the_flag_holds(monkeypatch) -> None:
-    """A captured graph's IF node (graphs.only_where, asked for): each replay runs the block where
-    the device flag holds then, and skips it elsewhere."""
+    """A captured graph's IF node (graphs.only_where, asked for; PyTorch's own or kernels/graph_if.cu):
+    each replay runs the block where the device flag holds then, and skips it elsewhere; the block's
+    own allocations come from the graph's pool, and the work after the node sees the block's."""
     from labkit.graphs import if_nodes, only_where
 
     monkeypatch.setenv("LABKIT_IF_NODES", "1")
     if not if_nodes():
-        pytest.skip("this PyTorch captures no CUDA graph IF nodes")
+        pytest.skip("no CUDA graph IF nodes here (PyTorch has none and CUDA is older than 12.4)")
     flag = torch.zeros(1, dtype=torch.bool, device="cuda")
     x = torch.zeros(1, device="cuda")
+    y = torch.zeros(1, device="cuda")
+    pool = torch.cuda.graph_pool_handle()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        with only_where(flag):
-            x.add_(1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up: the block runs
+        x.add_(torch.ones_like(x))
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph, pool=pool):
+        with only_where(flag, pool):
+            x.add_(torch.ones_like(x))  # a new tensor inside the body: its memory from the pool
+        y.copy_(x * 10)  # after the node, on the capture's own stream
     x.zero_()
     seen = []
-    for f in (False, True, True, False):
+    for f in (False, True, True, False, True):
         flag.fill_(f)
         graph.replay()
-        seen.append(x.item())
-    assert seen == [0, 1, 2, 2]
+        seen.append((x.item(), y.item()))
+    assert seen == [(0, 0), (1, 10), (2, 20), (2, 20), (3, 30)]
 
 
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])

@@ -32,7 +32,7 @@ def test_an_installed_wheel_builds_its_kernel_and_runs(tmp_path: Path, tiny_fold
     names = zipfile.ZipFile(wheel).namelist()
     from labkit.kernels.cpu_quant import SOURCE_NAMES
 
-    assert {f"labkit/kernels/csrc/{n}" for n in (*SOURCE_NAMES, "specdec_kernels.cu")} <= set(names)  # every source the library builds from
+    assert {f"labkit/kernels/csrc/{n}" for n in (*SOURCE_NAMES, "specdec_kernels.cu", "graph_if.cu")} <= set(names)  # every source the library builds from
     # a fresh venv with labkit from the wheel; its dependencies (torch, transformers, ...) are this
     # interpreter's, through a .pth file, so nothing is downloaded
     venv = tmp_path / "venv"

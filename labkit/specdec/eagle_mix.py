@@ -16,7 +16,8 @@ host rule of eagle-ngram's proposals (specdec/eagle_drafter.py), on the device:
 
 The chain's draft passes (most of a chain step's drafting time) run only where the step takes no
 copy. In a captured graph they sit in a CUDA graph IF node (graphs.only_where, with
-LABKIT_IF_NODES=1 on a PyTorch that captures them; not yet run on a GPU). Without one, each of
+LABKIT_IF_NODES=1: PyTorch's own, or labkit's kernels/graph_if.cu where PyTorch has none, as 2.11
+has not; neither has run on a GPU yet). Without one, each of
 the chain's fused Triton launches is still made but returns right after its inputs' wait where
 the flag says copy (`only_if`, eagle_ops.OnlyIf); on other layers the chain runs and the copy is
 picked over it. Every step verifies K columns (at least COPY_K), so one graph serves both kinds;
@@ -24,7 +25,7 @@ the verify keeps the output plain greedy's whatever it holds.
 
 Simulated on the suite's texts with the H200's step costs (scripts/copy_chain_sim.py): the
 per-chunk choice 1.61x plain, this rule 1.70x (n >= 2; n >= 3 1.67x), a per-step oracle 2.0x.
-PyTorch 2.11 (the H200 image's) captures no IF nodes, so there a copy step launches the chain's
+Without IF nodes (the default until they have run on a card) a copy step launches the chain's
 kernels and each returns at once (806 against 822 us a step with the chain run: a launch, not its
 work, is what a kernel costs at batch 1). Measured so, whole suite, two runs: eagle-mix 1.71x /
 1.71x plain, ngram-graph 1.68x / 1.68x (docs/speculation.md, session 28).

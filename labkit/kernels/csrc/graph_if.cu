@@ -1,0 +1,1 @@
+../../../kernels/graph_if.cu
