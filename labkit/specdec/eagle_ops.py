@@ -73,7 +73,7 @@ def after_verify_inputs(ops: Any, tokens: torch.Tensor, verdict: torch.Tensor, i
     """After a verify of tokens (B, T) at input_pos (B, T) or (T,) with this verdict (B, 2): the catch-up's
     tokens (B, T) and positions (input_pos's shape) and the chain's positions (depth - 1, B), clamped to
     last_pos (layer_reference.chain_inputs; counting: 0, 1, ... on the device, sliced there). One Triton launch
-    where the ops are the Triton kernels and LABKIT_GLUE_KERNELS=1 asks for it (not yet timed on a GPU)."""
+    where the ops are the Triton kernels and LABKIT_GLUE_KERNELS=1 asks for it (no measurable gain on an H200)."""
     if glue_kernels() and hasattr(ops, "chain_inputs"):
         return ops.chain_inputs(tokens, verdict, input_pos, depth, last_pos)
     from labkit.kernels import layer_reference
