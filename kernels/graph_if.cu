@@ -27,6 +27,10 @@ __global__ void set_handle_kernel(cudaGraphConditionalHandle handle, const bool*
     cudaGraphSetConditional(handle, *pred ? 1u : 0u);
 }
 
+// the first work after the node: an ordinary kernel, so that a kernel launched next with programmatic
+// dependent launch (the fused Triton layers) depends on a kernel node, never on the IF node itself
+__global__ void after_if_kernel() {}
+
 void check(cudaError_t err, const char* what) {
     TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err));
 }
@@ -123,6 +127,8 @@ void end_if() {
     check(cudaStreamEndCapture(open.body, &body_graph), "cudaStreamEndCapture");  // the node's own graph: nothing to free
     check(cudaStreamDestroy(open.body), "cudaStreamDestroy");
     c10::cuda::setCurrentCUDAStream(open.parent);
+    after_if_kernel<<<1, 1, 0, open.parent.stream()>>>();
+    check(cudaGetLastError(), "after_if_kernel");
     namespace alloc = c10::cuda::CUDACachingAllocator;
     alloc::endAllocateToPool(open.device, open.pool);
     alloc::beginAllocateToPool(open.device, open.pool, captured_by(open.parent_id));
