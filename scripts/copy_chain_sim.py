@@ -6,7 +6,7 @@ Per suite prompt: the greedy continuation (128 tokens, this machine's fp32 targe
 position of it the tokens a chain step would keep (the head's chain of `depth` drafts from that
 anchor, all anchors in one unrolled pass: the training-time test, so depth d sees the head's own
 depth d-1 feature) and the tokens a copy step would keep (lookup's K=8 copy, the device rule).
-With it, the head's confidence in its first draft (a rule that copies only where the chain is
+With it, both drafts themselves (rules that compare them), and the head's confidence in its first draft (a rule that copies only where the chain is
 unsure simulated worse: the head is sure of itself inside copies too). These are cached in CACHE.json (default /tmp/copy_chain_sim.json) so that policies can be changed
 and re-run in a second.
 
@@ -65,12 +65,15 @@ def measure(folder: str, cache: Path) -> list[dict]:
         engine.keep_hidden_states(every_position=False)
         lookup = CopyOrChain(min_n=1)
         lookup.start(prompt, len(ids) + 16)
-        chain, copy, conf = [], [], []
+        chain, copy, conf, chain_drafts, copy_drafts = [], [], [], [], []
         for at in range(len(prompt) + 1, len(ids)):  # a context of `at` tokens: the anchor is at - 2
-            chain.append(agreement([preds[d][at - 2] for d in range(head.cfg.depth)], ids[at:]))
-            copy.append(agreement(lookup.copy(ids[:at], K_COPY) or [], ids[at:]))
+            chain_drafts.append([preds[d][at - 2] for d in range(head.cfg.depth)])
+            copy_drafts.append(lookup.copy(ids[:at], K_COPY) or [])
+            chain.append(agreement(chain_drafts[-1], ids[at:]))
+            copy.append(agreement(copy_drafts[-1], ids[at:]))
             conf.append(round(p1[at - 2], 4))
-        rows.append({"id": p.id, "category": p.category, "ids": ids, "prompt_len": len(prompt), "chain": chain, "copy": copy, "conf": conf})
+        rows.append({"id": p.id, "category": p.category, "ids": ids, "prompt_len": len(prompt), "chain": chain, "copy": copy,
+                     "conf": conf, "chain_drafts": chain_drafts, "copy_drafts": copy_drafts})
         print(p.id, len(out), "chain mean", round(sum(chain) / max(1, len(chain)), 2), "copy mean", round(sum(copy) / max(1, len(copy)), 2), flush=True)
     cache.write_text(json.dumps(rows))
     return rows
@@ -156,6 +159,29 @@ def per_step_rule(min_n: int, min_prev: int):
     return choose
 
 
+DRAFT_US = 20.0  # one draft pass of the chain (a 9-row catch-up and 5 passes: 145 us captured, eagle-chain-cost-...-7274f8c.txt)
+
+
+def agreeing_rule(max_conf: float):
+    """Copy where the context ends in an n-gram seen before and lookup's first token is the chain's
+    first draft (or the head is unsure of it, below max_conf); else chain. A copy step pays the
+    chain's first pass too (its draft is compared), the rest of the chain skipped (IF nodes)."""
+    def choose(state, at):
+        r = state["row"]
+        first_copy, first_chain = r["copy_drafts"][at][:1], r["chain_drafts"][at][:1]
+        copy = match_len(r["ids"], r["prompt_len"] + 1 + at) >= 1 and (first_copy == first_chain or r["conf"][at] < max_conf)
+        return ("copy", COPY_MIX_US + DRAFT_US) if copy else ("chain", CHAIN_MIX_US)
+    return choose
+
+
+def without_if_nodes(rule):
+    """The rule's choices, with a copy step costing a chain step (its chain drafted and dropped)."""
+    def choose(state, at):
+        kind, _ = rule(state, at)
+        return kind, CHAIN_MIX_US
+    return choose
+
+
 POLICIES = {
     "ngram-graph (copy steps)": lambda: fixed("copy", NGRAM_US),
     "eagle (chain steps)": lambda: fixed("chain", CHAIN_US),
@@ -167,6 +193,9 @@ POLICIES = {
     "chunks by rates, tree or copy": lambda: chunked(rates_rule("tree")),
     **{f"per step: match >= {n}, last copy kept >= {a}": (lambda n=n, a=a: per_step_rule(n, a))
        for n in (1, 2, 3) for a in (0, 1, 2, 3)},
+    "per step: match >= 2, no IF nodes": lambda: without_if_nodes(per_step_rule(2, 0)),
+    "per step: match >= 1, first tokens agree": lambda: agreeing_rule(0.0),
+    "per step: match >= 1, agree or head < 0.3": lambda: agreeing_rule(0.3),
 }
 
 
