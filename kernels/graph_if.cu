@@ -1,5 +1,5 @@
 // CUDA graph IF nodes for PyTorch versions without their own (torch.cuda.CUDAGraph.begin_capture_to_if_node
-// came after 2.11). Built at first use by labkit/graph_if.py (torch.utils.cpp_extension), cached.
+// came after 2.11). Built at first use by labkit/kernels/cuda_ops.py (graph_if; torch.utils.cpp_extension), cached.
 //
 // begin_if(pred, pool) inside a capture on the current stream:
 //   a conditional handle in the graph being captured, a one-thread kernel that sets it from *pred at every

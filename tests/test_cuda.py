@@ -274,7 +274,9 @@ def test_cuda_only_where_runs_its_block_only_where_the_flag_holds(monkeypatch) -
 
     monkeypatch.setenv("LABKIT_IF_NODES", "1")
     if not if_nodes():
-        pytest.skip("no CUDA graph IF nodes here (PyTorch has none and CUDA is older than 12.4)")
+        from labkit.kernels import cuda_ops
+
+        pytest.skip(f"no CUDA graph IF nodes here (PyTorch has none; labkit's own: {cuda_ops.graph_if()[1]})")
     flag = torch.zeros(1, dtype=torch.bool, device="cuda")
     x = torch.zeros(1, device="cuda")
     y = torch.zeros(1, device="cuda")
