@@ -240,6 +240,22 @@ def test_rows_survive_a_run_that_dies(tmp_path) -> None:
     assert not log.partial.exists() and json_path.exists() and csv_path.exists()
 
 
+def test_a_run_stopped_before_its_first_row_leaves_no_file(tmp_path) -> None:
+    """The row file a run claims goes when the run stops before it measured anything (the CLI drops
+    them however it ends); one that holds rows stays, and so does a finished run's."""
+    from labkit.bench import results
+    from tests.conftest import run_cli_here
+
+    empty = results.RowLog(tmp_path, "sweep-cpu")
+    measured = results.RowLog(tmp_path, "sweep-cpu")
+    measured.add({"prompt": 1})
+    results.drop_unused_claims()
+    assert not empty.partial.exists() and measured.partial.exists()
+    out = tmp_path / "cli"
+    rc, _, err = run_cli_here("sweep", "--max-tokens", "4", "--device", "cpu", "--model", "/nonexistent/model", "--output-dir", str(out))
+    assert rc == 2 and "error" in err and not list(out.glob("*")), err  # its claim made, then the model failed to load
+
+
 def test_an_output_folder_that_is_a_file_fails_before_measuring(tmp_path) -> None:
     from tests.conftest import run_cli
     from tests.test_cli import assert_clean_error

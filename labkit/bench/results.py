@@ -173,6 +173,21 @@ def check_output_dir(output_dir: str | Path) -> Path:
     return out
 
 
+_CLAIMED: list[Path] = []  # the row files this process claimed (drop_unused_claims)
+
+
+def drop_unused_claims() -> None:
+    """Remove the row files this process claimed that no row reached (a run stopped by bad input or an
+    error before it measured anything): nothing measured is lost, and no empty file is left behind."""
+    for path in _CLAIMED:
+        try:
+            if path.stat().st_size == 0:
+                path.unlink()
+        except FileNotFoundError:  # finished: finish() dropped it
+            pass
+    _CLAIMED.clear()
+
+
 class RowLog:
     """A run's results files, claimed before anything is measured: <stem>-<time>.rows.jsonl gets
     each row the moment it is measured (a run that dies keeps them), and `finish` writes the .json
@@ -192,6 +207,7 @@ class RowLog:
                 continue
             try:
                 self.partial.open("x").close()
+                _CLAIMED.append(self.partial)
                 return
             except FileExistsError:
                 continue
