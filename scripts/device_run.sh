@@ -7,6 +7,9 @@
 #   call 1, carry .carry/part_aa .carry/gguf-*.whl:   bash scripts/device_run.sh stage
 #   calls 2-5, carry .carry/part_ab, then _ac, _ad, _ae: bash scripts/device_run.sh stage
 #   call 6, carry .carry/part_af:                      bash scripts/device_run.sh stage assemble quicktests
+# Or in two calls, with the tracked results/ (~37 MB) set aside here first (git ls-files -z results | xargs -0 rm -f;
+# afterwards git checkout -- results; nothing here reads them on the card):
+#   call 1, carry .carry/part_aa _ab _ac .carry/gguf-*.whl: stage;  call 2, carry .carry/part_ad _ae _af: stage assemble
 #   later calls (nothing to carry):                    bash scripts/device_run.sh context validate
 #   batched, with the carried EAGLE head (carry .carry/eagle): SIZES=1,2,4,8 bash scripts/device_run.sh eagle-carried batch
 #   the opt-in small kernels off and on (tests, a step's time, bench batch K 3): bash scripts/device_run.sh eagle-carried glue
