@@ -179,8 +179,8 @@ def test_sweep_policies_and_controllers(tiny_folder, tmp_path) -> None:
 @pytest.mark.parametrize("args, needle", [
     (["--policy", "nope"], "unknown policy"),
     (["--controller", "pid"], "unknown controller"),
-    (["--controller", "cost", "--adaptive-k", "0"], "adaptive K max must be from 1 to 64"),
-    (["--k", "99"], "every K must be from 1 to 64"),
+    (["--controller", "cost", "--adaptive-k", "0"], "adaptive K max must be at least 1"),
+    (["--k", "99"], "every K must be at least 1 and at most 64"),
     (["--controller", "cost", "--adaptive-k", "x"], "take whole numbers"),
     (["--replay", "--temperature", "0.7"], "--replay needs greedy decoding"),
     (["--policy", "greedy", "--temperature", "0.8"], "temperature 0"),

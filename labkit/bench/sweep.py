@@ -67,9 +67,9 @@ class SweepConfig:
 
     def validate(self) -> None:
         if not self.ks or min(self.ks) < 1 or max(self.ks) > MAX_K:
-            raise LabkitError(f"every K must be from 1 to {MAX_K}, got {self.ks}")
+            raise LabkitError(f"every K must be at least 1 and at most {MAX_K}, got {self.ks}")
         if self.adaptive_ks is not None and (not self.adaptive_ks or min(self.adaptive_ks) < 1 or max(self.adaptive_ks) > MAX_K):
-            raise LabkitError(f"every adaptive K max must be from 1 to {MAX_K}, got {self.adaptive_ks}")
+            raise LabkitError(f"every adaptive K max must be at least 1 and at most {MAX_K}, got {self.adaptive_ks}")
         for name in ("max_new_tokens", "iterations", "prompts_per_category"):
             if getattr(self, name) < 1:
                 raise LabkitError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
