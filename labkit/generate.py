@@ -35,6 +35,11 @@ __all__ = ["Draft", "GenerationResult", "GenerationStats", "Messages", "Speculat
 MAX_K = 64  # draft tokens per step at most: a verify of K+1 rows past this costs more than any draft saves
 
 
+def valid_k(k: object) -> bool:
+    """Whether k is a K speculation takes: a whole number from 1 to MAX_K (not a bool)."""
+    return isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_K
+
+
 @dataclass
 class GenerationResult:
     prompt_ids: list[int]
@@ -54,7 +59,7 @@ class Speculation:
     controller: Controller | None = None
 
     def validate(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
+        if not valid_k(self.k):
             raise LabkitError(f"K (draft tokens per step) must be a whole number, at least 1 and at most {MAX_K}, got {self.k!r}")
 
 

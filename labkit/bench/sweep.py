@@ -25,7 +25,7 @@ from labkit.config import DRAFTERS, EngineConfig, GenerationConfig, resolve_devi
 from labkit.engine import Engine
 from labkit.engine_build import from_config
 from labkit.errors import LabkitError
-from labkit.generate import MAX_K, GenerationResult, Speculation, encode_prompt, generate, warm_up
+from labkit.generate import MAX_K, GenerationResult, Speculation, encode_prompt, generate, valid_k, warm_up
 from labkit.models.loading import LoadedModel, load_model
 from labkit.prompts import load_suite
 from labkit.specdec.controllers import CONTROLLERS, make_controller
@@ -66,9 +66,9 @@ class SweepConfig:
         return self.ks if controller == "fixed" or self.adaptive_ks is None else self.adaptive_ks
 
     def validate(self) -> None:
-        if not self.ks or min(self.ks) < 1 or max(self.ks) > MAX_K:
+        if not self.ks or not all(valid_k(k) for k in self.ks):
             raise LabkitError(f"every K must be at least 1 and at most {MAX_K}, got {self.ks}")
-        if self.adaptive_ks is not None and (not self.adaptive_ks or min(self.adaptive_ks) < 1 or max(self.adaptive_ks) > MAX_K):
+        if self.adaptive_ks is not None and (not self.adaptive_ks or not all(valid_k(k) for k in self.adaptive_ks)):
             raise LabkitError(f"every adaptive K max must be at least 1 and at most {MAX_K}, got {self.adaptive_ks}")
         for name in ("max_new_tokens", "iterations", "prompts_per_category"):
             if getattr(self, name) < 1:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from labkit.config import DRAFTERS
 from labkit.engine import Engine
 from labkit.errors import LabkitError
-from labkit.generate import MAX_K, GenerationResult, Speculation, generate
+from labkit.generate import MAX_K, GenerationResult, Speculation, generate, valid_k
 from labkit.serve.metrics import ServeMetrics
 from labkit.serve.protocol import FINISH, APIError, ServeRequest
 from labkit.specdec.controllers import CONTROLLERS, Controller, make_controller
@@ -100,7 +100,7 @@ class FifoWorker:
         if r.drafter is not None and r.drafter not in (*NO_WEIGHTS, "none", self.spec.drafter):
             known = [d for d in DRAFTERS if d in NO_WEIGHTS or d == self.spec.drafter]
             raise APIError(400, f"unknown drafter {r.drafter!r}: use none or {', '.join(known)}", "drafter")
-        if r.k is not None and (isinstance(r.k, bool) or not 1 <= r.k <= MAX_K):
+        if r.k is not None and not valid_k(r.k):
             raise APIError(400, f"k must be a whole number from 1 to {MAX_K}, got {r.k}", "k")
         if r.controller is not None and r.controller not in CONTROLLERS:
             raise APIError(400, f"unknown controller {r.controller!r}: use {', '.join(CONTROLLERS)}", "controller")
