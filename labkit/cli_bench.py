@@ -124,7 +124,7 @@ def cmd_bench_batch(args: argparse.Namespace) -> int:
                            invariant=args.invariant, drafter=args.drafter, heads=args.heads, k=args.k, max_new_tokens=args.max_tokens, length_spread=args.length_spread, requests_per_slot=args.requests_per_slot, min_requests=args.min_requests, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                            max_seq_len=args.slot_len, output_dir=None if args.no_write else args.output_dir)
     cfg.validate()
-    payload = run_batch_bench(cfg)  # claims its results files before it measures anything
+    payload = run_batch_bench(cfg)  # checks where its results go before it measures anything
     print("\n".join(batch_report(payload)))
     return 0
 
@@ -136,6 +136,6 @@ def cmd_bench_context(args: argparse.Namespace) -> int:
                         max_new_tokens=args.max_tokens, drafter=args.drafter, k=args.k, repeats=args.repeats, hf=not args.no_hf,
                         chat=args.chat, output_dir=None if args.no_write else args.output_dir)
     cfg.validate()
-    payload = run_context(cfg)  # claims its results files before it measures anything
+    payload = run_context(cfg)  # checks where its results go before it measures anything
     print("\n".join(context_report(payload)))
     return 0

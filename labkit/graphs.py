@@ -15,6 +15,7 @@ nothing is ever replayed against a cache that is no longer there.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
@@ -67,7 +68,7 @@ class CapturedGraphs:
         return self._pool
 
 
-_capture_pool: Any = None  # the memory pool of the graph capture() is making (an IF node's body allocates from it)
+_capturing = threading.local()  # .pool: the memory pool of the graph capture() is making in this thread (an IF node's body allocates from it)
 
 
 def _torch_if_nodes() -> bool:
@@ -93,7 +94,7 @@ def only_where(pred: torch.Tensor, pool: Any = None) -> Iterator[None]:  # pred 
     (a conditional IF node, read on the device at each replay: no host sync). Anywhere else the
     block always runs: its writes must be harmless where pred is false (the caller picks past them).
     pool: the capture's memory pool, which labkit's own IF nodes need (default: capture()'s)."""
-    pool = _capture_pool if pool is None else pool
+    pool = getattr(_capturing, "pool", None) if pool is None else pool
     if not (pred.is_cuda and torch.cuda.is_current_stream_capturing() and if_nodes()):
         yield
     elif _torch_if_nodes():
@@ -128,15 +129,14 @@ def capture(engine: Engine, body: Any, prepare: Any) -> torch.cuda.CUDAGraph:
             body()
     torch.cuda.current_stream(device).wait_stream(side)
     prepare()
-    global _capture_pool
     graph = torch.cuda.CUDAGraph()
     pool = engine.graphs.pool()
     with torch.cuda.graph(graph, pool=pool), engine.autocast():
-        _capture_pool = pool
+        _capturing.pool = pool
         try:
             body()
         finally:
-            _capture_pool = None
+            _capturing.pool = None
     return graph
 
 

@@ -241,19 +241,20 @@ def test_rows_survive_a_run_that_dies(tmp_path) -> None:
 
 
 def test_a_run_stopped_before_its_first_row_leaves_no_file(tmp_path) -> None:
-    """The row file a run claims goes when the run stops before it measured anything (the CLI drops
-    them however it ends); one that holds rows stays, and so does a finished run's."""
+    """A run's files are claimed at its first row: one stopped before it measured anything leaves
+    nothing (whoever called it: the CLI, a notebook), and one that measured keeps its rows."""
     from labkit.bench import results
     from tests.conftest import run_cli_here
 
     empty = results.RowLog(tmp_path, "sweep-cpu")
     measured = results.RowLog(tmp_path, "sweep-cpu")
     measured.add({"prompt": 1})
-    results.drop_unused_claims()
-    assert not empty.partial.exists() and measured.partial.exists()
+    assert empty.partial is None and [p.name for p in tmp_path.iterdir()] == [measured.partial.name]
+    json_path, _ = empty.finish({"benchmark": "sweep"}, [])  # a run with no rows still writes its payload, under its own name
+    assert json_path.exists() and json_path.name != measured.partial.name.replace(".rows.jsonl", ".json")
     out = tmp_path / "cli"
     rc, _, err = run_cli_here("sweep", "--max-tokens", "4", "--device", "cpu", "--model", "/nonexistent/model", "--output-dir", str(out))
-    assert rc == 2 and "error" in err and not list(out.glob("*")), err  # its claim made, then the model failed to load
+    assert rc == 2 and "error" in err and not list(out.glob("*")), err  # the folder checked, then the model failed to load
 
 
 def test_an_output_folder_that_is_a_file_fails_before_measuring(tmp_path) -> None:

@@ -1,6 +1,6 @@
 """What every benchmark shares: the run order that rotates so that slow drift favours no system,
 the parameters a results file records, transformers' `generate` timed the same way everywhere,
-and the results files claimed before and written after a run."""
+and the results files checked before and written during and after a run."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def log2_panels(fig: Any, panels: list[tuple[Any, str]], xlabel: str, title: str
 
 
 def start_log(output_dir: str | None, stem: str) -> RowLog | None:
-    """Claim the results files before anything is measured (None: write nothing)."""
+    """Check where the results files go before anything is measured (None: write nothing); they are claimed at the first row."""
     return RowLog(output_dir, stem) if output_dir else None
 
 

@@ -173,51 +173,43 @@ def check_output_dir(output_dir: str | Path) -> Path:
     return out
 
 
-_CLAIMED: list[Path] = []  # the row files this process claimed (drop_unused_claims)
-
-
-def drop_unused_claims() -> None:
-    """Remove the row files this process claimed that no row reached (a run stopped by bad input or an
-    error before it measured anything): nothing measured is lost, and no empty file is left behind."""
-    for path in _CLAIMED:
-        try:
-            if path.stat().st_size == 0:
-                path.unlink()
-        except FileNotFoundError:  # finished: finish() dropped it
-            pass
-    _CLAIMED.clear()
-
-
 class RowLog:
-    """A run's results files, claimed before anything is measured: <stem>-<time>.rows.jsonl gets
+    """A run's results files. The folder is checked (and a dirty checkout refused, when the folder could
+    be committed) before anything is measured; the files themselves are claimed at the first row, so
+    a run stopped before it measured anything leaves nothing behind. <stem>-<time>.rows.jsonl then gets
     each row the moment it is measured (a run that dies keeps them), and `finish` writes the .json
-    (provenance, summary, rows) and .csv beside it, then drops the JSONL. Names are never reused:
-    two runs in the same second get -2, -3, ... (the JSONL is created exclusively). A dirty checkout
-    is refused here, before anything is measured, when the folder could be committed."""
+    (provenance, summary, rows) and .csv beside it, then drops the JSONL. Names are never reused: two
+    runs in the same second get -2, -3, ... (the JSONL is created exclusively)."""
 
     def __init__(self, output_dir: str | Path, stem: str) -> None:
-        out = check_output_dir(output_dir)
-        self.dirty = require_clean_tree(out)
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.out = check_output_dir(output_dir)
+        self.dirty = require_clean_tree(self.out)
+        self.base = f"{stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"  # the run's start names its files
+        self.partial: Path | None = None  # <base>.rows.jsonl once claimed
+        self.json_path: Path  # <base>.json and .csv beside it, named with the claim
+        self.csv_path: Path
+
+    def _claim(self) -> Path:
+        """The first free <base>[-n] whose .rows.jsonl this call creates (exclusively)."""
         for n in range(1, 1000):
-            base = f"{stem}-{stamp}" + (f"-{n}" if n > 1 else "")
-            self.json_path, self.csv_path = out / f"{base}.json", out / f"{base}.csv"
-            self.partial = out / f"{base}.rows.jsonl"
+            base = self.base + (f"-{n}" if n > 1 else "")
+            self.json_path, self.csv_path = self.out / f"{base}.json", self.out / f"{base}.csv"
             if self.json_path.exists() or self.csv_path.exists():
                 continue
             try:
-                self.partial.open("x").close()
-                _CLAIMED.append(self.partial)
-                return
+                (self.out / f"{base}.rows.jsonl").open("x").close()
             except FileExistsError:
                 continue
-        raise FileExistsError(f"no free results file name for {stem}-{stamp} in {out}")
+            self.partial = self.out / f"{base}.rows.jsonl"
+            return self.partial
+        raise FileExistsError(f"no free results file name for {self.base} in {self.out}")
 
     def add(self, row: dict[str, Any]) -> None:
-        with self.partial.open("a") as fh:
+        with (self.partial or self._claim()).open("a") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
 
     def finish(self, payload: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[Path, Path]:
+        partial = self.partial or self._claim()
         with self.json_path.open("x") as fh:
             fh.write(json.dumps({**payload, "dirty_tree": self.dirty, "rows": rows}, indent=2, default=str))
         if rows:
@@ -226,7 +218,7 @@ class RowLog:
                 writer = csv.DictWriter(fh, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(rows)
-        self.partial.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         return self.json_path, self.csv_path
 
 
