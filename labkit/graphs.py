@@ -77,9 +77,10 @@ def _torch_if_nodes() -> bool:
 
 
 def if_nodes() -> bool:
-    """Whether only_where captures CUDA graph IF nodes: asked for (LABKIT_IF_NODES=1) and this PyTorch
-    captures them, or else labkit's own (kernels/graph_if.cu, CUDA 12.4: PyTorch 2.11 has no API for them)."""
-    if os.environ.get("LABKIT_IF_NODES", "0") != "1":
+    """Whether only_where captures CUDA graph IF nodes: on a CUDA device unless LABKIT_IF_NODES=0, with
+    PyTorch's own API where it has one, else labkit's (kernels/graph_if.cu, CUDA 12.4, built at first
+    use: PyTorch 2.11 has no API for them). Where neither builds, off (the block then always runs)."""
+    if os.environ.get("LABKIT_IF_NODES", "1") == "0" or not torch.cuda.is_available():
         return False
     if _torch_if_nodes():
         return True

@@ -152,8 +152,8 @@ case "$step" in
     python3 -m labkit bench batch --device cuda --cuda-graph --no-invariant --max-tokens 128 --k "${K:-5}" --sizes "${SIZES:-1,2,4,8}" \
       --repeats "${REPEATS:-3}" $heads ${BATCH_ARGS:-} --output-dir "$out/results" 2>&1 | grep -v Warning | tr '\r' '\n' | grep -v "bench batch:" | tail -45 | tee "$out/batch.txt"
     ;;
-  ifnodes)  # labkit's own CUDA graph IF nodes (kernels/graph_if.cu, LABKIT_IF_NODES=1) on a card: their tests, then
-    # batch-1 steps without and with them, alternated (after eagle-carried); then e.g. LABKIT_IF_NODES=1 ... suite
+  ifnodes)  # labkit's own CUDA graph IF nodes (kernels/graph_if.cu; on by default, LABKIT_IF_NODES=0 off) on a card: their tests, then
+    # batch-1 steps without and with them, alternated (after eagle-carried); then e.g. LABKIT_IF_NODES=0 ... suite against the default
     LABKIT_IF_NODES=1 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "only_where or eagle_mix_steps" 2>&1 | tail -15 | tee "$out/pytest_ifnodes.txt"
     for n in 0 1 0 1; do
       (cd scripts && LABKIT_IF_NODES=$n python3 eagle_costs.py /tmp/eagle steps 2>&1 | grep -E "^step (eagle|eagle-mix|ngram-graph) K=8 " | sed "s/^/if nodes $n: /")

@@ -347,15 +347,20 @@ def test_baseline_times_the_gguf_blocks_with_8_bit_activations_when_asked(embedd
         run_baseline(BaselineConfig(device="cpu", gguf_weights=False, gguf_q8=True, output_dir=None, progress=False), embedded)
 
 
-def test_provenance_names_the_weights_and_the_toolchain(tiny_folder, embedded) -> None:
-    """Every results file says which weights ran (SHA-256) and the triton, CUDA and driver versions."""
+def test_provenance_names_the_weights_and_the_toolchain(tiny_folder, embedded, monkeypatch) -> None:
+    """Every results file says which weights ran (SHA-256), the triton, CUDA and driver versions, and
+    the switches set that change what runs (not the ones that only say where things are)."""
     import hashlib
 
     import torch
 
     from labkit.bench.results import provenance
 
+    monkeypatch.setenv("LABKIT_IF_NODES", "0")
+    monkeypatch.setenv("SPECDEC_CUDA_GRAPH", "1")
     p = provenance(torch.device("cpu"), {"model_source": str(tiny_folder)})
+    assert p["switches"]["LABKIT_IF_NODES"] == "0" and p["switches"]["SPECDEC_CUDA_GRAPH"] == "1"
+    assert "LABKIT_CACHE" not in p["switches"]
     want = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(tiny_folder.glob("*.safetensors")))).hexdigest()
     assert p["model_sha256"] == want and {"triton", "cuda", "driver"} <= set(p["versions"])
     stamped = provenance(torch.device("cpu"), {"model_source": embedded.source})["model_sha256"]

@@ -267,12 +267,15 @@ def test_cuda_eagle_ngram_copy_and_chain_steps_run_captured(layer_kernels: str, 
 
 
 def test_cuda_only_where_runs_its_block_only_where_the_flag_holds(monkeypatch) -> None:
-    """A captured graph's IF node (graphs.only_where, asked for; PyTorch's own or kernels/graph_if.cu):
+    """A captured graph's IF node (graphs.only_where, on by default; PyTorch's own or kernels/graph_if.cu):
     each replay runs the block where the device flag holds then, and skips it elsewhere; the block's
-    own allocations come from the graph's pool, and the work after the node sees the block's."""
+    own allocations come from the graph's pool, and the work after the node sees the block's.
+    LABKIT_IF_NODES=0 turns them off."""
     from labkit.graphs import if_nodes, only_where
 
-    monkeypatch.setenv("LABKIT_IF_NODES", "1")
+    monkeypatch.setenv("LABKIT_IF_NODES", "0")
+    assert not if_nodes()
+    monkeypatch.delenv("LABKIT_IF_NODES")
     if not if_nodes():
         from labkit.kernels import cuda_ops
 

@@ -76,12 +76,20 @@ def provenance(device: torch.device, parameters: dict[str, Any]) -> dict[str, An
         "device": {"type": device.type, "name": device_name(device), "torch_threads": torch.get_num_threads(),
                    "load_average": load_average(), "cpu_kernel_path": _cpu_kernel_path(),  # avx512, avx2, portable
                    "cpu_kernel_flags": os.environ.get("LABKIT_CPU_KERNEL_FLAGS", "")},  # extra build flags of the CPU block kernel
+        "switches": switches(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "labkit": _labkit_version(),
                      "triton": _dist_version("triton"), "cuda": torch.version.cuda or "", "driver": _driver_version(device)},
         "git_commit": git_commit(),
         "model_sha256": model_digest(str(parameters.get("model_source", ""))),
         "parameters": parameters,
     }
+
+
+def switches() -> dict[str, str]:
+    """The environment switches set for this run that change what runs (LABKIT_*, SPECDEC_*; not the
+    paths or names that only say where things are): a result measured with IF nodes off says so."""
+    where = {"LABKIT_CACHE", "LABKIT_RESULTS_DIR", "LABKIT_GIT_COMMIT", "LABKIT_ALLOW_DIRTY", "LABKIT_CPU_KERNEL_FLAGS"}
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LABKIT_", "SPECDEC_")) and k not in where}
 
 
 def _dist_version(name: str) -> str:

@@ -15,20 +15,18 @@ host rule of eagle-ngram's proposals (specdec/eagle_drafter.py), on the device:
                        else EAGLE's chain (`depth` deep, its last draft repeated to K).
 
 The chain's draft passes (most of a chain step's drafting time) run only where the step takes no
-copy. In a captured graph they sit in a CUDA graph IF node (graphs.only_where, with
-LABKIT_IF_NODES=1: PyTorch's own, or labkit's kernels/graph_if.cu where PyTorch has none, as 2.11
-has not; neither has run on a GPU yet). Without one, each of
-the chain's fused Triton launches is still made but returns right after its inputs' wait where
-the flag says copy (`only_if`, eagle_ops.OnlyIf); on other layers the chain runs and the copy is
-picked over it. Every step verifies K columns (at least COPY_K), so one graph serves both kinds;
-the verify keeps the output plain greedy's whatever it holds.
+copy. In a captured graph they sit in a CUDA graph IF node (graphs.only_where, on by default where
+one builds: PyTorch's own, or labkit's kernels/graph_if.cu where PyTorch has none, as 2.11 has not;
+LABKIT_IF_NODES=0 turns them off). Without one, each of the chain's fused Triton launches is still
+made but returns right after its inputs' wait where the flag says copy (`only_if`, eagle_ops.OnlyIf,
+which the IF branch passes too: its eager runs have no node); on other layers the chain runs and the
+copy is picked over it. Every step verifies K columns (at least COPY_K), so one graph serves both
+kinds; the verify keeps the output plain greedy's whatever it holds.
 
 Simulated on the suite's texts with the H200's step costs (scripts/copy_chain_sim.py): the
 per-chunk choice 1.61x plain, this rule 1.70x (n >= 2; n >= 3 1.67x), a per-step oracle 2.0x.
-Without IF nodes (the default until they have run on a card) a copy step launches the chain's
-kernels and each returns at once (806 against 822 us a step with the chain run: a launch, not its
-work, is what a kernel costs at batch 1). Measured so, whole suite, two runs: eagle-mix 1.71x /
-1.71x plain, ngram-graph 1.68x / 1.68x (docs/speculation.md, session 28).
+Measured on the H200, whole suite, batch 1, K 8 (docs/speculation.md): 1.87x / 1.88x plain with
+IF nodes, 1.81x without in the same lease (session 47); ngram-graph 1.79x.
 """
 
 from __future__ import annotations
