@@ -19,6 +19,9 @@ ngram-graph's per step at K = 8 (medians of 3 requests).
         fused, grids of 32..132 programs, against the launches one by one)
     python3 scripts/eagle_costs.py EAGLE_FOLDER long N     (a long prompt of N tokens: each drafter's
         speed, the graphs it captured, and where eagle-mix's host time goes)
+    python3 scripts/eagle_costs.py EAGLE_FOLDER kernels    (ngram-graph's and eagle-mix's steps on a
+        copying prompt under the profiler: each kernel's launches and GPU time per step, the GPU's busy
+        time per step against the step's wall time: where a copy step's extra time goes)
 """
 
 import sys
@@ -177,6 +180,49 @@ def chain_cost() -> None:
     TUNE["chain_programs"] = 128
 
 
+def step_kernels() -> None:
+    """Per kernel name: launches and GPU microseconds per target step, for one request each (after
+    two unprofiled ones) of ngram-graph and eagle-mix K 8 on a prompt that repeats itself (copy steps),
+    and eagle-mix on a typical prompt; then GPU busy time per step against wall time per step."""
+    from collections import defaultdict
+
+    from labkit.specdec.drafters import make_drafter
+    from labkit.specdec.eagle_mix import EagleMixDrafter
+
+    head = load_eagle(sys.argv[1], fingerprint(engine.model.lm_head.weight))
+    cfg = GenerationConfig(max_new_tokens=256, stop_at_eos=False)
+    looped, typical = list(range(1000, 1040)) * 3, list(range(1000, 1120))
+    runs = [("ngram-graph (looped)", looped, make_drafter("ngram-graph", engine)),
+            ("eagle-mix (looped)", looped, EagleMixDrafter(engine, head)), ("eagle-mix (typical)", typical, EagleMixDrafter(engine, head))]
+    warm_up(engine, 8)
+    tables = {}
+    for name, prompt, drafter in runs:
+        spec = Speculation(drafter, 8)
+        for _ in range(2):
+            generate(engine, prompt, cfg, spec)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            r = generate(engine, prompt, cfg, spec)
+            torch.cuda.synchronize()
+        steps = max(1, len(r.stats.accepted_lengths))
+        wall_us = (r.stats.total_s - r.stats.ttft_s) / steps * 1e6
+        by = defaultdict(lambda: [0, 0.0])
+        busy = 0.0
+        for e in prof.events():
+            if e.device_type.name == "CUDA" and e.device_time_total > 0:
+                by[e.name][0] += 1
+                by[e.name][1] += e.device_time_total
+                busy += e.device_time_total
+        tables[name] = {k: (n / steps, us / steps) for k, (n, us) in by.items()}
+        launches = sum(n for n, _ in by.values()) / steps
+        print(f"{name:22s}: {steps} steps, tau {r.stats.new_tokens / steps:.2f}, wall {wall_us:.1f} us a step, "
+              f"GPU busy {busy / steps:.1f} us a step (prefill included), {launches:.1f} kernels a step")
+    names = sorted({k for t in tables.values() for k in t}, key=lambda k: -max(t.get(k, (0, 0))[1] for t in tables.values()))
+    print(f"{'kernel':60s} " + " | ".join(f"{n[:22]:>22s}" for n in tables))
+    for k in names[:45]:
+        print(f"{k[:60]:60s} " + " | ".join(f"{t.get(k, (0, 0))[0]:6.2f}x {t.get(k, (0, 0))[1]:8.1f} us" for t in tables.values()))
+
+
 def triton_compiles(prof) -> tuple[int, float]:
     """Calls of triton.compiler's compile during a profiled run (disk-cache loads included) and their seconds:
     read from the profile, so that it counts whatever name a kernel's JITFunction bound the function to."""
@@ -224,6 +270,9 @@ def long_request(n: int) -> None:
 
 if sys.argv[2:3] == ["long"]:
     long_request(int(sys.argv[3]))
+    sys.exit(0)
+if sys.argv[2:] == ["kernels"]:
+    step_kernels()
     sys.exit(0)
 if sys.argv[2:] == ["steps"]:
     whole_steps()
