@@ -14,13 +14,14 @@ nothing is ever replayed against a cache that is no longer there.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+from labkit.config import env_flag
 
 if TYPE_CHECKING:
     from labkit.engine import Engine
@@ -80,7 +81,7 @@ def if_nodes() -> bool:
     """Whether only_where captures CUDA graph IF nodes: on a CUDA device unless LABKIT_IF_NODES=0, with
     PyTorch's own API where it has one, else labkit's (kernels/graph_if.cu, CUDA 12.4, built at first
     use: PyTorch 2.11 has no API for them). Where neither builds, off (the block then always runs)."""
-    if os.environ.get("LABKIT_IF_NODES", "1") == "0" or not torch.cuda.is_available():
+    if not (env_flag("LABKIT_IF_NODES", default=True) and torch.cuda.is_available()):
         return False
     if _torch_if_nodes():
         return True

@@ -13,14 +13,17 @@ drafter `drafter.fused_chain = True`.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
+from labkit.config import env_flag
 from labkit.models.kvcache import KVCache
 
-FUSED_CHAIN = os.environ.get("LABKIT_FUSED_CHAIN", "0") == "1"  # drafters' default (module docstring)
+
+def fused_chain_default() -> bool:
+    """Drafters' default (module docstring): LABKIT_FUSED_CHAIN=1 asks for it."""
+    return env_flag("LABKIT_FUSED_CHAIN")
 
 
 class FusedChain:

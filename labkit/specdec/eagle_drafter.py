@@ -42,7 +42,7 @@ from labkit.models.kvcache import COUNTER_ROWS, KVCache, TreeAttention
 from labkit.specdec.copy_or_chain import CopyOrChain
 from labkit.specdec.draft import Draft, Drafter, Step
 from labkit.specdec.eagle import EagleHead, draft_head_weight
-from labkit.specdec.eagle_chain import FUSED_CHAIN, FusedChain
+from labkit.specdec.eagle_chain import FusedChain, fused_chain_default
 from labkit.specdec.eagle_hooks import CatchUpOnly, ChainOf, KeepHidden
 from labkit.specdec.eagle_ops import OnlyIf, after_verify_inputs, draft_layer, target_runs_triton, token_embedding
 from labkit.specdec.eagle_tree import DynamicTreeConfig, chain_with_siblings, dynamic_tree
@@ -97,7 +97,7 @@ class EagleDrafter(Drafter):
         rows = max(16, target.batch_size, batch_rows)
         self._counting = torch.arange(max(GRAPH_MAX_T, rows) + 1, device=target.device)  # 0, 1, ...: sliced, not launched in every step
         self._pick_scratch = (torch.zeros(rows, dtype=torch.long, device=target.device), torch.zeros(rows // 16 + 1, dtype=torch.int32, device=target.device))  # draft_argmax's
-        self.fused_chain, self._fused = FUSED_CHAIN, FusedChain(self)  # chains in one launch where the ops are Triton's (eagle_chain.py)
+        self.fused_chain, self._fused = fused_chain_default(), FusedChain(self)  # chains in one launch where the ops are Triton's (eagle_chain.py)
         self._triton = target_runs_triton(target)  # the ops are the Triton kernels: compile their widths before a request
         if tree is not None:
             tree.validate(self.depth)
