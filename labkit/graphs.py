@@ -90,6 +90,24 @@ def if_nodes() -> bool:
     return cuda_ops.graph_if()[0] is not None
 
 
+def if_nodes_status() -> str:
+    """What only_where does in this process, for results files, without building anything: "off"
+    (LABKIT_IF_NODES=0), "no CUDA device", "PyTorch's", "labkit's" (kernels/graph_if.cu built), why
+    labkit's could not build, or "not yet asked" (no capture needed one yet)."""
+    if not env_flag("LABKIT_IF_NODES", default=True):
+        return "off"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if _torch_if_nodes():
+        return "PyTorch's"
+    from labkit.kernels import cuda_ops
+
+    if not cuda_ops.graph_if.cache_info().currsize:
+        return "not yet asked"
+    module, reason = cuda_ops.graph_if()
+    return "labkit's" if module is not None else f"none: {reason}"
+
+
 @contextmanager
 def only_where(pred: torch.Tensor, pool: Any = None) -> Iterator[None]:  # pred (1,) bool on the device
     """The block's device work runs only where pred holds, when a CUDA graph is being captured

@@ -360,6 +360,7 @@ def test_provenance_names_the_weights_and_the_toolchain(tiny_folder, embedded, m
     monkeypatch.setenv("SPECDEC_CUDA_GRAPH", "1")
     p = provenance(torch.device("cpu"), {"model_source": str(tiny_folder)})
     assert p["switches"]["LABKIT_IF_NODES"] == "0" and p["switches"]["SPECDEC_CUDA_GRAPH"] == "1"
+    assert p["cuda_graph_if_nodes"] == ""  # a CPU run: none to speak of
     assert "LABKIT_CACHE" not in p["switches"]
     want = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(tiny_folder.glob("*.safetensors")))).hexdigest()
     assert p["model_sha256"] == want and {"triton", "cuda", "driver"} <= set(p["versions"])

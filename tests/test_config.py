@@ -53,11 +53,14 @@ def test_env_flags(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_labkit_switches_refuse_what_is_not_a_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     """LABKIT_IF_NODES=off turns IF nodes off (it once read as on: only "0" was off), and a value that
     is no switch is an error, as the SPECDEC_* ones are; so for the fused EAGLE chain's."""
-    from labkit.graphs import if_nodes
+    from labkit.graphs import if_nodes, if_nodes_status
     from labkit.specdec.eagle_chain import fused_chain_default
 
     monkeypatch.setenv("LABKIT_IF_NODES", "off")
-    assert not if_nodes()
+    assert not if_nodes() and if_nodes_status() == "off"
+    monkeypatch.setenv("LABKIT_IF_NODES", "1")
+    if not torch.cuda.is_available():
+        assert if_nodes_status() == "no CUDA device"
     monkeypatch.setenv("LABKIT_FUSED_CHAIN", "yes")
     assert fused_chain_default()
     for name, read in (("LABKIT_IF_NODES", if_nodes), ("LABKIT_FUSED_CHAIN", fused_chain_default)):

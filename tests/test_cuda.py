@@ -301,6 +301,9 @@ def test_cuda_only_where_runs_its_block_only_where_the_flag_holds(monkeypatch) -
         graph.replay()
         seen.append((x.item(), y.item()))
     assert seen == [(0, 0), (1, 10), (2, 20), (2, 20), (3, 30)]
+    from labkit.graphs import if_nodes_status
+
+    assert if_nodes_status() in ("PyTorch's", "labkit's")  # what results files record
 
 
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])

@@ -77,12 +77,19 @@ def provenance(device: torch.device, parameters: dict[str, Any]) -> dict[str, An
                    "load_average": load_average(), "cpu_kernel_path": _cpu_kernel_path(),  # avx512, avx2, portable
                    "cpu_kernel_flags": os.environ.get("LABKIT_CPU_KERNEL_FLAGS", "")},  # extra build flags of the CPU block kernel
         "switches": switches(),
+        "cuda_graph_if_nodes": _if_nodes(device),  # eagle-mix's copy steps skip the chain's launches where these exist
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "labkit": _labkit_version(),
                      "triton": _dist_version("triton"), "cuda": torch.version.cuda or "", "driver": _driver_version(device)},
         "git_commit": git_commit(),
         "model_sha256": model_digest(str(parameters.get("model_source", ""))),
         "parameters": parameters,
     }
+
+
+def _if_nodes(device: torch.device) -> str:
+    from labkit.graphs import if_nodes_status
+
+    return if_nodes_status() if device.type == "cuda" else ""
 
 
 def switches() -> dict[str, str]:
