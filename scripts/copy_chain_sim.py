@@ -1,6 +1,7 @@
 """What each way of mixing EAGLE's chain and prompt lookup's copy would make of the suite (diagnostic).
 
     python3 scripts/copy_chain_sim.py EAGLE_FOLDER [CACHE.json]
+    python3 scripts/copy_chain_sim.py EAGLE_FOLDER CACHE.json copycost   (two rules against a copy step's cost)
 
 Per suite prompt: the greedy continuation (128 tokens, this machine's fp32 target), and at every
 position of it the tokens a chain step would keep (the head's chain of `depth` drafts from that
@@ -199,9 +200,27 @@ POLICIES = {
 }
 
 
+def overall(rows: list[dict], make) -> float:
+    """Plain's time over the policy's, all prompts together."""
+    return sum(len(r["chain"]) + 1 for r in rows) * PLAIN_US / sum(walk(r, make()) for r in rows)
+
+
+def copy_costs(rows: list[dict]) -> None:
+    """eagle-mix's rule and the agreement rule against what a copy step costs (the IF nodes' gain
+    measured on the H200, 1.81x -> 1.87-1.88x, matches ~700 us; lookup's own step is 581)."""
+    global COPY_MIX_US
+    rules = {"match >= 2 (eagle-mix)": lambda: per_step_rule(2, 0), "agree or head < 0.5": lambda: agreeing_rule(0.5)}
+    for cost in (600.0, 640.0, 700.0, 750.0, CHAIN_MIX_US):
+        COPY_MIX_US = cost
+        print(f"copy step {cost:.0f} us: " + ", ".join(f"{name} {overall(rows, make):.3f}x" for name, make in rules.items()))
+
+
 def main() -> None:
     cache = Path(sys.argv[2] if len(sys.argv) > 2 else "/tmp/copy_chain_sim.json")
     rows = json.loads(cache.read_text()) if cache.exists() else measure(sys.argv[1], cache)
+    if sys.argv[3:] == ["copycost"]:
+        copy_costs(rows)
+        return
     for name, make in POLICIES.items():
         by_cat: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         tot_us, tot_plain = 0.0, 0.0
