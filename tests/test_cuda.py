@@ -307,9 +307,11 @@ def test_cuda_only_where_runs_its_block_only_where_the_flag_holds(monkeypatch) -
 
 
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
-def test_cuda_eagle_mix_steps_run_captured(layer_kernels: str) -> None:
-    """eagle-mix's device steps on CUDA graphs (the chain in an IF node): plain greedy's tokens, and
-    the drafts of the same steps run eagerly (fp32), copies and chains both met."""
+@pytest.mark.parametrize("unsure", [None, 0.6])
+def test_cuda_eagle_mix_steps_run_captured(layer_kernels: str, unsure: float | None) -> None:
+    """eagle-mix's device steps on CUDA graphs (the chain in an IF node), and eagle-agree's (unsure: its
+    choice asks the chain's first draft): plain greedy's tokens, and the drafts of the same steps run
+    eagerly (fp32), copies and chains both met."""
     from labkit.generate import Speculation
     from labkit.specdec.eagle_mix import EagleMixDrafter
     from labkit.specdec.lookup import latest_match
@@ -320,7 +322,7 @@ def test_cuda_eagle_mix_steps_run_captured(layer_kernels: str) -> None:
     for graphs in (True, False):
         engine = Engine.from_hf(tiny_hf_model("llama", seed=4).cuda(), "cuda", "float32", cuda_graph=graphs, layer_kernels=layer_kernels)
         want = generate(engine, prompt, cfg).tokens
-        got = generate(engine, prompt, cfg, Speculation(EagleMixDrafter(engine, random_head(depth=4), min_n=1, device_steps=True), 4))
+        got = generate(engine, prompt, cfg, Speculation(EagleMixDrafter(engine, random_head(depth=4), min_n=1, unsure=unsure, device_steps=True), 4))
         assert got.tokens == want
         runs.append(got.stats)
         if graphs:

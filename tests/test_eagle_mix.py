@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from labkit.config import GenerationConfig
+from labkit.errors import LabkitError
 from labkit.generate import Speculation, generate
 from tests.test_eagle import _engine, random_head
 
@@ -102,6 +103,61 @@ def test_eagle_mix_takes_lookups_copy_or_the_chain_at_every_step(monkeypatch, mi
         fresh.start(ctx, len(ctx) + 8)
         chain = fresh.propose(ctx, 3, GenerationConfig(), None).tokens
         assert draft == chain + chain[-1:] * (COPY_K - 3), ctx
+
+
+@pytest.mark.parametrize("unsure", [0.0, 0.6])
+def test_eagle_agree_copies_where_lookup_and_the_chain_agree_or_the_head_is_unsure(monkeypatch, unsure: float) -> None:
+    """eagle-agree's device steps (run eagerly): plain greedy's tokens; a step copies where the context
+    ends in any n-gram seen before and lookup's first token is the chain's first draft (that of a fresh
+    drafter from the whole context) or the head gives that draft less than `unsure`; else it verifies
+    the chain. The head drafts only the prompt's tokens, so its first draft often is lookup's."""
+    from labkit.specdec.eagle_drafter import EagleDrafter
+    from labkit.specdec.eagle_mix import EagleMixDrafter
+    from labkit.specdec.lookup import latest_match, lookup_reference
+
+    engine = _engine()
+    prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]
+    cfg = GenerationConfig(max_new_tokens=60, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    chunks = log_mixed(monkeypatch)
+    firsts = []
+    first_draft = EagleDrafter.first_draft
+
+    def logged(self, feat):
+        first, prob = first_draft(self, feat)
+        firsts.append((int(first[0]), float(prob[0])))
+        return first, prob
+
+    monkeypatch.setattr(EagleDrafter, "first_draft", logged)
+    head = random_head(vocab=7, ids=torch.arange(5, 12))
+    drafter = EagleMixDrafter(engine, head, unsure=unsure, device_steps=True)
+    got = generate(engine, prompt, cfg, Speculation(drafter, 3))
+    assert got.tokens == want and drafter.name.endswith(f"+agree{unsure:g}")
+    seen, at = set(), 0
+    for context, out, flags in chunks:
+        ctx, flags = list(context), [f for f in flags if f is not None]
+        mine, at = firsts[at : at + len(out)], at + len(out)  # this chunk's steps' choices (the first's: the host's proposal)
+        for i, (draft, new) in enumerate(out):
+            if i:
+                first, prob = mine[i - 1]
+                lookup = lookup_reference(ctx, len(draft))
+                agree = first == lookup[0]
+                copy = latest_match(ctx, 1, 1) is not None and (agree or prob < unsure)
+                assert flags[i - 1] is (not copy), (ctx, first, prob)
+                seen.add((copy, agree))
+                if copy:
+                    assert draft == lookup, (ctx, draft)
+                else:
+                    fresh = EagleDrafter(engine, head, device_steps=False)
+                    engine.reset()
+                    engine.prefill(torch.tensor([ctx[:-1]]))
+                    fresh.start(ctx, len(ctx) + 8)
+                    assert fresh.propose(ctx, 1, GenerationConfig(), None).tokens == [first] == draft[:1], ctx
+            ctx += new
+    want = {(True, True), (False, False)} | ({(True, False)} if unsure else set())  # copies where they agree or the head is unsure
+    assert want <= seen, seen
+    with pytest.raises(LabkitError, match="probability"):
+        EagleMixDrafter(engine, head, unsure=1.5)
 
 
 def test_eagle_mix_is_built_by_name_and_checked() -> None:

@@ -14,6 +14,14 @@ host rule of eagle-ngram's proposals (specdec/eagle_drafter.py), on the device:
                        the next step's K columns: lookup's copy (that kernel's draft) if copy,
                        else EAGLE's chain (`depth` deep, its last draft repeated to K).
 
+eagle-agree (`unsure`, AGREE_UNSURE): the same steps, the choice asking the chain's first draft too (one
+more draft pass's pick and the head's probability of it, on every step): copy where the context ends in
+an n-gram of any length seen before and lookup's first token is that draft, or the head gives that
+draft less than `unsure`; else the chain. The chain's passes past the first still sit in the IF node.
+Simulated (scripts/copy_chain_sim.py ... copycost): +2% over eagle-mix's rule at the copy step's cost
+the H200 implies (~700 us), +3.5% at lookup's own (~600); not yet measured on a card. The host's
+proposals (a CPU; a chunk's first step) keep eagle-mix's rule.
+
 The chain's draft passes (most of a chain step's drafting time) run only where the step takes no
 copy. In a captured graph they sit in a CUDA graph IF node (graphs.only_where, on by default where
 one builds: PyTorch's own, or labkit's kernels/graph_if.cu where PyTorch has none, as 2.11 has not;
@@ -48,15 +56,17 @@ from labkit.specdec.eagle_hooks import ChainOf
 from labkit.specdec.lookup_steps import LookupSteps
 
 MIX_MIN_N = 2  # copy after an n-gram of this many tokens seen before (prompt lookup's own default, NgramDrafter.min_n)
+AGREE_UNSURE = 0.5  # eagle-agree: copy where lookup's first token is the chain's first draft, or the head gives its first draft less
 
 
 class MixOf(ChainOf):
     """Mixed steps' verify hook (module docstring): the catch-up, the choice, then lookup's copy or
-    ChainOf's chain as the next step's k columns."""
+    ChainOf's chain as the next step's k columns. unsure (eagle-agree): the choice also asks the
+    chain's first draft (module docstring)."""
 
-    def __init__(self, drafter: EagleDrafter, depth: int, k: int, min_n: int) -> None:
+    def __init__(self, drafter: EagleDrafter, depth: int, k: int, min_n: int, unsure: float | None = None) -> None:
         super().__init__(drafter, depth)
-        self.k, self.min_n = k, min_n
+        self.k, self.min_n, self.unsure = k, min_n, unsure
         self.max_t = k + 1
         self.history: torch.Tensor | None = None  # (Lh,) the steps' context, n_ctx (1,) its length: bind_history
         self.n_ctx: torch.Tensor | None = None
@@ -68,17 +78,29 @@ class MixOf(ChainOf):
         """The device steps' context buffers (LookupSteps), read after each step's commit."""
         self.history, self.n_ctx = history, n_ctx
 
+    def takes_chain(self, anchor_feat: torch.Tensor | None, copied: torch.Tensor) -> torch.Tensor:  # (1, D), (1, k) -> (1,) bool
+        """The rule: a chain where the context ends in no n-gram of min_n tokens seen before; with
+        `unsure`, a copy where it ends in one of any length and lookup's first token is the chain's
+        first draft or the head gives that draft less than `unsure`."""
+        if self.unsure is None:
+            return self.match_n < self.min_n
+        assert anchor_feat is not None
+        first, prob = self.drafter.first_draft(anchor_feat)  # (1,) each
+        copies = (self.match_n >= 1) & ((copied[:, 0] == first) | (prob < self.unsure))
+        return ~copies
+
     def draft_after(self, hidden: torch.Tensor, verdict: torch.Tensor, lm_head: torch.nn.Module,
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (1, k)
         assert self.history is not None and self.n_ctx is not None
         copied = registry.get("lookup_draft", hidden.device)(self.history[None], self.n_ctx, self.k, self.match_n)  # (1, k)
-        chains = self.match_n < self.min_n  # (1,) bool: no n-gram of min_n tokens seen before
-        if if_nodes():  # the catch-up every step, copy or chain; the chain's passes inside an IF node
+        if if_nodes() or self.unsure is not None:  # the catch-up every step, copy or chain; the chain's passes inside an IF node
             inputs = self.drafter.verify_inputs(tokens, verdict, input_pos, self.depth)  # the catch-up's and the chain's, one launch
             anchor_feat = self.drafter.catch_up(hidden, verdict, tokens, input_pos, inputs=inputs)  # (1, D)
+            chains = self.takes_chain(anchor_feat, copied)  # (1,) bool
             with only_where(chains):
                 self.chain_cols.copy_(self.chain_from(anchor_feat, verdict, input_pos, only_if=chains, pos=inputs[2]))
         else:  # the chain's launches called off where it copies (one launch for both where fused)
+            chains = self.takes_chain(None, copied)
             self.chain_cols.copy_(self.drafter.catch_up_chain(hidden, verdict, tokens, input_pos, self.depth, only_if=chains))
         chain = torch.cat((self.chain_cols, self.chain_cols[:, -1:].expand(1, self.k - self.depth)), dim=1)  # (1, k)
         return torch.where(chains[:, None], chain, copied)
@@ -88,16 +110,19 @@ class EagleMixDrafter(EagleDrafter):
     """eagle-mix (module docstring): eagle-ngram's per-step rule in its device steps too. On the host
     (a CPU, sampling) it is eagle-ngram with copies after min_n tokens."""
 
-    def __init__(self, target: Engine, head: EagleHead, min_n: int = MIX_MIN_N, **kwargs: Any) -> None:
+    def __init__(self, target: Engine, head: EagleHead, min_n: int = MIX_MIN_N, unsure: float | None = None, **kwargs: Any) -> None:
         if not 1 <= min_n <= LOOKUP_MAX_N:
             raise LabkitError(f"eagle-mix copies after an n-gram of 1 to {LOOKUP_MAX_N} tokens seen before, got {min_n}")
+        if unsure is not None and not 0.0 <= unsure <= 1.0:
+            raise LabkitError(f"eagle-agree's threshold is a probability in [0, 1], got {unsure}")
         super().__init__(target, head, lookup_over=min_n, **kwargs)
-        self.name = self.name.replace("+ngram", "+mix")
+        self.unsure = unsure
+        self.name = self.name.replace("+ngram", "+mix") + (f"+agree{unsure:g}" if unsure is not None else "")
 
     def _mixed(self, k: int, depth: int) -> tuple[LookupSteps, bool]:
         """The mixed device steps of k columns (chains depth deep), and whether this request is new to them."""
         steps = self.target.captured(("eagle-mix-steps", self, k, depth),
-                                     lambda: LookupSteps(self.target, k, hook=MixOf(self, depth, k, self.lookup_over), n_cols=k))
+                                     lambda: LookupSteps(self.target, k, hook=MixOf(self, depth, k, self.lookup_over, self.unsure), n_cols=k))
         fresh = (k, depth) not in self._steps_used  # (it runs no chain or copy steps of its own: the keys are its (k, depth))
         self._steps_used.add((k, depth))
         return steps, fresh
