@@ -169,7 +169,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                                                       f"(CPU has: {r.cpu_instruction_sets})" if r.cpu_kernel_path else ""))
     load = f", load average {r.load_average}" if r.load_average is not None else ""
     print(f"CPU threads      {r.threads} (block kernel: {r.kernel_threads}; {r.physical_cores} physical cores{load})")
-    print(f"CUDA graphs      {'available' if r.cuda_graphs else 'need a CUDA device'}")
+    print(f"CUDA graphs      {'available' if r.cuda_graphs else 'need a CUDA device'}"
+          + (f"; IF nodes: {r.cuda_graph_if_nodes}" if r.cuda_graph_if_nodes else ""))
     for fit in r.fits:
         verdict = "fits" if fit["fits"] else "DOES NOT FIT"
         print(f"{fit['model']:<16} ~{fit['estimate_gib']:.2f} GiB ({args.seq_len}-token cache): {verdict}")

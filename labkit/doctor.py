@@ -38,6 +38,7 @@ class DoctorReport:
     physical_cores: int
     load_average: float | None
     cuda_graphs: bool
+    cuda_graph_if_nodes: str  # graphs.if_nodes_status after a try (labkit's own built here where PyTorch has none), "" off CUDA
     fits: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,6 +71,17 @@ def _kernel_isa(signature: str) -> str:
     return " ".join(f for f in ("avx512f", "avx2", "fma", "avx512_vnni", "avx_vnni", "asimd", "neon") if f in flags) or "none of avx512f, avx2, fma, neon"
 
 
+def _if_nodes(device: torch.device) -> str:
+    """Whether eagle-mix's captured copy steps can skip the chain (CUDA graph IF nodes): tried here, so a
+    build that fails says why now rather than in a request (graphs.if_nodes_status)."""
+    if device.type != "cuda":
+        return ""
+    from labkit.graphs import if_nodes, if_nodes_status
+
+    if_nodes()
+    return if_nodes_status()
+
+
 def run_doctor(device: torch.device, models: list[tuple[str, Any]], dtype: torch.dtype, seq_len: int = 2048) -> DoctorReport:
     """models: (name, transformers config) pairs to check for fit (no weights are loaded)."""
     from labkit.config import device_name
@@ -91,6 +103,7 @@ def run_doctor(device: torch.device, models: list[tuple[str, Any]], dtype: torch
         cpu_block_kernel="builds" if ok else f"unavailable ({reason})", cpu_instruction_sets=_kernel_isa(cpu_quant.cpu_signature()),
         cpu_kernel_path=cpu_quant.kernel_path(), cpu_q8_kernel_path=cpu_quant.q8_kernel_path(), threads=torch.get_num_threads(), kernel_threads=cpu_quant.kernel_threads(),
         physical_cores=physical_cores(), load_average=load_average(), cuda_graphs=device.type == "cuda",
+        cuda_graph_if_nodes=_if_nodes(device),
     )
     need_total = 0
     for name, config in models:

@@ -304,6 +304,9 @@ def test_cuda_only_where_runs_its_block_only_where_the_flag_holds(monkeypatch) -
     from labkit.graphs import if_nodes_status
 
     assert if_nodes_status() in ("PyTorch's", "labkit's")  # what results files record
+    from labkit.doctor import run_doctor
+
+    assert run_doctor(torch.device("cuda"), [], torch.bfloat16).cuda_graph_if_nodes == if_nodes_status()  # and doctor says
 
 
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
