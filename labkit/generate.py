@@ -160,7 +160,8 @@ def _finish(req: Request, t_start: float) -> GenerationResult:
 def warm_up(engine: Engine, max_k: int = 0, prompt_len: int = 1024, drafter: Drafter | None = None) -> None:
     """Before anything is timed: capture (and compile) the target's step shapes for plain
     decoding, verifies of up to max_k drafts (with the drafter's verify hook, if it has one) and
-    prompts of up to prompt_len tokens, and load the acceptance kernels."""
+    prompts of up to prompt_len tokens, and load the acceptance kernels (and CUDA graph IF nodes, built at
+    first use where PyTorch has none, for a drafter with device steps)."""
     warm_up_steps(engine, max_k + 1, prompt_len, hook=drafter.verify_hook if drafter is not None else None)
     if drafter is not None:
         for tree in drafter.tree_shapes(max_k):  # token trees: one captured step per shape
@@ -169,6 +170,10 @@ def warm_up(engine: Engine, max_k: int = 0, prompt_len: int = 1024, drafter: Dra
         engine.reset()
     if max_k:
         warm_up_kernels(engine.device)
+    if drafter is not None and drafter.device_steps is not None and engine.cuda_graph:
+        from labkit.graphs import if_nodes
+
+        if_nodes()  # device steps may capture IF nodes (eagle-mix): labkit's own are built now, not in a request
 
 
 def generate_text(

@@ -309,6 +309,22 @@ def test_cuda_only_where_runs_its_block_only_where_the_flag_holds(monkeypatch) -
     assert run_doctor(torch.device("cuda"), [], torch.bfloat16).cuda_graph_if_nodes == if_nodes_status()  # and doctor says
 
 
+def test_cuda_warm_up_builds_the_if_nodes_device_steps_may_capture() -> None:
+    """warm_up with a drafter that has device steps asks for CUDA graph IF nodes, so labkit's own are
+    built then (a minute at a machine's first use), not inside a request."""
+    from labkit.generate import warm_up
+    from labkit.graphs import if_nodes_status
+    from labkit.kernels import cuda_ops
+    from labkit.specdec.eagle_mix import EagleMixDrafter
+    from tests.test_eagle import random_head
+
+    engine = Engine.from_hf(tiny_hf_model("llama", seed=4).cuda(), "cuda", "float32", cuda_graph=True)
+    cuda_ops.graph_if.cache_clear()
+    assert if_nodes_status() in ("not yet asked", "PyTorch's")
+    warm_up(engine, 4, prompt_len=64, drafter=EagleMixDrafter(engine, random_head(depth=4), device_steps=True))
+    assert if_nodes_status() != "not yet asked"
+
+
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
 @pytest.mark.parametrize("unsure", [None, 0.6])
 def test_cuda_eagle_mix_steps_run_captured(layer_kernels: str, unsure: float | None) -> None:
