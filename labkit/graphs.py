@@ -81,13 +81,12 @@ def if_nodes() -> bool:
     """Whether only_where captures CUDA graph IF nodes: on a CUDA device unless LABKIT_IF_NODES=0, with
     PyTorch's own API where it has one, else labkit's (kernels/graph_if.cu, CUDA 12.4, built at first
     use: PyTorch 2.11 has no API for them). Where neither builds, off (the block then always runs)."""
-    if not (env_flag("LABKIT_IF_NODES", default=True) and torch.cuda.is_available()):
-        return False
-    if _torch_if_nodes():
-        return True
+    status = if_nodes_status()
+    if status in ("off", "no CUDA device", "PyTorch's"):
+        return status == "PyTorch's"
     from labkit.kernels import cuda_ops
 
-    return cuda_ops.graph_if()[0] is not None
+    return cuda_ops.graph_if()[0] is not None  # built here at first use
 
 
 def if_nodes_status() -> str:

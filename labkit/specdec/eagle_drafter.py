@@ -172,10 +172,8 @@ class EagleDrafter(Drafter):
     def log_probs(self, feat: torch.Tensor) -> torch.Tensor:  # (M, D) -> (M, N) over the draft vocabulary
         return torch.log_softmax(self._logits(feat).float(), dim=-1)
 
-    def first_draft(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, D) -> (B,) target ids, (B,) probabilities
-        """A chain's first draft from its anchor's feature (the chain's own pick) and the head's probability of it."""
-        prob = torch.softmax(self._logits(feat).float(), dim=-1).amax(-1)  # (B,)
-        return self._pick(feat)[:, 0], prob
+    def first_draft(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, D) anchor -> (B,) the chain's first draft (its own pick), (B,) the head's probability of it
+        return self._pick(feat)[:, 0], torch.softmax(self._logits(feat).float(), dim=-1).amax(-1)
 
     def _pick(self, feat: torch.Tensor, width: int = 1, ops: Any = None) -> torch.Tensor:  # (B, D) -> (B, width) target ids, best first
         if width == 1 and self.draft_head is None and hasattr(ops := ops or self.ops, "draft_argmax"):  # one launch: product, argmax, id
