@@ -25,14 +25,14 @@ void gemv_q4_1(const float *x, const uint8_t *qs, const float *d, const float *m
 void gemv_q8_0(const float *x, const int8_t *qs, const float *d, float *y, int64_t M, int64_t N, int64_t K);
 void gemv_q4_1_q8(const float *x, const uint8_t *qs, const float *d, const float *m, float *y, int64_t M, int64_t N, int64_t K);
 void gemv_q8_0_q8(const float *x, const int8_t *qs, const float *d, float *y, int64_t M, int64_t N, int64_t K);
-void gemv_q4_1_q8_tiles(const float *x, const uint8_t *qt, const float *dt, const float *mt, float *y, int64_t M, int64_t N, int64_t K);
-void gemv_q8_0_q8_tiles(const float *x, const int8_t *qt, const float *dt, const int32_t *wt, float *y, int64_t M, int64_t N, int64_t K);
+void gemv_q4_1_q8_tiles(const float *x, const uint8_t *qt, const uint16_t *dt, const uint16_t *mt, float *y, int64_t M, int64_t N, int64_t K);
+void gemv_q8_0_q8_tiles(const float *x, const int8_t *qt, const uint16_t *dt, const int16_t *wt, float *y, int64_t M, int64_t N, int64_t K);
 
 typedef struct {  /* one linear layer's GGUF blocks (layer_cpu.BlockWeight mirrors it) */
     int64_t kind;  /* 0: Q4_1, 1: Q8_0; 2, 3: the same with 8-bit activations (cpu_q8_gemv.c); 4, 5: those over tiles (cpu_q8_tiles.c) */
     const void *qs;  /* kinds 4, 5: the tiles' quants */
-    const float *d;
-    const float *m;  /* Q4_1 only (kind 5: the tiles' block sums of quants, int32) */
+    const float *d;  /* kinds 4, 5: the tiles' scales, float16 */
+    const float *m;  /* Q4_1 only (kind 4: float16; kind 5: the tiles' block sums of quants, int16) */
     const float *bias;  /* NULL when none */
     int64_t N, K;
 } block_weight;
@@ -42,8 +42,8 @@ static void linear(const block_weight *w, const float *x, int64_t M, float *y) {
     else if (w->kind == 1) gemv_q8_0(x, (const int8_t *)w->qs, w->d, y, M, w->N, w->K);
     else if (w->kind == 2) gemv_q4_1_q8(x, (const uint8_t *)w->qs, w->d, w->m, y, M, w->N, w->K);
     else if (w->kind == 3) gemv_q8_0_q8(x, (const int8_t *)w->qs, w->d, y, M, w->N, w->K);
-    else if (w->kind == 4) gemv_q4_1_q8_tiles(x, (const uint8_t *)w->qs, w->d, w->m, y, M, w->N, w->K);
-    else gemv_q8_0_q8_tiles(x, (const int8_t *)w->qs, w->d, (const int32_t *)(const void *)w->m, y, M, w->N, w->K);
+    else if (w->kind == 4) gemv_q4_1_q8_tiles(x, (const uint8_t *)w->qs, (const uint16_t *)(const void *)w->d, (const uint16_t *)(const void *)w->m, y, M, w->N, w->K);
+    else gemv_q8_0_q8_tiles(x, (const int8_t *)w->qs, (const uint16_t *)(const void *)w->d, (const int16_t *)(const void *)w->m, y, M, w->N, w->K);
     if (w->bias)
         for (int64_t r = 0; r < M; r++)
             for (int64_t n = 0; n < w->N; n++) y[r * w->N + n] += w->bias[n];

@@ -13,12 +13,16 @@ from tests.native.build import TARGETS, build_and_run
 needs_kernel = pytest.mark.skipif(not cpu_quant.available()[0], reason=f"cpu_quant: {cpu_quant.available()[1]}")
 
 
+def half(t: torch.Tensor) -> torch.Tensor:  # a GGUF block's scales are float16s
+    return t.half().float()
+
+
 def random_q4(N: int, K: int) -> QuantWeight:
-    return QuantWeight("q4_1", torch.randint(0, 256, (N, K // 2), dtype=torch.uint8), torch.rand(N, K // 32) * 0.02 + 1e-3, -torch.rand(N, K // 32) * 0.1)
+    return QuantWeight("q4_1", torch.randint(0, 256, (N, K // 2), dtype=torch.uint8), half(torch.rand(N, K // 32) * 0.02 + 1e-3), half(-torch.rand(N, K // 32) * 0.1))
 
 
 def random_q8(N: int, K: int) -> QuantWeight:
-    return QuantWeight("q8_0", torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N, K // 32) * 0.01 + 1e-4, None)
+    return QuantWeight("q8_0", torch.randint(-127, 128, (N, K), dtype=torch.int8), half(torch.rand(N, K // 32) * 0.01 + 1e-4), None)
 
 
 @needs_kernel

@@ -15,15 +15,16 @@ from labkit.kernels.layer_cpu import CpuLayerOps
 from labkit.models.gguf_weights import QuantLinear, QuantWeight
 from labkit.models.tiny import tiny_hf_model
 from tests.native.build import TARGETS, build_and_run
+from tests.test_kernels import half
 
 pytestmark = pytest.mark.skipif(not cpu_quant.available()[0], reason=f"cpu_quant: {cpu_quant.available()[1]}")
 
 
-def random_blocks(N: int, K: int, kind: str, gen: torch.Generator) -> QuantWeight:
+def random_blocks(N: int, K: int, kind: str, gen: torch.Generator) -> QuantWeight:  # scales float16 values, as a GGUF's
     if kind == "q4_1":
         return QuantWeight("q4_1", torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen),
-                           torch.rand(N, K // 32, generator=gen) * 0.05 + 1e-3, -torch.rand(N, K // 32, generator=gen) * 0.3)
-    return QuantWeight("q8_0", torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen), torch.rand(N, K // 32, generator=gen) * 0.02 + 1e-4, None)
+                           half(torch.rand(N, K // 32, generator=gen) * 0.05 + 1e-3), half(-torch.rand(N, K // 32, generator=gen) * 0.3))
+    return QuantWeight("q8_0", torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen), half(torch.rand(N, K // 32, generator=gen) * 0.02 + 1e-4), None)
 
 
 def block_engine(arch: str, seed: int = 0) -> Engine:
@@ -251,7 +252,10 @@ def test_eagle_drafts_through_the_cpu_operations_on_q8_0_blocks() -> None:
     assert got.tokens == want == ref.tokens
     assert got.stats.draft_tokens == ref.stats.draft_tokens and len(got.stats.draft_tokens) >= 8
     w = torch.randn(8, 64)
-    assert (quantize_q8_0(w).dequantize() - w).abs().max() <= w.abs().max() / 254 + 1e-6  # half a step of the largest block
+    qw = quantize_q8_0(w)
+    assert torch.equal(qw.d.half().float(), qw.d) and qw.qs.abs().max() <= 127  # GGUF's float16 scales, never past 127 steps
+    assert (qw.d * 127 >= w.reshape(8, 2, 32).abs().amax(-1)).all()  # rounded up
+    assert (qw.dequantize() - w).abs().max() <= qw.d.max() / 2 + 1e-6  # half a step of the largest block
 
 
 def test_eagle_drafts_with_the_targets_8_bit_activations() -> None:

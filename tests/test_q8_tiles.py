@@ -30,11 +30,13 @@ def test_tiles_hold_each_lanes_row_four_quants_to_a_lane(make, tiles_here: None)
     per_block = 16 if qw.kind == "q4_1" else 32
     for g, b, p, i, t in ((0, 0, 0, 0, 0), (3, 6, 3, 15, 3), (1, 2, 1, 7, 2), (2, 5, per_block // 4 - 1, 9, 1)):
         assert tiles.qt[g, b, p, i, t].item() == qw.qs[16 * g + i, per_block * b + 4 * p + t].item()
-    assert torch.equal(tiles.dt[2, 5], qw.d[32:48, 5])
+    assert tiles.dt.dtype == torch.float16 and torch.equal(tiles.dt[2, 5].float(), qw.d[32:48, 5])  # the GGUF's half floats
     if qw.kind == "q4_1":
-        assert torch.equal(tiles.extra[1, 3], qw.m[16:32, 3])
+        assert tiles.extra.dtype == torch.float16 and torch.equal(tiles.extra[1, 3].float(), qw.m[16:32, 3])
     else:
-        assert torch.equal(tiles.extra[1, 3], qw.qs[16:32, 96:128].to(torch.int32).sum(-1))
+        assert tiles.extra.dtype == torch.int16 and torch.equal(tiles.extra[1, 3].int(), qw.qs[16:32, 96:128].to(torch.int32).sum(-1))
+    with pytest.raises(LabkitError, match="float16"):  # a scale no float16 holds: refused, not rounded
+        cpu_quant.tile_q8(qw.kind, qw.qs, qw.d + 1e-6, qw.m)
     assert cpu_quant.tile_q8(qw.kind, qw.qs[:40], qw.d[:40], None if qw.m is None else qw.m[:40]) is None  # 40 rows: no whole tiles
 
 

@@ -49,12 +49,15 @@ class QuantWeight:
 
 
 def quantize_q8_0(w: torch.Tensor) -> QuantWeight:  # (N, K) float, K a multiple of 32
-    """GGUF's Q8_0 of a dense weight: per block of 32, d = max |w| / 127 and q = round(w / d)."""
+    """GGUF's Q8_0 of a dense weight: per block of 32, d = max |w| / 127 kept as a float16 (rounded up, so
+    no |q| passes 127) and q = round(w / d)."""
     N, K = w.shape
     if K % 32:
         raise LabkitError(f"Q8_0 blocks take rows of a multiple of 32 weights, got {K}")
     blocks = w.detach().float().cpu().reshape(N, K // 32, 32)  # (N, B, 32)
-    d = blocks.abs().amax(-1) / 127  # (N, B)
+    exact = blocks.abs().amax(-1) / 127  # (N, B)
+    d = exact.half().float()
+    d = torch.where(d < exact, torch.nextafter(d.half(), torch.tensor(torch.inf, dtype=torch.half)).float(), d)  # (N, B), float16 values
     qs = torch.where(d[..., None] > 0, blocks / d.clamp(min=torch.finfo(torch.float32).tiny)[..., None], 0.0)
     return QuantWeight("q8_0", qs.round().clamp(-127, 127).to(torch.int8).reshape(N, K), d, None)
 
