@@ -9,8 +9,8 @@
  * them into each lane's block sum: per block and row of activations, eight such instructions give
  * sixteen exact block sums, scaled once. A call's rows are quantised up to 64 at a time, and each tile
  * takes them eight at a time while its bytes are in cache: a prompt reads the weights once a group.
- * On a 2-core Zen 4 (docs/cpu.md): a 4-token verify 1.5-1.7 one-token steps (2.0 on fp32 activations),
- * decode 1.13x the row kernel's, a prompt's prefill 1.5-2.3x the dense weights' GEMM.
+ * On a 2-core Zen 4 (docs/cpu.md): a 4-token verify 1.4-1.5 one-token steps (1.5-1.7 before the prefetches
+ * below, 2.0 on fp32 activations), a prompt's prefill 1.5-2.3x the dense weights' GEMM.
  *
  * Tiles (made by labkit.kernels.cpu_quant.tile_q8 from the GGUF's blocks; N a multiple of 16, G = 32):
  *   Q4_1: qt (N/16, B, 4, 16, 4) uint8: tile g, block b, quad p, lane i: bytes 4p..4p+3 of row 16g+i's
