@@ -30,8 +30,9 @@ from labkit.generate import Speculation, generate  # noqa: E402
 from labkit.models.tiny import tiny_hf_model  # noqa: E402
 from labkit.specdec import eagle_hooks, eagle_mix  # noqa: E402
 from labkit.specdec.drafters import make_drafter  # noqa: E402
-from tests.test_eagle import random_head  # noqa: E402
+from labkit.specdec.eagle import EagleDims, random_eagle_head  # noqa: E402
 
+DIMS = EagleDims(dim=128, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256)  # the tiny llama's (tests/test_eagle.py's)
 VIEWS = {"view", "_unsafe_view", "unsqueeze", "squeeze", "slice", "select", "expand", "transpose", "t", "alias", "as_strided",
          "permute", "detach", "reshape", "unbind", "split", "chunk", "narrow", "item", "_local_scalar_dense", "lift_fresh",
          "empty", "empty_like", "empty_strided"}  # no kernel of their own
@@ -89,7 +90,7 @@ def main() -> None:
     prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]
     cfg = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
     for name in ("ngram-graph", "eagle-mix"):
-        drafter = make_drafter(name, engine) if name == "ngram-graph" else eagle_mix.EagleMixDrafter(engine, random_head(), device_steps=True)
+        drafter = make_drafter(name, engine) if name == "ngram-graph" else eagle_mix.EagleMixDrafter(engine, random_eagle_head(DIMS), device_steps=True)
         generate(engine, prompt, cfg, Speculation(drafter, 8))  # warm: the steps built, the kernels seen once
         log.clear()
         hooks.clear()

@@ -10,19 +10,13 @@ import torch
 
 from labkit.errors import LabkitError
 from labkit.models.kvcache import KVCache
-from labkit.specdec.eagle import EagleConfig, EagleDims, EagleHead, load_eagle, save_eagle, top_tokens
+from labkit.specdec.eagle import EagleConfig, EagleDims, EagleHead, load_eagle, random_eagle_head, save_eagle, top_tokens
 
 DIMS = EagleDims(dim=128, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256)
 
 
 def random_head(dims: EagleDims = DIMS, depth: int = 4, vocab: int = 96, seed: int = 0, ids: torch.Tensor | None = None) -> EagleHead:
-    torch.manual_seed(seed)
-    head = EagleHead(dims, EagleConfig(depth=depth, draft_vocab=0), torch.arange(vocab) if ids is None else ids)
-    with torch.no_grad():
-        for p in head.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
-    return head.eval()
+    return random_eagle_head(dims, depth, vocab, seed, ids)
 
 
 @pytest.mark.parametrize("ops_name", ["masked", "reference"])

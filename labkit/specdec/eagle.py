@@ -255,6 +255,18 @@ def draft_head_weight(head: EagleHead, lm_head_weight: torch.Tensor) -> torch.Te
     return lm_head_weight.index_select(0, head.vocab_ids.to(lm_head_weight.device))
 
 
+def random_eagle_head(dims: EagleDims, depth: int = 4, vocab: int = 96, seed: int = 0, ids: torch.Tensor | None = None) -> EagleHead:
+    """An untrained head of random weights (normal, std 0.1; torch's global seed set to `seed`) over the first
+    `vocab` token ids or `ids`: for tests and diagnostics on tiny models (models/tiny.py), not for drafting."""
+    torch.manual_seed(seed)
+    head = EagleHead(dims, EagleConfig(depth=depth, draft_vocab=0), torch.arange(vocab) if ids is None else ids)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+    return head.eval()
+
+
 def top_tokens(texts: list[tuple[list[int], int]], n: int, vocab_size: int) -> torch.Tensor:  # -> (N,) ids
     """The n tokens the target writes most in the greedy part of its texts (all ids, by id, when
     n is 0 or not smaller than the vocabulary); ties by id. Tokens it never wrote are left out."""
