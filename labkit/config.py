@@ -34,8 +34,8 @@ def env_flag(name: str, default: bool = False) -> bool:
 
 
 DRAFTERS = ("ngram", "ngram-graph", "layerskip", "truncated", "model", "heads", "eagle", "eagle-tree", "eagle-ngram",
-            "eagle-mix", "eagle-agree", "ngram-tree")  # kinds make_drafter builds
-EAGLE_KINDS = ("eagle", "eagle-tree", "eagle-ngram", "eagle-mix", "eagle-agree")  # drafters that run a trained EagleHead (--heads)
+            "eagle-mix", "eagle-agree", "eagle-lazy", "ngram-tree")  # kinds make_drafter builds
+EAGLE_KINDS = ("eagle", "eagle-tree", "eagle-ngram", "eagle-mix", "eagle-agree", "eagle-lazy")  # drafters that run a trained EagleHead (--heads)
 CONTROLLERS = ("fixed", "heuristic", "aimd", "cost", "auto")  # K controllers make_controller builds (auto: by the device)
 
 

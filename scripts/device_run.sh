@@ -23,6 +23,7 @@
 #   without papermill: DRAFTERS=ngram-graph,eagle,eagle-ngram HEADS=/tmp/eagle BUDGET=200 bash scripts/device_run.sh eagle-carried suite
 #     (suite takes LONG and CATEGORIES too: LONG=1024,4096 CATEGORIES=rag runs rag and two long prompts)
 #   eagle-agree against eagle-mix, one run: DRAFTERS=ngram-graph,eagle-mix,eagle-agree HEADS=/tmp/eagle KS=8 BUDGET=200 bash scripts/device_run.sh eagle-carried suite
+#   eagle-lazy (copy steps without the catch-up) too: DRAFTERS=ngram-graph,eagle-mix,eagle-lazy,eagle-agree HEADS=/tmp/eagle KS=8 BUDGET=200 bash scripts/device_run.sh eagle-carried suite
 # validate stops starting prompts after BUDGET s (default 420) so that one call (10 min) brings results back;
 # DTYPE (auto: bf16), LONG (long prompts of these token counts, e.g. 1024,4096) and CATEGORIES ("" = all) pass through.
 # The device copy's .git is the session's first commit, so name the tree in the call:

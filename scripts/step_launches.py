@@ -5,7 +5,7 @@
 At batch 1 on a GPU a kernel in a captured graph costs ~2-4 us whatever it computes
 (results/gpu/graph-op-cost-NVIDIA-H200.txt), so the number of launches, not their work, is most
 of what separates two drafters' steps. This counts them without a GPU: a tiny Llama on the fused
-Triton layers (the interpreter), each drafter's device steps (ngram-graph, eagle-mix) run eagerly
+Triton layers (the interpreter), each drafter's device steps (ngram-graph, eagle-mix, eagle-lazy) run eagerly
 under a dispatch mode that logs every PyTorch operation that makes a kernel (views left out) and
 every Triton launch. eagle-mix's hook is run in its IF-node form (graphs.only_where; eagerly the
 body runs, so its launches are counted apart: a copy step skips them on a GPU).
@@ -85,12 +85,15 @@ def main() -> None:
     bodies: list = []
     eagle_mix.if_nodes = lambda: True  # the IF-node form of the hook
     spans(eagle_hooks.ChainOf, "chain_from", bodies)
+    spans(eagle_mix.MixOf, "caught_up_window", bodies)  # eagle-lazy's catch-up: in the IF node's body too
     spans(eagle_mix.MixOf, "draft_after", hooks)
     engine = Engine.from_hf(tiny_hf_model("llama", seed=4), "cpu", "float32", max_seq_len=160, layer_kernels="triton")
     prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]
     cfg = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
-    for name in ("ngram-graph", "eagle-mix"):
-        drafter = make_drafter(name, engine) if name == "ngram-graph" else eagle_mix.EagleMixDrafter(engine, random_eagle_head(DIMS), device_steps=True)
+    for name in ("ngram-graph", "eagle-mix", "eagle-lazy"):
+        lazy = eagle_mix.LAZY_WINDOW if name == "eagle-lazy" else 0
+        drafter = (make_drafter(name, engine) if name == "ngram-graph"
+                   else eagle_mix.EagleMixDrafter(engine, random_eagle_head(DIMS), lazy=lazy, device_steps=True))
         generate(engine, prompt, cfg, Speculation(drafter, 8))  # warm: the steps built, the kernels seen once
         log.clear()
         hooks.clear()
@@ -103,7 +106,8 @@ def main() -> None:
               + (f", {in_body / n:.1f} of them the chain's (an IF node's body)" if bodies else ""))
         if hooks:
             s, e = hooks[-1]
-            bs, be = [b for b in bodies if s <= b[0] < e][-1]
+            inner = [b for b in bodies if s <= b[0] < e]  # the chain (eagle-lazy: its catch-up, then the chain)
+            bs, be = inner[0][0], inner[-1][1]
             print(f"  the hook before its body ({bs - s}): {', '.join(log[s:bs])}")
             print(f"  the body: {be - bs}: {', '.join(f'{k}x{v}' for k, v in collections.Counter(log[bs:be]).most_common())}")
             print(f"  the hook after its body ({e - be}): {', '.join(log[be:e])}")

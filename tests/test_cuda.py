@@ -326,11 +326,12 @@ def test_cuda_warm_up_builds_the_if_nodes_device_steps_may_capture() -> None:
 
 
 @pytest.mark.parametrize("layer_kernels", ["torch", "auto"])
-@pytest.mark.parametrize("unsure", [None, 0.6])
-def test_cuda_eagle_mix_steps_run_captured(layer_kernels: str, unsure: float | None) -> None:
-    """eagle-mix's device steps on CUDA graphs (the chain in an IF node), and eagle-agree's (unsure: its
-    choice asks the chain's first draft): plain greedy's tokens, and the drafts of the same steps run
-    eagerly (fp32), copies and chains both met."""
+@pytest.mark.parametrize("unsure, lazy", [(None, 0), (0.6, 0), (None, 64)])
+def test_cuda_eagle_mix_steps_run_captured(layer_kernels: str, unsure: float | None, lazy: int) -> None:
+    """eagle-mix's device steps on CUDA graphs (the chain in an IF node), eagle-agree's (unsure: its
+    choice asks the chain's first draft) and eagle-lazy's (the catch-up in the IF node too, over 64
+    positions: the whole of this request's copies): plain greedy's tokens, and the drafts of the same
+    steps run eagerly (fp32), copies and chains both met."""
     from labkit.generate import Speculation
     from labkit.specdec.eagle_mix import EagleMixDrafter
     from labkit.specdec.lookup import latest_match
@@ -341,7 +342,8 @@ def test_cuda_eagle_mix_steps_run_captured(layer_kernels: str, unsure: float | N
     for graphs in (True, False):
         engine = Engine.from_hf(tiny_hf_model("llama", seed=4).cuda(), "cuda", "float32", cuda_graph=graphs, layer_kernels=layer_kernels)
         want = generate(engine, prompt, cfg).tokens
-        got = generate(engine, prompt, cfg, Speculation(EagleMixDrafter(engine, random_head(depth=4), min_n=1, unsure=unsure, device_steps=True), 4))
+        got = generate(engine, prompt, cfg, Speculation(EagleMixDrafter(engine, random_head(depth=4), min_n=1, unsure=unsure, lazy=lazy,
+                                                                   device_steps=True), 4))
         assert got.tokens == want
         runs.append(got.stats)
         if graphs:

@@ -105,6 +105,68 @@ def test_eagle_mix_takes_lookups_copy_or_the_chain_at_every_step(monkeypatch, mi
         assert draft == chain + chain[-1:] * (COPY_K - 3), ctx
 
 
+@pytest.mark.parametrize("lazy", [3, 64])
+def test_eagle_lazy_catches_up_where_it_chains(monkeypatch, lazy: int) -> None:
+    """eagle-lazy's device steps (run eagerly): eagle-mix's choice at every step and plain greedy's tokens;
+    the catch-up (the IF node's body, which a captured graph runs only on chain steps) passes over the
+    `lazy` positions up to the step's anchor (none before the request's first verified one), from the
+    states the verifies kept. With a window past the whole generation (64) each chain is the one a fresh
+    drafter makes from the whole context."""
+    from labkit.specdec.eagle_drafter import COPY_K, EagleDrafter
+    from labkit.specdec.eagle_mix import EagleMixDrafter, MixOf
+    from labkit.specdec.lookup import latest_match
+
+    engine = _engine()
+    prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]
+    cfg = GenerationConfig(max_new_tokens=60, stop_at_eos=False)
+    want = generate(engine, prompt, cfg).tokens
+    chunks = log_mixed(monkeypatch)
+    windows: list[list[int]] = []  # the positions of each draft-layer pass a chain step's catch-up made
+    elements, window, inside = EagleDrafter.elements, MixOf.caught_up_window, [False]
+
+    def logged(self, feats, tokens, pos, *args, **kwargs):
+        if inside[0]:
+            windows.append(pos.tolist())
+        return elements(self, feats, tokens, pos, *args, **kwargs)
+
+    def caught_up(self):
+        inside[0] = True
+        try:
+            return window(self)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(EagleDrafter, "elements", logged)
+    monkeypatch.setattr(MixOf, "caught_up_window", caught_up)
+    drafter = EagleMixDrafter(engine, random_head(), lazy=lazy, device_steps=True)
+    got = generate(engine, prompt, cfg, Speculation(drafter, 3))
+    assert got.tokens == want and drafter.name.endswith(f"+mix2+lazy{lazy}")
+    first = len(chunks[0][0]) - 1  # the first chunk's first verify: at its context's last position
+    full = generate(engine, prompt, GenerationConfig(max_new_tokens=60 + 8 * COPY_K, stop_at_eos=False)).tokens
+    full = prompt + full  # plain greedy past the budget too (a chunk's last steps may run past it)
+    chained = [f for _, _, flags in chunks for f in flags if f is not None]  # each device step's choice: True where it chains
+    # eager steps run the IF node's body on every step (only a captured graph skips it on copy steps: tests/test_cuda.py)
+    assert True in chained and False in chained and len(windows) == len(chained)
+    for pos, chains in zip(windows, chained, strict=True):
+        a = pos[-1]  # the anchor: the context's last position but one
+        assert pos == [max(a + j, first) for j in range(1 - lazy, 1)], pos
+        assert (latest_match(full[: a + 2], 2, 2) is None) is chains, a  # eagle-mix's rule
+    if lazy == 64:
+        for context, out, _ in chunks:
+            ctx = list(context)
+            for i, (draft, new) in enumerate(out):
+                if i and latest_match(ctx, 2, 2) is None:
+                    fresh = EagleDrafter(engine, random_head(), device_steps=False)
+                    engine.reset()
+                    engine.prefill(torch.tensor([ctx[:-1]]))
+                    fresh.start(ctx, len(ctx) + 8)
+                    chain = fresh.propose(ctx, 3, GenerationConfig(), None).tokens
+                    assert draft == chain + chain[-1:] * (COPY_K - 3), ctx
+                ctx += new
+    with pytest.raises(LabkitError, match="eagle-lazy"):
+        EagleMixDrafter(engine, random_head(), lazy=4, unsure=0.5)
+
+
 @pytest.mark.parametrize("unsure", [0.0, 0.6])
 def test_eagle_agree_copies_where_lookup_and_the_chain_agree_or_the_head_is_unsure(monkeypatch, unsure: float) -> None:
     """eagle-agree's device steps (run eagerly): plain greedy's tokens; a step copies where the context
@@ -163,11 +225,15 @@ def test_eagle_agree_copies_where_lookup_and_the_chain_agree_or_the_head_is_unsu
 def test_eagle_mix_is_built_by_name_and_checked() -> None:
     from labkit.errors import LabkitError
     from labkit.specdec.drafters import make_drafter
-    from labkit.specdec.eagle_mix import MIX_MIN_N, EagleMixDrafter
+    from labkit.specdec.eagle_mix import LAZY_WINDOW, MIX_MIN_N, EagleMixDrafter
 
     engine = _engine()
     drafter = make_drafter("eagle-mix", engine, heads=random_head())
-    assert isinstance(drafter, EagleMixDrafter) and drafter.lookup_over == MIX_MIN_N
+    assert isinstance(drafter, EagleMixDrafter) and drafter.lookup_over == MIX_MIN_N and not drafter.lazy
+    lazy = make_drafter("eagle-lazy", engine, heads=random_head())
+    assert isinstance(lazy, EagleMixDrafter) and lazy.lazy == LAZY_WINDOW and lazy.unsure is None and lazy.name.endswith("+lazy32")
+    with pytest.raises(LabkitError, match="one draft-layer pass"):
+        EagleMixDrafter(engine, random_head(), lazy=10_000)
     with pytest.raises(LabkitError, match="eagle-mix needs --heads"):
         make_drafter("eagle-mix", engine)
     for bad in (0, 4):

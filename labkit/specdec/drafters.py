@@ -261,7 +261,8 @@ def make_drafter(
     dynamic trees, specdec/eagle_tree.py, DynamicTreeConfig.depth deep whatever K) | eagle-ngram (EAGLE
     chains that give way to prompt lookup's copy after an n-gram of EAGLE_LOOKUP_OVER tokens; device steps choose per
     chunk) | eagle-mix (the same rule after an n-gram of MIX_MIN_N tokens, chosen at every device step) | eagle-agree
-    (eagle-mix copying where lookup's first token is the chain's first draft or the head is unsure of it) | ngram-tree (prompt
+    (eagle-mix copying where lookup's first token is the chain's first draft or the head is unsure of it) | eagle-lazy
+    (eagle-mix whose copy steps leave the draft cache's catch-up to the next chain step) | ngram-tree (prompt
     lookup's token trees, K deep). Default depth for layerskip/truncated: a third of the target.
     stop_below > 0: draft-confidence early stop (the drafter stops at its first token below it)."""
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
@@ -303,9 +304,10 @@ def make_drafter(
             from labkit.specdec.eagle_tree import DynamicTreeConfig
 
             return EagleDrafter(target, heads, tree=DynamicTreeConfig(depth=min(DynamicTreeConfig.depth, heads.cfg.depth)))
-        if kind in ("eagle-mix", "eagle-agree"):
-            from labkit.specdec.eagle_mix import AGREE_UNSURE, EagleMixDrafter
+        if kind in ("eagle-mix", "eagle-agree", "eagle-lazy"):
+            from labkit.specdec.eagle_mix import AGREE_UNSURE, LAZY_WINDOW, EagleMixDrafter
 
-            return EagleMixDrafter(target, heads, unsure=AGREE_UNSURE if kind == "eagle-agree" else None)
+            return EagleMixDrafter(target, heads, unsure=AGREE_UNSURE if kind == "eagle-agree" else None,
+                                   lazy=LAZY_WINDOW if kind == "eagle-lazy" else 0)
         return EagleDrafter(target, heads, lookup_over=EAGLE_LOOKUP_OVER if kind == "eagle-ngram" else 0)
     raise LabkitError(f"unknown drafter {kind!r}: use {', '.join(DRAFTERS)}")

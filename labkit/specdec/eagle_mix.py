@@ -22,6 +22,13 @@ Simulated (scripts/copy_chain_sim.py ... copycost): +2% over eagle-mix's rule at
 the H200 implies (~700 us), +3.5% at lookup's own (~600); not yet measured on a card. The host's
 proposals (a CPU; a chunk's first step) keep eagle-mix's rule.
 
+eagle-lazy (`lazy`, LAZY_WINDOW; IF nodes, eagle-mix's rule): copy steps leave the draft cache alone. Every
+verify keeps its hidden states by position (one copy), and a chain step, inside the IF node, catches the
+draft cache up over the `lazy` positions before its anchor, from those states and the context's tokens,
+before drafting: a copy step then costs lookup's own plus ~4 launches (eagle-mix's caught up every step:
+~975 us against lookup's ~670 on the H200, rag-5). Positions further back than the window after a long
+copy keep stale elements: worse drafts there, never a wrong output. Not yet measured on a card.
+
 The chain's draft passes (most of a chain step's drafting time) run only where the step takes no
 copy. In a captured graph they sit in a CUDA graph IF node (graphs.only_where, on by default where
 one builds: PyTorch's own, or labkit's kernels/graph_if.cu where PyTorch has none, as 2.11 has not;
@@ -57,6 +64,7 @@ from labkit.specdec.lookup_steps import LookupSteps
 
 MIX_MIN_N = 2  # copy after an n-gram of this many tokens seen before (prompt lookup's own default, NgramDrafter.min_n)
 AGREE_UNSURE = 0.5  # eagle-agree: copy where lookup's first token is the chain's first draft, or the head gives its first draft less
+LAZY_WINDOW = 32  # eagle-lazy: a chain step catches the draft cache up over this many positions (a copy run of 3-4 steps at K 8)
 
 
 class MixOf(ChainOf):
@@ -64,20 +72,33 @@ class MixOf(ChainOf):
     ChainOf's chain as the next step's k columns. unsure (eagle-agree): the choice also asks the
     chain's first draft (module docstring)."""
 
-    def __init__(self, drafter: EagleDrafter, depth: int, k: int, min_n: int, unsure: float | None = None) -> None:
+    def __init__(self, drafter: EagleDrafter, depth: int, k: int, min_n: int, unsure: float | None = None, lazy: int = 0) -> None:
         super().__init__(drafter, depth)
-        self.k, self.min_n, self.unsure = k, min_n, unsure
+        self.k, self.min_n, self.unsure, self.lazy = k, min_n, unsure, lazy
         self.max_t = k + 1
         self.history: torch.Tensor | None = None  # (Lh,) the steps' context, n_ctx (1,) its length: bind_history
         self.n_ctx: torch.Tensor | None = None
         device = drafter.target.device
         self.match_n = torch.zeros(1, dtype=torch.long, device=device)  # (1,) the n-gram lookup matched (0: none)
         self.chain_cols = torch.zeros(1, depth, dtype=torch.long, device=device)  # (1, depth) the last chain drafted
+        self.hidden: torch.Tensor | None = None  # eagle-lazy: (1, Lh, D) every verify's hidden states by position ...
+        self.first = torch.zeros(1, dtype=torch.long, device=device)  # ... (1,) from this position on (a request's first verified one)
+        self.back = torch.arange(-lazy - 1, -1, device=device)  # (lazy,) the window's offsets from the context's length
 
     def bind_history(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         """The device steps' context buffers (LookupSteps), read after each step's commit."""
         self.history, self.n_ctx = history, n_ctx
+        if self.lazy:
+            self.hidden = torch.zeros(1, history.shape[0], self.drafter.head.dims.dim, dtype=self.drafter.dtype, device=history.device)
 
+    def caught_up_window(self) -> torch.Tensor:  # -> (1, D)
+        """eagle-lazy, inside the IF node: the draft cache's elements at the `lazy` positions up to the anchor (the context's
+        last but one; none before this request's first verified position) from the kept states -> the anchor's feature."""
+        assert self.hidden is not None and self.history is not None and self.n_ctx is not None
+        pos = torch.maximum(self.n_ctx + self.back, self.first)  # (lazy,) up to the anchor, n_ctx - 2; the first repeated where short
+        feats = self.hidden.index_select(1, pos)  # (1, lazy, D)
+        tokens = self.history.index_select(0, pos + 1)[None]  # (1, lazy): each position's next token, committed
+        return self.drafter.elements(feats, tokens, pos, clamped=True)[:, -1]
     def takes_chain(self, anchor_feat: torch.Tensor | None, copied: torch.Tensor) -> torch.Tensor:  # (1, D), (1, k) -> (1,) bool
         """The rule: a chain where the context ends in no n-gram of min_n tokens seen before; with
         `unsure`, a copy where it ends in one of any length and lookup's first token is the chain's
@@ -93,7 +114,13 @@ class MixOf(ChainOf):
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (1, k)
         assert self.history is not None and self.n_ctx is not None
         copied = registry.get("lookup_draft", hidden.device)(self.history[None], self.n_ctx, self.k, self.match_n)  # (1, k)
-        if if_nodes() or self.unsure is not None:  # the catch-up every step, copy or chain; the chain's passes inside an IF node
+        if self.lazy:  # the states kept every step; the catch-up and the chain only in a chain step (the IF node)
+            assert self.hidden is not None
+            self.hidden.index_copy_(1, input_pos.clamp(max=self.hidden.shape[1] - 1), hidden.to(self.hidden.dtype))
+            chains = self.takes_chain(None, copied)
+            with only_where(chains):
+                self.chain_cols.copy_(self.chain_from(self.caught_up_window(), verdict, input_pos, only_if=chains))
+        elif if_nodes() or self.unsure is not None:  # the catch-up every step, copy or chain; the chain's passes inside an IF node
             inputs = self.drafter.verify_inputs(tokens, verdict, input_pos, self.depth)  # the catch-up's and the chain's, one launch
             anchor_feat = self.drafter.catch_up(hidden, verdict, tokens, input_pos, inputs=inputs)  # (1, D)
             chains = self.takes_chain(anchor_feat, copied)  # (1,) bool
@@ -110,19 +137,25 @@ class EagleMixDrafter(EagleDrafter):
     """eagle-mix (module docstring): eagle-ngram's per-step rule in its device steps too. On the host
     (a CPU, sampling) it is eagle-ngram with copies after min_n tokens."""
 
-    def __init__(self, target: Engine, head: EagleHead, min_n: int = MIX_MIN_N, unsure: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, target: Engine, head: EagleHead, min_n: int = MIX_MIN_N, unsure: float | None = None, lazy: int = 0,
+                 **kwargs: Any) -> None:
         if not 1 <= min_n <= LOOKUP_MAX_N:
             raise LabkitError(f"eagle-mix copies after an n-gram of 1 to {LOOKUP_MAX_N} tokens seen before, got {min_n}")
         if unsure is not None and not 0.0 <= unsure <= 1.0:
             raise LabkitError(f"eagle-agree's threshold is a probability in [0, 1], got {unsure}")
+        if lazy < 0 or (lazy and unsure is not None):
+            raise LabkitError(f"eagle-lazy's window is a number of positions, and its rule eagle-mix's; got {lazy}, unsure {unsure}")
         super().__init__(target, head, lookup_over=min_n, **kwargs)
-        self.unsure = unsure
-        self.name = self.name.replace("+ngram", "+mix") + (f"+agree{unsure:g}" if unsure is not None else "")
+        if lazy > self.pass_t:
+            raise LabkitError(f"eagle-lazy's window is one draft-layer pass of at most {self.pass_t} positions, got {lazy}")
+        self.unsure, self.lazy = unsure, lazy
+        self.name = self.name.replace("+ngram", "+mix") + (f"+agree{unsure:g}" if unsure is not None else "") + (f"+lazy{lazy}" if lazy else "")
 
     def _mixed(self, k: int, depth: int) -> tuple[LookupSteps, bool]:
         """The mixed device steps of k columns (chains depth deep), and whether this request is new to them."""
         steps = self.target.captured(("eagle-mix-steps", self, k, depth),
-                                     lambda: LookupSteps(self.target, k, hook=MixOf(self, depth, k, self.lookup_over, self.unsure), n_cols=k))
+                                     lambda: LookupSteps(self.target, k, hook=MixOf(self, depth, k, self.lookup_over, self.unsure, self.lazy),
+                                                         n_cols=k))
         fresh = (k, depth) not in self._steps_used  # (it runs no chain or copy steps of its own: the keys are its (k, depth))
         self._steps_used.add((k, depth))
         return steps, fresh
@@ -134,6 +167,8 @@ class EagleMixDrafter(EagleDrafter):
         depth, width = min(k, self.depth), self.copy_width(len(context), k, m)  # (depth <= k <= width)
         steps, fresh = self._mixed(width, depth)
         L = len(context)
+        if fresh and isinstance(steps.hook, MixOf):  # eagle-lazy's kept states start at this request's first verified position
+            steps.hook.first.fill_(L - 1)
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared[0] == L and len(prepared[1]) == width:  # the last step made it, the draft cache true
             self.done, first = L - 1, prepared[1]

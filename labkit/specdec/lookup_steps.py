@@ -102,6 +102,7 @@ class LookupSteps:
             raise LabkitError(f"a verify hook's {n_cols} columns cannot draft {k} tokens a step")
         self.cols = torch.zeros(n_cols, dtype=torch.long, device=device)  # (n_cols,) the hook's next draft
         self.last_cols: list[int] = []  # the hook's columns after the last run (host)
+        self.hook = hook
         if isinstance(hook, ReadsHistory):  # a hook that reads the steps' context (eagle-mix's lookup)
             hook.bind_history(self.history, self.n_ctx)
         self.graph = None
