@@ -2,6 +2,7 @@
 
     python3 scripts/copy_chain_sim.py EAGLE_FOLDER [CACHE.json]
     python3 scripts/copy_chain_sim.py EAGLE_FOLDER CACHE.json copycost   (two rules against a copy step's cost)
+    python3 scripts/copy_chain_sim.py EAGLE_FOLDER CACHE.json lazy       (eagle-mix's rule at eagle-lazy's step costs)
 
 Per suite prompt: the greedy continuation (128 tokens, this machine's fp32 target), and at every
 position of it the tokens a chain step would keep (the head's chain of `depth` drafts from that
@@ -215,11 +216,24 @@ def copy_costs(rows: list[dict]) -> None:
         print(f"copy step {cost:.0f} us: " + ", ".join(f"{name} {overall(rows, make):.3f}x" for name, make in rules.items()))
 
 
+def lazy_costs(rows: list[dict]) -> None:
+    """eagle-mix's rule with eagle-lazy's costs: copy steps without the catch-up (11 launches fewer:
+    results/step-launches-20261205.txt), chain steps with 4 more and a 32-row catch-up (guessed at +25 us)."""
+    global COPY_MIX_US, CHAIN_MIX_US
+    for copy, chain, label in ((700.0, 826.0, "eagle-mix as measured"), (640.0, 850.0, "eagle-lazy, ~5 us a launch saved"),
+                               (600.0, 850.0, "eagle-lazy at lookup's own copy cost"), (640.0, 826.0, "eagle-lazy, chain steps as eagle-mix's")):
+        COPY_MIX_US, CHAIN_MIX_US = copy, chain
+        print(f"copy {copy:.0f} us, chain {chain:.0f} us ({label}): {overall(rows, lambda: per_step_rule(2, 0)):.3f}x")
+
+
 def main() -> None:
     cache = Path(sys.argv[2] if len(sys.argv) > 2 else "/tmp/copy_chain_sim.json")
     rows = json.loads(cache.read_text()) if cache.exists() else measure(sys.argv[1], cache)
     if sys.argv[3:] == ["copycost"]:
         copy_costs(rows)
+        return
+    if sys.argv[3:] == ["lazy"]:
+        lazy_costs(rows)
         return
     for name, make in POLICIES.items():
         by_cat: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])

@@ -85,7 +85,7 @@ def main() -> None:
     bodies: list = []
     eagle_mix.if_nodes = lambda: True  # the IF-node form of the hook
     spans(eagle_hooks.ChainOf, "chain_from", bodies)
-    spans(eagle_mix.MixOf, "caught_up_window", bodies)  # eagle-lazy's catch-up: in the IF node's body too
+    spans(eagle_mix.MixOf, "caught_up_chain", bodies)  # eagle-lazy's catch-up and chain: the IF node's body
     spans(eagle_mix.MixOf, "draft_after", hooks)
     engine = Engine.from_hf(tiny_hf_model("llama", seed=4), "cpu", "float32", max_seq_len=160, layer_kernels="triton")
     prompt = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]

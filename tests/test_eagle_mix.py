@@ -122,22 +122,22 @@ def test_eagle_lazy_catches_up_where_it_chains(monkeypatch, lazy: int) -> None:
     want = generate(engine, prompt, cfg).tokens
     chunks = log_mixed(monkeypatch)
     windows: list[list[int]] = []  # the positions of each draft-layer pass a chain step's catch-up made
-    elements, window, inside = EagleDrafter.elements, MixOf.caught_up_window, [False]
+    elements, window, inside = EagleDrafter.elements, MixOf.caught_up_chain, [False]
 
     def logged(self, feats, tokens, pos, *args, **kwargs):
         if inside[0]:
             windows.append(pos.tolist())
         return elements(self, feats, tokens, pos, *args, **kwargs)
 
-    def caught_up(self):
+    def caught_up(self, only_if):
         inside[0] = True
         try:
-            return window(self)
+            return window(self, only_if)
         finally:
             inside[0] = False
 
     monkeypatch.setattr(EagleDrafter, "elements", logged)
-    monkeypatch.setattr(MixOf, "caught_up_window", caught_up)
+    monkeypatch.setattr(MixOf, "caught_up_chain", caught_up)
     drafter = EagleMixDrafter(engine, random_head(), lazy=lazy, device_steps=True)
     got = generate(engine, prompt, cfg, Speculation(drafter, 3))
     assert got.tokens == want and drafter.name.endswith(f"+mix2+lazy{lazy}")

@@ -83,7 +83,8 @@ class MixOf(ChainOf):
         self.chain_cols = torch.zeros(1, depth, dtype=torch.long, device=device)  # (1, depth) the last chain drafted
         self.hidden: torch.Tensor | None = None  # eagle-lazy: (1, Lh, D) every verify's hidden states by position ...
         self.first = torch.zeros(1, dtype=torch.long, device=device)  # ... (1,) from this position on (a request's first verified one)
-        self.back = torch.arange(-lazy - 1, -1, device=device)  # (lazy,) the window's offsets from the context's length
+        # (lazy + depth - 1,) offsets from the context's length: the window's positions up to the anchor (n_ctx - 2), then the chain's
+        self.offsets = torch.arange(-lazy - 1, depth - 2, device=device)
 
     def bind_history(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         """The device steps' context buffers (LookupSteps), read after each step's commit."""
@@ -91,14 +92,17 @@ class MixOf(ChainOf):
         if self.lazy:
             self.hidden = torch.zeros(1, history.shape[0], self.drafter.head.dims.dim, dtype=self.drafter.dtype, device=history.device)
 
-    def caught_up_window(self) -> torch.Tensor:  # -> (1, D)
+    def caught_up_chain(self, only_if: torch.Tensor) -> torch.Tensor:  # -> (1, depth)
         """eagle-lazy, inside the IF node: the draft cache's elements at the `lazy` positions up to the anchor (the context's
-        last but one; none before this request's first verified position) from the kept states -> the anchor's feature."""
+        last but one; none before this request's first verified position) from the kept states, then the chain from
+        the anchor's feature. Positions from one launch (the draft cache runs past the context by the chain)."""
         assert self.hidden is not None and self.history is not None and self.n_ctx is not None
-        pos = torch.maximum(self.n_ctx + self.back, self.first)  # (lazy,) up to the anchor, n_ctx - 2; the first repeated where short
-        feats = self.hidden.index_select(1, pos)  # (1, lazy, D)
-        tokens = self.history.index_select(0, pos + 1)[None]  # (1, lazy): each position's next token, committed
-        return self.drafter.elements(feats, tokens, pos, clamped=True)[:, -1]
+        pos = torch.maximum(self.n_ctx + self.offsets, self.first)  # (lazy + depth - 1,): the first repeated where short
+        window = pos[: self.lazy]  # (lazy,)
+        feats = self.hidden.index_select(1, window)  # (1, lazy, D)
+        tokens = self.history[1:].index_select(0, window)[None]  # (1, lazy): each position's next token, committed
+        anchor_feat = self.drafter.elements(feats, tokens, window, clamped=True)[:, -1]  # (1, D)
+        return self.drafter.chain(anchor_feat, None, 1, self.depth, only_if=only_if, pos=pos[self.lazy :, None]).flatten(1)
     def takes_chain(self, anchor_feat: torch.Tensor | None, copied: torch.Tensor) -> torch.Tensor:  # (1, D), (1, k) -> (1,) bool
         """The rule: a chain where the context ends in no n-gram of min_n tokens seen before; with
         `unsure`, a copy where it ends in one of any length and lookup's first token is the chain's
@@ -119,7 +123,7 @@ class MixOf(ChainOf):
             self.hidden.index_copy_(1, input_pos.clamp(max=self.hidden.shape[1] - 1), hidden.to(self.hidden.dtype))
             chains = self.takes_chain(None, copied)
             with only_where(chains):
-                self.chain_cols.copy_(self.chain_from(self.caught_up_window(), verdict, input_pos, only_if=chains))
+                self.chain_cols.copy_(self.caught_up_chain(chains))
         elif if_nodes() or self.unsure is not None:  # the catch-up every step, copy or chain; the chain's passes inside an IF node
             inputs = self.drafter.verify_inputs(tokens, verdict, input_pos, self.depth)  # the catch-up's and the chain's, one launch
             anchor_feat = self.drafter.catch_up(hidden, verdict, tokens, input_pos, inputs=inputs)  # (1, D)
