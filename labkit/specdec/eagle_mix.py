@@ -70,7 +70,8 @@ LAZY_WINDOW = 32  # eagle-lazy: a chain step catches the draft cache up over thi
 class MixOf(ChainOf):
     """Mixed steps' verify hook (module docstring): the catch-up, the choice, then lookup's copy or
     ChainOf's chain as the next step's k columns. unsure (eagle-agree): the choice also asks the
-    chain's first draft (module docstring)."""
+    chain's first draft; lazy (eagle-lazy): the catch-up only in chain steps, over that many positions
+    (module docstring)."""
 
     def __init__(self, drafter: EagleDrafter, depth: int, k: int, min_n: int, unsure: float | None = None, lazy: int = 0) -> None:
         super().__init__(drafter, depth)
@@ -103,6 +104,7 @@ class MixOf(ChainOf):
         tokens = self.history[1:].index_select(0, window)[None]  # (1, lazy): each position's next token, committed
         anchor_feat = self.drafter.elements(feats, tokens, window, clamped=True)[:, -1]  # (1, D)
         return self.drafter.chain(anchor_feat, None, 1, self.depth, only_if=only_if, pos=pos[self.lazy :, None]).flatten(1)
+
     def takes_chain(self, anchor_feat: torch.Tensor | None, copied: torch.Tensor) -> torch.Tensor:  # (1, D), (1, k) -> (1,) bool
         """The rule: a chain where the context ends in no n-gram of min_n tokens seen before; with
         `unsure`, a copy where it ends in one of any length and lookup's first token is the chain's
@@ -118,7 +120,8 @@ class MixOf(ChainOf):
                     tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:  # -> (1, k)
         assert self.history is not None and self.n_ctx is not None
         copied = registry.get("lookup_draft", hidden.device)(self.history[None], self.n_ctx, self.k, self.match_n)  # (1, k)
-        if self.lazy:  # the states kept every step; the catch-up and the chain only in a chain step (the IF node)
+        if self.lazy and (if_nodes() or not hidden.is_cuda):  # the states kept every step; the catch-up and the chain only in a chain
+            # step (the IF node; without one on a GPU, eagle-mix's steps below: a window every step would cost more)
             assert self.hidden is not None
             self.hidden.index_copy_(1, input_pos.clamp(max=self.hidden.shape[1] - 1), hidden.to(self.hidden.dtype))
             chains = self.takes_chain(None, copied)
