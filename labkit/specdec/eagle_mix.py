@@ -125,7 +125,10 @@ class MixOf(ChainOf):
             assert self.hidden is not None
             self.hidden.index_copy_(1, input_pos.clamp(max=self.hidden.shape[1] - 1), hidden.to(self.hidden.dtype))
             chains = self.takes_chain(None, copied)
-            with only_where(chains):
+            if hidden.is_cuda:
+                with only_where(chains):
+                    self.chain_cols.copy_(self.caught_up_chain(chains))
+            elif bool(chains[0]):  # eager steps (a CPU, tests) skip it as the IF node does: copy steps leave the draft cache alone
                 self.chain_cols.copy_(self.caught_up_chain(chains))
         elif if_nodes() or self.unsure is not None:  # the catch-up every step, copy or chain; the chain's passes inside an IF node
             inputs = self.drafter.verify_inputs(tokens, verdict, input_pos, self.depth)  # the catch-up's and the chain's, one launch
