@@ -38,6 +38,7 @@ def main() -> None:
     systems = {"eagle-mix": 0, f"eagle-lazy{LAZY_WINDOW}": LAZY_WINDOW, "eagle-lazy8": 8}
     totals: dict[str, dict[str, list[int]]] = {name: defaultdict(lambda: [0, 0]) for name in systems}
     prompts = load_suite()
+    steps: dict[str, int] = {}
     for p in prompts:
         ids = encode_prompt(loaded.tokenizer, p.content)
         want = generate(engine, ids, cfg).tokens
@@ -46,10 +47,11 @@ def main() -> None:
             got = generate(engine, ids, cfg, Speculation(drafter, k))
             if got.tokens != want:
                 sys.exit(f"{name} on {p.id}: not plain greedy's tokens")
+            steps[name] = len(got.stats.accepted_lengths)
             for key in (p.category, "overall"):
                 totals[name][key][0] += len(got.tokens)
-                totals[name][key][1] += len(got.stats.accepted_lengths)
-        print(p.id, " ".join(f"{name} {len(want) / max(1, totals[name][p.category][1]):.2f}" for name in systems), flush=True)
+                totals[name][key][1] += steps[name]
+        print(p.id, " ".join(f"{name} {len(want) / max(1, n):.2f}" for name, n in steps.items()), flush=True)
     print(f"tokens per target step, {len(prompts)} prompts, {max_new} tokens, K {k}, CPU {torch.__version__} (every output plain greedy's):")
     for key in [*sorted({p.category for p in prompts}), "overall"]:
         row = {name: totals[name][key][0] / max(1, totals[name][key][1]) for name in systems}
