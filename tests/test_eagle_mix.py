@@ -62,13 +62,24 @@ def log_mixed(monkeypatch) -> list:
     return chunks
 
 
+def fresh_chain(engine, ctx: list[int], k: int, head=None) -> list[int]:  # type: ignore[no-untyped-def]
+    """The chain a fresh drafter (host steps, its draft cache caught up over the whole context) makes after ctx."""
+    from labkit.specdec.eagle_drafter import EagleDrafter
+
+    fresh = EagleDrafter(engine, head if head is not None else random_head(), device_steps=False)
+    engine.reset()
+    engine.prefill(torch.tensor([ctx[:-1]]))
+    fresh.start(ctx, len(ctx) + 8)
+    return fresh.propose(ctx, k, GenerationConfig(), None).tokens
+
+
 @pytest.mark.parametrize("min_n", [1, 2])
 def test_eagle_mix_takes_lookups_copy_or_the_chain_at_every_step(monkeypatch, min_n: int) -> None:
     """Device steps (run eagerly here): plain greedy's tokens; every step after a chunk's first
     verifies lookup's copy (COPY_K wide) where its context ends in an n-gram of min_n tokens seen
     before, else the chain a fresh drafter makes from that whole context (its last draft repeated
     to the width): the draft cache stays true through copy steps, which catch it up too."""
-    from labkit.specdec.eagle_drafter import COPY_K, EagleDrafter
+    from labkit.specdec.eagle_drafter import COPY_K
     from labkit.specdec.eagle_mix import EagleMixDrafter
     from labkit.specdec.lookup import latest_match, lookup_reference
 
@@ -97,11 +108,7 @@ def test_eagle_mix_takes_lookups_copy_or_the_chain_at_every_step(monkeypatch, mi
             ctx += new
     assert True in kinds and False in kinds
     for ctx, draft in chains[:6]:
-        fresh = EagleDrafter(engine, random_head(), device_steps=False)
-        engine.reset()
-        engine.prefill(torch.tensor([ctx[:-1]]))
-        fresh.start(ctx, len(ctx) + 8)
-        chain = fresh.propose(ctx, 3, GenerationConfig(), None).tokens
+        chain = fresh_chain(engine, ctx, 3)
         assert draft == chain + chain[-1:] * (COPY_K - 3), ctx
 
 
@@ -159,11 +166,7 @@ def test_eagle_lazy_catches_up_where_it_chains(monkeypatch, lazy: int) -> None:
             ctx = list(context)
             for i, (draft, new) in enumerate(out):
                 if i and latest_match(ctx, 2, 2) is None:
-                    fresh = EagleDrafter(engine, random_head(), device_steps=False)
-                    engine.reset()
-                    engine.prefill(torch.tensor([ctx[:-1]]))
-                    fresh.start(ctx, len(ctx) + 8)
-                    chain = fresh.propose(ctx, 3, GenerationConfig(), None).tokens
+                    chain = fresh_chain(engine, ctx, 3)
                     assert draft == chain + chain[-1:] * (COPY_K - 3), ctx
                 ctx += new
     with pytest.raises(LabkitError, match="eagle-lazy"):
@@ -213,11 +216,7 @@ def test_eagle_agree_copies_where_lookup_and_the_chain_agree_or_the_head_is_unsu
                 if copy:
                     assert draft == lookup, (ctx, draft)
                 else:
-                    fresh = EagleDrafter(engine, head, device_steps=False)
-                    engine.reset()
-                    engine.prefill(torch.tensor([ctx[:-1]]))
-                    fresh.start(ctx, len(ctx) + 8)
-                    assert fresh.propose(ctx, 1, GenerationConfig(), None).tokens == [first] == draft[:1], ctx
+                    assert fresh_chain(engine, ctx, 1, head) == [first] == draft[:1], ctx
             ctx += new
     want = {(True, True), (False, False)} | ({(True, False)} if unsure else set())  # copies where they agree or the head is unsure
     assert want <= seen, seen
