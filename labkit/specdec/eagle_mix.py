@@ -19,7 +19,8 @@ more draft pass's pick and the head's probability of it, on every step): copy wh
 an n-gram of any length seen before and lookup's first token is that draft, or the head gives that
 draft less than `unsure`; else the chain. The chain's passes past the first still sit in the IF node.
 Simulated (scripts/copy_chain_sim.py ... copycost): +2% over eagle-mix's rule at the copy step's cost
-the H200 implies (~700 us), +3.5% at lookup's own (~600); not yet measured on a card. The host's
+the H200 implies (~700 us), +3.5% at lookup's own (~600); measured on an H100, the suite, K 8: 1.824x against
+eagle-mix's 1.822x (one run). The host's
 proposals (a CPU; a chunk's first step) keep eagle-mix's rule.
 
 eagle-lazy (`lazy`, LAZY_WINDOW; IF nodes, eagle-mix's rule): copy steps leave the draft cache alone. Every
@@ -27,7 +28,8 @@ verify keeps its hidden states by position (one copy), and a chain step, inside 
 draft cache up over the `lazy` positions before its anchor, from those states and the context's tokens,
 before drafting: a copy step then costs lookup's own plus ~4 launches (eagle-mix's caught up every step:
 ~975 us against lookup's ~670 on the H200, rag-5). Positions further back than the window after a long
-copy keep stale elements: worse drafts there, never a wrong output. Not yet measured on a card.
+copy keep stale elements: worse drafts there, never a wrong output (the suite's acceptance measured unchanged on
+the CPU). On an H100, the suite, K 8: 1.862x / 1.787x plain against eagle-mix's 1.822x / 1.784x (two runs).
 
 The chain's draft passes (most of a chain step's drafting time) run only where the step takes no
 copy. In a captured graph they sit in a CUDA graph IF node (graphs.only_where, on by default where
