@@ -119,6 +119,7 @@ case "$step" in
     # TRAIN_S bounds writing + training (the texts file keeps what was written, and comes home below either way: a machine
     # released before the next call lost 30,720 written texts in session 33). The 30k-text head: TEXTS=30720 STEPS=5000
     # EAGLE_ARGS="--batch-size 32 --train-depth 4 --depth 5" takes ~430 s writing + ~130 s training: two calls, the second at once.
+    # Session 49's head: TEXTS=61440 STEPS=7000, the same EAGLE_ARGS (30,720 texts written, then 64 s features + 181 s training).
     case " ${EAGLE_ARGS:-} " in *--texts-file*) ;; *) EAGLE_ARGS="${EAGLE_ARGS:-} --texts-file /tmp/eagle-texts.json" ;; esac
     timeout "${TRAIN_S:-540}" python3 -m labkit heads train --kind eagle --device cuda --out /tmp/eagle --texts "${TEXTS:-768}" --steps "${STEPS:-1500}" ${EAGLE_ARGS:-} 2>&1 \
       | tr '\r' '\n' | grep -v -e Warning -e 'it/s' | tail -4 | tee "$out/eagle_train.txt" || true
