@@ -136,10 +136,10 @@ def test_eagle_lazy_catches_up_where_it_chains(monkeypatch, lazy: int) -> None:
             windows.append(pos.tolist())
         return elements(self, feats, tokens, pos, *args, **kwargs)
 
-    def caught_up(self, only_if):
+    def caught_up(self, kept, only_if):
         inside[0] = True
         try:
-            return window(self, only_if)
+            return window(self, kept, only_if)
         finally:
             inside[0] = False
 

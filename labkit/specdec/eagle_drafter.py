@@ -272,11 +272,11 @@ class EagleDrafter(Drafter):
     def take(self, tokens: list[int], context_len: int) -> None:
         self._prepared = (context_len, tokens)
 
-    def keep_hidden(self, hidden: torch.Tensor, input_pos: torch.Tensor) -> None:
-        """hidden (B, T, D) a verify's states at input_pos (T,), kept for the catch-up after copy steps."""
+    def keep_hidden(self, hidden: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, D) a verify's states at input_pos (T,), kept for the catch-up after copy steps -> (B, S, D) all kept, by position."""
         kept = self._hist
         assert kept is not None
-        kept.index_copy_(1, input_pos.clamp(max=kept.shape[1] - 1), hidden.to(kept.dtype))  # (B, S, D) at the T positions
+        return kept.index_copy_(1, input_pos.clamp(max=kept.shape[1] - 1), hidden.to(kept.dtype))  # (B, S, D) at the T positions
 
     def anchored(self, context_len: int) -> None:  # a catch-up-only verify made the draft cache true for this length (anchor_feat: its anchor's)
         self._anchor_len = context_len

@@ -84,25 +84,23 @@ class MixOf(ChainOf):
         device = drafter.target.device
         self.match_n = torch.zeros(1, dtype=torch.long, device=device)  # (1,) the n-gram lookup matched (0: none)
         self.chain_cols = torch.zeros(1, depth, dtype=torch.long, device=device)  # (1, depth) the last chain drafted
-        self.hidden: torch.Tensor | None = None  # eagle-lazy: (1, Lh, D) every verify's hidden states by position ...
-        self.first = torch.zeros(1, dtype=torch.long, device=device)  # ... (1,) from this position on (a request's first verified one)
+        self.first = torch.zeros(1, dtype=torch.long, device=device)  # eagle-lazy: (1,) the request's first verified position
         # (lazy + depth - 1,) offsets from the context's length: the window's positions up to the anchor (n_ctx - 2), then the chain's
         self.offsets = torch.arange(-lazy - 1, depth - 2, device=device)
 
     def bind_history(self, history: torch.Tensor, n_ctx: torch.Tensor) -> None:
         """The device steps' context buffers (LookupSteps), read after each step's commit."""
         self.history, self.n_ctx = history, n_ctx
-        if self.lazy:
-            self.hidden = torch.zeros(1, history.shape[0], self.drafter.head.dims.dim, dtype=self.drafter.dtype, device=history.device)
 
-    def caught_up_chain(self, only_if: torch.Tensor) -> torch.Tensor:  # -> (1, depth)
+    def caught_up_chain(self, kept: torch.Tensor, only_if: torch.Tensor) -> torch.Tensor:  # (1, S, D) -> (1, depth)
         """eagle-lazy, inside the IF node: the draft cache's elements at the `lazy` positions up to the anchor (the context's
-        last but one; none before this request's first verified position) from the kept states, then the chain from
-        the anchor's feature. Positions from one launch (the draft cache runs past the context by the chain)."""
-        assert self.hidden is not None and self.history is not None and self.n_ctx is not None
+        last but one; none before this request's first verified position) from the kept states (the drafter's
+        keep_hidden), then the chain from the anchor's feature. Positions from one launch (the draft cache runs past the
+        context by the chain)."""
+        assert self.history is not None and self.n_ctx is not None
         pos = torch.maximum(self.n_ctx + self.offsets, self.first)  # (lazy + depth - 1,): the first repeated where short
         window = pos[: self.lazy]  # (lazy,)
-        feats = self.hidden.index_select(1, window)  # (1, lazy, D)
+        feats = kept.index_select(1, window)  # (1, lazy, D)
         tokens = self.history[1:].index_select(0, window)[None]  # (1, lazy): each position's next token, committed
         anchor_feat = self.drafter.elements(feats, tokens, window, clamped=True)[:, -1]  # (1, D)
         return self.drafter.chain(anchor_feat, None, 1, self.depth, only_if=only_if, pos=pos[self.lazy :, None]).flatten(1)
@@ -124,14 +122,13 @@ class MixOf(ChainOf):
         copied = registry.get("lookup_draft", hidden.device)(self.history[None], self.n_ctx, self.k, self.match_n)  # (1, k)
         if self.lazy and (if_nodes() or not hidden.is_cuda):  # the states kept every step; the catch-up and the chain only in a chain
             # step (the IF node; without one on a GPU, eagle-mix's steps below: a window every step would cost more)
-            assert self.hidden is not None
-            self.hidden.index_copy_(1, input_pos.clamp(max=self.hidden.shape[1] - 1), hidden.to(self.hidden.dtype))
+            kept = self.drafter.keep_hidden(hidden, input_pos)  # (1, S, D)
             chains = self.takes_chain(None, copied)
             if hidden.is_cuda:
                 with only_where(chains):
-                    self.chain_cols.copy_(self.caught_up_chain(chains))
+                    self.chain_cols.copy_(self.caught_up_chain(kept, chains))
             elif bool(chains[0]):  # eager steps (a CPU, tests) skip it as the IF node does: copy steps leave the draft cache alone
-                self.chain_cols.copy_(self.caught_up_chain(chains))
+                self.chain_cols.copy_(self.caught_up_chain(kept, chains))
         elif if_nodes() or self.unsure is not None:  # the catch-up every step, copy or chain; the chain's passes inside an IF node
             inputs = self.drafter.verify_inputs(tokens, verdict, input_pos, self.depth)  # the catch-up's and the chain's, one launch
             anchor_feat = self.drafter.catch_up(hidden, verdict, tokens, input_pos, inputs=inputs)  # (1, D)
@@ -179,8 +176,10 @@ class EagleMixDrafter(EagleDrafter):
         depth, width = min(k, self.depth), self.copy_width(len(context), k, m)  # (depth <= k <= width)
         steps, fresh = self._mixed(width, depth)
         L = len(context)
-        if fresh and isinstance(steps.hook, MixOf):  # eagle-lazy's kept states start at this request's first verified position
-            steps.hook.first.fill_(L - 1)
+        if fresh and self.lazy:  # eagle-lazy's kept states start at this request's first verified position
+            hook = steps.hook
+            assert isinstance(hook, MixOf)
+            hook.first.fill_(L - 1)
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared[0] == L and len(prepared[1]) == width:  # the last step made it, the draft cache true
             self.done, first = L - 1, prepared[1]
