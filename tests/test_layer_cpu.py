@@ -251,6 +251,13 @@ def test_eagle_drafts_through_the_cpu_operations_on_q8_0_blocks() -> None:
     ref = generate(engine, prompt, cfg, Speculation(twin, 3), detailed_metrics=True)
     assert got.tokens == want == ref.tokens
     assert got.stats.draft_tokens == ref.stats.draft_tokens and len(got.stats.draft_tokens) >= 8
+    from labkit.specdec.eagle_mix import LAZY_WINDOW, EagleMixDrafter
+
+    looping = [5, 6, 7, 8, 9, 10, 11] * 3 + [40, 41, 5, 6]  # copy steps and chain steps
+    plain = generate(engine, looping, cfg).tokens
+    for lazy in (0, LAZY_WINDOW):  # eagle-mix's and eagle-lazy's device steps, eagerly: the C operations take no only_if
+        mixed = EagleMixDrafter(engine, head, lazy=lazy, device_steps=True)
+        assert generate(engine, looping, cfg, Speculation(mixed, 3)).tokens == plain, mixed.name
     w = torch.randn(8, 64)
     qw = quantize_q8_0(w)
     assert torch.equal(qw.d.half().float(), qw.d) and qw.qs.abs().max() <= 127  # GGUF's float16 scales, never past 127 steps

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention
 ROW_POSITIONS = True  # input_pos may be (B, T), as in layer_triton
+TAKES_ONLY_IF = True  # the ops take `only_if` (computed regardless), as layer_triton's
 
 
 def rms_normed(x: torch.Tensor, norm_w: torch.Tensor, eps: float) -> torch.Tensor:  # (M, dim)

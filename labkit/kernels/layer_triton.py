@@ -48,6 +48,7 @@ from labkit.kernels.triton_common import (
 )
 
 TREES = True  # token trees: rope_pos apart from the slots, a tree mask in decode_attention
+TAKES_ONLY_IF = True  # the ops take `only_if`: a launch whose flag is false returns after its inputs' wait (specdec/eagle_ops.OnlyIf)
 ROW_POSITIONS = True  # input_pos may be (B, T): each batch row at its own positions (batched decoding)
 # A prompt's causal pass of up to this many tokens runs through these kernels too (16-row tiles over
 # any T). Captured on an H200 (scripts/prefill_costs.py, results/gpu/prefill-costs-NVIDIA-H200-c922de7.txt):

@@ -188,7 +188,7 @@ class EagleDrafter(Drafter):
         only_if (1,) bool: where false the fused ops' launches may be called off (the drafts are then
         anything, the draft cache past the anchor unwritten; eagle_ops.OnlyIf)."""
         depth, cache = depth or self.depth, self._draft_cache if cache is None else cache  # (cache: another draft cache's rows, batch/eagle.py)
-        ops = self.ops if only_if is None or self.ops is None else OnlyIf(self.ops, only_if)
+        ops = self.ops if only_if is None or not getattr(self.ops, "TAKES_ONLY_IF", False) else OnlyIf(self.ops, only_if)
         assert cache is not None
         if pos is None:  # (depth - 1, B): depth d's element sits at anchor + d - 1 (a row each, so each depth's is contiguous)
             assert anchor is not None
