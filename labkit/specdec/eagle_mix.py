@@ -29,7 +29,8 @@ draft cache up over the `lazy` positions before its anchor, from those states an
 before drafting: a copy step then costs lookup's own plus ~4 launches (eagle-mix's caught up every step:
 ~975 us against lookup's ~670 on the H200, rag-5). Positions further back than the window after a long
 copy keep stale elements: worse drafts there, never a wrong output (the suite's acceptance measured unchanged on
-the CPU). On an H100, the suite, K 8: 1.862x / 1.787x plain against eagle-mix's 1.822x / 1.784x (two runs).
+the CPU). On an H100, the suite, K 8: 1.862x / 1.787x plain against eagle-mix's 1.822x / 1.784x (two runs); on an
+H200 with session 49's head 2.019x / 1.996x against 2.001x / 1.949x.
 
 The chain's draft passes (most of a chain step's drafting time) run only where the step takes no
 copy. In a captured graph they sit in a CUDA graph IF node (graphs.only_where, on by default where
