@@ -73,7 +73,7 @@ struct Open {
     MempoolId pool;
     c10::DeviceIndex device;
 };
-std::vector<Open> open_nodes;
+thread_local std::vector<Open> open_nodes;  // per thread: a node opens and closes on the thread that captures it, so two threads capturing at once never pop each other's
 
 void begin_if(const torch::Tensor& pred, int64_t pool_a, int64_t pool_b) {
     TORCH_CHECK(pred.is_cuda() && pred.scalar_type() == torch::kBool && pred.numel() == 1, "begin_if: pred must be one CUDA bool");
