@@ -76,6 +76,9 @@ def add_heads_parser(sub: Any) -> None:
                     help="keep the written texts in this JSON file as they are written; a later run with the same settings "
                          "reads them back and writes only what is missing (writing across runs)")
     ht.add_argument("--steps", type=int, default=None, help="optimiser steps (default: heads 400, eagle 1500)")
+    ht.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
+                    help="finish within this many seconds (0: no limit): writing stops between the --texts-file's saved parts, "
+                         "training ends in time (fewer steps; EAGLE's learning-rate schedule follows the time)")
     ht.add_argument("--batch-size", type=int, default=8)
     ht.add_argument("--lr", type=float, default=1e-3)
     ht.add_argument("--seed", type=int, default=0)
@@ -203,7 +206,7 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
         save_eagle(head, out, target, {**report, **info})
         depths = ", ".join(f"depth {d + 1} {a:.0%}" for d, a in enumerate(report["held_out_top1"]))
         print(f"trained an EAGLE head ({report['draft_vocab']} draft tokens, {report['held_out_vocab_coverage']:.0%} of held-out labels) "
-              f"on {report['train_texts']} texts in {report['write_s']:.0f} s writing + {report['train_s']:.0f} s training, "
+              f"on {report['train_texts']} texts in {report['write_s']:.0f} s writing + {report['train_s']:.0f} s training{_steps(report)}, "
               f"loss {report['loss_first']:.2f} -> {report['loss_last']:.2f}")
         print(f"held-out top-1 given the drafts before ({report['held_out_texts']} texts): {depths}; "
               f"expected accepted drafts per step {report['expected_accepted']:.2f}")
@@ -216,11 +219,15 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
     save_heads(heads, out, target, {**report, **info})
     top1 = ", ".join(f"head {j + 1} {a:.0%} (untrained {b:.0%})"
                      for j, (a, b) in enumerate(zip(report["held_out_top1"], report["held_out_top1_before"], strict=True)))
-    print(f"trained {cfg.heads.n_heads} heads on {report['train_texts']} texts ({report['label_tokens']} labelled tokens), "
+    print(f"trained {cfg.heads.n_heads} heads on {report['train_texts']} texts ({report['label_tokens']} labelled tokens){_steps(report)}, "
           f"loss {report['loss_first']:.2f} -> {report['loss_last']:.2f}")
     print(f"held-out top-1 ({report['held_out_texts']} texts): {top1}")
     print(f"wrote {out}; use it with --drafter heads --heads {out}")
     return 0
+
+
+def _steps(report: dict[str, Any]) -> str:
+    return f" ({report['steps']} of {report['steps_asked']} steps: the time limit)" if report["steps"] < report["steps_asked"] else ""
 
 
 def _or(value: int | None, default: int) -> int:
@@ -230,7 +237,7 @@ def _or(value: int | None, default: int) -> int:
 def _train_config(args: argparse.Namespace) -> Any:
     """The training configuration of `heads train`, checked (before any model loads)."""
     common = dict(sampled_tokens=args.sampled_tokens, user_tokens=args.user_tokens, greedy_tokens=args.greedy_tokens,
-                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, texts_file=args.texts_file)
+                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, texts_file=args.texts_file, time_limit_s=args.time_limit)
     cfg: Any
     if args.kind == "eagle":
         from labkit.eagle_train import EagleTrainConfig

@@ -10,6 +10,7 @@ down by `depth_decay` per depth. Only greedy tokens are labels.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from labkit.engine import Engine
 from labkit.errors import LabkitError
-from labkit.heads_train import SelfDistillConfig, write_texts_for_model
+from labkit.heads_train import Deadline, SelfDistillConfig, write_texts_for_model
 from labkit.specdec.eagle import EagleConfig, EagleDims, EagleHead, draft_head_weight, top_tokens, vocab_index
 
 IGNORE = -100
@@ -32,7 +33,8 @@ FEATURE_BATCH = 32  # texts a features pass prefills at once on a GPU
 class EagleTrainConfig(SelfDistillConfig):
     eagle: EagleConfig = field(default_factory=EagleConfig)
     texts: int = 512  # texts the target writes for training (and held-out)
-    steps: int = 1500  # optimiser steps; the learning rate peaks after a 5% warm-up, then a cosine to a tenth
+    steps: int = 1500  # optimiser steps; the learning rate peaks after a 5% warm-up, then a cosine to a tenth (of the steps, or
+    # of the time where time_limit_s runs out first)
     feature_weight: float = 1.0  # smooth-L1 feature regression beside the token loss
     depth_decay: float = 0.8  # weight of depth d: depth_decay ** (d - 1)
 
@@ -129,12 +131,12 @@ def eagle_loss_counts(
     return loss, torch.stack(hits), torch.stack(seen)
 
 
-def _lr_at(step: int, cfg: EagleTrainConfig) -> float:
-    warm = max(1, cfg.steps // 20)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
+def lr_at(progress: float, lr: float) -> float:
+    """The learning rate at this share of the fit (of its steps or its time, whichever is further): a linear warm-up
+    over the first 5%, then a cosine from lr down to a tenth of it."""
+    if progress < 0.05:
+        return lr * progress / 0.05
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(min(1.0, (progress - 0.05) / 0.95) * math.pi)))
 
 
 def engine_features(engine: Engine, texts: list[list[int]]) -> list[torch.Tensor]:  # -> (T_i, D) fp32 each
@@ -160,7 +162,8 @@ def engine_features(engine: Engine, texts: list[list[int]]) -> list[torch.Tensor
 
 
 def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTrainConfig,
-                dims: EagleDims | None = None, features: Engine | None = None) -> tuple[EagleHead, dict[str, Any]]:
+                dims: EagleDims | None = None, features: Engine | None = None,
+                deadline: Deadline | None = None) -> tuple[EagleHead, dict[str, Any]]:
     """Fit the head on the texts (all but a held-out share), on the features the engine's target
     makes (`features`: the same target in an engine of a larger batch, to prefill many texts at once); the report has the held-out top-1 at each depth up to cfg.eagle.depth, before and after
     training, and the vocabulary's coverage."""
@@ -197,15 +200,20 @@ def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTr
                 hits, seen = hits + h, seen + n
         return (hits / seen.clamp(min=1)).tolist()
 
+    deadline = deadline or Deadline()
+    t0 = deadline.clock()
     before = accuracy()
+    seconds = deadline.fit_seconds(deadline.clock() - t0, cfg.texts_file)
     t0 = time.perf_counter()
-    losses = _fit(head, lambda batch: eagle_loss_counts(head, batch, embed, weight, index, cfg.eagle.train_depth, cfg)[0], train, cfg, rng)
+    losses = _fit(head, lambda batch: eagle_loss_counts(head, batch, embed, weight, index, cfg.eagle.train_depth, cfg)[0], train, cfg, rng,
+                  seconds, deadline.clock)
     train_s = time.perf_counter() - t0
     held_labels = [t[first:] for t, first in held_texts]
     inside = set(head.vocab_ids.tolist())
     coverage = sum(x in inside for toks in held_labels for x in toks) / max(1, sum(map(len, held_labels)))
     report = {"texts": len(texts), "train_texts": len(train), "held_out_texts": len(held),
-              "label_tokens": sum(len(t) - f for t, f in texts), "steps": cfg.steps, "features_s": features_s, "train_s": train_s,
+              "label_tokens": sum(len(t) - f for t, f in texts), "steps": len(losses), "steps_asked": cfg.steps,
+              "features_s": features_s, "train_s": train_s,
               "draft_vocab": int(head.vocab_ids.numel()), "held_out_vocab_coverage": coverage,
               "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
               "held_out_top1_before": before, "held_out_top1": accuracy()}
@@ -213,17 +221,21 @@ def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTr
 
 
 def _fit(head: EagleHead, loss_of: Any, train: list[tuple[torch.Tensor, list[int], int]], cfg: EagleTrainConfig,
-         rng: random.Random) -> list[float]:
+         rng: random.Random, seconds: float = math.inf, clock: Any = time.perf_counter) -> list[float]:
     """AdamW over random batches of cfg.batch_size training texts, one padded pass each (bf16
-    autocast on a GPU); the loss per step."""
+    autocast on a GPU), for cfg.steps steps or `seconds` (by `clock`), whichever ends first; the loss per step."""
     device = next(head.parameters()).device
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
     low = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="training EAGLE", disable=not cfg.progress)
+    start = clock()
     for step in bar:
+        spent = (clock() - start) / seconds  # (a share of the time)
+        if losses and spent >= 1:
+            break
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+            group["lr"] = lr_at(max((step + 1) / cfg.steps, spent), cfg.lr)
         batch = TextBatch.of([train[rng.randrange(len(train))] for _ in range(cfg.batch_size)])
         with low:
             loss = loss_of(batch)
@@ -252,14 +264,15 @@ def train_eagle_for_model(loaded: Any, device: torch.device, dtype: torch.dtype,
     from labkit.specdec.heads import fingerprint
 
     cfg.validate()
+    deadline = Deadline(cfg.time_limit_s)
     t0 = time.perf_counter()
-    engine, texts, frame = write_texts_for_model(loaded, device, dtype, cfg, chat)
+    engine, texts, frame = write_texts_for_model(loaded, device, dtype, cfg, chat, deadline)
     write_s = time.perf_counter() - t0
     features = None
     if device.type == "cuda":  # prefill FEATURE_BATCH texts a pass (a CPU gains little: one at a time, on the writing engine)
         longest = max(len(t) for t, _ in texts)
         features = Engine.from_loaded(loaded, device, dtype, weights="dense", batch_size=FEATURE_BATCH, max_seq_len=-(-longest // 64) * 64)
-    head, report = train_eagle(engine, texts, cfg, features=features)
+    head, report = train_eagle(engine, texts, cfg, features=features, deadline=deadline)
     report = {**report, "chat": frame is not None, "write_s": write_s,
               "expected_accepted": expected_accepted(report["held_out_top1"])}
     return head, report, fingerprint(engine.model.lm_head.weight)

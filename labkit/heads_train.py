@@ -15,7 +15,10 @@ works for every architecture the loader takes.
 
 from __future__ import annotations
 
+import math
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +47,7 @@ class SelfDistillConfig:
     seed: int = 0
     progress: bool = True  # progress bars for writing the texts and for training (a CPU run takes hours)
     texts_file: str | None = None  # keep the written texts here, and resume from them (writing across runs: texts_store.py)
+    time_limit_s: float = 0.0  # 0: none; else the run stops writing and training in time (Deadline), keeping what it wrote
 
     def check(self, what: str, min_greedy: int) -> None:
         """The shared checks; `what` names the training, min_greedy is the fewest greedy tokens it needs."""
@@ -53,6 +57,37 @@ class SelfDistillConfig:
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not 0 < self.held_out < 1:
             raise LabkitError(f"{what} needs steps, batch_size >= 1, lr > 0 and 0 < held_out < 1, "
                               f"got {self.steps}, {self.batch_size}, {self.lr}, {self.held_out}")
+        if not self.time_limit_s >= 0:
+            raise LabkitError(f"{what}'s time limit is a number of seconds >= 0 (0: none), got {self.time_limit_s}")
+
+
+@dataclass
+class Deadline:
+    """A training run's wall-time bound (SelfDistillConfig.time_limit_s), counted from when it is made: writing
+    stops between the texts file's saved parts once it has passed (the texts kept, the run stopped with one line),
+    and the fit ends before it, its learning-rate schedule following the time where that runs out before the steps.
+    A lent GPU or a Kaggle session stops a run at its own limit, and loses whatever the run had not saved."""
+
+    limit_s: float = 0.0  # 0: none
+    clock: Callable[[], float] = time.perf_counter
+    start: float = -1.0
+
+    def __post_init__(self) -> None:
+        self.start = self.clock() if self.start < 0 else self.start
+
+    def left(self) -> float:
+        return self.start + self.limit_s - self.clock() if self.limit_s else math.inf
+
+    def passed(self, what: str, texts_file: str | None) -> LabkitError:
+        kept = f"; the texts are kept in {texts_file}: run again to go on" if texts_file else ""
+        return LabkitError(f"the time limit ({self.limit_s:g} s) passed {what}{kept}")
+
+    def fit_seconds(self, check_s: float, texts_file: str | None) -> float:
+        """The fit's time: what is left but the held-out check after it (check_s, as long as the one before it took)."""
+        seconds = self.left() - check_s
+        if seconds <= 0:
+            raise self.passed("before training", texts_file)
+        return seconds
 
 
 @dataclass
@@ -93,14 +128,15 @@ def chat_frame(tokenizer: Any) -> tuple[list[int], list[int]] | None:
 
 
 def self_written_texts(engine: Engine, bos: int, cfg: SelfDistillConfig, frame: tuple[list[int], list[int]] | None = None,
-                       openers: list[list[int]] | None = None) -> list[tuple[list[int], int]]:
+                       openers: list[list[int]] | None = None, deadline: Deadline | None = None) -> list[tuple[list[int], int]]:
     """(tokens, first greedy index) per text, written by the target on `engine`: in the chat
     `frame` (ids before and after the user's words) a sampled user turn and its greedy answer,
     else a few sampled tokens after `bos` and their greedy continuation. With `openers` (ids of
     REQUEST_OPENERS), user turn i starts with opener i (cycled) and the target writes the rest.
     Text i's sampling is seeded cfg.seed + i, and the texts are batched (write_all) exactly as
     `generate` writes them one at a time. With cfg.texts_file the texts are saved as they are
-    written and a later run reads them back (texts_store.py)."""
+    written and a later run reads them back (texts_store.py); past the deadline, after a saved part, writing stops
+    with one line."""
     from labkit.specdec.heads import fingerprint
     from labkit.texts_store import SAVE_EVERY, TextsFile
 
@@ -113,6 +149,8 @@ def self_written_texts(engine: Engine, bos: int, cfg: SelfDistillConfig, frame: 
         texts += _write_texts(engine, bos, cfg, frame, openers, range(len(texts), last))
         if store:
             store.save(texts)
+            if deadline is not None and deadline.left() <= 0 and len(texts) < cfg.texts:
+                raise deadline.passed(f"while writing ({len(texts)} of {cfg.texts} texts written)", cfg.texts_file)
     return texts
 
 
@@ -183,9 +221,10 @@ def _labels_from(tokens: torch.Tensor, first: int) -> torch.Tensor:  # (1, T) ->
     return out
 
 
-def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTrainConfig) -> tuple[DraftHeads, dict[str, Any]]:
+def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTrainConfig,
+                deadline: Deadline | None = None) -> tuple[DraftHeads, dict[str, Any]]:
     """Fit heads on the texts (all but a held-out share); returns them and a report with each
-    head's top-1 accuracy on the held-out texts, before and after training."""
+    head's top-1 accuracy on the held-out texts, before and after training (the fit ended before the deadline)."""
     cfg.validate()
     lm_head = hf_model.get_output_embeddings()
     device = lm_head.weight.device
@@ -210,15 +249,20 @@ def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTra
                 seen += n
         return (hits / seen.clamp(min=1)).tolist()
 
+    deadline = deadline or Deadline()
+    t0 = deadline.clock()
     before = accuracy(held)
+    end = deadline.clock() + deadline.fit_seconds(deadline.clock() - t0, cfg.texts_file)
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr)
-    losses = []
+    losses: list[float] = []
     # the LM-head product over every position, head and vocabulary entry is most of the work:
     # bf16 tensor cores on a GPU (about 90 GFLOP per 128-token text and step at 49k vocabulary,
     # which is also why training on a CPU takes hours)
     low = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(range(cfg.steps), desc="training heads", disable=not cfg.progress)
     for _ in bar:
+        if losses and deadline.clock() >= end:
+            break
         batch = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
         with low:
             loss = sum(heads_loss_counts(heads, hidden, labels, head_fp32)[0] for hidden, labels in batch) / len(batch)
@@ -228,14 +272,14 @@ def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTra
         losses.append(float(loss.detach()))  # type: ignore[union-attr]
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     report = {"texts": len(texts), "train_texts": len(train), "held_out_texts": len(held),
-              "label_tokens": sum(len(t) - f for t, f in texts), "steps": cfg.steps,
+              "label_tokens": sum(len(t) - f for t, f in texts), "steps": len(losses), "steps_asked": cfg.steps,
               "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
               "held_out_top1_before": before, "held_out_top1": accuracy(held)}
     return heads, report
 
 
-def write_texts_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: SelfDistillConfig,
-                          chat: bool | None = None) -> tuple[Engine, list[tuple[list[int], int]], tuple[list[int], list[int]] | None]:
+def write_texts_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: SelfDistillConfig, chat: bool | None = None,
+                          deadline: Deadline | None = None) -> tuple[Engine, list[tuple[list[int], int]], tuple[list[int], list[int]] | None]:
     """The target writes the training texts on our engine (CUDA graphs on a GPU), in its chat
     template unless chat is False (None: where it has one). cfg: a heads or EAGLE training config
     (texts, sampled_tokens, user_tokens, greedy_tokens, seed, progress). Returns the engine, the
@@ -253,7 +297,7 @@ def write_texts_for_model(loaded: Any, device: torch.device, dtype: torch.dtype,
     engine = Engine.from_loaded(loaded, device, dtype, weights="dense", cuda_graph=device.type == "cuda")
     if engine.cuda_graph:
         warm_up(engine)
-    return engine, self_written_texts(engine, int(bos), cfg, frame, openers), frame
+    return engine, self_written_texts(engine, int(bos), cfg, frame, openers, deadline), frame
 
 
 def train_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: HeadsTrainConfig,
@@ -264,6 +308,7 @@ def train_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: 
     from labkit.specdec.heads import fingerprint
 
     cfg.validate()
-    engine, texts, frame = write_texts_for_model(loaded, device, dtype, cfg, chat)
-    heads, report = train_heads(loaded.hf_model.to(device=device), texts, cfg)
+    deadline = Deadline(cfg.time_limit_s)
+    engine, texts, frame = write_texts_for_model(loaded, device, dtype, cfg, chat, deadline)
+    heads, report = train_heads(loaded.hf_model.to(device=device), texts, cfg, deadline)
     return heads, {**report, "chat": frame is not None}, fingerprint(engine.model.lm_head.weight)

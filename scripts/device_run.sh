@@ -121,14 +121,16 @@ case "$step" in
     # EAGLE_ARGS="--batch-size 32 --train-depth 4 --depth 5" takes ~430 s writing + ~130 s training: two calls, the second at once.
     # Session 49's head: TEXTS=61440 STEPS=7000, the same EAGLE_ARGS (30,720 texts written, then 64 s features + 181 s training).
     case " ${EAGLE_ARGS:-} " in *--texts-file*) ;; *) EAGLE_ARGS="${EAGLE_ARGS:-} --texts-file /tmp/eagle-texts.json" ;; esac
-    timeout "${TRAIN_S:-540}" python3 -m labkit heads train --kind eagle --device cuda --out /tmp/eagle --texts "${TEXTS:-768}" --steps "${STEPS:-1500}" ${EAGLE_ARGS:-} 2>&1 \
+    # --time-limit ends writing (between saved parts) or training (fewer steps, the schedule by the time) in time; timeout backs it up
+    timeout "$(( ${TRAIN_S:-540} + 30 ))" python3 -m labkit heads train --kind eagle --device cuda --out /tmp/eagle --texts "${TEXTS:-768}" \
+      --steps "${STEPS:-1500}" --time-limit "${TRAIN_S:-540}" ${EAGLE_ARGS:-} 2>&1 \
       | tr '\r' '\n' | grep -v -e Warning -e 'it/s' | tail -4 | tee "$out/eagle_train.txt" || true
     if [ -e /tmp/eagle-texts.json ]; then mkdir -p "$out/texts" && gzip -c /tmp/eagle-texts.json | split -b 15M - "$out/texts/eagle-texts.json.gz.part_"; fi
     # bring it home, to carry next time (.carry/eagle, then the eagle-carried step): the weights in
     # parts under the 16 MB a returned file may have
     if [ -e /tmp/eagle/eagle.safetensors ]; then
       mkdir -p "$out/eagle" && cp /tmp/eagle/eagle.json "$out/eagle/" && split -b 15M /tmp/eagle/eagle.safetensors "$out/eagle/eagle.safetensors.part_"
-    else echo "no head yet (writing or training stopped at TRAIN_S ${TRAIN_S:-540} s): call again at once, the texts are kept"; fi
+    else echo "no head yet (the time limit, TRAIN_S ${TRAIN_S:-540} s, passed while writing): call again at once, the texts are kept"; fi
     ;;
   eagle-carried)  # an EAGLE head trained in an earlier session, carried in .carry/eagle (eagle.json, eagle.safetensors.part_*)
     rm -rf /tmp/eagle && mkdir -p /tmp/eagle && cp .carry/eagle/eagle.json /tmp/eagle/ && cat .carry/eagle/eagle.safetensors.part_* > /tmp/eagle/eagle.safetensors

@@ -233,6 +233,8 @@ def test_heads_train_then_generate_with_them(tiny_folder, tmp_path) -> None:
                        "needs heads: --heads")
     assert_clean_error(*run_cli_here("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(tmp_path / "x"),
                                      "--greedy-tokens", "2"), "greedy_tokens > n_heads")
+    assert_clean_error(*run_cli_here("heads", "train", "--kind", "eagle", "--model", str(tiny_folder), "--device", "cpu",
+                                     "--out", str(tmp_path / "x"), "--time-limit", "-1"), "time limit is a number of seconds >= 0")
 
 
 def test_bench_context_runs_end_to_end(tiny_folder, tmp_path) -> None:

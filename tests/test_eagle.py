@@ -352,6 +352,36 @@ def test_eagle_training_settings_are_checked() -> None:
     EagleTrainConfig(eagle=EagleConfig(train_depth=3), greedy_tokens=5).validate()
 
 
+def test_the_fit_ends_at_its_time_with_the_learning_rate_annealed(monkeypatch) -> None:
+    """With a time for the fit shorter than its steps take, it stops in time, and the learning-rate schedule
+    (warm-up, cosine to a tenth) follows the time, not the steps; a run whose time is gone before the fit says so."""
+    import random
+
+    from labkit import eagle_train
+    from labkit.heads_train import Deadline
+
+    w = torch.nn.Parameter(torch.ones(3))
+    head = torch.nn.Module()
+    head.w = w
+    train = [(torch.randn(6, 3), [1, 2, 3, 4, 5, 6], 2) for _ in range(4)]
+    shares: list[float] = []
+    real = eagle_train.lr_at
+    monkeypatch.setattr(eagle_train, "lr_at", lambda share, lr: shares.append(share) or real(share, lr))
+    clock = iter(range(10_000)).__next__  # one second a reading
+    cfg = eagle_train.EagleTrainConfig(steps=1000, batch_size=2, progress=False)
+    losses = eagle_train._fit(head, lambda batch: (batch.feats.sum(-1) * w.sum()).mean(), train, cfg, random.Random(0), 20.0, clock)
+    assert 15 <= len(losses) <= 21 and len(shares) == len(losses)  # ~20 s of one-second steps, not 1,000 steps
+    assert shares == sorted(shares) and shares[-1] > 0.9  # the whole schedule, by the time
+    assert real(0.025, 1.0) == pytest.approx(0.5) and real(0.05, 1.0) == pytest.approx(1.0) and real(1.0, 1.0) == pytest.approx(0.1)
+    t = [0.0]
+    deadline = Deadline(60, lambda: t[0])
+    t[0] = 40.0
+    assert deadline.fit_seconds(5.0, None) == pytest.approx(15.0)  # what is left but the held-out check after it
+    t[0] = 58.0
+    with pytest.raises(LabkitError, match=r"time limit \(60 s\) passed before training; the texts are kept in t.json"):
+        deadline.fit_seconds(5.0, "t.json")
+
+
 def test_a_padded_training_batch_counts_each_text_as_alone() -> None:
     """Texts of different lengths in one padded pass: per depth, the hits and labels seen are the
     sums of each text's own, and padding past a text's end changes neither its loss nor its counts

@@ -73,7 +73,7 @@ def fresh_chain(engine, ctx: list[int], k: int, head=None) -> list[int]:  # type
     return fresh.propose(ctx, k, GenerationConfig(), None).tokens
 
 
-@pytest.mark.parametrize("min_n", [1, 2])
+@pytest.mark.parametrize("min_n", [pytest.param(1, marks=pytest.mark.slow), 2])  # (1: make test-slow, for make test's 20 minutes)
 def test_eagle_mix_takes_lookups_copy_or_the_chain_at_every_step(monkeypatch, min_n: int) -> None:
     """Device steps (run eagerly here): plain greedy's tokens; every step after a chunk's first
     verifies lookup's copy (COPY_K wide) where its context ends in an n-gram of min_n tokens seen
@@ -173,7 +173,7 @@ def test_eagle_lazy_catches_up_where_it_chains(monkeypatch, lazy: int) -> None:
         EagleMixDrafter(engine, random_head(), lazy=4, unsure=0.5)
 
 
-@pytest.mark.parametrize("unsure", [0.0, 0.6])
+@pytest.mark.parametrize("unsure", [pytest.param(0.0, marks=pytest.mark.slow), 0.6])  # (0.0: make test-slow; 0.6 takes both branches)
 def test_eagle_agree_copies_where_lookup_and_the_chain_agree_or_the_head_is_unsure(monkeypatch, unsure: float) -> None:
     """eagle-agree's device steps (run eagerly): plain greedy's tokens; a step copies where the context
     ends in any n-gram seen before and lookup's first token is the chain's first draft (that of a fresh

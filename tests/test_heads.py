@@ -102,6 +102,21 @@ def test_self_distilled_training_learns_the_targets_continuation() -> None:
     assert report["held_out_texts"] == 12 and report["loss_last"] < report["loss_first"] / 2
     # a random model's continuation is hard to guess (chance: 1 in 96); measured 1.5% -> 14%
     assert report["held_out_top1"][0] > report["held_out_top1_before"][0] + 0.06
+    assert report["steps"] == report["steps_asked"] == 200
+    from labkit.heads_train import Deadline
+
+    t = [0.0]
+    deadline = Deadline(100, lambda: t[0])
+
+    def slow_steps(*args):  # each step's loss takes 8 s of this clock: 200 steps would take 1,600
+        t[0] += 1.0
+        return real(*args)
+
+    real = __import__("labkit.heads_train", fromlist=["heads_loss_counts"]).heads_loss_counts
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("labkit.heads_train.heads_loss_counts", slow_steps)
+        _, limited = train_heads(hf, texts, cfg, deadline)
+    assert 5 <= limited["steps"] < 200 and t[0] <= 100 + 12 + 8  # stopped in time (a step's and the check's time past it at most)
     with pytest.raises(LabkitError, match="greedy_tokens > n_heads"):
         HeadsTrainConfig(greedy_tokens=3).validate()
 
@@ -266,3 +281,12 @@ def test_texts_written_across_runs_are_the_texts_written_in_one_go(tmp_path, mon
     cfg.seed = 1
     with pytest.raises(LabkitError, match="other settings"):
         self_written_texts(engine, 1, cfg, frame)
+    # a time limit (heads_train.Deadline): past it, writing stops after a saved part, the texts kept, in one line
+    from labkit.heads_train import Deadline
+
+    cfg.seed, cfg.texts_file = 0, str(tmp_path / "limited.json")
+    clock = iter(range(0, 1000, 10)).__next__  # ten seconds a reading: made at 0, past a 5 s limit at the first check
+    with pytest.raises(LabkitError, match=r"time limit \(5 s\) passed while writing \(2 of 5 texts written\); the texts are kept in"):
+        self_written_texts(engine, 1, cfg, frame, deadline=Deadline(5, clock))
+    assert len(json.loads((tmp_path / "limited.json").read_text())["texts"]) == 2
+    assert self_written_texts(engine, 1, cfg, frame) == one_go  # the next run goes on from them
