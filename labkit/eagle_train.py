@@ -53,7 +53,7 @@ def dims_of(args: Any) -> EagleDims:
                      norm_eps=float(getattr(args, "norm_eps", 1e-5)))
 
 
-class _FrozenEmbedding(torch.nn.Module):
+class FrozenEmbedding(torch.nn.Module):
     """The target's token embedding, in fp32, outside autograd (training reads it, never fits it)."""
 
     def __init__(self, model: Any) -> None:
@@ -170,7 +170,7 @@ def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTr
     cfg.validate()
     dims = dims or dims_of(engine.args)
     lm_weight = engine.model.lm_head.weight.detach().float()  # (V, D)
-    embed = _FrozenEmbedding(engine.model)
+    embed = FrozenEmbedding(engine.model)
     device = lm_weight.device
     V = lm_weight.shape[0]
     rng = random.Random(cfg.seed)

@@ -34,7 +34,7 @@ K_COPY = 8
 
 def measure(folder: str, cache: Path) -> list[dict]:
     from labkit.config import GenerationConfig
-    from labkit.eagle_train import _FrozenEmbedding
+    from labkit.eagle_train import FrozenEmbedding
     from labkit.engine import Engine
     from labkit.generate import generate
     from labkit.models.loading import load_model
@@ -47,7 +47,7 @@ def measure(folder: str, cache: Path) -> list[dict]:
     loaded = load_model("default")
     engine = Engine.from_loaded(loaded, "cpu", torch.bfloat16, weights="dense")
     head = load_eagle(folder, fingerprint(engine.model.lm_head.weight)).float()
-    embed = _FrozenEmbedding(engine.model)
+    embed = FrozenEmbedding(engine.model)
     weight = draft_head_weight(head, engine.model.lm_head.weight.detach().float())  # (N, D)
     rows = []
     for p in load_suite(None, None):

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from labkit.eagle_train import EagleTrainConfig, TextBatch, _FrozenEmbedding, eagle_loss_counts, engine_features
+from labkit.eagle_train import EagleTrainConfig, TextBatch, FrozenEmbedding, eagle_loss_counts, engine_features
 from labkit.engine import Engine
 from labkit.models.loading import load_model
 from labkit.specdec.eagle import draft_head_weight, load_eagle, vocab_index
@@ -40,7 +40,7 @@ def main() -> None:
         with torch.no_grad():
             for i in range(0, n, 16):
                 items = [(f.float(), t, first) for f, (t, first) in zip(feats[i : i + 16], texts[i : i + 16], strict=True)]
-                _, h, s = eagle_loss_counts(head, TextBatch.of(items), _FrozenEmbedding(engine.model), weight, index, head.cfg.depth, cfg)
+                _, h, s = eagle_loss_counts(head, TextBatch.of(items), FrozenEmbedding(engine.model), weight, index, head.cfg.depth, cfg)
                 hits, seen = hits + h, seen + s
         top1 = (hits / seen.clamp(min=1)).tolist()
         print(f"{way:18s} top-1 by depth " + " ".join(f"{p:.1%}" for p in top1), flush=True)
