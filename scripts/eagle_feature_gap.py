@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from labkit.eagle_train import EagleTrainConfig, TextBatch, FrozenEmbedding, eagle_loss_counts, engine_features
+from labkit.eagle_train import EagleTrainConfig, FrozenEmbedding, TextBatch, eagle_loss_counts, engine_features
 from labkit.engine import Engine
 from labkit.models.loading import load_model
 from labkit.specdec.eagle import draft_head_weight, load_eagle, vocab_index
