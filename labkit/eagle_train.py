@@ -201,9 +201,7 @@ def train_eagle(engine: Engine, texts: list[tuple[list[int], int]], cfg: EagleTr
         return (hits / seen.clamp(min=1)).tolist()
 
     deadline = deadline or Deadline()
-    t0 = deadline.clock()
-    before = accuracy()
-    seconds = deadline.fit_seconds(deadline.clock() - t0, cfg.texts_file)
+    before, seconds = deadline.before_fit(accuracy, cfg.texts_file)
     t0 = time.perf_counter()
     losses = _fit(head, lambda batch: eagle_loss_counts(head, batch, embed, weight, index, cfg.eagle.train_depth, cfg)[0], train, cfg, rng,
                   seconds, deadline.clock)

@@ -70,10 +70,10 @@ class Deadline:
 
     limit_s: float = 0.0  # 0: none
     clock: Callable[[], float] = time.perf_counter
-    start: float = -1.0
+    start: float = field(init=False)  # the clock's reading when made
 
     def __post_init__(self) -> None:
-        self.start = self.clock() if self.start < 0 else self.start
+        self.start = self.clock()
 
     def left(self) -> float:
         return self.start + self.limit_s - self.clock() if self.limit_s else math.inf
@@ -88,6 +88,12 @@ class Deadline:
         if seconds <= 0:
             raise self.passed("before training", texts_file)
         return seconds
+
+    def before_fit(self, check: Callable[[], list[float]], texts_file: str | None) -> tuple[list[float], float]:
+        """The held-out check before the fit, timed -> (its accuracies, the fit's seconds: fit_seconds)."""
+        t0 = self.clock()
+        before = check()
+        return before, self.fit_seconds(self.clock() - t0, texts_file)
 
 
 @dataclass
@@ -250,9 +256,8 @@ def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTra
         return (hits / seen.clamp(min=1)).tolist()
 
     deadline = deadline or Deadline()
-    t0 = deadline.clock()
-    before = accuracy(held)
-    end = deadline.clock() + deadline.fit_seconds(deadline.clock() - t0, cfg.texts_file)
+    before, seconds = deadline.before_fit(lambda: accuracy(held), cfg.texts_file)
+    end = deadline.clock() + seconds
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr)
     losses: list[float] = []
     # the LM-head product over every position, head and vocabulary entry is most of the work:
