@@ -46,6 +46,30 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sample_rows(
+    logits: torch.Tensor,  # (n, V), row i sampled by configs[i] (temperature > 0) with generators[i]
+    configs: list[GenerationConfig],
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:  # (n,) long
+    """Row i's token as `sample(logits[i:i+1], configs[i], generators[i])` draws it, with the
+    warp and softmax done once for every row that shares temperature, top-k and top-p (a
+    batch's sampled rows: a few launches a step, not a few per row); each row still draws once
+    from its own generator."""
+    out = torch.empty(len(configs), dtype=torch.long, device=logits.device)
+    groups: dict[tuple[float, int, float], list[int]] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault((c.temperature, c.top_k, c.top_p), []).append(i)
+    for (temperature, top_k, top_p), rows in groups.items():
+        index = torch.tensor(rows, device=logits.device) if len(rows) < len(configs) else None
+        probs = warp_logits(logits if index is None else logits.index_select(0, index), temperature, top_k, top_p).softmax(-1)  # (m, V)
+        draws = torch.cat([torch.multinomial(probs[j : j + 1], 1, generator=generators[i])[0] for j, i in enumerate(rows)])  # (m,)
+        if index is None:
+            out.copy_(draws)
+        else:
+            out.index_copy_(0, index, draws)
+    return out
+
+
 def make_generator(config: GenerationConfig, device: torch.device) -> torch.Generator | None:
     if config.temperature == 0:
         return None

@@ -97,6 +97,25 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert kept.tolist() == [[True, True, True, False]]
 
 
+def test_rows_sampled_together_draw_what_each_draws_alone() -> None:
+    """sample_rows warps every row of a (temperature, top-k, top-p) group at once, yet row i's
+    token is sample(row i, its config, its generator)'s, draw after draw, whatever else it is
+    batched with (rows of two groups interleaved, in a different order the second time)."""
+    from labkit.sampling import sample, sample_rows
+
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1)) * 3  # (n, V)
+    configs = [GenerationConfig(temperature=0.9, top_p=0.95, seed=10 + i) if i % 2 else
+               GenerationConfig(temperature=1.3, top_k=40, seed=10 + i) for i in range(6)]
+    alone = [torch.Generator().manual_seed(c.seed) for c in configs]
+    together = [torch.Generator().manual_seed(c.seed) for c in configs]
+    for order in (list(range(6)), [5, 0, 3, 2, 1, 4]):
+        for _ in range(20):
+            want = [int(sample(logits[i : i + 1], configs[i], alone[i])[0]) for i in order]
+            got = sample_rows(logits[order], [configs[i] for i in order], [together[i] for i in order]).tolist()
+            assert got == want
+    assert len(set(want)) > 2  # they do sample
+
+
 def test_sampled_frequencies_follow_the_distribution() -> None:
     """Temperature-1 sampling of a fixed distribution: empirical frequencies within 4 sigma."""
     from labkit.sampling import sample

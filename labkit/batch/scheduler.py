@@ -39,7 +39,7 @@ from labkit.batch.shadow import ShadowDrafts
 from labkit.batch.transfer import HostCopy, constant, to_device
 from labkit.config import GenerationConfig
 from labkit.errors import LabkitError
-from labkit.sampling import make_generator, sample
+from labkit.sampling import make_generator, sample_rows
 from labkit.specdec.draft import Drafter
 
 
@@ -135,9 +135,12 @@ class ContinuousBatcher:
         if blocked_logits is not None:
             logits = blocked_logits
         chosen = logits.argmax(-1)  # (n, T)
-        for i, r in enumerate(requests):
-            if r.generator is not None:
-                chosen[i, -1] = sample(logits[i, -1:], r.config, r.generator)[0]
+        sampled = [i for i, r in enumerate(requests) if r.generator is not None]
+        if sampled:  # one warp for all of them (sample_rows), then a draw per row from its own generator
+            rows = to_device(sampled, logits.device)  # (m,)
+            picked = sample_rows(logits[:, -1].index_select(0, rows), [requests[i].config for i in sampled],
+                                 [requests[i].generator for i in sampled])  # (m,)
+            chosen[:, -1].index_copy_(0, rows, picked)
         return chosen
 
     def _take(self, request: BatchRequest, greedy: list[int], draft: Sequence[int] = (), now: float | None = None) -> int:
