@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +30,9 @@ from labkit.engine import Engine
 from labkit.errors import LabkitError
 from labkit.generate import generate
 from labkit.specdec.heads import IGNORE, DraftHeads, HeadsConfig, heads_loss_counts
+
+if TYPE_CHECKING:
+    from labkit.batch.engine import BatchEngine
 
 
 @dataclass
@@ -150,9 +153,12 @@ def self_written_texts(engine: Engine, bos: int, cfg: SelfDistillConfig, frame: 
                 "frame": frame, "openers": openers, "bos": bos, "target": fingerprint(engine.model.lm_head.weight)}
     store = TextsFile(cfg.texts_file, settings) if cfg.texts_file else None
     texts = store.load()[: cfg.texts] if store else []
+    start = len(frame[0] or [bos]) + max(map(len, openers)) if frame and openers else len(frame[0] or [bos]) if frame else 1
+    longest = start + (cfg.user_tokens + len(frame[1]) if frame else cfg.sampled_tokens) + cfg.greedy_tokens
+    batch = writing_batch(engine, longest) if len(texts) < cfg.texts else None  # one for every part and phase
     while len(texts) < cfg.texts:
         last = min(cfg.texts, len(texts) + SAVE_EVERY) if store else cfg.texts
-        texts += _write_texts(engine, bos, cfg, frame, openers, range(len(texts), last))
+        texts += _write_texts(engine, bos, cfg, frame, openers, batch, range(len(texts), last))
         if store:
             store.save(texts)
             if deadline is not None and deadline.left() <= 0 and len(texts) < cfg.texts:
@@ -161,7 +167,7 @@ def self_written_texts(engine: Engine, bos: int, cfg: SelfDistillConfig, frame: 
 
 
 def _write_texts(engine: Engine, bos: int, cfg: SelfDistillConfig, frame: tuple[list[int], list[int]] | None,
-                 openers: list[list[int]] | None, indices: range) -> list[tuple[list[int], int]]:
+                 openers: list[list[int]] | None, batch: BatchEngine | None, indices: range) -> list[tuple[list[int], int]]:
     """Texts `indices` of self_written_texts."""
     eos = set(engine.eos_token_ids)
     starts, user = [], []
@@ -173,36 +179,49 @@ def _write_texts(engine: Engine, bos: int, cfg: SelfDistillConfig, frame: tuple[
             starts.append([*(frame[0] or [bos]), *(openers[i % len(openers)] if openers else [])])
             user.append(GenerationConfig(max_new_tokens=cfg.user_tokens, temperature=1.0, top_p=0.95, seed=cfg.seed + i, stop_at_eos=True))
     prefixes = []
-    for start, sampled in zip(starts, write_all(engine, starts, user, "writing user turns" if frame else "sampling starts", cfg.progress), strict=True):
+    for start, sampled in zip(starts, write_all(engine, starts, user, "writing user turns" if frame else "sampling starts", cfg.progress, batch), strict=True):
         while sampled and sampled[-1] in eos:
             sampled = sampled[:-1]
         prefixes.append([*start, *sampled, *(frame[1] if frame else [])])
     answer = GenerationConfig(max_new_tokens=cfg.greedy_tokens, min_new_tokens=cfg.greedy_tokens, stop_at_eos=False)
-    greedy = write_all(engine, prefixes, [answer] * len(prefixes), "writing answers", cfg.progress)
+    greedy = write_all(engine, prefixes, [answer] * len(prefixes), "writing answers", cfg.progress, batch)
     return [(prefix + tokens, len(prefix)) for prefix, tokens in zip(prefixes, greedy, strict=True)]
 
 
-def write_all(engine: Engine, prompts: list[list[int]], configs: list[GenerationConfig], desc: str, progress: bool) -> list[list[int]]:
-    """generate(engine, prompts[i], configs[i]).tokens for every i, continuously batched where the
-    engine's model batches (Llama family): invariant rows on the PyTorch layers (16 at once), the
-    fused kernels' rows (bitwise a batch-1 step's) with CUDA graphs on a GPU (64 at once)."""
+def writing_batch(engine: Engine, longest: int) -> BatchEngine | None:
+    """The batch `write_all` writes on, for texts of up to `longest` tokens, where the engine's model
+    batches (Llama family): invariant rows on the PyTorch layers (16 at once), the fused kernels'
+    rows (bitwise a batch-1 step's) with CUDA graphs on a GPU (64 at once). Built once for all of
+    a run's texts: its graphs are captured once, not per part and phase."""
     from labkit.batch.engine import TILE, BatchConfig, BatchEngine
-    from labkit.batch.scheduler import ContinuousBatcher
     from labkit.graphs import GRAPH_HEADROOM
     from labkit.models.families import family_of_model
 
+    if family_of_model(engine.model).name != "llama":
+        return None
+    fused = engine.device.type == "cuda" and engine.layer_kernels == "triton"
+    slot_len = min(-(-longest // 64) * 64, engine.cache.max_len - GRAPH_HEADROOM)  # a captured step's warm-ups write past a slot
+    batch = BatchEngine(engine, BatchConfig(64 if fused else TILE, slot_len, invariant=not fused, cuda_graph=fused and bool(engine.cuda_graph)))
+    batch.capture_graphs([1])
+    return batch
+
+
+def write_all(engine: Engine, prompts: list[list[int]], configs: list[GenerationConfig], desc: str, progress: bool,
+              batch: BatchEngine | None = None) -> list[list[int]]:
+    """generate(engine, prompts[i], configs[i]).tokens for every i, continuously batched on `batch`
+    (else on a `writing_batch` of its own) where the engine's model batches; one at a time where not."""
+    from labkit.batch.scheduler import ContinuousBatcher
+
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
-    if family_of_model(engine.model).name != "llama" or len(prompts) < 2:
+    longest = max((len(p) + c.max_new_tokens for p, c in zip(prompts, configs, strict=True)), default=0)
+    if batch is None and len(prompts) >= 2:
+        batch = writing_batch(engine, longest)
+    if batch is None or len(prompts) < 2:
         out = []
         for prompt, config in zip(prompts, configs, strict=True):
             out.append(generate(engine, prompt, config).tokens)
             bar.update()
         return out
-    fused = engine.device.type == "cuda" and engine.layer_kernels == "triton"
-    slot_len = -(-max(len(p) + c.max_new_tokens for p, c in zip(prompts, configs, strict=True)) // 64) * 64
-    slot_len = min(slot_len, engine.cache.max_len - GRAPH_HEADROOM)  # a captured step's warm-ups write past a slot
-    batch = BatchEngine(engine, BatchConfig(64 if fused else TILE, slot_len, invariant=not fused, cuda_graph=fused and bool(engine.cuda_graph)))
-    batch.capture_graphs([1])
     batcher = ContinuousBatcher(batch)
     requests = [batcher.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
     done = 0

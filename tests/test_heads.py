@@ -273,11 +273,14 @@ def test_texts_written_across_runs_are_the_texts_written_in_one_go(tmp_path, mon
     assert self_written_texts(engine, 1, cfg, frame) == one_go[:3]
     assert len(json.loads(path.read_text())["texts"]) == 3
     cfg.texts = 5
-    written = []
-    real = __import__("labkit.heads_train", fromlist=["_write_texts"])._write_texts
+    written, built = [], []
+    heads_train = __import__("labkit.heads_train", fromlist=["_write_texts"])
+    real, real_batch = heads_train._write_texts, heads_train.writing_batch
     monkeypatch.setattr("labkit.heads_train._write_texts", lambda *a: written.append(list(a[-1])) or real(*a))
+    monkeypatch.setattr("labkit.heads_train.writing_batch", lambda *a: built.append(a[1]) or real_batch(*a))
     assert self_written_texts(engine, 1, cfg, frame) == one_go
     assert written == [[3, 4]]  # only what was missing
+    assert len(built) == 1  # one batch for both phases (and every part): its graphs captured once
     cfg.seed = 1
     with pytest.raises(LabkitError, match="other settings"):
         self_written_texts(engine, 1, cfg, frame)
