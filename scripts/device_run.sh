@@ -118,7 +118,8 @@ case "$step" in
     fi
     # TRAIN_S bounds writing + training (the texts file keeps what was written, and comes home below either way: a machine
     # released before the next call lost 30,720 written texts in session 33). The 30k-text head: TEXTS=30720 STEPS=5000
-    # EAGLE_ARGS="--batch-size 32 --train-depth 4 --depth 5" takes ~430 s writing + ~130 s training: two calls, the second at once.
+    # EAGLE_ARGS="--batch-size 32 --train-depth 4 --depth 5" took ~430 s writing before session 50 (~14 ms a text), ~235 s at 7.6 ms
+    # a text since (H100), + ~130 s training.
     # Session 49's head: TEXTS=61440 STEPS=7000, the same EAGLE_ARGS (30,720 texts written, then 64 s features + 181 s training).
     case " ${EAGLE_ARGS:-} " in *--texts-file*) ;; *) EAGLE_ARGS="${EAGLE_ARGS:-} --texts-file /tmp/eagle-texts.json" ;; esac
     # --time-limit ends writing (between saved parts) or training (fewer steps, the schedule by the time) in time; timeout backs it up
