@@ -337,8 +337,10 @@ class Engine:
             cache.length = start + T
             self.kept_hidden.keep(step.hidden, start + T)
             return step.verdict
-        logits = self.forward(tokens)  # (B, K+1, V)
-        verdict = greedy_verdict(logits, tokens, eos_mask, torch.tensor([block_rows], device=self.device))  # (B, 2)
+        logits = self.forward(tokens)  # (B, K+1, V): this step's own, read by nothing after the verdict
+        if block_rows > 0:  # EOS blocked in the first block_rows positions: those few entries written here, not a masked copy of every logit
+            logits[:, :block_rows, eos_mask] = float("-inf")
+        verdict = greedy_verdict(logits, tokens, eos_mask, 0)  # (B, 2): the argmax itself
         if hook is None:
             return verdict
         hidden = self.kept_hidden.span(start, start + T)  # (B, T, D): the pass kept every row

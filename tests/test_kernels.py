@@ -336,6 +336,26 @@ def test_greedy_verdict(backend: str, dtype: torch.dtype) -> None:
     assert torch.equal(got, want) and want[:, 0].tolist() == [4, 0, 0] and want[:, 1].tolist()[0] == eos and eos not in want[1:, 1].tolist()
 
 
+def test_greedy_verdict_with_the_block_known_on_the_host() -> None:
+    """graphs.greedy_verdict given the block as a host int (an eager verify): the tensor form's
+    verdict for every block, the argmax itself (no masked copy) where it is <= 0; EOS, every
+    position's favourite, still blocked in the first `block` positions."""
+    from labkit.graphs import greedy_verdict
+
+    g = torch.Generator().manual_seed(5)
+    V, eos = 3000, 11
+    eos_mask = torch.zeros(V, dtype=torch.bool)
+    eos_mask[eos] = True
+    logits = torch.randn(2, 5, V, generator=g)
+    logits[:, :, eos] = 50.0
+    tokens = torch.full((2, 5), eos)  # drafts of EOS: accepted wherever EOS is not blocked
+    for block in (-2, 0, 1, 3, 5):
+        want = reference.greedy_verdict(logits, tokens, eos_mask, torch.tensor([block]))
+        got = greedy_verdict(logits, tokens, eos_mask, block)
+        assert torch.equal(got, want), (block, got, want)
+        assert got[:, 0].tolist() == ([4, 4] if block <= 0 else [0, 0]) and (got[:, 1] == eos).all() == (block <= 0)
+
+
 @pytest.mark.parametrize("backend", [b for b in COMPILED if b != "cuda"])
 def test_lookup_commit(backend: str) -> None:
     """Each row's drafts land after its context with the target's token at the first rejected one

@@ -119,6 +119,21 @@ def test_the_greedy_test_catches_a_verdict_that_accepts_one_draft_too_many(lossl
         assert got != want, kind
 
 
+def test_a_verify_blocks_eos_before_min_new_tokens(target: Engine) -> None:
+    """EOS, plain greedy's third token, drafted by the target's own weights: a verify step must
+    block it at the positions before min_new_tokens (plain greedy's longer answer), and may take it
+    after (the answer ends there)."""
+    self_draft = ModelDrafter(Engine.from_hf(tiny_hf_model("llama", seed=5), "cpu", "float32"), 96, name="self")
+    prompt = PROMPTS[0]
+    eos = plain(target, prompt, 12)[2]
+    for min_new in (12, 2):
+        cfg = GenerationConfig(max_new_tokens=12, min_new_tokens=min_new, eos_token_ids=(eos,))
+        want = generate(target, prompt, cfg).tokens
+        got = generate(target, prompt, cfg, Speculation(self_draft, 4)).tokens
+        assert got == want, (min_new, got, want)
+        assert (eos not in want) if min_new == 12 else (want[-1] == eos and len(want) == 3)
+
+
 def test_edge_cases_self_draft_accepts_all_random_draft_almost_nothing(target: Engine) -> None:
     d = drafters(target)
     cfg = GenerationConfig(max_new_tokens=33, stop_at_eos=False)
