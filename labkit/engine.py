@@ -23,11 +23,11 @@ from labkit.graphs import (
     GRAPH_MAX_T,
     GREEDY_CHUNK,
     CapturedGraphs,
+    EagerVerdict,
     GraphStep,
     GreedyGraph,
     PrefillGraph,
     VerifyHook,
-    greedy_verdict,
     prefill_bucket,
 )
 from labkit.hidden import KeptHidden
@@ -72,6 +72,7 @@ class Engine:
         # belong to the request that holds it (generate takes it; re-entrant for nested calls)
         self.request_lock = threading.RLock()
         self.kept_hidden = KeptHidden()  # final hidden states of the last full pass (keep_hidden_states)
+        self.eager_verdict = EagerVerdict()  # greedy acceptance of a verify run outside a captured graph
         weight_dtype = torch.float32 if amp else dtype
         self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # a decoder of models/families.py
         ops, self.layer_kernels_reason = pick_layer_ops(self.model, device, dtype, amp, compile, layer_kernels)
@@ -337,10 +338,7 @@ class Engine:
             cache.length = start + T
             self.kept_hidden.keep(step.hidden, start + T)
             return step.verdict
-        logits = self.forward(tokens)  # (B, K+1, V): this step's own, read by nothing after the verdict
-        if block_rows > 0:  # EOS blocked in the first block_rows positions: those few entries written here, not a masked copy of every logit
-            logits[:, :block_rows, eos_mask] = float("-inf")
-        verdict = greedy_verdict(logits, tokens, eos_mask, 0)  # (B, 2): the argmax itself
+        verdict = self.eager_verdict(self.forward(tokens), tokens, eos_mask, block_rows)  # (B, 2)
         if hook is None:
             return verdict
         hidden = self.kept_hidden.span(start, start + T)  # (B, T, D): the pass kept every row

@@ -354,6 +354,16 @@ def test_greedy_verdict_with_the_block_known_on_the_host() -> None:
         got = greedy_verdict(logits, tokens, eos_mask, block)
         assert torch.equal(got, want), (block, got, want)
         assert got[:, 0].tolist() == ([4, 4] if block <= 0 else [0, 0]) and (got[:, 1] == eos).all() == (block <= 0)
+    # an eager verify (Engine.eager_verdict): EOS written into the step's own logits by the mask's ids,
+    # kept per mask: two masks in turn each block their own EOS
+    from labkit.graphs import EagerVerdict
+
+    eager, other = EagerVerdict(), torch.zeros(V, dtype=torch.bool)
+    other[12] = True
+    logits[:, :, 12] = 49.0  # the runner-up: EOS under the other mask
+    for mask, block in [(eos_mask, 3), (other, 2), (eos_mask, 1), (other, 5), (eos_mask, 0)]:
+        want = reference.greedy_verdict(logits, tokens, mask, torch.tensor([block]))
+        assert torch.equal(eager(logits.clone(), tokens, mask, block), want), (int(mask.nonzero()[0]), block)
 
 
 @pytest.mark.parametrize("backend", [b for b in COMPILED if b != "cuda"])

@@ -93,10 +93,10 @@ def test_greedy_speculation_is_token_identical(lossless_cases: dict, kind: str, 
 def test_the_greedy_test_catches_a_verdict_that_accepts_one_draft_too_many(lossless_cases: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Mutation check: with the verify step's greedy verdict off by one, the identity test fails
     for every drafter that ever has a draft rejected."""
-    import labkit.engine as engine_module
+    import labkit.graphs as graphs_module
     from labkit.specdec import lookup_steps
 
-    right = engine_module.greedy_verdict
+    right = graphs_module.greedy_verdict
 
     def one_too_many(logits, tokens, eos_mask, block_rows):  # type: ignore[no-untyped-def]
         verdict = right(logits, tokens, eos_mask, block_rows).clone()  # (B, 2)
@@ -106,7 +106,7 @@ def test_the_greedy_test_catches_a_verdict_that_accepts_one_draft_too_many(lossl
         return verdict
 
     def use(verdict) -> None:  # type: ignore[no-untyped-def]  # both places a greedy verify decides
-        monkeypatch.setattr(engine_module, "greedy_verdict", verdict)
+        monkeypatch.setattr(graphs_module, "greedy_verdict", verdict)  # an eager verify's (Engine.eager_verdict)
         monkeypatch.setattr(lookup_steps, "greedy_verdict", verdict)
 
     for kind in ("ngram", "ngram-graph", "layerskip", "truncated", "model", "heads"):
