@@ -213,9 +213,8 @@ def write_all(engine: Engine, prompts: list[list[int]], configs: list[Generation
     from labkit.batch.scheduler import ContinuousBatcher
 
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
-    longest = max((len(p) + c.max_new_tokens for p, c in zip(prompts, configs, strict=True)), default=0)
     if batch is None and len(prompts) >= 2:
-        batch = writing_batch(engine, longest)
+        batch = writing_batch(engine, max(len(p) + c.max_new_tokens for p, c in zip(prompts, configs, strict=True)))
     if batch is None or len(prompts) < 2:
         out = []
         for prompt, config in zip(prompts, configs, strict=True):
