@@ -72,7 +72,7 @@ class Engine:
         # belong to the request that holds it (generate takes it; re-entrant for nested calls)
         self.request_lock = threading.RLock()
         self.kept_hidden = KeptHidden()  # final hidden states of the last full pass (keep_hidden_states)
-        self.eager_verdict = EagerVerdict()  # greedy acceptance of a verify run outside a captured graph
+        self.eager_verdict = EagerVerdict()  # greedy acceptance and EOS blocking of steps run outside a captured graph
         weight_dtype = torch.float32 if amp else dtype
         self.model: Any = model.to(device=device, dtype=weight_dtype).eval()  # a decoder of models/families.py
         ops, self.layer_kernels_reason = pick_layer_ops(self.model, device, dtype, amp, compile, layer_kernels)
@@ -394,7 +394,7 @@ class Engine:
         for i in range(n):
             logits = self.decode(token)  # (B, V)
             if eos_mask is not None and i < block_steps:
-                logits = logits.masked_fill(eos_mask, float("-inf"))
+                self.eager_verdict.block_eos(logits, eos_mask)
             token = logits.argmax(-1, keepdim=True)  # (B, 1)
             outs.append(token)
         return torch.cat(outs, dim=1)

@@ -196,12 +196,16 @@ class EagerVerdict:
         block_rows: int,  # EOS blocked in the first block_rows positions (min_new_tokens)
     ) -> torch.Tensor:  # (B, 2): accepted drafts, and the target's token after them
         if block_rows > 0:
-            mask, ids = self._ids
-            if mask is not eos_mask or ids is None:
-                ids = eos_mask.nonzero().squeeze(1)  # (E,)
-                self._ids = (eos_mask, ids)  # one assignment: a reader sees a mask with its own ids
-            logits[:, :block_rows].index_fill_(-1, ids, float("-inf"))
+            self.block_eos(logits[:, :block_rows], eos_mask)
         return greedy_verdict(logits, tokens, eos_mask, 0)
+
+    def block_eos(self, logits: torch.Tensor, eos_mask: torch.Tensor) -> None:  # (..., V) written in place, (V,) bool
+        """EOS as -inf in these logits (a step's own), by the mask's ids: a few entries, not a masked copy."""
+        mask, ids = self._ids
+        if mask is not eos_mask or ids is None:
+            ids = eos_mask.nonzero().squeeze(1)  # (E,)
+            self._ids = (eos_mask, ids)  # one assignment: a reader sees a mask with its own ids
+        logits.index_fill_(-1, ids, float("-inf"))
 
 
 class VerifyHook(Protocol):

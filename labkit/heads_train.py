@@ -153,8 +153,10 @@ def self_written_texts(engine: Engine, bos: int, cfg: SelfDistillConfig, frame: 
                 "frame": frame, "openers": openers, "bos": bos, "target": fingerprint(engine.model.lm_head.weight)}
     store = TextsFile(cfg.texts_file, settings) if cfg.texts_file else None
     texts = store.load()[: cfg.texts] if store else []
-    start = len(frame[0] or [bos]) + max(map(len, openers)) if frame and openers else len(frame[0] or [bos]) if frame else 1
-    longest = start + (cfg.user_tokens + len(frame[1]) if frame else cfg.sampled_tokens) + cfg.greedy_tokens
+    if frame:  # the longest text: the frame's opening, the longest opener, a whole user turn, the frame's close, the answer
+        longest = len(frame[0] or [bos]) + max(map(len, openers or [[]])) + cfg.user_tokens + len(frame[1]) + cfg.greedy_tokens
+    else:
+        longest = 1 + cfg.sampled_tokens + cfg.greedy_tokens
     batch = writing_batch(engine, longest) if len(texts) < cfg.texts else None  # one for every part and phase
     while len(texts) < cfg.texts:
         last = min(cfg.texts, len(texts) + SAVE_EVERY) if store else cfg.texts
