@@ -71,6 +71,7 @@ results/gpu/batch-NVIDIA-H200-20261203-170508.json). (Tried: runs of 8 while pla
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 from labkit.errors import LabkitError
@@ -289,11 +290,7 @@ class BatchKController:
 
     def steps_by_k(self) -> dict[int, int]:
         """Steps taken with each K so far, every bucket together."""
-        out: dict[int, int] = {}
-        for stats in self.buckets.values():
-            for k, n in stats.tries.items():
-                out[k] = out.get(k, 0) + n
-        return out
+        return dict(sum((collections.Counter(stats.tries) for stats in self.buckets.values()), collections.Counter()))
 
     def rates(self) -> dict[int, dict[int, float]]:
         """Each rows bucket's rate of each K tried there (tokens per second, BucketStats.rate): what
@@ -397,4 +394,6 @@ class BatchKController:
             self.acceptance.observe(k, kept)
 
     def _stats(self, bucket: int) -> BucketStats:
-        return self.buckets.setdefault(bucket, BucketStats(self.acceptance, plain_try_steps=self.plain_try_steps))
+        if bucket not in self.buckets:  # (not setdefault, which built a BucketStats every call: a few us of each step's host work)
+            self.buckets[bucket] = BucketStats(self.acceptance, plain_try_steps=self.plain_try_steps)
+        return self.buckets[bucket]
