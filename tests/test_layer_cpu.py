@@ -228,6 +228,53 @@ def test_batched_rows_run_the_cpu_operations_with_batch_1_bits(arch: str) -> Non
     assert max(rows_seen) == 3  # three slots stepped together through the C layers, a stack a call
 
 
+def test_texts_are_written_on_the_cpu_operations_rows_at_once() -> None:
+    """Self-distillation's texts on an engine that reads GGUF blocks: written on the C operations'
+    rows, several at once (each row's bits are a batch-1 step's, so no invariant tiles of the
+    PyTorch layers), and each text is the one `generate` writes alone."""
+    from labkit.heads_train import CPU_WRITING_ROWS, HeadsTrainConfig, self_written_texts, writing_batch
+    from labkit.specdec.heads import HeadsConfig
+
+    engine = block_engine("llama", seed=2)
+    batch = writing_batch(engine, 40)
+    assert batch is not None and (batch.cfg.slots, batch.cfg.invariant) == (CPU_WRITING_ROWS, False)
+    ops, rows_seen = engine.model.layer_ops, []
+    stack = ops.decode_layers
+    ops.decode_layers = lambda x, layers, k_layers, *a, **kw: rows_seen.append(k_layers[0].shape[0]) or stack(x, layers, k_layers, *a, **kw)
+    frame, eos = ([1, 5, 6], [7, 8]), set(engine.eos_token_ids)
+    cfg = HeadsTrainConfig(heads=HeadsConfig(n_heads=2), texts=5, user_tokens=5, greedy_tokens=6, progress=False)
+    try:
+        texts = self_written_texts(engine, 1, cfg, frame)
+    finally:
+        del ops.decode_layers
+    assert max(rows_seen) > 1  # rows stepped together through the C layers
+    for i, (tokens, first) in enumerate(texts):
+        user = generate(engine, frame[0], GenerationConfig(max_new_tokens=5, temperature=1.0, top_p=0.95, seed=cfg.seed + i)).tokens
+        while user and user[-1] in eos:
+            user = user[:-1]
+        prefix = [*frame[0], *user, *frame[1]]
+        answer = generate(engine, prefix, GenerationConfig(max_new_tokens=6, min_new_tokens=6, stop_at_eos=False)).tokens
+        assert (tokens, first) == (prefix + answer, len(prefix)), i
+
+
+def test_texts_for_the_embedded_model_are_written_on_its_blocks_and_the_engine_handed_on_is_dense(embedded, monkeypatch) -> None:
+    """write_texts_for_model on a CPU writes on the GGUF blocks where "auto" takes them (forced here: the
+    choice is timed), then hands on the engine reading its dense weights (the same values), as
+    EAGLE's features and the fingerprint read them."""
+    from labkit import heads_train
+    from labkit.heads_train import HeadsTrainConfig, write_texts_for_model
+    from labkit.specdec.heads import HeadsConfig
+
+    build, kernels = Engine.from_loaded, []
+    monkeypatch.setattr(heads_train.Engine, "from_loaded", lambda loaded, *a, weights, **kw: build(loaded, *a, weights="gguf", **kw))
+    real_batch = heads_train.writing_batch
+    monkeypatch.setattr(heads_train, "writing_batch", lambda engine, longest: kernels.append(engine.layer_kernels) or real_batch(engine, longest))
+    cfg = HeadsTrainConfig(heads=HeadsConfig(n_heads=2), texts=2, user_tokens=4, greedy_tokens=4, progress=False)
+    engine, texts, frame = write_texts_for_model(embedded, torch.device("cpu"), torch.float32, cfg)
+    assert kernels == ["cpu"] and len(texts) == 2 and frame is not None
+    assert (engine.weights, engine.layer_kernels) == ("dense", "torch")
+
+
 def test_eagle_drafts_through_the_cpu_operations_on_q8_0_blocks() -> None:
     """On a target that reads GGUF blocks, EAGLE's draft layer runs the C operations on Q8_0 blocks
     of its linears (their dense weights set to the blocks' values) and its head reads the target's
