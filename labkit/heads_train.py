@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 CPU_WRITING_ROWS = 8  # texts written at once on the CPU layer operations (writing_batch)
 
+
 @dataclass
 class SelfDistillConfig:
     """What the target writes to train on, and how the fit runs: shared by draft heads and EAGLE."""
@@ -195,8 +196,9 @@ def writing_batch(engine: Engine, longest: int) -> BatchEngine | None:
     """The batch `write_all` writes on, for texts of up to `longest` tokens, where the engine's model
     batches (Llama family): the fused kernels' rows (bitwise a batch-1 step's) with CUDA graphs on a
     GPU (64 at once); the CPU layer operations' rows on the GGUF blocks (row by row, so bitwise a
-    batch-1 step's too: tests/test_layer_cpu.py; 8 at once: 0.73 s a text against 0.77 at 16 on a
-    2-core EPYC); else invariant rows on the PyTorch layers (16 at once, 1.5-1.7 s a text there).
+    batch-1 step's too: tests/test_layer_cpu.py; 8 at once, 16 were no faster on a 2-core EPYC); else
+    invariant rows on the PyTorch layers (16 at once). On that EPYC the blocks' rows wrote 0.70 s a text
+    against the invariant tiles' 1.34, the same texts (scripts/cpu_writing.py, results/cpu-writing-597d84f.txt).
     Built once for all of a run's texts: its graphs are captured once, not per part and phase."""
     from labkit.batch.engine import TILE, BatchConfig, BatchEngine
     from labkit.graphs import GRAPH_HEADROOM
@@ -309,7 +311,8 @@ def train_heads(hf_model: Any, texts: list[tuple[list[int], int]], cfg: HeadsTra
 
 def write_texts_for_model(loaded: Any, device: torch.device, dtype: torch.dtype, cfg: SelfDistillConfig, chat: bool | None = None,
                           deadline: Deadline | None = None) -> tuple[Engine, list[tuple[list[int], int]], tuple[list[int], list[int]] | None]:
-    """The target writes the training texts on our engine (CUDA graphs on a GPU), in its chat
+    """The target writes the training texts on our engine (CUDA graphs on a GPU; on a CPU its GGUF blocks where
+    weights "auto" takes them, the engine then handed on with its dense weights), in its chat
     template unless chat is False (None: where it has one). cfg: a heads or EAGLE training config
     (texts, sampled_tokens, user_tokens, greedy_tokens, seed, progress). Returns the engine, the
     texts and the chat frame (None without one)."""
