@@ -191,6 +191,9 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any((out / f).exists() for f in files)):
         raise LabkitError(f"{out} already holds {args.kind} files (or is not a folder); choose another --out (nothing was overwritten)")
     cfg = _train_config(args)
+    _writable(out, "--out")  # before the writing and training it would otherwise lose
+    if args.texts_file:
+        _writable(Path(args.texts_file).parent, "--texts-file's folder")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or Flags.from_env().dtype, device)
     loaded = load_model(args.model)
@@ -224,6 +227,16 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
     print(f"held-out top-1 ({report['held_out_texts']} texts): {top1}")
     print(f"wrote {out}; use it with --drafter heads --heads {out}")
     return 0
+
+
+def _writable(folder: Any, what: str) -> None:
+    """Make the folder (as saving will) and check it takes files, or one line."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LabkitError(f"{what} {folder} cannot be made ({e.strerror}); nothing was trained") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LabkitError(f"{what} {folder} is not writable; nothing was trained")
 
 
 def _steps(report: dict[str, Any]) -> str:

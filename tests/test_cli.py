@@ -233,6 +233,13 @@ def test_heads_train_then_generate_with_them(tiny_folder, tmp_path) -> None:
                        "needs heads: --heads")
     assert_clean_error(*run_cli_here("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(tmp_path / "x"),
                                      "--greedy-tokens", "2"), "greedy_tokens > n_heads")
+    blocker = tmp_path / "a-file"  # a folder that cannot be made: said before the writing and training it would lose
+    blocker.write_text("")
+    small = ("--no-chat", "--texts", "4", "--sampled-tokens", "2", "--greedy-tokens", "8", "--steps", "1", "--batch-size", "2")  # (quick, were it to run)
+    assert_clean_error(*run_cli_here("heads", "train", "--model", str(tiny_folder), "--device", "cpu", "--out", str(blocker / "heads"), *small),
+                       "cannot be made")
+    assert_clean_error(*run_cli_here("heads", "train", "--kind", "eagle", "--model", str(tiny_folder), "--device", "cpu", "--out", str(tmp_path / "y"),
+                                     "--texts-file", str(blocker / "texts.json"), "--draft-vocab", "50", *small), "--texts-file's folder")
     assert_clean_error(*run_cli_here("heads", "train", "--kind", "eagle", "--model", str(tiny_folder), "--device", "cpu",
                                      "--out", str(tmp_path / "x"), "--time-limit", "-1"), "time limit is a number of seconds >= 0")
 
