@@ -230,13 +230,13 @@ def cmd_heads_train(args: argparse.Namespace) -> int:
 
 
 def _writable(folder: Any, what: str) -> None:
-    """Make the folder (as saving will) and check it takes files, or one line."""
+    """Make the folder (as saving will) and check it takes files (the results writers' check), or one line."""
+    from labkit.bench.results import check_output_dir
+
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LabkitError(f"{what} {folder} cannot be made ({e.strerror}); nothing was trained") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise LabkitError(f"{what} {folder} is not writable; nothing was trained")
+        check_output_dir(folder)
+    except LabkitError as e:
+        raise LabkitError(f"{what} {folder} cannot be made or written ({e}); nothing was trained") from None
 
 
 def _steps(report: dict[str, Any]) -> str:

@@ -120,7 +120,8 @@ case "$step" in
     # released before the next call lost 30,720 written texts in session 33). The 30k-text head: TEXTS=30720 STEPS=5000
     # EAGLE_ARGS="--batch-size 32 --train-depth 4 --depth 5" took ~430 s writing before session 50 (~14 ms a text), ~235 s at 7.6 ms
     # a text since (H100), + ~130 s training.
-    # Session 49's head: TEXTS=61440 STEPS=7000, the same EAGLE_ARGS (30,720 texts written, then 64 s features + 181 s training).
+    # Session 49's head: TEXTS=61440 STEPS=7000, the same EAGLE_ARGS (30,720 texts written, then 64 s features + 181 s training);
+    # session 51 wrote all 61,440 in one call (TRAIN_S=490, H100), then trained in the next (182 s).
     case " ${EAGLE_ARGS:-} " in *--texts-file*) ;; *) EAGLE_ARGS="${EAGLE_ARGS:-} --texts-file /tmp/eagle-texts.json" ;; esac
     # --time-limit ends writing (between saved parts) or training (fewer steps, the schedule by the time) in time; timeout backs it up
     timeout "$(( ${TRAIN_S:-540} + 30 ))" python3 -m labkit heads train --kind eagle --device cuda --out /tmp/eagle --texts "${TEXTS:-768}" \
